@@ -1,0 +1,14 @@
+"""Built-in metric loggers: console and JSONL (wandb registers lazily, imported only when used)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from nvlcore.hookspecs import hookimpl
+
+
+@hookimpl
+def nvl_register_loggers(register: Any) -> None:
+    register("console", "nvlcore.training.loggers:ConsoleLogger")
+    register("jsonl", "nvlcore.training.loggers:JsonlLogger")
+    register("wandb", "nvlcore.training.loggers:WandbLogger")

@@ -1,0 +1,154 @@
+"""Base contracts for plugin authors: what each registered kind must provide.
+
+These are :class:`typing.Protocol` classes, so a plugin never has to inherit from the core; they
+document the methods the core calls and are checked structurally (``isinstance`` works on them for
+the attribute names, and the conformance tests check the signatures).
+
+Heavy types (torch, PIL) are only named under ``TYPE_CHECKING``: importing this module stays cheap.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Iterable, Iterator, Mapping, Protocol, Sequence, runtime_checkable
+
+if TYPE_CHECKING:
+    import torch
+
+Conversation = dict[str, Any]
+"""One example in the conversation schema (see :mod:`nvlcore.data.schema`)."""
+
+Batch = dict[str, Any]
+"""A collated batch: the keyword arguments of the training model's ``forward``.
+
+Keys produced by a bridge's processor and understood by its model:
+
+``input_ids`` ``[B, L]`` int64
+    token ids, each image tile / video frame already expanded to its context tokens;
+``labels`` ``[B, L]`` int64
+    the next token at every position (``-100`` where nothing is predicted);
+``loss_mask`` ``[B, L]`` float32
+    1.0 where the loss counts (assistant tokens and the end-of-turn token), else 0.0;
+``attention_mask`` ``[B, L]`` int64
+    1 for real tokens, 0 for padding;
+``pixel_values`` ``[T, 3, H, W]`` float32 or absent
+    every image tile and video frame of the batch, in the order their context tokens appear when
+    the batch is read row by row.
+Bridges may add keys of their own (for example per-video frame counts).
+"""
+
+
+@runtime_checkable
+class ModelBridge(Protocol):
+    """Connects one HF checkpoint family to nvl's training model.
+
+    A bridge class is registered by name; ``nvl`` instantiates it with :meth:`from_hf_dir`.
+    """
+
+    #: Registry name, e.g. ``"nemotron_nano_v2_vl"``.
+    name: ClassVar[str]
+    #: HF ``architectures`` values this bridge handles (used to pick it automatically).
+    architectures: ClassVar[tuple[str, ...]]
+
+    @classmethod
+    def from_hf_dir(cls, hf_dir: str | Path) -> "ModelBridge":
+        """Read an HF model directory's ``config.json`` as data (no remote code) and validate it."""
+        ...
+
+    def build_model(self, **options: Any) -> "torch.nn.Module":
+        """Build the training model (tensor-parallel over the current process groups)."""
+        ...
+
+    def processor(self, **options: Any) -> "Processor":
+        """The processor that turns conversations into model inputs."""
+        ...
+
+    def recipe(self, *, peft: bool = False) -> Mapping[str, Any]:
+        """Default config values (a nested mapping by section) for fine-tuning this model."""
+        ...
+
+
+@runtime_checkable
+class Processor(Protocol):
+    """Turns conversations into tensors for one model."""
+
+    def __call__(self, conversation: Conversation, **options: Any) -> dict[str, Any]:
+        """Process one conversation into one sample (token ids, labels, loss mask, pixels...)."""
+        ...
+
+    def collate(self, samples: Sequence[dict[str, Any]]) -> Batch:
+        """Pad and stack samples into a :data:`Batch`."""
+        ...
+
+
+@runtime_checkable
+class DatasetMaker(Protocol):
+    """Produces conversations from one data source.
+
+    Registered as a class or a factory; ``nvl`` calls it as ``maker(split=..., **maker_kwargs)`` and
+    iterates the result. ``maker_kwargs`` are validated against :attr:`kwargs_schema` when present.
+    """
+
+    #: Splits this source has, e.g. ``("train",)``.
+    splits: ClassVar[tuple[str, ...]]
+
+    def __call__(self, *, split: str = "train", **maker_kwargs: Any) -> "MadeDataset":
+        ...
+
+
+@runtime_checkable
+class MadeDataset(Protocol):
+    """What a dataset maker returns: a sized, indexable collection of conversations."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int) -> Conversation: ...
+
+    def __iter__(self) -> Iterator[Conversation]: ...
+
+
+@runtime_checkable
+class PeftMethod(Protocol):
+    """A parameter-efficient fine-tuning method (LoRA, ...)."""
+
+    def apply(self, model: "torch.nn.Module", **options: Any) -> "torch.nn.Module":
+        """Insert adapters and freeze what the method freezes; returns the (same) model."""
+        ...
+
+    def trainable_state_dict(self, model: "torch.nn.Module") -> dict[str, "torch.Tensor"]:
+        """The state an adapter-only checkpoint holds."""
+        ...
+
+    def merge(self, model: "torch.nn.Module") -> "torch.nn.Module":
+        """Fold the adapters into the base weights and remove them."""
+        ...
+
+
+@runtime_checkable
+class Exporter(Protocol):
+    """Writes a trained checkpoint in another format (``nvl export --format NAME``)."""
+
+    def export(self, *, checkpoint: Path, hf_model_path: Path, output: Path, **options: Any) -> Path:
+        ...
+
+
+@runtime_checkable
+class MetricLogger(Protocol):
+    """A sink for training metrics."""
+
+    def log(self, metrics: Mapping[str, float], *, step: int) -> None:
+        """Record one logged iteration."""
+        ...
+
+    def close(self) -> None:
+        """Flush and release resources at the end of a run."""
+        ...
+
+
+def first_matching_bridge(architectures: Iterable[str], bridges: Mapping[str, type]) -> str | None:
+    """The name of the first bridge whose ``architectures`` intersect the given ones."""
+    wanted = set(architectures)
+    for name, cls in bridges.items():
+        if wanted & set(getattr(cls, "architectures", ())):
+            return name
+    return None

@@ -1,0 +1,106 @@
+"""Hook specifications: the whole extension surface of nvl.
+
+Implement any of these in a module listed under ``[project.entry-points.nvl]`` (entry-point name =
+module name) and decorate each function with :data:`nvlcore.hookimpl`.
+
+Registration hooks are called once per process, one plugin at a time, with a ``register`` callable
+bound to that plugin; they must not be wrappers. Arguments may be added to a hook later but are
+never removed or renamed; an implementation may accept any subset of them and must not give them
+default values.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import pluggy
+
+if TYPE_CHECKING:
+    import click
+
+    from nvlcore.registry import Register
+
+PROJECT = "nvl"
+
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+__all__ = [
+    "PROJECT",
+    "hookimpl",
+    "hookspec",
+    "nvl_register_commands",
+    "nvl_register_dataset_makers",
+    "nvl_register_exporters",
+    "nvl_register_loggers",
+    "nvl_register_model_bridges",
+    "nvl_register_peft_methods",
+]
+
+
+@hookspec
+def nvl_register_model_bridges(register: Register[Any]) -> None:
+    """Register model bridges (HF checkpoint <-> training model).
+
+    Call ``register(name, BridgeClassOrLazyString, aliases=(...))`` once per bridge. The class
+    implements :class:`nvlcore.contracts.ModelBridge`; its ``architectures`` attribute lists the HF
+    ``architectures`` values it handles, so ``nvl`` can pick it from a checkpoint's ``config.json``;
+    users can also name it with ``model.bridge=NAME``.
+
+    :param register: ``register(name, target, *, aliases=())``; ``target`` may be a
+        ``"module:Attr"`` string so the import (torch, megatron) waits until the bridge is used.
+    """
+
+
+@hookspec
+def nvl_register_dataset_makers(register: Register[Any]) -> None:
+    """Register dataset makers, selected with ``dataset.maker_name=NAME`` (or an alias).
+
+    A maker implements :class:`nvlcore.contracts.DatasetMaker`: it turns a source's rows into
+    conversations in the schema of :mod:`nvlcore.data.schema`.
+
+    :param register: ``register(name, target, *, aliases=())``; ``target`` may be a
+        ``"module:Attr"`` string so ``datasets`` and decoders are imported only when used.
+    """
+
+
+@hookspec
+def nvl_register_peft_methods(register: Register[Any]) -> None:
+    """Register parameter-efficient fine-tuning methods, selected with ``peft.method=NAME``.
+
+    A method implements :class:`nvlcore.contracts.PeftMethod`.
+
+    :param register: ``register(name, target, *, aliases=())``; ``target`` may be a lazy string.
+    """
+
+
+@hookspec
+def nvl_register_exporters(register: Register[Any]) -> None:
+    """Register exporters, selected with ``nvl export --format NAME``.
+
+    An exporter implements :class:`nvlcore.contracts.Exporter`.
+
+    :param register: ``register(name, target, *, aliases=())``; ``target`` may be a lazy string.
+    """
+
+
+@hookspec
+def nvl_register_loggers(register: Register[Any]) -> None:
+    """Register metric loggers (sinks for training metrics: console, jsonl, wandb, ...).
+
+    A logger implements :class:`nvlcore.contracts.MetricLogger`; the trainer enables the ones the
+    ``logger`` config section asks for.
+
+    :param register: ``register(name, target, *, aliases=())``; ``target`` may be a lazy string.
+    """
+
+
+@hookspec
+def nvl_register_commands(cli: click.Group) -> None:
+    """Add commands to the ``nvl`` command line.
+
+    Call ``cli.add_command(command)``. A name that clashes with a built-in command, or with a command
+    an earlier plugin added, is reported on stderr and skipped.
+
+    :param cli: the root ``nvl`` click group.
+    """

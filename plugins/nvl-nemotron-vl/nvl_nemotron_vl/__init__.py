@@ -1,0 +1,19 @@
+"""nvl plugin: the model bridge for NVIDIA Nemotron Nano V2 VL.
+
+Nothing heavy is imported here: the bridge is registered as a lazy ``"module:Attr"`` target and its
+commands import torch only when they run.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from nvlcore import hookimpl
+
+BRIDGE_NAME = "nemotron_nano_v2_vl"
+ARCHITECTURES = ("NemotronH_Nano_VL_V2",)
+
+
+@hookimpl
+def nvl_register_model_bridges(register: Any) -> None:
+    register(BRIDGE_NAME, "nvl_nemotron_vl.bridge:NemotronVLBridge", aliases=("nemotron_vl",))
