@@ -33,7 +33,7 @@ from nvlcore.registry import REGISTRY_KINDS, Provenance, Registry
 GROUP = hookspecs.PROJECT
 
 #: Built-in plugins, registered exactly as an outside plugin would be.
-BUILTIN_PLUGINS: tuple[str, ...] = ("nvlcore.builtin.loggers",)
+BUILTIN_PLUGINS: tuple[str, ...] = ("nvlcore.builtin.loggers", "nvlcore.builtin.synthetic_vqa")
 
 
 def normalize(name: str) -> str:
