@@ -57,9 +57,11 @@ def build_cli(manager: Any = None) -> NvlGroup:
         """nvl: fine-tune and serve Nemotron Nano V2 VL, extended by plugins."""
 
     assert isinstance(cli, NvlGroup)
+    from nvlcore.cli.generate import generate_cmd
     from nvlcore.cli.plugins_cmd import plugins_group
 
     cli.add_command(plugins_group)
+    cli.add_command(generate_cmd)
 
     for impl in reversed(manager.pm.hook.nvl_register_commands.get_hookimpls()):
         cli.current_plugin = impl.plugin_name

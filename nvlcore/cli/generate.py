@@ -1,0 +1,160 @@
+"""``nvl generate``: answer one prompt (text, images or a video) with a model from an HF directory or
+a Megatron-style checkpoint, streaming the text and reporting prefill / decode speed.
+
+The command is model-agnostic: it reads ``config.json`` of ``--hf-model-path``, picks the model
+bridge registered for its ``architectures`` and asks the bridge for a ready
+:class:`nvlcore.generation.Generator` through the bridge's optional ``generator(...)`` method.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+
+def resolve_bridge(hf_dir: Path, bridge_name: str | None = None, manager: Any = None) -> Any:
+    """Instantiate the model bridge for an HF model directory.
+
+    :param hf_dir: directory with ``config.json``.
+    :param bridge_name: a registered bridge name, overriding the ``architectures`` match.
+    :raises click.ClickException: naming the file or the architecture at fault.
+    """
+    from nvlcore.contracts import first_matching_bridge
+    from nvlcore.plugins import get_plugin_manager
+
+    registry = (manager or get_plugin_manager()).registry("model_bridge")
+    if bridge_name is None:
+        cfg_path = hf_dir / "config.json"
+        if not cfg_path.is_file():
+            raise click.ClickException(f"{cfg_path} not found: --hf-model-path must be an HF model directory")
+        try:
+            archs = json.loads(cfg_path.read_text()).get("architectures") or []
+        except json.JSONDecodeError as exc:
+            raise click.ClickException(f"{cfg_path} is not valid JSON: {exc}") from exc
+        bridges = {name: registry.get(name) for name in registry.names()}
+        bridge_name = first_matching_bridge(archs, bridges)
+        if bridge_name is None:
+            raise click.ClickException(
+                f"no installed model bridge handles architectures {archs} of {cfg_path} "
+                f"(installed: {', '.join(registry.names()) or 'none'}; run `nvl plugins list`)"
+            )
+    try:
+        cls = registry.get(bridge_name)
+    except KeyError as exc:
+        raise click.ClickException(str(exc)) from exc
+    return cls.from_hf_dir(hf_dir)
+
+
+def _split_images(value: str | None) -> list[Path]:
+    if not value:
+        return []
+    paths = [Path(p.strip()).expanduser() for p in value.split(",") if p.strip()]
+    for p in paths:
+        if not p.is_file():
+            raise click.BadParameter(f"{p} is not a file", param_hint="--image-path")
+    return paths
+
+
+@click.command("generate")
+@click.option(
+    "--hf-model-path", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="HF model directory: config, tokenizer, processor settings (and the weights when no Megatron path is given).",
+)
+@click.option(
+    "--megatron-model-path", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+    help="Megatron-style checkpoint (base dir or iter_N dir) whose weights to use.",
+)
+@click.option("--image-path", default=None, help="Image file; several comma-separated (prompted as Image-1: ... Image-2: ...).")
+@click.option("--video-path", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None, help="Video file.")
+@click.option("--prompt", default="Describe this image.", show_default=True)
+@click.option("--system-prompt", default="/no_think", show_default=True, help="'' for none.")
+@click.option("--max-new-tokens", default=100, show_default=True, type=click.IntRange(min=1))
+@click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(min=0.0), help="0 = greedy.")
+@click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0.0, 1.0, min_open=True))
+@click.option("--top-k", default=0, show_default=True, type=click.IntRange(min=0), help="0 = off.")
+@click.option("--seed", default=None, type=int, help="Seed of the sampling generator.")
+@click.option("--tp", default=1, show_default=True, type=click.IntRange(min=1), help="Tensor-parallel size.")
+@click.option("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when available).")
+@click.option(
+    "--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default=None,
+    help="Weights dtype (default: bfloat16 on GPU, float32 on CPU).",
+)
+@click.option("--bridge", "bridge_name", default=None, help="Model bridge name (default: from config.json).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming text.")
+def generate_cmd(
+    hf_model_path: Path,
+    megatron_model_path: Path | None,
+    image_path: str | None,
+    video_path: Path | None,
+    prompt: str,
+    system_prompt: str,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    top_k: int,
+    seed: int | None,
+    tp: int,
+    device: str | None,
+    dtype: str | None,
+    bridge_name: str | None,
+    as_json: bool,
+) -> None:
+    """Generate a reply to one prompt, with optional images or a video.
+
+    Greedy unless --temperature is given; stops at the model's end-of-turn token. Text streams to
+    stdout; prefill and decode tokens/s go to stderr.
+    """
+    images = _split_images(image_path)
+    if images and video_path is not None:
+        raise click.UsageError("give --image-path or --video-path, not both")
+    if temperature == 0.0 and (top_p != 1.0 or top_k != 0):
+        raise click.UsageError("--top-p/--top-k only apply when sampling: also give --temperature > 0")
+
+    import torch
+
+    from nvlcore.generation import GenerationOutput, SamplingParams, build_conversation
+
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch_dtype = getattr(torch, dtype) if dtype else (torch.bfloat16 if dev.type == "cuda" else torch.float32)
+    bridge = resolve_bridge(hf_model_path, bridge_name)
+    make = getattr(bridge, "generator", None)
+    if make is None:
+        raise click.ClickException(f"model bridge {type(bridge).__name__} does not support generation (no generator())")
+    click.echo(
+        f"nvl generate: loading {hf_model_path}"
+        + (f" with weights from {megatron_model_path}" if megatron_model_path else "")
+        + f" ({torch_dtype}, {dev}, tp={tp})",
+        err=True,
+    )
+    try:
+        generator = make(
+            megatron_model_path=megatron_model_path, tensor_parallel_size=tp, device=dev, dtype=torch_dtype
+        )
+    except (FileNotFoundError, ValueError, NotImplementedError) as exc:
+        raise click.ClickException(str(exc)) from exc
+
+    conversation = build_conversation(
+        prompt, images=images, video=video_path, system_prompt=system_prompt or None
+    )
+    sampling = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
+    outputs: list[GenerationOutput] = []
+    results = generator.generate(
+        [conversation],
+        max_new_tokens=max_new_tokens,
+        sampling=sampling,
+        stream=None if as_json else sys.stdout,
+        on_output=outputs.append,
+    )
+    res, out = results[0], outputs[0]
+    if as_json:
+        click.echo(json.dumps(res.as_json()))
+    click.echo(
+        f"prefill: {out.prompt_tokens} tokens in {out.prefill_seconds:.3f} s ({out.prefill_tokens_per_s:.1f} tokens/s); "
+        f"decode: {out.decode_tokens} tokens in {out.decode_seconds:.3f} s ({out.decode_tokens_per_s:.1f} tokens/s); "
+        f"stopped by {'end-of-turn' if res.finish_reason == 'stop' else 'max-new-tokens'}",
+        err=True,
+    )

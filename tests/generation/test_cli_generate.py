@@ -1,0 +1,136 @@
+"""``nvl generate`` driven through click with an in-test model bridge (model-agnostic CLI parts)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from nvlcore import hookimpl
+from nvlcore.cli import build_cli
+from nvlcore.generation import Generator
+from nvlcore.plugins import NvlPluginManager, set_plugin_manager
+
+EOS = 5
+
+
+class ScriptedModel:
+    def __init__(self, script):
+        self.script = script
+
+    def allocate_cache(self, batch_size, max_length, *, dtype, device):
+        return {"step": 0}
+
+    def _logits(self, step):
+        out = torch.full((1, 32), -5.0)
+        out[0, self.script[min(step, len(self.script) - 1)]] = 5.0
+        return out
+
+    def prefill(self, input_ids, *, attention_mask, cache, **inputs):
+        return self._logits(0)
+
+    def decode_step(self, token_ids, cache):
+        cache["step"] += 1
+        return self._logits(cache["step"])
+
+
+class CharTok:
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(ord("a") + i) for i in ids if not (skip_special_tokens and i == EOS))
+
+
+class FakeBridge:
+    name = "fake"
+    architectures = ("FakeArch",)
+    seen: dict = {}
+
+    def __init__(self, hf_dir):
+        self.hf_dir = hf_dir
+
+    @classmethod
+    def from_hf_dir(cls, hf_dir):
+        return cls(Path(hf_dir))
+
+    def generator(self, *, megatron_model_path, tensor_parallel_size, device, dtype):
+        if tensor_parallel_size != 1:
+            raise NotImplementedError("fake bridge: tensor parallelism is not supported")
+
+        def prepare(conv):
+            FakeBridge.seen["conversation"] = conv
+            return {"input_ids": torch.tensor([1, 2, 3])}
+
+        FakeBridge.seen.update(megatron=megatron_model_path, device=device, dtype=dtype)
+        return Generator(ScriptedModel([7, 0, 4, 4, EOS]), CharTok(), prepare, stop_token_ids=[EOS], pad_token_id=0)
+
+
+class FakePlugin:
+    @hookimpl
+    def nvl_register_model_bridges(self, register):
+        register("fake", FakeBridge)
+
+
+@pytest.fixture
+def cli():
+    manager = NvlPluginManager(entry_points=False, plugins=[("fake_plugin", FakePlugin())])
+    old = set_plugin_manager(manager)
+    try:
+        yield build_cli(manager)
+    finally:
+        set_plugin_manager(old)
+
+
+@pytest.fixture
+def hf_dir(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["FakeArch"]}))
+    return tmp_path
+
+
+def test_streams_text_and_reports_speed(cli, hf_dir) -> None:
+    res = CliRunner().invoke(cli, ["generate", "--hf-model-path", str(hf_dir), "--prompt", "hi", "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    assert res.stdout == "haee\n"
+    assert "prefill: 3 tokens" in res.stderr and "tokens/s" in res.stderr and "end-of-turn" in res.stderr
+    conv = FakeBridge.seen["conversation"]["conversation"]
+    assert conv[0]["content"][0]["text"] == "/no_think" and conv[1]["content"] == [{"type": "text", "text": "hi"}]
+    assert FakeBridge.seen["dtype"] == torch.float32
+
+
+def test_json_output(cli, hf_dir, tmp_path) -> None:
+    imgs = [tmp_path / "a.png", tmp_path / "b.png"]
+    for p in imgs:
+        p.write_bytes(b"x")
+    res = CliRunner().invoke(
+        cli,
+        ["generate", "--hf-model-path", str(hf_dir), "--json", "--max-new-tokens", "3", "--device", "cpu",
+         "--image-path", ",".join(map(str, imgs)), "--system-prompt", ""],
+    )
+    assert res.exit_code == 0, res.output
+    obj = json.loads(res.stdout)
+    assert obj["text"] == "hae" and obj["token_ids"] == [7, 0, 4] and obj["prompt_token_ids"] == [1, 2, 3]
+    assert obj["finish_reason"] == "length" and obj["decode_tokens_per_s"] > 0 and obj["prefill_tokens_per_s"] > 0
+    conv = FakeBridge.seen["conversation"]["conversation"]
+    assert len(conv) == 1 and [c["type"] for c in conv[0]["content"]] == ["text", "image", "text", "image", "text"]
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--top-p", "0.5"], "--temperature"),
+        (["--image-path", "/nonexistent.png"], "is not a file"),
+        (["--tp", "2"], "tensor parallelism is not supported"),
+    ],
+)
+def test_bad_arguments_are_explained(cli, hf_dir, extra, message) -> None:
+    res = CliRunner().invoke(cli, ["generate", "--hf-model-path", str(hf_dir), "--device", "cpu", *extra])
+    assert res.exit_code != 0 and message in res.output
+
+
+def test_unknown_architecture_and_missing_config(cli, tmp_path) -> None:
+    res = CliRunner().invoke(cli, ["generate", "--hf-model-path", str(tmp_path)])
+    assert res.exit_code != 0 and "config.json" in res.output
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["Other"]}))
+    res = CliRunner().invoke(cli, ["generate", "--hf-model-path", str(tmp_path)])
+    assert res.exit_code != 0 and "no installed model bridge handles architectures ['Other']" in res.output
