@@ -1,0 +1,430 @@
+"""Saving checkpoints: DCP tensors from every rank, small states from rank 0, all or nothing.
+
+Protocol of :func:`save_checkpoint` (``group`` = the ranks that save together, the world by default):
+
+1. the coordinator (rank 0 of ``group``) refuses an existing ``iter_N`` unless ``overwrite``, removes
+   leftovers of crashed saves and creates ``<root>/.iter_N.tmp-save``; every rank learns the outcome;
+2. each rank writes its ``rank_state`` (RNG, ...) to ``rank_states/rank_<global rank>.pt``;
+3. ``torch.distributed.checkpoint.save`` writes the tensors: DTensor shards from the TP ranks that own
+   them, plain tensors once (DCP deduplicates items with the same key and offset across ranks, so DP
+   replicas and replicated tensors are written by one rank only);
+4. the coordinator writes ``extra_state.pt``, ``train_state.pt``, ``run_config.yaml``, copied files
+   and the manifest, renames the temp dir to ``iter_N``, then updates the trackers (each file written
+   to a temp file and ``os.replace``'d), then applies ``most_recent_k``.
+
+A failure at any step removes the temp dir on the coordinator and raises on every rank; the tracker is
+untouched, so the previous checkpoint stays the latest.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping
+
+from nvlcore.checkpoint.atomic import (
+    OutputExistsError,
+    atomic_torch_save,
+    atomic_write_text,
+    publish_dir,
+    remove_tree,
+    temp_sibling,
+)
+from nvlcore.checkpoint.layout import (
+    DCP_METADATA,
+    EXTRA_STATE,
+    MANIFEST,
+    OLD_MARK,
+    RANK_STATES_DIR,
+    RUN_CONFIG,
+    TMP_MARK,
+    TRACKER_PT,
+    TRACKER_TXT,
+    TRAIN_STATE,
+    iter_dir_name,
+    list_iterations,
+    parse_iteration,
+)
+
+if TYPE_CHECKING:
+    import torch
+
+FORMAT_NAME = "nvl-dcp"
+FORMAT_VERSION = 1
+STATE_SEP = "/"
+"""Separator between a sharded state's name and its keys in the DCP key space (``optimizer/<key>``).
+
+Model keys are stored verbatim and may not contain it (parameter names never do)."""
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """Shape and dtype of a tensor that will be produced later."""
+
+    shape: tuple[int, ...]
+    dtype: "torch.dtype"
+
+    @property
+    def nbytes(self) -> int:
+        import torch
+
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n * torch.empty((), dtype=self.dtype).element_size()
+
+
+class StreamedState:
+    """A model state whose tensors are produced on demand, for saves in bounded memory.
+
+    ``specs`` lists every key with its shape and dtype, in the order the tensors will be requested;
+    ``produce(key)`` returns the tensor (full shape). The writer requests keys in ``specs`` order and
+    writes each to its own file before requesting the next, so a producer that computes a group of
+    tensors at a time and hands them out in order holds one group in memory.
+    """
+
+    def __init__(self, specs: Mapping[str, TensorSpec], produce: Callable[[str], "torch.Tensor"]) -> None:
+        self.specs = dict(specs)
+        self.produce = produce
+
+    def __len__(self) -> int:
+        return len(self.specs)
+
+    def keys(self) -> Iterable[str]:
+        return self.specs.keys()
+
+
+class CheckpointSaveError(RuntimeError):
+    """A save failed on some rank; the message names the rank and the cause."""
+
+
+# --------------------------------------------------------------------------------------------------
+# distributed helpers (no-ops in a single process)
+
+
+def _dist_state(group: Any) -> tuple[bool, int, int, int]:
+    """(distributed?, rank in group, group size, global rank)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return False, 0, 1, 0
+    return True, dist.get_rank(group), dist.get_world_size(group), dist.get_rank()
+
+
+def _agree(error: BaseException | None, group: Any, dist_on: bool, what: str) -> None:
+    """Raise on every rank if any rank had an error (prevents the others from hanging in a collective)."""
+    if not dist_on:
+        if error is not None:
+            raise error
+        return
+    import torch.distributed as dist
+
+    msgs: list[Any] = [None] * dist.get_world_size(group)
+    mine = None if error is None else f"{type(error).__name__}: {error}"
+    dist.all_gather_object(msgs, mine, group=group)
+    if error is not None:
+        raise error
+    bad = [(r, m) for r, m in enumerate(msgs) if m is not None]
+    if bad:
+        detail = "; ".join(f"rank {r}: {m}" for r, m in bad)
+        raise CheckpointSaveError(f"checkpoint save failed during {what} ({detail})")
+
+
+_MESH_CACHE: dict[tuple[int, str], Any] = {}
+
+
+def shard_tensor(local: "torch.Tensor", dim: int, group: Any = None, *, global_size: int | None = None) -> Any:
+    """Wrap this rank's shard of a logical tensor as a DTensor over ``group`` (``Shard(dim)``).
+
+    Rank ``r`` of ``group`` must hold the ``r``-th chunk along ``dim``, as a tensor-parallel column or
+    row split does. ``global_size`` is the logical size along ``dim``; by default the chunks are
+    assumed equal (``local.shape[dim] * group size``). The returned DTensor can be put in
+    ``model_state`` (to save the shard) or in a load template (to read exactly that shard back).
+    """
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.tensor import DTensor, Shard
+
+    group = group if group is not None else dist.group.WORLD
+    dev = local.device.type
+    key = (id(group), dev)
+    mesh = _MESH_CACHE.get(key)
+    if mesh is None:
+        mesh = DeviceMesh.from_group(group, device_type=dev)
+        _MESH_CACHE[key] = mesh
+    world = dist.get_world_size(group)
+    dim = dim % local.dim()
+    shape = list(local.shape)
+    shape[dim] = global_size if global_size is not None else local.shape[dim] * world
+    stride = torch.empty(shape, device="meta").stride()
+    return DTensor.from_local(local, mesh, [Shard(dim)], run_check=False, shape=torch.Size(shape), stride=stride)
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+def _flatten_states(
+    model_state: Mapping[str, Any] | StreamedState | None,
+    sharded_states: Mapping[str, Mapping[str, Any]] | None,
+) -> tuple[dict[str, Any], StreamedState | None]:
+    import torch
+
+    out: dict[str, Any] = {}
+    stream: StreamedState | None = None
+    if isinstance(model_state, StreamedState):
+        stream = model_state
+        for k, spec in model_state.specs.items():
+            out[k] = torch.empty(spec.shape, dtype=spec.dtype, device="meta")
+    elif model_state is not None:
+        out.update(model_state)
+    for k in out:
+        if STATE_SEP in k:
+            raise ValueError(f"model_state key {k!r} contains {STATE_SEP!r}, which is reserved for sharded states")
+    for name, state in (sharded_states or {}).items():
+        if not name or STATE_SEP in name:
+            raise ValueError(f"sharded state name {name!r} must be non-empty and contain no {STATE_SEP!r}")
+        for k, v in state.items():
+            out[f"{name}{STATE_SEP}{k}"] = v
+    for k, v in out.items():
+        if not isinstance(v, torch.Tensor):
+            raise TypeError(
+                f"checkpoint tensor {k!r} is a {type(v).__name__}; model_state/sharded_states hold tensors "
+                "(or DTensors); put other objects in extra_state or rank_state"
+            )
+    return out, stream
+
+
+def _make_planner(stream: StreamedState | None) -> Any:
+    from torch.distributed.checkpoint import DefaultSavePlanner
+
+    if stream is None:
+        return DefaultSavePlanner()
+
+    class _StreamingPlanner(DefaultSavePlanner):
+        # DCP asks the planner for each item's data right before writing it; producing it there (and
+        # not in the state dict) is what keeps a streamed save to one tensor group in memory.
+        error: BaseException | None = None
+
+        def resolve_data(self, write_item: Any) -> Any:
+            fqn = write_item.index.fqn
+            if fqn not in stream.specs:
+                return super().resolve_data(write_item)
+            try:
+                tensor = stream.produce(fqn)
+                spec = stream.specs[fqn]
+                if tuple(tensor.shape) != tuple(spec.shape) or tensor.dtype != spec.dtype:
+                    raise ValueError(
+                        f"{fqn}: produced {tuple(tensor.shape)} {tensor.dtype}, announced {spec.shape} {spec.dtype}"
+                    )
+            except BaseException as exc:
+                # DCP wraps it in a CheckpointException with a long remote-style traceback; keep the
+                # producer's own error (a shape mismatch naming the key, say) to re-raise as is.
+                self.error = exc
+                raise
+            return tensor
+
+    return _StreamingPlanner()
+
+
+@contextlib.contextmanager
+def quiet_dcp() -> Iterator[None]:
+    """Silence DCP's warning that a single-process save/load is single-process (nvl asks for it)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
+
+
+def _copy_into(src: Path, dst: Path) -> None:
+    if src.is_dir():
+        shutil.copytree(src, dst)
+    else:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(src, dst)
+
+
+def _remove_iteration_dir(path: Path) -> None:
+    # Rename first: a directory half-way through rmtree must never look like a complete iteration.
+    aside = temp_sibling(path, OLD_MARK)
+    os.replace(path, aside)
+    remove_tree(aside)
+
+
+def _clean_leftovers(root: Path) -> None:
+    for child in root.iterdir():
+        if child.name.startswith(".iter_") and (TMP_MARK in child.name or OLD_MARK in child.name) and child.is_dir():
+            remove_tree(child)
+
+
+def write_tracker(root: Path, iteration: int, train_state: Mapping[str, Any] | None = None) -> None:
+    """Point the trackers of ``root`` at ``iteration`` (each file replaced atomically, ``.pt`` last)."""
+    state = dict(train_state or {})
+    state["iteration"] = iteration
+    state.setdefault("step", iteration)  # Megatron-Bridge's TrainState calls it "step"
+    atomic_write_text(root / TRACKER_TXT, f"{iteration}\n")
+    atomic_torch_save(root / TRACKER_PT, state)
+
+
+def apply_most_recent_k(root: Path, k: int, *, keep: int | None = None) -> list[int]:
+    """Remove all but the ``k`` newest iterations under ``root`` (``k <= 0``: keep all); returns the removed ones."""
+    if k is None or k <= 0:
+        return []
+    its = list_iterations(root)
+    doomed = [it for it in its[:-k] if it != keep]
+    for it in doomed:
+        _remove_iteration_dir(root / iter_dir_name(it))
+    return doomed
+
+
+def save_checkpoint(
+    root: str | os.PathLike[str],
+    iteration: int,
+    *,
+    model_state: Mapping[str, "torch.Tensor"] | StreamedState | None,
+    sharded_states: Mapping[str, Mapping[str, "torch.Tensor"]] | None = None,
+    extra_state: Mapping[str, Any] | None = None,
+    rank_state: Mapping[str, Any] | None = None,
+    run_config: Mapping[str, Any] | None = None,
+    train_state: Mapping[str, Any] | None = None,
+    files: Mapping[str, str | os.PathLike[str]] | None = None,
+    overwrite: bool = False,
+    most_recent_k: int = -1,
+    update_tracker: bool = True,
+    group: Any = None,
+    single_file_per_rank: bool | None = None,
+    thread_count: int = 1,
+) -> Path:
+    """Save one iteration under ``root``; collective over ``group`` when torch.distributed is initialized.
+
+    :param model_state: logical tensors by name (the bridge's component keys). A plain tensor is the
+        full tensor (identical on every rank that passes it); a DTensor (see :func:`shard_tensor`) is
+        this rank's shard of it. A :class:`StreamedState` produces tensors on demand (imports).
+    :param sharded_states: more tensor states saved the same way and resharded the same way on load,
+        by name: ``{"optimizer": {"<param>.exp_avg": DTensor, ...}}`` is stored as ``optimizer/<key>``.
+    :param extra_state: global objects from the coordinator (scheduler, data-loader position, ...),
+        saved as ``extra_state.pt``; must load with ``weights_only=True`` (checked now).
+    :param rank_state: this rank's own objects (RNG states: :func:`nvlcore.checkpoint.capture_rng_state`),
+        saved as ``rank_states/rank_<global rank>.pt``; every rank may pass one.
+    :param run_config: the resolved run config (``config_to_dict``), saved as ``run_config.yaml``.
+    :param train_state: iteration counters etc. (``train_state.pt`` and the tracker ``latest_train_state.pt``).
+    :param files: extra files or directories copied in, by name inside the iteration dir (``tokenizer``).
+    :param overwrite: replace an existing ``iter_N`` (otherwise :class:`OutputExistsError`).
+    :param most_recent_k: after the save, keep only the ``k`` newest iterations (``-1``: keep all).
+    :param update_tracker: point the tracker at this iteration (the default).
+    :param single_file_per_rank: DCP layout; one file per rank (default) or one file per tensor
+        (forced for a :class:`StreamedState`: DCP holds every tensor of a file until the file closes).
+    :returns: the ``iter_N`` directory.
+    """
+    import torch.distributed.checkpoint as dcp
+    import yaml
+    from torch.distributed.checkpoint import FileSystemWriter
+
+    root = Path(root).expanduser().absolute()
+    dist_on, grank, _gsize, global_rank = _dist_state(group)
+    coordinator = grank == 0
+    final = root / iter_dir_name(iteration)
+    tmp = root / f".{final.name}{TMP_MARK}save"
+
+    err: BaseException | None = None
+    if coordinator:
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            if final.exists() and not overwrite:
+                raise OutputExistsError(
+                    f"checkpoint {final} exists; pass overwrite=True (--overwrite / checkpoint.overwrite) to replace it"
+                )
+            _clean_leftovers(root)
+            tmp.mkdir()
+        except BaseException as exc:
+            err = exc
+    _agree(err, group, dist_on, "preparation")
+
+    try:
+        state, stream = _flatten_states(model_state, sharded_states)
+        if stream is not None and dist_on:
+            raise ValueError("a StreamedState model_state is for single-process saves (imports)")
+        err = None
+        try:
+            if rank_state is not None:
+                (tmp / RANK_STATES_DIR).mkdir(exist_ok=True)
+                atomic_torch_save(tmp / RANK_STATES_DIR / f"rank_{global_rank:05d}.pt", dict(rank_state))
+        except BaseException as exc:
+            err = exc
+        _agree(err, group, dist_on, "rank_state writes")
+
+        one_file = single_file_per_rank if single_file_per_rank is not None else stream is None
+        if stream is not None:
+            one_file = False
+        writer = FileSystemWriter(str(tmp), single_file_per_rank=one_file, thread_count=thread_count)
+        planner = _make_planner(stream)
+        try:
+            with quiet_dcp():
+                dcp.save(state, storage_writer=writer, planner=planner, process_group=group, no_dist=not dist_on)
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as exc:  # DCP's CheckpointException derives from BaseException
+            original = getattr(planner, "error", None)
+            if original is not None:
+                raise original from None
+            raise CheckpointSaveError(f"writing the tensors of {final.name} failed: {exc}") from exc
+
+        err = None
+        if coordinator:
+            try:
+                if not (tmp / DCP_METADATA).is_file():
+                    raise CheckpointSaveError(f"DCP wrote no {DCP_METADATA} in {tmp}")
+                if extra_state is not None:
+                    atomic_torch_save(tmp / EXTRA_STATE, dict(extra_state))
+                ts = dict(train_state or {})
+                ts.setdefault("iteration", iteration)
+                atomic_torch_save(tmp / TRAIN_STATE, ts)
+                if run_config is not None:
+                    atomic_write_text(tmp / RUN_CONFIG, yaml.safe_dump(_plain(run_config), sort_keys=False))
+                for name, src in (files or {}).items():
+                    _copy_into(Path(src), tmp / name)
+                manifest = {
+                    "format": FORMAT_NAME,
+                    "version": FORMAT_VERSION,
+                    "iteration": iteration,
+                    "saved_world_size": _gsize,
+                    "sharded_states": sorted((sharded_states or {}).keys()),
+                    "extra_state": extra_state is not None,
+                    "rank_states": sorted(p.name for p in (tmp / RANK_STATES_DIR).glob("rank_*.pt")),
+                    "files": sorted((files or {}).keys()),
+                    "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                }
+                atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=1) + "\n")
+                publish_dir(tmp, final, overwrite=overwrite)
+                if update_tracker:
+                    write_tracker(root, iteration, ts)
+                    apply_most_recent_k(root, most_recent_k, keep=iteration)
+            except BaseException as exc:
+                err = exc
+        _agree(err, group, dist_on, "finalization")
+    except BaseException:
+        if coordinator:
+            remove_tree(tmp)
+        raise
+    return final
+
+
+def _plain(obj: Any) -> Any:
+    """Make a config mapping YAML-safe (tuples -> lists, paths/dtypes -> str)."""
+    if isinstance(obj, Mapping):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    return str(obj)
+
+
+def iteration_of(path: str | os.PathLike[str]) -> int | None:
+    """Iteration number of an ``iter_N`` path (``None`` otherwise)."""
+    return parse_iteration(Path(path).name)
