@@ -1,0 +1,20 @@
+"""nvl plugin: LoRA.
+
+Registers the PEFT method ``lora`` and the exporter ``hf-peft`` as lazy ``"module:Attr"`` targets and
+adds the ``nvl peft`` command group. Nothing heavy (torch, megatron) is imported here, so ``nvl
+--help`` stays fast; see ``docs/lora.md``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from nvlcore import hookimpl
+
+PEFT_METHOD_NAME = "lora"
+EXPORTER_NAME = "hf-peft"
+
+
+@hookimpl
+def nvl_register_peft_methods(register: Any) -> None:
+    register(PEFT_METHOD_NAME, "nvl_lora.method:LoRAMethod", aliases=("LoRA", "VLMLoRA"))

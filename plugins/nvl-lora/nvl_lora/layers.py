@@ -1,0 +1,312 @@
+"""LoRA adapters on plain and tensor-parallel linear layers.
+
+An adapted layer computes ``y = base(x) + (alpha/r) * B(A(dropout(x_n)))`` where ``x_n`` is the
+layer's input, or for a norm-fused linear (a parallel linear that also holds ``layer_norm_weight``
+and normalises its own input) the normalised input, as Megatron-Bridge's adapters on
+``TELayerNormColumnParallelLinear`` consume the LayerNorm output.
+
+The base module is not replaced: the adapter becomes its child ``adapter`` (``adapter.linear_in``
+holds A ``[r, in]``, ``adapter.linear_out`` holds B ``[out, r]``) and a forward hook adds the adapter's
+output. Parameter names of the base stay as they were (``...linear_qkv.weight``), so base checkpoints
+and the weight mapping keep working, and adapter parameters are ``...linear_qkv.adapter.linear_in.weight``
+and ``...linear_qkv.adapter.linear_out.weight``.
+
+Tensor parallelism: each adapter follows its base layer's split so that the adapter's output at any
+TP size equals the TP=1 adapter's.
+
+* ``ColumnParallelLinear`` base (output rows split): A is replicated (full input -> r); B is split by
+  rows like the base weight (r -> out/tp). The rank-r activation goes through Megatron's
+  ``copy_to_tensor_model_parallel_region`` (identity forward, all-reduce backward) so A receives the
+  full gradient on every rank.
+* ``RowParallelLinear`` base (input columns split): A is split by columns like the base weight
+  (in/tp -> r) and its partial products are summed with ``reduce_from_tensor_model_parallel_region``;
+  B is replicated (r -> out).
+* ``torch.nn.Linear``: plain, unsplit.
+
+Replicated adapter tensors receive identical gradients on every TP rank (their inputs and output
+gradients are replicated), so they stay equal without extra communication; split ones carry
+Megatron's ``tensor_model_parallel``/``partition_dim`` attributes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from typing import TYPE_CHECKING, Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+if TYPE_CHECKING:
+    from nvl_lora.config import LoRAConfig
+
+#: Methods a norm-fused linear may expose to return its normalised input (first found is used).
+NORM_METHOD_NAMES: tuple[str, ...] = ("normalize", "norm_input", "normalize_input", "apply_norm", "layer_norm", "norm", "_norm")
+
+ADAPTER_ATTR = "adapter"
+_HOOK_ATTR = "_nvl_lora_hook"
+
+
+class _Weight(nn.Module):
+    """Holds one adapter matrix as ``.weight`` (not an ``nn.Linear``, so target matching never adapts
+    an adapter)."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(weight)
+
+
+def _megatron_mappings() -> Any:
+    from megatron.core.tensor_parallel import mappings
+
+    return mappings
+
+
+def _tp_info(module: nn.Module) -> tuple[Any, int, int]:
+    group = getattr(module, "tp_group", None)
+    if group is None or not torch.distributed.is_available() or not torch.distributed.is_initialized():
+        return group, 1, 0
+    return group, torch.distributed.get_world_size(group), torch.distributed.get_rank(group)
+
+
+def base_kind(module: nn.Module) -> str | None:
+    """``"column"``, ``"row"``, ``"plain"`` for a layer LoRA can adapt, else ``None``."""
+    try:
+        from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+    except ImportError:  # pragma: no cover - megatron is a dependency; plain layers still work
+        ColumnParallelLinear = RowParallelLinear = ()  # type: ignore[assignment,misc]
+    if ColumnParallelLinear and isinstance(module, ColumnParallelLinear):
+        return "column"
+    if RowParallelLinear and isinstance(module, RowParallelLinear):
+        return "row"
+    if isinstance(module, nn.Linear):
+        return "plain"
+    return None
+
+
+def norm_fn_of(module: nn.Module, name: str) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """The callable giving a norm-fused linear's normalised input, ``None`` for a plain linear."""
+    if getattr(module, "layer_norm_weight", None) is None:
+        return None
+    for attr in NORM_METHOD_NAMES:
+        fn = getattr(module, attr, None)
+        if callable(fn) and not isinstance(fn, nn.Parameter):
+            return fn
+    raise TypeError(
+        f"{name} ({type(module).__name__}) holds layer_norm_weight, so its adapter must see the "
+        f"normalised input, but it has none of the methods {list(NORM_METHOD_NAMES)} that return it. "
+        "Give the norm-fused linear such a method (x -> normalised x)."
+    )
+
+
+def _seeded_generator(seed: int, name: str) -> torch.Generator:
+    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+
+
+def init_lora_a(rank: int, in_features: int, method: str, gen: torch.Generator) -> torch.Tensor:
+    """A ``[rank, in_features]`` in fp32 on CPU, drawn from ``gen``."""
+    if method == "xavier":  # torch.nn.init.xavier_uniform_: fan_in=in, fan_out=rank
+        bound = math.sqrt(6.0 / (in_features + rank))
+    elif method == "kaiming":  # kaiming_uniform_(a=sqrt(5)) as nn.Linear / peft: bound = 1/sqrt(fan_in)
+        bound = 1.0 / math.sqrt(in_features)
+    else:
+        raise ValueError(f"unknown lora_A_init_method {method!r}")
+    return (torch.rand(rank, in_features, generator=gen, dtype=torch.float32) * 2.0 - 1.0) * bound
+
+
+class LoRAAdapter(nn.Module):
+    """``(alpha/r) * B @ A`` for one base layer, split like the base (see the module docstring).
+
+    :param kind: the base's layout: ``"column"``, ``"row"`` or ``"plain"``.
+    :param in_features: the base's logical (full) input size.
+    :param out_features: the base's logical (full) output size.
+    :param lora_a: the full logical A ``[rank, in_features]`` (sliced here for a row base).
+    :param lora_b: the full logical B ``[out_features, rank]`` (sliced here for a column base).
+    """
+
+    def __init__(
+        self,
+        *,
+        kind: str,
+        in_features: int,
+        out_features: int,
+        rank: int,
+        alpha: float,
+        dropout: float,
+        lora_a: torch.Tensor,
+        lora_b: torch.Tensor,
+        tp_group: Any = None,
+        tp_size: int = 1,
+        tp_rank: int = 0,
+        input_is_parallel: bool = True,
+        gather_output: bool = False,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        self.kind = kind
+        self.in_features = in_features
+        self.out_features = out_features
+        self.rank = rank
+        self.alpha = float(alpha)
+        self.scale = float(alpha) / rank
+        self.tp_group = tp_group
+        self.tp_size = tp_size
+        self.tp_rank = tp_rank
+        self.input_is_parallel = input_is_parallel
+        self.gather_output = gather_output
+        a, b = lora_a, lora_b
+        if kind == "row" and tp_size > 1:
+            a = a.chunk(tp_size, dim=1)[tp_rank]
+        if kind == "column" and tp_size > 1:
+            b = b.chunk(tp_size, dim=0)[tp_rank]
+        self.linear_in = _Weight(a.to(dtype=dtype, device=device).contiguous())
+        self.linear_out = _Weight(b.to(dtype=dtype, device=device).contiguous())
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self._mark_tp_attributes()
+
+    def _mark_tp_attributes(self) -> None:
+        from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
+
+        a, b = self.linear_in.weight, self.linear_out.weight
+        if self.kind == "column":
+            set_tensor_model_parallel_attributes(b, True, 0, 1)
+        elif self.kind == "row":
+            set_tensor_model_parallel_attributes(a, True, 1, 1)
+
+    @property
+    def split_dims(self) -> dict[str, int | None]:
+        """Which dimension of each adapter weight is split over TP (``None``: replicated)."""
+        if self.kind == "column":
+            return {"linear_in.weight": None, "linear_out.weight": 0}
+        if self.kind == "row":
+            return {"linear_in.weight": 1, "linear_out.weight": None}
+        return {"linear_in.weight": None, "linear_out.weight": None}
+
+    def delta_weight(self) -> torch.Tensor:
+        """This rank's ``scale * B @ A`` in fp32, shaped like the base's local weight."""
+        return self.scale * (self.linear_out.weight.float() @ self.linear_in.weight.float())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = self.linear_in.weight, self.linear_out.weight
+        x = self.dropout(x)
+        if self.kind == "row" and self.tp_size > 1:
+            mp = _megatron_mappings()
+            if not self.input_is_parallel:
+                x = mp.scatter_to_tensor_model_parallel_region(x, group=self.tp_group)
+            h = mp.reduce_from_tensor_model_parallel_region(F.linear(x.to(a.dtype), a), group=self.tp_group)
+        else:
+            h = F.linear(x.to(a.dtype), a)
+        h = h * self.scale
+        if self.kind == "column" and self.tp_size > 1:
+            mp = _megatron_mappings()
+            h = mp.copy_to_tensor_model_parallel_region(h, group=self.tp_group)
+            y = F.linear(h, b)
+            if self.gather_output:
+                y = mp.gather_from_tensor_model_parallel_region(y, group=self.tp_group)
+            return y
+        return F.linear(h, b)
+
+    def extra_repr(self) -> str:
+        return (
+            f"kind={self.kind}, in={self.in_features}, out={self.out_features}, r={self.rank}, "
+            f"alpha={self.alpha:g}, tp={self.tp_size}"
+        )
+
+
+def _lora_forward_hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+    if args:
+        x = args[0]
+    else:
+        x = next((kwargs[k] for k in ("input_", "input", "x", "hidden_states") if k in kwargs), None)
+        if x is None:
+            raise TypeError(f"LoRA on {type(module).__name__}: cannot find the input among {list(kwargs)}")
+    norm = module.__dict__.get("_nvl_lora_norm")
+    if norm is not None:
+        x = norm(x)
+    delta = getattr(module, ADAPTER_ATTR)(x)
+    if isinstance(output, tuple):
+        return (output[0] + delta.to(output[0].dtype), *output[1:])
+    return output + delta.to(output.dtype)
+
+
+def is_adapted(module: nn.Module) -> bool:
+    return isinstance(getattr(module, ADAPTER_ATTR, None), LoRAAdapter)
+
+
+def add_adapter(module: nn.Module, name: str, cfg: "LoRAConfig") -> LoRAAdapter:
+    """Attach a fresh adapter to the linear ``module`` (called ``name`` in its model)."""
+    kind = base_kind(module)
+    if kind is None:
+        raise TypeError(f"{name} is a {type(module).__name__}, not a linear layer LoRA can adapt")
+    if is_adapted(module):
+        raise ValueError(f"{name} already has a LoRA adapter")
+    group, tp_size, tp_rank = _tp_info(module) if kind != "plain" else (None, 1, 0)
+    if kind == "column":
+        in_f, out_f = int(module.input_size), int(module.output_size)
+        if getattr(module, "sequence_parallel", False) and tp_size > 1:
+            raise NotImplementedError(f"{name}: LoRA with sequence parallelism is not supported")
+    elif kind == "row":
+        in_f, out_f = int(module.input_size), int(module.output_size)
+        if getattr(module, "sequence_parallel", False) and tp_size > 1:
+            raise NotImplementedError(f"{name}: LoRA with sequence parallelism is not supported")
+    else:
+        in_f, out_f = int(module.in_features), int(module.out_features)
+    weight = module.weight
+    a = init_lora_a(cfg.dim, in_f, cfg.lora_A_init_method, _seeded_generator(cfg.seed, name + ".A"))
+    if cfg.lora_B_init_method == "zero":
+        b = torch.zeros(out_f, cfg.dim)
+    else:
+        b = torch.randn(out_f, cfg.dim, generator=_seeded_generator(cfg.seed, name + ".B")) * 0.02
+    adapter = LoRAAdapter(
+        kind=kind,
+        in_features=in_f,
+        out_features=out_f,
+        rank=cfg.dim,
+        alpha=cfg.alpha,
+        dropout=cfg.dropout,
+        lora_a=a,
+        lora_b=b,
+        tp_group=group,
+        tp_size=tp_size,
+        tp_rank=tp_rank,
+        input_is_parallel=bool(getattr(module, "input_is_parallel", True)),
+        gather_output=bool(getattr(module, "gather_output", False)),
+        dtype=weight.dtype,
+        device=weight.device,
+    )
+    norm = norm_fn_of(module, name)
+    module.add_module(ADAPTER_ATTR, adapter)
+    # Stored in __dict__ (a bound method, not a submodule), read by the hook.
+    module.__dict__["_nvl_lora_norm"] = norm
+    module.__dict__[_HOOK_ATTR] = module.register_forward_hook(_lora_forward_hook, with_kwargs=True)
+    return adapter
+
+
+def remove_adapter(module: nn.Module) -> LoRAAdapter:
+    """Detach the adapter and its hook (the base is left as it is)."""
+    adapter = getattr(module, ADAPTER_ATTR)
+    handle = module.__dict__.pop(_HOOK_ATTR, None)
+    if handle is not None:
+        handle.remove()
+    module.__dict__.pop("_nvl_lora_norm", None)
+    delattr(module, ADAPTER_ATTR)
+    return adapter
+
+
+@torch.no_grad()
+def merge_adapter(module: nn.Module) -> None:
+    """Fold ``scale * B @ A`` into the base's local weight (fp32, cast back) and remove the adapter.
+
+    Both factors are local to the rank for either split (a column base has B's rows and the full A;
+    a row base has A's columns and the full B), so no communication is needed.
+    """
+    adapter = getattr(module, ADAPTER_ATTR)
+    w = module.weight
+    delta = adapter.delta_weight().to(w.device)
+    if delta.shape != w.shape:
+        raise RuntimeError(f"adapter delta {tuple(delta.shape)} does not match base weight {tuple(w.shape)}")
+    w.copy_((w.float() + delta).to(w.dtype))
+    remove_adapter(module)

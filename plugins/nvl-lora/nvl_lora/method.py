@@ -1,0 +1,235 @@
+"""The ``lora`` PEFT method: freeze, insert adapters, list the trainable state, merge.
+
+Freezing follows Megatron-Bridge's ``VLMLoRA``: only the submodules its flags select are frozen
+(``language_model``, ``vision_model``, ``vision_projection``; ``freeze_other`` covers any other
+parameter), so "LoRA on the language model, vision tower fully trained" is one configuration.
+Adapters are always trainable.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from typing import Any, Iterable, Mapping
+
+import attrs
+import torch
+from torch import nn
+
+from nvl_lora.config import LoRAConfig
+from nvl_lora.layers import ADAPTER_ATTR, LoRAAdapter, add_adapter, base_kind, is_adapted, merge_adapter
+from nvl_lora.matching import first_match, pattern_matches
+
+log = logging.getLogger("nvl_lora")
+
+#: Top-level submodules whose freezing a flag controls.
+FREEZE_SUBMODULES: dict[str, str] = {
+    "language_model": "freeze_language_model",
+    "vision_model": "freeze_vision_model",
+    "vision_projection": "freeze_vision_projection",
+}
+
+
+class NoTargetMatchedError(ValueError):
+    """No module of the model matched any LoRA target pattern."""
+
+
+@attrs.define
+class LoRAReport:
+    """What :func:`apply_lora` did.
+
+    :param adapted: full names of the adapted modules, in model order.
+    :param matches: pattern -> number of modules it selected (first matching pattern counts).
+    :param unmatched: patterns that selected nothing.
+    :param frozen_groups: submodule (or ``"other"``) -> whether its base parameters were frozen.
+    """
+
+    adapted: list[str]
+    matches: dict[str, int]
+    unmatched: list[str]
+    frozen_groups: dict[str, bool]
+
+
+def _group_of(param_name: str) -> str:
+    for part in param_name.split("."):
+        if part in FREEZE_SUBMODULES:
+            return part
+    return "other"
+
+
+def freeze_base(model: nn.Module, cfg: LoRAConfig) -> dict[str, bool]:
+    """Set ``requires_grad=False`` on the base parameters the config's flags select.
+
+    Never sets ``requires_grad=True``: what the model builder froze (``model.freeze_*``) stays frozen.
+    """
+    want = {g: getattr(cfg, flag) for g, flag in FREEZE_SUBMODULES.items()}
+    want["other"] = cfg.freeze_other
+    seen: dict[str, bool] = {}
+    for name, p in model.named_parameters():
+        if f".{ADAPTER_ATTR}." in f".{name}":
+            continue
+        g = _group_of(name)
+        seen[g] = want[g]
+        if want[g]:
+            p.requires_grad_(False)
+    return seen
+
+
+def find_targets(model: nn.Module, cfg: LoRAConfig) -> tuple[list[tuple[str, nn.Module]], dict[str, int]]:
+    """Linear modules the config selects, and how many each pattern selected."""
+    counts = {p: 0 for p in cfg.target_modules}
+    found: list[tuple[str, nn.Module]] = []
+    for name, module in model.named_modules():
+        if not name or f".{ADAPTER_ATTR}." in f".{name}." or base_kind(module) is None or is_adapted(module):
+            continue
+        pattern = first_match(cfg.target_modules, name)
+        if pattern is None:
+            continue
+        if any(pattern_matches(x, name) for x in cfg.exclude_modules):
+            continue
+        counts[pattern] += 1
+        found.append((name, module))
+    return found, counts
+
+
+def apply_lora(model: nn.Module, cfg: LoRAConfig) -> LoRAReport:
+    """Freeze what ``cfg`` freezes and attach an adapter to every selected linear layer.
+
+    Patterns that select nothing give a warning naming them; if nothing at all is selected it is an
+    error that lists some of the model's linear layers so the user can correct the patterns.
+    """
+    found, counts = find_targets(model, cfg)
+    unmatched = [p for p, n in counts.items() if n == 0]
+    if not found:
+        linears = [n for n, m in model.named_modules() if n and base_kind(m) is not None]
+        sample = ", ".join(linears[:12]) + (" ..." if len(linears) > 12 else "")
+        raise NoTargetMatchedError(
+            f"peft.target_modules {list(cfg.target_modules)} matched no linear layer of the model. "
+            f"Its linear layers include: {sample or '(none)'}. A pattern matches a short name "
+            "('linear_qkv') or a full name with '*' wildcards ('*language_model*.linear_qkv')."
+        )
+    if unmatched:
+        msg = f"LoRA target pattern(s) {unmatched} matched no module (the others matched {len(found)})"
+        warnings.warn(msg, stacklevel=2)
+        log.warning(msg)
+    frozen = freeze_base(model, cfg)
+    for name, module in found:
+        add_adapter(module, name, cfg)
+    return LoRAReport([n for n, _ in found], counts, unmatched, frozen)
+
+
+def adapters(model: nn.Module) -> dict[str, LoRAAdapter]:
+    """Adapted module name -> its adapter."""
+    return {n: getattr(m, ADAPTER_ATTR) for n, m in model.named_modules() if n and is_adapted(m)}
+
+
+def merge_lora(model: nn.Module) -> list[str]:
+    """Fold every adapter into its base weight and remove it; returns the merged module names."""
+    names = []
+    for name, module in list(model.named_modules()):
+        if name and is_adapted(module):
+            merge_adapter(module)
+            names.append(name)
+    return names
+
+
+def _tp_size_of(p: torch.Tensor) -> int:
+    if not getattr(p, "tensor_model_parallel", False):
+        return 1
+    try:
+        from megatron.core import parallel_state
+
+        if parallel_state.model_parallel_is_initialized():
+            return parallel_state.get_tensor_model_parallel_world_size()
+    except Exception:  # pragma: no cover - no megatron state: nothing is split
+        pass
+    return 1
+
+
+@attrs.frozen
+class ParameterCount:
+    """Logical (full-model, TP-independent) parameter counts."""
+
+    trainable: int
+    total: int
+    adapter: int
+
+    @property
+    def fraction(self) -> float:
+        return self.trainable / self.total if self.total else 0.0
+
+    def describe(self) -> str:
+        return (
+            f"trainable parameters: {self.trainable:,} of {self.total:,} ({100 * self.fraction:.3f}%); "
+            f"LoRA adapters: {self.adapter:,}"
+        )
+
+
+def count_parameters(model: nn.Module) -> ParameterCount:
+    """Count parameters as the full model has them, whatever the TP size.
+
+    A parameter Megatron marks ``tensor_model_parallel`` counts ``numel * tp_size`` (every layer of
+    ``megatron.core.tensor_parallel`` and every split adapter is marked); others count once.
+    """
+    trainable = total = adapter = 0
+    for name, p in model.named_parameters():
+        n = p.numel() * _tp_size_of(p)
+        total += n
+        if p.requires_grad:
+            trainable += n
+        if f".{ADAPTER_ATTR}." in f".{name}":
+            adapter += n
+    return ParameterCount(trainable, total, adapter)
+
+
+class LoRAMethod:
+    """The registered ``lora`` PEFT method (:class:`nvlcore.contracts.PeftMethod`).
+
+    ``LoRAMethod(config)`` or ``LoRAMethod(**peft_section)``; :meth:`apply` freezes and wraps,
+    :meth:`trainable_state_dict` returns logical full tensors of everything trainable that is an
+    adapter, :meth:`merge` folds the adapters into the base weights.
+    """
+
+    name = "lora"
+
+    def __init__(self, config: LoRAConfig | Mapping[str, Any] | None = None, **settings: Any) -> None:
+        if isinstance(config, LoRAConfig):
+            if settings:
+                config = attrs.evolve(config, **settings)
+            self.config = config
+        else:
+            merged = dict(config or {})
+            merged.update(settings)
+            self.config = LoRAConfig.from_dict(merged)
+        self.report: LoRAReport | None = None
+
+    def apply(self, model: nn.Module, **options: Any) -> nn.Module:
+        self.report = apply_lora(model, self.config)
+        return model
+
+    def trainable_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """Adapter weights as logical full tensors (collective over the TP group when TP > 1)."""
+        from nvl_lora.state import gather_adapter_state
+
+        return gather_adapter_state(model)
+
+    def load_trainable_state_dict(self, model: nn.Module, state: Mapping[str, torch.Tensor]) -> list[str]:
+        """Load logical adapter tensors into this rank's shards; returns the adapter keys loaded."""
+        from nvl_lora.state import load_adapter_state
+
+        return load_adapter_state(model, state)
+
+    def merge(self, model: nn.Module) -> nn.Module:
+        merge_lora(model)
+        return model
+
+    def count_parameters(self, model: nn.Module) -> ParameterCount:
+        return count_parameters(model)
+
+    def run_config(self) -> dict[str, Any]:
+        return self.config.to_dict()
+
+
+def adapter_param_names(names: Iterable[str]) -> list[str]:
+    """The adapter parameter names among ``names``."""
+    return [n for n in names if f".{ADAPTER_ATTR}.linear_" in n]

@@ -1,0 +1,225 @@
+"""LoRA on plain and tensor-parallel linears: math, matching, freezing, TP parity, state layout."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from nvl_lora.config import LoRAConfig
+from nvl_lora.matching import pattern_matches
+from nvl_lora.method import NoTargetMatchedError, apply_lora, count_parameters, merge_lora
+from nvl_lora.recipes import LANGUAGE_TARGETS, VISION_TARGETS, lora_settings
+
+
+class Tiny(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.language_model = nn.ModuleDict(
+            {"linear_qkv": nn.Linear(8, 12), "linear_proj": nn.Linear(12, 8), "other": nn.Linear(8, 8)}
+        )
+        self.vision_model = nn.ModuleDict({"linear_fc1": nn.Linear(8, 16), "linear_fc2": nn.Linear(16, 8)})
+        self.vision_projection = nn.ModuleDict({"linear_fc1": nn.Linear(8, 8)})
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        v = self.vision_model["linear_fc2"](torch.relu(self.vision_model["linear_fc1"](x)))
+        v = self.vision_projection["linear_fc1"](v)
+        h = self.language_model["linear_proj"](torch.relu(self.language_model["linear_qkv"](v)))
+        return self.language_model["other"](h)
+
+
+def test_pattern_semantics_follow_megatron_bridge() -> None:
+    name = "language_model.decoder.layers.3.self_attention.linear_qkv"
+    assert pattern_matches("linear_qkv", name)
+    assert pattern_matches("*language_model*.linear_qkv", name)
+    assert pattern_matches("*.layers.3.*", name)
+    assert not pattern_matches("*vision_model*.linear_qkv", name)
+    assert not pattern_matches("linear_q", name)  # short name must be equal, not a prefix
+    assert not pattern_matches("language_model", name)  # a full-name pattern is anchored
+    assert not pattern_matches("*language_model*.linear_qkv", "language_model.x.linear_qkv_extra")
+
+
+def test_fresh_adapter_is_identity_and_math_is_w_plus_scaled_ba() -> None:
+    model = Tiny()
+    x = torch.randn(4, 8)
+    ref = model(x)
+    cfg = LoRAConfig(target_modules=["linear_qkv"], dim=4, alpha=8)
+    report = apply_lora(model, cfg)
+    assert report.adapted == ["language_model.linear_qkv"]
+    torch.testing.assert_close(model(x), ref, rtol=0, atol=0)  # B = 0
+    lin = model.language_model["linear_qkv"]
+    with torch.no_grad():
+        lin.adapter.linear_out.weight.normal_()
+    a, b = lin.adapter.linear_in.weight, lin.adapter.linear_out.weight
+    expected = nn.functional.linear(x, lin.weight + 2.0 * b @ a, lin.bias)
+    torch.testing.assert_close(lin(x), expected)
+    # xavier A: uniform with bound sqrt(6 / (in + r))
+    assert a.abs().max() <= (6 / (8 + 4)) ** 0.5
+    assert a.std() > 0.1
+
+
+def test_parameter_names_keep_the_base_and_add_adapter_keys() -> None:
+    model = Tiny()
+    before = set(model.state_dict())
+    apply_lora(model, LoRAConfig(target_modules=["linear_qkv", "linear_fc1"]))
+    after = set(model.state_dict())
+    assert before <= after
+    added = sorted(after - before)
+    assert added == sorted(
+        f"{m}.adapter.{w}.weight"
+        for m in ("language_model.linear_qkv", "vision_model.linear_fc1", "vision_projection.linear_fc1")
+        for w in ("linear_in", "linear_out")
+    )
+
+
+def test_merge_equals_adapted_forward_and_removes_adapters() -> None:
+    model = Tiny()
+    apply_lora(model, LoRAConfig(dim=4, alpha=32))
+    for n, p in model.named_parameters():
+        if n.endswith("linear_out.weight"):
+            with torch.no_grad():
+                p.normal_(std=0.05)
+    x = torch.randn(5, 8)
+    y = model(x)
+    merged = merge_lora(model)
+    assert len(merged) == 5
+    assert not any(".adapter." in n for n in model.state_dict())
+    torch.testing.assert_close(model(x), y, rtol=1e-5, atol=1e-5)
+
+
+def test_unmatched_patterns_warn_and_no_match_is_an_error() -> None:
+    with pytest.warns(UserWarning, match=r"\['in_proj'\] matched no module"):
+        apply_lora(Tiny(), LoRAConfig(target_modules=["linear_qkv", "in_proj"]))
+    with pytest.raises(NoTargetMatchedError, match="language_model.linear_qkv"):
+        apply_lora(Tiny(), LoRAConfig(target_modules=["nothing_here"]))
+
+
+def test_exclude_modules() -> None:
+    model = Tiny()
+    report = apply_lora(model, LoRAConfig(target_modules=["linear_fc1"], exclude_modules=["*vision_projection*"]))
+    assert report.adapted == ["vision_model.linear_fc1"]
+
+
+@pytest.mark.parametrize(
+    "on_language,on_vision,user,expect_adapted,expect_trainable_groups",
+    [
+        (True, False, {}, {"language_model.linear_qkv", "language_model.linear_proj"}, {"vision_model", "vision_projection"}),
+        (False, True, {}, {"vision_model.linear_fc1", "vision_model.linear_fc2", "vision_projection.linear_fc1"}, {"language_model"}),
+        (True, True, {}, {"language_model.linear_qkv", "language_model.linear_proj", "vision_model.linear_fc1",
+                          "vision_model.linear_fc2", "vision_projection.linear_fc1"}, set()),
+        # the user's model.freeze_* wins over the table
+        (True, False, {"freeze_vision_model": True}, {"language_model.linear_qkv", "language_model.linear_proj"}, {"vision_projection"}),
+        (True, True, {"freeze_vision_projection": False}, None, {"vision_projection"}),
+    ],
+)
+def test_workflow_settings(on_language, on_vision, user, expect_adapted, expect_trainable_groups) -> None:
+    cfg, freeze = lora_settings(on_language, on_vision, user)
+    model = Tiny()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the Tiny model has no fc1/fc2 in its LM
+        report = apply_lora(model, cfg)
+    if expect_adapted is not None:
+        assert set(report.adapted) == expect_adapted
+    trainable_base_groups = {
+        n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad and ".adapter." not in n
+    }
+    assert trainable_base_groups == expect_trainable_groups
+    assert all(p.requires_grad for n, p in model.named_parameters() if ".adapter." in n)
+    assert freeze == cfg.freeze_flags
+
+
+def test_settings_targets_are_the_workflows() -> None:
+    cfg, _ = lora_settings(True, False, None)
+    assert cfg.target_modules == LANGUAGE_TARGETS
+    assert cfg.target_modules[0] == "*language_model*.linear_qkv"
+    cfg, _ = lora_settings(False, True, None)
+    assert cfg.target_modules == VISION_TARGETS and "*vision_projection*.linear_fc2" in VISION_TARGETS
+    cfg, _ = lora_settings(True, True, None, {"dim": 8, "alpha": 16})
+    assert cfg.target_modules == ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
+    assert (cfg.dim, cfg.alpha, cfg.dropout, cfg.lora_A_init_method) == (8, 16.0, 0.0, "xavier")
+    with pytest.raises(ValueError, match="--lora-on-language-model"):
+        lora_settings(False, False, None)
+    with pytest.raises(ValueError, match="model.freeze_language_model"):
+        lora_settings(True, False, {"freeze_lm": True})
+
+
+def test_count_parameters() -> None:
+    model = Tiny()
+    total = sum(p.numel() for p in model.parameters())
+    cfg, _ = lora_settings(True, True, None, {"dim": 2})
+    apply_lora(model, cfg)
+    c = count_parameters(model)
+    adapters = 2 * (8 + 12) + 2 * (12 + 8) + 2 * (8 + 16) + 2 * (16 + 8) + 2 * (8 + 8)
+    assert (c.adapter, c.trainable, c.total) == (adapters, adapters, total + adapters)
+    assert "trainable parameters: 208" in c.describe()
+
+
+def test_config_round_trip_and_errors() -> None:
+    cfg = LoRAConfig.from_dict({"rank": 8, "alpha": 16, "target_modules": "linear_qkv,linear_proj", "_target_": "x"})
+    assert cfg.dim == 8 and cfg.target_modules == ("linear_qkv", "linear_proj")
+    assert LoRAConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match="unknown LoRA setting"):
+        LoRAConfig.from_dict({"rnak": 8})
+    with pytest.raises(ValueError, match="lora_A_init_method"):
+        LoRAConfig(lora_A_init_method="orthogonal")
+
+
+@pytest.mark.distributed
+def test_tensor_parallel_two_ranks_match_one() -> None:
+    """Megatron Column/RowParallelLinear (norm-fused fc1, fused in_proj components) at TP=2 vs TP=1."""
+    from nvl_lora.testing import run_distributed, tp_parity_worker
+
+    results = run_distributed(tp_parity_worker, 2)
+    for rank, r in enumerate(results):
+        one, two = r["tp1"], r["tp2"]
+        assert one["adapted"] == two["adapted"] and len(one["adapted"]) == 7
+        assert one["keys"] == two["keys"]
+        assert "language_model.mixer.in_proj.adapter.linear_out.weight.z" in one["keys"]
+        torch.testing.assert_close(two["y"], one["y"], rtol=1e-5, atol=1e-5)
+        assert one["grads"].keys() == two["grads"].keys()
+        for k in one["grads"]:
+            assert one["grads"][k].abs().max() > 0, k  # every adapter tensor receives gradient
+            torch.testing.assert_close(two["grads"][k], one["grads"][k], rtol=1e-5, atol=1e-6, msg=k)
+        for label in ("tp1", "tp2"):
+            for k, v in r[label]["state"].items():  # logical tensors survive load -> gather
+                torch.testing.assert_close(r[label]["roundtrip"][k], v, rtol=0, atol=0)
+            torch.testing.assert_close(r[label]["merged_y"], r[label]["y"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(results[0]["tp2"]["y"], results[1]["tp2"]["y"], rtol=0, atol=0)
+
+
+class NormLinear(nn.Linear):
+    """A norm-fused linear: holds layer_norm_weight and normalises its own input."""
+
+    def __init__(self, i: int, o: int) -> None:
+        super().__init__(i, o, bias=False)
+        self.layer_norm_weight = nn.Parameter(1 + 0.1 * torch.randn(i))
+
+    def norm_input(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * self.layer_norm_weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(self.norm_input(x))
+
+
+def test_norm_fused_linear_adapter_sees_the_normalised_input() -> None:
+    m = nn.Module()
+    m.linear_qkv = NormLinear(8, 6)
+    apply_lora(m, LoRAConfig(target_modules=["linear_qkv"], dim=2, alpha=2))
+    lin = m.linear_qkv
+    with torch.no_grad():
+        lin.adapter.linear_out.weight.normal_()
+    x = 3 * torch.randn(4, 8)
+    xn = lin.norm_input(x)
+    a, b = lin.adapter.linear_in.weight, lin.adapter.linear_out.weight
+    torch.testing.assert_close(lin(x), xn @ (lin.weight + b @ a).T)
+
+
+def test_norm_fused_linear_without_a_norm_method_is_refused() -> None:
+    m = nn.Module()
+    m.linear_qkv = nn.Linear(4, 4)
+    m.linear_qkv.layer_norm_weight = nn.Parameter(torch.ones(4))
+    with pytest.raises(TypeError, match="linear_qkv .*layer_norm_weight.*norm_input"):
+        apply_lora(m, LoRAConfig(target_modules=["linear_qkv"]))
