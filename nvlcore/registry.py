@@ -173,6 +173,11 @@ class Registry(Generic[T]):
             return self._entries[self._alias_to_name[key]]
         return None
 
+    def clear(self) -> None:
+        """Forget every entry (the plugin manager re-collects)."""
+        self._entries.clear()
+        self._alias_to_name.clear()
+
     def remove_plugin(self, plugin: str) -> None:
         """Forget every entry registered by ``plugin`` (used when its hook fails half-way)."""
         for name in [n for n, e in self._entries.items() if e.provenance.plugin == plugin]:

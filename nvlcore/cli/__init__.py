@@ -1,4 +1,8 @@
-"""The ``nvl`` command line: built-in commands plus whatever plugins add."""
+"""The ``nvl`` command line: built-in commands plus whatever plugins add.
+
+Importing this module is cheap (click and the plugin manager only); each command imports what it
+needs (torch, transformers...) when it runs, so ``nvl --help`` stays fast with every plugin installed.
+"""
 
 from __future__ import annotations
 
@@ -18,23 +22,21 @@ class NvlGroup(click.Group):
         self.builtin_names: set[str] = set()
         self.current_plugin: str | None = None
         self.command_owner: dict[str, str] = {}
+        #: ``(plugin, message)`` for every command a plugin tried to add and could not.
+        self.clashes: list[tuple[str, str]] = []
 
     def add_command(self, cmd: click.Command, name: str | None = None) -> None:
         name = name or cmd.name
         assert name is not None
         if self.current_plugin is not None:
+            message = None
             if name in self.builtin_names:
-                click.echo(
-                    f"nvl: plugin {self.current_plugin!r} tried to replace built-in command {name!r}; skipped",
-                    err=True,
-                )
-                return
-            if name in self.commands:
-                click.echo(
-                    f"nvl: plugin {self.current_plugin!r} tried to replace command {name!r} of plugin "
-                    f"{self.command_owner.get(name)!r}; skipped",
-                    err=True,
-                )
+                message = f"tried to replace built-in command {name!r}; skipped"
+            elif name in self.commands:
+                message = f"tried to replace command {name!r} of plugin {self.command_owner.get(name)!r}; skipped"
+            if message is not None:
+                self.clashes.append((self.current_plugin, message))
+                click.echo(f"nvl: plugin {self.current_plugin!r} {message}", err=True)
                 return
             self.command_owner[name] = self.current_plugin
         else:
@@ -42,41 +44,62 @@ class NvlGroup(click.Group):
         super().add_command(cmd, name)
 
 
+#: The built-in commands: name -> "module:attribute" (click objects, imported when the CLI is built).
+BUILTIN_COMMANDS: dict[str, str] = {
+    "config": "nvlcore.cli.config_cmd:config_group",
+    "generate": "nvlcore.cli.generate:generate_cmd",
+    "plugins": "nvlcore.cli.plugins_cmd:plugins_group",
+}
+
+
 def build_cli(manager: Any = None) -> NvlGroup:
-    """Build the root ``nvl`` group: built-ins first, then each plugin's commands.
+    """Build the root ``nvl`` group: built-ins first, then each plugin's commands (in load order).
+
+    A plugin whose ``nvl_register_commands`` raises is marked failed and the commands it added are
+    removed; a command name that clashes with a built-in or an earlier plugin's is reported on stderr,
+    recorded in that plugin's ``warnings`` and skipped.
 
     :param manager: an :class:`nvlcore.plugins.NvlPluginManager`; defaults to the process-wide one.
     """
     from nvlcore.plugins import get_plugin_manager
+    from nvlcore.registry import import_target
 
     manager = manager or get_plugin_manager()
 
     @click.group(cls=NvlGroup, context_settings={"help_option_names": ["-h", "--help"]})
     @click.version_option(__version__, prog_name="nvl")
     def cli() -> None:
-        """nvl: fine-tune and serve Nemotron Nano V2 VL, extended by plugins."""
+        """nvl: fine-tune and serve Nemotron Nano V2 VL, extended by plugins.
+
+        `nvl plugins list` shows what is installed; docs/cli.md describes every command.
+        """
 
     assert isinstance(cli, NvlGroup)
-    from nvlcore.cli.generate import generate_cmd
-    from nvlcore.cli.plugins_cmd import plugins_group
+    for name, target in BUILTIN_COMMANDS.items():
+        cli.add_command(import_target(target, what=f"built-in command {name!r}"), name)
 
-    cli.add_command(plugins_group)
-    cli.add_command(generate_cmd)
-
-    for impl in reversed(manager.pm.hook.nvl_register_commands.get_hookimpls()):
-        cli.current_plugin = impl.plugin_name
+    for plugin_name, impl in manager.command_plugins():
+        cli.current_plugin = plugin_name
+        before = set(cli.commands)
+        clashes_before = len(cli.clashes)
         try:
-            impl.function(cli=cli)
+            impl.function(**{arg: cli for arg in impl.argnames})
         except Exception as exc:
-            info = manager.infos.get(impl.plugin_name)
-            if manager.strict:
-                raise
+            for added in set(cli.commands) - before:
+                cli.commands.pop(added)
+                cli.command_owner.pop(added, None)
+            info = manager.infos.get(plugin_name)
             if info is not None:
-                info.status = "failed"
-                info.error = f"{type(exc).__name__}: {exc}"
-            click.echo(f"nvl: plugin {impl.plugin_name!r} failed to add commands: {exc}", err=True)
+                manager._fail(info, exc)
+            else:  # pragma: no cover - every hook implementation belongs to a known plugin
+                raise
         finally:
             cli.current_plugin = None
+        info = manager.infos.get(plugin_name)
+        if info is not None:
+            for _, message in cli.clashes[clashes_before:]:
+                if message not in info.warnings:
+                    info.warnings.append(message)
     return cli
 
 

@@ -1,0 +1,284 @@
+"""The typed config schema: one attrs class per section, Megatron-Bridge's section and field names.
+
+Defaults are the Megatron-Bridge recipe for Nemotron Nano V2 VL (``nemotron_nano_v2_vl_12b_sft_config``,
+see docs/config.md) where it gives one; a model bridge's ``recipe()`` returns a nested mapping that
+:func:`nvlcore.config.load_config` merges over these defaults (``base=``), then the YAML files, then
+the command-line overrides.
+
+Any field may hold the mandatory marker ``"???"`` (:data:`MISSING`) until the config is resolved for
+a run (:func:`nvlcore.config.resolve_config`), exactly as in OmegaConf/Megatron-Bridge YAML files.
+
+Each field carries its help text in ``metadata["help"]``; ``nvl config keys`` and docs/config.md are
+generated from it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import attrs
+
+#: The mandatory-value marker of OmegaConf YAML files: a field holding it must be set before a run.
+MISSING = "???"
+
+
+def _f(default: Any = attrs.NOTHING, help: str = "", *, factory: Any = None) -> Any:
+    if factory is not None:
+        return attrs.field(factory=factory, metadata={"help": help})
+    return attrs.field(default=default, metadata={"help": help})
+
+
+@attrs.define
+class ModelConfig:
+    """``model``: the model provider's settings (parallelism, freezing, sequence length)."""
+
+    seq_length: int = _f(4096, "Maximum language-model sequence length (tokens after image/video expansion).")
+    tensor_model_parallel_size: int = _f(4, "Tensor-parallel size (recipe: 4 for full fine-tuning, 2 for LoRA).")
+    pipeline_model_parallel_size: int = _f(1, "Pipeline-parallel size. Only 1 is supported by nvl.")
+    context_parallel_size: int = _f(1, "Context-parallel size. Only 1 is supported by nvl.")
+    sequence_parallel: bool = _f(False, "Megatron sequence parallelism. Not supported by nvl (must be false).")
+    freeze_language_model: bool = _f(False, "Freeze every language-model parameter.")
+    freeze_vision_model: bool = _f(False, "Freeze the vision encoder (RADIO ViT).")
+    freeze_vision_projection: bool = _f(False, "Freeze the vision projector (MLP).")
+    bridge: str | None = _f(None, "Model bridge name; default: picked from the HF config's `architectures`.")
+    hf_model_path: str | None = _f(None, "HF model directory the bridge reads (config.json, tokenizer, processor).")
+
+
+@attrs.define
+class TrainConfig:
+    """``train``: iterations and batch sizes."""
+
+    train_iters: int = _f(2000, "Number of optimizer steps.")
+    global_batch_size: int = _f(32, "Samples per optimizer step, over all data-parallel ranks.")
+    micro_batch_size: int = _f(1, "Samples per forward/backward on one data-parallel rank.")
+    exit_interval: int | None = _f(None, "Stop after this many iterations of this run (for testing).")
+    exit_duration_in_mins: float | None = _f(None, "Stop (after a checkpoint) once this many minutes have passed.")
+    manual_gc: bool = _f(True, "Disable Python's automatic GC and collect every manual_gc_interval steps.")
+    manual_gc_interval: int = _f(100, "Steps between manual garbage collections (0 = never).")
+    manual_gc_eval: bool = _f(True, "Collect garbage before and after validation when manual_gc is on.")
+
+
+@attrs.define
+class ValidationConfig:
+    """``validation``: periodic evaluation. ``train.eval_iters`` is a deprecated alias of ``eval_iters``."""
+
+    eval_interval: int | None = _f(500, "Steps between validations (null = never).")
+    eval_iters: int = _f(0, "Validation batches per evaluation; 0 disables validation and test splits.")
+
+
+@attrs.define
+class OptimizerConfig:
+    """``optimizer``: Megatron-Core OptimizerConfig names."""
+
+    optimizer: Literal["adam", "sgd"] = _f("adam", "Optimizer: adam (AdamW: decoupled weight decay) or sgd.")
+    lr: float = _f(2e-5, "Peak learning rate.")
+    min_lr: float = _f(2e-6, "Learning rate at the end of the decay.")
+    weight_decay: float = _f(0.1, "Weight decay (the scheduler's start/end_weight_decay win when set).")
+    adam_beta1: float = _f(0.9, "Adam beta1.")
+    adam_beta2: float = _f(0.95, "Adam beta2.")
+    adam_eps: float = _f(1e-8, "Adam epsilon.")
+    sgd_momentum: float = _f(0.9, "SGD momentum.")
+    clip_grad: float = _f(1.0, "Clip the global gradient norm to this value (0 = no clipping).")
+    bf16: bool = _f(True, "Compute in bfloat16 (main params and grads stay fp32).")
+    fp16: bool = _f(False, "Compute in float16 with loss scaling.")
+    loss_scale: float | None = _f(None, "Static loss scale for fp16 (null = dynamic).")
+    initial_loss_scale: float = _f(4294967296.0, "Initial dynamic loss scale (fp16).")
+    min_loss_scale: float = _f(1.0, "Minimum dynamic loss scale (fp16).")
+    loss_scale_window: float = _f(1000.0, "Steps without overflow before the dynamic loss scale grows (fp16).")
+    hysteresis: int = _f(2, "Overflows tolerated before the dynamic loss scale shrinks (fp16).")
+
+
+@attrs.define
+class SchedulerConfig:
+    """``scheduler``: learning-rate and weight-decay schedules (Megatron OptimizerParamScheduler)."""
+
+    lr_decay_style: Literal["constant", "linear", "cosine", "inverse-square-root", "WSD"] = _f(
+        "cosine", "Learning-rate decay after warm-up."
+    )
+    lr_decay_iters: int | None = _f(None, "Steps over which the LR decays (null = train.train_iters).")
+    lr_warmup_iters: int = _f(5, "Linear warm-up steps from lr_warmup_init to optimizer.lr.")
+    lr_warmup_fraction: float | None = _f(None, "Warm-up as a fraction of lr_decay_iters (instead of iters).")
+    lr_warmup_init: float = _f(0.0, "Learning rate at step 0 of the warm-up.")
+    lr_wsd_decay_style: Literal["exponential", "linear", "cosine", "minus_sqrt"] = _f(
+        "exponential", "Decay style of the WSD schedule's final phase."
+    )
+    lr_wsd_decay_iters: int | None = _f(None, "Steps of the WSD schedule's final decay.")
+    start_weight_decay: float | None = _f(0.033, "Weight decay at step 0 (null = optimizer.weight_decay).")
+    end_weight_decay: float | None = _f(0.033, "Weight decay at the end (null = optimizer.weight_decay).")
+    weight_decay_incr_style: Literal["constant", "linear", "cosine"] = _f(
+        "constant", "How weight decay moves from start_weight_decay to end_weight_decay."
+    )
+    override_opt_param_scheduler: bool = _f(True, "On resume, take the schedule from this config, not the checkpoint.")
+    use_checkpoint_opt_param_scheduler: bool = _f(False, "On resume, take the schedule from the checkpoint.")
+
+
+@attrs.define
+class CheckpointConfig:
+    """``checkpoint``: saving and loading (Megatron-Bridge layout: ``<dir>/iter_0000200/``, tracker).
+
+    Unlike the Megatron-Bridge recipe (``save = load = ./nemo_experiments/default/checkpoints``, which
+    silently resumes an unrelated earlier run started in the same directory), ``save`` and ``load``
+    default to null: name them.
+    """
+
+    save: str | None = _f(None, "Directory to save checkpoints to (null = no checkpoints).")
+    load: str | None = _f(None, "Directory to resume from (model, optimizer, RNG, scheduler, iteration).")
+    pretrained_checkpoint: str | None = _f(
+        None, "Weights to start fine-tuning from (Megatron base/iter dir or HF dir); iteration starts at 0."
+    )
+    save_interval: int | None = _f(200, "Steps between checkpoints (a final one is always written).")
+    most_recent_k: int = _f(-1, "Keep only the newest k checkpoints (-1 = keep all).")
+    save_optim: bool = _f(True, "Save optimizer state.")
+    save_rng: bool = _f(True, "Save RNG state.")
+    load_optim: bool = _f(True, "Load optimizer state on resume.")
+    load_rng: bool = _f(True, "Load RNG state on resume.")
+    ckpt_step: int | None = _f(None, "Resume from this iteration instead of the tracker's latest one.")
+    ckpt_format: Literal["torch_dist"] = _f("torch_dist", "Checkpoint format: torch_dist (PyTorch DCP) only.")
+    async_save: bool = _f(False, "Write checkpoints in the background.")
+    fully_parallel_save: bool = _f(True, "Spread the write of replicated tensors over data-parallel ranks.")
+    fully_parallel_load: bool = _f(False, "Spread the read of replicated tensors over data-parallel ranks.")
+    exit_on_missing_checkpoint: bool = _f(False, "Fail when `load` holds no checkpoint instead of starting fresh.")
+    save_tokenizer_assets: bool = _f(True, "Copy the tokenizer files into each checkpoint.")
+
+
+@attrs.define
+class DatasetConfig:
+    """``dataset``: the data source (a registered dataset maker) and the dataloader.
+
+    ``sequence_length`` is accepted as an alias of ``seq_length`` (the name in Megatron-Bridge <= v0.5.1
+    YAML files); ``pack_sequences_in_batch`` as an alias of ``enable_in_batch_packing``.
+    ``maker_kwargs`` is validated against the selected maker's ``Kwargs`` schema when it has one.
+    """
+
+    maker_name: str = _f("make_cord_v2_dataset", "Registered dataset maker (or alias), e.g. make_raven_dataset.")
+    maker_kwargs: dict[str, Any] = _f(help="Keyword arguments for the maker (all splits).", factory=dict)
+    val_maker_kwargs: dict[str, Any] = _f(help="Extra maker keyword arguments for the validation split.", factory=dict)
+    test_maker_kwargs: dict[str, Any] = _f(help="Extra maker keyword arguments for the test split.", factory=dict)
+    seq_length: int | None = _f(None, "Sequence length for padding/truncation (null = model.seq_length).")
+    num_workers: int = _f(2, "DataLoader worker processes per rank.")
+    dataloader_type: Literal["single", "cyclic"] = _f(
+        "cyclic", "single: sequential order; cyclic: reshuffled every epoch."
+    )
+    data_sharding: bool = _f(True, "Shard samples over data-parallel ranks.")
+    pin_memory: bool = _f(True, "Pin host memory of batches.")
+    persistent_workers: bool = _f(False, "Keep DataLoader workers alive between epochs.")
+    pad_to_multiple_of: int = _f(128, "Pad each batch's length up to a multiple of this.")
+    pad_to_max_length: bool = _f(False, "Pad every batch to seq_length.")
+    enable_in_batch_packing: bool = _f(False, "Pack several samples into one row (not supported for VLM data).")
+    skip_test: bool = _f(False, "Do not build the test split.")
+
+
+@attrs.define
+class LoggerConfig:
+    """``logger``: console/JSONL/W&B/TensorBoard metrics.
+
+    ``loggers`` names registered metric loggers (``nvl plugins list --all``); ``wandb`` is added when
+    ``wandb_project`` is set.
+    """
+
+    log_interval: int = _f(10, "Steps between logged (console and metrics) lines.")
+    loggers: list[str] = _f(help="Registered metric loggers to enable.", factory=lambda: ["console"])
+    jsonl_path: str | None = _f(None, "Metrics JSONL file (null = <checkpoint.save>/metrics.jsonl when saving).")
+    tensorboard_dir: str | None = _f(None, "TensorBoard directory (null = off).")
+    log_timers_to_tensorboard: bool = _f(True, "Write iteration time to the metric loggers.")
+    wandb_project: str | None = _f(None, "W&B project; setting it enables the wandb logger.")
+    wandb_exp_name: str | None = _f(None, "W&B run name.")
+    wandb_entity: str | None = _f(None, "W&B entity (team or user).")
+    wandb_save_dir: str | None = _f(None, "W&B local directory (null = <checkpoint.save>/wandb).")
+
+
+@attrs.define
+class PeftConfig:
+    """``peft``: parameter-efficient fine-tuning (null ``method`` = full fine-tuning).
+
+    Defaults are the recipe's ``VLMLoRA``. A method may declare more fields in its ``Config`` class;
+    they are accepted in this section when that method is selected and land in ``options``.
+    """
+
+    method: str | None = _f(None, "Registered PEFT method (e.g. lora); null = full fine-tuning.")
+    target_modules: list[str] = _f(
+        help="Module names or wildcard patterns (`*language_model*.linear_qkv`) that get adapters.",
+        factory=lambda: ["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"],
+    )
+    exclude_modules: list[str] = _f(help="Target every linear layer except these (exclusive with target_modules).", factory=list)
+    dim: int = _f(16, "Adapter rank.")
+    alpha: float = _f(32, "Adapter scale numerator: the update is (alpha/dim)·B·A.")
+    dropout: float = _f(0.0, "Dropout on the adapter path.")
+    dropout_position: Literal["pre", "post"] = _f("pre", "Apply dropout before A (pre) or after B (post).")
+    lora_A_init_method: Literal["xavier", "uniform", "kaiming", "normal"] = _f("xavier", "Initialisation of A.")
+    lora_B_init_method: Literal["zero", "xavier", "uniform", "kaiming", "normal"] = _f("zero", "Initialisation of B.")
+    lora_dtype: Literal["float32", "bfloat16", "float16"] | None = _f(None, "Adapter dtype (null = model dtype).")
+    freeze_language_model: bool = _f(True, "Freeze the base language model (adapters stay trainable).")
+    freeze_vision_model: bool = _f(True, "Freeze the base vision encoder.")
+    freeze_vision_projection: bool = _f(True, "Freeze the base vision projector.")
+    options: dict[str, Any] = _f(help="Method-specific fields (validated by the method's Config).", factory=dict)
+
+
+@attrs.define
+class DistConfig:
+    """``dist``: process groups. Megatron FSDP and torch FSDP2 are not supported (must be false)."""
+
+    distributed_backend: Literal["nccl", "gloo"] | None = _f(None, "Backend (null = nccl on GPUs, gloo on CPU).")
+    distributed_timeout_minutes: int = _f(10, "Timeout of collective operations.")
+    use_megatron_fsdp: bool = _f(False, "Megatron FSDP. Not supported by nvl (must be false).")
+    use_torch_fsdp2: bool = _f(False, "torch FSDP2. Not supported by nvl (must be false).")
+
+
+@attrs.define
+class RngConfig:
+    """``rng``: seeds."""
+
+    seed: int = _f(1234, "Base random seed (the recipe's; the example YAML sets 42).")
+    data_parallel_random_init: bool = _f(False, "Different initial adapter/params per data-parallel rank.")
+
+
+@attrs.define
+class DDPConfig:
+    """``ddp``: data-parallel gradient reduction (Megatron-Core DistributedDataParallelConfig names)."""
+
+    grad_reduce_in_fp32: bool = _f(True, "Accumulate and all-reduce gradients in fp32.")
+    overlap_grad_reduce: bool = _f(False, "Overlap the gradient all-reduce with the backward pass.")
+    overlap_param_gather: bool = _f(False, "Overlap the distributed optimizer's parameter all-gather.")
+    use_distributed_optimizer: bool = _f(True, "Shard optimizer state over data-parallel ranks.")
+    average_in_collective: bool = _f(False, "Average inside the collective instead of pre-scaling.")
+    check_for_nan_in_grad: bool = _f(True, "Fail on NaN/Inf gradients.")
+    bucket_size: int | None = _f(None, "Gradient bucket size in elements (null = automatic).")
+
+
+@attrs.define
+class NvlConfig:
+    """The whole run configuration (Megatron-Bridge ``ConfigContainer`` section names)."""
+
+    model: ModelConfig = attrs.field(factory=ModelConfig)
+    train: TrainConfig = attrs.field(factory=TrainConfig)
+    validation: ValidationConfig = attrs.field(factory=ValidationConfig)
+    optimizer: OptimizerConfig = attrs.field(factory=OptimizerConfig)
+    scheduler: SchedulerConfig = attrs.field(factory=SchedulerConfig)
+    checkpoint: CheckpointConfig = attrs.field(factory=CheckpointConfig)
+    dataset: DatasetConfig = attrs.field(factory=DatasetConfig)
+    logger: LoggerConfig = attrs.field(factory=LoggerConfig)
+    peft: PeftConfig = attrs.field(factory=PeftConfig)
+    dist: DistConfig = attrs.field(factory=DistConfig)
+    rng: RngConfig = attrs.field(factory=RngConfig)
+    ddp: DDPConfig = attrs.field(factory=DDPConfig)
+    mixed_precision: Literal["bf16_mixed", "fp16_mixed", "fp32"] | None = attrs.field(
+        default="bf16_mixed",
+        metadata={"help": "Precision recipe: bf16_mixed, fp16_mixed or fp32 (null = from optimizer.bf16/fp16)."},
+    )
+
+
+#: Section name -> class (every top-level field of NvlConfig that is a section).
+SECTIONS: dict[str, type] = {
+    f.name: f.default.factory for f in attrs.fields(NvlConfig) if isinstance(f.default, attrs.Factory)  # type: ignore[union-attr]
+}
+
+#: Old or alternative key -> canonical key, applied to every layer before merging.
+ALIASES: dict[str, str] = {
+    "train.eval_iters": "validation.eval_iters",
+    "train.eval_interval": "validation.eval_interval",
+    "dataset.sequence_length": "dataset.seq_length",
+    "dataset.pack_sequences_in_batch": "dataset.enable_in_batch_packing",
+}
+
+#: Free-form mapping fields, merged key by key; validated by the selected plugin's schema.
+PLUGIN_MAPPINGS: tuple[str, ...] = ("dataset.maker_kwargs", "dataset.val_maker_kwargs", "dataset.test_maker_kwargs")
