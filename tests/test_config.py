@@ -54,6 +54,8 @@ class FakeLora:
     class Config:
         use_dora: bool = False
         lora_plus_ratio: float | None = None
+        # a core peft field redeclared: the method's own validator also checks it
+        dropout_position: str = attrs.field(default="pre", validator=attrs.validators.in_(["pre"]))
 
 
 class DataAndPeftPlugin:
@@ -299,6 +301,8 @@ def test_peft_method_config_fields(plugins: None) -> None:
     assert "peft.use_dorra: unknown key (did you mean 'peft.use_dora'?)" in err([], ["peft.method=lora", "peft.use_dorra=1"])
     assert "peft.use_dora: unknown key" in err([], ["peft.use_dora=true"])  # no method selected
     assert "unknown peft_method 'lorra'" in err([], ["peft.method=lorra"])
+    assert "'dropout_position' must be in ['pre']" in err([], ["peft.method=lora", "peft.dropout_position=post"])
+    assert load_config([], ["peft.dropout_position=post"]).peft.dropout_position == "post"  # no method: core only
 
 
 def test_logger_and_bridge_names_checked(plugins: None) -> None:
@@ -365,3 +369,12 @@ def test_cli_config_keys(nvl_cli: Any) -> None:
     assert result.exit_code == 0 and "optimizer.lr" in result.output and "2e-05" in result.output
     result = nvl_cli("config", "keys", "optimiser")
     assert result.exit_code == 2 and "did you mean 'optimizer'?" in result.output
+
+
+def test_config_doc_is_generated_from_the_schema() -> None:
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parent.parent / "scripts" / "gen_config_docs.py"
+    done = subprocess.run([sys.executable, str(script), "--check"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr

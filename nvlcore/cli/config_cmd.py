@@ -41,7 +41,10 @@ def keys(section: str | None) -> None:
         rows = [r for r in rows if r[0].split(".")[0] == section]
     width = max(len(r[0]) for r in rows)
     for key, tp, default, help_text in rows:
-        shown = "null" if default is None else ("'???'" if default == "???" else repr(default))
+        if default is None or isinstance(default, bool):
+            shown = {None: "null", True: "true", False: "false"}[default]
+        else:
+            shown = repr(default)
         click.echo(f"{key.ljust(width)}  {tp}  = {shown}")
         if help_text:
             click.echo(f"{' ' * width}  {help_text}")

@@ -381,7 +381,9 @@ def validate_plugin_sections(cfg: NvlConfig, *, peft_extra: Mapping[str, Any] | 
       ones) must fit the maker's ``Kwargs`` schema: defaults are filled in, a required field that is
       absent becomes ``"???"``.
     * ``peft.method`` must be registered; section keys beyond the core ``peft`` fields must be fields
-      of the method's ``Config`` and land, with its defaults, in ``cfg.peft.options``.
+      of the method's ``Config`` and land, with its defaults, in ``cfg.peft.options``. The Config may
+      also declare core fields (``dim``, ``dropout_position``...): its types and validators then check
+      those values too.
     * ``logger.loggers`` and ``model.bridge`` must be registered names.
     """
     peft_extra = dict(peft_extra or {})
@@ -400,17 +402,14 @@ def validate_plugin_sections(cfg: NvlConfig, *, peft_extra: Mapping[str, Any] | 
         method = _lookup(plugins, "peft_method", peft.method, "peft.method", load=True)
         schema = peft_config_schema(method)
         if schema is not None:
-            clash = sorted(set(core_names) & {f.name for f in init_fields(schema)})
-            if clash:
-                raise ConfigError(
-                    f"peft.method: {peft.method!r}'s Config redeclares core peft fields {clash}; "
-                    "a method's Config declares only its own extra fields",
-                    key="peft.method",
-                )
-            values, _ = build(schema, given, "peft", elsewhere=_elsewhere, instantiate=False)
+            # the method's Config sees the whole section: the core fields it also declares (its own
+            # validators run on them) and its extra fields, which land in peft.options
+            schema_names = [f.name for f in init_fields(schema)]
+            shared = {n: getattr(peft, n) for n in schema_names if n in core_names}
+            values, _ = build(schema, {**shared, **given}, "peft", elsewhere=_elsewhere, instantiate=False)
             if not any(is_missing(v) for v in values.values()):
-                build(schema, values, "peft")  # run the schema's own validators
-            peft.options = values
+                build(schema, values, "peft")  # run the schema's own validators and converters
+            peft.options = {k: v for k, v in values.items() if k not in core_names}
             given = {}
     if given:
         name = next(iter(given))
