@@ -86,7 +86,23 @@ class DatasetMaker(Protocol):
     """Produces conversations from one data source.
 
     Registered as a class or a factory; ``nvl`` calls it as ``maker(split=..., **maker_kwargs)`` and
-    iterates the result. ``maker_kwargs`` are validated against :attr:`kwargs_schema` when present.
+    iterates the result (the validation/test splits also get ``val_maker_kwargs``/``test_maker_kwargs``
+    merged over ``maker_kwargs``).
+
+    **The ``Kwargs`` contract.** A maker may declare its keyword arguments as an attrs class in a
+    ``Kwargs`` attribute (optional, but recommended)::
+
+        @attrs.define
+        class Kwargs:
+            path: str                      # no default: mandatory ('???' until set)
+            max_samples: int | None = None
+
+    :func:`nvlcore.config.load_config` then checks ``dataset.maker_kwargs`` against it when this maker
+    is selected: unknown keys fail with a did-you-mean (``dataset.maker_kwargs.pth: unknown key (did
+    you mean 'dataset.maker_kwargs.path'?)``), values are converted to the annotated types (``int``,
+    ``float``, ``bool``, ``str``, ``list[...]``, ``dict[...]``, ``Literal[...]``, unions, ``Path``), the
+    class's own validators run, and defaults are filled in so the printed config shows them. Without
+    ``Kwargs`` any mapping is accepted and passed through.
     """
 
     #: Splits this source has, e.g. ``("train",)``.
@@ -109,7 +125,16 @@ class MadeDataset(Protocol):
 
 @runtime_checkable
 class PeftMethod(Protocol):
-    """A parameter-efficient fine-tuning method (LoRA, ...)."""
+    """A parameter-efficient fine-tuning method (LoRA, ...).
+
+    **The ``Config`` contract.** The ``peft`` config section has core fields shared by adapter methods
+    (:class:`nvlcore.config.PeftConfig`: ``target_modules``, ``dim``, ``alpha``, ``dropout``, the
+    ``freeze_*`` flags...). A method may declare an attrs class in a ``Config`` attribute; when it is
+    selected (``peft.method=NAME``), keys of the section beyond the core ones must be fields of
+    ``Config`` (did-you-mean otherwise) and arrive, with ``Config``'s defaults, in
+    ``cfg.peft.options``. ``Config`` may also declare core fields: its types and validators then check
+    those values too. Without ``Config`` only the core fields are accepted.
+    """
 
     def apply(self, model: "torch.nn.Module", **options: Any) -> "torch.nn.Module":
         """Insert adapters and freeze what the method freezes; returns the (same) model."""

@@ -57,7 +57,8 @@ def nvl_register_dataset_makers(register: Register[Any]) -> None:
     """Register dataset makers, selected with ``dataset.maker_name=NAME`` (or an alias).
 
     A maker implements :class:`nvlcore.contracts.DatasetMaker`: it turns a source's rows into
-    conversations in the schema of :mod:`nvlcore.data.schema`.
+    conversations in the schema of :mod:`nvlcore.data.schema`. If the registered object has a
+    ``Kwargs`` attribute (an attrs class), ``dataset.maker_kwargs`` is validated against it.
 
     :param register: ``register(name, target, *, aliases=())``; ``target`` may be a
         ``"module:Attr"`` string so ``datasets`` and decoders are imported only when used.
@@ -68,7 +69,9 @@ def nvl_register_dataset_makers(register: Register[Any]) -> None:
 def nvl_register_peft_methods(register: Register[Any]) -> None:
     """Register parameter-efficient fine-tuning methods, selected with ``peft.method=NAME``.
 
-    A method implements :class:`nvlcore.contracts.PeftMethod`.
+    A method implements :class:`nvlcore.contracts.PeftMethod`. If the registered object has a
+    ``Config`` attribute (an attrs class), the ``peft`` section's keys beyond the core ones are
+    validated against it and handed over in ``cfg.peft.options``.
 
     :param register: ``register(name, target, *, aliases=())``; ``target`` may be a lazy string.
     """

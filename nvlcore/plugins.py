@@ -103,8 +103,10 @@ class PluginError(RuntimeError):
 
 
 def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
+    text = " ".join(line.strip() for line in str(exc).strip().splitlines() if line.strip())
+    if len(text) > 400:
+        text = text[:397] + "..."
+    return f"{type(exc).__name__}: {text}".rstrip(": ")
 
 
 class NvlPluginManager:

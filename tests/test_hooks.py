@@ -1,0 +1,147 @@
+"""Hook conformance: every hookspec is documented (docstring and docs/hooks.md) and tested here.
+
+The ``test_hook_<name>`` functions below are the per-hook tests that
+:func:`test_every_hook_has_a_test` requires (datasette's convention).
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+import pytest
+
+from nvlcore import hookimpl, hookspecs
+from nvlcore.plugins import NvlPluginManager, hookspec_names
+
+DOCS = Path(__file__).resolve().parent.parent / "docs" / "hooks.md"
+HOOKS = hookspec_names()
+
+
+def test_hookspec_module_lists_every_hook() -> None:
+    assert HOOKS  # the discovery itself must find something
+    assert set(HOOKS) <= set(hookspecs.__all__)
+    manager = NvlPluginManager(env={}, entry_points=False, builtins=False)
+    assert {n for n in dir(manager.pm.hook) if not n.startswith("_")} == set(HOOKS)
+
+
+@pytest.mark.parametrize("name", HOOKS)
+def test_hookspec_docstring_has_summary_and_every_param(name: str) -> None:
+    fn = getattr(hookspecs, name)
+    doc = inspect.getdoc(fn)
+    assert doc, f"{name} has no docstring"
+    summary = doc.splitlines()[0]
+    assert summary.endswith(".") and len(summary) > 20, f"{name}: first line should be a sentence: {summary!r}"
+    for arg in inspect.signature(fn).parameters:
+        assert re.search(rf":param {arg}:\s+\S", doc), f"{name}: no ':param {arg}:' in its docstring"
+    assert fn.__annotations__.get("return") in ("None", None), f"{name}: registration hooks return nothing"
+
+
+@pytest.mark.parametrize("name", HOOKS)
+def test_hook_is_documented_in_hooks_md(name: str) -> None:
+    args = ", ".join(inspect.signature(getattr(hookspecs, name)).parameters)
+    assert f"\n## {name}({args})\n" in DOCS.read_text(), f"docs/hooks.md lacks a '## {name}({args})' section"
+
+
+@pytest.mark.parametrize("name", HOOKS)
+def test_every_hook_has_a_test(name: str) -> None:
+    assert callable(getattr(sys.modules[__name__], f"test_hook_{name}", None)), f"write test_hook_{name}"
+
+
+# -- one test per hook -----------------------------------------------------------------------------------
+def _registered(manager: NvlPluginManager, kind: str, name: str) -> Any:
+    entry = manager.registry(kind).entry(name)
+    assert entry.provenance.plugin == "test-plugin"
+    return entry
+
+
+class _Thing:
+    architectures = ("TestArch",)
+
+
+def _manager(plugin: object) -> NvlPluginManager:
+    manager = NvlPluginManager(env={}, entry_points=False, builtins=True)
+    manager.add_plugin(plugin, name="test-plugin")
+    return manager
+
+
+def test_hook_nvl_register_model_bridges() -> None:
+    class P:
+        @hookimpl
+        def nvl_register_model_bridges(self, register: Any) -> None:
+            register("test_bridge", _Thing, aliases=("tb",))
+
+    manager = _manager(P())
+    assert _registered(manager, "model_bridge", "tb").name == "test_bridge"
+    assert manager.registry("model_bridge").get("test_bridge") is _Thing
+    from nvlcore.contracts import first_matching_bridge
+
+    assert first_matching_bridge(["TestArch"], {"test_bridge": _Thing}) == "test_bridge"
+
+
+def test_hook_nvl_register_dataset_makers() -> None:
+    class P:
+        @hookimpl
+        def nvl_register_dataset_makers(self, register: Any) -> None:
+            register("test_maker", "nvlcore.builtin.synthetic_vqa:SyntheticShapes")
+
+    manager = _manager(P())
+    maker = _registered(manager, "dataset_maker", "test_maker").load()
+    assert len(maker(split="train", num_examples=2)) == 2
+
+
+def test_hook_nvl_register_peft_methods() -> None:
+    class P:
+        @hookimpl
+        def nvl_register_peft_methods(self, register: Any) -> None:
+            register("test_peft", _Thing)
+
+    manager = _manager(P())
+    assert _registered(manager, "peft_method", "test_peft").load() is _Thing
+    assert manager.infos["test-plugin"].registered == {"peft_method": ["test_peft"]}
+
+
+def test_hook_nvl_register_exporters() -> None:
+    class P:
+        @hookimpl
+        def nvl_register_exporters(self, register: Any) -> None:
+            register("test-format", _Thing)
+
+    manager = _manager(P())
+    assert _registered(manager, "exporter", "test-format").load() is _Thing
+
+
+def test_hook_nvl_register_loggers() -> None:
+    class P:
+        @hookimpl
+        def nvl_register_loggers(self, register: Any) -> None:
+            register("test_logger", _Thing)
+
+    manager = _manager(P())
+    assert _registered(manager, "logger", "test_logger").load() is _Thing
+    assert {"console", "jsonl", "wandb"} <= set(manager.registry("logger").names())  # built-ins too
+
+
+def test_hook_nvl_register_commands() -> None:
+    @click.command("test-cmd")
+    @click.argument("who")
+    def test_cmd(who: str) -> None:
+        click.echo(f"hi {who}")
+
+    class P:
+        @hookimpl
+        def nvl_register_commands(self, cli: click.Group) -> None:
+            cli.add_command(test_cmd)
+
+    from click.testing import CliRunner
+
+    from nvlcore.cli import build_cli
+
+    cli = build_cli(_manager(P()))
+    result = CliRunner().invoke(cli, ["test-cmd", "you"])
+    assert result.exit_code == 0 and result.output == "hi you\n"
+    assert cli.command_owner["test-cmd"] == "test-plugin"
