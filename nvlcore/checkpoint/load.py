@@ -100,6 +100,18 @@ class Checkpoint:
             self._metadata = FileSystemReader(str(self.path)).read_metadata()
         return self._metadata
 
+    def _reader(self) -> Any:
+        # Reads the metadata once per Checkpoint, not once per load: exports load group by group.
+        from torch.distributed.checkpoint import FileSystemReader
+
+        md = self._md()
+
+        class _Reader(FileSystemReader):
+            def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
+                return md
+
+        return _Reader(str(self.path))
+
     def specs(self, state: str | None = None) -> dict[str, TensorSpec]:
         """Shape and dtype of every tensor of the model (``state=None``) or of a sharded state, by key."""
         from torch.distributed.checkpoint.metadata import TensorStorageMetadata
@@ -168,12 +180,10 @@ class Checkpoint:
         prefix = "" if state is None else f"{state}{STATE_SEP}"
         sd = {prefix + k: v for k, v in dest.items()}
         distributed = any(isinstance(v, DTensor) for v in dest.values())
-        from torch.distributed.checkpoint import FileSystemReader
-
         from nvlcore.checkpoint.save import quiet_dcp
 
         with quiet_dcp():
-            dcp.load(sd, storage_reader=FileSystemReader(str(self.path)), process_group=group, no_dist=not distributed)
+            dcp.load(sd, storage_reader=self._reader(), process_group=group, no_dist=not distributed)
         return {k: sd[prefix + k] for k in dest}
 
     def _check_keys(self, keys: Iterable[str], specs: Mapping[str, TensorSpec], state: str | None) -> None:

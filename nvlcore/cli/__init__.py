@@ -47,6 +47,7 @@ class NvlGroup(click.Group):
 #: The built-in commands: name -> "module:attribute" (click objects, imported when the CLI is built).
 BUILTIN_COMMANDS: dict[str, str] = {
     "config": "nvlcore.cli.config_cmd:config_group",
+    "convert": "nvlcore.cli.convert:convert_group",
     "generate": "nvlcore.cli.generate:generate_cmd",
     "plugins": "nvlcore.cli.plugins_cmd:plugins_group",
 }

@@ -1,0 +1,132 @@
+"""``nvl convert import|export``: HF <-> nvl checkpoints (Megatron-Bridge's convert_checkpoints.py).
+
+The bridge is picked from the HF config's ``architectures`` through the ``model_bridge`` registry
+(or named with ``--bridge``); heavy imports happen only when a command runs.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import click
+
+DTYPES = ("bfloat16", "float16", "float32")
+
+
+def select_bridge(hf_dir: str | Path, name: str | None = None, *, manager: Any = None) -> Any:
+    """Instantiate the bridge for an HF model directory (by ``--bridge`` name or ``architectures``)."""
+    from nvlcore.convert.engine import ConversionError, read_hf_config
+    from nvlcore.plugins import get_registry
+
+    config = read_hf_config(hf_dir)
+    registry = get_registry("model_bridge") if manager is None else manager.registry("model_bridge")
+    if name is not None:
+        cls = registry.get(name)
+    else:
+        archs = list(config.get("architectures") or [])
+        if not archs:
+            raise ConversionError(
+                f"{Path(hf_dir) / 'config.json'} has no 'architectures' field; pass --bridge NAME "
+                f"(installed: {', '.join(registry.names()) or 'none'})"
+            )
+        cls = None
+        known: list[str] = []
+        for bname in registry.names():
+            candidate = registry.get(bname)
+            known.extend(getattr(candidate, "architectures", ()))
+            if set(archs) & set(getattr(candidate, "architectures", ())):
+                cls = candidate
+                break
+        if cls is None:
+            raise ConversionError(
+                f"no installed bridge handles architectures {archs} of {Path(hf_dir) / 'config.json'} "
+                f"(bridges handle: {sorted(set(known)) or 'none'}); is this the right model? "
+                "`nvl plugins list` shows the installed bridges"
+            )
+    for method in ("conversion_groups", "check_tensor_parallel"):
+        if not hasattr(cls, method):
+            raise ConversionError(f"bridge {getattr(cls, 'name', cls)!r} does not support conversion (no {method})")
+    return cls.from_hf_dir(hf_dir)
+
+
+def _run(fn: Any, summary_json: str | None) -> None:
+    from nvlcore.checkpoint import CheckpointNotFoundError, OutputExistsError
+    from nvlcore.convert.engine import ConversionError
+    from nvlcore.convert.safetensors_io import SafetensorsError
+    from nvlcore.registry import RegistryError
+
+    try:
+        summary = fn()
+    except (ConversionError, SafetensorsError, OutputExistsError, CheckpointNotFoundError, RegistryError,
+            FileNotFoundError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(summary.format())
+    if summary_json:
+        Path(summary_json).write_text(json.dumps(summary.as_dict(), indent=2) + "\n")
+
+
+@click.group("convert")
+def convert_group() -> None:
+    """Convert checkpoints between Hugging Face and nvl's sharded (Megatron-style) format."""
+
+
+@convert_group.command("import")
+@click.option("--hf-model", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="HF model directory (config.json + safetensors).")
+@click.option("--megatron-path", required=True, type=click.Path(path_type=Path),
+              help="Output checkpoint directory (gets iter_0000000/ and the tracker).")
+@click.option("--tp", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Tensor-parallel size to validate and record (the checkpoint loads at any TP).")
+@click.option("--dtype", "--torch-dtype", "dtype", type=click.Choice(DTYPES), default=None,
+              help="Convert the model's tensors to this dtype (default: keep the source's).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --megatron-path.")
+@click.option("--bridge", default=None, help="Bridge name (default: from config.json architectures).")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+@click.option("--summary-json", default=None, type=click.Path(dir_okay=False), help="Also write the summary as JSON.")
+@click.option("--trust-remote-code", is_flag=True, hidden=True, help="Accepted for compatibility; never needed.")
+def import_cmd(hf_model: Path, megatron_path: Path, tp: int, dtype: str | None, overwrite: bool,
+               bridge: str | None, no_progress: bool, summary_json: str | None, trust_remote_code: bool) -> None:
+    """Import an HF checkpoint: streams tensors one group at a time into iteration 0."""
+
+    def go() -> Any:
+        from nvlcore.convert.engine import import_hf_checkpoint
+
+        b = select_bridge(hf_model, bridge)
+        return import_hf_checkpoint(b, hf_model, megatron_path, tp=tp, dtype=dtype, overwrite=overwrite,
+                                    progress=not no_progress)
+
+    _run(go, summary_json)
+
+
+@convert_group.command("export")
+@click.option("--hf-model", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Reference HF model directory (config, tokenizer, *.py, tensor list).")
+@click.option("--megatron-path", required=True, type=click.Path(path_type=Path),
+              help="Checkpoint directory (latest iteration) or one iter_N directory.")
+@click.option("--hf-path", required=True, type=click.Path(path_type=Path), help="Output HF model directory.")
+@click.option("--not-strict", is_flag=True, help="Skip tensors that cannot be produced instead of failing.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --hf-path.")
+@click.option("--shard-size", default="5GB", show_default=True, help="Maximum safetensors shard size.")
+@click.option("--dtype", type=click.Choice(DTYPES), default=None,
+              help="Write the model's tensors in this dtype (default: as stored in the checkpoint).")
+@click.option("--bridge", default=None, help="Bridge name (default: from config.json architectures).")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+@click.option("--summary-json", default=None, type=click.Path(dir_okay=False), help="Also write the summary as JSON.")
+@click.option("--trust-remote-code", is_flag=True, hidden=True, help="Accepted for compatibility; never needed.")
+def export_cmd(hf_model: Path, megatron_path: Path, hf_path: Path, not_strict: bool, overwrite: bool,
+               shard_size: str, dtype: str | None, bridge: str | None, no_progress: bool,
+               summary_json: str | None, trust_remote_code: bool) -> None:
+    """Export a checkpoint (imported or trained) to an HF model directory."""
+
+    def go() -> Any:
+        from nvlcore.convert.engine import export_hf_checkpoint
+        from nvlcore.convert.safetensors_io import parse_size
+
+        size = parse_size(shard_size)
+        b = select_bridge(hf_model, bridge)
+        return export_hf_checkpoint(b, hf_model, megatron_path, hf_path, strict=not not_strict, overwrite=overwrite,
+                                    shard_size=size, dtype=dtype, progress=not no_progress)
+
+    _run(go, summary_json)
