@@ -48,6 +48,7 @@ class NvlGroup(click.Group):
 BUILTIN_COMMANDS: dict[str, str] = {
     "config": "nvlcore.cli.config_cmd:config_group",
     "convert": "nvlcore.cli.convert:convert_group",
+    "data": "nvlcore.cli.data_cmd:data_group",
     "generate": "nvlcore.cli.generate:generate_cmd",
     "plugins": "nvlcore.cli.plugins_cmd:plugins_group",
 }

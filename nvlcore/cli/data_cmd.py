@@ -1,0 +1,192 @@
+"""``nvl data``: look at what a dataset maker produces and what the model will see of it."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any, Mapping
+
+import click
+
+
+@click.group("data")
+def data_group() -> None:
+    """Inspect datasets (dataset makers and the model's processor)."""
+
+
+def _parse_kwargs(text: str | None) -> dict[str, Any]:
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise click.BadParameter(f"not valid JSON: {exc}", param_hint="--maker-kwargs") from exc
+    if not isinstance(value, dict):
+        raise click.BadParameter("must be a JSON object, e.g. '{\"path\": \"/data/raven\"}'", param_hint="--maker-kwargs")
+    return value
+
+
+def _make_dataset(name: str, split: str, kwargs: dict[str, Any]) -> tuple[str, Any]:
+    from nvlcore.config import ConfigError, build, maker_kwargs_schema
+    from nvlcore.plugins import get_registry
+    from nvlcore.registry import RegistryError
+
+    registry = get_registry("dataset_maker")
+    try:
+        entry = registry.entry(name)
+        maker = entry.load()
+    except RegistryError as exc:
+        raise click.UsageError(str(exc)) from exc
+    except Exception as exc:  # the plugin's module itself is broken
+        raise click.ClickException(f"dataset maker {name!r} cannot be imported: {type(exc).__name__}: {exc}") from exc
+    schema = maker_kwargs_schema(maker)
+    if schema is not None:
+        try:
+            kwargs, _ = build(schema, kwargs, "--maker-kwargs", missing_required="error", instantiate=False)
+        except ConfigError as exc:
+            raise click.UsageError(f"{entry.name}: {exc}") from exc
+    splits = getattr(maker, "splits", None)
+    if splits and split not in splits:
+        raise click.UsageError(f"{entry.name} has splits {', '.join(splits)}; got --split {split!r}")
+    try:
+        return entry.name, maker(split=split, **kwargs)
+    except (TypeError, ValueError, OSError) as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+def _bridge_processor(hf_dir: Path) -> Any:
+    """The processor of the bridge that handles ``hf_dir`` (picked from config.json ``architectures``)."""
+    from nvlcore.plugins import get_registry
+
+    cfg_path = hf_dir / "config.json"
+    if not cfg_path.is_file():
+        raise click.BadParameter(f"{hf_dir} has no config.json; is it an HF model directory?", param_hint="--hf-model-path")
+    try:
+        architectures = json.loads(cfg_path.read_text()).get("architectures") or []
+    except (json.JSONDecodeError, AttributeError) as exc:
+        raise click.BadParameter(f"{cfg_path}: not a JSON object: {exc}", param_hint="--hf-model-path") from exc
+    registry = get_registry("model_bridge")
+    broken = []
+    for name in registry.names():
+        entry = registry.entry(name)
+        try:
+            bridge_cls = entry.load()
+        except Exception as exc:  # report below if nothing else matches
+            broken.append(f"{name} ({entry.provenance.describe()}): {type(exc).__name__}: {exc}")
+            continue
+        if set(architectures) & set(getattr(bridge_cls, "architectures", ())):
+            try:
+                return bridge_cls.from_hf_dir(hf_dir).processor()
+            except (ValueError, OSError, TypeError, KeyError) as exc:
+                raise click.ClickException(f"bridge {name!r} cannot read {hf_dir}: {exc}") from exc
+    msg = f"no installed model bridge handles architectures {architectures} of {cfg_path}"
+    if broken:
+        msg += "; bridges that failed to import: " + "; ".join(broken)
+    raise click.ClickException(msg + " (see `nvl plugins list`)")
+
+
+def _conversation_summary(conversation: Mapping[str, Any]) -> dict[str, Any]:
+    turns = conversation["conversation"]
+    items = [i for t in turns if not isinstance(t["content"], str) for i in t["content"]]
+    targets = []
+    for t in turns:
+        if t["role"] == "assistant":
+            content = t["content"]
+            targets.append(content.strip() if isinstance(content, str) else "".join(
+                i["text"] for i in content if i["type"] == "text").strip())
+    return {
+        "num_images": sum(i["type"] == "image" for i in items),
+        "num_videos": sum(i["type"] == "video" for i in items),
+        "target": "\n".join(targets),
+    }
+
+
+def _describe_item(item: Mapping[str, Any]) -> str:
+    if item["type"] == "text":
+        return item["text"]
+    if item["type"] == "image":
+        image = item["image"]
+        if hasattr(image, "size"):
+            return f"[image {image.size[0]}x{image.size[1]}]"
+        return f"[image {image}]"
+    if "path" in item:
+        return f"[video {item['path']}]"
+    return f"[video {len(item['video'])} frames]"
+
+
+@data_group.command("preview")
+@click.argument("maker")
+@click.option("--maker-kwargs", "maker_kwargs", metavar="JSON", help="dataset.maker_kwargs as a JSON object.")
+@click.option("--split", default="train", show_default=True, help="Split to read.")
+@click.option("-n", "--num-examples", "num", type=click.IntRange(min=1), default=3, show_default=True,
+              help="How many examples to show.")
+@click.option("--hf-model-path", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Model directory: also show what its processor makes of each example.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per example and line.")
+def preview_cmd(maker: str, maker_kwargs: str | None, split: str, num: int, hf_model_path: Path | None,
+                as_json: bool) -> None:
+    """Show the first examples of dataset maker MAKER (a name or alias).
+
+    With --hf-model-path, each example also goes through the model's processor: the rendered
+    sequence (each tile's context tokens shown as one marker), tiles per image, frames, token
+    count and supervised-token count. --json prints the keys num_images, tiles_per_image,
+    num_frames, num_tokens, num_supervised_tokens, prompt, target (null where a value needs
+    the model directory).
+    """
+    kwargs = _parse_kwargs(maker_kwargs)
+    name, dataset = _make_dataset(maker, split, kwargs)
+    processor = _bridge_processor(hf_model_path) if hf_model_path is not None else None
+    total = len(dataset)
+    skipped = getattr(dataset, "num_skipped", None)
+    if not as_json:
+        header = f"{name}/{split}: {total} examples"
+        if skipped:
+            header += f" ({skipped} rows skipped: " + ", ".join(f"{n} {why}" for why, n in dataset.skipped.most_common()) + ")"
+        click.echo(header)
+    failures = 0
+    row_of = getattr(dataset, "row_index", None)
+    for index in range(min(num, total)):
+        row = row_of(index) if row_of else index
+        where = f"row {row} of {name}/{split}"
+        record: dict[str, Any] = {"index": index, "row": row}
+        try:
+            conversation = dataset[index]
+            summary = _conversation_summary(conversation)
+            record.update(num_images=summary["num_images"], tiles_per_image=None, num_frames=None, num_tokens=None,
+                          num_supervised_tokens=None, prompt=None, target=summary["target"])
+            if processor is not None:
+                if hasattr(processor, "preview"):
+                    record.update(processor.preview(conversation, where=where))
+                else:
+                    sample = processor(conversation, where=where)
+                    record.update(num_tokens=int(sample["input_ids"].numel()),
+                                  num_supervised_tokens=int(sample["loss_mask"].sum()))
+        except Exception as exc:  # show the failing example and keep going; exit status says it failed
+            failures += 1
+            record["error"] = f"{type(exc).__name__}: {exc}"
+            if not as_json:
+                click.echo(f"\n--- example {index} ({where}) ---\nERROR: {record['error']}")
+            else:
+                click.echo(json.dumps(record, ensure_ascii=False))
+            continue
+        if as_json:
+            click.echo(json.dumps(record, ensure_ascii=False))
+            continue
+        click.echo(f"\n--- example {index} ({where}) ---")
+        for turn in conversation["conversation"]:
+            content = turn["content"]
+            text = content if isinstance(content, str) else " ".join(_describe_item(i) for i in content)
+            click.echo(f"{turn['role']}: {text}")
+        if processor is not None:
+            tiles = ", ".join(str(t) for t in record.get("tiles_per_image") or []) or "-"
+            click.echo(
+                f"[{record['num_tokens']} tokens, {record['num_supervised_tokens']} supervised; "
+                f"tiles per image: {tiles}; frames: {record['num_frames']}]"
+            )
+            click.echo(record["prompt"], nl=False)
+            if not str(record["prompt"]).endswith("\n"):
+                click.echo()
+    if failures:
+        click.echo(f"{failures} of {min(num, total)} examples failed", err=True)
+        sys.exit(1)

@@ -1,0 +1,101 @@
+"""make_cord_v2_dataset on a local copy in cord-v2's real schema (parquet: Image + JSON-string ground_truth)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from nvlcore.data.makers import SplitNotAvailableError
+from nvlcore.data.testing import write_hub_dataset
+from nvl_data_cord_v2.maker import CordV2Dataset, json2token, target_text
+
+PARSE = {"total": {"total_price": "45,500"}, "menu": [{"nm": "A", "price": "1"}]}
+PARSE_TOKENS = "<s_total><s_total_price>45,500</s_total_price></s_total><s_menu><s_price>1</s_price><s_nm>A</s_nm></s_menu>"
+
+
+def test_json2token_reference_example_and_special_cases() -> None:
+    assert json2token(PARSE) == PARSE_TOKENS  # the workflow reference's example
+    assert json2token({"text_sequence": "raw text"}) == "raw text"
+    assert json2token({"text_sequence": "x", "other": 1}) == "<s_text_sequence>x</s_text_sequence><s_other>1</s_other>"
+    assert json2token({"menu": [{"nm": "A"}, {"nm": "B"}, "C"]}) == "<s_menu><s_nm>A</s_nm><sep/><s_nm>B</s_nm><sep/>C</s_menu>"
+    assert json2token({"b": 2, "a": 1.5}, sort_json_key=False) == "<s_b>2</s_b><s_a>1.5</s_a>"
+    # Keys reverse-sorted as strings, so "sub_total" comes before "menu" and after "total".
+    assert json2token({"menu": "m", "total": "t", "sub_total": "s"}) == "<s_total>t</s_total><s_sub_total>s</s_sub_total><s_menu>m</s_menu>"
+
+
+def gt(parse=None, parses=None, **extra) -> str:
+    obj = {"meta": {"version": "2.0.0", "split": "train", "image_id": 0}, "valid_line": [], **extra}
+    if parse is not None:
+        obj["gt_parse"] = parse
+    if parses is not None:
+        obj["gt_parses"] = parses
+    return json.dumps(obj)
+
+
+def cord_split(rows):
+    from datasets import Dataset, Features, Image as HFImage, Value
+
+    feats = Features({"image": HFImage(), "ground_truth": Value("string")})
+    return Dataset.from_dict({"image": [r[0] for r in rows], "ground_truth": [r[1] for r in rows]}, features=feats)
+
+
+@pytest.fixture(scope="module")
+def local_cord(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    red = Image.new("RGB", (40, 60), (255, 0, 0))
+    train = cord_split([
+        (red, gt(PARSE)),                                                    # 0: usable
+        (red, gt(parses=[{"total": {"cashprice": "9"}}, {"total": {"cashprice": "8"}}])),  # 1: first parse wins
+        (red, "{not json"),                                                  # 2: skipped
+        (red, gt()),                                                         # 3: skipped, no parse
+        ({"bytes": b"\x89PNG broken", "path": None}, gt(PARSE)),             # 4: skipped, bad image
+        (red, gt({"text_sequence": "  "})),                                  # 5: skipped, empty target
+    ])
+    val = cord_split([(Image.new("RGB", (20, 20)), gt({"menu": [{"nm": "V"}]}))])
+    test = cord_split([(Image.new("RGB", (20, 20)), gt({"menu": [{"nm": "T"}]}))])
+    return write_hub_dataset(
+        tmp_path_factory.mktemp("cord-v2"),
+        {"data/train-00000-of-00001.parquet": train, "data/validation-00000-of-00001.parquet": val,
+         "data/test-00000-of-00001.parquet": test},
+        {"default": {"train": "data/train-*", "validation": "data/validation-*", "test": "data/test-*"}},
+    )
+
+
+def test_train_split_conversations_and_skips(local_cord: Path, tmp_path: Path) -> None:
+    made = CordV2Dataset(split="train", path=str(local_cord), cache_dir=str(tmp_path))
+    assert len(made) == 2
+    assert dict(made.skipped) == {"ground_truth is not valid JSON": 1, "ground_truth has no gt_parse or gt_parses": 1,
+                                  "unreadable image": 1, "ground_truth gives an empty target": 1}
+    conv = made[0]["conversation"]
+    assert conv[0]["content"][0]["image"].size == (40, 60)
+    assert conv[0]["content"][1] == {"type": "text", "text": "Describe this image."}
+    assert conv[1]["content"] == [{"type": "text", "text": PARSE_TOKENS}]
+    # Deterministic: the first of several parses, every time.
+    assert made[1]["conversation"][1]["content"][0]["text"] == "<s_total><s_cashprice>9</s_cashprice></s_total>"
+    assert made[1] == made[1]
+
+
+def test_other_splits_and_prompt(local_cord: Path, tmp_path: Path) -> None:
+    val = CordV2Dataset(split="validation", path=str(local_cord), cache_dir=str(tmp_path), prompt="Read the receipt.")
+    conv = val[0]["conversation"]
+    assert conv[0]["content"][1]["text"] == "Read the receipt." and conv[1]["content"][0]["text"] == "<s_menu><s_nm>V</s_nm></s_menu>"
+    test = CordV2Dataset(split="test", path=str(local_cord), cache_dir=str(tmp_path))
+    assert test[0]["conversation"][1]["content"][0]["text"] == "<s_menu><s_nm>T</s_nm></s_menu>"
+    with pytest.raises(SplitNotAvailableError, match="has the splits 'train', 'validation', 'test'; got split 'dev'"):
+        CordV2Dataset(split="dev", path=str(local_cord))
+
+
+def test_target_text_errors() -> None:
+    with pytest.raises(ValueError, match="gt_parses is not a non-empty list"):
+        target_text(gt(parses=[]))
+    with pytest.raises(ValueError, match="not a string"):
+        target_text(None)
+
+
+def test_registered_under_name_and_alias() -> None:
+    from nvlcore.plugins import get_registry
+
+    reg = get_registry("dataset_maker")
+    assert reg.get("cord_v2") is CordV2Dataset and reg.get("make_cord_v2_dataset") is CordV2Dataset

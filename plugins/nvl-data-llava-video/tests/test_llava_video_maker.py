@@ -1,0 +1,107 @@
+"""make_llava_video_178k_dataset on a local copy in LLaVA-Video-178K's real layout (JSON per subset + videos)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from nvlcore.data.makers import SplitNotAvailableError
+from nvlcore.data.testing import write_hub_dataset, write_test_video
+from nvl_data_llava_video.maker import LlavaVideo178kDataset
+
+REL = "NextQA/NExTVideo/0000/2440175990.mp4"
+
+
+def row(i: int, video: str, conversations) -> dict:
+    return {"id": f"row{i}", "conversations": conversations, "data_source": "0_30_s_nextqa", "video": video}
+
+
+def qa(*pairs):
+    out = []
+    for q, a in pairs:
+        out += [{"from": "human", "value": q}, {"from": "gpt", "value": a}]
+    return out
+
+
+@pytest.fixture(scope="module")
+def layout(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    base = tmp_path_factory.mktemp("llava_video")
+    videos = base / "videos"
+    write_test_video(videos / REL, num_frames=12, fps=6, width=32, height=32)
+    write_test_video(videos / "NextQA/NExTVideo/0001/other.mp4", num_frames=6, fps=6, width=32, height=32)
+    write_test_video(base / "outside.mp4", num_frames=4, fps=4, width=32, height=32)  # exists, but outside the root
+    nextqa = [
+        row(0, REL, qa(("<image>\nWhat does the man do?", "He waves."), ("And then? <video>", " He leaves. "))),  # usable, 2 turns
+        row(1, "NextQA/NExTVideo/0000/missing.mp4", qa(("<image>\nQ?", "A."))),   # missing file
+        row(2, "../outside.mp4", qa(("<image>\nQ?", "A."))),                         # escapes the root
+        row(3, str(base / "outside.mp4"), qa(("<image>\nQ?", "A."))),               # absolute path elsewhere
+        row(4, REL, qa(("<image>\nQ?", "<video>  "))),                              # no answer left
+        row(5, "", qa(("Q?", "A."))),                                                 # no video
+        row(6, REL, [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": "Red."}, {"from": "human", "value": ""}]),
+    ]
+    other = [row(7, "NextQA/NExTVideo/0001/other.mp4", qa(("<image>\nHow many?", "Two.")))]
+    annotations = write_hub_dataset(
+        base / "LLaVA-Video-178K",
+        {"0_30_s_nextqa/0_30_s_nextqa_oe_qa_processed.json": nextqa, "1_2_m_nextqa/1_2_m_nextqa_oe_qa_processed.json": other},
+        {"0_30_s_nextqa": {"open_ended": "0_30_s_nextqa/*oe*.json"}, "1_2_m_nextqa": {"open_ended": "1_2_m_nextqa/*oe*.json"}},
+    )
+    return annotations, videos
+
+
+def make(layout, tmp_path: Path, **kw) -> LlavaVideo178kDataset:
+    annotations, videos = layout
+    return LlavaVideo178kDataset(path=str(annotations), video_root_path=str(videos), cache_dir=str(tmp_path), **kw)
+
+
+def test_conversations_keep_every_turn_with_the_video_first(layout, tmp_path: Path) -> None:
+    made = make(layout, tmp_path)
+    assert len(made) == 2
+    conv = made[0]["conversation"]
+    video = str((layout[1] / REL).resolve())
+    assert conv == [
+        {"role": "user", "content": [{"type": "video", "path": video}, {"type": "text", "text": "What does the man do?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "He waves."}]},
+        {"role": "user", "content": [{"type": "text", "text": "And then?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "He leaves."}]},
+    ]
+    # A first human turn that is only a placeholder keeps the video; empty later turns are dropped.
+    assert made[1]["conversation"] == [
+        {"role": "user", "content": [{"type": "video", "path": video}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "Red."}]},
+    ]
+
+
+def test_bad_rows_are_skipped_and_escaping_paths_refused(layout, tmp_path: Path) -> None:
+    made = make(layout, tmp_path)
+    assert dict(made.skipped) == {"missing video file": 1, "video path escapes video_root_path": 2, "no answer": 1, "no video": 1}
+    with pytest.raises(ValueError, match="escapes video_root_path"):
+        made.convert({"video": "../outside.mp4", "conversations": qa(("q", "a"))})
+
+
+def test_splits_train_is_open_ended(layout, tmp_path: Path) -> None:
+    assert make(layout, tmp_path, split="open_ended")[0] == make(layout, tmp_path, split="train")[0]
+    with pytest.raises(SplitNotAvailableError, match=r"got split 'validation'.*'train' is the source's 'open_ended' split"):
+        make(layout, tmp_path, split="validation")
+
+
+def test_subsets_are_concatenated(layout, tmp_path: Path) -> None:
+    made = make(layout, tmp_path, subsets=["0_30_s_nextqa", "1_2_m_nextqa"])
+    assert len(made) == 3
+    assert made[2]["conversation"][1]["content"][0]["text"] == "Two."
+    assert len(make(layout, tmp_path, subsets="1_2_m_nextqa")) == 1
+
+
+def test_video_root_path_is_required_and_must_exist(layout, tmp_path: Path) -> None:
+    with pytest.raises(TypeError, match="video_root_path is required.*docs/datasets.md"):
+        LlavaVideo178kDataset(path=str(layout[0]))
+    with pytest.raises(FileNotFoundError, match="is not a directory"):
+        LlavaVideo178kDataset(path=str(layout[0]), video_root_path=str(tmp_path / "nope"))
+
+
+def test_registered_under_name_and_alias() -> None:
+    from nvlcore.plugins import get_registry
+
+    reg = get_registry("dataset_maker")
+    assert reg.get("llava_video_178k") is LlavaVideo178kDataset
+    assert reg.get("make_llava_video_178k_dataset") is LlavaVideo178kDataset

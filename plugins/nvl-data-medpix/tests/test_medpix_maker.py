@@ -1,0 +1,63 @@
+"""make_medpix_dataset on a local copy in MedPix-VQA's real schema (parquet; ``image_id`` is an Image)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from nvlcore.data.makers import SplitNotAvailableError
+from nvlcore.data.testing import write_hub_dataset
+from nvl_data_medpix.maker import MedPixDataset
+
+
+def medpix_split(rows):
+    from datasets import Dataset, Features, Image as HFImage, Value
+
+    feats = Features({"image_id": HFImage(), "mode": Value("string"), "case_id": Value("string"),
+                      "question": Value("string"), "answer": Value("string")})
+    cols = {k: [r[i] for r in rows] for i, k in enumerate(["image_id", "mode", "case_id", "question", "answer"])}
+    return Dataset.from_dict(cols, features=feats)
+
+
+@pytest.fixture(scope="module")
+def local_medpix(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    ct = Image.new("L", (50, 40), 128)  # greyscale, as many scans are
+    train = medpix_split([
+        (ct, "CT", "MPX1009", "What organ is shown? ", " The liver."),
+        (ct, "MRI", "MPX1010", "Where is the lesion?", ""),            # skipped: empty answer
+        (None, "CT", "MPX1011", "What is shown?", "Kidney."),          # skipped: missing image
+        (ct, "CT", "MPX1012", None, "Spleen."),                        # skipped: no question
+    ])
+    val = medpix_split([(ct, "CT", "MPX2000", "Is there a fracture?", "No.")])
+    return write_hub_dataset(
+        tmp_path_factory.mktemp("MedPix-VQA"),
+        {"data/train-00000-of-00001.parquet": train, "data/validation-00000-of-00001.parquet": val},
+        {"default": {"train": "data/train-*", "validation": "data/validation-*"}},
+    )
+
+
+def test_image_id_column_is_the_image(local_medpix: Path, tmp_path: Path) -> None:
+    made = MedPixDataset(split="train", path=str(local_medpix), cache_dir=str(tmp_path))
+    assert len(made) == 1 and made.num_skipped == 3
+    assert dict(made.skipped) == {"empty answer": 1, "missing image": 1, "empty question": 1}
+    conv = made[0]["conversation"]
+    image = conv[0]["content"][0]["image"]
+    assert conv[0]["content"][0]["type"] == "image" and image.size == (50, 40) and image.mode == "L"
+    assert conv[0]["content"][1] == {"type": "text", "text": "What organ is shown?"}
+    assert conv[1] == {"role": "assistant", "content": [{"type": "text", "text": "The liver."}]}
+
+
+def test_validation_split_and_no_test_split(local_medpix: Path, tmp_path: Path) -> None:
+    val = MedPixDataset(split="validation", path=str(local_medpix), cache_dir=str(tmp_path))
+    assert val[0]["conversation"][1]["content"][0]["text"] == "No."
+    with pytest.raises(SplitNotAvailableError, match="has the splits 'train', 'validation'; got split 'test'"):
+        MedPixDataset(split="test", path=str(local_medpix))
+
+
+def test_registered_under_name_and_alias() -> None:
+    from nvlcore.plugins import get_registry
+
+    reg = get_registry("dataset_maker")
+    assert reg.get("medpix") is MedPixDataset and reg.get("make_medpix_dataset") is MedPixDataset

@@ -1,0 +1,138 @@
+"""make_raven_dataset on a local copy in the_cauldron's real schema (parquet, list of Image, list of structs)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from nvlcore.data.makers import NoUsableRowsError, SplitNotAvailableError
+from nvlcore.data.testing import write_hub_dataset
+from nvl_data_raven.maker import RavenDataset
+
+TEXT = {"user": "Which figure completes the sequence? Answer with the letter.", "assistant": "B", "source": "raven"}
+
+
+def img(w: int, h: int, c: int = 0) -> Image.Image:
+    return Image.new("RGB", (w, h), (c, 100, 200))
+
+
+def rows():
+    """Six rows: two usable, one per skip reason."""
+    return {
+        "images": [
+            [img(32, 32, 1), img(64, 32, 2), img(32, 64, 3)],  # 0: usable, 3 images
+            [],  # 1: no images
+            [img(32, 32)],  # 2: no texts
+            [img(32, 32)],  # 3: texts[0] without an assistant text
+            [{"bytes": b"definitely not an image", "path": None}],  # 4: unreadable image
+            [img(48, 48, 5)],  # 5: usable; only texts[0] is used
+        ],
+        "texts": [
+            [TEXT],
+            [TEXT],
+            [],
+            [{"user": "q", "assistant": None, "source": "raven"}],
+            [TEXT],
+            [{"user": "  First question?  ", "assistant": " A ", "source": "raven"}, {"user": "ignored", "assistant": "ignored", "source": "raven"}],
+        ],
+    }
+
+
+def cauldron_features():
+    from datasets import Features, Image as HFImage, List, Value
+
+    return Features({
+        "images": List(HFImage()),
+        "texts": List({"user": Value("string"), "assistant": Value("string"), "source": Value("string")}),
+    })
+
+
+@pytest.fixture(scope="module")
+def local_cauldron(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from datasets import Dataset
+
+    root = tmp_path_factory.mktemp("the_cauldron")
+    ds = Dataset.from_dict(rows(), features=cauldron_features())
+    # Two subsets, as in the real repository: the maker must pick its configuration by name.
+    other = Dataset.from_dict({"images": [[img(8, 8)]], "texts": [[TEXT]]}, features=cauldron_features())
+    return write_hub_dataset(
+        root,
+        {"raven/train-00000-of-00001.parquet": ds, "ai2d/train-00000-of-00001.parquet": other},
+        {"ai2d": {"train": "ai2d/train-*"}, "raven": {"train": "raven/train-*"}},
+    )
+
+
+@pytest.fixture(scope="module")
+def raven(local_cauldron: Path, tmp_path_factory: pytest.TempPathFactory) -> RavenDataset:
+    return RavenDataset(split="train", path=str(local_cauldron), cache_dir=str(tmp_path_factory.mktemp("cache")))
+
+
+def test_images_first_then_user_text_from_texts0(raven: RavenDataset) -> None:
+    assert len(raven) == 2 and raven.num_rows == 6
+    first = raven[0]["conversation"]
+    assert [t["role"] for t in first] == ["user", "assistant"]
+    content = first[0]["content"]
+    assert [i["type"] for i in content] == ["image", "image", "image", "text"]
+    assert [i["image"].size for i in content[:3]] == [(32, 32), (64, 32), (32, 64)]
+    assert content[0]["image"].getpixel((0, 0)) == (1, 100, 200)  # order kept
+    assert content[3]["text"] == TEXT["user"]
+    assert first[1]["content"] == [{"type": "text", "text": "B"}]
+    second = raven[1]["conversation"]
+    assert second[0]["content"][-1]["text"] == "First question?" and second[1]["content"][0]["text"] == "A"
+    assert raven.row_index(1) == 5
+
+
+def test_malformed_rows_are_skipped_counted_and_reported(local_cauldron: Path, tmp_path: Path, caplog) -> None:
+    with caplog.at_level(logging.WARNING, logger="nvl.data"):
+        made = RavenDataset(split="train", path=str(local_cauldron), cache_dir=str(tmp_path))
+    assert made.num_skipped == 4
+    assert dict(made.skipped) == {"no images": 1, "no texts": 1, "missing user or assistant text": 1, "unreadable image": 1}
+    assert "make_raven_dataset/train: skipped 4 of 6 rows" in caplog.text
+
+
+def test_only_train_split(local_cauldron: Path) -> None:
+    with pytest.raises(SplitNotAvailableError, match=r"has only the split 'train'; got split 'validation'.*eval_iters=0"):
+        RavenDataset(split="validation", path=str(local_cauldron))
+
+
+def test_no_usable_rows_is_an_error(tmp_path: Path) -> None:
+    from datasets import Dataset
+
+    bad = Dataset.from_dict({"images": [[], []], "texts": [[TEXT], [TEXT]]}, features=cauldron_features())
+    root = write_hub_dataset(tmp_path / "c", {"raven/train-0.parquet": bad}, {"raven": {"train": "raven/train-*"}})
+    with pytest.raises(NoUsableRowsError, match=r"no usable rows .*all 2 rows were skipped \(2 no images\)"):
+        RavenDataset(split="train", path=str(root), cache_dir=str(tmp_path / "cache"))
+
+
+def test_hub_id_and_local_path_take_the_same_call(monkeypatch, local_cauldron: Path, tmp_path: Path) -> None:
+    import datasets
+
+    real = datasets.load_dataset
+    calls = []
+
+    def spy(path, name=None, **kw):
+        calls.append((path, name, kw["split"]))
+        return real(str(local_cauldron), name, split=kw["split"], cache_dir=str(tmp_path))
+
+    monkeypatch.setattr(datasets, "load_dataset", spy)
+    assert len(RavenDataset()) == 2
+    assert len(RavenDataset(path=str(local_cauldron))) == 2
+    assert calls == [("HuggingFaceM4/the_cauldron", "raven", "train"), (str(local_cauldron), "raven", "train")]
+
+
+def test_registered_under_name_and_alias() -> None:
+    from nvlcore.plugins import get_registry
+
+    reg = get_registry("dataset_maker")
+    assert reg.get("raven") is RavenDataset and reg.get("make_raven_dataset") is RavenDataset
+    assert reg.entry("raven").is_lazy
+
+
+def test_unknown_kwarg_and_missing_path(tmp_path: Path) -> None:
+    with pytest.raises(TypeError, match="make_raven_dataset: unknown dataset.maker_kwargs subst; valid: .*subset"):
+        RavenDataset(subst="raven")
+    with pytest.raises(FileNotFoundError, match="maker_kwargs.path .* does not exist"):
+        RavenDataset(path=str(tmp_path / "nope"))
