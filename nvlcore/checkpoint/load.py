@@ -151,8 +151,10 @@ class Checkpoint:
 
         :param template: ``None`` for every tensor in full; an iterable of keys for those in full; or a
             mapping key -> destination: a tensor of the full shape, or a DTensor (see
-            :func:`nvlcore.checkpoint.shard_tensor`) whose local shard is filled (a collective over its
-            mesh's ranks). Destinations may have another dtype (values are cast).
+            :func:`nvlcore.checkpoint.shard_tensor`) whose local shard is filled. Destinations may have
+            another dtype (values are cast).
+        :param group: run the load as a collective over this group (not needed: each rank reads its
+            own byte ranges independently; by default no collective is made).
         :returns: the destinations by key (DTensors as given).
         """
         import torch
@@ -179,7 +181,9 @@ class Checkpoint:
             return {}
         prefix = "" if state is None else f"{state}{STATE_SEP}"
         sd = {prefix + k: v for k, v in dest.items()}
-        distributed = any(isinstance(v, DTensor) for v in dest.values())
+        # A load needs no coordination between ranks: each reads the byte ranges its destinations
+        # overlap (DTensor shards included), so it runs without collectives unless a group is given.
+        distributed = group is not None and any(isinstance(v, DTensor) for v in dest.values())
         from nvlcore.checkpoint.save import quiet_dcp
 
         with quiet_dcp():
