@@ -36,7 +36,8 @@ class LoRAConfig:
         when it equals the module's short name (``linear_qkv``) or when the module's full dotted name
         matches it as a glob where ``*`` is any run of characters, anchored at both ends
         (``*language_model*.linear_qkv``). Everything else in a pattern is literal.
-    :param exclude_modules: patterns of modules never adapted, even when a target matches.
+    :param exclude_modules: patterns of modules never adapted. With ``target_modules`` empty, every
+        linear layer except these is adapted (Megatron-Bridge's exclusive alternative).
     :param dim: the rank ``r``.
     :param alpha: the scale numerator; the adapter output is multiplied by ``alpha / dim``.
     :param dropout: dropout probability on the adapter input.
@@ -44,6 +45,8 @@ class LoRAConfig:
     :param lora_A_init_method: ``xavier`` (uniform, Megatron-Bridge's default) or ``kaiming``
         (uniform with a=sqrt(5), like ``nn.Linear`` and the ``peft`` library).
     :param lora_B_init_method: ``zero`` (so a fresh adapter leaves the model unchanged) or ``normal``.
+    :param lora_dtype: adapter dtype (``float32``, ``bfloat16``, ``float16``); ``None`` = the base
+        weight's dtype.
     :param seed: the seed of the adapter initialisation. Each adapter's A is drawn from a generator
         seeded with this and the module's name over the full logical shape, then sliced for its
         tensor-parallel rank, so the adapters do not depend on the TP size or on the global RNG.
@@ -62,6 +65,7 @@ class LoRAConfig:
     dropout_position: str = "pre"
     lora_A_init_method: str = "xavier"
     lora_B_init_method: str = "zero"
+    lora_dtype: str | None = None
     seed: int = 1234
     freeze_language_model: bool = True
     freeze_vision_model: bool = True
@@ -69,8 +73,11 @@ class LoRAConfig:
     freeze_other: bool = True
 
     def __attrs_post_init__(self) -> None:
-        if not self.target_modules:
-            raise ValueError("peft.target_modules is empty: name at least one module, e.g. linear_qkv")
+        if not self.target_modules and not self.exclude_modules:
+            raise ValueError(
+                "peft.target_modules is empty: name at least one module (e.g. linear_qkv), or give "
+                "peft.exclude_modules to adapt every linear layer except those"
+            )
         if int(self.dim) < 1:
             raise ValueError(f"peft.dim (the LoRA rank) must be >= 1, got {self.dim}")
         if not 0.0 <= float(self.dropout) < 1.0:
@@ -79,6 +86,8 @@ class LoRAConfig:
             raise ValueError(f"peft.dropout_position={self.dropout_position!r} is not supported; use 'pre'")
         if self.lora_A_init_method not in ("xavier", "kaiming"):
             raise ValueError(f"peft.lora_A_init_method must be 'xavier' or 'kaiming', got {self.lora_A_init_method!r}")
+        if self.lora_dtype not in (None, "float32", "bfloat16", "float16"):
+            raise ValueError(f"peft.lora_dtype must be float32, bfloat16, float16 or null, got {self.lora_dtype!r}")
         if self.lora_B_init_method not in ("zero", "normal"):
             raise ValueError(f"peft.lora_B_init_method must be 'zero' or 'normal', got {self.lora_B_init_method!r}")
 
@@ -86,6 +95,15 @@ class LoRAConfig:
     def scale(self) -> float:
         """``alpha / dim``, the factor on the adapter's output."""
         return float(self.alpha) / int(self.dim)
+
+    @property
+    def torch_dtype(self) -> "Any":
+        """``lora_dtype`` as a torch dtype (``None`` = follow the base weight)."""
+        if self.lora_dtype is None:
+            return None
+        import torch
+
+        return getattr(torch, self.lora_dtype)
 
     @property
     def freeze_flags(self) -> dict[str, bool]:

@@ -274,7 +274,7 @@ def add_adapter(module: nn.Module, name: str, cfg: "LoRAConfig") -> LoRAAdapter:
         tp_rank=tp_rank,
         input_is_parallel=bool(getattr(module, "input_is_parallel", True)),
         gather_output=bool(getattr(module, "gather_output", False)),
-        dtype=weight.dtype,
+        dtype=cfg.torch_dtype or weight.dtype,
         device=weight.device,
     )
     norm = norm_fn_of(module, name)

@@ -77,12 +77,13 @@ def freeze_base(model: nn.Module, cfg: LoRAConfig) -> dict[str, bool]:
 
 def find_targets(model: nn.Module, cfg: LoRAConfig) -> tuple[list[tuple[str, nn.Module]], dict[str, int]]:
     """Linear modules the config selects, and how many each pattern selected."""
-    counts = {p: 0 for p in cfg.target_modules}
+    targets = cfg.target_modules or ("*",)
+    counts = {p: 0 for p in targets}
     found: list[tuple[str, nn.Module]] = []
     for name, module in model.named_modules():
         if not name or f".{ADAPTER_ATTR}." in f".{name}." or base_kind(module) is None or is_adapted(module):
             continue
-        pattern = first_match(cfg.target_modules, name)
+        pattern = first_match(targets, name)
         if pattern is None:
             continue
         if any(pattern_matches(x, name) for x in cfg.exclude_modules):
@@ -191,6 +192,8 @@ class LoRAMethod:
     """
 
     name = "lora"
+    #: The ``peft.*`` fields this method understands (the core config validates against it).
+    Config = LoRAConfig
 
     def __init__(self, config: LoRAConfig | Mapping[str, Any] | None = None, **settings: Any) -> None:
         if isinstance(config, LoRAConfig):
@@ -204,8 +207,31 @@ class LoRAMethod:
         self.report: LoRAReport | None = None
 
     def apply(self, model: nn.Module, **options: Any) -> nn.Module:
+        """Freeze and attach adapters; ``options`` (the ``peft`` section's fields) replace the
+        settings given at construction."""
+        if options:
+            merged = {**self.config.to_dict(), **{k: v for k, v in options.items() if v is not None or k == "lora_dtype"}}
+            self.config = LoRAConfig.from_dict(merged)
         self.report = apply_lora(model, self.config)
         return model
+
+    @staticmethod
+    def workflow_settings(
+        on_language: bool,
+        on_vision: bool,
+        user_freeze: Mapping[str, bool | None] | None = None,
+        peft_overrides: Mapping[str, Any] | None = None,
+    ) -> tuple[dict[str, Any], dict[str, bool]]:
+        """``--lora-on-language-model`` / ``--lora-on-vision-model`` as plain config values:
+        ``(peft section, {"freeze_language_model": ..., ...} for the model section)``.
+
+        See :func:`nvl_lora.recipes.lora_settings` (the trainer reaches it through the registry, so
+        the core never imports this plugin).
+        """
+        from nvl_lora.recipes import lora_settings
+
+        cfg, freeze = lora_settings(on_language, on_vision, user_freeze, peft_overrides)
+        return cfg.to_dict(), freeze
 
     def trainable_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """Adapter weights as logical full tensors (collective over the TP group when TP > 1)."""

@@ -1,0 +1,100 @@
+"""``nvl export --format NAME``: write a trained checkpoint in another format through the exporter registry.
+
+The command is a thin dispatcher: plugins register exporters (:class:`nvlcore.contracts.Exporter`)
+with ``nvl_register_exporters``; ``nvl export --format NAME`` looks ``NAME`` up and calls
+``exporter.export(checkpoint=..., hf_model_path=..., output=..., overwrite=..., **options)``.
+``nvl export --list-formats`` shows what is installed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+
+
+def _parse_options(values: tuple[str, ...]) -> dict[str, Any]:
+    import yaml
+
+    out: dict[str, Any] = {}
+    for item in values:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise click.BadParameter(f"{item!r} is not KEY=VALUE", param_hint="--option")
+        out[key.strip().replace("-", "_")] = yaml.safe_load(raw) if raw else ""
+    return out
+
+
+@click.command("export")
+@click.option("--format", "fmt", metavar="NAME", help="Exporter name (see --list-formats), e.g. hf-peft.")
+@click.option(
+    "--checkpoint",
+    "--lora-checkpoint",
+    "--megatron-path",
+    "checkpoint",
+    type=click.Path(path_type=Path),
+    help="The trained checkpoint: a base directory (latest iteration) or an iter_N directory.",
+)
+@click.option(
+    "--hf-model-path",
+    "--hf-model",
+    "hf_model_path",
+    type=click.Path(path_type=Path),
+    help="The HF model directory the checkpoint was trained from (config, key names, tokenizer).",
+)
+@click.option("--output", "--hf-path", "output", type=click.Path(path_type=Path), help="Directory to write.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
+@click.option(
+    "--option",
+    "-O",
+    "options",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Exporter-specific setting (repeatable; VALUE is read as YAML), e.g. -O dtype=bfloat16.",
+)
+@click.option("--list-formats", is_flag=True, help="List the installed exporters and exit.")
+def export_command(
+    fmt: str | None,
+    checkpoint: Path | None,
+    hf_model_path: Path | None,
+    output: Path | None,
+    overwrite: bool,
+    options: tuple[str, ...],
+    list_formats: bool,
+) -> None:
+    """Export a trained checkpoint with a registered exporter (--format NAME).
+
+    \b
+    Example (an HF PEFT adapter from a LoRA run):
+      nvl export --format hf-peft --lora-checkpoint runs/lora/iter_0000200 \\
+          --hf-model-path ckpts/hf --output my_adapter
+    """
+    from nvlcore.plugins import get_registry
+    from nvlcore.registry import UnknownNameError
+
+    registry = get_registry("exporter")
+    if list_formats:
+        if not len(registry):
+            click.echo("no exporters installed")
+        for entry in registry.entries():
+            name = entry.name
+            alias = f" (aliases: {', '.join(entry.aliases)})" if entry.aliases else ""
+            click.echo(f"{name}{alias}  [{entry.provenance.describe()}]")
+        return
+    missing = [flag for flag, v in (("--format", fmt), ("--checkpoint", checkpoint), ("--output", output)) if v is None]
+    if missing:
+        raise click.UsageError(f"missing {', '.join(missing)} (see nvl export --help)")
+    assert fmt is not None and checkpoint is not None and output is not None
+    try:
+        factory = registry.get(fmt)
+    except UnknownNameError as exc:
+        raise click.UsageError(str(exc)) from None
+    exporter = factory() if isinstance(factory, type) else factory
+    try:
+        written = exporter.export(
+            checkpoint=checkpoint, hf_model_path=hf_model_path, output=output, overwrite=overwrite, **_parse_options(options)
+        )
+    except (FileNotFoundError, FileExistsError, ValueError, KeyError) as exc:
+        raise click.ClickException(f"{type(exc).__name__}: {exc}") from None
+    click.echo(f"wrote {written}")
