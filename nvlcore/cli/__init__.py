@@ -49,6 +49,7 @@ BUILTIN_COMMANDS: dict[str, str] = {
     "config": "nvlcore.cli.config_cmd:config_group",
     "convert": "nvlcore.cli.convert:convert_group",
     "data": "nvlcore.cli.data_cmd:data_group",
+    "export": "nvlcore.cli.export:export_command",
     "generate": "nvlcore.cli.generate:generate_cmd",
     "plugins": "nvlcore.cli.plugins_cmd:plugins_group",
 }

@@ -23,3 +23,34 @@ def test_import_is_cheap() -> None:
     code = "import sys, nvl_lora; print(sorted(m for m in ('torch', 'megatron', 'transformers', 'peft') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "[]"
+
+
+def test_core_config_validates_peft_section_with_the_lora_schema() -> None:
+    import pytest
+
+    from nvlcore.config import load_config
+
+    base = ["peft.method=lora", "dataset.maker_name=synthetic_shapes"]
+    cfg = load_config([], [*base, "peft.dim=8", "peft.seed=3"])
+    assert cfg.peft.dim == 8 and cfg.peft.options == {"seed": 3, "freeze_other": True}
+    with pytest.raises(Exception, match="lora_A_init_method must be 'xavier' or 'kaiming'"):
+        load_config([], [*base, "peft.lora_A_init_method=uniform"])
+    with pytest.raises(Exception, match="peft.rnak: unknown key"):
+        load_config([], [*base, "peft.rnak=3"])
+
+
+def test_method_apply_takes_the_peft_section_as_options() -> None:
+    from torch import nn
+
+    from nvl_lora.method import LoRAMethod
+
+    model = nn.Module()
+    model.language_model = nn.Module()
+    model.language_model.linear_qkv = nn.Linear(4, 4)
+    model.language_model.linear_proj = nn.Linear(4, 4)
+    m = LoRAMethod()
+    m.apply(model, target_modules=["linear_proj"], dim=2, alpha=4, exclude_modules=[], lora_dtype=None, seed=1,
+            freeze_language_model=True)
+    assert m.report is not None and m.report.adapted == ["language_model.linear_proj"]
+    assert m.config.dim == 2 and model.language_model.linear_proj.adapter.rank == 2
+    assert not model.language_model.linear_qkv.weight.requires_grad
