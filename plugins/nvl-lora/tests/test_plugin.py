@@ -28,9 +28,14 @@ def test_import_is_cheap() -> None:
 def test_core_config_validates_peft_section_with_the_lora_schema() -> None:
     import pytest
 
-    from nvlcore.config import load_config
-
     base = ["peft.method=lora", "dataset.maker_name=synthetic_shapes"]
+    pm = NvlPluginManager()  # a fresh manager: leave the process-wide one alone
+
+    def load_config(files: list, overrides: list):  # noqa: ANN202
+        from nvlcore.config import load_config as load
+
+        return load(files, overrides, plugins=pm)
+
     cfg = load_config([], [*base, "peft.dim=8", "peft.seed=3"])
     assert cfg.peft.dim == 8 and cfg.peft.options == {"seed": 3, "freeze_other": True}
     with pytest.raises(Exception, match="lora_A_init_method must be 'xavier' or 'kaiming'"):
