@@ -55,6 +55,23 @@ BUILTIN_COMMANDS: dict[str, str] = {
 }
 
 
+MANAGER_KEY = "nvl.plugin_manager"
+
+
+def current_plugin_manager() -> Any:
+    """The plugin manager of the running ``nvl`` command (the one given to :func:`build_cli`).
+
+    Commands should use this rather than :func:`nvlcore.plugins.get_plugin_manager`, so that a CLI
+    built from a test's manager lists and uses that manager's plugins.
+    """
+    ctx = click.get_current_context(silent=True)
+    if ctx is not None and MANAGER_KEY in ctx.meta:
+        return ctx.meta[MANAGER_KEY]
+    from nvlcore.plugins import get_plugin_manager
+
+    return get_plugin_manager()
+
+
 def build_cli(manager: Any = None) -> NvlGroup:
     """Build the root ``nvl`` group: built-ins first, then each plugin's commands (in load order).
 
@@ -71,11 +88,13 @@ def build_cli(manager: Any = None) -> NvlGroup:
 
     @click.group(cls=NvlGroup, context_settings={"help_option_names": ["-h", "--help"]})
     @click.version_option(__version__, prog_name="nvl")
-    def cli() -> None:
+    @click.pass_context
+    def cli(ctx: click.Context) -> None:
         """nvl: fine-tune and serve Nemotron Nano V2 VL, extended by plugins.
 
         `nvl plugins list` shows what is installed; docs/cli.md describes every command.
         """
+        ctx.meta[MANAGER_KEY] = manager
 
     assert isinstance(cli, NvlGroup)
     for name, target in BUILTIN_COMMANDS.items():

@@ -72,11 +72,16 @@ def load_config_from_cli(
 ) -> Any:
     """:func:`nvlcore.config.load_config` with config errors turned into click usage errors.
 
+    :param plugins: the plugin manager whose registries validate plugin-owned keys (default: the
+        running CLI's, see :func:`nvlcore.cli.current_plugin_manager`).
     :param resolve: also require every mandatory (``???``) value and supported settings
         (:func:`nvlcore.config.resolve_config`), as a run does.
     """
+    from nvlcore.cli import current_plugin_manager
     from nvlcore.config import ConfigError, load_config, resolve_config
 
+    if plugins is None:
+        plugins = current_plugin_manager()
     try:
         cfg = load_config(list(config_files), list(overrides), base=base, plugins=plugins)
         if resolve:

@@ -23,7 +23,8 @@ def list_plugins(as_json: bool, include_all: bool, hooks: tuple[str, ...]) -> No
     (kind -> names), builtin and warnings. NVL_LOAD_PLUGINS / NVL_DISABLE_PLUGINS select plugins;
     NVL_STRICT_PLUGINS=1 turns a plugin failure into an error.
     """
-    from nvlcore.plugins import get_plugin_manager, hookspec_names
+    from nvlcore.cli import current_plugin_manager
+    from nvlcore.plugins import hookspec_names
 
     known = hookspec_names()
     for hook in hooks:
@@ -33,7 +34,7 @@ def list_plugins(as_json: bool, include_all: bool, hooks: tuple[str, ...]) -> No
             close = difflib.get_close_matches(hook, known, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise click.UsageError(f"unknown hook {hook!r}{hint}; see `nvl plugins hooks`")
-    manager = get_plugin_manager()
+    manager = current_plugin_manager()
     infos = manager.plugin_infos(include_builtins=include_all)
     if hooks:
         infos = [i for i in infos if set(hooks) & set(i.hooks)]
