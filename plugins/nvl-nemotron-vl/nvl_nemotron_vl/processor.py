@@ -634,6 +634,11 @@ class NemotronVLProcessor:
             batch["pixel_values"] = torch.cat(pixels, dim=0)
         return batch
 
+    def process_batch(self, conversations: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+        """``collate([self(c) for c in conversations])``: a DataLoader ``collate_fn`` that does the
+        processing in the workers (a bound method of a picklable object pickles)."""
+        return self.collate([self(c) for c in conversations])
+
     # -- inspection ---------------------------------------------------------------------------
     def render_tokens(self, input_ids: Sequence[int] | "torch.Tensor") -> str:
         """Decode token ids with each tile's or frame's context tokens collapsed to one marker.

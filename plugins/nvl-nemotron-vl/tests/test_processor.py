@@ -348,7 +348,8 @@ def test_processor_pickles_and_runs_in_dataloader_workers(proc) -> None:
     assert clone._tokenizer is None
     convs = [{"conversation": [{"role": "user", "content": [{"type": "image", "image": solid(64 * (i + 1), 64)}]},
                                {"role": "assistant", "content": f"{i} tiles"}]} for i in range(4)]
-    loader = torch.utils.data.DataLoader(convs, batch_size=2, num_workers=2, collate_fn=lambda rows: clone.collate([clone(r) for r in rows]))
+    # The clone lost its tokenizer in pickling: each worker loads it again.
+    loader = torch.utils.data.DataLoader(convs, batch_size=2, num_workers=2, collate_fn=clone.process_batch)
     batches = list(loader)
     assert [b["num_image_tiles"].tolist() for b in batches] == [[1, 3], [4, 5]]
 
