@@ -29,10 +29,10 @@ def _parse_kwargs(text: str | None) -> dict[str, Any]:
 
 def _make_dataset(name: str, split: str, kwargs: dict[str, Any]) -> tuple[str, Any]:
     from nvlcore.config import ConfigError, build, maker_kwargs_schema
-    from nvlcore.plugins import get_registry
+    from nvlcore.cli import current_plugin_manager
     from nvlcore.registry import RegistryError
 
-    registry = get_registry("dataset_maker")
+    registry = current_plugin_manager().registry("dataset_maker")
     try:
         entry = registry.entry(name)
         maker = entry.load()
@@ -57,7 +57,7 @@ def _make_dataset(name: str, split: str, kwargs: dict[str, Any]) -> tuple[str, A
 
 def _bridge_processor(hf_dir: Path) -> Any:
     """The processor of the bridge that handles ``hf_dir`` (picked from config.json ``architectures``)."""
-    from nvlcore.plugins import get_registry
+    from nvlcore.cli import current_plugin_manager
 
     cfg_path = hf_dir / "config.json"
     if not cfg_path.is_file():
@@ -66,7 +66,7 @@ def _bridge_processor(hf_dir: Path) -> Any:
         architectures = json.loads(cfg_path.read_text()).get("architectures") or []
     except (json.JSONDecodeError, AttributeError) as exc:
         raise click.BadParameter(f"{cfg_path}: not a JSON object: {exc}", param_hint="--hf-model-path") from exc
-    registry = get_registry("model_bridge")
+    registry = current_plugin_manager().registry("model_bridge")
     broken = []
     for name in registry.names():
         entry = registry.entry(name)
