@@ -543,6 +543,11 @@ class NemotronVLProcessor:
 
         total = int(input_ids.numel())
         truncated_from = None
+        if c.seq_length is not None and total > c.seq_length and add_generation_prompt:
+            raise SampleError(
+                f"{where}: the prompt has {total} tokens, more than seq_length={c.seq_length}; cutting it would "
+                "remove the question; shorten the conversation or use fewer tiles / frames"
+            )
         if c.seq_length is not None and total > c.seq_length:
             cut = c.seq_length
             for m, (b0, b1) in zip(media, blocks):
@@ -553,7 +558,7 @@ class NemotronVLProcessor:
                         "raise model.seq_length, lower max_num_tiles / video_num_frames, or drop the example"
                     )
             kept = supervised[1:cut].sum().item()  # labels at positions < cut predict tokens 1..cut-1
-            if not add_generation_prompt and kept == 0:
+            if kept == 0:
                 raise SampleError(
                     f"{where}: truncating the sample from {total} to seq_length={cut} tokens would leave none of its "
                     f"{int(supervised.sum())} supervised tokens; raise model.seq_length or shorten the prompt "

@@ -277,6 +277,10 @@ def test_truncation_keeps_whole_media_and_fails_loudly(proc) -> None:
         proc.with_options(seq_length=first_answer - 2)(conv)
     assert first_eos < second_img
 
+    # An inference prompt is never cut (that would drop the question).
+    with pytest.raises(SampleError, match=r"the prompt has \d+ tokens, more than seq_length=10"):
+        proc.with_options(seq_length=10)(conv, add_generation_prompt=True)
+
 
 # -- video ---------------------------------------------------------------------------------------
 
