@@ -20,18 +20,45 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("example-plugin")
     src = root / "src"
     shutil.copytree(EXAMPLE, src)  # build in a copy: no build/ or egg-info left in the repository
+    # and a deliberately broken plugin: its module raises on import
+    broken = root / "broken"
+    broken.mkdir()
+    (broken / "pyproject.toml").write_text(
+        '[build-system]\nrequires = ["setuptools>=68"]\nbuild-backend = "setuptools.build_meta"\n'
+        '[project]\nname = "nvl-broken-example"\nversion = "0.0.1"\n'
+        '[project.entry-points.nvl]\nnvl_broken_example = "nvl_broken_example"\n'
+        '[tool.setuptools]\npy-modules = ["nvl_broken_example"]\n'
+    )
+    (broken / "nvl_broken_example.py").write_text("import a_module_that_is_not_installed\n")
     target = root / "site"
     done = subprocess.run(
         [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--no-index",
-         "--target", str(target), str(src)],
+         "--target", str(target), str(src), str(broken)],
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
     assert list(target.glob("nvl_dataset_example-0.1.0.dist-info"))
-    env = {**os.environ, "PYTHONPATH": str(target), "NVL_STRICT_PLUGINS": "1"}
+    env = {**os.environ, "PYTHONPATH": str(target), "NVL_STRICT_PLUGINS": "1", "NVL_DISABLE_PLUGINS": "nvl-broken-example"}
     env.pop("NVL_LOAD_PLUGINS", None)
-    env.pop("NVL_DISABLE_PLUGINS", None)
     return env
+
+
+def test_broken_installed_plugin_is_listed_failed_and_the_cli_works(installed: dict[str, str]) -> None:
+    env = {k: v for k, v in installed.items() if k not in ("NVL_STRICT_PLUGINS", "NVL_DISABLE_PLUGINS")}
+    help_ = nvl(env, "--help")
+    assert help_.returncode == 0 and "plugins" in help_.stdout
+    assert "plugin 'nvl_broken_example' failed" in help_.stderr
+    plugins = {p["name"]: p for p in json.loads(nvl(env, "plugins", "list", "--json").stdout)}
+    assert plugins["nvl_broken_example"]["status"] == "failed"
+    assert plugins["nvl_broken_example"]["error"] == "ModuleNotFoundError: No module named 'a_module_that_is_not_installed'"
+    assert plugins["nvl_broken_example"]["version"] == "0.0.1"
+    others = [p for name, p in plugins.items() if name != "nvl_broken_example"]
+    assert others and all(p["status"] == "loaded" for p in others)
+    assert plugins["nvl_dataset_example"]["registered"] == {"dataset_maker": ["jsonl_qa"]}
+    strict = nvl({**env, "NVL_STRICT_PLUGINS": "1"}, "--help")
+    assert strict.returncode != 0 and "plugin 'nvl_broken_example' failed" in strict.stderr
+    table = nvl(env, "plugins", "list").stdout
+    assert any(line.startswith("nvl_broken_example") and "failed" in line for line in table.splitlines())
 
 
 def nvl(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
@@ -51,7 +78,7 @@ def test_example_plugin_is_listed(installed: dict[str, str]) -> None:
     without = {k: v for k, v in installed.items() if k != "PYTHONPATH"}
     assert "nvl_dataset_example" not in nvl(without, "plugins", "list", "--json").stdout
     # and the allowlist can leave it out
-    blocked = json.loads(nvl({**installed, "NVL_LOAD_PLUGINS": "nvl-nemotron-vl"}, "plugins", "list", "--json").stdout)
+    blocked = json.loads(nvl({**installed, "NVL_LOAD_PLUGINS": "nvl-lora"}, "plugins", "list", "--json").stdout)
     assert {p["name"]: p["status"] for p in blocked}["nvl_dataset_example"] == "blocked"
 
 
