@@ -378,3 +378,54 @@ def test_config_doc_is_generated_from_the_schema() -> None:
     script = Path(__file__).resolve().parent.parent / "scripts" / "gen_config_docs.py"
     done = subprocess.run([sys.executable, str(script), "--check"], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+def test_documented_forms_through_a_real_shell(tmp_path: Path) -> None:
+    """What bash actually passes for the documented command lines (it eats the double quotes)."""
+    import json as _json
+    import shutil
+    import subprocess
+    import sys
+
+    if shutil.which("bash") is None:
+        pytest.skip("no bash")
+    script = tmp_path / "show.py"
+    script.write_text(
+        "import sys, json\nfrom nvlcore.config import parse_overrides\n"
+        "print(json.dumps([list(o) for o in parse_overrides(sys.argv[1:])]))\n"
+    )
+    line = (
+        f"{sys.executable} {script} train.global_batch_size=8 dataset.maker_name make_raven_dataset "
+        'dataset.maker_kwargs {"video_root_path":"/data/videos"} '
+        'dataset.val_maker_kwargs={"video_root_path":$VIDEO_ROOT} '
+        "'dataset.test_maker_kwargs={path:\"/x\"}'"
+    )
+    done = subprocess.run(["bash", "-c", line], capture_output=True, text=True, env={"VIDEO_ROOT": "/v/root", "PATH": "/usr/bin:/bin"})
+    assert done.returncode == 0, done.stderr
+    assert _json.loads(done.stdout) == [
+        ["train.global_batch_size", 8],
+        ["dataset.maker_name", "make_raven_dataset"],
+        ["dataset.maker_kwargs", {"video_root_path": "/data/videos"}],
+        ["dataset.val_maker_kwargs", {"video_root_path": "/v/root"}],
+        ["dataset.test_maker_kwargs", {"path": "/x"}],
+    ]
+
+
+def test_coerce_handles_abstract_and_tuple_types() -> None:
+    from typing import Literal, Mapping, Sequence
+
+    from nvlcore.config.structure import coerce
+
+    assert coerce(["a", "b"], Sequence[str], "k") == ["a", "b"]
+    assert coerce(("a",), tuple[str, ...], "k") == ("a",)
+    assert coerce({"x": "3"}, Mapping[str, int], "k") == {"x": 3}
+    assert coerce("a", list[str], "k") == ["a"]  # one string for a list field
+    assert coerce("2e-5", float, "k") == 2e-5 and coerce("yes", bool, "k") is True
+    assert coerce("x", str | list[str], "k") == "x" and coerce(["x"], str | list[str], "k") == ["x"]
+    assert coerce("/p", Path, "k") == Path("/p") and coerce("???", int, "k") == "???"
+    with pytest.raises(ConfigError, match=r"k\[1\]: expected int, got 'x'"):
+        coerce([1, "x"], list[int], "k")
+    with pytest.raises(ConfigError, match="did you mean 'cosine'"):
+        coerce("cosin", Literal["cosine", "linear"] | None, "k")
+    with pytest.raises(ConfigError, match="expected int, got True"):
+        coerce(True, int, "k")

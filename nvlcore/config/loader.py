@@ -198,9 +198,10 @@ def _check_key_exists(key: str, source: str) -> None:
 
 
 def _is_mapping_type(tp: Any) -> bool:
+    import collections.abc
     import typing
 
-    return tp is dict or typing.get_origin(tp) in (dict, typing.Mapping, typing.MutableMapping)
+    return tp is dict or typing.get_origin(tp) in (dict, collections.abc.Mapping, collections.abc.MutableMapping)
 
 
 def _elsewhere(name: str) -> list[str]:

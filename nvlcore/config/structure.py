@@ -7,6 +7,7 @@ Used for the core sections and for plugin schemas (a dataset maker's ``Kwargs``,
 
 from __future__ import annotations
 
+import collections.abc as cabc
 import difflib
 import pathlib
 import re
@@ -78,6 +79,10 @@ def type_name(tp: Any) -> str:
 
 class _NoMatch(Exception):
     pass
+
+
+_SEQUENCE_ORIGINS = (list, tuple, set, frozenset, cabc.Sequence, cabc.MutableSequence, cabc.Set, cabc.MutableSet)
+_MAPPING_ORIGINS = (dict, cabc.Mapping, cabc.MutableMapping)
 
 
 def _scalar(value: Any, tp: type, strict: bool) -> Any:
@@ -180,16 +185,19 @@ def _coerce(value: Any, tp: Any, key: str, strict: bool) -> Any:
         if literal_error is not None and len(members) == 1:
             raise literal_error
         raise _NoMatch
-    if origin in (list, tuple, set, frozenset, typing.Sequence, typing.MutableSequence) or tp in (list, tuple):
+    if origin in _SEQUENCE_ORIGINS or tp in (list, tuple, set, frozenset):
         item = args[0] if args else Any
-        if isinstance(value, (list, tuple)):
+        if isinstance(value, (list, tuple, set, frozenset)):
             items = [_coerce_item(v, item, f"{key}[{i}]", strict) for i, v in enumerate(value)]
         elif not strict and isinstance(value, str):
             items = [_coerce_item(value, item, f"{key}[0]", strict)]
         else:
             raise _NoMatch
-        return tuple(items) if origin is tuple or tp is tuple else items
-    if origin in (dict, typing.Mapping, typing.MutableMapping) or tp is dict:
+        kind = origin or tp
+        if kind in (tuple, set, frozenset):
+            return kind(items)
+        return items
+    if origin in _MAPPING_ORIGINS or tp is dict:
         val_tp = args[1] if len(args) == 2 else Any
         if not isinstance(value, Mapping):
             raise _NoMatch
