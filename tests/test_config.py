@@ -429,3 +429,34 @@ def test_coerce_handles_abstract_and_tuple_types() -> None:
         coerce("cosin", Literal["cosine", "linear"] | None, "k")
     with pytest.raises(ConfigError, match="expected int, got True"):
         coerce(True, int, "k")
+
+
+def test_config_options_decorator_for_other_commands(plugins: None, tmp_path: Path) -> None:
+    """The plumbing `nvl finetune` reuses: -c (repeatable), --print-config, space-separated overrides."""
+    import click
+    from click.testing import CliRunner
+
+    from nvlcore.cli.options import CONFIG_CONTEXT_SETTINGS, config_options, echo_config, load_config_from_cli
+
+    @click.command(context_settings=CONFIG_CONTEXT_SETTINGS)
+    @config_options()
+    def run(config_files: tuple[Path, ...], print_config: bool, overrides: tuple[str, ...]) -> None:
+        cfg = load_config_from_cli(config_files, overrides, resolve=not print_config)
+        if print_config:
+            echo_config(cfg)
+            return
+        click.echo(f"training {cfg.train.train_iters} iters into {cfg.checkpoint.save}")
+
+    more = tmp_path / "more.yaml"
+    more.write_text("train:\n  train_iters: 3\n")
+    runner = CliRunner()
+    shown = runner.invoke(run, ["-c", str(EXAMPLE), "-c", str(more), "--print-config", "rng.seed", "7"])
+    assert shown.exit_code == 0, shown.output
+    printed = yaml.safe_load(shown.stdout)
+    assert printed["train"]["train_iters"] == 3 and printed["rng"]["seed"] == 7
+    assert printed["checkpoint"]["save"] == "???"  # printing does not require mandatory values
+    missing = runner.invoke(run, ["-c", str(EXAMPLE)])
+    assert missing.exit_code == 2 and "checkpoint.save" in missing.output
+    ok = runner.invoke(run, ["-c", str(EXAMPLE), "checkpoint.save", "/ck", "train.train_iters=4"])
+    assert ok.exit_code == 0 and ok.stdout.strip() == "training 4 iters into /ck"
+    assert runner.invoke(run, ["--config-file", str(tmp_path / "nope.yaml")]).exit_code == 2
