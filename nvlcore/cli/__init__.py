@@ -50,6 +50,7 @@ BUILTIN_COMMANDS: dict[str, str] = {
     "convert": "nvlcore.cli.convert:convert_group",
     "data": "nvlcore.cli.data_cmd:data_group",
     "export": "nvlcore.cli.export:export_command",
+    "finetune": "nvlcore.cli.finetune:finetune_command",
     "generate": "nvlcore.cli.generate:generate_cmd",
     "plugins": "nvlcore.cli.plugins_cmd:plugins_group",
 }

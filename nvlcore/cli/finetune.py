@@ -1,0 +1,236 @@
+"""``nvl finetune``: the original workflow's ``finetune_nemotron_nano_v2_vl.py`` as a command.
+
+Config resolution (later wins), as in the original script: the bridge's recipe (``--lora-on-*``
+select its PEFT recipe) -> the bridge's default YAML file, or ``--config-file`` instead -> the
+command-line overrides (``key=value``, ``key value``, mapping values, ``+key``, ``~key``) -> the
+paths given as options (``--hf-model-path``, ``--pretrained-checkpoint``).
+
+``--nproc-per-node N`` starts N workers through ``torch.distributed.run`` (torchrun's library) and
+supervises them; a process started by ``torchrun`` itself (``RANK``/``WORLD_SIZE`` set) trains as
+that rank. Several machines use torchrun's rendezvous options (``--nnodes``, ``--node-rank``,
+``--rdzv-endpoint``, ``--rdzv-id``, ``--rdzv-backend``, ``--master-addr``, ``--master-port``), passed
+through unchanged. See docs/finetune.md.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+import click
+
+MODULE = "nvlcore.cli.finetune"
+
+
+def _bridge_class(manager: Any, hf_model_path: str | None, bridge_name: str | None) -> Any:
+    from nvlcore.contracts import first_matching_bridge
+
+    reg = manager.registry("model_bridge")
+    if bridge_name:
+        return reg.get(bridge_name)
+    if not hf_model_path:
+        raise click.UsageError("--hf-model-path DIR is required (the HF model directory: config.json, tokenizer)")
+    cfg_file = Path(hf_model_path) / "config.json"
+    if not cfg_file.is_file():
+        raise click.BadParameter(f"{hf_model_path}: no config.json (an HF model directory is needed)",
+                                 param_hint="--hf-model-path")
+    try:
+        archs = json.loads(cfg_file.read_text()).get("architectures") or []
+    except json.JSONDecodeError as exc:
+        raise click.BadParameter(f"{cfg_file}: not valid JSON ({exc})", param_hint="--hf-model-path") from exc
+    classes: dict[str, Any] = {}
+    broken: list[str] = []
+    for name in reg.names():
+        try:
+            classes[name] = reg.get(name)
+        except Exception as exc:  # a broken bridge must not hide the matching one
+            broken.append(f"{name} ({type(exc).__name__}: {exc})")
+    name = first_matching_bridge(archs, classes)
+    if name is None:
+        raise click.ClickException(
+            f"{cfg_file}: no installed model bridge handles architectures {archs}; install the model's plugin "
+            "or set model.bridge=NAME (`nvl plugins list` shows what is installed)"
+            + (f"; failed to load: {'; '.join(broken)}" if broken else "")
+        )
+    return classes[name]
+
+
+def _recipe(bridge: Any, *, language: bool, vision: bool) -> dict[str, Any]:
+    """The bridge's recipe; the LoRA flags pick its PEFT variant (which towers get adapters)."""
+    import inspect
+
+    fn = getattr(bridge, "recipe", None)
+    if fn is None:
+        return {}
+    params = inspect.signature(fn).parameters
+    kwargs: dict[str, Any] = {"peft": language or vision}
+    if "lora_on_language_model" in params or any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        kwargs.update(lora_on_language_model=language, lora_on_vision_model=vision)
+    return dict(fn(**kwargs) or {})
+
+
+def compose_config(
+    *,
+    manager: Any,
+    hf_model_path: str | None,
+    pretrained_checkpoint: str | None,
+    config_file: str | None,
+    lora_on_language_model: bool,
+    lora_on_vision_model: bool,
+    overrides: Sequence[str],
+) -> Any:
+    """Recipe -> default YAML or ``--config-file`` -> overrides -> option paths; returns the (unresolved) config."""
+    from nvlcore.config import ConfigError, Override, load_config, parse_overrides
+
+    parsed = parse_overrides(list(overrides))
+    given = {o.key: o.value for o in parsed}
+    hf = hf_model_path or given.get("model.hf_model_path")
+    bridge_cls = _bridge_class(manager, hf, given.get("model.bridge"))
+    if not hf:
+        raise click.UsageError("--hf-model-path DIR is required (the HF model directory: config.json, tokenizer)")
+    bridge = bridge_cls.from_hf_dir(hf)
+    base = _recipe(bridge, language=lora_on_language_model, vision=lora_on_vision_model)
+    files: list[str] = []
+    if config_file is not None:
+        if not Path(config_file).is_file():
+            raise click.BadParameter(f"{config_file}: no such file", param_hint="--config-file")
+        files.append(config_file)
+    else:
+        default = getattr(bridge, "default_config_file", None)
+        default = default() if callable(default) else default
+        if default:
+            files.append(str(default))
+    extra: list[Override] = []
+    if hf_model_path:
+        extra.append(Override("model.hf_model_path", str(Path(hf_model_path).expanduser().absolute())))
+    if pretrained_checkpoint:
+        extra.append(Override("checkpoint.pretrained_checkpoint", str(Path(pretrained_checkpoint).expanduser().absolute())))
+    if (lora_on_language_model or lora_on_vision_model) and not base.get("peft", {}).get("method"):
+        extra.append(Override("peft.method", "lora"))
+    try:
+        return load_config(files, [*parsed, *extra], base=base, plugins=manager), files
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+LAUNCH_OPTIONS = ("nproc_per_node", "nnodes", "node_rank", "rdzv_endpoint", "rdzv_backend", "rdzv_id",
+                  "master_addr", "master_port")
+
+
+def _child_argv(params: dict[str, Any], overrides: Sequence[str]) -> list[str]:
+    """The worker's command line: every option except the launcher's, then the overrides as given."""
+    argv: list[str] = []
+    for opt in ("hf_model_path", "pretrained_checkpoint", "config_file"):
+        if params.get(opt):
+            argv += ["--" + opt.replace("_", "-"), str(params[opt])]
+    for flag in ("lora_on_language_model", "lora_on_vision_model", "random_init", "debug"):
+        if params.get(flag):
+            argv.append("--" + flag.replace("_", "-"))
+    return argv + list(overrides)
+
+
+@click.command(
+    "finetune",
+    context_settings={"ignore_unknown_options": True, "help_option_names": ["-h", "--help"]},
+)
+@click.option("--hf-model-path", type=click.Path(file_okay=False), default=None,
+              help="HF model directory (config.json, tokenizer); selects the model bridge.")
+@click.option("--pretrained-checkpoint", type=click.Path(), default=None,
+              help="Starting weights: a Megatron checkpoint (base dir or iter_N) or an HF directory.")
+@click.option("--random-init", is_flag=True,
+              help="No starting weights: random initialisation. FOR BENCHMARKING ONLY.")
+@click.option("--config-file", type=click.Path(dir_okay=False), default=None,
+              help="YAML merged over the recipe, replacing the bridge's default YAML (as in the original).")
+@click.option("--lora-on-language-model", is_flag=True, help="LoRA on the language model (PEFT recipe).")
+@click.option("--lora-on-vision-model", is_flag=True, help="LoRA on the vision encoder and projector (PEFT recipe).")
+@click.option("--nproc-per-node", type=int, default=None, help="Start this many worker processes on this machine.")
+@click.option("--nnodes", default=None, help="torchrun: number of machines (or MIN:MAX).")
+@click.option("--node-rank", type=int, default=None, help="torchrun: this machine's rank (static rendezvous).")
+@click.option("--rdzv-endpoint", default=None, help="torchrun: rendezvous HOST:PORT shared by all machines.")
+@click.option("--rdzv-backend", default=None, help="torchrun: rendezvous backend (default c10d).")
+@click.option("--rdzv-id", default=None, help="torchrun: job id shared by all machines.")
+@click.option("--master-addr", default=None, help="torchrun: address of machine 0 (static rendezvous).")
+@click.option("--master-port", type=int, default=None, help="torchrun: port on machine 0 (static rendezvous).")
+@click.option("--print-config", is_flag=True, help="Print the composed config as YAML and exit.")
+@click.option("--debug", is_flag=True, help="Show full tracebacks.")
+@click.argument("overrides", nargs=-1, type=click.UNPROCESSED)
+def finetune_command(**params: Any) -> None:
+    """Fine-tune a model (full or LoRA) on a registered dataset.
+
+    OVERRIDES set config keys: `train.train_iters=30`, `dataset.maker_name make_raven_dataset`,
+    `dataset.maker_kwargs '{"path": "/data/raven"}'`, `~key` resets a key. Example:
+
+        nvl finetune --hf-model-path HF --pretrained-checkpoint CKPT checkpoint.save=out dataset.maker_name=raven
+    """
+    from nvlcore.config import ConfigError, config_to_yaml, resolve_config
+    from nvlcore.parallel import build_launch_args, launch, launched_by_torchrun
+    from nvlcore.plugins import get_plugin_manager
+
+    overrides = list(params.pop("overrides"))
+    manager = get_plugin_manager()
+    cfg, files = compose_config(
+        manager=manager, hf_model_path=params["hf_model_path"], pretrained_checkpoint=params["pretrained_checkpoint"],
+        config_file=params["config_file"], lora_on_language_model=params["lora_on_language_model"],
+        lora_on_vision_model=params["lora_on_vision_model"], overrides=overrides,
+    )
+    if params["print_config"]:
+        if files:
+            click.echo(f"# config files: {', '.join(files)}")
+        click.echo(config_to_yaml(cfg), nl=False)
+        return
+    try:
+        resolve_config(cfg)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from exc
+    if params["random_init"] and params["pretrained_checkpoint"]:
+        raise click.UsageError("--random-init and --pretrained-checkpoint exclude each other")
+    if not params["random_init"] and not cfg.checkpoint.pretrained_checkpoint:
+        raise click.UsageError("--pretrained-checkpoint DIR is required (a Megatron checkpoint or an HF directory)")
+
+    nproc = params["nproc_per_node"]
+    if nproc is not None and not launched_by_torchrun():
+        multi = {k: params[k] for k in LAUNCH_OPTIONS if k != "nproc_per_node" and params[k] is not None}
+        args = build_launch_args(
+            nproc_per_node=nproc, module=MODULE, module_args=_child_argv(params, overrides),
+            nnodes=str(params["nnodes"] or "1"), node_rank=params["node_rank"],
+            rdzv_endpoint=params["rdzv_endpoint"], rdzv_backend=params["rdzv_backend"], rdzv_id=params["rdzv_id"],
+            master_addr=params["master_addr"], master_port=params["master_port"],
+        )
+        click.echo(f"nvl finetune: starting {nproc} worker(s) on this machine"
+                   + (f" ({', '.join(f'{k}={v}' for k, v in multi.items())})" if multi else ""), err=True)
+        code = launch(args)
+        if code:
+            raise SystemExit(code)
+        return
+    if nproc is not None and launched_by_torchrun():
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", nproc))
+        if local != nproc:
+            raise click.UsageError(
+                f"--nproc-per-node {nproc} but this process was started by a launcher with {local} per node; "
+                "drop --nproc-per-node when starting with torchrun"
+            )
+
+    from nvlcore.training.finetune import run_finetune
+
+    try:
+        run_finetune(cfg, manager=manager, random_init=params["random_init"])
+    except (click.ClickException, SystemExit, KeyboardInterrupt):
+        raise
+    except Exception as exc:
+        if params["debug"]:
+            raise
+        rank = os.environ.get("RANK")
+        where = f"rank {rank}: " if rank is not None else ""
+        raise click.ClickException(f"{where}{type(exc).__name__}: {exc} (--debug shows the traceback)") from exc
+
+
+def main(argv: list[str] | None = None) -> Any:
+    """Entry point of each worker process (``python -m nvlcore.cli.finetune ...``)."""
+    return finetune_command.main(args=argv, prog_name="nvl finetune")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

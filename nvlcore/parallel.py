@@ -1,0 +1,242 @@
+"""Process groups and launching: tensor parallel x data parallel over ``torch.distributed``.
+
+The layout is Megatron-Core's (``parallel_state.initialize_model_parallel``): consecutive ranks form
+a tensor-parallel group, and the ranks holding the same tensor-parallel shard form a data-parallel
+group. gloo is used on CPU, NCCL on GPUs.
+
+A single process (no ``torchrun`` environment) still gets a one-rank process group, so the model's
+Megatron layers and the trainer's collectives run the same code at every size.
+
+:func:`launch` starts ``nproc_per_node`` copies of a module through ``torch.distributed.run`` (the
+library behind ``torchrun``), with torchrun's own rendezvous options for several machines.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import sys
+from typing import TYPE_CHECKING, Any, Sequence
+
+import attrs
+
+if TYPE_CHECKING:
+    import torch
+
+#: Environment variables that torchrun (or any launcher following its protocol) sets in each worker.
+TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+@attrs.frozen
+class ParallelContext:
+    """Where this process sits in the TP x DP layout.
+
+    :param rank: global rank.
+    :param world_size: number of processes.
+    :param local_rank: rank on this machine (selects the GPU).
+    :param tp_size: tensor-parallel size.
+    :param tp_rank: rank inside the tensor-parallel group.
+    :param dp_size: data-parallel size (``world_size // tp_size``).
+    :param dp_rank: rank inside the data-parallel group.
+    :param device: the device this rank computes on.
+    :param backend: ``gloo`` or ``nccl``.
+    :param owns_process_group: this module created the default process group (and destroys it).
+    """
+
+    rank: int
+    world_size: int
+    local_rank: int
+    tp_size: int
+    tp_rank: int
+    dp_size: int
+    dp_rank: int
+    device: "torch.device"
+    backend: str
+    owns_process_group: bool = False
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: prints, logs and writes files shared by all ranks."""
+        return self.rank == 0
+
+    @property
+    def tp_group(self) -> Any:
+        from megatron.core import parallel_state
+
+        return parallel_state.get_tensor_model_parallel_group()
+
+    @property
+    def dp_group(self) -> Any:
+        from megatron.core import parallel_state
+
+        return parallel_state.get_data_parallel_group()
+
+    @property
+    def dp_group_gloo(self) -> Any:
+        """A gloo group over the same ranks, for Python objects and CPU tensors on GPU runs."""
+        from megatron.core import parallel_state
+
+        return parallel_state.get_data_parallel_group_gloo()
+
+
+def launched_by_torchrun(env: dict[str, str] | None = None) -> bool:
+    """True when this process is one worker of a ``torchrun`` (or compatible) launch."""
+    env = dict(os.environ if env is None else env)
+    return "WORLD_SIZE" in env and "RANK" in env
+
+
+def default_device_type() -> str:
+    """``cuda`` when a GPU is visible, else ``cpu`` (``NVL_DEVICE`` overrides)."""
+    forced = os.environ.get("NVL_DEVICE")
+    if forced:
+        if forced not in ("cpu", "cuda"):
+            raise ValueError(f"NVL_DEVICE must be 'cpu' or 'cuda', got {forced!r}")
+        return forced
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def init_parallel(
+    tensor_model_parallel_size: int = 1,
+    *,
+    device_type: str | None = None,
+    seed: int = 1234,
+    timeout_minutes: int = 30,
+) -> ParallelContext:
+    """Initialise ``torch.distributed`` (if needed) and Megatron-Core's TP/DP groups.
+
+    :param tensor_model_parallel_size: ranks that share one copy of the model (``model.tensor_model_parallel_size``).
+    :param device_type: ``cpu`` or ``cuda``; default: :func:`default_device_type`.
+    :param seed: seeds Megatron's CUDA RNG tracker (model-parallel regions draw different numbers per
+        TP rank, the rest the same), which Megatron layers need to initialise weights on a GPU.
+    :param timeout_minutes: collective timeout.
+    :raises ValueError: when the world size is not a multiple of the tensor-parallel size.
+    """
+    import torch
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    device_type = device_type or default_device_type()
+    backend = "nccl" if device_type == "cuda" else "gloo"
+    env = os.environ
+    owns = False
+    if dist.is_initialized():
+        rank, world = dist.get_rank(), dist.get_world_size()
+        local_rank = int(env.get("LOCAL_RANK", 0))
+    elif launched_by_torchrun():
+        rank, world = int(env["RANK"]), int(env["WORLD_SIZE"])
+        local_rank = int(env.get("LOCAL_RANK", 0))
+        if device_type == "cuda":
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group(
+            backend=backend, init_method="env://", rank=rank, world_size=world,
+            timeout=datetime.timedelta(minutes=timeout_minutes),
+        )
+        owns = True
+    else:
+        # One process: an in-memory store is enough and needs no free port.
+        rank, world, local_rank = 0, 1, 0
+        if device_type == "cuda":
+            torch.cuda.set_device(0)
+        dist.init_process_group(
+            backend=backend, store=dist.HashStore(), rank=0, world_size=1,
+            timeout=datetime.timedelta(minutes=timeout_minutes),
+        )
+        owns = True
+
+    tp = int(tensor_model_parallel_size)
+    if tp < 1 or world % tp != 0:
+        raise ValueError(
+            f"model.tensor_model_parallel_size={tp} does not divide the number of processes ({world}); "
+            f"launch a multiple of {tp} processes (--nproc-per-node) or change the tensor-parallel size"
+        )
+    if parallel_state.model_parallel_is_initialized():
+        if parallel_state.get_tensor_model_parallel_world_size() != tp:
+            raise RuntimeError(
+                "process groups are already initialised with tensor-parallel size "
+                f"{parallel_state.get_tensor_model_parallel_world_size()}, not {tp}; call destroy_parallel() first"
+            )
+    else:
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=tp, distributed_timeout_minutes=timeout_minutes,
+        )
+    if device_type == "cuda":
+        from megatron.core import tensor_parallel
+
+        tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    device = torch.device("cuda", torch.cuda.current_device()) if device_type == "cuda" else torch.device("cpu")
+    return ParallelContext(
+        rank=rank, world_size=world, local_rank=local_rank,
+        tp_size=tp, tp_rank=parallel_state.get_tensor_model_parallel_rank(),
+        dp_size=parallel_state.get_data_parallel_world_size(), dp_rank=parallel_state.get_data_parallel_rank(),
+        device=device, backend=backend, owns_process_group=owns,
+    )
+
+
+def destroy_parallel(ctx: ParallelContext | None = None) -> None:
+    """Tear down Megatron's groups, and the default group when :func:`init_parallel` created it."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized() and (ctx is None or ctx.owns_process_group):
+        dist.destroy_process_group()
+
+
+def build_launch_args(
+    *,
+    nproc_per_node: int,
+    module: str,
+    module_args: Sequence[str],
+    nnodes: str = "1",
+    node_rank: int | None = None,
+    rdzv_endpoint: str | None = None,
+    rdzv_backend: str | None = None,
+    rdzv_id: str | None = None,
+    master_addr: str | None = None,
+    master_port: int | None = None,
+) -> list[str]:
+    """The ``torch.distributed.run`` argument list for one machine's share of a launch.
+
+    One machine with no rendezvous options uses ``--standalone`` (torchrun picks a free port).
+    """
+    if nproc_per_node < 1:
+        raise ValueError(f"--nproc-per-node must be at least 1, got {nproc_per_node}")
+    args = ["--nproc-per-node", str(nproc_per_node), "--nnodes", str(nnodes)]
+    multi = str(nnodes) not in ("1", "1:1") or rdzv_endpoint or master_addr
+    if not multi:
+        args.append("--standalone")
+    if node_rank is not None:
+        args += ["--node-rank", str(node_rank)]
+    if rdzv_endpoint:
+        args += ["--rdzv-endpoint", rdzv_endpoint, "--rdzv-backend", rdzv_backend or "c10d"]
+    elif rdzv_backend:
+        args += ["--rdzv-backend", rdzv_backend]
+    if rdzv_id:
+        args += ["--rdzv-id", rdzv_id]
+    if master_addr:
+        args += ["--master-addr", master_addr]
+    if master_port is not None:
+        args += ["--master-port", str(master_port)]
+    return args + ["-m", module, *module_args]
+
+
+def launch(launch_args: Sequence[str]) -> int:
+    """Run ``torch.distributed.run`` in this process (it spawns and supervises the workers).
+
+    :returns: 0 when every worker succeeded, else 1 (the workers print their own tracebacks).
+    """
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+
+    args = get_args_parser().parse_args(list(launch_args))
+    try:
+        run(args)
+    except ChildFailedError as exc:
+        failures = getattr(exc, "failures", {}) or {}
+        ranks = ", ".join(str(r) for r in sorted(failures)) or "?"
+        print(f"nvl: worker(s) {ranks} failed (exit codes above); see their tracebacks", file=sys.stderr)
+        return 1
+    return 0

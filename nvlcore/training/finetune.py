@@ -1,0 +1,498 @@
+"""``run_finetune``: from a resolved config to a trained checkpoint (what ``nvl finetune`` runs in each process).
+
+Order (architecture.md §5): process groups -> bridge -> model -> pretrained weights (Megatron
+checkpoint or HF directory) -> freeze flags -> PEFT -> optimizer -> resume -> data -> loggers -> loop.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Mapping
+
+import attrs
+
+from nvlcore.training.trainer import LoopSettings, TrainState, Trainer
+
+if TYPE_CHECKING:
+    import torch
+
+    from nvlcore.config import NvlConfig
+    from nvlcore.parallel import ParallelContext
+
+RANDOM_INIT_BANNER = (
+    "nvl finetune: RANDOM INITIALISATION (--random-init): no pretrained weights are loaded. "
+    "This is for benchmarking throughput and memory only; the result is not a fine-tuned model."
+)
+
+
+def seed_everything(seed: int) -> None:
+    """Python, NumPy and torch (CPU and CUDA) RNGs; every rank the same, as Megatron does."""
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def is_hf_dir(path: str | Path) -> bool:
+    """An HF model directory: ``config.json`` next to safetensors weights (no ``iter_*`` layout)."""
+    p = Path(path)
+    return (p / "config.json").is_file() and (
+        any(p.glob("*.safetensors")) or (p / "model.safetensors.index.json").is_file()
+    )
+
+
+def resolve_bridge(manager: Any, cfg: "NvlConfig", hf_model_path: str | None) -> Any:
+    """The bridge *instance* for this run: ``model.bridge`` if set, else by the HF ``architectures``."""
+    from nvlcore.contracts import first_matching_bridge
+
+    reg = manager.registry("model_bridge")
+    name = cfg.model.bridge
+    if hf_model_path is None:
+        raise ValueError("no HF model directory: pass --hf-model-path DIR (or set model.hf_model_path)")
+    hf = Path(hf_model_path)
+    if not (hf / "config.json").is_file():
+        raise FileNotFoundError(f"--hf-model-path {hf}: no config.json there (an HF model directory is needed)")
+    if name is None:
+        archs = json.loads((hf / "config.json").read_text()).get("architectures") or []
+        classes: dict[str, Any] = {}
+        broken: list[str] = []
+        for n in reg.names():
+            try:
+                classes[n] = reg.get(n)
+            except Exception as exc:  # one broken bridge must not hide the one that matches
+                broken.append(f"{n}: {type(exc).__name__}: {exc}")
+        name = first_matching_bridge(archs, classes)
+        if name is None:
+            raise ValueError(
+                f"{hf / 'config.json'}: no installed model bridge handles architectures {archs}; "
+                "install the model's plugin or set model.bridge=NAME (see `nvl plugins list`)"
+                + (f"; bridges that failed to load: {'; '.join(broken)}" if broken else "")
+            )
+    return reg.get(name).from_hf_dir(hf)
+
+
+def _call_with_supported(fn: Callable[..., Any], **kwargs: Any) -> Any:
+    """Call ``fn`` with the keyword arguments it accepts (bridges differ in their options)."""
+    import inspect
+
+    sig = inspect.signature(fn)
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in sig.parameters.values()):
+        return fn(**kwargs)
+    return fn(**{k: v for k, v in kwargs.items() if k in sig.parameters})
+
+
+def apply_freeze_flags(model: "torch.nn.Module", cfg: "NvlConfig") -> None:
+    """``model.freeze_language_model`` / ``freeze_vision_model`` / ``freeze_vision_projection``."""
+    flags = {
+        "language_model": cfg.model.freeze_language_model,
+        "vision_model": cfg.model.freeze_vision_model,
+        "vision_projection": cfg.model.freeze_vision_projection,
+    }
+    for prefix, frozen in flags.items():
+        if not frozen:
+            continue
+        sub = getattr(model, prefix, None)
+        if sub is None:
+            raise ValueError(f"model.freeze_{prefix}=True but the model has no {prefix!r} submodule")
+        for p in sub.parameters():
+            p.requires_grad_(False)
+
+
+def apply_peft(model: "torch.nn.Module", cfg: "NvlConfig", manager: Any) -> Any:
+    """Apply ``peft.method`` (registered PEFT method) to ``model``; returns the method object or None."""
+    method_name = cfg.peft.method
+    if not method_name:
+        return None
+    reg = manager.registry("peft_method")
+    try:
+        target = reg.get(method_name)
+    except Exception as exc:
+        raise RuntimeError(
+            f"peft.method={method_name!r} is not available ({exc}); install nvl-lora (pip install -e plugins/nvl-lora) "
+            "for --lora-on-language-model / --lora-on-vision-model"
+        ) from exc
+    method = target() if isinstance(target, type) else target
+    from nvlcore.config import config_to_dict
+
+    options = dict(config_to_dict(cfg)["peft"])
+    options.pop("method", None)
+    extra = options.pop("options", {}) or {}
+    options.update(extra)
+    method.apply(model, **options)
+    return method
+
+
+def _flops_fn(bridge: Any, model: "torch.nn.Module", ctx: "ParallelContext") -> tuple[Callable[[Mapping[str, Any]], float], str]:
+    """Training FLOPs per micro-batch: the bridge's counter (ViT and projector included), else 6·N·tokens."""
+    fn = getattr(bridge, "training_flops", None)
+    if fn is not None:
+        return (lambda batch: float(fn(batch))), "bridge"
+    # Fallback: 6 x logical parameter count x real tokens (no vision term, no attention term).
+    n = 0
+    for p in model.parameters():
+        n += p.numel() * (ctx.tp_size if getattr(p, "tensor_model_parallel", False) else 1)
+    from nvlcore.training.trainer import real_tokens
+
+    return (lambda batch: 6.0 * n * real_tokens(batch)), "6N"
+
+
+def loop_settings(cfg: "NvlConfig", *, dp_size: int, device_type: str) -> LoopSettings:
+    import torch
+
+    mbs = cfg.train.micro_batch_size
+    gbs = cfg.train.global_batch_size
+    if gbs % (mbs * dp_size):
+        raise ValueError(
+            f"train.global_batch_size={gbs} must be a multiple of train.micro_batch_size ({mbs}) x "
+            f"data-parallel size ({dp_size})"
+        )
+    precision = cfg.mixed_precision or ("bf16_mixed" if cfg.optimizer.bf16 else "fp16_mixed" if cfg.optimizer.fp16 else "fp32")
+    if precision == "fp16_mixed":
+        raise ValueError("mixed_precision=fp16_mixed is not supported by nvl finetune; use bf16_mixed (the recipe's) or fp32")
+    autocast = torch.bfloat16 if (device_type == "cuda" and precision == "bf16_mixed") else None
+    return LoopSettings(
+        train_iters=cfg.train.train_iters,
+        global_batch_size=gbs,
+        num_microbatches=gbs // (mbs * dp_size),
+        clip_grad=cfg.optimizer.clip_grad,
+        log_interval=cfg.logger.log_interval,
+        save_interval=cfg.checkpoint.save_interval if cfg.checkpoint.save else None,
+        eval_interval=cfg.validation.eval_interval,
+        eval_iters=cfg.validation.eval_iters,
+        autocast_dtype=autocast,
+        manual_gc_interval=cfg.train.manual_gc_interval if cfg.train.manual_gc else 0,
+        exit_interval=cfg.train.exit_interval,
+        exit_duration_s=cfg.train.exit_duration_in_mins * 60 if cfg.train.exit_duration_in_mins else None,
+    )
+
+
+def schedules(cfg: "NvlConfig") -> tuple[Any, Any]:
+    from nvlcore.training.schedules import LRSchedule, WeightDecaySchedule
+
+    sc = cfg.scheduler
+    decay_iters = sc.lr_decay_iters or cfg.train.train_iters
+    warmup = sc.lr_warmup_iters
+    if sc.lr_warmup_fraction is not None:
+        warmup = int(sc.lr_warmup_fraction * decay_iters)
+    style = sc.lr_decay_style
+    if style == "WSD":
+        raise ValueError("scheduler.lr_decay_style=WSD is not supported by nvl finetune; use cosine, linear or constant")
+    lr = LRSchedule(max_lr=cfg.optimizer.lr, min_lr=cfg.optimizer.min_lr, warmup_iters=warmup,
+                    warmup_init=sc.lr_warmup_init, decay_iters=decay_iters, decay_style=style)
+    start = sc.start_weight_decay if sc.start_weight_decay is not None else cfg.optimizer.weight_decay
+    end = sc.end_weight_decay if sc.end_weight_decay is not None else cfg.optimizer.weight_decay
+    wd = WeightDecaySchedule(start=start, end=end, incr_iters=cfg.train.train_iters, style=sc.weight_decay_incr_style)
+    return lr, wd
+
+
+@attrs.define
+class DataPipeline:
+    """The training batches (and validation batches, when the maker has that split)."""
+
+    train_batches: Any
+    num_train_samples: int
+    eval_batches_factory: Callable[[], Any] | None
+    eval_note: str
+    num_microbatches: int
+
+
+def build_data(cfg: "NvlConfig", bridge: Any, manager: Any, ctx: "ParallelContext", *, consumed_samples: int,
+               print_fn: Callable[[str], None]) -> DataPipeline:
+    from nvlcore.training.data import GlobalBatchSampler, ProcessedDataset, build_loader
+
+    ds = cfg.dataset
+    maker = manager.registry("dataset_maker").get(ds.maker_name)
+    seq_length = ds.seq_length or cfg.model.seq_length
+    processor = _call_with_supported(
+        bridge.processor, seq_length=seq_length, pad_to_multiple_of=ds.pad_to_multiple_of,
+        pad_to_max_length=ds.pad_to_max_length,
+    )
+    made = maker(split="train", **dict(ds.maker_kwargs))
+    sampler = GlobalBatchSampler(
+        num_samples=len(made), global_batch_size=cfg.train.global_batch_size,
+        micro_batch_size=cfg.train.micro_batch_size, dp_rank=ctx.dp_rank, dp_size=ctx.dp_size,
+        seed=cfg.rng.seed, consumed_samples=consumed_samples, shuffle=ds.dataloader_type == "cyclic",
+    )
+    pin = ds.pin_memory and ctx.device.type == "cuda"
+    loader = build_loader(ProcessedDataset(made, processor, seed=cfg.rng.seed, split="train"), sampler,
+                          processor.collate, num_workers=ds.num_workers, pin_memory=pin)
+
+    factory = None
+    note = ""
+    v = cfg.validation
+    if v.eval_iters > 0 and v.eval_interval:
+        splits = tuple(getattr(maker, "splits", ()) or ())
+        if "validation" not in splits:
+            note = (f"validation skipped: dataset maker {ds.maker_name!r} has no validation split "
+                    f"(it has {', '.join(splits) or 'train only'})")
+        else:
+            val_made = maker(split="validation", **{**dict(ds.maker_kwargs), **dict(ds.val_maker_kwargs)})
+            val_ds = ProcessedDataset(val_made, processor, seed=cfg.rng.seed, split="validation")
+
+            def factory() -> Any:
+                s = GlobalBatchSampler(
+                    num_samples=len(val_made), global_batch_size=cfg.train.global_batch_size,
+                    micro_batch_size=cfg.train.micro_batch_size, dp_rank=ctx.dp_rank, dp_size=ctx.dp_size,
+                    seed=cfg.rng.seed, consumed_samples=0, shuffle=False,
+                )
+                return iter(build_loader(val_ds, s, processor.collate, num_workers=ds.num_workers, pin_memory=pin))
+
+            note = f"validation: {v.eval_iters} batch(es) every {v.eval_interval} iterations on {len(val_made)} examples"
+    elif v.eval_iters > 0:
+        note = "validation skipped: validation.eval_interval is null"
+    return DataPipeline(iter(loader), len(made), factory, note, sampler.num_microbatches)
+
+
+def build_loggers(cfg: "NvlConfig", manager: Any, ctx: "ParallelContext", *, resume_iteration: int | None,
+                  run_config: Mapping[str, Any]) -> list[Any]:
+    """Rank 0's metric sinks: ``logger.loggers`` (console by default), JSONL when saving, wandb when configured."""
+    if not ctx.is_main:
+        return []
+    reg = manager.registry("logger")
+    lg = cfg.logger
+    names = list(lg.loggers)
+    jsonl_path = lg.jsonl_path or (str(Path(cfg.checkpoint.save) / "metrics.jsonl") if cfg.checkpoint.save else None)
+    if jsonl_path and "jsonl" not in names:
+        names.append("jsonl")
+    if lg.wandb_project and "wandb" not in names:
+        names.append("wandb")
+    out = []
+    for name in names:
+        cls = reg.get(name)
+        canonical = reg.canonical(name) if hasattr(reg, "canonical") else name
+        if canonical == "console":
+            out.append(cls(total_iters=cfg.train.train_iters))
+        elif canonical == "jsonl":
+            if not jsonl_path:
+                raise ValueError("logger.loggers has 'jsonl' but neither logger.jsonl_path nor checkpoint.save is set")
+            out.append(cls(jsonl_path, resume_iteration=resume_iteration))
+        elif canonical == "wandb":
+            if not lg.wandb_project:
+                raise ValueError("logger.loggers has 'wandb' but logger.wandb_project is not set")
+            save_dir = lg.wandb_save_dir or (str(Path(cfg.checkpoint.save) / "wandb") if cfg.checkpoint.save else None)
+            out.append(cls(project=lg.wandb_project, save_dir=save_dir, exp_name=lg.wandb_exp_name,
+                           entity=lg.wandb_entity, config=run_config))
+        else:
+            out.append(cls())
+    return out
+
+
+def run_finetune(
+    cfg: "NvlConfig",
+    *,
+    manager: Any = None,
+    random_init: bool = False,
+    print_fn: Callable[[str], None] = print,
+    device_type: str | None = None,
+) -> TrainState:
+    """Train as ``cfg`` says, in this process (one rank of a launch, or the only one).
+
+    ``cfg.model.hf_model_path`` names the HF directory the bridge reads; ``cfg.checkpoint.pretrained_checkpoint``
+    the starting weights (a Megatron checkpoint, base or ``iter_N`` dir, or an HF directory), unless
+    ``random_init`` (benchmarks only).
+    """
+    import torch
+
+    from nvlcore import checkpoint as ck
+    from nvlcore.config import config_to_dict
+    from nvlcore.parallel import destroy_parallel, init_parallel
+    from nvlcore.plugins import get_plugin_manager
+    from nvlcore.training import checkpointing as tck
+    from nvlcore.training import optim
+
+    manager = manager or get_plugin_manager()
+    ctx = init_parallel(cfg.model.tensor_model_parallel_size, device_type=device_type, seed=cfg.rng.seed,
+                        timeout_minutes=cfg.dist.distributed_timeout_minutes)
+    say = print_fn if ctx.is_main else (lambda _m: None)
+    loggers: list[Any] = []
+    try:
+        seed_everything(cfg.rng.seed)
+        run_config = config_to_dict(cfg)
+        adapter_only = bool(cfg.peft.method)
+        say(f"nvl finetune: {ctx.world_size} process(es): tensor parallel {ctx.tp_size} x data parallel {ctx.dp_size} "
+            f"on {ctx.device.type} ({ctx.backend})")
+
+        decision = tck.decide_resume(
+            load=cfg.checkpoint.load, save=cfg.checkpoint.save, ckpt_step=cfg.checkpoint.ckpt_step,
+            run_config=run_config, exit_on_missing_checkpoint=cfg.checkpoint.exit_on_missing_checkpoint,
+        )
+        say(f"nvl finetune: {decision.reason}")
+
+        # -- model ---------------------------------------------------------------------------
+        t0 = time.perf_counter()
+        bridge = resolve_bridge(manager, cfg, cfg.model.hf_model_path)
+        model = _call_with_supported(
+            bridge.build_model, dtype=torch.float32, device=ctx.device,
+            init="random" if random_init else "none", seed=cfg.rng.seed,
+        )
+        model.train()
+        needs_base = decision.iter_dir is None or adapter_only
+        if random_init:
+            say(RANDOM_INIT_BANNER)
+        elif needs_base:
+            src = cfg.checkpoint.pretrained_checkpoint
+            if not src:
+                raise ValueError("no starting weights: pass --pretrained-checkpoint DIR (a Megatron checkpoint or an HF directory)")
+            load_pretrained(model, src, bridge=bridge, ctx=ctx)
+            say(f"nvl finetune: loaded pretrained weights from {src} ({time.perf_counter() - t0:.1f} s)")
+        apply_freeze_flags(model, cfg)
+        peft = apply_peft(model, cfg, manager)
+
+        named = optim.trainable_named_parameters(model)
+        optim.check_replicated_parameters(list(model.named_parameters()), tp_group=ctx.tp_group, tp_size=ctx.tp_size)
+        from megatron.core import parallel_state
+
+        src_rank = parallel_state.get_data_parallel_src_rank()
+        optim.broadcast_parameters([p.data for p in model.parameters()], src_global_rank=src_rank,
+                                   group=ctx.dp_group, group_size=ctx.dp_size)
+        n_train = sum(p.numel() for _, p in named)
+        n_all = sum(p.numel() for p in model.parameters())
+        say(f"nvl finetune: {n_train:,} of {n_all:,} parameters trainable on this rank"
+            + (f" (PEFT {cfg.peft.method}; adapter-only checkpoints)" if peft else ""))
+        opt = optim.build_optimizer(
+            named, lr=cfg.optimizer.lr, betas=(cfg.optimizer.adam_beta1, cfg.optimizer.adam_beta2),
+            eps=cfg.optimizer.adam_eps, weight_decay=cfg.optimizer.weight_decay, device_type=ctx.device.type,
+        )
+        lr_s, wd_s = schedules(cfg)
+
+        # -- resume ---------------------------------------------------------------------------
+        state = TrainState()
+        if decision.iter_dir is not None:
+            state = restore(decision.iter_dir, model=model, optimizer=opt, named=named, bridge=bridge, ctx=ctx,
+                            cfg=cfg, adapter_only=adapter_only)
+            say(f"nvl finetune: resumed at iteration {state.iteration} (consumed samples {state.consumed_samples}, "
+                f"{state.optimizer_steps} updates, {state.skipped_iterations} skipped)")
+
+        # -- data, loggers ----------------------------------------------------------------------
+        data = build_data(cfg, bridge, manager, ctx, consumed_samples=state.consumed_samples, print_fn=say)
+        if data.eval_note:
+            say(f"nvl finetune: {data.eval_note}")
+        settings = loop_settings(cfg, dp_size=ctx.dp_size, device_type=ctx.device.type)
+        loggers = build_loggers(cfg, manager, ctx, resume_iteration=state.iteration if decision.iter_dir else None,
+                                run_config=run_config)
+        flops_fn, flops_method = _flops_fn(bridge, model, ctx)
+        if flops_method != "bridge":
+            say("nvl finetune: the bridge has no training_flops(); TFLOP/s uses 6 x parameters x tokens (no attention/ViT terms)")
+
+        eval_fn = None
+        if data.eval_batches_factory is not None:
+            factory = data.eval_batches_factory
+
+            def eval_fn() -> tuple[float, float]:
+                from nvlcore.training.trainer import evaluate
+
+                return evaluate(model, factory(), num_batches=cfg.validation.eval_iters * data.num_microbatches,
+                                ctx=ctx, autocast_dtype=settings.autocast_dtype)
+
+        def save_fn(st: TrainState) -> None:
+            path = save(cfg.checkpoint.save, st, model=model, optimizer=opt, bridge=bridge, ctx=ctx, cfg=cfg,
+                        run_config=run_config, adapter_only=adapter_only, num_samples=data.num_train_samples)
+            say(f"nvl finetune: saved checkpoint {path}")
+
+        trainer = Trainer(
+            model=model, ctx=ctx, optimizer=opt, named_params=named, lr_schedule=lr_s, wd_schedule=wd_s,
+            settings=settings, state=state, flops_fn=flops_fn, loggers=loggers,
+            save_fn=save_fn if cfg.checkpoint.save else None, eval_fn=eval_fn, print_fn=say,
+        )
+        if decision.iter_dir is not None:
+            trainer.last_saved_iteration = state.iteration
+        say(f"nvl finetune: training iterations {state.iteration + 1}..{settings.train_iters}: global batch "
+            f"{settings.global_batch_size} = {settings.num_microbatches} micro-batch(es) x "
+            f"{cfg.train.micro_batch_size} x {ctx.dp_size} data-parallel rank(s)")
+        final = trainer.run(data.train_batches)
+        return final
+    finally:
+        for lg in loggers:
+            try:
+                lg.close()
+            except Exception as exc:  # a failing sink must not hide the training error
+                say(f"nvl finetune: closing logger {type(lg).__name__} failed: {exc}")
+        destroy_parallel(ctx)
+
+
+def load_pretrained(model: "torch.nn.Module", src: str, *, bridge: Any, ctx: "ParallelContext") -> None:
+    """Starting weights from an HF directory (bridge mapping) or a Megatron checkpoint (base or ``iter_N`` dir)."""
+    from nvlcore.checkpoint import resolve_checkpoint_dir
+    from nvlcore.training import checkpointing as tck
+
+    p = Path(src).expanduser()
+    if is_hf_dir(p):
+        bridge.load_hf_weights(model, p)
+        return
+    if not p.exists():
+        raise FileNotFoundError(f"--pretrained-checkpoint {p}: no such directory")
+    iter_dir = resolve_checkpoint_dir(p)
+    loader = getattr(bridge, "load_checkpoint_weights", None)
+    if loader is not None:
+        _call_with_supported(loader, model=model, path=iter_dir, tp_group=ctx.tp_group, tp_rank=ctx.tp_rank,
+                             tp_size=ctx.tp_size)
+    else:
+        tck.load_model_weights(model, iter_dir, bridge=bridge, ctx=ctx)
+
+
+def save(root: str, st: TrainState, *, model: Any, optimizer: Any, bridge: Any, ctx: "ParallelContext", cfg: "NvlConfig",
+         run_config: Mapping[str, Any], adapter_only: bool, num_samples: int) -> Path:
+    """Write one training checkpoint (collective over all ranks)."""
+    from nvlcore.checkpoint import capture_rng_state, save_checkpoint
+    from nvlcore.training import checkpointing as tck
+
+    model_state, optim_state, adam_step = tck.model_and_optimizer_state(
+        model, optimizer, bridge=bridge, ctx=ctx, adapter_only=adapter_only,
+    )
+    extra = {
+        "adam_step": adam_step,
+        "data": {"consumed_samples": st.consumed_samples, "seed": cfg.rng.seed, "num_samples": num_samples},
+        "layout": {"tp": ctx.tp_size, "dp": ctx.dp_size, "world_size": ctx.world_size},
+        "adapter_only": adapter_only,
+        "pretrained_checkpoint": cfg.checkpoint.pretrained_checkpoint,
+    }
+    return save_checkpoint(
+        root, st.iteration,
+        model_state=model_state,
+        sharded_states={"optimizer": optim_state} if (cfg.checkpoint.save_optim and optim_state) else None,
+        extra_state=extra,
+        rank_state={"rng": capture_rng_state()} if cfg.checkpoint.save_rng else None,
+        run_config=run_config,
+        train_state=st.to_dict(),
+        overwrite=True,
+        most_recent_k=cfg.checkpoint.most_recent_k,
+    )
+
+
+def restore(iter_dir: Path, *, model: Any, optimizer: Any, named: Any, bridge: Any, ctx: "ParallelContext",
+            cfg: "NvlConfig", adapter_only: bool) -> TrainState:
+    """Load weights, optimizer, RNG and train state of a training checkpoint (collective)."""
+    from nvlcore.checkpoint import open_checkpoint, restore_rng_state
+    from nvlcore.training import checkpointing as tck
+
+    ckpt = open_checkpoint(iter_dir)
+    extra = ckpt.extra_state() or {}
+    if bool(extra.get("adapter_only")) != adapter_only:
+        raise ValueError(
+            f"{iter_dir} is {'an adapter-only (PEFT)' if extra.get('adapter_only') else 'a full'} checkpoint but this run "
+            f"is {'PEFT' if adapter_only else 'full fine-tuning'}; use the same peft settings, or start from it with "
+            "--pretrained-checkpoint"
+        )
+    tck.load_model_weights(model, iter_dir, bridge=bridge, ctx=ctx, only_trainable=adapter_only)
+    if cfg.checkpoint.load_optim:
+        tck.load_optimizer_state(optimizer, named, iter_dir, adam_step=int(extra.get("adam_step", 0)), bridge=bridge, ctx=ctx)
+    state = TrainState.from_dict(ckpt.train_state())
+    data = extra.get("data") or {}
+    if data.get("seed") is not None and data["seed"] != cfg.rng.seed:
+        raise ValueError(f"{iter_dir} was trained with rng.seed={data['seed']}, this run has {cfg.rng.seed}: the data order would change")
+    if cfg.checkpoint.load_rng:
+        layout = extra.get("layout") or {}
+        rank_state = ckpt.rank_state(ctx.rank) if layout.get("world_size") == ctx.world_size else None
+        if rank_state is not None and "rng" in rank_state:
+            restore_rng_state(rank_state["rng"])
+        elif ctx.is_main:
+            print(f"nvl finetune: {iter_dir} was saved by {layout.get('world_size')} process(es), this run has "
+                  f"{ctx.world_size}; RNG states are re-seeded instead of restored")
+    return state

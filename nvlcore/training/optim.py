@@ -1,0 +1,217 @@
+"""Optimizer, gradient reduction and clipping for tensor x data parallel training.
+
+Precision (see docs/finetune.md, "Precision"): trainable parameters are fp32 (they are the master
+weights), gradients are accumulated and reduced in fp32, and Adam's moments are fp32. On a GPU the
+forward and backward run under ``torch.autocast(bfloat16)``, so every matmul runs in bf16 on the
+tensor cores while the optimizer only ever sees fp32. This costs 16 bytes per trainable parameter
+(4 param + 4 grad + 8 Adam), the same as bf16 params with separate fp32 master copies and bf16
+gradients, and less than bf16 params + fp32 masters + fp32 main-grad buffers (18 bytes).
+
+Gradient norm across ranks: a parameter that Megatron marks ``tensor_model_parallel`` is a distinct
+shard on each TP rank and counts on every rank; a replicated parameter (layer norms, biases of
+row-parallel layers, ...) has the same gradient on every TP rank and counts on TP rank 0 only. The
+sum of squares is then all-reduced over the TP group. Gradients are already identical across DP
+ranks after the data-parallel reduction, so nothing is reduced over DP.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
+
+if TYPE_CHECKING:
+    import torch
+
+#: Gradients are all-reduced in flat buckets of at most this many bytes.
+BUCKET_BYTES = 128 * 1024 * 1024
+
+
+def no_weight_decay(name: str, param: "torch.Tensor") -> bool:
+    """Megatron's rule: biases and 1-D parameters (norm weights, Mamba ``D``/``dt_bias``...) get no decay."""
+    return name.endswith(".bias") or param.dim() <= 1
+
+
+def trainable_named_parameters(model: "torch.nn.Module") -> list[tuple[str, "torch.nn.Parameter"]]:
+    """The parameters the optimizer updates, in module order."""
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+def build_optimizer(
+    named_params: Sequence[tuple[str, "torch.nn.Parameter"]],
+    *,
+    lr: float,
+    betas: tuple[float, float] = (0.9, 0.95),
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    device_type: str = "cpu",
+) -> "torch.optim.Optimizer":
+    """AdamW (decoupled weight decay, as Megatron's ``adam``) over two groups: decayed and not.
+
+    Each group carries ``wd_mult`` (1.0 or 0.0); the trainer sets ``lr`` and ``weight_decay`` of every
+    group before each update from the schedules.
+    """
+    import torch
+
+    if not named_params:
+        raise ValueError(
+            "no trainable parameters: every parameter is frozen (check model.freeze_* and the PEFT settings)"
+        )
+    decay = [p for n, p in named_params if not no_weight_decay(n, p)]
+    plain = [p for n, p in named_params if no_weight_decay(n, p)]
+    for n, p in named_params:
+        if p.dtype != torch.float32:
+            raise TypeError(
+                f"trainable parameter {n} is {p.dtype}; the trainer keeps fp32 master weights, build the model in float32"
+            )
+    groups = [g for g in (
+        {"params": decay, "wd_mult": 1.0, "weight_decay": weight_decay},
+        {"params": plain, "wd_mult": 0.0, "weight_decay": 0.0},
+    ) if g["params"]]
+    kwargs: dict[str, Any] = {"lr": lr, "betas": betas, "eps": eps}
+    if device_type == "cuda":
+        kwargs["fused"] = True
+    else:
+        kwargs["foreach"] = True
+    return torch.optim.AdamW(groups, **kwargs)
+
+
+def set_hyperparameters(optimizer: "torch.optim.Optimizer", *, lr: float, weight_decay: float) -> None:
+    """Apply this update's learning rate and weight decay to every parameter group."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+        group["weight_decay"] = weight_decay * group.get("wd_mult", 1.0)
+
+
+def materialize_grads(params: Iterable["torch.nn.Parameter"]) -> list["torch.Tensor"]:
+    """Give every trainable parameter a gradient (zeros where the forward did not use it).
+
+    A text-only micro-batch leaves the vision tower without gradients on one rank while another rank
+    has them; every rank must reduce the same list of tensors, and the update must not depend on
+    how the global batch was split over ranks.
+    """
+    import torch
+
+    grads = []
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p, memory_format=torch.preserve_format)
+        grads.append(p.grad)
+    return grads
+
+
+def _buckets(tensors: Sequence["torch.Tensor"], limit: int) -> list[list["torch.Tensor"]]:
+    out: list[list["torch.Tensor"]] = []
+    cur: list["torch.Tensor"] = []
+    size = 0
+    for t in tensors:
+        nbytes = t.numel() * t.element_size()
+        if cur and (size + nbytes > limit or t.dtype != cur[0].dtype):
+            out.append(cur)
+            cur, size = [], 0
+        cur.append(t)
+        size += nbytes
+    if cur:
+        out.append(cur)
+    return out
+
+
+def reduce_gradients(
+    grads: Sequence["torch.Tensor"], *, group: Any, group_size: int, scale: float, bucket_bytes: int = BUCKET_BYTES
+) -> None:
+    """Sum gradients over the data-parallel group (fp32), then multiply by ``scale``.
+
+    The trainer back-propagates the *sum* of token losses and passes ``scale = 1 / supervised tokens
+    of the global batch``, which makes the update token-weighted however the batch is split.
+    """
+    import torch
+    import torch.distributed as dist
+    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+    if group_size > 1:
+        for bucket in _buckets(grads, bucket_bytes):
+            flat = _flatten_dense_tensors(bucket)
+            dist.all_reduce(flat, group=group)
+            for g, synced in zip(bucket, _unflatten_dense_tensors(flat, bucket)):
+                g.copy_(synced)
+    if grads:
+        torch._foreach_mul_(list(grads), scale)
+
+
+def grad_norm_and_clip(
+    named_params: Sequence[tuple[str, "torch.nn.Parameter"]],
+    *,
+    max_norm: float,
+    tp_group: Any,
+    tp_size: int,
+    tp_rank: int,
+) -> float:
+    """The global L2 norm of all gradients (each TP shard once, replicated params once), clipping to ``max_norm``.
+
+    Nothing is clipped when ``max_norm <= 0`` or the norm is not finite (the step is then skipped).
+    """
+    import torch
+    import torch.distributed as dist
+
+    counted = [
+        p.grad for _, p in named_params
+        if p.grad is not None and (getattr(p, "tensor_model_parallel", False) or tp_rank == 0)
+    ]
+    if counted:
+        norms = torch._foreach_norm(counted, 2.0)
+        total_sq = torch.stack([n.float() for n in norms]).pow(2).sum()
+    else:
+        device = named_params[0][1].device if named_params else "cpu"
+        total_sq = torch.zeros((), dtype=torch.float32, device=device)
+    if tp_size > 1:
+        dist.all_reduce(total_sq, group=tp_group)
+    norm = float(total_sq.sqrt().item())
+    if max_norm > 0 and norm == norm and norm != float("inf"):
+        coef = max_norm / (norm + 1e-6)
+        if coef < 1.0:
+            all_grads = [p.grad for _, p in named_params if p.grad is not None]
+            torch._foreach_mul_(all_grads, coef)
+    return norm
+
+
+def check_replicated_parameters(
+    named_params: Sequence[tuple[str, "torch.Tensor"]], *, tp_group: Any, tp_size: int
+) -> None:
+    """Fail if a parameter not marked ``tensor_model_parallel`` holds different values on TP ranks.
+
+    Such a parameter is really a shard (the gradient norm would count it wrongly) or was loaded
+    differently on each rank; either way training would silently diverge between ranks.
+    """
+    import torch
+    import torch.distributed as dist
+
+    if tp_size <= 1:
+        return
+    names = [n for n, p in named_params if not getattr(p, "tensor_model_parallel", False)]
+    tensors = [p for n, p in named_params if not getattr(p, "tensor_model_parallel", False)]
+    if not tensors:
+        return
+    device = tensors[0].device
+    fp = torch.stack([
+        torch.stack([t.detach().double().sum(), t.detach().double().square().sum(), torch.tensor(float(t.numel()), dtype=torch.float64, device=device)])
+        for t in tensors
+    ]).to(device)
+    hi, lo = fp.clone(), fp.clone()
+    dist.all_reduce(hi, op=dist.ReduceOp.MAX, group=tp_group)
+    dist.all_reduce(lo, op=dist.ReduceOp.MIN, group=tp_group)
+    bad = [names[i] for i in range(len(names)) if not torch.equal(hi[i], lo[i])]
+    if bad:
+        shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        raise RuntimeError(
+            f"parameters differ across tensor-parallel ranks but are not marked tensor_model_parallel: {shown}. "
+            "The model bridge must mark sharded parameters (megatron.core.tensor_parallel."
+            "set_tensor_model_parallel_attributes) and load replicated ones identically on every rank."
+        )
+
+
+def broadcast_parameters(params: Iterable["torch.Tensor"], *, src_global_rank: int, group: Any, group_size: int) -> None:
+    """Make data-parallel replicas start from the same weights (as DDP does at construction)."""
+    import torch.distributed as dist
+
+    if group_size <= 1:
+        return
+    for p in params:
+        dist.broadcast(p.data, src=src_global_rank, group=group)

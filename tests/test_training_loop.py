@@ -1,0 +1,350 @@
+"""The trainer on a tiny tensor-parallel model (tests/trainer_support/tiny_plugin.py): schedules, token
+weighting, clipping, skipping, sampler, resume, TP=2 / DP=2 equivalence, SIGTERM, loggers, validation."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+SUPPORT = Path(__file__).resolve().parent / "trainer_support"
+sys.path.insert(0, str(SUPPORT))
+
+import tiny_plugin  # noqa: E402
+from run_tiny import DEFAULTS  # noqa: E402
+
+
+def metrics(path: Path) -> dict[int, dict]:
+    rows = {}
+    for line in (path / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        if "loss" in row:
+            rows[row["iteration"]] = row
+    return rows
+
+
+def train_here(hf: Path, *overrides: str, manager=None):
+    """One in-process training run (a one-rank process group is created and destroyed)."""
+    from nvlcore.config import load_config, resolve_config
+    from nvlcore.training.finetune import run_finetune
+
+    manager = manager or tiny_plugin.manager()
+    cfg = load_config([], [*DEFAULTS, f"model.hf_model_path={hf}", f"checkpoint.pretrained_checkpoint={hf}", *overrides],
+                      plugins=manager)
+    resolve_config(cfg)
+    return run_finetune(cfg, manager=manager, device_type="cpu")
+
+
+def torchrun(nproc: int, *args: str, timeout: int = 240) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "NVL_DEVICE": "cpu"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           str(SUPPORT / "run_tiny.py"), *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def hf(tmp_path_factory) -> Path:
+    return tiny_plugin.write_tiny_hf_dir(tmp_path_factory.mktemp("tiny") / "hf")
+
+
+@pytest.fixture(scope="module")
+def baseline(hf, tmp_path_factory) -> Path:
+    """30 iterations on one process, checkpoints every 10."""
+    out = tmp_path_factory.mktemp("baseline") / "ckpt"
+    train_here(hf, f"checkpoint.save={out}")
+    return out
+
+
+# -- schedules -----------------------------------------------------------------------------------
+def test_lr_and_wd_schedules_match_megatron_core():
+    import torch
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    from nvlcore.training.schedules import LRSchedule, WeightDecaySchedule
+
+    for style in ("cosine", "linear", "constant"):
+        opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], lr=1.0)
+        ref = OptimizerParamScheduler(opt, init_lr=1e-6, max_lr=2e-5, min_lr=2e-6, lr_warmup_steps=5,
+                                      lr_decay_steps=40, lr_decay_style=style, start_wd=0.01, end_wd=0.1,
+                                      wd_incr_steps=40, wd_incr_style="cosine")
+        lr = LRSchedule(max_lr=2e-5, min_lr=2e-6, warmup_iters=5, warmup_init=1e-6, decay_iters=40, decay_style=style)
+        wd = WeightDecaySchedule(start=0.01, end=0.1, incr_iters=40, style="cosine")
+        for step in range(50):
+            assert math.isclose(lr(step), opt.param_groups[0]["lr"], rel_tol=1e-12), (style, step)
+            assert math.isclose(wd(step), opt.param_groups[0]["weight_decay"], rel_tol=1e-12), (style, step)
+            ref.step(1)
+
+
+def test_schedule_errors_name_the_field():
+    from nvlcore.training.schedules import LRSchedule, WeightDecaySchedule
+
+    with pytest.raises(ValueError, match="optimizer.min_lr"):
+        LRSchedule(max_lr=1e-5, min_lr=1e-4)
+    with pytest.raises(ValueError, match="start_weight_decay == end_weight_decay"):
+        WeightDecaySchedule(start=0.1, end=0.2, style="constant")
+
+
+# -- sampler -------------------------------------------------------------------------------------
+def test_global_batches_do_not_depend_on_data_parallel_size_and_resume_by_position():
+    from nvlcore.training.data import GlobalBatchSampler
+
+    def global_batches(dp: int, start: int = 0, n: int = 7) -> list[list[int]]:
+        its = [iter(GlobalBatchSampler(num_samples=10, global_batch_size=4, micro_batch_size=1, dp_rank=r, dp_size=dp,
+                                       seed=3, consumed_samples=start)) for r in range(dp)]
+        out = []
+        for _ in range(n):
+            batch = []
+            for it in its:
+                for _ in range(4 // dp):
+                    batch += [i for _, i in next(it)]
+            out.append(sorted(batch))
+        return out
+
+    one = global_batches(1)
+    assert one == global_batches(2) == global_batches(4)
+    assert global_batches(2, start=8, n=5) == one[2:]
+    # each epoch (10 samples) is a permutation: positions 0..9 and 10..19 cover every index once
+    s = GlobalBatchSampler(num_samples=10, global_batch_size=4, micro_batch_size=1, seed=3)
+    assert sorted(s.index_at(p) for p in range(10)) == list(range(10))
+    assert sorted(s.index_at(p) for p in range(10, 20)) == list(range(10))
+    assert [s.index_at(p) for p in range(10)] != [s.index_at(p) for p in range(10, 20)]
+    with pytest.raises(ValueError, match="train.global_batch_size=6"):
+        GlobalBatchSampler(num_samples=10, global_batch_size=6, micro_batch_size=1, dp_size=4)
+
+
+# -- one iteration ---------------------------------------------------------------------------------
+@pytest.fixture
+def one_rank():
+    from nvlcore.parallel import destroy_parallel, init_parallel
+
+    ctx = init_parallel(1, device_type="cpu")
+    yield ctx
+    destroy_parallel(ctx)
+
+
+def _tiny_trainer(hf, ctx, *, clip=0.0, lr=1e-3):
+    import torch
+
+    from nvlcore.training import optim
+    from nvlcore.training.schedules import LRSchedule, WeightDecaySchedule
+    from nvlcore.training.trainer import LoopSettings, Trainer
+
+    bridge = tiny_plugin.TinyBridge.from_hf_dir(hf)
+    torch.manual_seed(0)
+    model = bridge.build_model(dtype=torch.float32, device=ctx.device)
+    bridge.load_hf_weights(model, hf)
+    named = optim.trainable_named_parameters(model)
+    opt = optim.build_optimizer(named, lr=lr)
+    trainer = Trainer(model=model, ctx=ctx, optimizer=opt, named_params=named,
+                      lr_schedule=LRSchedule(max_lr=lr, min_lr=0.0, decay_style="constant"),
+                      wd_schedule=WeightDecaySchedule(start=0.0, end=0.0),
+                      settings=LoopSettings(train_iters=1, global_batch_size=3, num_microbatches=3, clip_grad=clip))
+    return bridge, model, trainer
+
+
+def _batches(bridge, n=3):
+    maker = tiny_plugin.TinyMaker(num_examples=n)
+    proc = bridge.processor(seq_length=64)
+    return [proc.collate([proc(maker[i])]) for i in range(n)]
+
+
+def test_update_is_token_weighted_over_micro_batches_and_clipped_like_torch(hf, one_rank):
+    """The accumulated gradient equals the gradient of mean loss over all supervised tokens of the global
+    batch (computed here directly by concatenating the micro-batches), and clipping matches
+    torch.nn.utils.clip_grad_norm_."""
+    import torch
+
+    bridge, model, trainer = _tiny_trainer(hf, one_rank, clip=0.0)
+    micro = _batches(bridge)
+    sup = [float(b["loss_mask"].sum()) for b in micro]
+    assert len(set(sup)) > 1, "micro-batches should have different numbers of supervised tokens"
+
+    # reference: one backward of sum(loss * mask) / total tokens over all micro-batches
+    ref_model = bridge.build_model(dtype=torch.float32, device=one_rank.device)
+    ref_model.load_state_dict(model.state_dict())
+    total = sum(sup)
+    loss = sum((ref_model(**b) * b["loss_mask"]).sum() for b in micro) / total
+    loss.backward()
+    ref_grads = {n: p.grad.clone() for n, p in ref_model.named_parameters()}
+    ref_norm = float(torch.nn.utils.clip_grad_norm_(list(ref_model.parameters()), max_norm=0.5))
+
+    # the trainer's step with clipping off: capture grads just before the optimizer update
+    captured = {}
+    orig_step = trainer.optimizer.step
+
+    def capture_step():
+        captured.update({n: p.grad.clone() for n, p in model.named_parameters()})
+        return orig_step()
+
+    trainer.optimizer.step = capture_step
+    res = trainer.train_step(micro)
+    assert not res.skipped
+    assert math.isclose(res.loss, float(loss), rel_tol=1e-6)
+    assert res.supervised_tokens == total
+    for n, g in ref_grads.items():
+        torch.testing.assert_close(captured[n], g, rtol=1e-5, atol=1e-7)
+    assert math.isclose(res.grad_norm, ref_norm, rel_tol=1e-5)
+
+    # clipping: the trainer with clip 0.5 scales the same gradients as torch does
+    bridge2, model2, trainer2 = _tiny_trainer(hf, one_rank, clip=0.5)
+    model2.load_state_dict(ref_model.state_dict())
+    captured.clear()
+    orig2 = trainer2.optimizer.step
+
+    def capture2():
+        captured.update({n: p.grad.clone() for n, p in model2.named_parameters()})
+        return orig2()
+
+    trainer2.optimizer.step = capture2
+    trainer2.train_step(micro)
+    for n, p in ref_model.named_parameters():
+        torch.testing.assert_close(captured[n], p.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_non_finite_loss_skips_the_update_and_the_schedule(hf, one_rank):
+    import torch
+
+    bridge, model, trainer = _tiny_trainer(hf, one_rank)
+    micro = _batches(bridge)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    handle = model.language_model.linear_fc2.register_forward_hook(
+        lambda mod, inp, out: (out[0] * float("nan"), out[1]))
+    res = trainer.train_step(micro)
+    handle.remove()
+    assert res.skipped and res.reason in ("non-finite loss", "non-finite gradient")
+    assert trainer.state.optimizer_steps == 0
+    assert not trainer.optimizer.state, "Adam state must not be created by a skipped step"
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]), n
+        assert p.grad is None
+    res = trainer.train_step(micro)
+    assert not res.skipped and trainer.state.optimizer_steps == 1
+
+
+# -- whole runs ---------------------------------------------------------------------------------------
+def test_loss_falls_checkpoints_appear_and_metrics_are_logged(baseline):
+    rows = metrics(baseline)
+    assert sorted(rows) == list(range(1, 31))
+    first = sum(rows[i]["loss"] for i in range(1, 4)) / 3
+    last = sum(rows[i]["loss"] for i in range(28, 31)) / 3
+    assert last < first - 0.8, (first, last)
+    for key in ("iteration", "loss", "lr", "grad_norm", "tokens_per_s", "tflops_per_gpu", "skipped_iterations", "eta_s"):
+        assert key in rows[30], key
+    assert rows[1]["lr"] == 0.0 and rows[6]["lr"] == pytest.approx(3e-3)  # Megatron warm-up: update 0 uses lr_warmup_init
+    assert rows[30]["tflops_per_gpu"] > 0
+    for it in (10, 20, 30):
+        d = baseline / f"iter_{it:07d}"
+        assert (d / "run_config.yaml").is_file() and (d / "train_state.pt").is_file(), d
+    assert (baseline / "latest_checkpointed_iteration.txt").read_text().strip() == "30"
+
+
+def test_resume_from_iteration_20_is_bit_identical(baseline, hf, tmp_path):
+    out = tmp_path / "resumed"
+    state = train_here(hf, f"checkpoint.save={out}", f"checkpoint.load={baseline / 'iter_0000020'}")
+    assert state.iteration == 30
+    a, b = metrics(baseline), metrics(out)
+    assert sorted(b) == list(range(21, 31))
+    for i in range(21, 31):
+        assert a[i]["loss"] == b[i]["loss"], (i, a[i]["loss"], b[i]["loss"])
+        assert a[i]["grad_norm"] == b[i]["grad_norm"]
+
+
+def test_save_dir_of_another_run_is_refused_and_the_same_run_resumes(baseline, hf, tmp_path):
+    from nvlcore.training.checkpointing import ResumeRefused
+
+    with pytest.raises(ResumeRefused, match=r"optimizer.lr .*checkpoint.load="):
+        train_here(hf, f"checkpoint.save={baseline}", "optimizer.lr=1e-3")
+    # the same command again: resumes the finished run and has nothing left to do
+    state = train_here(hf, f"checkpoint.save={baseline}")
+    assert state.iteration == 30 and state.consumed_samples == 120
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("layout", ["tp2", "dp2"])
+def test_two_process_layouts_match_one_process(baseline, hf, tmp_path, layout):
+    out = tmp_path / layout
+    tp = "2" if layout == "tp2" else "1"
+    torchrun(2, str(hf), f"model.tensor_model_parallel_size={tp}", f"checkpoint.save={out}")
+    a, b = metrics(baseline), metrics(out)
+    assert sorted(b) == list(range(1, 31))
+    worst = max(abs(a[i]["loss"] - b[i]["loss"]) for i in a)
+    assert worst < 1e-4, worst
+    assert abs(a[30]["grad_norm"] - b[30]["grad_norm"]) < 1e-3
+    if layout == "tp2":
+        # checkpoints hold logical tensors: the one written by two TP ranks resumes on one process
+        one = tmp_path / "tp1"
+        train_here(hf, f"checkpoint.save={one}", f"checkpoint.load={out / 'iter_0000020'}")
+        c = metrics(one)
+        assert max(abs(a[i]["loss"] - c[i]["loss"]) for i in range(21, 31)) < 1e-4
+
+
+def test_sigterm_saves_a_checkpoint_at_the_next_iteration_and_resume_continues(hf, tmp_path):
+    out = tmp_path / "sig"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "NVL_DEVICE": "cpu"}
+    proc = subprocess.Popen([sys.executable, str(SUPPORT / "run_tiny.py"), str(hf), f"checkpoint.save={out}",
+                             "train.train_iters=100000", "checkpoint.save_interval=100000"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            if (out / "metrics.jsonl").is_file() and len((out / "metrics.jsonl").read_text().splitlines()) >= 3:
+                break
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        output, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, output[-3000:]
+    assert "received SIGTERM" in output
+    latest = int((out / "latest_checkpointed_iteration.txt").read_text())
+    assert latest >= 3 and (out / f"iter_{latest:07d}").is_dir()
+    state = train_here(hf, f"checkpoint.save={out}", "train.train_iters=100000", "checkpoint.save_interval=100000",
+                       "train.exit_interval=2")
+    assert state.iteration == latest + 2
+
+
+def test_validation_runs_when_the_maker_has_the_split_and_is_skipped_with_a_note_otherwise(hf, tmp_path, capsys):
+    out = tmp_path / "val"
+    train_here(hf, f"checkpoint.save={out}", "train.train_iters=4", "scheduler.lr_warmup_iters=1", "validation.eval_iters=2",
+               "validation.eval_interval=2")
+    vals = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if "val_loss" in x]
+    assert [v["iteration"] for v in vals] == [2, 4]
+    assert all(math.isfinite(v["val_loss"]) and v["val_tokens"] > 0 for v in vals)
+    train_here(hf, f"checkpoint.save={tmp_path / 'noval'}", "train.train_iters=2", "scheduler.lr_warmup_iters=1", "validation.eval_iters=2",
+               "validation.eval_interval=1", "dataset.maker_name=tiny_train_only")
+    assert "validation skipped: dataset maker 'tiny_train_only' has no validation split" in capsys.readouterr().out
+
+
+def test_jsonl_logger_drops_lost_iterations_on_resume(tmp_path):
+    from nvlcore.training.loggers import JsonlLogger
+
+    lg = JsonlLogger(tmp_path / "m.jsonl")
+    for i in range(1, 6):
+        lg.log({"loss": float(i)}, step=i)
+    lg.close()
+    lg = JsonlLogger(tmp_path / "m.jsonl", resume_iteration=3)
+    lg.log({"loss": 40.0}, step=4)
+    lg.close()
+    rows = [json.loads(x) for x in (tmp_path / "m.jsonl").read_text().splitlines()]
+    assert [(r["iteration"], r["loss"]) for r in rows] == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0)]
+
+
+def test_wandb_logger_works_offline(hf, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    out = tmp_path / "wb"
+    train_here(hf, f"checkpoint.save={out}", "train.train_iters=2", "scheduler.lr_warmup_iters=1", "logger.wandb_project=nvl-test",
+               "logger.wandb_exp_name=tiny")
+    runs = list((out / "wandb" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1, list((out / "wandb").rglob("*"))[:20]
+    assert any(runs[0].glob("*.wandb"))
