@@ -167,10 +167,10 @@ def finetune_command(**params: Any) -> None:
     """
     from nvlcore.config import ConfigError, config_to_yaml, resolve_config
     from nvlcore.parallel import build_launch_args, launch, launched_by_torchrun
-    from nvlcore.plugins import get_plugin_manager
+    from nvlcore.cli import current_plugin_manager
 
     overrides = list(params.pop("overrides"))
-    manager = get_plugin_manager()
+    manager = current_plugin_manager()
     cfg, files = compose_config(
         manager=manager, hf_model_path=params["hf_model_path"], pretrained_checkpoint=params["pretrained_checkpoint"],
         config_file=params["config_file"], lora_on_language_model=params["lora_on_language_model"],
