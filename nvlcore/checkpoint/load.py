@@ -43,6 +43,7 @@ class Checkpoint:
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = resolve_checkpoint_dir(path)
         self._metadata: Any = None
+        self._specs: dict[str | None, dict[str, TensorSpec]] = {}
 
     def __repr__(self) -> str:
         return f"Checkpoint({str(self.path)!r})"
@@ -114,6 +115,8 @@ class Checkpoint:
 
     def specs(self, state: str | None = None) -> dict[str, TensorSpec]:
         """Shape and dtype of every tensor of the model (``state=None``) or of a sharded state, by key."""
+        if state in self._specs:
+            return dict(self._specs[state])
         from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
         out: dict[str, TensorSpec] = {}
@@ -130,7 +133,8 @@ class Checkpoint:
             else:
                 continue
             out[name] = TensorSpec(tuple(md.size), md.properties.dtype)
-        return out
+        self._specs[state] = out
+        return dict(out)
 
     def keys(self, state: str | None = None) -> list[str]:
         return list(self.specs(state))

@@ -241,6 +241,16 @@ def quiet_dcp() -> Iterator[None]:
         yield
 
 
+def _fsync_tree(root: Path) -> None:
+    for p in root.rglob("*"):
+        if p.is_file():
+            fd = os.open(p, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+
 def _copy_into(src: Path, dst: Path) -> None:
     if src.is_dir():
         shutil.copytree(src, dst)
@@ -361,7 +371,11 @@ def save_checkpoint(
         one_file = single_file_per_rank if single_file_per_rank is not None else stream is None
         if stream is not None:
             one_file = False
-        writer = FileSystemWriter(str(tmp), single_file_per_rank=one_file, thread_count=thread_count)
+        # Durability before the rename: a multi-rank save lets DCP fsync each file on the rank that
+        # wrote it; a single process (imports: one file per tensor) fsyncs all files once at the end,
+        # which lets the kernel write back in bulk instead of stalling on every file.
+        writer = FileSystemWriter(str(tmp), single_file_per_rank=one_file, thread_count=thread_count,
+                                  sync_files=dist_on)
         planner = _make_planner(stream)
         try:
             with quiet_dcp():
@@ -374,6 +388,8 @@ def save_checkpoint(
                 raise original from None
             raise CheckpointSaveError(f"writing the tensors of {final.name} failed: {exc}") from exc
 
+        if not dist_on:
+            _fsync_tree(tmp)
         err = None
         if coordinator:
             try:

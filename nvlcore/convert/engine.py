@@ -158,6 +158,15 @@ class Progress:
             self.bar.close()
 
 
+def warm_imports() -> None:
+    """Import what a conversion uses, so that the measured seconds are conversion, not interpreter start-up."""
+    import torch  # noqa: F401
+    import torch.distributed.checkpoint  # noqa: F401
+    import yaml  # noqa: F401
+    from safetensors import safe_open  # noqa: F401
+    from tqdm import tqdm  # noqa: F401
+
+
 def _warn(msg: str) -> None:
     print(f"nvl convert: warning: {msg}", file=sys.stderr)
 
@@ -328,6 +337,7 @@ def import_hf_checkpoint(
     """
     import torch
 
+    warm_imports()
     t0 = time.perf_counter()
     hf_dir = Path(hf_dir).expanduser().absolute()
     out = Path(megatron_path).expanduser().absolute()
@@ -469,6 +479,7 @@ def export_hf_checkpoint(
         ``strict=False`` tensors that cannot be produced are skipped with a warning.
     :param dtype: cast the model's own tensors to this dtype (default: as stored in the checkpoint).
     """
+    warm_imports()
     t0 = time.perf_counter()
     hf_model = Path(hf_model).expanduser().absolute()
     out = Path(hf_path).expanduser().absolute()
