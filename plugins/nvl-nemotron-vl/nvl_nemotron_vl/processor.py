@@ -105,6 +105,7 @@ class ProcessorConfig:
     :param seq_length: longest sample in tokens (``None``: no limit).
     :param pad_to_multiple_of: :meth:`NemotronVLProcessor.collate` pads the batch length up to
         a multiple of this (capped at ``seq_length``); 1 disables rounding.
+    :param pad_to_max_length: pad every batch to ``seq_length`` instead (fixed shapes).
     """
 
     image_size: int = attrs.field(default=512, validator=_positive)
@@ -130,8 +131,11 @@ class ProcessorConfig:
     think_block: str = attrs.field(default="empty", validator=attrs.validators.in_(("empty", "none")))
     seq_length: int | None = attrs.field(default=None, validator=_positive)
     pad_to_multiple_of: int = attrs.field(default=128, validator=_positive)
+    pad_to_max_length: bool = False
 
     def __attrs_post_init__(self) -> None:
+        if self.pad_to_max_length and self.seq_length is None:
+            raise ValueError("pad_to_max_length needs seq_length")
         if self.min_num_tiles > self.max_num_tiles:
             raise ValueError(f"min_num_tiles ({self.min_num_tiles}) > max_num_tiles ({self.max_num_tiles})")
         if self.image_size % self.patch_size:
@@ -599,7 +603,7 @@ class NemotronVLProcessor:
         """Right-pad samples into a batch (:data:`nvlcore.contracts.Batch`).
 
         The length is the longest sample rounded up to ``pad_to_multiple_of``, capped at
-        ``seq_length``. Keys: ``input_ids``, ``labels`` (``-100`` on padding and on each row's last
+        ``seq_length`` (or ``seq_length`` itself with ``pad_to_max_length``). Keys: ``input_ids``, ``labels`` (``-100`` on padding and on each row's last
         token), ``loss_mask``, ``attention_mask``, ``pixel_values`` (all tiles and frames of the
         batch in the order of their context tokens, row by row; absent when there are none),
         ``num_image_tiles`` (int64 ``[images]``: tiles per image, same order), ``num_frames``
@@ -614,7 +618,7 @@ class NemotronVLProcessor:
         longest = max(int(s["input_ids"].numel()) for s in samples)
         length = math.ceil(longest / c.pad_to_multiple_of) * c.pad_to_multiple_of
         if c.seq_length is not None:
-            length = max(min(length, c.seq_length), longest)
+            length = max(c.seq_length if c.pad_to_max_length else min(length, c.seq_length), longest)
         b = len(samples)
         input_ids = torch.full((b, length), self.pad_token_id, dtype=torch.long)
         labels = torch.full((b, length), IGNORE_INDEX, dtype=torch.long)

@@ -345,6 +345,10 @@ def test_collate_pads_to_multiple_of_128_capped_at_seq_length(proc) -> None:
     assert torch.equal(batch["pixel_values"][1:], b["pixel_values"])
     capped = proc.with_options(seq_length=int(b["input_ids"].numel()) + 1)
     assert capped.collate([a, b])["input_ids"].shape[1] == b["input_ids"].numel() + 1
+    fixed = proc.with_options(seq_length=1000, pad_to_max_length=True)
+    assert fixed.collate([a])["input_ids"].shape == (1, 1000)
+    with pytest.raises(ValueError, match="pad_to_max_length needs seq_length"):
+        proc.with_options(pad_to_max_length=True)
 
 
 def test_processor_pickles_and_runs_in_dataloader_workers(proc) -> None:
