@@ -17,3 +17,10 @@ ARCHITECTURES = ("NemotronH_Nano_VL_V2",)
 @hookimpl
 def nvl_register_model_bridges(register: Any) -> None:
     register(BRIDGE_NAME, "nvl_nemotron_vl.bridge:NemotronVLBridge", aliases=("nemotron_vl",))
+
+
+@hookimpl
+def nvl_register_commands(cli: Any) -> None:
+    from .cli import toy_model
+
+    cli.add_command(toy_model)

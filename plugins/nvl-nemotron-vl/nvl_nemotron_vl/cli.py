@@ -1,0 +1,29 @@
+"""``nvl toy-model``: write a toy HF checkpoint (click only at import; torch inside the command)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+SIZE_CHOICES = ("tiny", "small", "12b-shape")
+
+
+@click.command("toy-model")
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--size", type=click.Choice(SIZE_CHOICES), default="tiny", show_default=True,
+              help="tiny: seconds on CPU; small: a few hundred MB, sharded; 12b-shape: the real dimensions (~25 GB).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random weights.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+def toy_model(out: Path, size: str, seed: int, overwrite: bool) -> None:
+    """Write a toy Nemotron Nano V2 VL checkpoint (HF format, real key names, random weights) to OUT."""
+    from .toy import write_toy_checkpoint
+
+    if out.exists() and not overwrite:
+        raise click.UsageError(f"{out} exists; pass --overwrite to replace it")
+    try:
+        write_toy_checkpoint(out, size, seed=seed, overwrite=overwrite,
+                             progress=lambda msg: click.echo(msg, err=True))
+    except (ValueError, FileExistsError, OSError) as e:
+        raise click.ClickException(str(e)) from e
+    click.echo(str(out))

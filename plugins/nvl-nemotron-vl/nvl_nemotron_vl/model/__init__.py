@@ -1,0 +1,50 @@
+"""The training model (Megatron-style names, tensor-parallel over megatron.core process groups).
+
+Files: ``parallel.py`` (TP linears, norms, process groups), ``ssd.py`` (the SSD scan interface),
+``mamba.py``, ``attention.py``, ``mlp.py``, ``lm.py`` (Nemotron-H), ``vit.py`` (RADIO),
+``projector.py`` (pixel shuffle + MLP), ``evs.py``, ``vlm.py`` (the whole model), ``init.py``.
+Importing this package imports torch and megatron.core.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..config import NemotronVLConfig
+from .init import init_parameters
+from .parallel import TPContext, ensure_model_parallel
+from .vlm import NemotronVLModel
+
+__all__ = ["NemotronVLModel", "TPContext", "build_model", "ensure_model_parallel", "init_parameters"]
+
+
+def build_model(
+    cfg: NemotronVLConfig,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+    tp: TPContext | None = None,
+    init: str = "random",
+    seed: int = 1234,
+    **options,
+) -> NemotronVLModel:
+    """Build the model over the current tensor-parallel group (one rank is set up if none exists).
+
+    ``init="random"`` fills parameters (see :mod:`.init`); ``"none"`` leaves them for a checkpoint load.
+    ``options``: ``pos_embed_mode``, ``pos_embed_align_corners``, ``freeze_language_model``,
+    ``freeze_vision_model``, ``freeze_vision_projection``.
+    """
+    if tp is None:
+        from megatron.core import parallel_state
+
+        if not parallel_state.model_parallel_is_initialized():
+            ensure_model_parallel(1)
+        tp = TPContext.current()
+    if device is None:
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    model = NemotronVLModel(cfg, tp, dtype=dtype, device=device, **options)
+    if init == "random":
+        init_parameters(model, cfg, seed=seed, tp_rank=tp.rank)
+    elif init != "none":
+        raise ValueError(f"init must be 'random' or 'none', got {init!r}")
+    return model

@@ -1,0 +1,140 @@
+"""Nemotron-H hybrid language model (Mamba2 / attention / MLP layers from ``hybrid_override_pattern``).
+
+::
+
+    h = embedding(input_ids)                       # vocab-parallel
+    for layer in layers:  h = h + mixer(h)         # each mixer starts with its own RMSNorm (folded)
+    logits = output_layer(final_norm(h))           # untied, vocab-parallel: [b, L, padded_vocab / tp]
+
+Module names follow Megatron-Core's hybrid model: ``embedding.word_embeddings``,
+``decoder.layers.N.{mixer | self_attention | mlp}``, ``decoder.final_norm``, ``output_layer``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..config import LLMConfig
+from .attention import SelfAttention
+from .mamba import MambaMixer
+from .mlp import MLP
+from .parallel import RMSNorm, TPContext, column_linear, megatron_config
+
+
+def padded_vocab_size(vocab_size: int, tp_size: int) -> int:
+    """Rows of the embedding/output tables: the vocabulary rounded up to a multiple of the TP size.
+
+    Padded rows are zero in checkpoints-to-model loading and their logits are masked to -inf, so the
+    padding never changes a probability.
+    """
+    return -(-vocab_size // tp_size) * tp_size
+
+
+class MambaLayer(nn.Module):
+    def __init__(self, cfg: LLMConfig, tp: TPContext, dtype, device) -> None:
+        super().__init__()
+        self.mixer = MambaMixer(cfg, tp, dtype, device)
+
+    def forward(self, h: torch.Tensor, attention_mask=None, inference_params=None) -> torch.Tensor:
+        return h + self.mixer(h, attention_mask, inference_params)
+
+
+class AttentionLayer(nn.Module):
+    def __init__(self, cfg: LLMConfig, tp: TPContext, dtype, device) -> None:
+        super().__init__()
+        self.self_attention = SelfAttention(
+            cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, bias=False,
+            norm="rms", eps=cfg.layer_norm_epsilon, causal=True, tp=tp, dtype=dtype, device=device,
+        )
+
+    def forward(self, h: torch.Tensor, attention_mask=None, inference_params=None) -> torch.Tensor:
+        return h + self.self_attention(h, attention_mask, inference_params)
+
+
+class MLPLayer(nn.Module):
+    def __init__(self, cfg: LLMConfig, tp: TPContext, dtype, device) -> None:
+        super().__init__()
+        self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, activation="relu2", bias=False, norm="rms",
+                       eps=cfg.layer_norm_epsilon, tp=tp, dtype=dtype, device=device)
+
+    def forward(self, h: torch.Tensor, attention_mask=None, inference_params=None) -> torch.Tensor:
+        return h + self.mlp(h)
+
+
+LAYER_CLASSES = {"mamba": MambaLayer, "attention": AttentionLayer, "mlp": MLPLayer}
+
+
+class _Embedding(nn.Module):
+    def __init__(self, vocab: int, hidden: int, tp: TPContext, dtype, device) -> None:
+        super().__init__()
+        from megatron.core.tensor_parallel import VocabParallelEmbedding
+
+        self.word_embeddings = VocabParallelEmbedding(
+            vocab, hidden, init_method=lambda _: None, config=megatron_config(tp, dtype, device), tp_group=tp.group
+        )
+        self.word_embeddings.weight.tensor_model_parallel = True
+        self.word_embeddings.weight.partition_dim = 0
+        self.word_embeddings.weight.partition_stride = 1
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.word_embeddings(input_ids)
+
+
+class _Decoder(nn.Module):
+    def __init__(self, cfg: LLMConfig, tp: TPContext, dtype, device) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(LAYER_CLASSES[t](cfg, tp, dtype, device) for t in cfg.layer_types)
+        self.final_norm = RMSNorm(cfg.hidden_size, cfg.layer_norm_epsilon, dtype, device)
+
+    def forward(self, h: torch.Tensor, attention_mask=None, inference_params=None) -> torch.Tensor:
+        for layer in self.layers:
+            h = layer(h, attention_mask, inference_params)
+        return self.final_norm(h)
+
+
+class NemotronHLanguageModel(nn.Module):
+    def __init__(self, cfg: LLMConfig, tp: TPContext, dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__()
+        self.cfg, self.tp = cfg, tp
+        self.vocab_size = cfg.vocab_size
+        self.padded_vocab_size = padded_vocab_size(cfg.vocab_size, tp.size)
+        self.embedding = _Embedding(self.padded_vocab_size, cfg.hidden_size, tp, dtype, device)
+        self.decoder = _Decoder(cfg, tp, dtype, device)
+        self.output_layer = column_linear(cfg.hidden_size, self.padded_vocab_size, bias=False, tp=tp, dtype=dtype,
+                                          device=device)
+        # Columns of this rank's logits shard that are vocabulary padding (masked to -inf).
+        local = self.padded_vocab_size // tp.size
+        start = tp.rank * local
+        self._pad_from = max(0, min(local, cfg.vocab_size - start))
+        self._local_vocab = local
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if input_ids.numel() and (int(input_ids.max()) >= self.vocab_size or int(input_ids.min()) < 0):
+            raise ValueError(
+                f"input_ids hold ids outside [0, vocab_size={self.vocab_size}): "
+                f"min {int(input_ids.min())}, max {int(input_ids.max())}"
+            )
+        return self.embedding(input_ids)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """This rank's vocabulary shard of the logits, ``[b, L, padded_vocab / tp]``."""
+        logits, _ = self.output_layer(hidden)
+        if self._pad_from < self._local_vocab:
+            logits = logits.clone()
+            logits[..., self._pad_from:] = float("-inf")
+        return logits
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        *,
+        inputs_embeds: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inference_params: Any = None,
+    ) -> torch.Tensor:
+        """Vocab-parallel logits from token ids or precomputed embeddings."""
+        h = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
+        return self.logits(self.decoder(h, attention_mask, inference_params))

@@ -1,0 +1,127 @@
+"""Mamba2 mixer (Nemotron-H ``M`` layers), tensor-parallel over heads and groups.
+
+Per token (reference §3.5)::
+
+    z | xBC | dt = in_proj(RMSNorm(h))                 # local rows [z_r | x_r | B_r | C_r | dt_r]
+    xBC = SiLU(causal_depthwise_conv1d(xBC))          # over [x_r | B_r | C_r]
+    x | B | C = xBC
+    dt = softplus(dt + dt_bias)                       # no clamp
+    y = SSD(x, dt, A=-exp(A_log), B, C) + D * x       # fp32 state
+    y = RMSNorm_grouped(y * SiLU(z)) * norm.weight    # groups of d_inner / n_groups channels
+    out = out_proj(y)                                 # row-parallel: sums the ranks' partial outputs
+
+Rank ``r`` of ``tp`` holds heads ``[r*H/tp, (r+1)*H/tp)`` and groups ``[r*G/tp, (r+1)*G/tp)``; since a
+head's group is ``head // (H/G)``, every rank's heads only read its own groups, so the mixer needs no
+communication besides the row-parallel ``out_proj``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import LLMConfig
+from .parallel import TPContext, mark_tensor_parallel, normed_column_linear, row_linear, split_size
+from .ssd import ssd_scan
+
+
+class GatedGroupRMSNorm(nn.Module):
+    """``RMSNorm(y * SiLU(z))`` over groups of channels, in fp32 (``norm_before_gate=False``)."""
+
+    def __init__(self, size: int, group_size: int, eps: float, dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__()
+        self.group_size, self.eps = group_size, eps
+        self.weight = nn.Parameter(torch.ones(size, dtype=dtype, device=device))
+        mark_tensor_parallel(self.weight, 0)
+
+    def forward(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        g = y.float() * F.silu(z.float())
+        shape = g.shape
+        g = g.view(*shape[:-1], shape[-1] // self.group_size, self.group_size)
+        g = g * torch.rsqrt(g.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight.float() * g.view(shape)
+
+
+class MambaMixer(nn.Module):
+    """One Mamba2 mixer; parameters are this rank's shard (see the module docstring)."""
+
+    def __init__(self, cfg: LLMConfig, tp: TPContext, dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.nheads = split_size(cfg.mamba_num_heads, tp, "llm_config.mamba_num_heads")
+        self.ngroups = split_size(cfg.n_groups, tp, "llm_config.n_groups")
+        self.head_dim = cfg.mamba_head_dim
+        self.state = cfg.ssm_state_size
+        self.d_inner = self.nheads * self.head_dim
+        self.conv_dim = self.d_inner + 2 * self.ngroups * self.state
+        self.chunk_size = cfg.chunk_size
+
+        full_in = 2 * cfg.mamba_d_inner + 2 * cfg.n_groups * cfg.ssm_state_size + cfg.mamba_num_heads
+        self.in_proj = normed_column_linear(
+            cfg.hidden_size, full_in, bias=False, norm="rms", eps=cfg.layer_norm_epsilon, tp=tp, dtype=dtype,
+            device=device,
+        )
+        self.conv1d = nn.Conv1d(
+            self.conv_dim, self.conv_dim, cfg.conv_kernel, groups=self.conv_dim, bias=cfg.use_conv_bias,
+            padding=0, device=device, dtype=dtype,
+        )
+        mark_tensor_parallel(self.conv1d.weight, 0)
+        if self.conv1d.bias is not None:
+            mark_tensor_parallel(self.conv1d.bias, 0)
+        # Per-head scalars stay in fp32 whatever the model dtype: they set the state's decay.
+        self.A_log = nn.Parameter(torch.zeros(self.nheads, dtype=torch.float32, device=device))
+        self.D = nn.Parameter(torch.ones(self.nheads, dtype=torch.float32, device=device))
+        self.dt_bias = nn.Parameter(torch.zeros(self.nheads, dtype=torch.float32, device=device))
+        for p in (self.A_log, self.D, self.dt_bias):
+            mark_tensor_parallel(p, 0)
+        self.norm = GatedGroupRMSNorm(
+            self.d_inner, cfg.mamba_d_inner // cfg.n_groups, cfg.layer_norm_epsilon, dtype, device
+        )
+        self.out_proj = row_linear(cfg.mamba_d_inner, cfg.hidden_size, bias=False, tp=tp, dtype=dtype,
+                                   device=device)
+
+    def causal_conv(self, xBC: torch.Tensor) -> torch.Tensor:
+        """Depthwise causal conv over time + SiLU; ``xBC`` is ``[b, L, conv_dim]``."""
+        k = self.conv1d.kernel_size[0]
+        out = F.conv1d(F.pad(xBC.transpose(1, 2), (k - 1, 0)), self.conv1d.weight, self.conv1d.bias,
+                       groups=self.conv_dim)
+        return F.silu(out).transpose(1, 2)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        inference_params: Any = None,
+    ) -> torch.Tensor:
+        """``hidden_states`` ``[b, L, hidden]`` (before the layer's norm) -> mixer output ``[b, L, hidden]``.
+
+        ``attention_mask`` ``[b, L]`` (1 = token, 0 = padding) zeroes padded positions before and after
+        the convolution, so left padding leaves the state at zero. ``inference_params`` is the hook for
+        decoding caches (conv and SSM state); it is not implemented here.
+        """
+        if inference_params is not None:
+            raise NotImplementedError("MambaMixer: decoding caches (inference_params) are not implemented yet")
+        b, L, _ = hidden_states.shape
+        dtype = hidden_states.dtype
+        zxbcdt, _ = self.in_proj(hidden_states)
+        if attention_mask is not None:
+            zxbcdt = zxbcdt * attention_mask[:, :, None].to(zxbcdt.dtype)
+        z, xBC, dt = zxbcdt.split([self.d_inner, self.conv_dim, self.nheads], dim=-1)
+        xBC = self.causal_conv(xBC)
+        if attention_mask is not None:
+            xBC = xBC * attention_mask[:, :, None].to(xBC.dtype)
+        x, B, C = xBC.split([self.d_inner, self.ngroups * self.state, self.ngroups * self.state], dim=-1)
+        x = x.reshape(b, L, self.nheads, self.head_dim)
+        dt = F.softplus(dt.float() + self.dt_bias.float())
+        A = -torch.exp(self.A_log.float())
+        y, _ = ssd_scan(
+            x, dt, A, B.reshape(b, L, self.ngroups, self.state), C.reshape(b, L, self.ngroups, self.state),
+            self.chunk_size,
+        )
+        y = y + self.D.float()[:, None] * x.float()
+        y = self.norm(y.reshape(b, L, self.d_inner), z)
+        out, _ = self.out_proj(y.to(dtype))
+        return out

@@ -1,0 +1,184 @@
+"""Tensor-parallel building blocks over ``megatron.core`` process groups, and the shared norms.
+
+Every linear layer of the model is a Megatron-Core ``ColumnParallelLinear`` / ``RowParallelLinear``
+(or a subclass here that folds the preceding norm into it, the way Megatron's
+``TELayerNormColumnParallelLinear`` does, so parameter names match Megatron's:
+``linear_qkv.layer_norm_weight`` next to ``linear_qkv.weight``). Linear layers keep Megatron's calling
+convention: ``forward(x) -> (output, bias_or_None)``.
+
+Parameters are allocated uninitialised (``perform_initialization=False``); the model's
+:func:`~nvl_nemotron_vl.model.init.init_parameters` or a checkpoint fills them. This avoids Megatron's
+CUDA RNG tracker, so the same code builds on CPU (gloo) and GPU (NCCL).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from torch import nn
+
+
+# ------------------------------------------------------------------------------- process groups
+def ensure_model_parallel(tensor_model_parallel_size: int = 1, backend: str | None = None) -> None:
+    """Make sure ``torch.distributed`` and Megatron's ``parallel_state`` are initialised.
+
+    Launchers (torchrun, the trainer) initialise them for real runs; this fills the gap for a single
+    process (tests, ``nvl toy-model``, benchmarks) with a one-rank group, and is a no-op otherwise.
+    """
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    if not dist.is_initialized():
+        if tensor_model_parallel_size != 1:
+            raise RuntimeError(
+                f"tensor_model_parallel_size={tensor_model_parallel_size} needs a distributed launch "
+                "(torchrun or nvlcore.testing_dist.run_distributed); torch.distributed is not initialised"
+            )
+        if backend is None:
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(tensor_model_parallel_size=tensor_model_parallel_size)
+    have = parallel_state.get_tensor_model_parallel_world_size()
+    if have != tensor_model_parallel_size:
+        raise RuntimeError(
+            f"parallel_state already has tensor_model_parallel_size={have}, asked for {tensor_model_parallel_size}"
+        )
+
+
+@dataclass(frozen=True)
+class TPContext:
+    """The tensor-parallel group the model is built over."""
+
+    group: Any
+    size: int
+    rank: int
+
+    @classmethod
+    def current(cls) -> "TPContext":
+        from megatron.core import parallel_state
+
+        group = parallel_state.get_tensor_model_parallel_group()
+        return cls(group=group, size=group.size(), rank=group.rank())
+
+
+def megatron_config(tp: TPContext, dtype: torch.dtype, device: torch.device) -> Any:
+    """A Megatron ``ModelParallelConfig`` for layers allocated on ``device`` in ``dtype``."""
+    from megatron.core import ModelParallelConfig
+
+    return ModelParallelConfig(
+        tensor_model_parallel_size=tp.size,
+        use_cpu_initialization=device.type != "cuda",
+        perform_initialization=False,
+        params_dtype=dtype,
+        sequence_parallel=False,
+        gradient_accumulation_fusion=False,
+    )
+
+
+def _no_init(_: torch.Tensor) -> None:
+    return None
+
+
+def mark_tensor_parallel(param: torch.Tensor, dim: int) -> None:
+    """Tag a parameter as split over TP along ``dim`` (what Megatron's optimizers/grad-norm read)."""
+    param.tensor_model_parallel = True
+    param.partition_dim = dim
+    param.partition_stride = 1
+
+
+def _tag_linear(layer: nn.Module, dim: int) -> None:
+    if getattr(layer.weight, "tensor_model_parallel", None) is None:
+        mark_tensor_parallel(layer.weight, dim)
+
+
+# ---------------------------------------------------------------------------------------- norms
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm computed in fp32; the result is cast back to ``x``'s dtype."""
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return (weight.float() * x32).to(x.dtype)
+
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+    """LayerNorm computed in fp32; the result is cast back to ``x``'s dtype."""
+    return F.layer_norm(x.float(), (x.shape[-1],), weight.float(), bias.float(), eps).to(x.dtype)
+
+
+class RMSNorm(nn.Module):
+    """A standalone RMSNorm (``decoder.final_norm``)."""
+
+    def __init__(self, size: int, eps: float, dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(size, dtype=dtype, device=device))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.eps)
+
+
+# -------------------------------------------------------------------------------- linear layers
+def column_linear(in_size: int, out_size: int, *, bias: bool, tp: TPContext, dtype, device) -> nn.Module:
+    layer = ColumnParallelLinear(
+        in_size, out_size, config=megatron_config(tp, dtype, device), init_method=_no_init, bias=bias,
+        gather_output=False, tp_group=tp.group,
+    )
+    _tag_linear(layer, 0)
+    return layer
+
+
+def row_linear(in_size: int, out_size: int, *, bias: bool, tp: TPContext, dtype, device) -> nn.Module:
+    layer = RowParallelLinear(
+        in_size, out_size, config=megatron_config(tp, dtype, device), init_method=_no_init, bias=bias,
+        input_is_parallel=True, skip_bias_add=False, tp_group=tp.group,
+    )
+    _tag_linear(layer, 1)
+    return layer
+
+
+class NormedColumnParallelLinear(ColumnParallelLinear):
+    """A column-parallel linear with its input norm folded in (``layer_norm_weight`` [+ ``layer_norm_bias``]).
+
+    ``norm`` is ``"rms"`` (RMSNorm, weight only) or ``"layer"`` (LayerNorm, weight and bias); the norm is
+    computed in fp32 on the full (replicated) input, then the parallel linear runs on its output.
+    """
+
+    def __init__(self, in_size: int, out_size: int, *, bias: bool, norm: str, eps: float, tp: TPContext,
+                 dtype: torch.dtype, device: torch.device) -> None:
+        if norm not in ("rms", "layer"):
+            raise ValueError(f"norm must be 'rms' or 'layer', got {norm!r}")
+        super().__init__(
+            in_size, out_size, config=megatron_config(tp, dtype, device), init_method=_no_init, bias=bias,
+            gather_output=False, tp_group=tp.group,
+        )
+        _tag_linear(self, 0)
+        self.norm_kind, self.norm_eps = norm, eps
+        self.layer_norm_weight = nn.Parameter(torch.ones(in_size, dtype=dtype, device=device))
+        if norm == "layer":
+            self.layer_norm_bias = nn.Parameter(torch.zeros(in_size, dtype=dtype, device=device))
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        if self.norm_kind == "rms":
+            return rms_norm(x, self.layer_norm_weight, self.norm_eps)
+        return layer_norm(x, self.layer_norm_weight, self.layer_norm_bias, self.norm_eps)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any):
+        return super().forward(self.normalize(x), *args, **kwargs)
+
+
+def normed_column_linear(
+    in_size: int, out_size: int, *, bias: bool, norm: str, eps: float, tp: TPContext, dtype, device
+) -> NormedColumnParallelLinear:
+    return NormedColumnParallelLinear(in_size, out_size, bias=bias, norm=norm, eps=eps, tp=tp, dtype=dtype,
+                                      device=device)
+
+
+def split_size(total: int, tp: TPContext, what: str) -> int:
+    """``total // tp.size``, refusing sizes that do not divide."""
+    if total % tp.size:
+        raise ValueError(f"{what}={total} is not divisible by tensor_model_parallel_size={tp.size}")
+    return total // tp.size

@@ -1,0 +1,129 @@
+"""The Mamba2 selective-state-space (SSD) scan, behind one interface.
+
+The recurrence, per head ``h`` (group ``g = h // (heads / groups)``), with ``S_0 = initial_state or 0``::
+
+    S_t = exp(dt_t * A) * S_{t-1} + dt_t * outer(x_t, B_t[g])     # S: [head_dim, state]
+    y_t = S_t @ C_t[g]
+
+:func:`ssd_scan` is the plain-PyTorch implementation: it computes exactly this recurrence, chunked for
+speed (within a chunk as a masked quadratic form, across chunks by carrying the state), with all
+arithmetic and the state in fp32. Chunking only changes floating-point rounding. A faster GPU kernel
+can replace it by registering a function of the same signature with :func:`set_ssd_scan_impl`.
+The ``D`` skip and the gate are applied by the caller (:mod:`.mamba`).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+SSDScan = Callable[..., "tuple[torch.Tensor, torch.Tensor]"]
+
+
+def ssd_scan_reference(
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    chunk_size: int,
+    initial_state: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chunked SSD scan in plain PyTorch.
+
+    Args:
+        x: ``[b, L, heads, head_dim]`` inputs.
+        dt: ``[b, L, heads]`` time steps, already ``softplus(dt + dt_bias)``.
+        A: ``[heads]`` negative decay rates (``-exp(A_log)``).
+        B, C: ``[b, L, groups, state]`` input / output projections of the state.
+        chunk_size: chunk length of the blocked computation.
+        initial_state: ``[b, heads, head_dim, state]`` state before the first token, or None for zeros.
+
+    Returns:
+        ``y`` ``[b, L, heads, head_dim]`` in fp32 (without the ``D`` skip), and the final state
+        ``[b, heads, head_dim, state]`` in fp32.
+    """
+    b, L, h, p = x.shape
+    g, n = B.shape[2], B.shape[3]
+    r = h // g  # heads per group
+    Q = chunk_size
+    pad = (-L) % Q
+    # Zero padding at the end is exact: dt = 0 means no decay and no input, so the state is unchanged.
+    x, dt, B, C = (F.pad(t.float(), (0, 0) * (t.dim() - 2) + (0, pad)) for t in (x, dt, B, C))
+    c = (L + pad) // Q
+
+    xdt = (x * dt[..., None]).view(b, c, Q, g, r, p)  # dt-scaled input
+    a = (dt * A.float()).view(b, c, Q, g, r)  # log-decay per step (<= 0)
+    Bc = B.view(b, c, Q, g, n)
+    Cc = C.view(b, c, Q, g, n)
+    acum = a.cumsum(dim=2).permute(0, 1, 3, 4, 2)  # [b, c, g, r, Q] within-chunk cumulative log-decay
+
+    # 1. Within each chunk: y_t += sum_{s<=t} (C_t . B_s) * exp(acum_t - acum_s) * xdt_s.
+    causal = torch.ones(Q, Q, dtype=torch.bool, device=x.device).tril()
+    seg = (acum[..., :, None] - acum[..., None, :]).masked_fill(~causal, float("-inf"))
+    CB = torch.einsum("bctgn,bcsgn->bcgts", Cc, Bc)
+    y = torch.einsum("bcgts,bcgrts,bcsgrp->bctgrp", CB, seg.exp(), xdt)
+
+    # 2. State contributed by each chunk alone, at the chunk's end.
+    decay_to_end = (acum[..., -1:] - acum).exp()  # [b, c, g, r, Q]
+    chunk_states = torch.einsum("bcsgn,bcgrs,bcsgrp->bcgrpn", Bc, decay_to_end, xdt)
+
+    # 3. Carry the state across chunks (sequential over c = L / chunk_size steps).
+    chunk_decay = acum[..., -1].exp()  # [b, c, g, r]
+    if initial_state is None:
+        state = x.new_zeros(b, g, r, p, n)
+    else:
+        state = initial_state.float().reshape(b, g, r, p, n)
+    starts = []
+    for i in range(c):
+        starts.append(state)
+        state = state * chunk_decay[:, i, :, :, None, None] + chunk_states[:, i]
+    start_states = torch.stack(starts, dim=1)  # [b, c, g, r, p, n] state entering each chunk
+
+    # 4. Contribution of the entering state: y_t += exp(acum_t) * S_start @ C_t.
+    y = y + torch.einsum("bctgn,bcgrpn,bcgrt->bctgrp", Cc, start_states, acum.exp())
+    y = y.reshape(b, c * Q, h, p)[:, :L]
+    return y, state.reshape(b, h, p, n)
+
+
+_impl: SSDScan = ssd_scan_reference
+
+
+def set_ssd_scan_impl(fn: SSDScan | None) -> None:
+    """Install a faster scan with :func:`ssd_scan_reference`'s signature and semantics (None restores it)."""
+    global _impl
+    _impl = fn or ssd_scan_reference
+
+
+def ssd_scan(
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    chunk_size: int,
+    initial_state: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(y, final_state)`` of the SSD recurrence; see :func:`ssd_scan_reference` for shapes."""
+    return _impl(x, dt, A, B, C, chunk_size, initial_state)
+
+
+def ssd_scan_sequential(
+    x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+    initial_state: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The recurrence one token at a time (slow; the definition the tests check the chunked scan against)."""
+    b, L, h, p = x.shape
+    g = B.shape[2]
+    r = h // g
+    Bh = B.repeat_interleave(r, dim=2)
+    Ch = C.repeat_interleave(r, dim=2)
+    state = (initial_state if initial_state is not None else x.new_zeros(b, h, p, B.shape[3])).clone()
+    ys = []
+    for t in range(L):
+        decay = torch.exp(dt[:, t] * A)[:, :, None, None]
+        state = decay * state + dt[:, t, :, None, None] * x[:, t, :, :, None] * Bh[:, t, :, None, :]
+        ys.append(torch.einsum("bhpn,bhn->bhp", state, Ch[:, t]))
+    return torch.stack(ys, dim=1), state
