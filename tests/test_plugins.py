@@ -276,6 +276,12 @@ def test_plugins_list_json_table_and_all(register_plugin: Any, nvl_cli: Any) -> 
     assert "did you mean" in nvl_cli("plugins", "list", "--hook", "nvl_register_logger").output
 
 
+def test_plugins_list_requirements(fake_entry_points: Any) -> None:
+    fake_entry_points({"nvl-one": {"nvl_one": maker_plugin("nvl_one", "one")}, "nvl-bad": {"nvl_bad": ImportError("x")}})
+    result = click.testing.CliRunner().invoke(build_cli(manager_with()), ["plugins", "list", "--requirements"])
+    assert result.exit_code == 0 and result.stdout == "nvl-one==1.0\n"  # failed plugins are left out
+
+
 def test_plugins_list_shows_failures_in_table(fake_entry_points: Any, nvl_plugin_manager: NvlPluginManager) -> None:
     """The CLI lists the manager it was built from, not the process-wide one (here: the fixture's)."""
     fake_entry_points({"nvl-broken": {"nvl_broken": ImportError("no torchvision")}})

@@ -16,7 +16,10 @@ def plugins_group() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list, one object per plugin.")
 @click.option("--all", "include_all", is_flag=True, help="Include the built-in plugins.")
 @click.option("--hook", "hooks", multiple=True, metavar="NAME", help="Only plugins implementing this hook (repeatable).")
-def list_plugins(as_json: bool, include_all: bool, hooks: tuple[str, ...]) -> None:
+@click.option(
+    "--requirements", is_flag=True, help="Print loaded plugin distributions as NAME==VERSION lines (pip -r format)."
+)
+def list_plugins(as_json: bool, include_all: bool, hooks: tuple[str, ...], requirements: bool) -> None:
     """List plugins with their version, status (loaded/failed/blocked) and registered names.
 
     JSON objects have the keys name, distribution, version, status, error, hooks, registered
@@ -38,6 +41,11 @@ def list_plugins(as_json: bool, include_all: bool, hooks: tuple[str, ...]) -> No
     infos = manager.plugin_infos(include_builtins=include_all)
     if hooks:
         infos = [i for i in infos if set(hooks) & set(i.hooks)]
+    if requirements:
+        pins = sorted({f"{i.distribution}=={i.version}" for i in infos if i.status == "loaded" and i.distribution and i.version})
+        for pin in pins:
+            click.echo(pin)
+        return
     if as_json:
         click.echo(json.dumps([i.as_json() for i in infos], indent=2))
         return
