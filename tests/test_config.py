@@ -331,6 +331,9 @@ def test_base_may_be_an_nvlconfig(plugins: None) -> None:
 def test_overrides_as_parsed_pairs(plugins: None) -> None:
     cfg = load_config([], [Override("train.train_iters", 9)])
     assert cfg.train.train_iters == 9
+    assert load_config([], [("dataset.maker_kwargs", {"a": 1}), ("rng.seed", 5)]).rng.seed == 5
+    with pytest.raises(TypeError, match="not a mix"):
+        load_config([], ["rng.seed=1", ("rng.seed", 2)])
 
 
 def test_missing_file_named(plugins: None, tmp_path: Path) -> None:

@@ -238,8 +238,8 @@ def load_config(
 
     :param config_files: YAML files, applied in order (the original workflow's YAML files load as
         written: ``???`` markers, ``train.eval_iters``, ``dataset.sequence_length``).
-    :param overrides: command-line overrides (raw argument strings, see
-        :func:`nvlcore.config.parse_overrides`, or already parsed :class:`Override` pairs).
+    :param overrides: command-line overrides: raw argument strings (see
+        :func:`nvlcore.config.parse_overrides`) or ``(dotted key, value)`` pairs (:class:`Override`).
     :param base: a nested mapping by section, e.g. a bridge's recipe.
     :param plugins: the :class:`~nvlcore.plugins.NvlPluginManager` whose registries validate the
         plugin-owned parts (default: the process-wide one).
@@ -253,12 +253,13 @@ def load_config(
         _apply_mapping(layers, base, "the recipe (base config)")
     for path in config_files:
         _apply_mapping(layers, load_yaml(path), str(path))
-    parsed = [o if isinstance(o, Override) else None for o in overrides]
-    if any(p is None for p in parsed):
-        if not all(p is None for p in parsed):
-            raise TypeError("overrides: pass either strings or Override pairs, not both")
-        parsed = list(parse_overrides(list(overrides)))  # type: ignore[arg-type]
-    _apply_overrides(layers, parsed, "the command line")  # type: ignore[arg-type]
+    if all(isinstance(o, str) for o in overrides):
+        parsed = parse_overrides(list(overrides))  # type: ignore[arg-type]
+    elif all(isinstance(o, tuple) and len(o) == 2 for o in overrides):
+        parsed = [Override(*o) for o in overrides]  # type: ignore[misc]
+    else:
+        raise TypeError("overrides: pass either argument strings or (key, value) pairs, not a mix")
+    _apply_overrides(layers, parsed, "the command line")
     return _build_config(layers, plugins=plugins, validate_plugins=validate_plugins)
 
 
