@@ -166,6 +166,9 @@ def warm_imports() -> None:
     from safetensors import safe_open  # noqa: F401
     from tqdm import tqdm  # noqa: F401
 
+    # The first operator on "meta" tensors loads torch's meta kernels (seconds on a small CPU).
+    torch.cat([torch.empty(1, device="meta"), torch.empty(1, device="meta")])
+
 
 def _warn(msg: str) -> None:
     print(f"nvl convert: warning: {msg}", file=sys.stderr)

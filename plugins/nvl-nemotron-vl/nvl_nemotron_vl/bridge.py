@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Mapping
 
 from .config import ConfigError, NemotronVLConfig
+from .convert import BridgeConversionMixin
 
 if TYPE_CHECKING:
     import torch
@@ -17,7 +18,7 @@ if TYPE_CHECKING:
     from .model import NemotronVLModel
 
 
-class NemotronVLBridge:
+class NemotronVLBridge(BridgeConversionMixin):
     name: ClassVar[str] = "nemotron_nano_v2_vl"
     architectures: ClassVar[tuple[str, ...]] = ("NemotronH_Nano_VL_V2",)
 
