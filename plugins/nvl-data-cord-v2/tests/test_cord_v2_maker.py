@@ -99,3 +99,22 @@ def test_registered_under_name_and_alias() -> None:
 
     reg = get_registry("dataset_maker")
     assert reg.get("cord_v2") is CordV2Dataset and reg.get("make_cord_v2_dataset") is CordV2Dataset
+
+
+def test_nvl_data_preview_with_the_toy_model(local_cord: Path, tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from nvlcore.cli import build_cli
+
+    runner = CliRunner()
+    toy = tmp_path / "toy"
+    assert runner.invoke(build_cli(), ["toy-model", str(toy)]).exit_code == 0
+    kwargs = json.dumps({"path": str(local_cord), "cache_dir": str(tmp_path / "cache")})
+    result = runner.invoke(build_cli(), ["data", "preview", "cord_v2", "--split", "validation", "--maker-kwargs", kwargs,
+                                         "--hf-model-path", str(toy), "--json"])
+    assert result.exit_code == 0, result.output
+    (line,) = [json.loads(x) for x in result.stdout.splitlines()]
+    assert line["num_images"] == 1 and line["tiles_per_image"] == [1]
+    assert line["target"] == "<s_menu><s_nm>V</s_nm></s_menu>"
+    assert line["supervised"] == "<s_menu><s_nm>V</s_nm></s_menu>\n<SPECIAL_12>"
+    assert "<image*" in line["prompt"] and "Describe this image.\n<SPECIAL_11>Assistant\n<think></think><s_menu>" in line["prompt"]

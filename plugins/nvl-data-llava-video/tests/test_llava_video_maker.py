@@ -105,3 +105,28 @@ def test_registered_under_name_and_alias() -> None:
     reg = get_registry("dataset_maker")
     assert reg.get("llava_video_178k") is LlavaVideo178kDataset
     assert reg.get("make_llava_video_178k_dataset") is LlavaVideo178kDataset
+
+
+def test_nvl_data_preview_with_the_toy_model(layout, tmp_path: Path) -> None:
+    import json
+
+    from click.testing import CliRunner
+
+    from nvlcore.cli import build_cli
+
+    runner = CliRunner()
+    toy = tmp_path / "toy"
+    assert runner.invoke(build_cli(), ["toy-model", str(toy)]).exit_code == 0
+    kwargs = json.dumps({"path": str(layout[0]), "video_root_path": str(layout[1]), "cache_dir": str(tmp_path / "cache")})
+    result = runner.invoke(build_cli(), ["data", "preview", "llava_video_178k", "--maker-kwargs", kwargs,
+                                         "--hf-model-path", str(toy), "--json"])
+    assert result.exit_code == 0, result.output
+    first, second = [json.loads(x) for x in result.stdout.splitlines()]
+    assert first["num_images"] == 0 and first["num_frames"] == 10  # 12-frame clip, 10 sampled
+    assert first["target"] == "He waves.\nHe leaves."
+    assert first["supervised"] == "He waves.\n<SPECIAL_12>\nHe leaves.\n<SPECIAL_12>"
+    assert "<SPECIAL_11>User\nThis is a video:\nFrame 1 sampled at 0.00 seconds: <img><video*" in first["prompt"]
+    assert "Frame 10 sampled at 1.83 seconds: " in first["prompt"]  # frame index 11 of a 6-fps clip
+    assert second["num_frames"] == 10 and second["supervised"] == "Red.\n<SPECIAL_12>"
+    missing = runner.invoke(build_cli(), ["data", "preview", "llava_video_178k", "--hf-model-path", str(toy)])
+    assert missing.exit_code == 2 and "video_root_path: required" in missing.output

@@ -61,3 +61,23 @@ def test_registered_under_name_and_alias() -> None:
 
     reg = get_registry("dataset_maker")
     assert reg.get("medpix") is MedPixDataset and reg.get("make_medpix_dataset") is MedPixDataset
+
+
+def test_nvl_data_preview_with_the_toy_model(local_medpix: Path, tmp_path: Path) -> None:
+    import json
+
+    from click.testing import CliRunner
+
+    from nvlcore.cli import build_cli
+
+    runner = CliRunner()
+    toy = tmp_path / "toy"
+    assert runner.invoke(build_cli(), ["toy-model", str(toy)]).exit_code == 0
+    kwargs = json.dumps({"path": str(local_medpix), "cache_dir": str(tmp_path / "cache")})
+    result = runner.invoke(build_cli(), ["data", "preview", "medpix", "--maker-kwargs", kwargs,
+                                         "--hf-model-path", str(toy), "--json"])
+    assert result.exit_code == 0, result.output
+    (line,) = [json.loads(x) for x in result.stdout.splitlines()]
+    assert line["num_images"] == 1 and line["tiles_per_image"] == [13]  # 50x40 -> a 4x3 grid + thumbnail
+    assert line["target"] == "The liver." and line["supervised"] == "The liver.\n<SPECIAL_12>"
+    assert "What organ is shown?\n<SPECIAL_11>Assistant\n<think></think>The liver.\n<SPECIAL_12>\n" in line["prompt"]

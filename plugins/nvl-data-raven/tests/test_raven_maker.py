@@ -136,3 +136,32 @@ def test_unknown_kwarg_and_missing_path(tmp_path: Path) -> None:
         RavenDataset(subst="raven")
     with pytest.raises(FileNotFoundError, match="maker_kwargs.path .* does not exist"):
         RavenDataset(path=str(tmp_path / "nope"))
+
+
+def test_nvl_data_preview_with_the_toy_model(local_cauldron: Path, tmp_path: Path) -> None:
+    import json
+
+    from click.testing import CliRunner
+
+    from nvlcore.cli import build_cli
+
+    runner = CliRunner()
+    toy = tmp_path / "toy"
+    made = runner.invoke(build_cli(), ["toy-model", str(toy)])
+    assert made.exit_code == 0, made.output
+    kwargs = json.dumps({"path": str(local_cauldron), "cache_dir": str(tmp_path / "cache")})
+    result = runner.invoke(build_cli(), ["data", "preview", "raven", "--maker-kwargs", kwargs, "-n", "5",
+                                         "--hf-model-path", str(toy), "--json"])
+    assert result.exit_code == 0, result.output
+    first, second = [json.loads(line) for line in result.stdout.splitlines()]
+    assert first["num_images"] == 3 and first["tiles_per_image"] == [1, 3, 3] and first["num_frames"] == 0
+    assert first["target"] == "B" and first["supervised"] == "B\n<SPECIAL_12>"
+    assert first["prompt"].startswith("<SPECIAL_10>System\n\n<SPECIAL_11>User\n<img><image*")
+    assert first["prompt"].endswith("<SPECIAL_11>Assistant\n<think></think>B\n<SPECIAL_12>\n")
+    assert 0 < first["num_supervised_tokens"] < first["num_tokens"]
+    assert second["target"] == "A" and second["row"] == 5
+    text = runner.invoke(build_cli(), ["data", "preview", "raven", "--maker-kwargs", kwargs, "-n", "1",
+                                       "--hf-model-path", str(toy)])
+    assert text.exit_code == 0, text.output
+    assert "make_raven_dataset/train: 2 examples (4 rows skipped" in text.output
+    assert "tiles per image: 1, 3, 3; frames: 0]" in text.output

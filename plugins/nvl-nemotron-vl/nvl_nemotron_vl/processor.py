@@ -294,9 +294,17 @@ class NemotronVLProcessor:
     def tokenizer(self) -> Any:
         """The HF tokenizer (loaded on first use in each process)."""
         if self._tokenizer is None:
-            from transformers import AutoTokenizer
+            # Never remote code: the model's config.json has an ``auto_map``, and a plain
+            # ``AutoTokenizer.from_pretrained`` would ask on stdin whether to run it. The
+            # tokenizer itself is a plain fast tokenizer (tokenizer.json).
+            if (self.tokenizer_dir / "tokenizer.json").is_file():
+                from transformers import PreTrainedTokenizerFast
 
-            self._tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_dir)
+                self._tokenizer = PreTrainedTokenizerFast.from_pretrained(self.tokenizer_dir)
+            else:
+                from transformers import AutoTokenizer
+
+                self._tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_dir, trust_remote_code=False)
         return self._tokenizer
 
     def __getstate__(self) -> dict[str, Any]:
