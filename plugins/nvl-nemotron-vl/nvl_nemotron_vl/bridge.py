@@ -122,9 +122,16 @@ class NemotronVLBridge(BridgeConversionMixin):
         return proc.NemotronVLProcessor.from_hf_dir(self.hf_dir, **options)
 
     # --------------------------------------------------------------------------------- recipe
-    def recipe(self, *, peft: bool = False) -> Mapping[str, Any]:
-        """Megatron-Bridge's defaults for this model (workflow reference §2), nested by config section."""
-        return recipe_defaults(peft=peft)
+    def recipe(self, *, peft: bool = False, lora_on_language_model: bool = False,
+               lora_on_vision_model: bool = False) -> Mapping[str, Any]:
+        """Megatron-Bridge's defaults for this model (workflow reference §2), nested by config section.
+
+        The values live in :mod:`nvl_nemotron_vl.recipes` (with the original YAML files in ``conf/``).
+        """
+        from .recipes import recipe
+
+        return recipe(peft=peft, lora_on_language_model=lora_on_language_model,
+                      lora_on_vision_model=lora_on_vision_model)
 
     # ---------------------------------------------------------------------------------- FLOPs
     def flops_per_token(self, seq_length: int = 4096) -> float:
@@ -139,44 +146,6 @@ class NemotronVLBridge(BridgeConversionMixin):
 
         return batch_train_flops(self.config, batch)
 
+    #: The name the trainer looks up (``nvlcore.training.finetune._flops_fn``).
+    training_flops = train_flops
 
-def recipe_defaults(*, peft: bool = False) -> dict[str, Any]:
-    """Megatron-Bridge ``nemotron_nano_v2_vl_12b_{sft_4gpu,peft_2gpu}_h100_bf16`` values (workflow §2)."""
-    recipe: dict[str, Any] = {
-        "model": {
-            "seq_length": 4096,
-            "tensor_model_parallel_size": 2 if peft else 4,
-            "pipeline_model_parallel_size": 1,
-            "context_parallel_size": 1,
-            "sequence_parallel": False,
-            # Megatron-Bridge leaves these False in both recipes; under PEFT the LoRA method freezes the base.
-            "freeze_language_model": False,
-            "freeze_vision_model": False,
-            "freeze_vision_projection": False,
-            "bf16": True,
-        },
-        "train": {"train_iters": 2000, "global_batch_size": 32, "micro_batch_size": 1, "manual_gc": True,
-                  "manual_gc_interval": 100},
-        "validation": {"eval_interval": 500, "eval_iters": 0},
-        "optimizer": {"optimizer": "adam", "lr": 2e-5, "min_lr": 2e-6, "adam_beta1": 0.9, "adam_beta2": 0.95,
-                      "adam_eps": 1e-8, "weight_decay": 0.1, "clip_grad": 1.0, "bf16": True,
-                      "use_distributed_optimizer": True},
-        "scheduler": {"lr_decay_style": "cosine", "lr_warmup_iters": 5, "lr_warmup_init": 0.0,
-                      "lr_decay_iters": 2000, "start_weight_decay": 0.033, "end_weight_decay": 0.033,
-                      "weight_decay_incr_style": "constant", "override_opt_param_scheduler": True},
-        "ddp": {"overlap_grad_reduce": False, "overlap_param_gather": False, "check_for_nan_in_grad": True,
-                "use_distributed_optimizer": True, "grad_reduce_in_fp32": True, "average_in_collective": False},
-        "checkpoint": {"save_interval": 200, "save": "./nemo_experiments/default/checkpoints",
-                       "load": "./nemo_experiments/default/checkpoints", "ckpt_format": "torch_dist",
-                       "fully_parallel_save": True},
-        "logger": {"log_interval": 10, "tensorboard_dir": "./nemo_experiments/default/tb_logs"},
-        "rng": {"seed": 1234},
-        "dataset": {"maker_name": "make_cord_v2_dataset", "seq_length": 4096, "num_workers": 2,
-                    "dataloader_type": "cyclic", "pad_to_multiple_of": 128, "pad_to_max_length": False},
-    }
-    if peft:
-        # VLMLoRA: adapters on every linear of LM attention/MLP, ViT and projector; Mamba in/out_proj untouched.
-        recipe["peft"] = {"method": "lora", "target_modules": ["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"],
-                          "dim": 16, "alpha": 32, "dropout": 0.0, "dropout_position": "pre",
-                          "lora_A_init_method": "xavier", "lora_B_init_method": "zero"}
-    return recipe
