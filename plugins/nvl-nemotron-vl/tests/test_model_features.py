@@ -114,3 +114,20 @@ def test_evs_needs_frame_counts_that_add_up(model, tiny_cfg):
     ids = torch.tensor([[3] + [vid] * tok * 2 + [4]])
     with pytest.raises(ValueError, match="num_frames sum to 3"):
         model(ids, pixel_values=_pixels(tiny_cfg, 2), num_frames=[3], evs_pruning_rate=0.5)
+
+
+@pytest.mark.parametrize("mode", ["ssm", "layers"])
+def test_recomputation_gives_the_same_gradients(tiny_toy, tiny_cfg, mode):
+    from nvl_nemotron_vl.bridge import NemotronVLBridge
+
+    tok = tiny_cfg.num_image_token
+    ids = torch.tensor([[7, 8] + [tiny_cfg.img_context_token_id] * tok + list(range(30, 50))])
+    labels = torch.roll(ids, -1, 1)
+    grads = []
+    for m in ("none", mode):
+        model = NemotronVLBridge.from_hf_dir(tiny_toy).build_model(dtype=torch.float32, device="cpu",
+                                                                   load_weights=True, recompute=m)
+        model(ids, labels=labels, pixel_values=_pixels(tiny_cfg, 1)).sum().backward()
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    for n, g in grads[0].items():
+        assert torch.allclose(g, grads[1][n], atol=1e-6, rtol=1e-5), n

@@ -88,10 +88,17 @@ class _Decoder(nn.Module):
         super().__init__()
         self.layers = nn.ModuleList(LAYER_CLASSES[t](cfg, tp, dtype, device) for t in cfg.layer_types)
         self.final_norm = RMSNorm(cfg.hidden_size, cfg.layer_norm_epsilon, dtype, device)
+        #: Recompute each layer in backward (full activation checkpointing; set by the model).
+        self.recompute_layers = False
 
     def forward(self, h: torch.Tensor, attention_mask=None, inference_params=None) -> torch.Tensor:
+        from torch.utils.checkpoint import checkpoint
+
         for layer in self.layers:
-            h = layer(h, attention_mask, inference_params)
+            if self.recompute_layers and torch.is_grad_enabled() and inference_params is None:
+                h = checkpoint(layer, h, attention_mask, None, use_reentrant=False)
+            else:
+                h = layer(h, attention_mask, inference_params)
         return self.final_norm(h)
 
 

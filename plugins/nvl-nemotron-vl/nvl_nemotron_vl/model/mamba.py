@@ -58,6 +58,8 @@ class MambaMixer(nn.Module):
         self.d_inner = self.nheads * self.head_dim
         self.conv_dim = self.d_inner + 2 * self.ngroups * self.state
         self.chunk_size = cfg.chunk_size
+        #: Recompute conv + scan + gated norm in backward instead of storing them (set by the model).
+        self.recompute = False
 
         full_in = 2 * cfg.mamba_d_inner + 2 * cfg.n_groups * cfg.ssm_state_size + cfg.mamba_num_heads
         self.in_proj = normed_column_linear(
@@ -104,11 +106,23 @@ class MambaMixer(nn.Module):
         """
         if inference_params is not None:
             raise NotImplementedError("MambaMixer: decoding caches (inference_params) are not implemented yet")
-        b, L, _ = hidden_states.shape
-        dtype = hidden_states.dtype
         zxbcdt, _ = self.in_proj(hidden_states)
         if attention_mask is not None:
             zxbcdt = zxbcdt * attention_mask[:, :, None].to(zxbcdt.dtype)
+        if self.recompute and torch.is_grad_enabled():
+            # Keep only in_proj's output for backward; the conv, scan and gated norm (fp32, several
+            # times the size of their input) are recomputed.
+            from torch.utils.checkpoint import checkpoint
+
+            y = checkpoint(self.ssm, zxbcdt, attention_mask, use_reentrant=False)
+        else:
+            y = self.ssm(zxbcdt, attention_mask)
+        out, _ = self.out_proj(y.to(hidden_states.dtype))
+        return out
+
+    def ssm(self, zxbcdt: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """in_proj output ``[b, L, local in_proj rows]`` -> gated, normalised SSM output ``[b, L, d_inner]`` (fp32)."""
+        b, L, _ = zxbcdt.shape
         z, xBC, dt = zxbcdt.split([self.d_inner, self.conv_dim, self.nheads], dim=-1)
         xBC = self.causal_conv(xBC)
         if attention_mask is not None:
@@ -122,6 +136,4 @@ class MambaMixer(nn.Module):
             self.chunk_size,
         )
         y = y + self.D.float()[:, None] * x.float()
-        y = self.norm(y.reshape(b, L, self.d_inner), z)
-        out, _ = self.out_proj(y.to(dtype))
-        return out
+        return self.norm(y.reshape(b, L, self.d_inner), z)

@@ -46,10 +46,16 @@ class _ViTDecoder(nn.Module):
     def __init__(self, cfg: VisionConfig, tp: TPContext, dtype, device) -> None:
         super().__init__()
         self.layers = nn.ModuleList(ViTLayer(cfg, tp, dtype, device) for _ in range(cfg.num_layers))
+        self.recompute_layers = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from torch.utils.checkpoint import checkpoint
+
         for layer in self.layers:
-            x = layer(x)
+            if self.recompute_layers and torch.is_grad_enabled():
+                x = checkpoint(layer, x, use_reentrant=False)
+            else:
+                x = layer(x)
         return x
 
 

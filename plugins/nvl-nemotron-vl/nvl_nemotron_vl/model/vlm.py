@@ -44,6 +44,7 @@ class NemotronVLModel(nn.Module):
         freeze_language_model: bool = False,
         freeze_vision_model: bool = False,
         freeze_vision_projection: bool = False,
+        recompute: str = "none",
     ) -> None:
         super().__init__()
         device = torch.device(device)
@@ -58,6 +59,19 @@ class NemotronVLModel(nn.Module):
         )
         self.freeze(language_model=freeze_language_model, vision_model=freeze_vision_model,
                     vision_projection=freeze_vision_projection)
+        self.set_recompute(recompute)
+
+    def set_recompute(self, mode: str) -> None:
+        """Activation recomputation: ``"none"``; ``"ssm"`` (Mamba conv + scan + gated norm, whose fp32
+        intermediates dominate activation memory); ``"layers"`` (every LM and ViT layer)."""
+        if mode not in ("none", "ssm", "layers"):
+            raise ValueError(f"recompute must be 'none', 'ssm' or 'layers', got {mode!r}")
+        self.recompute = mode
+        for layer in self.language_model.decoder.layers:
+            if hasattr(layer, "mixer"):
+                layer.mixer.recompute = mode == "ssm"
+        self.language_model.decoder.recompute_layers = mode == "layers"
+        self.vision_model.decoder.recompute_layers = mode == "layers"
 
     def freeze(self, *, language_model: bool = False, vision_model: bool = False,
                vision_projection: bool = False) -> None:
