@@ -2,7 +2,8 @@
 
 The command is a thin dispatcher: plugins register exporters (:class:`nvlcore.contracts.Exporter`)
 with ``nvl_register_exporters``; ``nvl export --format NAME`` looks ``NAME`` up and calls
-``exporter.export(checkpoint=..., hf_model_path=..., output=..., overwrite=..., **options)``.
+``exporter.export(checkpoint=..., hf_model_path=..., output=..., overwrite=..., plugin_manager=...,
+**options)`` (``plugin_manager`` is the running CLI's, for exporters that need a model bridge).
 ``nvl export --list-formats`` shows what is installed.
 """
 
@@ -70,10 +71,11 @@ def export_command(
       nvl export --format hf-peft --lora-checkpoint runs/lora/iter_0000200 \\
           --hf-model-path ckpts/hf --output my_adapter
     """
-    from nvlcore.plugins import get_registry
+    from nvlcore.cli import current_plugin_manager
     from nvlcore.registry import UnknownNameError
 
-    registry = get_registry("exporter")
+    manager = current_plugin_manager()
+    registry = manager.registry("exporter")
     if list_formats:
         if not len(registry):
             click.echo("no exporters installed")
@@ -93,7 +95,12 @@ def export_command(
     exporter = factory() if isinstance(factory, type) else factory
     try:
         written = exporter.export(
-            checkpoint=checkpoint, hf_model_path=hf_model_path, output=output, overwrite=overwrite, **_parse_options(options)
+            checkpoint=checkpoint,
+            hf_model_path=hf_model_path,
+            output=output,
+            overwrite=overwrite,
+            plugin_manager=manager,
+            **_parse_options(options),
         )
     except (FileNotFoundError, FileExistsError, ValueError, KeyError) as exc:
         raise click.ClickException(f"{type(exc).__name__}: {exc}") from None

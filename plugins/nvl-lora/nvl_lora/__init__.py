@@ -18,3 +18,15 @@ EXPORTER_NAME = "hf-peft"
 @hookimpl
 def nvl_register_peft_methods(register: Any) -> None:
     register(PEFT_METHOD_NAME, "nvl_lora.method:LoRAMethod", aliases=("LoRA", "VLMLoRA"))
+
+
+@hookimpl
+def nvl_register_exporters(register: Any) -> None:
+    register(EXPORTER_NAME, "nvl_lora.hf_peft:HFPeftExporter", aliases=("peft",))
+
+
+@hookimpl
+def nvl_register_commands(cli: Any) -> None:
+    from nvl_lora.cli import peft_group
+
+    cli.add_command(peft_group)

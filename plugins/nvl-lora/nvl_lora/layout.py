@@ -1,0 +1,120 @@
+"""Adapter tensors in the layouts of the model bridge's weight mapping.
+
+The bridge's mapping table (one entry per training parameter: its HF keys, a transform ``kind``,
+the TP split dimension and the sizes a fused kind needs) describes how a base weight's rows are laid
+out. An adapter follows its base:
+
+* B of a column-parallel base (``tp_dim == 0``) has the base weight's rows, so it takes the base's
+  mapping with its own name: for ``linear_qkv`` the components ``q``, ``k``, ``v`` (HF ``q_proj``,
+  ``k_proj``, ``v_proj`` for the LM; rows of the fused ``attn.qkv`` for the ViT); for Mamba
+  ``in_proj`` the components ``z, x, B, C, dt``;
+* A of a row-parallel base (``tp_dim == 1``) has the base's input columns: an ``identity`` mapping
+  split on dim 1;
+* the other factor is replicated.
+
+The mapping entries are used duck-typed (a frozen dataclass with ``megatron``, ``hf``, ``kind``,
+``tp_dim``, ``sizes``, ``components`` and the methods ``local_to_components``,
+``components_to_local``, ``components_to_hf``), so this plugin does not import the model plugin.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from typing import Any, Iterable, Mapping
+
+import torch
+
+IN = ".adapter.linear_in.weight"
+OUT = ".adapter.linear_out.weight"
+
+
+def mapping_table_of(bridge: Any) -> list[Any]:
+    """The bridge's mapping table: ``bridge.mapping_table()``, else ``<bridge package>.mapping.mapping_table(bridge.config)``."""
+    fn = getattr(bridge, "mapping_table", None)
+    if callable(fn):
+        return list(fn())
+    package = type(bridge).__module__.rsplit(".", 1)[0]
+    try:
+        mod = importlib.import_module(f"{package}.mapping")
+    except ImportError as exc:
+        raise TypeError(
+            f"bridge {type(bridge).__name__} exposes no weight mapping table (mapping_table()), which LoRA "
+            "merge and adapter export need"
+        ) from exc
+    return list(mod.mapping_table(bridge.config))
+
+
+def split_adapter_key(key: str) -> tuple[str, str, str] | None:
+    """``(module, "A"|"B", component suffix)`` for an adapter key, else ``None``."""
+    for marker, which in ((IN, "A"), (OUT, "B")):
+        i = key.find(marker)
+        if i >= 0:
+            return key[:i], which, key[i + len(marker) :]
+    return None
+
+
+def base_entry(by_name: Mapping[str, Any], module: str) -> Any:
+    try:
+        return by_name[f"{module}.weight"]
+    except KeyError:
+        raise KeyError(
+            f"adapter on {module}: the model's mapping has no base weight {module}.weight "
+            "(was this adapter trained on another model?)"
+        ) from None
+
+
+def adapter_entry(base: Any, module: str, which: str) -> Any:
+    """The mapping entry of one adapter factor, derived from its base's (see the module docstring)."""
+    name = module + (IN if which == "A" else OUT)
+    lora = "lora_A" if which == "A" else "lora_B"
+    hf = tuple(k[: -len(".weight")] + f".{lora}.weight" for k in base.hf)
+    column = base.tp_dim == 0
+    if which == "B" and column:
+        return dataclasses.replace(base, megatron=name, hf=hf)
+    split = 1 if (which == "A" and base.tp_dim == 1) else None
+    return dataclasses.replace(base, megatron=name, hf=hf, kind="identity", tp_dim=split, sizes=())
+
+
+def adapter_entries(table: Iterable[Any], adapter_param_names: Iterable[str]) -> dict[str, Any]:
+    """Adapter parameter name -> its derived mapping entry."""
+    by_name = {m.megatron: m for m in table}
+    out = {}
+    for name in adapter_param_names:
+        parsed = split_adapter_key(name)
+        if parsed is None or parsed[2]:
+            raise ValueError(f"{name} is not an adapter parameter name")
+        module, which, _ = parsed
+        out[name] = adapter_entry(base_entry(by_name, module), module, which)
+    return out
+
+
+def to_components(table: Iterable[Any], state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Adapter tensors in component form, whatever form they were saved in.
+
+    A trainer that saves parameters generically stores B of ``linear_qkv`` as one fused tensor in the
+    training model's row order (per KV group ``[q, k, v]``), which is TP-independent because each
+    rank holds whole groups; the bridge's form is the components. Both are accepted here, and
+    non-adapter tensors pass through unchanged.
+    """
+    by_name = {m.megatron: m for m in table}
+    out: dict[str, torch.Tensor] = {}
+    for key, t in state.items():
+        parsed = split_adapter_key(key)
+        if parsed is None or parsed[2]:
+            out[key] = t
+            continue
+        module, which, _ = parsed
+        entry = adapter_entry(base_entry(by_name, module), module, which)
+        out.update(entry.local_to_components([t]))
+    return out
+
+
+def base_to_components(entry: Any, base: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], bool]:
+    """The base weight of ``entry`` as components, and whether ``base`` held it fused."""
+    comps = entry.components
+    if all(c in base for c in comps):
+        return {c: base[c] for c in comps}, False
+    if entry.megatron in base:
+        return entry.local_to_components([base[entry.megatron]]), True
+    raise KeyError(f"the base checkpoint has neither {list(comps)} nor {entry.megatron}")

@@ -1,0 +1,246 @@
+"""``nvl peft merge``: fold a LoRA checkpoint into its base checkpoint, streaming tensor by tensor.
+
+Inputs are nvl checkpoints of logical tensors (:mod:`nvlcore.checkpoint`), so the TP sizes the
+base was imported at and the adapters were trained at do not matter, and merging runs on CPU in one
+process. Memory: the LoRA checkpoint's tensors (adapters plus whatever the run trained fully) plus one
+base tensor at a time.
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import attrs
+
+from nvl_lora.layout import adapter_entry, base_entry, mapping_table_of, split_adapter_key, to_components
+from nvl_lora.merge import MergeError, adapter_pairs, check_rank, merged_weight
+
+
+@attrs.define
+class MergeSummary:
+    output: str
+    base: str
+    lora: str
+    dim: int
+    alpha: float
+    merged_tensors: int = 0
+    replaced_tensors: int = 0
+    total_tensors: int = 0
+    seconds: float = 0.0
+    fmt: str = "megatron"
+
+    def describe(self) -> str:
+        return (
+            f"merged {self.merged_tensors} weight tensor(s) with LoRA r={self.dim} alpha={self.alpha:g}, "
+            f"replaced {self.replaced_tensors} fully trained tensor(s), copied the other "
+            f"{self.total_tensors - self.merged_tensors - self.replaced_tensors} from {self.base}; "
+            f"wrote {self.output} ({self.fmt}) in {self.seconds:.1f} s"
+        )
+
+
+def read_lora_run(lora_checkpoint: str | Path) -> tuple[Any, dict[str, Any], dict[str, Any]]:
+    """Open a LoRA checkpoint; return it, its ``peft`` settings and its whole run config.
+
+    Errors name the file and the missing field.
+    """
+    from nvlcore.checkpoint import open_checkpoint
+
+    ck = open_checkpoint(lora_checkpoint)
+    rc = ck.run_config()
+    if rc is None:
+        raise MergeError(
+            f"{ck.path}/run_config.yaml is missing: it records the LoRA rank, alpha and base checkpoint "
+            "(is this a checkpoint written by `nvl finetune --lora-on-*`?)"
+        )
+    peft = rc.get("peft") or {}
+    if not peft.get("method"):
+        raise MergeError(f"{ck.path}/run_config.yaml: peft.method is not set, so this is not a LoRA run's checkpoint")
+    for key in ("dim", "alpha"):
+        if peft.get(key) is None:
+            raise MergeError(f"{ck.path}/run_config.yaml: peft.{key} is absent; cannot scale the adapters")
+    return ck, dict(peft), rc
+
+
+def _is_hf_dir(path: Path) -> bool:
+    return (path / "config.json").is_file() and not any(path.glob("iter_*")) and not path.name.startswith("iter_")
+
+
+def _base_checkpoint(base: Path, bridge: Any, workdir: Path, say: Callable[[str], None]) -> Path:
+    """A base given as an HF directory is imported into ``workdir`` first (the trainer accepts both)."""
+    if not _is_hf_dir(base):
+        return base
+    from nvlcore.convert.engine import import_hf_checkpoint
+
+    say(f"base {base} is an HF directory: importing it first")
+    out = workdir / "base"
+    import_hf_checkpoint(bridge, base, out, progress=False)
+    return out
+
+
+def _to_base_form(
+    table: list[Any], tensors: Mapping[str, Any], base_keys: set[str]
+) -> dict[str, Any]:
+    """Fully trained tensors of the LoRA run, keyed and laid out like the base checkpoint.
+
+    The trainer may store a parameter fused (its training name) where an imported base stores
+    components (``linear_qkv.weight.q/.k/.v``), or the reverse; both directions go through the
+    bridge's mapping.
+    """
+    by_name = {m.megatron: m for m in table}
+    owner = {c: m for m in table for c in m.components}
+    out: dict[str, Any] = {}
+    pending: dict[str, dict[str, Any]] = {}
+    for key, t in tensors.items():
+        if key in base_keys:
+            out[key] = t
+        elif key in by_name and all(c in base_keys for c in by_name[key].components):
+            out.update(by_name[key].local_to_components([t]))
+        elif key in owner and owner[key].megatron in base_keys:
+            pending.setdefault(owner[key].megatron, {})[key] = t
+        else:
+            raise MergeError(
+                f"the LoRA checkpoint's trained tensor {key} has no counterpart in the base checkpoint "
+                "(is --pretrained the base this run started from?)"
+            )
+    for fused, comps in pending.items():
+        out[fused] = by_name[fused].components_to_local(comps, 1, 0)
+    return out
+
+
+def merge_checkpoints(
+    *,
+    hf_model_path: str | Path,
+    lora_checkpoint: str | Path,
+    output: str | Path,
+    pretrained: str | Path | None = None,
+    fmt: str = "megatron",
+    overwrite: bool = False,
+    plugin_manager: Any = None,
+    say: Callable[[str], None] = lambda s: print(s, file=sys.stderr),
+) -> MergeSummary:
+    """Write ``base + (alpha/r)·B·A`` for every adapter as a Megatron checkpoint (``fmt="megatron"``)
+    or an HF directory (``fmt="hf"``, through ``nvl convert export``'s writer)."""
+    from nvlcore.checkpoint import (
+        StreamedState,
+        TensorSpec,
+        atomic_output_dir,
+        check_can_write,
+        open_checkpoint,
+        save_checkpoint,
+    )
+    from nvlcore.cli.convert import select_bridge
+
+    t0 = time.perf_counter()
+    if fmt not in ("megatron", "hf"):
+        raise ValueError(f"--format must be megatron or hf, got {fmt!r}")
+    output = Path(output).expanduser().absolute()
+    check_can_write(output, overwrite=overwrite, what="--output")
+    lora, peft, rc = read_lora_run(lora_checkpoint)
+    dim, alpha = int(peft["dim"]), float(peft["alpha"])
+    recorded = (rc.get("checkpoint") or {}).get("pretrained_checkpoint")
+    base_arg = pretrained if pretrained is not None else recorded
+    if not base_arg:
+        raise MergeError(
+            f"{lora.path}/run_config.yaml records no checkpoint.pretrained_checkpoint; pass --pretrained DIR"
+        )
+    base_path = Path(base_arg).expanduser()
+    if not base_path.exists():
+        raise FileNotFoundError(
+            f"base checkpoint {base_path} ({'--pretrained' if pretrained else 'recorded in run_config.yaml'}) "
+            "does not exist; pass --pretrained DIR"
+        )
+    if pretrained is not None and recorded and Path(recorded).expanduser().absolute() != base_path.absolute():
+        say(f"warning: --pretrained {base_path} differs from the recorded base {recorded}; shapes are checked")
+
+    bridge = select_bridge(hf_model_path, manager=plugin_manager)
+    table = mapping_table_of(bridge)
+    by_name = {m.megatron: m for m in table}
+
+    with tempfile.TemporaryDirectory(prefix=".nvl-merge-", dir=output.parent) as work:
+        work_dir = Path(work)
+        base = open_checkpoint(_base_checkpoint(base_path, bridge, work_dir, say))
+        specs = base.specs()
+        say(f"merging {lora.path} (r={dim}, alpha={alpha:g}) into {base.path}")
+
+        saved = lora.load()  # adapters + fully trained tensors: small next to the base
+        comps = to_components(table, saved)
+        adapter = {k: v for k, v in comps.items() if split_adapter_key(k)}
+        trained = _to_base_form(table, {k: v for k, v in comps.items() if not split_adapter_key(k)}, set(specs))
+        if not adapter:
+            raise MergeError(f"{lora.path} holds no adapter tensors (keys with .adapter.linear_in/out.weight)")
+        pairs = adapter_pairs(adapter)
+        check_rank(pairs, adapter, dim)
+        scale = alpha / dim
+
+        # base key -> (B, A) for component-stored bases; fused base key -> [(component, B, A)]
+        plan: dict[str, tuple[Any, Any]] = {}
+        fused_plan: dict[str, list[tuple[str, Any, Any]]] = {}
+        for p in pairs:
+            entry = base_entry(by_name, p.module)
+            a = adapter[p.a_key]
+            b_entry = adapter_entry(entry, p.module, "B")
+            for bk, base_comp in zip(b_entry.components, entry.components):
+                if bk not in adapter:
+                    raise MergeError(f"adapter tensor {bk} is missing from {lora.path}")
+                if base_comp in specs:
+                    plan[base_comp] = (adapter[bk], a)
+                elif entry.megatron in specs:
+                    fused_plan.setdefault(entry.megatron, []).append((base_comp, adapter[bk], a))
+                else:
+                    raise MergeError(f"adapter on {p.module}: the base checkpoint has no {base_comp} (nor {entry.megatron})")
+        summary = MergeSummary(str(output), str(base.path), str(lora.path), dim, alpha, fmt=fmt)
+        summary.total_tensors = len(specs)
+
+        def produce(key: str) -> Any:
+            t = trained[key].to(specs[key].dtype) if key in trained else base.load([key])[key]
+            if key in trained:
+                summary.replaced_tensors += 1
+            if key in plan:
+                b, a = plan[key]
+                if tuple(t.shape) != (b.shape[0], a.shape[1]):
+                    raise MergeError(f"{key}: base shape {tuple(t.shape)} does not match B {tuple(b.shape)} @ A {tuple(a.shape)}")
+                t = merged_weight(t, b, a, scale)
+                summary.merged_tensors += 1
+            elif key in fused_plan:
+                entry = by_name[key]
+                parts = entry.local_to_components([t])
+                for comp, b, a in fused_plan[key]:
+                    if tuple(parts[comp].shape) != (b.shape[0], a.shape[1]):
+                        raise MergeError(f"{comp}: base shape {tuple(parts[comp].shape)} does not match B @ A")
+                    parts[comp] = merged_weight(parts[comp], b, a, scale)
+                t = entry.components_to_local(parts, 1, 0)
+                summary.merged_tensors += 1
+            return t
+
+        missing = [k for k in list(plan) + list(fused_plan) if k not in specs]
+        if missing:
+            raise MergeError(f"base checkpoint {base.path} lacks {missing[:4]}")
+        merged_rc = dict(base.run_config() or {})
+        merged_rc["merge"] = {
+            "tool": "nvl peft merge",
+            "base": str(base_path),
+            "lora_checkpoint": str(lora.path),
+            "dim": dim,
+            "alpha": alpha,
+            "adapted_modules": [p.module for p in pairs],
+        }
+        files = {n: base.path / n for n in ("tokenizer", "hf_source") if (base.path / n).exists()}
+        stream = StreamedState({k: TensorSpec(s.shape, s.dtype) for k, s in specs.items()}, produce)
+        if fmt == "megatron":
+            with atomic_output_dir(output, overwrite=overwrite, what="--output") as tmp_root:
+                save_checkpoint(tmp_root, 0, model_state=stream, run_config=merged_rc,
+                                train_state={"iteration": 0}, files=files)
+        else:
+            from nvlcore.convert.engine import export_hf_checkpoint
+
+            staged = work_dir / "merged"
+            save_checkpoint(staged, 0, model_state=stream, run_config=merged_rc, train_state={"iteration": 0},
+                            files=files)
+            export_hf_checkpoint(bridge, hf_model_path, staged, output, overwrite=overwrite, progress=False)
+    summary.seconds = time.perf_counter() - t0
+    return summary
+
