@@ -110,10 +110,59 @@ def compose_config(
         extra.append(Override("checkpoint.pretrained_checkpoint", str(Path(pretrained_checkpoint).expanduser().absolute())))
     if (lora_on_language_model or lora_on_vision_model) and not base.get("peft", {}).get("method"):
         extra.append(Override("peft.method", "lora"))
+    if lora_on_language_model or lora_on_vision_model:
+        extra += _lora_flag_overrides(manager, base, given, config_file, lora_on_language_model, lora_on_vision_model)
     try:
         return load_config(files, [*parsed, *extra], base=base, plugins=manager), files
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from exc
+
+
+FREEZE_KEYS = ("freeze_language_model", "freeze_vision_model", "freeze_vision_projection")
+
+
+def _user_freeze(given: dict[str, Any], config_file: str | None) -> dict[str, bool]:
+    """``model.freeze_*`` values the user chose: on the command line or in their own ``--config-file``.
+
+    The bridge's default YAML (the original workflow's) sets them all False for full fine-tuning; it is
+    not a user choice, so under LoRA it does not unfreeze what the LoRA setting freezes.
+    """
+    import yaml
+
+    out: dict[str, bool] = {}
+    if config_file is not None:
+        data = yaml.safe_load(Path(config_file).read_text()) or {}
+        model = data.get("model") if isinstance(data, dict) else None
+        for k in FREEZE_KEYS:
+            if isinstance(model, dict) and model.get(k) is not None:
+                out[k] = bool(model[k])
+    for k in FREEZE_KEYS:
+        v = given.get(f"model.{k}")
+        if isinstance(v, (bool, int, str)) and not isinstance(v, type):
+            out[k] = v if isinstance(v, bool) else str(v).lower() in ("1", "true", "yes", "on")
+    return out
+
+
+def _lora_flag_overrides(manager: Any, base: dict[str, Any], given: dict[str, Any], config_file: str | None,
+                         language: bool, vision: bool) -> list[Any]:
+    """``--lora-on-language-model`` / ``--lora-on-vision-model`` resolved by the PEFT method (Megatron-Bridge's
+    table: which towers get adapters, which are frozen), with the user's ``model.freeze_*`` winning and a
+    ``peft.target_modules`` the user gave kept."""
+    from nvlcore.config import Override
+
+    method_name = given.get("peft.method") or base.get("peft", {}).get("method") or "lora"
+    try:
+        method = manager.registry("peft_method").get(method_name)
+    except Exception:  # the config loader reports an unknown method with its own message
+        return []
+    settings = getattr(method, "workflow_settings", None)
+    if settings is None:
+        return []
+    peft, freeze = settings(language, vision, _user_freeze(given, config_file))
+    out = [Override(f"peft.{k}", freeze[k]) for k in FREEZE_KEYS]
+    if "peft.target_modules" not in given:
+        out.append(Override("peft.target_modules", list(peft["target_modules"])))
+    return out
 
 
 LAUNCH_OPTIONS = ("nproc_per_node", "nnodes", "node_rank", "rdzv_endpoint", "rdzv_backend", "rdzv_id",
