@@ -97,8 +97,7 @@ class HFPeftExporter:
         from safetensors.torch import save_file
 
         from nvlcore.checkpoint import atomic_output_dir, check_can_write
-        from nvlcore.cli.convert import select_bridge
-        from nvl_lora.layout import mapping_table_of
+        from nvl_lora.layout import bridge_for, mapping_table_of
         from nvl_lora.merge_io import read_lora_run
 
         if unknown:
@@ -110,7 +109,7 @@ class HFPeftExporter:
         output = Path(output).expanduser().absolute()
         check_can_write(output, overwrite=overwrite, what="--output")
         ck, peft, _ = read_lora_run(checkpoint)
-        bridge = select_bridge(hf_model_path, manager=plugin_manager)
+        bridge = bridge_for(hf_model_path, plugin_manager)
         table = mapping_table_of(bridge)
         saved = ck.load()
         adapters, trained = adapter_tensors_hf(table, saved)
@@ -139,6 +138,15 @@ class HFPeftExporter:
             for suffix, t in (("lora_A", a), ("lora_B", b)):
                 t = t.to(cast) if cast is not None else t
                 tensors[f"{PEFT_PREFIX}{name}.{suffix}.weight"] = t.detach().contiguous().clone()
+        mamba_out = [t for t in targets if t.endswith("mixer.out_proj")]
+        if mamba_out:
+            print(
+                f"nvl export hf-peft: note: {len(mamba_out)} adapter(s) on Mamba out_proj (e.g. {mamba_out[0]}); "
+                "the peft library refuses out_proj targets on Mamba-based models (model_type nemotron_h), so "
+                "PeftModel.from_pretrained on transformers' NemotronH will reject this adapter; vLLM-style "
+                "loaders that map names themselves are unaffected. Train without out_proj, or merge instead.",
+                file=sys.stderr,
+            )
         if not targets:
             raise ValueError(f"no adapter module is left after include={patterns} (modules: {sorted(adapters)[:4]}...)")
         config = {

@@ -50,11 +50,33 @@ _HOOK_ATTR = "_nvl_lora_hook"
 
 class _Weight(nn.Module):
     """Holds one adapter matrix as ``.weight`` (not an ``nn.Linear``, so target matching never adapts
-    an adapter)."""
+    an adapter).
 
-    def __init__(self, weight: torch.Tensor) -> None:
+    With ``components`` the rows are held as one parameter per component (``weight.z``, ``weight.x``,
+    ...; each this rank's rows of that component) and :meth:`matrix` concatenates them in the base's
+    local row order. A fused layer whose TP-local rows are ``[z_r | x_r | B_r | C_r | dt_r]`` (Mamba
+    ``in_proj``) needs this so that every stored tensor is a plain TP split of a logical one.
+    """
+
+    def __init__(self, weight: torch.Tensor, components: "list[tuple[str, int]] | None" = None) -> None:
         super().__init__()
-        self.weight = nn.Parameter(weight)
+        self.components = [c for c, _ in components] if components else None
+        if components:
+            parts = weight.split([n for _, n in components], dim=0)
+            self.weight = nn.ParameterDict({c: nn.Parameter(t.contiguous()) for (c, _), t in zip(components, parts)})
+        else:
+            self.weight = nn.Parameter(weight)
+
+    def matrix(self) -> torch.Tensor:
+        if self.components is None:
+            return self.weight
+        return torch.cat([self.weight[c] for c in self.components], dim=0)
+
+    def params(self) -> "list[tuple[str, nn.Parameter]]":
+        """``(name relative to this module, parameter)`` in order."""
+        if self.components is None:
+            return [("weight", self.weight)]
+        return [(f"weight.{c}", self.weight[c]) for c in self.components]
 
 
 def _megatron_mappings() -> Any:
@@ -82,6 +104,26 @@ def base_kind(module: nn.Module) -> str | None:
         return "row"
     if isinstance(module, nn.Linear):
         return "plain"
+    return None
+
+
+def row_components_of(module: nn.Module, name: str, parent: nn.Module | None, tp_size: int) -> list[tuple[str, int]] | None:
+    """Logical row components of a fused column-parallel layer, ``[(component, full_rows), ...]``.
+
+    A layer may declare them (``lora_row_components``: a list of such pairs). Otherwise Mamba2's
+    ``in_proj`` is recognised from its mixer (``d_inner``, ``ngroups``, ``state``, ``nheads`` are the
+    rank's sizes): rows ``[z | x | B | C | dt]``, each split over TP, as Megatron's MambaMixer and
+    Megatron-Bridge's ``MambaInProjMapping`` lay them out.
+    """
+    declared = getattr(module, "lora_row_components", None)
+    if declared:
+        return [(str(c), int(n)) for c, n in declared]
+    if name.rsplit(".", 1)[-1] == "in_proj" and parent is not None and all(
+        hasattr(parent, a) for a in ("d_inner", "ngroups", "state", "nheads")
+    ):
+        gn = parent.ngroups * parent.state * tp_size
+        d = parent.d_inner * tp_size
+        return [("z", d), ("x", d), ("B", gn), ("C", gn), ("dt", parent.nheads * tp_size)]
     return None
 
 
@@ -144,6 +186,7 @@ class LoRAAdapter(nn.Module):
         gather_output: bool = False,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
+        row_components: list[tuple[str, int]] | None = None,
     ) -> None:
         super().__init__()
         self.kind = kind
@@ -158,39 +201,66 @@ class LoRAAdapter(nn.Module):
         self.input_is_parallel = input_is_parallel
         self.gather_output = gather_output
         a, b = lora_a, lora_b
+        if row_components is not None and kind != "column":
+            raise ValueError("row components apply to a column-parallel (or plain) base only")
+        if row_components is not None and sum(n for _, n in row_components) != out_features:
+            raise ValueError(f"row components {row_components} do not sum to the {out_features} output rows")
+        local_components = None
         if kind == "row" and tp_size > 1:
             a = a.chunk(tp_size, dim=1)[tp_rank]
-        if kind == "column" and tp_size > 1:
+        if kind == "column" and row_components is not None:
+            bad = [c for c, n in row_components if n % tp_size]
+            if bad:
+                raise ValueError(f"row components {bad} do not split over TP={tp_size}")
+            parts = b.split([n for _, n in row_components], dim=0)
+            b = torch.cat([t.chunk(tp_size, dim=0)[tp_rank] for t in parts], dim=0)
+            local_components = [(c, n // tp_size) for c, n in row_components]
+        elif kind == "column" and tp_size > 1:
             b = b.chunk(tp_size, dim=0)[tp_rank]
+        self.row_components = row_components
         self.linear_in = _Weight(a.to(dtype=dtype, device=device).contiguous())
-        self.linear_out = _Weight(b.to(dtype=dtype, device=device).contiguous())
+        self.linear_out = _Weight(b.to(dtype=dtype, device=device).contiguous(), local_components)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self._mark_tp_attributes()
 
     def _mark_tp_attributes(self) -> None:
         from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 
-        a, b = self.linear_in.weight, self.linear_out.weight
-        if self.kind == "column":
-            set_tensor_model_parallel_attributes(b, True, 0, 1)
-        elif self.kind == "row":
-            set_tensor_model_parallel_attributes(a, True, 1, 1)
+        for name, p, dim in self.split_params():
+            if dim is not None:
+                set_tensor_model_parallel_attributes(p, True, dim, 1)
+
+    def split_params(self) -> "list[tuple[str, nn.Parameter, int | None]]":
+        """``(name relative to the adapter, parameter, TP split dim or None if replicated)``.
+
+        Names: ``linear_in.weight``, ``linear_out.weight`` (or ``linear_out.weight.<component>``).
+        """
+        a_dim = 1 if self.kind == "row" else None
+        b_dim = 0 if self.kind == "column" else None
+        out = [(f"linear_in.{n}", p, a_dim) for n, p in self.linear_in.params()]
+        out += [(f"linear_out.{n}", p, b_dim) for n, p in self.linear_out.params()]
+        return out
 
     @property
     def split_dims(self) -> dict[str, int | None]:
-        """Which dimension of each adapter weight is split over TP (``None``: replicated)."""
-        if self.kind == "column":
-            return {"linear_in.weight": None, "linear_out.weight": 0}
-        if self.kind == "row":
-            return {"linear_in.weight": 1, "linear_out.weight": None}
-        return {"linear_in.weight": None, "linear_out.weight": None}
+        """Which dimension of each adapter tensor is split over TP (``None``: replicated)."""
+        return {n: d for n, _, d in self.split_params()}
+
+    def full_shape(self, rel_name: str) -> tuple[int, int]:
+        """The logical shape of one adapter tensor (``rel_name`` as in :meth:`split_params`)."""
+        if rel_name.startswith("linear_in"):
+            return (self.rank, self.in_features)
+        comp = rel_name.split(".")[-1] if rel_name.count(".") == 2 else None
+        if comp is not None and self.row_components:
+            return (dict(self.row_components)[comp], self.rank)
+        return (self.out_features, self.rank)
 
     def delta_weight(self) -> torch.Tensor:
         """This rank's ``scale * B @ A`` in fp32, shaped like the base's local weight."""
-        return self.scale * (self.linear_out.weight.float() @ self.linear_in.weight.float())
+        return self.scale * (self.linear_out.matrix().float() @ self.linear_in.matrix().float())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        a, b = self.linear_in.weight, self.linear_out.weight
+        a, b = self.linear_in.matrix(), self.linear_out.matrix()
         x = self.dropout(x)
         if self.kind == "row" and self.tp_size > 1:
             mp = _megatron_mappings()
@@ -236,8 +306,9 @@ def is_adapted(module: nn.Module) -> bool:
     return isinstance(getattr(module, ADAPTER_ATTR, None), LoRAAdapter)
 
 
-def add_adapter(module: nn.Module, name: str, cfg: "LoRAConfig") -> LoRAAdapter:
-    """Attach a fresh adapter to the linear ``module`` (called ``name`` in its model)."""
+def add_adapter(module: nn.Module, name: str, cfg: "LoRAConfig", parent: nn.Module | None = None) -> LoRAAdapter:
+    """Attach a fresh adapter to the linear ``module`` (called ``name`` in its model; ``parent`` is
+    the module holding it, used to recognise fused layouts)."""
     kind = base_kind(module)
     if kind is None:
         raise TypeError(f"{name} is a {type(module).__name__}, not a linear layer LoRA can adapt")
@@ -276,6 +347,7 @@ def add_adapter(module: nn.Module, name: str, cfg: "LoRAConfig") -> LoRAAdapter:
         gather_output=bool(getattr(module, "gather_output", False)),
         dtype=cfg.torch_dtype or weight.dtype,
         device=weight.device,
+        row_components=row_components_of(module, name, parent, tp_size) if kind == "column" else None,
     )
     norm = norm_fn_of(module, name)
     module.add_module(ADAPTER_ATTR, adapter)

@@ -29,6 +29,32 @@ IN = ".adapter.linear_in.weight"
 OUT = ".adapter.linear_out.weight"
 
 
+def bridge_for(hf_dir: str | Any, manager: Any = None) -> Any:
+    """The installed model bridge for an HF model directory (by its config's ``architectures``)."""
+    import json
+    from pathlib import Path
+
+    from nvlcore.contracts import first_matching_bridge
+
+    cfg_file = Path(hf_dir) / "config.json"
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"{cfg_file} not found: --hf-model-path must be an HF model directory")
+    archs = list(json.loads(cfg_file.read_text()).get("architectures") or [])
+    if manager is None:
+        from nvlcore.plugins import get_plugin_manager
+
+        manager = get_plugin_manager()
+    registry = manager.registry("model_bridge")
+    classes = {n: registry.get(n) for n in registry.names()}
+    name = first_matching_bridge(archs, classes)
+    if name is None:
+        raise ValueError(
+            f"no installed model bridge handles architectures {archs} of {cfg_file} "
+            f"(installed: {sorted(classes) or 'none'}; see `nvl plugins list`)"
+        )
+    return classes[name].from_hf_dir(hf_dir)
+
+
 def mapping_table_of(bridge: Any) -> list[Any]:
     """The bridge's mapping table: ``bridge.mapping_table()``, else ``<bridge package>.mapping.mapping_table(bridge.config)``."""
     fn = getattr(bridge, "mapping_table", None)

@@ -16,7 +16,7 @@ from typing import Any, Callable, Mapping
 
 import attrs
 
-from nvl_lora.layout import adapter_entry, base_entry, mapping_table_of, split_adapter_key, to_components
+from nvl_lora.layout import adapter_entry, base_entry, bridge_for, mapping_table_of, split_adapter_key, to_components
 from nvl_lora.merge import MergeError, adapter_pairs, check_rank, merged_weight
 
 
@@ -132,7 +132,6 @@ def merge_checkpoints(
         open_checkpoint,
         save_checkpoint,
     )
-    from nvlcore.cli.convert import select_bridge
 
     t0 = time.perf_counter()
     if fmt not in ("megatron", "hf"):
@@ -156,7 +155,7 @@ def merge_checkpoints(
     if pretrained is not None and recorded and Path(recorded).expanduser().absolute() != base_path.absolute():
         say(f"warning: --pretrained {base_path} differs from the recorded base {recorded}; shapes are checked")
 
-    bridge = select_bridge(hf_model_path, manager=plugin_manager)
+    bridge = bridge_for(hf_model_path, plugin_manager)
     table = mapping_table_of(bridge)
     by_name = {m.megatron: m for m in table}
 

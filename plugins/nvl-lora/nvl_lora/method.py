@@ -115,7 +115,8 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig) -> LoRAReport:
         log.warning(msg)
     frozen = freeze_base(model, cfg)
     for name, module in found:
-        add_adapter(module, name, cfg)
+        parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+        add_adapter(module, name, cfg, parent)
     return LoRAReport([n for n, _ in found], counts, unmatched, frozen)
 
 

@@ -108,6 +108,7 @@ def make_toy(tp_group: Any, hidden: int = 16, ffn: int = 32, seed: int = 0) -> n
         def __init__(self) -> None:
             super().__init__()
             self.in_proj = NormColumn(hidden, 2 * ffn)
+            self.in_proj.lora_row_components = [("z", ffn), ("x", ffn)]
             self.out_proj = row(ffn, hidden)
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -131,13 +132,6 @@ def make_toy(tp_group: Any, hidden: int = 16, ffn: int = 32, seed: int = 0) -> n
     model = Toy()
     load_full_toy_weights(model, full_toy_weights(hidden, ffn, seed), tp_group)
     return model
-
-
-def toy_row_components(name: str) -> list[tuple[str, int]] | None:
-    """Component rows of the toy's fused layers (what the bridge's mapping says for in_proj)."""
-    if name.endswith("mixer.in_proj"):
-        return [("z", 32), ("x", 32)]
-    return None
 
 
 def full_toy_weights(hidden: int = 16, ffn: int = 32, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -214,14 +208,14 @@ def tp_parity_worker(rank: int, world: int, targets: tuple[str, ...] = ALL_TOY_T
         cfg = LoRAConfig(target_modules=targets, dim=4, alpha=8, freeze_other=True)
         report = apply_lora(model, cfg)
         # Adapters with non-zero B (a fresh B is zero, which would hide layout errors).
-        full = gather_adapter_state(model, toy_row_components)
+        full = gather_adapter_state(model)
         state = random_adapter_state(sorted(full), {k: tuple(v.shape) for k, v in full.items()})
-        load_adapter_state(model, state, toy_row_components)
+        load_adapter_state(model, state)
         y = model(x)
         y.square().mean().backward()
-        grads = gather_adapter_state(model, toy_row_components, grads=True)
-        keys = adapter_keys(model, toy_row_components)
-        roundtrip = gather_adapter_state(model, toy_row_components)
+        grads = gather_adapter_state(model, grads=True)
+        keys = adapter_keys(model)
+        roundtrip = gather_adapter_state(model)
         with torch.no_grad():
             merge_lora(model)
             merged_model_out = model(x)
