@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import math
 import os
 import platform
 import sys
@@ -88,6 +87,14 @@ def nvl_config(size: str) -> Any:
     return NemotronVLConfig.from_dict(raw, source=f"toy:{size}", num_prefix_tokens=num_prefix_tokens(size))
 
 
+def text_tokens(cfg: Any, n: int) -> torch.Tensor:
+    """``[1, n]`` random token ids without image/video context tokens (a text-only batch)."""
+    ids = torch.randint(0, cfg.llm.vocab_size, (1, n), generator=torch.Generator().manual_seed(0))
+    specials = torch.tensor([t for t in (cfg.img_context_token_id, cfg.video_context_token_id) if t is not None])
+    ids[torch.isin(ids, specials)] = 1
+    return ids
+
+
 def lora_flops_per_token(cfg: Any, seq: int, rank: int, adapter_io: list[tuple[int, int]]) -> tuple[float, float]:
     """(LoRA model FLOPs per token, full-training nominal FLOPs per token) at ``seq``."""
     from nvl_nemotron_vl.flops import lm_forward_flops
@@ -111,9 +118,7 @@ def run_nvl(args: argparse.Namespace, device: torch.device, deadline: float) -> 
     sync(device)
     res["build_s"] = round(time.perf_counter() - t0, 1)
     log(f"nvl: built {args.size} in {res['build_s']} s")
-    vocab = cfg.llm.vocab_size
-    g = torch.Generator(device="cpu").manual_seed(0)
-    ids = torch.randint(0, vocab, (1, args.seq + 1), generator=g).to(device)
+    ids = text_tokens(cfg, args.seq + 1).to(device)
     batch = {"input_ids": ids[:, :-1], "labels": ids[:, 1:]}
 
     def loss_fn() -> torch.Tensor:
@@ -220,8 +225,7 @@ def run_peer(args: argparse.Namespace, device: torch.device, deadline: float) ->
             res["result"] = "skipped: time budget"
             out.append(res)
             continue
-        g = torch.Generator(device="cpu").manual_seed(0)
-        ids = torch.randint(0, cfg.llm.vocab_size, (1, seq), generator=g).to(device)
+        ids = text_tokens(cfg, seq).to(device)
         reset_peak(device)
         times = []
         try:
@@ -238,7 +242,7 @@ def run_peer(args: argparse.Namespace, device: torch.device, deadline: float) ->
                 dt = time.perf_counter() - t
                 if step >= args.warmup:
                     times.append(dt)
-                log(f"peer seq {seq}: step {step} loss {float(loss):.4f} {dt:.3f} s")
+                log(f"peer seq {seq}: step {step} loss {loss.item():.4f} {dt:.3f} s")
             res["result"] = "ok" if times else "no timed step (time budget)"
         except Exception as exc:  # an OOM is a result here, not a failure of the benchmark
             if not is_oom(exc):
@@ -272,7 +276,8 @@ def markdown(record: dict[str, Any]) -> str:
     lines = [
         f"# LoRA throughput, {record['machine']['device']} ({record['date']})",
         "",
-        f"Model shape `{record['args']['size']}`, batch 1, random weights, bf16; LoRA r=16 alpha=32; base frozen.",
+        f"Model shape `{record['args']['size']}`, batch 1, random weights, {record['dtype']}; LoRA r=16 alpha=32 "
+        "on the LM's qkv/proj/fc1/fc2 (peer: q/k/v/o/up/down); base frozen; AdamW on the adapters.",
         f"MFU = LoRA model FLOPs (2/3 of Megatron-Bridge's full-training hybrid formula + adapters) / "
         f"{record['args']['peak_tflops']:g} TFLOP/s. 'nominal' = full-training 3x formula (the anchor's convention).",
         "",
@@ -328,6 +333,7 @@ def main(argv: list[str] | None = None) -> int:
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "runs": [],
         "errors": [],
+        "dtype": "bf16" if device.type == "cuda" else "fp32",
     }
     try:
         import transformers, peft  # noqa: E401
