@@ -22,6 +22,8 @@ from typing import Any, Sequence
 
 import click
 
+from nvlcore.cli.options import CONFIG_CONTEXT_SETTINGS, config_options
+
 MODULE = "nvlcore.cli.finetune"
 
 
@@ -77,7 +79,7 @@ def compose_config(
     manager: Any,
     hf_model_path: str | None,
     pretrained_checkpoint: str | None,
-    config_file: str | None,
+    config_files: Sequence[str | Path],
     lora_on_language_model: bool,
     lora_on_vision_model: bool,
     overrides: Sequence[str],
@@ -93,12 +95,8 @@ def compose_config(
         raise click.UsageError("--hf-model-path DIR is required (the HF model directory: config.json, tokenizer)")
     bridge = bridge_cls.from_hf_dir(hf)
     base = _recipe(bridge, language=lora_on_language_model, vision=lora_on_vision_model)
-    files: list[str] = []
-    if config_file is not None:
-        if not Path(config_file).is_file():
-            raise click.BadParameter(f"{config_file}: no such file", param_hint="--config-file")
-        files.append(config_file)
-    else:
+    files: list[str] = [str(f) for f in config_files]
+    if not files:
         default = getattr(bridge, "default_config_file", None)
         default = default() if callable(default) else default
         if default:
@@ -115,7 +113,7 @@ def compose_config(
     try:
         return load_config(files, [*parsed, *extra], base=base, plugins=manager), files
     except ConfigError as exc:
-        raise click.ClickException(str(exc)) from exc
+        raise click.UsageError(f"config: {exc}") from None
 
 
 FREEZE_KEYS = ("freeze_language_model", "freeze_vision_model", "freeze_vision_projection")
@@ -172,27 +170,24 @@ LAUNCH_OPTIONS = ("nproc_per_node", "nnodes", "node_rank", "rdzv_endpoint", "rdz
 def _child_argv(params: dict[str, Any], overrides: Sequence[str]) -> list[str]:
     """The worker's command line: every option except the launcher's, then the overrides as given."""
     argv: list[str] = []
-    for opt in ("hf_model_path", "pretrained_checkpoint", "config_file"):
+    for opt in ("hf_model_path", "pretrained_checkpoint"):
         if params.get(opt):
             argv += ["--" + opt.replace("_", "-"), str(params[opt])]
+    for f in params.get("config_files") or ():
+        argv += ["--config-file", str(f)]
     for flag in ("lora_on_language_model", "lora_on_vision_model", "random_init", "debug"):
         if params.get(flag):
             argv.append("--" + flag.replace("_", "-"))
     return argv + list(overrides)
 
 
-@click.command(
-    "finetune",
-    context_settings={"ignore_unknown_options": True, "help_option_names": ["-h", "--help"]},
-)
+@click.command("finetune", context_settings={**CONFIG_CONTEXT_SETTINGS, "help_option_names": ["-h", "--help"]})
 @click.option("--hf-model-path", type=click.Path(file_okay=False), default=None,
               help="HF model directory (config.json, tokenizer); selects the model bridge.")
 @click.option("--pretrained-checkpoint", type=click.Path(), default=None,
               help="Starting weights: a Megatron checkpoint (base dir or iter_N) or an HF directory.")
 @click.option("--random-init", is_flag=True,
               help="No starting weights: random initialisation. FOR BENCHMARKING ONLY.")
-@click.option("--config-file", type=click.Path(dir_okay=False), default=None,
-              help="YAML merged over the recipe, replacing the bridge's default YAML (as in the original).")
 @click.option("--lora-on-language-model", is_flag=True, help="LoRA on the language model (PEFT recipe).")
 @click.option("--lora-on-vision-model", is_flag=True, help="LoRA on the vision encoder and projector (PEFT recipe).")
 @click.option("--nproc-per-node", type=int, default=None, help="Start this many worker processes on this machine.")
@@ -203,14 +198,14 @@ def _child_argv(params: dict[str, Any], overrides: Sequence[str]) -> list[str]:
 @click.option("--rdzv-id", default=None, help="torchrun: job id shared by all machines.")
 @click.option("--master-addr", default=None, help="torchrun: address of machine 0 (static rendezvous).")
 @click.option("--master-port", type=int, default=None, help="torchrun: port on machine 0 (static rendezvous).")
-@click.option("--print-config", is_flag=True, help="Print the composed config as YAML and exit.")
 @click.option("--debug", is_flag=True, help="Show full tracebacks.")
-@click.argument("overrides", nargs=-1, type=click.UNPROCESSED)
+@config_options()
 def finetune_command(**params: Any) -> None:
     """Fine-tune a model (full or LoRA) on a registered dataset.
 
     OVERRIDES set config keys: `train.train_iters=30`, `dataset.maker_name make_raven_dataset`,
-    `dataset.maker_kwargs '{"path": "/data/raven"}'`, `~key` resets a key. Example:
+    `dataset.maker_kwargs '{"path": "/data/raven"}'`, `~key` resets a key. --config-file (repeatable)
+    replaces the bridge's default YAML, as in the original script. Example:
 
         nvl finetune --hf-model-path HF --pretrained-checkpoint CKPT checkpoint.save=out dataset.maker_name=raven
     """
@@ -222,7 +217,7 @@ def finetune_command(**params: Any) -> None:
     manager = current_plugin_manager()
     cfg, files = compose_config(
         manager=manager, hf_model_path=params["hf_model_path"], pretrained_checkpoint=params["pretrained_checkpoint"],
-        config_file=params["config_file"], lora_on_language_model=params["lora_on_language_model"],
+        config_files=params["config_files"], lora_on_language_model=params["lora_on_language_model"],
         lora_on_vision_model=params["lora_on_vision_model"], overrides=overrides,
     )
     if params["print_config"]:
@@ -233,7 +228,7 @@ def finetune_command(**params: Any) -> None:
     try:
         resolve_config(cfg)
     except ConfigError as exc:
-        raise click.ClickException(str(exc)) from exc
+        raise click.UsageError(f"config: {exc}") from None
     if params["random_init"] and params["pretrained_checkpoint"]:
         raise click.UsageError("--random-init and --pretrained-checkpoint exclude each other")
     if not params["random_init"] and not cfg.checkpoint.pretrained_checkpoint:

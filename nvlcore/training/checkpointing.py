@@ -2,10 +2,10 @@
 
 Storage is :mod:`nvlcore.checkpoint` (Megatron-Bridge layout, PyTorch DCP). A training checkpoint holds:
 
-- the model weights as *logical* tensors: the bridge's component keys when the bridge provides a
-  mapping (``bridge.checkpoint_state(model)``), else one tensor per parameter with tensor-parallel
-  shards saved as DTensor ``Shard(partition_dim)``; a checkpoint written at one TP size then loads
-  at another;
+- the model weights as *logical* tensors: the bridge's component keys where the bridge maps the
+  parameter (``bridge.checkpoint_entries`` / ``bridge.assemble_from_entries``), else one tensor per
+  parameter with tensor-parallel shards saved as DTensor ``Shard(partition_dim)``; each rank writes
+  its own rows, and a checkpoint written at one TP size loads at another;
 - ``optimizer/<key>.exp_avg`` and ``.exp_avg_sq``: Adam's moments, keyed and sharded exactly like
   the weights (so they reshard the same way);
 - ``extra_state.pt``: the Adam step count, the data position and seed, the layout it was saved at;
@@ -173,31 +173,30 @@ def generic_param_entries(ctx: "ParallelContext") -> TensorMap:
     return entries
 
 
-def _bridge_entries(bridge: Any, ctx: "ParallelContext") -> TensorMap | None:
-    fn = getattr(bridge, "param_checkpoint_entries", None)
+def _entries_fn(bridge: Any, ctx: "ParallelContext") -> TensorMap:
+    """The bridge's component layout (``bridge.checkpoint_entries``) where it has one, else the generic one."""
+    generic = generic_param_entries(ctx)
+    fn = getattr(bridge, "checkpoint_entries", None)
     if fn is None:
-        return None
+        return generic
 
     def entries(name: str, tensor: "torch.Tensor", param: "torch.nn.Parameter") -> dict[str, Any]:
-        return fn(name, tensor, tp_group=ctx.tp_group, tp_rank=ctx.tp_rank, tp_size=ctx.tp_size)
+        got = fn(name, tensor, tp_group=ctx.tp_group, tp_rank=ctx.tp_rank, tp_size=ctx.tp_size)
+        return generic(name, tensor, param) if got is None else got
 
     return entries
 
 
 def _assemble(bridge: Any, name: str, loaded: Mapping[str, Any], target: "torch.Tensor", ctx: "ParallelContext") -> None:
-    """Write loaded entries of one parameter back into ``target`` (in place)."""
+    """Write the loaded entries of one parameter back into ``target`` (in place)."""
     import torch
     from torch.distributed.tensor import DTensor
 
-    fn = getattr(bridge, "assemble_param_from_entries", None)
-    if fn is not None:
-        local = {k: (v.to_local() if isinstance(v, DTensor) else v) for k, v in loaded.items()}
-        value = fn(name, local, tp_rank=ctx.tp_rank, tp_size=ctx.tp_size)
-        with torch.no_grad():
-            target.copy_(value)
+    local = {k: (v.to_local() if isinstance(v, DTensor) else v) for k, v in loaded.items()}
+    fn = getattr(bridge, "assemble_from_entries", None)
+    if fn is not None and fn(name, local, target, tp_rank=ctx.tp_rank, tp_size=ctx.tp_size):
         return
-    (only,) = loaded.values()
-    value = only.to_local() if isinstance(only, DTensor) else only
+    (value,) = local.values()
     if value.data_ptr() != target.data_ptr():
         with torch.no_grad():
             target.copy_(value)
@@ -217,7 +216,7 @@ def model_and_optimizer_state(
     adapter_only: bool,
 ) -> tuple[dict[str, Any], dict[str, Any], int]:
     """``(model_state, optimizer_state, adam_step)`` ready for :func:`nvlcore.checkpoint.save_checkpoint`."""
-    entries = _bridge_entries(bridge, ctx) or generic_param_entries(ctx)
+    entries = _entries_fn(bridge, ctx)
     model_state: dict[str, Any] = {}
     optim_state: dict[str, Any] = {}
     steps: set[float] = set()
@@ -250,7 +249,7 @@ def load_model_weights(
     from nvlcore.checkpoint import open_checkpoint
 
     ckpt = open_checkpoint(iter_dir)
-    entries = _bridge_entries(bridge, ctx) or generic_param_entries(ctx)
+    entries = _entries_fn(bridge, ctx)
     have = set(ckpt.keys())
     template: dict[str, Any] = {}
     owners: dict[str, tuple[str, Any, list[str]]] = {}
@@ -289,7 +288,7 @@ def load_optimizer_state(
     from nvlcore.checkpoint import open_checkpoint
 
     ckpt = open_checkpoint(iter_dir)
-    entries = _bridge_entries(bridge, ctx) or generic_param_entries(ctx)
+    entries = _entries_fn(bridge, ctx)
     template: dict[str, Any] = {}
     per_param: list[tuple[str, torch.nn.Parameter, dict[str, list[str]], dict[str, torch.Tensor]]] = []
     for name, p in named_params:

@@ -131,7 +131,7 @@ def apply_peft(model: "torch.nn.Module", cfg: "NvlConfig", manager: Any) -> Any:
 
 def _flops_fn(bridge: Any, model: "torch.nn.Module", ctx: "ParallelContext") -> tuple[Callable[[Mapping[str, Any]], float], str]:
     """Training FLOPs per micro-batch: the bridge's counter (ViT and projector included), else 6·N·tokens."""
-    fn = getattr(bridge, "training_flops", None)
+    fn = getattr(bridge, "train_flops", None) or getattr(bridge, "training_flops", None)
     if fn is not None:
         return (lambda batch: float(fn(batch))), "bridge"
     # Fallback: 6 x logical parameter count x real tokens (no vision term, no attention term).
@@ -210,9 +210,10 @@ def build_data(cfg: "NvlConfig", bridge: Any, manager: Any, ctx: "ParallelContex
     ds = cfg.dataset
     maker = manager.registry("dataset_maker").get(ds.maker_name)
     seq_length = ds.seq_length or cfg.model.seq_length
+    # pad_to_max_length is padding to a multiple of seq_length.
     processor = _call_with_supported(
-        bridge.processor, seq_length=seq_length, pad_to_multiple_of=ds.pad_to_multiple_of,
-        pad_to_max_length=ds.pad_to_max_length,
+        bridge.processor, seq_length=seq_length,
+        pad_to_multiple_of=seq_length if ds.pad_to_max_length else ds.pad_to_multiple_of,
     )
     made = maker(split="train", **dict(ds.maker_kwargs))
     sampler = GlobalBatchSampler(
@@ -379,7 +380,7 @@ def run_finetune(
                                 run_config=run_config)
         flops_fn, flops_method = _flops_fn(bridge, model, ctx)
         if flops_method != "bridge":
-            say("nvl finetune: the bridge has no training_flops(); TFLOP/s uses 6 x parameters x tokens (no attention/ViT terms)")
+            say("nvl finetune: the bridge has no train_flops(); TFLOP/s uses 6 x parameters x tokens (no attention/ViT terms)")
 
         eval_fn = None
         if data.eval_batches_factory is not None:

@@ -220,7 +220,7 @@ class TinyBridge:
     def recipe(self, *, peft: bool = False) -> dict[str, Any]:
         return {}
 
-    def training_flops(self, batch: dict[str, Any]) -> float:
+    def train_flops(self, batch: dict[str, Any]) -> float:
         h, f = self.cfg["hidden"], self.cfg["ffn"]
         n = 2 * h * f + h * VOCAB
         return 6.0 * n * float(batch["attention_mask"].sum())
