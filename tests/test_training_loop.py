@@ -1,5 +1,6 @@
 """The trainer on a tiny tensor-parallel model (tests/trainer_support/tiny_plugin.py): schedules, token
-weighting, clipping, skipping, sampler, resume, TP=2 / DP=2 equivalence, SIGTERM, loggers, validation."""
+weighting, clipping, skipping, sampler, resume rules, SIGTERM, loggers, validation. The two-process layouts
+and TP resharding are tested on the real toy model in test_finetune_cli.py."""
 
 from __future__ import annotations
 
@@ -42,13 +43,15 @@ def train_here(hf: Path, *overrides: str, manager=None):
     return run_finetune(cfg, manager=manager, device_type="cpu")
 
 
-def torchrun(nproc: int, *args: str, timeout: int = 240) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "NVL_DEVICE": "cpu"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           str(SUPPORT / "run_tiny.py"), *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    return proc
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Two shared cores: torch's two OpenMP threads spin against other processes; one is much faster here."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -266,25 +269,6 @@ def test_save_dir_of_another_run_is_refused_and_the_same_run_resumes(baseline, h
     # the same command again: resumes the finished run and has nothing left to do
     state = train_here(hf, f"checkpoint.save={baseline}")
     assert state.iteration == 30 and state.consumed_samples == 120
-
-
-@pytest.mark.distributed
-@pytest.mark.parametrize("layout", ["tp2", "dp2"])
-def test_two_process_layouts_match_one_process(baseline, hf, tmp_path, layout):
-    out = tmp_path / layout
-    tp = "2" if layout == "tp2" else "1"
-    torchrun(2, str(hf), f"model.tensor_model_parallel_size={tp}", f"checkpoint.save={out}")
-    a, b = metrics(baseline), metrics(out)
-    assert sorted(b) == list(range(1, 31))
-    worst = max(abs(a[i]["loss"] - b[i]["loss"]) for i in a)
-    assert worst < 1e-4, worst
-    assert abs(a[30]["grad_norm"] - b[30]["grad_norm"]) < 1e-3
-    if layout == "tp2":
-        # checkpoints hold logical tensors: the one written by two TP ranks resumes on one process
-        one = tmp_path / "tp1"
-        train_here(hf, f"checkpoint.save={one}", f"checkpoint.load={out / 'iter_0000020'}")
-        c = metrics(one)
-        assert max(abs(a[i]["loss"] - c[i]["loss"]) for i in range(21, 31)) < 1e-4
 
 
 def test_sigterm_saves_a_checkpoint_at_the_next_iteration_and_resume_continues(hf, tmp_path):

@@ -109,7 +109,8 @@ def compose_config(
     if (lora_on_language_model or lora_on_vision_model) and not base.get("peft", {}).get("method"):
         extra.append(Override("peft.method", "lora"))
     if lora_on_language_model or lora_on_vision_model:
-        extra += _lora_flag_overrides(manager, base, given, config_file, lora_on_language_model, lora_on_vision_model)
+        extra += _lora_flag_overrides(manager, base, given, [str(f) for f in config_files],
+                                      lora_on_language_model, lora_on_vision_model)
     try:
         return load_config(files, [*parsed, *extra], base=base, plugins=manager), files
     except ConfigError as exc:
@@ -119,7 +120,7 @@ def compose_config(
 FREEZE_KEYS = ("freeze_language_model", "freeze_vision_model", "freeze_vision_projection")
 
 
-def _user_freeze(given: dict[str, Any], config_file: str | None) -> dict[str, bool]:
+def _user_freeze(given: dict[str, Any], config_files: Sequence[str]) -> dict[str, bool]:
     """``model.freeze_*`` values the user chose: on the command line or in their own ``--config-file``.
 
     The bridge's default YAML (the original workflow's) sets them all False for full fine-tuning; it is
@@ -128,7 +129,7 @@ def _user_freeze(given: dict[str, Any], config_file: str | None) -> dict[str, bo
     import yaml
 
     out: dict[str, bool] = {}
-    if config_file is not None:
+    for config_file in config_files:
         data = yaml.safe_load(Path(config_file).read_text()) or {}
         model = data.get("model") if isinstance(data, dict) else None
         for k in FREEZE_KEYS:
@@ -141,7 +142,7 @@ def _user_freeze(given: dict[str, Any], config_file: str | None) -> dict[str, bo
     return out
 
 
-def _lora_flag_overrides(manager: Any, base: dict[str, Any], given: dict[str, Any], config_file: str | None,
+def _lora_flag_overrides(manager: Any, base: dict[str, Any], given: dict[str, Any], config_files: Sequence[str],
                          language: bool, vision: bool) -> list[Any]:
     """``--lora-on-language-model`` / ``--lora-on-vision-model`` resolved by the PEFT method (Megatron-Bridge's
     table: which towers get adapters, which are frozen), with the user's ``model.freeze_*`` winning and a
@@ -156,7 +157,7 @@ def _lora_flag_overrides(manager: Any, base: dict[str, Any], given: dict[str, An
     settings = getattr(method, "workflow_settings", None)
     if settings is None:
         return []
-    peft, freeze = settings(language, vision, _user_freeze(given, config_file))
+    peft, freeze = settings(language, vision, _user_freeze(given, config_files))
     out = [Override(f"peft.{k}", freeze[k]) for k in FREEZE_KEYS]
     if "peft.target_modules" not in given:
         out.append(Override("peft.target_modules", list(peft["target_modules"])))

@@ -325,6 +325,8 @@ def run_finetune(
             run_config=run_config, exit_on_missing_checkpoint=cfg.checkpoint.exit_on_missing_checkpoint,
         )
         say(f"nvl finetune: {decision.reason}")
+        if not cfg.checkpoint.save:
+            say("nvl finetune: WARNING: checkpoint.save is not set: no checkpoint and no metrics.jsonl will be written")
 
         # -- model ---------------------------------------------------------------------------
         t0 = time.perf_counter()

@@ -54,7 +54,8 @@ class ConsoleLogger:
         if "tokens_per_s" in metrics:
             parts.append(f"{metrics['tokens_per_s']:,.0f} tok/s")
         if "tflops_per_gpu" in metrics:
-            parts.append(f"{metrics['tflops_per_gpu']:.1f} TFLOP/s/GPU")
+            tf = metrics["tflops_per_gpu"]
+            parts.append(f"{tf:.1f} TFLOP/s/GPU" if tf >= 1 else f"{tf:.3g} TFLOP/s/GPU")
         if metrics.get("mem_gb") is not None:
             parts.append(f"mem {metrics['mem_gb']:.1f} GB")
         if "eta_s" in metrics:

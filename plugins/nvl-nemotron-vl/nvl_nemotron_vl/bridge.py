@@ -133,6 +133,37 @@ class NemotronVLBridge(BridgeConversionMixin):
         return recipe(peft=peft, lora_on_language_model=lora_on_language_model,
                       lora_on_vision_model=lora_on_vision_model)
 
+    @property
+    def default_config_file(self) -> Path:
+        """The original workflow's default override YAML, applied unless ``--config-file`` replaces it."""
+        from .recipes import DEFAULT_CONFIG_FILE
+
+        return DEFAULT_CONFIG_FILE
+
+    # ------------------------------------------------------------------------- training checkpoints
+    def _table_by_name(self) -> Mapping[str, Any]:
+        table = getattr(self, "_by_name", None)
+        if table is None:
+            from .mapping import by_megatron_name, mapping_table
+
+            table = self._by_name = by_megatron_name(mapping_table(self.config))
+        return table
+
+    def checkpoint_entries(self, name: str, local: "torch.Tensor", *, tp_group: Any, tp_rank: int,
+                           tp_size: int) -> dict[str, Any] | None:
+        """This rank's shards of parameter ``name`` under its component keys (see :mod:`.checkpoint_state`)."""
+        from .checkpoint_state import checkpoint_entries
+
+        return checkpoint_entries(self._table_by_name(), name, local, tp_group=tp_group, tp_rank=tp_rank,
+                                  tp_size=tp_size)
+
+    def assemble_from_entries(self, name: str, entries: Mapping[str, "torch.Tensor"], target: "torch.Tensor", *,
+                              tp_rank: int, tp_size: int) -> bool:
+        """Inverse of :meth:`checkpoint_entries` into ``target`` (this rank's parameter)."""
+        from .checkpoint_state import assemble_from_entries
+
+        return assemble_from_entries(self._table_by_name(), name, entries, target, tp_rank=tp_rank, tp_size=tp_size)
+
     # ---------------------------------------------------------------------------------- FLOPs
     def flops_per_token(self, seq_length: int = 4096) -> float:
         """Training FLOPs per LM token (fwd+bwd = 3x forward) at ``seq_length``, LM only (Megatron-Bridge formula)."""
