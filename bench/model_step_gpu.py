@@ -78,8 +78,11 @@ def peak_memory_gib(device) -> float:
 
 
 def reset_peak(device) -> None:
+    import gc
+
     import torch
 
+    gc.collect()  # drop what a failed (out-of-memory) variant left behind before measuring the next
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)

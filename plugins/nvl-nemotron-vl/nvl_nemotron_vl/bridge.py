@@ -99,7 +99,7 @@ class NemotronVLBridge(BridgeConversionMixin):
         if missing:
             raise ConfigError(f"{hf_dir}: {len(missing)} tensors the model needs are missing, e.g. {missing[:8]}")
         tp = model.tp
-        with torch.no_grad():
+        with weights, torch.no_grad():
             for m in table:
                 comps = m.hf_to_components({k: weights.get(k) for k in m.hf})
                 local = m.components_to_local(comps, tp.size, tp.rank)

@@ -58,6 +58,16 @@ class HFWeights:
     def __getitem__(self, key: str) -> torch.Tensor:
         return self.get(key)
 
+    def close(self) -> None:
+        """Release the open shard files (tensors already returned stay valid)."""
+        self._open.clear()
+
+    def __enter__(self) -> "HFWeights":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def items(self) -> Iterator[tuple[str, torch.Tensor]]:
         for k in self._where:
             yield k, self.get(k)
