@@ -359,6 +359,8 @@ def run_finetune(
         n_all = sum(p.numel() for p in model.parameters())
         say(f"nvl finetune: {n_train:,} of {n_all:,} parameters trainable on this rank"
             + (f" (PEFT {cfg.peft.method}; adapter-only checkpoints)" if peft else ""))
+        if peft is not None and hasattr(peft, "count_parameters"):  # whole-model (TP-independent) counts
+            say(f"nvl finetune: {cfg.peft.method}: {peft.count_parameters(model).describe()}")
         opt = optim.build_optimizer(
             named, lr=cfg.optimizer.lr, betas=(cfg.optimizer.adam_beta1, cfg.optimizer.adam_beta2),
             eps=cfg.optimizer.adam_eps, weight_decay=cfg.optimizer.weight_decay, device_type=ctx.device.type,

@@ -163,7 +163,7 @@ def merge_checkpoints(
         work_dir = Path(work)
         base = open_checkpoint(_base_checkpoint(base_path, bridge, work_dir, say))
         specs = base.specs()
-        say(f"merging {lora.path} (r={dim}, alpha={alpha:g}) into {base.path}")
+        say(f"merging {lora.path} (r={dim}, alpha={alpha:g}) into {base_path}")
 
         saved = lora.load()  # adapters + fully trained tensors: small next to the base
         comps = to_components(table, saved)
@@ -191,7 +191,7 @@ def merge_checkpoints(
                     fused_plan.setdefault(entry.megatron, []).append((base_comp, adapter[bk], a))
                 else:
                     raise MergeError(f"adapter on {p.module}: the base checkpoint has no {base_comp} (nor {entry.megatron})")
-        summary = MergeSummary(str(output), str(base.path), str(lora.path), dim, alpha, fmt=fmt)
+        summary = MergeSummary(str(output), str(base_path), str(lora.path), dim, alpha, fmt=fmt)
         summary.total_tensors = len(specs)
 
         def produce(key: str) -> Any:
