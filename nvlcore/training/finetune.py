@@ -436,8 +436,8 @@ def load_pretrained(model: "torch.nn.Module", src: str, *, bridge: Any, ctx: "Pa
     iter_dir = resolve_checkpoint_dir(p)
     loader = getattr(bridge, "load_checkpoint_weights", None)
     if loader is not None:
-        _call_with_supported(loader, model=model, path=iter_dir, tp_group=ctx.tp_group, tp_rank=ctx.tp_rank,
-                             tp_size=ctx.tp_size)
+        _call_with_supported(loader, model=model, path=iter_dir, checkpoint=iter_dir, tp_group=ctx.tp_group,
+                             tp_rank=ctx.tp_rank, tp_size=ctx.tp_size)
     else:
         tck.load_model_weights(model, iter_dir, bridge=bridge, ctx=ctx)
 
