@@ -209,6 +209,69 @@ def step_fn(model, batch) -> Callable[[], float]:
     return step
 
 
+def run_variant(model, batch, device, flops: float, args) -> dict[str, Any]:
+    """Time forward + backward; an exception (out of memory or other) is the result instead."""
+    import torch
+
+    reset_peak(device)
+    try:
+        step = step_fn(model, batch)
+        loss = step()
+        sec = timed(step, device, args.iters, args.warmup)
+        grads_finite = all(bool(torch.isfinite(p.grad).all()) for p in model.parameters() if p.grad is not None)
+        res = {"status": "ok", "step_s": sec, "tokens_per_s": batch["input_ids"].numel() / sec,
+               "tflops_per_s": flops / sec / 1e12, "loss": loss, "grads_finite": grads_finite,
+               "peak_memory_gib": round(peak_memory_gib(device), 2)}
+        if device.type == "cuda":
+            res["mfu_vs_790"] = flops / sec / H200_BF16_CEILING
+    except Exception as exc:
+        res = {"status": "oom" if is_oom(exc) else "error", "error": f"{type(exc).__name__}: {exc}"[:2000],
+               "peak_memory_gib": round(peak_memory_gib(device), 2)}
+        if not is_oom(exc):
+            res["traceback"] = traceback.format_exc()[-4000:]
+    model.zero_grad(set_to_none=True)
+    return res
+
+
+def compiled_scan_variant(model, cfg, batch, device, dtype, flops: float, mode: str, args) -> dict[str, Any]:
+    """The step and the scan alone with ``torch.compile(ssd_scan_reference)`` installed."""
+    import torch
+
+    from nvl_nemotron_vl.model.ssd import set_ssd_scan_impl, ssd_scan_reference
+
+    out: dict[str, Any] = {"recompute": mode}
+    try:
+        compiled = torch.compile(ssd_scan_reference, dynamic=False)
+        g = torch.Generator(device="cpu").manual_seed(1)
+        probe = [torch.randn(1, 256, 8, 16, generator=g), torch.rand(1, 256, 8, generator=g) * 0.1,
+                 -torch.rand(8, generator=g) - 0.5, torch.randn(1, 256, 2, 16, generator=g),
+                 torch.randn(1, 256, 2, 16, generator=g)]
+        probe = [t.to(device) for t in probe]
+        a, _ = ssd_scan_reference(*probe, 64)
+        b, _ = compiled(*probe, 64)
+        out["max_rel_diff_vs_reference"] = float((a - b).abs().max() / a.abs().max())
+        set_ssd_scan_impl(compiled)
+        model.set_recompute(mode)
+        out["step"] = run_variant(model, batch, device, flops, args)
+        mixer = next(layer.mixer for layer in model.language_model.decoder.layers if hasattr(layer, "mixer"))
+        seq = batch["input_ids"].shape[1]
+        xs = torch.randn(1, seq, mixer.nheads, mixer.head_dim, device=device, dtype=dtype, requires_grad=True)
+        dts = (torch.rand(1, seq, mixer.nheads, device=device) * 0.1).requires_grad_()
+        A = -torch.rand(mixer.nheads, device=device) - 0.5
+        Bs = torch.randn(1, seq, mixer.ngroups, mixer.state, device=device, dtype=dtype, requires_grad=True)
+        Cs = torch.randn(1, seq, mixer.ngroups, mixer.state, device=device, dtype=dtype, requires_grad=True)
+
+        def run() -> None:
+            compiled(xs, dts, A, Bs, Cs, mixer.chunk_size)[0].square().mean().backward()
+
+        out["ssd_scan_s"] = timed(run, device, max(1, args.iters), 1)
+    except Exception as exc:
+        out.update(status="oom" if is_oom(exc) else "error", error=f"{type(exc).__name__}: {exc}"[:2000])
+    finally:
+        set_ssd_scan_impl(None)
+    return out
+
+
 def is_oom(exc: BaseException) -> bool:
     import torch
 
@@ -271,6 +334,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--iters", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--skip-checks", action="store_true", help="skip the tiny-toy parity checks")
+    ap.add_argument("--compiled-scan", action=argparse.BooleanOptionalAction, default=None,
+                    help="also time the step with torch.compile(ssd_scan) (default: on for cuda)")
     ap.add_argument("--out", type=Path, required=True, help="directory for the JSON and markdown record")
     args = ap.parse_args(argv)
 
@@ -283,6 +348,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.cuda.set_device(device.index or 0)
         device = torch.device("cuda", torch.cuda.current_device())
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+    if args.compiled_scan is None:
+        args.compiled_scan = device.type == "cuda"
     variants = [v.strip() for v in args.recompute.split(",") if v.strip()]
     bad = [v for v in variants if v not in ("none", "ssm", "layers")]
     if bad:
@@ -296,6 +363,13 @@ def main(argv: list[str] | None = None) -> int:
     from nvl_nemotron_vl.toy import num_prefix_tokens, toy_config
 
     ensure_model_parallel(1)
+    stem = f"model_step_{args.size if not args.hf_dir else 'hf'}_{device.type}_{dt.date.today().isoformat()}"
+
+    def save() -> None:
+        """Write the record so far (each phase saves, so a run cut short still leaves its numbers)."""
+        (args.out / f"{stem}.json").write_text(json.dumps(record, indent=2) + "\n")
+        (args.out / f"{stem}.md").write_text(render_markdown(record))
+
     record: dict[str, Any] = {
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "machine": machine(device), "args": {k: str(v) for k, v in vars(args).items()},
@@ -308,6 +382,7 @@ def main(argv: list[str] | None = None) -> int:
         record["checks"] = correctness_checks(device)
         record["checks"]["seconds"] = round(time.perf_counter() - t, 1)
         print(f"checks: {json.dumps(record['checks'])}", flush=True)
+        save()
 
     # -- build --------------------------------------------------------------------------------
     t = time.perf_counter()
@@ -330,30 +405,15 @@ def main(argv: list[str] | None = None) -> int:
     flops = batch_train_flops(cfg, batch)
     record["sample"] = {"seq": args.seq, "tiles": args.tiles, "context_tokens": args.tiles * cfg.num_image_token,
                         "train_flops": flops}
+    save()
 
     # -- step variants ------------------------------------------------------------------------
     record["variants"] = {}
     for v in variants:
         model.set_recompute(v)
-        reset_peak(device)
-        res: dict[str, Any] = {}
-        try:
-            step = step_fn(model, batch)
-            loss = step()
-            sec = timed(step, device, args.iters, args.warmup)
-            grads_finite = all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
-            res = {"status": "ok", "step_s": sec, "tokens_per_s": args.seq / sec, "tflops_per_s": flops / sec / 1e12,
-                   "loss": loss, "grads_finite": bool(grads_finite), "peak_memory_gib": round(peak_memory_gib(device), 2)}
-            if device.type == "cuda":
-                res["mfu_vs_790"] = flops / sec / H200_BF16_CEILING
-        except Exception as exc:  # an OOM is a result, anything else too (recorded, then the next variant)
-            res = {"status": "oom" if is_oom(exc) else "error", "error": f"{type(exc).__name__}: {exc}"[:2000],
-                   "peak_memory_gib": round(peak_memory_gib(device), 2)}
-            if not is_oom(exc):
-                res["traceback"] = traceback.format_exc()[-4000:]
-        model.zero_grad(set_to_none=True)
-        record["variants"][v] = res
-        print(f"step[{v}]: {json.dumps({k: w for k, w in res.items() if k != 'traceback'})}", flush=True)
+        record["variants"][v] = run_variant(model, batch, device, flops, args)
+        print(f"step[{v}]: {json.dumps({k: w for k, w in record['variants'][v].items() if k != 'traceback'})}", flush=True)
+        save()
 
     ok = [v for v in variants if record["variants"][v]["status"] == "ok"]
     if ok:
@@ -364,10 +424,15 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as exc:
             record["split"] = {"status": "oom" if is_oom(exc) else "error", "error": f"{type(exc).__name__}: {exc}"[:2000]}
         print(f"split: {json.dumps(record['split'])}", flush=True)
+        save()
 
-    stem = f"model_step_{args.size if not args.hf_dir else 'hf'}_{device.type}_{dt.date.today().isoformat()}"
-    (args.out / f"{stem}.json").write_text(json.dumps(record, indent=2) + "\n")
-    (args.out / f"{stem}.md").write_text(render_markdown(record))
+    if ok and args.compiled_scan:
+        # The same step with the scan compiled by torch.compile (Inductor), on the fastest variant that fit.
+        best = max(ok, key=lambda v: record["variants"][v]["tokens_per_s"])
+        record["compiled_scan"] = compiled_scan_variant(model, cfg, batch, device, dtype, flops, best, args)
+        print(f"compiled scan: {json.dumps(record['compiled_scan'])}", flush=True)
+
+    save()
     print(f"wrote {args.out / stem}.json and .md", flush=True)
     checks_ok = record.get("checks", {}).get("passed", True)
     return 0 if checks_ok and ok else 1
@@ -379,18 +444,22 @@ def render_markdown(r: dict[str, Any]) -> str:
         f"# Model step: {r['args']['size']} on {m.get('gpu', 'CPU')} ({r['date']})", "",
         f"Machine: {m.get('gpu', 'cpu')} ({m.get('gpu_memory_gib', '-')} GiB), host {m['host']}, torch {m['torch']}, "
         f"CUDA {m.get('cuda', '-')}, megatron-core {m.get('megatron_core', '-')}, dtype {r['dtype']}.", "",
-        f"Sample: batch 1, {r['sample']['seq']} LM tokens with one image of {r['sample']['tiles']} tiles "
-        f"({r['sample']['context_tokens']} context tokens); {r['sample']['train_flops'] / 1e12:.1f} TFLOP per step "
-        "(LM over real tokens + ViT + projector, 3x forward).", "",
-        f"Build: {r['build']['parameters'] / 1e6:,.1f} M parameters, {r['build']['weights_gib']} GiB of weights, "
-        f"{r['build']['seconds']} s.", "",
     ]
+    if "sample" in r:
+        lines += [f"Sample: batch 1, {r['sample']['seq']} LM tokens with one image of {r['sample']['tiles']} tiles "
+                  f"({r['sample']['context_tokens']} context tokens); {r['sample']['train_flops'] / 1e12:.1f} TFLOP per "
+                  "step (LM over real tokens + ViT + projector, 3x forward).", ""]
+    if "build" in r:
+        lines += [f"Build: {r['build']['parameters'] / 1e6:,.1f} M parameters, {r['build']['weights_gib']} GiB of "
+                  f"weights, {r['build']['seconds']} s.", ""]
     if "checks" in r:
         c = r["checks"]
         lines += ["## Correctness (tiny toy, fp32, on this device)", "",
                   "| check | value |", "|---|---|"]
         lines += [f"| {k} | {v:.3e} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in c.items()]
         lines.append("")
+    if not r.get("variants"):
+        return "\n".join(lines) + "\n"
     lines += ["## Forward + backward", "",
               "| recompute | status | step s | tokens/s | TFLOP/s | MFU (790) | peak GiB |", "|---|---|---|---|---|---|---|"]
     for v, res in r["variants"].items():
@@ -401,6 +470,17 @@ def render_markdown(r: dict[str, Any]) -> str:
         else:
             lines.append(f"| {v} | {res['status']} | - | - | - | - | {res['peak_memory_gib']} |")
     lines.append("")
+    cs = r.get("compiled_scan")
+    if cs:
+        step = cs.get("step", {})
+        if step.get("status") == "ok":
+            lines += [f"With `torch.compile(ssd_scan)` (recompute {cs['recompute']}): step {step['step_s']:.3f} s, "
+                      f"{step['tokens_per_s']:.0f} tokens/s, peak {step['peak_memory_gib']} GiB; the scan alone "
+                      f"{cs.get('ssd_scan_s', float('nan')):.4f} s per layer; max relative difference to the "
+                      f"reference scan {cs.get('max_rel_diff_vs_reference', float('nan')):.1e}.", ""]
+        else:
+            lines += [f"With `torch.compile(ssd_scan)`: {cs.get('status', step.get('status'))}: "
+                      f"{cs.get('error', step.get('error', ''))[:300]}", ""]
     s = r.get("split")
     if s and "error" not in s:
         lines += ["## Where the time goes (forward + backward of each part alone, at the step's shapes)", "",
