@@ -67,6 +67,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--lr", type=float, default=2e-5)
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--out", type=Path, required=True, help="directory for finetune_gpu.json and finetune_gpu.md")
+    ap.add_argument("--recompute", default="none,ssm",
+                    help="comma list of activation-recomputation variants to run in turn: none, ssm, layers "
+                         "(an out-of-memory variant is recorded and the next one runs)")
     ap.add_argument("--print-memory-plan", action="store_true", help="print the memory estimate and exit")
     return ap.parse_args(argv)
 
@@ -156,6 +159,12 @@ def main(argv: list[str] | None = None) -> int:
     return run(args)
 
 
+def is_oom(exc: BaseException) -> bool:
+    import torch
+
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
     import torch.distributed as dist
@@ -168,7 +177,8 @@ def run(args: argparse.Namespace) -> int:
     device_type = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     ctx = init_parallel(args.tp, device_type=device_type, seed=args.seed)
     say = print if ctx.is_main else (lambda *_a, **_k: None)
-    result: dict = {"status": "started"}
+    cuda = device_type == "cuda"
+    result: dict = {"status": "started", "size": args.size, "tp": args.tp}
     try:
         cfg, raw, token_ids = model_config(args.size)
         from nvl_nemotron_vl.bridge import NemotronVLBridge
@@ -177,29 +187,23 @@ def run(args: argparse.Namespace) -> int:
         bridge = NemotronVLBridge(cfg)
         t0 = time.perf_counter()
         model = bridge.build_model(dtype=torch.float32, device=ctx.device, init="random", seed=args.seed)
-        if device_type == "cuda":
+        if cuda:
             torch.cuda.synchronize()
         build_s = time.perf_counter() - t0
         named = optim.trainable_named_parameters(model)
         n_rank = sum(p.numel() for _, p in named)
         n_logical = sum(p.numel() * (ctx.tp_size if getattr(p, "tensor_model_parallel", False) else 1) for _, p in named)
-        autocast = torch.bfloat16 if device_type == "cuda" else None
+        autocast = torch.bfloat16 if cuda else None
         plan = memory_plan(n_rank, args.seq, autocast is not None)
-        say(f"model: {n_logical / 1e9:.2f}B parameters, {n_rank / 1e9:.2f}B on this rank (TP={ctx.tp_size}); built in {build_s:.1f} s")
+        say(f"model: {n_logical / 1e9:.3f}B parameters, {n_rank / 1e9:.3f}B on this rank (TP={ctx.tp_size}); "
+            f"built in {build_s:.1f} s")
         for k, v in plan.items():
-            say(f"  memory plan: {k}: {v:.1f} GB")
+            say(f"  memory plan: {k}: {v:.2f} GB")
         if args.print_memory_plan:
             return 0
         opt = optim.build_optimizer(named, lr=args.lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.033,
                                     device_type=device_type)
         gbs = args.micro_batches * ctx.dp_size
-        trainer = Trainer(
-            model=model, ctx=ctx, optimizer=opt, named_params=named,
-            lr_schedule=LRSchedule(max_lr=args.lr, min_lr=args.lr, decay_style="constant"),
-            wd_schedule=WeightDecaySchedule(start=0.033, end=0.033),
-            settings=LoopSettings(train_iters=args.warmup + args.steps, global_batch_size=gbs,
-                                  num_microbatches=args.micro_batches, clip_grad=1.0, autocast_dtype=autocast),
-        )
         supervised = args.supervised or args.seq // 4
         image_size = int(raw["force_image_size"])
         micro = [synthetic_batch(cfg, raw, token_ids, seq=args.seq, tiles=args.tiles, supervised=supervised,
@@ -208,72 +212,98 @@ def run(args: argparse.Namespace) -> int:
         flops_step = sum(bridge.train_flops(b) for b in micro) * ctx.dp_size
         lm_nominal_step = 3.0 * lm_forward_flops(cfg, [args.seq] * len(micro)) * ctx.dp_size
         tokens_step = args.seq * args.micro_batches * ctx.dp_size
-        before = {n: p.detach().flatten()[:64].clone() for n, p in named[:8]}
-
-        steps = []
-        for i in range(args.warmup + args.steps):
-            if device_type == "cuda":
-                torch.cuda.synchronize()
-            t = time.perf_counter()
-            res = trainer.train_step(micro)
-            if device_type == "cuda":
-                torch.cuda.synchronize()
-            dt = time.perf_counter() - t
-            steps.append({"step": i + 1, "time_s": dt, "loss": res.loss, "grad_norm": res.grad_norm,
-                          "skipped": res.skipped, "timed": i >= args.warmup})
-            say(f"step {i + 1}/{args.warmup + args.steps} {'(warm-up) ' if i < args.warmup else ''}"
-                f"{dt:.2f} s loss {res.loss:.4f} grad {res.grad_norm:.3f}"
-                + (f" peak {torch.cuda.max_memory_allocated() / 1e9:.1f} GB" if device_type == "cuda" else ""))
-
-        timed = [s for s in steps if s["timed"]]
-        step_s = sum(s["time_s"] for s in timed) / len(timed)
         world = ctx.world_size
         vocab = int(raw["llm_config"]["vocab_size"])
-        checks = {
-            "first loss finite and within 25% of ln(vocab)": math.isfinite(steps[0]["loss"])
-            and abs(steps[0]["loss"] - math.log(vocab)) < 0.25 * math.log(vocab),
-            "all losses and gradient norms finite": all(math.isfinite(s["loss"]) and math.isfinite(s["grad_norm"]) for s in steps),
-            "no update skipped": not any(s["skipped"] for s in steps),
-            "parameters changed": any(not torch.equal(before[n], p.detach().flatten()[:64]) for n, p in named[:8]),
-        }
-        mem = {}
-        if device_type == "cuda":
-            peak = torch.tensor([torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved()],
-                                dtype=torch.float64, device=ctx.device)
-            dist.all_reduce(peak, op=dist.ReduceOp.MAX)
-            mem = {"peak_allocated_gb": float(peak[0]) / 1e9, "peak_reserved_gb": float(peak[1]) / 1e9,
-                   "device_total_gb": torch.cuda.get_device_properties(ctx.device).total_memory / 1e9}
-        tflops_gpu = flops_step / step_s / world / 1e12
+        variants: dict[str, dict] = {}
+        for variant in [v.strip() for v in args.recompute.split(",") if v.strip()]:
+            model.set_recompute(variant)
+            if cuda:
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+            trainer = Trainer(
+                model=model, ctx=ctx, optimizer=opt, named_params=named,
+                lr_schedule=LRSchedule(max_lr=args.lr, min_lr=args.lr, decay_style="constant"),
+                wd_schedule=WeightDecaySchedule(start=0.033, end=0.033),
+                settings=LoopSettings(train_iters=args.warmup + args.steps, global_batch_size=gbs,
+                                      num_microbatches=args.micro_batches, clip_grad=1.0, autocast_dtype=autocast),
+            )
+            before = {n: p.detach().flatten()[:64].clone() for n, p in named[:8]}
+            steps: list[dict] = []
+            res: dict = {}
+            try:
+                for i in range(args.warmup + args.steps):
+                    if cuda:
+                        torch.cuda.synchronize()
+                    t = time.perf_counter()
+                    r = trainer.train_step(micro)
+                    if cuda:
+                        torch.cuda.synchronize()
+                    dt = time.perf_counter() - t
+                    steps.append({"step": i + 1, "time_s": dt, "loss": r.loss, "grad_norm": r.grad_norm,
+                                  "skipped": r.skipped, "timed": i >= args.warmup})
+                    say(f"[recompute={variant}] step {i + 1}/{args.warmup + args.steps} "
+                        f"{'(warm-up) ' if i < args.warmup else ''}{dt:.2f} s loss {r.loss:.4f} grad {r.grad_norm:.3f}"
+                        + (f" peak {torch.cuda.max_memory_allocated() / 1e9:.1f} GB" if cuda else ""))
+            except Exception as exc:
+                if not is_oom(exc):
+                    raise
+                for p in model.parameters():
+                    p.grad = None
+                res = {"status": "out of memory", "error": str(exc).splitlines()[0][:500]}
+                say(f"[recompute={variant}] OUT OF MEMORY: {res['error']}")
+            if not res:
+                timed = [x for x in steps if x["timed"]]
+                step_s = sum(x["time_s"] for x in timed) / len(timed)
+                checks = {
+                    "first loss finite and within 25% of ln(vocab)": math.isfinite(steps[0]["loss"])
+                    and abs(steps[0]["loss"] - math.log(vocab)) < 0.25 * math.log(vocab),
+                    "all losses and gradient norms finite": all(
+                        math.isfinite(x["loss"]) and math.isfinite(x["grad_norm"]) for x in steps),
+                    "no update skipped": not any(x["skipped"] for x in steps),
+                    "parameters changed": any(
+                        not torch.equal(before[n], p.detach().flatten()[:64]) for n, p in named[:8]),
+                }
+                tflops_gpu = flops_step / step_s / world / 1e12
+                res = {
+                    "status": "ok" if all(checks.values()) else "failed checks",
+                    "step_time_s": step_s,
+                    "tokens_per_s_per_gpu": tokens_step / step_s / world,
+                    "tflops_per_gpu": tflops_gpu,
+                    "tflops_per_gpu_lm_nominal": lm_nominal_step / step_s / world / 1e12,
+                    "mfu_vs_790": tflops_gpu / H200_BF16_TFLOPS if cuda else None,
+                    "checks": checks, "steps": steps,
+                }
+            if cuda:
+                peak = torch.tensor([torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved()],
+                                    dtype=torch.float64, device=ctx.device)
+                dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+                res.update(peak_allocated_gb=float(peak[0]) / 1e9, peak_reserved_gb=float(peak[1]) / 1e9)
+            variants[variant] = res
+        ok = [v for v, r in variants.items() if r["status"] == "ok"]
+        best = min(ok, key=lambda v: variants[v]["step_time_s"]) if ok else None
         result = {
-            "status": "ok" if all(checks.values()) else "failed checks",
+            "status": "ok" if best else "no variant ran cleanly",
             "what": "nvl trainer, full fine-tuning, random init, synthetic image+text samples",
             "size": args.size, "parameters": n_logical, "parameters_per_rank": n_rank,
             "tp": ctx.tp_size, "dp": ctx.dp_size, "world_size": world, "device": device_type,
-            "gpu": torch.cuda.get_device_name(ctx.device) if device_type == "cuda" else platform.processor(),
+            "gpu": torch.cuda.get_device_name(ctx.device) if cuda else platform.machine(),
+            "device_total_gb": torch.cuda.get_device_properties(ctx.device).total_memory / 1e9 if cuda else None,
             "seq_length": args.seq, "tiles_per_sample": args.tiles, "supervised_per_sample": supervised,
             "micro_batches_per_rank": args.micro_batches, "global_batch": gbs,
             "precision": "fp32 master weights/grads/Adam, bf16 autocast compute" if autocast else "fp32",
-            "step_time_s": step_s,
-            "tokens_per_s_per_gpu": tokens_step / step_s / world,
-            "tflops_per_gpu": tflops_gpu,
-            "tflops_per_gpu_lm_nominal": lm_nominal_step / step_s / world / 1e12,
-            "mfu_vs_790": tflops_gpu / H200_BF16_TFLOPS if device_type == "cuda" else None,
             "flops_per_step": flops_step, "vision_share_of_flops": 1 - lm_nominal_step / flops_step,
-            "memory_plan_gb": plan, **mem, "checks": checks, "steps": steps,
+            "memory_plan_gb": plan, "best_variant": best, "variants": variants,
+            **({k: variants[best][k] for k in ("step_time_s", "tokens_per_s_per_gpu", "tflops_per_gpu",
+                                                "tflops_per_gpu_lm_nominal", "mfu_vs_790")} if best else {}),
             "model_build_s": build_s,
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "torch": torch.__version__, "python": platform.python_version(),
         }
-    except torch.cuda.OutOfMemoryError as exc:
-        result = {"status": "out of memory", "error": str(exc).splitlines()[0], "size": args.size, "tp": args.tp,
-                  "seq_length": args.seq, "tiles_per_sample": args.tiles,
-                  "peak_allocated_gb": torch.cuda.max_memory_allocated() / 1e9}
-        say(f"OUT OF MEMORY: {result['error']}")
     except Exception as exc:
         result = {"status": "error", "error": f"{type(exc).__name__}: {exc}", "size": args.size, "tp": args.tp}
         raise
     finally:
-        if ctx.is_main:
+        if ctx.is_main and not args.print_memory_plan:
             write_results(args.out, result)
         destroy_parallel(ctx)
     return 0 if result.get("status") == "ok" else 1
@@ -283,25 +313,28 @@ def write_results(out: Path, r: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "finetune_gpu.json").write_text(json.dumps(r, indent=1, default=str) + "\n")
     lines = [f"# nvl finetune throughput: {r.get('size')} ({r.get('status')})", ""]
-    if r.get("status") in ("ok", "failed checks"):
+    if "variants" in r:
         lines += [
             f"{r['date']}, {r['world_size']} x {r['gpu']}, TP={r['tp']} DP={r['dp']}, torch {r['torch']}.",
             f"{r['what']}; {r['parameters'] / 1e9:.2f}B parameters; seq {r['seq_length']} with "
-            f"{r['tiles_per_sample']} tiles/sample; {r['micro_batches_per_rank']} micro-batches/step/rank; {r['precision']}.",
+            f"{r['tiles_per_sample']} tiles/sample ({r['vision_share_of_flops'] * 100:.1f}% of the FLOPs in the ViT and "
+            f"projector); {r['micro_batches_per_rank']} micro-batches/step/rank; {r['precision']}.",
             "",
-            "| metric | value |", "|---|---|",
-            f"| step time | {r['step_time_s']:.2f} s |",
-            f"| tokens/s/GPU | {r['tokens_per_s_per_gpu']:,.0f} |",
-            f"| TFLOP/s/GPU (LM + ViT + projector, real tokens) | {r['tflops_per_gpu']:.1f} |",
-            f"| TFLOP/s/GPU (LM only, Megatron-Bridge nominal formula) | {r['tflops_per_gpu_lm_nominal']:.1f} |",
-            f"| MFU vs 790 TFLOP/s | {r['mfu_vs_790'] * 100:.1f}% |" if r.get("mfu_vs_790") is not None else "| MFU | n/a (CPU) |",
-            f"| vision share of FLOPs | {r['vision_share_of_flops'] * 100:.1f}% |",
+            "| recompute | status | step s | tokens/s/GPU | TFLOP/s/GPU (LM+ViT) | TFLOP/s/GPU (LM nominal) | MFU vs 790 | peak alloc / reserved GB |",
+            "|---|---|---|---|---|---|---|---|",
         ]
-        if "peak_allocated_gb" in r:
-            lines += [f"| peak memory allocated / reserved | {r['peak_allocated_gb']:.1f} / {r['peak_reserved_gb']:.1f} GB "
-                      f"(of {r['device_total_gb']:.0f} GB) |"]
-        lines += ["", "Memory plan per GPU: " + "; ".join(f"{k} {v:.1f} GB" for k, v in r["memory_plan_gb"].items()),
-                  "", "Checks: " + "; ".join(f"{k}: {'ok' if v else 'FAILED'}" for k, v in r["checks"].items())]
+        for v, x in r["variants"].items():
+            mem = (f"{x['peak_allocated_gb']:.1f} / {x['peak_reserved_gb']:.1f}" if "peak_allocated_gb" in x else "-")
+            if x["status"] in ("ok", "failed checks"):
+                mfu = f"{x['mfu_vs_790'] * 100:.1f}%" if x.get("mfu_vs_790") is not None else "n/a (CPU)"
+                lines.append(f"| {v} | {x['status']} | {x['step_time_s']:.2f} | {x['tokens_per_s_per_gpu']:,.0f} | "
+                             f"{x['tflops_per_gpu']:.1f} | {x['tflops_per_gpu_lm_nominal']:.1f} | {mfu} | {mem} |")
+            else:
+                lines.append(f"| {v} | {x['status']} | - | - | - | - | - | {mem} |")
+        lines += ["", "Memory plan per GPU: " + "; ".join(f"{k} {v:.1f} GB" for k, v in r["memory_plan_gb"].items())]
+        for v, x in r["variants"].items():
+            if "checks" in x:
+                lines.append(f"Checks ({v}): " + "; ".join(f"{k}: {'ok' if ok else 'FAILED'}" for k, ok in x["checks"].items()))
     else:
         lines += [f"```\n{json.dumps(r, indent=1, default=str)}\n```"]
     (out / "finetune_gpu.md").write_text("\n".join(lines) + "\n")

@@ -125,6 +125,25 @@ def test_two_processes_match_one(baseline, toy, raven, tmp_path, tp):
         assert max(abs(a[i] - c[i]) / abs(a[i]) for i in range(21, 31)) < 1e-4
 
 
+def test_lora_run_saves_adapter_only_checkpoints_and_resumes_bit_for_bit(toy, raven, tmp_path):
+    from nvlcore.checkpoint import open_checkpoint
+
+    first, second = tmp_path / "lora", tmp_path / "lora_resumed"
+    lora = ["--lora-on-language-model", "train.train_iters=8", "checkpoint.save_interval=4"]
+    nvl(*run_args(toy, raven, first, *lora))
+    ckpt = open_checkpoint(first / "iter_0000004")
+    keys = set(ckpt.keys())
+    assert any(".adapter." in k for k in keys)
+    # LM-only LoRA: the language model's base weights stay frozen and are not saved; ViT and projector are trained
+    assert not any(k.startswith("language_model.") and ".adapter." not in k for k in keys)
+    assert any(k.startswith("vision_model.") for k in keys) and any(k.startswith("vision_projection.") for k in keys)
+    assert ckpt.extra_state()["adapter_only"] is True
+    assert ckpt.run_config()["checkpoint"]["pretrained_checkpoint"] == str(toy)
+    nvl(*run_args(toy, raven, second, *lora, f"checkpoint.load={first / 'iter_0000004'}"))
+    a, b = losses(first), losses(second)
+    assert [a[i] for i in range(5, 9)] == [b[i] for i in range(5, 9)]
+
+
 # -- the original workflow's command lines --------------------------------------------------------
 def print_config(toy: Path, *args: str) -> dict:
     from click.testing import CliRunner
