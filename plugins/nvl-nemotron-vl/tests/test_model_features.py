@@ -104,6 +104,11 @@ def test_evs_mask_matches_transformers_and_pruned_forward_is_the_compacted_seque
     want = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels[:, keep], reduction="none")
     assert (loss[0, keep] - want[0]).abs().max().item() < 1e-5
     assert torch.all(loss[0, ~keep] == 0)
+    # the decoding prefill gets the same compacted embeddings and the kept positions
+    with torch.no_grad():
+        e2, _, l2, index = model.embed_inputs(ids, pixels, None, labels, num_frames=[frames], evs_pruning_rate=rate)
+    assert torch.equal(index[0], keep.nonzero().flatten()) and torch.equal(l2, labels[:, keep])
+    assert torch.allclose(e2, embeds)
     # no pruning rate: EVS is off and nothing is dropped
     full = model(ids, labels=labels, pixel_values=pixels, num_frames=torch.tensor([frames]))
     assert torch.all(full[0, ~keep] != 0)

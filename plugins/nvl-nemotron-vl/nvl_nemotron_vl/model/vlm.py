@@ -162,26 +162,43 @@ class NemotronVLModel(nn.Module):
     ) -> torch.Tensor:
         """See the module docstring. ``loss_mask`` is accepted and not used (the trainer applies it)."""
         del loss_mask, extra
+        embeds, attention_mask, labels, index = self.embed_inputs(
+            input_ids, pixel_values, attention_mask, labels, num_frames=num_frames, evs_pruning_rate=evs_pruning_rate)
+        hidden = self.language_model.decoder(embeds, attention_mask, inference_params)
+        logits = self.language_model.logits(hidden)
+        out = logits if labels is None else self.per_token_loss(logits, labels)
+        if index is not None:
+            out = _scatter_back(out, index, input_ids.shape)
+        return out
+
+    def embed_inputs(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        *,
+        num_frames: Sequence[int] | torch.Tensor | None = None,
+        evs_pruning_rate: float | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """The LM's input embeddings: token embeddings with the tiles' / frames' embeddings merged in.
+
+        Returns ``(inputs_embeds, attention_mask, labels, index)``. With EVS (``evs_pruning_rate > 0``
+        and ``num_frames``), pruned ``<video>`` positions are removed (rows right-padded to the longest)
+        and ``index[b, j]`` is the input position of compacted position ``j`` (-1 on padding); without
+        EVS ``index`` is None and the other values are returned as given. Decoding uses this for the
+        prefill.
+        """
         embeds = self.language_model.embed(input_ids)
         vision = None
         if pixel_values is not None and pixel_values.shape[0] > 0:
             vision = self.vision_embeddings(pixel_values)
         embeds = self.merge_embeddings(input_ids, embeds, vision)
-
-        keep = None
         if evs_pruning_rate and vision is not None and num_frames is not None:
             keep = self._evs_keep(input_ids, vision, num_frames, float(evs_pruning_rate))
-            if bool(keep.all()):
-                keep = None
-        if keep is not None:
-            embeds, attention_mask, labels, index = _compact(keep, embeds, attention_mask, labels)
-
-        hidden = self.language_model.decoder(embeds, attention_mask, inference_params)
-        logits = self.language_model.logits(hidden)
-        out = logits if labels is None else self.per_token_loss(logits, labels)
-        if keep is not None:
-            out = _scatter_back(out, index, input_ids.shape)
-        return out
+            if not bool(keep.all()):
+                return _compact(keep, embeds, attention_mask, labels)
+        return embeds, attention_mask, labels, None
 
     def per_token_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Vocab-parallel cross-entropy ``[B, L]`` in fp32, 0 where ``labels == -100``."""
@@ -208,9 +225,7 @@ class NemotronVLModel(nn.Module):
 
         ``inference_params`` is threaded to every mixer for decoding caches (not implemented here).
         """
-        embeds = self.language_model.embed(input_ids)
-        vision = self.vision_embeddings(pixel_values) if pixel_values is not None and len(pixel_values) else None
-        embeds = self.merge_embeddings(input_ids, embeds, vision)
+        embeds, attention_mask, _, _ = self.embed_inputs(input_ids, pixel_values, attention_mask)
         hidden = self.language_model.decoder(embeds, attention_mask, inference_params)
         if last_only:
             hidden = hidden[:, -1:]
