@@ -210,8 +210,12 @@ def full_parameter_shapes(cfg: NemotronVLConfig) -> dict[str, tuple[int, ...]]:
     return {n: tuple(p.shape) for n, p in model.named_parameters()}
 
 
-def iter_toy_hf_tensors(cfg: NemotronVLConfig, seed: int):
-    """Yield ``(hf_key, tensor)`` for the whole checkpoint, one parameter group at a time."""
+def iter_toy_hf_tensors(cfg: NemotronVLConfig, seed: int, device: str = "cpu"):
+    """Yield ``(hf_key, CPU tensor)`` for the whole checkpoint, one parameter group at a time.
+
+    ``device="cuda"`` draws the random numbers on the GPU (much faster at the 12B shape; the values
+    differ from a CPU draw with the same seed, as the generators differ).
+    """
     import torch
 
     from .mapping import CARRIED_HF_KEYS, mapping_table
@@ -222,11 +226,11 @@ def iter_toy_hf_tensors(cfg: NemotronVLConfig, seed: int):
         meta = torch.empty(shapes[m.megatron], device="meta")
         comps = {}
         for name, t in m.local_to_components([meta]).items():
-            gen = torch.Generator().manual_seed(seed_for(seed, name))
-            comps[name] = init_tensor(name, tuple(t.shape), cfg, gen)
+            gen = torch.Generator(device=device).manual_seed(seed_for(seed, name))
+            comps[name] = init_tensor(name, tuple(t.shape), cfg, gen, device=device)
         for key, t in m.components_to_hf(comps).items():
             dtype = torch.float32 if key.endswith(FP32_SUFFIXES) else torch.bfloat16
-            yield key, t.to(dtype).contiguous()
+            yield key, t.to(dtype).contiguous().cpu()
     mean_key, std_key = CARRIED_HF_KEYS[0], CARRIED_HF_KEYS[1]
     yield mean_key, torch.tensor(cfg.norm_mean, dtype=torch.float32).view(3, 1, 1)
     yield std_key, torch.tensor(cfg.norm_std, dtype=torch.float32).view(3, 1, 1)
@@ -240,11 +244,13 @@ def write_toy_checkpoint(
     overwrite: bool = False,
     max_shard_bytes: int | None = None,
     progress: Callable[[str], None] | None = None,
+    device: str = "cpu",
 ) -> Path:
     """Write a toy HF directory at ``out_dir`` and return its path.
 
     ``max_shard_bytes`` overrides the size's shard limit (``None`` keeps it; the tiny toy is a single
     ``model.safetensors`` unless a limit is given, which tests use to exercise sharded loading).
+    ``device`` is where the random numbers are drawn (see :func:`iter_toy_hf_tensors`).
     """
     from safetensors.torch import save_file
 
@@ -281,7 +287,7 @@ def write_toy_checkpoint(
                 say(f"wrote shard {len(shards)} ({current_bytes / 2**20:.1f} MiB)")
             current, current_bytes = {}, 0
 
-        for key, t in iter_toy_hf_tensors(cfg, seed):
+        for key, t in iter_toy_hf_tensors(cfg, seed, device):
             nbytes = t.numel() * t.element_size()
             if limit is not None and current and current_bytes + nbytes > limit:
                 flush()
