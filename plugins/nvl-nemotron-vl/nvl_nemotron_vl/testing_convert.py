@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 
@@ -46,6 +47,15 @@ def tp_load_worker(rank: int, world: int, hf_dir: str, checkpoints: dict[str, st
         report = bridge.load_checkpoint_weights(m2, path)
         out[name] = logits_of(m2, inputs)
         out[name + ":loaded"] = report["loaded"]
+    # the trainer's resume path (nvlcore.training.checkpointing) through the bridge's entry hooks
+    from types import SimpleNamespace
+
+    from nvlcore.training.checkpointing import load_model_weights
+
+    m3 = bridge.build_model(dtype=torch.float32, device="cpu", tp_group=group, seed=98)
+    ctx = SimpleNamespace(tp_group=group, tp_rank=group.rank(), tp_size=group.size())
+    load_model_weights(m3, Path(checkpoints["tp1"]), bridge=bridge, ctx=ctx)
+    out["trainer_path"] = logits_of(m3, inputs)
     save_checkpoint(save_root, 3, model_state=bridge.model_components(model),
                     train_state={"iteration": 3}, run_config={"model": {"tensor_model_parallel_size": world}})
     return out

@@ -134,7 +134,7 @@ def test_checkpoints_load_at_tp1_and_tp2_with_hf_logits(tiny_toy, imported, tp2_
         assert torch.equal(got, ref), f"TP=1 logits from the {name} checkpoint differ"
     # TP=2: both imports give exactly the HF-loaded TP=2 logits, which match TP=1 up to reduction order
     for rank in (0, 1):
-        for name in ("tp1", "tp2"):
+        for name in ("tp1", "tp2", "trainer_path"):
             assert torch.equal(res[rank][name], res[rank]["hf"]), (rank, name)
     assert torch.allclose(res[0]["hf"], ref, atol=1e-4, rtol=1e-4)
 
@@ -157,9 +157,10 @@ def test_trained_checkpoint_strict_errors(tiny_toy, imported, tmp_path):
 
 
 @pytest.mark.parametrize("tp", [2, 4])
-def test_local_parts_agree_with_the_mapping(tp):
-    """local_parts/assemble_local (per-rank, no gather) against mapping.components_to_local (the table's own)."""
-    from nvl_nemotron_vl.convert import assemble_local, local_parts
+def test_checkpoint_layout_agrees_with_the_mapping(tp):
+    """The per-rank layout of training checkpoints (checkpoint_state) against the table's own
+    components_to_local: each rank's part is its chunk of each logical component, and reassembles."""
+    from nvl_nemotron_vl.checkpoint_state import _split_local, _vocab_rows, assemble_from_entries
     from nvl_nemotron_vl.mapping import ParamMapping
 
     g = torch.Generator().manual_seed(0)
@@ -183,12 +184,18 @@ def test_local_parts_agree_with_the_mapping(tp):
                 rows = m.sizes[0] if m.kind == "vocab" else 8
             shape = (rows, 1, 3) if m.kind == "mamba_conv1d" else (rows,) if m.kind == "vit_qkv" else (rows, 12)
             comps[c] = torch.randn(shape, generator=g)
+        table = {m.megatron: m}
         for r in range(tp):
             local = m.components_to_local(comps, tp, r)
-            parts = local_parts(m, local, tp, r)
-            for key, part, dim in parts:
+            parts = {}
+            for key, part, dim, _size in _split_local(m, local, tp):
+                if m.kind == "vocab":
+                    part = part[: _vocab_rows(m.sizes[0], tp, r)]
                 full = comps[key]
                 want = full if dim is None else full.tensor_split(
                     [min(full.shape[dim], i * -(-full.shape[dim] // tp)) for i in range(1, tp)], dim=dim)[r]
                 assert torch.equal(part, want), (m.megatron, key, r)
-            assert torch.equal(assemble_local(m, [p for _, p, _ in parts], tp, r), local), (m.megatron, r)
+                parts[key] = part
+            target = torch.full_like(local, float("nan"))
+            assert assemble_from_entries(table, m.megatron, parts, target, tp_rank=r, tp_size=tp)
+            assert torch.equal(target, local), (m.megatron, r)
