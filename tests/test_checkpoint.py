@@ -243,3 +243,21 @@ def test_tp2_save_loads_at_tp1_and_back(tmp_path):
             assert len(offs) == len(set(offs)), f"{name}: {fqn} written twice at {offs}"
         assert len(chunks["norm.weight"]) == 1
     assert len(Checkpoint(tmp_path / "tp2")._md().state_dict_metadata["col.weight"].chunks) == 2
+
+
+def test_a_one_rank_process_group_saves_like_a_single_process(tmp_path):
+    """torch.distributed initialised with world size 1 (a one-rank ensure_model_parallel) must not
+    turn streamed saves or fsync batching into collective behaviour."""
+    import subprocess
+    import sys
+
+    code = f"""
+import torch, torch.distributed as dist
+from nvlcore.checkpoint import StreamedState, TensorSpec, save_checkpoint, load_model_state
+dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+spec = {{"a": TensorSpec((2, 3), torch.float32)}}
+save_checkpoint({str(tmp_path)!r}, 0, model_state=StreamedState(spec, lambda k: torch.ones(2, 3)))
+assert torch.equal(load_model_state({str(tmp_path)!r})["a"], torch.ones(2, 3))
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]

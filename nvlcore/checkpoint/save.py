@@ -109,12 +109,17 @@ class CheckpointSaveError(RuntimeError):
 
 
 def _dist_state(group: Any) -> tuple[bool, int, int, int]:
-    """(distributed?, rank in group, group size, global rank)."""
+    """(several ranks save together?, rank in group, group size, global rank).
+
+    A group of one (``torch.distributed`` initialised for a single process, as a one-rank
+    ``ensure_model_parallel`` does) saves like a plain single process: no collectives.
+    """
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):
         return False, 0, 1, 0
-    return True, dist.get_rank(group), dist.get_world_size(group), dist.get_rank()
+    size = dist.get_world_size(group)
+    return size > 1, dist.get_rank(group), size, dist.get_rank()
 
 
 def _agree(error: BaseException | None, group: Any, dist_on: bool, what: str) -> None:
