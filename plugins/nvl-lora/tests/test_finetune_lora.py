@@ -176,3 +176,24 @@ def test_nvl_export_hf_peft_from_a_trainer_checkpoint(lm_run, toy: Path, tmp_pat
     conf = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert conf["task_type"] == "CAUSAL_LM" and conf["r"] == 4
     assert all(t.startswith("model.layers.") for t in conf["target_modules"])
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_lora_at_tp2_matches_tp1(lm_run, toy: Path, base32: Path, tmp_path: Path) -> None:
+    """Two gloo processes, tensor parallel 2: the same LoRA run's losses within tolerance, and its adapter
+    checkpoint holds the same logical tensors (shapes) as the TP=1 one."""
+    from nvlcore.checkpoint import open_checkpoint
+
+    out, _ = lm_run
+    tp2 = tmp_path / "tp2"
+    train = [a for a in TRAIN if not a.startswith("model.tensor_model_parallel_size")]
+    nvl("finetune", "--nproc-per-node", "2", "--hf-model-path", toy, "--pretrained-checkpoint", base32,
+        "--lora-on-language-model", *train, "model.tensor_model_parallel_size=2", f"checkpoint.save={tp2}",
+        timeout=600)
+    a, b = losses(out), losses(tp2)
+    assert sorted(b) == sorted(a)
+    for i in a:
+        assert b[i] == pytest.approx(a[i], rel=2e-4, abs=2e-4), (i, a[i], b[i])
+    s1, s2 = open_checkpoint(out).specs(), open_checkpoint(tp2).specs()
+    assert {k: v.shape for k, v in s1.items()} == {k: v.shape for k, v in s2.items()}
