@@ -45,6 +45,12 @@ for p in [ROOT, *sorted((ROOT / "plugins").glob("*/"))]:
 
 import torch  # noqa: E402
 
+_missing = [m for m in ("pluggy", "attrs", "click", "yaml", "megatron.core", "safetensors")
+            if __import__("importlib").util.find_spec(m.split(".")[0]) is None]
+if _missing:
+    sys.exit(f"lora_gpu.py needs {', '.join(_missing)} (nvlcore's dependencies); pip install them, or "
+             "`pip install -e . -e plugins/nvl-lora -e plugins/nvl-nemotron-vl` from the repository root")
+
 LM_TARGETS = ["*language_model*.linear_qkv", "*language_model*.linear_proj", "*language_model*.linear_fc1",
               "*language_model*.linear_fc2"]
 PEER_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"]
@@ -182,17 +188,12 @@ def run_nvl(args: argparse.Namespace, device: torch.device, deadline: float) -> 
 
 # ----------------------------------------------------------------------------------------- peer
 def peer_model(cfg: Any, device: torch.device, dtype: torch.dtype) -> Any:
+    """transformers' NemotronHForCausalLM with the toy's own ``llm_config`` (same shape as nvl's LM)."""
     from transformers import NemotronHConfig, NemotronHForCausalLM
 
-    llm = cfg.llm
-    hcfg = NemotronHConfig(
-        vocab_size=llm.vocab_size, hidden_size=llm.hidden_size, intermediate_size=llm.intermediate_size,
-        num_attention_heads=llm.num_attention_heads, num_key_value_heads=llm.num_key_value_heads,
-        head_dim=llm.head_dim, mamba_num_heads=llm.mamba_num_heads, mamba_head_dim=llm.mamba_head_dim,
-        ssm_state_size=llm.ssm_state_size, n_groups=llm.n_groups, chunk_size=llm.chunk_size,
-        hybrid_override_pattern=llm.hybrid_override_pattern, num_hidden_layers=len(llm.hybrid_override_pattern),
-        mlp_hidden_act="relu2", tie_word_embeddings=False, use_mamba_kernels=False,
-    )
+    fields = {k: v for k, v in dict(cfg.raw["llm_config"]).items() if k not in ("architectures", "model_type", "torch_dtype")}
+    fields["use_mamba_kernels"] = False  # the library's PyTorch path, as measured in the anchor
+    hcfg = NemotronHConfig(**fields)
     hcfg._attn_implementation = "sdpa"
     old = torch.get_default_dtype()
     torch.set_default_dtype(dtype)

@@ -295,7 +295,9 @@ def _lora_forward_hook(module: nn.Module, args: tuple, kwargs: dict, output: Any
             raise TypeError(f"LoRA on {type(module).__name__}: cannot find the input among {list(kwargs)}")
     norm = module.__dict__.get("_nvl_lora_norm")
     if norm is not None:
-        x = norm(x)
+        # the normalised input the base just computed (see _keep_normalised), else compute it
+        cached = module.__dict__.pop("_nvl_lora_xn", None)
+        x = cached if cached is not None else norm(x)
     delta = getattr(module, ADAPTER_ATTR)(x)
     if isinstance(output, tuple):
         return (output[0] + delta.to(output[0].dtype), *output[1:])
@@ -353,8 +355,28 @@ def add_adapter(module: nn.Module, name: str, cfg: "LoRAConfig", parent: nn.Modu
     module.add_module(ADAPTER_ATTR, adapter)
     # Stored in __dict__ (a bound method, not a submodule), read by the hook.
     module.__dict__["_nvl_lora_norm"] = norm
+    if norm is not None and getattr(norm, "__name__", "") in NORM_METHOD_NAMES:
+        _keep_normalised(module, norm)
     module.__dict__[_HOOK_ATTR] = module.register_forward_hook(_lora_forward_hook, with_kwargs=True)
     return adapter
+
+
+def _keep_normalised(module: nn.Module, norm: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    """Make the base's own call of its norm method leave the result for the hook.
+
+    A norm-fused linear normalises its input inside its forward; the adapter needs the same tensor.
+    Shadowing the method on the instance lets the hook reuse it instead of normalising again, which
+    would cost a second fp32 norm and keep a second copy of its activations for backward.
+    """
+    name = norm.__name__
+
+    def normalise_and_keep(x: torch.Tensor) -> torch.Tensor:
+        y = norm(x)
+        module.__dict__["_nvl_lora_xn"] = y
+        return y
+
+    module.__dict__["_nvl_lora_norm_name"] = name
+    setattr(module, name, normalise_and_keep)
 
 
 def remove_adapter(module: nn.Module) -> LoRAAdapter:
@@ -363,6 +385,10 @@ def remove_adapter(module: nn.Module) -> LoRAAdapter:
     handle = module.__dict__.pop(_HOOK_ATTR, None)
     if handle is not None:
         handle.remove()
+    shadowed = module.__dict__.pop("_nvl_lora_norm_name", None)
+    if shadowed is not None:
+        module.__dict__.pop(shadowed, None)
+    module.__dict__.pop("_nvl_lora_xn", None)
     module.__dict__.pop("_nvl_lora_norm", None)
     delattr(module, ADAPTER_ATTR)
     return adapter

@@ -197,11 +197,14 @@ class NormLinear(nn.Linear):
         super().__init__(i, o, bias=False)
         self.layer_norm_weight = nn.Parameter(1 + 0.1 * torch.randn(i))
 
-    def norm_input(self, x: torch.Tensor) -> torch.Tensor:
+    calls = 0
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        NormLinear.calls += 1
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * self.layer_norm_weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(self.norm_input(x))
+        return super().forward(self.normalize(x))
 
 
 def test_norm_fused_linear_adapter_sees_the_normalised_input() -> None:
@@ -212,14 +215,19 @@ def test_norm_fused_linear_adapter_sees_the_normalised_input() -> None:
     with torch.no_grad():
         lin.adapter.linear_out.weight.normal_()
     x = 3 * torch.randn(4, 8)
-    xn = lin.norm_input(x)
+    xn = type(lin).normalize(lin, x)
     a, b = lin.adapter.linear_in.weight, lin.adapter.linear_out.weight
+    NormLinear.calls = 0
     torch.testing.assert_close(lin(x), xn @ (lin.weight + b @ a).T)
+    assert NormLinear.calls == 1  # the adapter reuses the base's normalised input
+    assert "_nvl_lora_xn" not in lin.__dict__
+    merge_lora(m)
+    assert "normalize" not in lin.__dict__  # the instance shadow is gone with the adapter
 
 
 def test_norm_fused_linear_without_a_norm_method_is_refused() -> None:
     m = nn.Module()
     m.linear_qkv = nn.Linear(4, 4)
     m.linear_qkv.layer_norm_weight = nn.Parameter(torch.ones(4))
-    with pytest.raises(TypeError, match="linear_qkv .*layer_norm_weight.*norm_input"):
+    with pytest.raises(TypeError, match="linear_qkv .*layer_norm_weight.*normalize"):
         apply_lora(m, LoRAConfig(target_modules=["linear_qkv"]))
