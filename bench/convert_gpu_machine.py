@@ -2,7 +2,10 @@
 """Benchmark `nvl convert import/export` on a toy checkpoint, beside the disk's own sequential speed.
 
 Self-contained: run from the repository root (nvlcore and the nvl-nemotron-vl plugin are put on
-sys.path; nothing needs installing besides torch and safetensors; megatron-core is not used).
+sys.path). Needs torch, safetensors, tokenizers, tqdm (transformers brings them), pyyaml and pluggy
+(``pip install --no-index --find-links .whl pluggy pyyaml`` if missing; checked before any work);
+megatron-core, datasets and a GPU are not used. Run time at 12b-shape: a few minutes (disk-bound);
+disk: about 2.1x the toy (~55 GB) in --low-disk mode, chosen automatically when space is short.
 
     python bench/convert_gpu_machine.py --size 12b-shape --out $OUT/convert_12b.md      # H200 host
     python bench/convert_gpu_machine.py --size small --toy model --disk-test-gb 0.5 --out bench/results/x.md
@@ -304,6 +307,32 @@ def sample_keys(inv: dict, total: int) -> list[str]:
     return list(dict.fromkeys(k for k in want if k in inv))
 
 
+def fs_type(path: Path) -> str:
+    """The file-system type holding ``path`` (longest mount-point prefix in /proc/mounts)."""
+    best, kind = "", "unknown"
+    try:
+        for line in open("/proc/mounts"):
+            parts = line.split()
+            if len(parts) > 2 and str(path).startswith(parts[1]) and len(parts[1]) > len(best):
+                best, kind = parts[1], parts[2]
+    except OSError:
+        pass
+    return kind
+
+
+def check_deps() -> None:
+    missing = []
+    for mod in ("torch", "safetensors", "tokenizers", "tqdm", "yaml", "pluggy"):
+        try:
+            __import__(mod)
+        except ImportError:
+            missing.append(mod)
+    if missing:
+        names = " ".join("pyyaml" if m == "yaml" else m for m in missing)
+        raise SystemExit(f"missing Python packages: {', '.join(missing)}; install them first, e.g. "
+                         f"`pip install --no-index --find-links <wheel dir> {names}`")
+
+
 def machine_facts() -> dict:
     import torch
 
@@ -381,6 +410,7 @@ def main() -> None:
     ap.add_argument("--keep", action="store_true", help="keep the work dir")
     a = ap.parse_args()
     t_all = time.perf_counter()
+    check_deps()
     import torch
 
     from nvl_nemotron_vl.config import NemotronVLConfig
@@ -389,14 +419,16 @@ def main() -> None:
 
     toy_kind = a.toy or ("fast" if a.size == "12b-shape" else "model")
     if a.workdir is None:
-        cands = [Path("/tmp"), REPO / "bench_work"]
+        # A RAM-backed file system would report memory speed as "disk" speed: use it only as a last resort.
         (REPO / "bench_work").mkdir(exist_ok=True)
-        a.workdir = max(cands, key=lambda p: shutil.disk_usage(p).free) / "nvl_convert_bench"
+        cands = [Path("/tmp"), REPO / "bench_work"]
+        real = [p for p in cands if fs_type(p.resolve()) not in ("tmpfs", "ramfs")] or cands
+        a.workdir = max(real, key=lambda p: shutil.disk_usage(p).free) / "nvl_convert_bench"
     work = a.workdir
     if work.exists():
         shutil.rmtree(work)
     work.mkdir(parents=True)
-    rec: dict = {"size": a.size, "workdir": str(work), "command": " ".join([Path(sys.executable).name, *sys.argv]),
+    rec: dict = {"size": a.size, "workdir": f"{work} ({fs_type(work.resolve())})", "command": " ".join([Path(sys.executable).name, *sys.argv]),
                  "machine": machine_facts()}
     # expected toy size from the inventory
     ids = {"vocab_size": 300, "<image>": 1, "<video>": 2, "bos": 0, "eos": 0, "pad": 0}  # only sizes matter here
