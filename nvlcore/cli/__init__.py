@@ -53,6 +53,7 @@ BUILTIN_COMMANDS: dict[str, str] = {
     "finetune": "nvlcore.cli.finetune:finetune_command",
     "generate": "nvlcore.cli.generate:generate_cmd",
     "plugins": "nvlcore.cli.plugins_cmd:plugins_group",
+    "quickstart": "nvlcore.cli.quickstart:quickstart",
 }
 
 
