@@ -325,6 +325,8 @@ def main(argv: list[str] | None = None) -> int:
     deadline = start + args.budget_s
     device = torch.device(args.device)
     if device.type == "cuda":
+        if device.index is None:  # set_device needs an index; "cuda" means this process's first GPU
+            device = torch.device("cuda", 0)
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True
     record: dict[str, Any] = {
