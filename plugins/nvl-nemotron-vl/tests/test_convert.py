@@ -199,3 +199,23 @@ def test_checkpoint_layout_agrees_with_the_mapping(tp):
             target = torch.full_like(local, float("nan"))
             assert assemble_from_entries(table, m.megatron, parts, target, tp_rank=r, tp_size=tp)
             assert torch.equal(target, local), (m.megatron, r)
+
+
+def test_export_of_a_checkpoint_saved_by_a_tp2_model(tiny_toy, tp2_run, tmp_path):
+    """A trainer-style checkpoint (iteration 3, DTensor parts from two ranks, fp32 weights, no carried
+    tensors) exports back to the source bytes: carried RADIO buffers come from --hf-model."""
+    _, saved = tp2_run
+    r = nvl("convert", "export", "--hf-model", str(tiny_toy), "--megatron-path", str(saved),
+            "--hf-path", str(tmp_path / "hf"), "--dtype", "bfloat16", "--no-progress")
+    assert r.exit_code == 0, r.output
+    assert "from source HF dir: 2" in r.output
+    src, got = hf_tensors(tiny_toy), hf_tensors(tmp_path / "hf")
+    assert set(got) == set(src)
+    for k, v in src.items():
+        assert got[k].dtype == v.dtype and raw(got[k]) == raw(v), k
+    # without --dtype the checkpoint's fp32 is kept and config.json says so
+    r = nvl("convert", "export", "--hf-model", str(tiny_toy), "--megatron-path", str(saved),
+            "--hf-path", str(tmp_path / "hf32"), "--no-progress")
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "hf32" / "config.json").read_text())["torch_dtype"] == "float32"
+    assert hf_tensors(tmp_path / "hf32")["mlp1.1.weight"].dtype == torch.float32
