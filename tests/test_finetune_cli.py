@@ -125,6 +125,34 @@ def test_two_processes_match_one(baseline, toy, raven, tmp_path, tp):
         assert max(abs(a[i] - c[i]) / abs(a[i]) for i in range(21, 31)) < 1e-4
 
 
+def test_trained_checkpoint_exports_to_hf_with_the_trained_weights(baseline, toy, tmp_path):
+    """`nvl convert export` of a training checkpoint: the HF directory holds exactly the trained weights."""
+    import torch
+
+    from nvl_nemotron_vl.bridge import NemotronVLBridge
+    from nvlcore.parallel import destroy_parallel, init_parallel
+    from nvlcore.training.checkpointing import load_model_weights
+
+    out = tmp_path / "hf_out"
+    nvl("convert", "export", "--hf-model", str(toy), "--megatron-path", str(baseline), "--hf-path", str(out),
+        "--no-progress")
+    ctx = init_parallel(1, device_type="cpu")
+    try:
+        bridge = NemotronVLBridge.from_hf_dir(toy)
+        trained = bridge.build_model(dtype=torch.float32, device="cpu", init="none")
+        load_model_weights(trained, baseline / "iter_0000030", bridge=bridge, ctx=ctx)
+        exported = bridge.build_model(dtype=torch.float32, device="cpu", init="none")
+        bridge.load_hf_weights(exported, out)
+        original = bridge.build_model(dtype=torch.float32, device="cpu", init="none")
+        bridge.load_hf_weights(original, toy)
+        ex, tr, orig = dict(exported.named_parameters()), dict(trained.named_parameters()), dict(original.named_parameters())
+        for name, p in tr.items():
+            assert torch.equal(ex[name], p), name
+        assert sum(not torch.equal(orig[n], p) for n, p in tr.items()) > len(tr) // 2  # training changed them
+    finally:
+        destroy_parallel(ctx)
+
+
 def test_lora_run_saves_adapter_only_checkpoints_and_resumes_bit_for_bit(toy, raven, tmp_path):
     from nvlcore.checkpoint import open_checkpoint
 
