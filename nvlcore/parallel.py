@@ -226,14 +226,22 @@ def build_launch_args(
 def launch(launch_args: Sequence[str]) -> int:
     """Run ``torch.distributed.run`` in this process (it spawns and supervises the workers).
 
-    :returns: 0 when every worker succeeded, else 1 (the workers print their own tracebacks).
+    :returns: 0 when every worker succeeded, 128 + the signal number when stopped by SIGTERM/SIGINT,
+        else 1 (the workers print their own tracebacks).
     """
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
     args = get_args_parser().parse_args(list(launch_args))
     try:
         run(args)
+    except SignalException as exc:
+        # torchrun has passed the signal on to the workers and waited for them (they save at the next
+        # iteration boundary); exit as a process killed by that signal would.
+        print(f"nvl: stopped by signal {exc.sigval.name if hasattr(exc.sigval, 'name') else exc.sigval}; "
+              "the workers were told to stop", file=sys.stderr)
+        return 128 + int(exc.sigval)
     except ChildFailedError as exc:
         failures = getattr(exc, "failures", {}) or {}
         ranks = ", ".join(str(r) for r in sorted(failures)) or "?"

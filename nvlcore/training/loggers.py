@@ -9,7 +9,7 @@ Metric keys the trainer logs (``metrics.jsonl`` holds them all, one JSON object 
 ``grad_norm``, ``tokens_per_s`` (real tokens, padding excluded, all GPUs), ``tokens_per_s_per_gpu``,
 ``tflops_per_gpu`` (vision encoder and projector included), ``supervised_tokens``,
 ``step_time_s``, ``consumed_samples``, ``skipped_iterations``, ``mem_gb`` (peak allocated on the
-device, GPU only), ``eta_s``; validation adds ``val_loss`` and ``val_tokens``.
+GPU; peak resident memory of the process on CPU), ``eta_s``; validation adds ``val_loss`` and ``val_tokens``.
 """
 
 from __future__ import annotations

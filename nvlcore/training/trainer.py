@@ -308,11 +308,17 @@ class Trainer:
         self.last_saved_iteration = self.state.iteration
 
     def _memory_gb(self) -> float | None:
+        """Peak memory: allocated on the GPU, or this process's peak resident set on CPU."""
         import torch
 
         if self.ctx.device.type == "cuda":
             return torch.cuda.max_memory_allocated(self.ctx.device) / 1e9
-        return None
+        try:
+            import resource
+
+            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # kB on Linux
+        except (ImportError, OSError):
+            return None
 
     def run(self, batches: Iterator[Mapping[str, Any]]) -> TrainState:
         """Train until ``train_iters`` (or a stop signal); returns the final state."""
