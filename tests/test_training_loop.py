@@ -309,6 +309,12 @@ def test_validation_runs_when_the_maker_has_the_split_and_is_skipped_with_a_note
     assert "validation skipped: dataset maker 'tiny_train_only' has no validation split" in capsys.readouterr().out
 
 
+def test_recompute_on_a_model_without_it_is_an_error_naming_the_key(hf, tmp_path):
+    with pytest.raises(ValueError, match="model.recompute_granularity='full'"):
+        train_here(hf, f"checkpoint.save={tmp_path / 'rc'}", "train.train_iters=1", "scheduler.lr_warmup_iters=0",
+                   "model.recompute_granularity=full")
+
+
 def test_jsonl_logger_drops_lost_iterations_on_resume(tmp_path):
     from nvlcore.training.loggers import JsonlLogger
 

@@ -42,6 +42,9 @@ class ModelConfig:
     freeze_vision_projection: bool = _f(False, "Freeze the vision projector (MLP).")
     bridge: str | None = _f(None, "Model bridge name; default: picked from the HF config's `architectures`.")
     hf_model_path: str | None = _f(None, "HF model directory the bridge reads (config.json, tokenizer, processor).")
+    recompute_granularity: Literal["selective", "full"] | None = _f(
+        None, "Activation recomputation: selective (the Mamba conv + scan), full (whole layers), null (none)."
+    )
 
 
 @attrs.define

@@ -336,6 +336,15 @@ def run_finetune(
             init="random" if random_init else "none", seed=cfg.rng.seed,
         )
         model.train()
+        recompute = cfg.model.recompute_granularity
+        if recompute:
+            setter = getattr(model, "set_recompute", None)
+            if setter is None:
+                raise ValueError(f"model.recompute_granularity={recompute!r}: this bridge's model has no activation "
+                                 "recomputation (set_recompute); remove the setting")
+            # Megatron's names -> the model's: selective recomputes the Mamba mixers, full whole layers.
+            setter({"selective": "ssm", "full": "layers"}[recompute])
+            say(f"nvl finetune: activation recomputation: {recompute}")
         needs_base = decision.iter_dir is None or adapter_only
         if random_init:
             say(RANDOM_INIT_BANNER)
