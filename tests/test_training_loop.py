@@ -297,6 +297,30 @@ def test_sigterm_saves_a_checkpoint_at_the_next_iteration_and_resume_continues(h
     assert state.iteration == latest + 2
 
 
+def test_a_second_ctrl_c_stops_at_once_but_not_under_torchrun():
+    from nvlcore.training.trainer import StopRequest
+
+    single = StopRequest(escalate=True)
+    single.install()
+    try:
+        single._handle(signal.SIGINT, None)
+        assert single.signum == signal.SIGINT
+        single._handle(signal.SIGTERM, None)  # another signal: still a graceful stop
+        with pytest.raises(KeyboardInterrupt):
+            single._handle(signal.SIGINT, None)
+    finally:
+        single.uninstall()
+    worker = StopRequest(escalate=False)
+    worker.install()
+    try:
+        worker._handle(signal.SIGINT, None)
+        worker._handle(signal.SIGINT, None)  # the terminal's and torchrun's copy of one Ctrl-C
+        assert worker.signum == signal.SIGINT
+    finally:
+        worker.uninstall()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 def test_validation_runs_when_the_maker_has_the_split_and_is_skipped_with_a_note_otherwise(hf, tmp_path, capsys):
     out = tmp_path / "val"
     train_here(hf, f"checkpoint.save={out}", "train.train_iters=4", "scheduler.lr_warmup_iters=1", "validation.eval_iters=2",

@@ -109,10 +109,14 @@ def real_tokens(batch: Mapping[str, Any]) -> int:
 class StopRequest:
     """Records SIGTERM/SIGINT so the loop can save at the next iteration boundary.
 
-    A second signal of the same kind falls through to the previous handler (Ctrl-C twice stops at once).
+    In a single process a second signal of the same kind falls through to the previous handler (Ctrl-C
+    twice stops at once). Under torchrun (``escalate=False``) every worker gets a Ctrl-C twice, from the
+    terminal and forwarded by the launcher, so repeats are absorbed; the launcher kills workers that
+    do not finish in its shutdown timeout.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, escalate: bool = True) -> None:
+        self.escalate = escalate
         self.signum: int | None = None
         self._previous: dict[int, Any] = {}
 
@@ -128,13 +132,14 @@ class StopRequest:
         self._previous.clear()
 
     def _handle(self, signum: int, frame: Any) -> None:
-        if self.signum is not None:
+        if self.escalate and self.signum == signum:
             prev = self._previous.get(signum)
             self.uninstall()
             if callable(prev):
                 prev(signum, frame)
             raise KeyboardInterrupt
-        self.signum = signum
+        if self.signum is None:
+            self.signum = signum
 
 
 @attrs.define
@@ -204,7 +209,9 @@ class Trainer:
         self.save_fn = save_fn
         self.eval_fn = eval_fn
         self.print = print_fn if ctx.is_main else (lambda _msg: None)
-        self.stop = StopRequest()
+        from nvlcore.parallel import launched_by_torchrun
+
+        self.stop = StopRequest(escalate=not launched_by_torchrun())
         self.history: list[StepResult] = []
         self.last_saved_iteration: int | None = None
 
