@@ -7,8 +7,6 @@ checkpoint or HF directory) -> freeze flags -> PEFT -> optimizer -> resume -> da
 from __future__ import annotations
 
 import json
-import math
-import os
 import random
 import time
 from pathlib import Path
@@ -301,7 +299,6 @@ def run_finetune(
     """
     import torch
 
-    from nvlcore import checkpoint as ck
     from nvlcore.config import config_to_dict
     from nvlcore.parallel import destroy_parallel, init_parallel
     from nvlcore.plugins import get_plugin_manager
