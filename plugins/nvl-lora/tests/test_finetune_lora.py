@@ -127,6 +127,7 @@ def test_merge_to_hf_loads_back_and_matches_the_adapted_model(lm_run, toy: Path,
     """Merged HF export: loads into our model and (LM part) into transformers' NemotronHForCausalLM; both
     give the adapted model's logits (ours within 1e-5, transformers within 1e-4, fp32)."""
     from nvl_nemotron_vl.bridge import NemotronVLBridge
+    from nvl_nemotron_vl.mapping import mapping_table
     from nvl_nemotron_vl.testing import hf_lm_from_toy
 
     from nvl_lora.config import LoRAConfig
@@ -146,10 +147,13 @@ def test_merge_to_hf_loads_back_and_matches_the_adapted_model(lm_run, toy: Path,
     saved = ck.load()
     load_adapter_state(adapted, saved)
     params = dict(adapted.named_parameters())
-    with torch.no_grad():  # the fully trained ViT / projector tensors of the run
-        for k, v in saved.items():
-            if ".adapter." not in k:
-                params[k].copy_(v)
+    with torch.no_grad():  # the fully trained ViT / projector tensors of the run (stored as components)
+        for m in mapping_table(bridge.config):
+            if all(c in saved for c in m.components):
+                params[m.megatron].copy_(m.components_to_local({c: saved[c] for c in m.components}, 1, 0))
+                for c in m.components:
+                    saved.pop(c)
+    assert all(".adapter." in k for k in saved), sorted(saved)[:4]
     cfg = bridge.config
     ids = torch.randint(0, 200, (2, 16), generator=torch.Generator().manual_seed(3))
     ids[0, 2 : 2 + cfg.num_image_token] = cfg.img_context_token_id
