@@ -107,11 +107,12 @@ def load_checkpoint_weights(model: Any, path: str | Path | Any, *, strict: bool 
     Works whatever TP size the checkpoint was written at. Parameter by parameter (memory: the largest
     parameter's local part), each rank reads only its part of each component (DTensor destinations
     over ``model.tp.group`` laid out by :mod:`.checkpoint_state`, so DCP reads just those byte ranges)
-    and assembles its TP-local parameter. Strict: every model parameter must be in the checkpoint
-    with matching shapes; tensors the model does not use (carried HF-only tensors, optimizer state)
+    and assembles its TP-local parameter. Strict: every model parameter must be mapped and in the
+    checkpoint, with matching shapes; ``strict=False`` loads what is there and leaves the rest (e.g.
+    LoRA adapters) alone. Tensors the model does not use (carried HF-only tensors, optimizer state)
     are ignored and listed.
 
-    :returns: ``{"loaded": n, "iteration": N, "path": str, "ignored": [...]}``.
+    :returns: ``{"loaded": n, "iteration": N, "path": str, "ignored": [...], "not_loaded": [...]}``.
     """
     import torch
 
@@ -123,11 +124,12 @@ def load_checkpoint_weights(model: Any, path: str | Path | Any, *, strict: bool 
     table = by_megatron_name(mapping_table(model.config))
     params = dict(model.named_parameters())
     unmapped = sorted(set(params) - set(table))
-    if unmapped:
+    if unmapped and strict:
         raise CheckpointMismatchError(
             f"model parameters outside the Nemotron-VL mapping: {unmapped[:5]}; load pretrained weights before "
-            "adding adapters"
+            "adding adapters, or pass strict=False to load the mapped ones and leave these alone"
         )
+    params = {n: p for n, p in params.items() if n in table}
     needed = [c for n in params for c in table[n].components]
     missing = [c for c in needed if c not in specs]
     if missing and strict:
@@ -155,7 +157,9 @@ def load_checkpoint_weights(model: Any, path: str | Path | Any, *, strict: bool 
         loaded += 1
     used = set(needed)
     ignored = sorted(k for k in specs if k not in used)
-    return {"loaded": loaded, "iteration": ck.iteration, "path": str(ck.path), "ignored": ignored}
+    not_loaded = unmapped + sorted(n for n in params if any(c not in specs for c in table[n].components))
+    return {"loaded": loaded, "iteration": ck.iteration, "path": str(ck.path), "ignored": ignored,
+            "not_loaded": not_loaded}
 
 
 def carried_state(source: str | Path) -> dict[str, "torch.Tensor"]:

@@ -154,6 +154,13 @@ def test_trained_checkpoint_strict_errors(tiny_toy, imported, tmp_path):
     model = bridge.build_model(dtype=torch.float32, device="cpu")
     with pytest.raises(CheckpointMismatchError, match="vision_projection.encoder.linear_fc1.weight"):
         bridge.load_checkpoint_weights(model, tmp_path / "c")
+    # strict=False loads the rest and says what it left alone (also parameters outside the mapping)
+    model.register_parameter("lora_probe", torch.nn.Parameter(torch.zeros(2)))
+    with pytest.raises(CheckpointMismatchError, match="outside the Nemotron-VL mapping.*lora_probe"):
+        bridge.load_checkpoint_weights(model, tmp_path / "c")
+    report = bridge.load_checkpoint_weights(model, tmp_path / "c", strict=False)
+    assert report["not_loaded"] == ["lora_probe", "vision_projection.encoder.linear_fc1.weight"]
+    assert report["loaded"] == len(dict(model.named_parameters())) - 2
 
 
 @pytest.mark.parametrize("tp", [2, 4])
