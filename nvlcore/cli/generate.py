@@ -49,6 +49,27 @@ def resolve_bridge(hf_dir: Path, bridge_name: str | None = None, manager: Any = 
     return cls.from_hf_dir(hf_dir)
 
 
+def _rank_and_world() -> tuple[int, int]:
+    """This process's rank and the world size under torchrun (0, 1 otherwise)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _shared_random_seed() -> int:
+    """A fresh seed drawn on rank 0 and broadcast to all ranks."""
+    import torch
+    import torch.distributed as dist
+
+    seed = torch.randint(0, 2**62, (1,)) if dist.get_rank() == 0 else torch.zeros(1, dtype=torch.long)
+    if dist.get_backend() == "nccl":
+        seed = seed.cuda()
+    dist.broadcast(seed, src=0)
+    return int(seed.item())
+
+
 def _split_images(value: str | None) -> list[Path]:
     if not value:
         return []
@@ -114,6 +135,10 @@ def generate_cmd(
     if temperature == 0.0 and (top_p != 1.0 or top_k != 0):
         raise click.UsageError("--top-p/--top-k only apply when sampling: also give --temperature > 0")
 
+    import warnings
+
+    # megatron-core says this on import on every machine without Transformer Engine; not actionable here.
+    warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
     import torch
 
     from nvlcore.generation import GenerationOutput, SamplingParams, build_conversation
@@ -140,15 +165,20 @@ def generate_cmd(
     conversation = build_conversation(
         prompt, images=images, video=video_path, system_prompt=system_prompt or None
     )
+    rank, world = _rank_and_world()
+    if temperature > 0 and seed is None and world > 1:
+        seed = _shared_random_seed()  # every tensor-parallel rank must draw the same tokens
     sampling = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
     outputs: list[GenerationOutput] = []
     results = generator.generate(
         [conversation],
         max_new_tokens=max_new_tokens,
         sampling=sampling,
-        stream=None if as_json else sys.stdout,
+        stream=None if as_json or rank != 0 else sys.stdout,
         on_output=outputs.append,
     )
+    if rank != 0:
+        return
     res, out = results[0], outputs[0]
     if as_json:
         click.echo(json.dumps(res.as_json()))

@@ -121,6 +121,16 @@ class NemotronVLBridge(BridgeConversionMixin):
             raise ValueError("processor() needs a bridge made with from_hf_dir (it reads the tokenizer)")
         return proc.NemotronVLProcessor.from_hf_dir(self.hf_dir, **options)
 
+    # ----------------------------------------------------------------------------- generation
+    def generator(self, **options: Any) -> Any:
+        """A :class:`nvlcore.generation.Generator` for this HF directory (what ``nvl generate`` uses);
+        ``options`` as :func:`nvl_nemotron_vl.generate.load_generator`."""
+        from .generate import load_generator
+
+        if self.hf_dir is None:
+            raise ValueError("generator() needs a bridge made with from_hf_dir")
+        return load_generator(self.hf_dir, **options)
+
     # --------------------------------------------------------------------------------- recipe
     def recipe(self, *, peft: bool = False, lora_on_language_model: bool = False,
                lora_on_vision_model: bool = False) -> Mapping[str, Any]:

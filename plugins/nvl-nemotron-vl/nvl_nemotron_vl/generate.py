@@ -1,0 +1,159 @@
+"""Generation with Nemotron Nano V2 VL: a ready :class:`nvlcore.generation.Generator` from an HF directory
+(optionally with the weights of a Megatron-style checkpoint).
+
+::
+
+    from nvl_nemotron_vl.generate import load_generator
+    from nvlcore.generation import build_conversation
+
+    gen = load_generator("/models/nano-vl")                       # or megatron_model_path="ckpts/run1"
+    [res] = gen.generate([build_conversation("Describe this image.", images=["cat.png"],
+                                             system_prompt="/no_think")], max_new_tokens=100)
+    print(res.text, res.decode_tokens_per_s)
+
+``nvl generate`` calls this through :meth:`NemotronVLBridge.generator`. The model decodes with the
+attention KV cache and the Mamba conv/SSM states of :mod:`.model.cache` / :mod:`.model.decode`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Mapping
+
+if TYPE_CHECKING:
+    import torch
+
+    from nvlcore.generation import Generator
+
+
+def init_tensor_parallel(tensor_parallel_size: int, device: "torch.device") -> None:
+    """Set up the process groups for ``tensor_parallel_size`` ranks.
+
+    TP=1 needs nothing from the caller. TP>1 needs one process per rank started by ``torchrun``
+    (``torchrun --nproc-per-node N $(which nvl) generate --tp N ...``); anything else is refused with
+    that instruction.
+    """
+    import torch
+    import torch.distributed as dist
+
+    from .model.parallel import ensure_model_parallel
+
+    world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
+    if tensor_parallel_size > 1 and world != tensor_parallel_size:
+        raise ValueError(
+            f"--tp {tensor_parallel_size} needs {tensor_parallel_size} processes, one per rank (this run has "
+            f"{world}); launch with `torchrun --nproc-per-node {tensor_parallel_size} $(which nvl) generate "
+            f"--tp {tensor_parallel_size} ...`"
+        )
+    if tensor_parallel_size > 1 and not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    try:
+        ensure_model_parallel(tensor_parallel_size)
+    except RuntimeError as exc:
+        raise ValueError(f"cannot set up tensor parallelism {tensor_parallel_size}: {exc}") from exc
+
+
+def load_generator(
+    hf_model_path: str | os.PathLike[str],
+    *,
+    megatron_model_path: str | os.PathLike[str] | None = None,
+    tensor_parallel_size: int = 1,
+    device: "torch.device | str | None" = None,
+    dtype: "torch.dtype | None" = None,
+    cuda_graph: bool | None = None,
+    compile: bool = False,
+    processor_options: Mapping[str, Any] | None = None,
+) -> "Generator":
+    """Load the model and processor of ``hf_model_path`` and wrap them for generation.
+
+    :param hf_model_path: HF model directory (config, tokenizer; weights unless a Megatron path is given).
+    :param megatron_model_path: a checkpoint (base or ``iter_N`` dir) whose weights to use instead.
+    :param tensor_parallel_size: TP ranks (see :func:`init_tensor_parallel`).
+    :param device: default ``cuda`` (this rank's GPU) when available, else ``cpu``.
+    :param dtype: weights dtype; default bf16 on GPU, fp32 on CPU.
+    :param cuda_graph: replay the decode step as a CUDA graph (default: on for CUDA).
+    :param compile: ``torch.compile`` the decode step as well.
+    :param processor_options: overrides of the processor's options (e.g. ``max_num_tiles``,
+        ``video_num_frames``).
+    """
+    import torch
+
+    from nvlcore.generation import Generator
+
+    from .bridge import NemotronVLBridge
+    from .model.decode import NemotronVLDecoder
+
+    hf_dir = Path(hf_model_path)
+    if device is None:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if dtype is None:
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    init_tensor_parallel(tensor_parallel_size, device)
+
+    bridge = NemotronVLBridge.from_hf_dir(hf_dir)
+    processor = bridge.processor(**dict(processor_options or {}))
+    if megatron_model_path is None:
+        model = bridge.build_model(dtype=dtype, device=device, load_weights=True)
+    else:
+        model = bridge.build_model(dtype=dtype, device=device, init="none")
+        load_checkpoint_into(bridge, model, megatron_model_path)
+    model.eval()
+
+    decoder = NemotronVLDecoder(
+        model, cuda_graph=device.type == "cuda" if cuda_graph is None else cuda_graph, compile=compile
+    )
+
+    def prepare(conversation: Mapping[str, Any]) -> dict[str, Any]:
+        sample = processor(conversation, add_generation_prompt=True)
+        out: dict[str, Any] = {"input_ids": sample["input_ids"]}
+        if sample.get("pixel_values") is not None:
+            out["pixel_values"] = sample["pixel_values"]
+        if sample.get("num_frames"):
+            out["num_frames"] = list(sample["num_frames"])
+        return out
+
+    stops = {processor.eos_id}
+    tokenizer = processor.tokenizer
+    if tokenizer.eos_token_id is not None:
+        stops.add(int(tokenizer.eos_token_id))
+    return Generator(
+        decoder, tokenizer, prepare, stop_token_ids=sorted(stops), pad_token_id=processor.pad_token_id,
+        device=device, media_dtype=dtype,
+    )
+
+
+def load_checkpoint_into(bridge: Any, model: Any, megatron_model_path: str | os.PathLike[str]) -> None:
+    """Fill ``model`` (this rank's shards) from a Megatron-style checkpoint (base dir: its latest
+    iteration; or an ``iter_N`` dir) through the weight mapping, at any TP size.
+
+    Uses the bridge's ``load_checkpoint_weights`` (the conversion layer) when it has one, else the
+    trainer's generic loader, which reads the same logical tensors.
+    """
+    import torch.distributed as dist
+
+    from nvlcore.checkpoint import resolve_checkpoint_dir
+
+    try:
+        iter_dir = resolve_checkpoint_dir(megatron_model_path)
+    except Exception as exc:  # the checkpoint layer's errors name the path and what is missing
+        raise FileNotFoundError(f"--megatron-model-path {megatron_model_path}: {exc}") from exc
+    loader = getattr(bridge, "load_checkpoint_weights", None)
+    if loader is not None:
+        loader(model, iter_dir)
+        return
+    from nvlcore.parallel import ParallelContext
+    from nvlcore.training import checkpointing as tck
+
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    device = next(model.parameters()).device
+    ctx = ParallelContext(
+        rank=rank, world_size=world, local_rank=int(os.environ.get("LOCAL_RANK", "0")), tp_size=model.tp.size,
+        tp_rank=model.tp.rank, dp_size=world // model.tp.size, dp_rank=rank // model.tp.size, device=device,
+        backend=dist.get_backend() if dist.is_initialized() else ("nccl" if device.type == "cuda" else "gloo"),
+    )
+    tck.load_model_weights(model, iter_dir, bridge=bridge, ctx=ctx)

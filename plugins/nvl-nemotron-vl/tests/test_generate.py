@@ -1,0 +1,280 @@
+"""Generation with caches on a tiny toy checkpoint (CPU, fp32).
+
+* greedy decoding with the KV / conv / SSM caches equals the no-cache loop that recomputes the
+  whole prefix with the training forward, for text, image, multi-image and video prompts;
+* a left-padded batch of prompts of different lengths equals each prompt alone;
+* text-only greedy output equals transformers' ``NemotronHForCausalLM.generate`` on the toy's
+  language model (same safetensors), one by one and batched;
+* ``nvl generate`` end to end.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from nvlcore.generation import NoCacheReference, build_conversation, generate_tokens
+
+NEW_TOKENS = 16
+
+
+def _liven(hf_dir: Path, factor: float) -> None:
+    """Make the toy sensitive to what these tests check, on its safetensors (every loader sees it):
+
+    * scale the LM's matrices (not the embeddings): the stock N(0, 0.02) toy collapses to repeating
+      one token, which would let a broken cache pass;
+    * raise ``dt_bias`` (time steps ~0.2 instead of ~0.01) so that a Mamba state polluted by
+      padding, or a stale one, changes the output clearly.
+    """
+    from safetensors.torch import load_file, save_file
+
+    path = hf_dir / "model.safetensors"
+    sd = load_file(path)
+    for name, t in sd.items():
+        if name.startswith("language_model.") and t.ndim == 2 and "embeddings" not in name:
+            sd[name] = (t.float() * factor).to(t.dtype)
+        elif name.endswith("mixer.dt_bias"):
+            sd[name] = (t.float() + 3.0).to(t.dtype)
+    save_file(sd, path, metadata={"format": "pt"})
+
+
+def _noise_image(path: Path, w: int, h: int, seed: int) -> Path:
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def _noise_video(path: Path, frames: int = 12, width: int = 64, height: int = 48, seed: int = 0) -> Path:
+    import av
+
+    rng = np.random.default_rng(seed)
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream("mpeg4", rate=6)
+        stream.width, stream.height = width, height
+        stream.pix_fmt = "yuv420p"
+        for _ in range(frames):
+            arr = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(arr, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory) -> Path:
+    from nvl_nemotron_vl.toy import write_toy_checkpoint
+
+    out = write_toy_checkpoint(tmp_path_factory.mktemp("gen") / "toy", "tiny", seed=3)
+    _liven(out, 8.0)
+    return out
+
+
+@pytest.fixture(scope="module")
+def media(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("media")
+    return {
+        "wide": _noise_image(root / "wide.png", 150, 70, 1),
+        "square": _noise_image(root / "square.png", 64, 64, 2),
+        "video": _noise_video(root / "clip.mp4"),
+    }
+
+
+@pytest.fixture(scope="module")
+def generator(toy):
+    from nvl_nemotron_vl.generate import load_generator
+
+    return load_generator(toy, device="cpu")
+
+
+def _conversations(media) -> dict[str, dict]:
+    return {
+        "text": build_conversation("Tell me a short story about a cat.", system_prompt="/no_think"),
+        "image": build_conversation("Describe this image.", images=[media["wide"]], system_prompt="/no_think"),
+        "multi_image": build_conversation("Compare.", images=[media["wide"], media["square"]]),
+        "video": build_conversation("What happens in this video?", video=media["video"], system_prompt="/no_think"),
+    }
+
+
+def _no_cache_reference(model) -> NoCacheReference:
+    """The decode protocol over the training forward, recomputing the whole prefix every step."""
+    cfg = model.config
+    banned = [cfg.img_context_token_id, cfg.video_context_token_id]
+    vocab = cfg.llm.vocab_size
+
+    def forward(input_ids, attention_mask, pixel_values=None, num_frames=None, evs_pruning_rate=None):
+        with torch.no_grad():
+            logits = model(
+                input_ids, attention_mask=attention_mask, pixel_values=pixel_values, num_frames=num_frames,
+                evs_pruning_rate=evs_pruning_rate,
+            )[..., :vocab].float()
+        logits[..., banned] = float("-inf")  # the decoder never emits placeholders either
+        return logits
+
+    return NoCacheReference(forward)
+
+
+@pytest.mark.parametrize("kind", ["text", "image", "multi_image", "video"])
+def test_cached_greedy_equals_recomputing_the_prefix(generator, media, kind) -> None:
+    conv = _conversations(media)[kind]
+    inputs = generator.prepare(conv)
+    ids = inputs.pop("input_ids")[None]
+    if kind == "image":
+        assert inputs["pixel_values"].shape[0] == 3  # 2x1 tiles + thumbnail
+    if kind == "video":
+        assert inputs["num_frames"] == [10]
+    model = generator.model.model
+    rates = [model.config.video_pruning_rate, 0.0] if kind == "video" else [0.0]
+    for rate in rates:
+        extra = {**inputs, "evs_pruning_rate": rate}
+        cached = generate_tokens(generator.model, ids, max_new_tokens=NEW_TOKENS, model_inputs=extra)
+        ref = generate_tokens(_no_cache_reference(model), ids, max_new_tokens=NEW_TOKENS, model_inputs=extra)
+        assert cached.token_ids == ref.token_ids, (kind, rate)
+        assert len(set(cached.token_ids[0])) >= 4  # the toy really moves from token to token
+
+
+def test_prefill_and_step_logits_match_the_full_forward(generator, media) -> None:
+    """Teacher-forced: each decode step's logits equal the full forward's at that position."""
+    model = generator.model.model
+    inputs = generator.prepare(_conversations(media)["image"])
+    ids = inputs.pop("input_ids")[None]
+    cont = torch.tensor([[5, 77, 300, 12, 41, 41, 9]])
+    dec = generator.model
+    with torch.inference_mode():
+        cache = dec.allocate_cache(1, ids.shape[1] + cont.shape[1] + 1, dtype=torch.float32, device="cpu")
+        steps = [dec.prefill(ids, attention_mask=torch.ones_like(ids), cache=cache, **inputs)]
+        for t in cont[0]:
+            steps.append(dec.decode_step(t[None], cache))
+        full = model(torch.cat([ids, cont], 1), pixel_values=inputs["pixel_values"])[0, ids.shape[1] - 1 :]
+        full[:, dec.suppressed_token_ids] = float("-inf")
+        got = torch.cat(steps)
+    finite = torch.isfinite(full)
+    assert torch.equal(finite, torch.isfinite(got))
+    torch.testing.assert_close(got[finite], full[finite], rtol=1e-4, atol=1e-4)
+
+
+def test_batch_of_different_lengths_equals_one_by_one(generator, media) -> None:
+    convs = list(_conversations(media).values())
+    convs.append(build_conversation("Hi!"))
+    alone = [generator.generate([c], max_new_tokens=NEW_TOKENS)[0] for c in convs]
+    lengths = {len(r.prompt_token_ids) for r in alone}
+    assert len(lengths) == len(convs)  # really different lengths, so rows are padded differently
+    batched = generator.generate(convs, max_new_tokens=NEW_TOKENS)
+    assert [r.token_ids for r in batched] == [r.token_ids for r in alone]
+    assert [r.text for r in batched] == [r.text for r in alone]
+    # the same again through a second cache shape (rows of two)
+    assert [r.token_ids for r in generator.generate(convs, max_new_tokens=NEW_TOKENS, batch_size=2)] == [
+        r.token_ids for r in alone
+    ]
+
+
+def test_batched_prefill_and_steps_equal_single_rows(generator, media) -> None:
+    """Logit-level check of padding: a padded row's prefill and decode logits equal its own."""
+    from nvlcore.generation import left_pad, merge_model_inputs
+
+    dec = generator.model
+    prepared = [generator.prepare(c) for c in _conversations(media).values()]
+    prompts = [p.pop("input_ids") for p in prepared]
+    steps = torch.tensor([7, 300, 41])
+
+    def run(ids, mask, inputs):
+        with torch.inference_mode():
+            cache = dec.allocate_cache(ids.shape[0], ids.shape[1] + 4, dtype=torch.float32, device="cpu")
+            out = [dec.prefill(ids, attention_mask=mask, cache=cache, **inputs)]
+            for t in steps:
+                out.append(dec.decode_step(t.repeat(ids.shape[0]), cache))
+            return torch.stack(out, 1)  # [B, steps + 1, V]
+
+    ids, mask = left_pad(prompts, generator.pad_token_id)
+    batched = run(ids, mask, merge_model_inputs(prepared))
+    for r, (p, inputs) in enumerate(zip(prompts, prepared)):
+        alone = run(p[None], torch.ones(1, len(p), dtype=torch.long), inputs)
+        torch.testing.assert_close(batched[r], alone[0], rtol=1e-5, atol=1e-5)
+
+
+def test_text_greedy_equals_transformers_generate(toy, generator) -> None:
+    from nvl_nemotron_vl.testing import hf_lm_from_toy
+
+    # transformers' model on the toy's language_model.* tensors (renamed to its keys, loaded strictly;
+    # its PyTorch prefill's dt clamp at time_step_min is switched off, as in the released kernels)
+    hf = hf_lm_from_toy(toy)
+    cfg = generator.model.model.config
+    stop = generator.stop_token_ids
+    prompts = ["Tell me a short story about a cat.", "Hi!", "Why is the sky blue? Explain it to a child, please."]
+    convs = [build_conversation(p, system_prompt="/no_think") for p in prompts]
+    ours = generator.generate(convs, max_new_tokens=NEW_TOKENS)
+    ids = [torch.as_tensor(generator.prepare(c)["input_ids"]) for c in convs]
+
+    def hf_generate(input_ids, mask):
+        out = hf.generate(
+            input_ids=input_ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False,
+            eos_token_id=stop, pad_token_id=generator.pad_token_id,
+            suppress_tokens=[cfg.img_context_token_id, cfg.video_context_token_id],
+        )[:, input_ids.shape[1]:].tolist()
+        return [r[: next((i for i, t in enumerate(r) if t in stop), len(r) - 1) + 1] for r in out]
+
+    for i, p in enumerate(ids):
+        assert hf_generate(p[None], torch.ones(1, len(p), dtype=torch.long)) == [ours[i].token_ids]
+    from nvlcore.generation import left_pad
+
+    batch, mask = left_pad(ids, generator.pad_token_id)
+    assert hf_generate(batch, mask) == [r.token_ids for r in ours]
+
+
+def test_cache_memory_is_constant_per_mamba_layer(generator) -> None:
+    from nvl_nemotron_vl.model.cache import AttentionState, MambaState
+
+    dec = generator.model
+    small = dec.allocate_cache(2, 16, dtype=torch.float32, device="cpu")
+    mamba_small = [s.ssm.numel() + s.conv.numel() for s in small.layers if isinstance(s, MambaState)]
+    big = dec.allocate_cache(2, 4096, dtype=torch.float32, device="cpu")
+    mamba_big = [s.ssm.numel() + s.conv.numel() for s in big.layers if isinstance(s, MambaState)]
+    assert mamba_small == mamba_big and mamba_small
+    attn = [s for s in big.layers if isinstance(s, AttentionState)]
+    assert attn and all(s.keys.shape[2] == 4096 for s in attn)
+
+
+def test_cli_generate_streams_and_prints_json(toy, media) -> None:
+    from click.testing import CliRunner
+
+    from nvlcore.cli import build_cli
+
+    args = ["generate", "--hf-model-path", str(toy), "--image-path", f"{media['wide']},{media['square']}",
+            "--max-new-tokens", "8", "--device", "cpu"]
+    runner = CliRunner()
+    res_json = runner.invoke(build_cli(), [*args, "--json"])
+    assert res_json.exit_code == 0, res_json.output
+    obj = json.loads(res_json.stdout)
+    assert set(obj) >= {"text", "prompt_token_ids", "token_ids", "prefill_tokens_per_s", "decode_tokens_per_s"}
+    assert 1 <= len(obj["token_ids"]) <= 8 and obj["prefill_tokens_per_s"] > 0
+    res = runner.invoke(build_cli(), args)
+    assert res.exit_code == 0, res.output
+    assert res.stdout == obj["text"] + "\n"
+    assert "decode:" in res.stderr and "tokens/s" in res.stderr
+
+
+def test_cli_refuses_tensor_parallel_without_a_launcher(toy) -> None:
+    from click.testing import CliRunner
+
+    from nvlcore.cli import build_cli
+
+    res = CliRunner().invoke(build_cli(), ["generate", "--hf-model-path", str(toy), "--tp", "2", "--device", "cpu"])
+    assert res.exit_code != 0 and "torchrun --nproc-per-node 2" in res.output
+
+
+@pytest.mark.distributed
+def test_tensor_parallel_2_equals_tp_1(toy, media, generator) -> None:
+    """Two gloo ranks (heads, groups and vocabulary split) give TP=1's tokens and logits."""
+    from nvlcore.testing_dist import run_distributed
+    from nvl_nemotron_vl.testing_generate import tp_generate_worker
+
+    convs = [_conversations(media)["image"], build_conversation("Hi!")]
+    ranks = run_distributed(tp_generate_worker, 2, str(toy), convs, NEW_TOKENS)
+    single = generator.generate(convs, max_new_tokens=NEW_TOKENS)
+    assert ranks[0]["tokens"] == ranks[1]["tokens"] == [r.token_ids for r in single]
+    torch.testing.assert_close(ranks[0]["prefill_logits"], ranks[1]["prefill_logits"], rtol=0, atol=0)
