@@ -128,32 +128,14 @@ def load_generator(
 
 def load_checkpoint_into(bridge: Any, model: Any, megatron_model_path: str | os.PathLike[str]) -> None:
     """Fill ``model`` (this rank's shards) from a Megatron-style checkpoint (base dir: its latest
-    iteration; or an ``iter_N`` dir) through the weight mapping, at any TP size.
-
-    Uses the bridge's ``load_checkpoint_weights`` (the conversion layer) when it has one, else the
-    trainer's generic loader, which reads the same logical tensors.
-    """
-    import torch.distributed as dist
-
+    iteration; or an ``iter_N`` dir) through the bridge's weight mapping, at any TP size."""
     from nvlcore.checkpoint import resolve_checkpoint_dir
 
+    loader = getattr(bridge, "load_checkpoint_weights", None)
+    if loader is None:
+        raise NotImplementedError(f"model bridge {type(bridge).__name__} cannot load Megatron-style checkpoints")
     try:
         iter_dir = resolve_checkpoint_dir(megatron_model_path)
-    except Exception as exc:  # the checkpoint layer's errors name the path and what is missing
+    except Exception as exc:  # the checkpoint layer's errors say what is missing where
         raise FileNotFoundError(f"--megatron-model-path {megatron_model_path}: {exc}") from exc
-    loader = getattr(bridge, "load_checkpoint_weights", None)
-    if loader is not None:
-        loader(model, iter_dir)
-        return
-    from nvlcore.parallel import ParallelContext
-    from nvlcore.training import checkpointing as tck
-
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    device = next(model.parameters()).device
-    ctx = ParallelContext(
-        rank=rank, world_size=world, local_rank=int(os.environ.get("LOCAL_RANK", "0")), tp_size=model.tp.size,
-        tp_rank=model.tp.rank, dp_size=world // model.tp.size, dp_rank=rank // model.tp.size, device=device,
-        backend=dist.get_backend() if dist.is_initialized() else ("nccl" if device.type == "cuda" else "gloo"),
-    )
-    tck.load_model_weights(model, iter_dir, bridge=bridge, ctx=ctx)
+    loader(model, iter_dir)

@@ -11,6 +11,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -294,3 +296,29 @@ def test_tensor_parallel_2_equals_tp_1(toy, media, generator) -> None:
     single = generator.generate(convs, max_new_tokens=NEW_TOKENS)
     assert ranks[0]["tokens"] == ranks[1]["tokens"] == [r.token_ids for r in single]
     torch.testing.assert_close(ranks[0]["prefill_logits"], ranks[1]["prefill_logits"], rtol=0, atol=0)
+
+
+def test_megatron_checkpoint_weights_give_the_same_output(toy, media, generator, tmp_path) -> None:
+    """`nvl convert import` of the toy, then generation with --megatron-model-path: the same tokens."""
+    from click.testing import CliRunner
+
+    from nvlcore.cli import build_cli
+    from nvl_nemotron_vl.generate import load_generator
+
+    ck = tmp_path / "ck"
+    # Its own process, as a user runs it (the importer refuses to stream inside a process that already
+    # holds a process group, which this module's model loading has set up).
+    proc = subprocess.run(
+        [sys.executable, "-m", "nvlcore", "convert", "import", "--hf-model", str(toy), "--megatron-path", str(ck),
+         "--no-progress"], capture_output=True, text=True,
+    )
+    assert proc.returncode == 0, proc.stderr
+    convs = [_conversations(media)["multi_image"], build_conversation("Hi!")]
+    from_ckpt = load_generator(toy, megatron_model_path=ck, device="cpu").generate(convs, max_new_tokens=NEW_TOKENS)
+    assert [r.token_ids for r in from_ckpt] == [r.token_ids for r in generator.generate(convs, max_new_tokens=NEW_TOKENS)]
+
+    empty = tmp_path / "not_a_checkpoint"
+    empty.mkdir()
+    res = CliRunner().invoke(build_cli(), ["generate", "--hf-model-path", str(toy), "--megatron-model-path", str(empty),
+                                           "--device", "cpu"])
+    assert res.exit_code != 0 and str(empty) in res.output
