@@ -191,7 +191,7 @@ def tp_worker(rank: int, world: int, hf_dir: str, inputs: dict[str, Any]) -> dic
     from megatron.core import parallel_state
 
     from .bridge import NemotronVLBridge
-    from .model.parallel import TPContext, ensure_model_parallel
+    from .model.parallel import ensure_model_parallel
 
     ensure_model_parallel(world)
     bridge = NemotronVLBridge.from_hf_dir(hf_dir)

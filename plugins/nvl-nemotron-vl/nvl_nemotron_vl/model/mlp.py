@@ -9,8 +9,22 @@ from torch import nn
 from .parallel import TPContext, normed_column_linear, row_linear
 
 
+class _SquaredReLU(torch.autograd.Function):
+    """``relu(x)^2`` saving only ``x`` for backward (``d/dx = 2 relu(x)``), not the intermediate too."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x)
+        return F.relu(x).square()
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor) -> torch.Tensor:
+        (x,) = ctx.saved_tensors
+        return grad_out * 2 * F.relu(x)
+
+
 def squared_relu(x: torch.Tensor) -> torch.Tensor:
-    return F.relu(x).pow(2)
+    return _SquaredReLU.apply(x)
 
 
 ACTIVATIONS = {"relu2": squared_relu, "gelu": F.gelu}  # F.gelu defaults to the exact erf form

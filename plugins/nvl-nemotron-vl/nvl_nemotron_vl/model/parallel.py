@@ -97,11 +97,37 @@ def _tag_linear(layer: nn.Module, dim: int) -> None:
 
 
 # ---------------------------------------------------------------------------------------- norms
+def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+class _RMSNorm(torch.autograd.Function):
+    """RMSNorm in fp32 that saves only its input (in the input dtype) and the fp32 ``rstd`` for backward.
+
+    Autograd through the plain expression would keep two fp32 copies of the activation per norm.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        x32 = _at_least_fp32(x)
+        rstd = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+        ctx.save_for_backward(x, weight, rstd)
+        return (_at_least_fp32(weight) * (x32 * rstd)).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        x, weight, rstd = ctx.saved_tensors
+        xhat = _at_least_fp32(x) * rstd
+        g = _at_least_fp32(grad_out)
+        gw = g * _at_least_fp32(weight)
+        grad_x = rstd * (gw - xhat * (gw * xhat).mean(-1, keepdim=True))
+        grad_w = (g * xhat).reshape(-1, xhat.shape[-1]).sum(0) if ctx.needs_input_grad[1] else None
+        return grad_x.to(x.dtype), None if grad_w is None else grad_w.to(weight.dtype), None
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm computed in fp32; the result is cast back to ``x``'s dtype."""
-    x32 = x.float()
-    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-    return (weight.float() * x32).to(x.dtype)
+    """RMSNorm computed in fp32; the result is cast back to ``x``'s dtype: ``w * x / sqrt(mean(x^2) + eps)``."""
+    return _RMSNorm.apply(x, weight, eps)
 
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
