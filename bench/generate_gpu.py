@@ -286,6 +286,8 @@ def main(argv: list[str] | None = None) -> int:
     raw, cfg = build_config(args.size)
     say(f"building the {args.size} model ({args.dtype}, {device})")
     if device.type == "cuda":
+        if device.index is None:  # set_device needs an index; "cuda" means the first GPU
+            device = torch.device("cuda", 0)
         torch.cuda.set_device(device)
     model = build_model(cfg, dtype=dtype, device=device, init="random", seed=0).eval()
     lm_bytes, emb_bytes = lm_param_bytes(model)
