@@ -3,12 +3,14 @@
 Runs nvl's own training step (``nvlcore.training.trainer.Trainer.train_step``: bf16 autocast over fp32
 master weights, fp32 gradient accumulation and reduction, global-norm clipping, fused AdamW) on a
 **randomly initialised** model built directly on the device (no checkpoint files: ``--size 12b-shape``
-has the real dimensions, ~12.6B parameters), with synthetic image+text samples of exactly
+has the real dimensions, ~13.2B parameters with the untied embedding and output layer), with synthetic image+text samples of exactly
 ``--seq`` tokens: each sample holds ``--tiles`` 512x512 image tiles (256 context tokens each) and
 text, and the last ``--supervised`` tokens carry the loss.
 
-It records, per GPU: tokens/s (real tokens), TFLOP/s counting the LM *and* the vision encoder and
-projector (the bridge's ``train_flops``), the same LM-only "nominal" figure Megatron-Bridge would
+It runs each activation-recomputation variant of ``--recompute`` (an out-of-memory one is recorded and
+the next runs); with ``--compiled-scan`` (default on CUDA) the fastest one runs again with the Mamba
+scan compiled by ``torch.compile`` (the model's ``set_ssd_scan_impl`` hook). It records, per GPU and
+variant: tokens/s (real tokens), TFLOP/s counting the LM *and* the vision encoder and projector (the bridge's ``train_flops``), the same LM-only "nominal" figure Megatron-Bridge would
 print, MFU against the measured 790 TFLOP/s bf16 ceiling of an H200, step time, and peak memory
 (allocated and reserved), and writes ``finetune_gpu.json`` and ``finetune_gpu.md`` under ``--out``.
 
@@ -16,8 +18,8 @@ Correctness checks (fail the run): the first loss is finite and near ln(vocab) f
 every logged loss and gradient norm is finite, no update is skipped, parameters change.
 
 Memory plan (see docs/finetune.md, "Precision and memory"): fp32 master parameters + fp32 gradients
-+ fp32 Adam moments = 16 bytes per trainable parameter; at TP=2 the 12.6B model is ~6.3B parameters
-per GPU = ~101 GB, plus the bf16 weight copies autocast caches during a step (~12.6 GB) and the
++ fp32 Adam moments = 16 bytes per trainable parameter; at TP=2 the ~13.2B model is ~6.6B parameters
+per GPU = ~105 GB, plus the bf16 weight copies autocast caches during a step (~13 GB) and the
 activations of one micro-batch. ``--print-memory-plan`` prints the estimate and exits.
 
 Usage (two H200s, the lead's command)::
@@ -69,6 +71,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--recompute", default="none,ssm",
                     help="comma list of activation-recomputation variants to run in turn: none, ssm, layers "
                          "(an out-of-memory variant is recorded and the next one runs)")
+    ap.add_argument("--compiled-scan", action=argparse.BooleanOptionalAction, default=None,
+                    help="also run the fastest variant with torch.compile(ssd_scan) installed (default: on for cuda)")
     ap.add_argument("--print-memory-plan", action="store_true", help="print the memory estimate and exit")
     return ap.parse_args(argv)
 
@@ -174,6 +178,8 @@ def run(args: argparse.Namespace) -> int:
     from nvlcore.training.trainer import LoopSettings, Trainer
 
     device_type = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.compiled_scan is None:
+        args.compiled_scan = device_type == "cuda"
     ctx = init_parallel(args.tp, device_type=device_type, seed=args.seed)
     say = print if ctx.is_main else (lambda *_a, **_k: None)
     cuda = device_type == "cuda"
@@ -214,7 +220,9 @@ def run(args: argparse.Namespace) -> int:
         world = ctx.world_size
         vocab = int(raw["llm_config"]["vocab_size"])
         variants: dict[str, dict] = {}
-        for variant in [v.strip() for v in args.recompute.split(",") if v.strip()]:
+
+        def run_variant(variant: str, label: str) -> dict:
+            """Train --warmup + --steps steps with one recomputation setting; the record of that variant."""
             model.set_recompute(variant)
             if cuda:
                 torch.cuda.empty_cache()
@@ -240,7 +248,7 @@ def run(args: argparse.Namespace) -> int:
                     dt = time.perf_counter() - t
                     steps.append({"step": i + 1, "time_s": dt, "loss": r.loss, "grad_norm": r.grad_norm,
                                   "skipped": r.skipped, "timed": i >= args.warmup})
-                    say(f"[recompute={variant}] step {i + 1}/{args.warmup + args.steps} "
+                    say(f"[{label}] step {i + 1}/{args.warmup + args.steps} "
                         f"{'(warm-up) ' if i < args.warmup else ''}{dt:.2f} s loss {r.loss:.4f} grad {r.grad_norm:.3f}"
                         + (f" peak {torch.cuda.max_memory_allocated() / 1e9:.1f} GB" if cuda else ""))
             except Exception as exc:
@@ -249,7 +257,7 @@ def run(args: argparse.Namespace) -> int:
                 for p in model.parameters():
                     p.grad = None
                 res = {"status": "out of memory", "error": str(exc).splitlines()[0][:500]}
-                say(f"[recompute={variant}] OUT OF MEMORY: {res['error']}")
+                say(f"[{label}] OUT OF MEMORY: {res['error']}")
             if not res:
                 timed = [x for x in steps if x["timed"]]
                 step_s = sum(x["time_s"] for x in timed) / len(timed)
@@ -277,8 +285,25 @@ def run(args: argparse.Namespace) -> int:
                                     dtype=torch.float64, device=ctx.device)
                 dist.all_reduce(peak, op=dist.ReduceOp.MAX)
                 res.update(peak_allocated_gb=float(peak[0]) / 1e9, peak_reserved_gb=float(peak[1]) / 1e9)
-            variants[variant] = res
+            return res
+
+        for variant in [v.strip() for v in args.recompute.split(",") if v.strip()]:
+            variants[variant] = run_variant(variant, variant)
         ok = [v for v, r in variants.items() if r["status"] == "ok"]
+        if ok and args.compiled_scan:
+            # The fastest variant that fit, again with the Mamba scan compiled by torch.compile (Inductor).
+            from nvl_nemotron_vl.model.ssd import set_ssd_scan_impl, ssd_scan_reference
+
+            fastest = min(ok, key=lambda v: variants[v]["step_time_s"])
+            set_ssd_scan_impl(torch.compile(ssd_scan_reference, dynamic=False))
+            try:
+                label = f"{fastest}+compiled-scan"
+                variants[label] = run_variant(fastest, label)
+            except Exception as exc:  # a compiler failure is a result too
+                variants[f"{fastest}+compiled-scan"] = {"status": "error", "error": f"{type(exc).__name__}: {exc}"[:1000]}
+            finally:
+                set_ssd_scan_impl(None)
+            ok = [v for v, r in variants.items() if r["status"] == "ok"]
         best = min(ok, key=lambda v: variants[v]["step_time_s"]) if ok else None
         result = {
             "status": "ok" if best else "no variant ran cleanly",
@@ -319,7 +344,7 @@ def write_results(out: Path, r: dict) -> None:
             f"{r['tiles_per_sample']} tiles/sample ({r['vision_share_of_flops'] * 100:.1f}% of the FLOPs in the ViT and "
             f"projector); {r['micro_batches_per_rank']} micro-batches/step/rank; {r['precision']}.",
             "",
-            "| recompute | status | step s | tokens/s/GPU | TFLOP/s/GPU (LM+ViT) | TFLOP/s/GPU (LM nominal) | MFU vs 790 | peak alloc / reserved GB |",
+            "| variant (recompute[+scan]) | status | step s | tokens/s/GPU | TFLOP/s/GPU (LM+ViT) | TFLOP/s/GPU (LM nominal) | MFU vs 790 | peak alloc / reserved GB |",
             "|---|---|---|---|---|---|---|---|",
         ]
         for v, x in r["variants"].items():
