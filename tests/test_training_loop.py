@@ -339,6 +339,25 @@ def test_recompute_on_a_model_without_it_is_an_error_naming_the_key(hf, tmp_path
                    "model.recompute_granularity=full")
 
 
+def test_launch_arguments_single_machine_and_rendezvous():
+    from torch.distributed.run import get_args_parser
+
+    from nvlcore.parallel import build_launch_args
+
+    one = build_launch_args(nproc_per_node=2, module="nvlcore.cli.finetune", module_args=["a=1"])
+    assert one[:5] == ["--nproc-per-node", "2", "--nnodes", "1", "--standalone"] and one[-3:] == ["-m", "nvlcore.cli.finetune", "a=1"]
+    multi = build_launch_args(nproc_per_node=8, module="m", module_args=[], nnodes="2", rdzv_endpoint="n0:29500",
+                              rdzv_id="job")
+    args = get_args_parser().parse_args(multi)  # torchrun accepts exactly what we pass through
+    assert (args.nnodes, args.nproc_per_node, args.rdzv_endpoint, args.rdzv_backend, args.rdzv_id, args.standalone) == (
+        "2", "8", "n0:29500", "c10d", "job", False)
+    static = get_args_parser().parse_args(build_launch_args(nproc_per_node=4, module="m", module_args=[], nnodes="2",
+                                                            node_rank=1, master_addr="n0", master_port=29400))
+    assert (static.node_rank, static.master_addr, static.master_port) == (1, "n0", 29400)
+    with pytest.raises(ValueError, match="--nproc-per-node"):
+        build_launch_args(nproc_per_node=0, module="m", module_args=[])
+
+
 def test_jsonl_logger_drops_lost_iterations_on_resume(tmp_path):
     from nvlcore.training.loggers import JsonlLogger
 
