@@ -201,3 +201,28 @@ def test_lora_at_tp2_matches_tp1(lm_run, toy: Path, base32: Path, tmp_path: Path
         assert b[i] == pytest.approx(a[i], rel=2e-4, abs=2e-4), (i, a[i], b[i])
     s1, s2 = open_checkpoint(out).specs(), open_checkpoint(tp2).specs()
     assert {k: v.shape for k, v in s1.items()} == {k: v.shape for k, v in s2.items()}
+
+
+@pytest.mark.parametrize(
+    "flags,overrides,expect",
+    [
+        (["--lora-on-language-model"], [], (True, False, False, "*language_model*.linear_qkv")),
+        (["--lora-on-vision-model"], [], (False, True, True, "*vision_model*.linear_qkv")),
+        (["--lora-on-language-model", "--lora-on-vision-model"], [], (True, True, True, "linear_qkv")),
+        # the user's model.freeze_* wins over the setting (the bridge's default YAML, which sets them all
+        # False for full fine-tuning, does not count as the user's choice)
+        (["--lora-on-language-model", "--lora-on-vision-model"], ["model.freeze_vision_model=False"],
+         (True, False, True, "linear_qkv")),
+        (["--lora-on-language-model"], ["model.freeze_vision_projection=True", "peft.target_modules=[linear_proj]"],
+         (True, False, True, "linear_proj")),
+    ],
+)
+def test_flags_resolve_to_the_workflow_settings(toy: Path, flags, overrides, expect) -> None:
+    import yaml
+
+    proc = nvl("finetune", "--hf-model-path", toy, "--pretrained-checkpoint", toy, *flags, *overrides, "--print-config")
+    cfg = yaml.safe_load("\n".join(line for line in proc.stdout.splitlines() if not line.startswith("#")))
+    peft = cfg["peft"]
+    got = (peft["freeze_language_model"], peft["freeze_vision_model"], peft["freeze_vision_projection"],
+           peft["target_modules"][0])
+    assert peft["method"] == "lora" and got == expect
