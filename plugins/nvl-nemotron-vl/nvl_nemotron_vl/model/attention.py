@@ -75,8 +75,14 @@ class SelfAttention(nn.Module):
         k = qkv[:, :, :, self.rep].transpose(1, 2)
         v = qkv[:, :, :, self.rep + 1].transpose(1, 2)
         mask = attention_mask_for(attention_mask, L, self.causal, hidden_states.device)
+        gqa = self.rep > 1
+        if mask is not None and gqa:
+            # PyTorch's masked (memory-efficient) SDPA kernel does not take enable_gqa; expanding the
+            # KV heads keeps it off the math fallback, which would materialise every score matrix.
+            k, v = k.repeat_interleave(self.rep, dim=1), v.repeat_interleave(self.rep, dim=1)
+            gqa = False
         o = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=self.causal and mask is None, enable_gqa=self.rep > 1
+            q, k, v, attn_mask=mask, is_causal=self.causal and mask is None, enable_gqa=gqa
         )
         out, _ = self.linear_proj(o.transpose(1, 2).reshape(b, L, self.heads * self.head_dim))
         return out
