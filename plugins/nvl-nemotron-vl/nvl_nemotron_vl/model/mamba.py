@@ -60,6 +60,8 @@ class MambaMixer(nn.Module):
         self.chunk_size = cfg.chunk_size
         #: Recompute conv + scan + gated norm in backward instead of storing them (set by the model).
         self.recompute = False
+        #: The scan implementation (None: the process-wide :func:`.ssd.ssd_scan`; set by the model).
+        self.scan_impl = None
 
         full_in = 2 * cfg.mamba_d_inner + 2 * cfg.n_groups * cfg.ssm_state_size + cfg.mamba_num_heads
         self.in_proj = normed_column_linear(
@@ -131,7 +133,7 @@ class MambaMixer(nn.Module):
         x = x.reshape(b, L, self.nheads, self.head_dim)
         dt = F.softplus(dt.float() + self.dt_bias.float())
         A = -torch.exp(self.A_log.float())
-        y, _ = ssd_scan(
+        y, _ = (self.scan_impl or ssd_scan)(
             x, dt, A, B.reshape(b, L, self.ngroups, self.state), C.reshape(b, L, self.ngroups, self.state),
             self.chunk_size,
         )

@@ -45,6 +45,7 @@ class NemotronVLModel(nn.Module):
         freeze_vision_model: bool = False,
         freeze_vision_projection: bool = False,
         recompute: str = "none",
+        scan: str = "reference",
     ) -> None:
         super().__init__()
         device = torch.device(device)
@@ -60,6 +61,21 @@ class NemotronVLModel(nn.Module):
         self.freeze(language_model=freeze_language_model, vision_model=freeze_vision_model,
                     vision_projection=freeze_vision_projection)
         self.set_recompute(recompute)
+        self.set_scan(scan)
+
+    def set_scan(self, name: str) -> None:
+        """The Mamba scan: ``"reference"`` (plain PyTorch, eager) or ``"compiled"`` (the same, through
+        ``torch.compile``; ~25% faster training step on an H200 at the 12B shape, compiles per new length)."""
+        from .ssd import compiled_ssd_scan, ssd_scan
+
+        impls = {"reference": lambda: ssd_scan, "compiled": compiled_ssd_scan}
+        if name not in impls:
+            raise ValueError(f"scan must be one of {sorted(impls)}, got {name!r}")
+        fn = impls[name]()
+        self.scan = name
+        for layer in self.language_model.decoder.layers:
+            if hasattr(layer, "mixer"):
+                layer.mixer.scan_impl = fn
 
     def set_recompute(self, mode: str) -> None:
         """Activation recomputation: ``"none"``; ``"ssm"`` (Mamba conv + scan + gated norm, whose fp32
