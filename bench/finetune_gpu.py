@@ -9,7 +9,7 @@ text, and the last ``--supervised`` tokens carry the loss.
 
 It runs each activation-recomputation variant of ``--recompute`` (an out-of-memory one is recorded and
 the next runs); with ``--compiled-scan`` (default on CUDA) the fastest one runs again with the Mamba
-scan compiled by ``torch.compile`` (the model's ``set_ssd_scan_impl`` hook). It records, per GPU and
+scan compiled by ``torch.compile`` (the model's ``set_scan("compiled")``). It records, per GPU and
 variant: tokens/s (real tokens), TFLOP/s counting the LM *and* the vision encoder and projector (the bridge's ``train_flops``), the same LM-only "nominal" figure Megatron-Bridge would
 print, MFU against the measured 790 TFLOP/s bf16 ceiling of an H200, step time, and peak memory
 (allocated and reserved), and writes ``finetune_gpu.json`` and ``finetune_gpu.md`` under ``--out``.
@@ -68,7 +68,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--lr", type=float, default=2e-5)
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--out", type=Path, required=True, help="directory for finetune_gpu.json and finetune_gpu.md")
-    ap.add_argument("--recompute", default="none,ssm",
+    ap.add_argument("--recompute", default="ssm,none",
                     help="comma list of activation-recomputation variants to run in turn: none, ssm, layers "
                          "(an out-of-memory variant is recorded and the next one runs)")
     ap.add_argument("--compiled-scan", action=argparse.BooleanOptionalAction, default=None,
@@ -292,17 +292,15 @@ def run(args: argparse.Namespace) -> int:
         ok = [v for v, r in variants.items() if r["status"] == "ok"]
         if ok and args.compiled_scan:
             # The fastest variant that fit, again with the Mamba scan compiled by torch.compile (Inductor).
-            from nvl_nemotron_vl.model.ssd import set_ssd_scan_impl, ssd_scan_reference
-
             fastest = min(ok, key=lambda v: variants[v]["step_time_s"])
-            set_ssd_scan_impl(torch.compile(ssd_scan_reference, dynamic=False))
+            label = f"{fastest}+compiled-scan"
             try:
-                label = f"{fastest}+compiled-scan"
+                model.set_scan("compiled")
                 variants[label] = run_variant(fastest, label)
             except Exception as exc:  # a compiler failure is a result too
-                variants[f"{fastest}+compiled-scan"] = {"status": "error", "error": f"{type(exc).__name__}: {exc}"[:1000]}
+                variants[label] = {"status": "error", "error": f"{type(exc).__name__}: {exc}"[:1000]}
             finally:
-                set_ssd_scan_impl(None)
+                model.set_scan("reference")
             ok = [v for v, r in variants.items() if r["status"] == "ok"]
         best = min(ok, key=lambda v: variants[v]["step_time_s"]) if ok else None
         result = {
