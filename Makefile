@@ -10,4 +10,4 @@ test: setup
 	NVL_STRICT_PLUGINS=1 $(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
 quickstart: setup
-	$(VENV)/bin/nvl plugins list
+	$(VENV)/bin/nvl quickstart --workdir nvl-quickstart --overwrite

@@ -29,16 +29,25 @@ import click
 #: The fine-tuning settings of the quickstart (a tiny model learns fast with a large learning rate).
 FINETUNE_OVERRIDES: tuple[str, ...] = (
     "dataset.maker_name=synthetic_shapes",
+    # Colour questions only: a two-layer toy ViT over 4x4 patches learns colours in a minute, shapes
+    # take far longer. The answers stay balanced, so chance is 0.25.
+    'dataset.maker_kwargs={"questions": ["color"]}',
     "train.global_batch_size=16",
     "train.micro_batch_size=16",
     "model.seq_length=128",
     "dataset.seq_length=128",
     "dataset.num_workers=1",
     "model.tensor_model_parallel_size=1",
-    "optimizer.lr=5e-3",
-    "optimizer.min_lr=5e-4",
+    "optimizer.lr=2e-3",
+    "optimizer.min_lr=2e-4",
     "scheduler.lr_warmup_iters=10",
     "logger.log_interval=10",
+    # The toy's language model is random and frozen under --lora-on-language-model: its output layer
+    # caps how confident answers can get and its Mamba mixers must carry the image's information to
+    # the answer, so the quickstart adapts those too (a pretrained model needs neither).
+    'peft.target_modules=["*language_model*.linear_qkv","*language_model*.linear_proj",'
+    '"*language_model*.linear_fc1","*language_model*.linear_fc2","*language_model*.in_proj",'
+    '"*language_model*.out_proj","*language_model*.output_layer"]',
 )
 QUESTION_PROMPT = "What color is the shape? Answer with one word."
 
@@ -81,7 +90,8 @@ def evaluate(hf_dir: Path, *, num_examples: int, blank_images: bool = False, see
 
     bridge = _bridge_for(hf_dir, current_plugin_manager().registry("model_bridge"))
     generator = bridge.generator(device="cpu")
-    data = SyntheticShapes(split="test", num_examples=num_examples, seed=seed, blank_images=blank_images)
+    data = SyntheticShapes(split="test", num_examples=num_examples, seed=seed, blank_images=blank_images,
+                           questions=["color"])
     examples = [data.example(i) for i in range(len(data))]
     convs = [build_conversation(ex["question"], images=[ex["image"]], system_prompt="/no_think") for ex in examples]
     results = generator.generate(convs, max_new_tokens=8, batch_size=batch_size)
@@ -175,7 +185,7 @@ def save_curve_png(points: Sequence[tuple[int, float]], path: Path, *, size: tup
 @click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=Path("nvl-quickstart"),
               show_default=True, help="Where the toy model, checkpoints and plots go.")
 @click.option("--overwrite", is_flag=True, help="Delete an existing work directory first.")
-@click.option("--train-iters", type=click.IntRange(min=1), default=150, show_default=True,
+@click.option("--train-iters", type=click.IntRange(min=1), default=300, show_default=True,
               help="Fine-tuning iterations (global batch 16).")
 @click.option("--eval-examples", type=click.IntRange(min=1), default=100, show_default=True,
               help="Held-out questions asked before and after training.")
@@ -214,7 +224,7 @@ def quickstart(workdir: Path, overwrite: bool, train_iters: int, eval_examples: 
 
     _step(3, total, f"Accuracy before fine-tuning ({eval_examples} held-out questions, exact match)")
     before = evaluate(w / "toy", num_examples=eval_examples)
-    click.echo(f"    accuracy before: {before['accuracy']:.2f}  (chance: 0.25 for colours, 0.33 for shapes)", err=True)
+    click.echo(f"    accuracy before: {before['accuracy']:.2f}  (chance: 0.25)", err=True)
 
     _step(4, total, "Fine-tune with LoRA on the language model (vision tower and projector trained fully)")
     _run_nvl(["finetune", "--hf-model-path", str(w / "toy"), "--pretrained-checkpoint", str(w / "base"),
@@ -251,7 +261,7 @@ def quickstart(workdir: Path, overwrite: bool, train_iters: int, eval_examples: 
     click.secho("\nSummary", bold=True, err=True)
     click.echo(f"  held-out accuracy before fine-tuning: {before['accuracy']:.2f}", err=True)
     click.echo(f"  held-out accuracy after fine-tuning:  {after['accuracy']:.2f}", err=True)
-    click.echo(f"  after, with blank images:             {blind['accuracy']:.2f} (chance ~0.29)", err=True)
+    click.echo(f"  after, with blank images:             {blind['accuracy']:.2f} (chance 0.25)", err=True)
     click.echo(f"  {seconds:.0f} s; everything is in {w}", err=True)
     if as_json:
         click.echo(json.dumps({"accuracy_before": before["accuracy"], "accuracy_after": after["accuracy"],
