@@ -129,6 +129,11 @@ def build_cli(manager: Any = None) -> NvlGroup:
 
 def main(argv: list[str] | None = None) -> Any:
     """Console-script entry point."""
+    import warnings
+
+    # megatron-core warns at import that Transformer Engine/Apex are absent; nvl uses only its
+    # tensor-parallel layers, which need neither, so the warning would only alarm users.
+    warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed", category=UserWarning)
     return build_cli()(args=argv, prog_name="nvl")
 
 
