@@ -6,55 +6,13 @@ path, which pytest's importlib mode does not provide for test modules.
 
 from __future__ import annotations
 
-import os
-import socket
-import tempfile
-import traceback
-from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _entry(rank: int, world: int, port: int, fn: Callable[..., Any], out_dir: str, args: tuple) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
-    torch.set_num_threads(1)
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        result = fn(rank, world, *args)
-        torch.save(result, Path(out_dir) / f"rank{rank}.pt")
-    except BaseException:
-        (Path(out_dir) / f"rank{rank}.err").write_text(traceback.format_exc())
-        raise
-    finally:
-        try:
-            from megatron.core import parallel_state
-
-            parallel_state.destroy_model_parallel()
-        except Exception:
-            pass
-        torch.distributed.destroy_process_group()
-
-
-def run_distributed(fn: Callable[..., Any], world: int, *args: Any) -> list[Any]:
-    """Run ``fn(rank, world, *args)`` in ``world`` gloo processes; returns each rank's result."""
-    import torch.multiprocessing as mp
-
-    with tempfile.TemporaryDirectory() as tmp:
-        try:
-            mp.spawn(_entry, args=(world, free_port(), fn, tmp, args), nprocs=world, join=True)
-        except Exception as exc:
-            errs = sorted(Path(tmp).glob("*.err"))
-            detail = "\n".join(e.read_text() for e in errs)
-            raise RuntimeError(f"distributed worker failed:\n{detail}") from exc
-        return [torch.load(Path(tmp) / f"rank{r}.pt", weights_only=False) for r in range(world)]
+# The gloo harness is the core's (one implementation for every plugin's TP/DP tests).
+from nvlcore.testing_dist import free_port, run_distributed  # noqa: F401
 
 
 # --------------------------------------------------------------------------------------------------
