@@ -67,7 +67,7 @@ class SelfAttention(nn.Module):
     ) -> torch.Tensor:
         """``[b, L, hidden]`` (before the layer's norm) -> ``[b, L, hidden]``; ``attention_mask`` ``[b, L]``."""
         if inference_params is not None:
-            raise NotImplementedError("SelfAttention: KV caches (inference_params) are not implemented yet")
+            raise NotImplementedError("SelfAttention.forward is the full-sequence path; cached decoding runs through nvl_nemotron_vl.model.decode.NemotronVLDecoder (KV cache)")
         b, L, _ = hidden_states.shape
         qkv, _ = self.linear_qkv(hidden_states)
         qkv = qkv.view(b, L, self.kv_heads, self.rep + 2, self.head_dim)

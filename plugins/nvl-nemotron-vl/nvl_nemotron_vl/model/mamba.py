@@ -107,7 +107,7 @@ class MambaMixer(nn.Module):
         decoding caches (conv and SSM state); it is not implemented here.
         """
         if inference_params is not None:
-            raise NotImplementedError("MambaMixer: decoding caches (inference_params) are not implemented yet")
+            raise NotImplementedError("MambaMixer.forward is the full-sequence path; cached decoding runs through nvl_nemotron_vl.model.decode.NemotronVLDecoder (conv + SSM state)")
         zxbcdt, _ = self.in_proj(hidden_states)
         if attention_mask is not None:
             zxbcdt = zxbcdt * attention_mask[:, :, None].to(zxbcdt.dtype)

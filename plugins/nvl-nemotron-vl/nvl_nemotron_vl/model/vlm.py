@@ -239,7 +239,7 @@ class NemotronVLModel(nn.Module):
     ) -> torch.Tensor:
         """Full-vocabulary logits ``[B, L or 1, vocab_size]`` (gathered over TP, padding removed).
 
-        ``inference_params`` is threaded to every mixer for decoding caches (not implemented here).
+        ``inference_params`` must be None: cached decoding is :class:`~nvl_nemotron_vl.model.decode.NemotronVLDecoder`.
         """
         embeds, attention_mask, _, _ = self.embed_inputs(input_ids, pixel_values, attention_mask)
         hidden = self.language_model.decoder(embeds, attention_mask, inference_params)
