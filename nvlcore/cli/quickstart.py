@@ -74,11 +74,18 @@ def _run_nvl(args: Sequence[str], *, log: Path) -> None:
         raise click.ClickException(f"`nvl {' '.join(args[:2])}` failed with exit status {code}; see {log}")
 
 
-def evaluate(hf_dir: Path, *, num_examples: int, blank_images: bool = False, seed: int = 0,
+def load_generator(hf_dir: Path) -> Any:
+    """The generation API of the bridge that handles ``hf_dir`` (CPU)."""
+    from nvlcore.cli import current_plugin_manager
+
+    return _bridge_for(hf_dir, current_plugin_manager().registry("model_bridge")).generator(device="cpu")
+
+
+def evaluate(generator: Any, *, num_examples: int, blank_images: bool = False, seed: int = 0,
              batch_size: int = 25) -> dict[str, Any]:
     """Exact-match accuracy of greedy answers on the held-out ``test`` split of ``synthetic_shapes``.
 
-    :param hf_dir: the HF model directory to load.
+    :param generator: from :func:`load_generator`.
     :param num_examples: questions asked.
     :param blank_images: replace every image by a blank one (the control run).
     :param seed: the dataset's seed (the training run uses the same one; splits never overlap).
@@ -86,10 +93,6 @@ def evaluate(hf_dir: Path, *, num_examples: int, blank_images: bool = False, see
     """
     from nvlcore.builtin.synthetic_vqa import SyntheticShapes
     from nvlcore.generation import build_conversation
-    from nvlcore.cli import current_plugin_manager
-
-    bridge = _bridge_for(hf_dir, current_plugin_manager().registry("model_bridge"))
-    generator = bridge.generator(device="cpu")
     data = SyntheticShapes(split="test", num_examples=num_examples, seed=seed, blank_images=blank_images,
                            questions=["color"])
     examples = [data.example(i) for i in range(len(data))]
@@ -223,7 +226,7 @@ def quickstart(workdir: Path, overwrite: bool, train_iters: int, eval_examples: 
     _run_nvl(["convert", "import", "--hf-model", str(w / "toy"), "--megatron-path", str(w / "base")], log=log)
 
     _step(3, total, f"Accuracy before fine-tuning ({eval_examples} held-out questions, exact match)")
-    before = evaluate(w / "toy", num_examples=eval_examples)
+    before = evaluate(load_generator(w / "toy"), num_examples=eval_examples)
     click.echo(f"    accuracy before: {before['accuracy']:.2f}  (chance: 0.25)", err=True)
 
     _step(4, total, "Fine-tune with LoRA on the language model (vision tower and projector trained fully)")
@@ -244,8 +247,9 @@ def quickstart(workdir: Path, overwrite: bool, train_iters: int, eval_examples: 
               "--hf-path", str(w / "hf")], log=log)
 
     _step(7, total, "Accuracy after fine-tuning (the exported HF model), and with the images blanked")
-    after = evaluate(w / "hf", num_examples=eval_examples)
-    blind = evaluate(w / "hf", num_examples=eval_examples, blank_images=True)
+    trained = load_generator(w / "hf")  # loaded once for both evaluations
+    after = evaluate(trained, num_examples=eval_examples)
+    blind = evaluate(trained, num_examples=eval_examples, blank_images=True)
     for s in after["samples"]:
         click.echo(f"    Q: {s['question']}  expected {s['answer']!r}, answered {s['predicted']!r}", err=True)
 
