@@ -1,365 +1,485 @@
-"""Full fine-tuning throughput and memory of nvl's trainer on Nemotron Nano V2 VL shapes.
+"""Throughput and memory of `nvl finetune` itself on the 12b-shape model, against transformers + PEFT.
 
-Runs nvl's own training step (``nvlcore.training.trainer.Trainer.train_step``: bf16 autocast over fp32
-master weights, fp32 gradient accumulation and reduction, global-norm clipping, fused AdamW) on a
-**randomly initialised** model built directly on the device (no checkpoint files: ``--size 12b-shape``
-has the real dimensions, ~13.2B parameters with the untied embedding and output layer), with synthetic image+text samples of exactly
-``--seq`` tokens: each sample holds ``--tiles`` 512x512 image tiles (256 context tokens each) and
-text, and the last ``--supervised`` tokens carry the loss.
+Every nvl figure comes from the user's command: each measured run is ``nvl finetune --random-init ...``
+(the click command, the trainer, the data pipeline from a dataset maker, the optimizer, the loggers),
+started in a fresh process so that peak memory is its own; tokens/s, TFLOP/s and peak memory are read
+from the run's ``metrics.jsonl`` (``logger.jsonl_path``, no checkpoint written). The first
+``--warmup`` iterations (compilation, allocator growth) are left out of the averages.
 
-It runs each activation-recomputation variant of ``--recompute`` (an out-of-memory one is recorded and
-the next runs); with ``--compiled-scan`` (default on CUDA) the fastest one runs again with the Mamba
-scan compiled by ``torch.compile`` (the model's ``set_scan("compiled")``). It records, per GPU and
-variant: tokens/s (real tokens), TFLOP/s counting the LM *and* the vision encoder and projector (the bridge's ``train_flops``), the same LM-only "nominal" figure Megatron-Bridge would
-print, MFU against the measured 790 TFLOP/s bf16 ceiling of an H200, step time, and peak memory
-(allocated and reserved), and writes ``finetune_gpu.json`` and ``finetune_gpu.md`` under ``--out``.
+Workloads, generated on the machine in each source's real schema (nothing is downloaded):
 
-Correctness checks (fail the run): the first loss is finite and near ln(vocab) for a random model,
-every logged loss and gradient norm is finite, no update is skipped, parameters change.
+* ``text``: a bench-local dataset maker of text-only conversations of about ``--seq`` tokens (added to
+  the plugin manager in the child process, as a third-party maker plugin would be);
+* ``cord``: CORD-v2 receipts through ``make_cord_v2_dataset`` (a local parquet copy): tall 768x1152
+  images (2x3 tiles + thumbnail = 7 tiles, 1,792 image tokens) and ~300 tokens of XML-like target;
+* ``medpix``: MedPix-VQA through ``make_medpix_dataset``: one 512x512 image (1 tile), a short question
+  and answer (~300 tokens a sample; what packing is for).
 
-Memory plan (see docs/finetune.md, "Precision and memory"): fp32 master parameters + fp32 gradients
-+ fp32 Adam moments = 16 bytes per trainable parameter; at TP=2 the ~13.2B model is ~6.6B parameters
-per GPU = ~105 GB, plus the bf16 weight copies autocast caches during a step (~13 GB) and the
-activations of one micro-batch. ``--print-memory-plan`` prints the estimate and exits.
+The peer, in the same run: transformers' ``NemotronHForCausalLM`` at the same LM shape (random bf16
+weights, SDPA, the library's PyTorch Mamba path since no mamba-ssm CUDA build is installed) with PEFT
+LoRA r=16 alpha=32 on q/k/v/o/up/down, on text batches of exactly ``seq`` tokens.
 
-Usage (two H200s, the lead's command)::
+FLOPs and MFU (written into each record): ``tflops`` is the bridge's count (Megatron-Bridge's
+hybrid formula for the LM at each sample's real length, plus the ViT and projector per tile), training
+= 3 x forward. For LoRA the base weights get no weight gradients, so a LoRA step is counted as 2/3 of
+that (``mfu = tflops x 2/3 / 790`` for ``method="lora"``, ``tflops / 790`` for ``"full"``), 790 TFLOP/s
+being the measured bf16 matmul ceiling of one H200 (shared/reference/performance-anchors.md). The peer
+is counted with the same formula at its sequence length.
 
-    python bench/finetune_gpu.py --size 12b-shape --tp 2 --nproc 2 --seq 4096 --steps 4 --out /tmp/out
+Records: ``finetune_gpu.json`` (a list, one object per measured run: ``system``, ``workload``,
+``method``, ``seq``, ``gpus``, ``tp``, ``tokens_per_s`` (all GPUs), ``mfu``, ``peak_gb``, ``kernels``,
+``command``, ``date``, ``status``) and ``finetune_gpu.md`` under ``--out``.
+
+Usage (one H200; the 12b shape needs no weights on disk with --random-init)::
+
+    python bench/finetune_gpu.py --size 12b-shape --workloads text,cord,medpix --out bench/results
+    # two H200s, full fine-tuning at TP=2:
+    python bench/finetune_gpu.py --size 12b-shape --methods full --tp 2 --nproc 2 --workloads cord --peer-seqs ''
     # CPU smoke test at toy size (what the test suite runs):
-    python bench/finetune_gpu.py --size tiny --device cpu --tp 1 --seq 256 --steps 2 --out /tmp/out
-
-``--nproc N`` starts N processes itself (torch.distributed.run); under ``torchrun`` leave it out.
-Needs (besides torch and megatron-core): attrs, pluggy, pyyaml, tokenizers (pure Python except
-tokenizers, which transformers brings); ``pip install --no-index --find-links .whl attrs pluggy pyyaml``
-if the machine lacks them.
+    python bench/finetune_gpu.py --size tiny --device cpu --seq 256 --steps 3 --warmup 1 --gbs 2 --peer-seqs 128
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime as _dt
 import json
-import math
+import os
 import platform
+import shlex
+import subprocess
 import sys
-import tempfile
+import threading
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-for p in (ROOT, ROOT / "plugins" / "nvl-nemotron-vl"):
-    if str(p) not in sys.path:
-        sys.path.insert(0, str(p))
+H200_BF16_TFLOPS = 790.0
+WORKLOADS = ("text", "cord", "medpix")
+CHILD_ENV = "NVL_BENCH_CHILD"
 
-H200_BF16_TFLOPS = 790.0  # measured dense bf16 matmul ceiling (shared/reference/performance-anchors.md)
+
+def log(msg: str) -> None:
+    print(f"[finetune_gpu {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# ----------------------------------------------------------------------------------------- data
+def write_model_dir(out: Path, size: str) -> Path:
+    """A toy HF directory without weights (config, tokenizer, processor files): enough for --random-init."""
+    from nvl_nemotron_vl.toy import _side_files, toy_config
+    from nvl_nemotron_vl.toy_tokenizer import write_toy_tokenizer
+
+    if (out / "config.json").is_file():
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    ids = write_toy_tokenizer(out)
+    raw = toy_config(size, ids)
+    (out / "config.json").write_text(json.dumps(raw, indent=2) + "\n")
+    for name, content in _side_files(raw, ids).items():
+        (out / name).write_text(json.dumps(content, indent=2) + "\n")
+    return out
+
+
+def _words(n: int, seed: int) -> str:
+    import random
+
+    rng = random.Random(seed)
+    vocab = ["total", "price", "menu", "item", "cash", "change", "tax", "receipt", "liver", "scan", "lesion",
+             "normal", "left", "right", "upper", "lower", "the", "a", "of", "and", "with", "shows", "no", "yes"]
+    return " ".join(rng.choice(vocab) for _ in range(n))
+
+
+def write_cord(root: Path, n: int) -> Path:
+    """A local copy of naver-clova-ix/cord-v2 (parquet: image + JSON-string ground_truth): tall receipts."""
+    from datasets import Dataset, Features, Image as HFImage, Value
+    from PIL import Image, ImageDraw
+
+    from nvlcore.data.testing import write_hub_dataset
+
+    rows_img, rows_gt = [], []
+    for i in range(n):
+        img = Image.new("RGB", (768, 1152), (250, 250, 245))
+        d = ImageDraw.Draw(img)
+        for y in range(20, 1130, 24):
+            d.text((30, y), _words(6, i * 1000 + y), fill=(20, 20, 20))
+        menu = [{"nm": _words(3, i * 100 + j), "cnt": str(j + 1), "price": f"{(j + 3) * 1250:,}"} for j in range(14)]
+        parse = {"menu": menu, "sub_total": {"subtotal_price": "91,000", "tax_price": "9,100"},
+                 "total": {"total_price": "100,100", "cashprice": "101,000", "changeprice": "900"}}
+        rows_img.append(img)
+        rows_gt.append(json.dumps({"gt_parse": parse, "meta": {"version": "2.0.0", "split": "train", "image_id": i},
+                                   "valid_line": []}))
+    feats = Features({"image": HFImage(), "ground_truth": Value("string")})
+    ds = Dataset.from_dict({"image": rows_img, "ground_truth": rows_gt}, features=feats)
+    return write_hub_dataset(root, {"data/train-00000-of-00001.parquet": ds}, {"default": {"train": "data/train-*"}})
+
+
+def write_medpix(root: Path, n: int) -> Path:
+    """A local copy of mmoukouba/MedPix-VQA (parquet; ``image_id`` is the image): 512x512 scans."""
+    from datasets import Dataset, Features, Image as HFImage, Value
+    from PIL import Image, ImageDraw
+
+    from nvlcore.data.testing import write_hub_dataset
+
+    imgs, q, a = [], [], []
+    for i in range(n):
+        img = Image.new("L", (512, 512), 40 + i % 50)
+        ImageDraw.Draw(img).ellipse((100 + i % 60, 120, 380, 400), fill=160)
+        imgs.append(img)
+        q.append("What abnormality is seen in the " + _words(8, i) + "?")
+        a.append(_words(10, 7 * i + 1) + ".")
+    feats = Features({"image_id": HFImage(), "mode": Value("string"), "case_id": Value("string"),
+                      "question": Value("string"), "answer": Value("string")})
+    ds = Dataset.from_dict({"image_id": imgs, "mode": ["CT"] * n, "case_id": [f"MPX{i}" for i in range(n)],
+                            "question": q, "answer": a}, features=feats)
+    return write_hub_dataset(root, {"data/train-00000-of-00001.parquet": ds}, {"default": {"train": "data/train-*"}})
+
+
+class BenchText:
+    """The ``bench_text`` dataset maker: text-only conversations of about ``words`` words each."""
+
+    splits = ("train",)
+
+    def __init__(self, *, split: str = "train", words: int = 3000, num_examples: int = 256) -> None:
+        self.words, self.n = int(words), int(num_examples)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        half = self.words // 2
+        return {"conversation": [
+            {"role": "user", "content": [{"type": "text", "text": _words(half, 2 * i)}]},
+            {"role": "assistant", "content": [{"type": "text", "text": _words(self.words - half, 2 * i + 1)}]},
+        ]}
+
+
+# ---------------------------------------------------------------------------------- nvl (child)
+def child_main(argv: list[str]) -> int:
+    """Run ``nvl finetune ARGV`` in this process with the bench's text maker registered."""
+    from nvlcore.cli import build_cli
+    from nvlcore.plugins import get_plugin_manager
+
+    from nvlcore.hookspecs import hookimpl
+
+    class BenchPlugin:
+        @hookimpl
+        def nvl_register_dataset_makers(self, register: Any) -> None:
+            register("bench_text", BenchText)
+
+    pm = get_plugin_manager()
+    pm.add_plugin(BenchPlugin(), name="nvl_bench")
+    profile_at = int(os.environ.get("NVL_BENCH_PROFILE_ITER", "0"))
+    if profile_at:
+        _profile_one_step(profile_at, Path(os.environ["NVL_BENCH_PROFILE_OUT"]))
+    cli = build_cli(pm)
+    return cli.main(args=["finetune", *argv], prog_name="nvl", standalone_mode=True)
+
+
+def _profile_one_step(iteration: int, out: Path) -> None:
+    """Wrap the trainer's step so that iteration ``iteration`` runs under torch.profiler; the per-op
+    table (CUDA time, top 40) is written to ``out``. The step itself is unchanged."""
+    import torch
+
+    from nvlcore.training.trainer import Trainer
+
+    original = Trainer.train_step
+    count = {"n": 0}
+
+    def step(self: Any, micro_batches: Any) -> Any:
+        count["n"] += 1
+        if count["n"] != iteration:
+            return original(self, micro_batches)
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            result = original(self, micro_batches)
+            torch.cuda.synchronize()
+        table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=70)
+        out.write_text(f"torch.profiler, iteration {iteration} of `nvl finetune` (all micro-batches of one step)\n\n"
+                       + table + "\n")
+        return result
+
+    Trainer.train_step = step
+
+
+class GpuMemorySampler:
+    """Peak GPU memory as the driver sees it (nvidia-smi every second), all GPUs summed per sample."""
+
+    def __init__(self) -> None:
+        self.peak_mib: list[int] = []
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+                                     capture_output=True, text=True, timeout=10).stdout
+                vals = [int(v) for v in out.split()]
+                if not self.peak_mib:
+                    self.peak_mib = vals
+                self.peak_mib = [max(a, b) for a, b in zip(self.peak_mib, vals)]
+            except Exception:
+                return
+            self._stop.wait(1.0)
+
+    def __enter__(self) -> "GpuMemorySampler":
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._t.join(timeout=15)
+
+
+def run_nvl(args: argparse.Namespace, model_dir: Path, data: dict[str, Path], workload: str, method: str,
+            variant: dict[str, str], work: Path) -> dict[str, Any]:
+    name = "-".join([workload, method] + [f"{k.split('.')[-1]}={v}" for k, v in variant.items()])
+    metrics = work / f"metrics-{name}.jsonl"
+    metrics.unlink(missing_ok=True)
+    seq = args.seq
+    cmd_args = ["--hf-model-path", str(model_dir), "--random-init"]
+    if method == "lora":
+        cmd_args.append("--lora-on-language-model")
+    if args.nproc:
+        cmd_args += ["--nproc-per-node", str(args.nproc)]
+    if workload == "text":
+        maker = ["dataset.maker_name=bench_text", f'dataset.maker_kwargs={{"words": {int(seq * 0.33)}}}']
+    elif workload == "cord":
+        maker = ["dataset.maker_name=make_cord_v2_dataset", f'dataset.maker_kwargs={{"path": "{data["cord"]}"}}']
+    else:
+        maker = ["dataset.maker_name=make_medpix_dataset", f'dataset.maker_kwargs={{"path": "{data["medpix"]}"}}']
+    overrides = maker + [
+        f"model.tensor_model_parallel_size={args.tp}", f"dataset.seq_length={seq}", f"model.seq_length={seq}",
+        f"train.train_iters={args.steps}", f"train.global_batch_size={args.gbs}", "train.micro_batch_size=1",
+        "logger.log_interval=1", f"logger.jsonl_path={metrics}", "validation.eval_iters=0",
+        "dataset.num_workers=2" if args.device == "cuda" else "dataset.num_workers=0",
+        "scheduler.lr_warmup_iters=1", "checkpoint.save=null",
+    ] + [f"{k}={v}" for k, v in variant.items()]
+    shown = "nvl finetune " + " ".join(shlex.quote(a) for a in cmd_args + overrides)
+    log(f"run: {shown}")
+    env = {**os.environ, CHILD_ENV: "1"}
+    profiled = -1
+    if workload in args.profile.split(",") and not variant and args.device == "cuda":
+        profiled = args.steps  # the last iteration; left out of the averages below
+        env.update(NVL_BENCH_PROFILE_ITER=str(profiled), NVL_BENCH_PROFILE_OUT=str(Path(args.out) / f"profile_{name}.txt"))
+    if args.device == "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    rec: dict[str, Any] = {"system": "nvl", "workload": workload, "method": method, "seq": seq,
+                           "gpus": max(1, args.nproc or 1), "tp": args.tp, "command": shown,
+                           "date": _dt.date.today().isoformat(), "variant": variant}
+    t0 = time.perf_counter()
+    with GpuMemorySampler() if args.device == "cuda" else _Null() as sampler:
+        proc = subprocess.run([sys.executable, __file__, "--child", *cmd_args, *overrides], env=env,
+                              capture_output=True, text=True, timeout=args.run_timeout)
+    rec["wall_s"] = round(time.perf_counter() - t0, 1)
+    out = proc.stdout + proc.stderr
+    (work / f"log-{name}.txt").write_text(out)
+    kernels = {}
+    for line in out.splitlines():
+        if "nvl finetune: kernels: " in line:
+            for part in line.split("nvl finetune: kernels: ", 1)[1].split("; "):
+                op, _, impl = part.partition(": ")
+                kernels[op] = impl
+        if "nvl finetune: memory plan: " in line:
+            rec["memory_plan"] = line.split("memory plan: ", 1)[1]
+    rec["kernels"] = kernels
+    if sampler is not None and getattr(sampler, "peak_mib", None):
+        rec["peak_gb_nvidia_smi"] = round(max(sampler.peak_mib) * 1.048576 / 1000, 1)
+    rows = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()] if metrics.exists() else []
+    rows = [r for r in rows if "tokens_per_s" in r]
+    if proc.returncode != 0 or not rows:
+        oom = "out of memory" in out.lower() or "OutOfMemoryError" in out
+        rec["status"] = "oom" if oom else f"error (exit {proc.returncode}): " + (out.strip().splitlines() or ["?"])[-1][:300]
+        log(f"  -> {rec['status']}")
+        return rec
+    timed = [r for r in rows if args.warmup < r["iteration"] != profiled] or rows[-1:]
+    secs = sum(r["step_time_s"] for r in timed)
+    toks = sum(r["tokens_per_s"] * r["step_time_s"] for r in timed)
+    tflops = sum(r["tflops_per_gpu"] * r["step_time_s"] for r in timed) / secs
+    share = 2.0 / 3.0 if method == "lora" else 1.0
+    step_s = secs / len(timed)
+    rec.update(
+        status="ok", tokens_per_s=round(toks / secs, 1), step_time_s=round(step_s, 3),
+        tflops_per_gpu=round(tflops, 1), mfu=round(tflops * share / H200_BF16_TFLOPS, 4),
+        peak_gb=round(max(r.get("mem_gb", 0.0) for r in rows), 1),
+        losses=[round(r["loss"], 4) for r in rows], tokens_per_sample=round(toks / len(timed) / args.gbs),
+        timed_iterations=len(timed),
+    )
+    log(f"  -> {rec['tokens_per_s']:,.0f} tokens/s, MFU {rec['mfu']:.1%}, peak {rec['peak_gb']} GB")
+    return rec
+
+
+class _Null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+
+# -------------------------------------------------------------------------------------- the peer
+def run_peer(args: argparse.Namespace, seq: int) -> dict[str, Any]:
+    """transformers + PEFT LoRA at the same LM shape, text of exactly ``seq`` tokens, batch 1."""
+    import gc
+
+    import torch
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    from lora_gpu import PEER_TARGETS, lora_flops_per_token, nvl_config, peer_model, text_tokens
+
+    rec: dict[str, Any] = {"system": "transformers+peft", "workload": "text", "method": "lora", "seq": seq, "gpus": 1,
+                           "tp": 1, "kernels": {"scan": "transformers PyTorch fallback (torch_forward)",
+                                                "attention": "SDPA"},
+                           "command": f"bench/lora_gpu.py peer: NemotronHForCausalLM + peft LoRA r16 {PEER_TARGETS}",
+                           "date": _dt.date.today().isoformat()}
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    try:
+        from peft import LoraConfig, get_peft_model
+        import transformers
+
+        rec["versions"] = {"transformers": transformers.__version__}
+        cfg = nvl_config(args.size)
+        model = get_peft_model(peer_model(cfg, device, dtype),
+                               LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=PEER_TARGETS))
+        model.train()
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+        ids = text_tokens(cfg, seq).to(device)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        times = []
+        for step in range(args.warmup + args.peer_steps):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            t = time.perf_counter()
+            model(input_ids=ids, labels=ids).loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            if step >= args.warmup:
+                times.append(time.perf_counter() - t)
+        s = sum(times) / len(times)
+        _, full_fpt = lora_flops_per_token(cfg, seq, 16, [])
+        rec.update(status="ok", tokens_per_s=round(seq / s, 1), step_time_s=round(s, 3),
+                   mfu=round(full_fpt * 2 / 3 * seq / s / 1e12 / H200_BF16_TFLOPS, 4),
+                   peak_gb=round(torch.cuda.max_memory_allocated(device) / 1e9, 1) if device.type == "cuda" else None)
+        log(f"peer seq {seq}: {rec['tokens_per_s']:,.0f} tokens/s, peak {rec['peak_gb']} GB")
+    except Exception as exc:
+        oom = "out of memory" in str(exc).lower()
+        rec["status"] = "oom" if oom else f"error: {type(exc).__name__}: {str(exc)[:300]}"
+        log(f"peer seq {seq}: {rec['status']}")
+    finally:
+        model = opt = None  # noqa: F841
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rec
+
+
+# ---------------------------------------------------------------------------------------- report
+def markdown(records: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+    lines = [f"# `nvl finetune` throughput ({meta['date']}, {meta['machine']})", "",
+             "Each nvl row is one `nvl finetune --random-init` run (the command below it), timed from its own",
+             f"metrics.jsonl after {meta['warmup']} warm-up iteration(s); the peer is transformers + PEFT in the",
+             "same bench run. MFU = TFLOP/s (bridge formula: LM at real length + ViT + projector, 3 x forward;",
+             "x 2/3 for LoRA) / 790 TFLOP/s.", "",
+             "| system | workload | method | seq | GPUs | TP | variant | tokens/s | MFU | peak GB | status |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in records:
+        var = ", ".join(f"{k}={v}" for k, v in (r.get("variant") or {}).items()) or "default"
+        tps = f"{r['tokens_per_s']:,.0f}" if r.get("tokens_per_s") else "-"
+        mfu = f"{r['mfu']:.1%}" if r.get("mfu") is not None else "-"
+        lines.append(f"| {r['system']} | {r['workload']} | {r['method']} | {r['seq']} | {r['gpus']} | {r['tp']} | "
+                     f"{var} | {tps} | {mfu} | {r.get('peak_gb') or '-'} | {r['status']} |")
+    lines += ["", "Kernels per run:", ""]
+    for r in records:
+        if r.get("kernels"):
+            lines.append(f"- {r['system']} {r['workload']} {r['method']}: "
+                         + "; ".join(f"{k}: {v}" for k, v in r["kernels"].items()))
+    lines += ["", "Commands:", ""] + [f"- `{r['command']}`" for r in records if r["system"] == "nvl"]
+    return "\n".join(lines) + "\n"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--size", default="12b-shape", help="toy size of nvl_nemotron_vl.toy: tiny, small, 12b-shape")
-    ap.add_argument("--tp", type=int, default=2, help="tensor-parallel size")
-    ap.add_argument("--nproc", type=int, default=None, help="start this many processes (torch.distributed.run)")
-    ap.add_argument("--device", choices=("cuda", "cpu"), default=None, help="default: cuda if available")
-    ap.add_argument("--seq", type=int, default=4096, help="tokens per sample (context tokens included)")
-    ap.add_argument("--tiles", type=int, default=4, help="512x512 image tiles per sample")
-    ap.add_argument("--supervised", type=int, default=None, help="supervised tokens per sample (default seq/4)")
-    ap.add_argument("--micro-batches", type=int, default=4, help="micro-batches (of 1 sample) per step per DP rank")
-    ap.add_argument("--steps", type=int, default=4, help="timed steps")
-    ap.add_argument("--warmup", type=int, default=2, help="untimed steps first")
-    ap.add_argument("--lr", type=float, default=2e-5)
-    ap.add_argument("--seed", type=int, default=1234)
-    ap.add_argument("--out", type=Path, required=True, help="directory for finetune_gpu.json and finetune_gpu.md")
-    ap.add_argument("--recompute", default="ssm,none",
-                    help="comma list of activation-recomputation variants to run in turn: none, ssm, layers "
-                         "(an out-of-memory variant is recorded and the next one runs)")
-    ap.add_argument("--compiled-scan", action=argparse.BooleanOptionalAction, default=None,
-                    help="also run the fastest variant with torch.compile(ssd_scan) installed (default: on for cuda)")
-    ap.add_argument("--print-memory-plan", action="store_true", help="print the memory estimate and exit")
+    ap.add_argument("--size", default="12b-shape", help="toy size: tiny, small, 12b-shape")
+    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    ap.add_argument("--workloads", default="text,cord,medpix")
+    ap.add_argument("--methods", default="lora", help="lora, full, or both (comma-separated)")
+    ap.add_argument("--variants", default="",
+                    help="extra override sets to run per workload, ';'-separated, each 'k=v,k=v' "
+                         "(e.g. 'model.kernels=reference;model.recompute_granularity=selective')")
+    ap.add_argument("--seq", type=int, default=4096)
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--warmup", type=int, default=2, help="iterations left out of the averages")
+    ap.add_argument("--gbs", type=int, default=4, help="global batch size (micro-batch 1)")
+    ap.add_argument("--tp", type=int, default=1)
+    ap.add_argument("--nproc", type=int, default=None)
+    ap.add_argument("--samples", type=int, default=64, help="samples per generated dataset")
+    ap.add_argument("--peer-seqs", default="2048,4096", help="transformers+PEFT sequence lengths ('' = none)")
+    ap.add_argument("--peer-steps", type=int, default=3)
+    ap.add_argument("--run-timeout", type=int, default=900)
+    ap.add_argument("--work", default=None, help="scratch directory (default: a temporary one)")
+    ap.add_argument("--out", default="bench/results")
+    ap.add_argument("--tag", default="", help="suffix of the result file names")
+    ap.add_argument("--profile", default="text", help="workloads whose default run also writes a per-op profile "
+                    "of one step (profile_WORKLOAD-METHOD.txt; CUDA only; '' = none)")
     return ap.parse_args(argv)
 
 
-def model_config(size: str):
-    """The bridge config of a toy size (the real schema); ``12b-shape`` has the released model's dimensions."""
-    from nvl_nemotron_vl.config import NemotronVLConfig
-    from nvl_nemotron_vl.toy import num_prefix_tokens, toy_config
-    from nvl_nemotron_vl.toy_tokenizer import write_toy_tokenizer
-
-    with tempfile.TemporaryDirectory() as tmp:
-        token_ids = write_toy_tokenizer(Path(tmp))
-        raw = toy_config(size, token_ids)
-    cfg = NemotronVLConfig.from_dict(raw, source=f"toy:{size}", num_prefix_tokens=num_prefix_tokens(size))
-    return cfg, raw, token_ids
-
-
-def synthetic_batch(cfg, raw, token_ids, *, seq: int, tiles: int, supervised: int, image_size: int, seed: int, device):
-    """One sample of exactly ``seq`` tokens: text, ``tiles`` x (<img> 256 x <image> </img>), text; the last
-    ``supervised`` positions carry the loss."""
-    import torch
-
-    g = torch.Generator().manual_seed(seed)
-    n_img = cfg.num_image_token
-    img, start, end = token_ids["<image>"], token_ids["<img>"], token_ids["</img>"]
-    vocab = int(raw["llm_config"]["vocab_size"])
-    special = {img, start, end, token_ids.get("<video>", -1)}
-    block = tiles * (n_img + 2)
-    if block + supervised + 2 > seq:
-        raise ValueError(f"--seq {seq} cannot hold {tiles} tiles ({block} tokens) and {supervised} supervised tokens")
-    ids = torch.randint(300, vocab, (seq,), generator=g)
-    for s in special:  # random text must not contain image tokens
-        ids[ids == s] = 301
-    pos = 16
-    for _ in range(tiles):
-        ids[pos] = start
-        ids[pos + 1: pos + 1 + n_img] = img
-        ids[pos + 1 + n_img] = end
-        pos += n_img + 2
-    labels = torch.cat([ids[1:], torch.tensor([-100])])
-    loss_mask = torch.zeros(seq)
-    loss_mask[seq - supervised - 1: seq - 1] = 1.0
-    pixel = torch.randn(tiles, 3, image_size, image_size, generator=g).clamp_(-2, 2)
-    return {
-        "input_ids": ids.unsqueeze(0), "labels": labels.unsqueeze(0), "loss_mask": loss_mask.unsqueeze(0),
-        "attention_mask": torch.ones(1, seq, dtype=torch.long), "pixel_values": pixel,
-    }
-
-
-def memory_plan(n_params_rank: int, seq: int, autocast: bool) -> dict[str, float]:
-    gb = 1e9
-    plan = {
-        "fp32 parameters (master weights)": 4 * n_params_rank / gb,
-        "fp32 gradients": 4 * n_params_rank / gb,
-        "fp32 Adam moments": 8 * n_params_rank / gb,
-    }
-    if autocast:
-        plan["bf16 weight copies cached by autocast during a step"] = 2 * n_params_rank / gb
-    plan["total before activations"] = sum(plan.values())
-    return plan
-
-
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "--child":
+        return child_main(argv[1:])
     args = parse_args(argv)
-    from nvlcore.parallel import build_launch_args, launch, launched_by_torchrun
+    import tempfile
 
-    if args.nproc and not launched_by_torchrun():
-        child = [a for a in (argv if argv is not None else sys.argv[1:])]
-        # drop --nproc N from the children's arguments
-        out: list[str] = []
-        skip = False
-        for a in child:
-            if skip:
-                skip = False
-                continue
-            if a == "--nproc":
-                skip = True
-                continue
-            if a.startswith("--nproc="):
-                continue
-            out.append(a)
-        launch_args = build_launch_args(nproc_per_node=args.nproc, module="bench_finetune_gpu_worker", module_args=out)
-        # run this file as a script, not a module: replace "-m module" by the path
-        i = launch_args.index("-m")
-        launch_args = launch_args[:i] + [str(Path(__file__).resolve())] + launch_args[i + 2:]
-        return launch(launch_args)
-    return run(args)
-
-
-def is_oom(exc: BaseException) -> bool:
-    import torch
-
-    return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
-
-
-def run(args: argparse.Namespace) -> int:
-    import torch
-    import torch.distributed as dist
-
-    from nvlcore.parallel import destroy_parallel, init_parallel
-    from nvlcore.training import optim
-    from nvlcore.training.schedules import LRSchedule, WeightDecaySchedule
-    from nvlcore.training.trainer import LoopSettings, Trainer
-
-    device_type = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if args.compiled_scan is None:
-        args.compiled_scan = device_type == "cuda"
-    ctx = init_parallel(args.tp, device_type=device_type, seed=args.seed)
-    say = print if ctx.is_main else (lambda *_a, **_k: None)
-    cuda = device_type == "cuda"
-    result: dict = {"status": "started", "size": args.size, "tp": args.tp}
-    try:
-        cfg, raw, token_ids = model_config(args.size)
-        from nvl_nemotron_vl.bridge import NemotronVLBridge
-        from nvl_nemotron_vl.flops import lm_forward_flops
-
-        bridge = NemotronVLBridge(cfg)
-        t0 = time.perf_counter()
-        model = bridge.build_model(dtype=torch.float32, device=ctx.device, init="random", seed=args.seed)
-        if cuda:
-            torch.cuda.synchronize()
-        build_s = time.perf_counter() - t0
-        named = optim.trainable_named_parameters(model)
-        n_rank = sum(p.numel() for _, p in named)
-        n_logical = sum(p.numel() * (ctx.tp_size if getattr(p, "tensor_model_parallel", False) else 1) for _, p in named)
-        autocast = torch.bfloat16 if cuda else None
-        plan = memory_plan(n_rank, args.seq, autocast is not None)
-        say(f"model: {n_logical / 1e9:.3f}B parameters, {n_rank / 1e9:.3f}B on this rank (TP={ctx.tp_size}); "
-            f"built in {build_s:.1f} s")
-        for k, v in plan.items():
-            say(f"  memory plan: {k}: {v:.2f} GB")
-        if args.print_memory_plan:
-            return 0
-        opt = optim.build_optimizer(named, lr=args.lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.033,
-                                    device_type=device_type)
-        gbs = args.micro_batches * ctx.dp_size
-        supervised = args.supervised or args.seq // 4
-        image_size = int(raw["force_image_size"])
-        micro = [synthetic_batch(cfg, raw, token_ids, seq=args.seq, tiles=args.tiles, supervised=supervised,
-                                 image_size=image_size, seed=args.seed + 1000 * ctx.dp_rank + i, device=ctx.device)
-                 for i in range(args.micro_batches)]
-        flops_step = sum(bridge.train_flops(b) for b in micro) * ctx.dp_size
-        lm_nominal_step = 3.0 * lm_forward_flops(cfg, [args.seq] * len(micro)) * ctx.dp_size
-        tokens_step = args.seq * args.micro_batches * ctx.dp_size
-        world = ctx.world_size
-        vocab = int(raw["llm_config"]["vocab_size"])
-        variants: dict[str, dict] = {}
-
-        def run_variant(variant: str, label: str) -> dict:
-            """Train --warmup + --steps steps with one recomputation setting; the record of that variant."""
-            model.set_recompute(variant)
-            if cuda:
-                torch.cuda.empty_cache()
-                torch.cuda.reset_peak_memory_stats()
-            trainer = Trainer(
-                model=model, ctx=ctx, optimizer=opt, named_params=named,
-                lr_schedule=LRSchedule(max_lr=args.lr, min_lr=args.lr, decay_style="constant"),
-                wd_schedule=WeightDecaySchedule(start=0.033, end=0.033),
-                settings=LoopSettings(train_iters=args.warmup + args.steps, global_batch_size=gbs,
-                                      num_microbatches=args.micro_batches, clip_grad=1.0, autocast_dtype=autocast),
-            )
-            before = {n: p.detach().flatten()[:64].clone() for n, p in named[:8]}
-            steps: list[dict] = []
-            res: dict = {}
-            try:
-                for i in range(args.warmup + args.steps):
-                    if cuda:
-                        torch.cuda.synchronize()
-                    t = time.perf_counter()
-                    r = trainer.train_step(micro)
-                    if cuda:
-                        torch.cuda.synchronize()
-                    dt = time.perf_counter() - t
-                    steps.append({"step": i + 1, "time_s": dt, "loss": r.loss, "grad_norm": r.grad_norm,
-                                  "skipped": r.skipped, "timed": i >= args.warmup})
-                    say(f"[{label}] step {i + 1}/{args.warmup + args.steps} "
-                        f"{'(warm-up) ' if i < args.warmup else ''}{dt:.2f} s loss {r.loss:.4f} grad {r.grad_norm:.3f}"
-                        + (f" peak {torch.cuda.max_memory_allocated() / 1e9:.1f} GB" if cuda else ""))
-            except Exception as exc:
-                if not is_oom(exc):
-                    raise
-                for p in model.parameters():
-                    p.grad = None
-                res = {"status": "out of memory", "error": str(exc).splitlines()[0][:500]}
-                say(f"[{label}] OUT OF MEMORY: {res['error']}")
-            if not res:
-                timed = [x for x in steps if x["timed"]]
-                step_s = sum(x["time_s"] for x in timed) / len(timed)
-                checks = {
-                    "first loss finite and within 25% of ln(vocab)": math.isfinite(steps[0]["loss"])
-                    and abs(steps[0]["loss"] - math.log(vocab)) < 0.25 * math.log(vocab),
-                    "all losses and gradient norms finite": all(
-                        math.isfinite(x["loss"]) and math.isfinite(x["grad_norm"]) for x in steps),
-                    "no update skipped": not any(x["skipped"] for x in steps),
-                    "parameters changed": any(
-                        not torch.equal(before[n], p.detach().flatten()[:64]) for n, p in named[:8]),
-                }
-                tflops_gpu = flops_step / step_s / world / 1e12
-                res = {
-                    "status": "ok" if all(checks.values()) else "failed checks",
-                    "step_time_s": step_s,
-                    "tokens_per_s_per_gpu": tokens_step / step_s / world,
-                    "tflops_per_gpu": tflops_gpu,
-                    "tflops_per_gpu_lm_nominal": lm_nominal_step / step_s / world / 1e12,
-                    "mfu_vs_790": tflops_gpu / H200_BF16_TFLOPS if cuda else None,
-                    "checks": checks, "steps": steps,
-                }
-            if cuda:
-                peak = torch.tensor([torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved()],
-                                    dtype=torch.float64, device=ctx.device)
-                dist.all_reduce(peak, op=dist.ReduceOp.MAX)
-                res.update(peak_allocated_gb=float(peak[0]) / 1e9, peak_reserved_gb=float(peak[1]) / 1e9)
-            return res
-
-        for variant in [v.strip() for v in args.recompute.split(",") if v.strip()]:
-            variants[variant] = run_variant(variant, variant)
-        ok = [v for v, r in variants.items() if r["status"] == "ok"]
-        if ok and args.compiled_scan:
-            # The fastest variant that fit, again with the Mamba scan compiled by torch.compile (Inductor).
-            fastest = min(ok, key=lambda v: variants[v]["step_time_s"])
-            label = f"{fastest}+compiled-scan"
-            try:
-                model.set_scan("compiled")
-                variants[label] = run_variant(fastest, label)
-            except Exception as exc:  # a compiler failure is a result too
-                variants[label] = {"status": "error", "error": f"{type(exc).__name__}: {exc}"[:1000]}
-            finally:
-                model.set_scan("reference")
-            ok = [v for v, r in variants.items() if r["status"] == "ok"]
-        best = min(ok, key=lambda v: variants[v]["step_time_s"]) if ok else None
-        result = {
-            "status": "ok" if best else "no variant ran cleanly",
-            "what": "nvl trainer, full fine-tuning, random init, synthetic image+text samples",
-            "size": args.size, "parameters": n_logical, "parameters_per_rank": n_rank,
-            "tp": ctx.tp_size, "dp": ctx.dp_size, "world_size": world, "device": device_type,
-            "gpu": torch.cuda.get_device_name(ctx.device) if cuda else platform.machine(),
-            "device_total_gb": torch.cuda.get_device_properties(ctx.device).total_memory / 1e9 if cuda else None,
-            "seq_length": args.seq, "tiles_per_sample": args.tiles, "supervised_per_sample": supervised,
-            "micro_batches_per_rank": args.micro_batches, "global_batch": gbs,
-            "precision": "fp32 master weights/grads/Adam, bf16 autocast compute" if autocast else "fp32",
-            "flops_per_step": flops_step, "vision_share_of_flops": 1 - lm_nominal_step / flops_step,
-            "memory_plan_gb": plan, "best_variant": best, "variants": variants,
-            **({k: variants[best][k] for k in ("step_time_s", "tokens_per_s_per_gpu", "tflops_per_gpu",
-                                                "tflops_per_gpu_lm_nominal", "mfu_vs_790")} if best else {}),
-            "model_build_s": build_s,
-            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-            "torch": torch.__version__, "python": platform.python_version(),
-        }
-    except Exception as exc:
-        result = {"status": "error", "error": f"{type(exc).__name__}: {exc}", "size": args.size, "tp": args.tp}
-        raise
-    finally:
-        if ctx.is_main and not args.print_memory_plan:
-            write_results(args.out, result)
-        destroy_parallel(ctx)
-    return 0 if result.get("status") == "ok" else 1
-
-
-def write_results(out: Path, r: dict) -> None:
+    work = Path(args.work or tempfile.mkdtemp(prefix="nvl-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "finetune_gpu.json").write_text(json.dumps(r, indent=1, default=str) + "\n")
-    lines = [f"# nvl finetune throughput: {r.get('size')} ({r.get('status')})", ""]
-    if "variants" in r:
-        lines += [
-            f"{r['date']}, {r['world_size']} x {r['gpu']}, TP={r['tp']} DP={r['dp']}, torch {r['torch']}.",
-            f"{r['what']}; {r['parameters'] / 1e9:.2f}B parameters; seq {r['seq_length']} with "
-            f"{r['tiles_per_sample']} tiles/sample ({r['vision_share_of_flops'] * 100:.1f}% of the FLOPs in the ViT and "
-            f"projector); {r['micro_batches_per_rank']} micro-batches/step/rank; {r['precision']}.",
-            "",
-            "| variant (recompute[+scan]) | status | step s | tokens/s/GPU | TFLOP/s/GPU (LM+ViT) | TFLOP/s/GPU (LM nominal) | MFU vs 790 | peak alloc / reserved GB |",
-            "|---|---|---|---|---|---|---|---|",
-        ]
-        for v, x in r["variants"].items():
-            mem = (f"{x['peak_allocated_gb']:.1f} / {x['peak_reserved_gb']:.1f}" if "peak_allocated_gb" in x else "-")
-            if x["status"] in ("ok", "failed checks"):
-                mfu = f"{x['mfu_vs_790'] * 100:.1f}%" if x.get("mfu_vs_790") is not None else "n/a (CPU)"
-                lines.append(f"| {v} | {x['status']} | {x['step_time_s']:.2f} | {x['tokens_per_s_per_gpu']:,.0f} | "
-                             f"{x['tflops_per_gpu']:.1f} | {x['tflops_per_gpu_lm_nominal']:.1f} | {mfu} | {mem} |")
-            else:
-                lines.append(f"| {v} | {x['status']} | - | - | - | - | - | {mem} |")
-        lines += ["", "Memory plan per GPU: " + "; ".join(f"{k} {v:.1f} GB" for k, v in r["memory_plan_gb"].items())]
-        for v, x in r["variants"].items():
-            if "checks" in x:
-                lines.append(f"Checks ({v}): " + "; ".join(f"{k}: {'ok' if ok else 'FAILED'}" for k, ok in x["checks"].items()))
-    else:
-        lines += [f"```\n{json.dumps(r, indent=1, default=str)}\n```"]
-    (out / "finetune_gpu.md").write_text("\n".join(lines) + "\n")
+    workloads = [w for w in args.workloads.split(",") if w]
+    bad = [w for w in workloads if w not in WORKLOADS]
+    if bad:
+        raise SystemExit(f"--workloads: unknown {bad}; choose from {WORKLOADS}")
+    model_dir = write_model_dir(work / f"model-{args.size}", args.size)
+    data: dict[str, Path] = {}
+    if "cord" in workloads:
+        data["cord"] = write_cord(work / "cord-v2", args.samples)
+    if "medpix" in workloads:
+        data["medpix"] = write_medpix(work / "MedPix-VQA", args.samples)
+    variants: list[dict[str, str]] = [{}]
+    for spec in [v for v in args.variants.split(";") if v.strip()]:
+        variants.append(dict(kv.split("=", 1) for kv in spec.split(",")))
+    machine = platform.node()
+    try:
+        import torch
+
+        if args.device == "cuda" and torch.cuda.is_available():
+            machine = f"{torch.cuda.device_count()}x {torch.cuda.get_device_name(0)}, torch {torch.__version__}"
+    except Exception:
+        pass
+    meta = {"date": _dt.date.today().isoformat(), "machine": machine, "warmup": args.warmup}
+    records: list[dict[str, Any]] = []
+    stem = "finetune_gpu" + (f"_{args.tag}" if args.tag else "")
+
+    def flush() -> None:
+        (out / f"{stem}.json").write_text(json.dumps(records, indent=1) + "\n")
+        (out / f"{stem}.md").write_text(markdown(records, meta))
+
+    for method in [m for m in args.methods.split(",") if m]:
+        for workload in workloads:
+            for variant in variants:
+                records.append(run_nvl(args, model_dir, data, workload, method, variant, work))
+                flush()
+    for seq in [int(s) for s in args.peer_seqs.split(",") if s.strip()]:
+        records.append(run_peer(args, seq))
+        flush()
+    log(f"wrote {out / (stem + '.json')} and .md")
+    return 0 if all(r["status"] in ("ok", "oom") for r in records) else 1
 
 
 if __name__ == "__main__":

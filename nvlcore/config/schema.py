@@ -45,6 +45,11 @@ class ModelConfig:
     recompute_granularity: Literal["selective", "full"] | None = _f(
         None, "Activation recomputation: selective (the Mamba conv + scan), full (whole layers), null (none)."
     )
+    kernels: str = _f(
+        "auto",
+        "Implementations of the model's hot ops (the bridge lists its choices): auto = fused GPU kernels where "
+        "installed and on CUDA, else the plain-PyTorch reference; reference forces the reference path.",
+    )
 
 
 @attrs.define

@@ -323,16 +323,29 @@ def run_finetune(
         )
         say(f"nvl finetune: {decision.reason}")
         if not cfg.checkpoint.save:
-            say("nvl finetune: WARNING: checkpoint.save is not set: no checkpoint and no metrics.jsonl will be written")
+            say("nvl finetune: WARNING: checkpoint.save is not set: no checkpoint will be written"
+                + (f"; metrics go to {cfg.logger.jsonl_path}" if cfg.logger.jsonl_path else " and no metrics.jsonl"))
 
         # -- model ---------------------------------------------------------------------------
         t0 = time.perf_counter()
         bridge = resolve_bridge(manager, cfg, cfg.model.hf_model_path)
+        settings = loop_settings(cfg, dp_size=ctx.dp_size, device_type=ctx.device.type)
+        # Under bf16 autocast every matmul reads bf16 weights: build in bf16 and give only trainable
+        # parameters fp32 master copies (after freezing and PEFT, below), so a frozen tower costs 2
+        # bytes per parameter, not 4 plus a per-step bf16 cast.
+        build_dtype = settings.autocast_dtype or torch.float32
         model = _call_with_supported(
-            bridge.build_model, dtype=torch.float32, device=ctx.device,
+            bridge.build_model, dtype=build_dtype, device=ctx.device,
             init="random" if random_init else "none", seed=cfg.rng.seed,
         )
         model.train()
+        set_kernels = getattr(model, "set_kernels", None)
+        if set_kernels is not None:
+            report = set_kernels(cfg.model.kernels)
+            say("nvl finetune: kernels: " + "; ".join(f"{op}: {impl}" for op, impl in report.items()))
+        elif cfg.model.kernels not in ("auto", "reference"):
+            raise ValueError(f"model.kernels={cfg.model.kernels!r}: this bridge's model has no kernel choice; "
+                             "use auto or reference")
         recompute = cfg.model.recompute_granularity
         if recompute:
             setter = getattr(model, "set_recompute", None)
@@ -353,6 +366,8 @@ def run_finetune(
             say(f"nvl finetune: loaded pretrained weights from {src} ({time.perf_counter() - t0:.1f} s)")
         apply_freeze_flags(model, cfg)
         peft = apply_peft(model, cfg, manager)
+        optim.upcast_trainable_(model)
+        say("nvl finetune: memory plan: " + optim.memory_plan(model, ctx=ctx).describe())
 
         named = optim.trainable_named_parameters(model)
         optim.check_replicated_parameters(list(model.named_parameters()), tp_group=ctx.tp_group, tp_size=ctx.tp_size)
@@ -385,7 +400,6 @@ def run_finetune(
         data = build_data(cfg, bridge, manager, ctx, consumed_samples=state.consumed_samples, print_fn=say)
         if data.eval_note:
             say(f"nvl finetune: {data.eval_note}")
-        settings = loop_settings(cfg, dp_size=ctx.dp_size, device_type=ctx.device.type)
         loggers = build_loggers(cfg, manager, ctx, resume_iteration=state.iteration if decision.iter_dir else None,
                                 run_config=run_config)
         flops_fn, flops_method = _flops_fn(bridge, model, ctx)

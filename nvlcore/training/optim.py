@@ -17,6 +17,7 @@ ranks after the data-parallel reduction, so nothing is reduced over DP.
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
+import attrs
 
 if TYPE_CHECKING:
     import torch
@@ -215,3 +216,60 @@ def broadcast_parameters(params: Iterable["torch.Tensor"], *, src_global_rank: i
         return
     for p in params:
         dist.broadcast(p.data, src=src_global_rank, group=group)
+
+
+# ------------------------------------------------------------------------------ precision, memory
+def upcast_trainable_(model: "torch.nn.Module") -> int:
+    """Give every trainable parameter an fp32 master (in place); frozen ones keep the build dtype.
+
+    The model is built in the autocast dtype on GPU (bf16), so frozen weights (a LoRA run's base
+    model) are stored once in bf16; only what the optimizer updates needs fp32. Returns the number of
+    parameters converted.
+    """
+    import torch
+
+    n = 0
+    for p in model.parameters():
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()
+            n += p.numel()
+    return n
+
+
+@attrs.define
+class MemoryPlan:
+    """Bytes this rank holds for parameters, gradients and optimizer state (activations come on top)."""
+
+    frozen_bytes: int
+    trainable_bytes: int
+    grad_bytes: int
+    optimizer_bytes: int
+    frozen_params: int
+    trainable_params: int
+
+    def describe(self) -> str:
+        total = self.frozen_bytes + self.trainable_bytes + self.grad_bytes + self.optimizer_bytes
+        return (f"frozen weights {_size(self.frozen_bytes)} ({self.frozen_params:,} params), "
+                f"trainable fp32 masters {_size(self.trainable_bytes)} ({self.trainable_params:,}), "
+                f"gradients {_size(self.grad_bytes)}, Adam moments {_size(self.optimizer_bytes)}; "
+                f"{_size(total)} before activations")
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
+
+
+def memory_plan(model: "torch.nn.Module", *, ctx: Any = None) -> MemoryPlan:
+    """The static memory of this rank's shard of ``model`` (fp32 gradients and two Adam moments per
+    trainable parameter)."""
+    frozen = trainable = fz_n = tr_n = 0
+    for p in model.parameters():
+        b = p.numel() * p.element_size()
+        if p.requires_grad:
+            trainable += b
+            tr_n += p.numel()
+        else:
+            frozen += b
+            fz_n += p.numel()
+    return MemoryPlan(frozen_bytes=frozen, trainable_bytes=trainable, grad_bytes=tr_n * 4, optimizer_bytes=tr_n * 8,
+                      frozen_params=fz_n, trainable_params=tr_n)

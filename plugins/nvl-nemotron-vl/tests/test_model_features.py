@@ -138,20 +138,86 @@ def test_recomputation_gives_the_same_gradients(tiny_toy, tiny_cfg, mode):
         assert torch.allclose(g, grads[1][n], atol=1e-6, rtol=1e-5), n
 
 
-def test_compiled_scan_gives_the_same_loss_and_gradients(tiny_toy, tiny_cfg):
+@pytest.mark.parametrize("kernels", ["compiled", "auto"])
+def test_kernel_choices_give_the_same_loss_and_gradients(tiny_toy, kernels):
+    """``compiled`` (torch.compile of the scan) and, on CPU, ``auto`` (the chunked loss, reference ops)
+    against ``reference`` (full logits, eager scan)."""
     from nvl_nemotron_vl.bridge import NemotronVLBridge
 
     ids = torch.randint(0, 500, (2, 24), generator=torch.Generator().manual_seed(4))
     labels = torch.roll(ids, -1, 1)
+    labels[0, :5] = -100
     out = []
-    for scan in ("reference", "compiled"):
+    for choice in ("reference", kernels):
         model = NemotronVLBridge.from_hf_dir(tiny_toy).build_model(dtype=torch.float32, device="cpu",
-                                                                   load_weights=True, scan=scan)
+                                                                   load_weights=True, kernels=choice)
+        assert model.kernels.chunked_loss == (choice != "reference")
         loss = model(ids, labels=labels)
         loss.sum().backward()
         out.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
     assert torch.allclose(out[0][0], out[1][0], atol=1e-5)
+    assert bool((out[0][0][0, :5] == 0).all())
     for n, g in out[0][1].items():
         other = out[1][1][n]
         assert (g is None) == (other is None), n  # no image: the vision towers get no gradient in either
         assert g is None or torch.allclose(g, other, atol=1e-5, rtol=1e-4), n
+
+
+def test_chunked_loss_equals_full_logits_loss_across_chunk_boundaries(tiny_toy):
+    from nvl_nemotron_vl.bridge import NemotronVLBridge
+    from nvl_nemotron_vl.model.kernels import chunked_vocab_parallel_loss
+
+    model = NemotronVLBridge.from_hf_dir(tiny_toy).build_model(dtype=torch.float32, device="cpu", load_weights=True)
+    hidden = torch.randn(2, 19, model.config.llm.hidden_size, requires_grad=True)
+    labels = torch.randint(0, 500, (2, 19), generator=torch.Generator().manual_seed(1))
+    labels[1, 3:9] = -100
+    full = model.per_token_loss(model.language_model.logits(hidden), labels)
+    (g_full,) = torch.autograd.grad(full.sum(), hidden)
+    chunked = chunked_vocab_parallel_loss(hidden, labels, model.language_model.logits, chunk_tokens=7)
+    (g_chunk,) = torch.autograd.grad(chunked.sum(), hidden)
+    assert chunked.shape == (2, 19)
+    assert torch.allclose(full, chunked, atol=1e-6)
+    assert torch.allclose(g_full, g_chunk, atol=1e-6)
+
+
+def test_reference_scan_stays_fp32_under_bf16_autocast():
+    """The SSD scan is documented as fp32: under bf16 autocast its einsums must not drop to bf16."""
+    from nvl_nemotron_vl.model.kernels import select_kernels
+    from nvl_nemotron_vl.model.ssd import ssd_scan_sequential
+
+    g = torch.Generator().manual_seed(0)
+    b, L, h, p, grp, n = 1, 40, 4, 8, 2, 16
+    x = torch.randn(b, L, h, p, generator=g)
+    dt = torch.randn(b, L, h, generator=g)
+    A_log = torch.randn(h, generator=g) * 0.5
+    B = torch.randn(b, L, grp, n, generator=g)
+    C = torch.randn(b, L, grp, n, generator=g)
+    D, dt_bias = torch.randn(h, generator=g), torch.randn(h, generator=g)
+    scan = select_kernels("reference", "cpu").scan
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = scan(x, dt, A_log, B, C, 16, D, dt_bias)
+    assert y.dtype == torch.float32
+    dtf = torch.nn.functional.softplus(dt + dt_bias)
+    want, _ = ssd_scan_sequential(x.double(), dtf.double(), -torch.exp(A_log).double(), B.double(), C.double())
+    want = want + D.double()[:, None] * x.double()
+    rel = ((y.double() - want).norm() / want.norm()).item()
+    assert rel < 1e-5, rel
+
+
+def test_right_padded_causal_attention_needs_no_dense_mask(tiny_toy):
+    """Right padding: the real tokens' logits equal those of the unpadded rows, with no [B,1,L,L] mask built."""
+    from nvl_nemotron_vl.bridge import NemotronVLBridge
+    from nvl_nemotron_vl.model.attention import attention_mask_for, is_right_padded
+
+    model = NemotronVLBridge.from_hf_dir(tiny_toy).build_model(dtype=torch.float32, device="cpu", load_weights=True)
+    ids = torch.randint(0, 500, (2, 20), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones(2, 20, dtype=torch.long)
+    mask[1, 13:] = 0
+    assert is_right_padded(mask) and attention_mask_for(mask, 20, True, "cpu") is None
+    left = torch.ones(2, 20, dtype=torch.long)
+    left[1, :4] = 0
+    assert not is_right_padded(left) and attention_mask_for(left, 20, True, "cpu") is not None
+    with torch.no_grad():
+        padded = model(ids, attention_mask=mask)
+        alone = model(ids[1:, :13])
+    assert torch.allclose(padded[1, :13], alone[0], atol=1e-5)

@@ -18,13 +18,25 @@ from torch import nn
 from .parallel import TPContext, normed_column_linear, row_linear, split_size
 
 
+def is_right_padded(attention_mask: torch.Tensor) -> bool:
+    """True when every row of ``attention_mask`` ``[b, L]`` is real tokens followed only by padding."""
+    m = attention_mask.bool()
+    return bool((m[:, 1:] <= m[:, :-1]).all())
+
+
 def attention_mask_for(attention_mask: torch.Tensor | None, L: int, causal: bool, device) -> torch.Tensor | None:
-    """Boolean SDPA mask ``[b, 1, L, L]`` (True = may attend), or None when plain causal/full suffices.
+    """Boolean SDPA mask ``[b, 1, L, L]`` (True = may attend), or None when plain causal/full suffices
+    (no padding, or causal attention over right-padded rows).
 
     Padding keys are hidden; every query may still see itself so fully padded rows stay finite (their
     outputs are never used).
     """
     if attention_mask is None or bool(attention_mask.all()):
+        return None
+    if causal and is_right_padded(attention_mask):
+        # Padding after every real token: under the causal mask a real query sees only real keys, so
+        # the real tokens' outputs need no dense mask (and SDPA keeps its flash kernel and GQA).
+        # Padded queries see real keys and earlier padding: finite, and never used.
         return None
     keep = attention_mask.bool()[:, None, None, :]  # [b, 1, 1, L] real keys
     eye = torch.eye(L, dtype=torch.bool, device=device)

@@ -94,6 +94,13 @@ class _Decoder(nn.Module):
     def forward(self, h: torch.Tensor, attention_mask=None, inference_params=None) -> torch.Tensor:
         from torch.utils.checkpoint import checkpoint
 
+        from .attention import is_right_padded
+
+        if attention_mask is not None and inference_params is None and is_right_padded(attention_mask):
+            # Every layer is causal (Mamba, causal attention) or per-token (MLP): with padding only after
+            # the real tokens, no real token can see a padded one, so the mask changes nothing that is
+            # used. Dropping it skips the per-layer masking passes and keeps attention on flash kernels.
+            attention_mask = None
         for layer in self.layers:
             if self.recompute_layers and torch.is_grad_enabled() and inference_params is None:
                 h = checkpoint(layer, h, attention_mask, None, use_reentrant=False)

@@ -25,7 +25,7 @@ from torch import nn
 
 from ..config import LLMConfig
 from .parallel import TPContext, mark_tensor_parallel, normed_column_linear, row_linear, split_size
-from .ssd import ssd_scan
+from .kernels import gated_norm_reference, select_kernels
 
 
 class GatedGroupRMSNorm(nn.Module):
@@ -38,11 +38,7 @@ class GatedGroupRMSNorm(nn.Module):
         mark_tensor_parallel(self.weight, 0)
 
     def forward(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        g = y.float() * F.silu(z.float())
-        shape = g.shape
-        g = g.view(*shape[:-1], shape[-1] // self.group_size, self.group_size)
-        g = g * torch.rsqrt(g.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight.float() * g.view(shape)
+        return gated_norm_reference(y, z, self.weight, self.eps, self.group_size)
 
 
 class MambaMixer(nn.Module):
@@ -60,8 +56,8 @@ class MambaMixer(nn.Module):
         self.chunk_size = cfg.chunk_size
         #: Recompute conv + scan + gated norm in backward instead of storing them (set by the model).
         self.recompute = False
-        #: The scan implementation (None: the process-wide :func:`.ssd.ssd_scan`; set by the model).
-        self.scan_impl = None
+        #: The ops' implementations (reference or GPU kernels; :func:`.kernels.select_kernels`, set by the model).
+        self.kernels = select_kernels("reference", device)
 
         full_in = 2 * cfg.mamba_d_inner + 2 * cfg.n_groups * cfg.ssm_state_size + cfg.mamba_num_heads
         self.in_proj = normed_column_linear(
@@ -88,11 +84,10 @@ class MambaMixer(nn.Module):
                                    device=device)
 
     def causal_conv(self, xBC: torch.Tensor) -> torch.Tensor:
-        """Depthwise causal conv over time + SiLU; ``xBC`` is ``[b, L, conv_dim]``."""
-        k = self.conv1d.kernel_size[0]
-        out = F.conv1d(F.pad(xBC.transpose(1, 2), (k - 1, 0)), self.conv1d.weight, self.conv1d.bias,
-                       groups=self.conv_dim)
-        return F.silu(out).transpose(1, 2)
+        """Depthwise causal conv over time + SiLU (the reference op); ``xBC`` is ``[b, L, conv_dim]``."""
+        from .kernels import conv_reference
+
+        return conv_reference(xBC, self.conv1d.weight, self.conv1d.bias)
 
     def forward(
         self,
@@ -123,19 +118,19 @@ class MambaMixer(nn.Module):
         return out
 
     def ssm(self, zxbcdt: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """in_proj output ``[b, L, local in_proj rows]`` -> gated, normalised SSM output ``[b, L, d_inner]`` (fp32)."""
+        """in_proj output ``[b, L, local in_proj rows]`` -> gated, normalised SSM output ``[b, L, d_inner]``.
+
+        fp32 on the reference path; the kernels' output dtype (bf16 under autocast) otherwise.
+        """
         b, L, _ = zxbcdt.shape
+        k = self.kernels
         z, xBC, dt = zxbcdt.split([self.d_inner, self.conv_dim, self.nheads], dim=-1)
-        xBC = self.causal_conv(xBC)
+        xBC = k.conv(xBC, self.conv1d.weight, self.conv1d.bias)
         if attention_mask is not None:
             xBC = xBC * attention_mask[:, :, None].to(xBC.dtype)
         x, B, C = xBC.split([self.d_inner, self.ngroups * self.state, self.ngroups * self.state], dim=-1)
-        x = x.reshape(b, L, self.nheads, self.head_dim)
-        dt = F.softplus(dt.float() + self.dt_bias.float())
-        A = -torch.exp(self.A_log.float())
-        y, _ = (self.scan_impl or ssd_scan)(
-            x, dt, A, B.reshape(b, L, self.ngroups, self.state), C.reshape(b, L, self.ngroups, self.state),
-            self.chunk_size,
+        y = k.scan(
+            x.reshape(b, L, self.nheads, self.head_dim), dt, self.A_log, B.reshape(b, L, self.ngroups, self.state),
+            C.reshape(b, L, self.ngroups, self.state), self.chunk_size, self.D, self.dt_bias,
         )
-        y = y + self.D.float()[:, None] * x.float()
-        return self.norm(y.reshape(b, L, self.d_inner), z)
+        return k.gated_norm(y.reshape(b, L, self.d_inner), z, self.norm.weight, self.norm.eps, self.norm.group_size)

@@ -45,7 +45,7 @@ class NemotronVLModel(nn.Module):
         freeze_vision_model: bool = False,
         freeze_vision_projection: bool = False,
         recompute: str = "none",
-        scan: str = "reference",
+        kernels: str = "reference",
     ) -> None:
         super().__init__()
         device = torch.device(device)
@@ -61,21 +61,25 @@ class NemotronVLModel(nn.Module):
         self.freeze(language_model=freeze_language_model, vision_model=freeze_vision_model,
                     vision_projection=freeze_vision_projection)
         self.set_recompute(recompute)
-        self.set_scan(scan)
+        self.set_kernels(kernels)
 
-    def set_scan(self, name: str) -> None:
-        """The Mamba scan: ``"reference"`` (plain PyTorch, eager) or ``"compiled"`` (the same, through
-        ``torch.compile``; ~25% faster training step on an H200 at the 12B shape, compiles per new length)."""
-        from .ssd import compiled_ssd_scan, ssd_scan
+    def set_kernels(self, choice: str) -> dict[str, str]:
+        """Pick the Mamba ops' and the loss's implementations (``model.kernels``; see :mod:`.kernels`):
+        ``"auto"`` (Triton kernels on CUDA where importable), ``"reference"``, ``"compiled"``,
+        ``"mamba_ssm"`` or ``"fla"``. Returns op -> implementation, for the run's report."""
+        from .kernels import select_kernels
 
-        impls = {"reference": lambda: ssd_scan, "compiled": compiled_ssd_scan}
-        if name not in impls:
-            raise ValueError(f"scan must be one of {sorted(impls)}, got {name!r}")
-        fn = impls[name]()
-        self.scan = name
+        device = next(self.language_model.parameters()).device
+        k = select_kernels(choice, device)
+        self.kernels_choice, self.kernels = choice, k
         for layer in self.language_model.decoder.layers:
             if hasattr(layer, "mixer"):
-                layer.mixer.scan_impl = fn
+                layer.mixer.kernels = k
+        return self.kernel_report()
+
+    def kernel_report(self) -> dict[str, str]:
+        """Op -> implementation in use (the Mamba scan, conv, gated norm; the LM loss; attention)."""
+        return {**self.kernels.names, "attention": "SDPA flash/efficient kernels (causal, no dense mask on right padding)"}
 
     def set_recompute(self, mode: str) -> None:
         """Activation recomputation: ``"none"``; ``"ssm"`` (Mamba conv + scan + gated norm, whose fp32
@@ -181,8 +185,13 @@ class NemotronVLModel(nn.Module):
         embeds, attention_mask, labels, index = self.embed_inputs(
             input_ids, pixel_values, attention_mask, labels, num_frames=num_frames, evs_pruning_rate=evs_pruning_rate)
         hidden = self.language_model.decoder(embeds, attention_mask, inference_params)
-        logits = self.language_model.logits(hidden)
-        out = logits if labels is None else self.per_token_loss(logits, labels)
+        if labels is not None and self.kernels.chunked_loss:
+            from .kernels import chunked_vocab_parallel_loss
+
+            out = chunked_vocab_parallel_loss(hidden, labels, self.language_model.logits)
+        else:
+            logits = self.language_model.logits(hidden)
+            out = logits if labels is None else self.per_token_loss(logits, labels)
         if index is not None:
             out = _scatter_back(out, index, input_ids.shape)
         return out

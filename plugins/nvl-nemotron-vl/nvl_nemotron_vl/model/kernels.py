@@ -1,0 +1,256 @@
+"""Implementations of the Mamba mixer's ops and the LM loss, chosen per model.
+
+Every op has a plain-PyTorch reference (the CPU path, and what the kernels are tested against) and,
+on CUDA, Triton kernels from libraries made for them, used when importable:
+
+=============  ======================================================  ==================================
+op             kernels (first importable wins under ``"auto"``)          reference
+=============  ======================================================  ==================================
+scan           mamba-ssm ``mamba_chunk_scan_combined`` (fused D skip,    :func:`.ssd.ssd_scan` (chunked,
+               dt bias and softplus; state in fp32); flash-linear-       fp32), or its ``torch.compile``
+               attention ``chunk_simple_gla`` as the second candidate
+conv           flash-linear-attention ``causal_conv1d`` (Triton, SiLU    ``F.conv1d`` (cuDNN) + SiLU
+               fused)
+gated_norm     mamba-ssm / flash-linear-attention ``rmsnorm_fn``         :class:`.mamba.GatedGroupRMSNorm`
+               (grouped, gate before the norm)                           in fp32
+loss           chunked vocab-parallel cross-entropy, each chunk's        full logits, fp32 copy, then
+               logits recomputed in backward                             vocab-parallel cross-entropy
+=============  ======================================================  ==================================
+
+``model.kernels`` picks: ``"auto"`` (kernels where importable and on CUDA, else the reference),
+``"reference"`` (plain PyTorch everywhere, also on GPU), ``"compiled"`` (the reference scan through
+``torch.compile``), or a named scan (``"mamba_ssm"``, ``"fla"``) which fails loudly when missing.
+The GPU libraries are the optional extra ``pip install nvl-nemotron-vl[gpu]``.
+
+mamba-ssm installed without its CUDA extensions (``MAMBA_SKIP_CUDA_BUILD=TRUE``, the Triton kernels
+only) fails at ``import mamba_ssm`` (its ``__init__`` imports the selective-scan extension, which the
+SSD kernels do not use); :func:`_mamba_triton` then loads the Triton submodules without the package's
+``__init__``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+KERNEL_CHOICES = ("auto", "reference", "compiled", "mamba_ssm", "fla")
+
+
+# ----------------------------------------------------------------------------- library loading
+def _mamba_triton() -> dict[str, Callable[..., Any]]:
+    """mamba-ssm's Triton SSD scan and gated RMSNorm (ImportError when mamba-ssm or triton is missing)."""
+    try:
+        from mamba_ssm.ops.triton.layernorm_gated import rmsnorm_fn
+        from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
+    except ImportError as exc:
+        import importlib.util
+        import sys
+        import types
+
+        if exc.name in (None, "mamba_ssm", "triton") or exc.name.startswith("triton."):
+            raise
+        # The package __init__ failed on a CUDA extension the Triton kernels do not need: import the
+        # submodules under a bare package object instead.
+        spec = importlib.util.find_spec("mamba_ssm")
+        if spec is None or not spec.submodule_search_locations:
+            raise
+        for name in [n for n in sys.modules if n == "mamba_ssm" or n.startswith("mamba_ssm.")]:
+            del sys.modules[name]
+        pkg = types.ModuleType("mamba_ssm")
+        pkg.__path__ = list(spec.submodule_search_locations)
+        pkg.__spec__ = spec
+        sys.modules["mamba_ssm"] = pkg
+        from mamba_ssm.ops.triton.layernorm_gated import rmsnorm_fn
+        from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
+    return {"scan": mamba_chunk_scan_combined, "rmsnorm": rmsnorm_fn}
+
+
+def _fla() -> dict[str, Callable[..., Any]]:
+    """flash-linear-attention's Triton conv, gated RMSNorm and simple-GLA chunked scan."""
+    from fla.modules.causal_conv1d import causal_conv1d
+    from fla.modules.norm.layernorm_gated import rmsnorm_fn
+    from fla.ops.simple_gla import chunk_simple_gla
+
+    return {"conv": causal_conv1d, "rmsnorm": rmsnorm_fn, "simple_gla": chunk_simple_gla}
+
+
+def _try(loader: Callable[[], dict[str, Callable[..., Any]]]) -> dict[str, Callable[..., Any]] | None:
+    try:
+        return loader()
+    except Exception:  # missing library, or one that fails on this platform: the reference is used
+        return None
+
+
+# ------------------------------------------------------------------------------- reference ops
+def conv_reference(xBC: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """Depthwise causal conv over time + SiLU: ``xBC`` ``[b, L, D]``, ``weight`` ``[D, 1, W]``."""
+    k = weight.shape[-1]
+    out = F.conv1d(F.pad(xBC.transpose(1, 2), (k - 1, 0)), weight, bias, groups=weight.shape[0])
+    return F.silu(out).transpose(1, 2)
+
+
+def gated_norm_reference(y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, eps: float,
+                         group_size: int) -> torch.Tensor:
+    """``weight * RMSNorm_grouped(y * SiLU(z))`` in fp32 (``norm_before_gate=False``)."""
+    g = y.float() * F.silu(z.float())
+    shape = g.shape
+    g = g.view(*shape[:-1], shape[-1] // group_size, group_size)
+    g = g * torch.rsqrt(g.pow(2).mean(-1, keepdim=True) + eps)
+    return weight.float() * g.view(shape)
+
+
+def _fp32_scan(scan: Callable[..., Any]) -> Callable[..., Any]:
+    """``(x, dt_raw, A_log, B, C, chunk, D, dt_bias) -> y + D x`` (fp32) over a reference-signature scan.
+
+    The scan runs with autocast off, so its einsums stay in fp32 under bf16 autocast (the state's
+    precision is what the reference promises).
+    """
+
+    def run(x, dt, A_log, B, C, chunk_size, D, dt_bias):
+        with torch.autocast(x.device.type, enabled=False):
+            dtf = F.softplus(dt.float() + dt_bias.float())
+            y, _ = scan(x.float(), dtf, -torch.exp(A_log.float()), B.float(), C.float(), chunk_size)
+            return y + D.float()[:, None] * x.float()
+
+    return run
+
+
+# ---------------------------------------------------------------------------------- kernel ops
+def _mamba_scan(fn: Callable[..., Any]) -> Callable[..., Any]:
+    def run(x, dt, A_log, B, C, chunk_size, D, dt_bias):
+        A = -torch.exp(A_log.float())
+        return fn(x, dt, A, B, C, chunk_size, D=D.float(), dt_bias=dt_bias.float(), dt_softplus=True)
+
+    return run
+
+
+def _fla_scan(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """SSD as simple GLA: q = C, k = B (expanded from groups to heads), v = dt x, log-decay g = dt A."""
+
+    def run(x, dt, A_log, B, C, chunk_size, D, dt_bias):
+        h = x.shape[2]
+        r = h // B.shape[2]
+        dtf = F.softplus(dt.float() + dt_bias.float())
+        g = dtf * -torch.exp(A_log.float())
+        v = (x.float() * dtf[..., None]).to(x.dtype)
+        q = C.repeat_interleave(r, dim=2).to(x.dtype)
+        k = B.repeat_interleave(r, dim=2).to(x.dtype)
+        y, _ = fn(q, k, v, g=g, scale=1.0)
+        return y.float() + D.float()[:, None] * x.float()
+
+    return run
+
+
+def _fla_conv(fn: Callable[..., Any]) -> Callable[..., Any]:
+    def run(xBC, weight, bias):
+        w = weight.squeeze(1).to(xBC.dtype)
+        out, _ = fn(xBC.contiguous(), w, None if bias is None else bias.to(xBC.dtype), activation="silu")
+        return out
+
+    return run
+
+
+def _triton_gated_norm(fn: Callable[..., Any]) -> Callable[..., Any]:
+    def run(y, z, weight, eps, group_size):
+        shape = y.shape
+        out = fn(y.reshape(-1, shape[-1]), weight, None, z=z.reshape(-1, shape[-1]).to(y.dtype), eps=eps,
+                 group_size=group_size, norm_before_gate=False)
+        return out.view(shape)
+
+    return run
+
+
+# ----------------------------------------------------------------------------------- selection
+@dataclass
+class MixerKernels:
+    """The mixer's ops: callables plus the name of each implementation (for the run's report)."""
+
+    scan: Callable[..., torch.Tensor]
+    conv: Callable[..., torch.Tensor]
+    gated_norm: Callable[..., torch.Tensor]
+    chunked_loss: bool
+    names: dict[str, str] = field(default_factory=dict)
+
+
+def select_kernels(choice: str, device: torch.device | str) -> MixerKernels:
+    """The implementations for ``model.kernels=choice`` on ``device`` (see the module docstring)."""
+    from .ssd import compiled_ssd_scan, ssd_scan
+
+    if choice not in KERNEL_CHOICES:
+        raise ValueError(f"model.kernels must be one of {', '.join(KERNEL_CHOICES)}; got {choice!r}")
+    cuda = torch.device(device).type == "cuda"
+    ref_scan = _fp32_scan(ssd_scan)
+    k = MixerKernels(scan=ref_scan, conv=conv_reference, gated_norm=gated_norm_reference, chunked_loss=choice != "reference",
+                     names={"scan": "reference (PyTorch, fp32)", "conv": "reference (F.conv1d)",
+                            "gated_norm": "reference (PyTorch, fp32)"})
+    if choice == "reference":
+        k.names["loss"] = "reference (full logits)"
+        return k
+    k.names["loss"] = "chunked vocab-parallel cross-entropy (logits recomputed in backward)"
+    if choice == "compiled":
+        k.scan, k.names["scan"] = _fp32_scan(compiled_ssd_scan()), "reference, torch.compile"
+        return k
+    if not cuda:
+        if choice in ("mamba_ssm", "fla"):
+            raise ValueError(f"model.kernels={choice}: Triton kernels need a CUDA device; use auto or reference on CPU")
+        return k
+    mamba = _try(_mamba_triton)
+    fla = _try(_fla)
+    if choice == "mamba_ssm" and mamba is None:
+        raise ValueError("model.kernels=mamba_ssm but mamba-ssm's Triton kernels cannot be imported; "
+                         "pip install 'nvl-nemotron-vl[gpu]' (or MAMBA_SKIP_CUDA_BUILD=TRUE pip install mamba-ssm)")
+    if choice == "fla" and fla is None:
+        raise ValueError("model.kernels=fla but flash-linear-attention cannot be imported; pip install fla-core")
+    if mamba is not None and choice in ("auto", "mamba_ssm"):
+        k.scan, k.names["scan"] = _mamba_scan(mamba["scan"]), "mamba-ssm mamba_chunk_scan_combined (Triton)"
+    elif fla is not None and choice in ("auto", "fla"):
+        k.scan, k.names["scan"] = _fla_scan(fla["simple_gla"]), "flash-linear-attention chunk_simple_gla (Triton)"
+    else:
+        k.scan, k.names["scan"] = _fp32_scan(compiled_ssd_scan()), "reference, torch.compile (no kernel library)"
+    if fla is not None:
+        k.conv, k.names["conv"] = _fla_conv(fla["conv"]), "flash-linear-attention causal_conv1d (Triton)"
+    if mamba is not None:
+        k.gated_norm, k.names["gated_norm"] = _triton_gated_norm(mamba["rmsnorm"]), "mamba-ssm rmsnorm_fn (Triton)"
+    elif fla is not None:
+        k.gated_norm, k.names["gated_norm"] = _triton_gated_norm(fla["rmsnorm"]), "flash-linear-attention rmsnorm_fn (Triton)"
+    return k
+
+
+# ------------------------------------------------------------------------------------- LM loss
+def chunked_vocab_parallel_loss(
+    hidden: torch.Tensor, labels: torch.Tensor, logits_fn: Callable[[torch.Tensor], torch.Tensor],
+    chunk_tokens: int = 2048,
+) -> torch.Tensor:
+    """Per-token cross-entropy ``[B, L]`` (fp32, 0 where ``labels < 0``) without all logits at once.
+
+    Tokens are processed ``chunk_tokens`` at a time: each chunk's logits (this rank's vocabulary shard,
+    from ``logits_fn``) exist only inside a checkpointed function, so the fp32 logits of a 131k
+    vocabulary are never materialised for the whole sequence; backward recomputes one chunk at a time.
+    The values equal the full computation's (same ops per token).
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    B, L, H = hidden.shape
+    flat_h = hidden.reshape(B * L, H)
+    flat_y = labels.reshape(B * L)
+    out = []
+    for s in range(0, B * L, chunk_tokens):
+        h, y = flat_h[s:s + chunk_tokens], flat_y[s:s + chunk_tokens]
+        if torch.is_grad_enabled() and h.requires_grad:
+            out.append(checkpoint(_chunk_loss, h, y, logits_fn, use_reentrant=False))
+        else:
+            out.append(_chunk_loss(h, y, logits_fn))
+    return torch.cat(out).view(B, L)
+
+
+def _chunk_loss(h: torch.Tensor, y: torch.Tensor, logits_fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+    ignore = y < 0
+    logits = logits_fn(h[None])[0]
+    # Megatron's CE subtracts the max in place on its (fp32) input; give it a tensor of its own.
+    x = logits.float() if logits.dtype != torch.float32 else logits.clone()
+    return vocab_parallel_cross_entropy(x, y.masked_fill(ignore, 0)).masked_fill(ignore, 0.0)

@@ -1,0 +1,141 @@
+"""GPU kernels against the plain-PyTorch reference, forward and backward (skipped without CUDA).
+
+Tolerances are relative Frobenius-norm errors against the reference computed in fp64 (or fp32 for the
+loss), stated per op and dtype. The Triton kernels run their dot products in TF32 for fp32 inputs and
+accumulate in fp32 for bf16 inputs, so fp32 tolerances are ~1e-3, bf16 ones ~1e-2.
+Run by the GPU bench (``pytest plugins/nvl-nemotron-vl/tests/test_kernels_gpu.py -s``); CPU CI skips it.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+TOL = {  # (op, dtype) -> relative error bound, forward and each gradient
+    ("scan", torch.float32): 5e-3, ("scan", torch.bfloat16): 3e-2,
+    ("conv", torch.float32): 1e-5, ("conv", torch.bfloat16): 1e-2,
+    ("gated_norm", torch.float32): 1e-5, ("gated_norm", torch.bfloat16): 1e-2,
+}
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def _kernels(name: str):
+    from nvl_nemotron_vl.model.kernels import select_kernels
+
+    k = select_kernels("auto", "cuda")
+    if "reference" in k.names[name]:
+        pytest.skip(f"no kernel library for {name} on this machine ({k.names[name]})")
+    return k
+
+
+def _scan_inputs(dtype, b=2, L=512, h=16, p=80, g=2, n=128, seed=0):
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    x = torch.randn(b, L, h, p, device="cuda", generator=gen).to(dtype)
+    dt = (torch.randn(b, L, h, device="cuda", generator=gen) - 2).to(dtype)
+    A_log = torch.log(torch.rand(h, device="cuda", generator=gen) * 8 + 1)
+    B = torch.randn(b, L, g, n, device="cuda", generator=gen).to(dtype) / n**0.5
+    C = torch.randn(b, L, g, n, device="cuda", generator=gen).to(dtype) / n**0.5
+    D = torch.randn(h, device="cuda", generator=gen)
+    dt_bias = torch.randn(h, device="cuda", generator=gen) * 0.5
+    return [t.requires_grad_() for t in (x, dt, A_log, B, C, D, dt_bias)]
+
+
+def _grads(fn, inputs, seed=1):
+    out = fn(*inputs)
+    go = torch.randn(out.shape, device=out.device, generator=torch.Generator(device="cuda").manual_seed(seed))
+    grads = torch.autograd.grad(out.float(), inputs, go)
+    return out.detach(), grads
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("chunk", [128, 256])
+def test_scan_kernel_matches_reference(dtype, chunk):
+    from nvl_nemotron_vl.model.kernels import select_kernels
+
+    k = _kernels("scan")
+    ref = select_kernels("reference", "cuda").scan
+    ins = _scan_inputs(dtype)
+    out_k, g_k = _grads(lambda x, dt, a, B, C, D, db: k.scan(x, dt, a, B, C, chunk, D, db), ins)
+    ins64 = [t.detach().double().requires_grad_() for t in ins]
+    out_r, g_r = _grads(lambda x, dt, a, B, C, D, db: ref(x, dt, a, B, C, chunk, D, db), ins64)
+    errs = {"out": rel(out_k, out_r)} | {n: rel(a, b) for n, a, b in zip("x dt A_log B C D dt_bias".split(), g_k, g_r)}
+    print(f"scan {k.names['scan']} {dtype} chunk {chunk}: " + ", ".join(f"{n} {e:.1e}" for n, e in errs.items()))
+    assert max(errs.values()) < TOL[("scan", dtype)], errs
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_conv_kernel_matches_reference(dtype):
+    from nvl_nemotron_vl.model.kernels import conv_reference
+
+    k = _kernels("conv")
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(2, 300, 1024, device="cuda", generator=gen).to(dtype).requires_grad_()
+    w = (torch.randn(1024, 1, 4, device="cuda", generator=gen) * 0.5).to(dtype).requires_grad_()
+    bias = torch.randn(1024, device="cuda", generator=gen).to(dtype).requires_grad_()
+    out_k, g_k = _grads(k.conv, [x, w, bias])
+    ins64 = [t.detach().double().requires_grad_() for t in (x, w, bias)]
+    out_r, g_r = _grads(conv_reference, ins64)
+    errs = {"out": rel(out_k, out_r)} | {n: rel(a, b) for n, a, b in zip(("x", "weight", "bias"), g_k, g_r)}
+    print(f"conv {k.names['conv']} {dtype}: " + ", ".join(f"{n} {e:.1e}" for n, e in errs.items()))
+    assert max(errs.values()) < TOL[("conv", dtype)], errs
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gated_norm_kernel_matches_reference(dtype):
+    from nvl_nemotron_vl.model.kernels import gated_norm_reference
+
+    k = _kernels("gated_norm")
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    y = torch.randn(2, 300, 1280, device="cuda", generator=gen).to(dtype).requires_grad_()
+    z = torch.randn(2, 300, 1280, device="cuda", generator=gen).to(dtype).requires_grad_()
+    w = (1 + 0.1 * torch.randn(1280, device="cuda", generator=gen)).requires_grad_()
+
+    def kern(y, z, w):
+        return k.gated_norm(y, z, w, 1e-5, 640)
+
+    def ref(y, z, w):
+        return gated_norm_reference(y, z, w, 1e-5, 640)
+
+    out_k, g_k = _grads(kern, [y, z, w])
+    out_r, g_r = _grads(ref, [t.detach().double().requires_grad_() for t in (y, z, w)])
+    errs = {"out": rel(out_k, out_r)} | {n: rel(a, b) for n, a, b in zip(("y", "z", "weight"), g_k, g_r)}
+    print(f"gated_norm {k.names['gated_norm']} {dtype}: " + ", ".join(f"{n} {e:.1e}" for n, e in errs.items()))
+    assert max(errs.values()) < TOL[("gated_norm", dtype)], errs
+
+
+@cuda
+def test_tiny_toy_training_losses_kernels_vs_reference(tiny_toy):
+    """A few training steps of the tiny toy on CUDA: ``model.kernels=auto`` against ``reference``
+    (fp32 weights, no autocast: the kernels' TF32 dot products are the only difference)."""
+    from nvl_nemotron_vl.bridge import NemotronVLBridge
+
+    ids = torch.randint(0, 500, (2, 96), generator=torch.Generator().manual_seed(4)).cuda()
+    labels = torch.roll(ids, -1, 1)
+    losses = {}
+    for choice in ("reference", "auto"):
+        model = NemotronVLBridge.from_hf_dir(tiny_toy).build_model(dtype=torch.float32, device="cuda",
+                                                                   load_weights=True, kernels=choice)
+        if choice == "auto":
+            _kernels("scan")  # skips when no kernel library is installed
+            assert "Triton" in model.kernel_report()["scan"], model.kernel_report()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        seq = []
+        for _ in range(4):
+            loss = model(ids, labels=labels).mean()
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            seq.append(loss.item())
+        losses[choice] = seq
+    print(f"tiny toy losses: {losses}")
+    for a, b in zip(losses["reference"], losses["auto"]):
+        assert abs(a - b) < 2e-3 * abs(a), losses
