@@ -107,7 +107,8 @@ def compose_config(
         extra.append(Override("model.hf_model_path", str(Path(hf_model_path).expanduser().absolute())))
     if pretrained_checkpoint:
         extra.append(Override("checkpoint.pretrained_checkpoint", str(Path(pretrained_checkpoint).expanduser().absolute())))
-    if (lora_on_language_model or lora_on_vision_model) and not base.get("peft", {}).get("method"):
+    if (lora_on_language_model or lora_on_vision_model) and not base.get("peft", {}).get("method") \
+            and "peft.method" not in given:
         extra.append(Override("peft.method", "lora"))
     if lora_on_language_model or lora_on_vision_model:
         extra += _lora_flag_overrides(manager, base, given, [str(f) for f in config_files],
