@@ -272,3 +272,12 @@ def test_global_options_and_per_command_ones(cli) -> None:
         assert "NVL_QUIET" not in os.environ  # restored after the command
     finally:
         cli.commands.pop("probe")
+
+
+def test_global_debug_shows_the_traceback_quiet_hides_notes(cli, paths) -> None:
+    argv = ["convert", "import", "--hf-model", paths["hf"], "--megatron-path", paths["out"]]
+    plain = CliRunner().invoke(cli, argv)
+    assert plain.exit_code == 1 and "architectures" in plain.output and isinstance(plain.exception, SystemExit)
+    debug = CliRunner().invoke(cli, ["--debug", *argv])
+    assert debug.exit_code == 1 and debug.exception is not None and not isinstance(debug.exception, SystemExit)
+    assert "architectures" in str(debug.exception)

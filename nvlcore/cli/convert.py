@@ -67,6 +67,10 @@ def _run(fn: Any, summary_json: str | None) -> None:
         summary = fn()
     except (ConversionError, SafetensorsError, OutputExistsError, CheckpointNotFoundError, RegistryError,
             FileNotFoundError, ValueError) as exc:
+        from nvlcore.cli import global_flag
+
+        if global_flag("debug"):  # nvl --debug convert ...: the full traceback
+            raise
         raise click.ClickException(str(exc)) from None
     click.echo(summary.format())
     if summary_json:

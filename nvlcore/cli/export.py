@@ -113,5 +113,9 @@ def export_command(
             **extra,
         )
     except (FileNotFoundError, FileExistsError, ValueError, KeyError) as exc:
+        from nvlcore.cli import global_flag
+
+        if global_flag("debug"):  # nvl --debug export ...: the full traceback
+            raise
         raise click.ClickException(f"{type(exc).__name__}: {exc}") from None
     click.echo(f"wrote {written}")

@@ -227,6 +227,10 @@ def generate_cmd(
             ) from None
         raise
     except (FileNotFoundError, ValueError, NotImplementedError, KeyError) as exc:
+        from nvlcore.cli import global_flag
+
+        if global_flag("debug"):  # nvl --debug generate ...: the full traceback
+            raise
         raise click.ClickException(str(exc).strip("'\"")) from None
 
     conversation = build_conversation(
