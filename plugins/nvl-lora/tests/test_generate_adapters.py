@@ -144,3 +144,20 @@ def test_nvl_generate_cli_with_an_adapter_checkpoint(runs, toy, image) -> None:
     bad = subprocess.run([*NVL, "generate", "--hf-model-path", str(toy), "--lora-checkpoint", str(toy)],
                          capture_output=True, text=True, env=ENV)
     assert bad.returncode == 1 and "Traceback" not in bad.stderr and str(toy) in bad.stderr
+
+
+@pytest.mark.distributed
+def test_unmerged_adapters_at_tp2_generate_the_merged_tokens(runs, toy, image) -> None:
+    """Two gloo ranks: adapters split like their layers (DoRA's row-parallel norms all-reduced), the
+    hooked row-parallel layers reduce their own output on the decode step; same tokens as the merged
+    model at TP=1."""
+    from nvlcore.testing_dist import run_distributed
+    from nvl_nemotron_vl.generate import load_generator
+    from nvl_nemotron_vl.testing_generate import tp_generate_worker
+
+    method, ck, merged = runs
+    convs = [build_conversation("Describe this image.", images=[image], system_prompt="/no_think"),
+             build_conversation("Hi!")]
+    ranks = run_distributed(tp_generate_worker, 2, str(toy), convs, NEW_TOKENS, str(ck))
+    want = [r.token_ids for r in load_generator(merged, device="cpu").generate(convs, max_new_tokens=NEW_TOKENS)]
+    assert ranks[0]["tokens"] == ranks[1]["tokens"] == want, method
