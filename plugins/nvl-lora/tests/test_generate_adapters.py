@@ -161,3 +161,16 @@ def test_unmerged_adapters_at_tp2_generate_the_merged_tokens(runs, toy, image) -
     ranks = run_distributed(tp_generate_worker, 2, str(toy), convs, NEW_TOKENS, str(ck))
     want = [r.token_ids for r in load_generator(merged, device="cpu").generate(convs, max_new_tokens=NEW_TOKENS)]
     assert ranks[0]["tokens"] == ranks[1]["tokens"] == want, method
+
+
+def test_an_adapter_checkpoint_given_as_weights_says_what_to_type(runs, toy) -> None:
+    from click.testing import CliRunner
+
+    from nvlcore.cli import build_cli
+
+    method, ck, _ = runs
+    if method != "lora":
+        pytest.skip("one is enough")
+    res = CliRunner().invoke(build_cli(), ["generate", "--hf-model-path", str(toy), "--megatron_model_path", str(ck),
+                                           "--device", "cpu"])
+    assert res.exit_code == 1 and f"--lora-checkpoint {ck}" in res.output, res.output

@@ -120,6 +120,8 @@ def load_generator(
     if megatron_model_path is None:
         model = bridge.build_model(dtype=dtype, device=device, load_weights=True)
     else:
+        if run is None:
+            _refuse_peft_run_as_weights(megatron_model_path)
         model = bridge.build_model(dtype=dtype, device=device, init="none")
         load_checkpoint_into(bridge, model, megatron_model_path)
     if run is not None:
@@ -172,6 +174,23 @@ def load_checkpoint_into(bridge: Any, model: Any, megatron_model_path: str | os.
 
 def _is_hf_dir(path: Path) -> bool:
     return (path / "config.json").is_file() and not any(path.glob("iter_*")) and not path.name.startswith("iter_")
+
+
+def _refuse_peft_run_as_weights(path: str | os.PathLike[str]) -> None:
+    """A PEFT run's (adapter-only) checkpoint given as full weights: say what to type instead."""
+    from nvlcore.checkpoint import open_checkpoint
+
+    try:
+        rc = open_checkpoint(path).run_config() or {}
+    except Exception:  # not a checkpoint: load_checkpoint_into reports it
+        return
+    method = (rc.get("peft") or {}).get("method")
+    if method:
+        raise ValueError(
+            f"--megatron-model-path {path} is a {method} run's adapter checkpoint, not full weights; give it as "
+            f"--lora-checkpoint {path} (the base comes from --megatron-model-path BASE, the run's recorded "
+            "pretrained checkpoint, or the HF directory)"
+        )
 
 
 def _open_peft_run(path: str | os.PathLike[str]) -> Any:
