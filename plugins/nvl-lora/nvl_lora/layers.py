@@ -299,7 +299,8 @@ class DoRAAdapter(LoRAAdapter):
     base, per component for a fused one (Mamba ``in_proj``), and replicated for a row-parallel base.
     The row norm of a column-parallel base is local (each rank has whole rows); a row-parallel base
     splits each row over the TP ranks, so the squared norms are summed with an all-reduce over the
-    TP group. In eval mode the norm is cached until a weight changes (generation runs it once).
+    TP group. In eval mode the local squared norms are cached until a weight changes (generation
+    computes ``B·A`` once).
     """
 
     def __init__(self, *, magnitude: torch.Tensor | None = None, **kwargs: Any) -> None:
@@ -339,9 +340,15 @@ class DoRAAdapter(LoRAAdapter):
 
     @torch.no_grad()
     def weight_norm(self, weight: torch.Tensor) -> torch.Tensor:
-        """``||W + s·B·A||`` per local output row, fp32, detached (all-reduced over TP for a row base)."""
+        """``||W + s·B·A||`` per local output row, fp32, detached (all-reduced over TP for a row base).
+
+        The local squared row sums are cached in eval mode (keyed on the tensors' versions); the
+        all-reduce of a row-parallel base runs on every call, so every rank makes the same
+        collectives whatever its cache holds.
+        """
         params = [weight, *(p for _, p, _ in LoRAAdapter.split_params(self))]
         key = None
+        squared = None
         if not self.training:
             try:
                 key = tuple((p.data_ptr(), p._version) for p in params)
@@ -349,14 +356,15 @@ class DoRAAdapter(LoRAAdapter):
                 key = None
             cached = self.__dict__.get("_norm_cache")
             if key is not None and cached is not None and cached[0] == key:
-                return cached[1]
-        combined = weight.float() + self.delta_weight().to(weight.device)
-        squared = combined.square().sum(dim=1)
+                squared = cached[1]
+        if squared is None:
+            combined = weight.float() + self.delta_weight().to(weight.device)
+            squared = combined.square().sum(dim=1)
+            self.__dict__["_norm_cache"] = (key, squared) if key is not None else None
         if self.kind == "row" and self.tp_size > 1:
+            squared = squared.clone()
             torch.distributed.all_reduce(squared, group=self.tp_group)
-        norm = squared.sqrt()
-        self.__dict__["_norm_cache"] = (key, norm) if key is not None else None
-        return norm
+        return squared.sqrt()
 
     def magnitude_scale(self, weight: torch.Tensor) -> torch.Tensor:
         """``m / ||W + s·B·A||_row`` (fp32), the factor on each output row; differentiable in ``m``."""
