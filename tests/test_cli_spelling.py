@@ -281,3 +281,11 @@ def test_global_debug_shows_the_traceback_quiet_hides_notes(cli, paths) -> None:
     debug = CliRunner().invoke(cli, ["--debug", *argv])
     assert debug.exit_code == 1 and debug.exception is not None and not isinstance(debug.exception, SystemExit)
     assert "architectures" in str(debug.exception)
+
+
+def test_option_values_and_prompts_may_start_with_a_dash(cli, paths) -> None:
+    p = parse(cli, ["generate", "--hf_model_path", paths["hf"], "--prompt", "— what is this?", "--system_prompt",
+                    "—-not-an-option"])
+    assert p["prompt"] == "— what is this?" and p["system_prompt"] == "—-not-an-option"
+    p = parse(cli, ["generate", "--hf-model-path", paths["hf"], "--prompt", "--max_new_tokens"])
+    assert p["prompt"] == "--max_new_tokens" and p["max_new_tokens"] == 100

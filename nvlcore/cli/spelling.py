@@ -18,6 +18,7 @@ Only the arguments before a bare ``--`` are looked at. Importing this module is 
 from __future__ import annotations
 
 import difflib
+import re
 import unicodedata
 from typing import Any, Iterable
 
@@ -28,9 +29,16 @@ import click
 DASH_LIKE = frozenset("\u2010\u2011\u2012\u2013\u2014\u2015\u2043\u2212\u2796\ufe58\ufe63\uff0d\u00ad")
 
 
+_OPTIONISH = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]*(=.*)?$", re.S)
+
+
 def starts_with_dash_like(token: str) -> bool:
-    """True if ``token`` begins with a dash-like character other than ``-``."""
-    return bool(token) and token[0] in DASH_LIKE
+    """True if ``token`` begins with a dash-like character other than ``-`` and the rest reads like an
+    option or an override (``—-lora-on-vision-model``, ``–train.lr=1``); text such as a prompt that
+    starts with a dash (``— what is this?``) is not one."""
+    if not token or token[0] not in DASH_LIKE:
+        return False
+    return bool(_OPTIONISH.match(token.lstrip("".join(DASH_LIKE) + "-")))
 
 
 def _dash_name(ch: str) -> str:
@@ -106,6 +114,12 @@ def normalize_args(cmd: click.Command, args: list[str]) -> list[str]:
         if name in aliases and not name.startswith("--"):  # a short spelling such as -tp
             out.append(aliases[name] + eq + value)
             continue
+        short = options.get(token)
+        if short is not None and not token.startswith("--") and isinstance(short, click.Option) \
+                and not short.is_flag and not short.count and i < len(args):  # -c FILE: the value as it is
+            out += [token, args[i]]
+            i += 1
+            continue
         if not token.startswith("--") or len(token) < 3:
             out.append(token)
             continue
@@ -113,6 +127,13 @@ def normalize_args(cmd: click.Command, args: list[str]) -> list[str]:
         hyphen = "--" + name[2:].replace("_", "-")
         if target not in options:
             target = aliases.get(name) or aliases.get(hyphen) or (hyphen if hyphen in options else name)
+        param = options.get(target)
+        takes_value = (isinstance(param, click.Option) and not param.is_flag and not param.count and not eq
+                       and not (name in nargs_options or hyphen in nargs_options))
+        if takes_value and i < len(args):  # its value passes as it is (a prompt may start with a dash)
+            out += [target, args[i]]
+            i += 1
+            continue
         if (name in nargs_options or hyphen in nargs_options) and not eq:
             values: list[str] = []
             while i < len(args) and not args[i].startswith("-") and not starts_with_dash_like(args[i]):
