@@ -59,6 +59,25 @@ BUILTIN_COMMANDS: dict[str, str] = {
 
 MANAGER_KEY = "nvl.plugin_manager"
 
+#: Global options of the ``nvl`` group and the environment variables that carry them to worker
+#: processes (``nvl --debug finetune --nproc-per-node 2`` sets ``NVL_DEBUG=1`` for its workers).
+GLOBAL_FLAGS: dict[str, str] = {"debug": "NVL_DEBUG", "quiet": "NVL_QUIET", "no_progress": "NVL_NO_PROGRESS"}
+
+
+def global_flag(name: str) -> bool:
+    """Whether the global option ``name`` (``debug``, ``quiet``, ``no_progress``) is on: given to the
+    ``nvl`` group (``nvl --quiet generate ...``) or set in its environment variable (``NVL_QUIET=1``).
+    ``quiet`` implies ``no_progress``. Commands OR this with their own option of the same meaning."""
+    import os
+
+    if name == "no_progress" and global_flag("quiet"):
+        return True
+    env = os.environ.get(GLOBAL_FLAGS[name], "").strip().lower()
+    if env in ("1", "true", "yes", "on"):
+        return True
+    ctx = click.get_current_context(silent=True)
+    return bool(ctx is not None and ctx.find_root().meta.get(f"nvl.{name}"))
+
 
 def current_plugin_manager() -> Any:
     """The plugin manager of the running ``nvl`` command (the one given to :func:`build_cli`).
@@ -90,13 +109,31 @@ def build_cli(manager: Any = None) -> NvlGroup:
 
     @click.group(cls=NvlGroup, context_settings={"help_option_names": ["-h", "--help"]})
     @click.version_option(__version__, prog_name="nvl")
+    @click.option("--debug", is_flag=True, help="Full tracebacks and debug logging (every command).")
+    @click.option("--quiet", "-q", is_flag=True, help="Only results and errors: no progress bars or notes.")
+    @click.option("--no-progress", is_flag=True, help="No progress bars (notes and results still print).")
     @click.pass_context
-    def cli(ctx: click.Context) -> None:
+    def cli(ctx: click.Context, debug: bool, quiet: bool, no_progress: bool) -> None:
         """nvl: fine-tune and serve Nemotron Nano V2 VL, extended by plugins.
 
         `nvl plugins list` shows what is installed; docs/cli.md describes every command.
+        The global options go before the command: `nvl --quiet generate ...`.
         """
+        import os
+
         ctx.meta[MANAGER_KEY] = manager
+        for name, value in (("debug", debug), ("quiet", quiet), ("no_progress", no_progress)):
+            ctx.meta[f"nvl.{name}"] = value
+            if value:  # worker processes (nvl finetune --nproc-per-node) inherit the environment
+                var = GLOBAL_FLAGS[name]
+                old = os.environ.get(var)
+                os.environ[var] = "1"
+                ctx.call_on_close(lambda var=var, old=old: os.environ.pop(var, None) if old is None
+                                  else os.environ.__setitem__(var, old))
+        if debug:
+            import logging
+
+            logging.basicConfig(level=logging.DEBUG)
 
     assert isinstance(cli, NvlGroup)
     for name, target in BUILTIN_COMMANDS.items():
@@ -124,7 +161,9 @@ def build_cli(manager: Any = None) -> NvlGroup:
             for _, message in cli.clashes[clashes_before:]:
                 if message not in info.warnings:
                     info.warnings.append(message)
-    return cli
+    from nvlcore.cli.spelling import adopt
+
+    return adopt(cli)
 
 
 def main(argv: list[str] | None = None) -> Any:

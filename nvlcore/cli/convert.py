@@ -12,6 +12,12 @@ from typing import Any
 
 import click
 
+from nvlcore.cli.spelling import declare_aliases
+from nvlcore.hub import hf_model_option, revision_option
+
+#: The original scripts' short spellings (scripts/conversion/convert.sh: -tp/-pp/-ep/-etp).
+CONVERT_ALIASES = {"-tp": "--tp", "-pp": "--pp", "-ep": "--ep", "-etp": "--etp"}
+
 DTYPES = ("bfloat16", "float16", "float32")
 
 
@@ -61,6 +67,10 @@ def _run(fn: Any, summary_json: str | None) -> None:
         summary = fn()
     except (ConversionError, SafetensorsError, OutputExistsError, CheckpointNotFoundError, RegistryError,
             FileNotFoundError, ValueError) as exc:
+        from nvlcore.cli import global_flag
+
+        if global_flag("debug"):  # nvl --debug convert ...: the full traceback
+            raise
         raise click.ClickException(str(exc)) from None
     click.echo(summary.format())
     if summary_json:
@@ -72,13 +82,21 @@ def convert_group() -> None:
     """Convert checkpoints between Hugging Face and nvl's sharded (Megatron-style) format."""
 
 
+@declare_aliases(aliases=CONVERT_ALIASES)
 @convert_group.command("import")
-@click.option("--hf-model", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="HF model directory (config.json + safetensors).")
-@click.option("--megatron-path", required=True, type=click.Path(path_type=Path),
+@hf_model_option("--hf-model", "hf_model", required=True, help="HF model (config.json + safetensors).")
+@revision_option()
+@click.option("--megatron-path", "--megatron-model-path", "megatron_path", required=True, type=click.Path(path_type=Path),
               help="Output checkpoint directory (gets iter_0000000/ and the tracker).")
-@click.option("--tp", default=1, show_default=True, type=click.IntRange(min=1),
+@click.option("--tp", "--tensor-parallel-size", "tp", default=1, show_default=True, type=click.IntRange(min=1),
               help="Tensor-parallel size to validate and record (the checkpoint loads at any TP).")
+@click.option("--pp", "--ep", "--etp", "_other_parallel", type=click.IntRange(1, 1), multiple=True, hidden=True,
+              help="Accepted for the original scripts' command lines; only 1 is supported.")
+@click.option("--device-map", "--device", "_device_map", default=None, hidden=True,
+              help="Accepted for the original script's command lines; conversion streams on CPU.")
+@click.option("--low-memory-save", "_low_memory", is_flag=True, hidden=True,
+              help="Accepted; import always streams one tensor group at a time.")
+@click.option("--distributed-timeout-minutes", "_timeout", type=int, default=None, hidden=True, help="Accepted; unused.")
 @click.option("--dtype", "--torch-dtype", "dtype", type=click.Choice(DTYPES), default=None,
               help="Convert the model's tensors to this dtype (default: keep the source's).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --megatron-path.")
@@ -86,9 +104,13 @@ def convert_group() -> None:
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @click.option("--summary-json", default=None, type=click.Path(dir_okay=False), help="Also write the summary as JSON.")
 @click.option("--trust-remote-code", is_flag=True, hidden=True, help="Accepted for compatibility; never needed.")
-def import_cmd(hf_model: Path, megatron_path: Path, tp: int, dtype: str | None, overwrite: bool,
+def import_cmd(hf_model: Path, revision: str | None, megatron_path: Path, tp: int, _other_parallel: Any,
+               _device_map: Any, _low_memory: bool, _timeout: Any, dtype: str | None, overwrite: bool,
                bridge: str | None, no_progress: bool, summary_json: str | None, trust_remote_code: bool) -> None:
     """Import an HF checkpoint: streams tensors one group at a time into iteration 0."""
+    from nvlcore.cli import global_flag
+
+    no_progress = no_progress or global_flag("no_progress")
 
     def go() -> Any:
         from nvlcore.convert.engine import import_hf_checkpoint
@@ -100,25 +122,36 @@ def import_cmd(hf_model: Path, megatron_path: Path, tp: int, dtype: str | None, 
     _run(go, summary_json)
 
 
+@declare_aliases(aliases=CONVERT_ALIASES)
 @convert_group.command("export")
-@click.option("--hf-model", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="Reference HF model directory (config, tokenizer, *.py, tensor list).")
-@click.option("--megatron-path", required=True, type=click.Path(path_type=Path),
+@hf_model_option("--hf-model", "hf_model", required=True, help="Reference HF model (config, tokenizer, *.py, tensor list).")
+@revision_option()
+@click.option("--megatron-path", "--megatron-model-path", "megatron_path", required=True, type=click.Path(path_type=Path),
               help="Checkpoint directory (latest iteration) or one iter_N directory.")
-@click.option("--hf-path", required=True, type=click.Path(path_type=Path), help="Output HF model directory.")
+@click.option("--hf-path", "--output", "hf_path", required=True, type=click.Path(path_type=Path),
+              help="Output HF model directory.")
+@click.option("--tp", "--tensor-parallel-size", "--pp", "--ep", "--etp", "_parallel", type=click.IntRange(min=1),
+              multiple=True, hidden=True, help="Accepted for the original scripts' command lines; export reads logical tensors.")
+@click.option("--distributed-save/--no-distributed-save", "_dist_save", default=None, hidden=True, help="Accepted; unused.")
+@click.option("--save-every-n-ranks", "_every", type=int, default=None, hidden=True, help="Accepted; unused.")
+@click.option("--distributed-timeout-minutes", "_timeout", type=int, default=None, hidden=True, help="Accepted; unused.")
 @click.option("--not-strict", is_flag=True, help="Skip tensors that cannot be produced instead of failing.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --hf-path.")
 @click.option("--shard-size", default="5GB", show_default=True, help="Maximum safetensors shard size.")
-@click.option("--dtype", type=click.Choice(DTYPES), default=None,
+@click.option("--dtype", "--export-weight-dtype", "dtype", type=click.Choice(DTYPES), default=None,
               help="Write the model's tensors in this dtype (default: as stored in the checkpoint).")
 @click.option("--bridge", default=None, help="Bridge name (default: from config.json architectures).")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @click.option("--summary-json", default=None, type=click.Path(dir_okay=False), help="Also write the summary as JSON.")
 @click.option("--trust-remote-code", is_flag=True, hidden=True, help="Accepted for compatibility; never needed.")
-def export_cmd(hf_model: Path, megatron_path: Path, hf_path: Path, not_strict: bool, overwrite: bool,
+def export_cmd(hf_model: Path, revision: str | None, megatron_path: Path, hf_path: Path, _parallel: Any,
+               _dist_save: Any, _every: Any, _timeout: Any, not_strict: bool, overwrite: bool,
                shard_size: str, dtype: str | None, bridge: str | None, no_progress: bool,
                summary_json: str | None, trust_remote_code: bool) -> None:
     """Export a checkpoint (imported or trained) to an HF model directory."""
+    from nvlcore.cli import global_flag
+
+    no_progress = no_progress or global_flag("no_progress")
 
     def go() -> Any:
         from nvlcore.convert.engine import export_hf_checkpoint

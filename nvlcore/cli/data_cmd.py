@@ -9,6 +9,8 @@ from typing import Any, Mapping
 
 import click
 
+from nvlcore.hub import hf_model_option, revision_option
+
 
 @click.group("data")
 def data_group() -> None:
@@ -121,11 +123,11 @@ def _describe_item(item: Mapping[str, Any]) -> str:
 @click.option("--split", default="train", show_default=True, help="Split to read.")
 @click.option("-n", "--num-examples", "num", type=click.IntRange(min=1), default=3, show_default=True,
               help="How many examples to show.")
-@click.option("--hf-model-path", type=click.Path(exists=True, file_okay=False, path_type=Path),
-              help="Model directory: also show what its processor makes of each example.")
+@hf_model_option("--hf-model-path", help="Model: also show what its processor makes of each example.")
+@revision_option()
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per example and line.")
 def preview_cmd(maker: str, maker_kwargs: str | None, split: str, num: int, hf_model_path: Path | None,
-                as_json: bool) -> None:
+                revision: str | None, as_json: bool) -> None:
     """Show the first examples of dataset maker MAKER (a name or alias).
 
     With --hf-model-path, each example also goes through the model's processor: the rendered

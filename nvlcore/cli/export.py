@@ -14,6 +14,8 @@ from typing import Any
 
 import click
 
+from nvlcore.hub import hf_model_option, revision_option
+
 
 def _parse_options(values: tuple[str, ...]) -> dict[str, Any]:
     import yaml
@@ -33,18 +35,19 @@ def _parse_options(values: tuple[str, ...]) -> dict[str, Any]:
     "--checkpoint",
     "--lora-checkpoint",
     "--megatron-path",
+    "--megatron-model-path",
     "checkpoint",
     type=click.Path(path_type=Path),
     help="The trained checkpoint: a base directory (latest iteration) or an iter_N directory.",
 )
-@click.option(
-    "--hf-model-path",
-    "--hf-model",
-    "hf_model_path",
-    type=click.Path(path_type=Path),
-    help="The HF model directory the checkpoint was trained from (config, key names, tokenizer).",
-)
+@hf_model_option("--hf-model-path", help="The HF model the checkpoint was trained from (config, key names, tokenizer).")
+@revision_option()
 @click.option("--output", "--hf-path", "output", type=click.Path(path_type=Path), help="Directory to write.")
+@click.option("--dtype", default=None, type=click.Choice(["float32", "bfloat16", "float16"]),
+              help="Cast the exported tensors (the original export_adapter.py's --dtype; same as -O dtype=...).")
+@click.option("--tp", "--pp", "--ep", "--etp", "_parallel", type=click.IntRange(min=1), multiple=True, hidden=True,
+              help="Accepted for the original export_adapter.py command lines; checkpoints hold logical tensors.")
+@click.option("--trust-remote-code", "--sequence-parallel", "_compat", is_flag=True, hidden=True, help="Accepted; unused.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
 @click.option(
     "--option",
@@ -59,7 +62,11 @@ def export_command(
     fmt: str | None,
     checkpoint: Path | None,
     hf_model_path: Path | None,
+    revision: str | None,
     output: Path | None,
+    dtype: str | None,
+    _parallel: Any,
+    _compat: bool,
     overwrite: bool,
     options: tuple[str, ...],
     list_formats: bool,
@@ -93,6 +100,9 @@ def export_command(
     except UnknownNameError as exc:
         raise click.UsageError(str(exc)) from None
     exporter = factory() if isinstance(factory, type) else factory
+    extra = _parse_options(options)
+    if dtype is not None:
+        extra.setdefault("dtype", dtype)
     try:
         written = exporter.export(
             checkpoint=checkpoint,
@@ -100,8 +110,12 @@ def export_command(
             output=output,
             overwrite=overwrite,
             plugin_manager=manager,
-            **_parse_options(options),
+            **extra,
         )
     except (FileNotFoundError, FileExistsError, ValueError, KeyError) as exc:
+        from nvlcore.cli import global_flag
+
+        if global_flag("debug"):  # nvl --debug export ...: the full traceback
+            raise
         raise click.ClickException(f"{type(exc).__name__}: {exc}") from None
     click.echo(f"wrote {written}")

@@ -23,6 +23,7 @@ from typing import Any, Sequence
 import click
 
 from nvlcore.cli.options import CONFIG_CONTEXT_SETTINGS, config_options
+from nvlcore.hub import hf_model_option, revision_option
 
 MODULE = "nvlcore.cli.finetune"
 
@@ -106,7 +107,8 @@ def compose_config(
         extra.append(Override("model.hf_model_path", str(Path(hf_model_path).expanduser().absolute())))
     if pretrained_checkpoint:
         extra.append(Override("checkpoint.pretrained_checkpoint", str(Path(pretrained_checkpoint).expanduser().absolute())))
-    if (lora_on_language_model or lora_on_vision_model) and not base.get("peft", {}).get("method"):
+    if (lora_on_language_model or lora_on_vision_model) and not base.get("peft", {}).get("method") \
+            and "peft.method" not in given:
         extra.append(Override("peft.method", "lora"))
     if lora_on_language_model or lora_on_vision_model:
         extra += _lora_flag_overrides(manager, base, given, [str(f) for f in config_files],
@@ -183,9 +185,10 @@ def _child_argv(params: dict[str, Any], overrides: Sequence[str]) -> list[str]:
 
 
 @click.command("finetune", context_settings={**CONFIG_CONTEXT_SETTINGS, "help_option_names": ["-h", "--help"]})
-@click.option("--hf-model-path", type=click.Path(file_okay=False), default=None,
-              help="HF model directory (config.json, tokenizer); selects the model bridge.")
-@click.option("--pretrained-checkpoint", type=click.Path(), default=None,
+@hf_model_option("--hf-model-path", help="HF model (config.json, tokenizer); selects the model bridge.")
+@revision_option()
+@click.option("--pretrained-checkpoint", "--pretrained", "--megatron-path", "--megatron-model-path",
+              "pretrained_checkpoint", type=click.Path(), default=None,
               help="Starting weights: a Megatron checkpoint (base dir or iter_N) or an HF directory.")
 @click.option("--random-init", is_flag=True,
               help="No starting weights: random initialisation. FOR BENCHMARKING ONLY.")
@@ -199,7 +202,7 @@ def _child_argv(params: dict[str, Any], overrides: Sequence[str]) -> list[str]:
 @click.option("--rdzv-id", default=None, help="torchrun: job id shared by all machines.")
 @click.option("--master-addr", default=None, help="torchrun: address of machine 0 (static rendezvous).")
 @click.option("--master-port", type=int, default=None, help="torchrun: port on machine 0 (static rendezvous).")
-@click.option("--debug", is_flag=True, help="Show full tracebacks.")
+@click.option("--debug", is_flag=True, help="Show full tracebacks (also nvl --debug).")
 @config_options()
 def finetune_command(**params: Any) -> None:
     """Fine-tune a model (full or LoRA) on a registered dataset.
@@ -214,7 +217,11 @@ def finetune_command(**params: Any) -> None:
     from nvlcore.parallel import build_launch_args, launch, launched_by_torchrun
     from nvlcore.cli import current_plugin_manager
 
+    from nvlcore.cli import global_flag
+
     overrides = list(params.pop("overrides"))
+    params.pop("revision", None)  # used by --hf-model-path's resolution
+    params["debug"] = params["debug"] or global_flag("debug")
     manager = current_plugin_manager()
     cfg, files = compose_config(
         manager=manager, hf_model_path=params["hf_model_path"], pretrained_checkpoint=params["pretrained_checkpoint"],
@@ -274,6 +281,9 @@ def finetune_command(**params: Any) -> None:
 
 def main(argv: list[str] | None = None) -> Any:
     """Entry point of each worker process (``python -m nvlcore.cli.finetune ...``)."""
+    from nvlcore.cli.spelling import adopt
+
+    adopt(finetune_command)
     return finetune_command.main(args=argv, prog_name="nvl finetune")
 
 

@@ -30,6 +30,8 @@ import yaml
 from nvlcore.config.structure import ConfigError
 
 _KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_][A-Za-z0-9_-]*)*$")
+#: Dash-like characters that are not '-' (see :mod:`nvlcore.cli.spelling`).
+_DASH_LIKE = frozenset("\u2010\u2011\u2012\u2013\u2014\u2015\u2043\u2212\u2796\ufe58\ufe63\uff0d\u00ad")
 _FLOAT_RE = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 
 
@@ -58,7 +60,8 @@ def parse_scalar(text: str) -> Any:
         return float(stripped)
     try:
         value = yaml.load(stripped, Loader=NvlYamlLoader)
-    except yaml.YAMLError:
+    except (yaml.YAMLError, ValueError, OverflowError, RecursionError):
+        # not YAML, or YAML that names an impossible value (a date such as 2001-13-45): plain text
         return stripped
     if isinstance(value, (dict, list)):
         return stripped  # "a: b" or "- x" on the command line is text, not structure
@@ -101,7 +104,7 @@ class _FlowParser:
             return self.mapping()
         if c == "[":
             return self.sequence()
-        if c in "\"'":
+        if c and c in "\"'":
             quoted = self.quoted()
             self.ws()
             if self.peek() and self.peek() not in stops:
@@ -136,7 +139,7 @@ class _FlowParser:
 
     def key(self) -> str:
         self.ws()
-        if self.peek() in "\"'":
+        if self.peek() and self.peek() in "\"'":
             name = self.quoted()
         else:
             start = self.pos
@@ -191,7 +194,10 @@ def parse_value(text: str) -> Any:
     """Parse an override's value: a flow mapping/list, a quoted string, or a YAML scalar."""
     stripped = text.strip()
     if stripped[:1] in ("{", "[", '"', "'"):
-        return _FlowParser(stripped).parse()
+        try:
+            return _FlowParser(stripped).parse()
+        except RecursionError:
+            raise ConfigError(f"cannot parse value {stripped[:40]!r}...: nested too deeply") from None
     return parse_scalar(text)
 
 
@@ -215,6 +221,10 @@ def parse_overrides(argv: Sequence[str]) -> list[Override]:
             _check_key(key, token)
             out.append(Override(key, DELETE))
             continue
+        if token[:1] in _DASH_LIKE:
+            from nvlcore.cli.spelling import dash_error
+
+            raise ConfigError(dash_error(token))
         if token.startswith("-"):
             raise ConfigError(
                 f"unknown option {token!r} (overrides look like KEY=VALUE or KEY VALUE; "

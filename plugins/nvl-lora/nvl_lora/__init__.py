@@ -1,6 +1,6 @@
-"""nvl plugin: LoRA.
+"""nvl plugin: LoRA and DoRA.
 
-Registers the PEFT method ``lora`` and the exporter ``hf-peft`` as lazy ``"module:Attr"`` targets and
+Registers the PEFT methods ``lora`` and ``dora`` and the exporter ``hf-peft`` as lazy ``"module:Attr"`` targets and
 adds the ``nvl peft`` command group. Nothing heavy (torch, megatron) is imported here, so ``nvl
 --help`` stays fast; see ``docs/lora.md``.
 """
@@ -12,12 +12,15 @@ from typing import Any
 from nvlcore import hookimpl
 
 PEFT_METHOD_NAME = "lora"
+DORA_METHOD_NAME = "dora"
 EXPORTER_NAME = "hf-peft"
 
 
 @hookimpl
 def nvl_register_peft_methods(register: Any) -> None:
     register(PEFT_METHOD_NAME, "nvl_lora.method:LoRAMethod", aliases=("LoRA", "VLMLoRA"))
+    # Megatron-Bridge's peft_scheme="dora" / its DoRA class
+    register(DORA_METHOD_NAME, "nvl_lora.dora:DoRAMethod", aliases=("DoRA",))
 
 
 @hookimpl

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from nvlcore.hub import hf_model_option, revision_option
+
 
 @click.group("peft")
 def peft_group() -> None:
@@ -13,12 +15,16 @@ def peft_group() -> None:
 
 
 @peft_group.command("merge")
-@click.option("--hf-model-path", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
-              help="The HF model directory of the base (config.json: picks the bridge and its weight mapping).")
-@click.option("--lora-checkpoint", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
-              help="The LoRA run's checkpoint: its base directory (latest iteration) or an iter_N directory.")
-@click.option("--output", required=True, type=click.Path(path_type=Path), help="Directory to write.")
-@click.option("--pretrained", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+@hf_model_option("--hf-model-path", required=True,
+                 help="The HF model of the base (config.json: picks the bridge and its weight mapping).")
+@revision_option()
+@click.option("--lora-checkpoint", "--adapter-checkpoint", "lora_checkpoint", required=True,
+              type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="The LoRA/DoRA run's checkpoint: its base directory (latest iteration) or an iter_N directory.")
+@click.option("--output", "--hf-path", "output", required=True, type=click.Path(path_type=Path),
+              help="Directory to write.")
+@click.option("--pretrained", "--pretrained-checkpoint", "--megatron-path", "--megatron-model-path", "pretrained",
+              type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="Base checkpoint (nvl checkpoint or HF directory). Default: checkpoint.pretrained_checkpoint "
                    "recorded in the LoRA run's run_config.yaml.")
 @click.option("--format", "fmt", type=click.Choice(["megatron", "hf"]), default="megatron", show_default=True,
@@ -27,8 +33,8 @@ def peft_group() -> None:
 @click.option("--tp", "--pp", "--ep", "_parallel", type=int, multiple=True, hidden=True,
               help="Accepted for Megatron-Bridge's merge_lora.py command lines; merging works on logical tensors.")
 @click.option("--cpu", "_cpu", is_flag=True, hidden=True, help="Accepted for compatibility; merging always runs on CPU.")
-@click.option("--debug", "_debug", is_flag=True, hidden=True, help="Accepted for compatibility.")
-def merge_cmd(hf_model_path: Path, lora_checkpoint: Path, output: Path, pretrained: Path | None, fmt: str,
+@click.option("--debug", "_debug", is_flag=True, hidden=True, help="Show the full traceback of an error (also nvl --debug).")
+def merge_cmd(hf_model_path: Path, revision: str | None, lora_checkpoint: Path, output: Path, pretrained: Path | None, fmt: str,
               overwrite: bool, _parallel: tuple[int, ...], _cpu: bool, _debug: bool) -> None:
     """Merge LoRA adapters into their base weights: W + (alpha/r)·B·A, in fp32, cast back to W's dtype.
 
@@ -53,5 +59,9 @@ def merge_cmd(hf_model_path: Path, lora_checkpoint: Path, output: Path, pretrain
             say=lambda s: click.echo(s, err=True),
         )
     except (MergeError, FileNotFoundError, FileExistsError, KeyError, ValueError) as exc:
+        from nvlcore.cli import global_flag
+
+        if _debug or global_flag("debug"):
+            raise
         raise click.ClickException(f"{type(exc).__name__}: {exc}") from None
     click.echo(summary.describe())

@@ -40,8 +40,9 @@ def _rename(name: str, prefix_map: Mapping[str, str]) -> str:
 
 def adapter_tensors_hf(
     table: list[Any], state: Mapping[str, Any]
-) -> tuple[dict[str, tuple[Any, Any]], list[str]]:
-    """HF module name -> ``(lora_A [r, in], lora_B [out, r])`` for every adapter in ``state``.
+) -> tuple[dict[str, tuple[Any, ...]], list[str]]:
+    """HF module name -> ``(lora_A [r, in], lora_B [out, r])`` for every adapter in ``state``, plus
+    ``lora_magnitude_vector [out]`` as a third element for a DoRA adapter (its rows split like B's).
 
     Also returns the non-adapter tensors of ``state`` (weights the run trained fully), which an
     adapter cannot carry.
@@ -61,9 +62,19 @@ def adapter_tensors_hf(
         if missing:
             raise KeyError(f"adapter of {module}: tensors {missing} are missing from the checkpoint")
         b_hf = b_entry.components_to_hf({c: comps[c] for c in b_entry.components})
+        m_entry = adapter_entry(base, module, "M")
+        m_hf = None
+        if any(c in comps for c in m_entry.components):
+            missing = [c for c in m_entry.components if c not in comps]
+            if missing:
+                raise KeyError(f"DoRA adapter of {module}: magnitude tensors {missing} are missing from the checkpoint")
+            m_hf = m_entry.components_to_hf({c: comps[c] for c in m_entry.components})
         for hf_key in base.hf:
             hf_module = hf_key[: -len(".weight")]
-            out[hf_module] = (a, b_hf[f"{hf_module}.lora_B.weight"])
+            pair = (a, b_hf[f"{hf_module}.lora_B.weight"])
+            if m_hf is not None:
+                pair += (m_hf[f"{hf_module}.lora_magnitude_vector"].reshape(-1),)
+            out[hf_module] = pair
     return out, trained
 
 
@@ -114,7 +125,7 @@ class HFPeftExporter:
         saved = ck.load()
         adapters, trained = adapter_tensors_hf(table, saved)
         if not adapters:
-            raise ValueError(f"{ck.path} holds no LoRA adapter tensors")
+            raise ValueError(f"{ck.path} holds no LoRA/DoRA adapter tensors")
         if trained:
             print(
                 f"nvl export hf-peft: warning: the run also trained {len(trained)} tensor(s) fully (e.g. "
@@ -130,14 +141,20 @@ class HFPeftExporter:
         cast = getattr(torch, dtype) if dtype else None
         tensors: dict[str, torch.Tensor] = {}
         targets: list[str] = []
-        for hf_module, (a, b) in sorted(adapters.items()):
+        dora = any(len(v) == 3 for v in adapters.values())
+        if dora and not all(len(v) == 3 for v in adapters.values()):
+            raise ValueError(f"{ck.path} mixes DoRA and LoRA adapters; the HF PEFT format has one use_dora for all")
+        for hf_module, tensors_of in sorted(adapters.items()):
             name = _rename(hf_module, prefix_map)
             if patterns and not any(fnmatch.fnmatchcase(name, p) for p in patterns):
                 continue
             targets.append(name)
-            for suffix, t in (("lora_A", a), ("lora_B", b)):
+            named = [("lora_A.weight", tensors_of[0]), ("lora_B.weight", tensors_of[1])]
+            if dora:
+                named.append(("lora_magnitude_vector", tensors_of[2]))
+            for suffix, t in named:
                 t = t.to(cast) if cast is not None else t
-                tensors[f"{PEFT_PREFIX}{name}.{suffix}.weight"] = t.detach().contiguous().clone()
+                tensors[f"{PEFT_PREFIX}{name}.{suffix}"] = t.detach().contiguous().clone()
         mamba_out = [t for t in targets if t.endswith("mixer.out_proj")]
         if mamba_out:
             print(
@@ -162,7 +179,7 @@ class HFPeftExporter:
             "bias": "none",
             "fan_in_fan_out": False,
             "use_rslora": False,
-            "use_dora": False,
+            "use_dora": dora,
             "init_lora_weights": True,
             "inference_mode": True,
             "modules_to_save": None,
@@ -176,7 +193,7 @@ class HFPeftExporter:
             save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
             (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
             (tmp / "README.md").write_text(
-                "# LoRA adapter exported by `nvl export --format hf-peft`\n\n"
+                f"# {'DoRA' if dora else 'LoRA'} adapter exported by `nvl export --format hf-peft`\n\n"
                 f"- source checkpoint: `{ck.path}`\n- base model: `{config['base_model_name_or_path']}`\n"
                 f"- r={config['r']}, lora_alpha={config['lora_alpha']:g}, {len(targets)} modules\n"
                 "- fused QKV adapters were split into q/k/v adapters sharing a copy of A (exact)\n"

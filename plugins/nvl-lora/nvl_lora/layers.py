@@ -286,6 +286,120 @@ class LoRAAdapter(nn.Module):
         )
 
 
+class DoRAAdapter(LoRAAdapter):
+    """DoRA (weight-decomposed LoRA, Liu et al. 2024): LoRA's ``B @ A`` plus a magnitude per output row.
+
+    The adapted layer computes ``y = m / ||W + s·B·A||_row ⊙ (W x + s·B·A x) + bias`` where the row norm
+    is detached (no gradient flows through it, as in the paper §4.3, the ``peft`` library and
+    Megatron-Bridge). At initialisation ``m = ||W + s·B·A||_row`` (= ``||W||`` with B = 0), so a fresh
+    adapter leaves the layer unchanged. Merging gives ``W' = m / ||W + s·B·A||_row ⊙ (W + s·B·A)``.
+
+    ``magnitude`` (``adapter.magnitude.weight``, held as ``[out, 1]`` so that it takes the weight
+    mapping's row layout exactly like B) is split like the base's output rows for a column-parallel
+    base, per component for a fused one (Mamba ``in_proj``), and replicated for a row-parallel base.
+    The row norm of a column-parallel base is local (each rank has whole rows); a row-parallel base
+    splits each row over the TP ranks, so the squared norms are summed with an all-reduce over the
+    TP group. In eval mode the local squared norms are cached until a weight changes (generation
+    computes ``B·A`` once).
+    """
+
+    def __init__(self, *, magnitude: torch.Tensor | None = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if self.kind == "column" and self.gather_output and self.tp_size > 1:
+            raise NotImplementedError("DoRA on a column-parallel layer that gathers its output is not supported")
+        if isinstance(self.dropout, nn.Dropout):
+            raise ValueError("DoRA with dropout is not supported (the recipe uses peft.dropout=0.0); set peft.dropout=0")
+        rows = self.linear_out.matrix().shape[0]
+        ref = self.linear_out.matrix()
+        init = magnitude if magnitude is not None else torch.ones(rows)
+        local = None
+        if self.linear_out.components is not None:
+            local = [(c, self.linear_out.weight[c].shape[0]) for c in self.linear_out.components]
+        self.magnitude = _Weight(init.reshape(rows, 1).to(dtype=ref.dtype, device=ref.device).contiguous(), local)
+        if self.kind == "column" and self.tp_size > 1:
+            from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
+
+            for _, p in self.magnitude.params():
+                set_tensor_model_parallel_attributes(p, True, 0, 1)
+        self.__dict__["_norm_cache"] = None
+
+    def split_params(self) -> "list[tuple[str, nn.Parameter, int | None]]":
+        """LoRA's tensors, then ``magnitude.weight`` (or ``magnitude.weight.<component>``)."""
+        m_dim = 0 if self.kind == "column" else None
+        if "magnitude" not in self._modules:  # during LoRAAdapter.__init__
+            return super().split_params()
+        return super().split_params() + [(f"magnitude.{n}", p, m_dim) for n, p in self.magnitude.params()]
+
+    def full_shape(self, rel_name: str) -> tuple[int, int]:
+        if rel_name.startswith("magnitude"):
+            comp = rel_name.split(".")[-1] if rel_name.count(".") == 2 else None
+            if comp is not None and self.row_components:
+                return (dict(self.row_components)[comp], 1)
+            return (self.out_features, 1)
+        return super().full_shape(rel_name)
+
+    @torch.no_grad()
+    def weight_norm(self, weight: torch.Tensor) -> torch.Tensor:
+        """``||W + s·B·A||`` per local output row, fp32, detached (all-reduced over TP for a row base).
+
+        The local squared row sums are cached in eval mode (keyed on the tensors' versions); the
+        all-reduce of a row-parallel base runs on every call, so every rank makes the same
+        collectives whatever its cache holds.
+        """
+        params = [weight, *(p for _, p, _ in LoRAAdapter.split_params(self))]
+        key = None
+        squared = None
+        if not self.training:
+            try:
+                key = tuple((p.data_ptr(), p._version) for p in params)
+            except RuntimeError:  # inference tensors have no version counter: do not cache
+                key = None
+            cached = self.__dict__.get("_norm_cache")
+            if key is not None and cached is not None and cached[0] == key:
+                squared = cached[1]
+        if squared is None:
+            combined = weight.float() + self.delta_weight().to(weight.device)
+            squared = combined.square().sum(dim=1)
+            self.__dict__["_norm_cache"] = (key, squared) if key is not None else None
+        if self.kind == "row" and self.tp_size > 1:
+            squared = squared.clone()
+            torch.distributed.all_reduce(squared, group=self.tp_group)
+        return squared.sqrt()
+
+    def magnitude_scale(self, weight: torch.Tensor) -> torch.Tensor:
+        """``m / ||W + s·B·A||_row`` (fp32), the factor on each output row; differentiable in ``m``."""
+        return self.magnitude.matrix()[:, 0].float() / self.weight_norm(weight)
+
+    def train(self, mode: bool = True) -> "DoRAAdapter":
+        self.__dict__["_norm_cache"] = None
+        return super().train(mode)
+
+    def extra_repr(self) -> str:
+        return "dora, " + super().extra_repr()
+
+
+def _dora_output(module: nn.Module, adapter: DoRAAdapter, output: Any, delta: torch.Tensor) -> Any:
+    """``m/||V|| ⊙ (W x + s·B·A x) + bias`` from the base's output (which may or may not include the bias)."""
+    scale = adapter.magnitude_scale(module.weight)
+    if isinstance(output, tuple):
+        y, bias = output[0], output[1]
+        if bias is None:  # the bias (if any) was added inside
+            bias = getattr(module, "bias", None)
+            out = _scaled(y, delta, scale, bias)
+        else:  # skip_bias_add: the bias comes back separately and stays so
+            out = _scaled(y, delta, scale, None)
+        return (out, *output[1:])
+    return _scaled(output, delta, scale, getattr(module, "bias", None))
+
+
+def _scaled(y: torch.Tensor, delta: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    base = y.float() if bias is None else y.float() - bias.float()
+    out = scale * (base + delta.float())
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(y.dtype)
+
+
 def _lora_forward_hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
     if args:
         x = args[0]
@@ -298,7 +412,10 @@ def _lora_forward_hook(module: nn.Module, args: tuple, kwargs: dict, output: Any
         # the normalised input the base just computed (see _keep_normalised), else compute it
         cached = module.__dict__.pop("_nvl_lora_xn", None)
         x = cached if cached is not None else norm(x)
-    delta = getattr(module, ADAPTER_ATTR)(x)
+    adapter = getattr(module, ADAPTER_ATTR)
+    delta = adapter(x)
+    if isinstance(adapter, DoRAAdapter):
+        return _dora_output(module, adapter, output, delta)
     if isinstance(output, tuple):
         return (output[0] + delta.to(output[0].dtype), *output[1:])
     return output + delta.to(output.dtype)
@@ -308,9 +425,12 @@ def is_adapted(module: nn.Module) -> bool:
     return isinstance(getattr(module, ADAPTER_ATTR, None), LoRAAdapter)
 
 
-def add_adapter(module: nn.Module, name: str, cfg: "LoRAConfig", parent: nn.Module | None = None) -> LoRAAdapter:
+def add_adapter(
+    module: nn.Module, name: str, cfg: "LoRAConfig", parent: nn.Module | None = None, *, dora: bool = False
+) -> LoRAAdapter:
     """Attach a fresh adapter to the linear ``module`` (called ``name`` in its model; ``parent`` is
-    the module holding it, used to recognise fused layouts)."""
+    the module holding it, used to recognise fused layouts); ``dora``: a :class:`DoRAAdapter` whose
+    magnitude starts at the row norms of the adapted weight."""
     kind = base_kind(module)
     if kind is None:
         raise TypeError(f"{name} is a {type(module).__name__}, not a linear layer LoRA can adapt")
@@ -333,7 +453,7 @@ def add_adapter(module: nn.Module, name: str, cfg: "LoRAConfig", parent: nn.Modu
         b = torch.zeros(out_f, cfg.dim)
     else:
         b = torch.randn(out_f, cfg.dim, generator=_seeded_generator(cfg.seed, name + ".B")) * 0.02
-    adapter = LoRAAdapter(
+    adapter = (DoRAAdapter if dora else LoRAAdapter)(
         kind=kind,
         in_features=in_f,
         out_features=out_f,
@@ -351,6 +471,12 @@ def add_adapter(module: nn.Module, name: str, cfg: "LoRAConfig", parent: nn.Modu
         device=weight.device,
         row_components=row_components_of(module, name, parent, tp_size) if kind == "column" else None,
     )
+    if dora:
+        assert isinstance(adapter, DoRAAdapter)
+        with torch.no_grad():
+            init = adapter.weight_norm(weight)
+            for (_, p), part in zip(adapter.magnitude.params(), _split_like(init, adapter.magnitude)):
+                p.copy_(part.reshape(p.shape).to(p.dtype))
     norm = norm_fn_of(module, name)
     module.add_module(ADAPTER_ATTR, adapter)
     # Stored in __dict__ (a bound method, not a submodule), read by the hook.
@@ -359,6 +485,11 @@ def add_adapter(module: nn.Module, name: str, cfg: "LoRAConfig", parent: nn.Modu
         _keep_normalised(module, norm)
     module.__dict__[_HOOK_ATTR] = module.register_forward_hook(_lora_forward_hook, with_kwargs=True)
     return adapter
+
+
+def _split_like(rows: torch.Tensor, holder: _Weight) -> list[torch.Tensor]:
+    """Local per-row values in the order of ``holder``'s parameters (its components, or one)."""
+    return list(rows.split([p.shape[0] for _, p in holder.params()]))
 
 
 def _keep_normalised(module: nn.Module, norm: Callable[[torch.Tensor], torch.Tensor]) -> None:
@@ -406,5 +537,9 @@ def merge_adapter(module: nn.Module) -> None:
     delta = adapter.delta_weight().to(w.device)
     if delta.shape != w.shape:
         raise RuntimeError(f"adapter delta {tuple(delta.shape)} does not match base weight {tuple(w.shape)}")
-    w.copy_((w.float() + delta).to(w.dtype))
+    if isinstance(adapter, DoRAAdapter):  # a row-parallel base all-reduces its row norms: every rank merges
+        scale = adapter.magnitude_scale(w).detach()
+        w.copy_((scale[:, None] * (w.float() + delta)).to(w.dtype))
+    else:
+        w.copy_((w.float() + delta).to(w.dtype))
     remove_adapter(module)

@@ -10,7 +10,10 @@ out. An adapter follows its base:
   ``in_proj`` the components ``z, x, B, C, dt``;
 * A of a row-parallel base (``tp_dim == 1``) has the base's input columns: an ``identity`` mapping
   split on dim 1;
-* the other factor is replicated.
+* the other factor is replicated;
+* DoRA's magnitude (``[out, 1]``, one value per output row) is laid out like B: the base's row
+  mapping for a column-parallel base, replicated for a row-parallel one. Its HF name is
+  ``<module>.lora_magnitude_vector`` (1-D in the PEFT file).
 
 The mapping entries are used duck-typed (a frozen dataclass with ``megatron``, ``hf``, ``kind``,
 ``tp_dim``, ``sizes``, ``components`` and the methods ``local_to_components``,
@@ -27,6 +30,8 @@ import torch
 
 IN = ".adapter.linear_in.weight"
 OUT = ".adapter.linear_out.weight"
+#: DoRA's magnitude, held ``[out, 1]`` so that it takes B's row layout (HF PEFT: ``lora_magnitude_vector``, 1-D).
+MAG = ".adapter.magnitude.weight"
 
 
 def bridge_for(hf_dir: str | Any, manager: Any = None) -> Any:
@@ -72,8 +77,8 @@ def mapping_table_of(bridge: Any) -> list[Any]:
 
 
 def split_adapter_key(key: str) -> tuple[str, str, str] | None:
-    """``(module, "A"|"B", component suffix)`` for an adapter key, else ``None``."""
-    for marker, which in ((IN, "A"), (OUT, "B")):
+    """``(module, "A"|"B"|"M", component suffix)`` for an adapter key, else ``None`` ("M": DoRA's magnitude)."""
+    for marker, which in ((IN, "A"), (OUT, "B"), (MAG, "M")):
         i = key.find(marker)
         if i >= 0:
             return key[:i], which, key[i + len(marker) :]
@@ -92,11 +97,14 @@ def base_entry(by_name: Mapping[str, Any], module: str) -> Any:
 
 def adapter_entry(base: Any, module: str, which: str) -> Any:
     """The mapping entry of one adapter factor, derived from its base's (see the module docstring)."""
-    name = module + (IN if which == "A" else OUT)
-    lora = "lora_A" if which == "A" else "lora_B"
-    hf = tuple(k[: -len(".weight")] + f".{lora}.weight" for k in base.hf)
+    name = module + {"A": IN, "B": OUT, "M": MAG}[which]
+    if which == "M":
+        hf = tuple(k[: -len(".weight")] + ".lora_magnitude_vector" for k in base.hf)
+    else:
+        lora = "lora_A" if which == "A" else "lora_B"
+        hf = tuple(k[: -len(".weight")] + f".{lora}.weight" for k in base.hf)
     column = base.tp_dim == 0
-    if which == "B" and column:
+    if which in ("B", "M") and column:
         return dataclasses.replace(base, megatron=name, hf=hf)
     split = 1 if (which == "A" and base.tp_dim == 1) else None
     return dataclasses.replace(base, megatron=name, hf=hf, kind="identity", tp_dim=split, sizes=())

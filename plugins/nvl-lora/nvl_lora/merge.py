@@ -1,7 +1,8 @@
 """Merging adapters into base weights on logical (TP-independent) tensors.
 
-``W' = W + (alpha / r) * B @ A``, computed in fp32 and cast back to W's dtype, for every adapted
-module ``M``: A is ``M.adapter.linear_in.weight``; B is ``M.adapter.linear_out.weight`` and W is
+``W' = W + (alpha / r) * B @ A`` (LoRA) or ``W' = m / ||V||_row ⊙ V`` with ``V = W + (alpha / r) * B @ A``
+(DoRA, whose magnitude ``m`` is ``M.adapter.magnitude.weight`` ``[out, 1]``), computed in fp32 and cast
+back to W's dtype, for every adapted module ``M``: A is ``M.adapter.linear_in.weight``; B is ``M.adapter.linear_out.weight`` and W is
 ``M.weight``, or, for a base the checkpoint stores as row components (Mamba ``in_proj``), B and W are
 ``...weight.<component>`` pairs merged component by component (the components partition the rows, so
 this is the same as merging the fused matrix).
@@ -19,6 +20,7 @@ import torch
 
 IN_SUFFIX = ".adapter.linear_in.weight"
 OUT_SUFFIX = ".adapter.linear_out.weight"
+MAG_SUFFIX = ".adapter.magnitude.weight"
 
 
 class MergeError(ValueError):
@@ -35,7 +37,12 @@ class AdapterPair:
 
 
 def is_adapter_key(key: str) -> bool:
-    return ".adapter.linear_in.weight" in key or ".adapter.linear_out.weight" in key
+    return IN_SUFFIX in key or OUT_SUFFIX in key or MAG_SUFFIX in key
+
+
+def magnitude_key(b_key: str) -> str:
+    """The DoRA magnitude key that goes with a B key (same component suffix)."""
+    return b_key.replace(OUT_SUFFIX, MAG_SUFFIX)
 
 
 def adapter_pairs(keys: "list[str] | set[str] | Mapping[str, object]") -> list[AdapterPair]:
@@ -66,9 +73,18 @@ def adapter_pairs(keys: "list[str] | set[str] | Mapping[str, object]") -> list[A
     return pairs
 
 
-def merged_weight(w: torch.Tensor, b: torch.Tensor, a: torch.Tensor, scale: float) -> torch.Tensor:
-    """``w + scale * b @ a`` in fp32, cast back to ``w``'s dtype."""
-    return (w.float() + scale * (b.float() @ a.float())).to(w.dtype)
+def merged_weight(
+    w: torch.Tensor, b: torch.Tensor, a: torch.Tensor, scale: float, magnitude: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``w + scale * b @ a`` in fp32, cast back to ``w``'s dtype; with a DoRA ``magnitude`` (``[out]`` or
+    ``[out, 1]``) each row of that is rescaled to ``magnitude / its norm``."""
+    v = w.float() + scale * (b.float() @ a.float())
+    if magnitude is not None:
+        m = magnitude.float().reshape(-1)
+        if m.shape[0] != v.shape[0]:
+            raise MergeError(f"DoRA magnitude has {m.shape[0]} rows, the weight {v.shape[0]}")
+        v = (m / v.norm(dim=1))[:, None] * v
+    return v.to(w.dtype)
 
 
 def check_rank(pairs: list[AdapterPair], adapter: Mapping[str, torch.Tensor], dim: int) -> None:
@@ -119,5 +135,5 @@ def merge_into(
                 raise MergeError(
                     f"{wk}: base shape {tuple(w.shape)} does not match adapter B {tuple(b.shape)} @ A {tuple(a.shape)}"
                 )
-            base[wk] = merged_weight(w, b, a, scale)
+            base[wk] = merged_weight(w, b, a, scale, adapter.get(magnitude_key(bk)))
             yield wk

@@ -17,7 +17,7 @@ from typing import Any, Callable, Mapping
 import attrs
 
 from nvl_lora.layout import adapter_entry, base_entry, bridge_for, mapping_table_of, split_adapter_key, to_components
-from nvl_lora.merge import MergeError, adapter_pairs, check_rank, merged_weight
+from nvl_lora.merge import MergeError, adapter_pairs, check_rank, magnitude_key, merged_weight
 
 
 @attrs.define
@@ -32,10 +32,11 @@ class MergeSummary:
     total_tensors: int = 0
     seconds: float = 0.0
     fmt: str = "megatron"
+    method: str = "lora"
 
     def describe(self) -> str:
         return (
-            f"merged {self.merged_tensors} weight tensor(s) with LoRA r={self.dim} alpha={self.alpha:g}, "
+            f"merged {self.merged_tensors} weight tensor(s) with {'DoRA' if self.method == 'dora' else 'LoRA'} r={self.dim} alpha={self.alpha:g}, "
             f"replaced {self.replaced_tensors} fully trained tensor(s), copied the other "
             f"{self.total_tensors - self.merged_tensors - self.replaced_tensors} from {self.base}; "
             f"wrote {self.output} ({self.fmt}) in {self.seconds:.1f} s"
@@ -175,9 +176,11 @@ def merge_checkpoints(
         check_rank(pairs, adapter, dim)
         scale = alpha / dim
 
-        # base key -> (B, A) for component-stored bases; fused base key -> [(component, B, A)]
-        plan: dict[str, tuple[Any, Any]] = {}
-        fused_plan: dict[str, list[tuple[str, Any, Any]]] = {}
+        # base key -> (B, A, DoRA magnitude or None) for component-stored bases;
+        # fused base key -> [(component, B, A, magnitude or None)]
+        plan: dict[str, tuple[Any, Any, Any]] = {}
+        fused_plan: dict[str, list[tuple[str, Any, Any, Any]]] = {}
+        dora = any(split_adapter_key(k)[1] == "M" for k in adapter)  # type: ignore[index]
         for p in pairs:
             entry = base_entry(by_name, p.module)
             a = adapter[p.a_key]
@@ -185,13 +188,17 @@ def merge_checkpoints(
             for bk, base_comp in zip(b_entry.components, entry.components):
                 if bk not in adapter:
                     raise MergeError(f"adapter tensor {bk} is missing from {lora.path}")
+                mag = adapter.get(magnitude_key(bk))
+                if dora and mag is None:
+                    raise MergeError(f"DoRA magnitude {magnitude_key(bk)} is missing from {lora.path}")
                 if base_comp in specs:
-                    plan[base_comp] = (adapter[bk], a)
+                    plan[base_comp] = (adapter[bk], a, mag)
                 elif entry.megatron in specs:
-                    fused_plan.setdefault(entry.megatron, []).append((base_comp, adapter[bk], a))
+                    fused_plan.setdefault(entry.megatron, []).append((base_comp, adapter[bk], a, mag))
                 else:
                     raise MergeError(f"adapter on {p.module}: the base checkpoint has no {base_comp} (nor {entry.megatron})")
-        summary = MergeSummary(str(output), str(base_path), str(lora.path), dim, alpha, fmt=fmt)
+        summary = MergeSummary(str(output), str(base_path), str(lora.path), dim, alpha, fmt=fmt,
+                               method="dora" if dora else "lora")
         summary.total_tensors = len(specs)
 
         def produce(key: str) -> Any:
@@ -199,18 +206,18 @@ def merge_checkpoints(
             if key in trained:
                 summary.replaced_tensors += 1
             if key in plan:
-                b, a = plan[key]
+                b, a, mag = plan[key]
                 if tuple(t.shape) != (b.shape[0], a.shape[1]):
                     raise MergeError(f"{key}: base shape {tuple(t.shape)} does not match B {tuple(b.shape)} @ A {tuple(a.shape)}")
-                t = merged_weight(t, b, a, scale)
+                t = merged_weight(t, b, a, scale, mag)
                 summary.merged_tensors += 1
             elif key in fused_plan:
                 entry = by_name[key]
                 parts = entry.local_to_components([t])
-                for comp, b, a in fused_plan[key]:
+                for comp, b, a, mag in fused_plan[key]:
                     if tuple(parts[comp].shape) != (b.shape[0], a.shape[1]):
                         raise MergeError(f"{comp}: base shape {tuple(parts[comp].shape)} does not match B @ A")
-                    parts[comp] = merged_weight(parts[comp], b, a, scale)
+                    parts[comp] = merged_weight(parts[comp], b, a, scale, mag)
                 t = entry.components_to_local(parts, 1, 0)
                 summary.merged_tensors += 1
             return t
@@ -225,6 +232,7 @@ def merge_checkpoints(
             "lora_checkpoint": str(lora.path),
             "dim": dim,
             "alpha": alpha,
+            "method": "dora" if dora else "lora",
             "adapted_modules": [p.module for p in pairs],
         }
         files = {n: base.path / n for n in ("tokenizer", "hf_source") if (base.path / n).exists()}

@@ -93,8 +93,9 @@ def find_targets(model: nn.Module, cfg: LoRAConfig) -> tuple[list[tuple[str, nn.
     return found, counts
 
 
-def apply_lora(model: nn.Module, cfg: LoRAConfig) -> LoRAReport:
-    """Freeze what ``cfg`` freezes and attach an adapter to every selected linear layer.
+def apply_lora(model: nn.Module, cfg: LoRAConfig, *, dora: bool = False) -> LoRAReport:
+    """Freeze what ``cfg`` freezes and attach an adapter to every selected linear layer (a DoRA
+    adapter with ``dora``).
 
     Patterns that select nothing give a warning naming them; if nothing at all is selected it is an
     error that lists some of the model's linear layers so the user can correct the patterns.
@@ -116,7 +117,7 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig) -> LoRAReport:
     frozen = freeze_base(model, cfg)
     for name, module in found:
         parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
-        add_adapter(module, name, cfg, parent)
+        add_adapter(module, name, cfg, parent, dora=dora)
     return LoRAReport([n for n, _ in found], counts, unmatched, frozen)
 
 
@@ -195,6 +196,8 @@ class LoRAMethod:
     name = "lora"
     #: The ``peft.*`` fields this method understands (the core config validates against it).
     Config = LoRAConfig
+    #: Attach DoRA adapters (magnitude + direction) instead of plain LoRA ones.
+    dora = False
 
     def __init__(self, config: LoRAConfig | Mapping[str, Any] | None = None, **settings: Any) -> None:
         if isinstance(config, LoRAConfig):
@@ -204,7 +207,7 @@ class LoRAMethod:
         else:
             merged = dict(config or {})
             merged.update(settings)
-            self.config = LoRAConfig.from_dict(merged)
+            self.config = self.Config.from_dict(merged)
         self.report: LoRAReport | None = None
 
     def apply(self, model: nn.Module, **options: Any) -> nn.Module:
@@ -212,8 +215,8 @@ class LoRAMethod:
         settings given at construction."""
         if options:
             merged = {**self.config.to_dict(), **{k: v for k, v in options.items() if v is not None or k == "lora_dtype"}}
-            self.config = LoRAConfig.from_dict(merged)
-        self.report = apply_lora(model, self.config)
+            self.config = self.Config.from_dict(merged)
+        self.report = apply_lora(model, self.config, dora=self.dora)
         return model
 
     @staticmethod
@@ -259,4 +262,4 @@ class LoRAMethod:
 
 def adapter_param_names(names: Iterable[str]) -> list[str]:
     """The adapter parameter names among ``names``."""
-    return [n for n in names if f".{ADAPTER_ATTR}.linear_" in n]
+    return [n for n in names if f".{ADAPTER_ATTR}.linear_" in n or f".{ADAPTER_ATTR}.magnitude." in n]

@@ -151,8 +151,11 @@ def random_adapter_state(keys: list[str], shapes: dict[str, tuple[int, ...]], se
     return {k: 0.1 * torch.randn(*shapes[k], generator=g) for k in keys}
 
 
-def tp_parity_worker(rank: int, world: int, targets: tuple[str, ...] = ALL_TOY_TARGETS) -> dict[str, Any]:
-    """Toy at TP=1 (a singleton group per rank) and at TP=world: outputs, adapter grads and state."""
+def tp_parity_worker(
+    rank: int, world: int, targets: tuple[str, ...] = ALL_TOY_TARGETS, dora: bool = False
+) -> dict[str, Any]:
+    """Toy at TP=1 (a singleton group per rank) and at TP=world: outputs, adapter grads and state
+    (``dora``: DoRA adapters, whose row-parallel norms need the TP all-reduce)."""
     from nvl_lora.config import LoRAConfig
     from nvl_lora.method import apply_lora, merge_lora
     from nvl_lora.state import adapter_keys, gather_adapter_state, load_adapter_state
@@ -164,10 +167,13 @@ def tp_parity_worker(rank: int, world: int, targets: tuple[str, ...] = ALL_TOY_T
     for label, group in (("tp1", singles[rank]), (f"tp{world}", tpw)):
         model = make_toy(group)
         cfg = LoRAConfig(target_modules=targets, dim=4, alpha=8, freeze_other=True)
-        report = apply_lora(model, cfg)
+        report = apply_lora(model, cfg, dora=dora)
         # Adapters with non-zero B (a fresh B is zero, which would hide layout errors).
         full = gather_adapter_state(model)
         state = random_adapter_state(sorted(full), {k: tuple(v.shape) for k, v in full.items()})
+        if dora:  # magnitudes near the initial row norms, each row different
+            state.update({k: full[k] * (1 + state[k]) for k in full if ".magnitude." in k})
+        out.setdefault("initial_" + label, full)
         load_adapter_state(model, state)
         y = model(x)
         y.square().mean().backward()

@@ -66,6 +66,10 @@ def load_generator(
     cuda_graph: bool | None = None,
     compile: bool = False,
     processor_options: Mapping[str, Any] | None = None,
+    lora_checkpoint: str | os.PathLike[str] | None = None,
+    video_pruning_rate: float | None = None,
+    plugin_manager: Any = None,
+    say: Any = None,
 ) -> "Generator":
     """Load the model and processor of ``hf_model_path`` and wrap them for generation.
 
@@ -77,7 +81,16 @@ def load_generator(
     :param cuda_graph: replay the decode step as a CUDA graph (default: on for CUDA).
     :param compile: ``torch.compile`` the decode step as well.
     :param processor_options: overrides of the processor's options (e.g. ``max_num_tiles``,
-        ``video_num_frames``).
+        ``video_num_frames``, ``video_fps``).
+    :param lora_checkpoint: a PEFT run's checkpoint (``nvl finetune --lora-on-*``): its PEFT method
+        (from its ``run_config.yaml``, through the ``peft_method`` registry) is applied to the model and
+        its adapters and fully trained tensors are loaded, unmerged (see :func:`apply_peft_checkpoint`).
+        The base weights are ``megatron_model_path`` if given, else the run's recorded
+        ``checkpoint.pretrained_checkpoint`` if it exists, else the HF directory's.
+    :param video_pruning_rate: EVS pruning rate for videos (``None``: the config's
+        ``video_pruning_rate``; 0 turns EVS off).
+    :param plugin_manager: the plugin manager whose ``peft_method`` registry applies ``lora_checkpoint``.
+    :param say: callable for one-line progress notes (default: silent).
     """
     import torch
 
@@ -96,11 +109,29 @@ def load_generator(
 
     bridge = NemotronVLBridge.from_hf_dir(hf_dir)
     processor = bridge.processor(**dict(processor_options or {}))
+    run = None
+    if lora_checkpoint is not None:
+        run = _open_peft_run(lora_checkpoint)
+        if megatron_model_path is None:
+            recorded = (run.run_config().get("checkpoint") or {}).get("pretrained_checkpoint")
+            if recorded and Path(recorded).exists() and not _is_hf_dir(Path(recorded)):
+                megatron_model_path = recorded
+                (say or (lambda s: None))(f"base weights: {recorded} (the PEFT run's checkpoint.pretrained_checkpoint)")
     if megatron_model_path is None:
         model = bridge.build_model(dtype=dtype, device=device, load_weights=True)
     else:
+        if run is None:
+            _refuse_peft_run_as_weights(megatron_model_path)
         model = bridge.build_model(dtype=dtype, device=device, init="none")
         load_checkpoint_into(bridge, model, megatron_model_path)
+    if run is not None:
+        apply_peft_checkpoint(bridge, model, run, plugin_manager=plugin_manager)
+    if video_pruning_rate is not None:
+        import dataclasses
+
+        if not 0.0 <= float(video_pruning_rate) < 1.0:
+            raise ValueError(f"video pruning rate must be in [0, 1), got {video_pruning_rate}")
+        model.config = dataclasses.replace(model.config, video_pruning_rate=float(video_pruning_rate))
     model.eval()
 
     decoder = NemotronVLDecoder(
@@ -139,3 +170,72 @@ def load_checkpoint_into(bridge: Any, model: Any, megatron_model_path: str | os.
     except Exception as exc:  # the checkpoint layer's errors say what is missing where
         raise FileNotFoundError(f"--megatron-model-path {megatron_model_path}: {exc}") from exc
     loader(model, iter_dir)
+
+
+def _is_hf_dir(path: Path) -> bool:
+    return (path / "config.json").is_file() and not any(path.glob("iter_*")) and not path.name.startswith("iter_")
+
+
+def _refuse_peft_run_as_weights(path: str | os.PathLike[str]) -> None:
+    """A PEFT run's (adapter-only) checkpoint given as full weights: say what to type instead."""
+    from nvlcore.checkpoint import open_checkpoint
+
+    try:
+        rc = open_checkpoint(path).run_config() or {}
+    except Exception:  # not a checkpoint: load_checkpoint_into reports it
+        return
+    method = (rc.get("peft") or {}).get("method")
+    if method:
+        raise ValueError(
+            f"--megatron-model-path {path} is a {method} run's adapter checkpoint, not full weights; give it as "
+            f"--lora-checkpoint {path} (the base comes from --megatron-model-path BASE, the run's recorded "
+            "pretrained checkpoint, or the HF directory)"
+        )
+
+
+def _open_peft_run(path: str | os.PathLike[str]) -> Any:
+    """The checkpoint of a PEFT run; errors say what is missing where."""
+    from nvlcore.checkpoint import open_checkpoint
+
+    try:
+        ck = open_checkpoint(path)
+    except Exception as exc:  # the checkpoint layer's errors name the file
+        raise FileNotFoundError(f"--lora-checkpoint {path}: {exc}") from exc
+    rc = ck.run_config() or {}
+    if not (rc.get("peft") or {}).get("method"):
+        raise ValueError(
+            f"--lora-checkpoint {ck.path}: its run_config.yaml has no peft.method, so it is not a PEFT run's "
+            "checkpoint; give a full checkpoint as --megatron-model-path instead"
+        )
+    return ck
+
+
+def apply_peft_checkpoint(bridge: Any, model: Any, ck: Any, *, plugin_manager: Any = None) -> Any:
+    """Apply a PEFT run's adapters to ``model`` (base weights already loaded), unmerged.
+
+    The run's fully trained tensors (e.g. the ViT and projector of ``--lora-on-language-model``) are
+    loaded through the weight mapping first, then the PEFT method named in its ``run_config.yaml`` is
+    looked up in the ``peft_method`` registry, applied with the recorded settings, and given the
+    adapter tensors. Returns the method object.
+    """
+    if plugin_manager is None:
+        from nvlcore.plugins import get_plugin_manager
+
+        plugin_manager = get_plugin_manager()
+    peft = dict((ck.run_config() or {}).get("peft") or {})
+    name = peft.pop("method")
+    try:
+        target = plugin_manager.registry("peft_method").get(name)
+    except Exception as exc:
+        raise ValueError(f"{ck.path}: peft.method={name!r} is not installed ({exc})") from None
+    options = dict(peft.pop("options", None) or {})
+    peft.update(options)
+    loader = getattr(bridge, "load_checkpoint_weights")
+    loader(model, ck, strict=False)  # fully trained tensors; adapters are not mapped
+    method = target() if isinstance(target, type) else target
+    method.apply(model, **peft)
+    keys = [k for k in ck.keys() if ".adapter." in k]
+    if not keys:
+        raise ValueError(f"{ck.path} holds no adapter tensors")
+    method.load_trainable_state_dict(model, ck.load(keys))
+    return method

@@ -322,3 +322,67 @@ def test_megatron_checkpoint_weights_give_the_same_output(toy, media, generator,
     res = CliRunner().invoke(build_cli(), ["generate", "--hf-model-path", str(toy), "--megatron-model-path", str(empty),
                                            "--device", "cpu"])
     assert res.exit_code != 0 and str(empty) in res.output
+
+
+def test_cli_video_frames_fps_and_pruning_rate(toy, media, tmp_path) -> None:
+    """--num-frames / --fps choose the sampled frames; --video-pruning-rate overrides the config's EVS rate
+    (0 = off, as the original script): the tokens equal those of a copy of the model whose config.json
+    says that rate."""
+    import shutil
+
+    from click.testing import CliRunner
+
+    from nvlcore.cli import build_cli
+    from nvl_nemotron_vl.bridge import NemotronVLBridge
+
+    video_id = NemotronVLBridge.from_hf_dir(toy).config.video_context_token_id
+
+    def run(model: Path, *extra: str) -> dict:
+        res = CliRunner().invoke(build_cli(), ["generate", "--hf-model-path", str(model), "--video-path",
+                                               str(media["video"]), "--max-new-tokens", "6", "--device", "cpu",
+                                               "--json", "--quiet", *extra])
+        assert res.exit_code == 0, res.output
+        return json.loads(res.stdout)
+
+    def video_tokens(out: dict) -> int:
+        return sum(t == video_id for t in out["prompt_token_ids"])
+
+    three, five = run(toy, "--num-frames", "3", "--video-pruning-rate", "0"), run(toy, "--num_frames", "5")
+    assert video_tokens(three) * 5 == video_tokens(five) * 3 > 0
+    # the clip: 12 frames at 6 fps = 2 s; --fps 1 samples 2 frames
+    assert video_tokens(run(toy, "--fps", "1")) * 3 == video_tokens(three) * 2
+
+    config = json.loads((toy / "config.json").read_text())
+    assert config["video_pruning_rate"] > 0
+    off = tmp_path / "toy_evs_off"
+    shutil.copytree(toy, off)
+    (off / "config.json").write_text(json.dumps({**config, "video_pruning_rate": 0.0}))
+    assert run(toy, "--video-pruning-rate", "0")["token_ids"] == run(off)["token_ids"]
+    assert run(off, "--video_pruning_rate", str(config["video_pruning_rate"]))["token_ids"] == run(toy)["token_ids"]
+
+    # The tiny toy's greedy tokens barely depend on the video, so compare what the option sets, the
+    # prefill logits: rate 0 on the toy = the EVS-off copy, and differs from the config's rate.
+    from nvl_nemotron_vl.generate import load_generator
+
+    conv = build_conversation("What happens?", video=media["video"])
+
+    def prefill_logits(model: Path, rate: float | None) -> torch.Tensor:
+        gen = load_generator(model, device="cpu", video_pruning_rate=rate)
+        p = gen.prepare(conv)
+        ids = p["input_ids"].reshape(1, -1)
+        cache = gen.model.allocate_cache(1, ids.shape[1] + 1, dtype=torch.float32, device="cpu")
+        with torch.no_grad():
+            return gen.model.prefill(ids, attention_mask=torch.ones_like(ids), cache=cache,
+                                     pixel_values=p["pixel_values"].float(), num_frames=p["num_frames"])
+
+    zero, off_logits, default = prefill_logits(toy, 0.0), prefill_logits(off, None), prefill_logits(toy, None)
+    torch.testing.assert_close(zero, off_logits, rtol=0, atol=0)
+    assert (zero - default).nan_to_num(0.0).abs().max() > 1e-3  # (-inf - -inf at suppressed ids)
+    torch.testing.assert_close(prefill_logits(off, config["video_pruning_rate"]), default, rtol=0, atol=0)
+
+    runner = CliRunner()
+    for bad, msg in ((["--num-frames", "3"], "also give --video-path"),
+                     (["--video-path", str(media["video"]), "--num-frames", "3", "--fps", "1"], "not both"),
+                     (["--video-path", str(media["video"]), "--video-pruning-rate", "1"], "video-pruning-rate")):
+        res = runner.invoke(build_cli(), ["generate", "--hf-model-path", str(toy), *bad])
+        assert res.exit_code == 2 and msg in res.output, res.output

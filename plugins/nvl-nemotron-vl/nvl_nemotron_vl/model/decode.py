@@ -23,7 +23,8 @@ Nemotron-H has no positional embedding, so left padding needs no position shift.
 
 Linear layers are called through :func:`column` / :func:`row`: for Megatron's plain parallel linears
 these are ``F.linear`` on this rank's shard (plus the all-reduce of a row-parallel layer), which
-``torch.compile`` can trace; any other module (a LoRA wrapper, say) is called as a module.
+``torch.compile`` can trace; any other module, and any layer with forward hooks (nvl-lora attaches
+LoRA/DoRA adapters as hooks), is called as a module so that what it adds is not skipped.
 
 :class:`NemotronVLDecoder` exposes all this as the :class:`nvlcore.generation.DecodableModel`
 protocol, returning full-vocabulary logits (gathered over tensor parallelism).
@@ -42,6 +43,11 @@ from .cache import AttentionState, HybridCache, MambaState
 
 
 # ------------------------------------------------------------------------------ linear layers
+def _hooked(layer: nn.Module) -> bool:
+    """Whether calling ``layer`` does more than its ``forward`` (adapters attached as hooks)."""
+    return bool(layer._forward_hooks or layer._forward_pre_hooks)
+
+
 def column(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """A column-parallel linear (its folded input norm included): this rank's output columns."""
     from megatron.core.tensor_parallel import ColumnParallelLinear
@@ -49,9 +55,9 @@ def column(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     from .parallel import NormedColumnParallelLinear
 
     kind = type(layer)
-    if kind is NormedColumnParallelLinear:
+    if kind is NormedColumnParallelLinear and not _hooked(layer):
         return F.linear(layer.normalize(x), layer.weight, layer.bias)
-    if kind is ColumnParallelLinear:
+    if kind is ColumnParallelLinear and not _hooked(layer):
         return F.linear(x, layer.weight, layer.bias)
     out, _ = layer(x)
     return out
@@ -61,7 +67,7 @@ def row(layer: nn.Module, x: torch.Tensor, tp: Any) -> torch.Tensor:
     """A row-parallel linear on this rank's input shard, summed over the TP group."""
     from megatron.core.tensor_parallel import RowParallelLinear
 
-    if type(layer) is RowParallelLinear:
+    if type(layer) is RowParallelLinear and not _hooked(layer):
         out = F.linear(x, layer.weight)
         if tp.size > 1:
             torch.distributed.all_reduce(out, group=tp.group)
@@ -194,7 +200,7 @@ def decode_language_model(lm: nn.Module, token_ids: torch.Tensor, cache: HybridC
 
     tp = lm.tp
     emb = lm.embedding.word_embeddings
-    if tp.size == 1 and type(emb) is VocabParallelEmbedding:
+    if tp.size == 1 and type(emb) is VocabParallelEmbedding and not _hooked(emb):
         h = F.embedding(token_ids[:, None], emb.weight)
     else:
         h = lm.embedding(token_ids[:, None])
@@ -208,7 +214,7 @@ def decode_language_model(lm: nn.Module, token_ids: torch.Tensor, cache: HybridC
             h = h + mlp_step(layer.mlp, h, tp)
     h = lm.decoder.final_norm(h)
     out = lm.output_layer
-    logits = F.linear(h, out.weight) if type(out) is ColumnParallelLinear else out(h)[0]
+    logits = F.linear(h, out.weight) if type(out) is ColumnParallelLinear and not _hooked(out) else out(h)[0]
     if lm._pad_from < lm._local_vocab:
         logits = logits.masked_fill(
             torch.arange(logits.shape[-1], device=logits.device) >= lm._pad_from, float("-inf")

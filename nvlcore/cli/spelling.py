@@ -1,0 +1,177 @@
+"""The original workflow's command lines, verbatim: option spellings and dash-like characters.
+
+Every ``nvl`` command (built-in or a plugin's) is adopted by :func:`adopt` when the CLI is built, which
+wraps its ``parse_args`` so that, before click parses:
+
+* an option spelled with underscores (``--hf_model_path``, ``--max_new_tokens``, the original
+  generate script's spelling) becomes the hyphenated option it names, when the command has one.
+  The underscore spellings are hidden aliases: help shows only the hyphenated ones;
+* a command can declare more hidden spellings in ``nvl_option_aliases`` (``{"--image-paths":
+  "--image-path", "-tp": "--tp"}``) and spellings that take several values the original way
+  (``nvl_nargs_options``: ``--image_paths a.png b.png`` -> ``--image-path a.png,b.png``);
+* an argument that starts with a dash-like character that is not ``-`` (an em dash from a word
+  processor: ``—-lora-on-vision-model``) is refused with one line that says what to type.
+
+Only the arguments before a bare ``--`` are looked at. Importing this module is cheap (click only).
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+import unicodedata
+from typing import Any, Iterable
+
+import click
+
+#: Characters that look like a hyphen-minus in documentation and chat: hyphen, non-breaking hyphen,
+#: figure dash, en dash, em dash, horizontal bar, minus sign, small/full-width hyphen-minus, ...
+DASH_LIKE = frozenset("\u2010\u2011\u2012\u2013\u2014\u2015\u2043\u2212\u2796\ufe58\ufe63\uff0d\u00ad")
+
+
+_OPTIONISH = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]*(=.*)?$", re.S)
+
+
+def starts_with_dash_like(token: str) -> bool:
+    """True if ``token`` begins with a dash-like character other than ``-`` and the rest reads like an
+    option or an override (``—-lora-on-vision-model``, ``–train.lr=1``); text such as a prompt that
+    starts with a dash (``— what is this?``) is not one."""
+    if not token or token[0] not in DASH_LIKE:
+        return False
+    return bool(_OPTIONISH.match(token.lstrip("".join(DASH_LIKE) + "-")))
+
+
+def _dash_name(ch: str) -> str:
+    try:
+        return f"{unicodedata.name(ch).lower()} (U+{ord(ch):04X})"
+    except ValueError:  # pragma: no cover - every DASH_LIKE character has a name
+        return f"U+{ord(ch):04X}"
+
+
+def dash_suggestion(token: str, known: Iterable[str] = ()) -> str:
+    """What the user meant by ``token``: the leading dashes (any kind) replaced by ``--`` (or ``-``
+    for a single short letter), the closest known option if ``known`` is given and the name is not one
+    of them, or the bare override (``key=value``) when it contains ``=`` after a dotted key."""
+    body = token.lstrip("".join(DASH_LIKE) + "-")
+    key = body.split("=", 1)[0]
+    if "=" in body and "." in key:
+        return body  # an override typed with a dash in front
+    known = sorted(set(known))
+    candidate = ("-" if len(key) == 1 else "--") + body
+    name = candidate.split("=", 1)[0]
+    if known and name.replace("_", "-") not in known:
+        close = difflib.get_close_matches(name.replace("_", "-"), known, n=1, cutoff=0.6)
+        if close:
+            return close[0] + candidate[len(name) :]
+    return candidate
+
+
+def dash_error(token: str, known: Iterable[str] = ()) -> str:
+    """The one-line message for an argument that starts with a dash-like character."""
+    return (
+        f"{token!r} starts with {_dash_name(token[0])}, not the ASCII hyphen '-' (text copied from a "
+        f"document or chat often has one): did you mean {dash_suggestion(token, known)}?"
+    )
+
+
+def _long_options(cmd: click.Command) -> dict[str, click.Parameter]:
+    out: dict[str, click.Parameter] = {}
+    for p in cmd.params:
+        for opt in [*getattr(p, "opts", []), *getattr(p, "secondary_opts", [])]:
+            if opt.startswith("-"):
+                out[opt] = p
+    return out
+
+
+def normalize_args(cmd: click.Command, args: list[str]) -> list[str]:
+    """``args`` with underscore spellings and declared aliases rewritten to the command's options.
+
+    For a group only its own options are looked at: everything from the subcommand's name on is
+    left to the subcommand.
+
+    :raises click.UsageError: for an argument that starts with a dash-like character.
+    """
+    options = _long_options(cmd)
+    aliases: dict[str, str] = dict(getattr(cmd, "nvl_option_aliases", {}) or {})
+    nargs_options: set[str] = set(getattr(cmd, "nvl_nargs_options", ()) or ())
+    known = sorted(set(options) | set(aliases))
+    out: list[str] = []
+    i = 0
+    while i < len(args):
+        token = args[i]
+        i += 1
+        if token == "--":
+            out.append(token)
+            out.extend(args[i:])
+            break
+        if starts_with_dash_like(token):
+            raise click.UsageError(dash_error(token, [k for k in known if k.startswith("--")]))
+        if isinstance(cmd, click.Group) and not token.startswith("-"):
+            out.append(token)
+            out.extend(args[i:])
+            break
+        name, eq, value = token.partition("=")
+        if name in aliases and not name.startswith("--"):  # a short spelling such as -tp
+            out.append(aliases[name] + eq + value)
+            continue
+        short = options.get(token)
+        if short is not None and not token.startswith("--") and isinstance(short, click.Option) \
+                and not short.is_flag and not short.count and i < len(args):  # -c FILE: the value as it is
+            out += [token, args[i]]
+            i += 1
+            continue
+        if not token.startswith("--") or len(token) < 3:
+            out.append(token)
+            continue
+        target = name
+        hyphen = "--" + name[2:].replace("_", "-")
+        if target not in options:
+            target = aliases.get(name) or aliases.get(hyphen) or (hyphen if hyphen in options else name)
+        param = options.get(target)
+        takes_value = (isinstance(param, click.Option) and not param.is_flag and not param.count and not eq
+                       and not (name in nargs_options or hyphen in nargs_options))
+        if takes_value and i < len(args):  # its value passes as it is (a prompt may start with a dash)
+            out += [target, args[i]]
+            i += 1
+            continue
+        if (name in nargs_options or hyphen in nargs_options) and not eq:
+            values: list[str] = []
+            while i < len(args) and not args[i].startswith("-") and not starts_with_dash_like(args[i]):
+                values.append(args[i])
+                i += 1
+            out += [target, ",".join(values)] if values else [target]
+            continue
+        out.append(target + eq + value)
+    return out
+
+
+def adopt(cmd: click.Command) -> click.Command:
+    """Make ``cmd`` (and, for a group, every subcommand) normalise its arguments; idempotent."""
+    if not getattr(cmd, "_nvl_adopted", False):
+        original = cmd.parse_args
+
+        def parse_args(ctx: click.Context, args: list[str]) -> list[str]:
+            return original(ctx, normalize_args(cmd, list(args)))
+
+        cmd.parse_args = parse_args  # type: ignore[method-assign]
+        cmd._nvl_adopted = True  # type: ignore[attr-defined]
+    if isinstance(cmd, click.Group):
+        for sub in cmd.commands.values():
+            adopt(sub)
+    return cmd
+
+
+def declare_aliases(**options: Any) -> Any:
+    """Decorator for a click command: ``nvl_option_aliases`` / ``nvl_nargs_options`` (see the module
+    docstring); apply it on top of ``@click.command``."""
+
+    def decorate(cmd: click.Command) -> click.Command:
+        aliases = dict(getattr(cmd, "nvl_option_aliases", {}) or {})
+        aliases.update(options.get("aliases", {}))
+        cmd.nvl_option_aliases = aliases  # type: ignore[attr-defined]
+        nargs = set(getattr(cmd, "nvl_nargs_options", ()) or ())
+        nargs.update(options.get("nargs", ()))
+        cmd.nvl_nargs_options = nargs  # type: ignore[attr-defined]
+        return cmd
+
+    return decorate
