@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 if TYPE_CHECKING:
     import torch
@@ -66,6 +66,7 @@ def load_generator(
     cuda_graph: bool | None = None,
     compile: bool = False,
     processor_options: Mapping[str, Any] | None = None,
+    model_transform: "Callable[[torch.nn.Module], Any] | None" = None,
 ) -> "Generator":
     """Load the model and processor of ``hf_model_path`` and wrap them for generation.
 
@@ -78,13 +79,12 @@ def load_generator(
     :param compile: ``torch.compile`` the decode step as well.
     :param processor_options: overrides of the processor's options (e.g. ``max_num_tiles``,
         ``video_num_frames``).
+    :param model_transform: called with the loaded model before it is wrapped for decoding
+        (``nvl eval --lora-checkpoint`` adds and merges a LoRA run's adapters there).
     """
     import torch
 
-    from nvlcore.generation import Generator
-
     from .bridge import NemotronVLBridge
-    from .model.decode import NemotronVLDecoder
 
     hf_dir = Path(hf_model_path)
     if device is None:
@@ -95,14 +95,44 @@ def load_generator(
     init_tensor_parallel(tensor_parallel_size, device)
 
     bridge = NemotronVLBridge.from_hf_dir(hf_dir)
-    processor = bridge.processor(**dict(processor_options or {}))
     if megatron_model_path is None:
         model = bridge.build_model(dtype=dtype, device=device, load_weights=True)
     else:
         model = bridge.build_model(dtype=dtype, device=device, init="none")
         load_checkpoint_into(bridge, model, megatron_model_path)
+    if model_transform is not None:
+        model_transform(model)
     model.eval()
+    return generator_for_model(bridge, model, device=device, dtype=dtype, cuda_graph=cuda_graph, compile=compile,
+                               processor_options=processor_options)
 
+
+def generator_for_model(
+    bridge: Any,
+    model: "torch.nn.Module",
+    *,
+    device: "torch.device | str",
+    dtype: "torch.dtype | None" = None,
+    cuda_graph: bool | None = None,
+    compile: bool = False,
+    processor_options: Mapping[str, Any] | None = None,
+) -> "Generator":
+    """A :class:`~nvlcore.generation.Generator` over a model that is already built and loaded (the
+    trainer's, for generation-based validation); the model is used as it is (call ``model.eval()``
+    around generation).
+
+    :param dtype: dtype of the media tensors (default: the model's parameters').
+    """
+    import torch
+
+    from nvlcore.generation import Generator
+
+    from .model.decode import NemotronVLDecoder
+
+    device = torch.device(device)
+    if dtype is None:
+        dtype = next(model.parameters()).dtype
+    processor = bridge.processor(**dict(processor_options or {}))
     decoder = NemotronVLDecoder(
         model, cuda_graph=device.type == "cuda" if cuda_graph is None else cuda_graph, compile=compile
     )
