@@ -58,5 +58,25 @@ def test_quickstart_learns_and_only_by_looking(tmp_path: Path) -> None:
     assert result["seconds"] < 600
     work = tmp_path / "qs"
     assert (work / "loss_curve.png").is_file()
+
+    # Base vs fine-tuned with `nvl eval` on the same test split: the same numbers as the quickstart,
+    # also with the LoRA run's adapters merged in memory instead of the merged, exported model.
+    from nvlcore.cli.quickstart import eval_overrides
+
+    def nvl_eval(*args: str) -> dict:
+        run = subprocess.run([sys.executable, "-m", "nvlcore", "eval", *args, "--batch-size", "25", "--json"],
+                             capture_output=True, text=True, env=env, timeout=300)
+        assert run.returncode == 0, run.stderr[-3000:]
+        return json.loads(run.stdout.strip().splitlines()[-1])
+
+    base = nvl_eval("--hf-model-path", str(work / "toy"), *eval_overrides(100))
+    tuned = nvl_eval("--hf-model-path", str(work / "hf"), *eval_overrides(100), "--output", str(work / "preds.jsonl"))
+    blind = nvl_eval("--hf-model-path", str(work / "hf"), *eval_overrides(100, blank_images=True))
+    lora = nvl_eval("--hf-model-path", str(work / "toy"), "--lora-checkpoint", str(work / "lora"), *eval_overrides(100))
+    assert base["metrics"]["exact_match"] == result["accuracy_before"]
+    assert tuned["metrics"]["exact_match"] == result["accuracy_after"]
+    assert blind["metrics"]["exact_match"] == result["accuracy_after_blind"]
+    assert abs(lora["metrics"]["exact_match"] - result["accuracy_after"]) <= 0.02
+    assert tuned["num_samples"] == 100 and len((work / "preds.jsonl").read_text().splitlines()) == 100
     assert (work / "hf" / "model.safetensors.index.json").is_file() or list((work / "hf").glob("*.safetensors"))
     assert "iteration" in proc.stderr and "held-out accuracy after fine-tuning" in proc.stderr

@@ -191,18 +191,34 @@ def _run(params: dict[str, Any], cfg: Any, maker: Any, metrics: Any, maker_name:
     import warnings
 
     warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
+    import torch.distributed as dist
+
+    from nvlcore.parallel import default_device_type, destroy_parallel, init_parallel, launched_by_torchrun
+
+    had_group = dist.is_available() and dist.is_initialized()
+    ctx = None
+    try:
+        if launched_by_torchrun():
+            device_type = params["device"].split(":")[0] if params["device"] else default_device_type()
+            ctx = init_parallel(params["tp"], device_type=device_type)
+        _evaluate(params, cfg, maker, metrics, maker_name, split, manager, ctx)
+    finally:
+        # Leave the process as it was: in-process callers (tests, notebooks) may load other models.
+        if ctx is not None:
+            destroy_parallel(ctx)
+        elif not had_group and dist.is_available() and dist.is_initialized():
+            destroy_parallel()
+
+
+def _evaluate(params: dict[str, Any], cfg: Any, maker: Any, metrics: Any, maker_name: str, split: str,
+              manager: Any, ctx: Any) -> None:
     import torch
 
     from nvlcore.eval.model import load_eval_generator
     from nvlcore.eval.runner import echo_err, evaluate_generator
     from nvlcore.generation import SamplingParams
-    from nvlcore.parallel import default_device_type, init_parallel, launched_by_torchrun
 
     tp = params["tp"]
-    ctx = None
-    if launched_by_torchrun():
-        device_type = params["device"].split(":")[0] if params["device"] else default_device_type()
-        ctx = init_parallel(tp, device_type=device_type)
     rank, world = (ctx.rank, ctx.world_size) if ctx else (0, 1)
     dp_rank, dp_size = (ctx.dp_rank, ctx.dp_size) if ctx else (0, 1)
     tp_rank = ctx.tp_rank if ctx else 0
