@@ -160,7 +160,7 @@ def eval_command(**params: Any) -> None:
 
 
 def _score_file(params: dict[str, Any], metrics: Any, maker_name: str) -> None:
-    from nvlcore.eval.runner import EvalError, EvalReport, format_table, read_predictions, score_records, write_records
+    from nvlcore.eval.runner import EvalError, EvalReport, read_predictions, score_records
 
     try:
         records = read_predictions(params["predictions"])

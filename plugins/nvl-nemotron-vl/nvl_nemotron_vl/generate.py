@@ -27,6 +27,15 @@ if TYPE_CHECKING:
     from nvlcore.generation import Generator
 
 
+def _groups_ready(tensor_parallel_size: int) -> bool:
+    """The caller already set up TP x DP groups of this TP size (``nvl eval --tp N --nproc-per-node M``)."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    return (dist.is_initialized() and parallel_state.model_parallel_is_initialized()
+            and parallel_state.get_tensor_model_parallel_world_size() == tensor_parallel_size)
+
+
 def init_tensor_parallel(tensor_parallel_size: int, device: "torch.device") -> None:
     """Set up the process groups for ``tensor_parallel_size`` ranks.
 
@@ -40,7 +49,7 @@ def init_tensor_parallel(tensor_parallel_size: int, device: "torch.device") -> N
     from .model.parallel import ensure_model_parallel
 
     world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
-    if tensor_parallel_size > 1 and world != tensor_parallel_size:
+    if tensor_parallel_size > 1 and world != tensor_parallel_size and not _groups_ready(tensor_parallel_size):
         raise ValueError(
             f"--tp {tensor_parallel_size} needs {tensor_parallel_size} processes, one per rank (this run has "
             f"{world}); launch with `torchrun --nproc-per-node {tensor_parallel_size} $(which nvl) generate "

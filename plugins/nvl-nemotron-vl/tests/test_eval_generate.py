@@ -87,3 +87,18 @@ def test_training_logs_generation_metrics_and_lora_eval_matches(toy: Path, tmp_p
              "--limit", "6", "--batch-size", "4", "--json", "--output", tmp_path / "lora.jsonl")
     assert "LoRA adapters from" in ev.stderr
     assert json.loads(ev.stdout.splitlines()[-1])["metrics"]["exact_match"] == gen[4]["val_gen_exact_match"]
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_nproc_per_node_launch_writes_what_one_process_writes(toy: Path, tmp_path: Path) -> None:
+    """`nvl eval --nproc-per-node 2` (torchrun's library, gloo on CPU): rank 0 gathers and writes the
+    same file and summary as one process."""
+    common = ["eval", "--hf-model-path", toy, *SHAPES, "--max-new-tokens", "4", "--batch-size", "2", "--json"]
+    one = nvl(*common, "--output", tmp_path / "one.jsonl")
+    two = nvl(*common, "--output", tmp_path / "two.jsonl", "--nproc-per-node", "2")
+    assert "starting 2 worker(s)" in two.stderr and "over 2 data-parallel rank(s)" in two.stderr
+    lines = {name: [json.loads(x) for x in (tmp_path / name).read_text().splitlines()] for name in ("one.jsonl", "two.jsonl")}
+    assert lines["two.jsonl"] == lines["one.jsonl"]
+    s1, s2 = (json.loads(p.stdout.splitlines()[-1]) for p in (one, two))
+    assert s2["metrics"] == s1["metrics"] and s2["num_samples"] == s1["num_samples"] == 6
