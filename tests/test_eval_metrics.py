@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from nvlcore import hookimpl
 from nvlcore.eval.metrics import (
     GenericMetrics,
     exact_match,
@@ -173,3 +174,70 @@ def test_nvl_eval_errors_name_the_problem(nvl_cli, tmp_path: Path) -> None:
     assert r.exit_code != 0 and "none.jsonl: no such predictions file" in r.output
     r = nvl_cli("eval", "--predictions", str(tmp_path / "x.jsonl"), "dataset.maker_name=no_such_maker")
     assert r.exit_code != 0 and "no_such_maker" in r.output
+
+
+class _PlainQA:
+    """A third-party maker without metrics: scored by the generic fallback."""
+
+    splits = ("test",)
+
+    def __init__(self, *, split: str = "test", **kw) -> None:
+        self.rows = [("2+2?", "4"), ("Capital of France?", "Paris")]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict:
+        q, a = self.rows[i]
+        return {"conversation": [{"role": "user", "content": [{"type": "text", "text": q}]},
+                                 {"role": "assistant", "content": [{"type": "text", "text": a}]}]}
+
+
+class _LengthMetrics:
+    names = ("length_ratio",)
+
+    def score(self, prediction, reference, sample=None):
+        return {"length_ratio": min(len(prediction), len(reference)) / max(len(reference), 1),
+                "_question_seen": float(bool(sample and sample.get("question")))}
+
+    def aggregate(self, scores):
+        assert all(s["_question_seen"] == 1.0 for s in scores)  # the file's questions reach the metrics
+        return {"length_ratio": min(s["length_ratio"] for s in scores)}
+
+
+class _OwnQA(_PlainQA):
+    metrics = _LengthMetrics
+
+
+class _QAPlugin:
+    @hookimpl
+    def nvl_register_dataset_makers(self, register) -> None:
+        register("plain_qa", _PlainQA)
+        register("own_qa", _OwnQA)
+
+
+def test_third_party_makers_generic_fallback_and_own_metrics(nvl_cli, register_plugin, tmp_path: Path) -> None:
+    register_plugin(_QAPlugin(), name="qa_plugin")
+    refs = ["4", "Paris"]
+    for preds, want in ((refs, 1.0), (["", ""], 0.0)):
+        f = tmp_path / "p.jsonl"
+        f.write_text("".join(json.dumps({"prediction": p, "reference": r, "question": "q"}) + "\n"
+                             for p, r in zip(preds, refs)))
+        generic = json.loads(nvl_cli("eval", "--predictions", str(f), "dataset.maker_name=plain_qa", "--json").stdout)
+        assert generic["metrics"] == {"exact_match": want, "token_f1": want}
+        own = json.loads(nvl_cli("eval", "--predictions", str(f), "dataset.maker_name=own_qa", "--json").stdout)
+        assert own["metrics"] == {"length_ratio": want}
+    f.write_text(json.dumps({"prediction": "Par", "reference": "Paris", "question": "q"}) + "\n")
+    out = tmp_path / "scored.jsonl"
+    nvl_cli("eval", "--predictions", str(f), "dataset.maker_name=own_qa", "--output", str(out))
+    assert json.loads(out.read_text())["scores"] == {"length_ratio": 0.6}  # private "_" keys are not written
+
+
+def test_eval_samples_from_a_maker() -> None:
+    from nvlcore.eval.runner import eval_samples, shard
+
+    samples = eval_samples(_PlainQA(), system_prompt="/no_think")
+    assert [(s.id, s.reference, s.question) for s in samples] == [(0, "4", "2+2?"), (1, "Paris", "Capital of France?")]
+    assert samples[0].prompt["conversation"][0] == {"role": "system", "content": [{"type": "text", "text": "/no_think"}]}
+    assert eval_samples(_PlainQA(), limit=1)[0].id == 0 and len(eval_samples(_PlainQA(), limit=1)) == 1
+    assert shard(list(range(7)), 1, 3) == [1, 4]
