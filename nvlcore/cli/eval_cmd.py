@@ -75,7 +75,7 @@ def _child_argv(params: dict[str, Any], overrides: Sequence[str]) -> list[str]:
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True,
               help="Prompts decoded together (batched by length).")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=None,
-              help="Generation budget per answer (default: the metrics' own, e.g. 512 for CORD-v2).")
+              help="Generation budget per answer (default: the metrics' own, e.g. 768 for CORD-v2).")
 @click.option("--system-prompt", default="/no_think", show_default=True,
               help="System turn added to conversations without one; '' for none.")
 @click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(min=0.0), help="0 = greedy.")
