@@ -2,9 +2,14 @@
 """Throughput of ``nvl eval`` (batched, cached generation and scoring) at the Nemotron Nano V2 VL
 12B shape on CORD-v2-like receipts: batch 32 beside batch 1.
 
-On one H200 (the lead's run; < 10 minutes with the defaults)::
+On one H200 (the lead's run), in two commands so that each stays under 10 minutes::
 
-    python bench/eval_gpu.py --out bench/results/eval_gpu.json
+    nvl toy-model /tmp/toy-12b --size 12b-shape --device cuda            # ~26 GB of random weights, once
+    python bench/eval_gpu.py --model-dir /tmp/toy-12b --out bench/results/eval_gpu.json
+
+(without ``--model-dir`` the script writes the toy itself, in a temporary directory it removes).
+Estimated: batch 32 over 256 receipts about a minute; batch 1 about 0.8 s per receipt, so
+``--batch1-samples 64`` keeps the second command short if needed (samples/s stay comparable).
 
 On CPU with the tiny toy, to test the script (seconds)::
 
