@@ -102,3 +102,26 @@ def test_nproc_per_node_launch_writes_what_one_process_writes(toy: Path, tmp_pat
     assert lines["two.jsonl"] == lines["one.jsonl"]
     s1, s2 = (json.loads(p.stdout.splitlines()[-1]) for p in (one, two))
     assert s2["metrics"] == s1["metrics"] and s2["num_samples"] == s1["num_samples"] == 6
+
+
+def test_lora_checkpoint_must_be_an_adapter_run_and_splits_are_checked(toy: Path, tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from nvlcore.cli import build_cli
+
+    base = tmp_path / "base"
+    nvl("convert", "import", "--hf-model", toy, "--megatron-path", base, "--no-progress")
+    runner = CliRunner()
+    r = runner.invoke(build_cli(), ["eval", "--hf-model-path", str(toy), "--lora-checkpoint", str(base), *SHAPES])
+    assert r.exit_code == 1
+    assert "has no peft.method, so it holds full weights; pass it as --megatron-model-path instead" in r.output
+    r = runner.invoke(build_cli(), ["eval", "--hf-model-path", str(toy), *SHAPES, "--split", "dev"])
+    assert r.exit_code == 1 and "got 'dev'" in r.output
+    # a full checkpoint as --megatron-model-path answers exactly as the HF weights it was imported from
+    a = runner.invoke(build_cli(), ["eval", "--hf-model-path", str(toy), *SHAPES, "--max-new-tokens", "3",
+                                    "--output", str(tmp_path / "hf.jsonl")])
+    b = runner.invoke(build_cli(), ["eval", "--hf-model-path", str(toy), "--megatron-model-path", str(base), *SHAPES,
+                                    "--max-new-tokens", "3", "--output", str(tmp_path / "mg.jsonl")])
+    assert a.exit_code == b.exit_code == 0, a.output + b.output
+    preds = [[json.loads(x)["prediction"] for x in (tmp_path / f).read_text().splitlines()] for f in ("hf.jsonl", "mg.jsonl")]
+    assert preds[0] == preds[1] and len(preds[0]) == 6
