@@ -47,6 +47,7 @@ def nvl(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
 SHAPES = ["dataset.maker_name=synthetic_shapes", 'dataset.maker_kwargs={"num_examples": 6}']
 
 
+@pytest.mark.slow
 @pytest.mark.distributed
 def test_data_parallel_shards_and_gathers_the_same_answers(toy: Path, tmp_path: Path) -> None:
     from nvlcore.testing_dist import run_distributed
