@@ -103,6 +103,13 @@ class DatasetMaker(Protocol):
     ``float``, ``bool``, ``str``, ``list[...]``, ``dict[...]``, ``Literal[...]``, unions, ``Path``), the
     class's own validators run, and defaults are filled in so the printed config shows them. Without
     ``Kwargs`` any mapping is accepted and passed through.
+
+    **Metrics (optional).** A ``metrics`` attribute (an object or class with ``names`` and
+    ``score(prediction, reference, sample) -> {name: value}``, optionally ``aggregate(scores)`` and
+    ``max_new_tokens``, or a lazy ``"module:Attr"`` string naming one) is how ``nvl eval`` and
+    ``validation.generate_eval_interval`` score answers to this maker's data
+    (:class:`nvlcore.eval.metrics.TaskMetrics`; without it: exact match and token F1). It is not part
+    of the structural check.
     """
 
     #: Splits this source has, e.g. ``("train",)``.

@@ -74,11 +74,25 @@ class SyntheticShapesKwargs:
     blank_images: bool = False
 
 
+class ShapesMetrics:
+    """``synthetic_shapes``' metric: exact match of the normalised answer (one word: a colour or a shape)."""
+
+    names: ClassVar[tuple[str, ...]] = ("exact_match",)
+    max_new_tokens: ClassVar[int] = 8
+
+    def score(self, prediction: str, reference: str, sample: Any = None) -> dict[str, float]:
+        from nvlcore.eval.metrics import exact_match
+
+        return {"exact_match": exact_match(prediction, reference)}
+
+
 class SyntheticShapes:
     """The ``synthetic_shapes`` dataset maker: ``SyntheticShapes(split="train", **maker_kwargs)``."""
 
     splits: ClassVar[tuple[str, ...]] = ("train", "validation", "test")
     Kwargs: ClassVar[type] = SyntheticShapesKwargs
+    #: scored by ``nvl eval`` (and the quickstart) with exact match
+    metrics: ClassVar[type] = ShapesMetrics
 
     def __init__(self, *, split: str = "train", **maker_kwargs: Any) -> None:
         if split not in self.splits:

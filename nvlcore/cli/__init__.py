@@ -49,6 +49,7 @@ BUILTIN_COMMANDS: dict[str, str] = {
     "config": "nvlcore.cli.config_cmd:config_group",
     "convert": "nvlcore.cli.convert:convert_group",
     "data": "nvlcore.cli.data_cmd:data_group",
+    "eval": "nvlcore.cli.eval_cmd:eval_command",
     "export": "nvlcore.cli.export:export_command",
     "finetune": "nvlcore.cli.finetune:finetune_command",
     "generate": "nvlcore.cli.generate:generate_cmd",

@@ -5,7 +5,7 @@ measurement, which uses the Python generation API the way an evaluation script w
 
 1. ``nvl toy-model``          write a tiny HF-format Nemotron Nano V2 VL checkpoint;
 2. ``nvl convert import``     turn it into a Megatron-style checkpoint;
-3. accuracy before training   greedy answers to held-out questions (exact match);
+3. accuracy before training   greedy answers to held-out questions (exact match, ``nvl eval``'s code);
 4. ``nvl finetune --lora-on-language-model`` on the built-in ``synthetic_shapes`` dataset;
 5. ``nvl peft merge``         fold the adapters into the weights;
 6. ``nvl convert export``     write the merged model as an HF directory;
@@ -81,9 +81,19 @@ def load_generator(hf_dir: Path) -> Any:
     return _bridge_for(hf_dir, current_plugin_manager().registry("model_bridge")).generator(device="cpu")
 
 
+def eval_overrides(num_examples: int, *, blank_images: bool = False, seed: int = 0) -> list[str]:
+    """The ``nvl eval`` overrides that select the quickstart's held-out questions."""
+    kwargs = {"questions": ["color"], "num_examples": num_examples, "seed": seed}
+    if blank_images:
+        kwargs["blank_images"] = True
+    return ["dataset.maker_name=synthetic_shapes", "dataset.maker_kwargs=" + json.dumps(kwargs), "--split", "test"]
+
+
 def evaluate(generator: Any, *, num_examples: int, blank_images: bool = False, seed: int = 0,
              batch_size: int = 25) -> dict[str, Any]:
-    """Exact-match accuracy of greedy answers on the held-out ``test`` split of ``synthetic_shapes``.
+    """Exact-match accuracy of greedy answers on the held-out ``test`` split of ``synthetic_shapes``,
+    computed by ``nvl eval``'s code (:func:`nvlcore.eval.evaluate_generator` with the maker's metrics):
+    ``nvl eval --hf-model-path DIR`` with :func:`eval_overrides` gives the same number.
 
     :param generator: from :func:`load_generator`.
     :param num_examples: questions asked.
@@ -92,18 +102,16 @@ def evaluate(generator: Any, *, num_examples: int, blank_images: bool = False, s
     :param batch_size: questions decoded together.
     """
     from nvlcore.builtin.synthetic_vqa import SyntheticShapes
-    from nvlcore.generation import build_conversation
+    from nvlcore.eval import evaluate_generator, metrics_for
+
     data = SyntheticShapes(split="test", num_examples=num_examples, seed=seed, blank_images=blank_images,
                            questions=["color"])
-    examples = [data.example(i) for i in range(len(data))]
-    convs = [build_conversation(ex["question"], images=[ex["image"]], system_prompt="/no_think") for ex in examples]
-    results = generator.generate(convs, max_new_tokens=8, batch_size=batch_size)
-    answers = [r.text.strip().strip(".").lower() for r in results]
-    correct = [a == ex["answer"] for a, ex in zip(answers, examples)]
+    report = evaluate_generator(generator, data, metrics_for(SyntheticShapes), batch_size=batch_size,
+                                system_prompt="/no_think")
     return {
-        "accuracy": sum(correct) / len(correct),
-        "samples": [{"question": ex["question"], "answer": ex["answer"], "predicted": a}
-                    for ex, a in list(zip(examples, answers))[:4]],
+        "accuracy": report.metrics["exact_match"],
+        "samples": [{"question": r.question, "answer": r.reference, "predicted": r.prediction}
+                    for r in report.records[:4]],
     }
 
 
@@ -228,6 +236,8 @@ def quickstart(workdir: Path, overwrite: bool, train_iters: int, eval_examples: 
     _step(3, total, f"Accuracy before fine-tuning ({eval_examples} held-out questions, exact match)")
     before = evaluate(load_generator(w / "toy"), num_examples=eval_examples)
     click.echo(f"    accuracy before: {before['accuracy']:.2f}  (chance: 0.25)", err=True)
+    click.echo("    (the same as: nvl eval --hf-model-path " + shlex.quote(str(w / "toy")) + " "
+               + " ".join(shlex.quote(a) for a in eval_overrides(eval_examples)) + ")", err=True)
 
     _step(4, total, "Fine-tune with LoRA on the language model (vision tower and projector trained fully)")
     _run_nvl(["finetune", "--hf-model-path", str(w / "toy"), "--pretrained-checkpoint", str(w / "base"),

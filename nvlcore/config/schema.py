@@ -72,6 +72,11 @@ class ValidationConfig:
 
     eval_interval: int | None = _f(500, "Steps between validations (null = never).")
     eval_iters: int = _f(0, "Validation batches per evaluation; 0 disables validation and test splits.")
+    generate_eval_interval: int | None = _f(
+        None, "Steps between generation-based evaluations: answer validation examples and score them with the "
+        "dataset maker's metrics, as nvl eval does (null = never)."
+    )
+    generate_eval_samples: int = _f(32, "Validation examples (the first N) answered per generation-based evaluation.")
 
 
 @attrs.define

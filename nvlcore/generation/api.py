@@ -176,8 +176,6 @@ class Generator:
         :param stream: when given, the first row of each batch is written there token by token.
         :param on_output: receives each batch's raw :class:`GenerationOutput` (timings, steps).
         """
-        import torch
-
         convs = [conversations] if isinstance(conversations, Mapping) else list(conversations)
         if not convs:
             return []
@@ -186,46 +184,74 @@ class Generator:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         results: list[GenerationResult] = []
         for start in range(0, len(convs), size):
-            chunk = convs[start : start + size]
-            prepared = [dict(self.prepare(c)) for c in chunk]
-            prompts: list[list[int]] = []
-            for i, p in enumerate(prepared):
-                if "input_ids" not in p:
-                    raise KeyError(f"prepare() returned no 'input_ids' for conversation {start + i}")
-                prompts.append(torch.as_tensor(p.pop("input_ids")).reshape(-1).tolist())
-            media = {k: self._to_device(v) for k, v in merge_model_inputs(prepared).items()}
-            ids, mask = left_pad(prompts, self.pad_token_id, device=self.device)
-            streamer = (
-                TextStreamer(self.tokenizer, stream, skip_token_ids=self.stop_token_ids) if stream is not None else None
+            prepared = [self.prepare(c) for c in convs[start : start + size]]
+            results += self.generate_prepared(
+                prepared, max_new_tokens=max_new_tokens, sampling=sampling, stream=stream, on_output=on_output,
+                first_index=start,
             )
-            out = generate_tokens(
-                self.model,
-                ids,
-                mask,
-                max_new_tokens=max_new_tokens,
-                sampling=sampling,
-                stop_token_ids=self.stop_token_ids,
-                pad_token_id=self.pad_token_id,
-                model_inputs=media,
-                on_step=streamer,
-            )
-            if streamer is not None:
-                streamer.end()
-            if on_output is not None:
-                on_output(out)
-            for r, prompt in enumerate(prompts):
-                toks = out.token_ids[r]
-                body = toks[:-1] if toks and toks[-1] in self.stop_token_ids else toks
-                results.append(
-                    GenerationResult(
-                        text=self.tokenizer.decode(body, skip_special_tokens=True),
-                        prompt_token_ids=prompt,
-                        token_ids=toks,
-                        finish_reason=out.finish_reasons[r],
-                        prefill_tokens_per_s=out.prefill_tokens_per_s,
-                        decode_tokens_per_s=out.decode_tokens_per_s,
-                    )
+        return results
+
+    def generate_prepared(
+        self,
+        prepared: Sequence[Mapping[str, Any]],
+        *,
+        max_new_tokens: int = 100,
+        sampling: SamplingParams | None = None,
+        stream: TextIO | None = None,
+        on_output: Callable[[GenerationOutput], Any] | None = None,
+        first_index: int = 0,
+    ) -> list[GenerationResult]:
+        """Decode one batch of prompts already made by ``prepare`` (left-padded together).
+
+        Callers that pick the batches themselves (``nvl eval`` batches prompts of similar length)
+        prepare each conversation once and call this per batch.
+
+        :param first_index: index of the first prompt, for error messages.
+        """
+        import torch
+
+        items = [dict(p) for p in prepared]
+        if not items:
+            return []
+        prompts: list[list[int]] = []
+        for i, p in enumerate(items):
+            if "input_ids" not in p:
+                raise KeyError(f"prepare() returned no 'input_ids' for conversation {first_index + i}")
+            prompts.append(torch.as_tensor(p.pop("input_ids")).reshape(-1).tolist())
+        media = {k: self._to_device(v) for k, v in merge_model_inputs(items).items()}
+        ids, mask = left_pad(prompts, self.pad_token_id, device=self.device)
+        streamer = (
+            TextStreamer(self.tokenizer, stream, skip_token_ids=self.stop_token_ids) if stream is not None else None
+        )
+        out = generate_tokens(
+            self.model,
+            ids,
+            mask,
+            max_new_tokens=max_new_tokens,
+            sampling=sampling,
+            stop_token_ids=self.stop_token_ids,
+            pad_token_id=self.pad_token_id,
+            model_inputs=media,
+            on_step=streamer,
+        )
+        if streamer is not None:
+            streamer.end()
+        if on_output is not None:
+            on_output(out)
+        results: list[GenerationResult] = []
+        for r, prompt in enumerate(prompts):
+            toks = out.token_ids[r]
+            body = toks[:-1] if toks and toks[-1] in self.stop_token_ids else toks
+            results.append(
+                GenerationResult(
+                    text=self.tokenizer.decode(body, skip_special_tokens=True),
+                    prompt_token_ids=prompt,
+                    token_ids=toks,
+                    finish_reason=out.finish_reasons[r],
+                    prefill_tokens_per_s=out.prefill_tokens_per_s,
+                    decode_tokens_per_s=out.decode_tokens_per_s,
                 )
+            )
         return results
 
 

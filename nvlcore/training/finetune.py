@@ -163,6 +163,7 @@ def loop_settings(cfg: "NvlConfig", *, dp_size: int, device_type: str) -> LoopSe
         log_interval=cfg.logger.log_interval,
         save_interval=cfg.checkpoint.save_interval if cfg.checkpoint.save else None,
         eval_interval=cfg.validation.eval_interval,
+        generate_eval_interval=cfg.validation.generate_eval_interval,
         eval_iters=cfg.validation.eval_iters,
         autocast_dtype=autocast,
         manual_gc_interval=cfg.train.manual_gc_interval if cfg.train.manual_gc else 0,
@@ -416,6 +417,12 @@ def run_finetune(
                 return evaluate(model, factory(), num_batches=cfg.validation.eval_iters * data.num_microbatches,
                                 ctx=ctx, autocast_dtype=settings.autocast_dtype)
 
+        generate_eval_fn = None
+        if cfg.validation.generate_eval_interval:
+            from nvlcore.eval.training import build_generate_eval
+
+            generate_eval_fn = build_generate_eval(cfg, bridge, model, manager, ctx, print_fn=say)
+
         def save_fn(st: TrainState) -> None:
             path = save(cfg.checkpoint.save, st, model=model, optimizer=opt, bridge=bridge, ctx=ctx, cfg=cfg,
                         run_config=run_config, adapter_only=adapter_only, num_samples=data.num_train_samples)
@@ -424,7 +431,8 @@ def run_finetune(
         trainer = Trainer(
             model=model, ctx=ctx, optimizer=opt, named_params=named, lr_schedule=lr_s, wd_schedule=wd_s,
             settings=settings, state=state, flops_fn=flops_fn, loggers=loggers,
-            save_fn=save_fn if cfg.checkpoint.save else None, eval_fn=eval_fn, print_fn=say,
+            save_fn=save_fn if cfg.checkpoint.save else None, eval_fn=eval_fn, generate_eval_fn=generate_eval_fn,
+            print_fn=say,
         )
         if decision.iter_dir is not None:
             trainer.last_saved_iteration = state.iteration

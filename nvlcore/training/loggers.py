@@ -9,7 +9,9 @@ Metric keys the trainer logs (``metrics.jsonl`` holds them all, one JSON object 
 ``grad_norm``, ``tokens_per_s`` (real tokens, padding excluded, all GPUs), ``tokens_per_s_per_gpu``,
 ``tflops_per_gpu`` (vision encoder and projector included), ``supervised_tokens``,
 ``step_time_s``, ``consumed_samples``, ``skipped_iterations``, ``mem_gb`` (peak allocated on the
-GPU; peak resident memory of the process on CPU), ``eta_s``; validation adds ``val_loss`` and ``val_tokens``.
+GPU; peak resident memory of the process on CPU), ``eta_s``; validation adds ``val_loss`` and ``val_tokens``;
+generation-based validation adds ``val_gen_<metric>`` for each of the dataset maker's metrics (and
+``val_gen_seconds``).
 """
 
 from __future__ import annotations
@@ -47,6 +49,9 @@ class ConsoleLogger:
             parts.append(f"loss {metrics['loss']:.4f}")
         if "val_loss" in metrics:
             parts.append(f"val loss {metrics['val_loss']:.4f}")
+        for key, value in metrics.items():  # generation-based validation (validation.generate_eval_interval)
+            if key.startswith("val_gen_"):
+                parts.append(f"val {key[len('val_gen_'):]} {value:.4f}")
         if "lr" in metrics:
             parts.append(f"lr {metrics['lr']:.3e}")
         if "grad_norm" in metrics:

@@ -154,6 +154,7 @@ class LoopSettings:
     save_interval: int | None = None
     eval_interval: int | None = None
     eval_iters: int = 0
+    generate_eval_interval: int | None = None
     autocast_dtype: Any = None
     exit_signal_saves: bool = True
     manual_gc_interval: int = 0
@@ -176,6 +177,8 @@ class Trainer:
     :param loggers: metric sinks, used on rank 0.
     :param save_fn: ``save_fn(state)`` writes a checkpoint.
     :param eval_fn: ``eval_fn() -> (loss_sum, supervised_tokens)`` over the validation batches, or None.
+    :param generate_eval_fn: ``generate_eval_fn() -> {metric: value}``: generation-based validation
+        (``validation.generate_eval_interval``; collective, called on every rank), or None.
     """
 
     def __init__(
@@ -193,6 +196,7 @@ class Trainer:
         loggers: Sequence[Any] = (),
         save_fn: Callable[[TrainState], Any] | None = None,
         eval_fn: Callable[[], tuple[float, float]] | None = None,
+        generate_eval_fn: Callable[[], Mapping[str, float]] | None = None,
         print_fn: Callable[[str], None] = print,
     ) -> None:
         self.model = model
@@ -208,6 +212,7 @@ class Trainer:
         self.loggers = list(loggers) if ctx.is_main else []
         self.save_fn = save_fn
         self.eval_fn = eval_fn
+        self.generate_eval_fn = generate_eval_fn
         self.print = print_fn if ctx.is_main else (lambda _msg: None)
         from nvlcore.parallel import launched_by_torchrun
 
@@ -372,6 +377,9 @@ class Trainer:
                     window = []
                 if s.eval_interval and self.eval_fn is not None and (st.iteration % s.eval_interval == 0 or last):
                     self._evaluate()
+                gi = s.generate_eval_interval
+                if gi and self.generate_eval_fn is not None and (st.iteration % gi == 0 or last):
+                    self._generate_evaluate()
                 if s.manual_gc_interval > 0 and st.iteration % s.manual_gc_interval == 0:
                     gc.collect()
                 stopping = self._stop_agreed()
@@ -439,6 +447,14 @@ class Trainer:
         val = loss_sum / sup if sup > 0 else float("nan")
         for lg in self.loggers:
             lg.log({"iteration": self.state.iteration, "val_loss": val, "val_tokens": sup}, step=self.state.iteration)
+
+
+    def _generate_evaluate(self) -> None:
+        assert self.generate_eval_fn is not None
+        scores = self.generate_eval_fn()
+        metrics = {"iteration": self.state.iteration, **{f"val_gen_{k}": float(v) for k, v in scores.items()}}
+        for lg in self.loggers:
+            lg.log(metrics, step=self.state.iteration)
 
 
 def evaluate(

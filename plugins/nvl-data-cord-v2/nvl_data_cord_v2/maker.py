@@ -79,6 +79,8 @@ class CordV2Dataset(HFConversationMaker):
     splits: ClassVar[tuple[str, ...]] = ("train", "validation", "test")
     Kwargs: ClassVar[type] = CordV2Kwargs
     scan_columns: ClassVar[tuple[str, ...]] = ("image", "ground_truth")
+    #: ``nvl eval``'s metrics: Donut's tree-edit-distance accuracy and field F1
+    metrics: ClassVar[str] = "nvl_data_cord_v2.metrics:CordMetrics"
 
     def row_problem(self, row: Mapping[str, Any]) -> str | None:
         try:

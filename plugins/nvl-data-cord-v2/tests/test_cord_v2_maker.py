@@ -118,3 +118,71 @@ def test_nvl_data_preview_with_the_toy_model(local_cord: Path, tmp_path: Path) -
     assert line["target"] == "<s_menu><s_nm>V</s_nm></s_menu>"
     assert line["supervised"] == "<s_menu><s_nm>V</s_nm></s_menu>\n<SPECIAL_12>"
     assert "<image*" in line["prompt"] and "Describe this image.\n<SPECIAL_11>Assistant\n<think></think><s_menu>" in line["prompt"]
+
+
+# -- nvl eval: Donut's metrics ------------------------------------------------------------------
+
+
+def test_token2json_inverts_json2token() -> None:
+    from nvl_data_cord_v2.metrics import token2json
+
+    assert token2json(PARSE_TOKENS) == {"total": {"total_price": "45,500"}, "menu": {"price": "1", "nm": "A"}}
+    two = json2token({"menu": [{"nm": "A"}, {"nm": "B"}]})
+    assert token2json(two) == {"menu": [{"nm": "A"}, {"nm": "B"}]}
+    assert token2json("<s_menu><s_nm>A</s_nm>") == {"nm": "A"}  # an unclosed tag is dropped
+    assert token2json("plain words") == {"text_sequence": "plain words"}
+    assert token2json("<s_a>x<sep/>y</s_a>") == {"a": ["x", "y"]}
+
+
+def test_cord_metrics_hand_computed_one_field_differs() -> None:
+    from nvl_data_cord_v2.metrics import CordMetrics, tree_distance, normalize_dict
+
+    ref = json2token({"menu": [{"nm": "A", "price": "1,000"}, {"nm": "B", "price": "2,000"}],
+                      "total": {"total_price": "3,000"}})
+    pred = json2token({"menu": [{"nm": "A", "price": "1,000"}, {"nm": "B", "price": "2,500"}],
+                       "total": {"total_price": "3,000"}})
+    # Tree of the reference: 10 inner nodes (menu, 2 x <subtree>, 2 x nm, 2 x price, total, <subtree>,
+    # total_price) cost 1 each to insert, 5 leaves cost their length: A 1, 1,000 5, B 1, 2,000 5, 3,000 5.
+    assert tree_distance({}, normalize_dict({"menu": [{"nm": "A", "price": "1,000"}, {"nm": "B", "price": "2,000"}],
+                                             "total": {"total_price": "3,000"}})) == 27
+    m = CordMetrics()
+    s = m.score(pred, ref)
+    # one leaf differs by one character: TED 1 -> 1 - 1/27; fields: 4 of 5 right, 1 wrong each side -> 4 / (4 + 2/2)
+    assert s["ted_accuracy"] == pytest.approx(1 - 1 / 27)
+    assert s["field_f1"] == pytest.approx(0.8)
+    # a missing field: the price "2,000" subtree node loses its leaf and its key (1 + 5 = 6 of 27);
+    # fields: 4 right, 1 missing -> 4 / (4 + 1/2)
+    missing = json2token({"menu": [{"nm": "A", "price": "1,000"}, {"nm": "B"}], "total": {"total_price": "3,000"}})
+    s2 = m.score(missing, ref)
+    assert s2["ted_accuracy"] == pytest.approx(1 - 6 / 27)
+    assert s2["field_f1"] == pytest.approx(4 / 4.5)
+    # corpus-level F1 (Donut): tp and errors are summed over receipts before dividing
+    agg = m.aggregate([s, s2, m.score(ref, ref)])
+    assert agg["field_f1"] == pytest.approx((4 + 4 + 5) / ((4 + 4 + 5) + (2 + 1 + 0) / 2))
+    assert agg["ted_accuracy"] == pytest.approx((1 - 1 / 27 + 1 - 6 / 27 + 1) / 3)
+    assert m.score("garbage without tags", ref) == {"ted_accuracy": 0.0, "field_f1": 0.0, "_tp": 0.0, "_wrong": 6.0}
+
+
+def test_nvl_eval_predictions_references_score_one_and_empty_zero(local_cord: Path, tmp_path: Path) -> None:
+    from nvlcore.eval.testing import check_reference_and_empty
+
+    made = CordV2Dataset(split="train", path=str(local_cord), cache_dir=str(tmp_path / "cache"))
+    refs = [made[i]["conversation"][1]["content"][0]["text"] for i in range(len(made))]
+    check_reference_and_empty("cord_v2", refs, tmp_path, ["ted_accuracy", "field_f1"])
+
+
+def test_nvl_eval_end_to_end_with_the_toy_model(local_cord: Path, tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from nvlcore.cli import build_cli
+    from nvlcore.eval.testing import run_eval_end_to_end
+
+    toy = tmp_path / "toy"
+    assert CliRunner().invoke(build_cli(), ["toy-model", str(toy)]).exit_code == 0
+    kwargs = {"path": str(local_cord), "cache_dir": str(tmp_path / "cache")}
+    summary, lines = run_eval_end_to_end(toy, "cord_v2", kwargs, tmp_path, split="train", limit=2)
+    assert set(summary["metrics"]) == {"ted_accuracy", "field_f1"}
+    assert lines[0]["reference"] == PARSE_TOKENS
+    # the default split is test
+    summary, lines = run_eval_end_to_end(toy, "cord_v2", kwargs, tmp_path, limit=1)
+    assert lines[0]["reference"] == "<s_menu><s_nm>T</s_nm></s_menu>"

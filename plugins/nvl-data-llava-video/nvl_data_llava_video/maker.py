@@ -1,4 +1,5 @@
-"""``make_llava_video_178k_dataset``: lmms-lab/LLaVA-Video-178K (split ``open_ended``; ``train`` aliases it).
+"""``make_llava_video_178k_dataset``: lmms-lab/LLaVA-Video-178K (split ``open_ended``; ``train`` aliases it;
+``multi_choice`` holds the multiple-choice questions, for ``nvl eval``).
 
 Row schema (as on the Hub, JSON files per subset): ``id``, ``data_source``, ``video`` (a path
 relative to the extracted video archives, e.g. ``NextQA/NExTVideo/0000/2440175990.mp4``) and
@@ -59,14 +60,17 @@ class LlavaVideo178kDataset(HFConversationMaker):
 
     name: ClassVar[str] = "make_llava_video_178k_dataset"
     hub_id: ClassVar[str] = "lmms-lab/LLaVA-Video-178K"
-    splits: ClassVar[tuple[str, ...]] = ("train", "open_ended")
+    splits: ClassVar[tuple[str, ...]] = ("train", "open_ended", "multi_choice")
     split_aliases: ClassVar[Mapping[str, str]] = {"train": "open_ended"}
     split_hint: ClassVar[str] = (
-        "'train' is the source's 'open_ended' split and there is no validation or test split; "
+        "'train' is the source's 'open_ended' split ('multi_choice' holds the multiple-choice questions) and "
+        "there is no validation or test split; "
         "set validation.eval_iters=0 (and do not ask for a test split)"
     )
     Kwargs: ClassVar[type] = LlavaVideoKwargs
     scan_columns: ClassVar[tuple[str, ...]] = ("video", "conversations")
+    #: ``nvl eval``'s metrics: multiple-choice accuracy; token F1 and ROUGE-L on open-ended answers
+    metrics: ClassVar[str] = "nvl_data_llava_video.metrics:LlavaVideoMetrics"
 
     def __init__(self, *, split: str = "train", **maker_kwargs: Any) -> None:
         if not maker_kwargs.get("video_root_path"):

@@ -130,3 +130,63 @@ def test_nvl_data_preview_with_the_toy_model(layout, tmp_path: Path) -> None:
     assert second["num_frames"] == 10 and second["supervised"] == "Red.\n<SPECIAL_12>"
     missing = runner.invoke(build_cli(), ["data", "preview", "llava_video_178k", "--hf-model-path", str(toy)])
     assert missing.exit_code == 2 and "video_root_path: required" in missing.output
+
+
+# -- nvl eval: multiple-choice accuracy, token F1 and ROUGE-L ------------------------------------
+
+
+def test_llava_video_metrics_hand_computed() -> None:
+    from nvl_data_llava_video.metrics import LlavaVideoMetrics, is_multiple_choice
+
+    assert is_multiple_choice("C.") and is_multiple_choice("(B) a dog") and is_multiple_choice("A")
+    assert not is_multiple_choice("A man waves.") and not is_multiple_choice("He waves.")
+    m = LlavaVideoMetrics()
+    assert m.score("C. He runs", "C.") == {"mc_accuracy": 1.0}
+    assert m.score("B", "C.") == {"mc_accuracy": 0.0}
+    s = m.score("he waves his hand", "He waves.")
+    # tokens: pred [he, waves, his, hand], ref [he, waves]: common 2, P 1/2, R 1 -> F1 2/3; ROUGE-L the same (LCS 2)
+    assert s == {"token_f1": pytest.approx(2 / 3), "rouge_l": pytest.approx(2 / 3)}
+    # each summary metric averages over its kind of question
+    from nvlcore.eval.metrics import aggregate_scores
+
+    summary = aggregate_scores(m, [m.score("C", "C."), m.score("A", "B"), s])
+    assert summary == {"mc_accuracy": 0.5, "token_f1": pytest.approx(2 / 3), "rouge_l": pytest.approx(2 / 3)}
+
+
+def test_nvl_eval_predictions_references_score_one_and_empty_zero(layout, tmp_path: Path) -> None:
+    from nvlcore.eval.testing import check_reference_and_empty
+
+    check_reference_and_empty("llava_video_178k", ["He waves.", "He leaves.", "C.", "A"], tmp_path,
+                              ["mc_accuracy", "token_f1", "rouge_l"])
+
+
+@pytest.fixture(scope="module")
+def mc_layout(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """Both kinds of question, as the source ships them: open_ended and multi_choice files per subset."""
+    base = tmp_path_factory.mktemp("llava_video_mc")
+    videos = base / "videos"
+    write_test_video(videos / REL, num_frames=12, fps=6, width=32, height=32)
+    oe = [row(0, REL, qa(("<image>\nWhat does the man do?", "He waves.")))]
+    mc = [row(1, REL, qa(("<image>\nWhat does the man do?\nA. runs\nB. waves\nC. sits\n"
+                          "Answer with the option's letter from the given choices directly.", "B.")))]
+    annotations = write_hub_dataset(
+        base / "LLaVA-Video-178K",
+        {"0_30_s_nextqa/0_30_s_nextqa_oe_qa_processed.json": oe, "0_30_s_nextqa/0_30_s_nextqa_mc_qa_processed.json": mc},
+        {"0_30_s_nextqa": {"open_ended": "0_30_s_nextqa/*oe*.json", "multi_choice": "0_30_s_nextqa/*mc*.json"}},
+    )
+    return annotations, videos
+
+
+def test_nvl_eval_end_to_end_with_the_toy_model(mc_layout, tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from nvlcore.cli import build_cli
+    from nvlcore.eval.testing import run_eval_end_to_end
+
+    toy = tmp_path / "toy"
+    assert CliRunner().invoke(build_cli(), ["toy-model", str(toy)]).exit_code == 0
+    kwargs = {"path": str(mc_layout[0]), "video_root_path": str(mc_layout[1]), "cache_dir": str(tmp_path / "cache")}
+    summary, lines = run_eval_end_to_end(toy, "llava_video_178k", kwargs, tmp_path, split="multi_choice", limit=1)
+    assert set(summary["metrics"]) == {"mc_accuracy"} and lines[0]["reference"] == "B."
+    summary, lines = run_eval_end_to_end(toy, "llava_video_178k", kwargs, tmp_path, limit=1)  # default: train
+    assert set(summary["metrics"]) == {"token_f1", "rouge_l"} and lines[0]["reference"] == "He waves."

@@ -28,6 +28,8 @@ class MedPixDataset(HFConversationMaker):
     splits: ClassVar[tuple[str, ...]] = ("train", "validation")
     Kwargs: ClassVar[type] = MedPixKwargs
     scan_columns: ClassVar[tuple[str, ...]] = ("image_id", "question", "answer")
+    #: ``nvl eval``'s metrics: exact match, token F1, ROUGE-L
+    metrics: ClassVar[str] = "nvl_data_medpix.metrics:MedPixMetrics"
 
     def row_problem(self, row: Mapping[str, Any]) -> str | None:
         if text_of(row.get("question")) is None:

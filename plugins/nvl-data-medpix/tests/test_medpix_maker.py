@@ -81,3 +81,40 @@ def test_nvl_data_preview_with_the_toy_model(local_medpix: Path, tmp_path: Path)
     assert line["num_images"] == 1 and line["tiles_per_image"] == [13]  # 50x40 -> a 4x3 grid + thumbnail
     assert line["target"] == "The liver." and line["supervised"] == "The liver.\n<SPECIAL_12>"
     assert "What organ is shown?\n<SPECIAL_11>Assistant\n<think></think>The liver.\n<SPECIAL_12>\n" in line["prompt"]
+
+
+# -- nvl eval: exact match, token F1, ROUGE-L ----------------------------------------------------
+
+
+def test_medpix_metrics_hand_computed() -> None:
+    from nvl_data_medpix.metrics import MedPixMetrics
+
+    m = MedPixMetrics()
+    assert m.score("the liver", "The liver.") == {"exact_match": 1.0, "token_f1": 1.0, "rouge_l": 1.0}
+    s = m.score("A lesion in the liver", "Liver lesion")
+    # normalised tokens: pred [lesion, in, liver], ref [liver, lesion]: common 2, P 2/3, R 1 -> F1 0.8
+    assert s["exact_match"] == 0.0 and s["token_f1"] == pytest.approx(0.8)
+    # ROUGE-L (rouge-score's tokens: a lesion in the liver / liver lesion): LCS 1 ("lesion" or "liver"),
+    # P = 1/5, R = 1/2 -> F = 2PR/(P+R) = 2/7
+    assert s["rouge_l"] == pytest.approx(2 / 7)
+
+
+def test_nvl_eval_predictions_references_score_one_and_empty_zero(local_medpix: Path, tmp_path: Path) -> None:
+    from nvlcore.eval.testing import check_reference_and_empty
+
+    refs = ["The liver.", "No.", "Axial CT of the abdomen shows a hypodense lesion."]
+    check_reference_and_empty("medpix", refs, tmp_path, ["exact_match", "token_f1", "rouge_l"])
+
+
+def test_nvl_eval_end_to_end_with_the_toy_model(local_medpix: Path, tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from nvlcore.cli import build_cli
+    from nvlcore.eval.testing import run_eval_end_to_end
+
+    toy = tmp_path / "toy"
+    assert CliRunner().invoke(build_cli(), ["toy-model", str(toy)]).exit_code == 0
+    kwargs = {"path": str(local_medpix), "cache_dir": str(tmp_path / "cache")}
+    summary, lines = run_eval_end_to_end(toy, "medpix", kwargs, tmp_path, limit=1)  # default: validation
+    assert set(summary["metrics"]) == {"exact_match", "token_f1", "rouge_l"}
+    assert lines[0]["reference"] == "No." and lines[0]["question"] == "Is there a fracture?"

@@ -37,6 +37,8 @@ class RavenDataset(HFConversationMaker):
     )
     Kwargs: ClassVar[type] = RavenKwargs
     scan_columns: ClassVar[tuple[str, ...]] = ("images", "texts")
+    #: ``nvl eval``'s metric: accuracy of the chosen option
+    metrics: ClassVar[str] = "nvl_data_raven.metrics:RavenMetrics"
 
     def source_name(self) -> str:
         return f"{self.hub_id} (subset raven)"

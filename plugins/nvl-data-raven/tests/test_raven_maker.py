@@ -165,3 +165,40 @@ def test_nvl_data_preview_with_the_toy_model(local_cauldron: Path, tmp_path: Pat
     assert text.exit_code == 0, text.output
     assert "make_raven_dataset/train: 2 examples (4 rows skipped" in text.output
     assert "tiles per image: 1, 3, 3; frames: 0]" in text.output
+
+
+# -- nvl eval: option accuracy -------------------------------------------------------------------
+
+
+def test_raven_option_accuracy_hand_computed() -> None:
+    from nvl_data_raven.metrics import RavenMetrics
+
+    m = RavenMetrics()
+    assert m.score("B", "B") == {"option_accuracy": 1.0}
+    assert m.score("Answer: B.", "B") == {"option_accuracy": 1.0}
+    assert m.score("The answer is (C).", "Answer: C") == {"option_accuracy": 1.0}
+    assert m.score("C", "B") == {"option_accuracy": 0.0}
+    assert m.score("Because the shapes rotate", "B") == {"option_accuracy": 0.0}  # names no option
+    assert m.score("yes", "Yes.") == {"option_accuracy": 1.0}  # a free-text reference: exact match
+
+
+def test_nvl_eval_predictions_references_score_one_and_empty_zero(tmp_path: Path) -> None:
+    from nvlcore.eval.testing import check_reference_and_empty, score_file
+
+    refs = ["B", "A", "Answer: H", "E."]
+    check_reference_and_empty("raven", refs, tmp_path, ["option_accuracy"])
+    assert score_file("raven", ["B", "C", "H", "E"], refs, tmp_path)["metrics"] == {"option_accuracy": 0.75}
+
+
+def test_nvl_eval_end_to_end_with_the_toy_model(local_cauldron: Path, tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from nvlcore.cli import build_cli
+    from nvlcore.eval.testing import run_eval_end_to_end
+
+    toy = tmp_path / "toy"
+    assert CliRunner().invoke(build_cli(), ["toy-model", str(toy)]).exit_code == 0
+    kwargs = {"path": str(local_cauldron), "cache_dir": str(tmp_path / "cache")}
+    summary, lines = run_eval_end_to_end(toy, "raven", kwargs, tmp_path, limit=2)  # the only split: train
+    assert set(summary["metrics"]) == {"option_accuracy"}
+    assert [x["reference"] for x in lines] == ["B", "A"] and lines[1]["row"] == 5

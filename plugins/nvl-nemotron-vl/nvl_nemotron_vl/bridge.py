@@ -131,6 +131,14 @@ class NemotronVLBridge(BridgeConversionMixin):
             raise ValueError("generator() needs a bridge made with from_hf_dir")
         return load_generator(self.hf_dir, **options)
 
+    def generator_for_model(self, model: Any, **options: Any) -> Any:
+        """A :class:`nvlcore.generation.Generator` over an already-built model (the trainer's, for
+        ``validation.generate_eval_interval``); ``options`` as
+        :func:`nvl_nemotron_vl.generate.generator_for_model`."""
+        from .generate import generator_for_model
+
+        return generator_for_model(self, model, **options)
+
     # --------------------------------------------------------------------------------- recipe
     def recipe(self, *, peft: bool = False, lora_on_language_model: bool = False,
                lora_on_vision_model: bool = False) -> Mapping[str, Any]:

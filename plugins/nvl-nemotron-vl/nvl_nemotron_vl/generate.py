@@ -19,12 +19,21 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 if TYPE_CHECKING:
     import torch
 
     from nvlcore.generation import Generator
+
+
+def _groups_ready(tensor_parallel_size: int) -> bool:
+    """The caller already set up TP x DP groups of this TP size (``nvl eval --tp N --nproc-per-node M``)."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    return (dist.is_initialized() and parallel_state.model_parallel_is_initialized()
+            and parallel_state.get_tensor_model_parallel_world_size() == tensor_parallel_size)
 
 
 def init_tensor_parallel(tensor_parallel_size: int, device: "torch.device") -> None:
@@ -40,7 +49,7 @@ def init_tensor_parallel(tensor_parallel_size: int, device: "torch.device") -> N
     from .model.parallel import ensure_model_parallel
 
     world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
-    if tensor_parallel_size > 1 and world != tensor_parallel_size:
+    if tensor_parallel_size > 1 and world != tensor_parallel_size and not _groups_ready(tensor_parallel_size):
         raise ValueError(
             f"--tp {tensor_parallel_size} needs {tensor_parallel_size} processes, one per rank (this run has "
             f"{world}); launch with `torchrun --nproc-per-node {tensor_parallel_size} $(which nvl) generate "
@@ -70,6 +79,7 @@ def load_generator(
     video_pruning_rate: float | None = None,
     plugin_manager: Any = None,
     say: Any = None,
+    model_transform: "Callable[[torch.nn.Module], Any] | None" = None,
 ) -> "Generator":
     """Load the model and processor of ``hf_model_path`` and wrap them for generation.
 
@@ -91,13 +101,12 @@ def load_generator(
         ``video_pruning_rate``; 0 turns EVS off).
     :param plugin_manager: the plugin manager whose ``peft_method`` registry applies ``lora_checkpoint``.
     :param say: callable for one-line progress notes (default: silent).
+    :param model_transform: called with the loaded model before it is wrapped for decoding
+        (``nvl eval --lora-checkpoint`` adds and merges a LoRA run's adapters there).
     """
     import torch
 
-    from nvlcore.generation import Generator
-
     from .bridge import NemotronVLBridge
-    from .model.decode import NemotronVLDecoder
 
     hf_dir = Path(hf_model_path)
     if device is None:
@@ -108,7 +117,6 @@ def load_generator(
     init_tensor_parallel(tensor_parallel_size, device)
 
     bridge = NemotronVLBridge.from_hf_dir(hf_dir)
-    processor = bridge.processor(**dict(processor_options or {}))
     run = None
     if lora_checkpoint is not None:
         run = _open_peft_run(lora_checkpoint)
@@ -132,8 +140,39 @@ def load_generator(
         if not 0.0 <= float(video_pruning_rate) < 1.0:
             raise ValueError(f"video pruning rate must be in [0, 1), got {video_pruning_rate}")
         model.config = dataclasses.replace(model.config, video_pruning_rate=float(video_pruning_rate))
+    if model_transform is not None:
+        model_transform(model)
     model.eval()
+    return generator_for_model(bridge, model, device=device, dtype=dtype, cuda_graph=cuda_graph, compile=compile,
+                               processor_options=processor_options)
 
+
+def generator_for_model(
+    bridge: Any,
+    model: "torch.nn.Module",
+    *,
+    device: "torch.device | str",
+    dtype: "torch.dtype | None" = None,
+    cuda_graph: bool | None = None,
+    compile: bool = False,
+    processor_options: Mapping[str, Any] | None = None,
+) -> "Generator":
+    """A :class:`~nvlcore.generation.Generator` over a model that is already built and loaded (the
+    trainer's, for generation-based validation); the model is used as it is (call ``model.eval()``
+    around generation).
+
+    :param dtype: dtype of the media tensors (default: the model's parameters').
+    """
+    import torch
+
+    from nvlcore.generation import Generator
+
+    from .model.decode import NemotronVLDecoder
+
+    device = torch.device(device)
+    if dtype is None:
+        dtype = next(model.parameters()).dtype
+    processor = bridge.processor(**dict(processor_options or {}))
     decoder = NemotronVLDecoder(
         model, cuda_graph=device.type == "cuda" if cuda_graph is None else cuda_graph, compile=compile
     )

@@ -1,0 +1,264 @@
+"""``nvl eval``: answer a dataset split with a model and score the answers with the dataset maker's
+metrics (or score an existing predictions file without a model). See docs/eval.md.
+
+``--nproc-per-node N`` starts N workers through ``torch.distributed.run``; each answers its share of
+the split (data parallel, or ``N / --tp`` shares with tensor parallelism) and rank 0 gathers, scores
+and writes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+import click
+
+from nvlcore.cli.options import CONFIG_CONTEXT_SETTINGS, config_options
+
+MODULE = "nvlcore.cli.eval_cmd"
+DEFAULT_SPLITS = ("test", "validation")
+
+
+def resolve_split(maker: Any, split: str | None, maker_name: str) -> str:
+    """``--split``, or the maker's test split, else its validation split, else its only split."""
+    splits = tuple(getattr(maker, "splits", ()) or ())
+    if split is not None:
+        return split  # the maker refuses unknown splits with its own message
+    for s in DEFAULT_SPLITS:
+        if s in splits:
+            return s
+    if splits:
+        return splits[0]
+    raise click.UsageError(f"dataset maker {maker_name!r} declares no splits; pass --split")
+
+
+def split_maker_kwargs(cfg: Any, split: str) -> dict[str, Any]:
+    """``dataset.maker_kwargs`` with ``val_maker_kwargs``/``test_maker_kwargs`` merged for that split."""
+    kwargs = dict(cfg.dataset.maker_kwargs)
+    if split == "validation":
+        kwargs.update(cfg.dataset.val_maker_kwargs)
+    elif split == "test":
+        kwargs.update(cfg.dataset.test_maker_kwargs)
+    return kwargs
+
+
+def _child_argv(params: dict[str, Any], overrides: Sequence[str]) -> list[str]:
+    argv: list[str] = []
+    for name, value in params.items():
+        if name in ("nproc_per_node", "config_files") or value is None or value is False:
+            continue
+        flag = "--" + name.replace("_", "-")
+        if name == "as_json":
+            flag = "--json"
+        elif name == "bridge_name":
+            flag = "--bridge"
+        argv += [flag] if value is True else [flag, str(value)]
+    for f in params.get("config_files") or ():
+        argv += ["--config-file", str(f)]
+    return argv + list(overrides)
+
+
+@click.command("eval", context_settings={**CONFIG_CONTEXT_SETTINGS, "help_option_names": ["-h", "--help"]})
+@click.option("--hf-model-path", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="HF model directory: config, tokenizer (and the weights when no Megatron path is given).")
+@click.option("--megatron-model-path", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Megatron-style checkpoint (base dir or iter_N dir) whose weights to use.")
+@click.option("--lora-checkpoint", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="A LoRA run's checkpoint: its adapters are merged in memory into the base weights.")
+@click.option("--predictions", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Score this JSON-lines file (prediction, reference per line) instead of generating.")
+@click.option("--split", default=None, help="Dataset split (default: test, else validation, else the maker's only split).")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Evaluate only the first N examples.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Prompts decoded together (batched by length).")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=None,
+              help="Generation budget per answer (default: the metrics' own, e.g. 768 for CORD-v2).")
+@click.option("--system-prompt", default="/no_think", show_default=True,
+              help="System turn added to conversations without one; '' for none.")
+@click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(min=0.0), help="0 = greedy.")
+@click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0.0, 1.0, min_open=True))
+@click.option("--top-k", default=0, show_default=True, type=click.IntRange(min=0), help="0 = off.")
+@click.option("--seed", default=None, type=int, help="Seed of the sampling generator.")
+@click.option("--tp", default=1, show_default=True, type=click.IntRange(min=1), help="Tensor-parallel size.")
+@click.option("--nproc-per-node", type=click.IntRange(min=1), default=None,
+              help="Start this many worker processes; the split is sharded over the data-parallel ranks.")
+@click.option("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when available).")
+@click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default=None,
+              help="Weights dtype (default: bfloat16 on GPU, float32 on CPU).")
+@click.option("--bridge", "bridge_name", default=None, help="Model bridge name (default: from config.json).")
+@click.option("--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write one JSON line per sample: id, prediction, reference, scores.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print one JSON object (metrics, num_samples, tokens_per_s, seconds) instead of the table.")
+@config_options(print_config=False)
+def eval_command(**params: Any) -> None:
+    """Answer a dataset split with a model and score the answers.
+
+    The metrics belong to the dataset maker (CORD-v2: tree-edit-distance accuracy and field F1;
+    Raven: option accuracy; MedPix: exact match, token F1, ROUGE-L; ...), with exact match and token
+    F1 for makers without their own. OVERRIDES select the data like `nvl finetune`'s:
+
+    \b
+      nvl eval --hf-model-path HF dataset.maker_name=cord_v2 --limit 100 --output preds.jsonl
+      nvl eval --hf-model-path HF --lora-checkpoint runs/lora dataset.maker_name=medpix --json
+      nvl eval --predictions preds.jsonl dataset.maker_name=cord_v2      # no model: score a file
+    """
+    from nvlcore.cli import current_plugin_manager
+    from nvlcore.cli.options import load_config_from_cli
+    from nvlcore.eval.metrics import metrics_for
+    from nvlcore.eval.runner import EvalError
+
+    overrides = list(params.pop("overrides"))
+    config_files = params["config_files"]
+    manager = current_plugin_manager()
+    cfg = load_config_from_cli(config_files, overrides, plugins=manager)
+    maker_name = cfg.dataset.maker_name
+    try:
+        maker = manager.registry("dataset_maker").get(maker_name)
+    except Exception as exc:
+        raise click.UsageError(f"dataset.maker_name={maker_name!r}: {exc}") from None
+    try:
+        metrics = metrics_for(maker)
+    except Exception as exc:
+        raise click.ClickException(str(exc)) from None
+
+    if params["predictions"] is not None:
+        if params["hf_model_path"] or params["megatron_model_path"] or params["lora_checkpoint"]:
+            raise click.UsageError("--predictions scores a file without a model: drop the model paths")
+        _score_file(params, metrics, maker_name)
+        return
+    if params["hf_model_path"] is None:
+        raise click.UsageError("--hf-model-path DIR is required (or --predictions FILE to score a file)")
+    if params["temperature"] == 0.0 and (params["top_p"] != 1.0 or params["top_k"] != 0):
+        raise click.UsageError("--top-p/--top-k only apply when sampling: also give --temperature > 0")
+
+    from nvlcore.parallel import build_launch_args, launch, launched_by_torchrun
+
+    nproc = params["nproc_per_node"]
+    if nproc is not None and nproc > 1 and not launched_by_torchrun():
+        if nproc % params["tp"]:
+            raise click.UsageError(f"--nproc-per-node {nproc} is not a multiple of --tp {params['tp']}")
+        args = build_launch_args(nproc_per_node=nproc, module=MODULE,
+                                 module_args=_child_argv(params, overrides))
+        click.echo(f"nvl eval: starting {nproc} worker(s) on this machine", err=True)
+        code = launch(args)
+        if code:
+            raise SystemExit(code)
+        return
+    split = resolve_split(maker, params["split"], maker_name)
+    try:
+        _run(params, cfg, maker, metrics, maker_name, split, manager)
+    except (click.ClickException, SystemExit, KeyboardInterrupt):
+        raise
+    except (EvalError, FileNotFoundError, ValueError, KeyError, TypeError, NotImplementedError) as exc:
+        rank = os.environ.get("RANK")
+        where = f"rank {rank}: " if rank not in (None, "0") else ""
+        raise click.ClickException(f"{where}{type(exc).__name__}: {exc.args[0] if exc.args else exc}") from None
+
+
+def _score_file(params: dict[str, Any], metrics: Any, maker_name: str) -> None:
+    from nvlcore.eval.runner import EvalError, EvalReport, read_predictions, score_records
+
+    try:
+        records = read_predictions(params["predictions"])
+    except EvalError as exc:
+        raise click.ClickException(str(exc)) from None
+    if params["limit"]:
+        records = records[: params["limit"]]
+    report = EvalReport(score_records(metrics, records), records)
+    _report(params, report, f"nvl eval: {maker_name}, {params['predictions']}")
+
+
+def _report(params: dict[str, Any], report: Any, title: str) -> None:
+    from nvlcore.eval.runner import format_table, write_records
+
+    if params["output"] is not None:
+        write_records(params["output"], report.records)
+        click.echo(f"nvl eval: wrote {report.num_samples} predictions to {params['output']}", err=True)
+    if params["as_json"]:
+        click.echo(json.dumps(report.summary()))
+    else:
+        click.echo(format_table(report.metrics, num_samples=report.num_samples, title=title))
+        if report.seconds:
+            click.echo(f"  {report.seconds:.1f} s, {report.samples_per_s:.2f} samples/s, "
+                       f"{report.tokens_per_s:.1f} generated tokens/s")
+
+
+def _run(params: dict[str, Any], cfg: Any, maker: Any, metrics: Any, maker_name: str, split: str, manager: Any) -> None:
+    import warnings
+
+    warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
+    import torch.distributed as dist
+
+    from nvlcore.parallel import default_device_type, destroy_parallel, init_parallel, launched_by_torchrun
+
+    had_group = dist.is_available() and dist.is_initialized()
+    ctx = None
+    try:
+        if launched_by_torchrun():
+            device_type = params["device"].split(":")[0] if params["device"] else default_device_type()
+            ctx = init_parallel(params["tp"], device_type=device_type)
+        _evaluate(params, cfg, maker, metrics, maker_name, split, manager, ctx)
+    finally:
+        # Leave the process as it was: in-process callers (tests, notebooks) may load other models.
+        if ctx is not None:
+            destroy_parallel(ctx)
+        elif not had_group and dist.is_available() and dist.is_initialized():
+            destroy_parallel()
+
+
+def _evaluate(params: dict[str, Any], cfg: Any, maker: Any, metrics: Any, maker_name: str, split: str,
+              manager: Any, ctx: Any) -> None:
+    import torch
+
+    from nvlcore.eval.model import load_eval_generator
+    from nvlcore.eval.runner import echo_err, evaluate_generator
+    from nvlcore.generation import SamplingParams
+
+    tp = params["tp"]
+    rank, world = (ctx.rank, ctx.world_size) if ctx else (0, 1)
+    dp_rank, dp_size = (ctx.dp_rank, ctx.dp_size) if ctx else (0, 1)
+    tp_rank = ctx.tp_rank if ctx else 0
+    say = echo_err if rank == 0 else (lambda _m: None)
+    dev = torch.device(params["device"]) if params["device"] else (
+        ctx.device if ctx else torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = getattr(torch, params["dtype"]) if params["dtype"] else (torch.bfloat16 if dev.type == "cuda" else torch.float32)
+
+    made = maker(split=split, **split_maker_kwargs(cfg, split))
+    total = len(made) if params["limit"] is None else min(params["limit"], len(made))
+    say(f"nvl eval: {maker_name}/{split}: {total} example(s)"
+        + (f" over {dp_size} data-parallel rank(s)" if dp_size > 1 else "")
+        + f"; loading {params['hf_model_path']}"
+        + (f" with weights from {params['megatron_model_path']}" if params["megatron_model_path"] else "")
+        + f" ({dtype}, {dev}, tp={tp})")
+    generator = load_eval_generator(
+        hf_model_path=params["hf_model_path"], megatron_model_path=params["megatron_model_path"],
+        lora_checkpoint=params["lora_checkpoint"], tensor_parallel_size=tp, device=dev, dtype=dtype,
+        manager=manager, bridge_name=params["bridge_name"], say=say,
+    )
+    seed = params["seed"]
+    if params["temperature"] > 0 and seed is None and world > 1:
+        from nvlcore.cli.generate import _shared_random_seed
+
+        seed = _shared_random_seed()
+    sampling = SamplingParams(temperature=params["temperature"], top_p=params["top_p"], top_k=params["top_k"], seed=seed)
+    report = evaluate_generator(
+        generator, made, metrics, limit=params["limit"], batch_size=params["batch_size"],
+        max_new_tokens=params["max_new_tokens"], sampling=sampling,
+        system_prompt=params["system_prompt"] or None, rank=dp_rank, world=dp_size, contribute=tp_rank == 0,
+        name=f"{maker_name}/{split}", progress=say,
+    )
+    if rank == 0:
+        _report(params, report, f"nvl eval: {maker_name}/{split}")
+
+
+def main(argv: list[str] | None = None) -> Any:
+    """Entry point of each worker process (``python -m nvlcore.cli.eval_cmd ...``)."""
+    return eval_command.main(args=argv, prog_name="nvl eval")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,121 @@
+"""Loading the model ``nvl eval`` answers with: an HF directory, a Megatron-style checkpoint, and
+optionally a LoRA run's adapters (added and merged in memory, as ``nvl peft merge`` would)."""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+from typing import Any, Callable
+
+from nvlcore.eval.runner import EvalError
+
+
+def lora_run(lora_checkpoint: str | Path) -> tuple[Path, dict[str, Any]]:
+    """``(iter_dir, run_config)`` of an adapter-only checkpoint written by ``nvl finetune --lora-on-*``.
+
+    :raises EvalError: naming the file when it is not one.
+    """
+    from nvlcore.checkpoint import open_checkpoint
+
+    try:
+        ck = open_checkpoint(lora_checkpoint)
+    except Exception as exc:
+        raise EvalError(f"--lora-checkpoint {lora_checkpoint}: {exc}") from exc
+    rc = ck.run_config()
+    if rc is None:
+        raise EvalError(f"--lora-checkpoint: {ck.path}/run_config.yaml is missing (is this a `nvl finetune` checkpoint?)")
+    extra = ck.extra_state() or {}
+    method = (rc.get("peft") or {}).get("method")
+    if not method or not extra.get("adapter_only", True):
+        raise EvalError(
+            f"--lora-checkpoint: {ck.path}/run_config.yaml has no peft.method, so it holds full weights; "
+            "pass it as --megatron-model-path instead"
+        )
+    return Path(ck.path), rc
+
+
+def lora_transform(lora_checkpoint: str | Path, *, bridge: Any, manager: Any) -> tuple[Callable[[Any], None], dict[str, Any]]:
+    """A function that adds the run's adapters to a loaded base model, loads the checkpoint's
+    trained tensors (adapters, and what the run trained fully) and merges the adapters; and the
+    run's config."""
+    iter_dir, rc = lora_run(lora_checkpoint)
+
+    def transform(model: Any) -> None:
+        from nvlcore.config import load_config
+        from nvlcore.parallel import ParallelContext
+        from nvlcore.training import checkpointing as tck
+        from nvlcore.training.finetune import apply_freeze_flags, apply_peft
+
+        try:
+            cfg = load_config([], [], base=rc, plugins=manager)
+        except Exception as exc:
+            raise EvalError(f"--lora-checkpoint: {iter_dir}/run_config.yaml: {exc}") from exc
+        apply_freeze_flags(model, cfg)
+        method = apply_peft(model, cfg, manager)
+        import torch.distributed as dist
+        from megatron.core import parallel_state
+
+        tp = parallel_state.get_tensor_model_parallel_world_size()
+        ctx = ParallelContext(
+            rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=0, tp_size=tp,
+            tp_rank=parallel_state.get_tensor_model_parallel_rank(),
+            dp_size=parallel_state.get_data_parallel_world_size(), dp_rank=parallel_state.get_data_parallel_rank(),
+            device=next(model.parameters()).device, backend=dist.get_backend(),
+        )
+        try:
+            tck.load_model_weights(model, iter_dir, bridge=bridge, ctx=ctx, only_trainable=True)
+        except KeyError as exc:
+            raise EvalError(f"--lora-checkpoint {iter_dir}: {exc.args[0] if exc.args else exc}") from exc
+        method.merge(model)
+        for p in model.parameters():
+            p.requires_grad_(False)
+
+    return transform, rc
+
+
+def recorded_base(rc: dict[str, Any]) -> Path | None:
+    """The LoRA run's starting checkpoint when it is a Megatron-style checkpoint that still exists."""
+    src = (rc.get("checkpoint") or {}).get("pretrained_checkpoint")
+    if not src:
+        return None
+    p = Path(src).expanduser()
+    if not p.exists() or (p / "config.json").is_file():
+        return None  # gone, or an HF directory (its weights are the --hf-model-path ones)
+    return p
+
+
+def load_eval_generator(
+    *,
+    hf_model_path: Path,
+    megatron_model_path: Path | None,
+    lora_checkpoint: Path | None,
+    tensor_parallel_size: int,
+    device: Any,
+    dtype: Any,
+    manager: Any,
+    bridge_name: str | None = None,
+    say: Callable[[str], None] = lambda _m: None,
+) -> Any:
+    """The bridge's generator for these weights (see ``nvl eval --help``)."""
+    from nvlcore.cli.generate import resolve_bridge
+
+    bridge = resolve_bridge(hf_model_path, bridge_name, manager)
+    make = getattr(bridge, "generator", None)
+    if make is None:
+        raise EvalError(f"model bridge {type(bridge).__name__} does not support generation (no generator())")
+    options: dict[str, Any] = dict(megatron_model_path=megatron_model_path, tensor_parallel_size=tensor_parallel_size,
+                                   device=device, dtype=dtype)
+    if lora_checkpoint is not None:
+        params = inspect.signature(make).parameters
+        if "model_transform" not in params and not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+            raise EvalError(f"model bridge {type(bridge).__name__}: its generator() takes no model_transform, so "
+                            "--lora-checkpoint cannot be applied; merge first with `nvl peft merge`")
+        transform, rc = lora_transform(lora_checkpoint, bridge=bridge, manager=manager)
+        options["model_transform"] = transform
+        if megatron_model_path is None:
+            base = recorded_base(rc)
+            if base is not None:
+                options["megatron_model_path"] = base
+        say(f"nvl eval: base weights from {options['megatron_model_path'] or hf_model_path}, "
+            f"LoRA adapters from {lora_checkpoint} (merged in memory)")
+    return make(**options)
