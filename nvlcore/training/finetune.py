@@ -331,12 +331,8 @@ def run_finetune(
         t0 = time.perf_counter()
         bridge = resolve_bridge(manager, cfg, cfg.model.hf_model_path)
         settings = loop_settings(cfg, dp_size=ctx.dp_size, device_type=ctx.device.type)
-        # Under bf16 autocast every matmul reads bf16 weights: build in bf16 and give only trainable
-        # parameters fp32 master copies (after freezing and PEFT, below), so a frozen tower costs 2
-        # bytes per parameter, not 4 plus a per-step bf16 cast.
-        build_dtype = settings.autocast_dtype or torch.float32
         model = _call_with_supported(
-            bridge.build_model, dtype=build_dtype, device=ctx.device,
+            bridge.build_model, dtype=torch.float32, device=ctx.device,
             init="random" if random_init else "none", seed=cfg.rng.seed,
         )
         model.train()
@@ -367,7 +363,11 @@ def run_finetune(
             say(f"nvl finetune: loaded pretrained weights from {src} ({time.perf_counter() - t0:.1f} s)")
         apply_freeze_flags(model, cfg)
         peft = apply_peft(model, cfg, manager)
-        optim.upcast_trainable_(model)
+        if settings.autocast_dtype is not None:
+            # Under bf16 autocast every matmul reads bf16 weights: a frozen parameter (a LoRA run's base
+            # model) is stored once in bf16, 2 bytes instead of 4 plus a per-step cast; trainable ones
+            # keep their fp32 masters. (Built and loaded in fp32, so nothing trainable loses precision.)
+            optim.store_frozen_in_(model, settings.autocast_dtype)
         say("nvl finetune: memory plan: " + optim.memory_plan(model, ctx=ctx).describe())
 
         named = optim.trainable_named_parameters(model)

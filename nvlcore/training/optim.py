@@ -219,19 +219,16 @@ def broadcast_parameters(params: Iterable["torch.Tensor"], *, src_global_rank: i
 
 
 # ------------------------------------------------------------------------------ precision, memory
-def upcast_trainable_(model: "torch.nn.Module") -> int:
-    """Give every trainable parameter an fp32 master (in place); frozen ones keep the build dtype.
+def store_frozen_in_(model: "torch.nn.Module", dtype: "torch.dtype") -> int:
+    """Convert every frozen floating-point parameter of ``model`` to ``dtype`` in place; trainable ones
+    stay fp32 (the optimizer's masters). Returns the number of parameters converted.
 
-    The model is built in the autocast dtype on GPU (bf16), so frozen weights (a LoRA run's base
-    model) are stored once in bf16; only what the optimizer updates needs fp32. Returns the number of
-    parameters converted.
+    Call it after freezing and PEFT: which parameters train is known only then.
     """
-    import torch
-
     n = 0
     for p in model.parameters():
-        if p.requires_grad and p.dtype != torch.float32:
-            p.data = p.data.float()
+        if not p.requires_grad and p.is_floating_point() and p.dtype != dtype:
+            p.data = p.data.to(dtype)
             n += p.numel()
     return n
 

@@ -77,10 +77,16 @@ def _fla() -> dict[str, Callable[..., Any]]:
     return {"conv": causal_conv1d, "rmsnorm": rmsnorm_fn, "simple_gla": chunk_simple_gla}
 
 
+_LOAD_ERRORS: dict[str, str] = {}
+
+
 def _try(loader: Callable[[], dict[str, Callable[..., Any]]]) -> dict[str, Callable[..., Any]] | None:
+    """The library's ops, or None (missing, or failing on this platform: the reference is used); the
+    reason is kept for the error of an explicit ``model.kernels`` choice."""
     try:
         return loader()
-    except Exception:  # missing library, or one that fails on this platform: the reference is used
+    except Exception as exc:
+        _LOAD_ERRORS[loader.__name__] = f"{type(exc).__name__}: {exc}"
         return None
 
 
@@ -200,10 +206,12 @@ def select_kernels(choice: str, device: torch.device | str) -> MixerKernels:
     mamba = _try(_mamba_triton)
     fla = _try(_fla)
     if choice == "mamba_ssm" and mamba is None:
-        raise ValueError("model.kernels=mamba_ssm but mamba-ssm's Triton kernels cannot be imported; "
-                         "pip install 'nvl-nemotron-vl[gpu]' (or MAMBA_SKIP_CUDA_BUILD=TRUE pip install mamba-ssm)")
+        raise ValueError("model.kernels=mamba_ssm but mamba-ssm's Triton kernels cannot be imported "
+                         f"({_LOAD_ERRORS.get('_mamba_triton', '?')}); pip install 'nvl-nemotron-vl[gpu]' (or "
+                         "MAMBA_SKIP_CUDA_BUILD=TRUE MAMBA_FORCE_BUILD=TRUE pip install --no-build-isolation mamba-ssm)")
     if choice == "fla" and fla is None:
-        raise ValueError("model.kernels=fla but flash-linear-attention cannot be imported; pip install fla-core")
+        raise ValueError("model.kernels=fla but flash-linear-attention cannot be imported "
+                         f"({_LOAD_ERRORS.get('_fla', '?')}); pip install fla-core")
     if mamba is not None and choice in ("auto", "mamba_ssm"):
         k.scan, k.names["scan"] = _mamba_scan(mamba["scan"]), "mamba-ssm mamba_chunk_scan_combined (Triton)"
     elif fla is not None and choice in ("auto", "fla"):
