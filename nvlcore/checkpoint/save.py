@@ -22,12 +22,14 @@ import contextlib
 import json
 import os
 import shutil
+import sys
 import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping
 
+from nvlcore import interrupt
 from nvlcore.checkpoint.atomic import (
     OutputExistsError,
     atomic_torch_save,
@@ -272,9 +274,15 @@ def _remove_iteration_dir(path: Path) -> None:
 
 
 def _clean_leftovers(root: Path) -> None:
+    """Remove what an earlier save killed with SIGKILL (or a lost machine) left, saying so on stderr.
+
+    Only one run saves into a checkpoint root at a time (the coordinator does this before its save), so
+    every ``.iter_N.tmp-*`` / ``.iter_N.old-*`` here is a leftover.
+    """
     for child in root.iterdir():
         if child.name.startswith(".iter_") and (TMP_MARK in child.name or OLD_MARK in child.name) and child.is_dir():
             remove_tree(child)
+            print(f"nvl: removed {child}, left by an interrupted checkpoint save", file=sys.stderr)
 
 
 def write_tracker(root: Path, iteration: int, train_state: Mapping[str, Any] | None = None) -> None:
@@ -431,6 +439,7 @@ def save_checkpoint(
     except BaseException:
         if coordinator:
             remove_tree(tmp)
+            interrupt.note_discarded(final)
         raise
     return final
 
