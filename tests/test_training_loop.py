@@ -288,8 +288,11 @@ def test_sigterm_saves_a_checkpoint_at_the_next_iteration_and_resume_continues(h
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == 0, output[-3000:]
-    assert "received SIGTERM" in output
+    from nvlcore.interrupt import EXIT_STOPPED_EARLY
+
+    assert proc.returncode == EXIT_STOPPED_EARLY == 75, output[-3000:]  # stopped early, checkpoint saved
+    assert "received SIGTERM" in output and "Traceback" not in output
+    assert "stopped early by SIGTERM" in output and "exit status 75" in output
     latest = int((out / "latest_checkpointed_iteration.txt").read_text())
     assert latest >= 3 and (out / f"iter_{latest:07d}").is_dir()
     state = train_here(hf, f"checkpoint.save={out}", "train.train_iters=100000", "checkpoint.save_interval=100000",
@@ -381,3 +384,44 @@ def test_wandb_logger_works_offline(hf, tmp_path, monkeypatch):
     runs = list((out / "wandb" / "wandb").glob("offline-run-*"))
     assert len(runs) == 1, list((out / "wandb").rglob("*"))[:20]
     assert any(runs[0].glob("*.wandb"))
+
+
+def _kill_9_after(hf: Path, out: Path, rows: int, *overrides: str) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "NVL_DEVICE": "cpu"}
+    proc = subprocess.Popen([sys.executable, str(SUPPORT / "run_tiny.py"), str(hf), f"checkpoint.save={out}",
+                             "train.train_iters=100000", *overrides],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            if (out / "metrics.jsonl").is_file() and len((out / "metrics.jsonl").read_text().splitlines()) >= rows:
+                break
+            assert proc.poll() is None
+            time.sleep(0.1)
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def _iterations(out: Path) -> list[int]:
+    return [json.loads(x)["iteration"] for x in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+
+
+def test_metrics_jsonl_after_kill_9_and_restart_lists_each_iteration_once(hf, tmp_path):
+    """Issue 17 item 6: killed before its first checkpoint, the rerun starts over and its rows replace the lost ones."""
+    out = tmp_path / "fresh"
+    _kill_9_after(hf, out, 3, "checkpoint.save_interval=100000")
+    assert _iterations(out)[:3] == [1, 2, 3] and not (out / "latest_checkpointed_iteration.txt").exists()
+    train_here(hf, f"checkpoint.save={out}", "train.train_iters=4", "scheduler.lr_warmup_iters=1")
+    assert _iterations(out) == [1, 2, 3, 4]
+
+
+def test_metrics_jsonl_after_kill_9_and_resume_lists_each_iteration_once(hf, tmp_path):
+    out = tmp_path / "resumed"
+    _kill_9_after(hf, out, 9, "checkpoint.save_interval=4")
+    latest = int((out / "latest_checkpointed_iteration.txt").read_text())
+    logged = _iterations(out)
+    assert latest >= 4 and max(logged) > latest  # rows past the checkpoint were logged, then lost
+    train_here(hf, f"checkpoint.save={out}", "train.train_iters=100000", "checkpoint.save_interval=4",
+               f"train.exit_interval={max(logged) + 2 - latest}")
+    assert _iterations(out) == list(range(1, max(logged) + 3))

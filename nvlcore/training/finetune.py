@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import json
 import random
+import signal
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import attrs
 
+from nvlcore.interrupt import EXIT_STOPPED_EARLY
 from nvlcore.training.trainer import LoopSettings, TrainState, Trainer
 
 if TYPE_CHECKING:
@@ -283,6 +285,13 @@ def build_loggers(cfg: "NvlConfig", manager: Any, ctx: "ParallelContext", *, res
     return out
 
 
+class StoppedEarly(SystemExit):
+    """Training stopped on SIGTERM/SIGINT: exit status :data:`EXIT_STOPPED_EARLY` (75) when the checkpoint
+    was saved, ``128 + signal`` when there was nowhere to save. ``state`` is the final train state."""
+
+    state: TrainState | None = None
+
+
 def run_finetune(
     cfg: "NvlConfig",
     *,
@@ -296,6 +305,9 @@ def run_finetune(
     ``cfg.model.hf_model_path`` names the HF directory the bridge reads; ``cfg.checkpoint.pretrained_checkpoint``
     the starting weights (a Megatron checkpoint, base or ``iter_N`` dir, or an HF directory), unless
     ``random_init`` (benchmarks only).
+
+    :raises StoppedEarly: a ``SystemExit`` with status 75 (:data:`nvlcore.interrupt.EXIT_STOPPED_EARLY`)
+        when SIGTERM/SIGINT stopped training and the checkpoint of the last iteration was saved.
     """
     import torch
 
@@ -386,8 +398,9 @@ def run_finetune(
         if data.eval_note:
             say(f"nvl finetune: {data.eval_note}")
         settings = loop_settings(cfg, dp_size=ctx.dp_size, device_type=ctx.device.type)
-        loggers = build_loggers(cfg, manager, ctx, resume_iteration=state.iteration if decision.iter_dir else None,
-                                run_config=run_config)
+        # metrics.jsonl keeps rows up to the iteration training starts from: rows a killed run logged
+        # after its last checkpoint (or before any) are dropped, so each iteration appears once
+        loggers = build_loggers(cfg, manager, ctx, resume_iteration=state.iteration, run_config=run_config)
         flops_fn, flops_method = _flops_fn(bridge, model, ctx)
         if flops_method != "bridge":
             say("nvl finetune: the bridge has no train_flops(); TFLOP/s uses 6 x parameters x tokens (no attention/ViT terms)")
@@ -418,6 +431,17 @@ def run_finetune(
             f"{settings.global_batch_size} = {settings.num_microbatches} micro-batch(es) x "
             f"{cfg.train.micro_batch_size} x {ctx.dp_size} data-parallel rank(s)")
         final = trainer.run(data.train_batches)
+        if trainer.stopped_by is not None:
+            saved = trainer.save_fn is not None and trainer.last_saved_iteration == final.iteration
+            say(f"nvl finetune: stopped early by {trainer.stopped_by} at iteration {final.iteration}"
+                + (f"; checkpoint saved, exit status {EXIT_STOPPED_EARLY} (resume with the same command)"
+                   if saved else "; no checkpoint (checkpoint.save is not set)"))
+            code = EXIT_STOPPED_EARLY
+            if not saved:
+                code = 128 + int(signal.Signals[trainer.stopped_by]) if trainer.stopped_by in signal.Signals.__members__ else 1
+            stopped = StoppedEarly(code)
+            stopped.state = final
+            raise stopped
         return final
     finally:
         for lg in loggers:
