@@ -96,3 +96,109 @@ def test_stale_temps_of_live_processes_and_other_hosts_are_kept(tmp_path):
     stale.mkdir()
     assert remove_stale_temps(out, quiet=True) == [stale]
     assert mine.is_dir() and other_host.is_dir() and legacy.is_dir() and not stale.exists()
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def finetune_args(toy: Path, save: Path, *extra: str) -> list[str]:
+    return ["finetune", "--hf-model-path", str(toy), "--pretrained-checkpoint", str(toy),
+            "dataset.maker_name=synthetic_shapes", "dataset.num_workers=0", "train.global_batch_size=2",
+            "train.micro_batch_size=1", "model.seq_length=128", "dataset.seq_length=128",
+            "model.tensor_model_parallel_size=1", "scheduler.lr_warmup_iters=1", "train.train_iters=100000",
+            "checkpoint.save_interval=100000", f"checkpoint.save={save}", *extra]
+
+
+def wait_rows(proc: subprocess.Popen, save: Path, rows: int, timeout: float = 240) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        m = save / "metrics.jsonl"
+        if m.is_file() and len(m.read_text().splitlines()) >= rows:
+            return
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.2)
+    raise AssertionError(f"no {rows} metrics rows in {timeout} s")
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_kill_9_of_the_launcher_stops_its_workers_within_10_s_after_they_save(toy, tmp_path):
+    save = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "nvlcore", *finetune_args(toy, save), "--nproc-per-node", "2"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV, stdin=subprocess.DEVNULL)
+    workers: list[int] = []
+    try:
+        wait_rows(proc, save, 2)
+        workers = _children(proc.pid)
+        workers = [w for w in workers if "nvlcore.cli.finetune" in Path(f"/proc/{w}/cmdline").read_text()]
+        assert len(workers) == 2, workers
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        deadline = time.time() + 10
+        while time.time() < deadline and any(_alive(w) for w in workers):
+            time.sleep(0.1)
+        assert not any(_alive(w) for w in workers), "workers outlived their launcher by 10 s"
+    finally:
+        for w in workers:
+            if _alive(w):
+                os.kill(w, signal.SIGKILL)
+        if proc.poll() is None:
+            proc.kill()
+    # they stopped through SIGTERM: a checkpoint of the iteration they reached
+    latest = int((save / "latest_checkpointed_iteration.txt").read_text())
+    assert latest >= 2 and (save / f"iter_{latest:07d}").is_dir()
+
+
+@pytest.mark.slow
+def test_sigterm_of_a_single_process_finetune_exits_75_after_saving(toy, tmp_path):
+    save = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "nvlcore", *finetune_args(toy, save)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV,
+                            stdin=subprocess.DEVNULL)
+    try:
+        wait_rows(proc, save, 2)
+        proc.send_signal(signal.SIGTERM)
+        output, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 75, output[-3000:]
+    assert "Traceback" not in output
+    latest = int((save / "latest_checkpointed_iteration.txt").read_text())
+    assert latest >= 2
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_sigterm_of_the_launcher_exits_75_like_one_process(toy, tmp_path):
+    save = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "nvlcore", *finetune_args(toy, save), "--nproc-per-node", "2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV,
+                            stdin=subprocess.DEVNULL)
+    try:
+        wait_rows(proc, save, 2)
+        proc.send_signal(signal.SIGTERM)
+        output, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 75, output[-3000:]
+    assert (save / "latest_checkpointed_iteration.txt").is_file()
