@@ -202,3 +202,51 @@ def test_sigterm_of_the_launcher_exits_75_like_one_process(toy, tmp_path):
             proc.kill()
     assert proc.returncode == 75, output[-3000:]
     assert (save / "latest_checkpointed_iteration.txt").is_file()
+
+
+# -- a full disk (issue 17 item 7) ---------------------------------------------------------------------
+def _assert_previous_intact(root: Path) -> None:
+    from nvlcore.checkpoint import open_checkpoint
+
+    assert (root / "latest_checkpointed_iteration.txt").read_text().strip() == "1"
+    assert sorted(p.name for p in root.iterdir() if p.name.startswith((".iter", "iter"))) == ["iter_0000001"]
+    assert open_checkpoint(root).load(["w"])["w"].shape == (3, 4)
+
+
+@pytest.mark.parametrize("where", ["tensors", "small states"])
+def test_a_save_onto_a_full_disk_says_so_in_one_line_and_keeps_the_previous_checkpoint(tmp_path, where):
+    sys.path.insert(0, str(SUPPORT))
+    try:
+        from enospc_worker import full_disk_save
+    finally:
+        sys.path.remove(str(SUPPORT))
+    import torch.distributed.checkpoint.filesystem as fs
+
+    from nvlcore.checkpoint import save as save_mod
+
+    before = (fs.FileSystemWriter.write_data, save_mod.atomic_torch_save)
+    try:
+        kind, msg = full_disk_save(0, 1, str(tmp_path / "ck"), 0, where)
+    finally:
+        fs.FileSystemWriter.write_data, save_mod.atomic_torch_save = before
+    assert kind == "NoSpaceError", msg
+    assert msg.startswith(f"no space left on {save_mod.mount_point(tmp_path)} for iter_0000002: need 0.0 GB, ")
+    assert " GB free" in msg and "\n" not in msg
+    _assert_previous_intact(tmp_path / "ck")
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_a_full_disk_on_one_rank_gives_the_same_line_on_every_rank(tmp_path):
+    from nvlcore.testing_dist import run_distributed
+
+    sys.path.insert(0, str(SUPPORT))
+    try:
+        from enospc_worker import full_disk_save
+
+        results = run_distributed(full_disk_save, 2, str(tmp_path / "ck"), 1, "tensors")
+    finally:
+        sys.path.remove(str(SUPPORT))
+    assert results[0] == results[1], results
+    assert results[0][0] == "NoSpaceError" and "for iter_0000002: need" in results[0][1]
+    _assert_previous_intact(tmp_path / "ck")

@@ -425,3 +425,34 @@ def test_metrics_jsonl_after_kill_9_and_resume_lists_each_iteration_once(hf, tmp
     train_here(hf, f"checkpoint.save={out}", "train.train_iters=100000", "checkpoint.save_interval=4",
                f"train.exit_interval={max(logged) + 2 - latest}")
     assert _iterations(out) == list(range(1, max(logged) + 3))
+
+
+def test_a_disk_too_small_for_one_checkpoint_is_refused_before_training(hf, tmp_path, monkeypatch):
+    """Issue 17 item 7: the size of a checkpoint is checked against the free space before iteration 1."""
+    from nvlcore.checkpoint import save as save_mod
+
+    monkeypatch.setattr(save_mod, "free_bytes", lambda path: 1000)
+    out = tmp_path / "full"
+    with pytest.raises(ValueError, match=r"checkpoint.save=.*: one checkpoint needs about 0\.0 GB but .* has 0\.0 GB free"):
+        train_here(hf, f"checkpoint.save={out}", "train.train_iters=2", "scheduler.lr_warmup_iters=1")
+    assert not (out / "metrics.jsonl").exists() and not list(out.glob("iter_*"))
+
+
+def test_a_disk_too_small_for_every_checkpoint_kept_is_a_warning(hf, tmp_path, monkeypatch, capsys):
+    from nvlcore.checkpoint import save as save_mod
+    from nvlcore.training import checkpointing as tck
+
+    need = {}
+    real = tck.estimate_checkpoint_bytes
+
+    def estimate(*a, **k):
+        need["bytes"] = real(*a, **k)
+        return need["bytes"]
+
+    monkeypatch.setattr(tck, "estimate_checkpoint_bytes", estimate)
+    monkeypatch.setattr(save_mod, "free_bytes", lambda path: int(need.get("bytes", 10**6) * 2.5))
+    out = tmp_path / "tight"
+    train_here(hf, f"checkpoint.save={out}", "train.train_iters=4", "scheduler.lr_warmup_iters=1",
+               "checkpoint.save_interval=1")
+    text = capsys.readouterr().out
+    assert "WARNING" in text and "keeps up to 4 checkpoints" in text and "checkpoint.save_interval=1" in text

@@ -106,6 +106,75 @@ class CheckpointSaveError(RuntimeError):
     """A save failed on some rank; the message names the rank and the cause."""
 
 
+class NoSpaceError(CheckpointSaveError):
+    """The file system of the checkpoint ran out of space; the message is the same on every rank:
+    ``no space left on DEVICE for iter_N: need X GB, Y GB free``."""
+
+
+def mount_point(path: str | os.PathLike[str]) -> Path:
+    """The mount point of the file system holding ``path`` (or its nearest existing parent)."""
+    p = existing_parent(path)
+    while not os.path.ismount(p) and p != p.parent:
+        p = p.parent
+    return p
+
+
+def existing_parent(path: str | os.PathLike[str]) -> Path:
+    """``path`` itself or its nearest parent that exists."""
+    p = Path(path).expanduser().absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return p
+
+
+def free_bytes(path: str | os.PathLike[str]) -> int:
+    """Bytes free for this user on the file system of ``path`` (or its nearest existing parent)."""
+    return shutil.disk_usage(existing_parent(path)).free
+
+
+def _is_no_space(exc: BaseException | None) -> bool:
+    """Whether ``exc`` (or what caused it, or a DCP rank failure inside it) is a full disk."""
+    import errno
+
+    seen: set[int] = set()
+    todo = [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        text = str(e)
+        # torch.save's zip writer reports a failed write of a full disk as a position mismatch
+        if "No space left on device" in text or "Disk quota exceeded" in text or (
+            "inline_container" in text and ("unexpected pos" in text or "file write failed" in text)
+        ):
+            return True
+        todo += [e.__cause__, e.__context__]
+        failures = getattr(e, "failures", None)
+        if isinstance(failures, dict):
+            todo += [f for f in failures.values() if isinstance(f, BaseException)]
+    return False
+
+
+def _state_nbytes(state: Mapping[str, Any]) -> int:
+    total = 0
+    for t in state.values():
+        shape = tuple(t.shape)  # a DTensor's shape is the logical (global) one
+        n = 1
+        for d in shape:
+            n *= int(d)
+        total += n * t.element_size()
+    return total
+
+
+def no_space_message(root: Path, iteration: int, need: int) -> str:
+    """``no space left on DEVICE for iter_N: need X GB, Y GB free`` for a save under ``root``."""
+    return (f"no space left on {mount_point(root)} for {iter_dir_name(iteration)}: need {need / 1e9:.1f} GB, "
+            f"{free_bytes(root) / 1e9:.1f} GB free (checkpoint root {root}; the previous checkpoint is intact)")
+
+
 # --------------------------------------------------------------------------------------------------
 # distributed helpers (no-ops in a single process)
 
@@ -135,6 +204,9 @@ def _agree(error: BaseException | None, group: Any, dist_on: bool, what: str) ->
     msgs: list[Any] = [None] * dist.get_world_size(group)
     mine = None if error is None else f"{type(error).__name__}: {error}"
     dist.all_gather_object(msgs, mine, group=group)
+    full = [m for m in msgs if m is not None and m.startswith(f"{NoSpaceError.__name__}: ")]
+    if full:  # the same one line on every rank
+        raise NoSpaceError(full[0][len(NoSpaceError.__name__) + 2:]) from error
     if error is not None:
         raise error
     bad = [(r, m) for r, m in enumerate(msgs) if m is not None]
@@ -368,17 +440,25 @@ def save_checkpoint(
             err = exc
     _agree(err, group, dist_on, "preparation")
 
+    need = 0
+
+    def no_space(exc: BaseException) -> BaseException:
+        if isinstance(exc, NoSpaceError) or not _is_no_space(exc):
+            return exc
+        return NoSpaceError(no_space_message(root, iteration, need))
+
     try:
         state, stream = _flatten_states(model_state, sharded_states)
         if stream is not None and dist_on:
             raise ValueError("a StreamedState model_state is for single-process saves (imports)")
+        need = _state_nbytes(state)
         err = None
         try:
             if rank_state is not None:
                 (tmp / RANK_STATES_DIR).mkdir(exist_ok=True)
                 atomic_torch_save(tmp / RANK_STATES_DIR / f"rank_{global_rank:05d}.pt", dict(rank_state))
         except BaseException as exc:
-            err = exc
+            err = no_space(exc)
         _agree(err, group, dist_on, "rank_state writes")
 
         one_file = single_file_per_rank if single_file_per_rank is not None else stream is None
@@ -399,6 +479,9 @@ def save_checkpoint(
             original = getattr(planner, "error", None)
             if original is not None:
                 raise original from None
+            if _is_no_space(exc):
+                # every rank got DCP's gathered failure; rank 0's figures make the line the same everywhere
+                _agree(NoSpaceError(no_space_message(root, iteration, need)), group, dist_on, "the tensor writes")
             raise CheckpointSaveError(f"writing the tensors of {final.name} failed: {exc}") from exc
 
         if not dist_on:
@@ -434,7 +517,7 @@ def save_checkpoint(
                     write_tracker(root, iteration, ts)
                     apply_most_recent_k(root, most_recent_k, keep=iteration)
             except BaseException as exc:
-                err = exc
+                err = no_space(exc)
         _agree(err, group, dist_on, "finalization")
     except BaseException:
         if coordinator:

@@ -289,6 +289,10 @@ def finetune_command(**params: Any) -> None:
     except Exception as exc:
         if params["debug"]:
             raise
+        from nvlcore.checkpoint.save import NoSpaceError
+
+        if isinstance(exc, NoSpaceError):  # the same line from every rank
+            raise click.ClickException(str(exc)) from exc
         rank = os.environ.get("RANK")
         where = f"rank {rank}: " if rank is not None else ""
         raise click.ClickException(f"{where}{type(exc).__name__}: {exc} (--debug shows the traceback)") from exc

@@ -393,6 +393,11 @@ def run_finetune(
             say(f"nvl finetune: resumed at iteration {state.iteration} (consumed samples {state.consumed_samples}, "
                 f"{state.optimizer_steps} updates, {state.skipped_iterations} skipped)")
 
+        # -- will the checkpoints fit? (before any iteration runs) ---------------------------------
+        if cfg.checkpoint.save:
+            need = tck.estimate_checkpoint_bytes(model, ctx, adapter_only=adapter_only, save_optim=cfg.checkpoint.save_optim)
+            tck.check_checkpoint_space(cfg, need, ctx, start_iteration=state.iteration, say=say)
+
         # -- data, loggers ----------------------------------------------------------------------
         data = build_data(cfg, bridge, manager, ctx, consumed_samples=state.consumed_samples, print_fn=say)
         if data.eval_note:
