@@ -165,3 +165,26 @@ def test_generate_with_a_damaged_image_or_a_non_video(toy, tmp_path, kind):
         args = ["--video-path", str(f)]
     res = nvl("generate", "--hf-model-path", str(toy), "--prompt", "hi", "--max-new-tokens", "2", "--device", "cpu", *args)
     check_fails_cleanly(res, f, None)
+
+
+# -- item 10: contradictions are reported before anything heavy runs -----------------------------------
+@pytest.mark.parametrize("bad,expect", [
+    (['dataset.maker_name=make_raven_dataset', 'dataset.maker_kwargs={"path": "/nonexistent/raven"}'],
+     "dataset.maker_kwargs.path: /nonexistent/raven does not exist"),
+    (["train.train_iters=3", "scheduler.lr_warmup_iters=5"], "scheduler.lr_warmup_iters (5)"),
+    (["train.global_batch_size=3", "train.micro_batch_size=1", "--nproc-per-node", "2"],
+     "data-parallel size (2 = 2 processes / TP 1)"),
+], ids=["missing-dataset-path", "warmup-longer-than-training", "batch-sizes-over-processes"])
+def test_config_contradictions_fail_before_the_model_is_built(toy, tmp_path, monkeypatch, bad, expect):
+    from nvlcore.training import finetune
+
+    def never(*a, **k):
+        raise AssertionError("the run started")
+
+    monkeypatch.setattr(finetune, "run_finetune", never)
+    args = finetune_args(toy, toy, tmp_path / "run")
+    args = [a for a in args if not a.startswith(("scheduler.lr_warmup_iters", "train.train_iters", "dataset.maker_name"))]
+    res = nvl(*args, "train.train_iters=10", "scheduler.lr_warmup_iters=1", "dataset.maker_name=synthetic_shapes", *bad)
+    assert res.exit_code == 2, res.output
+    assert expect in res.output and "Traceback" not in res.output
+    assert not (tmp_path / "run").exists()

@@ -249,6 +249,14 @@ def finetune_command(**params: Any) -> None:
         raise click.UsageError("--random-init and --pretrained-checkpoint exclude each other")
     if not params["random_init"] and not cfg.checkpoint.pretrained_checkpoint:
         raise click.UsageError("--pretrained-checkpoint DIR is required (a Megatron checkpoint or an HF directory)")
+    from nvlcore.training.preflight import config_problems
+
+    world = None
+    if params["nproc_per_node"] is not None and str(params["nnodes"] or "1") == "1":
+        world = params["nproc_per_node"]
+    problems = config_problems(cfg, manager, world_size=world)
+    if problems:  # before any worker starts or any model is built
+        raise click.UsageError("config: " + "; ".join(problems))
 
     nproc = params["nproc_per_node"]
     if nproc is not None and not launched_by_torchrun():

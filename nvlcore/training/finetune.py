@@ -318,6 +318,9 @@ def run_finetune(
     from nvlcore.training import optim
 
     manager = manager or get_plugin_manager()
+    from nvlcore.training.preflight import preflight
+
+    preflight(cfg, manager)  # config contradictions and missing paths, before any process group or model
     ctx = init_parallel(cfg.model.tensor_model_parallel_size, device_type=device_type, seed=cfg.rng.seed,
                         timeout_minutes=cfg.dist.distributed_timeout_minutes)
     say = print_fn if ctx.is_main else (lambda _m: None)
