@@ -248,6 +248,7 @@ def test_loss_falls_checkpoints_appear_and_metrics_are_logged(baseline):
         d = baseline / f"iter_{it:07d}"
         assert (d / "run_config.yaml").is_file() and (d / "train_state.pt").is_file(), d
     assert (baseline / "latest_checkpointed_iteration.txt").read_text().strip() == "30"
+    assert (baseline / "metrics.png").stat().st_size > 10_000  # redrawn next to metrics.jsonl at every save
 
 
 def test_resume_from_iteration_20_is_bit_identical(baseline, hf, tmp_path):

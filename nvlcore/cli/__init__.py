@@ -71,6 +71,7 @@ BUILTIN_COMMANDS: dict[str, str] = {
     "export": "nvlcore.cli.export:export_command",
     "finetune": "nvlcore.cli.finetune:finetune_command",
     "generate": "nvlcore.cli.generate:generate_cmd",
+    "plot": "nvlcore.cli.plot_cmd:plot_command",
     "plugins": "nvlcore.cli.plugins_cmd:plugins_group",
     "quickstart": "nvlcore.cli.quickstart:quickstart",
 }

@@ -285,6 +285,37 @@ def build_loggers(cfg: "NvlConfig", manager: Any, ctx: "ParallelContext", *, res
     return out
 
 
+class MetricsPlotter:
+    """Redraws ``metrics.png`` next to ``metrics.jsonl`` (rank 0's JSONL logger) at every save.
+
+    Without matplotlib (an optional extra) it says so once, in one line, and does nothing; a plot that
+    fails never stops training.
+    """
+
+    def __init__(self, loggers: Any, say: Callable[[str], None]) -> None:
+        from nvlcore.training.loggers import JsonlLogger
+
+        paths = [lg.path for lg in loggers if isinstance(lg, JsonlLogger)]
+        self.path: Path | None = paths[0] if paths else None
+        self.say = say
+        self.off = self.path is None
+
+    def plot(self) -> None:
+        if self.off:
+            return
+        from nvlcore.plot import INSTALL_HINT, PlotUnavailable, plot_metrics
+
+        try:
+            plot_metrics(self.path)
+        except PlotUnavailable:
+            self.off = True
+            self.say(f"nvl finetune: no metrics.png (matplotlib is not installed; {INSTALL_HINT})")
+        except Exception as exc:  # a plot is a convenience: report once, keep training
+            self.off = True
+            self.say(f"nvl finetune: drawing {self.path.with_name('metrics.png')} failed ({type(exc).__name__}: {exc}); "
+                     "no more plots this run")
+
+
 class StoppedEarly(SystemExit):
     """Training stopped on SIGTERM/SIGINT: exit status :data:`EXIT_STOPPED_EARLY` (75) when the checkpoint
     was saved, ``128 + signal`` when there was nowhere to save. ``state`` is the final train state."""
@@ -423,10 +454,13 @@ def run_finetune(
                 return evaluate(model, factory(), num_batches=cfg.validation.eval_iters * data.num_microbatches,
                                 ctx=ctx, autocast_dtype=settings.autocast_dtype)
 
+        plotter = MetricsPlotter(loggers, say)
+
         def save_fn(st: TrainState) -> None:
             path = save(cfg.checkpoint.save, st, model=model, optimizer=opt, bridge=bridge, ctx=ctx, cfg=cfg,
                         run_config=run_config, adapter_only=adapter_only, num_samples=data.num_train_samples)
             say(f"nvl finetune: saved checkpoint {path}")
+            plotter.plot()
 
         trainer = Trainer(
             model=model, ctx=ctx, optimizer=opt, named_params=named, lr_schedule=lr_s, wd_schedule=wd_s,
