@@ -457,3 +457,9 @@ def test_a_disk_too_small_for_every_checkpoint_kept_is_a_warning(hf, tmp_path, m
                "checkpoint.save_interval=1")
     text = capsys.readouterr().out
     assert "WARNING" in text and "keeps up to 4 checkpoints" in text and "checkpoint.save_interval=1" in text
+
+
+def test_console_line_on_cpu_says_per_process_not_per_gpu(hf, tmp_path, capsys):
+    train_here(hf, f"checkpoint.save={tmp_path / 'cpu'}", "train.train_iters=2", "scheduler.lr_warmup_iters=1")
+    out = capsys.readouterr().out
+    assert "TFLOP/s/process" in out and "TFLOP/s/GPU" not in out

@@ -269,7 +269,8 @@ def build_loggers(cfg: "NvlConfig", manager: Any, ctx: "ParallelContext", *, res
         cls = reg.get(name)
         canonical = reg.canonical(name) if hasattr(reg, "canonical") else name
         if canonical == "console":
-            out.append(cls(total_iters=cfg.train.train_iters))
+            # on CPU a process is not a GPU: say what the throughput is divided by
+            out.append(cls(total_iters=cfg.train.train_iters, per="GPU" if ctx.device.type == "cuda" else "process"))
         elif canonical == "jsonl":
             if not jsonl_path:
                 raise ValueError("logger.loggers has 'jsonl' but neither logger.jsonl_path nor checkpoint.save is set")
