@@ -194,7 +194,12 @@ def merge_checkpoints(
         summary = MergeSummary(str(output), str(base_path), str(lora.path), dim, alpha, fmt=fmt)
         summary.total_tensors = len(specs)
 
+        from nvlcore.progress import Progress
+
+        bar = Progress(len(specs), "merge", unit="tensor")
+
         def produce(key: str) -> Any:
+            bar.update(1, key)
             t = trained[key].to(specs[key].dtype) if key in trained else base.load([key])[key]
             if key in trained:
                 summary.replaced_tensors += 1
@@ -229,17 +234,21 @@ def merge_checkpoints(
         }
         files = {n: base.path / n for n in ("tokenizer", "hf_source") if (base.path / n).exists()}
         stream = StreamedState({k: TensorSpec(s.shape, s.dtype) for k, s in specs.items()}, produce)
-        if fmt == "megatron":
-            with atomic_output_dir(output, overwrite=overwrite, what="--output") as tmp_root:
-                save_checkpoint(tmp_root, 0, model_state=stream, run_config=merged_rc,
-                                train_state={"iteration": 0}, files=files)
-        else:
-            from nvlcore.convert.engine import export_hf_checkpoint
+        try:
+            if fmt == "megatron":
+                with atomic_output_dir(output, overwrite=overwrite, what="--output") as tmp_root:
+                    save_checkpoint(tmp_root, 0, model_state=stream, run_config=merged_rc,
+                                    train_state={"iteration": 0}, files=files)
+            else:
+                from nvlcore.convert.engine import export_hf_checkpoint
 
-            staged = work_dir / "merged"
-            save_checkpoint(staged, 0, model_state=stream, run_config=merged_rc, train_state={"iteration": 0},
-                            files=files)
-            export_hf_checkpoint(bridge, hf_model_path, staged, output, overwrite=overwrite, progress=False)
+                staged = work_dir / "merged"
+                save_checkpoint(staged, 0, model_state=stream, run_config=merged_rc, train_state={"iteration": 0},
+                                files=files)
+                bar.close()
+                export_hf_checkpoint(bridge, hf_model_path, staged, output, overwrite=overwrite, progress=None)
+        finally:
+            bar.close()
     summary.seconds = time.perf_counter() - t0
     return summary
 

@@ -287,7 +287,9 @@ def write_toy_checkpoint(
                 say(f"wrote shard {len(shards)} ({current_bytes / 2**20:.1f} MiB)")
             current, current_bytes = {}, 0
 
-        for key, t in iter_toy_hf_tensors(cfg, seed, device):
+        from nvlcore.progress import progress_iter
+
+        for key, t in progress_iter(iter_toy_hf_tensors(cfg, seed, device), f"toy-model {size}", unit="tensor"):
             nbytes = t.numel() * t.element_size()
             if limit is not None and current and current_bytes + nbytes > limit:
                 flush()
