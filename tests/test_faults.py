@@ -250,3 +250,46 @@ def test_a_full_disk_on_one_rank_gives_the_same_line_on_every_rank(tmp_path):
     assert results[0] == results[1], results
     assert results[0][0] == "NoSpaceError" and "for iter_0000002: need" in results[0][1]
     _assert_previous_intact(tmp_path / "ck")
+
+
+# -- a checkpoint save cut short (Ctrl-C / SIGTERM) and a save killed with -9 ------------------------------
+def test_a_signal_during_a_checkpoint_save_removes_its_temp_dir_and_keeps_the_previous(tmp_path, monkeypatch):
+    import torch
+    import torch.distributed.checkpoint.filesystem as fs
+
+    from nvlcore import interrupt
+    from nvlcore.checkpoint import save_checkpoint
+
+    root = tmp_path / "ck"
+    state = {"w": torch.arange(12.0).reshape(3, 4)}
+    save_checkpoint(root, 1, model_state=state, train_state={"iteration": 1})
+    previous = interrupt.install()
+    try:
+        def cut(*a, **k):
+            raise interrupt.Interrupted(signal.SIGTERM)  # what the handler raises when SIGTERM arrives mid-write
+
+        monkeypatch.setattr(fs.FileSystemWriter, "write_data", cut)
+        with pytest.raises(interrupt.Interrupted):
+            save_checkpoint(root, 2, model_state=state, train_state={"iteration": 2})
+        assert interrupt.exit_status(interrupt.Interrupted(signal.SIGTERM)) == 143
+        assert interrupt.message() == f"nvl: interrupted; nothing was written to {root / 'iter_0000002'}"
+    finally:
+        interrupt.restore(previous)
+    assert sorted(p.name for p in root.iterdir() if p.name.startswith((".iter", "iter"))) == ["iter_0000001"]
+    assert (root / "latest_checkpointed_iteration.txt").read_text().strip() == "1"
+
+
+def test_a_save_killed_with_9_leaves_a_temp_dir_the_next_save_removes_saying_so(tmp_path, capfd):
+    import torch
+
+    from nvlcore.checkpoint import save_checkpoint
+
+    root = tmp_path / "ck"
+    state = {"w": torch.ones(3)}
+    save_checkpoint(root, 1, model_state=state, train_state={"iteration": 1})
+    left = root / ".iter_0000002.tmp-save"
+    left.mkdir()
+    (left / "__0_0.distcp").write_bytes(b"half")
+    save_checkpoint(root, 2, model_state=state, train_state={"iteration": 2})
+    assert not left.exists() and (root / "iter_0000002").is_dir()
+    assert f"nvl: removed {left}, left by an interrupted checkpoint save" in capfd.readouterr().err

@@ -152,10 +152,20 @@ def _is_no_space(exc: BaseException | None) -> bool:
         ):
             return True
         todo += [e.__cause__, e.__context__]
-        failures = getattr(e, "failures", None)
-        if isinstance(failures, dict):
-            todo += [f for f in failures.values() if isinstance(f, BaseException)]
+        todo += _dcp_failures(e)
     return False
+
+
+def _dcp_failures(exc: BaseException | None) -> list[BaseException]:
+    """The per-rank exceptions inside DCP's ``CheckpointException`` (values are ``(exception, trace)``)."""
+    out: list[BaseException] = []
+    failures = getattr(exc, "failures", None)
+    if isinstance(failures, dict):
+        for f in failures.values():
+            f = f[0] if isinstance(f, tuple) and f else f
+            if isinstance(f, BaseException):
+                out.append(f)
+    return out
 
 
 def _state_nbytes(state: Mapping[str, Any]) -> int:
@@ -479,10 +489,15 @@ def save_checkpoint(
             original = getattr(planner, "error", None)
             if original is not None:
                 raise original from None
+            for failure in _dcp_failures(exc):  # DCP wraps even a Ctrl-C / SIGTERM of a rank: unwrap it
+                if isinstance(failure, KeyboardInterrupt):
+                    raise failure from None
             if _is_no_space(exc):
                 # every rank got DCP's gathered failure; rank 0's figures make the line the same everywhere
                 _agree(NoSpaceError(no_space_message(root, iteration, need)), group, dist_on, "the tensor writes")
-            raise CheckpointSaveError(f"writing the tensors of {final.name} failed: {exc}") from exc
+            causes = "; ".join(f"{type(f).__name__}: {(str(f).strip().splitlines() or [''])[0][:200]}"
+                               for f in _dcp_failures(exc)) or str(exc).strip().splitlines()[0]
+            raise CheckpointSaveError(f"writing the tensors of {final.name} failed: {causes}") from exc
 
         if not dist_on:
             _fsync_tree(tmp)
