@@ -387,7 +387,9 @@ def test_wandb_logger_works_offline(hf, tmp_path, monkeypatch):
     assert any(runs[0].glob("*.wandb"))
 
 
-def _kill_9_after(hf: Path, out: Path, rows: int, *overrides: str) -> None:
+def _kill_9_after(hf: Path, out: Path, rows: int, *overrides: str, between_saves: int | None = None) -> None:
+    """Start a run, kill -9 it once metrics.jsonl has ``rows`` rows (and, with ``between_saves=K``, the
+    last row is 1 or 2 iterations past a multiple of K, so that rows after the last checkpoint exist)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "NVL_DEVICE": "cpu"}
     proc = subprocess.Popen([sys.executable, str(SUPPORT / "run_tiny.py"), str(hf), f"checkpoint.save={out}",
                              "train.train_iters=100000", *overrides],
@@ -395,10 +397,11 @@ def _kill_9_after(hf: Path, out: Path, rows: int, *overrides: str) -> None:
     try:
         deadline = time.time() + 120
         while time.time() < deadline:
-            if (out / "metrics.jsonl").is_file() and len((out / "metrics.jsonl").read_text().splitlines()) >= rows:
+            n = len((out / "metrics.jsonl").read_text().splitlines()) if (out / "metrics.jsonl").is_file() else 0
+            if n >= rows and (between_saves is None or n % between_saves in (1, 2)):
                 break
             assert proc.poll() is None
-            time.sleep(0.1)
+            time.sleep(0.02)
     finally:
         proc.kill()
         proc.wait()
@@ -419,7 +422,7 @@ def test_metrics_jsonl_after_kill_9_and_restart_lists_each_iteration_once(hf, tm
 
 def test_metrics_jsonl_after_kill_9_and_resume_lists_each_iteration_once(hf, tmp_path):
     out = tmp_path / "resumed"
-    _kill_9_after(hf, out, 9, "checkpoint.save_interval=4")
+    _kill_9_after(hf, out, 9, "checkpoint.save_interval=4", between_saves=4)
     latest = int((out / "latest_checkpointed_iteration.txt").read_text())
     logged = _iterations(out)
     assert latest >= 4 and max(logged) > latest  # rows past the checkpoint were logged, then lost
