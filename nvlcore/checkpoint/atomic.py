@@ -184,6 +184,23 @@ def publish_dir(tmp: Path, final: Path, *, overwrite: bool) -> None:
 
 
 @contextlib.contextmanager
+def scratch_dir(final: str | os.PathLike[str]) -> Iterator[Path]:
+    """A work directory next to ``final`` (same file system), removed when the block exits.
+
+    Named like :func:`temp_sibling`, so a ``kill -9`` leftover is removed by the next write to ``final``.
+    """
+    final = Path(final).expanduser().absolute()
+    final.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(final)
+    work = temp_sibling(final)
+    work.mkdir()
+    try:
+        yield work
+    finally:
+        remove_tree(work)
+
+
+@contextlib.contextmanager
 def atomic_output_dir(final: str | os.PathLike[str], *, overwrite: bool = False, what: str = "output") -> Iterator[Path]:
     """Yield a fresh temporary directory that becomes ``final`` when the block completes.
 

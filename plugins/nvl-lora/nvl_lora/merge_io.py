@@ -9,7 +9,6 @@ base tensor at a time.
 from __future__ import annotations
 
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -159,7 +158,10 @@ def merge_checkpoints(
     table = mapping_table_of(bridge)
     by_name = {m.megatron: m for m in table}
 
-    with tempfile.TemporaryDirectory(prefix=".nvl-merge-", dir=output.parent) as work:
+    from nvlcore.checkpoint.atomic import scratch_dir
+
+    # next to the output (same disk); a kill -9 leftover is removed by the next merge to the same output
+    with scratch_dir(output) as work:
         work_dir = Path(work)
         base = open_checkpoint(_base_checkpoint(base_path, bridge, work_dir, say))
         specs = base.specs()
