@@ -230,8 +230,8 @@ def test_a_save_onto_a_full_disk_says_so_in_one_line_and_keeps_the_previous_chec
     finally:
         fs.FileSystemWriter.write_data, save_mod.atomic_torch_save = before
     assert kind == "NoSpaceError", msg
-    assert msg.startswith(f"no space left on {save_mod.mount_point(tmp_path)} for iter_0000002: need 0.0 GB, ")
-    assert " GB free" in msg and "\n" not in msg
+    assert msg.startswith(f"no space left on {save_mod.mount_point(tmp_path)} for iter_0000002: need 0.0 MB, ")
+    assert " free (checkpoint root" in msg and "\n" not in msg
     _assert_previous_intact(tmp_path / "ck")
 
 
@@ -293,3 +293,36 @@ def test_a_save_killed_with_9_leaves_a_temp_dir_the_next_save_removes_saying_so(
     save_checkpoint(root, 2, model_state=state, train_state={"iteration": 2})
     assert not left.exists() and (root / "iter_0000002").is_dir()
     assert f"nvl: removed {left}, left by an interrupted checkpoint save" in capfd.readouterr().err
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A 512 KiB tmpfs (root only; skipped where mounting is not allowed)."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def test_a_save_onto_a_real_full_filesystem(small_tmpfs):
+    import torch
+
+    from nvlcore.checkpoint import save_checkpoint
+    from nvlcore.checkpoint.save import NoSpaceError
+
+    root = small_tmpfs / "ck"
+    save_checkpoint(root, 1, model_state={"w": torch.arange(12.0).reshape(3, 4)}, train_state={"iteration": 1})
+    big = {"w": torch.arange(12.0).reshape(3, 4), "big": torch.zeros(300_000)}  # 1.2 MB > 512 KiB
+    with pytest.raises(NoSpaceError) as info:
+        save_checkpoint(root, 2, model_state=big, train_state={"iteration": 2})
+    msg = str(info.value)
+    assert msg.startswith(f"no space left on {small_tmpfs} for iter_0000002: need 1.2 MB, "), msg
+    assert " MB free (checkpoint root" in msg
+    _assert_previous_intact(root)

@@ -179,10 +179,15 @@ def _state_nbytes(state: Mapping[str, Any]) -> int:
     return total
 
 
+def human_bytes(n: int) -> str:
+    """``12.3 GB`` (or ``4.5 MB`` below 0.1 GB)."""
+    return f"{n / 1e9:.1f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
+
+
 def no_space_message(root: Path, iteration: int, need: int) -> str:
     """``no space left on DEVICE for iter_N: need X GB, Y GB free`` for a save under ``root``."""
-    return (f"no space left on {mount_point(root)} for {iter_dir_name(iteration)}: need {need / 1e9:.1f} GB, "
-            f"{free_bytes(root) / 1e9:.1f} GB free (checkpoint root {root}; the previous checkpoint is intact)")
+    return (f"no space left on {mount_point(root)} for {iter_dir_name(iteration)}: need {human_bytes(need)}, "
+            f"{human_bytes(free_bytes(root))} free (checkpoint root {root}; the previous checkpoint is intact)")
 
 
 # --------------------------------------------------------------------------------------------------

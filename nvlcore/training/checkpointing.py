@@ -353,7 +353,7 @@ def check_checkpoint_space(cfg: "Any", need: int, ctx: "ParallelContext", *, sta
     import torch
     import torch.distributed as dist
 
-    from nvlcore.checkpoint.save import free_bytes, mount_point
+    from nvlcore.checkpoint.save import free_bytes, human_bytes, mount_point
 
     save = cfg.checkpoint.save
     if not save or need <= 0:
@@ -362,7 +362,7 @@ def check_checkpoint_space(cfg: "Any", need: int, ctx: "ParallelContext", *, sta
     if ctx.world_size > 1 and dist.is_initialized():
         dist.all_reduce(t, op=dist.ReduceOp.MIN)
     free = int(t.item())
-    gb = lambda b: f"{b / 1e9:.1f} GB"  # noqa: E731
+    gb = human_bytes
     device = mount_point(save)
     if free < need:
         raise ValueError(
