@@ -85,6 +85,49 @@ def launched_by_torchrun(env: dict[str, str] | None = None) -> bool:
     return "WORLD_SIZE" in env and "RANK" in env
 
 
+def die_with_parent(*, grace_s: float | None = None) -> None:
+    """Make this worker stop when the process that started it dies (a ``kill -9`` of the launcher).
+
+    On Linux the kernel sends SIGTERM the moment the parent exits (``prctl(PR_SET_PDEATHSIG)``); a
+    watchdog thread that polls the parent pid does the same elsewhere, and after a parent-pid change
+    also gives the worker ``grace_s`` seconds (``NVL_ORPHAN_GRACE_S``, default 30) to stop on its own:
+    the trainer saves a checkpoint at the next iteration boundary on SIGTERM, then exits. A worker still
+    alive after that (stuck in a collective whose peer is gone) exits at once with status 143.
+    """
+    import signal
+    import threading
+    import time
+
+    parent = os.getppid()
+    if grace_s is None:
+        grace_s = float(os.environ.get("NVL_ORPHAN_GRACE_S", "30"))
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            PR_SET_PDEATHSIG = 1
+            libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+        except (OSError, AttributeError):  # no prctl: the watchdog below still works
+            pass
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+        except OSError:
+            pass
+        time.sleep(grace_s)
+        print(f"nvl: worker {os.getpid()}: the launcher (pid {parent}) died and this worker did not stop within "
+              f"{grace_s:.0f} s; exiting", file=sys.stderr, flush=True)
+        os._exit(143)
+
+    threading.Thread(target=watch, name="nvl-parent-watchdog", daemon=True).start()
+
+
 def default_device_type() -> str:
     """``cuda`` when a GPU is visible, else ``cpu`` (``NVL_DEVICE`` overrides)."""
     forced = os.environ.get("NVL_DEVICE")
@@ -227,6 +270,7 @@ def launch(launch_args: Sequence[str]) -> int:
     """Run ``torch.distributed.run`` in this process (it spawns and supervises the workers).
 
     :returns: 0 when every worker succeeded, 128 + the signal number when stopped by SIGTERM/SIGINT,
+        75 (:data:`nvlcore.interrupt.EXIT_STOPPED_EARLY`) when every worker stopped early after saving,
         else 1 (the workers print their own tracebacks).
     """
     from torch.distributed.elastic.multiprocessing.api import SignalException
@@ -244,6 +288,13 @@ def launch(launch_args: Sequence[str]) -> int:
         return 128 + int(exc.sigval)
     except ChildFailedError as exc:
         failures = getattr(exc, "failures", {}) or {}
+        from nvlcore.interrupt import EXIT_STOPPED_EARLY
+
+        codes = [getattr(f, "exitcode", None) for f in failures.values()]
+        # the launcher stops the other workers when the first exits; those show as killed by a signal
+        if EXIT_STOPPED_EARLY in codes and all(c == EXIT_STOPPED_EARLY or (c is not None and c < 0) for c in codes):
+            print("nvl: the workers stopped early and saved a checkpoint", file=sys.stderr)
+            return EXIT_STOPPED_EARLY
         ranks = ", ".join(str(r) for r in sorted(failures)) or "?"
         print(f"nvl: worker(s) {ranks} failed (exit codes above); see their tracebacks", file=sys.stderr)
         return 1

@@ -102,6 +102,15 @@ class PluginError(RuntimeError):
     """A plugin failed while ``NVL_STRICT_PLUGINS=1``."""
 
 
+def _plugin_fault(exc: BaseException) -> bool:
+    """Whether ``exc``, raised by a plugin, fails that plugin: anything but a user's Ctrl-C.
+
+    ``SystemExit`` (a plugin calling ``sys.exit()`` at import or in a hook) and other ``BaseException``
+    subclasses are faults of that plugin; they must not take the CLI or the other plugins down.
+    """
+    return not isinstance(exc, KeyboardInterrupt)
+
+
 def _one_line(exc: BaseException) -> str:
     text = " ".join(line.strip() for line in str(exc).strip().splitlines() if line.strip())
     if len(text) > 400:
@@ -163,7 +172,9 @@ class NvlPluginManager:
         try:
             self.pm.register(obj, name=info.name)
             self._check_hooks(info, obj)
-        except Exception as exc:  # one broken plugin must not break the others
+        except BaseException as exc:  # one broken plugin must not break the others
+            if not _plugin_fault(exc):
+                raise
             self._fail(info, exc)
             return
         info.hooks = sorted({h.name for h in self.pm.get_hookcallers(obj) or []})
@@ -192,7 +203,9 @@ class NvlPluginManager:
         self.infos[module_name] = info
         try:
             module = importlib.import_module(module_name)
-        except Exception as exc:
+        except BaseException as exc:
+            if not _plugin_fault(exc):
+                raise
             self._fail(info, exc)
             return
         self._register(info, module)
@@ -238,7 +251,9 @@ class NvlPluginManager:
                 self.infos[ep.name] = info
                 try:
                     obj = ep.load()
-                except Exception as exc:
+                except BaseException as exc:  # SystemExit at import included: the plugin fails, not the CLI
+                    if not _plugin_fault(exc):
+                        raise
                     self._fail(info, exc)
                     continue
                 self._register(info, obj)
@@ -297,7 +312,9 @@ class NvlPluginManager:
 
                 try:
                     impl.function(**{arg: register for arg in impl.argnames})
-                except Exception as exc:
+                except BaseException as exc:
+                    if not _plugin_fault(exc):
+                        raise
                     self._fail(info, exc)
         for info in self.infos.values():
             info.registered = {

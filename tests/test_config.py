@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import attrs
+import click.testing
 import pytest
 import yaml
 
@@ -463,3 +464,24 @@ def test_config_options_decorator_for_other_commands(plugins: None, tmp_path: Pa
     ok = runner.invoke(run, ["-c", str(EXAMPLE), "checkpoint.save", "/ck", "train.train_iters=4"])
     assert ok.exit_code == 0 and ok.stdout.strip() == "training 4 iters into /ck"
     assert runner.invoke(run, ["--config-file", str(tmp_path / "nope.yaml")]).exit_code == 2
+
+
+def test_cli_config_show_says_core_defaults_and_shows_the_recipe_with_a_model(tmp_path: Path) -> None:
+    """Issue 17 item 14: `config show` matches `finetune --print-config` when given the model."""
+    from nvl_nemotron_vl.toy import write_toy_checkpoint
+
+    from nvlcore.cli import build_cli
+
+    runner = click.testing.CliRunner()
+    plain = runner.invoke(build_cli(), ["config", "show"])
+    assert plain.exit_code == 0, plain.output
+    assert plain.stdout.startswith("# nvlcore's defaults (no --hf-model-path)")
+    assert yaml.safe_load(plain.stdout)["rng"]["seed"] == 1234
+    toy = write_toy_checkpoint(tmp_path / "toy", "tiny", seed=0)
+    shown = runner.invoke(build_cli(), ["config", "show", "--hf-model-path", str(toy), "train.train_iters=7"])
+    assert shown.exit_code == 0, shown.output
+    printed = runner.invoke(build_cli(), ["finetune", "--hf-model-path", str(toy), "--print-config", "train.train_iters=7"])
+    assert printed.exit_code == 0, printed.output
+    a, b = yaml.safe_load(shown.stdout), yaml.safe_load(printed.stdout)
+    assert a == b and a["rng"]["seed"] == 42 and a["dataset"]["maker_name"] == "make_raven_dataset"
+    assert a["train"]["train_iters"] == 7

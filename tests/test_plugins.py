@@ -321,3 +321,63 @@ def test_installed_plugins_list_in_a_subprocess_without_importing_lazy_targets()
     assert "nvlcore.training.loggers" not in data["imported"]
     assert data["imported"] == []
     assert all(p["status"] == "loaded" for p in data["plugins"]), [p for p in data["plugins"] if p["status"] != "loaded"]
+
+
+# -- sys.exit() and other BaseExceptions fail the plugin, not the CLI (issue 17, item 1) ----------------
+def test_sys_exit_at_import_fails_the_plugin_not_the_cli(fake_entry_points: Any, capsys: Any) -> None:
+    fake_entry_points({"nvl-exits": {"nvl_exits": SystemExit(1)},
+                       "nvl-ok": {"nvl_ok": maker_plugin("nvl_ok", "ok")}})  # fmt: skip
+    manager = manager_with()
+    infos = by_name(manager)
+    assert infos["nvl_exits"].status == "failed" and infos["nvl_exits"].error == "SystemExit: 1"
+    assert "ok" in manager.registry("dataset_maker")
+    result = click.testing.CliRunner().invoke(build_cli(manager), ["--help"])
+    assert result.exit_code == 0 and "plugins" in result.output
+
+
+class _NotAnException(BaseException):
+    pass
+
+
+def test_sys_exit_and_base_exceptions_in_hooks_fail_the_plugin(fake_entry_points: Any) -> None:
+    def makers(register: Any) -> None:
+        register("doomed", "m:A")
+        sys.exit(3)
+
+    def commands(cli: Any) -> None:
+        raise _NotAnException("odd")
+
+    fake_entry_points({"nvl-exit-hook": {"nvl_exit_hook": module_plugin("nvl_exit_hook", nvl_register_dataset_makers=makers)},
+                       "nvl-odd-cmd": {"nvl_odd_cmd": module_plugin("nvl_odd_cmd", nvl_register_commands=commands)}})
+    manager = manager_with()
+    infos = by_name(manager)
+    assert infos["nvl_exit_hook"].status == "failed" and infos["nvl_exit_hook"].error == "SystemExit: 3"
+    assert "doomed" not in manager.registry("dataset_maker")
+    result = click.testing.CliRunner().invoke(build_cli(manager), ["--help"])
+    assert result.exit_code == 0, result.output
+    assert by_name(manager)["nvl_odd_cmd"].status == "failed"
+    assert "_NotAnException: odd" in by_name(manager)["nvl_odd_cmd"].error
+
+
+def test_keyboard_interrupt_in_a_plugin_is_not_swallowed(fake_entry_points: Any) -> None:
+    fake_entry_points({"nvl-ctrl-c": {"nvl_ctrl_c": KeyboardInterrupt()}})
+    with pytest.raises(KeyboardInterrupt):
+        manager_with()
+
+
+def test_plugin_calling_sys_exit_at_import_in_a_real_process(tmp_path: Path) -> None:
+    """``nvl --help`` of a real process whose installed plugin module calls ``sys.exit(1)`` at import."""
+    site = tmp_path / "site"
+    (site / "nvl_exiter").mkdir(parents=True)
+    (site / "nvl_exiter" / "__init__.py").write_text("import sys\nsys.exit(1)\n")
+    dist = site / "nvl_exiter-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: nvl-exiter\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[nvl]\nnvl_exiter = nvl_exiter\n")
+    import os
+
+    env = {**os.environ, "PYTHONPATH": str(site), "NVL_STRICT_PLUGINS": ""}
+    done = subprocess.run([sys.executable, "-m", "nvlcore", "--help"], capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 0, done.stderr
+    assert "Usage" in done.stdout
+    assert "plugin 'nvl_exiter' failed: SystemExit: 1" in done.stderr

@@ -61,7 +61,8 @@ def test_quickstart_learns_and_only_by_looking(quickstart_run) -> None:
     assert result["accuracy_before"] <= 0.35  # a random toy is at or below chance (0.25)
     assert result["accuracy_after"] >= 0.9
     assert result["accuracy_after_blind"] <= 0.4  # blank images: the trained model can only guess
-    assert result["seconds"] < 600
+    record_property("quickstart_seconds", result["seconds"])  # recorded, not asserted: CI machines are shared
+    print(f"nvl quickstart took {result['seconds']:.0f} s")
     assert (work / "loss_curve.png").is_file()
     assert (work / "hf" / "model.safetensors.index.json").is_file() or list((work / "hf").glob("*.safetensors"))
     assert "iteration" in proc.stderr and "held-out accuracy after fine-tuning" in proc.stderr

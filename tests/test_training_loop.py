@@ -248,6 +248,7 @@ def test_loss_falls_checkpoints_appear_and_metrics_are_logged(baseline):
         d = baseline / f"iter_{it:07d}"
         assert (d / "run_config.yaml").is_file() and (d / "train_state.pt").is_file(), d
     assert (baseline / "latest_checkpointed_iteration.txt").read_text().strip() == "30"
+    assert (baseline / "metrics.png").stat().st_size > 10_000  # redrawn next to metrics.jsonl at every save
 
 
 def test_resume_from_iteration_20_is_bit_identical(baseline, hf, tmp_path):
@@ -288,8 +289,11 @@ def test_sigterm_saves_a_checkpoint_at_the_next_iteration_and_resume_continues(h
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == 0, output[-3000:]
-    assert "received SIGTERM" in output
+    from nvlcore.interrupt import EXIT_STOPPED_EARLY
+
+    assert proc.returncode == EXIT_STOPPED_EARLY == 75, output[-3000:]  # stopped early, checkpoint saved
+    assert "received SIGTERM" in output and "Traceback" not in output
+    assert "stopped early by SIGTERM" in output and "exit status 75" in output
     latest = int((out / "latest_checkpointed_iteration.txt").read_text())
     assert latest >= 3 and (out / f"iter_{latest:07d}").is_dir()
     state = train_here(hf, f"checkpoint.save={out}", "train.train_iters=100000", "checkpoint.save_interval=100000",
@@ -381,3 +385,84 @@ def test_wandb_logger_works_offline(hf, tmp_path, monkeypatch):
     runs = list((out / "wandb" / "wandb").glob("offline-run-*"))
     assert len(runs) == 1, list((out / "wandb").rglob("*"))[:20]
     assert any(runs[0].glob("*.wandb"))
+
+
+def _kill_9_after(hf: Path, out: Path, rows: int, *overrides: str, between_saves: int | None = None) -> None:
+    """Start a run, kill -9 it once metrics.jsonl has ``rows`` rows (and, with ``between_saves=K``, the
+    last row is 1 or 2 iterations past a multiple of K, so that rows after the last checkpoint exist)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "NVL_DEVICE": "cpu"}
+    proc = subprocess.Popen([sys.executable, str(SUPPORT / "run_tiny.py"), str(hf), f"checkpoint.save={out}",
+                             "train.train_iters=100000", *overrides],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            n = len((out / "metrics.jsonl").read_text().splitlines()) if (out / "metrics.jsonl").is_file() else 0
+            if n >= rows and (between_saves is None or n % between_saves in (1, 2)):
+                break
+            assert proc.poll() is None
+            time.sleep(0.02)
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def _iterations(out: Path) -> list[int]:
+    return [json.loads(x)["iteration"] for x in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+
+
+def test_metrics_jsonl_after_kill_9_and_restart_lists_each_iteration_once(hf, tmp_path):
+    """Issue 17 item 6: killed before its first checkpoint, the rerun starts over and its rows replace the lost ones."""
+    out = tmp_path / "fresh"
+    _kill_9_after(hf, out, 3, "checkpoint.save_interval=100000")
+    assert _iterations(out)[:3] == [1, 2, 3] and not (out / "latest_checkpointed_iteration.txt").exists()
+    train_here(hf, f"checkpoint.save={out}", "train.train_iters=4", "scheduler.lr_warmup_iters=1")
+    assert _iterations(out) == [1, 2, 3, 4]
+
+
+def test_metrics_jsonl_after_kill_9_and_resume_lists_each_iteration_once(hf, tmp_path):
+    out = tmp_path / "resumed"
+    _kill_9_after(hf, out, 9, "checkpoint.save_interval=4", between_saves=4)
+    latest = int((out / "latest_checkpointed_iteration.txt").read_text())
+    logged = _iterations(out)
+    assert latest >= 4 and max(logged) > latest  # rows past the checkpoint were logged, then lost
+    train_here(hf, f"checkpoint.save={out}", "train.train_iters=100000", "checkpoint.save_interval=4",
+               f"train.exit_interval={max(logged) + 2 - latest}")
+    assert _iterations(out) == list(range(1, max(logged) + 3))
+
+
+def test_a_disk_too_small_for_one_checkpoint_is_refused_before_training(hf, tmp_path, monkeypatch):
+    """Issue 17 item 7: the size of a checkpoint is checked against the free space before iteration 1."""
+    from nvlcore.checkpoint import save as save_mod
+
+    monkeypatch.setattr(save_mod, "free_bytes", lambda path: 1000)
+    out = tmp_path / "full"
+    with pytest.raises(ValueError, match=r"checkpoint.save=.*: one checkpoint needs about [0-9.]+ MB but .* has 0\.0 MB free"):
+        train_here(hf, f"checkpoint.save={out}", "train.train_iters=2", "scheduler.lr_warmup_iters=1")
+    assert not (out / "metrics.jsonl").exists() and not list(out.glob("iter_*"))
+
+
+def test_a_disk_too_small_for_every_checkpoint_kept_is_a_warning(hf, tmp_path, monkeypatch, capsys):
+    from nvlcore.checkpoint import save as save_mod
+    from nvlcore.training import checkpointing as tck
+
+    need = {}
+    real = tck.estimate_checkpoint_bytes
+
+    def estimate(*a, **k):
+        need["bytes"] = real(*a, **k)
+        return need["bytes"]
+
+    monkeypatch.setattr(tck, "estimate_checkpoint_bytes", estimate)
+    monkeypatch.setattr(save_mod, "free_bytes", lambda path: int(need.get("bytes", 10**6) * 2.5))
+    out = tmp_path / "tight"
+    train_here(hf, f"checkpoint.save={out}", "train.train_iters=4", "scheduler.lr_warmup_iters=1",
+               "checkpoint.save_interval=1")
+    text = capsys.readouterr().out
+    assert "WARNING" in text and "keeps up to 4 checkpoints" in text and "checkpoint.save_interval=1" in text
+
+
+def test_console_line_on_cpu_says_per_process_not_per_gpu(hf, tmp_path, capsys):
+    train_here(hf, f"checkpoint.save={tmp_path / 'cpu'}", "train.train_iters=2", "scheduler.lr_warmup_iters=1")
+    out = capsys.readouterr().out
+    assert "TFLOP/s/process" in out and "TFLOP/s/GPU" not in out

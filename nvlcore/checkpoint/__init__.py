@@ -31,6 +31,7 @@ from nvlcore.checkpoint.atomic import (
     check_can_write,
 )
 from nvlcore.checkpoint.layout import (
+    CheckpointCorruptError,
     CheckpointNotFoundError,
     is_iteration_dir,
     iter_dir_name,
@@ -61,6 +62,7 @@ __all__ = [
     "TensorSpec",
     "apply_most_recent_k",
     "atomic_output_dir",
+    "CheckpointCorruptError",
     "atomic_torch_save",
     "atomic_write",
     "atomic_write_text",

@@ -1,15 +1,22 @@
 """Atomic file and directory writes: nothing that looks complete appears before it is.
 
 Files are written to a temporary sibling and moved into place with :func:`os.replace`; directories are
-built under a hidden temporary sibling (``.<name>.tmp-<id>``) and renamed into place when complete.
-A temp sibling is on the same file system as its target, so the rename is atomic.
+built under a hidden temporary sibling (``.<name>.tmp-<host>-<pid>-<id>``) and renamed into place when
+complete. A temp sibling is on the same file system as its target, so the rename is atomic.
+
+An error, Ctrl-C or SIGTERM removes the temporary directory. A process killed with SIGKILL cannot, so
+the next write to the same output removes the temporary siblings of processes of this host that are no
+longer running (:func:`remove_stale_temps`) and says so on stderr.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
+import socket
+import sys
 import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -85,8 +92,61 @@ def remove_tree(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname() or "host")
+
+
 def temp_sibling(final: Path, mark: str = TMP_MARK) -> Path:
-    return final.with_name(f".{final.name}{mark}{uuid.uuid4().hex[:8]}")
+    """``.<name><mark><host>-<pid>-<random>`` next to ``final``: the owner can be told dead or alive."""
+    return final.with_name(f".{final.name}{mark}{_host()}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+_OWNER_RE = re.compile(r"^(?P<host>.+)-(?P<pid>\d+)-[0-9a-f]{8}$")
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process ``pid`` exists on this host."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def remove_stale_temps(final: str | os.PathLike[str], *, quiet: bool = False) -> list[Path]:
+    """Remove temporary siblings of ``final`` left by processes of this host that no longer run (kill -9).
+
+    Only names that record their owner (host and pid, see :func:`temp_sibling`) are touched; a sibling of
+    a live process, or of another host, is left alone. Each removal is reported on stderr.
+    """
+    final = Path(final)
+    removed: list[Path] = []
+    if not final.parent.is_dir():
+        return removed
+    host = _host()
+    for mark in (TMP_MARK, OLD_MARK):
+        prefix = f".{final.name}{mark}"
+        for child in final.parent.iterdir():
+            if not child.name.startswith(prefix):
+                continue
+            m = _OWNER_RE.match(child.name[len(prefix):])
+            if m is None or m["host"] != host:
+                continue
+            pid = int(m["pid"])
+            if pid == os.getpid() or pid_alive(pid):
+                continue
+            if child.is_dir() and not child.is_symlink():
+                remove_tree(child)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    child.unlink()
+            removed.append(child)
+            if not quiet:
+                print(f"nvl: removed {child}, left by process {pid} that no longer runs (killed while writing {final})",
+                      file=sys.stderr)
+    return removed
 
 
 def check_can_write(final: str | os.PathLike[str], *, overwrite: bool, what: str = "output") -> None:
@@ -124,15 +184,36 @@ def publish_dir(tmp: Path, final: Path, *, overwrite: bool) -> None:
 
 
 @contextlib.contextmanager
+def scratch_dir(final: str | os.PathLike[str]) -> Iterator[Path]:
+    """A work directory next to ``final`` (same file system), removed when the block exits.
+
+    Named like :func:`temp_sibling`, so a ``kill -9`` leftover is removed by the next write to ``final``.
+    """
+    final = Path(final).expanduser().absolute()
+    final.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(final)
+    work = temp_sibling(final)
+    work.mkdir()
+    try:
+        yield work
+    finally:
+        remove_tree(work)
+
+
+@contextlib.contextmanager
 def atomic_output_dir(final: str | os.PathLike[str], *, overwrite: bool = False, what: str = "output") -> Iterator[Path]:
     """Yield a fresh temporary directory that becomes ``final`` when the block completes.
 
-    Checks for an existing ``final`` before any work starts; on any exception the temporary directory
-    is removed and ``final`` is left exactly as it was.
+    Checks for an existing ``final`` before any work starts and removes temporary siblings that killed
+    processes left (:func:`remove_stale_temps`); on any exception (Ctrl-C and SIGTERM included) the
+    temporary directory is removed and ``final`` is left exactly as it was.
     """
+    from nvlcore import interrupt
+
     final = Path(final).expanduser().absolute()
     check_can_write(final, overwrite=overwrite, what=what)
     final.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(final)
     tmp = temp_sibling(final)
     tmp.mkdir()
     try:
@@ -140,4 +221,5 @@ def atomic_output_dir(final: str | os.PathLike[str], *, overwrite: bool = False,
         publish_dir(tmp, final, overwrite=overwrite)
     except BaseException:
         remove_tree(tmp)
+        interrupt.note_discarded(final)
         raise

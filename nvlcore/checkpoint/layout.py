@@ -38,6 +38,19 @@ class CheckpointNotFoundError(FileNotFoundError):
     """No checkpoint where one was expected; the message says what was looked for and what to do."""
 
 
+class CheckpointCorruptError(ValueError):
+    """A checkpoint file is damaged (truncated, missing, not what its name says); one line naming the file."""
+
+
+def first_line(exc: BaseException, limit: int = 200) -> str:
+    """``Type: first line of the message``, shortened: for one-line errors that wrap a library's."""
+    lines = [x.strip() for x in str(exc).strip().splitlines() if x.strip()]
+    text = lines[0] if lines else ""
+    if len(text) > limit:
+        text = text[: limit - 3] + "..."
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
 def iter_dir_name(iteration: int) -> str:
     """``iter_0000042`` for iteration 42 (seven digits, as Megatron and Megatron-Bridge write them)."""
     if iteration < 0:
@@ -83,13 +96,16 @@ def read_tracker(root: str | os.PathLike[str]) -> int | None:
 
         try:
             state = torch.load(pt, map_location="cpu", weights_only=True)
-        except Exception as exc:  # a corrupt tracker must say which file is at fault
-            raise CheckpointNotFoundError(f"cannot read the tracker {pt}: {exc}") from exc
+        except Exception as exc:  # a corrupt tracker must say which file is at fault, in one line
+            raise CheckpointCorruptError(
+                f"the tracker {pt} is damaged (not a torch file nvl can read: {type(exc).__name__}); remove it (the iteration is then read from "
+                f"{TRACKER_TXT}) or give an iter_N directory"
+            ) from None
         for key in ("iteration", "step"):
             if isinstance(state, dict) and key in state:
                 value = state[key]
                 return int(value.item() if hasattr(value, "item") else value)
-        raise CheckpointNotFoundError(f"the tracker {pt} holds no 'iteration' or 'step' entry")
+        raise CheckpointCorruptError(f"the tracker {pt} holds no 'iteration' or 'step' entry; remove it or give an iter_N directory")
     txt = root / TRACKER_TXT
     if txt.is_file():
         text = txt.read_text().strip()

@@ -16,11 +16,14 @@ from typing import TYPE_CHECKING, Any, Iterable, Mapping
 import yaml
 
 from nvlcore.checkpoint.layout import (
+    DCP_METADATA,
     EXTRA_STATE,
     MANIFEST,
     RANK_STATES_DIR,
     RUN_CONFIG,
     TRAIN_STATE,
+    CheckpointCorruptError,
+    first_line,
     parse_iteration,
     resolve_checkpoint_dir,
 )
@@ -63,7 +66,11 @@ class Checkpoint:
     def _torch_load(self, p: Path) -> Any:
         import torch
 
-        return torch.load(p, map_location="cpu", weights_only=True)
+        try:
+            return torch.load(p, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise CheckpointCorruptError(f"{p} is damaged (not a torch file nvl can read: {type(exc).__name__}); the checkpoint {self.path} "
+                                         "cannot be used") from None
 
     def train_state(self) -> dict[str, Any]:
         """``train_state.pt`` (empty dict when absent, as in imported checkpoints of other tools)."""
@@ -98,8 +105,38 @@ class Checkpoint:
         if self._metadata is None:
             from torch.distributed.checkpoint import FileSystemReader
 
-            self._metadata = FileSystemReader(str(self.path)).read_metadata()
+            try:
+                md = FileSystemReader(str(self.path)).read_metadata()
+            except Exception as exc:
+                raise CheckpointCorruptError(
+                    f"{self.path / DCP_METADATA} is damaged ({first_line(exc, 80)}); the checkpoint {self.path} cannot be used"
+                ) from None
+            self._check_files(md)
+            self._metadata = md
         return self._metadata
+
+    def _check_files(self, md: Any) -> None:
+        """Every shard file the metadata names exists and holds the byte ranges it lists."""
+        need: dict[str, int] = {}
+        for info in (getattr(md, "storage_data", None) or {}).values():
+            rel = getattr(info, "relative_path", None)
+            if rel is None:
+                continue
+            end = int(getattr(info, "offset", 0)) + int(getattr(info, "length", 0))
+            need[rel] = max(need.get(rel, 0), end)
+        for rel, end in sorted(need.items()):
+            f = self.path / rel
+            try:
+                size = f.stat().st_size
+            except FileNotFoundError:
+                raise CheckpointCorruptError(
+                    f"{f} is missing: the checkpoint {self.path} is incomplete (copy it again, or use another iteration)"
+                ) from None
+            if size < end:
+                raise CheckpointCorruptError(
+                    f"{f} is truncated ({size} bytes, the metadata needs {end}): the checkpoint {self.path} is damaged "
+                    "(copy it again, or use another iteration)"
+                )
 
     def _reader(self) -> Any:
         # Reads the metadata once per Checkpoint, not once per load: exports load group by group.
@@ -190,8 +227,15 @@ class Checkpoint:
         distributed = group is not None and any(isinstance(v, DTensor) for v in dest.values())
         from nvlcore.checkpoint.save import quiet_dcp
 
-        with quiet_dcp():
-            dcp.load(sd, storage_reader=self._reader(), process_group=group, no_dist=not distributed)
+        try:
+            with quiet_dcp():
+                dcp.load(sd, storage_reader=self._reader(), process_group=group, no_dist=not distributed)
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as exc:  # DCP's CheckpointException derives from BaseException
+            raise CheckpointCorruptError(
+                f"reading the tensors of {self.path} failed ({first_line(exc, 160)}); its .distcp files may be damaged"
+            ) from None
         return {k: sd[prefix + k] for k in dest}
 
     def _check_keys(self, keys: Iterable[str], specs: Mapping[str, TensorSpec], state: str | None) -> None:

@@ -22,12 +22,14 @@ import contextlib
 import json
 import os
 import shutil
+import sys
 import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping
 
+from nvlcore import interrupt
 from nvlcore.checkpoint.atomic import (
     OutputExistsError,
     atomic_torch_save,
@@ -104,6 +106,90 @@ class CheckpointSaveError(RuntimeError):
     """A save failed on some rank; the message names the rank and the cause."""
 
 
+class NoSpaceError(CheckpointSaveError):
+    """The file system of the checkpoint ran out of space; the message is the same on every rank:
+    ``no space left on DEVICE for iter_N: need X GB, Y GB free``."""
+
+
+def mount_point(path: str | os.PathLike[str]) -> Path:
+    """The mount point of the file system holding ``path`` (or its nearest existing parent)."""
+    p = existing_parent(path)
+    while not os.path.ismount(p) and p != p.parent:
+        p = p.parent
+    return p
+
+
+def existing_parent(path: str | os.PathLike[str]) -> Path:
+    """``path`` itself or its nearest parent that exists."""
+    p = Path(path).expanduser().absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return p
+
+
+def free_bytes(path: str | os.PathLike[str]) -> int:
+    """Bytes free for this user on the file system of ``path`` (or its nearest existing parent)."""
+    return shutil.disk_usage(existing_parent(path)).free
+
+
+def _is_no_space(exc: BaseException | None) -> bool:
+    """Whether ``exc`` (or what caused it, or a DCP rank failure inside it) is a full disk."""
+    import errno
+
+    seen: set[int] = set()
+    todo = [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        text = str(e)
+        # torch.save's zip writer reports a failed write of a full disk as a position mismatch
+        if "No space left on device" in text or "Disk quota exceeded" in text or (
+            "inline_container" in text and ("unexpected pos" in text or "file write failed" in text)
+        ):
+            return True
+        todo += [e.__cause__, e.__context__]
+        todo += _dcp_failures(e)
+    return False
+
+
+def _dcp_failures(exc: BaseException | None) -> list[BaseException]:
+    """The per-rank exceptions inside DCP's ``CheckpointException`` (values are ``(exception, trace)``)."""
+    out: list[BaseException] = []
+    failures = getattr(exc, "failures", None)
+    if isinstance(failures, dict):
+        for f in failures.values():
+            f = f[0] if isinstance(f, tuple) and f else f
+            if isinstance(f, BaseException):
+                out.append(f)
+    return out
+
+
+def _state_nbytes(state: Mapping[str, Any]) -> int:
+    total = 0
+    for t in state.values():
+        shape = tuple(t.shape)  # a DTensor's shape is the logical (global) one
+        n = 1
+        for d in shape:
+            n *= int(d)
+        total += n * t.element_size()
+    return total
+
+
+def human_bytes(n: int) -> str:
+    """``12.3 GB`` (or ``4.5 MB`` below 0.1 GB)."""
+    return f"{n / 1e9:.1f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
+
+
+def no_space_message(root: Path, iteration: int, need: int) -> str:
+    """``no space left on DEVICE for iter_N: need X GB, Y GB free`` for a save under ``root``."""
+    return (f"no space left on {mount_point(root)} for {iter_dir_name(iteration)}: need {human_bytes(need)}, "
+            f"{human_bytes(free_bytes(root))} free (checkpoint root {root}; the previous checkpoint is intact)")
+
+
 # --------------------------------------------------------------------------------------------------
 # distributed helpers (no-ops in a single process)
 
@@ -133,6 +219,9 @@ def _agree(error: BaseException | None, group: Any, dist_on: bool, what: str) ->
     msgs: list[Any] = [None] * dist.get_world_size(group)
     mine = None if error is None else f"{type(error).__name__}: {error}"
     dist.all_gather_object(msgs, mine, group=group)
+    full = [m for m in msgs if m is not None and m.startswith(f"{NoSpaceError.__name__}: ")]
+    if full:  # the same one line on every rank
+        raise NoSpaceError(full[0][len(NoSpaceError.__name__) + 2:]) from error
     if error is not None:
         raise error
     bad = [(r, m) for r, m in enumerate(msgs) if m is not None]
@@ -272,9 +361,15 @@ def _remove_iteration_dir(path: Path) -> None:
 
 
 def _clean_leftovers(root: Path) -> None:
+    """Remove what an earlier save killed with SIGKILL (or a lost machine) left, saying so on stderr.
+
+    Only one run saves into a checkpoint root at a time (the coordinator does this before its save), so
+    every ``.iter_N.tmp-*`` / ``.iter_N.old-*`` here is a leftover.
+    """
     for child in root.iterdir():
         if child.name.startswith(".iter_") and (TMP_MARK in child.name or OLD_MARK in child.name) and child.is_dir():
             remove_tree(child)
+            print(f"nvl: removed {child}, left by an interrupted checkpoint save", file=sys.stderr)
 
 
 def write_tracker(root: Path, iteration: int, train_state: Mapping[str, Any] | None = None) -> None:
@@ -360,17 +455,25 @@ def save_checkpoint(
             err = exc
     _agree(err, group, dist_on, "preparation")
 
+    need = 0
+
+    def no_space(exc: BaseException) -> BaseException:
+        if isinstance(exc, NoSpaceError) or not _is_no_space(exc):
+            return exc
+        return NoSpaceError(no_space_message(root, iteration, need))
+
     try:
         state, stream = _flatten_states(model_state, sharded_states)
         if stream is not None and dist_on:
             raise ValueError("a StreamedState model_state is for single-process saves (imports)")
+        need = _state_nbytes(state)
         err = None
         try:
             if rank_state is not None:
                 (tmp / RANK_STATES_DIR).mkdir(exist_ok=True)
                 atomic_torch_save(tmp / RANK_STATES_DIR / f"rank_{global_rank:05d}.pt", dict(rank_state))
         except BaseException as exc:
-            err = exc
+            err = no_space(exc)
         _agree(err, group, dist_on, "rank_state writes")
 
         one_file = single_file_per_rank if single_file_per_rank is not None else stream is None
@@ -391,7 +494,15 @@ def save_checkpoint(
             original = getattr(planner, "error", None)
             if original is not None:
                 raise original from None
-            raise CheckpointSaveError(f"writing the tensors of {final.name} failed: {exc}") from exc
+            for failure in _dcp_failures(exc):  # DCP wraps even a Ctrl-C / SIGTERM of a rank: unwrap it
+                if isinstance(failure, KeyboardInterrupt):
+                    raise failure from None
+            if _is_no_space(exc):
+                # every rank got DCP's gathered failure; rank 0's figures make the line the same everywhere
+                _agree(NoSpaceError(no_space_message(root, iteration, need)), group, dist_on, "the tensor writes")
+            causes = "; ".join(f"{type(f).__name__}: {(str(f).strip().splitlines() or [''])[0][:200]}"
+                               for f in _dcp_failures(exc)) or str(exc).strip().splitlines()[0]
+            raise CheckpointSaveError(f"writing the tensors of {final.name} failed: {causes}") from exc
 
         if not dist_on:
             _fsync_tree(tmp)
@@ -426,11 +537,12 @@ def save_checkpoint(
                     write_tracker(root, iteration, ts)
                     apply_most_recent_k(root, most_recent_k, keep=iteration)
             except BaseException as exc:
-                err = exc
+                err = no_space(exc)
         _agree(err, group, dist_on, "finalization")
     except BaseException:
         if coordinator:
             remove_tree(tmp)
+            interrupt.note_discarded(final)
         raise
     return final
 

@@ -43,6 +43,25 @@ class NvlGroup(click.Group):
             self.builtin_names.add(name)
         super().add_command(cmd, name)
 
+    def invoke(self, ctx: click.Context) -> Any:
+        """Run the command with SIGINT/SIGTERM turned into a clean stop: one line, exit 130/143.
+
+        Writers remove their temporary output on the way out (:mod:`nvlcore.interrupt`); no traceback.
+        """
+        from nvlcore import interrupt
+
+        previous = interrupt.install()
+        try:
+            return super().invoke(ctx)
+        except BaseException as exc:
+            code = interrupt.exit_status(exc)
+            if code is None:
+                raise
+            click.echo(interrupt.message(), err=True)
+            raise SystemExit(code) from None
+        finally:
+            interrupt.restore(previous)
+
 
 #: The built-in commands: name -> "module:attribute" (click objects, imported when the CLI is built).
 BUILTIN_COMMANDS: dict[str, str] = {
@@ -53,6 +72,7 @@ BUILTIN_COMMANDS: dict[str, str] = {
     "export": "nvlcore.cli.export:export_command",
     "finetune": "nvlcore.cli.finetune:finetune_command",
     "generate": "nvlcore.cli.generate:generate_cmd",
+    "plot": "nvlcore.cli.plot_cmd:plot_command",
     "plugins": "nvlcore.cli.plugins_cmd:plugins_group",
     "quickstart": "nvlcore.cli.quickstart:quickstart",
 }
@@ -146,7 +166,9 @@ def build_cli(manager: Any = None) -> NvlGroup:
         clashes_before = len(cli.clashes)
         try:
             impl.function(**{arg: cli for arg in impl.argnames})
-        except Exception as exc:
+        except BaseException as exc:  # sys.exit() in a command hook fails that plugin, not the CLI
+            if isinstance(exc, KeyboardInterrupt):
+                raise
             for added in set(cli.commands) - before:
                 cli.commands.pop(added)
                 cli.command_owner.pop(added, None)

@@ -14,12 +14,49 @@ def config_group() -> None:
     """Compose, check and explain run configs (YAML files + dotted overrides)."""
 
 
+CORE_DEFAULTS_NOTE = (
+    "# nvlcore's defaults (no --hf-model-path): `nvl finetune` starts from the model bridge's recipe "
+    "instead;\n# `nvl config show --hf-model-path DIR` shows what finetune would run\n"
+)
+
+
 @config_group.command("show", context_settings=CONFIG_CONTEXT_SETTINGS, epilog=OVERRIDES_HELP)
 @config_options(print_config=False)
 @click.option("--check", is_flag=True, help="Also fail if a mandatory ('???') value is unset or a setting is unsupported.")
-def show(config_files: tuple[Path, ...], overrides: tuple[str, ...], check: bool) -> None:
-    """Print the resolved config as YAML: defaults <- config files <- OVERRIDES."""
-    cfg = load_config_from_cli(config_files, overrides, resolve=check)
+@click.option("--hf-model-path", type=click.Path(file_okay=False), default=None,
+              help="Show what `nvl finetune --hf-model-path DIR` would run: the model's recipe and default YAML.")
+@click.option("--lora-on-language-model", is_flag=True, help="With --hf-model-path: finetune's LoRA recipe.")
+@click.option("--lora-on-vision-model", is_flag=True, help="With --hf-model-path: finetune's LoRA recipe.")
+def show(config_files: tuple[Path, ...], overrides: tuple[str, ...], check: bool, hf_model_path: str | None,
+         lora_on_language_model: bool, lora_on_vision_model: bool) -> None:
+    """Print the resolved config as YAML: defaults <- config files <- OVERRIDES.
+
+    With --hf-model-path the defaults are the model bridge's recipe and its default YAML file, exactly
+    as `nvl finetune` composes them; without it they are nvlcore's own defaults (the output says so).
+    """
+    if hf_model_path is None:
+        if lora_on_language_model or lora_on_vision_model:
+            raise click.UsageError("--lora-on-* select a model's recipe: also give --hf-model-path DIR")
+        cfg = load_config_from_cli(config_files, overrides, resolve=check)
+        click.echo(CORE_DEFAULTS_NOTE, nl=False)
+        echo_config(cfg)
+        return
+    from nvlcore.cli import current_plugin_manager
+    from nvlcore.cli.finetune import compose_config
+    from nvlcore.config import ConfigError, resolve_config
+
+    cfg, files = compose_config(
+        manager=current_plugin_manager(), hf_model_path=hf_model_path, pretrained_checkpoint=None,
+        config_files=config_files, lora_on_language_model=lora_on_language_model,
+        lora_on_vision_model=lora_on_vision_model, overrides=overrides,
+    )
+    if check:
+        try:
+            resolve_config(cfg)
+        except ConfigError as exc:
+            raise click.UsageError(f"config: {exc}") from None
+    click.echo(f"# what `nvl finetune --hf-model-path {hf_model_path}` would run: the model's recipe"
+               + (f" <- {', '.join(str(f) for f in files)}" if files else "") + " <- overrides")
     echo_config(cfg)
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -184,6 +185,19 @@ def _child_argv(params: dict[str, Any], overrides: Sequence[str]) -> list[str]:
     return argv + list(overrides)
 
 
+def _latest_saved(save: str | None) -> tuple[int | None, float | None]:
+    """The tracker's iteration and time under ``checkpoint.save`` (to tell whether a launch saved)."""
+    from nvlcore.checkpoint.layout import TRACKER_TXT
+
+    if not save:
+        return None, None
+    tracker = Path(save) / TRACKER_TXT
+    try:
+        return int(tracker.read_text().strip()), tracker.stat().st_mtime
+    except (OSError, ValueError):
+        return None, None
+
+
 @click.command("finetune", context_settings={**CONFIG_CONTEXT_SETTINGS, "help_option_names": ["-h", "--help"]})
 @hf_model_option("--hf-model-path", help="HF model (config.json, tokenizer); selects the model bridge.")
 @revision_option()
@@ -214,7 +228,8 @@ def finetune_command(**params: Any) -> None:
         nvl finetune --hf-model-path HF --pretrained-checkpoint CKPT checkpoint.save=out dataset.maker_name=raven
     """
     from nvlcore.config import ConfigError, config_to_yaml, resolve_config
-    from nvlcore.parallel import build_launch_args, launch, launched_by_torchrun
+    from nvlcore.interrupt import EXIT_STOPPED_EARLY
+    from nvlcore.parallel import build_launch_args, die_with_parent, launch, launched_by_torchrun
     from nvlcore.cli import current_plugin_manager
 
     from nvlcore.cli import global_flag
@@ -241,6 +256,14 @@ def finetune_command(**params: Any) -> None:
         raise click.UsageError("--random-init and --pretrained-checkpoint exclude each other")
     if not params["random_init"] and not cfg.checkpoint.pretrained_checkpoint:
         raise click.UsageError("--pretrained-checkpoint DIR is required (a Megatron checkpoint or an HF directory)")
+    from nvlcore.training.preflight import config_problems
+
+    world = None
+    if params["nproc_per_node"] is not None and str(params["nnodes"] or "1") == "1":
+        world = params["nproc_per_node"]
+    problems = config_problems(cfg, manager, world_size=world)
+    if problems:  # before any worker starts or any model is built
+        raise click.UsageError("config: " + "; ".join(problems))
 
     nproc = params["nproc_per_node"]
     if nproc is not None and not launched_by_torchrun():
@@ -253,10 +276,17 @@ def finetune_command(**params: Any) -> None:
         )
         click.echo(f"nvl finetune: starting {nproc} worker(s) on this machine"
                    + (f" ({', '.join(f'{k}={v}' for k, v in multi.items())})" if multi else ""), err=True)
+        before = _latest_saved(cfg.checkpoint.save)
         code = launch(args)
+        if code in (128 + signal.SIGINT, 128 + signal.SIGTERM) and _latest_saved(cfg.checkpoint.save) != before:
+            # the workers were told to stop and saved a checkpoint: the same status as one process
+            click.echo(f"nvl finetune: stopped early; checkpoint saved (exit status {EXIT_STOPPED_EARLY})", err=True)
+            code = EXIT_STOPPED_EARLY
         if code:
             raise SystemExit(code)
         return
+    if launched_by_torchrun():
+        die_with_parent()  # a kill -9 of the launcher must not leave this worker training
     if nproc is not None and launched_by_torchrun():
         local = int(os.environ.get("LOCAL_WORLD_SIZE", nproc))
         if local != nproc:
@@ -274,6 +304,10 @@ def finetune_command(**params: Any) -> None:
     except Exception as exc:
         if params["debug"]:
             raise
+        from nvlcore.checkpoint.save import NoSpaceError
+
+        if isinstance(exc, NoSpaceError):  # the same line from every rank
+            raise click.ClickException(str(exc)) from exc
         rank = os.environ.get("RANK")
         where = f"rank {rank}: " if rank is not None else ""
         raise click.ClickException(f"{where}{type(exc).__name__}: {exc} (--debug shows the traceback)") from exc

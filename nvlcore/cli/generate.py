@@ -49,7 +49,10 @@ def resolve_bridge(hf_dir: Path, bridge_name: str | None = None, manager: Any = 
         cls = registry.get(bridge_name)
     except KeyError as exc:
         raise click.ClickException(str(exc)) from exc
-    return cls.from_hf_dir(hf_dir)
+    try:
+        return cls.from_hf_dir(hf_dir)
+    except (OSError, ValueError) as exc:  # a damaged config.json or weights file: the message names it
+        raise click.ClickException(str(exc)) from None
 
 
 def _rank_and_world() -> tuple[int, int]:
@@ -81,6 +84,19 @@ def _split_images(value: str | None) -> list[Path]:
         if not p.is_file():
             raise click.BadParameter(f"{p} is not a file", param_hint="--image-path")
     return paths
+
+
+def _check_images(paths: list[Path]) -> None:
+    """Every image decodes (before the model loads): a damaged one is one line naming it."""
+    from PIL import Image
+
+    for p in paths:
+        try:
+            with Image.open(p) as im:
+                im.load()
+        except Exception as exc:
+            first = (str(exc).strip().splitlines() or [""])[0][:160]
+            raise click.ClickException(f"--image-path {p} is not an image nvl can read ({type(exc).__name__}: {first})") from None
 
 
 @declare_aliases(
@@ -178,6 +194,7 @@ def generate_cmd(
         raise click.UsageError("give --num-frames (a fixed count) or --fps (frames per second), not both")
     if temperature == 0.0 and (top_p != 1.0 or top_k != 0):
         raise click.UsageError("--top-p/--top-k only apply when sampling: also give --temperature > 0")
+    _check_images(images)
 
     import warnings
 
@@ -226,7 +243,7 @@ def generate_cmd(
                 f"model bridge {type(bridge).__name__} does not support {', '.join(sorted(options))} ({exc})"
             ) from None
         raise
-    except (FileNotFoundError, ValueError, NotImplementedError, KeyError) as exc:
+    except (OSError, ValueError, NotImplementedError, KeyError) as exc:  # damaged weights or checkpoint: one line naming it
         from nvlcore.cli import global_flag
 
         if global_flag("debug"):  # nvl --debug generate ...: the full traceback
@@ -241,13 +258,16 @@ def generate_cmd(
         seed = _shared_random_seed()  # every tensor-parallel rank must draw the same tokens
     sampling = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
     outputs: list[GenerationOutput] = []
-    results = generator.generate(
-        [conversation],
-        max_new_tokens=max_new_tokens,
-        sampling=sampling,
-        stream=None if as_json or rank != 0 else sys.stdout,
-        on_output=outputs.append,
-    )
+    try:
+        results = generator.generate(
+            [conversation],
+            max_new_tokens=max_new_tokens,
+            sampling=sampling,
+            stream=None if as_json or rank != 0 else sys.stdout,
+            on_output=outputs.append,
+        )
+    except (OSError, ValueError) as exc:  # an image or video that does not decode: the message names it
+        raise click.ClickException(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__) from None
     if rank != 0:
         return
     res, out = results[0], outputs[0]

@@ -128,13 +128,9 @@ def _bridge_for(hf_dir: Path, registry: Any) -> Any:
 
 def read_losses(metrics_file: Path) -> list[tuple[int, float]]:
     """``(iteration, loss)`` pairs from a run's ``metrics.jsonl``."""
-    points = []
-    for line in metrics_file.read_text().splitlines():
-        if line.strip():
-            row = json.loads(line)
-            if "loss" in row and "iteration" in row:
-                points.append((int(row["iteration"]), float(row["loss"])))
-    return points
+    from nvlcore.plot import read_metrics
+
+    return [(int(r["iteration"]), float(r["loss"])) for r in read_metrics(metrics_file) if "loss" in r]
 
 
 def ascii_curve(points: Sequence[tuple[int, float]], *, width: int = 60, height: int = 12) -> str:
@@ -160,8 +156,19 @@ def ascii_curve(points: Sequence[tuple[int, float]], *, width: int = 60, height:
     return "\n".join(lines)
 
 
-def save_curve_png(points: Sequence[tuple[int, float]], path: Path, *, size: tuple[int, int] = (640, 400)) -> None:
-    """Save the loss curve as a PNG (drawn with PIL: no plotting library needed)."""
+def save_curve_png(points: Sequence[tuple[int, float]], path: Path, *, size: tuple[int, int] = (640, 400),
+                   metrics: Path | None = None) -> None:
+    """Save the training curves as a PNG: with ``metrics`` (a metrics.jsonl) and matplotlib installed,
+    :func:`nvlcore.plot.plot_metrics` draws loss, LR, grad norm and tokens/s with axis titles; otherwise
+    the loss curve of ``points`` is drawn with PIL (no plotting library needed)."""
+    if metrics is not None:
+        from nvlcore.plot import PlotUnavailable, plot_metrics
+
+        try:
+            plot_metrics(metrics, path, title="nvl quickstart: LoRA fine-tuning of the toy model")
+            return
+        except PlotUnavailable:
+            pass
     from PIL import Image, ImageDraw
 
     w, h = size
@@ -245,7 +252,7 @@ def quickstart(workdir: Path, overwrite: bool, train_iters: int, eval_examples: 
               f"checkpoint.save_interval={train_iters}", *FINETUNE_OVERRIDES], log=log)
     points = read_losses(w / "lora" / "metrics.jsonl")
     click.echo(ascii_curve(points), err=True)
-    save_curve_png(points, w / "loss_curve.png")
+    save_curve_png(points, w / "loss_curve.png", metrics=w / "lora" / "metrics.jsonl")
     click.echo(f"    loss curve saved to {w / 'loss_curve.png'}", err=True)
 
     _step(5, total, "Merge the LoRA adapter into the weights")

@@ -125,37 +125,18 @@ def peak_rss_bytes() -> int:
 
 
 class Progress:
-    """A byte-counting progress bar on stderr: tqdm on a terminal, a line per 10% otherwise."""
+    """The conversion's byte-counting bar (:class:`nvlcore.progress.Progress`); ``enabled=False`` is ``--no-progress``."""
 
     def __init__(self, total: int, desc: str, enabled: bool) -> None:
-        self.bar = None
-        self.total, self.desc, self.done, self.next_line = total, desc, 0, 0.1
-        self.lines = enabled and not sys.stderr.isatty()
-        self.t0 = time.perf_counter()
-        if enabled and not self.lines:
-            from tqdm import tqdm
+        from nvlcore.progress import Progress as Bar
 
-            self.bar = tqdm(
-                total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1000, file=sys.stderr,
-                mininterval=0.5, dynamic_ncols=True, leave=True,
-            )
+        self._bar = Bar(total, desc, enabled=enabled, unit="B")
 
     def update(self, nbytes: int, key: str = "") -> None:
-        self.done += nbytes
-        if self.lines and self.total and self.done >= self.next_line * self.total:
-            dt = time.perf_counter() - self.t0
-            print(f"{self.desc}: {100 * self.done / self.total:3.0f}% {self.done / 1e9:.2f}/{self.total / 1e9:.2f} GB "
-                  f"{self.done / 1e9 / max(dt, 1e-9):.2f} GB/s", file=sys.stderr, flush=True)
-            while self.next_line * self.total <= self.done:
-                self.next_line += 0.1
-        if self.bar is not None:
-            self.bar.update(nbytes)
-            if key:
-                self.bar.set_postfix_str(key[-48:], refresh=False)
+        self._bar.update(nbytes, key)
 
     def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
+        self._bar.close()
 
 
 def warm_imports() -> None:

@@ -90,23 +90,65 @@ class TensorInfo:
     nbytes: int
 
 
-def read_header(path: Path) -> dict:
-    """The JSON header of a safetensors file (8-byte little-endian length, then JSON)."""
+def read_header(path: str | os.PathLike[str]) -> dict:
+    """The JSON header of a safetensors file (8-byte little-endian length, then JSON), checked against the file.
+
+    Every tensor's dtype, shape and byte range must be well formed and lie inside the file, and the data
+    must end where the file does: a truncated, zero-byte or header-corrupted file raises
+    :class:`SafetensorsError` naming it, before any tensor is read.
+    """
+    path = Path(path)
+    bad = f"{path} is not a valid safetensors file"
+    fix = "re-download or re-export it"
     try:
+        size = path.stat().st_size
         with open(path, "rb") as f:
             head = f.read(8)
             if len(head) != 8:
-                raise SafetensorsError(f"{path} is too short to be a safetensors file")
+                raise SafetensorsError(f"{bad}: {size} bytes, too short for a header; {fix}")
             (n,) = struct.unpack("<Q", head)
-            size = path.stat().st_size
             if n > size - 8 or n > 100 * 2**20:
-                raise SafetensorsError(f"{path} has a corrupt header length ({n} bytes in a {size}-byte file)")
-            header = json.loads(f.read(n))
+                raise SafetensorsError(f"{bad}: corrupt header length ({n} bytes in a {size}-byte file); {fix}")
+            raw = f.read(n)
+        header = json.loads(raw.decode("utf-8"))
     except FileNotFoundError:
         raise SafetensorsError(f"safetensors file {path} does not exist") from None
-    except json.JSONDecodeError as exc:
-        raise SafetensorsError(f"{path} has a corrupt JSON header: {exc}") from None
+    except IsADirectoryError:
+        raise SafetensorsError(f"{path} is a directory, not a safetensors file") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise SafetensorsError(f"{bad}: corrupt JSON header ({exc}); {fix}") from None
+    if not isinstance(header, dict):
+        raise SafetensorsError(f"{bad}: its header is not a JSON object; {fix}")
+    data = size - 8 - n
+    end_max = 0
+    for k, meta in header.items():
+        if k == "__metadata__":
+            continue
+        try:
+            dtype = meta["dtype"]
+            shape = [int(d) for d in meta["shape"]]
+            begin, end = (int(x) for x in meta["data_offsets"])
+            count = 1
+            for d in shape:
+                if d < 0:
+                    raise ValueError(f"negative dimension {d}")
+                count *= d
+            width = _DTYPE_BYTES.get(dtype)
+            if width is None:
+                raise ValueError(f"unknown dtype {dtype!r}")
+            if not 0 <= begin <= end or end - begin != count * width:
+                raise ValueError(f"byte range {begin}..{end} does not fit shape {shape} of {dtype}")
+        except (KeyError, TypeError, ValueError) as exc:
+            raise SafetensorsError(f"{bad}: corrupt header entry for {k!r} ({exc}); {fix}") from None
+        end_max = max(end_max, end)
+    if end_max != data:
+        what = "truncated" if end_max > data else "has trailing bytes"
+        raise SafetensorsError(f"{bad}: {what} (its header needs {end_max} data bytes, the file holds {data}); {fix}")
     return header
+
+
+_DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+                "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
 
 
 class SafetensorsReader:

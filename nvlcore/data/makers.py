@@ -216,18 +216,22 @@ class HFConversationMaker:
                 f"{self.label}: {self.where_from()} has no column(s) {', '.join(missing)} "
                 f"(columns: {', '.join(ds.column_names)}); is this the right dataset?"
             )
+        from nvlcore.progress import Progress
+
         raw = ds.select_columns(columns).with_format("arrow")
         keep: list[int] = []
         skipped: Counter[str] = Counter()
         index = 0
-        for table in raw.iter(batch_size=512):
-            for row in table.to_pylist():
-                problem = self.row_problem(row)
-                if problem is None:
-                    keep.append(index)
-                else:
-                    skipped[problem] += 1
-                index += 1
+        with Progress(len(ds), f"{self.label}: checking rows", unit="row") as bar:
+            for table in raw.iter(batch_size=512):
+                bar.update(table.num_rows)
+                for row in table.to_pylist():
+                    problem = self.row_problem(row)
+                    if problem is None:
+                        keep.append(index)
+                    else:
+                        skipped[problem] += 1
+                    index += 1
         return keep, skipped
 
     def __len__(self) -> int:

@@ -319,3 +319,62 @@ def load_optimizer_state(
         state[index[id(p)]] = {"step": torch.tensor(float(adam_step), dtype=torch.float32), **bufs}
     sd["state"] = state
     optimizer.load_state_dict(sd)
+
+
+def estimate_checkpoint_bytes(model: "torch.nn.Module", ctx: "ParallelContext", *, adapter_only: bool,
+                              save_optim: bool) -> int:
+    """About how many bytes one training checkpoint takes: the saved weights plus (``save_optim``) Adam's two
+    fp32 moments per trainable value, summed over the tensor-parallel shards (replicated tensors are counted
+    once per TP rank: an upper bound). The same figure on every rank."""
+    import torch
+    import torch.distributed as dist
+
+    total = 0
+    for _, p in saved_parameters(model, adapter_only=adapter_only):
+        total += p.numel() * p.element_size()
+        if save_optim and p.requires_grad:
+            total += 2 * p.numel() * 4
+    t = torch.tensor([float(total)], dtype=torch.float64, device=ctx.device)
+    if ctx.tp_size > 1 and dist.is_initialized():
+        dist.all_reduce(t, group=ctx.tp_group)
+    return int(t.item())
+
+
+def check_checkpoint_space(cfg: "Any", need: int, ctx: "ParallelContext", *, start_iteration: int,
+                           say: Any = print) -> None:
+    """Refuse to train when the file system of ``checkpoint.save`` cannot hold one checkpoint; warn when it
+    cannot hold all that the run keeps (``checkpoint.save_interval``, ``most_recent_k``).
+
+    The free space is the smallest any rank sees, so every rank decides the same.
+    :raises ValueError: one line naming the directory, the device, the size needed and the space free.
+    """
+    import math
+
+    import torch
+    import torch.distributed as dist
+
+    from nvlcore.checkpoint.save import free_bytes, human_bytes, mount_point
+
+    save = cfg.checkpoint.save
+    if not save or need <= 0:
+        return
+    t = torch.tensor([float(free_bytes(save))], dtype=torch.float64, device=ctx.device)
+    if ctx.world_size > 1 and dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    free = int(t.item())
+    gb = human_bytes
+    device = mount_point(save)
+    if free < need:
+        raise ValueError(
+            f"checkpoint.save={save}: one checkpoint needs about {gb(need)} but {device} has {gb(free)} free; "
+            "free some space, save elsewhere, or save less (checkpoint.save_optim=false, PEFT)"
+        )
+    remaining = max(cfg.train.train_iters - start_iteration, 0)
+    interval = cfg.checkpoint.save_interval
+    saves = max(math.ceil(remaining / interval) if interval else 1, 1)  # the last one included
+    k = cfg.checkpoint.most_recent_k
+    kept = min(saves, k + 1) if k and k > 0 else saves  # a new save lands before the oldest goes
+    if free < kept * need:
+        say(f"nvl finetune: WARNING: {device} has {gb(free)} free; this run keeps up to {kept} checkpoints of about "
+            f"{gb(need)} (checkpoint.save_interval={interval}, checkpoint.most_recent_k={k}): saves will fail "
+            "once the disk is full; raise save_interval or set checkpoint.most_recent_k")

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import json
 import random
+import signal
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import attrs
 
+from nvlcore.interrupt import EXIT_STOPPED_EARLY
 from nvlcore.training.trainer import LoopSettings, TrainState, Trainer
 
 if TYPE_CHECKING:
@@ -268,7 +270,8 @@ def build_loggers(cfg: "NvlConfig", manager: Any, ctx: "ParallelContext", *, res
         cls = reg.get(name)
         canonical = reg.canonical(name) if hasattr(reg, "canonical") else name
         if canonical == "console":
-            out.append(cls(total_iters=cfg.train.train_iters))
+            # on CPU a process is not a GPU: say what the throughput is divided by
+            out.append(cls(total_iters=cfg.train.train_iters, per="GPU" if ctx.device.type == "cuda" else "process"))
         elif canonical == "jsonl":
             if not jsonl_path:
                 raise ValueError("logger.loggers has 'jsonl' but neither logger.jsonl_path nor checkpoint.save is set")
@@ -284,6 +287,44 @@ def build_loggers(cfg: "NvlConfig", manager: Any, ctx: "ParallelContext", *, res
     return out
 
 
+class MetricsPlotter:
+    """Redraws ``metrics.png`` next to ``metrics.jsonl`` (rank 0's JSONL logger) at every save.
+
+    Without matplotlib (an optional extra) it says so once, in one line, and does nothing; a plot that
+    fails never stops training.
+    """
+
+    def __init__(self, loggers: Any, say: Callable[[str], None]) -> None:
+        from nvlcore.training.loggers import JsonlLogger
+
+        paths = [lg.path for lg in loggers if isinstance(lg, JsonlLogger)]
+        self.path: Path | None = paths[0] if paths else None
+        self.say = say
+        self.off = self.path is None
+
+    def plot(self) -> None:
+        if self.off:
+            return
+        from nvlcore.plot import INSTALL_HINT, PlotUnavailable, plot_metrics
+
+        try:
+            plot_metrics(self.path)
+        except PlotUnavailable:
+            self.off = True
+            self.say(f"nvl finetune: no metrics.png (matplotlib is not installed; {INSTALL_HINT})")
+        except Exception as exc:  # a plot is a convenience: report once, keep training
+            self.off = True
+            self.say(f"nvl finetune: drawing {self.path.with_name('metrics.png')} failed ({type(exc).__name__}: {exc}); "
+                     "no more plots this run")
+
+
+class StoppedEarly(SystemExit):
+    """Training stopped on SIGTERM/SIGINT: exit status :data:`EXIT_STOPPED_EARLY` (75) when the checkpoint
+    was saved, ``128 + signal`` when there was nowhere to save. ``state`` is the final train state."""
+
+    state: TrainState | None = None
+
+
 def run_finetune(
     cfg: "NvlConfig",
     *,
@@ -297,6 +338,9 @@ def run_finetune(
     ``cfg.model.hf_model_path`` names the HF directory the bridge reads; ``cfg.checkpoint.pretrained_checkpoint``
     the starting weights (a Megatron checkpoint, base or ``iter_N`` dir, or an HF directory), unless
     ``random_init`` (benchmarks only).
+
+    :raises StoppedEarly: a ``SystemExit`` with status 75 (:data:`nvlcore.interrupt.EXIT_STOPPED_EARLY`)
+        when SIGTERM/SIGINT stopped training and the checkpoint of the last iteration was saved.
     """
     import torch
 
@@ -307,6 +351,9 @@ def run_finetune(
     from nvlcore.training import optim
 
     manager = manager or get_plugin_manager()
+    from nvlcore.training.preflight import preflight
+
+    preflight(cfg, manager)  # config contradictions and missing paths, before any process group or model
     ctx = init_parallel(cfg.model.tensor_model_parallel_size, device_type=device_type, seed=cfg.rng.seed,
                         timeout_minutes=cfg.dist.distributed_timeout_minutes)
     say = print_fn if ctx.is_main else (lambda _m: None)
@@ -397,12 +444,18 @@ def run_finetune(
             say(f"nvl finetune: resumed at iteration {state.iteration} (consumed samples {state.consumed_samples}, "
                 f"{state.optimizer_steps} updates, {state.skipped_iterations} skipped)")
 
+        # -- will the checkpoints fit? (before any iteration runs) ---------------------------------
+        if cfg.checkpoint.save:
+            need = tck.estimate_checkpoint_bytes(model, ctx, adapter_only=adapter_only, save_optim=cfg.checkpoint.save_optim)
+            tck.check_checkpoint_space(cfg, need, ctx, start_iteration=state.iteration, say=say)
+
         # -- data, loggers ----------------------------------------------------------------------
         data = build_data(cfg, bridge, manager, ctx, consumed_samples=state.consumed_samples, print_fn=say)
         if data.eval_note:
             say(f"nvl finetune: {data.eval_note}")
-        loggers = build_loggers(cfg, manager, ctx, resume_iteration=state.iteration if decision.iter_dir else None,
-                                run_config=run_config)
+        # metrics.jsonl keeps rows up to the iteration training starts from: rows a killed run logged
+        # after its last checkpoint (or before any) are dropped, so each iteration appears once
+        loggers = build_loggers(cfg, manager, ctx, resume_iteration=state.iteration, run_config=run_config)
         flops_fn, flops_method = _flops_fn(bridge, model, ctx)
         if flops_method != "bridge":
             say("nvl finetune: the bridge has no train_flops(); TFLOP/s uses 6 x parameters x tokens (no attention/ViT terms)")
@@ -422,11 +475,13 @@ def run_finetune(
             from nvlcore.eval.training import build_generate_eval
 
             generate_eval_fn = build_generate_eval(cfg, bridge, model, manager, ctx, print_fn=say)
+        plotter = MetricsPlotter(loggers, say)
 
         def save_fn(st: TrainState) -> None:
             path = save(cfg.checkpoint.save, st, model=model, optimizer=opt, bridge=bridge, ctx=ctx, cfg=cfg,
                         run_config=run_config, adapter_only=adapter_only, num_samples=data.num_train_samples)
             say(f"nvl finetune: saved checkpoint {path}")
+            plotter.plot()
 
         trainer = Trainer(
             model=model, ctx=ctx, optimizer=opt, named_params=named, lr_schedule=lr_s, wd_schedule=wd_s,
@@ -440,6 +495,17 @@ def run_finetune(
             f"{settings.global_batch_size} = {settings.num_microbatches} micro-batch(es) x "
             f"{cfg.train.micro_batch_size} x {ctx.dp_size} data-parallel rank(s)")
         final = trainer.run(data.train_batches)
+        if trainer.stopped_by is not None:
+            saved = trainer.save_fn is not None and trainer.last_saved_iteration == final.iteration
+            say(f"nvl finetune: stopped early by {trainer.stopped_by} at iteration {final.iteration}"
+                + (f"; checkpoint saved, exit status {EXIT_STOPPED_EARLY} (resume with the same command)"
+                   if saved else "; no checkpoint (checkpoint.save is not set)"))
+            code = EXIT_STOPPED_EARLY
+            if not saved:
+                code = 128 + int(signal.Signals[trainer.stopped_by]) if trainer.stopped_by in signal.Signals.__members__ else 1
+            stopped = StoppedEarly(code)
+            stopped.state = final
+            raise stopped
         return final
     finally:
         for lg in loggers:

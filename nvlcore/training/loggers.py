@@ -37,9 +37,11 @@ class ConsoleLogger:
         iter    12/30 | loss 2.3456 | lr 1.20e-05 | grad 0.912 | 1,234 tok/s | 12.3 TFLOP/s/GPU | mem 10.2 GB | ETA 0:01:23 | skipped 0
     """
 
-    def __init__(self, *, total_iters: int | None = None, stream: TextIO | None = None) -> None:
+    def __init__(self, *, total_iters: int | None = None, stream: TextIO | None = None, per: str = "GPU") -> None:
+        """:param per: what the throughput is divided by: ``GPU``, or ``process`` for CPU runs."""
         self.total_iters = total_iters
         self.stream = stream
+        self.per = per
 
     def log(self, metrics: Mapping[str, Any], *, step: int) -> None:
         width = len(str(self.total_iters)) if self.total_iters else 1
@@ -60,7 +62,7 @@ class ConsoleLogger:
             parts.append(f"{metrics['tokens_per_s']:,.0f} tok/s")
         if "tflops_per_gpu" in metrics:
             tf = metrics["tflops_per_gpu"]
-            parts.append(f"{tf:.1f} TFLOP/s/GPU" if tf >= 1 else f"{tf:.3g} TFLOP/s/GPU")
+            parts.append(f"{tf:.1f} TFLOP/s/{self.per}" if tf >= 1 else f"{tf:.3g} TFLOP/s/{self.per}")
         if metrics.get("mem_gb") is not None:
             parts.append(f"mem {metrics['mem_gb']:.1f} GB")
         if "eta_s" in metrics:

@@ -219,6 +219,8 @@ class Trainer:
         self.stop = StopRequest(escalate=not launched_by_torchrun())
         self.history: list[StepResult] = []
         self.last_saved_iteration: int | None = None
+        #: The signal (``SIGTERM``...) that stopped :meth:`run` early, after its save; ``None`` otherwise.
+        self.stopped_by: str | None = None
 
     # -- one iteration ---------------------------------------------------------------------------
     def _autocast(self) -> Any:
@@ -389,6 +391,7 @@ class Trainer:
                     name = signal.Signals(self.stop.signum).name if self.stop.signum else "a signal on another rank"
                     self.print(f"nvl finetune: received {name}; saving a checkpoint at iteration {st.iteration} and exiting")
                     self._save()
+                    self.stopped_by = name
                     break
                 if s.exit_interval and st.iteration - start_iter >= s.exit_interval and not last:
                     self.print(f"nvl finetune: train.exit_interval={s.exit_interval} reached; saving and exiting")

@@ -99,9 +99,11 @@ def test_streams_text_and_reports_speed(cli, hf_dir) -> None:
 
 
 def test_json_output(cli, hf_dir, tmp_path) -> None:
+    from PIL import Image
+
     imgs = [tmp_path / "a.png", tmp_path / "b.png"]
-    for p in imgs:
-        p.write_bytes(b"x")
+    for p in imgs:  # images are decoded before the model loads: they must be real ones
+        Image.new("RGB", (2, 2)).save(p)
     res = CliRunner().invoke(
         cli,
         ["generate", "--hf-model-path", str(hf_dir), "--json", "--max-new-tokens", "3", "--device", "cpu",

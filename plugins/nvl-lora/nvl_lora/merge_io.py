@@ -9,7 +9,6 @@ base tensor at a time.
 from __future__ import annotations
 
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -160,7 +159,10 @@ def merge_checkpoints(
     table = mapping_table_of(bridge)
     by_name = {m.megatron: m for m in table}
 
-    with tempfile.TemporaryDirectory(prefix=".nvl-merge-", dir=output.parent) as work:
+    from nvlcore.checkpoint.atomic import scratch_dir
+
+    # next to the output (same disk); a kill -9 leftover is removed by the next merge to the same output
+    with scratch_dir(output) as work:
         work_dir = Path(work)
         base = open_checkpoint(_base_checkpoint(base_path, bridge, work_dir, say))
         specs = base.specs()
@@ -201,7 +203,12 @@ def merge_checkpoints(
                                method="dora" if dora else "lora")
         summary.total_tensors = len(specs)
 
+        from nvlcore.progress import Progress
+
+        bar = Progress(len(specs), "merge", unit="tensor")
+
         def produce(key: str) -> Any:
+            bar.update(1, key)
             t = trained[key].to(specs[key].dtype) if key in trained else base.load([key])[key]
             if key in trained:
                 summary.replaced_tensors += 1
@@ -237,17 +244,21 @@ def merge_checkpoints(
         }
         files = {n: base.path / n for n in ("tokenizer", "hf_source") if (base.path / n).exists()}
         stream = StreamedState({k: TensorSpec(s.shape, s.dtype) for k, s in specs.items()}, produce)
-        if fmt == "megatron":
-            with atomic_output_dir(output, overwrite=overwrite, what="--output") as tmp_root:
-                save_checkpoint(tmp_root, 0, model_state=stream, run_config=merged_rc,
-                                train_state={"iteration": 0}, files=files)
-        else:
-            from nvlcore.convert.engine import export_hf_checkpoint
+        try:
+            if fmt == "megatron":
+                with atomic_output_dir(output, overwrite=overwrite, what="--output") as tmp_root:
+                    save_checkpoint(tmp_root, 0, model_state=stream, run_config=merged_rc,
+                                    train_state={"iteration": 0}, files=files)
+            else:
+                from nvlcore.convert.engine import export_hf_checkpoint
 
-            staged = work_dir / "merged"
-            save_checkpoint(staged, 0, model_state=stream, run_config=merged_rc, train_state={"iteration": 0},
-                            files=files)
-            export_hf_checkpoint(bridge, hf_model_path, staged, output, overwrite=overwrite, progress=False)
+                staged = work_dir / "merged"
+                save_checkpoint(staged, 0, model_state=stream, run_config=merged_rc, train_state={"iteration": 0},
+                                files=files)
+                bar.close()
+                export_hf_checkpoint(bridge, hf_model_path, staged, output, overwrite=overwrite, progress=None)
+        finally:
+            bar.close()
     summary.seconds = time.perf_counter() - t0
     return summary
 

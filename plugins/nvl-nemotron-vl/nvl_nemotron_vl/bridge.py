@@ -98,9 +98,11 @@ class NemotronVLBridge(BridgeConversionMixin):
         missing = sorted(k for m in table for k in m.hf if k not in weights)
         if missing:
             raise ConfigError(f"{hf_dir}: {len(missing)} tensors the model needs are missing, e.g. {missing[:8]}")
+        from nvlcore.progress import progress_iter
+
         tp = model.tp
         with weights, torch.no_grad():
-            for m in table:
+            for m in progress_iter(table, f"loading {hf_dir.name}", unit="tensor"):
                 comps = m.hf_to_components({k: weights.get(k) for k in m.hf})
                 local = m.components_to_local(comps, tp.size, tp.rank)
                 p = params[m.megatron]

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import struct
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -463,10 +462,13 @@ def weight_files(hf_dir: str | Path) -> list[Path]:
 
 
 def read_safetensors_header(file: Path) -> dict[str, Any]:
-    """The JSON header of one safetensors file (names, dtypes, shapes, offsets) without reading data."""
-    with open(file, "rb") as f:
-        n = struct.unpack("<Q", f.read(8))[0]
-        return json.loads(f.read(n))
+    """The JSON header of one safetensors file (names, dtypes, shapes, offsets) without reading data.
+
+    Checked against the file (nvlcore's reader): a truncated or corrupt file raises an error naming it.
+    """
+    from nvlcore.convert.safetensors_io import read_header
+
+    return read_header(file)
 
 
 def read_tensor_shape(hf_dir: str | Path, key: str) -> list[int] | None:

@@ -137,9 +137,11 @@ def load_checkpoint_weights(model: Any, path: str | Path | Any, *, strict: bool 
             f"checkpoint {ck.path} lacks {len(missing)} tensor(s) the model needs, e.g. {missing[:5]} "
             f"(it holds {len(specs)}; is it a checkpoint of this model?)"
         )
+    from nvlcore.progress import progress_iter
+
     tp = model.tp
     loaded = 0
-    for name, p in params.items():
+    for name, p in progress_iter(params.items(), f"loading {ck.path.name}", total=len(params), unit="tensor"):
         m = table[name]
         if any(c not in specs for c in m.components):
             continue

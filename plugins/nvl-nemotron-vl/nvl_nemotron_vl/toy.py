@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -264,9 +262,11 @@ def write_toy_checkpoint(
         raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
     say = progress or (lambda _msg: None)
     limit = max_shard_bytes if max_shard_bytes is not None else SIZES[size]["max_shard_bytes"]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    from nvlcore.checkpoint import atomic_output_dir
+
+    # the temporary directory records this process (a kill -9 leftover is removed by the next run),
+    # Ctrl-C and SIGTERM remove it
+    with atomic_output_dir(out, overwrite=overwrite, what="toy model directory") as tmp:
         token_ids = write_toy_tokenizer(tmp)
         raw = toy_config(size, token_ids)
         (tmp / "config.json").write_text(json.dumps(raw, indent=2) + "\n")
@@ -287,7 +287,9 @@ def write_toy_checkpoint(
                 say(f"wrote shard {len(shards)} ({current_bytes / 2**20:.1f} MiB)")
             current, current_bytes = {}, 0
 
-        for key, t in iter_toy_hf_tensors(cfg, seed, device):
+        from nvlcore.progress import progress_iter
+
+        for key, t in progress_iter(iter_toy_hf_tensors(cfg, seed, device), f"toy-model {size}", unit="tensor"):
             nbytes = t.numel() * t.element_size()
             if limit is not None and current and current_bytes + nbytes > limit:
                 flush()
@@ -306,15 +308,6 @@ def write_toy_checkpoint(
                 os.replace(tmp / s["file"], tmp / final)
                 weight_map.update({k: final for k in s["keys"]})
             write_index(tmp, weight_map, total)
-        # mkdtemp/mkstemp create private (0700/0600) entries; a model directory is for reading by all
-        for f in tmp.iterdir():
-            f.chmod(0o644)
-        tmp.chmod(0o755)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-        say(f"{out}: {size} toy, {total / 2**20:.1f} MiB of weights in {len(shards)} file(s)")
-        return out
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    say(f"{out}: {size} toy, {total / 2**20:.1f} MiB of weights in {len(shards)} file(s)")
+    return out
+

@@ -13,9 +13,10 @@ frames are not round-tripped through JPEG.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -57,6 +58,25 @@ def sample_frame_indices(
     return [int(i) for i in np.unique(np.round(np.linspace(0, total_frames - 1, desired)).astype(np.int64))]
 
 
+@contextlib.contextmanager
+def _ffmpeg_quiet() -> Iterator[None]:
+    """Silence file descriptor 2 while decord opens a file (ffmpeg and decord log there from C)."""
+    try:
+        saved = os.dup(2)
+    except OSError:
+        yield
+        return
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+    finally:
+        os.close(saved)
+
+
 def decode_video_frames(
     path: str | os.PathLike[str],
     *,
@@ -83,7 +103,8 @@ def decode_video_frames(
             f"decoding {p} needs decord: pip install 'nvl-nemotron-vl[video]' (or pip install decord)"
         ) from exc
     try:
-        reader = decord.VideoReader(str(p), num_threads=num_threads)
+        with _ffmpeg_quiet():  # a file that is not a video: our one line, not ffmpeg's and decord's logs
+            reader = decord.VideoReader(str(p), num_threads=num_threads)
         total = len(reader)
         average_fps = float(reader.get_avg_fps())
         indices = sample_frame_indices(total, average_fps, num_frames=num_frames, fps=fps, max_frames=max_frames)
