@@ -403,6 +403,40 @@ def markdown(records: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+README_BEGIN = "<!-- finetune_gpu table: generated from bench/results/finetune_gpu.json by `python bench/finetune_gpu.py --readme` -->"
+README_END = "<!-- end of finetune_gpu table -->"
+
+
+def readme_table(records: list[dict[str, Any]]) -> str:
+    """The README's table of `nvl finetune` throughput, from the records of one bench run."""
+    peers = {r["seq"]: r for r in records if r["system"] != "nvl"}
+    peer_txt = "; ".join(
+        f"seq {seq}: " + (f"{r['tokens_per_s']:,.0f} tokens/s, {r['peak_gb']} GB" if r["status"] == "ok" else r["status"])
+        for seq, r in sorted(peers.items()))
+    what = {"text": "text", "cord": "CORD-like receipts (7 tiles)", "medpix": "MedPix-like (one ~300-token sample per sequence)"}
+    lines = ["| run (`nvl finetune`, seq, GPUs) | tokens/s | MFU | peak GB | date |", "|---|---|---|---|---|"]
+    for r in records:
+        if r["system"] != "nvl" or r.get("variant"):
+            continue
+        tps = f"{r['tokens_per_s']:,.0f}" if r["status"] == "ok" else r["status"]
+        mfu = f"{r['mfu']:.1%}" if r.get("mfu") is not None else "-"
+        lines.append(f"| {'LoRA' if r['method'] == 'lora' else 'full FT'}, {what.get(r['workload'], r['workload'])}, "
+                     f"{r['seq']}, {r['gpus']} (TP {r['tp']}) | {tps} | {mfu} | {r.get('peak_gb') or '-'} | {r['date']} |")
+    if peer_txt:
+        lines.append(f"| transformers + PEFT LoRA, text, same run | {peer_txt} | | | |")
+    return "\n".join(lines)
+
+
+def write_readme(readme: Path, results: Path) -> None:
+    text = readme.read_text()
+    if README_BEGIN not in text or README_END not in text:
+        raise SystemExit(f"{readme}: no generated-table markers ({README_BEGIN!r} ... {README_END!r})")
+    head, rest = text.split(README_BEGIN, 1)
+    _, tail = rest.split(README_END, 1)
+    table = readme_table(json.loads(results.read_text()))
+    readme.write_text(head + README_BEGIN + "\n" + table + "\n" + README_END + tail)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", default="12b-shape", help="toy size: tiny, small, 12b-shape")
@@ -434,6 +468,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "--child":
         return child_main(argv[1:])
+    if argv and argv[0] == "--readme":
+        write_readme(ROOT / "README.md", ROOT / "bench" / "results" / "finetune_gpu.json")
+        return 0
     args = parse_args(argv)
     import tempfile
 
@@ -467,6 +504,9 @@ def main(argv: list[str] | None = None) -> int:
     stem = "finetune_gpu" + (f"_{args.tag}" if args.tag else "")
 
     def flush() -> None:
+        for r in records:  # every record has every key; a failed run has null figures
+            for key in ("tokens_per_s", "mfu", "peak_gb", "kernels"):
+                r.setdefault(key, None)
         (out / f"{stem}.json").write_text(json.dumps(records, indent=1) + "\n")
         (out / f"{stem}.md").write_text(markdown(records, meta))
 

@@ -44,3 +44,19 @@ def test_finetune_bench_cpu_path_writes_the_records(tmp_path):
     assert abs(nvl[0]["losses"][0] - nvl[1]["losses"][0]) < 1e-4
     md = (tmp_path / "out" / "finetune_gpu.md").read_text()
     assert "| nvl | text | lora | 256 |" in md and "transformers+peft" in md
+
+
+def test_readme_table_is_generated_from_the_bench_records():
+    """The README's throughput table is exactly what bench/finetune_gpu.py --readme makes of the records."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("finetune_gpu_bench", BENCH)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    root = BENCH.parent.parent
+    records = json.loads((root / "bench" / "results" / "finetune_gpu.json").read_text())
+    for r in records:
+        assert KEYS <= set(r), (r["system"], KEYS - set(r))
+    readme = (root / "README.md").read_text()
+    block = readme.split(bench.README_BEGIN, 1)[1].split(bench.README_END, 1)[0]
+    assert block.strip() == bench.readme_table(records).strip()
