@@ -221,3 +221,14 @@ def test_right_padded_causal_attention_needs_no_dense_mask(tiny_toy):
         padded = model(ids, attention_mask=mask)
         alone = model(ids[1:, :13])
     assert torch.allclose(padded[1, :13], alone[0], atol=1e-5)
+
+
+def test_kernel_choice_errors_name_the_key():
+    from nvl_nemotron_vl.model.kernels import select_kernels
+
+    with pytest.raises(ValueError, match=r"model\.kernels must be one of .*'triton'"):
+        select_kernels("triton", "cpu")
+    with pytest.raises(ValueError, match=r"model\.kernels=mamba_ssm: Triton kernels need a CUDA device"):
+        select_kernels("mamba_ssm", "cpu")
+    k = select_kernels("auto", "cpu")  # CPU: the reference ops, the chunked loss
+    assert k.chunked_loss and all("reference" in k.names[op] for op in ("scan", "conv", "gated_norm"))
