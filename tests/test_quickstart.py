@@ -55,7 +55,7 @@ def quickstart_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess
 
 
 @pytest.mark.slow
-def test_quickstart_learns_and_only_by_looking(quickstart_run) -> None:
+def test_quickstart_learns_and_only_by_looking(quickstart_run, record_property) -> None:
     """The README's main job: accuracy rises from chance to >= 0.9, and blank images stay at chance."""
     proc, result, work = quickstart_run
     assert result["accuracy_before"] <= 0.35  # a random toy is at or below chance (0.25)
