@@ -127,6 +127,74 @@ def apply_peft(model: "torch.nn.Module", cfg: "NvlConfig", manager: Any) -> Any:
     return method
 
 
+@attrs.frozen
+class TowerStatus:
+    """How one top-level submodule of the model is trained (printed at start, see :func:`tower_status`).
+
+    :param name: the submodule (``language_model``, ``vision_model``, ...).
+    :param base_trainable: its own (non-PEFT) parameters with ``requires_grad``, counted on this rank.
+    :param base_total: its own parameters.
+    :param adapter: parameters the PEFT method added in it (all trainable ones counted).
+    """
+
+    name: str
+    base_trainable: int
+    base_total: int
+    adapter: int
+
+    @property
+    def state(self) -> str:
+        if self.base_total and self.base_trainable == self.base_total:
+            return "trained fully" + (" + adapters" if self.adapter else "")
+        if self.base_trainable == 0:
+            return "frozen + adapters" if self.adapter else "frozen"
+        return (f"partly trained ({self.base_trainable:,} of {self.base_total:,} parameters)"
+                + (" + adapters" if self.adapter else ""))
+
+
+def tower_status(model: "torch.nn.Module", base_names: set[str]) -> list[TowerStatus]:
+    """Per top-level submodule: its base parameters that train and the adapter parameters added to it.
+
+    ``base_names`` are the parameter names before PEFT ran; every other parameter is the method's.
+    """
+    groups: dict[str, list[int]] = {}
+    for name, p in model.named_parameters():
+        top = name.split(".", 1)[0] if "." in name else "(top level)"
+        g = groups.setdefault(top, [0, 0, 0])
+        if name in base_names:
+            g[1] += p.numel()
+            g[0] += p.numel() if p.requires_grad else 0
+        elif p.requires_grad:
+            g[2] += p.numel()
+    return [TowerStatus(n, *v) for n, v in groups.items()]
+
+
+def describe_towers(statuses: list[TowerStatus]) -> str:
+    """One line: ``trained fully: vision_model, vision_projection; with adapters: language_model; frozen: -``."""
+    full = [t.name for t in statuses if t.base_total and t.base_trainable == t.base_total]
+    adapters = [t.name for t in statuses if t.adapter]
+    frozen = [t.name for t in statuses if t.base_trainable == 0 and not t.adapter]
+    partly = [t.name for t in statuses if 0 < t.base_trainable < t.base_total]
+    parts = [f"trained fully: {', '.join(full) or '-'}", f"with adapters: {', '.join(adapters) or '-'}",
+             f"frozen: {', '.join(frozen) or '-'}"]
+    if partly:
+        parts.append(f"partly trained: {', '.join(partly)}")
+    return "; ".join(parts)
+
+
+def prepare_trainable(model: "torch.nn.Module", cfg: "NvlConfig", manager: Any) -> tuple[Any, list[TowerStatus]]:
+    """Freeze (``model.freeze_*``), then apply ``peft.method``; returns the method and what each tower does.
+
+    A base parameter trains only if neither ``model.freeze_*`` nor the PEFT method freezes it
+    (Megatron-Bridge: the provider freezes first, then the PEFT method freezes its towers; a method
+    never unfreezes).
+    """
+    apply_freeze_flags(model, cfg)
+    base_names = {n for n, _ in model.named_parameters()}
+    peft = apply_peft(model, cfg, manager)
+    return peft, tower_status(model, base_names)
+
+
 def _flops_fn(bridge: Any, model: "torch.nn.Module", ctx: "ParallelContext") -> tuple[Callable[[Mapping[str, Any]], float], str]:
     """Training FLOPs per micro-batch: the bridge's counter (ViT and projector included), else 6·N·tokens."""
     fn = getattr(bridge, "train_flops", None) or getattr(bridge, "training_flops", None)
@@ -351,8 +419,8 @@ def run_finetune(
                 raise ValueError("no starting weights: pass --pretrained-checkpoint DIR (a Megatron checkpoint or an HF directory)")
             load_pretrained(model, src, bridge=bridge, ctx=ctx)
             say(f"nvl finetune: loaded pretrained weights from {src} ({time.perf_counter() - t0:.1f} s)")
-        apply_freeze_flags(model, cfg)
-        peft = apply_peft(model, cfg, manager)
+        peft, towers = prepare_trainable(model, cfg, manager)
+        say(f"nvl finetune: towers: {describe_towers(towers)}")
 
         named = optim.trainable_named_parameters(model)
         optim.check_replicated_parameters(list(model.named_parameters()), tp_group=ctx.tp_group, tp_size=ctx.tp_size)
