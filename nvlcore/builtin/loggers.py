@@ -12,3 +12,4 @@ def nvl_register_loggers(register: Any) -> None:
     register("console", "nvlcore.training.loggers:ConsoleLogger")
     register("jsonl", "nvlcore.training.loggers:JsonlLogger")
     register("wandb", "nvlcore.training.loggers:WandbLogger")
+    register("tensorboard", "nvlcore.training.loggers:TensorBoardLogger")

@@ -206,11 +206,13 @@ def _flatten_states(
     return out, stream
 
 
-def _make_planner(stream: StreamedState | None) -> Any:
+def _make_planner(stream: StreamedState | None, *, spread: bool = True) -> Any:
     from torch.distributed.checkpoint import DefaultSavePlanner
 
+    # DCP writes a tensor that several ranks hold (a DP replica, a TP-replicated weight) once: spread
+    # over the ranks that hold it (balanced by size), or always by the lowest of them.
     if stream is None:
-        return DefaultSavePlanner()
+        return DefaultSavePlanner(dedup_save_to_lowest_rank=not spread)
 
     class _StreamingPlanner(DefaultSavePlanner):
         # DCP asks the planner for each item's data right before writing it; producing it there (and
@@ -235,7 +237,7 @@ def _make_planner(stream: StreamedState | None) -> Any:
                 raise
             return tensor
 
-    return _StreamingPlanner()
+    return _StreamingPlanner(dedup_save_to_lowest_rank=not spread)
 
 
 @contextlib.contextmanager
@@ -314,6 +316,7 @@ def save_checkpoint(
     group: Any = None,
     single_file_per_rank: bool | None = None,
     thread_count: int = 1,
+    spread_replicated_writes: bool = True,
 ) -> Path:
     """Save one iteration under ``root``; collective over ``group`` when torch.distributed is initialized.
 
@@ -334,6 +337,9 @@ def save_checkpoint(
     :param update_tracker: point the tracker at this iteration (the default).
     :param single_file_per_rank: DCP layout; one file per rank (default) or one file per tensor
         (forced for a :class:`StreamedState`: DCP holds every tensor of a file until the file closes).
+    :param spread_replicated_writes: a tensor held by several ranks is written by one of them, chosen
+        to balance the bytes each rank writes (``checkpoint.fully_parallel_save``, the default); with
+        False always by the lowest rank that holds it.
     :returns: the ``iter_N`` directory.
     """
     import torch.distributed.checkpoint as dcp
@@ -381,7 +387,7 @@ def save_checkpoint(
         # which lets the kernel write back in bulk instead of stalling on every file.
         writer = FileSystemWriter(str(tmp), single_file_per_rank=one_file, thread_count=thread_count,
                                   sync_files=dist_on)
-        planner = _make_planner(stream)
+        planner = _make_planner(stream, spread=spread_replicated_writes)
         try:
             with quiet_dcp():
                 dcp.save(state, storage_writer=writer, planner=planner, process_group=group, no_dist=not dist_on)

@@ -236,6 +236,9 @@ def loop_settings(cfg: "NvlConfig", *, dp_size: int, device_type: str) -> LoopSe
         manual_gc_interval=cfg.train.manual_gc_interval if cfg.train.manual_gc else 0,
         exit_interval=cfg.train.exit_interval,
         exit_duration_s=cfg.train.exit_duration_in_mins * 60 if cfg.train.exit_duration_in_mins else None,
+        fail_on_nan_grad=cfg.ddp.check_for_nan_in_grad,
+        manual_gc_eval=cfg.train.manual_gc_eval,
+        bucket_bytes=cfg.ddp.bucket_size * 4 if cfg.ddp.bucket_size else None,  # fp32 gradients
     )
 
 
@@ -260,13 +263,15 @@ def schedules(cfg: "NvlConfig") -> tuple[Any, Any]:
 
 @attrs.define
 class DataPipeline:
-    """The training batches (and validation batches, when the maker has that split)."""
+    """The training batches, and the validation and test batches when the maker has those splits."""
 
     train_batches: Any
     num_train_samples: int
     eval_batches_factory: Callable[[], Any] | None
     eval_note: str
     num_microbatches: int
+    test_batches_factory: Callable[[], Any] | None = None
+    test_note: str = ""
 
 
 def build_data(cfg: "NvlConfig", bridge: Any, manager: Any, ctx: "ParallelContext", *, consumed_samples: int,
@@ -289,37 +294,64 @@ def build_data(cfg: "NvlConfig", bridge: Any, manager: Any, ctx: "ParallelContex
     )
     pin = ds.pin_memory and ctx.device.type == "cuda"
     loader = build_loader(ProcessedDataset(made, processor, seed=cfg.rng.seed, split="train"), sampler,
-                          processor.collate, num_workers=ds.num_workers, pin_memory=pin)
+                          processor.collate, num_workers=ds.num_workers, pin_memory=pin,
+                          persistent_workers=ds.persistent_workers)
+    splits = tuple(getattr(maker, "splits", ()) or ())
+
+    def eval_factory(split: str, extra_kwargs: Mapping[str, Any]) -> tuple[Callable[[], Any], int]:
+        made_split = maker(split=split, **{**dict(ds.maker_kwargs), **dict(extra_kwargs)})
+        split_ds = ProcessedDataset(made_split, processor, seed=cfg.rng.seed, split=split)
+
+        def new_loader() -> Any:
+            s = GlobalBatchSampler(
+                num_samples=len(made_split), global_batch_size=cfg.train.global_batch_size,
+                micro_batch_size=cfg.train.micro_batch_size, dp_rank=ctx.dp_rank, dp_size=ctx.dp_size,
+                seed=cfg.rng.seed, consumed_samples=0, shuffle=False,
+            )
+            return build_loader(split_ds, s, processor.collate, num_workers=ds.num_workers, pin_memory=pin,
+                                persistent_workers=ds.persistent_workers)
+
+        if ds.persistent_workers and ds.num_workers > 0:
+            kept = new_loader()  # one loader, its workers kept alive between evaluations
+            return (lambda: iter(kept)), len(made_split)
+        return (lambda: iter(new_loader())), len(made_split)
+
+    def has(split: str) -> bool:
+        return split in splits
 
     factory = None
     note = ""
     v = cfg.validation
     if v.eval_iters > 0 and v.eval_interval:
-        splits = tuple(getattr(maker, "splits", ()) or ())
-        if "validation" not in splits:
+        if not has("validation"):
             note = (f"validation skipped: dataset maker {ds.maker_name!r} has no validation split "
                     f"(it has {', '.join(splits) or 'train only'})")
         else:
-            val_made = maker(split="validation", **{**dict(ds.maker_kwargs), **dict(ds.val_maker_kwargs)})
-            val_ds = ProcessedDataset(val_made, processor, seed=cfg.rng.seed, split="validation")
-
-            def factory() -> Any:
-                s = GlobalBatchSampler(
-                    num_samples=len(val_made), global_batch_size=cfg.train.global_batch_size,
-                    micro_batch_size=cfg.train.micro_batch_size, dp_rank=ctx.dp_rank, dp_size=ctx.dp_size,
-                    seed=cfg.rng.seed, consumed_samples=0, shuffle=False,
-                )
-                return iter(build_loader(val_ds, s, processor.collate, num_workers=ds.num_workers, pin_memory=pin))
-
-            note = f"validation: {v.eval_iters} batch(es) every {v.eval_interval} iterations on {len(val_made)} examples"
+            factory, n = eval_factory("validation", ds.val_maker_kwargs)
+            note = f"validation: {v.eval_iters} batch(es) every {v.eval_interval} iterations on {n} examples"
     elif v.eval_iters > 0:
         note = "validation skipped: validation.eval_interval is null"
-    return DataPipeline(iter(loader), len(made), factory, note, sampler.num_microbatches)
+
+    # The test split: evaluated once at the end of training (Megatron-Bridge), eval_iters batches.
+    test_factory = None
+    test_note = ""
+    if ds.skip_test:
+        test_note = "test split skipped: dataset.skip_test is set"
+    elif v.eval_iters <= 0:
+        test_note = ""  # validation.eval_iters=0 turns validation and test off (the recipe default)
+    elif not has("test"):
+        test_note = (f"test split skipped: dataset maker {ds.maker_name!r} has no test split "
+                     f"(it has {', '.join(splits) or 'train only'})")
+    else:
+        test_factory, n = eval_factory("test", ds.test_maker_kwargs)
+        test_note = f"test: {v.eval_iters} batch(es) at the end of training on {n} examples"
+    return DataPipeline(iter(loader), len(made), factory, note, sampler.num_microbatches, test_factory, test_note)
 
 
 def build_loggers(cfg: "NvlConfig", manager: Any, ctx: "ParallelContext", *, resume_iteration: int | None,
                   run_config: Mapping[str, Any]) -> list[Any]:
-    """Rank 0's metric sinks: ``logger.loggers`` (console by default), JSONL when saving, wandb when configured."""
+    """Rank 0's metric sinks: ``logger.loggers`` (console by default), JSONL when saving, wandb and
+    TensorBoard when configured (``logger.wandb_project``, ``logger.tensorboard_dir``)."""
     if not ctx.is_main:
         return []
     reg = manager.registry("logger")
@@ -330,6 +362,8 @@ def build_loggers(cfg: "NvlConfig", manager: Any, ctx: "ParallelContext", *, res
         names.append("jsonl")
     if lg.wandb_project and "wandb" not in names:
         names.append("wandb")
+    if lg.tensorboard_dir and "tensorboard" not in names:
+        names.append("tensorboard")
     out = []
     for name in names:
         cls = reg.get(name)
@@ -346,6 +380,10 @@ def build_loggers(cfg: "NvlConfig", manager: Any, ctx: "ParallelContext", *, res
             save_dir = lg.wandb_save_dir or (str(Path(cfg.checkpoint.save) / "wandb") if cfg.checkpoint.save else None)
             out.append(cls(project=lg.wandb_project, save_dir=save_dir, exp_name=lg.wandb_exp_name,
                            entity=lg.wandb_entity, config=run_config))
+        elif canonical == "tensorboard":
+            if not lg.tensorboard_dir:
+                raise ValueError("logger.loggers has 'tensorboard' but logger.tensorboard_dir is not set")
+            out.append(cls(lg.tensorboard_dir, timers=lg.log_timers_to_tensorboard, resume_iteration=resume_iteration))
         else:
             out.append(cls())
     return out
@@ -375,7 +413,7 @@ def run_finetune(
 
     manager = manager or get_plugin_manager()
     ctx = init_parallel(cfg.model.tensor_model_parallel_size, device_type=device_type, seed=cfg.rng.seed,
-                        timeout_minutes=cfg.dist.distributed_timeout_minutes)
+                        timeout_minutes=cfg.dist.distributed_timeout_minutes, backend=cfg.dist.distributed_backend)
     say = print_fn if ctx.is_main else (lambda _m: None)
     loggers: list[Any] = []
     try:
@@ -438,7 +476,10 @@ def run_finetune(
         opt = optim.build_optimizer(
             named, lr=cfg.optimizer.lr, betas=(cfg.optimizer.adam_beta1, cfg.optimizer.adam_beta2),
             eps=cfg.optimizer.adam_eps, weight_decay=cfg.optimizer.weight_decay, device_type=ctx.device.type,
+            optimizer=cfg.optimizer.optimizer, sgd_momentum=cfg.optimizer.sgd_momentum,
+            distributed=cfg.ddp.use_distributed_optimizer, dp_group=ctx.dp_group, dp_size=ctx.dp_size,
         )
+        say(f"nvl finetune: optimizer: {describe_optimizer(opt, named, cfg, ctx)}")
         lr_s, wd_s = schedules(cfg)
 
         # -- resume ---------------------------------------------------------------------------
@@ -453,6 +494,8 @@ def run_finetune(
         data = build_data(cfg, bridge, manager, ctx, consumed_samples=state.consumed_samples, print_fn=say)
         if data.eval_note:
             say(f"nvl finetune: {data.eval_note}")
+        if data.test_note:
+            say(f"nvl finetune: {data.test_note}")
         settings = loop_settings(cfg, dp_size=ctx.dp_size, device_type=ctx.device.type)
         loggers = build_loggers(cfg, manager, ctx, resume_iteration=state.iteration if decision.iter_dir else None,
                                 run_config=run_config)
@@ -486,6 +529,16 @@ def run_finetune(
             f"{settings.global_batch_size} = {settings.num_microbatches} micro-batch(es) x "
             f"{cfg.train.micro_batch_size} x {ctx.dp_size} data-parallel rank(s)")
         final = trainer.run(data.train_batches)
+        say(f"nvl finetune: {describe_state_bytes(opt, ctx)}")
+        if data.test_batches_factory is not None and final.iteration >= settings.train_iters:
+            from nvlcore.training.trainer import evaluate
+
+            loss_sum, sup = evaluate(model, data.test_batches_factory(), ctx=ctx, autocast_dtype=settings.autocast_dtype,
+                                     num_batches=cfg.validation.eval_iters * data.num_microbatches)
+            test_loss = loss_sum / sup if sup > 0 else float("nan")
+            say(f"nvl finetune: test loss {test_loss:.4f} over {sup:,.0f} supervised tokens")
+            for lg in loggers:
+                lg.log({"iteration": final.iteration, "test_loss": test_loss, "test_tokens": sup}, step=final.iteration)
         return final
     finally:
         for lg in loggers:
@@ -494,6 +547,39 @@ def run_finetune(
             except Exception as exc:  # a failing sink must not hide the training error
                 say(f"nvl finetune: closing logger {type(lg).__name__} failed: {exc}")
         destroy_parallel(ctx)
+
+
+def describe_optimizer(opt: Any, named: Any, cfg: "NvlConfig", ctx: "ParallelContext") -> str:
+    """One line: the optimizer kind and where its state lives (sharded over data-parallel ranks or not)."""
+    from nvlcore.training import optim
+
+    o = cfg.optimizer
+    kind = "AdamW" if o.optimizer == "adam" else f"SGD (momentum {o.sgd_momentum:g})"
+    per_param = 4 * len(optim.state_names(opt))  # fp32 state tensors per parameter element
+    n_all = sum(p.numel() for _, p in named)
+    if optim.is_sharded(opt):
+        n_own = sum(p.numel() for _, p in named if optim.owns_parameter(opt, p))
+        return (f"{kind}; distributed optimizer (ZeroRedundancyOptimizer): state sharded over {ctx.dp_size} "
+                f"data-parallel ranks, rank {ctx.rank} keeps {n_own:,} of {n_all:,} parameters' state "
+                f"({n_own * per_param / 2**20:.1f} of {n_all * per_param / 2**20:.1f} MiB)")
+    if cfg.ddp.use_distributed_optimizer:
+        return f"{kind}; state on the one data-parallel rank ({n_all * per_param / 2**20:.1f} MiB; nothing to shard)"
+    return f"{kind}; state replicated on each of {ctx.dp_size} data-parallel rank(s) ({n_all * per_param / 2**20:.1f} MiB each)"
+
+
+def describe_state_bytes(opt: Any, ctx: "ParallelContext") -> str:
+    """The optimizer-state bytes each data-parallel rank holds (collective over the data-parallel group)."""
+    import torch
+    import torch.distributed as dist
+
+    from nvlcore.training import optim
+
+    held = torch.zeros(ctx.dp_size, dtype=torch.float64, device=ctx.device)
+    held[ctx.dp_rank] = float(optim.optimizer_state_bytes(opt))
+    if ctx.dp_size > 1:
+        dist.all_reduce(held, group=ctx.dp_group)
+    per = [int(x) for x in held.tolist()]
+    return f"optimizer state held per data-parallel rank: {per} bytes"
 
 
 def load_pretrained(model: "torch.nn.Module", src: str, *, bridge: Any, ctx: "ParallelContext") -> None:
@@ -525,6 +611,12 @@ def save(root: str, st: TrainState, *, model: Any, optimizer: Any, bridge: Any, 
     model_state, optim_state, adam_step = tck.model_and_optimizer_state(
         model, optimizer, bridge=bridge, ctx=ctx, adapter_only=adapter_only,
     )
+    files: dict[str, Path] = {}
+    if cfg.checkpoint.save_tokenizer_assets and cfg.model.hf_model_path:
+        from nvlcore.convert.engine import TOKENIZER_DIR, TOKENIZER_FILES
+
+        hf = Path(cfg.model.hf_model_path)
+        files = {f"{TOKENIZER_DIR}/{n}": hf / n for n in TOKENIZER_FILES if (hf / n).is_file()}
     extra = {
         "adam_step": adam_step,
         "data": {"consumed_samples": st.consumed_samples, "seed": cfg.rng.seed, "num_samples": num_samples},
@@ -540,8 +632,10 @@ def save(root: str, st: TrainState, *, model: Any, optimizer: Any, bridge: Any, 
         rank_state={"rng": capture_rng_state()} if cfg.checkpoint.save_rng else None,
         run_config=run_config,
         train_state=st.to_dict(),
+        files=files,
         overwrite=True,
         most_recent_k=cfg.checkpoint.most_recent_k,
+        spread_replicated_writes=cfg.checkpoint.fully_parallel_save,
     )
 
 
