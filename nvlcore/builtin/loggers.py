@@ -1,4 +1,4 @@
-"""Built-in metric loggers: console and JSONL (wandb registers lazily, imported only when used)."""
+"""Built-in metric loggers: console, JSONL, wandb and TensorBoard (lazy targets, imported only when used)."""
 
 from __future__ import annotations
 

@@ -5,7 +5,9 @@ weights), gradients are accumulated and reduced in fp32, and Adam's moments are 
 forward and backward run under ``torch.autocast(bfloat16)``, so every matmul runs in bf16 on the
 tensor cores while the optimizer only ever sees fp32. This costs 16 bytes per trainable parameter
 (4 param + 4 grad + 8 Adam), the same as bf16 params with separate fp32 master copies and bf16
-gradients, and less than bf16 params + fp32 masters + fp32 main-grad buffers (18 bytes).
+gradients, and less than bf16 params + fp32 masters + fp32 main-grad buffers (18 bytes). With the
+distributed optimizer (``ddp.use_distributed_optimizer``, data parallel > 1) the Adam state is sharded
+over the data-parallel ranks (``ZeroRedundancyOptimizer``): 8/DP bytes instead of 8.
 
 Gradient norm across ranks: a parameter that Megatron marks ``tensor_model_parallel`` is a distinct
 shard on each TP rank and counts on every rank; a replicated parameter (layer norms, biases of
