@@ -106,6 +106,28 @@ def test_distributed_optimizer_shards_the_state_matches_unsharded_and_resumes(hf
         assert c[i]["loss"] == pytest.approx(b[i]["loss"], rel=1e-6, abs=1e-7), (i, b[i]["loss"], c[i]["loss"])
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_distributed_optimizer_at_tp2_dp2_matches_one_process_and_its_checkpoint_resumes_there(hf, tmp_path):
+    """Four gloo ranks (TP 2 x DP 2, state sharded over each DP group): the losses of one process; its
+    checkpoint (TP-sharded and DP-sharded optimizer state) resumes on one process, unsharded."""
+    from nvlcore.testing_dist import run_distributed
+    from dist_worker import train
+
+    one, four, back = tmp_path / "one", tmp_path / "four", tmp_path / "back"
+    train_here(hf, *SHORT, f"checkpoint.save={one}")
+    lines = run_distributed(train, 4, str(hf), [*SHORT, "model.tensor_model_parallel_size=2",
+                                                f"checkpoint.save={four}"])[0]
+    assert any("state sharded over 2 data-parallel ranks" in x for x in lines), lines
+    a, b = metrics(one), metrics(four)
+    for i in range(1, 9):
+        assert b[i]["loss"] == pytest.approx(a[i]["loss"], rel=1e-4), (i, a[i]["loss"], b[i]["loss"])
+    train_here(hf, *SHORT, f"checkpoint.save={back}", f"checkpoint.load={four / 'iter_0000004'}")
+    c = metrics(back)
+    for i in (5, 6, 7, 8):
+        assert c[i]["loss"] == pytest.approx(a[i]["loss"], rel=1e-4), (i, a[i]["loss"], c[i]["loss"])
+
+
 # -- checkpoint.fully_parallel_save -----------------------------------------------------------------
 @pytest.mark.distributed
 def test_fully_parallel_save_spreads_replicated_writes(tmp_path):

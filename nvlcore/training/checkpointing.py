@@ -336,20 +336,17 @@ def load_optimizer_state(
             "resume with a fresh optimizer"
         )
     loaded = ckpt.load(template, state="optimizer")
-    local = optim.local_optimizer(optimizer)
+    # the optimizer holding this rank's state: the wrapped one of a sharded (ZeRO) optimizer, whose
+    # param_groups list only the parameters this rank owns; load_state_dict places each value as the
+    # optimizer kind wants it (a fused Adam's step on the GPU, say)
+    target = optim.local_optimizer(optimizer)
     adam = "exp_avg" in names
+    sd = target.state_dict()
+    index = {id(p): i for i, p in enumerate(pp for g in target.param_groups for pp in g["params"])}
+    state: dict[int, Any] = {}
     for name, p, keys, bufs in per_param:
         for m, buf in bufs.items():
             _assemble(bridge, name, {k[: -len(m) - 1]: loaded[k] for k in keys[m]}, buf, ctx)
-    if optim.is_sharded(optimizer):
-        # the local (wrapped) optimizer holds the state of this rank's parameters
-        for name, p, keys, bufs in per_param:
-            local.state[p] = ({"step": torch.tensor(float(adam_step), dtype=torch.float32)} if adam else {}) | bufs
-        return
-    sd = optimizer.state_dict()
-    index = {id(p): i for i, p in enumerate(pp for g in optimizer.param_groups for pp in g["params"])}
-    state: dict[int, Any] = {}
-    for name, p, keys, bufs in per_param:
         state[index[id(p)]] = ({"step": torch.tensor(float(adam_step), dtype=torch.float32)} if adam else {}) | bufs
     sd["state"] = state
-    optimizer.load_state_dict(sd)
+    target.load_state_dict(sd)
