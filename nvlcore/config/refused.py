@@ -99,8 +99,9 @@ def _same(value: Any, supported: Any) -> bool:
 
 
 def check_refused(cfg: "NvlConfig") -> None:
-    """Raise :class:`~nvlcore.config.ConfigError` on the first refused value, or on ``peft.*`` settings
-    given without a PEFT method (they would be ignored).
+    """Raise :class:`~nvlcore.config.ConfigError` on the first refused value, on ``peft.*`` settings
+    given without a PEFT method, or on ``optimizer.bf16=false`` under ``mixed_precision=bf16_mixed``
+    (they would be ignored).
 
     Values still ``"???"`` are skipped (a run fails on them later anyway).
     """
@@ -113,6 +114,13 @@ def check_refused(cfg: "NvlConfig") -> None:
             continue
         if not any(_same(value, v) for v in r.supported):
             raise ConfigError(r.message(value), key=r.key)
+    mp, bf16 = cfg.mixed_precision, cfg.optimizer.bf16
+    if mp == "bf16_mixed" and bf16 is False:
+        raise ConfigError(
+            "optimizer.bf16=False has no effect: mixed_precision=bf16_mixed decides the precision; set "
+            "mixed_precision=fp32 for fp32 training (or mixed_precision=null to follow optimizer.bf16)",
+            key="optimizer.bf16",
+        )
     if cfg.peft.method is None:
         default = PeftConfig()
         for f in init_fields(PeftConfig):

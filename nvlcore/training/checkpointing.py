@@ -45,7 +45,9 @@ RUN_IDENTITY_IGNORED = (
     "checkpoint.exit_on_missing_checkpoint", "checkpoint.ckpt_step", "checkpoint.save_tokenizer_assets",
     "logger", "validation", "train.exit_interval", "train.exit_duration_in_mins", "train.manual_gc",
     "train.manual_gc_interval", "train.manual_gc_eval", "dataset.num_workers", "dataset.pin_memory",
-    "dataset.persistent_workers", "dist.distributed_timeout_minutes",
+    "dataset.persistent_workers", "dist.distributed_timeout_minutes", "dist.distributed_backend",
+    "dataset.skip_test", "dataset.test_maker_kwargs", "ddp.use_distributed_optimizer", "ddp.bucket_size",
+    "ddp.check_for_nan_in_grad",
 )
 
 
