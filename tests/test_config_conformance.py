@@ -285,8 +285,8 @@ def test_a_fake_unread_core_key_is_reported(peft_configs) -> None:
     sections = {**SECTIONS, "train": TrainWithFake}
     assert unaccounted_core_keys(sections, peft_configs, _code_files(), REFUSED_KEYS) == ["train.fake_unread_key"]
     # a refused key whose refusal is dropped is reported too
-    without = {k: v for k, v in REFUSED_KEYS.items() if k != "checkpoint.async_save"}
-    assert unaccounted_core_keys(SECTIONS, peft_configs, _code_files(), without) == ["checkpoint.async_save"]
+    without = {k: v for k, v in REFUSED_KEYS.items() if k != "checkpoint.fully_parallel_load"}
+    assert unaccounted_core_keys(SECTIONS, peft_configs, _code_files(), without) == ["checkpoint.fully_parallel_load"]
     # and a key whose only reader is gone (the code roots without nvlcore/training)
     roots = [r for r in CODE_ROOTS if r.name != "nvlcore"] + [ROOT / "nvlcore" / "cli"]
     missing = unaccounted_core_keys(SECTIONS, peft_configs, _code_files(roots), REFUSED_KEYS)

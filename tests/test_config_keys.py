@@ -1,6 +1,6 @@
 """Config keys that used to be accepted and ignored, now implemented (issue 12, section 2): the distributed
-optimizer, SGD, NaN checks, TensorBoard, the test split, tokenizer assets, DCP write spreading, the
-gradient bucket size, GC around validation, persistent workers and the process-group backend.
+optimizer, SGD, NaN checks, TensorBoard, the test split, tokenizer assets, DCP write spreading, async
+saves, the gradient bucket size, GC around validation, persistent workers and the process-group backend.
 On the tiny tensor-parallel model of tests/trainer_support (CPU, gloo)."""
 
 from __future__ import annotations
@@ -144,6 +144,68 @@ def test_fully_parallel_save_spreads_replicated_writes(tmp_path):
     spread, lowest = sizes[True], sizes[False]
     assert len(spread) == 2 and min(spread.values()) > 30_000  # both ranks wrote one of the 40 kB tensors
     assert sum(v > 30_000 for v in lowest.values()) == 1  # rank 0 wrote both
+
+
+# -- checkpoint.async_save ------------------------------------------------------------------------------
+def test_async_save_stages_a_copy_and_publishes_only_on_wait(tmp_path):
+    import torch
+
+    from nvlcore.checkpoint import PendingSave, open_checkpoint, save_checkpoint
+
+    w = torch.arange(12, dtype=torch.float32)
+    pending = save_checkpoint(tmp_path, 3, model_state={"w": w}, train_state={"iteration": 3}, async_write=True)
+    assert isinstance(pending, PendingSave)
+    w.add_(100.0)  # training goes on and changes the weights in place
+    assert not (tmp_path / "iter_0000003").exists() and not (tmp_path / "latest_train_state.pt").exists()
+    assert pending.wait() == tmp_path / "iter_0000003"
+    assert (tmp_path / "latest_checkpointed_iteration.txt").read_text().strip() == "3"
+    torch.testing.assert_close(open_checkpoint(tmp_path).load()["w"], torch.arange(12, dtype=torch.float32))
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".iter_")]  # no temp dir left
+
+
+def test_async_save_run_writes_the_checkpoints_of_a_sync_run(hf, tmp_path):
+    import torch
+
+    from nvlcore.checkpoint import open_checkpoint
+
+    sync, asyn, resumed = tmp_path / "sync", tmp_path / "async", tmp_path / "resumed"
+    train_here(hf, *SHORT, f"checkpoint.save={sync}")
+    lines: list[str] = []
+    train_here(hf, *SHORT, f"checkpoint.save={asyn}", "checkpoint.async_save=true", print_fn=lines.append)
+    assert any("writing checkpoint iter_0000004 in the background" in x for x in lines), lines
+    assert any(x.endswith("saved checkpoint " + str(asyn / "iter_0000008")) for x in lines), lines
+    for it in ("iter_0000004", "iter_0000008"):
+        a, b = open_checkpoint(sync / it), open_checkpoint(asyn / it)
+        for state in (None, "optimizer"):
+            ta, tb = a.load(state=state), b.load(state=state)
+            assert ta.keys() == tb.keys() and ta
+            for k in ta:
+                assert torch.equal(ta[k], tb[k]), (it, k)
+    train_here(hf, *SHORT, f"checkpoint.save={resumed}", f"checkpoint.load={asyn / 'iter_0000004'}")
+    m, r = metrics(sync), metrics(resumed)
+    assert [r[i]["loss"] for i in (5, 6, 7, 8)] == [m[i]["loss"] for i in (5, 6, 7, 8)]
+
+
+@pytest.mark.distributed
+def test_async_save_with_two_ranks(hf, tmp_path):
+    """Two gloo ranks: the background writes use a process group of their own while training goes on."""
+    from nvlcore.testing_dist import run_distributed
+    from dist_worker import train
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    train_here(hf, *SHORT, f"checkpoint.save={one}")
+    lines = run_distributed(train, 2, str(hf), [*SHORT, f"checkpoint.save={two}", "checkpoint.async_save=true"])[0]
+    assert any("in the background" in x for x in lines), lines
+    assert (two / "latest_checkpointed_iteration.txt").read_text().strip() == "8"
+    assert (two / "iter_0000004").is_dir() and (two / "iter_0000008").is_dir()
+    a, b = metrics(one), metrics(two)
+    for i in range(1, 9):
+        assert b[i]["loss"] == pytest.approx(a[i]["loss"], rel=1e-4), (i, a[i]["loss"], b[i]["loss"])
+    resumed = tmp_path / "resumed"
+    train_here(hf, *SHORT, f"checkpoint.save={resumed}", f"checkpoint.load={two / 'iter_0000004'}")
+    c = metrics(resumed)
+    for i in (5, 6, 7, 8):
+        assert c[i]["loss"] == pytest.approx(a[i]["loss"], rel=1e-4), (i, a[i]["loss"], c[i]["loss"])
 
 
 # -- optimizer.optimizer=sgd ------------------------------------------------------------------------

@@ -43,6 +43,7 @@ from nvlcore.checkpoint.load import Checkpoint, CheckpointKeyError, load_model_s
 from nvlcore.checkpoint.rng import capture_rng_state, restore_rng_state
 from nvlcore.checkpoint.save import (
     CheckpointSaveError,
+    PendingSave,
     StreamedState,
     TensorSpec,
     apply_most_recent_k,
@@ -57,6 +58,7 @@ __all__ = [
     "CheckpointNotFoundError",
     "CheckpointSaveError",
     "OutputExistsError",
+    "PendingSave",
     "StreamedState",
     "TensorSpec",
     "apply_most_recent_k",

@@ -317,7 +317,9 @@ def save_checkpoint(
     single_file_per_rank: bool | None = None,
     thread_count: int = 1,
     spread_replicated_writes: bool = True,
-) -> Path:
+    async_write: bool = False,
+    async_group: Any = None,
+) -> "Path | PendingSave":
     """Save one iteration under ``root``; collective over ``group`` when torch.distributed is initialized.
 
     :param model_state: logical tensors by name (the bridge's component keys). A plain tensor is the
@@ -340,7 +342,15 @@ def save_checkpoint(
     :param spread_replicated_writes: a tensor held by several ranks is written by one of them, chosen
         to balance the bytes each rank writes (``checkpoint.fully_parallel_save``, the default); with
         False always by the lowest rank that holds it.
-    :returns: the ``iter_N`` directory.
+    :param async_write: write the tensors in the background (``checkpoint.async_save``): the tensors
+        are copied to host memory (DCP's staging) before this returns, then written by a thread; the
+        call returns a :class:`PendingSave` whose ``wait()`` (collective, every rank at the same point)
+        finishes the save exactly as a synchronous one does: small states, manifest, rename, trackers.
+        Until then the iteration is a temp dir and the trackers point at the previous checkpoint.
+    :param async_group: the process group of the background writes: it must have a CPU backend (gloo)
+        and be used by nothing else meanwhile (default: ``group``; pass a dedicated gloo group when the
+        main thread runs collectives while the save is pending).
+    :returns: the ``iter_N`` directory, or a :class:`PendingSave` with ``async_write``.
     """
     import torch.distributed.checkpoint as dcp
     import yaml
@@ -388,17 +398,50 @@ def save_checkpoint(
         writer = FileSystemWriter(str(tmp), single_file_per_rank=one_file, thread_count=thread_count,
                                   sync_files=dist_on)
         planner = _make_planner(stream, spread=spread_replicated_writes)
-        try:
+        if async_write:
+            if stream is not None:
+                raise ValueError("a StreamedState model_state cannot be saved asynchronously")
             with quiet_dcp():
-                dcp.save(state, storage_writer=writer, planner=planner, process_group=group, no_dist=not dist_on)
-        except (KeyboardInterrupt, SystemExit):
-            raise
-        except BaseException as exc:  # DCP's CheckpointException derives from BaseException
-            original = getattr(planner, "error", None)
-            if original is not None:
-                raise original from None
-            raise CheckpointSaveError(f"writing the tensors of {final.name} failed: {exc}") from exc
+                future = dcp.async_save(state, storage_writer=writer, planner=planner,
+                                        process_group=async_group if async_group is not None else group,
+                                        no_dist=not dist_on)
+            future = getattr(future, "upload_completion", future)  # an AsyncSaveResponse holds two futures
+        else:
+            future = None
+            try:
+                with quiet_dcp():
+                    dcp.save(state, storage_writer=writer, planner=planner, process_group=group, no_dist=not dist_on)
+            except (KeyboardInterrupt, SystemExit):
+                raise
+            except BaseException as exc:  # DCP's CheckpointException derives from BaseException
+                original = getattr(planner, "error", None)
+                if original is not None:
+                    raise original from None
+                raise CheckpointSaveError(f"writing the tensors of {final.name} failed: {exc}") from exc
+    except BaseException:
+        if coordinator:
+            remove_tree(tmp)
+        raise
 
+    def finish() -> Path:
+        try:
+            if future is not None:
+                err: BaseException | None = None
+                try:
+                    future.result()
+                except (KeyboardInterrupt, SystemExit):
+                    raise
+                except BaseException as exc:
+                    err = CheckpointSaveError(f"writing the tensors of {final.name} failed: {exc}")
+                _agree(err, group, dist_on, "background tensor writes")
+            _finalize()
+        except BaseException:
+            if coordinator:
+                remove_tree(tmp)
+            raise
+        return final
+
+    def _finalize() -> None:
         if not dist_on:
             _fsync_tree(tmp)
         err = None
@@ -434,11 +477,30 @@ def save_checkpoint(
             except BaseException as exc:
                 err = exc
         _agree(err, group, dist_on, "finalization")
-    except BaseException:
-        if coordinator:
-            remove_tree(tmp)
-        raise
-    return final
+
+    if future is not None:
+        return PendingSave(final, finish)
+    return finish()
+
+
+class PendingSave:
+    """A save whose tensors are being written in the background (``save_checkpoint(async_write=True)``).
+
+    :meth:`wait` is collective: every rank calls it at the same point of its program (the next save,
+    the end of training); it raises if any rank's write failed, leaving the previous checkpoint the
+    latest.
+    """
+
+    def __init__(self, path: Path, finish: Callable[[], Path]) -> None:
+        self.path = path
+        self._finish: Callable[[], Path] | None = finish
+
+    def wait(self) -> Path:
+        """Wait for the writes, then publish ``iter_N`` and update the trackers; returns ``iter_N``."""
+        if self._finish is None:
+            return self.path
+        finish, self._finish = self._finish, None
+        return finish()
 
 
 def _plain(obj: Any) -> Any:

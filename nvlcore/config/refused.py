@@ -54,9 +54,6 @@ REFUSED: tuple[Refusal, ...] = (
     Refusal("scheduler.override_opt_param_scheduler", (True,), _SCHEDULE),
     Refusal("scheduler.use_checkpoint_opt_param_scheduler", (False,), _SCHEDULE),
     Refusal("checkpoint.ckpt_format", ("torch_dist",), "nvl writes PyTorch DCP (torch_dist) checkpoints only"),
-    Refusal("checkpoint.async_save", (False,),
-            "nvl's saves are synchronous and atomic (every rank's writes, then the rename and the tracker update); "
-            "remove it"),
     Refusal("checkpoint.fully_parallel_load", (False,),
             "every rank already reads only its own shards through torch.distributed.checkpoint; remove it"),
     Refusal("dataset.data_sharding", (True,),

@@ -139,7 +139,7 @@ class CheckpointConfig:
     ckpt_format: Literal["torch_dist", "zarr", "fsdp_dtensor"] = _f(
         "torch_dist", "Checkpoint format: torch_dist (PyTorch DCP), the only one nvl writes (others are refused)."
     )
-    async_save: bool = _f(False, "Write checkpoints in the background. Not supported by nvl (must be false).")
+    async_save: bool = _f(False, "Write checkpoint tensors in the background (torch.distributed.checkpoint.async_save).")
     fully_parallel_save: bool = _f(True, "Spread the writes of replicated tensors over ranks (false: the lowest rank writes them).")
     fully_parallel_load: bool = _f(False, "Spread the read of replicated tensors over ranks. Not supported by nvl (must be false).")
     exit_on_missing_checkpoint: bool = _f(False, "Fail when `load` holds no checkpoint instead of starting fresh.")

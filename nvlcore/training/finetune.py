@@ -513,10 +513,30 @@ def run_finetune(
                 return evaluate(model, factory(), num_batches=cfg.validation.eval_iters * data.num_microbatches,
                                 ctx=ctx, autocast_dtype=settings.autocast_dtype)
 
+        # checkpoint.async_save: the tensors of a save are written by a background thread over a
+        # process group of its own (gloo), while training goes on; the save is published (renamed,
+        # trackers updated) at the next save or at the end, by every rank at the same point.
+        async_group = None
+        if cfg.checkpoint.async_save and cfg.checkpoint.save and ctx.world_size > 1:
+            import torch.distributed as dist
+
+            async_group = dist.new_group(backend="gloo")
+        pending: list[Any] = []
+
+        def finish_pending() -> None:
+            while pending:
+                say(f"nvl finetune: saved checkpoint {pending.pop().wait()}")
+
         def save_fn(st: TrainState) -> None:
+            finish_pending()
             path = save(cfg.checkpoint.save, st, model=model, optimizer=opt, bridge=bridge, ctx=ctx, cfg=cfg,
-                        run_config=run_config, adapter_only=adapter_only, num_samples=data.num_train_samples)
-            say(f"nvl finetune: saved checkpoint {path}")
+                        run_config=run_config, adapter_only=adapter_only, num_samples=data.num_train_samples,
+                        async_group=async_group)
+            if isinstance(path, Path):
+                say(f"nvl finetune: saved checkpoint {path}")
+            else:
+                pending.append(path)
+                say(f"nvl finetune: writing checkpoint {path.path.name} in the background")
 
         trainer = Trainer(
             model=model, ctx=ctx, optimizer=opt, named_params=named, lr_schedule=lr_s, wd_schedule=wd_s,
@@ -529,6 +549,7 @@ def run_finetune(
             f"{settings.global_batch_size} = {settings.num_microbatches} micro-batch(es) x "
             f"{cfg.train.micro_batch_size} x {ctx.dp_size} data-parallel rank(s)")
         final = trainer.run(data.train_batches)
+        finish_pending()
         say(f"nvl finetune: {describe_state_bytes(opt, ctx)}")
         if data.test_batches_factory is not None and final.iteration >= settings.train_iters:
             from nvlcore.training.trainer import evaluate
@@ -603,8 +624,9 @@ def load_pretrained(model: "torch.nn.Module", src: str, *, bridge: Any, ctx: "Pa
 
 
 def save(root: str, st: TrainState, *, model: Any, optimizer: Any, bridge: Any, ctx: "ParallelContext", cfg: "NvlConfig",
-         run_config: Mapping[str, Any], adapter_only: bool, num_samples: int) -> Path:
-    """Write one training checkpoint (collective over all ranks)."""
+         run_config: Mapping[str, Any], adapter_only: bool, num_samples: int, async_group: Any = None) -> Any:
+    """Write one training checkpoint (collective over all ranks): the ``iter_N`` path, or with
+    ``checkpoint.async_save`` a :class:`~nvlcore.checkpoint.PendingSave` whose ``wait()`` publishes it."""
     from nvlcore.checkpoint import capture_rng_state, save_checkpoint
     from nvlcore.training import checkpointing as tck
 
@@ -636,6 +658,8 @@ def save(root: str, st: TrainState, *, model: Any, optimizer: Any, bridge: Any, 
         overwrite=True,
         most_recent_k=cfg.checkpoint.most_recent_k,
         spread_replicated_writes=cfg.checkpoint.fully_parallel_save,
+        async_write=cfg.checkpoint.async_save,
+        async_group=async_group,
     )
 
 
