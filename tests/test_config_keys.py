@@ -208,6 +208,39 @@ def test_async_save_with_two_ranks(hf, tmp_path):
         assert c[i]["loss"] == pytest.approx(a[i]["loss"], rel=1e-4), (i, a[i]["loss"], c[i]["loss"])
 
 
+# -- scheduler.override_opt_param_scheduler, scheduler.use_checkpoint_opt_param_scheduler ---------------------
+def test_resume_schedule_from_the_config_or_the_checkpoint_or_checked_equal(hf, tmp_path):
+    from nvlcore.config import ConfigError, load_config
+
+    first = tmp_path / "first"
+    train_here(hf, *SHORT, f"checkpoint.save={first}")
+    a = metrics(first)
+    load = f"checkpoint.load={first / 'iter_0000004'}"
+    # default (override): this config's lr
+    train_here(hf, *SHORT, "optimizer.lr=1e-3", f"checkpoint.save={tmp_path / 'override'}", load)
+    b = metrics(tmp_path / "override")
+    assert b[5]["lr"] != a[5]["lr"] and b[5]["lr"] <= 1e-3
+    # use the checkpoint's: its lr schedule, so the losses continue exactly
+    lines: list[str] = []
+    train_here(hf, *SHORT, "optimizer.lr=1e-3", "scheduler.override_opt_param_scheduler=false",
+               "scheduler.use_checkpoint_opt_param_scheduler=true", f"checkpoint.save={tmp_path / 'ckpt'}", load,
+               print_fn=lines.append)
+    c = metrics(tmp_path / "ckpt")
+    assert [(c[i]["lr"], c[i]["loss"]) for i in (5, 6, 7, 8)] == [(a[i]["lr"], a[i]["loss"]) for i in (5, 6, 7, 8)]
+    assert any("schedule from iter_0000004 (scheduler.use_checkpoint_opt_param_scheduler)" in x for x in lines)
+    # neither: they must agree
+    with pytest.raises(ValueError, match=r"differs from iter_0000004's in lr\.max_lr 0\.001 \(checkpoint 0\.003\)"):
+        train_here(hf, *SHORT, "optimizer.lr=1e-3", "scheduler.override_opt_param_scheduler=false",
+                   f"checkpoint.save={tmp_path / 'neither'}", load)
+    lines.clear()
+    train_here(hf, *SHORT, "scheduler.override_opt_param_scheduler=false", f"checkpoint.save={tmp_path / 'same'}", load,
+               print_fn=lines.append)
+    assert any("schedule checked equal to iter_0000004's" in x for x in lines)
+    # both: refused at load
+    with pytest.raises(ConfigError, match="scheduler.use_checkpoint_opt_param_scheduler=True needs"):
+        load_config([], ["scheduler.use_checkpoint_opt_param_scheduler=true"], validate_plugins=False)
+
+
 # -- optimizer.optimizer=sgd ------------------------------------------------------------------------
 def test_sgd_is_torch_sgd_with_momentum_and_checkpoints_its_momentum(hf, tmp_path):
     from nvlcore.checkpoint import open_checkpoint

@@ -16,8 +16,6 @@ if TYPE_CHECKING:
     from nvlcore.config.schema import NvlConfig
 
 _FP16 = "fp16 with loss scaling is not implemented by nvl (it trains in bf16 or fp32); remove it"
-_SCHEDULE = ("nvl always takes the LR/weight-decay schedule from this run's config on resume; to continue a "
-             "checkpoint's schedule give its values (its run_config.yaml) on the command line")
 
 
 @attrs.frozen
@@ -51,8 +49,6 @@ REFUSED: tuple[Refusal, ...] = (
             "the WSD schedule is not implemented by nvl; use cosine (the recipe's), linear or constant"),
     Refusal("scheduler.lr_wsd_decay_style", ("exponential",), "it applies only to lr_decay_style=WSD, which nvl does not implement"),
     Refusal("scheduler.lr_wsd_decay_iters", (None,), "it applies only to lr_decay_style=WSD, which nvl does not implement"),
-    Refusal("scheduler.override_opt_param_scheduler", (True,), _SCHEDULE),
-    Refusal("scheduler.use_checkpoint_opt_param_scheduler", (False,), _SCHEDULE),
     Refusal("checkpoint.ckpt_format", ("torch_dist",), "nvl writes PyTorch DCP (torch_dist) checkpoints only"),
     Refusal("checkpoint.fully_parallel_load", (False,),
             "every rank already reads only its own shards through torch.distributed.checkpoint; remove it"),
@@ -111,6 +107,13 @@ def check_refused(cfg: "NvlConfig") -> None:
             continue
         if not any(_same(value, v) for v in r.supported):
             raise ConfigError(r.message(value), key=r.key)
+    sc = cfg.scheduler
+    if sc.override_opt_param_scheduler is True and sc.use_checkpoint_opt_param_scheduler is True:
+        raise ConfigError(
+            "scheduler.use_checkpoint_opt_param_scheduler=True needs scheduler.override_opt_param_scheduler=false "
+            "(both set: which schedule should a resume use?)",
+            key="scheduler.use_checkpoint_opt_param_scheduler",
+        )
     mp, bf16 = cfg.mixed_precision, cfg.optimizer.bf16
     if mp == "bf16_mixed" and bf16 is False:
         raise ConfigError(

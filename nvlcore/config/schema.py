@@ -111,8 +111,8 @@ class SchedulerConfig:
     weight_decay_incr_style: Literal["constant", "linear", "cosine"] = _f(
         "constant", "How weight decay moves from start_weight_decay to end_weight_decay."
     )
-    override_opt_param_scheduler: bool = _f(True, "On resume, take the schedule from this config, not the checkpoint (nvl always does: must be true).")
-    use_checkpoint_opt_param_scheduler: bool = _f(False, "On resume, take the schedule from the checkpoint. Not supported by nvl (must be false).")
+    override_opt_param_scheduler: bool = _f(True, "On resume, take the LR/weight-decay schedule from this config, not the checkpoint.")
+    use_checkpoint_opt_param_scheduler: bool = _f(False, "On resume, take the schedule from the checkpoint (needs override_opt_param_scheduler=false).")
 
 
 @attrs.define

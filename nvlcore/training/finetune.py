@@ -261,6 +261,39 @@ def schedules(cfg: "NvlConfig") -> tuple[Any, Any]:
     return lr, wd
 
 
+def resume_schedules(cfg: "NvlConfig", saved_run_config: Mapping[str, Any] | None, lr_s: Any, wd_s: Any,
+                     *, where: str) -> tuple[Any, Any, str]:
+    """The LR and weight-decay schedules of a resumed run (Megatron's ``OptimizerParamScheduler`` rules).
+
+    ``scheduler.override_opt_param_scheduler`` (the default): this config's schedule.
+    ``scheduler.use_checkpoint_opt_param_scheduler``: the checkpoint's (from its ``run_config.yaml``).
+    Neither: the two must be the same, else a ``ValueError`` naming what differs.
+    :returns: ``(lr schedule, wd schedule, a note for the log)``.
+    """
+    sc = cfg.scheduler
+    if sc.override_opt_param_scheduler:
+        return lr_s, wd_s, "schedule from this config (scheduler.override_opt_param_scheduler)"
+    if not saved_run_config:
+        raise ValueError(f"{where} has no run_config.yaml to take the schedule from; set "
+                         "scheduler.override_opt_param_scheduler=true to use this config's")
+    from nvlcore.config import load_config
+
+    saved = load_config([], [], base=dict(saved_run_config), validate_plugins=False)
+    ck_lr, ck_wd = schedules(saved)
+    if sc.use_checkpoint_opt_param_scheduler:
+        return ck_lr, ck_wd, f"schedule from {where} (scheduler.use_checkpoint_opt_param_scheduler)"
+    mine = {**{f"lr.{k}": v for k, v in attrs.asdict(lr_s).items()}, **{f"wd.{k}": v for k, v in attrs.asdict(wd_s).items()}}
+    theirs = {**{f"lr.{k}": v for k, v in attrs.asdict(ck_lr).items()}, **{f"wd.{k}": v for k, v in attrs.asdict(ck_wd).items()}}
+    diffs = [f"{k} {mine[k]!r} (checkpoint {theirs[k]!r})" for k in mine if mine[k] != theirs[k]]
+    if diffs:
+        raise ValueError(
+            f"this config's schedule differs from {where}'s in {', '.join(diffs)}; with "
+            "scheduler.override_opt_param_scheduler=false set scheduler.use_checkpoint_opt_param_scheduler=true "
+            "to continue the checkpoint's, or override_opt_param_scheduler=true to use this config's"
+        )
+    return lr_s, wd_s, f"schedule checked equal to {where}'s"
+
+
 @attrs.define
 class DataPipeline:
     """The training batches, and the validation and test batches when the maker has those splits."""
@@ -489,6 +522,11 @@ def run_finetune(
                             cfg=cfg, adapter_only=adapter_only)
             say(f"nvl finetune: resumed at iteration {state.iteration} (consumed samples {state.consumed_samples}, "
                 f"{state.optimizer_steps} updates, {state.skipped_iterations} skipped)")
+            from nvlcore.checkpoint import open_checkpoint
+
+            lr_s, wd_s, note = resume_schedules(cfg, open_checkpoint(decision.iter_dir).run_config(), lr_s, wd_s,
+                                                where=decision.iter_dir.name)
+            say(f"nvl finetune: {note}")
 
         # -- data, loggers ----------------------------------------------------------------------
         data = build_data(cfg, bridge, manager, ctx, consumed_samples=state.consumed_samples, print_fn=say)
