@@ -302,6 +302,9 @@ def test_peft_method_config_fields(plugins: None) -> None:
     assert "peft.use_dora: unknown key" in err([], ["peft.use_dora=true"])  # no method selected
     assert "unknown peft_method 'lorra'" in err([], ["peft.method=lorra"])
     assert "'dropout_position' must be in ['pre']" in err([], ["peft.method=lora", "peft.dropout_position=post"])
+    # WSD needs the length of its final decay
+    assert "scheduler.lr_decay_style=WSD needs scheduler.lr_wsd_decay_iters" in err([], ["scheduler.lr_decay_style=WSD"])
+    assert load_config([], ["scheduler.lr_decay_style=WSD", "scheduler.lr_wsd_decay_iters=10"]).scheduler.lr_wsd_decay_iters == 10
     # precision: mixed_precision decides; an optimizer.bf16=false it would override is refused
     assert "optimizer.bf16=False has no effect: mixed_precision=bf16_mixed" in err([], ["optimizer.bf16=false"])
     assert load_config([], ["optimizer.bf16=false", "mixed_precision=fp32"]).optimizer.bf16 is False

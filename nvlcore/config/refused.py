@@ -45,10 +45,6 @@ REFUSED: tuple[Refusal, ...] = (
     Refusal("optimizer.loss_scale_window", (1000.0,), _FP16),
     Refusal("optimizer.hysteresis", (2,), _FP16),
     Refusal("mixed_precision", ("bf16_mixed", "fp32", None), "fp16 is not implemented by nvl; use bf16_mixed or fp32"),
-    Refusal("scheduler.lr_decay_style", ("constant", "linear", "cosine", "inverse-square-root"),
-            "the WSD schedule is not implemented by nvl; use cosine (the recipe's), linear or constant"),
-    Refusal("scheduler.lr_wsd_decay_style", ("exponential",), "it applies only to lr_decay_style=WSD, which nvl does not implement"),
-    Refusal("scheduler.lr_wsd_decay_iters", (None,), "it applies only to lr_decay_style=WSD, which nvl does not implement"),
     Refusal("checkpoint.ckpt_format", ("torch_dist",), "nvl writes PyTorch DCP (torch_dist) checkpoints only"),
     Refusal("checkpoint.fully_parallel_load", (False,),
             "every rank already reads only its own shards through torch.distributed.checkpoint; remove it"),
@@ -108,6 +104,9 @@ def check_refused(cfg: "NvlConfig") -> None:
         if not any(_same(value, v) for v in r.supported):
             raise ConfigError(r.message(value), key=r.key)
     sc = cfg.scheduler
+    if sc.lr_decay_style == "WSD" and sc.lr_wsd_decay_iters is None:
+        raise ConfigError("scheduler.lr_decay_style=WSD needs scheduler.lr_wsd_decay_iters (the updates of its final "
+                          "decay)", key="scheduler.lr_wsd_decay_iters")
     if sc.override_opt_param_scheduler is True and sc.use_checkpoint_opt_param_scheduler is True:
         raise ConfigError(
             "scheduler.use_checkpoint_opt_param_scheduler=True needs scheduler.override_opt_param_scheduler=false "

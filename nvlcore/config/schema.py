@@ -96,16 +96,16 @@ class SchedulerConfig:
     """``scheduler``: learning-rate and weight-decay schedules (Megatron OptimizerParamScheduler)."""
 
     lr_decay_style: Literal["constant", "linear", "cosine", "inverse-square-root", "WSD"] = _f(
-        "cosine", "Learning-rate decay after warm-up (WSD is not supported by nvl)."
+        "cosine", "Learning-rate decay after warm-up (WSD: constant, then the final lr_wsd_decay_iters decay)."
     )
     lr_decay_iters: int | None = _f(None, "Steps over which the LR decays (null = train.train_iters).")
     lr_warmup_iters: int = _f(5, "Linear warm-up steps from lr_warmup_init to optimizer.lr.")
     lr_warmup_fraction: float | None = _f(None, "Warm-up as a fraction of lr_decay_iters (instead of iters).")
     lr_warmup_init: float = _f(0.0, "Learning rate at step 0 of the warm-up.")
     lr_wsd_decay_style: Literal["exponential", "linear", "cosine", "minus_sqrt"] = _f(
-        "exponential", "Decay style of the WSD schedule's final phase (WSD: not supported, keep the default)."
+        "exponential", "Decay style of the WSD schedule's final phase."
     )
-    lr_wsd_decay_iters: int | None = _f(None, "Steps of the WSD schedule's final decay (WSD: not supported, must be null).")
+    lr_wsd_decay_iters: int | None = _f(None, "Steps of the WSD schedule's final decay (needed with lr_decay_style=WSD).")
     start_weight_decay: float | None = _f(0.033, "Weight decay at step 0 (null = optimizer.weight_decay).")
     end_weight_decay: float | None = _f(0.033, "Weight decay at the end (null = optimizer.weight_decay).")
     weight_decay_incr_style: Literal["constant", "linear", "cosine"] = _f(

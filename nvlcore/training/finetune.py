@@ -251,10 +251,9 @@ def schedules(cfg: "NvlConfig") -> tuple[Any, Any]:
     if sc.lr_warmup_fraction is not None:
         warmup = int(sc.lr_warmup_fraction * decay_iters)
     style = sc.lr_decay_style
-    if style == "WSD":
-        raise ValueError("scheduler.lr_decay_style=WSD is not supported by nvl finetune; use cosine, linear or constant")
     lr = LRSchedule(max_lr=cfg.optimizer.lr, min_lr=cfg.optimizer.min_lr, warmup_iters=warmup,
-                    warmup_init=sc.lr_warmup_init, decay_iters=decay_iters, decay_style=style)
+                    warmup_init=sc.lr_warmup_init, decay_iters=decay_iters, decay_style=style,
+                    wsd_decay_iters=sc.lr_wsd_decay_iters, wsd_decay_style=sc.lr_wsd_decay_style)
     start = sc.start_weight_decay if sc.start_weight_decay is not None else cfg.optimizer.weight_decay
     end = sc.end_weight_decay if sc.end_weight_decay is not None else cfg.optimizer.weight_decay
     wd = WeightDecaySchedule(start=start, end=end, incr_iters=cfg.train.train_iters, style=sc.weight_decay_incr_style)
