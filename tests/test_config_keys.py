@@ -128,6 +128,27 @@ def test_distributed_optimizer_at_tp2_dp2_matches_one_process_and_its_checkpoint
         assert c[i]["loss"] == pytest.approx(a[i]["loss"], rel=1e-4), (i, a[i]["loss"], c[i]["loss"])
 
 
+# -- rng.data_parallel_random_init --------------------------------------------------------------------------
+@pytest.mark.distributed
+def test_data_parallel_random_init_seeds_each_rank_differently(hf, tmp_path):
+    import torch
+
+    from nvlcore.testing_dist import run_distributed
+    from dist_worker import train
+
+    states = {}
+    for flag in (False, True):
+        out = tmp_path / f"dpri_{flag}"
+        run_distributed(train, 2, str(hf), ["train.train_iters=1", "scheduler.lr_warmup_iters=0",
+                                            f"rng.data_parallel_random_init={flag}", f"checkpoint.save={out}"])
+        ranks = [torch.load(out / "iter_0000001" / "rank_states" / f"rank_{r:05d}.pt", weights_only=True)
+                 for r in (0, 1)]
+        states[flag] = [r["rng"]["torch"] for r in ranks]
+    assert torch.equal(states[False][0], states[False][1])  # the same seed everywhere by default
+    assert not torch.equal(states[True][0], states[True][1])  # seed + 10 x DP rank
+    assert torch.equal(states[True][0], states[False][0])  # DP rank 0 keeps rng.seed
+
+
 # -- checkpoint.fully_parallel_save -----------------------------------------------------------------
 @pytest.mark.distributed
 def test_fully_parallel_save_spreads_replicated_writes(tmp_path):

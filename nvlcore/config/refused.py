@@ -57,8 +57,6 @@ REFUSED: tuple[Refusal, ...] = (
             "nvl shards optimizer state (ddp.use_distributed_optimizer) and weights by tensor parallelism, not FSDP"),
     Refusal("dist.use_torch_fsdp2", (False,),
             "nvl shards optimizer state (ddp.use_distributed_optimizer) and weights by tensor parallelism, not FSDP"),
-    Refusal("rng.data_parallel_random_init", (False,),
-            "every data-parallel rank starts from the same weights (broadcast from the first rank); remove it"),
     Refusal("ddp.grad_reduce_in_fp32", (True,),
             "nvl's trainable parameters and gradients are fp32 (the master weights) and always reduced in fp32"),
     Refusal("ddp.overlap_grad_reduce", (False,),

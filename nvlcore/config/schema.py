@@ -234,7 +234,7 @@ class RngConfig:
     """``rng``: seeds."""
 
     seed: int = _f(1234, "Base random seed (the recipe's; the example YAML sets 42).")
-    data_parallel_random_init: bool = _f(False, "Different initial weights per data-parallel rank. Not supported by nvl (must be false).")
+    data_parallel_random_init: bool = _f(False, "Seed each data-parallel rank's RNGs with seed + 10 x its rank (weights still broadcast from the first).")
 
 
 @attrs.define

@@ -449,7 +449,10 @@ def run_finetune(
     say = print_fn if ctx.is_main else (lambda _m: None)
     loggers: list[Any] = []
     try:
-        seed_everything(cfg.rng.seed)
+        # rng.data_parallel_random_init (Megatron): each data-parallel rank seeds its RNGs with seed + 10 x its
+        # DP rank (dropout and other draws differ per replica); the weights are still broadcast from the
+        # first data-parallel rank below, so every replica starts from the same model.
+        seed_everything(cfg.rng.seed + (10 * ctx.dp_rank if cfg.rng.data_parallel_random_init else 0))
         run_config = config_to_dict(cfg)
         adapter_only = bool(cfg.peft.method)
         say(f"nvl finetune: {ctx.world_size} process(es): tensor parallel {ctx.tp_size} x data parallel {ctx.dp_size} "
