@@ -50,7 +50,7 @@ REFUSED: tuple[Refusal, ...] = (
             "every rank already reads only its own shards through torch.distributed.checkpoint; remove it"),
     Refusal("dataset.data_sharding", (True,),
             "nvl always splits one global shuffled sample stream over the data-parallel ranks "
-            "(docs/finetune.md, 'Data order'); remove it"),
+            "(docs/finetune.md, 'Data'); remove it"),
     Refusal("dataset.enable_in_batch_packing", (False,),
             "packing is not implemented for image/video data; use dataset.pad_to_multiple_of to limit padding"),
     Refusal("dist.use_megatron_fsdp", (False,),
