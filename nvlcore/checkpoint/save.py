@@ -401,6 +401,9 @@ def save_checkpoint(
         if async_write:
             if stream is not None:
                 raise ValueError("a StreamedState model_state cannot be saved asynchronously")
+            # the background thread runs after quiet_dcp() has restored the filters: silence DCP's
+            # "single process" warning for good (nvl asks for single-process saves on purpose)
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
             with quiet_dcp():
                 future = dcp.async_save(state, storage_writer=writer, planner=planner,
                                         process_group=async_group if async_group is not None else group,
