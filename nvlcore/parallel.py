@@ -146,6 +146,7 @@ def init_parallel(
     device_type: str | None = None,
     seed: int = 1234,
     timeout_minutes: int = 30,
+    backend: str | None = None,
 ) -> ParallelContext:
     """Initialise ``torch.distributed`` (if needed) and Megatron-Core's TP/DP groups.
 
@@ -154,6 +155,7 @@ def init_parallel(
     :param seed: seeds Megatron's CUDA RNG tracker (model-parallel regions draw different numbers per
         TP rank, the rest the same), which Megatron layers need to initialise weights on a GPU.
     :param timeout_minutes: collective timeout.
+    :param backend: ``nccl`` or ``gloo`` (``dist.distributed_backend``); default: nccl on GPUs, gloo on CPU.
     :raises ValueError: when the world size is not a multiple of the tensor-parallel size.
     """
     import torch
@@ -161,12 +163,19 @@ def init_parallel(
     from megatron.core import parallel_state
 
     device_type = device_type or default_device_type()
-    backend = "nccl" if device_type == "cuda" else "gloo"
+    if backend is None:
+        backend = "nccl" if device_type == "cuda" else "gloo"
+    elif backend not in ("nccl", "gloo"):
+        raise ValueError(f"dist.distributed_backend={backend!r}: choose nccl or gloo")
+    elif backend == "nccl" and device_type != "cuda":
+        raise ValueError(f"dist.distributed_backend=nccl needs GPUs but this run is on {device_type}; "
+                         "use gloo or leave it null")
     env = os.environ
     owns = False
     if dist.is_initialized():
         rank, world = dist.get_rank(), dist.get_world_size()
         local_rank = int(env.get("LOCAL_RANK", 0))
+        backend = str(dist.get_backend())  # the caller's process group decides
     elif launched_by_torchrun():
         rank, world = int(env["RANK"]), int(env["WORLD_SIZE"])
         local_rank = int(env.get("LOCAL_RANK", 0))

@@ -303,7 +303,15 @@ def test_peft_method_config_fields(plugins: None) -> None:
     assert "peft.use_dora: unknown key" in err([], ["peft.use_dora=true"])  # no method selected
     assert "unknown peft_method 'lorra'" in err([], ["peft.method=lorra"])
     assert "'dropout_position' must be in ['pre']" in err([], ["peft.method=lora", "peft.dropout_position=post"])
-    assert load_config([], ["peft.dropout_position=post"]).peft.dropout_position == "post"  # no method: core only
+    # WSD needs the length of its final decay
+    assert "scheduler.lr_decay_style=WSD needs scheduler.lr_wsd_decay_iters" in err([], ["scheduler.lr_decay_style=WSD"])
+    assert load_config([], ["scheduler.lr_decay_style=WSD", "scheduler.lr_wsd_decay_iters=10"]).scheduler.lr_wsd_decay_iters == 10
+    # precision: mixed_precision decides; an optimizer.bf16=false it would override is refused
+    assert "optimizer.bf16=False has no effect: mixed_precision=bf16_mixed" in err([], ["optimizer.bf16=false"])
+    assert load_config([], ["optimizer.bf16=false", "mixed_precision=fp32"]).optimizer.bf16 is False
+    assert load_config([], ["optimizer.bf16=false", "mixed_precision=null"]).mixed_precision is None
+    # no method: a peft setting would be ignored, so it is refused
+    assert "peft.dropout_position='post' has no effect: peft.method is null" in err([], ["peft.dropout_position=post"])
 
 
 def test_logger_and_bridge_names_checked(plugins: None) -> None:
@@ -313,14 +321,20 @@ def test_logger_and_bridge_names_checked(plugins: None) -> None:
 
 
 def test_resolve_rejects_unsupported_settings(plugins: None) -> None:
+    # unsupported values are refused when the config is loaded (nvlcore.config.refused)...
     for override, key in [
         ("model.pipeline_model_parallel_size=2", "model.pipeline_model_parallel_size"),
         ("dist.use_torch_fsdp2=true", "dist.use_torch_fsdp2"),
-        ("train.global_batch_size=3", "train.global_batch_size"),
     ]:
-        cfg = load_config([], ["train.micro_batch_size=2", override] if "global" in override else [override])
-        with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
-            resolve_config(cfg)
+        assert f"{key}=" in err([], [override]) and "is not supported by nvl" in err([], [override])
+    # ...and a config built by hand is checked again by resolve_config
+    cfg = load_config([], [])
+    cfg.model.pipeline_model_parallel_size = 2
+    with pytest.raises(ConfigError, match=r"model\.pipeline_model_parallel_size=2 is not supported"):
+        resolve_config(cfg)
+    cfg = load_config([], ["train.micro_batch_size=2", "train.global_batch_size=3"])
+    with pytest.raises(ConfigError, match=r"train\.global_batch_size"):
+        resolve_config(cfg)
 
 
 def test_base_may_be_an_nvlconfig(plugins: None) -> None:

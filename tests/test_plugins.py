@@ -266,7 +266,7 @@ def test_plugins_list_json_table_and_all(register_plugin: Any, nvl_cli: Any) -> 
         "builtin": False, "warnings": [],
     }  # fmt: skip
     every = {p["name"]: p for p in json.loads(nvl_cli("plugins", "list", "--json", "--all").stdout)}
-    assert every["nvlcore.builtin.loggers"]["registered"] == {"logger": ["console", "jsonl", "wandb"]}
+    assert every["nvlcore.builtin.loggers"]["registered"] == {"logger": ["console", "jsonl", "tensorboard", "wandb"]}
     assert every["nvlcore.builtin.loggers"]["builtin"] is True
     table = nvl_cli("plugins", "list").stdout
     assert table.splitlines()[0].split()[:3] == ["NAME", "VERSION", "STATUS"]

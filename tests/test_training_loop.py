@@ -74,12 +74,16 @@ def test_lr_and_wd_schedules_match_megatron_core():
 
     from nvlcore.training.schedules import LRSchedule, WeightDecaySchedule
 
-    for style in ("cosine", "linear", "constant"):
+    styles = [(s, None) for s in ("cosine", "linear", "constant", "inverse-square-root")]
+    styles += [("WSD", w) for w in ("exponential", "linear", "cosine", "minus_sqrt")]
+    for style, wsd in styles:
         opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], lr=1.0)
         ref = OptimizerParamScheduler(opt, init_lr=1e-6, max_lr=2e-5, min_lr=2e-6, lr_warmup_steps=5,
                                       lr_decay_steps=40, lr_decay_style=style, start_wd=0.01, end_wd=0.1,
-                                      wd_incr_steps=40, wd_incr_style="cosine")
-        lr = LRSchedule(max_lr=2e-5, min_lr=2e-6, warmup_iters=5, warmup_init=1e-6, decay_iters=40, decay_style=style)
+                                      wd_incr_steps=40, wd_incr_style="cosine", wsd_decay_steps=12 if wsd else None,
+                                      lr_wsd_decay_style=wsd)
+        lr = LRSchedule(max_lr=2e-5, min_lr=2e-6, warmup_iters=5, warmup_init=1e-6, decay_iters=40, decay_style=style,
+                        wsd_decay_iters=12 if wsd else None, wsd_decay_style=wsd or "exponential")
         wd = WeightDecaySchedule(start=0.01, end=0.1, incr_iters=40, style="cosine")
         for step in range(50):
             assert math.isclose(lr(step), opt.param_groups[0]["lr"], rel_tol=1e-12), (style, step)

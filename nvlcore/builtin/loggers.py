@@ -1,4 +1,4 @@
-"""Built-in metric loggers: console and JSONL (wandb registers lazily, imported only when used)."""
+"""Built-in metric loggers: console, JSONL, wandb and TensorBoard (lazy targets, imported only when used)."""
 
 from __future__ import annotations
 
@@ -12,3 +12,4 @@ def nvl_register_loggers(register: Any) -> None:
     register("console", "nvlcore.training.loggers:ConsoleLogger")
     register("jsonl", "nvlcore.training.loggers:JsonlLogger")
     register("wandb", "nvlcore.training.loggers:WandbLogger")
+    register("tensorboard", "nvlcore.training.loggers:TensorBoardLogger")

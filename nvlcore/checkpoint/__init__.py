@@ -44,6 +44,7 @@ from nvlcore.checkpoint.load import Checkpoint, CheckpointKeyError, load_model_s
 from nvlcore.checkpoint.rng import capture_rng_state, restore_rng_state
 from nvlcore.checkpoint.save import (
     CheckpointSaveError,
+    PendingSave,
     StreamedState,
     TensorSpec,
     apply_most_recent_k,
@@ -58,6 +59,7 @@ __all__ = [
     "CheckpointNotFoundError",
     "CheckpointSaveError",
     "OutputExistsError",
+    "PendingSave",
     "StreamedState",
     "TensorSpec",
     "apply_most_recent_k",

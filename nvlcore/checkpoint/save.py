@@ -295,11 +295,13 @@ def _flatten_states(
     return out, stream
 
 
-def _make_planner(stream: StreamedState | None) -> Any:
+def _make_planner(stream: StreamedState | None, *, spread: bool = True) -> Any:
     from torch.distributed.checkpoint import DefaultSavePlanner
 
+    # DCP writes a tensor that several ranks hold (a DP replica, a TP-replicated weight) once: spread
+    # over the ranks that hold it (balanced by size), or always by the lowest of them.
     if stream is None:
-        return DefaultSavePlanner()
+        return DefaultSavePlanner(dedup_save_to_lowest_rank=not spread)
 
     class _StreamingPlanner(DefaultSavePlanner):
         # DCP asks the planner for each item's data right before writing it; producing it there (and
@@ -324,7 +326,7 @@ def _make_planner(stream: StreamedState | None) -> Any:
                 raise
             return tensor
 
-    return _StreamingPlanner()
+    return _StreamingPlanner(dedup_save_to_lowest_rank=not spread)
 
 
 @contextlib.contextmanager
@@ -409,7 +411,10 @@ def save_checkpoint(
     group: Any = None,
     single_file_per_rank: bool | None = None,
     thread_count: int = 1,
-) -> Path:
+    spread_replicated_writes: bool = True,
+    async_write: bool = False,
+    async_group: Any = None,
+) -> "Path | PendingSave":
     """Save one iteration under ``root``; collective over ``group`` when torch.distributed is initialized.
 
     :param model_state: logical tensors by name (the bridge's component keys). A plain tensor is the
@@ -429,7 +434,18 @@ def save_checkpoint(
     :param update_tracker: point the tracker at this iteration (the default).
     :param single_file_per_rank: DCP layout; one file per rank (default) or one file per tensor
         (forced for a :class:`StreamedState`: DCP holds every tensor of a file until the file closes).
-    :returns: the ``iter_N`` directory.
+    :param spread_replicated_writes: a tensor held by several ranks is written by one of them, chosen
+        to balance the bytes each rank writes (``checkpoint.fully_parallel_save``, the default); with
+        False always by the lowest rank that holds it.
+    :param async_write: write the tensors in the background (``checkpoint.async_save``): the tensors
+        are copied to host memory (DCP's staging) before this returns, then written by a thread; the
+        call returns a :class:`PendingSave` whose ``wait()`` (collective, every rank at the same point)
+        finishes the save exactly as a synchronous one does: small states, manifest, rename, trackers.
+        Until then the iteration is a temp dir and the trackers point at the previous checkpoint.
+    :param async_group: the process group of the background writes: it must have a CPU backend (gloo)
+        and be used by nothing else meanwhile (default: ``group``; pass a dedicated gloo group when the
+        main thread runs collectives while the save is pending).
+    :returns: the ``iter_N`` directory, or a :class:`PendingSave` with ``async_write``.
     """
     import torch.distributed.checkpoint as dcp
     import yaml
@@ -484,26 +500,65 @@ def save_checkpoint(
         # which lets the kernel write back in bulk instead of stalling on every file.
         writer = FileSystemWriter(str(tmp), single_file_per_rank=one_file, thread_count=thread_count,
                                   sync_files=dist_on)
-        planner = _make_planner(stream)
-        try:
+        planner = _make_planner(stream, spread=spread_replicated_writes)
+        if async_write:
+            if stream is not None:
+                raise ValueError("a StreamedState model_state cannot be saved asynchronously")
+            # the background thread runs after quiet_dcp() has restored the filters: silence DCP's
+            # "single process" warning for good (nvl asks for single-process saves on purpose)
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
             with quiet_dcp():
-                dcp.save(state, storage_writer=writer, planner=planner, process_group=group, no_dist=not dist_on)
-        except (KeyboardInterrupt, SystemExit):
-            raise
-        except BaseException as exc:  # DCP's CheckpointException derives from BaseException
-            original = getattr(planner, "error", None)
-            if original is not None:
-                raise original from None
-            for failure in _dcp_failures(exc):  # DCP wraps even a Ctrl-C / SIGTERM of a rank: unwrap it
-                if isinstance(failure, KeyboardInterrupt):
-                    raise failure from None
-            if _is_no_space(exc):
-                # every rank got DCP's gathered failure; rank 0's figures make the line the same everywhere
-                _agree(NoSpaceError(no_space_message(root, iteration, need)), group, dist_on, "the tensor writes")
-            causes = "; ".join(f"{type(f).__name__}: {(str(f).strip().splitlines() or [''])[0][:200]}"
-                               for f in _dcp_failures(exc)) or str(exc).strip().splitlines()[0]
-            raise CheckpointSaveError(f"writing the tensors of {final.name} failed: {causes}") from exc
+                future = dcp.async_save(state, storage_writer=writer, planner=planner,
+                                        process_group=async_group if async_group is not None else group,
+                                        no_dist=not dist_on)
+            future = getattr(future, "upload_completion", future)  # an AsyncSaveResponse holds two futures
+        else:
+            future = None
+            try:
+                with quiet_dcp():
+                    dcp.save(state, storage_writer=writer, planner=planner, process_group=group, no_dist=not dist_on)
+            except (KeyboardInterrupt, SystemExit):
+                raise
+            except BaseException as exc:  # DCP's CheckpointException derives from BaseException
+                original = getattr(planner, "error", None)
+                if original is not None:
+                    raise original from None
+                for failure in _dcp_failures(exc):  # DCP wraps even a Ctrl-C / SIGTERM of a rank: unwrap it
+                    if isinstance(failure, KeyboardInterrupt):
+                        raise failure from None
+                if _is_no_space(exc):
+                    # every rank got DCP's gathered failure; rank 0's figures make the line the same everywhere
+                    _agree(NoSpaceError(no_space_message(root, iteration, need)), group, dist_on, "the tensor writes")
+                causes = "; ".join(f"{type(f).__name__}: {(str(f).strip().splitlines() or [''])[0][:200]}"
+                                   for f in _dcp_failures(exc)) or str(exc).strip().splitlines()[0]
+                raise CheckpointSaveError(f"writing the tensors of {final.name} failed: {causes}") from exc
+    except BaseException:
+        if coordinator:
+            remove_tree(tmp)
+            interrupt.note_discarded(final)
+        raise
 
+    def finish() -> Path:
+        try:
+            if future is not None:
+                err: BaseException | None = None
+                try:
+                    future.result()
+                except (KeyboardInterrupt, SystemExit):
+                    raise
+                except BaseException as exc:
+                    err = (NoSpaceError(no_space_message(root, iteration, need)) if _is_no_space(exc) else
+                           CheckpointSaveError(f"writing the tensors of {final.name} failed: {exc}"))
+                _agree(err, group, dist_on, "background tensor writes")
+            _finalize()
+        except BaseException:
+            if coordinator:
+                remove_tree(tmp)
+                interrupt.note_discarded(final)
+            raise
+        return final
+
+    def _finalize() -> None:
         if not dist_on:
             _fsync_tree(tmp)
         err = None
@@ -539,12 +594,30 @@ def save_checkpoint(
             except BaseException as exc:
                 err = no_space(exc)
         _agree(err, group, dist_on, "finalization")
-    except BaseException:
-        if coordinator:
-            remove_tree(tmp)
-            interrupt.note_discarded(final)
-        raise
-    return final
+
+    if future is not None:
+        return PendingSave(final, finish)
+    return finish()
+
+
+class PendingSave:
+    """A save whose tensors are being written in the background (``save_checkpoint(async_write=True)``).
+
+    :meth:`wait` is collective: every rank calls it at the same point of its program (the next save,
+    the end of training); it raises if any rank's write failed, leaving the previous checkpoint the
+    latest.
+    """
+
+    def __init__(self, path: Path, finish: Callable[[], Path]) -> None:
+        self.path = path
+        self._finish: Callable[[], Path] | None = finish
+
+    def wait(self) -> Path:
+        """Wait for the writes, then publish ``iter_N`` and update the trackers; returns ``iter_N``."""
+        if self._finish is None:
+            return self.path
+        finish, self._finish = self._finish, None
+        return finish()
 
 
 def _plain(obj: Any) -> Any:

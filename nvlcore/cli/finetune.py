@@ -123,33 +123,34 @@ def compose_config(
 FREEZE_KEYS = ("freeze_language_model", "freeze_vision_model", "freeze_vision_projection")
 
 
-def _user_freeze(given: dict[str, Any], config_files: Sequence[str]) -> dict[str, bool]:
-    """``model.freeze_*`` values the user chose: on the command line or in their own ``--config-file``.
+def _user_peft_freeze(given: dict[str, Any], config_files: Sequence[str]) -> set[str]:
+    """``peft.freeze_*`` keys the user set explicitly: on the command line or in a ``--config-file``.
 
-    The bridge's default YAML (the original workflow's) sets them all False for full fine-tuning; it is
-    not a user choice, so under LoRA it does not unfreeze what the LoRA setting freezes.
+    Megatron-Bridge's rule: under PEFT the recipe decides what is frozen, and only an explicit
+    ``peft.freeze_*`` override changes it. A ``model.freeze_*: False`` (both shipped YAML files have
+    them) never unfreezes a tower the PEFT recipe froze; ``model.freeze_*: True`` freezes a tower in
+    addition (the trainer applies both: a base parameter trains only if neither freezes it).
     """
     import yaml
 
-    out: dict[str, bool] = {}
+    out: set[str] = set()
     for config_file in config_files:
-        data = yaml.safe_load(Path(config_file).read_text()) or {}
-        model = data.get("model") if isinstance(data, dict) else None
-        for k in FREEZE_KEYS:
-            if isinstance(model, dict) and model.get(k) is not None:
-                out[k] = bool(model[k])
-    for k in FREEZE_KEYS:
-        v = given.get(f"model.{k}")
-        if isinstance(v, (bool, int, str)) and not isinstance(v, type):
-            out[k] = v if isinstance(v, bool) else str(v).lower() in ("1", "true", "yes", "on")
+        try:
+            data = yaml.safe_load(Path(config_file).read_text()) or {}
+        except (OSError, yaml.YAMLError):
+            continue  # the config loader reports an unreadable file with its own message
+        peft = data.get("peft") if isinstance(data, dict) else None
+        if isinstance(peft, dict):
+            out |= {k for k in FREEZE_KEYS if k in peft}
+    out |= {k for k in FREEZE_KEYS if f"peft.{k}" in given}
     return out
 
 
 def _lora_flag_overrides(manager: Any, base: dict[str, Any], given: dict[str, Any], config_files: Sequence[str],
                          language: bool, vision: bool) -> list[Any]:
     """``--lora-on-language-model`` / ``--lora-on-vision-model`` resolved by the PEFT method (Megatron-Bridge's
-    table: which towers get adapters, which are frozen), with the user's ``model.freeze_*`` winning and a
-    ``peft.target_modules`` the user gave kept."""
+    table: which towers get adapters, which are frozen). An explicit ``peft.freeze_*`` or
+    ``peft.target_modules`` of the user is kept; ``model.freeze_*`` does not enter the PEFT settings."""
     from nvlcore.config import Override
 
     method_name = given.get("peft.method") or base.get("peft", {}).get("method") or "lora"
@@ -160,8 +161,9 @@ def _lora_flag_overrides(manager: Any, base: dict[str, Any], given: dict[str, An
     settings = getattr(method, "workflow_settings", None)
     if settings is None:
         return []
-    peft, freeze = settings(language, vision, _user_freeze(given, config_files))
-    out = [Override(f"peft.{k}", freeze[k]) for k in FREEZE_KEYS]
+    peft, freeze = settings(language, vision)
+    explicit = _user_peft_freeze(given, config_files)
+    out = [Override(f"peft.{k}", freeze[k]) for k in FREEZE_KEYS if k not in explicit]
     if "peft.target_modules" not in given:
         out.append(Override("peft.target_modules", list(peft["target_modules"])))
     return out

@@ -15,6 +15,7 @@ import attrs
 import yaml
 
 from nvlcore.config.overrides import DELETE, NvlYamlLoader, Override, parse_overrides
+from nvlcore.config.refused import check_refused
 from nvlcore.config.schema import ALIASES, MISSING, SECTIONS, NvlConfig, PeftConfig
 from nvlcore.config.structure import (
     ConfigError,
@@ -330,6 +331,7 @@ def _build_config(layers: _Layers, *, plugins: Any, validate_plugins: bool) -> N
             validate_plugin_sections(cfg, peft_extra=peft_extra, plugins=plugins)
         elif peft_extra:
             cfg.peft.options = {**cfg.peft.options, **peft_extra}
+        check_refused(cfg)
     except ConfigError as exc:
         raise _with_source(exc, layers.where(exc.key)) from None
     return cfg
@@ -477,17 +479,7 @@ def resolve_config(cfg: NvlConfig) -> NvlConfig:
             f"e.g. {first}=VALUE",
             key=missing[0],
         )
-    unsupported = {
-        "model.pipeline_model_parallel_size": (cfg.model.pipeline_model_parallel_size, 1),
-        "model.context_parallel_size": (cfg.model.context_parallel_size, 1),
-        "model.sequence_parallel": (cfg.model.sequence_parallel, False),
-        "dist.use_megatron_fsdp": (cfg.dist.use_megatron_fsdp, False),
-        "dist.use_torch_fsdp2": (cfg.dist.use_torch_fsdp2, False),
-        "dataset.enable_in_batch_packing": (cfg.dataset.enable_in_batch_packing, False),
-    }
-    for key, (value, supported) in unsupported.items():
-        if value != supported:
-            raise ConfigError(f"{key}={value!r} is not supported by nvl (only {supported!r})", key=key)
+    check_refused(cfg)  # a config built by hand (not by load_config) is checked here
     positive = {
         "model.seq_length": cfg.model.seq_length,
         "model.tensor_model_parallel_size": cfg.model.tensor_model_parallel_size,

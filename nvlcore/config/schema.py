@@ -90,15 +90,15 @@ class OptimizerConfig:
     adam_beta1: float = _f(0.9, "Adam beta1.")
     adam_beta2: float = _f(0.95, "Adam beta2.")
     adam_eps: float = _f(1e-8, "Adam epsilon.")
-    sgd_momentum: float = _f(0.9, "SGD momentum.")
+    sgd_momentum: float = _f(0.9, "SGD momentum (optimizer=sgd).")
     clip_grad: float = _f(1.0, "Clip the global gradient norm to this value (0 = no clipping).")
     bf16: bool = _f(True, "Compute in bfloat16 (main params and grads stay fp32).")
-    fp16: bool = _f(False, "Compute in float16 with loss scaling.")
-    loss_scale: float | None = _f(None, "Static loss scale for fp16 (null = dynamic).")
-    initial_loss_scale: float = _f(4294967296.0, "Initial dynamic loss scale (fp16).")
-    min_loss_scale: float = _f(1.0, "Minimum dynamic loss scale (fp16).")
-    loss_scale_window: float = _f(1000.0, "Steps without overflow before the dynamic loss scale grows (fp16).")
-    hysteresis: int = _f(2, "Overflows tolerated before the dynamic loss scale shrinks (fp16).")
+    fp16: bool = _f(False, "Compute in float16 with loss scaling. Not supported by nvl (must be false).")
+    loss_scale: float | None = _f(None, "Static loss scale for fp16. Not supported by nvl (must be null).")
+    initial_loss_scale: float = _f(4294967296.0, "Initial dynamic loss scale (fp16: not supported, keep the default).")
+    min_loss_scale: float = _f(1.0, "Minimum dynamic loss scale (fp16: not supported, keep the default).")
+    loss_scale_window: float = _f(1000.0, "Steps before the dynamic loss scale grows (fp16: not supported, keep the default).")
+    hysteresis: int = _f(2, "Overflows before the loss scale shrinks (fp16: not supported, keep the default).")
 
 
 @attrs.define
@@ -106,7 +106,7 @@ class SchedulerConfig:
     """``scheduler``: learning-rate and weight-decay schedules (Megatron OptimizerParamScheduler)."""
 
     lr_decay_style: Literal["constant", "linear", "cosine", "inverse-square-root", "WSD"] = _f(
-        "cosine", "Learning-rate decay after warm-up."
+        "cosine", "Learning-rate decay after warm-up (WSD: constant, then the final lr_wsd_decay_iters decay)."
     )
     lr_decay_iters: int | None = _f(None, "Steps over which the LR decays (null = train.train_iters).")
     lr_warmup_iters: int = _f(5, "Linear warm-up steps from lr_warmup_init to optimizer.lr.")
@@ -115,14 +115,14 @@ class SchedulerConfig:
     lr_wsd_decay_style: Literal["exponential", "linear", "cosine", "minus_sqrt"] = _f(
         "exponential", "Decay style of the WSD schedule's final phase."
     )
-    lr_wsd_decay_iters: int | None = _f(None, "Steps of the WSD schedule's final decay.")
+    lr_wsd_decay_iters: int | None = _f(None, "Steps of the WSD schedule's final decay (needed with lr_decay_style=WSD).")
     start_weight_decay: float | None = _f(0.033, "Weight decay at step 0 (null = optimizer.weight_decay).")
     end_weight_decay: float | None = _f(0.033, "Weight decay at the end (null = optimizer.weight_decay).")
     weight_decay_incr_style: Literal["constant", "linear", "cosine"] = _f(
         "constant", "How weight decay moves from start_weight_decay to end_weight_decay."
     )
-    override_opt_param_scheduler: bool = _f(True, "On resume, take the schedule from this config, not the checkpoint.")
-    use_checkpoint_opt_param_scheduler: bool = _f(False, "On resume, take the schedule from the checkpoint.")
+    override_opt_param_scheduler: bool = _f(True, "On resume, take the LR/weight-decay schedule from this config, not the checkpoint.")
+    use_checkpoint_opt_param_scheduler: bool = _f(False, "On resume, take the schedule from the checkpoint (needs override_opt_param_scheduler=false).")
 
 
 @attrs.define
@@ -146,12 +146,14 @@ class CheckpointConfig:
     load_optim: bool = _f(True, "Load optimizer state on resume.")
     load_rng: bool = _f(True, "Load RNG state on resume.")
     ckpt_step: int | None = _f(None, "Resume from this iteration instead of the tracker's latest one.")
-    ckpt_format: Literal["torch_dist"] = _f("torch_dist", "Checkpoint format: torch_dist (PyTorch DCP) only.")
-    async_save: bool = _f(False, "Write checkpoints in the background.")
-    fully_parallel_save: bool = _f(True, "Spread the write of replicated tensors over data-parallel ranks.")
-    fully_parallel_load: bool = _f(False, "Spread the read of replicated tensors over data-parallel ranks.")
+    ckpt_format: Literal["torch_dist", "zarr", "fsdp_dtensor"] = _f(
+        "torch_dist", "Checkpoint format: torch_dist (PyTorch DCP), the only one nvl writes (others are refused)."
+    )
+    async_save: bool = _f(False, "Write checkpoint tensors in the background (torch.distributed.checkpoint.async_save).")
+    fully_parallel_save: bool = _f(True, "Spread the writes of replicated tensors over ranks (false: the lowest rank writes them).")
+    fully_parallel_load: bool = _f(False, "Spread the read of replicated tensors over ranks. Not supported by nvl (must be false).")
     exit_on_missing_checkpoint: bool = _f(False, "Fail when `load` holds no checkpoint instead of starting fresh.")
-    save_tokenizer_assets: bool = _f(True, "Copy the tokenizer files into each checkpoint.")
+    save_tokenizer_assets: bool = _f(True, "Copy the tokenizer files of model.hf_model_path into each checkpoint's tokenizer/.")
 
 
 @attrs.define
@@ -166,19 +168,19 @@ class DatasetConfig:
     maker_name: str = _f("make_cord_v2_dataset", "Registered dataset maker (or alias), e.g. make_raven_dataset.")
     maker_kwargs: dict[str, Any] = _f(help="Keyword arguments for the maker (all splits).", factory=dict)
     val_maker_kwargs: dict[str, Any] = _f(help="Extra maker keyword arguments for the validation split.", factory=dict)
-    test_maker_kwargs: dict[str, Any] = _f(help="Extra maker keyword arguments for the test split.", factory=dict)
+    test_maker_kwargs: dict[str, Any] = _f(help="Extra maker keyword arguments for the test split (evaluated at the end).", factory=dict)
     seq_length: int | None = _f(None, "Sequence length for padding/truncation (null = model.seq_length).")
     num_workers: int = _f(2, "DataLoader worker processes per rank.")
     dataloader_type: Literal["single", "cyclic"] = _f(
         "cyclic", "single: sequential order; cyclic: reshuffled every epoch."
     )
-    data_sharding: bool = _f(True, "Shard samples over data-parallel ranks.")
+    data_sharding: bool = _f(True, "Each data-parallel rank reads its slice of every global batch (nvl always does: must be true).")
     pin_memory: bool = _f(True, "Pin host memory of batches.")
-    persistent_workers: bool = _f(False, "Keep DataLoader workers alive between epochs.")
+    persistent_workers: bool = _f(False, "Keep DataLoader workers alive between evaluations (with num_workers > 0).")
     pad_to_multiple_of: int = _f(128, "Pad each batch's length up to a multiple of this.")
     pad_to_max_length: bool = _f(False, "Pad every batch to seq_length.")
     enable_in_batch_packing: bool = _f(False, "Pack several samples into one row (not supported for VLM data).")
-    skip_test: bool = _f(False, "Do not build the test split.")
+    skip_test: bool = _f(False, "Do not evaluate the test split at the end of training.")
 
 
 @attrs.define
@@ -192,8 +194,8 @@ class LoggerConfig:
     log_interval: int = _f(10, "Steps between logged (console and metrics) lines.")
     loggers: list[str] = _f(help="Registered metric loggers to enable.", factory=lambda: ["console"])
     jsonl_path: str | None = _f(None, "Metrics JSONL file (null = <checkpoint.save>/metrics.jsonl when saving).")
-    tensorboard_dir: str | None = _f(None, "TensorBoard directory (null = off).")
-    log_timers_to_tensorboard: bool = _f(True, "Write iteration time to the metric loggers.")
+    tensorboard_dir: str | None = _f(None, "TensorBoard event directory (null = off); scalars via torch.utils.tensorboard.")
+    log_timers_to_tensorboard: bool = _f(True, "Write the timing metrics (step time, throughput, ETA) to TensorBoard.")
     wandb_project: str | None = _f(None, "W&B project; setting it enables the wandb logger.")
     wandb_exp_name: str | None = _f(None, "W&B run name.")
     wandb_entity: str | None = _f(None, "W&B entity (team or user).")
@@ -242,20 +244,20 @@ class RngConfig:
     """``rng``: seeds."""
 
     seed: int = _f(1234, "Base random seed (the recipe's; the example YAML sets 42).")
-    data_parallel_random_init: bool = _f(False, "Different initial adapter/params per data-parallel rank.")
+    data_parallel_random_init: bool = _f(False, "Seed each data-parallel rank's RNGs with seed + 10 x its rank (weights still broadcast from the first).")
 
 
 @attrs.define
 class DDPConfig:
     """``ddp``: data-parallel gradient reduction (Megatron-Core DistributedDataParallelConfig names)."""
 
-    grad_reduce_in_fp32: bool = _f(True, "Accumulate and all-reduce gradients in fp32.")
-    overlap_grad_reduce: bool = _f(False, "Overlap the gradient all-reduce with the backward pass.")
-    overlap_param_gather: bool = _f(False, "Overlap the distributed optimizer's parameter all-gather.")
-    use_distributed_optimizer: bool = _f(True, "Shard optimizer state over data-parallel ranks.")
-    average_in_collective: bool = _f(False, "Average inside the collective instead of pre-scaling.")
-    check_for_nan_in_grad: bool = _f(True, "Fail on NaN/Inf gradients.")
-    bucket_size: int | None = _f(None, "Gradient bucket size in elements (null = automatic).")
+    grad_reduce_in_fp32: bool = _f(True, "Accumulate and all-reduce gradients in fp32 (nvl always does: must be true).")
+    overlap_grad_reduce: bool = _f(False, "Overlap the gradient all-reduce with the backward pass. Not supported by nvl (must be false).")
+    overlap_param_gather: bool = _f(False, "Overlap the distributed optimizer's parameter all-gather. Not supported by nvl (must be false).")
+    use_distributed_optimizer: bool = _f(True, "Shard optimizer state over data-parallel ranks (torch ZeroRedundancyOptimizer).")
+    average_in_collective: bool = _f(False, "Average inside the collective. Not supported by nvl (must be false): the loss is token-weighted.")
+    check_for_nan_in_grad: bool = _f(True, "Stop the run on a non-finite loss or gradient (false: skip that update).")
+    bucket_size: int | None = _f(None, "Gradient all-reduce bucket size in elements (null = 128 MiB of fp32).")
 
 
 @attrs.define
@@ -276,7 +278,7 @@ class NvlConfig:
     ddp: DDPConfig = attrs.field(factory=DDPConfig)
     mixed_precision: Literal["bf16_mixed", "fp16_mixed", "fp32"] | None = attrs.field(
         default="bf16_mixed",
-        metadata={"help": "Precision recipe: bf16_mixed, fp16_mixed or fp32 (null = from optimizer.bf16/fp16)."},
+        metadata={"help": "Precision recipe: bf16_mixed or fp32 (fp16_mixed is not supported; null = from optimizer.bf16)."},
     )
 
 

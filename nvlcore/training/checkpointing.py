@@ -6,8 +6,11 @@ Storage is :mod:`nvlcore.checkpoint` (Megatron-Bridge layout, PyTorch DCP). A tr
   parameter (``bridge.checkpoint_entries`` / ``bridge.assemble_from_entries``), else one tensor per
   parameter with tensor-parallel shards saved as DTensor ``Shard(partition_dim)``; each rank writes
   its own rows, and a checkpoint written at one TP size loads at another;
-- ``optimizer/<key>.exp_avg`` and ``.exp_avg_sq``: Adam's moments, keyed and sharded exactly like
-  the weights (so they reshard the same way);
+- ``optimizer/<key>.exp_avg`` and ``.exp_avg_sq`` (Adam's moments) or ``.momentum_buffer`` (SGD),
+  keyed and sharded exactly like the weights (so they reshard the same way). With the distributed
+  optimizer (``ddp.use_distributed_optimizer``) each data-parallel rank writes the state of the
+  parameters it owns: the checkpoint is the same, whichever data-parallel size or optimizer sharding
+  wrote or reads it;
 - ``extra_state.pt``: the Adam step count, the data position and seed, the layout it was saved at;
 - ``rank_states/rank_N.pt``: each rank's Python, NumPy, torch and CUDA RNG states;
 - ``train_state.pt``: :class:`~nvlcore.training.trainer.TrainState`;
@@ -42,7 +45,9 @@ RUN_IDENTITY_IGNORED = (
     "checkpoint.exit_on_missing_checkpoint", "checkpoint.ckpt_step", "checkpoint.save_tokenizer_assets",
     "logger", "validation", "train.exit_interval", "train.exit_duration_in_mins", "train.manual_gc",
     "train.manual_gc_interval", "train.manual_gc_eval", "dataset.num_workers", "dataset.pin_memory",
-    "dataset.persistent_workers", "dist.distributed_timeout_minutes",
+    "dataset.persistent_workers", "dist.distributed_timeout_minutes", "dist.distributed_backend",
+    "dataset.skip_test", "dataset.test_maker_kwargs", "ddp.use_distributed_optimizer", "ddp.bucket_size",
+    "ddp.check_for_nan_in_grad",
 )
 
 
@@ -215,22 +220,39 @@ def model_and_optimizer_state(
     ctx: "ParallelContext",
     adapter_only: bool,
 ) -> tuple[dict[str, Any], dict[str, Any], int]:
-    """``(model_state, optimizer_state, adam_step)`` ready for :func:`nvlcore.checkpoint.save_checkpoint`."""
+    """``(model_state, optimizer_state, adam_step)`` ready for :func:`nvlcore.checkpoint.save_checkpoint`.
+
+    With a sharded optimizer state only the parameters this rank owns contribute optimizer entries,
+    and the step count is agreed over all ranks (collective).
+    """
+    from nvlcore.training import optim
+
     entries = _entries_fn(bridge, ctx)
     model_state: dict[str, Any] = {}
     optim_state: dict[str, Any] = {}
     steps: set[float] = set()
+    names = optim.state_names(optimizer)
+    local = optim.local_optimizer(optimizer)
     for name, p in saved_parameters(model, adapter_only=adapter_only):
         model_state.update(entries(name, p.detach(), p))
-        st = optimizer.state.get(p)
-        if st and "exp_avg" in st:
-            for moment in ("exp_avg", "exp_avg_sq"):
+        st = local.state.get(p)
+        if st and names and all(m in st for m in names):
+            for moment in names:
                 for k, v in entries(name, st[moment], p).items():
                     optim_state[f"{k}.{moment}"] = v
-            steps.add(float(st["step"]))
+            if "step" in st:
+                steps.add(float(st["step"]))
     if len(steps) > 1:
         raise RuntimeError(f"Adam step counts differ between parameters ({sorted(steps)}); cannot save one count")
-    return model_state, optim_state, int(steps.pop()) if steps else 0
+    step = int(steps.pop()) if steps else 0
+    if optim.is_sharded(optimizer) and ctx.world_size > 1:
+        import torch
+        import torch.distributed as dist
+
+        t = torch.tensor([step], dtype=torch.int64, device=ctx.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)  # a rank may own no parameter yet hold the count
+        step = int(t.item())
+    return model_state, optim_state, step
 
 
 def load_model_weights(
@@ -282,17 +304,23 @@ def load_optimizer_state(
     bridge: Any,
     ctx: "ParallelContext",
 ) -> None:
-    """Restore Adam's moments (resharded like the weights) and step count into ``optimizer``."""
+    """Restore the optimizer state (Adam's moments and step count, or SGD's momentum), resharded like
+    the weights, into ``optimizer``; with a sharded optimizer state each rank reads only the state of
+    the parameters it owns."""
     import torch
 
     from nvlcore.checkpoint import open_checkpoint
+    from nvlcore.training import optim
 
     ckpt = open_checkpoint(iter_dir)
     entries = _entries_fn(bridge, ctx)
+    names = optim.state_names(optimizer)
     template: dict[str, Any] = {}
     per_param: list[tuple[str, torch.nn.Parameter, dict[str, list[str]], dict[str, torch.Tensor]]] = []
     for name, p in named_params:
-        bufs = {m: torch.zeros_like(p.data) for m in ("exp_avg", "exp_avg_sq")}
+        if not names or not optim.owns_parameter(optimizer, p):
+            continue
+        bufs = {m: torch.zeros_like(p.data) for m in names}
         keys: dict[str, list[str]] = {}
         for m, buf in bufs.items():
             ent = entries(name, buf, p)
@@ -310,15 +338,20 @@ def load_optimizer_state(
             "resume with a fresh optimizer"
         )
     loaded = ckpt.load(template, state="optimizer")
-    sd = optimizer.state_dict()
-    index = {id(p): i for i, p in enumerate(pp for g in optimizer.param_groups for pp in g["params"])}
+    # the optimizer holding this rank's state: the wrapped one of a sharded (ZeRO) optimizer, whose
+    # param_groups list only the parameters this rank owns; load_state_dict places each value as the
+    # optimizer kind wants it (a fused Adam's step on the GPU, say)
+    target = optim.local_optimizer(optimizer)
+    adam = "exp_avg" in names
+    sd = target.state_dict()
+    index = {id(p): i for i, p in enumerate(pp for g in target.param_groups for pp in g["params"])}
     state: dict[int, Any] = {}
     for name, p, keys, bufs in per_param:
         for m, buf in bufs.items():
             _assemble(bridge, name, {k[: -len(m) - 1]: loaded[k] for k in keys[m]}, buf, ctx)
-        state[index[id(p)]] = {"step": torch.tensor(float(adam_step), dtype=torch.float32), **bufs}
+        state[index[id(p)]] = ({"step": torch.tensor(float(adam_step), dtype=torch.float32)} if adam else {}) | bufs
     sd["state"] = state
-    optimizer.load_state_dict(sd)
+    target.load_state_dict(sd)
 
 
 def estimate_checkpoint_bytes(model: "torch.nn.Module", ctx: "ParallelContext", *, adapter_only: bool,

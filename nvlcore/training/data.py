@@ -135,8 +135,13 @@ def build_loader(
     *,
     num_workers: int = 0,
     pin_memory: bool = False,
+    persistent_workers: bool = False,
 ) -> "torch.utils.data.DataLoader":
-    """A DataLoader over ``sampler``'s micro-batches, collated by the bridge's processor."""
+    """A DataLoader over ``sampler``'s micro-batches, collated by the bridge's processor.
+
+    ``persistent_workers`` (``dataset.persistent_workers``, with ``num_workers > 0``) keeps the worker
+    processes between iterations of the loader (each validation re-iterates the same loader).
+    """
     from torch.utils.data import DataLoader
 
     return DataLoader(
@@ -145,6 +150,6 @@ def build_loader(
         collate_fn=collate,
         num_workers=num_workers,
         pin_memory=pin_memory,
-        persistent_workers=False,
+        persistent_workers=persistent_workers and num_workers > 0,
         prefetch_factor=4 if num_workers > 0 else None,
     )

@@ -129,6 +129,74 @@ def apply_peft(model: "torch.nn.Module", cfg: "NvlConfig", manager: Any) -> Any:
     return method
 
 
+@attrs.frozen
+class TowerStatus:
+    """How one top-level submodule of the model is trained (printed at start, see :func:`tower_status`).
+
+    :param name: the submodule (``language_model``, ``vision_model``, ...).
+    :param base_trainable: its own (non-PEFT) parameters with ``requires_grad``, counted on this rank.
+    :param base_total: its own parameters.
+    :param adapter: parameters the PEFT method added in it (all trainable ones counted).
+    """
+
+    name: str
+    base_trainable: int
+    base_total: int
+    adapter: int
+
+    @property
+    def state(self) -> str:
+        if self.base_total and self.base_trainable == self.base_total:
+            return "trained fully" + (" + adapters" if self.adapter else "")
+        if self.base_trainable == 0:
+            return "frozen + adapters" if self.adapter else "frozen"
+        return (f"partly trained ({self.base_trainable:,} of {self.base_total:,} parameters)"
+                + (" + adapters" if self.adapter else ""))
+
+
+def tower_status(model: "torch.nn.Module", base_names: set[str]) -> list[TowerStatus]:
+    """Per top-level submodule: its base parameters that train and the adapter parameters added to it.
+
+    ``base_names`` are the parameter names before PEFT ran; every other parameter is the method's.
+    """
+    groups: dict[str, list[int]] = {}
+    for name, p in model.named_parameters():
+        top = name.split(".", 1)[0] if "." in name else "(top level)"
+        g = groups.setdefault(top, [0, 0, 0])
+        if name in base_names:
+            g[1] += p.numel()
+            g[0] += p.numel() if p.requires_grad else 0
+        elif p.requires_grad:
+            g[2] += p.numel()
+    return [TowerStatus(n, *v) for n, v in groups.items()]
+
+
+def describe_towers(statuses: list[TowerStatus]) -> str:
+    """One line: ``trained fully: vision_model, vision_projection; with adapters: language_model; frozen: -``."""
+    full = [t.name for t in statuses if t.base_total and t.base_trainable == t.base_total]
+    adapters = [t.name for t in statuses if t.adapter]
+    frozen = [t.name for t in statuses if t.base_trainable == 0 and not t.adapter]
+    partly = [t.name for t in statuses if 0 < t.base_trainable < t.base_total]
+    parts = [f"trained fully: {', '.join(full) or '-'}", f"with adapters: {', '.join(adapters) or '-'}",
+             f"frozen: {', '.join(frozen) or '-'}"]
+    if partly:
+        parts.append(f"partly trained: {', '.join(partly)}")
+    return "; ".join(parts)
+
+
+def prepare_trainable(model: "torch.nn.Module", cfg: "NvlConfig", manager: Any) -> tuple[Any, list[TowerStatus]]:
+    """Freeze (``model.freeze_*``), then apply ``peft.method``; returns the method and what each tower does.
+
+    A base parameter trains only if neither ``model.freeze_*`` nor the PEFT method freezes it
+    (Megatron-Bridge: the provider freezes first, then the PEFT method freezes its towers; a method
+    never unfreezes).
+    """
+    apply_freeze_flags(model, cfg)
+    base_names = {n for n, _ in model.named_parameters()}
+    peft = apply_peft(model, cfg, manager)
+    return peft, tower_status(model, base_names)
+
+
 def _flops_fn(bridge: Any, model: "torch.nn.Module", ctx: "ParallelContext") -> tuple[Callable[[Mapping[str, Any]], float], str]:
     """Training FLOPs per micro-batch: the bridge's counter (ViT and projector included), else 6·N·tokens."""
     fn = getattr(bridge, "train_flops", None) or getattr(bridge, "training_flops", None)
@@ -171,6 +239,9 @@ def loop_settings(cfg: "NvlConfig", *, dp_size: int, device_type: str) -> LoopSe
         manual_gc_interval=cfg.train.manual_gc_interval if cfg.train.manual_gc else 0,
         exit_interval=cfg.train.exit_interval,
         exit_duration_s=cfg.train.exit_duration_in_mins * 60 if cfg.train.exit_duration_in_mins else None,
+        fail_on_nan_grad=cfg.ddp.check_for_nan_in_grad,
+        manual_gc_eval=cfg.train.manual_gc_eval,
+        bucket_bytes=cfg.ddp.bucket_size * 4 if cfg.ddp.bucket_size else None,  # fp32 gradients
     )
 
 
@@ -183,25 +254,59 @@ def schedules(cfg: "NvlConfig") -> tuple[Any, Any]:
     if sc.lr_warmup_fraction is not None:
         warmup = int(sc.lr_warmup_fraction * decay_iters)
     style = sc.lr_decay_style
-    if style == "WSD":
-        raise ValueError("scheduler.lr_decay_style=WSD is not supported by nvl finetune; use cosine, linear or constant")
     lr = LRSchedule(max_lr=cfg.optimizer.lr, min_lr=cfg.optimizer.min_lr, warmup_iters=warmup,
-                    warmup_init=sc.lr_warmup_init, decay_iters=decay_iters, decay_style=style)
+                    warmup_init=sc.lr_warmup_init, decay_iters=decay_iters, decay_style=style,
+                    wsd_decay_iters=sc.lr_wsd_decay_iters, wsd_decay_style=sc.lr_wsd_decay_style)
     start = sc.start_weight_decay if sc.start_weight_decay is not None else cfg.optimizer.weight_decay
     end = sc.end_weight_decay if sc.end_weight_decay is not None else cfg.optimizer.weight_decay
     wd = WeightDecaySchedule(start=start, end=end, incr_iters=cfg.train.train_iters, style=sc.weight_decay_incr_style)
     return lr, wd
 
 
+def resume_schedules(cfg: "NvlConfig", saved_run_config: Mapping[str, Any] | None, lr_s: Any, wd_s: Any,
+                     *, where: str) -> tuple[Any, Any, str]:
+    """The LR and weight-decay schedules of a resumed run (Megatron's ``OptimizerParamScheduler`` rules).
+
+    ``scheduler.override_opt_param_scheduler`` (the default): this config's schedule.
+    ``scheduler.use_checkpoint_opt_param_scheduler``: the checkpoint's (from its ``run_config.yaml``).
+    Neither: the two must be the same, else a ``ValueError`` naming what differs.
+    :returns: ``(lr schedule, wd schedule, a note for the log)``.
+    """
+    sc = cfg.scheduler
+    if sc.override_opt_param_scheduler:
+        return lr_s, wd_s, "schedule from this config (scheduler.override_opt_param_scheduler)"
+    if not saved_run_config:
+        raise ValueError(f"{where} has no run_config.yaml to take the schedule from; set "
+                         "scheduler.override_opt_param_scheduler=true to use this config's")
+    from nvlcore.config import load_config
+
+    saved = load_config([], [], base=dict(saved_run_config), validate_plugins=False)
+    ck_lr, ck_wd = schedules(saved)
+    if sc.use_checkpoint_opt_param_scheduler:
+        return ck_lr, ck_wd, f"schedule from {where} (scheduler.use_checkpoint_opt_param_scheduler)"
+    mine = {**{f"lr.{k}": v for k, v in attrs.asdict(lr_s).items()}, **{f"wd.{k}": v for k, v in attrs.asdict(wd_s).items()}}
+    theirs = {**{f"lr.{k}": v for k, v in attrs.asdict(ck_lr).items()}, **{f"wd.{k}": v for k, v in attrs.asdict(ck_wd).items()}}
+    diffs = [f"{k} {mine[k]!r} (checkpoint {theirs[k]!r})" for k in mine if mine[k] != theirs[k]]
+    if diffs:
+        raise ValueError(
+            f"this config's schedule differs from {where}'s in {', '.join(diffs)}; with "
+            "scheduler.override_opt_param_scheduler=false set scheduler.use_checkpoint_opt_param_scheduler=true "
+            "to continue the checkpoint's, or override_opt_param_scheduler=true to use this config's"
+        )
+    return lr_s, wd_s, f"schedule checked equal to {where}'s"
+
+
 @attrs.define
 class DataPipeline:
-    """The training batches (and validation batches, when the maker has that split)."""
+    """The training batches, and the validation and test batches when the maker has those splits."""
 
     train_batches: Any
     num_train_samples: int
     eval_batches_factory: Callable[[], Any] | None
     eval_note: str
     num_microbatches: int
+    test_batches_factory: Callable[[], Any] | None = None
+    test_note: str = ""
 
 
 def build_data(cfg: "NvlConfig", bridge: Any, manager: Any, ctx: "ParallelContext", *, consumed_samples: int,
@@ -224,37 +329,64 @@ def build_data(cfg: "NvlConfig", bridge: Any, manager: Any, ctx: "ParallelContex
     )
     pin = ds.pin_memory and ctx.device.type == "cuda"
     loader = build_loader(ProcessedDataset(made, processor, seed=cfg.rng.seed, split="train"), sampler,
-                          processor.collate, num_workers=ds.num_workers, pin_memory=pin)
+                          processor.collate, num_workers=ds.num_workers, pin_memory=pin,
+                          persistent_workers=ds.persistent_workers)
+    splits = tuple(getattr(maker, "splits", ()) or ())
+
+    def eval_factory(split: str, extra_kwargs: Mapping[str, Any]) -> tuple[Callable[[], Any], int]:
+        made_split = maker(split=split, **{**dict(ds.maker_kwargs), **dict(extra_kwargs)})
+        split_ds = ProcessedDataset(made_split, processor, seed=cfg.rng.seed, split=split)
+
+        def new_loader() -> Any:
+            s = GlobalBatchSampler(
+                num_samples=len(made_split), global_batch_size=cfg.train.global_batch_size,
+                micro_batch_size=cfg.train.micro_batch_size, dp_rank=ctx.dp_rank, dp_size=ctx.dp_size,
+                seed=cfg.rng.seed, consumed_samples=0, shuffle=False,
+            )
+            return build_loader(split_ds, s, processor.collate, num_workers=ds.num_workers, pin_memory=pin,
+                                persistent_workers=ds.persistent_workers)
+
+        if ds.persistent_workers and ds.num_workers > 0:
+            kept = new_loader()  # one loader, its workers kept alive between evaluations
+            return (lambda: iter(kept)), len(made_split)
+        return (lambda: iter(new_loader())), len(made_split)
+
+    def has(split: str) -> bool:
+        return split in splits
 
     factory = None
     note = ""
     v = cfg.validation
     if v.eval_iters > 0 and v.eval_interval:
-        splits = tuple(getattr(maker, "splits", ()) or ())
-        if "validation" not in splits:
+        if not has("validation"):
             note = (f"validation skipped: dataset maker {ds.maker_name!r} has no validation split "
                     f"(it has {', '.join(splits) or 'train only'})")
         else:
-            val_made = maker(split="validation", **{**dict(ds.maker_kwargs), **dict(ds.val_maker_kwargs)})
-            val_ds = ProcessedDataset(val_made, processor, seed=cfg.rng.seed, split="validation")
-
-            def factory() -> Any:
-                s = GlobalBatchSampler(
-                    num_samples=len(val_made), global_batch_size=cfg.train.global_batch_size,
-                    micro_batch_size=cfg.train.micro_batch_size, dp_rank=ctx.dp_rank, dp_size=ctx.dp_size,
-                    seed=cfg.rng.seed, consumed_samples=0, shuffle=False,
-                )
-                return iter(build_loader(val_ds, s, processor.collate, num_workers=ds.num_workers, pin_memory=pin))
-
-            note = f"validation: {v.eval_iters} batch(es) every {v.eval_interval} iterations on {len(val_made)} examples"
+            factory, n = eval_factory("validation", ds.val_maker_kwargs)
+            note = f"validation: {v.eval_iters} batch(es) every {v.eval_interval} iterations on {n} examples"
     elif v.eval_iters > 0:
         note = "validation skipped: validation.eval_interval is null"
-    return DataPipeline(iter(loader), len(made), factory, note, sampler.num_microbatches)
+
+    # The test split: evaluated once at the end of training (Megatron-Bridge), eval_iters batches.
+    test_factory = None
+    test_note = ""
+    if ds.skip_test:
+        test_note = "test split skipped: dataset.skip_test is set"
+    elif v.eval_iters <= 0:
+        test_note = ""  # validation.eval_iters=0 turns validation and test off (the recipe default)
+    elif not has("test"):
+        test_note = (f"test split skipped: dataset maker {ds.maker_name!r} has no test split "
+                     f"(it has {', '.join(splits) or 'train only'})")
+    else:
+        test_factory, n = eval_factory("test", ds.test_maker_kwargs)
+        test_note = f"test: {v.eval_iters} batch(es) at the end of training on {n} examples"
+    return DataPipeline(iter(loader), len(made), factory, note, sampler.num_microbatches, test_factory, test_note)
 
 
 def build_loggers(cfg: "NvlConfig", manager: Any, ctx: "ParallelContext", *, resume_iteration: int | None,
                   run_config: Mapping[str, Any]) -> list[Any]:
-    """Rank 0's metric sinks: ``logger.loggers`` (console by default), JSONL when saving, wandb when configured."""
+    """Rank 0's metric sinks: ``logger.loggers`` (console by default), JSONL when saving, wandb and
+    TensorBoard when configured (``logger.wandb_project``, ``logger.tensorboard_dir``)."""
     if not ctx.is_main:
         return []
     reg = manager.registry("logger")
@@ -265,6 +397,8 @@ def build_loggers(cfg: "NvlConfig", manager: Any, ctx: "ParallelContext", *, res
         names.append("jsonl")
     if lg.wandb_project and "wandb" not in names:
         names.append("wandb")
+    if lg.tensorboard_dir and "tensorboard" not in names:
+        names.append("tensorboard")
     out = []
     for name in names:
         cls = reg.get(name)
@@ -282,6 +416,10 @@ def build_loggers(cfg: "NvlConfig", manager: Any, ctx: "ParallelContext", *, res
             save_dir = lg.wandb_save_dir or (str(Path(cfg.checkpoint.save) / "wandb") if cfg.checkpoint.save else None)
             out.append(cls(project=lg.wandb_project, save_dir=save_dir, exp_name=lg.wandb_exp_name,
                            entity=lg.wandb_entity, config=run_config))
+        elif canonical == "tensorboard":
+            if not lg.tensorboard_dir:
+                raise ValueError("logger.loggers has 'tensorboard' but logger.tensorboard_dir is not set")
+            out.append(cls(lg.tensorboard_dir, timers=lg.log_timers_to_tensorboard, resume_iteration=resume_iteration))
         else:
             out.append(cls())
     return out
@@ -355,11 +493,14 @@ def run_finetune(
 
     preflight(cfg, manager)  # config contradictions and missing paths, before any process group or model
     ctx = init_parallel(cfg.model.tensor_model_parallel_size, device_type=device_type, seed=cfg.rng.seed,
-                        timeout_minutes=cfg.dist.distributed_timeout_minutes)
+                        timeout_minutes=cfg.dist.distributed_timeout_minutes, backend=cfg.dist.distributed_backend)
     say = print_fn if ctx.is_main else (lambda _m: None)
     loggers: list[Any] = []
     try:
-        seed_everything(cfg.rng.seed)
+        # rng.data_parallel_random_init (Megatron): each data-parallel rank seeds its RNGs with seed + 10 x its
+        # DP rank (dropout and other draws differ per replica); the weights are still broadcast from the
+        # first data-parallel rank below, so every replica starts from the same model.
+        seed_everything(cfg.rng.seed + (10 * ctx.dp_rank if cfg.rng.data_parallel_random_init else 0))
         run_config = config_to_dict(cfg)
         adapter_only = bool(cfg.peft.method)
         say(f"nvl finetune: {ctx.world_size} process(es): tensor parallel {ctx.tp_size} x data parallel {ctx.dp_size} "
@@ -408,8 +549,8 @@ def run_finetune(
                 raise ValueError("no starting weights: pass --pretrained-checkpoint DIR (a Megatron checkpoint or an HF directory)")
             load_pretrained(model, src, bridge=bridge, ctx=ctx)
             say(f"nvl finetune: loaded pretrained weights from {src} ({time.perf_counter() - t0:.1f} s)")
-        apply_freeze_flags(model, cfg)
-        peft = apply_peft(model, cfg, manager)
+        peft, towers = prepare_trainable(model, cfg, manager)
+        say(f"nvl finetune: towers: {describe_towers(towers)}")
         if settings.autocast_dtype is not None:
             # Under bf16 autocast every matmul reads bf16 weights: a frozen parameter (a LoRA run's base
             # model) is stored once in bf16, 2 bytes instead of 4 plus a per-step cast; trainable ones
@@ -433,7 +574,10 @@ def run_finetune(
         opt = optim.build_optimizer(
             named, lr=cfg.optimizer.lr, betas=(cfg.optimizer.adam_beta1, cfg.optimizer.adam_beta2),
             eps=cfg.optimizer.adam_eps, weight_decay=cfg.optimizer.weight_decay, device_type=ctx.device.type,
+            optimizer=cfg.optimizer.optimizer, sgd_momentum=cfg.optimizer.sgd_momentum,
+            distributed=cfg.ddp.use_distributed_optimizer, dp_group=ctx.dp_group, dp_size=ctx.dp_size,
         )
+        say(f"nvl finetune: optimizer: {describe_optimizer(opt, named, cfg, ctx)}")
         lr_s, wd_s = schedules(cfg)
 
         # -- resume ---------------------------------------------------------------------------
@@ -443,6 +587,11 @@ def run_finetune(
                             cfg=cfg, adapter_only=adapter_only)
             say(f"nvl finetune: resumed at iteration {state.iteration} (consumed samples {state.consumed_samples}, "
                 f"{state.optimizer_steps} updates, {state.skipped_iterations} skipped)")
+            from nvlcore.checkpoint import open_checkpoint
+
+            lr_s, wd_s, note = resume_schedules(cfg, open_checkpoint(decision.iter_dir).run_config(), lr_s, wd_s,
+                                                where=decision.iter_dir.name)
+            say(f"nvl finetune: {note}")
 
         # -- will the checkpoints fit? (before any iteration runs) ---------------------------------
         if cfg.checkpoint.save:
@@ -453,6 +602,8 @@ def run_finetune(
         data = build_data(cfg, bridge, manager, ctx, consumed_samples=state.consumed_samples, print_fn=say)
         if data.eval_note:
             say(f"nvl finetune: {data.eval_note}")
+        if data.test_note:
+            say(f"nvl finetune: {data.test_note}")
         # metrics.jsonl keeps rows up to the iteration training starts from: rows a killed run logged
         # after its last checkpoint (or before any) are dropped, so each iteration appears once
         loggers = build_loggers(cfg, manager, ctx, resume_iteration=state.iteration, run_config=run_config)
@@ -476,12 +627,32 @@ def run_finetune(
 
             generate_eval_fn = build_generate_eval(cfg, bridge, model, manager, ctx, print_fn=say)
         plotter = MetricsPlotter(loggers, say)
+        # checkpoint.async_save: the tensors of a save are written by a background thread over a
+        # process group of its own (gloo), while training goes on; the save is published (renamed,
+        # trackers updated) at the next save or at the end, by every rank at the same point.
+        async_group = None
+        if cfg.checkpoint.async_save and cfg.checkpoint.save and ctx.world_size > 1:
+            import torch.distributed as dist
+
+            async_group = dist.new_group(backend="gloo")
+        pending: list[Any] = []
+
+        def finish_pending() -> None:
+            while pending:
+                say(f"nvl finetune: saved checkpoint {pending.pop().wait()}")
+                plotter.plot()
 
         def save_fn(st: TrainState) -> None:
+            finish_pending()
             path = save(cfg.checkpoint.save, st, model=model, optimizer=opt, bridge=bridge, ctx=ctx, cfg=cfg,
-                        run_config=run_config, adapter_only=adapter_only, num_samples=data.num_train_samples)
-            say(f"nvl finetune: saved checkpoint {path}")
-            plotter.plot()
+                        run_config=run_config, adapter_only=adapter_only, num_samples=data.num_train_samples,
+                        async_group=async_group)
+            if isinstance(path, Path):
+                say(f"nvl finetune: saved checkpoint {path}")
+                plotter.plot()
+            else:
+                pending.append(path)
+                say(f"nvl finetune: writing checkpoint {path.path.name} in the background")
 
         trainer = Trainer(
             model=model, ctx=ctx, optimizer=opt, named_params=named, lr_schedule=lr_s, wd_schedule=wd_s,
@@ -495,6 +666,8 @@ def run_finetune(
             f"{settings.global_batch_size} = {settings.num_microbatches} micro-batch(es) x "
             f"{cfg.train.micro_batch_size} x {ctx.dp_size} data-parallel rank(s)")
         final = trainer.run(data.train_batches)
+        finish_pending()
+        say(f"nvl finetune: {describe_state_bytes(opt, ctx)}")
         if trainer.stopped_by is not None:
             saved = trainer.save_fn is not None and trainer.last_saved_iteration == final.iteration
             say(f"nvl finetune: stopped early by {trainer.stopped_by} at iteration {final.iteration}"
@@ -506,6 +679,15 @@ def run_finetune(
             stopped = StoppedEarly(code)
             stopped.state = final
             raise stopped
+        if data.test_batches_factory is not None and final.iteration >= settings.train_iters:
+            from nvlcore.training.trainer import evaluate
+
+            loss_sum, sup = evaluate(model, data.test_batches_factory(), ctx=ctx, autocast_dtype=settings.autocast_dtype,
+                                     num_batches=cfg.validation.eval_iters * data.num_microbatches)
+            test_loss = loss_sum / sup if sup > 0 else float("nan")
+            say(f"nvl finetune: test loss {test_loss:.4f} over {sup:,.0f} supervised tokens")
+            for lg in loggers:
+                lg.log({"iteration": final.iteration, "test_loss": test_loss, "test_tokens": sup}, step=final.iteration)
         return final
     finally:
         for lg in loggers:
@@ -514,6 +696,39 @@ def run_finetune(
             except Exception as exc:  # a failing sink must not hide the training error
                 say(f"nvl finetune: closing logger {type(lg).__name__} failed: {exc}")
         destroy_parallel(ctx)
+
+
+def describe_optimizer(opt: Any, named: Any, cfg: "NvlConfig", ctx: "ParallelContext") -> str:
+    """One line: the optimizer kind and where its state lives (sharded over data-parallel ranks or not)."""
+    from nvlcore.training import optim
+
+    o = cfg.optimizer
+    kind = "AdamW" if o.optimizer == "adam" else f"SGD (momentum {o.sgd_momentum:g})"
+    per_param = 4 * len(optim.state_names(opt))  # fp32 state tensors per parameter element
+    n_all = sum(p.numel() for _, p in named)
+    if optim.is_sharded(opt):
+        n_own = sum(p.numel() for _, p in named if optim.owns_parameter(opt, p))
+        return (f"{kind}; distributed optimizer (ZeroRedundancyOptimizer): state sharded over {ctx.dp_size} "
+                f"data-parallel ranks, rank {ctx.rank} keeps {n_own:,} of {n_all:,} parameters' state "
+                f"({n_own * per_param / 2**20:.1f} of {n_all * per_param / 2**20:.1f} MiB)")
+    if cfg.ddp.use_distributed_optimizer:
+        return f"{kind}; state on the one data-parallel rank ({n_all * per_param / 2**20:.1f} MiB; nothing to shard)"
+    return f"{kind}; state replicated on each of {ctx.dp_size} data-parallel rank(s) ({n_all * per_param / 2**20:.1f} MiB each)"
+
+
+def describe_state_bytes(opt: Any, ctx: "ParallelContext") -> str:
+    """The optimizer-state bytes each data-parallel rank holds (collective over the data-parallel group)."""
+    import torch
+    import torch.distributed as dist
+
+    from nvlcore.training import optim
+
+    held = torch.zeros(ctx.dp_size, dtype=torch.float64, device=ctx.device)
+    held[ctx.dp_rank] = float(optim.optimizer_state_bytes(opt))
+    if ctx.dp_size > 1:
+        dist.all_reduce(held, group=ctx.dp_group)
+    per = [int(x) for x in held.tolist()]
+    return f"optimizer state held per data-parallel rank: {per} bytes"
 
 
 def load_pretrained(model: "torch.nn.Module", src: str, *, bridge: Any, ctx: "ParallelContext") -> None:
@@ -537,14 +752,21 @@ def load_pretrained(model: "torch.nn.Module", src: str, *, bridge: Any, ctx: "Pa
 
 
 def save(root: str, st: TrainState, *, model: Any, optimizer: Any, bridge: Any, ctx: "ParallelContext", cfg: "NvlConfig",
-         run_config: Mapping[str, Any], adapter_only: bool, num_samples: int) -> Path:
-    """Write one training checkpoint (collective over all ranks)."""
+         run_config: Mapping[str, Any], adapter_only: bool, num_samples: int, async_group: Any = None) -> Any:
+    """Write one training checkpoint (collective over all ranks): the ``iter_N`` path, or with
+    ``checkpoint.async_save`` a :class:`~nvlcore.checkpoint.PendingSave` whose ``wait()`` publishes it."""
     from nvlcore.checkpoint import capture_rng_state, save_checkpoint
     from nvlcore.training import checkpointing as tck
 
     model_state, optim_state, adam_step = tck.model_and_optimizer_state(
         model, optimizer, bridge=bridge, ctx=ctx, adapter_only=adapter_only,
     )
+    files: dict[str, Path] = {}
+    if cfg.checkpoint.save_tokenizer_assets and cfg.model.hf_model_path:
+        from nvlcore.convert.engine import TOKENIZER_DIR, TOKENIZER_FILES
+
+        hf = Path(cfg.model.hf_model_path)
+        files = {f"{TOKENIZER_DIR}/{n}": hf / n for n in TOKENIZER_FILES if (hf / n).is_file()}
     extra = {
         "adam_step": adam_step,
         "data": {"consumed_samples": st.consumed_samples, "seed": cfg.rng.seed, "num_samples": num_samples},
@@ -560,8 +782,12 @@ def save(root: str, st: TrainState, *, model: Any, optimizer: Any, bridge: Any, 
         rank_state={"rng": capture_rng_state()} if cfg.checkpoint.save_rng else None,
         run_config=run_config,
         train_state=st.to_dict(),
+        files=files,
         overwrite=True,
         most_recent_k=cfg.checkpoint.most_recent_k,
+        spread_replicated_writes=cfg.checkpoint.fully_parallel_save,
+        async_write=cfg.checkpoint.async_save,
+        async_group=async_group,
     )
 
 

@@ -1,8 +1,8 @@
-"""Metric sinks: console progress lines, ``metrics.jsonl`` and Weights & Biases.
+"""Metric sinks: console progress lines, ``metrics.jsonl``, Weights & Biases and TensorBoard.
 
 Each follows :class:`nvlcore.contracts.MetricLogger` (``log(metrics, step=)``, ``close()``) and is
-registered by the built-in plugin :mod:`nvlcore.builtin.loggers` under ``console``, ``jsonl`` and
-``wandb``. The trainer calls them on rank 0 only.
+registered by the built-in plugin :mod:`nvlcore.builtin.loggers` under ``console``, ``jsonl``,
+``wandb`` and ``tensorboard``. The trainer calls them on rank 0 only.
 
 Metric keys the trainer logs (``metrics.jsonl`` holds them all, one JSON object per logged iteration):
 ``iteration``, ``loss`` (token-weighted mean over the logged interval), ``lr``, ``weight_decay``,
@@ -11,7 +11,8 @@ Metric keys the trainer logs (``metrics.jsonl`` holds them all, one JSON object 
 ``step_time_s``, ``consumed_samples``, ``skipped_iterations``, ``mem_gb`` (peak allocated on the
 GPU; peak resident memory of the process on CPU), ``eta_s``; validation adds ``val_loss`` and ``val_tokens``;
 generation-based validation adds ``val_gen_<metric>`` for each of the dataset maker's metrics (and
-``val_gen_seconds``).
+``val_gen_seconds``);
+the test split, evaluated once at the end, ``test_loss`` and ``test_tokens``.
 """
 
 from __future__ import annotations
@@ -159,3 +160,43 @@ class WandbLogger:
         if self._run is not None:
             self._run.finish()
             self._run = None
+
+
+#: Metrics derived from timers; ``logger.log_timers_to_tensorboard=false`` keeps them out of TensorBoard.
+TIMER_METRICS = ("step_time_s", "tokens_per_s", "tokens_per_s_per_gpu", "tflops_per_gpu", "eta_s")
+
+
+class TensorBoardLogger:
+    """TensorBoard scalars through ``torch.utils.tensorboard.SummaryWriter`` in ``logger.tensorboard_dir``.
+
+    Every numeric metric is one scalar tag (its metric name) at the iteration as step; the timer-derived
+    ones (:data:`TIMER_METRICS`) only with ``timers`` (``logger.log_timers_to_tensorboard``).
+    :param resume_iteration: when resuming, events after this iteration (work lost when the earlier run
+        stopped between checkpoints) are purged, so each iteration appears once.
+    """
+
+    def __init__(self, log_dir: str | Path, *, timers: bool = True, resume_iteration: int | None = None) -> None:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as exc:  # pragma: no cover - tensorboard is a dependency of nvlcore
+            raise ImportError("logger.tensorboard_dir is set but tensorboard is not installed: pip install tensorboard") from exc
+        self.log_dir = Path(log_dir)
+        self.timers = timers
+        purge = resume_iteration + 1 if resume_iteration is not None else None
+        self._writer: Any = SummaryWriter(log_dir=str(self.log_dir), purge_step=purge)
+
+    def log(self, metrics: Mapping[str, Any], *, step: int) -> None:
+        if self._writer is None:
+            raise RuntimeError(f"{self.log_dir}: logger already closed")
+        for key, value in metrics.items():
+            if key == "iteration" or isinstance(value, bool) or not isinstance(value, (int, float)):
+                continue
+            if not self.timers and key in TIMER_METRICS:
+                continue
+            self._writer.add_scalar(key, value, global_step=step)
+        self._writer.flush()
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None

@@ -5,7 +5,9 @@ weights), gradients are accumulated and reduced in fp32, and Adam's moments are 
 forward and backward run under ``torch.autocast(bfloat16)``, so every matmul runs in bf16 on the
 tensor cores while the optimizer only ever sees fp32. This costs 16 bytes per trainable parameter
 (4 param + 4 grad + 8 Adam), the same as bf16 params with separate fp32 master copies and bf16
-gradients, and less than bf16 params + fp32 masters + fp32 main-grad buffers (18 bytes).
+gradients, and less than bf16 params + fp32 masters + fp32 main-grad buffers (18 bytes). With the
+distributed optimizer (``ddp.use_distributed_optimizer``, data parallel > 1) the Adam state is sharded
+over the data-parallel ranks (``ZeroRedundancyOptimizer``): 8/DP bytes instead of 8.
 
 Gradient norm across ranks: a parameter that Megatron marks ``tensor_model_parallel`` is a distinct
 shard on each TP rank and counts on every rank; a replicated parameter (layer norms, biases of
@@ -44,11 +46,21 @@ def build_optimizer(
     eps: float = 1e-8,
     weight_decay: float = 0.0,
     device_type: str = "cpu",
+    optimizer: str = "adam",
+    sgd_momentum: float = 0.9,
+    distributed: bool = False,
+    dp_group: Any = None,
+    dp_size: int = 1,
 ) -> "torch.optim.Optimizer":
-    """AdamW (decoupled weight decay, as Megatron's ``adam``) over two groups: decayed and not.
+    """AdamW (decoupled weight decay, as Megatron's ``adam``) or SGD with momentum (``sgd``, as
+    Megatron's: ``torch.optim.SGD``, coupled weight decay) over two groups: decayed and not.
 
     Each group carries ``wd_mult`` (1.0 or 0.0); the trainer sets ``lr`` and ``weight_decay`` of every
     group before each update from the schedules.
+
+    ``distributed`` (``ddp.use_distributed_optimizer``) with ``dp_size > 1`` shards the optimizer
+    state over the data-parallel ranks with ``torch.distributed.optim.ZeroRedundancyOptimizer``: each
+    rank keeps the state of, and updates, about ``1/dp_size`` of the parameters, then broadcasts them.
     """
     import torch
 
@@ -67,12 +79,65 @@ def build_optimizer(
         {"params": decay, "wd_mult": 1.0, "weight_decay": weight_decay},
         {"params": plain, "wd_mult": 0.0, "weight_decay": 0.0},
     ) if g["params"]]
-    kwargs: dict[str, Any] = {"lr": lr, "betas": betas, "eps": eps}
+    cls: Any
+    if optimizer == "adam":
+        cls = torch.optim.AdamW
+        kwargs: dict[str, Any] = {"lr": lr, "betas": betas, "eps": eps}
+    elif optimizer == "sgd":
+        cls = torch.optim.SGD
+        kwargs = {"lr": lr, "momentum": sgd_momentum}
+    else:
+        raise ValueError(f"optimizer.optimizer={optimizer!r}: choose adam or sgd")
     if device_type == "cuda":
         kwargs["fused"] = True
     else:
         kwargs["foreach"] = True
-    return torch.optim.AdamW(groups, **kwargs)
+    if distributed and dp_size > 1:
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+
+        return ZeroRedundancyOptimizer(groups, optimizer_class=cls, process_group=dp_group, **kwargs)
+    return cls(groups, **kwargs)
+
+
+def local_optimizer(optimizer: "torch.optim.Optimizer") -> "torch.optim.Optimizer":
+    """The optimizer that holds this rank's state: the wrapped one of a ``ZeroRedundancyOptimizer``."""
+    return getattr(optimizer, "optim", optimizer) if is_sharded(optimizer) else optimizer
+
+
+def is_sharded(optimizer: Any) -> bool:
+    """Whether the optimizer state is sharded over data-parallel ranks (``ZeroRedundancyOptimizer``)."""
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    return isinstance(optimizer, ZeroRedundancyOptimizer)
+
+
+def owns_parameter(optimizer: Any, param: "torch.Tensor") -> bool:
+    """Whether this rank keeps ``param``'s optimizer state (always, unless the state is sharded)."""
+    if not is_sharded(optimizer):
+        return True
+    return optimizer._param_to_rank[param] == optimizer.rank
+
+
+def state_names(optimizer: Any) -> tuple[str, ...]:
+    """The per-parameter state tensors of the optimizer kind (shaped like the parameter)."""
+    import torch
+
+    inner = local_optimizer(optimizer)
+    if isinstance(inner, torch.optim.SGD):
+        return ("momentum_buffer",) if inner.defaults.get("momentum", 0) else ()
+    return ("exp_avg", "exp_avg_sq")
+
+
+def optimizer_state_bytes(optimizer: Any) -> int:
+    """Bytes of optimizer state tensors held by this rank (after the first update created them)."""
+    import torch
+
+    total = 0
+    for st in local_optimizer(optimizer).state.values():
+        for v in st.values():
+            if isinstance(v, torch.Tensor) and v.dim() > 0:
+                total += v.numel() * v.element_size()
+    return total
 
 
 def set_hyperparameters(optimizer: "torch.optim.Optimizer", *, lr: float, weight_decay: float) -> None:
@@ -116,9 +181,12 @@ def _buckets(tensors: Sequence["torch.Tensor"], limit: int) -> list[list["torch.
 
 
 def reduce_gradients(
-    grads: Sequence["torch.Tensor"], *, group: Any, group_size: int, scale: float, bucket_bytes: int = BUCKET_BYTES
+    grads: Sequence["torch.Tensor"], *, group: Any, group_size: int, scale: float, bucket_bytes: int | None = None
 ) -> None:
     """Sum gradients over the data-parallel group (fp32), then multiply by ``scale``.
+
+    The all-reduce runs on flat buckets of at most ``bucket_bytes`` (default :data:`BUCKET_BYTES`;
+    ``ddp.bucket_size`` elements x 4 bytes when set).
 
     The trainer back-propagates the *sum* of token losses and passes ``scale = 1 / supervised tokens
     of the global batch``, which makes the update token-weighted however the batch is split.
@@ -128,7 +196,7 @@ def reduce_gradients(
     from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
     if group_size > 1:
-        for bucket in _buckets(grads, bucket_bytes):
+        for bucket in _buckets(grads, bucket_bytes or BUCKET_BYTES):
             flat = _flatten_dense_tensors(bucket)
             dist.all_reduce(flat, group=group)
             for g, synced in zip(bucket, _unflatten_dense_tensors(flat, bucket)):

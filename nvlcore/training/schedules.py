@@ -13,7 +13,8 @@ import math
 
 import attrs
 
-LR_DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root")
+LR_DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root", "WSD")
+WSD_DECAY_STYLES = ("exponential", "linear", "cosine", "minus_sqrt")
 WD_INCR_STYLES = ("constant", "linear", "cosine")
 
 
@@ -26,7 +27,10 @@ class LRSchedule:
     :param warmup_iters: updates of linear warm-up (``scheduler.lr_warmup_iters``).
     :param warmup_init: learning rate of the first update (``scheduler.lr_warmup_init``).
     :param decay_iters: update at which decay ends (``scheduler.lr_decay_iters``, default ``train.train_iters``).
-    :param decay_style: one of :data:`LR_DECAY_STYLES`.
+    :param decay_style: one of :data:`LR_DECAY_STYLES`. ``WSD`` (warm-up, stable, decay) keeps ``max_lr``
+        until the last ``wsd_decay_iters`` updates before ``decay_iters``, then decays to ``min_lr``.
+    :param wsd_decay_iters: length of the WSD schedule's final decay (``scheduler.lr_wsd_decay_iters``).
+    :param wsd_decay_style: its shape, one of :data:`WSD_DECAY_STYLES` (``scheduler.lr_wsd_decay_style``).
     """
 
     max_lr: float
@@ -35,12 +39,21 @@ class LRSchedule:
     warmup_init: float = 0.0
     decay_iters: int = 1
     decay_style: str = "cosine"
+    wsd_decay_iters: int | None = None
+    wsd_decay_style: str = "exponential"
 
     def __attrs_post_init__(self) -> None:
         if self.decay_style not in LR_DECAY_STYLES:
             raise ValueError(
                 f"scheduler.lr_decay_style={self.decay_style!r}; choose from {', '.join(LR_DECAY_STYLES)}"
             )
+        if self.decay_style == "WSD":
+            if not self.wsd_decay_iters or self.wsd_decay_iters <= 0:
+                raise ValueError("scheduler.lr_decay_style=WSD needs scheduler.lr_wsd_decay_iters > 0 "
+                                 "(the updates of its final decay)")
+            if self.wsd_decay_style not in WSD_DECAY_STYLES:
+                raise ValueError(f"scheduler.lr_wsd_decay_style={self.wsd_decay_style!r}; choose from "
+                                 f"{', '.join(WSD_DECAY_STYLES)}")
         if self.min_lr > self.max_lr:
             raise ValueError(f"optimizer.min_lr ({self.min_lr}) is larger than optimizer.lr ({self.max_lr})")
         if self.warmup_iters < 0:
@@ -57,14 +70,27 @@ class LRSchedule:
             return self.warmup_init + (self.max_lr - self.warmup_init) * step / self.warmup_iters
         if self.decay_style == "constant":
             return self.max_lr
+        if step > self.decay_iters:
+            return self.min_lr
         if self.decay_style == "inverse-square-root":
             warm = max(self.warmup_iters, 1)
             return max(self.min_lr, self.max_lr * math.sqrt(warm) / math.sqrt(max(step, 1)))
-        if step > self.decay_iters:
-            return self.min_lr
         ratio = (step - self.warmup_iters) / (self.decay_iters - self.warmup_iters)
         if self.decay_style == "linear":
             coeff = 1.0 - ratio
+        elif self.decay_style == "WSD":
+            assert self.wsd_decay_iters is not None
+            anneal_start = self.decay_iters - self.wsd_decay_iters
+            if step <= anneal_start:
+                coeff = 1.0
+            else:
+                r = (step - anneal_start) / self.wsd_decay_iters
+                coeff = {
+                    "linear": lambda: 1.0 - r,
+                    "cosine": lambda: 0.5 * (math.cos(math.pi * r) + 1.0),
+                    "exponential": lambda: 2.0 * math.pow(0.5, r) - 1.0,
+                    "minus_sqrt": lambda: 1.0 - math.sqrt(r),
+                }[self.wsd_decay_style]()
         else:
             coeff = 0.5 * (math.cos(math.pi * ratio) + 1.0)
         return self.min_lr + coeff * (self.max_lr - self.min_lr)

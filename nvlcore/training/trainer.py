@@ -11,9 +11,11 @@ One *iteration* consumes one global batch (``train.global_batch_size`` samples o
    (token-weighted, however the tokens are split over micro-batches and ranks);
 4. the global gradient norm is computed (TP shards once each, replicated parameters once) and
    gradients are clipped to ``optimizer.clip_grad``;
-5. if the loss or the norm is not finite (or the batch has no supervised token) the update is
-   skipped: parameters, Adam state and the LR schedule stay where they were, the batch is
-   consumed, the iteration counter advances and ``skipped_iterations`` grows (Megatron's rule);
+5. if the loss or the norm is not finite the run stops with an error naming the iteration
+   (``ddp.check_for_nan_in_grad``, the default, as Megatron); with that flag off, or when the batch
+   has no supervised token, the update is skipped: parameters, optimizer state and the LR schedule
+   stay where they were, the batch is consumed, the iteration counter advances and
+   ``skipped_iterations`` grows;
 6. otherwise the update index selects the learning rate and weight decay and AdamW steps.
 
 Checkpoints are written every ``save_interval`` iterations, at the end, and at the first
@@ -160,6 +162,12 @@ class LoopSettings:
     manual_gc_interval: int = 0
     exit_interval: int | None = None
     exit_duration_s: float | None = None
+    #: raise on a non-finite loss or gradient instead of skipping the update (ddp.check_for_nan_in_grad)
+    fail_on_nan_grad: bool = False
+    #: collect garbage before and after each validation when manual GC is on (train.manual_gc_eval)
+    manual_gc_eval: bool = True
+    #: gradient all-reduce bucket size in bytes (ddp.bucket_size x 4; None = optim.BUCKET_BYTES)
+    bucket_bytes: int | None = None
 
 
 class Trainer:
@@ -281,7 +289,8 @@ class Trainer:
         if g_sup <= 0:
             return StepResult(g_loss, g_sup, g_tok, g_flops, float("nan"), lr, wd, True, "no supervised token")
         grads = optim.materialize_grads(self.params)
-        optim.reduce_gradients(grads, group=ctx.dp_group, group_size=ctx.dp_size, scale=1.0 / g_sup)
+        optim.reduce_gradients(grads, group=ctx.dp_group, group_size=ctx.dp_size, scale=1.0 / g_sup,
+                               bucket_bytes=self.settings.bucket_bytes)
         norm = optim.grad_norm_and_clip(
             self.named_params, max_norm=self.settings.clip_grad,
             tp_group=ctx.tp_group, tp_size=ctx.tp_size, tp_rank=ctx.tp_rank,
@@ -295,6 +304,12 @@ class Trainer:
         if reason:
             for p in self.params:
                 p.grad = None
+            if self.settings.fail_on_nan_grad:
+                raise FloatingPointError(
+                    f"iteration {self.state.iteration + 1}: {reason} (loss {g_loss}, gradient norm {norm}); "
+                    "ddp.check_for_nan_in_grad is set, so the run stops (set ddp.check_for_nan_in_grad=false "
+                    "to skip such updates instead)"
+                )
             return StepResult(g_loss, g_sup, g_tok, g_flops, norm, lr, wd, True, reason)
         optim.set_hyperparameters(self.optimizer, lr=lr, weight_decay=wd)
         self.optimizer.step()
@@ -445,8 +460,15 @@ class Trainer:
             lg.log(metrics, step=st.iteration)
 
     def _evaluate(self) -> None:
+        import gc
+
         assert self.eval_fn is not None
+        collect = self.settings.manual_gc_interval > 0 and self.settings.manual_gc_eval
+        if collect:
+            gc.collect()
         loss_sum, sup = self.eval_fn()
+        if collect:
+            gc.collect()
         val = loss_sum / sup if sup > 0 else float("nan")
         for lg in self.loggers:
             lg.log({"iteration": self.state.iteration, "val_loss": val, "val_tokens": sup}, step=self.state.iteration)

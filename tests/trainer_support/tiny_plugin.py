@@ -282,6 +282,12 @@ class TinyTrainOnly(TinyMaker):
     splits: ClassVar[tuple[str, ...]] = ("train",)
 
 
+class TinyWithTest(TinyMaker):
+    """``tiny_with_test``: ``tiny_copy`` with a test split too."""
+
+    splits: ClassVar[tuple[str, ...]] = ("train", "validation", "test")
+
+
 @hookimpl
 def nvl_register_model_bridges(register: Any) -> None:
     register("tiny_vlm", TinyBridge)
@@ -291,6 +297,7 @@ def nvl_register_model_bridges(register: Any) -> None:
 def nvl_register_dataset_makers(register: Any) -> None:
     register("tiny_copy", TinyMaker)
     register("tiny_train_only", TinyTrainOnly)
+    register("tiny_with_test", TinyWithTest)
 
 
 def manager() -> Any:

@@ -223,18 +223,18 @@ class LoRAMethod:
     def workflow_settings(
         on_language: bool,
         on_vision: bool,
-        user_freeze: Mapping[str, bool | None] | None = None,
+        model_freeze: Mapping[str, bool | None] | None = None,
         peft_overrides: Mapping[str, Any] | None = None,
     ) -> tuple[dict[str, Any], dict[str, bool]]:
         """``--lora-on-language-model`` / ``--lora-on-vision-model`` as plain config values:
-        ``(peft section, {"freeze_language_model": ..., ...} for the model section)``.
+        ``(peft section, {"freeze_language_model": ..., ...} for the peft section)``.
 
         See :func:`nvl_lora.recipes.lora_settings` (the trainer reaches it through the registry, so
         the core never imports this plugin).
         """
         from nvl_lora.recipes import lora_settings
 
-        cfg, freeze = lora_settings(on_language, on_vision, user_freeze, peft_overrides)
+        cfg, freeze = lora_settings(on_language, on_vision, model_freeze, peft_overrides)
         return cfg.to_dict(), freeze
 
     def trainable_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:

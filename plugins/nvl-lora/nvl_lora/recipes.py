@@ -9,7 +9,9 @@ flags                          adapters on                          freeze LM   
 both                           LM, ViT and projector                yes                yes          yes
 =============================  ==================================  =================  ===========  ============
 
-A ``model.freeze_*`` value the user sets explicitly wins over the table (``user_freeze``).
+Megatron-Bridge's rule: the PEFT recipe (this table) decides what is frozen. ``model.freeze_*=True``
+freezes a tower in addition; ``model.freeze_*=False`` (both shipped YAML files set it) never unfreezes
+a tower the table froze. Only an explicit ``peft.freeze_*`` override changes the table.
 """
 
 from __future__ import annotations
@@ -32,21 +34,23 @@ VISION_TARGETS: tuple[str, ...] = tuple(f"*vision_model*.{m}" for m in DEFAULT_T
 def lora_settings(
     on_language: bool,
     on_vision: bool,
-    user_freeze: Mapping[str, bool | None] | None = None,
+    model_freeze: Mapping[str, bool | None] | None = None,
     peft_overrides: Mapping[str, Any] | None = None,
 ) -> tuple[LoRAConfig, dict[str, bool]]:
     """Resolve ``--lora-on-language-model`` / ``--lora-on-vision-model`` as Megatron-Bridge does.
 
     :param on_language: ``--lora-on-language-model`` was given.
     :param on_vision: ``--lora-on-vision-model`` was given.
-    :param user_freeze: ``model.freeze_*`` values the user set explicitly (a file or an override);
-        ``None`` values and absent keys mean "not set" and take the table's value.
-    :param peft_overrides: other ``peft.*`` settings the user gave (``dim``, ``alpha``, ``dropout``,
-        ``target_modules``...); ``target_modules`` given here replaces the flag's targets.
+    :param model_freeze: the ``model.freeze_*`` values. ``True`` freezes that tower in addition to
+        the table (the model provider freezes it before PEFT runs); ``False``/``None`` change nothing:
+        they never unfreeze a tower the table froze.
+    :param peft_overrides: ``peft.*`` settings the user gave explicitly (``dim``, ``alpha``, ``dropout``,
+        ``target_modules``, ``freeze_*``...); ``target_modules`` replaces the flag's targets and a
+        ``freeze_*`` replaces the table's value for that tower.
     :returns: the LoRA config (whose ``freeze_*`` flags are the resolved ones) and the resolved
-        ``{"freeze_language_model": ..., "freeze_vision_model": ..., "freeze_vision_projection": ...}``
-        for ``cfg.model``.
-    :raises ValueError: if neither flag is given, or ``user_freeze`` has an unknown key.
+        ``{"freeze_language_model": ..., "freeze_vision_model": ..., "freeze_vision_projection": ...}``:
+        a tower is frozen when the PEFT setting or ``model.freeze_*`` freezes it.
+    :raises ValueError: if neither flag is given, or ``model_freeze`` has an unknown key.
     """
     if not (on_language or on_vision):
         raise ValueError("lora_settings needs --lora-on-language-model and/or --lora-on-vision-model")
@@ -59,15 +63,16 @@ def lora_settings(
     else:
         targets = VISION_TARGETS
         freeze = {"freeze_language_model": False, "freeze_vision_model": True, "freeze_vision_projection": True}
-    for key, value in (user_freeze or {}).items():
-        if key not in FREEZE_KEYS:
-            raise ValueError(f"unknown freeze flag model.{key}; known: {', '.join('model.' + k for k in FREEZE_KEYS)}")
-        if value is not None:
-            freeze[key] = bool(value)
     overrides = dict(peft_overrides or {})
     for key in FREEZE_KEYS:
-        if key in overrides:
-            raise ValueError(f"set the freeze flags as model.{key}, not peft.{key}")
+        if overrides.get(key) is not None:
+            freeze[key] = bool(overrides.pop(key))
+        overrides.pop(key, None)
+    for key, value in (model_freeze or {}).items():
+        if key not in FREEZE_KEYS:
+            raise ValueError(f"unknown freeze flag model.{key}; known: {', '.join('model.' + k for k in FREEZE_KEYS)}")
+        if value:
+            freeze[key] = True
     overrides.setdefault("target_modules", targets)
     cfg = LoRAConfig.from_dict(overrides)
     # The base LM/ViT/projector freezing is what the table says; parameters outside those three

@@ -68,6 +68,9 @@ def test_lora_finetune_lowers_the_loss_and_saves_only_trainable_state(lm_run, ba
 
     out, stdout = lm_run
     assert "lora: trainable parameters:" in stdout  # the resolved count, printed at start
+    # which towers train fully, carry adapters, are frozen
+    assert ("towers: trained fully: vision_model, vision_projection; with adapters: language_model; frozen: -"
+            in stdout), stdout
     rows = losses(out)
     assert sorted(rows) == list(range(1, 9))
     assert (rows[7] + rows[8]) / 2 < (rows[1] + rows[2]) / 2 - 0.1, rows
@@ -209,12 +212,15 @@ def test_lora_at_tp2_matches_tp1(lm_run, toy: Path, base32: Path, tmp_path: Path
         (["--lora-on-language-model"], [], (True, False, False, "*language_model*.linear_qkv")),
         (["--lora-on-vision-model"], [], (False, True, True, "*vision_model*.linear_qkv")),
         (["--lora-on-language-model", "--lora-on-vision-model"], [], (True, True, True, "linear_qkv")),
-        # the user's model.freeze_* wins over the setting (the bridge's default YAML, which sets them all
-        # False for full fine-tuning, does not count as the user's choice)
+        # the PEFT recipe decides (Megatron-Bridge): model.freeze_*=False never unfreezes what it froze...
         (["--lora-on-language-model", "--lora-on-vision-model"], ["model.freeze_vision_model=False"],
+         (True, True, True, "linear_qkv")),
+        # ...only an explicit peft.freeze_* does
+        (["--lora-on-language-model", "--lora-on-vision-model"], ["peft.freeze_vision_model=False"],
          (True, False, True, "linear_qkv")),
+        # model.freeze_*=True stays in the model section (the trainer freezes that tower in addition)
         (["--lora-on-language-model"], ["model.freeze_vision_projection=True", "peft.target_modules=[linear_proj]"],
-         (True, False, True, "linear_proj")),
+         (True, False, False, "linear_proj")),
     ],
 )
 def test_flags_resolve_to_the_workflow_settings(toy: Path, flags, overrides, expect) -> None:

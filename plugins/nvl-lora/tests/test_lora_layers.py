@@ -110,9 +110,10 @@ def test_exclude_modules() -> None:
         (False, True, {}, {"vision_model.linear_fc1", "vision_model.linear_fc2", "vision_projection.linear_fc1"}, {"language_model"}),
         (True, True, {}, {"language_model.linear_qkv", "language_model.linear_proj", "vision_model.linear_fc1",
                           "vision_model.linear_fc2", "vision_projection.linear_fc1"}, set()),
-        # the user's model.freeze_* wins over the table
+        # model.freeze_*=True freezes in addition; model.freeze_*=False never unfreezes what the table froze
         (True, False, {"freeze_vision_model": True}, {"language_model.linear_qkv", "language_model.linear_proj"}, {"vision_projection"}),
-        (True, True, {"freeze_vision_projection": False}, None, {"vision_projection"}),
+        (True, True, {"freeze_vision_projection": False}, None, set()),
+        (False, True, {"freeze_vision_model": False, "freeze_language_model": False}, None, {"language_model"}),
     ],
 )
 def test_workflow_settings(on_language, on_vision, user, expect_adapted, expect_trainable_groups) -> None:
@@ -144,6 +145,11 @@ def test_settings_targets_are_the_workflows() -> None:
         lora_settings(False, False, None)
     with pytest.raises(ValueError, match="model.freeze_language_model"):
         lora_settings(True, False, {"freeze_lm": True})
+    # only an explicit peft.freeze_* changes the table
+    cfg, freeze = lora_settings(True, True, {"freeze_vision_model": False}, {"freeze_vision_model": False})
+    assert freeze == {"freeze_language_model": True, "freeze_vision_model": False, "freeze_vision_projection": True}
+    cfg, freeze = lora_settings(True, True, {"freeze_vision_model": True}, {"freeze_vision_model": False})
+    assert freeze["freeze_vision_model"] is True  # model.freeze_*=True freezes whatever peft says
 
 
 def test_count_parameters() -> None:

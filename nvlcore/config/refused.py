@@ -1,0 +1,139 @@
+"""Config values nvl accepts in the schema (Megatron-Bridge's keys) but does not implement: refused at load.
+
+Every key of the schema is either read by the code or listed here with the values nvl implements
+and what to use instead (tests/test_config_conformance.py checks both). A refused key keeps its
+default, which is what nvl does; any other value fails when the config is loaded, with one line that
+names the key, the value and what to do instead, instead of being silently ignored.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import attrs
+
+if TYPE_CHECKING:
+    from nvlcore.config.schema import NvlConfig
+
+_FP16 = "fp16 with loss scaling is not implemented by nvl (it trains in bf16 or fp32); remove it"
+
+
+@attrs.frozen
+class Refusal:
+    """``key`` may only hold one of ``supported`` (its default is among them); else ``instead`` says what to do."""
+
+    key: str
+    supported: tuple[Any, ...]
+    instead: str
+
+    def message(self, value: Any) -> str:
+        only = " or ".join(repr(v) for v in self.supported)
+        return f"{self.key}={value!r} is not supported by nvl (only {only}): {self.instead}"
+
+
+REFUSED: tuple[Refusal, ...] = (
+    Refusal("model.pipeline_model_parallel_size", (1,),
+            "nvl has no pipeline parallelism; use model.tensor_model_parallel_size and data parallelism"),
+    Refusal("model.context_parallel_size", (1,),
+            "nvl has no context parallelism; raise model.tensor_model_parallel_size or use model.recompute_granularity"),
+    Refusal("model.sequence_parallel", (False,),
+            "nvl's tensor parallelism keeps activations replicated; use model.recompute_granularity to save memory"),
+    Refusal("optimizer.fp16", (False,), _FP16),
+    Refusal("optimizer.loss_scale", (None,), _FP16),
+    Refusal("optimizer.initial_loss_scale", (4294967296.0,), _FP16),
+    Refusal("optimizer.min_loss_scale", (1.0,), _FP16),
+    Refusal("optimizer.loss_scale_window", (1000.0,), _FP16),
+    Refusal("optimizer.hysteresis", (2,), _FP16),
+    Refusal("mixed_precision", ("bf16_mixed", "fp32", None), "fp16 is not implemented by nvl; use bf16_mixed or fp32"),
+    Refusal("checkpoint.ckpt_format", ("torch_dist",), "nvl writes PyTorch DCP (torch_dist) checkpoints only"),
+    Refusal("checkpoint.fully_parallel_load", (False,),
+            "every rank already reads only its own shards through torch.distributed.checkpoint; remove it"),
+    Refusal("dataset.data_sharding", (True,),
+            "nvl always splits one global shuffled sample stream over the data-parallel ranks "
+            "(docs/finetune.md, 'Data'); remove it"),
+    Refusal("dataset.enable_in_batch_packing", (False,),
+            "packing is not implemented for image/video data; use dataset.pad_to_multiple_of to limit padding"),
+    Refusal("dist.use_megatron_fsdp", (False,),
+            "nvl shards optimizer state (ddp.use_distributed_optimizer) and weights by tensor parallelism, not FSDP"),
+    Refusal("dist.use_torch_fsdp2", (False,),
+            "nvl shards optimizer state (ddp.use_distributed_optimizer) and weights by tensor parallelism, not FSDP"),
+    Refusal("ddp.grad_reduce_in_fp32", (True,),
+            "nvl's trainable parameters and gradients are fp32 (the master weights) and always reduced in fp32"),
+    Refusal("ddp.overlap_grad_reduce", (False,),
+            "gradients are all-reduced after the backward pass (in buckets of ddp.bucket_size elements); remove it"),
+    Refusal("ddp.overlap_param_gather", (False,),
+            "the distributed optimizer broadcasts the updated parameters after each step, without overlap; remove it"),
+    Refusal("ddp.average_in_collective", (False,),
+            "nvl sums gradients over ranks and divides by the global number of supervised tokens; remove it"),
+)
+
+#: key -> its refusal.
+REFUSED_KEYS: dict[str, Refusal] = {r.key: r for r in REFUSED}
+
+
+def config_value(cfg: "NvlConfig", key: str) -> Any:
+    """The value at a dotted key of ``cfg`` (``section.field`` or a top-level field)."""
+    obj: Any = cfg
+    for part in key.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _same(value: Any, supported: Any) -> bool:
+    if isinstance(value, bool) or isinstance(supported, bool) or value is None or supported is None:
+        return value is supported
+    return value == supported
+
+
+def check_refused(cfg: "NvlConfig") -> None:
+    """Raise :class:`~nvlcore.config.ConfigError` on the first refused value, on ``peft.*`` settings
+    given without a PEFT method, or on ``optimizer.bf16=false`` under ``mixed_precision=bf16_mixed``
+    (they would be ignored).
+
+    Values still ``"???"`` are skipped (a run fails on them later anyway).
+    """
+    from nvlcore.config.schema import PeftConfig
+    from nvlcore.config.structure import ConfigError, init_fields, is_missing
+
+    for r in REFUSED:
+        value = config_value(cfg, r.key)
+        if is_missing(value):
+            continue
+        if not any(_same(value, v) for v in r.supported):
+            raise ConfigError(r.message(value), key=r.key)
+    sc = cfg.scheduler
+    if sc.lr_decay_style == "WSD" and sc.lr_wsd_decay_iters is None:
+        raise ConfigError("scheduler.lr_decay_style=WSD needs scheduler.lr_wsd_decay_iters (the updates of its final "
+                          "decay)", key="scheduler.lr_wsd_decay_iters")
+    if sc.override_opt_param_scheduler is True and sc.use_checkpoint_opt_param_scheduler is True:
+        raise ConfigError(
+            "scheduler.use_checkpoint_opt_param_scheduler=True needs scheduler.override_opt_param_scheduler=false "
+            "(both set: which schedule should a resume use?)",
+            key="scheduler.use_checkpoint_opt_param_scheduler",
+        )
+    mp, bf16 = cfg.mixed_precision, cfg.optimizer.bf16
+    if mp == "bf16_mixed" and bf16 is False:
+        raise ConfigError(
+            "optimizer.bf16=False has no effect: mixed_precision=bf16_mixed decides the precision; set "
+            "mixed_precision=fp32 for fp32 training (or mixed_precision=null to follow optimizer.bf16)",
+            key="optimizer.bf16",
+        )
+    if cfg.peft.method is None:
+        default = PeftConfig()
+        for f in init_fields(PeftConfig):
+            if f.name in ("method", "options"):
+                continue
+            value = getattr(cfg.peft, f.name)
+            if not is_missing(value) and value != getattr(default, f.name):
+                raise ConfigError(
+                    f"peft.{f.name}={value!r} has no effect: peft.method is null (full fine-tuning); set "
+                    "peft.method=lora (or --lora-on-language-model / --lora-on-vision-model), or remove it",
+                    key=f"peft.{f.name}",
+                )
+        if cfg.peft.options:
+            name = next(iter(cfg.peft.options))
+            raise ConfigError(f"peft.{name} has no effect: peft.method is null (full fine-tuning); set peft.method "
+                              "or remove it", key=f"peft.{name}")
+
+
+__all__ = ["REFUSED", "REFUSED_KEYS", "Refusal", "check_refused", "config_value"]
