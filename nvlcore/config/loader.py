@@ -483,7 +483,6 @@ def resolve_config(cfg: NvlConfig) -> NvlConfig:
         "model.sequence_parallel": (cfg.model.sequence_parallel, False),
         "dist.use_megatron_fsdp": (cfg.dist.use_megatron_fsdp, False),
         "dist.use_torch_fsdp2": (cfg.dist.use_torch_fsdp2, False),
-        "dataset.enable_in_batch_packing": (cfg.dataset.enable_in_batch_packing, False),
     }
     for key, (value, supported) in unsupported.items():
         if value != supported:
@@ -495,6 +494,7 @@ def resolve_config(cfg: NvlConfig) -> NvlConfig:
         "train.global_batch_size": cfg.train.global_batch_size,
         "train.micro_batch_size": cfg.train.micro_batch_size,
         "logger.log_interval": cfg.logger.log_interval,
+        "dataset.packing_buffer_size": cfg.dataset.packing_buffer_size,
     }
     for key, value in positive.items():
         if value <= 0:

@@ -10,7 +10,7 @@ import json
 import random
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import attrs
 
@@ -200,11 +200,14 @@ class DataPipeline:
     eval_batches_factory: Callable[[], Any] | None
     eval_note: str
     num_microbatches: int
+    #: packed runs: this rank's ``(window, rows consumed)`` after the last micro-batch taken
+    packing_position: Callable[[], tuple[int, int]] | None = None
 
 
 def build_data(cfg: "NvlConfig", bridge: Any, manager: Any, ctx: "ParallelContext", *, consumed_samples: int,
-               print_fn: Callable[[str], None]) -> DataPipeline:
+               print_fn: Callable[[str], None], packing_positions: Sequence[Sequence[int]] | None = None) -> DataPipeline:
     from nvlcore.training.data import GlobalBatchSampler, ProcessedDataset, build_loader
+    from nvlcore.training.packing import PackedBatches, build_packed_loader, packing_mode
 
     ds = cfg.dataset
     maker = manager.registry("dataset_maker").get(ds.maker_name)
@@ -221,8 +224,36 @@ def build_data(cfg: "NvlConfig", bridge: Any, manager: Any, ctx: "ParallelContex
         seed=cfg.rng.seed, consumed_samples=consumed_samples, shuffle=ds.dataloader_type == "cyclic",
     )
     pin = ds.pin_memory and ctx.device.type == "cuda"
-    loader = build_loader(ProcessedDataset(made, processor, seed=cfg.rng.seed, split="train"), sampler,
-                          processor.collate, num_workers=ds.num_workers, pin_memory=pin)
+    mode = packing_mode(ds)
+    packing_position = None
+    if mode == "none":
+        train_batches: Any = iter(build_loader(ProcessedDataset(made, processor, seed=cfg.rng.seed, split="train"),
+                                               sampler, processor.collate, num_workers=ds.num_workers, pin_memory=pin))
+    else:
+        collate_packed = getattr(processor, "collate_packed", None)
+        if collate_packed is None:
+            raise ValueError(f"dataset.packing={mode}: the model bridge's processor has no collate_packed(); "
+                             "this model cannot train on packed sequences")
+        start = None
+        if packing_positions is not None:
+            if len(packing_positions) != ctx.dp_size:
+                raise ValueError(
+                    f"dataset.packing: the checkpoint's data position was saved by {len(packing_positions)} data-parallel "
+                    f"rank(s), this run has {ctx.dp_size}; a packed run resumes at the same data-parallel size"
+                )
+            start = (int(packing_positions[ctx.dp_rank][0]), int(packing_positions[ctx.dp_rank][1]))
+        order = GlobalBatchSampler(num_samples=len(made), global_batch_size=1, micro_batch_size=1, seed=cfg.rng.seed,
+                                   shuffle=ds.dataloader_type == "cyclic")
+        loader = build_packed_loader(
+            ProcessedDataset(made, processor, seed=cfg.rng.seed, split="train"), order.index_at,
+            window=ds.packing_buffer_size, capacity=seq_length, mode=mode, dp_rank=ctx.dp_rank, dp_size=ctx.dp_size,
+            start_window=None if start is None else start[0], num_workers=ds.num_workers,
+        )
+        train_batches = PackedBatches(iter(loader), collate_packed, micro_batch_size=cfg.train.micro_batch_size,
+                                      dp_rank=ctx.dp_rank, dp_size=ctx.dp_size, start=start, pin_memory=pin)
+        packing_position = lambda: train_batches.position  # noqa: E731
+        print_fn(f"nvl finetune: packing ({mode}) samples into rows of {seq_length} tokens over windows of "
+                 f"{ds.packing_buffer_size} samples; a micro-batch is {cfg.train.micro_batch_size} packed row(s)")
 
     factory = None
     note = ""
@@ -247,7 +278,7 @@ def build_data(cfg: "NvlConfig", bridge: Any, manager: Any, ctx: "ParallelContex
             note = f"validation: {v.eval_iters} batch(es) every {v.eval_interval} iterations on {len(val_made)} examples"
     elif v.eval_iters > 0:
         note = "validation skipped: validation.eval_interval is null"
-    return DataPipeline(iter(loader), len(made), factory, note, sampler.num_microbatches)
+    return DataPipeline(train_batches, len(made), factory, note, sampler.num_microbatches, packing_position)
 
 
 def build_loggers(cfg: "NvlConfig", manager: Any, ctx: "ParallelContext", *, resume_iteration: int | None,
@@ -398,7 +429,13 @@ def run_finetune(
                 f"{state.optimizer_steps} updates, {state.skipped_iterations} skipped)")
 
         # -- data, loggers ----------------------------------------------------------------------
-        data = build_data(cfg, bridge, manager, ctx, consumed_samples=state.consumed_samples, print_fn=say)
+        packing_positions = None
+        if decision.iter_dir is not None:
+            from nvlcore.checkpoint import open_checkpoint
+
+            packing_positions = ((open_checkpoint(decision.iter_dir).extra_state() or {}).get("data") or {}).get("packing")
+        data = build_data(cfg, bridge, manager, ctx, consumed_samples=state.consumed_samples, print_fn=say,
+                          packing_positions=packing_positions)
         if data.eval_note:
             say(f"nvl finetune: {data.eval_note}")
         loggers = build_loggers(cfg, manager, ctx, resume_iteration=state.iteration if decision.iter_dir else None,
@@ -425,7 +462,8 @@ def run_finetune(
 
         def save_fn(st: TrainState) -> None:
             path = save(cfg.checkpoint.save, st, model=model, optimizer=opt, bridge=bridge, ctx=ctx, cfg=cfg,
-                        run_config=run_config, adapter_only=adapter_only, num_samples=data.num_train_samples)
+                        run_config=run_config, adapter_only=adapter_only, num_samples=data.num_train_samples,
+                        packing_positions=gather_packing_positions(data.packing_position, ctx))
             say(f"nvl finetune: saved checkpoint {path}")
 
         trainer = Trainer(
@@ -470,8 +508,24 @@ def load_pretrained(model: "torch.nn.Module", src: str, *, bridge: Any, ctx: "Pa
         tck.load_model_weights(model, iter_dir, bridge=bridge, ctx=ctx)
 
 
+def gather_packing_positions(position: Callable[[], tuple[int, int]] | None,
+                             ctx: "ParallelContext") -> list[list[int]] | None:
+    """Every DP rank's packed-data position ``[[window, rows], ...]`` (collective), or None unpacked."""
+    if position is None:
+        return None
+    mine = [int(x) for x in position()]
+    if ctx.dp_size == 1:
+        return [mine]
+    import torch.distributed as dist
+
+    out: list[Any] = [None] * ctx.dp_size
+    dist.all_gather_object(out, mine, group=ctx.dp_group)
+    return [list(x) for x in out]
+
+
 def save(root: str, st: TrainState, *, model: Any, optimizer: Any, bridge: Any, ctx: "ParallelContext", cfg: "NvlConfig",
-         run_config: Mapping[str, Any], adapter_only: bool, num_samples: int) -> Path:
+         run_config: Mapping[str, Any], adapter_only: bool, num_samples: int,
+         packing_positions: list[list[int]] | None = None) -> Path:
     """Write one training checkpoint (collective over all ranks)."""
     from nvlcore.checkpoint import capture_rng_state, save_checkpoint
     from nvlcore.training import checkpointing as tck
@@ -481,7 +535,8 @@ def save(root: str, st: TrainState, *, model: Any, optimizer: Any, bridge: Any, 
     )
     extra = {
         "adam_step": adam_step,
-        "data": {"consumed_samples": st.consumed_samples, "seed": cfg.rng.seed, "num_samples": num_samples},
+        "data": {"consumed_samples": st.consumed_samples, "seed": cfg.rng.seed, "num_samples": num_samples,
+                 **({"packing": packing_positions} if packing_positions is not None else {})},
         "layout": {"tp": ctx.tp_size, "dp": ctx.dp_size, "world_size": ctx.world_size},
         "adapter_only": adapter_only,
         "pretrained_checkpoint": cfg.checkpoint.pretrained_checkpoint,
