@@ -79,7 +79,8 @@ class NemotronVLModel(nn.Module):
 
     def kernel_report(self) -> dict[str, str]:
         """Op -> implementation in use (the Mamba scan, conv, gated norm; the LM loss; attention)."""
-        return {**self.kernels.names, "attention": "SDPA flash/efficient kernels (causal, no dense mask on right padding)"}
+        return {**self.kernels.names, "attention": "SDPA flash/efficient kernels (causal, no dense mask on right padding, "
+                "packed rows: a block-diagonal causal boolean mask, memory-efficient kernel)"}
 
     def set_recompute(self, mode: str) -> None:
         """Activation recomputation: ``"none"``; ``"ssm"`` (Mamba conv + scan + gated norm, whose fp32
