@@ -153,3 +153,23 @@ def test_packed_finetune_resumed_mid_way_reproduces_the_losses(toy, raven, tmp_p
     assert [a[i]["loss"] for i in range(6, 11)] == [b[i]["loss"] for i in range(6, 11)]
     assert [a[i]["consumed_samples"] for i in range(6, 11)] == [b[i]["consumed_samples"] for i in range(6, 11)]
     assert b[10]["tflops_per_gpu"] > 0 and b[10]["tokens_per_s"] > 0
+
+
+def test_packed_data_parallel_run_saves_every_ranks_position_and_resumes(toy, raven, tmp_path) -> None:
+    """DP=2: each rank packs its own windows; both positions are saved, and the resumed run reproduces
+    the losses; resuming at another data-parallel size is refused with a one-line error."""
+    base = tmp_path / "dp2"
+    nvl(*run_args(toy, raven, base), "--nproc-per-node", "2")
+    import torch
+
+    positions = torch.load(base / "iter_0000005" / "extra_state.pt", weights_only=False)["data"]["packing"]
+    assert len(positions) == 2 and positions[0][0] % 2 == 0 and positions[1][0] % 2 == 1
+    resumed = tmp_path / "dp2-resumed"
+    nvl(*run_args(toy, raven, resumed, f"checkpoint.load={base / 'iter_0000005'}"), "--nproc-per-node", "2")
+    a, b = metrics(base), metrics(resumed)
+    assert [a[i]["loss"] for i in range(6, 11)] == [b[i]["loss"] for i in range(6, 11)]
+    cmd = [sys.executable, "-m", "nvlcore.cli",
+           *run_args(toy, raven, tmp_path / "dp1", f"checkpoint.load={base / 'iter_0000005'}")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=ENV, stdin=subprocess.DEVNULL)
+    assert proc.returncode != 0
+    assert "saved by 2 data-parallel rank(s), this run has 1" in proc.stderr + proc.stdout

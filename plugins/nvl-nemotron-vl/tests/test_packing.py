@@ -158,3 +158,43 @@ def test_collate_packed_refuses_rows_longer_than_seq_length(bridge) -> None:
     s = proc(_conversations()[0])
     with pytest.raises(ValueError, match="dataset.seq_length=64"):
         proc.collate_packed([[s, s]])
+
+
+@pytest.mark.parametrize("recompute", ["ssm", "layers"])
+def test_packed_gradients_are_the_same_with_recomputation(bridge, recompute) -> None:
+    proc = bridge.processor(seq_length=1024)
+    samples = [proc(c) for c in _conversations()]
+    batch = proc.collate_packed([samples])
+    model = bridge.build_model(dtype=torch.float32, kernels="reference")
+    grads = []
+    for mode in ("none", recompute):
+        model.set_recompute(mode)
+        model.zero_grad(set_to_none=True)
+        (model(**batch) * batch["loss_mask"]).sum().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], rtol=0, atol=1e-6)
+
+
+def test_packed_video_with_evs_equals_each_sample_alone(bridge, tmp_path) -> None:
+    """EVS prunes a packed video's frames as alone; the sample index follows the kept positions."""
+    from nvlcore.data.testing import write_test_video
+
+    video = write_test_video(tmp_path / "v.mp4", num_frames=8, fps=4, width=32, height=32)
+    vid = {"conversation": [
+        {"role": "user", "content": [{"type": "video", "path": str(video)}, {"type": "text", "text": "What changes?"}]},
+        {"role": "assistant", "content": "Brightness."}]}
+    proc = bridge.processor(seq_length=2048)
+    samples = [proc(c) for c in (_conversations()[1], vid, _conversations()[0])]
+    model = bridge.build_model(dtype=torch.float32, kernels="reference")
+    model.eval()
+    packed = proc.collate_packed([samples])
+    with torch.no_grad():
+        loss = model(**packed, evs_pruning_rate=0.5)
+        start = 0
+        for s in samples:
+            n = int(s["input_ids"].numel())
+            alone = model(**proc.collate([s]), evs_pruning_rate=0.5)
+            m = s["loss_mask"].bool()
+            torch.testing.assert_close(loss[0, start:start + n][m], alone[0, :n][m], rtol=0, atol=1e-5)
+            start += n
