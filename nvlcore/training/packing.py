@@ -80,13 +80,18 @@ class WindowSampler:
             w += self.dp_size
 
 
+def num_tokens(sample: dict[str, Any]) -> int:
+    """A processed sample's length in tokens."""
+    return int(sample["input_ids"].numel())
+
+
 class PackWindow:
     """Worker-side collate: a window of processed samples -> ``(window_position, rows)``, each row the
     samples packed into it (a picklable callable, so it runs in DataLoader workers)."""
 
     def __init__(self, capacity: int, mode: str, length: Callable[[dict[str, Any]], int] | None = None) -> None:
         self.capacity, self.mode = capacity, mode
-        self.length = length or (lambda s: int(s["input_ids"].numel()))
+        self.length = length or num_tokens
 
     def __call__(self, samples: Sequence[dict[str, Any]]) -> list[list[dict[str, Any]]]:
         bins = pack_lengths([self.length(s) for s in samples], self.capacity, self.mode)
@@ -161,7 +166,8 @@ def build_packed_loader(dataset: Any, order: Callable[[int], int], *, window: in
         collate_fn=PackWindow(capacity, mode),
         num_workers=num_workers,
         persistent_workers=False,
-        prefetch_factor=2 if num_workers > 0 else None,
+        # A window is many samples (128 MedPix tiles are 400 MB in fp32): one in flight per worker.
+        prefetch_factor=1 if num_workers > 0 else None,
     )
 
 
