@@ -235,6 +235,9 @@ def build_data(cfg: "NvlConfig", bridge: Any, manager: Any, ctx: "ParallelContex
             raise ValueError(f"dataset.packing={mode}: the model bridge's processor has no collate_packed(); "
                              "this model cannot train on packed sequences")
         start = None
+        if packing_positions is None and consumed_samples:
+            print_fn("nvl finetune: the resumed checkpoint holds no packed data position (it was not a packed run); "
+                     "packing starts from the beginning of the sample stream")
         if packing_positions is not None:
             if len(packing_positions) != ctx.dp_size:
                 raise ValueError(
