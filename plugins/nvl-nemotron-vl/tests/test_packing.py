@@ -198,3 +198,38 @@ def test_packed_video_with_evs_equals_each_sample_alone(bridge, tmp_path) -> Non
             m = s["loss_mask"].bool()
             torch.testing.assert_close(loss[0, start:start + n][m], alone[0, :n][m], rtol=0, atol=1e-5)
             start += n
+
+
+def test_kernel_wrappers_hand_the_boundaries_to_the_libraries() -> None:
+    """The GPU wrappers' packed wiring, on CPU with stand-ins of the library calls: the fla conv gets the
+    rows as one varlen sequence with cu_seqlens (a stand-in running the reference per segment must give
+    the reference's masked conv), and the mamba-ssm scan gets seq_idx as int32."""
+    from nvl_nemotron_vl.model import kernels as K
+
+    def fake_fla_conv(x, w, bias, activation=None, cu_seqlens=None):
+        assert x.shape[0] == 1 and activation == "silu" and cu_seqlens.dtype == torch.int32
+        out = torch.cat([conv_reference(x[:, a:b], w[:, None, :], bias) for a, b in
+                         zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist())], dim=1)
+        return out, None
+
+    gen = torch.Generator().manual_seed(2)
+    xBC = torch.randn(2, 19, 6, generator=gen)
+    w = torch.randn(6, 1, 4, generator=gen)
+    bias = torch.randn(6, generator=gen)
+    sid = _seq_idx([[3, 1, 9], [2, 17]], 19)
+    torch.testing.assert_close(K._fla_conv(fake_fla_conv)(xBC, w, bias, seq_idx=sid), conv_reference(xBC, w, bias, sid))
+
+    seen = {}
+
+    def fake_mamba_scan(x, dt, A, B, C, chunk, D=None, dt_bias=None, dt_softplus=False, seq_idx=None):
+        seen["seq_idx"] = seq_idx
+        dtf = torch.nn.functional.softplus(dt + dt_bias) if dt_softplus else dt
+        y, _ = ssd_scan_reference(x, dtf, A, B, C, chunk, seq_idx=seq_idx)
+        return y + D[:, None] * x
+
+    x, dt, A, B, C = (t.float() for t in _random_scan_inputs(b=2, L=19))
+    A_log, D, dt_bias = torch.log(-A), torch.ones(A.shape), torch.zeros(A.shape)
+    got = K._mamba_scan(fake_mamba_scan)(x, dt, A_log, B, C, 8, D, dt_bias, seq_idx=sid.long())
+    assert seen["seq_idx"].dtype == torch.int32 and torch.equal(seen["seq_idx"], sid)
+    ref = K._fp32_scan(ssd_scan_reference)(x, dt, A_log, B, C, 8, D, dt_bias, seq_idx=sid)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
