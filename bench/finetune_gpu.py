@@ -13,7 +13,9 @@ Workloads, generated on the machine in each source's real schema (nothing is dow
 * ``cord``: CORD-v2 receipts through ``make_cord_v2_dataset`` (a local parquet copy): tall 768x1152
   images (2x3 tiles + thumbnail = 7 tiles, 1,792 image tokens) and ~300 tokens of XML-like target;
 * ``medpix``: MedPix-VQA through ``make_medpix_dataset``: one 512x512 image (1 tile), a short question
-  and answer (~300 tokens a sample; what packing is for).
+  and answer (~300 tokens a sample; what packing is for: ``--variants 'dataset.packing=best_fit'``
+  measures packed rows of ``--seq`` tokens against one sample per row in the same run, and the
+  markdown states the speed-up).
 
 The peer, in the same run: transformers' ``NemotronHForCausalLM`` at the same LM shape (random bf16
 weights, SDPA, the library's PyTorch Mamba path since no mamba-ssm CUDA build is installed) with PEFT
@@ -35,6 +37,9 @@ Usage (one H200; the 12b shape needs no weights on disk with --random-init)::
     python bench/finetune_gpu.py --size 12b-shape --workloads text,cord,medpix --out bench/results
     # two H200s, full fine-tuning at TP=2:
     python bench/finetune_gpu.py --size 12b-shape --methods full --tp 2 --nproc 2 --workloads cord --peer-seqs ''
+    # sequence packing (issue 14): MedPix-like samples packed into rows of 4096 tokens vs one per row
+    python bench/finetune_gpu.py --size 12b-shape --workloads medpix --variants 'dataset.packing=best_fit' \
+        --peer-seqs '' --steps 10 --warmup 3 --tag packing --out bench/results
     # CPU smoke test at toy size (what the test suite runs):
     python bench/finetune_gpu.py --size tiny --device cpu --seq 256 --steps 3 --warmup 1 --gbs 2 --peer-seqs 128
 """
@@ -307,6 +312,12 @@ def run_nvl(args: argparse.Namespace, model_dir: Path, data: dict[str, Path], wo
         losses=[round(r["loss"], 4) for r in rows], tokens_per_sample=round(toks / len(timed) / args.gbs),
         timed_iterations=len(timed),
     )
+    if len(rows) > 1 and "consumed_samples" in rows[0]:
+        # samples trained per iteration: the global batch, or with dataset.packing the samples in its rows
+        per_step = (rows[-1]["consumed_samples"] - rows[0]["consumed_samples"]) / (len(rows) - 1)
+        rec["samples_per_step"] = round(per_step, 2)
+        rec["tokens_per_sample"] = round(toks / len(timed) / per_step)
+        rec["tokens_per_row"] = round(toks / len(timed) / args.gbs)
     log(f"  -> {rec['tokens_per_s']:,.0f} tokens/s, MFU {rec['mfu']:.1%}, peak {rec['peak_gb']} GB")
     return rec
 
@@ -394,6 +405,18 @@ def markdown(records: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         mfu = f"{r['mfu']:.1%}" if r.get("mfu") is not None else "-"
         lines.append(f"| {r['system']} | {r['workload']} | {r['method']} | {r['seq']} | {r['gpus']} | {r['tp']} | "
                      f"{var} | {tps} | {mfu} | {r.get('peak_gb') or '-'} | {r['status']} |")
+    packed = [r for r in records if (r.get("variant") or {}).get("dataset.packing", "none") != "none"
+              or (r.get("variant") or {}).get("dataset.enable_in_batch_packing") in ("true", "True")]
+    if packed:
+        lines += ["", "Sequence packing (the same workload and method without the packing override = 1x):", ""]
+    for r in packed:
+        rest = {k: v for k, v in r["variant"].items() if k not in ("dataset.packing", "dataset.enable_in_batch_packing")}
+        base = [b for b in records if b["system"] == "nvl" and b["workload"] == r["workload"]
+                and b["method"] == r["method"] and (b.get("variant") or {}) == rest]
+        if base and base[0].get("tokens_per_s") and r.get("tokens_per_s"):
+            lines.append(f"- {r['workload']} {r['method']}: {r['tokens_per_s']:,.0f} vs {base[0]['tokens_per_s']:,.0f} "
+                         f"tokens/s = {r['tokens_per_s'] / base[0]['tokens_per_s']:.2f}x; "
+                         f"{r.get('samples_per_step', '?')} vs {base[0].get('samples_per_step', '?')} samples per iteration")
     lines += ["", "Kernels per run:", ""]
     for r in records:
         if r.get("kernels"):

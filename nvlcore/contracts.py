@@ -34,6 +34,11 @@ Keys produced by a bridge's processor and understood by its model:
 ``pixel_values`` ``[T, 3, H, W]`` float32 or absent
     every image tile and video frame of the batch, in the order their context tokens appear when
     the batch is read row by row.
+``seq_idx`` ``[B, L]`` int32, only in packed batches (``dataset.packing``)
+    the index of each token's sample in its row, the row's padding an index of its own; the model
+    must compute every sample as if alone;
+``num_samples`` ``[B]`` int64, only in packed batches
+    samples per row (the trainer's ``consumed_samples`` counts them).
 Bridges may add keys of their own (for example per-video frame counts).
 """
 
@@ -77,7 +82,12 @@ class Processor(Protocol):
         ...
 
     def collate(self, samples: Sequence[dict[str, Any]]) -> Batch:
-        """Pad and stack samples into a :data:`Batch`."""
+        """Pad and stack samples into a :data:`Batch`.
+
+        A processor whose model can train on packed rows also has ``collate_packed(rows)`` (``rows``: a
+        list of lists of samples, each list concatenated into one row) returning a :data:`Batch` with
+        ``seq_idx`` and ``num_samples``; ``dataset.packing`` needs it.
+        """
         ...
 
 

@@ -60,3 +60,21 @@ def test_readme_table_is_generated_from_the_bench_records():
     readme = (root / "README.md").read_text()
     block = readme.split(bench.README_BEGIN, 1)[1].split(bench.README_END, 1)[0]
     assert block.strip() == bench.readme_table(records).strip()
+
+
+@pytest.mark.slow
+def test_finetune_bench_measures_packing_against_one_sample_per_row(tmp_path):
+    """The issue-14 measurement's command at toy size: medpix with and without dataset.packing in one run."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, str(BENCH), "--size", "tiny", "--device", "cpu", "--seq", "512", "--steps", "3",
+           "--warmup", "1", "--gbs", "2", "--samples", "24", "--workloads", "medpix", "--peer-seqs", "",
+           "--variants", "dataset.packing=best_fit", "--out", str(tmp_path / "out"), "--work", str(tmp_path / "work")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    plain, packed = json.loads((tmp_path / "out" / "finetune_gpu.json").read_text())
+    assert plain["variant"] == {} and packed["variant"] == {"dataset.packing": "best_fit"}
+    assert plain["status"] == packed["status"] == "ok"
+    assert plain["samples_per_step"] == 2 and packed["samples_per_step"] > 4  # several samples per row
+    assert "dataset.packing=best_fit" in packed["command"]
+    md = (tmp_path / "out" / "finetune_gpu.md").read_text()
+    assert "Sequence packing" in md and "medpix lora:" in md

@@ -176,3 +176,42 @@ def test_maker_kwargs_are_checked_against_the_makers_schema(register_plugin, nvl
     assert typo.exit_code == 2 and "did you mean '--maker-kwargs.n'" in typo.output
     ok = nvl_cli("data", "preview", "schema_maker", "--maker-kwargs", '{"path": "x", "n": "2"}', "--json")
     assert ok.exit_code == 0, ok.output
+
+
+class ManyMaker(ListMaker):
+    """Ten examples of different lengths (the counting processor: one token per character)."""
+
+    def __init__(self, *, split: str = "train", bad: bool = False) -> None:
+        self.rows = [{"conversation": [{"role": "user", "content": "q" * (10 * (i % 4) + 5)},
+                                       {"role": "assistant", "content": "a" * 5}]} for i in range(10)]
+
+
+def test_packing_preview_shows_samples_per_row_and_fill(register_plugin, nvl_cli, model_dir: Path) -> None:
+    mod = plugin_module()
+
+    @hookimpl
+    def nvl_register_dataset_makers(register):
+        register("many_maker", ManyMaker)
+
+    mod.nvl_register_dataset_makers = nvl_register_dataset_makers
+    register_plugin(mod)
+    # lengths (rendered characters): 10, 20, 30, 40, 10, 20, 30, 40, 10, 20; rows of 50, windows of 5
+    result = nvl_cli("data", "preview", "many_maker", "--hf-model-path", str(model_dir), "--seq-length", "50",
+                     "--packing-buffer-size", "5", "-n", "2", "--json", "--packing")
+    assert result.exit_code == 0, result.output
+    lines = [json.loads(line) for line in result.output.splitlines()]
+    rows, summary = lines[:-1], lines[-1]["summary"]
+    # window 0 (10, 20, 30, 40, 10) -> rows [0, 1], [2], [3, 4]: the 10 goes where it fits tightest
+    assert [r["examples"] for r in rows] == [[0, 1], [2]]
+    assert rows[0]["fill"] == pytest.approx(0.6) and rows[0]["num_samples"] == 2 and rows[0]["lengths"] == [10, 20]
+    # the summary covers the windows read to show the rows: window 0, 110 tokens in 3 rows of 50
+    assert summary["examples"] == 5 and summary["rows"] == 3
+    assert summary["fill"] == pytest.approx(110 / 150) and summary["fill_unpacked"] == pytest.approx(110 / 250)
+    text = nvl_cli("data", "preview", "many_maker", "--hf-model-path", str(model_dir), "--seq-length", "50",
+                   "--packing-buffer-size", "5", "--packing", "first_fit")
+    assert text.exit_code == 0, text.output
+    # first fit puts example 4 (10 tokens) into the first row with room, where best fit chose the full one
+    assert "row 0: 3 samples (examples 0, 1, 4; tokens 10 + 20 + 10 = 40), fill 80.0%" in text.output
+    assert "5 examples in 3 rows" in text.output and "samples per row" in text.output
+    no_model = nvl_cli("data", "preview", "many_maker", "--packing")
+    assert no_model.exit_code == 2 and "--packing needs --hf-model-path" in no_model.output

@@ -57,7 +57,7 @@ def _make_dataset(name: str, split: str, kwargs: dict[str, Any]) -> tuple[str, A
         raise click.ClickException(str(exc)) from exc
 
 
-def _bridge_processor(hf_dir: Path) -> Any:
+def _bridge_processor(hf_dir: Path, **options: Any) -> Any:
     """The processor of the bridge that handles ``hf_dir`` (picked from config.json ``architectures``)."""
     from nvlcore.cli import current_plugin_manager
 
@@ -79,7 +79,7 @@ def _bridge_processor(hf_dir: Path) -> Any:
             continue
         if set(architectures) & set(getattr(bridge_cls, "architectures", ())):
             try:
-                return bridge_cls.from_hf_dir(hf_dir).processor()
+                return bridge_cls.from_hf_dir(hf_dir).processor(**options)
             except (ValueError, OSError, TypeError, KeyError) as exc:
                 raise click.ClickException(f"bridge {name!r} cannot read {hf_dir}: {exc}") from exc
     msg = f"no installed model bridge handles architectures {architectures} of {cfg_path}"
@@ -126,8 +126,15 @@ def _describe_item(item: Mapping[str, Any]) -> str:
 @hf_model_option("--hf-model-path", help="Model: also show what its processor makes of each example.")
 @revision_option()
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per example and line.")
+@click.option("--packing", type=click.Choice(["first_fit", "best_fit"]), is_flag=False, flag_value="best_fit",
+              default=None, help="Show how the examples pack into rows (dataset.packing; alone: best_fit); -n counts rows.")
+@click.option("--seq-length", type=click.IntRange(min=1), default=4096, show_default=True,
+              help="With --packing: the row length (dataset.seq_length).")
+@click.option("--packing-buffer-size", type=click.IntRange(min=1), default=128, show_default=True,
+              help="With --packing: samples per packing window (dataset.packing_buffer_size).")
 def preview_cmd(maker: str, maker_kwargs: str | None, split: str, num: int, hf_model_path: Path | None,
-                revision: str | None, as_json: bool) -> None:
+                revision: str | None, as_json: bool, packing: str | None, seq_length: int,
+                packing_buffer_size: int) -> None:
     """Show the first examples of dataset maker MAKER (a name or alias).
 
     With --hf-model-path, each example also goes through the model's processor: the rendered
@@ -137,7 +144,13 @@ def preview_cmd(maker: str, maker_kwargs: str | None, split: str, num: int, hf_m
     the model directory).
     """
     kwargs = _parse_kwargs(maker_kwargs)
+    if packing is not None and hf_model_path is None:
+        raise click.UsageError("--packing needs --hf-model-path (the model's processor counts each example's tokens)")
     name, dataset = _make_dataset(maker, split, kwargs)
+    if packing is not None:
+        _preview_packing(name, split, dataset, _bridge_processor(hf_model_path, seq_length=seq_length), mode=packing,
+                         seq_length=seq_length, window=packing_buffer_size, num_rows=num, as_json=as_json)
+        return
     processor = _bridge_processor(hf_model_path) if hf_model_path is not None else None
     total = len(dataset)
     skipped = getattr(dataset, "num_skipped", None)
@@ -191,4 +204,69 @@ def preview_cmd(maker: str, maker_kwargs: str | None, split: str, num: int, hf_m
                 click.echo()
     if failures:
         click.echo(f"{failures} of {min(num, total)} examples failed", err=True)
+        sys.exit(1)
+
+
+def _preview_packing(name: str, split: str, dataset: Any, processor: Any, *, mode: str, seq_length: int, window: int,
+                     num_rows: int, as_json: bool) -> None:
+    """Pack the split's examples in order, a window of ``window`` at a time, as training does
+    (:mod:`nvlcore.training.packing`), and show the first ``num_rows`` rows and the fill ratio."""
+    from nvlcore.training.packing import pack_lengths
+
+    total = len(dataset)
+    if not as_json:
+        click.echo(f"{name}/{split}: {total} examples; packing {mode} into rows of {seq_length} tokens, "
+                   f"windows of {window} examples (in split order)")
+    row_of = getattr(dataset, "row_index", None)
+    failures = 0
+    shown = 0
+    rows_total = samples_total = tokens_total = 0
+    for w, start in enumerate(range(0, total, window)):
+        if shown >= num_rows:
+            break
+        indices, lengths = [], []
+        for index in range(start, min(start + window, total)):
+            row = row_of(index) if row_of else index
+            where = f"row {row} of {name}/{split}"
+            try:
+                sample = processor(dataset[index], where=where)
+            except Exception as exc:  # shown, left out of the packing; the exit status says so
+                failures += 1
+                msg = f"{type(exc).__name__}: {exc}"
+                click.echo(json.dumps({"index": index, "row": row, "error": msg}) if as_json
+                           else f"example {index} ({where}): ERROR: {msg}")
+                continue
+            indices.append(index)
+            lengths.append(int(sample["input_ids"].numel()))
+        try:
+            bins = pack_lengths(lengths, seq_length, mode)
+        except ValueError as exc:
+            raise click.ClickException(f"{name}/{split}: {exc}") from exc
+        for b in bins:
+            n_tok = sum(lengths[i] for i in b)
+            rows_total += 1
+            samples_total += len(b)
+            tokens_total += n_tok
+            if shown >= num_rows:
+                continue
+            record = {"row": shown, "window": w, "examples": [indices[i] for i in b], "lengths": [lengths[i] for i in b],
+                      "num_samples": len(b), "num_tokens": n_tok, "fill": n_tok / seq_length}
+            shown += 1
+            if as_json:
+                click.echo(json.dumps(record))
+            else:
+                click.echo(f"row {record['row']}: {len(b)} samples (examples {', '.join(map(str, record['examples']))}; "
+                           f"tokens {' + '.join(map(str, record['lengths']))} = {n_tok}), fill {record['fill']:.1%}")
+    if rows_total:
+        summary = {"examples": samples_total, "rows": rows_total, "samples_per_row": samples_total / rows_total,
+                   "fill": tokens_total / (rows_total * seq_length),
+                   "fill_unpacked": tokens_total / (samples_total * seq_length)}
+        if as_json:
+            click.echo(json.dumps({"summary": summary}))
+        else:
+            click.echo(f"{samples_total} examples in {rows_total} rows (the windows shown): "
+                       f"{summary['samples_per_row']:.2f} samples per row, fill {summary['fill']:.1%} "
+                       f"(one example per row: {summary['fill_unpacked']:.1%})")
+    if failures:
+        click.echo(f"{failures} examples failed", err=True)
         sys.exit(1)

@@ -487,6 +487,7 @@ def resolve_config(cfg: NvlConfig) -> NvlConfig:
         "train.global_batch_size": cfg.train.global_batch_size,
         "train.micro_batch_size": cfg.train.micro_batch_size,
         "logger.log_interval": cfg.logger.log_interval,
+        "dataset.packing_buffer_size": cfg.dataset.packing_buffer_size,
     }
     for key, value in positive.items():
         if value <= 0:

@@ -51,8 +51,6 @@ REFUSED: tuple[Refusal, ...] = (
     Refusal("dataset.data_sharding", (True,),
             "nvl always splits one global shuffled sample stream over the data-parallel ranks "
             "(docs/finetune.md, 'Data'); remove it"),
-    Refusal("dataset.enable_in_batch_packing", (False,),
-            "packing is not implemented for image/video data; use dataset.pad_to_multiple_of to limit padding"),
     Refusal("dist.use_megatron_fsdp", (False,),
             "nvl shards optimizer state (ddp.use_distributed_optimizer) and weights by tensor parallelism, not FSDP"),
     Refusal("dist.use_torch_fsdp2", (False,),

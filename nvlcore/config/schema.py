@@ -179,7 +179,13 @@ class DatasetConfig:
     persistent_workers: bool = _f(False, "Keep DataLoader workers alive between evaluations (with num_workers > 0).")
     pad_to_multiple_of: int = _f(128, "Pad each batch's length up to a multiple of this.")
     pad_to_max_length: bool = _f(False, "Pad every batch to seq_length.")
-    enable_in_batch_packing: bool = _f(False, "Pack several samples into one row (not supported for VLM data).")
+    enable_in_batch_packing: bool = _f(
+        False, "Pack several whole samples into each row of seq_length tokens (the original name; true = packing best_fit)."
+    )
+    packing: Literal["none", "first_fit", "best_fit"] = _f(
+        "none", "Sequence packing: none, or first_fit / best_fit over a window of packing_buffer_size samples."
+    )
+    packing_buffer_size: int = _f(128, "Samples per packing window (the bounded look-ahead buffer).")
     skip_test: bool = _f(False, "Do not evaluate the test split at the end of training.")
 
 

@@ -11,7 +11,7 @@ import random
 import signal
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import attrs
 
@@ -307,11 +307,14 @@ class DataPipeline:
     num_microbatches: int
     test_batches_factory: Callable[[], Any] | None = None
     test_note: str = ""
+    #: packed runs: this rank's ``(window, rows consumed)`` after the last micro-batch taken
+    packing_position: Callable[[], tuple[int, int]] | None = None
 
 
 def build_data(cfg: "NvlConfig", bridge: Any, manager: Any, ctx: "ParallelContext", *, consumed_samples: int,
-               print_fn: Callable[[str], None]) -> DataPipeline:
+               print_fn: Callable[[str], None], packing_positions: Sequence[Sequence[int]] | None = None) -> DataPipeline:
     from nvlcore.training.data import GlobalBatchSampler, ProcessedDataset, build_loader
+    from nvlcore.training.packing import PackedBatches, build_packed_loader, packing_mode
 
     ds = cfg.dataset
     maker = manager.registry("dataset_maker").get(ds.maker_name)
@@ -328,9 +331,40 @@ def build_data(cfg: "NvlConfig", bridge: Any, manager: Any, ctx: "ParallelContex
         seed=cfg.rng.seed, consumed_samples=consumed_samples, shuffle=ds.dataloader_type == "cyclic",
     )
     pin = ds.pin_memory and ctx.device.type == "cuda"
-    loader = build_loader(ProcessedDataset(made, processor, seed=cfg.rng.seed, split="train"), sampler,
-                          processor.collate, num_workers=ds.num_workers, pin_memory=pin,
-                          persistent_workers=ds.persistent_workers)
+    mode = packing_mode(ds)
+    packing_position = None
+    if mode == "none":
+        train_batches: Any = iter(build_loader(ProcessedDataset(made, processor, seed=cfg.rng.seed, split="train"),
+                                               sampler, processor.collate, num_workers=ds.num_workers, pin_memory=pin,
+                                               persistent_workers=ds.persistent_workers))
+    else:
+        collate_packed = getattr(processor, "collate_packed", None)
+        if collate_packed is None:
+            raise ValueError(f"dataset.packing={mode}: the model bridge's processor has no collate_packed(); "
+                             "this model cannot train on packed sequences")
+        start = None
+        if packing_positions is None and consumed_samples:
+            print_fn("nvl finetune: the resumed checkpoint holds no packed data position (it was not a packed run); "
+                     "packing starts from the beginning of the sample stream")
+        if packing_positions is not None:
+            if len(packing_positions) != ctx.dp_size:
+                raise ValueError(
+                    f"dataset.packing: the checkpoint's data position was saved by {len(packing_positions)} data-parallel "
+                    f"rank(s), this run has {ctx.dp_size}; a packed run resumes at the same data-parallel size"
+                )
+            start = (int(packing_positions[ctx.dp_rank][0]), int(packing_positions[ctx.dp_rank][1]))
+        order = GlobalBatchSampler(num_samples=len(made), global_batch_size=1, micro_batch_size=1, seed=cfg.rng.seed,
+                                   shuffle=ds.dataloader_type == "cyclic")
+        loader = build_packed_loader(
+            ProcessedDataset(made, processor, seed=cfg.rng.seed, split="train"), order.index_at,
+            window=ds.packing_buffer_size, capacity=seq_length, mode=mode, dp_rank=ctx.dp_rank, dp_size=ctx.dp_size,
+            start_window=None if start is None else start[0], num_workers=ds.num_workers,
+        )
+        train_batches = PackedBatches(iter(loader), collate_packed, micro_batch_size=cfg.train.micro_batch_size,
+                                      dp_rank=ctx.dp_rank, dp_size=ctx.dp_size, start=start, pin_memory=pin)
+        packing_position = lambda: train_batches.position  # noqa: E731
+        print_fn(f"nvl finetune: packing ({mode}) samples into rows of {seq_length} tokens over windows of "
+                 f"{ds.packing_buffer_size} samples; a micro-batch is {cfg.train.micro_batch_size} packed row(s)")
     splits = tuple(getattr(maker, "splits", ()) or ())
 
     def eval_factory(split: str, extra_kwargs: Mapping[str, Any]) -> tuple[Callable[[], Any], int]:
@@ -380,7 +414,8 @@ def build_data(cfg: "NvlConfig", bridge: Any, manager: Any, ctx: "ParallelContex
     else:
         test_factory, n = eval_factory("test", ds.test_maker_kwargs)
         test_note = f"test: {v.eval_iters} batch(es) at the end of training on {n} examples"
-    return DataPipeline(iter(loader), len(made), factory, note, sampler.num_microbatches, test_factory, test_note)
+    return DataPipeline(train_batches, len(made), factory, note, sampler.num_microbatches, test_factory, test_note,
+                        packing_position)
 
 
 def build_loggers(cfg: "NvlConfig", manager: Any, ctx: "ParallelContext", *, resume_iteration: int | None,
@@ -599,7 +634,13 @@ def run_finetune(
             tck.check_checkpoint_space(cfg, need, ctx, start_iteration=state.iteration, say=say)
 
         # -- data, loggers ----------------------------------------------------------------------
-        data = build_data(cfg, bridge, manager, ctx, consumed_samples=state.consumed_samples, print_fn=say)
+        packing_positions = None
+        if decision.iter_dir is not None:
+            from nvlcore.checkpoint import open_checkpoint
+
+            packing_positions = ((open_checkpoint(decision.iter_dir).extra_state() or {}).get("data") or {}).get("packing")
+        data = build_data(cfg, bridge, manager, ctx, consumed_samples=state.consumed_samples, print_fn=say,
+                          packing_positions=packing_positions)
         if data.eval_note:
             say(f"nvl finetune: {data.eval_note}")
         if data.test_note:
@@ -646,7 +687,7 @@ def run_finetune(
             finish_pending()
             path = save(cfg.checkpoint.save, st, model=model, optimizer=opt, bridge=bridge, ctx=ctx, cfg=cfg,
                         run_config=run_config, adapter_only=adapter_only, num_samples=data.num_train_samples,
-                        async_group=async_group)
+                        async_group=async_group, packing_positions=gather_packing_positions(data.packing_position, ctx))
             if isinstance(path, Path):
                 say(f"nvl finetune: saved checkpoint {path}")
                 plotter.plot()
@@ -751,8 +792,24 @@ def load_pretrained(model: "torch.nn.Module", src: str, *, bridge: Any, ctx: "Pa
         tck.load_model_weights(model, iter_dir, bridge=bridge, ctx=ctx)
 
 
+def gather_packing_positions(position: Callable[[], tuple[int, int]] | None,
+                             ctx: "ParallelContext") -> list[list[int]] | None:
+    """Every DP rank's packed-data position ``[[window, rows], ...]`` (collective), or None unpacked."""
+    if position is None:
+        return None
+    mine = [int(x) for x in position()]
+    if ctx.dp_size == 1:
+        return [mine]
+    import torch.distributed as dist
+
+    out: list[Any] = [None] * ctx.dp_size
+    dist.all_gather_object(out, mine, group=ctx.dp_group)
+    return [list(x) for x in out]
+
+
 def save(root: str, st: TrainState, *, model: Any, optimizer: Any, bridge: Any, ctx: "ParallelContext", cfg: "NvlConfig",
-         run_config: Mapping[str, Any], adapter_only: bool, num_samples: int, async_group: Any = None) -> Any:
+         run_config: Mapping[str, Any], adapter_only: bool, num_samples: int, async_group: Any = None,
+         packing_positions: list[list[int]] | None = None) -> Any:
     """Write one training checkpoint (collective over all ranks): the ``iter_N`` path, or with
     ``checkpoint.async_save`` a :class:`~nvlcore.checkpoint.PendingSave` whose ``wait()`` publishes it."""
     from nvlcore.checkpoint import capture_rng_state, save_checkpoint
@@ -769,7 +826,8 @@ def save(root: str, st: TrainState, *, model: Any, optimizer: Any, bridge: Any, 
         files = {f"{TOKENIZER_DIR}/{n}": hf / n for n in TOKENIZER_FILES if (hf / n).is_file()}
     extra = {
         "adam_step": adam_step,
-        "data": {"consumed_samples": st.consumed_samples, "seed": cfg.rng.seed, "num_samples": num_samples},
+        "data": {"consumed_samples": st.consumed_samples, "seed": cfg.rng.seed, "num_samples": num_samples,
+                 **({"packing": packing_positions} if packing_positions is not None else {})},
         "layout": {"tp": ctx.tp_size, "dp": ctx.dp_size, "world_size": ctx.world_size},
         "adapter_only": adapter_only,
         "pretrained_checkpoint": cfg.checkpoint.pretrained_checkpoint,

@@ -46,7 +46,8 @@ class TrainState:
     """Where training stands; saved in every checkpoint's ``train_state.pt``.
 
     :param iteration: iterations completed (global batches consumed).
-    :param consumed_samples: position in the global sample stream.
+    :param consumed_samples: samples trained on so far (the position in the global sample stream when
+        unpacked; with packing, the samples in the packed rows, all DP ranks together).
     :param optimizer_steps: updates applied (the LR schedule's position; skipped iterations excluded).
     :param skipped_iterations: iterations whose update was skipped (non-finite loss/gradient).
     :param floating_point_operations_so_far: training FLOPs counted so far.
@@ -87,6 +88,7 @@ class StepResult:
     weight_decay: float
     skipped: bool
     reason: str = ""
+    samples: float = 0.0
 
     @property
     def loss(self) -> float:
@@ -98,6 +100,14 @@ def move_batch(batch: Mapping[str, Any], device: "torch.device") -> dict[str, An
     import torch
 
     return {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+
+
+def batch_samples(batch: Mapping[str, Any]) -> int:
+    """Samples in a micro-batch: its rows, or with packing the samples packed into them (``num_samples``)."""
+    n = batch.get("num_samples")
+    if n is not None:
+        return int(n.sum())
+    return int(batch["input_ids"].shape[0])
 
 
 def real_tokens(batch: Mapping[str, Any]) -> int:
@@ -268,9 +278,11 @@ class Trainer:
         loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
         sup = torch.zeros((), dtype=torch.float64, device=dev)
         tokens = 0
+        samples = 0
         flops = 0.0
         for mb in micro_batches:
             tokens += real_tokens(mb)
+            samples += batch_samples(mb)
             if self.flops_fn is not None:
                 flops += float(self.flops_fn(mb))
             batch = move_batch(mb, dev)
@@ -279,15 +291,17 @@ class Trainer:
             loss_sum += lsum.detach().double()
             sup += msum.detach().double()
         stats = torch.stack([loss_sum, sup, torch.tensor(float(tokens), dtype=torch.float64, device=dev),
-                             torch.tensor(flops, dtype=torch.float64, device=dev)])
+                             torch.tensor(flops, dtype=torch.float64, device=dev),
+                             torch.tensor(float(samples), dtype=torch.float64, device=dev)])
         if ctx.dp_size > 1:
             dist.all_reduce(stats, group=ctx.dp_group)
-        g_loss, g_sup, g_tok, g_flops = (float(x) for x in stats.tolist())
+        g_loss, g_sup, g_tok, g_flops, g_samples = (float(x) for x in stats.tolist())
         step = self.state.optimizer_steps
         lr, wd = self.lr_schedule(step), self.wd_schedule(step)
 
         if g_sup <= 0:
-            return StepResult(g_loss, g_sup, g_tok, g_flops, float("nan"), lr, wd, True, "no supervised token")
+            return StepResult(g_loss, g_sup, g_tok, g_flops, float("nan"), lr, wd, True, "no supervised token",
+                              g_samples)
         grads = optim.materialize_grads(self.params)
         optim.reduce_gradients(grads, group=ctx.dp_group, group_size=ctx.dp_size, scale=1.0 / g_sup,
                                bucket_bytes=self.settings.bucket_bytes)
@@ -310,13 +324,13 @@ class Trainer:
                     "ddp.check_for_nan_in_grad is set, so the run stops (set ddp.check_for_nan_in_grad=false "
                     "to skip such updates instead)"
                 )
-            return StepResult(g_loss, g_sup, g_tok, g_flops, norm, lr, wd, True, reason)
+            return StepResult(g_loss, g_sup, g_tok, g_flops, norm, lr, wd, True, reason, g_samples)
         optim.set_hyperparameters(self.optimizer, lr=lr, weight_decay=wd)
         self.optimizer.step()
         for p in self.params:
             p.grad = None
         self.state.optimizer_steps += 1
-        return StepResult(g_loss, g_sup, g_tok, g_flops, norm, lr, wd, False)
+        return StepResult(g_loss, g_sup, g_tok, g_flops, norm, lr, wd, False, "", g_samples)
 
     # -- the loop --------------------------------------------------------------------------------
     def _stop_agreed(self) -> bool:
@@ -379,7 +393,7 @@ class Trainer:
                     torch.cuda.synchronize(self.ctx.device)
                 dt = time.perf_counter() - t0
                 st.iteration += 1
-                st.consumed_samples += s.global_batch_size
+                st.consumed_samples += int(res.samples) if res.samples else s.global_batch_size
                 st.floating_point_operations_so_far += res.flops
                 st.tokens_so_far += int(res.tokens)
                 if res.skipped:

@@ -52,10 +52,21 @@ def vision_forward_flops_per_tile(cfg: NemotronVLConfig) -> float:
 
 
 def batch_train_flops(cfg: NemotronVLConfig, batch: Mapping[str, Any]) -> float:
-    """Training FLOPs (3x forward) of one batch, counting real tokens and every tile/frame."""
+    """Training FLOPs (3x forward) of one batch, counting real tokens and every tile/frame.
+
+    A packed batch (``seq_idx``) counts each packed sample at its own length: attention is
+    block-diagonal, so a row of samples of lengths ``l_i`` costs ``sum l_i^2``, not ``(sum l_i)^2``.
+    """
     ids = batch["input_ids"]
     mask = batch.get("attention_mask")
-    if mask is not None:
+    seq_idx = batch.get("seq_idx")
+    if seq_idx is not None:
+        real = mask.bool() if mask is not None else None
+        lengths = []
+        for r in range(int(ids.shape[0])):
+            row = seq_idx[r].long() if real is None else seq_idx[r][real[r]].long()
+            lengths += [int(n) for n in row.bincount().tolist() if n]
+    elif mask is not None:
         lengths = [int(x) for x in mask.sum(dim=1).tolist()]
     else:
         lengths = [int(ids.shape[1])] * int(ids.shape[0])

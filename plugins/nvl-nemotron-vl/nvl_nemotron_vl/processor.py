@@ -651,6 +651,51 @@ class NemotronVLProcessor:
             batch["pixel_values"] = torch.cat(pixels, dim=0)
         return batch
 
+    def collate_packed(self, rows: Sequence[Sequence[Mapping[str, Any]]]) -> dict[str, Any]:
+        """Pack samples into rows: ``rows[r]`` is the list of samples concatenated into row ``r``
+        (``dataset.packing``), each sample whole; rows are then right-padded as in :meth:`collate`.
+
+        Keys: those of :meth:`collate` (each sample's ``labels`` end at its own last token, so no label
+        crosses into the next sample; ``pixel_values`` in reading order, so every tile lands in its
+        own sample's positions), plus ``seq_idx`` (int32 ``[B, L]``: the index of each token's sample
+        in its row; the padding of row ``r`` gets ``len(rows[r])``, an index of its own) and
+        ``num_samples`` (int64 ``[B]``). The model resets its Mamba states and keeps attention within
+        each index, so every sample is computed exactly as alone.
+
+        :raises ValueError: for an empty row, or a row longer than ``seq_length``.
+        """
+        import torch
+
+        if not rows or any(not row for row in rows):
+            raise ValueError("collate_packed needs at least one sample in every row")
+        c = self.config
+        joined = []
+        for r, row in enumerate(rows):
+            n = sum(int(s["input_ids"].numel()) for s in row)
+            if c.seq_length is not None and n > c.seq_length:
+                raise ValueError(f"packed row {r} holds {n} tokens, more than dataset.seq_length={c.seq_length}")
+            joined.append({
+                "input_ids": torch.cat([s["input_ids"] for s in row]),
+                "labels": torch.cat([s["labels"] for s in row]),
+                "loss_mask": torch.cat([s["loss_mask"] for s in row]),
+                "pixel_values": (torch.cat([s["pixel_values"] for s in row if s.get("pixel_values") is not None])
+                                 if any(s.get("pixel_values") is not None for s in row) else None),
+                "num_tiles": [n for s in row for n in s["num_tiles"]],
+                "num_frames": [n for s in row for n in s["num_frames"]],
+            })
+        batch = self.collate(joined)
+        seq_idx = torch.empty(batch["input_ids"].shape, dtype=torch.int32)
+        for r, row in enumerate(rows):
+            seq_idx[r].fill_(len(row))
+            pos = 0
+            for k, s in enumerate(row):
+                n = int(s["input_ids"].numel())
+                seq_idx[r, pos:pos + n] = k
+                pos += n
+        batch["seq_idx"] = seq_idx
+        batch["num_samples"] = torch.tensor([len(row) for row in rows], dtype=torch.long)
+        return batch
+
     def process_batch(self, conversations: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         """``collate([self(c) for c in conversations])``: a DataLoader ``collate_fn`` that does the
         processing in the workers (a bound method of a picklable object pickles)."""

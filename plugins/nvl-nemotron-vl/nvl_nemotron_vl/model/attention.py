@@ -46,6 +46,16 @@ def attention_mask_for(attention_mask: torch.Tensor | None, L: int, causal: bool
     return allowed
 
 
+def packed_attention_mask(seq_idx: torch.Tensor, causal: bool) -> torch.Tensor:
+    """Boolean SDPA mask ``[b, 1, L, L]`` for packed samples: a query sees only keys of its own sample
+    (``seq_idx`` ``[b, L]`` equal), and with ``causal`` only earlier ones: block-diagonal causal."""
+    L = seq_idx.shape[1]
+    allowed = (seq_idx[:, :, None] == seq_idx[:, None, :])[:, None]
+    if causal:
+        allowed = allowed & torch.ones(L, L, dtype=torch.bool, device=seq_idx.device).tril()
+    return allowed
+
+
 class SelfAttention(nn.Module):
     def __init__(
         self,
@@ -75,9 +85,14 @@ class SelfAttention(nn.Module):
                                       device=device)
 
     def forward(
-        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, inference_params: Any = None
+        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, inference_params: Any = None,
+        seq_idx: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """``[b, L, hidden]`` (before the layer's norm) -> ``[b, L, hidden]``; ``attention_mask`` ``[b, L]``."""
+        """``[b, L, hidden]`` (before the layer's norm) -> ``[b, L, hidden]``; ``attention_mask`` ``[b, L]``.
+
+        ``seq_idx`` ``[b, L]`` (packed samples) restricts attention to each token's own sample
+        (block-diagonal, causal for the LM); padding must then be a sample index of its own.
+        """
         if inference_params is not None:
             raise NotImplementedError("SelfAttention.forward is the full-sequence path; cached decoding runs through nvl_nemotron_vl.model.decode.NemotronVLDecoder (KV cache)")
         b, L, _ = hidden_states.shape
@@ -86,7 +101,12 @@ class SelfAttention(nn.Module):
         q = qkv[:, :, :, : self.rep].reshape(b, L, self.heads, self.head_dim).transpose(1, 2)
         k = qkv[:, :, :, self.rep].transpose(1, 2)
         v = qkv[:, :, :, self.rep + 1].transpose(1, 2)
-        mask = attention_mask_for(attention_mask, L, self.causal, hidden_states.device)
+        if seq_idx is not None:
+            mask = packed_attention_mask(seq_idx, self.causal)
+            if attention_mask is not None and not bool(attention_mask.all()):
+                mask = mask & attention_mask_for(attention_mask, L, False, hidden_states.device)
+        else:
+            mask = attention_mask_for(attention_mask, L, self.causal, hidden_states.device)
         gqa = self.rep > 1
         if mask is not None and gqa:
             # PyTorch's masked (memory-efficient) SDPA kernel does not take enable_gqa; expanding the

@@ -91,11 +91,41 @@ def _try(loader: Callable[[], dict[str, Callable[..., Any]]]) -> dict[str, Calla
 
 
 # ------------------------------------------------------------------------------- reference ops
-def conv_reference(xBC: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """Depthwise causal conv over time + SiLU: ``xBC`` ``[b, L, D]``, ``weight`` ``[D, 1, W]``."""
+def conv_reference(xBC: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                   seq_idx: torch.Tensor | None = None) -> torch.Tensor:
+    """Depthwise causal conv over time + SiLU: ``xBC`` ``[b, L, D]``, ``weight`` ``[D, 1, W]``.
+
+    With ``seq_idx`` ``[b, L]`` (packed samples) a tap that would reach a token of another sample reads
+    zero instead, exactly as the zero padding before a sample run alone: the conv state resets at
+    every sample boundary.
+    """
     k = weight.shape[-1]
-    out = F.conv1d(F.pad(xBC.transpose(1, 2), (k - 1, 0)), weight, bias, groups=weight.shape[0])
-    return F.silu(out).transpose(1, 2)
+    if seq_idx is None:
+        out = F.conv1d(F.pad(xBC.transpose(1, 2), (k - 1, 0)), weight, bias, groups=weight.shape[0])
+        return F.silu(out).transpose(1, 2)
+    # out[t] = bias + sum_j weight[:, W-1-j] * x[t-j], tap j kept only where seq_idx[t-j] == seq_idx[t].
+    L = xBC.shape[1]
+    xp = F.pad(xBC, (0, 0, k - 1, 0))
+    sp = F.pad(seq_idx, (k - 1, 0), value=-1)
+    w = weight[:, 0, :].to(xBC.dtype)  # [D, W]
+    out = xBC.new_zeros(xBC.shape) if bias is None else bias.to(xBC.dtype).expand_as(xBC).clone()
+    for j in range(k):
+        same = (sp[:, k - 1 - j:k - 1 - j + L] == seq_idx)[:, :, None].to(xBC.dtype)
+        out = out + xp[:, k - 1 - j:k - 1 - j + L] * same * w[:, k - 1 - j]
+    return F.silu(out)
+
+
+def cu_seqlens_from_seq_idx(seq_idx: torch.Tensor) -> torch.Tensor:
+    """int32 ``[n + 1]`` start offsets of the ``n`` samples of ``seq_idx`` ``[b, L]`` read as one
+    flattened row of ``b * L`` tokens (a new row always starts a new sample): the varlen kernels' form."""
+    b, L = seq_idx.shape
+    flat = seq_idx.reshape(-1)
+    starts = torch.ones_like(flat, dtype=torch.bool)
+    starts[1:] = flat[1:] != flat[:-1]
+    starts.view(b, L)[:, 0] = True
+    pos = torch.nonzero(starts).flatten()
+    end = torch.tensor([b * L], device=seq_idx.device, dtype=pos.dtype)
+    return torch.cat([pos, end]).to(torch.int32)
 
 
 def gated_norm_reference(y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, eps: float,
@@ -115,10 +145,11 @@ def _fp32_scan(scan: Callable[..., Any]) -> Callable[..., Any]:
     precision is what the reference promises).
     """
 
-    def run(x, dt, A_log, B, C, chunk_size, D, dt_bias):
+    def run(x, dt, A_log, B, C, chunk_size, D, dt_bias, seq_idx=None):
         with torch.autocast(x.device.type, enabled=False):
             dtf = F.softplus(dt.float() + dt_bias.float())
-            y, _ = scan(x.float(), dtf, -torch.exp(A_log.float()), B.float(), C.float(), chunk_size)
+            kw = {} if seq_idx is None else {"seq_idx": seq_idx}
+            y, _ = scan(x.float(), dtf, -torch.exp(A_log.float()), B.float(), C.float(), chunk_size, **kw)
             return y + D.float()[:, None] * x.float()
 
     return run
@@ -126,9 +157,11 @@ def _fp32_scan(scan: Callable[..., Any]) -> Callable[..., Any]:
 
 # ---------------------------------------------------------------------------------- kernel ops
 def _mamba_scan(fn: Callable[..., Any]) -> Callable[..., Any]:
-    def run(x, dt, A_log, B, C, chunk_size, D, dt_bias):
+    def run(x, dt, A_log, B, C, chunk_size, D, dt_bias, seq_idx=None):
         A = -torch.exp(A_log.float())
-        return fn(x, dt, A, B, C, chunk_size, D=D.float(), dt_bias=dt_bias.float(), dt_softplus=True)
+        # seq_idx (int32 [b, L]): the kernel resets the state at every change of index.
+        sid = None if seq_idx is None else seq_idx.to(torch.int32).contiguous()
+        return fn(x, dt, A, B, C, chunk_size, D=D.float(), dt_bias=dt_bias.float(), dt_softplus=True, seq_idx=sid)
 
     return run
 
@@ -136,25 +169,38 @@ def _mamba_scan(fn: Callable[..., Any]) -> Callable[..., Any]:
 def _fla_scan(fn: Callable[..., Any]) -> Callable[..., Any]:
     """SSD as simple GLA: q = C, k = B (expanded from groups to heads), v = dt x, log-decay g = dt A."""
 
-    def run(x, dt, A_log, B, C, chunk_size, D, dt_bias):
-        h = x.shape[2]
+    def run(x, dt, A_log, B, C, chunk_size, D, dt_bias, seq_idx=None):
+        b, L, h = x.shape[:3]
         r = h // B.shape[2]
         dtf = F.softplus(dt.float() + dt_bias.float())
         g = dtf * -torch.exp(A_log.float())
         v = (x.float() * dtf[..., None]).to(x.dtype)
         q = C.repeat_interleave(r, dim=2).to(x.dtype)
         k = B.repeat_interleave(r, dim=2).to(x.dtype)
-        y, _ = fn(q, k, v, g=g, scale=1.0)
+        if seq_idx is None:
+            y, _ = fn(q, k, v, g=g, scale=1.0)
+        else:
+            # varlen form: all rows as one of b * L tokens, samples delimited by cu_seqlens.
+            flat = lambda t: t.reshape(1, b * L, *t.shape[2:])  # noqa: E731
+            y, _ = fn(flat(q), flat(k), flat(v), g=flat(g), scale=1.0, cu_seqlens=cu_seqlens_from_seq_idx(seq_idx))
+            y = y.view(b, L, *y.shape[2:])
         return y.float() + D.float()[:, None] * x.float()
 
     return run
 
 
 def _fla_conv(fn: Callable[..., Any]) -> Callable[..., Any]:
-    def run(xBC, weight, bias):
+    def run(xBC, weight, bias, seq_idx=None):
         w = weight.squeeze(1).to(xBC.dtype)
-        out, _ = fn(xBC.contiguous(), w, None if bias is None else bias.to(xBC.dtype), activation="silu")
-        return out
+        bb = None if bias is None else bias.to(xBC.dtype)
+        if seq_idx is None:
+            out, _ = fn(xBC.contiguous(), w, bb, activation="silu")
+            return out
+        # varlen form: all rows as one of b * L tokens, the conv restarting at every cu_seqlens offset.
+        b, L, d = xBC.shape
+        out, _ = fn(xBC.reshape(1, b * L, d).contiguous(), w, bb, activation="silu",
+                    cu_seqlens=cu_seqlens_from_seq_idx(seq_idx))
+        return out.view(b, L, d)
 
     return run
 

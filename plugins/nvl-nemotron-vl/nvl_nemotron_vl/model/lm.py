@@ -38,8 +38,8 @@ class MambaLayer(nn.Module):
         super().__init__()
         self.mixer = MambaMixer(cfg, tp, dtype, device)
 
-    def forward(self, h: torch.Tensor, attention_mask=None, inference_params=None) -> torch.Tensor:
-        return h + self.mixer(h, attention_mask, inference_params)
+    def forward(self, h: torch.Tensor, attention_mask=None, inference_params=None, seq_idx=None) -> torch.Tensor:
+        return h + self.mixer(h, attention_mask, inference_params, seq_idx)
 
 
 class AttentionLayer(nn.Module):
@@ -50,8 +50,8 @@ class AttentionLayer(nn.Module):
             norm="rms", eps=cfg.layer_norm_epsilon, causal=True, tp=tp, dtype=dtype, device=device,
         )
 
-    def forward(self, h: torch.Tensor, attention_mask=None, inference_params=None) -> torch.Tensor:
-        return h + self.self_attention(h, attention_mask, inference_params)
+    def forward(self, h: torch.Tensor, attention_mask=None, inference_params=None, seq_idx=None) -> torch.Tensor:
+        return h + self.self_attention(h, attention_mask, inference_params, seq_idx)
 
 
 class MLPLayer(nn.Module):
@@ -60,7 +60,7 @@ class MLPLayer(nn.Module):
         self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, activation="relu2", bias=False, norm="rms",
                        eps=cfg.layer_norm_epsilon, tp=tp, dtype=dtype, device=device)
 
-    def forward(self, h: torch.Tensor, attention_mask=None, inference_params=None) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, attention_mask=None, inference_params=None, seq_idx=None) -> torch.Tensor:
         return h + self.mlp(h)
 
 
@@ -91,7 +91,9 @@ class _Decoder(nn.Module):
         #: Recompute each layer in backward (full activation checkpointing; set by the model).
         self.recompute_layers = False
 
-    def forward(self, h: torch.Tensor, attention_mask=None, inference_params=None) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, attention_mask=None, inference_params=None, seq_idx=None) -> torch.Tensor:
+        """``seq_idx`` ``[b, L]``: packed samples (sample index per token; padding an index of its own):
+        Mamba states reset and attention stays within each sample."""
         from torch.utils.checkpoint import checkpoint
 
         from .attention import is_right_padded
@@ -103,9 +105,9 @@ class _Decoder(nn.Module):
             attention_mask = None
         for layer in self.layers:
             if self.recompute_layers and torch.is_grad_enabled() and inference_params is None:
-                h = checkpoint(layer, h, attention_mask, None, use_reentrant=False)
+                h = checkpoint(layer, h, attention_mask, None, seq_idx, use_reentrant=False)
             else:
-                h = layer(h, attention_mask, inference_params)
+                h = layer(h, attention_mask, inference_params, seq_idx)
         return self.final_norm(h)
 
 

@@ -94,12 +94,15 @@ class MambaMixer(nn.Module):
         hidden_states: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         inference_params: Any = None,
+        seq_idx: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``hidden_states`` ``[b, L, hidden]`` (before the layer's norm) -> mixer output ``[b, L, hidden]``.
 
         ``attention_mask`` ``[b, L]`` (1 = token, 0 = padding) zeroes padded positions before and after
         the convolution, so left padding leaves the state at zero. ``inference_params`` is the hook for
-        decoding caches (conv and SSM state); it is not implemented here.
+        decoding caches (conv and SSM state); it is not implemented here. ``seq_idx`` ``[b, L]`` (packed
+        samples: the sample index of every token) resets the conv and the SSM state at every sample's
+        first token, so each sample is computed as alone.
         """
         if inference_params is not None:
             raise NotImplementedError("MambaMixer.forward is the full-sequence path; cached decoding runs through nvl_nemotron_vl.model.decode.NemotronVLDecoder (conv + SSM state)")
@@ -111,13 +114,14 @@ class MambaMixer(nn.Module):
             # times the size of their input) are recomputed.
             from torch.utils.checkpoint import checkpoint
 
-            y = checkpoint(self.ssm, zxbcdt, attention_mask, use_reentrant=False)
+            y = checkpoint(self.ssm, zxbcdt, attention_mask, seq_idx, use_reentrant=False)
         else:
-            y = self.ssm(zxbcdt, attention_mask)
+            y = self.ssm(zxbcdt, attention_mask, seq_idx)
         out, _ = self.out_proj(y.to(hidden_states.dtype))
         return out
 
-    def ssm(self, zxbcdt: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def ssm(self, zxbcdt: torch.Tensor, attention_mask: torch.Tensor | None = None,
+            seq_idx: torch.Tensor | None = None) -> torch.Tensor:
         """in_proj output ``[b, L, local in_proj rows]`` -> gated, normalised SSM output ``[b, L, d_inner]``.
 
         fp32 on the reference path; the kernels' output dtype (bf16 under autocast) otherwise.
@@ -125,12 +129,13 @@ class MambaMixer(nn.Module):
         b, L, _ = zxbcdt.shape
         k = self.kernels
         z, xBC, dt = zxbcdt.split([self.d_inner, self.conv_dim, self.nheads], dim=-1)
-        xBC = k.conv(xBC, self.conv1d.weight, self.conv1d.bias)
+        packed = {} if seq_idx is None else {"seq_idx": seq_idx}
+        xBC = k.conv(xBC, self.conv1d.weight, self.conv1d.bias, **packed)
         if attention_mask is not None:
             xBC = xBC * attention_mask[:, :, None].to(xBC.dtype)
         x, B, C = xBC.split([self.d_inner, self.ngroups * self.state, self.ngroups * self.state], dim=-1)
         y = k.scan(
             x.reshape(b, L, self.nheads, self.head_dim), dt, self.A_log, B.reshape(b, L, self.ngroups, self.state),
-            C.reshape(b, L, self.ngroups, self.state), self.chunk_size, self.D, self.dt_bias,
+            C.reshape(b, L, self.ngroups, self.state), self.chunk_size, self.D, self.dt_bias, **packed,
         )
         return k.gated_norm(y.reshape(b, L, self.d_inner), z, self.norm.weight, self.norm.eps, self.norm.group_size)

@@ -30,6 +30,7 @@ def ssd_scan_reference(
     C: torch.Tensor,
     chunk_size: int,
     initial_state: torch.Tensor | None = None,
+    seq_idx: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Chunked SSD scan in plain PyTorch.
 
@@ -43,7 +44,7 @@ def ssd_scan_reference(
 
     Returns:
         ``y`` ``[b, L, heads, head_dim]`` in fp32 (without the ``D`` skip), and the final state
-        ``[b, heads, head_dim, state]`` in fp32.
+        ``[b, heads, head_dim, state]`` in fp32 (the last sample's, with ``seq_idx``).
     """
     b, L, h, p = x.shape
     g, n = B.shape[2], B.shape[3]
@@ -53,6 +54,9 @@ def ssd_scan_reference(
     # Zero padding at the end is exact: dt = 0 means no decay and no input, so the state is unchanged.
     x, dt, B, C = (F.pad(t.float(), (0, 0) * (t.dim() - 2) + (0, pad)) for t in (x, dt, B, C))
     c = (L + pad) // Q
+    if seq_idx is not None:
+        # The padding continues the last sample (its dt = 0 keeps that sample's state unchanged).
+        sid = torch.cat([seq_idx.long(), seq_idx[:, -1:].long().expand(b, pad)], dim=1).view(b, c, Q)
 
     xdt = (x * dt[..., None]).view(b, c, Q, g, r, p)  # dt-scaled input
     a = (dt * A.float()).view(b, c, Q, g, r)  # log-decay per step (<= 0)
@@ -63,15 +67,28 @@ def ssd_scan_reference(
     # 1. Within each chunk: y_t += sum_{s<=t} (C_t . B_s) * exp(acum_t - acum_s) * xdt_s.
     causal = torch.ones(Q, Q, dtype=torch.bool, device=x.device).tril()
     seg = (acum[..., :, None] - acum[..., None, :]).masked_fill(~causal, float("-inf"))
+    if seq_idx is not None:
+        same = sid[:, :, :, None] == sid[:, :, None, :]  # [b, c, t, s]: no boundary between s and t
+        seg = seg.masked_fill(~same[:, :, None, None], float("-inf"))
     CB = torch.einsum("bctgn,bcsgn->bcgts", Cc, Bc)
     y = torch.einsum("bcgts,bcgrts,bcsgrp->bctgrp", CB, seg.exp(), xdt)
 
     # 2. State contributed by each chunk alone, at the chunk's end.
     decay_to_end = (acum[..., -1:] - acum).exp()  # [b, c, g, r, Q]
+    if seq_idx is not None:
+        # Only tokens of the sample that is running at the chunk's end contribute to its end state.
+        decay_to_end = decay_to_end * (sid == sid[:, :, -1:])[:, :, None, None, :].float()
     chunk_states = torch.einsum("bcsgn,bcgrs,bcsgrp->bcgrpn", Bc, decay_to_end, xdt)
 
     # 3. Carry the state across chunks (sequential over c = L / chunk_size steps).
     chunk_decay = acum[..., -1].exp()  # [b, c, g, r]
+    enter = None
+    if seq_idx is not None:
+        # The sample index each chunk's entering state belongs to: that of the previous chunk's last
+        # token (the first token's for chunk 0, so an initial state belongs to the first sample).
+        prev = torch.cat([sid[:, :1, 0], sid[:, :-1, -1]], dim=1)  # [b, c]
+        enter = (sid == prev[:, :, None]).float()  # [b, c, Q]: the entering state reaches token t
+        chunk_decay = chunk_decay * enter[:, :, -1][:, :, None, None]
     if initial_state is None:
         state = x.new_zeros(b, g, r, p, n)
     else:
@@ -83,7 +100,10 @@ def ssd_scan_reference(
     start_states = torch.stack(starts, dim=1)  # [b, c, g, r, p, n] state entering each chunk
 
     # 4. Contribution of the entering state: y_t += exp(acum_t) * S_start @ C_t.
-    y = y + torch.einsum("bctgn,bcgrpn,bcgrt->bctgrp", Cc, start_states, acum.exp())
+    reach = acum.exp()
+    if enter is not None:
+        reach = reach * enter[:, :, None, None, :]
+    y = y + torch.einsum("bctgn,bcgrpn,bcgrt->bctgrp", Cc, start_states, reach)
     y = y.reshape(b, c * Q, h, p)[:, :L]
     return y, state.reshape(b, h, p, n)
 
@@ -120,16 +140,23 @@ def ssd_scan(
     C: torch.Tensor,
     chunk_size: int,
     initial_state: torch.Tensor | None = None,
+    seq_idx: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(y, final_state)`` of the SSD recurrence; see :func:`ssd_scan_reference` for shapes."""
-    return _impl(x, dt, A, B, C, chunk_size, initial_state)
+    if seq_idx is None:
+        return _impl(x, dt, A, B, C, chunk_size, initial_state)
+    return _impl(x, dt, A, B, C, chunk_size, initial_state, seq_idx=seq_idx)
 
 
 def ssd_scan_sequential(
     x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
-    initial_state: torch.Tensor | None = None,
+    initial_state: torch.Tensor | None = None, seq_idx: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The recurrence one token at a time (slow; the definition the tests check the chunked scan against)."""
+    """The recurrence one token at a time (slow; the definition the tests check the chunked scan against).
+
+    With ``seq_idx`` ``[b, L]`` the state is zeroed before every token whose index differs from the
+    previous token's (a packed sample's first token).
+    """
     b, L, h, p = x.shape
     g = B.shape[2]
     r = h // g
@@ -138,6 +165,8 @@ def ssd_scan_sequential(
     state = (initial_state if initial_state is not None else x.new_zeros(b, h, p, B.shape[3])).clone()
     ys = []
     for t in range(L):
+        if seq_idx is not None and t > 0:
+            state = state * (seq_idx[:, t] == seq_idx[:, t - 1]).to(state.dtype)[:, None, None, None]
         decay = torch.exp(dt[:, t] * A)[:, :, None, None]
         state = decay * state + dt[:, t, :, None, None] * x[:, t, :, :, None] * Bh[:, t, :, None, :]
         ys.append(torch.einsum("bhpn,bhn->bhp", state, Ch[:, t]))

@@ -79,7 +79,8 @@ class NemotronVLModel(nn.Module):
 
     def kernel_report(self) -> dict[str, str]:
         """Op -> implementation in use (the Mamba scan, conv, gated norm; the LM loss; attention)."""
-        return {**self.kernels.names, "attention": "SDPA flash/efficient kernels (causal, no dense mask on right padding)"}
+        return {**self.kernels.names, "attention": "SDPA flash/efficient kernels (causal, no dense mask on right padding, "
+                "packed rows: a block-diagonal causal boolean mask, memory-efficient kernel)"}
 
     def set_recompute(self, mode: str) -> None:
         """Activation recomputation: ``"none"``; ``"ssm"`` (Mamba conv + scan + gated norm, whose fp32
@@ -178,13 +179,22 @@ class NemotronVLModel(nn.Module):
         num_frames: Sequence[int] | torch.Tensor | None = None,
         evs_pruning_rate: float | None = None,
         inference_params: Any = None,
+        seq_idx: torch.Tensor | None = None,
         **extra: Any,
     ) -> torch.Tensor:
-        """See the module docstring. ``loss_mask`` is accepted and not used (the trainer applies it)."""
+        """See the module docstring. ``loss_mask`` is accepted and not used (the trainer applies it).
+
+        ``seq_idx`` ``[B, L]`` (packed rows, from the processor's ``collate_packed``): the index of
+        each token's sample in its row, padding an index of its own; every sample is then computed
+        exactly as alone (Mamba conv and SSM states reset at its first token, attention block-diagonal
+        causal). Tiles are merged in reading order, so each sample's images land in its own positions.
+        """
         del loss_mask, extra
         embeds, attention_mask, labels, index = self.embed_inputs(
             input_ids, pixel_values, attention_mask, labels, num_frames=num_frames, evs_pruning_rate=evs_pruning_rate)
-        hidden = self.language_model.decoder(embeds, attention_mask, inference_params)
+        if index is not None and seq_idx is not None:
+            seq_idx = _compact_seq_idx(seq_idx, index)
+        hidden = self.language_model.decoder(embeds, attention_mask, inference_params, seq_idx)
         if labels is not None and self.kernels.chunked_loss:
             from .kernels import chunked_vocab_parallel_loss
 
@@ -245,13 +255,15 @@ class NemotronVLModel(nn.Module):
         *,
         inference_params: Any = None,
         last_only: bool = False,
+        seq_idx: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Full-vocabulary logits ``[B, L or 1, vocab_size]`` (gathered over TP, padding removed).
 
         ``inference_params`` must be None: cached decoding is :class:`~nvl_nemotron_vl.model.decode.NemotronVLDecoder`.
+        ``seq_idx`` as in :meth:`forward` (packed rows).
         """
         embeds, attention_mask, _, _ = self.embed_inputs(input_ids, pixel_values, attention_mask)
-        hidden = self.language_model.decoder(embeds, attention_mask, inference_params)
+        hidden = self.language_model.decoder(embeds, attention_mask, inference_params, seq_idx)
         if last_only:
             hidden = hidden[:, -1:]
         logits = self.language_model.logits(hidden)
@@ -283,6 +295,14 @@ def _compact(keep: torch.Tensor, embeds: torch.Tensor, attention_mask: torch.Ten
     if labels is not None:
         new_labels = torch.gather(labels, 1, safe).masked_fill(~valid, -100)
     return new_embeds, new_mask, new_labels, index
+
+
+def _compact_seq_idx(seq_idx: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``seq_idx`` at the positions EVS kept (``index`` from :func:`_compact`); the new padding gets an
+    index of its own (one past the row's largest)."""
+    out = torch.gather(seq_idx, 1, index.clamp(min=0))
+    pad = (seq_idx.max(dim=1, keepdim=True).values + 1).expand_as(out)
+    return torch.where(index >= 0, out, pad)
 
 
 def _scatter_back(out: torch.Tensor, index: torch.Tensor, shape: torch.Size) -> torch.Tensor:
