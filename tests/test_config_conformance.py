@@ -56,6 +56,11 @@ PEFT_REFUSED: dict[tuple[str, str], tuple[Any, str]] = {
     ("lora", "dropout_position"): ("post", "peft.dropout_position='post' is not supported; use 'pre'"),
 }
 
+# DoRA is LoRA's method and Config with other adapters (nvl_lora/dora.py subclasses both), so the same
+# code reads its fields and the same validation refuses.
+PEFT_READERS.update({("dora", f): v for (m, f), v in list(PEFT_READERS.items()) if m == "lora"})
+PEFT_REFUSED.update({("dora", f): v for (m, f), v in list(PEFT_REFUSED.items()) if m == "lora"})
+
 
 # -- reading the source ------------------------------------------------------------------------------
 def _code_files(roots: Iterable[Path] = CODE_ROOTS) -> list[Path]:
@@ -307,4 +312,4 @@ def test_a_fake_unread_maker_kwarg_and_a_stale_peft_reader_are_reported(makers, 
     stale = {**PEFT_READERS, ("lora", "dim"): ("nvl-lora/nvl_lora/layers.py", "rank=cfg.dimension")}
     assert unaccounted_peft_fields(peft_configs, stale, PEFT_REFUSED) == [
         "lora.dim (reader 'rank=cfg.dimension' not found in plugins/nvl-lora/nvl_lora/layers.py)"]
-    assert unaccounted_peft_fields(peft_configs, PEFT_READERS, {}) == ["lora.dropout_position"]
+    assert unaccounted_peft_fields(peft_configs, PEFT_READERS, {}) == ["dora.dropout_position", "lora.dropout_position"]

@@ -41,10 +41,10 @@ def test_packing_mode_and_the_original_name() -> None:
     from nvlcore.config import load_config
 
     cfg = load_config(overrides=["dataset.enable_in_batch_packing=true"])
-    assert packing_mode(cfg.dataset) == "best_fit"
+    assert packing_mode(cfg) == "best_fit"
     cfg = load_config(overrides=["dataset.pack_sequences_in_batch=true", "dataset.packing=first_fit"])
-    assert packing_mode(cfg.dataset) == "first_fit"
-    assert packing_mode(load_config().dataset) == "none"
+    assert packing_mode(cfg) == "first_fit"
+    assert packing_mode(load_config()) == "none"
 
 
 def _stream(order_len=10, window=4, dp_rank=0, dp_size=1, start=None, mbs=1):

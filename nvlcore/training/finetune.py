@@ -331,7 +331,7 @@ def build_data(cfg: "NvlConfig", bridge: Any, manager: Any, ctx: "ParallelContex
         seed=cfg.rng.seed, consumed_samples=consumed_samples, shuffle=ds.dataloader_type == "cyclic",
     )
     pin = ds.pin_memory and ctx.device.type == "cuda"
-    mode = packing_mode(ds)
+    mode = packing_mode(cfg)
     packing_position = None
     if mode == "none":
         train_batches: Any = iter(build_loader(ProcessedDataset(made, processor, seed=cfg.rng.seed, split="train"),

@@ -171,9 +171,10 @@ def build_packed_loader(dataset: Any, order: Callable[[int], int], *, window: in
     )
 
 
-def packing_mode(dataset_cfg: Any) -> str:
-    """The effective mode: ``dataset.packing``, or ``best_fit`` when only ``enable_in_batch_packing`` is set."""
-    mode = getattr(dataset_cfg, "packing", "none") or "none"
-    if mode == "none" and getattr(dataset_cfg, "enable_in_batch_packing", False):
+def packing_mode(cfg: Any) -> str:
+    """The effective mode of config ``cfg``: ``dataset.packing``, or ``best_fit`` when only the original
+    ``dataset.enable_in_batch_packing`` is set."""
+    mode = cfg.dataset.packing or "none"
+    if mode == "none" and cfg.dataset.enable_in_batch_packing:
         return "best_fit"
     return mode
