@@ -2,12 +2,15 @@
 VENV ?= .venv
 PYTEST_ARGS ?=
 
-.PHONY: setup test quickstart
+.PHONY: setup test lint quickstart
 setup:
 	./scripts/setup.sh
 
-test: setup
+test: setup lint
 	NVL_STRICT_PLUGINS=1 $(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+lint: setup
+	$(VENV)/bin/ruff check .
 
 quickstart: setup
 	$(VENV)/bin/nvl quickstart --workdir nvl-quickstart --overwrite

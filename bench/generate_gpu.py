@@ -35,7 +35,6 @@ import argparse
 import datetime as _dt
 import gc
 import json
-import os
 import platform
 import sys
 import tempfile

@@ -128,7 +128,8 @@ def run_nvl(args: argparse.Namespace, device: torch.device, deadline: float) -> 
     batch = {"input_ids": ids[:, :-1], "labels": ids[:, 1:]}
 
     def loss_fn() -> torch.Tensor:
-        return model(**batch).float().mean()
+        # (ruff sees the `del` at the end of run_nvl and calls these undefined; they are set above)
+        return model(**batch).float().mean()  # noqa: F821
 
     with torch.no_grad():
         base_loss = float(loss_fn())

@@ -16,7 +16,6 @@ import pytest
 from nvlcore import DuplicateNameError, UnknownNameError, hookimpl
 from nvlcore.cli import build_cli
 from nvlcore.plugins import NvlPluginManager, PluginError
-from nvlcore.testing import make_plugin_manager
 
 
 def module_plugin(name: str, **hooks: Any) -> types.ModuleType:

@@ -24,7 +24,6 @@ from nvlcore.config.structure import (
     init_fields,
     is_missing,
     join,
-    suggest,
     type_hints,
     unknown_key_error,
 )

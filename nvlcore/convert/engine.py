@@ -319,7 +319,6 @@ def import_hf_checkpoint(
     ``tp`` is validated against the model's dimensions and recorded; the checkpoint itself stores
     logical tensors and loads at any TP size.
     """
-    import torch
 
     warm_imports()
     t0 = time.perf_counter()

@@ -48,5 +48,6 @@ __all__ = [
     "read_predictions",
     "rouge_l",
     "score_records",
+    "write_records",
     "token_f1",
 ]

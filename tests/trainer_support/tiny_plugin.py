@@ -228,7 +228,6 @@ class TinyBridge:
 
 def write_tiny_hf_dir(out: Path, *, hidden: int = 32, ffn: int = 64, seed: int = 7) -> Path:
     """A TinyVLM "HF directory" with deterministic weights."""
-    import torch
     from safetensors.torch import save_file
 
     cfg = {"architectures": ["TinyVLM"], "hidden": hidden, "ffn": ffn}
