@@ -39,14 +39,7 @@ def train_here(hf: Path, *overrides: str, print_fn=print):
     return run_finetune(cfg, manager=manager, device_type="cpu", print_fn=print_fn)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -43,15 +43,7 @@ def train_here(hf: Path, *overrides: str, manager=None):
     return run_finetune(cfg, manager=manager, device_type="cpu")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Two shared cores: torch's two OpenMP threads spin against other processes; one is much faster here."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
