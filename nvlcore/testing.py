@@ -18,6 +18,9 @@ Fixtures:
 ``nvl_cli`` (also ``cli_runner``)
     ``nvl_cli("plugins", "list", "--json")`` runs the ``nvl`` command line built from that manager
     with click's ``CliRunner`` and returns the ``click.testing.Result``.
+``own_process_group``
+    Module scope: after the module, take down a one-rank process group its tests set up (loading a
+    model does), so later single-process tests see none.
 ``fake_entry_points``
     ``fake_entry_points({"nvl-data-x": {"nvl_data_x": module_or_exception}})`` makes
     ``importlib.metadata.distributions()`` return stub distributions with those ``nvl`` entry points
@@ -55,6 +58,23 @@ def make_plugin_manager(*plugins: object, env: Mapping[str, str] | None = None, 
     for plugin in plugins:
         manager.add_plugin(plugin)
     return manager
+
+
+@pytest.fixture(scope="module")
+def own_process_group() -> Iterator[None]:
+    """Take down, after the module, a process group its tests set up (loading a model sets up a one-rank
+    group), so later tests in the process (single-process checkpoint writers) see none. Use it with
+    ``pytestmark = pytest.mark.usefixtures("own_process_group")``."""
+    import torch.distributed as dist
+
+    had = dist.is_initialized()
+    yield
+    if not had and dist.is_initialized():
+        from megatron.core import parallel_state
+
+        if parallel_state.model_parallel_is_initialized():
+            parallel_state.destroy_model_parallel()
+        dist.destroy_process_group()
 
 
 @pytest.fixture

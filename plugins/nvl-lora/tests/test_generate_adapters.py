@@ -24,18 +24,7 @@ ALL_TARGETS = ["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2", "in_proj
 NEW_TOKENS = 12
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _own_process_group():
-    import torch.distributed as dist
-
-    had = dist.is_initialized()
-    yield
-    if not had and dist.is_initialized():
-        from megatron.core import parallel_state
-
-        if parallel_state.model_parallel_is_initialized():
-            parallel_state.destroy_model_parallel()
-        dist.destroy_process_group()
+pytestmark = pytest.mark.usefixtures("own_process_group")
 
 
 def _liven(hf_dir: Path) -> None:

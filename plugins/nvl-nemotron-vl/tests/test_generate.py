@@ -68,20 +68,7 @@ def _noise_video(path: Path, frames: int = 12, width: int = 64, height: int = 48
     return path
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _own_process_group():
-    """Loading a model sets up a one-rank process group; take it down after this module if it was
-    not there before, so later tests in the process (single-process checkpoint writers) see none."""
-    import torch.distributed as dist
-
-    had = dist.is_initialized()
-    yield
-    if not had and dist.is_initialized():
-        from megatron.core import parallel_state
-
-        if parallel_state.model_parallel_is_initialized():
-            parallel_state.destroy_model_parallel()
-        dist.destroy_process_group()
+pytestmark = pytest.mark.usefixtures("own_process_group")
 
 
 @pytest.fixture(scope="module")
