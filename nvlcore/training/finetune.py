@@ -591,7 +591,7 @@ def run_finetune(
             # model) is stored once in bf16, 2 bytes instead of 4 plus a per-step cast; trainable ones
             # keep their fp32 masters. (Built and loaded in fp32, so nothing trainable loses precision.)
             optim.store_frozen_in_(model, settings.autocast_dtype)
-        say("nvl finetune: memory plan: " + optim.memory_plan(model, ctx=ctx).describe())
+        say("nvl finetune: memory plan: " + optim.memory_plan(model).describe())
 
         named = optim.trainable_named_parameters(model)
         optim.check_replicated_parameters(list(model.named_parameters()), tp_group=ctx.tp_group, tp_size=ctx.tp_size)

@@ -324,7 +324,7 @@ def _size(n: int) -> str:
     return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
 
 
-def memory_plan(model: "torch.nn.Module", *, ctx: Any = None) -> MemoryPlan:
+def memory_plan(model: "torch.nn.Module") -> MemoryPlan:
     """The static memory of this rank's shard of ``model`` (fp32 gradients and two Adam moments per
     trainable parameter)."""
     frozen = trainable = fz_n = tr_n = 0
