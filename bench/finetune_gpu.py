@@ -239,11 +239,12 @@ class GpuMemorySampler:
 
 
 def run_nvl(args: argparse.Namespace, model_dir: Path, data: dict[str, Path], workload: str, method: str,
-            variant: dict[str, str], work: Path) -> dict[str, Any]:
-    name = "-".join([workload, method] + [f"{k.split('.')[-1]}={v}" for k, v in variant.items()])
+            variant: dict[str, str], work: Path, seq: int) -> dict[str, Any]:
+    first_seq = seq == _seqs(args)[0]
+    name = "-".join([workload, method] + ([] if first_seq else [f"seq{seq}"])
+                    + [f"{k.split('.')[-1]}={v}" for k, v in variant.items()])
     metrics = work / f"metrics-{name}.jsonl"
     metrics.unlink(missing_ok=True)
-    seq = args.seq
     cmd_args = ["--hf-model-path", str(model_dir), "--random-init"]
     if method == "lora":
         cmd_args.append("--lora-on-language-model")
@@ -266,7 +267,7 @@ def run_nvl(args: argparse.Namespace, model_dir: Path, data: dict[str, Path], wo
     log(f"run: {shown}")
     env = {**os.environ, CHILD_ENV: "1"}
     profiled = -1
-    if workload in args.profile.split(",") and not variant and args.device == "cuda":
+    if workload in args.profile.split(",") and not variant and first_seq and args.device == "cuda":
         profiled = args.steps  # the last iteration; left out of the averages below
         env.update(NVL_BENCH_PROFILE_ITER=str(profiled), NVL_BENCH_PROFILE_OUT=str(Path(args.out) / f"profile_{name}.txt"))
     if args.device == "cpu":
@@ -412,11 +413,20 @@ def markdown(records: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     for r in packed:
         rest = {k: v for k, v in r["variant"].items() if k not in ("dataset.packing", "dataset.enable_in_batch_packing")}
         base = [b for b in records if b["system"] == "nvl" and b["workload"] == r["workload"]
-                and b["method"] == r["method"] and (b.get("variant") or {}) == rest]
+                and b["method"] == r["method"] and b["seq"] == r["seq"] and (b.get("variant") or {}) == rest]
         if base and base[0].get("tokens_per_s") and r.get("tokens_per_s"):
             lines.append(f"- {r['workload']} {r['method']}: {r['tokens_per_s']:,.0f} vs {base[0]['tokens_per_s']:,.0f} "
                          f"tokens/s = {r['tokens_per_s'] / base[0]['tokens_per_s']:.2f}x; "
                          f"{r.get('samples_per_step', '?')} vs {base[0].get('samples_per_step', '?')} samples per iteration")
+    peers = {r["seq"]: r for r in records if r["system"] != "nvl" and r.get("tokens_per_s")}
+    equal = [r for r in records if r["system"] == "nvl" and r["workload"] == "text" and r["method"] == "lora"
+             and not r.get("variant") and r.get("tokens_per_s") and r["seq"] in peers]
+    if equal:
+        lines += ["", "At equal sequence length (text, LoRA on the LM, rows of seq tokens, same run):", ""]
+    for r in equal:
+        p = peers[r["seq"]]
+        lines.append(f"- seq {r['seq']}: nvl {r['tokens_per_s']:,.0f} vs transformers+PEFT {p['tokens_per_s']:,.0f} "
+                     f"tokens/s = {r['tokens_per_s'] / p['tokens_per_s']:.2f}x; peak {r.get('peak_gb')} vs {p.get('peak_gb')} GB")
     lines += ["", "Kernels per run:", ""]
     for r in records:
         if r.get("kernels"):
@@ -469,7 +479,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--variants", default="",
                     help="extra override sets to run per workload, ';'-separated, each 'k=v,k=v' "
                          "(e.g. 'model.kernels=reference;model.recompute_granularity=selective')")
-    ap.add_argument("--seq", type=int, default=4096)
+    ap.add_argument("--seq", default="4096", help="nvl's sequence length(s), comma-separated (the first is profiled)")
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--warmup", type=int, default=2, help="iterations left out of the averages")
     ap.add_argument("--gbs", type=int, default=4, help="global batch size (micro-batch 1)")
@@ -485,6 +495,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--profile", default="text", help="workloads whose default run also writes a per-op profile "
                     "of one step (profile_WORKLOAD-METHOD.txt; CUDA only; '' = none)")
     return ap.parse_args(argv)
+
+
+def _seqs(args: argparse.Namespace) -> list[int]:
+    return [int(s) for s in str(args.seq).split(",") if s.strip()]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -535,9 +549,10 @@ def main(argv: list[str] | None = None) -> int:
 
     for method in [m for m in args.methods.split(",") if m]:
         for workload in workloads:
-            for variant in variants:
-                records.append(run_nvl(args, model_dir, data, workload, method, variant, work))
-                flush()
+            for seq in _seqs(args):
+                for variant in variants:
+                    records.append(run_nvl(args, model_dir, data, workload, method, variant, work, seq))
+                    flush()
     for seq in [int(s) for s in args.peer_seqs.split(",") if s.strip()]:
         records.append(run_peer(args, seq))
         flush()

@@ -148,6 +148,26 @@ def main(argv: list[str] | None = None) -> int:
             results["ops"][f"gated_norm: {name}"] = {"status": f"error: {type(exc).__name__}: {str(exc)[:200]}"}
         print(name, results["ops"][f"gated_norm: {name}"], flush=True)
         flush()
+    # the folded RMSNorm (hidden 5120, bf16 activations, bf16 frozen weight as in a LoRA run)
+    from nvl_nemotron_vl.model.mlp import squared_relu
+    from nvl_nemotron_vl.model.parallel import rms_norm
+
+    xr = torch.randn(1, L, 5120, device=dev, generator=gen).to(bf).requires_grad_()
+    wr = torch.ones(5120, device=dev, dtype=bf)
+    rms_c = {"reference (fp32 PyTorch)": lambda: rms_norm(xr, wr, 1e-5)}
+    if mamba:
+        rms_c["mamba-ssm layer_norm_fn"] = lambda: K._triton_norms(mamba["layer_norm"])["rms"](xr, wr, None, 1e-5)
+    # the squared ReLU over the MLP's 20480 channels
+    xa = torch.randn(1, L, 20480, device=dev, generator=gen).to(bf).requires_grad_()
+    act_c = {"reference (PyTorch)": lambda: squared_relu(xa), "torch.compile": lambda: K._compiled_squared_relu()(xa)}
+    for op, cands, ins in (("norm", rms_c, [xr]), ("relu2", act_c, [xa])):
+        for name, fn in cands.items():
+            try:
+                results["ops"][f"{op}: {name}"] = {"status": "ok", **time_fwd_bwd(fn, ins, args.reps)}
+            except Exception as exc:
+                results["ops"][f"{op}: {name}"] = {"status": f"error: {type(exc).__name__}: {str(exc)[:200]}"}
+            print(name, results["ops"][f"{op}: {name}"], flush=True)
+            flush()
     # loss
     from nvl_nemotron_vl.model.parallel import ensure_model_parallel
 

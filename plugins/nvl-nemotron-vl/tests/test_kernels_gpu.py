@@ -17,6 +17,8 @@ TOL = {  # (op, dtype) -> relative error bound, forward and each gradient
     ("scan", torch.float32): 5e-3, ("scan", torch.bfloat16): 3e-2,
     ("conv", torch.float32): 1e-5, ("conv", torch.bfloat16): 1e-2,
     ("gated_norm", torch.float32): 1e-5, ("gated_norm", torch.bfloat16): 1e-2,
+    ("norm", torch.float32): 1e-5, ("norm", torch.bfloat16): 1e-2,
+    ("relu2", torch.float32): 1e-6, ("relu2", torch.bfloat16): 1e-2,
 }
 
 
@@ -110,6 +112,60 @@ def test_gated_norm_kernel_matches_reference(dtype):
     errs = {"out": rel(out_k, out_r)} | {n: rel(a, b) for n, a, b in zip(("y", "z", "weight"), g_k, g_r)}
     print(f"gated_norm {k.names['gated_norm']} {dtype}: " + ", ".join(f"{n} {e:.1e}" for n, e in errs.items()))
     assert max(errs.values()) < TOL[("gated_norm", dtype)], errs
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["rms", "layer"])
+def test_norm_kernel_matches_reference(dtype, kind):
+    """The folded RMSNorm / LayerNorm kernel at the LM's width against the fp64 formula; the weight is
+    fp32 (a trainable norm of a full fine-tune; frozen LoRA runs store it in bf16, same kernel)."""
+    import torch.nn.functional as F
+
+    k = _kernels("norm")
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    x = (torch.randn(2, 300, 5120, device="cuda", generator=gen) * 3).to(dtype).requires_grad_()
+    w = (1 + 0.1 * torch.randn(5120, device="cuda", generator=gen)).requires_grad_()
+    b = (0.1 * torch.randn(5120, device="cuda", generator=gen)).requires_grad_()
+
+    if kind == "rms":
+        def kern(x, w):
+            return k.norms["rms"](x, w, None, 1e-5)
+
+        def ref(x, w):
+            return w * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5)
+
+        ins, names = [x, w], ("x", "weight")
+    else:
+        def kern(x, w, b):
+            return k.norms["layer"](x, w, b, 1e-5)
+
+        def ref(x, w, b):
+            return F.layer_norm(x, (x.shape[-1],), w, b, 1e-5)
+
+        ins, names = [x, w, b], ("x", "weight", "bias")
+    out_k, g_k = _grads(kern, ins)
+    out_r, g_r = _grads(ref, [t.detach().double().requires_grad_() for t in ins])
+    assert out_k.dtype == dtype
+    errs = {"out": rel(out_k, out_r)} | {n: rel(a, b) for n, a, b in zip(names, g_k, g_r)}
+    print(f"norm {kind} {k.names['norm']} {dtype}: " + ", ".join(f"{n} {e:.1e}" for n, e in errs.items()))
+    assert max(errs.values()) < TOL[("norm", dtype)], errs
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_squared_relu_kernel_matches_reference(dtype):
+    from nvl_nemotron_vl.model.mlp import squared_relu
+
+    k = _kernels("relu2")
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(3, 257, 2048, device="cuda", generator=gen).to(dtype).requires_grad_()
+    out_k, (g_k,) = _grads(k.relu2, [x])
+    out_r, (g_r,) = _grads(squared_relu, [x.detach().double().requires_grad_()])
+    assert out_k.dtype == dtype
+    errs = {"out": rel(out_k, out_r), "x": rel(g_k, g_r)}
+    print(f"relu2 {k.names['relu2']} {dtype}: " + ", ".join(f"{n} {e:.1e}" for n, e in errs.items()))
+    assert max(errs.values()) < TOL[("relu2", dtype)], errs
 
 
 @cuda

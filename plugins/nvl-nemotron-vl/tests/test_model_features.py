@@ -232,3 +232,55 @@ def test_kernel_choice_errors_name_the_key():
         select_kernels("mamba_ssm", "cpu")
     k = select_kernels("auto", "cpu")  # CPU: the reference ops, the chunked loss
     assert k.chunked_loss and all("reference" in k.names[op] for op in ("scan", "conv", "gated_norm"))
+
+
+def test_set_kernels_routes_every_norm_and_the_squared_relu(tiny_toy, monkeypatch):
+    """A norm or activation kernel chosen by ``model.kernels`` must reach every folded norm (LM, ViT,
+    projector), the final norm and every squared-ReLU MLP, including under LoRA-style wrappers that call
+    ``normalize``: counted through recording kernels that compute the reference, so outputs are unchanged."""
+    import collections
+
+    from nvl_nemotron_vl.bridge import NemotronVLBridge
+    from nvl_nemotron_vl.model import kernels as kmod
+    from nvl_nemotron_vl.model.mlp import MLP, squared_relu
+    from nvl_nemotron_vl.model.parallel import NormedColumnParallelLinear, RMSNorm, layer_norm, rms_norm
+
+    calls = collections.Counter()
+
+    def rec_norm(kind):
+        def run(x, w, b, eps):
+            calls[kind] += 1
+            return rms_norm(x, w, eps) if kind == "rms" else layer_norm(x, w, b, eps)
+        return run
+
+    def rec_relu2(x):
+        calls["relu2"] += 1
+        return squared_relu(x)
+
+    real = kmod.select_kernels
+
+    def fake(choice, device):
+        k = real("reference", device)
+        k.norms, k.relu2 = {"rms": rec_norm("rms"), "layer": rec_norm("layer")}, rec_relu2
+        return k
+
+    bridge = NemotronVLBridge.from_hf_dir(tiny_toy)
+    model = bridge.build_model(dtype=torch.float32, device="cpu", load_weights=True)
+    ids = torch.randint(0, 500, (1, 16), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        want = model(ids)
+    monkeypatch.setattr(kmod, "select_kernels", fake)
+    model.set_kernels("auto")
+    norms = [m for m in model.modules() if isinstance(m, (NormedColumnParallelLinear, RMSNorm))]
+    assert norms and all(m.norm_impl is not None for m in norms)
+    relu2 = [m for m in model.modules() if isinstance(m, MLP) and m.activation == "relu2"]
+    assert relu2 and all(m.act is rec_relu2 for m in relu2)
+    with torch.no_grad():
+        got = model(ids)
+    assert torch.equal(got, want)
+    lm_norms = sum(isinstance(m, (NormedColumnParallelLinear, RMSNorm)) for m in model.language_model.modules())
+    assert calls["rms"] >= lm_norms and calls["relu2"] >= 1
+    # back to the reference: the modules' own code again
+    monkeypatch.setattr(kmod, "select_kernels", real)
+    model.set_kernels("reference")
+    assert all(m.norm_impl is None for m in norms) and all(m.act is squared_relu for m in relu2)

@@ -13,6 +13,11 @@ conv           flash-linear-attention ``causal_conv1d`` (Triton, SiLU    ``F.con
                fused)
 gated_norm     mamba-ssm / flash-linear-attention ``rmsnorm_fn``         :class:`.mamba.GatedGroupRMSNorm`
                (grouped, gate before the norm)                           in fp32
+norm           mamba-ssm ``layer_norm_fn`` (Triton, one pass each way,   :func:`.parallel.rms_norm` /
+               fp32 statistics): every RMSNorm / LayerNorm folded into  :func:`.parallel.layer_norm`
+               a linear, and the LM's final norm                         (fp32 round trips)
+relu2          the squared ReLU fused by ``torch.compile`` (one kernel   :func:`.mlp.squared_relu`
+               forward, one backward)                                    (separate ops)
 loss           chunked vocab-parallel cross-entropy, each chunk's        full logits, fp32 copy, then
                logits recomputed in backward                             vocab-parallel cross-entropy
 =============  ======================================================  ==================================
@@ -30,6 +35,7 @@ SSD kernels do not use); :func:`_mamba_triton` then loads the Triton submodules 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -43,6 +49,7 @@ KERNEL_CHOICES = ("auto", "reference", "compiled", "mamba_ssm", "fla")
 def _mamba_triton() -> dict[str, Callable[..., Any]]:
     """mamba-ssm's Triton SSD scan and gated RMSNorm (ImportError when mamba-ssm or triton is missing)."""
     try:
+        from mamba_ssm.ops.triton.layer_norm import layer_norm_fn
         from mamba_ssm.ops.triton.layernorm_gated import rmsnorm_fn
         from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
     except ImportError as exc:
@@ -63,9 +70,10 @@ def _mamba_triton() -> dict[str, Callable[..., Any]]:
         pkg.__path__ = list(spec.submodule_search_locations)
         pkg.__spec__ = spec
         sys.modules["mamba_ssm"] = pkg
+        from mamba_ssm.ops.triton.layer_norm import layer_norm_fn
         from mamba_ssm.ops.triton.layernorm_gated import rmsnorm_fn
         from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
-    return {"scan": mamba_chunk_scan_combined, "rmsnorm": rmsnorm_fn}
+    return {"scan": mamba_chunk_scan_combined, "rmsnorm": rmsnorm_fn, "layer_norm": layer_norm_fn}
 
 
 def _fla() -> dict[str, Callable[..., Any]]:
@@ -215,19 +223,63 @@ def _triton_gated_norm(fn: Callable[..., Any]) -> Callable[..., Any]:
     return run
 
 
+def _triton_norms(fn: Callable[..., Any]) -> dict[str, Callable[..., torch.Tensor]]:
+    """``kind -> (x, weight, bias_or_None, eps) -> norm(x)`` over mamba-ssm's ``layer_norm_fn``: statistics
+    and the affine in fp32, the result in ``x``'s dtype (what :func:`.parallel.rms_norm` computes), and
+    ``x`` plus the fp32 ``rstd`` saved for backward."""
+
+    def rms(x, weight, bias, eps):
+        return fn(x, weight, None, eps=eps, is_rms_norm=True)
+
+    def layer(x, weight, bias, eps):
+        return fn(x, weight, bias, eps=eps, is_rms_norm=False)
+
+    return {"rms": rms, "layer": layer}
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_squared_relu() -> Callable[[torch.Tensor], torch.Tensor]:
+    """``relu(x)^2`` with forward and backward each one fused elementwise kernel (``torch.compile``,
+    dynamic shapes: compiled once per process), saving only ``x`` like :func:`.mlp.squared_relu`."""
+    fwd = torch.compile(lambda x: torch.relu(x).square(), dynamic=True, fullgraph=True)
+    bwd = torch.compile(lambda x, g: g * (2 * torch.relu(x)), dynamic=True, fullgraph=True)
+
+    class _FusedSquaredReLU(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+            ctx.save_for_backward(x)
+            return fwd(x)
+
+        @staticmethod
+        def backward(ctx, grad_out: torch.Tensor) -> torch.Tensor:
+            (x,) = ctx.saved_tensors
+            return bwd(x, grad_out)
+
+    return _FusedSquaredReLU.apply
+
+
+_COMPILED_RELU2 = "torch.compile (one fused kernel forward, one backward)"
+
+
 # ----------------------------------------------------------------------------------- selection
 @dataclass
-class MixerKernels:
-    """The mixer's ops: callables plus the name of each implementation (for the run's report)."""
+class Kernels:
+    """The model's ops: callables plus the name of each implementation (for the run's report).
+
+    ``norms`` maps a norm kind (``"rms"``, ``"layer"``) to ``(x, weight, bias_or_None, eps) -> y``, and
+    ``relu2`` is the LM's activation; ``None`` in either means the modules' own reference code.
+    """
 
     scan: Callable[..., torch.Tensor]
     conv: Callable[..., torch.Tensor]
     gated_norm: Callable[..., torch.Tensor]
     chunked_loss: bool
+    norms: dict[str, Callable[..., torch.Tensor]] | None = None
+    relu2: Callable[[torch.Tensor], torch.Tensor] | None = None
     names: dict[str, str] = field(default_factory=dict)
 
 
-def select_kernels(choice: str, device: torch.device | str) -> MixerKernels:
+def select_kernels(choice: str, device: torch.device | str) -> Kernels:
     """The implementations for ``model.kernels=choice`` on ``device`` (see the module docstring)."""
     from .ssd import compiled_ssd_scan, ssd_scan
 
@@ -235,15 +287,18 @@ def select_kernels(choice: str, device: torch.device | str) -> MixerKernels:
         raise ValueError(f"model.kernels must be one of {', '.join(KERNEL_CHOICES)}; got {choice!r}")
     cuda = torch.device(device).type == "cuda"
     ref_scan = _fp32_scan(ssd_scan)
-    k = MixerKernels(scan=ref_scan, conv=conv_reference, gated_norm=gated_norm_reference, chunked_loss=choice != "reference",
-                     names={"scan": "reference (PyTorch, fp32)", "conv": "reference (F.conv1d)",
-                            "gated_norm": "reference (PyTorch, fp32)"})
+    k = Kernels(scan=ref_scan, conv=conv_reference, gated_norm=gated_norm_reference, chunked_loss=choice != "reference",
+                names={"scan": "reference (PyTorch, fp32)", "conv": "reference (F.conv1d)",
+                       "gated_norm": "reference (PyTorch, fp32)", "norm": "reference (PyTorch, fp32)",
+                       "relu2": "reference (PyTorch)"})
     if choice == "reference":
         k.names["loss"] = "reference (full logits)"
         return k
     k.names["loss"] = "chunked vocab-parallel cross-entropy (logits recomputed in backward)"
     if choice == "compiled":
         k.scan, k.names["scan"] = _fp32_scan(compiled_ssd_scan()), "reference, torch.compile"
+        if cuda:
+            k.relu2, k.names["relu2"] = _compiled_squared_relu(), _COMPILED_RELU2
         return k
     if not cuda:
         if choice in ("mamba_ssm", "fla"):
@@ -268,8 +323,10 @@ def select_kernels(choice: str, device: torch.device | str) -> MixerKernels:
         k.conv, k.names["conv"] = _fla_conv(fla["conv"]), "flash-linear-attention causal_conv1d (Triton)"
     if mamba is not None:
         k.gated_norm, k.names["gated_norm"] = _triton_gated_norm(mamba["rmsnorm"]), "mamba-ssm rmsnorm_fn (Triton)"
+        k.norms, k.names["norm"] = _triton_norms(mamba["layer_norm"]), "mamba-ssm layer_norm_fn (Triton)"
     elif fla is not None:
         k.gated_norm, k.names["gated_norm"] = _triton_gated_norm(fla["rmsnorm"]), "flash-linear-attention rmsnorm_fn (Triton)"
+    k.relu2, k.names["relu2"] = _compiled_squared_relu(), _COMPILED_RELU2
     return k
 
 

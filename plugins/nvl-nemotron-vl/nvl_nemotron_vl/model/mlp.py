@@ -36,6 +36,8 @@ class MLP(nn.Module):
         tp: TPContext, dtype: torch.dtype, device: torch.device, out_size: int | None = None,
     ) -> None:
         super().__init__()
+        self.activation = activation
+        #: The activation's implementation (``set_kernels`` may swap in a fused one for ``relu2``).
         self.act = ACTIVATIONS[activation]
         self.linear_fc1 = normed_column_linear(hidden_size, ffn_size, bias=bias, norm=norm, eps=eps, tp=tp,
                                                dtype=dtype, device=device)

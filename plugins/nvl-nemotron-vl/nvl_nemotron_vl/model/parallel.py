@@ -14,7 +14,7 @@ CUDA RNG tracker, so the same code builds on CPU (gloo) and GPU (NCCL).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -135,15 +135,25 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
     return F.layer_norm(x.float(), (x.shape[-1],), weight.float(), bias.float(), eps).to(x.dtype)
 
 
+NormImpl = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None", float], torch.Tensor]
+"""``(x, weight, bias_or_None, eps) -> norm(x)``: a kernel for one norm kind (:mod:`.kernels`)."""
+
+
 class RMSNorm(nn.Module):
     """A standalone RMSNorm (``decoder.final_norm``)."""
+
+    norm_kind = "rms"
 
     def __init__(self, size: int, eps: float, dtype: torch.dtype, device: torch.device) -> None:
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(size, dtype=dtype, device=device))
+        #: The kernel computing the norm (set by the model's ``set_kernels``); None: :func:`rms_norm`.
+        self.norm_impl: NormImpl | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.norm_impl is not None:
+            return self.norm_impl(x, self.weight, None, self.eps)
         return rms_norm(x, self.weight, self.eps)
 
 
@@ -183,11 +193,16 @@ class NormedColumnParallelLinear(ColumnParallelLinear):
         )
         _tag_linear(self, 0)
         self.norm_kind, self.norm_eps = norm, eps
+        #: The kernel computing the norm (set by the model's ``set_kernels``); None: the fp32 reference.
+        self.norm_impl: NormImpl | None = None
         self.layer_norm_weight = nn.Parameter(torch.ones(in_size, dtype=dtype, device=device))
         if norm == "layer":
             self.layer_norm_bias = nn.Parameter(torch.zeros(in_size, dtype=dtype, device=device))
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        if self.norm_impl is not None:
+            bias = self.layer_norm_bias if self.norm_kind == "layer" else None
+            return self.norm_impl(x, self.layer_norm_weight, bias, self.norm_eps)
         if self.norm_kind == "rms":
             return rms_norm(x, self.layer_norm_weight, self.norm_eps)
         return layer_norm(x, self.layer_norm_weight, self.layer_norm_bias, self.norm_eps)

@@ -64,17 +64,25 @@ class NemotronVLModel(nn.Module):
         self.set_kernels(kernels)
 
     def set_kernels(self, choice: str) -> dict[str, str]:
-        """Pick the Mamba ops' and the loss's implementations (``model.kernels``; see :mod:`.kernels`):
-        ``"auto"`` (Triton kernels on CUDA where importable), ``"reference"``, ``"compiled"``,
-        ``"mamba_ssm"`` or ``"fla"``. Returns op -> implementation, for the run's report."""
+        """Pick the implementations of the Mamba ops, the norms, the squared ReLU and the loss
+        (``model.kernels``; see :mod:`.kernels`): ``"auto"`` (Triton kernels on CUDA where importable),
+        ``"reference"``, ``"compiled"``, ``"mamba_ssm"`` or ``"fla"``. Returns op -> implementation, for
+        the run's report."""
         from .kernels import select_kernels
+        from .mamba import MambaMixer
+        from .mlp import MLP, squared_relu
+        from .parallel import NormedColumnParallelLinear, RMSNorm
 
         device = next(self.language_model.parameters()).device
         k = select_kernels(choice, device)
         self.kernels_choice, self.kernels = choice, k
-        for layer in self.language_model.decoder.layers:
-            if hasattr(layer, "mixer"):
-                layer.mixer.kernels = k
+        for module in self.modules():
+            if isinstance(module, MambaMixer):
+                module.kernels = k
+            elif isinstance(module, (NormedColumnParallelLinear, RMSNorm)):
+                module.norm_impl = None if k.norms is None else k.norms[module.norm_kind]
+            elif isinstance(module, MLP) and module.activation == "relu2":
+                module.act = k.relu2 or squared_relu
         return self.kernel_report()
 
     def kernel_report(self) -> dict[str, str]:
