@@ -40,6 +40,8 @@ Usage (one H200; the 12b shape needs no weights on disk with --random-init)::
     # sequence packing (issue 14): MedPix-like samples packed into rows of 4096 tokens vs one per row
     python bench/finetune_gpu.py --size 12b-shape --workloads medpix --variants 'dataset.packing=best_fit' \
         --peer-seqs '' --steps 10 --warmup 3 --tag packing --out bench/results
+    # one record from several invocations of the same visit:
+    python bench/finetune_gpu.py --merge bench/results/finetune_gpu part1.json part2.json
     # CPU smoke test at toy size (what the test suite runs):
     python bench/finetune_gpu.py --size tiny --device cpu --seq 256 --steps 3 --warmup 1 --gbs 2 --peer-seqs 128
 """
@@ -415,7 +417,7 @@ def markdown(records: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         base = [b for b in records if b["system"] == "nvl" and b["workload"] == r["workload"]
                 and b["method"] == r["method"] and b["seq"] == r["seq"] and (b.get("variant") or {}) == rest]
         if base and base[0].get("tokens_per_s") and r.get("tokens_per_s"):
-            lines.append(f"- {r['workload']} {r['method']}: {r['tokens_per_s']:,.0f} vs {base[0]['tokens_per_s']:,.0f} "
+            lines.append(f"- {r['workload']} {r['method']} seq {r['seq']}: {r['tokens_per_s']:,.0f} vs {base[0]['tokens_per_s']:,.0f} "
                          f"tokens/s = {r['tokens_per_s'] / base[0]['tokens_per_s']:.2f}x; "
                          f"{r.get('samples_per_step', '?')} vs {base[0].get('samples_per_step', '?')} samples per iteration")
     peers = {r["seq"]: r for r in records if r["system"] != "nvl" and r.get("tokens_per_s")}
@@ -479,6 +481,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--variants", default="",
                     help="extra override sets to run per workload, ';'-separated, each 'k=v,k=v' "
                          "(e.g. 'model.kernels=reference;model.recompute_granularity=selective')")
+    ap.add_argument("--skip-default", action="store_true", help="measure only the --variants, not the defaults")
     ap.add_argument("--seq", default="4096", help="nvl's sequence length(s), comma-separated (the first is profiled)")
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--warmup", type=int, default=2, help="iterations left out of the averages")
@@ -505,6 +508,17 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "--child":
         return child_main(argv[1:])
+    if argv and argv[0] == "--merge":
+        # --merge OUT_STEM PART.json ...: one record (json + md) from several invocations of the same bench
+        # visit (e.g. nvl at two lengths beside the peer, and the vision workloads), in the given order.
+        stem, parts = Path(argv[1]), [Path(a) for a in argv[2:]]
+        records = [r for part in parts for r in json.loads(part.read_text())]
+        dates = sorted({r["date"] for r in records})
+        machines = sorted({str(r.get("machine", "?")) for r in records})
+        meta = {"date": ", ".join(dates), "machine": "; ".join(machines), "warmup": "the parts'"}
+        stem.with_suffix(".json").write_text(json.dumps(records, indent=1) + "\n")
+        stem.with_suffix(".md").write_text(markdown(records, meta) + "\nMerged from: " + ", ".join(p.name for p in parts) + "\n")
+        return 0
     if argv and argv[0] == "--readme":
         write_readme(ROOT / "README.md", ROOT / "bench" / "results" / "finetune_gpu.json")
         return 0
@@ -525,7 +539,7 @@ def main(argv: list[str] | None = None) -> int:
         data["cord"] = write_cord(work / "cord-v2", args.samples)
     if "medpix" in workloads:
         data["medpix"] = write_medpix(work / "MedPix-VQA", args.samples)
-    variants: list[dict[str, str]] = [{}]
+    variants: list[dict[str, str]] = [] if args.skip_default else [{}]
     for spec in [v for v in args.variants.split(";") if v.strip()]:
         variants.append(dict(kv.split("=", 1) for kv in spec.split(",")))
     machine = platform.node()
@@ -544,6 +558,7 @@ def main(argv: list[str] | None = None) -> int:
         for r in records:  # every record has every key; a failed run has null figures
             for key in ("tokens_per_s", "mfu", "peak_gb", "kernels"):
                 r.setdefault(key, None)
+            r.setdefault("machine", machine)
         (out / f"{stem}.json").write_text(json.dumps(records, indent=1) + "\n")
         (out / f"{stem}.md").write_text(markdown(records, meta))
 
