@@ -221,9 +221,10 @@ def test_scan_kernel_with_seq_idx_matches_reference(dtype):
     errs = {"out": rel(out_k, out_r)} | {n: rel(a, b) for n, a, b in zip("x dt A_log B C D dt_bias".split(), g_k, g_r)}
     print(f"packed scan {k.names['scan']} {dtype}: " + ", ".join(f"{n} {e:.1e}" for n, e in errs.items()))
     assert max(errs.values()) < TOL[("scan", dtype)], errs
-    # the reset is real: without seq_idx the outputs after the first boundary differ
+    # the reset is real: without seq_idx the first tokens after a boundary differ (further on, the
+    # previous sample's state has decayed, so the comparison looks at the tokens right after it)
     out_leak = k.scan(*[t.detach() for t in ins[:5]], 128, ins[5].detach(), ins[6].detach())
-    assert rel(out_leak[:, 100:], out_r[:, 100:]) > 10 * TOL[("scan", dtype)]
+    assert rel(out_leak[:, 100:104], out_r[:, 100:104]) > 10 * TOL[("scan", dtype)]
 
 
 @cuda
