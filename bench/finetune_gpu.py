@@ -250,8 +250,10 @@ def run_nvl(args: argparse.Namespace, model_dir: Path, data: dict[str, Path], wo
     cmd_args = ["--hf-model-path", str(model_dir), "--random-init"]
     if method == "lora":
         cmd_args.append("--lora-on-language-model")
-    if args.nproc:
-        cmd_args += ["--nproc-per-node", str(args.nproc)]
+    # Several GPUs: torchrun starts the workers, each of them this script's child (so the bench's text maker
+    # is registered in every rank) running `nvl finetune` as that rank; the same code path as
+    # `nvl finetune --nproc-per-node N`, whose launcher is torch.distributed.run with `-m nvlcore`.
+    launcher = ["torchrun", "--standalone", "--nproc-per-node", str(args.nproc)] if (args.nproc or 1) > 1 else []
     if workload == "text":
         maker = ["dataset.maker_name=bench_text", f'dataset.maker_kwargs={{"words": {int(seq * 0.33)}}}']
     elif workload == "cord":
@@ -265,7 +267,8 @@ def run_nvl(args: argparse.Namespace, model_dir: Path, data: dict[str, Path], wo
         "dataset.num_workers=2" if args.device == "cuda" else "dataset.num_workers=0",
         "scheduler.lr_warmup_iters=1", "checkpoint.save=null",
     ] + [f"{k}={v}" for k, v in variant.items()]
-    shown = "nvl finetune " + " ".join(shlex.quote(a) for a in cmd_args + overrides)
+    shown = (" ".join(launcher + ["-m", "nvlcore"]) + " " if launcher else "nvl ") + "finetune " + " ".join(
+        shlex.quote(a) for a in cmd_args + overrides)
     log(f"run: {shown}")
     env = {**os.environ, CHILD_ENV: "1"}
     profiled = -1
@@ -279,7 +282,8 @@ def run_nvl(args: argparse.Namespace, model_dir: Path, data: dict[str, Path], wo
                            "date": _dt.date.today().isoformat(), "variant": variant}
     t0 = time.perf_counter()
     with GpuMemorySampler() if args.device == "cuda" else _Null() as sampler:
-        proc = subprocess.run([sys.executable, __file__, "--child", *cmd_args, *overrides], env=env,
+        start = [sys.executable, "-m", "torch.distributed.run", *launcher[1:]] if launcher else [sys.executable]
+        proc = subprocess.run([*start, __file__, "--child", *cmd_args, *overrides], env=env,
                               capture_output=True, text=True, timeout=args.run_timeout)
     rec["wall_s"] = round(time.perf_counter() - t0, 1)
     out = proc.stdout + proc.stderr
