@@ -36,7 +36,7 @@ Usage (one H200; the 12b shape needs no weights on disk with --random-init)::
 
     python bench/finetune_gpu.py --size 12b-shape --workloads text,cord,medpix --out bench/results
     # two H200s, full fine-tuning at TP=2:
-    python bench/finetune_gpu.py --size 12b-shape --methods full --tp 2 --nproc 2 --workloads cord --peer-seqs ''
+    python bench/finetune_gpu.py --size 12b-shape --methods full --tp 2 --nproc 2 --workloads text --peer-seqs ''
     # sequence packing (issue 14): MedPix-like samples packed into rows of 4096 tokens vs one per row
     python bench/finetune_gpu.py --size 12b-shape --workloads medpix --variants 'dataset.packing=best_fit' \
         --peer-seqs '' --steps 10 --warmup 3 --tag packing --out bench/results
@@ -426,12 +426,14 @@ def markdown(records: list[dict[str, Any]], meta: dict[str, Any]) -> str:
                          f"{r.get('samples_per_step', '?')} vs {base[0].get('samples_per_step', '?')} samples per iteration")
     peers = {r["seq"]: r for r in records if r["system"] != "nvl" and r.get("tokens_per_s")}
     equal = [r for r in records if r["system"] == "nvl" and r["workload"] == "text" and r["method"] == "lora"
-             and not r.get("variant") and r.get("tokens_per_s") and r["seq"] in peers]
+             and r.get("tokens_per_s") and r["seq"] in peers]
     if equal:
         lines += ["", "At equal sequence length (text, LoRA on the LM, rows of seq tokens, same run):", ""]
     for r in equal:
         p = peers[r["seq"]]
-        lines.append(f"- seq {r['seq']}: nvl {r['tokens_per_s']:,.0f} vs transformers+PEFT {p['tokens_per_s']:,.0f} "
+        var = ", ".join(f"{k}={v}" for k, v in (r.get("variant") or {}).items())
+        lines.append(f"- seq {r['seq']}{' (' + var + ')' if var else ''}: nvl {r['tokens_per_s']:,.0f} vs transformers+PEFT "
+                     f"(batch 1) {p['tokens_per_s']:,.0f} "
                      f"tokens/s = {r['tokens_per_s'] / p['tokens_per_s']:.2f}x; peak {r.get('peak_gb')} vs {p.get('peak_gb')} GB")
     lines += ["", "Kernels per run:", ""]
     for r in records:
@@ -447,22 +449,26 @@ README_END = "<!-- end of finetune_gpu table -->"
 
 
 def readme_table(records: list[dict[str, Any]]) -> str:
-    """The README's table of `nvl finetune` throughput, from the records of one bench run."""
+    """The README's table of `nvl finetune` throughput, from the records of one bench visit."""
     peers = {r["seq"]: r for r in records if r["system"] != "nvl"}
     peer_txt = "; ".join(
         f"seq {seq}: " + (f"{r['tokens_per_s']:,.0f} tokens/s, {r['peak_gb']} GB" if r["status"] == "ok" else r["status"])
         for seq, r in sorted(peers.items()))
     what = {"text": "text", "cord": "CORD-like receipts (7 tiles)", "medpix": "MedPix-like (one ~300-token sample per sequence)"}
-    lines = ["| run (`nvl finetune`, seq, GPUs) | tokens/s | MFU | peak GB | date |", "|---|---|---|---|---|"]
+    lines = ["| run (`nvl finetune`, seq, GPUs, overrides) | tokens/s | per GPU | MFU | peak GB | date |",
+             "|---|---|---|---|---|---|"]
     for r in records:
-        if r["system"] != "nvl" or r.get("variant"):
+        if r["system"] != "nvl":
             continue
+        var = ", ".join(f"`{k}={v}`" for k, v in (r.get("variant") or {}).items())
         tps = f"{r['tokens_per_s']:,.0f}" if r["status"] == "ok" else r["status"]
+        per = f"{r['tokens_per_s'] / r['gpus']:,.0f}" if r["status"] == "ok" else "-"
         mfu = f"{r['mfu']:.1%}" if r.get("mfu") is not None else "-"
         lines.append(f"| {'LoRA' if r['method'] == 'lora' else 'full FT'}, {what.get(r['workload'], r['workload'])}, "
-                     f"{r['seq']}, {r['gpus']} (TP {r['tp']}) | {tps} | {mfu} | {r.get('peak_gb') or '-'} | {r['date']} |")
+                     f"{r['seq']}, {r['gpus']} (TP {r['tp']}){', ' + var if var else ''} | {tps} | {per} | {mfu} | "
+                     f"{r.get('peak_gb') or '-'} | {r['date']} |")
     if peer_txt:
-        lines.append(f"| transformers + PEFT LoRA, text, same run | {peer_txt} | | | |")
+        lines.append(f"| transformers + PEFT LoRA, text, batch 1 | {peer_txt} | | | | |")
     return "\n".join(lines)
 
 
