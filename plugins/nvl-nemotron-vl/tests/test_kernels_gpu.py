@@ -270,3 +270,28 @@ def test_tiny_toy_packed_row_equals_samples_alone_with_kernels(tiny_toy):
             alone = model(p[None].cuda(), labels=labels[:, start:start + n])
             assert rel(packed[:, start:start + n], alone) < 1e-2, (start, n)
             start += n
+
+
+@cuda
+def test_norm_and_relu2_kernels_step_aside_inside_cuda_graph_capture():
+    """The decode step is a CUDA graph: inside a capture the norm and squared-ReLU kernels use the
+    plain-PyTorch ops (capturable), and the replayed graph gives the reference values."""
+    from nvl_nemotron_vl.model.mlp import squared_relu
+    from nvl_nemotron_vl.model.parallel import rms_norm
+
+    k = _kernels("norm")
+    x = torch.randn(4, 1, 5120, device="cuda", dtype=torch.bfloat16)
+    w = torch.ones(5120, device="cuda", dtype=torch.bfloat16)
+    a = torch.randn(4, 1, 2048, device="cuda", dtype=torch.bfloat16)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):  # warm-up outside the capture, as the generator does
+        k.norms["rms"](x, w, None, 1e-5), k.relu2(a)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        y, r = k.norms["rms"](x, w, None, 1e-5), k.relu2(a)
+    x.copy_(torch.randn_like(x))
+    a.copy_(torch.randn_like(a))
+    g.replay()
+    assert torch.equal(y, rms_norm(x, w, 1e-5)) and torch.equal(r, squared_relu(a))

@@ -228,13 +228,26 @@ def _triton_norms(fn: Callable[..., Any]) -> dict[str, Callable[..., torch.Tenso
     and the affine in fp32, the result in ``x``'s dtype (what :func:`.parallel.rms_norm` computes), and
     ``x`` plus the fp32 ``rstd`` saved for backward."""
 
+    from .parallel import layer_norm, rms_norm
+
     def rms(x, weight, bias, eps):
+        if _capturing():
+            return rms_norm(x, weight, eps)
         return fn(x, weight, None, eps=eps, is_rms_norm=True)
 
     def layer(x, weight, bias, eps):
+        if _capturing():
+            return layer_norm(x, weight, bias, eps)
         return fn(x, weight, bias, eps=eps, is_rms_norm=False)
 
     return {"rms": rms, "layer": layer}
+
+
+def _capturing() -> bool:
+    """True while a CUDA graph is being captured (the decode step): the norm and activation kernels
+    step aside for the plain-PyTorch ops there, since an autotuning Triton kernel or a recompiling
+    ``torch.compile`` function cannot run inside a capture; a one-token step gains nothing from them."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
 @functools.lru_cache(maxsize=None)
@@ -255,7 +268,14 @@ def _compiled_squared_relu() -> Callable[[torch.Tensor], torch.Tensor]:
             (x,) = ctx.saved_tensors
             return bwd(x, grad_out)
 
-    return _FusedSquaredReLU.apply
+    def run(x: torch.Tensor) -> torch.Tensor:
+        if _capturing():
+            from .mlp import squared_relu
+
+            return squared_relu(x)
+        return _FusedSquaredReLU.apply(x)
+
+    return run
 
 
 _COMPILED_RELU2 = "torch.compile (one fused kernel forward, one backward)"
