@@ -233,12 +233,14 @@ def run_variant(model, batch, device, flops: float, args) -> dict[str, Any]:
 
 
 def compiled_scan_variant(model, cfg, batch, device, dtype, flops: float, mode: str, args) -> dict[str, Any]:
-    """The step and the scan alone with ``torch.compile(ssd_scan_reference)`` installed."""
+    """The step and the scan alone with ``torch.compile(ssd_scan_reference)``: the model's
+    ``set_kernels("compiled")`` for the step (the previous choice is restored afterwards)."""
     import torch
 
-    from nvl_nemotron_vl.model.ssd import set_ssd_scan_impl, ssd_scan_reference
+    from nvl_nemotron_vl.model.ssd import ssd_scan_reference
 
     out: dict[str, Any] = {"recompute": mode}
+    previous = model.kernels_choice
     try:
         compiled = torch.compile(ssd_scan_reference, dynamic=False)
         g = torch.Generator(device="cpu").manual_seed(1)
@@ -249,7 +251,7 @@ def compiled_scan_variant(model, cfg, batch, device, dtype, flops: float, mode: 
         a, _ = ssd_scan_reference(*probe, 64)
         b, _ = compiled(*probe, 64)
         out["max_rel_diff_vs_reference"] = float((a - b).abs().max() / a.abs().max())
-        set_ssd_scan_impl(compiled)
+        model.set_kernels("compiled")
         model.set_recompute(mode)
         out["step"] = run_variant(model, batch, device, flops, args)
         mixer = next(layer.mixer for layer in model.language_model.decoder.layers if hasattr(layer, "mixer"))
@@ -267,7 +269,7 @@ def compiled_scan_variant(model, cfg, batch, device, dtype, flops: float, mode: 
     except Exception as exc:
         out.update(status="oom" if is_oom(exc) else "error", error=f"{type(exc).__name__}: {exc}"[:2000])
     finally:
-        set_ssd_scan_impl(None)
+        model.set_kernels(previous)
     return out
 
 

@@ -231,6 +231,53 @@ def test_text_greedy_equals_transformers_generate(toy, generator) -> None:
     assert hf_generate(batch, mask) == [r.token_ids for r in ours]
 
 
+def test_prefill_runs_the_models_selected_kernels_and_step_continues_the_state(generator) -> None:
+    """The prefill is the mixers' training path: the model's kernels (``set_kernels``) compute it; the
+    state it leaves lets ``step`` continue exactly as the full forward over the longer sequence."""
+    import dataclasses
+
+    dec = generator.model
+    model = dec.model
+    mixers = [layer.mixer for layer in model.language_model.decoder.layers if hasattr(layer, "mixer")]
+    calls: list[str] = []
+
+    def spy(name, fn):
+        def run(*args, **kwargs):
+            calls.append(name)
+            return fn(*args, **kwargs)
+        return run
+
+    saved = [m.kernels for m in mixers]
+    k = saved[0]
+    spied = dataclasses.replace(k, scan=spy("scan", k.scan), conv=spy("conv", k.conv),
+                                gated_norm=spy("gated_norm", k.gated_norm))
+    ids = torch.tensor([[5, 17, 3, 99, 42, 8, 61]])
+    try:
+        for m in mixers:
+            m.kernels = spied
+        cache = dec.allocate_cache(1, ids.shape[1] + 2, dtype=torch.float32, device="cpu")
+        dec.prefill(ids[:, :-1], attention_mask=torch.ones_like(ids[:, :-1]), cache=cache)
+        assert calls.count("scan") == calls.count("conv") == calls.count("gated_norm") == len(mixers)
+        calls.clear()
+        stepped = dec.decode_step(ids[:, -1], cache)
+        assert calls == []  # the one-token step is plain PyTorch
+    finally:
+        for m, kern in zip(mixers, saved):
+            m.kernels = kern
+    with torch.no_grad():
+        full = model.forward_inference(ids, last_only=True)[:, 0].float()
+    full[:, dec.suppressed_token_ids] = float("-inf")
+    torch.testing.assert_close(stepped, full, rtol=1e-4, atol=1e-4)
+
+
+def test_packed_rows_cannot_fill_a_cache(generator) -> None:
+    lm = generator.model.model.language_model
+    cache = lm.allocate_inference_cache(1, 8, dtype=torch.float32, device="cpu")
+    h = torch.zeros(1, 4, lm.cfg.hidden_size)
+    with pytest.raises(ValueError, match="one prompt per row"):
+        lm.decoder(h, None, cache, torch.tensor([[0, 0, 1, 1]]))
+
+
 def test_cache_memory_is_constant_per_mamba_layer(generator) -> None:
     from nvl_nemotron_vl.model.cache import AttentionState, MambaState
 
