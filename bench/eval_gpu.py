@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     made = maker(split="test", path=str(data), cache_dir=str(work / "hf-cache"))
     metrics = metrics_for(maker)
 
-    from nvl_nemotron_vl.generate import load_generator
+    from nvl_nemotron_vl import load_generator
 
     t1 = time.perf_counter()
     gen = load_generator(model_dir, device=device, dtype=dtype)

@@ -360,10 +360,11 @@ def main(argv: list[str] | None = None) -> int:
     from nvl_nemotron_vl.bridge import NemotronVLBridge
     from nvl_nemotron_vl.config import NemotronVLConfig
     from nvl_nemotron_vl.flops import batch_train_flops
-    from nvl_nemotron_vl.model import build_model, ensure_model_parallel
+    from nvl_nemotron_vl.model import build_model
+    from nvlcore.parallel import init_parallel
     from nvl_nemotron_vl.toy import num_prefix_tokens, toy_config
 
-    ensure_model_parallel(1)
+    init_parallel(1)
     stem = f"model_step_{args.size if not args.hf_dir else 'hf'}_{device.type}_{dt.date.today().isoformat()}"
 
     def save() -> None:

@@ -135,14 +135,6 @@ def load_full_toy_weights(model: nn.Module, full: dict[str, torch.Tensor], tp_gr
             p.copy_(t.chunk(tp, 1)[rank])
 
 
-def init_parallel(tp: int) -> Any:
-    """``parallel_state`` with the given TP over the current world; returns the TP group."""
-    from megatron.core import parallel_state
-
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp)
-    return parallel_state.get_tensor_model_parallel_group()
-
-
 ALL_TOY_TARGETS = ("linear_fc1", "linear_fc2", "in_proj", "out_proj", "head")
 
 
@@ -160,7 +152,9 @@ def tp_parity_worker(
     from nvl_lora.method import apply_lora, merge_lora
     from nvl_lora.state import adapter_keys, gather_adapter_state, load_adapter_state
 
-    tpw = init_parallel(world)
+    from nvlcore.parallel import init_parallel
+
+    tpw = init_parallel(world, device_type="cpu").tp_group
     singles = [torch.distributed.new_group([r]) for r in range(world)]
     x = torch.randn(3, 5, 16, generator=torch.Generator().manual_seed(3))
     out: dict[str, Any] = {}

@@ -191,9 +191,9 @@ def tp_worker(rank: int, world: int, hf_dir: str, inputs: dict[str, Any]) -> dic
     from megatron.core import parallel_state
 
     from .bridge import NemotronVLBridge
-    from .model.parallel import ensure_model_parallel
+    from nvlcore.parallel import init_parallel
 
-    ensure_model_parallel(world)
+    init_parallel(world, device_type="cpu")
     bridge = NemotronVLBridge.from_hf_dir(hf_dir)
     model = bridge.build_model(dtype=torch.float32, device="cpu", load_weights=True,
                                tp_group=parallel_state.get_tensor_model_parallel_group())

@@ -92,7 +92,7 @@ def media(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def generator(toy):
-    from nvl_nemotron_vl.generate import load_generator
+    from nvl_nemotron_vl import load_generator
 
     return load_generator(toy, device="cpu")
 
@@ -337,7 +337,7 @@ def test_megatron_checkpoint_weights_give_the_same_output(toy, media, generator,
     from click.testing import CliRunner
 
     from nvlcore.cli import build_cli
-    from nvl_nemotron_vl.generate import load_generator
+    from nvl_nemotron_vl import load_generator
 
     ck = tmp_path / "ck"
     # Its own process, as a user runs it (the importer refuses to stream inside a process that already
@@ -396,7 +396,7 @@ def test_cli_video_frames_fps_and_pruning_rate(toy, media, tmp_path) -> None:
 
     # The tiny toy's greedy tokens barely depend on the video, so compare what the option sets, the
     # prefill logits: rate 0 on the toy = the EVS-off copy, and differs from the config's rate.
-    from nvl_nemotron_vl.generate import load_generator
+    from nvl_nemotron_vl import load_generator
 
     conv = build_conversation("What happens?", video=media["video"])
 
