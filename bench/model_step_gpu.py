@@ -5,7 +5,7 @@ What it does, in order:
 1. **Correctness on the device** (fp32, tiny toy checkpoint written to a temporary directory):
    the chunked SSD scan against the token-by-token recurrence; the LM against transformers'
    ``NemotronHForCausalLM`` and the whole VLM against the transformers-composed reference
-   (``nvl_nemotron_vl.testing``), max abs logit differences; bf16 vs fp32 on the same toy.
+   (``plugins/nvl-nemotron-vl/tests/support/nemotron_vl_testing.py``), max abs logit differences; bf16 vs fp32 on the same toy.
 2. **Build** the ``--size`` model (default ``12b-shape``) in bf16 directly on the device, random
    init (or ``--hf-dir`` weights).
 3. **Step**: batch 1, ``--seq`` LM tokens (default 4096) holding one image of ``--tiles`` tiles
@@ -39,7 +39,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 ROOT = Path(__file__).resolve().parent.parent
-for p in (ROOT, ROOT / "plugins" / "nvl-nemotron-vl"):  # run from a checkout without installing
+# run from a checkout without installing; the reference models are the tests' support modules
+for p in (ROOT, ROOT / "plugins" / "nvl-nemotron-vl", ROOT / "plugins" / "nvl-nemotron-vl" / "tests" / "support"):
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
 
@@ -121,7 +122,7 @@ def correctness_checks(device) -> dict[str, Any]:
 
     from nvl_nemotron_vl.bridge import NemotronVLBridge
     from nvl_nemotron_vl.model.ssd import ssd_scan_reference, ssd_scan_sequential
-    from nvl_nemotron_vl.testing import HFReferenceVLM, random_sequences
+    from nemotron_vl_testing import HFReferenceVLM, random_sequences
     from nvl_nemotron_vl.toy import write_toy_checkpoint
 
     out: dict[str, Any] = {}

@@ -203,7 +203,7 @@ def test_batched_prefill_and_steps_equal_single_rows(generator, media) -> None:
 
 
 def test_text_greedy_equals_transformers_generate(toy, generator) -> None:
-    from nvl_nemotron_vl.testing import hf_lm_from_toy
+    from nemotron_vl_testing import hf_lm_from_toy
 
     # transformers' model on the toy's language_model.* tensors (renamed to its keys, loaded strictly;
     # its PyTorch prefill's dt clamp at time_step_min is switched off, as in the released kernels)
@@ -322,8 +322,8 @@ def test_cli_refuses_tensor_parallel_without_a_launcher(toy) -> None:
 @pytest.mark.distributed
 def test_tensor_parallel_2_equals_tp_1(toy, media, generator) -> None:
     """Two gloo ranks (heads, groups and vocabulary split) give TP=1's tokens and logits."""
-    from nvlcore.testing_dist import run_distributed
-    from nvl_nemotron_vl.testing_generate import tp_generate_worker
+    from nvl_dist_testing import run_distributed
+    from nemotron_vl_testing_generate import tp_generate_worker
 
     convs = [_conversations(media)["image"], build_conversation("Hi!")]
     ranks = run_distributed(tp_generate_worker, 2, str(toy), convs, NEW_TOKENS)

@@ -32,7 +32,7 @@ def tp_load_worker(rank: int, world: int, hf_dir: str, checkpoints: dict[str, st
 
     from nvlcore.checkpoint import save_checkpoint
 
-    from .bridge import NemotronVLBridge
+    from nvl_nemotron_vl.bridge import NemotronVLBridge
     from nvlcore.parallel import init_parallel
 
     init_parallel(world, device_type="cpu")

@@ -1,7 +1,8 @@
 """Test helpers: gloo process groups on CPU and a small tensor-parallel toy built from Megatron layers.
 
 Workers live here (not in test files) because ``torch.multiprocessing.spawn`` pickles them by module
-path, which pytest's importlib mode does not provide for test modules.
+path, which pytest's importlib mode does not provide for test modules; this folder is on pytest's
+``pythonpath``.
 """
 
 from __future__ import annotations
@@ -11,8 +12,8 @@ from typing import Any
 import torch
 from torch import nn
 
-# The gloo harness is the core's (one implementation for every plugin's TP/DP tests).
-from nvlcore.testing_dist import free_port, run_distributed  # noqa: F401
+# The gloo harness is the repository's (tests/support; one implementation for every plugin's TP/DP tests).
+from nvl_dist_testing import free_port, run_distributed  # noqa: F401
 
 
 # --------------------------------------------------------------------------------------------------
