@@ -50,7 +50,10 @@ def make_inputs(root: Path) -> tuple[Path, Path, Path]:
     from PIL import Image
 
     from nvl_nemotron_vl.toy_tokenizer import write_toy_tokenizer
-    from nvlcore.data.testing import write_test_video
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "support"))  # the tests' support
+    from nvl_data_testing import write_test_video
 
     model = root / "model"
     ids = write_toy_tokenizer(model)

@@ -74,7 +74,8 @@ def receipt(i: int, rng: random.Random) -> tuple[Any, dict[str, Any]]:
 def write_cord_like(root: Path, n: int, seed: int = 0) -> Path:
     from datasets import Dataset, Features, Image as HFImage, Value
 
-    from nvlcore.data.testing import write_hub_dataset
+    sys.path.insert(0, str(ROOT / "tests" / "support"))  # the tests' support modules (not installed)
+    from nvl_data_testing import write_hub_dataset
 
     rng = random.Random(seed)
     images, truths = [], []
@@ -138,7 +139,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     made = maker(split="test", path=str(data), cache_dir=str(work / "hf-cache"))
     metrics = metrics_for(maker)
 
-    from nvl_nemotron_vl.generate import load_generator
+    from nvl_nemotron_vl import load_generator
 
     t1 = time.perf_counter()
     gen = load_generator(model_dir, device=device, dtype=dtype)

@@ -102,7 +102,8 @@ def write_cord(root: Path, n: int) -> Path:
     from datasets import Dataset, Features, Image as HFImage, Value
     from PIL import Image, ImageDraw
 
-    from nvlcore.data.testing import write_hub_dataset
+    sys.path.insert(0, str(ROOT / "tests" / "support"))  # the tests' support modules (not installed)
+    from nvl_data_testing import write_hub_dataset
 
     rows_img, rows_gt = [], []
     for i in range(n):
@@ -126,7 +127,8 @@ def write_medpix(root: Path, n: int) -> Path:
     from datasets import Dataset, Features, Image as HFImage, Value
     from PIL import Image, ImageDraw
 
-    from nvlcore.data.testing import write_hub_dataset
+    sys.path.insert(0, str(ROOT / "tests" / "support"))  # the tests' support modules (not installed)
+    from nvl_data_testing import write_hub_dataset
 
     imgs, q, a = [], [], []
     for i in range(n):

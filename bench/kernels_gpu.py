@@ -169,9 +169,9 @@ def main(argv: list[str] | None = None) -> int:
             print(name, results["ops"][f"{op}: {name}"], flush=True)
             flush()
     # loss
-    from nvl_nemotron_vl.model.parallel import ensure_model_parallel
+    from nvlcore.parallel import init_parallel
 
-    ensure_model_parallel(1)
+    init_parallel(1)
     hid = torch.randn(1, L, 5120, device=dev, generator=gen).to(bf).requires_grad_()
     W = (torch.randn(131072, 5120, device=dev, generator=gen) * 0.01).to(bf)
     labels = torch.randint(0, 131072, (1, L), device=dev, generator=gen)

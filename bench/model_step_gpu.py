@@ -5,7 +5,7 @@ What it does, in order:
 1. **Correctness on the device** (fp32, tiny toy checkpoint written to a temporary directory):
    the chunked SSD scan against the token-by-token recurrence; the LM against transformers'
    ``NemotronHForCausalLM`` and the whole VLM against the transformers-composed reference
-   (``nvl_nemotron_vl.testing``), max abs logit differences; bf16 vs fp32 on the same toy.
+   (``plugins/nvl-nemotron-vl/tests/support/nemotron_vl_testing.py``), max abs logit differences; bf16 vs fp32 on the same toy.
 2. **Build** the ``--size`` model (default ``12b-shape``) in bf16 directly on the device, random
    init (or ``--hf-dir`` weights).
 3. **Step**: batch 1, ``--seq`` LM tokens (default 4096) holding one image of ``--tiles`` tiles
@@ -39,7 +39,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 ROOT = Path(__file__).resolve().parent.parent
-for p in (ROOT, ROOT / "plugins" / "nvl-nemotron-vl"):  # run from a checkout without installing
+# run from a checkout without installing; the reference models are the tests' support modules
+for p in (ROOT, ROOT / "plugins" / "nvl-nemotron-vl", ROOT / "plugins" / "nvl-nemotron-vl" / "tests" / "support"):
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
 
@@ -121,7 +122,7 @@ def correctness_checks(device) -> dict[str, Any]:
 
     from nvl_nemotron_vl.bridge import NemotronVLBridge
     from nvl_nemotron_vl.model.ssd import ssd_scan_reference, ssd_scan_sequential
-    from nvl_nemotron_vl.testing import HFReferenceVLM, random_sequences
+    from nemotron_vl_testing import HFReferenceVLM, random_sequences
     from nvl_nemotron_vl.toy import write_toy_checkpoint
 
     out: dict[str, Any] = {}
@@ -233,12 +234,14 @@ def run_variant(model, batch, device, flops: float, args) -> dict[str, Any]:
 
 
 def compiled_scan_variant(model, cfg, batch, device, dtype, flops: float, mode: str, args) -> dict[str, Any]:
-    """The step and the scan alone with ``torch.compile(ssd_scan_reference)`` installed."""
+    """The step and the scan alone with ``torch.compile(ssd_scan_reference)``: the model's
+    ``set_kernels("compiled")`` for the step (the previous choice is restored afterwards)."""
     import torch
 
-    from nvl_nemotron_vl.model.ssd import set_ssd_scan_impl, ssd_scan_reference
+    from nvl_nemotron_vl.model.ssd import ssd_scan_reference
 
     out: dict[str, Any] = {"recompute": mode}
+    previous = model.kernels_choice
     try:
         compiled = torch.compile(ssd_scan_reference, dynamic=False)
         g = torch.Generator(device="cpu").manual_seed(1)
@@ -249,7 +252,7 @@ def compiled_scan_variant(model, cfg, batch, device, dtype, flops: float, mode: 
         a, _ = ssd_scan_reference(*probe, 64)
         b, _ = compiled(*probe, 64)
         out["max_rel_diff_vs_reference"] = float((a - b).abs().max() / a.abs().max())
-        set_ssd_scan_impl(compiled)
+        model.set_kernels("compiled")
         model.set_recompute(mode)
         out["step"] = run_variant(model, batch, device, flops, args)
         mixer = next(layer.mixer for layer in model.language_model.decoder.layers if hasattr(layer, "mixer"))
@@ -267,7 +270,7 @@ def compiled_scan_variant(model, cfg, batch, device, dtype, flops: float, mode: 
     except Exception as exc:
         out.update(status="oom" if is_oom(exc) else "error", error=f"{type(exc).__name__}: {exc}"[:2000])
     finally:
-        set_ssd_scan_impl(None)
+        model.set_kernels(previous)
     return out
 
 
@@ -358,10 +361,11 @@ def main(argv: list[str] | None = None) -> int:
     from nvl_nemotron_vl.bridge import NemotronVLBridge
     from nvl_nemotron_vl.config import NemotronVLConfig
     from nvl_nemotron_vl.flops import batch_train_flops
-    from nvl_nemotron_vl.model import build_model, ensure_model_parallel
+    from nvl_nemotron_vl.model import build_model
+    from nvlcore.parallel import init_parallel
     from nvl_nemotron_vl.toy import num_prefix_tokens, toy_config
 
-    ensure_model_parallel(1)
+    init_parallel(1)
     stem = f"model_step_{args.size if not args.hf_dir else 'hf'}_{device.type}_{dt.date.today().isoformat()}"
 
     def save() -> None:

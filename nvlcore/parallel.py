@@ -7,6 +7,10 @@ group. gloo is used on CPU, NCCL on GPUs.
 A single process (no ``torchrun`` environment) still gets a one-rank process group, so the model's
 Megatron layers and the trainer's collectives run the same code at every size.
 
+This module is the one place that sets process groups up: the trainer, ``nvl eval`` and model
+plugins (building a model, loading a generator, tests, benchmarks) all call :func:`init_parallel`,
+and models are built over a :class:`TPContext`.
+
 :func:`launch` starts ``nproc_per_node`` copies of a module through ``torch.distributed.run`` (the
 library behind ``torchrun``), with torchrun's own rendezvous options for several machines.
 """
@@ -25,6 +29,32 @@ if TYPE_CHECKING:
 
 #: Environment variables that torchrun (or any launcher following its protocol) sets in each worker.
 TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+@attrs.frozen
+class TPContext:
+    """The tensor-parallel group a model is built over: the group, its size and this process's rank in it.
+
+    Models take one (:meth:`current` for the groups :func:`init_parallel` set up, :meth:`of` for a
+    given group) instead of reading global state in every layer.
+    """
+
+    group: Any
+    size: int
+    rank: int
+
+    @classmethod
+    def of(cls, group: Any) -> "TPContext":
+        return cls(group=group, size=group.size(), rank=group.rank())
+
+    @classmethod
+    def current(cls) -> "TPContext":
+        """Megatron's tensor-parallel group, as :func:`init_parallel` set it up."""
+        from megatron.core import parallel_state
+
+        if not parallel_state.model_parallel_is_initialized():
+            raise RuntimeError("no tensor-parallel group is set up; call nvlcore.parallel.init_parallel first")
+        return cls.of(parallel_state.get_tensor_model_parallel_group())
 
 
 @attrs.frozen
@@ -64,6 +94,11 @@ class ParallelContext:
         from megatron.core import parallel_state
 
         return parallel_state.get_tensor_model_parallel_group()
+
+    @property
+    def tp(self) -> TPContext:
+        """This process's tensor-parallel group, as models take it."""
+        return TPContext.of(self.tp_group)
 
     @property
     def dp_group(self) -> Any:

@@ -246,7 +246,7 @@ def test_tp2_save_loads_at_tp1_and_back(tmp_path):
 
 
 def test_a_one_rank_process_group_saves_like_a_single_process(tmp_path):
-    """torch.distributed initialised with world size 1 (a one-rank ensure_model_parallel) must not
+    """torch.distributed initialised with world size 1 (a one-rank init_parallel) must not
     turn streamed saves or fsync batching into collective behaviour."""
     import subprocess
     import sys

@@ -59,7 +59,7 @@ def test_distributed_optimizer_shards_the_state_matches_unsharded_and_resumes(hf
     import torch
 
     from nvlcore.checkpoint import open_checkpoint
-    from nvlcore.testing_dist import run_distributed
+    from nvl_dist_testing import run_distributed
     from dist_worker import train
 
     plain, sharded, resumed = tmp_path / "plain", tmp_path / "sharded", tmp_path / "resumed"
@@ -104,7 +104,7 @@ def test_distributed_optimizer_shards_the_state_matches_unsharded_and_resumes(hf
 def test_distributed_optimizer_at_tp2_dp2_matches_one_process_and_its_checkpoint_resumes_there(hf, tmp_path):
     """Four gloo ranks (TP 2 x DP 2, state sharded over each DP group): the losses of one process; its
     checkpoint (TP-sharded and DP-sharded optimizer state) resumes on one process, unsharded."""
-    from nvlcore.testing_dist import run_distributed
+    from nvl_dist_testing import run_distributed
     from dist_worker import train
 
     one, four, back = tmp_path / "one", tmp_path / "four", tmp_path / "back"
@@ -126,7 +126,7 @@ def test_distributed_optimizer_at_tp2_dp2_matches_one_process_and_its_checkpoint
 def test_data_parallel_random_init_seeds_each_rank_differently(hf, tmp_path):
     import torch
 
-    from nvlcore.testing_dist import run_distributed
+    from nvl_dist_testing import run_distributed
     from dist_worker import train
 
     states = {}
@@ -145,7 +145,7 @@ def test_data_parallel_random_init_seeds_each_rank_differently(hf, tmp_path):
 # -- checkpoint.fully_parallel_save -----------------------------------------------------------------
 @pytest.mark.distributed
 def test_fully_parallel_save_spreads_replicated_writes(tmp_path):
-    from nvlcore.testing_dist import run_distributed
+    from nvl_dist_testing import run_distributed
     from dist_worker import save_replicated
 
     sizes = {}
@@ -203,7 +203,7 @@ def test_async_save_run_writes_the_checkpoints_of_a_sync_run(hf, tmp_path):
 @pytest.mark.distributed
 def test_async_save_with_two_ranks(hf, tmp_path):
     """Two gloo ranks: the background writes use a process group of their own while training goes on."""
-    from nvlcore.testing_dist import run_distributed
+    from nvl_dist_testing import run_distributed
     from dist_worker import train
 
     one, two = tmp_path / "one", tmp_path / "two"

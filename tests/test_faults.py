@@ -238,7 +238,7 @@ def test_a_save_onto_a_full_disk_says_so_in_one_line_and_keeps_the_previous_chec
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_a_full_disk_on_one_rank_gives_the_same_line_on_every_rank(tmp_path):
-    from nvlcore.testing_dist import run_distributed
+    from nvl_dist_testing import run_distributed
 
     sys.path.insert(0, str(SUPPORT))
     try:

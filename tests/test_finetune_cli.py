@@ -50,7 +50,7 @@ def raven(tmp_path_factory) -> Path:
     from datasets import Dataset, Features, Image as HFImage, List, Value
     from PIL import Image
 
-    from nvlcore.data.testing import write_hub_dataset
+    from nvl_data_testing import write_hub_dataset
 
     rng = random.Random(0)
     colours = {"A": (200, 30, 30), "B": (30, 200, 30), "C": (30, 30, 200), "D": (200, 200, 30)}

@@ -198,7 +198,7 @@ def _dist_state(group: Any) -> tuple[bool, int, int, int]:
     """(several ranks save together?, rank in group, group size, global rank).
 
     A group of one (``torch.distributed`` initialised for a single process, as a one-rank
-    ``ensure_model_parallel`` does) saves like a plain single process: no collectives.
+    ``init_parallel`` does for one process) saves like a plain single process: no collectives.
     """
     import torch.distributed as dist
 

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 import attrs
 
 from nvlcore.interrupt import EXIT_STOPPED_EARLY
+from nvlcore.training.schedules import schedules_for
 from nvlcore.training.trainer import LoopSettings, TrainState, Trainer
 
 if TYPE_CHECKING:
@@ -245,24 +246,6 @@ def loop_settings(cfg: "NvlConfig", *, dp_size: int, device_type: str) -> LoopSe
     )
 
 
-def schedules(cfg: "NvlConfig") -> tuple[Any, Any]:
-    from nvlcore.training.schedules import LRSchedule, WeightDecaySchedule
-
-    sc = cfg.scheduler
-    decay_iters = sc.lr_decay_iters or cfg.train.train_iters
-    warmup = sc.lr_warmup_iters
-    if sc.lr_warmup_fraction is not None:
-        warmup = int(sc.lr_warmup_fraction * decay_iters)
-    style = sc.lr_decay_style
-    lr = LRSchedule(max_lr=cfg.optimizer.lr, min_lr=cfg.optimizer.min_lr, warmup_iters=warmup,
-                    warmup_init=sc.lr_warmup_init, decay_iters=decay_iters, decay_style=style,
-                    wsd_decay_iters=sc.lr_wsd_decay_iters, wsd_decay_style=sc.lr_wsd_decay_style)
-    start = sc.start_weight_decay if sc.start_weight_decay is not None else cfg.optimizer.weight_decay
-    end = sc.end_weight_decay if sc.end_weight_decay is not None else cfg.optimizer.weight_decay
-    wd = WeightDecaySchedule(start=start, end=end, incr_iters=cfg.train.train_iters, style=sc.weight_decay_incr_style)
-    return lr, wd
-
-
 def resume_schedules(cfg: "NvlConfig", saved_run_config: Mapping[str, Any] | None, lr_s: Any, wd_s: Any,
                      *, where: str) -> tuple[Any, Any, str]:
     """The LR and weight-decay schedules of a resumed run (Megatron's ``OptimizerParamScheduler`` rules).
@@ -281,7 +264,7 @@ def resume_schedules(cfg: "NvlConfig", saved_run_config: Mapping[str, Any] | Non
     from nvlcore.config import load_config
 
     saved = load_config([], [], base=dict(saved_run_config), validate_plugins=False)
-    ck_lr, ck_wd = schedules(saved)
+    ck_lr, ck_wd = schedules_for(saved)
     if sc.use_checkpoint_opt_param_scheduler:
         return ck_lr, ck_wd, f"schedule from {where} (scheduler.use_checkpoint_opt_param_scheduler)"
     mine = {**{f"lr.{k}": v for k, v in attrs.asdict(lr_s).items()}, **{f"wd.{k}": v for k, v in attrs.asdict(wd_s).items()}}
@@ -613,7 +596,7 @@ def run_finetune(
             distributed=cfg.ddp.use_distributed_optimizer, dp_group=ctx.dp_group, dp_size=ctx.dp_size,
         )
         say(f"nvl finetune: optimizer: {describe_optimizer(opt, named, cfg, ctx)}")
-        lr_s, wd_s = schedules(cfg)
+        lr_s, wd_s = schedules_for(cfg)
 
         # -- resume ---------------------------------------------------------------------------
         state = TrainState()

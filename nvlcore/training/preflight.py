@@ -21,14 +21,14 @@ def _looks_local(value: str) -> bool:
 
 def config_problems(cfg: Any, manager: Any = None, *, world_size: int | None = None) -> list[str]:
     """Every contradiction found in ``cfg`` (a resolved :class:`nvlcore.config.NvlConfig`), as one-line messages."""
-    from nvlcore.training.finetune import schedules
+    from nvlcore.training.schedules import schedules_for
 
     problems: list[str] = []
     t = cfg.train
     if t.train_iters is not None and t.train_iters < 1:
         problems.append(f"train.train_iters={t.train_iters} must be at least 1")
     try:
-        schedules(cfg)
+        schedules_for(cfg)
     except ValueError as exc:
         problems.append(str(exc))
     mbs, gbs = t.micro_batch_size, t.global_batch_size

@@ -10,8 +10,12 @@ Megatron counts in samples; with a fixed global batch size that is the same sche
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import attrs
+
+if TYPE_CHECKING:
+    from nvlcore.config import NvlConfig
 
 LR_DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root", "WSD")
 WSD_DECAY_STYLES = ("exponential", "linear", "cosine", "minus_sqrt")
@@ -129,3 +133,21 @@ class WeightDecaySchedule:
         else:
             coeff = 0.5 * (math.cos(math.pi * (1.0 - ratio)) + 1.0)
         return self.start + coeff * (self.end - self.start)
+
+
+def schedules_for(cfg: "NvlConfig") -> tuple[LRSchedule, WeightDecaySchedule]:
+    """The learning-rate and weight-decay schedules of a resolved config (``scheduler``, ``optimizer`` and
+    ``train`` sections; ``lr_warmup_fraction`` of the decay length wins over ``lr_warmup_iters``)."""
+    sc = cfg.scheduler
+    decay_iters = sc.lr_decay_iters or cfg.train.train_iters
+    warmup = sc.lr_warmup_iters
+    if sc.lr_warmup_fraction is not None:
+        warmup = int(sc.lr_warmup_fraction * decay_iters)
+    style = sc.lr_decay_style
+    lr = LRSchedule(max_lr=cfg.optimizer.lr, min_lr=cfg.optimizer.min_lr, warmup_iters=warmup,
+                    warmup_init=sc.lr_warmup_init, decay_iters=decay_iters, decay_style=style,
+                    wsd_decay_iters=sc.lr_wsd_decay_iters, wsd_decay_style=sc.lr_wsd_decay_style)
+    start = sc.start_weight_decay if sc.start_weight_decay is not None else cfg.optimizer.weight_decay
+    end = sc.end_weight_decay if sc.end_weight_decay is not None else cfg.optimizer.weight_decay
+    wd = WeightDecaySchedule(start=start, end=end, incr_iters=cfg.train.train_iters, style=sc.weight_decay_incr_style)
+    return lr, wd

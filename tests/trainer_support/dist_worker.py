@@ -1,6 +1,6 @@
 """Worker for two-process (gloo) trainer tests: one run of the tiny model per rank, see test_config_keys.py.
 
-Imported by module name in the spawned processes (``nvlcore.testing_dist.run_distributed``), so it
+Imported by module name in the spawned processes (``nvl_dist_testing.run_distributed``), so it
 lives next to ``tiny_plugin`` on the path the test puts first.
 """
 

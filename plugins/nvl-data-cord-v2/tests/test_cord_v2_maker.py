@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from nvlcore.data.makers import SplitNotAvailableError
-from nvlcore.data.testing import write_hub_dataset
+from nvl_data_testing import write_hub_dataset
 from nvl_data_cord_v2.maker import CordV2Dataset, json2token, target_text
 
 PARSE = {"total": {"total_price": "45,500"}, "menu": [{"nm": "A", "price": "1"}]}

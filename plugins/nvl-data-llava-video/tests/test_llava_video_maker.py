@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from nvlcore.data.makers import SplitNotAvailableError
-from nvlcore.data.testing import write_hub_dataset, write_test_video
+from nvl_data_testing import write_hub_dataset, write_test_video
 from nvl_data_llava_video.maker import LlavaVideo178kDataset
 
 REL = "NextQA/NExTVideo/0000/2440175990.mp4"

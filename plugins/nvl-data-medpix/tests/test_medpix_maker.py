@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from nvlcore.data.makers import SplitNotAvailableError
-from nvlcore.data.testing import write_hub_dataset
+from nvl_data_testing import write_hub_dataset
 from nvl_data_medpix.maker import MedPixDataset
 
 

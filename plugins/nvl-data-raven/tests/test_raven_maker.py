@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from nvlcore.data.makers import NoUsableRowsError, SplitNotAvailableError
-from nvlcore.data.testing import write_hub_dataset
+from nvl_data_testing import write_hub_dataset
 from nvl_data_raven.maker import RavenDataset
 
 TEXT = {"user": "Which figure completes the sequence? Answer with the letter.", "assistant": "B", "source": "raven"}

@@ -98,7 +98,7 @@ def test_tensor_parallel_two_ranks_match_one() -> None:
     """Column-parallel (norm-fused fc1, Mamba in_proj components) and row-parallel (fc2, out_proj: the row
     norms need the all-reduce of squared norms) DoRA at TP=2 equal TP=1: outputs, every gradient
     (magnitudes included), the logical state, and the merged model."""
-    from nvl_lora.testing import ALL_TOY_TARGETS, run_distributed, tp_parity_worker
+    from lora_testing import ALL_TOY_TARGETS, run_distributed, tp_parity_worker
 
     results = run_distributed(tp_parity_worker, 2, ALL_TOY_TARGETS, True)
     for r in results:
@@ -173,7 +173,7 @@ def test_hf_peft_export_matches_peft_on_transformers_and_the_merged_export(toy: 
     from safetensors.torch import load_file
 
     from nvl_lora.hf_peft import HFPeftExporter
-    from nvl_nemotron_vl.testing import hf_lm_from_toy
+    from nemotron_vl_testing import hf_lm_from_toy
 
     bridge, model = _build(toy)
     # peft refuses adapters on Mamba's out_proj; the LM's attention (q/k/v split from the fused qkv, so

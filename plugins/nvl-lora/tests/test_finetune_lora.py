@@ -131,7 +131,7 @@ def test_merge_to_hf_loads_back_and_matches_the_adapted_model(lm_run, toy: Path,
     give the adapted model's logits (ours within 1e-5, transformers within 1e-4, fp32)."""
     from nvl_nemotron_vl.bridge import NemotronVLBridge
     from nvl_nemotron_vl.mapping import mapping_table
-    from nvl_nemotron_vl.testing import hf_lm_from_toy
+    from nemotron_vl_testing import hf_lm_from_toy
 
     from nvl_lora.config import LoRAConfig
     from nvl_lora.method import apply_lora

@@ -104,7 +104,7 @@ def runs(request, toy, tmp_path_factory) -> tuple[str, Path, Path]:
 
 
 def test_unmerged_adapters_generate_the_merged_tokens(runs, toy, image) -> None:
-    from nvl_nemotron_vl.generate import load_generator
+    from nvl_nemotron_vl import load_generator
 
     method, ck, merged = runs
     convs = [build_conversation("Tell me a short story about a cat.", system_prompt="/no_think"),
@@ -140,9 +140,9 @@ def test_unmerged_adapters_at_tp2_generate_the_merged_tokens(runs, toy, image) -
     """Two gloo ranks: adapters split like their layers (DoRA's row-parallel norms all-reduced), the
     hooked row-parallel layers reduce their own output on the decode step; same tokens as the merged
     model at TP=1."""
-    from nvlcore.testing_dist import run_distributed
-    from nvl_nemotron_vl.generate import load_generator
-    from nvl_nemotron_vl.testing_generate import tp_generate_worker
+    from nvl_dist_testing import run_distributed
+    from nvl_nemotron_vl import load_generator
+    from nemotron_vl_testing_generate import tp_generate_worker
 
     method, ck, merged = runs
     convs = [build_conversation("Describe this image.", images=[image], system_prompt="/no_think"),

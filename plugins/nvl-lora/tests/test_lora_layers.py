@@ -176,7 +176,7 @@ def test_config_round_trip_and_errors() -> None:
 @pytest.mark.distributed
 def test_tensor_parallel_two_ranks_match_one() -> None:
     """Megatron Column/RowParallelLinear (norm-fused fc1, fused in_proj components) at TP=2 vs TP=1."""
-    from nvl_lora.testing import run_distributed, tp_parity_worker
+    from lora_testing import run_distributed, tp_parity_worker
 
     results = run_distributed(tp_parity_worker, 2)
     for rank, r in enumerate(results):

@@ -89,7 +89,7 @@ def test_adapters_on_every_kind_of_layer_of_the_model(toy: Path) -> None:
 def test_hf_peft_export_matches_the_peft_library_on_transformers(toy: Path, tmp_path: Path) -> None:
     """Our model with adapters vs transformers' NemotronHForCausalLM with the exported adapter applied by
     `peft.PeftModel.from_pretrained`: same LM logits within 1e-4 (fp32)."""
-    from nvl_nemotron_vl.testing import hf_lm_from_toy
+    from nemotron_vl_testing import hf_lm_from_toy
 
     from nvl_lora.hf_peft import HFPeftExporter
 

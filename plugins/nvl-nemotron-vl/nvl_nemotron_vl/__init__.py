@@ -14,6 +14,15 @@ BRIDGE_NAME = "nemotron_nano_v2_vl"
 ARCHITECTURES = ("NemotronH_Nano_VL_V2",)
 
 
+def load_generator(hf_model_path: Any, **options: Any) -> Any:
+    """A ready :class:`nvlcore.generation.Generator` for an HF directory of this model:
+    ``NemotronVLBridge.from_hf_dir(hf_model_path).generator(**options)``; ``options`` as
+    :func:`nvl_nemotron_vl.generate.build_generator`."""
+    from .bridge import NemotronVLBridge
+
+    return NemotronVLBridge.from_hf_dir(hf_model_path).generator(**options)
+
+
 @hookimpl
 def nvl_register_model_bridges(register: Any) -> None:
     register(BRIDGE_NAME, "nvl_nemotron_vl.bridge:NemotronVLBridge", aliases=("nemotron_vl",))

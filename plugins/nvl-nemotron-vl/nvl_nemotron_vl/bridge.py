@@ -51,7 +51,9 @@ class NemotronVLBridge(BridgeConversionMixin):
         """
         import torch
 
-        from .model import TPContext, build_model
+        from nvlcore.parallel import TPContext
+
+        from .model import build_model
 
         if isinstance(dtype, str):
             dtype = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32,
@@ -60,7 +62,7 @@ class NemotronVLBridge(BridgeConversionMixin):
             dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
         tp = None
         if tp_group is not None:
-            tp = TPContext(group=tp_group, size=tp_group.size(), rank=tp_group.rank())
+            tp = TPContext.of(tp_group)
         model = build_model(self.config, dtype=dtype, device=device, tp=tp,
                             init="none" if load_weights else init, seed=seed, **options)
         if load_weights:
@@ -126,12 +128,12 @@ class NemotronVLBridge(BridgeConversionMixin):
     # ----------------------------------------------------------------------------- generation
     def generator(self, **options: Any) -> Any:
         """A :class:`nvlcore.generation.Generator` for this HF directory (what ``nvl generate`` uses);
-        ``options`` as :func:`nvl_nemotron_vl.generate.load_generator`."""
-        from .generate import load_generator
+        ``options`` as :func:`nvl_nemotron_vl.generate.build_generator`."""
+        from .generate import build_generator
 
         if self.hf_dir is None:
             raise ValueError("generator() needs a bridge made with from_hf_dir")
-        return load_generator(self.hf_dir, **options)
+        return build_generator(self, **options)
 
     def generator_for_model(self, model: Any, **options: Any) -> Any:
         """A :class:`nvlcore.generation.Generator` over an already-built model (the trainer's, for

@@ -1,9 +1,9 @@
-"""Generation with Nemotron Nano V2 VL: a ready :class:`nvlcore.generation.Generator` from an HF directory
-(optionally with the weights of a Megatron-style checkpoint).
+"""Generation with Nemotron Nano V2 VL: a ready :class:`nvlcore.generation.Generator` from a bridge's HF
+directory (optionally with the weights of a Megatron-style checkpoint).
 
 ::
 
-    from nvl_nemotron_vl.generate import load_generator
+    from nvl_nemotron_vl import load_generator
     from nvlcore.generation import build_conversation
 
     gen = load_generator("/models/nano-vl")                       # or megatron_model_path="ckpts/run1"
@@ -11,8 +11,9 @@
                                              system_prompt="/no_think")], max_new_tokens=100)
     print(res.text, res.decode_tokens_per_s)
 
-``nvl generate`` calls this through :meth:`NemotronVLBridge.generator`. The model decodes with the
-attention KV cache and the Mamba conv/SSM states of :mod:`.model.cache` / :mod:`.model.decode`.
+``nvl generate`` calls :func:`build_generator` through :meth:`NemotronVLBridge.generator`. This module
+takes the bridge it works with and never imports :mod:`.bridge` (which imports this one). The model
+decodes with its layers' caches (:mod:`.model.cache`, driven by :mod:`.model.decode`).
 """
 
 from __future__ import annotations
@@ -37,16 +38,16 @@ def _groups_ready(tensor_parallel_size: int) -> bool:
 
 
 def init_tensor_parallel(tensor_parallel_size: int, device: "torch.device") -> None:
-    """Set up the process groups for ``tensor_parallel_size`` ranks.
+    """Set up the process groups for ``tensor_parallel_size`` ranks (the core's
+    :func:`nvlcore.parallel.init_parallel`).
 
     TP=1 needs nothing from the caller. TP>1 needs one process per rank started by ``torchrun``
     (``torchrun --nproc-per-node N $(which nvl) generate --tp N ...``); anything else is refused with
     that instruction.
     """
-    import torch
     import torch.distributed as dist
 
-    from .model.parallel import ensure_model_parallel
+    from nvlcore.parallel import init_parallel
 
     world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
     if tensor_parallel_size > 1 and world != tensor_parallel_size and not _groups_ready(tensor_parallel_size):
@@ -55,18 +56,14 @@ def init_tensor_parallel(tensor_parallel_size: int, device: "torch.device") -> N
             f"{world}); launch with `torchrun --nproc-per-node {tensor_parallel_size} $(which nvl) generate "
             f"--tp {tensor_parallel_size} ...`"
         )
-    if tensor_parallel_size > 1 and not dist.is_initialized():
-        if device.type == "cuda":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     try:
-        ensure_model_parallel(tensor_parallel_size)
-    except RuntimeError as exc:
+        init_parallel(tensor_parallel_size, device_type=device.type)
+    except (RuntimeError, ValueError) as exc:
         raise ValueError(f"cannot set up tensor parallelism {tensor_parallel_size}: {exc}") from exc
 
 
-def load_generator(
-    hf_model_path: str | os.PathLike[str],
+def build_generator(
+    bridge: Any,
     *,
     megatron_model_path: str | os.PathLike[str] | None = None,
     tensor_parallel_size: int = 1,
@@ -81,9 +78,10 @@ def load_generator(
     say: Any = None,
     model_transform: "Callable[[torch.nn.Module], Any] | None" = None,
 ) -> "Generator":
-    """Load the model and processor of ``hf_model_path`` and wrap them for generation.
+    """Load the model and processor of ``bridge``'s HF directory and wrap them for generation.
 
-    :param hf_model_path: HF model directory (config, tokenizer; weights unless a Megatron path is given).
+    :param bridge: a :class:`~nvl_nemotron_vl.bridge.NemotronVLBridge` made with ``from_hf_dir`` (config,
+        tokenizer; weights unless a Megatron path is given).
     :param megatron_model_path: a checkpoint (base or ``iter_N`` dir) whose weights to use instead.
     :param tensor_parallel_size: TP ranks (see :func:`init_tensor_parallel`).
     :param device: default ``cuda`` (this rank's GPU) when available, else ``cpu``.
@@ -106,9 +104,8 @@ def load_generator(
     """
     import torch
 
-    from .bridge import NemotronVLBridge
-
-    hf_dir = Path(hf_model_path)
+    if bridge.hf_dir is None:
+        raise ValueError("a generator needs a bridge made with from_hf_dir (it reads the tokenizer)")
     if device is None:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
@@ -116,7 +113,6 @@ def load_generator(
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     init_tensor_parallel(tensor_parallel_size, device)
 
-    bridge = NemotronVLBridge.from_hf_dir(hf_dir)
     run = None
     if lora_checkpoint is not None:
         run = _open_peft_run(lora_checkpoint)

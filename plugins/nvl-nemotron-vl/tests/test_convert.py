@@ -105,8 +105,8 @@ def test_missing_weights_and_wrong_shapes_are_reported(tiny_toy, imported, tmp_p
 
 @pytest.fixture(scope="module")
 def tp2_run(tiny_toy, imported, tmp_path_factory):
-    from nvlcore.testing_dist import run_distributed
-    from nvl_nemotron_vl.testing_convert import tp_load_worker
+    from nvl_dist_testing import run_distributed
+    from nemotron_vl_testing_convert import tp_load_worker
 
     save_root = tmp_path_factory.mktemp("tp2save") / "run"
     res = run_distributed(tp_load_worker, 2, str(tiny_toy), {"tp1": str(imported[1]), "tp2": str(imported[2])},
@@ -116,10 +116,10 @@ def tp2_run(tiny_toy, imported, tmp_path_factory):
 
 def test_checkpoints_load_at_tp1_and_tp2_with_hf_logits(tiny_toy, imported, tp2_run):
     from nvl_nemotron_vl.bridge import NemotronVLBridge
-    from nvl_nemotron_vl.model.parallel import ensure_model_parallel
-    from nvl_nemotron_vl.testing_convert import logits_of, vlm_inputs
+    from nvlcore.parallel import init_parallel
+    from nemotron_vl_testing_convert import logits_of, vlm_inputs
 
-    ensure_model_parallel(1)
+    init_parallel(1, device_type="cpu")
     bridge = NemotronVLBridge.from_hf_dir(tiny_toy)
     inputs = vlm_inputs(bridge.config)
     ref = logits_of(bridge.build_model(dtype=torch.float32, device="cpu", load_weights=True), inputs)
@@ -144,9 +144,9 @@ def test_trained_checkpoint_strict_errors(tiny_toy, imported, tmp_path):
     from nvlcore.checkpoint import Checkpoint, save_checkpoint
     from nvl_nemotron_vl.bridge import NemotronVLBridge
     from nvl_nemotron_vl.convert import CheckpointMismatchError
-    from nvl_nemotron_vl.model.parallel import ensure_model_parallel
+    from nvlcore.parallel import init_parallel
 
-    ensure_model_parallel(1)
+    init_parallel(1, device_type="cpu")
     state = Checkpoint(imported[1]).load()
     del state["vision_projection.encoder.linear_fc1.weight"]
     save_checkpoint(tmp_path / "c", 1, model_state=state)

@@ -92,7 +92,7 @@ def media(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def generator(toy):
-    from nvl_nemotron_vl.generate import load_generator
+    from nvl_nemotron_vl import load_generator
 
     return load_generator(toy, device="cpu")
 
@@ -203,7 +203,7 @@ def test_batched_prefill_and_steps_equal_single_rows(generator, media) -> None:
 
 
 def test_text_greedy_equals_transformers_generate(toy, generator) -> None:
-    from nvl_nemotron_vl.testing import hf_lm_from_toy
+    from nemotron_vl_testing import hf_lm_from_toy
 
     # transformers' model on the toy's language_model.* tensors (renamed to its keys, loaded strictly;
     # its PyTorch prefill's dt clamp at time_step_min is switched off, as in the released kernels)
@@ -229,6 +229,53 @@ def test_text_greedy_equals_transformers_generate(toy, generator) -> None:
 
     batch, mask = left_pad(ids, generator.pad_token_id)
     assert hf_generate(batch, mask) == [r.token_ids for r in ours]
+
+
+def test_prefill_runs_the_models_selected_kernels_and_step_continues_the_state(generator) -> None:
+    """The prefill is the mixers' training path: the model's kernels (``set_kernels``) compute it; the
+    state it leaves lets ``step`` continue exactly as the full forward over the longer sequence."""
+    import dataclasses
+
+    dec = generator.model
+    model = dec.model
+    mixers = [layer.mixer for layer in model.language_model.decoder.layers if hasattr(layer, "mixer")]
+    calls: list[str] = []
+
+    def spy(name, fn):
+        def run(*args, **kwargs):
+            calls.append(name)
+            return fn(*args, **kwargs)
+        return run
+
+    saved = [m.kernels for m in mixers]
+    k = saved[0]
+    spied = dataclasses.replace(k, scan=spy("scan", k.scan), conv=spy("conv", k.conv),
+                                gated_norm=spy("gated_norm", k.gated_norm))
+    ids = torch.tensor([[5, 17, 3, 99, 42, 8, 61]])
+    try:
+        for m in mixers:
+            m.kernels = spied
+        cache = dec.allocate_cache(1, ids.shape[1] + 2, dtype=torch.float32, device="cpu")
+        dec.prefill(ids[:, :-1], attention_mask=torch.ones_like(ids[:, :-1]), cache=cache)
+        assert calls.count("scan") == calls.count("conv") == calls.count("gated_norm") == len(mixers)
+        calls.clear()
+        stepped = dec.decode_step(ids[:, -1], cache)
+        assert calls == []  # the one-token step is plain PyTorch
+    finally:
+        for m, kern in zip(mixers, saved):
+            m.kernels = kern
+    with torch.no_grad():
+        full = model.forward_inference(ids, last_only=True)[:, 0].float()
+    full[:, dec.suppressed_token_ids] = float("-inf")
+    torch.testing.assert_close(stepped, full, rtol=1e-4, atol=1e-4)
+
+
+def test_packed_rows_cannot_fill_a_cache(generator) -> None:
+    lm = generator.model.model.language_model
+    cache = lm.allocate_inference_cache(1, 8, dtype=torch.float32, device="cpu")
+    h = torch.zeros(1, 4, lm.cfg.hidden_size)
+    with pytest.raises(ValueError, match="one prompt per row"):
+        lm.decoder(h, None, cache, torch.tensor([[0, 0, 1, 1]]))
 
 
 def test_cache_memory_is_constant_per_mamba_layer(generator) -> None:
@@ -275,8 +322,8 @@ def test_cli_refuses_tensor_parallel_without_a_launcher(toy) -> None:
 @pytest.mark.distributed
 def test_tensor_parallel_2_equals_tp_1(toy, media, generator) -> None:
     """Two gloo ranks (heads, groups and vocabulary split) give TP=1's tokens and logits."""
-    from nvlcore.testing_dist import run_distributed
-    from nvl_nemotron_vl.testing_generate import tp_generate_worker
+    from nvl_dist_testing import run_distributed
+    from nemotron_vl_testing_generate import tp_generate_worker
 
     convs = [_conversations(media)["image"], build_conversation("Hi!")]
     ranks = run_distributed(tp_generate_worker, 2, str(toy), convs, NEW_TOKENS)
@@ -290,7 +337,7 @@ def test_megatron_checkpoint_weights_give_the_same_output(toy, media, generator,
     from click.testing import CliRunner
 
     from nvlcore.cli import build_cli
-    from nvl_nemotron_vl.generate import load_generator
+    from nvl_nemotron_vl import load_generator
 
     ck = tmp_path / "ck"
     # Its own process, as a user runs it (the importer refuses to stream inside a process that already
@@ -349,7 +396,7 @@ def test_cli_video_frames_fps_and_pruning_rate(toy, media, tmp_path) -> None:
 
     # The tiny toy's greedy tokens barely depend on the video, so compare what the option sets, the
     # prefill logits: rate 0 on the toy = the EVS-off copy, and differs from the config's rate.
-    from nvl_nemotron_vl.generate import load_generator
+    from nvl_nemotron_vl import load_generator
 
     conv = build_conversation("What happens?", video=media["video"])
 

@@ -9,14 +9,14 @@ TOL = 1e-4
 
 
 def _sequences(vocab: int) -> list[torch.Tensor]:
-    from nvl_nemotron_vl.testing import random_sequences
+    from nemotron_vl_testing import random_sequences
 
     return random_sequences(vocab)
 
 
 @pytest.fixture(scope="module")
 def reference(tiny_toy):
-    from nvl_nemotron_vl.testing import hf_lm_from_toy
+    from nemotron_vl_testing import hf_lm_from_toy
 
     return hf_lm_from_toy(tiny_toy)
 
@@ -32,7 +32,7 @@ def test_toy_lm_loads_strictly_into_transformers(tiny_toy):
     """Must show: rename backbone.->model., lm_head.->lm_head., strict key matching."""
     from transformers import NemotronHForCausalLM
 
-    from nvl_nemotron_vl.testing import hf_lm_config, lm_state_for_transformers, load_toy_state
+    from nemotron_vl_testing import hf_lm_config, lm_state_for_transformers, load_toy_state
 
     state = lm_state_for_transformers(load_toy_state(tiny_toy))
     model = NemotronHForCausalLM(hf_lm_config(tiny_toy))

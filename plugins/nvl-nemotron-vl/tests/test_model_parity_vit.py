@@ -1,6 +1,6 @@
 """The RADIO ViT against transformers' RadioModel on the tiny toy's weights, fp32.
 
-Settings aligned (see nvl_nemotron_vl.testing): prefix tokens = the checkpoint's cls_token rows
+Settings aligned (see nemotron_vl_testing): prefix tokens = the checkpoint's cls_token rows
 (num_cls_tokens + num_registers), max_img_size = cpe_max_size, mlp_ratio, eps 1e-6, exact GELU, no layer
 scale, eager attention; position-embedding interpolation bilinear with align_corners=False (ours by
 default, RadioModel's only mode).
@@ -16,7 +16,7 @@ TOL = 1e-5
 
 @pytest.fixture(scope="module")
 def reference(tiny_toy, tiny_cfg):
-    from nvl_nemotron_vl.testing import hf_radio_from_toy
+    from nemotron_vl_testing import hf_radio_from_toy
 
     return hf_radio_from_toy(tiny_toy, tiny_cfg)
 

@@ -37,7 +37,7 @@ def _vlm_sample(cfg) -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def reference(tiny_toy, tiny_cfg):
-    from nvl_nemotron_vl.testing import HFReferenceVLM
+    from nemotron_vl_testing import HFReferenceVLM
 
     return HFReferenceVLM(tiny_toy, tiny_cfg)
 
@@ -59,9 +59,9 @@ def reference_run(reference, sample):
 
 @pytest.fixture(scope="module")
 def tp2_run(tiny_toy, tiny_cfg, sample):
-    """Both ranks' results of nvl_nemotron_vl.testing.tp_worker at TP=2 (two gloo processes)."""
-    from nvlcore.testing_dist import run_distributed
-    from nvl_nemotron_vl.testing import random_sequences, tp_worker
+    """Both ranks' results of nemotron_vl_testing.tp_worker at TP=2 (two gloo processes)."""
+    from nvl_dist_testing import run_distributed
+    from nemotron_vl_testing import random_sequences, tp_worker
 
     inputs = {"lm_sequences": random_sequences(tiny_cfg.llm.vocab_size), "vlm": sample}
     return run_distributed(tp_worker, 2, str(tiny_toy), inputs)
@@ -78,7 +78,7 @@ def _compare_grads(ours: dict[str, torch.Tensor], want: dict[str, torch.Tensor])
 
 def test_vlm_forward_and_backward_match_reference_tp1(tiny_toy, tiny_cfg, sample, reference_run):
     from nvl_nemotron_vl.bridge import NemotronVLBridge
-    from nvl_nemotron_vl.testing import model_grads_to_hf
+    from nemotron_vl_testing import model_grads_to_hf
 
     model = NemotronVLBridge.from_hf_dir(tiny_toy).build_model(dtype=torch.float32, device="cpu", load_weights=True)
     logits = model.forward_inference(sample["input_ids"], pixel_values=sample["pixel_values"])
@@ -99,7 +99,7 @@ def test_vlm_forward_and_backward_match_reference_tp1(tiny_toy, tiny_cfg, sample
 @pytest.mark.distributed
 def test_lm_logits_match_transformers_tp2(tp2_run, reference, tiny_cfg):
     """The LM parity of test_model_parity_lm, at TP=2 (vocab 523 is odd: the last rank holds a padded row)."""
-    from nvl_nemotron_vl.testing import random_sequences
+    from nemotron_vl_testing import random_sequences
 
     assert [r["tp"] for r in tp2_run] == [(2, 0), (2, 1)]
     worst = 0.0
@@ -116,7 +116,7 @@ def test_lm_logits_match_transformers_tp2(tp2_run, reference, tiny_cfg):
 
 @pytest.mark.distributed
 def test_vlm_forward_and_backward_match_reference_tp2(tp2_run, reference_run, tiny_cfg):
-    from nvl_nemotron_vl.testing import model_grads_to_hf
+    from nemotron_vl_testing import model_grads_to_hf
 
     for r in tp2_run:
         assert (r["vlm_logits"] - reference_run["logits"]).abs().max().item() <= TOL

@@ -28,7 +28,7 @@ FAMILIES = {
 
 
 def test_toy_keys_follow_the_real_naming_and_dtypes(tiny_toy, tiny_cfg):
-    from nvl_nemotron_vl.testing import load_toy_state
+    from nemotron_vl_testing import load_toy_state
 
     state = load_toy_state(tiny_toy)
     seen = {f: 0 for f in FAMILIES}

@@ -178,7 +178,7 @@ def test_packed_gradients_are_the_same_with_recomputation(bridge, recompute) -> 
 
 def test_packed_video_with_evs_equals_each_sample_alone(bridge, tmp_path) -> None:
     """EVS prunes a packed video's frames as alone; the sample index follows the kept positions."""
-    from nvlcore.data.testing import write_test_video
+    from nvl_data_testing import write_test_video
 
     video = write_test_video(tmp_path / "v.mp4", num_frames=8, fps=4, width=32, height=32)
     vid = {"conversation": [

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from nvlcore.data.testing import write_test_video
+from nvl_data_testing import write_test_video
 
 
 @pytest.fixture(scope="module")

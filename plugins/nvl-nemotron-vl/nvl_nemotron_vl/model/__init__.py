@@ -1,8 +1,10 @@
 """The training model (Megatron-style names, tensor-parallel over megatron.core process groups).
 
-Files: ``parallel.py`` (TP linears, norms, process groups), ``ssd.py`` (the SSD scan interface),
-``mamba.py``, ``attention.py``, ``mlp.py``, ``lm.py`` (Nemotron-H), ``vit.py`` (RADIO),
-``projector.py`` (pixel shuffle + MLP), ``evs.py``, ``vlm.py`` (the whole model), ``init.py``.
+Files: ``parallel.py`` (TP linears, norms; the process groups are the core's ``nvlcore.parallel``),
+``ssd.py`` (the SSD scan), ``kernels.py`` (the ops' implementations, chosen per model), ``mamba.py``,
+``attention.py``, ``mlp.py``, ``lm.py`` (Nemotron-H), ``cache.py`` + ``step_ops.py`` + ``decode.py``
+(generation: every layer trains and decodes), ``vit.py`` (RADIO), ``projector.py`` (pixel shuffle +
+MLP), ``evs.py``, ``vlm.py`` (the whole model), ``init.py``.
 Importing this package imports torch and megatron.core.
 """
 
@@ -12,10 +14,11 @@ import torch
 
 from ..config import NemotronVLConfig
 from .init import init_parameters
-from .parallel import TPContext, ensure_model_parallel
+from nvlcore.parallel import TPContext
+
 from .vlm import NemotronVLModel
 
-__all__ = ["NemotronVLModel", "TPContext", "build_model", "ensure_model_parallel", "init_parameters"]
+__all__ = ["NemotronVLModel", "build_model", "init_parameters"]
 
 
 def build_model(
@@ -28,7 +31,8 @@ def build_model(
     seed: int = 1234,
     **options,
 ) -> NemotronVLModel:
-    """Build the model over the current tensor-parallel group (one rank is set up if none exists).
+    """Build the model over ``tp`` (default: the current tensor-parallel group; a one-rank group is set up
+    through :func:`nvlcore.parallel.init_parallel` when none exists).
 
     ``init="random"`` fills parameters (see :mod:`.init`); ``"none"`` leaves them for a checkpoint load.
     ``options``: ``pos_embed_mode``, ``pos_embed_align_corners``, ``freeze_language_model``,
@@ -38,7 +42,9 @@ def build_model(
         from megatron.core import parallel_state
 
         if not parallel_state.model_parallel_is_initialized():
-            ensure_model_parallel(1)
+            from nvlcore.parallel import init_parallel
+
+            init_parallel(1, device_type=None if device is None else torch.device(device).type)
         tp = TPContext.current()
     if device is None:
         device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")

@@ -5,17 +5,24 @@ group 1, k_1, v_1, ...]`` with ``r = heads / kv_heads``: Megatron's layout. A co
 gives every rank whole groups. For the ViT (``kv_heads == heads``) this is the per-head ``[q_h, k_h, v_h]``
 interleave. No positional embedding (Nemotron-H has no RoPE; the ViT adds absolute embeddings before).
 Softmax runs in fp32 (PyTorch SDPA: fp32 inputs on CPU; the fused GPU kernels accumulate in fp32).
+
+Causal attention also decodes: ``forward`` with a :class:`~.cache.HybridCache` fills the KV cache,
+``step`` attends one new token over it, ``allocate_inference_cache`` makes it.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .cache import AttentionState
 from .parallel import TPContext, normed_column_linear, row_linear, split_size
+
+if TYPE_CHECKING:
+    from .cache import HybridCache
 
 
 def is_right_padded(attention_mask: torch.Tensor) -> bool:
@@ -71,8 +78,12 @@ class SelfAttention(nn.Module):
         tp: TPContext,
         dtype: torch.dtype,
         device: torch.device,
+        layer_number: int | None = None,
     ) -> None:
         super().__init__()
+        self.tp = tp
+        #: Index of this layer in the LM decoder: its entry in a decoding cache (None in the ViT).
+        self.layer_number = layer_number
         self.heads = split_size(num_heads, tp, "attention heads")
         self.kv_heads = split_size(num_kv_heads, tp, "attention KV groups")
         self.rep = num_heads // num_kv_heads
@@ -84,23 +95,37 @@ class SelfAttention(nn.Module):
         self.linear_proj = row_linear(num_heads * head_dim, hidden_size, bias=bias, tp=tp, dtype=dtype,
                                       device=device)
 
+    def _qkv(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The fused projection ``[b, L, local rows]`` -> ``q`` ``[b, heads, L, d]``, ``k``, ``v`` ``[b, kv_heads, L, d]``."""
+        b, L = qkv.shape[:2]
+        qkv = qkv.view(b, L, self.kv_heads, self.rep + 2, self.head_dim)
+        q = qkv[:, :, :, : self.rep].reshape(b, L, self.heads, self.head_dim).transpose(1, 2)
+        return q, qkv[:, :, :, self.rep].transpose(1, 2), qkv[:, :, :, self.rep + 1].transpose(1, 2)
+
     def forward(
-        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, inference_params: Any = None,
-        seq_idx: torch.Tensor | None = None,
+        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
+        inference_params: "HybridCache | None" = None, seq_idx: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``[b, L, hidden]`` (before the layer's norm) -> ``[b, L, hidden]``; ``attention_mask`` ``[b, L]``.
 
         ``seq_idx`` ``[b, L]`` (packed samples) restricts attention to each token's own sample
         (block-diagonal, causal for the LM); padding must then be a sample index of its own.
+
+        ``inference_params`` (a :class:`~.cache.HybridCache`, causal attention only): in its
+        ``"prefill"`` phase the prompt's keys/values are also written to columns ``[0, L)`` of this
+        layer's cache; in its ``"decode"`` phase this is :meth:`step`.
         """
-        if inference_params is not None:
-            raise NotImplementedError("SelfAttention.forward is the full-sequence path; cached decoding runs through nvl_nemotron_vl.model.decode.NemotronVLDecoder (KV cache)")
+        if inference_params is not None and inference_params.phase == "decode":
+            return self.step(hidden_states, inference_params)
         b, L, _ = hidden_states.shape
         qkv, _ = self.linear_qkv(hidden_states)
-        qkv = qkv.view(b, L, self.kv_heads, self.rep + 2, self.head_dim)
-        q = qkv[:, :, :, : self.rep].reshape(b, L, self.heads, self.head_dim).transpose(1, 2)
-        k = qkv[:, :, :, self.rep].transpose(1, 2)
-        v = qkv[:, :, :, self.rep + 1].transpose(1, 2)
+        q, k, v = self._qkv(qkv)
+        if inference_params is not None:
+            if seq_idx is not None:
+                raise ValueError("packed rows (seq_idx) cannot fill a decoding cache: give one prompt per row")
+            state: AttentionState = inference_params.state_of(self)
+            state.keys[:, :, :L] = k
+            state.values[:, :, :L] = v
         if seq_idx is not None:
             mask = packed_attention_mask(seq_idx, self.causal)
             if attention_mask is not None and not bool(attention_mask.all()):
@@ -118,3 +143,28 @@ class SelfAttention(nn.Module):
         )
         out, _ = self.linear_proj(o.transpose(1, 2).reshape(b, L, self.heads * self.head_dim))
         return out
+
+    def step(self, hidden_states: torch.Tensor, inference_params: "HybridCache") -> torch.Tensor:
+        """One token ``[b, 1, hidden]``: write its key/value at the cache's ``position`` column and attend
+        over every column under the cache's key mask (fixed shapes: graph-capturable)."""
+        from .step_ops import column, row
+
+        cache = inference_params
+        state: AttentionState = cache.state_of(self)
+        b = hidden_states.shape[0]
+        q, k, v = self._qkv(column(self.linear_qkv, hidden_states))
+        state.keys.index_copy_(2, cache.position, k)
+        state.values.index_copy_(2, cache.position, v)
+        o = F.scaled_dot_product_attention(
+            q, state.keys, state.values, attn_mask=cache.key_mask[:, None, None, :], enable_gqa=self.rep > 1
+        )
+        return row(self.linear_proj, o.transpose(1, 2).reshape(b, 1, self.heads * self.head_dim), self.tp)
+
+    def allocate_inference_cache(self, batch_size: int, max_seqlen: int, *, dtype: torch.dtype,
+                                 device: torch.device | str) -> AttentionState:
+        """Zeroed keys and values ``[b, kv_heads, max_seqlen, head_dim]`` (this rank's KV groups)."""
+        if not self.causal:
+            raise ValueError("only causal attention decodes token by token; this layer is bidirectional")
+        shape = (batch_size, self.kv_heads, max_seqlen, self.head_dim)
+        return AttentionState(torch.zeros(shape, dtype=dtype, device=device),
+                              torch.zeros(shape, dtype=dtype, device=device))

@@ -14,15 +14,18 @@ Per-layer shapes (TP-local; ``tp`` = tensor-parallel size)::
 
 with ``conv_dim = heads*head_dim + 2*groups*state`` in the conv1d weight's ``[x | B | C]`` channel
 order. A Mamba layer's state does not grow with the sequence.
+
+The layers own their part: each layer module allocates its state (``allocate_inference_cache``),
+fills it when its ``forward`` is given the cache in the ``"prefill"`` phase, and advances it in
+``step`` (one token); this module only holds the buffers and the positions shared by all layers.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
-from torch import nn
 
 
 @dataclass
@@ -38,10 +41,12 @@ class MambaState:
 
 
 class HybridCache:
-    """Per-layer decoding state of one batch (see the module docstring); build it with :meth:`allocate`.
+    """Per-layer decoding state of one batch (see the module docstring); built by
+    :meth:`~nvl_nemotron_vl.model.lm.NemotronHLanguageModel.allocate_inference_cache`.
 
-    * :attr:`layers` -- per decoder layer: an :class:`AttentionState`, a :class:`MambaState` or
-      ``None`` (MLP);
+    * :attr:`layers` -- per decoder layer, what its ``allocate_inference_cache`` returned: an
+      :class:`AttentionState`, a :class:`MambaState` or ``None`` (MLP); a layer finds its own entry
+      by its ``layer_number``;
     * :attr:`phase` -- ``"prefill"`` until the prompt has run, then ``"decode"``;
     * :attr:`position` -- ``[1]`` int64 device tensor: the column the next token's key/value goes to;
     * :attr:`key_mask` -- ``[B, max_length]`` bool device tensor: columns holding real tokens (left
@@ -58,32 +63,13 @@ class HybridCache:
         self.key_mask = torch.zeros(batch_size, max_length, dtype=torch.bool, device=device)
         self.layers: list[AttentionState | MambaState | None] = []
 
-    @classmethod
-    def allocate(
-        cls, language_model: nn.Module, batch_size: int, max_length: int, *, dtype: torch.dtype,
-        device: torch.device | str,
-    ) -> "HybridCache":
-        """Zeroed buffers for every layer of ``language_model``
-        (a :class:`~nvl_nemotron_vl.model.lm.NemotronHLanguageModel`, TP-local sizes)."""
-        from .lm import AttentionLayer, MambaLayer
-
-        device = torch.device(device)
-        cache = cls(batch_size, max_length, device, dtype)
-        for layer in language_model.decoder.layers:
-            if isinstance(layer, AttentionLayer):
-                a = layer.self_attention
-                shape = (batch_size, a.kv_heads, max_length, a.head_dim)
-                cache.layers.append(AttentionState(torch.zeros(shape, dtype=dtype, device=device),
-                                                   torch.zeros(shape, dtype=dtype, device=device)))
-            elif isinstance(layer, MambaLayer):
-                m = layer.mixer
-                cache.layers.append(MambaState(
-                    conv=torch.zeros(batch_size, m.conv_dim, m.conv1d.kernel_size[0] - 1, dtype=dtype, device=device),
-                    ssm=torch.zeros(batch_size, m.nheads, m.head_dim, m.state, dtype=torch.float32, device=device),
-                ))
-            else:
-                cache.layers.append(None)
-        return cache
+    def state_of(self, layer: Any) -> Any:
+        """The entry of ``layer`` (a mixer with a ``layer_number``) in :attr:`layers`."""
+        n = layer.layer_number
+        if n is None or not 0 <= n < len(self.layers):
+            raise ValueError(f"{type(layer).__name__} (layer_number={n}) is not a layer of the language model this "
+                             f"cache was allocated for ({len(self.layers)} layers)")
+        return self.layers[n]
 
     def tensors(self) -> Iterator[torch.Tensor]:
         yield self.position

@@ -6,7 +6,9 @@
     for layer in layers:  h = h + mixer(h)         # each mixer starts with its own RMSNorm (folded)
     logits = output_layer(final_norm(h))           # untied, vocab-parallel: [b, L, padded_vocab / tp]
 
-Module names follow Megatron-Core's hybrid model: ``embedding.word_embeddings``,
+Every layer trains and decodes (``forward`` with an optional :class:`~.cache.HybridCache`, ``step``
+for one token, ``allocate_inference_cache``); :meth:`NemotronHLanguageModel.step` is one decode step of
+the whole LM. Module names follow Megatron-Core's hybrid model: ``embedding.word_embeddings``,
 ``decoder.layers.N.{mixer | self_attention | mlp}``, ``decoder.final_norm``, ``output_layer``.
 """
 
@@ -19,6 +21,7 @@ from torch import nn
 
 from ..config import LLMConfig
 from .attention import SelfAttention
+from .cache import HybridCache
 from .mamba import MambaMixer
 from .mlp import MLP
 from .parallel import RMSNorm, TPContext, column_linear, megatron_config
@@ -34,34 +37,58 @@ def padded_vocab_size(vocab_size: int, tp_size: int) -> int:
 
 
 class MambaLayer(nn.Module):
-    def __init__(self, cfg: LLMConfig, tp: TPContext, dtype, device) -> None:
+    def __init__(self, cfg: LLMConfig, tp: TPContext, dtype, device, layer_number: int | None = None) -> None:
         super().__init__()
-        self.mixer = MambaMixer(cfg, tp, dtype, device)
+        self.mixer = MambaMixer(cfg, tp, dtype, device, layer_number=layer_number)
 
     def forward(self, h: torch.Tensor, attention_mask=None, inference_params=None, seq_idx=None) -> torch.Tensor:
         return h + self.mixer(h, attention_mask, inference_params, seq_idx)
 
+    def step(self, h: torch.Tensor, inference_params: HybridCache) -> torch.Tensor:
+        return h + self.mixer.step(h, inference_params)
+
+    def allocate_inference_cache(self, batch_size: int, max_seqlen: int, *, dtype, device) -> Any:
+        return self.mixer.allocate_inference_cache(batch_size, max_seqlen, dtype=dtype, device=device)
+
 
 class AttentionLayer(nn.Module):
-    def __init__(self, cfg: LLMConfig, tp: TPContext, dtype, device) -> None:
+    def __init__(self, cfg: LLMConfig, tp: TPContext, dtype, device, layer_number: int | None = None) -> None:
         super().__init__()
         self.self_attention = SelfAttention(
             cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, bias=False,
             norm="rms", eps=cfg.layer_norm_epsilon, causal=True, tp=tp, dtype=dtype, device=device,
+            layer_number=layer_number,
         )
 
     def forward(self, h: torch.Tensor, attention_mask=None, inference_params=None, seq_idx=None) -> torch.Tensor:
         return h + self.self_attention(h, attention_mask, inference_params, seq_idx)
 
+    def step(self, h: torch.Tensor, inference_params: HybridCache) -> torch.Tensor:
+        return h + self.self_attention.step(h, inference_params)
+
+    def allocate_inference_cache(self, batch_size: int, max_seqlen: int, *, dtype, device) -> Any:
+        return self.self_attention.allocate_inference_cache(batch_size, max_seqlen, dtype=dtype, device=device)
+
 
 class MLPLayer(nn.Module):
-    def __init__(self, cfg: LLMConfig, tp: TPContext, dtype, device) -> None:
+    """Stateless: the cache holds nothing for it, and :meth:`step` is its forward on one token."""
+
+    def __init__(self, cfg: LLMConfig, tp: TPContext, dtype, device, layer_number: int | None = None) -> None:
         super().__init__()
+        self.tp = tp
         self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, activation="relu2", bias=False, norm="rms",
                        eps=cfg.layer_norm_epsilon, tp=tp, dtype=dtype, device=device)
 
     def forward(self, h: torch.Tensor, attention_mask=None, inference_params=None, seq_idx=None) -> torch.Tensor:
         return h + self.mlp(h)
+
+    def step(self, h: torch.Tensor, inference_params: HybridCache) -> torch.Tensor:
+        from .step_ops import column, row
+
+        return h + row(self.mlp.linear_fc2, self.mlp.act(column(self.mlp.linear_fc1, h)), self.tp)
+
+    def allocate_inference_cache(self, batch_size: int, max_seqlen: int, *, dtype, device) -> None:
+        return None
 
 
 LAYER_CLASSES = {"mamba": MambaLayer, "attention": AttentionLayer, "mlp": MLPLayer}
@@ -86,14 +113,17 @@ class _Embedding(nn.Module):
 class _Decoder(nn.Module):
     def __init__(self, cfg: LLMConfig, tp: TPContext, dtype, device) -> None:
         super().__init__()
-        self.layers = nn.ModuleList(LAYER_CLASSES[t](cfg, tp, dtype, device) for t in cfg.layer_types)
+        self.layers = nn.ModuleList(
+            LAYER_CLASSES[t](cfg, tp, dtype, device, layer_number=i) for i, t in enumerate(cfg.layer_types)
+        )
         self.final_norm = RMSNorm(cfg.hidden_size, cfg.layer_norm_epsilon, dtype, device)
         #: Recompute each layer in backward (full activation checkpointing; set by the model).
         self.recompute_layers = False
 
     def forward(self, h: torch.Tensor, attention_mask=None, inference_params=None, seq_idx=None) -> torch.Tensor:
         """``seq_idx`` ``[b, L]``: packed samples (sample index per token; padding an index of its own):
-        Mamba states reset and attention stays within each sample."""
+        Mamba states reset and attention stays within each sample. ``inference_params``: a
+        :class:`~.cache.HybridCache` in its prefill phase, which every layer fills."""
         from torch.utils.checkpoint import checkpoint
 
         from .attention import is_right_padded
@@ -142,6 +172,36 @@ class NemotronHLanguageModel(nn.Module):
             logits = logits.clone()
             logits[..., self._pad_from:] = float("-inf")
         return logits
+
+    def allocate_inference_cache(self, batch_size: int, max_length: int, *, dtype: torch.dtype,
+                                 device: torch.device | str) -> HybridCache:
+        """A zeroed :class:`~.cache.HybridCache`: every layer allocates its own state."""
+        device = torch.device(device)
+        cache = HybridCache(batch_size, max_length, device, dtype)
+        cache.layers = [layer.allocate_inference_cache(batch_size, max_length, dtype=dtype, device=device)
+                        for layer in self.decoder.layers]
+        return cache
+
+    def step(self, token_ids: torch.Tensor, inference_params: HybridCache) -> torch.Tensor:
+        """One decode step for tokens ``[B]``: this rank's vocabulary shard of the next logits ``[B, V/tp]``.
+
+        Every layer's :meth:`step` runs on the new token; only device-side state changes (no host
+        synchronisation), so the step can be graph-captured and compiled.
+        """
+        from .step_ops import column, embedding
+
+        cache = inference_params
+        h = embedding(self.embedding.word_embeddings, token_ids[:, None], self.tp)
+        cache.key_mask.index_fill_(1, cache.position, True)
+        for layer in self.decoder.layers:
+            h = layer.step(h, cache)
+        logits = column(self.output_layer, self.decoder.final_norm(h))
+        if self._pad_from < self._local_vocab:
+            logits = logits.masked_fill(
+                torch.arange(logits.shape[-1], device=logits.device) >= self._pad_from, float("-inf")
+            )
+        cache.position.add_(1)
+        return logits[:, 0]
 
     def forward(
         self,

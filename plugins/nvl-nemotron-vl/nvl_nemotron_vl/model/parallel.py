@@ -1,5 +1,8 @@
 """Tensor-parallel building blocks over ``megatron.core`` process groups, and the shared norms.
 
+The process groups themselves are the core's (:func:`nvlcore.parallel.init_parallel`); every layer
+takes the :class:`nvlcore.parallel.TPContext` it is built over.
+
 Every linear layer of the model is a Megatron-Core ``ColumnParallelLinear`` / ``RowParallelLinear``
 (or a subclass here that folds the preceding norm into it, the way Megatron's
 ``TELayerNormColumnParallelLinear`` does, so parameter names match Megatron's:
@@ -13,7 +16,6 @@ CUDA RNG tracker, so the same code builds on CPU (gloo) and GPU (NCCL).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -21,49 +23,11 @@ import torch.nn.functional as F
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from torch import nn
 
+from nvlcore.parallel import TPContext
+
 
 # ------------------------------------------------------------------------------- process groups
-def ensure_model_parallel(tensor_model_parallel_size: int = 1, backend: str | None = None) -> None:
-    """Make sure ``torch.distributed`` and Megatron's ``parallel_state`` are initialised.
-
-    Launchers (torchrun, the trainer) initialise them for real runs; this fills the gap for a single
-    process (tests, ``nvl toy-model``, benchmarks) with a one-rank group, and is a no-op otherwise.
-    """
-    import torch.distributed as dist
-    from megatron.core import parallel_state
-
-    if not dist.is_initialized():
-        if tensor_model_parallel_size != 1:
-            raise RuntimeError(
-                f"tensor_model_parallel_size={tensor_model_parallel_size} needs a distributed launch "
-                "(torchrun or nvlcore.testing_dist.run_distributed); torch.distributed is not initialised"
-            )
-        if backend is None:
-            backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
-    if not parallel_state.model_parallel_is_initialized():
-        parallel_state.initialize_model_parallel(tensor_model_parallel_size=tensor_model_parallel_size)
-    have = parallel_state.get_tensor_model_parallel_world_size()
-    if have != tensor_model_parallel_size:
-        raise RuntimeError(
-            f"parallel_state already has tensor_model_parallel_size={have}, asked for {tensor_model_parallel_size}"
-        )
-
-
-@dataclass(frozen=True)
-class TPContext:
-    """The tensor-parallel group the model is built over."""
-
-    group: Any
-    size: int
-    rank: int
-
-    @classmethod
-    def current(cls) -> "TPContext":
-        from megatron.core import parallel_state
-
-        group = parallel_state.get_tensor_model_parallel_group()
-        return cls(group=group, size=group.size(), rank=group.rank())
+# The core owns process groups (nvlcore.parallel.init_parallel); the layers are built over its TPContext.
 
 
 def megatron_config(tp: TPContext, dtype: torch.dtype, device: torch.device) -> Any:

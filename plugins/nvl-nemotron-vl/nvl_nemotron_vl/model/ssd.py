@@ -7,9 +7,10 @@ The recurrence, per head ``h`` (group ``g = h // (heads / groups)``), with ``S_0
 
 :func:`ssd_scan` is the plain-PyTorch implementation: it computes exactly this recurrence, chunked for
 speed (within a chunk as a masked quadratic form, across chunks by carrying the state), with all
-arithmetic and the state in fp32. Chunking only changes floating-point rounding. A faster GPU kernel
-can replace it by registering a function of the same signature with :func:`set_ssd_scan_impl`.
-The ``D`` skip and the gate are applied by the caller (:mod:`.mamba`).
+arithmetic and the state in fp32. Chunking only changes floating-point rounding. GPU kernels of the
+same semantics are chosen per model by :mod:`.kernels` (``model.set_kernels``); :func:`ssd_final_state`
+gives the state a prompt leaves behind whichever scan ran. The ``D`` skip and the gate are applied by
+the caller (:mod:`.mamba`).
 """
 
 from __future__ import annotations
@@ -108,15 +109,6 @@ def ssd_scan_reference(
     return y, state.reshape(b, h, p, n)
 
 
-_impl: SSDScan = ssd_scan_reference
-
-
-def set_ssd_scan_impl(fn: SSDScan | None) -> None:
-    """Install a faster scan with :func:`ssd_scan_reference`'s signature and semantics (None restores it)."""
-    global _impl
-    _impl = fn or ssd_scan_reference
-
-
 _compiled: SSDScan | None = None
 
 
@@ -132,20 +124,29 @@ def compiled_ssd_scan() -> SSDScan:
     return _compiled
 
 
-def ssd_scan(
-    x: torch.Tensor,
-    dt: torch.Tensor,
-    A: torch.Tensor,
-    B: torch.Tensor,
-    C: torch.Tensor,
-    chunk_size: int,
-    initial_state: torch.Tensor | None = None,
-    seq_idx: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(y, final_state)`` of the SSD recurrence; see :func:`ssd_scan_reference` for shapes."""
-    if seq_idx is None:
-        return _impl(x, dt, A, B, C, chunk_size, initial_state)
-    return _impl(x, dt, A, B, C, chunk_size, initial_state, seq_idx=seq_idx)
+#: The name :func:`.kernels.select_kernels` builds its reference scan from. Which scan a model runs is
+#: chosen per model (``model.set_kernels``), never here.
+ssd_scan = ssd_scan_reference
+
+
+def ssd_final_state(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """The state after the last token, from a zero state, in fp32 (what a prefill leaves for decoding)::
+
+        S_L = sum_s exp(sum_{s<t<=L} dt_t * A) * dt_s * outer(x_s, B_s[g])
+
+    The same recurrence as :func:`ssd_scan_reference` in closed form: one weighted sum over the
+    sequence, so the state is available whichever scan (reference or a GPU kernel that returns only
+    its outputs) computed ``y``. The decay sums are taken from the end, so the most recent tokens'
+    weights are exact. Shapes as :func:`ssd_scan_reference`; returns ``[b, heads, head_dim, state]``.
+    """
+    b, L, h, p = x.shape
+    g, n = B.shape[2], B.shape[3]
+    a = dt.float() * A.float()  # [b, L, h] log-decay per step
+    after = torch.flip(torch.cumsum(torch.flip(a, [1]), 1), [1])  # sum over t >= s
+    after = torch.cat([after[:, 1:], after.new_zeros(b, 1, h)], dim=1)  # sum over t > s
+    w = torch.exp(after) * dt.float()
+    xw = (x.float() * w[..., None]).view(b, L, g, h // g, p)
+    return torch.einsum("blgrp,blgn->bgrpn", xw, B.float()).reshape(b, h, p, n)
 
 
 def ssd_scan_sequential(

@@ -32,10 +32,10 @@ def tp_load_worker(rank: int, world: int, hf_dir: str, checkpoints: dict[str, st
 
     from nvlcore.checkpoint import save_checkpoint
 
-    from .bridge import NemotronVLBridge
-    from .model.parallel import ensure_model_parallel
+    from nvl_nemotron_vl.bridge import NemotronVLBridge
+    from nvlcore.parallel import init_parallel
 
-    ensure_model_parallel(world)
+    init_parallel(world, device_type="cpu")
     group = parallel_state.get_tensor_model_parallel_group()
     bridge = NemotronVLBridge.from_hf_dir(hf_dir)
     inputs = vlm_inputs(bridge.config)

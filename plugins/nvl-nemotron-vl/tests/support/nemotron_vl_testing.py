@@ -30,13 +30,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import NemotronVLConfig
+from nvl_nemotron_vl.config import NemotronVLConfig
 
 LM_RENAMES = (("language_model.backbone.", "model."), ("language_model.lm_head.", "lm_head."))
 
 
 def load_toy_state(hf_dir: str | Path) -> dict[str, torch.Tensor]:
-    from .hf_io import HFWeights
+    from nvl_nemotron_vl.hf_io import HFWeights
 
     w = HFWeights(hf_dir)
     return {k: w.get(k) for k in w.keys()}
@@ -172,7 +172,7 @@ class HFReferenceVLM(nn.Module):
 
 def model_grads_to_hf(cfg: NemotronVLConfig, shards_by_rank: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """Our model's gradients (every rank's local shards, in rank order) as HF-keyed full tensors."""
-    from .mapping import components_to_hf, local_to_components, mapping_table
+    from nvl_nemotron_vl.mapping import components_to_hf, local_to_components, mapping_table
 
     table = [m for m in mapping_table(cfg) if m.megatron in shards_by_rank[0]]
     return components_to_hf(table, local_to_components(table, shards_by_rank))
@@ -187,13 +187,13 @@ def random_sequences(vocab: int, seed: int = 11) -> list[torch.Tensor]:
 # ------------------------------------------------------------------------------ distributed workers
 def tp_worker(rank: int, world: int, hf_dir: str, inputs: dict[str, Any]) -> dict[str, Any]:
     """At TP=``world``: logits of each LM sequence, the VLM forward/backward on an image sample, and the
-    local gradients (for reassembly by the caller). Runs under :func:`nvlcore.testing_dist.run_distributed`."""
+    local gradients (for reassembly by the caller). Runs under :func:`nvl_dist_testing.run_distributed`."""
     from megatron.core import parallel_state
 
-    from .bridge import NemotronVLBridge
-    from .model.parallel import ensure_model_parallel
+    from nvl_nemotron_vl.bridge import NemotronVLBridge
+    from nvlcore.parallel import init_parallel
 
-    ensure_model_parallel(world)
+    init_parallel(world, device_type="cpu")
     bridge = NemotronVLBridge.from_hf_dir(hf_dir)
     model = bridge.build_model(dtype=torch.float32, device="cpu", load_weights=True,
                                tp_group=parallel_state.get_tensor_model_parallel_group())

@@ -14,7 +14,7 @@ def tp_generate_worker(
 
     from nvlcore.generation import left_pad, merge_model_inputs
 
-    from .generate import load_generator
+    from nvl_nemotron_vl import load_generator
 
     gen = load_generator(hf_dir, tensor_parallel_size=world, device="cpu", lora_checkpoint=lora_checkpoint)
     results = gen.generate(conversations, max_new_tokens=new_tokens)
@@ -31,7 +31,7 @@ def dp_eval_worker(rank: int, world: int, hf_dir: str, num_examples: int) -> dic
     from nvlcore.builtin.synthetic_vqa import SyntheticShapes
     from nvlcore.eval import evaluate_generator, metrics_for
 
-    from .generate import load_generator
+    from nvl_nemotron_vl import load_generator
 
     gen = load_generator(hf_dir, device="cpu")  # TP=1 over `world` processes: data parallel
     made = SyntheticShapes(split="test", num_examples=num_examples, questions=["color", "shape"])

@@ -1,7 +1,8 @@
 """Test helpers: gloo process groups on CPU and a small tensor-parallel toy built from Megatron layers.
 
 Workers live here (not in test files) because ``torch.multiprocessing.spawn`` pickles them by module
-path, which pytest's importlib mode does not provide for test modules.
+path, which pytest's importlib mode does not provide for test modules; this folder is on pytest's
+``pythonpath``.
 """
 
 from __future__ import annotations
@@ -11,8 +12,8 @@ from typing import Any
 import torch
 from torch import nn
 
-# The gloo harness is the core's (one implementation for every plugin's TP/DP tests).
-from nvlcore.testing_dist import free_port, run_distributed  # noqa: F401
+# The gloo harness is the repository's (tests/support; one implementation for every plugin's TP/DP tests).
+from nvl_dist_testing import free_port, run_distributed  # noqa: F401
 
 
 # --------------------------------------------------------------------------------------------------
@@ -135,14 +136,6 @@ def load_full_toy_weights(model: nn.Module, full: dict[str, torch.Tensor], tp_gr
             p.copy_(t.chunk(tp, 1)[rank])
 
 
-def init_parallel(tp: int) -> Any:
-    """``parallel_state`` with the given TP over the current world; returns the TP group."""
-    from megatron.core import parallel_state
-
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp)
-    return parallel_state.get_tensor_model_parallel_group()
-
-
 ALL_TOY_TARGETS = ("linear_fc1", "linear_fc2", "in_proj", "out_proj", "head")
 
 
@@ -160,7 +153,9 @@ def tp_parity_worker(
     from nvl_lora.method import apply_lora, merge_lora
     from nvl_lora.state import adapter_keys, gather_adapter_state, load_adapter_state
 
-    tpw = init_parallel(world)
+    from nvlcore.parallel import init_parallel
+
+    tpw = init_parallel(world, device_type="cpu").tp_group
     singles = [torch.distributed.new_group([r]) for r in range(world)]
     x = torch.randn(3, 5, 16, generator=torch.Generator().manual_seed(3))
     out: dict[str, Any] = {}

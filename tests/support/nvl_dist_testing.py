@@ -6,7 +6,8 @@ returns the per-rank results (anything ``torch.save`` can write). A failing rank
 in the caller. Megatron's ``parallel_state`` is destroyed on exit if a worker initialised it.
 
 ``fn`` must be importable by module path (``torch.multiprocessing.spawn`` pickles it by name), so put
-workers in a package module, not in a test file collected with pytest's importlib mode.
+workers in a support module (``tests/support``, ``plugins/*/tests/support``: on pytest's ``pythonpath``,
+which the spawned processes inherit), not in a test file collected with pytest's importlib mode.
 torch is imported inside the functions: importing this module stays cheap.
 """
 
