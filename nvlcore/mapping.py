@@ -88,7 +88,7 @@ class ParamMapping:
         if self.kind == "parts" and (not self.parts or len(self.parts) != len(self.sizes)):
             raise ValueError(f"{self.megatron}: a parts mapping needs one name in parts per row count in sizes")
         n = len(self.components)
-        if len(self.hf) not in (1, n):
+        if self.kind in ("qkv", "parts") and len(self.hf) not in (1, n):
             raise ValueError(f"{self.megatron}: {len(self.hf)} HF keys for {n} component(s); give 1 (fused) or {n}")
 
     # -------------------------------------------------------------------------------- names
@@ -110,9 +110,13 @@ class ParamMapping:
         return list(self.sizes)
 
     # ------------------------------------------------------------------------ HF <-> components
+    def _one_to_one(self) -> bool:
+        # identity/vocab: the first HF key is the tensor (an adapter's A mirrors its base's several keys)
+        return self.kind in ("identity", "vocab") or len(self.hf) == len(self.components)
+
     def hf_to_components(self, hf: Mapping[str, "torch.Tensor"]) -> dict[str, "torch.Tensor"]:
         ts = [_need(hf, k, self.megatron) for k in self.hf]
-        if len(self.hf) == len(self.components):
+        if self._one_to_one():
             return dict(zip(self.components, ts))
         (t,) = ts
         rows = self._fused_rows()
@@ -124,7 +128,7 @@ class ParamMapping:
         import torch
 
         ts = [_need(comps, k, self.megatron) for k in self.components]
-        if len(self.hf) == len(self.components):
+        if self._one_to_one():
             return dict(zip(self.hf, ts))
         return {self.hf[0]: torch.cat(ts, dim=0)}
 

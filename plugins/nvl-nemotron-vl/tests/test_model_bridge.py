@@ -47,7 +47,7 @@ def test_processor_output_runs_through_the_model(tiny_toy):
     loss = model(**batch)
     assert loss.shape == batch["input_ids"].shape and torch.isfinite(loss).all()
     assert (loss * batch["loss_mask"]).sum() > 0
-    flops = bridge.training_flops(batch)
+    flops = bridge.train_flops(batch, num_parameters=0)
     tiles = batch["pixel_values"].shape[0]
     from nvl_nemotron_vl.flops import lm_forward_flops, vision_forward_flops_per_tile
 
