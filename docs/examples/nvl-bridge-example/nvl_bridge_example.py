@@ -249,14 +249,12 @@ class TinyBridge(ModelBridge):
         if init == "random":
             tp = parallel_state.get_tensor_model_parallel_world_size()
             rank = parallel_state.get_tensor_model_parallel_rank()
-            table = self.mapping_by_name()
             with torch.no_grad():
                 for n, p in model.named_parameters():
-                    shape = list(p.shape)
-                    if table[n].tp_dim is not None:
-                        shape[table[n].tp_dim] *= tp
+                    dim = p.partition_dim if getattr(p, "tensor_model_parallel", False) else None
+                    shape = [s * (tp if i == dim else 1) for i, s in enumerate(p.shape)]
                     full = init_full(n, tuple(shape), seed)
-                    p.copy_(table[n].components_to_local({n: full}, tp, rank))
+                    p.copy_(full if dim is None else full.chunk(tp, dim=dim)[rank])
         elif init != "none":
             raise ValueError(f"init={init!r}: use 'none' or 'random'")
         return model
