@@ -379,7 +379,8 @@ def read_hf_config(hf_dir: str | Path) -> dict[str, Any]:
     """An HF directory's ``config.json`` as a dict; errors name the file."""
     path = Path(hf_dir) / "config.json"
     if not path.is_file():
-        raise BridgeError(f"{path} not found: an HF model directory (config.json, weights, tokenizer) is needed")
+        raise BridgeError(f"{Path(hf_dir)} has no config.json: an HF model directory (config.json, weights, "
+                          "tokenizer) is needed")
     try:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as exc:

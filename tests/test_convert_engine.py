@@ -306,7 +306,7 @@ def test_cli_round_trip_and_errors(tmp_path, register_plugin, nvl_cli):
     other.mkdir()
     (other / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
     r = nvl_cli("convert", "import", "--hf-model", str(other), "--megatron-path", str(tmp_path / "mg3"))
-    assert r.exit_code != 0 and "no installed bridge handles architectures ['LlamaForCausalLM']" in r.output
+    assert r.exit_code != 0 and "no installed model bridge handles architectures ['LlamaForCausalLM']" in r.output
     r = nvl_cli("convert", "export", "--hf-model", str(tmp_path / "hf"), "--megatron-path", str(tmp_path / "mg"),
                 "--hf-path", str(tmp_path / "o2"), "--shard-size", "lots")
     assert r.exit_code != 0 and "cannot parse size" in r.output
