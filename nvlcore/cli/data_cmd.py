@@ -62,10 +62,12 @@ def _bridge_processor(hf_dir: Path, **options: Any) -> Any:
     from nvlcore.bridge import BridgeError, resolve_bridge
     from nvlcore.cli import current_plugin_manager
 
+    if not (Path(hf_dir) / "config.json").is_file():
+        raise click.BadParameter(f"{hf_dir} has no config.json; is it an HF model directory?", param_hint="--hf-model-path")
     try:
         bridge = resolve_bridge(hf_dir, manager=current_plugin_manager())
     except BridgeError as exc:
-        raise click.BadParameter(str(exc), param_hint="--hf-model-path") from None
+        raise click.ClickException(str(exc)) from None
     try:
         return bridge.processor(**options)
     except (ValueError, OSError, TypeError, KeyError) as exc:
