@@ -205,7 +205,7 @@ def generate_cmd(
     if video_pruning_rate is not None:
         options["video_pruning_rate"] = video_pruning_rate
     if lora_checkpoint is not None:
-        options.update(lora_checkpoint=lora_checkpoint, plugin_manager=current_plugin_manager(), say=say)
+        options.update(peft_checkpoint=lora_checkpoint, plugin_manager=current_plugin_manager(), say=say)
     try:
         generator = bridge.generator(
             megatron_model_path=megatron_model_path, tensor_parallel_size=tp, device=dev, dtype=torch_dtype, **options
