@@ -62,6 +62,9 @@ def freeze_base(model: nn.Module, cfg: LoRAConfig, bridge: Any = None) -> dict[s
     """
     flags = _freeze_flags(cfg)
     if bridge is not None:
+        # A tower the model does not have has nothing to freeze (the defaults name all three); its
+        # flag is not an error here, unlike an explicit model.freeze_<group>=True.
+        flags = {g: v for g, v in flags.items() if g in bridge.freeze_groups}
         return bridge.freeze(model, flags, other=cfg.freeze_other, skip=_is_adapter_param, key="peft")
     from nvlcore.bridge import freeze_parameters
 
