@@ -173,3 +173,28 @@ def test_installed_example_converts_finetunes_and_generates(tmp_path: Path) -> N
     out_t, out_b = json.loads(trained.strip().splitlines()[-1]), json.loads(base.strip().splitlines()[-1])
     assert out_t["token_ids"] and out_b["token_ids"]
     assert set(out_t["text"]) <= set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMN")
+
+
+@pytest.mark.usefixtures("own_process_group", "one_thread")
+def test_lora_takes_groups_and_layouts_from_the_bridge(example: Any, tmp_path: Path) -> None:
+    """A bridge whose model has only a language tower: LoRA's default freeze flags for the other towers
+    freeze nothing more, freeze_other covers the rest, and adapters go on the table's linears."""
+    import torch
+
+    pytest.importorskip("nvl_lora")
+    from nvl_lora.method import LoRAMethod
+    from nvlcore.testing import check_model_bridge
+
+    class LanguageOnlyGroups(example.TinyBridge):
+        freeze_groups = {"language_model": "language_model"}
+
+    hf = example.write_tiny_hf_dir(tmp_path / "hf")
+    check_model_bridge(LanguageOnlyGroups, hf, example.TinyMaker()[0])
+    bridge = LanguageOnlyGroups.from_hf_dir(hf)
+    model = bridge.build_model(dtype=torch.float32, init="random")
+    method = LoRAMethod(target_modules=["linear_fc1", "linear_fc2"], dim=2, alpha=4)
+    method.apply(model, bridge=bridge)
+    assert method.report.frozen_groups == {"language_model": True, "other": True}
+    trainable = sorted(n for n, p in model.named_parameters() if p.requires_grad)
+    assert trainable and all(".adapter." in n for n in trainable)
+    assert method.report.adapted == ["language_model.linear_fc1", "language_model.linear_fc2"]
