@@ -135,7 +135,9 @@ def run_nvl(args: argparse.Namespace, device: torch.device, deadline: float) -> 
         base_loss = float(loss_fn())
     lcfg = LoRAConfig(target_modules=LM_TARGETS, dim=16, alpha=32, freeze_language_model=True,
                       freeze_vision_model=True, freeze_vision_projection=True)
-    report = apply_lora(model, lcfg)
+    from nvl_nemotron_vl.bridge import NemotronVLBridge
+
+    report = apply_lora(model, lcfg, bridge=NemotronVLBridge(cfg))
     count = count_parameters(model)
     res["adapted_modules"] = len(report.adapted)
     res["trainable_params"] = count.trainable

@@ -1,8 +1,10 @@
 """Base contracts for plugin authors: what each registered kind must provide.
 
-These are :class:`typing.Protocol` classes, so a plugin never has to inherit from the core; they
-document the methods the core calls and are checked structurally (``isinstance`` works on them for
-the attribute names, and the conformance tests check the signatures).
+A model bridge subclasses the abstract base class :class:`ModelBridge` (defined in
+:mod:`nvlcore.bridge`, re-exported here): the core calls its methods directly. The other kinds are
+:class:`typing.Protocol` classes, so a plugin never has to inherit from the core; they document the
+methods the core calls and are checked structurally (``isinstance`` works on them for the attribute
+names, and the conformance tests check the signatures).
 
 Heavy types (torch, PIL) are only named under ``TYPE_CHECKING``: importing this module stays cheap.
 """
@@ -10,10 +12,15 @@ Heavy types (torch, PIL) are only named under ``TYPE_CHECKING``: importing this 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Iterable, Iterator, Mapping, Protocol, Sequence, runtime_checkable
+from typing import TYPE_CHECKING, Any, ClassVar, Iterator, Mapping, Protocol, Sequence, runtime_checkable
+
+from nvlcore.bridge import ModelBridge, first_matching_bridge
 
 if TYPE_CHECKING:
     import torch
+
+__all__ = ["Batch", "Conversation", "DatasetMaker", "Exporter", "MadeDataset", "MetricLogger", "ModelBridge",
+           "PeftMethod", "Processor", "first_matching_bridge"]
 
 Conversation = dict[str, Any]
 """One example in the conversation schema (see :mod:`nvlcore.data.schema`)."""
@@ -41,36 +48,6 @@ Keys produced by a bridge's processor and understood by its model:
     samples per row (the trainer's ``consumed_samples`` counts them).
 Bridges may add keys of their own (for example per-video frame counts).
 """
-
-
-@runtime_checkable
-class ModelBridge(Protocol):
-    """Connects one HF checkpoint family to nvl's training model.
-
-    A bridge class is registered by name; ``nvl`` instantiates it with :meth:`from_hf_dir`.
-    """
-
-    #: Registry name, e.g. ``"nemotron_nano_v2_vl"``.
-    name: ClassVar[str]
-    #: HF ``architectures`` values this bridge handles (used to pick it automatically).
-    architectures: ClassVar[tuple[str, ...]]
-
-    @classmethod
-    def from_hf_dir(cls, hf_dir: str | Path) -> "ModelBridge":
-        """Read an HF model directory's ``config.json`` as data (no remote code) and validate it."""
-        ...
-
-    def build_model(self, **options: Any) -> "torch.nn.Module":
-        """Build the training model (tensor-parallel over the current process groups)."""
-        ...
-
-    def processor(self, **options: Any) -> "Processor":
-        """The processor that turns conversations into model inputs."""
-        ...
-
-    def recipe(self, *, peft: bool = False) -> Mapping[str, Any]:
-        """Default config values (a nested mapping by section) for fine-tuning this model."""
-        ...
 
 
 @runtime_checkable
@@ -153,8 +130,12 @@ class PeftMethod(Protocol):
     those values too. Without ``Config`` only the core fields are accepted.
     """
 
-    def apply(self, model: "torch.nn.Module", **options: Any) -> "torch.nn.Module":
-        """Insert adapters and freeze what the method freezes; returns the (same) model."""
+    def apply(self, model: "torch.nn.Module", *, bridge: "ModelBridge | None" = None, **options: Any) -> "torch.nn.Module":
+        """Insert adapters and freeze what the method freezes; returns the (same) model.
+
+        ``bridge`` (the model's bridge, when there is one) says which groups the ``freeze_*`` flags
+        name (:meth:`ModelBridge.freeze`) and how each linear layer is laid out
+        (:meth:`ModelBridge.linear_layouts`); ``options`` are the ``peft`` section's fields."""
         ...
 
     def trainable_state_dict(self, model: "torch.nn.Module") -> dict[str, "torch.Tensor"]:
@@ -185,12 +166,3 @@ class MetricLogger(Protocol):
     def close(self) -> None:
         """Flush and release resources at the end of a run."""
         ...
-
-
-def first_matching_bridge(architectures: Iterable[str], bridges: Mapping[str, type]) -> str | None:
-    """The name of the first bridge whose ``architectures`` intersect the given ones."""
-    wanted = set(architectures)
-    for name, cls in bridges.items():
-        if wanted & set(getattr(cls, "architectures", ())):
-            return name
-    return None

@@ -43,7 +43,7 @@ def nvl_register_model_bridges(register: Register[Any]) -> None:
     """Register model bridges (HF checkpoint <-> training model).
 
     Call ``register(name, BridgeClassOrLazyString, aliases=(...))`` once per bridge. The class
-    implements :class:`nvlcore.contracts.ModelBridge`; its ``architectures`` attribute lists the HF
+    subclasses :class:`nvlcore.bridge.ModelBridge`; its ``architectures`` attribute lists the HF
     ``architectures`` values it handles, so ``nvl`` can pick it from a checkpoint's ``config.json``;
     users can also name it with ``model.bridge=NAME``.
 

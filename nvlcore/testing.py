@@ -163,3 +163,78 @@ def fake_entry_points(monkeypatch: pytest.MonkeyPatch) -> Callable[..., list[Fak
         return fakes
 
     return install
+
+
+def check_model_bridge(bridge_cls: type, hf_dir: Any, conversation: Mapping[str, Any], *, seq_length: int = 64) -> None:
+    """The model-bridge conformance checks (:class:`nvlcore.bridge.ModelBridge`), for any bridge and one
+    of its HF directories; raises ``AssertionError`` naming what does not conform.
+
+    Checked at TP=1 in this process (a one-rank process group is set up if there is none; pair it
+    with the ``own_process_group`` fixture): the class subclasses the ABC and names itself; the
+    mapping table covers every model parameter exactly once with the parameter's shape; HF loading
+    fills every parameter with the HF tensors; ``nvl convert``'s groups cover every HF tensor once;
+    checkpoint entries reassemble each parameter; every freeze group and linear layout names
+    parameters and linear layers of the model; the recipe is a valid config; the processor turns
+    ``conversation`` into a batch the model takes, with a finite loss and positive FLOPs.
+    """
+    import torch
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    from nvlcore.bridge import ModelBridge
+    from nvlcore.config import load_config
+    from nvlcore.convert.safetensors_io import SafetensorsReader
+
+    assert isinstance(bridge_cls, type) and issubclass(bridge_cls, ModelBridge), f"{bridge_cls} is not a ModelBridge"
+    assert bridge_cls.name and bridge_cls.architectures, f"{bridge_cls.__name__}: name and architectures are required"
+    if not dist.is_initialized():
+        dist.init_process_group(backend="gloo", store=dist.HashStore(), rank=0, world_size=1)
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(tensor_model_parallel_size=1)
+    bridge = bridge_cls.from_hf_dir(hf_dir)
+    table = bridge.mapping_table()
+    names = [m.megatron for m in table]
+    assert len(names) == len(set(names)), "the mapping table names a parameter twice"
+    model = bridge.build_model(dtype=torch.float32, device="cpu", init="random", seed=3)
+    params = dict(model.named_parameters())
+    assert set(names) == set(params), (f"mapping table vs model parameters: only in the table "
+                                       f"{sorted(set(names) - set(params))[:5]}, only in the model "
+                                       f"{sorted(set(params) - set(names))[:5]}")
+    # HF loading: every parameter is the table's transform of the HF tensors
+    reader = SafetensorsReader(hf_dir)
+    assert bridge.load_hf_weights(model, hf_dir)["loaded"] == len(table)
+    for m in table:
+        want = m.components_to_local(m.hf_to_components(reader.read(m.hf)), 1, 0)
+        assert torch.equal(params[m.megatron].detach(), want.to(params[m.megatron].dtype)), m.megatron
+    # conversion: each HF key in exactly one group; each group's functions are inverse
+    specs = {k: t for k, t in reader.tensors.items()}
+    groups = bridge.conversion_groups(specs)
+    covered = [k for g in groups for k in g.hf_keys]
+    assert sorted(covered) == sorted(specs), "conversion groups must cover every HF tensor exactly once"
+    for g in groups:
+        hf = reader.read(g.hf_keys)
+        back = g.to_hf(g.to_checkpoint(hf))
+        assert all(torch.equal(back[k], hf[k]) for k in g.hf_keys), f"conversion group {g.name} is not exact"
+    # training checkpoints: entries reassemble the parameter
+    for name, p in params.items():
+        ent = bridge.checkpoint_entries(name, p.detach(), tp_group=None, tp_rank=0, tp_size=1)
+        assert ent is not None, f"{name}: no checkpoint entries"
+        target = torch.full_like(p, float("nan"))
+        assert bridge.assemble_from_entries(name, ent, target, tp_rank=0, tp_size=1)
+        assert torch.equal(target, p.detach()), f"{name}: checkpoint entries do not reassemble"
+    # freeze groups and linear layouts name what the model has
+    for group, prefix in bridge.freeze_groups.items():
+        assert any(n == prefix or n.startswith(prefix + ".") for n in params), f"freeze group {group}: no {prefix}.*"
+    modules = dict(model.named_modules())
+    for module, layout in bridge.linear_layouts().items():
+        assert module in modules, f"linear layout for {module}, which the model lacks"
+        if layout.norm_fused:
+            assert callable(getattr(modules[module], "normalize", None)), f"{module}: norm-fused without normalize()"
+    load_config([], [], base=dict(bridge.recipe()))
+    # the processor and the model agree; FLOPs are counted
+    proc = bridge.processor(seq_length=seq_length)
+    batch = proc.collate([proc(dict(conversation)), proc(dict(conversation))])
+    loss = model(**batch)
+    assert torch.isfinite(loss).all() and (loss * batch["loss_mask"]).sum() > 0
+    n = sum(p.numel() for p in params.values())
+    assert bridge.train_flops(batch, num_parameters=n) > 0

@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from nvlcore import hookimpl
 from nvlcore.checkpoint import Checkpoint, open_checkpoint, save_checkpoint
 from nvlcore.convert import ConversionGroup
+from nvlcore.bridge import ModelBridge
 from nvlcore.convert import engine as engine_mod
 from nvlcore.convert.engine import ConversionError, export_hf_checkpoint, import_hf_checkpoint
 
@@ -24,16 +25,21 @@ HIDDEN, HEADS = 8, 4
 CARRY = "__hf_only__."
 
 
-class FakeBridge:
+class FakeBridge(ModelBridge):
+    """A conversion-only bridge: it overrides conversion_groups with hand-written groups (the engine's
+    contract), so its mapping table is empty and it builds no model."""
+
     name = "fake"
     architectures = ("FakeArch",)
 
-    def __init__(self, config):
-        self.config = config
+    def build_model(self, *, dtype, device=None, init="none", seed=1234):
+        raise NotImplementedError("the conversion-only test bridge builds no model")
 
-    @classmethod
-    def from_hf_dir(cls, d):
-        return cls(json.loads((Path(d) / "config.json").read_text()))
+    def processor(self, *, seq_length=None, pad_to_multiple_of=None, **options):
+        raise NotImplementedError("the conversion-only test bridge has no processor")
+
+    def mapping_table(self):
+        return []
 
     def check_tensor_parallel(self, tp):
         if HEADS % tp:
@@ -300,7 +306,7 @@ def test_cli_round_trip_and_errors(tmp_path, register_plugin, nvl_cli):
     other.mkdir()
     (other / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
     r = nvl_cli("convert", "import", "--hf-model", str(other), "--megatron-path", str(tmp_path / "mg3"))
-    assert r.exit_code != 0 and "no installed bridge handles architectures ['LlamaForCausalLM']" in r.output
+    assert r.exit_code != 0 and "no installed model bridge handles architectures ['LlamaForCausalLM']" in r.output
     r = nvl_cli("convert", "export", "--hf-model", str(tmp_path / "hf"), "--megatron-path", str(tmp_path / "mg"),
                 "--hf-path", str(tmp_path / "o2"), "--shard-size", "lots")
     assert r.exit_code != 0 and "cannot parse size" in r.output

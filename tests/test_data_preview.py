@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from nvlcore import hookimpl
+from nvlcore.bridge import ModelBridge
 
 
 class CountingProcessor:
@@ -32,18 +33,19 @@ class CountingProcessor:
         return {"input_ids": torch.arange(len(text)), "loss_mask": mask}
 
 
-class FakeBridge:
+class FakeBridge(ModelBridge):
+    """A processor-only bridge (``nvl data preview`` needs nothing else)."""
+
     name = "fake_vl"
     architectures = ("FakeVL",)
 
-    def __init__(self, hf_dir: Path) -> None:
-        self.hf_dir = hf_dir
+    def build_model(self, *, dtype, device=None, init="none", seed=1234):
+        raise NotImplementedError("the processor-only test bridge builds no model")
 
-    @classmethod
-    def from_hf_dir(cls, hf_dir):
-        return cls(Path(hf_dir))
+    def mapping_table(self):
+        return []
 
-    def processor(self, **options):
+    def processor(self, *, seq_length=None, pad_to_multiple_of=None, **options):
         return CountingProcessor(self.hf_dir)
 
 

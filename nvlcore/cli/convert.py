@@ -1,7 +1,8 @@
 """``nvl convert import|export``: HF <-> nvl checkpoints (Megatron-Bridge's convert_checkpoints.py).
 
 The bridge is picked from the HF config's ``architectures`` through the ``model_bridge`` registry
-(or named with ``--bridge``); heavy imports happen only when a command runs.
+(or named with ``--bridge``) by :func:`nvlcore.bridge.resolve_bridge`; heavy imports happen only when
+a command runs.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import Any
 
 import click
 
+from nvlcore.bridge import resolve_bridge
 from nvlcore.cli.spelling import declare_aliases
 from nvlcore.hub import hf_model_option, revision_option
 
@@ -19,42 +21,6 @@ from nvlcore.hub import hf_model_option, revision_option
 CONVERT_ALIASES = {"-tp": "--tp", "-pp": "--pp", "-ep": "--ep", "-etp": "--etp"}
 
 DTYPES = ("bfloat16", "float16", "float32")
-
-
-def select_bridge(hf_dir: str | Path, name: str | None = None, *, manager: Any = None) -> Any:
-    """Instantiate the bridge for an HF model directory (by ``--bridge`` name or ``architectures``)."""
-    from nvlcore.convert.engine import ConversionError, read_hf_config
-    from nvlcore.plugins import get_registry
-
-    config = read_hf_config(hf_dir)
-    registry = get_registry("model_bridge") if manager is None else manager.registry("model_bridge")
-    if name is not None:
-        cls = registry.get(name)
-    else:
-        archs = list(config.get("architectures") or [])
-        if not archs:
-            raise ConversionError(
-                f"{Path(hf_dir) / 'config.json'} has no 'architectures' field; pass --bridge NAME "
-                f"(installed: {', '.join(registry.names()) or 'none'})"
-            )
-        cls = None
-        known: list[str] = []
-        for bname in registry.names():
-            candidate = registry.get(bname)
-            known.extend(getattr(candidate, "architectures", ()))
-            if set(archs) & set(getattr(candidate, "architectures", ())):
-                cls = candidate
-                break
-        if cls is None:
-            raise ConversionError(
-                f"no installed bridge handles architectures {archs} of {Path(hf_dir) / 'config.json'} "
-                f"(bridges handle: {sorted(set(known)) or 'none'}); is this the right model? "
-                "`nvl plugins list` shows the installed bridges"
-            )
-    for method in ("conversion_groups", "check_tensor_parallel"):
-        if not hasattr(cls, method):
-            raise ConversionError(f"bridge {getattr(cls, 'name', cls)!r} does not support conversion (no {method})")
-    return cls.from_hf_dir(hf_dir)
 
 
 def _run(fn: Any, summary_json: str | None) -> None:
@@ -115,7 +81,7 @@ def import_cmd(hf_model: Path, revision: str | None, megatron_path: Path, tp: in
     def go() -> Any:
         from nvlcore.convert.engine import import_hf_checkpoint
 
-        b = select_bridge(hf_model, bridge)
+        b = resolve_bridge(hf_model, bridge, option="--hf-model")
         return import_hf_checkpoint(b, hf_model, megatron_path, tp=tp, dtype=dtype, overwrite=overwrite,
                                     progress=not no_progress)
 
@@ -158,7 +124,7 @@ def export_cmd(hf_model: Path, revision: str | None, megatron_path: Path, hf_pat
         from nvlcore.convert.safetensors_io import parse_size
 
         size = parse_size(shard_size)
-        b = select_bridge(hf_model, bridge)
+        b = resolve_bridge(hf_model, bridge, option="--hf-model")
         return export_hf_checkpoint(b, hf_model, megatron_path, hf_path, strict=not not_strict, overwrite=overwrite,
                                     shard_size=size, dtype=dtype, progress=not no_progress)
 

@@ -58,34 +58,20 @@ def _make_dataset(name: str, split: str, kwargs: dict[str, Any]) -> tuple[str, A
 
 
 def _bridge_processor(hf_dir: Path, **options: Any) -> Any:
-    """The processor of the bridge that handles ``hf_dir`` (picked from config.json ``architectures``)."""
+    """The processor of the bridge that handles ``hf_dir`` (:func:`nvlcore.bridge.resolve_bridge`)."""
+    from nvlcore.bridge import BridgeError, resolve_bridge
     from nvlcore.cli import current_plugin_manager
 
-    cfg_path = hf_dir / "config.json"
-    if not cfg_path.is_file():
+    if not (Path(hf_dir) / "config.json").is_file():
         raise click.BadParameter(f"{hf_dir} has no config.json; is it an HF model directory?", param_hint="--hf-model-path")
     try:
-        architectures = json.loads(cfg_path.read_text()).get("architectures") or []
-    except (json.JSONDecodeError, AttributeError) as exc:
-        raise click.BadParameter(f"{cfg_path}: not a JSON object: {exc}", param_hint="--hf-model-path") from exc
-    registry = current_plugin_manager().registry("model_bridge")
-    broken = []
-    for name in registry.names():
-        entry = registry.entry(name)
-        try:
-            bridge_cls = entry.load()
-        except Exception as exc:  # report below if nothing else matches
-            broken.append(f"{name} ({entry.provenance.describe()}): {type(exc).__name__}: {exc}")
-            continue
-        if set(architectures) & set(getattr(bridge_cls, "architectures", ())):
-            try:
-                return bridge_cls.from_hf_dir(hf_dir).processor(**options)
-            except (ValueError, OSError, TypeError, KeyError) as exc:
-                raise click.ClickException(f"bridge {name!r} cannot read {hf_dir}: {exc}") from exc
-    msg = f"no installed model bridge handles architectures {architectures} of {cfg_path}"
-    if broken:
-        msg += "; bridges that failed to import: " + "; ".join(broken)
-    raise click.ClickException(msg + " (see `nvl plugins list`)")
+        bridge = resolve_bridge(hf_dir, manager=current_plugin_manager())
+    except BridgeError as exc:
+        raise click.ClickException(str(exc)) from None
+    try:
+        return bridge.processor(**options)
+    except (ValueError, OSError, TypeError, KeyError) as exc:
+        raise click.ClickException(f"bridge {bridge.name!r} cannot read {hf_dir}: {exc}") from exc
 
 
 def _conversation_summary(conversation: Mapping[str, Any]) -> dict[str, Any]:

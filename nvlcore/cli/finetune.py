@@ -14,7 +14,6 @@ through unchanged. See docs/finetune.md.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import sys
@@ -29,51 +28,22 @@ from nvlcore.hub import hf_model_option, revision_option
 MODULE = "nvlcore.cli.finetune"
 
 
-def _bridge_class(manager: Any, hf_model_path: str | None, bridge_name: str | None) -> Any:
-    from nvlcore.contracts import first_matching_bridge
+def _resolve(manager: Any, hf_model_path: str | None, bridge_name: str | None) -> Any:
+    """The bridge for ``--hf-model-path`` (:func:`nvlcore.bridge.resolve_bridge`), errors as usage errors."""
+    from nvlcore.bridge import BridgeError, resolve_bridge
 
-    reg = manager.registry("model_bridge")
-    if bridge_name:
-        return reg.get(bridge_name)
     if not hf_model_path:
         raise click.UsageError("--hf-model-path DIR is required (the HF model directory: config.json, tokenizer)")
-    cfg_file = Path(hf_model_path) / "config.json"
-    if not cfg_file.is_file():
-        raise click.BadParameter(f"{hf_model_path}: no config.json (an HF model directory is needed)",
-                                 param_hint="--hf-model-path")
     try:
-        archs = json.loads(cfg_file.read_text()).get("architectures") or []
-    except json.JSONDecodeError as exc:
-        raise click.BadParameter(f"{cfg_file}: not valid JSON ({exc})", param_hint="--hf-model-path") from exc
-    classes: dict[str, Any] = {}
-    broken: list[str] = []
-    for name in reg.names():
-        try:
-            classes[name] = reg.get(name)
-        except Exception as exc:  # a broken bridge must not hide the matching one
-            broken.append(f"{name} ({type(exc).__name__}: {exc})")
-    name = first_matching_bridge(archs, classes)
-    if name is None:
-        raise click.ClickException(
-            f"{cfg_file}: no installed model bridge handles architectures {archs}; install the model's plugin "
-            "or set model.bridge=NAME (`nvl plugins list` shows what is installed)"
-            + (f"; failed to load: {'; '.join(broken)}" if broken else "")
-        )
-    return classes[name]
+        return resolve_bridge(hf_model_path, bridge_name, manager=manager)
+    except BridgeError as exc:
+        raise click.BadParameter(str(exc), param_hint="--hf-model-path") from None
 
 
 def _recipe(bridge: Any, *, language: bool, vision: bool) -> dict[str, Any]:
-    """The bridge's recipe; the LoRA flags pick its PEFT variant (which towers get adapters)."""
-    import inspect
-
-    fn = getattr(bridge, "recipe", None)
-    if fn is None:
-        return {}
-    params = inspect.signature(fn).parameters
-    kwargs: dict[str, Any] = {"peft": language or vision}
-    if "lora_on_language_model" in params or any(p.kind is p.VAR_KEYWORD for p in params.values()):
-        kwargs.update(lora_on_language_model=language, lora_on_vision_model=vision)
-    return dict(fn(**kwargs) or {})
+    """The bridge's recipe; the LoRA flags pick its PEFT variant (which groups get adapters)."""
+    groups = [g for g, on in (("language_model", language), ("vision_model", vision)) if on]
+    return dict(bridge.recipe(peft=bool(groups), adapted_groups=groups) or {})
 
 
 def compose_config(
@@ -92,15 +62,11 @@ def compose_config(
     parsed = parse_overrides(list(overrides))
     given = {o.key: o.value for o in parsed}
     hf = hf_model_path or given.get("model.hf_model_path")
-    bridge_cls = _bridge_class(manager, hf, given.get("model.bridge"))
-    if not hf:
-        raise click.UsageError("--hf-model-path DIR is required (the HF model directory: config.json, tokenizer)")
-    bridge = bridge_cls.from_hf_dir(hf)
+    bridge = _resolve(manager, hf, given.get("model.bridge"))
     base = _recipe(bridge, language=lora_on_language_model, vision=lora_on_vision_model)
     files: list[str] = [str(f) for f in config_files]
     if not files:
-        default = getattr(bridge, "default_config_file", None)
-        default = default() if callable(default) else default
+        default = bridge.default_config_file()
         if default:
             files.append(str(default))
     extra: list[Override] = []

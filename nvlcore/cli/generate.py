@@ -3,7 +3,7 @@ a Megatron-style checkpoint, streaming the text and reporting prefill / decode s
 
 The command is model-agnostic: it reads ``config.json`` of ``--hf-model-path``, picks the model
 bridge registered for its ``architectures`` and asks the bridge for a ready
-:class:`nvlcore.generation.Generator` through the bridge's optional ``generator(...)`` method.
+:class:`nvlcore.generation.Generator` through :meth:`nvlcore.bridge.ModelBridge.generator`.
 """
 
 from __future__ import annotations
@@ -20,38 +20,14 @@ from nvlcore.hub import hf_model_option, revision_option
 
 
 def resolve_bridge(hf_dir: Path, bridge_name: str | None = None, manager: Any = None) -> Any:
-    """Instantiate the model bridge for an HF model directory.
+    """The model bridge for an HF model directory (:func:`nvlcore.bridge.resolve_bridge`); errors as
+    one-line :class:`click.ClickException` naming the file or the architecture at fault."""
+    from nvlcore.bridge import BridgeError
+    from nvlcore.bridge import resolve_bridge as resolve
 
-    :param hf_dir: directory with ``config.json``.
-    :param bridge_name: a registered bridge name, overriding the ``architectures`` match.
-    :raises click.ClickException: naming the file or the architecture at fault.
-    """
-    from nvlcore.contracts import first_matching_bridge
-    from nvlcore.plugins import get_plugin_manager
-
-    registry = (manager or get_plugin_manager()).registry("model_bridge")
-    if bridge_name is None:
-        cfg_path = hf_dir / "config.json"
-        if not cfg_path.is_file():
-            raise click.ClickException(f"{cfg_path} not found: --hf-model-path must be an HF model directory")
-        try:
-            archs = json.loads(cfg_path.read_text()).get("architectures") or []
-        except json.JSONDecodeError as exc:
-            raise click.ClickException(f"{cfg_path} is not valid JSON: {exc}") from exc
-        bridges = {name: registry.get(name) for name in registry.names()}
-        bridge_name = first_matching_bridge(archs, bridges)
-        if bridge_name is None:
-            raise click.ClickException(
-                f"no installed model bridge handles architectures {archs} of {cfg_path} "
-                f"(installed: {', '.join(registry.names()) or 'none'}; run `nvl plugins list`)"
-            )
     try:
-        cls = registry.get(bridge_name)
-    except KeyError as exc:
-        raise click.ClickException(str(exc)) from exc
-    try:
-        return cls.from_hf_dir(hf_dir)
-    except (OSError, ValueError) as exc:  # a damaged config.json or weights file: the message names it
+        return resolve(hf_dir, bridge_name, manager=manager)
+    except BridgeError as exc:
         raise click.ClickException(str(exc)) from None
 
 
@@ -212,9 +188,6 @@ def generate_cmd(
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch_dtype = getattr(torch, dtype) if dtype else (torch.bfloat16 if dev.type == "cuda" else torch.float32)
     bridge = resolve_bridge(hf_model_path, bridge_name)
-    make = getattr(bridge, "generator", None)
-    if make is None:
-        raise click.ClickException(f"model bridge {type(bridge).__name__} does not support generation (no generator())")
     say(
         f"loading {hf_model_path}"
         + (f" with weights from {megatron_model_path}" if megatron_model_path else "")
@@ -232,17 +205,11 @@ def generate_cmd(
     if video_pruning_rate is not None:
         options["video_pruning_rate"] = video_pruning_rate
     if lora_checkpoint is not None:
-        options.update(lora_checkpoint=lora_checkpoint, plugin_manager=current_plugin_manager(), say=say)
+        options.update(peft_checkpoint=lora_checkpoint, plugin_manager=current_plugin_manager(), say=say)
     try:
-        generator = make(
+        generator = bridge.generator(
             megatron_model_path=megatron_model_path, tensor_parallel_size=tp, device=dev, dtype=torch_dtype, **options
         )
-    except TypeError as exc:
-        if options and "unexpected keyword" in str(exc):
-            raise click.ClickException(
-                f"model bridge {type(bridge).__name__} does not support {', '.join(sorted(options))} ({exc})"
-            ) from None
-        raise
     except (OSError, ValueError, NotImplementedError, KeyError) as exc:  # damaged weights or checkpoint: one line naming it
         from nvlcore.cli import global_flag
 

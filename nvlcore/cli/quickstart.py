@@ -76,9 +76,14 @@ def _run_nvl(args: Sequence[str], *, log: Path) -> None:
 
 def load_generator(hf_dir: Path) -> Any:
     """The generation API of the bridge that handles ``hf_dir`` (CPU)."""
+    from nvlcore.bridge import BridgeError, resolve_bridge
     from nvlcore.cli import current_plugin_manager
 
-    return _bridge_for(hf_dir, current_plugin_manager().registry("model_bridge")).generator(device="cpu")
+    try:
+        bridge = resolve_bridge(hf_dir, manager=current_plugin_manager())
+    except BridgeError as exc:
+        raise click.ClickException(str(exc)) from None
+    return bridge.generator(device="cpu")
 
 
 def eval_overrides(num_examples: int, *, blank_images: bool = False, seed: int = 0) -> list[str]:
@@ -113,17 +118,6 @@ def evaluate(generator: Any, *, num_examples: int, blank_images: bool = False, s
         "samples": [{"question": r.question, "answer": r.reference, "predicted": r.prediction}
                     for r in report.records[:4]],
     }
-
-
-def _bridge_for(hf_dir: Path, registry: Any) -> Any:
-    from nvlcore.contracts import first_matching_bridge
-
-    architectures = json.loads((hf_dir / "config.json").read_text()).get("architectures") or []
-    classes = {name: registry.get(name) for name in registry.names()}
-    name = first_matching_bridge(architectures, classes)
-    if name is None:
-        raise click.ClickException(f"{hf_dir}/config.json: no installed model bridge handles {architectures}")
-    return classes[name].from_hf_dir(hf_dir)
 
 
 def read_losses(metrics_file: Path) -> list[tuple[int, float]]:

@@ -7,9 +7,9 @@ Importing this package does not import torch. See docs/convert.md.
 
 from __future__ import annotations
 
-from nvlcore.convert.plan import ConversionGroup, ConvertibleBridge
+from nvlcore.convert.plan import ConversionGroup
 
-__all__ = ["ConversionGroup", "ConvertibleBridge", "export_hf_checkpoint", "import_hf_checkpoint"]
+__all__ = ["ConversionGroup", "export_hf_checkpoint", "import_hf_checkpoint"]
 
 
 def __getattr__(name: str):  # lazy: the engine imports torch-facing modules

@@ -269,7 +269,7 @@ def _py_files(src_dir: Path) -> list[str]:
 
 
 def _bridge_name(bridge: Any) -> str:
-    return str(getattr(bridge, "name", type(bridge).__name__))
+    return str(bridge.name)
 
 
 # ------------------------------------------------------------------------------------------------

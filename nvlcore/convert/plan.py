@@ -1,5 +1,9 @@
 """What a bridge gives the converter: groups of tensors that convert together.
 
+A model bridge supplies them through :meth:`nvlcore.bridge.ModelBridge.conversion_groups` (by default
+one group per entry of its mapping table) and checks a TP size with
+:meth:`~nvlcore.bridge.ModelBridge.check_tensor_parallel`.
+
 A :class:`ConversionGroup` ties a few HF tensors to a few checkpoint tensors (for example
 ``q_proj``/``k_proj``/``v_proj`` to the components of ``linear_qkv``) with a function each way. The
 converter streams one group at a time, so memory is bounded by the largest group.
@@ -12,12 +16,11 @@ it can validate shapes and lay out the output files before writing anything.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Mapping, Protocol, Sequence, runtime_checkable
+from typing import TYPE_CHECKING, Callable
 
 if TYPE_CHECKING:
     import torch
 
-    from nvlcore.checkpoint import TensorSpec
 
 TensorDict = dict[str, "torch.Tensor"]
 
@@ -58,17 +61,3 @@ class ConversionGroup:
             carried=carried,
             name=checkpoint_key,
         )
-
-
-@runtime_checkable
-class ConvertibleBridge(Protocol):
-    """The methods ``nvl convert`` needs from a model bridge."""
-
-    def conversion_groups(self, hf_specs: Mapping[str, "TensorSpec"]) -> Sequence[ConversionGroup]:
-        """Groups covering every HF tensor of a checkpoint with these keys/shapes/dtypes exactly once
-        (tensors without a training counterpart as ``carried`` groups)."""
-        ...
-
-    def check_tensor_parallel(self, tp: int) -> None:
-        """Raise ``ValueError`` naming the dimension that ``tp`` does not divide."""
-        ...

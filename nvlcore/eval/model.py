@@ -3,7 +3,6 @@ optionally a LoRA run's adapters (added and merged in memory, as ``nvl peft merg
 
 from __future__ import annotations
 
-import inspect
 from pathlib import Path
 from typing import Any, Callable
 
@@ -50,8 +49,8 @@ def lora_transform(lora_checkpoint: str | Path, *, bridge: Any, manager: Any) ->
             cfg = load_config([], [], base=rc, plugins=manager)
         except Exception as exc:
             raise EvalError(f"--lora-checkpoint: {iter_dir}/run_config.yaml: {exc}") from exc
-        apply_freeze_flags(model, cfg)
-        method = apply_peft(model, cfg, manager)
+        apply_freeze_flags(model, cfg, bridge)
+        method = apply_peft(model, cfg, manager, bridge)
         import torch.distributed as dist
         from megatron.core import parallel_state
 
@@ -100,16 +99,9 @@ def load_eval_generator(
     from nvlcore.cli.generate import resolve_bridge
 
     bridge = resolve_bridge(hf_model_path, bridge_name, manager)
-    make = getattr(bridge, "generator", None)
-    if make is None:
-        raise EvalError(f"model bridge {type(bridge).__name__} does not support generation (no generator())")
     options: dict[str, Any] = dict(megatron_model_path=megatron_model_path, tensor_parallel_size=tensor_parallel_size,
                                    device=device, dtype=dtype)
     if lora_checkpoint is not None:
-        params = inspect.signature(make).parameters
-        if "model_transform" not in params and not any(p.kind is p.VAR_KEYWORD for p in params.values()):
-            raise EvalError(f"model bridge {type(bridge).__name__}: its generator() takes no model_transform, so "
-                            "--lora-checkpoint cannot be applied; merge first with `nvl peft merge`")
         transform, rc = lora_transform(lora_checkpoint, bridge=bridge, manager=manager)
         options["model_transform"] = transform
         if megatron_model_path is None:
@@ -118,4 +110,4 @@ def load_eval_generator(
                 options["megatron_model_path"] = base
         say(f"nvl eval: base weights from {options['megatron_model_path'] or hf_model_path}, "
             f"LoRA adapters from {lora_checkpoint} (merged in memory)")
-    return make(**options)
+    return bridge.generator(**options)

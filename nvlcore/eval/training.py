@@ -24,14 +24,13 @@ def build_generate_eval(cfg: Any, bridge: Any, model: Any, manager: Any, ctx: An
         print_fn(f"nvl finetune: generation-based validation skipped: dataset maker {ds.maker_name!r} has no "
                  f"validation split (it has {', '.join(splits) or 'train only'})")
         return None
-    make = getattr(bridge, "generator_for_model", None)
-    if make is None:
-        raise ValueError(f"validation.generate_eval_interval: model bridge {type(bridge).__name__} cannot generate "
-                         "with the training model (no generator_for_model); set it to null")
     made = maker(split="validation", **{**dict(ds.maker_kwargs), **dict(ds.val_maker_kwargs)})
     metrics = metrics_for(maker)
     n = min(cfg.validation.generate_eval_samples, len(made))
-    generator = make(model, device=ctx.device, cuda_graph=False)
+    try:
+        generator = bridge.generator_for_model(model, device=ctx.device, cuda_graph=False)
+    except NotImplementedError as exc:
+        raise ValueError(f"validation.generate_eval_interval: {exc}; set it to null") from None
     batch = max(1, min(cfg.train.micro_batch_size, n))
     print_fn(f"nvl finetune: generation-based validation: {n} example(s) every "
              f"{cfg.validation.generate_eval_interval} iterations, metrics {', '.join(metrics.names)}")

@@ -179,14 +179,14 @@ def generic_param_entries(ctx: "ParallelContext") -> TensorMap:
 
 
 def _entries_fn(bridge: Any, ctx: "ParallelContext") -> TensorMap:
-    """The bridge's component layout (``bridge.checkpoint_entries``) where it has one, else the generic one."""
+    """The bridge's component layout (``bridge.checkpoint_entries``) for the parameters in its mapping
+    table, else (adapters, or no bridge) the generic one."""
     generic = generic_param_entries(ctx)
-    fn = getattr(bridge, "checkpoint_entries", None)
-    if fn is None:
+    if bridge is None:
         return generic
 
     def entries(name: str, tensor: "torch.Tensor", param: "torch.nn.Parameter") -> dict[str, Any]:
-        got = fn(name, tensor, tp_group=ctx.tp_group, tp_rank=ctx.tp_rank, tp_size=ctx.tp_size)
+        got = bridge.checkpoint_entries(name, tensor, tp_group=ctx.tp_group, tp_rank=ctx.tp_rank, tp_size=ctx.tp_size)
         return generic(name, tensor, param) if got is None else got
 
     return entries
@@ -198,8 +198,7 @@ def _assemble(bridge: Any, name: str, loaded: Mapping[str, Any], target: "torch.
     from torch.distributed.tensor import DTensor
 
     local = {k: (v.to_local() if isinstance(v, DTensor) else v) for k, v in loaded.items()}
-    fn = getattr(bridge, "assemble_from_entries", None)
-    if fn is not None and fn(name, local, target, tp_rank=ctx.tp_rank, tp_size=ctx.tp_size):
+    if bridge is not None and bridge.assemble_from_entries(name, local, target, tp_rank=ctx.tp_rank, tp_size=ctx.tp_size):
         return
     (value,) = local.values()
     if value.data_ptr() != target.data_ptr():

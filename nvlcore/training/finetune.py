@@ -6,7 +6,6 @@ checkpoint or HF directory) -> freeze flags -> PEFT -> optimizer -> resume -> da
 
 from __future__ import annotations
 
-import json
 import random
 import signal
 import time
@@ -15,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import attrs
 
+from nvlcore.bridge import resolve_bridge
 from nvlcore.interrupt import EXIT_STOPPED_EARLY
 from nvlcore.training.schedules import schedules_for
 from nvlcore.training.trainer import LoopSettings, TrainState, Trainer
@@ -41,72 +41,18 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def is_hf_dir(path: str | Path) -> bool:
-    """An HF model directory: ``config.json`` next to safetensors weights (no ``iter_*`` layout)."""
-    p = Path(path)
-    return (p / "config.json").is_file() and (
-        any(p.glob("*.safetensors")) or (p / "model.safetensors.index.json").is_file()
-    )
+def freeze_flags(section: Any) -> dict[str, bool | None]:
+    """The ``freeze_<group>`` fields of a config section as ``{group: value}`` (the groups are the bridge's)."""
+    return {f.name[len("freeze_"):]: getattr(section, f.name) for f in attrs.fields(type(section))
+            if f.name.startswith("freeze_")}
 
 
-def resolve_bridge(manager: Any, cfg: "NvlConfig", hf_model_path: str | None) -> Any:
-    """The bridge *instance* for this run: ``model.bridge`` if set, else by the HF ``architectures``."""
-    from nvlcore.contracts import first_matching_bridge
-
-    reg = manager.registry("model_bridge")
-    name = cfg.model.bridge
-    if hf_model_path is None:
-        raise ValueError("no HF model directory: pass --hf-model-path DIR (or set model.hf_model_path)")
-    hf = Path(hf_model_path)
-    if not (hf / "config.json").is_file():
-        raise FileNotFoundError(f"--hf-model-path {hf}: no config.json there (an HF model directory is needed)")
-    if name is None:
-        archs = json.loads((hf / "config.json").read_text()).get("architectures") or []
-        classes: dict[str, Any] = {}
-        broken: list[str] = []
-        for n in reg.names():
-            try:
-                classes[n] = reg.get(n)
-            except Exception as exc:  # one broken bridge must not hide the one that matches
-                broken.append(f"{n}: {type(exc).__name__}: {exc}")
-        name = first_matching_bridge(archs, classes)
-        if name is None:
-            raise ValueError(
-                f"{hf / 'config.json'}: no installed model bridge handles architectures {archs}; "
-                "install the model's plugin or set model.bridge=NAME (see `nvl plugins list`)"
-                + (f"; bridges that failed to load: {'; '.join(broken)}" if broken else "")
-            )
-    return reg.get(name).from_hf_dir(hf)
+def apply_freeze_flags(model: "torch.nn.Module", cfg: "NvlConfig", bridge: Any) -> None:
+    """``model.freeze_<group>``: the bridge freezes the groups it declares (:meth:`ModelBridge.freeze`)."""
+    bridge.freeze(model, freeze_flags(cfg.model), key="model")
 
 
-def _call_with_supported(fn: Callable[..., Any], **kwargs: Any) -> Any:
-    """Call ``fn`` with the keyword arguments it accepts (bridges differ in their options)."""
-    import inspect
-
-    sig = inspect.signature(fn)
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in sig.parameters.values()):
-        return fn(**kwargs)
-    return fn(**{k: v for k, v in kwargs.items() if k in sig.parameters})
-
-
-def apply_freeze_flags(model: "torch.nn.Module", cfg: "NvlConfig") -> None:
-    """``model.freeze_language_model`` / ``freeze_vision_model`` / ``freeze_vision_projection``."""
-    flags = {
-        "language_model": cfg.model.freeze_language_model,
-        "vision_model": cfg.model.freeze_vision_model,
-        "vision_projection": cfg.model.freeze_vision_projection,
-    }
-    for prefix, frozen in flags.items():
-        if not frozen:
-            continue
-        sub = getattr(model, prefix, None)
-        if sub is None:
-            raise ValueError(f"model.freeze_{prefix}=True but the model has no {prefix!r} submodule")
-        for p in sub.parameters():
-            p.requires_grad_(False)
-
-
-def apply_peft(model: "torch.nn.Module", cfg: "NvlConfig", manager: Any) -> Any:
+def apply_peft(model: "torch.nn.Module", cfg: "NvlConfig", manager: Any, bridge: Any) -> Any:
     """Apply ``peft.method`` (registered PEFT method) to ``model``; returns the method object or None."""
     method_name = cfg.peft.method
     if not method_name:
@@ -126,7 +72,7 @@ def apply_peft(model: "torch.nn.Module", cfg: "NvlConfig", manager: Any) -> Any:
     options.pop("method", None)
     extra = options.pop("options", {}) or {}
     options.update(extra)
-    method.apply(model, **options)
+    method.apply(model, bridge=bridge, **options)
     return method
 
 
@@ -185,31 +131,28 @@ def describe_towers(statuses: list[TowerStatus]) -> str:
     return "; ".join(parts)
 
 
-def prepare_trainable(model: "torch.nn.Module", cfg: "NvlConfig", manager: Any) -> tuple[Any, list[TowerStatus]]:
+def prepare_trainable(model: "torch.nn.Module", cfg: "NvlConfig", manager: Any, bridge: Any) -> tuple[Any, list[TowerStatus]]:
     """Freeze (``model.freeze_*``), then apply ``peft.method``; returns the method and what each tower does.
 
     A base parameter trains only if neither ``model.freeze_*`` nor the PEFT method freezes it
     (Megatron-Bridge: the provider freezes first, then the PEFT method freezes its towers; a method
     never unfreezes).
     """
-    apply_freeze_flags(model, cfg)
+    apply_freeze_flags(model, cfg, bridge)
     base_names = {n for n, _ in model.named_parameters()}
-    peft = apply_peft(model, cfg, manager)
+    peft = apply_peft(model, cfg, manager, bridge)
     return peft, tower_status(model, base_names)
 
 
 def _flops_fn(bridge: Any, model: "torch.nn.Module", ctx: "ParallelContext") -> tuple[Callable[[Mapping[str, Any]], float], str]:
-    """Training FLOPs per micro-batch: the bridge's counter (ViT and projector included), else 6·N·tokens."""
-    fn = getattr(bridge, "train_flops", None) or getattr(bridge, "training_flops", None)
-    if fn is not None:
-        return (lambda batch: float(fn(batch))), "bridge"
-    # Fallback: 6 x logical parameter count x real tokens (no vision term, no attention term).
+    """Training FLOPs per micro-batch (:meth:`ModelBridge.train_flops`) and whether the bridge has its own formula."""
+    from nvlcore.bridge import ModelBridge
+
     n = 0
     for p in model.parameters():
         n += p.numel() * (ctx.tp_size if getattr(p, "tensor_model_parallel", False) else 1)
-    from nvlcore.training.trainer import real_tokens
-
-    return (lambda batch: 6.0 * n * real_tokens(batch)), "6N"
+    own = type(bridge).train_flops is not ModelBridge.train_flops
+    return (lambda batch: float(bridge.train_flops(batch, num_parameters=n))), ("bridge" if own else "6N")
 
 
 def loop_settings(cfg: "NvlConfig", *, dp_size: int, device_type: str) -> LoopSettings:
@@ -303,10 +246,8 @@ def build_data(cfg: "NvlConfig", bridge: Any, manager: Any, ctx: "ParallelContex
     maker = manager.registry("dataset_maker").get(ds.maker_name)
     seq_length = ds.seq_length or cfg.model.seq_length
     # pad_to_max_length is padding to a multiple of seq_length.
-    processor = _call_with_supported(
-        bridge.processor, seq_length=seq_length,
-        pad_to_multiple_of=seq_length if ds.pad_to_max_length else ds.pad_to_multiple_of,
-    )
+    processor = bridge.processor(seq_length=seq_length,
+                                 pad_to_multiple_of=seq_length if ds.pad_to_max_length else ds.pad_to_multiple_of)
     made = maker(split="train", **dict(ds.maker_kwargs))
     sampler = GlobalBatchSampler(
         num_samples=len(made), global_batch_size=cfg.train.global_batch_size,
@@ -535,12 +476,10 @@ def run_finetune(
 
         # -- model ---------------------------------------------------------------------------
         t0 = time.perf_counter()
-        bridge = resolve_bridge(manager, cfg, cfg.model.hf_model_path)
+        bridge = resolve_bridge(cfg.model.hf_model_path, cfg.model.bridge, manager=manager)
         settings = loop_settings(cfg, dp_size=ctx.dp_size, device_type=ctx.device.type)
-        model = _call_with_supported(
-            bridge.build_model, dtype=torch.float32, device=ctx.device,
-            init="random" if random_init else "none", seed=cfg.rng.seed,
-        )
+        model = bridge.build_model(dtype=torch.float32, device=ctx.device, init="random" if random_init else "none",
+                                   seed=cfg.rng.seed)
         model.train()
         set_kernels = getattr(model, "set_kernels", None)
         if set_kernels is not None:
@@ -551,12 +490,7 @@ def run_finetune(
                              "use auto or reference")
         recompute = cfg.model.recompute_granularity
         if recompute:
-            setter = getattr(model, "set_recompute", None)
-            if setter is None:
-                raise ValueError(f"model.recompute_granularity={recompute!r}: this bridge's model has no activation "
-                                 "recomputation (set_recompute); remove the setting")
-            # Megatron's names -> the model's: selective recomputes the Mamba mixers, full whole layers.
-            setter({"selective": "ssm", "full": "layers"}[recompute])
+            bridge.set_recompute(model, recompute)
             say(f"nvl finetune: activation recomputation: {recompute}")
         needs_base = decision.iter_dir is None or adapter_only
         if random_init:
@@ -567,7 +501,7 @@ def run_finetune(
                 raise ValueError("no starting weights: pass --pretrained-checkpoint DIR (a Megatron checkpoint or an HF directory)")
             load_pretrained(model, src, bridge=bridge, ctx=ctx)
             say(f"nvl finetune: loaded pretrained weights from {src} ({time.perf_counter() - t0:.1f} s)")
-        peft, towers = prepare_trainable(model, cfg, manager)
+        peft, towers = prepare_trainable(model, cfg, manager, bridge)
         say(f"nvl finetune: towers: {describe_towers(towers)}")
         if settings.autocast_dtype is not None:
             # Under bf16 autocast every matmul reads bf16 weights: a frozen parameter (a LoRA run's base
@@ -633,7 +567,8 @@ def run_finetune(
         loggers = build_loggers(cfg, manager, ctx, resume_iteration=state.iteration, run_config=run_config)
         flops_fn, flops_method = _flops_fn(bridge, model, ctx)
         if flops_method != "bridge":
-            say("nvl finetune: the bridge has no train_flops(); TFLOP/s uses 6 x parameters x tokens (no attention/ViT terms)")
+            say("nvl finetune: the bridge has no FLOPs formula of its own (train_flops); TFLOP/s uses 6 x parameters x "
+                "tokens (no attention/ViT terms)")
 
         eval_fn = None
         if data.eval_batches_factory is not None:
@@ -757,8 +692,8 @@ def describe_state_bytes(opt: Any, ctx: "ParallelContext") -> str:
 
 def load_pretrained(model: "torch.nn.Module", src: str, *, bridge: Any, ctx: "ParallelContext") -> None:
     """Starting weights from an HF directory (bridge mapping) or a Megatron checkpoint (base or ``iter_N`` dir)."""
+    from nvlcore.bridge import is_hf_dir
     from nvlcore.checkpoint import resolve_checkpoint_dir
-    from nvlcore.training import checkpointing as tck
 
     p = Path(src).expanduser()
     if is_hf_dir(p):
@@ -766,13 +701,7 @@ def load_pretrained(model: "torch.nn.Module", src: str, *, bridge: Any, ctx: "Pa
         return
     if not p.exists():
         raise FileNotFoundError(f"--pretrained-checkpoint {p}: no such directory")
-    iter_dir = resolve_checkpoint_dir(p)
-    loader = getattr(bridge, "load_checkpoint_weights", None)
-    if loader is not None:
-        _call_with_supported(loader, model=model, path=iter_dir, checkpoint=iter_dir, tp_group=ctx.tp_group,
-                             tp_rank=ctx.tp_rank, tp_size=ctx.tp_size)
-    else:
-        tck.load_model_weights(model, iter_dir, bridge=bridge, ctx=ctx)
+    bridge.load_checkpoint_weights(model, resolve_checkpoint_dir(p))
 
 
 def gather_packing_positions(position: Callable[[], tuple[int, int]] | None,

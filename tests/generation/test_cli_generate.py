@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 from click.testing import CliRunner
 
 from nvlcore import hookimpl
+from nvlcore.bridge import ModelBridge
 from nvlcore.cli import build_cli
 from nvlcore.generation import Generator
 from nvlcore.plugins import NvlPluginManager, set_plugin_manager
@@ -42,19 +42,25 @@ class CharTok:
         return "".join(chr(ord("a") + i) for i in ids if not (skip_special_tokens and i == EOS))
 
 
-class FakeBridge:
+class FakeBridge(ModelBridge):
+    """A generation-only bridge: a scripted model behind the contract's generator()."""
+
     name = "fake"
     architectures = ("FakeArch",)
     seen: dict = {}
 
-    def __init__(self, hf_dir):
-        self.hf_dir = hf_dir
+    def build_model(self, *, dtype, device=None, init="none", seed=1234):
+        raise NotImplementedError("the generation-only test bridge builds no training model")
 
-    @classmethod
-    def from_hf_dir(cls, hf_dir):
-        return cls(Path(hf_dir))
+    def processor(self, *, seq_length=None, pad_to_multiple_of=None, **options):
+        raise NotImplementedError("the generation-only test bridge has no processor")
 
-    def generator(self, *, megatron_model_path, tensor_parallel_size, device, dtype):
+    def mapping_table(self):
+        return []
+
+    def generator(self, *, megatron_model_path=None, tensor_parallel_size=1, device=None, dtype=None, **unsupported):
+        if any(v is not None for v in unsupported.values()):
+            raise ValueError(f"fake bridge does not support {sorted(k for k, v in unsupported.items() if v is not None)}")
         if tensor_parallel_size != 1:
             raise NotImplementedError("fake bridge: tensor parallelism is not supported")
 

@@ -108,7 +108,7 @@ class HFPeftExporter:
         from safetensors.torch import save_file
 
         from nvlcore.checkpoint import atomic_output_dir, check_can_write
-        from nvl_lora.layout import bridge_for, mapping_table_of
+        from nvlcore.bridge import resolve_bridge
         from nvl_lora.merge_io import read_lora_run
 
         if unknown:
@@ -120,8 +120,8 @@ class HFPeftExporter:
         output = Path(output).expanduser().absolute()
         check_can_write(output, overwrite=overwrite, what="--output")
         ck, peft, _ = read_lora_run(checkpoint)
-        bridge = bridge_for(hf_model_path, plugin_manager)
-        table = mapping_table_of(bridge)
+        bridge = resolve_bridge(hf_model_path, manager=plugin_manager)
+        table = bridge.mapping_table()
         saved = ck.load()
         adapters, trained = adapter_tensors_hf(table, saved)
         if not adapters:

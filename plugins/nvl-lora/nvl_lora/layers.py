@@ -39,10 +39,12 @@ import torch.nn.functional as F
 from torch import nn
 
 if TYPE_CHECKING:
+    from nvlcore.mapping import LinearLayout
+
     from nvl_lora.config import LoRAConfig
 
-#: Methods a norm-fused linear may expose to return its normalised input (first found is used).
-NORM_METHOD_NAMES: tuple[str, ...] = ("normalize", "norm_input", "normalize_input", "apply_norm", "layer_norm", "norm", "_norm")
+#: The method a norm-fused linear exposes to return its normalised input (:class:`nvlcore.mapping.NormFusedLinear`).
+NORM_METHOD = "normalize"
 
 ADAPTER_ATTR = "adapter"
 _HOOK_ATTR = "_nvl_lora_hook"
@@ -107,38 +109,33 @@ def base_kind(module: nn.Module) -> str | None:
     return None
 
 
-def row_components_of(module: nn.Module, name: str, parent: nn.Module | None, tp_size: int) -> list[tuple[str, int]] | None:
-    """Logical row components of a fused column-parallel layer, ``[(component, full_rows), ...]``.
+def row_components_of(module: nn.Module, layout: "LinearLayout | None") -> list[tuple[str, int]] | None:
+    """Logical row parts of a fused column-parallel layer, ``[(part, full_rows), ...]``, or ``None``.
 
-    A layer may declare them (``lora_row_components``: a list of such pairs). Otherwise Mamba2's
-    ``in_proj`` is recognised from its mixer (``d_inner``, ``ngroups``, ``state``, ``nheads`` are the
-    rank's sizes): rows ``[z | x | B | C | dt]``, each split over TP, as Megatron's MambaMixer and
-    Megatron-Bridge's ``MambaInProjMapping`` lay them out.
+    Declared by the model bridge's mapping table (:attr:`nvlcore.mapping.LinearLayout.row_parts`: a
+    ``parts`` mapping such as Mamba's ``in_proj`` rows ``[z | x | B | C | dt]``). A model used
+    without a bridge may declare them on the module as ``row_parts`` (same pairs).
     """
-    declared = getattr(module, "lora_row_components", None)
-    if declared:
-        return [(str(c), int(n)) for c, n in declared]
-    if name.rsplit(".", 1)[-1] == "in_proj" and parent is not None and all(
-        hasattr(parent, a) for a in ("d_inner", "ngroups", "state", "nheads")
-    ):
-        gn = parent.ngroups * parent.state * tp_size
-        d = parent.d_inner * tp_size
-        return [("z", d), ("x", d), ("B", gn), ("C", gn), ("dt", parent.nheads * tp_size)]
-    return None
+    parts = layout.row_parts if layout is not None else getattr(module, "row_parts", None)
+    return [(str(c), int(n)) for c, n in parts] if parts else None
 
 
-def norm_fn_of(module: nn.Module, name: str) -> Callable[[torch.Tensor], torch.Tensor] | None:
-    """The callable giving a norm-fused linear's normalised input, ``None`` for a plain linear."""
-    if getattr(module, "layer_norm_weight", None) is None:
+def norm_fn_of(module: nn.Module, name: str, layout: "LinearLayout | None") -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """The callable giving a norm-fused linear's normalised input (its ``normalize``), ``None`` for a plain linear.
+
+    Norm-fused: the bridge's layout says so (its ``layer_norm_weight`` is in the mapping table), or,
+    without a bridge, the module holds a ``layer_norm_weight``.
+    """
+    fused = layout.norm_fused if layout is not None else getattr(module, "layer_norm_weight", None) is not None
+    if not fused:
         return None
-    for attr in NORM_METHOD_NAMES:
-        fn = getattr(module, attr, None)
-        if callable(fn) and not isinstance(fn, nn.Parameter):
-            return fn
+    fn = getattr(module, NORM_METHOD, None)
+    if callable(fn) and not isinstance(fn, nn.Parameter):
+        return fn
     raise TypeError(
-        f"{name} ({type(module).__name__}) holds layer_norm_weight, so its adapter must see the "
-        f"normalised input, but it has none of the methods {list(NORM_METHOD_NAMES)} that return it. "
-        "Give the norm-fused linear such a method (x -> normalised x)."
+        f"{name} ({type(module).__name__}) normalises its input with layer_norm_weight, so its adapter must see "
+        f"the normalised input, but it has no {NORM_METHOD}(x) method returning it "
+        "(nvlcore.mapping.NormFusedLinear); give the norm-fused linear that method"
     )
 
 
@@ -426,11 +423,12 @@ def is_adapted(module: nn.Module) -> bool:
 
 
 def add_adapter(
-    module: nn.Module, name: str, cfg: "LoRAConfig", parent: nn.Module | None = None, *, dora: bool = False
+    module: nn.Module, name: str, cfg: "LoRAConfig", layout: "LinearLayout | None" = None, *, dora: bool = False
 ) -> LoRAAdapter:
-    """Attach a fresh adapter to the linear ``module`` (called ``name`` in its model; ``parent`` is
-    the module holding it, used to recognise fused layouts); ``dora``: a :class:`DoRAAdapter` whose
-    magnitude starts at the row norms of the adapted weight."""
+    """Attach a fresh adapter to the linear ``module`` (called ``name`` in its model; ``layout``: what
+    the model bridge's mapping table says about it, see :func:`row_components_of` and
+    :func:`norm_fn_of`); ``dora``: a :class:`DoRAAdapter` whose magnitude starts at the row norms of
+    the adapted weight."""
     kind = base_kind(module)
     if kind is None:
         raise TypeError(f"{name} is a {type(module).__name__}, not a linear layer LoRA can adapt")
@@ -469,7 +467,7 @@ def add_adapter(
         gather_output=bool(getattr(module, "gather_output", False)),
         dtype=cfg.torch_dtype or weight.dtype,
         device=weight.device,
-        row_components=row_components_of(module, name, parent, tp_size) if kind == "column" else None,
+        row_components=row_components_of(module, layout) if kind == "column" else None,
     )
     if dora:
         assert isinstance(adapter, DoRAAdapter)
@@ -477,11 +475,11 @@ def add_adapter(
             init = adapter.weight_norm(weight)
             for (_, p), part in zip(adapter.magnitude.params(), _split_like(init, adapter.magnitude)):
                 p.copy_(part.reshape(p.shape).to(p.dtype))
-    norm = norm_fn_of(module, name)
+    norm = norm_fn_of(module, name, layout)
     module.add_module(ADAPTER_ATTR, adapter)
     # Stored in __dict__ (a bound method, not a submodule), read by the hook.
     module.__dict__["_nvl_lora_norm"] = norm
-    if norm is not None and getattr(norm, "__name__", "") in NORM_METHOD_NAMES:
+    if norm is not None:
         _keep_normalised(module, norm)
     module.__dict__[_HOOK_ATTR] = module.register_forward_hook(_lora_forward_hook, with_kwargs=True)
     return adapter

@@ -15,15 +15,13 @@ out. An adapter follows its base:
   mapping for a column-parallel base, replicated for a row-parallel one. Its HF name is
   ``<module>.lora_magnitude_vector`` (1-D in the PEFT file).
 
-The mapping entries are used duck-typed (a frozen dataclass with ``megatron``, ``hf``, ``kind``,
-``tp_dim``, ``sizes``, ``components`` and the methods ``local_to_components``,
-``components_to_local``, ``components_to_hf``), so this plugin does not import the model plugin.
+The entries are the core's public :class:`nvlcore.mapping.ParamMapping`, read through the bridge
+(``bridge.mapping_table()``), so this plugin never imports a model plugin.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib
 from typing import Any, Iterable, Mapping
 
 import torch
@@ -32,48 +30,6 @@ IN = ".adapter.linear_in.weight"
 OUT = ".adapter.linear_out.weight"
 #: DoRA's magnitude, held ``[out, 1]`` so that it takes B's row layout (HF PEFT: ``lora_magnitude_vector``, 1-D).
 MAG = ".adapter.magnitude.weight"
-
-
-def bridge_for(hf_dir: str | Any, manager: Any = None) -> Any:
-    """The installed model bridge for an HF model directory (by its config's ``architectures``)."""
-    import json
-    from pathlib import Path
-
-    from nvlcore.contracts import first_matching_bridge
-
-    cfg_file = Path(hf_dir) / "config.json"
-    if not cfg_file.is_file():
-        raise FileNotFoundError(f"{cfg_file} not found: --hf-model-path must be an HF model directory")
-    archs = list(json.loads(cfg_file.read_text()).get("architectures") or [])
-    if manager is None:
-        from nvlcore.plugins import get_plugin_manager
-
-        manager = get_plugin_manager()
-    registry = manager.registry("model_bridge")
-    classes = {n: registry.get(n) for n in registry.names()}
-    name = first_matching_bridge(archs, classes)
-    if name is None:
-        raise ValueError(
-            f"no installed model bridge handles architectures {archs} of {cfg_file} "
-            f"(installed: {sorted(classes) or 'none'}; see `nvl plugins list`)"
-        )
-    return classes[name].from_hf_dir(hf_dir)
-
-
-def mapping_table_of(bridge: Any) -> list[Any]:
-    """The bridge's mapping table: ``bridge.mapping_table()``, else ``<bridge package>.mapping.mapping_table(bridge.config)``."""
-    fn = getattr(bridge, "mapping_table", None)
-    if callable(fn):
-        return list(fn())
-    package = type(bridge).__module__.rsplit(".", 1)[0]
-    try:
-        mod = importlib.import_module(f"{package}.mapping")
-    except ImportError as exc:
-        raise TypeError(
-            f"bridge {type(bridge).__name__} exposes no weight mapping table (mapping_table()), which LoRA "
-            "merge and adapter export need"
-        ) from exc
-    return list(mod.mapping_table(bridge.config))
 
 
 def split_adapter_key(key: str) -> tuple[str, str, str] | None:
@@ -107,7 +63,7 @@ def adapter_entry(base: Any, module: str, which: str) -> Any:
     if which in ("B", "M") and column:
         return dataclasses.replace(base, megatron=name, hf=hf)
     split = 1 if (which == "A" and base.tp_dim == 1) else None
-    return dataclasses.replace(base, megatron=name, hf=hf, kind="identity", tp_dim=split, sizes=())
+    return dataclasses.replace(base, megatron=name, hf=hf, kind="identity", tp_dim=split, sizes=(), parts=())
 
 
 def adapter_entries(table: Iterable[Any], adapter_param_names: Iterable[str]) -> dict[str, Any]:

@@ -15,7 +15,9 @@ from typing import Any, Callable, Mapping
 
 import attrs
 
-from nvl_lora.layout import adapter_entry, base_entry, bridge_for, mapping_table_of, split_adapter_key, to_components
+from nvlcore.bridge import resolve_bridge
+
+from nvl_lora.layout import adapter_entry, base_entry, split_adapter_key, to_components
 from nvl_lora.merge import MergeError, adapter_pairs, check_rank, magnitude_key, merged_weight
 
 
@@ -65,13 +67,11 @@ def read_lora_run(lora_checkpoint: str | Path) -> tuple[Any, dict[str, Any], dic
     return ck, dict(peft), rc
 
 
-def _is_hf_dir(path: Path) -> bool:
-    return (path / "config.json").is_file() and not any(path.glob("iter_*")) and not path.name.startswith("iter_")
-
-
 def _base_checkpoint(base: Path, bridge: Any, workdir: Path, say: Callable[[str], None]) -> Path:
     """A base given as an HF directory is imported into ``workdir`` first (the trainer accepts both)."""
-    if not _is_hf_dir(base):
+    from nvlcore.bridge import is_hf_dir
+
+    if not is_hf_dir(base):
         return base
     from nvlcore.convert.engine import import_hf_checkpoint
 
@@ -155,8 +155,8 @@ def merge_checkpoints(
     if pretrained is not None and recorded and Path(recorded).expanduser().absolute() != base_path.absolute():
         say(f"warning: --pretrained {base_path} differs from the recorded base {recorded}; shapes are checked")
 
-    bridge = bridge_for(hf_model_path, plugin_manager)
-    table = mapping_table_of(bridge)
+    bridge = resolve_bridge(hf_model_path, manager=plugin_manager)
+    table = bridge.mapping_table()
     by_name = {m.megatron: m for m in table}
 
     from nvlcore.checkpoint.atomic import scratch_dir

@@ -1,9 +1,9 @@
 """The ``lora`` PEFT method: freeze, insert adapters, list the trainable state, merge.
 
-Freezing follows Megatron-Bridge's ``VLMLoRA``: only the submodules its flags select are frozen
-(``language_model``, ``vision_model``, ``vision_projection``; ``freeze_other`` covers any other
-parameter), so "LoRA on the language model, vision tower fully trained" is one configuration.
-Adapters are always trainable.
+Freezing follows Megatron-Bridge's ``VLMLoRA``: only the groups its ``freeze_<group>`` flags select
+are frozen (the groups are the model bridge's :attr:`~nvlcore.bridge.ModelBridge.freeze_groups`;
+``freeze_other`` covers any other parameter), so "LoRA on the language model, vision tower fully
+trained" is one configuration. Adapters are always trainable.
 """
 
 from __future__ import annotations
@@ -21,14 +21,6 @@ from nvl_lora.layers import ADAPTER_ATTR, LoRAAdapter, add_adapter, base_kind, i
 from nvl_lora.matching import first_match, pattern_matches
 
 log = logging.getLogger("nvl_lora")
-
-#: Top-level submodules whose freezing a flag controls.
-FREEZE_SUBMODULES: dict[str, str] = {
-    "language_model": "freeze_language_model",
-    "vision_model": "freeze_vision_model",
-    "vision_projection": "freeze_vision_projection",
-}
-
 
 class NoTargetMatchedError(ValueError):
     """No module of the model matched any LoRA target pattern."""
@@ -50,29 +42,33 @@ class LoRAReport:
     frozen_groups: dict[str, bool]
 
 
-def _group_of(param_name: str) -> str:
-    for part in param_name.split("."):
-        if part in FREEZE_SUBMODULES:
-            return part
-    return "other"
+def _freeze_flags(cfg: LoRAConfig) -> dict[str, bool]:
+    """The config's ``freeze_<group>`` flags as ``{group: value}`` (``freeze_other`` aside)."""
+    return {f.name[len("freeze_"):]: bool(getattr(cfg, f.name)) for f in attrs.fields(type(cfg))
+            if f.name.startswith("freeze_") and f.name != "freeze_other"}
 
 
-def freeze_base(model: nn.Module, cfg: LoRAConfig) -> dict[str, bool]:
+def _is_adapter_param(name: str) -> bool:
+    return f".{ADAPTER_ATTR}." in f".{name}"
+
+
+def freeze_base(model: nn.Module, cfg: LoRAConfig, bridge: Any = None) -> dict[str, bool]:
     """Set ``requires_grad=False`` on the base parameters the config's flags select.
 
-    Never sets ``requires_grad=True``: what the model builder froze (``model.freeze_*``) stays frozen.
+    The groups are the bridge's (:meth:`nvlcore.bridge.ModelBridge.freeze`: one freezing rule for the
+    core's ``model.freeze_*`` and this method's ``peft.freeze_*``); without a bridge, ``freeze_<group>``
+    names the top-level submodule ``<group>``. Never sets ``requires_grad=True``: what the model
+    builder froze (``model.freeze_*``) stays frozen.
     """
-    want = {g: getattr(cfg, flag) for g, flag in FREEZE_SUBMODULES.items()}
-    want["other"] = cfg.freeze_other
-    seen: dict[str, bool] = {}
-    for name, p in model.named_parameters():
-        if f".{ADAPTER_ATTR}." in f".{name}":
-            continue
-        g = _group_of(name)
-        seen[g] = want[g]
-        if want[g]:
-            p.requires_grad_(False)
-    return seen
+    flags = _freeze_flags(cfg)
+    if bridge is not None:
+        # A tower the model does not have has nothing to freeze (the defaults name all three); its
+        # flag is not an error here, unlike an explicit model.freeze_<group>=True.
+        flags = {g: v for g, v in flags.items() if g in bridge.freeze_groups}
+        return bridge.freeze(model, flags, other=cfg.freeze_other, skip=_is_adapter_param, key="peft")
+    from nvlcore.bridge import freeze_parameters
+
+    return freeze_parameters(model, {g: g for g in flags}, flags, other=cfg.freeze_other, skip=_is_adapter_param)
 
 
 def find_targets(model: nn.Module, cfg: LoRAConfig) -> tuple[list[tuple[str, nn.Module]], dict[str, int]]:
@@ -93,9 +89,13 @@ def find_targets(model: nn.Module, cfg: LoRAConfig) -> tuple[list[tuple[str, nn.
     return found, counts
 
 
-def apply_lora(model: nn.Module, cfg: LoRAConfig, *, dora: bool = False) -> LoRAReport:
+def apply_lora(model: nn.Module, cfg: LoRAConfig, *, dora: bool = False, bridge: Any = None) -> LoRAReport:
     """Freeze what ``cfg`` freezes and attach an adapter to every selected linear layer (a DoRA
     adapter with ``dora``).
+
+    ``bridge``: the model's :class:`~nvlcore.bridge.ModelBridge`; it names the freeze groups and says
+    how each linear is laid out (:meth:`~nvlcore.bridge.ModelBridge.linear_layouts`: norm-fused, fused
+    row parts). Without one, the modules' own declarations apply (see :func:`nvl_lora.layers.add_adapter`).
 
     Patterns that select nothing give a warning naming them; if nothing at all is selected it is an
     error that lists some of the model's linear layers so the user can correct the patterns.
@@ -114,10 +114,14 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig, *, dora: bool = False) -> LoRA
         msg = f"LoRA target pattern(s) {unmatched} matched no module (the others matched {len(found)})"
         warnings.warn(msg, stacklevel=2)
         log.warning(msg)
-    frozen = freeze_base(model, cfg)
+    frozen = freeze_base(model, cfg, bridge)
+    layouts = bridge.linear_layouts() if bridge is not None else {}
     for name, module in found:
-        parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
-        add_adapter(module, name, cfg, parent, dora=dora)
+        layout = layouts.get(name)
+        if bridge is not None and layout is None:
+            raise ValueError(f"{name}: a linear layer outside model bridge {bridge.name!r}'s mapping table; "
+                             "exclude it (peft.exclude_modules) or add its weight to the table")
+        add_adapter(module, name, cfg, layout, dora=dora)
     return LoRAReport([n for n, _ in found], counts, unmatched, frozen)
 
 
@@ -210,13 +214,13 @@ class LoRAMethod:
             self.config = self.Config.from_dict(merged)
         self.report: LoRAReport | None = None
 
-    def apply(self, model: nn.Module, **options: Any) -> nn.Module:
-        """Freeze and attach adapters; ``options`` (the ``peft`` section's fields) replace the
-        settings given at construction."""
+    def apply(self, model: nn.Module, *, bridge: Any = None, **options: Any) -> nn.Module:
+        """Freeze and attach adapters; ``bridge``: the model's bridge (freeze groups, linear layouts);
+        ``options`` (the ``peft`` section's fields) replace the settings given at construction."""
         if options:
             merged = {**self.config.to_dict(), **{k: v for k, v in options.items() if v is not None or k == "lora_dtype"}}
             self.config = self.Config.from_dict(merged)
-        self.report = apply_lora(model, self.config, dora=self.dora)
+        self.report = apply_lora(model, self.config, dora=self.dora, bridge=bridge)
         return model
 
     @staticmethod

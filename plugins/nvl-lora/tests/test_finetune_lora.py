@@ -146,7 +146,7 @@ def test_merge_to_hf_loads_back_and_matches_the_adapted_model(lm_run, toy: Path,
     bridge = NemotronVLBridge.from_hf_dir(toy)
     ck = open_checkpoint(out)
     adapted = bridge.build_model(dtype=torch.float32, device="cpu", load_weights=True).eval()
-    apply_lora(adapted, LoRAConfig.from_dict(ck.run_config()["peft"]))
+    apply_lora(adapted, LoRAConfig.from_dict(ck.run_config()["peft"]), bridge=bridge)
     saved = ck.load()
     load_adapter_state(adapted, saved)
     params = dict(adapted.named_parameters())

@@ -62,11 +62,11 @@ def _trainable(toy: Path, manager, config_file: Path | None, flags: str, overrid
         config_files=[str(config_file)] if config_file else [], lora_on_language_model=language,
         lora_on_vision_model=vision, overrides=["model.tensor_model_parallel_size=1", *overrides],
     )
-    bridge = resolve_bridge(manager, cfg, cfg.model.hf_model_path)
+    bridge = resolve_bridge(cfg.model.hf_model_path, cfg.model.bridge, manager=manager)
     model = bridge.build_model(dtype=torch.float32, device="cpu", init="random", seed=1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the toy lacks some targets (no LM MLP fc in every layer kind)
-        _, towers = prepare_trainable(model, cfg, manager)
+        _, towers = prepare_trainable(model, cfg, manager, bridge)
     counts = {t: [0, 0, 0] for t in TOWERS}
     for name, p in model.named_parameters():
         top = name.split(".", 1)[0]

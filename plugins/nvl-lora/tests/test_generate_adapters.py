@@ -65,16 +65,16 @@ def _peft_checkpoint(toy: Path, root: Path, method: str) -> Path:
     fully trained ViT/projector (changed, so that loading them matters), in the trainer's layout."""
     from nvlcore.checkpoint import save_checkpoint
     from nvl_nemotron_vl.bridge import NemotronVLBridge
-    from nvl_nemotron_vl.convert import model_components
 
     from nvl_lora.method import LoRAMethod
 
-    model = NemotronVLBridge.from_hf_dir(toy).build_model(dtype=torch.float32, device="cpu", load_weights=True)
+    bridge = NemotronVLBridge.from_hf_dir(toy)
+    model = bridge.build_model(dtype=torch.float32, device="cpu", load_weights=True)
     cls = LoRAMethod
     if method == "dora":
         from nvl_lora.dora import DoRAMethod as cls  # type: ignore[no-redef]
     peft = cls(target_modules=ALL_TARGETS, dim=4, alpha=8, freeze_vision_model=False, freeze_vision_projection=False)
-    peft.apply(model)
+    peft.apply(model, bridge=bridge)
     g = torch.Generator().manual_seed(5)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -83,7 +83,7 @@ def _peft_checkpoint(toy: Path, root: Path, method: str) -> Path:
             elif name.startswith("vision") and p.ndim == 2:
                 p.mul_(1.2)
     trained = {n for n, p in model.named_parameters() if p.requires_grad}
-    state = {k: v for k, v in model_components(model).items() if any(k == n or k.startswith(n + ".") for n in trained)
+    state = {k: v for k, v in bridge.model_components(model).items() if any(k == n or k.startswith(n + ".") for n in trained)
              or k.split(".weight.")[0] + ".weight" in trained}
     assert any(".adapter." in k for k in state) and any(k.startswith("vision_model.") for k in state)
     rc = {"peft": {**peft.run_config(), "method": method}, "checkpoint": {"pretrained_checkpoint": str(toy)}}

@@ -72,9 +72,9 @@ def with_image(cfg, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def test_adapters_on_every_kind_of_layer_of_the_model(toy: Path) -> None:
-    _, model = build(toy)
+    bridge, model = build(toy)
     total = count_parameters(model).total
-    report = apply_lora(model, LoRAConfig(target_modules=ALL_LM_AND_MAMBA, dim=4, alpha=8))
+    report = apply_lora(model, LoRAConfig(target_modules=ALL_LM_AND_MAMBA, dim=4, alpha=8), bridge=bridge)
     kinds = {n.rsplit(".", 1)[-1] for n in report.adapted}
     assert kinds == set(ALL_LM_AND_MAMBA) and report.unmatched == []
     assert any(n.startswith("vision_model.") for n in report.adapted)
@@ -96,7 +96,7 @@ def test_hf_peft_export_matches_the_peft_library_on_transformers(toy: Path, tmp_
     bridge, model = build(toy)
     # peft refuses adapters on Mamba's out_proj (its fused kernels read that weight directly)
     cfg = LoRAConfig(target_modules=[t for t in ALL_LM_AND_MAMBA if t != "out_proj"], dim=4, alpha=8)
-    apply_lora(model, cfg)
+    apply_lora(model, cfg, bridge=bridge)
     randomise_adapters(model)
     ids = tokens(bridge.config)
     with torch.no_grad():
@@ -124,9 +124,9 @@ def test_hf_peft_export_full_model_names_and_qkv_split(toy: Path, tmp_path: Path
 
     from nvl_lora.hf_peft import HFPeftExporter
 
-    _, model = build(toy)
+    bridge, model = build(toy)
     cfg = LoRAConfig(dim=4, alpha=8)  # both towers: LM, ViT and projector
-    apply_lora(model, cfg)
+    apply_lora(model, cfg, bridge=bridge)
     state = randomise_adapters(model)
     ck = save_lora_checkpoint(tmp_path / "lora", model, cfg, toy)
     out = HFPeftExporter().export(checkpoint=ck, hf_model_path=toy, output=tmp_path / "adapter")
@@ -163,7 +163,7 @@ def test_merged_checkpoint_logits_equal_base_plus_adapter(toy: Path, tmp_path: P
     base_root = tmp_path / "base"
     save_checkpoint(base_root, 0, model_state={n: p.detach().clone() for n, p in model.named_parameters()})
     cfg = LoRAConfig(target_modules=ALL_LM_AND_MAMBA, dim=4, alpha=8, freeze_vision_model=False)
-    apply_lora(model, cfg)
+    apply_lora(model, cfg, bridge=bridge)
     randomise_adapters(model)
     with torch.no_grad():  # the ViT is trained fully in this run: change it so the merge must carry it
         model.vision_model.decoder.layers[0].mlp.linear_fc1.weight.add_(0.1)

@@ -7,10 +7,13 @@ Torch, megatron and transformers are imported inside methods only; constructing 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Mapping
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping, Sequence
 
-from .config import ConfigError, NemotronVLConfig
-from .convert import BridgeConversionMixin
+from nvlcore.bridge import ModelBridge
+from nvlcore.mapping import ParamMapping
+
+from .config import NemotronVLConfig
+from .mapping import CARRIED_HF_KEYS, FREEZE_GROUPS
 
 if TYPE_CHECKING:
     import torch
@@ -18,17 +21,40 @@ if TYPE_CHECKING:
     from .model import NemotronVLModel
 
 
-class NemotronVLBridge(BridgeConversionMixin):
+class NemotronVLBridge(ModelBridge):
+    """The :class:`nvlcore.bridge.ModelBridge` of Nemotron Nano V2 VL. HF loading, conversion, training
+    checkpoints and adapter layouts are the base class's, on top of :meth:`mapping_table`."""
+
     name: ClassVar[str] = "nemotron_nano_v2_vl"
     architectures: ClassVar[tuple[str, ...]] = ("NemotronH_Nano_VL_V2",)
+    freeze_groups: ClassVar[Mapping[str, str]] = FREEZE_GROUPS
 
-    def __init__(self, config: NemotronVLConfig, hf_dir: Path | None = None) -> None:
-        self.config = config
-        self.hf_dir = hf_dir
+    config: NemotronVLConfig
 
     @classmethod
-    def from_hf_dir(cls, hf_dir: str | Path) -> "NemotronVLBridge":
-        return cls(NemotronVLConfig.from_hf_dir(hf_dir), Path(hf_dir))
+    def read_config(cls, hf_dir: str | Path) -> NemotronVLConfig:
+        """``config.json`` as :class:`~nvl_nemotron_vl.config.NemotronVLConfig` (validated, no remote code)."""
+        return NemotronVLConfig.from_hf_dir(hf_dir)
+
+    # --------------------------------------------------------------------------- weight mapping
+    def mapping_table(self) -> list[ParamMapping]:
+        """See :func:`nvl_nemotron_vl.mapping.mapping_table`."""
+        from .mapping import mapping_table
+
+        return mapping_table(self.config)
+
+    def carried_hf_keys(self) -> tuple[str, ...]:
+        """RADIO's ``input_conditioner`` statistics and ``summary_idxs`` (:data:`.mapping.CARRIED_HF_KEYS`)."""
+        return CARRIED_HF_KEYS
+
+    def check_tensor_parallel(self, tp: int) -> None:
+        """Raise naming every config field ``tp`` does not divide."""
+        self.config.check_tensor_parallel(tp)
+
+    def tensor_parallel_of(self, model: "torch.nn.Module") -> tuple[Any, int, int]:
+        """The model's own TP context (``model.tp``)."""
+        tp = model.tp  # type: ignore[attr-defined]
+        return tp.group, tp.rank, tp.size
 
     # ---------------------------------------------------------------------------------- model
     def build_model(
@@ -71,120 +97,72 @@ class NemotronVLBridge(BridgeConversionMixin):
             self.load_hf_weights(model, self.hf_dir)
         return model
 
-    def load_hf_weights(self, model: "NemotronVLModel", hf_dir: str | Path, *, strict: bool = True) -> dict[str, Any]:
-        """Load an HF directory's safetensors into ``model`` (this rank's shards), streaming tensor by tensor.
-
-        Strict: every model parameter must be filled and every checkpoint key must be mapped or carried
-        (``input_conditioner.norm_mean``/``norm_std``, ``summary_idxs``). Returns a report
-        ``{"loaded": n, "carried": [...], "ignored": [...]}``.
-        """
-        import torch
-
-        from .hf_io import HFWeights
-        from .mapping import classify_hf_keys, mapping_table
-
-        hf_dir = Path(hf_dir)
-        weights = HFWeights(hf_dir)
-        table = mapping_table(model.config)
-        mapped, carried, unknown = classify_hf_keys(table, weights.keys())
-        if unknown and strict:
-            sample = sorted(unknown)[:8]
-            raise ConfigError(
-                f"{hf_dir}: {len(unknown)} checkpoint tensors have no place in the model, e.g. {sample}; "
-                "is config.json consistent with the weights?"
-            )
-        params = dict(model.named_parameters())
-        table_names = {m.megatron for m in table}
-        if set(params) - table_names:
-            raise RuntimeError(f"model parameters missing from the mapping table: {sorted(set(params) - table_names)[:8]}")
-        missing = sorted(k for m in table for k in m.hf if k not in weights)
-        if missing:
-            raise ConfigError(f"{hf_dir}: {len(missing)} tensors the model needs are missing, e.g. {missing[:8]}")
-        from nvlcore.progress import progress_iter
-
-        tp = model.tp
-        with weights, torch.no_grad():
-            for m in progress_iter(table, f"loading {hf_dir.name}", unit="tensor"):
-                comps = m.hf_to_components({k: weights.get(k) for k in m.hf})
-                local = m.components_to_local(comps, tp.size, tp.rank)
-                p = params[m.megatron]
-                if tuple(local.shape) != tuple(p.shape):
-                    raise ConfigError(
-                        f"{hf_dir}: {', '.join(m.hf)} gives {m.megatron} shape {tuple(local.shape)} on TP rank "
-                        f"{tp.rank}/{tp.size}, the model expects {tuple(p.shape)}"
-                    )
-                p.copy_(local)
-        return {"loaded": len(table), "carried": sorted(carried), "ignored": sorted(unknown)}
+    def set_recompute(self, model: "torch.nn.Module", granularity: str) -> None:
+        """Megatron's names -> the model's: ``selective`` recomputes the Mamba mixers, ``full`` whole layers."""
+        modes = {"selective": "ssm", "full": "layers"}
+        if granularity not in modes:
+            raise ValueError(f"model.recompute_granularity={granularity!r}: use selective or full")
+        model.set_recompute(modes[granularity])  # type: ignore[operator]
 
     # ------------------------------------------------------------------------------ processor
-    def processor(self, **options: Any) -> Any:
+    def processor(self, *, seq_length: int | None = None, pad_to_multiple_of: int | None = None,
+                  **options: Any) -> Any:
         """The data helper's processor for this model (``nvl_nemotron_vl.processor``), imported lazily."""
         from . import processor as proc
 
         if self.hf_dir is None:
             raise ValueError("processor() needs a bridge made with from_hf_dir (it reads the tokenizer)")
+        if seq_length is not None:
+            options["seq_length"] = seq_length
+        if pad_to_multiple_of is not None:
+            options["pad_to_multiple_of"] = pad_to_multiple_of
         return proc.NemotronVLProcessor.from_hf_dir(self.hf_dir, **options)
 
     # ----------------------------------------------------------------------------- generation
-    def generator(self, **options: Any) -> Any:
+    def generator(self, *, megatron_model_path: str | Path | None = None, tensor_parallel_size: int = 1,
+                  device: Any = None, dtype: Any = None, processor_options: Mapping[str, Any] | None = None,
+                  video_pruning_rate: float | None = None, peft_checkpoint: str | Path | None = None,
+                  model_transform: Callable[[Any], Any] | None = None, plugin_manager: Any = None,
+                  say: Callable[[str], None] | None = None) -> Any:
         """A :class:`nvlcore.generation.Generator` for this HF directory (what ``nvl generate`` uses);
-        ``options`` as :func:`nvl_nemotron_vl.generate.build_generator`."""
+        see :func:`nvl_nemotron_vl.generate.build_generator`."""
         from .generate import build_generator
 
         if self.hf_dir is None:
             raise ValueError("generator() needs a bridge made with from_hf_dir")
-        return build_generator(self, **options)
+        return build_generator(self, megatron_model_path=megatron_model_path,
+                               tensor_parallel_size=tensor_parallel_size, device=device, dtype=dtype,
+                               processor_options=processor_options, video_pruning_rate=video_pruning_rate,
+                               lora_checkpoint=peft_checkpoint, model_transform=model_transform,
+                               plugin_manager=plugin_manager, say=say)
 
-    def generator_for_model(self, model: Any, **options: Any) -> Any:
+    def generator_for_model(self, model: Any, *, device: Any = None, cuda_graph: bool = False) -> Any:
         """A :class:`nvlcore.generation.Generator` over an already-built model (the trainer's, for
-        ``validation.generate_eval_interval``); ``options`` as
-        :func:`nvl_nemotron_vl.generate.generator_for_model`."""
+        ``validation.generate_eval_interval``); see :func:`nvl_nemotron_vl.generate.generator_for_model`."""
         from .generate import generator_for_model
 
-        return generator_for_model(self, model, **options)
+        return generator_for_model(self, model, device=device, cuda_graph=cuda_graph)
 
     # --------------------------------------------------------------------------------- recipe
-    def recipe(self, *, peft: bool = False, lora_on_language_model: bool = False,
-               lora_on_vision_model: bool = False) -> Mapping[str, Any]:
-        """Megatron-Bridge's defaults for this model (workflow reference §2), nested by config section.
+    def recipe(self, *, peft: bool = False, adapted_groups: Sequence[str] = ()) -> Mapping[str, Any]:
+        """Megatron-Bridge's defaults for this model (workflow reference §2), nested by config section;
+        ``adapted_groups`` (``language_model``, ``vision_model``) pick the PEFT variant.
 
         The values live in :mod:`nvl_nemotron_vl.recipes` (with the original YAML files in ``conf/``).
         """
         from .recipes import recipe
 
-        return recipe(peft=peft, lora_on_language_model=lora_on_language_model,
-                      lora_on_vision_model=lora_on_vision_model)
+        unknown = sorted(set(adapted_groups) - {"language_model", "vision_model"})
+        if unknown:
+            raise ValueError(f"adapters on {unknown}: this model's recipes put them on language_model or vision_model")
+        return recipe(peft=peft, lora_on_language_model="language_model" in adapted_groups,
+                      lora_on_vision_model="vision_model" in adapted_groups)
 
-    @property
     def default_config_file(self) -> Path:
         """The original workflow's default override YAML, applied unless ``--config-file`` replaces it."""
         from .recipes import DEFAULT_CONFIG_FILE
 
         return DEFAULT_CONFIG_FILE
-
-    # ------------------------------------------------------------------------- training checkpoints
-    def _table_by_name(self) -> Mapping[str, Any]:
-        table = getattr(self, "_by_name", None)
-        if table is None:
-            from .mapping import by_megatron_name, mapping_table
-
-            table = self._by_name = by_megatron_name(mapping_table(self.config))
-        return table
-
-    def checkpoint_entries(self, name: str, local: "torch.Tensor", *, tp_group: Any, tp_rank: int,
-                           tp_size: int) -> dict[str, Any] | None:
-        """This rank's shards of parameter ``name`` under its component keys (see :mod:`.checkpoint_state`)."""
-        from .checkpoint_state import checkpoint_entries
-
-        return checkpoint_entries(self._table_by_name(), name, local, tp_group=tp_group, tp_rank=tp_rank,
-                                  tp_size=tp_size)
-
-    def assemble_from_entries(self, name: str, entries: Mapping[str, "torch.Tensor"], target: "torch.Tensor", *,
-                              tp_rank: int, tp_size: int) -> bool:
-        """Inverse of :meth:`checkpoint_entries` into ``target`` (this rank's parameter)."""
-        from .checkpoint_state import assemble_from_entries
-
-        return assemble_from_entries(self._table_by_name(), name, entries, target, tp_rank=tp_rank, tp_size=tp_size)
 
     # ---------------------------------------------------------------------------------- FLOPs
     def flops_per_token(self, seq_length: int = 4096) -> float:
@@ -193,12 +171,10 @@ class NemotronVLBridge(BridgeConversionMixin):
 
         return 3.0 * lm_forward_flops(self.config, [seq_length]) / seq_length
 
-    def train_flops(self, batch: Mapping[str, Any]) -> float:
-        """Training FLOPs of one batch: LM over the real (unpadded) tokens + ViT + projector per tile."""
+    def train_flops(self, batch: Mapping[str, Any], *, num_parameters: int = 0) -> float:
+        """Training FLOPs of one batch: LM over the real (unpadded) tokens + ViT + projector per tile
+        (``num_parameters`` is not needed: the formula counts each layer's own terms)."""
         from .flops import batch_train_flops
 
         return batch_train_flops(self.config, batch)
-
-    #: The name the trainer looks up (``nvlcore.training.finetune._flops_fn``).
-    training_flops = train_flops
 

@@ -104,6 +104,8 @@ def build_generator(
     """
     import torch
 
+    from nvlcore.bridge import is_hf_dir
+
     if bridge.hf_dir is None:
         raise ValueError("a generator needs a bridge made with from_hf_dir (it reads the tokenizer)")
     if device is None:
@@ -118,7 +120,7 @@ def build_generator(
         run = _open_peft_run(lora_checkpoint)
         if megatron_model_path is None:
             recorded = (run.run_config().get("checkpoint") or {}).get("pretrained_checkpoint")
-            if recorded and Path(recorded).exists() and not _is_hf_dir(Path(recorded)):
+            if recorded and Path(recorded).exists() and not is_hf_dir(Path(recorded)):
                 megatron_model_path = recorded
                 (say or (lambda s: None))(f"base weights: {recorded} (the PEFT run's checkpoint.pretrained_checkpoint)")
     if megatron_model_path is None:
@@ -197,18 +199,11 @@ def load_checkpoint_into(bridge: Any, model: Any, megatron_model_path: str | os.
     iteration; or an ``iter_N`` dir) through the bridge's weight mapping, at any TP size."""
     from nvlcore.checkpoint import resolve_checkpoint_dir
 
-    loader = getattr(bridge, "load_checkpoint_weights", None)
-    if loader is None:
-        raise NotImplementedError(f"model bridge {type(bridge).__name__} cannot load Megatron-style checkpoints")
     try:
         iter_dir = resolve_checkpoint_dir(megatron_model_path)
     except Exception as exc:  # the checkpoint layer's errors say what is missing where
         raise FileNotFoundError(f"--megatron-model-path {megatron_model_path}: {exc}") from exc
-    loader(model, iter_dir)
-
-
-def _is_hf_dir(path: Path) -> bool:
-    return (path / "config.json").is_file() and not any(path.glob("iter_*")) and not path.name.startswith("iter_")
+    bridge.load_checkpoint_weights(model, iter_dir)
 
 
 def _refuse_peft_run_as_weights(path: str | os.PathLike[str]) -> None:
@@ -265,10 +260,9 @@ def apply_peft_checkpoint(bridge: Any, model: Any, ck: Any, *, plugin_manager: A
         raise ValueError(f"{ck.path}: peft.method={name!r} is not installed ({exc})") from None
     options = dict(peft.pop("options", None) or {})
     peft.update(options)
-    loader = getattr(bridge, "load_checkpoint_weights")
-    loader(model, ck, strict=False)  # fully trained tensors; adapters are not mapped
+    bridge.load_checkpoint_weights(model, ck, strict=False)  # fully trained tensors; adapters are not mapped
     method = target() if isinstance(target, type) else target
-    method.apply(model, **peft)
+    method.apply(model, bridge=bridge, **peft)
     keys = [k for k in ck.keys() if ".adapter." in k]
     if not keys:
         raise ValueError(f"{ck.path} holds no adapter tensors")

@@ -252,7 +252,6 @@ def write_toy_checkpoint(
     """
     from safetensors.torch import save_file
 
-    from .hf_io import write_index
     from .toy_tokenizer import write_toy_tokenizer
 
     if size not in SIZES:
@@ -311,3 +310,8 @@ def write_toy_checkpoint(
     say(f"{out}: {size} toy, {total / 2**20:.1f} MiB of weights in {len(shards)} file(s)")
     return out
 
+
+def write_index(out_dir: Path, weight_map: dict[str, str], total_size: int) -> None:
+    (out_dir / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}, indent=2)
+    )

@@ -143,7 +143,7 @@ def test_trained_checkpoint_strict_errors(tiny_toy, imported, tmp_path):
     """A checkpoint that lacks a parameter is refused by the loader, naming it."""
     from nvlcore.checkpoint import Checkpoint, save_checkpoint
     from nvl_nemotron_vl.bridge import NemotronVLBridge
-    from nvl_nemotron_vl.convert import CheckpointMismatchError
+    from nvlcore.bridge import BridgeError
     from nvlcore.parallel import init_parallel
 
     init_parallel(1, device_type="cpu")
@@ -152,11 +152,11 @@ def test_trained_checkpoint_strict_errors(tiny_toy, imported, tmp_path):
     save_checkpoint(tmp_path / "c", 1, model_state=state)
     bridge = NemotronVLBridge.from_hf_dir(tiny_toy)
     model = bridge.build_model(dtype=torch.float32, device="cpu")
-    with pytest.raises(CheckpointMismatchError, match="vision_projection.encoder.linear_fc1.weight"):
+    with pytest.raises(BridgeError, match="vision_projection.encoder.linear_fc1.weight"):
         bridge.load_checkpoint_weights(model, tmp_path / "c")
     # strict=False loads the rest and says what it left alone (also parameters outside the mapping)
     model.register_parameter("lora_probe", torch.nn.Parameter(torch.zeros(2)))
-    with pytest.raises(CheckpointMismatchError, match="outside the Nemotron-VL mapping.*lora_probe"):
+    with pytest.raises(BridgeError, match="outside bridge 'nemotron_nano_v2_vl'.s mapping.*lora_probe"):
         bridge.load_checkpoint_weights(model, tmp_path / "c")
     report = bridge.load_checkpoint_weights(model, tmp_path / "c", strict=False)
     assert report["not_loaded"] == ["lora_probe", "vision_projection.encoder.linear_fc1.weight"]
@@ -165,31 +165,30 @@ def test_trained_checkpoint_strict_errors(tiny_toy, imported, tmp_path):
 
 @pytest.mark.parametrize("tp", [2, 4])
 def test_checkpoint_layout_agrees_with_the_mapping(tp):
-    """The per-rank layout of training checkpoints (checkpoint_state) against the table's own
+    """The per-rank layout of training checkpoints (nvlcore.mapping) against the table's own
     components_to_local: each rank's part is its chunk of each logical component, and reassembles."""
-    from nvl_nemotron_vl.checkpoint_state import _split_local, _vocab_rows, assemble_from_entries
-    from nvl_nemotron_vl.mapping import ParamMapping
+    from nvlcore.mapping import ParamMapping, _split_local, _vocab_rows, assemble_from_entries
 
     g = torch.Generator().manual_seed(0)
     cases = [
         ParamMapping("a.weight", ("x",), "identity", 0), ParamMapping("b.weight", ("x",), "identity", 1),
         ParamMapping("n.weight", ("x",)), ParamMapping("emb.weight", ("x",), "vocab", 0, (37,)),
-        ParamMapping("qkv.weight", ("q", "k", "v"), "lm_qkv", 0, (8, 4, 3)),
-        ParamMapping("vqkv.bias", ("x",), "vit_qkv", 0, (4, 4, 2)),
-        ParamMapping("in_proj.weight", ("x",), "mamba_in_proj", 0, (8, 8, 4, 4, 4)),
-        ParamMapping("conv1d.weight", ("x",), "mamba_conv1d", 0, (8, 4, 4)),
+        ParamMapping("qkv.weight", ("q", "k", "v"), "qkv", 0, (8, 4, 3)),
+        ParamMapping("vqkv.bias", ("x",), "qkv", 0, (4, 4, 2)),
+        ParamMapping("in_proj.weight", ("x",), "parts", 0, (8, 8, 4, 4, 4), parts=("z", "x", "B", "C", "dt")),
+        ParamMapping("conv1d.weight", ("x",), "parts", 0, (8, 4, 4), parts=("x", "B", "C")),
     ]
     for m in cases:
         comps = {}
         for c in m.components:
-            if m.kind in ("lm_qkv", "vit_qkv"):
+            if m.kind == "qkv":
                 heads, kv, d = m.sizes
                 rows = (heads if c.endswith(".q") else kv) * d
-            elif m.kind.startswith("mamba"):
+            elif m.kind == "parts":
                 rows = m.sizes[m.components.index(c)]
             else:
                 rows = m.sizes[0] if m.kind == "vocab" else 8
-            shape = (rows, 1, 3) if m.kind == "mamba_conv1d" else (rows,) if m.kind == "vit_qkv" else (rows, 12)
+            shape = (rows, 1, 3) if m.megatron == "conv1d.weight" else (rows,) if m.megatron == "vqkv.bias" else (rows, 12)
             comps[c] = torch.randn(shape, generator=g)
         table = {m.megatron: m}
         for r in range(tp):

@@ -47,7 +47,7 @@ def test_processor_output_runs_through_the_model(tiny_toy):
     loss = model(**batch)
     assert loss.shape == batch["input_ids"].shape and torch.isfinite(loss).all()
     assert (loss * batch["loss_mask"]).sum() > 0
-    flops = bridge.training_flops(batch)
+    flops = bridge.train_flops(batch, num_parameters=0)
     tiles = batch["pixel_values"].shape[0]
     from nvl_nemotron_vl.flops import lm_forward_flops, vision_forward_flops_per_tile
 
@@ -66,3 +66,31 @@ def test_flops_constants_at_the_12b_shape():
     assert abs(3 * lm_forward_flops(cfg, [4096]) / 4096 / 7.14e10 - 1) < 0.005
     assert abs(3 * lm_forward_flops(cfg, [8192]) / 8192 / 7.21e10 - 1) < 0.005
     assert abs(3 * vision_forward_flops_per_tile(cfg) / 4.75e12 - 1) < 0.02
+
+
+def test_bridge_conforms_to_the_contract(tiny_toy, own_process_group):
+    """The same conformance checks as the example bridge (tests/test_bridge_contract.py)."""
+    from PIL import Image
+
+    from nvlcore.testing import check_model_bridge
+
+    from nvl_nemotron_vl.bridge import NemotronVLBridge
+
+    conv = {"conversation": [
+        {"role": "user", "content": [{"type": "image", "image": Image.new("RGB", (64, 48), (10, 200, 30))},
+                                     {"type": "text", "text": "What colour?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "Green."}]}]}
+    check_model_bridge(NemotronVLBridge, tiny_toy, conv, seq_length=4096)
+
+
+def test_layouts_and_freeze_groups_come_from_the_table(tiny_toy):
+    from nvl_nemotron_vl.bridge import NemotronVLBridge
+
+    bridge = NemotronVLBridge.from_hf_dir(tiny_toy)
+    layouts = bridge.linear_layouts()
+    in_proj = next(layout for name, layout in layouts.items() if name.endswith("mixer.in_proj"))
+    assert in_proj.norm_fused and [p for p, _ in in_proj.row_parts] == ["z", "x", "B", "C", "dt"]
+    qkv = next(layout for name, layout in layouts.items() if name.endswith("self_attention.linear_qkv"))
+    assert qkv.norm_fused and qkv.row_parts == ()
+    assert not next(v for k, v in layouts.items() if k.endswith("linear_proj")).norm_fused
+    assert set(bridge.freeze_groups) == {"language_model", "vision_model", "vision_projection"}

@@ -113,7 +113,7 @@ def test_load_refuses_a_checkpoint_that_does_not_match(tmp_path, tiny_toy):
     from safetensors.torch import load_file, save_file
 
     from nvl_nemotron_vl.bridge import NemotronVLBridge
-    from nvl_nemotron_vl.config import ConfigError
+    from nvlcore.bridge import BridgeError
 
     d = tmp_path / "bad"
     d.mkdir()
@@ -124,10 +124,10 @@ def test_load_refuses_a_checkpoint_that_does_not_match(tmp_path, tiny_toy):
     state["language_model.backbone.layers.9.mixer.up_proj.weight"] = torch.zeros(2, 2)
     save_file(state, str(d / "model.safetensors"))
     bridge = NemotronVLBridge.from_hf_dir(d)
-    with pytest.raises(ConfigError, match="layers.9"):
+    with pytest.raises(BridgeError, match="layers.9"):
         bridge.build_model(dtype=torch.float32, device="cpu", load_weights=True)
     del state["language_model.backbone.layers.9.mixer.up_proj.weight"]
     del state["language_model.backbone.layers.1.mixer.up_proj.weight"]
     save_file(state, str(d / "model.safetensors"))
-    with pytest.raises(ConfigError, match="layers.1.mixer.up_proj"):
+    with pytest.raises(BridgeError, match="layers.1.mixer.up_proj"):
         bridge.build_model(dtype=torch.float32, device="cpu", load_weights=True)

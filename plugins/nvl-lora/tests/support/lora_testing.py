@@ -39,11 +39,11 @@ def make_toy(tp_group: Any, hidden: int = 16, ffn: int = 32, seed: int = 0) -> n
             super().__init__(i, o, config=cfg, init_method=init, bias=False, gather_output=False, tp_group=tp_group)
             self.layer_norm_weight = nn.Parameter(torch.ones(i))
 
-        def norm_input(self, x: torch.Tensor) -> torch.Tensor:
+        def normalize(self, x: torch.Tensor) -> torch.Tensor:
             return _rms(x, self.layer_norm_weight)
 
         def forward(self, x: torch.Tensor):  # type: ignore[override]
-            return super().forward(self.norm_input(x))
+            return super().forward(self.normalize(x))
 
     def row(i: int, o: int) -> RowParallelLinear:
         return RowParallelLinear(
@@ -67,7 +67,7 @@ def make_toy(tp_group: Any, hidden: int = 16, ffn: int = 32, seed: int = 0) -> n
         def __init__(self) -> None:
             super().__init__()
             self.in_proj = NormColumn(hidden, 2 * ffn)
-            self.in_proj.lora_row_components = [("z", ffn), ("x", ffn)]
+            self.in_proj.row_parts = [("z", ffn), ("x", ffn)]
             self.out_proj = row(ffn, hidden)
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -104,11 +104,14 @@ class NemotronVLModel(nn.Module):
 
     def freeze(self, *, language_model: bool = False, vision_model: bool = False,
                vision_projection: bool = False) -> None:
-        """Turn off gradients of whole towers (the freeze_* config flags)."""
-        for module, frozen in ((self.language_model, language_model), (self.vision_model, vision_model),
-                               (self.vision_projection, vision_projection)):
-            for p in module.parameters():
-                p.requires_grad_(not frozen)
+        """Turn off gradients of whole towers (the freeze_* config flags; never turns them on): the
+        core's one freezing rule (:func:`nvlcore.bridge.freeze_parameters`) over the bridge's groups."""
+        from nvlcore.bridge import freeze_parameters
+
+        from ..mapping import FREEZE_GROUPS
+
+        freeze_parameters(self, FREEZE_GROUPS, {"language_model": language_model, "vision_model": vision_model,
+                                                "vision_projection": vision_projection})
 
     # --------------------------------------------------------------------------------- vision
     def vision_embeddings(self, pixel_values: torch.Tensor) -> torch.Tensor:

@@ -36,10 +36,10 @@ LM_RENAMES = (("language_model.backbone.", "model."), ("language_model.lm_head."
 
 
 def load_toy_state(hf_dir: str | Path) -> dict[str, torch.Tensor]:
-    from nvl_nemotron_vl.hf_io import HFWeights
+    from nvlcore.convert.safetensors_io import SafetensorsReader
 
-    w = HFWeights(hf_dir)
-    return {k: w.get(k) for k in w.keys()}
+    reader = SafetensorsReader(hf_dir)
+    return reader.read(reader.keys())
 
 
 def lm_state_for_transformers(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

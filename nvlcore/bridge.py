@@ -1,0 +1,465 @@
+"""The model-bridge contract: :class:`ModelBridge`, and :func:`resolve_bridge` (HF directory -> bridge).
+
+A model bridge connects one HF checkpoint family to nvl's training model, in the spirit of
+Megatron-Bridge's ``MegatronModelBridge``. A bridge subclasses :class:`ModelBridge` and implements
+three things:
+
+* :meth:`~ModelBridge.build_model`: the training model (tensor-parallel over the current groups);
+* :meth:`~ModelBridge.processor`: conversations -> batches;
+* :meth:`~ModelBridge.mapping_table`: one :class:`~nvlcore.mapping.ParamMapping` per training
+  parameter (its HF keys, transform kind and TP split).
+
+Everything else the core calls is a documented method with a default implemented here, once, on
+top of the mapping table: HF weight loading, checkpoint loading, ``nvl convert``'s conversion groups,
+training-checkpoint entries, the layout of linear layers for adapters, freeze groups, FLOPs,
+recomputation, generation, the recipe and the default config file. A bridge overrides a default only
+where its model needs it. The core calls these methods directly (no probing): the signatures are fixed.
+
+Importing this module is cheap: torch and the checkpoint machinery are imported inside methods.
+See docs/plugin-authors.md ("Write a model bridge") and the example in docs/examples/nvl-bridge-example.
+"""
+
+from __future__ import annotations
+
+import abc
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable, Mapping, Sequence
+
+from nvlcore.mapping import CARRY_PREFIX, LinearLayout, ParamMapping
+
+if TYPE_CHECKING:
+    import torch
+
+    from nvlcore.checkpoint import TensorSpec
+    from nvlcore.contracts import Batch, Processor
+    from nvlcore.convert.plan import ConversionGroup
+    from nvlcore.generation import Generator
+
+
+class BridgeError(ValueError):
+    """A bridge cannot be found, or a model's weights do not fit its mapping; the message names the file
+    or key at fault and what to do."""
+
+
+class ModelBridge(abc.ABC):
+    """Connects one HF checkpoint family to nvl's training model.
+
+    Registered by name (``nvl_register_model_bridges``); ``nvl`` instantiates it with
+    :meth:`from_hf_dir` through :func:`resolve_bridge`.
+    """
+
+    #: Registry name, e.g. ``"tiny_vlm"``.
+    name: ClassVar[str]
+    #: HF ``architectures`` values this bridge handles (used to pick it automatically).
+    architectures: ClassVar[tuple[str, ...]]
+    #: The groups the config's ``freeze_<group>`` flags name (``model.freeze_*``, ``peft.freeze_*``),
+    #: each mapped to the parameter-name prefix it freezes, e.g. ``{"language_model": "language_model"}``.
+    freeze_groups: ClassVar[Mapping[str, str]] = {}
+
+    def __init__(self, config: Any, hf_dir: Path | None = None) -> None:
+        self.config = config
+        self.hf_dir = None if hf_dir is None else Path(hf_dir)
+
+    # ------------------------------------------------------------------------------ construction
+    @classmethod
+    def from_hf_dir(cls, hf_dir: str | Path) -> "ModelBridge":
+        """The bridge for an HF model directory: ``cls(cls.read_config(hf_dir), hf_dir)``."""
+        return cls(cls.read_config(hf_dir), Path(hf_dir))
+
+    @classmethod
+    def read_config(cls, hf_dir: str | Path) -> Any:
+        """Read ``config.json`` as data (no remote code) and validate it; default: the JSON object."""
+        return read_hf_config(hf_dir)
+
+    # ---------------------------------------------------------------------------- abstract part
+    @abc.abstractmethod
+    def build_model(self, *, dtype: "torch.dtype", device: "torch.device | str | None" = None, init: str = "none",
+                    seed: int = 1234) -> "torch.nn.Module":
+        """Build the training model over the current tensor-parallel group (Megatron's ``parallel_state``).
+
+        :param init: ``"none"`` (the caller loads weights next) or ``"random"`` (seeded by ``seed``).
+        """
+
+    @abc.abstractmethod
+    def processor(self, *, seq_length: int | None = None, pad_to_multiple_of: int | None = None,
+                  **options: Any) -> "Processor":
+        """The processor that turns conversations into model inputs.
+
+        :param seq_length: the longest sample in tokens (longer ones are truncated or refused).
+        :param pad_to_multiple_of: ``collate`` pads each batch's length to a multiple of this.
+        :param options: the bridge's own processor options (``nvl generate`` passes ``processor_options``).
+        """
+
+    @abc.abstractmethod
+    def mapping_table(self) -> list[ParamMapping]:
+        """One :class:`~nvlcore.mapping.ParamMapping` per training parameter of the model this bridge builds."""
+
+    # ------------------------------------------------------------------------- derived: tables
+    def carried_hf_keys(self) -> tuple[str, ...]:
+        """HF tensors with no training parameter that are expected (carried through ``nvl convert``); default none."""
+        return ()
+
+    def mapping_by_name(self) -> dict[str, ParamMapping]:
+        """The mapping table keyed by training parameter name (built once per bridge)."""
+        cached = self.__dict__.get("_nvl_mapping_by_name")
+        if cached is None:
+            cached = self.__dict__["_nvl_mapping_by_name"] = {m.megatron: m for m in self.mapping_table()}
+        return cached
+
+    def tensor_parallel_of(self, model: "torch.nn.Module") -> tuple[Any, int, int]:
+        """``(tp_group, tp_rank, tp_size)`` of a model this bridge built; default: Megatron's current groups."""
+        try:
+            from megatron.core import parallel_state
+
+            if parallel_state.model_parallel_is_initialized():
+                return (parallel_state.get_tensor_model_parallel_group(),
+                        parallel_state.get_tensor_model_parallel_rank(),
+                        parallel_state.get_tensor_model_parallel_world_size())
+        except ImportError:  # pragma: no cover - megatron is a dependency
+            pass
+        return None, 0, 1
+
+    def check_tensor_parallel(self, tp: int) -> None:
+        """Raise ``ValueError`` naming what ``tp`` does not divide; default: every mapping's declared units."""
+        for m in self.mapping_table():
+            m.check_tensor_parallel(tp)
+
+    # --------------------------------------------------------------------------- HF weights
+    def load_hf_weights(self, model: "torch.nn.Module", hf_dir: str | Path, *, strict: bool = True) -> dict[str, Any]:
+        """Load an HF directory's safetensors into ``model`` (this rank's shards), a parameter at a time.
+
+        Strict: every model parameter must be in the table and every checkpoint key mapped or carried.
+        :returns: ``{"loaded": n, "carried": [...], "ignored": [...]}``.
+        """
+        import torch
+
+        from nvlcore.convert.safetensors_io import SafetensorsReader
+        from nvlcore.mapping import classify_hf_keys
+        from nvlcore.progress import progress_iter
+
+        hf_dir = Path(hf_dir)
+        reader = SafetensorsReader(hf_dir)
+        table = self.mapping_table()
+        _, carried, unknown = classify_hf_keys(table, reader.keys(), self.carried_hf_keys())
+        if unknown and strict:
+            raise BridgeError(
+                f"{hf_dir}: {len(unknown)} checkpoint tensors have no place in the model, e.g. {sorted(unknown)[:8]}; "
+                "is config.json consistent with the weights?"
+            )
+        params = dict(model.named_parameters())
+        unmapped = sorted(set(params) - {m.megatron for m in table})
+        if unmapped:
+            raise BridgeError(f"bridge {self.name!r}: model parameters missing from its mapping table: {unmapped[:8]}")
+        missing = sorted(k for m in table for k in m.hf if k not in reader.tensors)
+        if missing:
+            raise BridgeError(f"{hf_dir}: {len(missing)} tensors the model needs are missing, e.g. {missing[:8]}")
+        _, rank, size = self.tensor_parallel_of(model)
+        with torch.no_grad():
+            for m in progress_iter(table, f"loading {hf_dir.name}", unit="tensor"):
+                local = m.components_to_local(m.hf_to_components(reader.read(m.hf)), size, rank)
+                p = params[m.megatron]
+                if tuple(local.shape) != tuple(p.shape):
+                    raise BridgeError(
+                        f"{hf_dir}: {', '.join(m.hf)} gives {m.megatron} shape {tuple(local.shape)} on TP rank "
+                        f"{rank}/{size}, the model expects {tuple(p.shape)}"
+                    )
+                p.copy_(local)
+        return {"loaded": len(table), "carried": sorted(carried), "ignored": sorted(unknown)}
+
+    # --------------------------------------------------------------------------- conversion
+    def conversion_groups(self, hf_specs: Mapping[str, "TensorSpec"]) -> list["ConversionGroup"]:
+        """Groups covering every HF tensor of ``hf_specs`` exactly once (``nvl convert``): one per
+        mapping (HF tensors <-> its components), and a *carried* group per HF tensor with no training
+        parameter, stored under :data:`~nvlcore.mapping.CARRY_PREFIX` so export reproduces it."""
+        import sys
+
+        from nvlcore.convert.plan import ConversionGroup
+
+        table = self.mapping_table()
+        missing = [k for m in table for k in m.hf if k not in hf_specs]
+        if missing:
+            where = f"{self.hf_dir / 'config.json'}" if self.hf_dir else "its config"
+            raise BridgeError(
+                f"{len(missing)} HF tensor(s) the model described by {where} needs are not in the checkpoint, "
+                f"e.g. {missing[:5]}; is config.json consistent with the weights?"
+            )
+        groups = [ConversionGroup(tuple(m.hf), tuple(m.components), m.hf_to_components, m.components_to_hf,
+                                  name=m.megatron) for m in table]
+        mapped = {k for m in table for k in m.hf}
+        expected = set(self.carried_hf_keys())
+        unknown = [k for k in hf_specs if k not in mapped and k not in expected]
+        if unknown:
+            print(f"nvl convert: note: {len(unknown)} HF tensor(s) have no place in the training model and are "
+                  f"carried unchanged under {CARRY_PREFIX!r}: {unknown[:5]}", file=sys.stderr)
+        groups += [ConversionGroup.rename(k, CARRY_PREFIX + k, carried=True) for k in hf_specs if k not in mapped]
+        return groups
+
+    # --------------------------------------------------------------------- training checkpoints
+    def checkpoint_entries(self, name: str, local: "torch.Tensor", *, tp_group: Any, tp_rank: int,
+                           tp_size: int) -> dict[str, Any] | None:
+        """This rank's checkpoint entries for parameter ``name`` under its component keys, or ``None``
+        for a parameter outside the table (see :func:`nvlcore.mapping.checkpoint_entries`)."""
+        from nvlcore.mapping import checkpoint_entries
+
+        return checkpoint_entries(self.mapping_by_name(), name, local, tp_group=tp_group, tp_rank=tp_rank,
+                                  tp_size=tp_size)
+
+    def assemble_from_entries(self, name: str, entries: Mapping[str, "torch.Tensor"], target: "torch.Tensor", *,
+                              tp_rank: int, tp_size: int) -> bool:
+        """Inverse of :meth:`checkpoint_entries` into ``target``; False for a parameter outside the table."""
+        from nvlcore.mapping import assemble_from_entries
+
+        return assemble_from_entries(self.mapping_by_name(), name, entries, target, tp_rank=tp_rank, tp_size=tp_size)
+
+    def model_components(self, model: "torch.nn.Module") -> dict[str, Any]:
+        """The model's parameters as checkpoint entries for :func:`nvlcore.checkpoint.save_checkpoint`
+        (parameters outside the table under their own name, sharded along their ``partition_dim``)."""
+        from nvlcore.checkpoint import shard_tensor
+
+        group, rank, size = self.tensor_parallel_of(model)
+        out: dict[str, Any] = {}
+        for name, p in model.named_parameters():
+            ent = self.checkpoint_entries(name, p.detach(), tp_group=group, tp_rank=rank, tp_size=size)
+            if ent is None:
+                split = size > 1 and getattr(p, "tensor_model_parallel", False)
+                ent = {name: shard_tensor(p.detach(), int(getattr(p, "partition_dim", 0)), group) if split else p.detach()}
+            out.update(ent)
+        return out
+
+    def load_checkpoint_weights(self, model: "torch.nn.Module", path: Any, *, strict: bool = True) -> dict[str, Any]:
+        """Load an nvl checkpoint (base dir, ``iter_N`` dir or an opened ``Checkpoint``) into ``model``,
+        whatever TP size it was written at; each rank reads only its part of each component.
+
+        Strict: every model parameter must be mapped and in the checkpoint with matching shapes;
+        ``strict=False`` loads what is there and leaves the rest (adapters) alone.
+        :returns: ``{"loaded": n, "iteration": N, "path": str, "ignored": [...], "not_loaded": [...]}``.
+        """
+        import torch
+
+        from nvlcore.checkpoint import Checkpoint, open_checkpoint
+        from nvlcore.progress import progress_iter
+
+        ck = path if isinstance(path, Checkpoint) else open_checkpoint(path)
+        specs = ck.specs()
+        table = self.mapping_by_name()
+        params = dict(model.named_parameters())
+        unmapped = sorted(set(params) - set(table))
+        if unmapped and strict:
+            raise BridgeError(
+                f"model parameters outside bridge {self.name!r}'s mapping: {unmapped[:5]}; load pretrained weights "
+                "before adding adapters, or pass strict=False to load the mapped ones and leave these alone"
+            )
+        params = {n: p for n, p in params.items() if n in table}
+        needed = [c for n in params for c in table[n].components]
+        missing = [c for c in needed if c not in specs]
+        if missing and strict:
+            raise BridgeError(
+                f"checkpoint {ck.path} lacks {len(missing)} tensor(s) the model needs, e.g. {missing[:5]} "
+                f"(it holds {len(specs)}; is it a checkpoint of this model?)"
+            )
+        group, rank, size = self.tensor_parallel_of(model)
+        loaded = 0
+        for name, p in progress_iter(params.items(), f"loading {ck.path.name}", total=len(params), unit="tensor"):
+            if any(c not in specs for c in table[name].components):
+                continue
+            buf = torch.empty_like(p, requires_grad=False)
+            template = self.checkpoint_entries(name, buf, tp_group=group, tp_rank=rank, tp_size=size)
+            assert template is not None
+            for key, t in template.items():
+                if tuple(t.shape) != tuple(specs[key].shape):  # a DTensor's shape is the logical one
+                    raise BridgeError(
+                        f"shape mismatch for {key}: checkpoint {tuple(specs[key].shape)}, the model needs "
+                        f"{tuple(t.shape)} (parameter {name} {tuple(p.shape)} at TP {size}; {ck.path})"
+                    )
+            got = ck.load(template)
+            local = {k: v.to_local() if hasattr(v, "to_local") else v for k, v in got.items()}
+            self.assemble_from_entries(name, local, p.data, tp_rank=rank, tp_size=size)
+            loaded += 1
+        used = set(needed)
+        ignored = sorted(k for k in specs if k not in used)
+        not_loaded = unmapped + sorted(n for n in params if any(c not in specs for c in table[n].components))
+        return {"loaded": loaded, "iteration": ck.iteration, "path": str(ck.path), "ignored": ignored,
+                "not_loaded": not_loaded}
+
+    # ------------------------------------------------------------------------ adapters, freezing
+    def linear_layouts(self) -> dict[str, LinearLayout]:
+        """Module name -> :class:`~nvlcore.mapping.LinearLayout` for each linear layer of the table
+        (norm-fused or not, fused row parts): what adapter methods need to wrap the layer."""
+        from nvlcore.mapping import linear_layouts
+
+        return linear_layouts(self.mapping_table())
+
+    def freeze(self, model: "torch.nn.Module", flags: Mapping[str, bool | None], *, other: bool = False,
+               skip: Callable[[str], bool] | None = None, key: str = "model") -> dict[str, bool]:
+        """Turn off gradients of the :attr:`freeze_groups` whose flag is true (never turns one on).
+
+        :param flags: group -> freeze? (``None``/``False``: leave it). A true flag for a group this bridge
+            does not declare raises ``ValueError`` naming ``<key>.freeze_<group>``.
+        :param other: freeze parameters outside every group too.
+        :param skip: parameter names to leave alone (an adapter method's own parameters).
+        :returns: group (or ``"other"``) -> whether it was frozen, for the groups the model has.
+        """
+        unknown = sorted(g for g, on in flags.items() if on and g not in self.freeze_groups)
+        if unknown:
+            raise ValueError(
+                f"{', '.join(f'{key}.freeze_{g}' for g in unknown)}=True: model bridge {self.name!r} has no such "
+                f"group (it has: {', '.join(sorted(self.freeze_groups)) or 'none'}); remove the setting"
+            )
+        return freeze_parameters(model, self.freeze_groups, {g: bool(v) for g, v in flags.items()}, other=other,
+                                 skip=skip)
+
+    # ------------------------------------------------------------------------- training options
+    def train_flops(self, batch: "Batch", *, num_parameters: int) -> float:
+        """Training FLOPs of one micro-batch (forward + backward). Default: ``6 x num_parameters x real
+        tokens`` (no attention or vision term); a bridge with a model-specific formula overrides it.
+
+        :param num_parameters: the model's logical (full, TP-independent) parameter count.
+        """
+        from nvlcore.training.trainer import real_tokens
+
+        return 6.0 * num_parameters * real_tokens(batch)
+
+    def set_recompute(self, model: "torch.nn.Module", granularity: str) -> None:
+        """Activation recomputation, Megatron's ``model.recompute_granularity`` (``selective`` or ``full``).
+        Default: none, so this raises naming the key."""
+        raise ValueError(f"model.recompute_granularity={granularity!r}: model bridge {self.name!r} has no activation "
+                         "recomputation; remove the setting")
+
+    # --------------------------------------------------------------------------------- generation
+    def generator(self, *, megatron_model_path: str | Path | None = None, tensor_parallel_size: int = 1,
+                  device: Any = None, dtype: Any = None, processor_options: Mapping[str, Any] | None = None,
+                  video_pruning_rate: float | None = None, peft_checkpoint: str | Path | None = None,
+                  model_transform: Callable[[Any], Any] | None = None, plugin_manager: Any = None,
+                  say: Callable[[str], None] | None = None) -> "Generator":
+        """A :class:`nvlcore.generation.Generator` for this HF directory (``nvl generate``, ``nvl eval``).
+
+        :param megatron_model_path: weights from an nvl checkpoint instead of the HF directory.
+        :param peft_checkpoint: a PEFT run's checkpoint whose adapters are applied unmerged.
+        :param model_transform: called with the loaded model before generation (``nvl eval`` merges
+            adapters with it).
+        Options a bridge does not support raise ``ValueError`` naming them. Default: no generation.
+        """
+        raise NotImplementedError(f"model bridge {self.name!r} does not support generation")
+
+    def generator_for_model(self, model: "torch.nn.Module", *, device: Any = None,
+                            cuda_graph: bool = False) -> "Generator":
+        """A generator over an already-built model (the trainer's, for ``validation.generate_eval_interval``)."""
+        raise NotImplementedError(f"model bridge {self.name!r} cannot generate with the training model")
+
+    # ---------------------------------------------------------------------------------- config
+    def recipe(self, *, peft: bool = False, adapted_groups: Sequence[str] = ()) -> Mapping[str, Any]:
+        """Default config values (nested by section) for fine-tuning this model; ``peft``: the PEFT
+        variant, whose adapters go on ``adapted_groups`` (:attr:`freeze_groups` names). Default: none."""
+        return {}
+
+    def default_config_file(self) -> Path | None:
+        """A YAML file applied over the recipe unless ``--config-file`` replaces it; default none."""
+        return None
+
+
+# ------------------------------------------------------------------------------------- helpers
+def freeze_parameters(model: "torch.nn.Module", groups: Mapping[str, str], flags: Mapping[str, bool], *,
+                      other: bool = False, skip: Callable[[str], bool] | None = None) -> dict[str, bool]:
+    """Set ``requires_grad=False`` on the parameters under each flagged group's prefix (and, with
+    ``other``, on those under none). Never sets ``requires_grad=True``. Returns the groups seen."""
+    seen: dict[str, bool] = {}
+    for name, p in model.named_parameters():
+        if skip is not None and skip(name):
+            continue
+        group = next((g for g, prefix in groups.items() if name == prefix or name.startswith(prefix + ".")), "other")
+        want = other if group == "other" else bool(flags.get(group))
+        seen[group] = want
+        if want:
+            p.requires_grad_(False)
+    return seen
+
+
+def read_hf_config(hf_dir: str | Path) -> dict[str, Any]:
+    """An HF directory's ``config.json`` as a dict; errors name the file."""
+    path = Path(hf_dir) / "config.json"
+    if not path.is_file():
+        raise BridgeError(f"{Path(hf_dir)} has no config.json: an HF model directory (config.json, weights, "
+                          "tokenizer) is needed")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise BridgeError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise BridgeError(f"{path}: not a JSON object")
+    return data
+
+
+def is_hf_dir(path: str | Path) -> bool:
+    """An HF model directory (``config.json``), not an nvl checkpoint (no ``iter_*`` layout)."""
+    p = Path(path)
+    return (p / "config.json").is_file() and not p.name.startswith("iter_") and not any(p.glob("iter_*"))
+
+
+def first_matching_bridge(architectures: Iterable[str], bridges: Mapping[str, type]) -> str | None:
+    """The name of the first bridge whose ``architectures`` intersect the given ones."""
+    wanted = set(architectures)
+    for name, cls in bridges.items():
+        if wanted & set(cls.architectures):
+            return name
+    return None
+
+
+def resolve_bridge(hf_dir_or_hub_id: str | Path | None, name: str | None = None, *, manager: Any = None,
+                   revision: str | None = None, option: str = "--hf-model-path") -> ModelBridge:
+    """The bridge instance for an HF model (a directory or a Hub id), by ``name`` or its ``architectures``.
+
+    Every command resolves its model this way.
+
+    :param name: a registered bridge name (``--bridge``, ``model.bridge``), overriding the match.
+    :param manager: the plugin manager (default: the process's).
+    :raises BridgeError: naming the file or option at fault and what to do (a ``ValueError``).
+    """
+    from nvlcore.hub import HubResolutionError, resolve_hf_model
+    from nvlcore.registry import RegistryError
+
+    if hf_dir_or_hub_id is None or str(hf_dir_or_hub_id) == "":
+        raise BridgeError(f"no HF model: pass {option} DIR (or set model.hf_model_path)")
+    try:
+        hf = resolve_hf_model(hf_dir_or_hub_id, revision=revision, option=option)
+    except HubResolutionError as exc:
+        raise BridgeError(str(exc)) from None
+    if manager is None:
+        from nvlcore.plugins import get_plugin_manager
+
+        manager = get_plugin_manager()
+    registry = manager.registry("model_bridge")
+    if name is None:
+        archs = list(read_hf_config(hf).get("architectures") or [])
+        if not archs:
+            raise BridgeError(f"{hf / 'config.json'} has no 'architectures' field; name the bridge (--bridge NAME "
+                              f"or model.bridge=NAME; installed: {', '.join(registry.names()) or 'none'})")
+        classes: dict[str, Any] = {}
+        broken: list[str] = []
+        for n in registry.names():
+            try:
+                classes[n] = registry.get(n)
+            except Exception as exc:  # one broken bridge must not hide the one that matches
+                broken.append(f"{n}: {type(exc).__name__}: {exc}")
+        name = first_matching_bridge(archs, classes)
+        if name is None:
+            known = sorted({a for c in classes.values() for a in c.architectures})
+            raise BridgeError(
+                f"{hf / 'config.json'}: no installed model bridge handles architectures {archs} (installed bridges "
+                f"handle: {known or 'none'}); install the model's plugin or name the bridge (--bridge NAME, "
+                "model.bridge=NAME; `nvl plugins list` shows what is installed)"
+                + (f"; bridges that failed to load: {'; '.join(broken)}" if broken else "")
+            )
+    try:
+        cls = registry.get(name)
+    except RegistryError as exc:
+        raise BridgeError(str(exc)) from None
+    if not (isinstance(cls, type) and issubclass(cls, ModelBridge)):
+        raise BridgeError(f"model bridge {name!r} ({cls!r}) does not subclass nvlcore.bridge.ModelBridge; "
+                          "its plugin needs updating (see docs/plugin-authors.md)")
+    try:
+        return cls.from_hf_dir(hf)
+    except BridgeError:
+        raise
+    except (OSError, ValueError, KeyError) as exc:  # a damaged config.json: the message names it
+        raise BridgeError(f"model bridge {name!r} cannot read {hf}: {exc}") from exc
