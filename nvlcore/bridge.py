@@ -32,7 +32,6 @@ if TYPE_CHECKING:
     import torch
 
     from nvlcore.checkpoint import TensorSpec
-    from nvlcore.contracts import Batch, Processor
     from nvlcore.convert.plan import ConversionGroup
     from nvlcore.generation import Generator
 
@@ -83,8 +82,9 @@ class ModelBridge(abc.ABC):
 
     @abc.abstractmethod
     def processor(self, *, seq_length: int | None = None, pad_to_multiple_of: int | None = None,
-                  **options: Any) -> "Processor":
-        """The processor that turns conversations into model inputs.
+                  **options: Any) -> Any:
+        """The processor that turns conversations into model inputs (a :class:`nvlcore.contracts.Processor`;
+        :mod:`nvlcore.contracts` imports this module, so the type is named here, not imported).
 
         :param seq_length: the longest sample in tokens (longer ones are truncated or refused).
         :param pad_to_multiple_of: ``collate`` pads each batch's length to a multiple of this.
@@ -310,8 +310,8 @@ class ModelBridge(abc.ABC):
                                  skip=skip)
 
     # ------------------------------------------------------------------------- training options
-    def train_flops(self, batch: "Batch", *, num_parameters: int) -> float:
-        """Training FLOPs of one micro-batch (forward + backward). Default: ``6 x num_parameters x real
+    def train_flops(self, batch: Mapping[str, Any], *, num_parameters: int) -> float:
+        """Training FLOPs of one micro-batch (a :data:`nvlcore.contracts.Batch`; forward + backward). Default: ``6 x num_parameters x real
         tokens`` (no attention or vision term); a bridge with a model-specific formula overrides it.
 
         :param num_parameters: the model's logical (full, TP-independent) parameter count.
