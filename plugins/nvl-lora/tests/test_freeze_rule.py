@@ -53,14 +53,16 @@ def _trainable(toy: Path, manager, config_file: Path | None, flags: str, overrid
 
     :returns: (config, {tower: (base trainable, base total, adapter trainable)}, towers summary).
     """
+    from nvl_lora.options import LoRAFlags
     from nvlcore.cli.finetune import compose_config
     from nvlcore.training.finetune import prepare_trainable, resolve_bridge
 
     language, vision = FLAGS[flags]
     cfg, _ = compose_config(
         manager=manager, hf_model_path=str(toy), pretrained_checkpoint=str(toy),
-        config_files=[str(config_file)] if config_file else [], lora_on_language_model=language,
-        lora_on_vision_model=vision, overrides=["model.tensor_model_parallel_size=1", *overrides],
+        config_files=[str(config_file)] if config_file else [],
+        overrides=["model.tensor_model_parallel_size=1", *overrides],
+        plugin_values=[(LoRAFlags(), {"lora_on_language_model": language, "lora_on_vision_model": vision})],
     )
     bridge = resolve_bridge(manager, cfg, cfg.model.hf_model_path)
     model = bridge.build_model(dtype=torch.float32, device="cpu", init="random", seed=1)
