@@ -172,7 +172,8 @@ def test_hook_nvl_register_command_options(tmp_path: Path) -> None:
 
     class Opts(CommandOptions):
         commands = ("finetune", "config show")
-        aliases = {"--cfg": "--config-file"}
+        def aliases(self, command: str) -> dict[str, str]:
+            return {"--cfg": "--config-file"}
 
         def params(self, command: str) -> list[click.Parameter]:
             return [click.Option(["--test-fast"], is_flag=True, help="Use the fast variant (test plugin)."),

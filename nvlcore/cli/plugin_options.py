@@ -5,7 +5,7 @@ its ``--help``) it asks the running plugin manager for the :class:`CommandOption
 adds their click parameters after its own, and accepts their hidden spellings (``aliases``). What an
 option means for the run config is the plugin's to say (:meth:`CommandOptions.recipe_options`,
 :meth:`CommandOptions.overrides`); the core only passes the values along. So the core names no PEFT
-method and no model: ``nvl finetune --lora-on-language-model`` is nvl-lora's option.
+method and no model: a PEFT plugin's recipe flags on ``nvl finetune`` are that plugin's options.
 
 Importing this module is cheap (click, attrs and the registry only); a registered target is imported
 when a command that takes its options is parsed, not by ``nvl --help``.
@@ -46,14 +46,16 @@ class CommandOptions:
     Register an instance (or a lazy ``"module:Attr"`` string naming one) with
     ``nvl_register_command_options``. Subclass and override what you need; every method has a
     do-nothing default. ``values`` is always this object's own parameters only: parameter name ->
-    parsed value (``{"lora_on_language_model": True, ...}``).
+    parsed value (``{"fast": True, ...}``).
     """
 
     #: The core commands these options join, by their path: ``"finetune"``, ``"config show"``.
     commands: ClassVar[tuple[str, ...]] = ()
-    #: Hidden spellings of options of those commands (the core's or this object's), e.g. the old name of a
-    #: renamed option: ``{"--old-name": "--new-name"}``. Help shows only the real names.
-    aliases: ClassVar[Mapping[str, str]] = {}
+
+    def aliases(self, command: str) -> Mapping[str, str]:
+        """Hidden spellings of ``command``'s options (the core's or this object's), e.g. the old name of a
+        renamed option: ``{"--old-name": "--new-name"}``. Help shows only the real names."""
+        return {}
 
     def params(self, command: str) -> list[click.Parameter]:
         """The click options added to ``command`` (new objects each call; the core caches them).
@@ -162,7 +164,7 @@ class PluginOptionsCommand(click.Command):
         """The hidden spellings the plugins declare for this command."""
         out: dict[str, str] = {}
         for obj, _ in self.plugin_params(ctx):
-            out.update(getattr(obj, "aliases", {}) or {})
+            out.update(obj.aliases(self.nvl_path))
         return out
 
     def split_values(self, params: dict[str, Any], ctx: click.Context | None = None) -> list[tuple[CommandOptions, dict[str, Any]]]:

@@ -32,6 +32,8 @@ def nvl_register_exporters(register: Any) -> None:
 def nvl_register_command_options(register: Any) -> None:
     # --lora-on-language-model / --lora-on-vision-model on nvl finetune and nvl config show
     register("lora-flags", "nvl_lora.options:LoRAFlags")
+    # --lora-checkpoint: the old spelling of --adapter-checkpoint (nvl generate / eval / export)
+    register("lora-checkpoint-spelling", "nvl_lora.options:LoRACheckpointSpelling")
 
 
 @hookimpl

@@ -51,7 +51,6 @@ class LoRAFlags(CommandOptions):
     """``--lora-on-language-model`` / ``--lora-on-vision-model`` (Megatron-Bridge's table)."""
 
     commands = ("finetune", "config show")
-    aliases = {"--lora-checkpoint": "--adapter-checkpoint"}
 
     def params(self, command: str) -> list[click.Parameter]:
         where = "With --hf-model-path: finetune's " if command == "config show" else ""
@@ -97,3 +96,13 @@ class LoRAFlags(CommandOptions):
         if "peft.target_modules" not in given:
             out.append(Override("peft.target_modules", list(peft["target_modules"])))
         return out
+
+
+class LoRACheckpointSpelling(CommandOptions):
+    """``--lora-checkpoint``, the name the core's ``--adapter-checkpoint`` (``nvl export``: ``--checkpoint``) had
+    before the core stopped naming PEFT methods; accepted as a hidden spelling."""
+
+    commands = ("generate", "eval", "export")
+
+    def aliases(self, command: str) -> dict[str, str]:
+        return {"--lora-checkpoint": "--checkpoint" if command == "export" else "--adapter-checkpoint"}
