@@ -12,11 +12,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Iterable, Iterator, Mapping, Protocol, Sequence, runtime_checkable
 
+from nvlcore.data.schema import Conversation  # the one definition, re-exported for plugin authors
+
 if TYPE_CHECKING:
     import torch
-
-Conversation = dict[str, Any]
-"""One example in the conversation schema (see :mod:`nvlcore.data.schema`)."""
 
 Batch = dict[str, Any]
 """A collated batch: the keyword arguments of the training model's ``forward``.
@@ -50,7 +49,7 @@ class ModelBridge(Protocol):
     A bridge class is registered by name; ``nvl`` instantiates it with :meth:`from_hf_dir`.
     """
 
-    #: Registry name, e.g. ``"nemotron_nano_v2_vl"``.
+    #: Registry name, e.g. ``"my_model"``.
     name: ClassVar[str]
     #: HF ``architectures`` values this bridge handles (used to pick it automatically).
     architectures: ClassVar[tuple[str, ...]]
@@ -142,12 +141,12 @@ class MadeDataset(Protocol):
 
 @runtime_checkable
 class PeftMethod(Protocol):
-    """A parameter-efficient fine-tuning method (LoRA, ...).
+    """A parameter-efficient fine-tuning method (low-rank adapters, ...).
 
     **The ``Config`` contract.** The ``peft`` config section has core fields shared by adapter methods
-    (:class:`nvlcore.config.PeftConfig`: ``target_modules``, ``dim``, ``alpha``, ``dropout``, the
-    ``freeze_*`` flags...). A method may declare an attrs class in a ``Config`` attribute; when it is
-    selected (``peft.method=NAME``), keys of the section beyond the core ones must be fields of
+    (:class:`nvlcore.config.PeftConfig`: ``target_modules``, ``dim``, ``alpha``, ``dropout``...). A
+    method may declare an attrs class in a ``Config`` attribute (its own fields: initialisation, what it
+    freezes, ...); when it is selected (``peft.method=NAME``), keys of the section beyond the core ones must be fields of
     ``Config`` (did-you-mean otherwise) and arrive, with ``Config``'s defaults, in
     ``cfg.peft.options``. ``Config`` may also declare core fields: its types and validators then check
     those values too. Without ``Config`` only the core fields are accepted.

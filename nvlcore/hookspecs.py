@@ -112,7 +112,7 @@ def nvl_register_commands(cli: click.Group) -> None:
 
 @hookspec
 def nvl_register_command_options(register: Register[Any]) -> None:
-    """Register options that join core commands (``nvl finetune --lora-on-language-model``).
+    """Register options that join core commands (a PEFT plugin's recipe flags on ``nvl finetune``).
 
     The target is a :class:`nvlcore.cli.plugin_options.CommandOptions`: the commands it joins (by
     path: ``"finetune"``, ``"config show"``), its click parameters, hidden spellings of the commands'

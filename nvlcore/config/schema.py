@@ -37,7 +37,7 @@ class ModelConfig:
     context_parallel_size: int = _f(1, "Context-parallel size. Only 1 is supported by nvl.")
     sequence_parallel: bool = _f(False, "Megatron sequence parallelism. Not supported by nvl (must be false).")
     freeze_language_model: bool = _f(False, "Freeze every language-model parameter.")
-    freeze_vision_model: bool = _f(False, "Freeze the vision encoder (RADIO ViT).")
+    freeze_vision_model: bool = _f(False, "Freeze the vision encoder.")
     freeze_vision_projection: bool = _f(False, "Freeze the vision projector (MLP).")
     bridge: str | None = _f(None, "Model bridge name; default: picked from the HF config's `architectures`.")
     hf_model_path: str | None = _f(None, "HF model directory the bridge reads (config.json, tokenizer, processor).")

@@ -115,8 +115,8 @@ def apply_peft(model: "torch.nn.Module", cfg: "NvlConfig", manager: Any) -> Any:
         target = reg.get(method_name)
     except Exception as exc:
         raise RuntimeError(
-            f"peft.method={method_name!r} is not available ({exc}); install nvl-lora (pip install -e plugins/nvl-lora) "
-            "for --lora-on-language-model / --lora-on-vision-model"
+            f"peft.method={method_name!r} is not available ({exc}); install the plugin that provides it "
+            "(`nvl plugins list --all` shows the installed PEFT methods)"
         ) from exc
     method = target() if isinstance(target, type) else target
     from nvlcore.config import config_to_dict
@@ -133,7 +133,7 @@ def apply_peft(model: "torch.nn.Module", cfg: "NvlConfig", manager: Any) -> Any:
 class TowerStatus:
     """How one top-level submodule of the model is trained (printed at start, see :func:`tower_status`).
 
-    :param name: the submodule (``language_model``, ``vision_model``, ...).
+    :param name: the model's top-level submodule (a tower: ``decoder``, ``encoder``, ...).
     :param base_trainable: its own (non-PEFT) parameters with ``requires_grad``, counted on this rank.
     :param base_total: its own parameters.
     :param adapter: parameters the PEFT method added in it (all trainable ones counted).
@@ -172,7 +172,7 @@ def tower_status(model: "torch.nn.Module", base_names: set[str]) -> list[TowerSt
 
 
 def describe_towers(statuses: list[TowerStatus]) -> str:
-    """One line: ``trained fully: vision_model, vision_projection; with adapters: language_model; frozen: -``."""
+    """One line: ``trained fully: encoder, projector; with adapters: decoder; frozen: -``."""
     full = [t.name for t in statuses if t.base_total and t.base_trainable == t.base_total]
     adapters = [t.name for t in statuses if t.adapter]
     frozen = [t.name for t in statuses if t.base_trainable == 0 and not t.adapter]
@@ -572,7 +572,8 @@ def run_finetune(
             if setter is None:
                 raise ValueError(f"model.recompute_granularity={recompute!r}: this bridge's model has no activation "
                                  "recomputation (set_recompute); remove the setting")
-            # Megatron's names -> the model's: selective recomputes the Mamba mixers, full whole layers.
+            # Megatron's names -> the model's: selective recomputes the parts the model picks (its
+            # state-space mixers, say), full whole layers.
             setter({"selective": "ssm", "full": "layers"}[recompute])
             say(f"nvl finetune: activation recomputation: {recompute}")
         needs_base = decision.iter_dir is None or adapter_only
@@ -587,7 +588,7 @@ def run_finetune(
         peft, towers = prepare_trainable(model, cfg, manager)
         say(f"nvl finetune: towers: {describe_towers(towers)}")
         if settings.autocast_dtype is not None:
-            # Under bf16 autocast every matmul reads bf16 weights: a frozen parameter (a LoRA run's base
+            # Under bf16 autocast every matmul reads bf16 weights: a frozen parameter (a PEFT run's base
             # model) is stored once in bf16, 2 bytes instead of 4 plus a per-step cast; trainable ones
             # keep their fp32 masters. (Built and loaded in fp32, so nothing trainable loses precision.)
             optim.store_frozen_in_(model, settings.autocast_dtype)
