@@ -223,6 +223,17 @@ def test_hook_nvl_register_command_options(tmp_path: Path) -> None:
     refused = runner.invoke(cli, ["config", "show", "--test-fast"])
     assert refused.exit_code == 2 and "--test-fast select a model's recipe" in refused.output
 
+    # nvl finetune --nproc-per-node hands the options the user gave to its workers, spelled as options
+    from nvlcore.cli import MANAGER_KEY
+
+    finetune = cli.commands["finetune"]
+    root = click.Context(cli)
+    root.meta[MANAGER_KEY] = manager
+    with root:
+        ctx = finetune.make_context("finetune", ["--test-batch", "8", "--test-fast", "x=1"], parent=root)
+        assert finetune.plugin_argv(ctx) == ["--test-fast", "--test-batch", "8"]
+        assert finetune.plugin_argv(finetune.make_context("finetune", ["x=1"], parent=root)) == []
+
     # a manager without the plugin: the core command has no such option
     plain = build_cli(_manager(object()))
     assert "--test-fast" not in runner.invoke(plain, ["finetune", "--help"]).output

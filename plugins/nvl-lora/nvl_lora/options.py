@@ -17,10 +17,9 @@ from typing import Any, Mapping, Sequence
 
 import click
 
+from nvl_lora.recipes import FREEZE_KEYS  # the peft.freeze_* flags the table sets
 from nvlcore.cli.plugin_options import CommandOptions, ConfigRequest
 
-#: The ``peft.*`` freeze flags the table sets (see :mod:`nvl_lora.recipes`).
-FREEZE_KEYS = ("freeze_language_model", "freeze_vision_model", "freeze_vision_projection")
 FLAGS = ("lora_on_language_model", "lora_on_vision_model")
 
 
