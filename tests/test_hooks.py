@@ -237,3 +237,26 @@ def test_hook_nvl_register_command_options(tmp_path: Path) -> None:
     # a manager without the plugin: the core command has no such option
     plain = build_cli(_manager(object()))
     assert "--test-fast" not in runner.invoke(plain, ["finetune", "--help"]).output
+
+
+def test_broken_command_options_are_skipped_with_a_line_naming_the_plugin() -> None:
+    from click.testing import CliRunner
+
+    from nvlcore.cli import build_cli
+
+    class P:
+        @hookimpl
+        def nvl_register_command_options(self, register: Any) -> None:
+            register("broken", "nvl_no_such_module_xyz:Opts")
+            register("not-options", object)
+
+    manager = _manager(P())
+    result = CliRunner().invoke(build_cli(manager), ["finetune", "--help"])
+    assert result.exit_code == 0 and "--pretrained-checkpoint" in result.output  # the command still works
+    warnings = manager.infos["test-plugin"].warnings
+    assert any("command options 'broken'" in w and "ModuleNotFoundError" in w for w in warnings), warnings
+    assert any("command options 'not-options'" in w and "is not a subclass" in w for w in warnings), warnings
+    strict = NvlPluginManager(env={"NVL_STRICT_PLUGINS": "1"}, entry_points=False, builtins=True)
+    strict.add_plugin(P(), name="test-plugin")
+    result = CliRunner().invoke(build_cli(strict), ["finetune", "--help"])
+    assert result.exit_code != 0 and "command options 'broken'" in result.output

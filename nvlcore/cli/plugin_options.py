@@ -96,7 +96,9 @@ def _manager(ctx: click.Context | None) -> Any:
 def command_options(manager: Any, command: str) -> list[tuple[Any, CommandOptions]]:
     """``(registry entry, CommandOptions)`` of every registered contribution to ``command``, in load order.
 
-    A target that cannot be imported is an error naming its plugin (``NVL_DISABLE_PLUGINS`` blocks it).
+    A target that cannot be imported, or is not a :class:`CommandOptions`, is skipped with one line on
+    stderr naming its plugin (recorded in the plugin's ``warnings``); with ``NVL_STRICT_PLUGINS=1`` it is
+    an error instead.
     """
     registry = manager.registry("command_options")
     out = []
@@ -104,14 +106,22 @@ def command_options(manager: Any, command: str) -> list[tuple[Any, CommandOption
         entry = registry.entry(name)
         try:
             obj = entry.load()
+            if isinstance(obj, type):
+                obj = obj()
+            if not isinstance(obj, CommandOptions):
+                raise TypeError(f"{type(obj).__name__} is not a subclass of nvlcore.cli.plugin_options.CommandOptions")
         except Exception as exc:
-            raise PluginOptionError(
-                f"command options {name!r} of {entry.provenance.describe()} cannot be imported: "
-                f"{type(exc).__name__}: {exc} (fix or disable that plugin: NVL_DISABLE_PLUGINS=...)"
-            ) from exc
-        if isinstance(obj, type):
-            obj = obj()
-        if command in tuple(getattr(obj, "commands", ())):
+            message = (f"command options {name!r} of {entry.provenance.describe()} cannot be used: "
+                       f"{type(exc).__name__}: {exc}; its options are skipped (fix or disable that plugin: "
+                       "NVL_DISABLE_PLUGINS)")
+            if manager.strict:
+                raise PluginOptionError(message) from exc
+            info = manager.infos.get(entry.provenance.plugin)
+            if info is not None and message not in info.warnings:
+                info.warnings.append(message)
+                click.echo(f"nvl: {message}", err=True)
+            continue
+        if command in tuple(obj.commands):
             out.append((entry, obj))
     return out
 
