@@ -53,7 +53,7 @@ class ModelBridge(abc.ABC):
     #: HF ``architectures`` values this bridge handles (used to pick it automatically).
     architectures: ClassVar[tuple[str, ...]]
     #: The groups the config's ``freeze_<group>`` flags name (``model.freeze_*``, ``peft.freeze_*``),
-    #: each mapped to the parameter-name prefix it freezes, e.g. ``{"language_model": "language_model"}``.
+    #: each mapped to the parameter-name prefix it freezes, e.g. ``{"text": "decoder", "image": "encoder"}``.
     freeze_groups: ClassVar[Mapping[str, str]] = {}
 
     def __init__(self, config: Any, hf_dir: Path | None = None) -> None:
@@ -329,13 +329,13 @@ class ModelBridge(abc.ABC):
     # --------------------------------------------------------------------------------- generation
     def generator(self, *, megatron_model_path: str | Path | None = None, tensor_parallel_size: int = 1,
                   device: Any = None, dtype: Any = None, processor_options: Mapping[str, Any] | None = None,
-                  video_pruning_rate: float | None = None, peft_checkpoint: str | Path | None = None,
+                  video_pruning_rate: float | None = None, adapter_checkpoint: str | Path | None = None,
                   model_transform: Callable[[Any], Any] | None = None, plugin_manager: Any = None,
                   say: Callable[[str], None] | None = None) -> "Generator":
         """A :class:`nvlcore.generation.Generator` for this HF directory (``nvl generate``, ``nvl eval``).
 
         :param megatron_model_path: weights from an nvl checkpoint instead of the HF directory.
-        :param peft_checkpoint: a PEFT run's checkpoint whose adapters are applied unmerged.
+        :param adapter_checkpoint: a PEFT run's checkpoint whose adapters are applied unmerged.
         :param model_transform: called with the loaded model before generation (``nvl eval`` merges
             adapters with it).
         Options a bridge does not support raise ``ValueError`` naming them. Default: no generation.

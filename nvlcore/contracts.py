@@ -16,14 +16,14 @@ from typing import TYPE_CHECKING, Any, ClassVar, Iterator, Mapping, Protocol, Se
 
 from nvlcore.bridge import ModelBridge, first_matching_bridge
 
+from nvlcore.data.schema import Conversation  # the one definition, re-exported for plugin authors
+
 if TYPE_CHECKING:
     import torch
 
 __all__ = ["Batch", "Conversation", "DatasetMaker", "Exporter", "MadeDataset", "MetricLogger", "ModelBridge",
            "PeftMethod", "Processor", "first_matching_bridge"]
 
-Conversation = dict[str, Any]
-"""One example in the conversation schema (see :mod:`nvlcore.data.schema`)."""
 
 Batch = dict[str, Any]
 """A collated batch: the keyword arguments of the training model's ``forward``.
@@ -119,12 +119,12 @@ class MadeDataset(Protocol):
 
 @runtime_checkable
 class PeftMethod(Protocol):
-    """A parameter-efficient fine-tuning method (LoRA, ...).
+    """A parameter-efficient fine-tuning method (low-rank adapters, ...).
 
     **The ``Config`` contract.** The ``peft`` config section has core fields shared by adapter methods
-    (:class:`nvlcore.config.PeftConfig`: ``target_modules``, ``dim``, ``alpha``, ``dropout``, the
-    ``freeze_*`` flags...). A method may declare an attrs class in a ``Config`` attribute; when it is
-    selected (``peft.method=NAME``), keys of the section beyond the core ones must be fields of
+    (:class:`nvlcore.config.PeftConfig`: ``target_modules``, ``dim``, ``alpha``, ``dropout``...). A
+    method may declare an attrs class in a ``Config`` attribute (its own fields: initialisation, what it
+    freezes, ...); when it is selected (``peft.method=NAME``), keys of the section beyond the core ones must be fields of
     ``Config`` (did-you-mean otherwise) and arrive, with ``Config``'s defaults, in
     ``cfg.peft.options``. ``Config`` may also declare core fields: its types and validators then check
     those values too. Without ``Config`` only the core fields are accepted.

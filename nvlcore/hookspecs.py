@@ -29,6 +29,7 @@ __all__ = [
     "PROJECT",
     "hookimpl",
     "hookspec",
+    "nvl_register_command_options",
     "nvl_register_commands",
     "nvl_register_dataset_makers",
     "nvl_register_exporters",
@@ -106,4 +107,18 @@ def nvl_register_commands(cli: click.Group) -> None:
     an earlier plugin added, is reported on stderr and skipped.
 
     :param cli: the root ``nvl`` click group.
+    """
+
+
+@hookspec
+def nvl_register_command_options(register: Register[Any]) -> None:
+    """Register options that join core commands (a PEFT plugin's recipe flags on ``nvl finetune``).
+
+    The target is a :class:`nvlcore.cli.plugin_options.CommandOptions`: the commands it joins (by
+    path: ``"finetune"``, ``"config show"``), its click parameters, hidden spellings of the commands'
+    options, and what its values mean for the run config (keyword arguments for the bridge's recipe,
+    config overrides). The core passes the values through and names no option of its own for them.
+
+    :param register: ``register(name, target, *, aliases=())``; ``target`` may be a ``"module:Attr"``
+        string, imported when a command it joins is parsed (keep that module light: click only).
     """

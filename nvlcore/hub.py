@@ -1,7 +1,7 @@
 """``--hf-model`` / ``--hf-model-path`` / ``--hf-model-id``: a local directory or a Hugging Face Hub id.
 
 A value that is an existing directory is used as it is. Otherwise a value shaped like a Hub id
-(``nvidia/NVIDIA-Nemotron-Nano-12B-v2-VL-BF16``) is resolved with ``huggingface_hub.snapshot_download``:
+(``owner/model-name``) is resolved with ``huggingface_hub.snapshot_download``:
 the local Hub cache first (``HF_HOME`` / ``HF_HUB_CACHE`` pick it), a download otherwise, and only the
 cache with ``HF_HUB_OFFLINE=1``. ``--revision`` (a branch, tag or commit) pins the snapshot.
 ``huggingface_hub`` is imported only when a Hub id is resolved.
@@ -44,8 +44,8 @@ def resolve_hf_model(value: str | Path, *, revision: str | None = None, option: 
         raise HubResolutionError(f"{option} {text} is a file; give the model directory (with config.json) or a Hub id")
     if not looks_like_hub_id(text):
         raise HubResolutionError(
-            f"{option} {text}: no such directory, and not a Hugging Face Hub id (owner/name, e.g. "
-            "nvidia/NVIDIA-Nemotron-Nano-12B-v2-VL-BF16)"
+            f"{option} {text}: no such directory, and not a Hugging Face Hub id (owner/name; `nvl plugins list` "
+            "shows the installed model plugins, whose docs name their models' ids)"
         )
     try:
         import huggingface_hub as hub

@@ -4,8 +4,8 @@ A model bridge describes its model with one :class:`ParamMapping` per training p
 (:meth:`nvlcore.bridge.ModelBridge.mapping_table`). Everything the core does with weights is built
 on that one table, implemented once here and in :class:`~nvlcore.bridge.ModelBridge`: HF loading,
 ``nvl convert`` (conversion groups), training checkpoints (component entries at any TP size),
-checkpoint loading, and the layout of PEFT adapters (``nvl-lora`` reads the same table through the
-bridge).
+checkpoint loading, and the layout of PEFT adapters (an adapter plugin reads the same table through
+the bridge).
 
 Three faces of every weight:
 

@@ -31,6 +31,9 @@ import traceback
 from typing import Any, Iterable, Mapping
 
 import attrs
+
+#: The key of ``click.Context.meta`` under which the running ``nvl`` command keeps its plugin manager.
+MANAGER_KEY = "nvl.plugin_manager"
 import pluggy
 
 from nvlcore import hookspecs

@@ -251,6 +251,7 @@ REGISTRY_KINDS: dict[str, str] = {
     "nvl_register_peft_methods": "peft_method",
     "nvl_register_exporters": "exporter",
     "nvl_register_loggers": "logger",
+    "nvl_register_command_options": "command_options",
 }
 
 RegisterFactory = Callable[[str], Register[Any]]

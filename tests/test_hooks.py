@@ -145,3 +145,118 @@ def test_hook_nvl_register_commands() -> None:
     result = CliRunner().invoke(cli, ["test-cmd", "you"])
     assert result.exit_code == 0 and result.output == "hi you\n"
     assert cli.command_owner["test-cmd"] == "test-plugin"
+
+
+def test_hook_nvl_register_command_options(tmp_path: Path) -> None:
+    """Options a plugin adds to core commands: shown in help, their values reach the bridge's recipe and
+    become overrides, a hidden alias spells a core option, and without a model they are refused."""
+    import json
+
+    from click.testing import CliRunner
+
+    from nvlcore.cli import build_cli
+    from nvlcore.cli.plugin_options import CommandOptions
+
+    seen: list[dict[str, Any]] = []
+
+    class Bridge:
+        architectures = ("TestArch",)
+
+        @classmethod
+        def from_hf_dir(cls, hf_dir: Any) -> "Bridge":
+            return cls()
+
+        def recipe(self, *, variant: str = "plain") -> dict[str, Any]:
+            seen.append({"variant": variant})
+            return {"train": {"train_iters": 11 if variant == "fast" else 22}}
+
+    class Opts(CommandOptions):
+        commands = ("finetune", "config show")
+        def aliases(self, command: str) -> dict[str, str]:
+            return {"--cfg": "--config-file"}
+
+        def params(self, command: str) -> list[click.Parameter]:
+            return [click.Option(["--test-fast"], is_flag=True, help="Use the fast variant (test plugin)."),
+                    click.Option(["--test-batch"], type=int, default=None, help="Global batch (test plugin).")]
+
+        def recipe_options(self, command: str, values: Any) -> dict[str, Any]:
+            return {"variant": "fast"} if values["test_fast"] else {}
+
+        def overrides(self, command: str, values: Any, request: Any) -> list[Any]:
+            from nvlcore.config import Override
+
+            assert request.base["train"]["train_iters"] in (11, 22)
+            return [Override("train.global_batch_size", values["test_batch"])] if values["test_batch"] else []
+
+    class P:
+        @hookimpl
+        def nvl_register_model_bridges(self, register: Any) -> None:
+            register("test_bridge", Bridge)
+
+        @hookimpl
+        def nvl_register_command_options(self, register: Any) -> None:
+            register("test-opts", Opts)
+
+    manager = _manager(P())
+    assert _registered(manager, "command_options", "test-opts").load() is Opts
+    cli = build_cli(manager)
+    runner = CliRunner()
+    help_text = runner.invoke(cli, ["finetune", "--help"]).output
+    assert "--test-fast" in help_text and "--test-batch" in help_text
+    assert "--test-fast" in runner.invoke(cli, ["config", "show", "--help"]).output
+
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text(json.dumps({"architectures": ["TestArch"]}))
+    yaml_file = tmp_path / "c.yaml"
+    yaml_file.write_text("train:\n  micro_batch_size: 3\n")
+    result = runner.invoke(cli, ["config", "show", "--hf-model-path", str(hf), "--test-fast", "--test-batch", "64",
+                                 "--cfg", str(yaml_file), "dataset.maker_name=synthetic_shapes"])
+    assert result.exit_code == 0, result.output
+    assert "train_iters: 11" in result.output and "global_batch_size: 64" in result.output
+    assert "micro_batch_size: 3" in result.output  # the alias reached --config-file
+    assert seen[-1] == {"variant": "fast"}
+    result = runner.invoke(cli, ["config", "show", "--hf-model-path", str(hf), "dataset.maker_name=synthetic_shapes"])
+    assert result.exit_code == 0, result.output
+    assert "train_iters: 22" in result.output and seen[-1] == {"variant": "plain"}
+
+    refused = runner.invoke(cli, ["config", "show", "--test-fast"])
+    assert refused.exit_code == 2 and "--test-fast select a model's recipe" in refused.output
+
+    # nvl finetune --nproc-per-node hands the options the user gave to its workers, spelled as options
+    from nvlcore.cli import MANAGER_KEY
+
+    finetune = cli.commands["finetune"]
+    root = click.Context(cli)
+    root.meta[MANAGER_KEY] = manager
+    with root:
+        ctx = finetune.make_context("finetune", ["--test-batch", "8", "--test-fast", "x=1"], parent=root)
+        assert finetune.plugin_argv(ctx) == ["--test-fast", "--test-batch", "8"]
+        assert finetune.plugin_argv(finetune.make_context("finetune", ["x=1"], parent=root)) == []
+
+    # a manager without the plugin: the core command has no such option
+    plain = build_cli(_manager(object()))
+    assert "--test-fast" not in runner.invoke(plain, ["finetune", "--help"]).output
+
+
+def test_broken_command_options_are_skipped_with_a_line_naming_the_plugin() -> None:
+    from click.testing import CliRunner
+
+    from nvlcore.cli import build_cli
+
+    class P:
+        @hookimpl
+        def nvl_register_command_options(self, register: Any) -> None:
+            register("broken", "nvl_no_such_module_xyz:Opts")
+            register("not-options", object)
+
+    manager = _manager(P())
+    result = CliRunner().invoke(build_cli(manager), ["finetune", "--help"])
+    assert result.exit_code == 0 and "--pretrained-checkpoint" in result.output  # the command still works
+    warnings = manager.infos["test-plugin"].warnings
+    assert any("command options 'broken'" in w and "ModuleNotFoundError" in w for w in warnings), warnings
+    assert any("command options 'not-options'" in w and "is not a subclass" in w for w in warnings), warnings
+    strict = NvlPluginManager(env={"NVL_STRICT_PLUGINS": "1"}, entry_points=False, builtins=True)
+    strict.add_plugin(P(), name="test-plugin")
+    result = CliRunner().invoke(build_cli(strict), ["finetune", "--help"])
+    assert result.exit_code != 0 and "command options 'broken'" in result.output

@@ -52,7 +52,7 @@ def test_nvl_plot_without_matplotlib_or_metrics_is_one_line(tmp_path, monkeypatc
 def test_quickstart_curve_uses_matplotlib_when_given_the_metrics(tmp_path):
     from PIL import Image
 
-    from nvlcore.cli.quickstart import read_losses, save_curve_png
+    from nvl_nemotron_vl.quickstart import read_losses, save_curve_png
 
     run = write_metrics(tmp_path / "run", evals=False)
     out = tmp_path / "loss_curve.png"

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from nvlcore.cli.quickstart import ascii_curve, read_losses, save_curve_png
+from nvl_nemotron_vl.quickstart import ascii_curve, read_losses, save_curve_png
 
 
 def test_loss_curve_helpers(tmp_path: Path) -> None:
@@ -73,7 +73,7 @@ def test_quickstart_learns_and_only_by_looking(quickstart_run, record_property) 
 def test_nvl_eval_shows_the_quickstarts_gain(quickstart_run) -> None:
     """Base vs fine-tuned with `nvl eval` on the quickstart's test split: the same numbers as the
     quickstart, also with the LoRA run's adapters merged in memory instead of the merged, exported model."""
-    from nvlcore.cli.quickstart import eval_overrides
+    from nvl_nemotron_vl.quickstart import eval_overrides
 
     _, result, work = quickstart_run
 

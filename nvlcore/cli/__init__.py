@@ -74,11 +74,10 @@ BUILTIN_COMMANDS: dict[str, str] = {
     "generate": "nvlcore.cli.generate:generate_cmd",
     "plot": "nvlcore.cli.plot_cmd:plot_command",
     "plugins": "nvlcore.cli.plugins_cmd:plugins_group",
-    "quickstart": "nvlcore.cli.quickstart:quickstart",
 }
 
 
-MANAGER_KEY = "nvl.plugin_manager"
+from nvlcore.plugins import MANAGER_KEY  # noqa: E402  (the click context key of the running manager)
 
 #: Global options of the ``nvl`` group and the environment variables that carry them to worker
 #: processes (``nvl --debug finetune --nproc-per-node 2`` sets ``NVL_DEBUG=1`` for its workers).
@@ -135,7 +134,7 @@ def build_cli(manager: Any = None) -> NvlGroup:
     @click.option("--no-progress", is_flag=True, help="No progress bars (notes and results still print).")
     @click.pass_context
     def cli(ctx: click.Context, debug: bool, quiet: bool, no_progress: bool) -> None:
-        """nvl: fine-tune and serve Nemotron Nano V2 VL, extended by plugins.
+        """nvl: fine-tune and serve vision-language models, extended by plugins.
 
         `nvl plugins list` shows what is installed; docs/cli.md describes every command.
         The global options go before the command: `nvl --quiet generate ...`.

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import click
 
 from nvlcore.cli.options import CONFIG_CONTEXT_SETTINGS, OVERRIDES_HELP, config_options, echo_config, load_config_from_cli
+from nvlcore.cli.plugin_options import PluginOptionsCommand
 
 
 @click.group("config")
@@ -20,23 +22,28 @@ CORE_DEFAULTS_NOTE = (
 )
 
 
-@config_group.command("show", context_settings=CONFIG_CONTEXT_SETTINGS, epilog=OVERRIDES_HELP)
+@config_group.command("show", cls=PluginOptionsCommand, nvl_path="config show", context_settings=CONFIG_CONTEXT_SETTINGS,
+                      epilog=OVERRIDES_HELP)
 @config_options(print_config=False)
 @click.option("--check", is_flag=True, help="Also fail if a mandatory ('???') value is unset or a setting is unsupported.")
 @click.option("--hf-model-path", type=click.Path(file_okay=False), default=None,
               help="Show what `nvl finetune --hf-model-path DIR` would run: the model's recipe and default YAML.")
-@click.option("--lora-on-language-model", is_flag=True, help="With --hf-model-path: finetune's LoRA recipe.")
-@click.option("--lora-on-vision-model", is_flag=True, help="With --hf-model-path: finetune's LoRA recipe.")
-def show(config_files: tuple[Path, ...], overrides: tuple[str, ...], check: bool, hf_model_path: str | None,
-         lora_on_language_model: bool, lora_on_vision_model: bool) -> None:
+@click.pass_context
+def show(ctx: click.Context, config_files: tuple[Path, ...], overrides: tuple[str, ...], check: bool,
+         hf_model_path: str | None, **plugin_params: Any) -> None:
     """Print the resolved config as YAML: defaults <- config files <- OVERRIDES.
 
     With --hf-model-path the defaults are the model bridge's recipe and its default YAML file, exactly
     as `nvl finetune` composes them; without it they are nvlcore's own defaults (the output says so).
+    Options that plugins add here (a PEFT plugin's recipe flags) mean what they mean for `nvl finetune`.
     """
+    command = ctx.command
+    assert isinstance(command, PluginOptionsCommand)
+    plugin_values = command.split_values(plugin_params, ctx)
     if hf_model_path is None:
-        if lora_on_language_model or lora_on_vision_model:
-            raise click.UsageError("--lora-on-* select a model's recipe: also give --hf-model-path DIR")
+        given = [p.opts[0] for p in command.given_options(ctx) if isinstance(p, click.Option)]
+        if given:
+            raise click.UsageError(f"{', '.join(given)} select a model's recipe: also give --hf-model-path DIR")
         cfg = load_config_from_cli(config_files, overrides, resolve=check)
         click.echo(CORE_DEFAULTS_NOTE, nl=False)
         echo_config(cfg)
@@ -47,8 +54,7 @@ def show(config_files: tuple[Path, ...], overrides: tuple[str, ...], check: bool
 
     cfg, files = compose_config(
         manager=current_plugin_manager(), hf_model_path=hf_model_path, pretrained_checkpoint=None,
-        config_files=config_files, lora_on_language_model=lora_on_language_model,
-        lora_on_vision_model=lora_on_vision_model, overrides=overrides,
+        config_files=config_files, overrides=overrides, plugin_values=plugin_values, command="config show",
     )
     if check:
         try:

@@ -17,6 +17,7 @@ from typing import Any, Sequence
 import click
 
 from nvlcore.cli.options import CONFIG_CONTEXT_SETTINGS, config_options
+from nvlcore.cli.plugin_options import PluginOptionsCommand
 
 MODULE = "nvlcore.cli.eval_cmd"
 DEFAULT_SPLITS = ("test", "validation")
@@ -61,13 +62,13 @@ def _child_argv(params: dict[str, Any], overrides: Sequence[str]) -> list[str]:
     return argv + list(overrides)
 
 
-@click.command("eval", context_settings={**CONFIG_CONTEXT_SETTINGS, "help_option_names": ["-h", "--help"]})
+@click.command("eval", cls=PluginOptionsCommand, context_settings={**CONFIG_CONTEXT_SETTINGS, "help_option_names": ["-h", "--help"]})
 @click.option("--hf-model-path", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="HF model directory: config, tokenizer (and the weights when no Megatron path is given).")
 @click.option("--megatron-model-path", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="Megatron-style checkpoint (base dir or iter_N dir) whose weights to use.")
-@click.option("--lora-checkpoint", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
-              help="A LoRA run's checkpoint: its adapters are merged in memory into the base weights.")
+@click.option("--adapter-checkpoint", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="A PEFT run's checkpoint (`peft.method` set): its adapters are merged in memory into the base weights.")
 @click.option("--predictions", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Score this JSON-lines file (prediction, reference per line) instead of generating.")
 @click.option("--split", default=None, help="Dataset split (default: test, else validation, else the maker's only split).")
@@ -103,7 +104,7 @@ def eval_command(**params: Any) -> None:
 
     \b
       nvl eval --hf-model-path HF dataset.maker_name=cord_v2 --limit 100 --output preds.jsonl
-      nvl eval --hf-model-path HF --lora-checkpoint runs/lora dataset.maker_name=medpix --json
+      nvl eval --hf-model-path HF --adapter-checkpoint runs/peft dataset.maker_name=medpix --json
       nvl eval --predictions preds.jsonl dataset.maker_name=cord_v2      # no model: score a file
     """
     from nvlcore.cli import current_plugin_manager
@@ -126,7 +127,7 @@ def eval_command(**params: Any) -> None:
         raise click.ClickException(str(exc)) from None
 
     if params["predictions"] is not None:
-        if params["hf_model_path"] or params["megatron_model_path"] or params["lora_checkpoint"]:
+        if params["hf_model_path"] or params["megatron_model_path"] or params["adapter_checkpoint"]:
             raise click.UsageError("--predictions scores a file without a model: drop the model paths")
         _score_file(params, metrics, maker_name)
         return
@@ -236,7 +237,7 @@ def _evaluate(params: dict[str, Any], cfg: Any, maker: Any, metrics: Any, maker_
         + f" ({dtype}, {dev}, tp={tp})")
     generator = load_eval_generator(
         hf_model_path=params["hf_model_path"], megatron_model_path=params["megatron_model_path"],
-        lora_checkpoint=params["lora_checkpoint"], tensor_parallel_size=tp, device=dev, dtype=dtype,
+        adapter_checkpoint=params["adapter_checkpoint"], tensor_parallel_size=tp, device=dev, dtype=dtype,
         manager=manager, bridge_name=params["bridge_name"], say=say,
     )
     seed = params["seed"]

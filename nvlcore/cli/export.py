@@ -14,6 +14,7 @@ from typing import Any
 
 import click
 
+from nvlcore.cli.plugin_options import PluginOptionsCommand
 from nvlcore.hub import hf_model_option, revision_option
 
 
@@ -29,11 +30,11 @@ def _parse_options(values: tuple[str, ...]) -> dict[str, Any]:
     return out
 
 
-@click.command("export")
+@click.command("export", cls=PluginOptionsCommand)
 @click.option("--format", "fmt", metavar="NAME", help="Exporter name (see --list-formats), e.g. hf-peft.")
 @click.option(
     "--checkpoint",
-    "--lora-checkpoint",
+    "--adapter-checkpoint",
     "--megatron-path",
     "--megatron-model-path",
     "checkpoint",
@@ -74,8 +75,8 @@ def export_command(
     """Export a trained checkpoint with a registered exporter (--format NAME).
 
     \b
-    Example (an HF PEFT adapter from a LoRA run):
-      nvl export --format hf-peft --lora-checkpoint runs/lora/iter_0000200 \\
+    Example (an HF PEFT adapter from a PEFT run):
+      nvl export --format hf-peft --checkpoint runs/peft/iter_0000200 \\
           --hf-model-path ckpts/hf --output my_adapter
     """
     from nvlcore.cli import current_plugin_manager

@@ -1,9 +1,10 @@
-"""``nvl finetune``: the original workflow's ``finetune_nemotron_nano_v2_vl.py`` as a command.
+"""``nvl finetune``: the original workflow's fine-tuning script as a command.
 
-Config resolution (later wins), as in the original script: the bridge's recipe (``--lora-on-*``
-select its PEFT recipe) -> the bridge's default YAML file, or ``--config-file`` instead -> the
-command-line overrides (``key=value``, ``key value``, mapping values, ``+key``, ``~key``) -> the
-paths given as options (``--hf-model-path``, ``--pretrained-checkpoint``).
+Config resolution (later wins), as in the original script: the bridge's recipe (options that plugins
+add may select its variant, e.g. its PEFT recipe) -> the bridge's default YAML file, or ``--config-file``
+instead -> the command-line overrides (``key=value``, ``key value``, mapping values, ``+key``, ``~key``)
+-> what the plugins' options set -> the paths given as options (``--hf-model-path``,
+``--pretrained-checkpoint``).
 
 ``--nproc-per-node N`` starts N workers through ``torch.distributed.run`` (torchrun's library) and
 supervises them; a process started by ``torchrun`` itself (``RANK``/``WORLD_SIZE`` set) trains as
@@ -18,11 +19,12 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import click
 
 from nvlcore.cli.options import CONFIG_CONTEXT_SETTINGS, config_options
+from nvlcore.cli.plugin_options import PluginOptionsCommand
 from nvlcore.hub import hf_model_option, revision_option
 
 MODULE = "nvlcore.cli.finetune"
@@ -40,10 +42,9 @@ def _resolve(manager: Any, hf_model_path: str | None, bridge_name: str | None) -
         raise click.BadParameter(str(exc), param_hint="--hf-model-path") from None
 
 
-def _recipe(bridge: Any, *, language: bool, vision: bool) -> dict[str, Any]:
-    """The bridge's recipe; the LoRA flags pick its PEFT variant (which groups get adapters)."""
-    groups = [g for g, on in (("language_model", language), ("vision_model", vision)) if on]
-    return dict(bridge.recipe(peft=bool(groups), adapted_groups=groups) or {})
+def _recipe(bridge: Any, options: Mapping[str, Any]) -> dict[str, Any]:
+    """The bridge's recipe; plugin options choose its variant (e.g. ``peft=True, adapted_groups=[...]``)."""
+    return dict(bridge.recipe(**options) or {})
 
 
 def compose_config(
@@ -52,18 +53,28 @@ def compose_config(
     hf_model_path: str | None,
     pretrained_checkpoint: str | None,
     config_files: Sequence[str | Path],
-    lora_on_language_model: bool,
-    lora_on_vision_model: bool,
     overrides: Sequence[str],
+    plugin_values: Sequence[tuple[Any, Mapping[str, Any]]] = (),
+    command: str = "finetune",
 ) -> Any:
-    """Recipe -> default YAML or ``--config-file`` -> overrides -> option paths; returns the (unresolved) config."""
+    """Recipe -> default YAML or ``--config-file`` -> overrides -> plugin options -> option paths;
+    returns the (unresolved) config and the YAML files used.
+
+    :param plugin_values: ``(CommandOptions, its values)`` of the options plugins added to the command
+        (:meth:`nvlcore.cli.plugin_options.PluginOptionsCommand.split_values`).
+    :param command: the command path the plugin options are asked about (``"finetune"``, ``"config show"``).
+    """
+    from nvlcore.cli.plugin_options import ConfigRequest
     from nvlcore.config import ConfigError, Override, load_config, parse_overrides
 
     parsed = parse_overrides(list(overrides))
     given = {o.key: o.value for o in parsed}
     hf = hf_model_path or given.get("model.hf_model_path")
     bridge = _resolve(manager, hf, given.get("model.bridge"))
-    base = _recipe(bridge, language=lora_on_language_model, vision=lora_on_vision_model)
+    recipe_options: dict[str, Any] = {}
+    for obj, values in plugin_values:
+        recipe_options.update(obj.recipe_options(command, values))
+    base = _recipe(bridge, recipe_options)
     files: list[str] = [str(f) for f in config_files]
     if not files:
         default = bridge.default_config_file()
@@ -74,83 +85,32 @@ def compose_config(
         extra.append(Override("model.hf_model_path", str(Path(hf_model_path).expanduser().absolute())))
     if pretrained_checkpoint:
         extra.append(Override("checkpoint.pretrained_checkpoint", str(Path(pretrained_checkpoint).expanduser().absolute())))
-    if (lora_on_language_model or lora_on_vision_model) and not base.get("peft", {}).get("method") \
-            and "peft.method" not in given:
-        extra.append(Override("peft.method", "lora"))
-    if lora_on_language_model or lora_on_vision_model:
-        extra += _lora_flag_overrides(manager, base, given, [str(f) for f in config_files],
-                                      lora_on_language_model, lora_on_vision_model)
+    request = ConfigRequest(manager=manager, base=base, given=given, config_files=tuple(str(f) for f in config_files))
+    for obj, values in plugin_values:
+        extra += list(obj.overrides(command, values, request))
     try:
         return load_config(files, [*parsed, *extra], base=base, plugins=manager), files
     except ConfigError as exc:
         raise click.UsageError(f"config: {exc}") from None
 
 
-FREEZE_KEYS = ("freeze_language_model", "freeze_vision_model", "freeze_vision_projection")
-
-
-def _user_peft_freeze(given: dict[str, Any], config_files: Sequence[str]) -> set[str]:
-    """``peft.freeze_*`` keys the user set explicitly: on the command line or in a ``--config-file``.
-
-    Megatron-Bridge's rule: under PEFT the recipe decides what is frozen, and only an explicit
-    ``peft.freeze_*`` override changes it. A ``model.freeze_*: False`` (both shipped YAML files have
-    them) never unfreezes a tower the PEFT recipe froze; ``model.freeze_*: True`` freezes a tower in
-    addition (the trainer applies both: a base parameter trains only if neither freezes it).
-    """
-    import yaml
-
-    out: set[str] = set()
-    for config_file in config_files:
-        try:
-            data = yaml.safe_load(Path(config_file).read_text()) or {}
-        except (OSError, yaml.YAMLError):
-            continue  # the config loader reports an unreadable file with its own message
-        peft = data.get("peft") if isinstance(data, dict) else None
-        if isinstance(peft, dict):
-            out |= {k for k in FREEZE_KEYS if k in peft}
-    out |= {k for k in FREEZE_KEYS if f"peft.{k}" in given}
-    return out
-
-
-def _lora_flag_overrides(manager: Any, base: dict[str, Any], given: dict[str, Any], config_files: Sequence[str],
-                         language: bool, vision: bool) -> list[Any]:
-    """``--lora-on-language-model`` / ``--lora-on-vision-model`` resolved by the PEFT method (Megatron-Bridge's
-    table: which towers get adapters, which are frozen). An explicit ``peft.freeze_*`` or
-    ``peft.target_modules`` of the user is kept; ``model.freeze_*`` does not enter the PEFT settings."""
-    from nvlcore.config import Override
-
-    method_name = given.get("peft.method") or base.get("peft", {}).get("method") or "lora"
-    try:
-        method = manager.registry("peft_method").get(method_name)
-    except Exception:  # the config loader reports an unknown method with its own message
-        return []
-    settings = getattr(method, "workflow_settings", None)
-    if settings is None:
-        return []
-    peft, freeze = settings(language, vision)
-    explicit = _user_peft_freeze(given, config_files)
-    out = [Override(f"peft.{k}", freeze[k]) for k in FREEZE_KEYS if k not in explicit]
-    if "peft.target_modules" not in given:
-        out.append(Override("peft.target_modules", list(peft["target_modules"])))
-    return out
-
-
 LAUNCH_OPTIONS = ("nproc_per_node", "nnodes", "node_rank", "rdzv_endpoint", "rdzv_backend", "rdzv_id",
                   "master_addr", "master_port")
 
 
-def _child_argv(params: dict[str, Any], overrides: Sequence[str]) -> list[str]:
-    """The worker's command line: every option except the launcher's, then the overrides as given."""
+def _child_argv(params: dict[str, Any], overrides: Sequence[str], plugin_argv: Sequence[str] = ()) -> list[str]:
+    """The worker's command line: every option except the launcher's (the plugins' as ``plugin_argv``),
+    then the overrides as given."""
     argv: list[str] = []
     for opt in ("hf_model_path", "pretrained_checkpoint"):
         if params.get(opt):
             argv += ["--" + opt.replace("_", "-"), str(params[opt])]
     for f in params.get("config_files") or ():
         argv += ["--config-file", str(f)]
-    for flag in ("lora_on_language_model", "lora_on_vision_model", "random_init", "debug"):
+    for flag in ("random_init", "debug"):
         if params.get(flag):
             argv.append("--" + flag.replace("_", "-"))
-    return argv + list(overrides)
+    return argv + list(plugin_argv) + list(overrides)
 
 
 def _latest_saved(save: str | None) -> tuple[int | None, float | None]:
@@ -166,7 +126,8 @@ def _latest_saved(save: str | None) -> tuple[int | None, float | None]:
         return None, None
 
 
-@click.command("finetune", context_settings={**CONFIG_CONTEXT_SETTINGS, "help_option_names": ["-h", "--help"]})
+@click.command("finetune", cls=PluginOptionsCommand,
+               context_settings={**CONFIG_CONTEXT_SETTINGS, "help_option_names": ["-h", "--help"]})
 @hf_model_option("--hf-model-path", help="HF model (config.json, tokenizer); selects the model bridge.")
 @revision_option()
 @click.option("--pretrained-checkpoint", "--pretrained", "--megatron-path", "--megatron-model-path",
@@ -174,8 +135,6 @@ def _latest_saved(save: str | None) -> tuple[int | None, float | None]:
               help="Starting weights: a Megatron checkpoint (base dir or iter_N) or an HF directory.")
 @click.option("--random-init", is_flag=True,
               help="No starting weights: random initialisation. FOR BENCHMARKING ONLY.")
-@click.option("--lora-on-language-model", is_flag=True, help="LoRA on the language model (PEFT recipe).")
-@click.option("--lora-on-vision-model", is_flag=True, help="LoRA on the vision encoder and projector (PEFT recipe).")
 @click.option("--nproc-per-node", type=int, default=None, help="Start this many worker processes on this machine.")
 @click.option("--nnodes", default=None, help="torchrun: number of machines (or MIN:MAX).")
 @click.option("--node-rank", type=int, default=None, help="torchrun: this machine's rank (static rendezvous).")
@@ -187,11 +146,12 @@ def _latest_saved(save: str | None) -> tuple[int | None, float | None]:
 @click.option("--debug", is_flag=True, help="Show full tracebacks (also nvl --debug).")
 @config_options()
 def finetune_command(**params: Any) -> None:
-    """Fine-tune a model (full or LoRA) on a registered dataset.
+    """Fine-tune a model (fully or with a PEFT method) on a registered dataset.
 
     OVERRIDES set config keys: `train.train_iters=30`, `dataset.maker_name make_raven_dataset`,
     `dataset.maker_kwargs '{"path": "/data/raven"}'`, `~key` resets a key. --config-file (repeatable)
-    replaces the bridge's default YAML, as in the original script. Example:
+    replaces the bridge's default YAML, as in the original script. Installed plugins may add options
+    (a PEFT plugin its recipe flags). Example:
 
         nvl finetune --hf-model-path HF --pretrained-checkpoint CKPT checkpoint.save=out dataset.maker_name=raven
     """
@@ -206,10 +166,13 @@ def finetune_command(**params: Any) -> None:
     params.pop("revision", None)  # used by --hf-model-path's resolution
     params["debug"] = params["debug"] or global_flag("debug")
     manager = current_plugin_manager()
+    ctx = click.get_current_context()
+    command = ctx.command
+    assert isinstance(command, PluginOptionsCommand)
+    plugin_values = command.split_values(params, ctx)
     cfg, files = compose_config(
         manager=manager, hf_model_path=params["hf_model_path"], pretrained_checkpoint=params["pretrained_checkpoint"],
-        config_files=params["config_files"], lora_on_language_model=params["lora_on_language_model"],
-        lora_on_vision_model=params["lora_on_vision_model"], overrides=overrides,
+        config_files=params["config_files"], overrides=overrides, plugin_values=plugin_values,
     )
     if params["print_config"]:
         if files:
@@ -237,7 +200,7 @@ def finetune_command(**params: Any) -> None:
     if nproc is not None and not launched_by_torchrun():
         multi = {k: params[k] for k in LAUNCH_OPTIONS if k != "nproc_per_node" and params[k] is not None}
         args = build_launch_args(
-            nproc_per_node=nproc, module=MODULE, module_args=_child_argv(params, overrides),
+            nproc_per_node=nproc, module=MODULE, module_args=_child_argv(params, overrides, command.plugin_argv(ctx)),
             nnodes=str(params["nnodes"] or "1"), node_rank=params["node_rank"],
             rdzv_endpoint=params["rdzv_endpoint"], rdzv_backend=params["rdzv_backend"], rdzv_id=params["rdzv_id"],
             master_addr=params["master_addr"], master_port=params["master_port"],

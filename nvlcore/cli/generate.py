@@ -15,6 +15,7 @@ from typing import Any
 
 import click
 
+from nvlcore.cli.plugin_options import PluginOptionsCommand
 from nvlcore.cli.spelling import declare_aliases
 from nvlcore.hub import hf_model_option, revision_option
 
@@ -79,7 +80,7 @@ def _check_images(paths: list[Path]) -> None:
     aliases={"--image-paths": "--image-path", "--video-fps": "--fps", "--hf-revision": "--revision"},
     nargs=("--image-paths",),
 )
-@click.command("generate")
+@click.command("generate", cls=PluginOptionsCommand)
 @hf_model_option(
     "--hf-model-path", required=True,
     help="HF model: config, tokenizer, processor settings (and the weights when no Megatron path is given).",
@@ -91,9 +92,9 @@ def _check_images(paths: list[Path]) -> None:
     help="Megatron-style checkpoint (base dir or iter_N dir) whose weights to use.",
 )
 @click.option(
-    "--lora-checkpoint", "--adapter-checkpoint", "lora_checkpoint",
+    "--adapter-checkpoint", "adapter_checkpoint",
     type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
-    help="A PEFT (LoRA/DoRA) run's checkpoint: its adapters are applied, unmerged, on top of the base weights "
+    help="A PEFT run's checkpoint (`peft.method` set): its adapters are applied, unmerged, on top of the base weights "
          "(--megatron-model-path, else the run's recorded base, else the HF weights).",
 )
 @click.option("--image-path", default=None, help="Image file; several comma-separated (prompted as Image-1: ... Image-2: ...).")
@@ -130,7 +131,7 @@ def generate_cmd(
     hf_model_path: Path,
     revision: str | None,
     megatron_model_path: Path | None,
-    lora_checkpoint: Path | None,
+    adapter_checkpoint: Path | None,
     image_path: str | None,
     video_path: Path | None,
     num_frames: int | None,
@@ -191,7 +192,7 @@ def generate_cmd(
     say(
         f"loading {hf_model_path}"
         + (f" with weights from {megatron_model_path}" if megatron_model_path else "")
-        + (f" and the adapters of {lora_checkpoint}" if lora_checkpoint else "")
+        + (f" and the adapters of {adapter_checkpoint}" if adapter_checkpoint else "")
         + f" ({torch_dtype}, {dev}, tp={tp})"
     )
     options: dict[str, Any] = {}
@@ -204,8 +205,8 @@ def generate_cmd(
         options["processor_options"] = processor_options
     if video_pruning_rate is not None:
         options["video_pruning_rate"] = video_pruning_rate
-    if lora_checkpoint is not None:
-        options.update(peft_checkpoint=lora_checkpoint, plugin_manager=current_plugin_manager(), say=say)
+    if adapter_checkpoint is not None:
+        options.update(adapter_checkpoint=adapter_checkpoint, plugin_manager=current_plugin_manager(), say=say)
     try:
         generator = bridge.generator(
             megatron_model_path=megatron_model_path, tensor_parallel_size=tp, device=dev, dtype=torch_dtype, **options

@@ -10,7 +10,7 @@ wraps its ``parse_args`` so that, before click parses:
   "--image-path", "-tp": "--tp"}``) and spellings that take several values the original way
   (``nvl_nargs_options``: ``--image_paths a.png b.png`` -> ``--image-path a.png,b.png``);
 * an argument that starts with a dash-like character that is not ``-`` (an em dash from a word
-  processor: ``—-lora-on-vision-model``) is refused with one line that says what to type.
+  processor: ``—-hf-model-path``) is refused with one line that says what to type.
 
 Only the arguments before a bare ``--`` are looked at. Importing this module is cheap (click only).
 """
@@ -34,7 +34,7 @@ _OPTIONISH = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]*(=.*)?$", re.S)
 
 def starts_with_dash_like(token: str) -> bool:
     """True if ``token`` begins with a dash-like character other than ``-`` and the rest reads like an
-    option or an override (``—-lora-on-vision-model``, ``–train.lr=1``); text such as a prompt that
+    option or an override (``—-hf-model-path``, ``–train.lr=1``); text such as a prompt that
     starts with a dash (``— what is this?``) is not one."""
     if not token or token[0] not in DASH_LIKE:
         return False
@@ -74,25 +74,30 @@ def dash_error(token: str, known: Iterable[str] = ()) -> str:
     )
 
 
-def _long_options(cmd: click.Command) -> dict[str, click.Parameter]:
+def _long_options(cmd: click.Command, ctx: click.Context | None = None) -> dict[str, click.Parameter]:
     out: dict[str, click.Parameter] = {}
-    for p in cmd.params:
+    for p in (cmd.get_params(ctx) if ctx is not None else cmd.params):
         for opt in [*getattr(p, "opts", []), *getattr(p, "secondary_opts", [])]:
             if opt.startswith("-"):
                 out[opt] = p
     return out
 
 
-def normalize_args(cmd: click.Command, args: list[str]) -> list[str]:
+def normalize_args(cmd: click.Command, args: list[str], ctx: click.Context | None = None) -> list[str]:
     """``args`` with underscore spellings and declared aliases rewritten to the command's options.
 
     For a group only its own options are looked at: everything from the subcommand's name on is
-    left to the subcommand.
+    left to the subcommand. With ``ctx``, the options and aliases that plugins add to a core command
+    (:class:`nvlcore.cli.plugin_options.PluginOptionsCommand`) count too.
 
     :raises click.UsageError: for an argument that starts with a dash-like character.
     """
-    options = _long_options(cmd)
+    from nvlcore.cli.plugin_options import PluginOptionsCommand
+
+    options = _long_options(cmd, ctx)
     aliases: dict[str, str] = dict(getattr(cmd, "nvl_option_aliases", {}) or {})
+    if isinstance(cmd, PluginOptionsCommand):
+        aliases.update(cmd.option_aliases(ctx))
     nargs_options: set[str] = set(getattr(cmd, "nvl_nargs_options", ()) or ())
     known = sorted(set(options) | set(aliases))
     out: list[str] = []
@@ -151,7 +156,7 @@ def adopt(cmd: click.Command) -> click.Command:
         original = cmd.parse_args
 
         def parse_args(ctx: click.Context, args: list[str]) -> list[str]:
-            return original(ctx, normalize_args(cmd, list(args)))
+            return original(ctx, normalize_args(cmd, list(args), ctx))
 
         cmd.parse_args = parse_args  # type: ignore[method-assign]
         cmd._nvl_adopted = True  # type: ignore[attr-defined]

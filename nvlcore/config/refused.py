@@ -125,7 +125,7 @@ def check_refused(cfg: "NvlConfig") -> None:
             if not is_missing(value) and value != getattr(default, f.name):
                 raise ConfigError(
                     f"peft.{f.name}={value!r} has no effect: peft.method is null (full fine-tuning); set "
-                    "peft.method=lora (or --lora-on-language-model / --lora-on-vision-model), or remove it",
+                    "peft.method to a registered PEFT method (`nvl plugins list --all`), or remove it",
                     key=f"peft.{f.name}",
                 )
         if cfg.peft.options:

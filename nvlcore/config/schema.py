@@ -1,7 +1,6 @@
 """The typed config schema: one attrs class per section, Megatron-Bridge's section and field names.
 
-Defaults are the Megatron-Bridge recipe for Nemotron Nano V2 VL (``nemotron_nano_v2_vl_12b_sft_config``,
-see docs/config.md) where it gives one; a model bridge's ``recipe()`` returns a nested mapping that
+Defaults are Megatron-Bridge's where it gives one (see docs/config.md); a model bridge's ``recipe()`` returns a nested mapping that
 :func:`nvlcore.config.load_config` merges over these defaults (``base=``), then the YAML files, then
 the command-line overrides.
 
@@ -33,17 +32,17 @@ class ModelConfig:
     """``model``: the model provider's settings (parallelism, freezing, sequence length)."""
 
     seq_length: int = _f(4096, "Maximum language-model sequence length (tokens after image/video expansion).")
-    tensor_model_parallel_size: int = _f(4, "Tensor-parallel size (recipe: 4 for full fine-tuning, 2 for LoRA).")
+    tensor_model_parallel_size: int = _f(4, "Tensor-parallel size (recipe: 4 for full fine-tuning, 2 for PEFT).")
     pipeline_model_parallel_size: int = _f(1, "Pipeline-parallel size. Only 1 is supported by nvl.")
     context_parallel_size: int = _f(1, "Context-parallel size. Only 1 is supported by nvl.")
     sequence_parallel: bool = _f(False, "Megatron sequence parallelism. Not supported by nvl (must be false).")
     freeze_language_model: bool = _f(False, "Freeze every language-model parameter.")
-    freeze_vision_model: bool = _f(False, "Freeze the vision encoder (RADIO ViT).")
+    freeze_vision_model: bool = _f(False, "Freeze the vision encoder.")
     freeze_vision_projection: bool = _f(False, "Freeze the vision projector (MLP).")
     bridge: str | None = _f(None, "Model bridge name; default: picked from the HF config's `architectures`.")
     hf_model_path: str | None = _f(None, "HF model directory the bridge reads (config.json, tokenizer, processor).")
     recompute_granularity: Literal["selective", "full"] | None = _f(
-        None, "Activation recomputation: selective (the Mamba conv + scan), full (whole layers), null (none)."
+        None, "Activation recomputation: selective (the parts the model bridge picks), full (whole layers), null (none)."
     )
     kernels: str = _f(
         "auto",
@@ -212,13 +211,15 @@ class LoggerConfig:
 class PeftConfig:
     """``peft``: parameter-efficient fine-tuning (null ``method`` = full fine-tuning).
 
-    Defaults are the recipe's ``VLMLoRA``. A method may declare more fields in its ``Config`` class;
-    they are accepted in this section when that method is selected and land in ``options``.
+    The core fields are those every adapter method shares (Megatron-Bridge's names and defaults). A
+    method declares its own fields (initialisation, adapter dtype, which parts of the model it freezes,
+    ...) in its ``Config`` class; they are accepted in this section when that method is selected and
+    land in ``options``.
     """
 
-    method: str | None = _f(None, "Registered PEFT method (e.g. lora); null = full fine-tuning.")
+    method: str | None = _f(None, "Registered PEFT method (`nvl plugins list --all`); null = full fine-tuning.")
     target_modules: list[str] = _f(
-        help="Module names or wildcard patterns (`*language_model*.linear_qkv`) that get adapters.",
+        help="Module names or wildcard patterns (`*decoder*.linear_qkv`) that get adapters.",
         factory=lambda: ["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"],
     )
     exclude_modules: list[str] = _f(help="Target every linear layer except these (exclusive with target_modules).", factory=list)
@@ -226,12 +227,6 @@ class PeftConfig:
     alpha: float = _f(32, "Adapter scale numerator: the update is (alpha/dim)·B·A.")
     dropout: float = _f(0.0, "Dropout on the adapter path.")
     dropout_position: Literal["pre", "post"] = _f("pre", "Apply dropout before A (pre) or after B (post).")
-    lora_A_init_method: Literal["xavier", "uniform", "kaiming", "normal"] = _f("xavier", "Initialisation of A.")
-    lora_B_init_method: Literal["zero", "xavier", "uniform", "kaiming", "normal"] = _f("zero", "Initialisation of B.")
-    lora_dtype: Literal["float32", "bfloat16", "float16"] | None = _f(None, "Adapter dtype (null = model dtype).")
-    freeze_language_model: bool = _f(True, "Freeze the base language model (adapters stay trainable).")
-    freeze_vision_model: bool = _f(True, "Freeze the base vision encoder.")
-    freeze_vision_projection: bool = _f(True, "Freeze the base vision projector.")
     options: dict[str, Any] = _f(help="Method-specific fields (validated by the method's Config).", factory=dict)
 
 

@@ -345,7 +345,7 @@ def import_hf_checkpoint(
 
     def cast_dtype(spec: TensorSpec) -> "torch.dtype":
         # --dtype converts the model's own dtype; tensors the source keeps in another dtype (fp32
-        # buffers such as RADIO's norm_mean) stay as they are, so nothing is silently rounded.
+        # buffers such as a vision encoder's input norm_mean) stay as they are, so nothing is silently rounded.
         if target is not None and spec.dtype == src_main and spec.dtype.is_floating_point:
             return target
         return spec.dtype

@@ -37,6 +37,10 @@ from typing import Any
 
 __all__ = ["ConversationError", "ROLES", "ITEM_TYPES", "validate_conversation", "iter_items"]
 
+#: One example in this schema: ``{"conversation": [{"role": ..., "content": [...]}, ...]}`` (the one
+#: definition; :mod:`nvlcore.contracts` and :mod:`nvlcore.generation` import it from here).
+Conversation = dict[str, Any]
+
 ROLES: tuple[str, ...] = ("system", "user", "assistant")
 ITEM_TYPES: tuple[str, ...] = ("text", "image", "video")
 

@@ -8,7 +8,7 @@ bridge's processor with the generation prompt appended) together::
     results = gen.generate([conv1, conv2], max_new_tokens=64)        # greedy, batched
     results[0].text, results[0].token_ids, results[0].decode_tokens_per_s
 
-Model bridges provide ready-made constructors (``bridge.generator(**options)``). :func:`build_conversation` makes a conversation in
+Model bridges provide ready-made constructors (their ``generator()``). :func:`build_conversation` makes a conversation in
 the project's schema from the command line's pieces the way the original Megatron-Bridge script
 did (``"Image-1: <image>\\nImage-2: <image>\\n<prompt>"`` for several images).
 """
@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence, TextIO
 
+from nvlcore.data.schema import Conversation
 from nvlcore.generation.loop import GenerationOutput, generate_tokens, left_pad
 from nvlcore.generation.sampling import SamplingParams
 from nvlcore.generation.streaming import IncrementalDetokenizer, TextStreamer
@@ -26,7 +27,6 @@ from nvlcore.generation.streaming import IncrementalDetokenizer, TextStreamer
 if TYPE_CHECKING:
     import torch
 
-Conversation = dict[str, Any]
 PrepareFn = Callable[[Conversation], Mapping[str, Any]]
 """``prepare(conversation) -> {"input_ids": 1-D ids of the prompt incl. generation prompt, **media}``."""
 
@@ -42,7 +42,7 @@ def build_conversation(
 
     One image: ``[image, prompt]``. Several images: ``"Image-1: ", image, "\\nImage-2: ", image, ...,
     "\\n" + prompt``. A video: ``[video, "\\n" + prompt]``. No media: ``[prompt]``. A non-empty
-    ``system_prompt`` becomes a system turn (``"/no_think"`` turns reasoning off for Nemotron).
+    ``system_prompt`` becomes a system turn (some models' chat templates read switches there, e.g. ``"/no_think"``).
     """
     if images and video is not None:
         raise ValueError("give images or a video, not both")

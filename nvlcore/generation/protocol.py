@@ -4,9 +4,9 @@ The protocol is three methods on the model (or on a thin wrapper around it):
 
 ``allocate_cache(batch_size, max_length, *, dtype, device) -> cache``
     Allocate whatever per-sequence state decoding needs for ``batch_size`` rows of at most
-    ``max_length`` tokens (prompt + generated). For a hybrid Mamba/attention model: a key/value
-    buffer per attention layer and a conv + SSM state per Mamba layer. The cache object is opaque
-    to the loop.
+    ``max_length`` tokens (prompt + generated). For a hybrid state-space/attention model: a key/value
+    buffer per attention layer and a convolution + SSM state per state-space layer. The cache object
+    is opaque to the loop.
 ``prefill(input_ids, *, attention_mask, cache, **model_inputs) -> logits``
     Run the whole prompt once (``input_ids [B, L]``, **left**-padded, ``attention_mask [B, L]``
     with 0 on padding; ``model_inputs`` are the processor's other outputs such as
@@ -15,11 +15,11 @@ The protocol is three methods on the model (or on a thin wrapper around it):
     tensor-parallel model gathers its vocabulary shards).
 ``decode_step(token_ids, cache) -> logits``
     Append one token per row (``token_ids [B]``) and return the next-token logits ``[B, V]``.
-    Constant work per Mamba layer; attention reads the cached keys/values.
+    Constant work per state-space layer; attention reads the cached keys/values.
 
 Left padding keeps the newest token of every row in the same column, so one decode step serves
 the whole batch; the model is responsible for making padding invisible (padded keys masked in
-attention, padded positions zeroed before a Mamba layer's state sees them).
+attention, padded positions zeroed before a state-space layer's state sees them).
 
 :class:`NoCacheReference` implements the same protocol on top of a plain full-sequence forward
 by recomputing the whole prefix at every step: the slow, obviously-correct reference the cached

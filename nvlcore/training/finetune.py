@@ -62,8 +62,8 @@ def apply_peft(model: "torch.nn.Module", cfg: "NvlConfig", manager: Any, bridge:
         target = reg.get(method_name)
     except Exception as exc:
         raise RuntimeError(
-            f"peft.method={method_name!r} is not available ({exc}); install nvl-lora (pip install -e plugins/nvl-lora) "
-            "for --lora-on-language-model / --lora-on-vision-model"
+            f"peft.method={method_name!r} is not available ({exc}); install the plugin that provides it "
+            "(`nvl plugins list --all` shows the installed PEFT methods)"
         ) from exc
     method = target() if isinstance(target, type) else target
     from nvlcore.config import config_to_dict
@@ -80,7 +80,7 @@ def apply_peft(model: "torch.nn.Module", cfg: "NvlConfig", manager: Any, bridge:
 class TowerStatus:
     """How one top-level submodule of the model is trained (printed at start, see :func:`tower_status`).
 
-    :param name: the submodule (``language_model``, ``vision_model``, ...).
+    :param name: the model's top-level submodule (a tower: ``decoder``, ``encoder``, ...).
     :param base_trainable: its own (non-PEFT) parameters with ``requires_grad``, counted on this rank.
     :param base_total: its own parameters.
     :param adapter: parameters the PEFT method added in it (all trainable ones counted).
@@ -119,7 +119,7 @@ def tower_status(model: "torch.nn.Module", base_names: set[str]) -> list[TowerSt
 
 
 def describe_towers(statuses: list[TowerStatus]) -> str:
-    """One line: ``trained fully: vision_model, vision_projection; with adapters: language_model; frozen: -``."""
+    """One line: ``trained fully: encoder, projector; with adapters: decoder; frozen: -``."""
     full = [t.name for t in statuses if t.base_total and t.base_trainable == t.base_total]
     adapters = [t.name for t in statuses if t.adapter]
     frozen = [t.name for t in statuses if t.base_trainable == 0 and not t.adapter]
@@ -504,7 +504,7 @@ def run_finetune(
         peft, towers = prepare_trainable(model, cfg, manager, bridge)
         say(f"nvl finetune: towers: {describe_towers(towers)}")
         if settings.autocast_dtype is not None:
-            # Under bf16 autocast every matmul reads bf16 weights: a frozen parameter (a LoRA run's base
+            # Under bf16 autocast every matmul reads bf16 weights: a frozen parameter (a PEFT run's base
             # model) is stored once in bf16, 2 bytes instead of 4 plus a per-step cast; trainable ones
             # keep their fp32 masters. (Built and loaded in fp32, so nothing trainable loses precision.)
             optim.store_frozen_in_(model, settings.autocast_dtype)

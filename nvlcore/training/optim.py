@@ -29,7 +29,7 @@ BUCKET_BYTES = 128 * 1024 * 1024
 
 
 def no_weight_decay(name: str, param: "torch.Tensor") -> bool:
-    """Megatron's rule: biases and 1-D parameters (norm weights, Mamba ``D``/``dt_bias``...) get no decay."""
+    """Megatron's rule: biases and 1-D parameters (norm weights, state-space ``D``/``dt_bias``...) get no decay."""
     return name.endswith(".bias") or param.dim() <= 1
 
 

@@ -275,7 +275,7 @@ class TinyBridge(ModelBridge):
 
     def generator(self, *, megatron_model_path: str | Path | None = None, tensor_parallel_size: int = 1,
                   device: Any = None, dtype: Any = None, processor_options: Mapping[str, Any] | None = None,
-                  video_pruning_rate: float | None = None, peft_checkpoint: str | Path | None = None,
+                  video_pruning_rate: float | None = None, adapter_checkpoint: str | Path | None = None,
                   model_transform: Callable[[Any], Any] | None = None, plugin_manager: Any = None,
                   say: Callable[[str], None] | None = None) -> Any:
         import torch
@@ -284,7 +284,7 @@ class TinyBridge(ModelBridge):
 
         unsupported = [n for n, v in (("--tp", tensor_parallel_size != 1), ("processor options", processor_options),
                                       ("--video-pruning-rate", video_pruning_rate is not None),
-                                      ("--lora-checkpoint", peft_checkpoint is not None)) if v]
+                                      ("--adapter-checkpoint", adapter_checkpoint is not None)) if v]
         if unsupported:
             raise ValueError(f"model bridge {self.name!r} does not support {', '.join(unsupported)}")
         assert self.hf_dir is not None

@@ -1,7 +1,7 @@
 """nvl plugin: LoRA and DoRA.
 
-Registers the PEFT methods ``lora`` and ``dora`` and the exporter ``hf-peft`` as lazy ``"module:Attr"`` targets and
-adds the ``nvl peft`` command group. Nothing heavy (torch, megatron) is imported here, so ``nvl
+Registers the PEFT methods ``lora`` and ``dora`` and the exporter ``hf-peft`` as lazy ``"module:Attr"`` targets,
+adds the ``nvl peft`` command group and the ``--lora-on-*`` options of ``nvl finetune`` / ``nvl config show``. Nothing heavy (torch, megatron) is imported here, so ``nvl
 --help`` stays fast; see ``docs/lora.md``.
 """
 
@@ -26,6 +26,14 @@ def nvl_register_peft_methods(register: Any) -> None:
 @hookimpl
 def nvl_register_exporters(register: Any) -> None:
     register(EXPORTER_NAME, "nvl_lora.hf_peft:HFPeftExporter", aliases=("peft",))
+
+
+@hookimpl
+def nvl_register_command_options(register: Any) -> None:
+    # --lora-on-language-model / --lora-on-vision-model on nvl finetune and nvl config show
+    register("lora-flags", "nvl_lora.options:LoRAFlags")
+    # --lora-checkpoint: the old spelling of --adapter-checkpoint (nvl generate / eval / export)
+    register("lora-checkpoint-spelling", "nvl_lora.options:LoRACheckpointSpelling")
 
 
 @hookimpl

@@ -233,8 +233,8 @@ class LoRAMethod:
         """``--lora-on-language-model`` / ``--lora-on-vision-model`` as plain config values:
         ``(peft section, {"freeze_language_model": ..., ...} for the peft section)``.
 
-        See :func:`nvl_lora.recipes.lora_settings` (the trainer reaches it through the registry, so
-        the core never imports this plugin).
+        See :func:`nvl_lora.recipes.lora_settings`; :class:`nvl_lora.options.LoRAFlags` (the flags this
+        plugin adds to ``nvl finetune``) calls it on the selected method.
         """
         from nvl_lora.recipes import lora_settings
 

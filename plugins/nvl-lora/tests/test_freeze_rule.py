@@ -53,14 +53,16 @@ def _trainable(toy: Path, manager, config_file: Path | None, flags: str, overrid
 
     :returns: (config, {tower: (base trainable, base total, adapter trainable)}, towers summary).
     """
+    from nvl_lora.options import LoRAFlags
     from nvlcore.cli.finetune import compose_config
     from nvlcore.training.finetune import prepare_trainable, resolve_bridge
 
     language, vision = FLAGS[flags]
     cfg, _ = compose_config(
         manager=manager, hf_model_path=str(toy), pretrained_checkpoint=str(toy),
-        config_files=[str(config_file)] if config_file else [], lora_on_language_model=language,
-        lora_on_vision_model=vision, overrides=["model.tensor_model_parallel_size=1", *overrides],
+        config_files=[str(config_file)] if config_file else [],
+        overrides=["model.tensor_model_parallel_size=1", *overrides],
+        plugin_values=[(LoRAFlags(), {"lora_on_language_model": language, "lora_on_vision_model": vision})],
     )
     bridge = resolve_bridge(cfg.model.hf_model_path, cfg.model.bridge, manager=manager)
     model = bridge.build_model(dtype=torch.float32, device="cpu", init="random", seed=1)
@@ -97,7 +99,7 @@ def test_the_peft_recipe_decides_what_is_frozen(toy, manager, config_file, flags
         else:
             assert trainable == total, (tower, counts)  # trained fully
         assert (adapters > 0) == (tower in adapted), (tower, counts)
-        assert getattr(cfg.peft, f"freeze_{tower}") == (tower in frozen)
+        assert cfg.peft.options[f"freeze_{tower}"] == (tower in frozen)
     by_name = {t.name: t for t in towers}
     for tower in TOWERS:
         state = by_name[tower].state
@@ -120,14 +122,14 @@ def test_model_freeze_true_freezes_in_addition(toy, manager) -> None:
 def test_only_an_explicit_peft_freeze_unfreezes(toy, manager, config_file, tmp_path: Path) -> None:
     # on the command line
     cfg, counts, _ = _trainable(toy, manager, config_file, "both", ["peft.freeze_vision_model=False"])
-    assert cfg.peft.freeze_vision_model is False and cfg.peft.freeze_language_model is True
+    assert cfg.peft.options["freeze_vision_model"] is False and cfg.peft.options["freeze_language_model"] is True
     assert counts[VIT][0] == counts[VIT][1] > 0 and counts[VIT][2] > 0  # trained fully + adapters
     assert counts[LM][0] == 0 and counts[PROJ][0] == 0
     # in the user's own config file
     mine = tmp_path / "mine.yaml"
     mine.write_text(config_file.read_text() + "peft:\n  freeze_vision_projection: false\n")
     cfg, counts, _ = _trainable(toy, manager, mine, "both", [])
-    assert cfg.peft.freeze_vision_projection is False
+    assert cfg.peft.options["freeze_vision_projection"] is False
     assert counts[PROJ][0] == counts[PROJ][1] > 0
     assert counts[LM][0] == 0 and counts[VIT][0] == 0
 
@@ -137,7 +139,7 @@ def test_model_freeze_false_on_the_command_line_does_not_unfreeze(toy, manager) 
     overrides = ["model.freeze_language_model=False", "model.freeze_vision_model=False",
                  "model.freeze_vision_projection=False"]
     cfg, counts, _ = _trainable(toy, manager, DEFAULT_CONFIG_FILE, "both", overrides)
-    assert (cfg.peft.freeze_language_model, cfg.peft.freeze_vision_model, cfg.peft.freeze_vision_projection) == (
+    assert (cfg.peft.options["freeze_language_model"], cfg.peft.options["freeze_vision_model"], cfg.peft.options["freeze_vision_projection"]) == (
         True, True, True)
     assert all(counts[t][0] == 0 and counts[t][2] > 0 for t in TOWERS), counts
 

@@ -162,4 +162,4 @@ def test_an_adapter_checkpoint_given_as_weights_says_what_to_type(runs, toy) -> 
         pytest.skip("one is enough")
     res = CliRunner().invoke(build_cli(), ["generate", "--hf-model-path", str(toy), "--megatron_model_path", str(ck),
                                            "--device", "cpu"])
-    assert res.exit_code == 1 and f"--lora-checkpoint {ck}" in res.output, res.output
+    assert res.exit_code == 1 and f"--adapter-checkpoint {ck}" in res.output, res.output

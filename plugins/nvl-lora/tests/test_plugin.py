@@ -37,7 +37,15 @@ def test_core_config_validates_peft_section_with_the_lora_schema() -> None:
         return load(files, overrides, plugins=pm)
 
     cfg = load_config([], [*base, "peft.dim=8", "peft.seed=3"])
-    assert cfg.peft.dim == 8 and cfg.peft.options == {"seed": 3, "freeze_other": True}
+    # LoRA's own fields (not the core's peft fields) arrive, with LoRAConfig's defaults, in options
+    assert cfg.peft.dim == 8 and cfg.peft.options == {
+        "lora_A_init_method": "xavier", "lora_B_init_method": "zero", "lora_dtype": None, "seed": 3,
+        "freeze_language_model": True, "freeze_vision_model": True, "freeze_vision_projection": True,
+        "freeze_other": True,
+    }
+    assert not hasattr(cfg.peft, "lora_dtype")  # the core's PeftConfig names no LoRA field
+    cfg = load_config([], [*base, "peft.lora_dtype=bfloat16", "peft.freeze_vision_model=false"])
+    assert cfg.peft.options["lora_dtype"] == "bfloat16" and cfg.peft.options["freeze_vision_model"] is False
     with pytest.raises(Exception, match="lora_A_init_method must be 'xavier' or 'kaiming'"):
         load_config([], [*base, "peft.lora_A_init_method=uniform"])
     with pytest.raises(Exception, match="peft.rnak: unknown key"):

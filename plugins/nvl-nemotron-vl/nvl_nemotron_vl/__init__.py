@@ -31,5 +31,7 @@ def nvl_register_model_bridges(register: Any) -> None:
 @hookimpl
 def nvl_register_commands(cli: Any) -> None:
     from .cli import toy_model
+    from .quickstart import quickstart
 
     cli.add_command(toy_model)
+    cli.add_command(quickstart)

@@ -121,7 +121,7 @@ class NemotronVLBridge(ModelBridge):
     # ----------------------------------------------------------------------------- generation
     def generator(self, *, megatron_model_path: str | Path | None = None, tensor_parallel_size: int = 1,
                   device: Any = None, dtype: Any = None, processor_options: Mapping[str, Any] | None = None,
-                  video_pruning_rate: float | None = None, peft_checkpoint: str | Path | None = None,
+                  video_pruning_rate: float | None = None, adapter_checkpoint: str | Path | None = None,
                   model_transform: Callable[[Any], Any] | None = None, plugin_manager: Any = None,
                   say: Callable[[str], None] | None = None) -> Any:
         """A :class:`nvlcore.generation.Generator` for this HF directory (what ``nvl generate`` uses);
@@ -133,7 +133,7 @@ class NemotronVLBridge(ModelBridge):
         return build_generator(self, megatron_model_path=megatron_model_path,
                                tensor_parallel_size=tensor_parallel_size, device=device, dtype=dtype,
                                processor_options=processor_options, video_pruning_rate=video_pruning_rate,
-                               lora_checkpoint=peft_checkpoint, model_transform=model_transform,
+                               adapter_checkpoint=adapter_checkpoint, model_transform=model_transform,
                                plugin_manager=plugin_manager, say=say)
 
     def generator_for_model(self, model: Any, *, device: Any = None, cuda_graph: bool = False) -> Any:

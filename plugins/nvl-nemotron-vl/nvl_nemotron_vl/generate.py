@@ -72,11 +72,12 @@ def build_generator(
     cuda_graph: bool | None = None,
     compile: bool = False,
     processor_options: Mapping[str, Any] | None = None,
-    lora_checkpoint: str | os.PathLike[str] | None = None,
+    adapter_checkpoint: str | os.PathLike[str] | None = None,
     video_pruning_rate: float | None = None,
     plugin_manager: Any = None,
     say: Any = None,
     model_transform: "Callable[[torch.nn.Module], Any] | None" = None,
+    lora_checkpoint: str | os.PathLike[str] | None = None,
 ) -> "Generator":
     """Load the model and processor of ``bridge``'s HF directory and wrap them for generation.
 
@@ -90,17 +91,18 @@ def build_generator(
     :param compile: ``torch.compile`` the decode step as well.
     :param processor_options: overrides of the processor's options (e.g. ``max_num_tiles``,
         ``video_num_frames``, ``video_fps``).
-    :param lora_checkpoint: a PEFT run's checkpoint (``nvl finetune --lora-on-*``): its PEFT method
+    :param adapter_checkpoint: a PEFT run's checkpoint (``nvl finetune --lora-on-*``): its PEFT method
         (from its ``run_config.yaml``, through the ``peft_method`` registry) is applied to the model and
         its adapters and fully trained tensors are loaded, unmerged (see :func:`apply_peft_checkpoint`).
         The base weights are ``megatron_model_path`` if given, else the run's recorded
         ``checkpoint.pretrained_checkpoint`` if it exists, else the HF directory's.
     :param video_pruning_rate: EVS pruning rate for videos (``None``: the config's
         ``video_pruning_rate``; 0 turns EVS off).
-    :param plugin_manager: the plugin manager whose ``peft_method`` registry applies ``lora_checkpoint``.
+    :param plugin_manager: the plugin manager whose ``peft_method`` registry applies ``adapter_checkpoint``.
     :param say: callable for one-line progress notes (default: silent).
     :param model_transform: called with the loaded model before it is wrapped for decoding
-        (``nvl eval --lora-checkpoint`` adds and merges a LoRA run's adapters there).
+        (``nvl eval --adapter-checkpoint`` adds and merges a PEFT run's adapters there).
+    :param lora_checkpoint: the former name of ``adapter_checkpoint`` (accepted; give one of them).
     """
     import torch
 
@@ -117,7 +119,11 @@ def build_generator(
 
     run = None
     if lora_checkpoint is not None:
-        run = _open_peft_run(lora_checkpoint)
+        if adapter_checkpoint is not None:
+            raise TypeError("load_generator: give adapter_checkpoint or its former name lora_checkpoint, not both")
+        adapter_checkpoint = lora_checkpoint
+    if adapter_checkpoint is not None:
+        run = _open_peft_run(adapter_checkpoint)
         if megatron_model_path is None:
             recorded = (run.run_config().get("checkpoint") or {}).get("pretrained_checkpoint")
             if recorded and Path(recorded).exists() and not is_hf_dir(Path(recorded)):
@@ -218,7 +224,7 @@ def _refuse_peft_run_as_weights(path: str | os.PathLike[str]) -> None:
     if method:
         raise ValueError(
             f"--megatron-model-path {path} is a {method} run's adapter checkpoint, not full weights; give it as "
-            f"--lora-checkpoint {path} (the base comes from --megatron-model-path BASE, the run's recorded "
+            f"--adapter-checkpoint {path} (the base comes from --megatron-model-path BASE, the run's recorded "
             "pretrained checkpoint, or the HF directory)"
         )
 
@@ -230,11 +236,11 @@ def _open_peft_run(path: str | os.PathLike[str]) -> Any:
     try:
         ck = open_checkpoint(path)
     except Exception as exc:  # the checkpoint layer's errors name the file
-        raise FileNotFoundError(f"--lora-checkpoint {path}: {exc}") from exc
+        raise FileNotFoundError(f"--adapter-checkpoint {path}: {exc}") from exc
     rc = ck.run_config() or {}
     if not (rc.get("peft") or {}).get("method"):
         raise ValueError(
-            f"--lora-checkpoint {ck.path}: its run_config.yaml has no peft.method, so it is not a PEFT run's "
+            f"--adapter-checkpoint {ck.path}: its run_config.yaml has no peft.method, so it is not a PEFT run's "
             "checkpoint; give a full checkpoint as --megatron-model-path instead"
         )
     return ck

@@ -1,5 +1,8 @@
 """``nvl quickstart``: the whole workflow, end to end, on a toy model, with no downloads.
 
+A command of this plugin (the model's), since it needs a toy of this model; its LoRA steps need the
+nvl-lora plugin, which it asks the registries for and names when it is missing.
+
 Each step is the command a user would type (run as a subprocess and shown), except the accuracy
 measurement, which uses the Python generation API the way an evaluation script would:
 
@@ -216,9 +219,9 @@ def quickstart(workdir: Path, overwrite: bool, train_iters: int, eval_examples: 
     from nvlcore.cli import current_plugin_manager
 
     manager = current_plugin_manager()
-    for needed, dist in (("model_bridge", "nvl-nemotron-vl"), ("peft_method", "nvl-lora")):
-        if not manager.registry(needed).names():
-            raise click.ClickException(f"the quickstart needs the {dist} plugin: pip install -e plugins/{dist}")
+    if "lora" not in manager.registry("peft_method"):
+        raise click.ClickException("the quickstart fine-tunes with LoRA: it needs the nvl-lora plugin "
+                                   "(pip install -e plugins/nvl-lora; `nvl plugins list` shows what is installed)")
     if workdir.exists() and any(workdir.iterdir()):
         if not overwrite:
             raise click.ClickException(f"{workdir} exists and is not empty; pass --overwrite or choose --workdir")
