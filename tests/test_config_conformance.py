@@ -51,9 +51,6 @@ PEFT_READERS: dict[tuple[str, str], tuple[str, str]] = {
     ("lora", "freeze_vision_projection"): ("nvl-lora/nvl_lora/method.py", 'f.name.startswith("freeze_")'),
     ("lora", "freeze_other"): ("nvl-lora/nvl_lora/method.py", "cfg.freeze_other"),
 }
-#: Core sections whose ``freeze_<group>`` fields are all read by one generic reader: the trainer's
-#: ``freeze_flags(cfg.<section>)``, handed to the model bridge's ``freeze`` (which refuses a group it lacks).
-FREEZE_READER = ("nvlcore/training/finetune.py", "freeze_flags(cfg.model)")
 
 #: (method, Config field) -> (an unsupported value, what the Config's validation says about it).
 PEFT_REFUSED: dict[tuple[str, str], tuple[Any, str]] = {
@@ -151,14 +148,11 @@ def unaccounted_core_keys(sections: Mapping[str, type], peft_configs: Mapping[st
                           files: Iterable[Path], refused: Mapping[str, Any]) -> list[str]:
     """Core keys neither read (see the module docstring) nor refused."""
     read = section_reads(files, sections)
-    freeze_read = _snippet_in_code(ROOT / FREEZE_READER[0], FREEZE_READER[1])
     bad = []
     for key in core_keys(sections):
         if key in read or key in refused:
             continue
         section, _, field = key.partition(".")
-        if section == "model" and field.startswith("freeze_") and freeze_read:
-            continue  # read generically (FREEZE_READER)
         if section == "peft" and field != "method" and peft_configs and all(
                 field in attrs.fields_dict(c) for c in peft_configs.values()):
             continue  # the method receives the whole section and its Config reads the field (checked below)

@@ -16,7 +16,7 @@ import yaml
 
 from nvlcore.config.overrides import DELETE, NvlYamlLoader, Override, parse_overrides
 from nvlcore.config.refused import check_refused
-from nvlcore.config.schema import ALIASES, MISSING, SECTIONS, NvlConfig, PeftConfig
+from nvlcore.config.schema import ALIASES, MISSING, SECTIONS, ModelConfig, NvlConfig, PeftConfig
 from nvlcore.config.structure import (
     ConfigError,
     build,
@@ -163,11 +163,18 @@ def _flatten_layer(layer: Mapping[str, Any], source: str) -> list[tuple[str, Any
     return pairs
 
 
+FREEZE_PREFIX = "model.freeze_"
+
+
 def canonical_key(key: str) -> str:
-    """Resolve a deprecated or alternative key name (``train.eval_iters`` -> ``validation.eval_iters``)."""
+    """Resolve a deprecated or alternative key name (``train.eval_iters`` -> ``validation.eval_iters``),
+    and a bridge group's freeze flag ``model.freeze_<group>`` to its entry ``model.freeze.<group>``."""
     for old, new in ALIASES.items():
         if key == old or key.startswith(old + "."):
-            return new + key[len(old) :]
+            key = new + key[len(old) :]
+            break
+    if key.startswith(FREEZE_PREFIX) and "." not in key[len(FREEZE_PREFIX):]:
+        return "model.freeze." + key[len(FREEZE_PREFIX):]
     return key
 
 
@@ -516,8 +523,8 @@ def config_to_dict_section(section: Any) -> dict[str, Any]:
 def config_to_dict(cfg: NvlConfig) -> dict[str, Any]:
     """The config as plain nested dicts/lists/scalars, by section; loadable again by :func:`load_config`.
 
-    A PEFT method's own fields (``cfg.peft.options``) appear flattened in the ``peft`` section, as a
-    user writes them.
+    A PEFT method's own fields (``cfg.peft.options``) appear flattened in the ``peft`` section, and the
+    frozen groups (``cfg.model.freeze``) as ``model.freeze_<group>`` flags, as a user writes them.
     """
     out: dict[str, Any] = {}
     for f in attrs.fields(NvlConfig):
@@ -527,6 +534,12 @@ def config_to_dict(cfg: NvlConfig) -> dict[str, Any]:
             if isinstance(value, PeftConfig):
                 options = section.pop("options")
                 section.update(options)
+            if isinstance(value, ModelConfig):
+                # Megatron-Bridge's spelling: one model.freeze_<group> flag per group, where `freeze` stood.
+                frozen = section.pop("freeze")
+                at = list(section).index("bridge") if "bridge" in section else len(section)
+                items = list(section.items())
+                section = dict(items[:at] + [(f"freeze_{g}", bool(v)) for g, v in frozen.items()] + items[at:])
             out[f.name] = section
         else:
             out[f.name] = _plain(value)
@@ -563,6 +576,9 @@ def schema_rows() -> list[tuple[str, str, Any, str]]:
             hints = type_hints(cls)
             for sf in init_fields(cls):
                 if cls is PeftConfig and sf.name == "options":
+                    continue
+                if cls is ModelConfig and sf.name == "freeze":
+                    rows.append(("model.freeze_<group>", "bool", False, sf.metadata.get("help", "")))
                     continue
                 rows.append(
                     (f"{f.name}.{sf.name}", type_name(hints[sf.name]), defaults[f.name][sf.name], sf.metadata.get("help", ""))

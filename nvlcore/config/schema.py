@@ -36,9 +36,12 @@ class ModelConfig:
     pipeline_model_parallel_size: int = _f(1, "Pipeline-parallel size. Only 1 is supported by nvl.")
     context_parallel_size: int = _f(1, "Context-parallel size. Only 1 is supported by nvl.")
     sequence_parallel: bool = _f(False, "Megatron sequence parallelism. Not supported by nvl (must be false).")
-    freeze_language_model: bool = _f(False, "Freeze every language-model parameter.")
-    freeze_vision_model: bool = _f(False, "Freeze the vision encoder.")
-    freeze_vision_projection: bool = _f(False, "Freeze the vision projector (MLP).")
+    freeze: dict[str, bool] = _f(
+        help="Frozen parameter groups, written `model.freeze_<group>: true` (Megatron-Bridge's spelling); the "
+        "groups are the model bridge's `freeze_groups` (docs/model.md lists this model's), and a group it "
+        "does not declare is refused when set true.",
+        factory=dict,
+    )
     bridge: str | None = _f(None, "Model bridge name; default: picked from the HF config's `architectures`.")
     hf_model_path: str | None = _f(None, "HF model directory the bridge reads (config.json, tokenizer, processor).")
     recompute_granularity: Literal["selective", "full"] | None = _f(

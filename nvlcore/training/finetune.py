@@ -41,15 +41,9 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def freeze_flags(section: Any) -> dict[str, bool | None]:
-    """The ``freeze_<group>`` fields of a config section as ``{group: value}`` (the groups are the bridge's)."""
-    return {f.name[len("freeze_"):]: getattr(section, f.name) for f in attrs.fields(type(section))
-            if f.name.startswith("freeze_")}
-
-
 def apply_freeze_flags(model: "torch.nn.Module", cfg: "NvlConfig", bridge: Any) -> None:
     """``model.freeze_<group>``: the bridge freezes the groups it declares (:meth:`ModelBridge.freeze`)."""
-    bridge.freeze(model, freeze_flags(cfg.model), key="model")
+    bridge.freeze(model, dict(cfg.model.freeze), key="model")
 
 
 def apply_peft(model: "torch.nn.Module", cfg: "NvlConfig", manager: Any, bridge: Any) -> Any:
