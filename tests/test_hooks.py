@@ -159,14 +159,24 @@ def test_hook_nvl_register_command_options(tmp_path: Path) -> None:
 
     seen: list[dict[str, Any]] = []
 
-    class Bridge:
+    from nvlcore.bridge import ModelBridge
+
+    class Bridge(ModelBridge):
+        """Only what `nvl config show` reaches: the recipe, whose variant a plugin option picks."""
+
+        name = "test_bridge"
         architectures = ("TestArch",)
 
-        @classmethod
-        def from_hf_dir(cls, hf_dir: Any) -> "Bridge":
-            return cls()
+        def build_model(self, **_: Any) -> Any:
+            raise AssertionError("config show builds no model")
 
-        def recipe(self, *, variant: str = "plain") -> dict[str, Any]:
+        def processor(self, **_: Any) -> Any:
+            raise AssertionError("config show builds no processor")
+
+        def mapping_table(self) -> list[Any]:
+            return []
+
+        def recipe(self, *, peft: bool = False, adapted_groups: Any = (), variant: str = "plain") -> dict[str, Any]:
             seen.append({"variant": variant})
             return {"train": {"train_iters": 11 if variant == "fast" else 22}}
 

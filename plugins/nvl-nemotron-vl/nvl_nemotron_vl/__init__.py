@@ -15,12 +15,13 @@ ARCHITECTURES = ("NemotronH_Nano_VL_V2",)
 
 
 def load_generator(hf_model_path: Any, **options: Any) -> Any:
-    """A ready :class:`nvlcore.generation.Generator` for an HF directory of this model:
-    ``NemotronVLBridge.from_hf_dir(hf_model_path).generator(**options)``; ``options`` as
-    :func:`nvl_nemotron_vl.generate.build_generator`."""
+    """A ready :class:`nvlcore.generation.Generator` for an HF directory of this model;
+    ``options`` as :func:`nvl_nemotron_vl.generate.build_generator` (the bridge's ``generator()`` is
+    the contract's subset of them)."""
     from .bridge import NemotronVLBridge
+    from .generate import build_generator
 
-    return NemotronVLBridge.from_hf_dir(hf_model_path).generator(**options)
+    return build_generator(NemotronVLBridge.from_hf_dir(hf_model_path), **options)
 
 
 @hookimpl
