@@ -326,6 +326,15 @@ class ModelBridge(abc.ABC):
         raise ValueError(f"model.recompute_granularity={granularity!r}: model bridge {self.name!r} has no activation "
                          "recomputation; remove the setting")
 
+    def set_kernels(self, model: "torch.nn.Module", choice: str) -> dict[str, str]:
+        """Pick the implementations of the model's hot ops (``model.kernels``) and return op ->
+        implementation for the run's first lines. Default: the model has one implementation, so
+        ``auto`` and ``reference`` mean it (an empty report) and any other choice is refused."""
+        if choice not in ("auto", "reference"):
+            raise ValueError(f"model.kernels={choice!r}: model bridge {self.name!r} has no kernel choice; "
+                             "use auto or reference")
+        return {}
+
     # --------------------------------------------------------------------------------- generation
     def generator(self, *, megatron_model_path: str | Path | None = None, tensor_parallel_size: int = 1,
                   device: Any = None, dtype: Any = None, processor_options: Mapping[str, Any] | None = None,

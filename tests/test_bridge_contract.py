@@ -123,6 +123,15 @@ def test_freeze_refuses_a_group_the_bridge_lacks(example: Any, tmp_path: Path) -
         bridge.freeze(model, {"audio_model": True}, key="peft")
 
 
+def test_a_bridge_without_kernel_choices_accepts_only_auto_and_reference(example: Any) -> None:
+    import torch
+
+    bridge = example.TinyBridge({"hidden": 4, "ffn": 8})
+    assert bridge.set_kernels(torch.nn.Module(), "auto") == {} == bridge.set_kernels(torch.nn.Module(), "reference")
+    with pytest.raises(ValueError, match="model.kernels='mamba_ssm': model bridge 'tiny_vlm' has no kernel choice"):
+        bridge.set_kernels(torch.nn.Module(), "mamba_ssm")
+
+
 # -- pip-installed, through the command line -------------------------------------------------------------
 def nvl(env: dict[str, str], *args: str, timeout: int = 300) -> subprocess.CompletedProcess[str]:
     done = subprocess.run([sys.executable, "-m", "nvlcore.cli", *args], capture_output=True, text=True, env=env,

@@ -475,13 +475,9 @@ def run_finetune(
         model = bridge.build_model(dtype=torch.float32, device=ctx.device, init="random" if random_init else "none",
                                    seed=cfg.rng.seed)
         model.train()
-        set_kernels = getattr(model, "set_kernels", None)
-        if set_kernels is not None:
-            report = set_kernels(cfg.model.kernels)
+        report = bridge.set_kernels(model, cfg.model.kernels)
+        if report:
             say("nvl finetune: kernels: " + "; ".join(f"{op}: {impl}" for op, impl in report.items()))
-        elif cfg.model.kernels not in ("auto", "reference"):
-            raise ValueError(f"model.kernels={cfg.model.kernels!r}: this bridge's model has no kernel choice; "
-                             "use auto or reference")
         recompute = cfg.model.recompute_granularity
         if recompute:
             bridge.set_recompute(model, recompute)

@@ -97,6 +97,10 @@ class NemotronVLBridge(ModelBridge):
             self.load_hf_weights(model, self.hf_dir)
         return model
 
+    def set_kernels(self, model: "torch.nn.Module", choice: str) -> dict[str, str]:
+        """``model.kernels``: see :mod:`nvl_nemotron_vl.model.kernels` (Triton kernels on CUDA under ``auto``)."""
+        return model.set_kernels(choice)  # type: ignore[operator]
+
     def set_recompute(self, model: "torch.nn.Module", granularity: str) -> None:
         """Megatron's names -> the model's: ``selective`` recomputes the Mamba mixers, ``full`` whole layers."""
         modes = {"selective": "ssm", "full": "layers"}
