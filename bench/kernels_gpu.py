@@ -117,6 +117,17 @@ def main(argv: list[str] | None = None) -> int:
             print(key, results["ops"][key], flush=True)
             flush()
             torch.cuda.empty_cache()
+    def time_candidates(op: str, candidates: dict[str, Callable[[], torch.Tensor]], inputs: list[torch.Tensor]) -> None:
+        """Forward+backward of each implementation of ``op``; a failing one is recorded with its error."""
+        for name, fn in candidates.items():
+            key = f"{op}: {name}"
+            try:
+                results["ops"][key] = {"status": "ok", **time_fwd_bwd(fn, inputs, args.reps)}
+            except Exception as exc:
+                results["ops"][key] = {"status": f"error: {type(exc).__name__}: {str(exc)[:200]}"}
+            print(key, results["ops"][key], flush=True)
+            flush()
+
     # conv
     conv_dim = h * p + 2 * g * n
     xc = torch.randn(1, L, conv_dim, device=dev, generator=gen).to(bf).requires_grad_()
@@ -125,13 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     conv_c = {"reference F.conv1d (autocast bf16)": lambda: _autocast(K.conv_reference, xc, wc, bc)}
     if fla:
         conv_c["fla causal_conv1d"] = lambda: K._fla_conv(fla["conv"])(xc, wc, bc)
-    for name, fn in conv_c.items():
-        try:
-            results["ops"][f"conv: {name}"] = {"status": "ok", **time_fwd_bwd(fn, [xc, wc, bc], args.reps)}
-        except Exception as exc:
-            results["ops"][f"conv: {name}"] = {"status": f"error: {type(exc).__name__}: {str(exc)[:200]}"}
-        print(name, results["ops"][f"conv: {name}"], flush=True)
-        flush()
+    time_candidates("conv", conv_c, [xc, wc, bc])
     # gated norm
     y = torch.randn(1, L, h * p, device=dev, generator=gen).to(bf).requires_grad_()
     z = torch.randn(1, L, h * p, device=dev, generator=gen).to(bf).requires_grad_()
@@ -141,13 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         norm_c["mamba-ssm rmsnorm_fn"] = lambda: K._triton_gated_norm(mamba["rmsnorm"])(y, z, wn, 1e-5, h * p // g)
     if fla:
         norm_c["fla rmsnorm_fn"] = lambda: K._triton_gated_norm(fla["rmsnorm"])(y, z, wn, 1e-5, h * p // g)
-    for name, fn in norm_c.items():
-        try:
-            results["ops"][f"gated_norm: {name}"] = {"status": "ok", **time_fwd_bwd(fn, [y, z, wn], args.reps)}
-        except Exception as exc:
-            results["ops"][f"gated_norm: {name}"] = {"status": f"error: {type(exc).__name__}: {str(exc)[:200]}"}
-        print(name, results["ops"][f"gated_norm: {name}"], flush=True)
-        flush()
+    time_candidates("gated_norm", norm_c, [y, z, wn])
     # the folded RMSNorm (hidden 5120, bf16 activations, bf16 frozen weight as in a LoRA run)
     from nvl_nemotron_vl.model.mlp import squared_relu
     from nvl_nemotron_vl.model.parallel import rms_norm
@@ -160,14 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     # the squared ReLU over the MLP's 20480 channels
     xa = torch.randn(1, L, 20480, device=dev, generator=gen).to(bf).requires_grad_()
     act_c = {"reference (PyTorch)": lambda: squared_relu(xa), "torch.compile": lambda: K._compiled_squared_relu()(xa)}
-    for op, cands, ins in (("norm", rms_c, [xr]), ("relu2", act_c, [xa])):
-        for name, fn in cands.items():
-            try:
-                results["ops"][f"{op}: {name}"] = {"status": "ok", **time_fwd_bwd(fn, ins, args.reps)}
-            except Exception as exc:
-                results["ops"][f"{op}: {name}"] = {"status": f"error: {type(exc).__name__}: {str(exc)[:200]}"}
-            print(name, results["ops"][f"{op}: {name}"], flush=True)
-            flush()
+    time_candidates("norm", rms_c, [xr])
+    time_candidates("relu2", act_c, [xa])
     # loss
     from nvlcore.parallel import init_parallel
 

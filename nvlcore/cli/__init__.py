@@ -12,6 +12,7 @@ from typing import Any
 import click
 
 from nvlcore import __version__
+from nvlcore.plugins import MANAGER_KEY  # the click context key of the running manager
 
 
 class NvlGroup(click.Group):
@@ -76,8 +77,6 @@ BUILTIN_COMMANDS: dict[str, str] = {
     "plugins": "nvlcore.cli.plugins_cmd:plugins_group",
 }
 
-
-from nvlcore.plugins import MANAGER_KEY  # noqa: E402  (the click context key of the running manager)
 
 #: Global options of the ``nvl`` group and the environment variables that carry them to worker
 #: processes (``nvl --debug finetune --nproc-per-node 2`` sets ``NVL_DEBUG=1`` for its workers).

@@ -160,19 +160,17 @@ def _warn(msg: str) -> None:
 
 
 def read_hf_config(hf_dir: str | os.PathLike[str]) -> dict[str, Any]:
-    """``config.json`` of an HF model directory, read as data (no remote code)."""
-    p = Path(hf_dir).expanduser() / "config.json"
+    """``config.json`` of an HF model directory, read as data (no remote code): the bridges' reader
+    (:func:`nvlcore.bridge.read_hf_config`), its errors as :class:`ConversionError`."""
+    from nvlcore.bridge import BridgeError
+    from nvlcore.bridge import read_hf_config as read_config_json
+
     if not Path(hf_dir).expanduser().is_dir():
         raise ConversionError(f"HF model directory {hf_dir} does not exist")
-    if not p.is_file():
-        raise ConversionError(f"no config.json in {hf_dir}: --hf-model must be a Hugging Face model directory")
     try:
-        cfg = json.loads(p.read_text())
-    except json.JSONDecodeError as exc:
-        raise ConversionError(f"{p} is not valid JSON: {exc}") from None
-    if not isinstance(cfg, dict):
-        raise ConversionError(f"{p} does not hold a JSON object")
-    return cfg
+        return read_config_json(Path(hf_dir).expanduser())
+    except BridgeError as exc:
+        raise ConversionError(str(exc)) from None
 
 
 def _dtype_from_name(name: Any) -> "torch.dtype | None":

@@ -6,28 +6,12 @@ import importlib.util
 import json
 from pathlib import Path
 
-import pytest
 
 BENCH = Path(__file__).resolve().parents[3] / "bench" / "generate_gpu.py"
 
 
-@pytest.fixture
-def own_process_group():
-    """The bench sets up a one-rank process group; take it down again if it was not there before, so
-    later tests in this process (single-process checkpoint writers) see none."""
-    import torch.distributed as dist
-
-    had = dist.is_initialized()
-    yield
-    if not had and dist.is_initialized():
-        from megatron.core import parallel_state
-
-        if parallel_state.model_parallel_is_initialized():
-            parallel_state.destroy_model_parallel()
-        dist.destroy_process_group()
-
-
 def test_generate_bench_cpu_path(tmp_path, own_process_group) -> None:
+    # own_process_group (nvlcore.testing): the bench sets up a one-rank process group; it is taken down after.
     spec = importlib.util.spec_from_file_location("generate_gpu_bench", BENCH)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
