@@ -187,7 +187,8 @@ def child_main(argv: list[str]) -> int:
 
 def _profile_one_step(iteration: int, out: Path) -> None:
     """Wrap the trainer's step so that iteration ``iteration`` runs under torch.profiler; the per-op
-    table (CUDA time, top 40) is written to ``out``. The step itself is unchanged."""
+    table (CUDA time, top 40) is written to ``out``, and the iteration before it records its host
+    synchronisations (``<out>_syncs.txt``). The steps themselves are unchanged."""
     import torch
 
     from nvlcore.training.trainer import Trainer
@@ -197,19 +198,64 @@ def _profile_one_step(iteration: int, out: Path) -> None:
 
     def step(self: Any, micro_batches: Any) -> Any:
         count["n"] += 1
+        if count["n"] == iteration - 1:
+            return _trace_syncs(lambda: original(self, micro_batches), out.with_name(out.stem + "_syncs.txt"))
         if count["n"] != iteration:
             return original(self, micro_batches)
         from torch.profiler import ProfilerActivity, profile
 
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        import time
+
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
+            t0 = time.perf_counter()
             result = original(self, micro_batches)
             torch.cuda.synchronize()
-        table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=70)
-        out.write_text(f"torch.profiler, iteration {iteration} of `nvl finetune` (all micro-batches of one step)\n\n"
-                       + table + "\n")
+            wall = time.perf_counter() - t0
+        averages = prof.key_averages()
+        busy = sum(getattr(e, "self_device_time_total", 0.0) for e in averages) / 1e6
+        table = averages.table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=70)
+        shapes = prof.key_averages(group_by_input_shape=True).table(
+            sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=50, max_shapes_column_width=90)
+        out.write_text(f"torch.profiler, iteration {iteration} of `nvl finetune` (all micro-batches of one step)\n"
+                       f"step wall {wall:.3f} s (under the profiler); kernels (self device time summed) {busy:.3f} s\n\n"
+                       + table + "\n\nby input shape (self CUDA time)\n\n" + shapes + "\n")
         return result
 
     Trainer.train_step = step
+
+
+def _trace_syncs(run: Any, out: Path) -> Any:
+    """Run ``run()`` with CUDA's sync debug mode on and write where the host waited for the GPU: each
+    synchronising call site (the innermost frames of nvl, its plugins and the libraries under them),
+    with its count, most frequent first."""
+    import collections
+    import traceback
+    import warnings
+
+    import torch
+
+    sites: collections.Counter = collections.Counter()
+    previous = warnings.showwarning
+
+    def record(message: Any, category: Any, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
+        if "synchroniz" not in str(message):
+            return previous(message, category, filename, lineno, file, line)
+        frames = [f for f in traceback.extract_stack()[:-1] if "/warnings.py" not in f.filename]
+        sites[" <- ".join(f"{Path(f.filename).name}:{f.lineno}({f.name})" for f in reversed(frames[-4:]))] += 1
+        return None
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = record
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            result = run()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+            warnings.showwarning = previous
+    out.write_text(f"host synchronisations in one training step: {sum(sites.values())} at {len(sites)} sites\n\n"
+                   + "\n".join(f"{n:5d}  {site}" for site, n in sites.most_common()) + "\n")
+    return result
 
 
 class GpuMemorySampler:
@@ -274,7 +320,11 @@ def run_nvl(args: argparse.Namespace, model_dir: Path, data: dict[str, Path], wo
     log(f"run: {shown}")
     env = {**os.environ, CHILD_ENV: "1"}
     profiled = -1
-    if workload in args.profile.split(",") and not variant and first_seq and args.device == "cuda":
+    # The profiled run: --profile-variant picks it among the runs of a workload (0: the first one, the
+    # default or with --skip-default the first variant).
+    runs = ([] if args.skip_default else [{}]) + _variants(args)
+    chosen = runs[args.profile_variant] if args.profile_variant < len(runs) else None
+    if workload in args.profile.split(",") and variant == chosen and first_seq and args.device == "cuda":
         profiled = args.steps  # the last iteration; left out of the averages below
         env.update(NVL_BENCH_PROFILE_ITER=str(profiled), NVL_BENCH_PROFILE_OUT=str(Path(args.out) / f"profile_{name}.txt"))
     if args.device == "cpu":
@@ -308,7 +358,8 @@ def run_nvl(args: argparse.Namespace, model_dir: Path, data: dict[str, Path], wo
         rec["status"] = "oom" if oom else f"error (exit {proc.returncode}): " + (out.strip().splitlines() or ["?"])[-1][:300]
         log(f"  -> {rec['status']}")
         return rec
-    timed = [r for r in rows if args.warmup < r["iteration"] != profiled] or rows[-1:]
+    # the profiled iteration and the one before it (its host synchronisations traced) are left out
+    timed = [r for r in rows if args.warmup < r["iteration"] and r["iteration"] not in (profiled - 1, profiled)] or rows[-1:]
     secs = sum(r["step_time_s"] for r in timed)
     toks = sum(r["tokens_per_s"] * r["step_time_s"] for r in timed)
     tflops = sum(r["tflops_per_gpu"] * r["step_time_s"] for r in timed) / secs
@@ -507,9 +558,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--work", default=None, help="scratch directory (default: a temporary one)")
     ap.add_argument("--out", default="bench/results")
     ap.add_argument("--tag", default="", help="suffix of the result file names")
-    ap.add_argument("--profile", default="text", help="workloads whose default run also writes a per-op profile "
-                    "of one step (profile_WORKLOAD-METHOD.txt; CUDA only; '' = none)")
+    ap.add_argument("--profile", default="text", help="workloads whose run --profile-variant also writes a per-op "
+                    "profile of its last step and the host synchronisations of the one before (profile_<run>.txt, "
+                    "profile_<run>_syncs.txt; both left out of the averages; CUDA only; '' = none)")
+    ap.add_argument("--profile-variant", type=int, default=0, help="which run of a profiled workload: 0 = its "
+                    "first (the default run, or with --skip-default the first variant), 1 = the next...")
     return ap.parse_args(argv)
+
+
+def _variants(args: argparse.Namespace) -> list[dict[str, str]]:
+    """The --variants override sets, in order."""
+    return [dict(kv.split("=", 1) for kv in spec.split(",")) for spec in args.variants.split(";") if spec.strip()]
 
 
 def _seqs(args: argparse.Namespace) -> list[int]:
@@ -551,9 +610,7 @@ def main(argv: list[str] | None = None) -> int:
         data["cord"] = write_cord(work / "cord-v2", args.samples)
     if "medpix" in workloads:
         data["medpix"] = write_medpix(work / "MedPix-VQA", args.samples)
-    variants: list[dict[str, str]] = [] if args.skip_default else [{}]
-    for spec in [v for v in args.variants.split(";") if v.strip()]:
-        variants.append(dict(kv.split("=", 1) for kv in spec.split(",")))
+    variants: list[dict[str, str]] = ([] if args.skip_default else [{}]) + _variants(args)
     machine = platform.node()
     try:
         import torch

@@ -47,17 +47,18 @@ def test_packing_mode_and_the_original_name() -> None:
     assert packing_mode(load_config()) == "none"
 
 
-def _stream(order_len=10, window=4, dp_rank=0, dp_size=1, start=None, mbs=1):
+def _stream(order_len=10, window=4, dp_rank=0, dp_size=1, start=None, mbs=1, prefetch=0):
     sampler = WindowSampler(lambda p: p % order_len, window, dp_rank, dp_size,
                             None if start is None else start[0])
     pack = PackWindow(10, "first_fit", length=lambda s: s["n"])
     lengths = [3, 8, 4, 5, 2, 9, 1, 6, 7, 3]
     windows = (pack([{"n": lengths[i], "pos": p} for p, i in w]) for w in sampler)
     return PackedBatches(windows, lambda rows: [[s["pos"] for s in r] for r in rows], micro_batch_size=mbs,
-                         dp_rank=dp_rank, dp_size=dp_size, start=start)
+                         dp_rank=dp_rank, dp_size=dp_size, start=start, prefetch=prefetch)
 
 
-def test_packed_position_resumes_exactly_on_every_rank() -> None:
+@pytest.mark.parametrize("prefetch", [0, 3])
+def test_packed_position_resumes_exactly_on_every_rank(prefetch: int) -> None:
     for dp_size in (1, 2):
         for rank in range(dp_size):
             full = _stream(dp_rank=rank, dp_size=dp_size)
@@ -65,16 +66,54 @@ def test_packed_position_resumes_exactly_on_every_rank() -> None:
             seen = [p for b in rows for r in b for p in r]
             assert len(seen) == len(set(seen))  # no sample twice
             for cut in (1, 2, 3, 5, 7):
-                first = _stream(dp_rank=rank, dp_size=dp_size)
+                first = _stream(dp_rank=rank, dp_size=dp_size, prefetch=prefetch)
                 for _ in range(cut):
                     next(first)
-                resumed = _stream(dp_rank=rank, dp_size=dp_size, start=first.position)
+                # with prefetch the thread has made batches past the cut; the position names the cut
+                resumed = _stream(dp_rank=rank, dp_size=dp_size, start=first.position, prefetch=prefetch)
                 assert [next(resumed) for _ in range(12 - cut)] == rows[cut:], (dp_size, rank, cut)
+                first.close()
+                resumed.close()
     # the two ranks pack disjoint windows of the one stream
     r0, r1 = _stream(dp_rank=0, dp_size=2), _stream(dp_rank=1, dp_size=2)
     s0 = {p for _ in range(6) for r in next(r0) for p in r}
     s1 = {p for _ in range(6) for r in next(r1) for p in r}
     assert not s0 & s1 and {p // 4 % 2 for p in s0} == {0} and {p // 4 % 2 for p in s1} == {1}
+
+
+def test_prefetch_thread_raises_the_loaders_error_and_stops() -> None:
+    import threading
+
+    def windows():
+        yield [[{"pos": 0}], [{"pos": 1}]]
+        raise OSError("row 7 of make_x/train: cannot open image")
+
+    batches = PackedBatches(windows(), lambda rows: rows[0][0]["pos"], micro_batch_size=1, prefetch=4)
+    assert [next(batches), next(batches)] == [0, 1]
+    assert batches.position == (1, 0)
+    with pytest.raises(OSError, match="row 7"):
+        next(batches)
+    with pytest.raises(OSError, match="row 7"):  # and again: the error is not swallowed
+        next(batches)
+    batches.close()
+    assert not any(t.name == "nvl-packed-prefetch" and t.is_alive() for t in threading.enumerate())
+
+
+def test_dropping_the_batches_stops_the_prefetch_thread() -> None:
+    import gc
+    import itertools
+    import threading
+
+    def alive() -> int:
+        return sum(t.name == "nvl-packed-prefetch" and t.is_alive() for t in threading.enumerate())
+
+    before = alive()
+    endless = ([[{"pos": i}]] for i in itertools.count())
+    batches = PackedBatches(endless, lambda rows: rows[0][0]["pos"], micro_batch_size=1, prefetch=2)
+    assert next(batches) == 0 and alive() == before + 1
+    del batches
+    gc.collect()
+    assert alive() == before
 
 
 # ------------------------------------------------------------------------------ nvl finetune, packed

@@ -230,6 +230,12 @@ class DataPipeline:
     #: packed runs: this rank's ``(window, rows consumed)`` after the last micro-batch taken
     packing_position: Callable[[], tuple[int, int]] | None = None
 
+    def close(self) -> None:
+        """Stop the training batches' background work (the packed prefetch thread), if any."""
+        close = getattr(self.train_batches, "close", None)
+        if close is not None:
+            close()
+
 
 def build_data(cfg: "NvlConfig", bridge: Any, manager: Any, ctx: "ParallelContext", *, consumed_samples: int,
                print_fn: Callable[[str], None], packing_positions: Sequence[Sequence[int]] | None = None) -> DataPipeline:
@@ -278,8 +284,11 @@ def build_data(cfg: "NvlConfig", bridge: Any, manager: Any, ctx: "ParallelContex
             window=ds.packing_buffer_size, capacity=seq_length, mode=mode, dp_rank=ctx.dp_rank, dp_size=ctx.dp_size,
             start_window=None if start is None else start[0], num_workers=ds.num_workers,
         )
+        # Two iterations of micro-batches made ahead in a thread: collation, pinning and a window's
+        # hand-over overlap the GPU's work instead of stalling the step that crosses a window.
         train_batches = PackedBatches(iter(loader), collate_packed, micro_batch_size=cfg.train.micro_batch_size,
-                                      dp_rank=ctx.dp_rank, dp_size=ctx.dp_size, start=start, pin_memory=pin)
+                                      dp_rank=ctx.dp_rank, dp_size=ctx.dp_size, start=start, pin_memory=pin,
+                                      prefetch=2 * sampler.num_microbatches, device=ctx.device)
         packing_position = lambda: train_batches.position  # noqa: E731
         print_fn(f"nvl finetune: packing ({mode}) samples into rows of {seq_length} tokens over windows of "
                  f"{ds.packing_buffer_size} samples; a micro-batch is {cfg.train.micro_batch_size} packed row(s)")
@@ -449,6 +458,7 @@ def run_finetune(
                         timeout_minutes=cfg.dist.distributed_timeout_minutes, backend=cfg.dist.distributed_backend)
     say = print_fn if ctx.is_main else (lambda _m: None)
     loggers: list[Any] = []
+    closers: list[Callable[[], None]] = []
     try:
         # rng.data_parallel_random_init (Megatron): each data-parallel rank seeds its RNGs with seed + 10 x its
         # DP rank (dropout and other draws differ per replica); the weights are still broadcast from the
@@ -548,6 +558,7 @@ def run_finetune(
             packing_positions = ((open_checkpoint(decision.iter_dir).extra_state() or {}).get("data") or {}).get("packing")
         data = build_data(cfg, bridge, manager, ctx, consumed_samples=state.consumed_samples, print_fn=say,
                           packing_positions=packing_positions)
+        closers.append(data.close)
         if data.eval_note:
             say(f"nvl finetune: {data.eval_note}")
         if data.test_note:
@@ -639,6 +650,8 @@ def run_finetune(
                 lg.log({"iteration": final.iteration, "test_loss": test_loss, "test_tokens": sup}, step=final.iteration)
         return final
     finally:
+        for close in closers:
+            close()
         for lg in loggers:
             try:
                 lg.close()

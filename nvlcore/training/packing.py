@@ -102,29 +102,64 @@ class PackedBatches:
     """Main-process iterator of packed micro-batches (``micro_batch_size`` rows each) over a loader of
     windows; :attr:`position` is ``(window, rows consumed in it)`` after the last batch yielded.
 
+    With ``prefetch > 0`` a background thread takes windows from the loader, collates and pins up to
+    ``prefetch`` micro-batches ahead, so the training loop never waits on a window's hand-over (a window
+    of 128 MedPix samples is ~500 tensors received at once) or on collation; :attr:`position` still
+    names the last batch handed to the caller. Call :meth:`close` (or drop the object) to stop it.
+
     :param windows: iterator of packed windows (lists of rows), in this rank's window order.
     :param collate: ``collate_packed(rows)``.
     :param micro_batch_size: rows per micro-batch.
     :param start: ``(window, rows)`` to resume from, or None for ``(dp_rank, 0)``.
+    :param pin_memory: pin each batch's tensors (for non-blocking copies to ``device``).
+    :param prefetch: micro-batches made ahead in a background thread (0: made on demand).
+    :param device: the CUDA device pinned memory is allocated for (the prefetch thread's current device).
     """
 
     def __init__(self, windows: Iterator[list[list[dict[str, Any]]]], collate: Callable[[Sequence[Any]], dict[str, Any]],
                  *, micro_batch_size: int, dp_rank: int = 0, dp_size: int = 1,
-                 start: tuple[int, int] | None = None, pin_memory: bool = False) -> None:
-        self.windows = windows
-        self.collate = collate
-        self.mbs = micro_batch_size
-        self.dp_size = dp_size
-        self.pin = pin_memory
-        w, k = start if start is not None else (dp_rank, 0)
-        self._window, self._skip = int(w), int(k)
+                 start: tuple[int, int] | None = None, pin_memory: bool = False, prefetch: int = 0,
+                 device: "torch.device | None" = None) -> None:
+        self._maker = _BatchMaker(windows, collate, micro_batch_size, dp_size, start or (dp_rank, 0), pin_memory)
+        self._position = self._maker.position()
+        # The thread owns the maker, never this object: dropping this object stops the thread.
+        self._prefetcher = _Prefetcher(self._maker.batches(), prefetch, device) if prefetch > 0 else None
+
+    @property
+    def position(self) -> tuple[int, int]:
+        """``(window, rows consumed in it)`` after the last micro-batch handed out."""
+        return self._position
+
+    @property
+    def rows_per_window(self) -> list[int]:
+        """Rows of every window taken from the loader so far (with prefetch, that runs ahead)."""
+        return self._maker.rows_per_window
+
+    def __iter__(self) -> "PackedBatches":
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        batch, self._position = self._prefetcher.get() if self._prefetcher is not None else self._maker.make()
+        return batch
+
+    def close(self) -> None:
+        """Stop the prefetch thread (if any), which releases the loader."""
+        if self._prefetcher is not None:
+            self._prefetcher.close()
+
+
+class _BatchMaker:
+    """Rows from the windows, ``mbs`` at a time, collated (and pinned), each with the position after it."""
+
+    def __init__(self, windows: Iterator[list[list[dict[str, Any]]]], collate: Callable[[Sequence[Any]], dict[str, Any]],
+                 mbs: int, dp_size: int, start: tuple[int, int], pin: bool) -> None:
+        self.windows, self.collate, self.mbs, self.dp_size, self.pin = windows, collate, mbs, dp_size, pin
+        self._window, self._skip = int(start[0]), int(start[1])
         self._rows: list[list[dict[str, Any]]] = []
         self._taken = 0  # rows of the current window consumed
         self._loaded = False
-        #: rows per window seen so far (for ``nvl data preview --packing`` and tests)
         self.rows_per_window: list[int] = []
 
-    @property
     def position(self) -> tuple[int, int]:
         if self._loaded and self._taken >= len(self._rows):
             return (self._window + self.dp_size, 0)
@@ -143,16 +178,96 @@ class PackedBatches:
         self._taken += 1
         return row
 
-    def __iter__(self) -> "PackedBatches":
-        return self
-
-    def __next__(self) -> dict[str, Any]:
+    def make(self) -> tuple[dict[str, Any], tuple[int, int]]:
         batch = self.collate([self._next_row() for _ in range(self.mbs)])
         if self.pin:
             import torch
 
             batch = {k: (v.pin_memory() if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
-        return batch
+        return batch, self.position()
+
+    def batches(self) -> Iterator[tuple[dict[str, Any], tuple[int, int]]]:
+        while True:
+            yield self.make()
+
+
+class _Prefetcher:
+    """Runs ``items`` in a daemon thread, ``depth`` items ahead; an exception there is raised by :meth:`get`.
+
+    The thread holds no reference to the object that owns this one, so dropping the owner (and with it
+    this object) stops the thread through a finalizer.
+    """
+
+    _DONE = object()
+
+    def __init__(self, items: Iterator[Any], depth: int, device: "torch.device | None") -> None:
+        import queue
+        import threading
+        import weakref
+
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=_prefetch_loop, args=(items, self._queue, self._stop, device),
+                                        name="nvl-packed-prefetch", daemon=True)
+        self._thread.start()
+        self._finalizer = weakref.finalize(self, _stop_prefetch, self._stop, self._queue, self._thread)
+
+    def get(self) -> Any:
+        item = self._queue.get()
+        if item is self._DONE:
+            raise RuntimeError("the packed-batch prefetch thread has stopped")
+        if isinstance(item, _Raised):
+            self._queue.put(item)  # every later get() raises too
+            raise item.exc
+        return item
+
+    def close(self) -> None:
+        self._finalizer()
+
+
+@attrs.define
+class _Raised:
+    exc: BaseException
+
+
+def _prefetch_loop(items: Iterator[Any], q: Any, stop: Any, device: "torch.device | None") -> None:
+    import queue
+
+    if device is not None and device.type == "cuda":
+        import torch
+
+        torch.cuda.set_device(device)  # pinned buffers belong to this rank's device
+    try:
+        while not stop.is_set():
+            item: Any
+            try:
+                item = next(items)
+            except BaseException as exc:  # noqa: BLE001 - handed to the consumer, which raises it
+                item = _Raised(exc)
+            while not stop.is_set():
+                try:
+                    q.put(item, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+            if isinstance(item, _Raised):
+                return
+    finally:
+        close = getattr(items, "close", None)
+        if close is not None:
+            close()
+
+
+def _stop_prefetch(stop: Any, q: Any, thread: Any) -> None:
+    import queue
+
+    stop.set()
+    try:
+        while True:
+            q.get_nowait()
+    except queue.Empty:
+        pass
+    thread.join(timeout=30)
 
 
 def build_packed_loader(dataset: Any, order: Callable[[int], int], *, window: int, capacity: int, mode: str,
