@@ -263,9 +263,9 @@ class LoRAAdapter(nn.Module):
             mp = _megatron_mappings()
             if not self.input_is_parallel:
                 x = mp.scatter_to_tensor_model_parallel_region(x, group=self.tp_group)
-            h = mp.reduce_from_tensor_model_parallel_region(F.linear(x.to(a.dtype), a), group=self.tp_group)
+            h = mp.reduce_from_tensor_model_parallel_region(F.linear(_as_input(x, a), a), group=self.tp_group)
         else:
-            h = F.linear(x.to(a.dtype), a)
+            h = F.linear(_as_input(x, a), a)
         h = h * self.scale
         if self.kind == "column" and self.tp_size > 1:
             mp = _megatron_mappings()
@@ -395,6 +395,15 @@ def _scaled(y: torch.Tensor, delta: torch.Tensor, scale: torch.Tensor, bias: tor
     if bias is not None:
         out = out + bias.float()
     return out.to(y.dtype)
+
+
+def _as_input(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``x`` ready for ``F.linear(x, weight)``: in the weight's dtype, except under autocast, where the
+    matmul runs in the autocast dtype anyway; casting a bf16 activation up to the fp32 adapter there
+    would cost two full-size copies each way (and a saved copy) for a result that is the same bit for bit."""
+    if torch.is_autocast_enabled(x.device.type):
+        return x
+    return x.to(weight.dtype)
 
 
 def _lora_forward_hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:

@@ -61,6 +61,48 @@ def test_fresh_adapter_is_identity_and_math_is_w_plus_scaled_ba() -> None:
     assert a.std() > 0.1
 
 
+def test_under_autocast_the_adapter_neither_copies_nor_saves_an_fp32_input() -> None:
+    """A bf16 activation into an fp32 adapter under autocast: the matmul runs in bf16 either way, so the
+    adapter uses the activation as it is (no up-cast copy, none saved for backward), and its output and
+    gradients equal those of the explicit up-cast bit for bit."""
+    from nvl_lora.layers import LoRAAdapter
+
+    torch.manual_seed(0)
+    adapter = LoRAAdapter(kind="plain", in_features=64, out_features=32, rank=4, alpha=8, dropout=0.0,
+                          lora_a=torch.randn(4, 64), lora_b=torch.randn(32, 4))
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class ActivationCopies(TorchDispatchMode):
+        """Counts dtype copies of activation-shaped tensors ([8, 64]), forward and backward."""
+
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._to_copy.default and tuple(args[0].shape) == (8, 64):
+                ActivationCopies.n += 1
+            return func(*args, **(kwargs or {}))
+
+    x = torch.randn(8, 64).to(torch.bfloat16).requires_grad_()
+    saved: list[torch.Tensor] = []
+    with ActivationCopies(), torch.autocast("cpu", dtype=torch.bfloat16), \
+            torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = adapter(x)
+        y.float().sum().backward()
+    assert ActivationCopies.n == 0 and y.dtype == torch.bfloat16
+    assert any(t.data_ptr() == x.data_ptr() for t in saved)  # the input itself is saved, not a copy
+    grads = [x.grad.clone(), adapter.linear_in.weight.grad.clone(), adapter.linear_out.weight.grad.clone()]
+    x.grad = adapter.linear_in.weight.grad = adapter.linear_out.weight.grad = None
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # what the adapter did before: up-cast first
+        a, b = adapter.linear_in.weight, adapter.linear_out.weight
+        y_up = nn.functional.linear(nn.functional.linear(x.float(), a) * adapter.scale, b)
+    y_up.float().sum().backward()
+    assert torch.equal(y, y_up)
+    for g, g_up in zip(grads, [x.grad, adapter.linear_in.weight.grad, adapter.linear_out.weight.grad]):
+        assert torch.equal(g, g_up)
+    # without autocast the input still follows the adapter's dtype
+    assert adapter(torch.randn(8, 64, dtype=torch.float64)).dtype == torch.float32
+
+
 def test_parameter_names_keep_the_base_and_add_adapter_keys() -> None:
     model = Tiny()
     before = set(model.state_dict())
