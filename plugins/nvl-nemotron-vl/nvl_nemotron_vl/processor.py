@@ -658,8 +658,10 @@ class NemotronVLProcessor:
         Keys: those of :meth:`collate` (each sample's ``labels`` end at its own last token, so no label
         crosses into the next sample; ``pixel_values`` in reading order, so every tile lands in its
         own sample's positions), plus ``seq_idx`` (int32 ``[B, L]``: the index of each token's sample
-        in its row; the padding of row ``r`` gets ``len(rows[r])``, an index of its own) and
-        ``num_samples`` (int64 ``[B]``). The model resets its Mamba states and keeps attention within
+        in its row; the padding of row ``r`` gets ``len(rows[r])``, an index of its own),
+        ``num_samples`` (int64 ``[B]``), ``cu_seqlens`` (a tuple of ``n + 1`` ints: the start of each of
+        the ``n`` samples and padding runs over the ``B * L`` tokens read as one row, then ``B * L``) and
+        ``max_seqlen`` (int: the longest of them). The model resets its Mamba states and keeps attention within
         each index, so every sample is computed exactly as alone.
 
         :raises ValueError: for an empty row, or a row longer than ``seq_length``.
@@ -694,6 +696,13 @@ class NemotronVLProcessor:
                 pos += n
         batch["seq_idx"] = seq_idx
         batch["num_samples"] = torch.tensor([len(row) for row in rows], dtype=torch.long)
+        # The same boundaries in the varlen kernels' form, found here on the host so that the model
+        # needs no GPU synchronisation to find them.
+        from nvl_nemotron_vl.model.kernels import cu_seqlens_from_seq_idx
+
+        cu = cu_seqlens_from_seq_idx(seq_idx).tolist()
+        batch["cu_seqlens"] = tuple(cu)  # host ints: the model needs them on the host and on the GPU
+        batch["max_seqlen"] = max(b - a for a, b in zip(cu[:-1], cu[1:]))
         return batch
 
     def process_batch(self, conversations: Sequence[Mapping[str, Any]]) -> dict[str, Any]:

@@ -284,3 +284,27 @@ def test_set_kernels_routes_every_norm_and_the_squared_relu(tiny_toy, monkeypatc
     monkeypatch.setattr(kmod, "select_kernels", real)
     model.set_kernels("reference")
     assert all(m.norm_impl is None for m in norms) and all(m.act is squared_relu for m in relu2)
+
+
+def test_trained_fp32_biases_keep_autocast_outputs_in_bf16(tiny_toy):
+    """The ViT trains in fp32 master weights with biases: under bf16 autocast a layer's linear outputs,
+    and the layer's output, stay bf16 (an fp32 bias added inside the linear would promote them and
+    every elementwise op after them to fp32), and equal the bias added in fp32 then rounded."""
+    from nvl_nemotron_vl.bridge import NemotronVLBridge
+    from nvl_nemotron_vl.model.parallel import ColumnLinear, RowLinear
+
+    model = NemotronVLBridge.from_hf_dir(tiny_toy).build_model(dtype=torch.float32, kernels="reference")
+    layer = model.vision_model.decoder.layers[0]
+    linears = [m for m in layer.modules() if isinstance(m, (ColumnLinear, RowLinear))]
+    assert linears and all(m.bias is not None and m.bias.dtype == torch.float32 for m in linears)
+    x = torch.randn(2, 5, layer.mlp.linear_fc1.weight.shape[1]).to(torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, bias = layer.mlp.linear_fc1(x)
+        assert bias is None and out.dtype == torch.bfloat16
+        assert layer(x).dtype == torch.bfloat16
+        fc2 = layer.mlp.linear_fc2
+        h = torch.randn(2, 5, fc2.weight.shape[1]).to(torch.bfloat16)
+        y, _ = fc2(h)
+        plain = torch.nn.functional.linear(h, fc2.weight)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y, (plain.float() + fc2.bias).to(torch.bfloat16), rtol=1e-2, atol=1e-2)

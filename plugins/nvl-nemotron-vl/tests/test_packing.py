@@ -218,6 +218,18 @@ def test_kernel_wrappers_hand_the_boundaries_to_the_libraries() -> None:
     bias = torch.randn(6, generator=gen)
     sid = _seq_idx([[3, 1, 9], [2, 17]], 19)
     torch.testing.assert_close(K._fla_conv(fake_fla_conv)(xBC, w, bias, seq_idx=sid), conv_reference(xBC, w, bias, sid))
+    # a release that takes host offsets gets them (no read-back of the device ones)
+    host = {}
+
+    def fake_fla_conv_cpu(x, w, bias, activation=None, cu_seqlens=None, cu_seqlens_cpu=None):
+        host["cpu"] = cu_seqlens_cpu
+        return fake_fla_conv(x, w, bias, activation, cu_seqlens)
+
+    packed = K.PackedSequences.of(sid)
+    out = K._fla_conv(fake_fla_conv_cpu)(xBC, w, bias, seq_idx=sid, cu_seqlens=packed.cu_seqlens,
+                                         cu_seqlens_cpu=packed.cu_seqlens_cpu)
+    assert host["cpu"] is packed.cu_seqlens_cpu and host["cpu"].device.type == "cpu"
+    torch.testing.assert_close(out, conv_reference(xBC, w, bias, sid))
 
     seen = {}
 
@@ -233,3 +245,79 @@ def test_kernel_wrappers_hand_the_boundaries_to_the_libraries() -> None:
     assert seen["seq_idx"].dtype == torch.int32 and torch.equal(seen["seq_idx"], sid)
     ref = K._fp32_scan(ssd_scan_reference)(x, dt, A_log, B, C, 8, D, dt_bias, seq_idx=sid)
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def _segment_attention(q, k, v, packed):
+    """A stand-in of the varlen kernel: plain SDPA, causal, on each cu_seqlens segment alone."""
+    rep = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    cu = packed.cu_seqlens.tolist()
+    assert max(b - a for a, b in zip(cu[:-1], cu[1:])) == packed.max_seqlen
+    return torch.cat([torch.nn.functional.scaled_dot_product_attention(
+        q[a:b].transpose(0, 1), k[a:b].transpose(0, 1), v[a:b].transpose(0, 1), is_causal=True).transpose(0, 1)
+        for a, b in zip(cu[:-1], cu[1:])])
+
+
+def test_packed_attention_kernel_path_equals_the_block_mask(bridge, monkeypatch) -> None:
+    """The varlen attention path (heads split out of the fused QKV as flat tokens, the boundaries from
+    the processor's cu_seqlens): with a stand-in kernel, loss and gradients of two packed rows equal those
+    of the SDPA block-mask reference, and no layer recomputes the boundaries from seq_idx."""
+    from nvl_nemotron_vl.model import kernels as K
+    from nvl_nemotron_vl.model.attention import SelfAttention
+
+    proc = bridge.processor(seq_length=1024)
+    samples = [proc(c) for c in _conversations()]
+    batch = proc.collate_packed([[samples[0], samples[2]], [samples[1]]])
+    assert list(batch["cu_seqlens"]) == cu_seqlens_from_seq_idx(batch["seq_idx"]).tolist()
+    L = batch["input_ids"].shape[1]
+    assert batch["cu_seqlens"][-1] == 2 * L and len(batch["cu_seqlens"]) == 3 + 2 + 1  # 2 + 1 samples, 2 paddings
+    assert batch["max_seqlen"] == max(b - a for a, b in zip(batch["cu_seqlens"][:-1], batch["cu_seqlens"][1:]))
+    model = bridge.build_model(dtype=torch.float32, kernels="reference")
+
+    def loss_and_grads():
+        model.zero_grad(set_to_none=True)
+        loss = model(**batch)
+        (loss * batch["loss_mask"]).sum().backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    ref_loss, ref_grads = loss_and_grads()
+    lm_attention = [m for m in model.modules() if isinstance(m, SelfAttention) and m.causal]
+    assert lm_attention and all(m.packed_attention is None for m in lm_attention)
+    for m in lm_attention:
+        m.packed_attention = _segment_attention
+    calls = []
+    monkeypatch.setattr(K, "cu_seqlens_from_seq_idx", lambda s: calls.append(1) or cu_seqlens_from_seq_idx(s))
+    loss, grads = loss_and_grads()
+    assert not calls
+    torch.testing.assert_close(loss, ref_loss, rtol=0, atol=1e-5)
+    for n in ref_grads:
+        torch.testing.assert_close(grads[n], ref_grads[n], rtol=0, atol=1e-5, msg=lambda m, n=n: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("api", ["is_causal", "window_size"])
+def test_varlen_wrapper_follows_the_installed_pytorch_api(monkeypatch, api) -> None:
+    """torch.nn.attention.varlen.varlen_attn took ``window_size=(-1, 0)`` and no grouped KV heads in
+    PyTorch 2.11, ``enable_gqa`` later: the wrapper asks for causal attention either way and expands the
+    KV heads only where the kernel does not take them grouped."""
+    import torch.nn.attention.varlen as varlen_module
+
+    from nvl_nemotron_vl.model import kernels as K
+
+    seen = {}
+    if api == "is_causal":
+        def fake(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, is_causal=False, enable_gqa=False):
+            seen.update(causal=is_causal, gqa=enable_gqa, kv_heads=key.shape[1])
+            return _segment_attention(query, key, value, K.PackedSequences(None, cu_seq_q, max_q, cu_seq_q))
+    else:
+        def fake(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+                 window_size=(-1, -1)):
+            seen.update(causal=window_size == (-1, 0), gqa=False, kv_heads=key.shape[1])
+            return _segment_attention(query, key, value, K.PackedSequences(None, cu_seq_q, max_q, cu_seq_q))
+    monkeypatch.setattr(varlen_module, "varlen_attn", fake)
+    run = K._varlen_attention()
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(11, h, 4, generator=gen) for h in (6, 2, 2))
+    packed = K.PackedSequences.of(_seq_idx([[4, 2]], 11))
+    out = run(q, k, v, packed)
+    assert seen["causal"] and seen["kv_heads"] == (2 if api == "is_causal" else 6) and seen["gqa"] == (api == "is_causal")
+    torch.testing.assert_close(out, _segment_attention(q, k, v, packed))

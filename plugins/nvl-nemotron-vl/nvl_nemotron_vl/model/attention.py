@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .cache import AttentionState
+from .kernels import PackedSequences
 from .parallel import TPContext, normed_column_linear, row_linear, split_size
 
 if TYPE_CHECKING:
@@ -94,6 +95,9 @@ class SelfAttention(nn.Module):
                                                dtype=dtype, device=device)
         self.linear_proj = row_linear(num_heads * head_dim, hidden_size, bias=bias, tp=tp, dtype=dtype,
                                       device=device)
+        #: Packed rows' attention kernel (``Kernels.packed_attention``, set by ``set_kernels``); None: the
+        #: SDPA block-mask reference.
+        self.packed_attention = None
 
     def _qkv(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The fused projection ``[b, L, local rows]`` -> ``q`` ``[b, heads, L, d]``, ``k``, ``v`` ``[b, kv_heads, L, d]``."""
@@ -104,12 +108,14 @@ class SelfAttention(nn.Module):
 
     def forward(
         self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
-        inference_params: "HybridCache | None" = None, seq_idx: torch.Tensor | None = None,
+        inference_params: "HybridCache | None" = None, seq_idx: torch.Tensor | PackedSequences | None = None,
     ) -> torch.Tensor:
         """``[b, L, hidden]`` (before the layer's norm) -> ``[b, L, hidden]``; ``attention_mask`` ``[b, L]``.
 
-        ``seq_idx`` ``[b, L]`` (packed samples) restricts attention to each token's own sample
-        (block-diagonal, causal for the LM); padding must then be a sample index of its own.
+        ``seq_idx`` ``[b, L]`` (packed samples; or their :class:`~.kernels.PackedSequences`) restricts
+        attention to each token's own sample (block-diagonal, causal for the LM); padding must then be a
+        sample index of its own. Causal attention over packed rows without a padding mask runs
+        :attr:`packed_attention` when set (each sample's keys only), else SDPA with the block mask.
 
         ``inference_params`` (a :class:`~.cache.HybridCache`, causal attention only): in its
         ``"prefill"`` phase the prompt's keys/values are also written to columns ``[0, L)`` of this
@@ -119,6 +125,15 @@ class SelfAttention(nn.Module):
             return self.step(hidden_states, inference_params)
         b, L, _ = hidden_states.shape
         qkv, _ = self.linear_qkv(hidden_states)
+        if (seq_idx is not None and self.packed_attention is not None and self.causal and inference_params is None
+                and attention_mask is None and qkv.dtype in (torch.float16, torch.bfloat16)):
+            # The varlen kernel (16-bit inputs only: an fp32 model keeps the block mask), on the tokens as
+            # one flattened row [b * L, heads, d], so that its output feeds linear_proj without a transpose.
+            g = qkv.view(b * L, self.kv_heads, self.rep + 2, self.head_dim)
+            o = self.packed_attention(g[:, :, : self.rep].reshape(b * L, self.heads, self.head_dim),
+                                      g[:, :, self.rep], g[:, :, self.rep + 1], PackedSequences.of(seq_idx))
+            out, _ = self.linear_proj(o.reshape(b, L, self.heads * self.head_dim))
+            return out
         q, k, v = self._qkv(qkv)
         if inference_params is not None:
             if seq_idx is not None:
@@ -127,6 +142,8 @@ class SelfAttention(nn.Module):
             state.keys[:, :, :L] = k
             state.values[:, :, :L] = v
         if seq_idx is not None:
+            if isinstance(seq_idx, PackedSequences):
+                seq_idx = seq_idx.seq_idx
             mask = packed_attention_mask(seq_idx, self.causal)
             if attention_mask is not None and not bool(attention_mask.all()):
                 mask = mask & attention_mask_for(attention_mask, L, False, hidden_states.device)

@@ -20,6 +20,8 @@ relu2          the squared ReLU fused by ``torch.compile`` (one kernel   :func:`
                forward, one backward)                                    (separate ops)
 loss           chunked vocab-parallel cross-entropy, each chunk's        full logits, fp32 copy, then
                logits recomputed in backward                             vocab-parallel cross-entropy
+packed         PyTorch's varlen flash attention (``torch.nn.attention    SDPA with a block-diagonal causal
+attention      .varlen``): each packed sample's keys only, no mask       boolean mask (every block computed)
 =============  ======================================================  ==================================
 
 ``model.kernels`` picks: ``"auto"`` (kernels where importable and on CUDA, else the reference),
@@ -37,7 +39,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -100,13 +102,16 @@ def _try(loader: Callable[[], dict[str, Callable[..., Any]]]) -> dict[str, Calla
 
 # ------------------------------------------------------------------------------- reference ops
 def conv_reference(xBC: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                   seq_idx: torch.Tensor | None = None) -> torch.Tensor:
+                   seq_idx: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None,
+                   cu_seqlens_cpu: torch.Tensor | None = None) -> torch.Tensor:
     """Depthwise causal conv over time + SiLU: ``xBC`` ``[b, L, D]``, ``weight`` ``[D, 1, W]``.
 
     With ``seq_idx`` ``[b, L]`` (packed samples) a tap that would reach a token of another sample reads
     zero instead, exactly as the zero padding before a sample run alone: the conv state resets at
-    every sample boundary.
+    every sample boundary. (``cu_seqlens`` / ``cu_seqlens_cpu``, the varlen kernels' form of the same
+    boundaries, are not needed.)
     """
+    del cu_seqlens, cu_seqlens_cpu
     k = weight.shape[-1]
     if seq_idx is None:
         out = F.conv1d(F.pad(xBC.transpose(1, 2), (k - 1, 0)), weight, bias, groups=weight.shape[0])
@@ -134,6 +139,48 @@ def cu_seqlens_from_seq_idx(seq_idx: torch.Tensor) -> torch.Tensor:
     pos = torch.nonzero(starts).flatten()
     end = torch.tensor([b * L], device=seq_idx.device, dtype=pos.dtype)
     return torch.cat([pos, end]).to(torch.int32)
+
+
+@dataclass(frozen=True)
+class PackedSequences:
+    """Packed samples of a batch, in every form the layers' kernels take.
+
+    :param seq_idx: int32 ``[b, L]``, each token's sample index in its row (padding: an index of its own).
+    :param cu_seqlens: int32 ``[n + 1]``, the samples' start offsets over the ``b * L`` tokens read as one
+        flattened row (:func:`cu_seqlens_from_seq_idx`), on ``seq_idx``'s device.
+    :param max_seqlen: the longest sample (padding runs included), in tokens.
+    :param cu_seqlens_cpu: the same offsets on the host (kernels that plan their launch from them).
+
+    Built once per forward, from the boundaries the processor found on the host (``collate_packed``), so
+    that no layer synchronises with the GPU to find them.
+    """
+
+    seq_idx: torch.Tensor
+    cu_seqlens: torch.Tensor
+    max_seqlen: int
+    cu_seqlens_cpu: torch.Tensor
+
+    @classmethod
+    def of(cls, seq_idx: "torch.Tensor | PackedSequences | None",
+           cu_seqlens: "Sequence[int] | torch.Tensor | None" = None,
+           max_seqlen: int | None = None) -> "PackedSequences | None":
+        """``seq_idx`` as packed sequences (None stays None). ``cu_seqlens`` (host ints or a tensor) and
+        ``max_seqlen`` are found from ``seq_idx`` (a host synchronisation) when not given."""
+        if seq_idx is None or isinstance(seq_idx, PackedSequences):
+            return seq_idx
+        if cu_seqlens is None:
+            cpu = cu_seqlens_from_seq_idx(seq_idx).cpu()
+        elif isinstance(cu_seqlens, torch.Tensor):
+            cpu = cu_seqlens.to("cpu", torch.int32)
+        else:
+            cpu = torch.tensor(list(cu_seqlens), dtype=torch.int32)
+        if max_seqlen is None:
+            max_seqlen = int((cpu[1:] - cpu[:-1]).max())
+        if seq_idx.device.type == "cuda":
+            # From pinned memory the copy is queued; from pageable memory CUDA waits for the stream first.
+            cpu = cpu.pin_memory()
+            return cls(seq_idx, cpu.to(seq_idx.device, non_blocking=True), int(max_seqlen), cpu)
+        return cls(seq_idx, cpu.to(seq_idx.device), int(max_seqlen), cpu)
 
 
 def gated_norm_reference(y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, eps: float,
@@ -198,7 +245,13 @@ def _fla_scan(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _fla_conv(fn: Callable[..., Any]) -> Callable[..., Any]:
-    def run(xBC, weight, bias, seq_idx=None):
+    import inspect
+
+    # Newer releases plan a varlen launch from host offsets when given them, instead of reading the
+    # device ones back (a GPU synchronisation per call).
+    takes_cpu = "cu_seqlens_cpu" in inspect.signature(fn).parameters
+
+    def run(xBC, weight, bias, seq_idx=None, cu_seqlens=None, cu_seqlens_cpu=None):
         w = weight.squeeze(1).to(xBC.dtype)
         bb = None if bias is None else bias.to(xBC.dtype)
         if seq_idx is None:
@@ -206,8 +259,10 @@ def _fla_conv(fn: Callable[..., Any]) -> Callable[..., Any]:
             return out
         # varlen form: all rows as one of b * L tokens, the conv restarting at every cu_seqlens offset.
         b, L, d = xBC.shape
-        out, _ = fn(xBC.reshape(1, b * L, d).contiguous(), w, bb, activation="silu",
-                    cu_seqlens=cu_seqlens_from_seq_idx(seq_idx))
+        if cu_seqlens is None:
+            cu_seqlens = cu_seqlens_from_seq_idx(seq_idx)
+        extra = {"cu_seqlens_cpu": cu_seqlens_cpu} if takes_cpu and cu_seqlens_cpu is not None else {}
+        out, _ = fn(xBC.reshape(1, b * L, d).contiguous(), w, bb, activation="silu", cu_seqlens=cu_seqlens, **extra)
         return out.view(b, L, d)
 
     return run
@@ -243,6 +298,36 @@ def _triton_norms(fn: Callable[..., Any]) -> dict[str, Callable[..., torch.Tenso
     return {"rms": rms, "layer": layer}
 
 
+def _varlen_attention() -> Callable[..., torch.Tensor]:
+    """PyTorch's varlen flash attention (``torch.nn.attention.varlen.varlen_attn``, PyTorch >= 2.9) as
+    ``run(q, k, v, packed)``: ``q`` ``[T, heads, d]``, ``k``/``v`` ``[T, kv_heads, d]`` over the ``T = b * L``
+    tokens of :class:`PackedSequences` ``packed``, causal within each sample. Its keyword for causality
+    and whether it takes grouped KV heads changed between releases; both are read from its signature."""
+    import inspect
+
+    from torch.nn.attention.varlen import varlen_attn
+
+    params = inspect.signature(varlen_attn).parameters
+    causal = {"is_causal": True} if "is_causal" in params else {"window_size": (-1, 0)}
+    gqa = "enable_gqa" in params
+
+    def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packed: PackedSequences) -> torch.Tensor:
+        rep = q.shape[1] // k.shape[1]
+        extra = dict(causal)
+        if rep > 1 and gqa:
+            extra["enable_gqa"] = True
+        elif rep > 1:
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        cu, n = packed.cu_seqlens, packed.max_seqlen
+        return varlen_attn(q, k, v, cu, cu, n, n, **extra)
+
+    return run
+
+
+def _torch_varlen() -> dict[str, Callable[..., Any]]:
+    return {"attn": _varlen_attention()}
+
+
 def _capturing() -> bool:
     """True while a CUDA graph is being captured (the decode step): the norm and activation kernels
     step aside for the plain-PyTorch ops there, since an autotuning Triton kernel or a recompiling
@@ -254,7 +339,9 @@ def _capturing() -> bool:
 def _compiled_squared_relu() -> Callable[[torch.Tensor], torch.Tensor]:
     """``relu(x)^2`` with forward and backward each one fused elementwise kernel (``torch.compile``,
     dynamic shapes: compiled once per process), saving only ``x`` like :func:`.mlp.squared_relu`."""
-    fwd = torch.compile(lambda x: torch.relu(x).square(), dynamic=True, fullgraph=True)
+    from .mlp import relu_squared
+
+    fwd = torch.compile(relu_squared, dynamic=True, fullgraph=True)
     bwd = torch.compile(lambda x, g: g * (2 * torch.relu(x)), dynamic=True, fullgraph=True)
 
     class _FusedSquaredReLU(torch.autograd.Function):
@@ -279,6 +366,7 @@ def _compiled_squared_relu() -> Callable[[torch.Tensor], torch.Tensor]:
 
 
 _COMPILED_RELU2 = "torch.compile (one fused kernel forward, one backward)"
+_SDPA_BLOCK_MASK = "SDPA with a block-diagonal causal boolean mask (every key block computed)"
 
 
 # ----------------------------------------------------------------------------------- selection
@@ -296,6 +384,9 @@ class Kernels:
     chunked_loss: bool
     norms: dict[str, Callable[..., torch.Tensor]] | None = None
     relu2: Callable[[torch.Tensor], torch.Tensor] | None = None
+    #: packed rows' causal attention, ``(q [T, H, d], k, v [T, KV, d], PackedSequences) -> [T, H, d]``;
+    #: ``None``: SDPA with the block-diagonal causal mask (:func:`.attention.packed_attention_mask`)
+    packed_attention: Callable[..., torch.Tensor] | None = None
     names: dict[str, str] = field(default_factory=dict)
 
 
@@ -310,7 +401,7 @@ def select_kernels(choice: str, device: torch.device | str) -> Kernels:
     k = Kernels(scan=ref_scan, conv=conv_reference, gated_norm=gated_norm_reference, chunked_loss=choice != "reference",
                 names={"scan": "reference (PyTorch, fp32)", "conv": "reference (F.conv1d)",
                        "gated_norm": "reference (PyTorch, fp32)", "norm": "reference (PyTorch, fp32)",
-                       "relu2": "reference (PyTorch)"})
+                       "relu2": "reference (PyTorch)", "packed_attention": _SDPA_BLOCK_MASK})
     if choice == "reference":
         k.names["loss"] = "reference (full logits)"
         return k
@@ -347,6 +438,10 @@ def select_kernels(choice: str, device: torch.device | str) -> Kernels:
     elif fla is not None:
         k.gated_norm, k.names["gated_norm"] = _triton_gated_norm(fla["rmsnorm"]), "flash-linear-attention rmsnorm_fn (Triton)"
     k.relu2, k.names["relu2"] = _compiled_squared_relu(), _COMPILED_RELU2
+    varlen = _try(_torch_varlen)
+    if varlen is not None:
+        k.packed_attention = varlen["attn"]
+        k.names["packed_attention"] = "PyTorch varlen flash attention (torch.nn.attention.varlen, causal per sample)"
     return k
 
 

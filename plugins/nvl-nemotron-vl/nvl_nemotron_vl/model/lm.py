@@ -121,14 +121,22 @@ class _Decoder(nn.Module):
         self.recompute_layers = False
 
     def forward(self, h: torch.Tensor, attention_mask=None, inference_params=None, seq_idx=None) -> torch.Tensor:
-        """``seq_idx`` ``[b, L]``: packed samples (sample index per token; padding an index of its own):
-        Mamba states reset and attention stays within each sample. ``inference_params``: a
-        :class:`~.cache.HybridCache` in its prefill phase, which every layer fills."""
+        """``seq_idx`` ``[b, L]`` (or :class:`~.kernels.PackedSequences`): packed samples (sample index per
+        token; padding an index of its own): Mamba states reset and attention stays within each sample.
+        ``inference_params``: a :class:`~.cache.HybridCache` in its prefill phase, which every layer fills."""
         from torch.utils.checkpoint import checkpoint
 
         from .attention import is_right_padded
+        from .kernels import PackedSequences
 
-        if attention_mask is not None and inference_params is None and is_right_padded(attention_mask):
+        # Once for all layers (a tensor's sample boundaries are found with one host synchronisation; the
+        # training batch brings them from the processor, so none is needed).
+        seq_idx = PackedSequences.of(seq_idx)
+        if seq_idx is not None and inference_params is None:
+            # Packed rows: padding is a sample of its own, which no real token's Mamba state or attention
+            # reaches, so the mask changes nothing that is used (and checking it would cost a GPU sync).
+            attention_mask = None
+        elif attention_mask is not None and inference_params is None and is_right_padded(attention_mask):
             # Every layer is causal (Mamba, causal attention) or per-token (MLP): with padding only after
             # the real tokens, no real token can see a padded one, so the mask changes nothing that is
             # used. Dropping it skips the per-layer masking passes and keeps attention on flash kernels.
@@ -158,11 +166,10 @@ class NemotronHLanguageModel(nn.Module):
         self._local_vocab = local
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        if input_ids.numel() and (int(input_ids.max()) >= self.vocab_size or int(input_ids.min()) < 0):
-            raise ValueError(
-                f"input_ids hold ids outside [0, vocab_size={self.vocab_size}): "
-                f"min {int(input_ids.min())}, max {int(input_ids.max())}"
-            )
+        if input_ids.numel():
+            low, high = torch.stack(torch.aminmax(input_ids)).tolist()  # one host synchronisation for both
+            if high >= self.vocab_size or low < 0:
+                raise ValueError(f"input_ids hold ids outside [0, vocab_size={self.vocab_size}): min {low}, max {high}")
         return self.embedding(input_ids)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

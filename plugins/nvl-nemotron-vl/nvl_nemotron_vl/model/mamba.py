@@ -30,7 +30,7 @@ from torch import nn
 from ..config import LLMConfig
 from .cache import MambaState
 from .parallel import TPContext, mark_tensor_parallel, normed_column_linear, row_linear, split_size
-from .kernels import gated_norm_reference, select_kernels
+from .kernels import PackedSequences, gated_norm_reference, select_kernels
 
 if TYPE_CHECKING:
     from .cache import HybridCache
@@ -114,6 +114,7 @@ class MambaMixer(nn.Module):
         """
         if inference_params is not None and inference_params.phase == "decode":
             return self.step(hidden_states, inference_params)
+        seq_idx = PackedSequences.of(seq_idx)
         state = None
         if inference_params is not None:
             if seq_idx is not None:
@@ -134,9 +135,10 @@ class MambaMixer(nn.Module):
         return out
 
     def ssm(self, zxbcdt: torch.Tensor, attention_mask: torch.Tensor | None = None,
-            seq_idx: torch.Tensor | None = None, state: MambaState | None = None) -> torch.Tensor:
+            seq_idx: torch.Tensor | PackedSequences | None = None, state: MambaState | None = None) -> torch.Tensor:
         """in_proj output ``[b, L, local in_proj rows]`` -> gated, normalised SSM output ``[b, L, d_inner]``,
-        through the model's kernels (:attr:`kernels`).
+        through the model's kernels (:attr:`kernels`). ``seq_idx``: packed samples (a tensor, or their
+        :class:`~.kernels.PackedSequences`, whose ``cu_seqlens`` the varlen conv takes as they are).
 
         With ``state`` (a prefill) the last ``K - 1`` conv inputs (zeros before the first token) and the
         SSM state after the last token are written into it. fp32 on the reference path; the kernels'
@@ -150,8 +152,10 @@ class MambaMixer(nn.Module):
             tail = xBC[:, -k1:].transpose(1, 2)  # [b, conv_dim, min(L, K-1)]
             state.conv.zero_()
             state.conv[:, :, k1 - tail.shape[-1]:] = tail
-        packed = {} if seq_idx is None else {"seq_idx": seq_idx}
-        xBC = k.conv(xBC, self.conv1d.weight, self.conv1d.bias, **packed)
+        seq_idx = PackedSequences.of(seq_idx)
+        packed = {} if seq_idx is None else {"seq_idx": seq_idx.seq_idx}
+        xBC = k.conv(xBC, self.conv1d.weight, self.conv1d.bias, **({} if seq_idx is None else {
+            **packed, "cu_seqlens": seq_idx.cu_seqlens, "cu_seqlens_cpu": seq_idx.cu_seqlens_cpu}))
         if attention_mask is not None:
             xBC = xBC * attention_mask[:, :, None].to(xBC.dtype)
         x, B, C = xBC.split([self.d_inner, self.ngroups * self.state, self.ngroups * self.state], dim=-1)

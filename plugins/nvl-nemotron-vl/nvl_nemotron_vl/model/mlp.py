@@ -9,13 +9,21 @@ from torch import nn
 from .parallel import TPContext, normed_column_linear, row_linear
 
 
+def relu_squared(x: torch.Tensor) -> torch.Tensor:
+    """``relu(x)^2`` in ``x``'s dtype. A product, not ``square()``: CUDA autocast runs ``pow`` in fp32,
+    which would turn the MLP's widest activation into an fp32 copy (and its gradient with it); the bf16
+    product rounds once from an fp32 result, as the fp32 square cast back would."""
+    r = F.relu(x)
+    return r * r
+
+
 class _SquaredReLU(torch.autograd.Function):
     """``relu(x)^2`` saving only ``x`` for backward (``d/dx = 2 relu(x)``), not the intermediate too."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(x)
-        return F.relu(x).square()
+        return relu_squared(x)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor) -> torch.Tensor:

@@ -122,25 +122,52 @@ class RMSNorm(nn.Module):
 
 
 # -------------------------------------------------------------------------------- linear layers
-def column_linear(in_size: int, out_size: int, *, bias: bool, tp: TPContext, dtype, device) -> nn.Module:
-    layer = ColumnParallelLinear(
-        in_size, out_size, config=megatron_config(tp, dtype, device), init_method=_no_init, bias=bias,
-        gather_output=False, tp_group=tp.group,
-    )
-    _tag_linear(layer, 0)
-    return layer
+def _add_bias(out: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, None]:
+    """``out + bias`` in ``out``'s dtype. Megatron adds the bias inside its linear, where an fp32 bias
+    (a trained parameter kept in fp32) promotes the autocast bf16 output, and every elementwise op after
+    it, to fp32: the ViT ran its MLP and attention outputs in fp32 and cast them back at each matmul."""
+    return (out if bias is None else out + bias.to(out.dtype)), None
 
 
-def row_linear(in_size: int, out_size: int, *, bias: bool, tp: TPContext, dtype, device) -> nn.Module:
-    layer = RowParallelLinear(
-        in_size, out_size, config=megatron_config(tp, dtype, device), init_method=_no_init, bias=bias,
-        input_is_parallel=True, skip_bias_add=False, tp_group=tp.group,
-    )
-    _tag_linear(layer, 1)
-    return layer
+class ColumnLinear(ColumnParallelLinear):
+    """Megatron's ``ColumnParallelLinear`` (same parameters and layout) whose bias is added in the
+    output's dtype (:func:`_add_bias`); ``forward(x) -> (output, None)``."""
+
+    def __init__(self, in_size: int, out_size: int, *, bias: bool, tp: TPContext, dtype, device) -> None:
+        super().__init__(
+            in_size, out_size, config=megatron_config(tp, dtype, device), init_method=_no_init, bias=bias,
+            gather_output=False, skip_bias_add=True, tp_group=tp.group,
+        )
+        _tag_linear(self, 0)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any):
+        return _add_bias(*super().forward(x, *args, **kwargs))
 
 
-class NormedColumnParallelLinear(ColumnParallelLinear):
+class RowLinear(RowParallelLinear):
+    """Megatron's ``RowParallelLinear`` (input split over TP, output all-reduced) whose bias is added
+    after the reduction in the output's dtype (:func:`_add_bias`); ``forward(x) -> (output, None)``."""
+
+    def __init__(self, in_size: int, out_size: int, *, bias: bool, tp: TPContext, dtype, device) -> None:
+        super().__init__(
+            in_size, out_size, config=megatron_config(tp, dtype, device), init_method=_no_init, bias=bias,
+            input_is_parallel=True, skip_bias_add=True, tp_group=tp.group,
+        )
+        _tag_linear(self, 1)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any):
+        return _add_bias(*super().forward(x, *args, **kwargs))
+
+
+def column_linear(in_size: int, out_size: int, *, bias: bool, tp: TPContext, dtype, device) -> ColumnLinear:
+    return ColumnLinear(in_size, out_size, bias=bias, tp=tp, dtype=dtype, device=device)
+
+
+def row_linear(in_size: int, out_size: int, *, bias: bool, tp: TPContext, dtype, device) -> RowLinear:
+    return RowLinear(in_size, out_size, bias=bias, tp=tp, dtype=dtype, device=device)
+
+
+class NormedColumnParallelLinear(ColumnLinear):
     """A column-parallel linear with its input norm folded in (``layer_norm_weight`` [+ ``layer_norm_bias``]).
 
     ``norm`` is ``"rms"`` (RMSNorm, weight only) or ``"layer"`` (LayerNorm, weight and bias); the norm is
@@ -151,11 +178,7 @@ class NormedColumnParallelLinear(ColumnParallelLinear):
                  dtype: torch.dtype, device: torch.device) -> None:
         if norm not in ("rms", "layer"):
             raise ValueError(f"norm must be 'rms' or 'layer', got {norm!r}")
-        super().__init__(
-            in_size, out_size, config=megatron_config(tp, dtype, device), init_method=_no_init, bias=bias,
-            gather_output=False, tp_group=tp.group,
-        )
-        _tag_linear(self, 0)
+        super().__init__(in_size, out_size, bias=bias, tp=tp, dtype=dtype, device=device)
         self.norm_kind, self.norm_eps = norm, eps
         #: The kernel computing the norm (set by the model's ``set_kernels``); None: the fp32 reference.
         self.norm_impl: NormImpl | None = None

@@ -24,14 +24,12 @@ def hooked(layer: nn.Module) -> bool:
 
 def column(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """A column-parallel linear (its folded input norm included): this rank's output columns."""
-    from megatron.core.tensor_parallel import ColumnParallelLinear
-
-    from .parallel import NormedColumnParallelLinear
+    from .parallel import ColumnLinear, NormedColumnParallelLinear
 
     kind = type(layer)
     if kind is NormedColumnParallelLinear and not hooked(layer):
         return F.linear(layer.normalize(x), layer.weight, layer.bias)
-    if kind is ColumnParallelLinear and not hooked(layer):
+    if kind is ColumnLinear and not hooked(layer):
         return F.linear(x, layer.weight, layer.bias)
     out, _ = layer(x)
     return out
@@ -39,9 +37,9 @@ def column(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def row(layer: nn.Module, x: torch.Tensor, tp: Any) -> torch.Tensor:
     """A row-parallel linear on this rank's input shard, summed over the TP group."""
-    from megatron.core.tensor_parallel import RowParallelLinear
+    from .parallel import RowLinear
 
-    if type(layer) is RowParallelLinear and not hooked(layer):
+    if type(layer) is RowLinear and not hooked(layer):
         out = F.linear(x, layer.weight)
         if tp.size > 1:
             torch.distributed.all_reduce(out, group=tp.group)

@@ -64,10 +64,11 @@ class NemotronVLModel(nn.Module):
         self.set_kernels(kernels)
 
     def set_kernels(self, choice: str) -> dict[str, str]:
-        """Pick the implementations of the Mamba ops, the norms, the squared ReLU and the loss
-        (``model.kernels``; see :mod:`.kernels`): ``"auto"`` (Triton kernels on CUDA where importable),
+        """Pick the implementations of the Mamba ops, the norms, the squared ReLU, the loss and the packed
+        rows' attention (``model.kernels``; see :mod:`.kernels`): ``"auto"`` (Triton kernels on CUDA where importable),
         ``"reference"``, ``"compiled"``, ``"mamba_ssm"`` or ``"fla"``. Returns op -> implementation, for
         the run's report."""
+        from .attention import SelfAttention
         from .kernels import select_kernels
         from .mamba import MambaMixer
         from .mlp import MLP, squared_relu
@@ -83,12 +84,13 @@ class NemotronVLModel(nn.Module):
                 module.norm_impl = None if k.norms is None else k.norms[module.norm_kind]
             elif isinstance(module, MLP) and module.activation == "relu2":
                 module.act = k.relu2 or squared_relu
+            elif isinstance(module, SelfAttention) and module.causal:
+                module.packed_attention = k.packed_attention
         return self.kernel_report()
 
     def kernel_report(self) -> dict[str, str]:
         """Op -> implementation in use (the Mamba scan, conv, gated norm; the LM loss; attention)."""
-        return {**self.kernels.names, "attention": "SDPA flash/efficient kernels (causal, no dense mask on right padding, "
-                "packed rows: a block-diagonal causal boolean mask, memory-efficient kernel)"}
+        return {**self.kernels.names, "attention": "SDPA (causal; no dense mask on right padding)"}
 
     def set_recompute(self, mode: str) -> None:
         """Activation recomputation: ``"none"``; ``"ssm"`` (Mamba conv + scan + gated norm, whose fp32
@@ -133,8 +135,10 @@ class NemotronVLModel(nn.Module):
         self, input_ids: torch.Tensor, inputs_embeds: torch.Tensor, vision_embeds: torch.Tensor | None
     ) -> torch.Tensor:
         """Write the tiles' embeddings over the context-token embeddings, in reading order."""
-        ctx = self._context_mask(input_ids)
-        n_ctx = int(ctx.sum())
+        # Integer positions (one host synchronisation, which also gives the count): writing and, in
+        # backward, reading them back by a boolean mask would each synchronise again.
+        positions = torch.nonzero(self._context_mask(input_ids).reshape(-1)).squeeze(1)
+        n_ctx = int(positions.numel())
         n_vis = 0 if vision_embeds is None else vision_embeds.shape[0] * vision_embeds.shape[1]
         if n_ctx != n_vis:
             tok = self.config.num_image_token
@@ -145,9 +149,10 @@ class NemotronVLModel(nn.Module):
             )
         if n_ctx == 0:
             return inputs_embeds
-        out = inputs_embeds.clone()
-        out[ctx] = vision_embeds.reshape(-1, vision_embeds.shape[-1]).to(out.dtype)
-        return out
+        hidden = inputs_embeds.shape[-1]
+        out = inputs_embeds.reshape(-1, hidden).index_copy(
+            0, positions, vision_embeds.reshape(-1, hidden).to(inputs_embeds.dtype))
+        return out.view(inputs_embeds.shape)
 
     # ------------------------------------------------------------------------------------ EVS
     def _evs_keep(
@@ -191,6 +196,8 @@ class NemotronVLModel(nn.Module):
         evs_pruning_rate: float | None = None,
         inference_params: Any = None,
         seq_idx: torch.Tensor | None = None,
+        cu_seqlens: Sequence[int] | torch.Tensor | None = None,
+        max_seqlen: int | None = None,
         **extra: Any,
     ) -> torch.Tensor:
         """See the module docstring. ``loss_mask`` is accepted and not used (the trainer applies it).
@@ -199,13 +206,19 @@ class NemotronVLModel(nn.Module):
         each token's sample in its row, padding an index of its own; every sample is then computed
         exactly as alone (Mamba conv and SSM states reset at its first token, attention block-diagonal
         causal). Tiles are merged in reading order, so each sample's images land in its own positions.
+        ``cu_seqlens`` / ``max_seqlen`` (``collate_packed`` computes them on the host) are the same
+        boundaries in the varlen kernels' form; without them they are computed from ``seq_idx``.
         """
         del loss_mask, extra
+        from .kernels import PackedSequences
+
         embeds, attention_mask, labels, index = self.embed_inputs(
             input_ids, pixel_values, attention_mask, labels, num_frames=num_frames, evs_pruning_rate=evs_pruning_rate)
         if index is not None and seq_idx is not None:
             seq_idx = _compact_seq_idx(seq_idx, index)
-        hidden = self.language_model.decoder(embeds, attention_mask, inference_params, seq_idx)
+            cu_seqlens = max_seqlen = None  # EVS moved the boundaries
+        packed = PackedSequences.of(seq_idx, cu_seqlens, max_seqlen)
+        hidden = self.language_model.decoder(embeds, attention_mask, inference_params, packed)
         if labels is not None and self.kernels.chunked_loss:
             from .kernels import chunked_vocab_parallel_loss
 
