@@ -224,6 +224,18 @@ def _profile_one_step(iteration: int, out: Path) -> None:
     Trainer.train_step = step
 
 
+def parse_kernels(report: str) -> dict[str, str]:
+    """``op: implementation; op: implementation`` (the finetune log's kernels line) -> a dict; an
+    implementation may itself hold "; " (only "; " before ``word: `` starts the next op)."""
+    import re
+
+    out = {}
+    for part in re.split(r"; (?=\w+: )", report.strip()):
+        op, _, impl = part.partition(": ")
+        out[op] = impl
+    return out
+
+
 def _trace_syncs(run: Any, out: Path) -> Any:
     """Run ``run()`` with CUDA's sync debug mode on and write where the host waited for the GPU: each
     synchronising call site (the innermost frames of nvl, its plugins and the libraries under them),
@@ -343,9 +355,7 @@ def run_nvl(args: argparse.Namespace, model_dir: Path, data: dict[str, Path], wo
     kernels = {}
     for line in out.splitlines():
         if "nvl finetune: kernels: " in line:
-            for part in line.split("nvl finetune: kernels: ", 1)[1].split("; "):
-                op, _, impl = part.partition(": ")
-                kernels[op] = impl
+            kernels.update(parse_kernels(line.split("nvl finetune: kernels: ", 1)[1]))
         if "nvl finetune: memory plan: " in line:
             rec["memory_plan"] = line.split("memory plan: ", 1)[1]
     rec["kernels"] = kernels

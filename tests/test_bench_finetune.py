@@ -62,6 +62,17 @@ def test_readme_table_is_generated_from_the_bench_records():
     assert block.strip() == bench.readme_table(records).strip()
 
 
+def test_kernel_report_parsing_keeps_implementations_that_hold_semicolons():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("finetune_gpu_bench", BENCH)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    report = "scan: mamba-ssm (Triton); relu2: torch.compile; attention: SDPA (causal; no dense mask); loss: chunked"
+    assert bench.parse_kernels(report) == {"scan": "mamba-ssm (Triton)", "relu2": "torch.compile",
+                                           "attention": "SDPA (causal; no dense mask)", "loss": "chunked"}
+
+
 @pytest.mark.slow
 def test_finetune_bench_measures_packing_against_one_sample_per_row(tmp_path):
     """The issue-14 measurement's command at toy size: medpix with and without dataset.packing in one run."""

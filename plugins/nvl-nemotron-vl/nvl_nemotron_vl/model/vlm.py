@@ -90,7 +90,7 @@ class NemotronVLModel(nn.Module):
 
     def kernel_report(self) -> dict[str, str]:
         """Op -> implementation in use (the Mamba scan, conv, gated norm; the LM loss; attention)."""
-        return {**self.kernels.names, "attention": "SDPA (causal; no dense mask on right padding)"}
+        return {**self.kernels.names, "attention": "SDPA (causal, no dense mask on right padding)"}
 
     def set_recompute(self, mode: str) -> None:
         """Activation recomputation: ``"none"``; ``"ssm"`` (Mamba conv + scan + gated norm, whose fp32
