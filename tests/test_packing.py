@@ -97,6 +97,8 @@ def test_prefetch_thread_raises_the_loaders_error_and_stops() -> None:
         next(batches)
     batches.close()
     assert not any(t.name == "nvl-packed-prefetch" and t.is_alive() for t in threading.enumerate())
+    with pytest.raises(RuntimeError, match="closed"):  # not a wait for a batch that never comes
+        next(batches)
 
 
 def test_dropping_the_batches_stops_the_prefetch_thread() -> None:

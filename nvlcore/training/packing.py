@@ -198,8 +198,6 @@ class _Prefetcher:
     this object) stops the thread through a finalizer.
     """
 
-    _DONE = object()
-
     def __init__(self, items: Iterator[Any], depth: int, device: "torch.device | None") -> None:
         import queue
         import threading
@@ -213,9 +211,9 @@ class _Prefetcher:
         self._finalizer = weakref.finalize(self, _stop_prefetch, self._stop, self._queue, self._thread)
 
     def get(self) -> Any:
+        if self._stop.is_set():
+            raise RuntimeError("the packed batches were closed; no more batches come from them")
         item = self._queue.get()
-        if item is self._DONE:
-            raise RuntimeError("the packed-batch prefetch thread has stopped")
         if isinstance(item, _Raised):
             self._queue.put(item)  # every later get() raises too
             raise item.exc
@@ -267,7 +265,9 @@ def _stop_prefetch(stop: Any, q: Any, thread: Any) -> None:
             q.get_nowait()
     except queue.Empty:
         pass
-    thread.join(timeout=30)
+    # The thread wakes from a full queue within 0.1 s; one waiting on a loader window is a daemon
+    # holding nothing to save, so it is not waited for long.
+    thread.join(timeout=5)
 
 
 def build_packed_loader(dataset: Any, order: Callable[[int], int], *, window: int, capacity: int, mode: str,

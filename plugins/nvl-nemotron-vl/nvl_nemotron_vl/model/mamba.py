@@ -154,8 +154,9 @@ class MambaMixer(nn.Module):
             state.conv[:, :, k1 - tail.shape[-1]:] = tail
         seq_idx = PackedSequences.of(seq_idx)
         packed = {} if seq_idx is None else {"seq_idx": seq_idx.seq_idx}
-        xBC = k.conv(xBC, self.conv1d.weight, self.conv1d.bias, **({} if seq_idx is None else {
-            **packed, "cu_seqlens": seq_idx.cu_seqlens, "cu_seqlens_cpu": seq_idx.cu_seqlens_cpu}))
+        conv_packed = {} if seq_idx is None else {**packed, "cu_seqlens": seq_idx.cu_seqlens,
+                                                  "cu_seqlens_cpu": seq_idx.cu_seqlens_cpu}
+        xBC = k.conv(xBC, self.conv1d.weight, self.conv1d.bias, **conv_packed)
         if attention_mask is not None:
             xBC = xBC * attention_mask[:, :, None].to(xBC.dtype)
         x, B, C = xBC.split([self.d_inner, self.ngroups * self.state, self.ngroups * self.state], dim=-1)

@@ -129,9 +129,17 @@ def _add_bias(out: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tenso
     return (out if bias is None else out + bias.to(out.dtype)), None
 
 
-class ColumnLinear(ColumnParallelLinear):
+class _BiasInOutputDtype:
+    """Mixin over a Megatron linear built with ``skip_bias_add=True``: ``forward(x) -> (output, None)``
+    with the bias added by :func:`_add_bias`."""
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any):
+        return _add_bias(*super().forward(x, *args, **kwargs))
+
+
+class ColumnLinear(_BiasInOutputDtype, ColumnParallelLinear):
     """Megatron's ``ColumnParallelLinear`` (same parameters and layout) whose bias is added in the
-    output's dtype (:func:`_add_bias`); ``forward(x) -> (output, None)``."""
+    output's dtype (:func:`_add_bias`)."""
 
     def __init__(self, in_size: int, out_size: int, *, bias: bool, tp: TPContext, dtype, device) -> None:
         super().__init__(
@@ -140,13 +148,10 @@ class ColumnLinear(ColumnParallelLinear):
         )
         _tag_linear(self, 0)
 
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any):
-        return _add_bias(*super().forward(x, *args, **kwargs))
 
-
-class RowLinear(RowParallelLinear):
+class RowLinear(_BiasInOutputDtype, RowParallelLinear):
     """Megatron's ``RowParallelLinear`` (input split over TP, output all-reduced) whose bias is added
-    after the reduction in the output's dtype (:func:`_add_bias`); ``forward(x) -> (output, None)``."""
+    after the reduction in the output's dtype (:func:`_add_bias`)."""
 
     def __init__(self, in_size: int, out_size: int, *, bias: bool, tp: TPContext, dtype, device) -> None:
         super().__init__(
@@ -154,9 +159,6 @@ class RowLinear(RowParallelLinear):
             input_is_parallel=True, skip_bias_add=True, tp_group=tp.group,
         )
         _tag_linear(self, 1)
-
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any):
-        return _add_bias(*super().forward(x, *args, **kwargs))
 
 
 def column_linear(in_size: int, out_size: int, *, bias: bool, tp: TPContext, dtype, device) -> ColumnLinear:
