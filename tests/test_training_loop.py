@@ -300,6 +300,9 @@ def test_sigterm_saves_a_checkpoint_at_the_next_iteration_and_resume_continues(h
 def test_a_second_ctrl_c_stops_at_once_but_not_under_torchrun():
     from nvlcore.training.trainer import StopRequest
 
+    # What uninstall must restore: Python's default handler, or SIG_IGN when the suite was started as a
+    # background job of a non-interactive shell (which ignores SIGINT for it).
+    before = signal.getsignal(signal.SIGINT)
     single = StopRequest(escalate=True)
     single.install()
     try:
@@ -318,7 +321,7 @@ def test_a_second_ctrl_c_stops_at_once_but_not_under_torchrun():
         assert worker.signum == signal.SIGINT
     finally:
         worker.uninstall()
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGINT) is before
 
 
 def test_validation_runs_when_the_maker_has_the_split_and_is_skipped_with_a_note_otherwise(hf, tmp_path, capsys):
