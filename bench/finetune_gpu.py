@@ -37,9 +37,10 @@ Usage (one H200; the 12b shape needs no weights on disk with --random-init)::
     python bench/finetune_gpu.py --size 12b-shape --workloads text,cord,medpix --out bench/results
     # two H200s, full fine-tuning at TP=2:
     python bench/finetune_gpu.py --size 12b-shape --methods full --tp 2 --nproc 2 --workloads text --peer-seqs ''
-    # sequence packing (issue 14): MedPix-like samples packed into rows of 4096 tokens vs one per row
+    # sequence packing (issue 14): MedPix-like samples packed into rows of 4096 tokens vs one per row; the
+    # packed run (the workload's second, --profile-variant 1) profiled and its host syncs traced
     python bench/finetune_gpu.py --size 12b-shape --workloads medpix --variants 'dataset.packing=best_fit' \
-        --peer-seqs '' --steps 10 --warmup 3 --tag packing --out bench/results
+        --peer-seqs '' --steps 12 --warmup 3 --profile medpix --profile-variant 1 --tag packing --out bench/results
     # one record from several invocations of the same visit:
     python bench/finetune_gpu.py --merge bench/results/finetune_gpu part1.json part2.json
     # CPU smoke test at toy size (what the test suite runs):
