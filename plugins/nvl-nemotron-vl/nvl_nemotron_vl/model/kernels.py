@@ -339,28 +339,15 @@ def _capturing() -> bool:
 def _compiled_squared_relu() -> Callable[[torch.Tensor], torch.Tensor]:
     """``relu(x)^2`` with forward and backward each one fused elementwise kernel (``torch.compile``,
     dynamic shapes: compiled once per process), saving only ``x`` like :func:`.mlp.squared_relu`."""
-    from .mlp import relu_squared
+    from .mlp import relu_squared, relu_squared_grad, squared_relu, squared_relu_function
 
-    fwd = torch.compile(relu_squared, dynamic=True, fullgraph=True)
-    bwd = torch.compile(lambda x, g: g * (2 * torch.relu(x)), dynamic=True, fullgraph=True)
-
-    class _FusedSquaredReLU(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-            ctx.save_for_backward(x)
-            return fwd(x)
-
-        @staticmethod
-        def backward(ctx, grad_out: torch.Tensor) -> torch.Tensor:
-            (x,) = ctx.saved_tensors
-            return bwd(x, grad_out)
+    fused = squared_relu_function(torch.compile(relu_squared, dynamic=True, fullgraph=True),
+                                  torch.compile(relu_squared_grad, dynamic=True, fullgraph=True))
 
     def run(x: torch.Tensor) -> torch.Tensor:
         if _capturing():
-            from .mlp import squared_relu
-
             return squared_relu(x)
-        return _FusedSquaredReLU.apply(x)
+        return fused.apply(x)
 
     return run
 

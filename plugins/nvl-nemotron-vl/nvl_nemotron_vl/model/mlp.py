@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -17,18 +19,31 @@ def relu_squared(x: torch.Tensor) -> torch.Tensor:
     return r * r
 
 
-class _SquaredReLU(torch.autograd.Function):
-    """``relu(x)^2`` saving only ``x`` for backward (``d/dx = 2 relu(x)``), not the intermediate too."""
+def relu_squared_grad(x: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
+    """The gradient of :func:`relu_squared` at ``x``: ``grad_out * 2 relu(x)``."""
+    return grad_out * (2 * F.relu(x))
 
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(x)
-        return relu_squared(x)
 
-    @staticmethod
-    def backward(ctx, grad_out: torch.Tensor) -> torch.Tensor:
-        (x,) = ctx.saved_tensors
-        return grad_out * 2 * F.relu(x)
+def squared_relu_function(forward: Callable[[torch.Tensor], torch.Tensor] = relu_squared,
+                          backward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = relu_squared_grad):
+    """An autograd function computing ``relu(x)^2`` with ``forward`` and its gradient with ``backward``
+    (the model's kernels pass fused versions), saving only ``x``, not the intermediate too."""
+
+    class SquaredReLU(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+            ctx.save_for_backward(x)
+            return forward(x)
+
+        @staticmethod
+        def backward(ctx, grad_out: torch.Tensor) -> torch.Tensor:
+            (x,) = ctx.saved_tensors
+            return backward(x, grad_out)
+
+    return SquaredReLU
+
+
+_SquaredReLU = squared_relu_function()
 
 
 def squared_relu(x: torch.Tensor) -> torch.Tensor:
