@@ -179,6 +179,13 @@ def child_main(argv: list[str]) -> int:
 
     pm = get_plugin_manager()
     pm.add_plugin(BenchPlugin(), name="nvl_bench")
+    fraction = float(os.environ.get("NVL_BENCH_MEMORY_FRACTION", "0"))
+    if fraction:
+        # a smaller card emulated on this one (bench/memory_gpu.py): the caching allocator may hold at most
+        # this share of the device's memory; the CUDA context comes on top, as on the real card
+        import torch
+
+        torch.cuda.set_per_process_memory_fraction(fraction)
     profile_at = int(os.environ.get("NVL_BENCH_PROFILE_ITER", "0"))
     if profile_at:
         _profile_one_step(profile_at, Path(os.environ["NVL_BENCH_PROFILE_OUT"]))
@@ -302,15 +309,17 @@ class GpuMemorySampler:
 
 
 def run_nvl(args: argparse.Namespace, model_dir: Path, data: dict[str, Path], workload: str, method: str,
-            variant: dict[str, str], work: Path, seq: int) -> dict[str, Any]:
+            variant: dict[str, str], work: Path, seq: int, extra_args: tuple[str, ...] = (),
+            name_suffix: str = "") -> dict[str, Any]:
     first_seq = seq == _seqs(args)[0]
     name = "-".join([workload, method] + ([] if first_seq else [f"seq{seq}"])
-                    + [f"{k.split('.')[-1]}={v}" for k, v in variant.items()])
+                    + [f"{k.split('.')[-1]}={v}" for k, v in variant.items()]) + name_suffix
     metrics = work / f"metrics-{name}.jsonl"
     metrics.unlink(missing_ok=True)
     cmd_args = ["--hf-model-path", str(model_dir), "--random-init"]
     if method == "lora":
         cmd_args.append("--lora-on-language-model")
+    cmd_args += list(extra_args)
     # Several GPUs: torchrun starts the workers, each of them this script's child (so the bench's text maker
     # is registered in every rank) running `nvl finetune` as that rank; the same code path as
     # `nvl finetune --nproc-per-node N`, whose launcher is torch.distributed.run with `-m nvlcore`.
@@ -353,6 +362,7 @@ def run_nvl(args: argparse.Namespace, model_dir: Path, data: dict[str, Path], wo
     rec["wall_s"] = round(time.perf_counter() - t0, 1)
     out = proc.stdout + proc.stderr
     (work / f"log-{name}.txt").write_text(out)
+    rec["_log"] = str(work / f"log-{name}.txt")  # for benches built on this one; not written to the record
     kernels = {}
     for line in out.splitlines():
         if "nvl finetune: kernels: " in line:
@@ -636,6 +646,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def flush() -> None:
         for r in records:  # every record has every key; a failed run has null figures
+            r.pop("_log", None)
             for key in ("tokens_per_s", "mfu", "peak_gb", "kernels"):
                 r.setdefault(key, None)
             r.setdefault("machine", machine)

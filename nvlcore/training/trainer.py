@@ -470,6 +470,11 @@ class Trainer:
         mem = self._memory_gb()
         if mem is not None:
             metrics["mem_gb"] = mem
+        if self.ctx.device.type == "cuda":
+            import torch
+
+            # what the caching allocator holds (the driver's view without the CUDA context): what must fit the card
+            metrics["mem_reserved_gb"] = torch.cuda.max_memory_reserved(self.ctx.device) / 1e9
         for lg in self.loggers:
             lg.log(metrics, step=st.iteration)
 

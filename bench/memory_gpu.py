@@ -1,0 +1,177 @@
+"""Issue 22's record: does each recipe fit the card it is meant for, through `nvl finetune` itself?
+
+Each row of ``ROWS`` names a workload (bench/finetune_gpu.py's generated data), a method, a sequence length,
+the card it must fit (``budget_gb``) and the options that make it fit. For every row the same workload runs
+twice in the same invocation, each a fresh ``nvl finetune`` process timed from its own metrics.jsonl:
+
+* the **baseline**: unconstrained (the whole card, the row's ``baseline`` options: the best this workload runs
+  at without the memory options), giving ``baseline_tokens_per_s``;
+* the **row**: the fitting options, on a card of ``budget_gb`` emulated with
+  ``torch.cuda.set_per_process_memory_fraction(budget_gb * 1e9 / total)`` when the device is larger than the
+  budget (``emulated: true``; the CUDA context comes on top, as it would on the real card).
+
+``peak_gb`` is the driver's view (nvidia-smi, sampled every second: the caching allocator's reservation plus
+the CUDA context), ``allocated_gb`` the trainer's ``mem_gb`` (``torch.cuda.max_memory_allocated``),
+``plan_gb`` the memory plan's estimate printed by the run before any weights load. A run that fails with an
+out-of-memory is an ``"status": "oom"`` row.
+
+Usage (one H200 or H100; the 12b shape needs no weights on disk with --random-init)::
+
+    python bench/memory_gpu.py --rows medpix_packed_80,cord_48,qlora_24 --out bench/results
+    python bench/memory_gpu.py --list                       # the rows and their commands' options
+    python bench/memory_gpu.py --merge bench/results/memory_gpu part1.json part2.json
+    # CPU smoke test at toy size (the test suite runs it): no budget is emulated on CPU
+    python bench/memory_gpu.py --size tiny --device cpu --seq 256 --steps 2 --warmup 0 --rows cord_48
+
+Records: ``memory_gpu.json`` (a list of rows in finetune_gpu.json's format plus ``budget_gb``, ``emulated``,
+``device``, ``plan_gb``, ``baseline_tokens_per_s``) and ``memory_gpu.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import finetune_gpu as fg  # noqa: E402  (the bench's own workloads and its nvl runner)
+
+#: name -> the row: what it runs, the card it must fit, the options that make it fit and its baseline's options.
+ROWS: dict[str, dict[str, Any]] = {
+    "medpix_packed_80": dict(workload="medpix", method="lora", seq=4096, budget_gb=80,
+                             baseline={"dataset.packing": "best_fit"},
+                             fit={"dataset.packing": "best_fit", "train.memory_plan": "auto"}),
+    "cord_48": dict(workload="cord", method="lora", seq=4096, budget_gb=48, baseline={},
+                    fit={"train.memory_plan": "auto"}),
+    "qlora_24": dict(workload="cord", method="qlora", seq=4096, budget_gb=24, baseline={},
+                     fit={"peft.base_dtype": "nf4", "train.memory_plan": "auto"}),
+    "qlora_text_24": dict(workload="text", method="qlora", seq=4096, budget_gb=24, baseline={},
+                          fit={"peft.base_dtype": "nf4", "train.memory_plan": "auto"}),
+    "full_tp2_80": dict(workload="text", method="full", seq=4096, budget_gb=80, tp=2, baseline={},
+                        fit={"train.memory_plan": "auto"}),
+}
+
+
+def parse_plan_gb(log_text: str) -> float | None:
+    """The plan's per-GPU estimate from a run's log: the last ``memory plan`` line's ``peak ~N GB``/``N GB peak``."""
+    found = None
+    for line in log_text.splitlines():
+        if "memory plan" not in line:
+            continue
+        m = re.search(r"peak[^0-9]{0,12}([0-9]+(?:\.[0-9]+)?) ?GB", line) or re.search(
+            r"([0-9]+(?:\.[0-9]+)?) ?GB[^,;]{0,12}peak", line)
+        if m:
+            found = float(m.group(1))
+    return found
+
+
+def device_info(device: str) -> tuple[str, float | None]:
+    """(the device's name, its total memory in GB) or ("cpu", None)."""
+    if device != "cuda":
+        return "cpu", None
+    import torch
+
+    props = torch.cuda.get_device_properties(0)
+    return props.name, props.total_memory / 1e9
+
+
+def run_row(args: argparse.Namespace, name: str, row: dict[str, Any], model_dir: Path, data: dict[str, Path],
+            work: Path, total_gb: float | None) -> list[dict[str, Any]]:
+    """The row's baseline and the row itself, as finetune_gpu records with this bench's fields added."""
+    method = "lora" if row["method"] == "qlora" else row["method"]
+    extra = ("--lora-on-vision-model",) if row["method"] == "qlora" and row.get("vision_adapters") else ()
+    args.tp = row.get("tp", 1)
+    args.nproc = row.get("tp", 1) if row.get("tp", 1) > 1 else None
+    seq = args.seq_override or row["seq"]
+    base = fg.run_nvl(args, model_dir, data, row["workload"], method, row["baseline"], work, seq,
+                      extra_args=extra, name_suffix=f"-{name}-baseline")
+    emulated = bool(total_gb and total_gb > row["budget_gb"])
+    if emulated:
+        os.environ["NVL_BENCH_MEMORY_FRACTION"] = f"{row['budget_gb'] / total_gb:.4f}"
+    try:
+        rec = fg.run_nvl(args, model_dir, data, row["workload"], method, row["fit"], work, seq,
+                         extra_args=extra, name_suffix=f"-{name}")
+    finally:
+        os.environ.pop("NVL_BENCH_MEMORY_FRACTION", None)
+    out = []
+    for kind, r in (("baseline", base), ("row", rec)):
+        r["method"] = row["method"]
+        r["row"] = name if kind == "row" else f"{name} (baseline)"
+        r["allocated_gb"] = r.get("peak_gb")
+        r["peak_gb"] = r.get("peak_gb_nvidia_smi", r.get("peak_gb"))
+        log_path = Path(r.pop("_log", "") or "/nonexistent")
+        r["plan_gb"] = parse_plan_gb(log_path.read_text()) if log_path.is_file() else None
+        r["budget_gb"] = row["budget_gb"] if kind == "row" else None
+        r["emulated"] = emulated if kind == "row" else False
+        r["baseline_tokens_per_s"] = base.get("tokens_per_s")
+        out.append(r)
+    return out
+
+
+def markdown(records: list[dict[str, Any]]) -> str:
+    head = ("| row | method | workload | seq | GPUs | budget GB | emulated | peak GB | plan GB | tokens/s | "
+            "baseline tokens/s | ratio | status |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+    lines = []
+    for r in records:
+        tps, base = r.get("tokens_per_s"), r.get("baseline_tokens_per_s")
+        ratio = f"{tps / base:.0%}" if tps and base else ""
+        lines.append(f"| {r.get('row')} | {r['method']} | {r['workload']} | {r['seq']} | {r['gpus']} | "
+                     f"{r.get('budget_gb') or ''} | {r.get('emulated')} | {r.get('peak_gb')} | {r.get('plan_gb')} | "
+                     f"{tps or ''} | {base or ''} | {ratio} | {r['status']} |")
+    return head + "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "--child":
+        return fg.child_main(argv[1:])
+    if argv and argv[0] == "--list":
+        for name, row in ROWS.items():
+            print(f"{name}: {row}")
+        return 0
+    if argv and argv[0] == "--merge":
+        stem, parts = Path(argv[1]), [Path(a) for a in argv[2:]]
+        records = [r for part in parts for r in json.loads(part.read_text())]
+        stem.with_suffix(".json").write_text(json.dumps(records, indent=1) + "\n")
+        stem.with_suffix(".md").write_text(markdown(records) + "\nMerged from: " + ", ".join(p.name for p in parts) + "\n")
+        return 0
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rows", default="medpix_packed_80,cord_48,qlora_24")
+    ap.add_argument("--seq", dest="seq_override", type=int, default=None, help="override every row's length")
+    ap.add_argument("--tag", default="")
+    ns, rest = ap.parse_known_args(argv)
+    args = fg.parse_args(rest + ["--peer-seqs", "", "--profile", ""])
+    args.seq_override = ns.seq_override
+    fg.__file__ = __file__  # run_nvl starts `python <this file> --child ...`: this bench's child entry
+    import tempfile
+
+    work = Path(args.work or tempfile.mkdtemp(prefix="nvl-membench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    names = [n for n in ns.rows.split(",") if n]
+    unknown = [n for n in names if n not in ROWS]
+    if unknown:
+        raise SystemExit(f"--rows: unknown {unknown}; choose from {sorted(ROWS)}")
+    model_dir = fg.write_model_dir(work / f"model-{args.size}", args.size)
+    data = {"cord": fg.write_cord(work / "cord-v2", args.samples), "medpix": fg.write_medpix(work / "MedPix-VQA", args.samples)}
+    device, total_gb = device_info(args.device)
+    records: list[dict[str, Any]] = []
+    stem = "memory_gpu" + (f"_{ns.tag}" if ns.tag else "")
+    for name in names:
+        for r in run_row(args, name, ROWS[name], model_dir, data, work, total_gb):
+            r.update(device=device, date=_dt.date.today().isoformat())
+            records.append(r)
+        (out / f"{stem}.json").write_text(json.dumps(records, indent=1) + "\n")
+        (out / f"{stem}.md").write_text(markdown(records))
+    fg.log(f"wrote {out / (stem + '.json')} and .md")
+    return 0 if all(r["status"] in ("ok", "oom") for r in records) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
