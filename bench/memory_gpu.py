@@ -81,15 +81,20 @@ def device_info(device: str) -> tuple[str, float | None]:
 
 
 def run_row(args: argparse.Namespace, name: str, row: dict[str, Any], model_dir: Path, data: dict[str, Path],
-            work: Path, total_gb: float | None) -> list[dict[str, Any]]:
-    """The row's baseline and the row itself, as finetune_gpu records with this bench's fields added."""
+            work: Path, total_gb: float | None, baselines: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """The row's baseline (run once per workload and options: ``baselines`` keeps them) and the row itself,
+    as finetune_gpu records with this bench's fields added; a baseline already run is not repeated."""
     method = "lora" if row["method"] == "qlora" else row["method"]
     extra = ("--lora-on-vision-model",) if row["method"] == "qlora" and row.get("vision_adapters") else ()
     args.tp = row.get("tp", 1)
     args.nproc = row.get("tp", 1) if row.get("tp", 1) > 1 else None
     seq = args.seq_override or row["seq"]
-    base = fg.run_nvl(args, model_dir, data, row["workload"], method, row["baseline"], work, seq,
-                      extra_args=extra, name_suffix=f"-{name}-baseline")
+    key = json.dumps([row["workload"], method, seq, args.tp, row["baseline"], extra])
+    fresh = key not in baselines
+    if fresh:
+        baselines[key] = fg.run_nvl(args, model_dir, data, row["workload"], method, row["baseline"], work, seq,
+                                    extra_args=extra, name_suffix=f"-{name}-baseline")
+    base = baselines[key]
     emulated = bool(total_gb and total_gb > row["budget_gb"])
     if emulated:
         os.environ["NVL_BENCH_MEMORY_FRACTION"] = f"{row['budget_gb'] / total_gb:.4f}"
@@ -99,8 +104,8 @@ def run_row(args: argparse.Namespace, name: str, row: dict[str, Any], model_dir:
     finally:
         os.environ.pop("NVL_BENCH_MEMORY_FRACTION", None)
     out = []
-    for kind, r in (("baseline", base), ("row", rec)):
-        r["method"] = row["method"]
+    for kind, r in ((("baseline", base),) if fresh else ()) + (("row", rec),):
+        r["method"] = row["method"] if kind == "row" else method
         r["row"] = name if kind == "row" else f"{name} (baseline)"
         r["allocated_gb"] = r.get("peak_gb")
         r["peak_gb"] = r.get("peak_gb_nvidia_smi", r.get("peak_gb"))
@@ -109,6 +114,7 @@ def run_row(args: argparse.Namespace, name: str, row: dict[str, Any], model_dir:
         r["budget_gb"] = row["budget_gb"] if kind == "row" else None
         r["emulated"] = emulated if kind == "row" else False
         r["baseline_tokens_per_s"] = base.get("tokens_per_s")
+        r["baseline_peak_gb"] = base.get("peak_gb_nvidia_smi", base.get("peak_gb"))
         out.append(r)
     return out
 
@@ -162,9 +168,10 @@ def main(argv: list[str] | None = None) -> int:
     data = {"cord": fg.write_cord(work / "cord-v2", args.samples), "medpix": fg.write_medpix(work / "MedPix-VQA", args.samples)}
     device, total_gb = device_info(args.device)
     records: list[dict[str, Any]] = []
+    baselines: dict[str, dict[str, Any]] = {}
     stem = "memory_gpu" + (f"_{ns.tag}" if ns.tag else "")
     for name in names:
-        for r in run_row(args, name, ROWS[name], model_dir, data, work, total_gb):
+        for r in run_row(args, name, ROWS[name], model_dir, data, work, total_gb, baselines):
             r.update(device=device, date=_dt.date.today().isoformat())
             records.append(r)
         (out / f"{stem}.json").write_text(json.dumps(records, indent=1) + "\n")
