@@ -147,7 +147,8 @@ class ParamMapping(ABC):
         """Inverse of :meth:`local_components`: write this rank's parts (keyed by component) into ``target``."""
 
     # ------------------------------------------------------------------------------ helpers
-    def _need(self, d: Mapping[str, "torch.Tensor"], key: str) -> "torch.Tensor":
+    def need(self, d: Mapping[str, "torch.Tensor"], key: str) -> "torch.Tensor":
+        """``d[key]``, or a ``KeyError`` naming this parameter and the missing key."""
         return _need(d, key, self.megatron)
 
 
@@ -162,14 +163,14 @@ class IdentityMapping(ParamMapping):
     kind: ClassVar[str] = "identity"
 
     def hf_to_components(self, hf: Mapping[str, "torch.Tensor"]) -> dict[str, "torch.Tensor"]:
-        return {self.megatron: self._need(hf, self.hf[0])}
+        return {self.megatron: self.need(hf, self.hf[0])}
 
     def components_to_hf(self, comps: Mapping[str, "torch.Tensor"]) -> dict[str, "torch.Tensor"]:
-        return {self.hf[0]: self._need(comps, self.megatron)}
+        return {self.hf[0]: self.need(comps, self.megatron)}
 
     def components_to_local(self, comps: Mapping[str, "torch.Tensor"], tp_size: int, tp_rank: int) -> "torch.Tensor":
         self.check_tensor_parallel(tp_size)
-        t = self._need(comps, self.megatron)
+        t = self.need(comps, self.megatron)
         return t if self.tp_dim is None else _chunk(t, self.tp_dim, tp_size, self.megatron)[tp_rank]
 
     def local_to_components(self, shards: Sequence["torch.Tensor"]) -> dict[str, "torch.Tensor"]:
@@ -185,7 +186,7 @@ class IdentityMapping(ParamMapping):
 
     def assemble_local(self, parts: Mapping[str, "torch.Tensor"], target: "torch.Tensor", tp_size: int,
                        tp_rank: int) -> None:
-        target.copy_(self._need(parts, self.megatron))
+        target.copy_(self.need(parts, self.megatron))
 
 
 @dataclass(frozen=True)
@@ -198,16 +199,16 @@ class VocabMapping(ParamMapping):
     tp_dim: ClassVar[int | None] = 0
 
     def hf_to_components(self, hf: Mapping[str, "torch.Tensor"]) -> dict[str, "torch.Tensor"]:
-        return {self.megatron: self._need(hf, self.hf[0])}
+        return {self.megatron: self.need(hf, self.hf[0])}
 
     def components_to_hf(self, comps: Mapping[str, "torch.Tensor"]) -> dict[str, "torch.Tensor"]:
-        return {self.hf[0]: self._need(comps, self.megatron)}
+        return {self.hf[0]: self.need(comps, self.megatron)}
 
     def components_to_local(self, comps: Mapping[str, "torch.Tensor"], tp_size: int, tp_rank: int) -> "torch.Tensor":
         import torch
 
         self.check_tensor_parallel(tp_size)
-        t = self._need(comps, self.megatron)
+        t = self.need(comps, self.megatron)
         pad = (-t.shape[0]) % tp_size
         if pad:
             t = torch.cat([t, t.new_zeros((pad,) + tuple(t.shape[1:]))], dim=0)
@@ -229,7 +230,7 @@ class VocabMapping(ParamMapping):
 
     def assemble_local(self, parts: Mapping[str, "torch.Tensor"], target: "torch.Tensor", tp_size: int,
                        tp_rank: int) -> None:
-        part = self._need(parts, self.megatron)
+        part = self.need(parts, self.megatron)
         target[: part.shape[0]].copy_(part)
         target[part.shape[0]:].zero_()
 
@@ -264,7 +265,7 @@ class FusedRowsMapping(ParamMapping):
         return self.part_rows()
 
     def hf_to_components(self, hf: Mapping[str, "torch.Tensor"]) -> dict[str, "torch.Tensor"]:
-        ts = [self._need(hf, k) for k in self.hf]
+        ts = [self.need(hf, k) for k in self.hf]
         if len(ts) == len(self.components):
             return dict(zip(self.components, ts))
         (t,) = ts
@@ -276,7 +277,7 @@ class FusedRowsMapping(ParamMapping):
     def components_to_hf(self, comps: Mapping[str, "torch.Tensor"]) -> dict[str, "torch.Tensor"]:
         import torch
 
-        ts = [self._need(comps, k) for k in self.components]
+        ts = [self.need(comps, k) for k in self.components]
         if len(self.hf) == len(ts):
             return dict(zip(self.hf, ts))
         return {self.hf[0]: torch.cat(ts, dim=0)}
@@ -290,7 +291,7 @@ class FusedRowsMapping(ParamMapping):
         import torch
 
         super().check_tensor_parallel(tp_size)
-        ts = [self._need(comps, k) for k in self.components]
+        ts = [self.need(comps, k) for k in self.components]
         return torch.cat([_chunk(t, 0, tp_size, self.megatron)[tp_rank] for t in ts], dim=0)
 
     def local_to_components(self, shards: Sequence["torch.Tensor"]) -> dict[str, "torch.Tensor"]:
@@ -309,7 +310,7 @@ class FusedRowsMapping(ParamMapping):
                        tp_rank: int) -> None:
         import torch
 
-        target.copy_(torch.cat([self._need(parts, c) for c in self.components], dim=0))
+        target.copy_(torch.cat([self.need(parts, c) for c in self.components], dim=0))
 
 
 @dataclass(frozen=True)
@@ -377,7 +378,7 @@ class QKVMapping(FusedRowsMapping):
         kv, d = self.num_query_groups, self.kv_channels
         g = _div(kv, tp_size, f"{self.megatron}: KV groups")
         sl = slice(tp_rank * g, (tp_rank + 1) * g)
-        q, k, v = (self._need(comps, c) for c in self.components)
+        q, k, v = (self.need(comps, c) for c in self.components)
         q = q.reshape(kv, (self.num_attention_heads // kv) * d, *q.shape[1:])[sl]
         k = k.reshape(kv, d, *k.shape[1:])[sl]
         v = v.reshape(kv, d, *v.shape[1:])[sl]
@@ -403,7 +404,7 @@ class QKVMapping(FusedRowsMapping):
         d, groups = self.kv_channels, self.num_query_groups // tp_size
         rep = self.num_attention_heads // self.num_query_groups
         tail = tuple(target.shape[1:])
-        q, k, v = (self._need(parts, c) for c in self.components)
+        q, k, v = (self.need(parts, c) for c in self.components)
         fused = torch.cat([q.reshape(groups, rep * d, *tail), k.reshape(groups, d, *tail),
                            v.reshape(groups, d, *tail)], dim=1)
         target.copy_(fused.reshape(target.shape))

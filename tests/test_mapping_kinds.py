@@ -26,10 +26,10 @@ class TransposedMapping(IdentityMapping):
     kind: ClassVar[str] = "transposed"
 
     def hf_to_components(self, hf: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {self.megatron: self._need(hf, self.hf[0]).t().contiguous()}
+        return {self.megatron: self.need(hf, self.hf[0]).t().contiguous()}
 
     def components_to_hf(self, comps: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {self.hf[0]: self._need(comps, self.megatron).t().contiguous()}
+        return {self.hf[0]: self.need(comps, self.megatron).t().contiguous()}
 
 
 @dataclass(frozen=True)
@@ -37,7 +37,7 @@ class LossyTransposedMapping(TransposedMapping):
     """A planted bug: export flips the rows it should only transpose back (shapes still agree)."""
 
     def components_to_hf(self, comps: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {self.hf[0]: self._need(comps, self.megatron).t().flip(0).contiguous()}
+        return {self.hf[0]: self.need(comps, self.megatron).t().flip(0).contiguous()}
 
 
 @pytest.fixture
