@@ -19,18 +19,18 @@ Each transform kind is a subclass of :class:`ParamMapping` that owns both direct
 (HF <-> components, components <-> TP-local, and the per-rank checkpoint layout); the core calls
 those methods and never asks which kind it holds. The built-in kinds:
 
-=====================  ======================================================  ===========================
-class                  HF  <->  components                                     components -> TP-local
-=====================  ======================================================  ===========================
-:class:`IdentityMapping`  same tensor                                          chunk ``tp_dim`` (or whole)
-:class:`VocabMapping`  same tensor (``[vocab, ...]``)                          pad rows to a multiple of tp
-                                                                               with zeros, chunk dim 0
-:class:`QKVMapping`    three HF tensors (``q``, ``k``, ``v``) one to one, or   per KV group ``[q(its heads),
-                       one fused tensor of rows ``[Q; K; V]``                  k, v]``; each rank gets whole
-                                                                               groups
-:class:`PartsMapping`  one HF tensor of rows ``[p0 | p1 | ...]``, or one HF    ``[p0_r | p1_r | ...]``: each
-                       tensor per part                                         part chunked over TP
-=====================  ======================================================  ===========================
+=======================  ===================================================  ============================
+class                    HF  <->  components                                  components -> TP-local
+=======================  ===================================================  ============================
+``IdentityMapping``      same tensor                                          chunk ``tp_dim`` (or whole)
+``VocabMapping``         same tensor (``[vocab, ...]``)                       pad rows to a multiple of tp
+                                                                              with zeros, chunk dim 0
+``QKVMapping``           three HF tensors (``q``, ``k``, ``v``) one to one,   per KV group ``[q (its
+                         or one fused tensor of rows ``[Q; K; V]``            heads), k, v]``; each rank
+                                                                              gets whole groups
+``PartsMapping``         one HF tensor of rows ``[p0 | p1 | ...]``, or one    ``[p0_r | p1_r | ...]``: each
+                         HF tensor per part                                   part chunked over TP
+=======================  ===================================================  ============================
 
 A bridge whose checkpoint needs another transform subclasses one of these (or :class:`ParamMapping`
 itself) in its own package and puts instances in its table; see docs/plugin-authors.md. Transforms

@@ -3,6 +3,8 @@ round trip, HF loading, the TP split and the checkpoint layout, and the core nev
 
 from __future__ import annotations
 
+import json
+
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Mapping
@@ -11,7 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from nvlcore.mapping import IdentityMapping, ParamMapping
+from nvlcore.bridge import ModelBridge
+from nvlcore.mapping import IdentityMapping, LocalComponent, ParamMapping
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "docs" / "examples" / "nvl-bridge-example"
@@ -38,6 +41,92 @@ class LossyTransposedMapping(TransposedMapping):
 
     def components_to_hf(self, comps: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {self.hf[0]: self.need(comps, self.megatron).t().flip(0).contiguous()}
+
+
+@dataclass(frozen=True)
+class StackedMapping(ParamMapping):
+    """A kind written from the base class alone: HF holds one ``[h]`` vector per name (``ln.scale``,
+    ``ln.shift``), the model one ``[n, h]`` parameter whose columns TP splits; the checkpoint holds a
+    component per name."""
+
+    names: tuple[str, ...] = ()
+    kind: ClassVar[str] = "stacked"
+    tp_dim: ClassVar[int | None] = 1
+
+    @property
+    def components(self) -> tuple[str, ...]:
+        return tuple(f"{self.megatron}.{n}" for n in self.names)
+
+    def hf_to_components(self, hf: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {c: self.need(hf, k) for c, k in zip(self.components, self.hf)}
+
+    def components_to_hf(self, comps: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: self.need(comps, c) for c, k in zip(self.components, self.hf)}
+
+    def components_to_local(self, comps: Mapping[str, torch.Tensor], tp_size: int, tp_rank: int) -> torch.Tensor:
+        return torch.stack([self.need(comps, c).chunk(tp_size)[tp_rank] for c in self.components])
+
+    def local_to_components(self, shards: Any) -> dict[str, torch.Tensor]:
+        return dict(zip(self.components, torch.cat(list(shards), dim=1).unbind(0)))
+
+    def local_components(self, local: torch.Tensor, tp_size: int, tp_rank: int) -> list[LocalComponent]:
+        return [LocalComponent(c, local[i], 0, local.shape[1] * tp_size) for i, c in enumerate(self.components)]
+
+    def assemble_local(self, parts: Mapping[str, torch.Tensor], target: torch.Tensor, tp_size: int,
+                       tp_rank: int) -> None:
+        target.copy_(torch.stack([self.need(parts, c) for c in self.components]))
+
+
+class StackedBridge(ModelBridge):
+    """A conversion-only bridge whose whole table is the test's own kind plus one built-in."""
+
+    name: ClassVar[str] = "stacked_test"
+    architectures: ClassVar[tuple[str, ...]] = ("StackedTest",)
+
+    def build_model(self, *, dtype: Any, device: Any = None, init: str = "none", seed: int = 1234) -> Any:
+        raise NotImplementedError("the conversion-only test bridge builds no model")
+
+    def processor(self, *, seq_length: int | None = None, pad_to_multiple_of: int | None = None,
+                  **options: Any) -> Any:
+        raise NotImplementedError("the conversion-only test bridge has no processor")
+
+    def mapping_table(self) -> list[ParamMapping]:
+        return [StackedMapping("ln.stacked", ("ln.scale", "ln.shift"), names=("scale", "shift")),
+                IdentityMapping("proj.weight", ("proj.weight",), 0)]
+
+
+def test_a_kind_written_from_the_base_class_round_trips(tmp_path: Path) -> None:
+    from nvlcore.checkpoint import open_checkpoint
+    from nvlcore.convert.engine import export_hf_checkpoint, import_hf_checkpoint
+    from nvlcore.convert.safetensors_io import SafetensorsReader
+
+    g = torch.Generator().manual_seed(3)
+    source = {"ln.scale": torch.randn(8, generator=g), "ln.shift": torch.randn(8, generator=g),
+              "proj.weight": torch.randn(4, 8, generator=g)}
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text(json.dumps({"architectures": ["StackedTest"]}))
+    save_file(source, str(hf / "model.safetensors"))
+    bridge = StackedBridge.from_hf_dir(hf)
+    import_hf_checkpoint(bridge, hf, tmp_path / "mg", tp=2, progress=False)
+    stored = open_checkpoint(tmp_path / "mg").load(["ln.stacked.scale", "ln.stacked.shift"])
+    assert torch.equal(stored["ln.stacked.shift"], source["ln.shift"])
+    export_hf_checkpoint(bridge, hf, tmp_path / "mg", tmp_path / "out", progress=False)
+    out = SafetensorsReader(tmp_path / "out")
+    back = out.read(list(out.tensors))
+    assert set(back) == set(source) and all(torch.equal(back[k], t) for k, t in source.items())
+
+    # its TP split and checkpoint layout: each rank's columns, cut per component and put back
+    m = bridge.mapping_by_name()["ln.stacked"]
+    comps = m.hf_to_components(source)
+    local = [m.components_to_local(comps, 2, r) for r in range(2)]
+    assert torch.equal(local[1], torch.stack([source["ln.scale"][4:], source["ln.shift"][4:]]))
+    assert all(torch.equal(v, comps[k]) for k, v in m.local_to_components(local).items())
+    for r in range(2):
+        parts = {c.key: c.tensor for c in m.local_components(local[r], 2, r)}
+        target = torch.full_like(local[r], float("nan"))
+        m.assemble_local(parts, target, 2, r)
+        assert torch.equal(target, local[r])
 
 
 @pytest.fixture
