@@ -7,8 +7,10 @@ buffer carried under a reserved prefix. The Nemotron-VL bridge's own round trip 
 
 from __future__ import annotations
 
+import errno
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -255,7 +257,7 @@ def test_failure_mid_write_leaves_no_output(tmp_path, monkeypatch):
     def flaky(self, key, t):
         calls.append(key)
         if len(calls) == 4:
-            raise OSError("No space left on device (simulated)")
+            raise OSError("Input/output error (simulated)")
         return real(self, key, t)
 
     monkeypatch.setattr(engine_mod.ShardedSafetensorsWriter, "write", flaky)
@@ -279,6 +281,58 @@ def test_failure_mid_write_leaves_no_output(tmp_path, monkeypatch):
         import_hf_checkpoint(b, tmp_path / "hf", tmp_path / "mg2", progress=False)
     assert not (tmp_path / "mg2").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def _enospc_after(n: int, real: Any) -> Any:
+    """``real`` that writes ``n`` times, then fails as a full disk does."""
+    calls = []
+
+    def write(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        if len(calls) > n:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(*args, **kwargs)
+
+    return write
+
+
+def _leftovers(d: Path) -> list[str]:
+    return sorted(p.name for p in d.iterdir() if p.name.startswith("."))
+
+
+def test_a_full_disk_is_one_line_and_leaves_nothing(tmp_path, monkeypatch):
+    """Import (DCP's file writer) and export (the safetensors writer) meeting ENOSPC mid-write: one
+    ConversionError naming the output option, path, space needed and free; no output, no temp dirs."""
+    import torch.distributed.checkpoint.filesystem as dcp_fs
+
+    make_hf(tmp_path / "hf")
+    b = FakeBridge.from_hf_dir(tmp_path / "hf")
+    monkeypatch.setattr(dcp_fs, "_write_item", _enospc_after(2, dcp_fs._write_item))
+    with pytest.raises(ConversionError) as err:
+        import_hf_checkpoint(b, tmp_path / "hf", tmp_path / "mg", progress=False)
+    msg = str(err.value)
+    assert msg.startswith(f"--megatron-path {tmp_path / 'mg'}: not enough space on ") and "\n" not in msg
+    assert "needs about" in msg and " free; nothing was written" in msg and "intact" not in msg
+    assert not (tmp_path / "mg").exists() and _leftovers(tmp_path) == []
+    monkeypatch.undo()
+
+    import_hf_checkpoint(b, tmp_path / "hf", tmp_path / "mg", progress=False)
+    monkeypatch.setattr(engine_mod.ShardedSafetensorsWriter, "write",
+                        _enospc_after(3, engine_mod.ShardedSafetensorsWriter.write))
+    with pytest.raises(ConversionError, match=r"^--hf-path .*out: not enough space on .* free; nothing was written"):
+        export_hf_checkpoint(b, tmp_path / "hf", tmp_path / "mg", tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists() and _leftovers(tmp_path) == []
+
+
+def test_too_little_free_space_is_refused_before_writing(tmp_path, monkeypatch):
+    make_hf(tmp_path / "hf")
+    b = FakeBridge.from_hf_dir(tmp_path / "hf")
+    writes = []
+    monkeypatch.setattr(engine_mod, "save_checkpoint", lambda *a, **k: writes.append(1))
+    monkeypatch.setattr(engine_mod, "free_bytes", lambda path: 1000)
+    with pytest.raises(ConversionError, match=r"needs about 0\.0 MB, 0\.0 MB free; nothing was written"):
+        import_hf_checkpoint(b, tmp_path / "hf", tmp_path / "mg", progress=False)
+    assert writes == [] and not (tmp_path / "mg").exists() and _leftovers(tmp_path) == []
 
 
 # ---------------------------------------------------------------------------------------------- CLI
@@ -310,3 +364,20 @@ def test_cli_round_trip_and_errors(tmp_path, register_plugin, nvl_cli):
     r = nvl_cli("convert", "export", "--hf-model", str(tmp_path / "hf"), "--megatron-path", str(tmp_path / "mg"),
                 "--hf-path", str(tmp_path / "o2"), "--shard-size", "lots")
     assert r.exit_code != 0 and "cannot parse size" in r.output
+
+
+def test_cli_import_onto_a_full_disk(tmp_path, register_plugin, nvl_cli, monkeypatch):
+    import sys
+
+    import torch.distributed.checkpoint.filesystem as dcp_fs
+
+    register_plugin(sys.modules[__name__], name="fake_bridge_plugin")
+    make_hf(tmp_path / "hf")
+    monkeypatch.setattr(dcp_fs, "_write_item", _enospc_after(1, dcp_fs._write_item))
+    r = nvl_cli("convert", "import", "--hf-model", str(tmp_path / "hf"), "--megatron-path", str(tmp_path / "mg"),
+                "--no-progress")
+    assert r.exit_code == 1, r.output
+    lines = [ln for ln in r.output.splitlines() if ln.strip() and "warning" not in ln]
+    assert len(lines) == 1 and lines[0].startswith(f"Error: --megatron-path {tmp_path / 'mg'}: not enough space")
+    assert "Traceback" not in r.output and "intact" not in r.output
+    assert not (tmp_path / "mg").exists() and _leftovers(tmp_path) == []

@@ -132,7 +132,7 @@ def free_bytes(path: str | os.PathLike[str]) -> int:
     return shutil.disk_usage(existing_parent(path)).free
 
 
-def _is_no_space(exc: BaseException | None) -> bool:
+def is_no_space(exc: BaseException | None) -> bool:
     """Whether ``exc`` (or what caused it, or a DCP rank failure inside it) is a full disk."""
     import errno
 
@@ -474,7 +474,7 @@ def save_checkpoint(
     need = 0
 
     def no_space(exc: BaseException) -> BaseException:
-        if isinstance(exc, NoSpaceError) or not _is_no_space(exc):
+        if isinstance(exc, NoSpaceError) or not is_no_space(exc):
             return exc
         return NoSpaceError(no_space_message(root, iteration, need))
 
@@ -526,7 +526,7 @@ def save_checkpoint(
                 for failure in _dcp_failures(exc):  # DCP wraps even a Ctrl-C / SIGTERM of a rank: unwrap it
                     if isinstance(failure, KeyboardInterrupt):
                         raise failure from None
-                if _is_no_space(exc):
+                if is_no_space(exc):
                     # every rank got DCP's gathered failure; rank 0's figures make the line the same everywhere
                     _agree(NoSpaceError(no_space_message(root, iteration, need)), group, dist_on, "the tensor writes")
                 causes = "; ".join(f"{type(f).__name__}: {(str(f).strip().splitlines() or [''])[0][:200]}"
@@ -547,7 +547,7 @@ def save_checkpoint(
                 except (KeyboardInterrupt, SystemExit):
                     raise
                 except BaseException as exc:
-                    err = (NoSpaceError(no_space_message(root, iteration, need)) if _is_no_space(exc) else
+                    err = (NoSpaceError(no_space_message(root, iteration, need)) if is_no_space(exc) else
                            CheckpointSaveError(f"writing the tensors of {final.name} failed: {exc}"))
                 _agree(err, group, dist_on, "background tensor writes")
             _finalize()

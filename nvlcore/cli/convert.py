@@ -24,15 +24,15 @@ DTYPES = ("bfloat16", "float16", "float32")
 
 
 def _run(fn: Any, summary_json: str | None) -> None:
-    from nvlcore.checkpoint import CheckpointNotFoundError, OutputExistsError
+    from nvlcore.checkpoint import CheckpointNotFoundError, CheckpointSaveError, OutputExistsError
     from nvlcore.convert.engine import ConversionError
     from nvlcore.convert.safetensors_io import SafetensorsError
     from nvlcore.registry import RegistryError
 
     try:
         summary = fn()
-    except (ConversionError, SafetensorsError, OutputExistsError, CheckpointNotFoundError, RegistryError,
-            FileNotFoundError, ValueError) as exc:
+    except (ConversionError, SafetensorsError, OutputExistsError, CheckpointNotFoundError, CheckpointSaveError,
+            RegistryError, OSError, ValueError) as exc:  # OSError: a file the command reads or writes (one line)
         from nvlcore.cli import global_flag
 
         if global_flag("debug"):  # nvl --debug convert ...: the full traceback

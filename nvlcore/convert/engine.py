@@ -22,6 +22,7 @@ import resource
 import shutil
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
@@ -35,6 +36,7 @@ from nvlcore.checkpoint import (
     open_checkpoint,
     save_checkpoint,
 )
+from nvlcore.checkpoint.save import NoSpaceError, free_bytes, human_bytes, is_no_space, mount_point
 from nvlcore.convert.plan import ConversionGroup
 from nvlcore.convert.safetensors_io import (
     DEFAULT_SHARD_SIZE,
@@ -266,6 +268,33 @@ def _py_files(src_dir: Path) -> list[str]:
     return sorted(p.name for p in src_dir.glob("*.py") if p.is_file())
 
 
+def _side_bytes(src_dir: Path, names: Sequence[str]) -> int:
+    """Bytes of the files among ``names`` that ``src_dir`` holds (what an output copies besides tensors)."""
+    return sum((src_dir / n).stat().st_size for n in names if (src_dir / n).is_file())
+
+
+def _no_space_line(out: Path, option: str, need: int) -> str:
+    return (f"{option} {out}: not enough space on {mount_point(out)}: the output needs about {human_bytes(need)}, "
+            f"{human_bytes(free_bytes(out))} free; nothing was written. Free some space or choose another {option}")
+
+
+@contextmanager
+def _space_for(out: Path, option: str, need: int) -> Iterator[None]:
+    """Refuse before writing when the file system of ``out`` has less than ``need`` bytes free, and turn a
+    full disk met while writing (free space can shrink meanwhile) into the same one line. Wraps the
+    atomic output, so the line is raised after the temporary output is removed (its free figure is true)."""
+    if need > free_bytes(out):
+        raise ConversionError(_no_space_line(out, option, need))
+    try:
+        yield
+    except (ConversionError, KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as exc:
+        if isinstance(exc, NoSpaceError) or is_no_space(exc):
+            raise ConversionError(_no_space_line(out, option, need)) from None
+        raise
+
+
 def _bridge_name(bridge: Any) -> str:
     return str(bridge.name)
 
@@ -392,8 +421,11 @@ def import_hf_checkpoint(
         },
         **dict(extra_run_config or {}),
     }
+    side = TOKENIZER_FILES + CONFIG_FILES + tuple(_py_files(hf_dir))
+    need = sum(s.nbytes for s in ck_specs.values()) + 2 * _side_bytes(hf_dir, side)  # side files: staged, then copied
     try:
-        with atomic_output_dir(out, overwrite=overwrite, what="--megatron-path") as tmp_root:
+        with _space_for(out, "--megatron-path", need), \
+                atomic_output_dir(out, overwrite=overwrite, what="--megatron-path") as tmp_root:
             staging = tmp_root / ".staging"
             files: dict[str, Path] = {}
             for n in _copy_files(hf_dir, TOKENIZER_FILES, staging / TOKENIZER_DIR):
@@ -544,8 +576,9 @@ def export_hf_checkpoint(
     summary.dtype = str(ck_main).replace("torch.", "")
     total = sum(TensorSpec(s, d).nbytes for _, s, d in plan)
     bar = Progress(total, "export", progress)
+    need = total + _side_bytes(hf_model, TOKENIZER_FILES + CONFIG_FILES + tuple(_py_files(hf_model)))
     try:
-        with atomic_output_dir(out, overwrite=overwrite, what="--hf-path") as tmp:
+        with _space_for(out, "--hf-path", need), atomic_output_dir(out, overwrite=overwrite, what="--hf-path") as tmp:
             writer = ShardedSafetensorsWriter(tmp, plan, max_shard_size=shard_size)
             try:
                 for g, source in use:

@@ -21,7 +21,7 @@ from typing import Any, Callable, ClassVar, Mapping, Sequence
 
 from nvlcore.bridge import ModelBridge
 from nvlcore.hookspecs import hookimpl
-from nvlcore.mapping import ParamMapping
+from nvlcore.mapping import IdentityMapping, ParamMapping
 
 VOCAB = 48
 FIRST_CHAR = 8  # ids below are special: 0 pad, 1 bos, 2 eos, 3 <image>, 4 user, 5 assistant
@@ -267,7 +267,7 @@ class TinyBridge(ModelBridge):
 
     def mapping_table(self) -> list[ParamMapping]:
         # HF names are the training names; each tensor is split on its TP dim.
-        return [ParamMapping(name, (name,), "identity", dim) for name, dim in PARAMETERS]
+        return [IdentityMapping(name, (name,), dim) for name, dim in PARAMETERS]
 
     def train_flops(self, batch: Mapping[str, Any], *, num_parameters: int = 0) -> float:
         h, f = self.config["hidden"], self.config["ffn"]

@@ -1,15 +1,16 @@
 """Adapter tensors in the layouts of the model bridge's weight mapping.
 
-The bridge's mapping table (one entry per training parameter: its HF keys, a transform ``kind``,
-the TP split dimension and the sizes a fused kind needs) describes how a base weight's rows are laid
-out. An adapter follows its base:
+The bridge's mapping table (one :class:`nvlcore.mapping.ParamMapping` per training parameter: its HF
+keys, its transform kind, the TP split dimension ``tp_dim``) describes how a base weight's rows are
+laid out. An adapter follows its base:
 
 * B of a column-parallel base (``tp_dim == 0``) has the base weight's rows, so it takes the base's
   mapping with its own name: for ``linear_qkv`` the components ``q``, ``k``, ``v`` (HF ``q_proj``,
   ``k_proj``, ``v_proj`` for the LM; rows of the fused ``attn.qkv`` for the ViT); for Mamba
-  ``in_proj`` the components ``z, x, B, C, dt``;
-* A of a row-parallel base (``tp_dim == 1``) has the base's input columns: an ``identity`` mapping
-  split on dim 1;
+  ``in_proj`` the components ``z, x, B, C, dt`` (``ParamMapping.renamed``, so a bridge's own kind
+  carries over too);
+* A of a row-parallel base (``tp_dim == 1``) has the base's input columns: an
+  :class:`~nvlcore.mapping.IdentityMapping` split on dim 1;
 * the other factor is replicated;
 * DoRA's magnitude (``[out, 1]``, one value per output row) is laid out like B: the base's row
   mapping for a column-parallel base, replicated for a row-parallel one. Its HF name is
@@ -21,10 +22,11 @@ The entries are the core's public :class:`nvlcore.mapping.ParamMapping`, read th
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Iterable, Mapping
 
 import torch
+
+from nvlcore.mapping import IdentityMapping
 
 IN = ".adapter.linear_in.weight"
 OUT = ".adapter.linear_out.weight"
@@ -61,9 +63,9 @@ def adapter_entry(base: Any, module: str, which: str) -> Any:
         hf = tuple(k[: -len(".weight")] + f".{lora}.weight" for k in base.hf)
     column = base.tp_dim == 0
     if which in ("B", "M") and column:
-        return dataclasses.replace(base, megatron=name, hf=hf)
+        return base.renamed(name, hf)
     split = 1 if (which == "A" and base.tp_dim == 1) else None
-    return dataclasses.replace(base, megatron=name, hf=hf, kind="identity", tp_dim=split, sizes=(), parts=())
+    return IdentityMapping(name, hf, split, tp_units=base.tp_units)
 
 
 def adapter_entries(table: Iterable[Any], adapter_param_names: Iterable[str]) -> dict[str, Any]:

@@ -9,19 +9,19 @@ Three faces of every weight:
 * **TP-local parameters**: what rank ``r`` of ``tp`` holds in ``model.named_parameters()``.
 
 :func:`mapping_table` lists one :class:`nvlcore.mapping.ParamMapping` per training parameter (the
-core's public mapping type; the bridge hands the table to the core through
-:meth:`~nvl_nemotron_vl.bridge.NemotronVLBridge.mapping_table`), each with a transform ``kind``:
+core's public mapping types; the bridge hands the table to the core through
+:meth:`~nvl_nemotron_vl.bridge.NemotronVLBridge.mapping_table`), each an instance of a transform kind:
 
-=========================  ===========  =============================================================
-parameter                  kind         HF  <->  components
-=========================  ===========  =============================================================
-embeddings, ``lm_head``    ``vocab``    same tensor; TP pads the rows to a multiple of tp
-LM ``linear_qkv``          ``qkv``      ``q_proj``, ``k_proj``, ``v_proj`` -> ``q``, ``k``, ``v``
-ViT ``linear_qkv``         ``qkv``      fused ``attn.qkv`` rows ``[Q; K; V]`` -> ``q``, ``k``, ``v``
-Mamba ``in_proj``          ``parts``    rows ``[z | x | B | C | dt]`` -> ``z, x, B, C, dt``
-Mamba ``conv1d``           ``parts``    channels ``[x | B | C]`` -> ``x, B, C``
-everything else            ``identity`` same tensor, chunked on ``tp_dim`` (or replicated)
-=========================  ===========  =============================================================
+=========================  ===================  =====================================================
+parameter                  kind                 HF  <->  components
+=========================  ===================  =====================================================
+embeddings, ``lm_head``    ``VocabMapping``     same tensor; TP pads the rows to a multiple of tp
+LM ``linear_qkv``          ``QKVMapping``       ``q_proj``, ``k_proj``, ``v_proj`` -> ``q``, ``k``, ``v``
+ViT ``linear_qkv``         ``QKVMapping``       fused ``attn.qkv`` rows ``[Q; K; V]`` -> ``q``, ``k``, ``v``
+Mamba ``in_proj``          ``PartsMapping``     rows ``[z | x | B | C | dt]`` -> ``z, x, B, C, dt``
+Mamba ``conv1d``           ``PartsMapping``     channels ``[x | B | C]`` -> ``x, B, C``
+everything else            ``IdentityMapping``  same tensor, chunked on ``tp_dim`` (or replicated)
+=========================  ===================  =====================================================
 
 Norms are folded: the HF pre-mixer ``layers.N.norm.weight`` is the ``layer_norm_weight`` of the layer's
 first linear (``mixer.in_proj``, ``self_attention.linear_qkv`` or ``mlp.linear_fc1``), likewise the
@@ -39,8 +39,11 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Iterable
 
 from nvlcore.mapping import (  # noqa: F401  (the table's types and helpers, re-exported for this plugin's users)
-    KINDS,
+    IdentityMapping,
     ParamMapping,
+    PartsMapping,
+    QKVMapping,
+    VocabMapping,
     by_megatron_name,
     component_owner,
     components_to_hf,
@@ -76,77 +79,75 @@ CONV1D_PARTS = ("x", "B", "C")
 def mapping_table(cfg: "NemotronVLConfig") -> list[ParamMapping]:
     """Every training parameter of the model described by ``cfg``, with its HF keys and transform."""
     llm, vis = cfg.llm, cfg.vision
-    M = ParamMapping
-    table: list[M] = [
-        M("language_model.embedding.word_embeddings.weight", (LM_HF + "embeddings.weight",), "vocab", 0,
-          (llm.vocab_size,)),
-        M("language_model.decoder.final_norm.weight", (LM_HF + "norm_f.weight",)),
-        M("language_model.output_layer.weight", ("language_model.lm_head.weight",), "vocab", 0, (llm.vocab_size,)),
+    Id = IdentityMapping
+    table: list[ParamMapping] = [
+        VocabMapping("language_model.embedding.word_embeddings.weight", (LM_HF + "embeddings.weight",),
+                     llm.vocab_size),
+        Id("language_model.decoder.final_norm.weight", (LM_HF + "norm_f.weight",)),
+        VocabMapping("language_model.output_layer.weight", ("language_model.lm_head.weight",), llm.vocab_size),
     ]
     gn = llm.n_groups * llm.ssm_state_size
     mamba_units = (("llm_config.n_groups", llm.n_groups), ("llm_config.mamba_num_heads", llm.mamba_num_heads))
+    in_proj = tuple(zip(IN_PROJ_PARTS, (llm.mamba_d_inner, llm.mamba_d_inner, gn, gn, llm.mamba_num_heads)))
+    conv1d = tuple(zip(CONV1D_PARTS, (llm.mamba_d_inner, gn, gn)))
     for i, kind in enumerate(llm.layer_types):
         p, h = f"language_model.decoder.layers.{i}.", f"{LM_HF}layers.{i}."
         if kind == "mamba":
             m, hm = p + "mixer.", h + "mixer."
             table += [
-                M(m + "in_proj.layer_norm_weight", (h + "norm.weight",)),
-                M(m + "in_proj.weight", (hm + "in_proj.weight",), "parts", 0,
-                  (llm.mamba_d_inner, llm.mamba_d_inner, gn, gn, llm.mamba_num_heads), mamba_units, IN_PROJ_PARTS),
-                M(m + "conv1d.weight", (hm + "conv1d.weight",), "parts", 0, (llm.mamba_d_inner, gn, gn),
-                  mamba_units, CONV1D_PARTS),
+                Id(m + "in_proj.layer_norm_weight", (h + "norm.weight",)),
+                PartsMapping(m + "in_proj.weight", (hm + "in_proj.weight",), in_proj, tp_units=mamba_units),
+                PartsMapping(m + "conv1d.weight", (hm + "conv1d.weight",), conv1d, tp_units=mamba_units),
             ]
             if llm.use_conv_bias:
-                table.append(M(m + "conv1d.bias", (hm + "conv1d.bias",), "parts", 0,
-                               (llm.mamba_d_inner, gn, gn), mamba_units, CONV1D_PARTS))
-            table += [M(m + n, (hm + n,), "identity", 0, (), mamba_units)
-                      for n in ("A_log", "D", "dt_bias", "norm.weight")]
-            table.append(M(m + "out_proj.weight", (hm + "out_proj.weight",), "identity", 1, (), mamba_units))
+                table.append(PartsMapping(m + "conv1d.bias", (hm + "conv1d.bias",), conv1d, tp_units=mamba_units))
+            table += [Id(m + n, (hm + n,), 0, tp_units=mamba_units) for n in ("A_log", "D", "dt_bias", "norm.weight")]
+            table.append(Id(m + "out_proj.weight", (hm + "out_proj.weight",), 1, tp_units=mamba_units))
         elif kind == "attention":
             a, hm = p + "self_attention.", h + "mixer."
             table += [
-                M(a + "linear_qkv.layer_norm_weight", (h + "norm.weight",)),
-                M(a + "linear_qkv.weight", (hm + "q_proj.weight", hm + "k_proj.weight", hm + "v_proj.weight"),
-                  "qkv", 0, (llm.num_attention_heads, llm.num_key_value_heads, llm.head_dim)),
-                M(a + "linear_proj.weight", (hm + "o_proj.weight",), "identity", 1),
+                Id(a + "linear_qkv.layer_norm_weight", (h + "norm.weight",)),
+                QKVMapping(a + "linear_qkv.weight", (hm + "q_proj.weight", hm + "k_proj.weight", hm + "v_proj.weight"),
+                           llm.num_attention_heads, llm.num_key_value_heads, llm.head_dim),
+                Id(a + "linear_proj.weight", (hm + "o_proj.weight",), 1),
             ]
         else:
             f, hm = p + "mlp.", h + "mixer."
             table += [
-                M(f + "linear_fc1.layer_norm_weight", (h + "norm.weight",)),
-                M(f + "linear_fc1.weight", (hm + "up_proj.weight",), "identity", 0),
-                M(f + "linear_fc2.weight", (hm + "down_proj.weight",), "identity", 1),
+                Id(f + "linear_fc1.layer_norm_weight", (h + "norm.weight",)),
+                Id(f + "linear_fc1.weight", (hm + "up_proj.weight",), 0),
+                Id(f + "linear_fc2.weight", (hm + "down_proj.weight",), 1),
             ]
 
     pg = VIT_HF + "patch_generator."
     table += [
-        M("vision_model.class_token", (pg + "cls_token.token",)),
-        M("vision_model.position_embeddings", (pg + "pos_embed",)),
-        M("vision_model.embedder.weight", (pg + "embedder.weight",)),
+        Id("vision_model.class_token", (pg + "cls_token.token",)),
+        Id("vision_model.position_embeddings", (pg + "pos_embed",)),
+        Id("vision_model.embedder.weight", (pg + "embedder.weight",)),
     ]
     qkv_sizes = (vis.num_attention_heads, vis.num_attention_heads, vis.head_dim)
     for i in range(vis.num_layers):
         p, h = f"vision_model.decoder.layers.{i}.", f"{VIT_HF}blocks.{i}."
         a, f = p + "self_attention.", p + "mlp."
         table += [
-            M(a + "linear_qkv.layer_norm_weight", (h + "norm1.weight",)),
-            M(a + "linear_qkv.layer_norm_bias", (h + "norm1.bias",)),
-            M(a + "linear_qkv.weight", (h + "attn.qkv.weight",), "qkv", 0, qkv_sizes),
-            M(a + "linear_qkv.bias", (h + "attn.qkv.bias",), "qkv", 0, qkv_sizes),
-            M(a + "linear_proj.weight", (h + "attn.proj.weight",), "identity", 1),
-            M(a + "linear_proj.bias", (h + "attn.proj.bias",)),
-            M(f + "linear_fc1.layer_norm_weight", (h + "norm2.weight",)),
-            M(f + "linear_fc1.layer_norm_bias", (h + "norm2.bias",)),
-            M(f + "linear_fc1.weight", (h + "mlp.fc1.weight",), "identity", 0),
-            M(f + "linear_fc1.bias", (h + "mlp.fc1.bias",), "identity", 0),
-            M(f + "linear_fc2.weight", (h + "mlp.fc2.weight",), "identity", 1),
-            M(f + "linear_fc2.bias", (h + "mlp.fc2.bias",)),
+            Id(a + "linear_qkv.layer_norm_weight", (h + "norm1.weight",)),
+            Id(a + "linear_qkv.layer_norm_bias", (h + "norm1.bias",)),
+            QKVMapping(a + "linear_qkv.weight", (h + "attn.qkv.weight",), *qkv_sizes),
+            QKVMapping(a + "linear_qkv.bias", (h + "attn.qkv.bias",), *qkv_sizes),
+            Id(a + "linear_proj.weight", (h + "attn.proj.weight",), 1),
+            Id(a + "linear_proj.bias", (h + "attn.proj.bias",)),
+            Id(f + "linear_fc1.layer_norm_weight", (h + "norm2.weight",)),
+            Id(f + "linear_fc1.layer_norm_bias", (h + "norm2.bias",)),
+            Id(f + "linear_fc1.weight", (h + "mlp.fc1.weight",), 0),
+            Id(f + "linear_fc1.bias", (h + "mlp.fc1.bias",), 0),
+            Id(f + "linear_fc2.weight", (h + "mlp.fc2.weight",), 1),
+            Id(f + "linear_fc2.bias", (h + "mlp.fc2.bias",)),
         ]
     e = "vision_projection.encoder."
     table += [
-        M(e + "linear_fc1.layer_norm_weight", ("mlp1.0.weight",)),
-        M(e + "linear_fc1.weight", ("mlp1.1.weight",), "identity", 0),
-        M(e + "linear_fc2.weight", ("mlp1.3.weight",), "identity", 1),
+        Id(e + "linear_fc1.layer_norm_weight", ("mlp1.0.weight",)),
+        Id(e + "linear_fc1.weight", ("mlp1.1.weight",), 0),
+        Id(e + "linear_fc2.weight", ("mlp1.3.weight",), 1),
     ]
     return table
 

@@ -167,36 +167,32 @@ def test_trained_checkpoint_strict_errors(tiny_toy, imported, tmp_path):
 def test_checkpoint_layout_agrees_with_the_mapping(tp):
     """The per-rank layout of training checkpoints (nvlcore.mapping) against the table's own
     components_to_local: each rank's part is its chunk of each logical component, and reassembles."""
-    from nvlcore.mapping import ParamMapping, _split_local, _vocab_rows, assemble_from_entries
+    from nvlcore.mapping import (
+        FusedRowsMapping, IdentityMapping, PartsMapping, QKVMapping, VocabMapping, assemble_from_entries,
+    )
 
     g = torch.Generator().manual_seed(0)
     cases = [
-        ParamMapping("a.weight", ("x",), "identity", 0), ParamMapping("b.weight", ("x",), "identity", 1),
-        ParamMapping("n.weight", ("x",)), ParamMapping("emb.weight", ("x",), "vocab", 0, (37,)),
-        ParamMapping("qkv.weight", ("q", "k", "v"), "qkv", 0, (8, 4, 3)),
-        ParamMapping("vqkv.bias", ("x",), "qkv", 0, (4, 4, 2)),
-        ParamMapping("in_proj.weight", ("x",), "parts", 0, (8, 8, 4, 4, 4), parts=("z", "x", "B", "C", "dt")),
-        ParamMapping("conv1d.weight", ("x",), "parts", 0, (8, 4, 4), parts=("x", "B", "C")),
+        IdentityMapping("a.weight", ("x",), 0), IdentityMapping("b.weight", ("x",), 1),
+        IdentityMapping("n.weight", ("x",)), VocabMapping("emb.weight", ("x",), 37),
+        QKVMapping("qkv.weight", ("q", "k", "v"), 8, 4, 3),
+        QKVMapping("vqkv.bias", ("x",), 4, 4, 2),
+        PartsMapping("in_proj.weight", ("x",), (("z", 8), ("x", 8), ("B", 4), ("C", 4), ("dt", 4))),
+        PartsMapping("conv1d.weight", ("x",), (("x", 8), ("B", 4), ("C", 4))),
     ]
     for m in cases:
         comps = {}
+        # rows of each component: its part's rows for fused kinds, the vocabulary, or 8
+        rows_of = dict(zip(m.components, (n for _, n in m.part_rows()))) if isinstance(m, FusedRowsMapping) else {}
         for c in m.components:
-            if m.kind == "qkv":
-                heads, kv, d = m.sizes
-                rows = (heads if c.endswith(".q") else kv) * d
-            elif m.kind == "parts":
-                rows = m.sizes[m.components.index(c)]
-            else:
-                rows = m.sizes[0] if m.kind == "vocab" else 8
+            rows = rows_of.get(c, m.vocab_size if isinstance(m, VocabMapping) else 8)
             shape = (rows, 1, 3) if m.megatron == "conv1d.weight" else (rows,) if m.megatron == "vqkv.bias" else (rows, 12)
             comps[c] = torch.randn(shape, generator=g)
         table = {m.megatron: m}
         for r in range(tp):
             local = m.components_to_local(comps, tp, r)
             parts = {}
-            for key, part, dim, _size in _split_local(m, local, tp):
-                if m.kind == "vocab":
-                    part = part[: _vocab_rows(m.sizes[0], tp, r)]
+            for key, part, dim, _size in m.local_components(local, tp, r):
                 full = comps[key]
                 want = full if dim is None else full.tensor_split(
                     [min(full.shape[dim], i * -(-full.shape[dim] // tp)) for i in range(1, tp)], dim=dim)[r]
