@@ -15,7 +15,15 @@ Workloads, generated on the machine in each source's real schema (nothing is dow
 * ``medpix``: MedPix-VQA through ``make_medpix_dataset``: one 512x512 image (1 tile), a short question
   and answer (~300 tokens a sample; what packing is for: ``--variants 'dataset.packing=best_fit'``
   measures packed rows of ``--seq`` tokens against one sample per row in the same run, and the
-  markdown states the speed-up).
+  markdown states the speed-up);
+* ``video``: LLaVA-Video-178K (subset ``0_30_s_nextqa``, the video recipe's) through
+  ``make_llava_video_178k_dataset``, run on the recipe's own file (``--config-file``
+  ``nemotron_nano_v2_vl_video.yaml``): a short question and answer (every third row two turns) about a
+  clip of 2-4 s, of which the processor takes 10 frames, one 512x512 tile each (2,560 image tokens;
+  ~2,800 tokens a sample: as in Megatron-Bridge, rows are padded to a multiple of 128, not to the
+  recipe's seq 8192, unless ``dataset.pad_to_max_length=true`` is passed as a variant).
+  The clips come from ``--videos DIR`` (the ``video_root_path``): the GPU machine can decode but not
+  encode video, so they are made beforehand with ``--make-videos DIR`` (PyAV) and carried.
 
 The peer, in the same run: transformers' ``NemotronHForCausalLM`` at the same LM shape (random bf16
 weights, SDPA, the library's PyTorch Mamba path since no mamba-ssm CUDA build is installed) with PEFT
@@ -43,6 +51,9 @@ Usage (one H200; the 12b shape needs no weights on disk with --random-init)::
         --peer-seqs '' --steps 12 --warmup 3 --profile medpix --profile-variant 1 --tag packing --out bench/results
     # one record from several invocations of the same visit:
     python bench/finetune_gpu.py --merge bench/results/finetune_gpu part1.json part2.json
+    # the video workload: clips made where PyAV can encode (~250 KB), carried, then the recipe at seq 8192
+    python bench/finetune_gpu.py --make-videos .whl/videos --count 6
+    python bench/finetune_gpu.py --size 12b-shape --workloads video --videos .whl/videos --seq 8192 --peer-seqs ''
     # CPU smoke test at toy size (what the test suite runs):
     python bench/finetune_gpu.py --size tiny --device cpu --seq 256 --steps 3 --warmup 1 --gbs 2 --peer-seqs 128
 """
@@ -64,7 +75,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 H200_BF16_TFLOPS = 790.0
-WORKLOADS = ("text", "cord", "medpix")
+WORKLOADS = ("text", "cord", "medpix", "video")
 CHILD_ENV = "NVL_BENCH_CHILD"
 
 
@@ -143,6 +154,85 @@ def write_medpix(root: Path, n: int) -> Path:
     ds = Dataset.from_dict({"image_id": imgs, "mode": ["CT"] * n, "case_id": [f"MPX{i}" for i in range(n)],
                             "question": q, "answer": a}, features=feats)
     return write_hub_dataset(root, {"data/train-00000-of-00001.parquet": ds}, {"default": {"train": "data/train-*"}})
+
+
+VIDEO_SUBDIR = Path("NextQA") / "NExTVideo" / "0000"  # where the source's 0_30_s_nextqa clips sit
+
+
+def write_video_clips(out: Path, count: int = 6, size: int = 512, fps: int = 10, overwrite: bool = False) -> list[Path]:
+    """``count`` short mp4 clips (h264, 2-4 s at ``fps``, ``size`` x ``size``: the frame size the recipe's
+    processor resizes every sampled frame to) under ``out/NextQA/NExTVideo/0000/``, laid out as the
+    LLaVA-Video-178K archives extract. Each clip: a drifting colour field, grid lines, four shapes moving
+    on their own paths and a caption naming the clip and time (structure for the encoder, cheap to code:
+    ~40 KB a clip at 512). Needs PyAV with an encoder (made on the CPU machine; decord reads them)."""
+    import av
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    folder = out / VIDEO_SUBDIR
+    if folder.is_dir() and any(folder.glob("*.mp4")) and not overwrite:
+        raise SystemExit(f"--make-videos: {folder} already holds clips; pass --overwrite to replace them")
+    folder.mkdir(parents=True, exist_ok=True)
+    codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    paths = []
+    for i in range(count):
+        rng = np.random.default_rng(1000 + i)
+        base, frames = rng.uniform(40, 200, 3), int((2 + i % 3) * fps)
+        phase = [2 * np.pi * (xx * (k + 1) + yy * (2 - k) * 0.5) for k in range(3)]
+        shapes = [(rng.uniform(0, size, 2), rng.uniform(-0.025, 0.025, 2) * size, rng.uniform(0.06, 0.18) * size,
+                   tuple(int(v) for v in rng.integers(0, 256, 3)), j % 2) for j in range(4)]
+        path = folder / f"clip{i:02d}.mp4"
+        tmp = path.with_suffix(".part.mp4")
+        with av.open(str(tmp), mode="w") as container:
+            stream = container.add_stream(codec, rate=fps)
+            stream.width = stream.height = size
+            stream.pix_fmt = "yuv420p"
+            if codec == "libx264":
+                stream.options = {"crf": "32"}
+            for t in range(frames):
+                field = np.stack([base[k] + 40 * np.sin(phase[k] + 2 * np.pi * t / frames) for k in range(3)], -1)
+                img = Image.fromarray(field.clip(0, 255).astype(np.uint8))
+                draw = ImageDraw.Draw(img)
+                for y in range(0, size, max(8, size // 8)):
+                    draw.line([(0, y), (size, y)], fill=(255, 255, 255), width=1)
+                for start, step, r, colour, round_ in shapes:
+                    x, y = (start + step * t) % size
+                    box = (x - r / 2, y - r / 2, x + r / 2, y + r / 2)
+                    (draw.ellipse if round_ else draw.rectangle)(box, fill=colour, outline=(0, 0, 0))
+                draw.text((4, 4), f"clip {i} t={t / fps:.1f}s", fill=(0, 0, 0))
+                for packet in stream.encode(av.VideoFrame.from_ndarray(np.asarray(img), format="rgb24")):
+                    container.mux(packet)
+            for packet in stream.encode():
+                container.mux(packet)
+        tmp.replace(path)
+        paths.append(path)
+    return paths
+
+
+def write_llava_video(root: Path, n: int, videos: Path) -> Path:
+    """A local copy of lmms-lab/LLaVA-Video-178K's ``0_30_s_nextqa`` subset (the video recipe's): the JSON
+    annotations of its ``open_ended`` split, ``n`` rows over the clips under ``videos`` (the
+    ``video_root_path``; made by ``--make-videos``), each a question and answer, every third row a second
+    turn, with the source's ``<image>`` placeholder in the first human turn."""
+    sys.path.insert(0, str(ROOT / "tests" / "support"))  # the tests' support modules (not installed)
+    from nvl_data_testing import write_hub_dataset
+
+    clips = sorted(p.relative_to(videos).as_posix() for p in videos.rglob("*.mp4")) if videos.is_dir() else []
+    if not clips:
+        raise SystemExit(f"--videos: no .mp4 clips under {videos}; make them with "
+                         "`python bench/finetune_gpu.py --make-videos DIR` (needs PyAV) and pass --videos DIR")
+    rows = []
+    for i in range(n):
+        turns = [{"from": "human", "value": "<image>\nWhat happens to the " + _words(6, 3 * i) + "?"},
+                 {"from": "gpt", "value": _words(12, 3 * i + 1) + "."}]
+        if i % 3 == 2:
+            turns += [{"from": "human", "value": "And after that, " + _words(5, 3 * i + 2) + "?"},
+                      {"from": "gpt", "value": _words(9, 5 * i) + "."}]
+        rows.append({"id": f"nextqa_{i}", "conversations": turns, "data_source": "0_30_s_nextqa",
+                     "video": clips[i % len(clips)]})
+    return write_hub_dataset(root, {"0_30_s_nextqa/0_30_s_nextqa_oe_qa_processed.json": rows},
+                             {"0_30_s_nextqa": {"open_ended": "0_30_s_nextqa/*oe*.json"}})
 
 
 class BenchText:
@@ -328,8 +418,17 @@ def run_nvl(args: argparse.Namespace, model_dir: Path, data: dict[str, Path], wo
         maker = ["dataset.maker_name=bench_text", f'dataset.maker_kwargs={{"words": {int(seq * 0.33)}}}']
     elif workload == "cord":
         maker = ["dataset.maker_name=make_cord_v2_dataset", f'dataset.maker_kwargs={{"path": "{data["cord"]}"}}']
-    else:
+    elif workload == "medpix":
         maker = ["dataset.maker_name=make_medpix_dataset", f'dataset.maker_kwargs={{"path": "{data["medpix"]}"}}']
+    else:
+        # the recipe's own file (the original's video YAML: its maker, subset, freezing, optimizer) replaces
+        # the default one; frames (10 a clip, one 512 x 512 tile each) are the processor's defaults, which the
+        # YAML leaves as they are. The overrides below set what the bench measures (TP, length, steps, batch).
+        from nvl_nemotron_vl.recipes import VIDEO_CONFIG_FILE
+
+        cmd_args += ["--config-file", str(VIDEO_CONFIG_FILE)]
+        maker = ["dataset.maker_name=make_llava_video_178k_dataset", "dataset.maker_kwargs="
+                 + json.dumps({"path": str(data["video"]), "video_root_path": str(Path(args.videos).resolve())})]
     overrides = maker + [
         f"model.tensor_model_parallel_size={args.tp}", f"dataset.seq_length={seq}", f"model.seq_length={seq}",
         f"train.train_iters={args.steps}", f"train.global_batch_size={args.gbs}", "train.micro_batch_size=1",
@@ -528,7 +627,8 @@ def readme_table(records: list[dict[str, Any]]) -> str:
     peer_txt = "; ".join(
         f"seq {seq}: " + (f"{r['tokens_per_s']:,.0f} tokens/s, {r['peak_gb']} GB" if r["status"] == "ok" else r["status"])
         for seq, r in sorted(peers.items()))
-    what = {"text": "text", "cord": "CORD-like receipts (7 tiles)", "medpix": "MedPix-like (one ~300-token sample per sequence)"}
+    what = {"text": "text", "cord": "CORD-like receipts (7 tiles)", "medpix": "MedPix-like (one ~300-token sample per sequence)",
+            "video": "LLaVA-Video-like (10 frames)"}
     lines = ["| run (`nvl finetune`, seq, GPUs, overrides) | tokens/s | per GPU | MFU | peak GB | date |",
              "|---|---|---|---|---|---|"]
     for r in records:
@@ -573,6 +673,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--tp", type=int, default=1)
     ap.add_argument("--nproc", type=int, default=None)
     ap.add_argument("--samples", type=int, default=64, help="samples per generated dataset")
+    ap.add_argument("--videos", default=None, help="the video workload's video_root_path: a folder of clips made "
+                    "by --make-videos (e.g. carried to the GPU machine as .whl/videos)")
     ap.add_argument("--peer-seqs", default="2048,4096", help="transformers+PEFT sequence lengths ('' = none)")
     ap.add_argument("--peer-steps", type=int, default=3)
     ap.add_argument("--run-timeout", type=int, default=900)
@@ -585,6 +687,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--profile-variant", type=int, default=0, help="which run of a profiled workload: 0 = its "
                     "first (the default run, or with --skip-default the first variant), 1 = the next...")
     return ap.parse_args(argv)
+
+
+def make_videos_main(argv: list[str]) -> int:
+    """``--make-videos DIR [--count N] [--resolution PX] [--overwrite]``: the video workload's clips."""
+    ap = argparse.ArgumentParser(prog="finetune_gpu.py --make-videos", description=write_video_clips.__doc__)
+    ap.add_argument("dir", type=Path)
+    ap.add_argument("--count", type=int, default=6)
+    ap.add_argument("--resolution", type=int, default=512, help="frame width and height (the 12b model's tile: 512)")
+    ap.add_argument("--overwrite", action="store_true")
+    a = ap.parse_args(argv)
+    paths = write_video_clips(a.dir, a.count, a.resolution, overwrite=a.overwrite)
+    log(f"wrote {len(paths)} clips, {sum(p.stat().st_size for p in paths) / 1e3:,.0f} KB, under {a.dir / VIDEO_SUBDIR}")
+    return 0
 
 
 def _variants(args: argparse.Namespace) -> list[dict[str, str]]:
@@ -611,6 +726,8 @@ def main(argv: list[str] | None = None) -> int:
         stem.with_suffix(".json").write_text(json.dumps(records, indent=1) + "\n")
         stem.with_suffix(".md").write_text(markdown(records, meta) + "\nMerged from: " + ", ".join(p.name for p in parts) + "\n")
         return 0
+    if argv and argv[0] == "--make-videos":
+        return make_videos_main(argv[1:])
     if argv and argv[0] == "--readme":
         write_readme(ROOT / "README.md", ROOT / "bench" / "results" / "finetune_gpu.json")
         return 0
@@ -631,6 +748,11 @@ def main(argv: list[str] | None = None) -> int:
         data["cord"] = write_cord(work / "cord-v2", args.samples)
     if "medpix" in workloads:
         data["medpix"] = write_medpix(work / "MedPix-VQA", args.samples)
+    if "video" in workloads:
+        if not args.videos:
+            raise SystemExit("--workloads video: pass --videos DIR, a folder of clips made by "
+                             "`python bench/finetune_gpu.py --make-videos DIR`")
+        data["video"] = write_llava_video(work / "LLaVA-Video-178K", args.samples, Path(args.videos))
     variants: list[dict[str, str]] = ([] if args.skip_default else [{}]) + _variants(args)
     machine = platform.node()
     try:

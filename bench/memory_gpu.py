@@ -19,6 +19,8 @@ Usage (one H200 or H100; the 12b shape needs no weights on disk with --random-in
 
     python bench/memory_gpu.py --rows medpix_packed_80,cord_48,qlora_24 --out bench/results
     python bench/memory_gpu.py --list                       # the rows and their commands' options
+    # the video row: clips made beforehand where PyAV can encode (finetune_gpu.py --make-videos), then carried
+    python bench/memory_gpu.py --rows video_8192_80 --videos .whl/videos --out bench/results --tag video
     python bench/memory_gpu.py --merge bench/results/memory_gpu part1.json part2.json
     # CPU smoke test at toy size (the test suite runs it): no budget is emulated on CPU
     python bench/memory_gpu.py --size tiny --device cpu --seq 256 --steps 2 --warmup 0 --rows cord_48
@@ -54,6 +56,10 @@ ROWS: dict[str, dict[str, Any]] = {
                           fit={"peft.base_dtype": "nf4", "train.memory_plan": "auto"}),
     "full_tp2_80": dict(workload="text", method="full", seq=4096, budget_gb=80, tp=2, baseline={},
                         fit={"train.memory_plan": "auto"}),
+    # the LLaVA-Video recipe (its YAML: seq 8192, 10 frames a clip; Megatron-Bridge runs it at TP=8) on one card;
+    # needs --videos DIR (clips made by `finetune_gpu.py --make-videos DIR`)
+    "video_8192_80": dict(workload="video", method="lora", seq=8192, budget_gb=80, baseline={},
+                          fit={"train.memory_plan": "auto"}),
 }
 
 
@@ -68,6 +74,21 @@ def parse_plan_gb(log_text: str) -> float | None:
         if m:
             found = float(m.group(1))
     return found
+
+
+def write_data(args: argparse.Namespace, workloads: set[str], work: Path) -> dict[str, Path]:
+    """The generated datasets the chosen rows read (the text workload needs none)."""
+    data: dict[str, Path] = {}
+    if "cord" in workloads:
+        data["cord"] = fg.write_cord(work / "cord-v2", args.samples)
+    if "medpix" in workloads:
+        data["medpix"] = fg.write_medpix(work / "MedPix-VQA", args.samples)
+    if "video" in workloads:
+        if not args.videos:
+            raise SystemExit("--rows: a video row needs --videos DIR, a folder of clips made by "
+                             "`python bench/finetune_gpu.py --make-videos DIR`")
+        data["video"] = fg.write_llava_video(work / "LLaVA-Video-178K", args.samples, Path(args.videos))
+    return data
 
 
 def device_info(device: str) -> tuple[str, float | None]:
@@ -165,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         raise SystemExit(f"--rows: unknown {unknown}; choose from {sorted(ROWS)}")
     model_dir = fg.write_model_dir(work / f"model-{args.size}", args.size)
-    data = {"cord": fg.write_cord(work / "cord-v2", args.samples), "medpix": fg.write_medpix(work / "MedPix-VQA", args.samples)}
+    data = write_data(args, {ROWS[n]["workload"] for n in names}, work)
     device, total_gb = device_info(args.device)
     records: list[dict[str, Any]] = []
     baselines: dict[str, dict[str, Any]] = {}

@@ -89,3 +89,50 @@ def test_finetune_bench_measures_packing_against_one_sample_per_row(tmp_path):
     assert "dataset.packing=best_fit" in packed["command"]
     md = (tmp_path / "out" / "finetune_gpu.md").read_text()
     assert "Sequence packing" in md and "medpix lora:" in md
+
+
+@pytest.mark.slow
+def test_finetune_bench_runs_the_video_recipe_on_carried_clips(tmp_path):
+    """The video workload: clips made by --make-videos (as they are made here and carried to the GPU machine),
+    read back by decord, then the LLaVA-Video recipe (its YAML) through `nvl finetune` on a local copy."""
+    import numpy as np
+
+    decord = pytest.importorskip("decord")
+    pytest.importorskip("av")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    videos = tmp_path / "videos"
+    make = [sys.executable, str(BENCH), "--make-videos", str(videos), "--count", "2", "--resolution", "64"]
+    proc = subprocess.run(make, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    clips = sorted(videos.rglob("*.mp4"))
+    assert [c.relative_to(videos).as_posix() for c in clips] == [
+        "NextQA/NExTVideo/0000/clip00.mp4", "NextQA/NExTVideo/0000/clip01.mp4"]
+    for clip in clips:
+        reader = decord.VideoReader(str(clip))
+        frames = reader.get_batch(list(range(len(reader)))).asnumpy().astype(np.float32)
+        assert frames.shape[1:] == (64, 64, 3) and len(reader) >= 20
+        assert frames[0].std() > 10 and np.abs(frames[-1] - frames[0]).mean() > 5  # structure, and it moves
+    again = subprocess.run(make, capture_output=True, text=True, timeout=300, env=env)
+    assert again.returncode != 0 and "--overwrite" in again.stderr.strip().splitlines()[-1]
+
+    def bench(videos_dir, out):
+        cmd = [sys.executable, str(BENCH), "--size", "tiny", "--device", "cpu", "--seq", "512", "--steps", "2",
+               "--warmup", "0", "--gbs", "2", "--samples", "4", "--workloads", "video", "--peer-seqs", "",
+               "--videos", str(videos_dir), "--out", str(tmp_path / out), "--work", str(tmp_path / f"work-{out}")]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
+
+    empty = tmp_path / "no-clips"
+    empty.mkdir()
+    refused = bench(empty, "refused")
+    assert refused.returncode != 0 and "--videos: no .mp4 clips under" in refused.stderr.strip().splitlines()[-1]
+    proc = bench(videos, "out")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (rec,) = json.loads((tmp_path / "out" / "finetune_gpu.json").read_text())
+    assert KEYS <= set(rec) and rec["workload"] == "video" and rec["status"] == "ok" and rec["tokens_per_s"] > 0, rec
+    assert "--config-file" in rec["command"] and "nemotron_nano_v2_vl_video.yaml" in rec["command"]
+    assert f'"video_root_path": "{videos.resolve()}"' in rec["command"]
+    assert all(x == x and x > 0 for x in rec["losses"]) and rec["samples_per_step"] == 2
+    # ten frames a sample went in (the text alone is about 100 tokens), and the recipe's YAML set the lr (2e-6)
+    assert rec["tokens_per_sample"] > 200, rec
+    rows = [json.loads(x) for x in (tmp_path / "work-out" / "metrics-video-lora.jsonl").read_text().splitlines()]
+    assert rows[-1]["lr"] == pytest.approx(2e-6)
