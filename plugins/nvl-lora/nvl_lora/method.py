@@ -194,8 +194,8 @@ class LoRAMethod:
     """The registered ``lora`` PEFT method (:class:`nvlcore.contracts.PeftMethod`).
 
     ``LoRAMethod(config)`` or ``LoRAMethod(**peft_section)``; :meth:`apply` freezes and wraps,
-    :meth:`trainable_state_dict` returns logical full tensors of everything trainable that is an
-    adapter, :meth:`merge` folds the adapters into the base weights.
+    :meth:`adapter_parameters` names what it added, :meth:`load_trainable_state_dict` loads logical
+    adapter tensors, :meth:`merge` folds the adapters into the base weights.
     """
 
     name = "lora"
@@ -246,12 +246,6 @@ class LoRAMethod:
         """Every adapter's A, B (and a variant's tensors, e.g. DoRA's magnitude), by full parameter name."""
         return {f"{n}.{ADAPTER_ATTR}.{rel}": p for n, ad in adapters(model).items() for rel, p, _ in ad.split_params()}
 
-    def trainable_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        """Adapter weights as logical full tensors (collective over the TP group when TP > 1)."""
-        from nvl_lora.state import gather_adapter_state
-
-        return gather_adapter_state(model)
-
     def load_trainable_state_dict(self, model: nn.Module, state: Mapping[str, torch.Tensor]) -> list[str]:
         """Load logical adapter tensors into this rank's shards; returns the adapter keys loaded."""
         from nvl_lora.state import load_adapter_state
@@ -259,11 +253,9 @@ class LoRAMethod:
         return load_adapter_state(model, state)
 
     def merge(self, model: nn.Module) -> nn.Module:
+        """Fold every adapter into its base weight (the variant's merge, e.g. DoRA's) and remove it."""
         merge_lora(model)
         return model
-
-    def count_parameters(self, model: nn.Module) -> ParameterCount:
-        return count_parameters(model)
 
     def run_config(self) -> dict[str, Any]:
         return self.config.to_dict()
