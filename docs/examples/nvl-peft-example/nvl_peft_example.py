@@ -85,7 +85,8 @@ class IA3:
 
     def adapter_parameters(self, model):
         """Each adapted layer's vector, by full name."""
-        return {f"{n}.{ATTR}.weight": m.get_submodule(ATTR).weight for n, m in model.named_modules() if "_ia3_hook" in m.__dict__}
+        return {f"{n}.{ATTR}.weight": m.get_submodule(ATTR).weight
+                for n, m in model.named_modules() if "_ia3_hook" in m.__dict__}
 
     def load_trainable_state_dict(self, model, state):
         """Copy the vectors in ``state`` (full names) into the model; a missing one or a wrong shape is an error."""

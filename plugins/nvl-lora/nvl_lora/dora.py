@@ -49,7 +49,8 @@ class DoRAVariant(LoRAVariant):
         if adapter.kind == "column" and adapter.gather_output and adapter.tp_size > 1:
             raise NotImplementedError("DoRA on a column-parallel layer that gathers its output is not supported")
         if isinstance(adapter.dropout, nn.Dropout):
-            raise ValueError("DoRA with dropout is not supported (the recipe uses peft.dropout=0.0); set peft.dropout=0")
+            raise ValueError("DoRA with dropout is not supported (the recipe uses peft.dropout=0.0); "
+                             "set peft.dropout=0")
         adapter.__dict__["_norm_cache"] = None
 
     def init(self, adapter: "LoRAAdapter", weight: "torch.Tensor") -> None:
@@ -141,7 +142,8 @@ class DoRAVariant(LoRAVariant):
         adapter.__dict__["_norm_cache"] = None
 
 
-def _scaled(y: "torch.Tensor", delta: "torch.Tensor", scale: "torch.Tensor", bias: "torch.Tensor | None") -> "torch.Tensor":
+def _scaled(y: "torch.Tensor", delta: "torch.Tensor", scale: "torch.Tensor",
+            bias: "torch.Tensor | None") -> "torch.Tensor":
     base = y.float() if bias is None else y.float() - bias.float()
     out = scale * (base + delta.float())
     if bias is not None:
