@@ -144,7 +144,7 @@ class PeftMethod(Protocol):
     ``cfg.peft.options``. ``Config`` may also declare core fields: its types and validators then check
     those values too. Without ``Config`` only the core fields are accepted.
 
-    ``docs/examples/nvl-peft-example`` is a complete method in one file (IA3).
+    ``docs/examples/nvl-peft-example`` is a complete method in one file (VeRA-style).
     """
 
     def apply(self, model: "torch.nn.Module", *, bridge: "ModelBridge | None" = None,

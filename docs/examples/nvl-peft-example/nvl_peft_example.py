@@ -1,8 +1,11 @@
-"""nvl plugin: ``peft.method=ia3``, IA3 (Liu et al. 2022, "Few-Shot Parameter-Efficient Fine-Tuning is
-Better and Cheaper than In-Context Learning") in the form of peft's ``IA3Config`` for non-feed-forward
-targets: every target linear layer's output is multiplied by a learned vector ``l`` (one value per
-output channel, initialised to ``init_value``, 1.0 = the model unchanged); everything else is frozen.
-Merging folds ``l`` into the layer: ``W' = diag(l) W``, ``b' = l * b``.
+"""nvl plugin: ``peft.method=vera``, a VeRA-style method (Kopiczko et al. 2024, "VeRA: Vector-based Random
+Matrix Adaptation"). Each target linear layer ``W`` gets a frozen random pair ``A [r, in]``, ``B [out, r]``
+and learns only two vectors, ``d [r]`` and ``b [out]``: the layer computes ``W x + b ⊙ (B (d ⊙ (A x)))``.
+``b`` starts at 0 (the model unchanged), ``d`` at ``d_initial``. Merging adds ``diag(b) B diag(d) A`` to ``W``.
+
+Unlike the paper, which shares one pair across layers, each layer's pair is drawn from
+``projection_prng_key`` and the layer's name, so the pair needs no storage: the checkpoint holds only the
+vectors and :meth:`VeRA.apply` regenerates the same matrices. ``r`` is the core ``peft.dim``.
 
 It implements :class:`nvlcore.contracts.PeftMethod` (``apply``, ``adapter_parameters``,
 ``load_trainable_state_dict``, ``merge``) and declares its ``peft.*`` fields in ``Config``. See
@@ -10,33 +13,34 @@ docs/plugin-authors.md, "Add a PEFT method".
 """
 
 import fnmatch
+import hashlib
 
 import attrs
 
 from nvlcore import hookimpl
 
-ATTR = "ia3"  # the vector's holder is this child of the adapted layer: `...linear_qkv.ia3.weight`
+ATTR = "vera"  # the adapter is this child of the adapted layer: `...linear_qkv.vera.vera_b`
 
 
 def _absent(name, default):
-    """IA3 has no rank, scale or dropout: the core ``peft`` fields it cannot honour are refused, not ignored."""
+    """VeRA has no alpha or dropout: the core ``peft`` fields it cannot honour are refused, not ignored."""
 
     def check(_inst, _attr, value):
         if value != default:
-            raise ValueError(f"peft.{name}={value!r} has no meaning for IA3 (no rank, scale or dropout); remove it")
+            raise ValueError(f"peft.{name}={value!r} has no meaning for vera (no alpha, no dropout); remove it")
 
     return check
 
 
 @attrs.define
-class IA3Config:
-    """``peft.*`` fields of ``peft.method=ia3``: the core ones it refuses, and its own."""
+class VeRAConfig:
+    """``peft.*`` fields of ``peft.method=vera``: the core ones it refuses, and its own (peft's VeraConfig names)."""
 
-    dim: int = attrs.field(default=16, validator=_absent("dim", 16))
     alpha: float = attrs.field(default=32, converter=float, validator=_absent("alpha", 32.0))
     dropout: float = attrs.field(default=0.0, converter=float, validator=_absent("dropout", 0.0))
     dropout_position: str = attrs.field(default="pre", validator=_absent("dropout_position", "pre"))
-    init_value: float = attrs.field(default=1.0, converter=float)  # the vectors' initial value
+    d_initial: float = attrs.field(default=0.1, converter=float)  # the initial value of every d
+    projection_prng_key: int = 0  # seeds the frozen random matrices
 
 
 def _selected(name, targets, excluded):
@@ -48,22 +52,34 @@ def _selected(name, targets, excluded):
     return any(hit(p) for p in targets or ["*"]) and not any(hit(p) for p in excluded)
 
 
-def _scale_output(module, _args, output):
-    scale = module.get_submodule(ATTR).weight
+def _uniform(shape, fan_in, seed, torch):
+    """kaiming_uniform(a=sqrt(5)) as nn.Linear draws it (bound 1/sqrt(fan_in)), from a private generator."""
+    g = torch.Generator().manual_seed(seed)
+    return (torch.rand(shape, generator=g) * 2 - 1) / fan_in**0.5
+
+
+def _add_delta(module, args, output):
+    import torch.nn.functional as F
+
+    v = module.get_submodule(ATTR)
+    x = args[0]
+    if getattr(module, "layer_norm_weight", None) is not None:  # a norm-fused linear: W sees the normalised input
+        x = module.normalize(x)
+    h = F.linear(x.to(v.vera_A.dtype), v.vera_A) * v.vera_d
+    delta = F.linear(h, v.vera_B) * v.vera_b
     if isinstance(output, tuple):  # Megatron's parallel linears return (output, bias or None)
-        bias = output[1] if len(output) > 1 and output[1] is not None else None
-        out = (output[0] * scale).to(output[0].dtype)
-        return (out, None if bias is None else (bias * scale).to(bias.dtype), *output[2:])
-    return (output * scale).to(output.dtype)
+        return (output[0] + delta.to(output[0].dtype), *output[1:])
+    return output + delta.to(output.dtype)
 
 
-class IA3:
-    """The registered ``ia3`` method."""
+class VeRA:
+    """The registered ``vera`` method."""
 
-    Config = IA3Config
+    Config = VeRAConfig
 
-    def apply(self, model, *, bridge=None, target_modules=(), exclude_modules=(), init_value=1.0, **_checked):
-        """Freeze every parameter and give each selected linear layer a trainable output scale."""
+    def apply(self, model, *, bridge=None, target_modules=(), exclude_modules=(), dim=16, d_initial=0.1,
+              projection_prng_key=0, **_checked):
+        """Freeze every parameter and give each selected linear layer its vectors and frozen random pair."""
         import torch
 
         for p in model.parameters():
@@ -74,19 +90,24 @@ class IA3:
         if not found:
             raise ValueError(f"peft.target_modules {list(target_modules)} selected no layer with a 2-D weight")
         for name, module in found:
-            if getattr(module, "output_size_per_partition", None) not in (None, getattr(module, "output_size", None)):
-                raise ValueError(f"{name}: ia3 (nvl-peft-example) runs at model.tensor_model_parallel_size=1 only")
-            holder = torch.nn.Module()
-            holder.weight = torch.nn.Parameter(torch.full((module.weight.shape[0],), float(init_value),
-                                                          device=module.weight.device))
-            module.add_module(ATTR, holder)
-            module.__dict__["_ia3_hook"] = module.register_forward_hook(_scale_output)
+            if getattr(module, "output_size_per_partition", None) not in (None, getattr(module, "output_size", None)) \
+                    or getattr(module, "input_size_per_partition", None) not in (None, getattr(module, "input_size", None)):
+                raise ValueError(f"{name}: vera (nvl-peft-example) runs at model.tensor_model_parallel_size=1 only")
+            out_f, in_f = module.weight.shape
+            seed = int.from_bytes(hashlib.sha256(f"{projection_prng_key}:{name}".encode()).digest()[:7], "little")
+            v = torch.nn.Module()
+            v.register_buffer("vera_A", _uniform((dim, in_f), in_f, seed, torch), persistent=False)
+            v.register_buffer("vera_B", _uniform((out_f, dim), dim, seed + 1, torch), persistent=False)
+            v.vera_d = torch.nn.Parameter(torch.full((dim,), float(d_initial)))
+            v.vera_b = torch.nn.Parameter(torch.zeros(out_f))
+            module.add_module(ATTR, v.to(module.weight.device))
+            module.__dict__["_vera_hook"] = module.register_forward_hook(_add_delta)
         return model
 
     def adapter_parameters(self, model):
-        """Each adapted layer's vector, by full name."""
-        return {f"{n}.{ATTR}.weight": m.get_submodule(ATTR).weight
-                for n, m in model.named_modules() if "_ia3_hook" in m.__dict__}
+        """Each adapted layer's ``vera_d`` and ``vera_b``, by full name."""
+        return {f"{n}.{ATTR}.{k}": p for n, m in model.named_modules() if "_vera_hook" in m.__dict__
+                for k, p in m.get_submodule(ATTR).named_parameters()}
 
     def load_trainable_state_dict(self, model, state):
         """Copy the vectors in ``state`` (full names) into the model; a missing one or a wrong shape is an error."""
@@ -95,32 +116,31 @@ class IA3:
         own = self.adapter_parameters(model)
         missing = sorted(set(own) - set(state))
         if missing:
-            raise KeyError(f"IA3 state lacks {len(missing)} vector(s), e.g. {missing[0]}")
+            raise KeyError(f"vera state lacks {len(missing)} vector(s), e.g. {missing[0]}")
         with torch.no_grad():
             for key, p in own.items():
                 if tuple(state[key].shape) != tuple(p.shape):
-                    raise ValueError(f"IA3 vector {key}: shape {tuple(state[key].shape)}, expected {tuple(p.shape)}")
+                    raise ValueError(f"vera vector {key}: shape {tuple(state[key].shape)}, expected {tuple(p.shape)}")
                 p.copy_(state[key])
         return sorted(own)
 
     def merge(self, model):
-        """Fold every vector into its layer (``W' = diag(l) W``, ``b' = l * b``) and remove it."""
+        """Add ``diag(b) B diag(d) A`` to every adapted weight (fp32, cast back) and remove the adapters."""
         import torch
 
         with torch.no_grad():
-            for _, module in list(model.named_modules()):
-                handle = module.__dict__.pop("_ia3_hook", None)
+            for module in list(model.modules()):
+                handle = module.__dict__.pop("_vera_hook", None)
                 if handle is None:
                     continue
                 handle.remove()
-                scale = module.get_submodule(ATTR).weight.float()
-                module.weight.copy_((module.weight.float() * scale[:, None]).to(module.weight.dtype))
-                if getattr(module, "bias", None) is not None:
-                    module.bias.copy_((module.bias.float() * scale).to(module.bias.dtype))
+                v = module.get_submodule(ATTR)
+                delta = (v.vera_b[:, None] * v.vera_B.float()) @ (v.vera_d[:, None] * v.vera_A.float())
+                module.weight.copy_((module.weight.float() + delta.to(module.weight.device)).to(module.weight.dtype))
                 delattr(module, ATTR)
         return model
 
 
 @hookimpl
 def nvl_register_peft_methods(register):
-    register("ia3", IA3, aliases=("IA3",))
+    register("vera", VeRA, aliases=("VeRA",))
