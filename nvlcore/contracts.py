@@ -119,31 +119,58 @@ class MadeDataset(Protocol):
 
 @runtime_checkable
 class PeftMethod(Protocol):
-    """A parameter-efficient fine-tuning method (low-rank adapters, ...).
+    """A parameter-efficient fine-tuning method (low-rank adapters, scaling vectors, ...).
+
+    Registered through ``nvl_register_peft_methods`` as a class (instantiated with no arguments) or an
+    object. The core calls exactly these four methods:
+
+    * ``nvl finetune`` calls :meth:`apply` after ``model.freeze_*``, then :meth:`adapter_parameters`
+      to report the towers and count the adapters; the checkpoint holds every parameter left trainable
+      (the adapters, and what the method leaves unfrozen), each as a logical (TP=1) tensor;
+    * ``nvl eval``/``nvl generate`` with ``--adapter-checkpoint`` rebuild the run's method from its
+      ``run_config.yaml``, :meth:`apply` it to the base model, load the checkpoint's fully trained
+      tensors through the weight mapping and the adapter tensors (the keys :meth:`adapter_parameters`
+      names) with :meth:`load_trainable_state_dict`, then :meth:`merge` when merged weights are asked for.
+
+    Like torchtune's ``AdapterModule.adapter_params()``, the method says which parameters are its own
+    (no naming convention is assumed); unlike it, the names are full model names, since nvl's methods
+    attach to modules they did not build.
 
     **The ``Config`` contract.** The ``peft`` config section has core fields shared by adapter methods
     (:class:`nvlcore.config.PeftConfig`: ``target_modules``, ``dim``, ``alpha``, ``dropout``...). A
     method may declare an attrs class in a ``Config`` attribute (its own fields: initialisation, what it
-    freezes, ...); when it is selected (``peft.method=NAME``), keys of the section beyond the core ones must be fields of
-    ``Config`` (did-you-mean otherwise) and arrive, with ``Config``'s defaults, in
+    freezes, ...); when it is selected (``peft.method=NAME``), keys of the section beyond the core ones
+    must be fields of ``Config`` (did-you-mean otherwise) and arrive, with ``Config``'s defaults, in
     ``cfg.peft.options``. ``Config`` may also declare core fields: its types and validators then check
     those values too. Without ``Config`` only the core fields are accepted.
+
+    ``docs/examples/nvl-peft-example`` is a complete method in one file (VeRA-style).
     """
 
-    def apply(self, model: "torch.nn.Module", *, bridge: "ModelBridge | None" = None, **options: Any) -> "torch.nn.Module":
+    def apply(self, model: "torch.nn.Module", *, bridge: "ModelBridge | None" = None,
+              **options: Any) -> "torch.nn.Module":
         """Insert adapters and freeze what the method freezes; returns the (same) model.
 
         ``bridge`` (the model's bridge, when there is one) says which groups the ``freeze_*`` flags
         name (:meth:`ModelBridge.freeze`) and how each linear layer is laid out
-        (:meth:`ModelBridge.linear_layouts`); ``options`` are the ``peft`` section's fields."""
+        (:meth:`ModelBridge.linear_layouts`); ``options`` are the ``peft`` section's fields. Adapter
+        parameters must be trainable; the method never unfreezes a base parameter."""
         ...
 
-    def trainable_state_dict(self, model: "torch.nn.Module") -> dict[str, "torch.Tensor"]:
-        """The state an adapter-only checkpoint holds."""
+    def adapter_parameters(self, model: "torch.nn.Module") -> "dict[str, torch.nn.Parameter]":
+        """The parameters :meth:`apply` added to ``model``, by full name (as ``model.named_parameters()``
+        names them), this rank's local tensors. Everything else trainable is a base parameter the run
+        trains fully."""
+        ...
+
+    def load_trainable_state_dict(self, model: "torch.nn.Module", state: Mapping[str, "torch.Tensor"]) -> list[str]:
+        """Copy logical (TP=1) adapter tensors, keyed as :meth:`adapter_parameters` names them, into this
+        rank's parameters; returns the keys used. A missing adapter key or a wrong shape is an error
+        naming it; keys that are not adapter parameters are ignored."""
         ...
 
     def merge(self, model: "torch.nn.Module") -> "torch.nn.Module":
-        """Fold the adapters into the base weights and remove them."""
+        """Fold the adapters into the base weights and remove them; returns the (same) model."""
         ...
 
 

@@ -60,6 +60,7 @@ def apply_peft(model: "torch.nn.Module", cfg: "NvlConfig", manager: Any, bridge:
             "(`nvl plugins list --all` shows the installed PEFT methods)"
         ) from exc
     method = target() if isinstance(target, type) else target
+    check_peft_method(method, method_name)
     from nvlcore.config import config_to_dict
 
     options = dict(config_to_dict(cfg)["peft"])
@@ -68,6 +69,32 @@ def apply_peft(model: "torch.nn.Module", cfg: "NvlConfig", manager: Any, bridge:
     options.update(extra)
     method.apply(model, bridge=bridge, **options)
     return method
+
+
+def check_peft_method(method: Any, name: str) -> None:
+    """Refuse, in one line, a registered PEFT method that lacks a method of :class:`nvlcore.contracts.PeftMethod`."""
+    from nvlcore.contracts import PeftMethod
+
+    if not isinstance(method, PeftMethod):
+        missing = [m for m in ("apply", "adapter_parameters", "load_trainable_state_dict", "merge")
+                   if not callable(getattr(method, m, None))]
+        raise TypeError(f"peft.method={name!r} ({type(method).__name__}) lacks {', '.join(missing)} of "
+                        "nvlcore.contracts.PeftMethod; update the plugin that registers it")
+
+
+def describe_peft_parameters(model: "torch.nn.Module", adapter_names: set[str], *, tp_size: int) -> str:
+    """Whole-model (TP-independent) counts: trainable of total, and the adapters' share.
+
+    A parameter Megatron marks ``tensor_model_parallel`` counts ``numel * tp_size``; others count once.
+    """
+    trainable = total = adapter = 0
+    for name, p in model.named_parameters():
+        n = p.numel() * (tp_size if getattr(p, "tensor_model_parallel", False) else 1)
+        total += n
+        trainable += n if p.requires_grad else 0
+        adapter += n if name in adapter_names else 0
+    pct = 100 * trainable / total if total else 0.0
+    return f"trainable parameters: {trainable:,} of {total:,} ({pct:.3f}%); adapter parameters: {adapter:,}"
 
 
 @attrs.frozen
@@ -95,16 +122,17 @@ class TowerStatus:
                 + (" + adapters" if self.adapter else ""))
 
 
-def tower_status(model: "torch.nn.Module", base_names: set[str]) -> list[TowerStatus]:
+def tower_status(model: "torch.nn.Module", adapter_names: set[str]) -> list[TowerStatus]:
     """Per top-level submodule: its base parameters that train and the adapter parameters added to it.
 
-    ``base_names`` are the parameter names before PEFT ran; every other parameter is the method's.
+    ``adapter_names``: the PEFT method's parameters (:meth:`~nvlcore.contracts.PeftMethod.adapter_parameters`);
+    every other parameter is a base parameter.
     """
     groups: dict[str, list[int]] = {}
     for name, p in model.named_parameters():
         top = name.split(".", 1)[0] if "." in name else "(top level)"
         g = groups.setdefault(top, [0, 0, 0])
-        if name in base_names:
+        if name not in adapter_names:
             g[1] += p.numel()
             g[0] += p.numel() if p.requires_grad else 0
         elif p.requires_grad:
@@ -133,9 +161,8 @@ def prepare_trainable(model: "torch.nn.Module", cfg: "NvlConfig", manager: Any, 
     never unfreezes).
     """
     apply_freeze_flags(model, cfg, bridge)
-    base_names = {n for n, _ in model.named_parameters()}
     peft = apply_peft(model, cfg, manager, bridge)
-    return peft, tower_status(model, base_names)
+    return peft, tower_status(model, set(peft.adapter_parameters(model)) if peft is not None else set())
 
 
 def _flops_fn(bridge: Any, model: "torch.nn.Module", ctx: "ParallelContext") -> tuple[Callable[[Mapping[str, Any]], float], str]:
@@ -521,8 +548,9 @@ def run_finetune(
         n_all = sum(p.numel() for p in model.parameters())
         say(f"nvl finetune: {n_train:,} of {n_all:,} parameters trainable on this rank"
             + (f" (PEFT {cfg.peft.method}; adapter-only checkpoints)" if peft else ""))
-        if peft is not None and hasattr(peft, "count_parameters"):  # whole-model (TP-independent) counts
-            say(f"nvl finetune: {cfg.peft.method}: {peft.count_parameters(model).describe()}")
+        if peft is not None:
+            counts = describe_peft_parameters(model, set(peft.adapter_parameters(model)), tp_size=ctx.tp_size)
+            say(f"nvl finetune: {cfg.peft.method}: {counts}")
         opt = optim.build_optimizer(
             named, lr=cfg.optimizer.lr, betas=(cfg.optimizer.adam_beta1, cfg.optimizer.adam_beta2),
             eps=cfg.optimizer.adam_eps, weight_decay=cfg.optimizer.weight_decay, device_type=ctx.device.type,

@@ -13,6 +13,14 @@ with its rows of B and **a copy of the shared A**. This is exact: ``B @ A`` rest
 ``lora_alpha``). Where the HF side is fused too (the ViT's ``attn.qkv``, Mamba ``in_proj``), B's rows
 are put in the HF row order by the bridge's mapping.
 
+Weights the run trained fully (``--lora-on-language-model`` trains the vision tower and projector)
+travel in PEFT's ``modules_to_save``: each is mapped to its HF tensors, grouped into the largest HF
+module whose every tensor the run trained (``vision_model``, ``mlp1``; the module's other tensors, if
+any, are copied from ``--hf-model-path``), and saved under the module's own names, which is how
+``peft`` saves and loads a ``modules_to_save`` module. A trained tensor that no HF module can carry
+(no counterpart in the mapping, or the base weight of a layer that also has an adapter) is refused
+in one line naming it; ``nvl peft merge`` writes a model with everything instead.
+
 ``-O for_causal_lm=true`` keeps only the language model's adapters and names them as in
 transformers' ``NemotronHForCausalLM`` (``language_model.backbone.`` -> ``model.``), with
 ``task_type: CAUSAL_LM``: the adapter then loads onto the LM alone. ``-O module_prefix_map`` gives
@@ -31,6 +39,37 @@ CAUSAL_LM_PREFIX_MAP = {"language_model.backbone.": "model.", "language_model.lm
 PEFT_PREFIX = "base_model.model."
 
 
+def _saved_modules(table: list[Any], trained: Mapping[str, Any], hf_model_path: Path, adapters: Mapping[str, Any],
+                   prefix_map: Mapping[str, str], patterns: list[str], tensors: dict[str, Any], cast: Any) -> list[str]:
+    """Put the fully trained modules' tensors into ``tensors`` (PEFT names); returns their (renamed) module names.
+
+    Modules that ``include`` leaves out are left out with a note (the user asked for a part of the model).
+    """
+    if not trained:
+        return []
+    from nvlcore.convert.safetensors_io import SafetensorsReader
+
+    hf = trained_tensors_hf(table, trained)
+    reader = SafetensorsReader(hf_model_path)
+    groups = modules_to_save(set(hf), sorted(reader.tensors), set(adapters))
+    kept, dropped = [], []
+    for module, keys in groups.items():
+        name = _rename(module, prefix_map)
+        if patterns and not any(fnmatch.fnmatchcase(name, p) for p in patterns):
+            dropped.append(name)
+            continue
+        kept.append(name)
+        base = reader.read([k for k in keys if k not in hf]) if any(k not in hf for k in keys) else {}
+        for k in keys:
+            t = hf[k] if k in hf else base[k]
+            t = t.to(cast) if cast is not None else t
+            tensors[f"{PEFT_PREFIX}{_rename(k, prefix_map)}"] = t.detach().contiguous().clone()
+    if dropped:
+        print(f"nvl export hf-peft: note: include={patterns} leaves out {len(dropped)} module(s) the run trained "
+              f"fully (e.g. {dropped[0]}); the adapter carries the others", file=sys.stderr)
+    return kept
+
+
 def _rename(name: str, prefix_map: Mapping[str, str]) -> str:
     for old, new in prefix_map.items():
         if name.startswith(old):
@@ -40,19 +79,19 @@ def _rename(name: str, prefix_map: Mapping[str, str]) -> str:
 
 def adapter_tensors_hf(
     table: list[Any], state: Mapping[str, Any]
-) -> tuple[dict[str, tuple[Any, ...]], list[str]]:
+) -> tuple[dict[str, tuple[Any, ...]], dict[str, Any]]:
     """HF module name -> ``(lora_A [r, in], lora_B [out, r])`` for every adapter in ``state``, plus
     ``lora_magnitude_vector [out]`` as a third element for a DoRA adapter (its rows split like B's).
 
-    Also returns the non-adapter tensors of ``state`` (weights the run trained fully), which an
-    adapter cannot carry.
+    Also returns the non-adapter tensors of ``state`` (weights the run trained fully) by training name,
+    for :func:`trained_tensors_hf`.
     """
     from nvl_lora.layout import adapter_entry, base_entry, split_adapter_key, to_components
 
     by_name = {m.megatron: m for m in table}
     comps = to_components(table, state)
     modules = sorted({p[0] for k in comps if (p := split_adapter_key(k))})
-    trained = sorted(k for k in comps if not split_adapter_key(k))
+    trained = {k: comps[k] for k in sorted(comps) if not split_adapter_key(k)}
     out: dict[str, tuple[Any, Any]] = {}
     for module in modules:
         base = base_entry(by_name, module)
@@ -76,6 +115,75 @@ def adapter_tensors_hf(
                 pair += (m_hf[f"{hf_module}.lora_magnitude_vector"].reshape(-1),)
             out[hf_module] = pair
     return out, trained
+
+
+def trained_tensors_hf(table: list[Any], trained: Mapping[str, Any]) -> dict[str, Any]:
+    """The run's fully trained tensors (training names, fused or component form) as HF tensors.
+
+    :raises ValueError: naming a tensor the bridge's mapping has no HF counterpart for.
+    """
+    by_name = {m.megatron: m for m in table}
+    owner = {c: m for m in table for c in m.components}
+    parts: dict[str, dict[str, Any]] = {}
+    for key, t in trained.items():
+        if key in by_name:
+            parts.setdefault(key, {}).update(by_name[key].local_to_components([t]))
+        elif key in owner:
+            parts.setdefault(owner[key].megatron, {})[key] = t
+        else:
+            raise ValueError(f"the run trained {key} fully, and the model bridge maps it to no HF tensor, so an HF "
+                             "PEFT adapter cannot carry it; use `nvl peft merge --format hf` for a model with it")
+    out: dict[str, Any] = {}
+    for name, comps in parts.items():
+        missing = [c for c in by_name[name].components if c not in comps]
+        if missing:
+            raise ValueError(f"the run trained part of {name} fully ({sorted(comps)}) but not {missing}; an HF "
+                             "PEFT adapter cannot carry a partial tensor; use `nvl peft merge --format hf`")
+        out.update(by_name[name].components_to_hf(comps))
+    return out
+
+
+def _prefixes(module: str) -> list[str]:
+    """``a``, ``a.b``, ``a.b.c`` for ``a.b.c``: the module and its ancestors, outermost first."""
+    parts = module.split(".")
+    return [".".join(parts[: i + 1]) for i in range(len(parts))]
+
+
+def modules_to_save(trained: set[str], hf_keys: list[str], adapted: set[str]) -> dict[str, list[str]]:
+    """HF module -> its tensor keys, for the modules that carry the ``trained`` HF tensors.
+
+    Each trained tensor goes into its outermost enclosing module whose every tensor (among ``hf_keys``,
+    the base model's) was trained, or else the module that owns it. A module that is, or holds, an
+    adapted module (``adapted``) cannot also be saved whole: PEFT would put the adapter inside a copy.
+
+    :raises ValueError: naming the tensor that cannot be expressed.
+    """
+    under: dict[str, list[str]] = {}
+    for k in hf_keys:
+        for p in _prefixes(k)[:-1]:
+            under.setdefault(p, []).append(k)
+    chosen: set[str] = set()
+    for key in sorted(trained):
+        if "." not in key:
+            raise ValueError(f"the run trained {key} fully, a tensor outside any module, which PEFT's "
+                             "modules_to_save cannot carry; use `nvl peft merge --format hf`")
+        if key not in under.get(key.rsplit(".", 1)[0], ()):
+            raise ValueError(f"the run trained {key} fully, but --hf-model-path has no such tensor (another model?)")
+        owner = key.rsplit(".", 1)[0]
+        module = next((p for p in _prefixes(owner) if all(k in trained for k in under.get(p, [key]))), owner)
+        clash = sorted(a for a in adapted if a == module or a.startswith(module + "."))
+        if clash:
+            raise ValueError(f"the run trained {key} fully and also put an adapter on {clash[0]}; an HF PEFT adapter "
+                             "cannot carry both (exclude that layer from the adapters, or use `nvl peft merge`)")
+        chosen.add(module)
+    outer = {m for m in chosen if not any(m.startswith(o + ".") for o in chosen)}
+    names = set(under)
+    for m in outer:  # peft matches modules_to_save by name suffix: a full name must select only its module
+        others = sorted(n for n in names if n != m and n.endswith(m))
+        if others:
+            raise ValueError(f"HF module {m} (trained fully) would also select {others[0]} in PEFT's suffix match of "
+                             "modules_to_save; use `nvl peft merge --format hf`")
+    return {m: sorted(under.get(m, [])) for m in sorted(outer)}
 
 
 class HFPeftExporter:
@@ -126,13 +234,6 @@ class HFPeftExporter:
         adapters, trained = adapter_tensors_hf(table, saved)
         if not adapters:
             raise ValueError(f"{ck.path} holds no LoRA/DoRA adapter tensors")
-        if trained:
-            print(
-                f"nvl export hf-peft: warning: the run also trained {len(trained)} tensor(s) fully (e.g. "
-                f"{trained[0]}); an adapter cannot carry them. Use `nvl peft merge --format hf` for a model "
-                "that includes them.",
-                file=sys.stderr,
-            )
         prefix_map = dict(module_prefix_map or {})
         patterns = [include] if isinstance(include, str) else list(include or [])
         if for_causal_lm:
@@ -166,6 +267,7 @@ class HFPeftExporter:
             )
         if not targets:
             raise ValueError(f"no adapter module is left after include={patterns} (modules: {sorted(adapters)[:4]}...)")
+        saved_modules = _saved_modules(table, trained, hf_model_path, adapters, prefix_map, patterns, tensors, cast)
         config = {
             "peft_type": "LORA",
             "task_type": "CAUSAL_LM" if for_causal_lm else None,
@@ -182,7 +284,7 @@ class HFPeftExporter:
             "use_dora": dora,
             "init_lora_weights": True,
             "inference_mode": True,
-            "modules_to_save": None,
+            "modules_to_save": saved_modules or None,
             "layers_to_transform": None,
             "layers_pattern": None,
             "rank_pattern": {},
@@ -197,5 +299,6 @@ class HFPeftExporter:
                 f"- source checkpoint: `{ck.path}`\n- base model: `{config['base_model_name_or_path']}`\n"
                 f"- r={config['r']}, lora_alpha={config['lora_alpha']:g}, {len(targets)} modules\n"
                 "- fused QKV adapters were split into q/k/v adapters sharing a copy of A (exact)\n"
+                + (f"- trained fully, in modules_to_save: {', '.join(saved_modules)}\n" if saved_modules else "")
             )
         return output

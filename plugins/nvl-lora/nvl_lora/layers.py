@@ -50,7 +50,7 @@ ADAPTER_ATTR = "adapter"
 _HOOK_ATTR = "_nvl_lora_hook"
 
 
-class _Weight(nn.Module):
+class Weight(nn.Module):
     """Holds one adapter matrix as ``.weight`` (not an ``nn.Linear``, so target matching never adapts
     an adapter).
 
@@ -155,6 +155,52 @@ def init_lora_a(rank: int, in_features: int, method: str, gen: torch.Generator) 
     return (torch.rand(rank, in_features, generator=gen, dtype=torch.float32) * 2.0 - 1.0) * bound
 
 
+class LoRAVariant:
+    """How an adapter's low-rank path joins its base layer; plain LoRA adds ``s·B·A x`` to the output.
+
+    The counterpart of peft's ``LoraVariant``: a variant (DoRA: :class:`nvl_lora.dora.DoRAVariant`) changes
+    what the adapted layer computes and how it merges, while :class:`LoRAAdapter` keeps A, B, their TP
+    splits and the forward of ``s·B·A x``. A variant is stateless; what it learns lives on the adapter
+    (created in :meth:`init`, listed by :meth:`params`), so state dicts, TP gathering and checkpoints see
+    one module. Every method receives the adapter; the layer's forward hook and :func:`merge_adapter`
+    call :meth:`output` and :meth:`merged_weight`.
+    """
+
+    #: Shown in the adapter's repr and in messages.
+    name = "lora"
+
+    def check(self, adapter: "LoRAAdapter") -> None:
+        """Refuse adapter settings the variant cannot honour (called at the end of the adapter's ``__init__``)."""
+
+    def init(self, adapter: "LoRAAdapter", weight: torch.Tensor) -> None:
+        """Create the variant's parameters on ``adapter`` from the base layer's local ``weight`` (after A and B)."""
+
+    def params(self, adapter: "LoRAAdapter") -> "list[tuple[str, nn.Parameter, int | None]]":
+        """The variant's parameters as :meth:`LoRAAdapter.split_params` lists them (name, tensor, TP split dim)."""
+        return []
+
+    def full_shape(self, adapter: "LoRAAdapter", rel_name: str) -> tuple[int, int] | None:
+        """The logical shape of one of :meth:`params` (``None``: not the variant's)."""
+        return None
+
+    def output(self, module: nn.Module, adapter: "LoRAAdapter", output: Any, delta: torch.Tensor) -> Any:
+        """The adapted layer's output from the base's ``output`` and the adapter's ``delta = s·B·A x``."""
+        if isinstance(output, tuple):
+            return (output[0] + delta.to(output[0].dtype), *output[1:])
+        return output + delta.to(output.dtype)
+
+    def merged_weight(self, adapter: "LoRAAdapter", weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """The base's local weight with the adapter folded in, fp32 (``delta``: ``s·B·A``, fp32)."""
+        return weight.float() + delta
+
+    def train(self, adapter: "LoRAAdapter", mode: bool) -> None:
+        """Called when the adapter changes mode (a variant that caches in eval mode drops its cache)."""
+
+
+#: Plain LoRA (the default variant).
+LORA = LoRAVariant()
+
+
 class LoRAAdapter(nn.Module):
     """``(alpha/r) * B @ A`` for one base layer, split like the base (see the module docstring).
 
@@ -163,6 +209,7 @@ class LoRAAdapter(nn.Module):
     :param out_features: the base's logical (full) output size.
     :param lora_a: the full logical A ``[rank, in_features]`` (sliced here for a row base).
     :param lora_b: the full logical B ``[out_features, rank]`` (sliced here for a column base).
+    :param variant: what the adapted layer computes with ``s·B·A`` (default :data:`LORA`: adds it).
     """
 
     def __init__(
@@ -184,8 +231,10 @@ class LoRAAdapter(nn.Module):
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
         row_components: list[tuple[str, int]] | None = None,
+        variant: LoRAVariant | None = None,
     ) -> None:
         super().__init__()
+        self.variant = variant or LORA
         self.kind = kind
         self.in_features = in_features
         self.out_features = out_features
@@ -215,23 +264,29 @@ class LoRAAdapter(nn.Module):
         elif kind == "column" and tp_size > 1:
             b = b.chunk(tp_size, dim=0)[tp_rank]
         self.row_components = row_components
-        self.linear_in = _Weight(a.to(dtype=dtype, device=device).contiguous())
-        self.linear_out = _Weight(b.to(dtype=dtype, device=device).contiguous(), local_components)
+        self.linear_in = Weight(a.to(dtype=dtype, device=device).contiguous())
+        self.linear_out = Weight(b.to(dtype=dtype, device=device).contiguous(), local_components)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self._mark_tp_attributes()
+        self.variant.check(self)
 
     def _mark_tp_attributes(self) -> None:
         from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 
-        for name, p, dim in self.split_params():
+        for _, p, dim in self.lora_params():  # the variant marks its own in LoRAVariant.init
             if dim is not None:
                 set_tensor_model_parallel_attributes(p, True, dim, 1)
 
     def split_params(self) -> "list[tuple[str, nn.Parameter, int | None]]":
         """``(name relative to the adapter, parameter, TP split dim or None if replicated)``.
 
-        Names: ``linear_in.weight``, ``linear_out.weight`` (or ``linear_out.weight.<component>``).
+        Names: ``linear_in.weight``, ``linear_out.weight`` (or ``linear_out.weight.<component>``), then the
+        variant's (:meth:`LoRAVariant.params`).
         """
+        return self.lora_params() + self.variant.params(self)
+
+    def lora_params(self) -> "list[tuple[str, nn.Parameter, int | None]]":
+        """A and B alone, as :meth:`split_params` lists them."""
         a_dim = 1 if self.kind == "row" else None
         b_dim = 0 if self.kind == "column" else None
         out = [(f"linear_in.{n}", p, a_dim) for n, p in self.linear_in.params()]
@@ -245,6 +300,9 @@ class LoRAAdapter(nn.Module):
 
     def full_shape(self, rel_name: str) -> tuple[int, int]:
         """The logical shape of one adapter tensor (``rel_name`` as in :meth:`split_params`)."""
+        own = self.variant.full_shape(self, rel_name)
+        if own is not None:
+            return own
         if rel_name.startswith("linear_in"):
             return (self.rank, self.in_features)
         comp = rel_name.split(".")[-1] if rel_name.count(".") == 2 else None
@@ -276,125 +334,15 @@ class LoRAAdapter(nn.Module):
             return y
         return F.linear(h, b)
 
-    def extra_repr(self) -> str:
-        return (
-            f"kind={self.kind}, in={self.in_features}, out={self.out_features}, r={self.rank}, "
-            f"alpha={self.alpha:g}, tp={self.tp_size}"
-        )
-
-
-class DoRAAdapter(LoRAAdapter):
-    """DoRA (weight-decomposed LoRA, Liu et al. 2024): LoRA's ``B @ A`` plus a magnitude per output row.
-
-    The adapted layer computes ``y = m / ||W + s·B·A||_row ⊙ (W x + s·B·A x) + bias`` where the row norm
-    is detached (no gradient flows through it, as in the paper §4.3, the ``peft`` library and
-    Megatron-Bridge). At initialisation ``m = ||W + s·B·A||_row`` (= ``||W||`` with B = 0), so a fresh
-    adapter leaves the layer unchanged. Merging gives ``W' = m / ||W + s·B·A||_row ⊙ (W + s·B·A)``.
-
-    ``magnitude`` (``adapter.magnitude.weight``, held as ``[out, 1]`` so that it takes the weight
-    mapping's row layout exactly like B) is split like the base's output rows for a column-parallel
-    base, per component for a fused one (Mamba ``in_proj``), and replicated for a row-parallel base.
-    The row norm of a column-parallel base is local (each rank has whole rows); a row-parallel base
-    splits each row over the TP ranks, so the squared norms are summed with an all-reduce over the
-    TP group. In eval mode the local squared norms are cached until a weight changes (generation
-    computes ``B·A`` once).
-    """
-
-    def __init__(self, *, magnitude: torch.Tensor | None = None, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        if self.kind == "column" and self.gather_output and self.tp_size > 1:
-            raise NotImplementedError("DoRA on a column-parallel layer that gathers its output is not supported")
-        if isinstance(self.dropout, nn.Dropout):
-            raise ValueError("DoRA with dropout is not supported (the recipe uses peft.dropout=0.0); set peft.dropout=0")
-        rows = self.linear_out.matrix().shape[0]
-        ref = self.linear_out.matrix()
-        init = magnitude if magnitude is not None else torch.ones(rows)
-        local = None
-        if self.linear_out.components is not None:
-            local = [(c, self.linear_out.weight[c].shape[0]) for c in self.linear_out.components]
-        self.magnitude = _Weight(init.reshape(rows, 1).to(dtype=ref.dtype, device=ref.device).contiguous(), local)
-        if self.kind == "column" and self.tp_size > 1:
-            from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
-
-            for _, p in self.magnitude.params():
-                set_tensor_model_parallel_attributes(p, True, 0, 1)
-        self.__dict__["_norm_cache"] = None
-
-    def split_params(self) -> "list[tuple[str, nn.Parameter, int | None]]":
-        """LoRA's tensors, then ``magnitude.weight`` (or ``magnitude.weight.<component>``)."""
-        m_dim = 0 if self.kind == "column" else None
-        if "magnitude" not in self._modules:  # during LoRAAdapter.__init__
-            return super().split_params()
-        return super().split_params() + [(f"magnitude.{n}", p, m_dim) for n, p in self.magnitude.params()]
-
-    def full_shape(self, rel_name: str) -> tuple[int, int]:
-        if rel_name.startswith("magnitude"):
-            comp = rel_name.split(".")[-1] if rel_name.count(".") == 2 else None
-            if comp is not None and self.row_components:
-                return (dict(self.row_components)[comp], 1)
-            return (self.out_features, 1)
-        return super().full_shape(rel_name)
-
-    @torch.no_grad()
-    def weight_norm(self, weight: torch.Tensor) -> torch.Tensor:
-        """``||W + s·B·A||`` per local output row, fp32, detached (all-reduced over TP for a row base).
-
-        The local squared row sums are cached in eval mode (keyed on the tensors' versions); the
-        all-reduce of a row-parallel base runs on every call, so every rank makes the same
-        collectives whatever its cache holds.
-        """
-        params = [weight, *(p for _, p, _ in LoRAAdapter.split_params(self))]
-        key = None
-        squared = None
-        if not self.training:
-            try:
-                key = tuple((p.data_ptr(), p._version) for p in params)
-            except RuntimeError:  # inference tensors have no version counter: do not cache
-                key = None
-            cached = self.__dict__.get("_norm_cache")
-            if key is not None and cached is not None and cached[0] == key:
-                squared = cached[1]
-        if squared is None:
-            combined = weight.float() + self.delta_weight().to(weight.device)
-            squared = combined.square().sum(dim=1)
-            self.__dict__["_norm_cache"] = (key, squared) if key is not None else None
-        if self.kind == "row" and self.tp_size > 1:
-            squared = squared.clone()
-            torch.distributed.all_reduce(squared, group=self.tp_group)
-        return squared.sqrt()
-
-    def magnitude_scale(self, weight: torch.Tensor) -> torch.Tensor:
-        """``m / ||W + s·B·A||_row`` (fp32), the factor on each output row; differentiable in ``m``."""
-        return self.magnitude.matrix()[:, 0].float() / self.weight_norm(weight)
-
-    def train(self, mode: bool = True) -> "DoRAAdapter":
-        self.__dict__["_norm_cache"] = None
+    def train(self, mode: bool = True) -> "LoRAAdapter":
+        self.variant.train(self, mode)
         return super().train(mode)
 
     def extra_repr(self) -> str:
-        return "dora, " + super().extra_repr()
-
-
-def _dora_output(module: nn.Module, adapter: DoRAAdapter, output: Any, delta: torch.Tensor) -> Any:
-    """``m/||V|| ⊙ (W x + s·B·A x) + bias`` from the base's output (which may or may not include the bias)."""
-    scale = adapter.magnitude_scale(module.weight)
-    if isinstance(output, tuple):
-        y, bias = output[0], output[1]
-        if bias is None:  # the bias (if any) was added inside
-            bias = getattr(module, "bias", None)
-            out = _scaled(y, delta, scale, bias)
-        else:  # skip_bias_add: the bias comes back separately and stays so
-            out = _scaled(y, delta, scale, None)
-        return (out, *output[1:])
-    return _scaled(output, delta, scale, getattr(module, "bias", None))
-
-
-def _scaled(y: torch.Tensor, delta: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    base = y.float() if bias is None else y.float() - bias.float()
-    out = scale * (base + delta.float())
-    if bias is not None:
-        out = out + bias.float()
-    return out.to(y.dtype)
+        return ("" if self.variant is LORA else f"{self.variant.name}, ") + (
+            f"kind={self.kind}, in={self.in_features}, out={self.out_features}, r={self.rank}, "
+            f"alpha={self.alpha:g}, tp={self.tp_size}"
+        )
 
 
 def _as_input(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -419,12 +367,7 @@ def _lora_forward_hook(module: nn.Module, args: tuple, kwargs: dict, output: Any
         cached = module.__dict__.pop("_nvl_lora_xn", None)
         x = cached if cached is not None else norm(x)
     adapter = getattr(module, ADAPTER_ATTR)
-    delta = adapter(x)
-    if isinstance(adapter, DoRAAdapter):
-        return _dora_output(module, adapter, output, delta)
-    if isinstance(output, tuple):
-        return (output[0] + delta.to(output[0].dtype), *output[1:])
-    return output + delta.to(output.dtype)
+    return adapter.variant.output(module, adapter, output, adapter(x))
 
 
 def is_adapted(module: nn.Module) -> bool:
@@ -432,12 +375,13 @@ def is_adapted(module: nn.Module) -> bool:
 
 
 def add_adapter(
-    module: nn.Module, name: str, cfg: "LoRAConfig", layout: "LinearLayout | None" = None, *, dora: bool = False
+    module: nn.Module, name: str, cfg: "LoRAConfig", layout: "LinearLayout | None" = None, *,
+    variant: LoRAVariant | None = None,
 ) -> LoRAAdapter:
     """Attach a fresh adapter to the linear ``module`` (called ``name`` in its model; ``layout``: what
     the model bridge's mapping table says about it, see :func:`row_components_of` and
-    :func:`norm_fn_of`); ``dora``: a :class:`DoRAAdapter` whose magnitude starts at the row norms of
-    the adapted weight."""
+    :func:`norm_fn_of`); ``variant``: what the layer computes with it (default plain LoRA), whose
+    :meth:`LoRAVariant.init` then creates its own parameters from the base weight."""
     kind = base_kind(module)
     if kind is None:
         raise TypeError(f"{name} is a {type(module).__name__}, not a linear layer LoRA can adapt")
@@ -460,7 +404,7 @@ def add_adapter(
         b = torch.zeros(out_f, cfg.dim)
     else:
         b = torch.randn(out_f, cfg.dim, generator=_seeded_generator(cfg.seed, name + ".B")) * 0.02
-    adapter = (DoRAAdapter if dora else LoRAAdapter)(
+    adapter = LoRAAdapter(
         kind=kind,
         in_features=in_f,
         out_features=out_f,
@@ -477,13 +421,10 @@ def add_adapter(
         dtype=cfg.torch_dtype or weight.dtype,
         device=weight.device,
         row_components=row_components_of(module, layout) if kind == "column" else None,
+        variant=variant,
     )
-    if dora:
-        assert isinstance(adapter, DoRAAdapter)
-        with torch.no_grad():
-            init = adapter.weight_norm(weight)
-            for (_, p), part in zip(adapter.magnitude.params(), _split_like(init, adapter.magnitude)):
-                p.copy_(part.reshape(p.shape).to(p.dtype))
+    with torch.no_grad():
+        adapter.variant.init(adapter, weight)
     norm = norm_fn_of(module, name, layout)
     module.add_module(ADAPTER_ATTR, adapter)
     # Stored in __dict__ (a bound method, not a submodule), read by the hook.
@@ -494,7 +435,7 @@ def add_adapter(
     return adapter
 
 
-def _split_like(rows: torch.Tensor, holder: _Weight) -> list[torch.Tensor]:
+def split_like(rows: torch.Tensor, holder: Weight) -> list[torch.Tensor]:
     """Local per-row values in the order of ``holder``'s parameters (its components, or one)."""
     return list(rows.split([p.shape[0] for _, p in holder.params()]))
 
@@ -534,7 +475,8 @@ def remove_adapter(module: nn.Module) -> LoRAAdapter:
 
 @torch.no_grad()
 def merge_adapter(module: nn.Module) -> None:
-    """Fold ``scale * B @ A`` into the base's local weight (fp32, cast back) and remove the adapter.
+    """Fold the adapter into the base's local weight (fp32, cast back; plain LoRA: ``+ scale * B @ A``, a
+    variant: :meth:`LoRAVariant.merged_weight`) and remove the adapter.
 
     Both factors are local to the rank for either split (a column base has B's rows and the full A;
     a row base has A's columns and the full B), so no communication is needed.
@@ -544,9 +486,5 @@ def merge_adapter(module: nn.Module) -> None:
     delta = adapter.delta_weight().to(w.device)
     if delta.shape != w.shape:
         raise RuntimeError(f"adapter delta {tuple(delta.shape)} does not match base weight {tuple(w.shape)}")
-    if isinstance(adapter, DoRAAdapter):  # a row-parallel base all-reduces its row norms: every rank merges
-        scale = adapter.magnitude_scale(w).detach()
-        w.copy_((scale[:, None] * (w.float() + delta)).to(w.dtype))
-    else:
-        w.copy_((w.float() + delta).to(w.dtype))
+    w.copy_(adapter.variant.merged_weight(adapter, w, delta).to(w.dtype))
     remove_adapter(module)

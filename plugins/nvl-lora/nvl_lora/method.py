@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from nvl_lora.config import LoRAConfig
-from nvl_lora.layers import ADAPTER_ATTR, LoRAAdapter, add_adapter, base_kind, is_adapted, merge_adapter
+from nvl_lora.layers import ADAPTER_ATTR, LoRAAdapter, LoRAVariant, add_adapter, base_kind, is_adapted, merge_adapter
 from nvl_lora.matching import first_match, pattern_matches
 
 log = logging.getLogger("nvl_lora")
@@ -89,9 +89,10 @@ def find_targets(model: nn.Module, cfg: LoRAConfig) -> tuple[list[tuple[str, nn.
     return found, counts
 
 
-def apply_lora(model: nn.Module, cfg: LoRAConfig, *, dora: bool = False, bridge: Any = None) -> LoRAReport:
-    """Freeze what ``cfg`` freezes and attach an adapter to every selected linear layer (a DoRA
-    adapter with ``dora``).
+def apply_lora(model: nn.Module, cfg: LoRAConfig, *, variant: LoRAVariant | None = None,
+               bridge: Any = None) -> LoRAReport:
+    """Freeze what ``cfg`` freezes and attach an adapter to every selected linear layer (``variant``: what
+    the adapted layers compute, e.g. :data:`nvl_lora.dora.DORA`; default plain LoRA).
 
     ``bridge``: the model's :class:`~nvlcore.bridge.ModelBridge`; it names the freeze groups and says
     how each linear is laid out (:meth:`~nvlcore.bridge.ModelBridge.linear_layouts`: norm-fused, fused
@@ -121,7 +122,7 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig, *, dora: bool = False, bridge:
         if bridge is not None and layout is None:
             raise ValueError(f"{name}: a linear layer outside model bridge {bridge.name!r}'s mapping table; "
                              "exclude it (peft.exclude_modules) or add its weight to the table")
-        add_adapter(module, name, cfg, layout, dora=dora)
+        add_adapter(module, name, cfg, layout, variant=variant)
     return LoRAReport([n for n, _ in found], counts, unmatched, frozen)
 
 
@@ -193,15 +194,15 @@ class LoRAMethod:
     """The registered ``lora`` PEFT method (:class:`nvlcore.contracts.PeftMethod`).
 
     ``LoRAMethod(config)`` or ``LoRAMethod(**peft_section)``; :meth:`apply` freezes and wraps,
-    :meth:`trainable_state_dict` returns logical full tensors of everything trainable that is an
-    adapter, :meth:`merge` folds the adapters into the base weights.
+    :meth:`adapter_parameters` names what it added, :meth:`load_trainable_state_dict` loads logical
+    adapter tensors, :meth:`merge` folds the adapters into the base weights.
     """
 
     name = "lora"
     #: The ``peft.*`` fields this method understands (the core config validates against it).
     Config = LoRAConfig
-    #: Attach DoRA adapters (magnitude + direction) instead of plain LoRA ones.
-    dora = False
+    #: What the adapted layers compute (:class:`nvl_lora.layers.LoRAVariant`); ``None``: plain LoRA.
+    variant: LoRAVariant | None = None
 
     def __init__(self, config: LoRAConfig | Mapping[str, Any] | None = None, **settings: Any) -> None:
         if isinstance(config, LoRAConfig):
@@ -220,7 +221,7 @@ class LoRAMethod:
         if options:
             merged = {**self.config.to_dict(), **{k: v for k, v in options.items() if v is not None or k == "lora_dtype"}}
             self.config = self.Config.from_dict(merged)
-        self.report = apply_lora(model, self.config, dora=self.dora, bridge=bridge)
+        self.report = apply_lora(model, self.config, variant=self.variant, bridge=bridge)
         return model
 
     @staticmethod
@@ -241,11 +242,9 @@ class LoRAMethod:
         cfg, freeze = lora_settings(on_language, on_vision, model_freeze, peft_overrides)
         return cfg.to_dict(), freeze
 
-    def trainable_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        """Adapter weights as logical full tensors (collective over the TP group when TP > 1)."""
-        from nvl_lora.state import gather_adapter_state
-
-        return gather_adapter_state(model)
+    def adapter_parameters(self, model: nn.Module) -> dict[str, nn.Parameter]:
+        """Every adapter's A, B (and a variant's tensors, e.g. DoRA's magnitude), by full parameter name."""
+        return {f"{n}.{ADAPTER_ATTR}.{rel}": p for n, ad in adapters(model).items() for rel, p, _ in ad.split_params()}
 
     def load_trainable_state_dict(self, model: nn.Module, state: Mapping[str, torch.Tensor]) -> list[str]:
         """Load logical adapter tensors into this rank's shards; returns the adapter keys loaded."""
@@ -254,11 +253,9 @@ class LoRAMethod:
         return load_adapter_state(model, state)
 
     def merge(self, model: nn.Module) -> nn.Module:
+        """Fold every adapter into its base weight (the variant's merge, e.g. DoRA's) and remove it."""
         merge_lora(model)
         return model
-
-    def count_parameters(self, model: nn.Module) -> ParameterCount:
-        return count_parameters(model)
 
     def run_config(self) -> dict[str, Any]:
         return self.config.to_dict()

@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from nvl_lora.dora import DoRAConfig, DoRAMethod
+from nvl_lora.dora import DORA, DoRAConfig, DoRAMethod
 from nvl_lora.method import apply_lora, merge_lora
 
 peft = pytest.importorskip("peft")
@@ -38,7 +38,7 @@ def _pair(bias: bool = True, seed: int = 0) -> tuple[nn.Module, nn.Module]:
     theirs = nn.Module()
     theirs.linear_fc1 = nn.Linear(10, 7, bias=bias)
     theirs.linear_fc1.load_state_dict(ours.linear_fc1.state_dict())
-    apply_lora(ours, DoRAConfig(target_modules=["linear_fc1"], dim=3, alpha=6), dora=True)
+    apply_lora(ours, DoRAConfig(target_modules=["linear_fc1"], dim=3, alpha=6), variant=DORA)
     theirs = peft.get_peft_model(theirs, peft.LoraConfig(r=3, lora_alpha=6, target_modules=["linear_fc1"],
                                                          use_dora=True))
     ad = ours.linear_fc1.adapter
@@ -179,7 +179,7 @@ def test_hf_peft_export_matches_peft_on_transformers_and_the_merged_export(toy: 
     # peft refuses adapters on Mamba's out_proj; the LM's attention (q/k/v split from the fused qkv, so
     # the magnitude rows are split too), MLP and Mamba in_proj get DoRA
     cfg = DoRAConfig(target_modules=[t for t in ALL_LM_AND_MAMBA if t != "out_proj"], dim=4, alpha=8)
-    apply_lora(model, cfg, dora=True)
+    apply_lora(model, cfg, variant=DORA)
     _randomise(model)
     ids = _tokens(bridge.config)
     with torch.no_grad():
@@ -230,7 +230,7 @@ def test_merge_round_trip(toy: Path, tmp_path: Path) -> None:
     base_root = tmp_path / "base"
     save_checkpoint(base_root, 0, model_state={n: p.detach().clone() for n, p in model.named_parameters()})
     cfg = DoRAConfig(target_modules=ALL_LM_AND_MAMBA, dim=4, alpha=8)
-    apply_lora(model, cfg, dora=True)
+    apply_lora(model, cfg, variant=DORA)
     _randomise(model)
     c = bridge.config
     ids = _tokens(c)

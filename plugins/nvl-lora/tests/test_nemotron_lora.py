@@ -154,6 +154,95 @@ def test_hf_peft_export_full_model_names_and_qkv_split(toy: Path, tmp_path: Path
     assert tensors[f"{pre}language_model.backbone.layers.2.mixer.k_proj.lora_B.weight"].shape == (kv * d, 4)
 
 
+def _train_fully(model: torch.nn.Module, extra_prefixes: tuple[str, ...], seed: int = 3) -> None:
+    """Make the parameters under ``extra_prefixes`` trainable too, and change every trainable base parameter (as
+    training would), so that an export that loses one of them no longer reproduces the run."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.startswith(extra_prefixes):
+                p.requires_grad_(True)
+            if p.requires_grad and ".adapter." not in n:
+                p.mul_(1 + 0.05 * torch.randn(p.shape, generator=g))
+
+
+@pytest.mark.slow
+def test_hf_peft_export_carries_fully_trained_modules_in_modules_to_save(toy: Path, tmp_path: Path) -> None:
+    """The README's `--lora-on-language-model` run (LM adapters; ViT and projector trained fully), with the LM's
+    Mamba layer 0 and final norm trained fully too: the exported adapter lists them in modules_to_save, peft
+    applied to transformers' NemotronH reproduces our logits, and the adapter's modules_to_save tensors and
+    logits equal those of the merged export (`nvl peft merge --format hf`)."""
+    from safetensors.torch import load_file
+
+    from nemotron_vl_testing import hf_lm_from_toy
+    from nvl_lora.hf_peft import HFPeftExporter
+    from nvl_lora.recipes import lora_settings
+
+    bridge, model = build(toy)
+    cfg, freeze = lora_settings(True, False, peft_overrides={"dim": 4, "alpha": 8})
+    assert not freeze["freeze_vision_model"] and not freeze["freeze_vision_projection"]
+    apply_lora(model, cfg, bridge=bridge)
+    randomise_adapters(model)
+    _train_fully(model, ("language_model.decoder.layers.0.", "language_model.decoder.final_norm."))
+    ids = tokens(bridge.config)
+    with torch.no_grad():
+        ours = model.forward_inference(ids)
+    ck = save_lora_checkpoint(tmp_path / "lora", model, cfg, toy)
+
+    lm = HFPeftExporter().export(checkpoint=ck, hf_model_path=toy, output=tmp_path / "lm", for_causal_lm=True)
+    conf = json.loads((lm / "adapter_config.json").read_text())
+    assert sorted(conf["modules_to_save"]) == ["model.layers.0", "model.norm_f"]
+    peft_model = peft.PeftModel.from_pretrained(hf_lm_from_toy(toy), str(lm)).eval()
+    with torch.no_grad():
+        theirs = peft_model(ids).logits
+    torch.testing.assert_close(ours[..., : theirs.shape[-1]], theirs, rtol=0, atol=1e-4)
+
+    full = HFPeftExporter().export(checkpoint=ck, hf_model_path=toy, output=tmp_path / "full")
+    conf = json.loads((full / "adapter_config.json").read_text())
+    # the ViT's input conditioner (normalisation constants) is not a training parameter: the ViT module below it
+    assert sorted(conf["modules_to_save"]) == ["language_model.backbone.layers.0", "language_model.backbone.norm_f",
+                                               "mlp1", "vision_model.radio_model.model"]
+    adapter = load_file(str(full / "adapter_model.safetensors"))
+    base32 = tmp_path / "base32"
+    proc = subprocess.run([sys.executable, "-m", "nvlcore", "convert", "import", "--hf-model", str(toy),
+                           "--megatron-path", str(base32), "--dtype", "float32", "--no-progress"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    merged = tmp_path / "merged_hf"
+    proc = subprocess.run([sys.executable, "-m", "nvlcore", "peft", "merge", "--hf-model-path", str(toy),
+                           "--lora-checkpoint", str(ck), "--pretrained", str(base32), "--output", str(merged),
+                           "--format", "hf"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    from nvlcore.convert.safetensors_io import SafetensorsReader
+
+    reader = SafetensorsReader(merged)
+    merged_state = reader.read(list(reader.tensors))
+    carried = [k for k in merged_state if k.startswith(tuple(m + "." for m in conf["modules_to_save"]))]
+    assert len(carried) > 30 and any(k.startswith("vision_model.") for k in carried)
+    for k in carried:
+        torch.testing.assert_close(adapter[f"base_model.model.{k}"].float(), merged_state[k].float(), rtol=0,
+                                   atol=1e-6, msg=k)
+    with torch.no_grad():
+        from_merged = hf_lm_from_toy(merged)(ids).logits
+    torch.testing.assert_close(from_merged, theirs, rtol=0, atol=1e-4)
+
+
+def test_modules_to_save_groups_trained_tensors_and_refuses_what_peft_cannot_carry() -> None:
+    from nvl_lora.hf_peft import modules_to_save
+
+    keys = ["vit.a.weight", "vit.b.weight", "vit.b.bias", "lm.l0.q.weight", "lm.l0.norm.weight", "lm.l1.q.weight"]
+    got = modules_to_save({"vit.a.weight", "vit.b.weight", "vit.b.bias", "lm.l0.norm.weight"}, keys, {"lm.l0.q"})
+    assert got == {"vit": ["vit.a.weight", "vit.b.bias", "vit.b.weight"], "lm.l0.norm": ["lm.l0.norm.weight"]}
+    # part of a module trained: that module is saved whole (its other tensors come from the base)
+    assert modules_to_save({"vit.b.weight"}, keys, set()) == {"vit.b": ["vit.b.bias", "vit.b.weight"]}
+    with pytest.raises(ValueError, match="also put an adapter on lm.l0.q"):
+        modules_to_save({"lm.l0.q.weight"}, keys, {"lm.l0.q"})
+    with pytest.raises(ValueError, match="no such tensor"):
+        modules_to_save({"vit.c.weight"}, keys, set())
+    with pytest.raises(ValueError, match="suffix match"):
+        modules_to_save({"x.l1.w"}, ["x.l1.w", "x.l1.v", "y.x.l1.w"], set())
+
+
 def test_merged_checkpoint_logits_equal_base_plus_adapter(toy: Path, tmp_path: Path) -> None:
     """`nvl peft merge` on a trainer-style base checkpoint: the merged weights reproduce the adapted
     model's logits within 1e-5 (fp32)."""

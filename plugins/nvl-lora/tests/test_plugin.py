@@ -67,3 +67,40 @@ def test_method_apply_takes_the_peft_section_as_options() -> None:
     assert m.report is not None and m.report.adapted == ["language_model.linear_proj"]
     assert m.config.dim == 2 and model.language_model.linear_proj.adapter.rank == 2
     assert not model.language_model.linear_qkv.weight.requires_grad
+
+
+def test_lora_and_dora_implement_the_peft_contract_and_name_their_parameters() -> None:
+    """Both registered methods satisfy nvlcore.contracts.PeftMethod; adapter_parameters names exactly the
+    parameters apply added (DoRA's magnitudes too); a method missing a contract method is refused in one line."""
+    import pytest
+    import torch
+    from torch import nn
+
+    from nvlcore.contracts import PeftMethod
+    from nvlcore.training.finetune import check_peft_method, describe_peft_parameters, tower_status
+    from nvl_lora.dora import DoRAMethod
+    from nvl_lora.method import LoRAMethod
+
+    for cls in (LoRAMethod, DoRAMethod):
+        method = cls(target_modules=["fc"], dim=2, alpha=4, freeze_other=True)
+        assert isinstance(method, PeftMethod)
+        model = nn.Sequential()
+        model.add_module("fc", nn.Linear(6, 5))
+        model.add_module("head", nn.Linear(5, 3))
+        before = {n for n, _ in model.named_parameters()}
+        method.apply(model)
+        names = set(method.adapter_parameters(model))
+        assert names == {n for n, _ in model.named_parameters()} - before
+        assert ("fc.adapter.magnitude.weight" in names) == (cls is DoRAMethod)
+        state = {k: torch.full_like(p, 0.5) for k, p in method.adapter_parameters(model).items()}
+        assert sorted(method.load_trainable_state_dict(model, state)) == sorted(names)
+        assert "adapter parameters: " + f"{sum(p.numel() for p in state.values()):,}" in describe_peft_parameters(
+            model, names, tp_size=1)
+        assert {t.name: t.adapter for t in tower_status(model, names)}["fc"] > 0
+
+    class Partial:
+        def apply(self, model, **kw):  # noqa: ANN001, ANN003, ANN201
+            return model
+
+    with pytest.raises(TypeError, match="lacks adapter_parameters, load_trainable_state_dict, merge"):
+        check_peft_method(Partial(), "partial")

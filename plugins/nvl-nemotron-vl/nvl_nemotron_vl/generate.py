@@ -269,8 +269,9 @@ def apply_peft_checkpoint(bridge: Any, model: Any, ck: Any, *, plugin_manager: A
     bridge.load_checkpoint_weights(model, ck, strict=False)  # fully trained tensors; adapters are not mapped
     method = target() if isinstance(target, type) else target
     method.apply(model, bridge=bridge, **peft)
-    keys = [k for k in ck.keys() if ".adapter." in k]
+    saved = set(ck.keys())
+    keys = [k for k in method.adapter_parameters(model) if k in saved]
     if not keys:
-        raise ValueError(f"{ck.path} holds no adapter tensors")
+        raise ValueError(f"{ck.path} holds none of peft.method={name!r}'s adapter tensors")
     method.load_trainable_state_dict(model, ck.load(keys))
     return method

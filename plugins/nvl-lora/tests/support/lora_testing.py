@@ -150,6 +150,7 @@ def tp_parity_worker(
     """Toy at TP=1 (a singleton group per rank) and at TP=world: outputs, adapter grads and state
     (``dora``: DoRA adapters, whose row-parallel norms need the TP all-reduce)."""
     from nvl_lora.config import LoRAConfig
+    from nvl_lora.dora import DORA
     from nvl_lora.method import apply_lora, merge_lora
     from nvl_lora.state import adapter_keys, gather_adapter_state, load_adapter_state
 
@@ -162,7 +163,7 @@ def tp_parity_worker(
     for label, group in (("tp1", singles[rank]), (f"tp{world}", tpw)):
         model = make_toy(group)
         cfg = LoRAConfig(target_modules=targets, dim=4, alpha=8, freeze_other=True)
-        report = apply_lora(model, cfg, dora=dora)
+        report = apply_lora(model, cfg, variant=DORA if dora else None)
         # Adapters with non-zero B (a fresh B is zero, which would hide layout errors).
         full = gather_adapter_state(model)
         state = random_adapter_state(sorted(full), {k: tuple(v.shape) for k, v in full.items()})
