@@ -15,6 +15,10 @@ import attrs
 if TYPE_CHECKING:
     from nvlcore.config.schema import NvlConfig
 
+_MOMENTS = ("nvl stores Adam's moments in torch.float32 or torch.bfloat16 (with "
+            "optimizer.use_precision_aware_optimizer=true); use torch.bfloat16")
+_OFFLOAD = ("nvl keeps the optimizer state on the GPU; shard it with ddp.use_distributed_optimizer over data-parallel "
+            "ranks or halve it with optimizer.exp_avg_dtype=torch.bfloat16 and exp_avg_sq_dtype=torch.bfloat16")
 _FP16 = "fp16 with loss scaling is not implemented by nvl (it trains in bf16 or fp32); remove it"
 
 
@@ -44,6 +48,14 @@ REFUSED: tuple[Refusal, ...] = (
     Refusal("optimizer.min_loss_scale", (1.0,), _FP16),
     Refusal("optimizer.loss_scale_window", (1000.0,), _FP16),
     Refusal("optimizer.hysteresis", (2,), _FP16),
+    Refusal("optimizer.exp_avg_dtype", ("torch.float32", "torch.bfloat16"), _MOMENTS),
+    Refusal("optimizer.exp_avg_sq_dtype", ("torch.float32", "torch.bfloat16"), _MOMENTS),
+    Refusal("optimizer.main_params_dtype", ("torch.float32",),
+            "nvl's trainable parameters are fp32 master weights (compute runs in bf16 under autocast); remove it"),
+    Refusal("optimizer.main_grads_dtype", ("torch.float32",),
+            "nvl accumulates and reduces gradients in fp32; remove it"),
+    Refusal("optimizer.optimizer_cpu_offload", (False,), _OFFLOAD),
+    Refusal("optimizer.optimizer_offload_fraction", (0.0,), _OFFLOAD),
     Refusal("mixed_precision", ("bf16_mixed", "fp32", None), "fp16 is not implemented by nvl; use bf16_mixed or fp32"),
     Refusal("checkpoint.ckpt_format", ("torch_dist",), "nvl writes PyTorch DCP (torch_dist) checkpoints only"),
     Refusal("checkpoint.fully_parallel_load", (False,),
@@ -109,6 +121,7 @@ def check_refused(cfg: "NvlConfig") -> None:
             "(both set: which schedule should a resume use?)",
             key="scheduler.use_checkpoint_opt_param_scheduler",
         )
+    _check_precision_aware(cfg)
     mp, bf16 = cfg.mixed_precision, cfg.optimizer.bf16
     if mp == "bf16_mixed" and bf16 is False:
         raise ConfigError(
@@ -132,6 +145,21 @@ def check_refused(cfg: "NvlConfig") -> None:
             name = next(iter(cfg.peft.options))
             raise ConfigError(f"peft.{name} has no effect: peft.method is null (full fine-tuning); set peft.method "
                               "or remove it", key=f"peft.{name}")
+
+
+def _check_precision_aware(cfg: "NvlConfig") -> None:
+    """megatron-core's rule: moment dtypes other than fp32 need the precision-aware optimizer, which is Adam's."""
+    from nvlcore.config.structure import ConfigError
+
+    o = cfg.optimizer
+    for key in ("exp_avg_dtype", "exp_avg_sq_dtype"):
+        value = getattr(o, key)
+        if value != "torch.float32" and o.use_precision_aware_optimizer is not True:
+            raise ConfigError(f"optimizer.{key}={value} needs optimizer.use_precision_aware_optimizer=true (as in "
+                              "megatron-core); set it, or remove the dtype", key=f"optimizer.{key}")
+    if o.use_precision_aware_optimizer is True and o.optimizer != "adam":
+        raise ConfigError(f"optimizer.use_precision_aware_optimizer=true needs optimizer.optimizer=adam (it stores "
+                          f"Adam's moments), not {o.optimizer!r}", key="optimizer.use_precision_aware_optimizer")
 
 
 __all__ = ["REFUSED", "REFUSED_KEYS", "Refusal", "check_refused", "config_value"]

@@ -101,6 +101,27 @@ class OptimizerConfig:
     min_loss_scale: float = _f(1.0, "Minimum dynamic loss scale (fp16: not supported, keep the default).")
     loss_scale_window: float = _f(1000.0, "Steps before the dynamic loss scale grows (fp16: not supported, keep the default).")
     hysteresis: int = _f(2, "Overflows before the loss scale shrinks (fp16: not supported, keep the default).")
+    use_precision_aware_optimizer: bool = _f(
+        False, "Let exp_avg_dtype / exp_avg_sq_dtype store Adam's moments in lower precision (optimizer=adam)."
+    )
+    exp_avg_dtype: Literal["torch.float32", "torch.bfloat16", "torch.float16", "torch.uint8"] = _f(
+        "torch.float32", "Storage dtype of Adam's first moment: torch.float32 or torch.bfloat16 "
+        "(needs use_precision_aware_optimizer; float16 and uint8 are not supported by nvl)."
+    )
+    exp_avg_sq_dtype: Literal["torch.float32", "torch.bfloat16", "torch.float16", "torch.uint8"] = _f(
+        "torch.float32", "Storage dtype of Adam's second moment: torch.float32 or torch.bfloat16 "
+        "(needs use_precision_aware_optimizer; float16 and uint8 are not supported by nvl)."
+    )
+    main_params_dtype: Literal["torch.float32", "torch.float16"] = _f(
+        "torch.float32", "Dtype of the master weights. Only torch.float32 is supported by nvl."
+    )
+    main_grads_dtype: Literal["torch.float32", "torch.bfloat16"] = _f(
+        "torch.float32", "Dtype of the main gradients. Only torch.float32 is supported by nvl."
+    )
+    optimizer_cpu_offload: bool = _f(False, "Keep optimizer state on the host. Not supported by nvl (must be false).")
+    optimizer_offload_fraction: float = _f(
+        0.0, "Fraction of the optimizer state kept on the host. Not supported by nvl (must be 0.0)."
+    )
 
 
 @attrs.define

@@ -237,7 +237,7 @@ def model_and_optimizer_state(
         st = local.state.get(p)
         if st and names and all(m in st for m in names):
             for moment in names:
-                for k, v in entries(name, st[moment], p).items():
+                for k, v in entries(name, optim.moment_as_fp32(st[moment]), p).items():
                     optim_state[f"{k}.{moment}"] = v
             if "step" in st:
                 steps.add(float(st["step"]))
@@ -351,6 +351,7 @@ def load_optimizer_state(
         state[index[id(p)]] = ({"step": torch.tensor(float(adam_step), dtype=torch.float32)} if adam else {}) | bufs
     sd["state"] = state
     target.load_state_dict(sd)
+    optim.adopt_loaded_moments(target)
 
 
 def estimate_checkpoint_bytes(model: "torch.nn.Module", ctx: "ParallelContext", *, adapter_only: bool,

@@ -528,6 +528,7 @@ def run_finetune(
             eps=cfg.optimizer.adam_eps, weight_decay=cfg.optimizer.weight_decay, device_type=ctx.device.type,
             optimizer=cfg.optimizer.optimizer, sgd_momentum=cfg.optimizer.sgd_momentum,
             distributed=cfg.ddp.use_distributed_optimizer, dp_group=ctx.dp_group, dp_size=ctx.dp_size,
+            **moment_dtypes(cfg),
         )
         say(f"nvl finetune: optimizer: {describe_optimizer(opt, named, cfg, ctx)}")
         lr_s, wd_s = schedules_for(cfg)
@@ -660,6 +661,14 @@ def run_finetune(
         destroy_parallel(ctx)
 
 
+def moment_dtypes(cfg: "NvlConfig") -> dict[str, str]:
+    """Adam's moment storage dtypes: the config's under the precision-aware optimizer, else fp32."""
+    o = cfg.optimizer
+    if not o.use_precision_aware_optimizer:
+        return {}
+    return {"exp_avg_dtype": o.exp_avg_dtype, "exp_avg_sq_dtype": o.exp_avg_sq_dtype}
+
+
 def describe_optimizer(opt: Any, named: Any, cfg: "NvlConfig", ctx: "ParallelContext") -> str:
     """One line: the optimizer kind and where its state lives (sharded over data-parallel ranks or not)."""
     from nvlcore.training import optim
@@ -667,6 +676,10 @@ def describe_optimizer(opt: Any, named: Any, cfg: "NvlConfig", ctx: "ParallelCon
     o = cfg.optimizer
     kind = "AdamW" if o.optimizer == "adam" else f"SGD (momentum {o.sgd_momentum:g})"
     per_param = 4 * len(optim.state_names(opt))  # fp32 state tensors per parameter element
+    dts = moment_dtypes(cfg)
+    if dts and o.optimizer == "adam":
+        kind += f" (moments stored as {dts['exp_avg_dtype']} / {dts['exp_avg_sq_dtype']})"
+        per_param = sum(2 if d == "torch.bfloat16" else 4 for d in dts.values())
     n_all = sum(p.numel() for _, p in named)
     if optim.is_sharded(opt):
         n_own = sum(p.numel() for _, p in named if optim.owns_parameter(opt, p))

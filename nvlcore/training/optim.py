@@ -51,6 +51,8 @@ def build_optimizer(
     distributed: bool = False,
     dp_group: Any = None,
     dp_size: int = 1,
+    exp_avg_dtype: str = "torch.float32",
+    exp_avg_sq_dtype: str = "torch.float32",
 ) -> "torch.optim.Optimizer":
     """AdamW (decoupled weight decay, as Megatron's ``adam``) or SGD with momentum (``sgd``, as
     Megatron's: ``torch.optim.SGD``, coupled weight decay) over two groups: decayed and not.
@@ -61,6 +63,10 @@ def build_optimizer(
     ``distributed`` (``ddp.use_distributed_optimizer``) with ``dp_size > 1`` shards the optimizer
     state over the data-parallel ranks with ``torch.distributed.optim.ZeroRedundancyOptimizer``: each
     rank keeps the state of, and updates, about ``1/dp_size`` of the parameters, then broadcasts them.
+
+    ``exp_avg_dtype`` / ``exp_avg_sq_dtype`` (megatron-core's precision-aware optimizer; ``"torch.bfloat16"``
+    or the default ``"torch.float32"``) store Adam's moments in that dtype (:class:`~nvlcore.training.lean_adam.
+    LeanAdamW`, torchao's update); the parameters and gradients stay fp32.
     """
     import torch
 
@@ -80,15 +86,30 @@ def build_optimizer(
         {"params": plain, "wd_mult": 0.0, "weight_decay": 0.0},
     ) if g["params"]]
     cls: Any
-    if optimizer == "adam":
+    lean = (exp_avg_dtype, exp_avg_sq_dtype) != ("torch.float32", "torch.float32")
+    if optimizer == "adam" and lean:
+        try:
+            from nvlcore.training.lean_adam import MOMENT_DTYPES, LeanAdamW
+        except ImportError as exc:
+            from nvlcore.config import ConfigError
+
+            raise ConfigError(f"optimizer.exp_avg_dtype / exp_avg_sq_dtype other than torch.float32 need torchao "
+                              f"({exc}); pip install 'nvl[memory]'", key="optimizer.exp_avg_dtype") from None
+
+        cls = LeanAdamW
+        kwargs: dict[str, Any] = {"lr": lr, "betas": betas, "eps": eps, "exp_avg_dtype": MOMENT_DTYPES[exp_avg_dtype],
+                                  "exp_avg_sq_dtype": MOMENT_DTYPES[exp_avg_sq_dtype]}
+    elif optimizer == "adam":
         cls = torch.optim.AdamW
-        kwargs: dict[str, Any] = {"lr": lr, "betas": betas, "eps": eps}
+        kwargs = {"lr": lr, "betas": betas, "eps": eps}
     elif optimizer == "sgd":
         cls = torch.optim.SGD
         kwargs = {"lr": lr, "momentum": sgd_momentum}
     else:
         raise ValueError(f"optimizer.optimizer={optimizer!r}: choose adam or sgd")
-    if device_type == "cuda":
+    if lean:
+        pass  # torchao's update: compiled per parameter on a GPU, no fused/foreach switch
+    elif device_type == "cuda":
         kwargs["fused"] = True
     else:
         kwargs["foreach"] = True
@@ -126,6 +147,21 @@ def state_names(optimizer: Any) -> tuple[str, ...]:
     if isinstance(inner, torch.optim.SGD):
         return ("momentum_buffer",) if inner.defaults.get("momentum", 0) else ()
     return ("exp_avg", "exp_avg_sq")
+
+
+def moment_as_fp32(value: "torch.Tensor") -> "torch.Tensor":
+    """A moment as fp32, the dtype checkpoints keep it in whatever its storage (bf16 moments widen exactly)."""
+    import torch
+
+    return value if value.dtype == torch.float32 else value.float()
+
+
+def adopt_loaded_moments(optimizer: Any) -> None:
+    """After ``load_state_dict`` put fp32 moments back, round them to the optimizer's storage dtypes."""
+    inner = local_optimizer(optimizer)
+    adopt = getattr(inner, "adopt_fp32_moments", None)
+    if adopt is not None:
+        adopt()
 
 
 def optimizer_state_bytes(optimizer: Any) -> int:
