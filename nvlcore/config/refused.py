@@ -19,6 +19,7 @@ _MOMENTS = ("nvl stores Adam's moments in torch.float32 or torch.bfloat16 (with 
             "optimizer.use_precision_aware_optimizer=true); use torch.bfloat16")
 _OFFLOAD = ("nvl keeps the optimizer state on the GPU; shard it with ddp.use_distributed_optimizer over data-parallel "
             "ranks or halve it with optimizer.exp_avg_dtype=torch.bfloat16 and exp_avg_sq_dtype=torch.bfloat16")
+MISSING_MARK = "???"
 _FP16 = "fp16 with loss scaling is not implemented by nvl (it trains in bf16 or fp32); remove it"
 
 
@@ -42,6 +43,11 @@ REFUSED: tuple[Refusal, ...] = (
             "nvl has no context parallelism; raise model.tensor_model_parallel_size or use model.recompute_granularity"),
     Refusal("model.sequence_parallel", (False,),
             "nvl's tensor parallelism keeps activations replicated; use model.recompute_granularity to save memory"),
+    Refusal("model.cpu_offloading_weights", (False,),
+            "nvl offloads activations only (model.cpu_offloading); keep the weights on the GPU or shard them with "
+            "model.tensor_model_parallel_size"),
+    Refusal("model.cpu_offloading_activations", (True,),
+            "activations are what model.cpu_offloading offloads; set model.cpu_offloading=false instead"),
     Refusal("optimizer.fp16", (False,), _FP16),
     Refusal("optimizer.loss_scale", (None,), _FP16),
     Refusal("optimizer.initial_loss_scale", (4294967296.0,), _FP16),
@@ -122,6 +128,14 @@ def check_refused(cfg: "NvlConfig") -> None:
             key="scheduler.use_checkpoint_opt_param_scheduler",
         )
     _check_precision_aware(cfg)
+    m = cfg.model
+    if m.cpu_offloading is not True and m.cpu_offloading_num_layers not in (0, MISSING_MARK):
+        raise ConfigError(f"model.cpu_offloading_num_layers={m.cpu_offloading_num_layers} has no effect without "
+                          "model.cpu_offloading=true; set it, or remove the layer count",
+                          key="model.cpu_offloading_num_layers")
+    if m.cpu_offloading is True and m.cpu_offloading_num_layers == 0:
+        raise ConfigError("model.cpu_offloading=true needs model.cpu_offloading_num_layers >= 1 (the first decoder "
+                          "layers to offload)", key="model.cpu_offloading_num_layers")
     mp, bf16 = cfg.mixed_precision, cfg.optimizer.bf16
     if mp == "bf16_mixed" and bf16 is False:
         raise ConfigError(

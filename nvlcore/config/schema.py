@@ -47,6 +47,13 @@ class ModelConfig:
     recompute_granularity: Literal["selective", "full"] | None = _f(
         None, "Activation recomputation: selective (the parts the model bridge picks), full (whole layers), null (none)."
     )
+    cpu_offloading: bool = _f(
+        False, "Offload saved activations of the first cpu_offloading_num_layers decoder layers to pinned host "
+        "memory in the forward, copied back (overlapped) for their backward."
+    )
+    cpu_offloading_num_layers: int = _f(0, "Decoder layers whose activations are offloaded (cpu_offloading).")
+    cpu_offloading_activations: bool = _f(True, "Offload activations under cpu_offloading (must be true).")
+    cpu_offloading_weights: bool = _f(False, "Offload weights under cpu_offloading. Not supported by nvl (must be false).")
     kernels: str = _f(
         "auto",
         "Implementations of the model's hot ops (the bridge lists its choices): auto = fused GPU kernels where "

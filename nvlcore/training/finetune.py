@@ -492,6 +492,12 @@ def run_finetune(
         if recompute:
             bridge.set_recompute(model, recompute)
             say(f"nvl finetune: activation recomputation: {recompute}")
+        if cfg.model.cpu_offloading:
+            from nvlcore.training.offload import offload_activations
+
+            offload_activations(bridge.decoder_layers(model), cfg.model.cpu_offloading_num_layers)
+            say(f"nvl finetune: activations of the first {cfg.model.cpu_offloading_num_layers} decoder layers "
+                "offloaded to host memory")
         needs_base = decision.iter_dir is None or adapter_only
         if random_init:
             say(RANDOM_INIT_BANNER)
