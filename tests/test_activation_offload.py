@@ -4,7 +4,13 @@ control), the keys are checked at load, and on a GPU the peak allocated memory f
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from test_finetune_cli import raven, toy  # noqa: E402,F401  (module fixtures: the tiny toy, a Raven-schema set)
 
 
 def _model(seed: int = 0, recompute: bool = False):
@@ -132,3 +138,22 @@ def test_gpu_offloading_lowers_peak_memory_and_keeps_the_gradients() -> None:
     (l0, g0, _), (l1, g1, _) = results
     assert torch.equal(l0, l1) and all(torch.equal(g0[n], g1[n]) for n in g0)
     assert peaks[1] < peaks[0], peaks
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recompute", ["selective", "full"])
+def test_toy_nemotron_packed_lora_run_with_offloading_gives_the_same_losses(toy, raven, tmp_path, recompute) -> None:
+    """Through `nvl finetune` on the tiny toy: LoRA on the language model, packed rows, recompute; the
+    first 3 of its 6 hybrid layers offloaded. Same losses, bit for bit, as without offloading."""
+    from test_finetune_cli import losses, nvl, run_args
+
+    common = ["--lora-on-language-model", "train.train_iters=3", "train.global_batch_size=2",
+              "checkpoint.save_interval=3", "scheduler.lr_warmup_iters=1", "dataset.packing=best_fit", "dataset.packing_buffer_size=7",
+              f"model.recompute_granularity={recompute}"]
+    nvl(*run_args(toy, raven, tmp_path / "plain", *common))
+    proc = nvl(*run_args(toy, raven, tmp_path / "offload", *common, "model.cpu_offloading=true",
+                         "model.cpu_offloading_num_layers=3"))
+    assert "activations of the first 3 decoder layers offloaded to host memory" in proc.stdout
+    a, b = losses(tmp_path / "plain"), losses(tmp_path / "offload")
+    assert sorted(a) == sorted(b) == [1, 2, 3]
+    assert a == b, (a, b)
