@@ -142,7 +142,7 @@ def test_gpu_offloading_lowers_peak_memory_and_keeps_the_gradients() -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("recompute", ["selective", "full"])
-def test_toy_nemotron_packed_lora_run_with_offloading_gives_the_same_losses(toy, raven, tmp_path, recompute) -> None:
+def test_toy_nemotron_packed_lora_run_with_offloading_gives_the_same_losses(toy, raven, tmp_path, recompute) -> None:  # noqa: F811
     """Through `nvl finetune` on the tiny toy: LoRA on the language model, packed rows, recompute; the
     first 3 of its 6 hybrid layers offloaded. Same losses, bit for bit, as without offloading."""
     from test_finetune_cli import losses, nvl, run_args
