@@ -1,6 +1,7 @@
 """Lean optimizer state (issue 22): megatron-core's precision-aware optimizer keys store Adam's moments in
-bf16 (torchao's update), checkpoints keep them fp32 and a resumed run is bit-identical; the keys nvl does
-not implement (8-bit / fp16 moments, fp16 masters, bf16 main grads, host offload) are refused at load."""
+bf16 or 8 bits (torchao's update and 8-bit state), checkpoints keep them fp32 (plus an 8-bit moment's block
+scales) and a resumed run is bit-identical; the keys nvl does not implement (fp16 moments, fp16 masters,
+bf16 main grads, host offload) are refused at load."""
 
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ from run_tiny import DEFAULTS  # noqa: E402
 pytestmark = pytest.mark.usefixtures("one_thread")
 BF16 = ["optimizer.use_precision_aware_optimizer=true", "optimizer.exp_avg_dtype=torch.bfloat16",
         "optimizer.exp_avg_sq_dtype=torch.bfloat16"]
+INT8 = ["optimizer.use_precision_aware_optimizer=true", "optimizer.exp_avg_dtype=torch.uint8",
+        "optimizer.exp_avg_sq_dtype=torch.uint8"]
 SHORT = ["train.train_iters=8", "checkpoint.save_interval=4", "scheduler.lr_warmup_iters=1"]
 
 
@@ -48,8 +51,8 @@ def _steps(opt_factory, steps: int = 5):
     import torch
 
     g = torch.Generator().manual_seed(0)
-    w = torch.nn.Parameter(torch.randn(32, 48, generator=g))
-    b = torch.nn.Parameter(torch.randn(48, generator=g))
+    w = torch.nn.Parameter(torch.randn(64, 128, generator=g))
+    b = torch.nn.Parameter(torch.randn(128, generator=g))
     opt = opt_factory([{"params": [w], "weight_decay": 0.1}, {"params": [b], "weight_decay": 0.0}])
     for _ in range(steps):
         w.grad = torch.randn(w.shape, generator=g)
@@ -111,8 +114,61 @@ def test_bf16_moments_run_halves_the_state_and_resumes_bit_for_bit(hf, tmp_path)
         assert a[i] == b[i], (i, a[i], b[i])
 
 
+def test_uint8_moments_are_torchao_adamw8bit_and_checkpoint_round_trip_is_exact() -> None:
+    import torch
+    from torchao.optim import AdamW8bit
+    from torchao.optim.subclass_8bit import OptimState8bit
+
+    from nvlcore.training.lean_adam import BLOCK_SCALE, LeanAdamW, export_moment
+
+    kw = {"lr": 1e-2, "betas": (0.9, 0.95), "eps": 1e-8}
+    with torch.compiler.set_stance("force_eager"):
+        ref, w_ref, b_ref = _steps(lambda g: AdamW8bit(g, **kw))
+    opt, w8, b8 = _steps(lambda g: LeanAdamW(g, exp_avg_dtype=torch.uint8, exp_avg_sq_dtype=torch.uint8, **kw))
+    assert torch.equal(w8, w_ref) and torch.equal(b8, b_ref)  # the same update as torchao's own 8-bit AdamW
+    (w, b) = [p for g in opt.param_groups for p in g["params"]]
+    assert isinstance(opt.state[w]["exp_avg"], OptimState8bit)  # 8,192 values: 8-bit
+    assert not isinstance(opt.state[b]["exp_avg"], OptimState8bit)  # 128 values: fp32, as torchao does
+    before = {m: (opt.state[w][m].codes.clone(), opt.state[w][m].scale.clone()) for m in ("exp_avg", "exp_avg_sq")}
+    saved = {m: export_moment(opt.state[w][m]) for m in before}
+
+    def restore(with_scales: bool) -> dict:
+        for m in before:
+            opt.state[w][m] = saved[m][""].clone()
+        opt.adopt_fp32_moments({w: {m: saved[m][BLOCK_SCALE] for m in before}} if with_scales else None)
+        return {m: (opt.state[w][m].codes, opt.state[w][m].scale) for m in before}
+
+    exact = restore(True)
+    assert all(torch.equal(exact[m][0], before[m][0]) and torch.equal(exact[m][1], before[m][1]) for m in before)
+    requantized = restore(False)  # negative control: why the block scales are saved
+    assert not all(torch.equal(requantized[m][1], before[m][1]) for m in before)
+
+
+def test_uint8_moments_run_resumes_bit_for_bit(hf, tmp_path, monkeypatch) -> None:
+    import torch
+
+    from nvlcore.checkpoint import open_checkpoint
+    from nvlcore.training.lean_adam import LeanAdamW
+
+    monkeypatch.setattr(LeanAdamW, "min_quantized_size", 1024)  # the tiny model's matrices: 1,024 to 2,048 values
+    whole, resumed, lines = tmp_path / "whole", tmp_path / "resumed", []
+    _train(hf, *SHORT, *INT8, f"checkpoint.save={whole}", lines=lines)
+    ckpt = open_checkpoint(whole / "iter_0000004")
+    keys = ckpt.keys("optimizer")
+    assert any(k.endswith(".exp_avg.block_scale") for k in keys) and any(k.endswith(".exp_avg") for k in keys)
+    held = int(next(x for x in lines if "optimizer state held" in x).split("[")[1].split("]")[0])
+    fp32_bytes = sum(v.numel() * 4 for k, v in ckpt.load(state="optimizer").items() if "block_scale" not in k)
+    assert held < 0.4 * fp32_bytes, (held, fp32_bytes)
+    _train(hf, *SHORT, *INT8, f"checkpoint.save={resumed}", f"checkpoint.load={whole / 'iter_0000004'}")
+    a, b = _losses(whole), _losses(resumed)
+    assert sorted(b) == [5, 6, 7, 8]
+    assert all(a[i] == b[i] for i in b), (a, b)
+    end_a, end_b = (open_checkpoint(d / "iter_0000008").load(state="optimizer") for d in (whole, resumed))
+    assert end_a.keys() == end_b.keys() and all(torch.equal(end_a[k], end_b[k]) for k in end_a)
+
+
 @pytest.mark.parametrize("override, needle", [
-    ("optimizer.exp_avg_dtype=torch.uint8", "optimizer.exp_avg_dtype='torch.uint8' is not supported by nvl"),
+    ("optimizer.exp_avg_dtype=torch.float16", "optimizer.exp_avg_dtype='torch.float16' is not supported by nvl"),
     ("optimizer.exp_avg_sq_dtype=torch.float16", "optimizer.exp_avg_sq_dtype='torch.float16' is not supported"),
     ("optimizer.main_params_dtype=torch.float16", "optimizer.main_params_dtype='torch.float16' is not supported"),
     ("optimizer.main_grads_dtype=torch.bfloat16", "optimizer.main_grads_dtype='torch.bfloat16' is not supported"),

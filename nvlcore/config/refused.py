@@ -15,7 +15,7 @@ import attrs
 if TYPE_CHECKING:
     from nvlcore.config.schema import NvlConfig
 
-_MOMENTS = ("nvl stores Adam's moments in torch.float32 or torch.bfloat16 (with "
+_MOMENTS = ("nvl stores Adam's moments in torch.float32, torch.bfloat16 or torch.uint8 (8-bit, with "
             "optimizer.use_precision_aware_optimizer=true); use torch.bfloat16")
 _OFFLOAD = ("nvl keeps the optimizer state on the GPU; shard it with ddp.use_distributed_optimizer over data-parallel "
             "ranks or halve it with optimizer.exp_avg_dtype=torch.bfloat16 and exp_avg_sq_dtype=torch.bfloat16")
@@ -54,8 +54,8 @@ REFUSED: tuple[Refusal, ...] = (
     Refusal("optimizer.min_loss_scale", (1.0,), _FP16),
     Refusal("optimizer.loss_scale_window", (1000.0,), _FP16),
     Refusal("optimizer.hysteresis", (2,), _FP16),
-    Refusal("optimizer.exp_avg_dtype", ("torch.float32", "torch.bfloat16"), _MOMENTS),
-    Refusal("optimizer.exp_avg_sq_dtype", ("torch.float32", "torch.bfloat16"), _MOMENTS),
+    Refusal("optimizer.exp_avg_dtype", ("torch.float32", "torch.bfloat16", "torch.uint8"), _MOMENTS),
+    Refusal("optimizer.exp_avg_sq_dtype", ("torch.float32", "torch.bfloat16", "torch.uint8"), _MOMENTS),
     Refusal("optimizer.main_params_dtype", ("torch.float32",),
             "nvl's trainable parameters are fp32 master weights (compute runs in bf16 under autocast); remove it"),
     Refusal("optimizer.main_grads_dtype", ("torch.float32",),

@@ -112,12 +112,12 @@ class OptimizerConfig:
         False, "Let exp_avg_dtype / exp_avg_sq_dtype store Adam's moments in lower precision (optimizer=adam)."
     )
     exp_avg_dtype: Literal["torch.float32", "torch.bfloat16", "torch.float16", "torch.uint8"] = _f(
-        "torch.float32", "Storage dtype of Adam's first moment: torch.float32 or torch.bfloat16 "
-        "(needs use_precision_aware_optimizer; float16 and uint8 are not supported by nvl)."
+        "torch.float32", "Storage dtype of Adam's first moment: torch.float32, torch.bfloat16 or torch.uint8 "
+        "(8-bit blocks) (needs use_precision_aware_optimizer; float16 is not supported by nvl)."
     )
     exp_avg_sq_dtype: Literal["torch.float32", "torch.bfloat16", "torch.float16", "torch.uint8"] = _f(
-        "torch.float32", "Storage dtype of Adam's second moment: torch.float32 or torch.bfloat16 "
-        "(needs use_precision_aware_optimizer; float16 and uint8 are not supported by nvl)."
+        "torch.float32", "Storage dtype of Adam's second moment: torch.float32, torch.bfloat16 or torch.uint8 "
+        "(8-bit blocks) (needs use_precision_aware_optimizer; float16 is not supported by nvl)."
     )
     main_params_dtype: Literal["torch.float32", "torch.float16"] = _f(
         "torch.float32", "Dtype of the master weights. Only torch.float32 is supported by nvl."

@@ -685,7 +685,7 @@ def describe_optimizer(opt: Any, named: Any, cfg: "NvlConfig", ctx: "ParallelCon
     dts = moment_dtypes(cfg)
     if dts and o.optimizer == "adam":
         kind += f" (moments stored as {dts['exp_avg_dtype']} / {dts['exp_avg_sq_dtype']})"
-        per_param = sum(2 if d == "torch.bfloat16" else 4 for d in dts.values())
+        per_param = sum({"torch.bfloat16": 2, "torch.uint8": 1}.get(d, 4) for d in dts.values())
     n_all = sum(p.numel() for _, p in named)
     if optim.is_sharded(opt):
         n_own = sum(p.numel() for _, p in named if optim.owns_parameter(opt, p))

@@ -149,19 +149,35 @@ def state_names(optimizer: Any) -> tuple[str, ...]:
     return ("exp_avg", "exp_avg_sq")
 
 
-def moment_as_fp32(value: "torch.Tensor") -> "torch.Tensor":
-    """A moment as fp32, the dtype checkpoints keep it in whatever its storage (bf16 moments widen exactly)."""
+def moment_entries(value: "torch.Tensor") -> dict[str, "torch.Tensor"]:
+    """A moment as checkpoints keep it: fp32 values under the moment's own key (``""``; bf16 widens exactly),
+    and for an 8-bit moment its block scales too (key suffix ``.block_scale``: an exact resume)."""
     import torch
 
-    return value if value.dtype == torch.float32 else value.float()
+    if type(value) is not torch.Tensor:  # a quantized state tensor (torchao's)
+        from nvlcore.training.lean_adam import export_moment
+
+        return export_moment(value)
+    return {"": value if value.dtype == torch.float32 else value.float()}
 
 
-def adopt_loaded_moments(optimizer: Any) -> None:
-    """After ``load_state_dict`` put fp32 moments back, round them to the optimizer's storage dtypes."""
+def quantized_moments(optimizer: Any, param: "torch.Tensor") -> tuple[str, ...]:
+    """The moments of ``param`` this optimizer stores in 8 bits (their block scales are checkpointed)."""
+    import torch
+
+    inner = local_optimizer(optimizer)
+    dtypes = getattr(inner, "moment_dtypes", None)
+    if not dtypes or param.numel() < inner.min_quantized_size or param.numel() % inner.block_size:
+        return ()
+    return tuple(m for m, signed in (("exp_avg", True), ("exp_avg_sq", False)) if dtypes[signed] is torch.uint8)
+
+
+def adopt_loaded_moments(optimizer: Any, block_scales: dict[Any, dict[str, "torch.Tensor"]] | None = None) -> None:
+    """After ``load_state_dict`` put fp32 moments back, turn them into the optimizer's storage dtypes."""
     inner = local_optimizer(optimizer)
     adopt = getattr(inner, "adopt_fp32_moments", None)
     if adopt is not None:
-        adopt()
+        adopt(block_scales)
 
 
 def optimizer_state_bytes(optimizer: Any) -> int:
@@ -172,7 +188,12 @@ def optimizer_state_bytes(optimizer: Any) -> int:
     for st in local_optimizer(optimizer).state.values():
         for v in st.values():
             if isinstance(v, torch.Tensor) and v.dim() > 0:
-                total += v.numel() * v.element_size()
+                if type(v) is not torch.Tensor:  # a quantized state tensor (torchao's)
+                    from nvlcore.training.lean_adam import state_bytes
+
+                    total += state_bytes(v)
+                else:
+                    total += v.numel() * v.element_size()
     return total
 
 
