@@ -189,3 +189,21 @@ def test_precision_aware_optimizer_with_sgd_is_refused() -> None:
 
     with pytest.raises(ConfigError, match="needs optimizer.optimizer=adam"):
         load_config([], ["optimizer.optimizer=sgd", *BF16])
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_bf16_moments_under_the_distributed_optimizer_resume_bit_for_bit(hf, tmp_path) -> None:
+    """Two gloo ranks, the state sharded over them (ZeroRedundancyOptimizer around the lean AdamW): the run
+    resumes to the uninterrupted losses."""
+    moments = BF16
+    from nvl_dist_testing import run_distributed
+    from dist_worker import train
+
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    lines = run_distributed(train, 2, str(hf), [*SHORT, *moments, f"checkpoint.save={whole}"])[0]
+    assert any("state sharded over 2 data-parallel ranks" in x for x in lines), lines
+    run_distributed(train, 2, str(hf), [*SHORT, *moments, f"checkpoint.save={resumed}",
+                                        f"checkpoint.load={whole / 'iter_0000004'}"])
+    a, b = _losses(whole), _losses(resumed)
+    assert sorted(b) == [5, 6, 7, 8] and all(a[i] == b[i] for i in b), (a, b)
