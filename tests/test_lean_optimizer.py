@@ -207,3 +207,20 @@ def test_bf16_moments_under_the_distributed_optimizer_resume_bit_for_bit(hf, tmp
                                         f"checkpoint.load={whole / 'iter_0000004'}"])
     a, b = _losses(whole), _losses(resumed)
     assert sorted(b) == [5, 6, 7, 8] and all(a[i] == b[i] for i in b), (a, b)
+
+
+def test_block_scales_of_another_layout_are_not_trusted() -> None:
+    """After a tensor-parallel change a block of the new layout spans values of several saved blocks: the
+    moment is then quantized afresh from its fp32 values (no value clipped to a foreign block's scale)."""
+    import torch
+
+    from nvlcore.training.lean_adam import BLOCK_SCALE, LeanAdamW, export_moment
+
+    opt, _, _ = _steps(lambda g: LeanAdamW(g, exp_avg_dtype=torch.uint8, exp_avg_sq_dtype=torch.uint8, lr=1e-2))
+    w = opt.param_groups[0]["params"][0]
+    saved = export_moment(opt.state[w]["exp_avg"])
+    shifted = saved[BLOCK_SCALE].flatten().roll(100).view_as(saved[""])  # blocks that straddle two saved ones
+    opt.state[w]["exp_avg"] = saved[""].clone()
+    opt.adopt_fp32_moments({w: {"exp_avg": shifted}})
+    fresh = opt.state[w]["exp_avg"].dequantize()
+    torch.testing.assert_close(fresh, saved[""], rtol=0.05, atol=1e-3)

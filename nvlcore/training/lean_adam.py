@@ -79,8 +79,10 @@ class LeanAdamW(_AdamBase):
                     continue
                 buf = self._new_buffer(p, signed)
                 scale = (block_scales or {}).get(p, {}).get(name)
-                if isinstance(buf, OptimState8bit) and scale is not None:
-                    compact = scale.reshape(-1, self.block_size)[:, 0].to(buf.scale.device, torch.float32)
+                blocks = scale.reshape(-1, self.block_size) if scale is not None else None
+                # the saved scales fit this layout when each block holds one (not so after a TP change)
+                if isinstance(buf, OptimState8bit) and blocks is not None and bool((blocks == blocks[:, :1]).all()):
+                    compact = blocks[:, 0].to(buf.scale.device, torch.float32)
                     scaled = (st[name].reshape(-1, self.block_size) / compact[:, None]).view(buf.codes.shape)
                     buf.codes.copy_(quantize_8bit_with_qmap(scaled.to(buf.codes.device), buf.qmap))
                     buf.scale.copy_(compact)
