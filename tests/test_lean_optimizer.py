@@ -172,8 +172,8 @@ def test_uint8_moments_run_resumes_bit_for_bit(hf, tmp_path, monkeypatch) -> Non
     ("optimizer.exp_avg_sq_dtype=torch.float16", "optimizer.exp_avg_sq_dtype='torch.float16' is not supported"),
     ("optimizer.main_params_dtype=torch.float16", "optimizer.main_params_dtype='torch.float16' is not supported"),
     ("optimizer.main_grads_dtype=torch.bfloat16", "optimizer.main_grads_dtype='torch.bfloat16' is not supported"),
-    ("optimizer.optimizer_cpu_offload=true", "optimizer.optimizer_cpu_offload=True is not supported"),
-    ("optimizer.optimizer_offload_fraction=0.5", "optimizer.optimizer_offload_fraction=0.5 is not supported"),
+    ("optimizer.optimizer_cpu_offload=true", "needs optimizer.optimizer_offload_fraction in (0, 1]"),
+    ("optimizer.optimizer_offload_fraction=0.5", "has no effect without optimizer.optimizer_cpu_offload=true"),
     ("optimizer.exp_avg_dtype=torch.bfloat16", "needs optimizer.use_precision_aware_optimizer=true"),
 ])
 def test_unimplemented_values_are_refused_at_load_in_one_line(override: str, needle: str) -> None:
@@ -182,6 +182,41 @@ def test_unimplemented_values_are_refused_at_load_in_one_line(override: str, nee
     with pytest.raises(ConfigError) as err:
         load_config([], [override])
     assert needle in str(err.value) and "\n" not in str(err.value), str(err.value)
+
+
+def test_host_offload_with_lean_moments_is_refused() -> None:
+    from nvlcore.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="optimizer_cpu_offload=true works with optimizer.optimizer=adam and fp32"):
+        load_config([], [*BF16, "optimizer.optimizer_cpu_offload=true", "optimizer.optimizer_offload_fraction=0.5"])
+
+
+OFFLOAD = ["optimizer.optimizer_cpu_offload=true", "optimizer.optimizer_offload_fraction=0.5"]
+
+
+def test_host_offload_matches_torch_adamw_bitwise_and_keeps_that_share_of_the_state_on_the_host() -> None:
+    import torch
+
+    from nvlcore.training.host_offload import HostOffloadAdamW
+
+    kw = {"lr": 1e-2, "betas": (0.9, 0.95), "eps": 1e-8}
+    _, w_ref, b_ref = _steps(lambda g: torch.optim.AdamW(g, foreach=True, **kw))
+    opt, w, b = _steps(lambda g: HostOffloadAdamW(g, offload_fraction=0.5, **kw))
+    assert torch.equal(w, w_ref) and torch.equal(b, b_ref)
+    (pw, pb) = [p for g in opt.param_groups for p in g["params"]]
+    assert list(opt.host_of) == [pw]  # the first half of the values: the matrix
+    assert opt.state[pw] is opt.host_opt.state[opt.host_of[pw]] and opt.state[pb] is opt.device_opt.state[pb]
+
+
+def test_host_offload_run_matches_the_plain_run_and_resumes_bit_for_bit(hf, tmp_path) -> None:
+    plain, whole, resumed, lines = tmp_path / "plain", tmp_path / "whole", tmp_path / "resumed", []
+    _train(hf, *SHORT, f"checkpoint.save={plain}")
+    _train(hf, *SHORT, *OFFLOAD, f"checkpoint.save={whole}", lines=lines)
+    assert any("state of 50% of the parameter values in host memory" in x for x in lines), lines
+    _train(hf, *SHORT, *OFFLOAD, f"checkpoint.save={resumed}", f"checkpoint.load={whole / 'iter_0000004'}")
+    a, b, c = _losses(plain), _losses(whole), _losses(resumed)
+    assert a == b, (a, b)
+    assert sorted(c) == [5, 6, 7, 8] and all(b[i] == c[i] for i in c), (b, c)
 
 
 def test_precision_aware_optimizer_with_sgd_is_refused() -> None:

@@ -17,8 +17,6 @@ if TYPE_CHECKING:
 
 _MOMENTS = ("nvl stores Adam's moments in torch.float32, torch.bfloat16 or torch.uint8 (8-bit, with "
             "optimizer.use_precision_aware_optimizer=true); use torch.bfloat16")
-_OFFLOAD = ("nvl keeps the optimizer state on the GPU; shard it with ddp.use_distributed_optimizer over data-parallel "
-            "ranks or halve it with optimizer.exp_avg_dtype=torch.bfloat16 and exp_avg_sq_dtype=torch.bfloat16")
 MISSING_MARK = "???"
 _FP16 = "fp16 with loss scaling is not implemented by nvl (it trains in bf16 or fp32); remove it"
 
@@ -60,8 +58,6 @@ REFUSED: tuple[Refusal, ...] = (
             "nvl's trainable parameters are fp32 master weights (compute runs in bf16 under autocast); remove it"),
     Refusal("optimizer.main_grads_dtype", ("torch.float32",),
             "nvl accumulates and reduces gradients in fp32; remove it"),
-    Refusal("optimizer.optimizer_cpu_offload", (False,), _OFFLOAD),
-    Refusal("optimizer.optimizer_offload_fraction", (0.0,), _OFFLOAD),
     Refusal("mixed_precision", ("bf16_mixed", "fp32", None), "fp16 is not implemented by nvl; use bf16_mixed or fp32"),
     Refusal("checkpoint.ckpt_format", ("torch_dist",), "nvl writes PyTorch DCP (torch_dist) checkpoints only"),
     Refusal("checkpoint.fully_parallel_load", (False,),
@@ -171,6 +167,19 @@ def _check_precision_aware(cfg: "NvlConfig") -> None:
         if value != "torch.float32" and o.use_precision_aware_optimizer is not True:
             raise ConfigError(f"optimizer.{key}={value} needs optimizer.use_precision_aware_optimizer=true (as in "
                               "megatron-core); set it, or remove the dtype", key=f"optimizer.{key}")
+    if o.optimizer_cpu_offload is True:
+        if not 0.0 < o.optimizer_offload_fraction <= 1.0:
+            raise ConfigError(f"optimizer.optimizer_cpu_offload=true needs optimizer.optimizer_offload_fraction in (0, 1] "
+                              f"(the share of the state kept in host memory), not {o.optimizer_offload_fraction}",
+                              key="optimizer.optimizer_offload_fraction")
+        if o.optimizer != "adam" or o.use_precision_aware_optimizer is True:
+            raise ConfigError("optimizer.optimizer_cpu_offload=true works with optimizer.optimizer=adam and fp32 "
+                              "moments (optimizer.use_precision_aware_optimizer=false) in nvl; choose one of them",
+                              key="optimizer.optimizer_cpu_offload")
+    elif o.optimizer_offload_fraction not in (0.0, 0, MISSING_MARK):
+        raise ConfigError(f"optimizer.optimizer_offload_fraction={o.optimizer_offload_fraction} has no effect without "
+                          "optimizer.optimizer_cpu_offload=true; set it, or remove the fraction",
+                          key="optimizer.optimizer_offload_fraction")
     if o.use_precision_aware_optimizer is True and o.optimizer != "adam":
         raise ConfigError(f"optimizer.use_precision_aware_optimizer=true needs optimizer.optimizer=adam (it stores "
                           f"Adam's moments), not {o.optimizer!r}", key="optimizer.use_precision_aware_optimizer")

@@ -125,9 +125,11 @@ class OptimizerConfig:
     main_grads_dtype: Literal["torch.float32", "torch.bfloat16"] = _f(
         "torch.float32", "Dtype of the main gradients. Only torch.float32 is supported by nvl."
     )
-    optimizer_cpu_offload: bool = _f(False, "Keep optimizer state on the host. Not supported by nvl (must be false).")
+    optimizer_cpu_offload: bool = _f(
+        False, "Keep Adam's state of optimizer_offload_fraction of the parameters in host memory, updated there."
+    )
     optimizer_offload_fraction: float = _f(
-        0.0, "Fraction of the optimizer state kept on the host. Not supported by nvl (must be 0.0)."
+        0.0, "Fraction of the parameter values whose optimizer state lives in host memory (optimizer_cpu_offload)."
     )
 
 

@@ -667,12 +667,16 @@ def run_finetune(
         destroy_parallel(ctx)
 
 
-def moment_dtypes(cfg: "NvlConfig") -> dict[str, str]:
-    """Adam's moment storage dtypes: the config's under the precision-aware optimizer, else fp32."""
+def moment_dtypes(cfg: "NvlConfig") -> dict[str, Any]:
+    """Where and how Adam keeps its state: the moment dtypes under the precision-aware optimizer, the
+    fraction of it in host memory under optimizer_cpu_offload (arguments of ``optim.build_optimizer``)."""
     o = cfg.optimizer
-    if not o.use_precision_aware_optimizer:
-        return {}
-    return {"exp_avg_dtype": o.exp_avg_dtype, "exp_avg_sq_dtype": o.exp_avg_sq_dtype}
+    out: dict[str, Any] = {}
+    if o.optimizer_cpu_offload:
+        out["offload_fraction"] = o.optimizer_offload_fraction
+    if o.use_precision_aware_optimizer:
+        out |= {"exp_avg_dtype": o.exp_avg_dtype, "exp_avg_sq_dtype": o.exp_avg_sq_dtype}
+    return out
 
 
 def describe_optimizer(opt: Any, named: Any, cfg: "NvlConfig", ctx: "ParallelContext") -> str:
@@ -682,7 +686,9 @@ def describe_optimizer(opt: Any, named: Any, cfg: "NvlConfig", ctx: "ParallelCon
     o = cfg.optimizer
     kind = "AdamW" if o.optimizer == "adam" else f"SGD (momentum {o.sgd_momentum:g})"
     per_param = 4 * len(optim.state_names(opt))  # fp32 state tensors per parameter element
-    dts = moment_dtypes(cfg)
+    dts = {k: v for k, v in moment_dtypes(cfg).items() if k.endswith("_dtype")}
+    if o.optimizer_cpu_offload:
+        kind += f"; state of {o.optimizer_offload_fraction:.0%} of the parameter values in host memory"
     if dts and o.optimizer == "adam":
         kind += f" (moments stored as {dts['exp_avg_dtype']} / {dts['exp_avg_sq_dtype']})"
         per_param = sum({"torch.bfloat16": 2, "torch.uint8": 1}.get(d, 4) for d in dts.values())

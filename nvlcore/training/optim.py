@@ -53,6 +53,7 @@ def build_optimizer(
     dp_size: int = 1,
     exp_avg_dtype: str = "torch.float32",
     exp_avg_sq_dtype: str = "torch.float32",
+    offload_fraction: float = 0.0,
 ) -> "torch.optim.Optimizer":
     """AdamW (decoupled weight decay, as Megatron's ``adam``) or SGD with momentum (``sgd``, as
     Megatron's: ``torch.optim.SGD``, coupled weight decay) over two groups: decayed and not.
@@ -67,6 +68,10 @@ def build_optimizer(
     ``exp_avg_dtype`` / ``exp_avg_sq_dtype`` (megatron-core's precision-aware optimizer; ``"torch.bfloat16"``
     or the default ``"torch.float32"``) store Adam's moments in that dtype (:class:`~nvlcore.training.lean_adam.
     LeanAdamW`, torchao's update); the parameters and gradients stay fp32.
+
+    ``offload_fraction`` > 0 (``optimizer.optimizer_cpu_offload``) keeps Adam's state of that fraction of
+    the parameter values in host memory and updates them there (:class:`~nvlcore.training.host_offload.
+    HostOffloadAdamW`).
     """
     import torch
 
@@ -99,6 +104,11 @@ def build_optimizer(
         cls = LeanAdamW
         kwargs: dict[str, Any] = {"lr": lr, "betas": betas, "eps": eps, "exp_avg_dtype": MOMENT_DTYPES[exp_avg_dtype],
                                   "exp_avg_sq_dtype": MOMENT_DTYPES[exp_avg_sq_dtype]}
+    elif optimizer == "adam" and offload_fraction > 0:
+        from nvlcore.training.host_offload import HostOffloadAdamW
+
+        cls = HostOffloadAdamW
+        kwargs = {"lr": lr, "betas": betas, "eps": eps, "offload_fraction": offload_fraction}
     elif optimizer == "adam":
         cls = torch.optim.AdamW
         kwargs = {"lr": lr, "betas": betas, "eps": eps}
@@ -107,8 +117,8 @@ def build_optimizer(
         kwargs = {"lr": lr, "momentum": sgd_momentum}
     else:
         raise ValueError(f"optimizer.optimizer={optimizer!r}: choose adam or sgd")
-    if lean:
-        pass  # torchao's update: compiled per parameter on a GPU, no fused/foreach switch
+    if lean or cls.__name__ == "HostOffloadAdamW":
+        pass  # their own kernels: torchao's compiled update; the host/device split picks per part
     elif device_type == "cuda":
         kwargs["fused"] = True
     else:
