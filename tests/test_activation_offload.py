@@ -157,3 +157,21 @@ def test_toy_nemotron_packed_lora_run_with_offloading_gives_the_same_losses(toy,
     a, b = losses(tmp_path / "plain"), losses(tmp_path / "offload")
     assert sorted(a) == sorted(b) == [1, 2, 3]
     assert a == b, (a, b)
+
+
+def test_offloading_on_a_bridge_without_a_layer_list_is_an_error_naming_the_key(tmp_path) -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parent / "trainer_support"))
+    import tiny_plugin
+    from run_tiny import DEFAULTS
+
+    from nvlcore.config import load_config, resolve_config
+    from nvlcore.training.finetune import run_finetune
+
+    hf = tiny_plugin.write_tiny_hf_dir(tmp_path / "hf")
+    manager = tiny_plugin.manager()
+    cfg = load_config([], [*DEFAULTS, f"model.hf_model_path={hf}", f"checkpoint.pretrained_checkpoint={hf}",
+                           "train.train_iters=1", "scheduler.lr_warmup_iters=0", "model.cpu_offloading=true",
+                           "model.cpu_offloading_num_layers=1"], plugins=manager)
+    resolve_config(cfg)
+    with pytest.raises(ValueError, match="model.cpu_offloading=true: model bridge 'tiny_vlm' does not list"):
+        run_finetune(cfg, manager=manager, device_type="cpu", print_fn=lambda *a: None)
