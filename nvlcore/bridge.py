@@ -326,6 +326,12 @@ class ModelBridge(abc.ABC):
         raise ValueError(f"model.recompute_granularity={granularity!r}: model bridge {self.name!r} has no activation "
                          "recomputation; remove the setting")
 
+    def decoder_layers(self, model: "torch.nn.Module") -> list["torch.nn.Module"]:
+        """The language model's decoder layers in forward order (``model.cpu_offloading`` offloads the
+        activations of the first ones). Default: none, so this raises naming the key."""
+        raise ValueError(f"model.cpu_offloading=true: model bridge {self.name!r} does not list its decoder layers "
+                         "(ModelBridge.decoder_layers); remove the setting")
+
     def set_kernels(self, model: "torch.nn.Module", choice: str) -> dict[str, str]:
         """Pick the implementations of the model's hot ops (``model.kernels``) and return op ->
         implementation for the run's first lines. Default: the model has one implementation, so

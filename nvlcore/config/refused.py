@@ -15,6 +15,9 @@ import attrs
 if TYPE_CHECKING:
     from nvlcore.config.schema import NvlConfig
 
+_MOMENTS = ("nvl stores Adam's moments in torch.float32, torch.bfloat16 or torch.uint8 (8-bit, with "
+            "optimizer.use_precision_aware_optimizer=true); use torch.bfloat16")
+MISSING_MARK = "???"
 _FP16 = "fp16 with loss scaling is not implemented by nvl (it trains in bf16 or fp32); remove it"
 
 
@@ -38,12 +41,23 @@ REFUSED: tuple[Refusal, ...] = (
             "nvl has no context parallelism; raise model.tensor_model_parallel_size or use model.recompute_granularity"),
     Refusal("model.sequence_parallel", (False,),
             "nvl's tensor parallelism keeps activations replicated; use model.recompute_granularity to save memory"),
+    Refusal("model.cpu_offloading_weights", (False,),
+            "nvl offloads activations only (model.cpu_offloading); keep the weights on the GPU or shard them with "
+            "model.tensor_model_parallel_size"),
+    Refusal("model.cpu_offloading_activations", (True,),
+            "activations are what model.cpu_offloading offloads; set model.cpu_offloading=false instead"),
     Refusal("optimizer.fp16", (False,), _FP16),
     Refusal("optimizer.loss_scale", (None,), _FP16),
     Refusal("optimizer.initial_loss_scale", (4294967296.0,), _FP16),
     Refusal("optimizer.min_loss_scale", (1.0,), _FP16),
     Refusal("optimizer.loss_scale_window", (1000.0,), _FP16),
     Refusal("optimizer.hysteresis", (2,), _FP16),
+    Refusal("optimizer.exp_avg_dtype", ("torch.float32", "torch.bfloat16", "torch.uint8"), _MOMENTS),
+    Refusal("optimizer.exp_avg_sq_dtype", ("torch.float32", "torch.bfloat16", "torch.uint8"), _MOMENTS),
+    Refusal("optimizer.main_params_dtype", ("torch.float32",),
+            "nvl's trainable parameters are fp32 master weights (compute runs in bf16 under autocast); remove it"),
+    Refusal("optimizer.main_grads_dtype", ("torch.float32",),
+            "nvl accumulates and reduces gradients in fp32; remove it"),
     Refusal("mixed_precision", ("bf16_mixed", "fp32", None), "fp16 is not implemented by nvl; use bf16_mixed or fp32"),
     Refusal("checkpoint.ckpt_format", ("torch_dist",), "nvl writes PyTorch DCP (torch_dist) checkpoints only"),
     Refusal("checkpoint.fully_parallel_load", (False,),
@@ -109,6 +123,15 @@ def check_refused(cfg: "NvlConfig") -> None:
             "(both set: which schedule should a resume use?)",
             key="scheduler.use_checkpoint_opt_param_scheduler",
         )
+    _check_precision_aware(cfg)
+    m = cfg.model
+    if m.cpu_offloading is not True and m.cpu_offloading_num_layers not in (0, MISSING_MARK):
+        raise ConfigError(f"model.cpu_offloading_num_layers={m.cpu_offloading_num_layers} has no effect without "
+                          "model.cpu_offloading=true; set it, or remove the layer count",
+                          key="model.cpu_offloading_num_layers")
+    if m.cpu_offloading is True and m.cpu_offloading_num_layers == 0:
+        raise ConfigError("model.cpu_offloading=true needs model.cpu_offloading_num_layers >= 1 (the first decoder "
+                          "layers to offload)", key="model.cpu_offloading_num_layers")
     mp, bf16 = cfg.mixed_precision, cfg.optimizer.bf16
     if mp == "bf16_mixed" and bf16 is False:
         raise ConfigError(
@@ -132,6 +155,34 @@ def check_refused(cfg: "NvlConfig") -> None:
             name = next(iter(cfg.peft.options))
             raise ConfigError(f"peft.{name} has no effect: peft.method is null (full fine-tuning); set peft.method "
                               "or remove it", key=f"peft.{name}")
+
+
+def _check_precision_aware(cfg: "NvlConfig") -> None:
+    """megatron-core's rule: moment dtypes other than fp32 need the precision-aware optimizer, which is Adam's."""
+    from nvlcore.config.structure import ConfigError
+
+    o = cfg.optimizer
+    for key in ("exp_avg_dtype", "exp_avg_sq_dtype"):
+        value = getattr(o, key)
+        if value != "torch.float32" and o.use_precision_aware_optimizer is not True:
+            raise ConfigError(f"optimizer.{key}={value} needs optimizer.use_precision_aware_optimizer=true (as in "
+                              "megatron-core); set it, or remove the dtype", key=f"optimizer.{key}")
+    if o.optimizer_cpu_offload is True:
+        if not 0.0 < o.optimizer_offload_fraction <= 1.0:
+            raise ConfigError(f"optimizer.optimizer_cpu_offload=true needs optimizer.optimizer_offload_fraction in (0, 1] "
+                              f"(the share of the state kept in host memory), not {o.optimizer_offload_fraction}",
+                              key="optimizer.optimizer_offload_fraction")
+        if o.optimizer != "adam" or o.use_precision_aware_optimizer is True:
+            raise ConfigError("optimizer.optimizer_cpu_offload=true works with optimizer.optimizer=adam and fp32 "
+                              "moments (optimizer.use_precision_aware_optimizer=false) in nvl; choose one of them",
+                              key="optimizer.optimizer_cpu_offload")
+    elif o.optimizer_offload_fraction not in (0.0, 0, MISSING_MARK):
+        raise ConfigError(f"optimizer.optimizer_offload_fraction={o.optimizer_offload_fraction} has no effect without "
+                          "optimizer.optimizer_cpu_offload=true; set it, or remove the fraction",
+                          key="optimizer.optimizer_offload_fraction")
+    if o.use_precision_aware_optimizer is True and o.optimizer != "adam":
+        raise ConfigError(f"optimizer.use_precision_aware_optimizer=true needs optimizer.optimizer=adam (it stores "
+                          f"Adam's moments), not {o.optimizer!r}", key="optimizer.use_precision_aware_optimizer")
 
 
 __all__ = ["REFUSED", "REFUSED_KEYS", "Refusal", "check_refused", "config_value"]

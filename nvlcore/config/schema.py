@@ -47,6 +47,13 @@ class ModelConfig:
     recompute_granularity: Literal["selective", "full"] | None = _f(
         None, "Activation recomputation: selective (the parts the model bridge picks), full (whole layers), null (none)."
     )
+    cpu_offloading: bool = _f(
+        False, "Offload saved activations of the first cpu_offloading_num_layers decoder layers to pinned host "
+        "memory in the forward, copied back (overlapped) for their backward."
+    )
+    cpu_offloading_num_layers: int = _f(0, "Decoder layers whose activations are offloaded (cpu_offloading).")
+    cpu_offloading_activations: bool = _f(True, "Offload activations under cpu_offloading (must be true).")
+    cpu_offloading_weights: bool = _f(False, "Offload weights under cpu_offloading. Not supported by nvl (must be false).")
     kernels: str = _f(
         "auto",
         "Implementations of the model's hot ops (the bridge lists its choices): auto = fused GPU kernels where "
@@ -101,6 +108,29 @@ class OptimizerConfig:
     min_loss_scale: float = _f(1.0, "Minimum dynamic loss scale (fp16: not supported, keep the default).")
     loss_scale_window: float = _f(1000.0, "Steps before the dynamic loss scale grows (fp16: not supported, keep the default).")
     hysteresis: int = _f(2, "Overflows before the loss scale shrinks (fp16: not supported, keep the default).")
+    use_precision_aware_optimizer: bool = _f(
+        False, "Let exp_avg_dtype / exp_avg_sq_dtype store Adam's moments in lower precision (optimizer=adam)."
+    )
+    exp_avg_dtype: Literal["torch.float32", "torch.bfloat16", "torch.float16", "torch.uint8"] = _f(
+        "torch.float32", "Storage dtype of Adam's first moment: torch.float32, torch.bfloat16 or torch.uint8 "
+        "(8-bit blocks) (needs use_precision_aware_optimizer; float16 is not supported by nvl)."
+    )
+    exp_avg_sq_dtype: Literal["torch.float32", "torch.bfloat16", "torch.float16", "torch.uint8"] = _f(
+        "torch.float32", "Storage dtype of Adam's second moment: torch.float32, torch.bfloat16 or torch.uint8 "
+        "(8-bit blocks) (needs use_precision_aware_optimizer; float16 is not supported by nvl)."
+    )
+    main_params_dtype: Literal["torch.float32", "torch.float16"] = _f(
+        "torch.float32", "Dtype of the master weights. Only torch.float32 is supported by nvl."
+    )
+    main_grads_dtype: Literal["torch.float32", "torch.bfloat16"] = _f(
+        "torch.float32", "Dtype of the main gradients. Only torch.float32 is supported by nvl."
+    )
+    optimizer_cpu_offload: bool = _f(
+        False, "Keep Adam's state of optimizer_offload_fraction of the parameters in host memory, updated there."
+    )
+    optimizer_offload_fraction: float = _f(
+        0.0, "Fraction of the parameter values whose optimizer state lives in host memory (optimizer_cpu_offload)."
+    )
 
 
 @attrs.define

@@ -237,8 +237,9 @@ def model_and_optimizer_state(
         st = local.state.get(p)
         if st and names and all(m in st for m in names):
             for moment in names:
-                for k, v in entries(name, st[moment], p).items():
-                    optim_state[f"{k}.{moment}"] = v
+                for suffix, value in optim.moment_entries(st[moment]).items():
+                    for k, v in entries(name, value, p).items():
+                        optim_state[f"{k}.{moment}{suffix}"] = v
             if "step" in st:
                 steps.add(float(st["step"]))
     if len(steps) > 1:
@@ -294,6 +295,10 @@ def load_model_weights(
     return missing
 
 
+#: Key suffix of an 8-bit moment's block scales (nvlcore.training.lean_adam.BLOCK_SCALE, without importing torchao).
+_BLOCK_SCALE = ".block_scale"
+
+
 def load_optimizer_state(
     optimizer: "torch.optim.Optimizer",
     named_params: Sequence[tuple[str, "torch.nn.Parameter"]],
@@ -314,12 +319,16 @@ def load_optimizer_state(
     ckpt = open_checkpoint(iter_dir)
     entries = _entries_fn(bridge, ctx)
     names = optim.state_names(optimizer)
+    have = set(ckpt.keys("optimizer"))
     template: dict[str, Any] = {}
     per_param: list[tuple[str, torch.nn.Parameter, dict[str, list[str]], dict[str, torch.Tensor]]] = []
     for name, p in named_params:
         if not names or not optim.owns_parameter(optimizer, p):
             continue
         bufs = {m: torch.zeros_like(p.data) for m in names}
+        # an 8-bit moment's block scales, where the checkpoint has them (an 8-bit run wrote it): exact resume
+        bufs |= {f"{m}{_BLOCK_SCALE}": torch.zeros_like(p.data) for m in optim.quantized_moments(optimizer, p)
+                 if all(f"{k}.{m}{_BLOCK_SCALE}" in have for k in entries(name, p.data, p))}
         keys: dict[str, list[str]] = {}
         for m, buf in bufs.items():
             ent = entries(name, buf, p)
@@ -328,7 +337,6 @@ def load_optimizer_state(
         per_param.append((name, p, keys, bufs))
     if not template:
         return
-    have = set(ckpt.keys("optimizer"))
     absent = [k for k in template if k not in have]
     if absent:
         raise KeyError(
@@ -345,12 +353,16 @@ def load_optimizer_state(
     sd = target.state_dict()
     index = {id(p): i for i, p in enumerate(pp for g in target.param_groups for pp in g["params"])}
     state: dict[int, Any] = {}
+    scales: dict[Any, dict[str, torch.Tensor]] = {}
     for name, p, keys, bufs in per_param:
         for m, buf in bufs.items():
             _assemble(bridge, name, {k[: -len(m) - 1]: loaded[k] for k in keys[m]}, buf, ctx)
-        state[index[id(p)]] = ({"step": torch.tensor(float(adam_step), dtype=torch.float32)} if adam else {}) | bufs
+        scales[p] = {m[: -len(_BLOCK_SCALE)]: b for m, b in bufs.items() if m.endswith(_BLOCK_SCALE)}
+        moments = {m: b for m, b in bufs.items() if not m.endswith(_BLOCK_SCALE)}
+        state[index[id(p)]] = ({"step": torch.tensor(float(adam_step), dtype=torch.float32)} if adam else {}) | moments
     sd["state"] = state
     target.load_state_dict(sd)
+    optim.adopt_loaded_moments(target, scales)
 
 
 def estimate_checkpoint_bytes(model: "torch.nn.Module", ctx: "ParallelContext", *, adapter_only: bool,

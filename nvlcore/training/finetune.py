@@ -519,6 +519,12 @@ def run_finetune(
         if recompute:
             bridge.set_recompute(model, recompute)
             say(f"nvl finetune: activation recomputation: {recompute}")
+        if cfg.model.cpu_offloading:
+            from nvlcore.training.offload import offload_activations
+
+            offload_activations(bridge.decoder_layers(model), cfg.model.cpu_offloading_num_layers)
+            say(f"nvl finetune: activations of the first {cfg.model.cpu_offloading_num_layers} decoder layers "
+                "offloaded to host memory")
         needs_base = decision.iter_dir is None or adapter_only
         if random_init:
             say(RANDOM_INIT_BANNER)
@@ -556,6 +562,7 @@ def run_finetune(
             eps=cfg.optimizer.adam_eps, weight_decay=cfg.optimizer.weight_decay, device_type=ctx.device.type,
             optimizer=cfg.optimizer.optimizer, sgd_momentum=cfg.optimizer.sgd_momentum,
             distributed=cfg.ddp.use_distributed_optimizer, dp_group=ctx.dp_group, dp_size=ctx.dp_size,
+            **moment_dtypes(cfg),
         )
         say(f"nvl finetune: optimizer: {describe_optimizer(opt, named, cfg, ctx)}")
         lr_s, wd_s = schedules_for(cfg)
@@ -688,6 +695,18 @@ def run_finetune(
         destroy_parallel(ctx)
 
 
+def moment_dtypes(cfg: "NvlConfig") -> dict[str, Any]:
+    """Where and how Adam keeps its state: the moment dtypes under the precision-aware optimizer, the
+    fraction of it in host memory under optimizer_cpu_offload (arguments of ``optim.build_optimizer``)."""
+    o = cfg.optimizer
+    out: dict[str, Any] = {}
+    if o.optimizer_cpu_offload:
+        out["offload_fraction"] = o.optimizer_offload_fraction
+    if o.use_precision_aware_optimizer:
+        out |= {"exp_avg_dtype": o.exp_avg_dtype, "exp_avg_sq_dtype": o.exp_avg_sq_dtype}
+    return out
+
+
 def describe_optimizer(opt: Any, named: Any, cfg: "NvlConfig", ctx: "ParallelContext") -> str:
     """One line: the optimizer kind and where its state lives (sharded over data-parallel ranks or not)."""
     from nvlcore.training import optim
@@ -695,6 +714,12 @@ def describe_optimizer(opt: Any, named: Any, cfg: "NvlConfig", ctx: "ParallelCon
     o = cfg.optimizer
     kind = "AdamW" if o.optimizer == "adam" else f"SGD (momentum {o.sgd_momentum:g})"
     per_param = 4 * len(optim.state_names(opt))  # fp32 state tensors per parameter element
+    dts = {k: v for k, v in moment_dtypes(cfg).items() if k.endswith("_dtype")}
+    if o.optimizer_cpu_offload:
+        kind += f"; state of {o.optimizer_offload_fraction:.0%} of the parameter values in host memory"
+    if dts and o.optimizer == "adam":
+        kind += f" (moments stored as {dts['exp_avg_dtype']} / {dts['exp_avg_sq_dtype']})"
+        per_param = sum({"torch.bfloat16": 2, "torch.uint8": 1}.get(d, 4) for d in dts.values())
     n_all = sum(p.numel() for _, p in named)
     if optim.is_sharded(opt):
         n_own = sum(p.numel() for _, p in named if optim.owns_parameter(opt, p))

@@ -51,6 +51,9 @@ def build_optimizer(
     distributed: bool = False,
     dp_group: Any = None,
     dp_size: int = 1,
+    exp_avg_dtype: str = "torch.float32",
+    exp_avg_sq_dtype: str = "torch.float32",
+    offload_fraction: float = 0.0,
 ) -> "torch.optim.Optimizer":
     """AdamW (decoupled weight decay, as Megatron's ``adam``) or SGD with momentum (``sgd``, as
     Megatron's: ``torch.optim.SGD``, coupled weight decay) over two groups: decayed and not.
@@ -61,6 +64,14 @@ def build_optimizer(
     ``distributed`` (``ddp.use_distributed_optimizer``) with ``dp_size > 1`` shards the optimizer
     state over the data-parallel ranks with ``torch.distributed.optim.ZeroRedundancyOptimizer``: each
     rank keeps the state of, and updates, about ``1/dp_size`` of the parameters, then broadcasts them.
+
+    ``exp_avg_dtype`` / ``exp_avg_sq_dtype`` (megatron-core's precision-aware optimizer; ``"torch.bfloat16"``
+    or the default ``"torch.float32"``) store Adam's moments in that dtype (:class:`~nvlcore.training.lean_adam.
+    LeanAdamW`, torchao's update); the parameters and gradients stay fp32.
+
+    ``offload_fraction`` > 0 (``optimizer.optimizer_cpu_offload``) keeps Adam's state of that fraction of
+    the parameter values in host memory and updates them there (:class:`~nvlcore.training.host_offload.
+    HostOffloadAdamW`).
     """
     import torch
 
@@ -80,15 +91,35 @@ def build_optimizer(
         {"params": plain, "wd_mult": 0.0, "weight_decay": 0.0},
     ) if g["params"]]
     cls: Any
-    if optimizer == "adam":
+    lean = (exp_avg_dtype, exp_avg_sq_dtype) != ("torch.float32", "torch.float32")
+    if optimizer == "adam" and lean:
+        try:
+            from nvlcore.training.lean_adam import MOMENT_DTYPES, LeanAdamW
+        except ImportError as exc:
+            from nvlcore.config import ConfigError
+
+            raise ConfigError(f"optimizer.exp_avg_dtype / exp_avg_sq_dtype other than torch.float32 need torchao "
+                              f"({exc}); pip install 'nvl[memory]'", key="optimizer.exp_avg_dtype") from None
+
+        cls = LeanAdamW
+        kwargs: dict[str, Any] = {"lr": lr, "betas": betas, "eps": eps, "exp_avg_dtype": MOMENT_DTYPES[exp_avg_dtype],
+                                  "exp_avg_sq_dtype": MOMENT_DTYPES[exp_avg_sq_dtype]}
+    elif optimizer == "adam" and offload_fraction > 0:
+        from nvlcore.training.host_offload import HostOffloadAdamW
+
+        cls = HostOffloadAdamW
+        kwargs = {"lr": lr, "betas": betas, "eps": eps, "offload_fraction": offload_fraction}
+    elif optimizer == "adam":
         cls = torch.optim.AdamW
-        kwargs: dict[str, Any] = {"lr": lr, "betas": betas, "eps": eps}
+        kwargs = {"lr": lr, "betas": betas, "eps": eps}
     elif optimizer == "sgd":
         cls = torch.optim.SGD
         kwargs = {"lr": lr, "momentum": sgd_momentum}
     else:
         raise ValueError(f"optimizer.optimizer={optimizer!r}: choose adam or sgd")
-    if device_type == "cuda":
+    if lean or cls.__name__ == "HostOffloadAdamW":
+        pass  # their own kernels: torchao's compiled update; the host/device split picks per part
+    elif device_type == "cuda":
         kwargs["fused"] = True
     else:
         kwargs["foreach"] = True
@@ -128,6 +159,37 @@ def state_names(optimizer: Any) -> tuple[str, ...]:
     return ("exp_avg", "exp_avg_sq")
 
 
+def moment_entries(value: "torch.Tensor") -> dict[str, "torch.Tensor"]:
+    """A moment as checkpoints keep it: fp32 values under the moment's own key (``""``; bf16 widens exactly),
+    and for an 8-bit moment its block scales too (key suffix ``.block_scale``: an exact resume)."""
+    import torch
+
+    if type(value) is not torch.Tensor:  # a quantized state tensor (torchao's)
+        from nvlcore.training.lean_adam import export_moment
+
+        return export_moment(value)
+    return {"": value if value.dtype == torch.float32 else value.float()}
+
+
+def quantized_moments(optimizer: Any, param: "torch.Tensor") -> tuple[str, ...]:
+    """The moments of ``param`` this optimizer stores in 8 bits (their block scales are checkpointed)."""
+    import torch
+
+    inner = local_optimizer(optimizer)
+    dtypes = getattr(inner, "moment_dtypes", None)
+    if not dtypes or param.numel() < inner.min_quantized_size or param.numel() % inner.block_size:
+        return ()
+    return tuple(m for m, signed in (("exp_avg", True), ("exp_avg_sq", False)) if dtypes[signed] is torch.uint8)
+
+
+def adopt_loaded_moments(optimizer: Any, block_scales: dict[Any, dict[str, "torch.Tensor"]] | None = None) -> None:
+    """After ``load_state_dict`` put fp32 moments back, turn them into the optimizer's storage dtypes."""
+    inner = local_optimizer(optimizer)
+    adopt = getattr(inner, "adopt_fp32_moments", None)
+    if adopt is not None:
+        adopt(block_scales)
+
+
 def optimizer_state_bytes(optimizer: Any) -> int:
     """Bytes of optimizer state tensors held by this rank (after the first update created them)."""
     import torch
@@ -136,7 +198,12 @@ def optimizer_state_bytes(optimizer: Any) -> int:
     for st in local_optimizer(optimizer).state.values():
         for v in st.values():
             if isinstance(v, torch.Tensor) and v.dim() > 0:
-                total += v.numel() * v.element_size()
+                if type(v) is not torch.Tensor:  # a quantized state tensor (torchao's)
+                    from nvlcore.training.lean_adam import state_bytes
+
+                    total += state_bytes(v)
+                else:
+                    total += v.numel() * v.element_size()
     return total
 
 

@@ -108,6 +108,10 @@ class NemotronVLBridge(ModelBridge):
             raise ValueError(f"model.recompute_granularity={granularity!r}: use selective or full")
         model.set_recompute(modes[granularity])  # type: ignore[operator]
 
+    def decoder_layers(self, model: "torch.nn.Module") -> list["torch.nn.Module"]:
+        """The hybrid language model's Mamba / attention / MLP layers, in forward order."""
+        return list(model.language_model.decoder.layers)  # type: ignore[union-attr,arg-type]
+
     # ------------------------------------------------------------------------------ processor
     def processor(self, *, seq_length: int | None = None, pad_to_multiple_of: int | None = None,
                   **options: Any) -> Any:
