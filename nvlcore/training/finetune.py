@@ -48,26 +48,10 @@ def apply_freeze_flags(model: "torch.nn.Module", cfg: "NvlConfig", bridge: Any) 
 
 def apply_peft(model: "torch.nn.Module", cfg: "NvlConfig", manager: Any, bridge: Any) -> Any:
     """Apply ``peft.method`` (registered PEFT method) to ``model``; returns the method object or None."""
-    method_name = cfg.peft.method
-    if not method_name:
-        return None
-    reg = manager.registry("peft_method")
-    try:
-        target = reg.get(method_name)
-    except Exception as exc:
-        raise RuntimeError(
-            f"peft.method={method_name!r} is not available ({exc}); install the plugin that provides it "
-            "(`nvl plugins list --all` shows the installed PEFT methods)"
-        ) from exc
-    method = target() if isinstance(target, type) else target
     from nvlcore.config import config_to_dict
+    from nvlcore.training.peft import apply_peft_method
 
-    options = dict(config_to_dict(cfg)["peft"])
-    options.pop("method", None)
-    extra = options.pop("options", {}) or {}
-    options.update(extra)
-    method.apply(model, bridge=bridge, **options)
-    return method
+    return apply_peft_method(model, config_to_dict(cfg)["peft"], bridge=bridge, manager=manager)
 
 
 @attrs.frozen

@@ -43,14 +43,20 @@ class CharTok:
 
 
 class FakeBridge(ModelBridge):
-    """A generation-only bridge: a scripted model behind the contract's generator()."""
+    """A bridge whose "model" is scripted: the core's inference path builds it, loads it and hands it to
+    generator_for_model, which wraps it."""
 
     name = "fake"
     architectures = ("FakeArch",)
     seen: dict = {}
 
     def build_model(self, *, dtype, device=None, init="none", seed=1234):
-        raise NotImplementedError("the generation-only test bridge builds no training model")
+        FakeBridge.seen.update(device=device, dtype=dtype, init=init)
+        return torch.nn.Module()
+
+    def load_hf_weights(self, model, hf_dir, *, strict=True):
+        FakeBridge.seen["weights"] = hf_dir
+        return {}
 
     def processor(self, *, seq_length=None, pad_to_multiple_of=None, **options):
         raise NotImplementedError("the generation-only test bridge has no processor")
@@ -58,18 +64,17 @@ class FakeBridge(ModelBridge):
     def mapping_table(self):
         return []
 
-    def generator(self, *, megatron_model_path=None, tensor_parallel_size=1, device=None, dtype=None, **unsupported):
-        if any(v is not None for v in unsupported.values()):
-            raise ValueError(f"fake bridge does not support {sorted(k for k, v in unsupported.items() if v is not None)}")
-        if tensor_parallel_size != 1:
-            raise NotImplementedError("fake bridge: tensor parallelism is not supported")
+    def generator_for_model(self, model, *, device=None, dtype=None, cuda_graph=None, **options):
+        if options:
+            raise ValueError(f"fake bridge has no generation options {sorted(options)}")
+        FakeBridge.seen["training"] = model.training
 
         def prepare(conv):
             FakeBridge.seen["conversation"] = conv
             return {"input_ids": torch.tensor([1, 2, 3])}
 
-        FakeBridge.seen.update(megatron=megatron_model_path, device=device, dtype=dtype)
-        return Generator(ScriptedModel([7, 0, 4, 4, EOS]), CharTok(), prepare, stop_token_ids=[EOS], pad_token_id=0)
+        return Generator(ScriptedModel([7, 0, 4, 4, EOS]), CharTok(), prepare, stop_token_ids=[EOS], pad_token_id=0,
+                         max_length=FakeBridge.seen.get("max_length"))
 
 
 class FakePlugin:
@@ -128,7 +133,7 @@ def test_json_output(cli, hf_dir, tmp_path) -> None:
     [
         (["--top-p", "0.5"], "--temperature"),
         (["--image-path", "/nonexistent.png"], "is not a file"),
-        (["--tp", "2"], "tensor parallelism is not supported"),
+        (["--tp", "2"], "torchrun --nproc-per-node 2"),
     ],
 )
 def test_bad_arguments_are_explained(cli, hf_dir, extra, message) -> None:

@@ -15,18 +15,23 @@ ARCHITECTURES = ("NemotronH_Nano_VL_V2",)
 
 
 def load_generator(hf_model_path: Any, **options: Any) -> Any:
-    """A ready :class:`nvlcore.generation.Generator` for an HF directory of this model;
-    ``options`` as :func:`nvl_nemotron_vl.generate.build_generator` (the bridge's ``generator()`` is
-    the contract's subset of them)."""
-    from .bridge import NemotronVLBridge
-    from .generate import build_generator
+    """A ready :class:`nvlcore.generation.Generator` for an HF directory of this model; ``options`` as
+    :func:`nvl_nemotron_vl.generate.load_generator` (the core's model loading plus this model's
+    generation options)."""
+    from .generate import load_generator as load
 
-    return build_generator(NemotronVLBridge.from_hf_dir(hf_model_path), **options)
+    return load(hf_model_path, **options)
 
 
 @hookimpl
 def nvl_register_model_bridges(register: Any) -> None:
     register(BRIDGE_NAME, "nvl_nemotron_vl.bridge:NemotronVLBridge", aliases=("nemotron_vl",))
+
+
+@hookimpl
+def nvl_register_command_options(register: Any) -> None:
+    # --num-frames / --fps / --video-pruning-rate on nvl generate
+    register("nemotron-vl-video", "nvl_nemotron_vl.options:VideoOptions")
 
 
 @hookimpl
