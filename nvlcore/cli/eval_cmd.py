@@ -247,7 +247,7 @@ def make_split(maker: Any, maker_name: str, split: str, kwargs: dict[str, Any]) 
         first = text.splitlines()[0][:200] if text else type(exc).__name__
         raise click.ClickException(
             f"dataset.maker_name={maker_name}, split {split!r}: cannot read the data ({first}); for a Hub dataset "
-            "check the network, or use a local copy (dataset.maker_kwargs.path) or the cache (HF_HUB_OFFLINE=1)"
+            "check the network, or give a local copy (dataset.maker_kwargs.path)"
         ) from None
 
 

@@ -11,7 +11,7 @@ which wraps the model with its processor and decoder.
     from nvlcore.bridge import resolve_bridge
     from nvlcore.generation.load import load_generator
 
-    gen = load_generator(resolve_bridge("/models/nano-vl"), adapter_checkpoint="runs/lora")
+    gen = load_generator(resolve_bridge("/models/my-model"), adapter_checkpoint="runs/peft")
 
 Importing this module is cheap; torch is imported inside the functions.
 """

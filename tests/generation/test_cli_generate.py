@@ -147,3 +147,62 @@ def test_unknown_architecture_and_missing_config(cli, tmp_path) -> None:
     (tmp_path / "config.json").write_text(json.dumps({"architectures": ["Other"]}))
     res = CliRunner().invoke(cli, ["generate", "--hf-model-path", str(tmp_path)])
     assert res.exit_code != 0 and "no installed model bridge handles architectures ['Other']" in res.output
+
+
+def test_prompt_file_carries_a_prompt_longer_than_argv_allows(cli, hf_dir, tmp_path) -> None:
+    """--prompt-file: the text as the prompt (one trailing newline dropped), past argv's 128 KB cap."""
+    text = "x" * 200_000
+    (tmp_path / "p.txt").write_text(text + "\n")
+    res = CliRunner().invoke(cli, ["generate", "--hf-model-path", str(hf_dir), "--prompt-file", str(tmp_path / "p.txt"),
+                                   "--system-prompt", "", "--device", "cpu", "--quiet"])
+    assert res.exit_code == 0, res.output
+    assert FakeBridge.seen["conversation"]["conversation"][0]["content"] == [{"type": "text", "text": text}]
+    res = CliRunner().invoke(cli, ["generate", "--hf-model-path", str(hf_dir), "--prompt-file", "-", "--quiet"],
+                             input="from stdin\n")
+    assert res.exit_code == 0 and FakeBridge.seen["conversation"]["conversation"][-1]["content"][0]["text"] == "from stdin"
+    both = CliRunner().invoke(cli, ["generate", "--hf-model-path", str(hf_dir), "--prompt", "a", "--prompt-file",
+                                    str(tmp_path / "p.txt")])
+    assert both.exit_code == 2 and "--prompt or --prompt-file, not both" in both.output
+    (tmp_path / "empty.txt").write_text("\n")
+    empty = CliRunner().invoke(cli, ["generate", "--hf-model-path", str(hf_dir), "--prompt-file", str(tmp_path / "empty.txt")])
+    assert empty.exit_code == 2 and "is empty" in empty.output
+
+
+@pytest.mark.parametrize("max_length, new_tokens, message", [
+    (3, 1, "the prompt is 3 tokens, longer than the model's context of 3 tokens"),
+    (5, 3, "max_new_tokens=3 would run past the model's context of 5 tokens; lower max_new_tokens to 2"),
+])
+def test_a_prompt_past_the_models_context_is_one_line(cli, hf_dir, max_length, new_tokens, message) -> None:
+    FakeBridge.seen["max_length"] = max_length
+    try:
+        res = CliRunner().invoke(cli, ["generate", "--hf-model-path", str(hf_dir), "--max-new-tokens", str(new_tokens),
+                                       "--device", "cpu"])
+        fits = CliRunner().invoke(cli, ["generate", "--hf-model-path", str(hf_dir), "--max-new-tokens", "1",
+                                        "--device", "cpu"]) if max_length > 4 else None
+    finally:
+        FakeBridge.seen.pop("max_length")
+    assert res.exit_code == 1 and message in res.output, res.output
+    assert sum(line.startswith("Error:") for line in res.output.splitlines()) == 1 and "Traceback" not in res.output
+    assert fits is None or fits.exit_code == 0, fits.output
+
+
+def test_generate_tears_down_the_process_group_it_set_up(cli, hf_dir) -> None:
+    """A plain `nvl generate` sets up a one-rank gloo group and destroys it before exit (no PyTorch
+    warning about a group never destroyed); a group the caller set up is left alone."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    assert not dist.is_initialized()
+    res = CliRunner().invoke(cli, ["generate", "--hf-model-path", str(hf_dir), "--device", "cpu", "--quiet"])
+    assert res.exit_code == 0, res.output
+    assert not dist.is_initialized() and not parallel_state.model_parallel_is_initialized()
+
+    from nvlcore.parallel import destroy_parallel, init_parallel
+
+    init_parallel(1, device_type="cpu")
+    try:
+        res = CliRunner().invoke(cli, ["generate", "--hf-model-path", str(hf_dir), "--device", "cpu", "--quiet"])
+        assert res.exit_code == 0, res.output
+        assert dist.is_initialized() and parallel_state.model_parallel_is_initialized()
+    finally:
+        destroy_parallel()

@@ -1,6 +1,7 @@
 """Generation with Nemotron Nano V2 VL: the model's processor and cached decoder around a loaded model
-(:func:`generator_for_model`, the bridge's ``generator_for_model``), and :func:`load_generator`, the
-path-based shortcut over the core's model loading (:mod:`nvlcore.generation.load`).
+(:func:`generator_for_model`, the bridge's ``generator_for_model``). Building and loading the model is
+the core's (:mod:`nvlcore.generation.load`); :func:`nvl_nemotron_vl.load_generator` is the path-based
+shortcut over both.
 
 ::
 
@@ -12,54 +13,18 @@ path-based shortcut over the core's model loading (:mod:`nvlcore.generation.load
                                              system_prompt="/no_think")], max_new_tokens=100)
     print(res.text, res.decode_tokens_per_s)
 
-This module takes the bridge it works with and never imports :mod:`.bridge` at import time (which
-imports this one). The model decodes with its layers' caches (:mod:`.model.cache`, driven by
+This module takes the bridge it works with and never imports :mod:`.bridge` (which imports this one). The model decodes with its layers' caches (:mod:`.model.cache`, driven by
 :mod:`.model.decode`).
 """
 
 from __future__ import annotations
 
-import os
 from typing import TYPE_CHECKING, Any, Mapping
 
 if TYPE_CHECKING:
     import torch
 
     from nvlcore.generation import Generator
-
-
-def load_generator(
-    hf_model_path: str | os.PathLike[str],
-    *,
-    cuda_graph: bool | None = None,
-    compile: bool = False,
-    processor_options: Mapping[str, Any] | None = None,
-    video_pruning_rate: float | None = None,
-    plugin_manager: Any = None,
-    lora_checkpoint: str | os.PathLike[str] | None = None,
-    **options: Any,
-) -> "Generator":
-    """A ready :class:`~nvlcore.generation.Generator` for an HF directory of this model.
-
-    :param cuda_graph, compile, processor_options, video_pruning_rate: see :func:`generator_for_model`.
-    :param plugin_manager: whose ``peft_method`` registry applies ``adapter_checkpoint``.
-    :param lora_checkpoint: the former name of ``adapter_checkpoint`` (give one of them).
-    :param options: :func:`nvlcore.generation.load.load_model`'s: ``megatron_model_path``,
-        ``adapter_checkpoint`` (a PEFT run, unmerged unless ``merge_adapters=True``),
-        ``tensor_parallel_size``, ``device``, ``dtype``, ``say``.
-    """
-    from nvlcore.generation.load import load_generator as load
-
-    from .bridge import NemotronVLBridge
-
-    if lora_checkpoint is not None:
-        if options.get("adapter_checkpoint") is not None:
-            raise TypeError("load_generator: give adapter_checkpoint or its former name lora_checkpoint, not both")
-        options["adapter_checkpoint"] = lora_checkpoint
-    generator_options = dict(cuda_graph=cuda_graph, compile=compile, processor_options=processor_options,
-                             video_pruning_rate=video_pruning_rate)
-    return load(NemotronVLBridge.from_hf_dir(hf_model_path), generator_options=generator_options,
-                manager=plugin_manager, **options)
 
 
 def generator_for_model(
