@@ -133,7 +133,7 @@ def eval_command(**params: Any) -> None:
         _score_file(params, metrics, maker_name)
         return
     if params["hf_model_path"] is None:
-        raise click.UsageError("--hf-model-path DIR|HUB_ID is required (or --predictions FILE to score a file)")
+        raise click.UsageError("--hf-model-path DIR is required (a directory or a Hub id; or --predictions FILE to score a file)")
     if params["temperature"] == 0.0 and (params["top_p"] != 1.0 or params["top_k"] != 0):
         raise click.UsageError("--top-p/--top-k only apply when sampling: also give --temperature > 0")
 
