@@ -17,7 +17,7 @@ from typing import Any, Sequence
 import click
 
 from nvlcore.cli.options import CONFIG_CONTEXT_SETTINGS, config_options, model_options
-from nvlcore.cli.generate import resolve_bridge
+from nvlcore.cli.generate import resolve_bridge, sampling_params
 from nvlcore.cli.plugin_options import PluginOptionsCommand
 
 MODULE = "nvlcore.cli.eval_cmd"
@@ -133,7 +133,8 @@ def eval_command(**params: Any) -> None:
         _score_file(params, metrics, maker_name)
         return
     if params["hf_model_path"] is None:
-        raise click.UsageError("--hf-model-path DIR is required (a directory or a Hub id; or --predictions FILE to score a file)")
+        raise click.UsageError("--hf-model-path DIR is required (a directory or a Hub id; or --predictions FILE to "
+                               "score a file)")
     if params["temperature"] == 0.0 and (params["top_p"] != 1.0 or params["top_k"] != 0):
         raise click.UsageError("--top-p/--top-k only apply when sampling: also give --temperature > 0")
 
@@ -211,7 +212,6 @@ def _run(params: dict[str, Any], cfg: Any, maker: Any, metrics: Any, maker_name:
 def _evaluate(params: dict[str, Any], cfg: Any, maker: Any, metrics: Any, maker_name: str, split: str,
               manager: Any, ctx: Any) -> None:
     from nvlcore.eval.runner import echo_err, evaluate_generator
-    from nvlcore.generation import SamplingParams
 
     rank, world = (ctx.rank, ctx.world_size) if ctx else (0, 1)
     dp_rank, dp_size = (ctx.dp_rank, ctx.dp_size) if ctx else (0, 1)
@@ -221,12 +221,7 @@ def _evaluate(params: dict[str, Any], cfg: Any, maker: Any, metrics: Any, maker_
     say(f"nvl eval: {maker_name}/{split}: {total} example(s)"
         + (f" over {dp_size} data-parallel rank(s)" if dp_size > 1 else ""))
     generator = _load_generator(params, ctx, manager, say)
-    seed = params["seed"]
-    if params["temperature"] > 0 and seed is None and world > 1:
-        from nvlcore.cli.generate import _shared_random_seed
-
-        seed = _shared_random_seed()
-    sampling = SamplingParams(temperature=params["temperature"], top_p=params["top_p"], top_k=params["top_k"], seed=seed)
+    sampling = sampling_params(params, world)
     report = evaluate_generator(
         generator, made, metrics, limit=params["limit"], batch_size=params["batch_size"],
         max_new_tokens=params["max_new_tokens"], sampling=sampling,
@@ -261,7 +256,8 @@ def _load_generator(params: dict[str, Any], ctx: Any, manager: Any, say: Any) ->
     device, dtype = default_device_and_dtype(device, getattr(torch, params["dtype"]) if params["dtype"] else None)
     megatron, adapter = params["megatron_model_path"], params["adapter_checkpoint"]
     say(f"nvl eval: loading {params['hf_model_path']}" + (f" with weights from {megatron}" if megatron else "")
-        + (f", adapters from {adapter} (merged in memory)" if adapter else "") + f" ({dtype}, {device}, tp={params['tp']})")
+        + (f", adapters from {adapter} (merged in memory)" if adapter else "")
+        + f" ({dtype}, {device}, tp={params['tp']})")
     bridge = resolve_bridge(params["hf_model_path"], params["bridge_name"], manager)
     return load_generator(bridge, megatron_model_path=megatron, adapter_checkpoint=adapter, merge_adapters=True,
                           tensor_parallel_size=params["tp"], device=device, dtype=dtype, manager=manager,

@@ -54,6 +54,17 @@ def _shared_random_seed() -> int:
     return int(seed.item())
 
 
+def sampling_params(params: dict[str, Any], world: int) -> Any:
+    """``--temperature/--top-p/--top-k/--seed`` as :class:`~nvlcore.generation.SamplingParams`; a sampled run
+    over several ranks without ``--seed`` gets one seed drawn on rank 0 (every rank must draw the same tokens)."""
+    from nvlcore.generation import SamplingParams
+
+    seed = params["seed"]
+    if params["temperature"] > 0 and seed is None and world > 1:
+        seed = _shared_random_seed()
+    return SamplingParams(temperature=params["temperature"], top_p=params["top_p"], top_k=params["top_k"], seed=seed)
+
+
 def _split_images(value: str | None) -> list[Path]:
     if not value:
         return []
@@ -221,13 +232,10 @@ def _torch_dtype(name: str) -> Any:
 
 def _answer(generator: Any, conversation: Any, params: dict[str, Any]) -> None:
     """Generate, stream (rank 0) and report the speed."""
-    from nvlcore.generation import GenerationOutput, SamplingParams
+    from nvlcore.generation import GenerationOutput
 
     rank, world = _rank_and_world()
-    seed = params["seed"]
-    if params["temperature"] > 0 and seed is None and world > 1:
-        seed = _shared_random_seed()  # every tensor-parallel rank must draw the same tokens
-    sampling = SamplingParams(temperature=params["temperature"], top_p=params["top_p"], top_k=params["top_k"], seed=seed)
+    sampling = sampling_params(params, world)
     outputs: list[GenerationOutput] = []
     try:
         results = generator.generate([conversation], max_new_tokens=params["max_new_tokens"], sampling=sampling,
@@ -244,7 +252,8 @@ def _answer(generator: Any, conversation: Any, params: dict[str, Any]) -> None:
     if params["quiet"]:
         return
     click.echo(
-        f"prefill: {out.prompt_tokens} tokens in {out.prefill_seconds:.3f} s ({out.prefill_tokens_per_s:.1f} tokens/s); "
+        f"prefill: {out.prompt_tokens} tokens in {out.prefill_seconds:.3f} s "
+        f"({out.prefill_tokens_per_s:.1f} tokens/s); "
         f"decode: {out.decode_tokens} tokens in {out.decode_seconds:.3f} s ({out.decode_tokens_per_s:.1f} tokens/s); "
         f"stopped by {'end-of-turn' if res.finish_reason == 'stop' else 'max-new-tokens'}",
         err=True,

@@ -159,12 +159,14 @@ def test_prompt_file_carries_a_prompt_longer_than_argv_allows(cli, hf_dir, tmp_p
     assert FakeBridge.seen["conversation"]["conversation"][0]["content"] == [{"type": "text", "text": text}]
     res = CliRunner().invoke(cli, ["generate", "--hf-model-path", str(hf_dir), "--prompt-file", "-", "--quiet"],
                              input="from stdin\n")
-    assert res.exit_code == 0 and FakeBridge.seen["conversation"]["conversation"][-1]["content"][0]["text"] == "from stdin"
+    assert res.exit_code == 0, res.output
+    assert FakeBridge.seen["conversation"]["conversation"][-1]["content"][0]["text"] == "from stdin"
     both = CliRunner().invoke(cli, ["generate", "--hf-model-path", str(hf_dir), "--prompt", "a", "--prompt-file",
                                     str(tmp_path / "p.txt")])
     assert both.exit_code == 2 and "--prompt or --prompt-file, not both" in both.output
     (tmp_path / "empty.txt").write_text("\n")
-    empty = CliRunner().invoke(cli, ["generate", "--hf-model-path", str(hf_dir), "--prompt-file", str(tmp_path / "empty.txt")])
+    empty = CliRunner().invoke(cli, ["generate", "--hf-model-path", str(hf_dir), "--prompt-file",
+                                     str(tmp_path / "empty.txt")])
     assert empty.exit_code == 2 and "is empty" in empty.output
 
 

@@ -55,7 +55,8 @@ def _trained_run(example: Any, hf: Path, root: Path, manager: Any) -> tuple[Path
                 p.add_(0.5 * torch.randn(p.shape, generator=g))
     state = {k: v for k, v in bridge.model_components(model).items() if k in trained}
     assert state and len(state) == len(trained)
-    return save_checkpoint(root, 5, model_state=state, run_config=rc, extra_state={"adapter_only": True}), _logits(model)
+    ck = save_checkpoint(root, 5, model_state=state, run_config=rc, extra_state={"adapter_only": True})
+    return ck, _logits(model)
 
 
 def test_a_peft_run_loads_as_trained_unmerged_and_merged(example: Any, tmp_path: Path) -> None:

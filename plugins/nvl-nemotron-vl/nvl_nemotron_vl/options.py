@@ -42,7 +42,8 @@ class VideoOptions(CommandOptions):
         """``processor_options`` and ``video_pruning_rate`` for :func:`nvl_nemotron_vl.generate.generator_for_model`."""
         num_frames, fps, rate = values.get("num_frames"), values.get("fps"), values.get("video_pruning_rate")
         if params.get("video_path") is None and (num_frames is not None or fps is not None or rate is not None):
-            raise click.UsageError("--num-frames, --fps and --video-pruning-rate apply to a video: also give --video-path")
+            raise click.UsageError("--num-frames, --fps and --video-pruning-rate apply to a video: also give "
+                                   "--video-path")
         if num_frames is not None and fps is not None:
             raise click.UsageError("give --num-frames (a fixed count) or --fps (frames per second), not both")
         out: dict[str, Any] = {}
