@@ -342,25 +342,20 @@ class ModelBridge(abc.ABC):
         return {}
 
     # --------------------------------------------------------------------------------- generation
-    def generator(self, *, megatron_model_path: str | Path | None = None, tensor_parallel_size: int = 1,
-                  device: Any = None, dtype: Any = None, processor_options: Mapping[str, Any] | None = None,
-                  video_pruning_rate: float | None = None, adapter_checkpoint: str | Path | None = None,
-                  model_transform: Callable[[Any], Any] | None = None, plugin_manager: Any = None,
-                  say: Callable[[str], None] | None = None) -> "Generator":
-        """A :class:`nvlcore.generation.Generator` for this HF directory (``nvl generate``, ``nvl eval``).
+    def generator_for_model(self, model: "torch.nn.Module", *, device: Any = None, dtype: Any = None,
+                            cuda_graph: bool | None = None, **options: Any) -> "Generator":
+        """A :class:`nvlcore.generation.Generator` over a built and loaded model: its processor and decoder
+        around it. :mod:`nvlcore.generation.load` calls it for ``nvl generate``, ``nvl eval`` and the
+        Python API (after building the model, loading weights and a PEFT run), the trainer for
+        ``validation.generate_eval_interval`` (``cuda_graph=False``).
 
-        :param megatron_model_path: weights from an nvl checkpoint instead of the HF directory.
-        :param adapter_checkpoint: a PEFT run's checkpoint whose adapters are applied unmerged.
-        :param model_transform: called with the loaded model before generation (``nvl eval`` merges
-            adapters with it).
-        Options a bridge does not support raise ``ValueError`` naming them. Default: no generation.
+        :param dtype: dtype of the media tensors (default: the model's parameters').
+        :param cuda_graph: replay the decode step as a CUDA graph (None: the bridge's default).
+        :param options: the bridge's own generation options, which its plugin's command options
+            supply (:meth:`nvlcore.cli.plugin_options.CommandOptions.generator_options`); one it does
+            not know raises ``ValueError`` naming it. Default: no generation.
         """
         raise NotImplementedError(f"model bridge {self.name!r} does not support generation")
-
-    def generator_for_model(self, model: "torch.nn.Module", *, device: Any = None,
-                            cuda_graph: bool = False) -> "Generator":
-        """A generator over an already-built model (the trainer's, for ``validation.generate_eval_interval``)."""
-        raise NotImplementedError(f"model bridge {self.name!r} cannot generate with the training model")
 
     # ---------------------------------------------------------------------------------- config
     def recipe(self, *, peft: bool = False, adapted_groups: Sequence[str] = ()) -> Mapping[str, Any]:

@@ -1,4 +1,6 @@
-"""``--hf-model`` / ``--hf-model-path`` / ``--hf-model-id``: a local directory or a Hugging Face Hub id.
+"""What ``--hf-model`` / ``--hf-model-path`` / ``--hf-model-id`` name: a local directory or a Hugging Face
+Hub id (the option itself, shared by every command that takes a model, is
+:func:`nvlcore.cli.options.model_options`).
 
 A value that is an existing directory is used as it is. Otherwise a value shaped like a Hub id
 (``owner/model-name``) is resolved with ``huggingface_hub.snapshot_download``:
@@ -11,9 +13,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any
 
-import click
 
 #: ``owner/name`` as the Hub spells repository ids (letters, digits, ``-``, ``_``, ``.``).
 HUB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -95,41 +95,3 @@ def _cache_dir() -> str:
         return str(constants.HF_HUB_CACHE)
     except Exception:  # pragma: no cover
         return "the Hugging Face cache"
-
-
-def hf_model_callback(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
-    """click callback for the ``--hf-model*`` options: a directory or a Hub id -> a local path.
-
-    Reads ``--revision`` from the already parsed parameters (declare it ``is_eager=True``).
-    """
-    if value is None:
-        return None
-    revision = ctx.params.get("revision")
-    option = max((o for o in param.opts if o.startswith("--")), key=len, default=param.opts[0])
-    try:
-        return resolve_hf_model(value, revision=revision, option=option)
-    except HubResolutionError as exc:
-        raise click.BadParameter(str(exc).removeprefix(f"{option} "), param_hint=option) from None
-
-
-def hf_model_option(*names: str, required: bool = False, help: str, **kwargs: Any) -> Any:
-    """A click option for an HF model (directory or Hub id), with every spelling nvl accepts:
-    the given ``names`` plus ``--hf-model``, ``--hf-model-path`` and ``--hf-model-id``. The first
-    name is shown in help; the parameter is called ``hf_model_path`` unless a name without dashes is given."""
-    spellings = list(names)
-    for n in ("--hf-model-path", "--hf-model", "--hf-model-id"):
-        if n not in spellings:
-            spellings.append(n)
-    decls = spellings if any(not s.startswith("-") for s in spellings) else [*spellings, "hf_model_path"]
-    return click.option(
-        *decls, required=required, default=None, callback=hf_model_callback, metavar="DIR|HUB_ID",
-        help=help + " A local directory or a Hugging Face Hub id (see --revision).", **kwargs,
-    )
-
-
-def revision_option() -> Any:
-    """``--revision`` (alias ``--hf-revision``, the original convert script's spelling) for Hub ids."""
-    return click.option(
-        "--revision", "--hf-revision", "revision", default=None, is_eager=True, metavar="REV",
-        help="Branch, tag or commit of a Hub id given to --hf-model/--hf-model-path.",
-    )

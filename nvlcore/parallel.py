@@ -17,10 +17,11 @@ library behind ``torchrun``), with torchrun's own rendezvous options for several
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import sys
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import attrs
 
@@ -270,6 +271,21 @@ def destroy_parallel(ctx: ParallelContext | None = None) -> None:
         parallel_state.destroy_model_parallel()
     if dist.is_initialized() and (ctx is None or ctx.owns_process_group):
         dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def owned_process_groups() -> Iterator[None]:
+    """Tear down, on the way out, the process groups set up inside the block (a command's own: PyTorch
+    warns at exit about a default group never destroyed); groups that existed before (a test's, a
+    notebook's) are left alone."""
+    import torch.distributed as dist
+
+    had = dist.is_available() and dist.is_initialized()
+    try:
+        yield
+    finally:
+        if not had and dist.is_available() and dist.is_initialized():
+            destroy_parallel()
 
 
 def build_launch_args(

@@ -7,7 +7,14 @@ from typing import Any
 
 import click
 
-from nvlcore.cli.options import CONFIG_CONTEXT_SETTINGS, OVERRIDES_HELP, config_options, echo_config, load_config_from_cli
+from nvlcore.cli.options import (
+    CONFIG_CONTEXT_SETTINGS,
+    OVERRIDES_HELP,
+    config_options,
+    echo_config,
+    load_config_from_cli,
+    model_options,
+)
 from nvlcore.cli.plugin_options import PluginOptionsCommand
 
 
@@ -26,11 +33,10 @@ CORE_DEFAULTS_NOTE = (
                       epilog=OVERRIDES_HELP)
 @config_options(print_config=False)
 @click.option("--check", is_flag=True, help="Also fail if a mandatory ('???') value is unset or a setting is unsupported.")
-@click.option("--hf-model-path", type=click.Path(file_okay=False), default=None,
-              help="Show what `nvl finetune --hf-model-path DIR` would run: the model's recipe and default YAML.")
+@model_options(help="Show what `nvl finetune --hf-model-path DIR` would run: the model's recipe and default YAML.")
 @click.pass_context
 def show(ctx: click.Context, config_files: tuple[Path, ...], overrides: tuple[str, ...], check: bool,
-         hf_model_path: str | None, **plugin_params: Any) -> None:
+         hf_model_path: Path | None, revision: str | None, **plugin_params: Any) -> None:
     """Print the resolved config as YAML: defaults <- config files <- OVERRIDES.
 
     With --hf-model-path the defaults are the model bridge's recipe and its default YAML file, exactly

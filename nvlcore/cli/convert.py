@@ -15,7 +15,7 @@ import click
 
 from nvlcore.bridge import resolve_bridge
 from nvlcore.cli.spelling import declare_aliases
-from nvlcore.hub import hf_model_option, revision_option
+from nvlcore.cli.options import model_options
 
 #: The original scripts' short spellings (scripts/conversion/convert.sh: -tp/-pp/-ep/-etp).
 CONVERT_ALIASES = {"-tp": "--tp", "-pp": "--pp", "-ep": "--ep", "-etp": "--etp"}
@@ -50,8 +50,7 @@ def convert_group() -> None:
 
 @declare_aliases(aliases=CONVERT_ALIASES)
 @convert_group.command("import")
-@hf_model_option("--hf-model", "hf_model", required=True, help="HF model (config.json + safetensors).")
-@revision_option()
+@model_options("--hf-model", name="hf_model", required=True, help="HF model (config.json + safetensors).")
 @click.option("--megatron-path", "--megatron-model-path", "megatron_path", required=True, type=click.Path(path_type=Path),
               help="Output checkpoint directory (gets iter_0000000/ and the tracker).")
 @click.option("--tp", "--tensor-parallel-size", "tp", default=1, show_default=True, type=click.IntRange(min=1),
@@ -90,8 +89,8 @@ def import_cmd(hf_model: Path, revision: str | None, megatron_path: Path, tp: in
 
 @declare_aliases(aliases=CONVERT_ALIASES)
 @convert_group.command("export")
-@hf_model_option("--hf-model", "hf_model", required=True, help="Reference HF model (config, tokenizer, *.py, tensor list).")
-@revision_option()
+@model_options("--hf-model", name="hf_model", required=True,
+               help="Reference HF model (config, tokenizer, *.py, tensor list).")
 @click.option("--megatron-path", "--megatron-model-path", "megatron_path", required=True, type=click.Path(path_type=Path),
               help="Checkpoint directory (latest iteration) or one iter_N directory.")
 @click.option("--hf-path", "--output", "hf_path", required=True, type=click.Path(path_type=Path),

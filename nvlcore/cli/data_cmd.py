@@ -9,7 +9,7 @@ from typing import Any, Mapping
 
 import click
 
-from nvlcore.hub import hf_model_option, revision_option
+from nvlcore.cli.options import model_options
 
 
 @click.group("data")
@@ -109,8 +109,7 @@ def _describe_item(item: Mapping[str, Any]) -> str:
 @click.option("--split", default="train", show_default=True, help="Split to read.")
 @click.option("-n", "--num-examples", "num", type=click.IntRange(min=1), default=3, show_default=True,
               help="How many examples to show.")
-@hf_model_option("--hf-model-path", help="Model: also show what its processor makes of each example.")
-@revision_option()
+@model_options(help="Model: also show what its processor makes of each example.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per example and line.")
 @click.option("--packing", type=click.Choice(["first_fit", "best_fit"]), is_flag=False, flag_value="best_fit",
               default=None, help="Show how the examples pack into rows (dataset.packing; alone: best_fit); -n counts rows.")

@@ -16,7 +16,8 @@ from typing import Any, Sequence
 
 import click
 
-from nvlcore.cli.options import CONFIG_CONTEXT_SETTINGS, config_options
+from nvlcore.cli.options import CONFIG_CONTEXT_SETTINGS, config_options, model_options
+from nvlcore.cli.generate import resolve_bridge, sampling_params
 from nvlcore.cli.plugin_options import PluginOptionsCommand
 
 MODULE = "nvlcore.cli.eval_cmd"
@@ -49,7 +50,8 @@ def split_maker_kwargs(cfg: Any, split: str) -> dict[str, Any]:
 def _child_argv(params: dict[str, Any], overrides: Sequence[str]) -> list[str]:
     argv: list[str] = []
     for name, value in params.items():
-        if name in ("nproc_per_node", "config_files") or value is None or value is False:
+        # the model option is already a local directory: its --revision is spent
+        if name in ("nproc_per_node", "config_files", "revision") or value is None or value is False:
             continue
         flag = "--" + name.replace("_", "-")
         if name == "as_json":
@@ -63,8 +65,7 @@ def _child_argv(params: dict[str, Any], overrides: Sequence[str]) -> list[str]:
 
 
 @click.command("eval", cls=PluginOptionsCommand, context_settings={**CONFIG_CONTEXT_SETTINGS, "help_option_names": ["-h", "--help"]})
-@click.option("--hf-model-path", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
-              help="HF model directory: config, tokenizer (and the weights when no Megatron path is given).")
+@model_options(help="HF model: config, tokenizer (and the weights when no Megatron path is given).")
 @click.option("--megatron-model-path", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="Megatron-style checkpoint (base dir or iter_N dir) whose weights to use.")
 @click.option("--adapter-checkpoint", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
@@ -132,13 +133,17 @@ def eval_command(**params: Any) -> None:
         _score_file(params, metrics, maker_name)
         return
     if params["hf_model_path"] is None:
-        raise click.UsageError("--hf-model-path DIR is required (or --predictions FILE to score a file)")
+        raise click.UsageError("--hf-model-path DIR is required (a directory or a Hub id; or --predictions FILE to "
+                               "score a file)")
     if params["temperature"] == 0.0 and (params["top_p"] != 1.0 or params["top_k"] != 0):
         raise click.UsageError("--top-p/--top-k only apply when sampling: also give --temperature > 0")
 
     from nvlcore.parallel import build_launch_args, launch, launched_by_torchrun
 
     nproc = params["nproc_per_node"]
+    if params["tp"] > 1 and (nproc or 1) < params["tp"] and not launched_by_torchrun():
+        raise click.UsageError(f"--tp {params['tp']} needs one process per rank: add --nproc-per-node {params['tp']} "
+                               "(or a multiple of it)")
     if nproc is not None and nproc > 1 and not launched_by_torchrun():
         if nproc % params["tp"]:
             raise click.UsageError(f"--nproc-per-node {nproc} is not a multiple of --tp {params['tp']}")
@@ -192,68 +197,71 @@ def _run(params: dict[str, Any], cfg: Any, maker: Any, metrics: Any, maker_name:
     import warnings
 
     warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
-    import torch.distributed as dist
+    from nvlcore.parallel import default_device_type, init_parallel, launched_by_torchrun, owned_process_groups
 
-    from nvlcore.parallel import default_device_type, destroy_parallel, init_parallel, launched_by_torchrun
-
-    had_group = dist.is_available() and dist.is_initialized()
-    ctx = None
-    try:
+    # The groups this command sets up are torn down at its end; in-process callers (tests, notebooks)
+    # keep theirs and may load other models.
+    with owned_process_groups():
+        ctx = None
         if launched_by_torchrun():
             device_type = params["device"].split(":")[0] if params["device"] else default_device_type()
             ctx = init_parallel(params["tp"], device_type=device_type)
         _evaluate(params, cfg, maker, metrics, maker_name, split, manager, ctx)
-    finally:
-        # Leave the process as it was: in-process callers (tests, notebooks) may load other models.
-        if ctx is not None:
-            destroy_parallel(ctx)
-        elif not had_group and dist.is_available() and dist.is_initialized():
-            destroy_parallel()
 
 
 def _evaluate(params: dict[str, Any], cfg: Any, maker: Any, metrics: Any, maker_name: str, split: str,
               manager: Any, ctx: Any) -> None:
-    import torch
-
-    from nvlcore.eval.model import load_eval_generator
     from nvlcore.eval.runner import echo_err, evaluate_generator
-    from nvlcore.generation import SamplingParams
 
-    tp = params["tp"]
     rank, world = (ctx.rank, ctx.world_size) if ctx else (0, 1)
     dp_rank, dp_size = (ctx.dp_rank, ctx.dp_size) if ctx else (0, 1)
-    tp_rank = ctx.tp_rank if ctx else 0
     say = echo_err if rank == 0 else (lambda _m: None)
-    dev = torch.device(params["device"]) if params["device"] else (
-        ctx.device if ctx else torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = getattr(torch, params["dtype"]) if params["dtype"] else (torch.bfloat16 if dev.type == "cuda" else torch.float32)
-
-    made = maker(split=split, **split_maker_kwargs(cfg, split))
+    made = make_split(maker, maker_name, split, split_maker_kwargs(cfg, split))
     total = len(made) if params["limit"] is None else min(params["limit"], len(made))
     say(f"nvl eval: {maker_name}/{split}: {total} example(s)"
-        + (f" over {dp_size} data-parallel rank(s)" if dp_size > 1 else "")
-        + f"; loading {params['hf_model_path']}"
-        + (f" with weights from {params['megatron_model_path']}" if params["megatron_model_path"] else "")
-        + f" ({dtype}, {dev}, tp={tp})")
-    generator = load_eval_generator(
-        hf_model_path=params["hf_model_path"], megatron_model_path=params["megatron_model_path"],
-        adapter_checkpoint=params["adapter_checkpoint"], tensor_parallel_size=tp, device=dev, dtype=dtype,
-        manager=manager, bridge_name=params["bridge_name"], say=say,
-    )
-    seed = params["seed"]
-    if params["temperature"] > 0 and seed is None and world > 1:
-        from nvlcore.cli.generate import _shared_random_seed
-
-        seed = _shared_random_seed()
-    sampling = SamplingParams(temperature=params["temperature"], top_p=params["top_p"], top_k=params["top_k"], seed=seed)
+        + (f" over {dp_size} data-parallel rank(s)" if dp_size > 1 else ""))
+    generator = _load_generator(params, ctx, manager, say)
+    sampling = sampling_params(params, world)
     report = evaluate_generator(
         generator, made, metrics, limit=params["limit"], batch_size=params["batch_size"],
         max_new_tokens=params["max_new_tokens"], sampling=sampling,
-        system_prompt=params["system_prompt"] or None, rank=dp_rank, world=dp_size, contribute=tp_rank == 0,
-        name=f"{maker_name}/{split}", progress=say,
+        system_prompt=params["system_prompt"] or None, rank=dp_rank, world=dp_size,
+        contribute=(ctx.tp_rank if ctx else 0) == 0, name=f"{maker_name}/{split}", progress=say,
     )
     if rank == 0:
         _report(params, report, f"nvl eval: {maker_name}/{split}")
+
+
+def make_split(maker: Any, maker_name: str, split: str, kwargs: dict[str, Any]) -> Any:
+    """The maker's split; a source that cannot be read (no network for a Hub dataset, a missing file) is
+    one line naming the dataset and what to do, as ``nvl finetune`` and ``nvl data preview`` say it."""
+    try:
+        return maker(split=split, **kwargs)
+    except OSError as exc:  # ConnectionError and the Hub's HTTP errors are OSErrors
+        text = str(exc).strip()
+        first = text.splitlines()[0][:200] if text else type(exc).__name__
+        raise click.ClickException(
+            f"dataset.maker_name={maker_name}, split {split!r}: cannot read the data ({first}); for a Hub dataset "
+            "check the network, or give a local copy (dataset.maker_kwargs.path)"
+        ) from None
+
+
+def _load_generator(params: dict[str, Any], ctx: Any, manager: Any, say: Any) -> Any:
+    """The model through the core's inference path, a PEFT run's adapters merged in memory."""
+    import torch
+
+    from nvlcore.generation.load import default_device_and_dtype, load_generator
+
+    device = params["device"] or (ctx.device if ctx else None)
+    device, dtype = default_device_and_dtype(device, getattr(torch, params["dtype"]) if params["dtype"] else None)
+    megatron, adapter = params["megatron_model_path"], params["adapter_checkpoint"]
+    say(f"nvl eval: loading {params['hf_model_path']}" + (f" with weights from {megatron}" if megatron else "")
+        + (f", adapters from {adapter} (merged in memory)" if adapter else "")
+        + f" ({dtype}, {device}, tp={params['tp']})")
+    bridge = resolve_bridge(params["hf_model_path"], params["bridge_name"], manager)
+    return load_generator(bridge, megatron_model_path=megatron, adapter_checkpoint=adapter, merge_adapters=True,
+                          tensor_parallel_size=params["tp"], device=device, dtype=dtype, manager=manager,
+                          say=lambda line: say(f"nvl eval: {line}"))
 
 
 def main(argv: list[str] | None = None) -> Any:

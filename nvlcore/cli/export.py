@@ -15,7 +15,7 @@ from typing import Any
 import click
 
 from nvlcore.cli.plugin_options import PluginOptionsCommand
-from nvlcore.hub import hf_model_option, revision_option
+from nvlcore.cli.options import model_options
 
 
 def _parse_options(values: tuple[str, ...]) -> dict[str, Any]:
@@ -41,8 +41,7 @@ def _parse_options(values: tuple[str, ...]) -> dict[str, Any]:
     type=click.Path(path_type=Path),
     help="The trained checkpoint: a base directory (latest iteration) or an iter_N directory.",
 )
-@hf_model_option("--hf-model-path", help="The HF model the checkpoint was trained from (config, key names, tokenizer).")
-@revision_option()
+@model_options(help="The HF model the checkpoint was trained from (config, key names, tokenizer).")
 @click.option("--output", "--hf-path", "output", type=click.Path(path_type=Path), help="Directory to write.")
 @click.option("--dtype", default=None, type=click.Choice(["float32", "bfloat16", "float16"]),
               help="Cast the exported tensors (the original export_adapter.py's --dtype; same as -O dtype=...).")

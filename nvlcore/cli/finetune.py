@@ -23,9 +23,8 @@ from typing import Any, Mapping, Sequence
 
 import click
 
-from nvlcore.cli.options import CONFIG_CONTEXT_SETTINGS, config_options
+from nvlcore.cli.options import CONFIG_CONTEXT_SETTINGS, config_options, model_options
 from nvlcore.cli.plugin_options import PluginOptionsCommand
-from nvlcore.hub import hf_model_option, revision_option
 
 MODULE = "nvlcore.cli.finetune"
 
@@ -128,8 +127,7 @@ def _latest_saved(save: str | None) -> tuple[int | None, float | None]:
 
 @click.command("finetune", cls=PluginOptionsCommand,
                context_settings={**CONFIG_CONTEXT_SETTINGS, "help_option_names": ["-h", "--help"]})
-@hf_model_option("--hf-model-path", help="HF model (config.json, tokenizer); selects the model bridge.")
-@revision_option()
+@model_options(help="HF model (config.json, tokenizer); selects the model bridge.")
 @click.option("--pretrained-checkpoint", "--pretrained", "--megatron-path", "--megatron-model-path",
               "pretrained_checkpoint", type=click.Path(), default=None,
               help="Starting weights: a Megatron checkpoint (base dir or iter_N) or an HF directory.")

@@ -2,8 +2,9 @@
 a Megatron-style checkpoint, streaming the text and reporting prefill / decode speed.
 
 The command is model-agnostic: it reads ``config.json`` of ``--hf-model-path``, picks the model
-bridge registered for its ``architectures`` and asks the bridge for a ready
-:class:`nvlcore.generation.Generator` through :meth:`nvlcore.bridge.ModelBridge.generator`.
+bridge registered for its ``architectures``, loads the model through the core's one inference path
+(:mod:`nvlcore.generation.load`) and decodes with the generator the bridge wraps around it. Options of
+one model (a video model's frame sampling) are its plugin's (``nvl_register_command_options``).
 """
 
 from __future__ import annotations
@@ -15,9 +16,9 @@ from typing import Any
 
 import click
 
+from nvlcore.cli.options import model_options
 from nvlcore.cli.plugin_options import PluginOptionsCommand
 from nvlcore.cli.spelling import declare_aliases
-from nvlcore.hub import hf_model_option, revision_option
 
 
 def resolve_bridge(hf_dir: Path, bridge_name: str | None = None, manager: Any = None) -> Any:
@@ -53,6 +54,17 @@ def _shared_random_seed() -> int:
     return int(seed.item())
 
 
+def sampling_params(params: dict[str, Any], world: int) -> Any:
+    """``--temperature/--top-p/--top-k/--seed`` as :class:`~nvlcore.generation.SamplingParams`; a sampled run
+    over several ranks without ``--seed`` gets one seed drawn on rank 0 (every rank must draw the same tokens)."""
+    from nvlcore.generation import SamplingParams
+
+    seed = params["seed"]
+    if params["temperature"] > 0 and seed is None and world > 1:
+        seed = _shared_random_seed()
+    return SamplingParams(temperature=params["temperature"], top_p=params["top_p"], top_k=params["top_k"], seed=seed)
+
+
 def _split_images(value: str | None) -> list[Path]:
     if not value:
         return []
@@ -76,16 +88,12 @@ def _check_images(paths: list[Path]) -> None:
             raise click.ClickException(f"--image-path {p} is not an image nvl can read ({type(exc).__name__}: {first})") from None
 
 
-@declare_aliases(
-    aliases={"--image-paths": "--image-path", "--video-fps": "--fps", "--hf-revision": "--revision"},
-    nargs=("--image-paths",),
-)
+@declare_aliases(aliases={"--image-paths": "--image-path"}, nargs=("--image-paths",))
 @click.command("generate", cls=PluginOptionsCommand)
-@hf_model_option(
-    "--hf-model-path", required=True,
+@model_options(
+    required=True,
     help="HF model: config, tokenizer, processor settings (and the weights when no Megatron path is given).",
 )
-@revision_option()
 @click.option(
     "--megatron-model-path", "--megatron-path", "megatron_model_path",
     type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
@@ -99,14 +107,9 @@ def _check_images(paths: list[Path]) -> None:
 )
 @click.option("--image-path", default=None, help="Image file; several comma-separated (prompted as Image-1: ... Image-2: ...).")
 @click.option("--video-path", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None, help="Video file.")
-@click.option("--num-frames", default=None, type=click.IntRange(min=1),
-              help="Video: frames sampled uniformly over the clip (default: the processor's, 10 like the original script).")
-@click.option("--fps", default=None, type=click.FloatRange(min=0.0, min_open=True),
-              help="Video: sample this many frames per second instead of a fixed count (capped by the processor's maximum).")
-@click.option("--video-pruning-rate", default=None, type=click.FloatRange(0.0, 1.0, max_open=True),
-              help="Video: fraction of video tokens EVS prunes before the language model (default: the model "
-                   "config's video_pruning_rate; 0 turns EVS off, as the original script never prunes).")
 @click.option("--prompt", default="Describe this image.", show_default=True)
+@click.option("--prompt-file", type=click.File("r", encoding="utf-8", lazy=False), default=None,
+              help="Read the prompt from this file ('-': standard input), for prompts too long for a command line.")
 @click.option("--system-prompt", default="/no_think", show_default=True, help="'' for none.")
 @click.option("--max-new-tokens", default=100, show_default=True, type=click.IntRange(min=1))
 @click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(min=0.0), help="0 = greedy.")
@@ -127,124 +130,130 @@ def _check_images(paths: list[Path]) -> None:
 @click.option("--bridge", "bridge_name", default=None, help="Model bridge name (default: from config.json).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming text.")
 @click.option("--quiet", "-q", is_flag=True, help="No loading or speed lines on stderr (also a global option: nvl --quiet).")
-def generate_cmd(
-    hf_model_path: Path,
-    revision: str | None,
-    megatron_model_path: Path | None,
-    adapter_checkpoint: Path | None,
-    image_path: str | None,
-    video_path: Path | None,
-    num_frames: int | None,
-    fps: float | None,
-    video_pruning_rate: float | None,
-    prompt: str,
-    system_prompt: str,
-    max_new_tokens: int,
-    temperature: float,
-    top_p: float,
-    top_k: int,
-    seed: int | None,
-    tp: int,
-    _other_parallel: tuple[int, ...],
-    _compat_flags: Any,
-    _pp_layout: str | None,
-    device: str | None,
-    dtype: str | None,
-    bridge_name: str | None,
-    as_json: bool,
-    quiet: bool,
-) -> None:
+@click.pass_context
+def generate_cmd(ctx: click.Context, **params: Any) -> None:
     """Generate a reply to one prompt, with optional images or a video.
 
     Greedy unless --temperature is given; stops at the model's end-of-turn token. Text streams to
-    stdout; prefill and decode tokens/s go to stderr.
+    stdout; prefill and decode tokens/s go to stderr. Model plugins may add options (a video model its
+    frame sampling).
     """
     from nvlcore.cli import global_flag
 
-    quiet = quiet or global_flag("quiet")
-    images = _split_images(image_path)
-    if images and video_path is not None:
+    command = ctx.command
+    assert isinstance(command, PluginOptionsCommand)
+    plugin_values = command.split_values(params, ctx)
+    params["quiet"] = params["quiet"] or global_flag("quiet")
+    params["prompt"] = _read_prompt(ctx, params)
+    images = _split_images(params["image_path"])
+    if images and params["video_path"] is not None:
         raise click.UsageError("give --image-path or --video-path, not both")
-    if video_path is None and (num_frames is not None or fps is not None or video_pruning_rate is not None):
-        raise click.UsageError("--num-frames, --fps and --video-pruning-rate apply to a video: also give --video-path")
-    if num_frames is not None and fps is not None:
-        raise click.UsageError("give --num-frames (a fixed count) or --fps (frames per second), not both")
-    if temperature == 0.0 and (top_p != 1.0 or top_k != 0):
+    if params["temperature"] == 0.0 and (params["top_p"] != 1.0 or params["top_k"] != 0):
         raise click.UsageError("--top-p/--top-k only apply when sampling: also give --temperature > 0")
+    generator_options: dict[str, Any] = {}
+    for obj, values in plugin_values:
+        generator_options.update(obj.generator_options("generate", values, params))
     _check_images(images)
 
     import warnings
 
     # megatron-core says this on import on every machine without Transformer Engine; not actionable here.
     warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
-    import torch
+    from nvlcore.generation import build_conversation
+    from nvlcore.parallel import owned_process_groups
 
-    from nvlcore.cli import current_plugin_manager
-    from nvlcore.generation import GenerationOutput, SamplingParams, build_conversation
+    conversation = build_conversation(params["prompt"], images=images, video=params["video_path"],
+                                      system_prompt=params["system_prompt"] or None)
+    bridge = resolve_bridge(params["hf_model_path"], params["bridge_name"])
+    if params["video_path"] is not None:
+        _check_video(bridge, conversation, params["video_path"])
+    with owned_process_groups():
+        generator = _load(bridge, params, generator_options)
+        _answer(generator, conversation, params)
+
+
+def _read_prompt(ctx: click.Context, params: dict[str, Any]) -> str:
+    """``--prompt``, or the text of ``--prompt-file`` (one trailing newline dropped, as ``$(cat FILE)`` would)."""
+    from click.core import ParameterSource
+
+    fh = params.pop("prompt_file")
+    if fh is None:
+        return str(params["prompt"])
+    if ctx.get_parameter_source("prompt") not in (ParameterSource.DEFAULT, None):
+        raise click.UsageError("give --prompt or --prompt-file, not both")
+    text = fh.read().rstrip("\n")
+    if not text.strip():
+        raise click.BadParameter(f"{fh.name} is empty", param_hint="--prompt-file")
+    return text
+
+
+def _check_video(bridge: Any, conversation: Any, video: Path) -> None:
+    """The model's processor reads the video (before the weights load): an unreadable one is one line naming it."""
+    try:
+        processor = bridge.processor()
+    except NotImplementedError:  # a generation-only bridge: its generator reads the video
+        return
+    try:
+        processor(conversation, add_generation_prompt=True)
+    except (OSError, ValueError, RuntimeError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise click.ClickException(f"--video-path {video}: the model's processor cannot read it: {first}") from None
+
+
+def _load(bridge: Any, params: dict[str, Any], generator_options: dict[str, Any]) -> Any:
+    """The generator for the command's weights (:func:`nvlcore.generation.load.load_generator`); errors in one line."""
+    from nvlcore.cli import current_plugin_manager, global_flag
+    from nvlcore.generation.load import default_device_and_dtype, load_generator
 
     def say(line: str) -> None:
-        if not quiet:
+        if not params["quiet"]:
             click.echo(f"nvl generate: {line}", err=True)
 
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    torch_dtype = getattr(torch, dtype) if dtype else (torch.bfloat16 if dev.type == "cuda" else torch.float32)
-    bridge = resolve_bridge(hf_model_path, bridge_name)
-    say(
-        f"loading {hf_model_path}"
-        + (f" with weights from {megatron_model_path}" if megatron_model_path else "")
-        + (f" and the adapters of {adapter_checkpoint}" if adapter_checkpoint else "")
-        + f" ({torch_dtype}, {dev}, tp={tp})"
-    )
-    options: dict[str, Any] = {}
-    processor_options: dict[str, Any] = {}
-    if num_frames is not None:
-        processor_options["video_num_frames"] = num_frames
-    if fps is not None:
-        processor_options["video_fps"] = fps
-    if processor_options:
-        options["processor_options"] = processor_options
-    if video_pruning_rate is not None:
-        options["video_pruning_rate"] = video_pruning_rate
-    if adapter_checkpoint is not None:
-        options.update(adapter_checkpoint=adapter_checkpoint, plugin_manager=current_plugin_manager(), say=say)
+    dtype_name = params["dtype"]
+    device, dtype = default_device_and_dtype(params["device"], _torch_dtype(dtype_name) if dtype_name else None)
+    megatron, adapter = params["megatron_model_path"], params["adapter_checkpoint"]
+    say(f"loading {params['hf_model_path']}" + (f" with weights from {megatron}" if megatron else "")
+        + (f" and the adapters of {adapter}" if adapter else "") + f" ({dtype}, {device}, tp={params['tp']})")
     try:
-        generator = bridge.generator(
-            megatron_model_path=megatron_model_path, tensor_parallel_size=tp, device=dev, dtype=torch_dtype, **options
-        )
-    except (OSError, ValueError, NotImplementedError, KeyError) as exc:  # damaged weights or checkpoint: one line naming it
-        from nvlcore.cli import global_flag
-
+        return load_generator(bridge, megatron_model_path=megatron, adapter_checkpoint=adapter,
+                              tensor_parallel_size=params["tp"], device=device, dtype=dtype,
+                              manager=current_plugin_manager(), say=say, generator_options=generator_options)
+    except (OSError, ValueError, NotImplementedError, KeyError) as exc:  # damaged weights or checkpoint: one line
         if global_flag("debug"):  # nvl --debug generate ...: the full traceback
             raise
         raise click.ClickException(str(exc).strip("'\"")) from None
 
-    conversation = build_conversation(
-        prompt, images=images, video=video_path, system_prompt=system_prompt or None
-    )
+
+def _torch_dtype(name: str) -> Any:
+    import torch
+
+    return getattr(torch, name)
+
+
+def _answer(generator: Any, conversation: Any, params: dict[str, Any]) -> None:
+    """Generate, stream (rank 0) and report the speed."""
+    from nvlcore.generation import GenerationOutput
+
     rank, world = _rank_and_world()
-    if temperature > 0 and seed is None and world > 1:
-        seed = _shared_random_seed()  # every tensor-parallel rank must draw the same tokens
-    sampling = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
+    sampling = sampling_params(params, world)
     outputs: list[GenerationOutput] = []
     try:
-        results = generator.generate(
-            [conversation],
-            max_new_tokens=max_new_tokens,
-            sampling=sampling,
-            stream=None if as_json or rank != 0 else sys.stdout,
-            on_output=outputs.append,
-        )
-    except (OSError, ValueError) as exc:  # an image or video that does not decode: the message names it
-        raise click.ClickException(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__) from None
+        results = generator.generate([conversation], max_new_tokens=params["max_new_tokens"], sampling=sampling,
+                                     stream=None if params["as_json"] or rank != 0 else sys.stdout,
+                                     on_output=outputs.append)
+    except (OSError, ValueError) as exc:  # an image or video that does not decode, a prompt past the context
+        text = str(exc).strip()
+        raise click.ClickException(text.splitlines()[0] if text else type(exc).__name__) from None
     if rank != 0:
         return
     res, out = results[0], outputs[0]
-    if as_json:
+    if params["as_json"]:
         click.echo(json.dumps(res.as_json()))
-    if quiet:
+    if params["quiet"]:
         return
     click.echo(
-        f"prefill: {out.prompt_tokens} tokens in {out.prefill_seconds:.3f} s ({out.prefill_tokens_per_s:.1f} tokens/s); "
+        f"prefill: {out.prompt_tokens} tokens in {out.prefill_seconds:.3f} s "
+        f"({out.prefill_tokens_per_s:.1f} tokens/s); "
         f"decode: {out.decode_tokens} tokens in {out.decode_seconds:.3f} s ({out.decode_tokens_per_s:.1f} tokens/s); "
         f"stopped by {'end-of-turn' if res.finish_reason == 'stop' else 'max-new-tokens'}",
         err=True,

@@ -1,4 +1,6 @@
-"""Shared click plumbing for commands that take a run config (``nvl config show``, ``nvl finetune``...).
+"""Shared click plumbing: the model options of every command that takes a model (:func:`model_options`)
+and the ``-c/--print-config/OVERRIDES`` of commands that take a run config (``nvl config show``,
+``nvl finetune``...).
 
 Usage::
 
@@ -32,6 +34,51 @@ OVERRIDES_HELP = (
     "dataset.maker_kwargs '{\"video_root_path\":\"/data/videos\"}'; ~KEY resets a key to its default. "
     "See `nvl config keys` and docs/config.md."
 )
+
+
+#: The spellings of the one model option, in every command that takes a model (docs/cli.md).
+MODEL_OPTION_NAMES: tuple[str, ...] = ("--hf-model-path", "--hf-model", "--hf-model-id")
+
+
+def model_options(first: str = "--hf-model-path", *, name: str = "hf_model_path", required: bool = False,
+                  help: str) -> Callable[[F], F]:
+    """The options of every command that takes a model: one option spelled ``--hf-model-path``,
+    ``--hf-model`` or ``--hf-model-id`` (a local directory or a Hugging Face Hub id, resolved to a local
+    directory before the command runs: :func:`nvlcore.hub.resolve_hf_model`), and ``--revision``
+    (alias ``--hf-revision``) for a Hub id. An error names the spelling the user typed.
+
+    :param first: the spelling help shows (the original workflow's for the command).
+    :param name: the command function's parameter that receives the directory (a ``Path`` or None).
+    :param required: the command cannot run without a model.
+    :param help: what the model is for in this command.
+    """
+    spellings = [first, *(n for n in MODEL_OPTION_NAMES if n != first)]
+
+    def decorate(f: F) -> F:
+        f = click.option(
+            "--revision", "--hf-revision", "revision", default=None, is_eager=True, metavar="REV",
+            help=f"Branch, tag or commit of a Hub id given to {first}.",
+        )(f)
+        return click.option(
+            *spellings, name, required=required, default=None, callback=_resolve_model, metavar="DIR|HUB_ID",
+            help=help + " A local directory or a Hugging Face Hub id (see --revision).",
+        )(f)
+
+    return decorate
+
+
+def _resolve_model(ctx: click.Context, param: click.Parameter, value: Any) -> Path | None:
+    """click callback of :func:`model_options`: a directory or a Hub id -> a local directory."""
+    from nvlcore.cli.spelling import typed_spelling
+    from nvlcore.hub import HubResolutionError, resolve_hf_model
+
+    if value is None:
+        return None
+    option = typed_spelling(ctx, param) or param.opts[0]
+    try:
+        return resolve_hf_model(value, revision=ctx.params.get("revision"), option=option)
+    except HubResolutionError as exc:
+        raise click.BadParameter(str(exc).removeprefix(f"{option} "), param_hint=option) from None
 
 
 def config_options(*, print_config: bool = True) -> Callable[[F], F]:

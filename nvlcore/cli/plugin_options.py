@@ -78,6 +78,17 @@ class CommandOptions:
         return []
 
 
+    def generator_options(self, command: str, values: Mapping[str, Any], params: Mapping[str, Any]) -> dict[str, Any]:
+        """Keyword arguments for the model bridge's ``generator_for_model`` (``nvl generate``): the model's
+        own generation options (a model plugin's ``--video-pruning-rate``). The mappings of all plugins are
+        merged; the bridge refuses options it does not know.
+
+        :param params: the command's own parameter values (``video_path``, ...), to check combinations;
+            raise :class:`click.UsageError` for one that cannot work.
+        """
+        return {}
+
+
 class PluginOptionError(click.ClickException):
     """A plugin's command options cannot be loaded or clash with another option."""
 

@@ -74,6 +74,18 @@ def dash_error(token: str, known: Iterable[str] = ()) -> str:
     )
 
 
+#: ``ctx.meta`` key: click parameter -> the spelling the user typed for it (see :func:`typed_spelling`).
+TYPED_SPELLINGS_KEY = "nvl.typed_spellings"
+
+
+def typed_spelling(ctx: click.Context | None, param: click.Parameter) -> str | None:
+    """The spelling the user typed for ``param`` on this command line (``--hf-model`` where the option is
+    also ``--hf-model-path``), so that an error names what the user wrote; None when not recorded."""
+    if ctx is None:
+        return None
+    return ctx.meta.get(TYPED_SPELLINGS_KEY, {}).get(param)
+
+
 def _long_options(cmd: click.Command, ctx: click.Context | None = None) -> dict[str, click.Parameter]:
     out: dict[str, click.Parameter] = {}
     for p in (cmd.get_params(ctx) if ctx is not None else cmd.params):
@@ -133,6 +145,8 @@ def normalize_args(cmd: click.Command, args: list[str], ctx: click.Context | Non
         if target not in options:
             target = aliases.get(name) or aliases.get(hyphen) or (hyphen if hyphen in options else name)
         param = options.get(target)
+        if param is not None and ctx is not None:
+            ctx.meta.setdefault(TYPED_SPELLINGS_KEY, {})[param] = name
         takes_value = (isinstance(param, click.Option) and not param.is_flag and not param.count and not eq
                        and not (name in nargs_options or hyphen in nargs_options))
         if takes_value and i < len(args):  # its value passes as it is (a prompt may start with a dash)

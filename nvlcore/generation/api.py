@@ -113,6 +113,10 @@ def merge_model_inputs(items: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     return merged
 
 
+class ContextLengthError(ValueError):
+    """A prompt does not fit the model's context with the tokens asked for."""
+
+
 class Generator:
     """Batched, streamed generation from conversations.
 
@@ -124,6 +128,8 @@ class Generator:
     :param device: where inputs are moved.
     :param media_dtype: floating media tensors (pixels) are cast to this dtype (the vision
         tower's); ``None`` leaves them alone.
+    :param max_length: the model's context in tokens (prompt + generated); a prompt that does not fit
+        with ``max_new_tokens`` is refused with :class:`ContextLengthError`. ``None``: no limit known.
     """
 
     def __init__(
@@ -136,6 +142,7 @@ class Generator:
         pad_token_id: int,
         device: "torch.device | str" = "cpu",
         media_dtype: "torch.dtype | None" = None,
+        max_length: int | None = None,
     ) -> None:
         import torch
 
@@ -148,6 +155,25 @@ class Generator:
         self.pad_token_id = int(pad_token_id)
         self.device = torch.device(device)
         self.media_dtype = media_dtype
+        self.max_length = max_length
+
+    def check_length(self, prompt_tokens: int, max_new_tokens: int, *, index: int = 0) -> None:
+        """Refuse a prompt that, with ``max_new_tokens``, does not fit the model's context (:attr:`max_length`).
+
+        :raises ContextLengthError: one line saying by how much and what to lower.
+        """
+        limit = self.max_length
+        if limit is None:
+            return
+        which = f"prompt {index}" if index else "the prompt"
+        if prompt_tokens >= limit:
+            raise ContextLengthError(f"{which} is {prompt_tokens} tokens, longer than the model's context of {limit} "
+                                     "tokens; shorten it")
+        if prompt_tokens + max_new_tokens > limit:
+            raise ContextLengthError(
+                f"{which} is {prompt_tokens} tokens and max_new_tokens={max_new_tokens} would run past the model's "
+                f"context of {limit} tokens; lower max_new_tokens to {limit - prompt_tokens} or shorten the prompt"
+            )
 
     def _to_device(self, value: Any) -> Any:
         import torch
@@ -217,6 +243,7 @@ class Generator:
             if "input_ids" not in p:
                 raise KeyError(f"prepare() returned no 'input_ids' for conversation {first_index + i}")
             prompts.append(torch.as_tensor(p.pop("input_ids")).reshape(-1).tolist())
+            self.check_length(len(prompts[-1]), max_new_tokens, index=first_index + i)
         media = {k: self._to_device(v) for k, v in merge_model_inputs(items).items()}
         ids, mask = left_pad(prompts, self.pad_token_id, device=self.device)
         streamer = (
@@ -255,6 +282,7 @@ class Generator:
 
 
 __all__ = [
+    "ContextLengthError",
     "GenerationResult",
     "Generator",
     "IncrementalDetokenizer",

@@ -48,38 +48,10 @@ def apply_freeze_flags(model: "torch.nn.Module", cfg: "NvlConfig", bridge: Any) 
 
 def apply_peft(model: "torch.nn.Module", cfg: "NvlConfig", manager: Any, bridge: Any) -> Any:
     """Apply ``peft.method`` (registered PEFT method) to ``model``; returns the method object or None."""
-    method_name = cfg.peft.method
-    if not method_name:
-        return None
-    reg = manager.registry("peft_method")
-    try:
-        target = reg.get(method_name)
-    except Exception as exc:
-        raise RuntimeError(
-            f"peft.method={method_name!r} is not available ({exc}); install the plugin that provides it "
-            "(`nvl plugins list --all` shows the installed PEFT methods)"
-        ) from exc
-    method = target() if isinstance(target, type) else target
-    check_peft_method(method, method_name)
     from nvlcore.config import config_to_dict
+    from nvlcore.training.peft import apply_peft_method
 
-    options = dict(config_to_dict(cfg)["peft"])
-    options.pop("method", None)
-    extra = options.pop("options", {}) or {}
-    options.update(extra)
-    method.apply(model, bridge=bridge, **options)
-    return method
-
-
-def check_peft_method(method: Any, name: str) -> None:
-    """Refuse, in one line, a registered PEFT method that lacks a method of :class:`nvlcore.contracts.PeftMethod`."""
-    from nvlcore.contracts import PeftMethod
-
-    if not isinstance(method, PeftMethod):
-        missing = [m for m in ("apply", "adapter_parameters", "load_trainable_state_dict", "merge")
-                   if not callable(getattr(method, m, None))]
-        raise TypeError(f"peft.method={name!r} ({type(method).__name__}) lacks {', '.join(missing)} of "
-                        "nvlcore.contracts.PeftMethod; update the plugin that registers it")
+    return apply_peft_method(model, config_to_dict(cfg)["peft"], bridge=bridge, manager=manager)
 
 
 def describe_peft_parameters(model: "torch.nn.Module", adapter_names: set[str], *, tp_size: int) -> str:

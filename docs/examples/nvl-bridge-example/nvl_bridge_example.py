@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Mapping, Sequence
+from typing import Any, ClassVar, Mapping, Sequence
 
 from nvlcore.bridge import ModelBridge
 from nvlcore.hookspecs import hookimpl
@@ -220,17 +220,6 @@ class TinyProcessor:
         return out
 
 
-def _ensure_single_process_groups() -> None:
-    """One-rank torch.distributed + Megatron groups for a plain process (``nvl generate`` at TP=1)."""
-    import torch.distributed as dist
-    from megatron.core import parallel_state
-
-    if not dist.is_initialized():
-        dist.init_process_group(backend="gloo", store=dist.HashStore(), rank=0, world_size=1)
-    if not parallel_state.model_parallel_is_initialized():
-        parallel_state.initialize_model_parallel(tensor_model_parallel_size=1)
-
-
 class TinyBridge(ModelBridge):
     """``TinyVLM`` HF directories <-> the tiny training model."""
 
@@ -273,35 +262,15 @@ class TinyBridge(ModelBridge):
         h, f = self.config["hidden"], self.config["ffn"]
         return 6.0 * (2 * h * f + h * VOCAB) * float(batch["attention_mask"].sum())
 
-    def generator(self, *, megatron_model_path: str | Path | None = None, tensor_parallel_size: int = 1,
-                  device: Any = None, dtype: Any = None, processor_options: Mapping[str, Any] | None = None,
-                  video_pruning_rate: float | None = None, adapter_checkpoint: str | Path | None = None,
-                  model_transform: Callable[[Any], Any] | None = None, plugin_manager: Any = None,
-                  say: Callable[[str], None] | None = None) -> Any:
-        import torch
-
-        from nvlcore.checkpoint import resolve_checkpoint_dir
-
-        unsupported = [n for n, v in (("--tp", tensor_parallel_size != 1), ("processor options", processor_options),
-                                      ("--video-pruning-rate", video_pruning_rate is not None),
-                                      ("--adapter-checkpoint", adapter_checkpoint is not None)) if v]
-        if unsupported:
-            raise ValueError(f"model bridge {self.name!r} does not support {', '.join(unsupported)}")
-        assert self.hf_dir is not None
-        _ensure_single_process_groups()
-        model = self.build_model(dtype=dtype or torch.float32, device=device or "cpu")
-        if megatron_model_path is None:
-            self.load_hf_weights(model, self.hf_dir)
-        else:
-            self.load_checkpoint_weights(model, resolve_checkpoint_dir(megatron_model_path))
-        if model_transform is not None:
-            model_transform(model)
-        return self.generator_for_model(model, device=device)
-
-    def generator_for_model(self, model: Any, *, device: Any = None, cuda_graph: bool = False) -> Any:
+    def generator_for_model(self, model: Any, *, device: Any = None, dtype: Any = None,
+                            cuda_graph: bool | None = None, **options: Any) -> Any:
+        # nvl generate / nvl eval build and load the model (weights, PEFT runs) through the core's
+        # nvlcore.generation.load; the bridge only wraps it. TinyVLM has no generation options.
         from nvlcore.generation import Generator
         from nvlcore.generation.protocol import NoCacheReference
 
+        if options or cuda_graph:
+            raise ValueError(f"model bridge {self.name!r} has no generation options {sorted(options) or ['cuda_graph']}")
         model.eval()
         device = device or next(model.parameters()).device
         decodable = NoCacheReference(lambda ids, attention_mask, **kw: model(ids, attention_mask=attention_mask, **kw))

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from nvlcore.hub import hf_model_option, revision_option
+from nvlcore.cli.options import model_options
 
 
 @click.group("peft")
@@ -15,9 +15,7 @@ def peft_group() -> None:
 
 
 @peft_group.command("merge")
-@hf_model_option("--hf-model-path", required=True,
-                 help="The HF model of the base (config.json: picks the bridge and its weight mapping).")
-@revision_option()
+@model_options(required=True, help="The HF model of the base (config.json: picks the bridge and its weight mapping).")
 @click.option("--lora-checkpoint", "--adapter-checkpoint", "lora_checkpoint", required=True,
               type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="The LoRA/DoRA run's checkpoint: its base directory (latest iteration) or an iter_N directory.")

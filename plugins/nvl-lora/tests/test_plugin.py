@@ -77,7 +77,8 @@ def test_lora_and_dora_implement_the_peft_contract_and_name_their_parameters() -
     from torch import nn
 
     from nvlcore.contracts import PeftMethod
-    from nvlcore.training.finetune import check_peft_method, describe_peft_parameters, tower_status
+    from nvlcore.training.finetune import describe_peft_parameters, tower_status
+    from nvlcore.training.peft import check_peft_method
     from nvl_lora.dora import DoRAMethod
     from nvl_lora.method import LoRAMethod
 

@@ -7,7 +7,7 @@ Torch, megatron and transformers are imported inside methods only; constructing 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Sequence
 
 from nvlcore.bridge import ModelBridge
 from nvlcore.mapping import ParamMapping
@@ -127,29 +127,17 @@ class NemotronVLBridge(ModelBridge):
         return proc.NemotronVLProcessor.from_hf_dir(self.hf_dir, **options)
 
     # ----------------------------------------------------------------------------- generation
-    def generator(self, *, megatron_model_path: str | Path | None = None, tensor_parallel_size: int = 1,
-                  device: Any = None, dtype: Any = None, processor_options: Mapping[str, Any] | None = None,
-                  video_pruning_rate: float | None = None, adapter_checkpoint: str | Path | None = None,
-                  model_transform: Callable[[Any], Any] | None = None, plugin_manager: Any = None,
-                  say: Callable[[str], None] | None = None) -> Any:
-        """A :class:`nvlcore.generation.Generator` for this HF directory (what ``nvl generate`` uses);
-        see :func:`nvl_nemotron_vl.generate.build_generator`."""
-        from .generate import build_generator
-
-        if self.hf_dir is None:
-            raise ValueError("generator() needs a bridge made with from_hf_dir")
-        return build_generator(self, megatron_model_path=megatron_model_path,
-                               tensor_parallel_size=tensor_parallel_size, device=device, dtype=dtype,
-                               processor_options=processor_options, video_pruning_rate=video_pruning_rate,
-                               adapter_checkpoint=adapter_checkpoint, model_transform=model_transform,
-                               plugin_manager=plugin_manager, say=say)
-
-    def generator_for_model(self, model: Any, *, device: Any = None, cuda_graph: bool = False) -> Any:
-        """A :class:`nvlcore.generation.Generator` over an already-built model (the trainer's, for
-        ``validation.generate_eval_interval``); see :func:`nvl_nemotron_vl.generate.generator_for_model`."""
+    def generator_for_model(self, model: Any, *, device: Any = None, dtype: Any = None,
+                            cuda_graph: bool | None = None, **options: Any) -> Any:
+        """A :class:`nvlcore.generation.Generator` over a built, loaded model (``nvl generate``, ``nvl eval``,
+        ``validation.generate_eval_interval``); ``options``: ``compile``, ``processor_options``,
+        ``video_pruning_rate`` (see :func:`nvl_nemotron_vl.generate.generator_for_model`)."""
         from .generate import generator_for_model
 
-        return generator_for_model(self, model, device=device, cuda_graph=cuda_graph)
+        unknown = sorted(set(options) - {"compile", "processor_options", "video_pruning_rate"})
+        if unknown:
+            raise ValueError(f"model bridge {self.name!r} has no generation option(s) {unknown}")
+        return generator_for_model(self, model, device=device, dtype=dtype, cuda_graph=cuda_graph, **options)
 
     # --------------------------------------------------------------------------------- recipe
     def recipe(self, *, peft: bool = False, adapted_groups: Sequence[str] = ()) -> Mapping[str, Any]:

@@ -68,6 +68,8 @@ class LLMConfig:
     time_step_min: float = 0.001
     time_step_max: float = 0.1
     time_step_floor: float = 1e-4
+    #: The context length (prompt + generated tokens); None when config.json does not say.
+    max_position_embeddings: int | None = None
 
     @property
     def num_layers(self) -> int:
@@ -311,6 +313,7 @@ def _read_llm(r: "_Reader") -> LLMConfig:
         time_step_min=r.float("time_step_min", 0.001),
         time_step_max=r.float("time_step_max", 0.1),
         time_step_floor=r.float("time_step_floor", 1e-4),
+        max_position_embeddings=r.opt_int("max_position_embeddings"),
     )
     unsupported = {
         "tie_word_embeddings": (llm.tie_word_embeddings, False, "the model has a separate lm_head"),

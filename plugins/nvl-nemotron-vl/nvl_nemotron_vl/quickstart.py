@@ -78,15 +78,18 @@ def _run_nvl(args: Sequence[str], *, log: Path) -> None:
 
 
 def load_generator(hf_dir: Path) -> Any:
-    """The generation API of the bridge that handles ``hf_dir`` (CPU)."""
+    """A generator for ``hf_dir`` on the CPU, loaded as ``nvl generate`` and ``nvl eval`` load it
+    (:func:`nvlcore.generation.load.load_generator`)."""
     from nvlcore.bridge import BridgeError, resolve_bridge
     from nvlcore.cli import current_plugin_manager
+    from nvlcore.generation.load import load_generator as load
 
+    manager = current_plugin_manager()
     try:
-        bridge = resolve_bridge(hf_dir, manager=current_plugin_manager())
+        bridge = resolve_bridge(hf_dir, manager=manager)
     except BridgeError as exc:
         raise click.ClickException(str(exc)) from None
-    return bridge.generator(device="cpu")
+    return load(bridge, device="cpu", manager=manager)
 
 
 def eval_overrides(num_examples: int, *, blank_images: bool = False, seed: int = 0) -> list[str]:

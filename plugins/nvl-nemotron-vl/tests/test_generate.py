@@ -420,3 +420,42 @@ def test_cli_video_frames_fps_and_pruning_rate(toy, media, tmp_path) -> None:
                      (["--video-path", str(media["video"]), "--video-pruning-rate", "1"], "video-pruning-rate")):
         res = runner.invoke(build_cli(), ["generate", "--hf-model-path", str(toy), *bad])
         assert res.exit_code == 2 and msg in res.output, res.output
+
+
+def test_cli_checks_the_video_before_the_model_loads(toy, tmp_path) -> None:
+    """An unreadable video is one line naming it, said before any weights load (images already were)."""
+    from click.testing import CliRunner
+
+    from nvlcore.cli import build_cli
+
+    bad = tmp_path / "broken.mp4"
+    bad.write_bytes(b"this is not a video" * 10)
+    res = CliRunner().invoke(build_cli(), ["generate", "--hf-model-path", str(toy), "--video-path", str(bad),
+                                           "--device", "cpu"])
+    assert res.exit_code == 1 and f"--video-path {bad}" in res.stderr, res.output
+    assert "loading" not in res.stderr and "Traceback" not in res.output
+
+
+def test_cli_refuses_a_prompt_longer_than_the_models_context(toy, tmp_path) -> None:
+    """The model's context (llm_config.max_position_embeddings) bounds prompt + new tokens: one line, no decode."""
+    import shutil
+
+    from click.testing import CliRunner
+
+    from nvlcore.cli import build_cli
+
+    short = tmp_path / "short_context"
+    shutil.copytree(toy, short)
+    config = json.loads((short / "config.json").read_text())
+    config["llm_config"]["max_position_embeddings"] = 64
+    (short / "config.json").write_text(json.dumps(config))
+    (tmp_path / "long.txt").write_text("word " * 200)
+    res = CliRunner().invoke(build_cli(), ["generate", "--hf-model-path", str(short), "--prompt-file",
+                                           str(tmp_path / "long.txt"), "--device", "cpu"])
+    assert res.exit_code == 1 and "longer than the model's context of 64 tokens" in res.output, res.output
+    res = CliRunner().invoke(build_cli(), ["generate", "--hf-model-path", str(short), "--prompt", "Hi",
+                                           "--max-new-tokens", "100", "--device", "cpu"])
+    assert res.exit_code == 1 and "lower max_new_tokens to" in res.output, res.output
+    ok = CliRunner().invoke(build_cli(), ["generate", "--hf-model-path", str(short), "--prompt", "Hi",
+                                          "--max-new-tokens", "4", "--device", "cpu", "--quiet"])
+    assert ok.exit_code == 0, ok.output
