@@ -355,7 +355,8 @@ class DoRAAdapter(LoRAAdapter):
             if key is not None and cached is not None and cached[0] == key:
                 squared = cached[1]
         if squared is None:
-            combined = weight.float() + self.delta_weight().to(weight.device)
+            # .to(dtype), not .float(): a quantised base (QLoRA's NF4Tensor) dequantises only through .to
+            combined = weight.to(torch.float32) + self.delta_weight().to(weight.device)
             squared = combined.square().sum(dim=1)
             self.__dict__["_norm_cache"] = (key, squared) if key is not None else None
         if self.kind == "row" and self.tp_size > 1:
