@@ -252,7 +252,7 @@ TRAIN = ["dataset.maker_name=synthetic_shapes", "dataset.num_workers=0", "datase
 @pytest.fixture(scope="module")
 def runs(toy: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, str]]:
     root = tmp_path_factory.mktemp("qlora")
-    nvl("convert", "import", "--hf-model", toy, "--megatron-path", root / "base", "--no-progress")
+    nvl("convert", "import", "--hf-model", toy, "--megatron-path", root / "base", "--dtype", "float32", "--no-progress")
     out = {}
     for label, extra in (("lora", []), ("qlora", ["peft.base_dtype=nf4"])):
         proc = nvl("finetune", "--hf-model-path", toy, "--pretrained-checkpoint", root / "base",
@@ -288,8 +288,14 @@ def test_qlora_adapter_merges_exports_and_generates(runs, toy: Path, tmp_path: P
     assert not any(k.startswith("language_model.") and ".adapter." not in k for k in keys)  # no NF4 base saved
     nvl("peft", "merge", "--hf-model-path", toy, "--lora-checkpoint", run, "--output", tmp_path / "merged")
     nvl("convert", "export", "--hf-model", toy, "--megatron-path", tmp_path / "merged", "--hf-path", tmp_path / "hf")
-    proc = nvl("generate", "--hf-model-path", tmp_path / "hf", "--prompt", "What shape is it?", "--max-new-tokens", "4")
-    assert proc.stdout.strip()
+    from PIL import Image
+
+    image = tmp_path / "red.png"
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(image)
+    common = ["generate", "--image-path", image, "--prompt", "What shape is it?", "--max-new-tokens", "6", "--json"]
+    merged = json.loads(nvl(*common, "--hf-model-path", tmp_path / "hf").stdout)["token_ids"]
+    unmerged = json.loads(nvl(*common, "--hf-model-path", toy, "--lora-checkpoint", run).stdout)["token_ids"]
+    assert merged and merged == unmerged  # the exported model answers as the adapter over its (fp32) base does
     peft_out = tmp_path / "adapter"
     nvl("export", "--format", "hf-peft", "--lora-checkpoint", run, "--hf-model-path", toy, "--output", peft_out)
     assert json.loads((peft_out / "adapter_config.json").read_text())["r"] == 4
