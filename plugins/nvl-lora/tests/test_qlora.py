@@ -112,16 +112,6 @@ def test_per_head_parameters_and_norms_stay_fp32_and_equal_the_deployed_base(toy
             check_trained_base_is_deployed_base(bridge, old, merged)
 
 
-def test_default_bridge_rule_keeps_vectors_fp32() -> None:
-    from nvlcore.bridge import ModelBridge
-
-    model = nn.Sequential(nn.Linear(64, 64), nn.LayerNorm(64))
-    model.requires_grad_(False)
-    keep = lambda n, p: ModelBridge.keeps_fp32(None, n, p)  # noqa: E731 - the default needs no bridge state
-    assert store_frozen_in_(model, torch.bfloat16, keep_fp32=keep) == 64 * 64
-    assert [p.dtype for p in model.parameters()] == [torch.bfloat16] + [torch.float32] * 3
-
-
 def test_nf4_stores_every_frozen_linear_and_trains_only_the_adapters(toy: Path) -> None:
     cfg = LoRAConfig(target_modules=TARGETS, dim=4, alpha=8)
     bridge, ref, _ = adapted(toy, cfg, "fp32")
@@ -268,15 +258,17 @@ def losses(run: Path) -> list[float]:
 
 @pytest.mark.slow
 def test_qlora_loss_falls_and_tracks_bf16_lora(runs) -> None:
-    """Over 24 steps on the toy: QLoRA's loss falls, and its curve stays within 0.1 (mean absolute
-    difference) of LoRA's on the same data, with no step more than 0.3 apart."""
+    """Over 24 steps on the toy: QLoRA's loss falls, and its curve stays within 0.02 (mean absolute
+    difference) of LoRA's on the same data, with no step more than 0.06 apart. Measured: 0.010 and
+    0.037; with a planted 10% error in the NF4 matmul's output (the negative control, run by hand):
+    0.032 and 0.078."""
     (lora, _), (qlora_run, stdout) = runs["lora"], runs["qlora"]
     assert "frozen base storage: " in stdout and "NF4Tensor" in stdout and "frozen linear weights in NF4" in stdout
     a, b = losses(lora), losses(qlora_run)
     assert len(a) == len(b) == ITERS
     assert sum(b[-4:]) / 4 < sum(b[:4]) / 4 - 0.2, b
     diff = [abs(x - y) for x, y in zip(a, b)]
-    assert sum(diff) / len(diff) < 0.1 and max(diff) < 0.3, diff
+    assert sum(diff) / len(diff) < 0.02 and max(diff) < 0.06, diff
 
 
 @pytest.mark.slow
