@@ -504,7 +504,7 @@ def run_finetune(
         peft, towers = prepare_trainable(model, cfg, manager, bridge)
         say(f"nvl finetune: towers: {describe_towers(towers)}")
         store_base = getattr(peft, "store_frozen_base", None)
-        if store_base is not None:  # a PEFT method's own storage of the frozen base (QLoRA's NF4)
+        if store_base is not None:  # a PEFT method's own storage of the frozen base (e.g. 4-bit)
             store_base(model, bridge=bridge, compute_dtype=settings.autocast_dtype, device=ctx.device)
         if settings.autocast_dtype is not None:
             # Under bf16 autocast every matmul reads bf16 weights: a frozen parameter (a PEFT run's base
