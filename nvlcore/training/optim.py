@@ -337,7 +337,8 @@ def describe_storage(model: "torch.nn.Module") -> str:
         g[1] += stored_bytes(p)
     if not groups:
         return "no frozen parameters"
-    return "; ".join(f"{k} {n} tensors {_size(b)}" for k, (n, b) in sorted(groups.items(), key=lambda kv: -kv[1][1]))
+    ranked = sorted(groups.items(), key=lambda kv: -kv[1][1])
+    return "; ".join(f"{k} {n} tensors {_size(b)}" for k, (n, b) in ranked)
 
 
 @attrs.define

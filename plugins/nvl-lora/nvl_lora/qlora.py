@@ -41,14 +41,11 @@ def nf4_api() -> tuple[Any, Any]:
     """``(to_nf4, linear_nf4)`` from torchao, or ``ValueError`` in one line naming the fix."""
     try:
         from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import linear_nf4, to_nf4
-    except ImportError:
-        try:  # torchao < 0.15 kept it under dtypes
-            from torchao.dtypes.nf4tensor import linear_nf4, to_nf4
-        except ImportError as exc:
-            raise ValueError(
-                f"peft.base_dtype=nf4 needs torchao's NF4 tensor ({exc}); install it with "
-                "`pip install 'nvl-lora[qlora]'` or remove peft.base_dtype"
-            ) from None
+    except ImportError as exc:
+        raise ValueError(
+            f"peft.base_dtype=nf4 needs torchao>=0.18's NF4 tensor ({exc}); install it with "
+            "`pip install 'nvl-lora[qlora]'` or remove peft.base_dtype"
+        ) from None
     return to_nf4, linear_nf4
 
 

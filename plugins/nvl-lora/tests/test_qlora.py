@@ -180,8 +180,7 @@ def test_refusals_name_the_option(monkeypatch: pytest.MonkeyPatch) -> None:
             qlora.check_device("cpu")
     assert "\n" not in str(exc.value) and "no kernel image" in str(exc.value)
     qlora.nf4_api.cache_clear()
-    for mod in ("torchao.quantization.quantize_.workflows.nf4.nf4_tensor", "torchao.dtypes.nf4tensor"):
-        monkeypatch.setitem(sys.modules, mod, None)
+    monkeypatch.setitem(sys.modules, "torchao.quantization.quantize_.workflows.nf4.nf4_tensor", None)
     try:
         with pytest.raises(ValueError, match=r"pip install 'nvl-lora\[qlora\]'") as exc:
             LoRAMethod({"base_dtype": "nf4"}).store_frozen_base(nn.Linear(64, 64), device="cpu")
