@@ -310,6 +310,14 @@ class ModelBridge(abc.ABC):
                                  skip=skip)
 
     # ------------------------------------------------------------------------- training options
+    def keeps_fp32(self, name: str, param: "torch.Tensor") -> bool:
+        """Whether the frozen parameter ``name`` stays fp32 however the rest of the frozen base is stored
+        (bf16 under autocast, or a PEFT method's 4-bit format), so that the base a PEFT run trains
+        against is the one its checkpoint, merge and inference use. Default: every parameter of at most one dimension
+        (norm weights, biases, per-channel scalars: a negligible share of the bytes, and the values
+        rounding hurts most); a bridge that knows its precision-sensitive parameters names them."""
+        return param.dim() <= 1
+
     def train_flops(self, batch: Mapping[str, Any], *, num_parameters: int) -> float:
         """Training FLOPs of one micro-batch (a :data:`nvlcore.contracts.Batch`; forward + backward). Default: ``6 x num_parameters x real
         tokens`` (no attention or vision term); a bridge with a model-specific formula overrides it.

@@ -145,6 +145,14 @@ class PeftMethod(Protocol):
     those values too. Without ``Config`` only the core fields are accepted.
 
     ``docs/examples/nvl-peft-example`` is a complete method in one file (VeRA-style).
+
+    **Optional: how the frozen base is stored.** A method may define
+    ``store_frozen_base(model, *, bridge, compute_dtype, device)``; ``nvl finetune`` calls it once after
+    :meth:`apply` (weights loaded, before the optimizer and before the frozen base goes to the
+    autocast dtype) so that the method can store frozen weights its own way (e.g. quantised to 4
+    bits), and prints the strings of its ``storage_notes`` attribute, if any, in the line about the
+    base's storage.
+    Generation and merging never call it: they use the base as its checkpoint holds it.
     """
 
     def apply(self, model: "torch.nn.Module", *, bridge: "ModelBridge | None" = None,

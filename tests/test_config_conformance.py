@@ -50,6 +50,7 @@ PEFT_READERS: dict[tuple[str, str], tuple[str, str]] = {
     ("lora", "freeze_vision_model"): ("nvl-lora/nvl_lora/method.py", 'f.name.startswith("freeze_")'),
     ("lora", "freeze_vision_projection"): ("nvl-lora/nvl_lora/method.py", 'f.name.startswith("freeze_")'),
     ("lora", "freeze_other"): ("nvl-lora/nvl_lora/method.py", "cfg.freeze_other"),
+    ("lora", "base_dtype"): ("nvl-lora/nvl_lora/method.py", "self.config.base_dtype"),
 }
 
 #: (method, Config field) -> (an unsupported value, what the Config's validation says about it).

@@ -508,11 +508,17 @@ def run_finetune(
             say(f"nvl finetune: loaded pretrained weights from {src} ({time.perf_counter() - t0:.1f} s)")
         peft, towers = prepare_trainable(model, cfg, manager, bridge)
         say(f"nvl finetune: towers: {describe_towers(towers)}")
+        store_base = getattr(peft, "store_frozen_base", None)
+        if store_base is not None:  # a PEFT method's own storage of the frozen base (e.g. 4-bit)
+            store_base(model, bridge=bridge, compute_dtype=settings.autocast_dtype, device=ctx.device)
         if settings.autocast_dtype is not None:
             # Under bf16 autocast every matmul reads bf16 weights: a frozen parameter (a PEFT run's base
             # model) is stored once in bf16, 2 bytes instead of 4 plus a per-step cast; trainable ones
-            # keep their fp32 masters. (Built and loaded in fp32, so nothing trainable loses precision.)
-            optim.store_frozen_in_(model, settings.autocast_dtype)
+            # keep their fp32 masters, and the bridge's precision-sensitive ones stay fp32 as deployed.
+            optim.store_frozen_in_(model, settings.autocast_dtype, keep_fp32=bridge.keeps_fp32)
+        if peft is not None:
+            say("nvl finetune: frozen base storage: " + optim.describe_storage(model)
+                + "".join(f"; {n}" for n in getattr(peft, "storage_notes", ())))
         say("nvl finetune: memory plan: " + optim.memory_plan(model).describe())
 
         named = optim.trainable_named_parameters(model)
@@ -520,7 +526,9 @@ def run_finetune(
         from megatron.core import parallel_state
 
         src_rank = parallel_state.get_data_parallel_src_rank()
-        optim.broadcast_parameters([p.data for p in model.parameters()], src_global_rank=src_rank,
+        # A packed (quantized) frozen weight was quantized on every rank from the same loaded weights.
+        unpacked = [p.data for p in model.parameters() if not optim.is_packed(p)]
+        optim.broadcast_parameters(unpacked, src_global_rank=src_rank,
                                    group=ctx.dp_group, group_size=ctx.dp_size)
         n_train = sum(p.numel() for _, p in named)
         n_all = sum(p.numel() for p in model.parameters())

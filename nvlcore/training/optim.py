@@ -18,7 +18,7 @@ ranks after the data-parallel reduction, so nothing is reduced over DP.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 import attrs
 
 if TYPE_CHECKING:
@@ -354,18 +354,58 @@ def broadcast_parameters(params: Iterable["torch.Tensor"], *, src_global_rank: i
 
 
 # ------------------------------------------------------------------------------ precision, memory
-def store_frozen_in_(model: "torch.nn.Module", dtype: "torch.dtype") -> int:
+def store_frozen_in_(model: "torch.nn.Module", dtype: "torch.dtype",
+                     keep_fp32: "Callable[[str, torch.Tensor], bool] | None" = None) -> int:
     """Convert every frozen floating-point parameter of ``model`` to ``dtype`` in place; trainable ones
     stay fp32 (the optimizer's masters). Returns the number of parameters converted.
 
-    Call it after freezing and PEFT: which parameters train is known only then.
+    ``keep_fp32(name, param)`` (the model bridge's :meth:`~nvlcore.bridge.ModelBridge.keeps_fp32`)
+    names frozen parameters that stay as they are, so the base the adapters train against is the one
+    the checkpoint, merge and inference use. A parameter already stored in a tensor subclass (a PEFT
+    method's quantized base, see :func:`is_packed`) is left alone. Call it after freezing and PEFT:
+    which parameters train is known only then.
     """
     n = 0
-    for p in model.parameters():
-        if not p.requires_grad and p.is_floating_point() and p.dtype != dtype:
-            p.data = p.data.to(dtype)
-            n += p.numel()
+    for name, p in model.named_parameters():
+        if p.requires_grad or not p.is_floating_point() or p.dtype == dtype or is_packed(p):
+            continue
+        if keep_fp32 is not None and keep_fp32(name, p):
+            continue
+        p.data = p.data.to(dtype)
+        n += p.numel()
     return n
+
+
+def is_packed(p: "torch.Tensor") -> bool:
+    """Whether ``p`` holds a tensor subclass that stores its values in other tensors (a quantized
+    weight such as torchao's NF4): its bytes are its inner tensors', not ``numel x element_size``."""
+    return hasattr(p.data if hasattr(p, "data") else p, "__tensor_flatten__")
+
+
+def stored_bytes(p: "torch.Tensor") -> int:
+    """The bytes ``p`` really holds (the inner tensors of a packed one, see :func:`is_packed`)."""
+    t = p.data if hasattr(p, "data") else p
+    if not is_packed(t):
+        return t.numel() * t.element_size()
+    names, _ = t.__tensor_flatten__()
+    return sum(stored_bytes(getattr(t, a)) for a in names)
+
+
+def describe_storage(model: "torch.nn.Module") -> str:
+    """How the frozen parameters are stored, for the run's first lines: count and bytes per storage
+    (a dtype, or the class of a packed tensor), e.g. ``NF4Tensor 84 tensors 1.20 GB; bfloat16 ...``."""
+    groups: dict[str, list[int]] = {}
+    for p in model.parameters():
+        if p.requires_grad:
+            continue
+        kind = type(p.data).__name__ if is_packed(p) else str(p.dtype).replace("torch.", "")
+        g = groups.setdefault(kind, [0, 0])
+        g[0] += 1
+        g[1] += stored_bytes(p)
+    if not groups:
+        return "no frozen parameters"
+    ranked = sorted(groups.items(), key=lambda kv: -kv[1][1])
+    return "; ".join(f"{k} {n} tensors {_size(b)}" for k, (n, b) in ranked)
 
 
 @attrs.define
@@ -396,7 +436,7 @@ def memory_plan(model: "torch.nn.Module") -> MemoryPlan:
     trainable parameter)."""
     frozen = trainable = fz_n = tr_n = 0
     for p in model.parameters():
-        b = p.numel() * p.element_size()
+        b = stored_bytes(p)
         if p.requires_grad:
             trainable += b
             tr_n += p.numel()

@@ -50,6 +50,9 @@ class LoRAConfig:
     :param seed: the seed of the adapter initialisation. Each adapter's A is drawn from a generator
         seeded with this and the module's name over the full logical shape, then sliced for its
         tensor-parallel rank, so the adapters do not depend on the TP size or on the global RNG.
+    :param base_dtype: how the frozen base's linear weights are stored during training: ``None`` (the
+        compute dtype, as plain LoRA) or ``"nf4"`` (QLoRA: 4-bit NormalFloat through torchao, see
+        :mod:`nvl_lora.qlora`). Checkpoints, merge and generation use the base as loaded.
     :param freeze_language_model: freeze the base language model (``language_model.*``).
     :param freeze_vision_model: freeze the base vision model (``vision_model.*``).
     :param freeze_vision_projection: freeze the base projector (``vision_projection.*``).
@@ -67,6 +70,7 @@ class LoRAConfig:
     lora_B_init_method: str = "zero"
     lora_dtype: str | None = None
     seed: int = 1234
+    base_dtype: str | None = None
     freeze_language_model: bool = True
     freeze_vision_model: bool = True
     freeze_vision_projection: bool = True
@@ -88,6 +92,8 @@ class LoRAConfig:
             raise ValueError(f"peft.lora_A_init_method must be 'xavier' or 'kaiming', got {self.lora_A_init_method!r}")
         if self.lora_dtype not in (None, "float32", "bfloat16", "float16"):
             raise ValueError(f"peft.lora_dtype must be float32, bfloat16, float16 or null, got {self.lora_dtype!r}")
+        if self.base_dtype not in (None, "nf4"):
+            raise ValueError(f"peft.base_dtype must be nf4 or null (the compute dtype), got {self.base_dtype!r}")
         if self.lora_B_init_method not in ("zero", "normal"):
             raise ValueError(f"peft.lora_B_init_method must be 'zero' or 'normal', got {self.lora_B_init_method!r}")
 

@@ -104,6 +104,8 @@ class DoRAVariant(LoRAVariant):
 
     @staticmethod
     def _squared_norms(adapter: "LoRAAdapter", weight: "torch.Tensor") -> "torch.Tensor":
+        import torch
+
         key = None
         if not adapter.training:
             try:
@@ -113,7 +115,8 @@ class DoRAVariant(LoRAVariant):
             cached = adapter.__dict__.get("_norm_cache")
             if key is not None and cached is not None and cached[0] == key:
                 return cached[1]
-        combined = weight.float() + adapter.delta_weight().to(weight.device)
+        # .to(dtype), not .float(): a quantised base (QLoRA's NF4Tensor) dequantises only through .to
+        combined = weight.to(torch.float32) + adapter.delta_weight().to(weight.device)
         squared = combined.square().sum(dim=1)
         adapter.__dict__["_norm_cache"] = (key, squared) if key is not None else None
         return squared
@@ -135,8 +138,10 @@ class DoRAVariant(LoRAVariant):
         return _scaled(output, delta, scale, getattr(module, "bias", None))
 
     def merged_weight(self, adapter: "LoRAAdapter", weight: "torch.Tensor", delta: "torch.Tensor") -> "torch.Tensor":
+        import torch
+
         scale = self.magnitude_scale(adapter, weight).detach()
-        return scale[:, None] * (weight.float() + delta)
+        return scale[:, None] * (weight.to(torch.float32) + delta)
 
     def train(self, adapter: "LoRAAdapter", mode: bool) -> None:
         adapter.__dict__["_norm_cache"] = None

@@ -214,6 +214,8 @@ class LoRAMethod:
             merged.update(settings)
             self.config = self.Config.from_dict(merged)
         self.report: LoRAReport | None = None
+        #: Notes for the run's line about how the frozen base is stored (:meth:`store_frozen_base`).
+        self.storage_notes: list[str] = []
 
     def apply(self, model: nn.Module, *, bridge: Any = None, **options: Any) -> nn.Module:
         """Freeze and attach adapters; ``bridge``: the model's bridge (freeze groups, linear layouts);
@@ -223,6 +225,18 @@ class LoRAMethod:
             self.config = self.Config.from_dict(merged)
         self.report = apply_lora(model, self.config, variant=self.variant, bridge=bridge)
         return model
+
+    def store_frozen_base(self, model: nn.Module, *, bridge: Any = None, compute_dtype: torch.dtype | None = None,
+                          device: Any = None) -> None:
+        """``peft.base_dtype=nf4``: store the frozen linear weights in NF4 (:mod:`nvl_lora.qlora`); called
+        by ``nvl finetune`` after :meth:`apply` (see :class:`nvlcore.contracts.PeftMethod`). Fills
+        :attr:`storage_notes`. Nothing to do for the default ``base_dtype``."""
+        if self.config.base_dtype != "nf4":
+            return
+        from nvl_lora import qlora
+
+        qlora.check_device(device if device is not None else "cpu")
+        self.storage_notes = qlora.quantize_frozen_linears(model, compute_dtype=compute_dtype).notes()
 
     @staticmethod
     def workflow_settings(

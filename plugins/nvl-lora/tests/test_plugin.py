@@ -40,7 +40,8 @@ def test_core_config_validates_peft_section_with_the_lora_schema() -> None:
     # LoRA's own fields (not the core's peft fields) arrive, with LoRAConfig's defaults, in options
     assert cfg.peft.dim == 8 and cfg.peft.options == {
         "lora_A_init_method": "xavier", "lora_B_init_method": "zero", "lora_dtype": None, "seed": 3,
-        "freeze_language_model": True, "freeze_vision_model": True, "freeze_vision_projection": True,
+        "base_dtype": None, "freeze_language_model": True, "freeze_vision_model": True,
+        "freeze_vision_projection": True,
         "freeze_other": True,
     }
     assert not hasattr(cfg.peft, "lora_dtype")  # the core's PeftConfig names no LoRA field

@@ -21,6 +21,10 @@ if TYPE_CHECKING:
     from .model import NemotronVLModel
 
 
+#: Parameter names (last component) that stay fp32 in a frozen base (:meth:`NemotronVLBridge.keeps_fp32`).
+_FP32_LEAVES = frozenset({"A_log", "D", "dt_bias", "layer_norm_weight", "layer_norm_bias"})
+
+
 class NemotronVLBridge(ModelBridge):
     """The :class:`nvlcore.bridge.ModelBridge` of Nemotron Nano V2 VL. HF loading, conversion, training
     checkpoints and adapter layouts are the base class's, on top of :meth:`mapping_table`."""
@@ -100,6 +104,15 @@ class NemotronVLBridge(ModelBridge):
     def set_kernels(self, model: "torch.nn.Module", choice: str) -> dict[str, str]:
         """``model.kernels``: see :mod:`nvl_nemotron_vl.model.kernels` (Triton kernels on CUDA under ``auto``)."""
         return model.set_kernels(choice)  # type: ignore[operator]
+
+    def keeps_fp32(self, name: str, param: "torch.Tensor") -> bool:
+        """The Mamba mixers' per-head ``A_log``, ``D``, ``dt_bias`` (they set the state's decay; the model
+        builds them fp32 at every dtype) and every norm's weight and bias stay fp32; the frozen
+        linear weights, biases and the conv are stored like the rest of the base."""
+        module, _, leaf = name.rpartition(".")
+        if leaf in _FP32_LEAVES:
+            return True
+        return module.rpartition(".")[2].endswith("norm") and leaf in ("weight", "bias")
 
     def set_recompute(self, model: "torch.nn.Module", granularity: str) -> None:
         """Megatron's names -> the model's: ``selective`` recomputes the Mamba mixers, ``full`` whole layers."""

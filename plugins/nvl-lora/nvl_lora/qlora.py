@@ -1,0 +1,136 @@
+"""QLoRA (``peft.base_dtype=nf4``): the frozen base's linear weights stored in 4-bit NormalFloat.
+
+Each frozen linear weight becomes torchao's ``NF4Tensor`` (QLoRA's NF4 with double-quantised block
+scales, as torchtune's QLoRA uses) held in the module's own ``weight`` parameter, so parameter names,
+the tensor-parallel split (each rank quantises the shard it holds) and the adapters stay as they are.
+The matmul dequantises the weight to the activation's dtype for each call (``linear_nf4``: bf16 under
+the GPU's autocast, fp32 on a CPU) and keeps only the 4-bit weight for backward; no gradient reaches it.
+
+Megatron's parallel linears call their ``_forward_impl`` for the matmul; a quantised one gets
+:func:`nf4_linear_impl` there (the same tensor-parallel semantics: the input gradient is all-reduced
+over the TP group where Megatron's would be). A plain ``nn.Linear`` needs nothing: ``F.linear`` on an
+``NF4Tensor`` dispatches to the same function.
+
+Block sizes: 64 weights per NF4 block (the paper's); the block scales are quantised in groups of 256
+(the paper's) or, for a layer whose block count 256 does not divide, the largest power of two that
+does. A weight whose element count 64 does not divide stays in the compute dtype and is named in the
+run's storage line.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import attrs
+import torch
+from torch import nn
+
+from nvl_lora.layers import ADAPTER_ATTR, base_kind
+
+#: Weights per NF4 block (QLoRA's).
+NF4_BLOCK = 64
+#: Block scales per double-quantisation group (QLoRA's), halved until it divides a layer's block count.
+SCALER_BLOCK = 256
+#: Megatron's parameter attributes that say how a weight is split over tensor-parallel ranks.
+_TP_ATTRS = ("tensor_model_parallel", "partition_dim", "partition_stride", "allreduce")
+
+
+@functools.lru_cache(maxsize=1)
+def nf4_api() -> tuple[Any, Any]:
+    """``(to_nf4, linear_nf4)`` from torchao, or ``ValueError`` in one line naming the fix."""
+    try:
+        from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import linear_nf4, to_nf4
+    except ImportError as exc:
+        raise ValueError(
+            f"peft.base_dtype=nf4 needs torchao>=0.18's NF4 tensor ({exc}); install it with "
+            "`pip install 'nvl-lora[qlora]'` or remove peft.base_dtype"
+        ) from None
+    return to_nf4, linear_nf4
+
+
+def check_device(device: torch.device | str) -> None:
+    """Quantise and multiply a small weight on ``device``; ``ValueError`` in one line if NF4 cannot run there."""
+    to_nf4, linear_nf4 = nf4_api()
+    try:
+        w = to_nf4(torch.randn(NF4_BLOCK, NF4_BLOCK, device=device), NF4_BLOCK, 1)
+        linear_nf4(torch.randn(2, NF4_BLOCK, device=device), w)
+    except Exception as exc:  # noqa: BLE001 - any failure means the device cannot run it
+        raise ValueError(f"peft.base_dtype=nf4: torchao's NF4 cannot run on {device} "
+                         f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+                         "remove peft.base_dtype") from None
+
+
+def scaler_block_for(numel: int) -> int | None:
+    """The double-quantisation group for a weight of ``numel`` elements, or ``None`` if NF4 cannot block it."""
+    if numel == 0 or numel % NF4_BLOCK:
+        return None
+    blocks, group = numel // NF4_BLOCK, SCALER_BLOCK
+    while blocks % group:
+        group //= 2
+    return group
+
+
+def nf4_linear_impl(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+                    allreduce_dgrad: bool = False, sequence_parallel: bool = False, tp_group: Any = None,
+                    **_: Any) -> torch.Tensor:
+    """Megatron's ``_forward_impl`` contract for a frozen NF4 weight: ``input @ dequant(weight).T + bias``;
+    with ``allreduce_dgrad`` the input's gradient is all-reduced over ``tp_group`` (a column-parallel
+    layer whose input is replicated), as Megatron's ``linear_with_frozen_weight`` does."""
+    if sequence_parallel:
+        raise NotImplementedError("peft.base_dtype=nf4 with sequence parallelism is not supported")
+    if allreduce_dgrad:
+        from megatron.core.tensor_parallel.mappings import copy_to_tensor_model_parallel_region
+
+        input = copy_to_tensor_model_parallel_region(input, group=tp_group)
+    out = nf4_api()[1](input, weight)
+    return out if bias is None else out + bias
+
+
+@attrs.define
+class NF4Report:
+    """What :func:`quantize_frozen_linears` did (names are this rank's modules)."""
+
+    quantized: list[str] = attrs.field(factory=list)
+    #: Frozen linear weights left in the compute dtype: NF4 cannot block-quantise their shape.
+    kept: list[str] = attrs.field(factory=list)
+
+    def notes(self) -> list[str]:
+        """The run's storage-line notes."""
+        if not self.kept:
+            return [f"all {len(self.quantized)} frozen linear weights in NF4"]
+        shown = ", ".join(self.kept[:4]) + (f" and {len(self.kept) - 4} more" if len(self.kept) > 4 else "")
+        return [f"{len(self.quantized)} frozen linear weights in NF4, {len(self.kept)} kept in the compute dtype "
+                f"(element count not a multiple of {NF4_BLOCK}): {shown}"]
+
+
+@torch.no_grad()
+def quantize_frozen_linears(model: nn.Module, *, compute_dtype: torch.dtype | None = None) -> NF4Report:
+    """Store every frozen linear weight of ``model`` (adapters excluded) as NF4, in place.
+
+    ``compute_dtype``: the dtype the weight dequantises to (bf16 under autocast); ``None`` keeps the
+    weight's own. Each rank quantises the shard it holds; the parameter keeps its Megatron TP attributes.
+    """
+    to_nf4, _ = nf4_api()
+    report = NF4Report()
+    for name, module in model.named_modules():
+        kind = base_kind(module)
+        if not name or kind is None or f".{ADAPTER_ATTR}." in f".{name}.":
+            continue
+        w = getattr(module, "weight", None)
+        if not isinstance(w, torch.Tensor) or w.requires_grad or hasattr(w, "__tensor_flatten__") or w.dim() != 2:
+            continue
+        group = scaler_block_for(w.numel())
+        if group is None:
+            report.kept.append(name)
+            continue
+        q = nn.Parameter(to_nf4(w.detach().to(compute_dtype or w.dtype).contiguous(), NF4_BLOCK, group),
+                         requires_grad=False)
+        for attr in _TP_ATTRS:
+            if hasattr(w, attr):
+                setattr(q, attr, getattr(w, attr))
+        module.weight = q
+        if kind != "plain":
+            module._forward_impl = nf4_linear_impl  # the instance's matmul; see the module docstring
+        report.quantized.append(name)
+    return report
