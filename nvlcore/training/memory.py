@@ -329,7 +329,7 @@ def apply_option(cfg: Any, option: Option) -> None:
 def available_bytes(cfg: Any, ctx: Any) -> tuple[float | None, str]:
     """Bytes the run may use on each rank and where the figure comes from: ``train.memory_budget_gb``,
     else the smallest free memory over the ranks' GPUs (``torch.cuda.mem_get_info``), else None (CPU)."""
-    budget = getattr(cfg.train, "memory_budget_gb", None)
+    budget = cfg.train.memory_budget_gb
     if budget is not None:
         return float(budget) * GB, f"train.memory_budget_gb={budget:g}"
     if ctx.device.type != "cuda":
@@ -344,18 +344,60 @@ def available_bytes(cfg: Any, ctx: Any) -> tuple[float | None, str]:
     return float(free.item()), f"free on {torch.cuda.get_device_name(ctx.device)}"
 
 
-def plan_run(cfg: Any, bridge: "ModelBridge", ctx: Any, say: Callable[[str], None]) -> Decision | None:
+def sample_workload(cfg: Any, bridge: "ModelBridge", manager: Any, *, samples: int = 16) -> tuple[int, int] | None:
+    """``(tokens, image tiles)`` of one micro-batch from the first ``samples`` training examples: unpacked,
+    ``micro_batch_size`` x the longest (rows pad to it); packed, full rows of ``seq_length`` holding as many
+    tiles as that many average samples carry. None when the data cannot be read here (the plan then uses
+    the bridge's upper bound)."""
+    ds = cfg.dataset
+    seq = int(ds.seq_length or cfg.model.seq_length)
+    try:
+        made = manager.registry("dataset_maker").get(ds.maker_name)(split="train", **dict(ds.maker_kwargs))
+        processor = bridge.processor(seq_length=seq)
+        n = min(samples, len(made))
+        shapes = []
+        for i in range(n):
+            out = processor(made[i * len(made) // n])
+            pv = out.get("pixel_values")
+            shapes.append((int(len(out["input_ids"])), 0 if pv is None else int(pv.shape[0])))
+    except Exception:  # a plan is advice: an unreadable sample leaves it to the upper bound, the run reports it
+        return None
+    if not shapes:
+        return None
+    mbs = int(cfg.train.micro_batch_size)
+    if ds.packing == "none" and not ds.enable_in_batch_packing:
+        longest = seq if ds.pad_to_max_length else max(t for t, _ in shapes)
+        return mbs * min(seq, longest), mbs * max(k for _, k in shapes)
+    mean_tokens = sum(t for t, _ in shapes) / len(shapes)
+    mean_tiles = sum(k for _, k in shapes) / len(shapes)
+    return mbs * seq, mbs * int(round(seq / max(1.0, mean_tokens) * mean_tiles + 0.5))
+
+
+def plan_run(cfg: Any, bridge: "ModelBridge", ctx: Any, say: Callable[[str], None], *,
+             manager: Any = None) -> Decision | None:
     """``train.memory_plan``: print the plan before any weights load; ``check`` refuses a run that cannot
-    fit, ``auto`` changes micro-batch, recompute and offload settings in ``cfg`` until it fits."""
-    mode = getattr(cfg.train, "memory_plan", "check")
+    fit, ``auto`` changes micro-batch, recompute and offload settings in ``cfg`` until it fits.
+
+    The workload (tokens and tiles per micro-batch) is read from the first training samples when
+    ``manager`` is given, else the bridge's upper bound is used.
+    """
+    mode = cfg.train.memory_plan
     if mode == "off":
         return None
-    inputs = PlanInputs.from_config(cfg, world_size=ctx.world_size)
+    workload = sample_workload(cfg, bridge, manager) if manager is not None else None
+    inputs = PlanInputs.from_config(cfg, world_size=ctx.world_size, workload=workload)
     available, source = available_bytes(cfg, ctx)
-    decision = fit(bridge, cfg, inputs, available, mode=mode)
+    try:
+        decision = fit(bridge, cfg, inputs, available, mode=mode)
+    except MemoryPlanError:
+        raise
+    except Exception as exc:  # a bridge that cannot describe its parameters without weights: no plan, say why
+        say(f"nvl finetune: memory plan: not available for bridge {bridge.name!r} ({type(exc).__name__}: {exc})")
+        return None
     if decision.chosen is not None:
         apply_option(cfg, decision.chosen)
         say(f"nvl finetune: memory plan (auto): chose {' '.join(decision.chosen.overrides)} to fit")
     room = "" if available is None else f"; {available / GB:.1f} GB available ({source})"
-    say(f"nvl finetune: memory plan: {decision.estimate.describe()}{room}")
+    basis = "from the first training samples" if workload else "upper bound: full rows"
+    say(f"nvl finetune: memory plan: {decision.estimate.describe()} ({basis}){room}")
     return decision
