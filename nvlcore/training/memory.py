@@ -156,14 +156,17 @@ class MemoryEstimate:
         return self.allocated * (1 + FRAGMENTATION) + RUNTIME_OVERHEAD_BYTES
 
     def describe(self) -> str:
-        acts = ", ".join(f"{k} {v / GB:.1f}" for k, v in self.activations.items()) or "unknown"
+        acts = ", ".join(f"{k} {_fmt(v)}" for k, v in self.activations.items()) or "unknown"
         tokens, tiles = self.workload
-        return (f"~{self.card / GB:.1f} GB per GPU (allocated peak {self.allocated / GB:.1f} GB: weights "
-                f"{(self.frozen_weights + self.trainable_weights) / GB:.1f}, gradients {self.gradients / GB:.1f}, "
-                f"optimizer {self.optimizer / GB:.1f}, bf16 weight casts {self.cast_cache / GB:.1f}, activations "
-                f"[{acts}] GB for {tokens} tokens and {tiles} tiles per micro-batch; fp32 build "
-                f"{self.build / GB:.1f} GB; + {FRAGMENTATION:.0%} allocator and "
-                f"{RUNTIME_OVERHEAD_BYTES / GB:.1f} GB runtime)")
+        return (f"~{_fmt(self.card)} per GPU (allocated peak {_fmt(self.allocated)}: weights "
+                f"{_fmt(self.frozen_weights + self.trainable_weights)}, gradients {_fmt(self.gradients)}, optimizer "
+                f"{_fmt(self.optimizer)}, bf16 weight copies {_fmt(self.cast_cache)}, activations [{acts}] for "
+                f"{tokens} tokens and {tiles} image tiles per micro-batch; fp32 build {_fmt(self.build)}; + "
+                f"{FRAGMENTATION:.0%} allocator and {_fmt(RUNTIME_OVERHEAD_BYTES)} runtime)")
+
+
+def _fmt(n: float) -> str:
+    return f"{n / GB:.1f} GB" if n >= 0.1 * GB else f"{n / 1e6:.1f} MB"
 
 
 def _group_of(name: str, groups: Mapping[str, str]) -> str:
@@ -301,9 +304,9 @@ def fit(bridge: "ModelBridge", cfg: Any, inputs: PlanInputs, available: float | 
                 return Decision(e, available, o)
     fitting = [(o, e) for o, e in tried if e.card <= available][:3]
     shown = fitting or sorted(tried, key=lambda t: t[1].card)[:1]
-    names = "; or ".join(f"{' '.join(o.overrides)} (~{e.card / GB:.1f} GB)" for o, e in shown)
+    names = "; or ".join(f"{' '.join(o.overrides)} (~{_fmt(e.card)})" for o, e in shown)
     raise MemoryPlanError(
-        f"memory plan: this run needs ~{est.card / GB:.1f} GB per GPU and {available / GB:.1f} GB are available: "
+        f"memory plan: this run needs ~{_fmt(est.card)} per GPU and {_fmt(available)} are available: "
         f"it cannot fit. {'Options that fit' if fitting else 'Nothing tried fits; the smallest is'}: {names}"
         f"{'' if mode == 'auto' else ' (or train.memory_plan=auto to pick)'}; train.memory_plan=off runs it anyway"
     )
@@ -397,7 +400,7 @@ def plan_run(cfg: Any, bridge: "ModelBridge", ctx: Any, say: Callable[[str], Non
     if decision.chosen is not None:
         apply_option(cfg, decision.chosen)
         say(f"nvl finetune: memory plan (auto): chose {' '.join(decision.chosen.overrides)} to fit")
-    room = "" if available is None else f"; {available / GB:.1f} GB available ({source})"
+    room = "" if available is None else f"; {_fmt(available)} available ({source})"
     basis = "from the first training samples" if workload else "upper bound: full rows"
     say(f"nvl finetune: memory plan: {decision.estimate.describe()} ({basis}){room}")
     return decision
