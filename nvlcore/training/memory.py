@@ -84,6 +84,8 @@ class PlanInputs:
     activation_offload_layers: int = 0
     #: (LM tokens, image tiles) of one micro-batch; None = the bridge's upper bound for the config
     workload: tuple[int, int] | None = None
+    #: bytes per parameter while the model is built and its weights loaded (nvl builds in fp32 today)
+    build_bytes_per_param: float = 4.0
 
     @classmethod
     def from_config(cls, cfg: Any, *, world_size: int = 1, **overrides: Any) -> "PlanInputs":
@@ -209,7 +211,8 @@ def estimate(bridge: "ModelBridge", inputs: PlanInputs) -> MemoryEstimate:
     shard = inputs.dp if inputs.distributed_optimizer else 1
     optimizer = trainable_n * moments / shard * (1.0 - inputs.optimizer_offload_fraction)
     casts = trainable_n * 2.0 if inputs.autocast and inputs.main_params_bytes > 2 else 0.0
-    build = 4.0 * (frozen_n + trainable_n) + 8.0 * largest  # fp32 model + a random/loaded tensor's temporaries
+    # the model as built (fp32 today) + two fp32 temporaries of the largest tensor while it is initialised/loaded
+    build = inputs.build_bytes_per_param * (frozen_n + trainable_n) + 8.0 * largest
     return MemoryEstimate(
         frozen_weights=frozen_b, trainable_weights=trainable_n * inputs.main_params_bytes,
         gradients=trainable_n * 4.0, optimizer=optimizer, cast_cache=casts, activations=dict(acts),
