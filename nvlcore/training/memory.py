@@ -95,7 +95,7 @@ class PlanInputs:
         opts = dict(getattr(p, "options", {}) or {})
         peft = bool(p.method)
         frozen = {g: bool(v) for g, v in dict(m.freeze).items()}
-        if peft:  # a PEFT method freezes its towers unless its own freeze_<group> says otherwise (nvl-lora's rule)
+        if peft:  # the method's own freeze_<group> options add to model.freeze_<group>
             for key, value in opts.items():
                 if key.startswith("freeze_") and key != "freeze_other":
                     g = key[len("freeze_"):]

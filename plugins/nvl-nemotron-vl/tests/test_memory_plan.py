@@ -206,3 +206,17 @@ def test_cli_reports_an_injected_nccl_allocation_failure_as_out_of_memory(tiny_t
     lines = [line for line in res.output.splitlines() if line.strip()]
     assert len(lines) == 1 and "out of GPU memory during optimizer step" in lines[0], res.output
     assert "NCCL" in lines[0] and "options that lower it" in lines[0]
+
+
+def test_plan_inputs_read_the_config():
+    from nvlcore.config import load_config
+
+    cfg = load_config([], ["peft.method=lora", "peft.freeze_vision_model=false", "train.micro_batch_size=2",
+                           "dataset.packing=best_fit", "model.recompute_granularity=selective"])
+    inp = PlanInputs.from_config(cfg, world_size=4)
+    assert inp.frozen_groups == {"language_model": True, "vision_model": False, "vision_projection": True}
+    assert (inp.peft, inp.freeze_other, inp.micro_batch_size, inp.packed, inp.recompute) == (True, True, 2, True,
+                                                                                             "selective")
+    full = PlanInputs.from_config(load_config([], ["model.tensor_model_parallel_size=2"]), world_size=4)
+    assert (full.peft, full.tp, full.dp, full.frozen_groups) == (False, 2, 2, {})
+    assert cfg.train.memory_plan == "check" and cfg.train.memory_budget_gb is None
