@@ -350,13 +350,19 @@ def available_bytes(cfg: Any, ctx: Any) -> tuple[float | None, str]:
     return float(free.item()), f"free on {torch.cuda.get_device_name(ctx.device)}"
 
 
-def sample_workload(cfg: Any, bridge: "ModelBridge", manager: Any, *, samples: int = 16) -> tuple[int, int] | None:
-    """``(tokens, image tiles)`` of one micro-batch from the first ``samples`` training examples: unpacked,
+def sample_workload(cfg: Any, bridge: "ModelBridge", manager: Any, *, samples: int = 8) -> tuple[int, int] | None:
+    """``(tokens, image tiles)`` of one micro-batch from ``samples`` training examples spread over the split: unpacked,
     ``micro_batch_size`` x the longest (rows pad to it); packed, full rows of ``seq_length`` holding as many
     tiles as that many average samples carry. None when the data cannot be read here (the plan then uses
     the bridge's upper bound)."""
+    import random
+
+    import numpy as np
+    import torch
+
     ds = cfg.dataset
     seq = int(ds.seq_length or cfg.model.seq_length)
+    states = random.getstate(), np.random.get_state(), torch.get_rng_state()  # the run's draws stay as they were
     try:
         made = manager.registry("dataset_maker").get(ds.maker_name)(split="train", **dict(ds.maker_kwargs))
         processor = bridge.processor(seq_length=seq)
@@ -368,6 +374,10 @@ def sample_workload(cfg: Any, bridge: "ModelBridge", manager: Any, *, samples: i
             shapes.append((int(len(out["input_ids"])), 0 if pv is None else int(pv.shape[0])))
     except Exception:  # a plan is advice: an unreadable sample leaves it to the upper bound, the run reports it
         return None
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.set_rng_state(states[2])
     if not shapes:
         return None
     mbs = int(cfg.train.micro_batch_size)
@@ -384,7 +394,7 @@ def plan_run(cfg: Any, bridge: "ModelBridge", ctx: Any, say: Callable[[str], Non
     """``train.memory_plan``: print the plan before any weights load; ``check`` refuses a run that cannot
     fit, ``auto`` changes micro-batch, recompute and offload settings in ``cfg`` until it fits.
 
-    The workload (tokens and tiles per micro-batch) is read from the first training samples when
+    The workload (tokens and tiles per micro-batch) is read from a few training samples when
     ``manager`` is given, else the bridge's upper bound is used.
     """
     mode = cfg.train.memory_plan
@@ -404,6 +414,6 @@ def plan_run(cfg: Any, bridge: "ModelBridge", ctx: Any, say: Callable[[str], Non
         apply_option(cfg, decision.chosen)
         say(f"nvl finetune: memory plan (auto): chose {' '.join(decision.chosen.overrides)} to fit")
     room = "" if available is None else f"; {_fmt(available)} available ({source})"
-    basis = "from the first training samples" if workload else "upper bound: full rows"
+    basis = "workload from training samples" if workload else "workload: upper bound, full rows"
     say(f"nvl finetune: memory plan: {decision.estimate.describe()} ({basis}){room}")
     return decision
