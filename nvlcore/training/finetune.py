@@ -483,7 +483,9 @@ def run_finetune(
         bridge = resolve_bridge(cfg.model.hf_model_path, cfg.model.bridge, manager=manager)
         from nvlcore.training.memory import plan_run
 
-        plan_run(cfg, bridge, ctx, say, manager=manager)  # may refuse the run, or (auto) change cfg to fit
+        plan = plan_run(cfg, bridge, ctx, say, manager=manager)  # may refuse the run, or (auto) change cfg to fit
+        if plan is not None and plan.chosen is not None:
+            run_config = config_to_dict(cfg)  # checkpoints record the settings auto chose
         settings = loop_settings(cfg, dp_size=ctx.dp_size, device_type=ctx.device.type)
         from nvlcore.training.oom import install_phase_hooks, set_phase
 

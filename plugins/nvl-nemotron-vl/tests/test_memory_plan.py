@@ -220,3 +220,11 @@ def test_plan_inputs_read_the_config():
     full = PlanInputs.from_config(load_config([], ["model.tensor_model_parallel_size=2"]), world_size=4)
     assert (full.peft, full.tp, full.dp, full.frozen_groups) == (False, 2, 2, {})
     assert cfg.train.memory_plan == "check" and cfg.train.memory_budget_gb is None
+
+
+def test_auto_choice_is_written_into_the_config():
+    from nvlcore.config import load_config
+
+    cfg = load_config([], ["train.micro_batch_size=4", "train.global_batch_size=8"])
+    memory.apply_option(cfg, memory.Option({"recompute": "full", "micro_batch_size": 2}, ()))
+    assert (cfg.model.recompute_granularity, cfg.train.micro_batch_size) == ("full", 2)
