@@ -237,6 +237,11 @@ def _micro_batches(inputs: PlanInputs) -> list[int]:
             if inputs.global_batch_size % (m * inputs.dp) == 0]
 
 
+def _peft_key(cfg: Any, key: str) -> bool:
+    """The PEFT section (or the selected method's options) has ``key``."""
+    return hasattr(cfg.peft, key) or key in (getattr(cfg.peft, "options", None) or {})
+
+
 def options_for(cfg: Any, inputs: PlanInputs) -> list[Option]:
     """The memory options this config can take, cheapest in speed first (``auto`` tries them in this order).
 
@@ -261,7 +266,7 @@ def options_for(cfg: Any, inputs: PlanInputs) -> list[Option]:
         deep["micro_batch_size"] = mbs[-1]
         deep_keys += (f"train.micro_batch_size={mbs[-1]}",)
     deepest = Option(deep, deep_keys)
-    if inputs.peft and getattr(cfg.peft, "base_dtype", "absent") is None:
+    if inputs.peft and inputs.base_bytes is None and _peft_key(cfg, "base_dtype"):
         ladder.append(Option({**deepest.changes, "base_bytes": NF4_BYTES_PER_PARAM},
                              deepest.overrides + ("peft.base_dtype=nf4",)))
     if hasattr(cfg.optimizer, "optimizer_cpu_offload") and not inputs.optimizer_offload_fraction:
@@ -323,7 +328,10 @@ def apply_option(cfg: Any, option: Option) -> None:
     if "micro_batch_size" in ch:
         cfg.train.micro_batch_size = ch["micro_batch_size"]
     if ch.get("base_bytes") is not None:
-        cfg.peft.base_dtype = "nf4"
+        if hasattr(cfg.peft, "base_dtype"):
+            cfg.peft.base_dtype = "nf4"
+        else:  # the PEFT method's own field (nvl-lora's), read when the method is applied
+            cfg.peft.options["base_dtype"] = "nf4"
     if ch.get("optimizer_offload_fraction"):
         cfg.optimizer.optimizer_cpu_offload = True
         cfg.optimizer.optimizer_offload_fraction = ch["optimizer_offload_fraction"]

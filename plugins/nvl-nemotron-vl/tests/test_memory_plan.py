@@ -227,3 +227,9 @@ def test_auto_choice_is_written_into_the_config():
     cfg = load_config([], ["train.micro_batch_size=4", "train.global_batch_size=8"])
     memory.apply_option(cfg, memory.Option({"recompute": "full", "micro_batch_size": 2}, ()))
     assert (cfg.model.recompute_granularity, cfg.train.micro_batch_size) == ("full", 2)
+    cfg.peft.options["base_dtype"] = None  # nvl-lora's field, as the method's Config fills it in
+    inp = PlanInputs(peft=True, workload=(4096, 0), **{k: v for k, v in LORA_LM.items() if k != "peft"})
+    nf4 = [o for o in memory.options_for(cfg, inp) if "base_bytes" in o.changes]
+    assert nf4 and "peft.base_dtype=nf4" in nf4[0].overrides
+    memory.apply_option(cfg, nf4[0])
+    assert cfg.peft.options["base_dtype"] == "nf4"
