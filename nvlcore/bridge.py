@@ -349,6 +349,42 @@ class ModelBridge(abc.ABC):
                              "use auto or reference")
         return {}
 
+    # -------------------------------------------------------------------------------- memory plan
+    def parameter_shapes(self, tp_size: int = 1) -> dict[str, tuple[tuple[int, ...], int]]:
+        """Parameter name -> ``(full shape, elements one of tp_size ranks holds)``, with no weights loaded
+        (``nvl finetune``'s memory plan). Default: build the model on the meta device and count, dividing
+        the parameters marked ``tensor_model_parallel`` by ``tp_size`` when the build was not already sharded."""
+        import torch
+
+        with torch.device("meta"):
+            model = self.build_model(dtype=torch.float32, device="meta", init="none")
+        _, _, built = self.tensor_parallel_of(model)
+        out: dict[str, tuple[tuple[int, ...], int]] = {}
+        for name, p in model.named_parameters():
+            split = getattr(p, "tensor_model_parallel", False)
+            local = p.numel() * (built if split and built > 1 else 1)  # the full tensor's elements
+            out[name] = (tuple(p.shape), local // tp_size if split else local)
+        return out
+
+    def workload_upper_bound(self, *, seq_length: int, micro_batch_size: int, packed: bool) -> tuple[int, int]:
+        """The most ``(language-model tokens, image tiles)`` one micro-batch can hold, for a plan made before
+        any data is read. Default: every row full, no images."""
+        return seq_length * micro_batch_size, 0
+
+    def activation_bytes(self, *, tokens: int, tiles: int, recompute: str | None, tp_size: int,
+                         trained: Mapping[str, bool], offload_layers: int = 0) -> dict[str, float] | None:
+        """Bytes one micro-batch of ``tokens`` tokens and ``tiles`` image tiles keeps on one rank for
+        backward, by phase (``{"language model": ..., "vision tower": ...}``), under ``recompute``
+        (``model.recompute_granularity``) with ``offload_layers`` layers' activations on the host;
+        ``trained``: freeze group -> whether its base weights train. Default: unknown (None), and the
+        plan counts weights, gradients and optimizer state only."""
+        return None
+
+    def memory_phases(self) -> dict[str, str]:
+        """Module name prefix -> the phase an out-of-memory there is reported as (``vision tower``);
+        default: the :attr:`freeze_groups`, named by their group."""
+        return {prefix: group.replace("_", " ") for group, prefix in self.freeze_groups.items()}
+
     # --------------------------------------------------------------------------------- generation
     def generator_for_model(self, model: "torch.nn.Module", *, device: Any = None, dtype: Any = None,
                             cuda_graph: bool | None = None, **options: Any) -> "Generator":

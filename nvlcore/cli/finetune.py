@@ -235,10 +235,16 @@ def finetune_command(**params: Any) -> None:
             raise
         from nvlcore.checkpoint.save import NoSpaceError
 
-        if isinstance(exc, NoSpaceError):  # the same line from every rank
+        from nvlcore.training.memory import MemoryPlanError
+        from nvlcore.training.oom import describe, fitting_options, is_out_of_memory
+
+        if isinstance(exc, (NoSpaceError, MemoryPlanError)):  # the same line from every rank
             raise click.ClickException(str(exc)) from exc
         rank = os.environ.get("RANK")
         where = f"rank {rank}: " if rank is not None else ""
+        if is_out_of_memory(exc):  # also NCCL's "Failed to CUDA calloc": not a communication failure
+            hint = fitting_options(cfg, world_size=int(os.environ.get("WORLD_SIZE", "1")))
+            raise click.ClickException(f"{where}{describe(exc, hint=hint)} (--debug shows the traceback)") from exc
         raise click.ClickException(f"{where}{type(exc).__name__}: {exc} (--debug shows the traceback)") from exc
 
 

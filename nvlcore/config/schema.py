@@ -73,6 +73,14 @@ class TrainConfig:
     manual_gc: bool = _f(True, "Disable Python's automatic GC and collect every manual_gc_interval steps.")
     manual_gc_interval: int = _f(100, "Steps between manual garbage collections (0 = never).")
     manual_gc_eval: bool = _f(True, "Collect garbage before and after validation when manual_gc is on.")
+    memory_plan: Literal["off", "check", "auto"] = _f(
+        "check",
+        "Per-GPU memory plan made before the model is built (docs/memory.md): check = print it and refuse a run "
+        "that cannot fit the card, auto = also pick micro-batch, recompute and offload settings that fit, off = none.",
+    )
+    memory_budget_gb: float | None = _f(
+        None, "GB per GPU the memory plan must fit (default: the card's free memory; on CPU, no check)."
+    )
 
 
 @attrs.define

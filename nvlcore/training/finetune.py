@@ -480,9 +480,18 @@ def run_finetune(
         # -- model ---------------------------------------------------------------------------
         t0 = time.perf_counter()
         bridge = resolve_bridge(cfg.model.hf_model_path, cfg.model.bridge, manager=manager)
+        from nvlcore.training.memory import plan_run
+
+        plan = plan_run(cfg, bridge, ctx, say, manager=manager)  # may refuse the run, or (auto) change cfg to fit
+        if plan is not None and plan.chosen is not None:
+            run_config = config_to_dict(cfg)  # checkpoints record the settings auto chose
         settings = loop_settings(cfg, dp_size=ctx.dp_size, device_type=ctx.device.type)
+        from nvlcore.training.oom import install_phase_hooks, set_phase
+
+        set_phase("model build and weight loading")
         model = bridge.build_model(dtype=torch.float32, device=ctx.device, init="random" if random_init else "none",
                                    seed=cfg.rng.seed)
+        install_phase_hooks(model, bridge.memory_phases())  # an out-of-memory report names the tower
         model.train()
         report = bridge.set_kernels(model, cfg.model.kernels)
         if report:
@@ -519,7 +528,7 @@ def run_finetune(
         if peft is not None:
             say("nvl finetune: frozen base storage: " + optim.describe_storage(model)
                 + "".join(f"; {n}" for n in getattr(peft, "storage_notes", ())))
-        say("nvl finetune: memory plan: " + optim.memory_plan(model).describe())
+        say("nvl finetune: built model's static memory: " + optim.memory_plan(model).describe())
 
         named = optim.trainable_named_parameters(model)
         optim.check_replicated_parameters(list(model.named_parameters()), tp_group=ctx.tp_group, tp_size=ctx.tp_size)

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
 import attrs
 
 from nvlcore.training import optim
+from nvlcore.training.oom import set_phase
 from nvlcore.training.schedules import LRSchedule, WeightDecaySchedule
 
 if TYPE_CHECKING:
@@ -254,6 +255,7 @@ class Trainer:
         """``(sum of loss * loss_mask, sum of loss_mask)`` of one micro-batch already on the device."""
         import torch
 
+        set_phase("forward")
         with self._autocast():
             per_token = self.model(**batch)
         if per_token.dim() != 2 or per_token.shape != batch["input_ids"].shape:
@@ -287,6 +289,7 @@ class Trainer:
                 flops += float(self.flops_fn(mb))
             batch = move_batch(mb, dev)
             lsum, msum = self.forward_loss(batch)
+            set_phase("backward")
             lsum.backward()
             loss_sum += lsum.detach().double()
             sup += msum.detach().double()
@@ -302,6 +305,7 @@ class Trainer:
         if g_sup <= 0:
             return StepResult(g_loss, g_sup, g_tok, g_flops, float("nan"), lr, wd, True, "no supervised token",
                               g_samples)
+        set_phase("gradient reduction")
         grads = optim.materialize_grads(self.params)
         optim.reduce_gradients(grads, group=ctx.dp_group, group_size=ctx.dp_size, scale=1.0 / g_sup,
                                bucket_bytes=self.settings.bucket_bytes)
@@ -326,6 +330,7 @@ class Trainer:
                 )
             return StepResult(g_loss, g_sup, g_tok, g_flops, norm, lr, wd, True, reason, g_samples)
         optim.set_hyperparameters(self.optimizer, lr=lr, weight_decay=wd)
+        set_phase("optimizer step")
         self.optimizer.step()
         for p in self.params:
             p.grad = None

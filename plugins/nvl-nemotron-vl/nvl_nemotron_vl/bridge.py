@@ -125,6 +125,35 @@ class NemotronVLBridge(ModelBridge):
         """The hybrid language model's Mamba / attention / MLP layers, in forward order."""
         return list(model.language_model.decoder.layers)  # type: ignore[union-attr,arg-type]
 
+    # ---------------------------------------------------------------------------- memory plan
+    def parameter_shapes(self, tp_size: int = 1) -> dict[str, tuple[tuple[int, ...], int]]:
+        """Full shapes from the model built on the meta device over one rank (no process group needed);
+        a rank holds ``1/tp_size`` of each parameter marked ``tensor_model_parallel``."""
+        from .toy import meta_model
+
+        return {name: (tuple(p.shape), p.numel() // tp_size if getattr(p, "tensor_model_parallel", False)
+                       else p.numel()) for name, p in meta_model(self.config).named_parameters()}
+
+    def workload_upper_bound(self, *, seq_length: int, micro_batch_size: int, packed: bool) -> tuple[int, int]:
+        """Full rows; tiles: a whole image of 12 tiles + thumbnail per row, packed rows as many as fit."""
+        from .memory import workload_upper_bound
+
+        return workload_upper_bound(self.config, seq_length=seq_length, micro_batch_size=micro_batch_size,
+                                    packed=packed)
+
+    def activation_bytes(self, *, tokens: int, tiles: int, recompute: str | None, tp_size: int,
+                         trained: Mapping[str, bool], offload_layers: int = 0) -> dict[str, float]:
+        """See :mod:`nvl_nemotron_vl.memory` (per layer kind, calibrated on measured peaks)."""
+        from .memory import activation_bytes
+
+        return activation_bytes(self.config, tokens=tokens, tiles=tiles, recompute=recompute, tp_size=tp_size,
+                                trained=trained, offload_layers=offload_layers)
+
+    def memory_phases(self) -> dict[str, str]:
+        """Towers named as an out-of-memory report says them."""
+        return {"vision_model": "vision tower", "vision_projection": "vision projector",
+                "language_model": "language model"}
+
     # ------------------------------------------------------------------------------ processor
     def processor(self, *, seq_length: int | None = None, pad_to_multiple_of: int | None = None,
                   **options: Any) -> Any:

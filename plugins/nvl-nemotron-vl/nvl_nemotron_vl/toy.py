@@ -16,9 +16,12 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from .config import CLIP_MEAN, CLIP_STD, NemotronVLConfig
+
+if TYPE_CHECKING:
+    import torch
 
 # Per size: LM, ViT and image geometry. num_image_token is derived: (image // 16)**2 / 4.
 SIZES: dict[str, dict[str, Any]] = {
@@ -189,8 +192,8 @@ def _side_files(cfg: dict[str, Any], token_ids: dict[str, int]) -> dict[str, Any
     }
 
 
-def full_parameter_shapes(cfg: NemotronVLConfig) -> dict[str, tuple[int, ...]]:
-    """Full (TP=1) shapes of every training parameter, from the model itself built on the meta device."""
+def meta_model(cfg: NemotronVLConfig) -> "torch.nn.Module":
+    """The model built on the meta device over one rank: every parameter's full shape, no memory."""
     import torch
 
     from .model import NemotronVLModel
@@ -204,8 +207,12 @@ def full_parameter_shapes(cfg: NemotronVLConfig) -> dict[str, tuple[int, ...]]:
             return 0
 
     with torch.device("meta"):
-        model = NemotronVLModel(cfg, TPContext(group=_OneRank(), size=1, rank=0), dtype=torch.bfloat16, device="meta")
-    return {n: tuple(p.shape) for n, p in model.named_parameters()}
+        return NemotronVLModel(cfg, TPContext(group=_OneRank(), size=1, rank=0), dtype=torch.bfloat16, device="meta")
+
+
+def full_parameter_shapes(cfg: NemotronVLConfig) -> dict[str, tuple[int, ...]]:
+    """Full (TP=1) shapes of every training parameter, from the model itself built on the meta device."""
+    return {n: tuple(p.shape) for n, p in meta_model(cfg).named_parameters()}
 
 
 def iter_toy_hf_tensors(cfg: NemotronVLConfig, seed: int, device: str = "cpu"):

@@ -1,0 +1,427 @@
+"""The memory plan: per-GPU bytes of a fine-tuning run, estimated from the config and the bridge before
+the model is built, compared with the card, and what to change when it does not fit.
+
+What one rank holds (docs/memory.md gives the calibration against measured peaks):
+
+* **weights**: frozen parameters in their storage dtype (the compute dtype under bf16, or NF4 with
+  ``peft.base_dtype=nf4``), trainable ones as fp32 masters (``optimizer.main_params_dtype``);
+* **gradients**: fp32 per trainable parameter (Megatron's main grads);
+* **optimizer state**: two Adam moments (``optimizer.exp_avg_dtype`` / ``exp_avg_sq_dtype``) or one SGD
+  momentum per trainable parameter, sharded over data-parallel ranks with ``ddp.use_distributed_optimizer``,
+  minus the fraction ``optimizer.optimizer_offload_fraction`` kept on the host;
+* **cast cache**: bf16 autocast keeps a bf16 copy of every fp32 trainable weight for the whole forward;
+* **activations**: what the bridge says one micro-batch keeps for backward (:meth:`ModelBridge.activation_bytes`);
+* **build**: the model is built and initialised in fp32 before frozen weights drop to their storage dtype,
+  a peak of its own (4 bytes per parameter plus the largest tensor's temporaries).
+
+The peak is the larger of the build and the training step, plus :data:`RUNTIME_OVERHEAD_BYTES` (CUDA
+context, cuBLAS/NCCL workspaces) and :data:`FRAGMENTATION` of the caching allocator.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from typing import TYPE_CHECKING, Any, Callable, Mapping
+
+import attrs
+
+if TYPE_CHECKING:
+    from nvlcore.bridge import ModelBridge
+
+GB = 1e9
+#: CUDA context, cuBLAS/cuDNN workspaces, NCCL buffers and kernel modules: memory the card loses that
+#: ``torch.cuda.max_memory_allocated`` does not count.
+RUNTIME_OVERHEAD_BYTES = int(1.5 * GB)
+#: The caching allocator's reserved-but-unused share on top of the allocated peak.
+FRAGMENTATION = 0.05
+#: bytes per element of the dtype names the optimizer keys take (8-bit states carry a small scale on top)
+DTYPE_BYTES = {"fp32": 4.0, "float32": 4.0, "bf16": 2.0, "bfloat16": 2.0, "fp16": 2.0, "float16": 2.0,
+               "fp8": 1.0, "uint8": 1.0, "int8": 1.0}
+#: NF4 storage: 4 bits per weight plus a bf16 scale per block of 64 and its double quantisation
+NF4_BYTES_PER_PARAM = 0.5625
+MODES = ("off", "check", "auto")
+
+
+class MemoryPlanError(ValueError):
+    """A run that cannot fit the card; the message is one line naming the options that would make it fit."""
+
+
+def _dtype_bytes(value: Any, default: float, key: str) -> float:
+    if value is None:
+        return default
+    name = str(value).removeprefix("torch.").lower()
+    if name not in DTYPE_BYTES:
+        raise ValueError(f"{key}={value!r}: the memory plan knows {', '.join(sorted(DTYPE_BYTES))}")
+    return DTYPE_BYTES[name]
+
+
+@attrs.frozen
+class PlanInputs:
+    """The settings a plan depends on; :meth:`from_config` reads them (keys other branches add are read with
+    ``getattr(..., default)``, so the plan works with or without them)."""
+
+    tp: int = 1
+    dp: int = 1
+    micro_batch_size: int = 1
+    global_batch_size: int = 1
+    seq_length: int = 4096
+    packed: bool = False
+    recompute: str | None = None
+    autocast: bool = True
+    peft: bool = False
+    target_modules: tuple[str, ...] = ()
+    adapter_dim: int = 16
+    #: group -> frozen (the model's freeze flags and the PEFT method's, resolved)
+    frozen_groups: Mapping[str, bool] = attrs.field(factory=dict)
+    freeze_other: bool = False
+    optimizer: str = "adam"
+    distributed_optimizer: bool = True
+    base_bytes: float | None = None  # frozen linear weights' storage (None = the compute dtype)
+    main_params_bytes: float = 4.0
+    exp_avg_bytes: float = 4.0
+    exp_avg_sq_bytes: float = 4.0
+    optimizer_offload_fraction: float = 0.0
+    activation_offload_layers: int = 0
+    #: (LM tokens, image tiles) of one micro-batch; None = the bridge's upper bound for the config
+    workload: tuple[int, int] | None = None
+    #: bytes per parameter while the model is built and its weights loaded (nvl builds in fp32 today)
+    build_bytes_per_param: float = 4.0
+
+    @classmethod
+    def from_config(cls, cfg: Any, *, world_size: int = 1, **overrides: Any) -> "PlanInputs":
+        """The plan's inputs from an :class:`~nvlcore.config.NvlConfig` on ``world_size`` ranks."""
+        m, o, p = cfg.model, cfg.optimizer, cfg.peft
+        tp = int(m.tensor_model_parallel_size)
+        opts = dict(getattr(p, "options", {}) or {})
+        peft = bool(p.method)
+        frozen = {g: bool(v) for g, v in dict(m.freeze).items()}
+        if peft:  # the method's own freeze_<group> options add to model.freeze_<group>
+            for key, value in opts.items():
+                if key.startswith("freeze_") and key != "freeze_other":
+                    g = key[len("freeze_"):]
+                    frozen[g] = frozen.get(g, False) or bool(value)
+        precise = bool(getattr(o, "use_precision_aware_optimizer", False))
+        base = getattr(p, "base_dtype", None) or opts.get("base_dtype")
+        offload = bool(getattr(o, "optimizer_cpu_offload", False))
+        values = dict(
+            tp=tp, dp=max(1, world_size // tp), micro_batch_size=int(cfg.train.micro_batch_size),
+            global_batch_size=int(cfg.train.global_batch_size), seq_length=int(cfg.dataset.seq_length),
+            packed=cfg.dataset.packing != "none" or bool(cfg.dataset.enable_in_batch_packing),
+            recompute=m.recompute_granularity, autocast=bool(o.bf16) or cfg.mixed_precision == "bf16_mixed",
+            peft=peft, target_modules=tuple(p.target_modules), adapter_dim=int(p.dim), frozen_groups=frozen,
+            freeze_other=peft and bool(opts.get("freeze_other", True)), optimizer=o.optimizer,
+            distributed_optimizer=bool(cfg.ddp.use_distributed_optimizer),
+            base_bytes=NF4_BYTES_PER_PARAM if str(base).lower() == "nf4" else None,
+            main_params_bytes=_dtype_bytes(getattr(o, "main_params_dtype", None) if precise else None, 4.0,
+                                           "optimizer.main_params_dtype"),
+            exp_avg_bytes=_dtype_bytes(getattr(o, "exp_avg_dtype", None) if precise else None, 4.0,
+                                       "optimizer.exp_avg_dtype"),
+            exp_avg_sq_bytes=_dtype_bytes(getattr(o, "exp_avg_sq_dtype", None) if precise else None, 4.0,
+                                          "optimizer.exp_avg_sq_dtype"),
+            optimizer_offload_fraction=float(getattr(o, "optimizer_offload_fraction", 1.0)) if offload else 0.0,
+            activation_offload_layers=int(getattr(m, "cpu_offloading_num_layers", 0) or 0)
+            if getattr(m, "cpu_offloading", False) else 0,
+        )
+        values.update(overrides)
+        return cls(**values)
+
+
+@attrs.frozen
+class MemoryEstimate:
+    """Bytes one rank needs, by part (see the module docstring)."""
+
+    frozen_weights: float
+    trainable_weights: float
+    gradients: float
+    optimizer: float
+    cast_cache: float
+    activations: Mapping[str, float]
+    build: float
+    workload: tuple[int, int]
+    trainable_params: int
+    frozen_params: int
+
+    @property
+    def step(self) -> float:
+        """The training step's peak allocated bytes."""
+        return (self.frozen_weights + self.trainable_weights + self.gradients + self.optimizer + self.cast_cache
+                + sum(self.activations.values()))
+
+    @property
+    def allocated(self) -> float:
+        """Peak allocated bytes (what ``torch.cuda.max_memory_allocated`` reports)."""
+        return max(self.step, self.build)
+
+    @property
+    def card(self) -> float:
+        """What the card must have free: the allocated peak plus fragmentation and the runtime's own memory."""
+        return self.allocated * (1 + FRAGMENTATION) + RUNTIME_OVERHEAD_BYTES
+
+    def describe(self) -> str:
+        acts = ", ".join(f"{k} {_fmt(v)}" for k, v in self.activations.items()) or "unknown"
+        tokens, tiles = self.workload
+        return (f"~{_fmt(self.card)} per GPU (allocated peak {_fmt(self.allocated)}: weights "
+                f"{_fmt(self.frozen_weights + self.trainable_weights)}, gradients {_fmt(self.gradients)}, optimizer "
+                f"{_fmt(self.optimizer)}, bf16 weight copies {_fmt(self.cast_cache)}, activations [{acts}] for "
+                f"{tokens} tokens and {tiles} image tiles per micro-batch; fp32 build {_fmt(self.build)}; + "
+                f"{FRAGMENTATION:.0%} allocator and {_fmt(RUNTIME_OVERHEAD_BYTES)} runtime)")
+
+
+def _fmt(n: float) -> str:
+    return f"{n / GB:.1f} GB" if n >= 0.1 * GB else f"{n / 1e6:.1f} MB"
+
+
+def _group_of(name: str, groups: Mapping[str, str]) -> str:
+    return next((g for g, pre in groups.items() if name == pre or name.startswith(pre + ".")), "other")
+
+
+def _adapter_target(module: str, patterns: tuple[str, ...]) -> bool:
+    last = module.rsplit(".", 1)[-1]
+    return any(fnmatch.fnmatchcase(module, p) if ("*" in p or "." in p) else last == p for p in patterns)
+
+
+def estimate(bridge: "ModelBridge", inputs: PlanInputs) -> MemoryEstimate:
+    """Per-rank bytes of the run ``inputs`` describes, from the bridge's parameter shapes and activation model."""
+    shapes = bridge.parameter_shapes(inputs.tp)
+    layouts = bridge.linear_layouts()
+    frozen_b = trainable_n = frozen_n = adapters = 0.0
+    largest = 0
+    compute_bytes = 2.0 if inputs.autocast else 4.0
+    for name, (shape, numel) in shapes.items():
+        group = _group_of(name, bridge.freeze_groups)
+        frozen = inputs.freeze_other if group == "other" else bool(inputs.frozen_groups.get(group))
+        largest = max(largest, numel)
+        module = name[: -len(".weight")] if name.endswith(".weight") else None
+        is_linear = module in layouts and len(shape) == 2
+        if frozen:
+            frozen_n += numel
+            quantised = inputs.base_bytes is not None and is_linear
+            frozen_b += numel * (inputs.base_bytes if quantised else compute_bytes)
+        else:
+            trainable_n += numel
+        if inputs.peft and is_linear and _adapter_target(module, inputs.target_modules):
+            adapters += inputs.adapter_dim * (shape[0] + shape[1])
+    trainable_n += adapters
+    trained = {g: not inputs.frozen_groups.get(g, False) for g in bridge.freeze_groups}
+    tokens, tiles = inputs.workload or bridge.workload_upper_bound(
+        seq_length=inputs.seq_length, micro_batch_size=inputs.micro_batch_size, packed=inputs.packed)
+    acts = bridge.activation_bytes(tokens=tokens, tiles=tiles, recompute=inputs.recompute, tp_size=inputs.tp,
+                                   trained=trained, offload_layers=inputs.activation_offload_layers) or {}
+    moments = inputs.exp_avg_bytes + inputs.exp_avg_sq_bytes if inputs.optimizer == "adam" else 4.0
+    shard = inputs.dp if inputs.distributed_optimizer else 1
+    optimizer = trainable_n * moments / shard * (1.0 - inputs.optimizer_offload_fraction)
+    casts = trainable_n * 2.0 if inputs.autocast and inputs.main_params_bytes > 2 else 0.0
+    # the model as built (fp32 today) + two fp32 temporaries of the largest tensor while it is initialised/loaded
+    build = inputs.build_bytes_per_param * (frozen_n + trainable_n) + 8.0 * largest
+    return MemoryEstimate(
+        frozen_weights=frozen_b, trainable_weights=trainable_n * inputs.main_params_bytes,
+        gradients=trainable_n * 4.0, optimizer=optimizer, cast_cache=casts, activations=dict(acts),
+        build=build, workload=(tokens, tiles), trainable_params=int(trainable_n), frozen_params=int(frozen_n),
+    )
+
+
+# ----------------------------------------------------------------------------------- fitting the card
+@attrs.frozen
+class Option:
+    """One change that lowers memory: the plan inputs it changes and the config overrides that spell it."""
+
+    changes: Mapping[str, Any]
+    overrides: tuple[str, ...]
+    #: needs more GPUs than the run has (suggested in a refusal, never picked by ``auto``)
+    more_gpus: bool = False
+
+
+def _micro_batches(inputs: PlanInputs) -> list[int]:
+    """Smaller micro-batch sizes that still divide the global batch over the data-parallel ranks."""
+    return [m for m in range(inputs.micro_batch_size - 1, 0, -1)
+            if inputs.global_batch_size % (m * inputs.dp) == 0]
+
+
+def _peft_key(cfg: Any, key: str) -> bool:
+    """The PEFT section (or the selected method's options) has ``key``."""
+    return hasattr(cfg.peft, key) or key in (getattr(cfg.peft, "options", None) or {})
+
+
+def options_for(cfg: Any, inputs: PlanInputs) -> list[Option]:
+    """The memory options this config can take, cheapest in speed first (``auto`` tries them in this order).
+
+    Offloading and 4-bit storage are offered only where the config has their keys.
+    """
+    recomputes = ["selective", "full"] if inputs.recompute is None else ["full"] if inputs.recompute == "selective" else []
+    mbs = _micro_batches(inputs)
+    ladder = [Option({"recompute": r}, (f"model.recompute_granularity={r}",)) for r in recomputes[:1]]
+    ladder += [Option({"micro_batch_size": m}, (f"train.micro_batch_size={m}",)) for m in mbs]
+    for r in recomputes:
+        ladder += [Option({"recompute": r, "micro_batch_size": m},
+                          (f"model.recompute_granularity={r}", f"train.micro_batch_size={m}")) for m in mbs]
+    ladder += [Option({"recompute": r}, (f"model.recompute_granularity={r}",)) for r in recomputes[1:]]
+    ladder.sort(key=lambda o: (o.changes.get("recompute") == "full", o.changes.get("recompute") is not None,
+                               -o.changes.get("micro_batch_size", inputs.micro_batch_size)))
+    deep: dict[str, Any] = {}
+    deep_keys: tuple[str, ...] = ()
+    if recomputes:
+        deep["recompute"] = recomputes[-1]
+        deep_keys += (f"model.recompute_granularity={recomputes[-1]}",)
+    if mbs:
+        deep["micro_batch_size"] = mbs[-1]
+        deep_keys += (f"train.micro_batch_size={mbs[-1]}",)
+    deepest = Option(deep, deep_keys)
+    if inputs.peft and inputs.base_bytes is None and _peft_key(cfg, "base_dtype"):
+        ladder.append(Option({**deepest.changes, "base_bytes": NF4_BYTES_PER_PARAM},
+                             deepest.overrides + ("peft.base_dtype=nf4",)))
+    if hasattr(cfg.optimizer, "optimizer_cpu_offload") and not inputs.optimizer_offload_fraction:
+        ladder.append(Option({**deepest.changes, "optimizer_offload_fraction": 1.0}, deepest.overrides + (
+            "optimizer.optimizer_cpu_offload=true", "optimizer.optimizer_offload_fraction=1.0")))
+    if hasattr(cfg.model, "cpu_offloading") and not inputs.activation_offload_layers:
+        n = 8
+        ladder.append(Option({**deepest.changes, "activation_offload_layers": n}, deepest.overrides + (
+            "model.cpu_offloading=true", f"model.cpu_offloading_num_layers={n}")))
+    tp2 = inputs.tp * 2
+    ladder.append(Option({"tp": tp2}, (f"model.tensor_model_parallel_size={tp2} on {tp2 * inputs.dp} GPUs",),
+                         more_gpus=True))
+    return ladder
+
+
+@attrs.frozen
+class Decision:
+    """What :func:`plan_run` found: the estimate of the run as configured (or as ``auto`` changed it)."""
+
+    estimate: MemoryEstimate
+    available: float | None
+    chosen: Option | None = None
+
+    @property
+    def fits(self) -> bool:
+        return self.available is None or self.estimate.card <= self.available
+
+
+def fit(bridge: "ModelBridge", cfg: Any, inputs: PlanInputs, available: float | None, *,
+        mode: str) -> Decision:
+    """The plan for ``inputs``; under ``auto`` the first option of :func:`options_for` that fits.
+
+    :raises MemoryPlanError: (``check``/``auto``) nothing fits ``available`` bytes; the one-line message
+        names the options that would (or the closest one).
+    """
+    est = estimate(bridge, inputs)
+    if available is None or est.card <= available or mode == "off":
+        return Decision(est, available)
+    tried = [(o, estimate(bridge, attrs.evolve(inputs, **o.changes))) for o in options_for(cfg, inputs)]
+    if mode == "auto":
+        for o, e in tried:
+            if not o.more_gpus and e.card <= available:
+                return Decision(e, available, o)
+    fitting = [(o, e) for o, e in tried if e.card <= available][:3]
+    shown = fitting or sorted(tried, key=lambda t: t[1].card)[:1]
+    names = "; or ".join(f"{' '.join(o.overrides)} (~{_fmt(e.card)})" for o, e in shown)
+    raise MemoryPlanError(
+        f"memory plan: this run needs ~{_fmt(est.card)} per GPU and {_fmt(available)} are available: "
+        f"it cannot fit. {'Options that fit' if fitting else 'Nothing tried fits; the smallest is'}: {names}"
+        f"{'' if mode == 'auto' else ' (or train.memory_plan=auto to pick)'}; train.memory_plan=off runs it anyway"
+    )
+
+
+def apply_option(cfg: Any, option: Option) -> None:
+    """Write an ``auto`` choice into the config (the settings the rest of the run reads)."""
+    ch = option.changes
+    if "recompute" in ch:
+        cfg.model.recompute_granularity = ch["recompute"]
+    if "micro_batch_size" in ch:
+        cfg.train.micro_batch_size = ch["micro_batch_size"]
+    if ch.get("base_bytes") is not None:
+        if hasattr(cfg.peft, "base_dtype"):
+            cfg.peft.base_dtype = "nf4"
+        else:  # the PEFT method's own field (nvl-lora's), read when the method is applied
+            cfg.peft.options["base_dtype"] = "nf4"
+    if ch.get("optimizer_offload_fraction"):
+        cfg.optimizer.optimizer_cpu_offload = True
+        cfg.optimizer.optimizer_offload_fraction = ch["optimizer_offload_fraction"]
+    if ch.get("activation_offload_layers"):
+        cfg.model.cpu_offloading = True
+        cfg.model.cpu_offloading_num_layers = ch["activation_offload_layers"]
+
+
+def available_bytes(cfg: Any, ctx: Any) -> tuple[float | None, str]:
+    """Bytes the run may use on each rank and where the figure comes from: ``train.memory_budget_gb``,
+    else the smallest free memory over the ranks' GPUs (``torch.cuda.mem_get_info``), else None (CPU)."""
+    budget = cfg.train.memory_budget_gb
+    if budget is not None:
+        return float(budget) * GB, f"train.memory_budget_gb={budget:g}"
+    if ctx.device.type != "cuda":
+        return None, "no GPU (set train.memory_budget_gb to check against a card)"
+    import torch
+
+    free = torch.tensor([float(torch.cuda.mem_get_info(ctx.device)[0])], device=ctx.device)
+    if ctx.world_size > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(free, op=dist.ReduceOp.MIN)
+    return float(free.item()), f"free on {torch.cuda.get_device_name(ctx.device)}"
+
+
+def sample_workload(cfg: Any, bridge: "ModelBridge", manager: Any, *, samples: int = 8) -> tuple[int, int] | None:
+    """``(tokens, image tiles)`` of one micro-batch from ``samples`` training examples spread over the split: unpacked,
+    ``micro_batch_size`` x the longest (rows pad to it); packed, full rows of ``seq_length`` holding as many
+    tiles as that many average samples carry. None when the data cannot be read here (the plan then uses
+    the bridge's upper bound)."""
+    import random
+
+    import numpy as np
+    import torch
+
+    ds = cfg.dataset
+    seq = int(ds.seq_length or cfg.model.seq_length)
+    states = random.getstate(), np.random.get_state(), torch.get_rng_state()  # the run's draws stay as they were
+    try:
+        made = manager.registry("dataset_maker").get(ds.maker_name)(split="train", **dict(ds.maker_kwargs))
+        processor = bridge.processor(seq_length=seq)
+        n = min(samples, len(made))
+        shapes = []
+        for i in range(n):
+            out = processor(made[i * len(made) // n])
+            pv = out.get("pixel_values")
+            shapes.append((int(len(out["input_ids"])), 0 if pv is None else int(pv.shape[0])))
+    except Exception:  # a plan is advice: an unreadable sample leaves it to the upper bound, the run reports it
+        return None
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.set_rng_state(states[2])
+    if not shapes:
+        return None
+    mbs = int(cfg.train.micro_batch_size)
+    if ds.packing == "none" and not ds.enable_in_batch_packing:
+        longest = seq if ds.pad_to_max_length else max(t for t, _ in shapes)
+        return mbs * min(seq, longest), mbs * max(k for _, k in shapes)
+    mean_tokens = sum(t for t, _ in shapes) / len(shapes)
+    mean_tiles = sum(k for _, k in shapes) / len(shapes)
+    return mbs * seq, mbs * int(round(seq / max(1.0, mean_tokens) * mean_tiles + 0.5))
+
+
+def plan_run(cfg: Any, bridge: "ModelBridge", ctx: Any, say: Callable[[str], None], *,
+             manager: Any = None) -> Decision | None:
+    """``train.memory_plan``: print the plan before any weights load; ``check`` refuses a run that cannot
+    fit, ``auto`` changes micro-batch, recompute and offload settings in ``cfg`` until it fits.
+
+    The workload (tokens and tiles per micro-batch) is read from a few training samples when
+    ``manager`` is given, else the bridge's upper bound is used.
+    """
+    mode = cfg.train.memory_plan
+    if mode == "off":
+        return None
+    workload = sample_workload(cfg, bridge, manager) if manager is not None else None
+    inputs = PlanInputs.from_config(cfg, world_size=ctx.world_size, workload=workload)
+    available, source = available_bytes(cfg, ctx)
+    try:
+        decision = fit(bridge, cfg, inputs, available, mode=mode)
+    except MemoryPlanError:
+        raise
+    except Exception as exc:  # a bridge that cannot describe its parameters without weights: no plan, say why
+        say(f"nvl finetune: memory plan: not available for bridge {bridge.name!r} ({type(exc).__name__}: {exc})")
+        return None
+    if decision.chosen is not None:
+        apply_option(cfg, decision.chosen)
+        say(f"nvl finetune: memory plan (auto): chose {' '.join(decision.chosen.overrides)} to fit")
+    room = "" if available is None else f"; {_fmt(available)} available ({source})"
+    basis = "workload from training samples" if workload else "workload: upper bound, full rows"
+    say(f"nvl finetune: memory plan: {decision.estimate.describe()} ({basis}){room}")
+    return decision

@@ -1,0 +1,94 @@
+"""Activation memory of Nemotron Nano V2 VL for ``nvl finetune``'s memory plan (no torch import).
+
+Bytes one rank keeps for backward per token, counted from the tensors each layer saves (bf16 under
+autocast; the residual stream in fp32 where the tower trains fp32 masters, in bf16 where its base is
+frozen and stored in bf16). Per language-model token, TP-local widths divided by ``tp``::
+
+    mamba      res*h + 2h + 2(2 d_in + 2 g N + heads)/tp + 2(d_in + 2 g N)/tp + 2 d_in/tp + 2 d_in/tp
+               (norm input and output, in_proj output z|x|B|C|dt, conv output, scan output, gated-norm output)
+    MLP        res*h + 2h + 2 ffn/tp + 2 ffn/tp            (norm, fc1 output, squared-ReLU output)
+    attention  res*h + 2h + 2(q + 2 kv) d/tp + 2 q d/tp     (norm, QKV, core output; flash keeps no scores)
+
+Per ViT token per layer (``prefix + patches`` tokens a tile): ``res*H + 2H + 6H/tp + 2H/tp`` (attention)
+and ``res*H + 2H + 4 ffn/tp`` (MLP), times :data:`VIT_CALIBRATION`. ``selective`` recomputation keeps only
+a Mamba mixer's input; ``full`` keeps every layer's input plus one layer's activations while it is
+recomputed. docs/memory.md compares the result with the peaks measured on GPUs.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+from .config import NemotronVLConfig
+
+#: The ViT keeps ~1.2x what the formula counts (measured: packed MedPix-like rows, 12b-shape on an H200,
+#: bench/results/finetune_gpu.json, 2026-11-30 visit F; the LM formula needed no factor).
+VIT_CALIBRATION = 1.2
+BF16 = 2
+
+
+def lm_layer_bytes(cfg: NemotronVLConfig, kind: str, *, tp: int, res: int) -> float:
+    """Bytes one token keeps in one language-model layer of ``kind`` (no recomputation)."""
+    llm = cfg.llm
+    h = llm.hidden_size
+    norm = res * h + BF16 * h
+    if kind == "mamba":
+        d_in, gn, heads = llm.mamba_d_inner, llm.n_groups * llm.ssm_state_size, llm.mamba_num_heads
+        return norm + BF16 * (2 * d_in + 2 * gn + heads + (d_in + 2 * gn) + 2 * d_in) / tp
+    if kind == "mlp":
+        return norm + BF16 * 2 * llm.intermediate_size / tp
+    q, kv, d = llm.num_attention_heads, llm.num_key_value_heads, llm.head_dim
+    return norm + BF16 * ((q + 2 * kv) * d + q * d) / tp + 4 * q / tp
+
+
+def lm_bytes_per_token(cfg: NemotronVLConfig, *, tp: int, res: int, recompute: str | None,
+                       offload_layers: int = 0) -> float:
+    """Bytes one language-model token keeps over all layers (plus the final norm)."""
+    kinds = cfg.llm.layer_types
+    full = [lm_layer_bytes(cfg, k, tp=tp, res=res) for k in kinds]
+    kept = [res * cfg.llm.hidden_size] * len(kinds) if recompute == "full" else [
+        res * cfg.llm.hidden_size + BF16 * cfg.llm.hidden_size if (recompute == "selective" and k == "mamba") else b
+        for k, b in zip(kinds, full)]
+    if offload_layers:  # those layers' activations live on the host until their backward
+        kept = sorted(kept)[: max(0, len(kept) - offload_layers)] + [0.0] * min(offload_layers, len(kept))
+    transient = max(full) if recompute == "full" else 0.0  # the layer being recomputed
+    return sum(kept) + transient + (res + BF16) * cfg.llm.hidden_size
+
+
+def vit_bytes_per_tile(cfg: NemotronVLConfig, *, tp: int, res: int, recompute: str | None) -> float:
+    """Bytes one image tile keeps in the ViT and the projector."""
+    v = cfg.vision
+    H, ffn, tokens = v.hidden_size, v.intermediate_size, v.num_prefix_tokens + cfg.grid**2
+    layer = (res * H + BF16 * H + BF16 * 4 * H / tp) + (res * H + BF16 * H + BF16 * 2 * ffn / tp)
+    per_layer = res * H if recompute == "full" else layer
+    vit = tokens * (v.num_layers * per_layer + (layer if recompute == "full" else 0.0)) * VIT_CALIBRATION
+    img = cfg.num_image_token
+    projector = img * (4 * cfg.projector_input_size + BF16 * 2 * cfg.projector_hidden_size / tp)
+    return vit + projector
+
+
+def activation_bytes(cfg: NemotronVLConfig, *, tokens: int, tiles: int, recompute: str | None, tp_size: int,
+                     trained: Mapping[str, bool], offload_layers: int = 0) -> dict[str, float]:
+    """Per phase, the bytes one micro-batch keeps for backward (see the module docstring).
+
+    A frozen vision tower and projector keep nothing (no gradient flows into them); the language model
+    always keeps its activations, since the loss's gradient passes through it to whatever trains.
+    """
+    lm_res = 4 if trained.get("language_model") else BF16
+    vit_trains = trained.get("vision_model") or trained.get("vision_projection")
+    out = {"language model": tokens * lm_bytes_per_token(cfg, tp=tp_size, res=lm_res, recompute=recompute,
+                                                        offload_layers=offload_layers)}
+    if tiles:
+        out["vision tower"] = tiles * vit_bytes_per_tile(cfg, tp=tp_size, res=4 if trained.get("vision_model") else BF16,
+                                                        recompute=recompute) if vit_trains else 0.0
+    return out
+
+
+def workload_upper_bound(cfg: NemotronVLConfig, *, seq_length: int, micro_batch_size: int, packed: bool,
+                         max_num_tiles: int = 12) -> tuple[int, int]:
+    """The most tokens and tiles a micro-batch can hold: full rows, as many tiles as the row has room for
+    (one image of ``max_num_tiles`` + thumbnail per row unpacked)."""
+    per_row = seq_length // cfg.num_image_token
+    if not packed:
+        per_row = min(per_row, max_num_tiles + int(cfg.use_thumbnail))
+    return seq_length * micro_batch_size, per_row * micro_batch_size
