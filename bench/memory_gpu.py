@@ -64,13 +64,10 @@ ROWS: dict[str, dict[str, Any]] = {
 
 
 def parse_plan_gb(log_text: str) -> float | None:
-    """The plan's per-GPU estimate from a run's log: the last ``memory plan`` line's ``peak ~N GB``/``N GB peak``."""
+    """The plan's per-GPU estimate from a run's log: the last ``memory plan: ~N GB per GPU`` line's N."""
     found = None
     for line in log_text.splitlines():
-        if "memory plan" not in line:
-            continue
-        m = re.search(r"peak[^0-9]{0,12}([0-9]+(?:\.[0-9]+)?) ?GB", line) or re.search(
-            r"([0-9]+(?:\.[0-9]+)?) ?GB[^,;]{0,12}peak", line)
+        m = re.search(r"memory plan: ~([0-9]+(?:\.[0-9]+)?) GB per GPU", line)
         if m:
             found = float(m.group(1))
     return found

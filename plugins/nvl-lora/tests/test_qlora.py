@@ -59,7 +59,9 @@ def adapted(toy: Path, cfg: LoRAConfig, storage: str, keep: bool = True, dora: b
     ``bf16`` (a GPU run's autocast storage) or ``nf4`` (QLoRA, then bf16 for the rest, as on a GPU).
     ``keep=False`` is the storage before the bridge's fp32 rule (every frozen tensor rounded)."""
     bridge, model = build(toy)
-    apply_lora(model, cfg, bridge=bridge, dora=dora)
+    from nvl_lora.dora import DORA
+
+    apply_lora(model, cfg, bridge=bridge, variant=DORA if dora else None)
     state = {k: v + 0.05 * torch.randn(v.shape, generator=torch.Generator().manual_seed(0))
              for k, v in gather_adapter_state(model).items()}
     load_adapter_state(model, state)
