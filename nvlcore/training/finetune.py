@@ -441,7 +441,6 @@ def run_finetune(
     :raises StoppedEarly: a ``SystemExit`` with status 75 (:data:`nvlcore.interrupt.EXIT_STOPPED_EARLY`)
         when SIGTERM/SIGINT stopped training and the checkpoint of the last iteration was saved.
     """
-    import torch
 
     from nvlcore.config import config_to_dict
     from nvlcore.parallel import destroy_parallel, init_parallel
@@ -489,8 +488,14 @@ def run_finetune(
         from nvlcore.training.oom import install_phase_hooks, set_phase
 
         set_phase("model build and weight loading")
-        model = bridge.build_model(dtype=torch.float32, device=ctx.device, init="random" if random_init else "none",
-                                   seed=cfg.rng.seed)
+        from nvlcore.training.storage import build_in_storage_dtype, trainable_in_fp32
+
+        model, built = build_in_storage_dtype(
+            bridge, compute_dtype=settings.autocast_dtype, device=ctx.device,
+            init="random" if random_init else "none", seed=cfg.rng.seed,
+            prepare=lambda m: prepare_trainable(m, cfg, manager, bridge),
+            frozen_expected=bool(cfg.peft.method) or any(bool(v) for v in cfg.model.freeze.values()))
+        say(f"nvl finetune: model {built}")
         install_phase_hooks(model, bridge.memory_phases())  # an out-of-memory report names the tower
         model.train()
         report = bridge.set_kernels(model, cfg.model.kernels)
@@ -516,6 +521,7 @@ def run_finetune(
             load_pretrained(model, src, bridge=bridge, ctx=ctx)
             say(f"nvl finetune: loaded pretrained weights from {src} ({time.perf_counter() - t0:.1f} s)")
         peft, towers = prepare_trainable(model, cfg, manager, bridge)
+        trainable_in_fp32(model)  # adapters added to a base built in bf16 take its dtype; masters are fp32
         say(f"nvl finetune: towers: {describe_towers(towers)}")
         store_base = getattr(peft, "store_frozen_base", None)
         if store_base is not None:  # a PEFT method's own storage of the frozen base (e.g. 4-bit)
