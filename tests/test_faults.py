@@ -280,19 +280,38 @@ def test_a_signal_during_a_checkpoint_save_removes_its_temp_dir_and_keeps_the_pr
 
 
 def test_a_save_killed_with_9_leaves_a_temp_dir_the_next_save_removes_saying_so(tmp_path, capfd):
+    """Only temp dirs whose owner is dead are leftovers; a live writer's save and an ownerless one are kept
+    (issue 27: a second run deleted the first run's live temp dir), the latter unless this run holds the lock."""
     import torch
 
-    from nvlcore.checkpoint import save_checkpoint
+    from nvlcore.checkpoint import RunLock, save_checkpoint
+    from nvlcore.checkpoint.atomic import temp_sibling
 
     root = tmp_path / "ck"
     state = {"w": torch.ones(3)}
     save_checkpoint(root, 1, model_state=state, train_state={"iteration": 1})
-    left = root / ".iter_0000002.tmp-save"
-    left.mkdir()
-    (left / "__0_0.distcp").write_bytes(b"half")
-    save_checkpoint(root, 2, model_state=state, train_state={"iteration": 2})
-    assert not left.exists() and (root / "iter_0000002").is_dir()
-    assert f"nvl: removed {left}, left by an interrupted checkpoint save" in capfd.readouterr().err
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        mine = temp_sibling(root / "iter_0000002")
+        left = mine.with_name(mine.name.replace(f"-{os.getpid()}-", f"-{int(dead.stdout)}-"))
+        busy = mine.with_name(mine.name.replace(f"-{os.getpid()}-", f"-{live.pid}-"))
+        legacy = root / ".iter_0000002.tmp-save"
+        for d in (left, busy, legacy):
+            d.mkdir()
+            (d / "__0_0.distcp").write_bytes(b"half")
+        save_checkpoint(root, 2, model_state=state, train_state={"iteration": 2})
+        assert not left.exists() and busy.is_dir() and legacy.is_dir() and (root / "iter_0000002").is_dir()
+        err = capfd.readouterr().err
+        assert f"nvl: removed {left}, left by process {dead.stdout.strip()} that no longer runs" in err
+        assert str(busy) not in err and str(legacy) not in err
+        with RunLock(root):
+            save_checkpoint(root, 3, model_state=state, train_state={"iteration": 3})
+        assert not legacy.exists() and busy.is_dir()
+        assert f"nvl: removed {legacy}, left by an interrupted checkpoint save" in capfd.readouterr().err
+    finally:
+        live.kill()
+        live.wait()
 
 
 @pytest.fixture
