@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -202,6 +204,36 @@ def test_sigterm_of_the_launcher_exits_75_like_one_process(toy, tmp_path):
             proc.kill()
     assert proc.returncode == 75, output[-3000:]
     assert (save / "latest_checkpointed_iteration.txt").is_file()
+
+
+@pytest.mark.slow
+def test_a_second_finetune_into_the_same_directory_is_refused_and_the_first_keeps_training(toy, tmp_path):
+    """Issue 27 item 2 with two real `nvl finetune` runs with two real `nvl finetune` runs: the second says who holds the directory in one
+    line and touches nothing; the first saves and stops normally; a rerun after it resumes."""
+    save = tmp_path / "run"
+    first = subprocess.Popen([sys.executable, "-m", "nvlcore", *finetune_args(toy, save)], stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True, env=ENV, stdin=subprocess.DEVNULL)
+    try:
+        wait_rows(first, save, 2)
+        before = sorted(p.name for p in save.iterdir())
+        second = subprocess.run([sys.executable, "-m", "nvlcore", *finetune_args(toy, save)], capture_output=True,
+                                text=True, env=ENV, timeout=300, stdin=subprocess.DEVNULL)
+        errors = [x for x in second.stderr.splitlines() if x.startswith("Error:")]
+        assert second.returncode == 1 and len(errors) == 1, second.stderr[-3000:]
+        assert f"is in use by another run: process {first.pid} on {socket.gethostname()}" in errors[0]
+        assert "Traceback" not in second.stderr and "RunDirectoryLocked" not in second.stderr
+        assert sorted(p.name for p in save.iterdir()) == before  # nothing removed or added
+        time.sleep(1)
+        assert first.poll() is None  # still training
+        first.send_signal(signal.SIGTERM)
+        output, _ = first.communicate(timeout=120)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert first.returncode == 75, output[-3000:]
+    latest = int((save / "latest_checkpointed_iteration.txt").read_text())
+    rows = [json.loads(x)["iteration"] for x in (save / "metrics.jsonl").read_text().splitlines()]
+    assert rows == sorted(set(rows)) and rows[-1] >= latest
 
 
 # -- a full disk (issue 17 item 7) ---------------------------------------------------------------------

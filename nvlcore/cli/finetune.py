@@ -67,7 +67,11 @@ def compose_config(
     from nvlcore.cli.plugin_options import ConfigRequest
     from nvlcore.config import ConfigError, Override, load_config, parse_overrides
 
-    parsed = parse_overrides(list(overrides))
+    try:
+        parsed = parse_overrides(list(overrides))
+    except ConfigError as exc:
+        hint = _option_hint(overrides)
+        raise click.UsageError(f"{exc}{hint}" if hint else f"config: {exc}") from None
     given = {o.key: o.value for o in parsed}
     hf = hf_model_path or given.get("model.hf_model_path")
     bridge = _resolve(manager, hf, given.get("model.bridge"))
@@ -92,6 +96,33 @@ def compose_config(
         return load_config(files, [*parsed, *extra], base=base, plugins=manager), files
     except ConfigError as exc:
         raise click.UsageError(f"config: {exc}") from None
+
+
+def _option_hint(tokens: Sequence[str]) -> str:
+    """``; did you mean --lora-on-language-model?`` for the first ``--option`` the command does not know."""
+    from nvlcore.config.structure import suggest
+
+    ctx = click.get_current_context(silent=True)
+    if ctx is None:
+        return ""
+    known = [o for p in ctx.command.get_params(ctx) if isinstance(p, click.Option) for o in (*p.opts, *p.secondary_opts)]
+    for token in tokens:
+        if token.startswith("--"):
+            close = suggest(token.split("=", 1)[0], known)
+            return f"; did you mean {close}?" if close else f"; `nvl {ctx.command_path.split(' ', 1)[-1]} --help` lists the options"
+    return ""
+
+
+def one_line(exc: BaseException) -> str:
+    """An error as one line with no Python class name; an error re-raised from a DataLoader worker (whose
+    message carries the worker's traceback) becomes its original message."""
+    text = str(exc).strip()
+    if "Original Traceback (most recent call last):" in text:
+        last = [x for x in text.splitlines() if x.strip()][-1].strip()
+        head, sep, rest = last.partition(": ")
+        text = rest if sep and head.replace(".", "").replace("_", "").isalnum() else last
+    lines = [x.strip() for x in text.splitlines() if x.strip()]
+    return " ".join(lines) if lines else type(exc).__name__
 
 
 LAUNCH_OPTIONS = ("nproc_per_node", "nnodes", "node_rank", "rdzv_endpoint", "rdzv_backend", "rdzv_id",
@@ -189,9 +220,11 @@ def finetune_command(**params: Any) -> None:
         raise click.UsageError("--pretrained-checkpoint DIR is required (a Megatron checkpoint or an HF directory)")
     from nvlcore.training.preflight import config_problems
 
-    world = None
+    world = None  # the process count, where this process can know it before any worker starts
     if params["nproc_per_node"] is not None and str(params["nnodes"] or "1") == "1":
         world = params["nproc_per_node"]
+    elif params["nproc_per_node"] is None and not launched_by_torchrun():
+        world = 1
     problems = config_problems(cfg, manager, world_size=world)
     if problems:  # before any worker starts or any model is built
         raise click.UsageError("config: " + "; ".join(problems))
@@ -235,13 +268,14 @@ def finetune_command(**params: Any) -> None:
     except Exception as exc:
         if params["debug"]:
             raise
+        from nvlcore.checkpoint import RunDirectoryLocked
         from nvlcore.checkpoint.save import NoSpaceError
 
-        if isinstance(exc, NoSpaceError):  # the same line from every rank
+        if isinstance(exc, (NoSpaceError, RunDirectoryLocked)):  # the same line from every rank
             raise click.ClickException(str(exc)) from exc
         rank = os.environ.get("RANK")
-        where = f"rank {rank}: " if rank is not None else ""
-        raise click.ClickException(f"{where}{type(exc).__name__}: {exc} (--debug shows the traceback)") from exc
+        where = f"rank {rank}: " if rank is not None and os.environ.get("WORLD_SIZE", "1") != "1" else ""
+        raise click.ClickException(f"{where}{one_line(exc)} (--debug shows the traceback)") from exc
 
 
 def main(argv: list[str] | None = None) -> Any:

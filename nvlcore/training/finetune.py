@@ -1,7 +1,8 @@
-"""``run_finetune``: from a resolved config to a trained checkpoint (what ``nvl finetune`` runs in each process).
+"""``nvl finetune`` in each process: :class:`FinetuneRecipe`, from a resolved config to a trained checkpoint.
 
-Order (architecture.md §5): process groups -> bridge -> model -> pretrained weights (Megatron
-checkpoint or HF directory) -> freeze flags -> PEFT -> optimizer -> resume -> data -> loggers -> loop.
+Order (architecture.md §6): preflight -> process groups -> the run directory's lock -> resume decision ->
+bridge -> model -> starting weights (Megatron checkpoint or HF directory) -> freeze flags -> PEFT ->
+optimizer -> resume -> data -> loggers -> loop -> test split. :func:`run_finetune` is the recipe's ``run()``.
 """
 
 from __future__ import annotations
@@ -425,6 +426,365 @@ class StoppedEarly(SystemExit):
     state: TrainState | None = None
 
 
+class FinetuneRecipe:
+    """``nvl finetune`` in one process (one rank of a launch, or the only one), as short phases.
+
+    :meth:`run` calls, in order: :meth:`setup_parallel` (preflight, process groups, seeds),
+    :meth:`setup_checkpointing` (the run directory's lock, the resume decision, the async-save group),
+    :meth:`setup_model` (bridge, model, kernels, recompute, starting weights, freeze + PEFT),
+    :meth:`setup_optimizer` (replica broadcast, optimizer, schedules), :meth:`resume` (weights,
+    optimizer, RNG and counters of the checkpoint resumed), :meth:`check_checkpoint_space`,
+    :meth:`setup_data` (training batches, validation and test splits), :meth:`setup_logging` (metric
+    sinks, FLOPs formula, metrics.png), :meth:`setup_trainer`, :meth:`train`, :meth:`evaluate` (the
+    test split), and always :meth:`close`. Each phase leaves its results on the object for the next
+    (``self.model``, ``self.optimizer``, ``self.data``, ...); :meth:`save` and :meth:`validate` are
+    what the trainer calls back at ``checkpoint.save_interval`` and ``validation.eval_interval``.
+
+    :param cfg: the resolved config.
+    :param manager: the plugin manager (default: the process-wide one).
+    :param random_init: no starting weights (benchmarks only).
+    :param print_fn: where rank 0's notes go.
+    :param device_type: ``"cpu"`` or ``"cuda"`` (default: CUDA when available).
+    """
+
+    def __init__(self, cfg: "NvlConfig", *, manager: Any = None, random_init: bool = False,
+                 print_fn: Callable[[str], None] = print, device_type: str | None = None) -> None:
+        from nvlcore.plugins import get_plugin_manager
+
+        self.cfg = cfg
+        self.manager = manager or get_plugin_manager()
+        self.random_init = random_init
+        self.print_fn = print_fn
+        self.device_type = device_type
+        self.ctx: Any = None
+        self.lock: Any = None
+        self.loggers: list[Any] = []
+        self.closers: list[Callable[[], None]] = []
+        self.pending_saves: list[Any] = []
+        self.async_group: Any = None
+        self.plotter: MetricsPlotter | None = None
+        self.state = TrainState()
+
+    def say(self, message: str) -> None:
+        """Print ``message`` on rank 0 only."""
+        if self.ctx is None or self.ctx.is_main:
+            self.print_fn(message)
+
+    def run(self) -> TrainState:
+        """Train as the config says; returns the final train state.
+
+        :raises StoppedEarly: SIGTERM/SIGINT stopped training (exit status 75 when a checkpoint was saved).
+        """
+        try:
+            self.setup_parallel()
+            self.setup_checkpointing()
+            self.setup_model()
+            self.setup_optimizer()
+            self.resume()
+            self.check_checkpoint_space()
+            self.setup_data()
+            self.setup_logging()
+            self.setup_trainer()
+            final = self.train()
+            self.evaluate(final)
+            return final
+        finally:
+            self.close()
+
+    # -- phases ------------------------------------------------------------------------------------
+    def setup_parallel(self) -> None:
+        """Config preflight, process groups, RNG seeds; the run config that checkpoints record."""
+        from nvlcore.config import config_to_dict
+        from nvlcore.parallel import init_parallel
+        from nvlcore.training.preflight import preflight
+
+        cfg = self.cfg
+        preflight(cfg, self.manager)  # config contradictions and missing paths, before any process group or model
+        self.ctx = ctx = init_parallel(cfg.model.tensor_model_parallel_size, device_type=self.device_type,
+                                       seed=cfg.rng.seed, timeout_minutes=cfg.dist.distributed_timeout_minutes,
+                                       backend=cfg.dist.distributed_backend)
+        # rng.data_parallel_random_init (Megatron): each data-parallel rank seeds its RNGs with seed + 10 x its
+        # DP rank (dropout and other draws differ per replica); the weights are still broadcast from the
+        # first data-parallel rank (setup_optimizer), so every replica starts from the same model.
+        seed_everything(cfg.rng.seed + (10 * ctx.dp_rank if cfg.rng.data_parallel_random_init else 0))
+        self.run_config = config_to_dict(cfg)
+        self.adapter_only = bool(cfg.peft.method)
+        self.say(f"nvl finetune: {ctx.world_size} process(es): tensor parallel {ctx.tp_size} x data parallel "
+                 f"{ctx.dp_size} on {ctx.device.type} ({ctx.backend})")
+
+    def setup_checkpointing(self) -> None:
+        """Lock ``checkpoint.save`` for this run, decide what to resume, make the async-save group."""
+        from nvlcore.training import checkpointing as tck
+
+        cfg, ctx = self.cfg, self.ctx
+        self.take_run_lock()
+        self.decision = tck.decide_resume(
+            load=cfg.checkpoint.load, save=cfg.checkpoint.save, ckpt_step=cfg.checkpoint.ckpt_step,
+            run_config=self.run_config, exit_on_missing_checkpoint=cfg.checkpoint.exit_on_missing_checkpoint,
+        )
+        self.say(f"nvl finetune: {self.decision.reason}")
+        if not cfg.checkpoint.save:
+            self.say("nvl finetune: WARNING: checkpoint.save is not set: no checkpoint will be written"
+                     + (f"; metrics go to {cfg.logger.jsonl_path}" if cfg.logger.jsonl_path else " and no metrics.jsonl"))
+        # checkpoint.async_save: the tensors of a save are written by a background thread over a
+        # process group of its own (gloo), while training goes on; the save is published (renamed,
+        # trackers updated) at the next save or at the end, by every rank at the same point.
+        if cfg.checkpoint.async_save and cfg.checkpoint.save and ctx.world_size > 1:
+            import torch.distributed as dist
+
+            self.async_group = dist.new_group(backend="gloo")
+
+    def take_run_lock(self) -> None:
+        """Rank 0 locks ``checkpoint.save`` (:class:`nvlcore.checkpoint.RunLock`); every rank learns the outcome."""
+        from nvlcore.checkpoint.lock import RunDirectoryLocked, RunLock, describe_holder
+
+        save, ctx = self.cfg.checkpoint.save, self.ctx
+        refused = None
+        if save and ctx.is_main:
+            try:
+                self.lock = RunLock(save, what=f"checkpoint.save={save}").acquire()
+            except RunDirectoryLocked as exc:
+                refused = str(exc)
+        if ctx.world_size > 1:
+            import torch.distributed as dist
+
+            box = [refused]
+            dist.broadcast_object_list(box, src=0)
+            refused = box[0]
+        if refused:
+            raise RunDirectoryLocked(refused)
+        if self.lock is not None and self.lock.took_over:
+            self.say(f"nvl finetune: took over {self.lock.path} from {describe_holder(self.lock.took_over)}, "
+                     "which no longer runs (a crashed or killed run)")
+
+    def setup_model(self) -> None:
+        """Bridge -> model -> kernels, recompute -> starting weights -> ``model.freeze_*`` and PEFT."""
+        import torch
+
+        from nvlcore.training import optim
+
+        cfg, ctx = self.cfg, self.ctx
+        t0 = time.perf_counter()
+        self.bridge = bridge = resolve_bridge(cfg.model.hf_model_path, cfg.model.bridge, manager=self.manager)
+        self.settings = loop_settings(cfg, dp_size=ctx.dp_size, device_type=ctx.device.type)
+        self.model = model = bridge.build_model(dtype=torch.float32, device=ctx.device,
+                                                init="random" if self.random_init else "none", seed=cfg.rng.seed)
+        model.train()
+        report = bridge.set_kernels(model, cfg.model.kernels)
+        if report:
+            self.say("nvl finetune: kernels: " + "; ".join(f"{op}: {impl}" for op, impl in report.items()))
+        if cfg.model.recompute_granularity:
+            bridge.set_recompute(model, cfg.model.recompute_granularity)
+            self.say(f"nvl finetune: activation recomputation: {cfg.model.recompute_granularity}")
+        self.load_starting_weights(t0)
+        self.peft, towers = prepare_trainable(model, cfg, self.manager, bridge)
+        self.say(f"nvl finetune: towers: {describe_towers(towers)}")
+        if self.settings.autocast_dtype is not None:
+            # Under bf16 autocast every matmul reads bf16 weights: a frozen parameter (a PEFT run's base
+            # model) is stored once in bf16, 2 bytes instead of 4 plus a per-step cast; trainable ones
+            # keep their fp32 masters. (Built and loaded in fp32, so nothing trainable loses precision.)
+            optim.store_frozen_in_(model, self.settings.autocast_dtype)
+        self.say("nvl finetune: memory plan: " + optim.memory_plan(model).describe())
+
+    def load_starting_weights(self, t0: float) -> None:
+        """``checkpoint.pretrained_checkpoint`` unless resuming a full run (or ``random_init``)."""
+        needs_base = self.decision.iter_dir is None or self.adapter_only
+        if self.random_init:
+            self.say(RANDOM_INIT_BANNER)
+        elif needs_base:
+            src = self.cfg.checkpoint.pretrained_checkpoint
+            if not src:
+                raise ValueError("no starting weights: pass --pretrained-checkpoint DIR (a Megatron checkpoint or an HF "
+                                 "directory)")
+            load_pretrained(self.model, src, bridge=self.bridge, ctx=self.ctx)
+            self.say(f"nvl finetune: loaded pretrained weights from {src} ({time.perf_counter() - t0:.1f} s)")
+
+    def setup_optimizer(self) -> None:
+        """Same weights on every data-parallel replica, then the optimizer and the LR/WD schedules."""
+        from megatron.core import parallel_state
+
+        from nvlcore.training import optim
+
+        cfg, ctx, model = self.cfg, self.ctx, self.model
+        self.named = named = optim.trainable_named_parameters(model)
+        optim.check_replicated_parameters(list(model.named_parameters()), tp_group=ctx.tp_group, tp_size=ctx.tp_size)
+        optim.broadcast_parameters([p.data for p in model.parameters()],
+                                   src_global_rank=parallel_state.get_data_parallel_src_rank(),
+                                   group=ctx.dp_group, group_size=ctx.dp_size)
+        n_train = sum(p.numel() for _, p in named)
+        n_all = sum(p.numel() for p in model.parameters())
+        self.say(f"nvl finetune: {n_train:,} of {n_all:,} parameters trainable on this rank"
+                 + (f" (PEFT {cfg.peft.method}; adapter-only checkpoints)" if self.peft else ""))
+        if self.peft is not None and hasattr(self.peft, "count_parameters"):  # whole-model (TP-independent) counts
+            self.say(f"nvl finetune: {cfg.peft.method}: {self.peft.count_parameters(model).describe()}")
+        o = cfg.optimizer
+        self.optimizer = optim.build_optimizer(
+            named, lr=o.lr, betas=(o.adam_beta1, o.adam_beta2), eps=o.adam_eps, weight_decay=o.weight_decay,
+            device_type=ctx.device.type, optimizer=o.optimizer, sgd_momentum=o.sgd_momentum,
+            distributed=cfg.ddp.use_distributed_optimizer, dp_group=ctx.dp_group, dp_size=ctx.dp_size,
+        )
+        self.say(f"nvl finetune: optimizer: {describe_optimizer(self.optimizer, named, cfg, ctx)}")
+        self.lr_schedule, self.wd_schedule = schedules_for(cfg)
+
+    def resume(self) -> None:
+        """Restore the checkpoint the resume decision chose (if any) and its schedules."""
+        it_dir = self.decision.iter_dir
+        if it_dir is None:
+            return
+        from nvlcore.checkpoint import open_checkpoint
+
+        self.state = st = restore(it_dir, model=self.model, optimizer=self.optimizer, named=self.named,
+                                  bridge=self.bridge, ctx=self.ctx, cfg=self.cfg, adapter_only=self.adapter_only)
+        self.say(f"nvl finetune: resumed at iteration {st.iteration} (consumed samples {st.consumed_samples}, "
+                 f"{st.optimizer_steps} updates, {st.skipped_iterations} skipped)")
+        self.lr_schedule, self.wd_schedule, note = resume_schedules(
+            self.cfg, open_checkpoint(it_dir).run_config(), self.lr_schedule, self.wd_schedule, where=it_dir.name)
+        self.say(f"nvl finetune: {note}")
+
+    def check_checkpoint_space(self) -> None:
+        """Refuse a disk too small for one checkpoint before any iteration runs (warn if too small for k)."""
+        from nvlcore.training import checkpointing as tck
+
+        ck = self.cfg.checkpoint
+        if ck.save:
+            need = tck.estimate_checkpoint_bytes(self.model, self.ctx, adapter_only=self.adapter_only,
+                                                 save_optim=ck.save_optim)
+            tck.check_checkpoint_space(self.cfg, need, self.ctx, start_iteration=self.state.iteration, say=self.say)
+
+    def setup_data(self) -> None:
+        """The training batches (from the resumed position) and the validation/test splits."""
+        packing_positions = None
+        if self.decision.iter_dir is not None:
+            from nvlcore.checkpoint import open_checkpoint
+
+            extra = open_checkpoint(self.decision.iter_dir).extra_state() or {}
+            packing_positions = (extra.get("data") or {}).get("packing")
+        self.data = build_data(self.cfg, self.bridge, self.manager, self.ctx, print_fn=self.say,
+                               consumed_samples=self.state.consumed_samples, packing_positions=packing_positions)
+        self.closers.append(self.data.close)
+        for note in (self.data.eval_note, self.data.test_note):
+            if note:
+                self.say(f"nvl finetune: {note}")
+
+    def setup_logging(self) -> None:
+        """Metric sinks, the FLOPs formula, and metrics.png redrawn at each save."""
+        # metrics.jsonl keeps rows up to the iteration training starts from: rows a killed run logged
+        # after its last checkpoint (or before any) are dropped, so each iteration appears once
+        self.loggers = build_loggers(self.cfg, self.manager, self.ctx, resume_iteration=self.state.iteration,
+                                     run_config=self.run_config)
+        self.flops_fn, flops_method = _flops_fn(self.bridge, self.model, self.ctx)
+        if flops_method != "bridge":
+            self.say("nvl finetune: the bridge has no FLOPs formula of its own (train_flops); TFLOP/s uses 6 x "
+                     "parameters x tokens (no attention/ViT terms)")
+        self.plotter = MetricsPlotter(self.loggers, self.say)
+
+    def setup_trainer(self) -> None:
+        """The training loop with this recipe's save, validation and generation-eval callbacks."""
+        cfg = self.cfg
+        generate_eval_fn = None
+        if cfg.validation.generate_eval_interval:
+            from nvlcore.eval.training import build_generate_eval
+
+            generate_eval_fn = build_generate_eval(cfg, self.bridge, self.model, self.manager, self.ctx,
+                                                   print_fn=self.say)
+        self.trainer = Trainer(
+            model=self.model, ctx=self.ctx, optimizer=self.optimizer, named_params=self.named,
+            lr_schedule=self.lr_schedule, wd_schedule=self.wd_schedule, settings=self.settings, state=self.state,
+            flops_fn=self.flops_fn, loggers=self.loggers, save_fn=self.save if cfg.checkpoint.save else None,
+            eval_fn=self.validate if self.data.eval_batches_factory is not None else None,
+            generate_eval_fn=generate_eval_fn, print_fn=self.say,
+        )
+        if self.decision.iter_dir is not None:
+            self.trainer.last_saved_iteration = self.state.iteration
+
+    def train(self) -> TrainState:
+        """Run the loop; a signal that stopped it raises :class:`StoppedEarly` after the last save."""
+        s, trainer = self.settings, self.trainer
+        self.say(f"nvl finetune: training iterations {self.state.iteration + 1}..{s.train_iters}: global batch "
+                 f"{s.global_batch_size} = {s.num_microbatches} micro-batch(es) x "
+                 f"{self.cfg.train.micro_batch_size} x {self.ctx.dp_size} data-parallel rank(s)")
+        final = trainer.run(self.data.train_batches)
+        self.finish_pending_saves()
+        self.say(f"nvl finetune: {describe_state_bytes(self.optimizer, self.ctx)}")
+        if trainer.stopped_by is None:
+            return final
+        saved = trainer.save_fn is not None and trainer.last_saved_iteration == final.iteration
+        self.say(f"nvl finetune: stopped early by {trainer.stopped_by} at iteration {final.iteration}"
+                 + (f"; checkpoint saved, exit status {EXIT_STOPPED_EARLY} (resume with the same command)"
+                    if saved else "; no checkpoint (checkpoint.save is not set)"))
+        code = EXIT_STOPPED_EARLY
+        if not saved:
+            by = trainer.stopped_by
+            code = 128 + int(signal.Signals[by]) if by in signal.Signals.__members__ else 1
+        stopped = StoppedEarly(code)
+        stopped.state = final
+        raise stopped
+
+    def evaluate(self, final: TrainState) -> None:
+        """The test split, once at the end of a completed run (Megatron-Bridge), logged as ``test_loss``."""
+        if self.data.test_batches_factory is None or final.iteration < self.settings.train_iters:
+            return
+        from nvlcore.training.trainer import evaluate
+
+        loss_sum, sup = evaluate(self.model, self.data.test_batches_factory(), ctx=self.ctx,
+                                 autocast_dtype=self.settings.autocast_dtype,
+                                 num_batches=self.cfg.validation.eval_iters * self.data.num_microbatches)
+        test_loss = loss_sum / sup if sup > 0 else float("nan")
+        self.say(f"nvl finetune: test loss {test_loss:.4f} over {sup:,.0f} supervised tokens")
+        for lg in self.loggers:
+            lg.log({"iteration": final.iteration, "test_loss": test_loss, "test_tokens": sup}, step=final.iteration)
+
+    # -- callbacks of the loop -----------------------------------------------------------------------
+    def validate(self) -> tuple[float, float]:
+        """``validation.eval_iters`` global batches of the validation split: ``(loss sum, supervised tokens)``."""
+        from nvlcore.training.trainer import evaluate
+
+        assert self.data.eval_batches_factory is not None
+        return evaluate(self.model, self.data.eval_batches_factory(), ctx=self.ctx,
+                        num_batches=self.cfg.validation.eval_iters * self.data.num_microbatches,
+                        autocast_dtype=self.settings.autocast_dtype)
+
+    def save(self, st: TrainState) -> None:
+        """Write the checkpoint of ``st`` (collective); with ``checkpoint.async_save`` start writing it."""
+        self.finish_pending_saves()
+        path = save(self.cfg.checkpoint.save, st, model=self.model, optimizer=self.optimizer, bridge=self.bridge,
+                    ctx=self.ctx, cfg=self.cfg, run_config=self.run_config, adapter_only=self.adapter_only,
+                    num_samples=self.data.num_train_samples, async_group=self.async_group,
+                    packing_positions=gather_packing_positions(self.data.packing_position, self.ctx))
+        if isinstance(path, Path):
+            self.say(f"nvl finetune: saved checkpoint {path}")
+            self.plot()
+        else:
+            self.pending_saves.append(path)
+            self.say(f"nvl finetune: writing checkpoint {path.path.name} in the background")
+
+    def finish_pending_saves(self) -> None:
+        """Publish the background saves still being written (collective, every rank at the same point)."""
+        while self.pending_saves:
+            self.say(f"nvl finetune: saved checkpoint {self.pending_saves.pop().wait()}")
+            self.plot()
+
+    def plot(self) -> None:
+        if self.plotter is not None:
+            self.plotter.plot()
+
+    def close(self) -> None:
+        """Stop data workers, close the loggers, release the run lock, tear down the process groups."""
+        from nvlcore.parallel import destroy_parallel
+
+        for close in self.closers:
+            close()
+        for lg in self.loggers:
+            try:
+                lg.close()
+            except Exception as exc:  # a failing sink must not hide the training error
+                self.say(f"nvl finetune: closing logger {type(lg).__name__} failed: {exc}")
+        if self.lock is not None:
+            self.lock.release()
+        if self.ctx is not None:
+            destroy_parallel(self.ctx)
+
+
 def run_finetune(
     cfg: "NvlConfig",
     *,
@@ -433,7 +793,7 @@ def run_finetune(
     print_fn: Callable[[str], None] = print,
     device_type: str | None = None,
 ) -> TrainState:
-    """Train as ``cfg`` says, in this process (one rank of a launch, or the only one).
+    """Train as ``cfg`` says, in this process (one rank of a launch, or the only one): :class:`FinetuneRecipe`.
 
     ``cfg.model.hf_model_path`` names the HF directory the bridge reads; ``cfg.checkpoint.pretrained_checkpoint``
     the starting weights (a Megatron checkpoint, base or ``iter_N`` dir, or an HF directory), unless
@@ -442,222 +802,8 @@ def run_finetune(
     :raises StoppedEarly: a ``SystemExit`` with status 75 (:data:`nvlcore.interrupt.EXIT_STOPPED_EARLY`)
         when SIGTERM/SIGINT stopped training and the checkpoint of the last iteration was saved.
     """
-    import torch
-
-    from nvlcore.config import config_to_dict
-    from nvlcore.parallel import destroy_parallel, init_parallel
-    from nvlcore.plugins import get_plugin_manager
-    from nvlcore.training import checkpointing as tck
-    from nvlcore.training import optim
-
-    manager = manager or get_plugin_manager()
-    from nvlcore.training.preflight import preflight
-
-    preflight(cfg, manager)  # config contradictions and missing paths, before any process group or model
-    ctx = init_parallel(cfg.model.tensor_model_parallel_size, device_type=device_type, seed=cfg.rng.seed,
-                        timeout_minutes=cfg.dist.distributed_timeout_minutes, backend=cfg.dist.distributed_backend)
-    say = print_fn if ctx.is_main else (lambda _m: None)
-    loggers: list[Any] = []
-    closers: list[Callable[[], None]] = []
-    try:
-        # rng.data_parallel_random_init (Megatron): each data-parallel rank seeds its RNGs with seed + 10 x its
-        # DP rank (dropout and other draws differ per replica); the weights are still broadcast from the
-        # first data-parallel rank below, so every replica starts from the same model.
-        seed_everything(cfg.rng.seed + (10 * ctx.dp_rank if cfg.rng.data_parallel_random_init else 0))
-        run_config = config_to_dict(cfg)
-        adapter_only = bool(cfg.peft.method)
-        say(f"nvl finetune: {ctx.world_size} process(es): tensor parallel {ctx.tp_size} x data parallel {ctx.dp_size} "
-            f"on {ctx.device.type} ({ctx.backend})")
-
-        decision = tck.decide_resume(
-            load=cfg.checkpoint.load, save=cfg.checkpoint.save, ckpt_step=cfg.checkpoint.ckpt_step,
-            run_config=run_config, exit_on_missing_checkpoint=cfg.checkpoint.exit_on_missing_checkpoint,
-        )
-        say(f"nvl finetune: {decision.reason}")
-        if not cfg.checkpoint.save:
-            say("nvl finetune: WARNING: checkpoint.save is not set: no checkpoint will be written"
-                + (f"; metrics go to {cfg.logger.jsonl_path}" if cfg.logger.jsonl_path else " and no metrics.jsonl"))
-
-        # -- model ---------------------------------------------------------------------------
-        t0 = time.perf_counter()
-        bridge = resolve_bridge(cfg.model.hf_model_path, cfg.model.bridge, manager=manager)
-        settings = loop_settings(cfg, dp_size=ctx.dp_size, device_type=ctx.device.type)
-        model = bridge.build_model(dtype=torch.float32, device=ctx.device, init="random" if random_init else "none",
-                                   seed=cfg.rng.seed)
-        model.train()
-        report = bridge.set_kernels(model, cfg.model.kernels)
-        if report:
-            say("nvl finetune: kernels: " + "; ".join(f"{op}: {impl}" for op, impl in report.items()))
-        recompute = cfg.model.recompute_granularity
-        if recompute:
-            bridge.set_recompute(model, recompute)
-            say(f"nvl finetune: activation recomputation: {recompute}")
-        needs_base = decision.iter_dir is None or adapter_only
-        if random_init:
-            say(RANDOM_INIT_BANNER)
-        elif needs_base:
-            src = cfg.checkpoint.pretrained_checkpoint
-            if not src:
-                raise ValueError("no starting weights: pass --pretrained-checkpoint DIR (a Megatron checkpoint or an HF directory)")
-            load_pretrained(model, src, bridge=bridge, ctx=ctx)
-            say(f"nvl finetune: loaded pretrained weights from {src} ({time.perf_counter() - t0:.1f} s)")
-        peft, towers = prepare_trainable(model, cfg, manager, bridge)
-        say(f"nvl finetune: towers: {describe_towers(towers)}")
-        if settings.autocast_dtype is not None:
-            # Under bf16 autocast every matmul reads bf16 weights: a frozen parameter (a PEFT run's base
-            # model) is stored once in bf16, 2 bytes instead of 4 plus a per-step cast; trainable ones
-            # keep their fp32 masters. (Built and loaded in fp32, so nothing trainable loses precision.)
-            optim.store_frozen_in_(model, settings.autocast_dtype)
-        say("nvl finetune: memory plan: " + optim.memory_plan(model).describe())
-
-        named = optim.trainable_named_parameters(model)
-        optim.check_replicated_parameters(list(model.named_parameters()), tp_group=ctx.tp_group, tp_size=ctx.tp_size)
-        from megatron.core import parallel_state
-
-        src_rank = parallel_state.get_data_parallel_src_rank()
-        optim.broadcast_parameters([p.data for p in model.parameters()], src_global_rank=src_rank,
-                                   group=ctx.dp_group, group_size=ctx.dp_size)
-        n_train = sum(p.numel() for _, p in named)
-        n_all = sum(p.numel() for p in model.parameters())
-        say(f"nvl finetune: {n_train:,} of {n_all:,} parameters trainable on this rank"
-            + (f" (PEFT {cfg.peft.method}; adapter-only checkpoints)" if peft else ""))
-        if peft is not None and hasattr(peft, "count_parameters"):  # whole-model (TP-independent) counts
-            say(f"nvl finetune: {cfg.peft.method}: {peft.count_parameters(model).describe()}")
-        opt = optim.build_optimizer(
-            named, lr=cfg.optimizer.lr, betas=(cfg.optimizer.adam_beta1, cfg.optimizer.adam_beta2),
-            eps=cfg.optimizer.adam_eps, weight_decay=cfg.optimizer.weight_decay, device_type=ctx.device.type,
-            optimizer=cfg.optimizer.optimizer, sgd_momentum=cfg.optimizer.sgd_momentum,
-            distributed=cfg.ddp.use_distributed_optimizer, dp_group=ctx.dp_group, dp_size=ctx.dp_size,
-        )
-        say(f"nvl finetune: optimizer: {describe_optimizer(opt, named, cfg, ctx)}")
-        lr_s, wd_s = schedules_for(cfg)
-
-        # -- resume ---------------------------------------------------------------------------
-        state = TrainState()
-        if decision.iter_dir is not None:
-            state = restore(decision.iter_dir, model=model, optimizer=opt, named=named, bridge=bridge, ctx=ctx,
-                            cfg=cfg, adapter_only=adapter_only)
-            say(f"nvl finetune: resumed at iteration {state.iteration} (consumed samples {state.consumed_samples}, "
-                f"{state.optimizer_steps} updates, {state.skipped_iterations} skipped)")
-            from nvlcore.checkpoint import open_checkpoint
-
-            lr_s, wd_s, note = resume_schedules(cfg, open_checkpoint(decision.iter_dir).run_config(), lr_s, wd_s,
-                                                where=decision.iter_dir.name)
-            say(f"nvl finetune: {note}")
-
-        # -- will the checkpoints fit? (before any iteration runs) ---------------------------------
-        if cfg.checkpoint.save:
-            need = tck.estimate_checkpoint_bytes(model, ctx, adapter_only=adapter_only, save_optim=cfg.checkpoint.save_optim)
-            tck.check_checkpoint_space(cfg, need, ctx, start_iteration=state.iteration, say=say)
-
-        # -- data, loggers ----------------------------------------------------------------------
-        packing_positions = None
-        if decision.iter_dir is not None:
-            from nvlcore.checkpoint import open_checkpoint
-
-            packing_positions = ((open_checkpoint(decision.iter_dir).extra_state() or {}).get("data") or {}).get("packing")
-        data = build_data(cfg, bridge, manager, ctx, consumed_samples=state.consumed_samples, print_fn=say,
-                          packing_positions=packing_positions)
-        closers.append(data.close)
-        if data.eval_note:
-            say(f"nvl finetune: {data.eval_note}")
-        if data.test_note:
-            say(f"nvl finetune: {data.test_note}")
-        # metrics.jsonl keeps rows up to the iteration training starts from: rows a killed run logged
-        # after its last checkpoint (or before any) are dropped, so each iteration appears once
-        loggers = build_loggers(cfg, manager, ctx, resume_iteration=state.iteration, run_config=run_config)
-        flops_fn, flops_method = _flops_fn(bridge, model, ctx)
-        if flops_method != "bridge":
-            say("nvl finetune: the bridge has no FLOPs formula of its own (train_flops); TFLOP/s uses 6 x parameters x "
-                "tokens (no attention/ViT terms)")
-
-        eval_fn = None
-        if data.eval_batches_factory is not None:
-            factory = data.eval_batches_factory
-
-            def eval_fn() -> tuple[float, float]:
-                from nvlcore.training.trainer import evaluate
-
-                return evaluate(model, factory(), num_batches=cfg.validation.eval_iters * data.num_microbatches,
-                                ctx=ctx, autocast_dtype=settings.autocast_dtype)
-
-        generate_eval_fn = None
-        if cfg.validation.generate_eval_interval:
-            from nvlcore.eval.training import build_generate_eval
-
-            generate_eval_fn = build_generate_eval(cfg, bridge, model, manager, ctx, print_fn=say)
-        plotter = MetricsPlotter(loggers, say)
-        # checkpoint.async_save: the tensors of a save are written by a background thread over a
-        # process group of its own (gloo), while training goes on; the save is published (renamed,
-        # trackers updated) at the next save or at the end, by every rank at the same point.
-        async_group = None
-        if cfg.checkpoint.async_save and cfg.checkpoint.save and ctx.world_size > 1:
-            import torch.distributed as dist
-
-            async_group = dist.new_group(backend="gloo")
-        pending: list[Any] = []
-
-        def finish_pending() -> None:
-            while pending:
-                say(f"nvl finetune: saved checkpoint {pending.pop().wait()}")
-                plotter.plot()
-
-        def save_fn(st: TrainState) -> None:
-            finish_pending()
-            path = save(cfg.checkpoint.save, st, model=model, optimizer=opt, bridge=bridge, ctx=ctx, cfg=cfg,
-                        run_config=run_config, adapter_only=adapter_only, num_samples=data.num_train_samples,
-                        async_group=async_group, packing_positions=gather_packing_positions(data.packing_position, ctx))
-            if isinstance(path, Path):
-                say(f"nvl finetune: saved checkpoint {path}")
-                plotter.plot()
-            else:
-                pending.append(path)
-                say(f"nvl finetune: writing checkpoint {path.path.name} in the background")
-
-        trainer = Trainer(
-            model=model, ctx=ctx, optimizer=opt, named_params=named, lr_schedule=lr_s, wd_schedule=wd_s,
-            settings=settings, state=state, flops_fn=flops_fn, loggers=loggers,
-            save_fn=save_fn if cfg.checkpoint.save else None, eval_fn=eval_fn, generate_eval_fn=generate_eval_fn,
-            print_fn=say,
-        )
-        if decision.iter_dir is not None:
-            trainer.last_saved_iteration = state.iteration
-        say(f"nvl finetune: training iterations {state.iteration + 1}..{settings.train_iters}: global batch "
-            f"{settings.global_batch_size} = {settings.num_microbatches} micro-batch(es) x "
-            f"{cfg.train.micro_batch_size} x {ctx.dp_size} data-parallel rank(s)")
-        final = trainer.run(data.train_batches)
-        finish_pending()
-        say(f"nvl finetune: {describe_state_bytes(opt, ctx)}")
-        if trainer.stopped_by is not None:
-            saved = trainer.save_fn is not None and trainer.last_saved_iteration == final.iteration
-            say(f"nvl finetune: stopped early by {trainer.stopped_by} at iteration {final.iteration}"
-                + (f"; checkpoint saved, exit status {EXIT_STOPPED_EARLY} (resume with the same command)"
-                   if saved else "; no checkpoint (checkpoint.save is not set)"))
-            code = EXIT_STOPPED_EARLY
-            if not saved:
-                code = 128 + int(signal.Signals[trainer.stopped_by]) if trainer.stopped_by in signal.Signals.__members__ else 1
-            stopped = StoppedEarly(code)
-            stopped.state = final
-            raise stopped
-        if data.test_batches_factory is not None and final.iteration >= settings.train_iters:
-            from nvlcore.training.trainer import evaluate
-
-            loss_sum, sup = evaluate(model, data.test_batches_factory(), ctx=ctx, autocast_dtype=settings.autocast_dtype,
-                                     num_batches=cfg.validation.eval_iters * data.num_microbatches)
-            test_loss = loss_sum / sup if sup > 0 else float("nan")
-            say(f"nvl finetune: test loss {test_loss:.4f} over {sup:,.0f} supervised tokens")
-            for lg in loggers:
-                lg.log({"iteration": final.iteration, "test_loss": test_loss, "test_tokens": sup}, step=final.iteration)
-        return final
-    finally:
-        for close in closers:
-            close()
-        for lg in loggers:
-            try:
-                lg.close()
-            except Exception as exc:  # a failing sink must not hide the training error
-                say(f"nvl finetune: closing logger {type(lg).__name__} failed: {exc}")
-        destroy_parallel(ctx)
+    return FinetuneRecipe(cfg, manager=manager, random_init=random_init, print_fn=print_fn,
+                          device_type=device_type).run()
 
 
 def describe_optimizer(opt: Any, named: Any, cfg: "NvlConfig", ctx: "ParallelContext") -> str:
@@ -727,7 +873,7 @@ def save(root: str, st: TrainState, *, model: Any, optimizer: Any, bridge: Any, 
          packing_positions: list[list[int]] | None = None) -> Any:
     """Write one training checkpoint (collective over all ranks): the ``iter_N`` path, or with
     ``checkpoint.async_save`` a :class:`~nvlcore.checkpoint.PendingSave` whose ``wait()`` publishes it."""
-    from nvlcore.checkpoint import capture_rng_state, save_checkpoint
+    from nvlcore.checkpoint import SaveOptions, capture_rng_state, save_checkpoint
     from nvlcore.training import checkpointing as tck
 
     model_state, optim_state, adam_step = tck.model_and_optimizer_state(
@@ -756,11 +902,9 @@ def save(root: str, st: TrainState, *, model: Any, optimizer: Any, bridge: Any, 
         run_config=run_config,
         train_state=st.to_dict(),
         files=files,
-        overwrite=True,
-        most_recent_k=cfg.checkpoint.most_recent_k,
-        spread_replicated_writes=cfg.checkpoint.fully_parallel_save,
-        async_write=cfg.checkpoint.async_save,
-        async_group=async_group,
+        options=SaveOptions(overwrite=True, most_recent_k=cfg.checkpoint.most_recent_k,
+                            spread_replicated_writes=cfg.checkpoint.fully_parallel_save,
+                            async_write=cfg.checkpoint.async_save, async_group=async_group),
     )
 
 
