@@ -113,18 +113,6 @@ def _option_hint(tokens: Sequence[str]) -> str:
     return ""
 
 
-def one_line(exc: BaseException) -> str:
-    """An error as one line with no Python class name; an error re-raised from a DataLoader worker (whose
-    message carries the worker's traceback) becomes its original message."""
-    text = str(exc).strip()
-    if "Original Traceback (most recent call last):" in text:
-        last = [x for x in text.splitlines() if x.strip()][-1].strip()
-        head, sep, rest = last.partition(": ")
-        text = rest if sep and head.replace(".", "").replace("_", "").isalnum() else last
-    lines = [x.strip() for x in text.splitlines() if x.strip()]
-    return " ".join(lines) if lines else type(exc).__name__
-
-
 LAUNCH_OPTIONS = ("nproc_per_node", "nnodes", "node_rank", "rdzv_endpoint", "rdzv_backend", "rdzv_id",
                   "master_addr", "master_port")
 
@@ -275,6 +263,8 @@ def finetune_command(**params: Any) -> None:
             raise click.ClickException(str(exc)) from exc
         rank = os.environ.get("RANK")
         where = f"rank {rank}: " if rank is not None and os.environ.get("WORLD_SIZE", "1") != "1" else ""
+        from nvlcore.cli.errors import one_line
+
         raise click.ClickException(f"{where}{one_line(exc)} (--debug shows the traceback)") from exc
 
 
