@@ -145,6 +145,31 @@ def _latest_saved(save: str | None) -> tuple[int | None, float | None]:
         return None, None
 
 
+def _launch_workers(params: Mapping[str, Any], module_args: list[str], *, save: str | None) -> None:
+    """``--nproc-per-node N``: start N workers through torchrun's library and wait; their status is ours."""
+    from nvlcore.interrupt import EXIT_STOPPED_EARLY
+    from nvlcore.parallel import build_launch_args, launch
+
+    nproc = params["nproc_per_node"]
+    multi = {k: params[k] for k in LAUNCH_OPTIONS if k != "nproc_per_node" and params[k] is not None}
+    args = build_launch_args(
+        nproc_per_node=nproc, module=MODULE, module_args=module_args,
+        nnodes=str(params["nnodes"] or "1"), node_rank=params["node_rank"],
+        rdzv_endpoint=params["rdzv_endpoint"], rdzv_backend=params["rdzv_backend"], rdzv_id=params["rdzv_id"],
+        master_addr=params["master_addr"], master_port=params["master_port"],
+    )
+    click.echo(f"nvl finetune: starting {nproc} worker(s) on this machine"
+               + (f" ({', '.join(f'{k}={v}' for k, v in multi.items())})" if multi else ""), err=True)
+    before = _latest_saved(save)
+    code = launch(args)
+    if code in (128 + signal.SIGINT, 128 + signal.SIGTERM) and _latest_saved(save) != before:
+        # the workers were told to stop and saved a checkpoint: the same status as one process
+        click.echo(f"nvl finetune: stopped early; checkpoint saved (exit status {EXIT_STOPPED_EARLY})", err=True)
+        code = EXIT_STOPPED_EARLY
+    if code:
+        raise SystemExit(code)
+
+
 @click.command("finetune", cls=PluginOptionsCommand,
                context_settings={**CONFIG_CONTEXT_SETTINGS, "help_option_names": ["-h", "--help"]})
 @hf_model_option("--hf-model-path", help="HF model (config.json, tokenizer); selects the model bridge.")
@@ -175,8 +200,7 @@ def finetune_command(**params: Any) -> None:
         nvl finetune --hf-model-path HF --pretrained-checkpoint CKPT checkpoint.save=out dataset.maker_name=raven
     """
     from nvlcore.config import ConfigError, config_to_yaml, resolve_config
-    from nvlcore.interrupt import EXIT_STOPPED_EARLY
-    from nvlcore.parallel import build_launch_args, die_with_parent, launch, launched_by_torchrun
+    from nvlcore.parallel import die_with_parent, launched_by_torchrun
     from nvlcore.cli import current_plugin_manager
 
     from nvlcore.cli import global_flag
@@ -219,23 +243,7 @@ def finetune_command(**params: Any) -> None:
 
     nproc = params["nproc_per_node"]
     if nproc is not None and not launched_by_torchrun():
-        multi = {k: params[k] for k in LAUNCH_OPTIONS if k != "nproc_per_node" and params[k] is not None}
-        args = build_launch_args(
-            nproc_per_node=nproc, module=MODULE, module_args=_child_argv(params, overrides, command.plugin_argv(ctx)),
-            nnodes=str(params["nnodes"] or "1"), node_rank=params["node_rank"],
-            rdzv_endpoint=params["rdzv_endpoint"], rdzv_backend=params["rdzv_backend"], rdzv_id=params["rdzv_id"],
-            master_addr=params["master_addr"], master_port=params["master_port"],
-        )
-        click.echo(f"nvl finetune: starting {nproc} worker(s) on this machine"
-                   + (f" ({', '.join(f'{k}={v}' for k, v in multi.items())})" if multi else ""), err=True)
-        before = _latest_saved(cfg.checkpoint.save)
-        code = launch(args)
-        if code in (128 + signal.SIGINT, 128 + signal.SIGTERM) and _latest_saved(cfg.checkpoint.save) != before:
-            # the workers were told to stop and saved a checkpoint: the same status as one process
-            click.echo(f"nvl finetune: stopped early; checkpoint saved (exit status {EXIT_STOPPED_EARLY})", err=True)
-            code = EXIT_STOPPED_EARLY
-        if code:
-            raise SystemExit(code)
+        _launch_workers(params, _child_argv(params, overrides, command.plugin_argv(ctx)), save=cfg.checkpoint.save)
         return
     if launched_by_torchrun():
         die_with_parent()  # a kill -9 of the launcher must not leave this worker training

@@ -240,8 +240,9 @@ class DataPipeline:
 
 def build_data(cfg: "NvlConfig", bridge: Any, manager: Any, ctx: "ParallelContext", *, consumed_samples: int,
                print_fn: Callable[[str], None], packing_positions: Sequence[Sequence[int]] | None = None) -> DataPipeline:
+    """The training batches from ``consumed_samples`` (or the packed position), and the validation and test splits."""
     from nvlcore.training.data import GlobalBatchSampler, ProcessedDataset, build_loader
-    from nvlcore.training.packing import PackedBatches, build_packed_loader, packing_mode
+    from nvlcore.training.packing import packing_mode
 
     ds = cfg.dataset
     maker = manager.registry("dataset_maker").get(ds.maker_name)
@@ -256,48 +257,77 @@ def build_data(cfg: "NvlConfig", bridge: Any, manager: Any, ctx: "ParallelContex
         seed=cfg.rng.seed, consumed_samples=consumed_samples, shuffle=ds.dataloader_type == "cyclic",
     )
     pin = ds.pin_memory and ctx.device.type == "cuda"
-    mode = packing_mode(cfg)
     packing_position = None
-    if mode == "none":
+    if packing_mode(cfg) == "none":
         train_batches: Any = iter(build_loader(ProcessedDataset(made, processor, seed=cfg.rng.seed, split="train"),
                                                sampler, processor.collate, num_workers=ds.num_workers, pin_memory=pin,
                                                persistent_workers=ds.persistent_workers))
     else:
-        collate_packed = getattr(processor, "collate_packed", None)
-        if collate_packed is None:
-            raise ValueError(f"dataset.packing={mode}: the model bridge's processor has no collate_packed(); "
-                             "this model cannot train on packed sequences")
-        start = None
-        if packing_positions is None and consumed_samples:
-            print_fn("nvl finetune: the resumed checkpoint holds no packed data position (it was not a packed run); "
-                     "packing starts from the beginning of the sample stream")
-        if packing_positions is not None:
-            if len(packing_positions) != ctx.dp_size:
-                raise ValueError(
-                    f"dataset.packing: the checkpoint's data position was saved by {len(packing_positions)} data-parallel "
-                    f"rank(s), this run has {ctx.dp_size}; a packed run resumes at the same data-parallel size"
-                )
-            start = (int(packing_positions[ctx.dp_rank][0]), int(packing_positions[ctx.dp_rank][1]))
-        order = GlobalBatchSampler(num_samples=len(made), global_batch_size=1, micro_batch_size=1, seed=cfg.rng.seed,
-                                   shuffle=ds.dataloader_type == "cyclic")
-        loader = build_packed_loader(
-            ProcessedDataset(made, processor, seed=cfg.rng.seed, split="train"), order.index_at,
-            window=ds.packing_buffer_size, capacity=seq_length, mode=mode, dp_rank=ctx.dp_rank, dp_size=ctx.dp_size,
-            start_window=None if start is None else start[0], num_workers=ds.num_workers,
-        )
-        # Two iterations of micro-batches made ahead in a thread: collation, pinning and a window's
-        # hand-over overlap the GPU's work instead of stalling the step that crosses a window.
-        train_batches = PackedBatches(iter(loader), collate_packed, micro_batch_size=cfg.train.micro_batch_size,
-                                      dp_rank=ctx.dp_rank, dp_size=ctx.dp_size, start=start, pin_memory=pin,
-                                      prefetch=2 * sampler.num_microbatches, device=ctx.device)
+        train_batches = _packed_batches(cfg, made, processor, ctx, consumed_samples=consumed_samples, pin=pin,
+                                        num_microbatches=sampler.num_microbatches, print_fn=print_fn,
+                                        packing_positions=packing_positions)
         packing_position = lambda: train_batches.position  # noqa: E731
-        print_fn(f"nvl finetune: packing ({mode}) samples into rows of {seq_length} tokens over windows of "
-                 f"{ds.packing_buffer_size} samples; a micro-batch is {cfg.train.micro_batch_size} packed row(s)")
-    splits = tuple(getattr(maker, "splits", ()) or ())
+    splits = _EvalSplits(cfg, maker, processor, ctx, pin=pin)
+    factory, note = splits.validation()
+    test_factory, test_note = splits.test()
+    return DataPipeline(train_batches, len(made), factory, note, sampler.num_microbatches, test_factory, test_note,
+                        packing_position)
 
-    def eval_factory(split: str, extra_kwargs: Mapping[str, Any]) -> tuple[Callable[[], Any], int]:
-        made_split = maker(split=split, **{**dict(ds.maker_kwargs), **dict(extra_kwargs)})
-        split_ds = ProcessedDataset(made_split, processor, seed=cfg.rng.seed, split=split)
+
+def _packed_batches(cfg: "NvlConfig", made: Any, processor: Any, ctx: "ParallelContext", *, consumed_samples: int,
+                    pin: bool, num_microbatches: int, print_fn: Callable[[str], None],
+                    packing_positions: Sequence[Sequence[int]] | None) -> Any:
+    """``dataset.packing``: windows packed in the workers, micro-batches of packed rows made ahead in a thread."""
+    from nvlcore.training.data import GlobalBatchSampler, ProcessedDataset
+    from nvlcore.training.packing import PackedBatches, build_packed_loader, packing_mode
+
+    ds, mode = cfg.dataset, packing_mode(cfg)
+    seq_length = ds.seq_length or cfg.model.seq_length
+    collate_packed = getattr(processor, "collate_packed", None)
+    if collate_packed is None:
+        raise ValueError(f"dataset.packing={mode}: the model bridge's processor has no collate_packed(); "
+                         "this model cannot train on packed sequences")
+    start = None
+    if packing_positions is None and consumed_samples:
+        print_fn("nvl finetune: the resumed checkpoint holds no packed data position (it was not a packed run); "
+                 "packing starts from the beginning of the sample stream")
+    if packing_positions is not None:
+        if len(packing_positions) != ctx.dp_size:
+            raise ValueError(
+                f"dataset.packing: the checkpoint's data position was saved by {len(packing_positions)} data-parallel "
+                f"rank(s), this run has {ctx.dp_size}; a packed run resumes at the same data-parallel size"
+            )
+        start = (int(packing_positions[ctx.dp_rank][0]), int(packing_positions[ctx.dp_rank][1]))
+    order = GlobalBatchSampler(num_samples=len(made), global_batch_size=1, micro_batch_size=1, seed=cfg.rng.seed,
+                               shuffle=ds.dataloader_type == "cyclic")
+    loader = build_packed_loader(
+        ProcessedDataset(made, processor, seed=cfg.rng.seed, split="train"), order.index_at,
+        window=ds.packing_buffer_size, capacity=seq_length, mode=mode, dp_rank=ctx.dp_rank, dp_size=ctx.dp_size,
+        start_window=None if start is None else start[0], num_workers=ds.num_workers,
+    )
+    print_fn(f"nvl finetune: packing ({mode}) samples into rows of {seq_length} tokens over windows of "
+             f"{ds.packing_buffer_size} samples; a micro-batch is {cfg.train.micro_batch_size} packed row(s)")
+    # Two iterations of micro-batches made ahead in a thread: collation, pinning and a window's
+    # hand-over overlap the GPU's work instead of stalling the step that crosses a window.
+    return PackedBatches(iter(loader), collate_packed, micro_batch_size=cfg.train.micro_batch_size,
+                         dp_rank=ctx.dp_rank, dp_size=ctx.dp_size, start=start, pin_memory=pin,
+                         prefetch=2 * num_microbatches, device=ctx.device)
+
+
+class _EvalSplits:
+    """The validation split (every ``validation.eval_interval``) and the test split (once at the end)."""
+
+    def __init__(self, cfg: "NvlConfig", maker: Any, processor: Any, ctx: "ParallelContext", *, pin: bool) -> None:
+        self.cfg, self.maker, self.processor, self.ctx, self.pin = cfg, maker, processor, ctx, pin
+        self.splits = tuple(getattr(maker, "splits", ()) or ())
+
+    def factory(self, split: str, extra_kwargs: Mapping[str, Any]) -> tuple[Callable[[], Any], int]:
+        """A function returning a fresh iterator over ``split``'s batches, and the split's size."""
+        from nvlcore.training.data import GlobalBatchSampler, ProcessedDataset, build_loader
+
+        cfg, ctx, ds = self.cfg, self.ctx, self.cfg.dataset
+        made_split = self.maker(split=split, **{**dict(ds.maker_kwargs), **dict(extra_kwargs)})
+        split_ds = ProcessedDataset(made_split, self.processor, seed=cfg.rng.seed, split=split)
 
         def new_loader() -> Any:
             s = GlobalBatchSampler(
@@ -305,7 +335,7 @@ def build_data(cfg: "NvlConfig", bridge: Any, manager: Any, ctx: "ParallelContex
                 micro_batch_size=cfg.train.micro_batch_size, dp_rank=ctx.dp_rank, dp_size=ctx.dp_size,
                 seed=cfg.rng.seed, consumed_samples=0, shuffle=False,
             )
-            return build_loader(split_ds, s, processor.collate, num_workers=ds.num_workers, pin_memory=pin,
+            return build_loader(split_ds, s, self.processor.collate, num_workers=ds.num_workers, pin_memory=self.pin,
                                 persistent_workers=ds.persistent_workers)
 
         if ds.persistent_workers and ds.num_workers > 0:
@@ -313,37 +343,32 @@ def build_data(cfg: "NvlConfig", bridge: Any, manager: Any, ctx: "ParallelContex
             return (lambda: iter(kept)), len(made_split)
         return (lambda: iter(new_loader())), len(made_split)
 
-    def has(split: str) -> bool:
-        return split in splits
+    def missing(self, split: str) -> str:
+        return (f"{split} split skipped: dataset maker {self.cfg.dataset.maker_name!r} has no {split} split "
+                f"(it has {', '.join(self.splits) or 'train only'})")
 
-    factory = None
-    note = ""
-    v = cfg.validation
-    if v.eval_iters > 0 and v.eval_interval:
-        if not has("validation"):
-            note = (f"validation skipped: dataset maker {ds.maker_name!r} has no validation split "
-                    f"(it has {', '.join(splits) or 'train only'})")
-        else:
-            factory, n = eval_factory("validation", ds.val_maker_kwargs)
-            note = f"validation: {v.eval_iters} batch(es) every {v.eval_interval} iterations on {n} examples"
-    elif v.eval_iters > 0:
-        note = "validation skipped: validation.eval_interval is null"
+    def validation(self) -> tuple[Callable[[], Any] | None, str]:
+        v = self.cfg.validation
+        if v.eval_iters > 0 and v.eval_interval:
+            if "validation" not in self.splits:
+                return None, self.missing("validation").replace("validation split skipped", "validation skipped", 1)
+            factory, n = self.factory("validation", self.cfg.dataset.val_maker_kwargs)
+            return factory, f"validation: {v.eval_iters} batch(es) every {v.eval_interval} iterations on {n} examples"
+        if v.eval_iters > 0:
+            return None, "validation skipped: validation.eval_interval is null"
+        return None, ""
 
-    # The test split: evaluated once at the end of training (Megatron-Bridge), eval_iters batches.
-    test_factory = None
-    test_note = ""
-    if ds.skip_test:
-        test_note = "test split skipped: dataset.skip_test is set"
-    elif v.eval_iters <= 0:
-        test_note = ""  # validation.eval_iters=0 turns validation and test off (the recipe default)
-    elif not has("test"):
-        test_note = (f"test split skipped: dataset maker {ds.maker_name!r} has no test split "
-                     f"(it has {', '.join(splits) or 'train only'})")
-    else:
-        test_factory, n = eval_factory("test", ds.test_maker_kwargs)
-        test_note = f"test: {v.eval_iters} batch(es) at the end of training on {n} examples"
-    return DataPipeline(train_batches, len(made), factory, note, sampler.num_microbatches, test_factory, test_note,
-                        packing_position)
+    def test(self) -> tuple[Callable[[], Any] | None, str]:
+        """Megatron-Bridge evaluates the test split once at the end of training, ``eval_iters`` batches."""
+        v, ds = self.cfg.validation, self.cfg.dataset
+        if ds.skip_test:
+            return None, "test split skipped: dataset.skip_test is set"
+        if v.eval_iters <= 0:
+            return None, ""  # validation.eval_iters=0 turns validation and test off (the recipe default)
+        if "test" not in self.splits:
+            return None, self.missing("test")
+        factory, n = self.factory("test", ds.test_maker_kwargs)
+        return factory, f"test: {v.eval_iters} batch(es) at the end of training on {n} examples"
 
 
 def build_loggers(cfg: "NvlConfig", manager: Any, ctx: "ParallelContext", *, resume_iteration: int | None,
