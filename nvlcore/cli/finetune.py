@@ -99,7 +99,7 @@ def compose_config(
 
 
 def _option_hint(tokens: Sequence[str]) -> str:
-    """``; did you mean --lora-on-language-model?`` for the first ``--option`` the command does not know."""
+    """``; did you mean --hf-model-path?`` for the first ``--option`` the command does not know."""
     from nvlcore.config.structure import suggest
 
     ctx = click.get_current_context(silent=True)

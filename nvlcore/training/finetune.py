@@ -281,7 +281,8 @@ def _packed_batches(cfg: "NvlConfig", made: Any, processor: Any, ctx: "ParallelC
     from nvlcore.training.data import GlobalBatchSampler, ProcessedDataset
     from nvlcore.training.packing import PackedBatches, build_packed_loader, packing_mode
 
-    ds, mode = cfg.dataset, packing_mode(cfg)
+    ds = cfg.dataset  # one name per line: tests/test_config_conformance.py reads aliases
+    mode = packing_mode(cfg)
     seq_length = ds.seq_length or cfg.model.seq_length
     collate_packed = getattr(processor, "collate_packed", None)
     if collate_packed is None:
@@ -325,7 +326,8 @@ class _EvalSplits:
         """A function returning a fresh iterator over ``split``'s batches, and the split's size."""
         from nvlcore.training.data import GlobalBatchSampler, ProcessedDataset, build_loader
 
-        cfg, ctx, ds = self.cfg, self.ctx, self.cfg.dataset
+        cfg, ctx = self.cfg, self.ctx
+        ds = cfg.dataset
         made_split = self.maker(split=split, **{**dict(ds.maker_kwargs), **dict(extra_kwargs)})
         split_ds = ProcessedDataset(made_split, self.processor, seed=cfg.rng.seed, split=split)
 
@@ -360,7 +362,8 @@ class _EvalSplits:
 
     def test(self) -> tuple[Callable[[], Any] | None, str]:
         """Megatron-Bridge evaluates the test split once at the end of training, ``eval_iters`` batches."""
-        v, ds = self.cfg.validation, self.cfg.dataset
+        v = self.cfg.validation
+        ds = self.cfg.dataset
         if ds.skip_test:
             return None, "test split skipped: dataset.skip_test is set"
         if v.eval_iters <= 0:
