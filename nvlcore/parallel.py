@@ -235,10 +235,7 @@ def init_parallel(
 
     tp = int(tensor_model_parallel_size)
     if tp < 1 or world % tp != 0:
-        raise ValueError(
-            f"model.tensor_model_parallel_size={tp} does not divide the number of processes ({world}); "
-            f"launch a multiple of {tp} processes (--nproc-per-node) or change the tensor-parallel size"
-        )
+        raise ValueError(tensor_parallel_mismatch(tp, world))
     if parallel_state.model_parallel_is_initialized():
         if parallel_state.get_tensor_model_parallel_world_size() != tp:
             raise RuntimeError(
@@ -260,6 +257,29 @@ def init_parallel(
         dp_size=parallel_state.get_data_parallel_world_size(), dp_rank=parallel_state.get_data_parallel_rank(),
         device=device, backend=backend, owns_process_group=owns,
     )
+
+
+def tensor_parallel_mismatch(tp: int, world: int, *, gpus: int | None = None) -> str:
+    """One line for a tensor-parallel size that does not divide the process count, naming what runs here.
+
+    :param gpus: GPUs on this machine (default: ``torch.cuda.device_count()``, 0 without CUDA).
+    """
+    if gpus is None:
+        import torch
+
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    import math
+
+    fits = math.gcd(tp, world)  # divides the recipe's TP too, so the model's head counts still split
+    keep = f"model.tensor_model_parallel_size={fits} (keeps {world} process(es))"
+    if gpus >= tp > 0:
+        run = f"--nproc-per-node {gpus // tp * tp} (this machine has {gpus} GPU(s)) or {keep}"
+    elif gpus:
+        run = f"{keep}; this machine has {gpus} GPU(s), fewer than {tp}"
+    else:
+        run = f"{keep}, or --nproc-per-node {tp} (CPU processes; no GPU here)"
+    return (f"model.tensor_model_parallel_size={tp} does not divide the number of processes ({world}); "
+            f"to run on this machine use {run}")
 
 
 def destroy_parallel(ctx: ParallelContext | None = None) -> None:

@@ -15,6 +15,7 @@ from nvlcore.checkpoint import (
     CheckpointKeyError,
     CheckpointNotFoundError,
     OutputExistsError,
+    SaveOptions,
     StreamedState,
     TensorSpec,
     capture_rng_state,
@@ -142,14 +143,14 @@ def test_refuses_to_overwrite_unless_asked(tmp_path):
     with pytest.raises(OutputExistsError, match="iter_0000004 exists"):
         save_checkpoint(tmp_path, 4, model_state=_state(1))
     assert torch.equal(load_model_state(tmp_path)["a.weight"], _state(0)["a.weight"])
-    save_checkpoint(tmp_path, 4, model_state=_state(1), overwrite=True)
+    save_checkpoint(tmp_path, 4, model_state=_state(1), options=SaveOptions(overwrite=True))
     assert torch.equal(load_model_state(tmp_path)["a.weight"], _state(1)["a.weight"])
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
 
 
 def test_most_recent_k(tmp_path):
     for it in range(1, 6):
-        save_checkpoint(tmp_path, it, model_state=_state(it), most_recent_k=2)
+        save_checkpoint(tmp_path, it, model_state=_state(it), options=SaveOptions(most_recent_k=2))
     assert list_iterations(tmp_path) == [4, 5]
     assert read_tracker(tmp_path) == 5
 

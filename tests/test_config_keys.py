@@ -164,10 +164,11 @@ def test_fully_parallel_save_spreads_replicated_writes(tmp_path):
 def test_async_save_stages_a_copy_and_publishes_only_on_wait(tmp_path):
     import torch
 
-    from nvlcore.checkpoint import PendingSave, open_checkpoint, save_checkpoint
+    from nvlcore.checkpoint import PendingSave, SaveOptions, open_checkpoint, save_checkpoint
 
     w = torch.arange(12, dtype=torch.float32)
-    pending = save_checkpoint(tmp_path, 3, model_state={"w": w}, train_state={"iteration": 3}, async_write=True)
+    pending = save_checkpoint(tmp_path, 3, model_state={"w": w}, train_state={"iteration": 3},
+                              options=SaveOptions(async_write=True))
     assert isinstance(pending, PendingSave)
     w.add_(100.0)  # training goes on and changes the weights in place
     assert not (tmp_path / "iter_0000003").exists() and not (tmp_path / "latest_train_state.pt").exists()

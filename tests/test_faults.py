@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -204,6 +206,36 @@ def test_sigterm_of_the_launcher_exits_75_like_one_process(toy, tmp_path):
     assert (save / "latest_checkpointed_iteration.txt").is_file()
 
 
+@pytest.mark.slow
+def test_a_second_finetune_into_the_same_directory_is_refused_and_the_first_keeps_training(toy, tmp_path):
+    """Issue 27 item 2 with two real `nvl finetune` runs with two real `nvl finetune` runs: the second says who holds the directory in one
+    line and touches nothing; the first saves and stops normally; a rerun after it resumes."""
+    save = tmp_path / "run"
+    first = subprocess.Popen([sys.executable, "-m", "nvlcore", *finetune_args(toy, save)], stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True, env=ENV, stdin=subprocess.DEVNULL)
+    try:
+        wait_rows(first, save, 2)
+        before = sorted(p.name for p in save.iterdir())
+        second = subprocess.run([sys.executable, "-m", "nvlcore", *finetune_args(toy, save)], capture_output=True,
+                                text=True, env=ENV, timeout=300, stdin=subprocess.DEVNULL)
+        errors = [x for x in second.stderr.splitlines() if x.startswith("Error:")]
+        assert second.returncode == 1 and len(errors) == 1, second.stderr[-3000:]
+        assert f"is in use by another run: process {first.pid} on {socket.gethostname()}" in errors[0]
+        assert "Traceback" not in second.stderr and "RunDirectoryLocked" not in second.stderr
+        assert sorted(p.name for p in save.iterdir()) == before  # nothing removed or added
+        time.sleep(1)
+        assert first.poll() is None  # still training
+        first.send_signal(signal.SIGTERM)
+        output, _ = first.communicate(timeout=120)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert first.returncode == 75, output[-3000:]
+    latest = int((save / "latest_checkpointed_iteration.txt").read_text())
+    rows = [json.loads(x)["iteration"] for x in (save / "metrics.jsonl").read_text().splitlines()]
+    assert rows == sorted(set(rows)) and rows[-1] >= latest
+
+
 # -- a full disk (issue 17 item 7) ---------------------------------------------------------------------
 def _assert_previous_intact(root: Path) -> None:
     from nvlcore.checkpoint import open_checkpoint
@@ -280,19 +312,38 @@ def test_a_signal_during_a_checkpoint_save_removes_its_temp_dir_and_keeps_the_pr
 
 
 def test_a_save_killed_with_9_leaves_a_temp_dir_the_next_save_removes_saying_so(tmp_path, capfd):
+    """Only temp dirs whose owner is dead are leftovers; a live writer's save and an ownerless one are kept
+    (issue 27: a second run deleted the first run's live temp dir), the latter unless this run holds the lock."""
     import torch
 
-    from nvlcore.checkpoint import save_checkpoint
+    from nvlcore.checkpoint import RunLock, save_checkpoint
+    from nvlcore.checkpoint.atomic import temp_sibling
 
     root = tmp_path / "ck"
     state = {"w": torch.ones(3)}
     save_checkpoint(root, 1, model_state=state, train_state={"iteration": 1})
-    left = root / ".iter_0000002.tmp-save"
-    left.mkdir()
-    (left / "__0_0.distcp").write_bytes(b"half")
-    save_checkpoint(root, 2, model_state=state, train_state={"iteration": 2})
-    assert not left.exists() and (root / "iter_0000002").is_dir()
-    assert f"nvl: removed {left}, left by an interrupted checkpoint save" in capfd.readouterr().err
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        mine = temp_sibling(root / "iter_0000002")
+        left = mine.with_name(mine.name.replace(f"-{os.getpid()}-", f"-{int(dead.stdout)}-"))
+        busy = mine.with_name(mine.name.replace(f"-{os.getpid()}-", f"-{live.pid}-"))
+        legacy = root / ".iter_0000002.tmp-save"
+        for d in (left, busy, legacy):
+            d.mkdir()
+            (d / "__0_0.distcp").write_bytes(b"half")
+        save_checkpoint(root, 2, model_state=state, train_state={"iteration": 2})
+        assert not left.exists() and busy.is_dir() and legacy.is_dir() and (root / "iter_0000002").is_dir()
+        err = capfd.readouterr().err
+        assert f"nvl: removed {left}, left by process {dead.stdout.strip()} that no longer runs" in err
+        assert str(busy) not in err and str(legacy) not in err
+        with RunLock(root):
+            save_checkpoint(root, 3, model_state=state, train_state={"iteration": 3})
+        assert not legacy.exists() and busy.is_dir()
+        assert f"nvl: removed {legacy}, left by an interrupted checkpoint save" in capfd.readouterr().err
+    finally:
+        live.kill()
+        live.wait()
 
 
 @pytest.fixture

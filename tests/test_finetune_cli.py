@@ -233,3 +233,50 @@ def test_missing_mandatory_save_and_bad_inputs_fail_with_clear_messages(toy, tmp
     res = CliRunner().invoke(cli, ["finetune", "--hf-model-path", str(toy), "--pretrained-checkpoint", str(toy),
                                    "train.global_batch_sise=4"])
     assert res.exit_code == 2 and "global_batch_size" in res.output
+
+
+def run_nvl(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "nvlcore.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, env=ENV, stdin=subprocess.DEVNULL)
+
+
+def one_error_line(proc: subprocess.CompletedProcess) -> str:
+    """The one ``Error:`` line of a failed command; no traceback, no Python class name."""
+    errors = [x for x in proc.stderr.splitlines() if x.startswith("Error:")]
+    assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-4000:]
+    assert not any(f"{name}:" in errors[0] for name in ("ValueError", "RuntimeError", "ConfigError", "SampleError",
+                                                         "CheckpointCorruptError")), errors[0]
+    return errors[0]
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--lora-on-langauge-model"], "did you mean --lora-on-language-model?"),
+    (["checkpoint.save"], "override 'checkpoint.save' has no value"),
+    (["dataset.maker_kwargs", '{"path": "/x"'], "cannot parse value"),
+])
+def test_command_line_mistakes_are_one_line_and_exit_2(toy, args, expected):
+    """Issue 27 item 3: a misspelled flag, a bare key, an unterminated maker_kwargs: one line, exit 2."""
+    proc = run_nvl("finetune", "--hf-model-path", str(toy), "--pretrained-checkpoint", str(toy), *args)
+    assert proc.returncode == 2 and expected in one_error_line(proc)
+
+
+def test_a_recipe_tp_that_does_not_divide_the_processes_names_the_override_that_runs_here(toy, tmp_path):
+    proc = run_nvl("finetune", "--hf-model-path", str(toy), "--pretrained-checkpoint", str(toy),
+                   "model.tensor_model_parallel_size=4", f"checkpoint.save={tmp_path / 'run'}")
+    line = one_error_line(proc)
+    assert proc.returncode == 2 and "does not divide the number of processes (1)" in line
+    assert "model.tensor_model_parallel_size=1" in line and not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_a_sample_too_long_for_seq_length_is_one_line_naming_the_row_and_leaves_no_metrics(toy, tmp_path):
+    """The processor truncates as Megatron-Bridge does and refuses a sample whose supervised tokens would
+    all be cut: the DataLoader worker's traceback is not shown, nor an empty metrics.jsonl left."""
+    save = tmp_path / "run"
+    proc = run_nvl("finetune", "--hf-model-path", str(toy), "--pretrained-checkpoint", str(toy),
+                   "dataset.maker_name=synthetic_shapes", "model.seq_length=32", "dataset.seq_length=32",
+                   "train.global_batch_size=2", "train.micro_batch_size=1", "model.tensor_model_parallel_size=1",
+                   "train.train_iters=2", "scheduler.lr_warmup_iters=1", "dataset.num_workers=1", f"checkpoint.save={save}")
+    line = one_error_line(proc)
+    assert proc.returncode == 1 and "dataset split 'train', row " in line and "raise dataset.seq_length" in line
+    assert "Original Traceback" not in proc.stderr and not save.exists()

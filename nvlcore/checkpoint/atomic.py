@@ -104,6 +104,18 @@ def temp_sibling(final: Path, mark: str = TMP_MARK) -> Path:
 _OWNER_RE = re.compile(r"^(?P<host>.+)-(?P<pid>\d+)-[0-9a-f]{8}$")
 
 
+def temp_owner(name: str, mark: str) -> tuple[str, int] | None:
+    """``(host, pid)`` recorded in a :func:`temp_sibling` name (after ``mark``), or None for a name without one."""
+    _, sep, rest = name.partition(mark)
+    m = _OWNER_RE.match(rest) if sep else None
+    return None if m is None else (m["host"], int(m["pid"]))
+
+
+def this_host() -> str:
+    """This machine's name as :func:`temp_sibling` records it."""
+    return _host()
+
+
 def pid_alive(pid: int) -> bool:
     """Whether a process ``pid`` exists on this host."""
     try:

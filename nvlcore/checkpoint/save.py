@@ -3,7 +3,8 @@
 Protocol of :func:`save_checkpoint` (``group`` = the ranks that save together, the world by default):
 
 1. the coordinator (rank 0 of ``group``) refuses an existing ``iter_N`` unless ``overwrite``, removes
-   leftovers of crashed saves and creates ``<root>/.iter_N.tmp-save``; every rank learns the outcome;
+   leftovers of crashed saves (temp dirs whose owner is dead, see :func:`_clean_leftovers`) and creates
+   ``<root>/.iter_N.tmp-<host>-<pid>-<id>``; every rank learns the outcome and the temp dir's name;
 2. each rank writes its ``rank_state`` (RNG, ...) to ``rank_states/rank_<global rank>.pt``;
 3. ``torch.distributed.checkpoint.save`` writes the tensors: DTensor shards from the TP ranks that own
    them, plain tensors once (DCP deduplicates items with the same key and offset across ranks, so DP
@@ -363,15 +364,36 @@ def _remove_iteration_dir(path: Path) -> None:
 
 
 def _clean_leftovers(root: Path) -> None:
-    """Remove what an earlier save killed with SIGKILL (or a lost machine) left, saying so on stderr.
+    """Remove what saves killed with SIGKILL (or on a lost machine) left under ``root``, saying so on stderr.
 
-    Only one run saves into a checkpoint root at a time (the coordinator does this before its save), so
-    every ``.iter_N.tmp-*`` / ``.iter_N.old-*`` here is a leftover.
+    A temp dir ``.iter_N.tmp-<host>-<pid>-<id>`` (or ``.old-``) names the process that made it: one
+    of a process of this host that no longer runs is a leftover; one of a live process is another
+    writer's live save and is kept. Temps of other hosts, and those of older nvl versions that name no
+    owner (``.iter_N.tmp-save``), are removed only while this process holds the run directory's lock
+    (:mod:`nvlcore.checkpoint.lock`), which no live writer can hold at the same time.
     """
+    from nvlcore.checkpoint.atomic import pid_alive, temp_owner, this_host
+    from nvlcore.checkpoint.lock import holds_run_lock
+
+    locked, host = holds_run_lock(root), this_host()
     for child in root.iterdir():
-        if child.name.startswith(".iter_") and (TMP_MARK in child.name or OLD_MARK in child.name) and child.is_dir():
-            remove_tree(child)
-            print(f"nvl: removed {child}, left by an interrupted checkpoint save", file=sys.stderr)
+        name = child.name
+        mark = TMP_MARK if TMP_MARK in name else OLD_MARK if OLD_MARK in name else None
+        if not name.startswith(".iter_") or mark is None or not child.is_dir():
+            continue
+        owner = temp_owner(name, mark)
+        if owner is not None and owner[0] == host:
+            if owner[1] == os.getpid() or pid_alive(owner[1]):
+                continue
+            why = f"left by process {owner[1]} that no longer runs (an interrupted checkpoint save)"
+        elif not locked:
+            continue
+        elif owner is None:
+            why = "left by an interrupted checkpoint save"
+        else:
+            why = f"left by process {owner[1]} on {owner[0]} (an interrupted checkpoint save; this run holds the lock)"
+        remove_tree(child)
+        print(f"nvl: removed {child}, {why}", file=sys.stderr)
 
 
 def write_tracker(root: Path, iteration: int, train_state: Mapping[str, Any] | None = None) -> None:
@@ -394,6 +416,54 @@ def apply_most_recent_k(root: Path, k: int, *, keep: int | None = None) -> list[
     return doomed
 
 
+@dataclass(frozen=True)
+class SaveOptions:
+    """How :func:`save_checkpoint` writes a checkpoint (what it writes are its other arguments).
+
+    :param overwrite: replace an existing ``iter_N`` (otherwise :class:`OutputExistsError`).
+    :param most_recent_k: after the save, keep only the ``k`` newest iterations (``-1``: keep all).
+    :param update_tracker: point the tracker at this iteration (the default).
+    :param group: the ranks that save together (default: the world when torch.distributed is initialised).
+    :param single_file_per_rank: DCP layout; one file per rank (default) or one file per tensor
+        (forced for a :class:`StreamedState`: DCP holds every tensor of a file until the file closes).
+    :param thread_count: DCP writer threads per rank.
+    :param spread_replicated_writes: a tensor held by several ranks is written by one of them, chosen
+        to balance the bytes each rank writes (``checkpoint.fully_parallel_save``, the default); with
+        False always by the lowest rank that holds it.
+    :param async_write: write the tensors in the background (``checkpoint.async_save``): the tensors
+        are copied to host memory (DCP's staging) before the call returns, then written by a thread;
+        the call returns a :class:`PendingSave` whose ``wait()`` (collective, every rank at the same
+        point) finishes the save exactly as a synchronous one does: small states, manifest, rename,
+        trackers. Until then the iteration is a temp dir and the trackers point at the previous checkpoint.
+    :param async_group: the process group of the background writes: it must have a CPU backend (gloo)
+        and be used by nothing else meanwhile (default: ``group``; pass a dedicated gloo group when the
+        main thread runs collectives while the save is pending).
+    """
+
+    overwrite: bool = False
+    most_recent_k: int = -1
+    update_tracker: bool = True
+    group: Any = None
+    single_file_per_rank: bool | None = None
+    thread_count: int = 1
+    spread_replicated_writes: bool = True
+    async_write: bool = False
+    async_group: Any = None
+
+
+@dataclass(frozen=True)
+class CheckpointContent:
+    """What one save writes (the arguments of :func:`save_checkpoint` of the same names)."""
+
+    model_state: Mapping[str, "torch.Tensor"] | StreamedState | None
+    sharded_states: Mapping[str, Mapping[str, "torch.Tensor"]] | None = None
+    extra_state: Mapping[str, Any] | None = None
+    rank_state: Mapping[str, Any] | None = None
+    run_config: Mapping[str, Any] | None = None
+    train_state: Mapping[str, Any] | None = None
+    files: Mapping[str, str | os.PathLike[str]] | None = None
+
+
 def save_checkpoint(
     root: str | os.PathLike[str],
     iteration: int,
@@ -405,17 +475,9 @@ def save_checkpoint(
     run_config: Mapping[str, Any] | None = None,
     train_state: Mapping[str, Any] | None = None,
     files: Mapping[str, str | os.PathLike[str]] | None = None,
-    overwrite: bool = False,
-    most_recent_k: int = -1,
-    update_tracker: bool = True,
-    group: Any = None,
-    single_file_per_rank: bool | None = None,
-    thread_count: int = 1,
-    spread_replicated_writes: bool = True,
-    async_write: bool = False,
-    async_group: Any = None,
+    options: SaveOptions | None = None,
 ) -> "Path | PendingSave":
-    """Save one iteration under ``root``; collective over ``group`` when torch.distributed is initialized.
+    """Save one iteration under ``root``; collective over ``options.group`` when torch.distributed is initialized.
 
     :param model_state: logical tensors by name (the bridge's component keys). A plain tensor is the
         full tensor (identical on every rank that passes it); a DTensor (see :func:`shard_tensor`) is
@@ -429,79 +491,101 @@ def save_checkpoint(
     :param run_config: the resolved run config (``config_to_dict``), saved as ``run_config.yaml``.
     :param train_state: iteration counters etc. (``train_state.pt`` and the tracker ``latest_train_state.pt``).
     :param files: extra files or directories copied in, by name inside the iteration dir (``tokenizer``).
-    :param overwrite: replace an existing ``iter_N`` (otherwise :class:`OutputExistsError`).
-    :param most_recent_k: after the save, keep only the ``k`` newest iterations (``-1``: keep all).
-    :param update_tracker: point the tracker at this iteration (the default).
-    :param single_file_per_rank: DCP layout; one file per rank (default) or one file per tensor
-        (forced for a :class:`StreamedState`: DCP holds every tensor of a file until the file closes).
-    :param spread_replicated_writes: a tensor held by several ranks is written by one of them, chosen
-        to balance the bytes each rank writes (``checkpoint.fully_parallel_save``, the default); with
-        False always by the lowest rank that holds it.
-    :param async_write: write the tensors in the background (``checkpoint.async_save``): the tensors
-        are copied to host memory (DCP's staging) before this returns, then written by a thread; the
-        call returns a :class:`PendingSave` whose ``wait()`` (collective, every rank at the same point)
-        finishes the save exactly as a synchronous one does: small states, manifest, rename, trackers.
-        Until then the iteration is a temp dir and the trackers point at the previous checkpoint.
-    :param async_group: the process group of the background writes: it must have a CPU backend (gloo)
-        and be used by nothing else meanwhile (default: ``group``; pass a dedicated gloo group when the
-        main thread runs collectives while the save is pending).
-    :returns: the ``iter_N`` directory, or a :class:`PendingSave` with ``async_write``.
+    :param options: how to write (:class:`SaveOptions`: overwrite, most_recent_k, async_write, ...).
+    :returns: the ``iter_N`` directory, or a :class:`PendingSave` with ``options.async_write``.
     """
-    import torch.distributed.checkpoint as dcp
-    import yaml
-    from torch.distributed.checkpoint import FileSystemWriter
+    content = CheckpointContent(model_state, sharded_states, extra_state, rank_state, run_config, train_state, files)
+    return _Save(root, iteration, content, options or SaveOptions()).run()
 
-    root = Path(root).expanduser().absolute()
-    dist_on, grank, _gsize, global_rank = _dist_state(group)
-    coordinator = grank == 0
-    final = root / iter_dir_name(iteration)
-    tmp = root / f".{final.name}{TMP_MARK}save"
 
-    err: BaseException | None = None
-    if coordinator:
+class _Save:
+    """One call of :func:`save_checkpoint`, its steps as methods (the module docstring's protocol)."""
+
+    def __init__(self, root: str | os.PathLike[str], iteration: int, content: CheckpointContent,
+                 opts: SaveOptions) -> None:
+        self.root = Path(root).expanduser().absolute()
+        self.iteration, self.content, self.opts = iteration, content, opts
+        self.dist_on, grank, self.group_size, self.global_rank = _dist_state(opts.group)
+        self.coordinator = grank == 0
+        self.final = self.root / iter_dir_name(iteration)
+        self.tmp: Path | None = None
+        self.need = 0  # bytes of tensors, for the no-space line
+
+    def run(self) -> "Path | PendingSave":
+        self.prepare()
         try:
-            root.mkdir(parents=True, exist_ok=True)
-            if final.exists() and not overwrite:
-                raise OutputExistsError(
-                    f"checkpoint {final} exists; pass overwrite=True (--overwrite / checkpoint.overwrite) to replace it"
-                )
-            _clean_leftovers(root)
-            tmp.mkdir()
-        except BaseException as exc:
-            err = exc
-    _agree(err, group, dist_on, "preparation")
+            state, stream = _flatten_states(self.content.model_state, self.content.sharded_states)
+            if stream is not None and self.dist_on:
+                raise ValueError("a StreamedState model_state is for single-process saves (imports)")
+            self.need = _state_nbytes(state)
+            self.write_rank_state()
+            future = self.write_tensors(state, stream)
+        except BaseException:
+            self.discard()
+            raise
+        if future is not None:
+            return PendingSave(self.final, lambda: self.finish(future))
+        return self.finish(None)
 
-    need = 0
+    def agree(self, error: BaseException | None, what: str) -> None:
+        _agree(error, self.opts.group, self.dist_on, what)
 
-    def no_space(exc: BaseException) -> BaseException:
+    def no_space(self, exc: BaseException) -> BaseException:
         if isinstance(exc, NoSpaceError) or not is_no_space(exc):
             return exc
-        return NoSpaceError(no_space_message(root, iteration, need))
+        return NoSpaceError(no_space_message(self.root, self.iteration, self.need))
 
-    try:
-        state, stream = _flatten_states(model_state, sharded_states)
-        if stream is not None and dist_on:
-            raise ValueError("a StreamedState model_state is for single-process saves (imports)")
-        need = _state_nbytes(state)
+    def discard(self) -> None:
+        if self.coordinator:
+            if self.tmp is not None:
+                remove_tree(self.tmp)
+            interrupt.note_discarded(self.final)
+
+    def prepare(self) -> None:
+        """Coordinator: refuse an existing ``iter_N``, clean dead saves' leftovers, make the temp dir."""
+        err: BaseException | None = None
+        name = None
+        if self.coordinator:
+            try:
+                self.root.mkdir(parents=True, exist_ok=True)
+                if self.final.exists() and not self.opts.overwrite:
+                    raise OutputExistsError(f"checkpoint {self.final} exists; pass overwrite=True "
+                                            "(--overwrite / checkpoint.overwrite) to replace it")
+                _clean_leftovers(self.root)
+                tmp = temp_sibling(self.final, TMP_MARK)  # names its owner: only a dead owner's is a leftover
+                tmp.mkdir()
+                name = tmp.name
+            except BaseException as exc:
+                err = exc
+        self.agree(err, "preparation")
+        self.tmp = self.root / _from_coordinator(name, self.opts.group, self.dist_on)
+
+    def write_rank_state(self) -> None:
+        assert self.tmp is not None
         err = None
         try:
-            if rank_state is not None:
-                (tmp / RANK_STATES_DIR).mkdir(exist_ok=True)
-                atomic_torch_save(tmp / RANK_STATES_DIR / f"rank_{global_rank:05d}.pt", dict(rank_state))
+            if self.content.rank_state is not None:
+                (self.tmp / RANK_STATES_DIR).mkdir(exist_ok=True)
+                atomic_torch_save(self.tmp / RANK_STATES_DIR / f"rank_{self.global_rank:05d}.pt",
+                                  dict(self.content.rank_state))
         except BaseException as exc:
-            err = no_space(exc)
-        _agree(err, group, dist_on, "rank_state writes")
+            err = self.no_space(exc)
+        self.agree(err, "rank_state writes")
 
-        one_file = single_file_per_rank if single_file_per_rank is not None else stream is None
-        if stream is not None:
-            one_file = False
+    def write_tensors(self, state: dict[str, Any], stream: StreamedState | None) -> Any:
+        """DCP writes the tensors now, or starts writing them in the background (returns its future)."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint import FileSystemWriter
+
+        o = self.opts
+        one_file = o.single_file_per_rank if o.single_file_per_rank is not None else stream is None
         # Durability before the rename: a multi-rank save lets DCP fsync each file on the rank that
         # wrote it; a single process (imports: one file per tensor) fsyncs all files once at the end,
         # which lets the kernel write back in bulk instead of stalling on every file.
-        writer = FileSystemWriter(str(tmp), single_file_per_rank=one_file, thread_count=thread_count,
-                                  sync_files=dist_on)
-        planner = _make_planner(stream, spread=spread_replicated_writes)
-        if async_write:
+        writer = FileSystemWriter(str(self.tmp), single_file_per_rank=one_file and stream is None,
+                                  thread_count=o.thread_count, sync_files=self.dist_on)
+        planner = _make_planner(stream, spread=o.spread_replicated_writes)
+        if o.async_write:
             if stream is not None:
                 raise ValueError("a StreamedState model_state cannot be saved asynchronously")
             # the background thread runs after quiet_dcp() has restored the filters: silence DCP's
@@ -509,36 +593,35 @@ def save_checkpoint(
             warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
             with quiet_dcp():
                 future = dcp.async_save(state, storage_writer=writer, planner=planner,
-                                        process_group=async_group if async_group is not None else group,
-                                        no_dist=not dist_on)
-            future = getattr(future, "upload_completion", future)  # an AsyncSaveResponse holds two futures
-        else:
-            future = None
-            try:
-                with quiet_dcp():
-                    dcp.save(state, storage_writer=writer, planner=planner, process_group=group, no_dist=not dist_on)
-            except (KeyboardInterrupt, SystemExit):
-                raise
-            except BaseException as exc:  # DCP's CheckpointException derives from BaseException
-                original = getattr(planner, "error", None)
-                if original is not None:
-                    raise original from None
-                for failure in _dcp_failures(exc):  # DCP wraps even a Ctrl-C / SIGTERM of a rank: unwrap it
-                    if isinstance(failure, KeyboardInterrupt):
-                        raise failure from None
-                if is_no_space(exc):
-                    # every rank got DCP's gathered failure; rank 0's figures make the line the same everywhere
-                    _agree(NoSpaceError(no_space_message(root, iteration, need)), group, dist_on, "the tensor writes")
-                causes = "; ".join(f"{type(f).__name__}: {(str(f).strip().splitlines() or [''])[0][:200]}"
-                                   for f in _dcp_failures(exc)) or str(exc).strip().splitlines()[0]
-                raise CheckpointSaveError(f"writing the tensors of {final.name} failed: {causes}") from exc
-    except BaseException:
-        if coordinator:
-            remove_tree(tmp)
-            interrupt.note_discarded(final)
-        raise
+                                        process_group=o.async_group if o.async_group is not None else o.group,
+                                        no_dist=not self.dist_on)
+            return getattr(future, "upload_completion", future)  # an AsyncSaveResponse holds two futures
+        try:
+            with quiet_dcp():
+                dcp.save(state, storage_writer=writer, planner=planner, process_group=o.group, no_dist=not self.dist_on)
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as exc:  # DCP's CheckpointException derives from BaseException
+            self.raise_write_failure(exc, planner)
+        return None
 
-    def finish() -> Path:
+    def raise_write_failure(self, exc: BaseException, planner: Any) -> None:
+        """One error for a failed ``dcp.save``: the producer's own, a Ctrl-C, no space, or the ranks' causes."""
+        original = getattr(planner, "error", None)
+        if original is not None:
+            raise original from None
+        for failure in _dcp_failures(exc):  # DCP wraps even a Ctrl-C / SIGTERM of a rank: unwrap it
+            if isinstance(failure, KeyboardInterrupt):
+                raise failure from None
+        if is_no_space(exc):
+            # every rank got DCP's gathered failure; rank 0's figures make the line the same everywhere
+            self.agree(NoSpaceError(no_space_message(self.root, self.iteration, self.need)), "the tensor writes")
+        causes = "; ".join(f"{type(f).__name__}: {(str(f).strip().splitlines() or [''])[0][:200]}"
+                           for f in _dcp_failures(exc)) or str(exc).strip().splitlines()[0]
+        raise CheckpointSaveError(f"writing the tensors of {self.final.name} failed: {causes}") from exc
+
+    def finish(self, future: Any) -> Path:
+        """Wait for background writes (if any), then publish; on failure the temp dir goes."""
         try:
             if future is not None:
                 err: BaseException | None = None
@@ -547,61 +630,79 @@ def save_checkpoint(
                 except (KeyboardInterrupt, SystemExit):
                     raise
                 except BaseException as exc:
-                    err = (NoSpaceError(no_space_message(root, iteration, need)) if is_no_space(exc) else
-                           CheckpointSaveError(f"writing the tensors of {final.name} failed: {exc}"))
-                _agree(err, group, dist_on, "background tensor writes")
-            _finalize()
+                    err = (NoSpaceError(no_space_message(self.root, self.iteration, self.need))
+                           if is_no_space(exc) else
+                           CheckpointSaveError(f"writing the tensors of {self.final.name} failed: {exc}"))
+                self.agree(err, "background tensor writes")
+            self.finalize()
         except BaseException:
-            if coordinator:
-                remove_tree(tmp)
-                interrupt.note_discarded(final)
+            self.discard()
             raise
-        return final
+        return self.final
 
-    def _finalize() -> None:
-        if not dist_on:
-            _fsync_tree(tmp)
+    def finalize(self) -> None:
+        """Coordinator: small states and manifest, rename to ``iter_N``, trackers, ``most_recent_k``."""
+        assert self.tmp is not None
+        if not self.dist_on:
+            _fsync_tree(self.tmp)
         err = None
-        if coordinator:
+        if self.coordinator:
             try:
-                if not (tmp / DCP_METADATA).is_file():
-                    raise CheckpointSaveError(f"DCP wrote no {DCP_METADATA} in {tmp}")
-                if extra_state is not None:
-                    atomic_torch_save(tmp / EXTRA_STATE, dict(extra_state))
-                ts = dict(train_state or {})
-                ts.setdefault("iteration", iteration)
-                atomic_torch_save(tmp / TRAIN_STATE, ts)
-                if run_config is not None:
-                    atomic_write_text(tmp / RUN_CONFIG, yaml.safe_dump(_plain(run_config), sort_keys=False))
-                for name, src in (files or {}).items():
-                    _copy_into(Path(src), tmp / name)
-                manifest = {
-                    "format": FORMAT_NAME,
-                    "version": FORMAT_VERSION,
-                    "iteration": iteration,
-                    "saved_world_size": _gsize,
-                    "sharded_states": sorted((sharded_states or {}).keys()),
-                    "extra_state": extra_state is not None,
-                    "rank_states": sorted(p.name for p in (tmp / RANK_STATES_DIR).glob("rank_*.pt")),
-                    "files": sorted((files or {}).keys()),
-                    "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                }
-                atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=1) + "\n")
-                publish_dir(tmp, final, overwrite=overwrite)
-                if update_tracker:
-                    write_tracker(root, iteration, ts)
-                    apply_most_recent_k(root, most_recent_k, keep=iteration)
+                ts = self.write_small_states()
+                publish_dir(self.tmp, self.final, overwrite=self.opts.overwrite)
+                if self.opts.update_tracker:
+                    write_tracker(self.root, self.iteration, ts)
+                    apply_most_recent_k(self.root, self.opts.most_recent_k, keep=self.iteration)
             except BaseException as exc:
-                err = no_space(exc)
-        _agree(err, group, dist_on, "finalization")
+                err = self.no_space(exc)
+        self.agree(err, "finalization")
 
-    if future is not None:
-        return PendingSave(final, finish)
-    return finish()
+    def write_small_states(self) -> dict[str, Any]:
+        """``extra_state.pt``, ``train_state.pt``, ``run_config.yaml``, copied files, the manifest; returns the train state."""
+        import yaml
+
+        tmp, c = self.tmp, self.content
+        assert tmp is not None
+        if not (tmp / DCP_METADATA).is_file():
+            raise CheckpointSaveError(f"DCP wrote no {DCP_METADATA} in {tmp}")
+        if c.extra_state is not None:
+            atomic_torch_save(tmp / EXTRA_STATE, dict(c.extra_state))
+        ts = dict(c.train_state or {})
+        ts.setdefault("iteration", self.iteration)
+        atomic_torch_save(tmp / TRAIN_STATE, ts)
+        if c.run_config is not None:
+            atomic_write_text(tmp / RUN_CONFIG, yaml.safe_dump(_plain(c.run_config), sort_keys=False))
+        for name, src in (c.files or {}).items():
+            _copy_into(Path(src), tmp / name)
+        manifest = {
+            "format": FORMAT_NAME,
+            "version": FORMAT_VERSION,
+            "iteration": self.iteration,
+            "saved_world_size": self.group_size,
+            "sharded_states": sorted((c.sharded_states or {}).keys()),
+            "extra_state": c.extra_state is not None,
+            "rank_states": sorted(p.name for p in (tmp / RANK_STATES_DIR).glob("rank_*.pt")),
+            "files": sorted((c.files or {}).keys()),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=1) + "\n")
+        return ts
+
+
+def _from_coordinator(value: Any, group: Any, dist_on: bool) -> Any:
+    """The coordinator's ``value`` on every rank of ``group``."""
+    if not dist_on:
+        return value
+    import torch.distributed as dist
+
+    box = [value]
+    src = dist.get_global_rank(group if group is not None else dist.group.WORLD, 0)
+    dist.broadcast_object_list(box, src=src, group=group)
+    return box[0]
 
 
 class PendingSave:
-    """A save whose tensors are being written in the background (``save_checkpoint(async_write=True)``).
+    """A save whose tensors are being written in the background (``SaveOptions(async_write=True)``).
 
     :meth:`wait` is collective: every rank calls it at the same point of its program (the next save,
     the end of training); it raises if any rank's write failed, leaving the previous checkpoint the

@@ -117,5 +117,7 @@ def export_command(
 
         if global_flag("debug"):  # nvl --debug export ...: the full traceback
             raise
-        raise click.ClickException(f"{type(exc).__name__}: {exc}") from None
+        from nvlcore.cli.errors import one_line
+
+        raise click.ClickException(one_line(exc)) from None
     click.echo(f"wrote {written}")

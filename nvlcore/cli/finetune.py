@@ -66,7 +66,11 @@ def compose_config(
     from nvlcore.cli.plugin_options import ConfigRequest
     from nvlcore.config import ConfigError, Override, load_config, parse_overrides
 
-    parsed = parse_overrides(list(overrides))
+    try:
+        parsed = parse_overrides(list(overrides))
+    except ConfigError as exc:
+        hint = _option_hint(overrides)
+        raise click.UsageError(f"{exc}{hint}" if hint else f"config: {exc}") from None
     given = {o.key: o.value for o in parsed}
     hf = hf_model_path or given.get("model.hf_model_path")
     bridge = _resolve(manager, hf, given.get("model.bridge"))
@@ -91,6 +95,21 @@ def compose_config(
         return load_config(files, [*parsed, *extra], base=base, plugins=manager), files
     except ConfigError as exc:
         raise click.UsageError(f"config: {exc}") from None
+
+
+def _option_hint(tokens: Sequence[str]) -> str:
+    """``; did you mean --hf-model-path?`` for the first ``--option`` the command does not know."""
+    from nvlcore.config.structure import suggest
+
+    ctx = click.get_current_context(silent=True)
+    if ctx is None:
+        return ""
+    known = [o for p in ctx.command.get_params(ctx) if isinstance(p, click.Option) for o in (*p.opts, *p.secondary_opts)]
+    for token in tokens:
+        if token.startswith("--"):
+            close = suggest(token.split("=", 1)[0], known)
+            return f"; did you mean {close}?" if close else f"; `nvl {ctx.command_path.split(' ', 1)[-1]} --help` lists the options"
+    return ""
 
 
 LAUNCH_OPTIONS = ("nproc_per_node", "nnodes", "node_rank", "rdzv_endpoint", "rdzv_backend", "rdzv_id",
@@ -125,6 +144,31 @@ def _latest_saved(save: str | None) -> tuple[int | None, float | None]:
         return None, None
 
 
+def _launch_workers(params: Mapping[str, Any], module_args: list[str], *, save: str | None) -> None:
+    """``--nproc-per-node N``: start N workers through torchrun's library and wait; their status is ours."""
+    from nvlcore.interrupt import EXIT_STOPPED_EARLY
+    from nvlcore.parallel import build_launch_args, launch
+
+    nproc = params["nproc_per_node"]
+    multi = {k: params[k] for k in LAUNCH_OPTIONS if k != "nproc_per_node" and params[k] is not None}
+    args = build_launch_args(
+        nproc_per_node=nproc, module=MODULE, module_args=module_args,
+        nnodes=str(params["nnodes"] or "1"), node_rank=params["node_rank"],
+        rdzv_endpoint=params["rdzv_endpoint"], rdzv_backend=params["rdzv_backend"], rdzv_id=params["rdzv_id"],
+        master_addr=params["master_addr"], master_port=params["master_port"],
+    )
+    click.echo(f"nvl finetune: starting {nproc} worker(s) on this machine"
+               + (f" ({', '.join(f'{k}={v}' for k, v in multi.items())})" if multi else ""), err=True)
+    before = _latest_saved(save)
+    code = launch(args)
+    if code in (128 + signal.SIGINT, 128 + signal.SIGTERM) and _latest_saved(save) != before:
+        # the workers were told to stop and saved a checkpoint: the same status as one process
+        click.echo(f"nvl finetune: stopped early; checkpoint saved (exit status {EXIT_STOPPED_EARLY})", err=True)
+        code = EXIT_STOPPED_EARLY
+    if code:
+        raise SystemExit(code)
+
+
 @click.command("finetune", cls=PluginOptionsCommand,
                context_settings={**CONFIG_CONTEXT_SETTINGS, "help_option_names": ["-h", "--help"]})
 @model_options(help="HF model (config.json, tokenizer); selects the model bridge.")
@@ -154,8 +198,7 @@ def finetune_command(**params: Any) -> None:
         nvl finetune --hf-model-path HF --pretrained-checkpoint CKPT checkpoint.save=out dataset.maker_name=raven
     """
     from nvlcore.config import ConfigError, config_to_yaml, resolve_config
-    from nvlcore.interrupt import EXIT_STOPPED_EARLY
-    from nvlcore.parallel import build_launch_args, die_with_parent, launch, launched_by_torchrun
+    from nvlcore.parallel import die_with_parent, launched_by_torchrun
     from nvlcore.cli import current_plugin_manager
 
     from nvlcore.cli import global_flag
@@ -187,32 +230,18 @@ def finetune_command(**params: Any) -> None:
         raise click.UsageError("--pretrained-checkpoint DIR is required (a Megatron checkpoint or an HF directory)")
     from nvlcore.training.preflight import config_problems
 
-    world = None
+    world = None  # the process count, where this process can know it before any worker starts
     if params["nproc_per_node"] is not None and str(params["nnodes"] or "1") == "1":
         world = params["nproc_per_node"]
+    elif params["nproc_per_node"] is None and not launched_by_torchrun():
+        world = 1
     problems = config_problems(cfg, manager, world_size=world)
     if problems:  # before any worker starts or any model is built
         raise click.UsageError("config: " + "; ".join(problems))
 
     nproc = params["nproc_per_node"]
     if nproc is not None and not launched_by_torchrun():
-        multi = {k: params[k] for k in LAUNCH_OPTIONS if k != "nproc_per_node" and params[k] is not None}
-        args = build_launch_args(
-            nproc_per_node=nproc, module=MODULE, module_args=_child_argv(params, overrides, command.plugin_argv(ctx)),
-            nnodes=str(params["nnodes"] or "1"), node_rank=params["node_rank"],
-            rdzv_endpoint=params["rdzv_endpoint"], rdzv_backend=params["rdzv_backend"], rdzv_id=params["rdzv_id"],
-            master_addr=params["master_addr"], master_port=params["master_port"],
-        )
-        click.echo(f"nvl finetune: starting {nproc} worker(s) on this machine"
-                   + (f" ({', '.join(f'{k}={v}' for k, v in multi.items())})" if multi else ""), err=True)
-        before = _latest_saved(cfg.checkpoint.save)
-        code = launch(args)
-        if code in (128 + signal.SIGINT, 128 + signal.SIGTERM) and _latest_saved(cfg.checkpoint.save) != before:
-            # the workers were told to stop and saved a checkpoint: the same status as one process
-            click.echo(f"nvl finetune: stopped early; checkpoint saved (exit status {EXIT_STOPPED_EARLY})", err=True)
-            code = EXIT_STOPPED_EARLY
-        if code:
-            raise SystemExit(code)
+        _launch_workers(params, _child_argv(params, overrides, command.plugin_argv(ctx)), save=cfg.checkpoint.save)
         return
     if launched_by_torchrun():
         die_with_parent()  # a kill -9 of the launcher must not leave this worker training
@@ -233,19 +262,21 @@ def finetune_command(**params: Any) -> None:
     except Exception as exc:
         if params["debug"]:
             raise
+        from nvlcore.checkpoint import RunDirectoryLocked
         from nvlcore.checkpoint.save import NoSpaceError
 
+        from nvlcore.cli.errors import one_line
         from nvlcore.training.memory import MemoryPlanError
         from nvlcore.training.oom import describe, fitting_options, is_out_of_memory
 
-        if isinstance(exc, (NoSpaceError, MemoryPlanError)):  # the same line from every rank
+        if isinstance(exc, (NoSpaceError, RunDirectoryLocked, MemoryPlanError)):  # the same line from every rank
             raise click.ClickException(str(exc)) from exc
         rank = os.environ.get("RANK")
-        where = f"rank {rank}: " if rank is not None else ""
+        where = f"rank {rank}: " if rank is not None and os.environ.get("WORLD_SIZE", "1") != "1" else ""
         if is_out_of_memory(exc):  # also NCCL's "Failed to CUDA calloc": not a communication failure
             hint = fitting_options(cfg, world_size=int(os.environ.get("WORLD_SIZE", "1")))
             raise click.ClickException(f"{where}{describe(exc, hint=hint)} (--debug shows the traceback)") from exc
-        raise click.ClickException(f"{where}{type(exc).__name__}: {exc} (--debug shows the traceback)") from exc
+        raise click.ClickException(f"{where}{one_line(exc)} (--debug shows the traceback)") from exc
 
 
 def main(argv: list[str] | None = None) -> Any:

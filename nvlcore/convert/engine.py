@@ -473,6 +473,46 @@ def _source_inventory(hf_model: Path, ck_path: Path) -> tuple[SafetensorsReader 
         return None, specs
 
 
+def _export_sources(groups: list[ConversionGroup], ck_specs: Mapping[str, Any], reader: Any, *, ck_path: Path,
+                    hf_model: Path, strict: bool) -> tuple[list[tuple[ConversionGroup, str]], list[str]]:
+    """Where each group's tensors come from (``"checkpoint"``, or ``"hf"`` for carried HF-only tensors) and the
+    HF keys skipped; a tensor that cannot be produced, or a checkpoint tensor nothing uses, fails ``strict``."""
+    use: list[tuple[ConversionGroup, str]] = []
+    missing: list[tuple[ConversionGroup, list[str]]] = []
+    for g in groups:
+        absent = [k for k in g.checkpoint_keys if k not in ck_specs]
+        if not absent:
+            use.append((g, "checkpoint"))
+        elif g.carried and reader is not None:
+            use.append((g, "hf"))  # HF-only tensors a trainer's checkpoint does not hold
+        else:
+            missing.append((g, absent))
+    consumed = {k for g in groups for k in g.checkpoint_keys}
+    unused = [k for k in ck_specs if k not in consumed]
+    skipped: list[str] = []
+    if missing:
+        miss_hf = [k for g, _ in missing for k in g.hf_keys]
+        miss_ck = [k for _, a in missing for k in a]
+        msg = (
+            f"{len(miss_hf)} tensor(s) of the source HF checkpoint cannot be produced from {ck_path}: "
+            f"{miss_hf[:5]} (checkpoint lacks {miss_ck[:5]})"
+        )
+        if strict:
+            raise ConversionError(msg + "; nothing was written. Pass --not-strict to export without them.")
+        _warn(msg + "; skipped (--not-strict)")
+        skipped = miss_hf
+    if unused:
+        msg = (
+            f"{len(unused)} checkpoint tensor(s) map to no HF tensor of {hf_model}: {unused[:5]} "
+            "(a different model, or unmerged adapters?)"
+        )
+        if strict:
+            raise ConversionError(msg + "; nothing was written. Pass --not-strict to ignore them.")
+        _warn(msg + "; ignored (--not-strict)")
+
+    return use, skipped
+
+
 def export_hf_checkpoint(
     bridge: Any,
     hf_model: str | os.PathLike[str],
@@ -508,38 +548,7 @@ def export_hf_checkpoint(
     _check_coverage(groups, list(src_specs), name)
     ck_specs = ck.specs()
 
-    use: list[tuple[ConversionGroup, str]] = []
-    missing: list[tuple[ConversionGroup, list[str]]] = []
-    for g in groups:
-        absent = [k for k in g.checkpoint_keys if k not in ck_specs]
-        if not absent:
-            use.append((g, "checkpoint"))
-        elif g.carried and reader is not None:
-            use.append((g, "hf"))  # HF-only tensors a trainer's checkpoint does not hold
-        else:
-            missing.append((g, absent))
-    consumed = {k for g in groups for k in g.checkpoint_keys}
-    unused = [k for k in ck_specs if k not in consumed]
-    skipped: list[str] = []
-    if missing:
-        miss_hf = [k for g, _ in missing for k in g.hf_keys]
-        miss_ck = [k for _, a in missing for k in a]
-        msg = (
-            f"{len(miss_hf)} tensor(s) of the source HF checkpoint cannot be produced from {ck.path}: "
-            f"{miss_hf[:5]} (checkpoint lacks {miss_ck[:5]})"
-        )
-        if strict:
-            raise ConversionError(msg + "; nothing was written. Pass --not-strict to export without them.")
-        _warn(msg + "; skipped (--not-strict)")
-        skipped = miss_hf
-    if unused:
-        msg = (
-            f"{len(unused)} checkpoint tensor(s) map to no HF tensor of {hf_model}: {unused[:5]} "
-            "(a different model, or unmerged adapters?)"
-        )
-        if strict:
-            raise ConversionError(msg + "; nothing was written. Pass --not-strict to ignore them.")
-        _warn(msg + "; ignored (--not-strict)")
+    use, skipped = _export_sources(groups, ck_specs, reader, ck_path=ck.path, hf_model=hf_model, strict=strict)
 
     # dtype plan: the model's own tensors get one export dtype; others keep the source's dtype
     src_main = main_dtype(config, src_specs)

@@ -1,7 +1,8 @@
-"""``run_finetune``: from a resolved config to a trained checkpoint (what ``nvl finetune`` runs in each process).
+"""``nvl finetune`` in each process: :class:`FinetuneRecipe`, from a resolved config to a trained checkpoint.
 
-Order (architecture.md §5): process groups -> bridge -> model -> pretrained weights (Megatron
-checkpoint or HF directory) -> freeze flags -> PEFT -> optimizer -> resume -> data -> loggers -> loop.
+Order (architecture.md §6): preflight -> process groups -> the run directory's lock -> resume decision ->
+bridge -> model -> starting weights (Megatron checkpoint or HF directory) -> freeze flags -> PEFT ->
+optimizer -> resume -> data -> loggers -> loop -> test split. :func:`run_finetune` is the recipe's ``run()``.
 """
 
 from __future__ import annotations
@@ -238,8 +239,9 @@ class DataPipeline:
 
 def build_data(cfg: "NvlConfig", bridge: Any, manager: Any, ctx: "ParallelContext", *, consumed_samples: int,
                print_fn: Callable[[str], None], packing_positions: Sequence[Sequence[int]] | None = None) -> DataPipeline:
+    """The training batches from ``consumed_samples`` (or the packed position), and the validation and test splits."""
     from nvlcore.training.data import GlobalBatchSampler, ProcessedDataset, build_loader
-    from nvlcore.training.packing import PackedBatches, build_packed_loader, packing_mode
+    from nvlcore.training.packing import packing_mode
 
     ds = cfg.dataset
     maker = manager.registry("dataset_maker").get(ds.maker_name)
@@ -254,48 +256,79 @@ def build_data(cfg: "NvlConfig", bridge: Any, manager: Any, ctx: "ParallelContex
         seed=cfg.rng.seed, consumed_samples=consumed_samples, shuffle=ds.dataloader_type == "cyclic",
     )
     pin = ds.pin_memory and ctx.device.type == "cuda"
-    mode = packing_mode(cfg)
     packing_position = None
-    if mode == "none":
+    if packing_mode(cfg) == "none":
         train_batches: Any = iter(build_loader(ProcessedDataset(made, processor, seed=cfg.rng.seed, split="train"),
                                                sampler, processor.collate, num_workers=ds.num_workers, pin_memory=pin,
                                                persistent_workers=ds.persistent_workers))
     else:
-        collate_packed = getattr(processor, "collate_packed", None)
-        if collate_packed is None:
-            raise ValueError(f"dataset.packing={mode}: the model bridge's processor has no collate_packed(); "
-                             "this model cannot train on packed sequences")
-        start = None
-        if packing_positions is None and consumed_samples:
-            print_fn("nvl finetune: the resumed checkpoint holds no packed data position (it was not a packed run); "
-                     "packing starts from the beginning of the sample stream")
-        if packing_positions is not None:
-            if len(packing_positions) != ctx.dp_size:
-                raise ValueError(
-                    f"dataset.packing: the checkpoint's data position was saved by {len(packing_positions)} data-parallel "
-                    f"rank(s), this run has {ctx.dp_size}; a packed run resumes at the same data-parallel size"
-                )
-            start = (int(packing_positions[ctx.dp_rank][0]), int(packing_positions[ctx.dp_rank][1]))
-        order = GlobalBatchSampler(num_samples=len(made), global_batch_size=1, micro_batch_size=1, seed=cfg.rng.seed,
-                                   shuffle=ds.dataloader_type == "cyclic")
-        loader = build_packed_loader(
-            ProcessedDataset(made, processor, seed=cfg.rng.seed, split="train"), order.index_at,
-            window=ds.packing_buffer_size, capacity=seq_length, mode=mode, dp_rank=ctx.dp_rank, dp_size=ctx.dp_size,
-            start_window=None if start is None else start[0], num_workers=ds.num_workers,
-        )
-        # Two iterations of micro-batches made ahead in a thread: collation, pinning and a window's
-        # hand-over overlap the GPU's work instead of stalling the step that crosses a window.
-        train_batches = PackedBatches(iter(loader), collate_packed, micro_batch_size=cfg.train.micro_batch_size,
-                                      dp_rank=ctx.dp_rank, dp_size=ctx.dp_size, start=start, pin_memory=pin,
-                                      prefetch=2 * sampler.num_microbatches, device=ctx.device)
+        train_batches = _packed_batches(cfg, made, processor, ctx, consumed_samples=consumed_samples, pin=pin,
+                                        num_microbatches=sampler.num_microbatches, print_fn=print_fn,
+                                        packing_positions=packing_positions)
         packing_position = lambda: train_batches.position  # noqa: E731
-        print_fn(f"nvl finetune: packing ({mode}) samples into rows of {seq_length} tokens over windows of "
-                 f"{ds.packing_buffer_size} samples; a micro-batch is {cfg.train.micro_batch_size} packed row(s)")
-    splits = tuple(getattr(maker, "splits", ()) or ())
+    splits = _EvalSplits(cfg, maker, processor, ctx, pin=pin)
+    factory, note = splits.validation()
+    test_factory, test_note = splits.test()
+    return DataPipeline(train_batches, len(made), factory, note, sampler.num_microbatches, test_factory, test_note,
+                        packing_position)
 
-    def eval_factory(split: str, extra_kwargs: Mapping[str, Any]) -> tuple[Callable[[], Any], int]:
-        made_split = maker(split=split, **{**dict(ds.maker_kwargs), **dict(extra_kwargs)})
-        split_ds = ProcessedDataset(made_split, processor, seed=cfg.rng.seed, split=split)
+
+def _packed_batches(cfg: "NvlConfig", made: Any, processor: Any, ctx: "ParallelContext", *, consumed_samples: int,
+                    pin: bool, num_microbatches: int, print_fn: Callable[[str], None],
+                    packing_positions: Sequence[Sequence[int]] | None) -> Any:
+    """``dataset.packing``: windows packed in the workers, micro-batches of packed rows made ahead in a thread."""
+    from nvlcore.training.data import GlobalBatchSampler, ProcessedDataset
+    from nvlcore.training.packing import PackedBatches, build_packed_loader, packing_mode
+
+    ds = cfg.dataset  # one name per line: tests/test_config_conformance.py reads aliases
+    mode = packing_mode(cfg)
+    seq_length = ds.seq_length or cfg.model.seq_length
+    collate_packed = getattr(processor, "collate_packed", None)
+    if collate_packed is None:
+        raise ValueError(f"dataset.packing={mode}: the model bridge's processor has no collate_packed(); "
+                         "this model cannot train on packed sequences")
+    start = None
+    if packing_positions is None and consumed_samples:
+        print_fn("nvl finetune: the resumed checkpoint holds no packed data position (it was not a packed run); "
+                 "packing starts from the beginning of the sample stream")
+    if packing_positions is not None:
+        if len(packing_positions) != ctx.dp_size:
+            raise ValueError(
+                f"dataset.packing: the checkpoint's data position was saved by {len(packing_positions)} data-parallel "
+                f"rank(s), this run has {ctx.dp_size}; a packed run resumes at the same data-parallel size"
+            )
+        start = (int(packing_positions[ctx.dp_rank][0]), int(packing_positions[ctx.dp_rank][1]))
+    order = GlobalBatchSampler(num_samples=len(made), global_batch_size=1, micro_batch_size=1, seed=cfg.rng.seed,
+                               shuffle=ds.dataloader_type == "cyclic")
+    loader = build_packed_loader(
+        ProcessedDataset(made, processor, seed=cfg.rng.seed, split="train"), order.index_at,
+        window=ds.packing_buffer_size, capacity=seq_length, mode=mode, dp_rank=ctx.dp_rank, dp_size=ctx.dp_size,
+        start_window=None if start is None else start[0], num_workers=ds.num_workers,
+    )
+    print_fn(f"nvl finetune: packing ({mode}) samples into rows of {seq_length} tokens over windows of "
+             f"{ds.packing_buffer_size} samples; a micro-batch is {cfg.train.micro_batch_size} packed row(s)")
+    # Two iterations of micro-batches made ahead in a thread: collation, pinning and a window's
+    # hand-over overlap the GPU's work instead of stalling the step that crosses a window.
+    return PackedBatches(iter(loader), collate_packed, micro_batch_size=cfg.train.micro_batch_size,
+                         dp_rank=ctx.dp_rank, dp_size=ctx.dp_size, start=start, pin_memory=pin,
+                         prefetch=2 * num_microbatches, device=ctx.device)
+
+
+class _EvalSplits:
+    """The validation split (every ``validation.eval_interval``) and the test split (once at the end)."""
+
+    def __init__(self, cfg: "NvlConfig", maker: Any, processor: Any, ctx: "ParallelContext", *, pin: bool) -> None:
+        self.cfg, self.maker, self.processor, self.ctx, self.pin = cfg, maker, processor, ctx, pin
+        self.splits = tuple(getattr(maker, "splits", ()) or ())
+
+    def factory(self, split: str, extra_kwargs: Mapping[str, Any]) -> tuple[Callable[[], Any], int]:
+        """A function returning a fresh iterator over ``split``'s batches, and the split's size."""
+        from nvlcore.training.data import GlobalBatchSampler, ProcessedDataset, build_loader
+
+        cfg, ctx = self.cfg, self.ctx
+        ds = cfg.dataset
+        made_split = self.maker(split=split, **{**dict(ds.maker_kwargs), **dict(extra_kwargs)})
+        split_ds = ProcessedDataset(made_split, self.processor, seed=cfg.rng.seed, split=split)
 
         def new_loader() -> Any:
             s = GlobalBatchSampler(
@@ -303,7 +336,7 @@ def build_data(cfg: "NvlConfig", bridge: Any, manager: Any, ctx: "ParallelContex
                 micro_batch_size=cfg.train.micro_batch_size, dp_rank=ctx.dp_rank, dp_size=ctx.dp_size,
                 seed=cfg.rng.seed, consumed_samples=0, shuffle=False,
             )
-            return build_loader(split_ds, s, processor.collate, num_workers=ds.num_workers, pin_memory=pin,
+            return build_loader(split_ds, s, self.processor.collate, num_workers=ds.num_workers, pin_memory=self.pin,
                                 persistent_workers=ds.persistent_workers)
 
         if ds.persistent_workers and ds.num_workers > 0:
@@ -311,37 +344,33 @@ def build_data(cfg: "NvlConfig", bridge: Any, manager: Any, ctx: "ParallelContex
             return (lambda: iter(kept)), len(made_split)
         return (lambda: iter(new_loader())), len(made_split)
 
-    def has(split: str) -> bool:
-        return split in splits
+    def missing(self, split: str) -> str:
+        return (f"{split} split skipped: dataset maker {self.cfg.dataset.maker_name!r} has no {split} split "
+                f"(it has {', '.join(self.splits) or 'train only'})")
 
-    factory = None
-    note = ""
-    v = cfg.validation
-    if v.eval_iters > 0 and v.eval_interval:
-        if not has("validation"):
-            note = (f"validation skipped: dataset maker {ds.maker_name!r} has no validation split "
-                    f"(it has {', '.join(splits) or 'train only'})")
-        else:
-            factory, n = eval_factory("validation", ds.val_maker_kwargs)
-            note = f"validation: {v.eval_iters} batch(es) every {v.eval_interval} iterations on {n} examples"
-    elif v.eval_iters > 0:
-        note = "validation skipped: validation.eval_interval is null"
+    def validation(self) -> tuple[Callable[[], Any] | None, str]:
+        v = self.cfg.validation
+        if v.eval_iters > 0 and v.eval_interval:
+            if "validation" not in self.splits:
+                return None, self.missing("validation").replace("validation split skipped", "validation skipped", 1)
+            factory, n = self.factory("validation", self.cfg.dataset.val_maker_kwargs)
+            return factory, f"validation: {v.eval_iters} batch(es) every {v.eval_interval} iterations on {n} examples"
+        if v.eval_iters > 0:
+            return None, "validation skipped: validation.eval_interval is null"
+        return None, ""
 
-    # The test split: evaluated once at the end of training (Megatron-Bridge), eval_iters batches.
-    test_factory = None
-    test_note = ""
-    if ds.skip_test:
-        test_note = "test split skipped: dataset.skip_test is set"
-    elif v.eval_iters <= 0:
-        test_note = ""  # validation.eval_iters=0 turns validation and test off (the recipe default)
-    elif not has("test"):
-        test_note = (f"test split skipped: dataset maker {ds.maker_name!r} has no test split "
-                     f"(it has {', '.join(splits) or 'train only'})")
-    else:
-        test_factory, n = eval_factory("test", ds.test_maker_kwargs)
-        test_note = f"test: {v.eval_iters} batch(es) at the end of training on {n} examples"
-    return DataPipeline(train_batches, len(made), factory, note, sampler.num_microbatches, test_factory, test_note,
-                        packing_position)
+    def test(self) -> tuple[Callable[[], Any] | None, str]:
+        """Megatron-Bridge evaluates the test split once at the end of training, ``eval_iters`` batches."""
+        v = self.cfg.validation
+        ds = self.cfg.dataset
+        if ds.skip_test:
+            return None, "test split skipped: dataset.skip_test is set"
+        if v.eval_iters <= 0:
+            return None, ""  # validation.eval_iters=0 turns validation and test off (the recipe default)
+        if "test" not in self.splits:
+            return None, self.missing("test")
+        factory, n = self.factory("test", ds.test_maker_kwargs)
+        return factory, f"test: {v.eval_iters} batch(es) at the end of training on {n} examples"
 
 
 def build_loggers(cfg: "NvlConfig", manager: Any, ctx: "ParallelContext", *, resume_iteration: int | None,
@@ -424,6 +453,406 @@ class StoppedEarly(SystemExit):
     state: TrainState | None = None
 
 
+class FinetuneRecipe:
+    """``nvl finetune`` in one process (one rank of a launch, or the only one), as short phases.
+
+    :meth:`run` calls, in order: :meth:`setup_parallel` (preflight, process groups, seeds),
+    :meth:`setup_checkpointing` (the run directory's lock, the resume decision, the async-save group),
+    :meth:`setup_model` (bridge, model, kernels, recompute, starting weights, freeze + PEFT),
+    :meth:`setup_optimizer` (replica broadcast, optimizer, schedules), :meth:`resume` (weights,
+    optimizer, RNG and counters of the checkpoint resumed), :meth:`check_checkpoint_space`,
+    :meth:`setup_data` (training batches, validation and test splits), :meth:`setup_logging` (metric
+    sinks, FLOPs formula, metrics.png), :meth:`setup_trainer`, :meth:`train`, :meth:`evaluate` (the
+    test split), and always :meth:`close`. Each phase leaves its results on the object for the next
+    (``self.model``, ``self.optimizer``, ``self.data``, ...); :meth:`save` and :meth:`validate` are
+    what the trainer calls back at ``checkpoint.save_interval`` and ``validation.eval_interval``.
+
+    :param cfg: the resolved config.
+    :param manager: the plugin manager (default: the process-wide one).
+    :param random_init: no starting weights (benchmarks only).
+    :param print_fn: where rank 0's notes go.
+    :param device_type: ``"cpu"`` or ``"cuda"`` (default: CUDA when available).
+    """
+
+    def __init__(self, cfg: "NvlConfig", *, manager: Any = None, random_init: bool = False,
+                 print_fn: Callable[[str], None] = print, device_type: str | None = None) -> None:
+        from nvlcore.plugins import get_plugin_manager
+
+        self.cfg = cfg
+        self.manager = manager or get_plugin_manager()
+        self.random_init = random_init
+        self.print_fn = print_fn
+        self.device_type = device_type
+        self.ctx: Any = None
+        self.lock: Any = None
+        self.loggers: list[Any] = []
+        self.closers: list[Callable[[], None]] = []
+        self.pending_saves: list[Any] = []
+        self.async_group: Any = None
+        self.plotter: MetricsPlotter | None = None
+        self.state = TrainState()
+
+    def say(self, message: str) -> None:
+        """Print ``message`` on rank 0 only."""
+        if self.ctx is None or self.ctx.is_main:
+            self.print_fn(message)
+
+    def run(self) -> TrainState:
+        """Train as the config says; returns the final train state.
+
+        :raises StoppedEarly: SIGTERM/SIGINT stopped training (exit status 75 when a checkpoint was saved).
+        """
+        try:
+            self.setup_parallel()
+            self.setup_checkpointing()
+            self.setup_model()
+            self.setup_optimizer()
+            self.resume()
+            self.check_checkpoint_space()
+            self.setup_data()
+            self.setup_logging()
+            self.setup_trainer()
+            final = self.train()
+            self.evaluate(final)
+            return final
+        finally:
+            self.close()
+
+    # -- phases ------------------------------------------------------------------------------------
+    def setup_parallel(self) -> None:
+        """Config preflight, process groups, RNG seeds; the run config that checkpoints record."""
+        from nvlcore.config import config_to_dict
+        from nvlcore.parallel import init_parallel
+        from nvlcore.training.preflight import preflight
+
+        cfg = self.cfg
+        preflight(cfg, self.manager)  # config contradictions and missing paths, before any process group or model
+        self.ctx = ctx = init_parallel(cfg.model.tensor_model_parallel_size, device_type=self.device_type,
+                                       seed=cfg.rng.seed, timeout_minutes=cfg.dist.distributed_timeout_minutes,
+                                       backend=cfg.dist.distributed_backend)
+        # rng.data_parallel_random_init (Megatron): each data-parallel rank seeds its RNGs with seed + 10 x its
+        # DP rank (dropout and other draws differ per replica); the weights are still broadcast from the
+        # first data-parallel rank (setup_optimizer), so every replica starts from the same model.
+        seed_everything(cfg.rng.seed + (10 * ctx.dp_rank if cfg.rng.data_parallel_random_init else 0))
+        self.run_config = config_to_dict(cfg)
+        self.adapter_only = bool(cfg.peft.method)
+        self.say(f"nvl finetune: {ctx.world_size} process(es): tensor parallel {ctx.tp_size} x data parallel "
+                 f"{ctx.dp_size} on {ctx.device.type} ({ctx.backend})")
+
+    def setup_checkpointing(self) -> None:
+        """Lock ``checkpoint.save`` for this run, decide what to resume, make the async-save group."""
+        from nvlcore.training import checkpointing as tck
+
+        cfg, ctx = self.cfg, self.ctx
+        self.take_run_lock()
+        self.decision = tck.decide_resume(
+            load=cfg.checkpoint.load, save=cfg.checkpoint.save, ckpt_step=cfg.checkpoint.ckpt_step,
+            run_config=self.run_config, exit_on_missing_checkpoint=cfg.checkpoint.exit_on_missing_checkpoint,
+        )
+        self.say(f"nvl finetune: {self.decision.reason}")
+        if not cfg.checkpoint.save:
+            self.say("nvl finetune: WARNING: checkpoint.save is not set: no checkpoint will be written"
+                     + (f"; metrics go to {cfg.logger.jsonl_path}" if cfg.logger.jsonl_path else " and no metrics.jsonl"))
+        # checkpoint.async_save: the tensors of a save are written by a background thread over a
+        # process group of its own (gloo), while training goes on; the save is published (renamed,
+        # trackers updated) at the next save or at the end, by every rank at the same point.
+        if cfg.checkpoint.async_save and cfg.checkpoint.save and ctx.world_size > 1:
+            import torch.distributed as dist
+
+            self.async_group = dist.new_group(backend="gloo")
+
+    def take_run_lock(self) -> None:
+        """Rank 0 locks ``checkpoint.save`` (:class:`nvlcore.checkpoint.RunLock`); every rank learns the outcome."""
+        from nvlcore.checkpoint.lock import RunDirectoryLocked, RunLock, describe_holder
+
+        save, ctx = self.cfg.checkpoint.save, self.ctx
+        refused = None
+        if save and ctx.is_main:
+            try:
+                self.lock = RunLock(save, what=f"checkpoint.save={save}").acquire()
+            except RunDirectoryLocked as exc:
+                refused = str(exc)
+        if ctx.world_size > 1:
+            import torch.distributed as dist
+
+            box = [refused]
+            dist.broadcast_object_list(box, src=0)
+            refused = box[0]
+        if refused:
+            raise RunDirectoryLocked(refused)
+        if self.lock is not None and self.lock.took_over:
+            self.say(f"nvl finetune: took over {self.lock.path} from {describe_holder(self.lock.took_over)}, "
+                     "which no longer runs (a crashed or killed run)")
+
+    def setup_model(self) -> None:
+        """Bridge -> memory plan -> model (built in its storage dtypes) -> kernels, recompute, activation
+        offload -> starting weights -> ``model.freeze_*`` and PEFT -> the frozen base's storage."""
+        from nvlcore.config import config_to_dict
+        from nvlcore.training.memory import plan_run
+        from nvlcore.training.oom import install_phase_hooks, set_phase
+
+        cfg, ctx = self.cfg, self.ctx
+        t0 = time.perf_counter()
+        self.bridge = bridge = resolve_bridge(cfg.model.hf_model_path, cfg.model.bridge, manager=self.manager)
+        plan = plan_run(cfg, bridge, ctx, self.say, manager=self.manager)  # may refuse, or (auto) change cfg
+        if plan is not None and plan.chosen is not None:
+            self.run_config = config_to_dict(cfg)  # checkpoints record the settings auto chose
+        self.settings = loop_settings(cfg, dp_size=ctx.dp_size, device_type=ctx.device.type)
+        set_phase("model build and weight loading")
+        self.model = model = self.build_model()
+        install_phase_hooks(model, bridge.memory_phases())  # an out-of-memory report names the tower
+        model.train()
+        report = bridge.set_kernels(model, cfg.model.kernels)
+        if report:
+            self.say("nvl finetune: kernels: " + "; ".join(f"{op}: {impl}" for op, impl in report.items()))
+        if cfg.model.recompute_granularity:
+            bridge.set_recompute(model, cfg.model.recompute_granularity)
+            self.say(f"nvl finetune: activation recomputation: {cfg.model.recompute_granularity}")
+        if cfg.model.cpu_offloading:
+            from nvlcore.training.offload import offload_activations
+
+            offload_activations(bridge.decoder_layers(model), cfg.model.cpu_offloading_num_layers)
+            self.say(f"nvl finetune: activations of the first {cfg.model.cpu_offloading_num_layers} decoder "
+                     "layers offloaded to host memory")
+        self.load_starting_weights(t0)
+        self.peft, towers = prepare_trainable(model, cfg, self.manager, bridge)
+        self.say(f"nvl finetune: towers: {describe_towers(towers)}")
+        self.store_frozen_base()
+
+    def build_model(self) -> "torch.nn.Module":
+        """The model, each parameter built in the dtype it is stored in (:mod:`nvlcore.training.storage`)."""
+        from nvlcore.training.storage import build_in_storage_dtype
+
+        cfg = self.cfg
+        model, built = build_in_storage_dtype(
+            self.bridge, compute_dtype=self.settings.autocast_dtype, device=self.ctx.device,
+            init="random" if self.random_init else "none", seed=cfg.rng.seed,
+            prepare=lambda m: prepare_trainable(m, cfg, self.manager, self.bridge),
+            frozen_expected=bool(cfg.peft.method) or any(bool(v) for v in cfg.model.freeze.values()))
+        self.say(f"nvl finetune: model {built}")
+        return model
+
+    def store_frozen_base(self) -> None:
+        """Trainable parameters as fp32 masters; the frozen base as the PEFT method stores it (e.g. NF4),
+        else in the autocast dtype, except what the bridge keeps in fp32 as deployed."""
+        from nvlcore.training import optim
+        from nvlcore.training.storage import trainable_in_fp32
+
+        model, peft, dtype = self.model, self.peft, self.settings.autocast_dtype
+        trainable_in_fp32(model)  # adapters added to a base built in bf16 take its dtype; masters are fp32
+        store_base = getattr(peft, "store_frozen_base", None)
+        if store_base is not None:  # a PEFT method's own storage of the frozen base (e.g. 4-bit)
+            store_base(model, bridge=self.bridge, compute_dtype=dtype, device=self.ctx.device)
+        if dtype is not None:
+            # under bf16 autocast every matmul reads bf16 weights: a frozen parameter is stored once in bf16
+            optim.store_frozen_in_(model, dtype, keep_fp32=self.bridge.keeps_fp32)
+        if peft is not None:
+            self.say("nvl finetune: frozen base storage: " + optim.describe_storage(model)
+                     + "".join(f"; {n}" for n in getattr(peft, "storage_notes", ())))
+        self.say("nvl finetune: built model's static memory: " + optim.memory_plan(model).describe())
+
+    def load_starting_weights(self, t0: float) -> None:
+        """``checkpoint.pretrained_checkpoint`` unless resuming a full run (or ``random_init``)."""
+        needs_base = self.decision.iter_dir is None or self.adapter_only
+        if self.random_init:
+            self.say(RANDOM_INIT_BANNER)
+        elif needs_base:
+            src = self.cfg.checkpoint.pretrained_checkpoint
+            if not src:
+                raise ValueError("no starting weights: pass --pretrained-checkpoint DIR (a Megatron checkpoint or an HF "
+                                 "directory)")
+            load_pretrained(self.model, src, bridge=self.bridge, ctx=self.ctx)
+            self.say(f"nvl finetune: loaded pretrained weights from {src} ({time.perf_counter() - t0:.1f} s)")
+
+    def setup_optimizer(self) -> None:
+        """Same weights on every data-parallel replica, then the optimizer and the LR/WD schedules."""
+        from megatron.core import parallel_state
+
+        from nvlcore.training import optim
+
+        cfg, ctx, model = self.cfg, self.ctx, self.model
+        self.named = named = optim.trainable_named_parameters(model)
+        optim.check_replicated_parameters(list(model.named_parameters()), tp_group=ctx.tp_group, tp_size=ctx.tp_size)
+        # a packed (quantized) frozen weight was quantized on every rank from the same loaded weights
+        optim.broadcast_parameters([p.data for p in model.parameters() if not optim.is_packed(p)],
+                                   src_global_rank=parallel_state.get_data_parallel_src_rank(),
+                                   group=ctx.dp_group, group_size=ctx.dp_size)
+        n_train = sum(p.numel() for _, p in named)
+        n_all = sum(p.numel() for p in model.parameters())
+        self.say(f"nvl finetune: {n_train:,} of {n_all:,} parameters trainable on this rank"
+                 + (f" (PEFT {cfg.peft.method}; adapter-only checkpoints)" if self.peft else ""))
+        if self.peft is not None:
+            counts = describe_peft_parameters(model, set(self.peft.adapter_parameters(model)), tp_size=ctx.tp_size)
+            self.say(f"nvl finetune: {cfg.peft.method}: {counts}")
+        o = cfg.optimizer
+        self.optimizer = optim.build_optimizer(
+            named, lr=o.lr, betas=(o.adam_beta1, o.adam_beta2), eps=o.adam_eps, weight_decay=o.weight_decay,
+            device_type=ctx.device.type, optimizer=o.optimizer, sgd_momentum=o.sgd_momentum,
+            distributed=cfg.ddp.use_distributed_optimizer, dp_group=ctx.dp_group, dp_size=ctx.dp_size,
+            **moment_dtypes(cfg),
+        )
+        self.say(f"nvl finetune: optimizer: {describe_optimizer(self.optimizer, named, cfg, ctx)}")
+        self.lr_schedule, self.wd_schedule = schedules_for(cfg)
+
+    def resume(self) -> None:
+        """Restore the checkpoint the resume decision chose (if any) and its schedules."""
+        it_dir = self.decision.iter_dir
+        if it_dir is None:
+            return
+        from nvlcore.checkpoint import open_checkpoint
+
+        self.state = st = restore(it_dir, model=self.model, optimizer=self.optimizer, named=self.named,
+                                  bridge=self.bridge, ctx=self.ctx, cfg=self.cfg, adapter_only=self.adapter_only)
+        self.say(f"nvl finetune: resumed at iteration {st.iteration} (consumed samples {st.consumed_samples}, "
+                 f"{st.optimizer_steps} updates, {st.skipped_iterations} skipped)")
+        self.lr_schedule, self.wd_schedule, note = resume_schedules(
+            self.cfg, open_checkpoint(it_dir).run_config(), self.lr_schedule, self.wd_schedule, where=it_dir.name)
+        self.say(f"nvl finetune: {note}")
+
+    def check_checkpoint_space(self) -> None:
+        """Refuse a disk too small for one checkpoint before any iteration runs (warn if too small for k)."""
+        from nvlcore.training import checkpointing as tck
+
+        ck = self.cfg.checkpoint
+        if ck.save:
+            need = tck.estimate_checkpoint_bytes(self.model, self.ctx, adapter_only=self.adapter_only,
+                                                 save_optim=ck.save_optim)
+            tck.check_checkpoint_space(self.cfg, need, self.ctx, start_iteration=self.state.iteration, say=self.say)
+
+    def setup_data(self) -> None:
+        """The training batches (from the resumed position) and the validation/test splits."""
+        packing_positions = None
+        if self.decision.iter_dir is not None:
+            from nvlcore.checkpoint import open_checkpoint
+
+            extra = open_checkpoint(self.decision.iter_dir).extra_state() or {}
+            packing_positions = (extra.get("data") or {}).get("packing")
+        self.data = build_data(self.cfg, self.bridge, self.manager, self.ctx, print_fn=self.say,
+                               consumed_samples=self.state.consumed_samples, packing_positions=packing_positions)
+        self.closers.append(self.data.close)
+        for note in (self.data.eval_note, self.data.test_note):
+            if note:
+                self.say(f"nvl finetune: {note}")
+
+    def setup_logging(self) -> None:
+        """Metric sinks, the FLOPs formula, and metrics.png redrawn at each save."""
+        # metrics.jsonl keeps rows up to the iteration training starts from: rows a killed run logged
+        # after its last checkpoint (or before any) are dropped, so each iteration appears once
+        self.loggers = build_loggers(self.cfg, self.manager, self.ctx, resume_iteration=self.state.iteration,
+                                     run_config=self.run_config)
+        self.flops_fn, flops_method = _flops_fn(self.bridge, self.model, self.ctx)
+        if flops_method != "bridge":
+            self.say("nvl finetune: the bridge has no FLOPs formula of its own (train_flops); TFLOP/s uses 6 x "
+                     "parameters x tokens (no attention/ViT terms)")
+        self.plotter = MetricsPlotter(self.loggers, self.say)
+
+    def setup_trainer(self) -> None:
+        """The training loop with this recipe's save, validation and generation-eval callbacks."""
+        cfg = self.cfg
+        generate_eval_fn = None
+        if cfg.validation.generate_eval_interval:
+            from nvlcore.eval.training import build_generate_eval
+
+            generate_eval_fn = build_generate_eval(cfg, self.bridge, self.model, self.manager, self.ctx,
+                                                   print_fn=self.say)
+        self.trainer = Trainer(
+            model=self.model, ctx=self.ctx, optimizer=self.optimizer, named_params=self.named,
+            lr_schedule=self.lr_schedule, wd_schedule=self.wd_schedule, settings=self.settings, state=self.state,
+            flops_fn=self.flops_fn, loggers=self.loggers, save_fn=self.save if cfg.checkpoint.save else None,
+            eval_fn=self.validate if self.data.eval_batches_factory is not None else None,
+            generate_eval_fn=generate_eval_fn, print_fn=self.say,
+        )
+        if self.decision.iter_dir is not None:
+            self.trainer.last_saved_iteration = self.state.iteration
+
+    def train(self) -> TrainState:
+        """Run the loop; a signal that stopped it raises :class:`StoppedEarly` after the last save."""
+        s, trainer = self.settings, self.trainer
+        self.say(f"nvl finetune: training iterations {self.state.iteration + 1}..{s.train_iters}: global batch "
+                 f"{s.global_batch_size} = {s.num_microbatches} micro-batch(es) x "
+                 f"{self.cfg.train.micro_batch_size} x {self.ctx.dp_size} data-parallel rank(s)")
+        final = trainer.run(self.data.train_batches)
+        self.finish_pending_saves()
+        self.say(f"nvl finetune: {describe_state_bytes(self.optimizer, self.ctx)}")
+        if trainer.stopped_by is None:
+            return final
+        saved = trainer.save_fn is not None and trainer.last_saved_iteration == final.iteration
+        self.say(f"nvl finetune: stopped early by {trainer.stopped_by} at iteration {final.iteration}"
+                 + (f"; checkpoint saved, exit status {EXIT_STOPPED_EARLY} (resume with the same command)"
+                    if saved else "; no checkpoint (checkpoint.save is not set)"))
+        code = EXIT_STOPPED_EARLY
+        if not saved:
+            by = trainer.stopped_by
+            code = 128 + int(signal.Signals[by]) if by in signal.Signals.__members__ else 1
+        stopped = StoppedEarly(code)
+        stopped.state = final
+        raise stopped
+
+    def evaluate(self, final: TrainState) -> None:
+        """The test split, once at the end of a completed run (Megatron-Bridge), logged as ``test_loss``."""
+        if self.data.test_batches_factory is None or final.iteration < self.settings.train_iters:
+            return
+        from nvlcore.training.trainer import evaluate
+
+        loss_sum, sup = evaluate(self.model, self.data.test_batches_factory(), ctx=self.ctx,
+                                 autocast_dtype=self.settings.autocast_dtype,
+                                 num_batches=self.cfg.validation.eval_iters * self.data.num_microbatches)
+        test_loss = loss_sum / sup if sup > 0 else float("nan")
+        self.say(f"nvl finetune: test loss {test_loss:.4f} over {sup:,.0f} supervised tokens")
+        for lg in self.loggers:
+            lg.log({"iteration": final.iteration, "test_loss": test_loss, "test_tokens": sup}, step=final.iteration)
+
+    # -- callbacks of the loop -----------------------------------------------------------------------
+    def validate(self) -> tuple[float, float]:
+        """``validation.eval_iters`` global batches of the validation split: ``(loss sum, supervised tokens)``."""
+        from nvlcore.training.trainer import evaluate
+
+        assert self.data.eval_batches_factory is not None
+        return evaluate(self.model, self.data.eval_batches_factory(), ctx=self.ctx,
+                        num_batches=self.cfg.validation.eval_iters * self.data.num_microbatches,
+                        autocast_dtype=self.settings.autocast_dtype)
+
+    def save(self, st: TrainState) -> None:
+        """Write the checkpoint of ``st`` (collective); with ``checkpoint.async_save`` start writing it."""
+        self.finish_pending_saves()
+        path = save(self.cfg.checkpoint.save, st, model=self.model, optimizer=self.optimizer, bridge=self.bridge,
+                    ctx=self.ctx, cfg=self.cfg, run_config=self.run_config, adapter_only=self.adapter_only,
+                    num_samples=self.data.num_train_samples, async_group=self.async_group,
+                    packing_positions=gather_packing_positions(self.data.packing_position, self.ctx))
+        if isinstance(path, Path):
+            self.say(f"nvl finetune: saved checkpoint {path}")
+            self.plot()
+        else:
+            self.pending_saves.append(path)
+            self.say(f"nvl finetune: writing checkpoint {path.path.name} in the background")
+
+    def finish_pending_saves(self) -> None:
+        """Publish the background saves still being written (collective, every rank at the same point)."""
+        while self.pending_saves:
+            self.say(f"nvl finetune: saved checkpoint {self.pending_saves.pop().wait()}")
+            self.plot()
+
+    def plot(self) -> None:
+        if self.plotter is not None:
+            self.plotter.plot()
+
+    def close(self) -> None:
+        """Stop data workers, close the loggers, release the run lock, tear down the process groups."""
+        from nvlcore.parallel import destroy_parallel
+
+        for close in self.closers:
+            close()
+        for lg in self.loggers:
+            try:
+                lg.close()
+            except Exception as exc:  # a failing sink must not hide the training error
+                self.say(f"nvl finetune: closing logger {type(lg).__name__} failed: {exc}")
+        if self.lock is not None:
+            self.lock.release()
+        if self.ctx is not None:
+            destroy_parallel(self.ctx)
+
+
 def run_finetune(
     cfg: "NvlConfig",
     *,
@@ -432,7 +861,7 @@ def run_finetune(
     print_fn: Callable[[str], None] = print,
     device_type: str | None = None,
 ) -> TrainState:
-    """Train as ``cfg`` says, in this process (one rank of a launch, or the only one).
+    """Train as ``cfg`` says, in this process (one rank of a launch, or the only one): :class:`FinetuneRecipe`.
 
     ``cfg.model.hf_model_path`` names the HF directory the bridge reads; ``cfg.checkpoint.pretrained_checkpoint``
     the starting weights (a Megatron checkpoint, base or ``iter_N`` dir, or an HF directory), unless
@@ -441,253 +870,8 @@ def run_finetune(
     :raises StoppedEarly: a ``SystemExit`` with status 75 (:data:`nvlcore.interrupt.EXIT_STOPPED_EARLY`)
         when SIGTERM/SIGINT stopped training and the checkpoint of the last iteration was saved.
     """
-
-    from nvlcore.config import config_to_dict
-    from nvlcore.parallel import destroy_parallel, init_parallel
-    from nvlcore.plugins import get_plugin_manager
-    from nvlcore.training import checkpointing as tck
-    from nvlcore.training import optim
-
-    manager = manager or get_plugin_manager()
-    from nvlcore.training.preflight import preflight
-
-    preflight(cfg, manager)  # config contradictions and missing paths, before any process group or model
-    ctx = init_parallel(cfg.model.tensor_model_parallel_size, device_type=device_type, seed=cfg.rng.seed,
-                        timeout_minutes=cfg.dist.distributed_timeout_minutes, backend=cfg.dist.distributed_backend)
-    say = print_fn if ctx.is_main else (lambda _m: None)
-    loggers: list[Any] = []
-    closers: list[Callable[[], None]] = []
-    try:
-        # rng.data_parallel_random_init (Megatron): each data-parallel rank seeds its RNGs with seed + 10 x its
-        # DP rank (dropout and other draws differ per replica); the weights are still broadcast from the
-        # first data-parallel rank below, so every replica starts from the same model.
-        seed_everything(cfg.rng.seed + (10 * ctx.dp_rank if cfg.rng.data_parallel_random_init else 0))
-        run_config = config_to_dict(cfg)
-        adapter_only = bool(cfg.peft.method)
-        say(f"nvl finetune: {ctx.world_size} process(es): tensor parallel {ctx.tp_size} x data parallel {ctx.dp_size} "
-            f"on {ctx.device.type} ({ctx.backend})")
-
-        decision = tck.decide_resume(
-            load=cfg.checkpoint.load, save=cfg.checkpoint.save, ckpt_step=cfg.checkpoint.ckpt_step,
-            run_config=run_config, exit_on_missing_checkpoint=cfg.checkpoint.exit_on_missing_checkpoint,
-        )
-        say(f"nvl finetune: {decision.reason}")
-        if not cfg.checkpoint.save:
-            say("nvl finetune: WARNING: checkpoint.save is not set: no checkpoint will be written"
-                + (f"; metrics go to {cfg.logger.jsonl_path}" if cfg.logger.jsonl_path else " and no metrics.jsonl"))
-
-        # -- model ---------------------------------------------------------------------------
-        t0 = time.perf_counter()
-        bridge = resolve_bridge(cfg.model.hf_model_path, cfg.model.bridge, manager=manager)
-        from nvlcore.training.memory import plan_run
-
-        plan = plan_run(cfg, bridge, ctx, say, manager=manager)  # may refuse the run, or (auto) change cfg to fit
-        if plan is not None and plan.chosen is not None:
-            run_config = config_to_dict(cfg)  # checkpoints record the settings auto chose
-        settings = loop_settings(cfg, dp_size=ctx.dp_size, device_type=ctx.device.type)
-        from nvlcore.training.oom import install_phase_hooks, set_phase
-
-        set_phase("model build and weight loading")
-        from nvlcore.training.storage import build_in_storage_dtype, trainable_in_fp32
-
-        model, built = build_in_storage_dtype(
-            bridge, compute_dtype=settings.autocast_dtype, device=ctx.device,
-            init="random" if random_init else "none", seed=cfg.rng.seed,
-            prepare=lambda m: prepare_trainable(m, cfg, manager, bridge),
-            frozen_expected=bool(cfg.peft.method) or any(bool(v) for v in cfg.model.freeze.values()))
-        say(f"nvl finetune: model {built}")
-        install_phase_hooks(model, bridge.memory_phases())  # an out-of-memory report names the tower
-        model.train()
-        report = bridge.set_kernels(model, cfg.model.kernels)
-        if report:
-            say("nvl finetune: kernels: " + "; ".join(f"{op}: {impl}" for op, impl in report.items()))
-        recompute = cfg.model.recompute_granularity
-        if recompute:
-            bridge.set_recompute(model, recompute)
-            say(f"nvl finetune: activation recomputation: {recompute}")
-        if cfg.model.cpu_offloading:
-            from nvlcore.training.offload import offload_activations
-
-            offload_activations(bridge.decoder_layers(model), cfg.model.cpu_offloading_num_layers)
-            say(f"nvl finetune: activations of the first {cfg.model.cpu_offloading_num_layers} decoder layers "
-                "offloaded to host memory")
-        needs_base = decision.iter_dir is None or adapter_only
-        if random_init:
-            say(RANDOM_INIT_BANNER)
-        elif needs_base:
-            src = cfg.checkpoint.pretrained_checkpoint
-            if not src:
-                raise ValueError("no starting weights: pass --pretrained-checkpoint DIR (a Megatron checkpoint or an HF directory)")
-            load_pretrained(model, src, bridge=bridge, ctx=ctx)
-            say(f"nvl finetune: loaded pretrained weights from {src} ({time.perf_counter() - t0:.1f} s)")
-        peft, towers = prepare_trainable(model, cfg, manager, bridge)
-        trainable_in_fp32(model)  # adapters added to a base built in bf16 take its dtype; masters are fp32
-        say(f"nvl finetune: towers: {describe_towers(towers)}")
-        store_base = getattr(peft, "store_frozen_base", None)
-        if store_base is not None:  # a PEFT method's own storage of the frozen base (e.g. 4-bit)
-            store_base(model, bridge=bridge, compute_dtype=settings.autocast_dtype, device=ctx.device)
-        if settings.autocast_dtype is not None:
-            # Under bf16 autocast every matmul reads bf16 weights: a frozen parameter (a PEFT run's base
-            # model) is stored once in bf16, 2 bytes instead of 4 plus a per-step cast; trainable ones
-            # keep their fp32 masters, and the bridge's precision-sensitive ones stay fp32 as deployed.
-            optim.store_frozen_in_(model, settings.autocast_dtype, keep_fp32=bridge.keeps_fp32)
-        if peft is not None:
-            say("nvl finetune: frozen base storage: " + optim.describe_storage(model)
-                + "".join(f"; {n}" for n in getattr(peft, "storage_notes", ())))
-        say("nvl finetune: built model's static memory: " + optim.memory_plan(model).describe())
-
-        named = optim.trainable_named_parameters(model)
-        optim.check_replicated_parameters(list(model.named_parameters()), tp_group=ctx.tp_group, tp_size=ctx.tp_size)
-        from megatron.core import parallel_state
-
-        src_rank = parallel_state.get_data_parallel_src_rank()
-        # A packed (quantized) frozen weight was quantized on every rank from the same loaded weights.
-        unpacked = [p.data for p in model.parameters() if not optim.is_packed(p)]
-        optim.broadcast_parameters(unpacked, src_global_rank=src_rank,
-                                   group=ctx.dp_group, group_size=ctx.dp_size)
-        n_train = sum(p.numel() for _, p in named)
-        n_all = sum(p.numel() for p in model.parameters())
-        say(f"nvl finetune: {n_train:,} of {n_all:,} parameters trainable on this rank"
-            + (f" (PEFT {cfg.peft.method}; adapter-only checkpoints)" if peft else ""))
-        if peft is not None:
-            counts = describe_peft_parameters(model, set(peft.adapter_parameters(model)), tp_size=ctx.tp_size)
-            say(f"nvl finetune: {cfg.peft.method}: {counts}")
-        opt = optim.build_optimizer(
-            named, lr=cfg.optimizer.lr, betas=(cfg.optimizer.adam_beta1, cfg.optimizer.adam_beta2),
-            eps=cfg.optimizer.adam_eps, weight_decay=cfg.optimizer.weight_decay, device_type=ctx.device.type,
-            optimizer=cfg.optimizer.optimizer, sgd_momentum=cfg.optimizer.sgd_momentum,
-            distributed=cfg.ddp.use_distributed_optimizer, dp_group=ctx.dp_group, dp_size=ctx.dp_size,
-            **moment_dtypes(cfg),
-        )
-        say(f"nvl finetune: optimizer: {describe_optimizer(opt, named, cfg, ctx)}")
-        lr_s, wd_s = schedules_for(cfg)
-
-        # -- resume ---------------------------------------------------------------------------
-        state = TrainState()
-        if decision.iter_dir is not None:
-            state = restore(decision.iter_dir, model=model, optimizer=opt, named=named, bridge=bridge, ctx=ctx,
-                            cfg=cfg, adapter_only=adapter_only)
-            say(f"nvl finetune: resumed at iteration {state.iteration} (consumed samples {state.consumed_samples}, "
-                f"{state.optimizer_steps} updates, {state.skipped_iterations} skipped)")
-            from nvlcore.checkpoint import open_checkpoint
-
-            lr_s, wd_s, note = resume_schedules(cfg, open_checkpoint(decision.iter_dir).run_config(), lr_s, wd_s,
-                                                where=decision.iter_dir.name)
-            say(f"nvl finetune: {note}")
-
-        # -- will the checkpoints fit? (before any iteration runs) ---------------------------------
-        if cfg.checkpoint.save:
-            need = tck.estimate_checkpoint_bytes(model, ctx, adapter_only=adapter_only, save_optim=cfg.checkpoint.save_optim)
-            tck.check_checkpoint_space(cfg, need, ctx, start_iteration=state.iteration, say=say)
-
-        # -- data, loggers ----------------------------------------------------------------------
-        packing_positions = None
-        if decision.iter_dir is not None:
-            from nvlcore.checkpoint import open_checkpoint
-
-            packing_positions = ((open_checkpoint(decision.iter_dir).extra_state() or {}).get("data") or {}).get("packing")
-        data = build_data(cfg, bridge, manager, ctx, consumed_samples=state.consumed_samples, print_fn=say,
-                          packing_positions=packing_positions)
-        closers.append(data.close)
-        if data.eval_note:
-            say(f"nvl finetune: {data.eval_note}")
-        if data.test_note:
-            say(f"nvl finetune: {data.test_note}")
-        # metrics.jsonl keeps rows up to the iteration training starts from: rows a killed run logged
-        # after its last checkpoint (or before any) are dropped, so each iteration appears once
-        loggers = build_loggers(cfg, manager, ctx, resume_iteration=state.iteration, run_config=run_config)
-        flops_fn, flops_method = _flops_fn(bridge, model, ctx)
-        if flops_method != "bridge":
-            say("nvl finetune: the bridge has no FLOPs formula of its own (train_flops); TFLOP/s uses 6 x parameters x "
-                "tokens (no attention/ViT terms)")
-
-        eval_fn = None
-        if data.eval_batches_factory is not None:
-            factory = data.eval_batches_factory
-
-            def eval_fn() -> tuple[float, float]:
-                from nvlcore.training.trainer import evaluate
-
-                return evaluate(model, factory(), num_batches=cfg.validation.eval_iters * data.num_microbatches,
-                                ctx=ctx, autocast_dtype=settings.autocast_dtype)
-
-        generate_eval_fn = None
-        if cfg.validation.generate_eval_interval:
-            from nvlcore.eval.training import build_generate_eval
-
-            generate_eval_fn = build_generate_eval(cfg, bridge, model, manager, ctx, print_fn=say)
-        plotter = MetricsPlotter(loggers, say)
-        # checkpoint.async_save: the tensors of a save are written by a background thread over a
-        # process group of its own (gloo), while training goes on; the save is published (renamed,
-        # trackers updated) at the next save or at the end, by every rank at the same point.
-        async_group = None
-        if cfg.checkpoint.async_save and cfg.checkpoint.save and ctx.world_size > 1:
-            import torch.distributed as dist
-
-            async_group = dist.new_group(backend="gloo")
-        pending: list[Any] = []
-
-        def finish_pending() -> None:
-            while pending:
-                say(f"nvl finetune: saved checkpoint {pending.pop().wait()}")
-                plotter.plot()
-
-        def save_fn(st: TrainState) -> None:
-            finish_pending()
-            path = save(cfg.checkpoint.save, st, model=model, optimizer=opt, bridge=bridge, ctx=ctx, cfg=cfg,
-                        run_config=run_config, adapter_only=adapter_only, num_samples=data.num_train_samples,
-                        async_group=async_group, packing_positions=gather_packing_positions(data.packing_position, ctx))
-            if isinstance(path, Path):
-                say(f"nvl finetune: saved checkpoint {path}")
-                plotter.plot()
-            else:
-                pending.append(path)
-                say(f"nvl finetune: writing checkpoint {path.path.name} in the background")
-
-        trainer = Trainer(
-            model=model, ctx=ctx, optimizer=opt, named_params=named, lr_schedule=lr_s, wd_schedule=wd_s,
-            settings=settings, state=state, flops_fn=flops_fn, loggers=loggers,
-            save_fn=save_fn if cfg.checkpoint.save else None, eval_fn=eval_fn, generate_eval_fn=generate_eval_fn,
-            print_fn=say,
-        )
-        if decision.iter_dir is not None:
-            trainer.last_saved_iteration = state.iteration
-        say(f"nvl finetune: training iterations {state.iteration + 1}..{settings.train_iters}: global batch "
-            f"{settings.global_batch_size} = {settings.num_microbatches} micro-batch(es) x "
-            f"{cfg.train.micro_batch_size} x {ctx.dp_size} data-parallel rank(s)")
-        final = trainer.run(data.train_batches)
-        finish_pending()
-        say(f"nvl finetune: {describe_state_bytes(opt, ctx)}")
-        if trainer.stopped_by is not None:
-            saved = trainer.save_fn is not None and trainer.last_saved_iteration == final.iteration
-            say(f"nvl finetune: stopped early by {trainer.stopped_by} at iteration {final.iteration}"
-                + (f"; checkpoint saved, exit status {EXIT_STOPPED_EARLY} (resume with the same command)"
-                   if saved else "; no checkpoint (checkpoint.save is not set)"))
-            code = EXIT_STOPPED_EARLY
-            if not saved:
-                code = 128 + int(signal.Signals[trainer.stopped_by]) if trainer.stopped_by in signal.Signals.__members__ else 1
-            stopped = StoppedEarly(code)
-            stopped.state = final
-            raise stopped
-        if data.test_batches_factory is not None and final.iteration >= settings.train_iters:
-            from nvlcore.training.trainer import evaluate
-
-            loss_sum, sup = evaluate(model, data.test_batches_factory(), ctx=ctx, autocast_dtype=settings.autocast_dtype,
-                                     num_batches=cfg.validation.eval_iters * data.num_microbatches)
-            test_loss = loss_sum / sup if sup > 0 else float("nan")
-            say(f"nvl finetune: test loss {test_loss:.4f} over {sup:,.0f} supervised tokens")
-            for lg in loggers:
-                lg.log({"iteration": final.iteration, "test_loss": test_loss, "test_tokens": sup}, step=final.iteration)
-        return final
-    finally:
-        for close in closers:
-            close()
-        for lg in loggers:
-            try:
-                lg.close()
-            except Exception as exc:  # a failing sink must not hide the training error
-                say(f"nvl finetune: closing logger {type(lg).__name__} failed: {exc}")
-        destroy_parallel(ctx)
+    return FinetuneRecipe(cfg, manager=manager, random_init=random_init, print_fn=print_fn,
+                          device_type=device_type).run()
 
 
 def moment_dtypes(cfg: "NvlConfig") -> dict[str, Any]:
@@ -775,7 +959,7 @@ def save(root: str, st: TrainState, *, model: Any, optimizer: Any, bridge: Any, 
          packing_positions: list[list[int]] | None = None) -> Any:
     """Write one training checkpoint (collective over all ranks): the ``iter_N`` path, or with
     ``checkpoint.async_save`` a :class:`~nvlcore.checkpoint.PendingSave` whose ``wait()`` publishes it."""
-    from nvlcore.checkpoint import capture_rng_state, save_checkpoint
+    from nvlcore.checkpoint import SaveOptions, capture_rng_state, save_checkpoint
     from nvlcore.training import checkpointing as tck
 
     model_state, optim_state, adam_step = tck.model_and_optimizer_state(
@@ -804,11 +988,9 @@ def save(root: str, st: TrainState, *, model: Any, optimizer: Any, bridge: Any, 
         run_config=run_config,
         train_state=st.to_dict(),
         files=files,
-        overwrite=True,
-        most_recent_k=cfg.checkpoint.most_recent_k,
-        spread_replicated_writes=cfg.checkpoint.fully_parallel_save,
-        async_write=cfg.checkpoint.async_save,
-        async_group=async_group,
+        options=SaveOptions(overwrite=True, most_recent_k=cfg.checkpoint.most_recent_k,
+                            spread_replicated_writes=cfg.checkpoint.fully_parallel_save,
+                            async_write=cfg.checkpoint.async_save, async_group=async_group),
     )
 
 

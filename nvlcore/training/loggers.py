@@ -81,11 +81,14 @@ class JsonlLogger:
 
     :param resume_iteration: when resuming, lines of iterations after this one (work lost when the
         earlier run stopped between checkpoints) are dropped first, so each iteration appears once.
+
+    The file is created at the first row: a run that fails before its first iteration leaves none.
     """
 
     def __init__(self, path: str | Path, *, resume_iteration: int | None = None) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fh: TextIO | None = None
+        self._closed = False
         if resume_iteration is not None and self.path.exists():
             kept = []
             for line in self.path.read_text().splitlines():
@@ -97,16 +100,19 @@ class JsonlLogger:
             tmp = self.path.with_name(self.path.name + ".tmp")
             tmp.write_text("".join(k + "\n" for k in kept))
             os.replace(tmp, self.path)
-        self._fh: TextIO | None = open(self.path, "a", encoding="utf-8")
 
     def log(self, metrics: Mapping[str, Any], *, step: int) -> None:
-        if self._fh is None:
+        if self._closed:
             raise RuntimeError(f"{self.path}: logger already closed")
+        if self._fh is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._fh = open(self.path, "a", encoding="utf-8")
         row = {"iteration": step, **{k: v for k, v in metrics.items() if k != "iteration"}}
         self._fh.write(json.dumps(row, allow_nan=True) + "\n")
         self._fh.flush()
 
     def close(self) -> None:
+        self._closed = True
         if self._fh is not None:
             self._fh.close()
             self._fh = None

@@ -35,6 +35,10 @@ def config_problems(cfg: Any, manager: Any = None, *, world_size: int | None = N
     if mbs and gbs and gbs % mbs:
         problems.append(f"train.global_batch_size={gbs} is not a multiple of train.micro_batch_size={mbs}")
     tp = cfg.model.tensor_model_parallel_size or 1
+    if world_size is not None and tp >= 1 and world_size % tp:
+        from nvlcore.parallel import tensor_parallel_mismatch
+
+        problems.append(tensor_parallel_mismatch(tp, world_size))
     if world_size is not None and mbs and gbs and world_size % tp == 0 and gbs % (mbs * (world_size // tp)):
         problems.append(f"train.global_batch_size={gbs} is not a multiple of train.micro_batch_size ({mbs}) x "
                         f"data-parallel size ({world_size // tp} = {world_size} processes / TP {tp})")

@@ -33,7 +33,7 @@ def save_replicated(rank: int, world: int, out: str, spread: bool) -> None:
     """Every rank passes the same two 40 kB tensors (replicas, as data-parallel ranks do)."""
     import torch
 
-    from nvlcore.checkpoint import save_checkpoint
+    from nvlcore.checkpoint import SaveOptions, save_checkpoint
 
     state = {"a": torch.arange(10_000, dtype=torch.float32), "b": torch.ones(10_000)}
-    save_checkpoint(out, 1, model_state=state, spread_replicated_writes=spread)
+    save_checkpoint(out, 1, model_state=state, options=SaveOptions(spread_replicated_writes=spread))

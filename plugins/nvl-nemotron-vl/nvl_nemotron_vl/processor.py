@@ -567,14 +567,15 @@ class NemotronVLProcessor:
                     raise SampleError(
                         f"{where}: {m.where}: truncating the sample from {total} "
                         f"to seq_length={cut} tokens would cut through this {m.kind} (tokens {b0}..{b1 - 1}); "
-                        "raise model.seq_length, lower max_num_tiles / video_num_frames, or drop the example"
+                        "raise dataset.seq_length (and model.seq_length), lower max_num_tiles / video_num_frames, "
+                        "or drop the example"
                     )
             kept = supervised[1:cut].sum().item()  # labels at positions < cut predict tokens 1..cut-1
             if kept == 0:
                 raise SampleError(
                     f"{where}: truncating the sample from {total} to seq_length={cut} tokens would leave none of its "
-                    f"{int(supervised.sum())} supervised tokens; raise model.seq_length or shorten the prompt "
-                    "(fewer tiles or frames)"
+                    f"{int(supervised.sum())} supervised tokens; raise dataset.seq_length (and model.seq_length) "
+                    "or shorten the prompt (fewer tiles or frames)"
                 )
             log.warning("%s: truncated from %d to %d tokens (seq_length); %d of %d supervised tokens kept",
                         where, total, cut, kept, int(supervised.sum()))
