@@ -38,7 +38,9 @@ PROMPT = "What is in the picture?"
 IMPORTS = {
     "python": "pass",
     "torch": "import torch",
-    "megatron.core (nvl's import)": "from nvlcore.megatron_import import import_megatron_core; import_megatron_core()",
+    # a checkout from before nvlcore.megatron_import imports it plainly
+    "megatron.core (as nvl imports it)": "try:\n from nvlcore.megatron_import import import_megatron_core\n"
+                                         "except ImportError:\n import megatron.core\nelse:\n import_megatron_core()",
     "megatron.core (plain import)": "import megatron.core",
     "transformers tokenizer class": "from transformers import PreTrainedTokenizerFast",
     "nvl CLI built (plugins loaded)": "from nvlcore.cli import build_cli; build_cli()",
@@ -61,7 +63,9 @@ def timed(args: list[str], env: dict[str, str], first_line: str | None = None) -
     """Run ``args``; (wall seconds, CPU seconds of the process, its output). With ``first_line``, wall
     time stops when a line containing it appears (the process still runs to its end)."""
     start = time.perf_counter()
-    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # Not the checkout's root as working directory: `python -m`/`-c` put it first on sys.path.
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            cwd=tempfile.gettempdir())
     lines, wall = [], None
     assert proc.stdout is not None
     for line in proc.stdout:
