@@ -68,9 +68,11 @@ def main() -> None:
             frozen_groups={"language_model": True, "vision_model": True, "vision_projection": True}),
         "full FT, TP=2, text, seq 4096": PlanInputs(tp=2, global_batch_size=32, workload=(4096, 0)),
     }
-    for build in (4.0, 0.0):
-        print("\nModel built in fp32, then frozen weights converted (today):\n" if build else
-              "\nIf weights were built straight into their storage dtype, a tensor at a time (not today):\n")
+    for build in (None, 0.0):
+        print("\nToday: the model built in its storage dtypes (frozen weights in bf16; an NF4 base is quantized "
+              "after a bf16 build):\n" if build is None else
+              "\nIf frozen weights were loaded a tensor at a time straight into their storage (NF4 quantized as "
+              "they load; not yet):\n")
         print("| recipe | " + " | ".join(f"{c} GB card" for c in CARDS_GB) + " |\n|---|" + "---|" * len(CARDS_GB))
         for name, inp in recipes.items():
             cells = []

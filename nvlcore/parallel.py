@@ -196,6 +196,10 @@ def init_parallel(
     """
     import torch
     import torch.distributed as dist
+
+    from nvlcore.megatron_import import import_megatron_core
+
+    import_megatron_core()
     from megatron.core import parallel_state
 
     device_type = device_type or default_device_type()

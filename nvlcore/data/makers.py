@@ -5,7 +5,9 @@ conversation; this class does the rest the same way for every source:
 
 * loads the split with ``datasets.load_dataset(path_or_id, name, split=..., ...)``: the Hub id by
   default, or ``path=`` a local directory laid out like the Hub repository (README.md ``configs``
-  front matter and the data files), through the very same call;
+  front matter and the data files), through the very same call, given the copy's resolved data
+  files so that its ``datasets`` cache entry is keyed by their paths, mtimes and sizes
+  (:func:`local_data_files`);
 * checks the requested split against the source's splits with a clear message, and maps aliases
   (LLaVA-Video's ``train`` -> ``open_ended``);
 * scans every row once without decoding images (only their headers are parsed) and keeps the
@@ -38,6 +40,7 @@ __all__ = [
     "NoUsableRowsError",
     "SplitNotAvailableError",
     "image_problem",
+    "local_data_files",
 ]
 
 log = logging.getLogger("nvl.data")
@@ -182,15 +185,16 @@ class HFConversationMaker:
         import datasets
 
         source = self.kwargs.path or self.hub_id
+        options: dict[str, Any] = {"revision": self.kwargs.revision, "cache_dir": self.kwargs.cache_dir}
         if self.kwargs.path is not None:
             from pathlib import Path
 
             if not Path(self.kwargs.path).exists():
                 raise FileNotFoundError(f"{self.name}: dataset.maker_kwargs.path {self.kwargs.path!r} does not exist")
         try:
-            return datasets.load_dataset(
-                source, name, split=self.source_split, revision=self.kwargs.revision, cache_dir=self.kwargs.cache_dir
-            )
+            if self.kwargs.path is not None:
+                options["data_files"] = local_data_files(source, name, cache_dir=self.kwargs.cache_dir)
+            return datasets.load_dataset(source, name, split=self.source_split, **options)
         except ValueError as exc:
             raise ValueError(f"{self.name}: cannot load {source!r} (config {name!r}, split {self.source_split!r}): {exc}") from exc
 
@@ -255,6 +259,33 @@ class HFConversationMaker:
     def row_index(self, index: int) -> int:
         """The source row behind example ``index`` (rows are skipped, so they can differ)."""
         return self.indices[index]
+
+
+def local_data_files(path: str, name: str | None, *, cache_dir: str | None = None) -> Any:
+    """The data files of config ``name`` of the local dataset directory ``path``, each identified by
+    its resolved path, modification time and size, for ``load_dataset(path, name, data_files=...)``.
+
+    Without them ``datasets`` caches a local directory under its folder *name* and the config's file
+    *patterns*: two copies named alike (``a/the_cauldron``, ``b/the_cauldron``) share one cache
+    entry, and so does a copy rewritten in place, so the first rows prepared are served silently.
+    Given explicitly, the data files go into the cache's config id (``datasets`` hashes a
+    ``DataFilesList`` with its ``origin_metadata``, the mtime of local files); the size is added
+    to that metadata so that a rewrite keeping the mtime is seen too.
+    """
+    import os
+
+    import datasets
+    from datasets.data_files import DataFilesDict, DataFilesList
+
+    resolved = datasets.load_dataset_builder(path, name, cache_dir=cache_dir).config.data_files
+    return DataFilesDict({
+        split: DataFilesList(
+            list(files),
+            [(*meta, f"size={os.stat(f).st_size}") if os.path.isfile(f) else meta
+             for f, meta in zip(files, files.origin_metadata)],
+        )
+        for split, files in resolved.items()
+    })
 
 
 def text_of(value: Any) -> str | None:

@@ -11,8 +11,9 @@ What one rank holds (docs/memory.md gives the calibration against measured peaks
   minus the fraction ``optimizer.optimizer_offload_fraction`` kept on the host;
 * **cast cache**: bf16 autocast keeps a bf16 copy of every fp32 trainable weight for the whole forward;
 * **activations**: what the bridge says one micro-batch keeps for backward (:meth:`ModelBridge.activation_bytes`);
-* **build**: the model is built and initialised in fp32 before frozen weights drop to their storage dtype,
-  a peak of its own (4 bytes per parameter plus the largest tensor's temporaries).
+* **build**: the model as built, each parameter in its storage dtype (:mod:`nvlcore.training.storage`:
+  frozen weights in the compute dtype, what trains in fp32; an NF4 base is quantized from the bf16 build),
+  plus the largest tensor's temporaries, a peak of its own.
 
 The peak is the larger of the build and the training step, plus :data:`RUNTIME_OVERHEAD_BYTES` (CUDA
 context, cuBLAS/NCCL workspaces) and :data:`FRAGMENTATION` of the caching allocator.
@@ -84,8 +85,9 @@ class PlanInputs:
     activation_offload_layers: int = 0
     #: (LM tokens, image tiles) of one micro-batch; None = the bridge's upper bound for the config
     workload: tuple[int, int] | None = None
-    #: bytes per parameter while the model is built and its weights loaded (nvl builds in fp32 today)
-    build_bytes_per_param: float = 4.0
+    #: bytes per frozen parameter while the model is built and its weights loaded; None: its storage dtype
+    #: (what nvl does since 2026-12-07); 4.0: the fp32 build of earlier code (its recorded peaks)
+    build_bytes_per_param: float | None = None
 
     @classmethod
     def from_config(cls, cfg: Any, *, world_size: int = 1, **overrides: Any) -> "PlanInputs":
@@ -163,7 +165,7 @@ class MemoryEstimate:
         return (f"~{_fmt(self.card)} per GPU (allocated peak {_fmt(self.allocated)}: weights "
                 f"{_fmt(self.frozen_weights + self.trainable_weights)}, gradients {_fmt(self.gradients)}, optimizer "
                 f"{_fmt(self.optimizer)}, bf16 weight copies {_fmt(self.cast_cache)}, activations [{acts}] for "
-                f"{tokens} tokens and {tiles} image tiles per micro-batch; fp32 build {_fmt(self.build)}; + "
+                f"{tokens} tokens and {tiles} image tiles per micro-batch; build {_fmt(self.build)}; + "
                 f"{FRAGMENTATION:.0%} allocator and {_fmt(RUNTIME_OVERHEAD_BYTES)} runtime)")
 
 
@@ -211,8 +213,9 @@ def estimate(bridge: "ModelBridge", inputs: PlanInputs) -> MemoryEstimate:
     shard = inputs.dp if inputs.distributed_optimizer else 1
     optimizer = trainable_n * moments / shard * (1.0 - inputs.optimizer_offload_fraction)
     casts = trainable_n * 2.0 if inputs.autocast and inputs.main_params_bytes > 2 else 0.0
-    # the model as built (fp32 today) + two fp32 temporaries of the largest tensor while it is initialised/loaded
-    build = inputs.build_bytes_per_param * (frozen_n + trainable_n) + 8.0 * largest
+    # the model as built + two fp32 temporaries of the largest tensor while it is initialised/loaded
+    per_frozen = compute_bytes if inputs.build_bytes_per_param is None else inputs.build_bytes_per_param
+    build = per_frozen * frozen_n + 4.0 * trainable_n + 8.0 * largest
     return MemoryEstimate(
         frozen_weights=frozen_b, trainable_weights=trainable_n * inputs.main_params_bytes,
         gradients=trainable_n * 4.0, optimizer=optimizer, cast_cache=casts, activations=dict(acts),
@@ -266,16 +269,22 @@ def options_for(cfg: Any, inputs: PlanInputs) -> list[Option]:
         deep["micro_batch_size"] = mbs[-1]
         deep_keys += (f"train.micro_batch_size={mbs[-1]}",)
     deepest = Option(deep, deep_keys)
+    # exact options first (offloading moves state, the numbers stay); a 4-bit base changes what the
+    # adapters train against, so auto takes it only when nothing exact fits
+    offloads = []
+    if hasattr(cfg.optimizer, "optimizer_cpu_offload") and not inputs.optimizer_offload_fraction:
+        offloads.append(({"optimizer_offload_fraction": 1.0},
+                         ("optimizer.optimizer_cpu_offload=true", "optimizer.optimizer_offload_fraction=1.0")))
+    if hasattr(cfg.model, "cpu_offloading") and not inputs.activation_offload_layers:
+        n = 8
+        offloads.append(({"activation_offload_layers": n},
+                         ("model.cpu_offloading=true", f"model.cpu_offloading_num_layers={n}")))
+    if len(offloads) == 2:
+        offloads.append(({**offloads[0][0], **offloads[1][0]}, offloads[0][1] + offloads[1][1]))
+    ladder += [Option({**deepest.changes, **ch}, deepest.overrides + keys) for ch, keys in offloads]
     if inputs.peft and inputs.base_bytes is None and _peft_key(cfg, "base_dtype"):
         ladder.append(Option({**deepest.changes, "base_bytes": NF4_BYTES_PER_PARAM},
                              deepest.overrides + ("peft.base_dtype=nf4",)))
-    if hasattr(cfg.optimizer, "optimizer_cpu_offload") and not inputs.optimizer_offload_fraction:
-        ladder.append(Option({**deepest.changes, "optimizer_offload_fraction": 1.0}, deepest.overrides + (
-            "optimizer.optimizer_cpu_offload=true", "optimizer.optimizer_offload_fraction=1.0")))
-    if hasattr(cfg.model, "cpu_offloading") and not inputs.activation_offload_layers:
-        n = 8
-        ladder.append(Option({**deepest.changes, "activation_offload_layers": n}, deepest.overrides + (
-            "model.cpu_offloading=true", f"model.cpu_offloading_num_layers={n}")))
     tp2 = inputs.tp * 2
     ladder.append(Option({"tp": tp2}, (f"model.tensor_model_parallel_size={tp2} on {tp2 * inputs.dp} GPUs",),
                          more_gpus=True))

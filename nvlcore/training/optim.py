@@ -18,7 +18,9 @@ ranks after the data-parallel reduction, so nothing is reduced over DP.
 
 from __future__ import annotations
 
+import sys
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
+
 import attrs
 
 if TYPE_CHECKING:
@@ -137,9 +139,10 @@ def local_optimizer(optimizer: "torch.optim.Optimizer") -> "torch.optim.Optimize
 
 def is_sharded(optimizer: Any) -> bool:
     """Whether the optimizer state is sharded over data-parallel ranks (``ZeroRedundancyOptimizer``)."""
-    from torch.distributed.optim import ZeroRedundancyOptimizer
-
-    return isinstance(optimizer, ZeroRedundancyOptimizer)
+    # Importing torch.distributed.optim costs seconds of CPU; an optimizer built as a
+    # ZeroRedundancyOptimizer has imported it already, so an absent module means "not sharded".
+    zero = sys.modules.get("torch.distributed.optim")
+    return zero is not None and isinstance(optimizer, zero.ZeroRedundancyOptimizer)
 
 
 def owns_parameter(optimizer: Any, param: "torch.Tensor") -> bool:

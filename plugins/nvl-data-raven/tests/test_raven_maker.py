@@ -115,12 +115,79 @@ def test_hub_id_and_local_path_take_the_same_call(monkeypatch, local_cauldron: P
 
     def spy(path, name=None, **kw):
         calls.append((path, name, kw["split"]))
+        assert ("data_files" in kw) == (path != "HuggingFaceM4/the_cauldron")  # a Hub id keeps its own cache key
         return real(str(local_cauldron), name, split=kw["split"], cache_dir=str(tmp_path))
 
     monkeypatch.setattr(datasets, "load_dataset", spy)
     assert len(RavenDataset()) == 2
     assert len(RavenDataset(path=str(local_cauldron))) == 2
     assert calls == [("HuggingFaceM4/the_cauldron", "raven", "train"), (str(local_cauldron), "raven", "train")]
+
+
+def cauldron_copy(root: Path, answers: list[str]) -> Path:
+    """A local the_cauldron copy at ``root`` whose raven rows answer ``answers``, one row each."""
+    from datasets import Dataset
+
+    rows = {"images": [[img(8, 8)] for _ in answers], "texts": [[{**TEXT, "assistant": a}] for a in answers]}
+    ds = Dataset.from_dict(rows, features=cauldron_features())
+    return write_hub_dataset(root, {"raven/train-00000-of-00001.parquet": ds}, {"raven": {"train": "raven/train-*"}})
+
+
+def answers(made: RavenDataset) -> list[str]:
+    return [made[i]["conversation"][1]["content"][0]["text"] for i in range(len(made))]
+
+
+def test_copies_named_alike_and_a_rewritten_copy_are_not_served_from_the_cache(tmp_path: Path) -> None:
+    """Issue 27: ``datasets`` keyed a local copy's cache by its folder name and file patterns."""
+    cache = str(tmp_path / "cache")
+    first = cauldron_copy(tmp_path / "a" / "the_cauldron", ["a0", "a1", "a2"])
+    second = cauldron_copy(tmp_path / "b" / "the_cauldron", [f"b{i}" for i in range(5)])
+    assert answers(RavenDataset(path=str(first), cache_dir=cache)) == ["a0", "a1", "a2"]
+    assert answers(RavenDataset(path=str(second), cache_dir=cache)) == [f"b{i}" for i in range(5)]
+    cauldron_copy(first, [f"c{i}" for i in range(7)])  # rewritten in place
+    assert answers(RavenDataset(path=str(first), cache_dir=cache)) == [f"c{i}" for i in range(7)]
+    prepared = sorted(p.name for p in (tmp_path / "cache" / "the_cauldron").iterdir())
+    assert answers(RavenDataset(path=str(first), cache_dir=cache)) == [f"c{i}" for i in range(7)]
+    assert sorted(p.name for p in (tmp_path / "cache" / "the_cauldron").iterdir()) == prepared  # a cache hit
+
+
+def test_a_rewrite_that_keeps_the_mtime_is_seen_by_its_size(tmp_path: Path) -> None:
+    import os
+
+    cache = str(tmp_path / "cache")
+    copy = cauldron_copy(tmp_path / "the_cauldron", ["x0"])
+    data = copy / "raven" / "train-00000-of-00001.parquet"
+    assert answers(RavenDataset(path=str(copy), cache_dir=cache)) == ["x0"]
+    stamp = data.stat()
+    cauldron_copy(copy, ["y0", "y1"])
+    os.utime(data, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))  # as ``cp -p`` / ``rsync -a`` may leave it
+    assert answers(RavenDataset(path=str(copy), cache_dir=cache)) == ["y0", "y1"]
+
+
+def test_nvl_data_preview_shows_the_copy_asked_for(tmp_path: Path) -> None:
+    import json
+
+    from click.testing import CliRunner
+
+    from nvlcore.cli import build_cli
+
+    runner = CliRunner()
+    toy = tmp_path / "toy"
+    assert runner.invoke(build_cli(), ["toy-model", str(toy)]).exit_code == 0
+
+    def preview(copy: Path) -> list[str]:
+        kwargs = json.dumps({"path": str(copy), "cache_dir": str(tmp_path / "cache")})
+        result = runner.invoke(build_cli(), ["data", "preview", "raven", "--maker-kwargs", kwargs, "-n", "10",
+                                             "--hf-model-path", str(toy), "--json"])
+        assert result.exit_code == 0, result.output
+        return [json.loads(line)["target"] for line in result.stdout.splitlines()]
+
+    first = cauldron_copy(tmp_path / "a" / "the_cauldron", ["A", "B", "C"])
+    second = cauldron_copy(tmp_path / "b" / "the_cauldron", ["D", "E", "F", "G", "H"])
+    assert preview(first) == ["A", "B", "C"]
+    assert preview(second) == ["D", "E", "F", "G", "H"]
+    cauldron_copy(first, ["H", "G", "F", "E", "D", "C", "B"])
+    assert preview(first) == ["H", "G", "F", "E", "D", "C", "B"]
 
 
 def test_registered_under_name_and_alias() -> None:
