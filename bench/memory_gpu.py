@@ -50,9 +50,9 @@ ROWS: dict[str, dict[str, Any]] = {
                              fit={"dataset.packing": "best_fit", "train.memory_plan": "auto"}),
     "cord_48": dict(workload="cord", method="lora", seq=4096, budget_gb=48, baseline={},
                     fit={"train.memory_plan": "auto"}),
-    "qlora_24": dict(workload="cord", method="qlora", seq=4096, budget_gb=24, baseline={},
+    "qlora_24": dict(workload="cord", method="qlora", seq=4096, budget_gb=24, baseline={}, vision_adapters=True,
                      fit={"peft.base_dtype": "nf4", "train.memory_plan": "auto"}),
-    "qlora_text_24": dict(workload="text", method="qlora", seq=4096, budget_gb=24, baseline={},
+    "qlora_text_24": dict(workload="text", method="qlora", seq=4096, budget_gb=24, baseline={}, vision_adapters=True,
                           fit={"peft.base_dtype": "nf4", "train.memory_plan": "auto"}),
     "full_tp2_80": dict(workload="text", method="full", seq=4096, budget_gb=80, tp=2, baseline={},
                         fit={"train.memory_plan": "auto"}),
@@ -114,10 +114,11 @@ def run_row(args: argparse.Namespace, name: str, row: dict[str, Any], model_dir:
                                     extra_args=extra, name_suffix=f"-{name}-baseline")
     base = baselines[key]
     emulated = bool(total_gb and total_gb > row["budget_gb"])
+    fit_options = {**row["fit"], "train.memory_budget_gb": str(row["budget_gb"])}  # the plan sizes the run for it
     if emulated:
         os.environ["NVL_BENCH_MEMORY_FRACTION"] = f"{row['budget_gb'] / total_gb:.4f}"
     try:
-        rec = fg.run_nvl(args, model_dir, data, row["workload"], method, row["fit"], work, seq,
+        rec = fg.run_nvl(args, model_dir, data, row["workload"], method, fit_options, work, seq,
                          extra_args=extra, name_suffix=f"-{name}")
     finally:
         os.environ.pop("NVL_BENCH_MEMORY_FRACTION", None)
