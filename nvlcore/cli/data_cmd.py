@@ -217,7 +217,9 @@ def _preview_packing(name: str, split: str, dataset: Any, processor: Any, *, mod
                 sample = processor(dataset[index], where=where)
             except Exception as exc:  # shown, left out of the packing; the exit status says so
                 failures += 1
-                msg = f"{type(exc).__name__}: {exc}"
+                from nvlcore.cli.errors import one_line
+
+                msg = one_line(exc)
                 click.echo(json.dumps({"index": index, "row": row, "error": msg}) if as_json
                            else f"example {index} ({where}): ERROR: {msg}")
                 continue

@@ -162,7 +162,9 @@ def eval_command(**params: Any) -> None:
     except (EvalError, FileNotFoundError, ValueError, KeyError, TypeError, NotImplementedError) as exc:
         rank = os.environ.get("RANK")
         where = f"rank {rank}: " if rank not in (None, "0") else ""
-        raise click.ClickException(f"{where}{type(exc).__name__}: {exc.args[0] if exc.args else exc}") from None
+        from nvlcore.cli.errors import one_line
+
+        raise click.ClickException(f"{where}{one_line(exc)}") from None
 
 
 def _score_file(params: dict[str, Any], metrics: Any, maker_name: str) -> None:
