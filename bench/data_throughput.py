@@ -46,11 +46,12 @@ def load_average() -> str:
 
 def make_inputs(root: Path) -> tuple[Path, Path, Path]:
     """A model dir (config.json + toy tokenizer), a 1920x1080 JPEG and a 10 s mp4."""
+    import sys
+
     import numpy as np
     from PIL import Image
 
     from nvl_nemotron_vl.toy_tokenizer import write_toy_tokenizer
-    import sys
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "support"))  # the tests' support
     from nvl_data_testing import write_test_video

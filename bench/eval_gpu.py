@@ -72,7 +72,8 @@ def receipt(i: int, rng: random.Random) -> tuple[Any, dict[str, Any]]:
 
 
 def write_cord_like(root: Path, n: int, seed: int = 0) -> Path:
-    from datasets import Dataset, Features, Image as HFImage, Value
+    from datasets import Dataset, Features, Value
+    from datasets import Image as HFImage
 
     sys.path.insert(0, str(ROOT / "tests" / "support"))  # the tests' support modules (not installed)
     from nvl_data_testing import write_hub_dataset

@@ -111,7 +111,8 @@ def _words(n: int, seed: int) -> str:
 
 def write_cord(root: Path, n: int) -> Path:
     """A local copy of naver-clova-ix/cord-v2 (parquet: image + JSON-string ground_truth): tall receipts."""
-    from datasets import Dataset, Features, Image as HFImage, Value
+    from datasets import Dataset, Features, Value
+    from datasets import Image as HFImage
     from PIL import Image, ImageDraw
 
     sys.path.insert(0, str(ROOT / "tests" / "support"))  # the tests' support modules (not installed)
@@ -136,7 +137,8 @@ def write_cord(root: Path, n: int) -> Path:
 
 def write_medpix(root: Path, n: int) -> Path:
     """A local copy of mmoukouba/MedPix-VQA (parquet; ``image_id`` is the image): 512x512 scans."""
-    from datasets import Dataset, Features, Image as HFImage, Value
+    from datasets import Dataset, Features, Value
+    from datasets import Image as HFImage
     from PIL import Image, ImageDraw
 
     sys.path.insert(0, str(ROOT / "tests" / "support"))  # the tests' support modules (not installed)
@@ -258,9 +260,8 @@ class BenchText:
 def child_main(argv: list[str]) -> int:
     """Run ``nvl finetune ARGV`` in this process with the bench's text maker registered."""
     from nvlcore.cli import build_cli
-    from nvlcore.plugins import get_plugin_manager
-
     from nvlcore.hookspecs import hookimpl
+    from nvlcore.plugins import get_plugin_manager
 
     class BenchPlugin:
         @hookimpl
@@ -300,9 +301,9 @@ def _profile_one_step(iteration: int, out: Path) -> None:
             return _trace_syncs(lambda: original(self, micro_batches), out.with_name(out.stem + "_syncs.txt"))
         if count["n"] != iteration:
             return original(self, micro_batches)
-        from torch.profiler import ProfilerActivity, profile
-
         import time
+
+        from torch.profiler import ProfilerActivity, profile
 
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
             t0 = time.perf_counter()
@@ -389,7 +390,7 @@ class GpuMemorySampler:
                 return
             self._stop.wait(1.0)
 
-    def __enter__(self) -> "GpuMemorySampler":
+    def __enter__(self) -> GpuMemorySampler:
         self._t.start()
         return self
 
@@ -528,8 +529,8 @@ def run_peer(args: argparse.Namespace, seq: int) -> dict[str, Any]:
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     try:
-        from peft import LoraConfig, get_peft_model
         import transformers
+        from peft import LoraConfig, get_peft_model
 
         rec["versions"] = {"transformers": transformers.__version__}
         cfg = nvl_config(args.size)

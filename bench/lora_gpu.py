@@ -342,7 +342,8 @@ def main(argv: list[str] | None = None) -> int:
         "dtype": "bf16" if device.type == "cuda" else "fp32",
     }
     try:
-        import transformers, peft  # noqa: E401
+        import peft
+        import transformers  # noqa: E401
 
         record["machine"].update(transformers=transformers.__version__, peft=peft.__version__)
     except ImportError:

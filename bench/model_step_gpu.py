@@ -35,8 +35,9 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 # run from a checkout without installing; the reference models are the tests' support modules
@@ -119,10 +120,10 @@ def toy_token_ids() -> dict[str, int]:
 def correctness_checks(device) -> dict[str, Any]:
     """Device-side parity of the tiny toy against transformers (fp32), the scan against the recurrence."""
     import torch
+    from nemotron_vl_testing import HFReferenceVLM, random_sequences
 
     from nvl_nemotron_vl.bridge import NemotronVLBridge
     from nvl_nemotron_vl.model.ssd import ssd_scan_reference, ssd_scan_sequential
-    from nemotron_vl_testing import HFReferenceVLM, random_sequences
     from nvl_nemotron_vl.toy import write_toy_checkpoint
 
     out: dict[str, Any] = {}
@@ -362,8 +363,8 @@ def main(argv: list[str] | None = None) -> int:
     from nvl_nemotron_vl.config import NemotronVLConfig
     from nvl_nemotron_vl.flops import batch_train_flops
     from nvl_nemotron_vl.model import build_model
-    from nvlcore.parallel import init_parallel
     from nvl_nemotron_vl.toy import num_prefix_tokens, toy_config
+    from nvlcore.parallel import init_parallel
 
     init_parallel(1)
     stem = f"model_step_{args.size if not args.hf_dir else 'hf'}_{device.type}_{dt.date.today().isoformat()}"

@@ -14,7 +14,6 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-
 #: ``owner/name`` as the Hub spells repository ids (letters, digits, ``-``, ``_``, ``.``).
 HUB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 

@@ -28,7 +28,8 @@ import os
 import re
 import sys
 import traceback
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import attrs
 

@@ -40,7 +40,8 @@ Example (a dataset maker plugin's test)::
 from __future__ import annotations
 
 import importlib.metadata as md
-from typing import Any, Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 
 import pytest
 

@@ -430,7 +430,8 @@ def test_documented_forms_through_a_real_shell(tmp_path: Path) -> None:
 
 
 def test_coerce_handles_abstract_and_tuple_types() -> None:
-    from typing import Literal, Mapping, Sequence
+    from collections.abc import Mapping, Sequence
+    from typing import Literal
 
     from nvlcore.config.structure import coerce
 
@@ -483,7 +484,6 @@ def test_config_options_decorator_for_other_commands(plugins: None, tmp_path: Pa
 def test_cli_config_show_says_core_defaults_and_shows_the_recipe_with_a_model(tmp_path: Path) -> None:
     """Issue 17 item 14: `config show` matches `finetune --print-config` when given the model."""
     from nvl_nemotron_vl.toy import write_toy_checkpoint
-
     from nvlcore.cli import build_cli
 
     runner = click.testing.CliRunner()

@@ -23,8 +23,9 @@ from __future__ import annotations
 import ast
 import io
 import tokenize
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 import attrs
 import pytest

@@ -57,10 +57,10 @@ def test_distributed_optimizer_shards_the_state_matches_unsharded_and_resumes(hf
     state on each rank, gives the losses of the unsharded run, writes the same checkpoint (every
     rank writes the state it owns) and resumes to the uninterrupted losses."""
     import torch
-
-    from nvlcore.checkpoint import open_checkpoint
-    from nvl_dist_testing import run_distributed
     from dist_worker import train
+
+    from nvl_dist_testing import run_distributed
+    from nvlcore.checkpoint import open_checkpoint
 
     plain, sharded, resumed = tmp_path / "plain", tmp_path / "sharded", tmp_path / "resumed"
     lines_plain = run_distributed(train, 2, str(hf), [*SHORT, "ddp.use_distributed_optimizer=false",
@@ -104,8 +104,9 @@ def test_distributed_optimizer_shards_the_state_matches_unsharded_and_resumes(hf
 def test_distributed_optimizer_at_tp2_dp2_matches_one_process_and_its_checkpoint_resumes_there(hf, tmp_path):
     """Four gloo ranks (TP 2 x DP 2, state sharded over each DP group): the losses of one process; its
     checkpoint (TP-sharded and DP-sharded optimizer state) resumes on one process, unsharded."""
-    from nvl_dist_testing import run_distributed
     from dist_worker import train
+
+    from nvl_dist_testing import run_distributed
 
     one, four, back = tmp_path / "one", tmp_path / "four", tmp_path / "back"
     train_here(hf, *SHORT, f"checkpoint.save={one}")
@@ -125,9 +126,9 @@ def test_distributed_optimizer_at_tp2_dp2_matches_one_process_and_its_checkpoint
 @pytest.mark.distributed
 def test_data_parallel_random_init_seeds_each_rank_differently(hf, tmp_path):
     import torch
+    from dist_worker import train
 
     from nvl_dist_testing import run_distributed
-    from dist_worker import train
 
     states = {}
     for flag in (False, True):
@@ -145,8 +146,9 @@ def test_data_parallel_random_init_seeds_each_rank_differently(hf, tmp_path):
 # -- checkpoint.fully_parallel_save -----------------------------------------------------------------
 @pytest.mark.distributed
 def test_fully_parallel_save_spreads_replicated_writes(tmp_path):
-    from nvl_dist_testing import run_distributed
     from dist_worker import save_replicated
+
+    from nvl_dist_testing import run_distributed
 
     sizes = {}
     for spread in (True, False):
@@ -204,8 +206,9 @@ def test_async_save_run_writes_the_checkpoints_of_a_sync_run(hf, tmp_path):
 @pytest.mark.distributed
 def test_async_save_with_two_ranks(hf, tmp_path):
     """Two gloo ranks: the background writes use a process group of their own while training goes on."""
-    from nvl_dist_testing import run_distributed
     from dist_worker import train
+
+    from nvl_dist_testing import run_distributed
 
     one, two = tmp_path / "one", tmp_path / "two"
     train_here(hf, *SHORT, f"checkpoint.save={one}")

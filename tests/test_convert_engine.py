@@ -17,9 +17,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from nvlcore import hookimpl
+from nvlcore.bridge import ModelBridge
 from nvlcore.checkpoint import Checkpoint, open_checkpoint, save_checkpoint
 from nvlcore.convert import ConversionGroup
-from nvlcore.bridge import ModelBridge
 from nvlcore.convert import engine as engine_mod
 from nvlcore.convert.engine import ConversionError, export_hf_checkpoint, import_hf_checkpoint
 

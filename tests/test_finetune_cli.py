@@ -47,7 +47,8 @@ def raven(tmp_path_factory) -> Path:
     """24 rows in the_cauldron/raven's schema: 1-2 images each, a question, a letter answer tied to the colour."""
     import random
 
-    from datasets import Dataset, Features, Image as HFImage, List, Value
+    from datasets import Dataset, Features, List, Value
+    from datasets import Image as HFImage
     from PIL import Image
 
     from nvl_data_testing import write_hub_dataset

@@ -232,8 +232,9 @@ def test_bf16_moments_under_the_distributed_optimizer_resume_bit_for_bit(hf, tmp
     """Two gloo ranks, the state sharded over them (ZeroRedundancyOptimizer around the lean AdamW): the run
     resumes to the uninterrupted losses."""
     moments = BF16
-    from nvl_dist_testing import run_distributed
     from dist_worker import train
+
+    from nvl_dist_testing import run_distributed
 
     whole, resumed = tmp_path / "whole", tmp_path / "resumed"
     lines = run_distributed(train, 2, str(hf), [*SHORT, *moments, f"checkpoint.save={whole}"])[0]

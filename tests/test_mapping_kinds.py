@@ -4,10 +4,10 @@ round trip, HF loading, the TP split and the checkpoint layout, and the core nev
 from __future__ import annotations
 
 import json
-
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Mapping
+from typing import Any, ClassVar
 
 import pytest
 import torch
@@ -158,8 +158,8 @@ def _hf_dir(example: Any, path: Path) -> Path:
 
 def _round_trip(bridge_cls: type, hf: Path, work: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     from nvlcore.checkpoint import open_checkpoint
-    from nvlcore.convert.safetensors_io import SafetensorsReader
     from nvlcore.convert.engine import export_hf_checkpoint, import_hf_checkpoint
+    from nvlcore.convert.safetensors_io import SafetensorsReader
 
     bridge = bridge_cls.from_hf_dir(hf)
     import_hf_checkpoint(bridge, hf, work / "mg", tp=2, progress=False)

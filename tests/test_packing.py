@@ -142,7 +142,8 @@ def toy(tmp_path_factory) -> Path:
 def raven(tmp_path_factory) -> Path:
     import random
 
-    from datasets import Dataset, Features, Image as HFImage, List, Value
+    from datasets import Dataset, Features, List, Value
+    from datasets import Image as HFImage
     from PIL import Image
 
     from nvl_data_testing import write_hub_dataset

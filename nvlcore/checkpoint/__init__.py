@@ -41,8 +41,8 @@ from nvlcore.checkpoint.layout import (
     read_tracker,
     resolve_checkpoint_dir,
 )
-from nvlcore.checkpoint.lock import RunDirectoryLocked, RunLock
 from nvlcore.checkpoint.load import Checkpoint, CheckpointKeyError, load_model_state, open_checkpoint
+from nvlcore.checkpoint.lock import RunDirectoryLocked, RunLock
 from nvlcore.checkpoint.rng import capture_rng_state, restore_rng_state
 from nvlcore.checkpoint.save import (
     CheckpointSaveError,

@@ -18,8 +18,9 @@ import shutil
 import socket
 import sys
 import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from nvlcore.checkpoint.layout import OLD_MARK, TMP_MARK
 

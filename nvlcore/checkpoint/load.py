@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Mapping
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
@@ -183,11 +184,11 @@ class Checkpoint:
     # -- tensors ----------------------------------------------------------------------------------
     def load(
         self,
-        template: Mapping[str, "torch.Tensor"] | Iterable[str] | None = None,
+        template: Mapping[str, torch.Tensor] | Iterable[str] | None = None,
         *,
         state: str | None = None,
         group: Any = None,
-    ) -> dict[str, "torch.Tensor"]:
+    ) -> dict[str, torch.Tensor]:
         """Load tensors of the model (or of sharded ``state``).
 
         :param template: ``None`` for every tensor in full; an iterable of keys for those in full; or a
@@ -256,9 +257,9 @@ def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
 
 def load_model_state(
     path: str | os.PathLike[str],
-    template: Mapping[str, "torch.Tensor"] | Iterable[str] | None = None,
+    template: Mapping[str, torch.Tensor] | Iterable[str] | None = None,
     *,
     group: Any = None,
-) -> dict[str, "torch.Tensor"]:
+) -> dict[str, torch.Tensor]:
     """Load model tensors from a checkpoint path: all in full, some keys in full, or into a template."""
     return Checkpoint(path).load(template, group=group)

@@ -14,8 +14,8 @@ from typing import Any
 import click
 
 from nvlcore.bridge import resolve_bridge
-from nvlcore.cli.spelling import declare_aliases
 from nvlcore.cli.options import model_options
+from nvlcore.cli.spelling import declare_aliases
 
 #: The original scripts' short spellings (scripts/conversion/convert.sh: -tp/-pp/-ep/-etp).
 CONVERT_ALIASES = {"-tp": "--tp", "-pp": "--pp", "-ep": "--ep", "-etp": "--etp"}

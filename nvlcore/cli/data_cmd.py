@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import click
 
@@ -30,8 +31,8 @@ def _parse_kwargs(text: str | None) -> dict[str, Any]:
 
 
 def _make_dataset(name: str, split: str, kwargs: dict[str, Any]) -> tuple[str, Any]:
-    from nvlcore.config import ConfigError, build, maker_kwargs_schema
     from nvlcore.cli import current_plugin_manager
+    from nvlcore.config import ConfigError, build, maker_kwargs_schema
     from nvlcore.registry import RegistryError
 
     registry = current_plugin_manager().registry("dataset_maker")

@@ -11,13 +11,14 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import click
 
-from nvlcore.cli.options import CONFIG_CONTEXT_SETTINGS, config_options, model_options
 from nvlcore.cli.generate import resolve_bridge, sampling_params
+from nvlcore.cli.options import CONFIG_CONTEXT_SETTINGS, config_options, model_options
 from nvlcore.cli.plugin_options import PluginOptionsCommand
 
 MODULE = "nvlcore.cli.eval_cmd"

@@ -14,8 +14,8 @@ from typing import Any
 
 import click
 
-from nvlcore.cli.plugin_options import PluginOptionsCommand
 from nvlcore.cli.options import model_options
+from nvlcore.cli.plugin_options import PluginOptionsCommand
 
 
 def _parse_options(values: tuple[str, ...]) -> dict[str, Any]:

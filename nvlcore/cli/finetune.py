@@ -18,8 +18,9 @@ from __future__ import annotations
 import os
 import signal
 import sys
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import click
 
@@ -197,11 +198,9 @@ def finetune_command(**params: Any) -> None:
 
         nvl finetune --hf-model-path HF --pretrained-checkpoint CKPT checkpoint.save=out dataset.maker_name=raven
     """
+    from nvlcore.cli import current_plugin_manager, global_flag
     from nvlcore.config import ConfigError, config_to_yaml, resolve_config
     from nvlcore.parallel import die_with_parent, launched_by_torchrun
-    from nvlcore.cli import current_plugin_manager
-
-    from nvlcore.cli import global_flag
 
     overrides = list(params.pop("overrides"))
     params.pop("revision", None)  # used by --hf-model-path's resolution
@@ -264,7 +263,6 @@ def finetune_command(**params: Any) -> None:
             raise
         from nvlcore.checkpoint import RunDirectoryLocked
         from nvlcore.checkpoint.save import NoSpaceError
-
         from nvlcore.cli.errors import one_line
         from nvlcore.training.memory import MemoryPlanError
         from nvlcore.training.oom import describe, fitting_options, is_out_of_memory

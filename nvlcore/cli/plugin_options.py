@@ -14,7 +14,8 @@ when a command that takes its options is parsed, not by ``nvl --help``.
 from __future__ import annotations
 
 import weakref
-from typing import Any, ClassVar, Mapping
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
 import attrs
 import click

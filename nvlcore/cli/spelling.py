@@ -20,7 +20,8 @@ from __future__ import annotations
 import difflib
 import re
 import unicodedata
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import click
 

@@ -8,8 +8,9 @@ method's own fields, logger and bridge names) validate against the selected plug
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 import attrs
 import yaml

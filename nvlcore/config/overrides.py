@@ -23,7 +23,8 @@ bools, ``null``/``~`` is None, anything else is a string. Quote a value to keep 
 from __future__ import annotations
 
 import re
-from typing import Any, NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import yaml
 

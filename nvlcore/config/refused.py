@@ -83,7 +83,7 @@ REFUSED: tuple[Refusal, ...] = (
 REFUSED_KEYS: dict[str, Refusal] = {r.key: r for r in REFUSED}
 
 
-def config_value(cfg: "NvlConfig", key: str) -> Any:
+def config_value(cfg: NvlConfig, key: str) -> Any:
     """The value at a dotted key of ``cfg`` (``section.field`` or a top-level field)."""
     obj: Any = cfg
     for part in key.split("."):
@@ -97,7 +97,7 @@ def _same(value: Any, supported: Any) -> bool:
     return value == supported
 
 
-def check_refused(cfg: "NvlConfig") -> None:
+def check_refused(cfg: NvlConfig) -> None:
     """Raise :class:`~nvlcore.config.ConfigError` on the first refused value, on ``peft.*`` settings
     given without a PEFT method, or on ``optimizer.bf16=false`` under ``mixed_precision=bf16_mixed``
     (they would be ignored).
@@ -157,7 +157,7 @@ def check_refused(cfg: "NvlConfig") -> None:
                               "or remove it", key=f"peft.{name}")
 
 
-def _check_precision_aware(cfg: "NvlConfig") -> None:
+def _check_precision_aware(cfg: NvlConfig) -> None:
     """megatron-core's rule: moment dtypes other than fp32 need the precision-aware optimizer, which is Adam's."""
     from nvlcore.config.structure import ConfigError
 

@@ -13,7 +13,8 @@ import pathlib
 import re
 import types
 import typing
-from typing import Any, Callable, Iterable, Literal, Mapping, Union
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Literal, Union
 
 import attrs
 

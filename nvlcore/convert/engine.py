@@ -22,10 +22,11 @@ import resource
 import shutil
 import sys
 import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 from nvlcore.checkpoint import (
     StreamedState,
@@ -175,7 +176,7 @@ def read_hf_config(hf_dir: str | os.PathLike[str]) -> dict[str, Any]:
         raise ConversionError(str(exc)) from None
 
 
-def _dtype_from_name(name: Any) -> "torch.dtype | None":
+def _dtype_from_name(name: Any) -> torch.dtype | None:
     import torch
 
     if not isinstance(name, str):
@@ -184,7 +185,7 @@ def _dtype_from_name(name: Any) -> "torch.dtype | None":
     return d if isinstance(d, torch.dtype) else None
 
 
-def parse_dtype(name: str | None) -> "torch.dtype | None":
+def parse_dtype(name: str | None) -> torch.dtype | None:
     if name is None:
         return None
     d = _dtype_from_name(name)
@@ -193,7 +194,7 @@ def parse_dtype(name: str | None) -> "torch.dtype | None":
     return d
 
 
-def main_dtype(config: Mapping[str, Any], specs: Mapping[str, TensorSpec]) -> "torch.dtype | None":
+def main_dtype(config: Mapping[str, Any], specs: Mapping[str, TensorSpec]) -> torch.dtype | None:
     """The model's dtype: config ``torch_dtype`` (or ``dtype``), else the floating dtype holding most bytes."""
     for key in ("torch_dtype", "dtype"):
         d = _dtype_from_name(config.get(key))
@@ -202,7 +203,7 @@ def main_dtype(config: Mapping[str, Any], specs: Mapping[str, TensorSpec]) -> "t
     return dominant_float_dtype(specs.values())
 
 
-def dominant_float_dtype(specs: Any) -> "torch.dtype | None":
+def dominant_float_dtype(specs: Any) -> torch.dtype | None:
     by: dict[Any, int] = {}
     for s in specs:
         if s.dtype.is_floating_point:
@@ -210,7 +211,7 @@ def dominant_float_dtype(specs: Any) -> "torch.dtype | None":
     return max(by, key=by.__getitem__) if by else None
 
 
-def _meta(specs: Mapping[str, TensorSpec]) -> dict[str, "torch.Tensor"]:
+def _meta(specs: Mapping[str, TensorSpec]) -> dict[str, torch.Tensor]:
     import torch
 
     return {k: torch.empty(s.shape, dtype=s.dtype, device="meta") for k, s in specs.items()}
@@ -305,9 +306,9 @@ def _bridge_name(bridge: Any) -> str:
 
 def iter_hf_to_checkpoint(
     groups: Sequence[ConversionGroup],
-    read: Callable[[Sequence[str]], Mapping[str, "torch.Tensor"]],
-    cast: Callable[[str, "torch.Tensor"], "torch.Tensor"] | None = None,
-) -> Iterator[tuple[ConversionGroup, dict[str, "torch.Tensor"]]]:
+    read: Callable[[Sequence[str]], Mapping[str, torch.Tensor]],
+    cast: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
+) -> Iterator[tuple[ConversionGroup, dict[str, torch.Tensor]]]:
     """Yield ``(group, {checkpoint_key: tensor})`` group by group, reading HF tensors with ``read``."""
     for g in groups:
         hf = dict(read(g.hf_keys))
@@ -318,8 +319,8 @@ def iter_hf_to_checkpoint(
 
 def iter_checkpoint_to_hf(
     groups: Sequence[ConversionGroup],
-    load: Callable[[Sequence[str]], Mapping[str, "torch.Tensor"]],
-) -> Iterator[tuple[ConversionGroup, dict[str, "torch.Tensor"]]]:
+    load: Callable[[Sequence[str]], Mapping[str, torch.Tensor]],
+) -> Iterator[tuple[ConversionGroup, dict[str, torch.Tensor]]]:
     """Yield ``(group, {hf_key: tensor})`` group by group, loading checkpoint tensors with ``load``."""
     for g in groups:
         yield g, g.to_hf(dict(load(g.checkpoint_keys)))
@@ -370,7 +371,7 @@ def import_hf_checkpoint(
 
     src_main = main_dtype(config, hf_specs)
 
-    def cast_dtype(spec: TensorSpec) -> "torch.dtype":
+    def cast_dtype(spec: TensorSpec) -> torch.dtype:
         # --dtype converts the model's own dtype; tensors the source keeps in another dtype (fp32
         # buffers such as a vision encoder's input norm_mean) stay as they are, so nothing is silently rounded.
         if target is not None and spec.dtype == src_main and spec.dtype.is_floating_point:
@@ -395,7 +396,7 @@ def import_hf_checkpoint(
     bar = Progress(sum(s.nbytes for s in ck_specs.values()), "import", progress)
     cache: dict[str, torch.Tensor] = {}
 
-    def produce(key: str) -> "torch.Tensor":
+    def produce(key: str) -> torch.Tensor:
         if key not in cache:
             g = groups[owner[key]]
             hf = reader.read(g.hf_keys)
@@ -557,7 +558,7 @@ def export_hf_checkpoint(
         ck_specs[k] for g, s in use if s == "checkpoint" and not g.carried for k in g.checkpoint_keys
     ) or src_main
 
-    def out_dtype(k: str) -> "torch.dtype":
+    def out_dtype(k: str) -> torch.dtype:
         s = src_specs[k].dtype
         return ck_main if (s == src_main and s.is_floating_point) else s
 

@@ -25,7 +25,8 @@ from __future__ import annotations
 import io
 import logging
 from collections import Counter
-from typing import Any, ClassVar, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, ClassVar
 
 import attrs
 

@@ -10,8 +10,9 @@ makers' tests): importing this module is cheap.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 SUMMARY_KEYS = {"metrics", "num_samples", "tokens_per_s", "seconds"}
 RECORD_KEYS = {"id", "prediction", "reference", "scores"}

@@ -22,8 +22,9 @@ import json
 import math
 import os
 import sys
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping, TextIO
+from typing import Any, TextIO
 
 
 def _fmt_eta(seconds: float | None) -> str:

@@ -28,7 +28,8 @@ import math
 import signal
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import attrs
 
@@ -68,7 +69,7 @@ class TrainState:
         return d
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "TrainState":
+    def from_dict(cls, d: Mapping[str, Any]) -> TrainState:
         names = {f.name for f in attrs.fields(cls)}
         kwargs = {k: v for k, v in d.items() if k in names}
         if "iteration" not in kwargs and "step" in d:
@@ -96,7 +97,7 @@ class StepResult:
         return self.loss_sum / self.supervised_tokens if self.supervised_tokens > 0 else float("nan")
 
 
-def move_batch(batch: Mapping[str, Any], device: "torch.device") -> dict[str, Any]:
+def move_batch(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
     """Tensors to ``device`` (non-blocking from pinned memory); other values unchanged."""
     import torch
 
@@ -203,10 +204,10 @@ class Trainer:
     def __init__(
         self,
         *,
-        model: "torch.nn.Module",
-        ctx: "ParallelContext",
-        optimizer: "torch.optim.Optimizer",
-        named_params: Sequence[tuple[str, "torch.nn.Parameter"]],
+        model: torch.nn.Module,
+        ctx: ParallelContext,
+        optimizer: torch.optim.Optimizer,
+        named_params: Sequence[tuple[str, torch.nn.Parameter]],
         lr_schedule: LRSchedule,
         wd_schedule: WeightDecaySchedule,
         settings: LoopSettings,
@@ -251,7 +252,7 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.ctx.device.type, dtype=self.settings.autocast_dtype)
 
-    def forward_loss(self, batch: Mapping[str, Any]) -> tuple["torch.Tensor", "torch.Tensor"]:
+    def forward_loss(self, batch: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         """``(sum of loss * loss_mask, sum of loss_mask)`` of one micro-batch already on the device."""
         import torch
 
@@ -507,11 +508,11 @@ class Trainer:
 
 
 def evaluate(
-    model: "torch.nn.Module",
+    model: torch.nn.Module,
     batches: Iterator[Mapping[str, Any]],
     *,
     num_batches: int,
-    ctx: "ParallelContext",
+    ctx: ParallelContext,
     autocast_dtype: Any = None,
 ) -> tuple[float, float]:
     """Token-weighted validation loss over ``num_batches`` micro-batches per rank: ``(loss_sum, tokens)``."""

@@ -16,8 +16,9 @@ character per token. Torch and megatron are imported inside functions only, as n
 from __future__ import annotations
 
 import random
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, ClassVar, Mapping, Sequence
+from typing import Any, ClassVar
 
 from nvlcore.bridge import ModelBridge
 from nvlcore.hookspecs import hookimpl

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from nvlcore.data.makers import SplitNotAvailableError
-from nvl_data_testing import write_hub_dataset
 from nvl_data_cord_v2.maker import CordV2Dataset, json2token, target_text
+from nvl_data_testing import write_hub_dataset
+from nvlcore.data.makers import SplitNotAvailableError
 
 PARSE = {"total": {"total_price": "45,500"}, "menu": [{"nm": "A", "price": "1"}]}
 PARSE_TOKENS = "<s_total><s_total_price>45,500</s_total_price></s_total><s_menu><s_price>1</s_price><s_nm>A</s_nm></s_menu>"
@@ -36,7 +36,8 @@ def gt(parse=None, parses=None, **extra) -> str:
 
 
 def cord_split(rows):
-    from datasets import Dataset, Features, Image as HFImage, Value
+    from datasets import Dataset, Features, Value
+    from datasets import Image as HFImage
 
     feats = Features({"image": HFImage(), "ground_truth": Value("string")})
     return Dataset.from_dict({"image": [r[0] for r in rows], "ground_truth": [r[1] for r in rows]}, features=feats)
@@ -135,7 +136,7 @@ def test_token2json_inverts_json2token() -> None:
 
 
 def test_cord_metrics_hand_computed_one_field_differs() -> None:
-    from nvl_data_cord_v2.metrics import CordMetrics, tree_distance, normalize_dict
+    from nvl_data_cord_v2.metrics import CordMetrics, normalize_dict, tree_distance
 
     ref = json2token({"menu": [{"nm": "A", "price": "1,000"}, {"nm": "B", "price": "2,000"}],
                       "total": {"total_price": "3,000"}})

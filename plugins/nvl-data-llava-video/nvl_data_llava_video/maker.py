@@ -16,8 +16,9 @@ file, when a turn has an unknown speaker, or when no answer is left.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, ClassVar, Mapping
+from typing import Any, ClassVar
 
 import attrs
 

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from nvlcore.data.makers import SplitNotAvailableError
-from nvl_data_testing import write_hub_dataset, write_test_video
 from nvl_data_llava_video.maker import LlavaVideo178kDataset
+from nvl_data_testing import write_hub_dataset, write_test_video
+from nvlcore.data.makers import SplitNotAvailableError
 
 REL = "NextQA/NExTVideo/0000/2440175990.mp4"
 

@@ -7,13 +7,14 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from nvlcore.data.makers import SplitNotAvailableError
-from nvl_data_testing import write_hub_dataset
 from nvl_data_medpix.maker import MedPixDataset
+from nvl_data_testing import write_hub_dataset
+from nvlcore.data.makers import SplitNotAvailableError
 
 
 def medpix_split(rows):
-    from datasets import Dataset, Features, Image as HFImage, Value
+    from datasets import Dataset, Features, Value
+    from datasets import Image as HFImage
 
     feats = Features({"image_id": HFImage(), "mode": Value("string"), "case_id": Value("string"),
                       "question": Value("string"), "answer": Value("string")})

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from nvlcore.data.makers import NoUsableRowsError, SplitNotAvailableError
-from nvl_data_testing import write_hub_dataset
 from nvl_data_raven.maker import RavenDataset
+from nvl_data_testing import write_hub_dataset
+from nvlcore.data.makers import NoUsableRowsError, SplitNotAvailableError
 
 TEXT = {"user": "Which figure completes the sequence? Answer with the letter.", "assistant": "B", "source": "raven"}
 
@@ -42,7 +42,8 @@ def rows():
 
 
 def cauldron_features():
-    from datasets import Features, Image as HFImage, List, Value
+    from datasets import Features, List, Value
+    from datasets import Image as HFImage
 
     return Features({
         "images": List(HFImage()),

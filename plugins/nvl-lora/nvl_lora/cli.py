@@ -41,9 +41,9 @@ def merge_cmd(hf_model_path: Path, revision: str | None, lora_checkpoint: Path, 
       nvl peft merge --hf-model-path ckpts/hf --lora-checkpoint runs/lora/iter_0000200 --output merged
       nvl peft merge ... --format hf --output merged_hf
     """
-    from nvlcore.cli import current_plugin_manager
     from nvl_lora.merge import MergeError
     from nvl_lora.merge_io import merge_checkpoints
+    from nvlcore.cli import current_plugin_manager
 
     try:
         summary = merge_checkpoints(

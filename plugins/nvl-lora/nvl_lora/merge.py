@@ -13,7 +13,7 @@ Works on plain ``{name: tensor}`` mappings, so it needs neither the model nor a 
 
 from __future__ import annotations
 
-from typing import Iterator, Mapping, MutableMapping
+from collections.abc import Iterator, Mapping, MutableMapping
 
 import attrs
 import torch
@@ -45,7 +45,7 @@ def magnitude_key(b_key: str) -> str:
     return b_key.replace(OUT_SUFFIX, MAG_SUFFIX)
 
 
-def adapter_pairs(keys: "list[str] | set[str] | Mapping[str, object]") -> list[AdapterPair]:
+def adapter_pairs(keys: list[str] | set[str] | Mapping[str, object]) -> list[AdapterPair]:
     """Group adapter keys by module; an A without B (or B without A) is a :class:`MergeError`."""
     keys = set(keys)
     modules_a = {k[: -len(IN_SUFFIX)] for k in keys if k.endswith(IN_SUFFIX)}

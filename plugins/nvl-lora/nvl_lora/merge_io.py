@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import attrs
 
-from nvlcore.bridge import resolve_bridge
-
 from nvl_lora.layout import adapter_entry, base_entry, split_adapter_key, to_components
 from nvl_lora.merge import MergeError, adapter_pairs, check_rank, magnitude_key, merged_weight
+from nvlcore.bridge import resolve_bridge
 
 
 @attrs.define

@@ -170,10 +170,10 @@ def test_hf_peft_export_matches_peft_on_transformers_and_the_merged_export(toy: 
     """nvl's model with DoRA adapters vs transformers' NemotronHForCausalLM with the exported adapter
     (use_dora: true) applied by peft: same LM logits within 1e-4 (fp32); and the same as the merged HF
     export (`nvl peft merge --format hf`) loaded into transformers."""
+    from nemotron_vl_testing import hf_lm_from_toy
     from safetensors.torch import load_file
 
     from nvl_lora.hf_peft import HFPeftExporter
-    from nemotron_vl_testing import hf_lm_from_toy
 
     bridge, model = _build(toy)
     # peft refuses adapters on Mamba's out_proj; the LM's attention (q/k/v split from the fused qkv, so

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 LAYER_CHARS = {"M": "mamba", "*": "attention", "-": "mlp"}
 
@@ -178,7 +179,7 @@ class NemotronVLConfig:
 
     # ------------------------------------------------------------------------------- reading
     @classmethod
-    def from_hf_dir(cls, path: str | Path) -> "NemotronVLConfig":
+    def from_hf_dir(cls, path: str | Path) -> NemotronVLConfig:
         """Read ``<path>/config.json`` (and the RADIO prefix-token count from the weights' header)."""
         path = Path(path)
         cfg_file = path / "config.json"
@@ -194,7 +195,7 @@ class NemotronVLConfig:
     @classmethod
     def from_dict(
         cls, raw: Mapping[str, Any], *, source: str = "<dict>", num_prefix_tokens: int | None = None
-    ) -> "NemotronVLConfig":
+    ) -> NemotronVLConfig:
         r = _Reader(raw, source)
         archs = raw.get("architectures") or []
         if "NemotronH_Nano_VL_V2" not in archs:
@@ -254,7 +255,7 @@ class NemotronVLConfig:
         return out
 
 
-def _read_llm(r: "_Reader") -> LLMConfig:
+def _read_llm(r: _Reader) -> LLMConfig:
     pattern = r.str("hybrid_override_pattern")
     bad = sorted(set(pattern) - set(LAYER_CHARS))
     if not pattern or bad:
@@ -336,7 +337,7 @@ def _read_llm(r: "_Reader") -> LLMConfig:
     return llm
 
 
-def _read_vision(r: "_Reader", patch_size: int, vit_hidden: int, num_prefix_tokens: int | None) -> VisionConfig:
+def _read_vision(r: _Reader, patch_size: int, vit_hidden: int, num_prefix_tokens: int | None) -> VisionConfig:
     args = r.raw.get("args") or {}
     model_name = args.get("model")
     named = TIMM_VIT_SHAPES.get(model_name) if model_name else None

@@ -16,7 +16,8 @@ per tile (Bridge leaves them out): per ViT layer over ``S = prefix + patches`` t
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 from .config import NemotronVLConfig
 

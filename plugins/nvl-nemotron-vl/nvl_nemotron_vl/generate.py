@@ -19,7 +19,8 @@ This module takes the bridge it works with and never imports :mod:`.bridge` (whi
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Mapping
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
@@ -29,15 +30,15 @@ if TYPE_CHECKING:
 
 def generator_for_model(
     bridge: Any,
-    model: "torch.nn.Module",
+    model: torch.nn.Module,
     *,
-    device: "torch.device | str | None" = None,
-    dtype: "torch.dtype | None" = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
     cuda_graph: bool | None = None,
     compile: bool = False,
     processor_options: Mapping[str, Any] | None = None,
     video_pruning_rate: float | None = None,
-) -> "Generator":
+) -> Generator:
     """A :class:`~nvlcore.generation.Generator` over a model that is already built and loaded (by
     :mod:`nvlcore.generation.load`, or the trainer's for generation-based validation); the model is used
     as it is (call ``model.eval()`` around generation).

@@ -12,7 +12,8 @@ normalisation.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import torch
@@ -84,8 +85,8 @@ def num_tiles(width: int, height: int, *, image_size: int, max_num_tiles: int, u
 
 
 def dynamic_tiles(
-    image: "Image.Image", *, image_size: int, max_num_tiles: int, use_thumbnail: bool = True, min_num_tiles: int = 1
-) -> list["Image.Image"]:
+    image: Image.Image, *, image_size: int, max_num_tiles: int, use_thumbnail: bool = True, min_num_tiles: int = 1
+) -> list[Image.Image]:
     """Cut ``image`` into RGB tiles of ``image_size`` pixels (row-major), thumbnail last when > 1 tile.
 
     The image is converted to RGB before resizing (the reference converts each tile afterwards;
@@ -109,8 +110,8 @@ def dynamic_tiles(
 
 
 def normalize_tiles(
-    tiles: Sequence["Image.Image"], mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD
-) -> "torch.Tensor":
+    tiles: Sequence[Image.Image], mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD
+) -> torch.Tensor:
     """Stack RGB tiles into ``[n, 3, H, W]`` float32: ``(pixel/255 - mean) / std`` per channel."""
     import numpy as np
     import torch

@@ -36,7 +36,8 @@ All transforms are pure tensor reshapes/concatenations; each inverse is exact (t
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Iterable
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 from nvlcore.mapping import (  # noqa: F401  (the table's types and helpers, re-exported for this plugin's users)
     IdentityMapping,
@@ -76,7 +77,7 @@ CONV1D_PARTS = ("x", "B", "C")
 
 
 # ------------------------------------------------------------------------------------ the table
-def mapping_table(cfg: "NemotronVLConfig") -> list[ParamMapping]:
+def mapping_table(cfg: NemotronVLConfig) -> list[ParamMapping]:
     """Every training parameter of the model described by ``cfg``, with its HF keys and transform."""
     llm, vis = cfg.llm, cfg.vision
     Id = IdentityMapping

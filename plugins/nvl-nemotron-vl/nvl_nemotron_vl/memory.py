@@ -17,7 +17,7 @@ recomputed. docs/memory.md compares the result with the peaks measured on GPUs.
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 from .config import NemotronVLConfig
 

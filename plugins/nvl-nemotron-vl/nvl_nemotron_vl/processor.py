@@ -26,8 +26,9 @@ import json
 import logging
 import math
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import attrs
 
@@ -178,7 +179,7 @@ def _read_json(path: Path) -> dict[str, Any]:
 class _Media:
     kind: str  # "image" | "video"
     where: str  # field path for error messages
-    tiles: list["Image.Image"]
+    tiles: list[Image.Image]
     timestamps: list[float] = attrs.field(factory=list)
 
 
@@ -228,7 +229,7 @@ class NemotronVLProcessor:
 
     # -- construction -------------------------------------------------------------------------
     @classmethod
-    def from_hf_dir(cls, path: str | os.PathLike[str], **options: Any) -> "NemotronVLProcessor":
+    def from_hf_dir(cls, path: str | os.PathLike[str], **options: Any) -> NemotronVLProcessor:
         """Read ``config.json``, ``preprocessor_config.json`` (if present) and the tokenizer of an HF dir.
 
         Values come from the files (as data; no remote code runs); ``options`` (any
@@ -283,7 +284,7 @@ class NemotronVLProcessor:
                 )
         return processor
 
-    def with_options(self, **options: Any) -> "NemotronVLProcessor":
+    def with_options(self, **options: Any) -> NemotronVLProcessor:
         """A copy with some options changed (the tokenizer is shared)."""
         new = object.__new__(type(self))
         new.__dict__.update(self.__dict__)
@@ -408,7 +409,7 @@ class NemotronVLProcessor:
         return parts, media, targets
 
     # -- media --------------------------------------------------------------------------------
-    def _load_image(self, item: Mapping[str, Any], field: str, where: str) -> list["Image.Image"]:
+    def _load_image(self, item: Mapping[str, Any], field: str, where: str) -> list[Image.Image]:
         from PIL import Image
 
         from nvl_nemotron_vl.image_processing import dynamic_tiles
@@ -427,7 +428,7 @@ class NemotronVLProcessor:
         except (OSError, ValueError) as exc:
             raise SampleError(f"{where}: {field}.image: cannot read the image: {exc}") from exc
 
-    def _load_video(self, item: Mapping[str, Any], field: str, where: str) -> tuple[list["Image.Image"], list[float]]:
+    def _load_video(self, item: Mapping[str, Any], field: str, where: str) -> tuple[list[Image.Image], list[float]]:
         from nvl_nemotron_vl.video import VideoDecodeError, decode_video_frames, resize_frames
 
         c = self.config
@@ -467,8 +468,8 @@ class NemotronVLProcessor:
         """
         import torch
 
-        from nvlcore.data.schema import validate_conversation
         from nvl_nemotron_vl.image_processing import normalize_tiles
+        from nvlcore.data.schema import validate_conversation
 
         validate_conversation(conversation, where=where)
         c = self.config
@@ -712,7 +713,7 @@ class NemotronVLProcessor:
         return self.collate([self(c) for c in conversations])
 
     # -- inspection ---------------------------------------------------------------------------
-    def render_tokens(self, input_ids: Sequence[int] | "torch.Tensor") -> str:
+    def render_tokens(self, input_ids: Sequence[int] | torch.Tensor) -> str:
         """Decode token ids with each tile's or frame's context tokens collapsed to one marker.
 
         A tile of 256 ``<image>`` tokens shows as ``<image*256>`` (``<video*256>`` for a frame).
@@ -768,7 +769,7 @@ class NemotronVLProcessor:
         }
 
 
-def torch_shift_select(input_ids: "torch.Tensor", loss_mask: "torch.Tensor") -> list[list[int]]:
+def torch_shift_select(input_ids: torch.Tensor, loss_mask: torch.Tensor) -> list[list[int]]:
     """The supervised tokens (the targets of positions where ``loss_mask`` is set), as contiguous runs."""
     targets = input_ids[1:].tolist()
     mask = loss_mask[:-1].tolist()

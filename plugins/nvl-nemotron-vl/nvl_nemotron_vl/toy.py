@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 from .config import CLIP_MEAN, CLIP_STD, NemotronVLConfig
 
@@ -192,7 +193,7 @@ def _side_files(cfg: dict[str, Any], token_ids: dict[str, int]) -> dict[str, Any
     }
 
 
-def meta_model(cfg: NemotronVLConfig) -> "torch.nn.Module":
+def meta_model(cfg: NemotronVLConfig) -> torch.nn.Module:
     """The model built on the meta device over one rank: every parameter's full shape, no memory."""
     import torch
 

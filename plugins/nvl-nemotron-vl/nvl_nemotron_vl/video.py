@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator, Sequence
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -84,7 +85,7 @@ def decode_video_frames(
     fps: float | None = None,
     max_frames: int | None = None,
     num_threads: int = 1,
-) -> tuple[list["Image.Image"], list[float]]:
+) -> tuple[list[Image.Image], list[float]]:
     """Decode the sampled frames of ``path`` with decord.
 
     :param num_threads: decoder threads (1 suits DataLoader workers, which already run in parallel).
@@ -118,7 +119,7 @@ def decode_video_frames(
     return frames, timestamps
 
 
-def resize_frames(frames: Sequence["Image.Image"], image_size: int) -> list["Image.Image"]:
+def resize_frames(frames: Sequence[Image.Image], image_size: int) -> list[Image.Image]:
     """One tile per frame: RGB, resized to ``image_size`` square with bicubic sampling."""
     from PIL import Image
 

@@ -105,8 +105,9 @@ def test_missing_weights_and_wrong_shapes_are_reported(tiny_toy, imported, tmp_p
 
 @pytest.fixture(scope="module")
 def tp2_run(tiny_toy, imported, tmp_path_factory):
-    from nvl_dist_testing import run_distributed
     from nemotron_vl_testing_convert import tp_load_worker
+
+    from nvl_dist_testing import run_distributed
 
     save_root = tmp_path_factory.mktemp("tp2save") / "run"
     res = run_distributed(tp_load_worker, 2, str(tiny_toy), {"tp1": str(imported[1]), "tp2": str(imported[2])},
@@ -115,9 +116,10 @@ def tp2_run(tiny_toy, imported, tmp_path_factory):
 
 
 def test_checkpoints_load_at_tp1_and_tp2_with_hf_logits(tiny_toy, imported, tp2_run):
+    from nemotron_vl_testing_convert import logits_of, vlm_inputs
+
     from nvl_nemotron_vl.bridge import NemotronVLBridge
     from nvlcore.parallel import init_parallel
-    from nemotron_vl_testing_convert import logits_of, vlm_inputs
 
     init_parallel(1, device_type="cpu")
     bridge = NemotronVLBridge.from_hf_dir(tiny_toy)
@@ -141,9 +143,9 @@ def test_checkpoints_load_at_tp1_and_tp2_with_hf_logits(tiny_toy, imported, tp2_
 
 def test_trained_checkpoint_strict_errors(tiny_toy, imported, tmp_path):
     """A checkpoint that lacks a parameter is refused by the loader, naming it."""
-    from nvlcore.checkpoint import Checkpoint, save_checkpoint
     from nvl_nemotron_vl.bridge import NemotronVLBridge
     from nvlcore.bridge import BridgeError
+    from nvlcore.checkpoint import Checkpoint, save_checkpoint
     from nvlcore.parallel import init_parallel
 
     init_parallel(1, device_type="cpu")
@@ -168,7 +170,12 @@ def test_checkpoint_layout_agrees_with_the_mapping(tp):
     """The per-rank layout of training checkpoints (nvlcore.mapping) against the table's own
     components_to_local: each rank's part is its chunk of each logical component, and reassembles."""
     from nvlcore.mapping import (
-        FusedRowsMapping, IdentityMapping, PartsMapping, QKVMapping, VocabMapping, assemble_from_entries,
+        FusedRowsMapping,
+        IdentityMapping,
+        PartsMapping,
+        QKVMapping,
+        VocabMapping,
+        assemble_from_entries,
     )
 
     g = torch.Generator().manual_seed(0)

@@ -50,8 +50,9 @@ SHAPES = ["dataset.maker_name=synthetic_shapes", 'dataset.maker_kwargs={"num_exa
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_data_parallel_shards_and_gathers_the_same_answers(toy: Path, tmp_path: Path) -> None:
-    from nvl_dist_testing import run_distributed
     from nemotron_vl_testing_generate import dp_eval_worker
+
+    from nvl_dist_testing import run_distributed
 
     single = nvl("eval", "--hf-model-path", toy, *SHAPES, "--max-new-tokens", "4", "--batch-size", "2",
                  "--output", tmp_path / "one.jsonl", "--json")

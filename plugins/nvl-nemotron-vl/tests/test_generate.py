@@ -322,8 +322,9 @@ def test_cli_refuses_tensor_parallel_without_a_launcher(toy) -> None:
 @pytest.mark.distributed
 def test_tensor_parallel_2_equals_tp_1(toy, media, generator) -> None:
     """Two gloo ranks (heads, groups and vocabulary split) give TP=1's tokens and logits."""
-    from nvl_dist_testing import run_distributed
     from nemotron_vl_testing_generate import tp_generate_worker
+
+    from nvl_dist_testing import run_distributed
 
     convs = [_conversations(media)["image"], build_conversation("Hi!")]
     ranks = run_distributed(tp_generate_worker, 2, str(toy), convs, NEW_TOKENS)
@@ -336,8 +337,8 @@ def test_megatron_checkpoint_weights_give_the_same_output(toy, media, generator,
     """`nvl convert import` of the toy, then generation with --megatron-model-path: the same tokens."""
     from click.testing import CliRunner
 
-    from nvlcore.cli import build_cli
     from nvl_nemotron_vl import load_generator
+    from nvlcore.cli import build_cli
 
     ck = tmp_path / "ck"
     # Its own process, as a user runs it (the importer refuses to stream inside a process that already
@@ -366,8 +367,8 @@ def test_cli_video_frames_fps_and_pruning_rate(toy, media, tmp_path) -> None:
 
     from click.testing import CliRunner
 
-    from nvlcore.cli import build_cli
     from nvl_nemotron_vl.bridge import NemotronVLBridge
+    from nvlcore.cli import build_cli
 
     video_id = NemotronVLBridge.from_hf_dir(toy).config.video_context_token_id
 

@@ -11,11 +11,11 @@ import pytest
 import torch
 from PIL import Image
 
+from nvl_data_testing import frame_level, write_test_video
 from nvl_nemotron_vl.image_processing import CLIP_MEAN, CLIP_STD, dynamic_tiles, num_tiles
 from nvl_nemotron_vl.processor import NemotronVLProcessor, SampleError
 from nvl_nemotron_vl.toy_tokenizer import write_toy_tokenizer
 from nvlcore.data.schema import ConversationError
-from nvl_data_testing import frame_level, write_test_video
 
 
 def make_model_dir(root: Path, *, image_size: int = 64, **extra) -> Path:

@@ -38,8 +38,9 @@ SSD kernels do not use); :func:`_mamba_triton` then loads the Triton submodules 
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -161,9 +162,9 @@ class PackedSequences:
     cu_seqlens_cpu: torch.Tensor
 
     @classmethod
-    def of(cls, seq_idx: "torch.Tensor | PackedSequences | None",
-           cu_seqlens: "Sequence[int] | torch.Tensor | None" = None,
-           max_seqlen: int | None = None) -> "PackedSequences | None":
+    def of(cls, seq_idx: torch.Tensor | PackedSequences | None,
+           cu_seqlens: Sequence[int] | torch.Tensor | None = None,
+           max_seqlen: int | None = None) -> PackedSequences | None:
         """``seq_idx`` as packed sequences (None stays None). ``cu_seqlens`` (host ints or a tensor) and
         ``max_seqlen`` are found from ``seq_idx`` (a host synchronisation) when not given."""
         if seq_idx is None or isinstance(seq_idx, PackedSequences):
@@ -335,7 +336,7 @@ def _capturing() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _compiled_squared_relu() -> Callable[[torch.Tensor], torch.Tensor]:
     """``relu(x)^2`` with forward and backward each one fused elementwise kernel (``torch.compile``,
     dynamic shapes: compiled once per process), saving only ``x`` like :func:`.mlp.squared_relu`."""

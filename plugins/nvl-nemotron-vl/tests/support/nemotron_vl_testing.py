@@ -126,7 +126,9 @@ class HFReferenceVLM(nn.Module):
     def __init__(self, hf_dir: str | Path, cfg: NemotronVLConfig) -> None:
         super().__init__()
         from transformers.models.nemotron_h_omni.modeling_nemotron_h_omni import (
-            NemotronH_Omni_Reasoning_V3, NemotronH_Omni_Reasoning_V3MultiModalProjector)
+            NemotronH_Omni_Reasoning_V3,
+            NemotronH_Omni_Reasoning_V3MultiModalProjector,
+        )
 
         state = load_toy_state(hf_dir)
         self.cfg = cfg
