@@ -385,7 +385,7 @@ class GpuMemorySampler:
                 vals = [int(v) for v in out.split()]
                 if not self.peak_mib:
                     self.peak_mib = vals
-                self.peak_mib = [max(a, b) for a, b in zip(self.peak_mib, vals)]
+                self.peak_mib = [max(a, b) for a, b in zip(self.peak_mib, vals, strict=True)]
             except Exception:
                 return
             self._stop.wait(1.0)

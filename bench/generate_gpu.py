@@ -243,7 +243,7 @@ def run_peer(peer, ids, new_tokens: int, repeats: int, eos_free: bool = True) ->
 
 def leading_agreement(a: list[int], b: list[int]) -> int:
     n = 0
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=False):
         if x != y:
             break
         n += 1

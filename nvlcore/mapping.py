@@ -268,19 +268,19 @@ class FusedRowsMapping(ParamMapping):
     def hf_to_components(self, hf: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         ts = [self.need(hf, k) for k in self.hf]
         if len(ts) == len(self.components):
-            return dict(zip(self.components, ts))
+            return dict(zip(self.components, ts, strict=True))
         (t,) = ts
         rows = [n for _, n in self.part_rows()]
         if t.shape[0] != sum(rows):
             raise ValueError(f"{self.hf[0]}: {t.shape[0]} rows, expected {sum(rows)} ({self.kind} parts {rows})")
-        return dict(zip(self.components, t.split(rows, dim=0)))
+        return dict(zip(self.components, t.split(rows, dim=0), strict=True))
 
     def components_to_hf(self, comps: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         import torch
 
         ts = [self.need(comps, k) for k in self.components]
         if len(self.hf) == len(ts):
-            return dict(zip(self.hf, ts))
+            return dict(zip(self.hf, ts, strict=True))
         return {self.hf[0]: torch.cat(ts, dim=0)}
 
     def check_tensor_parallel(self, tp_size: int) -> None:
@@ -305,7 +305,7 @@ class FusedRowsMapping(ParamMapping):
     def local_components(self, local: torch.Tensor, tp_size: int, tp_rank: int) -> list[LocalComponent]:
         rows = [n for _, n in self.part_rows()]
         local_rows = [n // tp_size for n in rows]
-        return [LocalComponent(c, t, 0, n) for c, t, n in zip(self.components, local.split(local_rows, dim=0), rows)]
+        return [LocalComponent(c, t, 0, n) for c, t, n in zip(self.components, local.split(local_rows, dim=0), rows, strict=True)]
 
     def assemble_local(self, parts: Mapping[str, torch.Tensor], target: torch.Tensor, tp_size: int,
                        tp_rank: int) -> None:
@@ -396,7 +396,7 @@ class QKVMapping(FusedRowsMapping):
     def local_components(self, local: torch.Tensor, tp_size: int, tp_rank: int) -> list[LocalComponent]:
         tail = tuple(local.shape[1:])
         ts = [t.reshape(-1, *tail) for t in self._grouped(local, self.num_query_groups // tp_size)]
-        return [LocalComponent(c, t, 0, n) for c, t, (_, n) in zip(self.components, ts, self.part_rows())]
+        return [LocalComponent(c, t, 0, n) for c, t, (_, n) in zip(self.components, ts, self.part_rows(), strict=True)]
 
     def assemble_local(self, parts: Mapping[str, torch.Tensor], target: torch.Tensor, tp_size: int,
                        tp_rank: int) -> None:

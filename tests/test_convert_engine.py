@@ -68,8 +68,8 @@ class FakeBridge(ModelBridge):
                 base = k[: -len("q.weight")]
                 hk = tuple(base + p + ".weight" for p in "qkv")
                 ck = tuple(base.replace("hf.", "mg.") + "qkv.weight." + p for p in "qkv")
-                groups.append(ConversionGroup(hk, ck, lambda d, hk=hk, ck=ck: {c: d[h] for h, c in zip(hk, ck)},
-                                              lambda d, hk=hk, ck=ck: {h: d[c] for h, c in zip(hk, ck)}))
+                groups.append(ConversionGroup(hk, ck, lambda d, hk=hk, ck=ck: {c: d[h] for h, c in zip(hk, ck, strict=True)},
+                                              lambda d, hk=hk, ck=ck: {h: d[c] for h, c in zip(hk, ck, strict=True)}))
             elif not k.startswith("hf."):
                 groups.append(ConversionGroup.rename(k, CARRY + k, carried=True))
         return groups

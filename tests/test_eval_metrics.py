@@ -155,7 +155,7 @@ def test_nvl_eval_predictions_with_the_builtin_maker(nvl_cli, tmp_path: Path) ->
     for preds, want in ((refs, 1.0), (["" for _ in refs], 0.0)):
         f = tmp_path / "preds.jsonl"
         f.write_text("".join(json.dumps({"id": i, "prediction": p, "reference": r}) + "\n"
-                             for i, (p, r) in enumerate(zip(preds, refs))))
+                             for i, (p, r) in enumerate(zip(preds, refs, strict=True))))
         out = tmp_path / "scored.jsonl"
         result = nvl_cli("eval", "--predictions", str(f), "dataset.maker_name=synthetic_shapes", "--json",
                          "--output", str(out))
@@ -222,7 +222,7 @@ def test_third_party_makers_generic_fallback_and_own_metrics(nvl_cli, register_p
     for preds, want in ((refs, 1.0), (["", ""], 0.0)):
         f = tmp_path / "p.jsonl"
         f.write_text("".join(json.dumps({"prediction": p, "reference": r, "question": "q"}) + "\n"
-                             for p, r in zip(preds, refs)))
+                             for p, r in zip(preds, refs, strict=True)))
         generic = json.loads(nvl_cli("eval", "--predictions", str(f), "dataset.maker_name=plain_qa", "--json").stdout)
         assert generic["metrics"] == {"exact_match": want, "token_f1": want}
         own = json.loads(nvl_cli("eval", "--predictions", str(f), "dataset.maker_name=own_qa", "--json").stdout)

@@ -58,16 +58,16 @@ class StackedMapping(ParamMapping):
         return tuple(f"{self.megatron}.{n}" for n in self.names)
 
     def hf_to_components(self, hf: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {c: self.need(hf, k) for c, k in zip(self.components, self.hf)}
+        return {c: self.need(hf, k) for c, k in zip(self.components, self.hf, strict=True)}
 
     def components_to_hf(self, comps: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {k: self.need(comps, c) for c, k in zip(self.components, self.hf)}
+        return {k: self.need(comps, c) for c, k in zip(self.components, self.hf, strict=True)}
 
     def components_to_local(self, comps: Mapping[str, torch.Tensor], tp_size: int, tp_rank: int) -> torch.Tensor:
         return torch.stack([self.need(comps, c).chunk(tp_size)[tp_rank] for c in self.components])
 
     def local_to_components(self, shards: Any) -> dict[str, torch.Tensor]:
-        return dict(zip(self.components, torch.cat(list(shards), dim=1).unbind(0)))
+        return dict(zip(self.components, torch.cat(list(shards), dim=1).unbind(0), strict=True))
 
     def local_components(self, local: torch.Tensor, tp_size: int, tp_rank: int) -> list[LocalComponent]:
         return [LocalComponent(c, local[i], 0, local.shape[1] * tp_size) for i, c in enumerate(self.components)]

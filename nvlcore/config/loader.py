@@ -74,7 +74,7 @@ class _Layers:
     def set(self, key: str, value: Any, source: str) -> None:
         parts = key.split(".")
         node = self.raw
-        for i, part in enumerate(parts[:-1]):
+        for part in parts[:-1]:
             child = node.get(part)
             if not isinstance(child, dict):
                 child = {}

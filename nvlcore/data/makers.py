@@ -283,7 +283,7 @@ def local_data_files(path: str, name: str | None, *, cache_dir: str | None = Non
         split: DataFilesList(
             list(files),
             [(*meta, f"size={os.stat(f).st_size}") if os.path.isfile(f) else meta
-             for f, meta in zip(files, files.origin_metadata)],
+             for f, meta in zip(files, files.origin_metadata, strict=True)],
         )
         for split, files in resolved.items()
     })

@@ -209,7 +209,7 @@ def generate_predictions(
         batch = order[start : start + batch_size]
         items = [prepared.pop(k) if k in prepared else generator.prepare(samples[k].prompt) for k in batch]
         results = generator.generate_prepared(items, max_new_tokens=max_new_tokens, sampling=sampling)
-        for k, res in zip(batch, results):
+        for k, res in zip(batch, results, strict=True):
             texts[k] = res
             tokens += len(res.token_ids)
         done += len(batch)

@@ -34,7 +34,7 @@ def score_file(maker_name: str, predictions: Sequence[str], references: Sequence
     """``nvl eval --predictions`` on these pairs; returns the ``--json`` summary."""
     f = Path(tmp_path) / f"predictions-{abs(hash((tuple(predictions), tuple(references)))):x}.jsonl"
     with f.open("w") as fh:
-        for i, (p, r) in enumerate(zip(predictions, references)):
+        for i, (p, r) in enumerate(zip(predictions, references, strict=True)):
             row = {"id": i, "prediction": p, "reference": r}
             if questions:
                 row["question"] = questions[i]

@@ -270,7 +270,7 @@ def reduce_gradients(
         for bucket in _buckets(grads, bucket_bytes or BUCKET_BYTES):
             flat = _flatten_dense_tensors(bucket)
             dist.all_reduce(flat, group=group)
-            for g, synced in zip(bucket, _unflatten_dense_tensors(flat, bucket)):
+            for g, synced in zip(bucket, _unflatten_dense_tensors(flat, bucket), strict=True):
                 g.copy_(synced)
     if grads:
         torch._foreach_mul_(list(grads), scale)

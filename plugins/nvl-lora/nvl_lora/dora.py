@@ -70,7 +70,7 @@ class DoRAVariant(LoRAVariant):
             for _, p in adapter.magnitude.params():
                 set_tensor_model_parallel_attributes(p, True, 0, 1)
         norms = self.weight_norm(adapter, weight)
-        for (_, p), part in zip(adapter.magnitude.params(), split_like(norms, adapter.magnitude)):
+        for (_, p), part in zip(adapter.magnitude.params(), split_like(norms, adapter.magnitude), strict=True):
             p.copy_(part.reshape(p.shape).to(p.dtype))
 
     def params(self, adapter: LoRAAdapter) -> list[tuple[str, nn.Parameter, int | None]]:

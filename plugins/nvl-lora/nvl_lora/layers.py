@@ -65,7 +65,7 @@ class Weight(nn.Module):
         self.components = [c for c, _ in components] if components else None
         if components:
             parts = weight.split([n for _, n in components], dim=0)
-            self.weight = nn.ParameterDict({c: nn.Parameter(t.contiguous()) for (c, _), t in zip(components, parts)})
+            self.weight = nn.ParameterDict({c: nn.Parameter(t.contiguous()) for (c, _), t in zip(components, parts, strict=True)})
         else:
             self.weight = nn.Parameter(weight)
 

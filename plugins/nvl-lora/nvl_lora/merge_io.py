@@ -187,7 +187,7 @@ def merge_checkpoints(
             entry = base_entry(by_name, p.module)
             a = adapter[p.a_key]
             b_entry = adapter_entry(entry, p.module, "B")
-            for bk, base_comp in zip(b_entry.components, entry.components):
+            for bk, base_comp in zip(b_entry.components, entry.components, strict=True):
                 if bk not in adapter:
                     raise MergeError(f"adapter tensor {bk} is missing from {lora.path}")
                 mag = adapter.get(magnitude_key(bk))

@@ -48,7 +48,7 @@ def lm_bytes_per_token(cfg: NemotronVLConfig, *, tp: int, res: int, recompute: s
     full = [lm_layer_bytes(cfg, k, tp=tp, res=res) for k in kinds]
     kept = [res * cfg.llm.hidden_size] * len(kinds) if recompute == "full" else [
         res * cfg.llm.hidden_size + BF16 * cfg.llm.hidden_size if (recompute == "selective" and k == "mamba") else b
-        for k, b in zip(kinds, full)]
+        for k, b in zip(kinds, full, strict=True)]
     if offload_layers:  # those layers' activations live on the host until their backward
         kept = sorted(kept)[: max(0, len(kept) - offload_layers)] + [0.0] * min(offload_layers, len(kept))
     transient = max(full) if recompute == "full" else 0.0  # the layer being recomputed

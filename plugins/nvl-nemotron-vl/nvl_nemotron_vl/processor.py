@@ -563,7 +563,7 @@ class NemotronVLProcessor:
             )
         if c.seq_length is not None and total > c.seq_length:
             cut = c.seq_length
-            for m, (b0, b1) in zip(media, blocks):
+            for m, (b0, b1) in zip(media, blocks, strict=True):
                 if b0 < cut < b1:
                     raise SampleError(
                         f"{where}: {m.where}: truncating the sample from {total} "
@@ -581,7 +581,7 @@ class NemotronVLProcessor:
             log.warning("%s: truncated from %d to %d tokens (seq_length); %d of %d supervised tokens kept",
                         where, total, cut, kept, int(supervised.sum()))
             keep_media = [b1 <= cut for _, b1 in blocks]
-            media = [m for m, k in zip(media, keep_media) if k]
+            media = [m for m, k in zip(media, keep_media, strict=True) if k]
             input_ids, supervised = input_ids[:cut], supervised[:cut]
             truncated_from = total
 
@@ -704,7 +704,7 @@ class NemotronVLProcessor:
 
         cu = cu_seqlens_from_seq_idx(seq_idx).tolist()
         batch["cu_seqlens"] = tuple(cu)  # host ints: the model needs them on the host and on the GPU
-        batch["max_seqlen"] = max(b - a for a, b in zip(cu[:-1], cu[1:]))
+        batch["max_seqlen"] = max(b - a for a, b in zip(cu[:-1], cu[1:], strict=True))
         return batch
 
     def process_batch(self, conversations: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
@@ -775,7 +775,7 @@ def torch_shift_select(input_ids: torch.Tensor, loss_mask: torch.Tensor) -> list
     mask = loss_mask[:-1].tolist()
     runs: list[list[int]] = []
     current: list[int] = []
-    for tok, m in zip(targets, mask):
+    for tok, m in zip(targets, mask, strict=True):
         if m:
             current.append(tok)
         elif current:

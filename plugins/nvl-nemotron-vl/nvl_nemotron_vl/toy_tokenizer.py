@@ -25,6 +25,7 @@ import json
 import os
 import tempfile
 from collections import Counter
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -157,7 +158,7 @@ def _learn_merges(n_merges: int) -> list[tuple[str, str]]:
     while len(merges) < n_merges:
         pairs: Counter[tuple[str, str]] = Counter()
         for symbols, count in splits.items():
-            for pair in zip(symbols, symbols[1:]):
+            for pair in pairwise(symbols):
                 pairs[pair] += count
         if not pairs:
             raise RuntimeError(

@@ -190,7 +190,7 @@ def test_checkpoint_layout_agrees_with_the_mapping(tp):
     for m in cases:
         comps = {}
         # rows of each component: its part's rows for fused kinds, the vocabulary, or 8
-        rows_of = dict(zip(m.components, (n for _, n in m.part_rows()))) if isinstance(m, FusedRowsMapping) else {}
+        rows_of = dict(zip(m.components, (n for _, n in m.part_rows()), strict=True)) if isinstance(m, FusedRowsMapping) else {}
         for c in m.components:
             rows = rows_of.get(c, m.vocab_size if isinstance(m, VocabMapping) else 8)
             shape = (rows, 1, 3) if m.megatron == "conv1d.weight" else (rows,) if m.megatron == "vqkv.bias" else (rows, 12)

@@ -197,7 +197,7 @@ def test_batched_prefill_and_steps_equal_single_rows(generator, media) -> None:
 
     ids, mask = left_pad(prompts, generator.pad_token_id)
     batched = run(ids, mask, merge_model_inputs(prepared))
-    for r, (p, inputs) in enumerate(zip(prompts, prepared)):
+    for r, (p, inputs) in enumerate(zip(prompts, prepared, strict=True)):
         alone = run(p[None], torch.ones(1, len(p), dtype=torch.long), inputs)
         torch.testing.assert_close(batched[r], alone[0], rtol=1e-5, atol=1e-5)
 
@@ -262,7 +262,7 @@ def test_prefill_runs_the_models_selected_kernels_and_step_continues_the_state(g
         stepped = dec.decode_step(ids[:, -1], cache)
         assert calls == []  # the one-token step is plain PyTorch
     finally:
-        for m, kern in zip(mixers, saved):
+        for m, kern in zip(mixers, saved, strict=True):
             m.kernels = kern
     with torch.no_grad():
         full = model.forward_inference(ids, last_only=True)[:, 0].float()
