@@ -194,7 +194,8 @@ def peer_model(cfg: Any, device: torch.device, dtype: torch.dtype) -> Any:
     """transformers' NemotronHForCausalLM with the toy's own ``llm_config`` (same shape as nvl's LM)."""
     from transformers import NemotronHConfig, NemotronHForCausalLM
 
-    fields = {k: v for k, v in dict(cfg.raw["llm_config"]).items() if k not in ("architectures", "model_type", "torch_dtype")}
+    fields = {k: v for k,
+              v in dict(cfg.raw["llm_config"]).items() if k not in ("architectures", "model_type", "torch_dtype")}
     fields["use_mamba_kernels"] = False  # the library's PyTorch path, as measured in the anchor
     hcfg = NemotronHConfig(**fields)
     hcfg._attn_implementation = "sdpa"
@@ -304,7 +305,8 @@ def markdown(record: dict[str, Any]) -> str:
     if nvl and nvl.get("tokens_per_s") and peers:
         lines.append("")
         for p in peers:
-            lines.append(f"nvl at seq {nvl['seq']} vs peer at seq {p['seq']}: {nvl['tokens_per_s'] / p['tokens_per_s']:.1f}x tokens/s")
+            lines.append(f"nvl at seq {nvl['seq']} vs peer at seq {p['seq']}: "
+                         f"{nvl['tokens_per_s'] / p['tokens_per_s']:.1f}x tokens/s")
     if record.get("errors"):
         lines += ["", "Errors:", *[f"- {e}" for e in record["errors"]]]
     return "\n".join(lines) + "\n"
@@ -334,7 +336,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.backends.cuda.matmul.allow_tf32 = True
     record: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "machine": {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "machine": {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
+                    or "cpu",
                     "torch": torch.__version__, "python": platform.python_version(), "host": platform.node()},
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "runs": [],

@@ -5,7 +5,8 @@ What it does, in order:
 1. **Correctness on the device** (fp32, tiny toy checkpoint written to a temporary directory):
    the chunked SSD scan against the token-by-token recurrence; the LM against transformers'
    ``NemotronHForCausalLM`` and the whole VLM against the transformers-composed reference
-   (``plugins/nvl-nemotron-vl/tests/support/nemotron_vl_testing.py``), max abs logit differences; bf16 vs fp32 on the same toy.
+   (``plugins/nvl-nemotron-vl/tests/support/nemotron_vl_testing.py``), max abs logit differences; bf16 vs fp32 on the
+   same toy.
 2. **Build** the ``--size`` model (default ``12b-shape``) in bf16 directly on the device, random
    init (or ``--hf-dir`` weights).
 3. **Step**: batch 1, ``--seq`` LM tokens (default 4096) holding one image of ``--tiles`` tiles
@@ -311,7 +312,8 @@ def component_split(model, cfg, batch, device, dtype, iters: int) -> dict[str, A
         mixer = lm.decoder.layers[types.index("mamba")].mixer
         g = torch.Generator(device=device).manual_seed(0)
         xs = torch.randn(1, seq, mixer.nheads, mixer.head_dim, device=device, generator=g, requires_grad=True)
-        dts = torch.nn.functional.softplus(torch.randn(1, seq, mixer.nheads, device=device, generator=g) - 2).requires_grad_()
+        dts = torch.nn.functional.softplus(torch.randn(1, seq, mixer.nheads, device=device,
+                                                       generator=g) - 2).requires_grad_()
         A = -torch.exp(torch.rand(mixer.nheads, device=device, generator=g) * 2)
         Bs = torch.randn(1, seq, mixer.ngroups, mixer.state, device=device, generator=g, requires_grad=True)
         Cs = torch.randn(1, seq, mixer.ngroups, mixer.state, device=device, generator=g, requires_grad=True)
@@ -326,7 +328,8 @@ def component_split(model, cfg, batch, device, dtype, iters: int) -> dict[str, A
 
 # ----------------------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", choices=["tiny", "small", "12b-shape"], default="12b-shape")
     ap.add_argument("--hf-dir", type=Path, help="load config and weights from this HF directory instead")
     ap.add_argument("--device", choices=["cuda", "cpu"], default=None)
@@ -379,7 +382,8 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine(device), "args": {k: str(v) for k, v in vars(args).items()},
         "dtype": str(dtype).replace("torch.", ""),
     }
-    print(f"model_step: {record['machine'].get('gpu', 'cpu')} | torch {torch.__version__} | {record['dtype']}", flush=True)
+    print(f"model_step: {record['machine'].get('gpu', 'cpu')} | torch {torch.__version__} | {record['dtype']}",
+          flush=True)
 
     if not args.skip_checks:
         t = time.perf_counter()
@@ -416,7 +420,8 @@ def main(argv: list[str] | None = None) -> int:
     for v in variants:
         model.set_recompute(v)
         record["variants"][v] = run_variant(model, batch, device, flops, args)
-        print(f"step[{v}]: {json.dumps({k: w for k, w in record['variants'][v].items() if k != 'traceback'})}", flush=True)
+        print(f"step[{v}]: {json.dumps({k: w for k, w in record['variants'][v].items() if k != 'traceback'})}",
+              flush=True)
         save()
 
     ok = [v for v in variants if record["variants"][v]["status"] == "ok"]
@@ -426,7 +431,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             record["split"] = component_split(model, cfg, batch, device, dtype, max(1, args.iters))
         except Exception as exc:
-            record["split"] = {"status": "oom" if is_oom(exc) else "error", "error": f"{type(exc).__name__}: {exc}"[:2000]}
+            record["split"] = {"status": "oom" if is_oom(exc) else "error",
+                               "error": f"{type(exc).__name__}: {exc}"[:2000]}
         print(f"split: {json.dumps(record['split'])}", flush=True)
         save()
 
@@ -451,7 +457,8 @@ def render_markdown(r: dict[str, Any]) -> str:
     ]
     if "sample" in r:
         lines += [f"Sample: batch 1, {r['sample']['seq']} LM tokens with one image of {r['sample']['tiles']} tiles "
-                  f"({r['sample']['context_tokens']} context tokens); {r['sample']['train_flops'] / 1e12:.1f} TFLOP per "
+                  f"({r['sample']['context_tokens']} context tokens); {r['sample']['train_flops'] / 1e12:.1f} TFLOP "
+                  f"per "
                   "step (LM over real tokens + ViT + projector, 3x forward).", ""]
     if "build" in r:
         lines += [f"Build: {r['build']['parameters'] / 1e6:,.1f} M parameters, {r['build']['weights_gib']} GiB of "
@@ -465,7 +472,8 @@ def render_markdown(r: dict[str, Any]) -> str:
     if not r.get("variants"):
         return "\n".join(lines) + "\n"
     lines += ["## Forward + backward", "",
-              "| recompute | status | step s | tokens/s | TFLOP/s | MFU (790) | peak GiB |", "|---|---|---|---|---|---|---|"]
+              "| recompute | status | step s | tokens/s | TFLOP/s | MFU (790) | peak GiB |",
+              "|---|---|---|---|---|---|---|"]
     for v, res in r["variants"].items():
         if res["status"] == "ok":
             mfu = f"{res['mfu_vs_790']:.1%}" if "mfu_vs_790" in res else "-"
@@ -494,7 +502,8 @@ def render_markdown(r: dict[str, Any]) -> str:
             parts = sum(s.get(k, 0.0) for k in ("vit_projector_s", "mamba_layers_total_s", "attention_layers_total_s",
                                                 "mlp_layers_total_s", "output_layer_and_loss_s"))
             lines += ["", f"Sum of parts {parts:.3f} s; the SSD scan alone is {s['ssd_scan_total_s']:.3f} s "
-                      f"({s['ssd_scan_total_s'] / parts:.0%} of it), all Mamba mixers {s['mamba_layers_total_s']:.3f} s "
+                      f"({s['ssd_scan_total_s'] / parts:.0%} of it), all Mamba mixers {s['mamba_layers_total_s']:.3f} "
+                      f"s "
                       f"({s['mamba_layers_total_s'] / parts:.0%}), the ViT + projector {s['vit_projector_s']:.3f} s "
                       f"({s['vit_projector_s'] / parts:.0%})."]
     elif s:

@@ -224,7 +224,8 @@ class ModelBridge(abc.ABC):
             ent = self.checkpoint_entries(name, p.detach(), tp_group=group, tp_rank=rank, tp_size=size)
             if ent is None:
                 split = size > 1 and getattr(p, "tensor_model_parallel", False)
-                ent = {name: shard_tensor(p.detach(), int(getattr(p, "partition_dim", 0)), group) if split else p.detach()}
+                ent = {name: shard_tensor(p.detach(), int(getattr(p, "partition_dim", 0)),
+                                          group) if split else p.detach()}
             out.update(ent)
         return out
 
@@ -320,7 +321,8 @@ class ModelBridge(abc.ABC):
         return param.dim() <= 1
 
     def train_flops(self, batch: Mapping[str, Any], *, num_parameters: int) -> float:
-        """Training FLOPs of one micro-batch (a :data:`nvlcore.contracts.Batch`; forward + backward). Default: ``6 x num_parameters x real
+        """Training FLOPs of one micro-batch (a :data:`nvlcore.contracts.Batch`; forward + backward). Default: ``6 x
+        num_parameters x real
         tokens`` (no attention or vision term); a bridge with a model-specific formula overrides it.
 
         :param num_parameters: the model's logical (full, TP-independent) parameter count.

@@ -77,7 +77,8 @@ class ParamMapping(ABC):
     """How one training parameter relates to HF keys and to its checkpoint components (a transform kind).
 
     Subclasses implement the six abstract methods (HF <-> components, the TP split and gather, the
-    checkpoint layout and its inverse); a kind with several components overrides :attr:`components` too. Subclasses are frozen dataclasses: :meth:`renamed`
+    checkpoint layout and its inverse); a kind with several components overrides :attr:`components` too. Subclasses are
+    frozen dataclasses: :meth:`renamed`
     (used to lay an adapter factor out like its base weight) copies them with ``dataclasses.replace``.
 
     :param megatron: the training parameter's name (as in ``model.named_parameters()``).
@@ -305,7 +306,8 @@ class FusedRowsMapping(ParamMapping):
     def local_components(self, local: torch.Tensor, tp_size: int, tp_rank: int) -> list[LocalComponent]:
         rows = [n for _, n in self.part_rows()]
         local_rows = [n // tp_size for n in rows]
-        return [LocalComponent(c, t, 0, n) for c, t, n in zip(self.components, local.split(local_rows, dim=0), rows, strict=True)]
+        return [LocalComponent(c, t, 0, n) for c, t,
+                n in zip(self.components, local.split(local_rows, dim=0), rows, strict=True)]
 
     def assemble_local(self, parts: Mapping[str, torch.Tensor], target: torch.Tensor, tp_size: int,
                        tp_rank: int) -> None:

@@ -48,7 +48,8 @@ import pytest
 from nvlcore.plugins import NvlPluginManager, set_plugin_manager
 
 
-def make_plugin_manager(*plugins: object, env: Mapping[str, str] | None = None, entry_points: bool = False) -> NvlPluginManager:
+def make_plugin_manager(*plugins: object, env: Mapping[str, str] | None = None,
+                        entry_points: bool = False) -> NvlPluginManager:
     """A plugin manager with the built-ins and the given in-process plugins (no entry points by default).
 
     :param plugins: modules or objects with ``@hookimpl`` functions.
@@ -112,10 +113,12 @@ def nvl_cli(nvl_plugin_manager: NvlPluginManager) -> Callable[..., Any]:
 
     from nvlcore.cli import build_cli
 
-    def invoke(*args: str, input: str | None = None, env: Mapping[str, str] | None = None, catch_exceptions: bool = True) -> Any:
+    def invoke(*args: str, input: str | None = None, env: Mapping[str, str] | None = None,
+               catch_exceptions: bool = True) -> Any:
         runner = CliRunner()
         return runner.invoke(
-            build_cli(nvl_plugin_manager), list(args), input=input, env=dict(env or {}), catch_exceptions=catch_exceptions
+            build_cli(nvl_plugin_manager), list(args), input=input, env=dict(env or {}),
+            catch_exceptions=catch_exceptions
         )
 
     return invoke

@@ -93,7 +93,8 @@ def test_original_convert_spellings(cli, paths) -> None:
 
 def test_original_merge_and_adapter_export_spellings(cli, paths) -> None:
     p = parse(cli, ["peft", "merge", "--lora-checkpoint", paths["iter"], "--output", paths["out"], "--hf-model-path",
-                    paths["hf"], "--pretrained", paths["ck"], "--tp", "1", "--pp", "1", "--ep", "1", "--cpu", "--debug"])
+                    paths["hf"], "--pretrained", paths["ck"], "--tp", "1", "--pp", "1", "--ep", "1", "--cpu",
+                    "--debug"])
     assert p["lora_checkpoint"] == Path(paths["iter"]) and p["pretrained"] == Path(paths["ck"]) and p["_debug"]
     p = parse(cli, ["peft", "merge", "--lora_checkpoint", paths["iter"], "--hf-path", paths["out"], "--hf_model",
                     paths["hf"], "--pretrained-checkpoint", paths["ck"]])

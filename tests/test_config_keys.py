@@ -33,7 +33,8 @@ def train_here(hf: Path, *overrides: str, print_fn=print):
     from nvlcore.training.finetune import run_finetune
 
     manager = tiny_plugin.manager()
-    cfg = load_config([], [*DEFAULTS, f"model.hf_model_path={hf}", f"checkpoint.pretrained_checkpoint={hf}", *overrides],
+    cfg = load_config([], [*DEFAULTS, f"model.hf_model_path={hf}", f"checkpoint.pretrained_checkpoint={hf}",
+                           *overrides],
                       plugins=manager)
     resolve_config(cfg)
     return run_finetune(cfg, manager=manager, device_type="cpu", print_fn=print_fn)
@@ -417,7 +418,8 @@ def test_test_split_is_evaluated_at_the_end_unless_skip_test(hf, tmp_path):
                print_fn=lines.append)
     assert any("test: 1 batch(es) at the end of training on 12 examples" in x for x in lines), lines
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if "test_loss" in x]
-    assert len(rows) == 1 and rows[0]["iteration"] == 2 and math.isfinite(rows[0]["test_loss"]) and rows[0]["test_tokens"] > 0
+    assert len(rows) == 1 and rows[0]["iteration"] == 2
+    assert math.isfinite(rows[0]["test_loss"]) and rows[0]["test_tokens"] > 0
     assert any(x.startswith("nvl finetune: test loss ") for x in lines)
     lines.clear()
     skipped = tmp_path / "skipped"

@@ -133,10 +133,12 @@ def test_prediction_files_round_trip_and_errors(tmp_path: Path) -> None:
     assert summary == {"exact_match": 0.5, "token_f1": 0.5}
     path = write_records(tmp_path / "p.jsonl", records)
     lines = [json.loads(x) for x in path.read_text().splitlines()]
-    assert lines[0] == {"id": 0, "prediction": "red", "reference": "red", "scores": {"exact_match": 1.0, "token_f1": 1.0},
+    assert lines[0] == {"id": 0, "prediction": "red", "reference": "red",
+                        "scores": {"exact_match": 1.0, "token_f1": 1.0},
                         "question": "Q"}
     back = read_predictions(path)
-    assert [(r.id, r.prediction, r.reference, r.question) for r in back] == [(0, "red", "red", "Q"), (1, "", "blue", "")]
+    assert [(r.id, r.prediction, r.reference,
+             r.question) for r in back] == [(0, "red", "red", "Q"), (1, "", "blue", "")]
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prediction": "x", "reference": "y"}\n{"prediction": "x"}\n')
     with pytest.raises(EvalError, match=r"bad.jsonl:2: 'reference' is missing"):
@@ -238,6 +240,7 @@ def test_eval_samples_from_a_maker() -> None:
 
     samples = eval_samples(_PlainQA(), system_prompt="/no_think")
     assert [(s.id, s.reference, s.question) for s in samples] == [(0, "4", "2+2?"), (1, "Paris", "Capital of France?")]
-    assert samples[0].prompt["conversation"][0] == {"role": "system", "content": [{"type": "text", "text": "/no_think"}]}
+    assert samples[0].prompt["conversation"][0] == {"role": "system",
+                                                    "content": [{"type": "text", "text": "/no_think"}]}
     assert eval_samples(_PlainQA(), limit=1)[0].id == 0 and len(eval_samples(_PlainQA(), limit=1)) == 1
     assert shard(list(range(7)), 1, 3) == [1, 4]

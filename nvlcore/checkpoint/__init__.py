@@ -10,7 +10,8 @@ Public API:
 
 - :func:`resolve_checkpoint_dir` (base dir -> latest ``iter_N``; an ``iter_N`` dir as is),
   :func:`list_iterations`, :func:`read_tracker`, :func:`iter_dir_name`;
-- :func:`save_checkpoint` (collective; how it writes: :class:`SaveOptions`; DTensor shards via :func:`shard_tensor`; streamed saves via
+- :func:`save_checkpoint` (collective; how it writes: :class:`SaveOptions`; DTensor shards via :func:`shard_tensor`;
+streamed saves via
   :class:`StreamedState`), :func:`write_tracker`, :func:`apply_most_recent_k`;
 - :class:`Checkpoint` / :func:`open_checkpoint` / :func:`load_model_state` (full tensors or into a
   target layout), plus ``extra_state()``, ``rank_state()``, ``train_state()``, ``run_config()``;

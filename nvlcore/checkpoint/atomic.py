@@ -214,7 +214,8 @@ def scratch_dir(final: str | os.PathLike[str]) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def atomic_output_dir(final: str | os.PathLike[str], *, overwrite: bool = False, what: str = "output") -> Iterator[Path]:
+def atomic_output_dir(final: str | os.PathLike[str], *, overwrite: bool = False,
+                      what: str = "output") -> Iterator[Path]:
     """Yield a fresh temporary directory that becomes ``final`` when the block completes.
 
     Checks for an existing ``final`` before any work starts and removes temporary siblings that killed

@@ -70,7 +70,8 @@ class Checkpoint:
         try:
             return torch.load(p, map_location="cpu", weights_only=True)
         except Exception as exc:
-            raise CheckpointCorruptError(f"{p} is damaged (not a torch file nvl can read: {type(exc).__name__}); the checkpoint {self.path} "
+            raise CheckpointCorruptError(f"{p} is damaged (not a torch file nvl can read: {type(exc).__name__}); the "
+                                         f"checkpoint {self.path} "
                                          "cannot be used") from None
 
     def train_state(self) -> dict[str, Any]:
@@ -110,7 +111,8 @@ class Checkpoint:
                 md = FileSystemReader(str(self.path)).read_metadata()
             except Exception as exc:
                 raise CheckpointCorruptError(
-                    f"{self.path / DCP_METADATA} is damaged ({first_line(exc, 80)}); the checkpoint {self.path} cannot be used"
+                    f"{self.path / DCP_METADATA} is damaged ({first_line(exc, 80)}); the checkpoint {self.path} cannot "
+                    f"be used"
                 ) from None
             self._check_files(md)
             self._metadata = md
@@ -131,7 +133,8 @@ class Checkpoint:
                 size = f.stat().st_size
             except FileNotFoundError:
                 raise CheckpointCorruptError(
-                    f"{f} is missing: the checkpoint {self.path} is incomplete (copy it again, or use another iteration)"
+                    f"{f} is missing: the checkpoint {self.path} is incomplete (copy it again, or use another "
+                    f"iteration)"
                 ) from None
             if size < end:
                 raise CheckpointCorruptError(

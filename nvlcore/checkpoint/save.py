@@ -659,7 +659,10 @@ class _Save:
         self.agree(err, "finalization")
 
     def write_small_states(self) -> dict[str, Any]:
-        """``extra_state.pt``, ``train_state.pt``, ``run_config.yaml``, copied files, the manifest; returns the train state."""
+        """``extra_state.pt``, ``train_state.pt``, ``run_config.yaml``, copied files, the manifest.
+
+        Returns the train state.
+        """
         import yaml
 
         tmp, c = self.tmp, self.content

@@ -51,7 +51,8 @@ def convert_group() -> None:
 @declare_aliases(aliases=CONVERT_ALIASES)
 @convert_group.command("import")
 @model_options("--hf-model", name="hf_model", required=True, help="HF model (config.json + safetensors).")
-@click.option("--megatron-path", "--megatron-model-path", "megatron_path", required=True, type=click.Path(path_type=Path),
+@click.option("--megatron-path", "--megatron-model-path", "megatron_path", required=True,
+              type=click.Path(path_type=Path),
               help="Output checkpoint directory (gets iter_0000000/ and the tracker).")
 @click.option("--tp", "--tensor-parallel-size", "tp", default=1, show_default=True, type=click.IntRange(min=1),
               help="Tensor-parallel size to validate and record (the checkpoint loads at any TP).")
@@ -61,7 +62,8 @@ def convert_group() -> None:
               help="Accepted for the original script's command lines; conversion streams on CPU.")
 @click.option("--low-memory-save", "_low_memory", is_flag=True, hidden=True,
               help="Accepted; import always streams one tensor group at a time.")
-@click.option("--distributed-timeout-minutes", "_timeout", type=int, default=None, hidden=True, help="Accepted; unused.")
+@click.option("--distributed-timeout-minutes", "_timeout", type=int, default=None, hidden=True,
+              help="Accepted; unused.")
 @click.option("--dtype", "--torch-dtype", "dtype", type=click.Choice(DTYPES), default=None,
               help="Convert the model's tensors to this dtype (default: keep the source's).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --megatron-path.")
@@ -91,15 +93,19 @@ def import_cmd(hf_model: Path, revision: str | None, megatron_path: Path, tp: in
 @convert_group.command("export")
 @model_options("--hf-model", name="hf_model", required=True,
                help="Reference HF model (config, tokenizer, *.py, tensor list).")
-@click.option("--megatron-path", "--megatron-model-path", "megatron_path", required=True, type=click.Path(path_type=Path),
+@click.option("--megatron-path", "--megatron-model-path", "megatron_path", required=True,
+              type=click.Path(path_type=Path),
               help="Checkpoint directory (latest iteration) or one iter_N directory.")
 @click.option("--hf-path", "--output", "hf_path", required=True, type=click.Path(path_type=Path),
               help="Output HF model directory.")
 @click.option("--tp", "--tensor-parallel-size", "--pp", "--ep", "--etp", "_parallel", type=click.IntRange(min=1),
-              multiple=True, hidden=True, help="Accepted for the original scripts' command lines; export reads logical tensors.")
-@click.option("--distributed-save/--no-distributed-save", "_dist_save", default=None, hidden=True, help="Accepted; unused.")
+              multiple=True, hidden=True,
+              help="Accepted for the original scripts' command lines; export reads logical tensors.")
+@click.option("--distributed-save/--no-distributed-save", "_dist_save", default=None, hidden=True,
+              help="Accepted; unused.")
 @click.option("--save-every-n-ranks", "_every", type=int, default=None, hidden=True, help="Accepted; unused.")
-@click.option("--distributed-timeout-minutes", "_timeout", type=int, default=None, hidden=True, help="Accepted; unused.")
+@click.option("--distributed-timeout-minutes", "_timeout", type=int, default=None, hidden=True,
+              help="Accepted; unused.")
 @click.option("--not-strict", is_flag=True, help="Skip tensors that cannot be produced instead of failing.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --hf-path.")
 @click.option("--shard-size", default="5GB", show_default=True, help="Maximum safetensors shard size.")

@@ -47,7 +47,8 @@ def _parse_options(values: tuple[str, ...]) -> dict[str, Any]:
               help="Cast the exported tensors (the original export_adapter.py's --dtype; same as -O dtype=...).")
 @click.option("--tp", "--pp", "--ep", "--etp", "_parallel", type=click.IntRange(min=1), multiple=True, hidden=True,
               help="Accepted for the original export_adapter.py command lines; checkpoints hold logical tensors.")
-@click.option("--trust-remote-code", "--sequence-parallel", "_compat", is_flag=True, hidden=True, help="Accepted; unused.")
+@click.option("--trust-remote-code", "--sequence-parallel", "_compat", is_flag=True, hidden=True,
+              help="Accepted; unused.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
 @click.option(
     "--option",

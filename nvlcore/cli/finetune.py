@@ -88,7 +88,8 @@ def compose_config(
     if hf_model_path:
         extra.append(Override("model.hf_model_path", str(Path(hf_model_path).expanduser().absolute())))
     if pretrained_checkpoint:
-        extra.append(Override("checkpoint.pretrained_checkpoint", str(Path(pretrained_checkpoint).expanduser().absolute())))
+        extra.append(Override("checkpoint.pretrained_checkpoint",
+                              str(Path(pretrained_checkpoint).expanduser().absolute())))
     request = ConfigRequest(manager=manager, base=base, given=given, config_files=tuple(str(f) for f in config_files))
     for obj, values in plugin_values:
         extra += list(obj.overrides(command, values, request))
@@ -105,11 +106,13 @@ def _option_hint(tokens: Sequence[str]) -> str:
     ctx = click.get_current_context(silent=True)
     if ctx is None:
         return ""
-    known = [o for p in ctx.command.get_params(ctx) if isinstance(p, click.Option) for o in (*p.opts, *p.secondary_opts)]
+    known = [o for p in ctx.command.get_params(ctx) if isinstance(p, click.Option)
+             for o in (*p.opts, *p.secondary_opts)]
     for token in tokens:
         if token.startswith("--"):
             close = suggest(token.split("=", 1)[0], known)
-            return f"; did you mean {close}?" if close else f"; `nvl {ctx.command_path.split(' ', 1)[-1]} --help` lists the options"
+            command = ctx.command_path.split(" ", 1)[-1]
+            return f"; did you mean {close}?" if close else f"; `nvl {command} --help` lists the options"
     return ""
 
 

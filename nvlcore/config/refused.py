@@ -38,7 +38,8 @@ REFUSED: tuple[Refusal, ...] = (
     Refusal("model.pipeline_model_parallel_size", (1,),
             "nvl has no pipeline parallelism; use model.tensor_model_parallel_size and data parallelism"),
     Refusal("model.context_parallel_size", (1,),
-            "nvl has no context parallelism; raise model.tensor_model_parallel_size or use model.recompute_granularity"),
+            "nvl has no context parallelism; raise model.tensor_model_parallel_size or use "
+            "model.recompute_granularity"),
     Refusal("model.sequence_parallel", (False,),
             "nvl's tensor parallelism keeps activations replicated; use model.recompute_granularity to save memory"),
     Refusal("model.cpu_offloading_weights", (False,),
@@ -169,7 +170,8 @@ def _check_precision_aware(cfg: NvlConfig) -> None:
                               "megatron-core); set it, or remove the dtype", key=f"optimizer.{key}")
     if o.optimizer_cpu_offload is True:
         if not 0.0 < o.optimizer_offload_fraction <= 1.0:
-            raise ConfigError(f"optimizer.optimizer_cpu_offload=true needs optimizer.optimizer_offload_fraction in (0, 1] "
+            raise ConfigError(f"optimizer.optimizer_cpu_offload=true needs optimizer.optimizer_offload_fraction in (0, "
+                              f"1] "
                               f"(the share of the state kept in host memory), not {o.optimizer_offload_fraction}",
                               key="optimizer.optimizer_offload_fraction")
         if o.optimizer != "adam" or o.use_precision_aware_optimizer is True:

@@ -128,7 +128,10 @@ def peak_rss_bytes() -> int:
 
 
 class Progress:
-    """The conversion's byte-counting bar (:class:`nvlcore.progress.Progress`); ``enabled=False`` is ``--no-progress``."""
+    """The conversion's byte-counting bar (:class:`nvlcore.progress.Progress`).
+
+    ``enabled=False`` is ``--no-progress``.
+    """
 
     def __init__(self, total: int, desc: str, enabled: bool) -> None:
         from nvlcore.progress import Progress as Bar
@@ -247,7 +250,8 @@ def _check_coverage(groups: Sequence[ConversionGroup], hf_keys: Sequence[str], b
         raise ConversionError(f"bridge {bridge_name!r} gave an inconsistent conversion plan: " + "; ".join(problems))
 
 
-def _run_meta(fn: Callable, inputs: Mapping[str, TensorSpec], expect: Sequence[str], what: str) -> dict[str, TensorSpec]:
+def _run_meta(fn: Callable, inputs: Mapping[str, TensorSpec], expect: Sequence[str],
+              what: str) -> dict[str, TensorSpec]:
     out = fn(_meta(inputs))
     if set(out) != set(expect):
         raise ConversionError(f"{what}: produced {sorted(out)[:6]}, declared {sorted(expect)[:6]}")
@@ -435,7 +439,8 @@ def import_hf_checkpoint(
                 _warn(f"no tokenizer files in {hf_dir}; the checkpoint has no tokenizer/")
             for n in _copy_files(hf_dir, list(CONFIG_FILES) + _py_files(hf_dir), staging / HF_SOURCE_DIR):
                 files[f"{HF_SOURCE_DIR}/{n}"] = staging / HF_SOURCE_DIR / n
-            inv = {k: {"shape": list(s.shape), "dtype": str(s.dtype).replace("torch.", "")} for k, s in hf_specs.items()}
+            inv = {k: {"shape": list(s.shape), "dtype": str(s.dtype).replace("torch.", "")} for k,
+                   s in hf_specs.items()}
             (staging / HF_SOURCE_DIR / INVENTORY).write_text(json.dumps(inv, indent=0) + "\n")
             files[f"{HF_SOURCE_DIR}/{INVENTORY}"] = staging / HF_SOURCE_DIR / INVENTORY
             save_checkpoint(

@@ -73,7 +73,8 @@ def parse_size(text: str | int) -> int:
     if not m:
         raise ValueError(f"cannot parse size {text!r}; use e.g. 5GB, 500MB, 2GiB or a number of bytes")
     num, unit = float(m.group(1)), (m.group(2) or "B").upper()
-    mult = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+    mult = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30,
+            "TIB": 2**40}
     size = int(num * mult[unit])
     if size <= 0:
         raise ValueError(f"size {text!r} must be positive")

@@ -197,7 +197,8 @@ class HFConversationMaker:
                 options["data_files"] = local_data_files(source, name, cache_dir=self.kwargs.cache_dir)
             return datasets.load_dataset(source, name, split=self.source_split, **options)
         except ValueError as exc:
-            raise ValueError(f"{self.name}: cannot load {source!r} (config {name!r}, split {self.source_split!r}): {exc}") from exc
+            raise ValueError(f"{self.name}: cannot load {source!r} (config {name!r}, split {self.source_split!r}): "
+                             f"{exc}") from exc
 
     def load(self) -> Any:
         """The split as a ``datasets.Dataset`` (override for sources with several subsets)."""

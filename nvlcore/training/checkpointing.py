@@ -199,7 +199,8 @@ def _assemble(bridge: Any, name: str, loaded: Mapping[str, Any], target: torch.T
     from torch.distributed.tensor import DTensor
 
     local = {k: (v.to_local() if isinstance(v, DTensor) else v) for k, v in loaded.items()}
-    if bridge is not None and bridge.assemble_from_entries(name, local, target, tp_rank=ctx.tp_rank, tp_size=ctx.tp_size):
+    if bridge is not None and bridge.assemble_from_entries(name, local, target, tp_rank=ctx.tp_rank,
+                                                           tp_size=ctx.tp_size):
         return
     (value,) = local.values()
     if value.data_ptr() != target.data_ptr():

@@ -127,7 +127,8 @@ def describe_towers(statuses: list[TowerStatus]) -> str:
     return "; ".join(parts)
 
 
-def prepare_trainable(model: torch.nn.Module, cfg: NvlConfig, manager: Any, bridge: Any) -> tuple[Any, list[TowerStatus]]:
+def prepare_trainable(model: torch.nn.Module, cfg: NvlConfig, manager: Any,
+                      bridge: Any) -> tuple[Any, list[TowerStatus]]:
     """Freeze (``model.freeze_*``), then apply ``peft.method``; returns the method and what each tower does.
 
     A base parameter trains only if neither ``model.freeze_*`` nor the PEFT method freezes it
@@ -139,7 +140,8 @@ def prepare_trainable(model: torch.nn.Module, cfg: NvlConfig, manager: Any, brid
     return peft, tower_status(model, set(peft.adapter_parameters(model)) if peft is not None else set())
 
 
-def _flops_fn(bridge: Any, model: torch.nn.Module, ctx: ParallelContext) -> tuple[Callable[[Mapping[str, Any]], float], str]:
+def _flops_fn(bridge: Any, model: torch.nn.Module,
+              ctx: ParallelContext) -> tuple[Callable[[Mapping[str, Any]], float], str]:
     """Training FLOPs per micro-batch (:meth:`ModelBridge.train_flops`) and whether the bridge has its own formula."""
     from nvlcore.bridge import ModelBridge
 
@@ -160,9 +162,11 @@ def loop_settings(cfg: NvlConfig, *, dp_size: int, device_type: str) -> LoopSett
             f"train.global_batch_size={gbs} must be a multiple of train.micro_batch_size ({mbs}) x "
             f"data-parallel size ({dp_size})"
         )
-    precision = cfg.mixed_precision or ("bf16_mixed" if cfg.optimizer.bf16 else "fp16_mixed" if cfg.optimizer.fp16 else "fp32")
+    precision = cfg.mixed_precision or ("bf16_mixed" if cfg.optimizer.bf16 else "fp16_mixed" if cfg.optimizer.fp16
+                                        else "fp32")
     if precision == "fp16_mixed":
-        raise ValueError("mixed_precision=fp16_mixed is not supported by nvl finetune; use bf16_mixed (the recipe's) or fp32")
+        raise ValueError("mixed_precision=fp16_mixed is not supported by nvl finetune; use bf16_mixed (the recipe's) "
+                         "or fp32")
     autocast = torch.bfloat16 if (device_type == "cuda" and precision == "bf16_mixed") else None
     return LoopSettings(
         train_iters=cfg.train.train_iters,
@@ -205,8 +209,10 @@ def resume_schedules(cfg: NvlConfig, saved_run_config: Mapping[str, Any] | None,
     ck_lr, ck_wd = schedules_for(saved)
     if sc.use_checkpoint_opt_param_scheduler:
         return ck_lr, ck_wd, f"schedule from {where} (scheduler.use_checkpoint_opt_param_scheduler)"
-    mine = {**{f"lr.{k}": v for k, v in attrs.asdict(lr_s).items()}, **{f"wd.{k}": v for k, v in attrs.asdict(wd_s).items()}}
-    theirs = {**{f"lr.{k}": v for k, v in attrs.asdict(ck_lr).items()}, **{f"wd.{k}": v for k, v in attrs.asdict(ck_wd).items()}}
+    mine = {**{f"lr.{k}": v for k, v in attrs.asdict(lr_s).items()},
+            **{f"wd.{k}": v for k, v in attrs.asdict(wd_s).items()}}
+    theirs = {**{f"lr.{k}": v for k, v in attrs.asdict(ck_lr).items()},
+              **{f"wd.{k}": v for k, v in attrs.asdict(ck_wd).items()}}
     diffs = [f"{k} {mine[k]!r} (checkpoint {theirs[k]!r})" for k in mine if mine[k] != theirs[k]]
     if diffs:
         raise ValueError(
@@ -239,7 +245,8 @@ class DataPipeline:
 
 
 def build_data(cfg: NvlConfig, bridge: Any, manager: Any, ctx: ParallelContext, *, consumed_samples: int,
-               print_fn: Callable[[str], None], packing_positions: Sequence[Sequence[int]] | None = None) -> DataPipeline:
+               print_fn: Callable[[str], None],
+               packing_positions: Sequence[Sequence[int]] | None = None) -> DataPipeline:
     """The training batches from ``consumed_samples`` (or the packed position), and the validation and test splits."""
     from nvlcore.training.data import GlobalBatchSampler, ProcessedDataset, build_loader
     from nvlcore.training.packing import packing_mode
@@ -443,7 +450,8 @@ class MetricsPlotter:
             self.say(f"nvl finetune: no metrics.png (matplotlib is not installed; {INSTALL_HINT})")
         except Exception as exc:  # a plot is a convenience: report once, keep training
             self.off = True
-            self.say(f"nvl finetune: drawing {self.path.with_name('metrics.png')} failed ({type(exc).__name__}: {exc}); "
+            self.say(f"nvl finetune: drawing {self.path.with_name('metrics.png')} failed ({type(exc).__name__}: "
+                     f"{exc}); "
                      "no more plots this run")
 
 
@@ -553,7 +561,8 @@ class FinetuneRecipe:
         self.say(f"nvl finetune: {self.decision.reason}")
         if not cfg.checkpoint.save:
             self.say("nvl finetune: WARNING: checkpoint.save is not set: no checkpoint will be written"
-                     + (f"; metrics go to {cfg.logger.jsonl_path}" if cfg.logger.jsonl_path else " and no metrics.jsonl"))
+                     + (f"; metrics go to {cfg.logger.jsonl_path}" if cfg.logger.jsonl_path
+                        else " and no metrics.jsonl"))
         # checkpoint.async_save: the tensors of a save are written by a background thread over a
         # process group of its own (gloo), while training goes on; the save is published (renamed,
         # trackers updated) at the next save or at the end, by every rank at the same point.
@@ -660,7 +669,8 @@ class FinetuneRecipe:
         elif needs_base:
             src = self.cfg.checkpoint.pretrained_checkpoint
             if not src:
-                raise ValueError("no starting weights: pass --pretrained-checkpoint DIR (a Megatron checkpoint or an HF "
+                raise ValueError("no starting weights: pass --pretrained-checkpoint DIR (a Megatron checkpoint or an "
+                                 "HF "
                                  "directory)")
             load_pretrained(self.model, src, bridge=self.bridge, ctx=self.ctx)
             self.say(f"nvl finetune: loaded pretrained weights from {src} ({time.perf_counter() - t0:.1f} s)")
@@ -908,7 +918,8 @@ def describe_optimizer(opt: Any, named: Any, cfg: NvlConfig, ctx: ParallelContex
                 f"({n_own * per_param / 2**20:.1f} of {n_all * per_param / 2**20:.1f} MiB)")
     if cfg.ddp.use_distributed_optimizer:
         return f"{kind}; state on the one data-parallel rank ({n_all * per_param / 2**20:.1f} MiB; nothing to shard)"
-    return f"{kind}; state replicated on each of {ctx.dp_size} data-parallel rank(s) ({n_all * per_param / 2**20:.1f} MiB each)"
+    mib = n_all * per_param / 2**20
+    return f"{kind}; state replicated on each of {ctx.dp_size} data-parallel rank(s) ({mib:.1f} MiB each)"
 
 
 def describe_state_bytes(opt: Any, ctx: ParallelContext) -> str:
@@ -1005,17 +1016,20 @@ def restore(iter_dir: Path, *, model: Any, optimizer: Any, named: Any, bridge: A
     extra = ckpt.extra_state() or {}
     if bool(extra.get("adapter_only")) != adapter_only:
         raise ValueError(
-            f"{iter_dir} is {'an adapter-only (PEFT)' if extra.get('adapter_only') else 'a full'} checkpoint but this run "
+            f"{iter_dir} is {'an adapter-only (PEFT)' if extra.get('adapter_only') else 'a full'} checkpoint but this "
+            f"run "
             f"is {'PEFT' if adapter_only else 'full fine-tuning'}; use the same peft settings, or start from it with "
             "--pretrained-checkpoint"
         )
     tck.load_model_weights(model, iter_dir, bridge=bridge, ctx=ctx, only_trainable=adapter_only)
     if cfg.checkpoint.load_optim:
-        tck.load_optimizer_state(optimizer, named, iter_dir, adam_step=int(extra.get("adam_step", 0)), bridge=bridge, ctx=ctx)
+        tck.load_optimizer_state(optimizer, named, iter_dir, adam_step=int(extra.get("adam_step", 0)), bridge=bridge,
+                                 ctx=ctx)
     state = TrainState.from_dict(ckpt.train_state())
     data = extra.get("data") or {}
     if data.get("seed") is not None and data["seed"] != cfg.rng.seed:
-        raise ValueError(f"{iter_dir} was trained with rng.seed={data['seed']}, this run has {cfg.rng.seed}: the data order would change")
+        raise ValueError(f"{iter_dir} was trained with rng.seed={data['seed']}, this run has {cfg.rng.seed}: the data "
+                         f"order would change")
     if cfg.checkpoint.load_rng:
         layout = extra.get("layout") or {}
         rank_state = ckpt.rank_state(ctx.rank) if layout.get("world_size") == ctx.world_size else None

@@ -251,7 +251,8 @@ def options_for(cfg: Any, inputs: PlanInputs) -> list[Option]:
 
     Offloading and 4-bit storage are offered only where the config has their keys.
     """
-    recomputes = ["selective", "full"] if inputs.recompute is None else ["full"] if inputs.recompute == "selective" else []
+    recomputes = ["selective",
+                  "full"] if inputs.recompute is None else ["full"] if inputs.recompute == "selective" else []
     mbs = _micro_batches(inputs)
     ladder = [Option({"recompute": r}, (f"model.recompute_granularity={r}",)) for r in recomputes[:1]]
     ladder += [Option({"micro_batch_size": m}, (f"train.micro_batch_size={m}",)) for m in mbs]

@@ -87,7 +87,8 @@ def build_optimizer(
     for n, p in named_params:
         if p.dtype != torch.float32:
             raise TypeError(
-                f"trainable parameter {n} is {p.dtype}; the trainer keeps fp32 master weights, build the model in float32"
+                f"trainable parameter {n} is {p.dtype}; the trainer keeps fp32 master weights, build the model in "
+                f"float32"
             )
     groups = [g for g in (
         {"params": decay, "wd_mult": 1.0, "weight_decay": weight_decay},
@@ -331,7 +332,8 @@ def check_replicated_parameters(
         return
     device = tensors[0].device
     fp = torch.stack([
-        torch.stack([t.detach().double().sum(), t.detach().double().square().sum(), torch.tensor(float(t.numel()), dtype=torch.float64, device=device)])
+        torch.stack([t.detach().double().sum(), t.detach().double().square().sum(),
+                     torch.tensor(float(t.numel()), dtype=torch.float64, device=device)])
         for t in tensors
     ]).to(device)
     hi, lo = fp.clone(), fp.clone()

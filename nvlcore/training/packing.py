@@ -117,7 +117,8 @@ class PackedBatches:
     :param device: the CUDA device pinned memory is allocated for (the prefetch thread's current device).
     """
 
-    def __init__(self, windows: Iterator[list[list[dict[str, Any]]]], collate: Callable[[Sequence[Any]], dict[str, Any]],
+    def __init__(self, windows: Iterator[list[list[dict[str, Any]]]],
+                 collate: Callable[[Sequence[Any]], dict[str, Any]],
                  *, micro_batch_size: int, dp_rank: int = 0, dp_size: int = 1,
                  start: tuple[int, int] | None = None, pin_memory: bool = False, prefetch: int = 0,
                  device: torch.device | None = None) -> None:
@@ -152,7 +153,8 @@ class PackedBatches:
 class _BatchMaker:
     """Rows from the windows, ``mbs`` at a time, collated (and pinned), each with the position after it."""
 
-    def __init__(self, windows: Iterator[list[list[dict[str, Any]]]], collate: Callable[[Sequence[Any]], dict[str, Any]],
+    def __init__(self, windows: Iterator[list[list[dict[str, Any]]]],
+                 collate: Callable[[Sequence[Any]], dict[str, Any]],
                  mbs: int, dp_size: int, start: tuple[int, int], pin: bool) -> None:
         self.windows, self.collate, self.mbs, self.dp_size, self.pin = windows, collate, mbs, dp_size, pin
         self._window, self._skip = int(start[0]), int(start[1])
@@ -272,7 +274,8 @@ def _stop_prefetch(stop: Any, q: Any, thread: Any) -> None:
 
 
 def build_packed_loader(dataset: Any, order: Callable[[int], int], *, window: int, capacity: int, mode: str,
-                        dp_rank: int, dp_size: int, start_window: int | None, num_workers: int) -> torch.utils.data.DataLoader:
+                        dp_rank: int, dp_size: int, start_window: int | None,
+                        num_workers: int) -> torch.utils.data.DataLoader:
     """A DataLoader whose items are this rank's windows, processed and packed in the workers."""
     from torch.utils.data import DataLoader
 

@@ -424,7 +424,8 @@ class Trainer:
                     self._save()
                 if stopping:
                     name = signal.Signals(self.stop.signum).name if self.stop.signum else "a signal on another rank"
-                    self.print(f"nvl finetune: received {name}; saving a checkpoint at iteration {st.iteration} and exiting")
+                    self.print(f"nvl finetune: received {name}; saving a checkpoint at iteration {st.iteration} and "
+                               f"exiting")
                     self._save()
                     self.stopped_by = name
                     break
@@ -529,7 +530,8 @@ def evaluate(
         with torch.no_grad():
             for _ in range(num_batches):
                 batch = move_batch(next(batches), ctx.device)
-                cm = torch.autocast(ctx.device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
+                cm = torch.autocast(ctx.device.type,
+                                    dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
                 with cm:
                     per_token = model(**batch)
                 mask = batch["loss_mask"].to(torch.float32)

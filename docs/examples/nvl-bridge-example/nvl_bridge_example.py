@@ -271,7 +271,8 @@ class TinyBridge(ModelBridge):
         from nvlcore.generation.protocol import NoCacheReference
 
         if options or cuda_graph:
-            raise ValueError(f"model bridge {self.name!r} has no generation options {sorted(options) or ['cuda_graph']}")
+            raise ValueError(
+                f"model bridge {self.name!r} has no generation options {sorted(options) or ['cuda_graph']}")
         model.eval()
         device = device or next(model.parameters()).device
         decodable = NoCacheReference(lambda ids, attention_mask, **kw: model(ids, attention_mask=attention_mask, **kw))

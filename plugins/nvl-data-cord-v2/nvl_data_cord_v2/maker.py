@@ -93,7 +93,8 @@ class CordV2Dataset(HFConversationMaker):
     def convert(self, row: Mapping[str, Any]) -> dict[str, Any]:
         return {
             "conversation": [
-                {"role": "user", "content": [{"type": "image", "image": row["image"]}, {"type": "text", "text": self.kwargs.prompt}]},
+                {"role": "user",
+                 "content": [{"type": "image", "image": row["image"]}, {"type": "text", "text": self.kwargs.prompt}]},
                 {"role": "assistant", "content": [{"type": "text", "text": target_text(row["ground_truth"])}]},
             ]
         }

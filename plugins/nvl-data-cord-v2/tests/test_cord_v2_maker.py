@@ -13,17 +13,20 @@ from nvl_data_testing import write_hub_dataset
 from nvlcore.data.makers import SplitNotAvailableError
 
 PARSE = {"total": {"total_price": "45,500"}, "menu": [{"nm": "A", "price": "1"}]}
-PARSE_TOKENS = "<s_total><s_total_price>45,500</s_total_price></s_total><s_menu><s_price>1</s_price><s_nm>A</s_nm></s_menu>"
+PARSE_TOKENS = ("<s_total><s_total_price>45,500</s_total_price></s_total>"
+                "<s_menu><s_price>1</s_price><s_nm>A</s_nm></s_menu>")
 
 
 def test_json2token_reference_example_and_special_cases() -> None:
     assert json2token(PARSE) == PARSE_TOKENS  # the workflow reference's example
     assert json2token({"text_sequence": "raw text"}) == "raw text"
     assert json2token({"text_sequence": "x", "other": 1}) == "<s_text_sequence>x</s_text_sequence><s_other>1</s_other>"
-    assert json2token({"menu": [{"nm": "A"}, {"nm": "B"}, "C"]}) == "<s_menu><s_nm>A</s_nm><sep/><s_nm>B</s_nm><sep/>C</s_menu>"
+    assert json2token({"menu": [{"nm": "A"}, {"nm": "B"},
+                                "C"]}) == "<s_menu><s_nm>A</s_nm><sep/><s_nm>B</s_nm><sep/>C</s_menu>"
     assert json2token({"b": 2, "a": 1.5}, sort_json_key=False) == "<s_b>2</s_b><s_a>1.5</s_a>"
     # Keys reverse-sorted as strings, so "sub_total" comes before "menu" and after "total".
-    assert json2token({"menu": "m", "total": "t", "sub_total": "s"}) == "<s_total>t</s_total><s_sub_total>s</s_sub_total><s_menu>m</s_menu>"
+    assert json2token({"menu": "m", "total": "t",
+                       "sub_total": "s"}) == "<s_total>t</s_total><s_sub_total>s</s_sub_total><s_menu>m</s_menu>"
 
 
 def gt(parse=None, parses=None, **extra) -> str:
@@ -81,7 +84,8 @@ def test_train_split_conversations_and_skips(local_cord: Path, tmp_path: Path) -
 def test_other_splits_and_prompt(local_cord: Path, tmp_path: Path) -> None:
     val = CordV2Dataset(split="validation", path=str(local_cord), cache_dir=str(tmp_path), prompt="Read the receipt.")
     conv = val[0]["conversation"]
-    assert conv[0]["content"][1]["text"] == "Read the receipt." and conv[1]["content"][0]["text"] == "<s_menu><s_nm>V</s_nm></s_menu>"
+    assert conv[0]["content"][1]["text"] == "Read the receipt."
+    assert conv[1]["content"][0]["text"] == "<s_menu><s_nm>V</s_nm></s_menu>"
     test = CordV2Dataset(split="test", path=str(local_cord), cache_dir=str(tmp_path))
     assert test[0]["conversation"][1]["content"][0]["text"] == "<s_menu><s_nm>T</s_nm></s_menu>"
     with pytest.raises(SplitNotAvailableError, match="has the splits 'train', 'validation', 'test'; got split 'dev'"):
@@ -111,14 +115,16 @@ def test_nvl_data_preview_with_the_toy_model(local_cord: Path, tmp_path: Path) -
     toy = tmp_path / "toy"
     assert runner.invoke(build_cli(), ["toy-model", str(toy)]).exit_code == 0
     kwargs = json.dumps({"path": str(local_cord), "cache_dir": str(tmp_path / "cache")})
-    result = runner.invoke(build_cli(), ["data", "preview", "cord_v2", "--split", "validation", "--maker-kwargs", kwargs,
+    result = runner.invoke(build_cli(),
+                           ["data", "preview", "cord_v2", "--split", "validation", "--maker-kwargs", kwargs,
                                          "--hf-model-path", str(toy), "--json"])
     assert result.exit_code == 0, result.output
     (line,) = [json.loads(x) for x in result.stdout.splitlines()]
     assert line["num_images"] == 1 and line["tiles_per_image"] == [1]
     assert line["target"] == "<s_menu><s_nm>V</s_nm></s_menu>"
     assert line["supervised"] == "<s_menu><s_nm>V</s_nm></s_menu>\n<SPECIAL_12>"
-    assert "<image*" in line["prompt"] and "Describe this image.\n<SPECIAL_11>Assistant\n<think></think><s_menu>" in line["prompt"]
+    assert "<image*" in line["prompt"]
+    assert "Describe this image.\n<SPECIAL_11>Assistant\n<think></think><s_menu>" in line["prompt"]
 
 
 # -- nvl eval: Donut's metrics ------------------------------------------------------------------

@@ -44,7 +44,8 @@ class MedPixDataset(HFConversationMaker):
             "conversation": [
                 {
                     "role": "user",
-                    "content": [{"type": "image", "image": row["image_id"]}, {"type": "text", "text": text_of(row["question"])}],
+                    "content": [{"type": "image", "image": row["image_id"]},
+                                {"type": "text", "text": text_of(row["question"])}],
                 },
                 {"role": "assistant", "content": [{"type": "text", "text": text_of(row["answer"])}]},
             ]

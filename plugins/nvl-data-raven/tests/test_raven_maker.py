@@ -36,7 +36,8 @@ def rows():
             [],
             [{"user": "q", "assistant": None, "source": "raven"}],
             [TEXT],
-            [{"user": "  First question?  ", "assistant": " A ", "source": "raven"}, {"user": "ignored", "assistant": "ignored", "source": "raven"}],
+            [{"user": "  First question?  ", "assistant": " A ", "source": "raven"},
+             {"user": "ignored", "assistant": "ignored", "source": "raven"}],
         ],
     }
 
@@ -90,12 +91,14 @@ def test_malformed_rows_are_skipped_counted_and_reported(local_cauldron: Path, t
     with caplog.at_level(logging.WARNING, logger="nvl.data"):
         made = RavenDataset(split="train", path=str(local_cauldron), cache_dir=str(tmp_path))
     assert made.num_skipped == 4
-    assert dict(made.skipped) == {"no images": 1, "no texts": 1, "missing user or assistant text": 1, "unreadable image": 1}
+    assert dict(made.skipped) == {"no images": 1, "no texts": 1, "missing user or assistant text": 1,
+                                  "unreadable image": 1}
     assert "make_raven_dataset/train: skipped 4 of 6 rows" in caplog.text
 
 
 def test_only_train_split(local_cauldron: Path) -> None:
-    with pytest.raises(SplitNotAvailableError, match=r"has only the split 'train'; got split 'validation'.*eval_iters=0"):
+    with pytest.raises(SplitNotAvailableError,
+                       match=r"has only the split 'train'; got split 'validation'.*eval_iters=0"):
         RavenDataset(split="validation", path=str(local_cauldron))
 
 

@@ -65,7 +65,8 @@ class Weight(nn.Module):
         self.components = [c for c, _ in components] if components else None
         if components:
             parts = weight.split([n for _, n in components], dim=0)
-            self.weight = nn.ParameterDict({c: nn.Parameter(t.contiguous()) for (c, _), t in zip(components, parts, strict=True)})
+            self.weight = nn.ParameterDict({c: nn.Parameter(t.contiguous()) for (c, _),
+                                            t in zip(components, parts, strict=True)})
         else:
             self.weight = nn.Parameter(weight)
 
@@ -120,7 +121,8 @@ def row_components_of(module: nn.Module, layout: LinearLayout | None) -> list[tu
     return [(str(c), int(n)) for c, n in parts] if parts else None
 
 
-def norm_fn_of(module: nn.Module, name: str, layout: LinearLayout | None) -> Callable[[torch.Tensor], torch.Tensor] | None:
+def norm_fn_of(module: nn.Module, name: str,
+               layout: LinearLayout | None) -> Callable[[torch.Tensor], torch.Tensor] | None:
     """The callable giving a norm-fused linear's normalised input (its ``normalize``), ``None`` for a plain linear.
 
     Norm-fused: the bridge's layout says so (its ``layer_norm_weight`` is in the mapping table), or,

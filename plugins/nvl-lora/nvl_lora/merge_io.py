@@ -37,7 +37,8 @@ class MergeSummary:
 
     def describe(self) -> str:
         return (
-            f"merged {self.merged_tensors} weight tensor(s) with {'DoRA' if self.method == 'dora' else 'LoRA'} r={self.dim} alpha={self.alpha:g}, "
+            f"merged {self.merged_tensors} weight tensor(s) with {'DoRA' if self.method == 'dora' else 'LoRA'} "
+            f"r={self.dim} alpha={self.alpha:g}, "
             f"replaced {self.replaced_tensors} fully trained tensor(s), copied the other "
             f"{self.total_tensors - self.merged_tensors - self.replaced_tensors} from {self.base}; "
             f"wrote {self.output} ({self.fmt}) in {self.seconds:.1f} s"
@@ -198,7 +199,8 @@ def merge_checkpoints(
                 elif entry.megatron in specs:
                     fused_plan.setdefault(entry.megatron, []).append((base_comp, adapter[bk], a, mag))
                 else:
-                    raise MergeError(f"adapter on {p.module}: the base checkpoint has no {base_comp} (nor {entry.megatron})")
+                    raise MergeError(f"adapter on {p.module}: the base checkpoint has no {base_comp} (nor "
+                                     f"{entry.megatron})")
         summary = MergeSummary(str(output), str(base_path), str(lora.path), dim, alpha, fmt=fmt,
                                method="dora" if dora else "lora")
         summary.total_tensors = len(specs)
@@ -215,7 +217,8 @@ def merge_checkpoints(
             if key in plan:
                 b, a, mag = plan[key]
                 if tuple(t.shape) != (b.shape[0], a.shape[1]):
-                    raise MergeError(f"{key}: base shape {tuple(t.shape)} does not match B {tuple(b.shape)} @ A {tuple(a.shape)}")
+                    raise MergeError(f"{key}: base shape {tuple(t.shape)} does not match B {tuple(b.shape)} @ A "
+                                     f"{tuple(a.shape)}")
                 t = merged_weight(t, b, a, scale, mag)
                 summary.merged_tensors += 1
             elif key in fused_plan:

@@ -261,7 +261,8 @@ def test_dora_finetune_lowers_the_loss(toy: Path, tmp_path: Path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "NVL_DEVICE": "cpu"}
     out = tmp_path / "run"
     args = ["finetune", "--hf-model-path", str(toy), "--pretrained-checkpoint", str(toy), "--lora-on-language-model",
-            "peft.method=dora", "dataset.maker_name=synthetic_shapes", "dataset.num_workers=0", "dataset.seq_length=384",
+            "peft.method=dora", "dataset.maker_name=synthetic_shapes", "dataset.num_workers=0",
+            "dataset.seq_length=384",
             "model.seq_length=384", "model.tensor_model_parallel_size=1", "train.global_batch_size=2",
             "train.train_iters=8", "checkpoint.save_interval=8", "logger.log_interval=1", "optimizer.lr=5e-3",
             "scheduler.lr_warmup_iters=1", "peft.dim=4", "peft.alpha=8", f"checkpoint.save={out}"]

@@ -82,7 +82,8 @@ def _peft_checkpoint(toy: Path, root: Path, method: str) -> Path:
             elif name.startswith("vision") and p.ndim == 2:
                 p.mul_(1.2)
     trained = {n for n, p in model.named_parameters() if p.requires_grad}
-    state = {k: v for k, v in bridge.model_components(model).items() if any(k == n or k.startswith(n + ".") for n in trained)
+    state = {k: v for k,
+             v in bridge.model_components(model).items() if any(k == n or k.startswith(n + ".") for n in trained)
              or k.split(".weight.")[0] + ".weight" in trained}
     assert any(".adapter." in k for k in state) and any(k.startswith("vision_model.") for k in state)
     rc = {"peft": {**peft.run_config(), "method": method}, "checkpoint": {"pretrained_checkpoint": str(toy)}}

@@ -148,12 +148,15 @@ def test_exclude_modules() -> None:
 @pytest.mark.parametrize(
     "on_language,on_vision,user,expect_adapted,expect_trainable_groups",
     [
-        (True, False, {}, {"language_model.linear_qkv", "language_model.linear_proj"}, {"vision_model", "vision_projection"}),
-        (False, True, {}, {"vision_model.linear_fc1", "vision_model.linear_fc2", "vision_projection.linear_fc1"}, {"language_model"}),
+        (True, False, {}, {"language_model.linear_qkv", "language_model.linear_proj"},
+         {"vision_model", "vision_projection"}),
+        (False, True, {}, {"vision_model.linear_fc1", "vision_model.linear_fc2", "vision_projection.linear_fc1"},
+         {"language_model"}),
         (True, True, {}, {"language_model.linear_qkv", "language_model.linear_proj", "vision_model.linear_fc1",
                           "vision_model.linear_fc2", "vision_projection.linear_fc1"}, set()),
         # model.freeze_*=True freezes in addition; model.freeze_*=False never unfreezes what the table froze
-        (True, False, {"freeze_vision_model": True}, {"language_model.linear_qkv", "language_model.linear_proj"}, {"vision_projection"}),
+        (True, False, {"freeze_vision_model": True}, {"language_model.linear_qkv", "language_model.linear_proj"},
+         {"vision_projection"}),
         (True, True, {"freeze_vision_projection": False}, None, set()),
         (False, True, {"freeze_vision_model": False, "freeze_language_model": False}, None, {"language_model"}),
     ],

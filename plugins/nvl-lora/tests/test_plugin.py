@@ -20,7 +20,8 @@ def test_lora_is_registered_lazily() -> None:
 
 
 def test_import_is_cheap() -> None:
-    code = "import sys, nvl_lora; print(sorted(m for m in ('torch', 'megatron', 'transformers', 'peft') if m in sys.modules))"
+    code = ("import sys, nvl_lora; "
+            "print(sorted(m for m in ('torch', 'megatron', 'transformers', 'peft') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "[]"
 

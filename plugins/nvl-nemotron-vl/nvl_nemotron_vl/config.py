@@ -329,7 +329,8 @@ def _read_llm(r: _Reader) -> LLMConfig:
         if value != wanted:
             raise ConfigError(f"{r.source}: llm_config.{name}={value!r} is not supported ({why}; expected {wanted!r})")
     if heads % kv:
-        raise ConfigError(f"{r.source}: llm_config.num_attention_heads={heads} is not a multiple of num_key_value_heads={kv}")
+        raise ConfigError(f"{r.source}: llm_config.num_attention_heads={heads} is not a multiple of "
+                          f"num_key_value_heads={kv}")
     if llm.mamba_num_heads % llm.n_groups:
         raise ConfigError(
             f"{r.source}: llm_config.mamba_num_heads={llm.mamba_num_heads} is not a multiple of n_groups={llm.n_groups}"
@@ -351,7 +352,8 @@ def _read_vision(r: _Reader, patch_size: int, vit_hidden: int, num_prefix_tokens
     hidden, depth, heads, mlp = named or (0, 0, 0, 0)
     if explicit:
         e_hidden = int(explicit.get("hidden_size", hidden))
-        if named and (e_hidden, int(explicit.get("num_hidden_layers", depth)), int(explicit.get("num_attention_heads", heads))) != (hidden, depth, heads):
+        if named and (e_hidden, int(explicit.get("num_hidden_layers", depth)),
+                      int(explicit.get("num_attention_heads", heads))) != (hidden, depth, heads):
             raise ConfigError(
                 f"{r.source}: vision_config explicit sizes {explicit} contradict args.model={model_name!r} {named[:3]}"
             )

@@ -13,7 +13,8 @@ shortcut over both.
                                              system_prompt="/no_think")], max_new_tokens=100)
     print(res.text, res.decode_tokens_per_s)
 
-This module takes the bridge it works with and never imports :mod:`.bridge` (which imports this one). The model decodes with its layers' caches (:mod:`.model.cache`, driven by
+This module takes the bridge it works with and never imports :mod:`.bridge` (which imports this one). The model decodes
+with its layers' caches (:mod:`.model.cache`, driven by
 :mod:`.model.decode`).
 """
 

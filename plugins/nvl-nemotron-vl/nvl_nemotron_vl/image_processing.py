@@ -67,7 +67,8 @@ def closest_aspect_ratio(
     return best
 
 
-def tile_grid(width: int, height: int, *, image_size: int, max_num_tiles: int, min_num_tiles: int = 1) -> tuple[int, int]:
+def tile_grid(width: int, height: int, *, image_size: int, max_num_tiles: int,
+              min_num_tiles: int = 1) -> tuple[int, int]:
     """``(cols, rows)`` of the tile grid for a ``width x height`` image."""
     if width <= 0 or height <= 0:
         raise ValueError(f"image has no pixels: {width}x{height}")
@@ -79,7 +80,8 @@ def tile_grid(width: int, height: int, *, image_size: int, max_num_tiles: int, m
 def num_tiles(width: int, height: int, *, image_size: int, max_num_tiles: int, use_thumbnail: bool = True,
               min_num_tiles: int = 1) -> int:
     """How many tiles (thumbnail included) :func:`dynamic_tiles` makes for a ``width x height`` image."""
-    cols, rows = tile_grid(width, height, image_size=image_size, max_num_tiles=max_num_tiles, min_num_tiles=min_num_tiles)
+    cols, rows = tile_grid(width, height, image_size=image_size, max_num_tiles=max_num_tiles,
+                           min_num_tiles=min_num_tiles)
     n = cols * rows
     return n + 1 if use_thumbnail and n != 1 else n
 
@@ -97,7 +99,8 @@ def dynamic_tiles(
 
     image = image.convert("RGB")
     width, height = image.size
-    cols, rows = tile_grid(width, height, image_size=image_size, max_num_tiles=max_num_tiles, min_num_tiles=min_num_tiles)
+    cols, rows = tile_grid(width, height, image_size=image_size, max_num_tiles=max_num_tiles,
+                           min_num_tiles=min_num_tiles)
     resized = image.resize((image_size * cols, image_size * rows), Image.Resampling.BICUBIC)
     tiles = [
         resized.crop((c * image_size, r * image_size, (c + 1) * image_size, (r + 1) * image_size))

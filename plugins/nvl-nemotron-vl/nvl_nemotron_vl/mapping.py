@@ -89,7 +89,8 @@ def mapping_table(cfg: NemotronVLConfig) -> list[ParamMapping]:
     ]
     gn = llm.n_groups * llm.ssm_state_size
     mamba_units = (("llm_config.n_groups", llm.n_groups), ("llm_config.mamba_num_heads", llm.mamba_num_heads))
-    in_proj = tuple(zip(IN_PROJ_PARTS, (llm.mamba_d_inner, llm.mamba_d_inner, gn, gn, llm.mamba_num_heads), strict=True))
+    in_proj = tuple(zip(IN_PROJ_PARTS, (llm.mamba_d_inner, llm.mamba_d_inner, gn, gn, llm.mamba_num_heads),
+                        strict=True))
     conv1d = tuple(zip(CONV1D_PARTS, (llm.mamba_d_inner, gn, gn), strict=True))
     for i, kind in enumerate(llm.layer_types):
         p, h = f"language_model.decoder.layers.{i}.", f"{LM_HF}layers.{i}."

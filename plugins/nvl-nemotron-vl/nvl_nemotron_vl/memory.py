@@ -79,7 +79,8 @@ def activation_bytes(cfg: NemotronVLConfig, *, tokens: int, tiles: int, recomput
     out = {"language model": tokens * lm_bytes_per_token(cfg, tp=tp_size, res=lm_res, recompute=recompute,
                                                         offload_layers=offload_layers)}
     if tiles:
-        out["vision tower"] = tiles * vit_bytes_per_tile(cfg, tp=tp_size, res=4 if trained.get("vision_model") else BF16,
+        out["vision tower"] = tiles * vit_bytes_per_tile(cfg, tp=tp_size,
+                                                         res=4 if trained.get("vision_model") else BF16,
                                                         recompute=recompute) if vit_trains else 0.0
     return out
 

@@ -331,7 +331,8 @@ class NemotronVLProcessor:
                     "belong in image/video content items, and control tokens are added by the template"
                 )
 
-    def _render_content(self, turn: Mapping[str, Any], t: int, where: str, media: list[tuple[str, Mapping[str, Any], str]]) -> str:
+    def _render_content(self, turn: Mapping[str, Any], t: int, where: str,
+                        media: list[tuple[str, Mapping[str, Any], str]]) -> str:
         from nvlcore.data.schema import iter_items
 
         out = []
@@ -591,7 +592,8 @@ class NemotronVLProcessor:
         loss_mask[:-1] = supervised[1:].to(torch.float32)
         n_sup = int(loss_mask.sum())
         if not add_generation_prompt and n_sup == 0:
-            raise SampleError(f"{where}: the sample has no supervised token (no assistant answer); it cannot be trained on")
+            raise SampleError(f"{where}: the sample has no supervised token (no assistant answer); it cannot be "
+                              f"trained on")
 
         tiles = [t for m in media for t in m.tiles]
         pixel_values = normalize_tiles(tiles, c.norm_mean, c.norm_std) if tiles else None
@@ -613,7 +615,8 @@ class NemotronVLProcessor:
         """Right-pad samples into a batch (:data:`nvlcore.contracts.Batch`).
 
         The length is the longest sample rounded up to ``pad_to_multiple_of``, capped at
-        ``seq_length`` (or ``seq_length`` itself with ``pad_to_max_length``). Keys: ``input_ids``, ``labels`` (``-100`` on padding and on each row's last
+        ``seq_length`` (or ``seq_length`` itself with ``pad_to_max_length``). Keys: ``input_ids``, ``labels`` (``-100``
+        on padding and on each row's last
         token), ``loss_mask``, ``attention_mask``, ``pixel_values`` (all tiles and frames of the
         batch in the order of their context tokens, row by row; absent when there are none),
         ``num_image_tiles`` (int64 ``[images]``: tiles per image, same order), ``num_frames``

@@ -279,7 +279,8 @@ def write_toy_checkpoint(
         (tmp / "config.json").write_text(json.dumps(raw, indent=2) + "\n")
         for name, content in _side_files(raw, token_ids).items():
             (tmp / name).write_text(json.dumps(content, indent=2) + "\n")
-        cfg = NemotronVLConfig.from_dict(raw, source=str(out / "config.json"), num_prefix_tokens=num_prefix_tokens(size))
+        cfg = NemotronVLConfig.from_dict(raw, source=str(out / "config.json"),
+                                         num_prefix_tokens=num_prefix_tokens(size))
 
         shards: list[dict[str, Any]] = []
         current: dict[str, Any] = {}

@@ -30,7 +30,8 @@ class VideoDecodeError(RuntimeError):
 
 
 def sample_frame_indices(
-    total_frames: int, average_fps: float, *, num_frames: int = 10, fps: float | None = None, max_frames: int | None = None
+    total_frames: int, average_fps: float, *, num_frames: int = 10, fps: float | None = None,
+    max_frames: int | None = None
 ) -> list[int]:
     """Indices of the frames to take from a clip of ``total_frames`` frames at ``average_fps``.
 

@@ -11,7 +11,8 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-CARRIED = ("vision_model.radio_model.input_conditioner.norm_mean", "vision_model.radio_model.input_conditioner.norm_std")
+CARRIED = ("vision_model.radio_model.input_conditioner.norm_mean",
+           "vision_model.radio_model.input_conditioner.norm_std")
 
 
 def nvl(*args: str):
@@ -63,10 +64,13 @@ def test_import_export_round_trip_is_byte_identical(tiny_toy, imported, tmp_path
     assert set(got) == set(src)
     for k, v in src.items():
         assert got[k].dtype == v.dtype and got[k].shape == v.shape and raw(got[k]) == raw(v), k
-    assert len(set(json.loads((tmp_path / "hf" / "model.safetensors.index.json").read_text())["weight_map"].values())) > 1
-    for n in ("config.json", "generation_config.json", "preprocessor_config.json", "tokenizer.json", "tokenizer_config.json"):
+    assert len(
+        set(json.loads((tmp_path / "hf" / "model.safetensors.index.json").read_text())["weight_map"].values())) > 1
+    for n in ("config.json", "generation_config.json", "preprocessor_config.json", "tokenizer.json",
+              "tokenizer_config.json"):
         assert (tmp_path / "hf" / n).read_bytes() == (tiny_toy / n).read_bytes() or n == "config.json", n
-    assert json.loads((tmp_path / "hf" / "config.json").read_text()) == json.loads((tiny_toy / "config.json").read_text())
+    assert json.loads((tmp_path / "hf" / "config.json").read_text()) == json.loads(
+        (tiny_toy / "config.json").read_text())
 
 
 def test_tp_that_does_not_divide_names_the_dimension(tiny_toy, tmp_path):
@@ -95,10 +99,13 @@ def test_missing_weights_and_wrong_shapes_are_reported(tiny_toy, imported, tmp_p
     cfg["projector_hidden_size"] *= 2
     (ref / "config.json").write_text(json.dumps(cfg))
     ts = hf_tensors(tiny_toy)
-    ts["mlp1.1.weight"] = torch.zeros(ts["mlp1.1.weight"].shape[0] * 2, ts["mlp1.1.weight"].shape[1], dtype=torch.bfloat16)
-    ts["mlp1.3.weight"] = torch.zeros(ts["mlp1.3.weight"].shape[0], ts["mlp1.3.weight"].shape[1] * 2, dtype=torch.bfloat16)
+    ts["mlp1.1.weight"] = torch.zeros(ts["mlp1.1.weight"].shape[0] * 2, ts["mlp1.1.weight"].shape[1],
+                                      dtype=torch.bfloat16)
+    ts["mlp1.3.weight"] = torch.zeros(ts["mlp1.3.weight"].shape[0], ts["mlp1.3.weight"].shape[1] * 2,
+                                      dtype=torch.bfloat16)
     save_file(ts, ref / "model.safetensors")
-    r = nvl("convert", "export", "--hf-model", str(ref), "--megatron-path", str(imported[1]), "--hf-path", str(tmp_path / "e"))
+    r = nvl("convert", "export", "--hf-model", str(ref), "--megatron-path", str(imported[1]), "--hf-path",
+            str(tmp_path / "e"))
     assert r.exit_code != 0 and "shape mismatch for mlp1.1.weight" in r.output, r.output
     assert not (tmp_path / "e").exists()
 
@@ -190,10 +197,12 @@ def test_checkpoint_layout_agrees_with_the_mapping(tp):
     for m in cases:
         comps = {}
         # rows of each component: its part's rows for fused kinds, the vocabulary, or 8
-        rows_of = dict(zip(m.components, (n for _, n in m.part_rows()), strict=True)) if isinstance(m, FusedRowsMapping) else {}
+        rows_of = dict(zip(m.components, (n for _, n in m.part_rows()),
+                           strict=True)) if isinstance(m, FusedRowsMapping) else {}
         for c in m.components:
             rows = rows_of.get(c, m.vocab_size if isinstance(m, VocabMapping) else 8)
-            shape = (rows, 1, 3) if m.megatron == "conv1d.weight" else (rows,) if m.megatron == "vqkv.bias" else (rows, 12)
+            shape = (rows, 1,
+                     3) if m.megatron == "conv1d.weight" else (rows,) if m.megatron == "vqkv.bias" else (rows, 12)
             comps[c] = torch.randn(shape, generator=g)
         table = {m.megatron: m}
         for r in range(tp):

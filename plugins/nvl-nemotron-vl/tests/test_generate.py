@@ -350,7 +350,8 @@ def test_megatron_checkpoint_weights_give_the_same_output(toy, media, generator,
     assert proc.returncode == 0, proc.stderr
     convs = [_conversations(media)["multi_image"], build_conversation("Hi!")]
     from_ckpt = load_generator(toy, megatron_model_path=ck, device="cpu").generate(convs, max_new_tokens=NEW_TOKENS)
-    assert [r.token_ids for r in from_ckpt] == [r.token_ids for r in generator.generate(convs, max_new_tokens=NEW_TOKENS)]
+    assert [r.token_ids for r in from_ckpt] == [r.token_ids
+                                                for r in generator.generate(convs, max_new_tokens=NEW_TOKENS)]
 
     empty = tmp_path / "not_a_checkpoint"
     empty.mkdir()

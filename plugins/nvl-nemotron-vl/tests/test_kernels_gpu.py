@@ -68,7 +68,8 @@ def test_scan_kernel_matches_reference(dtype, chunk):
     out_k, g_k = _grads(lambda x, dt, a, B, C, D, db: k.scan(x, dt, a, B, C, chunk, D, db), ins)
     ins64 = [t.detach().double().requires_grad_() for t in ins]
     out_r, g_r = _grads(lambda x, dt, a, B, C, D, db: ref(x, dt, a, B, C, chunk, D, db), ins64)
-    errs = {"out": rel(out_k, out_r)} | {n: rel(a, b) for n, a, b in zip("x dt A_log B C D dt_bias".split(), g_k, g_r, strict=True)}
+    errs = {"out": rel(out_k, out_r)} | {n: rel(a, b) for n, a,
+                                         b in zip("x dt A_log B C D dt_bias".split(), g_k, g_r, strict=True)}
     print(f"scan {k.names['scan']} {dtype} chunk {chunk}: " + ", ".join(f"{n} {e:.1e}" for n, e in errs.items()))
     assert max(errs.values()) < TOL[("scan", dtype)], errs
 
@@ -86,7 +87,8 @@ def test_conv_kernel_matches_reference(dtype):
     out_k, g_k = _grads(k.conv, [x, w, bias])
     ins64 = [t.detach().double().requires_grad_() for t in (x, w, bias)]
     out_r, g_r = _grads(conv_reference, ins64)
-    errs = {"out": rel(out_k, out_r)} | {n: rel(a, b) for n, a, b in zip(("x", "weight", "bias"), g_k, g_r, strict=True)}
+    errs = {"out": rel(out_k, out_r)} | {n: rel(a, b) for n, a,
+                                         b in zip(("x", "weight", "bias"), g_k, g_r, strict=True)}
     print(f"conv {k.names['conv']} {dtype}: " + ", ".join(f"{n} {e:.1e}" for n, e in errs.items()))
     assert max(errs.values()) < TOL[("conv", dtype)], errs
 
@@ -219,7 +221,8 @@ def test_scan_kernel_with_seq_idx_matches_reference(dtype):
     out_k, g_k = _grads(lambda x, dt, a, B, C, D, db: k.scan(x, dt, a, B, C, 128, D, db, seq_idx=sid), ins)
     ins64 = [t.detach().double().requires_grad_() for t in ins]
     out_r, g_r = _grads(lambda x, dt, a, B, C, D, db: ref(x, dt, a, B, C, 128, D, db, seq_idx=sid), ins64)
-    errs = {"out": rel(out_k, out_r)} | {n: rel(a, b) for n, a, b in zip("x dt A_log B C D dt_bias".split(), g_k, g_r, strict=True)}
+    errs = {"out": rel(out_k, out_r)} | {n: rel(a, b) for n, a,
+                                         b in zip("x dt A_log B C D dt_bias".split(), g_k, g_r, strict=True)}
     print(f"packed scan {k.names['scan']} {dtype}: " + ", ".join(f"{n} {e:.1e}" for n, e in errs.items()))
     assert max(errs.values()) < TOL[("scan", dtype)], errs
     # the reset is real: without seq_idx the first tokens after a boundary carry the previous sample's
@@ -248,7 +251,8 @@ def test_conv_kernel_with_seq_idx_matches_reference(dtype):
     out_k, g_k = _grads(lambda x, w, b: k.conv(x, w, b, seq_idx=sid), [x, w, bias])
     ins64 = [t.detach().double().requires_grad_() for t in (x, w, bias)]
     out_r, g_r = _grads(lambda x, w, b: conv_reference(x, w, b, sid), ins64)
-    errs = {"out": rel(out_k, out_r)} | {n: rel(a, b) for n, a, b in zip(("x", "weight", "bias"), g_k, g_r, strict=True)}
+    errs = {"out": rel(out_k, out_r)} | {n: rel(a, b) for n, a,
+                                         b in zip(("x", "weight", "bias"), g_k, g_r, strict=True)}
     print(f"packed conv {k.names['conv']} {dtype}: " + ", ".join(f"{n} {e:.1e}" for n, e in errs.items()))
     assert max(errs.values()) < TOL[("conv", dtype)], errs
 
@@ -266,7 +270,8 @@ def test_tiny_toy_packed_row_equals_samples_alone_with_kernels(tiny_toy):
     lengths = [40, 70, 33]
     parts = [torch.randint(0, 500, (n,), generator=gen) for n in lengths]
     ids = torch.cat(parts + [torch.zeros(9, dtype=torch.long)])[None].cuda()
-    labels = torch.cat([torch.cat([p[1:], torch.tensor([-100])]) for p in parts] + [torch.full((9,), -100)])[None].cuda()
+    labels = torch.cat([torch.cat([p[1:],
+                                   torch.tensor([-100])]) for p in parts] + [torch.full((9,), -100)])[None].cuda()
     sid = _packed_seq_idx(1, ids.shape[1], lengths)
     am = (sid < len(lengths)).long()
     with torch.no_grad():

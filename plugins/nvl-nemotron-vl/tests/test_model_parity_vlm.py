@@ -52,7 +52,8 @@ def reference_run(reference, sample):
     """Reference logits and gradients of sum(loss * loss_mask)."""
     reference.zero_grad(set_to_none=True)
     logits = reference(sample["input_ids"], sample["pixel_values"])
-    ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), sample["labels"], reduction="none", ignore_index=-100)
+    ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), sample["labels"], reduction="none",
+                                           ignore_index=-100)
     (ce * sample["loss_mask"]).sum().backward()
     return {"logits": logits.detach(), "per_token_loss": ce.detach(), "grads": reference.hf_grads()}
 

@@ -271,7 +271,8 @@ def test_packed_attention_kernel_path_equals_the_block_mask(bridge, monkeypatch)
     assert list(batch["cu_seqlens"]) == cu_seqlens_from_seq_idx(batch["seq_idx"]).tolist()
     L = batch["input_ids"].shape[1]
     assert batch["cu_seqlens"][-1] == 2 * L and len(batch["cu_seqlens"]) == 3 + 2 + 1  # 2 + 1 samples, 2 paddings
-    assert batch["max_seqlen"] == max(b - a for a, b in zip(batch["cu_seqlens"][:-1], batch["cu_seqlens"][1:], strict=True))
+    assert batch["max_seqlen"] == max(b - a for a,
+                                      b in zip(batch["cu_seqlens"][:-1], batch["cu_seqlens"][1:], strict=True))
     model = bridge.build_model(dtype=torch.float32, kernels="reference")
 
     def loss_and_grads():
@@ -319,5 +320,6 @@ def test_varlen_wrapper_follows_the_installed_pytorch_api(monkeypatch, api) -> N
     q, k, v = (torch.randn(11, h, 4, generator=gen) for h in (6, 2, 2))
     packed = K.PackedSequences.of(_seq_idx([[4, 2]], 11))
     out = run(q, k, v, packed)
-    assert seen["causal"] and seen["kv_heads"] == (2 if api == "is_causal" else 6) and seen["gqa"] == (api == "is_causal")
+    assert seen["causal"] and seen["kv_heads"] == (2 if api == "is_causal"
+                                                   else 6) and seen["gqa"] == (api == "is_causal")
     torch.testing.assert_close(out, _segment_attention(q, k, v, packed))

@@ -46,7 +46,8 @@ def make_toy(tp_group: Any, hidden: int = 16, ffn: int = 32, seed: int = 0) -> n
 
     def row(i: int, o: int) -> RowParallelLinear:
         return RowParallelLinear(
-            i, o, config=cfg, init_method=init, bias=True, input_is_parallel=True, skip_bias_add=False, tp_group=tp_group
+            i, o, config=cfg, init_method=init, bias=True, input_is_parallel=True, skip_bias_add=False,
+            tp_group=tp_group
         )
 
     class MLP(nn.Module):

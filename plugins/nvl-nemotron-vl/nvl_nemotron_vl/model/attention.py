@@ -100,7 +100,10 @@ class SelfAttention(nn.Module):
         self.packed_attention = None
 
     def _qkv(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The fused projection ``[b, L, local rows]`` -> ``q`` ``[b, heads, L, d]``, ``k``, ``v`` ``[b, kv_heads, L, d]``."""
+        """The fused projection ``[b, L, local rows]`` -> ``q`` ``[b, heads, L, d]``, ``k``, ``v``.
+
+        ``k`` and ``v`` are ``[b, kv_heads, L, d]``.
+        """
         b, L = qkv.shape[:2]
         qkv = qkv.view(b, L, self.kv_heads, self.rep + 2, self.head_dim)
         q = qkv[:, :, :, : self.rep].reshape(b, L, self.heads, self.head_dim).transpose(1, 2)

@@ -408,7 +408,8 @@ def select_kernels(choice: str, device: torch.device | str) -> Kernels:
     if choice == "mamba_ssm" and mamba is None:
         raise ValueError("model.kernels=mamba_ssm but mamba-ssm's Triton kernels cannot be imported "
                          f"({_LOAD_ERRORS.get('_mamba_triton', '?')}); pip install 'nvl-nemotron-vl[gpu]' (or "
-                         "MAMBA_SKIP_CUDA_BUILD=TRUE MAMBA_FORCE_BUILD=TRUE pip install --no-build-isolation mamba-ssm)")
+                         "MAMBA_SKIP_CUDA_BUILD=TRUE MAMBA_FORCE_BUILD=TRUE "
+                         "pip install --no-build-isolation mamba-ssm)")
     if choice == "fla" and fla is None:
         raise ValueError("model.kernels=fla but flash-linear-attention cannot be imported "
                          f"({_LOAD_ERRORS.get('_fla', '?')}); pip install fla-core")
@@ -424,7 +425,8 @@ def select_kernels(choice: str, device: torch.device | str) -> Kernels:
         k.gated_norm, k.names["gated_norm"] = _triton_gated_norm(mamba["rmsnorm"]), "mamba-ssm rmsnorm_fn (Triton)"
         k.norms, k.names["norm"] = _triton_norms(mamba["layer_norm"]), "mamba-ssm layer_norm_fn (Triton)"
     elif fla is not None:
-        k.gated_norm, k.names["gated_norm"] = _triton_gated_norm(fla["rmsnorm"]), "flash-linear-attention rmsnorm_fn (Triton)"
+        k.gated_norm = _triton_gated_norm(fla["rmsnorm"])
+        k.names["gated_norm"] = "flash-linear-attention rmsnorm_fn (Triton)"
     k.relu2, k.names["relu2"] = _compiled_squared_relu(), _COMPILED_RELU2
     varlen = _try(_torch_varlen)
     if varlen is not None:

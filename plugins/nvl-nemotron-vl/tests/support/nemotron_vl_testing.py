@@ -163,9 +163,11 @@ class HFReferenceVLM(nn.Module):
         out = radio_grads_to_hf(self.radio)
         for n, p in self.lm.named_parameters():
             if p.grad is not None:
-                key = n.replace("model.", "language_model.backbone.", 1) if n.startswith("model.") else "language_model." + n
+                key = n.replace("model.", "language_model.backbone.",
+                                1) if n.startswith("model.") else "language_model." + n
                 out[key] = p.grad
-        names = {"layer_norm.weight": "mlp1.0.weight", "linear_1.weight": "mlp1.1.weight", "linear_2.weight": "mlp1.3.weight"}
+        names = {"layer_norm.weight": "mlp1.0.weight", "linear_1.weight": "mlp1.1.weight",
+                 "linear_2.weight": "mlp1.3.weight"}
         for n, p in self.projector.named_parameters():
             if p.grad is not None:
                 out[names[n]] = p.grad

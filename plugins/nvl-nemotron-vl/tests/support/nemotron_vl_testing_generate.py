@@ -35,6 +35,7 @@ def dp_eval_worker(rank: int, world: int, hf_dir: str, num_examples: int) -> dic
     made = SyntheticShapes(split="test", num_examples=num_examples, questions=["color", "shape"])
     shard_sizes: list[int] = []
     report = evaluate_generator(gen, made, metrics_for(SyntheticShapes), batch_size=2, max_new_tokens=4,
-                                rank=rank, world=world, progress=lambda m: shard_sizes.append(int(m.split()[2].split("/")[1])))
+                                rank=rank, world=world,
+                                progress=lambda m: shard_sizes.append(int(m.split()[2].split("/")[1])))
     return {"summary": report.summary(), "records": [r.as_json() for r in report.records],
             "shard": shard_sizes[-1] if shard_sizes else 0}
