@@ -22,7 +22,6 @@ See docs/plugin-authors.md ("Write a model bridge") and the example in docs/exam
 from __future__ import annotations
 
 import abc
-import json
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -321,14 +320,13 @@ class ModelBridge(abc.ABC):
         return param.dim() <= 1
 
     def train_flops(self, batch: Mapping[str, Any], *, num_parameters: int) -> float:
-        """Training FLOPs of one micro-batch (a :data:`nvlcore.contracts.Batch`; forward + backward). Default: ``6 x
-        num_parameters x real
-        tokens`` (no attention or vision term); a bridge with a model-specific formula overrides it.
+        """Training FLOPs of one micro-batch (a :data:`nvlcore.contracts.Batch`; forward + backward).
+
+        Default: ``6 x num_parameters x real tokens`` (no attention or vision term); a bridge with a
+        model-specific formula overrides it.
 
         :param num_parameters: the model's logical (full, TP-independent) parameter count.
         """
-        from nvlcore.training.trainer import real_tokens
-
         return 6.0 * num_parameters * real_tokens(batch)
 
     def set_recompute(self, model: torch.nn.Module, granularity: str) -> None:
@@ -392,7 +390,7 @@ class ModelBridge(abc.ABC):
     def generator_for_model(self, model: torch.nn.Module, *, device: Any = None, dtype: Any = None,
                             cuda_graph: bool | None = None, **options: Any) -> Generator:
         """A :class:`nvlcore.generation.Generator` over a built and loaded model: its processor and decoder
-        around it. :mod:`nvlcore.generation.load` calls it for ``nvl generate``, ``nvl eval`` and the
+        around it. :mod:`nvlcore.inference` calls it for ``nvl generate``, ``nvl eval`` and the
         Python API (after building the model, loading weights and a PEFT run), the trainer for
         ``validation.generate_eval_interval`` (``cuda_graph=False``).
 
@@ -432,19 +430,23 @@ def freeze_parameters(model: torch.nn.Module, groups: Mapping[str, str], flags: 
     return seen
 
 
+def real_tokens(batch: Mapping[str, Any]) -> int:
+    """Tokens that are not padding: ``attention_mask`` ones (all of ``input_ids`` without a mask)."""
+    mask = batch.get("attention_mask")
+    if mask is not None:
+        return int(mask.sum())
+    return int(batch["input_ids"].numel())
+
+
 def read_hf_config(hf_dir: str | Path) -> dict[str, Any]:
-    """An HF directory's ``config.json`` as a dict; errors name the file."""
-    path = Path(hf_dir) / "config.json"
-    if not path.is_file():
-        raise BridgeError(f"{Path(hf_dir)} has no config.json: an HF model directory (config.json, weights, "
-                          "tokenizer) is needed")
+    """An HF directory's ``config.json`` as a dict (:func:`nvlcore.hub.read_hf_config`); errors name the file."""
+    from nvlcore.hub import HFConfigError
+    from nvlcore.hub import read_hf_config as read_config_json
+
     try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise BridgeError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise BridgeError(f"{path}: not a JSON object")
-    return data
+        return read_config_json(hf_dir)
+    except HFConfigError as exc:
+        raise BridgeError(str(exc)) from None
 
 
 def is_hf_dir(path: str | Path) -> bool:

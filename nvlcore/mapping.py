@@ -318,7 +318,7 @@ class FusedRowsMapping(ParamMapping):
 
 @dataclass(frozen=True)
 class PartsMapping(FusedRowsMapping):
-    """Named row parts fused along dim 0 (Mamba's ``in_proj`` ``[z | x | B | C | dt]``), each chunked over TP.
+    """Named row parts fused along dim 0 (an SSM mixer's ``in_proj`` ``[z | x | B | C | dt]``), each chunked over TP.
 
     :param parts: ``((name, full rows), ...)`` in fused order; the names are the component key suffixes.
     """

@@ -29,7 +29,7 @@ def progress_enabled(enabled: bool | None = None, stream: Any = None) -> bool:
     """Whether a bar should be drawn (see the module docstring for the rules)."""
     if enabled is False:
         return False
-    from nvlcore.cli import global_flag
+    from nvlcore.flags import global_flag
 
     if global_flag("no_progress"):  # nvl --no-progress / --quiet (or NVL_NO_PROGRESS / NVL_QUIET)
         return False

@@ -260,7 +260,7 @@ def test_global_options_and_per_command_ones(cli) -> None:
 
     @click.command("probe")
     def probe() -> None:
-        from nvlcore.cli import global_flag
+        from nvlcore.flags import global_flag
 
         seen.update({n: global_flag(n) for n in ("debug", "quiet", "no_progress")})
 

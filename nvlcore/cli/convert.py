@@ -33,7 +33,7 @@ def _run(fn: Any, summary_json: str | None) -> None:
         summary = fn()
     except (ConversionError, SafetensorsError, OutputExistsError, CheckpointNotFoundError, CheckpointSaveError,
             RegistryError, OSError, ValueError) as exc:  # OSError: a file the command reads or writes (one line)
-        from nvlcore.cli import global_flag
+        from nvlcore.flags import global_flag
 
         if global_flag("debug"):  # nvl --debug convert ...: the full traceback
             raise
@@ -75,7 +75,7 @@ def import_cmd(hf_model: Path, revision: str | None, megatron_path: Path, tp: in
                _device_map: Any, _low_memory: bool, _timeout: Any, dtype: str | None, overwrite: bool,
                bridge: str | None, no_progress: bool, summary_json: str | None, trust_remote_code: bool) -> None:
     """Import an HF checkpoint: streams tensors one group at a time into iteration 0."""
-    from nvlcore.cli import global_flag
+    from nvlcore.flags import global_flag
 
     no_progress = no_progress or global_flag("no_progress")
 
@@ -120,7 +120,7 @@ def export_cmd(hf_model: Path, revision: str | None, megatron_path: Path, hf_pat
                shard_size: str, dtype: str | None, bridge: str | None, no_progress: bool,
                summary_json: str | None, trust_remote_code: bool) -> None:
     """Export a checkpoint (imported or trained) to an HF model directory."""
-    from nvlcore.cli import global_flag
+    from nvlcore.flags import global_flag
 
     no_progress = no_progress or global_flag("no_progress")
 

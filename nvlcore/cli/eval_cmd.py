@@ -254,7 +254,7 @@ def _load_generator(params: dict[str, Any], ctx: Any, manager: Any, say: Any) ->
     """The model through the core's inference path, a PEFT run's adapters merged in memory."""
     import torch
 
-    from nvlcore.generation.load import default_device_and_dtype, load_generator
+    from nvlcore.inference import default_device_and_dtype, load_generator
 
     device = params["device"] or (ctx.device if ctx else None)
     device, dtype = default_device_and_dtype(device, getattr(torch, params["dtype"]) if params["dtype"] else None)

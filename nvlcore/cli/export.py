@@ -114,7 +114,7 @@ def export_command(
             **extra,
         )
     except (FileNotFoundError, FileExistsError, ValueError, KeyError) as exc:
-        from nvlcore.cli import global_flag
+        from nvlcore.flags import global_flag
 
         if global_flag("debug"):  # nvl --debug export ...: the full traceback
             raise

@@ -201,8 +201,9 @@ def finetune_command(**params: Any) -> None:
 
         nvl finetune --hf-model-path HF --pretrained-checkpoint CKPT checkpoint.save=out dataset.maker_name=raven
     """
-    from nvlcore.cli import current_plugin_manager, global_flag
+    from nvlcore.cli import current_plugin_manager
     from nvlcore.config import ConfigError, config_to_yaml, resolve_config
+    from nvlcore.flags import global_flag
     from nvlcore.parallel import die_with_parent, launched_by_torchrun
 
     overrides = list(params.pop("overrides"))

@@ -3,7 +3,7 @@ a Megatron-style checkpoint, streaming the text and reporting prefill / decode s
 
 The command is model-agnostic: it reads ``config.json`` of ``--hf-model-path``, picks the model
 bridge registered for its ``architectures``, loads the model through the core's one inference path
-(:mod:`nvlcore.generation.load`) and decodes with the generator the bridge wraps around it. Options of
+(:mod:`nvlcore.inference`) and decodes with the generator the bridge wraps around it. Options of
 one model (a video model's frame sampling) are its plugin's (``nvl_register_command_options``).
 """
 
@@ -143,7 +143,7 @@ def generate_cmd(ctx: click.Context, **params: Any) -> None:
     stdout; prefill and decode tokens/s go to stderr. Model plugins may add options (a video model its
     frame sampling).
     """
-    from nvlcore.cli import global_flag
+    from nvlcore.flags import global_flag
 
     command = ctx.command
     assert isinstance(command, PluginOptionsCommand)
@@ -206,9 +206,10 @@ def _check_video(bridge: Any, conversation: Any, video: Path) -> None:
 
 
 def _load(bridge: Any, params: dict[str, Any], generator_options: dict[str, Any]) -> Any:
-    """The generator for the command's weights (:func:`nvlcore.generation.load.load_generator`); errors in one line."""
-    from nvlcore.cli import current_plugin_manager, global_flag
-    from nvlcore.generation.load import default_device_and_dtype, load_generator
+    """The generator for the command's weights (:func:`nvlcore.inference.load_generator`); errors in one line."""
+    from nvlcore.cli import current_plugin_manager
+    from nvlcore.flags import global_flag
+    from nvlcore.inference import default_device_and_dtype, load_generator
 
     def say(line: str) -> None:
         if not params["quiet"]:

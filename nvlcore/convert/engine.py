@@ -167,15 +167,15 @@ def _warn(msg: str) -> None:
 
 def read_hf_config(hf_dir: str | os.PathLike[str]) -> dict[str, Any]:
     """``config.json`` of an HF model directory, read as data (no remote code): the bridges' reader
-    (:func:`nvlcore.bridge.read_hf_config`), its errors as :class:`ConversionError`."""
-    from nvlcore.bridge import BridgeError
-    from nvlcore.bridge import read_hf_config as read_config_json
+    (:func:`nvlcore.hub.read_hf_config`), its errors as :class:`ConversionError`."""
+    from nvlcore.hub import HFConfigError
+    from nvlcore.hub import read_hf_config as read_config_json
 
     if not Path(hf_dir).expanduser().is_dir():
         raise ConversionError(f"HF model directory {hf_dir} does not exist")
     try:
         return read_config_json(Path(hf_dir).expanduser())
-    except BridgeError as exc:
+    except HFConfigError as exc:
         raise ConversionError(str(exc)) from None
 
 

@@ -341,7 +341,7 @@ def apply_option(cfg: Any, option: Option) -> None:
     if ch.get("base_bytes") is not None:
         if hasattr(cfg.peft, "base_dtype"):
             cfg.peft.base_dtype = "nf4"
-        else:  # the PEFT method's own field (nvl-lora's), read when the method is applied
+        else:  # the PEFT method's own field (a PEFT plugin's), read when the method is applied
             cfg.peft.options["base_dtype"] = "nf4"
     if ch.get("optimizer_offload_fraction"):
         cfg.optimizer.optimizer_cpu_offload = True

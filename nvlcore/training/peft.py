@@ -4,7 +4,7 @@ section's method options are merged, and the one way a PEFT run's checkpoint is 
 * :func:`apply_peft_method`: ``nvl finetune`` (the run's ``peft`` section) and :func:`apply_peft_run`
   (the section recorded in a run's ``run_config.yaml``) both apply a method through it;
 * :func:`open_peft_run` / :func:`apply_peft_run`: ``--adapter-checkpoint`` of ``nvl generate`` and
-  ``nvl eval`` (through :mod:`nvlcore.generation.load`): the run's config is rebuilt, so the same
+  ``nvl eval`` (through :mod:`nvlcore.inference`): the run's config is rebuilt, so the same
   parameters train (``model.freeze_*``, then the method) and exactly those are read back from the
   adapter-only checkpoint, whatever the method calls its parameters.
 

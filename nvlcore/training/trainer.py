@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 
+from nvlcore.bridge import real_tokens
 from nvlcore.training import optim
 from nvlcore.training.oom import set_phase
 from nvlcore.training.schedules import LRSchedule, WeightDecaySchedule
@@ -110,14 +111,6 @@ def batch_samples(batch: Mapping[str, Any]) -> int:
     if n is not None:
         return int(n.sum())
     return int(batch["input_ids"].shape[0])
-
-
-def real_tokens(batch: Mapping[str, Any]) -> int:
-    """Tokens that are not padding: ``attention_mask`` ones (all of ``input_ids`` without a mask)."""
-    mask = batch.get("attention_mask")
-    if mask is not None:
-        return int(mask.sum())
-    return int(batch["input_ids"].numel())
 
 
 class StopRequest:

@@ -266,7 +266,7 @@ class TinyBridge(ModelBridge):
     def generator_for_model(self, model: Any, *, device: Any = None, dtype: Any = None,
                             cuda_graph: bool | None = None, **options: Any) -> Any:
         # nvl generate / nvl eval build and load the model (weights, PEFT runs) through the core's
-        # nvlcore.generation.load; the bridge only wraps it. TinyVLM has no generation options.
+        # nvlcore.inference; the bridge only wraps it. TinyVLM has no generation options.
         from nvlcore.generation import Generator
         from nvlcore.generation.protocol import NoCacheReference
 

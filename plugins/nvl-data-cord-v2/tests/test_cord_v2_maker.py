@@ -171,7 +171,7 @@ def test_cord_metrics_hand_computed_one_field_differs() -> None:
 
 
 def test_nvl_eval_predictions_references_score_one_and_empty_zero(local_cord: Path, tmp_path: Path) -> None:
-    from nvlcore.eval.testing import check_reference_and_empty
+    from nvlcore.testing.metrics import check_reference_and_empty
 
     made = CordV2Dataset(split="train", path=str(local_cord), cache_dir=str(tmp_path / "cache"))
     refs = [made[i]["conversation"][1]["content"][0]["text"] for i in range(len(made))]
@@ -182,7 +182,7 @@ def test_nvl_eval_end_to_end_with_the_toy_model(local_cord: Path, tmp_path: Path
     from click.testing import CliRunner
 
     from nvlcore.cli import build_cli
-    from nvlcore.eval.testing import run_eval_end_to_end
+    from nvlcore.testing.metrics import run_eval_end_to_end
 
     toy = tmp_path / "toy"
     assert CliRunner().invoke(build_cli(), ["toy-model", str(toy)]).exit_code == 0

@@ -163,7 +163,7 @@ def test_llava_video_metrics_hand_computed() -> None:
 
 
 def test_nvl_eval_predictions_references_score_one_and_empty_zero(layout, tmp_path: Path) -> None:
-    from nvlcore.eval.testing import check_reference_and_empty
+    from nvlcore.testing.metrics import check_reference_and_empty
 
     check_reference_and_empty("llava_video_178k", ["He waves.", "He leaves.", "C.", "A"], tmp_path,
                               ["mc_accuracy", "token_f1", "rouge_l"])
@@ -191,7 +191,7 @@ def test_nvl_eval_end_to_end_with_the_toy_model(mc_layout, tmp_path: Path) -> No
     from click.testing import CliRunner
 
     from nvlcore.cli import build_cli
-    from nvlcore.eval.testing import run_eval_end_to_end
+    from nvlcore.testing.metrics import run_eval_end_to_end
 
     toy = tmp_path / "toy"
     assert CliRunner().invoke(build_cli(), ["toy-model", str(toy)]).exit_code == 0

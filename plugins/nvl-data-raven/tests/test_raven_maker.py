@@ -254,7 +254,7 @@ def test_raven_option_accuracy_hand_computed() -> None:
 
 
 def test_nvl_eval_predictions_references_score_one_and_empty_zero(tmp_path: Path) -> None:
-    from nvlcore.eval.testing import check_reference_and_empty, score_file
+    from nvlcore.testing.metrics import check_reference_and_empty, score_file
 
     refs = ["B", "A", "Answer: H", "E."]
     check_reference_and_empty("raven", refs, tmp_path, ["option_accuracy"])
@@ -265,7 +265,7 @@ def test_nvl_eval_end_to_end_with_the_toy_model(local_cauldron: Path, tmp_path: 
     from click.testing import CliRunner
 
     from nvlcore.cli import build_cli
-    from nvlcore.eval.testing import run_eval_end_to_end
+    from nvlcore.testing.metrics import run_eval_end_to_end
 
     toy = tmp_path / "toy"
     assert CliRunner().invoke(build_cli(), ["toy-model", str(toy)]).exit_code == 0

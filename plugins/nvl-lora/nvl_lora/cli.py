@@ -60,7 +60,7 @@ def merge_cmd(hf_model_path: Path, revision: str | None, lora_checkpoint: Path, 
             say=lambda s: click.echo(s, err=True),
         )
     except (MergeError, FileNotFoundError, FileExistsError, KeyError, ValueError) as exc:
-        from nvlcore.cli import global_flag
+        from nvlcore.flags import global_flag
 
         if _debug or global_flag("debug"):
             raise

@@ -1,6 +1,6 @@
 """Generation with Nemotron Nano V2 VL: the model's processor and cached decoder around a loaded model
 (:func:`generator_for_model`, the bridge's ``generator_for_model``). Building and loading the model is
-the core's (:mod:`nvlcore.generation.load`); :func:`nvl_nemotron_vl.load_generator` is the path-based
+the core's (:mod:`nvlcore.inference`); :func:`nvl_nemotron_vl.load_generator` is the path-based
 shortcut over both.
 
 ::
@@ -41,7 +41,7 @@ def generator_for_model(
     video_pruning_rate: float | None = None,
 ) -> Generator:
     """A :class:`~nvlcore.generation.Generator` over a model that is already built and loaded (by
-    :mod:`nvlcore.generation.load`, or the trainer's for generation-based validation); the model is used
+    :mod:`nvlcore.inference`, or the trainer's for generation-based validation); the model is used
     as it is (call ``model.eval()`` around generation).
 
     :param device: where the inputs go (default: the model's).

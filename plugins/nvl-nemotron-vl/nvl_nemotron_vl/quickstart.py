@@ -80,10 +80,10 @@ def _run_nvl(args: Sequence[str], *, log: Path) -> None:
 
 def load_generator(hf_dir: Path) -> Any:
     """A generator for ``hf_dir`` on the CPU, loaded as ``nvl generate`` and ``nvl eval`` load it
-    (:func:`nvlcore.generation.load.load_generator`)."""
+    (:func:`nvlcore.inference.load_generator`)."""
     from nvlcore.bridge import BridgeError, resolve_bridge
     from nvlcore.cli import current_plugin_manager
-    from nvlcore.generation.load import load_generator as load
+    from nvlcore.inference import load_generator as load
 
     manager = current_plugin_manager()
     try:

@@ -9,7 +9,7 @@ which wraps the model with its processor and decoder.
 ::
 
     from nvlcore.bridge import resolve_bridge
-    from nvlcore.generation.load import load_generator
+    from nvlcore.inference import load_generator
 
     gen = load_generator(resolve_bridge("/models/my-model"), adapter_checkpoint="runs/peft")
 

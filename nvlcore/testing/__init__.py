@@ -35,6 +35,9 @@ Example (a dataset maker plugin's test)::
         register_plugin(nvl_data_alpaca)
         result = nvl_cli("plugins", "list", "--json")
         assert "alpaca" in result.output
+
+:mod:`nvlcore.testing.metrics` checks a dataset maker's metrics through ``nvl eval``
+(``check_reference_and_empty``, ``run_eval_end_to_end``).
 """
 
 from __future__ import annotations
