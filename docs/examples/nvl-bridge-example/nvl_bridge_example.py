@@ -267,8 +267,7 @@ class TinyBridge(ModelBridge):
                             cuda_graph: bool | None = None, **options: Any) -> Any:
         # nvl generate / nvl eval build and load the model (weights, PEFT runs) through the core's
         # nvlcore.inference; the bridge only wraps it. TinyVLM has no generation options.
-        from nvlcore.generation import Generator
-        from nvlcore.generation.protocol import NoCacheReference
+        from nvlcore.generation import Generator, NoCacheReference
 
         if options or cuda_graph:
             raise ValueError(

@@ -74,7 +74,7 @@ def _base_checkpoint(base: Path, bridge: Any, workdir: Path, say: Callable[[str]
 
     if not is_hf_dir(base):
         return base
-    from nvlcore.convert.engine import import_hf_checkpoint
+    from nvlcore.convert import import_hf_checkpoint
 
     say(f"base {base} is an HF directory: importing it first")
     out = workdir / "base"
@@ -160,7 +160,7 @@ def merge_checkpoints(
     table = bridge.mapping_table()
     by_name = {m.megatron: m for m in table}
 
-    from nvlcore.checkpoint.atomic import scratch_dir
+    from nvlcore.checkpoint import scratch_dir
 
     # next to the output (same disk); a kill -9 leftover is removed by the next merge to the same output
     with scratch_dir(output) as work:
@@ -253,7 +253,7 @@ def merge_checkpoints(
                     save_checkpoint(tmp_root, 0, model_state=stream, run_config=merged_rc,
                                     train_state={"iteration": 0}, files=files)
             else:
-                from nvlcore.convert.engine import export_hf_checkpoint
+                from nvlcore.convert import export_hf_checkpoint
 
                 staged = work_dir / "merged"
                 save_checkpoint(staged, 0, model_state=stream, run_config=merged_rc, train_state={"iteration": 0},
