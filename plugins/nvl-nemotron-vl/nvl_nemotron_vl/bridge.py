@@ -184,8 +184,8 @@ class NemotronVLBridge(ModelBridge):
 
     # --------------------------------------------------------------------------------- recipe
     def recipe(self, *, peft: bool = False, adapted_groups: Sequence[str] = ()) -> Mapping[str, Any]:
-        """Megatron-Bridge's defaults for this model (workflow reference §2), nested by config section;
-        ``adapted_groups`` (``language_model``, ``vision_model``) pick the PEFT variant.
+        """Megatron-Bridge's defaults for this model (its ``recipes/nemotron_vl/nemotron_nano_v2_vl.py``),
+        nested by config section; ``adapted_groups`` (``language_model``, ``vision_model``) pick the PEFT variant.
 
         The values live in :mod:`nvl_nemotron_vl.recipes` (with the original YAML files in ``conf/``).
         """

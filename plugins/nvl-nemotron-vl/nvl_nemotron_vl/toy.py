@@ -58,7 +58,10 @@ FP32_SUFFIXES = ("mixer.A_log", "mixer.D")
 
 
 def toy_config(size: str, token_ids: dict[str, int]) -> dict[str, Any]:
-    """``config.json`` contents for a toy of ``size`` (the real schema, reference §1)."""
+    """``config.json`` contents for a toy of ``size``.
+
+    The schema is the released checkpoint's (``NemotronH_Nano_VL_V2_Config``).
+    """
     spec = SIZES[size]
     llm, vit = dict(spec["llm"]), dict(spec["vit"])
     vocab = token_ids["vocab_size"] + 1 if spec["vocab"] == "tokenizer+1" else int(spec["vocab"])

@@ -1,6 +1,7 @@
 """Mamba2 mixer (Nemotron-H ``M`` layers), tensor-parallel over heads and groups.
 
-Per token (reference §3.5)::
+Per token (as the checkpoint's remote ``modeling_nemotron_h.py`` and transformers'
+``models/nemotron_h/modular_nemotron_h.py`` compute it)::
 
     z | xBC | dt = in_proj(RMSNorm(h))                 # local rows [z_r | x_r | B_r | C_r | dt_r]
     xBC = SiLU(causal_depthwise_conv1d(xBC))          # over [x_r | B_r | C_r]

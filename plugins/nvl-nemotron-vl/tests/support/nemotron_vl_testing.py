@@ -7,7 +7,8 @@ The references are implementations written by others, loaded with a toy checkpoi
   ``language_model.lm_head.`` -> ``lm_head.`` and loaded with ``strict=True``. One setting is aligned:
   each Mamba mixer's ``time_step_limit`` is set to ``(0, inf)`` because transformers clamps ``dt`` at
   ``time_step_min`` (0.001) while the released model's kernels (and Megatron, vLLM) do not clamp
-  (reference §3.5 note a). Attention runs eager (its own softmax, not SDPA).
+  (the checkpoint's ``config.json`` sets ``time_step_limit`` to ``(0, inf)``). Attention runs eager (its
+  own softmax, not SDPA).
 * ViT: transformers' ``RadioModel`` loaded by its own ``from_pretrained`` (its conversion rules split the
   fused ``attn.qkv`` and rename the keys) from the toy's ``vision_model.*`` tensors. Aligned settings:
   ``num_cls_tokens + num_registers`` = rows of the checkpoint's ``cls_token`` (the split between them
