@@ -334,6 +334,90 @@ def iter_checkpoint_to_hf(
 # import
 
 
+def _open_import_source(bridge: Any, hf_dir: Path, out: Path, *, tp: int, overwrite: bool) -> SafetensorsReader:
+    """Refuse what cannot work before anything is read: the TP size, the output, the source's tensors."""
+    if tp < 1:
+        raise ConversionError(f"--tp must be >= 1, got {tp}")
+    bridge.check_tensor_parallel(tp)
+    check_can_write(out, overwrite=overwrite, what="--megatron-path")
+    if out == hf_dir or hf_dir in out.parents:
+        raise ConversionError(f"--megatron-path {out} must not be inside --hf-model {hf_dir}")
+    try:
+        return SafetensorsReader(hf_dir)
+    except SafetensorsError as exc:
+        raise ConversionError(str(exc)) from None
+
+
+def _checkpoint_specs(groups: Sequence[ConversionGroup], in_specs: Mapping[str, TensorSpec]
+                      ) -> tuple[dict[str, TensorSpec], dict[str, int]]:
+    """Every checkpoint tensor's spec (each group run on meta tensors) and the index of the group making it."""
+    ck_specs: dict[str, TensorSpec] = {}
+    owner: dict[str, int] = {}
+    for gi, g in enumerate(groups):
+        got = _run_meta(g.to_checkpoint, {k: in_specs[k] for k in g.hf_keys}, g.checkpoint_keys,
+                        f"group {g.name or g.hf_keys[0]!r} (import)")
+        for k in g.checkpoint_keys:
+            ck_specs[k] = got[k]
+            owner[k] = gi
+    return ck_specs, owner
+
+
+class _ImportProducer:
+    """Makes checkpoint tensors on demand, one group at a time: a group's HF tensors are read when the
+    writer first asks for one of its outputs, and each output is dropped once handed over."""
+
+    def __init__(self, groups: Sequence[ConversionGroup], owner: Mapping[str, int], reader: SafetensorsReader,
+                 in_specs: Mapping[str, TensorSpec], summary: ConversionSummary, bar: Progress) -> None:
+        self.groups, self.owner, self.reader, self.in_specs = groups, owner, reader, in_specs
+        self.summary, self.bar = summary, bar
+        self.cache: dict[str, torch.Tensor] = {}
+
+    def __call__(self, key: str) -> torch.Tensor:
+        if key not in self.cache:
+            g = self.groups[self.owner[key]]
+            hf = self.reader.read(g.hf_keys)
+            self.summary.bytes_read += sum(t.numel() * t.element_size() for t in hf.values())
+            hf = {k: v.to(self.in_specs[k].dtype) for k, v in hf.items()}
+            self.cache.update(g.to_checkpoint(hf))
+            del hf
+        t = self.cache.pop(key)
+        self.summary.bytes_written += t.numel() * t.element_size()
+        self.bar.update(t.numel() * t.element_size(), key)
+        return t
+
+
+def _import_run_config(hf_dir: Path, config: Mapping[str, Any], name: str, tp: int, src_main: Any, dtype: str,
+                       extra: Mapping[str, Any] | None) -> dict[str, Any]:
+    return {
+        "model": {"tensor_model_parallel_size": tp, "bridge": name},
+        "convert": {
+            "tool": "nvl convert import",
+            "source": str(hf_dir),
+            "source_architectures": list(config.get("architectures") or []),
+            "source_dtype": str(src_main).replace("torch.", "") if src_main else None,
+            "dtype": dtype,
+            "tensor_model_parallel_size": tp,
+            "note": "tensors are logical (full-shape); the checkpoint loads at any TP that divides the model",
+        },
+        **dict(extra or {}),
+    }
+
+
+def _stage_import_side_files(hf_dir: Path, staging: Path, hf_specs: Mapping[str, TensorSpec]) -> dict[str, Path]:
+    """The tokenizer, the HF config and code files and the source's tensor inventory, staged for the save."""
+    files: dict[str, Path] = {}
+    for n in _copy_files(hf_dir, TOKENIZER_FILES, staging / TOKENIZER_DIR):
+        files[f"{TOKENIZER_DIR}/{n}"] = staging / TOKENIZER_DIR / n
+    if not any(k.startswith(TOKENIZER_DIR) for k in files):
+        _warn(f"no tokenizer files in {hf_dir}; the checkpoint has no tokenizer/")
+    for n in _copy_files(hf_dir, list(CONFIG_FILES) + _py_files(hf_dir), staging / HF_SOURCE_DIR):
+        files[f"{HF_SOURCE_DIR}/{n}"] = staging / HF_SOURCE_DIR / n
+    inv = {k: {"shape": list(s.shape), "dtype": str(s.dtype).replace("torch.", "")} for k, s in hf_specs.items()}
+    (staging / HF_SOURCE_DIR / INVENTORY).write_text(json.dumps(inv, indent=0) + "\n")
+    files[f"{HF_SOURCE_DIR}/{INVENTORY}"] = staging / HF_SOURCE_DIR / INVENTORY
+    return files
+
+
 def import_hf_checkpoint(
     bridge: Any,
     hf_dir: str | os.PathLike[str],
@@ -358,21 +442,11 @@ def import_hf_checkpoint(
     out = Path(megatron_path).expanduser().absolute()
     config = read_hf_config(hf_dir)
     target = parse_dtype(dtype)
-    if tp < 1:
-        raise ConversionError(f"--tp must be >= 1, got {tp}")
-    bridge.check_tensor_parallel(tp)
-    check_can_write(out, overwrite=overwrite, what="--megatron-path")
-    if out == hf_dir or hf_dir in out.parents:
-        raise ConversionError(f"--megatron-path {out} must not be inside --hf-model {hf_dir}")
-    try:
-        reader = SafetensorsReader(hf_dir)
-    except SafetensorsError as exc:
-        raise ConversionError(str(exc)) from None
+    reader = _open_import_source(bridge, hf_dir, out, tp=tp, overwrite=overwrite)
     hf_specs = {k: TensorSpec(t.shape, t.dtype) for k, t in reader.tensors.items()}
     name = _bridge_name(bridge)
     groups = list(bridge.conversion_groups(hf_specs))
     _check_coverage(groups, list(hf_specs), name)
-
     src_main = main_dtype(config, hf_specs)
 
     def cast_dtype(spec: TensorSpec) -> torch.dtype:
@@ -383,74 +457,24 @@ def import_hf_checkpoint(
         return spec.dtype
 
     in_specs = {k: TensorSpec(s.shape, cast_dtype(s)) for k, s in hf_specs.items()}
-    ck_specs: dict[str, TensorSpec] = {}
-    owner: dict[str, int] = {}
-    for gi, g in enumerate(groups):
-        got = _run_meta(g.to_checkpoint, {k: in_specs[k] for k in g.hf_keys}, g.checkpoint_keys,
-                        f"group {g.name or g.hf_keys[0]!r} (import)")
-        for k in g.checkpoint_keys:
-            ck_specs[k] = got[k]
-            owner[k] = gi
-
+    ck_specs, owner = _checkpoint_specs(groups, in_specs)
     summary = ConversionSummary("import", str(hf_dir), str(out / iter_dir_name(0)), tp=tp)
     summary.hf_tensors = len(hf_specs)
     summary.checkpoint_tensors = len(ck_specs)
     summary.carried_tensors = sum(len(g.hf_keys) for g in groups if g.carried)
     summary.dtype = str(target or src_main).replace("torch.", "")
     bar = Progress(sum(s.nbytes for s in ck_specs.values()), "import", progress)
-    cache: dict[str, torch.Tensor] = {}
-
-    def produce(key: str) -> torch.Tensor:
-        if key not in cache:
-            g = groups[owner[key]]
-            hf = reader.read(g.hf_keys)
-            summary.bytes_read += sum(t.numel() * t.element_size() for t in hf.values())
-            hf = {k: v.to(in_specs[k].dtype) for k, v in hf.items()}
-            cache.update(g.to_checkpoint(hf))
-            del hf
-        t = cache.pop(key)
-        summary.bytes_written += t.numel() * t.element_size()
-        bar.update(t.numel() * t.element_size(), key)
-        return t
-
-    run_config = {
-        "model": {"tensor_model_parallel_size": tp, "bridge": name},
-        "convert": {
-            "tool": "nvl convert import",
-            "source": str(hf_dir),
-            "source_architectures": list(config.get("architectures") or []),
-            "source_dtype": str(src_main).replace("torch.", "") if src_main else None,
-            "dtype": summary.dtype,
-            "tensor_model_parallel_size": tp,
-            "note": "tensors are logical (full-shape); the checkpoint loads at any TP that divides the model",
-        },
-        **dict(extra_run_config or {}),
-    }
+    produce = _ImportProducer(groups, owner, reader, in_specs, summary, bar)
+    run_config = _import_run_config(hf_dir, config, name, tp, src_main, summary.dtype, extra_run_config)
     side = TOKENIZER_FILES + CONFIG_FILES + tuple(_py_files(hf_dir))
     need = sum(s.nbytes for s in ck_specs.values()) + 2 * _side_bytes(hf_dir, side)  # side files: staged, then copied
     try:
         with _space_for(out, "--megatron-path", need), \
                 atomic_output_dir(out, overwrite=overwrite, what="--megatron-path") as tmp_root:
             staging = tmp_root / ".staging"
-            files: dict[str, Path] = {}
-            for n in _copy_files(hf_dir, TOKENIZER_FILES, staging / TOKENIZER_DIR):
-                files[f"{TOKENIZER_DIR}/{n}"] = staging / TOKENIZER_DIR / n
-            if not any(k.startswith(TOKENIZER_DIR) for k in files):
-                _warn(f"no tokenizer files in {hf_dir}; the checkpoint has no tokenizer/")
-            for n in _copy_files(hf_dir, list(CONFIG_FILES) + _py_files(hf_dir), staging / HF_SOURCE_DIR):
-                files[f"{HF_SOURCE_DIR}/{n}"] = staging / HF_SOURCE_DIR / n
-            inv = {k: {"shape": list(s.shape), "dtype": str(s.dtype).replace("torch.", "")} for k,
-                   s in hf_specs.items()}
-            (staging / HF_SOURCE_DIR / INVENTORY).write_text(json.dumps(inv, indent=0) + "\n")
-            files[f"{HF_SOURCE_DIR}/{INVENTORY}"] = staging / HF_SOURCE_DIR / INVENTORY
-            save_checkpoint(
-                tmp_root,
-                0,
-                model_state=StreamedState(ck_specs, produce),
-                run_config=run_config,
-                train_state={"iteration": 0, "consumed_train_samples": 0},
-                files=files,
-            )
+            files = _stage_import_side_files(hf_dir, staging, hf_specs)
+            save_checkpoint(tmp_root, 0, model_state=StreamedState(ck_specs, produce), run_config=run_config,
+                            train_state={"iteration": 0, "consumed_train_samples": 0}, files=files)
             shutil.rmtree(staging)
     finally:
         bar.close()
