@@ -372,7 +372,7 @@ def markdown(rec: dict) -> str:
         "| step | seconds | GB moved | GB/s | peak RSS (GB) |",
         "|---|---|---|---|---|",
         f"| disk sequential write ({d['method']}) | {d['write_s']:.2f} | {d['bytes'] / GB:.2f} | {d['write_GBps']:.2f} "
-        f"| |",
+        "| |",
         f"| disk sequential read | {d['read_s']:.2f} | {d['bytes'] / GB:.2f} | {d['read_GBps']:.2f} | |",
         f"| baseline: same import of the tiny toy (interpreter + code) | | | | {rec['baseline_rss_bytes'] / GB:.3f} |",
         f"| `nvl convert import` (cold source) | {imp['seconds']:.2f} | {imp['bytes_written'] / GB:.2f} | "
@@ -525,7 +525,7 @@ def main() -> None:
         "summary": (f"{'PASS' if ok else 'FAIL'}: {len(got_inv)} exported tensors vs {len(inv)} source, key set/shapes/"
                     f"dtypes {'equal' if same_layout else 'DIFFER'}; {len(sample) - len(bad)}/{len(sample)} sampled "
                     f"tensors byte-identical (sha256); {len(set(index['weight_map'].values()))} shards, index "
-                    f"total_size "
+                    "total_size "
                     f"{'consistent' if index['metadata']['total_size'] == hdr_total else 'WRONG'}"),
     }
     log(rec["verify"]["summary"])

@@ -317,7 +317,7 @@ def _profile_one_step(iteration: int, out: Path) -> None:
             sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=50, max_shapes_column_width=90)
         out.write_text(f"torch.profiler, iteration {iteration} of `nvl finetune` (all micro-batches of one step)\n"
                        f"step wall {wall:.3f} s (under the profiler); kernels (self device time summed) {busy:.3f} "
-                       f"s\n\n"
+                       "s\n\n"
                        + table + "\n\nby input shape (self CUDA time)\n\n" + shapes + "\n")
         return result
 
@@ -604,7 +604,7 @@ def markdown(records: list[dict[str, Any]], meta: dict[str, Any]) -> str:
                          f"{base[0]['tokens_per_s']:,.0f} "
                          f"tokens/s = {r['tokens_per_s'] / base[0]['tokens_per_s']:.2f}x; "
                          f"{r.get('samples_per_step', '?')} vs {base[0].get('samples_per_step', '?')} samples per "
-                         f"iteration")
+                         "iteration")
     peers = {r["seq"]: r for r in records if r["system"] != "nvl" and r.get("tokens_per_s")}
     equal = [r for r in records if r["system"] == "nvl" and r["workload"] == "text" and r["method"] == "lora"
              and r.get("tokens_per_s") and r["seq"] in peers]
@@ -614,7 +614,7 @@ def markdown(records: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         p = peers[r["seq"]]
         var = ", ".join(f"{k}={v}" for k, v in (r.get("variant") or {}).items())
         lines.append(f"- seq {r['seq']}{' (' + var + ')' if var else ''}: nvl {r['tokens_per_s']:,.0f} vs "
-                     f"transformers+PEFT "
+                     "transformers+PEFT "
                      f"(batch 1) {p['tokens_per_s']:,.0f} "
                      f"tokens/s = {r['tokens_per_s'] / p['tokens_per_s']:.2f}x; peak {r.get('peak_gb')} vs "
                      f"{p.get('peak_gb')} GB")

@@ -455,7 +455,7 @@ def render_markdown(r: dict[str, Any]) -> str:
         )
     if best and "limit_tokens_per_s" in r:
         lines.append(f"That is {100 * best['decode_tokens_per_s'] / r['limit_tokens_per_s']:.0f}% of the bandwidth "
-                     f"limit.")
+                     "limit.")
     for v in r["variants"]:
         tf = v.get("teacher_forced")
         if tf:

@@ -283,7 +283,7 @@ def markdown(record: dict[str, Any]) -> str:
         "",
         f"Model shape `{record['args']['size']}`, batch 1, random weights, {record['dtype']}; LoRA r=16 alpha=32 "
         "on the LM's qkv/proj/fc1/fc2 (peer: q/k/v/o/up/down); base frozen; AdamW on the adapters.",
-        f"MFU = LoRA model FLOPs (2/3 of Megatron-Bridge's full-training hybrid formula + adapters) / "
+        "MFU = LoRA model FLOPs (2/3 of Megatron-Bridge's full-training hybrid formula + adapters) / "
         f"{record['args']['peak_tflops']:g} TFLOP/s. 'nominal' = full-training 3x formula (the anchor's convention).",
         "",
         "| run | seq | tokens/s | s/step | LoRA TFLOP/s | MFU | nominal TFLOP/s | peak GB | result |",

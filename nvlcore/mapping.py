@@ -78,8 +78,8 @@ class ParamMapping(ABC):
 
     Subclasses implement the six abstract methods (HF <-> components, the TP split and gather, the
     checkpoint layout and its inverse); a kind with several components overrides :attr:`components` too. Subclasses are
-    frozen dataclasses: :meth:`renamed`
-    (used to lay an adapter factor out like its base weight) copies them with ``dataclasses.replace``.
+    frozen dataclasses: :meth:`renamed` (used to lay an adapter factor out like its base weight) copies them with
+    ``dataclasses.replace``.
 
     :param megatron: the training parameter's name (as in ``model.named_parameters()``).
     :param hf: its HF keys.

@@ -112,7 +112,7 @@ class Checkpoint:
             except Exception as exc:
                 raise CheckpointCorruptError(
                     f"{self.path / DCP_METADATA} is damaged ({first_line(exc, 80)}); the checkpoint {self.path} cannot "
-                    f"be used"
+                    "be used"
                 ) from None
             self._check_files(md)
             self._metadata = md
@@ -134,7 +134,7 @@ class Checkpoint:
             except FileNotFoundError:
                 raise CheckpointCorruptError(
                     f"{f} is missing: the checkpoint {self.path} is incomplete (copy it again, or use another "
-                    f"iteration)"
+                    "iteration)"
                 ) from None
             if size < end:
                 raise CheckpointCorruptError(

@@ -170,8 +170,8 @@ def _check_precision_aware(cfg: NvlConfig) -> None:
                               "megatron-core); set it, or remove the dtype", key=f"optimizer.{key}")
     if o.optimizer_cpu_offload is True:
         if not 0.0 < o.optimizer_offload_fraction <= 1.0:
-            raise ConfigError(f"optimizer.optimizer_cpu_offload=true needs optimizer.optimizer_offload_fraction in (0, "
-                              f"1] "
+            raise ConfigError("optimizer.optimizer_cpu_offload=true needs optimizer.optimizer_offload_fraction in (0, "
+                              "1] "
                               f"(the share of the state kept in host memory), not {o.optimizer_offload_fraction}",
                               key="optimizer.optimizer_offload_fraction")
         if o.optimizer != "adam" or o.use_precision_aware_optimizer is True:
@@ -183,7 +183,7 @@ def _check_precision_aware(cfg: NvlConfig) -> None:
                           "optimizer.optimizer_cpu_offload=true; set it, or remove the fraction",
                           key="optimizer.optimizer_offload_fraction")
     if o.use_precision_aware_optimizer is True and o.optimizer != "adam":
-        raise ConfigError(f"optimizer.use_precision_aware_optimizer=true needs optimizer.optimizer=adam (it stores "
+        raise ConfigError("optimizer.use_precision_aware_optimizer=true needs optimizer.optimizer=adam (it stores "
                           f"Adam's moments), not {o.optimizer!r}", key="optimizer.use_precision_aware_optimizer")
 
 

@@ -1,9 +1,8 @@
 """The typed config schema: one attrs class per section, Megatron-Bridge's section and field names.
 
 Defaults are Megatron-Bridge's where it gives one (see docs/config.md); a model bridge's ``recipe()`` returns a nested
-mapping that
-:func:`nvlcore.config.load_config` merges over these defaults (``base=``), then the YAML files, then
-the command-line overrides.
+mapping that :func:`nvlcore.config.load_config` merges over these defaults (``base=``), then the YAML files, then the
+command-line overrides.
 
 Any field may hold the mandatory marker ``"???"`` (:data:`MISSING`) until the config is resolved for
 a run (:func:`nvlcore.config.resolve_config`), exactly as in OmegaConf/Megatron-Bridge YAML files.

@@ -148,6 +148,6 @@ def validate_conversation(obj: Any, where: str = "example") -> Any:
                     ):
                         raise fail(f"{f}.timestamps", f"expected {len(frames)} numbers (seconds), one per frame")
                 else:
-                    raise fail(f, f"a video item needs 'path' (a file) or 'video' (decoded frames); got keys "
+                    raise fail(f, "a video item needs 'path' (a file) or 'video' (decoded frames); got keys "
                                f"{sorted(item)}")
     return obj

@@ -9,9 +9,8 @@ bridge's processor with the generation prompt appended) together::
     results[0].text, results[0].token_ids, results[0].decode_tokens_per_s
 
 Model bridges provide ready-made constructors (their ``generator()``). :func:`build_conversation` makes a conversation
-in
-the project's schema from the command line's pieces the way the original Megatron-Bridge script
-did (``"Image-1: <image>\\nImage-2: <image>\\n<prompt>"`` for several images).
+in the project's schema from the command line's pieces the way the original Megatron-Bridge script did (``"Image-1:
+<image>\\nImage-2: <image>\\n<prompt>"`` for several images).
 """
 
 from __future__ import annotations

@@ -1017,7 +1017,7 @@ def restore(iter_dir: Path, *, model: Any, optimizer: Any, named: Any, bridge: A
     if bool(extra.get("adapter_only")) != adapter_only:
         raise ValueError(
             f"{iter_dir} is {'an adapter-only (PEFT)' if extra.get('adapter_only') else 'a full'} checkpoint but this "
-            f"run "
+            "run "
             f"is {'PEFT' if adapter_only else 'full fine-tuning'}; use the same peft settings, or start from it with "
             "--pretrained-checkpoint"
         )
@@ -1029,7 +1029,7 @@ def restore(iter_dir: Path, *, model: Any, optimizer: Any, named: Any, bridge: A
     data = extra.get("data") or {}
     if data.get("seed") is not None and data["seed"] != cfg.rng.seed:
         raise ValueError(f"{iter_dir} was trained with rng.seed={data['seed']}, this run has {cfg.rng.seed}: the data "
-                         f"order would change")
+                         "order would change")
     if cfg.checkpoint.load_rng:
         layout = extra.get("layout") or {}
         rank_state = ckpt.rank_state(ctx.rank) if layout.get("world_size") == ctx.world_size else None

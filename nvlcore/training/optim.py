@@ -88,7 +88,7 @@ def build_optimizer(
         if p.dtype != torch.float32:
             raise TypeError(
                 f"trainable parameter {n} is {p.dtype}; the trainer keeps fp32 master weights, build the model in "
-                f"float32"
+                "float32"
             )
     groups = [g for g in (
         {"params": decay, "wd_mult": 1.0, "weight_decay": weight_decay},
@@ -102,7 +102,7 @@ def build_optimizer(
         except ImportError as exc:
             from nvlcore.config import ConfigError
 
-            raise ConfigError(f"optimizer.exp_avg_dtype / exp_avg_sq_dtype other than torch.float32 need torchao "
+            raise ConfigError("optimizer.exp_avg_dtype / exp_avg_sq_dtype other than torch.float32 need torchao "
                               f"({exc}); pip install 'nvl[memory]'", key="optimizer.exp_avg_dtype") from None
 
         cls = LeanAdamW

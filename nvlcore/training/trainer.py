@@ -418,7 +418,7 @@ class Trainer:
                 if stopping:
                     name = signal.Signals(self.stop.signum).name if self.stop.signum else "a signal on another rank"
                     self.print(f"nvl finetune: received {name}; saving a checkpoint at iteration {st.iteration} and "
-                               f"exiting")
+                               "exiting")
                     self._save()
                     self.stopped_by = name
                     break

@@ -82,7 +82,7 @@ class LlavaVideo178kDataset(HFConversationMaker):
         root = Path(maker_kwargs["video_root_path"])
         if not root.is_dir():
             raise FileNotFoundError(f"{self.name}: dataset.maker_kwargs.video_root_path {str(root)!r} is not a "
-                                    f"directory")
+                                    "directory")
         self.video_root = root.resolve()
         super().__init__(split=split, **maker_kwargs)
 

@@ -3,10 +3,9 @@
 ``W' = W + (alpha / r) * B @ A`` (LoRA) or ``W' = m / ||V||_row ⊙ V`` with ``V = W + (alpha / r) * B @ A``
 (DoRA, whose magnitude ``m`` is ``M.adapter.magnitude.weight`` ``[out, 1]``), computed in fp32 and cast
 back to W's dtype, for every adapted module ``M``: A is ``M.adapter.linear_in.weight``; B is
-``M.adapter.linear_out.weight`` and W is
-``M.weight``, or, for a base the checkpoint stores as row components (Mamba ``in_proj``), B and W are
-``...weight.<component>`` pairs merged component by component (the components partition the rows, so
-this is the same as merging the fused matrix).
+``M.adapter.linear_out.weight`` and W is ``M.weight``, or, for a base the checkpoint stores as row components (Mamba
+``in_proj``), B and W are ``...weight.<component>`` pairs merged component by component (the components partition the
+rows, so this is the same as merging the fused matrix).
 
 Works on plain ``{name: tensor}`` mappings, so it needs neither the model nor a process group: the
 ``nvl peft merge`` command runs it on CPU, one module at a time.

@@ -14,8 +14,7 @@ shortcut over both.
     print(res.text, res.decode_tokens_per_s)
 
 This module takes the bridge it works with and never imports :mod:`.bridge` (which imports this one). The model decodes
-with its layers' caches (:mod:`.model.cache`, driven by
-:mod:`.model.decode`).
+with its layers' caches (:mod:`.model.cache`, driven by :mod:`.model.decode`).
 """
 
 from __future__ import annotations

@@ -593,7 +593,7 @@ class NemotronVLProcessor:
         n_sup = int(loss_mask.sum())
         if not add_generation_prompt and n_sup == 0:
             raise SampleError(f"{where}: the sample has no supervised token (no assistant answer); it cannot be "
-                              f"trained on")
+                              "trained on")
 
         tiles = [t for m in media for t in m.tiles]
         pixel_values = normalize_tiles(tiles, c.norm_mean, c.norm_std) if tiles else None
@@ -616,12 +616,10 @@ class NemotronVLProcessor:
 
         The length is the longest sample rounded up to ``pad_to_multiple_of``, capped at
         ``seq_length`` (or ``seq_length`` itself with ``pad_to_max_length``). Keys: ``input_ids``, ``labels`` (``-100``
-        on padding and on each row's last
-        token), ``loss_mask``, ``attention_mask``, ``pixel_values`` (all tiles and frames of the
-        batch in the order of their context tokens, row by row; absent when there are none),
-        ``num_image_tiles`` (int64 ``[images]``: tiles per image, same order), ``num_frames``
-        (int64 ``[videos]``: frames per video, same order; the model groups ``<video>`` blocks by
-        it for Efficient Video Sampling).
+        on padding and on each row's last token), ``loss_mask``, ``attention_mask``, ``pixel_values`` (all tiles and
+        frames of the batch in the order of their context tokens, row by row; absent when there are none),
+        ``num_image_tiles`` (int64 ``[images]``: tiles per image, same order), ``num_frames`` (int64 ``[videos]``:
+        frames per video, same order; the model groups ``<video>`` blocks by it for Efficient Video Sampling).
         """
         import torch
 
