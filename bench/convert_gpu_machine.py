@@ -525,8 +525,7 @@ def main() -> None:
         "summary": (f"{'PASS' if ok else 'FAIL'}: {len(got_inv)} exported tensors vs {len(inv)} source, key set/shapes/"
                     f"dtypes {'equal' if same_layout else 'DIFFER'}; {len(sample) - len(bad)}/{len(sample)} sampled "
                     f"tensors byte-identical (sha256); {len(set(index['weight_map'].values()))} shards, index "
-                    "total_size "
-                    f"{'consistent' if index['metadata']['total_size'] == hdr_total else 'WRONG'}"),
+                    f"total_size {'consistent' if index['metadata']['total_size'] == hdr_total else 'WRONG'}"),
     }
     log(rec["verify"]["summary"])
     rec["wall_s"] = time.perf_counter() - t_all

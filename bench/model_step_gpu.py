@@ -458,8 +458,7 @@ def render_markdown(r: dict[str, Any]) -> str:
     if "sample" in r:
         lines += [f"Sample: batch 1, {r['sample']['seq']} LM tokens with one image of {r['sample']['tiles']} tiles "
                   f"({r['sample']['context_tokens']} context tokens); {r['sample']['train_flops'] / 1e12:.1f} TFLOP "
-                  "per "
-                  "step (LM over real tokens + ViT + projector, 3x forward).", ""]
+                  "per step (LM over real tokens + ViT + projector, 3x forward).", ""]
     if "build" in r:
         lines += [f"Build: {r['build']['parameters'] / 1e6:,.1f} M parameters, {r['build']['weights_gib']} GiB of "
                   f"weights, {r['build']['seconds']} s.", ""]
@@ -503,8 +502,7 @@ def render_markdown(r: dict[str, Any]) -> str:
                                                 "mlp_layers_total_s", "output_layer_and_loss_s"))
             lines += ["", f"Sum of parts {parts:.3f} s; the SSD scan alone is {s['ssd_scan_total_s']:.3f} s "
                       f"({s['ssd_scan_total_s'] / parts:.0%} of it), all Mamba mixers {s['mamba_layers_total_s']:.3f} "
-                      "s "
-                      f"({s['mamba_layers_total_s'] / parts:.0%}), the ViT + projector {s['vit_projector_s']:.3f} s "
+                      f"s ({s['mamba_layers_total_s'] / parts:.0%}), the ViT + projector {s['vit_projector_s']:.3f} s "
                       f"({s['vit_projector_s'] / parts:.0%})."]
     elif s:
         lines += [f"Split: {s['status']}: {s['error']}"]

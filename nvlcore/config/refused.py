@@ -171,8 +171,7 @@ def _check_precision_aware(cfg: NvlConfig) -> None:
     if o.optimizer_cpu_offload is True:
         if not 0.0 < o.optimizer_offload_fraction <= 1.0:
             raise ConfigError("optimizer.optimizer_cpu_offload=true needs optimizer.optimizer_offload_fraction in (0, "
-                              "1] "
-                              f"(the share of the state kept in host memory), not {o.optimizer_offload_fraction}",
+                              f"1] (the share of the state kept in host memory), not {o.optimizer_offload_fraction}",
                               key="optimizer.optimizer_offload_fraction")
         if o.optimizer != "adam" or o.use_precision_aware_optimizer is True:
             raise ConfigError("optimizer.optimizer_cpu_offload=true works with optimizer.optimizer=adam and fp32 "

@@ -451,8 +451,7 @@ class MetricsPlotter:
         except Exception as exc:  # a plot is a convenience: report once, keep training
             self.off = True
             self.say(f"nvl finetune: drawing {self.path.with_name('metrics.png')} failed ({type(exc).__name__}: "
-                     f"{exc}); "
-                     "no more plots this run")
+                     f"{exc}); no more plots this run")
 
 
 class StoppedEarly(SystemExit):
@@ -670,8 +669,7 @@ class FinetuneRecipe:
             src = self.cfg.checkpoint.pretrained_checkpoint
             if not src:
                 raise ValueError("no starting weights: pass --pretrained-checkpoint DIR (a Megatron checkpoint or an "
-                                 "HF "
-                                 "directory)")
+                                 "HF directory)")
             load_pretrained(self.model, src, bridge=self.bridge, ctx=self.ctx)
             self.say(f"nvl finetune: loaded pretrained weights from {src} ({time.perf_counter() - t0:.1f} s)")
 
