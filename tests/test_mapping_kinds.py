@@ -213,7 +213,9 @@ def test_a_bridge_kind_loads_splits_and_checkpoints(example: Any, tmp_path: Path
 def test_a_bridge_kind_loads_hf_weights_into_the_model(example: Any, tmp_path: Path) -> None:
     hf = _hf_dir(example, tmp_path / "hf")
     bridge = _bridge_class(example, TransposedMapping).from_hf_dir(hf)
-    example._ensure_single_process_groups()
+    from nvlcore.parallel import init_parallel
+
+    init_parallel(1, device_type="cpu")
     model = bridge.build_model(dtype=torch.float32)
     bridge.load_hf_weights(model, hf)
     want = load_file(str(hf / "model.safetensors"))[FC1].t()
