@@ -74,3 +74,10 @@ def test_a_private_import_inside_a_function_is_found(tmp_path: Path) -> None:
 @pytest.mark.parametrize("name", nvlcore.PUBLIC_MODULES)
 def test_every_public_module_imports(name: str) -> None:
     importlib.import_module(name)
+
+
+def test_the_guide_lists_every_public_module() -> None:
+    guide = (ROOT / "docs" / "plugin-authors.md").read_text()
+    section = guide[guide.index("## The public API"):guide.index("## Testing a plugin")]
+    missing = [m for m in nvlcore.PUBLIC_MODULES if f"`{m}`" not in section]
+    assert not missing, f"add to docs/plugin-authors.md#the-public-api: {missing}"
