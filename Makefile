@@ -11,6 +11,7 @@ test: setup lint
 
 lint: setup
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports --no-cache
 
 quickstart: setup
 	$(VENV)/bin/nvl quickstart --workdir nvl-quickstart --overwrite

@@ -67,7 +67,8 @@ def main() -> int:
     for name, fn in cands.items():
         try:
             got = run(fn, q, k, v)
-            errs = ", ".join(f"{n} {rel(a, r):.1e}" for n, a, r in zip(["out", "dq", "dk", "dv"], got, ref))
+            errs = ", ".join(f"{n} {rel(a, r):.1e}" for n, a,
+                             r in zip(["out", "dq", "dk", "dv"], got, ref, strict=True))
             torch.cuda.synchronize()
             t0 = time.perf_counter()
             for _ in range(args.reps):

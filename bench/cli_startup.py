@@ -38,7 +38,8 @@ def time_runs(args: list[str], runs: int) -> list[float]:
 
 
 def measure(runs: int = 5) -> dict[str, object]:
-    plugins = json.loads(subprocess.run([*nvl_command(), "plugins", "list", "--json"], capture_output=True, text=True, check=True).stdout)
+    plugins = json.loads(subprocess.run([*nvl_command(), "plugins", "list", "--json"], capture_output=True, text=True,
+                                        check=True).stdout)
     record: dict[str, object] = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": f"{platform.node()} {platform.machine()} {os.cpu_count()} CPUs, Python {platform.python_version()}",

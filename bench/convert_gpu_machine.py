@@ -137,7 +137,8 @@ def write_fast_toy(out: Path, size: str, seed: int, shard_size: int) -> Path:
         (tmp / "config.json").write_text(json.dumps(raw, indent=2) + "\n")
         for name, content in _side_files(raw, ids).items():
             (tmp / name).write_text(json.dumps(content, indent=2) + "\n")
-        cfg = NemotronVLConfig.from_dict(raw, source=str(out / "config.json"), num_prefix_tokens=num_prefix_tokens(size))
+        cfg = NemotronVLConfig.from_dict(raw, source=str(out / "config.json"),
+                                         num_prefix_tokens=num_prefix_tokens(size))
         inv = hf_inventory(cfg)
         g = torch.Generator().manual_seed(seed)
         pool = {torch.bfloat16: (0.02 * torch.randn(128 * 2**20, generator=g)).to(torch.bfloat16),
@@ -344,7 +345,8 @@ def machine_facts() -> dict:
     except (ValueError, OSError):
         pass
     try:
-        facts["cpu_model"] = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if "model name" in line)
+        facts["cpu_model"] = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+                                  if "model name" in line)
     except (OSError, StopIteration):
         pass
     if torch.cuda.is_available():
@@ -369,7 +371,8 @@ def markdown(rec: dict) -> str:
         "",
         "| step | seconds | GB moved | GB/s | peak RSS (GB) |",
         "|---|---|---|---|---|",
-        f"| disk sequential write ({d['method']}) | {d['write_s']:.2f} | {d['bytes'] / GB:.2f} | {d['write_GBps']:.2f} | |",
+        f"| disk sequential write ({d['method']}) | {d['write_s']:.2f} | {d['bytes'] / GB:.2f} | {d['write_GBps']:.2f} "
+        "| |",
         f"| disk sequential read | {d['read_s']:.2f} | {d['bytes'] / GB:.2f} | {d['read_GBps']:.2f} | |",
         f"| baseline: same import of the tiny toy (interpreter + code) | | | | {rec['baseline_rss_bytes'] / GB:.3f} |",
         f"| `nvl convert import` (cold source) | {imp['seconds']:.2f} | {imp['bytes_written'] / GB:.2f} | "
@@ -428,7 +431,8 @@ def main() -> None:
     if work.exists():
         shutil.rmtree(work)
     work.mkdir(parents=True)
-    rec: dict = {"size": a.size, "workdir": f"{work} ({fs_type(work.resolve())})", "command": " ".join([Path(sys.executable).name, *sys.argv]),
+    rec: dict = {"size": a.size, "workdir": f"{work} ({fs_type(work.resolve())})",
+                 "command": " ".join([Path(sys.executable).name, *sys.argv]),
                  "machine": machine_facts()}
     # expected toy size from the inventory
     ids = {"vocab_size": 300, "<image>": 1, "<video>": 2, "bos": 0, "eos": 0, "pad": 0}  # only sizes matter here
@@ -446,7 +450,8 @@ def main() -> None:
 
     log("disk speed test")
     rec["disk"] = disk_speed(work, int(a.disk_test_gb * GB))
-    log(f"disk: write {rec['disk']['write_GBps']:.2f} GB/s, read {rec['disk']['read_GBps']:.2f} GB/s ({rec['disk']['method']})")
+    log(f"disk: write {rec['disk']['write_GBps']:.2f} GB/s, read {rec['disk']['read_GBps']:.2f} GB/s "
+        f"({rec['disk']['method']})")
 
     toy = work / "toy"
     log(f"writing the {a.size} toy ({toy_kind})")
@@ -459,7 +464,8 @@ def main() -> None:
         write_fast_toy(toy, a.size, a.seed, 4 * 2**30)
     reader = SafetensorsReader(toy)
     inv = {k: (t_.shape, str(t_.dtype)[6:]) for k, t_ in reader.tensors.items()}
-    rec["toy"] = {"kind": toy_kind, "seconds": time.perf_counter() - t, "bytes": reader.total_bytes, "tensors": len(inv)}
+    rec["toy"] = {"kind": toy_kind, "seconds": time.perf_counter() - t, "bytes": reader.total_bytes,
+                  "tensors": len(inv)}
     cfg = NemotronVLConfig.from_hf_dir(toy)
     expect = hf_inventory(cfg)
     rec["toy"]["inventory_matches_reference_layout"] = {k: (tuple(s), d) for k, (s, d) in expect.items()} == {
@@ -494,7 +500,8 @@ def main() -> None:
     if low:
         for f in list(toy.glob("*.safetensors")) + [toy / "model.safetensors.index.json"]:
             f.unlink(missing_ok=True)
-        rec["export_mode"] = "low-disk: toy weights deleted after import; export used the inventory recorded in the checkpoint"
+        rec["export_mode"] = ("low-disk: toy weights deleted after import; "
+                              "export used the inventory recorded in the checkpoint")
     else:
         rec["export_mode"] = "full: export read the reference toy directory's headers"
     out_hf = work / "export"
@@ -517,8 +524,8 @@ def main() -> None:
             out_hf / sorted(set(index["weight_map"].values()))[0])) - 1,
         "summary": (f"{'PASS' if ok else 'FAIL'}: {len(got_inv)} exported tensors vs {len(inv)} source, key set/shapes/"
                     f"dtypes {'equal' if same_layout else 'DIFFER'}; {len(sample) - len(bad)}/{len(sample)} sampled "
-                    f"tensors byte-identical (sha256); {len(set(index['weight_map'].values()))} shards, index total_size "
-                    f"{'consistent' if index['metadata']['total_size'] == hdr_total else 'WRONG'}"),
+                    f"tensors byte-identical (sha256); {len(set(index['weight_map'].values()))} shards, index "
+                    f"total_size {'consistent' if index['metadata']['total_size'] == hdr_total else 'WRONG'}"),
     }
     log(rec["verify"]["summary"])
     rec["wall_s"] = time.perf_counter() - t_all

@@ -46,11 +46,12 @@ def load_average() -> str:
 
 def make_inputs(root: Path) -> tuple[Path, Path, Path]:
     """A model dir (config.json + toy tokenizer), a 1920x1080 JPEG and a 10 s mp4."""
+    import sys
+
     import numpy as np
     from PIL import Image
 
     from nvl_nemotron_vl.toy_tokenizer import write_toy_tokenizer
-    import sys
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "support"))  # the tests' support
     from nvl_data_testing import write_test_video
@@ -127,7 +128,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, help="write a markdown record here")
     parser.add_argument("--seconds", type=float, default=10.0, help="timed seconds per measurement")
-    parser.add_argument("--workers", default="0,1,2", help="comma-separated DataLoader worker counts (0 = main process)")
+    parser.add_argument("--workers", default="0,1,2",
+                        help="comma-separated DataLoader worker counts (0 = main process)")
     parser.add_argument("--note", default="", help="free text added to the record (e.g. what else ran)")
     args = parser.parse_args()
 
@@ -142,10 +144,12 @@ def main() -> None:
         processor = NemotronVLProcessor.from_hf_dir(model)
         cases = {
             "image 1920x1080 (9 tiles)": {"conversation": [
-                {"role": "user", "content": [{"type": "image", "image": str(image)}, {"type": "text", "text": "Describe this image."}]},
+                {"role": "user",
+                 "content": [{"type": "image", "image": str(image)}, {"type": "text", "text": "Describe this image."}]},
                 {"role": "assistant", "content": "A colourful gradient with noise."}]},
             "video 10 frames (640x360, 10 s)": {"conversation": [
-                {"role": "user", "content": [{"type": "video", "path": str(video)}, {"type": "text", "text": "What happens?"}]},
+                {"role": "user",
+                 "content": [{"type": "video", "path": str(video)}, {"type": "text", "text": "What happens?"}]},
                 {"role": "assistant", "content": "The picture gets brighter."}]},
         }
         check = {name: processor(conv) for name, conv in cases.items()}

@@ -72,7 +72,8 @@ def receipt(i: int, rng: random.Random) -> tuple[Any, dict[str, Any]]:
 
 
 def write_cord_like(root: Path, n: int, seed: int = 0) -> Path:
-    from datasets import Dataset, Features, Image as HFImage, Value
+    from datasets import Dataset, Features, Value
+    from datasets import Image as HFImage
 
     sys.path.insert(0, str(ROOT / "tests" / "support"))  # the tests' support modules (not installed)
     from nvl_data_testing import write_hub_dataset
@@ -163,7 +164,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "what": "nvl eval throughput: CORD-v2-like receipts, greedy, cached batched generation + Donut metrics",
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "machine": machine(device),
-        "model": {"size": args.size if args.model_dir is None else "given (--model-dir)", "dir": str(model_dir), "dtype": str(dtype).replace("torch.", ""),
+        "model": {"size": args.size if args.model_dir is None else "given (--model-dir)", "dir": str(model_dir),
+                  "dtype": str(dtype).replace("torch.", ""),
                   "weights": "random (nvl toy-model)", "write_seconds": round(write_s, 1),
                   "load_seconds": round(load_s, 1)},
         "samples": args.samples, "max_new_tokens": args.max_new_tokens,

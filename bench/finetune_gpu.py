@@ -111,7 +111,8 @@ def _words(n: int, seed: int) -> str:
 
 def write_cord(root: Path, n: int) -> Path:
     """A local copy of naver-clova-ix/cord-v2 (parquet: image + JSON-string ground_truth): tall receipts."""
-    from datasets import Dataset, Features, Image as HFImage, Value
+    from datasets import Dataset, Features, Value
+    from datasets import Image as HFImage
     from PIL import Image, ImageDraw
 
     sys.path.insert(0, str(ROOT / "tests" / "support"))  # the tests' support modules (not installed)
@@ -136,7 +137,8 @@ def write_cord(root: Path, n: int) -> Path:
 
 def write_medpix(root: Path, n: int) -> Path:
     """A local copy of mmoukouba/MedPix-VQA (parquet; ``image_id`` is the image): 512x512 scans."""
-    from datasets import Dataset, Features, Image as HFImage, Value
+    from datasets import Dataset, Features, Value
+    from datasets import Image as HFImage
     from PIL import Image, ImageDraw
 
     sys.path.insert(0, str(ROOT / "tests" / "support"))  # the tests' support modules (not installed)
@@ -258,9 +260,8 @@ class BenchText:
 def child_main(argv: list[str]) -> int:
     """Run ``nvl finetune ARGV`` in this process with the bench's text maker registered."""
     from nvlcore.cli import build_cli
-    from nvlcore.plugins import get_plugin_manager
-
     from nvlcore.hookspecs import hookimpl
+    from nvlcore.plugins import get_plugin_manager
 
     class BenchPlugin:
         @hookimpl
@@ -300,9 +301,9 @@ def _profile_one_step(iteration: int, out: Path) -> None:
             return _trace_syncs(lambda: original(self, micro_batches), out.with_name(out.stem + "_syncs.txt"))
         if count["n"] != iteration:
             return original(self, micro_batches)
-        from torch.profiler import ProfilerActivity, profile
-
         import time
+
+        from torch.profiler import ProfilerActivity, profile
 
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
             t0 = time.perf_counter()
@@ -315,7 +316,8 @@ def _profile_one_step(iteration: int, out: Path) -> None:
         shapes = prof.key_averages(group_by_input_shape=True).table(
             sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=50, max_shapes_column_width=90)
         out.write_text(f"torch.profiler, iteration {iteration} of `nvl finetune` (all micro-batches of one step)\n"
-                       f"step wall {wall:.3f} s (under the profiler); kernels (self device time summed) {busy:.3f} s\n\n"
+                       f"step wall {wall:.3f} s (under the profiler); kernels (self device time summed) {busy:.3f} "
+                       "s\n\n"
                        + table + "\n\nby input shape (self CUDA time)\n\n" + shapes + "\n")
         return result
 
@@ -384,12 +386,12 @@ class GpuMemorySampler:
                 vals = [int(v) for v in out.split()]
                 if not self.peak_mib:
                     self.peak_mib = vals
-                self.peak_mib = [max(a, b) for a, b in zip(self.peak_mib, vals)]
+                self.peak_mib = [max(a, b) for a, b in zip(self.peak_mib, vals, strict=True)]
             except Exception:
                 return
             self._stop.wait(1.0)
 
-    def __enter__(self) -> "GpuMemorySampler":
+    def __enter__(self) -> GpuMemorySampler:
         self._t.start()
         return self
 
@@ -447,7 +449,8 @@ def run_nvl(args: argparse.Namespace, model_dir: Path, data: dict[str, Path], wo
     chosen = runs[args.profile_variant] if args.profile_variant < len(runs) else None
     if workload in args.profile.split(",") and variant == chosen and first_seq and args.device == "cuda":
         profiled = args.steps  # the last iteration; left out of the averages below
-        env.update(NVL_BENCH_PROFILE_ITER=str(profiled), NVL_BENCH_PROFILE_OUT=str(Path(args.out) / f"profile_{name}.txt"))
+        env.update(NVL_BENCH_PROFILE_ITER=str(profiled),
+                   NVL_BENCH_PROFILE_OUT=str(Path(args.out) / f"profile_{name}.txt"))
     if args.device == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""
     rec: dict[str, Any] = {"system": "nvl", "workload": workload, "method": method, "seq": seq,
@@ -475,11 +478,13 @@ def run_nvl(args: argparse.Namespace, model_dir: Path, data: dict[str, Path], wo
     rows = [r for r in rows if "tokens_per_s" in r]
     if proc.returncode != 0 or not rows:
         oom = "out of memory" in out.lower() or "OutOfMemoryError" in out
-        rec["status"] = "oom" if oom else f"error (exit {proc.returncode}): " + (out.strip().splitlines() or ["?"])[-1][:300]
+        last = (out.strip().splitlines() or ["?"])[-1][:300]
+        rec["status"] = "oom" if oom else f"error (exit {proc.returncode}): {last}"
         log(f"  -> {rec['status']}")
         return rec
     # the profiled iteration and the one before it (its host synchronisations traced) are left out
-    timed = [r for r in rows if args.warmup < r["iteration"] and r["iteration"] not in (profiled - 1, profiled)] or rows[-1:]
+    timed = [r for r in rows if args.warmup < r["iteration"]
+             and r["iteration"] not in (profiled - 1, profiled)] or rows[-1:]
     secs = sum(r["step_time_s"] for r in timed)
     toks = sum(r["tokens_per_s"] * r["step_time_s"] for r in timed)
     tflops = sum(r["tflops_per_gpu"] * r["step_time_s"] for r in timed) / secs
@@ -528,8 +533,8 @@ def run_peer(args: argparse.Namespace, seq: int) -> dict[str, Any]:
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     try:
-        from peft import LoraConfig, get_peft_model
         import transformers
+        from peft import LoraConfig, get_peft_model
 
         rec["versions"] = {"transformers": transformers.__version__}
         cfg = nvl_config(args.size)
@@ -590,13 +595,16 @@ def markdown(records: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     if packed:
         lines += ["", "Sequence packing (the same workload and method without the packing override = 1x):", ""]
     for r in packed:
-        rest = {k: v for k, v in r["variant"].items() if k not in ("dataset.packing", "dataset.enable_in_batch_packing")}
+        rest = {k: v for k,
+                v in r["variant"].items() if k not in ("dataset.packing", "dataset.enable_in_batch_packing")}
         base = [b for b in records if b["system"] == "nvl" and b["workload"] == r["workload"]
                 and b["method"] == r["method"] and b["seq"] == r["seq"] and (b.get("variant") or {}) == rest]
         if base and base[0].get("tokens_per_s") and r.get("tokens_per_s"):
-            lines.append(f"- {r['workload']} {r['method']} seq {r['seq']}: {r['tokens_per_s']:,.0f} vs {base[0]['tokens_per_s']:,.0f} "
+            lines.append(f"- {r['workload']} {r['method']} seq {r['seq']}: {r['tokens_per_s']:,.0f} vs "
+                         f"{base[0]['tokens_per_s']:,.0f} "
                          f"tokens/s = {r['tokens_per_s'] / base[0]['tokens_per_s']:.2f}x; "
-                         f"{r.get('samples_per_step', '?')} vs {base[0].get('samples_per_step', '?')} samples per iteration")
+                         f"{r.get('samples_per_step', '?')} vs {base[0].get('samples_per_step', '?')} samples per "
+                         "iteration")
     peers = {r["seq"]: r for r in records if r["system"] != "nvl" and r.get("tokens_per_s")}
     equal = [r for r in records if r["system"] == "nvl" and r["workload"] == "text" and r["method"] == "lora"
              and r.get("tokens_per_s") and r["seq"] in peers]
@@ -605,9 +613,11 @@ def markdown(records: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     for r in equal:
         p = peers[r["seq"]]
         var = ", ".join(f"{k}={v}" for k, v in (r.get("variant") or {}).items())
-        lines.append(f"- seq {r['seq']}{' (' + var + ')' if var else ''}: nvl {r['tokens_per_s']:,.0f} vs transformers+PEFT "
+        lines.append(f"- seq {r['seq']}{' (' + var + ')' if var else ''}: nvl {r['tokens_per_s']:,.0f} vs "
+                     "transformers+PEFT "
                      f"(batch 1) {p['tokens_per_s']:,.0f} "
-                     f"tokens/s = {r['tokens_per_s'] / p['tokens_per_s']:.2f}x; peak {r.get('peak_gb')} vs {p.get('peak_gb')} GB")
+                     f"tokens/s = {r['tokens_per_s'] / p['tokens_per_s']:.2f}x; peak {r.get('peak_gb')} vs "
+                     f"{p.get('peak_gb')} GB")
     lines += ["", "Kernels per run:", ""]
     for r in records:
         if r.get("kernels"):
@@ -617,7 +627,8 @@ def markdown(records: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-README_BEGIN = "<!-- finetune_gpu table: generated from bench/results/finetune_gpu.json by `python bench/finetune_gpu.py --readme` -->"
+README_BEGIN = ("<!-- finetune_gpu table: generated from bench/results/finetune_gpu.json by "
+                "`python bench/finetune_gpu.py --readme` -->")
 README_END = "<!-- end of finetune_gpu table -->"
 
 
@@ -625,9 +636,11 @@ def readme_table(records: list[dict[str, Any]]) -> str:
     """The README's table of `nvl finetune` throughput, from the records of one bench visit."""
     peers = {r["seq"]: r for r in records if r["system"] != "nvl"}
     peer_txt = "; ".join(
-        f"seq {seq}: " + (f"{r['tokens_per_s']:,.0f} tokens/s, {r['peak_gb']} GB" if r["status"] == "ok" else r["status"])
+        f"seq {seq}: " + (f"{r['tokens_per_s']:,.0f} tokens/s, {r['peak_gb']} GB" if r["status"] == "ok"
+                          else r["status"])
         for seq, r in sorted(peers.items()))
-    what = {"text": "text", "cord": "CORD-like receipts (7 tiles)", "medpix": "MedPix-like (one ~300-token sample per sequence)",
+    what = {"text": "text", "cord": "CORD-like receipts (7 tiles)",
+            "medpix": "MedPix-like (one ~300-token sample per sequence)",
             "video": "LLaVA-Video-like (10 frames)"}
     lines = ["| run (`nvl finetune`, seq, GPUs, overrides) | tokens/s | per GPU | MFU | peak GB | date |",
              "|---|---|---|---|---|---|"]
@@ -657,7 +670,8 @@ def write_readme(readme: Path, results: Path) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", default="12b-shape", help="toy size: tiny, small, 12b-shape")
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     ap.add_argument("--workloads", default="text,cord,medpix")
@@ -724,7 +738,8 @@ def main(argv: list[str] | None = None) -> int:
         machines = sorted({str(r.get("machine", "?")) for r in records})
         meta = {"date": ", ".join(dates), "machine": "; ".join(machines), "warmup": "the parts'"}
         stem.with_suffix(".json").write_text(json.dumps(records, indent=1) + "\n")
-        stem.with_suffix(".md").write_text(markdown(records, meta) + "\nMerged from: " + ", ".join(p.name for p in parts) + "\n")
+        stem.with_suffix(".md").write_text(markdown(records,
+                                                    meta) + "\nMerged from: " + ", ".join(p.name for p in parts) + "\n")
         return 0
     if argv and argv[0] == "--make-videos":
         return make_videos_main(argv[1:])

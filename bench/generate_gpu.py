@@ -197,7 +197,8 @@ def build_peer(raw: dict, model, device, dtype):
             if not m.megatron.startswith("language_model."):
                 continue
             for hf_name, t in m.components_to_hf(m.local_to_components([params[m.megatron]])).items():
-                name = hf_name.replace("language_model.backbone.", "model.").replace("language_model.lm_head.", "lm_head.")
+                name = hf_name.replace("language_model.backbone.",
+                                       "model.").replace("language_model.lm_head.", "lm_head.")
                 target[name].copy_(t)
                 loaded.add(name)
     missing = set(target) - loaded
@@ -243,7 +244,7 @@ def run_peer(peer, ids, new_tokens: int, repeats: int, eos_free: bool = True) ->
 
 def leading_agreement(a: list[int], b: list[int]) -> int:
     n = 0
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=False):
         if x != y:
             break
         n += 1
@@ -251,7 +252,8 @@ def leading_agreement(a: list[int], b: list[int]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="output path prefix (or a directory)")
     ap.add_argument("--size", default="12b-shape", help="toy size from nvl_nemotron_vl.toy.SIZES")
     ap.add_argument("--device", default="cuda")
@@ -452,7 +454,8 @@ def render_markdown(r: dict[str, Any]) -> str:
             f"{best['end_to_end_tokens_per_s'] / p['end_to_end_tokens_per_s']:.1f}x end to end."
         )
     if best and "limit_tokens_per_s" in r:
-        lines.append(f"That is {100 * best['decode_tokens_per_s'] / r['limit_tokens_per_s']:.0f}% of the bandwidth limit.")
+        lines.append(f"That is {100 * best['decode_tokens_per_s'] / r['limit_tokens_per_s']:.0f}% of the bandwidth "
+                     "limit.")
     for v in r["variants"]:
         tf = v.get("teacher_forced")
         if tf:
@@ -470,7 +473,8 @@ def render_markdown(r: dict[str, Any]) -> str:
         )
     for k, e in r["errors"].items():
         lines.append(f"- {k}: {e}")
-    lines.append(f"\nWall time {r['wall_s']:.0f} s" + ("." if r.get("complete") else " (incomplete: stopped early).") + "\n")
+    lines.append(f"\nWall time {r['wall_s']:.0f} s" + ("." if r.get("complete")
+                                                       else " (incomplete: stopped early).") + "\n")
     return "\n".join(lines)
 
 

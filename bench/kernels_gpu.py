@@ -15,8 +15,9 @@ import argparse
 import datetime as _dt
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -45,7 +46,8 @@ def time_fwd_bwd(fn: Callable[[], torch.Tensor], inputs: list[torch.Tensor], rep
         torch.cuda.synchronize()
         times.append(s.elapsed_time(e))
     times.sort()
-    return {"ms": round(times[len(times) // 2], 3), "peak_extra_gb": round((torch.cuda.max_memory_allocated() - base) / 1e9, 2)}
+    return {"ms": round(times[len(times) // 2], 3),
+            "peak_extra_gb": round((torch.cuda.max_memory_allocated() - base) / 1e9, 2)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,7 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seq", type=int, default=4096)
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--out", default="bench/results")
-    ap.add_argument("--no-compiled", action="store_true", help="leave out the torch.compile reference (slow to compile)")
+    ap.add_argument("--no-compiled", action="store_true",
+                    help="leave out the torch.compile reference (slow to compile)")
     args = ap.parse_args(argv)
     outdir = Path(args.out)
     outdir.mkdir(parents=True, exist_ok=True)
@@ -92,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
         results["ops"]["scan: fla"] = {"status": "missing"}
     def flush() -> None:
         (outdir / "kernels_gpu.json").write_text(json.dumps(results, indent=1) + "\n")
-        lines = [f"# Mamba ops at the 12B shape, forward+backward ({results['date']}, {results['gpu']}, torch {results['torch']})",
+        lines = [f"# Mamba ops at the 12B shape, forward+backward ({results['date']}, {results['gpu']}, torch "
+                 f"{results['torch']})",
                  "", f"seq {L}, {h} heads x {p}, {g} groups, state {n}; bf16 inputs; median of {args.reps}.", "",
                  "| op / implementation | fwd+bwd ms | peak extra GB | rel. error vs reference | status |",
                  "|---|---|---|---|---|"]
@@ -110,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
                 if ref_out is None:
                     ref_out = out.detach()
                 err = float((out.detach() - ref_out).norm() / ref_out.norm())
-                r = time_fwd_bwd(lambda fn=fn, chunk=chunk: fn(x, dt, A_log, B, C, chunk, D, dt_bias), scan_in, args.reps)
+                r = time_fwd_bwd(lambda fn=fn, chunk=chunk: fn(x, dt, A_log, B, C, chunk, D, dt_bias), scan_in,
+                                 args.reps)
                 results["ops"][key] = {"status": "ok", "rel_err_vs_reference": round(err, 6), **r}
             except Exception as exc:
                 results["ops"][key] = {"status": f"error: {type(exc).__name__}: {str(exc)[:200]}"}

@@ -194,7 +194,8 @@ def peer_model(cfg: Any, device: torch.device, dtype: torch.dtype) -> Any:
     """transformers' NemotronHForCausalLM with the toy's own ``llm_config`` (same shape as nvl's LM)."""
     from transformers import NemotronHConfig, NemotronHForCausalLM
 
-    fields = {k: v for k, v in dict(cfg.raw["llm_config"]).items() if k not in ("architectures", "model_type", "torch_dtype")}
+    fields = {k: v for k,
+              v in dict(cfg.raw["llm_config"]).items() if k not in ("architectures", "model_type", "torch_dtype")}
     fields["use_mamba_kernels"] = False  # the library's PyTorch path, as measured in the anchor
     hcfg = NemotronHConfig(**fields)
     hcfg._attn_implementation = "sdpa"
@@ -282,7 +283,7 @@ def markdown(record: dict[str, Any]) -> str:
         "",
         f"Model shape `{record['args']['size']}`, batch 1, random weights, {record['dtype']}; LoRA r=16 alpha=32 "
         "on the LM's qkv/proj/fc1/fc2 (peer: q/k/v/o/up/down); base frozen; AdamW on the adapters.",
-        f"MFU = LoRA model FLOPs (2/3 of Megatron-Bridge's full-training hybrid formula + adapters) / "
+        "MFU = LoRA model FLOPs (2/3 of Megatron-Bridge's full-training hybrid formula + adapters) / "
         f"{record['args']['peak_tflops']:g} TFLOP/s. 'nominal' = full-training 3x formula (the anchor's convention).",
         "",
         "| run | seq | tokens/s | s/step | LoRA TFLOP/s | MFU | nominal TFLOP/s | peak GB | result |",
@@ -304,7 +305,8 @@ def markdown(record: dict[str, Any]) -> str:
     if nvl and nvl.get("tokens_per_s") and peers:
         lines.append("")
         for p in peers:
-            lines.append(f"nvl at seq {nvl['seq']} vs peer at seq {p['seq']}: {nvl['tokens_per_s'] / p['tokens_per_s']:.1f}x tokens/s")
+            lines.append(f"nvl at seq {nvl['seq']} vs peer at seq {p['seq']}: "
+                         f"{nvl['tokens_per_s'] / p['tokens_per_s']:.1f}x tokens/s")
     if record.get("errors"):
         lines += ["", "Errors:", *[f"- {e}" for e in record["errors"]]]
     return "\n".join(lines) + "\n"
@@ -334,7 +336,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.backends.cuda.matmul.allow_tf32 = True
     record: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "machine": {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "machine": {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
+                    or "cpu",
                     "torch": torch.__version__, "python": platform.python_version(), "host": platform.node()},
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "runs": [],
@@ -342,7 +345,8 @@ def main(argv: list[str] | None = None) -> int:
         "dtype": "bf16" if device.type == "cuda" else "fp32",
     }
     try:
-        import transformers, peft  # noqa: E401
+        import peft
+        import transformers  # noqa: E401
 
         record["machine"].update(transformers=transformers.__version__, peft=peft.__version__)
     except ImportError:

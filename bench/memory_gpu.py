@@ -163,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
         stem, parts = Path(argv[1]), [Path(a) for a in argv[2:]]
         records = [r for part in parts for r in json.loads(part.read_text())]
         stem.with_suffix(".json").write_text(json.dumps(records, indent=1) + "\n")
-        stem.with_suffix(".md").write_text(markdown(records) + "\nMerged from: " + ", ".join(p.name for p in parts) + "\n")
+        stem.with_suffix(".md").write_text(
+            markdown(records) + "\nMerged from: " + ", ".join(p.name for p in parts) + "\n")
         return 0
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rows", default="medpix_packed_80,cord_48,qlora_24")

@@ -79,7 +79,8 @@ def main() -> None:
             for card in CARDS_GB:
                 try:  # the card's free memory: ~98% of its size once the context is up
                     d = fit(b, _AllKeys, attrs.evolve(inp, build_bytes_per_param=build), card * GB * 0.98, mode="auto")
-                    cells.append(f"~{d.estimate.card / GB:.0f}: " + (" ".join(d.chosen.overrides) if d.chosen else "as is"))
+                    cells.append(
+                        f"~{d.estimate.card / GB:.0f}: " + (" ".join(d.chosen.overrides) if d.chosen else "as is"))
                 except MemoryPlanError as exc:
                     closest = str(exc).split("fit: " if "Options that fit" in str(exc) else "is: ")[-1]
                     cells.append("no; " + closest.split(" (or train")[0].split("; train.memory_plan")[0])

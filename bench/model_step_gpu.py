@@ -5,7 +5,8 @@ What it does, in order:
 1. **Correctness on the device** (fp32, tiny toy checkpoint written to a temporary directory):
    the chunked SSD scan against the token-by-token recurrence; the LM against transformers'
    ``NemotronHForCausalLM`` and the whole VLM against the transformers-composed reference
-   (``plugins/nvl-nemotron-vl/tests/support/nemotron_vl_testing.py``), max abs logit differences; bf16 vs fp32 on the same toy.
+   (``plugins/nvl-nemotron-vl/tests/support/nemotron_vl_testing.py``), max abs logit differences; bf16 vs fp32 on the
+   same toy.
 2. **Build** the ``--size`` model (default ``12b-shape``) in bf16 directly on the device, random
    init (or ``--hf-dir`` weights).
 3. **Step**: batch 1, ``--seq`` LM tokens (default 4096) holding one image of ``--tiles`` tiles
@@ -35,8 +36,9 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 # run from a checkout without installing; the reference models are the tests' support modules
@@ -119,10 +121,10 @@ def toy_token_ids() -> dict[str, int]:
 def correctness_checks(device) -> dict[str, Any]:
     """Device-side parity of the tiny toy against transformers (fp32), the scan against the recurrence."""
     import torch
+    from nemotron_vl_testing import HFReferenceVLM, random_sequences
 
     from nvl_nemotron_vl.bridge import NemotronVLBridge
     from nvl_nemotron_vl.model.ssd import ssd_scan_reference, ssd_scan_sequential
-    from nemotron_vl_testing import HFReferenceVLM, random_sequences
     from nvl_nemotron_vl.toy import write_toy_checkpoint
 
     out: dict[str, Any] = {}
@@ -310,7 +312,8 @@ def component_split(model, cfg, batch, device, dtype, iters: int) -> dict[str, A
         mixer = lm.decoder.layers[types.index("mamba")].mixer
         g = torch.Generator(device=device).manual_seed(0)
         xs = torch.randn(1, seq, mixer.nheads, mixer.head_dim, device=device, generator=g, requires_grad=True)
-        dts = torch.nn.functional.softplus(torch.randn(1, seq, mixer.nheads, device=device, generator=g) - 2).requires_grad_()
+        dts = torch.nn.functional.softplus(torch.randn(1, seq, mixer.nheads, device=device,
+                                                       generator=g) - 2).requires_grad_()
         A = -torch.exp(torch.rand(mixer.nheads, device=device, generator=g) * 2)
         Bs = torch.randn(1, seq, mixer.ngroups, mixer.state, device=device, generator=g, requires_grad=True)
         Cs = torch.randn(1, seq, mixer.ngroups, mixer.state, device=device, generator=g, requires_grad=True)
@@ -325,7 +328,8 @@ def component_split(model, cfg, batch, device, dtype, iters: int) -> dict[str, A
 
 # ----------------------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", choices=["tiny", "small", "12b-shape"], default="12b-shape")
     ap.add_argument("--hf-dir", type=Path, help="load config and weights from this HF directory instead")
     ap.add_argument("--device", choices=["cuda", "cpu"], default=None)
@@ -362,8 +366,8 @@ def main(argv: list[str] | None = None) -> int:
     from nvl_nemotron_vl.config import NemotronVLConfig
     from nvl_nemotron_vl.flops import batch_train_flops
     from nvl_nemotron_vl.model import build_model
-    from nvlcore.parallel import init_parallel
     from nvl_nemotron_vl.toy import num_prefix_tokens, toy_config
+    from nvlcore.parallel import init_parallel
 
     init_parallel(1)
     stem = f"model_step_{args.size if not args.hf_dir else 'hf'}_{device.type}_{dt.date.today().isoformat()}"
@@ -378,7 +382,8 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine(device), "args": {k: str(v) for k, v in vars(args).items()},
         "dtype": str(dtype).replace("torch.", ""),
     }
-    print(f"model_step: {record['machine'].get('gpu', 'cpu')} | torch {torch.__version__} | {record['dtype']}", flush=True)
+    print(f"model_step: {record['machine'].get('gpu', 'cpu')} | torch {torch.__version__} | {record['dtype']}",
+          flush=True)
 
     if not args.skip_checks:
         t = time.perf_counter()
@@ -415,7 +420,8 @@ def main(argv: list[str] | None = None) -> int:
     for v in variants:
         model.set_recompute(v)
         record["variants"][v] = run_variant(model, batch, device, flops, args)
-        print(f"step[{v}]: {json.dumps({k: w for k, w in record['variants'][v].items() if k != 'traceback'})}", flush=True)
+        print(f"step[{v}]: {json.dumps({k: w for k, w in record['variants'][v].items() if k != 'traceback'})}",
+              flush=True)
         save()
 
     ok = [v for v in variants if record["variants"][v]["status"] == "ok"]
@@ -425,7 +431,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             record["split"] = component_split(model, cfg, batch, device, dtype, max(1, args.iters))
         except Exception as exc:
-            record["split"] = {"status": "oom" if is_oom(exc) else "error", "error": f"{type(exc).__name__}: {exc}"[:2000]}
+            record["split"] = {"status": "oom" if is_oom(exc) else "error",
+                               "error": f"{type(exc).__name__}: {exc}"[:2000]}
         print(f"split: {json.dumps(record['split'])}", flush=True)
         save()
 
@@ -450,8 +457,8 @@ def render_markdown(r: dict[str, Any]) -> str:
     ]
     if "sample" in r:
         lines += [f"Sample: batch 1, {r['sample']['seq']} LM tokens with one image of {r['sample']['tiles']} tiles "
-                  f"({r['sample']['context_tokens']} context tokens); {r['sample']['train_flops'] / 1e12:.1f} TFLOP per "
-                  "step (LM over real tokens + ViT + projector, 3x forward).", ""]
+                  f"({r['sample']['context_tokens']} context tokens); {r['sample']['train_flops'] / 1e12:.1f} TFLOP "
+                  "per step (LM over real tokens + ViT + projector, 3x forward).", ""]
     if "build" in r:
         lines += [f"Build: {r['build']['parameters'] / 1e6:,.1f} M parameters, {r['build']['weights_gib']} GiB of "
                   f"weights, {r['build']['seconds']} s.", ""]
@@ -464,7 +471,8 @@ def render_markdown(r: dict[str, Any]) -> str:
     if not r.get("variants"):
         return "\n".join(lines) + "\n"
     lines += ["## Forward + backward", "",
-              "| recompute | status | step s | tokens/s | TFLOP/s | MFU (790) | peak GiB |", "|---|---|---|---|---|---|---|"]
+              "| recompute | status | step s | tokens/s | TFLOP/s | MFU (790) | peak GiB |",
+              "|---|---|---|---|---|---|---|"]
     for v, res in r["variants"].items():
         if res["status"] == "ok":
             mfu = f"{res['mfu_vs_790']:.1%}" if "mfu_vs_790" in res else "-"
@@ -493,8 +501,8 @@ def render_markdown(r: dict[str, Any]) -> str:
             parts = sum(s.get(k, 0.0) for k in ("vit_projector_s", "mamba_layers_total_s", "attention_layers_total_s",
                                                 "mlp_layers_total_s", "output_layer_and_loss_s"))
             lines += ["", f"Sum of parts {parts:.3f} s; the SSD scan alone is {s['ssd_scan_total_s']:.3f} s "
-                      f"({s['ssd_scan_total_s'] / parts:.0%} of it), all Mamba mixers {s['mamba_layers_total_s']:.3f} s "
-                      f"({s['mamba_layers_total_s'] / parts:.0%}), the ViT + projector {s['vit_projector_s']:.3f} s "
+                      f"({s['ssd_scan_total_s'] / parts:.0%} of it), all Mamba mixers {s['mamba_layers_total_s']:.3f} "
+                      f"s ({s['mamba_layers_total_s'] / parts:.0%}), the ViT + projector {s['vit_projector_s']:.3f} s "
                       f"({s['vit_projector_s'] / parts:.0%})."]
     elif s:
         lines += [f"Split: {s['status']}: {s['error']}"]

@@ -182,7 +182,7 @@ def main() -> None:
         "note": ns.note, "runs": ns.runs, "load_average_before": load_average(), "checkouts": {},
     }
     labels = ["this checkout", *ns.code_label, *[str(c) for c in ns.code[len(ns.code_label):]]]
-    codes = dict(zip(labels, [ROOT, *(c.resolve() for c in ns.code)]))
+    codes = dict(zip(labels, [ROOT, *(c.resolve() for c in ns.code)], strict=True))
     with tempfile.TemporaryDirectory(prefix="nvl-startup-") as tmp:
         record["checkouts"] = measure(codes, Path(tmp), ns.runs)
     record["load_average_after"] = load_average()

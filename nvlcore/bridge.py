@@ -22,9 +22,9 @@ See docs/plugin-authors.md ("Write a model bridge") and the example in docs/exam
 from __future__ import annotations
 
 import abc
-import json
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from nvlcore.mapping import CARRY_PREFIX, LinearLayout, ParamMapping
 
@@ -62,7 +62,7 @@ class ModelBridge(abc.ABC):
 
     # ------------------------------------------------------------------------------ construction
     @classmethod
-    def from_hf_dir(cls, hf_dir: str | Path) -> "ModelBridge":
+    def from_hf_dir(cls, hf_dir: str | Path) -> ModelBridge:
         """The bridge for an HF model directory: ``cls(cls.read_config(hf_dir), hf_dir)``."""
         return cls(cls.read_config(hf_dir), Path(hf_dir))
 
@@ -73,8 +73,8 @@ class ModelBridge(abc.ABC):
 
     # ---------------------------------------------------------------------------- abstract part
     @abc.abstractmethod
-    def build_model(self, *, dtype: "torch.dtype", device: "torch.device | str | None" = None, init: str = "none",
-                    seed: int = 1234) -> "torch.nn.Module":
+    def build_model(self, *, dtype: torch.dtype, device: torch.device | str | None = None, init: str = "none",
+                    seed: int = 1234) -> torch.nn.Module:
         """Build the training model over the current tensor-parallel group (Megatron's ``parallel_state``).
 
         :param init: ``"none"`` (the caller loads weights next) or ``"random"`` (seeded by ``seed``).
@@ -107,7 +107,7 @@ class ModelBridge(abc.ABC):
             cached = self.__dict__["_nvl_mapping_by_name"] = {m.megatron: m for m in self.mapping_table()}
         return cached
 
-    def tensor_parallel_of(self, model: "torch.nn.Module") -> tuple[Any, int, int]:
+    def tensor_parallel_of(self, model: torch.nn.Module) -> tuple[Any, int, int]:
         """``(tp_group, tp_rank, tp_size)`` of a model this bridge built; default: Megatron's current groups."""
         try:
             from megatron.core import parallel_state
@@ -126,7 +126,7 @@ class ModelBridge(abc.ABC):
             m.check_tensor_parallel(tp)
 
     # --------------------------------------------------------------------------- HF weights
-    def load_hf_weights(self, model: "torch.nn.Module", hf_dir: str | Path, *, strict: bool = True) -> dict[str, Any]:
+    def load_hf_weights(self, model: torch.nn.Module, hf_dir: str | Path, *, strict: bool = True) -> dict[str, Any]:
         """Load an HF directory's safetensors into ``model`` (this rank's shards), a parameter at a time.
 
         Strict: every model parameter must be in the table and every checkpoint key mapped or carried.
@@ -168,7 +168,7 @@ class ModelBridge(abc.ABC):
         return {"loaded": len(table), "carried": sorted(carried), "ignored": sorted(unknown)}
 
     # --------------------------------------------------------------------------- conversion
-    def conversion_groups(self, hf_specs: Mapping[str, "TensorSpec"]) -> list["ConversionGroup"]:
+    def conversion_groups(self, hf_specs: Mapping[str, TensorSpec]) -> list[ConversionGroup]:
         """Groups covering every HF tensor of ``hf_specs`` exactly once (``nvl convert``): one per
         mapping (HF tensors <-> its components), and a *carried* group per HF tensor with no training
         parameter, stored under :data:`~nvlcore.mapping.CARRY_PREFIX` so export reproduces it."""
@@ -196,7 +196,7 @@ class ModelBridge(abc.ABC):
         return groups
 
     # --------------------------------------------------------------------- training checkpoints
-    def checkpoint_entries(self, name: str, local: "torch.Tensor", *, tp_group: Any, tp_rank: int,
+    def checkpoint_entries(self, name: str, local: torch.Tensor, *, tp_group: Any, tp_rank: int,
                            tp_size: int) -> dict[str, Any] | None:
         """This rank's checkpoint entries for parameter ``name`` under its component keys, or ``None``
         for a parameter outside the table (see :func:`nvlcore.mapping.checkpoint_entries`)."""
@@ -205,14 +205,14 @@ class ModelBridge(abc.ABC):
         return checkpoint_entries(self.mapping_by_name(), name, local, tp_group=tp_group, tp_rank=tp_rank,
                                   tp_size=tp_size)
 
-    def assemble_from_entries(self, name: str, entries: Mapping[str, "torch.Tensor"], target: "torch.Tensor", *,
+    def assemble_from_entries(self, name: str, entries: Mapping[str, torch.Tensor], target: torch.Tensor, *,
                               tp_rank: int, tp_size: int) -> bool:
         """Inverse of :meth:`checkpoint_entries` into ``target``; False for a parameter outside the table."""
         from nvlcore.mapping import assemble_from_entries
 
         return assemble_from_entries(self.mapping_by_name(), name, entries, target, tp_rank=tp_rank, tp_size=tp_size)
 
-    def model_components(self, model: "torch.nn.Module") -> dict[str, Any]:
+    def model_components(self, model: torch.nn.Module) -> dict[str, Any]:
         """The model's parameters as checkpoint entries for :func:`nvlcore.checkpoint.save_checkpoint`
         (parameters outside the table under their own name, sharded along their ``partition_dim``)."""
         from nvlcore.checkpoint import shard_tensor
@@ -223,11 +223,12 @@ class ModelBridge(abc.ABC):
             ent = self.checkpoint_entries(name, p.detach(), tp_group=group, tp_rank=rank, tp_size=size)
             if ent is None:
                 split = size > 1 and getattr(p, "tensor_model_parallel", False)
-                ent = {name: shard_tensor(p.detach(), int(getattr(p, "partition_dim", 0)), group) if split else p.detach()}
+                ent = {name: shard_tensor(p.detach(), int(getattr(p, "partition_dim", 0)),
+                                          group) if split else p.detach()}
             out.update(ent)
         return out
 
-    def load_checkpoint_weights(self, model: "torch.nn.Module", path: Any, *, strict: bool = True) -> dict[str, Any]:
+    def load_checkpoint_weights(self, model: torch.nn.Module, path: Any, *, strict: bool = True) -> dict[str, Any]:
         """Load an nvl checkpoint (base dir, ``iter_N`` dir or an opened ``Checkpoint``) into ``model``,
         whatever TP size it was written at; each rank reads only its part of each component.
 
@@ -290,7 +291,7 @@ class ModelBridge(abc.ABC):
 
         return linear_layouts(self.mapping_table())
 
-    def freeze(self, model: "torch.nn.Module", flags: Mapping[str, bool | None], *, other: bool = False,
+    def freeze(self, model: torch.nn.Module, flags: Mapping[str, bool | None], *, other: bool = False,
                skip: Callable[[str], bool] | None = None, key: str = "model") -> dict[str, bool]:
         """Turn off gradients of the :attr:`freeze_groups` whose flag is true (never turns one on).
 
@@ -310,7 +311,7 @@ class ModelBridge(abc.ABC):
                                  skip=skip)
 
     # ------------------------------------------------------------------------- training options
-    def keeps_fp32(self, name: str, param: "torch.Tensor") -> bool:
+    def keeps_fp32(self, name: str, param: torch.Tensor) -> bool:
         """Whether the frozen parameter ``name`` stays fp32 however the rest of the frozen base is stored
         (bf16 under autocast, or a PEFT method's 4-bit format), so that the base a PEFT run trains
         against is the one its checkpoint, merge and inference use. Default: every parameter of at most one dimension
@@ -319,28 +320,28 @@ class ModelBridge(abc.ABC):
         return param.dim() <= 1
 
     def train_flops(self, batch: Mapping[str, Any], *, num_parameters: int) -> float:
-        """Training FLOPs of one micro-batch (a :data:`nvlcore.contracts.Batch`; forward + backward). Default: ``6 x num_parameters x real
-        tokens`` (no attention or vision term); a bridge with a model-specific formula overrides it.
+        """Training FLOPs of one micro-batch (a :data:`nvlcore.contracts.Batch`; forward + backward).
+
+        Default: ``6 x num_parameters x real tokens`` (no attention or vision term); a bridge with a
+        model-specific formula overrides it.
 
         :param num_parameters: the model's logical (full, TP-independent) parameter count.
         """
-        from nvlcore.training.trainer import real_tokens
-
         return 6.0 * num_parameters * real_tokens(batch)
 
-    def set_recompute(self, model: "torch.nn.Module", granularity: str) -> None:
+    def set_recompute(self, model: torch.nn.Module, granularity: str) -> None:
         """Activation recomputation, Megatron's ``model.recompute_granularity`` (``selective`` or ``full``).
         Default: none, so this raises naming the key."""
         raise ValueError(f"model.recompute_granularity={granularity!r}: model bridge {self.name!r} has no activation "
                          "recomputation; remove the setting")
 
-    def decoder_layers(self, model: "torch.nn.Module") -> list["torch.nn.Module"]:
+    def decoder_layers(self, model: torch.nn.Module) -> list[torch.nn.Module]:
         """The language model's decoder layers in forward order (``model.cpu_offloading`` offloads the
         activations of the first ones). Default: none, so this raises naming the key."""
         raise ValueError(f"model.cpu_offloading=true: model bridge {self.name!r} does not list its decoder layers "
                          "(ModelBridge.decoder_layers); remove the setting")
 
-    def set_kernels(self, model: "torch.nn.Module", choice: str) -> dict[str, str]:
+    def set_kernels(self, model: torch.nn.Module, choice: str) -> dict[str, str]:
         """Pick the implementations of the model's hot ops (``model.kernels``) and return op ->
         implementation for the run's first lines. Default: the model has one implementation, so
         ``auto`` and ``reference`` mean it (an empty report) and any other choice is refused."""
@@ -386,10 +387,10 @@ class ModelBridge(abc.ABC):
         return {prefix: group.replace("_", " ") for group, prefix in self.freeze_groups.items()}
 
     # --------------------------------------------------------------------------------- generation
-    def generator_for_model(self, model: "torch.nn.Module", *, device: Any = None, dtype: Any = None,
-                            cuda_graph: bool | None = None, **options: Any) -> "Generator":
+    def generator_for_model(self, model: torch.nn.Module, *, device: Any = None, dtype: Any = None,
+                            cuda_graph: bool | None = None, **options: Any) -> Generator:
         """A :class:`nvlcore.generation.Generator` over a built and loaded model: its processor and decoder
-        around it. :mod:`nvlcore.generation.load` calls it for ``nvl generate``, ``nvl eval`` and the
+        around it. :mod:`nvlcore.inference` calls it for ``nvl generate``, ``nvl eval`` and the
         Python API (after building the model, loading weights and a PEFT run), the trainer for
         ``validation.generate_eval_interval`` (``cuda_graph=False``).
 
@@ -413,7 +414,7 @@ class ModelBridge(abc.ABC):
 
 
 # ------------------------------------------------------------------------------------- helpers
-def freeze_parameters(model: "torch.nn.Module", groups: Mapping[str, str], flags: Mapping[str, bool], *,
+def freeze_parameters(model: torch.nn.Module, groups: Mapping[str, str], flags: Mapping[str, bool], *,
                       other: bool = False, skip: Callable[[str], bool] | None = None) -> dict[str, bool]:
     """Set ``requires_grad=False`` on the parameters under each flagged group's prefix (and, with
     ``other``, on those under none). Never sets ``requires_grad=True``. Returns the groups seen."""
@@ -429,19 +430,23 @@ def freeze_parameters(model: "torch.nn.Module", groups: Mapping[str, str], flags
     return seen
 
 
+def real_tokens(batch: Mapping[str, Any]) -> int:
+    """Tokens that are not padding: ``attention_mask`` ones (all of ``input_ids`` without a mask)."""
+    mask = batch.get("attention_mask")
+    if mask is not None:
+        return int(mask.sum())
+    return int(batch["input_ids"].numel())
+
+
 def read_hf_config(hf_dir: str | Path) -> dict[str, Any]:
-    """An HF directory's ``config.json`` as a dict; errors name the file."""
-    path = Path(hf_dir) / "config.json"
-    if not path.is_file():
-        raise BridgeError(f"{Path(hf_dir)} has no config.json: an HF model directory (config.json, weights, "
-                          "tokenizer) is needed")
+    """An HF directory's ``config.json`` as a dict (:func:`nvlcore.hub.read_hf_config`); errors name the file."""
+    from nvlcore.hub import HFConfigError
+    from nvlcore.hub import read_hf_config as read_config_json
+
     try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise BridgeError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise BridgeError(f"{path}: not a JSON object")
-    return data
+        return read_config_json(hf_dir)
+    except HFConfigError as exc:
+        raise BridgeError(str(exc)) from None
 
 
 def is_hf_dir(path: str | Path) -> bool:

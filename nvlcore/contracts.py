@@ -11,11 +11,11 @@ Heavy types (torch, PIL) are only named under ``TYPE_CHECKING``: importing this 
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Iterator, Mapping, Protocol, Sequence, runtime_checkable
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
 from nvlcore.bridge import ModelBridge, first_matching_bridge
-
 from nvlcore.data.schema import Conversation  # the one definition, re-exported for plugin authors
 
 if TYPE_CHECKING:
@@ -102,7 +102,7 @@ class DatasetMaker(Protocol):
     #: Splits this source has, e.g. ``("train",)``.
     splits: ClassVar[tuple[str, ...]]
 
-    def __call__(self, *, split: str = "train", **maker_kwargs: Any) -> "MadeDataset":
+    def __call__(self, *, split: str = "train", **maker_kwargs: Any) -> MadeDataset:
         ...
 
 
@@ -155,8 +155,8 @@ class PeftMethod(Protocol):
     Generation and merging never call it: they use the base as its checkpoint holds it.
     """
 
-    def apply(self, model: "torch.nn.Module", *, bridge: "ModelBridge | None" = None,
-              **options: Any) -> "torch.nn.Module":
+    def apply(self, model: torch.nn.Module, *, bridge: ModelBridge | None = None,
+              **options: Any) -> torch.nn.Module:
         """Insert adapters and freeze what the method freezes; returns the (same) model.
 
         ``bridge`` (the model's bridge, when there is one) says which groups the ``freeze_*`` flags
@@ -165,19 +165,19 @@ class PeftMethod(Protocol):
         parameters must be trainable; the method never unfreezes a base parameter."""
         ...
 
-    def adapter_parameters(self, model: "torch.nn.Module") -> "dict[str, torch.nn.Parameter]":
+    def adapter_parameters(self, model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
         """The parameters :meth:`apply` added to ``model``, by full name (as ``model.named_parameters()``
         names them), this rank's local tensors. Everything else trainable is a base parameter the run
         trains fully."""
         ...
 
-    def load_trainable_state_dict(self, model: "torch.nn.Module", state: Mapping[str, "torch.Tensor"]) -> list[str]:
+    def load_trainable_state_dict(self, model: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> list[str]:
         """Copy logical (TP=1) adapter tensors, keyed as :meth:`adapter_parameters` names them, into this
         rank's parameters; returns the keys used. A missing adapter key or a wrong shape is an error
         naming it; keys that are not adapter parameters are ignored."""
         ...
 
-    def merge(self, model: "torch.nn.Module") -> "torch.nn.Module":
+    def merge(self, model: torch.nn.Module) -> torch.nn.Module:
         """Fold the adapters into the base weights and remove them; returns the (same) model."""
         ...
 

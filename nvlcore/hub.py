@@ -13,10 +13,14 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-
+from typing import Any
 
 #: ``owner/name`` as the Hub spells repository ids (letters, digits, ``-``, ``_``, ``.``).
 HUB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+class HFConfigError(ValueError):
+    """An HF model directory's ``config.json`` is missing or not a JSON object; the message names the file."""
 
 
 class HubResolutionError(ValueError):
@@ -95,3 +99,23 @@ def _cache_dir() -> str:
         return str(constants.HF_HUB_CACHE)
     except Exception:  # pragma: no cover
         return "the Hugging Face cache"
+
+
+def read_hf_config(hf_dir: str | Path) -> dict[str, Any]:
+    """An HF directory's ``config.json`` as a dict, read as data (no remote code); errors name the file.
+
+    The bridges (:func:`nvlcore.bridge.read_hf_config`) and the converter read it through this one reader.
+    """
+    import json
+
+    path = Path(hf_dir) / "config.json"
+    if not path.is_file():
+        raise HFConfigError(f"{Path(hf_dir)} has no config.json: an HF model directory (config.json, weights, "
+                            "tokenizer) is needed")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise HFConfigError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise HFConfigError(f"{path}: not a JSON object")
+    return data

@@ -87,7 +87,8 @@ def message() -> str:
     """The one line printed for an interrupted command."""
     # a write nested inside another's temporary directory (a checkpoint saved into an import's) is not
     # an output of its own
-    outer = [p for p in dict.fromkeys(_discarded) if not any(a.name.startswith(".") and ".tmp-" in a.name for a in p.parents)]
+    outer = [p for p in dict.fromkeys(_discarded) if not any(a.name.startswith(".") and ".tmp-" in a.name
+                                                             for a in p.parents)]
     if outer:
         return "nvl: interrupted; nothing was written to " + ", ".join(str(p) for p in outer)
     return "nvl: interrupted"

@@ -48,8 +48,9 @@ from __future__ import annotations
 
 import dataclasses
 from abc import ABC, abstractmethod
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Iterable, Mapping, NamedTuple, Protocol, Sequence, runtime_checkable
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
     import torch
@@ -64,7 +65,7 @@ class LocalComponent(NamedTuple):
     #: the component key (:attr:`ParamMapping.components`)
     key: str
     #: this rank's rows of that component
-    tensor: "torch.Tensor"
+    tensor: torch.Tensor
     #: the dimension ranks split the component on; ``None``: every rank holds it whole
     dim: int | None
     #: the component's full (logical) size along ``dim``
@@ -76,8 +77,9 @@ class ParamMapping(ABC):
     """How one training parameter relates to HF keys and to its checkpoint components (a transform kind).
 
     Subclasses implement the six abstract methods (HF <-> components, the TP split and gather, the
-    checkpoint layout and its inverse); a kind with several components overrides :attr:`components` too. Subclasses are frozen dataclasses: :meth:`renamed`
-    (used to lay an adapter factor out like its base weight) copies them with ``dataclasses.replace``.
+    checkpoint layout and its inverse); a kind with several components overrides :attr:`components` too. Subclasses are
+    frozen dataclasses: :meth:`renamed` (used to lay an adapter factor out like its base weight) copies them with
+    ``dataclasses.replace``.
 
     :param megatron: the training parameter's name (as in ``model.named_parameters()``).
     :param hf: its HF keys.
@@ -108,17 +110,17 @@ class ParamMapping(ABC):
         and the rank's parts concatenated (:class:`LinearLayout`); ``()`` for any other layout."""
         return ()
 
-    def renamed(self, megatron: str, hf: Sequence[str]) -> "ParamMapping":
+    def renamed(self, megatron: str, hf: Sequence[str]) -> ParamMapping:
         """The same layout under other names (an adapter factor laid out like its base weight)."""
         return dataclasses.replace(self, megatron=megatron, hf=tuple(hf))
 
     # ------------------------------------------------------------------------ HF <-> components
     @abstractmethod
-    def hf_to_components(self, hf: Mapping[str, "torch.Tensor"]) -> dict[str, "torch.Tensor"]:
+    def hf_to_components(self, hf: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """HF tensors (at least this mapping's :attr:`hf` keys) -> this parameter's components."""
 
     @abstractmethod
-    def components_to_hf(self, comps: Mapping[str, "torch.Tensor"]) -> dict[str, "torch.Tensor"]:
+    def components_to_hf(self, comps: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Exact inverse of :meth:`hf_to_components`."""
 
     # ------------------------------------------------------------------ components <-> TP-local
@@ -128,26 +130,26 @@ class ParamMapping(ABC):
             _div(n, tp_size, f"{self.megatron}: {name}")
 
     @abstractmethod
-    def components_to_local(self, comps: Mapping[str, "torch.Tensor"], tp_size: int, tp_rank: int) -> "torch.Tensor":
+    def components_to_local(self, comps: Mapping[str, torch.Tensor], tp_size: int, tp_rank: int) -> torch.Tensor:
         """Components -> what rank ``tp_rank`` of ``tp_size`` holds (the TP split)."""
 
     @abstractmethod
-    def local_to_components(self, shards: Sequence["torch.Tensor"]) -> dict[str, "torch.Tensor"]:
+    def local_to_components(self, shards: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
         """Inverse of :meth:`components_to_local`, from the local tensors of all ranks in rank order (the gather)."""
 
     # ------------------------------------------------------------------ training checkpoints
     @abstractmethod
-    def local_components(self, local: "torch.Tensor", tp_size: int, tp_rank: int) -> list[LocalComponent]:
+    def local_components(self, local: torch.Tensor, tp_size: int, tp_rank: int) -> list[LocalComponent]:
         """This rank's part of each component, cut from its local tensor without communication
         (a training checkpoint stores each as a DTensor ``Shard(dim)``, so it loads at any TP size)."""
 
     @abstractmethod
-    def assemble_local(self, parts: Mapping[str, "torch.Tensor"], target: "torch.Tensor", tp_size: int,
+    def assemble_local(self, parts: Mapping[str, torch.Tensor], target: torch.Tensor, tp_size: int,
                        tp_rank: int) -> None:
         """Inverse of :meth:`local_components`: write this rank's parts (keyed by component) into ``target``."""
 
     # ------------------------------------------------------------------------------ helpers
-    def need(self, d: Mapping[str, "torch.Tensor"], key: str) -> "torch.Tensor":
+    def need(self, d: Mapping[str, torch.Tensor], key: str) -> torch.Tensor:
         """``d[key]``, or a ``KeyError`` naming this parameter and the missing key."""
         return _need(d, key, self.megatron)
 
@@ -162,29 +164,29 @@ class IdentityMapping(ParamMapping):
     tp_dim: int | None = None  # type: ignore[misc]  # a field here, a class default on the base
     kind: ClassVar[str] = "identity"
 
-    def hf_to_components(self, hf: Mapping[str, "torch.Tensor"]) -> dict[str, "torch.Tensor"]:
+    def hf_to_components(self, hf: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {self.megatron: self.need(hf, self.hf[0])}
 
-    def components_to_hf(self, comps: Mapping[str, "torch.Tensor"]) -> dict[str, "torch.Tensor"]:
+    def components_to_hf(self, comps: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {self.hf[0]: self.need(comps, self.megatron)}
 
-    def components_to_local(self, comps: Mapping[str, "torch.Tensor"], tp_size: int, tp_rank: int) -> "torch.Tensor":
+    def components_to_local(self, comps: Mapping[str, torch.Tensor], tp_size: int, tp_rank: int) -> torch.Tensor:
         self.check_tensor_parallel(tp_size)
         t = self.need(comps, self.megatron)
         return t if self.tp_dim is None else _chunk(t, self.tp_dim, tp_size, self.megatron)[tp_rank]
 
-    def local_to_components(self, shards: Sequence["torch.Tensor"]) -> dict[str, "torch.Tensor"]:
+    def local_to_components(self, shards: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
         import torch
 
         full = shards[0] if self.tp_dim is None else torch.cat(list(shards), dim=self.tp_dim)
         return {self.megatron: full}
 
-    def local_components(self, local: "torch.Tensor", tp_size: int, tp_rank: int) -> list[LocalComponent]:
+    def local_components(self, local: torch.Tensor, tp_size: int, tp_rank: int) -> list[LocalComponent]:
         if self.tp_dim is None or tp_size == 1:
             return [LocalComponent(self.megatron, local, None, None)]
         return [LocalComponent(self.megatron, local, self.tp_dim, local.shape[self.tp_dim] * tp_size)]
 
-    def assemble_local(self, parts: Mapping[str, "torch.Tensor"], target: "torch.Tensor", tp_size: int,
+    def assemble_local(self, parts: Mapping[str, torch.Tensor], target: torch.Tensor, tp_size: int,
                        tp_rank: int) -> None:
         target.copy_(self.need(parts, self.megatron))
 
@@ -198,13 +200,13 @@ class VocabMapping(ParamMapping):
     kind: ClassVar[str] = "vocab"
     tp_dim: ClassVar[int | None] = 0
 
-    def hf_to_components(self, hf: Mapping[str, "torch.Tensor"]) -> dict[str, "torch.Tensor"]:
+    def hf_to_components(self, hf: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {self.megatron: self.need(hf, self.hf[0])}
 
-    def components_to_hf(self, comps: Mapping[str, "torch.Tensor"]) -> dict[str, "torch.Tensor"]:
+    def components_to_hf(self, comps: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {self.hf[0]: self.need(comps, self.megatron)}
 
-    def components_to_local(self, comps: Mapping[str, "torch.Tensor"], tp_size: int, tp_rank: int) -> "torch.Tensor":
+    def components_to_local(self, comps: Mapping[str, torch.Tensor], tp_size: int, tp_rank: int) -> torch.Tensor:
         import torch
 
         self.check_tensor_parallel(tp_size)
@@ -214,7 +216,7 @@ class VocabMapping(ParamMapping):
             t = torch.cat([t, t.new_zeros((pad,) + tuple(t.shape[1:]))], dim=0)
         return t.chunk(tp_size, dim=0)[tp_rank]
 
-    def local_to_components(self, shards: Sequence["torch.Tensor"]) -> dict[str, "torch.Tensor"]:
+    def local_to_components(self, shards: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
         import torch
 
         return {self.megatron: torch.cat(list(shards), dim=0)[: self.vocab_size]}
@@ -224,11 +226,11 @@ class VocabMapping(ParamMapping):
         per = -(-self.vocab_size // tp_size)
         return max(0, min(per, self.vocab_size - tp_rank * per))
 
-    def local_components(self, local: "torch.Tensor", tp_size: int, tp_rank: int) -> list[LocalComponent]:
+    def local_components(self, local: torch.Tensor, tp_size: int, tp_rank: int) -> list[LocalComponent]:
         part = local[: self._real_rows(tp_size, tp_rank)]
         return [LocalComponent(self.megatron, part, None if tp_size == 1 else 0, self.vocab_size)]
 
-    def assemble_local(self, parts: Mapping[str, "torch.Tensor"], target: "torch.Tensor", tp_size: int,
+    def assemble_local(self, parts: Mapping[str, torch.Tensor], target: torch.Tensor, tp_size: int,
                        tp_rank: int) -> None:
         part = self.need(parts, self.megatron)
         target[: part.shape[0]].copy_(part)
@@ -264,22 +266,22 @@ class FusedRowsMapping(ParamMapping):
     def row_parts(self) -> tuple[tuple[str, int], ...]:
         return self.part_rows()
 
-    def hf_to_components(self, hf: Mapping[str, "torch.Tensor"]) -> dict[str, "torch.Tensor"]:
+    def hf_to_components(self, hf: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         ts = [self.need(hf, k) for k in self.hf]
         if len(ts) == len(self.components):
-            return dict(zip(self.components, ts))
+            return dict(zip(self.components, ts, strict=True))
         (t,) = ts
         rows = [n for _, n in self.part_rows()]
         if t.shape[0] != sum(rows):
             raise ValueError(f"{self.hf[0]}: {t.shape[0]} rows, expected {sum(rows)} ({self.kind} parts {rows})")
-        return dict(zip(self.components, t.split(rows, dim=0)))
+        return dict(zip(self.components, t.split(rows, dim=0), strict=True))
 
-    def components_to_hf(self, comps: Mapping[str, "torch.Tensor"]) -> dict[str, "torch.Tensor"]:
+    def components_to_hf(self, comps: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         import torch
 
         ts = [self.need(comps, k) for k in self.components]
         if len(self.hf) == len(ts):
-            return dict(zip(self.hf, ts))
+            return dict(zip(self.hf, ts, strict=True))
         return {self.hf[0]: torch.cat(ts, dim=0)}
 
     def check_tensor_parallel(self, tp_size: int) -> None:
@@ -287,26 +289,27 @@ class FusedRowsMapping(ParamMapping):
         for name, n in self.part_rows():
             _div(n, tp_size, f"{self.megatron}: part {name}")
 
-    def components_to_local(self, comps: Mapping[str, "torch.Tensor"], tp_size: int, tp_rank: int) -> "torch.Tensor":
+    def components_to_local(self, comps: Mapping[str, torch.Tensor], tp_size: int, tp_rank: int) -> torch.Tensor:
         import torch
 
         super().check_tensor_parallel(tp_size)
         ts = [self.need(comps, k) for k in self.components]
         return torch.cat([_chunk(t, 0, tp_size, self.megatron)[tp_rank] for t in ts], dim=0)
 
-    def local_to_components(self, shards: Sequence["torch.Tensor"]) -> dict[str, "torch.Tensor"]:
+    def local_to_components(self, shards: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
         import torch
 
         local_rows = [_div(n, len(shards), f"{self.megatron} part") for _, n in self.part_rows()]
         split = [s.split(local_rows, dim=0) for s in shards]
         return {c: torch.cat([p[i] for p in split], dim=0) for i, c in enumerate(self.components)}
 
-    def local_components(self, local: "torch.Tensor", tp_size: int, tp_rank: int) -> list[LocalComponent]:
+    def local_components(self, local: torch.Tensor, tp_size: int, tp_rank: int) -> list[LocalComponent]:
         rows = [n for _, n in self.part_rows()]
         local_rows = [n // tp_size for n in rows]
-        return [LocalComponent(c, t, 0, n) for c, t, n in zip(self.components, local.split(local_rows, dim=0), rows)]
+        return [LocalComponent(c, t, 0, n) for c, t,
+                n in zip(self.components, local.split(local_rows, dim=0), rows, strict=True)]
 
-    def assemble_local(self, parts: Mapping[str, "torch.Tensor"], target: "torch.Tensor", tp_size: int,
+    def assemble_local(self, parts: Mapping[str, torch.Tensor], target: torch.Tensor, tp_size: int,
                        tp_rank: int) -> None:
         import torch
 
@@ -315,7 +318,7 @@ class FusedRowsMapping(ParamMapping):
 
 @dataclass(frozen=True)
 class PartsMapping(FusedRowsMapping):
-    """Named row parts fused along dim 0 (Mamba's ``in_proj`` ``[z | x | B | C | dt]``), each chunked over TP.
+    """Named row parts fused along dim 0 (an SSM mixer's ``in_proj`` ``[z | x | B | C | dt]``), each chunked over TP.
 
     :param parts: ``((name, full rows), ...)`` in fused order; the names are the component key suffixes.
     """
@@ -365,13 +368,13 @@ class QKVMapping(FusedRowsMapping):
         ParamMapping.check_tensor_parallel(self, tp_size)
         _div(self.num_query_groups, tp_size, f"{self.megatron}: KV groups")
 
-    def _grouped(self, t: "torch.Tensor", groups: int) -> tuple["torch.Tensor", ...]:
+    def _grouped(self, t: torch.Tensor, groups: int) -> tuple[torch.Tensor, ...]:
         """``t`` (local rows of ``groups`` KV groups) -> its q, k, v rows, each ``[groups, rows/group, ...]``."""
         d, rep = self.kv_channels, self.num_attention_heads // self.num_query_groups
         s = t.reshape(groups, (rep + 2) * d, *t.shape[1:])
         return tuple(s.split([rep * d, d, d], dim=1))
 
-    def components_to_local(self, comps: Mapping[str, "torch.Tensor"], tp_size: int, tp_rank: int) -> "torch.Tensor":
+    def components_to_local(self, comps: Mapping[str, torch.Tensor], tp_size: int, tp_rank: int) -> torch.Tensor:
         import torch
 
         ParamMapping.check_tensor_parallel(self, tp_size)
@@ -384,7 +387,7 @@ class QKVMapping(FusedRowsMapping):
         v = v.reshape(kv, d, *v.shape[1:])[sl]
         return torch.cat([q, k, v], dim=1).reshape(-1, *q.shape[2:])
 
-    def local_to_components(self, shards: Sequence["torch.Tensor"]) -> dict[str, "torch.Tensor"]:
+    def local_to_components(self, shards: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
         import torch
 
         groups = self.num_query_groups // len(shards)
@@ -392,12 +395,12 @@ class QKVMapping(FusedRowsMapping):
         return {c: torch.cat([p[i].reshape(-1, *p[i].shape[2:]) for p in per_rank])
                 for i, c in enumerate(self.components)}
 
-    def local_components(self, local: "torch.Tensor", tp_size: int, tp_rank: int) -> list[LocalComponent]:
+    def local_components(self, local: torch.Tensor, tp_size: int, tp_rank: int) -> list[LocalComponent]:
         tail = tuple(local.shape[1:])
         ts = [t.reshape(-1, *tail) for t in self._grouped(local, self.num_query_groups // tp_size)]
-        return [LocalComponent(c, t, 0, n) for c, t, (_, n) in zip(self.components, ts, self.part_rows())]
+        return [LocalComponent(c, t, 0, n) for c, t, (_, n) in zip(self.components, ts, self.part_rows(), strict=True)]
 
-    def assemble_local(self, parts: Mapping[str, "torch.Tensor"], target: "torch.Tensor", tp_size: int,
+    def assemble_local(self, parts: Mapping[str, torch.Tensor], target: torch.Tensor, tp_size: int,
                        tp_rank: int) -> None:
         import torch
 
@@ -410,7 +413,7 @@ class QKVMapping(FusedRowsMapping):
         target.copy_(fused.reshape(target.shape))
 
 
-def _need(d: Mapping[str, "torch.Tensor"], key: str, owner: str) -> "torch.Tensor":
+def _need(d: Mapping[str, torch.Tensor], key: str, owner: str) -> torch.Tensor:
     try:
         return d[key]
     except KeyError:
@@ -423,13 +426,13 @@ def _div(n: int, tp: int, what: str) -> int:
     return n // tp
 
 
-def _chunk(t: "torch.Tensor", dim: int, tp: int, what: str) -> Any:
+def _chunk(t: torch.Tensor, dim: int, tp: int, what: str) -> Any:
     _div(t.shape[dim], tp, f"{what} dim {dim}")
     return t.chunk(tp, dim=dim)
 
 
 # ------------------------------------------------------------------------------ whole-table API
-def hf_to_components(table: Iterable[ParamMapping], hf: Mapping[str, "torch.Tensor"]) -> dict[str, "torch.Tensor"]:
+def hf_to_components(table: Iterable[ParamMapping], hf: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """HF tensors -> components (all mappings; raises naming the first missing HF key)."""
     out: dict[str, torch.Tensor] = {}
     for m in table:
@@ -437,7 +440,7 @@ def hf_to_components(table: Iterable[ParamMapping], hf: Mapping[str, "torch.Tens
     return out
 
 
-def components_to_hf(table: Iterable[ParamMapping], comps: Mapping[str, "torch.Tensor"]) -> dict[str, "torch.Tensor"]:
+def components_to_hf(table: Iterable[ParamMapping], comps: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Components -> HF tensors (carried extras are not included; copy them from the source)."""
     out: dict[str, torch.Tensor] = {}
     for m in table:
@@ -446,15 +449,15 @@ def components_to_hf(table: Iterable[ParamMapping], comps: Mapping[str, "torch.T
 
 
 def components_to_local(
-    table: Iterable[ParamMapping], comps: Mapping[str, "torch.Tensor"], tp_size: int, tp_rank: int
-) -> dict[str, "torch.Tensor"]:
+    table: Iterable[ParamMapping], comps: Mapping[str, torch.Tensor], tp_size: int, tp_rank: int
+) -> dict[str, torch.Tensor]:
     """Components -> the TP-local parameters of rank ``tp_rank`` (keyed like ``named_parameters()``)."""
     return {m.megatron: m.components_to_local(comps, tp_size, tp_rank) for m in table}
 
 
 def local_to_components(
-    table: Iterable[ParamMapping], shards_by_rank: Sequence[Mapping[str, "torch.Tensor"]]
-) -> dict[str, "torch.Tensor"]:
+    table: Iterable[ParamMapping], shards_by_rank: Sequence[Mapping[str, torch.Tensor]]
+) -> dict[str, torch.Tensor]:
     """TP-local parameters of every rank (in rank order) -> components."""
     out: dict[str, torch.Tensor] = {}
     for m in table:
@@ -482,7 +485,7 @@ def component_owner(table: Iterable[ParamMapping]) -> dict[str, ParamMapping]:
 
 
 # ---------------------------------------------------------------------- training checkpoint layout
-def checkpoint_entries(table: Mapping[str, ParamMapping], name: str, local: "torch.Tensor", *, tp_group: Any,
+def checkpoint_entries(table: Mapping[str, ParamMapping], name: str, local: torch.Tensor, *, tp_group: Any,
                        tp_rank: int, tp_size: int) -> dict[str, Any] | None:
     """This rank's checkpoint entries for parameter ``name`` (or a tensor laid out like it).
 
@@ -507,8 +510,8 @@ def checkpoint_entries(table: Mapping[str, ParamMapping], name: str, local: "tor
     return out
 
 
-def assemble_from_entries(table: Mapping[str, ParamMapping], name: str, entries: Mapping[str, "torch.Tensor"],
-                          target: "torch.Tensor", *, tp_rank: int, tp_size: int) -> bool:
+def assemble_from_entries(table: Mapping[str, ParamMapping], name: str, entries: Mapping[str, torch.Tensor],
+                          target: torch.Tensor, *, tp_rank: int, tp_size: int) -> bool:
     """Write this rank's loaded parts (local tensors keyed as :func:`checkpoint_entries` made them) into
     ``target``; False when ``name`` is not in the table."""
     import torch
@@ -530,7 +533,7 @@ class NormFusedLinear(Protocol):
 
     layer_norm_weight: Any
 
-    def normalize(self, x: "torch.Tensor") -> "torch.Tensor": ...
+    def normalize(self, x: torch.Tensor) -> torch.Tensor: ...
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,8 @@ import contextlib
 import functools
 import inspect
 import sys
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 __all__ = ["deferred_compile", "import_megatron_core"]
 

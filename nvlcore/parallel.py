@@ -21,7 +21,8 @@ import contextlib
 import datetime
 import os
 import sys
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 import attrs
 
@@ -45,11 +46,11 @@ class TPContext:
     rank: int
 
     @classmethod
-    def of(cls, group: Any) -> "TPContext":
+    def of(cls, group: Any) -> TPContext:
         return cls(group=group, size=group.size(), rank=group.rank())
 
     @classmethod
-    def current(cls) -> "TPContext":
+    def current(cls) -> TPContext:
         """Megatron's tensor-parallel group, as :func:`init_parallel` set it up."""
         from megatron.core import parallel_state
 
@@ -81,7 +82,7 @@ class ParallelContext:
     tp_rank: int
     dp_size: int
     dp_rank: int
-    device: "torch.device"
+    device: torch.device
     backend: str
     owns_process_group: bool = False
 

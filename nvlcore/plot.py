@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 METRICS = "metrics.jsonl"
 PNG = "metrics.png"
@@ -91,7 +92,7 @@ def plot_metrics(run: str | os.PathLike[str], output: str | os.PathLike[str] | N
     nrows = (n + cols - 1) // cols
     fig, axes = plt.subplots(nrows, cols, figsize=(11, 3.6 * nrows), squeeze=False)
     flat = [ax for row in axes for ax in row]
-    for ax, (key, name, ylabel, log) in zip(flat, PANELS):
+    for ax, (key, name, ylabel, log) in zip(flat, PANELS, strict=False):
         xs, ys = _series(train, key)
         ax.plot(xs, ys, color="tab:blue", linewidth=1.4, label=key)
         if key == "loss":

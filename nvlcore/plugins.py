@@ -28,7 +28,8 @@ import os
 import re
 import sys
 import traceback
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import attrs
 
@@ -310,8 +311,9 @@ class NvlPluginManager:
                     continue
                 prov = Provenance(plugin=name, distribution=info.distribution, version=info.version)
 
-                def register(n: str, target: Any, *, aliases: Any = (), _prov: Provenance = prov) -> None:
-                    registry.add(n, target, aliases=aliases, provenance=_prov)
+                def register(n: str, target: Any, *, aliases: Any = (), _prov: Provenance = prov,
+                             _registry: Any = registry) -> None:
+                    _registry.add(n, target, aliases=aliases, provenance=_prov)
 
                 try:
                     impl.function(**{arg: register for arg in impl.argnames})

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any, Iterable, Iterator, TypeVar
+from collections.abc import Iterable, Iterator
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 ENV = "NVL_PROGRESS"
@@ -28,7 +29,7 @@ def progress_enabled(enabled: bool | None = None, stream: Any = None) -> bool:
     """Whether a bar should be drawn (see the module docstring for the rules)."""
     if enabled is False:
         return False
-    from nvlcore.cli import global_flag
+    from nvlcore.flags import global_flag
 
     if global_flag("no_progress"):  # nvl --no-progress / --quiet (or NVL_NO_PROGRESS / NVL_QUIET)
         return False
@@ -77,7 +78,7 @@ class Progress:
             self.bar.close()
             self.bar = None
 
-    def __enter__(self) -> "Progress":
+    def __enter__(self) -> Progress:
         return self
 
     def __exit__(self, *exc: object) -> None:

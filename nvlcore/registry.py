@@ -12,7 +12,8 @@ import difflib
 import importlib
 import re
 import threading
-from typing import Any, Callable, Generic, Iterator, Protocol, TypeVar
+from collections.abc import Callable, Iterator
+from typing import Any, Generic, Protocol, TypeVar
 
 import attrs
 

@@ -148,7 +148,8 @@ def test_toy_nemotron_packed_lora_run_with_offloading_gives_the_same_losses(toy,
     from test_finetune_cli import losses, nvl, run_args
 
     common = ["--lora-on-language-model", "train.train_iters=3", "train.global_batch_size=2",
-              "checkpoint.save_interval=3", "scheduler.lr_warmup_iters=1", "dataset.packing=best_fit", "dataset.packing_buffer_size=7",
+              "checkpoint.save_interval=3", "scheduler.lr_warmup_iters=1", "dataset.packing=best_fit",
+              "dataset.packing_buffer_size=7",
               f"model.recompute_granularity={recompute}"]
     nvl(*run_args(toy, raven, tmp_path / "plain", *common))
     proc = nvl(*run_args(toy, raven, tmp_path / "offload", *common, "model.cpu_offloading=true",

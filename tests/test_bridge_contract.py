@@ -145,7 +145,8 @@ def test_installed_example_converts_finetunes_and_generates(tmp_path: Path) -> N
     src, target = tmp_path / "src", tmp_path / "site"
     shutil.copytree(EXAMPLE, src)  # build in a copy: no build/ or egg-info left in the repository
     done = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-                           "--no-index", "--target", str(target), str(src)], capture_output=True, text=True, timeout=300)
+                           "--no-index", "--target", str(target), str(src)], capture_output=True, text=True,
+                           timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     env = {**os.environ, "PYTHONPATH": str(target), "NVL_STRICT_PLUGINS": "1", "OMP_NUM_THREADS": "1"}
     env.pop("NVL_LOAD_PLUGINS", None)

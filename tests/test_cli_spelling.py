@@ -93,7 +93,8 @@ def test_original_convert_spellings(cli, paths) -> None:
 
 def test_original_merge_and_adapter_export_spellings(cli, paths) -> None:
     p = parse(cli, ["peft", "merge", "--lora-checkpoint", paths["iter"], "--output", paths["out"], "--hf-model-path",
-                    paths["hf"], "--pretrained", paths["ck"], "--tp", "1", "--pp", "1", "--ep", "1", "--cpu", "--debug"])
+                    paths["hf"], "--pretrained", paths["ck"], "--tp", "1", "--pp", "1", "--ep", "1", "--cpu",
+                    "--debug"])
     assert p["lora_checkpoint"] == Path(paths["iter"]) and p["pretrained"] == Path(paths["ck"]) and p["_debug"]
     p = parse(cli, ["peft", "merge", "--lora_checkpoint", paths["iter"], "--hf-path", paths["out"], "--hf_model",
                     paths["hf"], "--pretrained-checkpoint", paths["ck"]])
@@ -259,7 +260,7 @@ def test_global_options_and_per_command_ones(cli) -> None:
 
     @click.command("probe")
     def probe() -> None:
-        from nvlcore.cli import global_flag
+        from nvlcore.flags import global_flag
 
         seen.update({n: global_flag(n) for n in ("debug", "quiet", "no_progress")})
 

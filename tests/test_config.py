@@ -181,10 +181,13 @@ def test_switching_maker_drops_the_previous_makers_kwargs(plugins: None) -> None
     [
         (["train.global_batch_size=8"], [("train.global_batch_size", 8)]),
         (["dataset.maker_name", "make_raven_dataset"], [("dataset.maker_name", "make_raven_dataset")]),
-        (["dataset.maker_kwargs", '{"video_root_path":"/data/videos"}'], [("dataset.maker_kwargs", {"video_root_path": "/data/videos"})]),
-        (["dataset.maker_kwargs={video_root_path:/data/videos}"], [("dataset.maker_kwargs", {"video_root_path": "/data/videos"})]),
+        (["dataset.maker_kwargs", '{"video_root_path":"/data/videos"}'],
+         [("dataset.maker_kwargs", {"video_root_path": "/data/videos"})]),
+        (["dataset.maker_kwargs={video_root_path:/data/videos}"],
+         [("dataset.maker_kwargs", {"video_root_path": "/data/videos"})]),
         (['dataset.maker_kwargs={path:"/x"}'], [("dataset.maker_kwargs", {"path": "/x"})]),
-        (["d.k={url: http://h:80/a, n: 3, l: [1, 'b,c'], e: {}}"], [("d.k", {"url": "http://h:80/a", "n": 3, "l": [1, "b,c"], "e": {}})]),
+        (["d.k={url: http://h:80/a, n: 3, l: [1, 'b,c'], e: {}}"],
+         [("d.k", {"url": "http://h:80/a", "n": 3, "l": [1, "b,c"], "e": {}})]),
         (["optimizer.lr=2e-5", "a.b=1.5", "a.c=true", "a.d=null", "a.e=~", "a.f='8'"],
          [("optimizer.lr", 2e-5), ("a.b", 1.5), ("a.c", True), ("a.d", None), ("a.e", None), ("a.f", "8")]),
         (["+peft.use_dora=true", "++train.train_iters=3", "~checkpoint.save"],
@@ -299,13 +302,16 @@ def test_peft_method_config_fields(plugins: None) -> None:
     cfg = load_config([], ["peft.method=lora", "peft.use_dora=true", "peft.dim=8"])
     assert cfg.peft.dim == 8 and cfg.peft.options == {"use_dora": True, "lora_plus_ratio": None}
     assert config_to_dict(cfg)["peft"]["use_dora"] is True  # printed flat, as written
-    assert "peft.use_dorra: unknown key (did you mean 'peft.use_dora'?)" in err([], ["peft.method=lora", "peft.use_dorra=1"])
+    assert "peft.use_dorra: unknown key (did you mean 'peft.use_dora'?)" in err(
+        [], ["peft.method=lora", "peft.use_dorra=1"])
     assert "peft.use_dora: unknown key" in err([], ["peft.use_dora=true"])  # no method selected
     assert "unknown peft_method 'lorra'" in err([], ["peft.method=lorra"])
     assert "'dropout_position' must be in ['pre']" in err([], ["peft.method=lora", "peft.dropout_position=post"])
     # WSD needs the length of its final decay
-    assert "scheduler.lr_decay_style=WSD needs scheduler.lr_wsd_decay_iters" in err([], ["scheduler.lr_decay_style=WSD"])
-    assert load_config([], ["scheduler.lr_decay_style=WSD", "scheduler.lr_wsd_decay_iters=10"]).scheduler.lr_wsd_decay_iters == 10
+    assert "scheduler.lr_decay_style=WSD needs scheduler.lr_wsd_decay_iters" in err(
+        [], ["scheduler.lr_decay_style=WSD"])
+    assert load_config([], ["scheduler.lr_decay_style=WSD",
+                            "scheduler.lr_wsd_decay_iters=10"]).scheduler.lr_wsd_decay_iters == 10
     # precision: mixed_precision decides; an optimizer.bf16=false it would override is refused
     assert "optimizer.bf16=False has no effect: mixed_precision=bf16_mixed" in err([], ["optimizer.bf16=false"])
     assert load_config([], ["optimizer.bf16=false", "mixed_precision=fp32"]).optimizer.bf16 is False
@@ -418,7 +424,8 @@ def test_documented_forms_through_a_real_shell(tmp_path: Path) -> None:
         'dataset.val_maker_kwargs={"video_root_path":$VIDEO_ROOT} '
         "'dataset.test_maker_kwargs={path:\"/x\"}'"
     )
-    done = subprocess.run(["bash", "-c", line], capture_output=True, text=True, env={"VIDEO_ROOT": "/v/root", "PATH": "/usr/bin:/bin"})
+    done = subprocess.run(["bash", "-c", line], capture_output=True, text=True,
+                          env={"VIDEO_ROOT": "/v/root", "PATH": "/usr/bin:/bin"})
     assert done.returncode == 0, done.stderr
     assert _json.loads(done.stdout) == [
         ["train.global_batch_size", 8],
@@ -430,7 +437,8 @@ def test_documented_forms_through_a_real_shell(tmp_path: Path) -> None:
 
 
 def test_coerce_handles_abstract_and_tuple_types() -> None:
-    from typing import Literal, Mapping, Sequence
+    from collections.abc import Mapping, Sequence
+    from typing import Literal
 
     from nvlcore.config.structure import coerce
 
@@ -483,7 +491,6 @@ def test_config_options_decorator_for_other_commands(plugins: None, tmp_path: Pa
 def test_cli_config_show_says_core_defaults_and_shows_the_recipe_with_a_model(tmp_path: Path) -> None:
     """Issue 17 item 14: `config show` matches `finetune --print-config` when given the model."""
     from nvl_nemotron_vl.toy import write_toy_checkpoint
-
     from nvlcore.cli import build_cli
 
     runner = click.testing.CliRunner()
@@ -494,7 +501,8 @@ def test_cli_config_show_says_core_defaults_and_shows_the_recipe_with_a_model(tm
     toy = write_toy_checkpoint(tmp_path / "toy", "tiny", seed=0)
     shown = runner.invoke(build_cli(), ["config", "show", "--hf-model-path", str(toy), "train.train_iters=7"])
     assert shown.exit_code == 0, shown.output
-    printed = runner.invoke(build_cli(), ["finetune", "--hf-model-path", str(toy), "--print-config", "train.train_iters=7"])
+    printed = runner.invoke(build_cli(),
+                            ["finetune", "--hf-model-path", str(toy), "--print-config", "train.train_iters=7"])
     assert printed.exit_code == 0, printed.output
     a, b = yaml.safe_load(shown.stdout), yaml.safe_load(printed.stdout)
     assert a == b and a["rng"]["seed"] == 42 and a["dataset"]["maker_name"] == "make_raven_dataset"

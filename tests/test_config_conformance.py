@@ -23,8 +23,9 @@ from __future__ import annotations
 import ast
 import io
 import tokenize
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 import attrs
 import pytest
@@ -123,7 +124,8 @@ def kwargs_reads(files: Iterable[Path]) -> set[str]:
             if isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Load):
                 if isinstance(node.value, ast.Attribute) and node.value.attr == "kwargs":
                     found.add(node.attr)
-            elif isinstance(node, ast.Subscript) and isinstance(node.value, ast.Name) and node.value.id.endswith("kwargs"):
+            elif isinstance(node, ast.Subscript) and isinstance(node.value,
+                                                                ast.Name) and node.value.id.endswith("kwargs"):
                 if isinstance(node.slice, ast.Constant) and isinstance(node.slice.value, str):
                     found.add(node.slice.value)
             elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "get"
@@ -251,7 +253,8 @@ def _bad_value(refusal: Any, hint: Any) -> Any:
     supported = refusal.supported
     args = typing.get_args(hint)
     literals = [a for a in (args if typing.get_origin(hint) is typing.Literal else
-                            sum((list(typing.get_args(a)) for a in args if typing.get_origin(a) is typing.Literal), []))]
+                            sum((list(typing.get_args(a)) for a in args if typing.get_origin(a) is typing.Literal),
+                                []))]
     if literals:
         return next(v for v in literals if v not in supported)
     if hint is bool or bool in args:

@@ -33,7 +33,8 @@ def train_here(hf: Path, *overrides: str, print_fn=print):
     from nvlcore.training.finetune import run_finetune
 
     manager = tiny_plugin.manager()
-    cfg = load_config([], [*DEFAULTS, f"model.hf_model_path={hf}", f"checkpoint.pretrained_checkpoint={hf}", *overrides],
+    cfg = load_config([], [*DEFAULTS, f"model.hf_model_path={hf}", f"checkpoint.pretrained_checkpoint={hf}",
+                           *overrides],
                       plugins=manager)
     resolve_config(cfg)
     return run_finetune(cfg, manager=manager, device_type="cpu", print_fn=print_fn)
@@ -57,10 +58,10 @@ def test_distributed_optimizer_shards_the_state_matches_unsharded_and_resumes(hf
     state on each rank, gives the losses of the unsharded run, writes the same checkpoint (every
     rank writes the state it owns) and resumes to the uninterrupted losses."""
     import torch
-
-    from nvlcore.checkpoint import open_checkpoint
-    from nvl_dist_testing import run_distributed
     from dist_worker import train
+
+    from nvl_dist_testing import run_distributed
+    from nvlcore.checkpoint import open_checkpoint
 
     plain, sharded, resumed = tmp_path / "plain", tmp_path / "sharded", tmp_path / "resumed"
     lines_plain = run_distributed(train, 2, str(hf), [*SHORT, "ddp.use_distributed_optimizer=false",
@@ -104,8 +105,9 @@ def test_distributed_optimizer_shards_the_state_matches_unsharded_and_resumes(hf
 def test_distributed_optimizer_at_tp2_dp2_matches_one_process_and_its_checkpoint_resumes_there(hf, tmp_path):
     """Four gloo ranks (TP 2 x DP 2, state sharded over each DP group): the losses of one process; its
     checkpoint (TP-sharded and DP-sharded optimizer state) resumes on one process, unsharded."""
-    from nvl_dist_testing import run_distributed
     from dist_worker import train
+
+    from nvl_dist_testing import run_distributed
 
     one, four, back = tmp_path / "one", tmp_path / "four", tmp_path / "back"
     train_here(hf, *SHORT, f"checkpoint.save={one}")
@@ -125,9 +127,9 @@ def test_distributed_optimizer_at_tp2_dp2_matches_one_process_and_its_checkpoint
 @pytest.mark.distributed
 def test_data_parallel_random_init_seeds_each_rank_differently(hf, tmp_path):
     import torch
+    from dist_worker import train
 
     from nvl_dist_testing import run_distributed
-    from dist_worker import train
 
     states = {}
     for flag in (False, True):
@@ -145,8 +147,9 @@ def test_data_parallel_random_init_seeds_each_rank_differently(hf, tmp_path):
 # -- checkpoint.fully_parallel_save -----------------------------------------------------------------
 @pytest.mark.distributed
 def test_fully_parallel_save_spreads_replicated_writes(tmp_path):
-    from nvl_dist_testing import run_distributed
     from dist_worker import save_replicated
+
+    from nvl_dist_testing import run_distributed
 
     sizes = {}
     for spread in (True, False):
@@ -204,8 +207,9 @@ def test_async_save_run_writes_the_checkpoints_of_a_sync_run(hf, tmp_path):
 @pytest.mark.distributed
 def test_async_save_with_two_ranks(hf, tmp_path):
     """Two gloo ranks: the background writes use a process group of their own while training goes on."""
-    from nvl_dist_testing import run_distributed
     from dist_worker import train
+
+    from nvl_dist_testing import run_distributed
 
     one, two = tmp_path / "one", tmp_path / "two"
     train_here(hf, *SHORT, f"checkpoint.save={one}")
@@ -414,7 +418,8 @@ def test_test_split_is_evaluated_at_the_end_unless_skip_test(hf, tmp_path):
                print_fn=lines.append)
     assert any("test: 1 batch(es) at the end of training on 12 examples" in x for x in lines), lines
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if "test_loss" in x]
-    assert len(rows) == 1 and rows[0]["iteration"] == 2 and math.isfinite(rows[0]["test_loss"]) and rows[0]["test_tokens"] > 0
+    assert len(rows) == 1 and rows[0]["iteration"] == 2
+    assert math.isfinite(rows[0]["test_loss"]) and rows[0]["test_tokens"] > 0
     assert any(x.startswith("nvl finetune: test loss ") for x in lines)
     lines.clear()
     skipped = tmp_path / "skipped"

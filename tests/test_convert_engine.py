@@ -17,9 +17,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from nvlcore import hookimpl
+from nvlcore.bridge import ModelBridge
 from nvlcore.checkpoint import Checkpoint, open_checkpoint, save_checkpoint
 from nvlcore.convert import ConversionGroup
-from nvlcore.bridge import ModelBridge
 from nvlcore.convert import engine as engine_mod
 from nvlcore.convert.engine import ConversionError, export_hf_checkpoint, import_hf_checkpoint
 
@@ -68,8 +68,9 @@ class FakeBridge(ModelBridge):
                 base = k[: -len("q.weight")]
                 hk = tuple(base + p + ".weight" for p in "qkv")
                 ck = tuple(base.replace("hf.", "mg.") + "qkv.weight." + p for p in "qkv")
-                groups.append(ConversionGroup(hk, ck, lambda d, hk=hk, ck=ck: {c: d[h] for h, c in zip(hk, ck)},
-                                              lambda d, hk=hk, ck=ck: {h: d[c] for h, c in zip(hk, ck)}))
+                groups.append(ConversionGroup(hk, ck, lambda d, hk=hk,
+                                              ck=ck: {c: d[h] for h, c in zip(hk, ck, strict=True)},
+                                              lambda d, hk=hk, ck=ck: {h: d[c] for h, c in zip(hk, ck, strict=True)}))
             elif not k.startswith("hf."):
                 groups.append(ConversionGroup.rename(k, CARRY + k, carried=True))
         return groups
@@ -127,7 +128,8 @@ def _bytes(t):
 @pytest.mark.parametrize("tp", [1, 2])
 def test_round_trip_is_lossless(tmp_path, tp):
     src = make_hf(tmp_path / "hf")
-    s = import_hf_checkpoint(FakeBridge.from_hf_dir(tmp_path / "hf"), tmp_path / "hf", tmp_path / "mg", tp=tp, progress=False)
+    s = import_hf_checkpoint(FakeBridge.from_hf_dir(tmp_path / "hf"), tmp_path / "hf", tmp_path / "mg", tp=tp,
+                             progress=False)
     assert s.hf_tensors == 8 and s.checkpoint_tensors == 9 and s.carried_tensors == 2
     ck = open_checkpoint(tmp_path / "mg")
     assert ck.path.name == "iter_0000000"
@@ -143,7 +145,8 @@ def test_round_trip_is_lossless(tmp_path, tp):
     assert e.bytes_written == sum(v.numel() * v.element_size() for v in src.values())
     for n in ("config.json", "tokenizer.json", "preprocessor_config.json", "modeling_fake.py"):
         assert (tmp_path / "out" / n).read_bytes() == (tmp_path / "hf" / n).read_bytes() or n == "config.json"
-    assert json.loads((tmp_path / "out" / "config.json").read_text()) == json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert json.loads((tmp_path / "out" / "config.json").read_text()) == json.loads(
+        (tmp_path / "hf" / "config.json").read_text())
     assert json.loads((tmp_path / "out" / "generation_config.json").read_text())["eos_token_id"] == 2
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
@@ -218,7 +221,9 @@ def test_errors_are_specific(tmp_path):
     import_hf_checkpoint(b, tmp_path / "hf", tmp_path / "mg", overwrite=True, progress=False)
     # shape mismatch: the reference model differs from the checkpoint
     make_hf(tmp_path / "hf2", shape_tweak=1)
-    with pytest.raises(ConversionError, match=r"hf\.emb\.weight: the checkpoint gives \(16, 8\), the source HF checkpoint has \(17, 8\)"):
+    with pytest.raises(ConversionError,
+                       match=r"hf\.emb\.weight: the checkpoint gives \(16, 8\), "
+                             r"the source HF checkpoint has \(17, 8\)"):
         export_hf_checkpoint(b, tmp_path / "hf2", tmp_path / "mg", tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
     export_hf_checkpoint(b, tmp_path / "hf", tmp_path / "mg", tmp_path / "out", progress=False)
@@ -348,11 +353,13 @@ def test_cli_round_trip_and_errors(tmp_path, register_plugin, nvl_cli):
     assert r.exit_code == 0, r.output
     assert "9 checkpoint" in r.output and "GB/s" in r.output
     assert json.loads((tmp_path / "s.json").read_text())["hf_tensors"] == 8
-    r = nvl_cli("convert", "export", "--hf-model", str(tmp_path / "hf"), "--megatron-path", str(tmp_path / "mg" / "iter_0000000"),
+    r = nvl_cli("convert", "export", "--hf-model", str(tmp_path / "hf"), "--megatron-path",
+                str(tmp_path / "mg" / "iter_0000000"),
                 "--hf-path", str(tmp_path / "out"), "--not-strict", "--shard-size", "1KB", "--no-progress")
     assert r.exit_code == 0, r.output
     assert set(exported(tmp_path / "out")) == set(src)
-    r = nvl_cli("convert", "import", "--hf-model", str(tmp_path / "hf"), "--megatron-path", str(tmp_path / "mg2"), "--tp", "3")
+    r = nvl_cli("convert", "import", "--hf-model", str(tmp_path / "hf"), "--megatron-path", str(tmp_path / "mg2"),
+                "--tp", "3")
     assert r.exit_code != 0 and "does not divide num_attention_heads" in r.output
     r = nvl_cli("convert", "import", "--hf-model", str(tmp_path / "hf"), "--megatron-path", str(tmp_path / "mg"))
     assert r.exit_code != 0 and "--overwrite" in r.output

@@ -39,7 +39,8 @@ def test_the_core_names_no_model_and_no_peft_method() -> None:
 def test_the_check_finds_what_it_should() -> None:
     # every word, in any case and inside identifiers, docstrings and comments
     for word in WORDS:
-        assert hits(f"x = 1  # see {word.upper()}\n", "nvlcore/x.py") == [f"nvlcore/x.py:1: x = 1  # see {word.upper()}"]
+        assert hits(f"x = 1  # see {word.upper()}\n",
+                    "nvlcore/x.py") == [f"nvlcore/x.py:1: x = 1  # see {word.upper()}"]
     assert hits("def apply(cfg):\n    return cfg.peft.lora_dtype\n", "nvlcore/x.py") == [
         "nvlcore/x.py:2: return cfg.peft.lora_dtype"]
     assert hits("freeze_language_model: bool = True\n", "nvlcore/a.py") != []

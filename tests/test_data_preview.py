@@ -56,9 +56,11 @@ class ListMaker:
 
     def __init__(self, *, split: str = "train", bad: bool = False) -> None:
         self.rows = [
-            {"conversation": [{"role": "user", "content": [{"type": "image", "image": "/x.png"}, {"type": "text", "text": "q0"}]},
+            {"conversation": [{"role": "user",
+                               "content": [{"type": "image", "image": "/x.png"}, {"type": "text", "text": "q0"}]},
                               {"role": "assistant", "content": "answer zero"}]},
-            {"conversation": [{"role": "user", "content": "q1"}, {"role": "assistant", "content": "fail" if bad else "one"}]},
+            {"conversation": [{"role": "user", "content": "q1"},
+                              {"role": "assistant", "content": "fail" if bad else "one"}]},
         ]
 
     def __len__(self):
@@ -102,7 +104,8 @@ def test_json_lines_with_model_dir(cli, model_dir: Path) -> None:
     lines = [json.loads(line) for line in result.output.splitlines()]
     assert len(lines) == 2
     first = lines[0]
-    for key in ("num_images", "tiles_per_image", "num_frames", "num_tokens", "num_supervised_tokens", "prompt", "target"):
+    for key in ("num_images", "tiles_per_image", "num_frames", "num_tokens", "num_supervised_tokens", "prompt",
+                "target"):
         assert key in first
     assert first["num_images"] == 1 and first["target"] == "answer zero"
     assert first["num_supervised_tokens"] == len("answer zero")
@@ -144,7 +147,8 @@ def test_bad_input_is_reported(cli, args, message) -> None:
 def test_model_dir_without_a_matching_bridge(cli, tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
     result = cli("data", "preview", "lm", "--hf-model-path", str(tmp_path))
-    assert result.exit_code == 1 and "no installed model bridge handles architectures ['LlamaForCausalLM']" in result.output
+    assert result.exit_code == 1
+    assert "no installed model bridge handles architectures ['LlamaForCausalLM']" in result.output
     (tmp_path / "config.json").unlink()
     result = cli("data", "preview", "lm", "--hf-model-path", str(tmp_path))
     assert result.exit_code == 2 and "has no config.json" in result.output

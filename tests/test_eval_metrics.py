@@ -133,10 +133,12 @@ def test_prediction_files_round_trip_and_errors(tmp_path: Path) -> None:
     assert summary == {"exact_match": 0.5, "token_f1": 0.5}
     path = write_records(tmp_path / "p.jsonl", records)
     lines = [json.loads(x) for x in path.read_text().splitlines()]
-    assert lines[0] == {"id": 0, "prediction": "red", "reference": "red", "scores": {"exact_match": 1.0, "token_f1": 1.0},
+    assert lines[0] == {"id": 0, "prediction": "red", "reference": "red",
+                        "scores": {"exact_match": 1.0, "token_f1": 1.0},
                         "question": "Q"}
     back = read_predictions(path)
-    assert [(r.id, r.prediction, r.reference, r.question) for r in back] == [(0, "red", "red", "Q"), (1, "", "blue", "")]
+    assert [(r.id, r.prediction, r.reference,
+             r.question) for r in back] == [(0, "red", "red", "Q"), (1, "", "blue", "")]
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prediction": "x", "reference": "y"}\n{"prediction": "x"}\n')
     with pytest.raises(EvalError, match=r"bad.jsonl:2: 'reference' is missing"):
@@ -155,7 +157,7 @@ def test_nvl_eval_predictions_with_the_builtin_maker(nvl_cli, tmp_path: Path) ->
     for preds, want in ((refs, 1.0), (["" for _ in refs], 0.0)):
         f = tmp_path / "preds.jsonl"
         f.write_text("".join(json.dumps({"id": i, "prediction": p, "reference": r}) + "\n"
-                             for i, (p, r) in enumerate(zip(preds, refs))))
+                             for i, (p, r) in enumerate(zip(preds, refs, strict=True))))
         out = tmp_path / "scored.jsonl"
         result = nvl_cli("eval", "--predictions", str(f), "dataset.maker_name=synthetic_shapes", "--json",
                          "--output", str(out))
@@ -222,7 +224,7 @@ def test_third_party_makers_generic_fallback_and_own_metrics(nvl_cli, register_p
     for preds, want in ((refs, 1.0), (["", ""], 0.0)):
         f = tmp_path / "p.jsonl"
         f.write_text("".join(json.dumps({"prediction": p, "reference": r, "question": "q"}) + "\n"
-                             for p, r in zip(preds, refs)))
+                             for p, r in zip(preds, refs, strict=True)))
         generic = json.loads(nvl_cli("eval", "--predictions", str(f), "dataset.maker_name=plain_qa", "--json").stdout)
         assert generic["metrics"] == {"exact_match": want, "token_f1": want}
         own = json.loads(nvl_cli("eval", "--predictions", str(f), "dataset.maker_name=own_qa", "--json").stdout)
@@ -238,6 +240,7 @@ def test_eval_samples_from_a_maker() -> None:
 
     samples = eval_samples(_PlainQA(), system_prompt="/no_think")
     assert [(s.id, s.reference, s.question) for s in samples] == [(0, "4", "2+2?"), (1, "Paris", "Capital of France?")]
-    assert samples[0].prompt["conversation"][0] == {"role": "system", "content": [{"type": "text", "text": "/no_think"}]}
+    assert samples[0].prompt["conversation"][0] == {"role": "system",
+                                                    "content": [{"type": "text", "text": "/no_think"}]}
     assert eval_samples(_PlainQA(), limit=1)[0].id == 0 and len(eval_samples(_PlainQA(), limit=1)) == 1
     assert shard(list(range(7)), 1, 3) == [1, 4]

@@ -76,7 +76,6 @@ print(json.dumps({"conforms": isinstance(vera, PeftMethod), "names": names, "tra
 def test_vera_finetunes_the_tiny_toy(site: Path, tmp_path: Path) -> None:
     pytest.importorskip("nvl_nemotron_vl.model")
     from nvl_nemotron_vl.toy import write_toy_checkpoint
-
     from nvlcore.checkpoint import open_checkpoint
 
     toy = Path(write_toy_checkpoint(tmp_path / "tiny", "tiny", seed=5))

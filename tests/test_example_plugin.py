@@ -38,7 +38,8 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     )  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
     assert list(target.glob("nvl_dataset_example-0.1.0.dist-info"))
-    env = {**os.environ, "PYTHONPATH": str(target), "NVL_STRICT_PLUGINS": "1", "NVL_DISABLE_PLUGINS": "nvl-broken-example"}
+    env = {**os.environ, "PYTHONPATH": str(target), "NVL_STRICT_PLUGINS": "1",
+           "NVL_DISABLE_PLUGINS": "nvl-broken-example"}
     env.pop("NVL_LOAD_PLUGINS", None)
     return env
 
@@ -50,7 +51,8 @@ def test_broken_installed_plugin_is_listed_failed_and_the_cli_works(installed: d
     assert "plugin 'nvl_broken_example' failed" in help_.stderr
     plugins = {p["name"]: p for p in json.loads(nvl(env, "plugins", "list", "--json").stdout)}
     assert plugins["nvl_broken_example"]["status"] == "failed"
-    assert plugins["nvl_broken_example"]["error"] == "ModuleNotFoundError: No module named 'a_module_that_is_not_installed'"
+    error = "ModuleNotFoundError: No module named 'a_module_that_is_not_installed'"
+    assert plugins["nvl_broken_example"]["error"] == error
     assert plugins["nvl_broken_example"]["version"] == "0.0.1"
     others = [p for name, p in plugins.items() if name != "nvl_broken_example"]
     assert others and all(p["status"] == "loaded" for p in others)
@@ -62,7 +64,8 @@ def test_broken_installed_plugin_is_listed_failed_and_the_cli_works(installed: d
 
 
 def nvl(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "nvlcore.cli", *args], capture_output=True, text=True, env=env, timeout=120)
+    return subprocess.run([sys.executable, "-m", "nvlcore.cli", *args], capture_output=True, text=True, env=env,
+                          timeout=120)
 
 
 def test_example_plugin_is_listed(installed: dict[str, str]) -> None:

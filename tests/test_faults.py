@@ -208,8 +208,8 @@ def test_sigterm_of_the_launcher_exits_75_like_one_process(toy, tmp_path):
 
 @pytest.mark.slow
 def test_a_second_finetune_into_the_same_directory_is_refused_and_the_first_keeps_training(toy, tmp_path):
-    """Issue 27 item 2 with two real `nvl finetune` runs with two real `nvl finetune` runs: the second says who holds the directory in one
-    line and touches nothing; the first saves and stops normally; a rerun after it resumes."""
+    """Issue 27 item 2 with two real `nvl finetune` runs: the second says who holds the directory in one line and
+    touches nothing; the first saves and stops normally; a rerun after it resumes."""
     save = tmp_path / "run"
     first = subprocess.Popen([sys.executable, "-m", "nvlcore", *finetune_args(toy, save)], stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True, env=ENV, stdin=subprocess.DEVNULL)
@@ -353,7 +353,8 @@ def small_tmpfs(tmp_path):
     mnt.mkdir()
     if os.geteuid() != 0:
         pytest.skip("mounting a tmpfs needs root")
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(mnt)], capture_output=True, text=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(mnt)], capture_output=True,
+                          text=True)
     if done.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
     try:

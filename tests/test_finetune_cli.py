@@ -47,7 +47,8 @@ def raven(tmp_path_factory) -> Path:
     """24 rows in the_cauldron/raven's schema: 1-2 images each, a question, a letter answer tied to the colour."""
     import random
 
-    from datasets import Dataset, Features, Image as HFImage, List, Value
+    from datasets import Dataset, Features, List, Value
+    from datasets import Image as HFImage
     from PIL import Image
 
     from nvl_data_testing import write_hub_dataset
@@ -62,7 +63,8 @@ def raven(tmp_path_factory) -> Path:
         rows["texts"].append([{"user": "Which figure completes the sequence? Answer with the letter.",
                                "assistant": answer, "source": "raven"}])
     features = Features({"images": List(HFImage()),
-                         "texts": List({"user": Value("string"), "assistant": Value("string"), "source": Value("string")})})
+                         "texts": List({"user": Value("string"), "assistant": Value("string"),
+                                        "source": Value("string")})})
     root = tmp_path_factory.mktemp("cauldron")
     return write_hub_dataset(root, {"raven/train-00000-of-00001.parquet": Dataset.from_dict(rows, features=features)},
                              {"raven": {"train": "raven/train-*"}})
@@ -145,7 +147,8 @@ def test_trained_checkpoint_exports_to_hf_with_the_trained_weights(baseline, toy
         bridge.load_hf_weights(exported, out)
         original = bridge.build_model(dtype=torch.float32, device="cpu", init="none")
         bridge.load_hf_weights(original, toy)
-        ex, tr, orig = dict(exported.named_parameters()), dict(trained.named_parameters()), dict(original.named_parameters())
+        ex, tr, orig = dict(exported.named_parameters()), dict(trained.named_parameters()), dict(
+            original.named_parameters())
         for name, p in tr.items():
             assert torch.equal(ex[name], p), name
         assert sum(not torch.equal(orig[n], p) for n, p in tr.items()) > len(tr) // 2  # training changed them
@@ -199,7 +202,8 @@ def test_original_command_lines_parse_as_written(toy):
     assert c["optimizer"]["lr"] == 2e-5 and c["rng"]["seed"] == 42  # the default YAML over the PEFT recipe
     # video: --config-file .../nemotron_nano_v2_vl_video.yaml dataset.maker_kwargs={"video_root_path":$VIDEO_ROOT}
     # (the shell leaves {video_root_path:/data/videos} of it)
-    c = print_config(toy, "--config-file", str(VIDEO_CONFIG_FILE), "dataset.maker_kwargs={video_root_path:/data/videos}")
+    c = print_config(toy, "--config-file", str(VIDEO_CONFIG_FILE),
+                     "dataset.maker_kwargs={video_root_path:/data/videos}")
     assert c["dataset"]["maker_name"] == "make_llava_video_178k_dataset"
     kw = c["dataset"]["maker_kwargs"]
     assert kw["video_root_path"] == "/data/videos" and kw["subsets"] == ["0_30_s_nextqa"]
@@ -214,8 +218,10 @@ def test_original_command_lines_parse_as_written(toy):
     c = print_config(toy)
     assert c["peft"]["method"] is None and c["model"]["tensor_model_parallel_size"] == 4
     assert c["scheduler"]["start_weight_decay"] == c["scheduler"]["end_weight_decay"] == 0.033
-    assert (c["optimizer"]["adam_beta2"], c["optimizer"]["clip_grad"], c["scheduler"]["lr_warmup_iters"]) == (0.95, 1.0, 5)
-    assert (c["train"]["global_batch_size"], c["train"]["micro_batch_size"], c["checkpoint"]["save_interval"]) == (32, 1, 200)
+    assert (c["optimizer"]["adam_beta2"], c["optimizer"]["clip_grad"],
+            c["scheduler"]["lr_warmup_iters"]) == (0.95, 1.0, 5)
+    assert (c["train"]["global_batch_size"], c["train"]["micro_batch_size"],
+            c["checkpoint"]["save_interval"]) == (32, 1, 200)
 
 
 def test_missing_mandatory_save_and_bad_inputs_fail_with_clear_messages(toy, tmp_path):
@@ -276,7 +282,8 @@ def test_a_sample_too_long_for_seq_length_is_one_line_naming_the_row_and_leaves_
     proc = run_nvl("finetune", "--hf-model-path", str(toy), "--pretrained-checkpoint", str(toy),
                    "dataset.maker_name=synthetic_shapes", "model.seq_length=32", "dataset.seq_length=32",
                    "train.global_batch_size=2", "train.micro_batch_size=1", "model.tensor_model_parallel_size=1",
-                   "train.train_iters=2", "scheduler.lr_warmup_iters=1", "dataset.num_workers=1", f"checkpoint.save={save}")
+                   "train.train_iters=2", "scheduler.lr_warmup_iters=1", "dataset.num_workers=1",
+                   f"checkpoint.save={save}")
     line = one_error_line(proc)
     assert proc.returncode == 1 and "dataset split 'train', row " in line and "raise dataset.seq_length" in line
     assert "Original Traceback" not in proc.stderr and not save.exists()

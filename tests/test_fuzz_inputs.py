@@ -6,8 +6,8 @@ from __future__ import annotations
 import os
 import shutil
 import struct
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pytest
 from click.testing import CliRunner
@@ -76,7 +76,8 @@ CKPT_CORRUPTIONS: dict[str, Callable[[Path], Path]] = {
     "shard-truncated": lambda d: _truncate(_first(d, "*.distcp"), _first(d, "*.distcp").stat().st_size // 2),
     "shard-zero-bytes": lambda d: _truncate(_first(d, "*.distcp"), 0),
     "metadata-truncated": lambda d: _truncate(d / "iter_0000000" / ".metadata", 10),
-    "tracker-garbage": lambda d: (d / "latest_train_state.pt").write_bytes(os.urandom(300)) and d / "latest_train_state.pt",
+    "tracker-garbage": lambda d: (d / "latest_train_state.pt").write_bytes(os.urandom(300))
+    and d / "latest_train_state.pt",
 }
 _deleted: dict[Path, Path] = {}
 
@@ -156,7 +157,8 @@ def test_generate_with_a_damaged_image_or_a_non_video(toy, tmp_path, kind):
         f = tmp_path / "clip.mp4"
         f.write_text("not a video\n")
         args = ["--video-path", str(f)]
-    res = nvl("generate", "--hf-model-path", str(toy), "--prompt", "hi", "--max-new-tokens", "2", "--device", "cpu", *args)
+    res = nvl("generate", "--hf-model-path", str(toy), "--prompt", "hi", "--max-new-tokens", "2", "--device", "cpu",
+              *args)
     check_fails_cleanly(res, f, None)
 
 
@@ -176,7 +178,8 @@ def test_config_contradictions_fail_before_the_model_is_built(toy, tmp_path, mon
 
     monkeypatch.setattr(finetune, "run_finetune", never)
     args = finetune_args(toy, toy, tmp_path / "run")
-    args = [a for a in args if not a.startswith(("scheduler.lr_warmup_iters", "train.train_iters", "dataset.maker_name"))]
+    args = [a for a in args if not a.startswith(("scheduler.lr_warmup_iters", "train.train_iters",
+                                                 "dataset.maker_name"))]
     res = nvl(*args, "train.train_iters=10", "scheduler.lr_warmup_iters=1", "dataset.maker_name=synthetic_shapes", *bad)
     assert res.exit_code == 2, res.output
     assert expect in res.output and "Traceback" not in res.output

@@ -232,8 +232,9 @@ def test_bf16_moments_under_the_distributed_optimizer_resume_bit_for_bit(hf, tmp
     """Two gloo ranks, the state sharded over them (ZeroRedundancyOptimizer around the lean AdamW): the run
     resumes to the uninterrupted losses."""
     moments = BF16
-    from nvl_dist_testing import run_distributed
     from dist_worker import train
+
+    from nvl_dist_testing import run_distributed
 
     whole, resumed = tmp_path / "whole", tmp_path / "resumed"
     lines = run_distributed(train, 2, str(hf), [*SHORT, *moments, f"checkpoint.save={whole}"])[0]
@@ -287,5 +288,5 @@ def test_lean_and_host_offload_optimizers_on_cuda_match_torch_adamw() -> None:
     torch.testing.assert_close(w, w_ref, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(b, b_ref, rtol=1e-6, atol=1e-6)
     for dt, tol in ((torch.bfloat16, 5e-4), (torch.uint8, 5e-3)):
-        _, w, b = run(lambda g: LeanAdamW(g, exp_avg_dtype=dt, exp_avg_sq_dtype=dt, **kw))
+        _, w, b = run(lambda g, dt=dt: LeanAdamW(g, exp_avg_dtype=dt, exp_avg_sq_dtype=dt, **kw))
         torch.testing.assert_close(w, w_ref, rtol=0, atol=tol)

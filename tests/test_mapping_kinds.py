@@ -4,10 +4,10 @@ round trip, HF loading, the TP split and the checkpoint layout, and the core nev
 from __future__ import annotations
 
 import json
-
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Mapping
+from typing import Any, ClassVar
 
 import pytest
 import torch
@@ -58,16 +58,16 @@ class StackedMapping(ParamMapping):
         return tuple(f"{self.megatron}.{n}" for n in self.names)
 
     def hf_to_components(self, hf: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {c: self.need(hf, k) for c, k in zip(self.components, self.hf)}
+        return {c: self.need(hf, k) for c, k in zip(self.components, self.hf, strict=True)}
 
     def components_to_hf(self, comps: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {k: self.need(comps, c) for c, k in zip(self.components, self.hf)}
+        return {k: self.need(comps, c) for c, k in zip(self.components, self.hf, strict=True)}
 
     def components_to_local(self, comps: Mapping[str, torch.Tensor], tp_size: int, tp_rank: int) -> torch.Tensor:
         return torch.stack([self.need(comps, c).chunk(tp_size)[tp_rank] for c in self.components])
 
     def local_to_components(self, shards: Any) -> dict[str, torch.Tensor]:
-        return dict(zip(self.components, torch.cat(list(shards), dim=1).unbind(0)))
+        return dict(zip(self.components, torch.cat(list(shards), dim=1).unbind(0), strict=True))
 
     def local_components(self, local: torch.Tensor, tp_size: int, tp_rank: int) -> list[LocalComponent]:
         return [LocalComponent(c, local[i], 0, local.shape[1] * tp_size) for i, c in enumerate(self.components)]
@@ -158,8 +158,8 @@ def _hf_dir(example: Any, path: Path) -> Path:
 
 def _round_trip(bridge_cls: type, hf: Path, work: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     from nvlcore.checkpoint import open_checkpoint
-    from nvlcore.convert.safetensors_io import SafetensorsReader
     from nvlcore.convert.engine import export_hf_checkpoint, import_hf_checkpoint
+    from nvlcore.convert.safetensors_io import SafetensorsReader
 
     bridge = bridge_cls.from_hf_dir(hf)
     import_hf_checkpoint(bridge, hf, work / "mg", tp=2, progress=False)
@@ -213,7 +213,9 @@ def test_a_bridge_kind_loads_splits_and_checkpoints(example: Any, tmp_path: Path
 def test_a_bridge_kind_loads_hf_weights_into_the_model(example: Any, tmp_path: Path) -> None:
     hf = _hf_dir(example, tmp_path / "hf")
     bridge = _bridge_class(example, TransposedMapping).from_hf_dir(hf)
-    example._ensure_single_process_groups()
+    from nvlcore.parallel import init_parallel
+
+    init_parallel(1, device_type="cpu")
     model = bridge.build_model(dtype=torch.float32)
     bridge.load_hf_weights(model, hf)
     want = load_file(str(hf / "model.safetensors"))[FC1].t()

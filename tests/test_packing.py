@@ -142,7 +142,8 @@ def toy(tmp_path_factory) -> Path:
 def raven(tmp_path_factory) -> Path:
     import random
 
-    from datasets import Dataset, Features, Image as HFImage, List, Value
+    from datasets import Dataset, Features, List, Value
+    from datasets import Image as HFImage
     from PIL import Image
 
     from nvl_data_testing import write_hub_dataset
@@ -154,10 +155,12 @@ def raven(tmp_path_factory) -> Path:
         answer = rng.choice("ABCD")
         rows["images"].append([Image.new("RGB", (rng.choice([32, 64]), 64), colours[answer])
                                for _ in range(rng.randint(0, 2))])
-        rows["texts"].append([{"user": "Which figure completes the sequence? Answer with the letter." * rng.randint(1, 3),
+        rows["texts"].append(
+            [{"user": "Which figure completes the sequence? Answer with the letter." * rng.randint(1, 3),
                                "assistant": answer, "source": "raven"}])
     features = Features({"images": List(HFImage()),
-                         "texts": List({"user": Value("string"), "assistant": Value("string"), "source": Value("string")})})
+                         "texts": List({"user": Value("string"), "assistant": Value("string"),
+                                        "source": Value("string")})})
     root = tmp_path_factory.mktemp("cauldron")
     return write_hub_dataset(root, {"raven/train-00000-of-00001.parquet": Dataset.from_dict(rows, features=features)},
                              {"raven": {"train": "raven/train-*"}})

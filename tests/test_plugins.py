@@ -126,13 +126,16 @@ def test_same_entry_point_name_in_two_distributions(fake_entry_points: Any) -> N
         ({"NVL_LOAD_PLUGINS": "nvl-one,nvl-two", "NVL_DISABLE_PLUGINS": "nvl-one"}, {"nvl_two"}, {"nvl_one"}),
     ],
 )
-def test_allow_and_block_lists(fake_entry_points: Any, env: dict[str, str], loaded: set[str], blocked: set[str]) -> None:
-    fake_entry_points({"nvl-one": {"nvl_one": maker_plugin("nvl_one", "one")}, "nvl-two": {"nvl_two": maker_plugin("nvl_two", "two")}})
+def test_allow_and_block_lists(fake_entry_points: Any, env: dict[str, str], loaded: set[str],
+                               blocked: set[str]) -> None:
+    fake_entry_points({"nvl-one": {"nvl_one": maker_plugin("nvl_one", "one")},
+                       "nvl-two": {"nvl_two": maker_plugin("nvl_two", "two")}})
     manager = manager_with(env)
     infos = [i for i in manager.plugin_infos() if i.name.startswith("nvl_")]
     assert {i.name for i in infos if i.status == "loaded"} == loaded
     assert {i.name for i in infos if i.status == "blocked"} == blocked
-    assert set(manager.registry("dataset_maker").names()) == {n.removeprefix("nvl_") for n in loaded} | {"synthetic_shapes"}
+    assert set(manager.registry("dataset_maker").names()) == {n.removeprefix("nvl_")
+                                                              for n in loaded} | {"synthetic_shapes"}
 
 
 def test_allowlisted_name_not_installed_is_reported(fake_entry_points: Any, capsys: Any) -> None:
@@ -188,7 +191,8 @@ def test_unknown_name_suggests_and_lists(nvl_plugin_manager: NvlPluginManager, r
         nvl_plugin_manager.registry("dataset_makers")
 
 
-def test_lazy_target_is_not_imported_until_used(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, register_plugin: Any, nvl_cli: Any) -> None:
+def test_lazy_target_is_not_imported_until_used(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, register_plugin: Any,
+                                                nvl_cli: Any) -> None:
     (tmp_path / "nvl_lazy_heavy_mod.py").write_text("IMPORTED = True\nclass Maker:\n    splits = ('train',)\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.delitem(sys.modules, "nvl_lazy_heavy_mod", raising=False)
@@ -276,7 +280,8 @@ def test_plugins_list_json_table_and_all(register_plugin: Any, nvl_cli: Any) -> 
 
 
 def test_plugins_list_requirements(fake_entry_points: Any) -> None:
-    fake_entry_points({"nvl-one": {"nvl_one": maker_plugin("nvl_one", "one")}, "nvl-bad": {"nvl_bad": ImportError("x")}})
+    fake_entry_points({"nvl-one": {"nvl_one": maker_plugin("nvl_one", "one")},
+                       "nvl-bad": {"nvl_bad": ImportError("x")}})
     result = click.testing.CliRunner().invoke(build_cli(manager_with()), ["plugins", "list", "--requirements"])
     assert result.exit_code == 0 and result.stdout == "nvl-one==1.0\n"  # failed plugins are left out
 
@@ -319,7 +324,8 @@ def test_installed_plugins_list_in_a_subprocess_without_importing_lazy_targets()
     assert names["nvlcore.builtin.loggers"]["status"] == "loaded"
     assert "nvlcore.training.loggers" not in data["imported"]
     assert data["imported"] == []
-    assert all(p["status"] == "loaded" for p in data["plugins"]), [p for p in data["plugins"] if p["status"] != "loaded"]
+    assert all(p["status"] == "loaded"
+               for p in data["plugins"]), [p for p in data["plugins"] if p["status"] != "loaded"]
 
 
 # -- sys.exit() and other BaseExceptions fail the plugin, not the CLI (issue 17, item 1) ----------------
@@ -346,7 +352,8 @@ def test_sys_exit_and_base_exceptions_in_hooks_fail_the_plugin(fake_entry_points
     def commands(cli: Any) -> None:
         raise _NotAnException("odd")
 
-    fake_entry_points({"nvl-exit-hook": {"nvl_exit_hook": module_plugin("nvl_exit_hook", nvl_register_dataset_makers=makers)},
+    fake_entry_points(
+        {"nvl-exit-hook": {"nvl_exit_hook": module_plugin("nvl_exit_hook", nvl_register_dataset_makers=makers)},
                        "nvl-odd-cmd": {"nvl_odd_cmd": module_plugin("nvl_odd_cmd", nvl_register_commands=commands)}})
     manager = manager_with()
     infos = by_name(manager)
@@ -376,7 +383,8 @@ def test_plugin_calling_sys_exit_at_import_in_a_real_process(tmp_path: Path) -> 
     import os
 
     env = {**os.environ, "PYTHONPATH": str(site), "NVL_STRICT_PLUGINS": ""}
-    done = subprocess.run([sys.executable, "-m", "nvlcore", "--help"], capture_output=True, text=True, timeout=120, env=env)
+    done = subprocess.run([sys.executable, "-m", "nvlcore", "--help"], capture_output=True, text=True, timeout=120,
+                          env=env)
     assert done.returncode == 0, done.stderr
     assert "Usage" in done.stdout
     assert "plugin 'nvl_exiter' failed: SystemExit: 1" in done.stderr

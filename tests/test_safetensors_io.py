@@ -50,7 +50,7 @@ def test_writer_output_loads_with_safetensors_and_round_trips(tmp_path, shard_si
     assert index["metadata"]["total_size"] == sum(v.numel() * v.element_size() for v in ts.values())
     shards = sorted(set(index["weight_map"].values()))
     if shard_size == 700:
-        assert len(shards) > 1 and shards[0].endswith("-of-%05d.safetensors" % len(shards))
+        assert len(shards) > 1 and shards[0].endswith(f"-of-{len(shards):05d}.safetensors")
     loaded = {}
     for s in shards:
         loaded.update(load_file(tmp_path / s))

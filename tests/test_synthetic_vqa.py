@@ -49,7 +49,8 @@ def test_conversation_schema_and_blank_control() -> None:
     assert np.asarray(conv[0]["content"][0]["image"]).min() == 255
 
 
-@pytest.mark.parametrize("kwargs, match", [({"questions": ["size"]}, "questions"), ({"num_examples": 0}, "num_examples")])
+@pytest.mark.parametrize("kwargs, match",
+                         [({"questions": ["size"]}, "questions"), ({"num_examples": 0}, "num_examples")])
 def test_bad_kwargs(kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         SyntheticShapes(split="train", **kwargs)

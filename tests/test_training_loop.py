@@ -37,7 +37,8 @@ def train_here(hf: Path, *overrides: str, manager=None):
     from nvlcore.training.finetune import run_finetune
 
     manager = manager or tiny_plugin.manager()
-    cfg = load_config([], [*DEFAULTS, f"model.hf_model_path={hf}", f"checkpoint.pretrained_checkpoint={hf}", *overrides],
+    cfg = load_config([], [*DEFAULTS, f"model.hf_model_path={hf}", f"checkpoint.pretrained_checkpoint={hf}",
+                           *overrides],
                       plugins=manager)
     resolve_config(cfg)
     return run_finetune(cfg, manager=manager, device_type="cpu")
@@ -236,9 +237,11 @@ def test_loss_falls_checkpoints_appear_and_metrics_are_logged(baseline):
     first = sum(rows[i]["loss"] for i in range(1, 4)) / 3
     last = sum(rows[i]["loss"] for i in range(28, 31)) / 3
     assert last < first - 0.8, (first, last)
-    for key in ("iteration", "loss", "lr", "grad_norm", "tokens_per_s", "tflops_per_gpu", "skipped_iterations", "eta_s"):
+    for key in ("iteration", "loss", "lr", "grad_norm", "tokens_per_s", "tflops_per_gpu", "skipped_iterations",
+                "eta_s"):
         assert key in rows[30], key
-    assert rows[1]["lr"] == 0.0 and rows[6]["lr"] == pytest.approx(3e-3)  # Megatron warm-up: update 0 uses lr_warmup_init
+    # Megatron warm-up: update 0 uses lr_warmup_init
+    assert rows[1]["lr"] == 0.0 and rows[6]["lr"] == pytest.approx(3e-3)
     assert rows[30]["tflops_per_gpu"] > 0
     for it in (10, 20, 30):
         d = baseline / f"iter_{it:07d}"
@@ -326,12 +329,14 @@ def test_a_second_ctrl_c_stops_at_once_but_not_under_torchrun():
 
 def test_validation_runs_when_the_maker_has_the_split_and_is_skipped_with_a_note_otherwise(hf, tmp_path, capsys):
     out = tmp_path / "val"
-    train_here(hf, f"checkpoint.save={out}", "train.train_iters=4", "scheduler.lr_warmup_iters=1", "validation.eval_iters=2",
+    train_here(hf, f"checkpoint.save={out}", "train.train_iters=4", "scheduler.lr_warmup_iters=1",
+               "validation.eval_iters=2",
                "validation.eval_interval=2")
     vals = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if "val_loss" in x]
     assert [v["iteration"] for v in vals] == [2, 4]
     assert all(math.isfinite(v["val_loss"]) and v["val_tokens"] > 0 for v in vals)
-    train_here(hf, f"checkpoint.save={tmp_path / 'noval'}", "train.train_iters=2", "scheduler.lr_warmup_iters=1", "validation.eval_iters=2",
+    train_here(hf, f"checkpoint.save={tmp_path / 'noval'}", "train.train_iters=2", "scheduler.lr_warmup_iters=1",
+               "validation.eval_iters=2",
                "validation.eval_interval=1", "dataset.maker_name=tiny_train_only")
     assert "validation skipped: dataset maker 'tiny_train_only' has no validation split" in capsys.readouterr().out
 
@@ -348,7 +353,8 @@ def test_launch_arguments_single_machine_and_rendezvous():
     from nvlcore.parallel import build_launch_args
 
     one = build_launch_args(nproc_per_node=2, module="nvlcore.cli.finetune", module_args=["a=1"])
-    assert one[:5] == ["--nproc-per-node", "2", "--nnodes", "1", "--standalone"] and one[-3:] == ["-m", "nvlcore.cli.finetune", "a=1"]
+    assert one[:5] == ["--nproc-per-node", "2", "--nnodes", "1",
+                       "--standalone"] and one[-3:] == ["-m", "nvlcore.cli.finetune", "a=1"]
     multi = build_launch_args(nproc_per_node=8, module="m", module_args=[], nnodes="2", rdzv_endpoint="n0:29500",
                               rdzv_id="job")
     args = get_args_parser().parse_args(multi)  # torchrun accepts exactly what we pass through
@@ -379,7 +385,8 @@ def test_wandb_logger_works_offline(hf, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     out = tmp_path / "wb"
-    train_here(hf, f"checkpoint.save={out}", "train.train_iters=2", "scheduler.lr_warmup_iters=1", "logger.wandb_project=nvl-test",
+    train_here(hf, f"checkpoint.save={out}", "train.train_iters=2", "scheduler.lr_warmup_iters=1",
+               "logger.wandb_project=nvl-test",
                "logger.wandb_exp_name=tiny")
     runs = list((out / "wandb" / "wandb").glob("offline-run-*"))
     assert len(runs) == 1, list((out / "wandb").rglob("*"))[:20]
@@ -436,7 +443,8 @@ def test_a_disk_too_small_for_one_checkpoint_is_refused_before_training(hf, tmp_
 
     monkeypatch.setattr(save_mod, "free_bytes", lambda path: 1000)
     out = tmp_path / "full"
-    with pytest.raises(ValueError, match=r"checkpoint.save=.*: one checkpoint needs about [0-9.]+ MB but .* has 0\.0 MB free"):
+    with pytest.raises(ValueError,
+                       match=r"checkpoint.save=.*: one checkpoint needs about [0-9.]+ MB but .* has 0\.0 MB free"):
         train_here(hf, f"checkpoint.save={out}", "train.train_iters=2", "scheduler.lr_warmup_iters=1")
     assert not (out / "metrics.jsonl").exists() and not list(out.glob("iter_*"))
 

@@ -10,7 +10,8 @@ example of a dataset maker.
 from __future__ import annotations
 
 import random
-from typing import TYPE_CHECKING, Any, ClassVar, Iterator
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import attrs
 
@@ -33,7 +34,7 @@ QUESTIONS: dict[str, str] = {
 _SPLIT_OFFSET = {"train": 0, "validation": 1_000_003, "test": 2_000_003}
 
 
-def draw_shape(shape: str, color: str, *, size: int, rng: random.Random) -> "Image.Image":
+def draw_shape(shape: str, color: str, *, size: int, rng: random.Random) -> Image.Image:
     """Draw one shape of ``color`` on a light background of ``size`` x ``size`` pixels."""
     from PIL import Image, ImageDraw
 

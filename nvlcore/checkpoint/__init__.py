@@ -10,13 +10,14 @@ Public API:
 
 - :func:`resolve_checkpoint_dir` (base dir -> latest ``iter_N``; an ``iter_N`` dir as is),
   :func:`list_iterations`, :func:`read_tracker`, :func:`iter_dir_name`;
-- :func:`save_checkpoint` (collective; how it writes: :class:`SaveOptions`; DTensor shards via :func:`shard_tensor`; streamed saves via
-  :class:`StreamedState`), :func:`write_tracker`, :func:`apply_most_recent_k`;
+- :func:`save_checkpoint` (collective; how it writes: :class:`SaveOptions`; DTensor shards via
+  :func:`shard_tensor`; streamed saves via :class:`StreamedState`), :func:`write_tracker`, :func:`apply_most_recent_k`;
 - :class:`Checkpoint` / :func:`open_checkpoint` / :func:`load_model_state` (full tensors or into a
   target layout), plus ``extra_state()``, ``rank_state()``, ``train_state()``, ``run_config()``;
 - :func:`capture_rng_state` / :func:`restore_rng_state`;
 - :class:`RunLock` (one writer per run directory, :mod:`nvlcore.checkpoint.lock`);
-- :func:`atomic_output_dir`, :func:`atomic_write`, :func:`atomic_torch_save` for other writers.
+- :func:`atomic_output_dir`, :func:`atomic_write`, :func:`atomic_torch_save` for other writers, and
+  :func:`scratch_dir` for their temporary files beside the final output.
 
 See docs/checkpoints.md. Importing this package does not import torch.
 """
@@ -30,6 +31,7 @@ from nvlcore.checkpoint.atomic import (
     atomic_write,
     atomic_write_text,
     check_can_write,
+    scratch_dir,
 )
 from nvlcore.checkpoint.layout import (
     CheckpointCorruptError,
@@ -41,8 +43,8 @@ from nvlcore.checkpoint.layout import (
     read_tracker,
     resolve_checkpoint_dir,
 )
-from nvlcore.checkpoint.lock import RunDirectoryLocked, RunLock
 from nvlcore.checkpoint.load import Checkpoint, CheckpointKeyError, load_model_state, open_checkpoint
+from nvlcore.checkpoint.lock import RunDirectoryLocked, RunLock
 from nvlcore.checkpoint.rng import capture_rng_state, restore_rng_state
 from nvlcore.checkpoint.save import (
     CheckpointSaveError,
@@ -85,6 +87,7 @@ __all__ = [
     "read_tracker",
     "resolve_checkpoint_dir",
     "restore_rng_state",
+    "scratch_dir",
     "save_checkpoint",
     "shard_tensor",
     "write_tracker",

@@ -18,8 +18,9 @@ import shutil
 import socket
 import sys
 import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from nvlcore.checkpoint.layout import OLD_MARK, TMP_MARK
 
@@ -213,7 +214,8 @@ def scratch_dir(final: str | os.PathLike[str]) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def atomic_output_dir(final: str | os.PathLike[str], *, overwrite: bool = False, what: str = "output") -> Iterator[Path]:
+def atomic_output_dir(final: str | os.PathLike[str], *, overwrite: bool = False,
+                      what: str = "output") -> Iterator[Path]:
     """Yield a fresh temporary directory that becomes ``final`` when the block completes.
 
     Checks for an existing ``final`` before any work starts and removes temporary siblings that killed

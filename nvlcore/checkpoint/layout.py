@@ -98,14 +98,16 @@ def read_tracker(root: str | os.PathLike[str]) -> int | None:
             state = torch.load(pt, map_location="cpu", weights_only=True)
         except Exception as exc:  # a corrupt tracker must say which file is at fault, in one line
             raise CheckpointCorruptError(
-                f"the tracker {pt} is damaged (not a torch file nvl can read: {type(exc).__name__}); remove it (the iteration is then read from "
+                f"the tracker {pt} is damaged (not a torch file nvl can read: {type(exc).__name__}); remove it (the "
+                "iteration is then read from "
                 f"{TRACKER_TXT}) or give an iter_N directory"
             ) from None
         for key in ("iteration", "step"):
             if isinstance(state, dict) and key in state:
                 value = state[key]
                 return int(value.item() if hasattr(value, "item") else value)
-        raise CheckpointCorruptError(f"the tracker {pt} holds no 'iteration' or 'step' entry; remove it or give an iter_N directory")
+        raise CheckpointCorruptError(f"the tracker {pt} holds no 'iteration' or 'step' entry; remove it or give an "
+                                     "iter_N directory")
     txt = root / TRACKER_TXT
     if txt.is_file():
         text = txt.read_text().strip()
@@ -133,7 +135,8 @@ def resolve_checkpoint_dir(path: str | os.PathLike[str]) -> Path:
     if not p.exists():
         raise CheckpointNotFoundError(f"checkpoint path {p} does not exist")
     if not p.is_dir():
-        raise CheckpointNotFoundError(f"checkpoint path {p} is a file; pass a checkpoint directory or one of its iter_N dirs")
+        raise CheckpointNotFoundError(f"checkpoint path {p} is a file; pass a checkpoint directory or one of its "
+                                      "iter_N dirs")
     if parse_iteration(p.name) is not None:
         if (p / DCP_METADATA).is_file():
             return p

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Mapping
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
@@ -69,7 +70,8 @@ class Checkpoint:
         try:
             return torch.load(p, map_location="cpu", weights_only=True)
         except Exception as exc:
-            raise CheckpointCorruptError(f"{p} is damaged (not a torch file nvl can read: {type(exc).__name__}); the checkpoint {self.path} "
+            raise CheckpointCorruptError(f"{p} is damaged (not a torch file nvl can read: {type(exc).__name__}); the "
+                                         f"checkpoint {self.path} "
                                          "cannot be used") from None
 
     def train_state(self) -> dict[str, Any]:
@@ -109,7 +111,8 @@ class Checkpoint:
                 md = FileSystemReader(str(self.path)).read_metadata()
             except Exception as exc:
                 raise CheckpointCorruptError(
-                    f"{self.path / DCP_METADATA} is damaged ({first_line(exc, 80)}); the checkpoint {self.path} cannot be used"
+                    f"{self.path / DCP_METADATA} is damaged ({first_line(exc, 80)}); the checkpoint {self.path} cannot "
+                    "be used"
                 ) from None
             self._check_files(md)
             self._metadata = md
@@ -130,7 +133,8 @@ class Checkpoint:
                 size = f.stat().st_size
             except FileNotFoundError:
                 raise CheckpointCorruptError(
-                    f"{f} is missing: the checkpoint {self.path} is incomplete (copy it again, or use another iteration)"
+                    f"{f} is missing: the checkpoint {self.path} is incomplete (copy it again, or use another "
+                    "iteration)"
                 ) from None
             if size < end:
                 raise CheckpointCorruptError(
@@ -183,11 +187,11 @@ class Checkpoint:
     # -- tensors ----------------------------------------------------------------------------------
     def load(
         self,
-        template: Mapping[str, "torch.Tensor"] | Iterable[str] | None = None,
+        template: Mapping[str, torch.Tensor] | Iterable[str] | None = None,
         *,
         state: str | None = None,
         group: Any = None,
-    ) -> dict[str, "torch.Tensor"]:
+    ) -> dict[str, torch.Tensor]:
         """Load tensors of the model (or of sharded ``state``).
 
         :param template: ``None`` for every tensor in full; an iterable of keys for those in full; or a
@@ -256,9 +260,9 @@ def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
 
 def load_model_state(
     path: str | os.PathLike[str],
-    template: Mapping[str, "torch.Tensor"] | Iterable[str] | None = None,
+    template: Mapping[str, torch.Tensor] | Iterable[str] | None = None,
     *,
     group: Any = None,
-) -> dict[str, "torch.Tensor"]:
+) -> dict[str, torch.Tensor]:
     """Load model tensors from a checkpoint path: all in full, some keys in full, or into a template."""
     return Checkpoint(path).load(template, group=group)

@@ -25,7 +25,7 @@ from typing import Any
 
 LOCK_NAME = ".nvl-run.lock"
 
-_HELD: dict[Path, "RunLock"] = {}
+_HELD: dict[Path, RunLock] = {}
 
 
 class RunDirectoryLocked(RuntimeError):
@@ -71,7 +71,7 @@ class RunLock:
         #: the record of a dead holder whose lock this process took over (None: the lock was free)
         self.took_over: dict[str, Any] | None = None
 
-    def acquire(self) -> "RunLock":
+    def acquire(self) -> RunLock:
         """Take the lock or raise :class:`RunDirectoryLocked` naming the live holder's pid and host."""
         import fcntl
 
@@ -128,7 +128,7 @@ class RunLock:
             except OSError:
                 pass  # not empty: the run wrote something
 
-    def __enter__(self) -> "RunLock":
+    def __enter__(self) -> RunLock:
         return self.acquire()
 
     def __exit__(self, *exc: object) -> None:

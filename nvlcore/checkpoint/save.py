@@ -26,9 +26,10 @@ import shutil
 import sys
 import time
 import warnings
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any
 
 from nvlcore import interrupt
 from nvlcore.checkpoint.atomic import (
@@ -71,7 +72,7 @@ class TensorSpec:
     """Shape and dtype of a tensor that will be produced later."""
 
     shape: tuple[int, ...]
-    dtype: "torch.dtype"
+    dtype: torch.dtype
 
     @property
     def nbytes(self) -> int:
@@ -92,7 +93,7 @@ class StreamedState:
     tensors at a time and hands them out in order holds one group in memory.
     """
 
-    def __init__(self, specs: Mapping[str, TensorSpec], produce: Callable[[str], "torch.Tensor"]) -> None:
+    def __init__(self, specs: Mapping[str, TensorSpec], produce: Callable[[str], torch.Tensor]) -> None:
         self.specs = dict(specs)
         self.produce = produce
 
@@ -234,7 +235,7 @@ def _agree(error: BaseException | None, group: Any, dist_on: bool, what: str) ->
 _MESH_CACHE: dict[tuple[int, str], Any] = {}
 
 
-def shard_tensor(local: "torch.Tensor", dim: int, group: Any = None, *, global_size: int | None = None) -> Any:
+def shard_tensor(local: torch.Tensor, dim: int, group: Any = None, *, global_size: int | None = None) -> Any:
     """Wrap this rank's shard of a logical tensor as a DTensor over ``group`` (``Shard(dim)``).
 
     Rank ``r`` of ``group`` must hold the ``r``-th chunk along ``dim``, as a tensor-parallel column or
@@ -455,8 +456,8 @@ class SaveOptions:
 class CheckpointContent:
     """What one save writes (the arguments of :func:`save_checkpoint` of the same names)."""
 
-    model_state: Mapping[str, "torch.Tensor"] | StreamedState | None
-    sharded_states: Mapping[str, Mapping[str, "torch.Tensor"]] | None = None
+    model_state: Mapping[str, torch.Tensor] | StreamedState | None
+    sharded_states: Mapping[str, Mapping[str, torch.Tensor]] | None = None
     extra_state: Mapping[str, Any] | None = None
     rank_state: Mapping[str, Any] | None = None
     run_config: Mapping[str, Any] | None = None
@@ -468,15 +469,15 @@ def save_checkpoint(
     root: str | os.PathLike[str],
     iteration: int,
     *,
-    model_state: Mapping[str, "torch.Tensor"] | StreamedState | None,
-    sharded_states: Mapping[str, Mapping[str, "torch.Tensor"]] | None = None,
+    model_state: Mapping[str, torch.Tensor] | StreamedState | None,
+    sharded_states: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
     extra_state: Mapping[str, Any] | None = None,
     rank_state: Mapping[str, Any] | None = None,
     run_config: Mapping[str, Any] | None = None,
     train_state: Mapping[str, Any] | None = None,
     files: Mapping[str, str | os.PathLike[str]] | None = None,
     options: SaveOptions | None = None,
-) -> "Path | PendingSave":
+) -> Path | PendingSave:
     """Save one iteration under ``root``; collective over ``options.group`` when torch.distributed is initialized.
 
     :param model_state: logical tensors by name (the bridge's component keys). A plain tensor is the
@@ -511,7 +512,7 @@ class _Save:
         self.tmp: Path | None = None
         self.need = 0  # bytes of tensors, for the no-space line
 
-    def run(self) -> "Path | PendingSave":
+    def run(self) -> Path | PendingSave:
         self.prepare()
         try:
             state, stream = _flatten_states(self.content.model_state, self.content.sharded_states)
@@ -658,7 +659,10 @@ class _Save:
         self.agree(err, "finalization")
 
     def write_small_states(self) -> dict[str, Any]:
-        """``extra_state.pt``, ``train_state.pt``, ``run_config.yaml``, copied files, the manifest; returns the train state."""
+        """``extra_state.pt``, ``train_state.pt``, ``run_config.yaml``, copied files, the manifest.
+
+        Returns the train state.
+        """
         import yaml
 
         tmp, c = self.tmp, self.content

@@ -29,10 +29,12 @@ CORE_DEFAULTS_NOTE = (
 )
 
 
-@config_group.command("show", cls=PluginOptionsCommand, nvl_path="config show", context_settings=CONFIG_CONTEXT_SETTINGS,
+@config_group.command("show", cls=PluginOptionsCommand, nvl_path="config show",
+                      context_settings=CONFIG_CONTEXT_SETTINGS,
                       epilog=OVERRIDES_HELP)
 @config_options(print_config=False)
-@click.option("--check", is_flag=True, help="Also fail if a mandatory ('???') value is unset or a setting is unsupported.")
+@click.option("--check", is_flag=True,
+              help="Also fail if a mandatory ('???') value is unset or a setting is unsupported.")
 @model_options(help="Show what `nvl finetune --hf-model-path DIR` would run: the model's recipe and default YAML.")
 @click.pass_context
 def show(ctx: click.Context, config_files: tuple[Path, ...], overrides: tuple[str, ...], check: bool,

@@ -14,8 +14,8 @@ from typing import Any
 import click
 
 from nvlcore.bridge import resolve_bridge
-from nvlcore.cli.spelling import declare_aliases
 from nvlcore.cli.options import model_options
+from nvlcore.cli.spelling import declare_aliases
 
 #: The original scripts' short spellings (scripts/conversion/convert.sh: -tp/-pp/-ep/-etp).
 CONVERT_ALIASES = {"-tp": "--tp", "-pp": "--pp", "-ep": "--ep", "-etp": "--etp"}
@@ -33,7 +33,7 @@ def _run(fn: Any, summary_json: str | None) -> None:
         summary = fn()
     except (ConversionError, SafetensorsError, OutputExistsError, CheckpointNotFoundError, CheckpointSaveError,
             RegistryError, OSError, ValueError) as exc:  # OSError: a file the command reads or writes (one line)
-        from nvlcore.cli import global_flag
+        from nvlcore.flags import global_flag
 
         if global_flag("debug"):  # nvl --debug convert ...: the full traceback
             raise
@@ -51,7 +51,8 @@ def convert_group() -> None:
 @declare_aliases(aliases=CONVERT_ALIASES)
 @convert_group.command("import")
 @model_options("--hf-model", name="hf_model", required=True, help="HF model (config.json + safetensors).")
-@click.option("--megatron-path", "--megatron-model-path", "megatron_path", required=True, type=click.Path(path_type=Path),
+@click.option("--megatron-path", "--megatron-model-path", "megatron_path", required=True,
+              type=click.Path(path_type=Path),
               help="Output checkpoint directory (gets iter_0000000/ and the tracker).")
 @click.option("--tp", "--tensor-parallel-size", "tp", default=1, show_default=True, type=click.IntRange(min=1),
               help="Tensor-parallel size to validate and record (the checkpoint loads at any TP).")
@@ -61,7 +62,8 @@ def convert_group() -> None:
               help="Accepted for the original script's command lines; conversion streams on CPU.")
 @click.option("--low-memory-save", "_low_memory", is_flag=True, hidden=True,
               help="Accepted; import always streams one tensor group at a time.")
-@click.option("--distributed-timeout-minutes", "_timeout", type=int, default=None, hidden=True, help="Accepted; unused.")
+@click.option("--distributed-timeout-minutes", "_timeout", type=int, default=None, hidden=True,
+              help="Accepted; unused.")
 @click.option("--dtype", "--torch-dtype", "dtype", type=click.Choice(DTYPES), default=None,
               help="Convert the model's tensors to this dtype (default: keep the source's).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --megatron-path.")
@@ -73,7 +75,7 @@ def import_cmd(hf_model: Path, revision: str | None, megatron_path: Path, tp: in
                _device_map: Any, _low_memory: bool, _timeout: Any, dtype: str | None, overwrite: bool,
                bridge: str | None, no_progress: bool, summary_json: str | None, trust_remote_code: bool) -> None:
     """Import an HF checkpoint: streams tensors one group at a time into iteration 0."""
-    from nvlcore.cli import global_flag
+    from nvlcore.flags import global_flag
 
     no_progress = no_progress or global_flag("no_progress")
 
@@ -91,15 +93,19 @@ def import_cmd(hf_model: Path, revision: str | None, megatron_path: Path, tp: in
 @convert_group.command("export")
 @model_options("--hf-model", name="hf_model", required=True,
                help="Reference HF model (config, tokenizer, *.py, tensor list).")
-@click.option("--megatron-path", "--megatron-model-path", "megatron_path", required=True, type=click.Path(path_type=Path),
+@click.option("--megatron-path", "--megatron-model-path", "megatron_path", required=True,
+              type=click.Path(path_type=Path),
               help="Checkpoint directory (latest iteration) or one iter_N directory.")
 @click.option("--hf-path", "--output", "hf_path", required=True, type=click.Path(path_type=Path),
               help="Output HF model directory.")
 @click.option("--tp", "--tensor-parallel-size", "--pp", "--ep", "--etp", "_parallel", type=click.IntRange(min=1),
-              multiple=True, hidden=True, help="Accepted for the original scripts' command lines; export reads logical tensors.")
-@click.option("--distributed-save/--no-distributed-save", "_dist_save", default=None, hidden=True, help="Accepted; unused.")
+              multiple=True, hidden=True,
+              help="Accepted for the original scripts' command lines; export reads logical tensors.")
+@click.option("--distributed-save/--no-distributed-save", "_dist_save", default=None, hidden=True,
+              help="Accepted; unused.")
 @click.option("--save-every-n-ranks", "_every", type=int, default=None, hidden=True, help="Accepted; unused.")
-@click.option("--distributed-timeout-minutes", "_timeout", type=int, default=None, hidden=True, help="Accepted; unused.")
+@click.option("--distributed-timeout-minutes", "_timeout", type=int, default=None, hidden=True,
+              help="Accepted; unused.")
 @click.option("--not-strict", is_flag=True, help="Skip tensors that cannot be produced instead of failing.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --hf-path.")
 @click.option("--shard-size", default="5GB", show_default=True, help="Maximum safetensors shard size.")
@@ -114,7 +120,7 @@ def export_cmd(hf_model: Path, revision: str | None, megatron_path: Path, hf_pat
                shard_size: str, dtype: str | None, bridge: str | None, no_progress: bool,
                summary_json: str | None, trust_remote_code: bool) -> None:
     """Export a checkpoint (imported or trained) to an HF model directory."""
-    from nvlcore.cli import global_flag
+    from nvlcore.flags import global_flag
 
     no_progress = no_progress or global_flag("no_progress")
 

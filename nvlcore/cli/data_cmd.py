@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import click
 
@@ -25,13 +26,14 @@ def _parse_kwargs(text: str | None) -> dict[str, Any]:
     except json.JSONDecodeError as exc:
         raise click.BadParameter(f"not valid JSON: {exc}", param_hint="--maker-kwargs") from exc
     if not isinstance(value, dict):
-        raise click.BadParameter("must be a JSON object, e.g. '{\"path\": \"/data/raven\"}'", param_hint="--maker-kwargs")
+        raise click.BadParameter("must be a JSON object, e.g. '{\"path\": \"/data/raven\"}'",
+                                 param_hint="--maker-kwargs")
     return value
 
 
 def _make_dataset(name: str, split: str, kwargs: dict[str, Any]) -> tuple[str, Any]:
-    from nvlcore.config import ConfigError, build, maker_kwargs_schema
     from nvlcore.cli import current_plugin_manager
+    from nvlcore.config import ConfigError, build, maker_kwargs_schema
     from nvlcore.registry import RegistryError
 
     registry = current_plugin_manager().registry("dataset_maker")
@@ -63,7 +65,8 @@ def _bridge_processor(hf_dir: Path, **options: Any) -> Any:
     from nvlcore.cli import current_plugin_manager
 
     if not (Path(hf_dir) / "config.json").is_file():
-        raise click.BadParameter(f"{hf_dir} has no config.json; is it an HF model directory?", param_hint="--hf-model-path")
+        raise click.BadParameter(f"{hf_dir} has no config.json; is it an HF model directory?",
+                                 param_hint="--hf-model-path")
     try:
         bridge = resolve_bridge(hf_dir, manager=current_plugin_manager())
     except BridgeError as exc:
@@ -112,7 +115,8 @@ def _describe_item(item: Mapping[str, Any]) -> str:
 @model_options(help="Model: also show what its processor makes of each example.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per example and line.")
 @click.option("--packing", type=click.Choice(["first_fit", "best_fit"]), is_flag=False, flag_value="best_fit",
-              default=None, help="Show how the examples pack into rows (dataset.packing; alone: best_fit); -n counts rows.")
+              default=None,
+              help="Show how the examples pack into rows (dataset.packing; alone: best_fit); -n counts rows.")
 @click.option("--seq-length", type=click.IntRange(min=1), default=4096, show_default=True,
               help="With --packing: the row length (dataset.seq_length).")
 @click.option("--packing-buffer-size", type=click.IntRange(min=1), default=128, show_default=True,
@@ -142,7 +146,8 @@ def preview_cmd(maker: str, maker_kwargs: str | None, split: str, num: int, hf_m
     if not as_json:
         header = f"{name}/{split}: {total} examples"
         if skipped:
-            header += f" ({skipped} rows skipped: " + ", ".join(f"{n} {why}" for why, n in dataset.skipped.most_common()) + ")"
+            header += f" ({skipped} rows skipped: " + ", ".join(f"{n} {why}" for why,
+                                                                n in dataset.skipped.most_common()) + ")"
         click.echo(header)
     failures = 0
     row_of = getattr(dataset, "row_index", None)
@@ -236,13 +241,15 @@ def _preview_packing(name: str, split: str, dataset: Any, processor: Any, *, mod
             tokens_total += n_tok
             if shown >= num_rows:
                 continue
-            record = {"row": shown, "window": w, "examples": [indices[i] for i in b], "lengths": [lengths[i] for i in b],
+            record = {"row": shown, "window": w, "examples": [indices[i] for i in b],
+                      "lengths": [lengths[i] for i in b],
                       "num_samples": len(b), "num_tokens": n_tok, "fill": n_tok / seq_length}
             shown += 1
             if as_json:
                 click.echo(json.dumps(record))
             else:
-                click.echo(f"row {record['row']}: {len(b)} samples (examples {', '.join(map(str, record['examples']))}; "
+                click.echo(f"row {record['row']}: {len(b)} samples (examples "
+                           f"{', '.join(map(str, record['examples']))}; "
                            f"tokens {' + '.join(map(str, record['lengths']))} = {n_tok}), fill {record['fill']:.1%}")
     if rows_total:
         summary = {"examples": samples_total, "rows": rows_total, "samples_per_row": samples_total / rows_total,

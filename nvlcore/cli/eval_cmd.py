@@ -11,13 +11,14 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import click
 
-from nvlcore.cli.options import CONFIG_CONTEXT_SETTINGS, config_options, model_options
 from nvlcore.cli.generate import resolve_bridge, sampling_params
+from nvlcore.cli.options import CONFIG_CONTEXT_SETTINGS, config_options, model_options
 from nvlcore.cli.plugin_options import PluginOptionsCommand
 
 MODULE = "nvlcore.cli.eval_cmd"
@@ -64,15 +65,18 @@ def _child_argv(params: dict[str, Any], overrides: Sequence[str]) -> list[str]:
     return argv + list(overrides)
 
 
-@click.command("eval", cls=PluginOptionsCommand, context_settings={**CONFIG_CONTEXT_SETTINGS, "help_option_names": ["-h", "--help"]})
+@click.command("eval", cls=PluginOptionsCommand,
+               context_settings={**CONFIG_CONTEXT_SETTINGS, "help_option_names": ["-h", "--help"]})
 @model_options(help="HF model: config, tokenizer (and the weights when no Megatron path is given).")
 @click.option("--megatron-model-path", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="Megatron-style checkpoint (base dir or iter_N dir) whose weights to use.")
 @click.option("--adapter-checkpoint", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
-              help="A PEFT run's checkpoint (`peft.method` set): its adapters are merged in memory into the base weights.")
+              help="A PEFT run's checkpoint (`peft.method` set): its adapters are merged in memory into the base "
+              "weights.")
 @click.option("--predictions", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Score this JSON-lines file (prediction, reference per line) instead of generating.")
-@click.option("--split", default=None, help="Dataset split (default: test, else validation, else the maker's only split).")
+@click.option("--split", default=None,
+              help="Dataset split (default: test, else validation, else the maker's only split).")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Evaluate only the first N examples.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True,
               help="Prompts decoded together (batched by length).")
@@ -252,7 +256,7 @@ def _load_generator(params: dict[str, Any], ctx: Any, manager: Any, say: Any) ->
     """The model through the core's inference path, a PEFT run's adapters merged in memory."""
     import torch
 
-    from nvlcore.generation.load import default_device_and_dtype, load_generator
+    from nvlcore.inference import default_device_and_dtype, load_generator
 
     device = params["device"] or (ctx.device if ctx else None)
     device, dtype = default_device_and_dtype(device, getattr(torch, params["dtype"]) if params["dtype"] else None)

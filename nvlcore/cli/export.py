@@ -14,8 +14,8 @@ from typing import Any
 
 import click
 
-from nvlcore.cli.plugin_options import PluginOptionsCommand
 from nvlcore.cli.options import model_options
+from nvlcore.cli.plugin_options import PluginOptionsCommand
 
 
 def _parse_options(values: tuple[str, ...]) -> dict[str, Any]:
@@ -47,7 +47,8 @@ def _parse_options(values: tuple[str, ...]) -> dict[str, Any]:
               help="Cast the exported tensors (the original export_adapter.py's --dtype; same as -O dtype=...).")
 @click.option("--tp", "--pp", "--ep", "--etp", "_parallel", type=click.IntRange(min=1), multiple=True, hidden=True,
               help="Accepted for the original export_adapter.py command lines; checkpoints hold logical tensors.")
-@click.option("--trust-remote-code", "--sequence-parallel", "_compat", is_flag=True, hidden=True, help="Accepted; unused.")
+@click.option("--trust-remote-code", "--sequence-parallel", "_compat", is_flag=True, hidden=True,
+              help="Accepted; unused.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
 @click.option(
     "--option",
@@ -113,7 +114,7 @@ def export_command(
             **extra,
         )
     except (FileNotFoundError, FileExistsError, ValueError, KeyError) as exc:
-        from nvlcore.cli import global_flag
+        from nvlcore.flags import global_flag
 
         if global_flag("debug"):  # nvl --debug export ...: the full traceback
             raise

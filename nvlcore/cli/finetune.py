@@ -18,8 +18,9 @@ from __future__ import annotations
 import os
 import signal
 import sys
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import click
 
@@ -87,7 +88,8 @@ def compose_config(
     if hf_model_path:
         extra.append(Override("model.hf_model_path", str(Path(hf_model_path).expanduser().absolute())))
     if pretrained_checkpoint:
-        extra.append(Override("checkpoint.pretrained_checkpoint", str(Path(pretrained_checkpoint).expanduser().absolute())))
+        extra.append(Override("checkpoint.pretrained_checkpoint",
+                              str(Path(pretrained_checkpoint).expanduser().absolute())))
     request = ConfigRequest(manager=manager, base=base, given=given, config_files=tuple(str(f) for f in config_files))
     for obj, values in plugin_values:
         extra += list(obj.overrides(command, values, request))
@@ -104,11 +106,13 @@ def _option_hint(tokens: Sequence[str]) -> str:
     ctx = click.get_current_context(silent=True)
     if ctx is None:
         return ""
-    known = [o for p in ctx.command.get_params(ctx) if isinstance(p, click.Option) for o in (*p.opts, *p.secondary_opts)]
+    known = [o for p in ctx.command.get_params(ctx) if isinstance(p, click.Option)
+             for o in (*p.opts, *p.secondary_opts)]
     for token in tokens:
         if token.startswith("--"):
             close = suggest(token.split("=", 1)[0], known)
-            return f"; did you mean {close}?" if close else f"; `nvl {ctx.command_path.split(' ', 1)[-1]} --help` lists the options"
+            command = ctx.command_path.split(" ", 1)[-1]
+            return f"; did you mean {close}?" if close else f"; `nvl {command} --help` lists the options"
     return ""
 
 
@@ -197,11 +201,10 @@ def finetune_command(**params: Any) -> None:
 
         nvl finetune --hf-model-path HF --pretrained-checkpoint CKPT checkpoint.save=out dataset.maker_name=raven
     """
-    from nvlcore.config import ConfigError, config_to_yaml, resolve_config
-    from nvlcore.parallel import die_with_parent, launched_by_torchrun
     from nvlcore.cli import current_plugin_manager
-
-    from nvlcore.cli import global_flag
+    from nvlcore.config import ConfigError, config_to_yaml, resolve_config
+    from nvlcore.flags import global_flag
+    from nvlcore.parallel import die_with_parent, launched_by_torchrun
 
     overrides = list(params.pop("overrides"))
     params.pop("revision", None)  # used by --hf-model-path's resolution
@@ -264,7 +267,6 @@ def finetune_command(**params: Any) -> None:
             raise
         from nvlcore.checkpoint import RunDirectoryLocked
         from nvlcore.checkpoint.save import NoSpaceError
-
         from nvlcore.cli.errors import one_line
         from nvlcore.training.memory import MemoryPlanError
         from nvlcore.training.oom import describe, fitting_options, is_out_of_memory

@@ -3,7 +3,7 @@ a Megatron-style checkpoint, streaming the text and reporting prefill / decode s
 
 The command is model-agnostic: it reads ``config.json`` of ``--hf-model-path``, picks the model
 bridge registered for its ``architectures``, loads the model through the core's one inference path
-(:mod:`nvlcore.generation.load`) and decodes with the generator the bridge wraps around it. Options of
+(:mod:`nvlcore.inference`) and decodes with the generator the bridge wraps around it. Options of
 one model (a video model's frame sampling) are its plugin's (``nvl_register_command_options``).
 """
 
@@ -85,7 +85,8 @@ def _check_images(paths: list[Path]) -> None:
                 im.load()
         except Exception as exc:
             first = (str(exc).strip().splitlines() or [""])[0][:160]
-            raise click.ClickException(f"--image-path {p} is not an image nvl can read ({type(exc).__name__}: {first})") from None
+            raise click.ClickException(
+                f"--image-path {p} is not an image nvl can read ({type(exc).__name__}: {first})") from None
 
 
 @declare_aliases(aliases={"--image-paths": "--image-path"}, nargs=("--image-paths",))
@@ -105,8 +106,10 @@ def _check_images(paths: list[Path]) -> None:
     help="A PEFT run's checkpoint (`peft.method` set): its adapters are applied, unmerged, on top of the base weights "
          "(--megatron-model-path, else the run's recorded base, else the HF weights).",
 )
-@click.option("--image-path", default=None, help="Image file; several comma-separated (prompted as Image-1: ... Image-2: ...).")
-@click.option("--video-path", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None, help="Video file.")
+@click.option("--image-path", default=None,
+              help="Image file; several comma-separated (prompted as Image-1: ... Image-2: ...).")
+@click.option("--video-path", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Video file.")
 @click.option("--prompt", default="Describe this image.", show_default=True)
 @click.option("--prompt-file", type=click.File("r", encoding="utf-8", lazy=False), default=None,
               help="Read the prompt from this file ('-': standard input), for prompts too long for a command line.")
@@ -121,7 +124,8 @@ def _check_images(paths: list[Path]) -> None:
               help="Accepted for the original script's command lines; only 1 is supported.")
 @click.option("--use-llava-model", "--trust-remote-code", "_compat_flags", is_flag=True, hidden=True,
               help="Accepted for the original documentation's command lines; nvl needs neither.")
-@click.option("--pp-layout", "_pp_layout", default=None, hidden=True, help="Accepted; pipeline parallelism is not used.")
+@click.option("--pp-layout", "_pp_layout", default=None, hidden=True,
+              help="Accepted; pipeline parallelism is not used.")
 @click.option("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when available).")
 @click.option(
     "--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default=None,
@@ -129,7 +133,8 @@ def _check_images(paths: list[Path]) -> None:
 )
 @click.option("--bridge", "bridge_name", default=None, help="Model bridge name (default: from config.json).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming text.")
-@click.option("--quiet", "-q", is_flag=True, help="No loading or speed lines on stderr (also a global option: nvl --quiet).")
+@click.option("--quiet", "-q", is_flag=True,
+              help="No loading or speed lines on stderr (also a global option: nvl --quiet).")
 @click.pass_context
 def generate_cmd(ctx: click.Context, **params: Any) -> None:
     """Generate a reply to one prompt, with optional images or a video.
@@ -138,7 +143,7 @@ def generate_cmd(ctx: click.Context, **params: Any) -> None:
     stdout; prefill and decode tokens/s go to stderr. Model plugins may add options (a video model its
     frame sampling).
     """
-    from nvlcore.cli import global_flag
+    from nvlcore.flags import global_flag
 
     command = ctx.command
     assert isinstance(command, PluginOptionsCommand)
@@ -201,9 +206,10 @@ def _check_video(bridge: Any, conversation: Any, video: Path) -> None:
 
 
 def _load(bridge: Any, params: dict[str, Any], generator_options: dict[str, Any]) -> Any:
-    """The generator for the command's weights (:func:`nvlcore.generation.load.load_generator`); errors in one line."""
-    from nvlcore.cli import current_plugin_manager, global_flag
-    from nvlcore.generation.load import default_device_and_dtype, load_generator
+    """The generator for the command's weights (:func:`nvlcore.inference.load_generator`); errors in one line."""
+    from nvlcore.cli import current_plugin_manager
+    from nvlcore.flags import global_flag
+    from nvlcore.inference import default_device_and_dtype, load_generator
 
     def say(line: str) -> None:
         if not params["quiet"]:

@@ -18,8 +18,9 @@ the overrides; a mistyped option still fails, with the override parser's message
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence, TypeVar
+from typing import Any, TypeVar
 
 import click
 

@@ -14,7 +14,8 @@ when a command that takes its options is parsed, not by ``nvl --help``.
 from __future__ import annotations
 
 import weakref
-from typing import Any, ClassVar, Mapping
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
 import attrs
 import click
@@ -73,7 +74,8 @@ class CommandOptions:
 
         Each item is an :class:`nvlcore.config.Override` (not imported here: the config package reaches
         this module through the option spelling rules). An override of a key the user set on the command
-        line should not be returned: the user's value wins. Raise :class:`click.UsageError` for a combination that cannot work.
+        line should not be returned: the user's value wins. Raise :class:`click.UsageError` for a combination that
+        cannot work.
         """
         return []
 
@@ -185,7 +187,8 @@ class PluginOptionsCommand(click.Command):
             out.update(obj.aliases(self.nvl_path))
         return out
 
-    def split_values(self, params: dict[str, Any], ctx: click.Context | None = None) -> list[tuple[CommandOptions, dict[str, Any]]]:
+    def split_values(self, params: dict[str, Any],
+                     ctx: click.Context | None = None) -> list[tuple[CommandOptions, dict[str, Any]]]:
         """Remove the plugins' values from ``params`` (the callback's keyword arguments) and return them
         per contribution."""
         return [(obj, {p.name: params.pop(p.name, None) for p in ps if p.name})

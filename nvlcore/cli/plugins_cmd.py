@@ -15,7 +15,8 @@ def plugins_group() -> None:
 @plugins_group.command("list")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list, one object per plugin.")
 @click.option("--all", "include_all", is_flag=True, help="Include the built-in plugins.")
-@click.option("--hook", "hooks", multiple=True, metavar="NAME", help="Only plugins implementing this hook (repeatable).")
+@click.option("--hook", "hooks", multiple=True, metavar="NAME",
+              help="Only plugins implementing this hook (repeatable).")
 @click.option(
     "--requirements", is_flag=True, help="Print loaded plugin distributions as NAME==VERSION lines (pip -r format)."
 )
@@ -42,7 +43,8 @@ def list_plugins(as_json: bool, include_all: bool, hooks: tuple[str, ...], requi
     if hooks:
         infos = [i for i in infos if set(hooks) & set(i.hooks)]
     if requirements:
-        pins = sorted({f"{i.distribution}=={i.version}" for i in infos if i.status == "loaded" and i.distribution and i.version})
+        pins = sorted({f"{i.distribution}=={i.version}" for i in infos if i.status == "loaded" and i.distribution
+                       and i.version})
         for pin in pins:
             click.echo(pin)
         return

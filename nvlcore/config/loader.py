@@ -8,8 +8,9 @@ method's own fields, logger and bridge names) validate against the selected plug
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 import attrs
 import yaml
@@ -73,7 +74,7 @@ class _Layers:
     def set(self, key: str, value: Any, source: str) -> None:
         parts = key.split(".")
         node = self.raw
-        for i, part in enumerate(parts[:-1]):
+        for part in parts[:-1]:
             child = node.get(part)
             if not isinstance(child, dict):
                 child = {}
@@ -384,7 +385,8 @@ def peft_config_schema(method: Any) -> type | None:
     return schema if isinstance(schema, type) and attrs.has(schema) else None
 
 
-def validate_plugin_sections(cfg: NvlConfig, *, peft_extra: Mapping[str, Any] | None = None, plugins: Any = None) -> None:
+def validate_plugin_sections(cfg: NvlConfig, *, peft_extra: Mapping[str, Any] | None = None,
+                             plugins: Any = None) -> None:
     """Check the parts of ``cfg`` that plugins own, in place.
 
     * ``dataset.maker_name`` must be registered; ``dataset.maker_kwargs`` (and the validation/test
@@ -404,7 +406,8 @@ def validate_plugin_sections(cfg: NvlConfig, *, peft_extra: Mapping[str, Any] | 
         if schema is not None:
             ds.maker_kwargs = _validate_kwargs(schema, ds.maker_kwargs, "dataset.maker_kwargs", fill=True)
             ds.val_maker_kwargs = _validate_kwargs(schema, ds.val_maker_kwargs, "dataset.val_maker_kwargs", fill=False)
-            ds.test_maker_kwargs = _validate_kwargs(schema, ds.test_maker_kwargs, "dataset.test_maker_kwargs", fill=False)
+            ds.test_maker_kwargs = _validate_kwargs(schema, ds.test_maker_kwargs, "dataset.test_maker_kwargs",
+                                                    fill=False)
     peft = cfg.peft
     core_names = [f.name for f in init_fields(PeftConfig)]
     given = {**peft.options, **peft_extra}
@@ -581,10 +584,12 @@ def schema_rows() -> list[tuple[str, str, Any, str]]:
                     rows.append(("model.freeze_<group>", "bool", False, sf.metadata.get("help", "")))
                     continue
                 rows.append(
-                    (f"{f.name}.{sf.name}", type_name(hints[sf.name]), defaults[f.name][sf.name], sf.metadata.get("help", ""))
+                    (f"{f.name}.{sf.name}", type_name(hints[sf.name]), defaults[f.name][sf.name],
+                     sf.metadata.get("help", ""))
                 )
         else:
-            rows.append((f.name, type_name(type_hints(NvlConfig)[f.name]), defaults[f.name], f.metadata.get("help", "")))
+            rows.append((f.name, type_name(type_hints(NvlConfig)[f.name]), defaults[f.name],
+                         f.metadata.get("help", "")))
     return rows
 
 

@@ -23,15 +23,15 @@ bools, ``null``/``~`` is None, anything else is a string. Quote a value to keep 
 from __future__ import annotations
 
 import re
-from typing import Any, NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import yaml
 
 from nvlcore.config.structure import ConfigError
+from nvlcore.dashes import DASH_LIKE, dash_error
 
 _KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_][A-Za-z0-9_-]*)*$")
-#: Dash-like characters that are not '-' (see :mod:`nvlcore.cli.spelling`).
-_DASH_LIKE = frozenset("\u2010\u2011\u2012\u2013\u2014\u2015\u2043\u2212\u2796\ufe58\ufe63\uff0d\u00ad")
 _FLOAT_RE = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 
 
@@ -221,9 +221,7 @@ def parse_overrides(argv: Sequence[str]) -> list[Override]:
             _check_key(key, token)
             out.append(Override(key, DELETE))
             continue
-        if token[:1] in _DASH_LIKE:
-            from nvlcore.cli.spelling import dash_error
-
+        if token[:1] in DASH_LIKE:
             raise ConfigError(dash_error(token))
         if token.startswith("-"):
             raise ConfigError(

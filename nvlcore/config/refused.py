@@ -38,7 +38,8 @@ REFUSED: tuple[Refusal, ...] = (
     Refusal("model.pipeline_model_parallel_size", (1,),
             "nvl has no pipeline parallelism; use model.tensor_model_parallel_size and data parallelism"),
     Refusal("model.context_parallel_size", (1,),
-            "nvl has no context parallelism; raise model.tensor_model_parallel_size or use model.recompute_granularity"),
+            "nvl has no context parallelism; raise model.tensor_model_parallel_size or use "
+            "model.recompute_granularity"),
     Refusal("model.sequence_parallel", (False,),
             "nvl's tensor parallelism keeps activations replicated; use model.recompute_granularity to save memory"),
     Refusal("model.cpu_offloading_weights", (False,),
@@ -83,7 +84,7 @@ REFUSED: tuple[Refusal, ...] = (
 REFUSED_KEYS: dict[str, Refusal] = {r.key: r for r in REFUSED}
 
 
-def config_value(cfg: "NvlConfig", key: str) -> Any:
+def config_value(cfg: NvlConfig, key: str) -> Any:
     """The value at a dotted key of ``cfg`` (``section.field`` or a top-level field)."""
     obj: Any = cfg
     for part in key.split("."):
@@ -97,7 +98,7 @@ def _same(value: Any, supported: Any) -> bool:
     return value == supported
 
 
-def check_refused(cfg: "NvlConfig") -> None:
+def check_refused(cfg: NvlConfig) -> None:
     """Raise :class:`~nvlcore.config.ConfigError` on the first refused value, on ``peft.*`` settings
     given without a PEFT method, or on ``optimizer.bf16=false`` under ``mixed_precision=bf16_mixed``
     (they would be ignored).
@@ -157,7 +158,7 @@ def check_refused(cfg: "NvlConfig") -> None:
                               "or remove it", key=f"peft.{name}")
 
 
-def _check_precision_aware(cfg: "NvlConfig") -> None:
+def _check_precision_aware(cfg: NvlConfig) -> None:
     """megatron-core's rule: moment dtypes other than fp32 need the precision-aware optimizer, which is Adam's."""
     from nvlcore.config.structure import ConfigError
 
@@ -169,8 +170,8 @@ def _check_precision_aware(cfg: "NvlConfig") -> None:
                               "megatron-core); set it, or remove the dtype", key=f"optimizer.{key}")
     if o.optimizer_cpu_offload is True:
         if not 0.0 < o.optimizer_offload_fraction <= 1.0:
-            raise ConfigError(f"optimizer.optimizer_cpu_offload=true needs optimizer.optimizer_offload_fraction in (0, 1] "
-                              f"(the share of the state kept in host memory), not {o.optimizer_offload_fraction}",
+            raise ConfigError("optimizer.optimizer_cpu_offload=true needs optimizer.optimizer_offload_fraction in (0, "
+                              f"1] (the share of the state kept in host memory), not {o.optimizer_offload_fraction}",
                               key="optimizer.optimizer_offload_fraction")
         if o.optimizer != "adam" or o.use_precision_aware_optimizer is True:
             raise ConfigError("optimizer.optimizer_cpu_offload=true works with optimizer.optimizer=adam and fp32 "
@@ -181,7 +182,7 @@ def _check_precision_aware(cfg: "NvlConfig") -> None:
                           "optimizer.optimizer_cpu_offload=true; set it, or remove the fraction",
                           key="optimizer.optimizer_offload_fraction")
     if o.use_precision_aware_optimizer is True and o.optimizer != "adam":
-        raise ConfigError(f"optimizer.use_precision_aware_optimizer=true needs optimizer.optimizer=adam (it stores "
+        raise ConfigError("optimizer.use_precision_aware_optimizer=true needs optimizer.optimizer=adam (it stores "
                           f"Adam's moments), not {o.optimizer!r}", key="optimizer.use_precision_aware_optimizer")
 
 

@@ -1,8 +1,8 @@
 """The typed config schema: one attrs class per section, Megatron-Bridge's section and field names.
 
-Defaults are Megatron-Bridge's where it gives one (see docs/config.md); a model bridge's ``recipe()`` returns a nested mapping that
-:func:`nvlcore.config.load_config` merges over these defaults (``base=``), then the YAML files, then
-the command-line overrides.
+Defaults are Megatron-Bridge's where it gives one (see docs/config.md); a model bridge's ``recipe()`` returns a nested
+mapping that :func:`nvlcore.config.load_config` merges over these defaults (``base=``), then the YAML files, then the
+command-line overrides.
 
 Any field may hold the mandatory marker ``"???"`` (:data:`MISSING`) until the config is resolved for
 a run (:func:`nvlcore.config.resolve_config`), exactly as in OmegaConf/Megatron-Bridge YAML files.
@@ -45,7 +45,8 @@ class ModelConfig:
     bridge: str | None = _f(None, "Model bridge name; default: picked from the HF config's `architectures`.")
     hf_model_path: str | None = _f(None, "HF model directory the bridge reads (config.json, tokenizer, processor).")
     recompute_granularity: Literal["selective", "full"] | None = _f(
-        None, "Activation recomputation: selective (the parts the model bridge picks), full (whole layers), null (none)."
+        None,
+        "Activation recomputation: selective (the parts the model bridge picks), full (whole layers), null (none)."
     )
     cpu_offloading: bool = _f(
         False, "Offload saved activations of the first cpu_offloading_num_layers decoder layers to pinned host "
@@ -53,7 +54,8 @@ class ModelConfig:
     )
     cpu_offloading_num_layers: int = _f(0, "Decoder layers whose activations are offloaded (cpu_offloading).")
     cpu_offloading_activations: bool = _f(True, "Offload activations under cpu_offloading (must be true).")
-    cpu_offloading_weights: bool = _f(False, "Offload weights under cpu_offloading. Not supported by nvl (must be false).")
+    cpu_offloading_weights: bool = _f(False,
+                                      "Offload weights under cpu_offloading. Not supported by nvl (must be false).")
     kernels: str = _f(
         "auto",
         "Implementations of the model's hot ops (the bridge lists its choices): auto = fused GPU kernels where "
@@ -114,7 +116,8 @@ class OptimizerConfig:
     loss_scale: float | None = _f(None, "Static loss scale for fp16. Not supported by nvl (must be null).")
     initial_loss_scale: float = _f(4294967296.0, "Initial dynamic loss scale (fp16: not supported, keep the default).")
     min_loss_scale: float = _f(1.0, "Minimum dynamic loss scale (fp16: not supported, keep the default).")
-    loss_scale_window: float = _f(1000.0, "Steps before the dynamic loss scale grows (fp16: not supported, keep the default).")
+    loss_scale_window: float = _f(1000.0,
+                                  "Steps before the dynamic loss scale grows (fp16: not supported, keep the default).")
     hysteresis: int = _f(2, "Overflows before the loss scale shrinks (fp16: not supported, keep the default).")
     use_precision_aware_optimizer: bool = _f(
         False, "Let exp_avg_dtype / exp_avg_sq_dtype store Adam's moments in lower precision (optimizer=adam)."
@@ -155,14 +158,19 @@ class SchedulerConfig:
     lr_wsd_decay_style: Literal["exponential", "linear", "cosine", "minus_sqrt"] = _f(
         "exponential", "Decay style of the WSD schedule's final phase."
     )
-    lr_wsd_decay_iters: int | None = _f(None, "Steps of the WSD schedule's final decay (needed with lr_decay_style=WSD).")
+    lr_wsd_decay_iters: int | None = _f(None,
+                                        "Steps of the WSD schedule's final decay (needed with lr_decay_style=WSD).")
     start_weight_decay: float | None = _f(0.033, "Weight decay at step 0 (null = optimizer.weight_decay).")
     end_weight_decay: float | None = _f(0.033, "Weight decay at the end (null = optimizer.weight_decay).")
     weight_decay_incr_style: Literal["constant", "linear", "cosine"] = _f(
         "constant", "How weight decay moves from start_weight_decay to end_weight_decay."
     )
-    override_opt_param_scheduler: bool = _f(True, "On resume, take the LR/weight-decay schedule from this config, not the checkpoint.")
-    use_checkpoint_opt_param_scheduler: bool = _f(False, "On resume, take the schedule from the checkpoint (needs override_opt_param_scheduler=false).")
+    override_opt_param_scheduler: bool = _f(True,
+                                            "On resume, take the LR/weight-decay schedule from this config, not the "
+                                            "checkpoint.")
+    use_checkpoint_opt_param_scheduler: bool = _f(False,
+                                                  "On resume, take the schedule from the checkpoint (needs "
+                                                  "override_opt_param_scheduler=false).")
 
 
 @attrs.define
@@ -189,11 +197,18 @@ class CheckpointConfig:
     ckpt_format: Literal["torch_dist", "zarr", "fsdp_dtensor"] = _f(
         "torch_dist", "Checkpoint format: torch_dist (PyTorch DCP), the only one nvl writes (others are refused)."
     )
-    async_save: bool = _f(False, "Write checkpoint tensors in the background (torch.distributed.checkpoint.async_save).")
-    fully_parallel_save: bool = _f(True, "Spread the writes of replicated tensors over ranks (false: the lowest rank writes them).")
-    fully_parallel_load: bool = _f(False, "Spread the read of replicated tensors over ranks. Not supported by nvl (must be false).")
+    async_save: bool = _f(False,
+                          "Write checkpoint tensors in the background (torch.distributed.checkpoint.async_save).")
+    fully_parallel_save: bool = _f(True,
+                                   "Spread the writes of replicated tensors over ranks (false: the lowest rank writes "
+                                   "them).")
+    fully_parallel_load: bool = _f(False,
+                                   "Spread the read of replicated tensors over ranks. Not supported by nvl (must be "
+                                   "false).")
     exit_on_missing_checkpoint: bool = _f(False, "Fail when `load` holds no checkpoint instead of starting fresh.")
-    save_tokenizer_assets: bool = _f(True, "Copy the tokenizer files of model.hf_model_path into each checkpoint's tokenizer/.")
+    save_tokenizer_assets: bool = _f(True,
+                                     "Copy the tokenizer files of model.hf_model_path into each checkpoint's "
+                                     "tokenizer/.")
 
 
 @attrs.define
@@ -208,19 +223,23 @@ class DatasetConfig:
     maker_name: str = _f("make_cord_v2_dataset", "Registered dataset maker (or alias), e.g. make_raven_dataset.")
     maker_kwargs: dict[str, Any] = _f(help="Keyword arguments for the maker (all splits).", factory=dict)
     val_maker_kwargs: dict[str, Any] = _f(help="Extra maker keyword arguments for the validation split.", factory=dict)
-    test_maker_kwargs: dict[str, Any] = _f(help="Extra maker keyword arguments for the test split (evaluated at the end).", factory=dict)
+    test_maker_kwargs: dict[str, Any] = _f(help="Extra maker keyword arguments for the test split (evaluated at the "
+                                           "end).", factory=dict)
     seq_length: int | None = _f(None, "Sequence length for padding/truncation (null = model.seq_length).")
     num_workers: int = _f(2, "DataLoader worker processes per rank.")
     dataloader_type: Literal["single", "cyclic"] = _f(
         "cyclic", "single: sequential order; cyclic: reshuffled every epoch."
     )
-    data_sharding: bool = _f(True, "Each data-parallel rank reads its slice of every global batch (nvl always does: must be true).")
+    data_sharding: bool = _f(True,
+                             "Each data-parallel rank reads its slice of every global batch (nvl always does: must be "
+                             "true).")
     pin_memory: bool = _f(True, "Pin host memory of batches.")
     persistent_workers: bool = _f(False, "Keep DataLoader workers alive between evaluations (with num_workers > 0).")
     pad_to_multiple_of: int = _f(128, "Pad each batch's length up to a multiple of this.")
     pad_to_max_length: bool = _f(False, "Pad every batch to seq_length.")
     enable_in_batch_packing: bool = _f(
-        False, "Pack several whole samples into each row of seq_length tokens (the original name; true = packing best_fit)."
+        False,
+        "Pack several whole samples into each row of seq_length tokens (the original name; true = packing best_fit)."
     )
     packing: Literal["none", "first_fit", "best_fit"] = _f(
         "none", "Sequence packing: none, or first_fit / best_fit over a window of packing_buffer_size samples."
@@ -240,7 +259,8 @@ class LoggerConfig:
     log_interval: int = _f(10, "Steps between logged (console and metrics) lines.")
     loggers: list[str] = _f(help="Registered metric loggers to enable.", factory=lambda: ["console"])
     jsonl_path: str | None = _f(None, "Metrics JSONL file (null = <checkpoint.save>/metrics.jsonl when saving).")
-    tensorboard_dir: str | None = _f(None, "TensorBoard event directory (null = off); scalars via torch.utils.tensorboard.")
+    tensorboard_dir: str | None = _f(None,
+                                     "TensorBoard event directory (null = off); scalars via torch.utils.tensorboard.")
     log_timers_to_tensorboard: bool = _f(True, "Write the timing metrics (step time, throughput, ETA) to TensorBoard.")
     wandb_project: str | None = _f(None, "W&B project; setting it enables the wandb logger.")
     wandb_exp_name: str | None = _f(None, "W&B run name.")
@@ -263,7 +283,8 @@ class PeftConfig:
         help="Module names or wildcard patterns (`*decoder*.linear_qkv`) that get adapters.",
         factory=lambda: ["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"],
     )
-    exclude_modules: list[str] = _f(help="Target every linear layer except these (exclusive with target_modules).", factory=list)
+    exclude_modules: list[str] = _f(help="Target every linear layer except these (exclusive with target_modules).",
+                                    factory=list)
     dim: int = _f(16, "Adapter rank.")
     alpha: float = _f(32, "Adapter scale numerator: the update is (alpha/dim)·B·A.")
     dropout: float = _f(0.0, "Dropout on the adapter path.")
@@ -286,7 +307,9 @@ class RngConfig:
     """``rng``: seeds."""
 
     seed: int = _f(1234, "Base random seed (the recipe's; the example YAML sets 42).")
-    data_parallel_random_init: bool = _f(False, "Seed each data-parallel rank's RNGs with seed + 10 x its rank (weights still broadcast from the first).")
+    data_parallel_random_init: bool = _f(False,
+                                         "Seed each data-parallel rank's RNGs with seed + 10 x its rank (weights still "
+                                         "broadcast from the first).")
 
 
 @attrs.define
@@ -294,10 +317,18 @@ class DDPConfig:
     """``ddp``: data-parallel gradient reduction (Megatron-Core DistributedDataParallelConfig names)."""
 
     grad_reduce_in_fp32: bool = _f(True, "Accumulate and all-reduce gradients in fp32 (nvl always does: must be true).")
-    overlap_grad_reduce: bool = _f(False, "Overlap the gradient all-reduce with the backward pass. Not supported by nvl (must be false).")
-    overlap_param_gather: bool = _f(False, "Overlap the distributed optimizer's parameter all-gather. Not supported by nvl (must be false).")
-    use_distributed_optimizer: bool = _f(True, "Shard optimizer state over data-parallel ranks (torch ZeroRedundancyOptimizer).")
-    average_in_collective: bool = _f(False, "Average inside the collective. Not supported by nvl (must be false): the loss is token-weighted.")
+    overlap_grad_reduce: bool = _f(False,
+                                   "Overlap the gradient all-reduce with the backward pass. Not supported by nvl (must "
+                                   "be false).")
+    overlap_param_gather: bool = _f(False,
+                                    "Overlap the distributed optimizer's parameter all-gather. Not supported by nvl "
+                                    "(must be false).")
+    use_distributed_optimizer: bool = _f(True,
+                                         "Shard optimizer state over data-parallel ranks (torch "
+                                         "ZeroRedundancyOptimizer).")
+    average_in_collective: bool = _f(False,
+                                     "Average inside the collective. Not supported by nvl (must be false): the loss is "
+                                     "token-weighted.")
     check_for_nan_in_grad: bool = _f(True, "Stop the run on a non-finite loss or gradient (false: skip that update).")
     bucket_size: int | None = _f(None, "Gradient all-reduce bucket size in elements (null = 128 MiB of fp32).")
 
@@ -320,7 +351,8 @@ class NvlConfig:
     ddp: DDPConfig = attrs.field(factory=DDPConfig)
     mixed_precision: Literal["bf16_mixed", "fp16_mixed", "fp32"] | None = attrs.field(
         default="bf16_mixed",
-        metadata={"help": "Precision recipe: bf16_mixed or fp32 (fp16_mixed is not supported; null = from optimizer.bf16)."},
+        metadata={"help": "Precision recipe: bf16_mixed or fp32 (fp16_mixed is not supported; null = from "
+                  "optimizer.bf16)."},
     )
 
 

@@ -13,7 +13,8 @@ import pathlib
 import re
 import types
 import typing
-from typing import Any, Callable, Iterable, Literal, Mapping, Union
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Literal, Union
 
 import attrs
 
@@ -222,7 +223,8 @@ def _coerce_item(value: Any, tp: Any, key: str, strict: bool) -> Any:
         raise ConfigError(f"{key}: expected {type_name(tp)}, got {value!r}", key=key) from None
 
 
-def unknown_key_error(prefix: str, name: str, valid: Iterable[str], *, elsewhere: Callable[[str], list[str]] | None = None) -> ConfigError:
+def unknown_key_error(prefix: str, name: str, valid: Iterable[str], *,
+                      elsewhere: Callable[[str], list[str]] | None = None) -> ConfigError:
     """The error for key ``prefix.name`` that is not in ``valid``, with a did-you-mean."""
     valid = sorted(valid)
     full = join(prefix, name)

@@ -22,10 +22,11 @@ import resource
 import shutil
 import sys
 import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 from nvlcore.checkpoint import (
     StreamedState,
@@ -127,7 +128,10 @@ def peak_rss_bytes() -> int:
 
 
 class Progress:
-    """The conversion's byte-counting bar (:class:`nvlcore.progress.Progress`); ``enabled=False`` is ``--no-progress``."""
+    """The conversion's byte-counting bar (:class:`nvlcore.progress.Progress`).
+
+    ``enabled=False`` is ``--no-progress``.
+    """
 
     def __init__(self, total: int, desc: str, enabled: bool) -> None:
         from nvlcore.progress import Progress as Bar
@@ -163,19 +167,19 @@ def _warn(msg: str) -> None:
 
 def read_hf_config(hf_dir: str | os.PathLike[str]) -> dict[str, Any]:
     """``config.json`` of an HF model directory, read as data (no remote code): the bridges' reader
-    (:func:`nvlcore.bridge.read_hf_config`), its errors as :class:`ConversionError`."""
-    from nvlcore.bridge import BridgeError
-    from nvlcore.bridge import read_hf_config as read_config_json
+    (:func:`nvlcore.hub.read_hf_config`), its errors as :class:`ConversionError`."""
+    from nvlcore.hub import HFConfigError
+    from nvlcore.hub import read_hf_config as read_config_json
 
     if not Path(hf_dir).expanduser().is_dir():
         raise ConversionError(f"HF model directory {hf_dir} does not exist")
     try:
         return read_config_json(Path(hf_dir).expanduser())
-    except BridgeError as exc:
+    except HFConfigError as exc:
         raise ConversionError(str(exc)) from None
 
 
-def _dtype_from_name(name: Any) -> "torch.dtype | None":
+def _dtype_from_name(name: Any) -> torch.dtype | None:
     import torch
 
     if not isinstance(name, str):
@@ -184,7 +188,7 @@ def _dtype_from_name(name: Any) -> "torch.dtype | None":
     return d if isinstance(d, torch.dtype) else None
 
 
-def parse_dtype(name: str | None) -> "torch.dtype | None":
+def parse_dtype(name: str | None) -> torch.dtype | None:
     if name is None:
         return None
     d = _dtype_from_name(name)
@@ -193,7 +197,7 @@ def parse_dtype(name: str | None) -> "torch.dtype | None":
     return d
 
 
-def main_dtype(config: Mapping[str, Any], specs: Mapping[str, TensorSpec]) -> "torch.dtype | None":
+def main_dtype(config: Mapping[str, Any], specs: Mapping[str, TensorSpec]) -> torch.dtype | None:
     """The model's dtype: config ``torch_dtype`` (or ``dtype``), else the floating dtype holding most bytes."""
     for key in ("torch_dtype", "dtype"):
         d = _dtype_from_name(config.get(key))
@@ -202,7 +206,7 @@ def main_dtype(config: Mapping[str, Any], specs: Mapping[str, TensorSpec]) -> "t
     return dominant_float_dtype(specs.values())
 
 
-def dominant_float_dtype(specs: Any) -> "torch.dtype | None":
+def dominant_float_dtype(specs: Any) -> torch.dtype | None:
     by: dict[Any, int] = {}
     for s in specs:
         if s.dtype.is_floating_point:
@@ -210,7 +214,7 @@ def dominant_float_dtype(specs: Any) -> "torch.dtype | None":
     return max(by, key=by.__getitem__) if by else None
 
 
-def _meta(specs: Mapping[str, TensorSpec]) -> dict[str, "torch.Tensor"]:
+def _meta(specs: Mapping[str, TensorSpec]) -> dict[str, torch.Tensor]:
     import torch
 
     return {k: torch.empty(s.shape, dtype=s.dtype, device="meta") for k, s in specs.items()}
@@ -246,7 +250,8 @@ def _check_coverage(groups: Sequence[ConversionGroup], hf_keys: Sequence[str], b
         raise ConversionError(f"bridge {bridge_name!r} gave an inconsistent conversion plan: " + "; ".join(problems))
 
 
-def _run_meta(fn: Callable, inputs: Mapping[str, TensorSpec], expect: Sequence[str], what: str) -> dict[str, TensorSpec]:
+def _run_meta(fn: Callable, inputs: Mapping[str, TensorSpec], expect: Sequence[str],
+              what: str) -> dict[str, TensorSpec]:
     out = fn(_meta(inputs))
     if set(out) != set(expect):
         raise ConversionError(f"{what}: produced {sorted(out)[:6]}, declared {sorted(expect)[:6]}")
@@ -305,9 +310,9 @@ def _bridge_name(bridge: Any) -> str:
 
 def iter_hf_to_checkpoint(
     groups: Sequence[ConversionGroup],
-    read: Callable[[Sequence[str]], Mapping[str, "torch.Tensor"]],
-    cast: Callable[[str, "torch.Tensor"], "torch.Tensor"] | None = None,
-) -> Iterator[tuple[ConversionGroup, dict[str, "torch.Tensor"]]]:
+    read: Callable[[Sequence[str]], Mapping[str, torch.Tensor]],
+    cast: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
+) -> Iterator[tuple[ConversionGroup, dict[str, torch.Tensor]]]:
     """Yield ``(group, {checkpoint_key: tensor})`` group by group, reading HF tensors with ``read``."""
     for g in groups:
         hf = dict(read(g.hf_keys))
@@ -318,8 +323,8 @@ def iter_hf_to_checkpoint(
 
 def iter_checkpoint_to_hf(
     groups: Sequence[ConversionGroup],
-    load: Callable[[Sequence[str]], Mapping[str, "torch.Tensor"]],
-) -> Iterator[tuple[ConversionGroup, dict[str, "torch.Tensor"]]]:
+    load: Callable[[Sequence[str]], Mapping[str, torch.Tensor]],
+) -> Iterator[tuple[ConversionGroup, dict[str, torch.Tensor]]]:
     """Yield ``(group, {hf_key: tensor})`` group by group, loading checkpoint tensors with ``load``."""
     for g in groups:
         yield g, g.to_hf(dict(load(g.checkpoint_keys)))
@@ -327,6 +332,90 @@ def iter_checkpoint_to_hf(
 
 # ------------------------------------------------------------------------------------------------
 # import
+
+
+def _open_import_source(bridge: Any, hf_dir: Path, out: Path, *, tp: int, overwrite: bool) -> SafetensorsReader:
+    """Refuse what cannot work before anything is read: the TP size, the output, the source's tensors."""
+    if tp < 1:
+        raise ConversionError(f"--tp must be >= 1, got {tp}")
+    bridge.check_tensor_parallel(tp)
+    check_can_write(out, overwrite=overwrite, what="--megatron-path")
+    if out == hf_dir or hf_dir in out.parents:
+        raise ConversionError(f"--megatron-path {out} must not be inside --hf-model {hf_dir}")
+    try:
+        return SafetensorsReader(hf_dir)
+    except SafetensorsError as exc:
+        raise ConversionError(str(exc)) from None
+
+
+def _checkpoint_specs(groups: Sequence[ConversionGroup], in_specs: Mapping[str, TensorSpec]
+                      ) -> tuple[dict[str, TensorSpec], dict[str, int]]:
+    """Every checkpoint tensor's spec (each group run on meta tensors) and the index of the group making it."""
+    ck_specs: dict[str, TensorSpec] = {}
+    owner: dict[str, int] = {}
+    for gi, g in enumerate(groups):
+        got = _run_meta(g.to_checkpoint, {k: in_specs[k] for k in g.hf_keys}, g.checkpoint_keys,
+                        f"group {g.name or g.hf_keys[0]!r} (import)")
+        for k in g.checkpoint_keys:
+            ck_specs[k] = got[k]
+            owner[k] = gi
+    return ck_specs, owner
+
+
+class _ImportProducer:
+    """Makes checkpoint tensors on demand, one group at a time: a group's HF tensors are read when the
+    writer first asks for one of its outputs, and each output is dropped once handed over."""
+
+    def __init__(self, groups: Sequence[ConversionGroup], owner: Mapping[str, int], reader: SafetensorsReader,
+                 in_specs: Mapping[str, TensorSpec], summary: ConversionSummary, bar: Progress) -> None:
+        self.groups, self.owner, self.reader, self.in_specs = groups, owner, reader, in_specs
+        self.summary, self.bar = summary, bar
+        self.cache: dict[str, torch.Tensor] = {}
+
+    def __call__(self, key: str) -> torch.Tensor:
+        if key not in self.cache:
+            g = self.groups[self.owner[key]]
+            hf = self.reader.read(g.hf_keys)
+            self.summary.bytes_read += sum(t.numel() * t.element_size() for t in hf.values())
+            hf = {k: v.to(self.in_specs[k].dtype) for k, v in hf.items()}
+            self.cache.update(g.to_checkpoint(hf))
+            del hf
+        t = self.cache.pop(key)
+        self.summary.bytes_written += t.numel() * t.element_size()
+        self.bar.update(t.numel() * t.element_size(), key)
+        return t
+
+
+def _import_run_config(hf_dir: Path, config: Mapping[str, Any], name: str, tp: int, src_main: Any, dtype: str,
+                       extra: Mapping[str, Any] | None) -> dict[str, Any]:
+    return {
+        "model": {"tensor_model_parallel_size": tp, "bridge": name},
+        "convert": {
+            "tool": "nvl convert import",
+            "source": str(hf_dir),
+            "source_architectures": list(config.get("architectures") or []),
+            "source_dtype": str(src_main).replace("torch.", "") if src_main else None,
+            "dtype": dtype,
+            "tensor_model_parallel_size": tp,
+            "note": "tensors are logical (full-shape); the checkpoint loads at any TP that divides the model",
+        },
+        **dict(extra or {}),
+    }
+
+
+def _stage_import_side_files(hf_dir: Path, staging: Path, hf_specs: Mapping[str, TensorSpec]) -> dict[str, Path]:
+    """The tokenizer, the HF config and code files and the source's tensor inventory, staged for the save."""
+    files: dict[str, Path] = {}
+    for n in _copy_files(hf_dir, TOKENIZER_FILES, staging / TOKENIZER_DIR):
+        files[f"{TOKENIZER_DIR}/{n}"] = staging / TOKENIZER_DIR / n
+    if not any(k.startswith(TOKENIZER_DIR) for k in files):
+        _warn(f"no tokenizer files in {hf_dir}; the checkpoint has no tokenizer/")
+    for n in _copy_files(hf_dir, list(CONFIG_FILES) + _py_files(hf_dir), staging / HF_SOURCE_DIR):
+        files[f"{HF_SOURCE_DIR}/{n}"] = staging / HF_SOURCE_DIR / n
+    inv = {k: {"shape": list(s.shape), "dtype": str(s.dtype).replace("torch.", "")} for k, s in hf_specs.items()}
+    (staging / HF_SOURCE_DIR / INVENTORY).write_text(json.dumps(inv, indent=0) + "\n")
+    files[f"{HF_SOURCE_DIR}/{INVENTORY}"] = staging / HF_SOURCE_DIR / INVENTORY
+    return files
 
 
 def import_hf_checkpoint(
@@ -353,24 +442,14 @@ def import_hf_checkpoint(
     out = Path(megatron_path).expanduser().absolute()
     config = read_hf_config(hf_dir)
     target = parse_dtype(dtype)
-    if tp < 1:
-        raise ConversionError(f"--tp must be >= 1, got {tp}")
-    bridge.check_tensor_parallel(tp)
-    check_can_write(out, overwrite=overwrite, what="--megatron-path")
-    if out == hf_dir or hf_dir in out.parents:
-        raise ConversionError(f"--megatron-path {out} must not be inside --hf-model {hf_dir}")
-    try:
-        reader = SafetensorsReader(hf_dir)
-    except SafetensorsError as exc:
-        raise ConversionError(str(exc)) from None
+    reader = _open_import_source(bridge, hf_dir, out, tp=tp, overwrite=overwrite)
     hf_specs = {k: TensorSpec(t.shape, t.dtype) for k, t in reader.tensors.items()}
     name = _bridge_name(bridge)
     groups = list(bridge.conversion_groups(hf_specs))
     _check_coverage(groups, list(hf_specs), name)
-
     src_main = main_dtype(config, hf_specs)
 
-    def cast_dtype(spec: TensorSpec) -> "torch.dtype":
+    def cast_dtype(spec: TensorSpec) -> torch.dtype:
         # --dtype converts the model's own dtype; tensors the source keeps in another dtype (fp32
         # buffers such as a vision encoder's input norm_mean) stay as they are, so nothing is silently rounded.
         if target is not None and spec.dtype == src_main and spec.dtype.is_floating_point:
@@ -378,73 +457,24 @@ def import_hf_checkpoint(
         return spec.dtype
 
     in_specs = {k: TensorSpec(s.shape, cast_dtype(s)) for k, s in hf_specs.items()}
-    ck_specs: dict[str, TensorSpec] = {}
-    owner: dict[str, int] = {}
-    for gi, g in enumerate(groups):
-        got = _run_meta(g.to_checkpoint, {k: in_specs[k] for k in g.hf_keys}, g.checkpoint_keys,
-                        f"group {g.name or g.hf_keys[0]!r} (import)")
-        for k in g.checkpoint_keys:
-            ck_specs[k] = got[k]
-            owner[k] = gi
-
+    ck_specs, owner = _checkpoint_specs(groups, in_specs)
     summary = ConversionSummary("import", str(hf_dir), str(out / iter_dir_name(0)), tp=tp)
     summary.hf_tensors = len(hf_specs)
     summary.checkpoint_tensors = len(ck_specs)
     summary.carried_tensors = sum(len(g.hf_keys) for g in groups if g.carried)
     summary.dtype = str(target or src_main).replace("torch.", "")
     bar = Progress(sum(s.nbytes for s in ck_specs.values()), "import", progress)
-    cache: dict[str, torch.Tensor] = {}
-
-    def produce(key: str) -> "torch.Tensor":
-        if key not in cache:
-            g = groups[owner[key]]
-            hf = reader.read(g.hf_keys)
-            summary.bytes_read += sum(t.numel() * t.element_size() for t in hf.values())
-            hf = {k: v.to(in_specs[k].dtype) for k, v in hf.items()}
-            cache.update(g.to_checkpoint(hf))
-            del hf
-        t = cache.pop(key)
-        summary.bytes_written += t.numel() * t.element_size()
-        bar.update(t.numel() * t.element_size(), key)
-        return t
-
-    run_config = {
-        "model": {"tensor_model_parallel_size": tp, "bridge": name},
-        "convert": {
-            "tool": "nvl convert import",
-            "source": str(hf_dir),
-            "source_architectures": list(config.get("architectures") or []),
-            "source_dtype": str(src_main).replace("torch.", "") if src_main else None,
-            "dtype": summary.dtype,
-            "tensor_model_parallel_size": tp,
-            "note": "tensors are logical (full-shape); the checkpoint loads at any TP that divides the model",
-        },
-        **dict(extra_run_config or {}),
-    }
+    produce = _ImportProducer(groups, owner, reader, in_specs, summary, bar)
+    run_config = _import_run_config(hf_dir, config, name, tp, src_main, summary.dtype, extra_run_config)
     side = TOKENIZER_FILES + CONFIG_FILES + tuple(_py_files(hf_dir))
     need = sum(s.nbytes for s in ck_specs.values()) + 2 * _side_bytes(hf_dir, side)  # side files: staged, then copied
     try:
         with _space_for(out, "--megatron-path", need), \
                 atomic_output_dir(out, overwrite=overwrite, what="--megatron-path") as tmp_root:
             staging = tmp_root / ".staging"
-            files: dict[str, Path] = {}
-            for n in _copy_files(hf_dir, TOKENIZER_FILES, staging / TOKENIZER_DIR):
-                files[f"{TOKENIZER_DIR}/{n}"] = staging / TOKENIZER_DIR / n
-            if not any(k.startswith(TOKENIZER_DIR) for k in files):
-                _warn(f"no tokenizer files in {hf_dir}; the checkpoint has no tokenizer/")
-            for n in _copy_files(hf_dir, list(CONFIG_FILES) + _py_files(hf_dir), staging / HF_SOURCE_DIR):
-                files[f"{HF_SOURCE_DIR}/{n}"] = staging / HF_SOURCE_DIR / n
-            inv = {k: {"shape": list(s.shape), "dtype": str(s.dtype).replace("torch.", "")} for k, s in hf_specs.items()}
-            (staging / HF_SOURCE_DIR / INVENTORY).write_text(json.dumps(inv, indent=0) + "\n")
-            files[f"{HF_SOURCE_DIR}/{INVENTORY}"] = staging / HF_SOURCE_DIR / INVENTORY
-            save_checkpoint(
-                tmp_root,
-                0,
-                model_state=StreamedState(ck_specs, produce),
-                run_config=run_config,
-                train_state={"iteration": 0, "consumed_train_samples": 0},
-                files=files,
-            )
+            files = _stage_import_side_files(hf_dir, staging, hf_specs)
+            save_checkpoint(tmp_root, 0, model_state=StreamedState(ck_specs, produce), run_config=run_config,
+                            train_state={"iteration": 0, "consumed_train_samples": 0}, files=files)
             shutil.rmtree(staging)
     finally:
         bar.close()
@@ -557,7 +587,7 @@ def export_hf_checkpoint(
         ck_specs[k] for g, s in use if s == "checkpoint" and not g.carried for k in g.checkpoint_keys
     ) or src_main
 
-    def out_dtype(k: str) -> "torch.dtype":
+    def out_dtype(k: str) -> torch.dtype:
         s = src_specs[k].dtype
         return ck_main if (s == src_main and s.is_floating_point) else s
 

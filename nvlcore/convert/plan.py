@@ -15,8 +15,9 @@ it can validate shapes and lay out the output files before writing anything.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import torch
@@ -51,7 +52,7 @@ class ConversionGroup:
     name: str = ""
 
     @classmethod
-    def rename(cls, hf_key: str, checkpoint_key: str, *, carried: bool = False) -> "ConversionGroup":
+    def rename(cls, hf_key: str, checkpoint_key: str, *, carried: bool = False) -> ConversionGroup:
         """A one-to-one rename."""
         return cls(
             (hf_key,),

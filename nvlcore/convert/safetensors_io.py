@@ -12,9 +12,10 @@ import json
 import os
 import re
 import struct
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, BinaryIO
 
 if TYPE_CHECKING:
     import torch
@@ -46,7 +47,7 @@ class SafetensorsError(ValueError):
     """A problem with safetensors files; the message names the file (and key)."""
 
 
-def st_dtype_to_torch(name: str) -> "torch.dtype":
+def st_dtype_to_torch(name: str) -> torch.dtype:
     import torch
 
     try:
@@ -55,7 +56,7 @@ def st_dtype_to_torch(name: str) -> "torch.dtype":
         raise SafetensorsError(f"unsupported safetensors dtype {name!r}") from None
 
 
-def torch_dtype_to_st(dtype: "torch.dtype") -> str:
+def torch_dtype_to_st(dtype: torch.dtype) -> str:
     import torch
 
     for st, tn in _ST_TO_TORCH.items():
@@ -72,7 +73,8 @@ def parse_size(text: str | int) -> int:
     if not m:
         raise ValueError(f"cannot parse size {text!r}; use e.g. 5GB, 500MB, 2GiB or a number of bytes")
     num, unit = float(m.group(1)), (m.group(2) or "B").upper()
-    mult = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+    mult = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30,
+            "TIB": 2**40}
     size = int(num * mult[unit])
     if size <= 0:
         raise ValueError(f"size {text!r} must be positive")
@@ -85,7 +87,7 @@ class TensorInfo:
 
     key: str
     file: Path
-    dtype: "torch.dtype"
+    dtype: torch.dtype
     shape: tuple[int, ...]
     nbytes: int
 
@@ -215,7 +217,7 @@ class SafetensorsReader:
     def total_bytes(self) -> int:
         return sum(t.nbytes for t in self.tensors.values())
 
-    def read(self, keys: Iterable[str]) -> dict[str, "torch.Tensor"]:
+    def read(self, keys: Iterable[str]) -> dict[str, torch.Tensor]:
         """Load these tensors (each file is opened, read and closed within the call)."""
         from safetensors import safe_open
 
@@ -241,7 +243,7 @@ class SafetensorsReader:
 class _Planned:
     key: str
     shape: tuple[int, ...]
-    dtype: "torch.dtype"
+    dtype: torch.dtype
     nbytes: int
     shard: int
     begin: int  # absolute file offset of the data
@@ -264,7 +266,7 @@ class ShardedSafetensorsWriter:
     def __init__(
         self,
         out_dir: str | os.PathLike[str],
-        plan: Sequence[tuple[str, Sequence[int], "torch.dtype"]],
+        plan: Sequence[tuple[str, Sequence[int], torch.dtype]],
         *,
         max_shard_size: int = DEFAULT_SHARD_SIZE,
         metadata: Mapping[str, str] | None = None,
@@ -323,7 +325,7 @@ class ShardedSafetensorsWriter:
                 f.close()
                 del self._files[i]
 
-    def write(self, key: str, tensor: "torch.Tensor") -> None:
+    def write(self, key: str, tensor: torch.Tensor) -> None:
         """Write one planned tensor (its shape and dtype must match the plan)."""
         it = self.items.get(key)
         if it is None:
@@ -371,7 +373,7 @@ class ShardedSafetensorsWriter:
         self._files.clear()
 
 
-def _byte_dtype() -> "torch.dtype":
+def _byte_dtype() -> torch.dtype:
     import torch
 
     return torch.uint8

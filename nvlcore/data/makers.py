@@ -25,7 +25,8 @@ from __future__ import annotations
 import io
 import logging
 from collections import Counter
-from typing import Any, ClassVar, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, ClassVar
 
 import attrs
 
@@ -196,7 +197,8 @@ class HFConversationMaker:
                 options["data_files"] = local_data_files(source, name, cache_dir=self.kwargs.cache_dir)
             return datasets.load_dataset(source, name, split=self.source_split, **options)
         except ValueError as exc:
-            raise ValueError(f"{self.name}: cannot load {source!r} (config {name!r}, split {self.source_split!r}): {exc}") from exc
+            raise ValueError(f"{self.name}: cannot load {source!r} (config {name!r}, split {self.source_split!r}): "
+                             f"{exc}") from exc
 
     def load(self) -> Any:
         """The split as a ``datasets.Dataset`` (override for sources with several subsets)."""
@@ -282,7 +284,7 @@ def local_data_files(path: str, name: str | None, *, cache_dir: str | None = Non
         split: DataFilesList(
             list(files),
             [(*meta, f"size={os.stat(f).st_size}") if os.path.isfile(f) else meta
-             for f, meta in zip(files, files.origin_metadata)],
+             for f, meta in zip(files, files.origin_metadata, strict=True)],
         )
         for split, files in resolved.items()
     })

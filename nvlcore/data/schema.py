@@ -132,7 +132,8 @@ def validate_conversation(obj: Any, where: str = "example") -> Any:
             else:  # video
                 if "path" in item:
                     if not _is_path(item["path"]):
-                        raise fail(f"{f}.path", f"a video path must be a non-empty string; got {_describe(item['path'])}")
+                        raise fail(f"{f}.path",
+                                   f"a video path must be a non-empty string; got {_describe(item['path'])}")
                 elif "video" in item:
                     frames = item["video"]
                     if isinstance(frames, (str, bytes)) or not isinstance(frames, Sequence) or not frames:
@@ -147,5 +148,6 @@ def validate_conversation(obj: Any, where: str = "example") -> Any:
                     ):
                         raise fail(f"{f}.timestamps", f"expected {len(frames)} numbers (seconds), one per frame")
                 else:
-                    raise fail(f, f"a video item needs 'path' (a file) or 'video' (decoded frames); got keys {sorted(item)}")
+                    raise fail(f, "a video item needs 'path' (a file) or 'video' (decoded frames); got keys "
+                               f"{sorted(item)}")
     return obj

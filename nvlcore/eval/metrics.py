@@ -24,7 +24,8 @@ from __future__ import annotations
 import re
 import string
 from collections import Counter
-from typing import Any, Mapping, Protocol, Sequence, runtime_checkable
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol, runtime_checkable
 
 __all__ = [
     "GenericMetrics",

@@ -16,9 +16,10 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 from nvlcore.eval.metrics import aggregate_scores
 
@@ -208,7 +209,7 @@ def generate_predictions(
         batch = order[start : start + batch_size]
         items = [prepared.pop(k) if k in prepared else generator.prepare(samples[k].prompt) for k in batch]
         results = generator.generate_prepared(items, max_new_tokens=max_new_tokens, sampling=sampling)
-        for k, res in zip(batch, results):
+        for k, res in zip(batch, results, strict=True):
             texts[k] = res
             tokens += len(res.token_ids)
         done += len(batch)

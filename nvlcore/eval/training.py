@@ -6,7 +6,8 @@ scores them. The trainer logs ``val_gen_<metric>`` through its loggers."""
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 
 def build_generate_eval(cfg: Any, bridge: Any, model: Any, manager: Any, ctx: Any, *,

@@ -8,16 +8,17 @@ bridge's processor with the generation prompt appended) together::
     results = gen.generate([conv1, conv2], max_new_tokens=64)        # greedy, batched
     results[0].text, results[0].token_ids, results[0].decode_tokens_per_s
 
-Model bridges provide ready-made constructors (their ``generator()``). :func:`build_conversation` makes a conversation in
-the project's schema from the command line's pieces the way the original Megatron-Bridge script
-did (``"Image-1: <image>\\nImage-2: <image>\\n<prompt>"`` for several images).
+Model bridges provide ready-made constructors (their ``generator()``). :func:`build_conversation` makes a conversation
+in the project's schema from the command line's pieces the way the original Megatron-Bridge script did (``"Image-1:
+<image>\\nImage-2: <image>\\n<prompt>"`` for several images).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from nvlcore.data.schema import Conversation
 from nvlcore.generation.loop import GenerationOutput, generate_tokens, left_pad
@@ -140,8 +141,8 @@ class Generator:
         *,
         stop_token_ids: Iterable[int],
         pad_token_id: int,
-        device: "torch.device | str" = "cpu",
-        media_dtype: "torch.dtype | None" = None,
+        device: torch.device | str = "cpu",
+        media_dtype: torch.dtype | None = None,
         max_length: int | None = None,
     ) -> None:
         import torch

@@ -9,8 +9,9 @@ stopped is not credited for the padding it keeps computing.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any
 
 from nvlcore.generation.sampling import SamplingParams, sample_next_token
 
@@ -57,7 +58,7 @@ class GenerationOutput:
         return self.decode_tokens / self.decode_seconds
 
 
-def _sync(device: "torch.device") -> None:
+def _sync(device: torch.device) -> None:
     import torch
 
     if device.type == "cuda":
@@ -65,8 +66,8 @@ def _sync(device: "torch.device") -> None:
 
 
 def left_pad(
-    sequences: Sequence["torch.Tensor | Sequence[int]"], pad_token_id: int, *, device: Any = None
-) -> tuple["torch.Tensor", "torch.Tensor"]:
+    sequences: Sequence[torch.Tensor | Sequence[int]], pad_token_id: int, *, device: Any = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Stack 1-D token sequences into ``input_ids [B, L]`` and ``attention_mask [B, L]``, padding on
     the left so every row's last prompt token sits in the last column."""
     import torch
@@ -89,15 +90,15 @@ def left_pad(
 
 def generate_tokens(
     model: Any,
-    input_ids: "torch.Tensor",
-    attention_mask: "torch.Tensor | None" = None,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
     *,
     max_new_tokens: int,
     sampling: SamplingParams | None = None,
     stop_token_ids: Iterable[int] = (),
     pad_token_id: int = 0,
     model_inputs: dict[str, Any] | None = None,
-    cache_dtype: "torch.dtype | None" = None,
+    cache_dtype: torch.dtype | None = None,
     on_step: StepCallback | None = None,
 ) -> GenerationOutput:
     """Decode up to ``max_new_tokens`` tokens per row with a model implementing
@@ -189,7 +190,7 @@ def generate_tokens(
     )
 
 
-def _check_logits(logits: "torch.Tensor", batch: int) -> None:
+def _check_logits(logits: torch.Tensor, batch: int) -> None:
     if logits.dim() != 2 or logits.shape[0] != batch:
         raise ValueError(
             f"model.prefill must return next-token logits of shape [batch={batch}, vocab], got {tuple(logits.shape)}"

@@ -28,7 +28,8 @@ path is tested against (it is what the original Megatron-Bridge generate script 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, Protocol, runtime_checkable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
     import torch
@@ -39,14 +40,14 @@ class DecodableModel(Protocol):
     """A model that can be decoded token by token with a cache (see the module docstring)."""
 
     def allocate_cache(
-        self, batch_size: int, max_length: int, *, dtype: "torch.dtype", device: "torch.device"
+        self, batch_size: int, max_length: int, *, dtype: torch.dtype, device: torch.device
     ) -> Any: ...
 
     def prefill(
-        self, input_ids: "torch.Tensor", *, attention_mask: "torch.Tensor", cache: Any, **model_inputs: Any
-    ) -> "torch.Tensor": ...
+        self, input_ids: torch.Tensor, *, attention_mask: torch.Tensor, cache: Any, **model_inputs: Any
+    ) -> torch.Tensor: ...
 
-    def decode_step(self, token_ids: "torch.Tensor", cache: Any) -> "torch.Tensor": ...
+    def decode_step(self, token_ids: torch.Tensor, cache: Any) -> torch.Tensor: ...
 
 
 ForwardLogits = Callable[..., "torch.Tensor"]
@@ -67,17 +68,17 @@ class NoCacheReference:
     def allocate_cache(self, batch_size: int, max_length: int, *, dtype: Any = None, device: Any = None) -> dict:
         return {"max_length": max_length}
 
-    def _run(self, cache: dict) -> "torch.Tensor":
+    def _run(self, cache: dict) -> torch.Tensor:
         logits = self.forward(cache["input_ids"], attention_mask=cache["attention_mask"], **cache["model_inputs"])
         return logits[:, -1, :]
 
     def prefill(
-        self, input_ids: "torch.Tensor", *, attention_mask: "torch.Tensor", cache: dict, **model_inputs: Any
-    ) -> "torch.Tensor":
+        self, input_ids: torch.Tensor, *, attention_mask: torch.Tensor, cache: dict, **model_inputs: Any
+    ) -> torch.Tensor:
         cache.update(input_ids=input_ids, attention_mask=attention_mask, model_inputs=model_inputs)
         return self._run(cache)
 
-    def decode_step(self, token_ids: "torch.Tensor", cache: dict) -> "torch.Tensor":
+    def decode_step(self, token_ids: torch.Tensor, cache: dict) -> torch.Tensor:
         import torch
 
         if cache["input_ids"].shape[1] >= cache["max_length"]:

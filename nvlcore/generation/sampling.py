@@ -45,7 +45,7 @@ class SamplingParams:
         """True when tokens are chosen by argmax (no randomness)."""
         return self.temperature == 0.0
 
-    def make_generator(self, device: "torch.device | str") -> "torch.Generator | None":
+    def make_generator(self, device: torch.device | str) -> torch.Generator | None:
         """A generator on ``device`` seeded with :attr:`seed` (``None`` when greedy)."""
         import torch
 
@@ -59,7 +59,7 @@ class SamplingParams:
         return gen
 
 
-def top_k_filter(logits: "torch.Tensor", k: int) -> "torch.Tensor":
+def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
     """Set every logit below the ``k``-th largest of its row to ``-inf`` (``k <= 0``: unchanged)."""
     import torch
 
@@ -69,7 +69,7 @@ def top_k_filter(logits: "torch.Tensor", k: int) -> "torch.Tensor":
     return logits.masked_fill(logits < kth, float("-inf"))
 
 
-def top_p_filter(logits: "torch.Tensor", p: float) -> "torch.Tensor":
+def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
     """Keep the smallest set of most likely tokens whose probability mass reaches ``p``."""
     import torch
 
@@ -86,8 +86,8 @@ def top_p_filter(logits: "torch.Tensor", p: float) -> "torch.Tensor":
 
 
 def sample_next_token(
-    logits: "torch.Tensor", params: SamplingParams, generator: "torch.Generator | None" = None
-) -> "torch.Tensor":
+    logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """Pick one token per row.
 
     :param logits: ``[B, V]`` next-token logits (any float dtype; computed in float32).

@@ -10,7 +10,8 @@ emits equals ``tokenizer.decode(all_ids)``.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, TextIO
+from collections.abc import Callable, Iterable
+from typing import Any, TextIO
 
 _REPLACEMENT = "\ufffd"
 

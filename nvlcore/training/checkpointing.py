@@ -28,8 +28,9 @@ otherwise the run refuses to start and says how to resume on purpose or where to
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import attrs
 
@@ -165,10 +166,10 @@ def decide_resume(*, load: str | None, save: str | None, ckpt_step: int | None, 
 TensorMap = Callable[[str, "torch.Tensor", "torch.nn.Parameter"], dict[str, Any]]
 
 
-def generic_param_entries(ctx: "ParallelContext") -> TensorMap:
+def generic_param_entries(ctx: ParallelContext) -> TensorMap:
     """One logical tensor per parameter: TP shards as DTensor ``Shard(partition_dim)``, the rest whole."""
 
-    def entries(name: str, tensor: "torch.Tensor", param: "torch.nn.Parameter") -> dict[str, Any]:
+    def entries(name: str, tensor: torch.Tensor, param: torch.nn.Parameter) -> dict[str, Any]:
         from nvlcore.checkpoint import shard_tensor
 
         if ctx.tp_size > 1 and getattr(param, "tensor_model_parallel", False):
@@ -178,27 +179,28 @@ def generic_param_entries(ctx: "ParallelContext") -> TensorMap:
     return entries
 
 
-def _entries_fn(bridge: Any, ctx: "ParallelContext") -> TensorMap:
+def _entries_fn(bridge: Any, ctx: ParallelContext) -> TensorMap:
     """The bridge's component layout (``bridge.checkpoint_entries``) for the parameters in its mapping
     table, else (adapters, or no bridge) the generic one."""
     generic = generic_param_entries(ctx)
     if bridge is None:
         return generic
 
-    def entries(name: str, tensor: "torch.Tensor", param: "torch.nn.Parameter") -> dict[str, Any]:
+    def entries(name: str, tensor: torch.Tensor, param: torch.nn.Parameter) -> dict[str, Any]:
         got = bridge.checkpoint_entries(name, tensor, tp_group=ctx.tp_group, tp_rank=ctx.tp_rank, tp_size=ctx.tp_size)
         return generic(name, tensor, param) if got is None else got
 
     return entries
 
 
-def _assemble(bridge: Any, name: str, loaded: Mapping[str, Any], target: "torch.Tensor", ctx: "ParallelContext") -> None:
+def _assemble(bridge: Any, name: str, loaded: Mapping[str, Any], target: torch.Tensor, ctx: ParallelContext) -> None:
     """Write the loaded entries of one parameter back into ``target`` (in place)."""
     import torch
     from torch.distributed.tensor import DTensor
 
     local = {k: (v.to_local() if isinstance(v, DTensor) else v) for k, v in loaded.items()}
-    if bridge is not None and bridge.assemble_from_entries(name, local, target, tp_rank=ctx.tp_rank, tp_size=ctx.tp_size):
+    if bridge is not None and bridge.assemble_from_entries(name, local, target, tp_rank=ctx.tp_rank,
+                                                           tp_size=ctx.tp_size):
         return
     (value,) = local.values()
     if value.data_ptr() != target.data_ptr():
@@ -206,17 +208,17 @@ def _assemble(bridge: Any, name: str, loaded: Mapping[str, Any], target: "torch.
             target.copy_(value)
 
 
-def saved_parameters(model: "torch.nn.Module", *, adapter_only: bool) -> list[tuple[str, "torch.nn.Parameter"]]:
+def saved_parameters(model: torch.nn.Module, *, adapter_only: bool) -> list[tuple[str, torch.nn.Parameter]]:
     """All parameters, or (PEFT) only the trainable ones."""
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad or not adapter_only]
 
 
 def model_and_optimizer_state(
-    model: "torch.nn.Module",
-    optimizer: "torch.optim.Optimizer",
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
     *,
     bridge: Any,
-    ctx: "ParallelContext",
+    ctx: ParallelContext,
     adapter_only: bool,
 ) -> tuple[dict[str, Any], dict[str, Any], int]:
     """``(model_state, optimizer_state, adam_step)`` ready for :func:`nvlcore.checkpoint.save_checkpoint`.
@@ -256,11 +258,11 @@ def model_and_optimizer_state(
 
 
 def load_model_weights(
-    model: "torch.nn.Module",
+    model: torch.nn.Module,
     iter_dir: Path,
     *,
     bridge: Any,
-    ctx: "ParallelContext",
+    ctx: ParallelContext,
     only_trainable: bool = False,
     strict: bool = True,
 ) -> list[str]:
@@ -300,13 +302,13 @@ _BLOCK_SCALE = ".block_scale"
 
 
 def load_optimizer_state(
-    optimizer: "torch.optim.Optimizer",
-    named_params: Sequence[tuple[str, "torch.nn.Parameter"]],
+    optimizer: torch.optim.Optimizer,
+    named_params: Sequence[tuple[str, torch.nn.Parameter]],
     iter_dir: Path,
     *,
     adam_step: int,
     bridge: Any,
-    ctx: "ParallelContext",
+    ctx: ParallelContext,
 ) -> None:
     """Restore the optimizer state (Adam's moments and step count, or SGD's momentum), resharded like
     the weights, into ``optimizer``; with a sharded optimizer state each rank reads only the state of
@@ -365,7 +367,7 @@ def load_optimizer_state(
     optim.adopt_loaded_moments(target, scales)
 
 
-def estimate_checkpoint_bytes(model: "torch.nn.Module", ctx: "ParallelContext", *, adapter_only: bool,
+def estimate_checkpoint_bytes(model: torch.nn.Module, ctx: ParallelContext, *, adapter_only: bool,
                               save_optim: bool) -> int:
     """About how many bytes one training checkpoint takes: the saved weights plus (``save_optim``) Adam's two
     fp32 moments per trainable value, summed over the tensor-parallel shards (replicated tensors are counted
@@ -384,7 +386,7 @@ def estimate_checkpoint_bytes(model: "torch.nn.Module", ctx: "ParallelContext", 
     return int(t.item())
 
 
-def check_checkpoint_space(cfg: "Any", need: int, ctx: "ParallelContext", *, start_iteration: int,
+def check_checkpoint_space(cfg: Any, need: int, ctx: ParallelContext, *, start_iteration: int,
                            say: Any = print) -> None:
     """Refuse to train when the file system of ``checkpoint.save`` cannot hold one checkpoint; warn when it
     cannot hold all that the run keeps (``checkpoint.save_interval``, ``most_recent_k``).

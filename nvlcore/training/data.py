@@ -15,7 +15,8 @@ resume.
 from __future__ import annotations
 
 import random
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 import attrs
 
@@ -96,7 +97,7 @@ class ProcessedDataset:
     Errors name the split and the row, so a bad example can be found in the source data.
     """
 
-    def __init__(self, made: "MadeDataset", processor: "Processor", *, seed: int, split: str = "train",
+    def __init__(self, made: MadeDataset, processor: Processor, *, seed: int, split: str = "train",
                  process_options: dict[str, Any] | None = None) -> None:
         self.made = made
         self.processor = processor
@@ -136,7 +137,7 @@ def build_loader(
     num_workers: int = 0,
     pin_memory: bool = False,
     persistent_workers: bool = False,
-) -> "torch.utils.data.DataLoader":
+) -> torch.utils.data.DataLoader:
     """A DataLoader over ``sampler``'s micro-batches, collated by the bridge's processor.
 
     ``persistent_workers`` (``dataset.persistent_workers``, with ``num_workers > 0``) keeps the worker

@@ -10,15 +10,16 @@ from __future__ import annotations
 import random
 import signal
 import time
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import attrs
 
 from nvlcore.bridge import resolve_bridge
 from nvlcore.interrupt import EXIT_STOPPED_EARLY
 from nvlcore.training.schedules import schedules_for
-from nvlcore.training.trainer import LoopSettings, TrainState, Trainer
+from nvlcore.training.trainer import LoopSettings, Trainer, TrainState
 
 if TYPE_CHECKING:
     import torch
@@ -42,12 +43,12 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def apply_freeze_flags(model: "torch.nn.Module", cfg: "NvlConfig", bridge: Any) -> None:
+def apply_freeze_flags(model: torch.nn.Module, cfg: NvlConfig, bridge: Any) -> None:
     """``model.freeze_<group>``: the bridge freezes the groups it declares (:meth:`ModelBridge.freeze`)."""
     bridge.freeze(model, dict(cfg.model.freeze), key="model")
 
 
-def apply_peft(model: "torch.nn.Module", cfg: "NvlConfig", manager: Any, bridge: Any) -> Any:
+def apply_peft(model: torch.nn.Module, cfg: NvlConfig, manager: Any, bridge: Any) -> Any:
     """Apply ``peft.method`` (registered PEFT method) to ``model``; returns the method object or None."""
     from nvlcore.config import config_to_dict
     from nvlcore.training.peft import apply_peft_method
@@ -55,7 +56,7 @@ def apply_peft(model: "torch.nn.Module", cfg: "NvlConfig", manager: Any, bridge:
     return apply_peft_method(model, config_to_dict(cfg)["peft"], bridge=bridge, manager=manager)
 
 
-def describe_peft_parameters(model: "torch.nn.Module", adapter_names: set[str], *, tp_size: int) -> str:
+def describe_peft_parameters(model: torch.nn.Module, adapter_names: set[str], *, tp_size: int) -> str:
     """Whole-model (TP-independent) counts: trainable of total, and the adapters' share.
 
     A parameter Megatron marks ``tensor_model_parallel`` counts ``numel * tp_size``; others count once.
@@ -95,7 +96,7 @@ class TowerStatus:
                 + (" + adapters" if self.adapter else ""))
 
 
-def tower_status(model: "torch.nn.Module", adapter_names: set[str]) -> list[TowerStatus]:
+def tower_status(model: torch.nn.Module, adapter_names: set[str]) -> list[TowerStatus]:
     """Per top-level submodule: its base parameters that train and the adapter parameters added to it.
 
     ``adapter_names``: the PEFT method's parameters (:meth:`~nvlcore.contracts.PeftMethod.adapter_parameters`);
@@ -126,7 +127,8 @@ def describe_towers(statuses: list[TowerStatus]) -> str:
     return "; ".join(parts)
 
 
-def prepare_trainable(model: "torch.nn.Module", cfg: "NvlConfig", manager: Any, bridge: Any) -> tuple[Any, list[TowerStatus]]:
+def prepare_trainable(model: torch.nn.Module, cfg: NvlConfig, manager: Any,
+                      bridge: Any) -> tuple[Any, list[TowerStatus]]:
     """Freeze (``model.freeze_*``), then apply ``peft.method``; returns the method and what each tower does.
 
     A base parameter trains only if neither ``model.freeze_*`` nor the PEFT method freezes it
@@ -138,7 +140,8 @@ def prepare_trainable(model: "torch.nn.Module", cfg: "NvlConfig", manager: Any, 
     return peft, tower_status(model, set(peft.adapter_parameters(model)) if peft is not None else set())
 
 
-def _flops_fn(bridge: Any, model: "torch.nn.Module", ctx: "ParallelContext") -> tuple[Callable[[Mapping[str, Any]], float], str]:
+def _flops_fn(bridge: Any, model: torch.nn.Module,
+              ctx: ParallelContext) -> tuple[Callable[[Mapping[str, Any]], float], str]:
     """Training FLOPs per micro-batch (:meth:`ModelBridge.train_flops`) and whether the bridge has its own formula."""
     from nvlcore.bridge import ModelBridge
 
@@ -149,7 +152,7 @@ def _flops_fn(bridge: Any, model: "torch.nn.Module", ctx: "ParallelContext") -> 
     return (lambda batch: float(bridge.train_flops(batch, num_parameters=n))), ("bridge" if own else "6N")
 
 
-def loop_settings(cfg: "NvlConfig", *, dp_size: int, device_type: str) -> LoopSettings:
+def loop_settings(cfg: NvlConfig, *, dp_size: int, device_type: str) -> LoopSettings:
     import torch
 
     mbs = cfg.train.micro_batch_size
@@ -159,9 +162,11 @@ def loop_settings(cfg: "NvlConfig", *, dp_size: int, device_type: str) -> LoopSe
             f"train.global_batch_size={gbs} must be a multiple of train.micro_batch_size ({mbs}) x "
             f"data-parallel size ({dp_size})"
         )
-    precision = cfg.mixed_precision or ("bf16_mixed" if cfg.optimizer.bf16 else "fp16_mixed" if cfg.optimizer.fp16 else "fp32")
+    precision = cfg.mixed_precision or ("bf16_mixed" if cfg.optimizer.bf16 else "fp16_mixed" if cfg.optimizer.fp16
+                                        else "fp32")
     if precision == "fp16_mixed":
-        raise ValueError("mixed_precision=fp16_mixed is not supported by nvl finetune; use bf16_mixed (the recipe's) or fp32")
+        raise ValueError("mixed_precision=fp16_mixed is not supported by nvl finetune; use bf16_mixed (the recipe's) "
+                         "or fp32")
     autocast = torch.bfloat16 if (device_type == "cuda" and precision == "bf16_mixed") else None
     return LoopSettings(
         train_iters=cfg.train.train_iters,
@@ -183,7 +188,7 @@ def loop_settings(cfg: "NvlConfig", *, dp_size: int, device_type: str) -> LoopSe
     )
 
 
-def resume_schedules(cfg: "NvlConfig", saved_run_config: Mapping[str, Any] | None, lr_s: Any, wd_s: Any,
+def resume_schedules(cfg: NvlConfig, saved_run_config: Mapping[str, Any] | None, lr_s: Any, wd_s: Any,
                      *, where: str) -> tuple[Any, Any, str]:
     """The LR and weight-decay schedules of a resumed run (Megatron's ``OptimizerParamScheduler`` rules).
 
@@ -204,8 +209,10 @@ def resume_schedules(cfg: "NvlConfig", saved_run_config: Mapping[str, Any] | Non
     ck_lr, ck_wd = schedules_for(saved)
     if sc.use_checkpoint_opt_param_scheduler:
         return ck_lr, ck_wd, f"schedule from {where} (scheduler.use_checkpoint_opt_param_scheduler)"
-    mine = {**{f"lr.{k}": v for k, v in attrs.asdict(lr_s).items()}, **{f"wd.{k}": v for k, v in attrs.asdict(wd_s).items()}}
-    theirs = {**{f"lr.{k}": v for k, v in attrs.asdict(ck_lr).items()}, **{f"wd.{k}": v for k, v in attrs.asdict(ck_wd).items()}}
+    mine = {**{f"lr.{k}": v for k, v in attrs.asdict(lr_s).items()},
+            **{f"wd.{k}": v for k, v in attrs.asdict(wd_s).items()}}
+    theirs = {**{f"lr.{k}": v for k, v in attrs.asdict(ck_lr).items()},
+              **{f"wd.{k}": v for k, v in attrs.asdict(ck_wd).items()}}
     diffs = [f"{k} {mine[k]!r} (checkpoint {theirs[k]!r})" for k in mine if mine[k] != theirs[k]]
     if diffs:
         raise ValueError(
@@ -237,8 +244,9 @@ class DataPipeline:
             close()
 
 
-def build_data(cfg: "NvlConfig", bridge: Any, manager: Any, ctx: "ParallelContext", *, consumed_samples: int,
-               print_fn: Callable[[str], None], packing_positions: Sequence[Sequence[int]] | None = None) -> DataPipeline:
+def build_data(cfg: NvlConfig, bridge: Any, manager: Any, ctx: ParallelContext, *, consumed_samples: int,
+               print_fn: Callable[[str], None],
+               packing_positions: Sequence[Sequence[int]] | None = None) -> DataPipeline:
     """The training batches from ``consumed_samples`` (or the packed position), and the validation and test splits."""
     from nvlcore.training.data import GlobalBatchSampler, ProcessedDataset, build_loader
     from nvlcore.training.packing import packing_mode
@@ -273,7 +281,7 @@ def build_data(cfg: "NvlConfig", bridge: Any, manager: Any, ctx: "ParallelContex
                         packing_position)
 
 
-def _packed_batches(cfg: "NvlConfig", made: Any, processor: Any, ctx: "ParallelContext", *, consumed_samples: int,
+def _packed_batches(cfg: NvlConfig, made: Any, processor: Any, ctx: ParallelContext, *, consumed_samples: int,
                     pin: bool, num_microbatches: int, print_fn: Callable[[str], None],
                     packing_positions: Sequence[Sequence[int]] | None) -> Any:
     """``dataset.packing``: windows packed in the workers, micro-batches of packed rows made ahead in a thread."""
@@ -317,7 +325,7 @@ def _packed_batches(cfg: "NvlConfig", made: Any, processor: Any, ctx: "ParallelC
 class _EvalSplits:
     """The validation split (every ``validation.eval_interval``) and the test split (once at the end)."""
 
-    def __init__(self, cfg: "NvlConfig", maker: Any, processor: Any, ctx: "ParallelContext", *, pin: bool) -> None:
+    def __init__(self, cfg: NvlConfig, maker: Any, processor: Any, ctx: ParallelContext, *, pin: bool) -> None:
         self.cfg, self.maker, self.processor, self.ctx, self.pin = cfg, maker, processor, ctx, pin
         self.splits = tuple(getattr(maker, "splits", ()) or ())
 
@@ -373,7 +381,7 @@ class _EvalSplits:
         return factory, f"test: {v.eval_iters} batch(es) at the end of training on {n} examples"
 
 
-def build_loggers(cfg: "NvlConfig", manager: Any, ctx: "ParallelContext", *, resume_iteration: int | None,
+def build_loggers(cfg: NvlConfig, manager: Any, ctx: ParallelContext, *, resume_iteration: int | None,
                   run_config: Mapping[str, Any]) -> list[Any]:
     """Rank 0's metric sinks: ``logger.loggers`` (console by default), JSONL when saving, wandb and
     TensorBoard when configured (``logger.wandb_project``, ``logger.tensorboard_dir``)."""
@@ -442,8 +450,8 @@ class MetricsPlotter:
             self.say(f"nvl finetune: no metrics.png (matplotlib is not installed; {INSTALL_HINT})")
         except Exception as exc:  # a plot is a convenience: report once, keep training
             self.off = True
-            self.say(f"nvl finetune: drawing {self.path.with_name('metrics.png')} failed ({type(exc).__name__}: {exc}); "
-                     "no more plots this run")
+            self.say(f"nvl finetune: drawing {self.path.with_name('metrics.png')} failed ({type(exc).__name__}: "
+                     f"{exc}); no more plots this run")
 
 
 class StoppedEarly(SystemExit):
@@ -474,7 +482,7 @@ class FinetuneRecipe:
     :param device_type: ``"cpu"`` or ``"cuda"`` (default: CUDA when available).
     """
 
-    def __init__(self, cfg: "NvlConfig", *, manager: Any = None, random_init: bool = False,
+    def __init__(self, cfg: NvlConfig, *, manager: Any = None, random_init: bool = False,
                  print_fn: Callable[[str], None] = print, device_type: str | None = None) -> None:
         from nvlcore.plugins import get_plugin_manager
 
@@ -552,7 +560,8 @@ class FinetuneRecipe:
         self.say(f"nvl finetune: {self.decision.reason}")
         if not cfg.checkpoint.save:
             self.say("nvl finetune: WARNING: checkpoint.save is not set: no checkpoint will be written"
-                     + (f"; metrics go to {cfg.logger.jsonl_path}" if cfg.logger.jsonl_path else " and no metrics.jsonl"))
+                     + (f"; metrics go to {cfg.logger.jsonl_path}" if cfg.logger.jsonl_path
+                        else " and no metrics.jsonl"))
         # checkpoint.async_save: the tensors of a save are written by a background thread over a
         # process group of its own (gloo), while training goes on; the save is published (renamed,
         # trackers updated) at the next save or at the end, by every rank at the same point.
@@ -619,7 +628,7 @@ class FinetuneRecipe:
         self.say(f"nvl finetune: towers: {describe_towers(towers)}")
         self.store_frozen_base()
 
-    def build_model(self) -> "torch.nn.Module":
+    def build_model(self) -> torch.nn.Module:
         """The model, each parameter built in the dtype it is stored in (:mod:`nvlcore.training.storage`)."""
         from nvlcore.training.storage import build_in_storage_dtype
 
@@ -659,8 +668,8 @@ class FinetuneRecipe:
         elif needs_base:
             src = self.cfg.checkpoint.pretrained_checkpoint
             if not src:
-                raise ValueError("no starting weights: pass --pretrained-checkpoint DIR (a Megatron checkpoint or an HF "
-                                 "directory)")
+                raise ValueError("no starting weights: pass --pretrained-checkpoint DIR (a Megatron checkpoint or an "
+                                 "HF directory)")
             load_pretrained(self.model, src, bridge=self.bridge, ctx=self.ctx)
             self.say(f"nvl finetune: loaded pretrained weights from {src} ({time.perf_counter() - t0:.1f} s)")
 
@@ -854,7 +863,7 @@ class FinetuneRecipe:
 
 
 def run_finetune(
-    cfg: "NvlConfig",
+    cfg: NvlConfig,
     *,
     manager: Any = None,
     random_init: bool = False,
@@ -874,7 +883,7 @@ def run_finetune(
                           device_type=device_type).run()
 
 
-def moment_dtypes(cfg: "NvlConfig") -> dict[str, Any]:
+def moment_dtypes(cfg: NvlConfig) -> dict[str, Any]:
     """Where and how Adam keeps its state: the moment dtypes under the precision-aware optimizer, the
     fraction of it in host memory under optimizer_cpu_offload (arguments of ``optim.build_optimizer``)."""
     o = cfg.optimizer
@@ -886,7 +895,7 @@ def moment_dtypes(cfg: "NvlConfig") -> dict[str, Any]:
     return out
 
 
-def describe_optimizer(opt: Any, named: Any, cfg: "NvlConfig", ctx: "ParallelContext") -> str:
+def describe_optimizer(opt: Any, named: Any, cfg: NvlConfig, ctx: ParallelContext) -> str:
     """One line: the optimizer kind and where its state lives (sharded over data-parallel ranks or not)."""
     from nvlcore.training import optim
 
@@ -907,10 +916,11 @@ def describe_optimizer(opt: Any, named: Any, cfg: "NvlConfig", ctx: "ParallelCon
                 f"({n_own * per_param / 2**20:.1f} of {n_all * per_param / 2**20:.1f} MiB)")
     if cfg.ddp.use_distributed_optimizer:
         return f"{kind}; state on the one data-parallel rank ({n_all * per_param / 2**20:.1f} MiB; nothing to shard)"
-    return f"{kind}; state replicated on each of {ctx.dp_size} data-parallel rank(s) ({n_all * per_param / 2**20:.1f} MiB each)"
+    mib = n_all * per_param / 2**20
+    return f"{kind}; state replicated on each of {ctx.dp_size} data-parallel rank(s) ({mib:.1f} MiB each)"
 
 
-def describe_state_bytes(opt: Any, ctx: "ParallelContext") -> str:
+def describe_state_bytes(opt: Any, ctx: ParallelContext) -> str:
     """The optimizer-state bytes each data-parallel rank holds (collective over the data-parallel group)."""
     import torch
     import torch.distributed as dist
@@ -925,7 +935,7 @@ def describe_state_bytes(opt: Any, ctx: "ParallelContext") -> str:
     return f"optimizer state held per data-parallel rank: {per} bytes"
 
 
-def load_pretrained(model: "torch.nn.Module", src: str, *, bridge: Any, ctx: "ParallelContext") -> None:
+def load_pretrained(model: torch.nn.Module, src: str, *, bridge: Any, ctx: ParallelContext) -> None:
     """Starting weights from an HF directory (bridge mapping) or a Megatron checkpoint (base or ``iter_N`` dir)."""
     from nvlcore.bridge import is_hf_dir
     from nvlcore.checkpoint import resolve_checkpoint_dir
@@ -940,7 +950,7 @@ def load_pretrained(model: "torch.nn.Module", src: str, *, bridge: Any, ctx: "Pa
 
 
 def gather_packing_positions(position: Callable[[], tuple[int, int]] | None,
-                             ctx: "ParallelContext") -> list[list[int]] | None:
+                             ctx: ParallelContext) -> list[list[int]] | None:
     """Every DP rank's packed-data position ``[[window, rows], ...]`` (collective), or None unpacked."""
     if position is None:
         return None
@@ -954,7 +964,7 @@ def gather_packing_positions(position: Callable[[], tuple[int, int]] | None,
     return [list(x) for x in out]
 
 
-def save(root: str, st: TrainState, *, model: Any, optimizer: Any, bridge: Any, ctx: "ParallelContext", cfg: "NvlConfig",
+def save(root: str, st: TrainState, *, model: Any, optimizer: Any, bridge: Any, ctx: ParallelContext, cfg: NvlConfig,
          run_config: Mapping[str, Any], adapter_only: bool, num_samples: int, async_group: Any = None,
          packing_positions: list[list[int]] | None = None) -> Any:
     """Write one training checkpoint (collective over all ranks): the ``iter_N`` path, or with
@@ -994,8 +1004,8 @@ def save(root: str, st: TrainState, *, model: Any, optimizer: Any, bridge: Any, 
     )
 
 
-def restore(iter_dir: Path, *, model: Any, optimizer: Any, named: Any, bridge: Any, ctx: "ParallelContext",
-            cfg: "NvlConfig", adapter_only: bool) -> TrainState:
+def restore(iter_dir: Path, *, model: Any, optimizer: Any, named: Any, bridge: Any, ctx: ParallelContext,
+            cfg: NvlConfig, adapter_only: bool) -> TrainState:
     """Load weights, optimizer, RNG and train state of a training checkpoint (collective)."""
     from nvlcore.checkpoint import open_checkpoint, restore_rng_state
     from nvlcore.training import checkpointing as tck
@@ -1004,17 +1014,20 @@ def restore(iter_dir: Path, *, model: Any, optimizer: Any, named: Any, bridge: A
     extra = ckpt.extra_state() or {}
     if bool(extra.get("adapter_only")) != adapter_only:
         raise ValueError(
-            f"{iter_dir} is {'an adapter-only (PEFT)' if extra.get('adapter_only') else 'a full'} checkpoint but this run "
+            f"{iter_dir} is {'an adapter-only (PEFT)' if extra.get('adapter_only') else 'a full'} checkpoint but this "
+            "run "
             f"is {'PEFT' if adapter_only else 'full fine-tuning'}; use the same peft settings, or start from it with "
             "--pretrained-checkpoint"
         )
     tck.load_model_weights(model, iter_dir, bridge=bridge, ctx=ctx, only_trainable=adapter_only)
     if cfg.checkpoint.load_optim:
-        tck.load_optimizer_state(optimizer, named, iter_dir, adam_step=int(extra.get("adam_step", 0)), bridge=bridge, ctx=ctx)
+        tck.load_optimizer_state(optimizer, named, iter_dir, adam_step=int(extra.get("adam_step", 0)), bridge=bridge,
+                                 ctx=ctx)
     state = TrainState.from_dict(ckpt.train_state())
     data = extra.get("data") or {}
     if data.get("seed") is not None and data["seed"] != cfg.rng.seed:
-        raise ValueError(f"{iter_dir} was trained with rng.seed={data['seed']}, this run has {cfg.rng.seed}: the data order would change")
+        raise ValueError(f"{iter_dir} was trained with rng.seed={data['seed']}, this run has {cfg.rng.seed}: the data "
+                         "order would change")
     if cfg.checkpoint.load_rng:
         layout = extra.get("layout") or {}
         rank_state = ckpt.rank_state(ctx.rank) if layout.get("world_size") == ctx.world_size else None

@@ -55,7 +55,7 @@ class HostOffloadAdamW(torch.optim.Optimizer):
         self.host_opt = torch.optim.AdamW([i for _, i in host], lr=lr, foreach=True) if host else None
         for pairs, inner in ((dev, self.device_opt), (host, self.host_opt)):
             if inner is not None:
-                self._links += [(gi, ig) for (gi, _), ig in zip(pairs, inner.param_groups)]
+                self._links += [(gi, ig) for (gi, _), ig in zip(pairs, inner.param_groups, strict=True)]
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:

@@ -22,8 +22,9 @@ import json
 import math
 import os
 import sys
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping, TextIO
+from typing import Any, TextIO
 
 
 def _fmt_eta(seconds: float | None) -> str:
@@ -35,7 +36,10 @@ def _fmt_eta(seconds: float | None) -> str:
 class ConsoleLogger:
     """One line per logged iteration::
 
-        iter    12/30 | loss 2.3456 | lr 1.20e-05 | grad 0.912 | 1,234 tok/s | 12.3 TFLOP/s/GPU | mem 10.2 GB | ETA 0:01:23 | skipped 0
+        iter    12/30 | loss 2.3456 | lr 1.20e-05 | grad 0.912 | 1,234 tok/s | 12.3 TFLOP/s/GPU | mem 10.2 GB
+        | ETA 0:01:23 | skipped 0
+
+    (one line, wrapped here).
     """
 
     def __init__(self, *, total_iters: int | None = None, stream: TextIO | None = None, per: str = "GPU") -> None:
@@ -185,7 +189,8 @@ class TensorBoardLogger:
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError as exc:  # pragma: no cover - tensorboard is a dependency of nvlcore
-            raise ImportError("logger.tensorboard_dir is set but tensorboard is not installed: pip install tensorboard") from exc
+            raise ImportError(
+                "logger.tensorboard_dir is set but tensorboard is not installed: pip install tensorboard") from exc
         self.log_dir = Path(log_dir)
         self.timers = timers
         purge = resume_iteration + 1 if resume_iteration is not None else None

@@ -22,7 +22,8 @@ context, cuBLAS/NCCL workspaces) and :data:`FRAGMENTATION` of the caching alloca
 from __future__ import annotations
 
 import fnmatch
-from typing import TYPE_CHECKING, Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
 
 import attrs
 
@@ -90,7 +91,7 @@ class PlanInputs:
     build_bytes_per_param: float | None = None
 
     @classmethod
-    def from_config(cls, cfg: Any, *, world_size: int = 1, **overrides: Any) -> "PlanInputs":
+    def from_config(cls, cfg: Any, *, world_size: int = 1, **overrides: Any) -> PlanInputs:
         """The plan's inputs from an :class:`~nvlcore.config.NvlConfig` on ``world_size`` ranks."""
         m, o, p = cfg.model, cfg.optimizer, cfg.peft
         tp = int(m.tensor_model_parallel_size)
@@ -182,7 +183,7 @@ def _adapter_target(module: str, patterns: tuple[str, ...]) -> bool:
     return any(fnmatch.fnmatchcase(module, p) if ("*" in p or "." in p) else last == p for p in patterns)
 
 
-def estimate(bridge: "ModelBridge", inputs: PlanInputs) -> MemoryEstimate:
+def estimate(bridge: ModelBridge, inputs: PlanInputs) -> MemoryEstimate:
     """Per-rank bytes of the run ``inputs`` describes, from the bridge's parameter shapes and activation model."""
     shapes = bridge.parameter_shapes(inputs.tp)
     layouts = bridge.linear_layouts()
@@ -250,7 +251,8 @@ def options_for(cfg: Any, inputs: PlanInputs) -> list[Option]:
 
     Offloading and 4-bit storage are offered only where the config has their keys.
     """
-    recomputes = ["selective", "full"] if inputs.recompute is None else ["full"] if inputs.recompute == "selective" else []
+    recomputes = ["selective",
+                  "full"] if inputs.recompute is None else ["full"] if inputs.recompute == "selective" else []
     mbs = _micro_batches(inputs)
     ladder = [Option({"recompute": r}, (f"model.recompute_granularity={r}",)) for r in recomputes[:1]]
     ladder += [Option({"micro_batch_size": m}, (f"train.micro_batch_size={m}",)) for m in mbs]
@@ -304,7 +306,7 @@ class Decision:
         return self.available is None or self.estimate.card <= self.available
 
 
-def fit(bridge: "ModelBridge", cfg: Any, inputs: PlanInputs, available: float | None, *,
+def fit(bridge: ModelBridge, cfg: Any, inputs: PlanInputs, available: float | None, *,
         mode: str) -> Decision:
     """The plan for ``inputs``; under ``auto`` the first option of :func:`options_for` that fits.
 
@@ -339,7 +341,7 @@ def apply_option(cfg: Any, option: Option) -> None:
     if ch.get("base_bytes") is not None:
         if hasattr(cfg.peft, "base_dtype"):
             cfg.peft.base_dtype = "nf4"
-        else:  # the PEFT method's own field (nvl-lora's), read when the method is applied
+        else:  # the PEFT method's own field (a PEFT plugin's), read when the method is applied
             cfg.peft.options["base_dtype"] = "nf4"
     if ch.get("optimizer_offload_fraction"):
         cfg.optimizer.optimizer_cpu_offload = True
@@ -367,7 +369,7 @@ def available_bytes(cfg: Any, ctx: Any) -> tuple[float | None, str]:
     return float(free.item()), f"free on {torch.cuda.get_device_name(ctx.device)}"
 
 
-def sample_workload(cfg: Any, bridge: "ModelBridge", manager: Any, *, samples: int = 8) -> tuple[int, int] | None:
+def sample_workload(cfg: Any, bridge: ModelBridge, manager: Any, *, samples: int = 8) -> tuple[int, int] | None:
     """``(tokens, image tiles)`` of one micro-batch from ``samples`` training examples spread over the split: unpacked,
     ``micro_batch_size`` x the longest (rows pad to it); packed, full rows of ``seq_length`` holding as many
     tiles as that many average samples carry. None when the data cannot be read here (the plan then uses
@@ -406,7 +408,7 @@ def sample_workload(cfg: Any, bridge: "ModelBridge", manager: Any, *, samples: i
     return mbs * seq, mbs * int(round(seq / max(1.0, mean_tokens) * mean_tiles + 0.5))
 
 
-def plan_run(cfg: Any, bridge: "ModelBridge", ctx: Any, say: Callable[[str], None], *,
+def plan_run(cfg: Any, bridge: ModelBridge, ctx: Any, say: Callable[[str], None], *,
              manager: Any = None) -> Decision | None:
     """``train.memory_plan``: print the plan before any weights load; ``check`` refuses a run that cannot
     fit, ``auto`` changes micro-batch, recompute and offload settings in ``cfg`` until it fits.

@@ -17,7 +17,8 @@ is a plain copy (there is nothing to free); the CPU tests check this path's nume
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
@@ -41,7 +42,7 @@ class _Saved:
 class ActivationOffloader:
     """Offloads the saved activations of ``layers`` (see the module doc); :meth:`remove` undoes it."""
 
-    def __init__(self, layers: Sequence["torch.nn.Module"], num_layers: int) -> None:
+    def __init__(self, layers: Sequence[torch.nn.Module], num_layers: int) -> None:
         import torch
 
         self.num_layers = num_layers
@@ -84,7 +85,7 @@ class ActivationOffloader:
                 first.register_hook(lambda grad: self._prefetch(index - 1))
         return hook
 
-    def _pack(self, index: int, t: "torch.Tensor") -> Any:
+    def _pack(self, index: int, t: torch.Tensor) -> Any:
         import torch
 
         if isinstance(t, torch.nn.Parameter) or t.numel() < MIN_ELEMENTS or t.layout != torch.strided:
@@ -120,7 +121,7 @@ class ActivationOffloader:
                     s.back_event.record(self.stream)
         self.saved[index] = []  # autograd holds what it still needs
 
-    def _unpack(self, packed: Any) -> "torch.Tensor":
+    def _unpack(self, packed: Any) -> torch.Tensor:
         import torch
 
         if not isinstance(packed, _Saved):
@@ -143,7 +144,7 @@ class ActivationOffloader:
         self._handles.clear()
 
 
-def offload_activations(layers: Sequence["torch.nn.Module"], num_layers: int) -> ActivationOffloader:
+def offload_activations(layers: Sequence[torch.nn.Module], num_layers: int) -> ActivationOffloader:
     """Offload the saved activations of the first ``num_layers`` of ``layers`` (``model.cpu_offloading_num_layers``).
 
     :raises ValueError: ``num_layers`` is not in ``[1, len(layers) - 1]`` (megatron-core's range: the

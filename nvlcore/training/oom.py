@@ -11,7 +11,8 @@ so it is not reported as a communication failure.
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, Any, Mapping
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
@@ -31,7 +32,7 @@ def current_phase() -> str:
     return _PHASE[0]
 
 
-def install_phase_hooks(model: "torch.nn.Module", phases: Mapping[str, str]) -> list[Any]:
+def install_phase_hooks(model: torch.nn.Module, phases: Mapping[str, str]) -> list[Any]:
     """A forward pre-hook on each module ``phases`` names (prefix -> phase); returns the hook handles."""
     handles = []
     modules = dict(model.named_modules())
@@ -63,10 +64,10 @@ def fitting_options(cfg: Any, *, world_size: int = 1, limit: int = 3) -> str:
     """The memory plan's cheapest options that lower this config's estimate, as a hint for the report
     (resolves the bridge again; empty when the plan cannot be made)."""
     try:
+        import attrs
+
         from nvlcore.bridge import resolve_bridge
         from nvlcore.training.memory import GB, PlanInputs, estimate, options_for
-
-        import attrs
 
         bridge = resolve_bridge(cfg.model.hf_model_path, cfg.model.bridge)
         inputs = PlanInputs.from_config(cfg, world_size=world_size)

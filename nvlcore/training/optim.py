@@ -19,7 +19,8 @@ ranks after the data-parallel reduction, so nothing is reduced over DP.
 from __future__ import annotations
 
 import sys
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import attrs
 
@@ -30,18 +31,18 @@ if TYPE_CHECKING:
 BUCKET_BYTES = 128 * 1024 * 1024
 
 
-def no_weight_decay(name: str, param: "torch.Tensor") -> bool:
+def no_weight_decay(name: str, param: torch.Tensor) -> bool:
     """Megatron's rule: biases and 1-D parameters (norm weights, state-space ``D``/``dt_bias``...) get no decay."""
     return name.endswith(".bias") or param.dim() <= 1
 
 
-def trainable_named_parameters(model: "torch.nn.Module") -> list[tuple[str, "torch.nn.Parameter"]]:
+def trainable_named_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
     """The parameters the optimizer updates, in module order."""
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
 
 def build_optimizer(
-    named_params: Sequence[tuple[str, "torch.nn.Parameter"]],
+    named_params: Sequence[tuple[str, torch.nn.Parameter]],
     *,
     lr: float,
     betas: tuple[float, float] = (0.9, 0.95),
@@ -56,7 +57,7 @@ def build_optimizer(
     exp_avg_dtype: str = "torch.float32",
     exp_avg_sq_dtype: str = "torch.float32",
     offload_fraction: float = 0.0,
-) -> "torch.optim.Optimizer":
+) -> torch.optim.Optimizer:
     """AdamW (decoupled weight decay, as Megatron's ``adam``) or SGD with momentum (``sgd``, as
     Megatron's: ``torch.optim.SGD``, coupled weight decay) over two groups: decayed and not.
 
@@ -86,7 +87,8 @@ def build_optimizer(
     for n, p in named_params:
         if p.dtype != torch.float32:
             raise TypeError(
-                f"trainable parameter {n} is {p.dtype}; the trainer keeps fp32 master weights, build the model in float32"
+                f"trainable parameter {n} is {p.dtype}; the trainer keeps fp32 master weights, build the model in "
+                "float32"
             )
     groups = [g for g in (
         {"params": decay, "wd_mult": 1.0, "weight_decay": weight_decay},
@@ -100,7 +102,7 @@ def build_optimizer(
         except ImportError as exc:
             from nvlcore.config import ConfigError
 
-            raise ConfigError(f"optimizer.exp_avg_dtype / exp_avg_sq_dtype other than torch.float32 need torchao "
+            raise ConfigError("optimizer.exp_avg_dtype / exp_avg_sq_dtype other than torch.float32 need torchao "
                               f"({exc}); pip install 'nvl[memory]'", key="optimizer.exp_avg_dtype") from None
 
         cls = LeanAdamW
@@ -132,7 +134,7 @@ def build_optimizer(
     return cls(groups, **kwargs)
 
 
-def local_optimizer(optimizer: "torch.optim.Optimizer") -> "torch.optim.Optimizer":
+def local_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
     """The optimizer that holds this rank's state: the wrapped one of a ``ZeroRedundancyOptimizer``."""
     return getattr(optimizer, "optim", optimizer) if is_sharded(optimizer) else optimizer
 
@@ -145,7 +147,7 @@ def is_sharded(optimizer: Any) -> bool:
     return zero is not None and isinstance(optimizer, zero.ZeroRedundancyOptimizer)
 
 
-def owns_parameter(optimizer: Any, param: "torch.Tensor") -> bool:
+def owns_parameter(optimizer: Any, param: torch.Tensor) -> bool:
     """Whether this rank keeps ``param``'s optimizer state (always, unless the state is sharded)."""
     if not is_sharded(optimizer):
         return True
@@ -162,7 +164,7 @@ def state_names(optimizer: Any) -> tuple[str, ...]:
     return ("exp_avg", "exp_avg_sq")
 
 
-def moment_entries(value: "torch.Tensor") -> dict[str, "torch.Tensor"]:
+def moment_entries(value: torch.Tensor) -> dict[str, torch.Tensor]:
     """A moment as checkpoints keep it: fp32 values under the moment's own key (``""``; bf16 widens exactly),
     and for an 8-bit moment its block scales too (key suffix ``.block_scale``: an exact resume)."""
     import torch
@@ -174,7 +176,7 @@ def moment_entries(value: "torch.Tensor") -> dict[str, "torch.Tensor"]:
     return {"": value if value.dtype == torch.float32 else value.float()}
 
 
-def quantized_moments(optimizer: Any, param: "torch.Tensor") -> tuple[str, ...]:
+def quantized_moments(optimizer: Any, param: torch.Tensor) -> tuple[str, ...]:
     """The moments of ``param`` this optimizer stores in 8 bits (their block scales are checkpointed)."""
     import torch
 
@@ -185,7 +187,7 @@ def quantized_moments(optimizer: Any, param: "torch.Tensor") -> tuple[str, ...]:
     return tuple(m for m, signed in (("exp_avg", True), ("exp_avg_sq", False)) if dtypes[signed] is torch.uint8)
 
 
-def adopt_loaded_moments(optimizer: Any, block_scales: dict[Any, dict[str, "torch.Tensor"]] | None = None) -> None:
+def adopt_loaded_moments(optimizer: Any, block_scales: dict[Any, dict[str, torch.Tensor]] | None = None) -> None:
     """After ``load_state_dict`` put fp32 moments back, turn them into the optimizer's storage dtypes."""
     inner = local_optimizer(optimizer)
     adopt = getattr(inner, "adopt_fp32_moments", None)
@@ -210,14 +212,14 @@ def optimizer_state_bytes(optimizer: Any) -> int:
     return total
 
 
-def set_hyperparameters(optimizer: "torch.optim.Optimizer", *, lr: float, weight_decay: float) -> None:
+def set_hyperparameters(optimizer: torch.optim.Optimizer, *, lr: float, weight_decay: float) -> None:
     """Apply this update's learning rate and weight decay to every parameter group."""
     for group in optimizer.param_groups:
         group["lr"] = lr
         group["weight_decay"] = weight_decay * group.get("wd_mult", 1.0)
 
 
-def materialize_grads(params: Iterable["torch.nn.Parameter"]) -> list["torch.Tensor"]:
+def materialize_grads(params: Iterable[torch.nn.Parameter]) -> list[torch.Tensor]:
     """Give every trainable parameter a gradient (zeros where the forward did not use it).
 
     A text-only micro-batch leaves the vision tower without gradients on one rank while another rank
@@ -234,9 +236,9 @@ def materialize_grads(params: Iterable["torch.nn.Parameter"]) -> list["torch.Ten
     return grads
 
 
-def _buckets(tensors: Sequence["torch.Tensor"], limit: int) -> list[list["torch.Tensor"]]:
-    out: list[list["torch.Tensor"]] = []
-    cur: list["torch.Tensor"] = []
+def _buckets(tensors: Sequence[torch.Tensor], limit: int) -> list[list[torch.Tensor]]:
+    out: list[list[torch.Tensor]] = []
+    cur: list[torch.Tensor] = []
     size = 0
     for t in tensors:
         nbytes = t.numel() * t.element_size()
@@ -251,7 +253,7 @@ def _buckets(tensors: Sequence["torch.Tensor"], limit: int) -> list[list["torch.
 
 
 def reduce_gradients(
-    grads: Sequence["torch.Tensor"], *, group: Any, group_size: int, scale: float, bucket_bytes: int | None = None
+    grads: Sequence[torch.Tensor], *, group: Any, group_size: int, scale: float, bucket_bytes: int | None = None
 ) -> None:
     """Sum gradients over the data-parallel group (fp32), then multiply by ``scale``.
 
@@ -269,14 +271,14 @@ def reduce_gradients(
         for bucket in _buckets(grads, bucket_bytes or BUCKET_BYTES):
             flat = _flatten_dense_tensors(bucket)
             dist.all_reduce(flat, group=group)
-            for g, synced in zip(bucket, _unflatten_dense_tensors(flat, bucket)):
+            for g, synced in zip(bucket, _unflatten_dense_tensors(flat, bucket), strict=True):
                 g.copy_(synced)
     if grads:
         torch._foreach_mul_(list(grads), scale)
 
 
 def grad_norm_and_clip(
-    named_params: Sequence[tuple[str, "torch.nn.Parameter"]],
+    named_params: Sequence[tuple[str, torch.nn.Parameter]],
     *,
     max_norm: float,
     tp_group: Any,
@@ -312,7 +314,7 @@ def grad_norm_and_clip(
 
 
 def check_replicated_parameters(
-    named_params: Sequence[tuple[str, "torch.Tensor"]], *, tp_group: Any, tp_size: int
+    named_params: Sequence[tuple[str, torch.Tensor]], *, tp_group: Any, tp_size: int
 ) -> None:
     """Fail if a parameter not marked ``tensor_model_parallel`` holds different values on TP ranks.
 
@@ -330,7 +332,8 @@ def check_replicated_parameters(
         return
     device = tensors[0].device
     fp = torch.stack([
-        torch.stack([t.detach().double().sum(), t.detach().double().square().sum(), torch.tensor(float(t.numel()), dtype=torch.float64, device=device)])
+        torch.stack([t.detach().double().sum(), t.detach().double().square().sum(),
+                     torch.tensor(float(t.numel()), dtype=torch.float64, device=device)])
         for t in tensors
     ]).to(device)
     hi, lo = fp.clone(), fp.clone()
@@ -346,7 +349,7 @@ def check_replicated_parameters(
         )
 
 
-def broadcast_parameters(params: Iterable["torch.Tensor"], *, src_global_rank: int, group: Any, group_size: int) -> None:
+def broadcast_parameters(params: Iterable[torch.Tensor], *, src_global_rank: int, group: Any, group_size: int) -> None:
     """Make data-parallel replicas start from the same weights (as DDP does at construction)."""
     import torch.distributed as dist
 
@@ -357,8 +360,8 @@ def broadcast_parameters(params: Iterable["torch.Tensor"], *, src_global_rank: i
 
 
 # ------------------------------------------------------------------------------ precision, memory
-def store_frozen_in_(model: "torch.nn.Module", dtype: "torch.dtype",
-                     keep_fp32: "Callable[[str, torch.Tensor], bool] | None" = None) -> int:
+def store_frozen_in_(model: torch.nn.Module, dtype: torch.dtype,
+                     keep_fp32: Callable[[str, torch.Tensor], bool] | None = None) -> int:
     """Convert every frozen floating-point parameter of ``model`` to ``dtype`` in place; trainable ones
     stay fp32 (the optimizer's masters). Returns the number of parameters converted.
 
@@ -379,13 +382,13 @@ def store_frozen_in_(model: "torch.nn.Module", dtype: "torch.dtype",
     return n
 
 
-def is_packed(p: "torch.Tensor") -> bool:
+def is_packed(p: torch.Tensor) -> bool:
     """Whether ``p`` holds a tensor subclass that stores its values in other tensors (a quantized
     weight such as torchao's NF4): its bytes are its inner tensors', not ``numel x element_size``."""
     return hasattr(p.data if hasattr(p, "data") else p, "__tensor_flatten__")
 
 
-def stored_bytes(p: "torch.Tensor") -> int:
+def stored_bytes(p: torch.Tensor) -> int:
     """The bytes ``p`` really holds (the inner tensors of a packed one, see :func:`is_packed`)."""
     t = p.data if hasattr(p, "data") else p
     if not is_packed(t):
@@ -394,7 +397,7 @@ def stored_bytes(p: "torch.Tensor") -> int:
     return sum(stored_bytes(getattr(t, a)) for a in names)
 
 
-def describe_storage(model: "torch.nn.Module") -> str:
+def describe_storage(model: torch.nn.Module) -> str:
     """How the frozen parameters are stored, for the run's first lines: count and bytes per storage
     (a dtype, or the class of a packed tensor), e.g. ``NF4Tensor 84 tensors 1.20 GB; bfloat16 ...``."""
     groups: dict[str, list[int]] = {}
@@ -434,7 +437,7 @@ def _size(n: int) -> str:
     return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
 
 
-def memory_plan(model: "torch.nn.Module") -> MemoryPlan:
+def memory_plan(model: torch.nn.Module) -> MemoryPlan:
     """The static memory of this rank's shard of ``model`` (fp32 gradients and two Adam moments per
     trainable parameter)."""
     frozen = trainable = fz_n = tr_n = 0

@@ -16,7 +16,8 @@ The positions of all DP ranks are saved with each checkpoint (so a packed run re
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 import attrs
 
@@ -116,10 +117,11 @@ class PackedBatches:
     :param device: the CUDA device pinned memory is allocated for (the prefetch thread's current device).
     """
 
-    def __init__(self, windows: Iterator[list[list[dict[str, Any]]]], collate: Callable[[Sequence[Any]], dict[str, Any]],
+    def __init__(self, windows: Iterator[list[list[dict[str, Any]]]],
+                 collate: Callable[[Sequence[Any]], dict[str, Any]],
                  *, micro_batch_size: int, dp_rank: int = 0, dp_size: int = 1,
                  start: tuple[int, int] | None = None, pin_memory: bool = False, prefetch: int = 0,
-                 device: "torch.device | None" = None) -> None:
+                 device: torch.device | None = None) -> None:
         self._maker = _BatchMaker(windows, collate, micro_batch_size, dp_size, start or (dp_rank, 0), pin_memory)
         self._position = self._maker.position()
         # The thread owns the maker, never this object: dropping this object stops the thread.
@@ -135,7 +137,7 @@ class PackedBatches:
         """Rows of every window taken from the loader so far (with prefetch, that runs ahead)."""
         return self._maker.rows_per_window
 
-    def __iter__(self) -> "PackedBatches":
+    def __iter__(self) -> PackedBatches:
         return self
 
     def __next__(self) -> dict[str, Any]:
@@ -151,7 +153,8 @@ class PackedBatches:
 class _BatchMaker:
     """Rows from the windows, ``mbs`` at a time, collated (and pinned), each with the position after it."""
 
-    def __init__(self, windows: Iterator[list[list[dict[str, Any]]]], collate: Callable[[Sequence[Any]], dict[str, Any]],
+    def __init__(self, windows: Iterator[list[list[dict[str, Any]]]],
+                 collate: Callable[[Sequence[Any]], dict[str, Any]],
                  mbs: int, dp_size: int, start: tuple[int, int], pin: bool) -> None:
         self.windows, self.collate, self.mbs, self.dp_size, self.pin = windows, collate, mbs, dp_size, pin
         self._window, self._skip = int(start[0]), int(start[1])
@@ -198,7 +201,7 @@ class _Prefetcher:
     this object) stops the thread through a finalizer.
     """
 
-    def __init__(self, items: Iterator[Any], depth: int, device: "torch.device | None") -> None:
+    def __init__(self, items: Iterator[Any], depth: int, device: torch.device | None) -> None:
         import queue
         import threading
         import weakref
@@ -228,7 +231,7 @@ class _Raised:
     exc: BaseException
 
 
-def _prefetch_loop(items: Iterator[Any], q: Any, stop: Any, device: "torch.device | None") -> None:
+def _prefetch_loop(items: Iterator[Any], q: Any, stop: Any, device: torch.device | None) -> None:
     import queue
 
     if device is not None and device.type == "cuda":
@@ -271,7 +274,8 @@ def _stop_prefetch(stop: Any, q: Any, thread: Any) -> None:
 
 
 def build_packed_loader(dataset: Any, order: Callable[[int], int], *, window: int, capacity: int, mode: str,
-                        dp_rank: int, dp_size: int, start_window: int | None, num_workers: int) -> "torch.utils.data.DataLoader":
+                        dp_rank: int, dp_size: int, start_window: int | None,
+                        num_workers: int) -> torch.utils.data.DataLoader:
     """A DataLoader whose items are this rank's windows, processed and packed in the workers."""
     from torch.utils.data import DataLoader
 

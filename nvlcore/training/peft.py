@@ -4,7 +4,7 @@ section's method options are merged, and the one way a PEFT run's checkpoint is 
 * :func:`apply_peft_method`: ``nvl finetune`` (the run's ``peft`` section) and :func:`apply_peft_run`
   (the section recorded in a run's ``run_config.yaml``) both apply a method through it;
 * :func:`open_peft_run` / :func:`apply_peft_run`: ``--adapter-checkpoint`` of ``nvl generate`` and
-  ``nvl eval`` (through :mod:`nvlcore.generation.load`): the run's config is rebuilt, so the same
+  ``nvl eval`` (through :mod:`nvlcore.inference`): the run's config is rebuilt, so the same
   parameters train (``model.freeze_*``, then the method) and exactly those are read back from the
   adapter-only checkpoint, whatever the method calls its parameters.
 
@@ -13,8 +13,9 @@ Importing this module is cheap; torch and the checkpoint machinery are imported 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any
 
 import attrs
 
@@ -24,7 +25,7 @@ if TYPE_CHECKING:
     from nvlcore.parallel import ParallelContext
 
 
-def apply_peft_method(model: "torch.nn.Module", peft: Mapping[str, Any], *, bridge: Any, manager: Any) -> Any:
+def apply_peft_method(model: torch.nn.Module, peft: Mapping[str, Any], *, bridge: Any, manager: Any) -> Any:
     """Apply the PEFT method a ``peft`` section names to ``model``; returns the method object, or None
     when ``peft["method"]`` is empty.
 
@@ -130,7 +131,7 @@ def refuse_peft_run_as_weights(path: str | Path) -> None:
         )
 
 
-def apply_peft_run(model: "torch.nn.Module", run: PeftRun, *, bridge: Any, manager: Any, ctx: "ParallelContext",
+def apply_peft_run(model: torch.nn.Module, run: PeftRun, *, bridge: Any, manager: Any, ctx: ParallelContext,
                    merge: bool = False) -> Any:
     """Put a PEFT run back on ``model`` (base weights already loaded): the run's ``model.freeze_*`` and
     its method, then the tensors it trained (adapters and fully trained towers) from its checkpoint;

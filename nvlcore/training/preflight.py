@@ -49,7 +49,8 @@ def config_problems(cfg: Any, manager: Any = None, *, world_size: int | None = N
     if ck.save_interval is not None and ck.save_interval < 1:
         problems.append(f"checkpoint.save_interval={ck.save_interval} must be at least 1")
     if ck.pretrained_checkpoint and not Path(ck.pretrained_checkpoint).expanduser().exists():
-        problems.append(f"checkpoint.pretrained_checkpoint (--pretrained-checkpoint) {ck.pretrained_checkpoint} does not exist")
+        problems.append(f"checkpoint.pretrained_checkpoint (--pretrained-checkpoint) {ck.pretrained_checkpoint} does "
+                        "not exist")
     if ck.load and not Path(ck.load).expanduser().exists() and ck.exit_on_missing_checkpoint:
         problems.append(f"checkpoint.load={ck.load} does not exist and checkpoint.exit_on_missing_checkpoint is set")
     problems += _dataset_problems(cfg, manager)

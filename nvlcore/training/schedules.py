@@ -135,7 +135,7 @@ class WeightDecaySchedule:
         return self.start + coeff * (self.end - self.start)
 
 
-def schedules_for(cfg: "NvlConfig") -> tuple[LRSchedule, WeightDecaySchedule]:
+def schedules_for(cfg: NvlConfig) -> tuple[LRSchedule, WeightDecaySchedule]:
     """The learning-rate and weight-decay schedules of a resolved config (``scheduler``, ``optimizer`` and
     ``train`` sections; ``lr_warmup_fraction`` of the decay length wins over ``lr_warmup_iters``)."""
     sc = cfg.scheduler

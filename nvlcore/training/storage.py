@@ -13,13 +13,14 @@ weights load, so that nothing trainable or kept loses precision.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
 
 
-def trainable_after_prepare(bridge: Any, prepare: Callable[["torch.nn.Module"], Any], *, seed: int) -> set[str] | None:
+def trainable_after_prepare(bridge: Any, prepare: Callable[[torch.nn.Module], Any], *, seed: int) -> set[str] | None:
     """Names of the parameters that train once ``prepare`` (freeze flags, then the PEFT method) has run,
     found on the model built on the meta device; None when the bridge or the method cannot run there."""
     import torch
@@ -32,9 +33,9 @@ def trainable_after_prepare(bridge: Any, prepare: Callable[["torch.nn.Module"], 
     return {name for name, p in meta.named_parameters() if p.requires_grad}
 
 
-def build_in_storage_dtype(bridge: Any, *, compute_dtype: "torch.dtype | None", device: "torch.device",
-                           init: str, seed: int, prepare: Callable[["torch.nn.Module"], Any],
-                           frozen_expected: bool) -> tuple["torch.nn.Module", str]:
+def build_in_storage_dtype(bridge: Any, *, compute_dtype: torch.dtype | None, device: torch.device,
+                           init: str, seed: int, prepare: Callable[[torch.nn.Module], Any],
+                           frozen_expected: bool) -> tuple[torch.nn.Module, str]:
     """The training model, each parameter in its storage dtype, and a line saying how it was built.
 
     :param compute_dtype: the autocast dtype (None: an fp32 run; everything is built in fp32).
@@ -59,7 +60,7 @@ def build_in_storage_dtype(bridge: Any, *, compute_dtype: "torch.dtype | None", 
                    "precision-kept parameters in fp32 (frozen weights never held in fp32)")
 
 
-def trainable_in_fp32(model: "torch.nn.Module") -> int:
+def trainable_in_fp32(model: torch.nn.Module) -> int:
     """Turn every trainable floating-point parameter still in a lower precision to fp32 (the optimizer's
     masters); returns how many values changed. Parameters a PEFT method adds to a base built in bf16
     (adapters take their base's dtype) are the ones this catches."""

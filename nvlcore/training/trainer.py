@@ -28,10 +28,12 @@ import math
 import signal
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import attrs
 
+from nvlcore.bridge import real_tokens
 from nvlcore.training import optim
 from nvlcore.training.oom import set_phase
 from nvlcore.training.schedules import LRSchedule, WeightDecaySchedule
@@ -68,7 +70,7 @@ class TrainState:
         return d
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "TrainState":
+    def from_dict(cls, d: Mapping[str, Any]) -> TrainState:
         names = {f.name for f in attrs.fields(cls)}
         kwargs = {k: v for k, v in d.items() if k in names}
         if "iteration" not in kwargs and "step" in d:
@@ -96,7 +98,7 @@ class StepResult:
         return self.loss_sum / self.supervised_tokens if self.supervised_tokens > 0 else float("nan")
 
 
-def move_batch(batch: Mapping[str, Any], device: "torch.device") -> dict[str, Any]:
+def move_batch(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
     """Tensors to ``device`` (non-blocking from pinned memory); other values unchanged."""
     import torch
 
@@ -109,14 +111,6 @@ def batch_samples(batch: Mapping[str, Any]) -> int:
     if n is not None:
         return int(n.sum())
     return int(batch["input_ids"].shape[0])
-
-
-def real_tokens(batch: Mapping[str, Any]) -> int:
-    """Tokens that are not padding: ``attention_mask`` ones (all of ``input_ids`` without a mask)."""
-    mask = batch.get("attention_mask")
-    if mask is not None:
-        return int(mask.sum())
-    return int(batch["input_ids"].numel())
 
 
 class StopRequest:
@@ -203,10 +197,10 @@ class Trainer:
     def __init__(
         self,
         *,
-        model: "torch.nn.Module",
-        ctx: "ParallelContext",
-        optimizer: "torch.optim.Optimizer",
-        named_params: Sequence[tuple[str, "torch.nn.Parameter"]],
+        model: torch.nn.Module,
+        ctx: ParallelContext,
+        optimizer: torch.optim.Optimizer,
+        named_params: Sequence[tuple[str, torch.nn.Parameter]],
         lr_schedule: LRSchedule,
         wd_schedule: WeightDecaySchedule,
         settings: LoopSettings,
@@ -251,7 +245,7 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.ctx.device.type, dtype=self.settings.autocast_dtype)
 
-    def forward_loss(self, batch: Mapping[str, Any]) -> tuple["torch.Tensor", "torch.Tensor"]:
+    def forward_loss(self, batch: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         """``(sum of loss * loss_mask, sum of loss_mask)`` of one micro-batch already on the device."""
         import torch
 
@@ -423,7 +417,8 @@ class Trainer:
                     self._save()
                 if stopping:
                     name = signal.Signals(self.stop.signum).name if self.stop.signum else "a signal on another rank"
-                    self.print(f"nvl finetune: received {name}; saving a checkpoint at iteration {st.iteration} and exiting")
+                    self.print(f"nvl finetune: received {name}; saving a checkpoint at iteration {st.iteration} and "
+                               "exiting")
                     self._save()
                     self.stopped_by = name
                     break
@@ -507,11 +502,11 @@ class Trainer:
 
 
 def evaluate(
-    model: "torch.nn.Module",
+    model: torch.nn.Module,
     batches: Iterator[Mapping[str, Any]],
     *,
     num_batches: int,
-    ctx: "ParallelContext",
+    ctx: ParallelContext,
     autocast_dtype: Any = None,
 ) -> tuple[float, float]:
     """Token-weighted validation loss over ``num_batches`` micro-batches per rank: ``(loss_sum, tokens)``."""
@@ -528,7 +523,8 @@ def evaluate(
         with torch.no_grad():
             for _ in range(num_batches):
                 batch = move_batch(next(batches), ctx.device)
-                cm = torch.autocast(ctx.device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
+                cm = torch.autocast(ctx.device.type,
+                                    dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
                 with cm:
                     per_token = model(**batch)
                 mask = batch["loss_mask"].to(torch.float32)

@@ -1,4 +1,4 @@
-"""The core's one inference path (:mod:`nvlcore.generation.load`) with a bridge that has no loading code of
+"""The core's one inference path (:mod:`nvlcore.inference`) with a bridge that has no loading code of
 its own (the example TinyBridge): HF or checkpoint weights, and a LoRA run's checkpoint applied unmerged
 or merged in memory give the trained model's logits."""
 
@@ -63,7 +63,7 @@ def test_a_peft_run_loads_as_trained_unmerged_and_merged(example: Any, tmp_path:
     import torch
 
     pytest.importorskip("nvl_lora")
-    from nvlcore.generation.load import load_model
+    from nvlcore.inference import load_model
     from nvlcore.parallel import init_parallel
     from nvlcore.plugins import get_plugin_manager
 
@@ -90,7 +90,7 @@ def test_checkpoint_weights_and_a_peft_run_given_as_weights(example: Any, tmp_pa
 
     pytest.importorskip("nvl_lora")
     from nvlcore.checkpoint import save_checkpoint
-    from nvlcore.generation.load import load_model
+    from nvlcore.inference import load_model
     from nvlcore.parallel import init_parallel
     from nvlcore.plugins import get_plugin_manager
 

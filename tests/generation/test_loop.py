@@ -61,7 +61,8 @@ class HFCached:
 
     def prefill(self, input_ids, *, attention_mask, cache):
         pos = _positions(attention_mask)
-        out = self.hf(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos, cache=cache["kv"], use_cache=True)
+        out = self.hf(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos, cache=cache["kv"],
+                      use_cache=True)
         cache["mask"], cache["pos"] = attention_mask, pos[:, -1:]
         return out.logits[:, -1]
 
@@ -103,13 +104,15 @@ def test_seeded_sampling_equals_transformers_generate(hf_llama, temperature, top
     torch.manual_seed(123)  # transformers samples from the global generator
     ref = _hf_generate(hf_llama, ids, mask, 10, do_sample=True, temperature=temperature, top_k=top_k, top_p=top_p)
     params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=123)
-    got = generate_tokens(HFCached(hf_llama), ids, mask, max_new_tokens=10, sampling=params, stop_token_ids=[EOS], pad_token_id=PAD)
+    got = generate_tokens(HFCached(hf_llama), ids, mask, max_new_tokens=10, sampling=params, stop_token_ids=[EOS],
+                          pad_token_id=PAD)
     assert got.token_ids == ref
 
 
 def test_no_cache_reference_equals_cached_path(hf_llama) -> None:
     def forward(input_ids, attention_mask):
-        return hf_llama(input_ids=input_ids, attention_mask=attention_mask, position_ids=_positions(attention_mask)).logits
+        return hf_llama(input_ids=input_ids, attention_mask=attention_mask,
+                        position_ids=_positions(attention_mask)).logits
 
     ids, mask = left_pad(_prompts(), PAD)
     a = generate_tokens(HFCached(hf_llama), ids, mask, max_new_tokens=9, stop_token_ids=[EOS])

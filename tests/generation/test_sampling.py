@@ -76,7 +76,8 @@ def test_samples_stay_inside_the_nucleus() -> None:
 
 @pytest.mark.parametrize(
     "kwargs, msg",
-    [({"temperature": -1.0}, "temperature"), ({"top_p": 0.0}, "top_p"), ({"top_p": 1.5}, "top_p"), ({"top_k": -2}, "top_k")],
+    [({"temperature": -1.0}, "temperature"), ({"top_p": 0.0}, "top_p"), ({"top_p": 1.5}, "top_p"),
+     ({"top_k": -2}, "top_k")],
 )
 def test_bad_params_are_refused(kwargs: dict, msg: str) -> None:
     with pytest.raises(ValueError, match=msg):

@@ -45,8 +45,8 @@ def write_test_video(
 
 def write_hub_dataset(
     root: str | os.PathLike[str],
-    files: "dict[str, Any]",
-    configs: "dict[str, dict[str, str]]",
+    files: dict[str, Any],
+    configs: dict[str, dict[str, str]],
 ) -> Path:
     """Lay out a local dataset directory the way a Hub dataset repository is laid out.
 

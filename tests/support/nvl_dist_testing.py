@@ -17,8 +17,9 @@ import os
 import socket
 import tempfile
 import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 __all__ = ["free_port", "run_distributed"]
 

@@ -20,7 +20,8 @@ DEFAULTS = [
 def main(argv: list[str]) -> None:
     hf, overrides = argv[0], argv[1:]
     manager = tiny_plugin.manager()
-    cfg = load_config([], [*DEFAULTS, f"model.hf_model_path={hf}", f"checkpoint.pretrained_checkpoint={hf}", *overrides],
+    cfg = load_config([], [*DEFAULTS, f"model.hf_model_path={hf}", f"checkpoint.pretrained_checkpoint={hf}",
+                           *overrides],
                       plugins=manager)
     resolve_config(cfg)
     run_finetune(cfg, manager=manager)

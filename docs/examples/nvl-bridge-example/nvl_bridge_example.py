@@ -16,8 +16,9 @@ character per token. Torch and megatron are imported inside functions only, as n
 from __future__ import annotations
 
 import random
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, ClassVar, Mapping, Sequence
+from typing import Any, ClassVar
 
 from nvlcore.bridge import ModelBridge
 from nvlcore.hookspecs import hookimpl
@@ -265,12 +266,12 @@ class TinyBridge(ModelBridge):
     def generator_for_model(self, model: Any, *, device: Any = None, dtype: Any = None,
                             cuda_graph: bool | None = None, **options: Any) -> Any:
         # nvl generate / nvl eval build and load the model (weights, PEFT runs) through the core's
-        # nvlcore.generation.load; the bridge only wraps it. TinyVLM has no generation options.
-        from nvlcore.generation import Generator
-        from nvlcore.generation.protocol import NoCacheReference
+        # nvlcore.inference; the bridge only wraps it. TinyVLM has no generation options.
+        from nvlcore.generation import Generator, NoCacheReference
 
         if options or cuda_graph:
-            raise ValueError(f"model bridge {self.name!r} has no generation options {sorted(options) or ['cuda_graph']}")
+            raise ValueError(
+                f"model bridge {self.name!r} has no generation options {sorted(options) or ['cuda_graph']}")
         model.eval()
         device = device or next(model.parameters()).device
         decodable = NoCacheReference(lambda ids, attention_mask, **kw: model(ids, attention_mask=attention_mask, **kw))

@@ -91,7 +91,8 @@ class VeRA:
             raise ValueError(f"peft.target_modules {list(target_modules)} selected no layer with a 2-D weight")
         for name, module in found:
             if getattr(module, "output_size_per_partition", None) not in (None, getattr(module, "output_size", None)) \
-                    or getattr(module, "input_size_per_partition", None) not in (None, getattr(module, "input_size", None)):
+                    or getattr(module, "input_size_per_partition",
+                               None) not in (None, getattr(module, "input_size", None)):
                 raise ValueError(f"{name}: vera (nvl-peft-example) runs at model.tensor_model_parallel_size=1 only")
             out_f, in_f = module.weight.shape
             seed = int.from_bytes(hashlib.sha256(f"{projection_prng_key}:{name}".encode()).digest()[:7], "little")

@@ -11,11 +11,12 @@ unreadable image are skipped and counted.
 from __future__ import annotations
 
 import json
-from typing import Any, ClassVar, Mapping
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
 import attrs
 
-from nvlcore.data.makers import ImageSourceKwargs, HFConversationMaker, image_problem
+from nvlcore.data.makers import HFConversationMaker, ImageSourceKwargs, image_problem
 
 
 def json2token(obj: Any, sort_json_key: bool = True) -> str:
@@ -92,7 +93,8 @@ class CordV2Dataset(HFConversationMaker):
     def convert(self, row: Mapping[str, Any]) -> dict[str, Any]:
         return {
             "conversation": [
-                {"role": "user", "content": [{"type": "image", "image": row["image"]}, {"type": "text", "text": self.kwargs.prompt}]},
+                {"role": "user",
+                 "content": [{"type": "image", "image": row["image"]}, {"type": "text", "text": self.kwargs.prompt}]},
                 {"role": "assistant", "content": [{"type": "text", "text": target_text(row["ground_truth"])}]},
             ]
         }

@@ -16,7 +16,8 @@ normalised the way Donut normalises them (keys sorted, empty values dropped, lea
 from __future__ import annotations
 
 import re
-from typing import Any, ClassVar, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
 
 from nvlcore.eval.metrics import levenshtein
 

@@ -8,22 +8,25 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from nvlcore.data.makers import SplitNotAvailableError
-from nvl_data_testing import write_hub_dataset
 from nvl_data_cord_v2.maker import CordV2Dataset, json2token, target_text
+from nvl_data_testing import write_hub_dataset
+from nvlcore.data.makers import SplitNotAvailableError
 
 PARSE = {"total": {"total_price": "45,500"}, "menu": [{"nm": "A", "price": "1"}]}
-PARSE_TOKENS = "<s_total><s_total_price>45,500</s_total_price></s_total><s_menu><s_price>1</s_price><s_nm>A</s_nm></s_menu>"
+PARSE_TOKENS = ("<s_total><s_total_price>45,500</s_total_price></s_total>"
+                "<s_menu><s_price>1</s_price><s_nm>A</s_nm></s_menu>")
 
 
 def test_json2token_reference_example_and_special_cases() -> None:
     assert json2token(PARSE) == PARSE_TOKENS  # the workflow reference's example
     assert json2token({"text_sequence": "raw text"}) == "raw text"
     assert json2token({"text_sequence": "x", "other": 1}) == "<s_text_sequence>x</s_text_sequence><s_other>1</s_other>"
-    assert json2token({"menu": [{"nm": "A"}, {"nm": "B"}, "C"]}) == "<s_menu><s_nm>A</s_nm><sep/><s_nm>B</s_nm><sep/>C</s_menu>"
+    assert json2token({"menu": [{"nm": "A"}, {"nm": "B"},
+                                "C"]}) == "<s_menu><s_nm>A</s_nm><sep/><s_nm>B</s_nm><sep/>C</s_menu>"
     assert json2token({"b": 2, "a": 1.5}, sort_json_key=False) == "<s_b>2</s_b><s_a>1.5</s_a>"
     # Keys reverse-sorted as strings, so "sub_total" comes before "menu" and after "total".
-    assert json2token({"menu": "m", "total": "t", "sub_total": "s"}) == "<s_total>t</s_total><s_sub_total>s</s_sub_total><s_menu>m</s_menu>"
+    assert json2token({"menu": "m", "total": "t",
+                       "sub_total": "s"}) == "<s_total>t</s_total><s_sub_total>s</s_sub_total><s_menu>m</s_menu>"
 
 
 def gt(parse=None, parses=None, **extra) -> str:
@@ -36,7 +39,8 @@ def gt(parse=None, parses=None, **extra) -> str:
 
 
 def cord_split(rows):
-    from datasets import Dataset, Features, Image as HFImage, Value
+    from datasets import Dataset, Features, Value
+    from datasets import Image as HFImage
 
     feats = Features({"image": HFImage(), "ground_truth": Value("string")})
     return Dataset.from_dict({"image": [r[0] for r in rows], "ground_truth": [r[1] for r in rows]}, features=feats)
@@ -80,7 +84,8 @@ def test_train_split_conversations_and_skips(local_cord: Path, tmp_path: Path) -
 def test_other_splits_and_prompt(local_cord: Path, tmp_path: Path) -> None:
     val = CordV2Dataset(split="validation", path=str(local_cord), cache_dir=str(tmp_path), prompt="Read the receipt.")
     conv = val[0]["conversation"]
-    assert conv[0]["content"][1]["text"] == "Read the receipt." and conv[1]["content"][0]["text"] == "<s_menu><s_nm>V</s_nm></s_menu>"
+    assert conv[0]["content"][1]["text"] == "Read the receipt."
+    assert conv[1]["content"][0]["text"] == "<s_menu><s_nm>V</s_nm></s_menu>"
     test = CordV2Dataset(split="test", path=str(local_cord), cache_dir=str(tmp_path))
     assert test[0]["conversation"][1]["content"][0]["text"] == "<s_menu><s_nm>T</s_nm></s_menu>"
     with pytest.raises(SplitNotAvailableError, match="has the splits 'train', 'validation', 'test'; got split 'dev'"):
@@ -110,14 +115,16 @@ def test_nvl_data_preview_with_the_toy_model(local_cord: Path, tmp_path: Path) -
     toy = tmp_path / "toy"
     assert runner.invoke(build_cli(), ["toy-model", str(toy)]).exit_code == 0
     kwargs = json.dumps({"path": str(local_cord), "cache_dir": str(tmp_path / "cache")})
-    result = runner.invoke(build_cli(), ["data", "preview", "cord_v2", "--split", "validation", "--maker-kwargs", kwargs,
+    result = runner.invoke(build_cli(),
+                           ["data", "preview", "cord_v2", "--split", "validation", "--maker-kwargs", kwargs,
                                          "--hf-model-path", str(toy), "--json"])
     assert result.exit_code == 0, result.output
     (line,) = [json.loads(x) for x in result.stdout.splitlines()]
     assert line["num_images"] == 1 and line["tiles_per_image"] == [1]
     assert line["target"] == "<s_menu><s_nm>V</s_nm></s_menu>"
     assert line["supervised"] == "<s_menu><s_nm>V</s_nm></s_menu>\n<SPECIAL_12>"
-    assert "<image*" in line["prompt"] and "Describe this image.\n<SPECIAL_11>Assistant\n<think></think><s_menu>" in line["prompt"]
+    assert "<image*" in line["prompt"]
+    assert "Describe this image.\n<SPECIAL_11>Assistant\n<think></think><s_menu>" in line["prompt"]
 
 
 # -- nvl eval: Donut's metrics ------------------------------------------------------------------
@@ -135,7 +142,7 @@ def test_token2json_inverts_json2token() -> None:
 
 
 def test_cord_metrics_hand_computed_one_field_differs() -> None:
-    from nvl_data_cord_v2.metrics import CordMetrics, tree_distance, normalize_dict
+    from nvl_data_cord_v2.metrics import CordMetrics, normalize_dict, tree_distance
 
     ref = json2token({"menu": [{"nm": "A", "price": "1,000"}, {"nm": "B", "price": "2,000"}],
                       "total": {"total_price": "3,000"}})
@@ -164,7 +171,7 @@ def test_cord_metrics_hand_computed_one_field_differs() -> None:
 
 
 def test_nvl_eval_predictions_references_score_one_and_empty_zero(local_cord: Path, tmp_path: Path) -> None:
-    from nvlcore.eval.testing import check_reference_and_empty
+    from nvlcore.testing.metrics import check_reference_and_empty
 
     made = CordV2Dataset(split="train", path=str(local_cord), cache_dir=str(tmp_path / "cache"))
     refs = [made[i]["conversation"][1]["content"][0]["text"] for i in range(len(made))]
@@ -175,7 +182,7 @@ def test_nvl_eval_end_to_end_with_the_toy_model(local_cord: Path, tmp_path: Path
     from click.testing import CliRunner
 
     from nvlcore.cli import build_cli
-    from nvlcore.eval.testing import run_eval_end_to_end
+    from nvlcore.testing.metrics import run_eval_end_to_end
 
     toy = tmp_path / "toy"
     assert CliRunner().invoke(build_cli(), ["toy-model", str(toy)]).exit_code == 0

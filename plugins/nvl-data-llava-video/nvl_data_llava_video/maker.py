@@ -16,8 +16,9 @@ file, when a turn has an unknown speaker, or when no answer is left.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, ClassVar, Mapping
+from typing import Any, ClassVar
 
 import attrs
 
@@ -80,7 +81,8 @@ class LlavaVideo178kDataset(HFConversationMaker):
             )
         root = Path(maker_kwargs["video_root_path"])
         if not root.is_dir():
-            raise FileNotFoundError(f"{self.name}: dataset.maker_kwargs.video_root_path {str(root)!r} is not a directory")
+            raise FileNotFoundError(f"{self.name}: dataset.maker_kwargs.video_root_path {str(root)!r} is not a "
+                                    "directory")
         self.video_root = root.resolve()
         super().__init__(split=split, **maker_kwargs)
 

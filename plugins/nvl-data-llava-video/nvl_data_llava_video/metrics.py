@@ -11,7 +11,8 @@ so a split without multiple-choice questions has no ``mc_accuracy``.
 from __future__ import annotations
 
 import re
-from typing import Any, ClassVar, Mapping
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
 _LETTER_ANSWER = re.compile(r"^\s*\(?[A-Z]\)?\s*(?:[.):]|$)")
 

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from nvlcore.data.makers import SplitNotAvailableError
-from nvl_data_testing import write_hub_dataset, write_test_video
 from nvl_data_llava_video.maker import LlavaVideo178kDataset
+from nvl_data_testing import write_hub_dataset, write_test_video
+from nvlcore.data.makers import SplitNotAvailableError
 
 REL = "NextQA/NExTVideo/0000/2440175990.mp4"
 
@@ -32,19 +32,24 @@ def layout(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     write_test_video(videos / "NextQA/NExTVideo/0001/other.mp4", num_frames=6, fps=6, width=32, height=32)
     write_test_video(base / "outside.mp4", num_frames=4, fps=4, width=32, height=32)  # exists, but outside the root
     nextqa = [
-        row(0, REL, qa(("<image>\nWhat does the man do?", "He waves."), ("And then? <video>", " He leaves. "))),  # usable, 2 turns
+        row(0, REL,
+            qa(("<image>\nWhat does the man do?", "He waves."),
+               ("And then? <video>", " He leaves. "))),  # usable, 2 turns
         row(1, "NextQA/NExTVideo/0000/missing.mp4", qa(("<image>\nQ?", "A."))),   # missing file
         row(2, "../outside.mp4", qa(("<image>\nQ?", "A."))),                         # escapes the root
         row(3, str(base / "outside.mp4"), qa(("<image>\nQ?", "A."))),               # absolute path elsewhere
         row(4, REL, qa(("<image>\nQ?", "<video>  "))),                              # no answer left
         row(5, "", qa(("Q?", "A."))),                                                 # no video
-        row(6, REL, [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": "Red."}, {"from": "human", "value": ""}]),
+        row(6, REL,
+            [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": "Red."}, {"from": "human", "value": ""}]),
     ]
     other = [row(7, "NextQA/NExTVideo/0001/other.mp4", qa(("<image>\nHow many?", "Two.")))]
     annotations = write_hub_dataset(
         base / "LLaVA-Video-178K",
-        {"0_30_s_nextqa/0_30_s_nextqa_oe_qa_processed.json": nextqa, "1_2_m_nextqa/1_2_m_nextqa_oe_qa_processed.json": other},
-        {"0_30_s_nextqa": {"open_ended": "0_30_s_nextqa/*oe*.json"}, "1_2_m_nextqa": {"open_ended": "1_2_m_nextqa/*oe*.json"}},
+        {"0_30_s_nextqa/0_30_s_nextqa_oe_qa_processed.json": nextqa,
+         "1_2_m_nextqa/1_2_m_nextqa_oe_qa_processed.json": other},
+        {"0_30_s_nextqa": {"open_ended": "0_30_s_nextqa/*oe*.json"},
+         "1_2_m_nextqa": {"open_ended": "1_2_m_nextqa/*oe*.json"}},
     )
     return annotations, videos
 
@@ -60,7 +65,8 @@ def test_conversations_keep_every_turn_with_the_video_first(layout, tmp_path: Pa
     conv = made[0]["conversation"]
     video = str((layout[1] / REL).resolve())
     assert conv == [
-        {"role": "user", "content": [{"type": "video", "path": video}, {"type": "text", "text": "What does the man do?"}]},
+        {"role": "user",
+         "content": [{"type": "video", "path": video}, {"type": "text", "text": "What does the man do?"}]},
         {"role": "assistant", "content": [{"type": "text", "text": "He waves."}]},
         {"role": "user", "content": [{"type": "text", "text": "And then?"}]},
         {"role": "assistant", "content": [{"type": "text", "text": "He leaves."}]},
@@ -74,14 +80,16 @@ def test_conversations_keep_every_turn_with_the_video_first(layout, tmp_path: Pa
 
 def test_bad_rows_are_skipped_and_escaping_paths_refused(layout, tmp_path: Path) -> None:
     made = make(layout, tmp_path)
-    assert dict(made.skipped) == {"missing video file": 1, "video path escapes video_root_path": 2, "no answer": 1, "no video": 1}
+    assert dict(made.skipped) == {"missing video file": 1, "video path escapes video_root_path": 2, "no answer": 1,
+                                  "no video": 1}
     with pytest.raises(ValueError, match="escapes video_root_path"):
         made.convert({"video": "../outside.mp4", "conversations": qa(("q", "a"))})
 
 
 def test_splits_train_is_open_ended(layout, tmp_path: Path) -> None:
     assert make(layout, tmp_path, split="open_ended")[0] == make(layout, tmp_path, split="train")[0]
-    with pytest.raises(SplitNotAvailableError, match=r"got split 'validation'.*'train' is the source's 'open_ended' split"):
+    with pytest.raises(SplitNotAvailableError,
+                       match=r"got split 'validation'.*'train' is the source's 'open_ended' split"):
         make(layout, tmp_path, split="validation")
 
 
@@ -117,7 +125,8 @@ def test_nvl_data_preview_with_the_toy_model(layout, tmp_path: Path) -> None:
     runner = CliRunner()
     toy = tmp_path / "toy"
     assert runner.invoke(build_cli(), ["toy-model", str(toy)]).exit_code == 0
-    kwargs = json.dumps({"path": str(layout[0]), "video_root_path": str(layout[1]), "cache_dir": str(tmp_path / "cache")})
+    kwargs = json.dumps({"path": str(layout[0]), "video_root_path": str(layout[1]),
+                         "cache_dir": str(tmp_path / "cache")})
     result = runner.invoke(build_cli(), ["data", "preview", "llava_video_178k", "--maker-kwargs", kwargs,
                                          "--hf-model-path", str(toy), "--json"])
     assert result.exit_code == 0, result.output
@@ -154,7 +163,7 @@ def test_llava_video_metrics_hand_computed() -> None:
 
 
 def test_nvl_eval_predictions_references_score_one_and_empty_zero(layout, tmp_path: Path) -> None:
-    from nvlcore.eval.testing import check_reference_and_empty
+    from nvlcore.testing.metrics import check_reference_and_empty
 
     check_reference_and_empty("llava_video_178k", ["He waves.", "He leaves.", "C.", "A"], tmp_path,
                               ["mc_accuracy", "token_f1", "rouge_l"])
@@ -171,7 +180,8 @@ def mc_layout(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
                           "Answer with the option's letter from the given choices directly.", "B.")))]
     annotations = write_hub_dataset(
         base / "LLaVA-Video-178K",
-        {"0_30_s_nextqa/0_30_s_nextqa_oe_qa_processed.json": oe, "0_30_s_nextqa/0_30_s_nextqa_mc_qa_processed.json": mc},
+        {"0_30_s_nextqa/0_30_s_nextqa_oe_qa_processed.json": oe,
+         "0_30_s_nextqa/0_30_s_nextqa_mc_qa_processed.json": mc},
         {"0_30_s_nextqa": {"open_ended": "0_30_s_nextqa/*oe*.json", "multi_choice": "0_30_s_nextqa/*mc*.json"}},
     )
     return annotations, videos
@@ -181,7 +191,7 @@ def test_nvl_eval_end_to_end_with_the_toy_model(mc_layout, tmp_path: Path) -> No
     from click.testing import CliRunner
 
     from nvlcore.cli import build_cli
-    from nvlcore.eval.testing import run_eval_end_to_end
+    from nvlcore.testing.metrics import run_eval_end_to_end
 
     toy = tmp_path / "toy"
     assert CliRunner().invoke(build_cli(), ["toy-model", str(toy)]).exit_code == 0

@@ -8,11 +8,12 @@ are skipped and counted.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Mapping
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
 import attrs
 
-from nvlcore.data.makers import ImageSourceKwargs, HFConversationMaker, image_problem, text_of
+from nvlcore.data.makers import HFConversationMaker, ImageSourceKwargs, image_problem, text_of
 
 
 @attrs.define
@@ -43,7 +44,8 @@ class MedPixDataset(HFConversationMaker):
             "conversation": [
                 {
                     "role": "user",
-                    "content": [{"type": "image", "image": row["image_id"]}, {"type": "text", "text": text_of(row["question"])}],
+                    "content": [{"type": "image", "image": row["image_id"]},
+                                {"type": "text", "text": text_of(row["question"])}],
                 },
                 {"role": "assistant", "content": [{"type": "text", "text": text_of(row["answer"])}]},
             ]

@@ -4,7 +4,8 @@ free text, from one word to a sentence."""
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Mapping
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
 
 class MedPixMetrics:

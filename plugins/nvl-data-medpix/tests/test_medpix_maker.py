@@ -7,13 +7,14 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from nvlcore.data.makers import SplitNotAvailableError
-from nvl_data_testing import write_hub_dataset
 from nvl_data_medpix.maker import MedPixDataset
+from nvl_data_testing import write_hub_dataset
+from nvlcore.data.makers import SplitNotAvailableError
 
 
 def medpix_split(rows):
-    from datasets import Dataset, Features, Image as HFImage, Value
+    from datasets import Dataset, Features, Value
+    from datasets import Image as HFImage
 
     feats = Features({"image_id": HFImage(), "mode": Value("string"), "case_id": Value("string"),
                       "question": Value("string"), "answer": Value("string")})
@@ -100,7 +101,7 @@ def test_medpix_metrics_hand_computed() -> None:
 
 
 def test_nvl_eval_predictions_references_score_one_and_empty_zero(local_medpix: Path, tmp_path: Path) -> None:
-    from nvlcore.eval.testing import check_reference_and_empty
+    from nvlcore.testing.metrics import check_reference_and_empty
 
     refs = ["The liver.", "No.", "Axial CT of the abdomen shows a hypodense lesion."]
     check_reference_and_empty("medpix", refs, tmp_path, ["exact_match", "token_f1", "rouge_l"])
@@ -110,7 +111,7 @@ def test_nvl_eval_end_to_end_with_the_toy_model(local_medpix: Path, tmp_path: Pa
     from click.testing import CliRunner
 
     from nvlcore.cli import build_cli
-    from nvlcore.eval.testing import run_eval_end_to_end
+    from nvlcore.testing.metrics import run_eval_end_to_end
 
     toy = tmp_path / "toy"
     assert CliRunner().invoke(build_cli(), ["toy-model", str(toy)]).exit_code == 0

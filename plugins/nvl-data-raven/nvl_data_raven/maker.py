@@ -9,11 +9,12 @@ an unreadable image are skipped and counted.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Mapping
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
 import attrs
 
-from nvlcore.data.makers import ImageSourceKwargs, HFConversationMaker, image_problem, text_of
+from nvlcore.data.makers import HFConversationMaker, ImageSourceKwargs, image_problem, text_of
 
 
 @attrs.define

@@ -8,7 +8,8 @@ of the_cauldron with free-text answers) is compared by normalised exact match in
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Mapping
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
 
 class RavenMetrics:

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from nvlcore.data.makers import NoUsableRowsError, SplitNotAvailableError
-from nvl_data_testing import write_hub_dataset
 from nvl_data_raven.maker import RavenDataset
+from nvl_data_testing import write_hub_dataset
+from nvlcore.data.makers import NoUsableRowsError, SplitNotAvailableError
 
 TEXT = {"user": "Which figure completes the sequence? Answer with the letter.", "assistant": "B", "source": "raven"}
 
@@ -36,13 +36,15 @@ def rows():
             [],
             [{"user": "q", "assistant": None, "source": "raven"}],
             [TEXT],
-            [{"user": "  First question?  ", "assistant": " A ", "source": "raven"}, {"user": "ignored", "assistant": "ignored", "source": "raven"}],
+            [{"user": "  First question?  ", "assistant": " A ", "source": "raven"},
+             {"user": "ignored", "assistant": "ignored", "source": "raven"}],
         ],
     }
 
 
 def cauldron_features():
-    from datasets import Features, Image as HFImage, List, Value
+    from datasets import Features, List, Value
+    from datasets import Image as HFImage
 
     return Features({
         "images": List(HFImage()),
@@ -89,12 +91,14 @@ def test_malformed_rows_are_skipped_counted_and_reported(local_cauldron: Path, t
     with caplog.at_level(logging.WARNING, logger="nvl.data"):
         made = RavenDataset(split="train", path=str(local_cauldron), cache_dir=str(tmp_path))
     assert made.num_skipped == 4
-    assert dict(made.skipped) == {"no images": 1, "no texts": 1, "missing user or assistant text": 1, "unreadable image": 1}
+    assert dict(made.skipped) == {"no images": 1, "no texts": 1, "missing user or assistant text": 1,
+                                  "unreadable image": 1}
     assert "make_raven_dataset/train: skipped 4 of 6 rows" in caplog.text
 
 
 def test_only_train_split(local_cauldron: Path) -> None:
-    with pytest.raises(SplitNotAvailableError, match=r"has only the split 'train'; got split 'validation'.*eval_iters=0"):
+    with pytest.raises(SplitNotAvailableError,
+                       match=r"has only the split 'train'; got split 'validation'.*eval_iters=0"):
         RavenDataset(split="validation", path=str(local_cauldron))
 
 
@@ -250,7 +254,7 @@ def test_raven_option_accuracy_hand_computed() -> None:
 
 
 def test_nvl_eval_predictions_references_score_one_and_empty_zero(tmp_path: Path) -> None:
-    from nvlcore.eval.testing import check_reference_and_empty, score_file
+    from nvlcore.testing.metrics import check_reference_and_empty, score_file
 
     refs = ["B", "A", "Answer: H", "E."]
     check_reference_and_empty("raven", refs, tmp_path, ["option_accuracy"])
@@ -261,7 +265,7 @@ def test_nvl_eval_end_to_end_with_the_toy_model(local_cauldron: Path, tmp_path: 
     from click.testing import CliRunner
 
     from nvlcore.cli import build_cli
-    from nvlcore.eval.testing import run_eval_end_to_end
+    from nvlcore.testing.metrics import run_eval_end_to_end
 
     toy = tmp_path / "toy"
     assert CliRunner().invoke(build_cli(), ["toy-model", str(toy)]).exit_code == 0

@@ -1,8 +1,8 @@
 """nvl plugin: LoRA and DoRA.
 
 Registers the PEFT methods ``lora`` and ``dora`` and the exporter ``hf-peft`` as lazy ``"module:Attr"`` targets,
-adds the ``nvl peft`` command group and the ``--lora-on-*`` options of ``nvl finetune`` / ``nvl config show``. Nothing heavy (torch, megatron) is imported here, so ``nvl
---help`` stays fast; see ``docs/lora.md``.
+adds the ``nvl peft`` command group and the ``--lora-on-*`` options of ``nvl finetune`` / ``nvl config show``. Nothing
+heavy (torch, megatron) is imported here, so ``nvl --help`` stays fast; see ``docs/lora.md``.
 """
 
 from __future__ import annotations

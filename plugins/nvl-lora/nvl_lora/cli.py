@@ -30,9 +30,12 @@ def peft_group() -> None:
 @click.option("--overwrite", is_flag=True, help="Replace an existing --output.")
 @click.option("--tp", "--pp", "--ep", "_parallel", type=int, multiple=True, hidden=True,
               help="Accepted for Megatron-Bridge's merge_lora.py command lines; merging works on logical tensors.")
-@click.option("--cpu", "_cpu", is_flag=True, hidden=True, help="Accepted for compatibility; merging always runs on CPU.")
-@click.option("--debug", "_debug", is_flag=True, hidden=True, help="Show the full traceback of an error (also nvl --debug).")
-def merge_cmd(hf_model_path: Path, revision: str | None, lora_checkpoint: Path, output: Path, pretrained: Path | None, fmt: str,
+@click.option("--cpu", "_cpu", is_flag=True, hidden=True,
+              help="Accepted for compatibility; merging always runs on CPU.")
+@click.option("--debug", "_debug", is_flag=True, hidden=True,
+              help="Show the full traceback of an error (also nvl --debug).")
+def merge_cmd(hf_model_path: Path, revision: str | None, lora_checkpoint: Path, output: Path, pretrained: Path | None,
+              fmt: str,
               overwrite: bool, _parallel: tuple[int, ...], _cpu: bool, _debug: bool) -> None:
     """Merge LoRA adapters into their base weights: W + (alpha/r)·B·A, in fp32, cast back to W's dtype.
 
@@ -41,9 +44,9 @@ def merge_cmd(hf_model_path: Path, revision: str | None, lora_checkpoint: Path, 
       nvl peft merge --hf-model-path ckpts/hf --lora-checkpoint runs/lora/iter_0000200 --output merged
       nvl peft merge ... --format hf --output merged_hf
     """
-    from nvlcore.cli import current_plugin_manager
     from nvl_lora.merge import MergeError
     from nvl_lora.merge_io import merge_checkpoints
+    from nvlcore.cli import current_plugin_manager
 
     try:
         summary = merge_checkpoints(
@@ -57,7 +60,7 @@ def merge_cmd(hf_model_path: Path, revision: str | None, lora_checkpoint: Path, 
             say=lambda s: click.echo(s, err=True),
         )
     except (MergeError, FileNotFoundError, FileExistsError, KeyError, ValueError) as exc:
-        from nvlcore.cli import global_flag
+        from nvlcore.flags import global_flag
 
         if _debug or global_flag("debug"):
             raise

@@ -7,7 +7,8 @@ of ``dim``. This module imports no torch.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import attrs
 
@@ -103,7 +104,7 @@ class LoRAConfig:
         return float(self.alpha) / int(self.dim)
 
     @property
-    def torch_dtype(self) -> "Any":
+    def torch_dtype(self) -> Any:
         """``lora_dtype`` as a torch dtype (``None`` = follow the base weight)."""
         if self.lora_dtype is None:
             return None
@@ -128,7 +129,7 @@ class LoRAConfig:
         return out
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any] | None, *, where: str = "peft") -> "LoRAConfig":
+    def from_dict(cls, data: Mapping[str, Any] | None, *, where: str = "peft") -> LoRAConfig:
         """Build from a config section, ignoring keys that belong to other methods or to the core.
 
         ``rank`` is accepted for ``dim``; ``_target_`` (Megatron-Bridge) and ``method`` are ignored.

@@ -43,7 +43,7 @@ class DoRAVariant(LoRAVariant):
 
     name = "dora"
 
-    def check(self, adapter: "LoRAAdapter") -> None:
+    def check(self, adapter: LoRAAdapter) -> None:
         from torch import nn
 
         if adapter.kind == "column" and adapter.gather_output and adapter.tp_size > 1:
@@ -53,7 +53,7 @@ class DoRAVariant(LoRAVariant):
                              "set peft.dropout=0")
         adapter.__dict__["_norm_cache"] = None
 
-    def init(self, adapter: "LoRAAdapter", weight: "torch.Tensor") -> None:
+    def init(self, adapter: LoRAAdapter, weight: torch.Tensor) -> None:
         from nvl_lora.layers import Weight, split_like
 
         ref = adapter.linear_out.matrix()
@@ -70,15 +70,15 @@ class DoRAVariant(LoRAVariant):
             for _, p in adapter.magnitude.params():
                 set_tensor_model_parallel_attributes(p, True, 0, 1)
         norms = self.weight_norm(adapter, weight)
-        for (_, p), part in zip(adapter.magnitude.params(), split_like(norms, adapter.magnitude)):
+        for (_, p), part in zip(adapter.magnitude.params(), split_like(norms, adapter.magnitude), strict=True):
             p.copy_(part.reshape(p.shape).to(p.dtype))
 
-    def params(self, adapter: "LoRAAdapter") -> "list[tuple[str, nn.Parameter, int | None]]":
+    def params(self, adapter: LoRAAdapter) -> list[tuple[str, nn.Parameter, int | None]]:
         """``magnitude.weight`` (or ``magnitude.weight.<component>``), split like B."""
         m_dim = 0 if adapter.kind == "column" else None
         return [(f"magnitude.{n}", p, m_dim) for n, p in adapter.magnitude.params()]
 
-    def full_shape(self, adapter: "LoRAAdapter", rel_name: str) -> tuple[int, int] | None:
+    def full_shape(self, adapter: LoRAAdapter, rel_name: str) -> tuple[int, int] | None:
         if not rel_name.startswith("magnitude"):
             return None
         comp = rel_name.split(".")[-1] if rel_name.count(".") == 2 else None
@@ -86,7 +86,7 @@ class DoRAVariant(LoRAVariant):
             return (dict(adapter.row_components)[comp], 1)
         return (adapter.out_features, 1)
 
-    def weight_norm(self, adapter: "LoRAAdapter", weight: "torch.Tensor") -> "torch.Tensor":
+    def weight_norm(self, adapter: LoRAAdapter, weight: torch.Tensor) -> torch.Tensor:
         """``||W + s·B·A||`` per local output row, fp32, detached (all-reduced over TP for a row base).
 
         The local squared row sums are cached in eval mode (keyed on the tensors' versions); the
@@ -103,7 +103,7 @@ class DoRAVariant(LoRAVariant):
             return squared.sqrt()
 
     @staticmethod
-    def _squared_norms(adapter: "LoRAAdapter", weight: "torch.Tensor") -> "torch.Tensor":
+    def _squared_norms(adapter: LoRAAdapter, weight: torch.Tensor) -> torch.Tensor:
         import torch
 
         key = None
@@ -121,11 +121,11 @@ class DoRAVariant(LoRAVariant):
         adapter.__dict__["_norm_cache"] = (key, squared) if key is not None else None
         return squared
 
-    def magnitude_scale(self, adapter: "LoRAAdapter", weight: "torch.Tensor") -> "torch.Tensor":
+    def magnitude_scale(self, adapter: LoRAAdapter, weight: torch.Tensor) -> torch.Tensor:
         """``m / ||W + s·B·A||_row`` (fp32), the factor on each output row; differentiable in ``m``."""
         return adapter.magnitude.matrix()[:, 0].float() / self.weight_norm(adapter, weight)
 
-    def output(self, module: "nn.Module", adapter: "LoRAAdapter", output: Any, delta: "torch.Tensor") -> Any:
+    def output(self, module: nn.Module, adapter: LoRAAdapter, output: Any, delta: torch.Tensor) -> Any:
         """``m/||V|| ⊙ (W x + s·B·A x) + bias`` from the base's output (which may or may not include the bias)."""
         scale = self.magnitude_scale(adapter, module.weight)
         if isinstance(output, tuple):
@@ -137,18 +137,18 @@ class DoRAVariant(LoRAVariant):
             return (out, *output[1:])
         return _scaled(output, delta, scale, getattr(module, "bias", None))
 
-    def merged_weight(self, adapter: "LoRAAdapter", weight: "torch.Tensor", delta: "torch.Tensor") -> "torch.Tensor":
+    def merged_weight(self, adapter: LoRAAdapter, weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         import torch
 
         scale = self.magnitude_scale(adapter, weight).detach()
         return scale[:, None] * (weight.to(torch.float32) + delta)
 
-    def train(self, adapter: "LoRAAdapter", mode: bool) -> None:
+    def train(self, adapter: LoRAAdapter, mode: bool) -> None:
         adapter.__dict__["_norm_cache"] = None
 
 
-def _scaled(y: "torch.Tensor", delta: "torch.Tensor", scale: "torch.Tensor",
-            bias: "torch.Tensor | None") -> "torch.Tensor":
+def _scaled(y: torch.Tensor, delta: torch.Tensor, scale: torch.Tensor,
+            bias: torch.Tensor | None) -> torch.Tensor:
     base = y.float() if bias is None else y.float() - bias.float()
     out = scale * (base + delta.float())
     if bias is not None:

@@ -32,8 +32,9 @@ from __future__ import annotations
 import fnmatch
 import json
 import sys
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 CAUSAL_LM_PREFIX_MAP = {"language_model.backbone.": "model.", "language_model.lm_head": "lm_head"}
 PEFT_PREFIX = "base_model.model."
@@ -215,9 +216,9 @@ class HFPeftExporter:
         import torch
         from safetensors.torch import save_file
 
-        from nvlcore.checkpoint import atomic_output_dir, check_can_write
-        from nvlcore.bridge import resolve_bridge
         from nvl_lora.merge_io import read_lora_run
+        from nvlcore.bridge import resolve_bridge
+        from nvlcore.checkpoint import atomic_output_dir, check_can_write
 
         if unknown:
             raise ValueError(

@@ -32,16 +32,16 @@ from __future__ import annotations
 
 import hashlib
 import math
-from typing import TYPE_CHECKING, Any, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 if TYPE_CHECKING:
-    from nvlcore.mapping import LinearLayout
-
     from nvl_lora.config import LoRAConfig
+    from nvlcore.mapping import LinearLayout
 
 #: The method a norm-fused linear exposes to return its normalised input (:class:`nvlcore.mapping.NormFusedLinear`).
 NORM_METHOD = "normalize"
@@ -60,12 +60,13 @@ class Weight(nn.Module):
     ``in_proj``) needs this so that every stored tensor is a plain TP split of a logical one.
     """
 
-    def __init__(self, weight: torch.Tensor, components: "list[tuple[str, int]] | None" = None) -> None:
+    def __init__(self, weight: torch.Tensor, components: list[tuple[str, int]] | None = None) -> None:
         super().__init__()
         self.components = [c for c, _ in components] if components else None
         if components:
             parts = weight.split([n for _, n in components], dim=0)
-            self.weight = nn.ParameterDict({c: nn.Parameter(t.contiguous()) for (c, _), t in zip(components, parts)})
+            self.weight = nn.ParameterDict({c: nn.Parameter(t.contiguous()) for (c, _),
+                                            t in zip(components, parts, strict=True)})
         else:
             self.weight = nn.Parameter(weight)
 
@@ -74,7 +75,7 @@ class Weight(nn.Module):
             return self.weight
         return torch.cat([self.weight[c] for c in self.components], dim=0)
 
-    def params(self) -> "list[tuple[str, nn.Parameter]]":
+    def params(self) -> list[tuple[str, nn.Parameter]]:
         """``(name relative to this module, parameter)`` in order."""
         if self.components is None:
             return [("weight", self.weight)]
@@ -109,7 +110,7 @@ def base_kind(module: nn.Module) -> str | None:
     return None
 
 
-def row_components_of(module: nn.Module, layout: "LinearLayout | None") -> list[tuple[str, int]] | None:
+def row_components_of(module: nn.Module, layout: LinearLayout | None) -> list[tuple[str, int]] | None:
     """Logical row parts of a fused column-parallel layer, ``[(part, full_rows), ...]``, or ``None``.
 
     Declared by the model bridge's mapping table (:attr:`nvlcore.mapping.LinearLayout.row_parts`: a
@@ -120,7 +121,8 @@ def row_components_of(module: nn.Module, layout: "LinearLayout | None") -> list[
     return [(str(c), int(n)) for c, n in parts] if parts else None
 
 
-def norm_fn_of(module: nn.Module, name: str, layout: "LinearLayout | None") -> Callable[[torch.Tensor], torch.Tensor] | None:
+def norm_fn_of(module: nn.Module, name: str,
+               layout: LinearLayout | None) -> Callable[[torch.Tensor], torch.Tensor] | None:
     """The callable giving a norm-fused linear's normalised input (its ``normalize``), ``None`` for a plain linear.
 
     Norm-fused: the bridge's layout says so (its ``layer_norm_weight`` is in the mapping table), or,
@@ -169,31 +171,31 @@ class LoRAVariant:
     #: Shown in the adapter's repr and in messages.
     name = "lora"
 
-    def check(self, adapter: "LoRAAdapter") -> None:
+    def check(self, adapter: LoRAAdapter) -> None:
         """Refuse adapter settings the variant cannot honour (called at the end of the adapter's ``__init__``)."""
 
-    def init(self, adapter: "LoRAAdapter", weight: torch.Tensor) -> None:
+    def init(self, adapter: LoRAAdapter, weight: torch.Tensor) -> None:
         """Create the variant's parameters on ``adapter`` from the base layer's local ``weight`` (after A and B)."""
 
-    def params(self, adapter: "LoRAAdapter") -> "list[tuple[str, nn.Parameter, int | None]]":
+    def params(self, adapter: LoRAAdapter) -> list[tuple[str, nn.Parameter, int | None]]:
         """The variant's parameters as :meth:`LoRAAdapter.split_params` lists them (name, tensor, TP split dim)."""
         return []
 
-    def full_shape(self, adapter: "LoRAAdapter", rel_name: str) -> tuple[int, int] | None:
+    def full_shape(self, adapter: LoRAAdapter, rel_name: str) -> tuple[int, int] | None:
         """The logical shape of one of :meth:`params` (``None``: not the variant's)."""
         return None
 
-    def output(self, module: nn.Module, adapter: "LoRAAdapter", output: Any, delta: torch.Tensor) -> Any:
+    def output(self, module: nn.Module, adapter: LoRAAdapter, output: Any, delta: torch.Tensor) -> Any:
         """The adapted layer's output from the base's ``output`` and the adapter's ``delta = s·B·A x``."""
         if isinstance(output, tuple):
             return (output[0] + delta.to(output[0].dtype), *output[1:])
         return output + delta.to(output.dtype)
 
-    def merged_weight(self, adapter: "LoRAAdapter", weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    def merged_weight(self, adapter: LoRAAdapter, weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         """The base's local weight with the adapter folded in, fp32 (``delta``: ``s·B·A``, fp32)."""
         return weight.float() + delta
 
-    def train(self, adapter: "LoRAAdapter", mode: bool) -> None:
+    def train(self, adapter: LoRAAdapter, mode: bool) -> None:
         """Called when the adapter changes mode (a variant that caches in eval mode drops its cache)."""
 
 
@@ -277,7 +279,7 @@ class LoRAAdapter(nn.Module):
             if dim is not None:
                 set_tensor_model_parallel_attributes(p, True, dim, 1)
 
-    def split_params(self) -> "list[tuple[str, nn.Parameter, int | None]]":
+    def split_params(self) -> list[tuple[str, nn.Parameter, int | None]]:
         """``(name relative to the adapter, parameter, TP split dim or None if replicated)``.
 
         Names: ``linear_in.weight``, ``linear_out.weight`` (or ``linear_out.weight.<component>``), then the
@@ -285,7 +287,7 @@ class LoRAAdapter(nn.Module):
         """
         return self.lora_params() + self.variant.params(self)
 
-    def lora_params(self) -> "list[tuple[str, nn.Parameter, int | None]]":
+    def lora_params(self) -> list[tuple[str, nn.Parameter, int | None]]:
         """A and B alone, as :meth:`split_params` lists them."""
         a_dim = 1 if self.kind == "row" else None
         b_dim = 0 if self.kind == "column" else None
@@ -334,7 +336,7 @@ class LoRAAdapter(nn.Module):
             return y
         return F.linear(h, b)
 
-    def train(self, mode: bool = True) -> "LoRAAdapter":
+    def train(self, mode: bool = True) -> LoRAAdapter:
         self.variant.train(self, mode)
         return super().train(mode)
 
@@ -375,7 +377,7 @@ def is_adapted(module: nn.Module) -> bool:
 
 
 def add_adapter(
-    module: nn.Module, name: str, cfg: "LoRAConfig", layout: "LinearLayout | None" = None, *,
+    module: nn.Module, name: str, cfg: LoRAConfig, layout: LinearLayout | None = None, *,
     variant: LoRAVariant | None = None,
 ) -> LoRAAdapter:
     """Attach a fresh adapter to the linear ``module`` (called ``name`` in its model; ``layout``: what

@@ -22,7 +22,8 @@ The entries are the core's public :class:`nvlcore.mapping.ParamMapping`, read th
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import torch
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 import re
-from typing import Iterable
+from collections.abc import Iterable
 
 
 @functools.lru_cache(maxsize=256)

@@ -2,10 +2,10 @@
 
 ``W' = W + (alpha / r) * B @ A`` (LoRA) or ``W' = m / ||V||_row ⊙ V`` with ``V = W + (alpha / r) * B @ A``
 (DoRA, whose magnitude ``m`` is ``M.adapter.magnitude.weight`` ``[out, 1]``), computed in fp32 and cast
-back to W's dtype, for every adapted module ``M``: A is ``M.adapter.linear_in.weight``; B is ``M.adapter.linear_out.weight`` and W is
-``M.weight``, or, for a base the checkpoint stores as row components (Mamba ``in_proj``), B and W are
-``...weight.<component>`` pairs merged component by component (the components partition the rows, so
-this is the same as merging the fused matrix).
+back to W's dtype, for every adapted module ``M``: A is ``M.adapter.linear_in.weight``; B is
+``M.adapter.linear_out.weight`` and W is ``M.weight``, or, for a base the checkpoint stores as row components (Mamba
+``in_proj``), B and W are ``...weight.<component>`` pairs merged component by component (the components partition the
+rows, so this is the same as merging the fused matrix).
 
 Works on plain ``{name: tensor}`` mappings, so it needs neither the model nor a process group: the
 ``nvl peft merge`` command runs it on CPU, one module at a time.
@@ -13,7 +13,7 @@ Works on plain ``{name: tensor}`` mappings, so it needs neither the model nor a 
 
 from __future__ import annotations
 
-from typing import Iterator, Mapping, MutableMapping
+from collections.abc import Iterator, Mapping, MutableMapping
 
 import attrs
 import torch
@@ -45,7 +45,7 @@ def magnitude_key(b_key: str) -> str:
     return b_key.replace(OUT_SUFFIX, MAG_SUFFIX)
 
 
-def adapter_pairs(keys: "list[str] | set[str] | Mapping[str, object]") -> list[AdapterPair]:
+def adapter_pairs(keys: list[str] | set[str] | Mapping[str, object]) -> list[AdapterPair]:
     """Group adapter keys by module; an A without B (or B without A) is a :class:`MergeError`."""
     keys = set(keys)
     modules_a = {k[: -len(IN_SUFFIX)] for k in keys if k.endswith(IN_SUFFIX)}

@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import attrs
 
-from nvlcore.bridge import resolve_bridge
-
 from nvl_lora.layout import adapter_entry, base_entry, split_adapter_key, to_components
 from nvl_lora.merge import MergeError, adapter_pairs, check_rank, magnitude_key, merged_weight
+from nvlcore.bridge import resolve_bridge
 
 
 @attrs.define
@@ -37,7 +37,8 @@ class MergeSummary:
 
     def describe(self) -> str:
         return (
-            f"merged {self.merged_tensors} weight tensor(s) with {'DoRA' if self.method == 'dora' else 'LoRA'} r={self.dim} alpha={self.alpha:g}, "
+            f"merged {self.merged_tensors} weight tensor(s) with {'DoRA' if self.method == 'dora' else 'LoRA'} "
+            f"r={self.dim} alpha={self.alpha:g}, "
             f"replaced {self.replaced_tensors} fully trained tensor(s), copied the other "
             f"{self.total_tensors - self.merged_tensors - self.replaced_tensors} from {self.base}; "
             f"wrote {self.output} ({self.fmt}) in {self.seconds:.1f} s"
@@ -73,7 +74,7 @@ def _base_checkpoint(base: Path, bridge: Any, workdir: Path, say: Callable[[str]
 
     if not is_hf_dir(base):
         return base
-    from nvlcore.convert.engine import import_hf_checkpoint
+    from nvlcore.convert import import_hf_checkpoint
 
     say(f"base {base} is an HF directory: importing it first")
     out = workdir / "base"
@@ -159,7 +160,7 @@ def merge_checkpoints(
     table = bridge.mapping_table()
     by_name = {m.megatron: m for m in table}
 
-    from nvlcore.checkpoint.atomic import scratch_dir
+    from nvlcore.checkpoint import scratch_dir
 
     # next to the output (same disk); a kill -9 leftover is removed by the next merge to the same output
     with scratch_dir(output) as work:
@@ -187,7 +188,7 @@ def merge_checkpoints(
             entry = base_entry(by_name, p.module)
             a = adapter[p.a_key]
             b_entry = adapter_entry(entry, p.module, "B")
-            for bk, base_comp in zip(b_entry.components, entry.components):
+            for bk, base_comp in zip(b_entry.components, entry.components, strict=True):
                 if bk not in adapter:
                     raise MergeError(f"adapter tensor {bk} is missing from {lora.path}")
                 mag = adapter.get(magnitude_key(bk))
@@ -198,7 +199,8 @@ def merge_checkpoints(
                 elif entry.megatron in specs:
                     fused_plan.setdefault(entry.megatron, []).append((base_comp, adapter[bk], a, mag))
                 else:
-                    raise MergeError(f"adapter on {p.module}: the base checkpoint has no {base_comp} (nor {entry.megatron})")
+                    raise MergeError(f"adapter on {p.module}: the base checkpoint has no {base_comp} (nor "
+                                     f"{entry.megatron})")
         summary = MergeSummary(str(output), str(base_path), str(lora.path), dim, alpha, fmt=fmt,
                                method="dora" if dora else "lora")
         summary.total_tensors = len(specs)
@@ -215,7 +217,8 @@ def merge_checkpoints(
             if key in plan:
                 b, a, mag = plan[key]
                 if tuple(t.shape) != (b.shape[0], a.shape[1]):
-                    raise MergeError(f"{key}: base shape {tuple(t.shape)} does not match B {tuple(b.shape)} @ A {tuple(a.shape)}")
+                    raise MergeError(f"{key}: base shape {tuple(t.shape)} does not match B {tuple(b.shape)} @ A "
+                                     f"{tuple(a.shape)}")
                 t = merged_weight(t, b, a, scale, mag)
                 summary.merged_tensors += 1
             elif key in fused_plan:
@@ -250,7 +253,7 @@ def merge_checkpoints(
                     save_checkpoint(tmp_root, 0, model_state=stream, run_config=merged_rc,
                                     train_state={"iteration": 0}, files=files)
             else:
-                from nvlcore.convert.engine import export_hf_checkpoint
+                from nvlcore.convert import export_hf_checkpoint
 
                 staged = work_dir / "merged"
                 save_checkpoint(staged, 0, model_state=stream, run_config=merged_rc, train_state={"iteration": 0},

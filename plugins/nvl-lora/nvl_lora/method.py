@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import logging
 import warnings
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import attrs
 import torch
@@ -221,7 +222,8 @@ class LoRAMethod:
         """Freeze and attach adapters; ``bridge``: the model's bridge (freeze groups, linear layouts);
         ``options`` (the ``peft`` section's fields) replace the settings given at construction."""
         if options:
-            merged = {**self.config.to_dict(), **{k: v for k, v in options.items() if v is not None or k == "lora_dtype"}}
+            merged = {**self.config.to_dict(),
+                      **{k: v for k, v in options.items() if v is not None or k == "lora_dtype"}}
             self.config = self.Config.from_dict(merged)
         self.report = apply_lora(model, self.config, variant=self.variant, bridge=bridge)
         return model

@@ -16,7 +16,8 @@ a tower the table froze. Only an explicit ``peft.freeze_*`` override changes the
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import attrs
 

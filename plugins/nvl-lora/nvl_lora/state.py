@@ -20,7 +20,7 @@ This is exactly what the trainer's generic checkpointing does with the attribute
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 from torch import nn

@@ -170,10 +170,10 @@ def test_hf_peft_export_matches_peft_on_transformers_and_the_merged_export(toy: 
     """nvl's model with DoRA adapters vs transformers' NemotronHForCausalLM with the exported adapter
     (use_dora: true) applied by peft: same LM logits within 1e-4 (fp32); and the same as the merged HF
     export (`nvl peft merge --format hf`) loaded into transformers."""
+    from nemotron_vl_testing import hf_lm_from_toy
     from safetensors.torch import load_file
 
     from nvl_lora.hf_peft import HFPeftExporter
-    from nemotron_vl_testing import hf_lm_from_toy
 
     bridge, model = _build(toy)
     # peft refuses adapters on Mamba's out_proj; the LM's attention (q/k/v split from the fused qkv, so
@@ -261,7 +261,8 @@ def test_dora_finetune_lowers_the_loss(toy: Path, tmp_path: Path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "NVL_DEVICE": "cpu"}
     out = tmp_path / "run"
     args = ["finetune", "--hf-model-path", str(toy), "--pretrained-checkpoint", str(toy), "--lora-on-language-model",
-            "peft.method=dora", "dataset.maker_name=synthetic_shapes", "dataset.num_workers=0", "dataset.seq_length=384",
+            "peft.method=dora", "dataset.maker_name=synthetic_shapes", "dataset.num_workers=0",
+            "dataset.seq_length=384",
             "model.seq_length=384", "model.tensor_model_parallel_size=1", "train.global_batch_size=2",
             "train.train_iters=8", "checkpoint.save_interval=8", "logger.log_interval=1", "optimizer.lr=5e-3",
             "scheduler.lr_warmup_iters=1", "peft.dim=4", "peft.alpha=8", f"checkpoint.save={out}"]

@@ -129,13 +129,13 @@ def test_lora_resume_reproduces_the_uninterrupted_losses(lm_run, toy: Path, base
 def test_merge_to_hf_loads_back_and_matches_the_adapted_model(lm_run, toy: Path, tmp_path: Path) -> None:
     """Merged HF export: loads into our model and (LM part) into transformers' NemotronHForCausalLM; both
     give the adapted model's logits (ours within 1e-5, transformers within 1e-4, fp32)."""
-    from nvl_nemotron_vl.bridge import NemotronVLBridge
-    from nvl_nemotron_vl.mapping import mapping_table
     from nemotron_vl_testing import hf_lm_from_toy
 
     from nvl_lora.config import LoRAConfig
     from nvl_lora.method import apply_lora
     from nvl_lora.state import load_adapter_state
+    from nvl_nemotron_vl.bridge import NemotronVLBridge
+    from nvl_nemotron_vl.mapping import mapping_table
     from nvlcore.checkpoint import open_checkpoint
 
     out, _ = lm_run

@@ -118,7 +118,8 @@ def test_model_freeze_true_freezes_in_addition(toy, manager) -> None:
     assert {t.name: t.state for t in towers}[VIT] == "frozen"
 
 
-@pytest.mark.parametrize("config_file", [DEFAULT_CONFIG_FILE, VIDEO_CONFIG_FILE], ids=["override_example_yaml", "video_yaml"])
+@pytest.mark.parametrize("config_file", [DEFAULT_CONFIG_FILE, VIDEO_CONFIG_FILE],
+                         ids=["override_example_yaml", "video_yaml"])
 def test_only_an_explicit_peft_freeze_unfreezes(toy, manager, config_file, tmp_path: Path) -> None:
     # on the command line
     cfg, counts, _ = _trainable(toy, manager, config_file, "both", ["peft.freeze_vision_model=False"])
@@ -139,7 +140,8 @@ def test_model_freeze_false_on_the_command_line_does_not_unfreeze(toy, manager) 
     overrides = ["model.freeze_language_model=False", "model.freeze_vision_model=False",
                  "model.freeze_vision_projection=False"]
     cfg, counts, _ = _trainable(toy, manager, DEFAULT_CONFIG_FILE, "both", overrides)
-    assert (cfg.peft.options["freeze_language_model"], cfg.peft.options["freeze_vision_model"], cfg.peft.options["freeze_vision_projection"]) == (
+    assert (cfg.peft.options["freeze_language_model"], cfg.peft.options["freeze_vision_model"],
+            cfg.peft.options["freeze_vision_projection"]) == (
         True, True, True)
     assert all(counts[t][0] == 0 and counts[t][2] > 0 for t in TOWERS), counts
 

@@ -63,10 +63,9 @@ def image(tmp_path_factory) -> Path:
 def _peft_checkpoint(toy: Path, root: Path, method: str) -> Path:
     """What `nvl finetune --lora-on-language-model` with peft.method=METHOD saves: the adapters and the
     fully trained ViT/projector (changed, so that loading them matters), in the trainer's layout."""
-    from nvlcore.checkpoint import save_checkpoint
-    from nvl_nemotron_vl.bridge import NemotronVLBridge
-
     from nvl_lora.method import LoRAMethod
+    from nvl_nemotron_vl.bridge import NemotronVLBridge
+    from nvlcore.checkpoint import save_checkpoint
 
     bridge = NemotronVLBridge.from_hf_dir(toy)
     model = bridge.build_model(dtype=torch.float32, device="cpu", load_weights=True)
@@ -83,7 +82,8 @@ def _peft_checkpoint(toy: Path, root: Path, method: str) -> Path:
             elif name.startswith("vision") and p.ndim == 2:
                 p.mul_(1.2)
     trained = {n for n, p in model.named_parameters() if p.requires_grad}
-    state = {k: v for k, v in bridge.model_components(model).items() if any(k == n or k.startswith(n + ".") for n in trained)
+    state = {k: v for k,
+             v in bridge.model_components(model).items() if any(k == n or k.startswith(n + ".") for n in trained)
              or k.split(".weight.")[0] + ".weight" in trained}
     assert any(".adapter." in k for k in state) and any(k.startswith("vision_model.") for k in state)
     rc = {"peft": {**peft.run_config(), "method": method}, "checkpoint": {"pretrained_checkpoint": str(toy)}}
@@ -140,9 +140,10 @@ def test_unmerged_adapters_at_tp2_generate_the_merged_tokens(runs, toy, image) -
     """Two gloo ranks: adapters split like their layers (DoRA's row-parallel norms all-reduced), the
     hooked row-parallel layers reduce their own output on the decode step; same tokens as the merged
     model at TP=1."""
+    from nemotron_vl_testing_generate import tp_generate_worker
+
     from nvl_dist_testing import run_distributed
     from nvl_nemotron_vl import load_generator
-    from nemotron_vl_testing_generate import tp_generate_worker
 
     method, ck, merged = runs
     convs = [build_conversation("Describe this image.", images=[image], system_prompt="/no_think"),

@@ -97,7 +97,7 @@ def test_under_autocast_the_adapter_neither_copies_nor_saves_an_fp32_input() -> 
         y_up = nn.functional.linear(nn.functional.linear(x.float(), a) * adapter.scale, b)
     y_up.float().sum().backward()
     assert torch.equal(y, y_up)
-    for g, g_up in zip(grads, [x.grad, adapter.linear_in.weight.grad, adapter.linear_out.weight.grad]):
+    for g, g_up in zip(grads, [x.grad, adapter.linear_in.weight.grad, adapter.linear_out.weight.grad], strict=True):
         assert torch.equal(g, g_up)
     # without autocast the input still follows the adapter's dtype
     assert adapter(torch.randn(8, 64, dtype=torch.float64)).dtype == torch.float32
@@ -148,12 +148,15 @@ def test_exclude_modules() -> None:
 @pytest.mark.parametrize(
     "on_language,on_vision,user,expect_adapted,expect_trainable_groups",
     [
-        (True, False, {}, {"language_model.linear_qkv", "language_model.linear_proj"}, {"vision_model", "vision_projection"}),
-        (False, True, {}, {"vision_model.linear_fc1", "vision_model.linear_fc2", "vision_projection.linear_fc1"}, {"language_model"}),
+        (True, False, {}, {"language_model.linear_qkv", "language_model.linear_proj"},
+         {"vision_model", "vision_projection"}),
+        (False, True, {}, {"vision_model.linear_fc1", "vision_model.linear_fc2", "vision_projection.linear_fc1"},
+         {"language_model"}),
         (True, True, {}, {"language_model.linear_qkv", "language_model.linear_proj", "vision_model.linear_fc1",
                           "vision_model.linear_fc2", "vision_projection.linear_fc1"}, set()),
         # model.freeze_*=True freezes in addition; model.freeze_*=False never unfreezes what the table froze
-        (True, False, {"freeze_vision_model": True}, {"language_model.linear_qkv", "language_model.linear_proj"}, {"vision_projection"}),
+        (True, False, {"freeze_vision_model": True}, {"language_model.linear_qkv", "language_model.linear_proj"},
+         {"vision_projection"}),
         (True, True, {"freeze_vision_projection": False}, None, set()),
         (False, True, {"freeze_vision_model": False, "freeze_language_model": False}, None, {"language_model"}),
     ],
@@ -221,7 +224,7 @@ def test_tensor_parallel_two_ranks_match_one() -> None:
     from lora_testing import run_distributed, tp_parity_worker
 
     results = run_distributed(tp_parity_worker, 2)
-    for rank, r in enumerate(results):
+    for r in results:
         one, two = r["tp1"], r["tp2"]
         assert one["adapted"] == two["adapted"] and len(one["adapted"]) == 7
         assert one["keys"] == two["keys"]

@@ -35,7 +35,8 @@ def test_merge_math_components_and_full_weights() -> None:
     base, ad = _base(), _adapter()
     orig = {k: v.clone() for k, v in base.items()}
     keys = list(merge_into(base, ad, alpha=8, dim=4))
-    assert sorted(keys) == sorted(["vit.fc1.weight", "lm.linear_qkv.weight", "lm.in_proj.weight.z", "lm.in_proj.weight.x"])
+    assert sorted(keys) == sorted(["vit.fc1.weight", "lm.linear_qkv.weight", "lm.in_proj.weight.z",
+                                   "lm.in_proj.weight.x"])
     a = ad["lm.linear_qkv.adapter.linear_in.weight"]
     b = ad["lm.linear_qkv.adapter.linear_out.weight"]
     assert base["lm.linear_qkv.weight"].dtype == torch.bfloat16

@@ -172,9 +172,9 @@ def test_hf_peft_export_carries_fully_trained_modules_in_modules_to_save(toy: Pa
     Mamba layer 0 and final norm trained fully too: the exported adapter lists them in modules_to_save, peft
     applied to transformers' NemotronH reproduces our logits, and the adapter's modules_to_save tensors and
     logits equal those of the merged export (`nvl peft merge --format hf`)."""
+    from nemotron_vl_testing import hf_lm_from_toy
     from safetensors.torch import load_file
 
-    from nemotron_vl_testing import hf_lm_from_toy
     from nvl_lora.hf_peft import HFPeftExporter
     from nvl_lora.recipes import lora_settings
 

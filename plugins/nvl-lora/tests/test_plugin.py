@@ -20,7 +20,8 @@ def test_lora_is_registered_lazily() -> None:
 
 
 def test_import_is_cheap() -> None:
-    code = "import sys, nvl_lora; print(sorted(m for m in ('torch', 'megatron', 'transformers', 'peft') if m in sys.modules))"
+    code = ("import sys, nvl_lora; "
+            "print(sorted(m for m in ('torch', 'megatron', 'transformers', 'peft') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "[]"
 
@@ -77,11 +78,11 @@ def test_lora_and_dora_implement_the_peft_contract_and_name_their_parameters() -
     import torch
     from torch import nn
 
+    from nvl_lora.dora import DoRAMethod
+    from nvl_lora.method import LoRAMethod
     from nvlcore.contracts import PeftMethod
     from nvlcore.training.finetune import describe_peft_parameters, tower_status
     from nvlcore.training.peft import check_peft_method
-    from nvl_lora.dora import DoRAMethod
-    from nvl_lora.method import LoRAMethod
 
     for cls in (LoRAMethod, DoRAMethod):
         method = cls(target_modules=["fc"], dim=2, alpha=4, freeze_other=True)

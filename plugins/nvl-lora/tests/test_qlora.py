@@ -268,7 +268,7 @@ def test_qlora_loss_falls_and_tracks_plain_lora(runs) -> None:
     a, b = losses(lora), losses(qlora_run)
     assert len(a) == len(b) == ITERS
     assert sum(b[-4:]) / 4 < sum(b[:4]) / 4 - 0.2, b
-    diff = [abs(x - y) for x, y in zip(a, b)]
+    diff = [abs(x - y) for x, y in zip(a, b, strict=True)]
     assert sum(diff) / len(diff) < 0.02 and max(diff) < 0.06, diff
 
 

@@ -31,11 +31,11 @@ def load_generator(
         :func:`nvl_nemotron_vl.generate.generator_for_model`.
     :param plugin_manager: whose ``peft_method`` registry applies ``adapter_checkpoint``.
     :param lora_checkpoint: the former name of ``adapter_checkpoint`` (give one of them).
-    :param options: :func:`nvlcore.generation.load.load_model`'s: ``megatron_model_path``,
+    :param options: :func:`nvlcore.inference.load_model`'s: ``megatron_model_path``,
         ``adapter_checkpoint`` (a PEFT run, unmerged unless ``merge_adapters=True``),
         ``tensor_parallel_size``, ``device``, ``dtype``, ``say``.
     """
-    from nvlcore.generation.load import load_generator as load
+    from nvlcore.inference import load_generator as load
 
     from .bridge import NemotronVLBridge
 

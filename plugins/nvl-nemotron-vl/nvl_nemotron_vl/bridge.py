@@ -6,8 +6,9 @@ Torch, megatron and transformers are imported inside methods only; constructing 
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from nvlcore.bridge import ModelBridge
 from nvlcore.mapping import ParamMapping
@@ -55,7 +56,7 @@ class NemotronVLBridge(ModelBridge):
         """Raise naming every config field ``tp`` does not divide."""
         self.config.check_tensor_parallel(tp)
 
-    def tensor_parallel_of(self, model: "torch.nn.Module") -> tuple[Any, int, int]:
+    def tensor_parallel_of(self, model: torch.nn.Module) -> tuple[Any, int, int]:
         """The model's own TP context (``model.tp``)."""
         tp = model.tp  # type: ignore[attr-defined]
         return tp.group, tp.rank, tp.size
@@ -64,14 +65,14 @@ class NemotronVLBridge(ModelBridge):
     def build_model(
         self,
         *,
-        dtype: "torch.dtype | str | None" = None,
-        device: "torch.device | str | None" = None,
+        dtype: torch.dtype | str | None = None,
+        device: torch.device | str | None = None,
         tp_group: Any = None,
         init: str = "random",
         seed: int = 1234,
         load_weights: bool = False,
         **options: Any,
-    ) -> "NemotronVLModel":
+    ) -> NemotronVLModel:
         """Build the training model over ``tp_group`` (default: megatron's current TP group, or one rank).
 
         ``dtype`` defaults to bf16 on GPU and fp32 on CPU. ``load_weights=True`` loads this bridge's HF
@@ -101,11 +102,11 @@ class NemotronVLBridge(ModelBridge):
             self.load_hf_weights(model, self.hf_dir)
         return model
 
-    def set_kernels(self, model: "torch.nn.Module", choice: str) -> dict[str, str]:
+    def set_kernels(self, model: torch.nn.Module, choice: str) -> dict[str, str]:
         """``model.kernels``: see :mod:`nvl_nemotron_vl.model.kernels` (Triton kernels on CUDA under ``auto``)."""
         return model.set_kernels(choice)  # type: ignore[operator]
 
-    def keeps_fp32(self, name: str, param: "torch.Tensor") -> bool:
+    def keeps_fp32(self, name: str, param: torch.Tensor) -> bool:
         """The Mamba mixers' per-head ``A_log``, ``D``, ``dt_bias`` (they set the state's decay; the model
         builds them fp32 at every dtype) and every norm's weight and bias stay fp32; the frozen
         linear weights, biases and the conv are stored like the rest of the base."""
@@ -114,14 +115,14 @@ class NemotronVLBridge(ModelBridge):
             return True
         return module.rpartition(".")[2].endswith("norm") and leaf in ("weight", "bias")
 
-    def set_recompute(self, model: "torch.nn.Module", granularity: str) -> None:
+    def set_recompute(self, model: torch.nn.Module, granularity: str) -> None:
         """Megatron's names -> the model's: ``selective`` recomputes the Mamba mixers, ``full`` whole layers."""
         modes = {"selective": "ssm", "full": "layers"}
         if granularity not in modes:
             raise ValueError(f"model.recompute_granularity={granularity!r}: use selective or full")
         model.set_recompute(modes[granularity])  # type: ignore[operator]
 
-    def decoder_layers(self, model: "torch.nn.Module") -> list["torch.nn.Module"]:
+    def decoder_layers(self, model: torch.nn.Module) -> list[torch.nn.Module]:
         """The hybrid language model's Mamba / attention / MLP layers, in forward order."""
         return list(model.language_model.decoder.layers)  # type: ignore[union-attr,arg-type]
 
@@ -183,8 +184,8 @@ class NemotronVLBridge(ModelBridge):
 
     # --------------------------------------------------------------------------------- recipe
     def recipe(self, *, peft: bool = False, adapted_groups: Sequence[str] = ()) -> Mapping[str, Any]:
-        """Megatron-Bridge's defaults for this model (workflow reference §2), nested by config section;
-        ``adapted_groups`` (``language_model``, ``vision_model``) pick the PEFT variant.
+        """Megatron-Bridge's defaults for this model (its ``recipes/nemotron_vl/nemotron_nano_v2_vl.py``),
+        nested by config section; ``adapted_groups`` (``language_model``, ``vision_model``) pick the PEFT variant.
 
         The values live in :mod:`nvl_nemotron_vl.recipes` (with the original YAML files in ``conf/``).
         """

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 LAYER_CHARS = {"M": "mamba", "*": "attention", "-": "mlp"}
 
@@ -178,7 +179,7 @@ class NemotronVLConfig:
 
     # ------------------------------------------------------------------------------- reading
     @classmethod
-    def from_hf_dir(cls, path: str | Path) -> "NemotronVLConfig":
+    def from_hf_dir(cls, path: str | Path) -> NemotronVLConfig:
         """Read ``<path>/config.json`` (and the RADIO prefix-token count from the weights' header)."""
         path = Path(path)
         cfg_file = path / "config.json"
@@ -194,7 +195,7 @@ class NemotronVLConfig:
     @classmethod
     def from_dict(
         cls, raw: Mapping[str, Any], *, source: str = "<dict>", num_prefix_tokens: int | None = None
-    ) -> "NemotronVLConfig":
+    ) -> NemotronVLConfig:
         r = _Reader(raw, source)
         archs = raw.get("architectures") or []
         if "NemotronH_Nano_VL_V2" not in archs:
@@ -254,7 +255,7 @@ class NemotronVLConfig:
         return out
 
 
-def _read_llm(r: "_Reader") -> LLMConfig:
+def _read_llm(r: _Reader) -> LLMConfig:
     pattern = r.str("hybrid_override_pattern")
     bad = sorted(set(pattern) - set(LAYER_CHARS))
     if not pattern or bad:
@@ -328,7 +329,8 @@ def _read_llm(r: "_Reader") -> LLMConfig:
         if value != wanted:
             raise ConfigError(f"{r.source}: llm_config.{name}={value!r} is not supported ({why}; expected {wanted!r})")
     if heads % kv:
-        raise ConfigError(f"{r.source}: llm_config.num_attention_heads={heads} is not a multiple of num_key_value_heads={kv}")
+        raise ConfigError(f"{r.source}: llm_config.num_attention_heads={heads} is not a multiple of "
+                          f"num_key_value_heads={kv}")
     if llm.mamba_num_heads % llm.n_groups:
         raise ConfigError(
             f"{r.source}: llm_config.mamba_num_heads={llm.mamba_num_heads} is not a multiple of n_groups={llm.n_groups}"
@@ -336,7 +338,7 @@ def _read_llm(r: "_Reader") -> LLMConfig:
     return llm
 
 
-def _read_vision(r: "_Reader", patch_size: int, vit_hidden: int, num_prefix_tokens: int | None) -> VisionConfig:
+def _read_vision(r: _Reader, patch_size: int, vit_hidden: int, num_prefix_tokens: int | None) -> VisionConfig:
     args = r.raw.get("args") or {}
     model_name = args.get("model")
     named = TIMM_VIT_SHAPES.get(model_name) if model_name else None
@@ -350,7 +352,8 @@ def _read_vision(r: "_Reader", patch_size: int, vit_hidden: int, num_prefix_toke
     hidden, depth, heads, mlp = named or (0, 0, 0, 0)
     if explicit:
         e_hidden = int(explicit.get("hidden_size", hidden))
-        if named and (e_hidden, int(explicit.get("num_hidden_layers", depth)), int(explicit.get("num_attention_heads", heads))) != (hidden, depth, heads):
+        if named and (e_hidden, int(explicit.get("num_hidden_layers", depth)),
+                      int(explicit.get("num_attention_heads", heads))) != (hidden, depth, heads):
             raise ConfigError(
                 f"{r.source}: vision_config explicit sizes {explicit} contradict args.model={model_name!r} {named[:3]}"
             )

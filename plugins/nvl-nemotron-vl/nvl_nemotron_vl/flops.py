@@ -1,7 +1,8 @@
 """FLOP counts for throughput reporting (TFLOP/s, MFU).
 
-LM: Megatron-Bridge's hybrid-model formula (``training/utils/flop_utils.py``; workflow reference §7.1),
-forward per sequence of length ``s``::
+LM: Megatron-Bridge's hybrid-model formula
+(``src/megatron/bridge/training/utils/flop_utils.py::num_floating_point_operations``), forward per
+sequence of length ``s``::
 
     attention  4 s h p (h + h g / heads) + 2 s h p s        (p = kv_channels * heads / h; causal core)
     MLP        4 s h ffn
@@ -16,7 +17,8 @@ per tile (Bridge leaves them out): per ViT layer over ``S = prefix + patches`` t
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 from .config import NemotronVLConfig
 

@@ -1,6 +1,6 @@
 """Generation with Nemotron Nano V2 VL: the model's processor and cached decoder around a loaded model
 (:func:`generator_for_model`, the bridge's ``generator_for_model``). Building and loading the model is
-the core's (:mod:`nvlcore.generation.load`); :func:`nvl_nemotron_vl.load_generator` is the path-based
+the core's (:mod:`nvlcore.inference`); :func:`nvl_nemotron_vl.load_generator` is the path-based
 shortcut over both.
 
 ::
@@ -13,13 +13,14 @@ shortcut over both.
                                              system_prompt="/no_think")], max_new_tokens=100)
     print(res.text, res.decode_tokens_per_s)
 
-This module takes the bridge it works with and never imports :mod:`.bridge` (which imports this one). The model decodes with its layers' caches (:mod:`.model.cache`, driven by
-:mod:`.model.decode`).
+This module takes the bridge it works with and never imports :mod:`.bridge` (which imports this one). The model decodes
+with its layers' caches (:mod:`.model.cache`, driven by :mod:`.model.decode`).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Mapping
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
@@ -29,17 +30,17 @@ if TYPE_CHECKING:
 
 def generator_for_model(
     bridge: Any,
-    model: "torch.nn.Module",
+    model: torch.nn.Module,
     *,
-    device: "torch.device | str | None" = None,
-    dtype: "torch.dtype | None" = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
     cuda_graph: bool | None = None,
     compile: bool = False,
     processor_options: Mapping[str, Any] | None = None,
     video_pruning_rate: float | None = None,
-) -> "Generator":
+) -> Generator:
     """A :class:`~nvlcore.generation.Generator` over a model that is already built and loaded (by
-    :mod:`nvlcore.generation.load`, or the trainer's for generation-based validation); the model is used
+    :mod:`nvlcore.inference`, or the trainer's for generation-based validation); the model is used
     as it is (call ``model.eval()`` around generation).
 
     :param device: where the inputs go (default: the model's).

@@ -12,7 +12,8 @@ normalisation.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import torch
@@ -66,7 +67,8 @@ def closest_aspect_ratio(
     return best
 
 
-def tile_grid(width: int, height: int, *, image_size: int, max_num_tiles: int, min_num_tiles: int = 1) -> tuple[int, int]:
+def tile_grid(width: int, height: int, *, image_size: int, max_num_tiles: int,
+              min_num_tiles: int = 1) -> tuple[int, int]:
     """``(cols, rows)`` of the tile grid for a ``width x height`` image."""
     if width <= 0 or height <= 0:
         raise ValueError(f"image has no pixels: {width}x{height}")
@@ -78,14 +80,15 @@ def tile_grid(width: int, height: int, *, image_size: int, max_num_tiles: int, m
 def num_tiles(width: int, height: int, *, image_size: int, max_num_tiles: int, use_thumbnail: bool = True,
               min_num_tiles: int = 1) -> int:
     """How many tiles (thumbnail included) :func:`dynamic_tiles` makes for a ``width x height`` image."""
-    cols, rows = tile_grid(width, height, image_size=image_size, max_num_tiles=max_num_tiles, min_num_tiles=min_num_tiles)
+    cols, rows = tile_grid(width, height, image_size=image_size, max_num_tiles=max_num_tiles,
+                           min_num_tiles=min_num_tiles)
     n = cols * rows
     return n + 1 if use_thumbnail and n != 1 else n
 
 
 def dynamic_tiles(
-    image: "Image.Image", *, image_size: int, max_num_tiles: int, use_thumbnail: bool = True, min_num_tiles: int = 1
-) -> list["Image.Image"]:
+    image: Image.Image, *, image_size: int, max_num_tiles: int, use_thumbnail: bool = True, min_num_tiles: int = 1
+) -> list[Image.Image]:
     """Cut ``image`` into RGB tiles of ``image_size`` pixels (row-major), thumbnail last when > 1 tile.
 
     The image is converted to RGB before resizing (the reference converts each tile afterwards;
@@ -96,7 +99,8 @@ def dynamic_tiles(
 
     image = image.convert("RGB")
     width, height = image.size
-    cols, rows = tile_grid(width, height, image_size=image_size, max_num_tiles=max_num_tiles, min_num_tiles=min_num_tiles)
+    cols, rows = tile_grid(width, height, image_size=image_size, max_num_tiles=max_num_tiles,
+                           min_num_tiles=min_num_tiles)
     resized = image.resize((image_size * cols, image_size * rows), Image.Resampling.BICUBIC)
     tiles = [
         resized.crop((c * image_size, r * image_size, (c + 1) * image_size, (r + 1) * image_size))
@@ -109,8 +113,8 @@ def dynamic_tiles(
 
 
 def normalize_tiles(
-    tiles: Sequence["Image.Image"], mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD
-) -> "torch.Tensor":
+    tiles: Sequence[Image.Image], mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD
+) -> torch.Tensor:
     """Stack RGB tiles into ``[n, 3, H, W]`` float32: ``(pixel/255 - mean) / std`` per channel."""
     import numpy as np
     import torch

@@ -36,7 +36,8 @@ All transforms are pure tensor reshapes/concatenations; each inverse is exact (t
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Iterable
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 from nvlcore.mapping import (  # noqa: F401  (the table's types and helpers, re-exported for this plugin's users)
     IdentityMapping,
@@ -76,7 +77,7 @@ CONV1D_PARTS = ("x", "B", "C")
 
 
 # ------------------------------------------------------------------------------------ the table
-def mapping_table(cfg: "NemotronVLConfig") -> list[ParamMapping]:
+def mapping_table(cfg: NemotronVLConfig) -> list[ParamMapping]:
     """Every training parameter of the model described by ``cfg``, with its HF keys and transform."""
     llm, vis = cfg.llm, cfg.vision
     Id = IdentityMapping
@@ -88,8 +89,9 @@ def mapping_table(cfg: "NemotronVLConfig") -> list[ParamMapping]:
     ]
     gn = llm.n_groups * llm.ssm_state_size
     mamba_units = (("llm_config.n_groups", llm.n_groups), ("llm_config.mamba_num_heads", llm.mamba_num_heads))
-    in_proj = tuple(zip(IN_PROJ_PARTS, (llm.mamba_d_inner, llm.mamba_d_inner, gn, gn, llm.mamba_num_heads)))
-    conv1d = tuple(zip(CONV1D_PARTS, (llm.mamba_d_inner, gn, gn)))
+    in_proj = tuple(zip(IN_PROJ_PARTS, (llm.mamba_d_inner, llm.mamba_d_inner, gn, gn, llm.mamba_num_heads),
+                        strict=True))
+    conv1d = tuple(zip(CONV1D_PARTS, (llm.mamba_d_inner, gn, gn), strict=True))
     for i, kind in enumerate(llm.layer_types):
         p, h = f"language_model.decoder.layers.{i}.", f"{LM_HF}layers.{i}."
         if kind == "mamba":

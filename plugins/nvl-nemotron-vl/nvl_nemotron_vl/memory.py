@@ -17,7 +17,7 @@ recomputed. docs/memory.md compares the result with the peaks measured on GPUs.
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 from .config import NemotronVLConfig
 
@@ -48,7 +48,7 @@ def lm_bytes_per_token(cfg: NemotronVLConfig, *, tp: int, res: int, recompute: s
     full = [lm_layer_bytes(cfg, k, tp=tp, res=res) for k in kinds]
     kept = [res * cfg.llm.hidden_size] * len(kinds) if recompute == "full" else [
         res * cfg.llm.hidden_size + BF16 * cfg.llm.hidden_size if (recompute == "selective" and k == "mamba") else b
-        for k, b in zip(kinds, full)]
+        for k, b in zip(kinds, full, strict=True)]
     if offload_layers:  # those layers' activations live on the host until their backward
         kept = sorted(kept)[: max(0, len(kept) - offload_layers)] + [0.0] * min(offload_layers, len(kept))
     transient = max(full) if recompute == "full" else 0.0  # the layer being recomputed
@@ -79,7 +79,8 @@ def activation_bytes(cfg: NemotronVLConfig, *, tokens: int, tiles: int, recomput
     out = {"language model": tokens * lm_bytes_per_token(cfg, tp=tp_size, res=lm_res, recompute=recompute,
                                                         offload_layers=offload_layers)}
     if tiles:
-        out["vision tower"] = tiles * vit_bytes_per_tile(cfg, tp=tp_size, res=4 if trained.get("vision_model") else BF16,
+        out["vision tower"] = tiles * vit_bytes_per_tile(cfg, tp=tp_size,
+                                                         res=4 if trained.get("vision_model") else BF16,
                                                         recompute=recompute) if vit_trains else 0.0
     return out
 

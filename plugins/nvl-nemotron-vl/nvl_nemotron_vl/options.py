@@ -9,7 +9,8 @@ parses its arguments: click and the core's option types only.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import click
 

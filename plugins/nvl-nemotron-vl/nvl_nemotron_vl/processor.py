@@ -26,8 +26,9 @@ import json
 import logging
 import math
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import attrs
 
@@ -178,7 +179,7 @@ def _read_json(path: Path) -> dict[str, Any]:
 class _Media:
     kind: str  # "image" | "video"
     where: str  # field path for error messages
-    tiles: list["Image.Image"]
+    tiles: list[Image.Image]
     timestamps: list[float] = attrs.field(factory=list)
 
 
@@ -228,7 +229,7 @@ class NemotronVLProcessor:
 
     # -- construction -------------------------------------------------------------------------
     @classmethod
-    def from_hf_dir(cls, path: str | os.PathLike[str], **options: Any) -> "NemotronVLProcessor":
+    def from_hf_dir(cls, path: str | os.PathLike[str], **options: Any) -> NemotronVLProcessor:
         """Read ``config.json``, ``preprocessor_config.json`` (if present) and the tokenizer of an HF dir.
 
         Values come from the files (as data; no remote code runs); ``options`` (any
@@ -283,7 +284,7 @@ class NemotronVLProcessor:
                 )
         return processor
 
-    def with_options(self, **options: Any) -> "NemotronVLProcessor":
+    def with_options(self, **options: Any) -> NemotronVLProcessor:
         """A copy with some options changed (the tokenizer is shared)."""
         new = object.__new__(type(self))
         new.__dict__.update(self.__dict__)
@@ -330,7 +331,8 @@ class NemotronVLProcessor:
                     "belong in image/video content items, and control tokens are added by the template"
                 )
 
-    def _render_content(self, turn: Mapping[str, Any], t: int, where: str, media: list[tuple[str, Mapping[str, Any], str]]) -> str:
+    def _render_content(self, turn: Mapping[str, Any], t: int, where: str,
+                        media: list[tuple[str, Mapping[str, Any], str]]) -> str:
         from nvlcore.data.schema import iter_items
 
         out = []
@@ -408,7 +410,7 @@ class NemotronVLProcessor:
         return parts, media, targets
 
     # -- media --------------------------------------------------------------------------------
-    def _load_image(self, item: Mapping[str, Any], field: str, where: str) -> list["Image.Image"]:
+    def _load_image(self, item: Mapping[str, Any], field: str, where: str) -> list[Image.Image]:
         from PIL import Image
 
         from nvl_nemotron_vl.image_processing import dynamic_tiles
@@ -427,7 +429,7 @@ class NemotronVLProcessor:
         except (OSError, ValueError) as exc:
             raise SampleError(f"{where}: {field}.image: cannot read the image: {exc}") from exc
 
-    def _load_video(self, item: Mapping[str, Any], field: str, where: str) -> tuple[list["Image.Image"], list[float]]:
+    def _load_video(self, item: Mapping[str, Any], field: str, where: str) -> tuple[list[Image.Image], list[float]]:
         from nvl_nemotron_vl.video import VideoDecodeError, decode_video_frames, resize_frames
 
         c = self.config
@@ -467,8 +469,8 @@ class NemotronVLProcessor:
         """
         import torch
 
-        from nvlcore.data.schema import validate_conversation
         from nvl_nemotron_vl.image_processing import normalize_tiles
+        from nvlcore.data.schema import validate_conversation
 
         validate_conversation(conversation, where=where)
         c = self.config
@@ -562,7 +564,7 @@ class NemotronVLProcessor:
             )
         if c.seq_length is not None and total > c.seq_length:
             cut = c.seq_length
-            for m, (b0, b1) in zip(media, blocks):
+            for m, (b0, b1) in zip(media, blocks, strict=True):
                 if b0 < cut < b1:
                     raise SampleError(
                         f"{where}: {m.where}: truncating the sample from {total} "
@@ -580,7 +582,7 @@ class NemotronVLProcessor:
             log.warning("%s: truncated from %d to %d tokens (seq_length); %d of %d supervised tokens kept",
                         where, total, cut, kept, int(supervised.sum()))
             keep_media = [b1 <= cut for _, b1 in blocks]
-            media = [m for m, k in zip(media, keep_media) if k]
+            media = [m for m, k in zip(media, keep_media, strict=True) if k]
             input_ids, supervised = input_ids[:cut], supervised[:cut]
             truncated_from = total
 
@@ -590,7 +592,8 @@ class NemotronVLProcessor:
         loss_mask[:-1] = supervised[1:].to(torch.float32)
         n_sup = int(loss_mask.sum())
         if not add_generation_prompt and n_sup == 0:
-            raise SampleError(f"{where}: the sample has no supervised token (no assistant answer); it cannot be trained on")
+            raise SampleError(f"{where}: the sample has no supervised token (no assistant answer); it cannot be "
+                              "trained on")
 
         tiles = [t for m in media for t in m.tiles]
         pixel_values = normalize_tiles(tiles, c.norm_mean, c.norm_std) if tiles else None
@@ -612,12 +615,11 @@ class NemotronVLProcessor:
         """Right-pad samples into a batch (:data:`nvlcore.contracts.Batch`).
 
         The length is the longest sample rounded up to ``pad_to_multiple_of``, capped at
-        ``seq_length`` (or ``seq_length`` itself with ``pad_to_max_length``). Keys: ``input_ids``, ``labels`` (``-100`` on padding and on each row's last
-        token), ``loss_mask``, ``attention_mask``, ``pixel_values`` (all tiles and frames of the
-        batch in the order of their context tokens, row by row; absent when there are none),
-        ``num_image_tiles`` (int64 ``[images]``: tiles per image, same order), ``num_frames``
-        (int64 ``[videos]``: frames per video, same order; the model groups ``<video>`` blocks by
-        it for Efficient Video Sampling).
+        ``seq_length`` (or ``seq_length`` itself with ``pad_to_max_length``). Keys: ``input_ids``, ``labels`` (``-100``
+        on padding and on each row's last token), ``loss_mask``, ``attention_mask``, ``pixel_values`` (all tiles and
+        frames of the batch in the order of their context tokens, row by row; absent when there are none),
+        ``num_image_tiles`` (int64 ``[images]``: tiles per image, same order), ``num_frames`` (int64 ``[videos]``:
+        frames per video, same order; the model groups ``<video>`` blocks by it for Efficient Video Sampling).
         """
         import torch
 
@@ -703,7 +705,7 @@ class NemotronVLProcessor:
 
         cu = cu_seqlens_from_seq_idx(seq_idx).tolist()
         batch["cu_seqlens"] = tuple(cu)  # host ints: the model needs them on the host and on the GPU
-        batch["max_seqlen"] = max(b - a for a, b in zip(cu[:-1], cu[1:]))
+        batch["max_seqlen"] = max(b - a for a, b in zip(cu[:-1], cu[1:], strict=True))
         return batch
 
     def process_batch(self, conversations: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
@@ -712,7 +714,7 @@ class NemotronVLProcessor:
         return self.collate([self(c) for c in conversations])
 
     # -- inspection ---------------------------------------------------------------------------
-    def render_tokens(self, input_ids: Sequence[int] | "torch.Tensor") -> str:
+    def render_tokens(self, input_ids: Sequence[int] | torch.Tensor) -> str:
         """Decode token ids with each tile's or frame's context tokens collapsed to one marker.
 
         A tile of 256 ``<image>`` tokens shows as ``<image*256>`` (``<video*256>`` for a frame).
@@ -768,13 +770,13 @@ class NemotronVLProcessor:
         }
 
 
-def torch_shift_select(input_ids: "torch.Tensor", loss_mask: "torch.Tensor") -> list[list[int]]:
+def torch_shift_select(input_ids: torch.Tensor, loss_mask: torch.Tensor) -> list[list[int]]:
     """The supervised tokens (the targets of positions where ``loss_mask`` is set), as contiguous runs."""
     targets = input_ids[1:].tolist()
     mask = loss_mask[:-1].tolist()
     runs: list[list[int]] = []
     current: list[int] = []
-    for tok, m in zip(targets, mask):
+    for tok, m in zip(targets, mask, strict=True):
         if m:
             current.append(tok)
         elif current:

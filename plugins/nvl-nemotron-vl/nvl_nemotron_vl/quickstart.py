@@ -24,8 +24,9 @@ import shlex
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import click
 
@@ -79,10 +80,10 @@ def _run_nvl(args: Sequence[str], *, log: Path) -> None:
 
 def load_generator(hf_dir: Path) -> Any:
     """A generator for ``hf_dir`` on the CPU, loaded as ``nvl generate`` and ``nvl eval`` load it
-    (:func:`nvlcore.generation.load.load_generator`)."""
+    (:func:`nvlcore.inference.load_generator`)."""
     from nvlcore.bridge import BridgeError, resolve_bridge
     from nvlcore.cli import current_plugin_manager
-    from nvlcore.generation.load import load_generator as load
+    from nvlcore.inference import load_generator as load
 
     manager = current_plugin_manager()
     try:
@@ -271,8 +272,9 @@ def quickstart(workdir: Path, overwrite: bool, train_iters: int, eval_examples: 
         click.echo(f"    Q: {s['question']}  expected {s['answer']!r}, answered {s['predicted']!r}", err=True)
 
     _step(8, total, "Answer one question about a new picture with `nvl generate`")
-    from nvlcore.builtin.synthetic_vqa import draw_shape
     import random
+
+    from nvlcore.builtin.synthetic_vqa import draw_shape
 
     draw_shape("circle", "blue", size=64, rng=random.Random(7)).save(w / "question.png")
     _run_nvl(["generate", "--hf-model-path", str(w / "hf"), "--image-path", str(w / "question.png"),

@@ -101,7 +101,8 @@ def peft_recipe(*, lora_on_language_model: bool = True, lora_on_vision_model: bo
     return r
 
 
-def recipe(*, peft: bool = False, lora_on_language_model: bool = False, lora_on_vision_model: bool = False) -> dict[str, Any]:
+def recipe(*, peft: bool = False, lora_on_language_model: bool = False,
+           lora_on_vision_model: bool = False) -> dict[str, Any]:
     """``peft=False``: :func:`sft_recipe`; else :func:`peft_recipe` with the flags (neither flag = both)."""
     if not peft:
         return sft_recipe()

@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 from .config import CLIP_MEAN, CLIP_STD, NemotronVLConfig
 
@@ -57,7 +58,10 @@ FP32_SUFFIXES = ("mixer.A_log", "mixer.D")
 
 
 def toy_config(size: str, token_ids: dict[str, int]) -> dict[str, Any]:
-    """``config.json`` contents for a toy of ``size`` (the real schema, reference §1)."""
+    """``config.json`` contents for a toy of ``size``.
+
+    The schema is the released checkpoint's (``NemotronH_Nano_VL_V2_Config``).
+    """
     spec = SIZES[size]
     llm, vit = dict(spec["llm"]), dict(spec["vit"])
     vocab = token_ids["vocab_size"] + 1 if spec["vocab"] == "tokenizer+1" else int(spec["vocab"])
@@ -192,7 +196,7 @@ def _side_files(cfg: dict[str, Any], token_ids: dict[str, int]) -> dict[str, Any
     }
 
 
-def meta_model(cfg: NemotronVLConfig) -> "torch.nn.Module":
+def meta_model(cfg: NemotronVLConfig) -> torch.nn.Module:
     """The model built on the meta device over one rank: every parameter's full shape, no memory."""
     import torch
 
@@ -278,7 +282,8 @@ def write_toy_checkpoint(
         (tmp / "config.json").write_text(json.dumps(raw, indent=2) + "\n")
         for name, content in _side_files(raw, token_ids).items():
             (tmp / name).write_text(json.dumps(content, indent=2) + "\n")
-        cfg = NemotronVLConfig.from_dict(raw, source=str(out / "config.json"), num_prefix_tokens=num_prefix_tokens(size))
+        cfg = NemotronVLConfig.from_dict(raw, source=str(out / "config.json"),
+                                         num_prefix_tokens=num_prefix_tokens(size))
 
         shards: list[dict[str, Any]] = []
         current: dict[str, Any] = {}

@@ -25,6 +25,7 @@ import json
 import os
 import tempfile
 from collections import Counter
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -104,7 +105,8 @@ CHAT_TEMPLATE = (
     "{{- '<SPECIAL_10>System\\n' + system + '\\n' -}}"
     "{%- for message in loop_messages -%}"
     "{%- if message['role'] == 'user' -%}"
-    "{{- '<SPECIAL_11>User\\n' + render_content(message['content']).replace('/no_think', '').replace('/think', '').strip() + '\\n' -}}"
+    "{{- '<SPECIAL_11>User\\n' + render_content(message['content']).replace('/no_think', '').replace('/think', "
+    "'').strip() + '\\n' -}}"
     "{%- elif message['role'] == 'assistant' -%}"
     "{%- set text = render_content(message['content']) -%}"
     "{%- if '</think>' in text -%}{%- set text = text.split('</think>')[-1] -%}{%- endif -%}"
@@ -157,7 +159,7 @@ def _learn_merges(n_merges: int) -> list[tuple[str, str]]:
     while len(merges) < n_merges:
         pairs: Counter[tuple[str, str]] = Counter()
         for symbols, count in splits.items():
-            for pair in zip(symbols, symbols[1:]):
+            for pair in pairwise(symbols):
                 pairs[pair] += count
         if not pairs:
             raise RuntimeError(

@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator, Sequence
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -29,7 +30,8 @@ class VideoDecodeError(RuntimeError):
 
 
 def sample_frame_indices(
-    total_frames: int, average_fps: float, *, num_frames: int = 10, fps: float | None = None, max_frames: int | None = None
+    total_frames: int, average_fps: float, *, num_frames: int = 10, fps: float | None = None,
+    max_frames: int | None = None
 ) -> list[int]:
     """Indices of the frames to take from a clip of ``total_frames`` frames at ``average_fps``.
 
@@ -84,7 +86,7 @@ def decode_video_frames(
     fps: float | None = None,
     max_frames: int | None = None,
     num_threads: int = 1,
-) -> tuple[list["Image.Image"], list[float]]:
+) -> tuple[list[Image.Image], list[float]]:
     """Decode the sampled frames of ``path`` with decord.
 
     :param num_threads: decoder threads (1 suits DataLoader workers, which already run in parallel).
@@ -118,7 +120,7 @@ def decode_video_frames(
     return frames, timestamps
 
 
-def resize_frames(frames: Sequence["Image.Image"], image_size: int) -> list["Image.Image"]:
+def resize_frames(frames: Sequence[Image.Image], image_size: int) -> list[Image.Image]:
     """One tile per frame: RGB, resized to ``image_size`` square with bicubic sampling."""
     from PIL import Image
 

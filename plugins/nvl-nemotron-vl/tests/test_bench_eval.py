@@ -18,7 +18,8 @@ def test_eval_bench_runs_on_cpu_and_records_both_batch_sizes(tmp_path: Path) -> 
 
     toy = write_toy_checkpoint(tmp_path / "toy", "tiny", seed=1)
     out = tmp_path / "eval_gpu.json"
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "eval_gpu.py"), "--model-dir", str(toy), "--device", "cpu",
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "eval_gpu.py"), "--model-dir", str(toy), "--device",
+                           "cpu",
                            "--samples", "6", "--batch-sizes", "3,1", "--batch1-samples", "2", "--max-new-tokens", "3",
                            "--workdir", str(tmp_path / "work"), "--out", str(out)],
                           capture_output=True, text=True, timeout=600)

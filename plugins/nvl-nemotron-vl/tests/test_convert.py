@@ -11,7 +11,8 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-CARRIED = ("vision_model.radio_model.input_conditioner.norm_mean", "vision_model.radio_model.input_conditioner.norm_std")
+CARRIED = ("vision_model.radio_model.input_conditioner.norm_mean",
+           "vision_model.radio_model.input_conditioner.norm_std")
 
 
 def nvl(*args: str):
@@ -63,10 +64,13 @@ def test_import_export_round_trip_is_byte_identical(tiny_toy, imported, tmp_path
     assert set(got) == set(src)
     for k, v in src.items():
         assert got[k].dtype == v.dtype and got[k].shape == v.shape and raw(got[k]) == raw(v), k
-    assert len(set(json.loads((tmp_path / "hf" / "model.safetensors.index.json").read_text())["weight_map"].values())) > 1
-    for n in ("config.json", "generation_config.json", "preprocessor_config.json", "tokenizer.json", "tokenizer_config.json"):
+    assert len(
+        set(json.loads((tmp_path / "hf" / "model.safetensors.index.json").read_text())["weight_map"].values())) > 1
+    for n in ("config.json", "generation_config.json", "preprocessor_config.json", "tokenizer.json",
+              "tokenizer_config.json"):
         assert (tmp_path / "hf" / n).read_bytes() == (tiny_toy / n).read_bytes() or n == "config.json", n
-    assert json.loads((tmp_path / "hf" / "config.json").read_text()) == json.loads((tiny_toy / "config.json").read_text())
+    assert json.loads((tmp_path / "hf" / "config.json").read_text()) == json.loads(
+        (tiny_toy / "config.json").read_text())
 
 
 def test_tp_that_does_not_divide_names_the_dimension(tiny_toy, tmp_path):
@@ -95,18 +99,22 @@ def test_missing_weights_and_wrong_shapes_are_reported(tiny_toy, imported, tmp_p
     cfg["projector_hidden_size"] *= 2
     (ref / "config.json").write_text(json.dumps(cfg))
     ts = hf_tensors(tiny_toy)
-    ts["mlp1.1.weight"] = torch.zeros(ts["mlp1.1.weight"].shape[0] * 2, ts["mlp1.1.weight"].shape[1], dtype=torch.bfloat16)
-    ts["mlp1.3.weight"] = torch.zeros(ts["mlp1.3.weight"].shape[0], ts["mlp1.3.weight"].shape[1] * 2, dtype=torch.bfloat16)
+    ts["mlp1.1.weight"] = torch.zeros(ts["mlp1.1.weight"].shape[0] * 2, ts["mlp1.1.weight"].shape[1],
+                                      dtype=torch.bfloat16)
+    ts["mlp1.3.weight"] = torch.zeros(ts["mlp1.3.weight"].shape[0], ts["mlp1.3.weight"].shape[1] * 2,
+                                      dtype=torch.bfloat16)
     save_file(ts, ref / "model.safetensors")
-    r = nvl("convert", "export", "--hf-model", str(ref), "--megatron-path", str(imported[1]), "--hf-path", str(tmp_path / "e"))
+    r = nvl("convert", "export", "--hf-model", str(ref), "--megatron-path", str(imported[1]), "--hf-path",
+            str(tmp_path / "e"))
     assert r.exit_code != 0 and "shape mismatch for mlp1.1.weight" in r.output, r.output
     assert not (tmp_path / "e").exists()
 
 
 @pytest.fixture(scope="module")
 def tp2_run(tiny_toy, imported, tmp_path_factory):
-    from nvl_dist_testing import run_distributed
     from nemotron_vl_testing_convert import tp_load_worker
+
+    from nvl_dist_testing import run_distributed
 
     save_root = tmp_path_factory.mktemp("tp2save") / "run"
     res = run_distributed(tp_load_worker, 2, str(tiny_toy), {"tp1": str(imported[1]), "tp2": str(imported[2])},
@@ -115,9 +123,10 @@ def tp2_run(tiny_toy, imported, tmp_path_factory):
 
 
 def test_checkpoints_load_at_tp1_and_tp2_with_hf_logits(tiny_toy, imported, tp2_run):
+    from nemotron_vl_testing_convert import logits_of, vlm_inputs
+
     from nvl_nemotron_vl.bridge import NemotronVLBridge
     from nvlcore.parallel import init_parallel
-    from nemotron_vl_testing_convert import logits_of, vlm_inputs
 
     init_parallel(1, device_type="cpu")
     bridge = NemotronVLBridge.from_hf_dir(tiny_toy)
@@ -141,9 +150,9 @@ def test_checkpoints_load_at_tp1_and_tp2_with_hf_logits(tiny_toy, imported, tp2_
 
 def test_trained_checkpoint_strict_errors(tiny_toy, imported, tmp_path):
     """A checkpoint that lacks a parameter is refused by the loader, naming it."""
-    from nvlcore.checkpoint import Checkpoint, save_checkpoint
     from nvl_nemotron_vl.bridge import NemotronVLBridge
     from nvlcore.bridge import BridgeError
+    from nvlcore.checkpoint import Checkpoint, save_checkpoint
     from nvlcore.parallel import init_parallel
 
     init_parallel(1, device_type="cpu")
@@ -168,7 +177,12 @@ def test_checkpoint_layout_agrees_with_the_mapping(tp):
     """The per-rank layout of training checkpoints (nvlcore.mapping) against the table's own
     components_to_local: each rank's part is its chunk of each logical component, and reassembles."""
     from nvlcore.mapping import (
-        FusedRowsMapping, IdentityMapping, PartsMapping, QKVMapping, VocabMapping, assemble_from_entries,
+        FusedRowsMapping,
+        IdentityMapping,
+        PartsMapping,
+        QKVMapping,
+        VocabMapping,
+        assemble_from_entries,
     )
 
     g = torch.Generator().manual_seed(0)
@@ -183,10 +197,12 @@ def test_checkpoint_layout_agrees_with_the_mapping(tp):
     for m in cases:
         comps = {}
         # rows of each component: its part's rows for fused kinds, the vocabulary, or 8
-        rows_of = dict(zip(m.components, (n for _, n in m.part_rows()))) if isinstance(m, FusedRowsMapping) else {}
+        rows_of = dict(zip(m.components, (n for _, n in m.part_rows()),
+                           strict=True)) if isinstance(m, FusedRowsMapping) else {}
         for c in m.components:
             rows = rows_of.get(c, m.vocab_size if isinstance(m, VocabMapping) else 8)
-            shape = (rows, 1, 3) if m.megatron == "conv1d.weight" else (rows,) if m.megatron == "vqkv.bias" else (rows, 12)
+            shape = (rows, 1,
+                     3) if m.megatron == "conv1d.weight" else (rows,) if m.megatron == "vqkv.bias" else (rows, 12)
             comps[c] = torch.randn(shape, generator=g)
         table = {m.megatron: m}
         for r in range(tp):

@@ -50,8 +50,9 @@ SHAPES = ["dataset.maker_name=synthetic_shapes", 'dataset.maker_kwargs={"num_exa
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_data_parallel_shards_and_gathers_the_same_answers(toy: Path, tmp_path: Path) -> None:
-    from nvl_dist_testing import run_distributed
     from nemotron_vl_testing_generate import dp_eval_worker
+
+    from nvl_dist_testing import run_distributed
 
     single = nvl("eval", "--hf-model-path", toy, *SHAPES, "--max-new-tokens", "4", "--batch-size", "2",
                  "--output", tmp_path / "one.jsonl", "--json")
@@ -71,7 +72,8 @@ def test_training_logs_generation_metrics_and_lora_eval_matches(toy: Path, tmp_p
     of the saved adapters gives the same numbers as the last in-training evaluation."""
     run = tmp_path / "run"
     proc = nvl("finetune", "--hf-model-path", toy, "--pretrained-checkpoint", toy, "--lora-on-language-model",
-               "dataset.maker_name=synthetic_shapes", 'dataset.maker_kwargs={"num_examples": 8, "questions": ["color"]}',
+               "dataset.maker_name=synthetic_shapes",
+               'dataset.maker_kwargs={"num_examples": 8, "questions": ["color"]}',
                "dataset.num_workers=0", "dataset.seq_length=256", "model.seq_length=256",
                "model.tensor_model_parallel_size=1", "train.global_batch_size=4", "train.micro_batch_size=4",
                "train.train_iters=4", "checkpoint.save_interval=4", "logger.log_interval=1", "optimizer.lr=5e-3",
@@ -99,7 +101,8 @@ def test_nproc_per_node_launch_writes_what_one_process_writes(toy: Path, tmp_pat
     one = nvl(*common, "--output", tmp_path / "one.jsonl")
     two = nvl(*common, "--output", tmp_path / "two.jsonl", "--nproc-per-node", "2")
     assert "starting 2 worker(s)" in two.stderr and "over 2 data-parallel rank(s)" in two.stderr
-    lines = {name: [json.loads(x) for x in (tmp_path / name).read_text().splitlines()] for name in ("one.jsonl", "two.jsonl")}
+    lines = {name: [json.loads(x) for x in (tmp_path / name).read_text().splitlines()]
+             for name in ("one.jsonl", "two.jsonl")}
     assert lines["two.jsonl"] == lines["one.jsonl"]
     s1, s2 = (json.loads(p.stdout.splitlines()[-1]) for p in (one, two))
     assert s2["metrics"] == s1["metrics"] and s2["num_samples"] == s1["num_samples"] == 6
@@ -124,5 +127,6 @@ def test_lora_checkpoint_must_be_an_adapter_run_and_splits_are_checked(toy: Path
     b = runner.invoke(build_cli(), ["eval", "--hf-model-path", str(toy), "--megatron-model-path", str(base), *SHAPES,
                                     "--max-new-tokens", "3", "--output", str(tmp_path / "mg.jsonl")])
     assert a.exit_code == b.exit_code == 0, a.output + b.output
-    preds = [[json.loads(x)["prediction"] for x in (tmp_path / f).read_text().splitlines()] for f in ("hf.jsonl", "mg.jsonl")]
+    preds = [[json.loads(x)["prediction"] for x in (tmp_path / f).read_text().splitlines()]
+             for f in ("hf.jsonl", "mg.jsonl")]
     assert preds[0] == preds[1] and len(preds[0]) == 6

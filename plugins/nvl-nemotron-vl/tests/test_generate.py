@@ -197,7 +197,7 @@ def test_batched_prefill_and_steps_equal_single_rows(generator, media) -> None:
 
     ids, mask = left_pad(prompts, generator.pad_token_id)
     batched = run(ids, mask, merge_model_inputs(prepared))
-    for r, (p, inputs) in enumerate(zip(prompts, prepared)):
+    for r, (p, inputs) in enumerate(zip(prompts, prepared, strict=True)):
         alone = run(p[None], torch.ones(1, len(p), dtype=torch.long), inputs)
         torch.testing.assert_close(batched[r], alone[0], rtol=1e-5, atol=1e-5)
 
@@ -262,7 +262,7 @@ def test_prefill_runs_the_models_selected_kernels_and_step_continues_the_state(g
         stepped = dec.decode_step(ids[:, -1], cache)
         assert calls == []  # the one-token step is plain PyTorch
     finally:
-        for m, kern in zip(mixers, saved):
+        for m, kern in zip(mixers, saved, strict=True):
             m.kernels = kern
     with torch.no_grad():
         full = model.forward_inference(ids, last_only=True)[:, 0].float()
@@ -322,8 +322,9 @@ def test_cli_refuses_tensor_parallel_without_a_launcher(toy) -> None:
 @pytest.mark.distributed
 def test_tensor_parallel_2_equals_tp_1(toy, media, generator) -> None:
     """Two gloo ranks (heads, groups and vocabulary split) give TP=1's tokens and logits."""
-    from nvl_dist_testing import run_distributed
     from nemotron_vl_testing_generate import tp_generate_worker
+
+    from nvl_dist_testing import run_distributed
 
     convs = [_conversations(media)["image"], build_conversation("Hi!")]
     ranks = run_distributed(tp_generate_worker, 2, str(toy), convs, NEW_TOKENS)
@@ -336,8 +337,8 @@ def test_megatron_checkpoint_weights_give_the_same_output(toy, media, generator,
     """`nvl convert import` of the toy, then generation with --megatron-model-path: the same tokens."""
     from click.testing import CliRunner
 
-    from nvlcore.cli import build_cli
     from nvl_nemotron_vl import load_generator
+    from nvlcore.cli import build_cli
 
     ck = tmp_path / "ck"
     # Its own process, as a user runs it (the importer refuses to stream inside a process that already
@@ -349,7 +350,8 @@ def test_megatron_checkpoint_weights_give_the_same_output(toy, media, generator,
     assert proc.returncode == 0, proc.stderr
     convs = [_conversations(media)["multi_image"], build_conversation("Hi!")]
     from_ckpt = load_generator(toy, megatron_model_path=ck, device="cpu").generate(convs, max_new_tokens=NEW_TOKENS)
-    assert [r.token_ids for r in from_ckpt] == [r.token_ids for r in generator.generate(convs, max_new_tokens=NEW_TOKENS)]
+    assert [r.token_ids for r in from_ckpt] == [r.token_ids
+                                                for r in generator.generate(convs, max_new_tokens=NEW_TOKENS)]
 
     empty = tmp_path / "not_a_checkpoint"
     empty.mkdir()
@@ -366,8 +368,8 @@ def test_cli_video_frames_fps_and_pruning_rate(toy, media, tmp_path) -> None:
 
     from click.testing import CliRunner
 
-    from nvlcore.cli import build_cli
     from nvl_nemotron_vl.bridge import NemotronVLBridge
+    from nvlcore.cli import build_cli
 
     video_id = NemotronVLBridge.from_hf_dir(toy).config.video_context_token_id
 

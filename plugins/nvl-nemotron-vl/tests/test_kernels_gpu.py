@@ -68,7 +68,8 @@ def test_scan_kernel_matches_reference(dtype, chunk):
     out_k, g_k = _grads(lambda x, dt, a, B, C, D, db: k.scan(x, dt, a, B, C, chunk, D, db), ins)
     ins64 = [t.detach().double().requires_grad_() for t in ins]
     out_r, g_r = _grads(lambda x, dt, a, B, C, D, db: ref(x, dt, a, B, C, chunk, D, db), ins64)
-    errs = {"out": rel(out_k, out_r)} | {n: rel(a, b) for n, a, b in zip("x dt A_log B C D dt_bias".split(), g_k, g_r)}
+    errs = {"out": rel(out_k, out_r)} | {n: rel(a, b) for n, a,
+                                         b in zip("x dt A_log B C D dt_bias".split(), g_k, g_r, strict=True)}
     print(f"scan {k.names['scan']} {dtype} chunk {chunk}: " + ", ".join(f"{n} {e:.1e}" for n, e in errs.items()))
     assert max(errs.values()) < TOL[("scan", dtype)], errs
 
@@ -86,7 +87,8 @@ def test_conv_kernel_matches_reference(dtype):
     out_k, g_k = _grads(k.conv, [x, w, bias])
     ins64 = [t.detach().double().requires_grad_() for t in (x, w, bias)]
     out_r, g_r = _grads(conv_reference, ins64)
-    errs = {"out": rel(out_k, out_r)} | {n: rel(a, b) for n, a, b in zip(("x", "weight", "bias"), g_k, g_r)}
+    errs = {"out": rel(out_k, out_r)} | {n: rel(a, b) for n, a,
+                                         b in zip(("x", "weight", "bias"), g_k, g_r, strict=True)}
     print(f"conv {k.names['conv']} {dtype}: " + ", ".join(f"{n} {e:.1e}" for n, e in errs.items()))
     assert max(errs.values()) < TOL[("conv", dtype)], errs
 
@@ -110,7 +112,7 @@ def test_gated_norm_kernel_matches_reference(dtype):
 
     out_k, g_k = _grads(kern, [y, z, w])
     out_r, g_r = _grads(ref, [t.detach().double().requires_grad_() for t in (y, z, w)])
-    errs = {"out": rel(out_k, out_r)} | {n: rel(a, b) for n, a, b in zip(("y", "z", "weight"), g_k, g_r)}
+    errs = {"out": rel(out_k, out_r)} | {n: rel(a, b) for n, a, b in zip(("y", "z", "weight"), g_k, g_r, strict=True)}
     print(f"gated_norm {k.names['gated_norm']} {dtype}: " + ", ".join(f"{n} {e:.1e}" for n, e in errs.items()))
     assert max(errs.values()) < TOL[("gated_norm", dtype)], errs
 
@@ -148,7 +150,7 @@ def test_norm_kernel_matches_reference(dtype, kind):
     out_k, g_k = _grads(kern, ins)
     out_r, g_r = _grads(ref, [t.detach().double().requires_grad_() for t in ins])
     assert out_k.dtype == dtype
-    errs = {"out": rel(out_k, out_r)} | {n: rel(a, b) for n, a, b in zip(names, g_k, g_r)}
+    errs = {"out": rel(out_k, out_r)} | {n: rel(a, b) for n, a, b in zip(names, g_k, g_r, strict=True)}
     print(f"norm {kind} {k.names['norm']} {dtype}: " + ", ".join(f"{n} {e:.1e}" for n, e in errs.items()))
     assert max(errs.values()) < TOL[("norm", dtype)], errs
 
@@ -194,7 +196,7 @@ def test_tiny_toy_training_losses_kernels_vs_reference(tiny_toy):
             seq.append(loss.item())
         losses[choice] = seq
     print(f"tiny toy losses: {losses}")
-    for a, b in zip(losses["reference"], losses["auto"]):
+    for a, b in zip(losses["reference"], losses["auto"], strict=True):
         assert abs(a - b) < 2e-3 * abs(a), losses
 
 
@@ -219,7 +221,8 @@ def test_scan_kernel_with_seq_idx_matches_reference(dtype):
     out_k, g_k = _grads(lambda x, dt, a, B, C, D, db: k.scan(x, dt, a, B, C, 128, D, db, seq_idx=sid), ins)
     ins64 = [t.detach().double().requires_grad_() for t in ins]
     out_r, g_r = _grads(lambda x, dt, a, B, C, D, db: ref(x, dt, a, B, C, 128, D, db, seq_idx=sid), ins64)
-    errs = {"out": rel(out_k, out_r)} | {n: rel(a, b) for n, a, b in zip("x dt A_log B C D dt_bias".split(), g_k, g_r)}
+    errs = {"out": rel(out_k, out_r)} | {n: rel(a, b) for n, a,
+                                         b in zip("x dt A_log B C D dt_bias".split(), g_k, g_r, strict=True)}
     print(f"packed scan {k.names['scan']} {dtype}: " + ", ".join(f"{n} {e:.1e}" for n, e in errs.items()))
     assert max(errs.values()) < TOL[("scan", dtype)], errs
     # the reset is real: without seq_idx the first tokens after a boundary carry the previous sample's
@@ -248,7 +251,8 @@ def test_conv_kernel_with_seq_idx_matches_reference(dtype):
     out_k, g_k = _grads(lambda x, w, b: k.conv(x, w, b, seq_idx=sid), [x, w, bias])
     ins64 = [t.detach().double().requires_grad_() for t in (x, w, bias)]
     out_r, g_r = _grads(lambda x, w, b: conv_reference(x, w, b, sid), ins64)
-    errs = {"out": rel(out_k, out_r)} | {n: rel(a, b) for n, a, b in zip(("x", "weight", "bias"), g_k, g_r)}
+    errs = {"out": rel(out_k, out_r)} | {n: rel(a, b) for n, a,
+                                         b in zip(("x", "weight", "bias"), g_k, g_r, strict=True)}
     print(f"packed conv {k.names['conv']} {dtype}: " + ", ".join(f"{n} {e:.1e}" for n, e in errs.items()))
     assert max(errs.values()) < TOL[("conv", dtype)], errs
 
@@ -266,13 +270,14 @@ def test_tiny_toy_packed_row_equals_samples_alone_with_kernels(tiny_toy):
     lengths = [40, 70, 33]
     parts = [torch.randint(0, 500, (n,), generator=gen) for n in lengths]
     ids = torch.cat(parts + [torch.zeros(9, dtype=torch.long)])[None].cuda()
-    labels = torch.cat([torch.cat([p[1:], torch.tensor([-100])]) for p in parts] + [torch.full((9,), -100)])[None].cuda()
+    labels = torch.cat([torch.cat([p[1:],
+                                   torch.tensor([-100])]) for p in parts] + [torch.full((9,), -100)])[None].cuda()
     sid = _packed_seq_idx(1, ids.shape[1], lengths)
     am = (sid < len(lengths)).long()
     with torch.no_grad():
         packed = model(ids, labels=labels, attention_mask=am, seq_idx=sid)
         start = 0
-        for p, n in zip(parts, lengths):
+        for p, n in zip(parts, lengths, strict=True):
             alone = model(p[None].cuda(), labels=labels[:, start:start + n])
             assert rel(packed[:, start:start + n], alone) < 1e-2, (start, n)
             start += n
@@ -339,8 +344,8 @@ def test_packed_attention_kernel_matches_the_block_mask_in_fp32():
     got = run(lambda q, k, v: k_.packed_attention(q, k, v, packed), q, k, v)
     sdpa_bf16 = run(masked, q, k, v)
     names = ["out", "dq", "dk", "dv"]
-    errs = {n: rel(a, b) for n, a, b in zip(names, got, ref)}
-    errs_sdpa = {n: rel(a, b) for n, a, b in zip(names, sdpa_bf16, ref)}
+    errs = {n: rel(a, b) for n, a, b in zip(names, got, ref, strict=True)}
+    errs_sdpa = {n: rel(a, b) for n, a, b in zip(names, sdpa_bf16, ref, strict=True)}
     print(f"packed attention {k_.names['packed_attention']}: " + ", ".join(f"{n} {e:.1e}" for n, e in errs.items())
           + " | bf16 SDPA block mask: " + ", ".join(f"{n} {e:.1e}" for n, e in errs_sdpa.items()))
     assert max(errs.values()) < TOL[("packed_attention", torch.bfloat16)], errs

@@ -142,7 +142,9 @@ def test_keys_of_other_features_lower_the_plan(bridge12b):
     assert eight_bit.optimizer == pytest.approx(base.optimizer / 4)
     assert estimate(bridge12b, attrs.evolve(full, dp=2)).optimizer == pytest.approx(base.optimizer / 2)
     qlora = attrs.evolve(PlanInputs(workload=(4096, 0), **LORA_LM), base_bytes=memory.NF4_BYTES_PER_PARAM)
-    assert estimate(bridge12b, qlora).frozen_weights < 0.3 * estimate(bridge12b, attrs.evolve(qlora, base_bytes=None)).frozen_weights
+    assert estimate(bridge12b,
+                    qlora).frozen_weights < 0.3 * estimate(bridge12b,
+                                                           attrs.evolve(qlora, base_bytes=None)).frozen_weights
     off = estimate(bridge12b, attrs.evolve(full, activation_offload_layers=8)).activations["language model"]
     assert off < base.activations["language model"]
 
@@ -154,7 +156,8 @@ def test_nvl_finetune_refuses_an_impossible_run_in_one_line_before_weights_load(
     cmd = [sys.executable, "-m", "nvlcore.cli", "finetune", "--hf-model-path", str(tiny_toy),
            "--pretrained-checkpoint", str(tiny_toy), "dataset.maker_name=synthetic_shapes", "train.train_iters=2",
            "train.global_batch_size=2", "scheduler.lr_warmup_iters=0", "model.tensor_model_parallel_size=1",
-           "dataset.seq_length=256", "model.seq_length=256", "dataset.num_workers=0", "train.memory_budget_gb=0.001", f"checkpoint.save={tmp_path / 'run'}"]
+           "dataset.seq_length=256", "model.seq_length=256", "dataset.num_workers=0", "train.memory_budget_gb=0.001",
+           f"checkpoint.save={tmp_path / 'run'}"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=ENV, stdin=subprocess.DEVNULL)
     assert proc.returncode != 0
     errors = [line for line in proc.stderr.splitlines() if "memory plan" in line]

@@ -20,9 +20,8 @@ def test_bridge_is_registered_and_chosen_by_architecture(tiny_toy):
 
 
 def test_recipe_is_a_valid_config(tiny_toy):
-    from nvlcore.config import load_config
-
     from nvl_nemotron_vl.bridge import NemotronVLBridge
+    from nvlcore.config import load_config
 
     bridge = NemotronVLBridge.from_hf_dir(tiny_toy)
     sft = load_config([], [], base=bridge.recipe())
@@ -72,9 +71,8 @@ def test_bridge_conforms_to_the_contract(tiny_toy, own_process_group):
     """The same conformance checks as the example bridge (tests/test_bridge_contract.py)."""
     from PIL import Image
 
-    from nvlcore.testing import check_model_bridge
-
     from nvl_nemotron_vl.bridge import NemotronVLBridge
+    from nvlcore.testing import check_model_bridge
 
     conv = {"conversation": [
         {"role": "user", "content": [{"type": "image", "image": Image.new("RGB", (64, 48), (10, 200, 30))},

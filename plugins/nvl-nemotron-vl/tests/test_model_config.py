@@ -82,7 +82,8 @@ def test_12b_shape_config_parses_to_the_reference_dimensions():
     ids = {"vocab_size": 522, "<image>": 512, "<video>": 521, "bos": 1, "eos": 12, "pad": 0}
     c = NemotronVLConfig.from_dict(toy_config("12b-shape", ids), num_prefix_tokens=num_prefix_tokens("12b-shape"))
     assert c.num_image_token == 256 and c.vision.num_prefix_tokens == 16 and c.vision.max_grid == 128
-    assert (c.vision.hidden_size, c.vision.num_layers, c.vision.num_attention_heads, c.vision.intermediate_size) == (1280, 32, 16, 5120)
+    assert (c.vision.hidden_size, c.vision.num_layers, c.vision.num_attention_heads,
+            c.vision.intermediate_size) == (1280, 32, 16, 5120)
     assert c.llm.layer_types.count("attention") == 6 and c.llm.layer_types.count("mamba") == 28
     assert [i for i, t in enumerate(c.llm.layer_types) if t == "attention"] == [7, 16, 25, 34, 43, 52]
     assert c.llm.mamba_d_inner == 10240 and c.llm.mamba_conv_dim == 12288

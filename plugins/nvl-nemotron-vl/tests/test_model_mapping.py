@@ -10,8 +10,18 @@ import torch
 
 from nvl_nemotron_vl.config import NemotronVLConfig
 from nvl_nemotron_vl.mapping import (
-    CARRIED_HF_KEYS, IdentityMapping, PartsMapping, QKVMapping, VocabMapping, classify_hf_keys, component_owner, components_to_hf, components_to_local,
-    hf_to_components, local_to_components, mapping_table,
+    CARRIED_HF_KEYS,
+    IdentityMapping,
+    PartsMapping,
+    QKVMapping,
+    VocabMapping,
+    classify_hf_keys,
+    component_owner,
+    components_to_hf,
+    components_to_local,
+    hf_to_components,
+    local_to_components,
+    mapping_table,
 )
 
 

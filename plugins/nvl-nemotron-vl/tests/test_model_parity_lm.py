@@ -30,9 +30,8 @@ def ours(tiny_toy):
 
 def test_toy_lm_loads_strictly_into_transformers(tiny_toy):
     """Must show: rename backbone.->model., lm_head.->lm_head., strict key matching."""
-    from transformers import NemotronHForCausalLM
-
     from nemotron_vl_testing import hf_lm_config, lm_state_for_transformers, load_toy_state
+    from transformers import NemotronHForCausalLM
 
     state = lm_state_for_transformers(load_toy_state(tiny_toy))
     model = NemotronHForCausalLM(hf_lm_config(tiny_toy))

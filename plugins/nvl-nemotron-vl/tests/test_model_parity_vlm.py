@@ -52,7 +52,8 @@ def reference_run(reference, sample):
     """Reference logits and gradients of sum(loss * loss_mask)."""
     reference.zero_grad(set_to_none=True)
     logits = reference(sample["input_ids"], sample["pixel_values"])
-    ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), sample["labels"], reduction="none", ignore_index=-100)
+    ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), sample["labels"], reduction="none",
+                                           ignore_index=-100)
     (ce * sample["loss_mask"]).sum().backward()
     return {"logits": logits.detach(), "per_token_loss": ce.detach(), "grads": reference.hf_grads()}
 
@@ -60,8 +61,9 @@ def reference_run(reference, sample):
 @pytest.fixture(scope="module")
 def tp2_run(tiny_toy, tiny_cfg, sample):
     """Both ranks' results of nemotron_vl_testing.tp_worker at TP=2 (two gloo processes)."""
-    from nvl_dist_testing import run_distributed
     from nemotron_vl_testing import random_sequences, tp_worker
+
+    from nvl_dist_testing import run_distributed
 
     inputs = {"lm_sequences": random_sequences(tiny_cfg.llm.vocab_size), "vlm": sample}
     return run_distributed(tp_worker, 2, str(tiny_toy), inputs)
@@ -77,8 +79,9 @@ def _compare_grads(ours: dict[str, torch.Tensor], want: dict[str, torch.Tensor])
 
 
 def test_vlm_forward_and_backward_match_reference_tp1(tiny_toy, tiny_cfg, sample, reference_run):
-    from nvl_nemotron_vl.bridge import NemotronVLBridge
     from nemotron_vl_testing import model_grads_to_hf
+
+    from nvl_nemotron_vl.bridge import NemotronVLBridge
 
     model = NemotronVLBridge.from_hf_dir(tiny_toy).build_model(dtype=torch.float32, device="cpu", load_weights=True)
     logits = model.forward_inference(sample["input_ids"], pixel_values=sample["pixel_values"])

@@ -55,7 +55,7 @@ def test_gradients_match_the_recurrence():
     want = [t.grad for t in leaves]
     leaves = [t.clone().requires_grad_() for t in (x, dt, A, B, C)]
     ssd_scan_reference(*leaves, 4)[0].square().sum().backward()
-    for got, w in zip((t.grad for t in leaves), want):
+    for got, w in zip((t.grad for t in leaves), want, strict=True):
         assert (got.double() - w).abs().max().item() < 1e-6 * max(1.0, w.abs().max().item())
 
 

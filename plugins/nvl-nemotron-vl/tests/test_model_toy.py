@@ -14,11 +14,13 @@ FAMILIES = {
     r"vision_model\.radio_model\.model\.patch_generator\.cls_token\.token": torch.bfloat16,
     r"vision_model\.radio_model\.model\.patch_generator\.pos_embed": torch.bfloat16,
     r"vision_model\.radio_model\.model\.patch_generator\.embedder\.weight": torch.bfloat16,
-    r"vision_model\.radio_model\.model\.blocks\.\d+\.(norm1|norm2|attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)\.(weight|bias)": torch.bfloat16,
+    r"vision_model\.radio_model\.model\.blocks\.\d+\."
+    r"(norm1|norm2|attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)\.(weight|bias)": torch.bfloat16,
     r"mlp1\.(0|1|3)\.weight": torch.bfloat16,
     r"language_model\.backbone\.embeddings\.weight": torch.bfloat16,
     r"language_model\.backbone\.layers\.\d+\.norm\.weight": torch.bfloat16,
-    r"language_model\.backbone\.layers\.\d+\.mixer\.(in_proj\.weight|conv1d\.weight|conv1d\.bias|dt_bias|norm\.weight|out_proj\.weight)": torch.bfloat16,
+    r"language_model\.backbone\.layers\.\d+\.mixer\."
+    r"(in_proj\.weight|conv1d\.weight|conv1d\.bias|dt_bias|norm\.weight|out_proj\.weight)": torch.bfloat16,
     r"language_model\.backbone\.layers\.\d+\.mixer\.(A_log|D)": torch.float32,
     r"language_model\.backbone\.layers\.\d+\.mixer\.(q_proj|k_proj|v_proj|o_proj)\.weight": torch.bfloat16,
     r"language_model\.backbone\.layers\.\d+\.mixer\.(up_proj|down_proj)\.weight": torch.bfloat16,
@@ -40,7 +42,8 @@ def test_toy_keys_follow_the_real_naming_and_dtypes(tiny_toy, tiny_cfg):
     assert all(seen.values()), [f for f, n in seen.items() if not n]
     llm, v = tiny_cfg.llm, tiny_cfg.vision
     d_in, gn = llm.mamba_d_inner, llm.n_groups * llm.ssm_state_size
-    assert state["language_model.backbone.layers.0.mixer.in_proj.weight"].shape == (2 * d_in + 2 * gn + llm.mamba_num_heads, llm.hidden_size)
+    in_proj_rows = 2 * d_in + 2 * gn + llm.mamba_num_heads
+    assert state["language_model.backbone.layers.0.mixer.in_proj.weight"].shape == (in_proj_rows, llm.hidden_size)
     assert state["language_model.backbone.layers.0.mixer.conv1d.weight"].shape == (d_in + 2 * gn, 1, 4)
     assert state["vision_model.radio_model.model.patch_generator.pos_embed"].shape == (1, v.max_grid**2, v.hidden_size)
     assert state["vision_model.radio_model.model.patch_generator.embedder.weight"].shape == (v.hidden_size, 768)

@@ -106,7 +106,7 @@ def test_packed_sequence_of_three_samples_equals_each_alone(bridge) -> None:
                                          seq_idx=packed["seq_idx"])
         loss = model(**packed)
         start = 0
-        for s, n in zip(samples, lengths):
+        for s, n in zip(samples, lengths, strict=True):
             alone = proc.collate([s])
             ref_logits = model.forward_inference(alone["input_ids"], alone.get("pixel_values"), alone["attention_mask"])
             ref_loss = model(**alone)
@@ -209,7 +209,7 @@ def test_kernel_wrappers_hand_the_boundaries_to_the_libraries() -> None:
     def fake_fla_conv(x, w, bias, activation=None, cu_seqlens=None):
         assert x.shape[0] == 1 and activation == "silu" and cu_seqlens.dtype == torch.int32
         out = torch.cat([conv_reference(x[:, a:b], w[:, None, :], bias) for a, b in
-                         zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist())], dim=1)
+                         zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist(), strict=True)], dim=1)
         return out, None
 
     gen = torch.Generator().manual_seed(2)
@@ -252,10 +252,10 @@ def _segment_attention(q, k, v, packed):
     rep = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
     cu = packed.cu_seqlens.tolist()
-    assert max(b - a for a, b in zip(cu[:-1], cu[1:])) == packed.max_seqlen
+    assert max(b - a for a, b in zip(cu[:-1], cu[1:], strict=True)) == packed.max_seqlen
     return torch.cat([torch.nn.functional.scaled_dot_product_attention(
         q[a:b].transpose(0, 1), k[a:b].transpose(0, 1), v[a:b].transpose(0, 1), is_causal=True).transpose(0, 1)
-        for a, b in zip(cu[:-1], cu[1:])])
+        for a, b in zip(cu[:-1], cu[1:], strict=True)])
 
 
 def test_packed_attention_kernel_path_equals_the_block_mask(bridge, monkeypatch) -> None:
@@ -271,7 +271,8 @@ def test_packed_attention_kernel_path_equals_the_block_mask(bridge, monkeypatch)
     assert list(batch["cu_seqlens"]) == cu_seqlens_from_seq_idx(batch["seq_idx"]).tolist()
     L = batch["input_ids"].shape[1]
     assert batch["cu_seqlens"][-1] == 2 * L and len(batch["cu_seqlens"]) == 3 + 2 + 1  # 2 + 1 samples, 2 paddings
-    assert batch["max_seqlen"] == max(b - a for a, b in zip(batch["cu_seqlens"][:-1], batch["cu_seqlens"][1:]))
+    assert batch["max_seqlen"] == max(b - a for a,
+                                      b in zip(batch["cu_seqlens"][:-1], batch["cu_seqlens"][1:], strict=True))
     model = bridge.build_model(dtype=torch.float32, kernels="reference")
 
     def loss_and_grads():
@@ -319,5 +320,6 @@ def test_varlen_wrapper_follows_the_installed_pytorch_api(monkeypatch, api) -> N
     q, k, v = (torch.randn(11, h, 4, generator=gen) for h in (6, 2, 2))
     packed = K.PackedSequences.of(_seq_idx([[4, 2]], 11))
     out = run(q, k, v, packed)
-    assert seen["causal"] and seen["kv_heads"] == (2 if api == "is_causal" else 6) and seen["gqa"] == (api == "is_causal")
+    assert seen["causal"] and seen["kv_heads"] == (2 if api == "is_causal"
+                                                   else 6) and seen["gqa"] == (api == "is_causal")
     torch.testing.assert_close(out, _segment_attention(q, k, v, packed))

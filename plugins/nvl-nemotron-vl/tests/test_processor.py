@@ -11,11 +11,11 @@ import pytest
 import torch
 from PIL import Image
 
+from nvl_data_testing import frame_level, write_test_video
 from nvl_nemotron_vl.image_processing import CLIP_MEAN, CLIP_STD, dynamic_tiles, num_tiles
 from nvl_nemotron_vl.processor import NemotronVLProcessor, SampleError
 from nvl_nemotron_vl.toy_tokenizer import write_toy_tokenizer
 from nvlcore.data.schema import ConversationError
-from nvl_data_testing import frame_level, write_test_video
 
 
 def make_model_dir(root: Path, *, image_size: int = 64, **extra) -> Path:
@@ -70,7 +70,8 @@ def supervised_runs(p: NemotronVLProcessor, sample) -> list[str]:
 
 # -- tiling -----------------------------------------------------------------------------------
 
-TILING_VECTORS = [((512, 512), 1), ((1000, 1000), 5), ((1280, 720), 3), ((1920, 1080), 9), ((800, 600), 13), ((300, 200), 7)]
+TILING_VECTORS = [((512, 512), 1), ((1000, 1000), 5), ((1280, 720), 3), ((1920, 1080), 9), ((800, 600), 13),
+                  ((300, 200), 7)]
 
 
 @pytest.mark.parametrize(("size", "expected"), TILING_VECTORS)
@@ -84,7 +85,8 @@ def test_256_context_tokens_per_tile_at_512(tmp_path: Path) -> None:
     p = NemotronVLProcessor.from_hf_dir(make_model_dir(tmp_path, image_size=512))
     assert p.num_image_token == 256
     conv = {"conversation": [
-        {"role": "user", "content": [{"type": "image", "image": solid(1920, 1080)}, {"type": "text", "text": "Describe this image."}]},
+        {"role": "user",
+         "content": [{"type": "image", "image": solid(1920, 1080)}, {"type": "text", "text": "Describe this image."}]},
         {"role": "assistant", "content": [{"type": "text", "text": "Red."}]},
     ]}
     s = p(conv)
@@ -124,7 +126,8 @@ def test_tiles_are_row_major_with_thumbnail_last_and_clip_normalised(proc) -> No
 def test_multi_turn_multi_image_supervises_only_assistant_tokens_and_end_of_turn(proc) -> None:
     conv = {"conversation": [
         {"role": "system", "content": [{"type": "text", "text": "Be brief."}]},
-        {"role": "user", "content": [{"type": "image", "image": solid(64, 64)}, {"type": "image", "image": solid(128, 64, (0, 255, 0))},
+        {"role": "user",
+         "content": [{"type": "image", "image": solid(64, 64)}, {"type": "image", "image": solid(128, 64, (0, 255, 0))},
                                      {"type": "text", "text": "Which image is green?"}]},
         {"role": "assistant", "content": [{"type": "text", "text": "The second one."}]},
         {"role": "user", "content": [{"type": "text", "text": "And the first?"}]},
@@ -164,7 +167,9 @@ def _collapse(p: NemotronVLProcessor, ids: list[int]) -> list[int]:
 
 def test_generation_prompt_equals_the_tokenizers_chat_template(proc) -> None:
     conv = {"conversation": [
-        {"role": "user", "content": [{"type": "image", "image": solid(64, 64)}, {"type": "text", "text": "Describe this image. /no_think"}]},
+        {"role": "user",
+         "content": [{"type": "image", "image": solid(64, 64)},
+                     {"type": "text", "text": "Describe this image. /no_think"}]},
         {"role": "assistant", "content": "<think>red everywhere</think> It is red."},
         {"role": "user", "content": "Are you sure? /think"},
     ]}
@@ -248,7 +253,8 @@ def _two_image_conv():
     return {"conversation": [
         {"role": "user", "content": [{"type": "image", "image": solid(64, 64)}, {"type": "text", "text": "Colour?"}]},
         {"role": "assistant", "content": "Red."},
-        {"role": "user", "content": [{"type": "image", "image": solid(128, 64)}, {"type": "text", "text": "And this one?"}]},
+        {"role": "user",
+         "content": [{"type": "image", "image": solid(128, 64)}, {"type": "text", "text": "And this one?"}]},
         {"role": "assistant", "content": "Also red."},
     ]}
 
@@ -268,7 +274,8 @@ def test_truncation_keeps_whole_media_and_fails_loudly(proc) -> None:
     assert supervised_runs(proc, s) == ["Red.\n<SPECIAL_12>"]
 
     # A cut inside the second image's context tokens is refused.
-    with pytest.raises(SampleError, match=r"conversation\[2\]\.content\[0\]: truncating .* would cut through this image"):
+    with pytest.raises(SampleError,
+                       match=r"conversation\[2\]\.content\[0\]: truncating .* would cut through this image"):
         proc.with_options(seq_length=second_img + 3)(conv, where="row 0")
 
     # A cut before the first answer would leave nothing to learn: refused.
@@ -320,7 +327,8 @@ def test_video_is_decoded_with_decord_from_an_mp4(proc, tmp_path: Path) -> None:
 def test_missing_video_file_names_the_file(proc, tmp_path: Path) -> None:
     conv = {"conversation": [{"role": "user", "content": [{"type": "video", "path": str(tmp_path / "nope.mp4")}]},
                              {"role": "assistant", "content": "x"}]}
-    with pytest.raises(SampleError, match=r"row 1: conversation\[0\]\.content\[0\]\.path: video file not found: .*nope\.mp4"):
+    with pytest.raises(SampleError,
+                       match=r"row 1: conversation\[0\]\.content\[0\]\.path: video file not found: .*nope\.mp4"):
         proc(conv, where="row 1")
 
 
@@ -364,7 +372,8 @@ def test_processor_pickles_and_runs_in_dataloader_workers(proc) -> None:
 
 def test_from_hf_dir_reads_files_and_checks_them(tmp_path: Path) -> None:
     d = make_model_dir(tmp_path / "m", image_size=64)
-    (d / "preprocessor_config.json").write_text(json.dumps({"image_size": 64, "max_num_tiles": 4, "use_thumbnail": False}))
+    (d / "preprocessor_config.json").write_text(json.dumps({"image_size": 64, "max_num_tiles": 4,
+                                                            "use_thumbnail": False}))
     p = NemotronVLProcessor.from_hf_dir(d, seq_length=1024)
     assert (p.config.max_num_tiles, p.config.use_thumbnail, p.config.seq_length) == (4, False, 1024)
     with pytest.raises(TypeError, match="unknown processor option.*max_tiles"):

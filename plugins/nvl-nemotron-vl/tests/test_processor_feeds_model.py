@@ -28,7 +28,8 @@ def test_image_and_video_batch_trains(bridge, tmp_path: Path) -> None:
                                          {"type": "text", "text": "Compare."}]},
             {"role": "assistant", "content": "Left is red."}]},
         {"conversation": [
-            {"role": "user", "content": [{"type": "video", "path": str(video)}, {"type": "text", "text": "What changes?"}]},
+            {"role": "user",
+             "content": [{"type": "video", "path": str(video)}, {"type": "text", "text": "What changes?"}]},
             {"role": "assistant", "content": "Brightness."}]},
         {"conversation": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]},
     ]
@@ -43,7 +44,8 @@ def test_image_and_video_batch_trains(bridge, tmp_path: Path) -> None:
     grads = [p.grad for p in model.parameters() if p.requires_grad and p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads)
     # The vision tower got gradient through the image and frame tokens.
-    vit_grad = sum(float(p.grad.abs().sum()) for n, p in model.named_parameters() if "vision_model" in n and p.grad is not None)
+    vit_grad = sum(float(p.grad.abs().sum()) for n,
+                   p in model.named_parameters() if "vision_model" in n and p.grad is not None)
     assert vit_grad > 0
 
     # EVS prunes video tokens inside the model, from the batch's num_frames; the loss keeps its shape.

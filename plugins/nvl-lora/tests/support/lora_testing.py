@@ -15,7 +15,6 @@ from torch import nn
 # The gloo harness is the repository's (tests/support; one implementation for every plugin's TP/DP tests).
 from nvl_dist_testing import free_port, run_distributed  # noqa: F401
 
-
 # --------------------------------------------------------------------------------------------------
 # A toy with the shapes of the real thing: norm-fused column-parallel fc1/qkv, row-parallel fc2/proj,
 # a fused "in_proj" with component rows, and a plain head, under language_model / vision_model.
@@ -47,7 +46,8 @@ def make_toy(tp_group: Any, hidden: int = 16, ffn: int = 32, seed: int = 0) -> n
 
     def row(i: int, o: int) -> RowParallelLinear:
         return RowParallelLinear(
-            i, o, config=cfg, init_method=init, bias=True, input_is_parallel=True, skip_bias_add=False, tp_group=tp_group
+            i, o, config=cfg, init_method=init, bias=True, input_is_parallel=True, skip_bias_add=False,
+            tp_group=tp_group
         )
 
     class MLP(nn.Module):
@@ -153,7 +153,6 @@ def tp_parity_worker(
     from nvl_lora.dora import DORA
     from nvl_lora.method import apply_lora, merge_lora
     from nvl_lora.state import adapter_keys, gather_adapter_state, load_adapter_state
-
     from nvlcore.parallel import init_parallel
 
     tpw = init_parallel(world, device_type="cpu").tp_group

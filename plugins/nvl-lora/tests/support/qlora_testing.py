@@ -5,9 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import nn
-
 from lora_testing import ALL_TOY_TARGETS, make_toy, random_adapter_state
+from torch import nn
 
 
 def dequantize_in_place(model: nn.Module) -> None:
@@ -32,7 +31,6 @@ def qlora_tp_worker(rank: int, world: int, plant: str = "") -> dict[str, Any]:
     from nvl_lora.config import LoRAConfig
     from nvl_lora.method import apply_lora
     from nvl_lora.state import gather_adapter_state, load_adapter_state
-
     from nvlcore.parallel import init_parallel
 
     tpw = init_parallel(world, device_type="cpu").tp_group

@@ -16,10 +16,10 @@ from nvlcore.megatron_import import import_megatron_core
 
 import_megatron_core()  # before .init / .vlm import megatron.core: skips its import-time torch.compile work
 
-from ..config import NemotronVLConfig  # noqa: E402
-from .init import init_parameters  # noqa: E402
 from nvlcore.parallel import TPContext  # noqa: E402
 
+from ..config import NemotronVLConfig  # noqa: E402
+from .init import init_parameters  # noqa: E402
 from .vlm import NemotronVLModel  # noqa: E402
 
 __all__ = ["NemotronVLModel", "build_model", "init_parameters"]

@@ -100,7 +100,10 @@ class SelfAttention(nn.Module):
         self.packed_attention = None
 
     def _qkv(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The fused projection ``[b, L, local rows]`` -> ``q`` ``[b, heads, L, d]``, ``k``, ``v`` ``[b, kv_heads, L, d]``."""
+        """The fused projection ``[b, L, local rows]`` -> ``q`` ``[b, heads, L, d]``, ``k``, ``v``.
+
+        ``k`` and ``v`` are ``[b, kv_heads, L, d]``.
+        """
         b, L = qkv.shape[:2]
         qkv = qkv.view(b, L, self.kv_heads, self.rep + 2, self.head_dim)
         q = qkv[:, :, :, : self.rep].reshape(b, L, self.heads, self.head_dim).transpose(1, 2)
@@ -108,7 +111,7 @@ class SelfAttention(nn.Module):
 
     def forward(
         self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
-        inference_params: "HybridCache | None" = None, seq_idx: torch.Tensor | PackedSequences | None = None,
+        inference_params: HybridCache | None = None, seq_idx: torch.Tensor | PackedSequences | None = None,
     ) -> torch.Tensor:
         """``[b, L, hidden]`` (before the layer's norm) -> ``[b, L, hidden]``; ``attention_mask`` ``[b, L]``.
 
@@ -161,7 +164,7 @@ class SelfAttention(nn.Module):
         out, _ = self.linear_proj(o.transpose(1, 2).reshape(b, L, self.heads * self.head_dim))
         return out
 
-    def step(self, hidden_states: torch.Tensor, inference_params: "HybridCache") -> torch.Tensor:
+    def step(self, hidden_states: torch.Tensor, inference_params: HybridCache) -> torch.Tensor:
         """One token ``[b, 1, hidden]``: write its key/value at the cache's ``position`` column and attend
         over every column under the cache's key mask (fixed shapes: graph-capturable)."""
         from .step_ops import column, row

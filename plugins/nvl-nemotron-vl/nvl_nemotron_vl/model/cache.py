@@ -22,8 +22,9 @@ fills it when its ``forward`` is given the cache in the ``"prefill"`` phase, and
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 

@@ -38,8 +38,9 @@ SSD kernels do not use); :func:`_mamba_triton` then loads the Triton submodules 
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -161,9 +162,9 @@ class PackedSequences:
     cu_seqlens_cpu: torch.Tensor
 
     @classmethod
-    def of(cls, seq_idx: "torch.Tensor | PackedSequences | None",
-           cu_seqlens: "Sequence[int] | torch.Tensor | None" = None,
-           max_seqlen: int | None = None) -> "PackedSequences | None":
+    def of(cls, seq_idx: torch.Tensor | PackedSequences | None,
+           cu_seqlens: Sequence[int] | torch.Tensor | None = None,
+           max_seqlen: int | None = None) -> PackedSequences | None:
         """``seq_idx`` as packed sequences (None stays None). ``cu_seqlens`` (host ints or a tensor) and
         ``max_seqlen`` are found from ``seq_idx`` (a host synchronisation) when not given."""
         if seq_idx is None or isinstance(seq_idx, PackedSequences):
@@ -335,7 +336,7 @@ def _capturing() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _compiled_squared_relu() -> Callable[[torch.Tensor], torch.Tensor]:
     """``relu(x)^2`` with forward and backward each one fused elementwise kernel (``torch.compile``,
     dynamic shapes: compiled once per process), saving only ``x`` like :func:`.mlp.squared_relu`."""
@@ -407,7 +408,8 @@ def select_kernels(choice: str, device: torch.device | str) -> Kernels:
     if choice == "mamba_ssm" and mamba is None:
         raise ValueError("model.kernels=mamba_ssm but mamba-ssm's Triton kernels cannot be imported "
                          f"({_LOAD_ERRORS.get('_mamba_triton', '?')}); pip install 'nvl-nemotron-vl[gpu]' (or "
-                         "MAMBA_SKIP_CUDA_BUILD=TRUE MAMBA_FORCE_BUILD=TRUE pip install --no-build-isolation mamba-ssm)")
+                         "MAMBA_SKIP_CUDA_BUILD=TRUE MAMBA_FORCE_BUILD=TRUE "
+                         "pip install --no-build-isolation mamba-ssm)")
     if choice == "fla" and fla is None:
         raise ValueError("model.kernels=fla but flash-linear-attention cannot be imported "
                          f"({_LOAD_ERRORS.get('_fla', '?')}); pip install fla-core")
@@ -423,7 +425,8 @@ def select_kernels(choice: str, device: torch.device | str) -> Kernels:
         k.gated_norm, k.names["gated_norm"] = _triton_gated_norm(mamba["rmsnorm"]), "mamba-ssm rmsnorm_fn (Triton)"
         k.norms, k.names["norm"] = _triton_norms(mamba["layer_norm"]), "mamba-ssm layer_norm_fn (Triton)"
     elif fla is not None:
-        k.gated_norm, k.names["gated_norm"] = _triton_gated_norm(fla["rmsnorm"]), "flash-linear-attention rmsnorm_fn (Triton)"
+        k.gated_norm = _triton_gated_norm(fla["rmsnorm"])
+        k.names["gated_norm"] = "flash-linear-attention rmsnorm_fn (Triton)"
     k.relu2, k.names["relu2"] = _compiled_squared_relu(), _COMPILED_RELU2
     varlen = _try(_torch_varlen)
     if varlen is not None:

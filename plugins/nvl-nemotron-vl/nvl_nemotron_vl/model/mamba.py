@@ -1,6 +1,7 @@
 """Mamba2 mixer (Nemotron-H ``M`` layers), tensor-parallel over heads and groups.
 
-Per token (reference §3.5)::
+Per token (as the checkpoint's remote ``modeling_nemotron_h.py`` and transformers'
+``models/nemotron_h/modular_nemotron_h.py`` compute it)::
 
     z | xBC | dt = in_proj(RMSNorm(h))                 # local rows [z_r | x_r | B_r | C_r | dt_r]
     xBC = SiLU(causal_depthwise_conv1d(xBC))          # over [x_r | B_r | C_r]
@@ -29,8 +30,8 @@ from torch import nn
 
 from ..config import LLMConfig
 from .cache import MambaState
-from .parallel import TPContext, mark_tensor_parallel, normed_column_linear, row_linear, split_size
 from .kernels import PackedSequences, gated_norm_reference, select_kernels
+from .parallel import TPContext, mark_tensor_parallel, normed_column_linear, row_linear, split_size
 
 if TYPE_CHECKING:
     from .cache import HybridCache
@@ -98,7 +99,7 @@ class MambaMixer(nn.Module):
         self,
         hidden_states: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
-        inference_params: "HybridCache | None" = None,
+        inference_params: HybridCache | None = None,
         seq_idx: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``hidden_states`` ``[b, L, hidden]`` (before the layer's norm) -> mixer output ``[b, L, hidden]``.
@@ -171,7 +172,7 @@ class MambaMixer(nn.Module):
             state.ssm.copy_(ssd_final_state(x, dtf, -torch.exp(self.A_log.float()), B))
         return k.gated_norm(y.reshape(b, L, self.d_inner), z, self.norm.weight, self.norm.eps, self.norm.group_size)
 
-    def step(self, hidden_states: torch.Tensor, inference_params: "HybridCache") -> torch.Tensor:
+    def step(self, hidden_states: torch.Tensor, inference_params: HybridCache) -> torch.Tensor:
         """One token ``[b, 1, hidden]``: advance this layer's conv window and SSM state in place (plain
         PyTorch, constant work; no host synchronisation, so it can be graph-captured)::
 

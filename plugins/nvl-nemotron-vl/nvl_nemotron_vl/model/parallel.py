@@ -16,7 +16,8 @@ CUDA RNG tracker, so the same code builds on CPU (gloo) and GPU (NCCL).
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +25,6 @@ from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinea
 from torch import nn
 
 from nvlcore.parallel import TPContext
-
 
 # ------------------------------------------------------------------------------- process groups
 # The core owns process groups (nvlcore.parallel.init_parallel); the layers are built over its TPContext.

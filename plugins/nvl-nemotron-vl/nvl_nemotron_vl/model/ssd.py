@@ -15,7 +15,7 @@ the caller (:mod:`.mamba`).
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F

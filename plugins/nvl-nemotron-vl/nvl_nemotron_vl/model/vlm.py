@@ -18,7 +18,8 @@ video tokens (they sit in user turns).
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -26,9 +27,9 @@ from torch import nn
 from ..config import NemotronVLConfig
 from .evs import evs_retention_mask
 from .lm import NemotronHLanguageModel
+from .parallel import TPContext
 from .projector import VisionProjection, pixel_shuffle
 from .vit import RadioViT
-from .parallel import TPContext
 
 
 class NemotronVLModel(nn.Module):

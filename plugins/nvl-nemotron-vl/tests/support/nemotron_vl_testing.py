@@ -7,7 +7,8 @@ The references are implementations written by others, loaded with a toy checkpoi
   ``language_model.lm_head.`` -> ``lm_head.`` and loaded with ``strict=True``. One setting is aligned:
   each Mamba mixer's ``time_step_limit`` is set to ``(0, inf)`` because transformers clamps ``dt`` at
   ``time_step_min`` (0.001) while the released model's kernels (and Megatron, vLLM) do not clamp
-  (reference §3.5 note a). Attention runs eager (its own softmax, not SDPA).
+  (the checkpoint's ``config.json`` sets ``time_step_limit`` to ``(0, inf)``). Attention runs eager (its
+  own softmax, not SDPA).
 * ViT: transformers' ``RadioModel`` loaded by its own ``from_pretrained`` (its conversion rules split the
   fused ``attn.qkv`` and rename the keys) from the toy's ``vision_model.*`` tensors. Aligned settings:
   ``num_cls_tokens + num_registers`` = rows of the checkpoint's ``cls_token`` (the split between them
@@ -126,7 +127,9 @@ class HFReferenceVLM(nn.Module):
     def __init__(self, hf_dir: str | Path, cfg: NemotronVLConfig) -> None:
         super().__init__()
         from transformers.models.nemotron_h_omni.modeling_nemotron_h_omni import (
-            NemotronH_Omni_Reasoning_V3, NemotronH_Omni_Reasoning_V3MultiModalProjector)
+            NemotronH_Omni_Reasoning_V3,
+            NemotronH_Omni_Reasoning_V3MultiModalProjector,
+        )
 
         state = load_toy_state(hf_dir)
         self.cfg = cfg
@@ -161,9 +164,11 @@ class HFReferenceVLM(nn.Module):
         out = radio_grads_to_hf(self.radio)
         for n, p in self.lm.named_parameters():
             if p.grad is not None:
-                key = n.replace("model.", "language_model.backbone.", 1) if n.startswith("model.") else "language_model." + n
+                key = n.replace("model.", "language_model.backbone.",
+                                1) if n.startswith("model.") else "language_model." + n
                 out[key] = p.grad
-        names = {"layer_norm.weight": "mlp1.0.weight", "linear_1.weight": "mlp1.1.weight", "linear_2.weight": "mlp1.3.weight"}
+        names = {"layer_norm.weight": "mlp1.0.weight", "linear_1.weight": "mlp1.1.weight",
+                 "linear_2.weight": "mlp1.3.weight"}
         for n, p in self.projector.named_parameters():
             if p.grad is not None:
                 out[names[n]] = p.grad

@@ -30,9 +30,8 @@ def tp_load_worker(rank: int, world: int, hf_dir: str, checkpoints: dict[str, st
     import torch
     from megatron.core import parallel_state
 
-    from nvlcore.checkpoint import save_checkpoint
-
     from nvl_nemotron_vl.bridge import NemotronVLBridge
+    from nvlcore.checkpoint import save_checkpoint
     from nvlcore.parallel import init_parallel
 
     init_parallel(world, device_type="cpu")

@@ -12,9 +12,8 @@ def tp_generate_worker(
     run's adapters applied unmerged when ``lora_checkpoint`` is given)."""
     import torch
 
-    from nvlcore.generation import left_pad, merge_model_inputs
-
     from nvl_nemotron_vl import load_generator
+    from nvlcore.generation import left_pad, merge_model_inputs
 
     gen = load_generator(hf_dir, tensor_parallel_size=world, device="cpu", lora_checkpoint=lora_checkpoint)
     results = gen.generate(conversations, max_new_tokens=new_tokens)
@@ -28,15 +27,15 @@ def tp_generate_worker(
 
 def dp_eval_worker(rank: int, world: int, hf_dir: str, num_examples: int) -> dict[str, Any]:
     """``nvl eval``'s engine on this data-parallel rank's shard of ``synthetic_shapes``/test, gathered."""
+    from nvl_nemotron_vl import load_generator
     from nvlcore.builtin.synthetic_vqa import SyntheticShapes
     from nvlcore.eval import evaluate_generator, metrics_for
-
-    from nvl_nemotron_vl import load_generator
 
     gen = load_generator(hf_dir, device="cpu")  # TP=1 over `world` processes: data parallel
     made = SyntheticShapes(split="test", num_examples=num_examples, questions=["color", "shape"])
     shard_sizes: list[int] = []
     report = evaluate_generator(gen, made, metrics_for(SyntheticShapes), batch_size=2, max_new_tokens=4,
-                                rank=rank, world=world, progress=lambda m: shard_sizes.append(int(m.split()[2].split("/")[1])))
+                                rank=rank, world=world,
+                                progress=lambda m: shard_sizes.append(int(m.split()[2].split("/")[1])))
     return {"summary": report.summary(), "records": [r.as_json() for r in report.records],
             "shard": shard_sizes[-1] if shard_sizes else 0}

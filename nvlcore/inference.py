@@ -9,7 +9,7 @@ which wraps the model with its processor and decoder.
 ::
 
     from nvlcore.bridge import resolve_bridge
-    from nvlcore.generation.load import load_generator
+    from nvlcore.inference import load_generator
 
     gen = load_generator(resolve_bridge("/models/my-model"), adapter_checkpoint="runs/peft")
 
@@ -19,7 +19,8 @@ Importing this module is cheap; torch is imported inside the functions.
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
 
 import attrs
 
@@ -44,13 +45,13 @@ class InferenceModel:
 
     model: Any
     bridge: Any
-    ctx: "ParallelContext"
-    device: "torch.device"
-    dtype: "torch.dtype"
+    ctx: ParallelContext
+    device: torch.device
+    dtype: torch.dtype
     peft: Any = None
 
 
-def default_device_and_dtype(device: Any = None, dtype: Any = None) -> tuple["torch.device", "torch.dtype"]:
+def default_device_and_dtype(device: Any = None, dtype: Any = None) -> tuple[torch.device, torch.dtype]:
     """``device`` (default: this rank's GPU when one is visible, else the CPU) and ``dtype`` (default:
     bf16 on a GPU, fp32 on the CPU)."""
     import torch
@@ -63,7 +64,7 @@ def default_device_and_dtype(device: Any = None, dtype: Any = None) -> tuple["to
     return device, dtype
 
 
-def init_inference_parallel(tensor_parallel_size: int, device: "torch.device") -> "ParallelContext":
+def init_inference_parallel(tensor_parallel_size: int, device: torch.device) -> ParallelContext:
     """The process groups for ``tensor_parallel_size`` ranks (:func:`nvlcore.parallel.init_parallel`).
 
     TP=1 needs nothing from the caller. TP>1 needs one process per rank started by ``torchrun``, or
@@ -161,7 +162,7 @@ def _load_checkpoint_weights(bridge: Any, model: Any, path: str | os.PathLike[st
 
 
 def load_generator(bridge: Any, *, generator_options: Mapping[str, Any] | None = None,
-                   **model_options: Any) -> "Generator":
+                   **model_options: Any) -> Generator:
     """A :class:`~nvlcore.generation.Generator` over :func:`load_model`'s model.
 
     :param generator_options: the bridge's own generation options, passed to

@@ -35,19 +35,24 @@ Example (a dataset maker plugin's test)::
         register_plugin(nvl_data_alpaca)
         result = nvl_cli("plugins", "list", "--json")
         assert "alpaca" in result.output
+
+:mod:`nvlcore.testing.metrics` checks a dataset maker's metrics through ``nvl eval``
+(``check_reference_and_empty``, ``run_eval_end_to_end``).
 """
 
 from __future__ import annotations
 
 import importlib.metadata as md
-from typing import Any, Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 
 import pytest
 
 from nvlcore.plugins import NvlPluginManager, set_plugin_manager
 
 
-def make_plugin_manager(*plugins: object, env: Mapping[str, str] | None = None, entry_points: bool = False) -> NvlPluginManager:
+def make_plugin_manager(*plugins: object, env: Mapping[str, str] | None = None,
+                        entry_points: bool = False) -> NvlPluginManager:
     """A plugin manager with the built-ins and the given in-process plugins (no entry points by default).
 
     :param plugins: modules or objects with ``@hookimpl`` functions.
@@ -111,10 +116,12 @@ def nvl_cli(nvl_plugin_manager: NvlPluginManager) -> Callable[..., Any]:
 
     from nvlcore.cli import build_cli
 
-    def invoke(*args: str, input: str | None = None, env: Mapping[str, str] | None = None, catch_exceptions: bool = True) -> Any:
+    def invoke(*args: str, input: str | None = None, env: Mapping[str, str] | None = None,
+               catch_exceptions: bool = True) -> Any:
         runner = CliRunner()
         return runner.invoke(
-            build_cli(nvl_plugin_manager), list(args), input=input, env=dict(env or {}), catch_exceptions=catch_exceptions
+            build_cli(nvl_plugin_manager), list(args), input=input, env=dict(env or {}),
+            catch_exceptions=catch_exceptions
         )
 
     return invoke

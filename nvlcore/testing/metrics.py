@@ -10,8 +10,9 @@ makers' tests): importing this module is cheap.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 SUMMARY_KEYS = {"metrics", "num_samples", "tokens_per_s", "seconds"}
 RECORD_KEYS = {"id", "prediction", "reference", "scores"}
@@ -33,7 +34,7 @@ def score_file(maker_name: str, predictions: Sequence[str], references: Sequence
     """``nvl eval --predictions`` on these pairs; returns the ``--json`` summary."""
     f = Path(tmp_path) / f"predictions-{abs(hash((tuple(predictions), tuple(references)))):x}.jsonl"
     with f.open("w") as fh:
-        for i, (p, r) in enumerate(zip(predictions, references)):
+        for i, (p, r) in enumerate(zip(predictions, references, strict=True)):
             row = {"id": i, "prediction": p, "reference": r}
             if questions:
                 row["question"] = questions[i]
