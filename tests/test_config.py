@@ -507,3 +507,12 @@ def test_cli_config_show_says_core_defaults_and_shows_the_recipe_with_a_model(tm
     a, b = yaml.safe_load(shown.stdout), yaml.safe_load(printed.stdout)
     assert a == b and a["rng"]["seed"] == 42 and a["dataset"]["maker_name"] == "make_raven_dataset"
     assert a["train"]["train_iters"] == 7
+
+
+def test_a_bare_off_is_the_choice_off_not_a_bool(plugins: None) -> None:
+    """YAML 1.1 reads `off` as False: a choice key that has "off" among its values takes it as that choice
+    (`train.memory_plan=off` failed with "False is not one of 'off', 'check', 'auto'")."""
+    assert load_config([EXAMPLE], ["train.memory_plan=off"]).train.memory_plan == "off"
+    assert load_config([EXAMPLE], ['train.memory_plan="off"']).train.memory_plan == "off"
+    with pytest.raises(Exception, match="is not one of"):  # a bool where no choice is "off"/"on" stays refused
+        load_config([EXAMPLE], ["dataset.packing=yes"])

@@ -161,6 +161,9 @@ def _coerce(value: Any, tp: Any, key: str, strict: bool) -> Any:
     if origin is Literal:
         if value in args and not (isinstance(value, bool) and not any(isinstance(a, bool) for a in args)):
             return value
+        if isinstance(value, bool) and ("off" if not value else "on") in args:
+            # YAML 1.1 reads a bare off/on (no/yes) as a bool: `train.memory_plan=off` means the choice "off"
+            return "off" if not value else "on"
         choices = [a for a in args if isinstance(a, str)]
         close = suggest(str(value), choices) if isinstance(value, str) else None
         hint = f" (did you mean {close!r}?)" if close else ""
