@@ -373,12 +373,14 @@ class ModelBridge(abc.ABC):
         return seq_length * micro_batch_size, 0
 
     def activation_bytes(self, *, tokens: int, tiles: int, recompute: str | None, tp_size: int,
-                         trained: Mapping[str, bool], offload_layers: int = 0) -> dict[str, float] | None:
+                         trained: Mapping[str, bool], offload_layers: int = 0,
+                         adapted: Mapping[str, bool] | None = None) -> dict[str, float] | None:
         """Bytes one micro-batch of ``tokens`` tokens and ``tiles`` image tiles keeps on one rank for
         backward, by phase (``{"language model": ..., "vision tower": ...}``), under ``recompute``
         (``model.recompute_granularity``) with ``offload_layers`` layers' activations on the host;
-        ``trained``: freeze group -> whether its base weights train. Default: unknown (None), and the
-        plan counts weights, gradients and optimizer state only."""
+        ``trained``: freeze group -> whether its base weights train; ``adapted``: freeze group -> whether
+        a PEFT method's adapters sit in it (a frozen group with adapters keeps activations for them).
+        Default: unknown (None), and the plan counts weights, gradients and optimizer state only."""
         return None
 
     def memory_phases(self) -> dict[str, str]:

@@ -189,6 +189,7 @@ def estimate(bridge: ModelBridge, inputs: PlanInputs) -> MemoryEstimate:
     layouts = bridge.linear_layouts()
     frozen_b = trainable_n = frozen_n = adapters = 0.0
     largest = 0
+    adapted: dict[str, bool] = {}
     compute_bytes = 2.0 if inputs.autocast else 4.0
     for name, (shape, numel) in shapes.items():
         group = _group_of(name, bridge.freeze_groups)
@@ -204,12 +205,14 @@ def estimate(bridge: ModelBridge, inputs: PlanInputs) -> MemoryEstimate:
             trainable_n += numel
         if inputs.peft and is_linear and _adapter_target(module, inputs.target_modules):
             adapters += inputs.adapter_dim * (shape[0] + shape[1])
+            adapted[group] = True
     trainable_n += adapters
     trained = {g: not inputs.frozen_groups.get(g, False) for g in bridge.freeze_groups}
     tokens, tiles = inputs.workload or bridge.workload_upper_bound(
         seq_length=inputs.seq_length, micro_batch_size=inputs.micro_batch_size, packed=inputs.packed)
     acts = bridge.activation_bytes(tokens=tokens, tiles=tiles, recompute=inputs.recompute, tp_size=inputs.tp,
-                                   trained=trained, offload_layers=inputs.activation_offload_layers) or {}
+                                   trained=trained, offload_layers=inputs.activation_offload_layers,
+                                   adapted=adapted) or {}
     moments = inputs.exp_avg_bytes + inputs.exp_avg_sq_bytes if inputs.optimizer == "adam" else 4.0
     shard = inputs.dp if inputs.distributed_optimizer else 1
     optimizer = trainable_n * moments / shard * (1.0 - inputs.optimizer_offload_fraction)

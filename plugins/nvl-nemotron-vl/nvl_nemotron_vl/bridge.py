@@ -143,12 +143,13 @@ class NemotronVLBridge(ModelBridge):
                                     packed=packed)
 
     def activation_bytes(self, *, tokens: int, tiles: int, recompute: str | None, tp_size: int,
-                         trained: Mapping[str, bool], offload_layers: int = 0) -> dict[str, float]:
+                         trained: Mapping[str, bool], offload_layers: int = 0,
+                         adapted: Mapping[str, bool] | None = None) -> dict[str, float]:
         """See :mod:`nvl_nemotron_vl.memory` (per layer kind, calibrated on measured peaks)."""
         from .memory import activation_bytes
 
         return activation_bytes(self.config, tokens=tokens, tiles=tiles, recompute=recompute, tp_size=tp_size,
-                                trained=trained, offload_layers=offload_layers)
+                                trained=trained, offload_layers=offload_layers, adapted=adapted)
 
     def memory_phases(self) -> dict[str, str]:
         """Towers named as an out-of-memory report says them."""

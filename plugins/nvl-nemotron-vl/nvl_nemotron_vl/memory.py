@@ -68,14 +68,17 @@ def vit_bytes_per_tile(cfg: NemotronVLConfig, *, tp: int, res: int, recompute: s
 
 
 def activation_bytes(cfg: NemotronVLConfig, *, tokens: int, tiles: int, recompute: str | None, tp_size: int,
-                     trained: Mapping[str, bool], offload_layers: int = 0) -> dict[str, float]:
+                     trained: Mapping[str, bool], offload_layers: int = 0,
+                     adapted: Mapping[str, bool] | None = None) -> dict[str, float]:
     """Per phase, the bytes one micro-batch keeps for backward (see the module docstring).
 
-    A frozen vision tower and projector keep nothing (no gradient flows into them); the language model
+    A frozen vision tower and projector without adapters keep nothing (no gradient flows into them); the language model
     always keeps its activations, since the loss's gradient passes through it to whatever trains.
     """
     lm_res = 4 if trained.get("language_model") else BF16
-    vit_trains = trained.get("vision_model") or trained.get("vision_projection")
+    adapted = adapted or {}
+    # adapters in a frozen tower need its activations too (their gradients pass through it)
+    vit_trains = any(trained.get(g) or adapted.get(g) for g in ("vision_model", "vision_projection"))
     out = {"language model": tokens * lm_bytes_per_token(cfg, tp=tp_size, res=lm_res, recompute=recompute,
                                                         offload_layers=offload_layers)}
     if tiles:
