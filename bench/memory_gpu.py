@@ -21,7 +21,6 @@ Usage (one H200 or H100; the 12b shape needs no weights on disk with --random-in
     python bench/memory_gpu.py --list                       # the rows and their commands' options
     # the video row: clips made beforehand where PyAV can encode (finetune_gpu.py --make-videos), then carried
     python bench/memory_gpu.py --rows video_8192_80 --videos .whl/videos --out bench/results --tag video
-    python bench/memory_gpu.py --merge bench/results/memory_gpu part1.json part2.json
     # CPU smoke test at toy size (the test suite runs it): no budget is emulated on CPU
     python bench/memory_gpu.py --size tiny --device cpu --seq 256 --steps 2 --warmup 0 --rows cord_48
 
@@ -158,13 +157,6 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] == "--list":
         for name, row in ROWS.items():
             print(f"{name}: {row}")
-        return 0
-    if argv and argv[0] == "--merge":
-        stem, parts = Path(argv[1]), [Path(a) for a in argv[2:]]
-        records = [r for part in parts for r in json.loads(part.read_text())]
-        stem.with_suffix(".json").write_text(json.dumps(records, indent=1) + "\n")
-        stem.with_suffix(".md").write_text(
-            markdown(records) + "\nMerged from: " + ", ".join(p.name for p in parts) + "\n")
         return 0
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rows", default="medpix_packed_80,cord_48,qlora_24")

@@ -154,8 +154,21 @@ class ParamMapping(ABC):
         return _need(d, key, self.megatron)
 
 
+class _OneTensor:
+    """HF <-> components of a kind whose one component is its one HF tensor (the first HF key)."""
+
+    megatron: str
+    hf: tuple[str, ...]
+
+    def hf_to_components(self, hf: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {self.megatron: self.need(hf, self.hf[0])}  # type: ignore[attr-defined]
+
+    def components_to_hf(self, comps: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {self.hf[0]: self.need(comps, self.megatron)}  # type: ignore[attr-defined]
+
+
 @dataclass(frozen=True)
-class IdentityMapping(ParamMapping):
+class IdentityMapping(_OneTensor, ParamMapping):
     """The HF tensor is the parameter; TP chunks ``tp_dim`` (``None``: replicated).
 
     With several HF keys the first is the tensor (an adapter's A factor mirrors its base's keys).
@@ -163,12 +176,6 @@ class IdentityMapping(ParamMapping):
 
     tp_dim: int | None = None  # type: ignore[misc]  # a field here, a class default on the base
     kind: ClassVar[str] = "identity"
-
-    def hf_to_components(self, hf: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {self.megatron: self.need(hf, self.hf[0])}
-
-    def components_to_hf(self, comps: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {self.hf[0]: self.need(comps, self.megatron)}
 
     def components_to_local(self, comps: Mapping[str, torch.Tensor], tp_size: int, tp_rank: int) -> torch.Tensor:
         self.check_tensor_parallel(tp_size)
@@ -192,19 +199,13 @@ class IdentityMapping(ParamMapping):
 
 
 @dataclass(frozen=True)
-class VocabMapping(ParamMapping):
+class VocabMapping(_OneTensor, ParamMapping):
     """A vocabulary-parallel tensor ``[vocab_size, ...]``: TP pads the rows with zeros to a multiple of tp
     and chunks dim 0; checkpoints hold only the real rows."""
 
     vocab_size: int
     kind: ClassVar[str] = "vocab"
     tp_dim: ClassVar[int | None] = 0
-
-    def hf_to_components(self, hf: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {self.megatron: self.need(hf, self.hf[0])}
-
-    def components_to_hf(self, comps: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {self.hf[0]: self.need(comps, self.megatron)}
 
     def components_to_local(self, comps: Mapping[str, torch.Tensor], tp_size: int, tp_rank: int) -> torch.Tensor:
         import torch
