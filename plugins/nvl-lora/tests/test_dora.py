@@ -204,17 +204,10 @@ def test_hf_peft_export_matches_peft_on_transformers_and_the_merged_export(toy: 
     torch.testing.assert_close(ours[..., : theirs.shape[-1]], theirs, rtol=0, atol=1e-4)
 
     # merged onto an fp32 import of the toy (the merge casts back to the base's dtype; the toy is bf16)
-    base32 = tmp_path / "base32"
-    proc = subprocess.run([sys.executable, "-m", "nvlcore", "convert", "import", "--hf-model", str(toy),
-                           "--megatron-path", str(base32), "--dtype", "float32", "--no-progress"],
-                          capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
-    merged = tmp_path / "merged_hf"
-    proc = subprocess.run([sys.executable, "-m", "nvlcore", "peft", "merge", "--hf-model-path", str(toy),
-                           "--lora-checkpoint", str(ck), "--pretrained", str(base32), "--output", str(merged),
-                           "--format", "hf"], capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
-    assert "DoRA" in proc.stdout
+    from lora_testing import merge_run_to_hf
+
+    merged, merge_out = merge_run_to_hf(toy, ck, tmp_path)
+    assert "DoRA" in merge_out
     with torch.no_grad():
         from_merged = hf_lm_from_toy(merged)(ids).logits
     torch.testing.assert_close(from_merged, theirs, rtol=0, atol=1e-4)

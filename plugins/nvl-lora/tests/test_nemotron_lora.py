@@ -203,16 +203,9 @@ def test_hf_peft_export_carries_fully_trained_modules_in_modules_to_save(toy: Pa
     assert sorted(conf["modules_to_save"]) == ["language_model.backbone.layers.0", "language_model.backbone.norm_f",
                                                "mlp1", "vision_model.radio_model.model"]
     adapter = load_file(str(full / "adapter_model.safetensors"))
-    base32 = tmp_path / "base32"
-    proc = subprocess.run([sys.executable, "-m", "nvlcore", "convert", "import", "--hf-model", str(toy),
-                           "--megatron-path", str(base32), "--dtype", "float32", "--no-progress"],
-                          capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
-    merged = tmp_path / "merged_hf"
-    proc = subprocess.run([sys.executable, "-m", "nvlcore", "peft", "merge", "--hf-model-path", str(toy),
-                           "--lora-checkpoint", str(ck), "--pretrained", str(base32), "--output", str(merged),
-                           "--format", "hf"], capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
+    from lora_testing import merge_run_to_hf
+
+    merged, _ = merge_run_to_hf(toy, ck, tmp_path)
     from nvlcore.convert.safetensors_io import SafetensorsReader
 
     reader = SafetensorsReader(merged)

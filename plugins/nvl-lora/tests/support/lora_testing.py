@@ -189,3 +189,22 @@ def tp_parity_worker(
             "trainable_base": sorted(n for n, p in model.named_parameters() if p.requires_grad),
         }
     return out
+
+
+def merge_run_to_hf(toy: Any, ck: Any, tmp_path: Any) -> tuple[Any, str]:
+    """``nvl convert import --dtype float32`` of the toy, then ``nvl peft merge --format hf`` of the run ``ck``
+    onto it (the merge casts back to the base's dtype; the toy is bf16): ``(merged HF dir, merge's stdout)``."""
+    import subprocess
+    import sys
+
+    base32 = tmp_path / "base32"
+    proc = subprocess.run([sys.executable, "-m", "nvlcore", "convert", "import", "--hf-model", str(toy),
+                           "--megatron-path", str(base32), "--dtype", "float32", "--no-progress"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    merged = tmp_path / "merged_hf"
+    proc = subprocess.run([sys.executable, "-m", "nvlcore", "peft", "merge", "--hf-model-path", str(toy),
+                           "--lora-checkpoint", str(ck), "--pretrained", str(base32), "--output", str(merged),
+                           "--format", "hf"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    return merged, proc.stdout
