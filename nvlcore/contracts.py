@@ -151,7 +151,9 @@ class PeftMethod(Protocol):
     :meth:`apply` (weights loaded, before the optimizer and before the frozen base goes to the
     autocast dtype) so that the method can store frozen weights its own way (e.g. quantised to 4
     bits), and prints the strings of its ``storage_notes`` attribute, if any, in the line about the
-    base's storage.
+    base's storage. A method whose storage quantizes the base sets a true ``quantizes_frozen_base``
+    attribute: the model is then built and loaded in host memory (``model.use_cpu_initialization``'s
+    default), ``store_frozen_base`` must place what it stores on ``device``, and the core moves the rest.
     Generation and merging never call it: they use the base as its checkpoint holds it.
     """
 

@@ -56,6 +56,14 @@ class ModelConfig:
     cpu_offloading_activations: bool = _f(True, "Offload activations under cpu_offloading (must be true).")
     cpu_offloading_weights: bool = _f(False,
                                       "Offload weights under cpu_offloading. Not supported by nvl (must be false).")
+    use_cpu_initialization: bool | None = _f(
+        None,
+        "Build the model and load its starting weights in host memory; parameters move to the GPU once the "
+        "frozen base is stored (a PEFT method that quantizes the base moves each weight as it quantizes it), so "
+        "the GPU never holds the unquantized base. null: true when the PEFT method quantizes the frozen base "
+        "(peft.base_dtype=nf4), else false. Needs host memory for the rank's share of the model in the compute "
+        "dtype.",
+    )
     kernels: str = _f(
         "auto",
         "Implementations of the model's hot ops (the bridge lists its choices): auto = fused GPU kernels where "

@@ -611,6 +611,15 @@ class FinetuneRecipe:
         self.model = model = self.build_model()
         install_phase_hooks(model, bridge.memory_phases())  # an out-of-memory report names the tower
         model.train()
+        self.load_starting_weights(t0)
+        self.peft, towers = prepare_trainable(model, cfg, self.manager, bridge)
+        self.say(f"nvl finetune: towers: {describe_towers(towers)}")
+        self.store_frozen_base()
+        self.setup_compute()
+
+    def setup_compute(self) -> None:
+        """The model's kernels (chosen for the device it now lives on), recomputation and activation offload."""
+        cfg, bridge, model = self.cfg, self.bridge, self.model
         report = bridge.set_kernels(model, cfg.model.kernels)
         if report:
             self.say("nvl finetune: kernels: " + "; ".join(f"{op}: {impl}" for op, impl in report.items()))
@@ -623,10 +632,6 @@ class FinetuneRecipe:
             offload_activations(bridge.decoder_layers(model), cfg.model.cpu_offloading_num_layers)
             self.say(f"nvl finetune: activations of the first {cfg.model.cpu_offloading_num_layers} decoder "
                      "layers offloaded to host memory")
-        self.load_starting_weights(t0)
-        self.peft, towers = prepare_trainable(model, cfg, self.manager, bridge)
-        self.say(f"nvl finetune: towers: {describe_towers(towers)}")
-        self.store_frozen_base()
 
     def build_model(self) -> torch.nn.Module:
         """The model, each parameter built in the dtype it is stored in (:mod:`nvlcore.training.storage`)."""
@@ -637,7 +642,8 @@ class FinetuneRecipe:
             self.bridge, compute_dtype=self.settings.autocast_dtype, device=self.ctx.device,
             init="random" if self.random_init else "none", seed=cfg.rng.seed,
             prepare=lambda m: prepare_trainable(m, cfg, self.manager, self.bridge),
-            frozen_expected=bool(cfg.peft.method) or any(bool(v) for v in cfg.model.freeze.values()))
+            frozen_expected=bool(cfg.peft.method) or any(bool(v) for v in cfg.model.freeze.values()),
+            on_host=cfg.model.use_cpu_initialization)
         self.say(f"nvl finetune: model {built}")
         return model
 
@@ -645,7 +651,7 @@ class FinetuneRecipe:
         """Trainable parameters as fp32 masters; the frozen base as the PEFT method stores it (e.g. NF4),
         else in the autocast dtype, except what the bridge keeps in fp32 as deployed."""
         from nvlcore.training import optim
-        from nvlcore.training.storage import trainable_in_fp32
+        from nvlcore.training.storage import move_to_device, trainable_in_fp32
 
         model, peft, dtype = self.model, self.peft, self.settings.autocast_dtype
         trainable_in_fp32(model)  # adapters added to a base built in bf16 take its dtype; masters are fp32
@@ -655,6 +661,9 @@ class FinetuneRecipe:
         if dtype is not None:
             # under bf16 autocast every matmul reads bf16 weights: a frozen parameter is stored once in bf16
             optim.store_frozen_in_(model, dtype, keep_fp32=self.bridge.keeps_fp32)
+        moved = move_to_device(model, self.ctx.device)  # built in host memory: model.use_cpu_initialization
+        if moved:
+            self.say(f"nvl finetune: moved {moved / 1e9:.1f} GB of the model from host memory to {self.ctx.device}")
         if peft is not None:
             self.say("nvl finetune: frozen base storage: " + optim.describe_storage(model)
                      + "".join(f"; {n}" for n in getattr(peft, "storage_notes", ())))

@@ -12,7 +12,8 @@ What one rank holds (docs/memory.md gives the calibration against measured peaks
 * **cast cache**: bf16 autocast keeps a bf16 copy of every fp32 trainable weight for the whole forward;
 * **activations**: what the bridge says one micro-batch keeps for backward (:meth:`ModelBridge.activation_bytes`);
 * **build**: the model as built, each parameter in its storage dtype (:mod:`nvlcore.training.storage`:
-  frozen weights in the compute dtype, what trains in fp32; an NF4 base is quantized from the bf16 build),
+  frozen weights in the compute dtype, what trains in fp32; an NF4 base is built and loaded in host memory
+  and quantized onto the GPU one weight at a time, ``model.use_cpu_initialization``),
   plus the largest tensor's temporaries, a peak of its own.
 
 The peak is the larger of the build and the training step, plus :data:`RUNTIME_OVERHEAD_BYTES` (CUDA
@@ -89,6 +90,9 @@ class PlanInputs:
     #: bytes per frozen parameter while the model is built and its weights loaded; None: its storage dtype
     #: (what nvl does since 2026-12-07); 4.0: the fp32 build of earlier code (its recorded peaks)
     build_bytes_per_param: float | None = None
+    #: the model built and loaded in host memory, moved to the GPU once its frozen base is stored
+    #: (``model.use_cpu_initialization``; by default when the base is quantized)
+    host_build: bool = False
 
     @classmethod
     def from_config(cls, cfg: Any, *, world_size: int = 1, **overrides: Any) -> PlanInputs:
@@ -125,6 +129,8 @@ class PlanInputs:
             activation_offload_layers=int(getattr(m, "cpu_offloading_num_layers", 0) or 0)
             if getattr(m, "cpu_offloading", False) else 0,
         )
+        on_host = getattr(m, "use_cpu_initialization", None)
+        values["host_build"] = bool(on_host) if on_host is not None else values["base_bytes"] is not None
         values.update(overrides)
         return cls(**values)
 
@@ -217,9 +223,11 @@ def estimate(bridge: ModelBridge, inputs: PlanInputs) -> MemoryEstimate:
     shard = inputs.dp if inputs.distributed_optimizer else 1
     optimizer = trainable_n * moments / shard * (1.0 - inputs.optimizer_offload_fraction)
     casts = trainable_n * 2.0 if inputs.autocast and inputs.main_params_bytes > 2 else 0.0
-    # the model as built + two fp32 temporaries of the largest tensor while it is initialised/loaded
-    per_frozen = compute_bytes if inputs.build_bytes_per_param is None else inputs.build_bytes_per_param
-    build = per_frozen * frozen_n + 4.0 * trainable_n + 8.0 * largest
+    if inputs.host_build:  # the GPU receives the stored model, one (bf16) weight in flight while quantized
+        build = frozen_b + 4.0 * trainable_n + 4.0 * largest
+    else:  # the model as built + two fp32 temporaries of the largest tensor while it is initialised/loaded
+        per_frozen = compute_bytes if inputs.build_bytes_per_param is None else inputs.build_bytes_per_param
+        build = per_frozen * frozen_n + 4.0 * trainable_n + 8.0 * largest
     return MemoryEstimate(
         frozen_weights=frozen_b, trainable_weights=trainable_n * inputs.main_params_bytes,
         gradients=trainable_n * 4.0, optimizer=optimizer, cast_cache=casts, activations=dict(acts),

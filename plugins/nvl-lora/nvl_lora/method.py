@@ -228,17 +228,24 @@ class LoRAMethod:
         self.report = apply_lora(model, self.config, variant=self.variant, bridge=bridge)
         return model
 
+    @property
+    def quantizes_frozen_base(self) -> bool:
+        """Whether :meth:`store_frozen_base` quantizes the base (``nvl finetune`` then builds and loads the
+        model in host memory by default: ``model.use_cpu_initialization``)."""
+        return self.config.base_dtype == "nf4"
+
     def store_frozen_base(self, model: nn.Module, *, bridge: Any = None, compute_dtype: torch.dtype | None = None,
                           device: Any = None) -> None:
-        """``peft.base_dtype=nf4``: store the frozen linear weights in NF4 (:mod:`nvl_lora.qlora`); called
-        by ``nvl finetune`` after :meth:`apply` (see :class:`nvlcore.contracts.PeftMethod`). Fills
-        :attr:`storage_notes`. Nothing to do for the default ``base_dtype``."""
+        """``peft.base_dtype=nf4``: store the frozen linear weights in NF4 on ``device`` (:mod:`nvl_lora.qlora`;
+        a model in host memory moves there one weight at a time); called by ``nvl finetune`` after
+        :meth:`apply` (see :class:`nvlcore.contracts.PeftMethod`). Fills :attr:`storage_notes`. Nothing to do
+        for the default ``base_dtype``."""
         if self.config.base_dtype != "nf4":
             return
         from nvl_lora import qlora
 
         qlora.check_device(device if device is not None else "cpu")
-        self.storage_notes = qlora.quantize_frozen_linears(model, compute_dtype=compute_dtype).notes()
+        self.storage_notes = qlora.quantize_frozen_linears(model, compute_dtype=compute_dtype, device=device).notes()
 
     @staticmethod
     def workflow_settings(

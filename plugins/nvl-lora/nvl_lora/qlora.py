@@ -105,11 +105,14 @@ class NF4Report:
 
 
 @torch.no_grad()
-def quantize_frozen_linears(model: nn.Module, *, compute_dtype: torch.dtype | None = None) -> NF4Report:
+def quantize_frozen_linears(model: nn.Module, *, compute_dtype: torch.dtype | None = None,
+                            device: torch.device | str | None = None) -> NF4Report:
     """Store every frozen linear weight of ``model`` (adapters excluded) as NF4, in place.
 
     ``compute_dtype``: the dtype the weight dequantises to (bf16 under autocast); ``None`` keeps the
-    weight's own. Each rank quantises the shard it holds; the parameter keeps its Megatron TP attributes.
+    weight's own. ``device``: where the NF4 weights live (None: where each weight is); a model built in
+    host memory is quantized one weight at a time on the GPU, so the GPU never holds the unquantized base.
+    Each rank quantises the shard it holds; the parameter keeps its Megatron TP attributes.
     """
     to_nf4, _ = nf4_api()
     report = NF4Report()
@@ -124,8 +127,9 @@ def quantize_frozen_linears(model: nn.Module, *, compute_dtype: torch.dtype | No
         if group is None:
             report.kept.append(name)
             continue
-        q = nn.Parameter(to_nf4(w.detach().to(compute_dtype or w.dtype).contiguous(), NF4_BLOCK, group),
-                         requires_grad=False)
+        src = w.detach().to(device=device if device is not None else w.device, dtype=compute_dtype or w.dtype)
+        q = nn.Parameter(to_nf4(src.contiguous(), NF4_BLOCK, group), requires_grad=False)
+        del src
         for attr in _TP_ATTRS:
             if hasattr(w, attr):
                 setattr(q, attr, getattr(w, attr))

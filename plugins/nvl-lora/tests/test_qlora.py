@@ -226,6 +226,23 @@ def test_nf4_shrinks_the_frozen_weights_on_the_gpu() -> None:
     assert y.dtype == torch.bfloat16 and torch.isfinite(y).all()
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_host_built_base_is_quantized_onto_the_gpu_one_weight_at_a_time() -> None:
+    """``model.use_cpu_initialization``: the bf16 base stays in host memory; the GPU receives NF4 weights only."""
+    layers = nn.Sequential(*[nn.Linear(2048, 2048, bias=False, dtype=torch.bfloat16) for _ in range(8)])
+    layers.requires_grad_(False)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    qlora.quantize_frozen_linears(layers, compute_dtype=torch.bfloat16, device="cuda")
+    torch.cuda.synchronize()
+    dense = sum(p.numel() * 2 for p in layers.parameters())
+    assert all(p.device.type == "cuda" for p in layers.parameters())
+    assert torch.cuda.max_memory_allocated() - before < 0.5 * dense  # never the whole bf16 base at once
+    y = layers(torch.randn(4, 2048, device="cuda", dtype=torch.bfloat16))
+    assert torch.isfinite(y).all()
+
+
 # ------------------------------------------------------------------------------ as a user runs it
 def nvl(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
     proc = subprocess.run([*NVL, *map(str, args)], capture_output=True, text=True, timeout=timeout, env=ENV)

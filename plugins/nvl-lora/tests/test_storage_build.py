@@ -16,7 +16,7 @@ from nvl_lora.method import apply_lora  # noqa: E402
 from nvlcore.training.optim import store_frozen_in_  # noqa: E402
 from nvlcore.training.storage import (  # noqa: E402
     build_in_storage_dtype,
-    trainable_after_prepare,
+    dry_run_prepare,
     trainable_in_fp32,
 )
 
@@ -46,7 +46,9 @@ def _bridge(toy: Path):
 
 def test_the_meta_dry_run_names_what_trains(toy: Path) -> None:
     bridge = _bridge(toy)
-    trainable = trainable_after_prepare(bridge, lambda m: prepare(m, bridge), seed=1)
+    dry = dry_run_prepare(bridge, lambda m: prepare(m, bridge), seed=1)
+    assert dry is not None and not dry.quantizes_base
+    trainable = dry.trainable
     assert trainable and any(n.startswith("vision_model.") for n in trainable)
     assert not any(n.startswith("language_model.") and ".adapter." not in n for n in trainable)
 
@@ -95,3 +97,53 @@ def test_fp32_runs_and_dry_run_failures_build_in_fp32(toy: Path) -> None:
     model, line = build_in_storage_dtype(bridge, compute_dtype=torch.bfloat16, device=torch.device("cpu"),
                                          init="none", seed=1, prepare=fails, frozen_expected=True)
     assert line == "built in fp32" and all(p.dtype == torch.float32 for p in model.parameters())
+
+
+def _nf4_prepare(bridge):
+    from nvl_lora.method import LoRAMethod
+
+    def prepare_nf4(model: torch.nn.Module):
+        for name, p in model.named_parameters():
+            if name.startswith("language_model."):
+                p.requires_grad_(False)
+        method = LoRAMethod({"target_modules": TARGETS, "dim": 4, "alpha": 8, "base_dtype": "nf4"})
+        method.apply(model, bridge=bridge)
+        return method, None  # the shape prepare_trainable returns
+
+    return prepare_nf4
+
+
+@pytest.mark.parametrize("on_host", [None, True, False])
+def test_a_quantizing_method_builds_in_host_memory_by_default(toy: Path, on_host: bool | None) -> None:
+    """``model.use_cpu_initialization``: None follows the method's ``quantizes_frozen_base``; the meta device
+    stands in for a GPU (any device that is not the host)."""
+    bridge = _bridge(toy)
+    model, line = build_in_storage_dtype(bridge, compute_dtype=torch.bfloat16, device=torch.device("meta"),
+                                         init="none", seed=1, prepare=_nf4_prepare(bridge), frozen_expected=True,
+                                         on_host=on_host)
+    devices = {p.device.type for p in model.parameters()}
+    host = on_host is not False
+    # built on the device, Megatron's parallel linears still initialise on the host for any device but CUDA
+    assert devices == {"cpu"} if host else "meta" in devices, (on_host, devices)
+    assert ("in host memory" in line) == host, line
+
+
+def test_move_to_device_moves_every_tensor_once_and_keeps_ties(toy: Path) -> None:
+    from nvlcore.training.storage import move_to_device
+
+    bridge = _bridge(toy)
+    model = bridge.build_model(dtype=torch.float32, device="cpu", init="none", seed=1)
+    model.language_model.tied_probe = torch.nn.Linear(2, 2)  # a second module sharing one parameter
+    model.language_model.tied_probe.weight = model.vision_model.parameters().__next__()
+    params_before = {id(p) for p in model.parameters()}
+    split = {n for n, p in model.named_parameters() if getattr(p, "tensor_model_parallel", False)}
+    assert split
+    total = sum(p.numel() * p.element_size() for p in model.parameters()) + \
+        sum(b.numel() * b.element_size() for b in model.buffers())
+    moved = move_to_device(model, torch.device("meta"))
+    assert moved == total  # a shared parameter moves once
+    assert {id(p) for p in model.parameters()} == params_before
+    assert {t.device.type for t in [*model.parameters(), *model.buffers()]} == {"meta"}
+    assert model.language_model.tied_probe.weight is next(model.vision_model.parameters())
+    assert split == {n for n, p in model.named_parameters() if getattr(p, "tensor_model_parallel", False)}
+    assert move_to_device(model, torch.device("meta")) == 0
