@@ -272,6 +272,9 @@ def child_main(argv: list[str]) -> int:
     pm.add_plugin(BenchPlugin(), name="nvl_bench")
     fraction = float(os.environ.get("NVL_BENCH_MEMORY_FRACTION", "0"))
     if fraction:
+        from nvlcore.training.finetune import ALLOCATOR_DEFAULT
+
+        os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", ALLOCATOR_DEFAULT)  # nvl finetune's, before CUDA starts
         # a smaller card emulated on this one (bench/memory_gpu.py): the caching allocator may hold at most
         # this share of the device's memory; the CUDA context comes on top, as on the real card
         import torch

@@ -1,8 +1,10 @@
 """Issue 22's record: does each recipe fit the card it is meant for, through `nvl finetune` itself?
 
 Each row of ``ROWS`` names a workload (bench/finetune_gpu.py's generated data), a method, a sequence length,
-the card it must fit (``budget_gb``) and the options that make it fit. For every row the same workload runs
-twice in the same invocation, each a fresh ``nvl finetune`` process timed from its own metrics.jsonl:
+the card it must fit (``budget_gb``), the issue's peak target on that card (``target_gb``, passed to the run
+as ``train.memory_budget_gb``: the plan sizes the run for it) and the options that make it fit. For every row
+the same workload runs twice in the same invocation, each a fresh ``nvl finetune`` process timed from its own
+metrics.jsonl:
 
 * the **baseline**: unconstrained (the whole card, the row's ``baseline`` options: the best this workload runs
   at without the memory options), giving ``baseline_tokens_per_s``;
@@ -25,7 +27,8 @@ Usage (one H200 or H100; the 12b shape needs no weights on disk with --random-in
     python bench/memory_gpu.py --size tiny --device cpu --seq 256 --steps 2 --warmup 0 --rows cord_48
 
 Records: ``memory_gpu.json`` (a list of rows in finetune_gpu.json's format plus ``budget_gb``, ``emulated``,
-``device``, ``plan_gb``, ``baseline_tokens_per_s``) and ``memory_gpu.md``.
+``target_gb``, ``device``, ``plan_gb``, ``baseline_tokens_per_s``) and ``memory_gpu.md``. ``nvl finetune`` runs
+with PyTorch's expandable segments (``PYTORCH_CUDA_ALLOC_CONF``, nvl's default), as a user's run does.
 """
 
 from __future__ import annotations
@@ -44,20 +47,22 @@ import finetune_gpu as fg  # noqa: E402  (the bench's own workloads and its nvl 
 
 #: name -> the row: what it runs, the card it must fit, the options that make it fit and its baseline's options.
 ROWS: dict[str, dict[str, Any]] = {
-    "medpix_packed_80": dict(workload="medpix", method="lora", seq=4096, budget_gb=80,
+    "medpix_packed_80": dict(workload="medpix", method="lora", seq=4096, budget_gb=80, target_gb=72,
                              baseline={"dataset.packing": "best_fit"},
                              fit={"dataset.packing": "best_fit", "train.memory_plan": "auto"}),
-    "cord_48": dict(workload="cord", method="lora", seq=4096, budget_gb=48, baseline={},
+    "cord_48": dict(workload="cord", method="lora", seq=4096, budget_gb=48, target_gb=44, baseline={},
                     fit={"train.memory_plan": "auto"}),
-    "qlora_24": dict(workload="cord", method="qlora", seq=4096, budget_gb=24, baseline={}, vision_adapters=True,
+    "qlora_24": dict(workload="cord", method="qlora", seq=4096, budget_gb=24, target_gb=22, baseline={},
+                     vision_adapters=True,
                      fit={"peft.base_dtype": "nf4", "train.memory_plan": "auto"}),
-    "qlora_text_24": dict(workload="text", method="qlora", seq=4096, budget_gb=24, baseline={}, vision_adapters=True,
+    "qlora_text_24": dict(workload="text", method="qlora", seq=4096, budget_gb=24, target_gb=22, baseline={},
+                          vision_adapters=True,
                           fit={"peft.base_dtype": "nf4", "train.memory_plan": "auto"}),
-    "full_tp2_80": dict(workload="text", method="full", seq=4096, budget_gb=80, tp=2, baseline={},
+    "full_tp2_80": dict(workload="text", method="full", seq=4096, budget_gb=80, target_gb=76, tp=2, baseline={},
                         fit={"train.memory_plan": "auto"}),
     # the LLaVA-Video recipe (its YAML: seq 8192, 10 frames a clip; Megatron-Bridge runs it at TP=8) on one card;
     # needs --videos DIR (clips made by `finetune_gpu.py --make-videos DIR`)
-    "video_8192_80": dict(workload="video", method="lora", seq=8192, budget_gb=80, baseline={},
+    "video_8192_80": dict(workload="video", method="lora", seq=8192, budget_gb=80, target_gb=72, baseline={},
                           fit={"train.memory_plan": "auto"}),
 }
 
@@ -113,7 +118,8 @@ def run_row(args: argparse.Namespace, name: str, row: dict[str, Any], model_dir:
                                     extra_args=extra, name_suffix=f"-{name}-baseline")
     base = baselines[key]
     emulated = bool(total_gb and total_gb > row["budget_gb"])
-    fit_options = {**row["fit"], "train.memory_budget_gb": str(row["budget_gb"])}  # the plan sizes the run for it
+    # the plan sizes the run for the issue's target on that card (e.g. 72 GB on an 80 GB card: room to spare)
+    fit_options = {**row["fit"], "train.memory_budget_gb": str(row.get("target_gb", row["budget_gb"]))}
     if emulated:
         os.environ["NVL_BENCH_MEMORY_FRACTION"] = f"{row['budget_gb'] / total_gb:.4f}"
     try:
@@ -130,6 +136,7 @@ def run_row(args: argparse.Namespace, name: str, row: dict[str, Any], model_dir:
         log_path = Path(r.pop("_log", "") or "/nonexistent")
         r["plan_gb"] = parse_plan_gb(log_path.read_text()) if log_path.is_file() else None
         r["budget_gb"] = row["budget_gb"] if kind == "row" else None
+        r["target_gb"] = row.get("target_gb") if kind == "row" else None
         r["emulated"] = emulated if kind == "row" else False
         r["baseline_tokens_per_s"] = base.get("tokens_per_s")
         r["baseline_peak_gb"] = base.get("peak_gb_nvidia_smi", base.get("peak_gb"))

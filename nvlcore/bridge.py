@@ -329,11 +329,22 @@ class ModelBridge(abc.ABC):
         """
         return 6.0 * num_parameters * real_tokens(batch)
 
-    def set_recompute(self, model: torch.nn.Module, granularity: str) -> None:
-        """Activation recomputation, Megatron's ``model.recompute_granularity`` (``selective`` or ``full``).
+    #: ``model.recompute_modules`` this bridge's selective recomputation knows: name -> what it recomputes
+    recompute_modules: ClassVar[Mapping[str, str]] = {}
+    #: what ``selective`` recomputes when ``model.recompute_modules`` is null
+    default_recompute_modules: ClassVar[tuple[str, ...]] = ()
+
+    def set_recompute(self, model: torch.nn.Module, granularity: str, modules: Sequence[str] | None = None) -> None:
+        """Activation recomputation, Megatron's ``model.recompute_granularity`` (``selective`` or ``full``);
+        ``modules``: under ``selective``, the :attr:`recompute_modules` to recompute (None: the default).
         Default: none, so this raises naming the key."""
         raise ValueError(f"model.recompute_granularity={granularity!r}: model bridge {self.name!r} has no activation "
                          "recomputation; remove the setting")
+
+    def num_decoder_layers(self) -> int | None:
+        """How many layers :meth:`decoder_layers` returns, known before the model is built (the memory plan's
+        ``model.cpu_offloading_num_layers`` choices); default: None (unknown)."""
+        return None
 
     def decoder_layers(self, model: torch.nn.Module) -> list[torch.nn.Module]:
         """The language model's decoder layers in forward order (``model.cpu_offloading`` offloads the
@@ -374,10 +385,12 @@ class ModelBridge(abc.ABC):
 
     def activation_bytes(self, *, tokens: int, tiles: int, recompute: str | None, tp_size: int,
                          trained: Mapping[str, bool], offload_layers: int = 0,
-                         adapted: Mapping[str, bool] | None = None) -> dict[str, float] | None:
+                         adapted: Mapping[str, bool] | None = None,
+                         recompute_modules: Sequence[str] | None = None) -> dict[str, float] | None:
         """Bytes one micro-batch of ``tokens`` tokens and ``tiles`` image tiles keeps on one rank for
         backward, by phase (``{"language model": ..., "vision tower": ...}``), under ``recompute``
-        (``model.recompute_granularity``) with ``offload_layers`` layers' activations on the host;
+        (``model.recompute_granularity``; ``recompute_modules``: selective's modules, None = the default)
+        with ``offload_layers`` layers' activations on the host;
         ``trained``: freeze group -> whether its base weights train; ``adapted``: freeze group -> whether
         a PEFT method's adapters sit in it (a frozen group with adapters keeps activations for them).
         Default: unknown (None), and the plan counts weights, gradients and optimizer state only."""

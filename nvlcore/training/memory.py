@@ -85,6 +85,8 @@ class PlanInputs:
     exp_avg_sq_bytes: float = 4.0
     optimizer_offload_fraction: float = 0.0
     activation_offload_layers: int = 0
+    #: ``model.recompute_modules`` under selective recomputation (None: the bridge's default)
+    recompute_modules: tuple[str, ...] | None = None
     #: (LM tokens, image tiles) of one micro-batch; None = the bridge's upper bound for the config
     workload: tuple[int, int] | None = None
     #: bytes per frozen parameter while the model is built and its weights loaded; None: its storage dtype
@@ -128,6 +130,7 @@ class PlanInputs:
             optimizer_offload_fraction=float(getattr(o, "optimizer_offload_fraction", 1.0)) if offload else 0.0,
             activation_offload_layers=int(getattr(m, "cpu_offloading_num_layers", 0) or 0)
             if getattr(m, "cpu_offloading", False) else 0,
+            recompute_modules=tuple(m.recompute_modules) if getattr(m, "recompute_modules", None) else None,
         )
         on_host = getattr(m, "use_cpu_initialization", None)
         values["host_build"] = bool(on_host) if on_host is not None else values["base_bytes"] is not None
@@ -216,9 +219,10 @@ def estimate(bridge: ModelBridge, inputs: PlanInputs) -> MemoryEstimate:
     trained = {g: not inputs.frozen_groups.get(g, False) for g in bridge.freeze_groups}
     tokens, tiles = inputs.workload or bridge.workload_upper_bound(
         seq_length=inputs.seq_length, micro_batch_size=inputs.micro_batch_size, packed=inputs.packed)
+    extra = {} if inputs.recompute_modules is None else {"recompute_modules": inputs.recompute_modules}
     acts = bridge.activation_bytes(tokens=tokens, tiles=tiles, recompute=inputs.recompute, tp_size=inputs.tp,
                                    trained=trained, offload_layers=inputs.activation_offload_layers,
-                                   adapted=adapted) or {}
+                                   adapted=adapted, **extra) or {}
     moments = inputs.exp_avg_bytes + inputs.exp_avg_sq_bytes if inputs.optimizer == "adam" else 4.0
     shard = inputs.dp if inputs.distributed_optimizer else 1
     optimizer = trainable_n * moments / shard * (1.0 - inputs.optimizer_offload_fraction)
@@ -257,10 +261,42 @@ def _peft_key(cfg: Any, key: str) -> bool:
     return hasattr(cfg.peft, key) or key in (getattr(cfg.peft, "options", None) or {})
 
 
-def options_for(cfg: Any, inputs: PlanInputs) -> list[Option]:
+def _offload_counts(bridge: Any) -> list[int]:
+    """``model.cpu_offloading_num_layers`` values the plan tries (fewer layers first; never the last layer)."""
+    layers = bridge.num_decoder_layers() if bridge is not None and hasattr(bridge, "num_decoder_layers") else None
+    if not layers:
+        return [8]
+    return sorted({n for n in (8, 16, 24, 32, 48) if n < layers} | ({layers - 1} if layers > 1 else set()))
+
+
+def _selective_all(cfg: Any, inputs: PlanInputs, bridge: Any, offloads: list[Option]) -> list[Option]:
+    """Selective recomputation of every module the bridge can recompute (a tower's layers too), alone and
+    with activation offload of more and more layers, then with the optimizer state on the host as well:
+    cheaper in speed than full recomputation of the language model, which these come before."""
+    every = tuple(getattr(bridge, "recompute_modules", None) or ())
+    default = tuple(getattr(bridge, "default_recompute_modules", None) or ())
+    if inputs.recompute == "full" or not every or set(inputs.recompute_modules or default) >= set(every):
+        return []
+    keys = ("model.recompute_granularity=selective", f"model.recompute_modules=[{','.join(every)}]")
+    base = {"recompute": "selective", "recompute_modules": every}
+    out = [Option(base, keys)]
+    acts = [] if inputs.activation_offload_layers or not hasattr(cfg.model, "cpu_offloading") else [
+        ({"activation_offload_layers": n}, ("model.cpu_offloading=true", f"model.cpu_offloading_num_layers={n}"))
+        for n in _offload_counts(bridge)]
+    out += [Option({**base, **ch}, keys + k) for ch, k in acts]
+    opt = [o for o in offloads if set(o.changes) == {"optimizer_offload_fraction"}]
+    for o in opt:
+        out.append(Option({**base, **o.changes}, keys + o.overrides))
+        out += [Option({**base, **ch, **o.changes}, keys + k + o.overrides) for ch, k in acts]
+    return out
+
+
+def options_for(cfg: Any, inputs: PlanInputs, bridge: Any = None) -> list[Option]:
     """The memory options this config can take, cheapest in speed first (``auto`` tries them in this order).
 
-    Offloading and 4-bit storage are offered only where the config has their keys.
+    Offloading and 4-bit storage are offered only where the config has their keys; recomputing a
+    tower's layers selectively (``model.recompute_modules``) and offloading more decoder layers only
+    where ``bridge`` says what it can recompute and how many layers it has.
     """
     recomputes = ["selective",
                   "full"] if inputs.recompute is None else ["full"] if inputs.recompute == "selective" else []
@@ -286,15 +322,18 @@ def options_for(cfg: Any, inputs: PlanInputs) -> list[Option]:
     # adapters train against, so auto takes it only when nothing exact fits
     offloads = []
     if hasattr(cfg.optimizer, "optimizer_cpu_offload") and not inputs.optimizer_offload_fraction:
-        offloads.append(({"optimizer_offload_fraction": 1.0},
-                         ("optimizer.optimizer_cpu_offload=true", "optimizer.optimizer_offload_fraction=1.0")))
+        offloads.append(Option({"optimizer_offload_fraction": 1.0},
+                               ("optimizer.optimizer_cpu_offload=true", "optimizer.optimizer_offload_fraction=1.0")))
     if hasattr(cfg.model, "cpu_offloading") and not inputs.activation_offload_layers:
         n = 8
-        offloads.append(({"activation_offload_layers": n},
-                         ("model.cpu_offloading=true", f"model.cpu_offloading_num_layers={n}")))
+        offloads.append(Option({"activation_offload_layers": n},
+                               ("model.cpu_offloading=true", f"model.cpu_offloading_num_layers={n}")))
     if len(offloads) == 2:
-        offloads.append(({**offloads[0][0], **offloads[1][0]}, offloads[0][1] + offloads[1][1]))
-    ladder += [Option({**deepest.changes, **ch}, deepest.overrides + keys) for ch, keys in offloads]
+        offloads.append(Option({**offloads[0].changes, **offloads[1].changes},
+                               offloads[0].overrides + offloads[1].overrides))
+    first_full = next((i for i, o in enumerate(ladder) if o.changes.get("recompute") == "full"), len(ladder))
+    ladder[first_full:first_full] = _selective_all(cfg, inputs, bridge, offloads)
+    ladder += [Option({**deepest.changes, **o.changes}, deepest.overrides + o.overrides) for o in offloads]
     if inputs.peft and inputs.base_bytes is None and _peft_key(cfg, "base_dtype"):
         ladder.append(Option({**deepest.changes, "base_bytes": NF4_BYTES_PER_PARAM},
                              deepest.overrides + ("peft.base_dtype=nf4",)))
@@ -327,7 +366,7 @@ def fit(bridge: ModelBridge, cfg: Any, inputs: PlanInputs, available: float | No
     est = estimate(bridge, inputs)
     if available is None or est.card <= available or mode == "off":
         return Decision(est, available)
-    tried = [(o, estimate(bridge, attrs.evolve(inputs, **o.changes))) for o in options_for(cfg, inputs)]
+    tried = [(o, estimate(bridge, attrs.evolve(inputs, **o.changes))) for o in options_for(cfg, inputs, bridge)]
     if mode == "auto":
         for o, e in tried:
             if not o.more_gpus and e.card <= available:
@@ -349,6 +388,8 @@ def apply_option(cfg: Any, option: Option) -> None:
         cfg.model.recompute_granularity = ch["recompute"]
     if "micro_batch_size" in ch:
         cfg.train.micro_batch_size = ch["micro_batch_size"]
+    if ch.get("recompute_modules"):
+        cfg.model.recompute_modules = list(ch["recompute_modules"])
     if ch.get("base_bytes") is not None:
         if hasattr(cfg.peft, "base_dtype"):
             cfg.peft.base_dtype = "nf4"

@@ -72,7 +72,8 @@ def fitting_options(cfg: Any, *, world_size: int = 1, limit: int = 3) -> str:
         bridge = resolve_bridge(cfg.model.hf_model_path, cfg.model.bridge)
         inputs = PlanInputs.from_config(cfg, world_size=world_size)
         now = estimate(bridge, inputs).card
-        lower = [(o, estimate(bridge, attrs.evolve(inputs, **o.changes)).card) for o in options_for(cfg, inputs)]
+        lower = [(o, estimate(bridge, attrs.evolve(inputs, **o.changes)).card)
+                 for o in options_for(cfg, inputs, bridge)]
         lower = [(o, c) for o, c in lower if c < now][:limit]
     except Exception:  # the report must come out even when the plan cannot be made
         return ""

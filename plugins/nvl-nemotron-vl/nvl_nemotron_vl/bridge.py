@@ -115,12 +115,28 @@ class NemotronVLBridge(ModelBridge):
             return True
         return module.rpartition(".")[2].endswith("norm") and leaf in ("weight", "bias")
 
-    def set_recompute(self, model: torch.nn.Module, granularity: str) -> None:
-        """Megatron's names -> the model's: ``selective`` recomputes the Mamba mixers, ``full`` whole layers."""
-        modes = {"selective": "ssm", "full": "layers"}
-        if granularity not in modes:
+    recompute_modules = {
+        "mamba": "the Mamba mixers' conv, scan and gated norm (their fp32 intermediates dominate the LM's activations)",
+        "vision_tower": "every vision-tower layer (a trained tower keeps ~3 MB a tile per layer; recomputing it "
+                        "costs one more tower forward, a few percent of a step)",
+    }
+    default_recompute_modules = ("mamba",)
+
+    def set_recompute(self, model: torch.nn.Module, granularity: str, modules: Sequence[str] | None = None) -> None:
+        """Megatron's names -> the model's: ``selective`` recomputes ``modules`` (:attr:`recompute_modules`;
+        default the Mamba mixers), ``full`` whole layers of both towers."""
+        if granularity not in ("selective", "full"):
             raise ValueError(f"model.recompute_granularity={granularity!r}: use selective or full")
-        model.set_recompute(modes[granularity])  # type: ignore[operator]
+        if granularity == "full":
+            model.set_recompute("layers")  # type: ignore[operator]
+            return
+        chosen = set(self.default_recompute_modules if modules is None else modules)
+        model.set_recompute("ssm" if "mamba" in chosen else "none",  # type: ignore[operator]
+                            vision_layers="vision_tower" in chosen)
+
+    def num_decoder_layers(self) -> int:
+        """The hybrid language model's layer count (Mamba, attention and MLP layers each count one)."""
+        return len(self.config.llm.layer_types)
 
     def decoder_layers(self, model: torch.nn.Module) -> list[torch.nn.Module]:
         """The hybrid language model's Mamba / attention / MLP layers, in forward order."""
@@ -144,12 +160,15 @@ class NemotronVLBridge(ModelBridge):
 
     def activation_bytes(self, *, tokens: int, tiles: int, recompute: str | None, tp_size: int,
                          trained: Mapping[str, bool], offload_layers: int = 0,
-                         adapted: Mapping[str, bool] | None = None) -> dict[str, float]:
+                         adapted: Mapping[str, bool] | None = None,
+                         recompute_modules: Sequence[str] | None = None) -> dict[str, float]:
         """See :mod:`nvl_nemotron_vl.memory` (per layer kind, calibrated on measured peaks)."""
         from .memory import activation_bytes
 
+        modules = self.default_recompute_modules if recompute_modules is None else tuple(recompute_modules)
         return activation_bytes(self.config, tokens=tokens, tiles=tiles, recompute=recompute, tp_size=tp_size,
-                                trained=trained, offload_layers=offload_layers, adapted=adapted)
+                                trained=trained, offload_layers=offload_layers, adapted=adapted,
+                                recompute_modules=modules)
 
     def memory_phases(self) -> dict[str, str]:
         """Towers named as an out-of-memory report says them."""

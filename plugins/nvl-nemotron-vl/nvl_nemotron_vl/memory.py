@@ -11,7 +11,8 @@ frozen and stored in bf16). Per language-model token, TP-local widths divided by
 
 Per ViT token per layer (``prefix + patches`` tokens a tile): ``res*H + 2H + 6H/tp + 2H/tp`` (attention)
 and ``res*H + 2H + 4 ffn/tp`` (MLP), times :data:`VIT_CALIBRATION`. ``selective`` recomputation keeps only
-a Mamba mixer's input; ``full`` keeps every layer's input plus one layer's activations while it is
+a Mamba mixer's input (``recompute_modules`` ``mamba``; with ``vision_tower`` the ViT layers count as
+under ``full``); ``full`` keeps every layer's input plus one layer's activations while it is
 recomputed. docs/memory.md compares the result with the peaks measured on GPUs.
 """
 
@@ -42,12 +43,13 @@ def lm_layer_bytes(cfg: NemotronVLConfig, kind: str, *, tp: int, res: int) -> fl
 
 
 def lm_bytes_per_token(cfg: NemotronVLConfig, *, tp: int, res: int, recompute: str | None,
-                       offload_layers: int = 0) -> float:
+                       offload_layers: int = 0, recompute_modules: tuple[str, ...] = ("mamba",)) -> float:
     """Bytes one language-model token keeps over all layers (plus the final norm)."""
     kinds = cfg.llm.layer_types
     full = [lm_layer_bytes(cfg, k, tp=tp, res=res) for k in kinds]
+    mamba = recompute == "selective" and "mamba" in recompute_modules
     kept = [res * cfg.llm.hidden_size] * len(kinds) if recompute == "full" else [
-        res * cfg.llm.hidden_size + BF16 * cfg.llm.hidden_size if (recompute == "selective" and k == "mamba") else b
+        res * cfg.llm.hidden_size + BF16 * cfg.llm.hidden_size if (mamba and k == "mamba") else b
         for k, b in zip(kinds, full, strict=True)]
     if offload_layers:  # those layers' activations live on the host until their backward
         kept = sorted(kept)[: max(0, len(kept) - offload_layers)] + [0.0] * min(offload_layers, len(kept))
@@ -69,7 +71,8 @@ def vit_bytes_per_tile(cfg: NemotronVLConfig, *, tp: int, res: int, recompute: s
 
 def activation_bytes(cfg: NemotronVLConfig, *, tokens: int, tiles: int, recompute: str | None, tp_size: int,
                      trained: Mapping[str, bool], offload_layers: int = 0,
-                     adapted: Mapping[str, bool] | None = None) -> dict[str, float]:
+                     adapted: Mapping[str, bool] | None = None,
+                     recompute_modules: tuple[str, ...] = ("mamba",)) -> dict[str, float]:
     """Per phase, the bytes one micro-batch keeps for backward (see the module docstring).
 
     A frozen vision tower and projector without adapters keep nothing (no gradient flows into them); the language model
@@ -80,11 +83,14 @@ def activation_bytes(cfg: NemotronVLConfig, *, tokens: int, tiles: int, recomput
     # adapters in a frozen tower need its activations too (their gradients pass through it)
     vit_trains = any(trained.get(g) or adapted.get(g) for g in ("vision_model", "vision_projection"))
     out = {"language model": tokens * lm_bytes_per_token(cfg, tp=tp_size, res=lm_res, recompute=recompute,
-                                                        offload_layers=offload_layers)}
+                                                        offload_layers=offload_layers,
+                                                        recompute_modules=recompute_modules)}
+    vit_full = recompute == "full" or (recompute == "selective" and "vision_tower" in recompute_modules)
     if tiles:
         out["vision tower"] = tiles * vit_bytes_per_tile(cfg, tp=tp_size,
                                                          res=4 if trained.get("vision_model") else BF16,
-                                                        recompute=recompute) if vit_trains else 0.0
+                                                         recompute="full" if vit_full else recompute) \
+            if vit_trains else 0.0
     return out
 
 

@@ -273,3 +273,45 @@ def test_adapters_in_a_frozen_tower_keep_its_activations(bridge12b):
     assert estimate(bridge12b, inp).activations["vision tower"] > 1 * GB
     frozen_only = attrs.evolve(inp, target_modules=LM_TARGETS)
     assert estimate(bridge12b, frozen_only).activations["vision tower"] == 0.0
+
+
+def test_auto_recomputes_the_vision_tower_before_the_whole_language_model(bridge12b):
+    """Packed MedPix-like rows on an 80 GB card sized to 72 GB: selective recomputation of the Mamba mixers
+    and the vision tower's layers fits, so auto takes it before full recomputation (visit G: full costs a
+    quarter of the speed); the overrides it writes load as config and reach the bridge."""
+    from nvlcore.config import load_config
+
+    cfg = load_config([], ["dataset.packing=best_fit"])
+    inp = PlanInputs(packed=True, workload=(4096, 13), global_batch_size=32, **LORA_LM)
+    order = [o.changes.get("recompute") for o in memory.options_for(cfg, inp, bridge12b) if not o.more_gpus]
+    assert order.index("full") > max(i for i, o in enumerate(memory.options_for(cfg, inp, bridge12b))
+                                     if o.changes.get("recompute_modules"))
+    d = fit(bridge12b, cfg, inp, 72 * GB, mode="auto")
+    assert d.chosen is not None and d.chosen.changes["recompute"] == "selective"
+    assert set(d.chosen.changes["recompute_modules"]) == {"mamba", "vision_tower"}
+    assert d.estimate.card <= 72 * GB
+    again = load_config([], ["dataset.packing=best_fit", *d.chosen.overrides])
+    assert again.model.recompute_modules == ["mamba", "vision_tower"]
+    memory.apply_option(cfg, d.chosen)
+    assert (cfg.model.recompute_granularity, cfg.model.recompute_modules) == ("selective", ["mamba", "vision_tower"])
+    lm_only = estimate(bridge12b, attrs.evolve(inp, recompute="selective"))
+    assert lm_only.activations["vision tower"] > 3 * d.estimate.activations["vision tower"]
+
+
+def test_offload_layer_choices_stay_below_the_model_depth(bridge12b):
+    layers = bridge12b.num_decoder_layers()
+    counts = memory._offload_counts(bridge12b)
+    assert counts[-1] == layers - 1 and all(1 <= n < layers for n in counts)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["model.recompute_granularity=full", "model.recompute_modules=[mamba]"], "read under model.recompute_granularity"),
+    (["model.recompute_granularity=selective", "model.recompute_modules=[core_attn]"], "'core_attn' unknown"),
+])
+def test_recompute_modules_refusals_name_the_key(bridge12b, overrides, message):
+    from nvlcore.config import load_config
+    from nvlcore.training.finetune import check_recompute_modules
+
+    with pytest.raises(ValueError, match=message) as err:
+        check_recompute_modules(load_config([], overrides), bridge12b)
+    assert "model.recompute_modules" in str(err.value) and "\n" not in str(err.value)

@@ -323,3 +323,37 @@ def test_varlen_wrapper_follows_the_installed_pytorch_api(monkeypatch, api) -> N
     assert seen["causal"] and seen["kv_heads"] == (2 if api == "is_causal"
                                                    else 6) and seen["gqa"] == (api == "is_causal")
     torch.testing.assert_close(out, _segment_attention(q, k, v, packed))
+
+
+def _saved_bytes_and_grads(model, batch) -> tuple[int, dict]:
+    saved = [0]
+
+    def pack(t):
+        saved[0] += t.numel() * t.element_size()
+        return t
+
+    model.zero_grad(set_to_none=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = (model(**batch) * batch["loss_mask"]).sum()
+    loss.backward()
+    return saved[0], {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("modules", [["vision_tower"], ["mamba", "vision_tower"]])
+def test_recompute_modules_vision_tower_keeps_less_and_the_same_gradients(bridge, modules) -> None:
+    """``model.recompute_modules`` through the bridge: the vision tower's layers are recomputed (the forward
+    keeps fewer bytes for backward) and every gradient is unchanged."""
+    proc = bridge.processor(seq_length=1024)
+    batch = proc.collate_packed([[proc(c) for c in _conversations()]])
+    model = bridge.build_model(dtype=torch.float32, kernels="reference")
+    bridge.set_recompute(model, "selective", ["mamba"])
+    kept_lm_only, ref = _saved_bytes_and_grads(model, batch)
+    bridge.set_recompute(model, "selective", modules)
+    assert model.vision_model.decoder.recompute_layers
+    kept, grads = _saved_bytes_and_grads(model, batch)
+    assert kept < kept_lm_only if "mamba" in modules else kept != kept_lm_only
+    for n in ref:
+        torch.testing.assert_close(grads[n], ref[n], rtol=0, atol=1e-6)
+    bridge.set_recompute(model, "selective")  # the default: the Mamba mixers only
+    assert not model.vision_model.decoder.recompute_layers
+    assert all(layer.mixer.recompute for layer in model.language_model.decoder.layers if hasattr(layer, "mixer"))

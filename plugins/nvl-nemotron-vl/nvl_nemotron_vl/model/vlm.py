@@ -93,9 +93,10 @@ class NemotronVLModel(nn.Module):
         """Op -> implementation in use (the Mamba scan, conv, gated norm; the LM loss; attention)."""
         return {**self.kernels.names, "attention": "SDPA (causal, no dense mask on right padding)"}
 
-    def set_recompute(self, mode: str) -> None:
+    def set_recompute(self, mode: str, *, vision_layers: bool | None = None) -> None:
         """Activation recomputation: ``"none"``; ``"ssm"`` (Mamba conv + scan + gated norm, whose fp32
-        intermediates dominate activation memory); ``"layers"`` (every LM and ViT layer)."""
+        intermediates dominate activation memory); ``"layers"`` (every LM and ViT layer).
+        ``vision_layers``: recompute every ViT layer (default: under ``"layers"`` only)."""
         if mode not in ("none", "ssm", "layers"):
             raise ValueError(f"recompute must be 'none', 'ssm' or 'layers', got {mode!r}")
         self.recompute = mode
@@ -103,7 +104,7 @@ class NemotronVLModel(nn.Module):
             if hasattr(layer, "mixer"):
                 layer.mixer.recompute = mode == "ssm"
         self.language_model.decoder.recompute_layers = mode == "layers"
-        self.vision_model.decoder.recompute_layers = mode == "layers"
+        self.vision_model.decoder.recompute_layers = mode == "layers" if vision_layers is None else vision_layers
 
     def freeze(self, *, language_model: bool = False, vision_model: bool = False,
                vision_projection: bool = False) -> None:
