@@ -7,8 +7,8 @@ not JSON or names an unsupported field, a prompt past the context) and a 500 whe
 the server answers the next request either way. fastapi is imported when the app is built.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: FastAPI reads the routes' annotations (``Request``, imported
+# inside create_app) as objects.
 import json
 import time
 import uuid
@@ -33,6 +33,7 @@ def create_app(engine: BatchEngine, *, served_model_name: str, system_prompt: st
     from contextlib import asynccontextmanager
 
     from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, StreamingResponse
     from starlette.concurrency import run_in_threadpool
     from starlette.exceptions import HTTPException
@@ -57,6 +58,12 @@ def create_app(engine: BatchEngine, *, served_model_name: str, system_prompt: st
     async def http_error(request: Request, exc: HTTPException) -> Any:
         err = RequestError(str(exc.detail), status=exc.status_code, code=str(exc.status_code))
         return await request_error(request, err)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> Any:
+        first = (exc.errors() or [{}])[0]
+        where = ".".join(str(x) for x in first.get("loc", ()))
+        return await request_error(request, RequestError(f"{where}: {first.get('msg', 'invalid')}", param=where))
 
     @app.get("/health")
     async def health() -> Any:

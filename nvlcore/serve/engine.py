@@ -165,7 +165,8 @@ class BatchEngine:
                 gen.check_length(job.prompt_tokens, budget)
             except ContextLengthError as exc:
                 param = "messages" if job.prompt_tokens >= (gen.max_length or 0) else "max_tokens"
-                raise RequestError(str(exc), param=param, code="context_length_exceeded") from None
+                message = str(exc).replace("max_new_tokens", "max_tokens")  # the request's name of the budget
+                raise RequestError(message, param=param, code="context_length_exceeded") from None
             job.prepared, job.max_tokens = prepared, budget
             return True
         except RequestError as exc:
