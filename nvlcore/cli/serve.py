@@ -54,7 +54,7 @@ def serve_command(ctx: click.Context, **params: Any) -> None:
 
     \b
       nvl serve --hf-model-path HF --port 8000
-      nvl serve --hf-model-path HF --adapter-checkpoint runs/lora --served-model-name my-lora
+      nvl serve --hf-model-path HF --adapter-checkpoint runs/peft --served-model-name my-finetune
     Requests carry text, images (data URLs; local files under --allowed-local-media-path) and videos
     ({"type": "video_url", ...}); requests in flight share a batch. See docs/serving.md.
     """

@@ -4,7 +4,7 @@ Every request becomes a :class:`Job` in one queue. The worker takes the oldest j
 job that can share its batch (up to ``max_batch_size``): greedy jobs go together; sampled jobs only
 with the same temperature / top-p / top-k and no seed (a seeded request is decoded alone, so its
 seed alone decides its tokens). The batch is left-padded by the generator, which the model makes
-invisible (the Nemotron bridge's tests check a padded row's logits and tokens against the row alone),
+invisible (a model plugin's tests check a padded row's logits and tokens against the row alone),
 so a greedy answer equals the request decoded alone up to the kernels' batch-size dependence
 (none on CPU; ``--max-batch-size 1`` rules it out on a GPU).
 
