@@ -296,3 +296,20 @@ def test_eval_endpoint_refuses_model_options(toy) -> None:
     res = CliRunner().invoke(build_cli(), ["eval", "--endpoint", "http://127.0.0.1:9/v1", "--hf-model-path", str(toy),
                                            *SHAPES])
     assert res.exit_code == 2 and "drop --hf-model-path" in res.output
+
+
+def test_serve_takes_the_video_options_of_nvl_generate(toy) -> None:
+    """--num-frames / --fps / --video-pruning-rate reach the generator as in nvl generate (no video path needed:
+    they apply to every request's videos); --tp > 1 is refused in one line."""
+    from click.testing import CliRunner
+
+    from nvlcore.cli import build_cli
+
+    cmd = build_cli().commands["serve"]
+    ctx = cmd.make_context("serve", ["--hf-model-path", str(toy), "--num-frames", "3", "--video-pruning-rate", "0"])
+    options = {}
+    for obj, values in cmd.split_values(dict(ctx.params), ctx):
+        options.update(obj.generator_options("serve", values, ctx.params))
+    assert options == {"processor_options": {"video_num_frames": 3}, "video_pruning_rate": 0.0}
+    res = CliRunner().invoke(build_cli(), ["serve", "--hf-model-path", str(toy), "--tp", "2"])
+    assert res.exit_code == 2 and "tensor parallelism is not supported yet" in res.output
