@@ -24,13 +24,15 @@ def test_fields_acted_on_and_neutral_values() -> None:
                  "temperature": 0.5, "top_p": 0.9, "top_k": -1, "seed": 3, "stream": True,
                  "stream_options": {"include_usage": True}})
     assert (req.max_tokens, req.temperature, req.top_p, req.top_k, req.seed) == (7, 0.5, 0.9, 0, 3)
-    assert req.stream and req.include_usage
+    assert req.stream and req.include_usage and req.stop == ()
+    assert parse({"messages": HI, "stop": "\n"}).stop == ("\n",)
     assert req.conversation["conversation"] == [{"role": "system", "content": [{"type": "text", "text": "/no_think"}]},
                                                 {"role": "user", "content": [{"type": "text", "text": "Hi"}]}]
 
 
 @pytest.mark.parametrize("body, param", [
-    ({"messages": HI, "stop": "\n"}, "stop"),
+    ({"messages": HI, "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+    ({"messages": HI, "stop": [""]}, "stop"),
     ({"messages": HI, "n": 3}, "n"),
     ({"messages": HI, "frequency_penalty": 0.5}, "frequency_penalty"),
     ({"messages": HI, "max_tokens": 0}, "max_tokens"),
@@ -89,6 +91,14 @@ def test_client_messages_read_back_as_the_conversation(tmp_path) -> None:
     assert np.array_equal(np.asarray(got[1]["content"][2]["image"]), np.asarray(Image.open(png)))
     sent = got[1]["content"][3]["path"]
     assert open(sent, "rb").read() == video.read_bytes() and req.cleanup == [sent]
+
+
+def test_stop_strings_cut_and_hold_back() -> None:
+    from nvlcore.serve.engine import first_stop, held_back
+
+    assert first_stop("one two. three", ("three", ".")) == 7 and first_stop("abc", ("x",)) is None
+    assert held_back("the end</", ("</s>",)) == 2 and held_back("the end<", ("</s>", "<|")) == 1
+    assert held_back("done", ("</s>",)) == 0 and held_back("a", ("abc",)) == 1
 
 
 def test_endpoint_urls() -> None:

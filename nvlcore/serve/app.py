@@ -84,10 +84,11 @@ def create_app(engine: BatchEngine, *, served_model_name: str, system_prompt: st
             body = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise RequestError(f"the request body is not valid JSON ({exc})") from None
-        req = await run_in_threadpool(parse_chat_request, body, resolver.part)
-        if req.model is not None and req.model != served_model_name:
-            raise RequestError(f"the model {req.model!r} does not exist; this server serves {served_model_name!r}",
+        model = body.get("model") if isinstance(body, dict) else None
+        if isinstance(model, str) and model != served_model_name:  # before media are decoded or written
+            raise RequestError(f"the model {model!r} does not exist; this server serves {served_model_name!r}",
                                param="model", code="model_not_found", status=404)
+        req = await run_in_threadpool(parse_chat_request, body, resolver.part)
         req.conversation = _with_system_prompt(req.conversation, system_prompt)
         job = engine.submit(req)
         ident = f"chatcmpl-{uuid.uuid4().hex}"

@@ -8,9 +8,11 @@ invisible (a model plugin's tests check a padded row's logits and tokens against
 so a greedy answer equals the request decoded alone up to the kernels' batch-size dependence
 (none on CPU; ``--max-batch-size 1`` rules it out on a GPU).
 
-Each job finishes at its own end-of-turn token or ``max_tokens`` (its answer and usage go back at
-once, not when the batch's longest row ends); streamed jobs get their text piece by piece, the pieces
-joining to the non-streamed text (:class:`~nvlcore.generation.IncrementalDetokenizer`).
+Each job finishes at its own end-of-turn token, stop string or ``max_tokens`` (its answer and usage go
+back at once, not when the batch's longest row ends; the batch ends when every job has its answer);
+streamed jobs get their text piece by piece, the pieces joining to the non-streamed text
+(:class:`~nvlcore.generation.IncrementalDetokenizer`; text that may begin a stop string is held back
+until it cannot). A stop string ends the answer before it, as OpenAI's API does.
 
 The worker also runs the model's ``prepare`` (the processor and the tokenizer are not shared with
 another thread), and turns a prompt that does not fit the context into a 400 for that job alone.
@@ -56,6 +58,8 @@ class Job:
     max_tokens: int = 0
     tokens: list[int] = field(default_factory=list)
     detok: Any = None
+    text: str = ""
+    sent: int = 0
     done: bool = False
 
     def sampling_key(self) -> tuple | None:
@@ -186,29 +190,22 @@ class BatchEngine:
         sampling = SamplingParams(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, seed=r.seed)
         stops = set(gen.stop_token_ids)
         for job in batch:
-            job.detok = IncrementalDetokenizer(gen.tokenizer) if job.request.stream else None
+            job.detok = IncrementalDetokenizer(gen.tokenizer) if job.request.stream or job.request.stop else None
         if self.on_batch is not None:
             self.on_batch(len(batch))
 
         def on_step(step: int, tokens: list[int], active: list[bool]) -> None:
             for row, job in enumerate(batch):
-                if job.done or not active[row]:
-                    continue
-                tok = tokens[row]
-                job.tokens.append(tok)
-                if tok in stops:
-                    self._finish(job, "stop", len(batch))
-                    continue
-                if job.detok is not None:
-                    piece = job.detok.push(tok)
-                    if piece:
-                        job.emit("text", piece)
-                if len(job.tokens) >= job.max_tokens:
-                    self._finish(job, "length", len(batch))
+                if not job.done and active[row]:
+                    self._step(job, tokens[row], tok_is_stop=tokens[row] in stops, batch_size=len(batch))
+            if all(job.done for job in batch):
+                raise _BatchDone  # every request has its answer (a stop string ends a row the loop cannot end)
 
         try:
             gen.generate_prepared([job.prepared for job in batch], max_new_tokens=max(j.max_tokens for j in batch),
                                   sampling=sampling, on_step=on_step)
+        except _BatchDone:
+            pass
         except Exception as exc:  # out of memory, a kernel error: these requests fail, the server goes on
             failure = RequestError(f"generation failed: {type(exc).__name__}: {str(exc)[:300]}", status=500,
                                    type="server_error", code="generation_failed")
@@ -221,14 +218,54 @@ class BatchEngine:
             if not job.done:
                 self._finish(job, "length", len(batch))
 
-    def _finish(self, job: Job, reason: str, batch_size: int) -> None:
-        gen = self.generator
-        job.done = True
+    def _step(self, job: Job, tok: int, *, tok_is_stop: bool, batch_size: int) -> None:
+        """One generated token of one job: the end of turn, a stop string, the budget, or more text."""
+        job.tokens.append(tok)
+        if tok_is_stop:
+            self._finish(job, "stop", batch_size)
+            return
         if job.detok is not None:
-            tail = job.detok.flush()
-            if tail:
-                job.emit("text", tail)
-        body = job.tokens[:-1] if reason == "stop" else job.tokens
-        text = gen.tokenizer.decode(body, skip_special_tokens=True)
+            job.text += job.detok.push(tok)
+            cut = first_stop(job.text, job.request.stop)
+            if cut is not None:  # the answer ends before the stop string, which is not part of it
+                self._finish(job, "stop", batch_size, text=job.text[:cut])
+                return
+            if job.request.stream:  # hold back what may be the start of a stop string
+                safe = len(job.text) - held_back(job.text, job.request.stop)
+                if safe > job.sent:
+                    job.emit("text", job.text[job.sent:safe])
+                    job.sent = safe
+        if len(job.tokens) >= job.max_tokens:
+            self._finish(job, "length", batch_size)
+
+    def _finish(self, job: Job, reason: str, batch_size: int, text: str | None = None) -> None:
+        """Send the job's answer; ``text``: the answer cut at a stop string (else the tokens decoded)."""
+        job.done = True
+        if text is None:
+            body = job.tokens[:-1] if reason == "stop" else job.tokens
+            text = self.generator.tokenizer.decode(body, skip_special_tokens=True)
+        if job.request.stream and len(text) > job.sent:
+            job.emit("text", text[job.sent:])  # what was held back, and the detokenizer's tail
         job.prepared = None  # the pixels go as soon as the answer does
         job.emit("done", Answer(text, list(job.tokens), job.prompt_tokens, reason, batch_size))
+
+
+class _BatchDone(Exception):
+    """Raised from the step callback to end a batch whose every request is answered."""
+
+
+def first_stop(text: str, stops: tuple[str, ...]) -> int | None:
+    """Where the earliest stop string starts in ``text`` (None: none occurs)."""
+    found = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return min(found) if found else None
+
+
+def held_back(text: str, stops: tuple[str, ...]) -> int:
+    """How many characters at the end of ``text`` may begin a stop string (streamed only once they cannot)."""
+    longest = 0
+    for s in stops:
+        for n in range(min(len(s) - 1, len(text)), longest, -1):
+            if text.endswith(s[:n]):
+                longest = n
+                break
+    return longest

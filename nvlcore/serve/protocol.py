@@ -21,7 +21,8 @@ NEUTRAL_FIELDS: dict[str, Any] = {
     "echo": False, "parallel_tool_calls": None, "tool_choice": "none",
 }
 ACTED_ON = ("model", "messages", "stream", "stream_options", "max_tokens", "max_completion_tokens",
-            "temperature", "top_p", "top_k", "seed")
+            "temperature", "top_p", "top_k", "seed", "stop")
+MAX_STOPS = 4  # OpenAI's limit
 ROLES = ("system", "user", "assistant")
 
 
@@ -59,6 +60,7 @@ class ChatRequest:
     top_p: float = 1.0
     top_k: int = 0
     seed: int | None = None
+    stop: tuple[str, ...] = ()
     cleanup: list[str] = field(default_factory=list)
 
 
@@ -117,6 +119,7 @@ def parse_chat_request(body: Any, resolve_part: Callable[[Mapping[str, Any], str
                       top_p=_or(_number(body, "top_p", float, 0.0, 1.0, lo_open=True), 1.0),
                       top_k=_or(_number(body, "top_k", int, -1), 0), seed=_number(body, "seed", int, -(2**63)))
     req.top_k = max(req.top_k, 0)  # vLLM's -1 and 0 both mean "off"
+    req.stop = _stops(body.get("stop"))
     if req.temperature == 0.0 and (req.top_p != 1.0 or req.top_k):
         raise RequestError("'top_p'/'top_k' apply when sampling: also give 'temperature' > 0",
                            param="top_p" if req.top_p != 1.0 else "top_k")
@@ -126,6 +129,13 @@ def parse_chat_request(body: Any, resolve_part: Callable[[Mapping[str, Any], str
         remove_files(req.cleanup)
         raise
     return req
+
+
+def _stops(value: Any) -> tuple[str, ...]:
+    stops = [value] if isinstance(value, str) else value if value is not None else []
+    if not isinstance(stops, list) or len(stops) > MAX_STOPS or not all(isinstance(s, str) and s for s in stops):
+        raise RequestError(f"'stop' must be a non-empty string or a list of up to {MAX_STOPS} of them", param="stop")
+    return tuple(stops)
 
 
 def _or(value: Any, default: Any) -> Any:

@@ -184,6 +184,21 @@ def test_stream_chunks_join_to_the_answer(client) -> None:
     assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
 
 
+def test_stop_string_ends_the_answer_before_it(generator, client) -> None:
+    """A stop string cuts the greedy answer where it first occurs (not included), streamed or not."""
+    want = _alone(generator, build_conversation("Tell me a story.", system_prompt="/no_think"), 24)
+    words = [w for w in want.text[6:].split(" ") if len(w) >= 2 and "\ufffd" not in w]
+    assert words, want.text
+    stop = words[0]
+    cut = want.text.find(stop)
+    messages = [{"role": "user", "content": "Tell me a story."}]
+    got = _ask(client, messages, max_tokens=200, stop=[stop, "never-seen-stop"])
+    assert got.choices[0].message.content == want.text[:cut] and got.choices[0].finish_reason == "stop"
+    assert got.usage.completion_tokens < len(want.token_ids)  # it stopped at the string, not at the budget
+    chunks = list(_ask(client, messages, max_tokens=200, stop=stop, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want.text[:cut]
+
+
 def test_concurrent_requests_each_equal_the_request_alone(generator, client, server) -> None:
     prompts = ["Hi!", "Tell me a long story about a lighthouse keeper.", "What is two plus two?"]
     wants = [_alone(generator, build_conversation(p, system_prompt="/no_think"), 16).text for p in prompts]
@@ -230,7 +245,7 @@ BAD = [
     ("not json", 400, None),
     ([1, 2], 400, None),
     ({"messages": []}, 400, "messages"),
-    ({"messages": [{"role": "user", "content": "Hi"}], "stop": ["x"]}, 400, "stop"),
+    ({"messages": [{"role": "user", "content": "Hi"}], "stop": [""]}, 400, "stop"),
     ({"messages": [{"role": "user", "content": "Hi"}], "n": 2}, 400, "n"),
     ({"messages": [{"role": "user", "content": "Hi"}], "temperature": "hot"}, 400, "temperature"),
     ({"messages": [{"role": "user", "content": "Hi"}], "top_p": 0.5}, 400, "top_p"),
