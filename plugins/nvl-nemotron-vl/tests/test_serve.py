@@ -187,9 +187,11 @@ def test_stream_chunks_join_to_the_answer(client) -> None:
 def test_stop_string_ends_the_answer_before_it(generator, client) -> None:
     """A stop string cuts the greedy answer where it first occurs (not included), streamed or not."""
     want = _alone(generator, build_conversation("Tell me a story.", system_prompt="/no_think"), 24)
-    words = [w for w in want.text[6:].split(" ") if len(w) >= 2 and "\ufffd" not in w]
-    assert words, want.text
-    stop = words[0]
+    pieces = [generator.tokenizer.decode([t]) for t in want.token_ids]
+    pairs = [a + b for a, b in zip(pieces[2:], pieces[3:], strict=False)
+             if a and b and "\ufffd" not in a + b and a + b in want.text]
+    assert pairs, pieces
+    stop = pairs[0]  # two tokens' text: a stream must hold the first back until it sees the second
     cut = want.text.find(stop)
     messages = [{"role": "user", "content": "Tell me a story."}]
     got = _ask(client, messages, max_tokens=200, stop=[stop, "never-seen-stop"])
