@@ -81,10 +81,25 @@ def serve_command(ctx: click.Context, **params: Any) -> None:
     warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
     from nvlcore.parallel import owned_process_groups
 
+    _check_address(params["host"], params["port"])
     bridge = resolve_bridge(params["hf_model_path"], params["bridge_name"])
     with owned_process_groups():
         generator = _load(bridge, params, generator_options)
         _run_server(generator, params)
+
+
+def _check_address(host: str, port: int) -> None:
+    """Refuse a host/port the server could not listen on before the model loads (minutes on a 12B model)."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        with socket.socket(infos[0][0], socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+            sock.bind(infos[0][4])
+    except OSError as exc:
+        raise click.ClickException(f"--host {host} --port {port}: cannot listen there ({exc.strerror or exc}); "
+                                   "pick another --port (0: any free one)") from None
 
 
 def served_name(hf_dir: Path) -> str:

@@ -330,3 +330,19 @@ def test_serve_takes_the_video_options_of_nvl_generate(toy) -> None:
     assert options == {"processor_options": {"video_num_frames": 3}, "video_pruning_rate": 0.0}
     res = CliRunner().invoke(build_cli(), ["serve", "--hf-model-path", str(toy), "--tp", "2"])
     assert res.exit_code == 2 and "tensor parallelism is not supported yet" in res.output
+
+
+def test_a_port_in_use_is_refused_before_the_model_loads(toy) -> None:
+    import socket
+
+    from click.testing import CliRunner
+
+    from nvlcore.cli import build_cli
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        res = CliRunner().invoke(build_cli(), ["serve", "--hf-model-path", str(toy), "--port", str(port)])
+    assert res.exit_code == 1 and f"--port {port}: cannot listen there" in res.output, res.output
+    assert "loading" not in res.output
