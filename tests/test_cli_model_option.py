@@ -18,7 +18,7 @@ from nvlcore.cli.options import MODEL_OPTION_NAMES
 
 #: Every command that takes a model, by its path (nvl-lora's `peft merge` included when installed).
 COMMANDS = [("generate",), ("eval",), ("finetune",), ("convert", "import"), ("convert", "export"), ("export",),
-            ("data", "preview"), ("config", "show"), ("peft", "merge")]
+            ("data", "preview"), ("config", "show"), ("peft", "merge"), ("serve",)]
 
 
 def _command(cli: click.Group, path: tuple[str, ...]) -> click.Command | None:

@@ -76,6 +76,7 @@ BUILTIN_COMMANDS: dict[str, str] = {
     "generate": "nvlcore.cli.generate:generate_cmd",
     "plot": "nvlcore.cli.plot_cmd:plot_command",
     "plugins": "nvlcore.cli.plugins_cmd:plugins_group",
+    "serve": "nvlcore.cli.serve:serve_command",
 }
 
 

@@ -73,6 +73,11 @@ def _child_argv(params: dict[str, Any], overrides: Sequence[str]) -> list[str]:
 @click.option("--adapter-checkpoint", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="A PEFT run's checkpoint (`peft.method` set): its adapters are merged in memory into the base "
               "weights.")
+@click.option("--endpoint", default=None, metavar="URL",
+              help="Answer through this OpenAI-compatible server (nvl serve, vLLM: http://HOST:PORT/v1) instead of "
+              "loading a model; --batch-size requests in flight.")
+@click.option("--endpoint-model", default=None, metavar="NAME",
+              help="The model to ask the endpoint for (default: the first one it lists).")
 @click.option("--predictions", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Score this JSON-lines file (prediction, reference per line) instead of generating.")
 @click.option("--split", default=None,
@@ -111,6 +116,7 @@ def eval_command(**params: Any) -> None:
       nvl eval --hf-model-path HF dataset.maker_name=cord_v2 --limit 100 --output preds.jsonl
       nvl eval --hf-model-path HF --adapter-checkpoint runs/peft dataset.maker_name=medpix --json
       nvl eval --predictions preds.jsonl dataset.maker_name=cord_v2      # no model: score a file
+      nvl eval --endpoint http://127.0.0.1:8000/v1 dataset.maker_name=cord_v2   # a server answers
     """
     from nvlcore.cli import current_plugin_manager
     from nvlcore.cli.options import load_config_from_cli
@@ -132,15 +138,22 @@ def eval_command(**params: Any) -> None:
         raise click.ClickException(str(exc)) from None
 
     if params["predictions"] is not None:
-        if params["hf_model_path"] or params["megatron_model_path"] or params["adapter_checkpoint"]:
-            raise click.UsageError("--predictions scores a file without a model: drop the model paths")
+        if params["hf_model_path"] or params["megatron_model_path"] or params["adapter_checkpoint"] \
+                or params["endpoint"]:
+            raise click.UsageError("--predictions scores a file without a model: drop the model paths and --endpoint")
         _score_file(params, metrics, maker_name)
         return
-    if params["hf_model_path"] is None:
-        raise click.UsageError("--hf-model-path DIR is required (a directory or a Hub id; or --predictions FILE to "
-                               "score a file)")
     if params["temperature"] == 0.0 and (params["top_p"] != 1.0 or params["top_k"] != 0):
         raise click.UsageError("--top-p/--top-k only apply when sampling: also give --temperature > 0")
+    if params["endpoint"] is not None:
+        _refuse_model_options(params)
+        _run_endpoint(params, cfg, maker, metrics, maker_name, resolve_split(maker, params["split"], maker_name))
+        return
+    if params["endpoint_model"] is not None:
+        raise click.UsageError("--endpoint-model names a server's model: also give --endpoint URL")
+    if params["hf_model_path"] is None:
+        raise click.UsageError("--hf-model-path DIR is required (a directory or a Hub id; or --predictions FILE to "
+                               "score a file, or --endpoint URL to ask a server)")
 
     from nvlcore.parallel import build_launch_args, launch, launched_by_torchrun
 
@@ -169,6 +182,46 @@ def eval_command(**params: Any) -> None:
         from nvlcore.cli.errors import one_line
 
         raise click.ClickException(f"{where}{one_line(exc)}") from None
+
+
+#: What loads a model in-process: meaningless with --endpoint (the server has its model).
+_MODEL_OPTIONS = {"hf_model_path": "--hf-model-path", "megatron_model_path": "--megatron-model-path",
+                  "adapter_checkpoint": "--adapter-checkpoint", "nproc_per_node": "--nproc-per-node",
+                  "device": "--device", "dtype": "--dtype", "bridge_name": "--bridge"}
+
+
+def _refuse_model_options(params: dict[str, Any]) -> None:
+    given = [flag for name, flag in _MODEL_OPTIONS.items() if params[name] is not None]
+    if params["tp"] != 1:
+        given.append("--tp")
+    if given:
+        raise click.UsageError(f"--endpoint answers with the server's model: drop {', '.join(given)} (give them to "
+                               "the server, e.g. `nvl serve`)")
+
+
+def _run_endpoint(params: dict[str, Any], cfg: Any, maker: Any, metrics: Any, maker_name: str, split: str) -> None:
+    """The split answered by an OpenAI-compatible server, scored and reported as in-process answers are."""
+    from nvlcore.eval.runner import EvalError, echo_err, evaluate_split
+    from nvlcore.serve.client import endpoint_predictions, open_endpoint
+
+    made = make_split(maker, maker_name, split, split_maker_kwargs(cfg, split))
+    total = len(made) if params["limit"] is None else min(params["limit"], len(made))
+    sampling = sampling_params(params, 1)
+    try:
+        client, model = open_endpoint(params["endpoint"], params["endpoint_model"])
+        echo_err(f"nvl eval: {maker_name}/{split}: {total} example(s) through {params['endpoint']} (model {model!r})")
+
+        def predict(samples: Any, budget: int) -> Any:
+            return endpoint_predictions(client, model, samples, max_new_tokens=budget, sampling=sampling,
+                                        concurrency=params["batch_size"], progress=echo_err)
+
+        report = evaluate_split(predict, made, metrics, limit=params["limit"], max_new_tokens=params["max_new_tokens"],
+                                system_prompt=params["system_prompt"] or None, name=f"{maker_name}/{split}")
+    except (EvalError, OSError) as exc:
+        from nvlcore.cli.errors import one_line
+
+        raise click.ClickException(one_line(exc)) from None
+    _report(params, report, f"nvl eval: {maker_name}/{split} via {params['endpoint']}")
 
 
 def _score_file(params: dict[str, Any], metrics: Any, maker_name: str) -> None:

@@ -303,6 +303,38 @@ def format_table(metrics: Mapping[str, float], *, num_samples: int, title: str =
     return "\n".join(lines)
 
 
+Predict = Callable[[Sequence[EvalSample], int], "tuple[list[EvalRecord], dict[str, float]]"]
+"""``predict(samples, max_new_tokens) -> (records, timings)``: an answer source of :func:`evaluate_split`
+(the in-process generator's :func:`generate_predictions`, or an endpoint's answers)."""
+
+
+def evaluate_split(
+    predict: Predict,
+    made: Any,
+    metrics: Any,
+    *,
+    limit: int | None = None,
+    max_new_tokens: int | None = None,
+    system_prompt: str | None = "/no_think",
+    rank: int = 0,
+    world: int = 1,
+    contribute: bool = True,
+    name: str = "dataset",
+) -> EvalReport:
+    """This rank's share of the split answered by ``predict``, gathered (when ``world > 1``) and scored.
+
+    Every rank returns the same report (the gather is collective when ``world > 1``).
+    """
+    indices = shard(range(min(limit, len(made)) if limit is not None else len(made)), rank, world)
+    samples = eval_samples(made, indices=indices, system_prompt=system_prompt, name=name)
+    budget = max_new_tokens or int(getattr(metrics, "max_new_tokens", 128))
+    records, timings = predict(samples, budget)
+    if world > 1:
+        records, timings = gather_records(records, timings, contribute=contribute)
+    summary = score_records(metrics, records)
+    return EvalReport(summary, records, seconds=timings["seconds"], generated_tokens=int(timings["generated_tokens"]))
+
+
 def evaluate_generator(
     generator: Any,
     made: Any,
@@ -319,19 +351,15 @@ def evaluate_generator(
     name: str = "dataset",
     progress: Callable[[str], None] | None = None,
 ) -> EvalReport:
-    """Generate, gather (when ``world > 1``) and score: the whole evaluation of one split.
+    """Generate, gather (when ``world > 1``) and score: the whole evaluation of one split
+    (:func:`evaluate_split` with the generator as the answer source)."""
 
-    Every rank returns the same report (the gather is collective when ``world > 1``).
-    """
-    indices = shard(range(min(limit, len(made)) if limit is not None else len(made)), rank, world)
-    samples = eval_samples(made, indices=indices, system_prompt=system_prompt, name=name)
-    budget = max_new_tokens or int(getattr(metrics, "max_new_tokens", 128))
-    records, timings = generate_predictions(generator, samples, batch_size=batch_size, max_new_tokens=budget,
-                                            sampling=sampling, progress=progress)
-    if world > 1:
-        records, timings = gather_records(records, timings, contribute=contribute)
-    summary = score_records(metrics, records)
-    return EvalReport(summary, records, seconds=timings["seconds"], generated_tokens=int(timings["generated_tokens"]))
+    def predict(samples: Sequence[EvalSample], budget: int) -> tuple[list[EvalRecord], dict[str, float]]:
+        return generate_predictions(generator, samples, batch_size=batch_size, max_new_tokens=budget,
+                                    sampling=sampling, progress=progress)
+
+    return evaluate_split(predict, made, metrics, limit=limit, max_new_tokens=max_new_tokens,
+                          system_prompt=system_prompt, rank=rank, world=world, contribute=contribute, name=name)
 
 
 def echo_err(message: str) -> None:

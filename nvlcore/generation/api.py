@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 from nvlcore.data.schema import Conversation
-from nvlcore.generation.loop import GenerationOutput, generate_tokens, left_pad
+from nvlcore.generation.loop import GenerationOutput, StepCallback, generate_tokens, left_pad
 from nvlcore.generation.sampling import SamplingParams
 from nvlcore.generation.streaming import IncrementalDetokenizer, TextStreamer
 
@@ -112,6 +112,18 @@ def merge_model_inputs(items: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         else:
             raise TypeError(f"cannot batch model input {key!r}: values of types {[type(v).__name__ for v in vals]}")
     return merged
+
+
+def _both(first: StepCallback | None, second: StepCallback | None) -> StepCallback | None:
+    """One step callback calling ``first`` then ``second`` (either may be None)."""
+    if first is None or second is None:
+        return first or second
+
+    def call(step: int, tokens: list[int], active: list[bool]) -> None:
+        first(step, tokens, active)
+        second(step, tokens, active)
+
+    return call
 
 
 class ContextLengthError(ValueError):
@@ -226,6 +238,7 @@ class Generator:
         stream: TextIO | None = None,
         on_output: Callable[[GenerationOutput], Any] | None = None,
         first_index: int = 0,
+        on_step: StepCallback | None = None,
     ) -> list[GenerationResult]:
         """Decode one batch of prompts already made by ``prepare`` (left-padded together).
 
@@ -233,6 +246,8 @@ class Generator:
         prepare each conversation once and call this per batch.
 
         :param first_index: index of the first prompt, for error messages.
+        :param on_step: called after every decode step with every row's token (``nvl serve`` streams
+            and finishes each request from it); see :data:`~nvlcore.generation.loop.StepCallback`.
         """
         import torch
 
@@ -259,7 +274,7 @@ class Generator:
             stop_token_ids=self.stop_token_ids,
             pad_token_id=self.pad_token_id,
             model_inputs=media,
-            on_step=streamer,
+            on_step=_both(streamer, on_step),
         )
         if streamer is not None:
             streamer.end()

@@ -1,4 +1,4 @@
-"""This model's options of ``nvl generate``: how a video is sampled and pruned.
+"""This model's options of ``nvl generate`` and ``nvl serve``: how a video is sampled and pruned.
 
 ``--num-frames`` / ``--fps`` choose the frames the processor samples (``video_num_frames`` /
 ``video_fps``), ``--video-pruning-rate`` the EVS rate (the config's ``video_pruning_rate``; 0 turns it
@@ -18,9 +18,10 @@ from nvlcore.cli.plugin_options import CommandOptions
 
 
 class VideoOptions(CommandOptions):
-    """``--num-frames``, ``--fps`` (alias ``--video-fps``) and ``--video-pruning-rate`` of ``nvl generate``."""
+    """``--num-frames``, ``--fps`` (alias ``--video-fps``) and ``--video-pruning-rate`` of ``nvl generate`` and
+    ``nvl serve`` (there they apply to every request's videos)."""
 
-    commands = ("generate",)
+    commands = ("generate", "serve")
 
     def aliases(self, command: str) -> Mapping[str, str]:
         return {"--video-fps": "--fps"}
@@ -42,7 +43,8 @@ class VideoOptions(CommandOptions):
     def generator_options(self, command: str, values: Mapping[str, Any], params: Mapping[str, Any]) -> dict[str, Any]:
         """``processor_options`` and ``video_pruning_rate`` for :func:`nvl_nemotron_vl.generate.generator_for_model`."""
         num_frames, fps, rate = values.get("num_frames"), values.get("fps"), values.get("video_pruning_rate")
-        if params.get("video_path") is None and (num_frames is not None or fps is not None or rate is not None):
+        if command == "generate" and params.get("video_path") is None and (
+                num_frames is not None or fps is not None or rate is not None):
             raise click.UsageError("--num-frames, --fps and --video-pruning-rate apply to a video: also give "
                                    "--video-path")
         if num_frames is not None and fps is not None:
