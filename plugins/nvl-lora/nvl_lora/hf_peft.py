@@ -87,44 +87,10 @@ def adapter_tensors_hf(
     Also returns the non-adapter tensors of ``state`` (weights the run trained fully) by training name,
     for :func:`trained_tensors_hf`.
     """
+    from nvl_lora.layout import adapters_by_module
+
     by_module, trained = adapters_by_module(table, state)
     return {h: t for hf in by_module.values() for h, t in hf.items()}, trained
-
-
-def adapters_by_module(
-    table: list[Any], state: Mapping[str, Any]
-) -> tuple[dict[str, dict[str, tuple[Any, ...]]], dict[str, Any]]:
-    """:func:`adapter_tensors_hf` grouped by the adapted module's training name (a fused training module,
-    e.g. an attention ``linear_qkv``, has several HF modules)."""
-    from nvl_lora.layout import adapter_entry, base_entry, split_adapter_key, to_components
-
-    by_name = {m.megatron: m for m in table}
-    comps = to_components(table, state)
-    modules = sorted({p[0] for k in comps if (p := split_adapter_key(k))})
-    trained = {k: comps[k] for k in sorted(comps) if not split_adapter_key(k)}
-    out: dict[str, dict[str, tuple[Any, ...]]] = {}
-    for module in modules:
-        base = base_entry(by_name, module)
-        a = comps[f"{module}.adapter.linear_in.weight"]
-        b_entry = adapter_entry(base, module, "B")
-        missing = [c for c in b_entry.components if c not in comps]
-        if missing:
-            raise KeyError(f"adapter of {module}: tensors {missing} are missing from the checkpoint")
-        b_hf = b_entry.components_to_hf({c: comps[c] for c in b_entry.components})
-        m_entry = adapter_entry(base, module, "M")
-        m_hf = None
-        if any(c in comps for c in m_entry.components):
-            missing = [c for c in m_entry.components if c not in comps]
-            if missing:
-                raise KeyError(f"DoRA adapter of {module}: magnitude tensors {missing} are missing from the checkpoint")
-            m_hf = m_entry.components_to_hf({c: comps[c] for c in m_entry.components})
-        for hf_key in base.hf:
-            hf_module = hf_key[: -len(".weight")]
-            pair = (a, b_hf[f"{hf_module}.lora_B.weight"])
-            if m_hf is not None:
-                pair += (m_hf[f"{hf_module}.lora_magnitude_vector"].reshape(-1),)
-            out.setdefault(module, {})[hf_module] = pair
-    return out, trained
 
 
 def trained_tensors_hf(table: list[Any], trained: Mapping[str, Any]) -> dict[str, Any]:

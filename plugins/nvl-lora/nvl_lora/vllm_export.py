@@ -70,7 +70,7 @@ def export_for_vllm(*, checkpoint: Path, hf_model_path: Path, output: Path, over
     import torch
     from safetensors.torch import save_file
 
-    from nvl_lora.hf_peft import adapters_by_module
+    from nvl_lora.layout import adapters_by_module
     from nvl_lora.merge_io import merge_checkpoints, read_lora_run
     from nvlcore.bridge import resolve_bridge
     from nvlcore.checkpoint import atomic_output_dir, check_can_write
