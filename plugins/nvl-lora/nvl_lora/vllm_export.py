@@ -88,7 +88,8 @@ def export_for_vllm(*, checkpoint: Path, hf_model_path: Path, output: Path, over
     tensors = {f"{PEFT_PREFIX}{name}.lora_{ab}.weight": (t.to(cast) if cast else t).detach().contiguous().clone()
                for name, pair in served.items() for ab, t in zip("AB", pair, strict=True)}
     needs_base = bool(merged or trained)
-    base = output / "base" if needs_base else Path(hf_model_path).expanduser().absolute()
+    # a Hub id names the cached snapshot the bridge resolved
+    base = output / "base" if needs_base else Path(bridge.hf_dir or hf_model_path).expanduser().absolute()
     with atomic_output_dir(output, overwrite=overwrite, what="--output") as tmp:
         if needs_base:
             served_modules = set(by_module) - merged
