@@ -42,6 +42,7 @@ def test_adapter_argv_takes_the_exporters_arguments(tmp_path: Path) -> None:
     argv = vb.vllm_command(base, adapter_dir=d, settings=SETTINGS, host="0.0.0.0")
     assert argv == ["vllm", "serve", str(base), "--host", "0.0.0.0", "--port", "8000", *SETTING_ARGS,
                     "--enable-adapters", "--max-adapter-rank", "8", "--adapter-modules", f"my_adapter={d}"]
+    assert vb.vllm_command(None, adapter_dir=d, settings=SETTINGS, host="0.0.0.0") == argv  # the manifest's base
     named = vb.vllm_command(base, adapter_dir=d, settings={}, served_model_name="tuned")
     assert named[-2:] == ["--adapter-modules", f"tuned={d}"] and "--served-model-name" not in named
 
@@ -50,6 +51,8 @@ def test_adapter_refusals_name_the_file(tmp_path: Path) -> None:
     d = adapter(tmp_path, tmp_path / "base")
     with pytest.raises(vb.VllmBackendError, match="applies to base .*base, not .*other"):
         vb.vllm_command(tmp_path / "other", adapter_dir=d, settings={})
+    with pytest.raises(vb.VllmBackendError, match="no model to serve"):
+        vb.vllm_command(None, settings={})
     with pytest.raises(vb.VllmBackendError, match="vllm_serve.json is missing: export the adapter"):
         vb.vllm_command(tmp_path / "base", adapter_dir=tmp_path, settings={})
     (d / vb.ADAPTER_MANIFEST).write_text(json.dumps({"base_model": str(tmp_path / "base"), "adapter_args": "x"}))

@@ -68,11 +68,12 @@ def model_settings(model_dir: str | Path, manager: Any = None) -> dict[str, Any]
     return dict(resolve_bridge(model_dir, manager=manager, option="the vLLM model directory").vllm_serve_settings())
 
 
-def vllm_command(model_dir: str | Path, *, adapter_dir: str | Path | None = None, host: str = "127.0.0.1",
+def vllm_command(model_dir: str | Path | None, *, adapter_dir: str | Path | None = None, host: str = "127.0.0.1",
                  port: int = 8000, served_model_name: str | None = None, extra_args: Sequence[str] = (),
                  settings: Mapping[str, Any] | None = None, manager: Any = None) -> list[str]:
     """The ``vllm serve`` argv for ``model_dir`` with its model's recommended settings.
 
+    :param model_dir: the model to serve; ``None`` with an adapter: the base its manifest names.
     :param adapter_dir: an adapter exported for vLLM, served as ``served_model_name`` (default: its directory
         name) next to the base; ``model_dir`` must be the base its manifest names.
     :param served_model_name: the name clients ask for (``--served-model-name``; with an adapter, the
@@ -80,26 +81,31 @@ def vllm_command(model_dir: str | Path, *, adapter_dir: str | Path | None = None
     :param extra_args: appended last, so they override the recommended values (vLLM keeps the last).
     :param settings: the model's settings (default: :func:`model_settings` of ``model_dir``).
     """
+    manifest = None if adapter_dir is None else read_adapter_manifest(adapter_dir)
+    if model_dir is None:
+        if manifest is None:
+            raise VllmBackendError("no model to serve: give a model directory or an adapter exported for vLLM")
+        model_dir = manifest["base_model"]
     model_dir = Path(model_dir).expanduser().absolute()
+    if adapter_dir is not None and manifest is not None:
+        adapter_dir = Path(adapter_dir).expanduser().absolute()
+        base = Path(manifest["base_model"]).expanduser().absolute()
+        if base != model_dir:
+            raise VllmBackendError(f"{adapter_dir / ADAPTER_MANIFEST} applies to base {base}, not {model_dir}: "
+                                   "serve that base with this adapter")
     argv = ["vllm", "serve", str(model_dir), "--host", host, "--port", str(int(port))]
     for name, value in (model_settings(model_dir, manager) if settings is None else settings).items():
         argv += _option(name, value)
-    if adapter_dir is None:
+    if adapter_dir is None or manifest is None:
         if served_model_name:
             argv += ["--served-model-name", served_model_name]
         return argv + list(extra_args)
-    adapter_dir = Path(adapter_dir).expanduser().absolute()
-    manifest = read_adapter_manifest(adapter_dir)
-    base = Path(manifest["base_model"]).expanduser().absolute()
-    if base != model_dir:
-        raise VllmBackendError(f"{adapter_dir / ADAPTER_MANIFEST} applies to base {base}, not {model_dir}: serve "
-                               "that base with this adapter")
-    name = served_model_name or adapter_dir.name
+    name = served_model_name or Path(adapter_dir).name
     argv += [str(a) for a in manifest["adapter_args"]] + [manifest["module_option"], f"{name}={adapter_dir}"]
     return argv + list(extra_args)
 
 
-def run_vllm(model_dir: str | Path, *, replace_process: bool = True, **options: Any) -> int:
+def run_vllm(model_dir: str | Path | None, *, replace_process: bool = True, **options: Any) -> int:
     """Run :func:`vllm_command`'s command: in place of this process (``replace_process``, as a launcher
     does) or as a child whose exit status is returned. Without vLLM, prints :data:`INSTALL_HINT` and returns 1.
     ``options`` are :func:`vllm_command`'s."""
