@@ -427,6 +427,24 @@ class ModelBridge(abc.ABC):
         """A YAML file applied over the recipe unless ``--config-file`` replaces it; default none."""
         return None
 
+    # --------------------------------------------------------------------------------- serving
+    def vllm_serve_settings(self) -> dict[str, Any]:
+        """The ``vllm serve`` settings this model is served with: option names in snake_case (``max_model_len``)
+        -> values (``True``: a bare flag; a dict or list: JSON). :mod:`nvlcore.serve.vllm_backend` turns them into
+        the command line. Default: none (vLLM's defaults)."""
+        return {}
+
+    def vllm_adapter_module(self, hf_module: str) -> str | None:
+        """The name vLLM gives the module an adapter on HF module ``hf_module`` (an HF weight key without
+        ``.weight``) attaches to, or ``None`` where vLLM serves no adapter (that part must be merged into the
+        base vLLM serves instead). The vLLM adapter export (``nvl export --target vllm``) asks this per module.
+
+        :raises BridgeError: naming the module vLLM cannot adapt; by default for every module (the bridge
+            does not say how vLLM names this model's modules).
+        """
+        raise BridgeError(f"model bridge {self.name!r} does not say which modules vLLM serves adapters on "
+                          f"({hf_module}); serve a merged model instead (`nvl convert export`)")
+
 
 # ------------------------------------------------------------------------------------- helpers
 def freeze_parameters(model: torch.nn.Module, groups: Mapping[str, str], flags: Mapping[str, bool], *,

@@ -186,7 +186,11 @@ class PeftMethod(Protocol):
 
 @runtime_checkable
 class Exporter(Protocol):
-    """Writes a trained checkpoint in another format (``nvl export --format NAME``)."""
+    """Writes a trained checkpoint in another format (``nvl export --format NAME``).
+
+    ``options`` are the ``-O KEY=VALUE`` settings, plus ``dtype`` (``--dtype``) and ``target`` (``--target``: the
+    server the export is for) when given; an exporter raises ``ValueError`` naming an option it does not take.
+    """
 
     def export(self, *, checkpoint: Path, hf_model_path: Path, output: Path, **options: Any) -> Path:
         ...

@@ -45,6 +45,8 @@ def _parse_options(values: tuple[str, ...]) -> dict[str, Any]:
 @click.option("--output", "--hf-path", "output", type=click.Path(path_type=Path), help="Directory to write.")
 @click.option("--dtype", default=None, type=click.Choice(["float32", "bfloat16", "float16"]),
               help="Cast the exported tensors (the original export_adapter.py's --dtype; same as -O dtype=...).")
+@click.option("--target", default=None, metavar="SERVER",
+              help="The server the export is for, where the exporter makes one (hf-peft: vllm); same as -O target=.")
 @click.option("--tp", "--pp", "--ep", "--etp", "_parallel", type=click.IntRange(min=1), multiple=True, hidden=True,
               help="Accepted for the original export_adapter.py command lines; checkpoints hold logical tensors.")
 @click.option("--trust-remote-code", "--sequence-parallel", "_compat", is_flag=True, hidden=True,
@@ -66,6 +68,7 @@ def export_command(
     revision: str | None,
     output: Path | None,
     dtype: str | None,
+    target: str | None,
     _parallel: Any,
     _compat: bool,
     overwrite: bool,
@@ -78,6 +81,7 @@ def export_command(
     Example (an HF PEFT adapter from a PEFT run):
       nvl export --format hf-peft --checkpoint runs/peft/iter_0000200 \\
           --hf-model-path ckpts/hf --output my_adapter
+      nvl export --format hf-peft --target vllm ...   (an adapter vllm serve loads as it is)
     """
     from nvlcore.cli import current_plugin_manager
     from nvlcore.registry import UnknownNameError
@@ -104,6 +108,8 @@ def export_command(
     extra = _parse_options(options)
     if dtype is not None:
         extra.setdefault("dtype", dtype)
+    if target is not None:
+        extra.setdefault("target", target)
     try:
         written = exporter.export(
             checkpoint=checkpoint,

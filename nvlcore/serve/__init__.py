@@ -6,7 +6,9 @@
 * :mod:`~nvlcore.serve.engine`: the queue and worker thread that batch requests in flight;
 * :mod:`~nvlcore.serve.app`: the FastAPI routes (``serve`` extra: fastapi, uvicorn);
 * :mod:`~nvlcore.serve.client`: conversations -> OpenAI messages, and the endpoint as an answer source of
-  :func:`nvlcore.eval.runner.evaluate_split` (``openai``, also in the ``serve`` extra).
+  :func:`nvlcore.eval.runner.evaluate_split` (``openai``, also in the ``serve`` extra);
+* :mod:`~nvlcore.serve.vllm_backend`: the ``vllm serve`` command line for an exported model, with the model's
+  recommended settings and an adapter exported for vLLM (``nvl serve --backend vllm``).
 
 Importing this package is cheap: the web stack, torch and openai are imported inside functions.
 """

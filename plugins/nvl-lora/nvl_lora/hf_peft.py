@@ -87,35 +87,10 @@ def adapter_tensors_hf(
     Also returns the non-adapter tensors of ``state`` (weights the run trained fully) by training name,
     for :func:`trained_tensors_hf`.
     """
-    from nvl_lora.layout import adapter_entry, base_entry, split_adapter_key, to_components
+    from nvl_lora.layout import adapters_by_module
 
-    by_name = {m.megatron: m for m in table}
-    comps = to_components(table, state)
-    modules = sorted({p[0] for k in comps if (p := split_adapter_key(k))})
-    trained = {k: comps[k] for k in sorted(comps) if not split_adapter_key(k)}
-    out: dict[str, tuple[Any, Any]] = {}
-    for module in modules:
-        base = base_entry(by_name, module)
-        a = comps[f"{module}.adapter.linear_in.weight"]
-        b_entry = adapter_entry(base, module, "B")
-        missing = [c for c in b_entry.components if c not in comps]
-        if missing:
-            raise KeyError(f"adapter of {module}: tensors {missing} are missing from the checkpoint")
-        b_hf = b_entry.components_to_hf({c: comps[c] for c in b_entry.components})
-        m_entry = adapter_entry(base, module, "M")
-        m_hf = None
-        if any(c in comps for c in m_entry.components):
-            missing = [c for c in m_entry.components if c not in comps]
-            if missing:
-                raise KeyError(f"DoRA adapter of {module}: magnitude tensors {missing} are missing from the checkpoint")
-            m_hf = m_entry.components_to_hf({c: comps[c] for c in m_entry.components})
-        for hf_key in base.hf:
-            hf_module = hf_key[: -len(".weight")]
-            pair = (a, b_hf[f"{hf_module}.lora_B.weight"])
-            if m_hf is not None:
-                pair += (m_hf[f"{hf_module}.lora_magnitude_vector"].reshape(-1),)
-            out[hf_module] = pair
-    return out, trained
+    by_module, trained = adapters_by_module(table, state)
+    return {h: t for hf in by_module.values() for h, t in hf.items()}, trained
 
 
 def trained_tensors_hf(table: list[Any], trained: Mapping[str, Any]) -> dict[str, Any]:
@@ -187,6 +162,22 @@ def modules_to_save(trained: set[str], hf_keys: list[str], adapted: set[str]) ->
     return {m: sorted(under.get(m, [])) for m in sorted(outer)}
 
 
+TARGETS = ("vllm",)
+
+
+def _export_for_target(target: str | None, *, renames: tuple[Any, ...], **kwargs: Any) -> Path:
+    """``--target vllm``: the names are vLLM's, so the renaming options do not apply."""
+    if target not in TARGETS:
+        raise ValueError(f"--target {target}: hf-peft exports for {', '.join(TARGETS)} (-O pretrained= goes with "
+                         "--target vllm)" if target is not None else "-O pretrained= goes with --target vllm")
+    if any(renames):
+        raise ValueError("--target vllm names modules as vLLM does: drop -O for_causal_lm / module_prefix_map / "
+                         "include")
+    from nvl_lora.vllm_export import export_for_vllm
+
+    return export_for_vllm(**kwargs)
+
+
 class HFPeftExporter:
     """``nvl export --format hf-peft``."""
 
@@ -204,6 +195,8 @@ class HFPeftExporter:
         for_causal_lm: bool = False,
         module_prefix_map: Mapping[str, str] | None = None,
         include: list[str] | str | None = None,
+        target: str | None = None,
+        pretrained: str | Path | None = None,
         **unknown: Any,
     ) -> Path:
         """Write the adapter; returns the output directory.
@@ -212,6 +205,10 @@ class HFPeftExporter:
         :param for_causal_lm: only the LM's adapters, named for transformers' ``NemotronHForCausalLM``.
         :param module_prefix_map: ``{old_prefix: new_prefix}`` applied to HF module names.
         :param include: glob(s) over HF module names (after renaming) to keep.
+        :param target: ``vllm``: an adapter ``vllm serve`` loads as it is, with its base where the run
+            changed more than vLLM's adapters carry (:mod:`nvl_lora.vllm_export`).
+        :param pretrained: with ``target=vllm``, the base checkpoint that base is merged from (default: the
+            one the run recorded, as ``nvl peft merge``).
         """
         import torch
         from safetensors.torch import save_file
@@ -221,11 +218,14 @@ class HFPeftExporter:
         from nvlcore.checkpoint import atomic_output_dir, check_can_write
 
         if unknown:
-            raise ValueError(
-                f"unknown hf-peft option(s) {sorted(unknown)}; known: dtype, for_causal_lm, module_prefix_map, include"
-            )
+            raise ValueError(f"unknown hf-peft option(s) {sorted(unknown)}; known: dtype, for_causal_lm, "
+                             "module_prefix_map, include, target, pretrained")
         if hf_model_path is None:
             raise ValueError("--hf-model-path is required: its config picks the weight mapping and HF names")
+        if target is not None or pretrained is not None:
+            return _export_for_target(target, checkpoint=checkpoint, hf_model_path=hf_model_path, output=output,
+                                      overwrite=overwrite, plugin_manager=plugin_manager, dtype=dtype,
+                                      pretrained=pretrained, renames=(for_causal_lm, module_prefix_map, include))
         output = Path(output).expanduser().absolute()
         check_can_write(output, overwrite=overwrite, what="--output")
         ck, peft, _ = read_lora_run(checkpoint)

@@ -111,3 +111,38 @@ def base_to_components(entry: Any, base: Mapping[str, torch.Tensor]) -> tuple[di
     if entry.megatron in base:
         return entry.local_to_components([base[entry.megatron]]), True
     raise KeyError(f"the base checkpoint has neither {list(comps)} nor {entry.megatron}")
+
+
+def adapters_by_module(
+    table: list[Any], state: Mapping[str, Any]
+) -> tuple[dict[str, dict[str, tuple[Any, ...]]], dict[str, Any]]:
+    """Every adapter of ``state`` in HF form: training module -> {HF module: ``(lora_A [r, in], lora_B [out, r])``,
+    plus ``lora_magnitude_vector [out]`` for DoRA} (a fused training module, e.g. an attention ``linear_qkv``, has
+    several HF modules, B's rows split between them); and the non-adapter tensors (trained fully) by training name."""
+    by_name = {m.megatron: m for m in table}
+    comps = to_components(table, state)
+    modules = sorted({p[0] for k in comps if (p := split_adapter_key(k))})
+    trained = {k: comps[k] for k in sorted(comps) if not split_adapter_key(k)}
+    out: dict[str, dict[str, tuple[Any, ...]]] = {}
+    for module in modules:
+        base = base_entry(by_name, module)
+        a = comps[f"{module}.adapter.linear_in.weight"]
+        b_entry = adapter_entry(base, module, "B")
+        missing = [c for c in b_entry.components if c not in comps]
+        if missing:
+            raise KeyError(f"adapter of {module}: tensors {missing} are missing from the checkpoint")
+        b_hf = b_entry.components_to_hf({c: comps[c] for c in b_entry.components})
+        m_entry = adapter_entry(base, module, "M")
+        m_hf = None
+        if any(c in comps for c in m_entry.components):
+            missing = [c for c in m_entry.components if c not in comps]
+            if missing:
+                raise KeyError(f"DoRA adapter of {module}: magnitude tensors {missing} are missing from the checkpoint")
+            m_hf = m_entry.components_to_hf({c: comps[c] for c in m_entry.components})
+        for hf_key in base.hf:
+            hf_module = hf_key[: -len(".weight")]
+            pair = (a, b_hf[f"{hf_module}.lora_B.weight"])
+            if m_hf is not None:
+                pair += (m_hf[f"{hf_module}.lora_magnitude_vector"].reshape(-1),)
+            out.setdefault(module, {})[hf_module] = pair
+    return out, trained

@@ -122,9 +122,15 @@ def merge_checkpoints(
     overwrite: bool = False,
     plugin_manager: Any = None,
     say: Callable[[str], None] = lambda s: print(s, file=sys.stderr),
+    keep_adapter: Callable[[str], bool] | None = None,
 ) -> MergeSummary:
     """Write ``base + (alpha/r)·B·A`` for every adapter as a Megatron checkpoint (``fmt="megatron"``)
-    or an HF directory (``fmt="hf"``, through ``nvl convert export``'s writer)."""
+    or an HF directory (``fmt="hf"``, through ``nvl convert export``'s writer).
+
+    :param keep_adapter: given an adapted module's training name, whether to merge its adapter (default:
+        all); the others are left out, so the output is the run's model without them (the base a server
+        applies those adapters to). The fully trained tensors are always written.
+    """
     from nvlcore.checkpoint import (
         StreamedState,
         TensorSpec,
@@ -175,6 +181,8 @@ def merge_checkpoints(
         trained = _to_base_form(table, {k: v for k, v in comps.items() if not split_adapter_key(k)}, set(specs))
         if not adapter:
             raise MergeError(f"{lora.path} holds no adapter tensors (keys with .adapter.linear_in/out.weight)")
+        if keep_adapter is not None:
+            adapter = {k: v for k, v in adapter.items() if keep_adapter(split_adapter_key(k)[0])}  # type: ignore[index]
         pairs = adapter_pairs(adapter)
         check_rank(pairs, adapter, dim)
         scale = alpha / dim

@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from nvlcore.bridge import ModelBridge
+from nvlcore.bridge import BridgeError, ModelBridge
 from nvlcore.mapping import ParamMapping
 
 from .config import NemotronVLConfig
@@ -222,6 +222,22 @@ class NemotronVLBridge(ModelBridge):
         from .recipes import DEFAULT_CONFIG_FILE
 
         return DEFAULT_CONFIG_FILE
+
+    # -------------------------------------------------------------------------------- serving
+    def vllm_serve_settings(self) -> dict[str, Any]:
+        """vLLM's recipe for this model (:func:`nvl_nemotron_vl.vllm_serving.vllm_serve_settings`)."""
+        from .vllm_serving import vllm_serve_settings
+
+        return vllm_serve_settings(self.config)
+
+    def vllm_adapter_module(self, hf_module: str) -> str | None:
+        """vLLM serves adapters on the language model only (:mod:`nvl_nemotron_vl.vllm_serving`)."""
+        from .vllm_serving import vllm_adapter_module
+
+        try:
+            return vllm_adapter_module(self.config, hf_module)
+        except ValueError as exc:
+            raise BridgeError(str(exc)) from None
 
     # ---------------------------------------------------------------------------------- FLOPs
     def flops_per_token(self, seq_length: int = 4096) -> float:
