@@ -48,6 +48,12 @@ from nvlcore.cli.plugin_options import PluginOptionsCommand
               help="Weights dtype (default: bfloat16 on GPU, float32 on CPU).")
 @click.option("--bridge", "bridge_name", default=None, help="Model bridge name (default: from config.json).")
 @click.option("--quiet", "-q", is_flag=True, help="No loading or per-request lines (the ready line still prints).")
+@click.option("--backend", type=click.Choice(["nvl", "vllm"]), default="nvl", show_default=True,
+              help="nvl: this process serves with nvl's generator; vllm: run `vllm serve` on the HF directory with "
+                   "the model's recommended settings (vLLM installed separately).")
+@click.option("--vllm-export-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="--backend vllm with --adapter-checkpoint: where the run is exported for vLLM (nvl export "
+                   "--format hf-peft --target vllm; default: ADAPTER_CHECKPOINT/vllm-export, reused when present).")
 @click.pass_context
 def serve_command(ctx: click.Context, **params: Any) -> None:
     """Serve the model over an OpenAI-compatible API (/v1/chat/completions, /v1/models, /health).
@@ -64,6 +70,10 @@ def serve_command(ctx: click.Context, **params: Any) -> None:
     assert isinstance(command, PluginOptionsCommand)
     plugin_values = command.split_values(params, ctx)
     params["quiet"] = params["quiet"] or global_flag("quiet")
+    if params["backend"] == "vllm":
+        raise SystemExit(_serve_with_vllm(params))
+    if params["vllm_export_dir"] is not None:
+        raise click.UsageError("--vllm-export-dir is read with --backend vllm only")
     if params["tp"] > 1:
         raise click.UsageError(f"--tp {params['tp']}: nvl serve runs the model in one process (tensor parallelism "
                                "is not supported yet); serve with --tp 1 on one GPU")
@@ -86,6 +96,60 @@ def serve_command(ctx: click.Context, **params: Any) -> None:
     with owned_process_groups():
         generator = _load(bridge, params, generator_options)
         _run_server(generator, params)
+
+
+#: nvl-backend options and the value that means "not given" (refused with --backend vllm when given)
+_NVL_ONLY = {"megatron_model_path": None, "max_batch_size": 8, "max_new_tokens": 1024, "system_prompt": "/no_think",
+             "allowed_local_media_path": None, "device": None, "dtype": None, "bridge_name": None}
+
+
+def _serve_with_vllm(params: dict[str, Any]) -> int:
+    """``--backend vllm``: export an adapter run for vLLM when one is given, then run ``vllm serve``."""
+    from nvlcore.serve.vllm_backend import VllmBackendError, run_vllm, vllm_available
+
+    given = [f"--{k.replace('_name', '').replace('_', '-')}" for k, v in _NVL_ONLY.items() if params[k] != v]
+    if given:
+        raise click.UsageError(f"{', '.join(given)}: nvl's own backend only; vllm serve takes its settings from the "
+                               "model (drop them, or serve with --backend nvl)")
+    if not vllm_available():  # before an export that can take minutes
+        return run_vllm(None)
+    model_dir = Path(params["hf_model_path"])
+    if not model_dir.is_dir():
+        raise click.UsageError(f"--hf-model-path {model_dir}: --backend vllm serves a local HF directory (nvl convert "
+                               "export writes one)")
+    adapter_dir = None
+    if params["adapter_checkpoint"] is not None:
+        adapter_dir = _export_for_vllm(params["adapter_checkpoint"], model_dir, params["vllm_export_dir"])
+        model_dir = None  # the export's manifest names the base to serve (the run's trained towers merged in)
+    extra = ["--tensor-parallel-size", str(params["tp"])] if params["tp"] > 1 else []
+    try:
+        return run_vllm(model_dir, adapter_dir=adapter_dir, host=params["host"], port=params["port"],
+                        served_model_name=params["served_model_name"], extra_args=extra)
+    except VllmBackendError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def _export_for_vllm(run: Path, hf_dir: Path, out: Path | None) -> Path:
+    """The run's adapters as vLLM loads them (the ``hf-peft`` exporter, ``target=vllm``), exported once."""
+    from nvlcore.cli import current_plugin_manager
+    from nvlcore.serve.vllm_backend import ADAPTER_MANIFEST
+
+    out = out or run / "vllm-export"
+    if (out / ADAPTER_MANIFEST).is_file():
+        click.echo(f"nvl serve: using the vLLM export {out}", err=True)
+        return out
+    manager = current_plugin_manager()
+    try:
+        exporter = manager.registry("exporter").get("hf-peft")
+        exporter = exporter() if isinstance(exporter, type) else exporter
+        exporter.export(checkpoint=run, hf_model_path=hf_dir, output=out, overwrite=False, plugin_manager=manager,
+                        target="vllm")
+    except (FileNotFoundError, FileExistsError, ValueError, KeyError) as exc:
+        from nvlcore.cli.errors import one_line
+
+        raise click.ClickException(one_line(exc)) from None
+    click.echo(f"nvl serve: exported {run} for vLLM to {out}", err=True)
+    return out
 
 
 def _check_address(host: str, port: int) -> None:
