@@ -62,29 +62,26 @@ def main() -> None:
         "LoRA, MedPix-like packed, seq 4096": PlanInputs(packed=True, workload=(4096, 12), **lora),
         "LoRA, video seq 8192 (10 frames)": PlanInputs(seq_length=8192, workload=(8192, 10), **lora),
         "QLoRA (NF4 base, adapters on the LM and both towers), text, seq 4096": PlanInputs(
-            workload=(4096, 0), base_bytes=NF4_BYTES_PER_PARAM, global_batch_size=32, peft=True, freeze_other=True,
+            workload=(4096, 0), base_bytes=NF4_BYTES_PER_PARAM, host_build=True, global_batch_size=32, peft=True,
+            freeze_other=True,
             target_modules=t.LM_TARGETS + ("*vision_model*.linear_qkv", "*vision_model*.linear_proj",
                                            "*vision_model*.linear_fc1", "*vision_model*.linear_fc2"),
             frozen_groups={"language_model": True, "vision_model": True, "vision_projection": True}),
         "full FT, TP=2, text, seq 4096": PlanInputs(tp=2, global_batch_size=32, workload=(4096, 0)),
     }
-    for build in (None, 0.0):
-        print("\nToday: the model built in its storage dtypes (frozen weights in bf16; an NF4 base is quantized "
-              "after a bf16 build):\n" if build is None else
-              "\nIf frozen weights were loaded a tensor at a time straight into their storage (NF4 quantized as "
-              "they load; not yet):\n")
-        print("| recipe | " + " | ".join(f"{c} GB card" for c in CARDS_GB) + " |\n|---|" + "---|" * len(CARDS_GB))
-        for name, inp in recipes.items():
-            cells = []
-            for card in CARDS_GB:
-                try:  # the card's free memory: ~98% of its size once the context is up
-                    d = fit(b, _AllKeys, attrs.evolve(inp, build_bytes_per_param=build), card * GB * 0.98, mode="auto")
-                    cells.append(
-                        f"~{d.estimate.card / GB:.0f}: " + (" ".join(d.chosen.overrides) if d.chosen else "as is"))
-                except MemoryPlanError as exc:
-                    closest = str(exc).split("fit: " if "Options that fit" in str(exc) else "is: ")[-1]
-                    cells.append("no; " + closest.split(" (or train")[0].split("; train.memory_plan")[0])
-            print(f"| {name} | " + " | ".join(cells) + " |")
+    print("\nThe model built in its storage dtypes (frozen weights in bf16; an NF4 base built in host memory and "
+          "quantized onto the GPU one weight at a time):\n")
+    print("| recipe | " + " | ".join(f"{c} GB card" for c in CARDS_GB) + " |\n|---|" + "---|" * len(CARDS_GB))
+    for name, inp in recipes.items():
+        cells = []
+        for card in CARDS_GB:
+            try:  # the card's free memory: ~98% of its size once the context is up
+                d = fit(b, _AllKeys, inp, card * GB * 0.98, mode="auto")
+                cells.append(f"~{d.estimate.card / GB:.0f}: " + (" ".join(d.chosen.overrides) if d.chosen else "as is"))
+            except MemoryPlanError as exc:
+                closest = str(exc).split("fit: " if "Options that fit" in str(exc) else "is: ")[-1]
+                cells.append("no; " + closest.split(" (or train")[0].split("; train.memory_plan")[0])
+        print(f"| {name} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

@@ -335,7 +335,8 @@ def options_for(cfg: Any, inputs: PlanInputs, bridge: Any = None) -> list[Option
     ladder[first_full:first_full] = _selective_all(cfg, inputs, bridge, offloads)
     ladder += [Option({**deepest.changes, **o.changes}, deepest.overrides + o.overrides) for o in offloads]
     if inputs.peft and inputs.base_bytes is None and _peft_key(cfg, "base_dtype"):
-        ladder.append(Option({**deepest.changes, "base_bytes": NF4_BYTES_PER_PARAM},
+        host = getattr(cfg.model, "use_cpu_initialization", None) is not False  # its default with a 4-bit base
+        ladder.append(Option({**deepest.changes, "base_bytes": NF4_BYTES_PER_PARAM, "host_build": host},
                              deepest.overrides + ("peft.base_dtype=nf4",)))
     tp2 = inputs.tp * 2
     ladder.append(Option({"tp": tp2}, (f"model.tensor_model_parallel_size={tp2} on {tp2 * inputs.dp} GPUs",),
