@@ -33,6 +33,7 @@ import io
 import json
 import math
 import os
+import shutil
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -432,12 +433,15 @@ def _train_state(iteration: int) -> dict[str, Any]:
 
 def save_megatron_bridge_checkpoint(root: str | os.PathLike[str], iteration: int, tensors: Mapping[str, Any], *,
                                     run_config: Mapping[str, Any], overwrite: bool = False,
+                                    files: Mapping[str, str | os.PathLike[str]] | None = None,
                                     what: str = "--megatron-path") -> Path:
     """Write a Megatron-Bridge checkpoint at ``root`` (it appears whole, or not at all): ``iter_N/`` by
     megatron-core's own ``dist_checkpointing.save`` (``torch_dist``: ``.metadata``, ``*.distcp``,
     ``metadata.json``, ``common.pt``), ``run_config.yaml``, ``train_state.pt``, and both trackers.
 
     :param tensors: raw key -> global tensor, or ``{layer: tensor}`` for a stacked list (:func:`to_megatron_bridge`).
+    :param files: files copied into ``iter_N`` by relative name (``tokenizer/tokenizer.json``), as Megatron-Bridge's
+        import saves the HF tokenizer there.
     :returns: the ``iter_N`` directory.
     """
     import torch
@@ -463,6 +467,9 @@ def save_megatron_bridge_checkpoint(root: str | os.PathLike[str], iteration: int
         ts = _train_state(iteration)
         torch.save(ts, it_dir / "train_state.pt")
         (it_dir / "run_config.yaml").write_text(yaml.safe_dump(_plain(run_config), sort_keys=False))
+        for rel, src in (files or {}).items():
+            (it_dir / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, it_dir / rel)
         torch.save(ts, tmp / TRACKER_PT)
         (tmp / TRACKER_TXT).write_text(f"{iteration}\n")
     return final / iter_dir_name(iteration)
