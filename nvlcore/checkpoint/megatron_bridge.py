@@ -138,7 +138,9 @@ class MegatronBridgeCheckpoint(Checkpoint):
         md = self._md()
         for key, item in md.state_dict_metadata.items():
             if key.split("/", 1)[0] == COMMON_STATE_KEY and not hasattr(item, "size"):
-                return dict(self._read_object(md, key))
+                obj = self._read_object(md, key)
+                # megatron-core's torch_dist stores a ShardedObject as the list of its local objects
+                return dict(obj[0] if isinstance(obj, list) and len(obj) == 1 else obj)
         return None
 
     def _read_object(self, md: Any, key: str) -> Any:

@@ -18,6 +18,8 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 LORA = {"dim": 4, "alpha": 8, "seed": 7}
+#: tests on the fixtures: writing them spawns two gloo processes (about 25 s of CPU)
+slow = pytest.mark.slow
 
 
 def nvl(*args: str):
@@ -44,15 +46,14 @@ def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
 def mb(tiny_toy, tmp_path_factory):
     """Megatron-Bridge checkpoints of the toy: ``tp1`` (common.pt), ``tp2`` (common state in the .distcp files),
     ``lora`` (adapter-only, TP 2, base ``tp1``)."""
-    from nemotron_vl_testing_mb import write_worker
+    from nemotron_vl_testing_mb import write_all_worker
 
     from nvl_dist_testing import run_distributed
 
     root = tmp_path_factory.mktemp("mb")
-    run_distributed(write_worker, 1, str(tiny_toy), str(root / "tp1"), {"iteration": 0, "common": "pt"})
-    run_distributed(write_worker, 2, str(tiny_toy), str(root / "tp2"), {"iteration": 7, "common": "distcp"})
-    run_distributed(write_worker, 2, str(tiny_toy), str(root / "lora"),
-                    {"iteration": 20, "common": "distcp", "lora": {**LORA, "pretrained": str(root / "tp1")}})
+    jobs = [("tp1", 1, {"iteration": 0, "common": "pt"}), ("tp2", 2, {"iteration": 7, "common": "distcp"}),
+            ("lora", 2, {"iteration": 20, "common": "distcp", "lora": {**LORA, "pretrained": str(root / "tp1")}})]
+    run_distributed(write_all_worker, 2, str(tiny_toy), str(root), jobs)
     return {k: root / k for k in ("tp1", "tp2", "lora")}
 
 
@@ -72,6 +73,7 @@ def _toy_logits(tiny_toy, path=None):
     return logits_of(model, inputs)
 
 
+@slow
 def test_layout_is_megatron_bridges(mb):
     from nvlcore.checkpoint import megatron_bridge_iter_dir
     from nvlcore.checkpoint.megatron_bridge import MegatronBridgeCheckpoint
@@ -91,12 +93,14 @@ def test_layout_is_megatron_bridges(mb):
     assert raw["llava_model.language_model.embedding.word_embeddings.weight"].shape[0] == 768  # 523 -> 128 x TP 2
 
 
+@slow
 def test_checkpoints_at_tp1_and_tp2_load_with_hf_logits(tiny_toy, mb):
     ref = _toy_logits(tiny_toy)
     for name in ("tp1", "tp2"):
         assert torch.equal(_toy_logits(tiny_toy, mb[name]), ref), name
 
 
+@slow
 def test_a_wrong_name_mapping_fails_the_logits_test(tiny_toy, mb, monkeypatch):
     """Negative control: the reader with two Mamba layers' out_proj names swapped gives other logits."""
     from nvlcore.checkpoint.megatron_bridge import MegatronBridgeView
@@ -123,11 +127,11 @@ def test_loads_at_tp2(tiny_toy, mb):
         assert torch.equal(rank["mb"], rank["hf"])
 
 
-def test_import_writes_megatron_bridges_layout_and_round_trips(tiny_toy, mb, tmp_path):
-    """nvl -> Megatron-Bridge -> nvl is byte-identical, and the written tensors are those of the fixture."""
+def test_import_writes_megatron_bridges_layout_and_round_trips(tiny_toy, tmp_path):
+    """HF -> Megatron-Bridge (nvl convert import --format megatron-bridge) -> nvl's components and -> HF:
+    byte-identical to nvl's own import and to the source."""
     from nvl_nemotron_vl.bridge import NemotronVLBridge
     from nvlcore.checkpoint import open_checkpoint
-    from nvlcore.checkpoint.megatron_bridge import MegatronBridgeCheckpoint
 
     r = nvl("convert", "import", "--hf-model", str(tiny_toy), "--megatron-path", str(tmp_path / "mb"),
             "--format", "megatron-bridge", "--no-progress")
@@ -136,26 +140,36 @@ def test_import_writes_megatron_bridges_layout_and_round_trips(tiny_toy, mb, tmp
     assert r.exit_code == 0, r.output
     it = tmp_path / "mb" / "iter_0000000"
     assert {"metadata.json", "common.pt", "run_config.yaml", "train_state.pt"} <= {p.name for p in it.iterdir()}
+    assert (it / "tokenizer" / "tokenizer.json").is_file()
     assert (tmp_path / "mb" / "latest_checkpointed_iteration.txt").read_text().strip() == "0"
-    ours, theirs = MegatronBridgeCheckpoint(it), MegatronBridgeCheckpoint(mb["tp1"])
-    assert ours.specs() == theirs.specs()
-    a, b = ours.load(), theirs.load()
-    assert all(same_bytes(a[k], b[k]) for k in a)
-    # nvl -> Megatron-Bridge -> nvl
     view = NemotronVLBridge.from_hf_dir(tiny_toy).open_checkpoint(tmp_path / "mb")
     nvl_ck = open_checkpoint(tmp_path / "nvl")
     model_keys = [k for k in nvl_ck.keys() if not k.startswith("hf_only.")]
     assert sorted(view.keys()) == sorted(model_keys)
     got, want = view.load(), nvl_ck.load(model_keys)
     assert all(same_bytes(got[k], want[k]) for k in model_keys)
-    # ... and to HF: every tensor of the source, byte for byte (RADIO's statistics from the HF directory)
     r = nvl("convert", "export", "--hf-model", str(tiny_toy), "--megatron-path", str(tmp_path / "mb"),
             "--hf-path", str(tmp_path / "hf"), "--no-progress")
     assert r.exit_code == 0, r.output
-    src, out = hf_tensors(tiny_toy), hf_tensors(tmp_path / "hf")
+    src, out = hf_tensors(tiny_toy), hf_tensors(tmp_path / "hf")  # RADIO's statistics come from the HF directory
     assert set(out) == set(src) and all(same_bytes(out[k], src[k]) for k in src)
 
 
+@slow
+def test_import_writes_the_tensors_megatron_bridge_writes(tiny_toy, mb, tmp_path):
+    """The writer's keys, shapes and bytes are the fixture's (Megatron-Bridge's names, stacked ViT, padding)."""
+    from nvlcore.checkpoint.megatron_bridge import MegatronBridgeCheckpoint
+
+    r = nvl("convert", "import", "--hf-model", str(tiny_toy), "--megatron-path", str(tmp_path / "mb"),
+            "--format", "megatron-bridge", "--no-progress")
+    assert r.exit_code == 0, r.output
+    ours, theirs = MegatronBridgeCheckpoint(tmp_path / "mb"), MegatronBridgeCheckpoint(mb["tp1"])
+    assert ours.specs() == theirs.specs()
+    a, b = ours.load(), theirs.load()
+    assert all(same_bytes(a[k], b[k]) for k in a)
+
+
+@slow
 def test_lora_run_merges_like_nvls_own(tiny_toy, mb, tmp_path):
     """The adapter-only VLMLoRA checkpoint merges to the weights of the nvl LoRA run with the same tensors."""
     from nemotron_vl_testing_mb import lora_tensors, toy_components, trained_vit
@@ -181,6 +195,7 @@ def test_lora_run_merges_like_nvls_own(tiny_toy, mb, tmp_path):
     assert any("q_proj" in k for k in changed) and any("vision_model" in k for k in changed)
 
 
+@slow
 def test_errors_are_one_line(tiny_toy, mb, tmp_path):
     wrong = tmp_path / "wrong"
     shutil.copytree(mb["tp1"], wrong)

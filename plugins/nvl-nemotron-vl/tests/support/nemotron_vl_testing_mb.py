@@ -115,14 +115,20 @@ def toy_components(hf_dir: str) -> tuple[Any, list[Any], dict[str, Any]]:
     return bridge, table, hf_to_components(table, reader.read([k for m in table for k in m.hf]))
 
 
-def write_worker(rank: int, world: int, hf_dir: str, out_dir: str, opts: dict[str, Any]) -> None:
-    """Write a Megatron-Bridge checkpoint of the toy at TP=``world`` into ``out_dir``.
+def write_all_worker(rank: int, world: int, hf_dir: str, root: str, jobs: list[tuple[str, int, dict]]) -> None:
+    """Write each ``(name, tp, opts)`` of ``jobs`` as ``root/name`` (:func:`write_checkpoint`) from ``world``
+    ranks; a checkpoint at TP 1 is saved by them as data-parallel replicas."""
+    for name, tp, opts in jobs:
+        write_checkpoint(rank, tp, hf_dir, str(Path(root) / name), opts)
+
+
+def write_checkpoint(rank: int, tp: int, hf_dir: str, out_dir: str, opts: dict[str, Any]) -> None:
+    """Write a Megatron-Bridge checkpoint of the toy at TP=``tp`` into ``out_dir`` (collective).
 
     ``opts``: ``iteration``; ``common`` (``"pt"`` or ``"distcp"``); ``lora`` (``None`` or ``{"dim", "alpha",
     "seed", "pretrained"}``: an adapter-only run); ``target`` (run_config's provider class, default the real one).
     """
     import torch
-    import yaml
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing import ShardedObject
 
@@ -130,9 +136,9 @@ def write_worker(rank: int, world: int, hf_dir: str, out_dir: str, opts: dict[st
 
     bridge, table, comps = toy_components(hf_dir)
     lora = opts.get("lora")
-    tensors = lora_tensors(table, comps, lora["dim"], lora["seed"]) if lora else _global_tensors(table, comps, world)
+    tensors = lora_tensors(table, comps, lora["dim"], lora["seed"]) if lora else _global_tensors(table, comps, tp)
     n_vit = bridge.config.vision.num_layers
-    model = dict(_sharded(n, t, axis, rank, world, n_vit) for n, (t, axis) in tensors.items())
+    model = dict(_sharded(n, t, axis, rank, tp, n_vit) for n, (t, axis) in tensors.items())
     it = int(opts.get("iteration", 0))
     it_dir = Path(out_dir) / f"iter_{it:07d}"
     if rank == 0:
@@ -146,12 +152,20 @@ def write_worker(rank: int, world: int, hf_dir: str, out_dir: str, opts: dict[st
         state.update(common)
     with cpu_without_cuda_sync():
         dist_checkpointing.save(state, str(it_dir), sharded_strategy=("torch_dist", 1))
-    if rank != 0:
-        return
+    if rank == 0:
+        _small_files(it_dir, tp, it, opts)
+    torch.distributed.barrier()
+
+
+def _small_files(it_dir: Path, tp: int, it: int, opts: dict[str, Any]) -> None:
+    import torch
+    import yaml
+
     if opts.get("common") == "distcp":
         (it_dir / "common.pt").unlink()
-    rc: dict[str, Any] = {"model": {"_target_": opts.get("target", PROVIDER), "tensor_model_parallel_size": world},
-                          "checkpoint": {"save": out_dir, "ckpt_format": "torch_dist"}}
+    lora = opts.get("lora")
+    rc: dict[str, Any] = {"model": {"_target_": opts.get("target", PROVIDER), "tensor_model_parallel_size": tp},
+                          "checkpoint": {"save": str(it_dir.parent), "ckpt_format": "torch_dist"}}
     if lora:
         rc["peft"] = {"_target_": VLM_LORA, "dim": lora["dim"], "alpha": lora["alpha"], "dropout": 0.0,
                       "target_modules": ["*language_model*.linear_qkv", "*language_model*.linear_proj",
@@ -161,8 +175,8 @@ def write_worker(rank: int, world: int, hf_dir: str, out_dir: str, opts: dict[st
     (it_dir / "run_config.yaml").write_text(yaml.safe_dump(rc))
     ts = {"step": torch.tensor(it), "consumed_train_samples": torch.tensor(0)}
     torch.save(ts, it_dir / "train_state.pt")
-    torch.save(ts, Path(out_dir) / "latest_train_state.pt")
-    (Path(out_dir) / "latest_checkpointed_iteration.txt").write_text(str(it))
+    torch.save(ts, it_dir.parent / "latest_train_state.pt")
+    (it_dir.parent / "latest_checkpointed_iteration.txt").write_text(str(it))
 
 
 def load_worker(rank: int, world: int, hf_dir: str, mb_path: str) -> dict[str, Any]:
