@@ -16,7 +16,7 @@ A ShardedTensor's global tensor is the concatenation of the TP ranks' local tens
 axis, so a checkpoint written at any TP size reads the same here. Two conventions of megatron-core
 matter for names: a homogeneous ``TransformerBlock`` stacks its layers on a leading axis
 (``decoder.layers.mlp.linear_fc1.weight`` of shape ``[num_layers, ...]``), and a fused layer whose
-rows are parts split separately over TP (Mamba's ``in_proj``) is stored as its parts (``.z``, ``.x``...).
+rows are parts split separately over TP (an SSM mixer's ``in_proj``) is stored as its parts (``.z``, ``.x``...).
 
 This module knows the layout and nothing of any model: :class:`MegatronBridgeNames` (given by a
 model bridge) says how a model's tensors are named, and :class:`MegatronBridgeView` shows such a
@@ -56,10 +56,6 @@ MCORE_METADATA = "metadata.json"
 COMMON_PT = "common.pt"
 COMMON_STATE_KEY = "common_state"
 TORCH_DIST = "torch_dist"
-#: run_config.yaml ``peft._target_`` classes read as nvl's ``lora`` (Megatron-Bridge's peft/lora.py)
-LORA_TARGETS = ("LoRA", "VLMLoRA")
-_PEFT_KEYS = ("dim", "alpha", "dropout", "dropout_position", "target_modules", "freeze_language_model",
-              "freeze_vision_model", "freeze_vision_projection")
 
 
 class MegatronBridgeError(ValueError):
@@ -73,7 +69,7 @@ class MegatronBridgeNames:
 
     :param prefix: put before every training parameter name (the model wrapper's attribute, e.g. ``llava_model.``).
     :param stacked: name prefixes of layer lists megatron-core stores stacked on a leading axis
-        (homogeneous ``TransformerBlock`` s, e.g. ``vision_model.decoder.layers.``).
+        (homogeneous ``TransformerBlock`` s, e.g. ``encoder.decoder.layers.``).
     :param padded_rows: parameters whose stored rows megatron-core pads (vocabulary-parallel
         tensors, to a multiple of ``make_vocab_size_divisible_by`` x TP) -> the model's real rows.
     :param make_vocab_size_divisible_by: what the writer pads ``padded_rows`` to.
@@ -161,25 +157,19 @@ class MegatronBridgeCheckpoint(Checkpoint):
 
 
 def nvl_run_config(mb: Mapping[str, Any] | None, where: Path) -> dict[str, Any] | None:
-    """The parts of a Megatron-Bridge ``run_config.yaml`` nvl reads, in nvl's shape: ``peft`` (LoRA and
-    VLMLoRA as ``method: lora``), ``checkpoint.pretrained_checkpoint`` and ``model.freeze_*``."""
+    """The parts of a Megatron-Bridge ``run_config.yaml`` nvl reads, in nvl's shape:
+    ``checkpoint.pretrained_checkpoint``, ``model.freeze_*``, and the ``peft`` section as it is (with its
+    ``_target_``: the PEFT method plugin that reads the run translates it)."""
     if mb is None:
         return None
     model = dict(mb.get("model") or {})
     out: dict[str, Any] = {
         "model": {k: v for k, v in model.items() if k.startswith("freeze_")},
         "checkpoint": {"pretrained_checkpoint": (mb.get("checkpoint") or {}).get("pretrained_checkpoint")},
-        "megatron_bridge": {"model_target": model.get("_target_")},
+        "megatron_bridge": {"model_target": model.get("_target_"), "run_config": str(where / "run_config.yaml")},
     }
-    peft = mb.get("peft")
-    if isinstance(peft, Mapping) and peft.get("_target_"):
-        cls = str(peft["_target_"]).rsplit(".", 1)[-1]
-        if cls not in LORA_TARGETS:
-            raise MegatronBridgeError(
-                f"{where}/run_config.yaml: peft._target_ {peft['_target_']}: nvl reads Megatron-Bridge "
-                f"{' and '.join(LORA_TARGETS)} runs; merge this run with Megatron-Bridge's merge_lora.py first"
-            )
-        out["peft"] = {"method": "lora", **{k: peft[k] for k in _PEFT_KEYS if k in peft}}
+    if isinstance(mb.get("peft"), Mapping):
+        out["peft"] = dict(mb["peft"])
     return out
 
 
@@ -285,7 +275,7 @@ class MegatronBridgeView:
                     self._specs[c] = TensorSpec(tuple(parts[c].shape), spec.dtype)
                 used.add(m.megatron)
                 continue
-            for c in comps:  # one tensor, or parts megatron-core stores separately (Mamba in_proj .z, .x ...)
+            for c in comps:  # one tensor, or parts megatron-core stores separately (in_proj .z, .x ...)
                 if c in self._flat:
                     self._add_direct(c, self.names.padded_rows.get(m.megatron) if len(comps) == 1 else None)
                     used.add(c)

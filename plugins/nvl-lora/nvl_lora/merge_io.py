@@ -61,12 +61,30 @@ def read_lora_run(lora_checkpoint: str | Path, bridge: Any = None) -> tuple[Any,
             "(is this a checkpoint written by `nvl finetune --lora-on-*`?)"
         )
     peft = rc.get("peft") or {}
+    if not peft.get("method") and peft.get("_target_"):
+        peft = from_megatron_bridge(peft, ck.path)
     if not peft.get("method"):
         raise MergeError(f"{ck.path}/run_config.yaml: peft.method is not set, so this is not a LoRA run's checkpoint")
     for key in ("dim", "alpha"):
         if peft.get(key) is None:
             raise MergeError(f"{ck.path}/run_config.yaml: peft.{key} is absent; cannot scale the adapters")
     return ck, dict(peft), rc
+
+
+#: Megatron-Bridge's PEFT classes (run_config.yaml ``peft._target_``; its ``src/megatron/bridge/peft/lora.py``,
+#: repo NVIDIA-NeMo/Megatron-Bridge) whose adapter checkpoints are LoRA's: ``linear_in`` = A, ``linear_out`` = B.
+MEGATRON_BRIDGE_LORA = ("LoRA", "VLMLoRA")
+
+
+def from_megatron_bridge(peft: dict[str, Any], where: Any) -> dict[str, Any]:
+    """A Megatron-Bridge run's ``peft`` section as nvl's (``method: lora``, its ``dim``/``alpha`` as they are)."""
+    target = str(peft["_target_"])
+    if target.rsplit(".", 1)[-1] not in MEGATRON_BRIDGE_LORA:
+        raise MergeError(
+            f"{where}/run_config.yaml: peft._target_ is {target}; nvl merges Megatron-Bridge "
+            f"{' and '.join(MEGATRON_BRIDGE_LORA)} runs (merge this one with Megatron-Bridge's merge_lora.py)"
+        )
+    return {"method": "lora", **{k: v for k, v in peft.items() if k != "_target_"}}
 
 
 def _base_checkpoint(base: Path, bridge: Any, workdir: Path, say: Callable[[str], None]) -> Path:

@@ -211,3 +211,25 @@ def test_errors_are_one_line(tiny_toy, mb, tmp_path):
             "--hf-path", str(tmp_path / "o2"), "--no-progress")
     assert r.exit_code != 0 and "is missing" in r.output and "Traceback" not in r.output
     assert len(r.output.strip().splitlines()) == 1
+
+
+@slow
+def test_pretrained_checkpoint_and_megatron_model_path_take_it(tiny_toy, mb):
+    """The loaders of nvl finetune --pretrained-checkpoint and nvl generate --megatron-model-path; a LoRA run
+    given as full weights is refused with what to type."""
+    from nemotron_vl_testing_convert import logits_of, vlm_inputs
+
+    from nvl_nemotron_vl.bridge import NemotronVLBridge
+    from nvlcore.inference import load_model
+    from nvlcore.training.finetune import load_pretrained
+
+    ref = _toy_logits(tiny_toy)
+    bridge = NemotronVLBridge.from_hf_dir(tiny_toy)
+    inputs = vlm_inputs(bridge.config)
+    loaded = load_model(bridge, megatron_model_path=mb["tp2"], device="cpu", dtype=torch.float32)
+    assert torch.equal(logits_of(loaded.model, inputs), ref)
+    model = bridge.build_model(dtype=torch.float32, device="cpu", seed=99)
+    load_pretrained(model, str(mb["tp2"] / "iter_0000007"), bridge=bridge, ctx=None)
+    assert torch.equal(logits_of(model, inputs), ref)
+    with pytest.raises(ValueError, match="VLMLoRA run's adapter checkpoint"):
+        load_model(bridge, megatron_model_path=mb["lora"], device="cpu", dtype=torch.float32)
