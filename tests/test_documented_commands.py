@@ -1,6 +1,7 @@
 """The `nvl ...` command lines of the README, docs/which-gpus.md and docs/coming-from-megatron-bridge.md
-parse as written (issue 27 item 8: docs that say what is not true): every option exists on its command and every ``key=value`` override of
-``nvl finetune`` names a config key that loads. Shell variables become placeholder paths; nothing runs."""
+parse as written (issue 27 item 8: docs that say what is not true): every option exists on its command
+and every ``key=value`` override of ``nvl finetune`` names a config key that loads. Shell variables
+become placeholder paths; nothing runs."""
 
 from __future__ import annotations
 
