@@ -115,7 +115,10 @@ class MegatronBridgeCheckpoint(Checkpoint):
         it = parse_iteration(self.path.name)
         if it is not None:
             return it
-        return int((self.common_state() or {}).get("iteration", 0))
+        try:
+            return int((self.common_state() or {}).get("iteration", 0))
+        except CheckpointCorruptError:  # a directory named otherwise, whose common state nvl cannot read
+            return 0
 
     def train_state(self) -> dict[str, Any]:
         """``train_state.pt`` with plain numbers (Megatron-Bridge stores 0-d tensors) and ``iteration`` = step."""
@@ -130,7 +133,8 @@ class MegatronBridgeCheckpoint(Checkpoint):
         the .distcp files (later megatron-core); ``None`` when neither is there."""
         p = self.path / COMMON_PT
         if p.is_file():
-            return dict(self._torch_load(p))
+            with open(p, "rb") as f:
+                return dict(_safe_load(f.read(), p))
         md = self._md()
         for key, item in md.state_dict_metadata.items():
             if key.split("/", 1)[0] == COMMON_STATE_KEY and not hasattr(item, "size"):
@@ -141,19 +145,24 @@ class MegatronBridgeCheckpoint(Checkpoint):
 
     def _read_object(self, md: Any, key: str) -> Any:
         """A ShardedObject (bytes of ``torch.save``) straight from its byte range in a .distcp file."""
-        import torch
-
         for index, info in md.storage_data.items():
             if getattr(index, "fqn", None) == key:
                 with open(self.path / info.relative_path, "rb") as f:
                     f.seek(int(info.offset))
                     data = f.read(int(info.length))
-                try:
-                    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-                except Exception as exc:
-                    raise CheckpointCorruptError(
-                        f"{self.path}: the {key} object is unreadable ({first_line(exc, 80)})") from None
+                return _safe_load(data, f"{self.path}: {key}")
         raise CheckpointCorruptError(f"{self.path}: {key} is listed in .metadata but has no stored bytes")
+
+
+def _safe_load(data: bytes, what: Any) -> Any:
+    """``torch.load`` with ``weights_only=True`` (nvl unpickles no code from a checkpoint); one line if it fails."""
+    import torch
+
+    try:
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointCorruptError(f"{what}: not readable as plain data with torch.load(weights_only=True) "
+                                     f"({first_line(exc, 100)})") from None
 
 
 def nvl_run_config(mb: Mapping[str, Any] | None, where: Path) -> dict[str, Any] | None:
