@@ -233,3 +233,23 @@ def test_pretrained_checkpoint_and_megatron_model_path_take_it(tiny_toy, mb):
     assert torch.equal(logits_of(model, inputs), ref)
     with pytest.raises(ValueError, match="VLMLoRA run's adapter checkpoint"):
         load_model(bridge, megatron_model_path=mb["lora"], device="cpu", dtype=torch.float32)
+
+
+@slow
+def test_other_backends_and_methods_are_refused_in_one_line(tiny_toy, mb, tmp_path):
+    zarr = tmp_path / "zarr"
+    shutil.copytree(mb["tp1"], zarr)
+    meta = zarr / "iter_0000000" / "metadata.json"
+    meta.write_text(json.dumps({**json.loads(meta.read_text()), "sharded_backend": "zarr"}))
+    r = nvl("convert", "export", "--hf-model", str(tiny_toy), "--megatron-path", str(zarr),
+            "--hf-path", str(tmp_path / "o"), "--no-progress")
+    assert r.exit_code != 0 and "checkpoint.ckpt_format=torch_dist" in r.output
+    assert len(r.output.strip().splitlines()) == 1
+    dora = tmp_path / "dora"
+    shutil.copytree(mb["lora"], dora)
+    rc = dora / "iter_0000020" / "run_config.yaml"
+    rc.write_text(rc.read_text().replace("megatron.bridge.peft.lora.VLMLoRA", "megatron.bridge.peft.dora.DoRA"))
+    r = nvl("peft", "merge", "--hf-model-path", str(tiny_toy), "--lora-checkpoint", str(dora),
+            "--output", str(tmp_path / "m"))
+    assert r.exit_code != 0 and "peft._target_ is megatron.bridge.peft.dora.DoRA" in r.output
+    assert len(r.output.strip().splitlines()) == 1 and not (tmp_path / "m").exists()
