@@ -18,7 +18,7 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 LORA = {"dim": 4, "alpha": 8, "seed": 7}
-#: tests on the fixtures: writing them spawns two gloo processes (about 25 s of CPU)
+#: writing a checkpoint with megatron-core spawns processes (the fixtures: two gloo ranks, about 25 s of CPU)
 slow = pytest.mark.slow
 
 
@@ -127,6 +127,7 @@ def test_loads_at_tp2(tiny_toy, mb):
         assert torch.equal(rank["mb"], rank["hf"])
 
 
+@slow
 def test_import_writes_megatron_bridges_layout_and_round_trips(tiny_toy, tmp_path):
     """HF -> Megatron-Bridge (nvl convert import --format megatron-bridge) -> nvl's components and -> HF:
     byte-identical to nvl's own import and to the source."""
