@@ -41,7 +41,6 @@ class _AllKeys:
 
 
 def main() -> None:
-    import attrs
 
     sys.path.insert(0, str(ROOT / "plugins/nvl-nemotron-vl/tests"))
     import test_memory_plan as t

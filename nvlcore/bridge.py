@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     import torch
 
     from nvlcore.checkpoint import TensorSpec
+    from nvlcore.checkpoint.megatron_bridge import MegatronBridgeNames
     from nvlcore.convert.plan import ConversionGroup
     from nvlcore.generation import Generator
 
@@ -228,9 +229,34 @@ class ModelBridge(abc.ABC):
             out.update(ent)
         return out
 
+    def megatron_bridge_names(self) -> MegatronBridgeNames | None:
+        """How Megatron-Bridge names this model's tensors in its checkpoints (prefix, stacked layer lists,
+        padded vocabulary rows, provider class), so that :meth:`open_checkpoint` reads them and
+        ``nvl convert import --format megatron-bridge`` writes them; default ``None``: no such layout."""
+        return None
+
+    def open_checkpoint(self, path: Any) -> Any:
+        """A checkpoint at ``path`` (run dir or ``iter_N`` dir) under this bridge's component keys: an nvl
+        :class:`~nvlcore.checkpoint.Checkpoint`, or a Megatron-Bridge ``torch_dist`` checkpoint (detected by
+        its ``metadata.json``) as a :class:`~nvlcore.checkpoint.megatron_bridge.MegatronBridgeView`."""
+        from nvlcore.checkpoint import Checkpoint, open_checkpoint
+        from nvlcore.checkpoint.megatron_bridge import MegatronBridgeView, megatron_bridge_iter_dir
+
+        if isinstance(path, (Checkpoint, MegatronBridgeView)):
+            return path
+        it_dir = megatron_bridge_iter_dir(path)
+        if it_dir is None:
+            return open_checkpoint(path)
+        names = self.megatron_bridge_names()
+        if names is None:
+            raise BridgeError(f"{it_dir} is a Megatron-Bridge checkpoint, and model bridge {self.name!r} does not "
+                              "say how Megatron-Bridge names its tensors (megatron_bridge_names)")
+        return MegatronBridgeView(it_dir, self.mapping_table(), names)
+
     def load_checkpoint_weights(self, model: torch.nn.Module, path: Any, *, strict: bool = True) -> dict[str, Any]:
-        """Load an nvl checkpoint (base dir, ``iter_N`` dir or an opened ``Checkpoint``) into ``model``,
-        whatever TP size it was written at; each rank reads only its part of each component.
+        """Load a checkpoint (base dir, ``iter_N`` dir or an opened one; nvl's or Megatron-Bridge's, see
+        :meth:`open_checkpoint`) into ``model``, whatever TP size it was written at; each rank reads only
+        its part of each component of an nvl checkpoint (of a Megatron-Bridge one: whole tensors, then its part).
 
         Strict: every model parameter must be mapped and in the checkpoint with matching shapes;
         ``strict=False`` loads what is there and leaves the rest (adapters) alone.
@@ -238,10 +264,9 @@ class ModelBridge(abc.ABC):
         """
         import torch
 
-        from nvlcore.checkpoint import Checkpoint, open_checkpoint
         from nvlcore.progress import progress_iter
 
-        ck = path if isinstance(path, Checkpoint) else open_checkpoint(path)
+        ck = self.open_checkpoint(path)
         specs = ck.specs()
         table = self.mapping_by_name()
         params = dict(model.named_parameters())

@@ -1,6 +1,7 @@
-"""The README's and docs/which-gpus.md's `nvl ...` command lines parse as written (issue 27 item 8: docs
-that say what is not true): every option exists on its command and every ``key=value`` override of
-``nvl finetune`` names a config key that loads. Shell variables become placeholder paths; nothing runs."""
+"""The `nvl ...` command lines of the README, docs/which-gpus.md and docs/coming-from-megatron-bridge.md
+parse as written (issue 27 item 8: docs that say what is not true): every option exists on its command
+and every ``key=value`` override of ``nvl finetune`` names a config key that loads. Shell variables
+become placeholder paths; nothing runs."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PAGES = [ROOT / "README.md", ROOT / "docs" / "which-gpus.md"]
+PAGES = [ROOT / "README.md", ROOT / "docs" / "which-gpus.md", ROOT / "docs" / "coming-from-megatron-bridge.md"]
 
 
 def documented_commands(page: Path) -> list[list[str]]:

@@ -15,6 +15,9 @@ Public API:
 - :class:`Checkpoint` / :func:`open_checkpoint` / :func:`load_model_state` (full tensors or into a
   target layout), plus ``extra_state()``, ``rank_state()``, ``train_state()``, ``run_config()``;
 - :func:`capture_rng_state` / :func:`restore_rng_state`;
+- Megatron-Bridge's own ``torch_dist`` checkpoints: :func:`megatron_bridge_iter_dir` (detection),
+  :class:`MegatronBridgeView` (read under a bridge's keys, given its :class:`MegatronBridgeNames`),
+  :mod:`nvlcore.checkpoint.megatron_bridge` (the writer);
 - :class:`RunLock` (one writer per run directory, :mod:`nvlcore.checkpoint.lock`);
 - :func:`atomic_output_dir`, :func:`atomic_write`, :func:`atomic_torch_save` for other writers, and
   :func:`scratch_dir` for their temporary files beside the final output.
@@ -45,6 +48,12 @@ from nvlcore.checkpoint.layout import (
 )
 from nvlcore.checkpoint.load import Checkpoint, CheckpointKeyError, load_model_state, open_checkpoint
 from nvlcore.checkpoint.lock import RunDirectoryLocked, RunLock
+from nvlcore.checkpoint.megatron_bridge import (
+    MegatronBridgeError,
+    MegatronBridgeNames,
+    MegatronBridgeView,
+    megatron_bridge_iter_dir,
+)
 from nvlcore.checkpoint.rng import capture_rng_state, restore_rng_state
 from nvlcore.checkpoint.save import (
     CheckpointSaveError,
@@ -63,6 +72,9 @@ __all__ = [
     "CheckpointKeyError",
     "CheckpointNotFoundError",
     "CheckpointSaveError",
+    "MegatronBridgeError",
+    "MegatronBridgeNames",
+    "MegatronBridgeView",
     "OutputExistsError",
     "PendingSave",
     "RunDirectoryLocked",
@@ -82,6 +94,7 @@ __all__ = [
     "iter_dir_name",
     "list_iterations",
     "load_model_state",
+    "megatron_bridge_iter_dir",
     "open_checkpoint",
     "parse_iteration",
     "read_tracker",

@@ -24,7 +24,13 @@ DTYPES = ("bfloat16", "float16", "float32")
 
 
 def _run(fn: Any, summary_json: str | None) -> None:
-    from nvlcore.checkpoint import CheckpointNotFoundError, CheckpointSaveError, OutputExistsError
+    from nvlcore.checkpoint import (
+        CheckpointCorruptError,
+        CheckpointNotFoundError,
+        CheckpointSaveError,
+        MegatronBridgeError,
+        OutputExistsError,
+    )
     from nvlcore.convert.engine import ConversionError
     from nvlcore.convert.safetensors_io import SafetensorsError
     from nvlcore.registry import RegistryError
@@ -32,7 +38,8 @@ def _run(fn: Any, summary_json: str | None) -> None:
     try:
         summary = fn()
     except (ConversionError, SafetensorsError, OutputExistsError, CheckpointNotFoundError, CheckpointSaveError,
-            RegistryError, OSError, ValueError) as exc:  # OSError: a file the command reads or writes (one line)
+            CheckpointCorruptError, MegatronBridgeError, RegistryError, OSError, ValueError) as exc:
+        # OSError: a file the command reads or writes (one line)
         from nvlcore.flags import global_flag
 
         if global_flag("debug"):  # nvl --debug convert ...: the full traceback
@@ -67,12 +74,15 @@ def convert_group() -> None:
 @click.option("--dtype", "--torch-dtype", "dtype", type=click.Choice(DTYPES), default=None,
               help="Convert the model's tensors to this dtype (default: keep the source's).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --megatron-path.")
+@click.option("--format", "fmt", type=click.Choice(["nvl", "megatron-bridge"]), default="nvl", show_default=True,
+              help="nvl: nvl's checkpoint (streamed); megatron-bridge: Megatron-Bridge's own torch_dist layout "
+                   "(megatron-core dist_checkpointing; docs/coming-from-megatron-bridge.md).")
 @click.option("--bridge", default=None, help="Bridge name (default: from config.json architectures).")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @click.option("--summary-json", default=None, type=click.Path(dir_okay=False), help="Also write the summary as JSON.")
 @click.option("--trust-remote-code", is_flag=True, hidden=True, help="Accepted for compatibility; never needed.")
 def import_cmd(hf_model: Path, revision: str | None, megatron_path: Path, tp: int, _other_parallel: Any,
-               _device_map: Any, _low_memory: bool, _timeout: Any, dtype: str | None, overwrite: bool,
+               _device_map: Any, _low_memory: bool, _timeout: Any, dtype: str | None, overwrite: bool, fmt: str,
                bridge: str | None, no_progress: bool, summary_json: str | None, trust_remote_code: bool) -> None:
     """Import an HF checkpoint: streams tensors one group at a time into iteration 0."""
     from nvlcore.flags import global_flag
@@ -80,9 +90,14 @@ def import_cmd(hf_model: Path, revision: str | None, megatron_path: Path, tp: in
     no_progress = no_progress or global_flag("no_progress")
 
     def go() -> Any:
+        b = resolve_bridge(hf_model, bridge, option="--hf-model")
+        if fmt == "megatron-bridge":
+            from nvlcore.convert.megatron_bridge import import_hf_to_megatron_bridge
+
+            return import_hf_to_megatron_bridge(b, hf_model, megatron_path, tp=tp, dtype=dtype, overwrite=overwrite,
+                                                progress=not no_progress)
         from nvlcore.convert.engine import import_hf_checkpoint
 
-        b = resolve_bridge(hf_model, bridge, option="--hf-model")
         return import_hf_checkpoint(b, hf_model, megatron_path, tp=tp, dtype=dtype, overwrite=overwrite,
                                     progress=not no_progress)
 
@@ -95,7 +110,8 @@ def import_cmd(hf_model: Path, revision: str | None, megatron_path: Path, tp: in
                help="Reference HF model (config, tokenizer, *.py, tensor list).")
 @click.option("--megatron-path", "--megatron-model-path", "megatron_path", required=True,
               type=click.Path(path_type=Path),
-              help="Checkpoint directory (latest iteration) or one iter_N directory.")
+              help="Checkpoint directory (latest iteration) or one iter_N directory; nvl's or Megatron-Bridge's "
+                   "(torch_dist, detected by its layout).")
 @click.option("--hf-path", "--output", "hf_path", required=True, type=click.Path(path_type=Path),
               help="Output HF model directory.")
 @click.option("--tp", "--tensor-parallel-size", "--pp", "--ep", "--etp", "_parallel", type=click.IntRange(min=1),

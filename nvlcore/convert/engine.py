@@ -34,7 +34,6 @@ from nvlcore.checkpoint import (
     atomic_output_dir,
     check_can_write,
     iter_dir_name,
-    open_checkpoint,
     save_checkpoint,
 )
 from nvlcore.checkpoint.save import NoSpaceError, free_bytes, human_bytes, is_no_space, mount_point
@@ -568,7 +567,7 @@ def export_hf_checkpoint(
     out = Path(hf_path).expanduser().absolute()
     config = read_hf_config(hf_model)
     target = parse_dtype(dtype)
-    ck = open_checkpoint(megatron_path)
+    ck = bridge.open_checkpoint(megatron_path)  # nvl's layout or Megatron-Bridge's, by layout
     check_can_write(out, overwrite=overwrite, what="--hf-path")
     if out in (hf_model, ck.path) or ck.path in out.parents or hf_model in out.parents:
         raise ConversionError(f"--hf-path {out} must not be, or be inside, the source model or the checkpoint")

@@ -122,7 +122,8 @@ def refuse_peft_run_as_weights(path: str | Path) -> None:
         rc = open_checkpoint(path).run_config() or {}
     except Exception:  # not a checkpoint: loading it reports that
         return
-    method = (rc.get("peft") or {}).get("method")
+    peft = rc.get("peft") or {}
+    method = peft.get("method") or str(peft.get("_target_") or "").rsplit(".", 1)[-1]  # nvl's, or Megatron-Bridge's
     if method:
         raise ValueError(
             f"--megatron-model-path {path} is a {method} run's adapter checkpoint, not full weights; give it as "

@@ -45,14 +45,15 @@ class MergeSummary:
         )
 
 
-def read_lora_run(lora_checkpoint: str | Path) -> tuple[Any, dict[str, Any], dict[str, Any]]:
+def read_lora_run(lora_checkpoint: str | Path, bridge: Any = None) -> tuple[Any, dict[str, Any], dict[str, Any]]:
     """Open a LoRA checkpoint; return it, its ``peft`` settings and its whole run config.
 
-    Errors name the file and the missing field.
+    With a ``bridge``, a Megatron-Bridge LoRA run is read too (``bridge.open_checkpoint``: its tensors
+    and run_config.yaml in nvl's names). Errors name the file and the missing field.
     """
     from nvlcore.checkpoint import open_checkpoint
 
-    ck = open_checkpoint(lora_checkpoint)
+    ck = bridge.open_checkpoint(lora_checkpoint) if bridge is not None else open_checkpoint(lora_checkpoint)
     rc = ck.run_config()
     if rc is None:
         raise MergeError(
@@ -60,12 +61,30 @@ def read_lora_run(lora_checkpoint: str | Path) -> tuple[Any, dict[str, Any], dic
             "(is this a checkpoint written by `nvl finetune --lora-on-*`?)"
         )
     peft = rc.get("peft") or {}
+    if not peft.get("method") and peft.get("_target_"):
+        peft = from_megatron_bridge(peft, ck.path)
     if not peft.get("method"):
         raise MergeError(f"{ck.path}/run_config.yaml: peft.method is not set, so this is not a LoRA run's checkpoint")
     for key in ("dim", "alpha"):
         if peft.get(key) is None:
             raise MergeError(f"{ck.path}/run_config.yaml: peft.{key} is absent; cannot scale the adapters")
     return ck, dict(peft), rc
+
+
+#: Megatron-Bridge's PEFT classes (run_config.yaml ``peft._target_``; its ``src/megatron/bridge/peft/lora.py``,
+#: repo NVIDIA-NeMo/Megatron-Bridge) whose adapter checkpoints are LoRA's: ``linear_in`` = A, ``linear_out`` = B.
+MEGATRON_BRIDGE_LORA = ("LoRA", "VLMLoRA")
+
+
+def from_megatron_bridge(peft: dict[str, Any], where: Any) -> dict[str, Any]:
+    """A Megatron-Bridge run's ``peft`` section as nvl's (``method: lora``, its ``dim``/``alpha`` as they are)."""
+    target = str(peft["_target_"])
+    if target.rsplit(".", 1)[-1] not in MEGATRON_BRIDGE_LORA:
+        raise MergeError(
+            f"{where}/run_config.yaml: peft._target_ is {target}; nvl merges Megatron-Bridge "
+            f"{' and '.join(MEGATRON_BRIDGE_LORA)} runs (merge this one with Megatron-Bridge's merge_lora.py)"
+        )
+    return {"method": "lora", **{k: v for k, v in peft.items() if k != "_target_"}}
 
 
 def _base_checkpoint(base: Path, bridge: Any, workdir: Path, say: Callable[[str], None]) -> Path:
@@ -136,7 +155,6 @@ def merge_checkpoints(
         TensorSpec,
         atomic_output_dir,
         check_can_write,
-        open_checkpoint,
         save_checkpoint,
     )
 
@@ -145,7 +163,8 @@ def merge_checkpoints(
         raise ValueError(f"--format must be megatron or hf, got {fmt!r}")
     output = Path(output).expanduser().absolute()
     check_can_write(output, overwrite=overwrite, what="--output")
-    lora, peft, rc = read_lora_run(lora_checkpoint)
+    bridge = resolve_bridge(hf_model_path, manager=plugin_manager)
+    lora, peft, rc = read_lora_run(lora_checkpoint, bridge)
     dim, alpha = int(peft["dim"]), float(peft["alpha"])
     recorded = (rc.get("checkpoint") or {}).get("pretrained_checkpoint")
     base_arg = pretrained if pretrained is not None else recorded
@@ -162,7 +181,6 @@ def merge_checkpoints(
     if pretrained is not None and recorded and Path(recorded).expanduser().absolute() != base_path.absolute():
         say(f"warning: --pretrained {base_path} differs from the recorded base {recorded}; shapes are checked")
 
-    bridge = resolve_bridge(hf_model_path, manager=plugin_manager)
     table = bridge.mapping_table()
     by_name = {m.megatron: m for m in table}
 
@@ -171,7 +189,7 @@ def merge_checkpoints(
     # next to the output (same disk); a kill -9 leftover is removed by the next merge to the same output
     with scratch_dir(output) as work:
         work_dir = Path(work)
-        base = open_checkpoint(_base_checkpoint(base_path, bridge, work_dir, say))
+        base = bridge.open_checkpoint(_base_checkpoint(base_path, bridge, work_dir, say))
         specs = base.specs()
         say(f"merging {lora.path} (r={dim}, alpha={alpha:g}) into {base_path}")
 

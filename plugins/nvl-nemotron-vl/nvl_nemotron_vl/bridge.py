@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from nvlcore.bridge import BridgeError, ModelBridge
+from nvlcore.checkpoint import MegatronBridgeNames
 from nvlcore.mapping import ParamMapping
 
 from .config import NemotronVLConfig
@@ -51,6 +52,12 @@ class NemotronVLBridge(ModelBridge):
     def carried_hf_keys(self) -> tuple[str, ...]:
         """RADIO's ``input_conditioner`` statistics and ``summary_idxs`` (:data:`.mapping.CARRIED_HF_KEYS`)."""
         return CARRIED_HF_KEYS
+
+    def megatron_bridge_names(self) -> MegatronBridgeNames:
+        """Megatron-Bridge's names for this model (see :data:`.mapping.MEGATRON_BRIDGE_PREFIX`)."""
+        from .mapping import megatron_bridge_names
+
+        return megatron_bridge_names(self.config)
 
     def check_tensor_parallel(self, tp: int) -> None:
         """Raise naming every config field ``tp`` does not divide."""

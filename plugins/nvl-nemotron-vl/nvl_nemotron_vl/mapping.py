@@ -39,6 +39,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
+from nvlcore.checkpoint import MegatronBridgeNames
 from nvlcore.mapping import (  # noqa: F401  (the table's types and helpers, re-exported for this plugin's users)
     IdentityMapping,
     ParamMapping,
@@ -66,6 +67,18 @@ CARRIED_HF_KEYS = (
     "vision_model.radio_model.input_conditioner.norm_std",
     "vision_model.radio_model.summary_idxs",
 )
+
+#: Megatron-Bridge's parameter names are nvl's training names under this prefix: its ``NemotronVLModel``
+#: wraps megatron-core's ``LLaVAModel`` as ``llava_model`` (Megatron-Bridge,
+#: ``src/megatron/bridge/models/nemotron_vl/modeling_nemotron_vl.py`` and the ``llava_model.*`` names of
+#: ``nemotron_vl_bridge.py``'s mapping registry, repo NVIDIA-NeMo/Megatron-Bridge).
+MEGATRON_BRIDGE_PREFIX = "llava_model."
+#: RADIO's ``TransformerBlock`` (megatron-core ``models/vision/radio.py``) is homogeneous, so its
+#: ``sharded_state_dict`` stacks the layers on a leading axis (``transformer/transformer_block.py``);
+#: the language model's ``MambaStack`` keeps one key per layer (``ssm/mamba_block.py``).
+MEGATRON_BRIDGE_STACKED = ("vision_model.decoder.layers.",)
+#: The model provider class in Megatron-Bridge's run_config.yaml (``nemotron_vl_provider.py``).
+MEGATRON_BRIDGE_PROVIDER = "megatron.bridge.models.nemotron_vl.nemotron_vl_provider.NemotronVLModelProvider"
 
 #: The groups the ``freeze_<group>`` flags name -> the parameter prefix each freezes.
 FREEZE_GROUPS = {"language_model": "language_model", "vision_model": "vision_model",
@@ -152,6 +165,21 @@ def mapping_table(cfg: NemotronVLConfig) -> list[ParamMapping]:
         Id(e + "linear_fc2.weight", ("mlp1.3.weight",), 1),
     ]
     return table
+
+
+def megatron_bridge_names(cfg: NemotronVLConfig) -> MegatronBridgeNames:
+    """How Megatron-Bridge's checkpoints name this model's tensors. Besides the prefix and the stacked
+    ViT layers: the vocabulary-parallel embedding and output layer are padded (``make_vocab_size_divisible_by``
+    128), Mamba's ``in_proj``/``conv1d`` are stored as their parts (megatron-core ``MambaMixer.sharded_state_dict``:
+    the same ``.z .x .B .C .dt`` suffixes as :data:`IN_PROJ_PARTS`) and ``linear_qkv`` fused in its
+    per-group layout; the adapters of Megatron-Bridge's LoRA are ``<linear>.adapter.linear_in/linear_out.weight``
+    (``peft/adapter_wrapper.py``, ``peft/utils.py``), the names nvl-lora uses."""
+    vocab = cfg.llm.vocab_size
+    return MegatronBridgeNames(
+        prefix=MEGATRON_BRIDGE_PREFIX, stacked=MEGATRON_BRIDGE_STACKED,
+        padded_rows={"language_model.embedding.word_embeddings.weight": vocab,
+                     "language_model.output_layer.weight": vocab},
+        make_vocab_size_divisible_by=128, model_target=MEGATRON_BRIDGE_PROVIDER)
 
 
 # ------------------------------------------------------------------------------ whole-model API
