@@ -112,6 +112,8 @@ def run_row(args: argparse.Namespace, name: str, row: dict[str, Any], model_dir:
     args.nproc = row.get("tp", 1) if row.get("tp", 1) > 1 else None
     seq = args.seq_override or row["seq"]
     key = json.dumps([row["workload"], method, seq, args.tp, row["baseline"], extra])
+    if name in getattr(args, "no_baseline", ()):  # a row whose target has no speed floor: its baseline is not run
+        baselines.setdefault(key, {})
     fresh = key not in baselines
     if fresh:
         baselines[key] = fg.run_nvl(args, model_dir, data, row["workload"], method, row["baseline"], work, seq,
@@ -169,9 +171,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rows", default="medpix_packed_80,cord_48,qlora_24")
     ap.add_argument("--seq", dest="seq_override", type=int, default=None, help="override every row's length")
     ap.add_argument("--tag", default="")
+    ap.add_argument("--no-baseline", default="", help="rows (comma-separated) run without their baseline")
     ns, rest = ap.parse_known_args(argv)
     args = fg.parse_args(rest + ["--peer-seqs", "", "--profile", ""])
     args.seq_override = ns.seq_override
+    args.no_baseline = tuple(n for n in ns.no_baseline.split(",") if n)
     fg.__file__ = __file__  # run_nvl starts `python <this file> --child ...`: this bench's child entry
     import tempfile
 
