@@ -51,8 +51,8 @@ class ModelConfig:
     recompute_modules: list[str] | None = _f(
         None,
         "Under recompute_granularity=selective, the parts recomputed, in the model bridge's names (megatron-core's "
-        "key; this model: mamba = the Mamba mixers' conv, scan and gated norm; vision_tower = every layer of the "
-        "vision tower). null: the bridge's default (this model: [mamba]). Refused under another granularity.",
+        "key; docs/memory.md lists this model's). null: the bridge's default. Refused under "
+        "another granularity.",
     )
     cpu_offloading: bool = _f(
         False, "Offload saved activations of the first cpu_offloading_num_layers decoder layers to pinned host "

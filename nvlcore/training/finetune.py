@@ -153,7 +153,7 @@ def check_recompute_modules(cfg: NvlConfig, bridge: Any) -> None:
     if cfg.model.recompute_granularity != "selective":
         raise ValueError(f"model.recompute_modules={list(modules)} is read under model.recompute_granularity=selective "
                          f"only (it is {cfg.model.recompute_granularity}); set that, or remove recompute_modules")
-    known = dict(getattr(bridge, "recompute_modules", {}) or {})
+    known = dict(bridge.recompute_modules)
     unknown = [m for m in modules if m not in known]
     if unknown:
         choices = ", ".join(known) or "none: it has no selective modules"

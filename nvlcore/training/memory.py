@@ -263,7 +263,7 @@ def _peft_key(cfg: Any, key: str) -> bool:
 
 def _offload_counts(bridge: Any) -> list[int]:
     """``model.cpu_offloading_num_layers`` values the plan tries (fewer layers first; never the last layer)."""
-    layers = bridge.num_decoder_layers() if bridge is not None and hasattr(bridge, "num_decoder_layers") else None
+    layers = bridge.num_decoder_layers() if bridge is not None else None
     if not layers:
         return [8]
     return sorted({n for n in (8, 16, 24, 32, 48) if n < layers} | ({layers - 1} if layers > 1 else set()))
@@ -273,8 +273,8 @@ def _selective_all(cfg: Any, inputs: PlanInputs, bridge: Any, offloads: list[Opt
     """Selective recomputation of every module the bridge can recompute (a tower's layers too), alone and
     with activation offload of more and more layers, then with the optimizer state on the host as well:
     cheaper in speed than full recomputation of the language model, which these come before."""
-    every = tuple(getattr(bridge, "recompute_modules", None) or ())
-    default = tuple(getattr(bridge, "default_recompute_modules", None) or ())
+    every = tuple(bridge.recompute_modules) if bridge is not None else ()
+    default = tuple(bridge.default_recompute_modules) if bridge is not None else ()
     if inputs.recompute == "full" or not every or set(inputs.recompute_modules or default) >= set(every):
         return []
     keys = ("model.recompute_granularity=selective", f"model.recompute_modules=[{','.join(every)}]")
