@@ -16,6 +16,8 @@ import torch
 pytest.importorskip("torchao.float8")
 pytest.importorskip("nvl_nemotron_vl.model")
 
+from fp8_testing import TOLERANCE, deviation, toy_batch  # noqa: E402
+
 from nvl_nemotron_vl.bridge import NemotronVLBridge  # noqa: E402
 from nvlcore.training.fp8 import FP8_ATTR, FP8_RECIPES, apply_fp8, select_fp8_linears  # noqa: E402
 
@@ -70,12 +72,6 @@ def toy_models(tiny_toy):
     return bridge, lambda: bridge.build_model(dtype=torch.float32, device="cpu", load_weights=True)
 
 
-def _batch(vocab: int, seed: int = 0) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, vocab - 1, (2, 48), generator=g)
-    return {"input_ids": ids, "labels": ids.roll(-1, dims=1)}
-
-
 def _logits_and_grads(model: torch.nn.Module,
                       batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The logits, and the gradients of the mean next-token loss."""
@@ -84,17 +80,6 @@ def _logits_and_grads(model: torch.nn.Module,
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     with torch.no_grad():
         return model(input_ids=batch["input_ids"]).float(), grads
-
-
-#: Logits' deviation from the fp32 model allowed under FP8: e4m3 keeps 3 mantissa bits (a relative
-#: rounding of up to 1/16 per element, averaged down by the GEMMs' sums); measured 0.025 on the tiny toy,
-#: and 0.069 for the missing-scale bug of the negative control.
-TOLERANCE = 0.04
-
-
-def deviation(logits: torch.Tensor, ref: torch.Tensor) -> float:
-    """``|logits - ref|`` relative to the spread of ``ref``'s logits around each position's mean."""
-    return float((logits - ref).norm() / (ref - ref.mean(-1, keepdim=True)).norm())
 
 
 def test_fp8_toy_matches_the_unconverted_model_within_tolerance(toy_models):
@@ -114,7 +99,7 @@ def test_fp8_toy_matches_the_unconverted_model_within_tolerance(toy_models):
         assert (a is None and b is None) or torch.equal(a, b)  # Megatron's linears add a None _extra_state
     assert {type(m) for m in fp8.modules()} == {type(m) for m in base.modules()}
 
-    batch = _batch(bridge.config.llm.vocab_size)
+    batch = toy_batch(bridge.config.llm.vocab_size)
     logits_ref, g_ref = _logits_and_grads(ref, batch)
     logits_fp8, g_fp8 = _logits_and_grads(fp8, batch)
     # FP8 really ran (not the fp32 result) and stayed within the tolerance
@@ -156,7 +141,7 @@ def test_lora_over_an_fp8_base_trains_bf16_adapters(toy_models):
             frozen = model.get_submodule(f"{LM}3.mlp.linear_fc1")
             assert not frozen.weight.requires_grad and hasattr(frozen, FP8_ATTR)
         models.append(model)
-    batch = _batch(bridge.config.llm.vocab_size, seed=1)
+    batch = toy_batch(bridge.config.llm.vocab_size, seed=1)
     logits_ref, g_ref = _logits_and_grads(models[0], batch)
     logits_fp8, g_fp8 = _logits_and_grads(models[1], batch)
     assert 0 < deviation(logits_fp8, logits_ref) < TOLERANCE
