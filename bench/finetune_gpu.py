@@ -49,6 +49,10 @@ Usage (one H200; the 12b shape needs no weights on disk with --random-init)::
     # packed run (the workload's second, --profile-variant 1) profiled and its host syncs traced
     python bench/finetune_gpu.py --size 12b-shape --workloads medpix --variants 'dataset.packing=best_fit' \
         --peer-seqs '' --steps 12 --warmup 3 --profile medpix --profile-variant 1 --tag packing --out bench/results
+    # FP8 full fine-tuning at TP=2 beside its bf16 row (issue 23; CUDA compute capability 8.9+), variant
+    # {"mixed_precision": "bf16_with_fp8_current_scaling_mixed"} in the record, the speed-up in the markdown:
+    python bench/finetune_gpu.py --size 12b-shape --methods full --tp 2 --nproc 2 --workloads text --peer-seqs '' \
+        --variants 'mixed_precision=bf16_with_fp8_current_scaling_mixed' --tag fp8 --out bench/results
     # one record from several invocations of the same visit:
     python bench/finetune_gpu.py --merge bench/results/finetune_gpu part1.json part2.json
     # the video workload: clips made where PyAV can encode (~250 KB), carried, then the recipe at seq 8192
@@ -474,6 +478,8 @@ def run_nvl(args: argparse.Namespace, model_dir: Path, data: dict[str, Path], wo
             kernels.update(parse_kernels(line.split("nvl finetune: kernels: ", 1)[1]))
         if "nvl finetune: memory plan: " in line:
             rec["memory_plan"] = line.split("memory plan: ", 1)[1]
+        if " linear layer(s) in FP8" in line:  # an FP8 mixed_precision run: which linears ran FP8
+            rec["fp8_linears"] = line.split(": ", 2)[-1]
     rec["kernels"] = kernels
     if sampler is not None and getattr(sampler, "peak_mib", None):
         rec["peak_gb_nvidia_smi"] = round(max(sampler.peak_mib) * 1.048576 / 1000, 1)
@@ -608,6 +614,22 @@ def markdown(records: list[dict[str, Any]], meta: dict[str, Any]) -> str:
                          f"tokens/s = {r['tokens_per_s'] / base[0]['tokens_per_s']:.2f}x; "
                          f"{r.get('samples_per_step', '?')} vs {base[0].get('samples_per_step', '?')} samples per "
                          "iteration")
+    fp8 = [r for r in records if "_fp8_" in (r.get("variant") or {}).get("mixed_precision", "")]
+    if fp8:
+        lines += ["", "FP8 (the same workload and method under bf16_mixed, without the mixed_precision override = 1x):",
+                  ""]
+    for r in fp8:
+        rest = {k: v for k, v in r["variant"].items() if k != "mixed_precision"}
+        base = [b for b in records if b["system"] == "nvl" and b["workload"] == r["workload"]
+                and b["method"] == r["method"] and b["seq"] == r["seq"] and (b.get("variant") or {}) == rest]
+        if base and base[0].get("tokens_per_s") and r.get("tokens_per_s"):
+            lines.append(f"- {r['workload']} {r['method']} seq {r['seq']} {r['variant']['mixed_precision']}: "
+                         f"{r['tokens_per_s']:,.0f} vs {base[0]['tokens_per_s']:,.0f} tokens/s = "
+                         f"{r['tokens_per_s'] / base[0]['tokens_per_s']:.2f}x; peak {r.get('peak_gb')} vs "
+                         f"{base[0].get('peak_gb')} GB; {r.get('fp8_linears', '?')}")
+        else:
+            lines.append(f"- {r['workload']} {r['method']} seq {r['seq']} {r['variant']['mixed_precision']}: "
+                         f"{r['status']} (bf16 row: {base[0]['status'] if base else 'not in this run'})")
     peers = {r["seq"]: r for r in records if r["system"] != "nvl" and r.get("tokens_per_s")}
     equal = [r for r in records if r["system"] == "nvl" and r["workload"] == "text" and r["method"] == "lora"
              and r.get("tokens_per_s") and r["seq"] in peers]

@@ -344,6 +344,14 @@ class ModelBridge(abc.ABC):
         rounding hurts most); a bridge that knows its precision-sensitive parameters names them."""
         return param.dim() <= 1
 
+    def fp8_module_filter(self, name: str, module: torch.nn.Module) -> bool:
+        """Whether linear layer ``name`` may run its matmuls in FP8 under an FP8 ``mixed_precision`` recipe
+        (:mod:`nvlcore.training.fp8`). The core has already left out the first and last decoder layers,
+        weights with a dimension not a multiple of 16, adapters and packed weights; a bridge leaves out
+        what should stay bf16 for accuracy or speed (an encoder tower, the output layer, layers too small
+        to gain). Default: every linear layer."""
+        return True
+
     def train_flops(self, batch: Mapping[str, Any], *, num_parameters: int) -> float:
         """Training FLOPs of one micro-batch (a :data:`nvlcore.contracts.Batch`; forward + backward).
 

@@ -28,10 +28,31 @@ class Refusal:
     key: str
     supported: tuple[Any, ...]
     instead: str
+    #: value -> its own reason and what to use (instead of ``instead``)
+    reasons: dict[Any, str] = attrs.field(factory=dict)
 
     def message(self, value: Any) -> str:
         only = " or ".join(repr(v) for v in self.supported)
-        return f"{self.key}={value!r} is not supported by nvl (only {only}): {self.instead}"
+        why = self.reasons.get(value, self.instead) if isinstance(value, str) else self.instead
+        return f"{self.key}={value!r} is not supported by nvl (only {only}): {why}"
+
+
+#: Megatron-Bridge's FP8 recipe names nvl does not run, each with its reason (nvlcore.training.fp8 runs
+#: bf16_with_fp8_current_scaling_mixed).
+FP8_REFUSED: dict[Any, str] = {
+    "bf16_with_fp8_delayed_scaling_mixed": (
+        "delayed scaling (an amax history) is not in a maintained library nvl uses (torchao removed it); use "
+        "bf16_with_fp8_current_scaling_mixed (per-tensor current scaling)"),
+    "bf16_with_mxfp8_mixed": (
+        "MXFP8 needs Blackwell GPUs and torchao's prototype MX formats; use bf16_with_fp8_current_scaling_mixed"),
+    "bf16_with_fp8_subchannel_scaling_mixed": (
+        "128x128/1x128 blockwise scaling is only in torchao's prototype; use bf16_with_fp8_current_scaling_mixed"),
+    "fp16_with_fp8_delayed_scaling_mixed": "fp16 is not implemented by nvl; use bf16_with_fp8_current_scaling_mixed",
+    "fp16_with_mxfp8_mixed": "fp16 is not implemented by nvl; use bf16_with_fp8_current_scaling_mixed",
+    "fp16_with_fp8_current_scaling_mixed": "fp16 is not implemented by nvl; use bf16_with_fp8_current_scaling_mixed",
+    "fp16_with_fp8_subchannel_scaling_mixed": "fp16 is not implemented by nvl; use "
+                                              "bf16_with_fp8_current_scaling_mixed",
+}
 
 
 REFUSED: tuple[Refusal, ...] = (
@@ -59,7 +80,8 @@ REFUSED: tuple[Refusal, ...] = (
             "nvl's trainable parameters are fp32 master weights (compute runs in bf16 under autocast); remove it"),
     Refusal("optimizer.main_grads_dtype", ("torch.float32",),
             "nvl accumulates and reduces gradients in fp32; remove it"),
-    Refusal("mixed_precision", ("bf16_mixed", "fp32", None), "fp16 is not implemented by nvl; use bf16_mixed or fp32"),
+    Refusal("mixed_precision", ("bf16_mixed", "fp32", None, "bf16_with_fp8_current_scaling_mixed"),
+            "fp16 is not implemented by nvl; use bf16_mixed or fp32", reasons=FP8_REFUSED),
     Refusal("checkpoint.ckpt_format", ("torch_dist",), "nvl writes PyTorch DCP (torch_dist) checkpoints only"),
     Refusal("checkpoint.fully_parallel_load", (False,),
             "every rank already reads only its own shards through torch.distributed.checkpoint; remove it"),
@@ -134,9 +156,9 @@ def check_refused(cfg: NvlConfig) -> None:
         raise ConfigError("model.cpu_offloading=true needs model.cpu_offloading_num_layers >= 1 (the first decoder "
                           "layers to offload)", key="model.cpu_offloading_num_layers")
     mp, bf16 = cfg.mixed_precision, cfg.optimizer.bf16
-    if mp == "bf16_mixed" and bf16 is False:
+    if mp is not None and mp.startswith("bf16_") and bf16 is False:
         raise ConfigError(
-            "optimizer.bf16=False has no effect: mixed_precision=bf16_mixed decides the precision; set "
+            f"optimizer.bf16=False has no effect: mixed_precision={mp} decides the precision; set "
             "mixed_precision=fp32 for fp32 training (or mixed_precision=null to follow optimizer.bf16)",
             key="optimizer.bf16",
         )

@@ -363,10 +363,17 @@ class NvlConfig:
     dist: DistConfig = attrs.field(factory=DistConfig)
     rng: RngConfig = attrs.field(factory=RngConfig)
     ddp: DDPConfig = attrs.field(factory=DDPConfig)
-    mixed_precision: Literal["bf16_mixed", "fp16_mixed", "fp32"] | None = attrs.field(
+    mixed_precision: Literal[
+        "bf16_mixed", "fp16_mixed", "fp32", "bf16_with_fp8_current_scaling_mixed",
+        "bf16_with_fp8_delayed_scaling_mixed", "bf16_with_mxfp8_mixed", "bf16_with_fp8_subchannel_scaling_mixed",
+        "fp16_with_fp8_delayed_scaling_mixed", "fp16_with_mxfp8_mixed", "fp16_with_fp8_current_scaling_mixed",
+        "fp16_with_fp8_subchannel_scaling_mixed",
+    ] | None = attrs.field(
         default="bf16_mixed",
-        metadata={"help": "Precision recipe: bf16_mixed or fp32 (fp16_mixed is not supported; null = from "
-                  "optimizer.bf16)."},
+        metadata={"help": "Precision recipe (Megatron-Bridge's names): bf16_mixed, fp32, or "
+                  "bf16_with_fp8_current_scaling_mixed (bf16 with FP8 matmuls, per-tensor current scaling, "
+                  "first and last decoder layers bf16; CUDA compute capability 8.9+; docs/precision.md). The "
+                  "other FP8 recipes and fp16 are refused; null = from optimizer.bf16."},
     )
 
 

@@ -176,6 +176,8 @@ def _flops_fn(bridge: Any, model: torch.nn.Module,
 def loop_settings(cfg: NvlConfig, *, dp_size: int, device_type: str) -> LoopSettings:
     import torch
 
+    from nvlcore.training.fp8 import is_bf16_precision
+
     mbs = cfg.train.micro_batch_size
     gbs = cfg.train.global_batch_size
     if gbs % (mbs * dp_size):
@@ -188,7 +190,8 @@ def loop_settings(cfg: NvlConfig, *, dp_size: int, device_type: str) -> LoopSett
     if precision == "fp16_mixed":
         raise ValueError("mixed_precision=fp16_mixed is not supported by nvl finetune; use bf16_mixed (the recipe's) "
                          "or fp32")
-    autocast = torch.bfloat16 if (device_type == "cuda" and precision == "bf16_mixed") else None
+    # the FP8 recipes are bf16 autocast with FP8 matmuls in the chosen linears (nvlcore.training.fp8)
+    autocast = torch.bfloat16 if (device_type == "cuda" and is_bf16_precision(precision)) else None
     return LoopSettings(
         train_iters=cfg.train.train_iters,
         global_batch_size=gbs,
@@ -623,6 +626,7 @@ class FinetuneRecipe:
         """Bridge -> memory plan -> model (built in its storage dtypes) -> kernels, recompute, activation
         offload -> starting weights -> ``model.freeze_*`` and PEFT -> the frozen base's storage."""
         from nvlcore.config import config_to_dict
+        from nvlcore.training.fp8 import check_fp8_device, fp8_recipe
         from nvlcore.training.memory import plan_run
         from nvlcore.training.oom import install_phase_hooks, set_phase
 
@@ -630,6 +634,9 @@ class FinetuneRecipe:
         t0 = time.perf_counter()
         self.bridge = bridge = resolve_bridge(cfg.model.hf_model_path, cfg.model.bridge, manager=self.manager)
         check_recompute_modules(cfg, bridge)
+        self.fp8 = fp8_recipe(cfg.mixed_precision)
+        if self.fp8 is not None:
+            check_fp8_device(self.fp8, ctx.device)  # before anything is built: one line, no traceback
         plan = plan_run(cfg, bridge, ctx, self.say, manager=self.manager)  # may refuse, or (auto) change cfg
         if plan is not None and plan.chosen is not None:
             self.run_config = config_to_dict(cfg)  # checkpoints record the settings auto chose
@@ -645,8 +652,15 @@ class FinetuneRecipe:
         self.setup_compute()
 
     def setup_compute(self) -> None:
-        """The model's kernels (chosen for the device it now lives on), recomputation and activation offload."""
+        """FP8 matmuls (an FP8 ``mixed_precision`` recipe), the model's kernels (chosen for the device it now
+        lives on), recomputation and activation offload."""
         cfg, bridge, model = self.cfg, self.bridge, self.model
+        if self.fp8 is not None:
+            from nvlcore.training.fp8 import apply_fp8
+
+            adapters = self.peft.adapter_parameters(model) if self.peft is not None else {}
+            selection = apply_fp8(model, self.fp8, bridge, adapter_names=adapters)
+            self.say(f"nvl finetune: {cfg.mixed_precision}: {selection.describe()}")
         report = bridge.set_kernels(model, cfg.model.kernels)
         if report:
             self.say("nvl finetune: kernels: " + "; ".join(f"{op}: {impl}" for op, impl in report.items()))

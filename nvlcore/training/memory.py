@@ -99,6 +99,8 @@ class PlanInputs:
     @classmethod
     def from_config(cls, cfg: Any, *, world_size: int = 1, **overrides: Any) -> PlanInputs:
         """The plan's inputs from an :class:`~nvlcore.config.NvlConfig` on ``world_size`` ranks."""
+        from nvlcore.training.fp8 import is_bf16_precision
+
         m, o, p = cfg.model, cfg.optimizer, cfg.peft
         tp = int(m.tensor_model_parallel_size)
         opts = dict(getattr(p, "options", {}) or {})
@@ -116,7 +118,7 @@ class PlanInputs:
             tp=tp, dp=max(1, world_size // tp), micro_batch_size=int(cfg.train.micro_batch_size),
             global_batch_size=int(cfg.train.global_batch_size), seq_length=int(cfg.dataset.seq_length),
             packed=cfg.dataset.packing != "none" or bool(cfg.dataset.enable_in_batch_packing),
-            recompute=m.recompute_granularity, autocast=bool(o.bf16) or cfg.mixed_precision == "bf16_mixed",
+            recompute=m.recompute_granularity, autocast=bool(o.bf16) or is_bf16_precision(cfg.mixed_precision),
             peft=peft, target_modules=tuple(p.target_modules), adapter_dim=int(p.dim), frozen_groups=frozen,
             freeze_other=peft and bool(opts.get("freeze_other", True)), optimizer=o.optimizer,
             distributed_optimizer=bool(cfg.ddp.use_distributed_optimizer),

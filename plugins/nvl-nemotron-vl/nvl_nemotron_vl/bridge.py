@@ -122,6 +122,21 @@ class NemotronVLBridge(ModelBridge):
             return True
         return module.rpartition(".")[2].endswith("norm") and leaf in ("weight", "bias")
 
+    #: A linear whose (this rank's) input size is at most the first number and output size at most the
+    #: second stays bf16 under FP8: torchao's tensorwise table shows no gain there (casts cost more than
+    #: the GEMM saves). None: no size rule (tests of the tiny toy, whose linears are all that small).
+    fp8_small_linear: ClassVar[tuple[int, int] | None] = (4096, 1024)
+
+    def fp8_module_filter(self, name: str, module: torch.nn.Module) -> bool:
+        """FP8 for the language model's decoder linears only (Megatron-Bridge's FP8 recipes cover the
+        transformer layers): the vision tower, the projector, the embedding and the output layer stay bf16,
+        and so does a linear too small to gain (:attr:`fp8_small_linear`)."""
+        if not name.startswith("language_model.decoder.layers."):
+            return False
+        small = self.fp8_small_linear
+        out_size, in_size = module.weight.shape  # type: ignore[union-attr]
+        return small is None or not (in_size <= small[0] and out_size <= small[1])
+
     recompute_modules = {
         "mamba": "the Mamba mixers' conv, scan and gated norm (their fp32 intermediates dominate the LM's activations)",
         "vision_tower": "every vision-tower layer (a trained tower keeps ~3 MB a tile per layer; recomputing it "
