@@ -366,6 +366,14 @@ class ModelBridge(abc.ABC):
         raise ValueError(f"model.recompute_granularity={granularity!r}: model bridge {self.name!r} has no activation "
                          "recomputation; remove the setting")
 
+    def set_sequence_parallel(self, model: torch.nn.Module) -> None:
+        """Megatron's sequence parallelism (``model.sequence_parallel=true``, tensor parallelism > 1): the
+        activations between the tensor-parallel regions are split along the sequence over the TP ranks
+        (row-parallel outputs reduce-scattered, column-parallel inputs all-gathered). It must change no
+        loss, gradient or saved state. Default: none, so this raises naming the key."""
+        raise ValueError(f"model.sequence_parallel=true: model bridge {self.name!r} has no sequence parallelism; "
+                         "set it false")
+
     def num_decoder_layers(self) -> int | None:
         """How many layers :meth:`decoder_layers` returns, known before the model is built (the memory plan's
         ``model.cpu_offloading_num_layers`` choices); default: None (unknown)."""

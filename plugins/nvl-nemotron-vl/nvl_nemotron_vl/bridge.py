@@ -141,6 +141,11 @@ class NemotronVLBridge(ModelBridge):
         model.set_recompute("ssm" if "mamba" in chosen else "none",  # type: ignore[operator]
                             vision_layers="vision_tower" in chosen)
 
+    def set_sequence_parallel(self, model: torch.nn.Module) -> None:
+        """The language model's decoder runs sequence-parallel in training forwards (the residual stream and
+        norms on ``1 / tp`` of the sequence; :meth:`NemotronVLModel.set_sequence_parallel`)."""
+        model.set_sequence_parallel(True)  # type: ignore[operator]
+
     def num_decoder_layers(self) -> int:
         """The hybrid language model's layer count (Mamba, attention and MLP layers each count one)."""
         return len(self.config.llm.layer_types)
