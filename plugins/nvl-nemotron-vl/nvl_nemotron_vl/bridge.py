@@ -173,14 +173,15 @@ class NemotronVLBridge(ModelBridge):
     def activation_bytes(self, *, tokens: int, tiles: int, recompute: str | None, tp_size: int,
                          trained: Mapping[str, bool], offload_layers: int = 0,
                          adapted: Mapping[str, bool] | None = None,
-                         recompute_modules: Sequence[str] | None = None) -> dict[str, float]:
+                         recompute_modules: Sequence[str] | None = None,
+                         sequence_parallel: bool = False) -> dict[str, float]:
         """See :mod:`nvl_nemotron_vl.memory` (per layer kind, calibrated on measured peaks)."""
         from .memory import activation_bytes
 
         modules = self.default_recompute_modules if recompute_modules is None else tuple(recompute_modules)
         return activation_bytes(self.config, tokens=tokens, tiles=tiles, recompute=recompute, tp_size=tp_size,
                                 trained=trained, offload_layers=offload_layers, adapted=adapted,
-                                recompute_modules=modules)
+                                recompute_modules=modules, sequence_parallel=sequence_parallel)
 
     def memory_phases(self) -> dict[str, str]:
         """Towers named as an out-of-memory report says them."""
