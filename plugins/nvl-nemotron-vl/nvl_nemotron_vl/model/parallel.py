@@ -154,6 +154,10 @@ class _GatheredLinear(torch.autograd.Function):
     @torch.amp.custom_fwd(device_type="cuda")
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, tp: TPContext) -> torch.Tensor:
         ctx.tp = tp
+        if x.device.type == "cuda" and torch.is_autocast_enabled("cuda"):
+            # The matmul casts its input to the autocast dtype anyway: cast the shard first, so that the
+            # all-gathers move (and backward keeps) half the bytes of an fp32 residual stream's norm output.
+            x = x.to(torch.get_autocast_dtype("cuda"))
         ctx.save_for_backward(x, weight)
         return F.linear(_seq_gather(x, tp), weight)
 
