@@ -167,7 +167,7 @@ class _Decoder(nn.Module):
         sp = self.sequence_parallel and inference_params is None
         if sp:
             length = h.shape[1]
-            h, attention_mask = self._pad_for_sequence_parallel(h, attention_mask, seq_idx)
+            h, attention_mask, seq_idx = self._pad_for_sequence_parallel(h, attention_mask, seq_idx)
             h = scatter_sequence(h, self.tp)
         for layer in self.layers:
             if self.recompute_layers and torch.is_grad_enabled() and inference_params is None:
@@ -181,21 +181,30 @@ class _Decoder(nn.Module):
         return self.final_norm(h)
 
     def _pad_for_sequence_parallel(self, h: torch.Tensor, attention_mask: torch.Tensor | None,
-                                   seq_idx: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``h`` padded at the end to a multiple of the TP size (and the mask with it, as padding). Every
-        layer is causal or per-token, so tokens after the last one change no earlier output; packed rows
-        (``seq_idx``) carry their own sample boundaries and are refused instead."""
-        length, tp = h.shape[1], self.tp.size
+                                   seq_idx: Any) -> tuple[torch.Tensor, torch.Tensor | None, Any]:
+        """``h`` padded at the end to a multiple of the TP size, the mask with it (as padding) and packed
+        rows' samples with a sample of their own for the padding. Every layer is causal or per-token, and
+        a packed sample sees only itself, so tokens after the last one change no earlier output."""
+        from .kernels import PackedSequences
+
+        b, length, tp = h.shape[0], h.shape[1], self.tp.size
         pad = -length % tp
         if not pad:
-            return h, attention_mask
-        if seq_idx is not None:
-            raise ValueError(f"model.sequence_parallel=true: packed rows of {length} tokens do not divide over "
-                             f"model.tensor_model_parallel_size={tp}; set dataset.seq_length to a multiple of {tp}")
-        h = torch.cat([h, h.new_zeros(h.shape[0], pad, *h.shape[2:])], dim=1)
+            return h, attention_mask, seq_idx
+        h = torch.cat([h, h.new_zeros(b, pad, *h.shape[2:])], dim=1)
         if attention_mask is not None:
-            attention_mask = torch.cat([attention_mask, attention_mask.new_zeros(attention_mask.shape[0], pad)], dim=1)
-        return h, attention_mask
+            attention_mask = torch.cat([attention_mask, attention_mask.new_zeros(b, pad)], dim=1)
+        if seq_idx is not None:
+            idx = seq_idx.seq_idx
+            idx = torch.cat([idx, (idx[:, -1:] + 1).expand(b, pad)], dim=1)
+            # The offsets over the flattened rows, moved on the host (no synchronisation): each row's
+            # samples shift by the padding of the rows before it, and each row gains one padding sample.
+            starts = seq_idx.cu_seqlens_cpu[:-1].to(torch.int64)
+            moved = starts + (starts // length) * pad
+            padding = torch.arange(b, dtype=torch.int64) * (length + pad) + length
+            cu = torch.cat([torch.cat([moved, padding]).sort().values, torch.tensor([b * (length + pad)])])
+            seq_idx = PackedSequences.of(idx, cu.to(torch.int32), max(seq_idx.max_seqlen, pad))
+        return h, attention_mask, seq_idx
 
 
 class NemotronHLanguageModel(nn.Module):

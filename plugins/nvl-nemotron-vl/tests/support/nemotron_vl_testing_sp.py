@@ -43,9 +43,9 @@ def _run(model: torch.nn.Module, case: dict[str, Any]) -> dict[str, Any]:
 
 def sp_worker(rank: int, world: int, hf_dir: str, cases: dict[str, dict[str, Any]],
               skip_one_reduction: bool = False) -> dict[str, Any]:
-    """Per case, the run without and with sequence parallelism (``{"off": ..., "on": ...}``); the
-    ``"refused"`` case's error (packed rows that do not divide over the ranks); and the state after one
-    SGD step with sequence parallelism loaded into a model without it (``"reload"``: logits of both)."""
+    """Per case, the run without and with sequence parallelism (``{"off": ..., "on": ...}``), and the
+    state after one SGD step with sequence parallelism loaded into a model without it (``"reload"``:
+    logits of both)."""
     from megatron.core import parallel_state
 
     from nvl_nemotron_vl.bridge import NemotronVLBridge
@@ -58,20 +58,11 @@ def sp_worker(rank: int, world: int, hf_dir: str, cases: dict[str, dict[str, Any
     model = bridge.build_model(dtype=torch.float32, device="cpu", load_weights=True, tp_group=group)
     out: dict[str, Any] = {}
     for name, case in cases.items():
-        if name == "refused":
-            continue
         out[name] = {"off": _run(model, case)}
     bridge.set_sequence_parallel(model)
     if skip_one_reduction:
         parallel._ReduceScatterToSequence = _SkipFirstReduction
     for name, case in cases.items():
-        if name == "refused":
-            try:
-                _run(model, case)
-                out["refused"] = None
-            except ValueError as exc:
-                out["refused"] = str(exc)
-            continue
         model.set_recompute(case.get("recompute", "none"))
         out[name]["on"] = _run(model, case)
     model.set_recompute("none")
