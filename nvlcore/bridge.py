@@ -374,6 +374,14 @@ class ModelBridge(abc.ABC):
         raise ValueError(f"model.recompute_granularity={granularity!r}: model bridge {self.name!r} has no activation "
                          "recomputation; remove the setting")
 
+    def set_sequence_parallel(self, model: torch.nn.Module) -> None:
+        """Megatron's sequence parallelism (``model.sequence_parallel=true``, tensor parallelism > 1): the
+        activations between the tensor-parallel regions are split along the sequence over the TP ranks
+        (row-parallel outputs reduce-scattered, column-parallel inputs all-gathered). It must change no
+        loss, gradient or saved state. Default: none, so this raises naming the key."""
+        raise ValueError(f"model.sequence_parallel=true: model bridge {self.name!r} has no sequence parallelism; "
+                         "set it false")
+
     def num_decoder_layers(self) -> int | None:
         """How many layers :meth:`decoder_layers` returns, known before the model is built (the memory plan's
         ``model.cpu_offloading_num_layers`` choices); default: None (unknown)."""
@@ -419,11 +427,13 @@ class ModelBridge(abc.ABC):
     def activation_bytes(self, *, tokens: int, tiles: int, recompute: str | None, tp_size: int,
                          trained: Mapping[str, bool], offload_layers: int = 0,
                          adapted: Mapping[str, bool] | None = None,
-                         recompute_modules: Sequence[str] | None = None) -> dict[str, float] | None:
+                         recompute_modules: Sequence[str] | None = None,
+                         sequence_parallel: bool = False) -> dict[str, float] | None:
         """Bytes one micro-batch of ``tokens`` tokens and ``tiles`` image tiles keeps on one rank for
         backward, by phase (``{"language model": ..., "vision tower": ...}``), under ``recompute``
         (``model.recompute_granularity``; ``recompute_modules``: selective's modules, None = the default)
-        with ``offload_layers`` layers' activations on the host;
+        with ``offload_layers`` layers' activations on the host; ``sequence_parallel``
+        (``model.sequence_parallel``, passed only when true) splits what lies between the TP regions;
         ``trained``: freeze group -> whether its base weights train; ``adapted``: freeze group -> whether
         a PEFT method's adapters sit in it (a frozen group with adapters keeps activations for them).
         Default: unknown (None), and the plan counts weights, gradients and optimizer state only."""

@@ -111,10 +111,13 @@ def test_resume_from_iteration_20_reproduces_the_losses_bit_for_bit(baseline, to
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("tp", [2, 1], ids=["tp2", "dp2"])
-def test_two_processes_match_one(baseline, toy, raven, tmp_path, tp):
+@pytest.mark.parametrize("tp, sp", [(2, False), (1, False), (2, True)], ids=["tp2", "dp2", "tp2-sequence-parallel"])
+def test_two_processes_match_one(baseline, toy, raven, tmp_path, tp, sp):
+    """TP=2 (also with model.sequence_parallel=true: its checkpoint then resumes without it) and DP=2."""
     save = tmp_path / f"tp{tp}"
-    nvl(*run_args(toy, raven, save, f"model.tensor_model_parallel_size={tp}"), "--nproc-per-node", "2")
+    extra = ["model.sequence_parallel=true"] if sp else []
+    proc = nvl(*run_args(toy, raven, save, f"model.tensor_model_parallel_size={tp}", *extra), "--nproc-per-node", "2")
+    assert ("sequence parallelism over the 2 tensor-parallel ranks" in proc.stdout) == sp
     a, b = losses(baseline), losses(save)
     assert sorted(b) == list(range(1, 31))
     worst = max(abs(a[i] - b[i]) / abs(a[i]) for i in a)

@@ -61,8 +61,6 @@ REFUSED: tuple[Refusal, ...] = (
     Refusal("model.context_parallel_size", (1,),
             "nvl has no context parallelism; raise model.tensor_model_parallel_size or use "
             "model.recompute_granularity"),
-    Refusal("model.sequence_parallel", (False,),
-            "nvl's tensor parallelism keeps activations replicated; use model.recompute_granularity to save memory"),
     Refusal("model.cpu_offloading_weights", (False,),
             "nvl offloads activations only (model.cpu_offloading); keep the weights on the GPU or shard them with "
             "model.tensor_model_parallel_size"),
@@ -120,6 +118,26 @@ def _same(value: Any, supported: Any) -> bool:
     return value == supported
 
 
+def _check_sequence_parallel(cfg: NvlConfig) -> None:
+    """``model.sequence_parallel=true`` splits the sequence over the tensor-parallel ranks: it needs more
+    than one (megatron-core raises the same), and PEFT adapters, which hook a layer's input as the layer
+    receives it, would see only a shard of the sequence."""
+    from nvlcore.config.structure import ConfigError, is_missing
+
+    m = cfg.model
+    if m.sequence_parallel is not True:
+        return
+    tp = m.tensor_model_parallel_size
+    if not is_missing(tp) and tp < 2:
+        raise ConfigError(f"model.sequence_parallel=true needs model.tensor_model_parallel_size > 1 (it is {tp}): "
+                          "the sequence is split over the tensor-parallel ranks; set it false or raise the TP size",
+                          key="model.sequence_parallel")
+    if cfg.peft.method is not None and not is_missing(cfg.peft.method):
+        raise ConfigError(f"model.sequence_parallel=true is for full fine-tuning: PEFT adapters "
+                          f"(peft.method={cfg.peft.method}) would see a sequence shard of their layer's input; "
+                          "set it false", key="model.sequence_parallel")
+
+
 def check_refused(cfg: NvlConfig) -> None:
     """Raise :class:`~nvlcore.config.ConfigError` on the first refused value, on ``peft.*`` settings
     given without a PEFT method, or on ``optimizer.bf16=false`` under ``mixed_precision=bf16_mixed``
@@ -148,6 +166,7 @@ def check_refused(cfg: NvlConfig) -> None:
         )
     _check_precision_aware(cfg)
     m = cfg.model
+    _check_sequence_parallel(cfg)
     if m.cpu_offloading is not True and m.cpu_offloading_num_layers not in (0, MISSING_MARK):
         raise ConfigError(f"model.cpu_offloading_num_layers={m.cpu_offloading_num_layers} has no effect without "
                           "model.cpu_offloading=true; set it, or remove the layer count",

@@ -35,7 +35,11 @@ class ModelConfig:
     tensor_model_parallel_size: int = _f(4, "Tensor-parallel size (recipe: 4 for full fine-tuning, 2 for PEFT).")
     pipeline_model_parallel_size: int = _f(1, "Pipeline-parallel size. Only 1 is supported by nvl.")
     context_parallel_size: int = _f(1, "Context-parallel size. Only 1 is supported by nvl.")
-    sequence_parallel: bool = _f(False, "Megatron sequence parallelism. Not supported by nvl (must be false).")
+    sequence_parallel: bool = _f(
+        False, "Megatron sequence parallelism for tensor_model_parallel_size > 1 (full fine-tuning): activations "
+        "between the tensor-parallel regions (residual stream, norms) are split along the sequence over the TP ranks; "
+        "row-parallel outputs are reduce-scattered, column-parallel inputs all-gathered. Refused at TP=1 and with "
+        "a PEFT method.")
     freeze: dict[str, bool] = _f(
         help="Frozen parameter groups, written `model.freeze_<group>: true` (Megatron-Bridge's spelling); the "
         "groups are the model bridge's `freeze_groups` (docs/model.md lists this model's), and a group it "

@@ -670,6 +670,9 @@ class FinetuneRecipe:
             which = "" if cfg.model.recompute_granularity == "full" else \
                 f" of {', '.join(modules if modules is not None else bridge.default_recompute_modules) or 'nothing'}"
             self.say(f"nvl finetune: activation recomputation: {cfg.model.recompute_granularity}{which}")
+        if cfg.model.sequence_parallel:
+            bridge.set_sequence_parallel(model)
+            self.say(f"nvl finetune: sequence parallelism over the {self.ctx.tp_size} tensor-parallel ranks")
         if cfg.model.cpu_offloading:
             from nvlcore.training.offload import offload_activations
 

@@ -87,6 +87,8 @@ class PlanInputs:
     activation_offload_layers: int = 0
     #: ``model.recompute_modules`` under selective recomputation (None: the bridge's default)
     recompute_modules: tuple[str, ...] | None = None
+    #: ``model.sequence_parallel``: the bridge's activation count splits what lies between the TP regions
+    sequence_parallel: bool = False
     #: (LM tokens, image tiles) of one micro-batch; None = the bridge's upper bound for the config
     workload: tuple[int, int] | None = None
     #: bytes per frozen parameter while the model is built and its weights loaded; None: its storage dtype
@@ -133,6 +135,7 @@ class PlanInputs:
             activation_offload_layers=int(getattr(m, "cpu_offloading_num_layers", 0) or 0)
             if getattr(m, "cpu_offloading", False) else 0,
             recompute_modules=tuple(m.recompute_modules) if getattr(m, "recompute_modules", None) else None,
+            sequence_parallel=bool(getattr(m, "sequence_parallel", False)),
         )
         on_host = getattr(m, "use_cpu_initialization", None)
         values["host_build"] = bool(on_host) if on_host is not None else values["base_bytes"] is not None
@@ -221,7 +224,9 @@ def estimate(bridge: ModelBridge, inputs: PlanInputs) -> MemoryEstimate:
     trained = {g: not inputs.frozen_groups.get(g, False) for g in bridge.freeze_groups}
     tokens, tiles = inputs.workload or bridge.workload_upper_bound(
         seq_length=inputs.seq_length, micro_batch_size=inputs.micro_batch_size, packed=inputs.packed)
-    extra = {} if inputs.recompute_modules is None else {"recompute_modules": inputs.recompute_modules}
+    extra: dict[str, Any] = {} if inputs.recompute_modules is None else {"recompute_modules": inputs.recompute_modules}
+    if inputs.sequence_parallel:  # only then: a bridge without sequence parallelism refuses the key anyway
+        extra["sequence_parallel"] = True
     acts = bridge.activation_bytes(tokens=tokens, tiles=tiles, recompute=inputs.recompute, tp_size=inputs.tp,
                                    trained=trained, offload_layers=inputs.activation_offload_layers,
                                    adapted=adapted, **extra) or {}

@@ -156,6 +156,11 @@ class NemotronVLBridge(ModelBridge):
         model.set_recompute("ssm" if "mamba" in chosen else "none",  # type: ignore[operator]
                             vision_layers="vision_tower" in chosen)
 
+    def set_sequence_parallel(self, model: torch.nn.Module) -> None:
+        """The language model's decoder runs sequence-parallel in training forwards (the residual stream and
+        norms on ``1 / tp`` of the sequence; :meth:`NemotronVLModel.set_sequence_parallel`)."""
+        model.set_sequence_parallel(True)  # type: ignore[operator]
+
     def num_decoder_layers(self) -> int:
         """The hybrid language model's layer count (Mamba, attention and MLP layers each count one)."""
         return len(self.config.llm.layer_types)
@@ -183,14 +188,15 @@ class NemotronVLBridge(ModelBridge):
     def activation_bytes(self, *, tokens: int, tiles: int, recompute: str | None, tp_size: int,
                          trained: Mapping[str, bool], offload_layers: int = 0,
                          adapted: Mapping[str, bool] | None = None,
-                         recompute_modules: Sequence[str] | None = None) -> dict[str, float]:
+                         recompute_modules: Sequence[str] | None = None,
+                         sequence_parallel: bool = False) -> dict[str, float]:
         """See :mod:`nvl_nemotron_vl.memory` (per layer kind, calibrated on measured peaks)."""
         from .memory import activation_bytes
 
         modules = self.default_recompute_modules if recompute_modules is None else tuple(recompute_modules)
         return activation_bytes(self.config, tokens=tokens, tiles=tiles, recompute=recompute, tp_size=tp_size,
                                 trained=trained, offload_layers=offload_layers, adapted=adapted,
-                                recompute_modules=modules)
+                                recompute_modules=modules, sequence_parallel=sequence_parallel)
 
     def memory_phases(self) -> dict[str, str]:
         """Towers named as an out-of-memory report says them."""

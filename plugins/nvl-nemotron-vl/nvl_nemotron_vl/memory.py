@@ -14,6 +14,11 @@ and ``res*H + 2H + 4 ffn/tp`` (MLP), times :data:`VIT_CALIBRATION`. ``selective`
 a Mamba mixer's input (``recompute_modules`` ``mamba``; with ``vision_tower`` the ViT layers count as
 under ``full``); ``full`` keeps every layer's input plus one layer's activations while it is
 recomputed. docs/memory.md compares the result with the peaks measured on GPUs.
+
+Under sequence parallelism (``model.sequence_parallel``) the LM's ``res*h + 2h`` per layer (the norm's
+input and its output, which the column-parallel linear keeps as a shard and gathers again in backward),
+a layer's kept input under recomputation and the final norm's input are ``1/tp`` of the above; the
+output layer still keeps the gathered ``2h``. The vision tower is not sequence-parallel.
 """
 
 from __future__ import annotations
@@ -28,11 +33,11 @@ VIT_CALIBRATION = 1.2
 BF16 = 2
 
 
-def lm_layer_bytes(cfg: NemotronVLConfig, kind: str, *, tp: int, res: int) -> float:
+def lm_layer_bytes(cfg: NemotronVLConfig, kind: str, *, tp: int, res: int, sequence_parallel: bool = False) -> float:
     """Bytes one token keeps in one language-model layer of ``kind`` (no recomputation)."""
     llm = cfg.llm
     h = llm.hidden_size
-    norm = res * h + BF16 * h
+    norm = (res * h + BF16 * h) / (tp if sequence_parallel else 1)
     if kind == "mamba":
         d_in, gn, heads = llm.mamba_d_inner, llm.n_groups * llm.ssm_state_size, llm.mamba_num_heads
         return norm + BF16 * (2 * d_in + 2 * gn + heads + (d_in + 2 * gn) + 2 * d_in) / tp
@@ -43,18 +48,21 @@ def lm_layer_bytes(cfg: NemotronVLConfig, kind: str, *, tp: int, res: int) -> fl
 
 
 def lm_bytes_per_token(cfg: NemotronVLConfig, *, tp: int, res: int, recompute: str | None,
-                       offload_layers: int = 0, recompute_modules: tuple[str, ...] = ("mamba",)) -> float:
+                       offload_layers: int = 0, recompute_modules: tuple[str, ...] = ("mamba",),
+                       sequence_parallel: bool = False) -> float:
     """Bytes one language-model token keeps over all layers (plus the final norm)."""
     kinds = cfg.llm.layer_types
-    full = [lm_layer_bytes(cfg, k, tp=tp, res=res) for k in kinds]
+    h = cfg.llm.hidden_size
+    sp = tp if sequence_parallel else 1  # what lies between the TP regions is split over the ranks
+    full = [lm_layer_bytes(cfg, k, tp=tp, res=res, sequence_parallel=sequence_parallel) for k in kinds]
     mamba = recompute == "selective" and "mamba" in recompute_modules
-    kept = [res * cfg.llm.hidden_size] * len(kinds) if recompute == "full" else [
-        res * cfg.llm.hidden_size + BF16 * cfg.llm.hidden_size if (mamba and k == "mamba") else b
+    kept = [res * h / sp] * len(kinds) if recompute == "full" else [
+        (res * h + BF16 * h) / sp if (mamba and k == "mamba") else b
         for k, b in zip(kinds, full, strict=True)]
     if offload_layers:  # those layers' activations live on the host until their backward
         kept = sorted(kept)[: max(0, len(kept) - offload_layers)] + [0.0] * min(offload_layers, len(kept))
     transient = max(full) if recompute == "full" else 0.0  # the layer being recomputed
-    return sum(kept) + transient + (res + BF16) * cfg.llm.hidden_size
+    return sum(kept) + transient + res * h / sp + BF16 * h
 
 
 def vit_bytes_per_tile(cfg: NemotronVLConfig, *, tp: int, res: int, recompute: str | None) -> float:
@@ -72,7 +80,8 @@ def vit_bytes_per_tile(cfg: NemotronVLConfig, *, tp: int, res: int, recompute: s
 def activation_bytes(cfg: NemotronVLConfig, *, tokens: int, tiles: int, recompute: str | None, tp_size: int,
                      trained: Mapping[str, bool], offload_layers: int = 0,
                      adapted: Mapping[str, bool] | None = None,
-                     recompute_modules: tuple[str, ...] = ("mamba",)) -> dict[str, float]:
+                     recompute_modules: tuple[str, ...] = ("mamba",),
+                     sequence_parallel: bool = False) -> dict[str, float]:
     """Per phase, the bytes one micro-batch keeps for backward (see the module docstring).
 
     A frozen vision tower and projector without adapters keep nothing (no gradient flows into them); the language model
@@ -84,7 +93,8 @@ def activation_bytes(cfg: NemotronVLConfig, *, tokens: int, tiles: int, recomput
     vit_trains = any(trained.get(g) or adapted.get(g) for g in ("vision_model", "vision_projection"))
     out = {"language model": tokens * lm_bytes_per_token(cfg, tp=tp_size, res=lm_res, recompute=recompute,
                                                         offload_layers=offload_layers,
-                                                        recompute_modules=recompute_modules)}
+                                                        recompute_modules=recompute_modules,
+                                                        sequence_parallel=sequence_parallel)}
     vit_full = recompute == "full" or (recompute == "selective" and "vision_tower" in recompute_modules)
     if tiles:
         out["vision tower"] = tiles * vit_bytes_per_tile(cfg, tp=tp_size,

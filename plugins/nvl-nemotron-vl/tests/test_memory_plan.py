@@ -149,6 +149,23 @@ def test_keys_of_other_features_lower_the_plan(bridge12b):
     assert off < base.activations["language model"]
 
 
+@pytest.mark.parametrize("recompute", [None, "selective", "full"])
+def test_sequence_parallelism_splits_the_activations_between_the_tp_regions(bridge12b, recompute):
+    """The norms' input and output (or a recomputed layer's kept input) and the final norm's input are
+    1/tp of each token's under model.sequence_parallel; the rest is unchanged."""
+    llm = bridge12b.config.llm
+    h, n, res = llm.hidden_size, len(llm.layer_types), 4  # full fine-tuning: an fp32 residual stream
+    plain = PlanInputs(tp=2, workload=(4096, 0), recompute=recompute)
+    before = estimate(bridge12b, plain).activations["language model"]
+    after = estimate(bridge12b, attrs.evolve(plain, sequence_parallel=True)).activations["language model"]
+    # full: each layer's kept input; otherwise the norm's input and output (a recomputed Mamba mixer too)
+    per_layer = res * h if recompute == "full" else (res + 2) * h
+    saved = 4096 * (n * per_layer / 2 + res * h / 2)
+    if recompute == "full":  # the layer being recomputed keeps its norm's tensors as shards too
+        saved += 4096 * (res + 2) * h / 2
+    assert before - after == pytest.approx(saved)
+
+
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "NVL_DEVICE": "cpu", "TOKENIZERS_PARALLELISM": "false"}
 
 
@@ -226,7 +243,9 @@ def test_plan_inputs_read_the_config():
     assert (inp.peft, inp.freeze_other, inp.micro_batch_size, inp.packed, inp.recompute) == (True, True, 2, True,
                                                                                              "selective")
     full = PlanInputs.from_config(load_config([], ["model.tensor_model_parallel_size=2"]), world_size=4)
-    assert (full.peft, full.tp, full.dp, full.frozen_groups) == (False, 2, 2, {})
+    assert (full.peft, full.tp, full.dp, full.frozen_groups, full.sequence_parallel) == (False, 2, 2, {}, False)
+    sp = load_config([], ["model.tensor_model_parallel_size=2", "model.sequence_parallel=true"])
+    assert PlanInputs.from_config(sp, world_size=4).sequence_parallel is True
     assert cfg.train.memory_plan == "check" and cfg.train.memory_budget_gb is None
 
 

@@ -112,6 +112,7 @@ class SelfAttention(nn.Module):
     def forward(
         self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
         inference_params: HybridCache | None = None, seq_idx: torch.Tensor | PackedSequences | None = None,
+        *, sequence_parallel: bool = False,
     ) -> torch.Tensor:
         """``[b, L, hidden]`` (before the layer's norm) -> ``[b, L, hidden]``; ``attention_mask`` ``[b, L]``.
 
@@ -123,11 +124,15 @@ class SelfAttention(nn.Module):
         ``inference_params`` (a :class:`~.cache.HybridCache`, causal attention only): in its
         ``"prefill"`` phase the prompt's keys/values are also written to columns ``[0, L)`` of this
         layer's cache; in its ``"decode"`` phase this is :meth:`step`.
+
+        ``sequence_parallel``: ``hidden_states`` is this rank's sequence shard (the masks are the whole
+        sequence's); ``linear_qkv`` gathers the sequence and the output is this rank's shard again.
         """
         if inference_params is not None and inference_params.phase == "decode":
             return self.step(hidden_states, inference_params)
-        b, L, _ = hidden_states.shape
-        qkv, _ = self.linear_qkv(hidden_states)
+        sp = sequence_parallel
+        qkv, _ = self.linear_qkv(hidden_states, sequence_parallel=sp)
+        b, L = qkv.shape[:2]  # the whole sequence, also when hidden_states is a shard of it
         if (seq_idx is not None and self.packed_attention is not None and self.causal and inference_params is None
                 and attention_mask is None and qkv.dtype in (torch.float16, torch.bfloat16)):
             # The varlen kernel (16-bit inputs only: an fp32 model keeps the block mask), on the tokens as
@@ -135,7 +140,7 @@ class SelfAttention(nn.Module):
             g = qkv.view(b * L, self.kv_heads, self.rep + 2, self.head_dim)
             o = self.packed_attention(g[:, :, : self.rep].reshape(b * L, self.heads, self.head_dim),
                                       g[:, :, self.rep], g[:, :, self.rep + 1], PackedSequences.of(seq_idx))
-            out, _ = self.linear_proj(o.reshape(b, L, self.heads * self.head_dim))
+            out, _ = self.linear_proj(o.reshape(b, L, self.heads * self.head_dim), sequence_parallel=sp)
             return out
         q, k, v = self._qkv(qkv)
         if inference_params is not None:
@@ -161,7 +166,7 @@ class SelfAttention(nn.Module):
         o = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=self.causal and mask is None, enable_gqa=gqa
         )
-        out, _ = self.linear_proj(o.transpose(1, 2).reshape(b, L, self.heads * self.head_dim))
+        out, _ = self.linear_proj(o.transpose(1, 2).reshape(b, L, self.heads * self.head_dim), sequence_parallel=sp)
         return out
 
     def step(self, hidden_states: torch.Tensor, inference_params: HybridCache) -> torch.Tensor:

@@ -24,7 +24,7 @@ from .attention import SelfAttention
 from .cache import HybridCache
 from .mamba import MambaMixer
 from .mlp import MLP
-from .parallel import RMSNorm, TPContext, column_linear, megatron_config
+from .parallel import RMSNorm, TPContext, column_linear, gather_sequence, megatron_config, scatter_sequence
 
 
 def padded_vocab_size(vocab_size: int, tp_size: int) -> int:
@@ -40,9 +40,12 @@ class MambaLayer(nn.Module):
     def __init__(self, cfg: LLMConfig, tp: TPContext, dtype, device, layer_number: int | None = None) -> None:
         super().__init__()
         self.mixer = MambaMixer(cfg, tp, dtype, device, layer_number=layer_number)
+        #: ``h`` is a sequence shard in training forwards (set by the model's ``set_sequence_parallel``).
+        self.sequence_parallel = False
 
     def forward(self, h: torch.Tensor, attention_mask=None, inference_params=None, seq_idx=None) -> torch.Tensor:
-        return h + self.mixer(h, attention_mask, inference_params, seq_idx)
+        sp = self.sequence_parallel and inference_params is None
+        return h + self.mixer(h, attention_mask, inference_params, seq_idx, sequence_parallel=sp)
 
     def step(self, h: torch.Tensor, inference_params: HybridCache) -> torch.Tensor:
         return h + self.mixer.step(h, inference_params)
@@ -59,9 +62,12 @@ class AttentionLayer(nn.Module):
             norm="rms", eps=cfg.layer_norm_epsilon, causal=True, tp=tp, dtype=dtype, device=device,
             layer_number=layer_number,
         )
+        #: ``h`` is a sequence shard in training forwards (set by the model's ``set_sequence_parallel``).
+        self.sequence_parallel = False
 
     def forward(self, h: torch.Tensor, attention_mask=None, inference_params=None, seq_idx=None) -> torch.Tensor:
-        return h + self.self_attention(h, attention_mask, inference_params, seq_idx)
+        sp = self.sequence_parallel and inference_params is None
+        return h + self.self_attention(h, attention_mask, inference_params, seq_idx, sequence_parallel=sp)
 
     def step(self, h: torch.Tensor, inference_params: HybridCache) -> torch.Tensor:
         return h + self.self_attention.step(h, inference_params)
@@ -78,9 +84,11 @@ class MLPLayer(nn.Module):
         self.tp = tp
         self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, activation="relu2", bias=False, norm="rms",
                        eps=cfg.layer_norm_epsilon, tp=tp, dtype=dtype, device=device)
+        #: ``h`` is a sequence shard in training forwards (set by the model's ``set_sequence_parallel``).
+        self.sequence_parallel = False
 
     def forward(self, h: torch.Tensor, attention_mask=None, inference_params=None, seq_idx=None) -> torch.Tensor:
-        return h + self.mlp(h)
+        return h + self.mlp(h, sequence_parallel=self.sequence_parallel and inference_params is None)
 
     def step(self, h: torch.Tensor, inference_params: HybridCache) -> torch.Tensor:
         from .step_ops import column, row
@@ -117,8 +125,23 @@ class _Decoder(nn.Module):
             LAYER_CLASSES[t](cfg, tp, dtype, device, layer_number=i) for i, t in enumerate(cfg.layer_types)
         )
         self.final_norm = RMSNorm(cfg.hidden_size, cfg.layer_norm_epsilon, dtype, device)
+        self.tp = tp
         #: Recompute each layer in backward (full activation checkpointing; set by the model).
         self.recompute_layers = False
+        #: Sequence parallelism in forwards without a decoding cache (:meth:`set_sequence_parallel`).
+        self.sequence_parallel = False
+
+    def set_sequence_parallel(self, enabled: bool) -> None:
+        """Megatron's sequence parallelism (``model.sequence_parallel``): in forwards without a decoding
+        cache, the residual stream and the norms hold this rank's ``1 / tp`` of the sequence; each layer's
+        column-parallel input projection all-gathers it, its row-parallel output projection
+        reduce-scatters. Needs tensor parallelism (a TP size of 1 has nothing to split over)."""
+        if enabled and self.tp.size < 2:
+            raise ValueError("model.sequence_parallel=true needs model.tensor_model_parallel_size > 1 (the sequence "
+                             "is split over the tensor-parallel ranks); set it false")
+        self.sequence_parallel = bool(enabled)
+        for layer in self.layers:
+            layer.sequence_parallel = bool(enabled)
 
     def forward(self, h: torch.Tensor, attention_mask=None, inference_params=None, seq_idx=None) -> torch.Tensor:
         """``seq_idx`` ``[b, L]`` (or :class:`~.kernels.PackedSequences`): packed samples (sample index per
@@ -141,12 +164,47 @@ class _Decoder(nn.Module):
             # the real tokens, no real token can see a padded one, so the mask changes nothing that is
             # used. Dropping it skips the per-layer masking passes and keeps attention on flash kernels.
             attention_mask = None
+        sp = self.sequence_parallel and inference_params is None
+        if sp:
+            length = h.shape[1]
+            h, attention_mask, seq_idx = self._pad_for_sequence_parallel(h, attention_mask, seq_idx)
+            h = scatter_sequence(h, self.tp)
         for layer in self.layers:
             if self.recompute_layers and torch.is_grad_enabled() and inference_params is None:
                 h = checkpoint(layer, h, attention_mask, None, seq_idx, use_reentrant=False)
             else:
                 h = layer(h, attention_mask, inference_params, seq_idx)
+        if sp:
+            # The final norm on the shard (its weight's gradient summed over the ranks), then the whole
+            # sequence again for the output layer and the loss, which see every token on every rank.
+            return gather_sequence(self.final_norm(h, self.tp), self.tp)[:, :length]
         return self.final_norm(h)
+
+    def _pad_for_sequence_parallel(self, h: torch.Tensor, attention_mask: torch.Tensor | None,
+                                   seq_idx: Any) -> tuple[torch.Tensor, torch.Tensor | None, Any]:
+        """``h`` padded at the end to a multiple of the TP size, the mask with it (as padding) and packed
+        rows' samples with a sample of their own for the padding. Every layer is causal or per-token, and
+        a packed sample sees only itself, so tokens after the last one change no earlier output."""
+        from .kernels import PackedSequences
+
+        b, length, tp = h.shape[0], h.shape[1], self.tp.size
+        pad = -length % tp
+        if not pad:
+            return h, attention_mask, seq_idx
+        h = torch.cat([h, h.new_zeros(b, pad, *h.shape[2:])], dim=1)
+        if attention_mask is not None:
+            attention_mask = torch.cat([attention_mask, attention_mask.new_zeros(b, pad)], dim=1)
+        if seq_idx is not None:
+            idx = seq_idx.seq_idx
+            idx = torch.cat([idx, (idx[:, -1:] + 1).expand(b, pad)], dim=1)
+            # The offsets over the flattened rows, moved on the host (no synchronisation): each row's
+            # samples shift by the padding of the rows before it, and each row gains one padding sample.
+            starts = seq_idx.cu_seqlens_cpu[:-1].to(torch.int64)
+            moved = starts + (starts // length) * pad
+            padding = torch.arange(b, dtype=torch.int64) * (length + pad) + length
+            cu = torch.cat([torch.cat([moved, padding]).sort().values, torch.tensor([b * (length + pad)])])
+            seq_idx = PackedSequences.of(idx, cu.to(torch.int32), max(seq_idx.max_seqlen, pad))
+        return h, attention_mask, seq_idx
 
 
 class NemotronHLanguageModel(nn.Module):

@@ -101,6 +101,8 @@ class MambaMixer(nn.Module):
         attention_mask: torch.Tensor | None = None,
         inference_params: HybridCache | None = None,
         seq_idx: torch.Tensor | None = None,
+        *,
+        sequence_parallel: bool = False,
     ) -> torch.Tensor:
         """``hidden_states`` ``[b, L, hidden]`` (before the layer's norm) -> mixer output ``[b, L, hidden]``.
 
@@ -112,6 +114,10 @@ class MambaMixer(nn.Module):
         ``inference_params`` (a :class:`~.cache.HybridCache`): in its ``"prefill"`` phase the prompt runs
         through this same path and leaves this layer's conv window and SSM state in the cache; in its
         ``"decode"`` phase this is :meth:`step`.
+
+        ``sequence_parallel``: ``hidden_states`` is this rank's sequence shard ``[b, L / tp, hidden]``:
+        ``in_proj`` gathers the whole sequence (the conv and the scan need it, as in Megatron-Core's
+        ``MambaLayer``) and ``out_proj`` reduce-scatters the output back to this rank's shard.
         """
         if inference_params is not None and inference_params.phase == "decode":
             return self.step(hidden_states, inference_params)
@@ -121,7 +127,7 @@ class MambaMixer(nn.Module):
             if seq_idx is not None:
                 raise ValueError("packed rows (seq_idx) cannot fill a decoding cache: give one prompt per row")
             state = inference_params.state_of(self)
-        zxbcdt, _ = self.in_proj(hidden_states)
+        zxbcdt, _ = self.in_proj(hidden_states, sequence_parallel=sequence_parallel)
         if attention_mask is not None:
             zxbcdt = zxbcdt * attention_mask[:, :, None].to(zxbcdt.dtype)
         if self.recompute and torch.is_grad_enabled() and state is None:
@@ -132,7 +138,7 @@ class MambaMixer(nn.Module):
             y = checkpoint(self.ssm, zxbcdt, attention_mask, seq_idx, use_reentrant=False)
         else:
             y = self.ssm(zxbcdt, attention_mask, seq_idx, state)
-        out, _ = self.out_proj(y.to(hidden_states.dtype))
+        out, _ = self.out_proj(y.to(hidden_states.dtype), sequence_parallel=sequence_parallel)
         return out
 
     def ssm(self, zxbcdt: torch.Tensor, attention_mask: torch.Tensor | None = None,

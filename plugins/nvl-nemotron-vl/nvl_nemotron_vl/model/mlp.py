@@ -66,7 +66,8 @@ class MLP(nn.Module):
                                                dtype=dtype, device=device)
         self.linear_fc2 = row_linear(ffn_size, out_size or hidden_size, bias=bias, tp=tp, dtype=dtype, device=device)
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        y, _ = self.linear_fc1(hidden_states)
-        out, _ = self.linear_fc2(self.act(y))
+    def forward(self, hidden_states: torch.Tensor, *, sequence_parallel: bool = False) -> torch.Tensor:
+        """``sequence_parallel``: ``hidden_states`` and the output are this rank's sequence shard."""
+        y, _ = self.linear_fc1(hidden_states, sequence_parallel=sequence_parallel)
+        out, _ = self.linear_fc2(self.act(y), sequence_parallel=sequence_parallel)
         return out

@@ -93,6 +93,12 @@ class NemotronVLModel(nn.Module):
         """Op -> implementation in use (the Mamba scan, conv, gated norm; the LM loss; attention)."""
         return {**self.kernels.names, "attention": "SDPA (causal, no dense mask on right padding)"}
 
+    def set_sequence_parallel(self, enabled: bool) -> None:
+        """Megatron's sequence parallelism for the language model's decoder (``model.sequence_parallel``;
+        :meth:`~.lm._Decoder.set_sequence_parallel`). The vision tower and the projector keep their
+        activations replicated: they are a small share of a training step's activations."""
+        self.language_model.decoder.set_sequence_parallel(enabled)
+
     def set_recompute(self, mode: str, *, vision_layers: bool | None = None) -> None:
         """Activation recomputation: ``"none"``; ``"ssm"`` (Mamba conv + scan + gated norm, whose fp32
         intermediates dominate activation memory); ``"layers"`` (every LM and ViT layer).
