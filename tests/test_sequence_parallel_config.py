@@ -11,6 +11,9 @@ import pytest
      "model.sequence_parallel=true needs model.tensor_model_parallel_size > 1 (it is 1)"),
     (["model.sequence_parallel=true", "model.tensor_model_parallel_size=2", "peft.method=lora"],
      "model.sequence_parallel=true is for full fine-tuning"),
+    (["model.sequence_parallel=true", "model.tensor_model_parallel_size=2",
+      "mixed_precision=bf16_with_fp8_current_scaling_mixed"],
+     "model.sequence_parallel=true does not run FP8 matmuls yet"),
 ])
 def test_sequence_parallelism_is_refused_at_load_where_it_cannot_work(overrides: list[str], needle: str) -> None:
     from nvlcore.config import ConfigError, load_config
