@@ -55,6 +55,11 @@ ROWS: dict[str, dict[str, Any]] = {
     "qlora_24": dict(workload="cord", method="qlora", seq=4096, budget_gb=24, target_gb=22, baseline={},
                      vision_adapters=True,
                      fit={"peft.base_dtype": "nf4", "train.memory_plan": "auto"}),
+    # the same with full recomputation of the language model asked for (the plan's next rung), not left to auto
+    "qlora_24_full": dict(workload="cord", method="qlora", seq=4096, budget_gb=24, target_gb=22, baseline={},
+                          vision_adapters=True,
+                          fit={"peft.base_dtype": "nf4", "model.recompute_granularity": "full",
+                               "train.memory_plan": "auto"}),
     "qlora_text_24": dict(workload="text", method="qlora", seq=4096, budget_gb=24, target_gb=22, baseline={},
                           vision_adapters=True,
                           fit={"peft.base_dtype": "nf4", "train.memory_plan": "auto"}),

@@ -344,6 +344,13 @@ class ModelBridge(abc.ABC):
         rounding hurts most); a bridge that knows its precision-sensitive parameters names them."""
         return param.dim() <= 1
 
+    def quantize_module_filter(self, name: str) -> bool:
+        """Whether the frozen linear layer ``name``'s weight may be stored in a PEFT method's low-bit format
+        (``peft.base_dtype=nf4``); one left out stays in the compute dtype. Default: every linear layer. A
+        bridge leaves out its vocabulary projection, as transformers' bitsandbytes integration keeps
+        ``lm_head``: a loss computed in chunks would dequantize it once per chunk."""
+        return True
+
     def fp8_module_filter(self, name: str, module: torch.nn.Module) -> bool:
         """Whether linear layer ``name`` may run its matmuls in FP8 under an FP8 ``mixed_precision`` recipe
         (:mod:`nvlcore.training.fp8`). The core has already left out the first and last decoder layers,

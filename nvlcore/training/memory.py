@@ -42,6 +42,9 @@ DTYPE_BYTES = {"fp32": 4.0, "float32": 4.0, "bf16": 2.0, "bfloat16": 2.0, "fp16"
                "fp8": 1.0, "uint8": 1.0, "int8": 1.0}
 #: NF4 storage: 4 bits per weight plus a bf16 scale per block of 64 and its double quantisation
 NF4_BYTES_PER_PARAM = 0.5625
+#: bytes per parameter of one quantized weight while torchao dequantizes it for a matmul: the bf16 weight and
+#: the unpacking's temporaries (index lookup, scaling, concatenation: ~2 bytes each, profiled on CPU)
+DEQUANT_BYTES_PER_PARAM = 6.0
 MODES = ("off", "check", "auto")
 
 
@@ -157,12 +160,14 @@ class MemoryEstimate:
     workload: tuple[int, int]
     trainable_params: int
     frozen_params: int
+    #: a quantized base's largest weight dequantized for its matmul, with the dequantization's temporaries
+    dequantized: float = 0.0
 
     @property
     def step(self) -> float:
         """The training step's peak allocated bytes."""
         return (self.frozen_weights + self.trainable_weights + self.gradients + self.optimizer + self.cast_cache
-                + sum(self.activations.values()))
+                + sum(self.activations.values()) + self.dequantized)
 
     @property
     def allocated(self) -> float:
@@ -179,7 +184,9 @@ class MemoryEstimate:
         tokens, tiles = self.workload
         return (f"~{_fmt(self.card)} per GPU (allocated peak {_fmt(self.allocated)}: weights "
                 f"{_fmt(self.frozen_weights + self.trainable_weights)}, gradients {_fmt(self.gradients)}, optimizer "
-                f"{_fmt(self.optimizer)}, bf16 weight copies {_fmt(self.cast_cache)}, activations [{acts}] for "
+                f"{_fmt(self.optimizer)}, bf16 weight copies {_fmt(self.cast_cache)}"
+                + (f", a dequantized weight {_fmt(self.dequantized)}" if self.dequantized else "")
+                + f", activations [{acts}] for "
                 f"{tokens} tokens and {tiles} image tiles per micro-batch; build {_fmt(self.build)}; + "
                 f"{FRAGMENTATION:.0%} allocator and {_fmt(RUNTIME_OVERHEAD_BYTES)} runtime)")
 
@@ -202,7 +209,7 @@ def estimate(bridge: ModelBridge, inputs: PlanInputs) -> MemoryEstimate:
     shapes = bridge.parameter_shapes(inputs.tp)
     layouts = bridge.linear_layouts()
     frozen_b = trainable_n = frozen_n = adapters = 0.0
-    largest = 0
+    largest = largest_quantised = 0
     adapted: dict[str, bool] = {}
     compute_bytes = 2.0 if inputs.autocast else 4.0
     for name, (shape, numel) in shapes.items():
@@ -213,8 +220,9 @@ def estimate(bridge: ModelBridge, inputs: PlanInputs) -> MemoryEstimate:
         is_linear = module in layouts and len(shape) == 2
         if frozen:
             frozen_n += numel
-            quantised = inputs.base_bytes is not None and is_linear
+            quantised = inputs.base_bytes is not None and is_linear and bridge.quantize_module_filter(module)
             frozen_b += numel * (inputs.base_bytes if quantised else compute_bytes)
+            largest_quantised = max(largest_quantised, numel if quantised else 0)
         else:
             trainable_n += numel
         if inputs.peft and is_linear and _adapter_target(module, inputs.target_modules):
@@ -243,6 +251,7 @@ def estimate(bridge: ModelBridge, inputs: PlanInputs) -> MemoryEstimate:
         frozen_weights=frozen_b, trainable_weights=trainable_n * inputs.main_params_bytes,
         gradients=trainable_n * 4.0, optimizer=optimizer, cast_cache=casts, activations=dict(acts),
         build=build, workload=(tokens, tiles), trainable_params=int(trainable_n), frozen_params=int(frozen_n),
+        dequantized=DEQUANT_BYTES_PER_PARAM * largest_quantised,
     )
 
 

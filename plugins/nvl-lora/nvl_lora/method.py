@@ -245,7 +245,9 @@ class LoRAMethod:
         from nvl_lora import qlora
 
         qlora.check_device(device if device is not None else "cpu")
-        self.storage_notes = qlora.quantize_frozen_linears(model, compute_dtype=compute_dtype, device=device).notes()
+        self.storage_notes = qlora.quantize_frozen_linears(
+            model, compute_dtype=compute_dtype, device=device,
+            module_filter=None if bridge is None else bridge.quantize_module_filter).notes()
 
     @staticmethod
     def workflow_settings(

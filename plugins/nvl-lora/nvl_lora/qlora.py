@@ -20,6 +20,7 @@ run's storage line.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -94,25 +95,36 @@ class NF4Report:
     quantized: list[str] = attrs.field(factory=list)
     #: Frozen linear weights left in the compute dtype: NF4 cannot block-quantise their shape.
     kept: list[str] = attrs.field(factory=list)
+    #: Frozen linear weights the model bridge keeps in the compute dtype (``quantize_module_filter``).
+    excluded: list[str] = attrs.field(factory=list)
 
     def notes(self) -> list[str]:
         """The run's storage-line notes."""
+        out = []
         if not self.kept:
-            return [f"all {len(self.quantized)} frozen linear weights in NF4"]
-        shown = ", ".join(self.kept[:4]) + (f" and {len(self.kept) - 4} more" if len(self.kept) > 4 else "")
-        return [f"{len(self.quantized)} frozen linear weights in NF4, {len(self.kept)} kept in the compute dtype "
-                f"(element count not a multiple of {NF4_BLOCK}): {shown}"]
+            out.append(f"all {len(self.quantized)} other frozen linear weights in NF4" if self.excluded else
+                       f"all {len(self.quantized)} frozen linear weights in NF4")
+        else:
+            shown = ", ".join(self.kept[:4]) + (f" and {len(self.kept) - 4} more" if len(self.kept) > 4 else "")
+            out.append(f"{len(self.quantized)} frozen linear weights in NF4, {len(self.kept)} kept in the compute "
+                       f"dtype (element count not a multiple of {NF4_BLOCK}): {shown}")
+        if self.excluded:
+            out.insert(0, f"{', '.join(self.excluded)} kept in the compute dtype by the model bridge")
+        return out
 
 
 @torch.no_grad()
 def quantize_frozen_linears(model: nn.Module, *, compute_dtype: torch.dtype | None = None,
-                            device: torch.device | str | None = None) -> NF4Report:
+                            device: torch.device | str | None = None,
+                            module_filter: Callable[[str], bool] | None = None) -> NF4Report:
     """Store every frozen linear weight of ``model`` (adapters excluded) as NF4, in place.
 
     ``compute_dtype``: the dtype the weight dequantises to (bf16 under autocast); ``None`` keeps the
     weight's own. ``device``: where the NF4 weights live (None: where each weight is); a model built in
     host memory is quantized one weight at a time on the GPU, so the GPU never holds the unquantized base.
     Each rank quantises the shard it holds; the parameter keeps its Megatron TP attributes.
+    ``module_filter``: the model bridge's ``quantize_module_filter`` (a layer it leaves out keeps the compute
+    dtype and is reported as kept).
     """
     to_nf4, _ = nf4_api()
     report = NF4Report()
@@ -122,6 +134,9 @@ def quantize_frozen_linears(model: nn.Module, *, compute_dtype: torch.dtype | No
             continue
         w = getattr(module, "weight", None)
         if not isinstance(w, torch.Tensor) or w.requires_grad or hasattr(w, "__tensor_flatten__") or w.dim() != 2:
+            continue
+        if module_filter is not None and not module_filter(name):
+            report.excluded.append(name)  # stays as stored (the compute dtype), moved like the rest
             continue
         group = scaler_block_for(w.numel())
         if group is None:

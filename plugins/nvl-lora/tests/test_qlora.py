@@ -124,7 +124,10 @@ def test_nf4_stores_every_frozen_linear_and_trains_only_the_adapters(toy: Path) 
     packed = [n for n, p in params.items() if is_packed(p)]
     # every frozen linear of the language model (the vision tower is frozen too: LoRAConfig's default)
     assert "language_model.decoder.layers.0.mixer.in_proj.weight" in packed
-    assert "language_model.output_layer.weight" in packed
+    # but the output layer, which the bridge keeps in the compute dtype (the chunked loss would dequantize it
+    # once per chunk)
+    assert "language_model.output_layer.weight" not in packed
+    assert params["language_model.output_layer.weight"].dtype in (torch.bfloat16, torch.float32)
     assert "vision_model.decoder.layers.0.mlp.linear_fc1.weight" in packed
     assert not any(".adapter." in n or params[n].requires_grad for n in packed)
     assert params["language_model.decoder.layers.0.mixer.in_proj.weight"].tensor_model_parallel  # TP attrs kept

@@ -127,6 +127,13 @@ class NemotronVLBridge(ModelBridge):
     #: the GEMM saves). None: no size rule (tests of the tiny toy, whose linears are all that small).
     fp8_small_linear: ClassVar[tuple[int, int] | None] = (4096, 1024)
 
+    def quantize_module_filter(self, name: str) -> bool:
+        """Every frozen linear but the output layer (131k x 5120): the chunked loss runs it once per
+        2,048-token chunk, each run would dequantize all 671M parameters (a 2.5 GiB transient measured on
+        an H100 under QLoRA), and NF4 saves only ~1 GB on it. The token embedding, not a linear layer, is
+        never quantized; it is named so that the memory plan, which sees only shapes, agrees."""
+        return name not in ("language_model.output_layer", "language_model.embedding.word_embeddings")
+
     def fp8_module_filter(self, name: str, module: torch.nn.Module) -> bool:
         """FP8 for the language model's decoder linears only (Megatron-Bridge's FP8 recipes cover the
         transformer layers): the vision tower, the projector, the embedding and the output layer stay bf16,
@@ -199,9 +206,12 @@ class NemotronVLBridge(ModelBridge):
                                 recompute_modules=modules, sequence_parallel=sequence_parallel)
 
     def memory_phases(self) -> dict[str, str]:
-        """Towers named as an out-of-memory report says them."""
-        return {"vision_model": "vision tower", "vision_projection": "vision projector",
-                "language_model": "language model"}
+        """Towers named as an out-of-memory report says them. The training forward calls the language
+        model's parts (embedding, decoder, output layer and loss), never ``language_model`` itself, so the
+        parts carry the hooks: the merge of tile embeddings runs under the projector's name."""
+        return {"language_model.embedding": "language model embedding", "vision_model": "vision tower",
+                "vision_projection": "vision projector", "language_model.decoder": "language model",
+                "language_model.output_layer": "language model output layer and loss"}
 
     # ------------------------------------------------------------------------------ processor
     def processor(self, *, seq_length: int | None = None, pad_to_multiple_of: int | None = None,
