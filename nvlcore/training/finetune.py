@@ -699,6 +699,12 @@ class FinetuneRecipe:
                      + "".join(f"; {n}" for n in getattr(peft, "storage_notes", ())))
         self.say("nvl finetune: built model's static memory: " + optim.memory_plan(model).describe())
 
+    @property
+    def weights_from_checkpoint(self) -> bool:
+        """A full run resumed: the model's weights come from the checkpoint (:meth:`resume`), not from
+        :meth:`load_starting_weights`, and are unset memory until then (built with ``init="none"``)."""
+        return self.decision.iter_dir is not None and not self.adapter_only and not self.random_init
+
     def load_starting_weights(self, t0: float) -> None:
         """``checkpoint.pretrained_checkpoint`` unless resuming a full run (or ``random_init``)."""
         needs_base = self.decision.iter_dir is None or self.adapter_only
@@ -720,7 +726,9 @@ class FinetuneRecipe:
 
         cfg, ctx, model = self.cfg, self.ctx, self.model
         self.named = named = optim.trainable_named_parameters(model)
-        optim.check_replicated_parameters(list(model.named_parameters()), tp_group=ctx.tp_group, tp_size=ctx.tp_size)
+        if not self.weights_from_checkpoint:  # else the weights are still unset memory: checked after resume()
+            optim.check_replicated_parameters(list(model.named_parameters()), tp_group=ctx.tp_group,
+                                              tp_size=ctx.tp_size)
         # a packed (quantized) frozen weight was quantized on every rank from the same loaded weights
         optim.broadcast_parameters([p.data for p in model.parameters() if not optim.is_packed(p)],
                                    src_global_rank=parallel_state.get_data_parallel_src_rank(),
@@ -751,6 +759,11 @@ class FinetuneRecipe:
 
         self.state = st = restore(it_dir, model=self.model, optimizer=self.optimizer, named=self.named,
                                   bridge=self.bridge, ctx=self.ctx, cfg=self.cfg, adapter_only=self.adapter_only)
+        if self.weights_from_checkpoint:
+            from nvlcore.training import optim
+
+            optim.check_replicated_parameters(list(self.model.named_parameters()), tp_group=self.ctx.tp_group,
+                                              tp_size=self.ctx.tp_size)
         self.say(f"nvl finetune: resumed at iteration {st.iteration} (consumed samples {st.consumed_samples}, "
                  f"{st.optimizer_steps} updates, {st.skipped_iterations} skipped)")
         self.lr_schedule, self.wd_schedule, note = resume_schedules(

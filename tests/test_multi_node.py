@@ -1,0 +1,125 @@
+"""Issue 25: one run over two launchers ("nodes") on this machine, through torchrun's c10d rendezvous.
+
+Two `nvl finetune --nnodes 2 --nproc-per-node 2` launchers (gloo, rendezvous on localhost) train as one
+job: the losses equal one `--nproc-per-node 4` launcher at the same TP=2 x DP=2, every checkpoint shard
+has one writer, the run directory's lock is taken once for the whole job (both launchers share one
+checkpoint.save here: a lock per node would refuse the second), and the checkpoint resumes on one node.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "NVL_DEVICE": "cpu", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory) -> Path:
+    from nvl_nemotron_vl.toy import write_toy_checkpoint
+
+    return write_toy_checkpoint(tmp_path_factory.mktemp("toy") / "hf", "tiny", seed=0)
+
+
+def finetune_args(toy: Path, save: Path, *extra: str) -> list[str]:
+    """The toy run both layouts train: TP=2 x DP=2, 4 iterations, a checkpoint every 2."""
+    return ["finetune", "--hf-model-path", str(toy), "--pretrained-checkpoint", str(toy),
+            "dataset.maker_name=synthetic_shapes", "dataset.num_workers=0", "train.global_batch_size=4",
+            "train.micro_batch_size=1", "model.seq_length=128", "dataset.seq_length=128",
+            "model.tensor_model_parallel_size=2", "scheduler.lr_warmup_iters=1", "train.train_iters=4",
+            "checkpoint.save_interval=2", f"checkpoint.save={save}", *extra]
+
+
+def node_args(endpoint: str, job: str) -> list[str]:
+    """What each of the two launchers adds: the same line on every node (c10d assigns the node ranks)."""
+    return ["--nnodes", "2", "--nproc-per-node", "2", "--rdzv-endpoint", endpoint, "--rdzv-id", job]
+
+
+def start(args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "nvlcore", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=env or ENV, stdin=subprocess.DEVNULL)
+
+
+def finish(procs: list[subprocess.Popen], timeout: float = 400) -> list[tuple[int, str]]:
+    deadline = time.time() + timeout
+    out = []
+    try:
+        for p in procs:
+            text, _ = p.communicate(timeout=max(1.0, deadline - time.time()))
+            out.append((p.returncode, text))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    return out
+
+
+def run_ok(*procs: subprocess.Popen) -> list[str]:
+    results = finish(list(procs))
+    for code, text in results:
+        assert code == 0, text[-4000:]
+    return [text for _, text in results]
+
+
+def losses(save: Path) -> dict[int, float]:
+    rows = [json.loads(x) for x in (save / "metrics.jsonl").read_text().splitlines()]
+    return {r["iteration"]: r["loss"] for r in rows if "loss" in r}
+
+
+def assert_one_writer_per_shard(iter_dir: Path, world: int) -> None:
+    """One DCP file and one rank-state file per global rank; no chunk stored twice, no byte range shared."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    assert sorted(p.name for p in iter_dir.glob("*.distcp")) == sorted(f"__{r}_0.distcp" for r in range(world))
+    assert sorted(p.name for p in (iter_dir / "rank_states").iterdir()) == [f"rank_{r:05d}.pt" for r in range(world)]
+    md = FileSystemReader(str(iter_dir)).read_metadata()
+    ranges: dict[str, list[tuple[int, int]]] = {}
+    for info in md.storage_data.values():
+        ranges.setdefault(info.relative_path, []).append((info.offset, info.offset + info.length))
+    assert len(ranges) == world  # every rank wrote its share (DP replicas are deduplicated, not skipped)
+    for rel, spans in ranges.items():
+        spans.sort()
+        assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:], strict=False)), f"{rel}: two chunks share bytes"
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_two_launchers_train_as_one_and_resume_on_one_node(toy, tmp_path):
+    from nvlcore.checkpoint import open_checkpoint
+
+    one, two, resumed = tmp_path / "one", tmp_path / "two", tmp_path / "resumed"
+    run_ok(start([*finetune_args(toy, one), "--nproc-per-node", "4"]))
+    endpoint = f"127.0.0.1:{free_port()}"
+    logs = run_ok(*(start([*finetune_args(toy, two), *node_args(endpoint, "job-two")]) for _ in range(2)))
+
+    a, b = losses(one), losses(two)
+    assert sorted(b) == [1, 2, 3, 4] and a == b  # bit for bit: the same ranks in the same TP x DP layout
+    rows = [json.loads(x) for x in (two / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in rows] == [1, 2, 3, 4]  # one writer of the metrics, not one per node
+    assert all(abs(r["tokens_per_s"] - 4 * r["tokens_per_s_per_gpu"]) < 1e-6 * r["tokens_per_s"] for r in rows)
+    progress = [line for text in logs for line in text.splitlines() if line.startswith("iter ")]
+    assert len(progress) == 4  # the progress line comes from global rank 0 only
+    for it in (2, 4):
+        assert_one_writer_per_shard(two / f"iter_{it:07d}", 4)
+    x, y = open_checkpoint(one / "iter_0000004"), open_checkpoint(two / "iter_0000004")
+    want, got = x.load(), y.load()
+    assert sorted(want) == sorted(got) and all(want[k].equal(got[k]) for k in want)
+
+    # two nodes -> one: the same TP x DP on one launcher continues with the same losses
+    run_ok(start([*finetune_args(toy, resumed, f"checkpoint.load={two / 'iter_0000002'}"), "--nproc-per-node", "4"]))
+    c = losses(resumed)
+    assert sorted(c) == [3, 4] and all(c[i] == a[i] for i in (3, 4))
