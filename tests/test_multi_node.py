@@ -123,3 +123,37 @@ def test_two_launchers_train_as_one_and_resume_on_one_node(toy, tmp_path):
     run_ok(start([*finetune_args(toy, resumed, f"checkpoint.load={two / 'iter_0000002'}"), "--nproc-per-node", "4"]))
     c = losses(resumed)
     assert sorted(c) == [3, 4] and all(c[i] == a[i] for i in (3, 4))
+
+
+# -- the run directory every node must see (issue 25: shared filesystem semantics) ---------------------
+def test_a_marker_is_seen_in_the_same_directory_and_not_in_another(tmp_path):
+    from nvlcore.checkpoint.shared import MARKER_PREFIX, describe_blind, remove_marker, sees_marker, write_marker
+
+    shared, local = tmp_path / "shared", tmp_path / "local"
+    shared.mkdir(), local.mkdir()
+    nonce = write_marker(shared)
+    assert sees_marker(shared, nonce, wait_s=0) and not sees_marker(local, nonce, wait_s=0)
+    assert not sees_marker(shared, "0" * 32, wait_s=0) and not sees_marker(tmp_path / "absent", nonce, wait_s=0)
+    remove_marker(shared, nonce)
+    assert not any(p.name.startswith(MARKER_PREFIX) for p in shared.iterdir())
+    line = describe_blind("/b", [(1, "h1", "/b"), (1, "h1", "/b")], main_root="/a", key="checkpoint.save")
+    assert line.startswith("checkpoint.save=/a is not visible from node 1 (host h1) with checkpoint.save=/b: ")
+    assert "\n" not in line
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_a_node_that_does_not_see_the_run_directory_is_refused_at_start_in_one_line(toy, tmp_path):
+    """Each launcher is given its own directory, as a node-local path would be: refused before training."""
+    endpoint = f"127.0.0.1:{free_port()}"
+    dirs = [tmp_path / "node_a", tmp_path / "node_b"]
+    t0 = time.time()
+    results = finish([start([*finetune_args(toy, d), *node_args(endpoint, "job-blind")]) for d in dirs], timeout=300)
+    for code, text in results:
+        assert code == 1, text[-4000:]
+        errors = [x for x in text.splitlines() if x.startswith("Error:")]
+        assert errors and len(set(errors)) == 1, text[-4000:]  # the same line from every rank
+        assert "is not visible from node 1 (host " in errors[0] and "checkpoint.save=" in errors[0]
+        assert "Traceback" not in text and not any(x.startswith("iter ") for x in text.splitlines())
+    assert time.time() - t0 < 240
+    assert not any(d.exists() for d in dirs)  # rank 0's marker and lock removed, nothing left behind

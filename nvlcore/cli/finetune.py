@@ -267,11 +267,13 @@ def finetune_command(**params: Any) -> None:
             raise
         from nvlcore.checkpoint import RunDirectoryLocked
         from nvlcore.checkpoint.save import NoSpaceError
+        from nvlcore.checkpoint.shared import SharedDirectoryError
         from nvlcore.cli.errors import one_line
         from nvlcore.training.memory import MemoryPlanError
         from nvlcore.training.oom import describe, fitting_options, is_out_of_memory
 
-        if isinstance(exc, (NoSpaceError, RunDirectoryLocked, MemoryPlanError)):  # the same line from every rank
+        # the same line from every rank
+        if isinstance(exc, (NoSpaceError, RunDirectoryLocked, SharedDirectoryError, MemoryPlanError)):
             raise click.ClickException(str(exc)) from exc
         rank = os.environ.get("RANK")
         where = f"rank {rank}: " if rank is not None and os.environ.get("WORLD_SIZE", "1") != "1" else ""

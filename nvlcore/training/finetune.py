@@ -597,8 +597,11 @@ class FinetuneRecipe:
             self.async_group = dist.new_group(backend="gloo")
 
     def take_run_lock(self) -> None:
-        """Rank 0 locks ``checkpoint.save`` (:class:`nvlcore.checkpoint.RunLock`); every rank learns the outcome."""
+        """Rank 0 locks ``checkpoint.save`` (:class:`nvlcore.checkpoint.RunLock`); every rank learns the outcome.
+        Over several machines every rank then checks that it sees the same directory
+        (:mod:`nvlcore.checkpoint.shared`)."""
         from nvlcore.checkpoint.lock import RunDirectoryLocked, RunLock, describe_holder
+        from nvlcore.checkpoint.shared import check_shared_directory, spans_nodes
 
         save, ctx = self.cfg.checkpoint.save, self.ctx
         refused = None
@@ -615,6 +618,8 @@ class FinetuneRecipe:
             refused = box[0]
         if refused:
             raise RunDirectoryLocked(refused)
+        if save and spans_nodes(ctx.world_size):  # several machines: they must all see this directory
+            check_shared_directory(save, rank=ctx.rank, world_size=ctx.world_size)
         if self.lock is not None and self.lock.took_over:
             self.say(f"nvl finetune: took over {self.lock.path} from {describe_holder(self.lock.took_over)}, "
                      "which no longer runs (a crashed or killed run)")
