@@ -157,3 +157,39 @@ def test_a_node_that_does_not_see_the_run_directory_is_refused_at_start_in_one_l
         assert "Traceback" not in text and not any(x.startswith("iter ") for x in text.splitlines())
     assert time.time() - t0 < 240
     assert not any(d.exists() for d in dirs)  # rank 0's marker and lock removed, nothing left behind
+
+
+# -- a node that never arrives, an endpoint nobody serves (issue 25: rendezvous failures) -------------------
+@pytest.mark.parametrize("case", ["never arrives", "unreachable"])
+def test_a_rendezvous_that_fails_ends_in_one_line_naming_the_endpoint(toy, tmp_path, case):
+    """One launcher of a two-node job: the other node never comes (timed out), or this launcher is a client
+    (``is_host=false``, as on every node but the endpoint's host) of an endpoint nobody serves."""
+    endpoint = f"127.0.0.1:{free_port()}"
+    conf = "join_timeout=3,read_timeout=3" + (",is_host=false" if case == "unreachable" else "")
+    t0 = time.time()
+    [(code, text)] = finish([start([*finetune_args(toy, tmp_path / "run"), *node_args(endpoint, "job-alone"),
+                                    "--rdzv-conf", conf])], timeout=120)
+    assert code == 1, text[-3000:]
+    lines = [x for x in text.splitlines() if x.startswith("nvl: ")]
+    assert len(lines) == 1 and f"the rendezvous at {endpoint} (--rdzv-id job-alone, --nnodes 2)" in lines[0], text
+    if case == "never arrives":
+        assert "timed out after 3 s: not every node joined" in lines[0]
+    else:
+        assert lines[0].startswith(f"nvl: cannot reach the rendezvous at {endpoint}")
+    assert "Traceback" not in text and time.time() - t0 < 90
+    assert not (tmp_path / "run").exists()  # no worker ever started
+
+
+def test_rendezvous_settings_and_restarts_reach_torchrun():
+    from torch.distributed.run import get_args_parser
+
+    from nvlcore.parallel import build_launch_args
+
+    args = get_args_parser().parse_args(build_launch_args(
+        nproc_per_node=8, module="m", module_args=[], nnodes="2", rdzv_endpoint="n0:29500", rdzv_id="j",
+        rdzv_conf="join_timeout=900", max_restarts=3))
+    assert (args.rdzv_conf, args.max_restarts, args.rdzv_backend) == ("join_timeout=900", 3, "c10d")
+    assert get_args_parser().parse_args(build_launch_args(nproc_per_node=1, module="m", module_args=[])).max_restarts \
+        == 0  # torchrun's default unless asked
+    with pytest.raises(ValueError, match="--max-restarts"):
+        build_launch_args(nproc_per_node=1, module="m", module_args=[], max_restarts=-1)
