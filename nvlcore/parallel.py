@@ -122,6 +122,25 @@ def launched_by_torchrun(env: dict[str, str] | None = None) -> bool:
     return "WORLD_SIZE" in env and "RANK" in env
 
 
+def node_rank(env: dict[str, str] | None = None) -> int:
+    """This machine's rank in a torchrun launch (``GROUP_RANK``, which the rendezvous assigns), 0 outside one."""
+    env = dict(os.environ if env is None else env)
+    return int(env.get("GROUP_RANK", "0") or 0)
+
+
+def spans_nodes(env: dict[str, str] | None = None) -> bool:
+    """Whether this launch has more processes (``WORLD_SIZE``) than this machine runs (``LOCAL_WORLD_SIZE``)."""
+    env = dict(os.environ if env is None else env)
+    world = int(env.get("WORLD_SIZE", "1") or 1)
+    return int(env.get("LOCAL_WORLD_SIZE", world) or world) < world
+
+
+def node_prefix(env: dict[str, str] | None = None) -> str:
+    """``[node N] `` before the lines a worker prints when the launch spans several machines, else ``""``:
+    the logs of all nodes gathered in one place (Slurm's one output file) still say where each line came from."""
+    return f"[node {node_rank(env)}] " if spans_nodes(env) else ""
+
+
 def die_with_parent(*, grace_s: float | None = None) -> None:
     """Make this worker stop when the process that started it dies (a ``kill -9`` of the launcher).
 

@@ -111,8 +111,15 @@ def test_two_launchers_train_as_one_and_resume_on_one_node(toy, tmp_path):
     rows = [json.loads(x) for x in (two / "metrics.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in rows] == [1, 2, 3, 4]  # one writer of the metrics, not one per node
     assert all(abs(r["tokens_per_s"] - 4 * r["tokens_per_s_per_gpu"]) < 1e-6 * r["tokens_per_s"] for r in rows)
-    progress = [line for text in logs for line in text.splitlines() if line.startswith("iter ")]
-    assert len(progress) == 4  # the progress line comes from global rank 0 only
+    lines = [line for text in logs for line in text.splitlines()]
+    progress = [line for line in lines if " iter " in f" {line}"]
+    assert len(progress) == 4 and all(x.startswith("[node 0] iter ") for x in progress)  # global rank 0 only
+    host = socket.gethostname()
+    assert sorted(x for x in lines if " runs global ranks " in x) == [  # one line from each node, saying which
+        f"[node 0] nvl finetune: host {host} runs global ranks 0..1 of 4",
+        f"[node 1] nvl finetune: host {host} runs global ranks 2..3 of 4"]
+    unmarked = [x for x in lines if x.startswith("nvl finetune:") and " worker(s) on this machine" not in x]
+    assert not unmarked  # every worker line says its node; only the launchers' own line (before the rendezvous) not
     for it in (2, 4):
         assert_one_writer_per_shard(two / f"iter_{it:07d}", 4)
     x, y = open_checkpoint(one / "iter_0000004"), open_checkpoint(two / "iter_0000004")

@@ -30,18 +30,6 @@ class SharedDirectoryError(RuntimeError):
     """A node does not see the run directory global rank 0 writes to; the message names path, node and host."""
 
 
-def node_rank(env: dict[str, str] | None = None) -> int:
-    """This machine's rank in a torchrun launch (``GROUP_RANK``), 0 outside one."""
-    env = dict(os.environ if env is None else env)
-    return int(env.get("GROUP_RANK", "0") or 0)
-
-
-def spans_nodes(world_size: int, env: dict[str, str] | None = None) -> bool:
-    """Whether the launch has more processes than this machine runs (``LOCAL_WORLD_SIZE``), i.e. several nodes."""
-    env = dict(os.environ if env is None else env)
-    return int(env.get("LOCAL_WORLD_SIZE", world_size) or world_size) < world_size
-
-
 def write_marker(root: str | os.PathLike[str]) -> str:
     """Write a marker with a fresh nonce into ``root`` (which exists); returns the nonce."""
     nonce = uuid.uuid4().hex
@@ -85,11 +73,12 @@ def describe_blind(root: str, blind: list[tuple[int, str, str]], *, main_root: s
             "incomplete. Point it at shared storage on every node")
 
 
-def check_shared_directory(root: str, *, rank: int, world_size: int, key: str = "checkpoint.save",
+def check_shared_directory(root: str, *, rank: int, world_size: int, node: int, key: str = "checkpoint.save",
                            group: Any = None) -> None:
     """Collective: every rank checks it sees the marker global rank 0 wrote into ``root``.
 
     :param root: the run directory as this rank's config names it; it exists on rank 0.
+    :param node: this machine's rank (:func:`nvlcore.parallel.node_rank`), named in the refusal.
     :raises SharedDirectoryError: on every rank, when any rank does not see the marker.
     """
     import torch.distributed as dist
@@ -98,7 +87,7 @@ def check_shared_directory(root: str, *, rank: int, world_size: int, key: str = 
     dist.broadcast_object_list(box, src=0, group=group)
     nonce, main_root = box
     ok = sees_marker(root, nonce) if rank != 0 else True
-    mine = (ok, node_rank(), socket.gethostname(), str(root))
+    mine = (ok, node, socket.gethostname(), str(root))
     gathered: list[Any] = [None] * world_size
     dist.all_gather_object(gathered, mine, group=group)
     if rank == 0:

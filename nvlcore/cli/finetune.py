@@ -281,8 +281,12 @@ def finetune_command(**params: Any) -> None:
         # the same line from every rank
         if isinstance(exc, (NoSpaceError, RunDirectoryLocked, SharedDirectoryError, MemoryPlanError)):
             raise click.ClickException(str(exc)) from exc
+        from nvlcore.parallel import node_rank, spans_nodes
+
         rank = os.environ.get("RANK")
         where = f"rank {rank}: " if rank is not None and os.environ.get("WORLD_SIZE", "1") != "1" else ""
+        if where and spans_nodes():
+            where = f"node {node_rank()}, {where}"
         if is_out_of_memory(exc):  # also NCCL's "Failed to CUDA calloc": not a communication failure
             hint = fitting_options(cfg, world_size=int(os.environ.get("WORLD_SIZE", "1")))
             raise click.ClickException(f"{where}{describe(exc, hint=hint)} (--debug shows the traceback)") from exc

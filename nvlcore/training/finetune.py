@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import random
 import signal
+import socket
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -408,6 +409,8 @@ def build_loggers(cfg: NvlConfig, manager: Any, ctx: ParallelContext, *, resume_
     TensorBoard when configured (``logger.wandb_project``, ``logger.tensorboard_dir``)."""
     if not ctx.is_main:
         return []
+    from nvlcore.parallel import node_prefix
+
     reg = manager.registry("logger")
     lg = cfg.logger
     names = list(lg.loggers)
@@ -424,7 +427,8 @@ def build_loggers(cfg: NvlConfig, manager: Any, ctx: ParallelContext, *, resume_
         canonical = reg.canonical(name) if hasattr(reg, "canonical") else name
         if canonical == "console":
             # on CPU a process is not a GPU: say what the throughput is divided by
-            out.append(cls(total_iters=cfg.train.train_iters, per="GPU" if ctx.device.type == "cuda" else "process"))
+            out.append(cls(total_iters=cfg.train.train_iters, per="GPU" if ctx.device.type == "cuda" else "process",
+                           prefix=node_prefix()))
         elif canonical == "jsonl":
             if not jsonl_path:
                 raise ValueError("logger.loggers has 'jsonl' but neither logger.jsonl_path nor checkpoint.save is set")
@@ -520,11 +524,12 @@ class FinetuneRecipe:
         self.async_group: Any = None
         self.plotter: MetricsPlotter | None = None
         self.state = TrainState()
+        self.prefix = ""
 
     def say(self, message: str) -> None:
-        """Print ``message`` on rank 0 only."""
+        """Print ``message`` on rank 0 only (after ``[node 0] `` when the launch spans machines)."""
         if self.ctx is None or self.ctx.is_main:
-            self.print_fn(message)
+            self.print_fn(self.prefix + message)
 
     def run(self) -> TrainState:
         """Train as the config says; returns the final train state.
@@ -554,7 +559,7 @@ class FinetuneRecipe:
     def setup_parallel(self) -> None:
         """Config preflight, process groups, RNG seeds; the run config that checkpoints record."""
         from nvlcore.config import config_to_dict
-        from nvlcore.parallel import init_parallel
+        from nvlcore.parallel import init_parallel, node_prefix
         from nvlcore.training.preflight import preflight
 
         cfg = self.cfg
@@ -570,6 +575,11 @@ class FinetuneRecipe:
         self.adapter_only = bool(cfg.peft.method)
         allocator = f"; PYTORCH_CUDA_ALLOC_CONF={os.environ.get('PYTORCH_CUDA_ALLOC_CONF')}" \
             if ctx.device.type == "cuda" else ""
+        self.prefix = node_prefix()
+        if self.prefix and ctx.local_rank == 0:  # one line from each machine: which ranks it runs
+            local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+            self.print_fn(f"{self.prefix}nvl finetune: host {socket.gethostname()} runs global ranks "
+                          f"{ctx.rank}..{ctx.rank + local - 1} of {ctx.world_size}")
         self.say(f"nvl finetune: {ctx.world_size} process(es): tensor parallel {ctx.tp_size} x data parallel "
                  f"{ctx.dp_size} on {ctx.device.type} ({ctx.backend}){allocator}")
 
@@ -601,7 +611,8 @@ class FinetuneRecipe:
         Over several machines every rank then checks that it sees the same directory
         (:mod:`nvlcore.checkpoint.shared`)."""
         from nvlcore.checkpoint.lock import RunDirectoryLocked, RunLock, describe_holder
-        from nvlcore.checkpoint.shared import check_shared_directory, spans_nodes
+        from nvlcore.checkpoint.shared import check_shared_directory
+        from nvlcore.parallel import node_rank, spans_nodes
 
         save, ctx = self.cfg.checkpoint.save, self.ctx
         refused = None
@@ -618,8 +629,8 @@ class FinetuneRecipe:
             refused = box[0]
         if refused:
             raise RunDirectoryLocked(refused)
-        if save and spans_nodes(ctx.world_size):  # several machines: they must all see this directory
-            check_shared_directory(save, rank=ctx.rank, world_size=ctx.world_size)
+        if save and spans_nodes():  # several machines: they must all see this directory
+            check_shared_directory(save, rank=ctx.rank, world_size=ctx.world_size, node=node_rank())
         if self.lock is not None and self.lock.took_over:
             self.say(f"nvl finetune: took over {self.lock.path} from {describe_holder(self.lock.took_over)}, "
                      "which no longer runs (a crashed or killed run)")
