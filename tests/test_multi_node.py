@@ -43,9 +43,10 @@ def finetune_args(toy: Path, save: Path, *extra: str) -> list[str]:
             "checkpoint.save_interval=2", f"checkpoint.save={save}", *extra]
 
 
-def node_args(endpoint: str, job: str) -> list[str]:
-    """What each of the two launchers adds: the same line on every node (c10d assigns the node ranks)."""
-    return ["--nnodes", "2", "--nproc-per-node", "2", "--rdzv-endpoint", endpoint, "--rdzv-id", job]
+def node_args(endpoint: str, job: str, *, nproc: int = 2) -> list[str]:
+    """What each of the two launchers adds: the same line on every node (c10d assigns the node ranks).
+    The Slurm and Kubernetes recipes must render to this line (with 8 GPUs a node): test_recipes_render_..."""
+    return ["--nnodes", "2", "--nproc-per-node", str(nproc), "--rdzv-endpoint", endpoint, "--rdzv-id", job]
 
 
 def start(args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
@@ -200,3 +201,86 @@ def test_rendezvous_settings_and_restarts_reach_torchrun():
         == 0  # torchrun's default unless asked
     with pytest.raises(ValueError, match="--max-restarts"):
         build_launch_args(nproc_per_node=1, module="m", module_args=[], max_restarts=-1)
+
+
+# -- the Slurm and Kubernetes recipes (docs/examples/multi-node) render to the two-launcher test's line -----
+RECIPES = Path(__file__).resolve().parents[1] / "docs" / "examples" / "multi-node"
+LAUNCHER_OPTIONS = ("--nnodes", "--nproc-per-node", "--rdzv-endpoint", "--rdzv-id")
+
+
+def render_sbatch(tmp_path: Path) -> tuple[list[str], dict[str, str]]:
+    """Run the sbatch script under bash as Slurm would on the batch host: Slurm's variables set, `scontrol`
+    answering the allocation's hosts, and an `srun` that records the command it would start on every node."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "scontrol").write_text('#!/bin/sh\n[ "$1 $2" = "show hostnames" ] && printf "gpu-a01\\ngpu-a02\\n"\n')
+    (fake / "srun").write_text(f"#!{sys.executable}\nimport json, os, sys\n"
+                               "open(os.environ['SRUN_RECORD'], 'a').write(json.dumps(sys.argv[1:]) + '\\n')\n")
+    for f in fake.iterdir():
+        f.chmod(0o755)
+    record = tmp_path / "srun.jsonl"
+    env = {"PATH": f"{fake}:/usr/bin:/bin", "SRUN_RECORD": str(record), "SLURM_JOB_ID": "4242",
+           "SLURM_JOB_NODELIST": "gpu-a[01-02]", "SLURM_JOB_NUM_NODES": "2", "SLURM_GPUS_ON_NODE": "8",
+           "HF": "/shared/models/hf", "SAVE": "/shared/runs/full", "TMPDIR": str(tmp_path)}
+    proc = subprocess.run(["bash", str(RECIPES / "finetune.sbatch")], env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    [argv] = [json.loads(x) for x in record.read_text().splitlines()]  # one srun: one task on each node
+    srun_options = argv[: argv.index("nvl")]
+    assert "--ntasks-per-node=1" in srun_options and "--kill-on-bad-exit=1" in srun_options
+    return argv[argv.index("nvl"):], {"endpoint": "gpu-a01:29500", "job": "4242", "save": "/shared/runs/full",
+                                      "hf": "/shared/models/hf"}
+
+
+def render_jobset() -> tuple[list[str], dict[str, str]]:
+    """Expand the container's command and args as Kubernetes does (``$(VAR)`` from the container's env);
+    the endpoint must be the DNS name JobSet gives pod 0: <jobset>-<replicated job>-0-0.<jobset>."""
+    import re
+
+    import yaml
+
+    doc = yaml.safe_load((RECIPES / "jobset.yaml").read_text())
+    [rjob] = doc["spec"]["replicatedJobs"]
+    job = rjob["template"]["spec"]
+    pod = job["template"]["spec"]
+    [c] = pod["containers"]
+    env = {e["name"]: e["value"] for e in c["env"]}
+    argv = [re.sub(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)", lambda m: env.get(m.group(1), m.group(0)), a)
+            for a in [*c["command"], *c["args"]]]
+    assert job["parallelism"] == job["completions"] == int(env["NNODES"]) and job["completionMode"] == "Indexed"
+    assert doc["spec"]["network"]["enableDNSHostnames"] is True
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == int(env["GPUS_PER_NODE"])
+    name = doc["metadata"]["name"]
+    mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    shared = [p for p, v in mounts.items() if "persistentVolumeClaim" in volumes[v]]
+    local = [p for p, v in mounts.items() if "emptyDir" in volumes[v]]
+    assert any(env["SAVE"].startswith(p + "/") for p in shared) and any(env["HF"].startswith(p + "/") for p in shared)
+    assert any(env["HF_DATASETS_CACHE"].startswith(p + "/") for p in local)  # caches per pod, not shared
+    return argv, {"endpoint": f"{name}-{rjob['name']}-0-0.{name}:29500", "job": env["RDZV_ID"], "save": env["SAVE"],
+                  "hf": env["HF"]}
+
+
+@pytest.mark.parametrize("recipe", ["slurm", "kubernetes"])
+def test_recipes_render_the_two_launcher_line_with_tp4_on_2_by_8_gpus(toy, tmp_path, recipe):
+    from nvlcore.cli import build_cli
+    from nvlcore.config import load_config
+
+    argv, want = render_sbatch(tmp_path) if recipe == "slurm" else render_jobset()
+    assert argv[:2] == ["nvl", "finetune"]
+    args = argv[2:]
+    launcher = [t for i, t in enumerate(args) if t in LAUNCHER_OPTIONS or (i and args[i - 1] in LAUNCHER_OPTIONS)]
+    # the launcher part is the two-launcher test's, option for option; only the sizes and names differ
+    assert launcher == node_args(want["endpoint"], want["job"], nproc=8)
+    rest = [t for t in args if t not in launcher]
+    assert rest[:4] == ["--hf-model-path", want["hf"], "--pretrained-checkpoint", want["hf"]]
+    overrides = rest[4:]
+    assert f"checkpoint.save={want['save']}" in overrides and not any(t.startswith("--lora") for t in rest)
+    cfg = load_config([], overrides)  # every key exists and loads
+    tp, world = cfg.model.tensor_model_parallel_size, 2 * 8
+    assert tp == 4 and world // tp == 4 and cfg.train.global_batch_size % (cfg.train.micro_batch_size * 4) == 0
+    assert cfg.peft.method is None  # full fine-tuning
+    cmd = build_cli().commands["finetune"]  # and the whole line parses as `nvl finetune`'s
+    ctx = cmd.make_context("nvl", [str(toy) if a == want["hf"] else a for a in args], resilient_parsing=False)
+    assert (ctx.params["nnodes"], ctx.params["nproc_per_node"], ctx.params["rdzv_endpoint"]) == (
+        "2", 8, want["endpoint"])
