@@ -416,6 +416,10 @@ def launch(launch_args: Sequence[str]) -> int:
     from torch.distributed.run import get_args_parser, run
 
     args = get_args_parser().parse_args(list(launch_args))
+    if args.max_restarts > 0:
+        # restarted workers must not share the rendezvous store of the attempt they replace: its keys (gloo's
+        # and NCCL's peer addresses) would send them to dead peers (pytorch/pytorch#135712); a store per attempt
+        os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     try:
         run(args)
     except RendezvousError as exc:  # a node that never arrives, an endpoint nobody serves: one line, not a hang

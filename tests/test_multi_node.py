@@ -284,3 +284,37 @@ def test_recipes_render_the_two_launcher_line_with_tp4_on_2_by_8_gpus(toy, tmp_p
     ctx = cmd.make_context("nvl", [str(toy) if a == want["hf"] else a for a in args], resilient_parsing=False)
     assert (ctx.params["nnodes"], ctx.params["nproc_per_node"], ctx.params["rdzv_endpoint"]) == (
         "2", 8, want["endpoint"])
+
+
+# -- a node's worker killed mid-run: --max-restarts resumes the job from the last complete checkpoint -------
+def _workers_of(pid: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+    return [int(w) for w in out if "nvlcore.cli.finetune" in Path(f"/proc/{w}/cmdline").read_text()]
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_killed_worker_restarts_the_job_from_its_last_checkpoint_with_the_same_final_loss(toy, tmp_path):
+    import signal
+
+    base, elastic = tmp_path / "base", tmp_path / "elastic"
+    twelve = ("train.train_iters=12", "checkpoint.save_interval=4")
+    run_ok(start([*finetune_args(toy, base, *twelve), "--nproc-per-node", "4"]))
+    endpoint = f"127.0.0.1:{free_port()}"
+    procs = [start([*finetune_args(toy, elastic, *twelve), *node_args(endpoint, "job-elastic"), "--max-restarts", "1"])
+             for _ in range(2)]
+    try:
+        tracker, deadline = elastic / "latest_checkpointed_iteration.txt", time.time() + 300
+        while not (tracker.is_file() and tracker.read_text().strip() == "4"):
+            assert time.time() < deadline and all(p.poll() is None for p in procs), "no checkpoint at iteration 4"
+            time.sleep(0.05)
+        victim = _workers_of(procs[1].pid)[0]
+        os.kill(victim, signal.SIGKILL)  # mid-run: iterations 5.. are under way, the next checkpoint is at 8
+    finally:
+        logs = run_ok(*procs)
+    text = "\n".join(logs)
+    assert "resuming " in text and "iter_0000004" in text and "resumed at iteration 4" in text
+    a, b = losses(base), losses(elastic)
+    assert sorted(b) == list(range(1, 13))  # each iteration once: the redone ones replaced the lost ones
+    assert b == a  # exact: the data order and RNG states come back with the checkpoint
