@@ -318,3 +318,42 @@ def test_a_killed_worker_restarts_the_job_from_its_last_checkpoint_with_the_same
     a, b = losses(base), losses(elastic)
     assert sorted(b) == list(range(1, 13))  # each iteration once: the redone ones replaced the lost ones
     assert b == a  # exact: the data order and RNG states come back with the checkpoint
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_launcher_killed_with_9_takes_its_workers_and_the_other_node_ends_too(toy, tmp_path):
+    import signal
+
+    save = tmp_path / "run"
+    endpoint = f"127.0.0.1:{free_port()}"
+    long = ("train.train_iters=100000", "checkpoint.save_interval=100000")
+    procs = [start([*finetune_args(toy, save, *long), *node_args(endpoint, "job-kill")]) for _ in range(2)]
+    workers: list[int] = []
+    try:
+        deadline = time.time() + 300
+        while not ((save / "metrics.jsonl").is_file() and len((save / "metrics.jsonl").read_text().splitlines()) >= 2):
+            assert time.time() < deadline and all(p.poll() is None for p in procs), "no training rows"
+            time.sleep(0.2)
+        workers = [w for p in procs for w in _workers_of(p.pid)]
+        assert len(workers) == 4, workers
+        os.kill(procs[1].pid, signal.SIGKILL)
+        procs[0].wait(timeout=120)  # node 0's workers lose their peers and fail; without restarts its launcher ends
+        assert procs[0].returncode not in (0, None)
+        deadline = time.time() + 30
+        while time.time() < deadline and any(Path(f"/proc/{w}").exists() and _state(w) != "Z" for w in workers):
+            time.sleep(0.2)
+        assert not any(Path(f"/proc/{w}").exists() and _state(w) != "Z" for w in workers), "a worker outlived its job"
+    finally:
+        for w in workers:
+            if Path(f"/proc/{w}").exists():
+                os.kill(w, signal.SIGKILL)
+        finish(procs, timeout=30)
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return "Z"
