@@ -1102,6 +1102,8 @@ def restore(iter_dir: Path, *, model: Any, optimizer: Any, named: Any, bridge: A
         if rank_state is not None and "rng" in rank_state:
             restore_rng_state(rank_state["rng"])
         elif ctx.is_main:
-            print(f"nvl finetune: {iter_dir} was saved by {layout.get('world_size')} process(es), this run has "
-                  f"{ctx.world_size}; RNG states are re-seeded instead of restored")
+            from nvlcore.parallel import node_prefix
+
+            print(f"{node_prefix()}nvl finetune: {iter_dir} was saved by {layout.get('world_size')} process(es), "
+                  f"this run has {ctx.world_size}; RNG states are re-seeded instead of restored")
     return state
