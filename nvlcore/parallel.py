@@ -122,6 +122,25 @@ def launched_by_torchrun(env: dict[str, str] | None = None) -> bool:
     return "WORLD_SIZE" in env and "RANK" in env
 
 
+def node_rank(env: dict[str, str] | None = None) -> int:
+    """This machine's rank in a torchrun launch (``GROUP_RANK``, which the rendezvous assigns), 0 outside one."""
+    env = dict(os.environ if env is None else env)
+    return int(env.get("GROUP_RANK", "0") or 0)
+
+
+def spans_nodes(env: dict[str, str] | None = None) -> bool:
+    """Whether this launch has more processes (``WORLD_SIZE``) than this machine runs (``LOCAL_WORLD_SIZE``)."""
+    env = dict(os.environ if env is None else env)
+    world = int(env.get("WORLD_SIZE", "1") or 1)
+    return int(env.get("LOCAL_WORLD_SIZE", world) or world) < world
+
+
+def node_prefix(env: dict[str, str] | None = None) -> str:
+    """``[node N] `` before the lines a worker prints when the launch spans several machines, else ``""``:
+    the logs of all nodes gathered in one place (Slurm's one output file) still say where each line came from."""
+    return f"[node {node_rank(env)}] " if spans_nodes(env) else ""
+
+
 def die_with_parent(*, grace_s: float | None = None) -> None:
     """Make this worker stop when the process that started it dies (a ``kill -9`` of the launcher).
 
@@ -325,10 +344,13 @@ def build_launch_args(
     rdzv_id: str | None = None,
     master_addr: str | None = None,
     master_port: int | None = None,
+    rdzv_conf: str | None = None,
+    max_restarts: int | None = None,
 ) -> list[str]:
     """The ``torch.distributed.run`` argument list for one machine's share of a launch.
 
     One machine with no rendezvous options uses ``--standalone`` (torchrun picks a free port).
+    ``rdzv_conf`` (``join_timeout=600,read_timeout=60``) and ``max_restarts`` are torchrun's own.
     """
     if nproc_per_node < 1:
         raise ValueError(f"--nproc-per-node must be at least 1, got {nproc_per_node}")
@@ -348,7 +370,37 @@ def build_launch_args(
         args += ["--master-addr", master_addr]
     if master_port is not None:
         args += ["--master-port", str(master_port)]
+    if rdzv_conf:
+        args += ["--rdzv-conf", rdzv_conf]
+    if max_restarts is not None:
+        if max_restarts < 0:
+            raise ValueError(f"--max-restarts must be at least 0, got {max_restarts}")
+        args += ["--max-restarts", str(max_restarts)]
     return args + ["-m", module, *module_args]
+
+
+def describe_rendezvous_failure(exc: BaseException, args: Any) -> str:
+    """One line for a rendezvous that failed (timed out, unreachable, closed), naming the endpoint.
+
+    :param args: torchrun's parsed arguments (``rdzv_endpoint``, ``rdzv_id``, ``nnodes``, ``rdzv_conf``).
+    """
+    from torch.distributed.elastic.rendezvous.api import RendezvousClosedError, RendezvousTimeoutError
+
+    endpoint = args.rdzv_endpoint or f"{args.master_addr}:{args.master_port}"
+    where = f"the rendezvous at {endpoint} (--rdzv-id {args.rdzv_id}, --nnodes {args.nnodes})"
+    conf = dict(kv.split("=", 1) for kv in (args.rdzv_conf or "").split(",") if "=" in kv)
+    if isinstance(exc, RendezvousTimeoutError):
+        waited = conf.get("join_timeout", "600")
+        return (f"{where} timed out after {waited} s: not every node joined; start `nvl finetune` on every node "
+                "with the same --rdzv-endpoint, --rdzv-id and --nnodes, or wait longer with --rdzv-conf "
+                "join_timeout=SECONDS")
+    if isinstance(exc, RendezvousClosedError):
+        return f"{where} was closed by another node (it finished or failed); start a new job with a new --rdzv-id"
+    cause = exc.__cause__ or exc
+    said = (str(cause).strip().splitlines() or [""])[0][:120]
+    return (f"cannot reach {where} ({type(cause).__name__}: {said}); check that HOST:PORT is node "
+            "0's address and port, that the port is open between the nodes, and that node 0 has started "
+            "(--rdzv-conf read_timeout=SECONDS waits longer)")
 
 
 def launch(launch_args: Sequence[str]) -> int:
@@ -360,11 +412,19 @@ def launch(launch_args: Sequence[str]) -> int:
     """
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.elastic.rendezvous.api import RendezvousError
     from torch.distributed.run import get_args_parser, run
 
     args = get_args_parser().parse_args(list(launch_args))
+    if args.max_restarts > 0:
+        # restarted workers must not share the rendezvous store of the attempt they replace: its keys (gloo's
+        # and NCCL's peer addresses) would send them to dead peers (pytorch/pytorch#135712); a store per attempt
+        os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     try:
         run(args)
+    except RendezvousError as exc:  # a node that never arrives, an endpoint nobody serves: one line, not a hang
+        print(f"nvl: {describe_rendezvous_failure(exc, args)}", file=sys.stderr)
+        return 1
     except SignalException as exc:
         # torchrun has passed the signal on to the workers and waited for them (they save at the next
         # iteration boundary); exit as a process killed by that signal would.

@@ -1,4 +1,5 @@
-"""The `nvl ...` command lines of the README, docs/which-gpus.md and docs/coming-from-megatron-bridge.md
+"""The `nvl ...` command lines of the README, docs/which-gpus.md, docs/coming-from-megatron-bridge.md and
+docs/multi-node.md
 parse as written (issue 27 item 8: docs that say what is not true): every option exists on its command
 and every ``key=value`` override of ``nvl finetune`` names a config key that loads. Shell variables
 become placeholder paths; nothing runs."""
@@ -12,7 +13,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PAGES = [ROOT / "README.md", ROOT / "docs" / "which-gpus.md", ROOT / "docs" / "coming-from-megatron-bridge.md"]
+PAGES = [ROOT / "README.md", ROOT / "docs" / "which-gpus.md", ROOT / "docs" / "coming-from-megatron-bridge.md",
+         ROOT / "docs" / "multi-node.md"]
 
 
 def documented_commands(page: Path) -> list[list[str]]:

@@ -9,8 +9,9 @@ instead -> the command-line overrides (``key=value``, ``key value``, mapping val
 ``--nproc-per-node N`` starts N workers through ``torch.distributed.run`` (torchrun's library) and
 supervises them; a process started by ``torchrun`` itself (``RANK``/``WORLD_SIZE`` set) trains as
 that rank. Several machines use torchrun's rendezvous options (``--nnodes``, ``--node-rank``,
-``--rdzv-endpoint``, ``--rdzv-id``, ``--rdzv-backend``, ``--master-addr``, ``--master-port``), passed
-through unchanged. See docs/finetune.md.
+``--rdzv-endpoint``, ``--rdzv-id``, ``--rdzv-backend``, ``--rdzv-conf``, ``--master-addr``,
+``--master-port``) and ``--max-restarts``, passed through unchanged. See docs/finetune.md and
+docs/multi-node.md.
 """
 
 from __future__ import annotations
@@ -117,7 +118,7 @@ def _option_hint(tokens: Sequence[str]) -> str:
 
 
 LAUNCH_OPTIONS = ("nproc_per_node", "nnodes", "node_rank", "rdzv_endpoint", "rdzv_backend", "rdzv_id",
-                  "master_addr", "master_port")
+                  "rdzv_conf", "max_restarts", "master_addr", "master_port")
 
 
 def _child_argv(params: dict[str, Any], overrides: Sequence[str], plugin_argv: Sequence[str] = ()) -> list[str]:
@@ -160,6 +161,7 @@ def _launch_workers(params: Mapping[str, Any], module_args: list[str], *, save: 
         nnodes=str(params["nnodes"] or "1"), node_rank=params["node_rank"],
         rdzv_endpoint=params["rdzv_endpoint"], rdzv_backend=params["rdzv_backend"], rdzv_id=params["rdzv_id"],
         master_addr=params["master_addr"], master_port=params["master_port"],
+        rdzv_conf=params["rdzv_conf"], max_restarts=params["max_restarts"],
     )
     click.echo(f"nvl finetune: starting {nproc} worker(s) on this machine"
                + (f" ({', '.join(f'{k}={v}' for k, v in multi.items())})" if multi else ""), err=True)
@@ -187,6 +189,10 @@ def _launch_workers(params: Mapping[str, Any], module_args: list[str], *, save: 
 @click.option("--rdzv-endpoint", default=None, help="torchrun: rendezvous HOST:PORT shared by all machines.")
 @click.option("--rdzv-backend", default=None, help="torchrun: rendezvous backend (default c10d).")
 @click.option("--rdzv-id", default=None, help="torchrun: job id shared by all machines.")
+@click.option("--rdzv-conf", default=None,
+              help="torchrun: rendezvous settings, e.g. join_timeout=600,read_timeout=60 (seconds).")
+@click.option("--max-restarts", type=click.IntRange(min=0), default=None,
+              help="torchrun: restart all workers this many times after a failure; they resume from checkpoint.save.")
 @click.option("--master-addr", default=None, help="torchrun: address of machine 0 (static rendezvous).")
 @click.option("--master-port", type=int, default=None, help="torchrun: port on machine 0 (static rendezvous).")
 @click.option("--debug", is_flag=True, help="Show full tracebacks (also nvl --debug).")
@@ -267,14 +273,20 @@ def finetune_command(**params: Any) -> None:
             raise
         from nvlcore.checkpoint import RunDirectoryLocked
         from nvlcore.checkpoint.save import NoSpaceError
+        from nvlcore.checkpoint.shared import SharedDirectoryError
         from nvlcore.cli.errors import one_line
         from nvlcore.training.memory import MemoryPlanError
         from nvlcore.training.oom import describe, fitting_options, is_out_of_memory
 
-        if isinstance(exc, (NoSpaceError, RunDirectoryLocked, MemoryPlanError)):  # the same line from every rank
+        # the same line from every rank
+        if isinstance(exc, (NoSpaceError, RunDirectoryLocked, SharedDirectoryError, MemoryPlanError)):
             raise click.ClickException(str(exc)) from exc
+        from nvlcore.parallel import node_rank, spans_nodes
+
         rank = os.environ.get("RANK")
         where = f"rank {rank}: " if rank is not None and os.environ.get("WORLD_SIZE", "1") != "1" else ""
+        if where and spans_nodes():
+            where = f"node {node_rank()}, {where}"
         if is_out_of_memory(exc):  # also NCCL's "Failed to CUDA calloc": not a communication failure
             hint = fitting_options(cfg, world_size=int(os.environ.get("WORLD_SIZE", "1")))
             raise click.ClickException(f"{where}{describe(exc, hint=hint)} (--debug shows the traceback)") from exc

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import random
 import signal
+import socket
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -411,6 +412,8 @@ def build_loggers(cfg: NvlConfig, manager: Any, ctx: ParallelContext, *, resume_
     TensorBoard when configured (``logger.wandb_project``, ``logger.tensorboard_dir``)."""
     if not ctx.is_main:
         return []
+    from nvlcore.parallel import node_prefix
+
     reg = manager.registry("logger")
     lg = cfg.logger
     names = list(lg.loggers)
@@ -427,7 +430,8 @@ def build_loggers(cfg: NvlConfig, manager: Any, ctx: ParallelContext, *, resume_
         canonical = reg.canonical(name) if hasattr(reg, "canonical") else name
         if canonical == "console":
             # on CPU a process is not a GPU: say what the throughput is divided by
-            out.append(cls(total_iters=cfg.train.train_iters, per="GPU" if ctx.device.type == "cuda" else "process"))
+            out.append(cls(total_iters=cfg.train.train_iters, per="GPU" if ctx.device.type == "cuda" else "process",
+                           prefix=node_prefix()))
         elif canonical == "jsonl":
             if not jsonl_path:
                 raise ValueError("logger.loggers has 'jsonl' but neither logger.jsonl_path nor checkpoint.save is set")
@@ -523,11 +527,12 @@ class FinetuneRecipe:
         self.async_group: Any = None
         self.plotter: MetricsPlotter | None = None
         self.state = TrainState()
+        self.prefix = ""
 
     def say(self, message: str) -> None:
-        """Print ``message`` on rank 0 only."""
+        """Print ``message`` on rank 0 only (after ``[node 0] `` when the launch spans machines)."""
         if self.ctx is None or self.ctx.is_main:
-            self.print_fn(message)
+            self.print_fn(self.prefix + message)
 
     def run(self) -> TrainState:
         """Train as the config says; returns the final train state.
@@ -557,7 +562,7 @@ class FinetuneRecipe:
     def setup_parallel(self) -> None:
         """Config preflight, process groups, RNG seeds; the run config that checkpoints record."""
         from nvlcore.config import config_to_dict
-        from nvlcore.parallel import init_parallel
+        from nvlcore.parallel import init_parallel, node_prefix
         from nvlcore.training.preflight import preflight
 
         cfg = self.cfg
@@ -573,6 +578,11 @@ class FinetuneRecipe:
         self.adapter_only = bool(cfg.peft.method)
         allocator = f"; PYTORCH_CUDA_ALLOC_CONF={os.environ.get('PYTORCH_CUDA_ALLOC_CONF')}" \
             if ctx.device.type == "cuda" else ""
+        self.prefix = node_prefix()
+        if self.prefix and ctx.local_rank == 0:  # one line from each machine: which ranks it runs
+            local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+            self.print_fn(f"{self.prefix}nvl finetune: host {socket.gethostname()} runs global ranks "
+                          f"{ctx.rank}..{ctx.rank + local - 1} of {ctx.world_size}")
         self.say(f"nvl finetune: {ctx.world_size} process(es): tensor parallel {ctx.tp_size} x data parallel "
                  f"{ctx.dp_size} on {ctx.device.type} ({ctx.backend}){allocator}")
 
@@ -600,8 +610,12 @@ class FinetuneRecipe:
             self.async_group = dist.new_group(backend="gloo")
 
     def take_run_lock(self) -> None:
-        """Rank 0 locks ``checkpoint.save`` (:class:`nvlcore.checkpoint.RunLock`); every rank learns the outcome."""
+        """Rank 0 locks ``checkpoint.save`` (:class:`nvlcore.checkpoint.RunLock`); every rank learns the outcome.
+        Over several machines every rank then checks that it sees the same directory
+        (:mod:`nvlcore.checkpoint.shared`)."""
         from nvlcore.checkpoint.lock import RunDirectoryLocked, RunLock, describe_holder
+        from nvlcore.checkpoint.shared import check_shared_directory
+        from nvlcore.parallel import node_rank, spans_nodes
 
         save, ctx = self.cfg.checkpoint.save, self.ctx
         refused = None
@@ -618,6 +632,8 @@ class FinetuneRecipe:
             refused = box[0]
         if refused:
             raise RunDirectoryLocked(refused)
+        if save and spans_nodes():  # several machines: they must all see this directory
+            check_shared_directory(save, rank=ctx.rank, world_size=ctx.world_size, node=node_rank())
         if self.lock is not None and self.lock.took_over:
             self.say(f"nvl finetune: took over {self.lock.path} from {describe_holder(self.lock.took_over)}, "
                      "which no longer runs (a crashed or killed run)")
@@ -716,6 +732,12 @@ class FinetuneRecipe:
                      + "".join(f"; {n}" for n in getattr(peft, "storage_notes", ())))
         self.say("nvl finetune: built model's static memory: " + optim.memory_plan(model).describe())
 
+    @property
+    def weights_from_checkpoint(self) -> bool:
+        """A full run resumed: the model's weights come from the checkpoint (:meth:`resume`), not from
+        :meth:`load_starting_weights`, and are unset memory until then (built with ``init="none"``)."""
+        return self.decision.iter_dir is not None and not self.adapter_only and not self.random_init
+
     def load_starting_weights(self, t0: float) -> None:
         """``checkpoint.pretrained_checkpoint`` unless resuming a full run (or ``random_init``)."""
         needs_base = self.decision.iter_dir is None or self.adapter_only
@@ -737,7 +759,9 @@ class FinetuneRecipe:
 
         cfg, ctx, model = self.cfg, self.ctx, self.model
         self.named = named = optim.trainable_named_parameters(model)
-        optim.check_replicated_parameters(list(model.named_parameters()), tp_group=ctx.tp_group, tp_size=ctx.tp_size)
+        if not self.weights_from_checkpoint:  # else the weights are still unset memory: checked after resume()
+            optim.check_replicated_parameters(list(model.named_parameters()), tp_group=ctx.tp_group,
+                                              tp_size=ctx.tp_size)
         # a packed (quantized) frozen weight was quantized on every rank from the same loaded weights
         optim.broadcast_parameters([p.data for p in model.parameters() if not optim.is_packed(p)],
                                    src_global_rank=parallel_state.get_data_parallel_src_rank(),
@@ -768,6 +792,11 @@ class FinetuneRecipe:
 
         self.state = st = restore(it_dir, model=self.model, optimizer=self.optimizer, named=self.named,
                                   bridge=self.bridge, ctx=self.ctx, cfg=self.cfg, adapter_only=self.adapter_only)
+        if self.weights_from_checkpoint:
+            from nvlcore.training import optim
+
+            optim.check_replicated_parameters(list(self.model.named_parameters()), tp_group=self.ctx.tp_group,
+                                              tp_size=self.ctx.tp_size)
         self.say(f"nvl finetune: resumed at iteration {st.iteration} (consumed samples {st.consumed_samples}, "
                  f"{st.optimizer_steps} updates, {st.skipped_iterations} skipped)")
         self.lr_schedule, self.wd_schedule, note = resume_schedules(
@@ -1090,6 +1119,8 @@ def restore(iter_dir: Path, *, model: Any, optimizer: Any, named: Any, bridge: A
         if rank_state is not None and "rng" in rank_state:
             restore_rng_state(rank_state["rng"])
         elif ctx.is_main:
-            print(f"nvl finetune: {iter_dir} was saved by {layout.get('world_size')} process(es), this run has "
-                  f"{ctx.world_size}; RNG states are re-seeded instead of restored")
+            from nvlcore.parallel import node_prefix
+
+            print(f"{node_prefix()}nvl finetune: {iter_dir} was saved by {layout.get('world_size')} process(es), "
+                  f"this run has {ctx.world_size}; RNG states are re-seeded instead of restored")
     return state

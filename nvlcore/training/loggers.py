@@ -2,7 +2,8 @@
 
 Each follows :class:`nvlcore.contracts.MetricLogger` (``log(metrics, step=)``, ``close()``) and is
 registered by the built-in plugin :mod:`nvlcore.builtin.loggers` under ``console``, ``jsonl``,
-``wandb`` and ``tensorboard``. The trainer calls them on rank 0 only.
+``wandb`` and ``tensorboard``. The trainer calls them on global rank 0 only, however many machines
+the run spans (the console line then starts with ``[node 0] ``).
 
 Metric keys the trainer logs (``metrics.jsonl`` holds them all, one JSON object per logged iteration):
 ``iteration``, ``loss`` (token-weighted mean over the logged interval), ``lr``, ``weight_decay``,
@@ -42,11 +43,14 @@ class ConsoleLogger:
     (one line, wrapped here).
     """
 
-    def __init__(self, *, total_iters: int | None = None, stream: TextIO | None = None, per: str = "GPU") -> None:
-        """:param per: what the throughput is divided by: ``GPU``, or ``process`` for CPU runs."""
+    def __init__(self, *, total_iters: int | None = None, stream: TextIO | None = None, per: str = "GPU",
+                 prefix: str = "") -> None:
+        """:param per: what the throughput is divided by: ``GPU``, or ``process`` for CPU runs.
+        :param prefix: before each line (``[node 0] `` when a run spans machines)."""
         self.total_iters = total_iters
         self.stream = stream
         self.per = per
+        self.prefix = prefix
 
     def log(self, metrics: Mapping[str, Any], *, step: int) -> None:
         width = len(str(self.total_iters)) if self.total_iters else 1
@@ -74,7 +78,7 @@ class ConsoleLogger:
             parts.append(f"ETA {_fmt_eta(metrics['eta_s'])}")
         if "skipped_iterations" in metrics:
             parts.append(f"skipped {int(metrics['skipped_iterations'])}")
-        print(" | ".join(parts), file=self.stream or sys.stdout, flush=True)
+        print(self.prefix + " | ".join(parts), file=self.stream or sys.stdout, flush=True)
 
     def close(self) -> None:
         pass
