@@ -38,6 +38,12 @@ def fg_row(name: str, *, row: str, budget: int, emulated: bool, plan_gb: float |
 
 
 def main() -> None:
+    """Visit G's rows alone (bench/results/memory_gpu.json now comes from visit I's assemble.py)."""
+    write(rows(), "visit G 2026-12-07, one H100 80 GB", __doc__)
+
+
+def rows() -> list[dict]:
+    """Visit G's rows, as recorded."""
     p1, p2, p6 = load("memory_gpu_p1.json"), load("memory_gpu_p2.json"), load("memory_gpu_p6.json")
     medpix_auto = dict(p1[1], baseline_tokens_per_s=MEDPIX_H200,
                        note="baseline: H200, visit F (an H100 cannot hold the unconstrained packed run: plan "
@@ -78,19 +84,24 @@ def main() -> None:
     for r in rows:
         for key in ("tokens_per_s", "peak_gb", "plan_gb", "baseline_tokens_per_s", "budget_gb", "emulated"):
             r.setdefault(key, None)
+    return rows
+
+
+def write(rows: list[dict], title: str, doc: str) -> None:
+    """bench/results/memory_gpu.json and .md from ``rows``."""
     (OUT / "memory_gpu.json").write_text(json.dumps(rows, indent=1) + "\n")
-    lines = ["| row | method | workload | seq | budget GB | emulated | peak GB (driver) | allocated GB | plan GB | "
-             "tokens/s | baseline tokens/s | ratio | status |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| visit | row | method | workload | seq | budget GB | emulated | peak GB (driver) | allocated GB | "
+             "plan GB | tokens/s | baseline tokens/s | ratio | status |", "|---" * 14 + "|"]
     for r in rows:
         tps, base = r.get("tokens_per_s"), r.get("baseline_tokens_per_s")
         ratio = f"{tps / base:.0%}" if tps and base else ""
-        lines.append(f"| {r['row']} | {r['method']} | {r['workload']} | {r['seq']} | {r.get('budget_gb') or ''} | "
+        lines.append(f"| {r.get('visit', 'G')} | {r['row']} "
+                     f"| {r['method']} | {r['workload']} | {r['seq']} | {r.get('budget_gb') or ''} | "
                      f"{r.get('emulated')} | {r.get('peak_gb') or ''} | {r.get('allocated_gb') or ''} | "
                      f"{r.get('plan_gb') or ''} | {f'{tps:,.0f}' if tps else ''} | {f'{base:,.0f}' if base else ''} | "
                      f"{ratio} | {r['status'][:60]} |")
     (OUT / "memory_gpu.md").write_text(
-        "# Memory record (issue 22), visit G 2026-12-07, one H100 80 GB\n\n" + __doc__.split("\n\n", 1)[1]
-        + "\n" + "\n".join(lines) + "\n")
+        f"# Memory record (issue 22), {title}\n\n" + doc.split("\n\n", 1)[1] + "\n" + "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
