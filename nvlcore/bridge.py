@@ -37,6 +37,13 @@ if TYPE_CHECKING:
     from nvlcore.generation import Generator
 
 
+#: The share of :meth:`ModelBridge.train_flops` (forward + input gradient + weight gradient, each one
+#: forward's worth: 3 x forward) a step executes when the base model is frozen (PEFT): no weight-gradient
+#: matmuls, so forward 1x + input gradient 1x. The one factor behind the printed TFLOP/s, ``metrics.jsonl``'s
+#: ``tflops_per_gpu`` and the benches' MFU, so that they count the same work.
+FROZEN_BASE_FLOPS_SHARE = 2.0 / 3.0
+
+
 class BridgeError(ValueError):
     """A bridge cannot be found, or a model's weights do not fit its mapping; the message names the file
     or key at fault and what to do."""
@@ -360,7 +367,8 @@ class ModelBridge(abc.ABC):
         return True
 
     def train_flops(self, batch: Mapping[str, Any], *, num_parameters: int) -> float:
-        """Training FLOPs of one micro-batch (a :data:`nvlcore.contracts.Batch`; forward + backward).
+        """Training FLOPs of one micro-batch (a :data:`nvlcore.contracts.Batch`; forward + backward, every
+        weight trained: 3 x forward). A run with a frozen base counts :data:`FROZEN_BASE_FLOPS_SHARE` of it.
 
         Default: ``6 x num_parameters x real tokens`` (no attention or vision term); a bridge with a
         model-specific formula overrides it.

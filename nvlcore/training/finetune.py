@@ -162,16 +162,19 @@ def check_recompute_modules(cfg: NvlConfig, bridge: Any) -> None:
                          f"{bridge.name!r} (it knows {choices})")
 
 
-def _flops_fn(bridge: Any, model: torch.nn.Module,
-              ctx: ParallelContext) -> tuple[Callable[[Mapping[str, Any]], float], str]:
-    """Training FLOPs per micro-batch (:meth:`ModelBridge.train_flops`) and whether the bridge has its own formula."""
-    from nvlcore.bridge import ModelBridge
+def _flops_fn(bridge: Any, model: torch.nn.Module, ctx: ParallelContext, *,
+              frozen_base: bool) -> tuple[Callable[[Mapping[str, Any]], float], str]:
+    """Training FLOPs a micro-batch executes (:meth:`ModelBridge.train_flops`, times
+    :data:`~nvlcore.bridge.FROZEN_BASE_FLOPS_SHARE` when ``frozen_base``: a PEFT run computes no weight
+    gradients of the base) and whether the bridge has its own formula."""
+    from nvlcore.bridge import FROZEN_BASE_FLOPS_SHARE, ModelBridge
 
     n = 0
     for p in model.parameters():
         n += p.numel() * (ctx.tp_size if getattr(p, "tensor_model_parallel", False) else 1)
     own = type(bridge).train_flops is not ModelBridge.train_flops
-    return (lambda batch: float(bridge.train_flops(batch, num_parameters=n))), ("bridge" if own else "6N")
+    share = FROZEN_BASE_FLOPS_SHARE if frozen_base else 1.0
+    return (lambda batch: share * float(bridge.train_flops(batch, num_parameters=n))), ("bridge" if own else "6N")
 
 
 def loop_settings(cfg: NvlConfig, *, dp_size: int, device_type: str) -> LoopSettings:
@@ -834,10 +837,14 @@ class FinetuneRecipe:
         # after its last checkpoint (or before any) are dropped, so each iteration appears once
         self.loggers = build_loggers(self.cfg, self.manager, self.ctx, resume_iteration=self.state.iteration,
                                      run_config=self.run_config)
-        self.flops_fn, flops_method = _flops_fn(self.bridge, self.model, self.ctx)
+        frozen_base = self.peft is not None
+        self.flops_fn, flops_method = _flops_fn(self.bridge, self.model, self.ctx, frozen_base=frozen_base)
         if flops_method != "bridge":
             self.say("nvl finetune: the bridge has no FLOPs formula of its own (train_flops); TFLOP/s uses 6 x "
                      "parameters x tokens (no attention/ViT terms)")
+        if frozen_base:
+            self.say("nvl finetune: TFLOP/s counts the work executed: 2/3 of training's 3 x forward (the frozen "
+                     "base computes no weight gradients)")
         self.plotter = MetricsPlotter(self.loggers, self.say)
 
     def setup_trainer(self) -> None:
