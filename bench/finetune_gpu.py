@@ -477,6 +477,8 @@ def run_nvl(args: argparse.Namespace, model_dir: Path, data: dict[str, Path], wo
     for line in out.splitlines():
         if "nvl finetune: kernels: " in line:
             kernels.update(parse_kernels(line.split("nvl finetune: kernels: ", 1)[1]))
+        if "nvl finetune: kernels that ran: " in line:  # after the first step: what ran, where it depends on inputs
+            kernels.update(parse_kernels(line.split("nvl finetune: kernels that ran: ", 1)[1]))
         if "nvl finetune: memory plan: " in line:
             rec["memory_plan"] = line.split("memory plan: ", 1)[1]
         if " linear layer(s) in FP8" in line:  # an FP8 mixed_precision run: which linears ran FP8

@@ -417,6 +417,12 @@ class ModelBridge(abc.ABC):
                              "use auto or reference")
         return {}
 
+    def kernels_ran(self, model: torch.nn.Module) -> dict[str, str]:
+        """Op -> the implementation(s) that actually ran so far, for ops whose path :meth:`set_kernels` could
+        not fix in advance (it depends on the inputs' dtype or masks); ``nvl finetune`` prints it after the
+        first step, so the run's record says what ran. Default: nothing depends on the inputs (empty)."""
+        return {}
+
     # -------------------------------------------------------------------------------- memory plan
     def parameter_shapes(self, tp_size: int = 1) -> dict[str, tuple[tuple[int, ...], int]]:
         """Parameter name -> ``(full shape, elements one of tp_size ranks holds)``, with no weights loaded

@@ -531,6 +531,8 @@ class FinetuneRecipe:
         self.plotter: MetricsPlotter | None = None
         self.state = TrainState()
         self.prefix = ""
+        #: the last "kernels that ran" line's contents (printed again only when it changes)
+        self.kernels_reported: dict[str, str] = {}
 
     def say(self, message: str) -> None:
         """Print ``message`` on rank 0 only (after ``[node 0] `` when the launch spans machines)."""
@@ -861,10 +863,19 @@ class FinetuneRecipe:
             lr_schedule=self.lr_schedule, wd_schedule=self.wd_schedule, settings=self.settings, state=self.state,
             flops_fn=self.flops_fn, loggers=self.loggers, save_fn=self.save if cfg.checkpoint.save else None,
             eval_fn=self.validate if self.data.eval_batches_factory is not None else None,
-            generate_eval_fn=generate_eval_fn, print_fn=self.say,
+            generate_eval_fn=generate_eval_fn, print_fn=self.say, first_step_fn=self.report_kernels_ran,
         )
         if self.decision.iter_dir is not None:
             self.trainer.last_saved_iteration = self.state.iteration
+
+    def report_kernels_ran(self) -> None:
+        """Print which implementation ran for the ops whose path depends on the inputs
+        (:meth:`ModelBridge.kernels_ran`), when it is new: after the first step, and at the end if a later
+        batch took another path. The start's ``kernels:`` line says what was selected."""
+        ran = self.bridge.kernels_ran(self.model)
+        if ran and ran != self.kernels_reported:
+            self.kernels_reported = dict(ran)
+            self.say("nvl finetune: kernels that ran: " + "; ".join(f"{op}: {impl}" for op, impl in ran.items()))
 
     def train(self) -> TrainState:
         """Run the loop; a signal that stopped it raises :class:`StoppedEarly` after the last save."""
@@ -873,6 +884,7 @@ class FinetuneRecipe:
                  f"{s.global_batch_size} = {s.num_microbatches} micro-batch(es) x "
                  f"{self.cfg.train.micro_batch_size} x {self.ctx.dp_size} data-parallel rank(s)")
         final = trainer.run(self.data.train_batches)
+        self.report_kernels_ran()  # again only if a later batch took another path
         self.finish_pending_saves()
         self.say(f"nvl finetune: {describe_state_bytes(self.optimizer, self.ctx)}")
         if trainer.stopped_by is None:
