@@ -29,12 +29,13 @@ The peer, in the same run: transformers' ``NemotronHForCausalLM`` at the same LM
 weights, SDPA, the library's PyTorch Mamba path since no mamba-ssm CUDA build is installed) with PEFT
 LoRA r=16 alpha=32 on q/k/v/o/up/down, on text batches of exactly ``seq`` tokens.
 
-FLOPs and MFU (written into each record): ``tflops`` is the bridge's count (Megatron-Bridge's
-hybrid formula for the LM at each sample's real length, plus the ViT and projector per tile), training
-= 3 x forward. For LoRA the base weights get no weight gradients, so a LoRA step is counted as 2/3 of
-that (``mfu = tflops x 2/3 / 790`` for ``method="lora"``, ``tflops / 790`` for ``"full"``), 790 TFLOP/s
-being the measured bf16 matmul ceiling of one H200 (shared/reference/performance-anchors.md). The peer
-is counted with the same formula at its sequence length.
+FLOPs and MFU (written into each record): ``tflops_per_gpu`` is what ``nvl finetune`` logs, the work a
+step executes: the bridge's count (Megatron-Bridge's hybrid formula for the LM at each sample's real
+length, plus the ViT and projector per tile), training = 3 x forward, times
+``nvlcore.bridge.FROZEN_BASE_FLOPS_SHARE`` (2/3) for LoRA, whose frozen base gets no weight gradients.
+``mfu = tflops_per_gpu / 790``, 790 TFLOP/s being the measured bf16 matmul ceiling of one H200
+(shared/reference/performance-anchors.md). The peer is counted with the same formula and share at its
+sequence length.
 
 Records: ``finetune_gpu.json`` (a list, one object per measured run: ``system``, ``workload``,
 ``method``, ``seq``, ``gpus``, ``tp``, ``tokens_per_s`` (all GPUs), ``mfu``, ``peak_gb``, ``kernels``,
@@ -476,6 +477,8 @@ def run_nvl(args: argparse.Namespace, model_dir: Path, data: dict[str, Path], wo
     for line in out.splitlines():
         if "nvl finetune: kernels: " in line:
             kernels.update(parse_kernels(line.split("nvl finetune: kernels: ", 1)[1]))
+        if "nvl finetune: kernels that ran: " in line:  # after the first step: what ran, where it depends on inputs
+            kernels.update(parse_kernels(line.split("nvl finetune: kernels that ran: ", 1)[1]))
         if "nvl finetune: memory plan: " in line:
             rec["memory_plan"] = line.split("memory plan: ", 1)[1]
         if " linear layer(s) in FP8" in line:  # an FP8 mixed_precision run: which linears ran FP8
@@ -497,11 +500,10 @@ def run_nvl(args: argparse.Namespace, model_dir: Path, data: dict[str, Path], wo
     secs = sum(r["step_time_s"] for r in timed)
     toks = sum(r["tokens_per_s"] * r["step_time_s"] for r in timed)
     tflops = sum(r["tflops_per_gpu"] * r["step_time_s"] for r in timed) / secs
-    share = 2.0 / 3.0 if method == "lora" else 1.0
     step_s = secs / len(timed)
-    rec.update(
+    rec.update(  # tflops_per_gpu is the work executed (a LoRA run's log already counts 2/3 of 3 x forward)
         status="ok", tokens_per_s=round(toks / secs, 1), step_time_s=round(step_s, 3),
-        tflops_per_gpu=round(tflops, 1), mfu=round(tflops * share / H200_BF16_TFLOPS, 4),
+        tflops_per_gpu=round(tflops, 1), mfu=round(tflops / H200_BF16_TFLOPS, 4),
         peak_gb=round(max(r.get("mem_gb", 0.0) for r in rows), 1),
         losses=[round(r["loss"], 4) for r in rows], tokens_per_sample=round(toks / len(timed) / args.gbs),
         timed_iterations=len(timed),
@@ -533,6 +535,8 @@ def run_peer(args: argparse.Namespace, seq: int) -> dict[str, Any]:
 
     sys.path.insert(0, str(ROOT / "bench"))
     from lora_gpu import PEER_TARGETS, lora_flops_per_token, nvl_config, peer_model, text_tokens
+
+    from nvlcore.bridge import FROZEN_BASE_FLOPS_SHARE
 
     rec: dict[str, Any] = {"system": "transformers+peft", "workload": "text", "method": "lora", "seq": seq, "gpus": 1,
                            "tp": 1, "kernels": {"scan": "transformers PyTorch fallback (torch_forward)",
@@ -569,7 +573,7 @@ def run_peer(args: argparse.Namespace, seq: int) -> dict[str, Any]:
         s = sum(times) / len(times)
         _, full_fpt = lora_flops_per_token(cfg, seq, 16, [])
         rec.update(status="ok", tokens_per_s=round(seq / s, 1), step_time_s=round(s, 3),
-                   mfu=round(full_fpt * 2 / 3 * seq / s / 1e12 / H200_BF16_TFLOPS, 4),
+                   mfu=round(full_fpt * FROZEN_BASE_FLOPS_SHARE * seq / s / 1e12 / H200_BF16_TFLOPS, 4),
                    peak_gb=round(torch.cuda.max_memory_allocated(device) / 1e9, 1) if device.type == "cuda" else None)
         log(f"peer seq {seq}: {rec['tokens_per_s']:,.0f} tokens/s, peak {rec['peak_gb']} GB")
     except Exception as exc:
@@ -589,8 +593,8 @@ def markdown(records: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     lines = [f"# `nvl finetune` throughput ({meta['date']}, {meta['machine']})", "",
              "Each nvl row is one `nvl finetune --random-init` run (the command below it), timed from its own",
              f"metrics.jsonl after {meta['warmup']} warm-up iteration(s); the peer is transformers + PEFT in the",
-             "same bench run. MFU = TFLOP/s (bridge formula: LM at real length + ViT + projector, 3 x forward;",
-             "x 2/3 for LoRA) / 790 TFLOP/s.", "",
+             "same bench run. MFU = executed TFLOP/s (bridge formula: LM at real length + ViT + projector, 3 x",
+             "forward; x 2/3 for LoRA, whose frozen base computes no weight gradients) / 790 TFLOP/s.", "",
              "| system | workload | method | seq | GPUs | TP | variant | tokens/s | MFU | peak GB | status |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in records:

@@ -104,11 +104,12 @@ def text_tokens(cfg: Any, n: int) -> torch.Tensor:
 def lora_flops_per_token(cfg: Any, seq: int, rank: int, adapter_io: list[tuple[int, int]]) -> tuple[float, float]:
     """(LoRA model FLOPs per token, full-training nominal FLOPs per token) at ``seq``."""
     from nvl_nemotron_vl.flops import lm_forward_flops
+    from nvlcore.bridge import FROZEN_BASE_FLOPS_SHARE
 
     full = 3.0 * lm_forward_flops(cfg, [seq]) / seq
     # adapters: forward 2*r*(in+out) per token, backward input grads 1x + adapter weight grads 1x
     adapters = sum(3 * 2 * rank * (i + o) for i, o in adapter_io)
-    return full * 2.0 / 3.0 + adapters, full
+    return full * FROZEN_BASE_FLOPS_SHARE + adapters, full
 
 
 def run_nvl(args: argparse.Namespace, device: torch.device, deadline: float) -> dict[str, Any]:
@@ -212,6 +213,8 @@ def peer_model(cfg: Any, device: torch.device, dtype: torch.dtype) -> Any:
 def run_peer(args: argparse.Namespace, device: torch.device, deadline: float) -> list[dict[str, Any]]:
     from peft import LoraConfig, get_peft_model
 
+    from nvlcore.bridge import FROZEN_BASE_FLOPS_SHARE
+
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     cfg = nvl_config(args.size)
     t0 = time.perf_counter()
@@ -262,7 +265,7 @@ def run_peer(args: argparse.Namespace, device: torch.device, deadline: float) ->
         if times:
             s = sum(times) / len(times)
             _, full_fpt = lora_flops_per_token(cfg, seq, 16, [])
-            res.update(step_s=s, tokens_per_s=seq / s, tflops_lora=full_fpt * 2 / 3 * seq / s / 1e12,
+            res.update(step_s=s, tokens_per_s=seq / s, tflops_lora=full_fpt * FROZEN_BASE_FLOPS_SHARE * seq / s / 1e12,
                        tflops_nominal_full=full_fpt * seq / s / 1e12)
             res["mfu_lora"] = res["tflops_lora"] / args.peak_tflops
         out.append(res)

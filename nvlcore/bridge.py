@@ -37,6 +37,13 @@ if TYPE_CHECKING:
     from nvlcore.generation import Generator
 
 
+#: The share of :meth:`ModelBridge.train_flops` (forward + input gradient + weight gradient, each one
+#: forward's worth: 3 x forward) a step executes when the base model is frozen (PEFT): no weight-gradient
+#: matmuls, so forward 1x + input gradient 1x. The one factor behind the printed TFLOP/s, ``metrics.jsonl``'s
+#: ``tflops_per_gpu`` and the benches' MFU, so that they count the same work.
+FROZEN_BASE_FLOPS_SHARE = 2.0 / 3.0
+
+
 class BridgeError(ValueError):
     """A bridge cannot be found, or a model's weights do not fit its mapping; the message names the file
     or key at fault and what to do."""
@@ -360,7 +367,8 @@ class ModelBridge(abc.ABC):
         return True
 
     def train_flops(self, batch: Mapping[str, Any], *, num_parameters: int) -> float:
-        """Training FLOPs of one micro-batch (a :data:`nvlcore.contracts.Batch`; forward + backward).
+        """Training FLOPs of one micro-batch (a :data:`nvlcore.contracts.Batch`; forward + backward, every
+        weight trained: 3 x forward). A run with a frozen base counts :data:`FROZEN_BASE_FLOPS_SHARE` of it.
 
         Default: ``6 x num_parameters x real tokens`` (no attention or vision term); a bridge with a
         model-specific formula overrides it.
@@ -407,6 +415,12 @@ class ModelBridge(abc.ABC):
         if choice not in ("auto", "reference"):
             raise ValueError(f"model.kernels={choice!r}: model bridge {self.name!r} has no kernel choice; "
                              "use auto or reference")
+        return {}
+
+    def kernels_ran(self, model: torch.nn.Module) -> dict[str, str]:
+        """Op -> the implementation(s) that actually ran so far, for ops whose path :meth:`set_kernels` could
+        not fix in advance (it depends on the inputs' dtype or masks); ``nvl finetune`` prints it after the
+        first step, so the run's record says what ran. Default: nothing depends on the inputs (empty)."""
         return {}
 
     # -------------------------------------------------------------------------------- memory plan

@@ -181,6 +181,8 @@ def test_packed_finetune_resumed_mid_way_reproduces_the_losses(toy, raven, tmp_p
     base = tmp_path / "base"
     proc = nvl(*run_args(toy, raven, base))
     assert "packing (best_fit) samples into rows of 256 tokens" in proc.stdout
+    # what ran after the first step, where the start's kernel report could not know (CPU: no varlen kernel)
+    assert proc.stdout.count("nvl finetune: kernels that ran: packed_attention: SDPA block mask (no varlen") == 1
     a = metrics(base)
     assert sorted(a) == list(range(1, 11))
     # more samples than rows were trained on (2 rows per iteration), and the position was saved

@@ -162,16 +162,19 @@ def check_recompute_modules(cfg: NvlConfig, bridge: Any) -> None:
                          f"{bridge.name!r} (it knows {choices})")
 
 
-def _flops_fn(bridge: Any, model: torch.nn.Module,
-              ctx: ParallelContext) -> tuple[Callable[[Mapping[str, Any]], float], str]:
-    """Training FLOPs per micro-batch (:meth:`ModelBridge.train_flops`) and whether the bridge has its own formula."""
-    from nvlcore.bridge import ModelBridge
+def _flops_fn(bridge: Any, model: torch.nn.Module, ctx: ParallelContext, *,
+              frozen_base: bool) -> tuple[Callable[[Mapping[str, Any]], float], str]:
+    """Training FLOPs a micro-batch executes (:meth:`ModelBridge.train_flops`, times
+    :data:`~nvlcore.bridge.FROZEN_BASE_FLOPS_SHARE` when ``frozen_base``: a PEFT run computes no weight
+    gradients of the base) and whether the bridge has its own formula."""
+    from nvlcore.bridge import FROZEN_BASE_FLOPS_SHARE, ModelBridge
 
     n = 0
     for p in model.parameters():
         n += p.numel() * (ctx.tp_size if getattr(p, "tensor_model_parallel", False) else 1)
     own = type(bridge).train_flops is not ModelBridge.train_flops
-    return (lambda batch: float(bridge.train_flops(batch, num_parameters=n))), ("bridge" if own else "6N")
+    share = FROZEN_BASE_FLOPS_SHARE if frozen_base else 1.0
+    return (lambda batch: share * float(bridge.train_flops(batch, num_parameters=n))), ("bridge" if own else "6N")
 
 
 def loop_settings(cfg: NvlConfig, *, dp_size: int, device_type: str) -> LoopSettings:
@@ -528,6 +531,8 @@ class FinetuneRecipe:
         self.plotter: MetricsPlotter | None = None
         self.state = TrainState()
         self.prefix = ""
+        #: the last "kernels that ran" line's contents (printed again only when it changes)
+        self.kernels_reported: dict[str, str] = {}
 
     def say(self, message: str) -> None:
         """Print ``message`` on rank 0 only (after ``[node 0] `` when the launch spans machines)."""
@@ -834,10 +839,14 @@ class FinetuneRecipe:
         # after its last checkpoint (or before any) are dropped, so each iteration appears once
         self.loggers = build_loggers(self.cfg, self.manager, self.ctx, resume_iteration=self.state.iteration,
                                      run_config=self.run_config)
-        self.flops_fn, flops_method = _flops_fn(self.bridge, self.model, self.ctx)
+        frozen_base = self.peft is not None
+        self.flops_fn, flops_method = _flops_fn(self.bridge, self.model, self.ctx, frozen_base=frozen_base)
         if flops_method != "bridge":
             self.say("nvl finetune: the bridge has no FLOPs formula of its own (train_flops); TFLOP/s uses 6 x "
                      "parameters x tokens (no attention/ViT terms)")
+        if frozen_base:
+            self.say("nvl finetune: TFLOP/s counts the work executed: 2/3 of training's 3 x forward (the frozen "
+                     "base computes no weight gradients)")
         self.plotter = MetricsPlotter(self.loggers, self.say)
 
     def setup_trainer(self) -> None:
@@ -854,10 +863,19 @@ class FinetuneRecipe:
             lr_schedule=self.lr_schedule, wd_schedule=self.wd_schedule, settings=self.settings, state=self.state,
             flops_fn=self.flops_fn, loggers=self.loggers, save_fn=self.save if cfg.checkpoint.save else None,
             eval_fn=self.validate if self.data.eval_batches_factory is not None else None,
-            generate_eval_fn=generate_eval_fn, print_fn=self.say,
+            generate_eval_fn=generate_eval_fn, print_fn=self.say, first_step_fn=self.report_kernels_ran,
         )
         if self.decision.iter_dir is not None:
             self.trainer.last_saved_iteration = self.state.iteration
+
+    def report_kernels_ran(self) -> None:
+        """Print which implementation ran for the ops whose path depends on the inputs
+        (:meth:`ModelBridge.kernels_ran`), when it is new: after the first step, and at the end if a later
+        batch took another path. The start's ``kernels:`` line says what was selected."""
+        ran = self.bridge.kernels_ran(self.model)
+        if ran and ran != self.kernels_reported:
+            self.kernels_reported = dict(ran)
+            self.say("nvl finetune: kernels that ran: " + "; ".join(f"{op}: {impl}" for op, impl in ran.items()))
 
     def train(self) -> TrainState:
         """Run the loop; a signal that stopped it raises :class:`StoppedEarly` after the last save."""
@@ -866,6 +884,7 @@ class FinetuneRecipe:
                  f"{s.global_batch_size} = {s.num_microbatches} micro-batch(es) x "
                  f"{self.cfg.train.micro_batch_size} x {self.ctx.dp_size} data-parallel rank(s)")
         final = trainer.run(self.data.train_batches)
+        self.report_kernels_ran()  # again only if a later batch took another path
         self.finish_pending_saves()
         self.say(f"nvl finetune: {describe_state_bytes(self.optimizer, self.ctx)}")
         if trainer.stopped_by is None:

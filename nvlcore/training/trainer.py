@@ -192,6 +192,7 @@ class Trainer:
     :param eval_fn: ``eval_fn() -> (loss_sum, supervised_tokens)`` over the validation batches, or None.
     :param generate_eval_fn: ``generate_eval_fn() -> {metric: value}``: generation-based validation
         (``validation.generate_eval_interval``; collective, called on every rank), or None.
+    :param first_step_fn: called once after this run's first iteration (e.g. to report what ran), or None.
     """
 
     def __init__(
@@ -211,8 +212,10 @@ class Trainer:
         eval_fn: Callable[[], tuple[float, float]] | None = None,
         generate_eval_fn: Callable[[], Mapping[str, float]] | None = None,
         print_fn: Callable[[str], None] = print,
+        first_step_fn: Callable[[], None] | None = None,
     ) -> None:
         self.model = model
+        self.first_step_fn = first_step_fn
         self.ctx = ctx
         self.optimizer = optimizer
         self.named_params = list(named_params)
@@ -392,6 +395,8 @@ class Trainer:
                     torch.cuda.synchronize(self.ctx.device)
                 dt = time.perf_counter() - t0
                 st.iteration += 1
+                if st.iteration == start_iter + 1 and self.first_step_fn is not None:
+                    self.first_step_fn()
                 st.consumed_samples += int(res.samples) if res.samples else s.global_batch_size
                 st.floating_point_operations_so_far += res.flops
                 st.tokens_so_far += int(res.tokens)

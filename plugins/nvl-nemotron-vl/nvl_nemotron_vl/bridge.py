@@ -113,6 +113,11 @@ class NemotronVLBridge(ModelBridge):
         """``model.kernels``: see :mod:`nvl_nemotron_vl.model.kernels` (Triton kernels on CUDA under ``auto``)."""
         return model.set_kernels(choice)  # type: ignore[operator]
 
+    def kernels_ran(self, model: torch.nn.Module) -> dict[str, str]:
+        """Which packed-attention path ran (varlen kernel or SDPA block mask, and why): :meth:`.model.vlm.
+        NemotronVLModel.kernels_ran`."""
+        return model.kernels_ran()  # type: ignore[operator]
+
     def keeps_fp32(self, name: str, param: torch.Tensor) -> bool:
         """The Mamba mixers' per-head ``A_log``, ``D``, ``dt_bias`` (they set the state's decay; the model
         builds them fp32 at every dtype) and every norm's weight and bias stay fp32; the frozen

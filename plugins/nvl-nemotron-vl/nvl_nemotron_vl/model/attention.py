@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .cache import AttentionState
-from .kernels import PackedSequences
+from .kernels import PACKED_MASK_FP32, PACKED_MASK_NO_KERNEL, PACKED_MASK_PADDING, PACKED_VARLEN, PackedSequences
 from .parallel import TPContext, normed_column_linear, row_linear, split_size
 
 if TYPE_CHECKING:
@@ -98,6 +98,9 @@ class SelfAttention(nn.Module):
         #: Packed rows' attention kernel (``Kernels.packed_attention``, set by ``set_kernels``); None: the
         #: SDPA block-mask reference.
         self.packed_attention = None
+        #: ``record(op, impl)`` (``Kernels.record``, set by ``set_kernels``): which packed path ran, for the
+        #: run's report; None: not recorded.
+        self.record_kernel = None
 
     def _qkv(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The fused projection ``[b, L, local rows]`` -> ``q`` ``[b, heads, L, d]``, ``k``, ``v``.
@@ -133,8 +136,12 @@ class SelfAttention(nn.Module):
         sp = sequence_parallel
         qkv, _ = self.linear_qkv(hidden_states, sequence_parallel=sp)
         b, L = qkv.shape[:2]  # the whole sequence, also when hidden_states is a shard of it
-        if (seq_idx is not None and self.packed_attention is not None and self.causal and inference_params is None
-                and attention_mask is None and qkv.dtype in (torch.float16, torch.bfloat16)):
+        path = None
+        if seq_idx is not None and self.causal and inference_params is None:
+            path = self._packed_path(attention_mask, qkv.dtype)
+            if self.record_kernel is not None:
+                self.record_kernel("packed_attention", path)
+        if path == PACKED_VARLEN:
             # The varlen kernel (16-bit inputs only: an fp32 model keeps the block mask), on the tokens as
             # one flattened row [b * L, heads, d], so that its output feeds linear_proj without a transpose.
             g = qkv.view(b * L, self.kv_heads, self.rep + 2, self.head_dim)
@@ -168,6 +175,17 @@ class SelfAttention(nn.Module):
         )
         out, _ = self.linear_proj(o.transpose(1, 2).reshape(b, L, self.heads * self.head_dim), sequence_parallel=sp)
         return out
+
+    def _packed_path(self, attention_mask: torch.Tensor | None, dtype: torch.dtype) -> str:
+        """Which path causal attention over packed rows takes: the varlen kernel where one is set, the
+        inputs are 16-bit (its only dtypes) and no padding mask is given; else the SDPA block mask."""
+        if self.packed_attention is None:
+            return PACKED_MASK_NO_KERNEL
+        if attention_mask is not None:
+            return PACKED_MASK_PADDING
+        if dtype not in (torch.float16, torch.bfloat16):
+            return PACKED_MASK_FP32
+        return PACKED_VARLEN
 
     def step(self, hidden_states: torch.Tensor, inference_params: HybridCache) -> torch.Tensor:
         """One token ``[b, 1, hidden]``: write its key/value at the cache's ``position`` column and attend

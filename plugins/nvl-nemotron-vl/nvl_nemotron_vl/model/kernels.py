@@ -29,6 +29,11 @@ attention      .varlen``): each packed sample's keys only, no mask       boolean
 ``torch.compile``), or a named scan (``"mamba_ssm"``, ``"fla"``) which fails loudly when missing.
 The GPU libraries are the optional extra ``pip install nvl-nemotron-vl[gpu]``.
 
+Packed attention's path depends on the inputs (the varlen kernel takes bf16/fp16 rows without a padding
+mask; fp32 or masked rows take the SDPA block mask), so the report names both and each call records the
+path it took (:meth:`Kernels.record`). ``"auto"`` on CUDA warns once per process when an op falls back
+to the reference for want of a kernel library.
+
 mamba-ssm installed without its CUDA extensions (``MAMBA_SKIP_CUDA_BUILD=TRUE``, the Triton kernels
 only) fails at ``import mamba_ssm`` (its ``__init__`` imports the selective-scan extension, which the
 SSD kernels do not use); :func:`_mamba_triton` then loads the Triton submodules without the package's
@@ -355,6 +360,15 @@ def _compiled_squared_relu() -> Callable[[torch.Tensor], torch.Tensor]:
 
 _COMPILED_RELU2 = "torch.compile (one fused kernel forward, one backward)"
 _SDPA_BLOCK_MASK = "SDPA with a block-diagonal causal boolean mask (every key block computed)"
+_VARLEN = "PyTorch varlen flash attention (torch.nn.attention.varlen, causal per sample)"
+#: What the report says of packed attention when the varlen kernel imports: attention.py takes it only
+#: for 16-bit inputs without a padding mask, so the report names both; :meth:`Kernels.record` says which ran.
+_VARLEN_OR_MASK = (f"{_VARLEN} for bf16/fp16 packed rows without a padding mask, else {_SDPA_BLOCK_MASK}")
+#: Packed attention paths as :meth:`Kernels.record` names them (``attention.py`` picks one per call).
+PACKED_VARLEN = "varlen flash attention"
+PACKED_MASK_NO_KERNEL = "SDPA block mask (no varlen kernel selected)"
+PACKED_MASK_FP32 = "SDPA block mask (fp32 inputs: the varlen kernel takes bf16/fp16 only)"
+PACKED_MASK_PADDING = "SDPA block mask (rows with a padding mask)"
 
 
 # ----------------------------------------------------------------------------------- selection
@@ -376,6 +390,15 @@ class Kernels:
     #: ``None``: SDPA with the block-diagonal causal mask (:func:`.attention.packed_attention_mask`)
     packed_attention: Callable[..., torch.Tensor] | None = None
     names: dict[str, str] = field(default_factory=dict)
+    #: op -> the implementations that actually ran, in first-use order (ops whose path depends on the
+    #: inputs: ``packed_attention``), filled by :meth:`record`
+    ran: dict[str, list[str]] = field(default_factory=dict)
+
+    def record(self, op: str, impl: str) -> None:
+        """Note that ``op`` ran as ``impl`` (kept once): what the run's "kernels that ran" line reports."""
+        seen = self.ran.setdefault(op, [])
+        if impl not in seen:
+            seen.append(impl)
 
 
 def select_kernels(choice: str, device: torch.device | str) -> Kernels:
@@ -431,8 +454,31 @@ def select_kernels(choice: str, device: torch.device | str) -> Kernels:
     varlen = _try(_torch_varlen)
     if varlen is not None:
         k.packed_attention = varlen["attn"]
-        k.names["packed_attention"] = "PyTorch varlen flash attention (torch.nn.attention.varlen, causal per sample)"
+        k.names["packed_attention"] = _VARLEN_OR_MASK
+    if choice == "auto":
+        _warn_reference_on_gpu(k)
     return k
+
+
+_WARNED_FALLBACK = False
+
+
+def _warn_reference_on_gpu(k: Kernels) -> None:
+    """Warn once per process when ``model.kernels=auto`` on a GPU leaves ops on the reference (a kernel
+    library missing or failing to import): a run then is slower than it need be, and says why."""
+    global _WARNED_FALLBACK
+    ops = [op for op in ("scan", "conv", "gated_norm", "norm") if k.names[op].startswith("reference")]
+    if k.packed_attention is None:
+        ops.append("packed_attention")
+    if not ops or _WARNED_FALLBACK:
+        return
+    _WARNED_FALLBACK = True
+    import warnings
+
+    why = "; ".join(f"{name.lstrip('_')}: {err}" for name, err in _LOAD_ERRORS.items()) or "no kernel library"
+    warnings.warn(f"model.kernels=auto on a GPU runs the reference implementation for {', '.join(ops)} ({why}); "
+                  "install the kernels with pip install 'nvl-nemotron-vl[gpu]' (PyTorch >= 2.9 for varlen "
+                  "attention), or set model.kernels=reference to choose it", RuntimeWarning, stacklevel=3)
 
 
 # ------------------------------------------------------------------------------------- LM loss

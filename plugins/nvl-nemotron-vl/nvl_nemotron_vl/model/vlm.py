@@ -86,12 +86,19 @@ class NemotronVLModel(nn.Module):
             elif isinstance(module, MLP) and module.activation == "relu2":
                 module.act = k.relu2 or squared_relu
             elif isinstance(module, SelfAttention) and module.causal:
-                module.packed_attention = k.packed_attention
+                module.packed_attention, module.record_kernel = k.packed_attention, k.record
         return self.kernel_report()
 
     def kernel_report(self) -> dict[str, str]:
-        """Op -> implementation in use (the Mamba scan, conv, gated norm; the LM loss; attention)."""
+        """Op -> implementation selected (the Mamba scan, conv, gated norm; the LM loss; attention). Packed
+        attention's entry names both paths where the choice depends on the inputs; :meth:`kernels_ran`
+        says which ran."""
         return {**self.kernels.names, "attention": "SDPA (causal, no dense mask on right padding)"}
+
+    def kernels_ran(self) -> dict[str, str]:
+        """Op -> the implementation(s) that actually ran since :meth:`set_kernels`, for the ops whose path
+        depends on the inputs (packed attention: varlen kernel or SDPA block mask, and why)."""
+        return {op: " and ".join(impls) for op, impls in self.kernels.ran.items()}
 
     def set_sequence_parallel(self, enabled: bool) -> None:
         """Megatron's sequence parallelism for the language model's decoder (``model.sequence_parallel``;
