@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from nvl_nemotron_vl.model.kernels import conv_reference, cu_seqlens_from_seq_idx
+from nvl_nemotron_vl.model.kernels import PACKED_VARLEN, conv_reference, cu_seqlens_from_seq_idx
 from nvl_nemotron_vl.model.ssd import ssd_scan_reference, ssd_scan_sequential
 
 
@@ -284,15 +284,38 @@ def test_packed_attention_kernel_path_equals_the_block_mask(bridge, monkeypatch)
     ref_loss, ref_grads = loss_and_grads()
     lm_attention = [m for m in model.modules() if isinstance(m, SelfAttention) and m.causal]
     assert lm_attention and all(m.packed_attention is None for m in lm_attention)
+    ran = []
+
+    def stand_in(q, k, v, packed):
+        ran.append(1)
+        return _segment_attention(q, k, v, packed)
+
     for m in lm_attention:
-        m.packed_attention = _segment_attention
+        m.packed_attention = stand_in
+    # the real kernel takes 16-bit inputs only, so an fp32 model would take the block mask and never call the
+    # stand-in: the path is forced here (its choice is tested in test_kernel_report.py), and asserted to run
+    monkeypatch.setattr(SelfAttention, "_packed_path", lambda self, mask, dtype: PACKED_VARLEN)
     calls = []
     monkeypatch.setattr(K, "cu_seqlens_from_seq_idx", lambda s: calls.append(1) or cu_seqlens_from_seq_idx(s))
     loss, grads = loss_and_grads()
-    assert not calls
+    assert not calls and len(ran) >= len(lm_attention)
     torch.testing.assert_close(loss, ref_loss, rtol=0, atol=1e-5)
     for n in ref_grads:
         torch.testing.assert_close(grads[n], ref_grads[n], rtol=0, atol=1e-5, msg=lambda m, n=n: f"{n}: {m}")
+    # negative control: a sample boundary moved by one token must show in the loss
+    for m in lm_attention:
+        m.packed_attention = lambda q, k, v, packed: _segment_attention(q, k, v, _shifted(packed))
+    shifted, _ = loss_and_grads()
+    assert (shifted - ref_loss).abs().max() > 1e-3
+
+
+def _shifted(packed):
+    """``packed`` with its first inner sample boundary one token later."""
+    import dataclasses
+
+    cu = packed.cu_seqlens.clone()
+    cu[1] += 1
+    return dataclasses.replace(packed, cu_seqlens=cu, max_seqlen=int((cu[1:] - cu[:-1]).max()))
 
 
 @pytest.mark.parametrize("api", ["is_causal", "window_size"])
