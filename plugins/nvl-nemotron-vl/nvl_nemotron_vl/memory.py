@@ -59,8 +59,8 @@ def lm_bytes_per_token(cfg: NemotronVLConfig, *, tp: int, res: int, recompute: s
     kept = [res * h / sp] * len(kinds) if recompute == "full" else [
         (res * h + BF16 * h) / sp if (mamba and k == "mamba") else b
         for k, b in zip(kinds, full, strict=True)]
-    if offload_layers:  # those layers' activations live on the host until their backward
-        kept = sorted(kept)[: max(0, len(kept) - offload_layers)] + [0.0] * min(offload_layers, len(kept))
+    if offload_layers:  # the first layers' activations live on the host until their backward (whatever their kind)
+        kept = [0.0] * min(offload_layers, len(kept)) + kept[offload_layers:]
     transient = max(full) if recompute == "full" else 0.0  # the layer being recomputed
     return sum(kept) + transient + res * h / sp + BF16 * h
 
