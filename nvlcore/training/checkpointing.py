@@ -327,9 +327,11 @@ def load_optimizer_state(
     for name, p in named_params:
         if not names or not optim.owns_parameter(optimizer, p):
             continue
-        bufs = {m: torch.zeros_like(p.data) for m in names}
+        # fp32 like the saved state, also for a bf16 parameter (its moments and master stay fp32)
+        bufs = {m: torch.zeros_like(p.data, dtype=torch.float32) for m in names}
         # an 8-bit moment's block scales, where the checkpoint has them (an 8-bit run wrote it): exact resume
-        bufs |= {f"{m}{_BLOCK_SCALE}": torch.zeros_like(p.data) for m in optim.quantized_moments(optimizer, p)
+        bufs |= {f"{m}{_BLOCK_SCALE}": torch.zeros_like(p.data, dtype=torch.float32)
+                 for m in optim.quantized_moments(optimizer, p)
                  if all(f"{k}.{m}{_BLOCK_SCALE}" in have for k in entries(name, p.data, p))}
         keys: dict[str, list[str]] = {}
         for m, buf in bufs.items():
