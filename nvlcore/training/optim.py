@@ -7,7 +7,10 @@ tensor cores while the optimizer only ever sees fp32. This costs 16 bytes per tr
 (4 param + 4 grad + 8 Adam), the same as bf16 params with separate fp32 master copies and bf16
 gradients, and less than bf16 params + fp32 masters + fp32 main-grad buffers (18 bytes). With the
 distributed optimizer (``ddp.use_distributed_optimizer``, data parallel > 1) the Adam state is sharded
-over the data-parallel ranks (``ZeroRedundancyOptimizer``): 8/DP bytes instead of 8.
+over the data-parallel ranks (``ZeroRedundancyOptimizer``): 8/DP bytes instead of 8. With
+``optimizer.main_grads_dtype=torch.bfloat16`` (state fully in host memory) trainable parameters of >= 2 dims
+and their gradients are bf16 on the device and their fp32 masters live on the host (:mod:`~nvlcore.training.
+host_offload`): 4 device bytes per such parameter; the gradient norm is then computed in fp32.
 
 Gradient norm across ranks: a parameter that Megatron marks ``tensor_model_parallel`` is a distinct
 shard on each TP rank and counts on every rank; a replicated parameter (layer norms, biases of
