@@ -372,8 +372,8 @@ def load_optimizer_state(
 def estimate_checkpoint_bytes(model: torch.nn.Module, ctx: ParallelContext, *, adapter_only: bool,
                               save_optim: bool) -> int:
     """About how many bytes one training checkpoint takes: the saved weights plus (``save_optim``) Adam's two
-    fp32 moments per trainable value, summed over the tensor-parallel shards (replicated tensors are counted
-    once per TP rank: an upper bound). The same figure on every rank."""
+    fp32 moments per trainable value (and the fp32 master of a bf16 one), summed over the tensor-parallel
+    shards (replicated tensors are counted once per TP rank: an upper bound). The same figure on every rank."""
     import torch
     import torch.distributed as dist
 
@@ -381,7 +381,8 @@ def estimate_checkpoint_bytes(model: torch.nn.Module, ctx: ParallelContext, *, a
     for _, p in saved_parameters(model, adapter_only=adapter_only):
         total += p.numel() * p.element_size()
         if save_optim and p.requires_grad:
-            total += 2 * p.numel() * 4
+            # a bf16 trainable weight (optimizer.main_grads_dtype=torch.bfloat16) saves its fp32 master too
+            total += (2 if p.dtype == torch.float32 else 3) * p.numel() * 4
     t = torch.tensor([float(total)], dtype=torch.float64, device=ctx.device)
     if ctx.tp_size > 1 and dist.is_initialized():
         dist.all_reduce(t, group=ctx.tp_group)
