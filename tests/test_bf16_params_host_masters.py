@@ -179,7 +179,6 @@ def _losses(path: Path) -> dict[int, float]:
     return {r["iteration"]: r["loss"] for r in rows if "loss" in r}
 
 
-@pytest.mark.slow
 def test_full_finetune_with_bf16_params_resumes_exactly(hf, tmp_path, monkeypatch) -> None:
     import torch
 
@@ -193,6 +192,9 @@ def test_full_finetune_with_bf16_params_resumes_exactly(hf, tmp_path, monkeypatc
     assert masters and all(v.dtype == torch.float32 for v in masters.values())
     # a master is finer than the bf16 weight it rounds to (else nothing is kept on the host)
     assert any(not torch.equal(v, v.to(torch.bfloat16).float()) for v in masters.values())
+    weights = open_checkpoint(whole / "iter_0000002").load()
+    assert {v.dtype for v in weights.values() if v.dim() >= 2} == {torch.bfloat16}  # the device stored bf16
+    assert {v.dtype for v in weights.values() if v.dim() == 1} == {torch.float32}  # norms, biases stay fp32
     _train(hf, monkeypatch, *MODE, f"checkpoint.save={resumed}", f"checkpoint.load={whole / 'iter_0000002'}")
     a, b = _losses(whole), _losses(resumed)
     assert sorted(b) == [3, 4] and all(a[i] == b[i] for i in b), (a, b)
@@ -237,3 +239,35 @@ def test_on_cuda_masters_stay_on_the_host_and_follow_fp32_adamw() -> None:
     assert w.dtype == torch.bfloat16 and w.device.type == "cuda" and opt.host_of[w].device.type == "cpu"
     assert torch.equal(opt.host_of[w], rw.detach()) and torch.equal(w.cpu(), rw.detach().to(torch.bfloat16))
     assert torch.equal(b.cpu(), rb.detach())
+
+
+def _reduce_worker(rank: int, port: int, out: str) -> None:
+    import torch
+    import torch.distributed as dist
+
+    from nvlcore.training import optim
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    g = torch.Generator().manual_seed(rank)
+    grads = [torch.randn(33, 7, generator=g).to(torch.bfloat16), torch.randn(5, generator=g)]  # bf16 + fp32 (1-D)
+    mine = [t.clone() for t in grads]
+    optim.reduce_gradients(grads, group=None, group_size=2, scale=0.5, bucket_bytes=256)
+    torch.save({"mine": mine, "reduced": grads}, f"{out}.{rank}")
+    dist.destroy_process_group()
+
+
+def test_bf16_gradients_are_all_reduced_in_bf16_over_data_parallel_ranks(tmp_path) -> None:
+    import socket
+
+    import torch
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_reduce_worker, args=(port, str(tmp_path / "r")), nprocs=2)
+    a, b = (torch.load(tmp_path / f"r.{r}") for r in (0, 1))
+    for i, dtype in enumerate((torch.bfloat16, torch.float32)):
+        assert a["reduced"][i].dtype == dtype and torch.equal(a["reduced"][i], b["reduced"][i])
+        want = ((a["mine"][i] + b["mine"][i]) * 0.5).to(dtype)  # a bf16 sum rounds once, as the all-reduce does
+        assert torch.equal(a["reduced"][i], want), i
