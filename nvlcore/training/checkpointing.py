@@ -299,6 +299,8 @@ def load_model_weights(
 
 #: Key suffix of an 8-bit moment's block scales (nvlcore.training.lean_adam.BLOCK_SCALE, without importing torchao).
 _BLOCK_SCALE = ".block_scale"
+#: The host fp32 master of a bf16 trainable weight (optimizer.main_grads_dtype=torch.bfloat16), beside its moments.
+_MAIN_PARAM = "main_param"
 
 
 def load_optimizer_state(
@@ -327,8 +329,10 @@ def load_optimizer_state(
     for name, p in named_params:
         if not names or not optim.owns_parameter(optimizer, p):
             continue
-        # fp32 like the saved state, also for a bf16 parameter (its moments and master stay fp32)
-        bufs = {m: torch.zeros_like(p.data, dtype=torch.float32) for m in names}
+        # fp32 like the saved state, also for a bf16 parameter (its moments and master stay fp32); a checkpoint
+        # of an fp32 run has no masters: the bf16 run then takes them from the loaded weights
+        bufs = {m: torch.zeros_like(p.data, dtype=torch.float32) for m in names
+                if m != _MAIN_PARAM or all(f"{k}.{m}" in have for k in entries(name, p.data, p))}
         # an 8-bit moment's block scales, where the checkpoint has them (an 8-bit run wrote it): exact resume
         bufs |= {f"{m}{_BLOCK_SCALE}": torch.zeros_like(p.data, dtype=torch.float32)
                  for m in optim.quantized_moments(optimizer, p)
