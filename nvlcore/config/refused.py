@@ -76,8 +76,6 @@ REFUSED: tuple[Refusal, ...] = (
     Refusal("optimizer.exp_avg_sq_dtype", ("torch.float32", "torch.bfloat16", "torch.uint8"), _MOMENTS),
     Refusal("optimizer.main_params_dtype", ("torch.float32",),
             "nvl's trainable parameters are fp32 master weights (compute runs in bf16 under autocast); remove it"),
-    Refusal("optimizer.main_grads_dtype", ("torch.float32",),
-            "nvl accumulates and reduces gradients in fp32; remove it"),
     Refusal("mixed_precision", ("bf16_mixed", "fp32", None, "bf16_with_fp8_current_scaling_mixed"),
             "fp16 is not implemented by nvl; use bf16_mixed or fp32", reasons=FP8_REFUSED),
     Refusal("checkpoint.ckpt_format", ("torch_dist",), "nvl writes PyTorch DCP (torch_dist) checkpoints only"),
@@ -219,7 +217,9 @@ def _check_precision_aware(cfg: NvlConfig) -> None:
             raise ConfigError("optimizer.optimizer_cpu_offload=true needs optimizer.optimizer_offload_fraction in (0, "
                               f"1] (the share of the state kept in host memory), not {o.optimizer_offload_fraction}",
                               key="optimizer.optimizer_offload_fraction")
-        if o.optimizer != "adam" or o.use_precision_aware_optimizer is True:
+        lean_grads = o.main_grads_dtype == "torch.bfloat16"
+        lean_moments = (o.exp_avg_dtype, o.exp_avg_sq_dtype) != ("torch.float32", "torch.float32")
+        if o.optimizer != "adam" or (o.use_precision_aware_optimizer is True and (lean_moments or not lean_grads)):
             raise ConfigError("optimizer.optimizer_cpu_offload=true works with optimizer.optimizer=adam and fp32 "
                               "moments (optimizer.use_precision_aware_optimizer=false) in nvl; choose one of them",
                               key="optimizer.optimizer_cpu_offload")
@@ -227,9 +227,34 @@ def _check_precision_aware(cfg: NvlConfig) -> None:
         raise ConfigError(f"optimizer.optimizer_offload_fraction={o.optimizer_offload_fraction} has no effect without "
                           "optimizer.optimizer_cpu_offload=true; set it, or remove the fraction",
                           key="optimizer.optimizer_offload_fraction")
+    if o.main_grads_dtype == "torch.bfloat16":
+        _check_bf16_params(cfg)
     if o.use_precision_aware_optimizer is True and o.optimizer != "adam":
         raise ConfigError("optimizer.use_precision_aware_optimizer=true needs optimizer.optimizer=adam (it stores "
                           f"Adam's moments), not {o.optimizer!r}", key="optimizer.use_precision_aware_optimizer")
+
+
+def _check_bf16_params(cfg: NvlConfig) -> None:
+    """``optimizer.main_grads_dtype=torch.bfloat16``: megatron-core's HybridDeviceOptimizer layout (bf16
+    parameters and gradients on the GPU, fp32 masters and Adam moments on the host), and only that."""
+    from nvlcore.config.structure import ConfigError
+
+    o = cfg.optimizer
+    need = [("optimizer.use_precision_aware_optimizer", o.use_precision_aware_optimizer is True, "true"),
+            ("optimizer.optimizer_cpu_offload", o.optimizer_cpu_offload is True, "true"),
+            ("optimizer.optimizer_offload_fraction", o.optimizer_offload_fraction in (1.0, 1), "1.0"),
+            ("optimizer.exp_avg_dtype", o.exp_avg_dtype == "torch.float32", "torch.float32"),
+            ("optimizer.exp_avg_sq_dtype", o.exp_avg_sq_dtype == "torch.float32", "torch.float32")]
+    for key, ok, value in need:
+        if not ok:
+            raise ConfigError(f"optimizer.main_grads_dtype=torch.bfloat16 (bf16 parameters and gradients on the GPU, "
+                              f"fp32 masters and Adam moments on the host) needs {key}={value}; set it, or remove "
+                              "main_grads_dtype", key=key)
+    precision = cfg.mixed_precision or ("bf16_mixed" if o.bf16 else "fp32")
+    if not precision.startswith("bf16_"):  # bf16_mixed and the bf16 FP8 recipes compute in bf16
+        raise ConfigError(f"optimizer.main_grads_dtype=torch.bfloat16 needs a bf16 mixed precision, not {precision}; "
+                          "set mixed_precision=bf16_mixed, or remove main_grads_dtype",
+                          key="optimizer.main_grads_dtype")
 
 
 __all__ = ["REFUSED", "REFUSED_KEYS", "Refusal", "check_refused", "config_value"]

@@ -152,7 +152,9 @@ class OptimizerConfig:
         "torch.float32", "Dtype of the master weights. Only torch.float32 is supported by nvl."
     )
     main_grads_dtype: Literal["torch.float32", "torch.bfloat16"] = _f(
-        "torch.float32", "Dtype of the main gradients. Only torch.float32 is supported by nvl."
+        "torch.float32", "Dtype of the main gradients. torch.bfloat16 (full fine-tuning on a GPU; needs "
+        "use_precision_aware_optimizer, optimizer_cpu_offload with optimizer_offload_fraction=1.0 and fp32 moments) "
+        "stores trainable weights of >= 2 dims and their gradients in bf16 on the GPU, fp32 masters on the host."
     )
     optimizer_cpu_offload: bool = _f(
         False, "Keep Adam's state of optimizer_offload_fraction of the parameters in host memory, updated there."

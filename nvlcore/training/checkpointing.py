@@ -299,6 +299,8 @@ def load_model_weights(
 
 #: Key suffix of an 8-bit moment's block scales (nvlcore.training.lean_adam.BLOCK_SCALE, without importing torchao).
 _BLOCK_SCALE = ".block_scale"
+#: The host fp32 master of a bf16 trainable weight (optimizer.main_grads_dtype=torch.bfloat16), beside its moments.
+_MAIN_PARAM = "main_param"
 
 
 def load_optimizer_state(
@@ -327,9 +329,13 @@ def load_optimizer_state(
     for name, p in named_params:
         if not names or not optim.owns_parameter(optimizer, p):
             continue
-        bufs = {m: torch.zeros_like(p.data) for m in names}
+        # fp32 like the saved state, also for a bf16 parameter (its moments and master stay fp32); a checkpoint
+        # of an fp32 run has no masters: the bf16 run then takes them from the loaded weights
+        bufs = {m: torch.zeros_like(p.data, dtype=torch.float32) for m in names
+                if m != _MAIN_PARAM or all(f"{k}.{m}" in have for k in entries(name, p.data, p))}
         # an 8-bit moment's block scales, where the checkpoint has them (an 8-bit run wrote it): exact resume
-        bufs |= {f"{m}{_BLOCK_SCALE}": torch.zeros_like(p.data) for m in optim.quantized_moments(optimizer, p)
+        bufs |= {f"{m}{_BLOCK_SCALE}": torch.zeros_like(p.data, dtype=torch.float32)
+                 for m in optim.quantized_moments(optimizer, p)
                  if all(f"{k}.{m}{_BLOCK_SCALE}" in have for k in entries(name, p.data, p))}
         keys: dict[str, list[str]] = {}
         for m, buf in bufs.items():
@@ -370,8 +376,8 @@ def load_optimizer_state(
 def estimate_checkpoint_bytes(model: torch.nn.Module, ctx: ParallelContext, *, adapter_only: bool,
                               save_optim: bool) -> int:
     """About how many bytes one training checkpoint takes: the saved weights plus (``save_optim``) Adam's two
-    fp32 moments per trainable value, summed over the tensor-parallel shards (replicated tensors are counted
-    once per TP rank: an upper bound). The same figure on every rank."""
+    fp32 moments per trainable value (and the fp32 master of a bf16 one), summed over the tensor-parallel
+    shards (replicated tensors are counted once per TP rank: an upper bound). The same figure on every rank."""
     import torch
     import torch.distributed as dist
 
@@ -379,7 +385,8 @@ def estimate_checkpoint_bytes(model: torch.nn.Module, ctx: ParallelContext, *, a
     for _, p in saved_parameters(model, adapter_only=adapter_only):
         total += p.numel() * p.element_size()
         if save_optim and p.requires_grad:
-            total += 2 * p.numel() * 4
+            # a bf16 trainable weight (optimizer.main_grads_dtype=torch.bfloat16) saves its fp32 master too
+            total += (2 if p.dtype == torch.float32 else 3) * p.numel() * 4
     t = torch.tensor([float(total)], dtype=torch.float64, device=ctx.device)
     if ctx.tp_size > 1 and dist.is_initialized():
         dist.all_reduce(t, group=ctx.tp_group)

@@ -212,7 +212,9 @@ def loop_settings(cfg: NvlConfig, *, dp_size: int, device_type: str) -> LoopSett
         exit_duration_s=cfg.train.exit_duration_in_mins * 60 if cfg.train.exit_duration_in_mins else None,
         fail_on_nan_grad=cfg.ddp.check_for_nan_in_grad,
         manual_gc_eval=cfg.train.manual_gc_eval,
-        bucket_bytes=cfg.ddp.bucket_size * 4 if cfg.ddp.bucket_size else None,  # fp32 gradients
+        # ddp.bucket_size counts gradient values: fp32, or bf16 under optimizer.main_grads_dtype=torch.bfloat16
+        bucket_bytes=cfg.ddp.bucket_size * (2 if cfg.optimizer.main_grads_dtype == "torch.bfloat16" else 4)
+        if cfg.ddp.bucket_size else None,
     )
 
 
@@ -779,6 +781,12 @@ class FinetuneRecipe:
             counts = describe_peft_parameters(model, set(self.peft.adapter_parameters(model)), tp_size=ctx.tp_size)
             self.say(f"nvl finetune: {cfg.peft.method}: {counts}")
         o = cfg.optimizer
+        if o.main_grads_dtype == "torch.bfloat16" and self.settings.autocast_dtype is None:
+            from nvlcore.config import ConfigError
+
+            raise ConfigError("optimizer.main_grads_dtype=torch.bfloat16 stores weights in bf16, which needs bf16 "
+                              f"autocast: a GPU run with a bf16 mixed precision (this one runs on {ctx.device.type})",
+                              key="optimizer.main_grads_dtype")
         self.optimizer = optim.build_optimizer(
             named, lr=o.lr, betas=(o.adam_beta1, o.adam_beta2), eps=o.adam_eps, weight_decay=o.weight_decay,
             device_type=ctx.device.type, optimizer=o.optimizer, sgd_momentum=o.sgd_momentum,
@@ -994,7 +1002,9 @@ def moment_dtypes(cfg: NvlConfig) -> dict[str, Any]:
     out: dict[str, Any] = {}
     if o.optimizer_cpu_offload:
         out["offload_fraction"] = o.optimizer_offload_fraction
-    if o.use_precision_aware_optimizer:
+    if o.main_grads_dtype == "torch.bfloat16":  # config validation allows it only with fp32 moments
+        out["main_grads_dtype"] = o.main_grads_dtype
+    elif o.use_precision_aware_optimizer:
         out |= {"exp_avg_dtype": o.exp_avg_dtype, "exp_avg_sq_dtype": o.exp_avg_sq_dtype}
     return out
 
@@ -1006,9 +1016,12 @@ def describe_optimizer(opt: Any, named: Any, cfg: NvlConfig, ctx: ParallelContex
     o = cfg.optimizer
     kind = "AdamW" if o.optimizer == "adam" else f"SGD (momentum {o.sgd_momentum:g})"
     per_param = 4 * len(optim.state_names(opt))  # fp32 state tensors per parameter element
-    dts = {k: v for k, v in moment_dtypes(cfg).items() if k.endswith("_dtype")}
+    dts = {k: v for k, v in moment_dtypes(cfg).items() if k.startswith("exp_avg")}
     if o.optimizer_cpu_offload:
         kind += f"; state of {o.optimizer_offload_fraction:.0%} of the parameter values in host memory"
+    if o.main_grads_dtype == "torch.bfloat16":
+        kind += ("; parameters of >= 2 dims and their gradients in bf16 on the device, their fp32 masters in host "
+                 "memory")
     if dts and o.optimizer == "adam":
         kind += f" (moments stored as {dts['exp_avg_dtype']} / {dts['exp_avg_sq_dtype']})"
         per_param = sum({"torch.bfloat16": 2, "torch.uint8": 1}.get(d, 4) for d in dts.values())

@@ -5,7 +5,8 @@ What one rank holds (docs/memory.md gives the calibration against measured peaks
 
 * **weights**: frozen parameters in their storage dtype (the compute dtype under bf16, or NF4 with
   ``peft.base_dtype=nf4``), trainable ones as fp32 masters (``optimizer.main_params_dtype``);
-* **gradients**: fp32 per trainable parameter (Megatron's main grads);
+* **gradients**: fp32 per trainable parameter (Megatron's main grads); with ``optimizer.main_grads_dtype=
+  torch.bfloat16`` trainable weights and gradients are bf16 (2 + 2 bytes), their fp32 masters on the host;
 * **optimizer state**: two Adam moments (``optimizer.exp_avg_dtype`` / ``exp_avg_sq_dtype``) or one SGD
   momentum per trainable parameter, sharded over data-parallel ranks with ``ddp.use_distributed_optimizer``,
   minus the fraction ``optimizer.optimizer_offload_fraction`` kept on the host;
@@ -87,6 +88,10 @@ class PlanInputs:
     exp_avg_bytes: float = 4.0
     exp_avg_sq_bytes: float = 4.0
     optimizer_offload_fraction: float = 0.0
+    #: 2.0 under ``optimizer.main_grads_dtype=torch.bfloat16``: trainable weights and their gradients in bf16 on
+    #: the device (fp32 masters on the host, no autocast cast copy); the 1-D trainable parameters that stay
+    #: fp32 are a negligible share and counted at 2 bytes too. Not one of ``auto``'s choices: it changes numerics
+    main_grads_bytes: float = 4.0
     activation_offload_layers: int = 0
     #: ``model.recompute_modules`` under selective recomputation (None: the bridge's default)
     recompute_modules: tuple[str, ...] | None = None
@@ -135,6 +140,7 @@ class PlanInputs:
             exp_avg_sq_bytes=_dtype_bytes(getattr(o, "exp_avg_sq_dtype", None) if precise else None, 4.0,
                                           "optimizer.exp_avg_sq_dtype"),
             optimizer_offload_fraction=float(getattr(o, "optimizer_offload_fraction", 1.0)) if offload else 0.0,
+            main_grads_bytes=2.0 if getattr(o, "main_grads_dtype", None) == "torch.bfloat16" else 4.0,
             activation_offload_layers=int(getattr(m, "cpu_offloading_num_layers", 0) or 0)
             if getattr(m, "cpu_offloading", False) else 0,
             recompute_modules=tuple(m.recompute_modules) if getattr(m, "recompute_modules", None) else None,
@@ -241,15 +247,17 @@ def estimate(bridge: ModelBridge, inputs: PlanInputs) -> MemoryEstimate:
     moments = inputs.exp_avg_bytes + inputs.exp_avg_sq_bytes if inputs.optimizer == "adam" else 4.0
     shard = inputs.dp if inputs.distributed_optimizer else 1
     optimizer = trainable_n * moments / shard * (1.0 - inputs.optimizer_offload_fraction)
-    casts = trainable_n * 2.0 if inputs.autocast and inputs.main_params_bytes > 2 else 0.0
+    bf16_params = inputs.main_grads_bytes == 2.0  # the device keeps bf16 weights: no cast copy, no fp32 master
+    weight_bytes = 2.0 if bf16_params else inputs.main_params_bytes
+    casts = trainable_n * 2.0 if inputs.autocast and weight_bytes > 2 else 0.0
     if inputs.host_build:  # the GPU receives the stored model, one (bf16) weight in flight while quantized
         build = frozen_b + 4.0 * trainable_n + 4.0 * largest
     else:  # the model as built + two fp32 temporaries of the largest tensor while it is initialised/loaded
         per_frozen = compute_bytes if inputs.build_bytes_per_param is None else inputs.build_bytes_per_param
         build = per_frozen * frozen_n + 4.0 * trainable_n + 8.0 * largest
     return MemoryEstimate(
-        frozen_weights=frozen_b, trainable_weights=trainable_n * inputs.main_params_bytes,
-        gradients=trainable_n * 4.0, optimizer=optimizer, cast_cache=casts, activations=dict(acts),
+        frozen_weights=frozen_b, trainable_weights=trainable_n * weight_bytes,
+        gradients=trainable_n * inputs.main_grads_bytes, optimizer=optimizer, cast_cache=casts, activations=dict(acts),
         build=build, workload=(tokens, tiles), trainable_params=int(trainable_n), frozen_params=int(frozen_n),
         dequantized=DEQUANT_BYTES_PER_PARAM * largest_quantised,
     )

@@ -7,7 +7,10 @@ tensor cores while the optimizer only ever sees fp32. This costs 16 bytes per tr
 (4 param + 4 grad + 8 Adam), the same as bf16 params with separate fp32 master copies and bf16
 gradients, and less than bf16 params + fp32 masters + fp32 main-grad buffers (18 bytes). With the
 distributed optimizer (``ddp.use_distributed_optimizer``, data parallel > 1) the Adam state is sharded
-over the data-parallel ranks (``ZeroRedundancyOptimizer``): 8/DP bytes instead of 8.
+over the data-parallel ranks (``ZeroRedundancyOptimizer``): 8/DP bytes instead of 8. With
+``optimizer.main_grads_dtype=torch.bfloat16`` (state fully in host memory) trainable parameters of >= 2 dims
+and their gradients are bf16 on the device and their fp32 masters live on the host (:mod:`~nvlcore.training.
+host_offload`): 4 device bytes per such parameter; the gradient norm is then computed in fp32.
 
 Gradient norm across ranks: a parameter that Megatron marks ``tensor_model_parallel`` is a distinct
 shard on each TP rank and counts on every rank; a replicated parameter (layer norms, biases of
@@ -57,6 +60,7 @@ def build_optimizer(
     exp_avg_dtype: str = "torch.float32",
     exp_avg_sq_dtype: str = "torch.float32",
     offload_fraction: float = 0.0,
+    main_grads_dtype: str = "torch.float32",
 ) -> torch.optim.Optimizer:
     """AdamW (decoupled weight decay, as Megatron's ``adam``) or SGD with momentum (``sgd``, as
     Megatron's: ``torch.optim.SGD``, coupled weight decay) over two groups: decayed and not.
@@ -75,6 +79,11 @@ def build_optimizer(
     ``offload_fraction`` > 0 (``optimizer.optimizer_cpu_offload``) keeps Adam's state of that fraction of
     the parameter values in host memory and updates them there (:class:`~nvlcore.training.host_offload.
     HostOffloadAdamW`).
+
+    ``main_grads_dtype="torch.bfloat16"`` (with ``offload_fraction=1.0``; megatron-core's HybridDeviceOptimizer
+    layout) then stores every trainable parameter of >= 2 dims in bf16 on the device, so its gradients are bf16
+    too: the fp32 masters captured here and Adam's moments live only in host memory
+    (:meth:`~nvlcore.training.host_offload.HostOffloadAdamW.store_params_in`); 1-D parameters stay fp32.
     """
     import torch
 
@@ -127,6 +136,21 @@ def build_optimizer(
         kwargs["fused"] = True
     else:
         kwargs["foreach"] = True
+    if main_grads_dtype == "torch.bfloat16":
+        from nvlcore.config import ConfigError
+
+        if cls.__name__ != "HostOffloadAdamW" or offload_fraction != 1.0:
+            raise ConfigError("optimizer.main_grads_dtype=torch.bfloat16 needs optimizer.optimizer=adam with "
+                              "optimizer.optimizer_cpu_offload=true and optimizer_offload_fraction=1.0",
+                              key="optimizer.main_grads_dtype")
+        if distributed and dp_size > 1:
+            raise ConfigError("optimizer.main_grads_dtype=torch.bfloat16 keeps the whole optimizer state in host "
+                              "memory and is not implemented with the distributed optimizer over "
+                              f"{dp_size} data-parallel ranks; set ddp.use_distributed_optimizer=false",
+                              key="ddp.use_distributed_optimizer")
+        host = cls(groups, **kwargs)
+        host.store_params_in(torch.bfloat16)  # after the fp32 masters were captured from the fp32 parameters
+        return host
     if distributed and dp_size > 1:
         from torch.distributed.optim import ZeroRedundancyOptimizer
 
@@ -161,6 +185,8 @@ def state_names(optimizer: Any) -> tuple[str, ...]:
     inner = local_optimizer(optimizer)
     if isinstance(inner, torch.optim.SGD):
         return ("momentum_buffer",) if inner.defaults.get("momentum", 0) else ()
+    if getattr(inner, "keeps_main_params", False):  # the host fp32 masters of bf16 device parameters
+        return ("exp_avg", "exp_avg_sq", "main_param")
     return ("exp_avg", "exp_avg_sq")
 
 
@@ -297,8 +323,8 @@ def grad_norm_and_clip(
         if p.grad is not None and (getattr(p, "tensor_model_parallel", False) or tp_rank == 0)
     ]
     if counted:
-        norms = torch._foreach_norm(counted, 2.0)
-        total_sq = torch.stack([n.float() for n in norms]).pow(2).sum()
+        norms = torch._foreach_norm(counted, 2.0, dtype=torch.float32)  # bf16 gradients: the norm in fp32
+        total_sq = torch.stack(list(norms)).pow(2).sum()
     else:
         device = named_params[0][1].device if named_params else "cpu"
         total_sq = torch.zeros((), dtype=torch.float32, device=device)
@@ -440,14 +466,15 @@ def _size(n: int) -> str:
 def memory_plan(model: torch.nn.Module) -> MemoryPlan:
     """The static memory of this rank's shard of ``model`` (fp32 gradients and two Adam moments per
     trainable parameter)."""
-    frozen = trainable = fz_n = tr_n = 0
+    frozen = trainable = grads = fz_n = tr_n = 0
     for p in model.parameters():
         b = stored_bytes(p)
         if p.requires_grad:
             trainable += b
+            grads += b  # a gradient has its parameter's dtype (bf16 under optimizer.main_grads_dtype=torch.bfloat16)
             tr_n += p.numel()
         else:
             frozen += b
             fz_n += p.numel()
-    return MemoryPlan(frozen_bytes=frozen, trainable_bytes=trainable, grad_bytes=tr_n * 4, optimizer_bytes=tr_n * 8,
+    return MemoryPlan(frozen_bytes=frozen, trainable_bytes=trainable, grad_bytes=grads, optimizer_bytes=tr_n * 8,
                       frozen_params=fz_n, trainable_params=tr_n)

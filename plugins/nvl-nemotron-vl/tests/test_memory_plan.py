@@ -375,3 +375,13 @@ def test_recompute_modules_refusals_name_the_key(bridge12b, overrides, message):
     with pytest.raises(ValueError, match=message) as err:
         check_recompute_modules(load_config([], overrides), bridge12b)
     assert "model.recompute_modules" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_bf16_params_with_host_masters_hold_four_bytes_a_trainable_parameter(bridge12b):
+    # optimizer.main_grads_dtype=torch.bfloat16: bf16 weight + bf16 grad, no fp32 master or autocast copy on the GPU
+    full = PlanInputs(tp=2, workload=(4096, 0), optimizer_offload_fraction=1.0)
+    plain, lean = estimate(bridge12b, full), estimate(bridge12b, attrs.evolve(full, main_grads_bytes=2.0))
+    n = plain.trainable_params
+    assert plain.trainable_weights + plain.gradients + plain.cast_cache == pytest.approx(10 * n)
+    assert lean.trainable_weights + lean.gradients + lean.cast_cache == pytest.approx(4 * n)
+    assert lean.optimizer == 0 and lean.activations == plain.activations
