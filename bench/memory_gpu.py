@@ -65,6 +65,13 @@ ROWS: dict[str, dict[str, Any]] = {
                           fit={"peft.base_dtype": "nf4", "train.memory_plan": "auto"}),
     "full_tp2_80": dict(workload="text", method="full", seq=4096, budget_gb=80, target_gb=76, tp=2, baseline={},
                         fit={"train.memory_plan": "auto"}),
+    # the same with bf16 weights and gradients on the GPU and the fp32 masters and moments on the host
+    # (optimizer.main_grads_dtype=torch.bfloat16: megatron-core's HybridDeviceOptimizer layout; auto never picks it)
+    "full_tp2_bf16_80": dict(workload="text", method="full", seq=4096, budget_gb=80, target_gb=76, tp=2, baseline={},
+                             fit={"optimizer.use_precision_aware_optimizer": "true",
+                                  "optimizer.main_grads_dtype": "torch.bfloat16",
+                                  "optimizer.optimizer_cpu_offload": "true",
+                                  "optimizer.optimizer_offload_fraction": "1.0", "train.memory_plan": "auto"}),
     # the LLaVA-Video recipe (its YAML: seq 8192, 10 frames a clip; Megatron-Bridge runs it at TP=8) on one card;
     # needs --videos DIR (clips made by `finetune_gpu.py --make-videos DIR`)
     "video_8192_80": dict(workload="video", method="lora", seq=8192, budget_gb=80, target_gb=72, baseline={},
