@@ -589,6 +589,13 @@ def run_peer(args: argparse.Namespace, seq: int) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------- report
+def _baselines(records: list[dict[str, Any]], r: dict[str, Any], without: tuple[str, ...]) -> list[dict[str, Any]]:
+    """nvl rows of ``r``'s workload, method and seq whose variant is ``r``'s without the keys ``without``."""
+    rest = {k: v for k, v in (r.get("variant") or {}).items() if k not in without}
+    return [b for b in records if b["system"] == "nvl" and b["workload"] == r["workload"]
+            and b["method"] == r["method"] and b["seq"] == r["seq"] and (b.get("variant") or {}) == rest]
+
+
 def markdown(records: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     lines = [f"# `nvl finetune` throughput ({meta['date']}, {meta['machine']})", "",
              "Each nvl row is one `nvl finetune --random-init` run (the command below it), timed from its own",
@@ -608,10 +615,7 @@ def markdown(records: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     if packed:
         lines += ["", "Sequence packing (the same workload and method without the packing override = 1x):", ""]
     for r in packed:
-        rest = {k: v for k,
-                v in r["variant"].items() if k not in ("dataset.packing", "dataset.enable_in_batch_packing")}
-        base = [b for b in records if b["system"] == "nvl" and b["workload"] == r["workload"]
-                and b["method"] == r["method"] and b["seq"] == r["seq"] and (b.get("variant") or {}) == rest]
+        base = _baselines(records, r, ("dataset.packing", "dataset.enable_in_batch_packing"))
         if base and base[0].get("tokens_per_s") and r.get("tokens_per_s"):
             lines.append(f"- {r['workload']} {r['method']} seq {r['seq']}: {r['tokens_per_s']:,.0f} vs "
                          f"{base[0]['tokens_per_s']:,.0f} "
@@ -623,9 +627,7 @@ def markdown(records: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         lines += ["", "FP8 (the same workload and method under bf16_mixed, without the mixed_precision override = 1x):",
                   ""]
     for r in fp8:
-        rest = {k: v for k, v in r["variant"].items() if k != "mixed_precision"}
-        base = [b for b in records if b["system"] == "nvl" and b["workload"] == r["workload"]
-                and b["method"] == r["method"] and b["seq"] == r["seq"] and (b.get("variant") or {}) == rest]
+        base = _baselines(records, r, ("mixed_precision",))
         if base and base[0].get("tokens_per_s") and r.get("tokens_per_s"):
             lines.append(f"- {r['workload']} {r['method']} seq {r['seq']} {r['variant']['mixed_precision']}: "
                          f"{r['tokens_per_s']:,.0f} vs {base[0]['tokens_per_s']:,.0f} tokens/s = "

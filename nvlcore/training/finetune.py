@@ -664,6 +664,13 @@ class FinetuneRecipe:
         if plan is not None and plan.chosen is not None:
             self.run_config = config_to_dict(cfg)  # checkpoints record the settings auto chose
         self.settings = loop_settings(cfg, dp_size=ctx.dp_size, device_type=ctx.device.type)
+        if cfg.optimizer.main_grads_dtype == "torch.bfloat16" and self.settings.autocast_dtype is None:
+            from nvlcore.config import ConfigError
+
+            # before anything is built: one line, no traceback
+            raise ConfigError("optimizer.main_grads_dtype=torch.bfloat16 stores weights in bf16, which needs bf16 "
+                              f"autocast: a GPU run with a bf16 mixed precision (this one runs on {ctx.device.type})",
+                              key="optimizer.main_grads_dtype")
         set_phase("model build and weight loading")
         self.model = model = self.build_model()
         install_phase_hooks(model, bridge.memory_phases())  # an out-of-memory report names the tower
@@ -767,8 +774,7 @@ class FinetuneRecipe:
         cfg, ctx, model = self.cfg, self.ctx, self.model
         self.named = named = optim.trainable_named_parameters(model)
         if not self.weights_from_checkpoint:  # else the weights are still unset memory: checked after resume()
-            optim.check_replicated_parameters(list(model.named_parameters()), tp_group=ctx.tp_group,
-                                              tp_size=ctx.tp_size)
+            self.check_replicated()
         # a packed (quantized) frozen weight was quantized on every rank from the same loaded weights
         optim.broadcast_parameters([p.data for p in model.parameters() if not optim.is_packed(p)],
                                    src_global_rank=parallel_state.get_data_parallel_src_rank(),
@@ -781,12 +787,6 @@ class FinetuneRecipe:
             counts = describe_peft_parameters(model, set(self.peft.adapter_parameters(model)), tp_size=ctx.tp_size)
             self.say(f"nvl finetune: {cfg.peft.method}: {counts}")
         o = cfg.optimizer
-        if o.main_grads_dtype == "torch.bfloat16" and self.settings.autocast_dtype is None:
-            from nvlcore.config import ConfigError
-
-            raise ConfigError("optimizer.main_grads_dtype=torch.bfloat16 stores weights in bf16, which needs bf16 "
-                              f"autocast: a GPU run with a bf16 mixed precision (this one runs on {ctx.device.type})",
-                              key="optimizer.main_grads_dtype")
         self.optimizer = optim.build_optimizer(
             named, lr=o.lr, betas=(o.adam_beta1, o.adam_beta2), eps=o.adam_eps, weight_decay=o.weight_decay,
             device_type=ctx.device.type, optimizer=o.optimizer, sgd_momentum=o.sgd_momentum,
@@ -795,6 +795,13 @@ class FinetuneRecipe:
         )
         self.say(f"nvl finetune: optimizer: {describe_optimizer(self.optimizer, named, cfg, ctx)}")
         self.lr_schedule, self.wd_schedule = schedules_for(cfg)
+
+    def check_replicated(self) -> None:
+        """The parameters Megatron replicates over tensor-parallel ranks hold the same values on each."""
+        from nvlcore.training import optim
+
+        optim.check_replicated_parameters(list(self.model.named_parameters()), tp_group=self.ctx.tp_group,
+                                          tp_size=self.ctx.tp_size)
 
     def resume(self) -> None:
         """Restore the checkpoint the resume decision chose (if any) and its schedules."""
@@ -806,10 +813,7 @@ class FinetuneRecipe:
         self.state = st = restore(it_dir, model=self.model, optimizer=self.optimizer, named=self.named,
                                   bridge=self.bridge, ctx=self.ctx, cfg=self.cfg, adapter_only=self.adapter_only)
         if self.weights_from_checkpoint:
-            from nvlcore.training import optim
-
-            optim.check_replicated_parameters(list(self.model.named_parameters()), tp_group=self.ctx.tp_group,
-                                              tp_size=self.ctx.tp_size)
+            self.check_replicated()
         self.say(f"nvl finetune: resumed at iteration {st.iteration} (consumed samples {st.consumed_samples}, "
                  f"{st.optimizer_steps} updates, {st.skipped_iterations} skipped)")
         self.lr_schedule, self.wd_schedule, note = resume_schedules(
