@@ -275,16 +275,20 @@ def child_main(argv: list[str]) -> int:
 
     pm = get_plugin_manager()
     pm.add_plugin(BenchPlugin(), name="nvl_bench")
-    fraction = float(os.environ.get("NVL_BENCH_MEMORY_FRACTION", "0"))
-    if fraction:
+    cap_gb = float(os.environ.get("NVL_BENCH_MEMORY_CAP_GB", "0"))
+    if cap_gb:
         from nvlcore.training.finetune import ALLOCATOR_DEFAULT
 
         os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", ALLOCATOR_DEFAULT)  # nvl finetune's, before CUDA starts
-        # a smaller card emulated on this one (bench/memory_gpu.py): the caching allocator may hold at most
-        # this share of the device's memory; the CUDA context comes on top, as on the real card
+        # a smaller card emulated on this one (bench/memory_gpu.py): the process may use ``cap_gb`` as the driver
+        # counts it, so the caching allocator gets that less the CUDA context this process already holds
         import torch
 
-        torch.cuda.set_per_process_memory_fraction(fraction)
+        free, total = torch.cuda.mem_get_info()
+        context = total - free - torch.cuda.memory_reserved()
+        torch.cuda.set_per_process_memory_fraction((cap_gb * 1e9 - context) / total)
+        print(f"[bench] memory capped at {cap_gb:g} GB as the driver counts it: the allocator may hold "
+              f"{(cap_gb * 1e9 - context) / 1e9:.2f} GB beside a {context / 1e9:.2f} GB CUDA context", flush=True)
     profile_at = int(os.environ.get("NVL_BENCH_PROFILE_ITER", "0"))
     if profile_at:
         _profile_one_step(profile_at, Path(os.environ["NVL_BENCH_PROFILE_OUT"]))

@@ -43,9 +43,9 @@ DTYPE_BYTES = {"fp32": 4.0, "float32": 4.0, "bf16": 2.0, "bfloat16": 2.0, "fp16"
                "fp8": 1.0, "uint8": 1.0, "int8": 1.0}
 #: NF4 storage: 4 bits per weight plus a bf16 scale per block of 64 and its double quantisation
 NF4_BYTES_PER_PARAM = 0.5625
-#: bytes per parameter of one quantized weight while torchao dequantizes it for a matmul: the bf16 weight and
-#: the unpacking's temporaries (index lookup, scaling, concatenation: ~2 bytes each, profiled on CPU)
-DEQUANT_BYTES_PER_PARAM = 6.0
+#: bytes per parameter of one quantized weight while it is dequantized for a matmul: the bf16 weight the
+#: PEFT method's decode writes (compiled into one kernel on a GPU: no other temporary)
+DEQUANT_BYTES_PER_PARAM = 2.0
 MODES = ("off", "check", "auto")
 
 

@@ -3,13 +3,18 @@
 Each frozen linear weight becomes torchao's ``NF4Tensor`` (QLoRA's NF4 with double-quantised block
 scales, as torchtune's QLoRA uses) held in the module's own ``weight`` parameter, so parameter names,
 the tensor-parallel split (each rank quantises the shard it holds) and the adapters stay as they are.
-The matmul dequantises the weight to the activation's dtype for each call (``linear_nf4``: bf16 under
-the GPU's autocast, fp32 on a CPU) and keeps only the 4-bit weight for backward; no gradient reaches it.
+The matmul dequantises the weight to the activation's dtype for each call (bf16 under the GPU's autocast,
+fp32 on a CPU) and keeps only the 4-bit weight for backward, where it dequantises it again; no gradient
+reaches it. The dequantisation is :func:`dequantize_nf4`, torchao's NF4 layout decoded from the tensor's
+parts, under ``torch.compile`` on a GPU: one fused kernel that reads the 4-bit codes and writes the weight
+(torchao's own eager decode goes through int64 indices and several full-size temporaries, ~6 bytes per
+weight and several passes, which made a 12B QLoRA step several times slower than the matmuls it feeds).
+Where compiling fails, the same function runs eagerly, said once in the log.
 
 Megatron's parallel linears call their ``_forward_impl`` for the matmul; a quantised one gets
 :func:`nf4_linear_impl` there (the same tensor-parallel semantics: the input gradient is all-reduced
-over the TP group where Megatron's would be). A plain ``nn.Linear`` needs nothing: ``F.linear`` on an
-``NF4Tensor`` dispatches to the same function.
+over the TP group where Megatron's would be). A plain ``nn.Linear`` gets :func:`nf4_plain_forward` as its
+``forward`` (``F.linear`` on an ``NF4Tensor`` would take torchao's eager path).
 
 Block sizes: 64 weights per NF4 block (the paper's); the block scales are quantised in groups of 256
 (the paper's) or, for a layer whose block count 256 does not divide, the largest power of two that
@@ -20,6 +25,7 @@ run's storage line.
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -35,6 +41,9 @@ NF4_BLOCK = 64
 SCALER_BLOCK = 256
 #: Megatron's parameter attributes that say how a weight is split over tensor-parallel ranks.
 _TP_ATTRS = ("tensor_model_parallel", "partition_dim", "partition_stride", "allreduce")
+
+
+_log = logging.getLogger(__name__)
 
 
 @functools.lru_cache(maxsize=1)
@@ -72,6 +81,69 @@ def scaler_block_for(numel: int) -> int | None:
     return group
 
 
+def _decode_nf4(codes: torch.Tensor, scalers_q: torch.Tensor, factor: torch.Tensor, mean: torch.Tensor,
+                table: torch.Tensor, scaler_block: int, block: int, dtype: torch.dtype) -> torch.Tensor:
+    """torchao's NF4 layout decoded: ``codes`` holds two 4-bit table indices per byte (high nibble first), one
+    absmax per ``block`` weights, the absmaxes int8 in groups of ``scaler_block`` with a factor each plus a mean."""
+    absmax = (scalers_q.view(-1, scaler_block) / factor.unsqueeze(-1)).flatten().to(table.dtype) + mean
+    pairs = torch.stack((table[(codes >> 4).int()], table[(codes & 0xF).int()]), dim=-1)
+    return (pairs.view(-1, block) * absmax.unsqueeze(-1)).to(dtype)
+
+
+_compiled: dict[str, Callable[..., torch.Tensor]] = {}
+
+
+def dequantize_nf4(weight: Any, dtype: torch.dtype) -> torch.Tensor:
+    """``weight`` (torchao's ``NF4Tensor``) as a plain ``dtype`` tensor, equal to torchao's own dequantisation
+    (``weight.to(dtype)``); compiled into one kernel on a GPU (see the module docstring)."""
+    if not weight.is_contiguous():  # a transposed view: torchao's own path knows its layout
+        return weight.to(dtype)
+    args = (weight.quantized_data, weight.quantized_scalers, weight.quantization_factor, weight.scaler_mean,
+            weight.nf4, weight.scaler_block_size, weight.block_size, dtype)
+    fn = _decode_nf4
+    if weight.quantized_data.is_cuda:
+        if "cuda" not in _compiled:
+            # emulate_precision_casts: round where eager rounds, so the compiled weight equals torchao's bit for bit
+            _compiled["cuda"] = torch.compile(_decode_nf4, dynamic=True, fullgraph=True,
+                                              options={"emulate_precision_casts": True})
+        try:
+            return _compiled["cuda"](*args).view(weight.shape)
+        except Exception as exc:  # noqa: BLE001 - any compile failure: the eager decode is the same arithmetic
+            _log.warning("peft.base_dtype=nf4: compiling the NF4 dequantisation failed (%s: %s); it runs eagerly",
+                         type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+            _compiled["cuda"] = _decode_nf4
+    return fn(*args).view(weight.shape)
+
+
+class _NF4Linear(torch.autograd.Function):
+    """``input @ dequant(weight).T`` keeping only the 4-bit weight for backward (it never gets a gradient)."""
+
+    @staticmethod
+    def forward(ctx: Any, input: torch.Tensor, weight: Any) -> torch.Tensor:  # noqa: A002 - torch's name
+        ctx.weight = weight  # a frozen parameter: held by the module anyway, nothing saved twice
+        return torch.nn.functional.linear(input, dequantize_nf4(weight, input.dtype))
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad @ dequantize_nf4(ctx.weight, grad.dtype), None
+
+
+def linear_nf4(input: torch.Tensor, weight: Any) -> torch.Tensor:  # noqa: A002 - torch's name
+    """``F.linear(input, weight)`` for an NF4 ``weight``, dequantised by :func:`dequantize_nf4`."""
+    if torch.is_autocast_enabled(input.device.type):
+        input = input.to(torch.get_autocast_dtype(input.device.type))
+    return _NF4Linear.apply(input, weight)
+
+
+def nf4_plain_forward(module: nn.Linear, input: torch.Tensor) -> torch.Tensor:  # noqa: A002 - torch's name
+    """``nn.Linear.forward`` of a plain linear layer whose weight is NF4 (one given a plain weight since, e.g.
+    dequantised for a test, is an ``nn.Linear`` again)."""
+    if not hasattr(module.weight, "quantized_data"):
+        return torch.nn.functional.linear(input, module.weight, module.bias)
+    out = linear_nf4(input, module.weight)
+    return out if module.bias is None else out + module.bias
+
+
 def nf4_linear_impl(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
                     allreduce_dgrad: bool = False, sequence_parallel: bool = False, tp_group: Any = None,
                     **_: Any) -> torch.Tensor:
@@ -84,7 +156,7 @@ def nf4_linear_impl(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
         from megatron.core.tensor_parallel.mappings import copy_to_tensor_model_parallel_region
 
         input = copy_to_tensor_model_parallel_region(input, group=tp_group)
-    out = nf4_api()[1](input, weight)
+    out = linear_nf4(input, weight)
     return out if bias is None else out + bias
 
 
@@ -151,5 +223,7 @@ def quantize_frozen_linears(model: nn.Module, *, compute_dtype: torch.dtype | No
         module.weight = q
         if kind != "plain":
             module._forward_impl = nf4_linear_impl  # the instance's matmul; see the module docstring
+        else:
+            module.forward = functools.partial(nf4_plain_forward, module)
         report.quantized.append(name)
     return report

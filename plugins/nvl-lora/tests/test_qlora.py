@@ -6,6 +6,7 @@ export`` / ``nvl generate`` as a user does.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -331,3 +332,53 @@ def test_qlora_resume_requantises_the_base_and_reproduces_the_losses(runs, toy: 
     full, part = losses(tmp_path / "full"), losses(tmp_path / "part")
     assert len(part) == 3
     torch.testing.assert_close(torch.tensor(part), torch.tensor(full[3:]), rtol=0, atol=1e-6)
+
+
+def _swapped_nibbles(w, dtype):  # the planted bug: low nibble first
+    t = w.nf4
+    absmax = (w.quantized_scalers.view(-1, w.scaler_block_size) / w.quantization_factor.unsqueeze(-1)).flatten()
+    absmax = absmax.to(t.dtype) + w.scaler_mean
+    pairs = torch.stack((t[(w.quantized_data & 0xF).int()], t[(w.quantized_data >> 4).int()]), dim=-1)
+    return (pairs.view(-1, w.block_size) * absmax.unsqueeze(-1)).to(dtype).view(w.shape)
+
+
+@pytest.mark.parametrize("store", [torch.float32, torch.bfloat16])
+def test_our_nf4_decode_equals_torchaos_bit_for_bit(store: torch.dtype) -> None:
+    """:func:`qlora.dequantize_nf4` (the matmul's decode) against torchao's own ``get_original_weight``, for a
+    layer whose block count takes a smaller double-quantisation group, and a planted nibble swap that must fail."""
+    g = torch.Generator().manual_seed(5)
+    for shape in ((128, 256), (192, 96)):
+        src = torch.randn(*shape, generator=g).to(store)
+        w = qlora.nf4_api()[0](src, qlora.NF4_BLOCK, qlora.scaler_block_for(src.numel()))
+        for dtype in (store, torch.float32):
+            ref = w.get_original_weight().to(dtype)
+            assert torch.equal(qlora.dequantize_nf4(w, dtype), ref)
+            assert not torch.equal(_swapped_nibbles(w, dtype), ref)
+
+
+def test_nf4_linear_matches_torchaos_linear_and_its_input_gradient() -> None:
+    to_nf4, torchao_linear = qlora.nf4_api()
+    w = to_nf4(torch.randn(64, 128, generator=torch.Generator().manual_seed(6)), qlora.NF4_BLOCK, 32)
+    x = torch.randn(3, 128, generator=torch.Generator().manual_seed(7), requires_grad=True)
+    x2 = x.detach().clone().requires_grad_(True)
+    y, y2 = qlora.linear_nf4(x, w), torchao_linear(x2, w)
+    y.square().sum().backward()
+    y2.square().sum().backward()
+    assert torch.equal(y, y2) and torch.equal(x.grad, x2.grad)
+    layer = nn.Linear(128, 64, bias=True).requires_grad_(False)
+    qlora.quantize_frozen_linears(nn.Sequential(layer))
+    assert isinstance(layer.forward, functools.partial)  # the plain layer's matmul is ours, not torchao's eager one
+    assert torch.equal(layer(x.detach()), torchao_linear(x.detach(), layer.weight) + layer.bias)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_the_compiled_nf4_decode_equals_torchaos_on_the_gpu() -> None:
+    """The compiled decode (one kernel on a GPU) against torchao's eager one, bf16 storage as a GPU run has."""
+    w = qlora.nf4_api()[0](torch.randn(5120, 2048, device="cuda", dtype=torch.bfloat16), qlora.NF4_BLOCK, 256)
+    assert torch.equal(qlora.dequantize_nf4(w, torch.bfloat16), w.get_original_weight())
+    assert qlora._compiled["cuda"] is not qlora._decode_nf4  # it compiled (no eager fallback)
+    x = torch.randn(4, 2048, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_(True)
+    qlora.linear_nf4(x, w).float().square().sum().backward()
+    qlora.nf4_api()[1](x2, w).float().square().sum().backward()
+    assert torch.equal(x.grad, x2.grad)

@@ -21,6 +21,7 @@ def dequantize_in_place(model: nn.Module) -> None:
                     setattr(plain, attr, getattr(w, attr))
             module.weight = plain
             module.__dict__.pop("_forward_impl", None)
+            module.__dict__.pop("forward", None)
 
 
 def qlora_tp_worker(rank: int, world: int, plant: str = "") -> dict[str, Any]:
