@@ -52,10 +52,21 @@ def is_out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and bool(_ALLOC_FAILURE.search(str(exc)))
 
 
+#: PyTorch's own account in its out-of-memory message: what its allocator held when the allocation failed
+_TORCH_HELD = re.compile(r"Tried to allocate ([0-9.]+ [GMK]iB).*?([0-9.]+ [GMK]iB) is allocated by PyTorch, and "
+                         r"([0-9.]+ [GMK]iB) is reserved by PyTorch but unallocated", re.DOTALL)
+
+
 def describe(exc: BaseException, *, hint: str = "") -> str:
-    """The one line: out of memory, in which phase, the original error's gist, and what would fit."""
-    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    """The one line: out of memory, in which phase, the original error's gist (with what PyTorch's allocator
+    held, which the message's first 160 characters cut off), and what would fit."""
+    text = str(exc).strip()
+    first = text.splitlines()[0] if text else type(exc).__name__
     gist = re.sub(r"\s+", " ", first)[:160]
+    held = _TORCH_HELD.search(text)
+    if held:
+        gist = (f"tried to allocate {held.group(1)} with {held.group(2)} allocated and {held.group(3)} reserved "
+                "but unallocated by PyTorch")
     return (f"out of GPU memory during {current_phase()} ({type(exc).__name__}: {gist})"
             + (f"; {hint}" if hint else "; lower train.micro_batch_size or set model.recompute_granularity"))
 

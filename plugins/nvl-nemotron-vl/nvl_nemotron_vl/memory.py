@@ -27,6 +27,12 @@ from collections.abc import Mapping
 
 from .config import NemotronVLConfig
 
+#: Tokens per chunk of the training loss (``model.kernels.chunked_vocab_parallel_loss``).
+LOSS_CHUNK_TOKENS = 2048
+#: Bytes per logit of one loss chunk while its backward runs (the chunk's forward is recomputed there): the
+#: bf16 logits, their fp32 copy that becomes the softmax, the fp32 gradient and its bf16 cast.
+LOSS_BYTES_PER_LOGIT = 6
+
 #: The ViT keeps ~1.2x what the formula counts (measured: packed MedPix-like rows, 12b-shape on an H200,
 #: bench/results/finetune_gpu.json, 2026-11-30 visit F; the LM formula needed no factor).
 VIT_CALIBRATION = 1.2
@@ -95,6 +101,8 @@ def activation_bytes(cfg: NemotronVLConfig, *, tokens: int, tiles: int, recomput
                                                         offload_layers=offload_layers,
                                                         recompute_modules=recompute_modules,
                                                         sequence_parallel=sequence_parallel)}
+    # one loss chunk's logits while its backward runs: at the peak, when every kept activation is still alive
+    out["loss"] = min(tokens, LOSS_CHUNK_TOKENS) * cfg.llm.vocab_size / tp_size * LOSS_BYTES_PER_LOGIT
     vit_full = recompute == "full" or (recompute == "selective" and "vision_tower" in recompute_modules)
     if tiles:
         out["vision tower"] = tiles * vit_bytes_per_tile(cfg, tp=tp_size,

@@ -251,6 +251,22 @@ def test_out_of_memory_is_reported_with_its_phase(tiny_toy):
     assert not oom.is_out_of_memory(RuntimeError("NCCL error: remote process exited"))
 
 
+def test_out_of_memory_line_keeps_what_pytorch_held():
+    """PyTorch's message puts its allocator's account after the first 160 characters; the line keeps it
+    (the message as PyTorch 2.11 wrote it on an H100, visit J)."""
+    import torch
+
+    from nvlcore.training import oom
+
+    msg = ("CUDA out of memory. Tried to allocate 1024.00 MiB. GPU 0 has a total capacity of 79.18 GiB of which "
+           "57.54 GiB is free. Including non-PyTorch memory, this process has 21.63 GiB memory in use. Of the "
+           "allocated memory 19.12 GiB is allocated by PyTorch, and 1.37 GiB is reserved by PyTorch but "
+           "unallocated. If reserved but unallocated memory is large try setting PYTORCH_CUDA_ALLOC_CONF=...")
+    line = oom.describe(torch.OutOfMemoryError(msg), hint="h")
+    assert "tried to allocate 1024.00 MiB with 19.12 GiB allocated and 1.37 GiB reserved" in line, line
+    assert "tried to allocate" not in oom.describe(torch.OutOfMemoryError("CUDA out of memory."), hint="h")
+
+
 def test_cli_reports_an_injected_nccl_allocation_failure_as_out_of_memory(tiny_toy, monkeypatch, tmp_path):
     from click.testing import CliRunner
 
@@ -385,3 +401,19 @@ def test_bf16_params_with_host_masters_hold_four_bytes_a_trainable_parameter(bri
     assert plain.trainable_weights + plain.gradients + plain.cast_cache == pytest.approx(10 * n)
     assert lean.trainable_weights + lean.gradients + lean.cast_cache == pytest.approx(4 * n)
     assert lean.optimizer == 0 and lean.activations == plain.activations
+
+
+def test_the_plan_counts_one_loss_chunk_of_logits(bridge12b):
+    """The chunked loss holds one chunk's logits (bf16 and their fp32 softmax) while its backward runs: the plan
+    counts that chunk, never the whole sequence's logits, and the loss uses the same chunk size."""
+    import inspect
+
+    import nvl_nemotron_vl.memory as nm
+    from nvl_nemotron_vl.model import kernels
+
+    vocab = bridge12b.config.llm.vocab_size
+    short = estimate(bridge12b, PlanInputs(workload=(1000, 0), **LORA_LM)).activations["loss"]
+    long = estimate(bridge12b, PlanInputs(workload=(4096, 0), **LORA_LM)).activations["loss"]
+    assert short == 1000 * vocab * nm.LOSS_BYTES_PER_LOGIT
+    assert long == nm.LOSS_CHUNK_TOKENS * vocab * nm.LOSS_BYTES_PER_LOGIT  # one chunk, not 4096 tokens' logits
+    assert "LOSS_CHUNK_TOKENS" in inspect.getsource(kernels.chunked_vocab_parallel_loss)

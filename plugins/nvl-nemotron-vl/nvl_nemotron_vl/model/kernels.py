@@ -484,7 +484,7 @@ def _warn_reference_on_gpu(k: Kernels) -> None:
 # ------------------------------------------------------------------------------------- LM loss
 def chunked_vocab_parallel_loss(
     hidden: torch.Tensor, labels: torch.Tensor, logits_fn: Callable[[torch.Tensor], torch.Tensor],
-    chunk_tokens: int = 2048,
+    chunk_tokens: int | None = None,
 ) -> torch.Tensor:
     """Per-token cross-entropy ``[B, L]`` (fp32, 0 where ``labels < 0``) without all logits at once.
 
@@ -495,6 +495,9 @@ def chunked_vocab_parallel_loss(
     """
     from torch.utils.checkpoint import checkpoint
 
+    from ..memory import LOSS_CHUNK_TOKENS  # the memory plan counts one chunk's logits: one constant for both
+
+    chunk_tokens = chunk_tokens or LOSS_CHUNK_TOKENS
     B, L, H = hidden.shape
     flat_h = hidden.reshape(B * L, H)
     flat_y = labels.reshape(B * L)
