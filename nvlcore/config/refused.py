@@ -178,7 +178,8 @@ def _check_cuda_graphs(cfg: NvlConfig) -> None:
     if not scopes or "full" in scopes or "full_iteration" in scopes:
         raise ConfigError(f"model.cuda_graph_scope={m.cuda_graph_scope!r} is not supported by nvl (whole layers of "
                           "every kind, or the whole iteration, include packed attention, whose sample offsets vary in "
-                          "shape); name the model bridge's scopes (docs/performance.md)", key="model.cuda_graph_scope")
+                          "shape); name the model bridge's scopes (docs/finetune.md#cuda-graphs)",
+                          key="model.cuda_graph_scope")
     if not is_missing(m.cuda_graph_warmup_steps) and m.cuda_graph_warmup_steps < 1:
         raise ConfigError(f"model.cuda_graph_warmup_steps={m.cuda_graph_warmup_steps}: nvl needs at least 1 eager "
                           "step before capture (it records the layers' input shapes)",
