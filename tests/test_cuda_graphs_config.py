@@ -145,3 +145,61 @@ def test_a_layer_never_called_in_training_turns_the_graphs_off_in_one_line() -> 
     assert _compress(["x.mixer", "y"]) == "x.mixer, y"
     with pytest.raises(ValueError, match="model.cuda_graph_warmup_steps=0"):
         LayerGraphs({"a": torch.nn.Linear(2, 2)}, warmup_steps=0)
+
+
+def test_the_trainer_prepares_gradients_before_backward_and_captures_after_the_warm_up_steps() -> None:
+    """The trainer's two calls into the graphs: ``before_step`` after the gradients are cleared and before
+    any backward, ``after_step`` with this run's completed steps after each step (capture happens there)."""
+    import torch
+
+    from nvlcore.parallel import destroy_parallel, init_parallel
+    from nvlcore.training import optim
+    from nvlcore.training.schedules import LRSchedule, WeightDecaySchedule
+    from nvlcore.training.trainer import LoopSettings, Trainer
+
+    events: list[str] = []
+
+    class Toy(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = torch.nn.Embedding(11, 4)
+            self.head = torch.nn.Linear(4, 11)
+
+        def forward(self, input_ids, labels, loss_mask=None):
+            logits = self.head(self.emb(input_ids))
+            return torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, reduction="none")
+
+    class Graphs:
+        def before_step(self) -> None:
+            events.append("before_step:" + ",".join(str(p.grad is None) for p in model.parameters()))
+
+        def after_step(self, steps_done: int) -> None:
+            events.append(f"after_step:{steps_done}")
+
+    model = Toy()
+    model.head.register_full_backward_hook(lambda *_: events.append("backward"))
+    ctx = init_parallel(1, device_type="cpu")
+    try:
+        named = optim.trainable_named_parameters(model)
+        trainer = Trainer(model=model, ctx=ctx, optimizer=optim.build_optimizer(named, lr=1e-3), named_params=named,
+                          lr_schedule=LRSchedule(max_lr=1e-3, min_lr=0.0, decay_style="constant"),
+                          wd_schedule=WeightDecaySchedule(start=0.0, end=0.0),
+                          settings=LoopSettings(train_iters=2, global_batch_size=2, num_microbatches=2),
+                          cuda_graphs=Graphs(), print_fn=lambda _m: None)  # type: ignore[arg-type]
+        ids = torch.randint(0, 11, (1, 6))
+        batch = {"input_ids": ids, "labels": ids.roll(-1, 1), "loss_mask": torch.ones(1, 6)}
+        trainer.run(iter([batch] * 4))
+    finally:
+        destroy_parallel(ctx)
+    assert events == ["before_step:True,True,True", "backward", "backward", "after_step:1",
+                      "before_step:True,True,True", "backward", "backward", "after_step:2"], events
+
+
+def test_autocast_runs_without_its_weight_cast_cache_under_graphs() -> None:
+    from nvlcore.config import load_config
+    from nvlcore.training.finetune import loop_settings
+
+    graphs = load_config([], [*GRAPHS, "dataset.packing=best_fit", "train.global_batch_size=1"])
+    plain = load_config([], ["model.tensor_model_parallel_size=1", "train.global_batch_size=1"])
+    assert loop_settings(graphs, dp_size=1, device_type="cuda").autocast_cache is False
+    assert loop_settings(plain, dp_size=1, device_type="cuda").autocast_cache is True
