@@ -117,7 +117,7 @@ def test_the_dispatcher_records_the_first_training_call_and_runs_eagerly_until_c
     assert h.grad is not None and len(calls) == 2  # eager, with autograd, until capture
     e0 = graphs.entries[0]
     assert e0.signature == signature_of((h, None, None, seq))
-    assert describe_signature(e0.signature) == "[1, 3, 4] float32, None, None, [1, 3] int32"
+    assert describe_signature(e0.signature) == "[1, 3, 4] float32 grad, None, None, [1, 3] int32"
     assert e0.sample is not None and e0.sample[0] is not h and e0.sample[0].requires_grad
     # a non-tensor argument is named, and no-grad / eval calls are never recorded
     assert signature_of((h, object())) == "argument 1 is a object, not a tensor or None"

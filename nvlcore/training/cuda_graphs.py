@@ -53,13 +53,14 @@ def signature_of(args: tuple[Any, ...]) -> tuple[ArgSignature, ...] | str:
 
 
 def describe_signature(sig: tuple[ArgSignature, ...]) -> str:
-    """``[1, 4096, 64] bfloat16, None, [1, 4096] int32`` (the run's log line)."""
+    """``[1, 4096, 64] bfloat16 grad, None, [1, 4096] int32`` (the run's log line; ``grad``: requires grad)."""
     parts = []
     for s in sig:
         if s is None:
             parts.append("None")
         else:
-            parts.append(f"[{', '.join(str(d) for d in s[0])}] {str(s[1]).removeprefix('torch.')}")
+            parts.append(f"[{', '.join(str(d) for d in s[0])}] {str(s[1]).removeprefix('torch.')}"
+                         + (" grad" if s[3] else ""))
     return ", ".join(parts)
 
 
