@@ -203,3 +203,16 @@ def test_autocast_runs_without_its_weight_cast_cache_under_graphs() -> None:
     plain = load_config([], ["model.tensor_model_parallel_size=1", "train.global_batch_size=1"])
     assert loop_settings(graphs, dp_size=1, device_type="cuda").autocast_cache is False
     assert loop_settings(plain, dp_size=1, device_type="cuda").autocast_cache is True
+
+
+def test_a_recompute_setting_chosen_after_the_load_is_refused_when_the_graphs_are_set_up() -> None:
+    """train.memory_plan=auto may turn on recomputation after the config was checked: the set-up checks again."""
+    from types import SimpleNamespace
+
+    from nvlcore.config import ConfigError, load_config
+    from nvlcore.training.finetune import FinetuneRecipe
+
+    cfg = load_config([], [*GRAPHS, "dataset.packing=best_fit"])
+    cfg.model.recompute_granularity = "full"  # as plan_run's auto choice writes it
+    with pytest.raises(ConfigError, match=r"cannot be combined with model.recompute_granularity .*memory_plan=auto"):
+        FinetuneRecipe.setup_cuda_graphs(SimpleNamespace(cfg=cfg, bridge=None))  # type: ignore[arg-type]

@@ -150,7 +150,7 @@ def cuda_graph_scopes(value: Any) -> list[str]:
     return [str(n).strip() for n in names if str(n).strip()]
 
 
-def _check_cuda_graphs(cfg: NvlConfig) -> None:
+def check_cuda_graph_settings(cfg: NvlConfig) -> None:
     """``model.cuda_graph_impl=local``: per-layer graphs (nvlcore.training.cuda_graphs) replay fixed shapes
     and a fixed sequence of kernels, so every setting that makes either vary, or that nvl has not run under
     a graph, is refused here in one line; the scopes are checked against the model bridge's at setup."""
@@ -239,7 +239,7 @@ def check_refused(cfg: NvlConfig) -> None:
     _check_precision_aware(cfg)
     m = cfg.model
     _check_sequence_parallel(cfg)
-    _check_cuda_graphs(cfg)
+    check_cuda_graph_settings(cfg)
     if m.cpu_offloading is not True and m.cpu_offloading_num_layers not in (0, MISSING_MARK):
         raise ConfigError(f"model.cpu_offloading_num_layers={m.cpu_offloading_num_layers} has no effect without "
                           "model.cpu_offloading=true; set it, or remove the layer count",
@@ -327,5 +327,5 @@ def _check_bf16_params(cfg: NvlConfig) -> None:
                           key="optimizer.main_grads_dtype")
 
 
-__all__ = ["REFUSED", "REFUSED_KEYS", "Refusal", "check_refused", "config_value",
+__all__ = ["REFUSED", "REFUSED_KEYS", "Refusal", "check_cuda_graph_settings", "check_refused", "config_value",
            "cuda_graph_scopes"]

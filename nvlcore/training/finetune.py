@@ -739,12 +739,18 @@ class FinetuneRecipe:
         """``model.cuda_graph_impl=local``: the bridge's modules for ``model.cuda_graph_scope`` wrapped for
         per-layer CUDA graphs (:mod:`nvlcore.training.cuda_graphs`), captured by the trainer after
         ``model.cuda_graph_warmup_steps`` eager steps; None when off. Needs the model on a CUDA device."""
-        from nvlcore.config.refused import cuda_graph_scopes
+        from nvlcore.config import ConfigError
+        from nvlcore.config.refused import check_cuda_graph_settings, cuda_graph_scopes
 
         m = self.cfg.model
         bridge = self.bridge
         if m.cuda_graph_impl == "none":
             return None
+        try:  # again: train.memory_plan=auto may have turned on recomputation or offloading since the load
+            check_cuda_graph_settings(self.cfg)
+        except ConfigError as exc:
+            raise ConfigError(f"{exc} (train.memory_plan=auto may have chosen it; set train.memory_plan=check and a "
+                              "setting that fits)", key=exc.key) from None
         scopes = cuda_graph_scopes(m.cuda_graph_scope)
         from nvlcore.training.cuda_graphs import LayerGraphs
 
