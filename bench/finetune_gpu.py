@@ -413,11 +413,12 @@ class GpuMemorySampler:
 
 
 def run_nvl(args: argparse.Namespace, model_dir: Path, data: dict[str, Path], workload: str, method: str,
-            variant: dict[str, str], work: Path, seq: int, extra_args: tuple[str, ...] = (),
+            variant: dict[str, Any], work: Path, seq: int, extra_args: tuple[str, ...] = (),
             name_suffix: str = "") -> dict[str, Any]:
     first_seq = seq == _seqs(args)[0]
     name = "-".join([workload, method] + ([] if first_seq else [f"seq{seq}"])
-                    + [f"{k.split('.')[-1]}={v}" for k, v in variant.items()]) + name_suffix
+                    + [f"{k.split('.')[-1]}={_override_value(v).strip('[]')}" for k, v in variant.items()]
+                    ) + name_suffix
     metrics = work / f"metrics-{name}.jsonl"
     metrics.unlink(missing_ok=True)
     cmd_args = ["--hf-model-path", str(model_dir), "--random-init"]
@@ -449,7 +450,7 @@ def run_nvl(args: argparse.Namespace, model_dir: Path, data: dict[str, Path], wo
         "logger.log_interval=1", f"logger.jsonl_path={metrics}", "validation.eval_iters=0",
         "dataset.num_workers=2" if args.device == "cuda" else "dataset.num_workers=0",
         "scheduler.lr_warmup_iters=1", "checkpoint.save=null",
-    ] + [f"{k}={v}" for k, v in variant.items()]
+    ] + [f"{k}={_override_value(v)}" for k, v in variant.items()]
     shown = (" ".join(launcher + ["-m", "nvlcore"]) + " " if launcher else "nvl ") + "finetune " + " ".join(
         shlex.quote(a) for a in cmd_args + overrides)
     log(f"run: {shown}")
@@ -609,7 +610,7 @@ def markdown(records: list[dict[str, Any]], meta: dict[str, Any]) -> str:
              "| system | workload | method | seq | GPUs | TP | variant | tokens/s | MFU | peak GB | status |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in records:
-        var = ", ".join(f"{k}={v}" for k, v in (r.get("variant") or {}).items()) or "default"
+        var = ", ".join(f"{k}={_override_value(v)}" for k, v in (r.get("variant") or {}).items()) or "default"
         tps = f"{r['tokens_per_s']:,.0f}" if r.get("tokens_per_s") else "-"
         mfu = f"{r['mfu']:.1%}" if r.get("mfu") is not None else "-"
         lines.append(f"| {r['system']} | {r['workload']} | {r['method']} | {r['seq']} | {r['gpus']} | {r['tp']} | "
@@ -647,7 +648,7 @@ def markdown(records: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         lines += ["", "At equal sequence length (text, LoRA on the LM, rows of seq tokens, same run):", ""]
     for r in equal:
         p = peers[r["seq"]]
-        var = ", ".join(f"{k}={v}" for k, v in (r.get("variant") or {}).items())
+        var = ", ".join(f"{k}={_override_value(v)}" for k, v in (r.get("variant") or {}).items())
         lines.append(f"- seq {r['seq']}{' (' + var + ')' if var else ''}: nvl {r['tokens_per_s']:,.0f} vs "
                      "transformers+PEFT "
                      f"(batch 1) {p['tokens_per_s']:,.0f} "
@@ -682,7 +683,7 @@ def readme_table(records: list[dict[str, Any]]) -> str:
     for r in records:
         if r["system"] != "nvl":
             continue
-        var = ", ".join(f"`{k}={v}`" for k, v in (r.get("variant") or {}).items())
+        var = ", ".join(f"`{k}={_override_value(v)}`" for k, v in (r.get("variant") or {}).items())
         tps = f"{r['tokens_per_s']:,.0f}" if r["status"] == "ok" else r["status"]
         per = f"{r['tokens_per_s'] / r['gpus']:,.0f}" if r["status"] == "ok" else "-"
         mfu = f"{r['mfu']:.1%}" if r.get("mfu") is not None else "-"
@@ -751,9 +752,46 @@ def make_videos_main(argv: list[str]) -> int:
     return 0
 
 
-def _variants(args: argparse.Namespace) -> list[dict[str, str]]:
-    """The --variants override sets, in order."""
-    return [dict(kv.split("=", 1) for kv in spec.split(",")) for spec in args.variants.split(";") if spec.strip()]
+def _variants(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The --variants override sets, in order. A value in brackets is a list (``model.cuda_graph_scope=[mamba,mlp]``:
+    its commas do not separate overrides), recorded as one in the row's ``variant``."""
+    out = []
+    for spec in args.variants.split(";"):
+        if not spec.strip():
+            continue
+        parts, depth, cur = [], 0, ""
+        for ch in spec:
+            depth += {"[": 1, "]": -1}.get(ch, 0)
+            if ch == "," and depth == 0:
+                parts.append(cur)
+                cur = ""
+            else:
+                cur += ch
+        parts.append(cur)
+        variant: dict[str, Any] = {}
+        for kv in parts:
+            k, v = kv.split("=", 1)
+            v = v.strip()
+            variant[k.strip()] = [x.strip() for x in v[1:-1].split(",") if x.strip()] if v.startswith("[") else v
+        out.append(variant)
+    return out
+
+
+def _override_value(v: Any) -> str:
+    """A variant's value as an override's (a list in YAML's flow form)."""
+    return "[" + ",".join(str(x) for x in v) + "]" if isinstance(v, list) else str(v)
+
+
+def check_graph_warmup(args: argparse.Namespace) -> None:
+    """A CUDA-graph row's averages must leave out its eager warm-up steps and the capture: refuse a bench
+    ``--warmup`` that would average them in (model.cuda_graph_warmup_steps, default 3, plus the capture's step)."""
+    for v in _variants(args):
+        if v.get("model.cuda_graph_impl", "none") != "none":
+            graph_warmup = int(v.get("model.cuda_graph_warmup_steps", 3))
+            if args.warmup < graph_warmup + 1:
+                raise SystemExit(f"--warmup {args.warmup} would average in the eager steps of a CUDA-graph row "
+                                 f"(model.cuda_graph_warmup_steps={graph_warmup}); pass --warmup {graph_warmup + 1} "
+                                 "or more")
 
 
 def _seqs(args: argparse.Namespace) -> list[int]:
@@ -803,7 +841,8 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit("--workloads video: pass --videos DIR, a folder of clips made by "
                              "`python bench/finetune_gpu.py --make-videos DIR`")
         data["video"] = write_llava_video(work / "LLaVA-Video-178K", args.samples, Path(args.videos))
-    variants: list[dict[str, str]] = ([] if args.skip_default else [{}]) + _variants(args)
+    check_graph_warmup(args)
+    variants: list[dict[str, Any]] = ([] if args.skip_default else [{}]) + _variants(args)
     machine = platform.node()
     try:
         import torch

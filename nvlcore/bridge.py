@@ -397,6 +397,20 @@ class ModelBridge(abc.ABC):
         raise ValueError(f"model.sequence_parallel=true: model bridge {self.name!r} has no sequence parallelism; "
                          "set it false")
 
+    #: ``model.cuda_graph_scope`` names this bridge's :meth:`cuda_graph_modules` knows: scope -> what it graphs
+    cuda_graph_scopes: ClassVar[Mapping[str, str]] = {}
+
+    def cuda_graph_modules(self, model: torch.nn.Module, scopes: Sequence[str]) -> dict[str, torch.nn.Module]:
+        """The modules ``model.cuda_graph_impl=local`` graphs for ``scopes`` (megatron-core's
+        ``model.cuda_graph_scope`` names, among :attr:`cuda_graph_scopes`): module name -> module, in forward
+        order. The bridge puts the model in the calling mode the graphs need: in training forwards each
+        returned module is called with positional tensors or ``None`` only, of shapes fixed by the batch's
+        (packed or padded-to-``seq_length``) shape, and runs no host synchronisation or shape-dependent
+        launch planning on their content (:mod:`nvlcore.training.cuda_graphs` captures and replays it).
+        Default: no module can be graphed, so this raises naming the key."""
+        raise ValueError(f"model.cuda_graph_impl=local: model bridge {self.name!r} has no CUDA-graph scopes "
+                         "(ModelBridge.cuda_graph_modules); set model.cuda_graph_impl=none")
+
     def num_decoder_layers(self) -> int | None:
         """How many layers :meth:`decoder_layers` returns, known before the model is built (the memory plan's
         ``model.cpu_offloading_num_layers`` choices); default: None (unknown)."""

@@ -136,3 +136,21 @@ def test_finetune_bench_runs_the_video_recipe_on_carried_clips(tmp_path):
     assert rec["tokens_per_sample"] > 200, rec
     rows = [json.loads(x) for x in (tmp_path / "work-out" / "metrics-video-lora.jsonl").read_text().splitlines()]
     assert rows[-1]["lr"] == pytest.approx(2e-6)
+
+
+def test_cuda_graph_variants_keep_their_scope_list_and_refuse_a_short_warmup():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("finetune_gpu_bench", BENCH)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    graphs = "model.cuda_graph_impl=local,model.cuda_graph_scope=[mamba,mlp],dataset.pad_to_max_length=true"
+    args = bench.parse_args(["--variants", f"{graphs};dataset.pad_to_max_length=true", "--warmup", "4"])
+    assert bench._variants(args) == [
+        {"model.cuda_graph_impl": "local", "model.cuda_graph_scope": ["mamba", "mlp"],
+         "dataset.pad_to_max_length": "true"},
+        {"dataset.pad_to_max_length": "true"}]
+    assert bench._override_value(["mamba", "mlp"]) == "[mamba,mlp]"
+    bench.check_graph_warmup(args)
+    with pytest.raises(SystemExit, match=r"--warmup 2 would average in the eager steps of a CUDA-graph row"):
+        bench.check_graph_warmup(bench.parse_args(["--variants", graphs]))

@@ -141,6 +141,75 @@ def _check_sequence_parallel(cfg: NvlConfig) -> None:
                           f"{cfg.mixed_precision}); use one of the two", key="model.sequence_parallel")
 
 
+def cuda_graph_scopes(value: Any) -> list[str]:
+    """``model.cuda_graph_scope`` as a list of names (megatron-core's reading: a comma-separated string or a
+    list; an empty list means the whole layer, as ``full`` does)."""
+    if value is None:
+        return []
+    names = value.split(",") if isinstance(value, str) else list(value)
+    return [str(n).strip() for n in names if str(n).strip()]
+
+
+def check_cuda_graph_settings(cfg: NvlConfig) -> None:
+    """``model.cuda_graph_impl=local``: per-layer graphs (nvlcore.training.cuda_graphs) replay fixed shapes
+    and a fixed sequence of kernels, so every setting that makes either vary, or that nvl has not run under
+    a graph, is refused here in one line; the scopes are checked against the model bridge's at setup."""
+    from nvlcore.config.structure import ConfigError, is_missing
+
+    m = cfg.model
+    impl = m.cuda_graph_impl
+    if is_missing(impl):
+        return
+    if impl == "transformer_engine":
+        raise ConfigError("model.cuda_graph_impl='transformer_engine' is not supported by nvl (no Transformer Engine "
+                          "layers); use model.cuda_graph_impl=local (PyTorch's make_graphed_callables)",
+                          key="model.cuda_graph_impl")
+    scopes = [] if is_missing(m.cuda_graph_scope) else cuda_graph_scopes(m.cuda_graph_scope)
+    if impl == "none":
+        if scopes != ["full"]:
+            raise ConfigError(f"model.cuda_graph_scope={m.cuda_graph_scope!r} has no effect without "
+                              "model.cuda_graph_impl=local; set it, or remove the scope", key="model.cuda_graph_scope")
+        if m.cuda_graph_warmup_steps not in (3, MISSING_MARK):
+            raise ConfigError(f"model.cuda_graph_warmup_steps={m.cuda_graph_warmup_steps} has no effect without "
+                              "model.cuda_graph_impl=local; set it, or remove the step count",
+                              key="model.cuda_graph_warmup_steps")
+        return
+    # the scope names are the model bridge's (checked against its cuda_graph_scopes when the run starts)
+    if not scopes or "full" in scopes or "full_iteration" in scopes:
+        raise ConfigError(f"model.cuda_graph_scope={m.cuda_graph_scope!r} is not supported by nvl (whole layers of "
+                          "every kind, or the whole iteration, include packed attention, whose sample offsets vary in "
+                          "shape); name the model bridge's scopes (docs/finetune.md#cuda-graphs)",
+                          key="model.cuda_graph_scope")
+    if not is_missing(m.cuda_graph_warmup_steps) and m.cuda_graph_warmup_steps < 1:
+        raise ConfigError(f"model.cuda_graph_warmup_steps={m.cuda_graph_warmup_steps}: nvl needs at least 1 eager "
+                          "step before capture (it records the layers' input shapes)",
+                          key="model.cuda_graph_warmup_steps")
+    # settings whose kernels or tensors a replayed graph cannot follow, or that nvl has not run under one
+    clashes = [
+        ("model.recompute_granularity", m.recompute_granularity is not None,
+         "recomputation reruns a layer's forward inside its backward, outside the captured pair"),
+        ("model.cpu_offloading", m.cpu_offloading is True,
+         "offloading moves saved activations through hooks a captured layer does not run"),
+        ("model.sequence_parallel", m.sequence_parallel is True,
+         "nvl has not run sequence-parallel collectives inside a graph"),
+        ("model.tensor_model_parallel_size", not is_missing(m.tensor_model_parallel_size)
+         and m.tensor_model_parallel_size > 1,
+         "nvl has not run tensor-parallel all-reduces inside a graph; use tensor_model_parallel_size=1"),
+        ("mixed_precision", cfg.mixed_precision is not None and "fp8" in str(cfg.mixed_precision),
+         "nvl has not run FP8 matmuls inside a graph"),
+    ]
+    for key, clash, why in clashes:
+        if clash:
+            raise ConfigError(f"model.cuda_graph_impl=local cannot be combined with {key} ({why}); use one of the two",
+                              key=key)
+    ds = cfg.dataset
+    packed = ds.packing not in ("none", MISSING_MARK) or ds.enable_in_batch_packing is True
+    if not packed and ds.pad_to_max_length is not True:
+        raise ConfigError("model.cuda_graph_impl=local needs fixed-shape batches: set dataset.pad_to_max_length=true "
+                          "(every row padded to dataset.seq_length) or pack rows (dataset.packing=best_fit)",
+                          key="dataset.pad_to_max_length")
+
+
 def check_refused(cfg: NvlConfig) -> None:
     """Raise :class:`~nvlcore.config.ConfigError` on the first refused value, on ``peft.*`` settings
     given without a PEFT method, or on ``optimizer.bf16=false`` under ``mixed_precision=bf16_mixed``
@@ -170,6 +239,7 @@ def check_refused(cfg: NvlConfig) -> None:
     _check_precision_aware(cfg)
     m = cfg.model
     _check_sequence_parallel(cfg)
+    check_cuda_graph_settings(cfg)
     if m.cpu_offloading is not True and m.cpu_offloading_num_layers not in (0, MISSING_MARK):
         raise ConfigError(f"model.cpu_offloading_num_layers={m.cpu_offloading_num_layers} has no effect without "
                           "model.cpu_offloading=true; set it, or remove the layer count",
@@ -257,4 +327,5 @@ def _check_bf16_params(cfg: NvlConfig) -> None:
                           key="optimizer.main_grads_dtype")
 
 
-__all__ = ["REFUSED", "REFUSED_KEYS", "Refusal", "check_refused", "config_value"]
+__all__ = ["REFUSED", "REFUSED_KEYS", "Refusal", "check_cuda_graph_settings", "check_refused", "config_value",
+           "cuda_graph_scopes"]

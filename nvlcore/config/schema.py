@@ -74,6 +74,22 @@ class ModelConfig:
         "(peft.base_dtype=nf4), else false. Needs host memory for the rank's share of the model in the compute "
         "dtype.",
     )
+    cuda_graph_impl: Literal["none", "local", "transformer_engine"] = _f(
+        "none",
+        "CUDA graphs for the training step (megatron-core's key): local = PyTorch's own "
+        "torch.cuda.make_graphed_callables, one graph per layer of cuda_graph_scope, captured after "
+        "cuda_graph_warmup_steps eager steps at the first micro-batch's shape (docs/finetune.md#cuda-graphs); "
+        "transformer_engine is not supported by nvl; none = off.",
+    )
+    cuda_graph_scope: str | list[str] = _f(
+        "full",
+        "Layers graphed under cuda_graph_impl=local, megatron-core's names (a list, or a comma-separated string): "
+        "the model bridge lists its scopes (docs/finetune.md#cuda-graphs). full (megatron-core's default: whole "
+        "layers of every kind) and full_iteration are refused by nvl; name the scopes.",
+    )
+    cuda_graph_warmup_steps: int = _f(
+        3, "Eager training steps before the layers are captured (cuda_graph_impl=local; at least 1: the first "
+        "step records the layers' input shapes).")
     kernels: str = _f(
         "auto",
         "Implementations of the model's hot ops (the bridge lists its choices): auto = fused GPU kernels where "

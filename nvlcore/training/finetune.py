@@ -162,6 +162,25 @@ def check_recompute_modules(cfg: NvlConfig, bridge: Any) -> None:
                          f"{bridge.name!r} (it knows {choices})")
 
 
+def check_cuda_graphs(cfg: NvlConfig, bridge: Any, device_type: str) -> None:
+    """``model.cuda_graph_impl=local`` before the model is built: a CUDA device, and scopes the bridge graphs
+    (the config's own checks, in nvlcore.config.refused, ran at load)."""
+    from nvlcore.config import ConfigError
+    from nvlcore.config.refused import cuda_graph_scopes
+
+    m = cfg.model
+    if m.cuda_graph_impl == "none":
+        return
+    if device_type != "cuda":
+        raise ConfigError(f"model.cuda_graph_impl={m.cuda_graph_impl} needs a CUDA device (this run is on "
+                          f"{device_type}); set model.cuda_graph_impl=none", key="model.cuda_graph_impl")
+    known = bridge.cuda_graph_scopes
+    for scope in cuda_graph_scopes(m.cuda_graph_scope):
+        if scope not in known:
+            raise ConfigError(f"model.cuda_graph_scope: {scope!r} is not a scope model bridge {bridge.name!r} "
+                              f"graphs (it has: {', '.join(known) or 'none'})", key="model.cuda_graph_scope")
+
+
 def _flops_fn(bridge: Any, model: torch.nn.Module, ctx: ParallelContext, *,
               frozen_base: bool) -> tuple[Callable[[Mapping[str, Any]], float], str]:
     """Training FLOPs a micro-batch executes (:meth:`ModelBridge.train_flops`, times
@@ -215,6 +234,8 @@ def loop_settings(cfg: NvlConfig, *, dp_size: int, device_type: str) -> LoopSett
         # ddp.bucket_size counts gradient values: fp32, or bf16 under optimizer.main_grads_dtype=torch.bfloat16
         bucket_bytes=cfg.ddp.bucket_size * (2 if cfg.optimizer.main_grads_dtype == "torch.bfloat16" else 4)
         if cfg.ddp.bucket_size else None,
+        # make_graphed_callables refuses autocast's weight-cast cache, at capture and at replay
+        autocast_cache=cfg.model.cuda_graph_impl == "none",
     )
 
 
@@ -535,6 +556,8 @@ class FinetuneRecipe:
         self.prefix = ""
         #: the last "kernels that ran" line's contents (printed again only when it changes)
         self.kernels_reported: dict[str, str] = {}
+        #: per-layer CUDA graphs (model.cuda_graph_impl=local), or None
+        self.cuda_graphs: Any = None
 
     def say(self, message: str) -> None:
         """Print ``message`` on rank 0 only (after ``[node 0] `` when the launch spans machines)."""
@@ -657,6 +680,7 @@ class FinetuneRecipe:
         t0 = time.perf_counter()
         self.bridge = bridge = resolve_bridge(cfg.model.hf_model_path, cfg.model.bridge, manager=self.manager)
         check_recompute_modules(cfg, bridge)
+        check_cuda_graphs(cfg, bridge, ctx.device.type)
         self.fp8 = fp8_recipe(cfg.mixed_precision)
         if self.fp8 is not None:
             check_fp8_device(self.fp8, ctx.device)  # before anything is built: one line, no traceback
@@ -709,6 +733,34 @@ class FinetuneRecipe:
             offload_activations(bridge.decoder_layers(model), cfg.model.cpu_offloading_num_layers)
             self.say(f"nvl finetune: activations of the first {cfg.model.cpu_offloading_num_layers} decoder "
                      "layers offloaded to host memory")
+        self.cuda_graphs = self.setup_cuda_graphs()
+
+    def setup_cuda_graphs(self) -> Any:
+        """``model.cuda_graph_impl=local``: the bridge's modules for ``model.cuda_graph_scope`` wrapped for
+        per-layer CUDA graphs (:mod:`nvlcore.training.cuda_graphs`), captured by the trainer after
+        ``model.cuda_graph_warmup_steps`` eager steps; None when off. Needs the model on a CUDA device."""
+        from nvlcore.config import ConfigError
+        from nvlcore.config.refused import check_cuda_graph_settings, cuda_graph_scopes
+
+        m = self.cfg.model
+        bridge = self.bridge
+        if m.cuda_graph_impl == "none":
+            return None
+        try:  # again: train.memory_plan=auto may have turned on recomputation or offloading since the load
+            check_cuda_graph_settings(self.cfg)
+        except ConfigError as exc:
+            raise ConfigError(f"{exc} (train.memory_plan=auto may have chosen it; set train.memory_plan=check and a "
+                              "setting that fits)", key=exc.key) from None
+        scopes = cuda_graph_scopes(m.cuda_graph_scope)
+        from nvlcore.training.cuda_graphs import LayerGraphs
+
+        modules = bridge.cuda_graph_modules(self.model, scopes)
+        label = f"model.cuda_graph_impl={m.cuda_graph_impl}, scope {','.join(scopes)}"
+        graphs = LayerGraphs(modules, warmup_steps=m.cuda_graph_warmup_steps,
+                             autocast_dtype=self.settings.autocast_dtype, say=self.say, label=label)
+        self.say(f"nvl finetune: CUDA graphs ({label}): {len(modules)} layer(s) to capture after "
+                 f"{m.cuda_graph_warmup_steps} eager step(s), at the first micro-batch's shapes")
+        return graphs
 
     def build_model(self) -> torch.nn.Module:
         """The model, each parameter built in the dtype it is stored in (:mod:`nvlcore.training.storage`)."""
@@ -876,6 +928,7 @@ class FinetuneRecipe:
             flops_fn=self.flops_fn, loggers=self.loggers, save_fn=self.save if cfg.checkpoint.save else None,
             eval_fn=self.validate if self.data.eval_batches_factory is not None else None,
             generate_eval_fn=generate_eval_fn, print_fn=self.say, first_step_fn=self.report_kernels_ran,
+            cuda_graphs=self.cuda_graphs,
         )
         if self.decision.iter_dir is not None:
             self.trainer.last_saved_iteration = self.state.iteration

@@ -42,6 +42,7 @@ if TYPE_CHECKING:
     import torch
 
     from nvlcore.parallel import ParallelContext
+    from nvlcore.training.cuda_graphs import LayerGraphs
 
 
 @attrs.define
@@ -173,6 +174,8 @@ class LoopSettings:
     manual_gc_eval: bool = True
     #: gradient all-reduce bucket size in bytes (ddp.bucket_size x 4; None = optim.BUCKET_BYTES)
     bucket_bytes: int | None = None
+    #: autocast's weight-cast cache (off under CUDA graphs: make_graphed_callables refuses it)
+    autocast_cache: bool = True
 
 
 class Trainer:
@@ -193,6 +196,8 @@ class Trainer:
     :param generate_eval_fn: ``generate_eval_fn() -> {metric: value}``: generation-based validation
         (``validation.generate_eval_interval``; collective, called on every rank), or None.
     :param first_step_fn: called once after this run's first iteration (e.g. to report what ran), or None.
+    :param cuda_graphs: per-layer CUDA graphs (``model.cuda_graph_impl=local``), or None: told before each
+        step's first backward (gradients it must pre-allocate) and after each step (capture after warm-up).
     """
 
     def __init__(
@@ -213,8 +218,10 @@ class Trainer:
         generate_eval_fn: Callable[[], Mapping[str, float]] | None = None,
         print_fn: Callable[[str], None] = print,
         first_step_fn: Callable[[], None] | None = None,
+        cuda_graphs: LayerGraphs | None = None,
     ) -> None:
         self.model = model
+        self.cuda_graphs = cuda_graphs
         self.first_step_fn = first_step_fn
         self.ctx = ctx
         self.optimizer = optimizer
@@ -246,7 +253,8 @@ class Trainer:
 
         if self.settings.autocast_dtype is None:
             return contextlib.nullcontext()
-        return torch.autocast(self.ctx.device.type, dtype=self.settings.autocast_dtype)
+        return torch.autocast(self.ctx.device.type, dtype=self.settings.autocast_dtype,
+                              cache_enabled=self.settings.autocast_cache)
 
     def forward_loss(self, batch: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         """``(sum of loss * loss_mask, sum of loss_mask)`` of one micro-batch already on the device."""
@@ -274,6 +282,8 @@ class Trainer:
         self.model.train()
         for p in self.params:
             p.grad = None
+        if self.cuda_graphs is not None:
+            self.cuda_graphs.before_step()
         loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
         sup = torch.zeros((), dtype=torch.float64, device=dev)
         tokens = 0
@@ -395,6 +405,8 @@ class Trainer:
                     torch.cuda.synchronize(self.ctx.device)
                 dt = time.perf_counter() - t0
                 st.iteration += 1
+                if self.cuda_graphs is not None:
+                    self.cuda_graphs.after_step(st.iteration - start_iter)
                 if st.iteration == start_iter + 1 and self.first_step_fn is not None:
                     self.first_step_fn()
                 st.consumed_samples += int(res.samples) if res.samples else s.global_batch_size

@@ -173,6 +173,31 @@ class NemotronVLBridge(ModelBridge):
         norms on ``1 / tp`` of the sequence; :meth:`NemotronVLModel.set_sequence_parallel`)."""
         model.set_sequence_parallel(True)  # type: ignore[operator]
 
+    cuda_graph_scopes = {
+        "mamba": "the language model's Mamba layers (norm, in_proj, conv, scan, gated norm, out_proj, residual), as "
+                 "Megatron-Bridge's Nemotron-H performance recipes scope them",
+        "mlp": "the language model's MLP layers (norm, fc1, squared ReLU, fc2, residual)",
+    }
+
+    def cuda_graph_modules(self, model: torch.nn.Module, scopes: Sequence[str]) -> dict[str, torch.nn.Module]:
+        """The language model's layers of the chosen kinds, switched to fixed-shape inputs
+        (:meth:`~.model.lm.MambaLayer.set_graph_inputs`): packed rows reach them as the ``seq_idx`` tensor
+        alone, whose shape is the batch's, instead of sample offsets whose count varies."""
+        from .model.lm import MambaLayer, MLPLayer
+
+        kinds = {"mamba": MambaLayer, "mlp": MLPLayer}
+        unknown = [s for s in scopes if s not in kinds]
+        if unknown:
+            raise ValueError(f"model.cuda_graph_scope: {unknown[0]!r} is not one of {', '.join(kinds)}")
+        wanted = tuple(kinds[s] for s in scopes)
+        decoder = model.language_model.decoder  # type: ignore[union-attr]
+        out: dict[str, torch.nn.Module] = {}
+        for i, layer in enumerate(decoder.layers):  # type: ignore[arg-type]
+            if isinstance(layer, wanted):
+                layer.set_graph_inputs(True)
+                out[f"language_model.decoder.layers.{i}"] = layer
+        return out
+
     def num_decoder_layers(self) -> int:
         """The hybrid language model's layer count (Mamba, attention and MLP layers each count one)."""
         return len(self.config.llm.layer_types)

@@ -42,6 +42,15 @@ class MambaLayer(nn.Module):
         self.mixer = MambaMixer(cfg, tp, dtype, device, layer_number=layer_number)
         #: ``h`` is a sequence shard in training forwards (set by the model's ``set_sequence_parallel``).
         self.sequence_parallel = False
+        #: Training forwards pass tensors only (:meth:`set_graph_inputs`).
+        self.graph_inputs = False
+
+    def set_graph_inputs(self, enabled: bool) -> None:
+        """In training forwards the decoder calls this layer with tensors or None only, packed rows as their
+        ``seq_idx`` tensor ``[b, L]`` (fixed shape, no sample offsets): what a CUDA graph captures
+        (``model.cuda_graph_impl=local``)."""
+        self.graph_inputs = bool(enabled)
+        self.mixer.fixed_shape_packing = bool(enabled)
 
     def forward(self, h: torch.Tensor, attention_mask=None, inference_params=None, seq_idx=None) -> torch.Tensor:
         sp = self.sequence_parallel and inference_params is None
@@ -64,6 +73,8 @@ class AttentionLayer(nn.Module):
         )
         #: ``h`` is a sequence shard in training forwards (set by the model's ``set_sequence_parallel``).
         self.sequence_parallel = False
+        #: never graphed: packed attention takes sample offsets whose count varies
+        self.graph_inputs = False
 
     def forward(self, h: torch.Tensor, attention_mask=None, inference_params=None, seq_idx=None) -> torch.Tensor:
         sp = self.sequence_parallel and inference_params is None
@@ -86,6 +97,13 @@ class MLPLayer(nn.Module):
                        eps=cfg.layer_norm_epsilon, tp=tp, dtype=dtype, device=device)
         #: ``h`` is a sequence shard in training forwards (set by the model's ``set_sequence_parallel``).
         self.sequence_parallel = False
+        #: Training forwards pass tensors only (:meth:`set_graph_inputs`).
+        self.graph_inputs = False
+
+    def set_graph_inputs(self, enabled: bool) -> None:
+        """In training forwards the decoder calls this layer with tensors or None only (it reads ``h``
+        alone): what a CUDA graph captures (``model.cuda_graph_impl=local``)."""
+        self.graph_inputs = bool(enabled)
 
     def forward(self, h: torch.Tensor, attention_mask=None, inference_params=None, seq_idx=None) -> torch.Tensor:
         return h + self.mlp(h, sequence_parallel=self.sequence_parallel and inference_params is None)
@@ -172,6 +190,9 @@ class _Decoder(nn.Module):
         for layer in self.layers:
             if self.recompute_layers and torch.is_grad_enabled() and inference_params is None:
                 h = checkpoint(layer, h, attention_mask, None, seq_idx, use_reentrant=False)
+            elif layer.graph_inputs and inference_params is None:
+                # tensors only, of the batch's shape (a CUDA graph's inputs): packed rows as seq_idx alone
+                h = layer(h, attention_mask, None, None if seq_idx is None else seq_idx.seq_idx)
             else:
                 h = layer(h, attention_mask, inference_params, seq_idx)
         if sp:

@@ -30,7 +30,7 @@ from torch import nn
 
 from ..config import LLMConfig
 from .cache import MambaState
-from .kernels import PackedSequences, gated_norm_reference, select_kernels
+from .kernels import PackedSequences, conv_reference, gated_norm_reference, select_kernels
 from .parallel import TPContext, mark_tensor_parallel, normed_column_linear, row_linear, split_size
 
 if TYPE_CHECKING:
@@ -70,6 +70,9 @@ class MambaMixer(nn.Module):
         self.recompute = False
         #: The ops' implementations (reference or GPU kernels; :func:`.kernels.select_kernels`, set by the model).
         self.kernels = select_kernels("reference", device)
+        #: Packed rows arrive as the ``seq_idx`` tensor alone (CUDA graphs, :meth:`.lm.MambaLayer.set_graph_inputs`):
+        #: kept as it is, not turned into sample offsets (a host synchronisation, and a count that varies).
+        self.fixed_shape_packing = False
 
         full_in = 2 * cfg.mamba_d_inner + 2 * cfg.n_groups * cfg.ssm_state_size + cfg.mamba_num_heads
         self.in_proj = normed_column_linear(
@@ -121,7 +124,8 @@ class MambaMixer(nn.Module):
         """
         if inference_params is not None and inference_params.phase == "decode":
             return self.step(hidden_states, inference_params)
-        seq_idx = PackedSequences.of(seq_idx)
+        if not self._fixed_shape(seq_idx):
+            seq_idx = PackedSequences.of(seq_idx)
         state = None
         if inference_params is not None:
             if seq_idx is not None:
@@ -159,11 +163,18 @@ class MambaMixer(nn.Module):
             tail = xBC[:, -k1:].transpose(1, 2)  # [b, conv_dim, min(L, K-1)]
             state.conv.zero_()
             state.conv[:, :, k1 - tail.shape[-1]:] = tail
-        seq_idx = PackedSequences.of(seq_idx)
-        packed = {} if seq_idx is None else {"seq_idx": seq_idx.seq_idx}
-        conv_packed = {} if seq_idx is None else {**packed, "cu_seqlens": seq_idx.cu_seqlens,
-                                                  "cu_seqlens_cpu": seq_idx.cu_seqlens_cpu}
-        xBC = k.conv(xBC, self.conv1d.weight, self.conv1d.bias, **conv_packed)
+        if self._fixed_shape(seq_idx):
+            # Fixed shapes and no host work (a CUDA graph replays this): the scan takes seq_idx as it is, and
+            # the conv is the reference's masked taps, since the varlen conv kernel plans its launch from
+            # the sample offsets (their count and values vary from batch to batch).
+            packed = {"seq_idx": seq_idx}
+            xBC = conv_reference(xBC, self.conv1d.weight, self.conv1d.bias, seq_idx=seq_idx)
+        else:
+            seq_idx = PackedSequences.of(seq_idx)
+            packed = {} if seq_idx is None else {"seq_idx": seq_idx.seq_idx}
+            conv_packed = {} if seq_idx is None else {**packed, "cu_seqlens": seq_idx.cu_seqlens,
+                                                      "cu_seqlens_cpu": seq_idx.cu_seqlens_cpu}
+            xBC = k.conv(xBC, self.conv1d.weight, self.conv1d.bias, **conv_packed)
         if attention_mask is not None:
             xBC = xBC * attention_mask[:, :, None].to(xBC.dtype)
         x, B, C = xBC.split([self.d_inner, self.ngroups * self.state, self.ngroups * self.state], dim=-1)
@@ -177,6 +188,9 @@ class MambaMixer(nn.Module):
             dtf = F.softplus(dt.float() + self.dt_bias.float())
             state.ssm.copy_(ssd_final_state(x, dtf, -torch.exp(self.A_log.float()), B))
         return k.gated_norm(y.reshape(b, L, self.d_inner), z, self.norm.weight, self.norm.eps, self.norm.group_size)
+
+    def _fixed_shape(self, seq_idx: object) -> bool:
+        return self.fixed_shape_packing and isinstance(seq_idx, torch.Tensor)
 
     def step(self, hidden_states: torch.Tensor, inference_params: HybridCache) -> torch.Tensor:
         """One token ``[b, 1, hidden]``: advance this layer's conv window and SSM state in place (plain
