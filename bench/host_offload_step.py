@@ -14,7 +14,8 @@ rounds and the median is reported (a shared machine's load swings):
 - ``fused``: one chunk, torch's fused CPU AdamW (copies and update in sequence);
 - ``pipelined``: fused, chunks of ``--chunk-mb`` MB (default 64): the copies of one chunk overlap the
   update of another;
-- ``before``: with ``--before REV``, the module as it was at that git revision (e.g. ``main``), same load.
+- ``before``: with ``--before REV``, the module as it was at that git revision (e.g. ``main``) or in
+  that file, same load.
 
 ``--bf16`` stores the parameters in bf16 on the device (``store_params_in``: fp32 masters on the host).
 Prints one line per variant and, last, a JSON object of them all.
@@ -37,9 +38,13 @@ sys.path.insert(0, str(ROOT))
 
 
 def _module_at(rev: str) -> types.ModuleType:
-    """``nvlcore/training/host_offload.py`` as of git revision ``rev``, as a module of its own."""
-    src = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:nvlcore/training/host_offload.py"],
-                         check=True, capture_output=True, text=True).stdout
+    """``nvlcore/training/host_offload.py`` as of git revision ``rev`` (or the file ``rev``, for a machine
+    without the repository's history), as a module of its own."""
+    if Path(rev).is_file():
+        src = Path(rev).read_text()
+    else:
+        src = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:nvlcore/training/host_offload.py"],
+                             check=True, capture_output=True, text=True).stdout
     mod = types.ModuleType(f"host_offload_{rev}")
     exec(compile(src, f"host_offload@{rev}", "exec"), mod.__dict__)  # noqa: S102 - our own file at a revision
     return mod
@@ -49,13 +54,13 @@ def _time(make, args, device: str) -> float:
     import torch
 
     n = int(float(args.values)) // args.tensors
-    g = torch.Generator().manual_seed(0)
-    params = [torch.nn.Parameter(torch.randn(n // 1024, 1024, generator=g).to(device)) for _ in range(args.tensors)]
+    torch.manual_seed(0)  # drawn on the device: filling GBs on the CPU would take longer than the timing
+    params = [torch.nn.Parameter(torch.randn(n // 1024, 1024, device=device)) for _ in range(args.tensors)]
     opt = make([{"params": params, "weight_decay": 0.1}])
     if args.bf16:
         opt.store_params_in(torch.bfloat16)
     for p in params:
-        p.grad = torch.randn(p.shape, generator=g).to(device, p.dtype)
+        p.grad = torch.randn(p.shape, device=device).to(p.dtype)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     for _ in range(2):
         opt.step()
