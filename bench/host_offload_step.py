@@ -2,7 +2,7 @@
 """Seconds per ``step()`` of the host-offloaded AdamW (``nvlcore/training/host_offload.py``).
 
 Usage: ``python bench/host_offload_step.py [--values 32e6] [--tensors 16] [--steps 5] [--bf16]
-[--before REV] [--device cuda|cpu]``.
+[--before REV] [--variants fused,pipelined] [--chunk-mb 64] [--device cuda|cpu]``.
 
 ``--values`` trainable fp32 values in ``--tensors`` equal tensors, all offloaded (``offload_fraction=1``),
 on the GPU when there is one (else on the CPU: no copies to overlap, only the host kernels differ). Each
@@ -84,6 +84,7 @@ def main() -> None:
     ap.add_argument("--chunk-mb", type=float, default=64)
     ap.add_argument("--bf16", action="store_true", help="bf16 device parameters, fp32 masters on the host")
     ap.add_argument("--before", metavar="REV", help="also time the module at this git revision")
+    ap.add_argument("--variants", help="comma-separated subset of foreach,fused,pipelined,before")
     ap.add_argument("--device", choices=["cuda", "cpu"], help="default: cuda when available")
     args = ap.parse_args()
     import torch
@@ -101,6 +102,8 @@ def main() -> None:
     if args.before:
         old = _module_at(args.before).HostOffloadAdamW
         variants["before"] = lambda g: old(g, **kw)
+    if args.variants:
+        variants = {k: v for k, v in variants.items() if k in args.variants.split(",")}
     env = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "threads": torch.get_num_threads(),
            "torch": torch.__version__, "values": int(float(args.values)), "tensors": args.tensors,
            "bf16": args.bf16, "chunk_mb": args.chunk_mb, "steps": args.steps, "rounds": args.rounds,
