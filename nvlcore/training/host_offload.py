@@ -3,42 +3,93 @@
 ``HybridDeviceOptimizer``).
 
 The first ``offload_fraction`` of the parameter values (in the optimizer's order) are updated on the
-host: each step copies their fp32 values and gradients to host memory, runs ``torch.optim.AdamW`` there
-(moments in host memory) and copies the new values back; the rest are updated on the device by the
-usual AdamW. The device update is launched first, so it runs on the GPU while the host one runs on
-the CPU. The host copies of fp32 parameters are refreshed from the device at every step, so weights
-loaded after the optimizer was built (a resume) are what the host updates.
+host: each step copies their gradients (and the values of fp32 parameters) to host memory, runs
+``torch.optim.AdamW`` there (moments in host memory) and copies the new values back; the rest are
+updated on the device by the usual AdamW. The host copies of fp32 parameters are refreshed from the
+device at every step, so weights loaded after the optimizer was built (a resume) are what the host
+updates.
+
+How a step overlaps on a GPU. The host parameters are cut into chunks of about ``chunk_bytes`` of fp32
+values (whole parameters, in order; a chunk may span parameter groups). The step
+
+1. queues every chunk's device-to-host copies (gradients, and fp32 values) on a side stream, into pinned
+   host buffers allocated once, and records a CUDA event after each chunk;
+2. launches the device AdamW on the current stream (it runs on the GPU while the host works);
+3. for each chunk in turn: waits for its event, updates it on the CPU, and queues its host-to-device
+   copies (``non_blocking`` from pinned memory) on a second side stream, so chunk k+1 arrives while the
+   CPU updates chunk k, and chunk k goes back while the CPU updates chunk k+1;
+4. makes the current stream wait for the last host-to-device copy (an event), so the next forward reads
+   the new values without a host synchronisation.
+
+The host AdamW is torch's fused CPU kernel (one vectorised, multithreaded pass over each chunk) where the
+device parameters are on a GPU. It equals the ``foreach`` kernel to within fp32 rounding (about one unit
+in the last place per step), not bit for bit, so where the device parameters are on the CPU (tests, a
+CPU run) the host AdamW keeps ``foreach``, the kernel the plain CPU optimizer uses, and an offloaded CPU
+run equals the plain one bit for bit; ``host_fused`` picks the kernel explicitly.
 
 Low-precision device parameters (``optimizer.main_grads_dtype=torch.bfloat16``, megatron-core's
 ``HybridDeviceOptimizer`` layout): a parameter the trainer stores in bf16 on the device after this
 optimizer captured it (:meth:`store_params_in`) has its fp32 master *only* on the host, and the master is
 authoritative: it is never refreshed from the device, except once before the first step where the device
 value no longer equals the rounded master (weights loaded after the optimizer was built, without a
-checkpointed master). Its bf16 gradient is upcast on the host, and after the host update the device
-parameter becomes ``bf16(master)``. The master is part of the optimizer state (``state[p]["main_param"]``,
-for every host parameter in this mode), so a checkpoint restores it and a resume is exact.
+checkpointed master). Its bf16 gradient crosses to a pinned bf16 buffer (half the bytes of an fp32 one)
+and is upcast on the host, which costs the CPU less than a copy of fp32 values; after the host update the
+CPU rounds the master to bf16 into the same pinned buffer and the device parameter becomes ``bf16(master)``.
+The master is part of the optimizer state (``state[p]["main_param"]``, for every host parameter in this
+mode), so a checkpoint restores it and a resume is exact.
+
+Host memory beyond the masters and moments: pinned gradient buffers of 4 bytes per offloaded fp32 value
+and 2 per bf16 one (each chunk's buffer is one pinned allocation), and one fp32 scratch of a chunk for the
+upcast gradients.
 
 The wrapper is a ``torch.optim.Optimizer`` over the device parameters: its ``param_groups`` take the
 trainer's learning rate and weight decay, and ``state[param]`` is the very dictionary the inner
-optimizer updates (a host parameter's moments are host tensors), so checkpoints save and load the
-state like any other optimizer's, under ``ZeroRedundancyOptimizer`` too.
+optimizers update (one dict per parameter; a host parameter's moments are host tensors), so checkpoints
+save and load the state like any other optimizer's, under ``ZeroRedundancyOptimizer`` too.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 _HYPER = ("lr", "betas", "eps", "weight_decay")
+#: fp32 bytes of host parameters per chunk of the pipeline (megatron-core's HybridDeviceOptimizer steps one
+#: parameter at a time; chunks of tens of MB keep the per-call overhead small and the first/last copy short)
+DEFAULT_CHUNK_BYTES = 64 << 20
+
+
+@dataclass
+class _Chunk:
+    """Consecutive host parameters updated, and copied, together."""
+
+    pairs: list[tuple[torch.Tensor, torch.Tensor]]  # (device parameter, host fp32 value)
+    opt: torch.optim.Optimizer | None = None  # AdamW over these host values; its state is the host optimizer's
+    #: pinned landing buffers, set at the first step on a GPU: device parameter -> (fp32 grad | bf16 stage)
+    landing: dict[torch.Tensor, torch.Tensor] = field(default_factory=dict)
+    layout: tuple = ()  # the (dtype, numel) of each parameter the landing buffers were made for
+
+
+def _host_adamw(groups: list[dict], lr: float, fused: bool) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(groups, lr=lr, **({"fused": True} if fused else {"foreach": True}))
 
 
 class HostOffloadAdamW(torch.optim.Optimizer):
-    """AdamW with the state of the first ``offload_fraction`` of parameter values in host memory."""
+    """AdamW with the state of the first ``offload_fraction`` of parameter values in host memory.
+
+    ``chunk_bytes``: fp32 bytes of host parameters per pipeline chunk (``None``: one chunk).
+    ``host_fused``: the host AdamW kernel, torch's fused CPU one (``True``) or ``foreach`` (``False``);
+    ``None`` picks fused where the device parameters are on a GPU, foreach where they are on the CPU.
+    """
 
     def __init__(self, params: Any, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.0, *, offload_fraction: float = 1.0) -> None:
+                 weight_decay: float = 0.0, *, offload_fraction: float = 1.0,
+                 chunk_bytes: int | None = DEFAULT_CHUNK_BYTES, host_fused: bool | None = None) -> None:
         super().__init__(params, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay})
+        if chunk_bytes is not None and chunk_bytes <= 0:
+            raise ValueError(f"HostOffloadAdamW chunk_bytes={chunk_bytes}: give a positive size or None (one chunk)")
         ordered = [p for g in self.param_groups for p in g["params"]]
         budget, taken = offload_fraction * sum(p.numel() for p in ordered), 0
         self.host_of: dict[torch.Tensor, torch.Tensor] = {}
@@ -52,43 +103,167 @@ class HostOffloadAdamW(torch.optim.Optimizer):
             pin = p.device.type == "cuda"
             self.host_of[p] = torch.empty(p.shape, dtype=torch.float32, pin_memory=pin).copy_(p.detach())
             taken += p.numel()
+        self._cuda = any(p.device.type == "cuda" for p in self.host_of)
+        self.host_fused = self._cuda if host_fused is None else host_fused
         dev, host = [], []
         # (index of the wrapper's group, inner group): load_state_dict replaces the wrapper's group dicts
         self._links: list[tuple[int, dict]] = []
+        group_of: dict[torch.Tensor, int] = {}
         for gi, g in enumerate(self.param_groups):
             opts = {k: v for k, v in g.items() if k != "params"}
             on_dev = [p for p in g["params"] if p not in self.host_of]
             on_host = [self.host_of[p] for p in g["params"] if p in self.host_of]
+            group_of.update((p, gi) for p in g["params"])
             if on_dev:
                 dev.append((gi, {**opts, "params": on_dev}))
             if on_host:
                 host.append((gi, {**opts, "params": on_host}))
         fused = {"fused": True} if ordered[0].device.type == "cuda" else {"foreach": True}
         self.device_opt = torch.optim.AdamW([i for _, i in dev], lr=lr, **fused) if dev else None
-        self.host_opt = torch.optim.AdamW([i for _, i in host], lr=lr, foreach=True) if host else None
+        try:
+            self.host_opt = _host_adamw([i for _, i in host], lr, self.host_fused) if host else None
+        except RuntimeError as exc:  # torch without a fused CPU AdamW (< 2.4)
+            raise ValueError(f"HostOffloadAdamW host_fused=True: this torch has no fused CPU AdamW ({exc}); "
+                             "pass host_fused=False") from None
         for pairs, inner in ((dev, self.device_opt), (host, self.host_opt)):
             if inner is not None:
                 self._links += [(gi, ig) for (gi, _), ig in zip(pairs, inner.param_groups, strict=True)]
+        self._chunks = self._make_chunks(chunk_bytes, group_of, lr)
+        self._d2h: Any = None  # side streams and the last host-to-device event, made at the first GPU step
+        self._h2d: Any = None
+        self._h2d_done: Any = None
+        self._scratch = torch.empty(0)  # fp32 upcast of a chunk's bf16 gradients
+
+    def _make_chunks(self, chunk_bytes: int | None, group_of: dict[torch.Tensor, int], lr: float) -> list[_Chunk]:
+        """Cut the host parameters, in order, into chunks of at least ``chunk_bytes`` fp32 bytes (the last may
+        be smaller); each gets an AdamW over its host values that shares the host optimizer's state."""
+        chunks: list[_Chunk] = []
+        size = 0
+        for p, h in self.host_of.items():
+            if not chunks or (chunk_bytes is not None and size >= chunk_bytes):
+                chunks.append(_Chunk([]))
+                size = 0
+            chunks[-1].pairs.append((p, h))
+            size += h.numel() * 4
+        for c in chunks:
+            groups: list[tuple[int, dict]] = []
+            for p, h in c.pairs:
+                gi = group_of[p]
+                if not groups or groups[-1][0] != gi:
+                    opts = {k: v for k, v in self.param_groups[gi].items() if k != "params"}
+                    groups.append((gi, {**opts, "params": []}))
+                groups[-1][1]["params"].append(h)
+            c.opt = _host_adamw([g for _, g in groups], lr, self.host_fused)
+            c.opt.state = self.host_opt.state  # one dict per parameter, the one checkpoints save
+            self._links += [(gi, ig) for (gi, _), ig in zip(groups, c.opt.param_groups, strict=True)]
+        return chunks
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
         for gi, inner in self._links:
             inner.update({k: self.param_groups[gi][k] for k in _HYPER})
         if not self._checked_masters:
             self._adopt_changed_device_values()
-        moved = [(p, h) for p, h in self.host_of.items() if p.grad is not None]
-        for p, h in moved:
-            if p.dtype == torch.float32:  # an fp32 device parameter is its own master: take its value
-                h.copy_(p.detach())
-            h.grad = p.grad.to("cpu", torch.float32)
+        if self._cuda:
+            events = self._queue_device_to_host()
         if self.device_opt is not None:
             self.device_opt.step()  # asynchronous on a GPU: overlaps the host update below
-        if self.host_opt is not None:
-            self.host_opt.step()
-        for p, h in moved:
-            p.copy_(h, non_blocking=True)  # casts to a low-precision parameter's dtype (round to nearest even)
-            h.grad = None
+        for k, c in enumerate(self._chunks):
+            moved = [(p, h) for p, h in c.pairs if p.grad is not None]
+            if not moved:
+                continue
+            if self._cuda:
+                events[k].synchronize()  # this chunk's gradients (and values) have landed; later ones still move
+                self._take_landed_grads(c, moved)
+            else:
+                for p, h in moved:
+                    if p.dtype == torch.float32:  # an fp32 device parameter is its own master: take its value
+                        h.copy_(p.detach())
+                    h.grad = p.grad.to("cpu", torch.float32)
+            c.opt.step()
+            for _, h in moved:
+                h.grad = None
+            if self._cuda:
+                self._queue_host_to_device(c, moved)
+            else:
+                for p, h in moved:
+                    p.copy_(h)  # casts to a low-precision parameter's dtype (round to nearest even)
+        if self._cuda and self._h2d_done is not None:
+            # the next forward reads these parameters: order it after the copies, without blocking the host
+            torch.cuda.current_stream().wait_event(self._h2d_done)
         self._link_state()
+        return loss
+
+    def _queue_device_to_host(self) -> list[Any]:
+        """Queue every chunk's gradient (and fp32 value) copies on the side stream; an event per chunk."""
+        if self._d2h is None:
+            self._d2h, self._h2d = torch.cuda.Stream(), torch.cuda.Stream()
+        current = torch.cuda.current_stream()
+        self._d2h.wait_stream(current)  # the gradients are final on the current stream
+        self._h2d.wait_stream(current)  # nothing queued before the step still reads the parameters
+        events = []
+        with torch.cuda.stream(self._d2h):
+            for c in self._chunks:
+                moved = [(p, h) for p, h in c.pairs if p.grad is not None]
+                self._landing(c)
+                for p, h in moved:
+                    if p.dtype == torch.float32:
+                        h.copy_(p.detach(), non_blocking=True)  # h is pinned: an fp32 parameter's value
+                    c.landing[p].copy_(p.grad, non_blocking=True)
+                ev = torch.cuda.Event()
+                ev.record(self._d2h)
+                events.append(ev)
+        return events
+
+    def _landing(self, c: _Chunk) -> None:
+        """(Re)make a chunk's pinned buffers: one allocation per dtype, a view per parameter; a gradient that
+        is not fp32 lands in its own dtype (bf16: half the bytes) and is upcast on the host."""
+        layout = tuple((p.dtype, p.numel()) for p, _ in c.pairs)
+        if c.layout == layout:
+            return
+        c.landing, c.layout = {}, layout
+        for dtype in {p.dtype for p, _ in c.pairs}:
+            mine = [p for p, _ in c.pairs if p.dtype == dtype]
+            flat = torch.empty(sum(p.numel() for p in mine), dtype=dtype, pin_memory=True)
+            off = 0
+            for p in mine:
+                c.landing[p] = flat[off:off + p.numel()].view(p.shape)
+                off += p.numel()
+        low = sum(p.numel() for p, _ in c.pairs if p.dtype != torch.float32)
+        if low > self._scratch.numel():
+            self._scratch = torch.empty(low, dtype=torch.float32)
+
+    def _take_landed_grads(self, c: _Chunk, moved: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        off = 0
+        for p, h in moved:
+            buf = c.landing[p]
+            if buf.dtype == torch.float32:
+                h.grad = buf
+            else:  # upcast on the host into the chunk scratch (exact: bf16 -> fp32)
+                h.grad = self._scratch[off:off + h.numel()].view(h.shape).copy_(buf)
+                off += h.numel()
+
+    def _queue_host_to_device(self, c: _Chunk, moved: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Queue a chunk's new values to the device on the second side stream, from pinned memory: an fp32
+        parameter from its master, a low-precision one from the master rounded on the host into its (pinned)
+        gradient buffer, which the gradient no longer needs."""
+        for p, h in moved:
+            if p.dtype != torch.float32:
+                c.landing[p].copy_(h)  # round to nearest even, as a device-side cast would
+        with torch.cuda.stream(self._h2d):
+            for p, h in moved:
+                p.copy_(h if p.dtype == torch.float32 else c.landing[p], non_blocking=True)
+            self._h2d_done = torch.cuda.Event()
+            self._h2d_done.record(self._h2d)
+
+    def _wait_copies(self) -> None:
+        """Before the host writes a master outside a step: the last step's copies from it have finished."""
+        if self._h2d_done is not None:
+            self._h2d_done.synchronize()
 
     @torch.no_grad()
     def store_params_in(self, dtype: torch.dtype, keep: Any = None) -> int:
@@ -109,6 +284,7 @@ class HostOffloadAdamW(torch.optim.Optimizer):
     def _adopt_changed_device_values(self) -> None:
         """A low-precision device parameter that no longer equals its rounded master was loaded after the
         optimizer captured it (and no checkpointed master came with it): its value becomes the master."""
+        self._wait_copies()
         for p, h in self.host_of.items():
             if p.dtype != torch.float32 and not torch.equal(p.detach().cpu(), h.to(p.dtype)):
                 h.copy_(p.detach())
@@ -132,6 +308,7 @@ class HostOffloadAdamW(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore as any optimizer (values on the parameters' devices), then move each host parameter's
         state to host memory and hand every state to the optimizer that updates it."""
+        self._wait_copies()
         if self.keeps_main_params:
             # torch's load casts state values to the parameter's dtype: fp32 moments and masters of a bf16
             # parameter must keep fp32, so their values are placed here, by the saved parameter order
@@ -163,4 +340,4 @@ class HostOffloadAdamW(torch.optim.Optimizer):
             self.state[p] = st
 
 
-__all__ = ["HostOffloadAdamW"]
+__all__ = ["DEFAULT_CHUNK_BYTES", "HostOffloadAdamW"]
