@@ -232,8 +232,15 @@ def test_nf4_shrinks_the_frozen_weights_on_the_gpu() -> None:
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_a_host_built_base_is_quantized_onto_the_gpu_one_weight_at_a_time() -> None:
-    """``model.use_cpu_initialization``: the bf16 base stays in host memory; the GPU receives NF4 weights only."""
-    layers = nn.Sequential(*[nn.Linear(2048, 2048, bias=False, dtype=torch.bfloat16) for _ in range(8)])
+    """``model.use_cpu_initialization``: the bf16 base stays in host memory; the GPU receives NF4 weights only.
+
+    The GPU's peak over the start is the NF4 weights (~0.28 of bf16's bytes) plus one layer in bf16 plus
+    torchao's quantizer temporaries, which are per 1M-value chunk (~0.1 GB whatever the layer: visit J saw
+    0.10 GB over a 67 MB toy); the base is large enough (1.07 GB in bf16) that holding it whole would show."""
+    layers = nn.Sequential(*[nn.Linear(4096, 4096, bias=False, device="meta") for _ in range(32)])
+    g = torch.Generator().manual_seed(0)
+    for layer in layers:
+        layer.weight = nn.Parameter(torch.randn(4096, 4096, generator=g).to(torch.bfloat16) / 64)
     layers.requires_grad_(False)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
@@ -243,7 +250,7 @@ def test_a_host_built_base_is_quantized_onto_the_gpu_one_weight_at_a_time() -> N
     dense = sum(p.numel() * 2 for p in layers.parameters())
     assert all(p.device.type == "cuda" for p in layers.parameters())
     assert torch.cuda.max_memory_allocated() - before < 0.5 * dense  # never the whole bf16 base at once
-    y = layers(torch.randn(4, 2048, device="cuda", dtype=torch.bfloat16))
+    y = layers(torch.randn(4, 4096, device="cuda", dtype=torch.bfloat16))
     assert torch.isfinite(y).all()
 
 
