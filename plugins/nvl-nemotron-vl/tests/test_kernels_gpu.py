@@ -302,7 +302,8 @@ def test_tiny_toy_bf16_packed_row_through_varlen_attention_equals_samples_alone(
     lengths = [150, 97, 203]
     parts = [torch.randint(0, 500, (n,), generator=gen) for n in lengths]
     ids = torch.cat(parts + [torch.zeros(62, dtype=torch.long)])[None].cuda()
-    labels = torch.cat([torch.cat([p[1:], torch.tensor([-100])]) for p in parts] + [torch.full((62,), -100)])[None].cuda()
+    labels = torch.cat([torch.cat([p[1:], torch.tensor([-100])]) for p in parts]
+                       + [torch.full((62,), -100)])[None].cuda()
 
     def packed_errors(sample_lengths):
         sid = _packed_seq_idx(1, ids.shape[1], sample_lengths)
