@@ -454,7 +454,7 @@ def run_nvl(args: argparse.Namespace, model_dir: Path, data: dict[str, Path], wo
     shown = (" ".join(launcher + ["-m", "nvlcore"]) + " " if launcher else "nvl ") + "finetune " + " ".join(
         shlex.quote(a) for a in cmd_args + overrides)
     log(f"run: {shown}")
-    env = {**os.environ, CHILD_ENV: "1"}
+    env = {**os.environ, CHILD_ENV: "1", "PYTHONUNBUFFERED": "1"}  # the log file gets lines as printed
     profiled = -1
     # The profiled run: --profile-variant picks it among the runs of a workload (0: the first one, the
     # default or with --skip-default the first variant).
@@ -470,14 +470,20 @@ def run_nvl(args: argparse.Namespace, model_dir: Path, data: dict[str, Path], wo
                            "gpus": max(1, args.nproc or 1), "tp": args.tp, "command": shown,
                            "date": _dt.date.today().isoformat(), "variant": variant}
     t0 = time.perf_counter()
-    with GpuMemorySampler() if args.device == "cuda" else _Null() as sampler:
+    log_path = work / f"log-{name}.txt"
+    timed_out = False
+    # the child writes straight into its log, so a run the limit kills still leaves what it printed
+    with GpuMemorySampler() if args.device == "cuda" else _Null() as sampler, log_path.open("w") as log_file:
         start = [sys.executable, "-m", "torch.distributed.run", *launcher[1:]] if launcher else [sys.executable]
-        proc = subprocess.run([*start, __file__, "--child", *cmd_args, *overrides], env=env,
-                              capture_output=True, text=True, timeout=args.run_timeout)
+        try:
+            proc = subprocess.run([*start, __file__, "--child", *cmd_args, *overrides], env=env,
+                                  stdout=log_file, stderr=subprocess.STDOUT, text=True, timeout=args.run_timeout)
+            returncode = proc.returncode
+        except subprocess.TimeoutExpired:
+            timed_out, returncode = True, -9
     rec["wall_s"] = round(time.perf_counter() - t0, 1)
-    out = proc.stdout + proc.stderr
-    (work / f"log-{name}.txt").write_text(out)
-    rec["_log"] = str(work / f"log-{name}.txt")  # for benches built on this one; not written to the record
+    out = log_path.read_text(errors="replace")
+    rec["_log"] = str(log_path)  # for benches built on this one; not written to the record
     kernels = {}
     for line in out.splitlines():
         if "nvl finetune: kernels: " in line:
@@ -493,10 +499,16 @@ def run_nvl(args: argparse.Namespace, model_dir: Path, data: dict[str, Path], wo
         rec["peak_gb_nvidia_smi"] = round(max(sampler.peak_mib) * 1.048576 / 1000, 1)
     rows = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()] if metrics.exists() else []
     rows = [r for r in rows if "tokens_per_s" in r]
-    if proc.returncode != 0 or not rows:
+    if timed_out:
+        rec["status"] = f"timeout: killed after {args.run_timeout} s ({len(rows)} iteration(s) logged)"
+        rec["iterations_logged"] = [{k: r.get(k) for k in ("iteration", "step_time_s", "tokens_per_s", "mem_gb")}
+                                    for r in rows]
+        log(f"  -> {rec['status']}")
+        return rec
+    if returncode != 0 or not rows:
         oom = "out of memory" in out.lower() or "OutOfMemoryError" in out
         last = (out.strip().splitlines() or ["?"])[-1][:300]
-        rec["status"] = "oom" if oom else f"error (exit {proc.returncode}): {last}"
+        rec["status"] = "oom" if oom else f"error (exit {returncode}): {last}"
         log(f"  -> {rec['status']}")
         return rec
     # the profiled iteration and the one before it (its host synchronisations traced) are left out
