@@ -261,6 +261,24 @@ def test_conv_kernel_with_seq_idx_matches_reference(dtype):
     assert max(errs.values()) < TOL[("conv", dtype)], errs
 
 
+def _packed_vs_alone(model, lengths, boundaries, *, pad, seed):
+    """Per sample, the relative error of its per-token losses in one packed row (random tokens of ``lengths``,
+    then ``pad`` padding; the row's sample boundaries from ``boundaries``) against the sample run alone."""
+    gen = torch.Generator().manual_seed(seed)
+    parts = [torch.randint(0, 500, (n,), generator=gen) for n in lengths]
+    ids = torch.cat(parts + [torch.zeros(pad, dtype=torch.long)])[None].cuda()
+    labels = torch.cat([torch.cat([p[1:], torch.tensor([-100])]) for p in parts]
+                       + [torch.full((pad,), -100)])[None].cuda()
+    sid = _packed_seq_idx(1, ids.shape[1], boundaries)
+    errs, start = [], 0
+    with torch.no_grad():
+        packed = model(ids, labels=labels, attention_mask=(sid < len(boundaries)).long(), seq_idx=sid)
+        for p, n in zip(parts, lengths, strict=True):
+            errs.append(rel(packed[:, start:start + n], model(p[None].cuda(), labels=labels[:, start:start + n])))
+            start += n
+    return errs
+
+
 @cuda
 def test_tiny_toy_packed_row_equals_samples_alone_with_kernels(tiny_toy):
     """The whole model on CUDA with ``kernels=auto``: a packed row's per-token losses equal each sample
@@ -270,21 +288,9 @@ def test_tiny_toy_packed_row_equals_samples_alone_with_kernels(tiny_toy):
     bridge = NemotronVLBridge.from_hf_dir(tiny_toy)
     model = bridge.build_model(dtype=torch.float32, device="cuda", load_weights=True, kernels="auto")
     _kernels("scan")
-    gen = torch.Generator().manual_seed(5)
     lengths = [40, 70, 33]
-    parts = [torch.randint(0, 500, (n,), generator=gen) for n in lengths]
-    ids = torch.cat(parts + [torch.zeros(9, dtype=torch.long)])[None].cuda()
-    labels = torch.cat([torch.cat([p[1:],
-                                   torch.tensor([-100])]) for p in parts] + [torch.full((9,), -100)])[None].cuda()
-    sid = _packed_seq_idx(1, ids.shape[1], lengths)
-    am = (sid < len(lengths)).long()
-    with torch.no_grad():
-        packed = model(ids, labels=labels, attention_mask=am, seq_idx=sid)
-        start = 0
-        for p, n in zip(parts, lengths, strict=True):
-            alone = model(p[None].cuda(), labels=labels[:, start:start + n])
-            assert rel(packed[:, start:start + n], alone) < 1e-2, (start, n)
-            start += n
+    errs = _packed_vs_alone(model, lengths, lengths, pad=9, seed=5)
+    assert max(errs) < 1e-2, errs
 
 
 @cuda
@@ -298,28 +304,12 @@ def test_tiny_toy_bf16_packed_row_through_varlen_attention_equals_samples_alone(
     bridge = NemotronVLBridge.from_hf_dir(tiny_toy)
     model = bridge.build_model(dtype=torch.bfloat16, device="cuda", load_weights=True, kernels="auto")
     _kernels("packed_attention")
-    gen = torch.Generator().manual_seed(7)
     lengths = [150, 97, 203]
-    parts = [torch.randint(0, 500, (n,), generator=gen) for n in lengths]
-    ids = torch.cat(parts + [torch.zeros(62, dtype=torch.long)])[None].cuda()
-    labels = torch.cat([torch.cat([p[1:], torch.tensor([-100])]) for p in parts]
-                       + [torch.full((62,), -100)])[None].cuda()
-
-    def packed_errors(sample_lengths):
-        sid = _packed_seq_idx(1, ids.shape[1], sample_lengths)
-        with torch.no_grad():
-            packed = model(ids, labels=labels, attention_mask=(sid < len(sample_lengths)).long(), seq_idx=sid)
-            errs, start = [], 0
-            for p, n in zip(parts, lengths, strict=True):
-                alone = model(p[None].cuda(), labels=labels[:, start:start + n])
-                errs.append(rel(packed[:, start:start + n], alone))
-                start += n
-        return errs
-
-    good = packed_errors(lengths)
+    good = _packed_vs_alone(model, lengths, lengths, pad=62, seed=7)
     assert "varlen" in bridge.kernels_ran(model).get("packed_attention", ""), bridge.kernels_ran(model)
     assert max(good) < 2e-2, good
-    shifted = packed_errors([lengths[0] + 1, lengths[1] - 1, lengths[2]])  # sample 2 sees sample 1's last token
+    # the negative control: the row's boundaries say sample 2 starts one token late (it sees sample 1's last)
+    shifted = _packed_vs_alone(model, lengths, [lengths[0] + 1, lengths[1] - 1, lengths[2]], pad=62, seed=7)
     assert max(shifted) > 5 * max(max(good), 1e-3), (good, shifted)
 
 
