@@ -154,3 +154,28 @@ def test_cuda_graph_variants_keep_their_scope_list_and_refuse_a_short_warmup():
     bench.check_graph_warmup(args)
     with pytest.raises(SystemExit, match=r"--warmup 2 would average in the eager steps of a CUDA-graph row"):
         bench.check_graph_warmup(bench.parse_args(["--variants", graphs]))
+
+
+def test_packing_is_measured_against_the_fastest_unpacked_micro_batch():
+    """The packing summary picks the best unpacked micro-batch of the same workload as the baseline, names every
+    micro-batch tried (OOMs too), and ignores rows of other workloads or other variants."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("finetune_gpu_bench", BENCH)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+
+    def row(variant, tps, status="ok", workload="medpix"):
+        return {"system": "nvl", "workload": workload, "method": "lora", "seq": 4096, "variant": variant,
+                "tokens_per_s": tps, "status": status, "samples_per_step": 4}
+
+    packed = row({"dataset.packing": "best_fit"}, 6000.0)
+    records = [row({}, 3000.0), row({"train.micro_batch_size": "4"}, 4500.0),
+               row({"train.micro_batch_size": "16"}, None, "oom"), row({}, 9000.0, workload="text"),
+               row({"mixed_precision": "bf16_with_fp8_current_scaling_mixed"}, 9999.0), packed]
+    unpacked = bench._unpacked_rows(records, packed)
+    assert [int(r["variant"].get("train.micro_batch_size", 1)) for r in unpacked] == [1, 4, 16]
+    line = bench._packing_line(packed, unpacked)
+    assert "6,000 vs 4,500 tokens/s unpacked at its best micro-batch (4) = 1.33x" in line, line
+    assert "1: 3,000, 4: 4,500, 16: oom" in line, line
+    assert "none in this run" in bench._packing_line(packed, [])
