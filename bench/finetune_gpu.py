@@ -417,7 +417,9 @@ class GpuMemorySampler:
 
 def run_nvl(args: argparse.Namespace, model_dir: Path, data: dict[str, Path], workload: str, method: str,
             variant: dict[str, Any], work: Path, seq: int, extra_args: tuple[str, ...] = (),
-            name_suffix: str = "") -> dict[str, Any]:
+            name_suffix: str = "", profile: bool = False) -> dict[str, Any]:
+    """One ``nvl finetune`` run as a child process, timed from its metrics.jsonl. ``profile``: profile its last
+    iteration (as --profile does for a chosen workload; left out of the averages)."""
     first_seq = seq == _seqs(args)[0]
     name = "-".join([workload, method] + ([] if first_seq else [f"seq{seq}"])
                     + [f"{k.split('.')[-1]}={_override_value(v).strip('[]')}" for k, v in variant.items()]
@@ -463,7 +465,7 @@ def run_nvl(args: argparse.Namespace, model_dir: Path, data: dict[str, Path], wo
     # default or with --skip-default the first variant).
     runs = ([] if args.skip_default else [{}]) + _variants(args)
     chosen = runs[args.profile_variant] if args.profile_variant < len(runs) else None
-    if workload in args.profile.split(",") and variant == chosen and first_seq and args.device == "cuda":
+    if (profile or (workload in args.profile.split(",") and variant == chosen and first_seq)) and args.device == "cuda":
         profiled = args.steps  # the last iteration; left out of the averages below
         env.update(NVL_BENCH_PROFILE_ITER=str(profiled),
                    NVL_BENCH_PROFILE_OUT=str(Path(args.out) / f"profile_{name}.txt"))

@@ -155,7 +155,7 @@ def run_row(args: argparse.Namespace, name: str, row: dict[str, Any], model_dir:
         os.environ["NVL_BENCH_MEMORY_CAP_GB"] = str(row.get("target_gb", row["budget_gb"]))
     try:
         rec = fg.run_nvl(args, model_dir, data, row["workload"], method, fit_options, work, seq,
-                         extra_args=extra, name_suffix=f"-{name}")
+                         extra_args=extra, name_suffix=f"-{name}", profile=name in args.profile_rows)
     finally:
         os.environ.pop("NVL_BENCH_MEMORY_CAP_GB", None)
     out = []
@@ -203,10 +203,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seq", dest="seq_override", type=int, default=None, help="override every row's length")
     ap.add_argument("--tag", default="")
     ap.add_argument("--no-baseline", default="", help="rows (comma-separated) run without their baseline")
+    ap.add_argument("--profile-rows", default="", help="rows (comma-separated) whose last iteration is profiled "
+                    "(torch.profiler's per-op table, profile_<run>.txt in --out); it and the one before it are "
+                    "left out of the averages, so give --steps >= --warmup + 3")
     ns, rest = ap.parse_known_args(argv)
     args = fg.parse_args(rest + ["--peer-seqs", "", "--profile", ""])
     args.seq_override = ns.seq_override
     args.no_baseline = tuple(n for n in ns.no_baseline.split(",") if n)
+    args.profile_rows = tuple(n for n in ns.profile_rows.split(",") if n)
     fg.__file__ = __file__  # run_nvl starts `python <this file> --child ...`: this bench's child entry
     import tempfile
 
