@@ -7,8 +7,8 @@ The matmul dequantises the weight to the activation's dtype for each call (bf16 
 fp32 on a CPU) and keeps only the 4-bit weight for backward, where it dequantises it again; no gradient
 reaches it. The dequantisation is :func:`dequantize_nf4`, torchao's NF4 layout decoded from the tensor's
 parts, under ``torch.compile`` on a GPU: one fused kernel that reads the 4-bit codes and writes the weight
-(torchao's own eager decode goes through int64 indices and several full-size temporaries, ~6 bytes per
-weight and several passes, which made a 12B QLoRA step several times slower than the matmuls it feeds).
+(torchao's own eager decode goes through int64 indices and several full-size temporaries: several memory
+passes of ~6 bytes per weight, by our count, not a measured share of a step).
 Where compiling fails, the same function runs eagerly, said once in the log.
 
 Megatron's parallel linears call their ``_forward_impl`` for the matmul; a quantised one gets
