@@ -136,9 +136,8 @@ def run_row(args: argparse.Namespace, name: str, row: dict[str, Any], model_dir:
     args.tp = row.get("tp", 1)
     args.nproc = row.get("tp", 1) if row.get("tp", 1) > 1 else None
     seq = args.seq_override or row["seq"]
-    if not hasattr(args, "default_gbs"):
-        args.default_gbs = args.gbs
-    # a row may run at its recipe's global batch (what a user runs): the optimizer step is amortised over it
+    # a row may run at its recipe's global batch (what a user runs): the optimizer step is amortised over it;
+    # the tiny CPU smoke run keeps the command line's
     args.gbs = row.get("gbs", args.default_gbs) if args.size != "tiny" else args.default_gbs
     key = json.dumps([row["workload"], method, seq, args.tp, row["baseline"], extra, args.gbs])
     if name in getattr(args, "no_baseline", ()):  # a row whose target has no speed floor: its baseline is not run
@@ -211,6 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     args.seq_override = ns.seq_override
     args.no_baseline = tuple(n for n in ns.no_baseline.split(",") if n)
     args.profile_rows = tuple(n for n in ns.profile_rows.split(",") if n)
+    args.default_gbs = args.gbs  # --gbs, for the rows that name no global batch of their own
     fg.__file__ = __file__  # run_nvl starts `python <this file> --child ...`: this bench's child entry
     import tempfile
 

@@ -168,12 +168,13 @@ class HostOffloadAdamW(torch.optim.Optimizer):
             inner.update({k: self.param_groups[gi][k] for k in _HYPER})
         if not self._checked_masters:
             self._adopt_changed_device_values()
+        # per chunk, the host parameters that have a gradient this step
+        moved_of = [[(p, h) for p, h in c.pairs if p.grad is not None] for c in self._chunks]
         if self._cuda:
-            events = self._queue_device_to_host()
+            events = self._queue_device_to_host(moved_of)
         if self.device_opt is not None:
             self.device_opt.step()  # asynchronous on a GPU: overlaps the host update below
-        for k, c in enumerate(self._chunks):
-            moved = [(p, h) for p, h in c.pairs if p.grad is not None]
+        for k, (c, moved) in enumerate(zip(self._chunks, moved_of, strict=True)):
             if not moved:
                 continue
             if self._cuda:
@@ -198,7 +199,7 @@ class HostOffloadAdamW(torch.optim.Optimizer):
         self._link_state()
         return loss
 
-    def _queue_device_to_host(self) -> list[Any]:
+    def _queue_device_to_host(self, moved_of: list[list[tuple[torch.Tensor, torch.Tensor]]]) -> list[Any]:
         """Queue every chunk's gradient (and fp32 value) copies on the side stream; an event per chunk."""
         if self._d2h is None:
             self._d2h, self._h2d = torch.cuda.Stream(), torch.cuda.Stream()
@@ -207,8 +208,7 @@ class HostOffloadAdamW(torch.optim.Optimizer):
         self._h2d.wait_stream(current)  # nothing queued before the step still reads the parameters
         events = []
         with torch.cuda.stream(self._d2h):
-            for c in self._chunks:
-                moved = [(p, h) for p, h in c.pairs if p.grad is not None]
+            for c, moved in zip(self._chunks, moved_of, strict=True):
                 self._landing(c)
                 for p, h in moved:
                     if p.dtype == torch.float32:

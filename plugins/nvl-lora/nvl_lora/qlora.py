@@ -100,7 +100,6 @@ def dequantize_nf4(weight: Any, dtype: torch.dtype) -> torch.Tensor:
         return weight.to(dtype)
     args = (weight.quantized_data, weight.quantized_scalers, weight.quantization_factor, weight.scaler_mean,
             weight.nf4, weight.scaler_block_size, weight.block_size, dtype)
-    fn = _decode_nf4
     if weight.quantized_data.is_cuda:
         if "cuda" not in _compiled:
             # emulate_precision_casts: round where eager rounds, so the compiled weight equals torchao's bit for bit
@@ -112,7 +111,7 @@ def dequantize_nf4(weight: Any, dtype: torch.dtype) -> torch.Tensor:
             _log.warning("peft.base_dtype=nf4: compiling the NF4 dequantisation failed (%s: %s); it runs eagerly",
                          type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
             _compiled["cuda"] = _decode_nf4
-    return fn(*args).view(weight.shape)
+    return _decode_nf4(*args).view(weight.shape)
 
 
 class _NF4Linear(torch.autograd.Function):
