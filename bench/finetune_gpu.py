@@ -986,9 +986,10 @@ def markdown(records: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     lines += ["", "Kernels per run:", ""]
     for r in records:
         if r.get("kernels"):
-            lines.append(f"- {r['system']} {r['workload']} {r['method']}: "
+            who = "" if r["system"] == "nvl" else f" seq {r['seq']} ({_peer_what(r)})"
+            lines.append(f"- {r['system']} {r['workload']} {r['method']}{who}: "
                          + "; ".join(f"{k}: {v}" for k, v in r["kernels"].items()))
-    lines += ["", "Commands:", ""] + [f"- `{r['command']}`" for r in records if r["system"] == "nvl"]
+    lines += ["", "Commands (a peer try's runs it again alone):", ""] + [f"- `{r['command']}`" for r in records]
     return "\n".join(lines) + "\n"
 
 
@@ -1022,8 +1023,8 @@ def _peer_lines(records: list[dict[str, Any]]) -> list[str]:
     lines = ["", "The peer, transformers + PEFT LoRA (r 16 on q/k/v/o/up/down) on text rows of seq tokens, every "
              "try (each in a fresh process):", ""]
     for p in peers:
-        tps = (f"{p['tokens_per_s']:,.0f} tokens/s, peak {p.get('peak_gb')} GB" if p.get("tokens_per_s")
-               else p["status"])
+        tps = (f"{p['tokens_per_s']:,.0f} tokens/s" + (f", peak {p['peak_gb']} GB" if p.get("peak_gb") else "")
+               if p.get("tokens_per_s") else p["status"])
         lines.append(f"- seq {p['seq']}, {_peer_what(p)}: {tps}")
 
     def best(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
@@ -1034,7 +1035,7 @@ def _peer_lines(records: list[dict[str, Any]]) -> list[str]:
         var = ", ".join(f"{k}={_override_value(v)}" for k, v in (n.get("variant") or {}).items()) or "default"
         return (f"nvl {n['tokens_per_s']:,.0f} ({var}) vs transformers+PEFT {p['tokens_per_s']:,.0f} "
                 f"({_peer_what(p)}) tokens/s = {n['tokens_per_s'] / p['tokens_per_s']:.2f}x; peak "
-                f"{n.get('peak_gb')} vs {p.get('peak_gb')} GB")
+                f"{n.get('peak_gb') or '-'} vs {p.get('peak_gb') or '-'} GB")
 
     seqs = sorted({p["seq"] for p in peers} & {n["seq"] for n in nvl})
     if seqs:
