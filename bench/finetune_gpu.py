@@ -26,8 +26,33 @@ Workloads, generated on the machine in each source's real schema (nothing is dow
   encode video, so they are made beforehand with ``--make-videos DIR`` (PyAV) and carried.
 
 The peer, in the same run: transformers' ``NemotronHForCausalLM`` at the same LM shape (random bf16
-weights, SDPA, the library's PyTorch Mamba path since no mamba-ssm CUDA build is installed) with PEFT
-LoRA r=16 alpha=32 on q/k/v/o/up/down, on text batches of exactly ``seq`` tokens.
+weights, SDPA, ``use_cache=False``) with PEFT LoRA r=16 alpha=32 on q/k/v/o/up/down, AdamW on the adapters,
+``--peer-batches`` micro-batches (default 1 and 2) of text rows of exactly ``seq`` tokens. Each try runs in
+a fresh process (``--peer-child``; the row's ``command`` runs it again alone), since transformers 5.x binds
+each Mamba op when its NemotronH module is imported: the Hub kernel if asked (never here), else the
+installed package (mamba-ssm, causal-conv1d), else its PyTorch code. ``--peer-variants``:
+
+* ``torch``: mamba-ssm and causal-conv1d blocked (``sys.modules`` entries of None), every Mamba op in
+  transformers' PyTorch code: what the earlier records measured (they also left the config's
+  ``use_cache=True``, which built a generation cache in each training forward);
+* ``mamba-ssm triton``: mamba-ssm importable. On the GPU machine it is built without CUDA
+  (``MAMBA_SKIP_CUDA_BUILD``: Triton kernels only) and ``import mamba_ssm`` fails on its Mamba-1 CUDA
+  extension ``selective_scan_cuda``; only for that failure a stand-in module of that name (any use of it
+  raises) is put on ``sys.modules`` and the import retried. NemotronH (Mamba-2) never calls Mamba-1, so every
+  kernel the peer then runs is mamba-ssm's or transformers' own. In training transformers first calls
+  mamba-ssm's fused conv+scan+norm+out_proj, which needs causal-conv1d's CUDA functions; causal-conv1d is
+  not installed there (a CUDA extension: no compiler), so its first call raises, the row records that,
+  and from then on it returns None, as transformers' own stand-in does without a kernel, so that
+  transformers runs its unfused path: conv in PyTorch, mamba-ssm's Triton chunk scan, gated norm in
+  PyTorch. On CPU inputs transformers 5.25 takes PyTorch even with mamba-ssm importable.
+
+Gradient checkpointing (``--peer-checkpointing``, default ``auto``: without, then with
+``gradient_checkpointing_enable(use_reentrant=False)`` where a micro-batch ran out of memory without) is
+the variant's ``gradient_checkpointing``. Every try is a row, an out-of-memory one ``"status": "oom"``;
+``variant`` is ``{"mamba", "gradient_checkpointing", "micro_batch_size"}``, ``kernels`` what each Mamba op
+resolved to and how many of its calls ran where (counted in the try, not assumed), ``mamba_ops_ran`` that
+in words. The markdown compares nvl with the peer at each side's best (the fastest row of each at a
+length) and at equal micro-batch; ``--peer-only`` runs the peer tries alone.
 
 FLOPs and MFU (written into each record): ``tflops_per_gpu`` is what ``nvl finetune`` logs, the work a
 step executes: the bridge's count (Megatron-Bridge's hybrid formula for the LM at each sample's real
@@ -62,8 +87,11 @@ Usage (one H200; the 12b shape needs no weights on disk with --random-init)::
     # the video workload: clips made where PyAV can encode (~250 KB), carried, then the recipe at seq 8192
     python bench/finetune_gpu.py --make-videos .whl/videos --count 6
     python bench/finetune_gpu.py --size 12b-shape --workloads video --videos .whl/videos --seq 8192 --peer-seqs ''
-    # CPU smoke test at toy size (what the test suite runs):
-    python bench/finetune_gpu.py --size tiny --device cpu --seq 256 --steps 3 --warmup 1 --gbs 2 --peer-seqs 128
+    # the peer alone (issue 23): both Mamba-op variants, micro-batches 1 and 2, checkpointing where needed
+    python bench/finetune_gpu.py --size 12b-shape --peer-only --peer-seqs 4096 --tag peer --out bench/results
+    # CPU smoke test at toy size (what the test suite runs; no mamba-ssm on CPU machines):
+    python bench/finetune_gpu.py --size tiny --device cpu --seq 256 --steps 3 --warmup 1 --gbs 2 --peer-seqs 128 \
+        --peer-variants torch
 """
 
 from __future__ import annotations
