@@ -48,10 +48,11 @@ installed package (mamba-ssm, causal-conv1d), else its PyTorch code. ``--peer-va
 
 Gradient checkpointing (``--peer-checkpointing``, default ``auto``: without, then with
 ``gradient_checkpointing_enable(use_reentrant=False)`` where a micro-batch ran out of memory without) is
-the variant's ``gradient_checkpointing``. Every try is a row, an out-of-memory one ``"status": "oom"``;
-``variant`` is ``{"mamba", "gradient_checkpointing", "micro_batch_size"}``, ``kernels`` what each Mamba op
-resolved to and how many of its calls ran where (counted in the try, not assumed), ``mamba_ops_ran`` that
-in words. The markdown compares nvl with the peer at each side's best (the fastest row of each at a
+the variant's ``gradient_checkpointing``. Each try gets ``nvl finetune``'s caching-allocator setting
+(``PYTORCH_CUDA_ALLOC_CONF``, the row's ``allocator``) unless one is set. Every try is a row, an
+out-of-memory one ``"status": "oom"``; ``variant`` is ``{"mamba", "gradient_checkpointing",
+"micro_batch_size"}``, ``kernels`` what each Mamba op resolved to and how many of its calls ran where
+(counted in the try, not assumed), ``mamba_ops_ran`` that in words. The markdown compares nvl with the peer at each side's best (the fastest row of each at a
 length) and at equal micro-batch; ``--peer-only`` runs the peer tries alone.
 
 FLOPs and MFU (written into each record): ``tflops_per_gpu`` is what ``nvl finetune`` logs, the work a
@@ -924,7 +925,12 @@ def run_peer_try(args: argparse.Namespace, seq: int, mamba: str, mb: int, ckpt: 
             "gradient_checkpointing": ckpt, "warmup": args.warmup, "steps": args.peer_steps}
     name = f"peer-seq{seq}-{mamba.replace(' ', '_')}-mb{mb}{'-ckpt' if ckpt else ''}"
     log_path = work / f"log-{name}.txt"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    from nvlcore.training.finetune import ALLOCATOR_DEFAULT
+
+    # the caching allocator `nvl finetune` sets for itself (unless the user set one), so that neither side's
+    # fragmentation decides an out-of-memory the other would not have
+    env = {**os.environ, "PYTHONUNBUFFERED": "1",
+           "PYTORCH_CUDA_ALLOC_CONF": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ALLOCATOR_DEFAULT)}
     if args.device == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""
     log(f"peer: {name}")
@@ -947,6 +953,7 @@ def run_peer_try(args: argparse.Namespace, seq: int, mamba: str, mb: int, ckpt: 
         rec["status"] = (f"timeout: killed after {args.run_timeout} s" if returncode is None else "oom" if oom
                          else f"error (exit {returncode}): {last}")
     rec["wall_s"] = round(time.perf_counter() - t0, 1)
+    rec["allocator"] = env["PYTORCH_CUDA_ALLOC_CONF"]
     log(f"  -> {rec['status']}" + (f": {rec['tokens_per_s']:,.0f} tokens/s, peak {rec.get('peak_gb')} GB"
                                    if rec.get("tokens_per_s") else ""))
     return rec
