@@ -52,8 +52,9 @@ the variant's ``gradient_checkpointing``. Each try gets ``nvl finetune``'s cachi
 (``PYTORCH_CUDA_ALLOC_CONF``, the row's ``allocator``) unless one is set. Every try is a row, an
 out-of-memory one ``"status": "oom"``; ``variant`` is ``{"mamba", "gradient_checkpointing",
 "micro_batch_size"}``, ``kernels`` what each Mamba op resolved to and how many of its calls ran where
-(counted in the try, not assumed), ``mamba_ops_ran`` that in words. The markdown compares nvl with the peer at each side's best (the fastest row of each at a
-length) and at equal micro-batch; ``--peer-only`` runs the peer tries alone.
+(counted in the try, not assumed), ``mamba_ops_ran`` that in words. The markdown compares nvl with the
+peer at each side's best (the fastest row of each at a length) and at equal micro-batch; ``--peer-only``
+runs the peer tries alone.
 
 FLOPs and MFU (written into each record): ``tflops_per_gpu`` is what ``nvl finetune`` logs, the work a
 step executes: the bridge's count (Megatron-Bridge's hybrid formula for the LM at each sample's real
