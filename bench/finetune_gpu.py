@@ -26,8 +26,35 @@ Workloads, generated on the machine in each source's real schema (nothing is dow
   encode video, so they are made beforehand with ``--make-videos DIR`` (PyAV) and carried.
 
 The peer, in the same run: transformers' ``NemotronHForCausalLM`` at the same LM shape (random bf16
-weights, SDPA, the library's PyTorch Mamba path since no mamba-ssm CUDA build is installed) with PEFT
-LoRA r=16 alpha=32 on q/k/v/o/up/down, on text batches of exactly ``seq`` tokens.
+weights, SDPA, ``use_cache=False``) with PEFT LoRA r=16 alpha=32 on q/k/v/o/up/down, AdamW on the adapters,
+``--peer-batches`` micro-batches (default 1 and 2) of text rows of exactly ``seq`` tokens. Each try runs in
+a fresh process (``--peer-child``; the row's ``command`` runs it again alone), since transformers 5.x binds
+each Mamba op when its NemotronH module is imported: the Hub kernel if asked (never here), else the
+installed package (mamba-ssm, causal-conv1d), else its PyTorch code. ``--peer-variants``:
+
+* ``torch``: mamba-ssm and causal-conv1d blocked (``sys.modules`` entries of None), every Mamba op in
+  transformers' PyTorch code: what the earlier records measured (they also left the config's
+  ``use_cache=True``, which built a generation cache in each training forward);
+* ``mamba-ssm triton``: mamba-ssm importable. On the GPU machine it is built without CUDA
+  (``MAMBA_SKIP_CUDA_BUILD``: Triton kernels only) and ``import mamba_ssm`` fails on its Mamba-1 CUDA
+  extension ``selective_scan_cuda``; only for that failure a stand-in module of that name (any use of it
+  raises) is put on ``sys.modules`` and the import retried. NemotronH (Mamba-2) never calls Mamba-1, so every
+  kernel the peer then runs is mamba-ssm's or transformers' own. In training transformers first calls
+  mamba-ssm's fused conv+scan+norm+out_proj, which needs causal-conv1d's CUDA functions; causal-conv1d is
+  not installed there (a CUDA extension: no compiler), so its first call raises, the row records that,
+  and from then on it returns None, as transformers' own stand-in does without a kernel, so that
+  transformers runs its unfused path: conv in PyTorch, mamba-ssm's Triton chunk scan, gated norm in
+  PyTorch. On CPU inputs transformers 5.25 takes PyTorch even with mamba-ssm importable.
+
+Gradient checkpointing (``--peer-checkpointing``, default ``auto``: without, then with
+``gradient_checkpointing_enable(use_reentrant=False)`` where a micro-batch ran out of memory without) is
+the variant's ``gradient_checkpointing``. Each try gets ``nvl finetune``'s caching-allocator setting
+(``PYTORCH_CUDA_ALLOC_CONF``, the row's ``allocator``) unless one is set. Every try is a row, an
+out-of-memory one ``"status": "oom"``; ``variant`` is ``{"mamba", "gradient_checkpointing",
+"micro_batch_size"}``, ``kernels`` what each Mamba op resolved to and how many of its calls ran where
+(counted in the try, not assumed), ``mamba_ops_ran`` that in words. The markdown compares nvl with the
+peer at each side's best (the fastest row of each at a length) and at equal micro-batch; ``--peer-only``
+runs the peer tries alone.
 
 FLOPs and MFU (written into each record): ``tflops_per_gpu`` is what ``nvl finetune`` logs, the work a
 step executes: the bridge's count (Megatron-Bridge's hybrid formula for the LM at each sample's real
@@ -62,8 +89,11 @@ Usage (one H200; the 12b shape needs no weights on disk with --random-init)::
     # the video workload: clips made where PyAV can encode (~250 KB), carried, then the recipe at seq 8192
     python bench/finetune_gpu.py --make-videos .whl/videos --count 6
     python bench/finetune_gpu.py --size 12b-shape --workloads video --videos .whl/videos --seq 8192 --peer-seqs ''
-    # CPU smoke test at toy size (what the test suite runs):
-    python bench/finetune_gpu.py --size tiny --device cpu --seq 256 --steps 3 --warmup 1 --gbs 2 --peer-seqs 128
+    # the peer alone (issue 23): both Mamba-op variants, micro-batches 1 and 2, checkpointing where needed
+    python bench/finetune_gpu.py --size 12b-shape --peer-only --peer-seqs 4096 --tag peer --out bench/results
+    # CPU smoke test at toy size (what the test suite runs; no mamba-ssm on CPU machines):
+    python bench/finetune_gpu.py --size tiny --device cpu --seq 256 --steps 3 --warmup 1 --gbs 2 --peer-seqs 128 \
+        --peer-variants torch
 """
 
 from __future__ import annotations
@@ -549,65 +579,399 @@ class _Null:
 
 
 # -------------------------------------------------------------------------------------- the peer
-def run_peer(args: argparse.Namespace, seq: int) -> dict[str, Any]:
-    """transformers + PEFT LoRA at the same LM shape, text of exactly ``seq`` tokens, batch 1."""
+# transformers + PEFT LoRA at the same LM shape, each try (Mamba ops x gradient checkpointing x micro-batch x seq)
+# in a fresh process: transformers 5.x picks each Mamba op's implementation when its NemotronH module is imported
+# (``use_kernel_func_from_hub_with_fallback``: the Hub kernel if asked, else the installed package, else PyTorch),
+# so what a try runs is set up before that import; and a fresh process has its own peak memory and a clean CUDA
+# state after another try's out-of-memory.
+PEER_VARIANTS = ("torch", "mamba-ssm triton")
+PEER_CHECKPOINTING = ("off", "on", "auto")
+PEER_RESULT = "NVL_PEER_RESULT "
+MAMBA1_EXTENSION = "selective_scan_cuda"
+NEMOTRON_H_MODELING = "transformers.models.nemotron_h.modeling_nemotron_h"
+# the NemotronH module's ops that choose an implementation at import, by the kernel-report key of nvl's rows
+PEER_OPS = {"fused_split": "mamba2_split_conv1d_scan_combined", "scan": "mamba2_chunk_scan",
+            "conv": "causal_conv1d_fn"}
+
+
+def _peer_list(value: str, key: str, allowed: tuple[str, ...] | None = None) -> list[str]:
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    bad = [v for v in items if allowed is not None and v not in allowed]
+    if bad:
+        raise SystemExit(f"{key}: unknown {bad}; choose from {list(allowed or ())}")
+    return items
+
+
+def peer_plan(args: argparse.Namespace) -> tuple[list[int], list[str], list[int], list[str]]:
+    """(seqs, Mamba-op variants, micro-batches, checkpointing modes) of the peer tries, each key checked."""
+    seqs = [int(s) for s in _peer_list(args.peer_seqs, "--peer-seqs")]
+    variants = _peer_list(args.peer_variants, "--peer-variants", PEER_VARIANTS)
+    batches = [int(b) for b in _peer_list(args.peer_batches, "--peer-batches")]
+    if any(b < 1 for b in batches):
+        raise SystemExit(f"--peer-batches: micro-batches must be >= 1, got {batches}")
+    ckpt = _peer_list(args.peer_checkpointing, "--peer-checkpointing", PEER_CHECKPOINTING)
+    if "auto" in ckpt and len(ckpt) > 1:
+        raise SystemExit("--peer-checkpointing: 'auto' stands alone (off, then on where off ran out of memory)")
+    if seqs and (not variants or not batches or not ckpt):
+        raise SystemExit("--peer-variants, --peer-batches and --peer-checkpointing: each needs a value when "
+                         "--peer-seqs names a length (pass --peer-seqs '' for no peer)")
+    return seqs, variants, batches, ckpt
+
+
+def _mamba1_stand_in() -> Any:
+    """A module named like mamba-ssm's Mamba-1 CUDA extension: every attribute asked of it fails loudly, so a
+    call into Mamba-1 (which NemotronH never makes) could not pass unnoticed."""
+    import types
+
+    mod = types.ModuleType(MAMBA1_EXTENSION, "nvl bench stand-in: the Mamba-1 CUDA extension is not built here")
+
+    def __getattr__(name: str) -> Any:
+        raise AttributeError(f"{MAMBA1_EXTENSION} is bench/finetune_gpu.py's stand-in for mamba-ssm's Mamba-1 CUDA "
+                             f"extension (not built on this machine); {name!r} was asked of it")
+
+    mod.__getattr__ = __getattr__  # type: ignore[attr-defined]  # PEP 562: the module's own __getattr__
+    mod.NVL_STAND_IN = True  # type: ignore[attr-defined]
+    return mod
+
+
+def ensure_mamba_ssm(import_module: Any = None) -> tuple[bool, str]:
+    """Make ``import mamba_ssm`` work where the one thing it lacks is its Mamba-1 CUDA extension; (importable, note).
+
+    mamba-ssm built without CUDA (``MAMBA_SKIP_CUDA_BUILD=TRUE``) has all its Triton kernels, but its
+    ``__init__`` imports ``selective_scan_interface``, which imports ``selective_scan_cuda``, the Mamba-1 selective
+    scan; so the package import fails and transformers takes PyTorch for every Mamba op. Only in that case a stand-in
+    module is put on ``sys.modules`` under that name and the import retried. This is fair: NemotronH (Mamba-2) never
+    calls the Mamba-1 scan, and the stand-in fails on any use; every kernel the peer then runs is mamba-ssm's own
+    (its Triton SSD kernels) or transformers'. Any other import failure is reported, not worked around."""
+    import importlib
+
+    import_module = import_module or importlib.import_module
+    try:
+        import_module("mamba_ssm")
+        return True, "import mamba_ssm: ok"
+    except ModuleNotFoundError as exc:
+        if exc.name != MAMBA1_EXTENSION:
+            return False, f"import mamba_ssm failed: {type(exc).__name__}: {exc}"
+        first = f"{type(exc).__name__}: {exc}"
+    except Exception as exc:
+        return False, f"import mamba_ssm failed: {type(exc).__name__}: {exc}"
+    # the failed import left its finished submodules behind: a clean retry imports the package whole
+    for name in [m for m in sys.modules if m == "mamba_ssm" or m.startswith("mamba_ssm.")]:
+        del sys.modules[name]
+    sys.modules[MAMBA1_EXTENSION] = _mamba1_stand_in()
+    try:
+        import_module("mamba_ssm")
+    except Exception as exc:
+        del sys.modules[MAMBA1_EXTENSION]
+        return False, (f"import mamba_ssm failed ({first}), and again with a stand-in for {MAMBA1_EXTENSION}: "
+                       f"{type(exc).__name__}: {exc}")
+    return True, (f"import mamba_ssm: ok with a stand-in for {MAMBA1_EXTENSION} (without it: {first}; NemotronH "
+                  "never calls that Mamba-1 extension)")
+
+
+def _resolved_implementation(op: Any) -> tuple[Any, Any] | None:
+    """(implementation, torch function) that transformers' ``use_kernel_func_from_hub_with_fallback`` bound for
+    ``op``: read from its wrapper's closure (``kernels``, where installed, wraps that wrapper in a module whose
+    forward closes over it), or None where no such wrapper is found."""
+    todo, seen = [op], set()
+    while todo:
+        f = todo.pop()
+        if f is None or id(f) in seen:
+            continue
+        seen.add(id(f))
+        code = getattr(f, "__code__", None)
+        if code is not None and {"implementation", "torch_function"} <= set(code.co_freevars):
+            cells = dict(zip(code.co_freevars, f.__closure__ or (), strict=True))
+            return cells["implementation"].cell_contents, cells["torch_function"].cell_contents
+        for cell in getattr(f, "__closure__", None) or ():
+            try:
+                todo.append(cell.cell_contents)
+            except ValueError:  # an empty cell
+                pass
+        if code is None:  # a module standing for the function (kernels'): its forward closes over it
+            todo.append(getattr(type(f), "forward", None))
+        todo.append(getattr(f, "__func__", None))
+    return None
+
+
+def _qualname(fn: Any) -> str:
+    return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', repr(fn))}"
+
+
+def _instrument_mamba_ssm(calls: dict[str, int], notes: dict[str, str]) -> None:
+    """Count the calls that reach mamba-ssm's SSD kernels; its fused conv+scan+norm+out_proj, where it cannot run
+    (it needs causal-conv1d's CUDA functions), returns None from then on, as transformers' own stand-in for it does
+    when no kernel is present, so that transformers runs its unfused path. Done before transformers' NemotronH
+    module is imported, since that import binds these functions."""
+    import functools
+    import importlib
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    from lora_gpu import is_oom
+
+    ssd = importlib.import_module("mamba_ssm.ops.triton.ssd_combined")
+    scan, fused = ssd.mamba_chunk_scan_combined, ssd.mamba_split_conv1d_scan_combined
+
+    @functools.wraps(scan)
+    def counted_scan(*args: Any, **kwargs: Any) -> Any:
+        calls["scan:package"] += 1
+        return scan(*args, **kwargs)
+
+    @functools.wraps(fused)
+    def fused_or_fall_through(*args: Any, **kwargs: Any) -> Any:
+        if "fused_split" in notes:
+            return None
+        try:
+            out = fused(*args, **kwargs)
+        except Exception as exc:
+            if is_oom(exc):
+                raise
+            notes["fused_split"] = f"its first call raised {type(exc).__name__}: {str(exc)[:200]}"
+            return None
+        calls["fused_split:package"] += 1
+        return out
+
+    ssd.mamba_chunk_scan_combined = counted_scan
+    ssd.mamba_split_conv1d_scan_combined = fused_or_fall_through
+
+
+def _count_ops(modeling: Any, calls: dict[str, int]) -> dict[str, str]:
+    """Wrap the NemotronH module's Mamba ops (module globals, looked up at each call) and its gated norm with call
+    counters; returns what each op resolved to."""
+    resolved = {}
+    for key, name in PEER_OPS.items():
+        op = getattr(modeling, name)
+        pair = _resolved_implementation(op)
+        resolved[key] = ("? (transformers' fallback wrapper not found)" if pair is None
+                         else "transformers' own PyTorch code" if pair[0] is pair[1] else _qualname(pair[0]))
+
+        def counted(*args: Any, _op: Any = op, _key: str = key, **kwargs: Any) -> Any:
+            calls[_key] += 1
+            return _op(*args, **kwargs)
+
+        setattr(modeling, name, counted)
+    norm_cls = modeling.NemotronHRMSNormGated
+    norm_forward = norm_cls.forward
+
+    def counted_norm(self: Any, *args: Any, **kwargs: Any) -> Any:
+        calls["gated_norm"] += 1
+        return norm_forward(self, *args, **kwargs)
+
+    norm_cls.forward = counted_norm
+    return resolved
+
+
+def _peer_kernels(resolved: dict[str, str], calls: dict[str, int], notes: dict[str, str],
+                  attention: str) -> dict[str, str]:
+    """The row's ``kernels``: what each op resolved to and how many of its calls (forward passes, recomputation
+    included) ran where: counted, not assumed."""
+    out = {}
+    for key, name in PEER_OPS.items():
+        n, pkg = calls[key], calls.get(f"{key}:package", 0)
+        head = f"{name} -> {resolved[key]}; {n} calls"
+        if key == "fused_split":
+            out[key] = (f"{head}: {pkg} ran it, {n - pkg} returned None so transformers ran its unfused path"
+                        + (f" ({notes[key]})" if key in notes else ""))
+        elif key == "scan":
+            out[key] = f"{head}: {pkg} in mamba-ssm's Triton kernel, {n - pkg} in transformers' PyTorch code"
+        else:
+            out[key] = head + (" (transformers' PyTorch F.conv1d)" if resolved[key].startswith("transformers")
+                               else "")
+    out["gated_norm"] = f"transformers NemotronHRMSNormGated (PyTorch); {calls['gated_norm']} calls"
+    out["attention"] = attention
+    return out
+
+
+def _peer_record(spec: dict[str, Any]) -> dict[str, Any]:
+    """A peer row's fixed fields: ``variant`` says what the try ran, ``command`` how to run it again alone."""
+    return {"system": "transformers+peft", "workload": "text", "method": "lora", "seq": int(spec["seq"]), "gpus": 1,
+            "tp": 1, "variant": {"mamba": spec["mamba"],
+                                 "gradient_checkpointing": "on" if spec["gradient_checkpointing"] else "off",
+                                 "micro_batch_size": int(spec["micro_batch_size"])},
+            "command": "python bench/finetune_gpu.py --peer-child " + shlex.quote(json.dumps(spec, sort_keys=True)),
+            "date": _dt.date.today().isoformat(), "kernels": {}}
+
+
+def _mamba_ops_ran(resolved: dict[str, str], calls: dict[str, int]) -> str:
+    """What the try's Mamba ops ran, in words, from the counted calls (the README and markdown quote it)."""
+    n, pkg = calls["scan"], calls.get("scan:package", 0)
+    if calls.get("fused_split:package", 0):
+        head = f"mamba-ssm's fused conv+scan+norm+out_proj ({calls['fused_split:package']} of "
+        return head + f"{calls['fused_split']} calls), the rest in PyTorch"
+    if n == 0:
+        return "no Mamba op called"
+    if pkg == 0:
+        return "Mamba ops in PyTorch"
+    scan = "mamba-ssm's Triton chunk scan" + ("" if pkg == n else f" ({pkg} of {n} calls)")
+    conv = "conv1d" if resolved["conv"].startswith("transformers") else ""
+    return f"{scan}, {conv + ' and ' if conv else ''}gated norm in PyTorch"
+
+
+def peer_try(spec: dict[str, Any], build: Any = None) -> dict[str, Any]:
+    """One peer try in this process: ``spec`` = size, device, seq, micro_batch_size, mamba (a PEER_VARIANTS name),
+    gradient_checkpointing (bool), warmup, steps. ``build(cfg, device, dtype)`` makes the model (default: transformers'
+    NemotronHForCausalLM at the toy's LM shape, lora_gpu.peer_model); an out-of-memory error anywhere is the row's
+    ``"status": "oom"``."""
+    import collections
     import gc
+    import importlib
 
     import torch
 
     sys.path.insert(0, str(ROOT / "bench"))
-    from lora_gpu import PEER_TARGETS, lora_flops_per_token, nvl_config, peer_model, text_tokens
+    from lora_gpu import PEER_TARGETS, is_oom, lora_flops_per_token, nvl_config, peer_model, text_tokens
 
     from nvlcore.bridge import FROZEN_BASE_FLOPS_SHARE
 
-    rec: dict[str, Any] = {"system": "transformers+peft", "workload": "text", "method": "lora", "seq": seq, "gpus": 1,
-                           "tp": 1, "kernels": {"scan": "transformers PyTorch fallback (torch_forward)",
-                                                "attention": "SDPA"},
-                           "command": f"bench/lora_gpu.py peer: NemotronHForCausalLM + peft LoRA r16 {PEER_TARGETS}",
-                           "date": _dt.date.today().isoformat()}
-    device = torch.device(args.device)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    seq, mb, mamba, ckpt = int(spec["seq"]), int(spec["micro_batch_size"]), spec["mamba"], bool(
+        spec["gradient_checkpointing"])
+    rec = _peer_record(spec)
+    resolved: dict[str, str] | None = None
+    calls: collections.Counter = collections.Counter()
+    notes: dict[str, str] = {}
+    setup: dict[str, str] = {}
+    model = opt = None
     try:
+        if NEMOTRON_H_MODELING in sys.modules:
+            raise RuntimeError(f"{NEMOTRON_H_MODELING} was imported before the try's Mamba ops were set up")
+        if mamba == "torch":
+            for pkg in ("mamba_ssm", "causal_conv1d"):  # blocked: import fails, transformers takes PyTorch
+                sys.modules[pkg] = None  # type: ignore[assignment]
+            setup["mamba_ssm"] = "blocked (sys.modules entry None): every Mamba op in PyTorch"
+        elif mamba == "mamba-ssm triton":
+            ok, note = ensure_mamba_ssm()
+            setup["mamba_ssm"] = note
+            if not ok:
+                rec.update(status=f"error: mamba-ssm not importable, so no Triton kernel could run ({note[:300]})",
+                           setup=setup)
+                return rec
+            _instrument_mamba_ssm(calls, notes)
+            import mamba_ssm
+
+            rec.setdefault("versions", {})["mamba_ssm"] = getattr(mamba_ssm, "__version__", "?")
+        else:
+            raise ValueError(f"--peer-variants: unknown {mamba!r}; choose from {list(PEER_VARIANTS)}")
+        try:
+            importlib.import_module("causal_conv1d")
+            setup["causal_conv1d"] = "importable"
+        except Exception as exc:
+            setup["causal_conv1d"] = f"not importable ({type(exc).__name__}: {str(exc)[:120]})"
+        import peft
         import transformers
         from peft import LoraConfig, get_peft_model
 
-        rec["versions"] = {"transformers": transformers.__version__}
-        cfg = nvl_config(args.size)
-        model = get_peft_model(peer_model(cfg, device, dtype),
-                               LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=PEER_TARGETS))
+        rec.setdefault("versions", {}).update(transformers=transformers.__version__, peft=peft.__version__,
+                                              torch=torch.__version__)
+        modeling = importlib.import_module(NEMOTRON_H_MODELING)
+        resolved = _count_ops(modeling, calls)
+        device = torch.device(spec["device"])
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        cfg = nvl_config(spec["size"])
+        base = (build or peer_model)(cfg, device, dtype)
+        if ckpt:
+            # non-reentrant: recomputes each NemotronHBlock in backward; the frozen embeddings need no
+            # enable_input_require_grads with it
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model = get_peft_model(base, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=PEER_TARGETS))
         model.train()
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-        ids = text_tokens(cfg, seq).to(device)
+        ids = torch.cat([text_tokens(cfg, seq) for _ in range(mb)]).to(device)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        times = []
-        for step in range(args.warmup + args.peer_steps):
+        times, losses = [], []
+        for step in range(int(spec["warmup"]) + int(spec["steps"])):
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             t = time.perf_counter()
-            model(input_ids=ids, labels=ids).loss.backward()
+            # use_cache=False: training builds no generation cache (the config's default would, and its mixers
+            # then skip the fused training path)
+            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+            loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
-            if step >= args.warmup:
+            if step >= int(spec["warmup"]):
                 times.append(time.perf_counter() - t)
+            losses.append(round(loss.detach().item(), 4))
         s = sum(times) / len(times)
         _, full_fpt = lora_flops_per_token(cfg, seq, 16, [])
-        rec.update(status="ok", tokens_per_s=round(seq / s, 1), step_time_s=round(s, 3),
-                   mfu=round(full_fpt * FROZEN_BASE_FLOPS_SHARE * seq / s / 1e12 / H200_BF16_TFLOPS, 4),
-                   peak_gb=round(torch.cuda.max_memory_allocated(device) / 1e9, 1) if device.type == "cuda" else None)
-        log(f"peer seq {seq}: {rec['tokens_per_s']:,.0f} tokens/s, peak {rec['peak_gb']} GB")
+        rec.update(status="ok", tokens_per_s=round(mb * seq / s, 1), step_time_s=round(s, 3), losses=losses,
+                   mfu=round(full_fpt * FROZEN_BASE_FLOPS_SHARE * mb * seq / s / 1e12 / H200_BF16_TFLOPS, 4))
+        rec["kernels"] = _peer_kernels(resolved, calls, notes, getattr(base.config, "_attn_implementation", "?"))
+        rec["mamba_ops_ran"] = _mamba_ops_ran(resolved, calls)
     except Exception as exc:
-        oom = "out of memory" in str(exc).lower()
-        rec["status"] = "oom" if oom else f"error: {type(exc).__name__}: {str(exc)[:300]}"
-        log(f"peer seq {seq}: {rec['status']}")
+        rec["status"] = "oom" if is_oom(exc) else f"error: {type(exc).__name__}: {str(exc)[:300]}"
+        if not rec["kernels"] and resolved is not None:
+            rec["kernels"] = _peer_kernels(resolved, calls, notes, "?")
     finally:
+        if spec["device"] == "cuda" and torch.cuda.is_available():
+            rec["peak_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 1)
         model = opt = None  # noqa: F841
         gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+    rec["setup"] = setup
     return rec
+
+
+def peer_child_main(argv: list[str]) -> int:
+    """``--peer-child SPEC_JSON``: one peer try; its record is printed on the last line after PEER_RESULT."""
+    rec = peer_try(json.loads(argv[0]))
+    print(PEER_RESULT + json.dumps(rec), flush=True)
+    return 0
+
+
+def run_peer_try(args: argparse.Namespace, seq: int, mamba: str, mb: int, ckpt: bool, work: Path) -> dict[str, Any]:
+    """One peer try in a fresh process (see the section's comment); a try that dies or hangs is a row too."""
+    spec = {"size": args.size, "device": args.device, "seq": seq, "micro_batch_size": mb, "mamba": mamba,
+            "gradient_checkpointing": ckpt, "warmup": args.warmup, "steps": args.peer_steps}
+    name = f"peer-seq{seq}-{mamba.replace(' ', '_')}-mb{mb}{'-ckpt' if ckpt else ''}"
+    log_path = work / f"log-{name}.txt"
+    from nvlcore.training.finetune import ALLOCATOR_DEFAULT
+
+    # the caching allocator `nvl finetune` sets for itself (unless the user set one), so that neither side's
+    # fragmentation decides an out-of-memory the other would not have
+    env = {**os.environ, "PYTHONUNBUFFERED": "1",
+           "PYTORCH_CUDA_ALLOC_CONF": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ALLOCATOR_DEFAULT)}
+    if args.device == "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    log(f"peer: {name}")
+    t0 = time.perf_counter()
+    with log_path.open("w") as log_file:
+        try:
+            proc = subprocess.run([sys.executable, __file__, "--peer-child", json.dumps(spec)], env=env,
+                                  stdout=log_file, stderr=subprocess.STDOUT, text=True, timeout=args.run_timeout)
+            returncode: int | None = proc.returncode
+        except subprocess.TimeoutExpired:
+            returncode = None
+    out = log_path.read_text(errors="replace")
+    results = [line[len(PEER_RESULT):] for line in out.splitlines() if line.startswith(PEER_RESULT)]
+    if results:
+        rec = json.loads(results[-1])
+    else:  # the child died (e.g. killed by the host for memory) or hung: what its log says
+        oom = "out of memory" in out.lower() or "OutOfMemoryError" in out
+        last = (out.strip().splitlines() or ["?"])[-1][:300]
+        rec = _peer_record(spec)
+        rec["status"] = (f"timeout: killed after {args.run_timeout} s" if returncode is None else "oom" if oom
+                         else f"error (exit {returncode}): {last}")
+    rec["wall_s"] = round(time.perf_counter() - t0, 1)
+    rec["allocator"] = env["PYTORCH_CUDA_ALLOC_CONF"]
+    log(f"  -> {rec['status']}" + (f": {rec['tokens_per_s']:,.0f} tokens/s, peak {rec.get('peak_gb')} GB"
+                                   if rec.get("tokens_per_s") else ""))
+    return rec
+
+
+def run_peers(args: argparse.Namespace, work: Path, emit: Any) -> None:
+    """Every peer try of the plan, each record passed to ``emit`` as it comes; with --peer-checkpointing auto a
+    (variant, micro-batch) is tried again with gradient checkpointing only where it ran out of memory without."""
+    seqs, variants, batches, ckpt = peer_plan(args)
+    for seq in seqs:
+        for mamba in variants:
+            for mb in batches:
+                for mode in (["off"] if ckpt == ["auto"] else ckpt):
+                    rec = run_peer_try(args, seq, mamba, mb, mode == "on", work)
+                    emit(rec)
+                    if ckpt == ["auto"] and rec["status"] == "oom":
+                        emit(run_peer_try(args, seq, mamba, mb, True, work))
 
 
 # ---------------------------------------------------------------------------------------- report
@@ -654,26 +1018,77 @@ def markdown(records: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         else:
             lines.append(f"- {r['workload']} {r['method']} seq {r['seq']} {r['variant']['mixed_precision']}: "
                          f"{r['status']} (bf16 row: {base[0]['status'] if base else 'not in this run'})")
-    peers = {r["seq"]: r for r in records if r["system"] != "nvl" and r.get("tokens_per_s")}
-    equal = [r for r in records if r["system"] == "nvl" and r["workload"] == "text" and r["method"] == "lora"
-             and r.get("tokens_per_s") and r["seq"] in peers]
-    if equal:
-        lines += ["", "At equal sequence length (text, LoRA on the LM, rows of seq tokens, same run):", ""]
-    for r in equal:
-        p = peers[r["seq"]]
-        var = ", ".join(f"{k}={_override_value(v)}" for k, v in (r.get("variant") or {}).items())
-        lines.append(f"- seq {r['seq']}{' (' + var + ')' if var else ''}: nvl {r['tokens_per_s']:,.0f} vs "
-                     "transformers+PEFT "
-                     f"(batch 1) {p['tokens_per_s']:,.0f} "
-                     f"tokens/s = {r['tokens_per_s'] / p['tokens_per_s']:.2f}x; peak {r.get('peak_gb')} vs "
-                     f"{p.get('peak_gb')} GB")
+    lines += _peer_lines(records)
     lines += ["", "Kernels per run:", ""]
     for r in records:
         if r.get("kernels"):
-            lines.append(f"- {r['system']} {r['workload']} {r['method']}: "
+            who = "" if r["system"] == "nvl" else f" seq {r['seq']} ({_peer_what(r)})"
+            lines.append(f"- {r['system']} {r['workload']} {r['method']}{who}: "
                          + "; ".join(f"{k}: {v}" for k, v in r["kernels"].items()))
-    lines += ["", "Commands:", ""] + [f"- `{r['command']}`" for r in records if r["system"] == "nvl"]
+    lines += ["", "Commands (a peer try's runs it again alone):", ""] + [f"- `{r['command']}`" for r in records]
     return "\n".join(lines) + "\n"
+
+
+def _peer_variant(r: dict[str, Any]) -> dict[str, Any]:
+    """A peer row's variant; rows recorded before the peer had variants ran every Mamba op in PyTorch at micro-batch
+    1 without gradient checkpointing."""
+    return r.get("variant") or {"mamba": "torch", "gradient_checkpointing": "off", "micro_batch_size": 1}
+
+
+def _peer_what(r: dict[str, Any]) -> str:
+    """What a peer try ran, in words: its micro-batch, what its Mamba ops ran (counted in the try, where recorded)
+    and its gradient checkpointing."""
+    v = _peer_variant(r)
+    ran = r.get("mamba_ops_ran") or ("Mamba ops in PyTorch" if v["mamba"] == "torch" else f"{v['mamba']} (not run)")
+    return (f"micro-batch {v['micro_batch_size']}, {ran}"
+            + (", gradient checkpointing" if v["gradient_checkpointing"] == "on" else ""))
+
+
+def _nvl_micro_batch(r: dict[str, Any]) -> int:
+    return int((r.get("variant") or {}).get("train.micro_batch_size", 1))
+
+
+def _peer_lines(records: list[dict[str, Any]]) -> list[str]:
+    """The markdown's peer section: every try, then nvl against the peer at each side's best and at equal
+    micro-batch (text, LoRA on the LM, rows of seq tokens, same run)."""
+    peers = [r for r in records if r["system"] != "nvl"]
+    if not peers:
+        return []
+    nvl = [r for r in records if r["system"] == "nvl" and r["workload"] == "text" and r["method"] == "lora"
+           and r.get("tokens_per_s")]
+    lines = ["", "The peer, transformers + PEFT LoRA (r 16 on q/k/v/o/up/down) on text rows of seq tokens, every "
+             "try (each in a fresh process):", ""]
+    for p in peers:
+        tps = (f"{p['tokens_per_s']:,.0f} tokens/s" + (f", peak {p['peak_gb']} GB" if p.get("peak_gb") else "")
+               if p.get("tokens_per_s") else p["status"])
+        lines.append(f"- seq {p['seq']}, {_peer_what(p)}: {tps}")
+
+    def best(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+        ok = [r for r in rows if r.get("tokens_per_s")]
+        return max(ok, key=lambda r: r["tokens_per_s"]) if ok else None
+
+    def versus(n: dict[str, Any], p: dict[str, Any]) -> str:
+        var = ", ".join(f"{k}={_override_value(v)}" for k, v in (n.get("variant") or {}).items()) or "default"
+        return (f"nvl {n['tokens_per_s']:,.0f} ({var}) vs transformers+PEFT {p['tokens_per_s']:,.0f} "
+                f"({_peer_what(p)}) tokens/s = {n['tokens_per_s'] / p['tokens_per_s']:.2f}x; peak "
+                f"{n.get('peak_gb') or '-'} vs {p.get('peak_gb') or '-'} GB")
+
+    seqs = sorted({p["seq"] for p in peers} & {n["seq"] for n in nvl})
+    if seqs:
+        lines += ["", "At each side's best (the fastest row of each at that length):", ""]
+    for seq in seqs:
+        n, p = best([r for r in nvl if r["seq"] == seq]), best([r for r in peers if r["seq"] == seq])
+        lines.append(f"- seq {seq}: " + (versus(n, p) if n and p else "the peer: no try fit"))
+    pairs = sorted({(p["seq"], _peer_variant(p)["micro_batch_size"]) for p in peers}
+                   & {(n["seq"], _nvl_micro_batch(n)) for n in nvl})
+    if pairs:
+        lines += ["", "At equal micro-batch (nvl's train.micro_batch_size = the peer's; each side's fastest):", ""]
+    for seq, mb in pairs:
+        n = best([r for r in nvl if r["seq"] == seq and _nvl_micro_batch(r) == mb])
+        p = best([r for r in peers if r["seq"] == seq and _peer_variant(r)["micro_batch_size"] == mb])
+        lines.append(f"- seq {seq}, micro-batch {mb}: " + (versus(n, p) if n and p else
+                                                            "the peer: no try fit at this micro-batch"))
+    return lines
 
 
 README_BEGIN = ("<!-- finetune_gpu table: generated from bench/results/finetune_gpu.json by "
@@ -682,12 +1097,8 @@ README_END = "<!-- end of finetune_gpu table -->"
 
 
 def readme_table(records: list[dict[str, Any]]) -> str:
-    """The README's table of `nvl finetune` throughput, from the records of one bench visit."""
-    peers = {r["seq"]: r for r in records if r["system"] != "nvl"}
-    peer_txt = "; ".join(
-        f"seq {seq}: " + (f"{r['tokens_per_s']:,.0f} tokens/s, {r['peak_gb']} GB" if r["status"] == "ok"
-                          else r["status"])
-        for seq, r in sorted(peers.items()))
+    """The README's table of `nvl finetune` throughput, from the records of one bench visit; the peer's rows say
+    what it ran, its fastest try per length and micro-batch (or that none fit)."""
     what = {"text": "text", "cord": "CORD-like receipts (7 tiles)",
             "medpix": "MedPix-like (one ~300-token sample per sequence)",
             "video": "LLaVA-Video-like (10 frames)"}
@@ -703,8 +1114,17 @@ def readme_table(records: list[dict[str, Any]]) -> str:
         lines.append(f"| {'LoRA' if r['method'] == 'lora' else 'full FT'}, {what.get(r['workload'], r['workload'])}, "
                      f"{r['seq']}, {r['gpus']} (TP {r['tp']}){', ' + var if var else ''} | {tps} | {per} | {mfu} | "
                      f"{r.get('peak_gb') or '-'} | {r['date']} |")
-    if peer_txt:
-        lines.append(f"| transformers + PEFT LoRA, text, batch 1 | {peer_txt} | | | | |")
+    peers = [r for r in records if r["system"] != "nvl"]
+    for seq, mb in sorted({(r["seq"], _peer_variant(r)["micro_batch_size"]) for r in peers}):
+        tries = [r for r in peers if r["seq"] == seq and _peer_variant(r)["micro_batch_size"] == mb]
+        ok = [r for r in tries if r.get("tokens_per_s")]
+        if ok:
+            r = max(ok, key=lambda r: r["tokens_per_s"])
+            lines.append(f"| transformers + PEFT LoRA, text, {seq}, 1, {_peer_what(r)} | {r['tokens_per_s']:,.0f} | "
+                         f"{r['tokens_per_s']:,.0f} | {r['mfu']:.1%} | {r.get('peak_gb') or '-'} | {r['date']} |")
+        else:
+            lines.append(f"| transformers + PEFT LoRA, text, {seq}, 1, micro-batch {mb}: {len(tries)} tries "
+                         f"({', '.join(sorted({r['status'] for r in tries}))}) | - | - | - | - | {tries[0]['date']} |")
     return "\n".join(lines)
 
 
@@ -740,6 +1160,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     "by --make-videos (e.g. carried to the GPU machine as .whl/videos)")
     ap.add_argument("--peer-seqs", default="2048,4096", help="transformers+PEFT sequence lengths ('' = none)")
     ap.add_argument("--peer-steps", type=int, default=3)
+    ap.add_argument("--peer-variants", default=",".join(PEER_VARIANTS),
+                    help="the peer's Mamba ops, comma-separated: 'torch' (every Mamba op in PyTorch), 'mamba-ssm "
+                         "triton' (mamba-ssm importable: its Triton chunk scan; see the docstring)")
+    ap.add_argument("--peer-batches", default="1,2", help="the peer's micro-batches (rows of seq tokens per step)")
+    ap.add_argument("--peer-checkpointing", default="auto", help="the peer's gradient checkpointing: off, on, "
+                    "'off,on' (both), or auto (off, then on where off ran out of memory)")
+    ap.add_argument("--peer-only", action="store_true", help="run only the peer tries: no `nvl finetune` run "
+                    "(--workloads, --methods, --variants, --seq unused)")
     ap.add_argument("--run-timeout", type=int, default=900)
     ap.add_argument("--work", default=None, help="scratch directory (default: a temporary one)")
     ap.add_argument("--out", default="bench/results")
@@ -846,6 +1274,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "--child":
         return child_main(argv[1:])
+    if argv and argv[0] == "--peer-child":
+        return peer_child_main(argv[1:])
     if argv and argv[0] == "--merge":
         # --merge OUT_STEM PART.json ...: one record (json + md) from several invocations of the same bench
         # visit (e.g. nvl at two lengths beside the peer, and the vision workloads), in the given order.
@@ -864,6 +1294,9 @@ def main(argv: list[str] | None = None) -> int:
         write_readme(ROOT / "README.md", ROOT / "bench" / "results" / "finetune_gpu.json")
         return 0
     args = parse_args(argv)
+    peer_plan(args)  # every peer key checked before anything runs
+    if args.peer_only:
+        args.workloads = ""
     import tempfile
 
     work = Path(args.work or tempfile.mkdtemp(prefix="nvl-bench-"))
@@ -908,15 +1341,17 @@ def main(argv: list[str] | None = None) -> int:
         (out / f"{stem}.json").write_text(json.dumps(records, indent=1) + "\n")
         (out / f"{stem}.md").write_text(markdown(records, meta))
 
-    for method in [m for m in args.methods.split(",") if m]:
+    for method in [m for m in args.methods.split(",") if m and not args.peer_only]:
         for workload in workloads:
             for seq in _seqs(args):
                 for variant in variants:
                     records.append(run_nvl(args, model_dir, data, workload, method, variant, work, seq))
                     flush()
-    for seq in [int(s) for s in args.peer_seqs.split(",") if s.strip()]:
-        records.append(run_peer(args, seq))
+    def emit(rec: dict[str, Any]) -> None:
+        records.append(rec)
         flush()
+
+    run_peers(args, work, emit)
     log(f"wrote {out / (stem + '.json')} and .md")
     return 0 if all(r["status"] in ("ok", "oom") for r in records) else 1
 

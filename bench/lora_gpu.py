@@ -197,7 +197,8 @@ def peer_model(cfg: Any, device: torch.device, dtype: torch.dtype) -> Any:
 
     fields = {k: v for k,
               v in dict(cfg.raw["llm_config"]).items() if k not in ("architectures", "model_type", "torch_dtype")}
-    fields["use_mamba_kernels"] = False  # the library's PyTorch path, as measured in the anchor
+    # No use_mamba_kernels: transformers 5.x ignores it and picks each Mamba op's implementation when its NemotronH
+    # module is imported (mamba-ssm's if importable, else PyTorch); bench/finetune_gpu.py's peer sets that up.
     hcfg = NemotronHConfig(**fields)
     hcfg._attn_implementation = "sdpa"
     old = torch.get_default_dtype()

@@ -21,7 +21,8 @@ def test_finetune_bench_cpu_path_writes_the_records(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, str(BENCH), "--size", "tiny", "--device", "cpu", "--seq", "256", "--steps", "3",
            "--warmup", "1", "--gbs", "2", "--samples", "6", "--workloads", "text,medpix", "--peer-seqs", "128",
-           "--peer-steps", "1", "--variants", "model.kernels=reference", "--out", str(tmp_path / "out"),
+           "--peer-steps", "1", "--peer-variants", "torch", "--peer-batches", "1", "--peer-checkpointing", "off",
+           "--variants", "model.kernels=reference", "--out", str(tmp_path / "out"),
            "--work", str(tmp_path / "work")]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -29,7 +30,7 @@ def test_finetune_bench_cpu_path_writes_the_records(tmp_path):
     assert [(r["system"], r["workload"], r.get("variant")) for r in records] == [
         ("nvl", "text", {}), ("nvl", "text", {"model.kernels": "reference"}),
         ("nvl", "medpix", {}), ("nvl", "medpix", {"model.kernels": "reference"}),
-        ("transformers+peft", "text", None)]
+        ("transformers+peft", "text", {"mamba": "torch", "gradient_checkpointing": "off", "micro_batch_size": 1})]
     for r in records:
         assert KEYS <= set(r), KEYS - set(r)
         assert r["status"] == "ok" and r["tokens_per_s"] > 0, r
