@@ -77,7 +77,8 @@ next). A profiled run names its files in ``--out``: ``profile_file`` and ``profi
 the run did not write them). Every file the bench writes is named with letters, digits, ``.``, ``_`` and
 ``-`` only (``safe_name``: the GPU machine's file return refuses other characters), so an override's ``=``
 becomes ``_``. Each run is its own process group: on ``--run-timeout`` (or when it exits) the whole group is
-killed, DataLoader workers and torchrun ranks included.
+killed, with the groups of its descendants (torchrun's ranks, each in a session of its own, and
+their DataLoader workers).
 
 Usage (one H200; the 12b shape needs no weights on disk with --random-init)::
 
@@ -199,23 +200,53 @@ def start_gpu_run(device: str) -> float | None:
 def run_child(cmd: list[str], env: dict[str, str], log_file: Any, timeout: float) -> int | None:
     """Run ``cmd`` in its own session (process group) with stdout and stderr into ``log_file``; its exit status,
     or None if it ran past ``timeout`` seconds. On a timeout, an interruption of the bench, or after it exits,
-    the whole group is killed (SIGKILL) and the child reaped, so its DataLoader workers and torchrun ranks die
-    with it and hold no GPU memory into the next run."""
+    the child's process group and the groups of all its descendants are killed (SIGKILL) and the child reaped,
+    so its DataLoader workers and torchrun's ranks die with it and hold no GPU memory into the next run."""
     proc = subprocess.Popen(cmd, env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         return proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         return None
     finally:
-        _kill_group(proc.pid)
+        # the descendants are looked up only while the child is unreaped: once reaped, its pid may be another's
+        kill_process_tree(proc.pid, descendants=proc.returncode is None)
         proc.wait()
 
 
-def _kill_group(pgid: int) -> None:
-    try:
-        os.killpg(pgid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):  # the group is already gone
-        pass
+def _descendants(pid: int) -> list[int]:
+    """Every live descendant of ``pid`` (from /proc; [] where there is none)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])  # the field after the state
+        except (OSError, IndexError, ValueError):  # the process ended meanwhile
+            continue
+        children.setdefault(ppid, []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def kill_process_tree(pid: int, descendants: bool = True) -> None:
+    """SIGKILL the process group led by ``pid`` (a child started with ``start_new_session``) and, with
+    ``descendants``, the groups of all its live descendants: torchrun starts each rank in a session of its own,
+    which a kill of the child's group alone would leave running. The bench's own group is never signalled."""
+    own = os.getpgrp()
+    tree = _descendants(pid) if descendants else []
+    groups = {pid}
+    for p in tree:
+        try:
+            groups.add(os.getpgid(p))
+        except ProcessLookupError:
+            pass
+    for target, kill in [*((g, os.killpg) for g in groups - {own}), *((p, os.kill) for p in tree)]:
+        try:
+            kill(target, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):  # already gone
+            pass
 
 
 # ----------------------------------------------------------------------------------------- data

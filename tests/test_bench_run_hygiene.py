@@ -109,11 +109,13 @@ def test_the_wait_for_idle_gpus_returns_once_idle_and_gives_up_at_its_limit(fg, 
     assert fg.start_gpu_run("cpu") is None
 
 
-#: a child that starts a sleeping grandchild, prints its pid, then sleeps (or exits at once with "exit")
+#: a child that starts a sleeping grandchild (in a session of its own with "session", as torchrun starts its
+#: ranks), prints its pid, then sleeps (or exits at once with "exit")
 _PARENT = ("import subprocess, sys, time\n"
-           "g = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
+           "g = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'],\n"
+           "                     start_new_session='session' in sys.argv)\n"
            "print(g.pid, flush=True)\n"
-           "if sys.argv[1:] != ['exit']:\n"
+           "if 'exit' not in sys.argv:\n"
            "    time.sleep(60)\n")
 
 
@@ -144,6 +146,10 @@ def test_a_timed_out_run_is_killed_with_its_grandchildren(fg, tmp_path):
     log = tmp_path / "log.txt"
     with log.open("w") as f:
         assert fg.run_child([sys.executable, "-c", _PARENT], dict(os.environ), f, timeout=1.5) is None
+    assert _gone_within(_grandchild(log), 3)
+    # a grandchild in a session of its own (a torchrun rank) too
+    with log.open("w") as f:
+        assert fg.run_child([sys.executable, "-c", _PARENT, "session"], dict(os.environ), f, timeout=1.5) is None
     assert _gone_within(_grandchild(log), 3)
     # a child that exits leaves nothing behind either (its DataLoader workers would hold GPU memory)
     with log.open("w") as f:
