@@ -70,7 +70,8 @@ Records: ``finetune_gpu.json`` (a list, one object per measured run: ``system``,
 the trainer's ``mem_gb`` (``torch.cuda.max_memory_allocated``); an nvl run on CUDA adds ``reserved_gb`` (the
 largest ``mem_reserved_gb``, ``torch.cuda.max_memory_reserved``), ``peak_gb_nvidia_smi`` (the driver's peak,
 sampled every second, of the fullest GPU), ``outside_allocator_gb`` (that less ``reserved_gb``: the CUDA
-context, kernel modules, cuBLAS and NCCL memory the caching allocator does not count) and
+context, kernel modules, cuBLAS and NCCL memory the caching allocator does not count; with several GPUs the
+reservation is the logging rank's, the driver's peak the fullest GPU's) and
 ``gpu_used_at_start_gb`` (what nvidia-smi showed when the run started: each run first waits up to 60 s for
 every GPU to be under 1,000 MiB, so that a killed run's memory, still being released, is not counted in the
 next). A profiled run names its files in ``--out``: ``profile_file`` and ``profile_syncs_file`` (None where
