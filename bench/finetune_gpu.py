@@ -66,7 +66,20 @@ sequence length.
 
 Records: ``finetune_gpu.json`` (a list, one object per measured run: ``system``, ``workload``,
 ``method``, ``seq``, ``gpus``, ``tp``, ``tokens_per_s`` (all GPUs), ``mfu``, ``peak_gb``, ``kernels``,
-``command``, ``date``, ``status``) and ``finetune_gpu.md`` under ``--out``.
+``command``, ``date``, ``status``) and ``finetune_gpu.md`` under ``--out``. Memory, per GPU: ``peak_gb`` is
+the trainer's ``mem_gb`` (``torch.cuda.max_memory_allocated``); an nvl run on CUDA adds ``reserved_gb`` (the
+largest ``mem_reserved_gb``, ``torch.cuda.max_memory_reserved``), ``peak_gb_nvidia_smi`` (the driver's peak,
+sampled every second, of the fullest GPU), ``outside_allocator_gb`` (that less ``reserved_gb``: the CUDA
+context, kernel modules, cuBLAS and NCCL memory the caching allocator does not count; with several GPUs the
+reservation is the logging rank's, the driver's peak the fullest GPU's) and
+``gpu_used_at_start_gb`` (what nvidia-smi showed when the run started: each run first waits up to 60 s for
+every GPU to be under 1,000 MiB, so that a killed run's memory, still being released, is not counted in the
+next). A profiled run names its files in ``--out``: ``profile_file`` and ``profile_syncs_file`` (None where
+the run did not write them). Every file the bench writes is named with letters, digits, ``.``, ``_`` and
+``-`` only (``safe_name``: the GPU machine's file return refuses other characters), so an override's ``=``
+becomes ``_``. Each run is its own process group: on ``--run-timeout`` (or when it exits) the whole group is
+killed, with the groups of its descendants (torchrun's ranks, each in a session of its own, and
+their DataLoader workers).
 
 Usage (one H200; the 12b shape needs no weights on disk with --random-init)::
 
@@ -103,7 +116,9 @@ import datetime as _dt
 import json
 import os
 import platform
+import re
 import shlex
+import signal
 import subprocess
 import sys
 import threading
@@ -119,6 +134,120 @@ CHILD_ENV = "NVL_BENCH_CHILD"
 
 def log(msg: str) -> None:
     print(f"[finetune_gpu {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# ------------------------------------------------------------------------------------ run hygiene
+#: what a file name the bench writes may hold: the GPU machine's file return refuses any other character
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
+#: GPU memory (MiB, per GPU, as nvidia-smi reports it) below which a GPU counts as idle before a run starts
+IDLE_GPU_MIB = 1000
+
+
+def safe_name(name: str) -> str:
+    """``name`` with every character but letters, digits, ``.``, ``_`` and ``-`` replaced by ``_``: every file the
+    bench writes (into --out, which the GPU machine returns, and --work) is named through this."""
+    return _UNSAFE.sub("_", name)
+
+
+def profile_file_names(name: str) -> tuple[str, str]:
+    """The per-op profile's and the host-sync trace's file names (in --out) of the run called ``name``."""
+    stem = "profile_" + safe_name(name)
+    return stem + ".txt", stem + "_syncs.txt"
+
+
+def query_gpu_used_mib() -> list[int] | None:
+    """Every GPU's ``memory.used`` in MiB as nvidia-smi reports it (the driver's view: any process's memory), or
+    None where nvidia-smi is missing or fails."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=10)
+        return [int(v) for v in out.stdout.split()] if out.returncode == 0 else None
+    except (OSError, ValueError, subprocess.TimeoutExpired):
+        return None
+
+
+def wait_for_idle_gpus(threshold_mib: int = IDLE_GPU_MIB, limit_s: float = 60.0,
+                       poll_s: float = 0.5) -> tuple[list[int] | None, bool]:
+    """Wait until every GPU's used memory is below ``threshold_mib`` (the driver may still be releasing a killed
+    run's memory, which the next run's sampled peak would count), polling every ``poll_s`` for at most
+    ``limit_s``. Returns (the last reading, whether it was idle); (None, False) where nvidia-smi cannot be read."""
+    deadline = time.monotonic() + limit_s
+    while True:
+        used = query_gpu_used_mib()
+        if used is None:
+            return None, False
+        if all(v < threshold_mib for v in used):
+            return used, True
+        if time.monotonic() >= deadline:
+            return used, False
+        time.sleep(poll_s)
+
+
+def start_gpu_run(device: str) -> float | None:
+    """Before a run on CUDA: wait for idle GPUs (``wait_for_idle_gpus``) and return the largest GPU's used
+    memory then, in GB (``gpu_used_at_start_gb``, the unit of ``peak_gb_nvidia_smi``); None on CPU or without
+    nvidia-smi. Says so in one line when the GPUs never got idle."""
+    if device != "cuda":
+        return None
+    used, idle = wait_for_idle_gpus()
+    if used is None:
+        return None
+    if not idle:
+        log(f"GPUs not idle before the run: {used} MiB used (threshold {IDLE_GPU_MIB} MiB per GPU); the run's "
+            "nvidia-smi peak counts that")
+    return round(max(used) * 1.048576 / 1000, 1)
+
+
+def run_child(cmd: list[str], env: dict[str, str], log_file: Any, timeout: float) -> int | None:
+    """Run ``cmd`` in its own session (process group) with stdout and stderr into ``log_file``; its exit status,
+    or None if it ran past ``timeout`` seconds. On a timeout, an interruption of the bench, or after it exits,
+    the child's process group and the groups of all its descendants are killed (SIGKILL) and the child reaped,
+    so its DataLoader workers and torchrun's ranks die with it and hold no GPU memory into the next run."""
+    proc = subprocess.Popen(cmd, env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return None
+    finally:
+        # the descendants are looked up only while the child is unreaped: once reaped, its pid may be another's
+        kill_process_tree(proc.pid, descendants=proc.returncode is None)
+        proc.wait()
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every live descendant of ``pid`` (from /proc; [] where there is none)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])  # the field after the state
+        except (OSError, IndexError, ValueError):  # the process ended meanwhile
+            continue
+        children.setdefault(ppid, []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def kill_process_tree(pid: int, descendants: bool = True) -> None:
+    """SIGKILL the process group led by ``pid`` (a child started with ``start_new_session``) and, with
+    ``descendants``, the groups of all its live descendants: torchrun starts each rank in a session of its own,
+    which a kill of the child's group alone would leave running. The bench's own group is never signalled."""
+    own = os.getpgrp()
+    tree = _descendants(pid) if descendants else []
+    groups = {pid}
+    for p in tree:
+        try:
+            groups.add(os.getpgid(p))
+        except ProcessLookupError:
+            pass
+    for target, kill in [*((g, os.killpg) for g in groups - {own}), *((p, os.kill) for p in tree)]:
+        try:
+            kill(target, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):  # already gone
+            pass
 
 
 # ----------------------------------------------------------------------------------------- data
@@ -324,15 +453,16 @@ def child_main(argv: list[str]) -> int:
               f"{(cap_gb * 1e9 - context) / 1e9:.2f} GB beside a {context / 1e9:.2f} GB CUDA context", flush=True)
     profile_at = int(os.environ.get("NVL_BENCH_PROFILE_ITER", "0"))
     if profile_at:
-        _profile_one_step(profile_at, Path(os.environ["NVL_BENCH_PROFILE_OUT"]))
+        _profile_one_step(profile_at, Path(os.environ["NVL_BENCH_PROFILE_OUT"]),
+                          Path(os.environ["NVL_BENCH_PROFILE_SYNCS_OUT"]))
     cli = build_cli(pm)
     return cli.main(args=["finetune", *argv], prog_name="nvl", standalone_mode=True)
 
 
-def _profile_one_step(iteration: int, out: Path) -> None:
+def _profile_one_step(iteration: int, out: Path, syncs_out: Path) -> None:
     """Wrap the trainer's step so that iteration ``iteration`` runs under torch.profiler; the per-op
     table (CUDA time, top 40) is written to ``out``, and the iteration before it records its host
-    synchronisations (``<out>_syncs.txt``). The steps themselves are unchanged."""
+    synchronisations (``syncs_out``). The steps themselves are unchanged."""
     import torch
 
     from nvlcore.training.trainer import Trainer
@@ -343,7 +473,7 @@ def _profile_one_step(iteration: int, out: Path) -> None:
     def step(self: Any, micro_batches: Any) -> Any:
         count["n"] += 1
         if count["n"] == iteration - 1:
-            return _trace_syncs(lambda: original(self, micro_batches), out.with_name(out.stem + "_syncs.txt"))
+            return _trace_syncs(lambda: original(self, micro_batches), syncs_out)
         if count["n"] != iteration:
             return original(self, micro_batches)
         import time
@@ -416,7 +546,7 @@ def _trace_syncs(run: Any, out: Path) -> Any:
 
 
 class GpuMemorySampler:
-    """Peak GPU memory as the driver sees it (nvidia-smi every second), all GPUs summed per sample."""
+    """Peak GPU memory as the driver sees it (nvidia-smi every second), per GPU (``peak_mib``)."""
 
     def __init__(self) -> None:
         self.peak_mib: list[int] = []
@@ -425,15 +555,10 @@ class GpuMemorySampler:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            try:
-                out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
-                                     capture_output=True, text=True, timeout=10).stdout
-                vals = [int(v) for v in out.split()]
-                if not self.peak_mib:
-                    self.peak_mib = vals
-                self.peak_mib = [max(a, b) for a, b in zip(self.peak_mib, vals, strict=True)]
-            except Exception:
+            vals = query_gpu_used_mib()
+            if vals is None or (self.peak_mib and len(vals) != len(self.peak_mib)):
                 return
+            self.peak_mib = [max(a, b) for a, b in zip(self.peak_mib or vals, vals, strict=True)]
             self._stop.wait(1.0)
 
     def __enter__(self) -> GpuMemorySampler:
@@ -451,9 +576,7 @@ def run_nvl(args: argparse.Namespace, model_dir: Path, data: dict[str, Path], wo
     """One ``nvl finetune`` run as a child process, timed from its metrics.jsonl. ``profile``: profile its last
     iteration (as --profile does for a chosen workload; left out of the averages)."""
     first_seq = seq == _seqs(args)[0]
-    name = "-".join([workload, method] + ([] if first_seq else [f"seq{seq}"])
-                    + [f"{k.split('.')[-1]}={_override_value(v).strip('[]')}" for k, v in variant.items()]
-                    ) + name_suffix
+    name = run_name(workload, method, None if first_seq else seq, variant, name_suffix)
     metrics = work / f"metrics-{name}.jsonl"
     metrics.unlink(missing_ok=True)
     cmd_args = ["--hf-model-path", str(model_dir), "--random-init"]
@@ -495,28 +618,31 @@ def run_nvl(args: argparse.Namespace, model_dir: Path, data: dict[str, Path], wo
     # default or with --skip-default the first variant).
     runs = ([] if args.skip_default else [{}]) + _variants(args)
     chosen = runs[args.profile_variant] if args.profile_variant < len(runs) else None
+    profile_files: tuple[str, str] | None = None
     if (profile or (workload in args.profile.split(",") and variant == chosen and first_seq)) and args.device == "cuda":
         profiled = args.steps  # the last iteration; left out of the averages below
-        env.update(NVL_BENCH_PROFILE_ITER=str(profiled),
-                   NVL_BENCH_PROFILE_OUT=str(Path(args.out) / f"profile_{name}.txt"))
+        profile_files = profile_file_names(name)
+        env.update(NVL_BENCH_PROFILE_ITER=str(profiled), NVL_BENCH_PROFILE_OUT=str(Path(args.out) / profile_files[0]),
+                   NVL_BENCH_PROFILE_SYNCS_OUT=str(Path(args.out) / profile_files[1]))
     if args.device == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""
     rec: dict[str, Any] = {"system": "nvl", "workload": workload, "method": method, "seq": seq,
                            "gpus": max(1, args.nproc or 1), "tp": args.tp, "command": shown,
                            "date": _dt.date.today().isoformat(), "variant": variant}
+    # the previous run's memory (a killed one's the driver may still be releasing) must not count in this one's
+    rec["gpu_used_at_start_gb"] = start_gpu_run(args.device)
     t0 = time.perf_counter()
     log_path = work / f"log-{name}.txt"
-    timed_out = False
     # the child writes straight into its log, so a run the limit kills still leaves what it printed
     with GpuMemorySampler() if args.device == "cuda" else _Null() as sampler, log_path.open("w") as log_file:
         start = [sys.executable, "-m", "torch.distributed.run", *launcher[1:]] if launcher else [sys.executable]
-        try:
-            proc = subprocess.run([*start, __file__, "--child", *cmd_args, *overrides], env=env,
-                                  stdout=log_file, stderr=subprocess.STDOUT, text=True, timeout=args.run_timeout)
-            returncode = proc.returncode
-        except subprocess.TimeoutExpired:
-            timed_out, returncode = True, -9
+        exit_status = run_child([*start, __file__, "--child", *cmd_args, *overrides], env, log_file,
+                                args.run_timeout)
+    timed_out, returncode = exit_status is None, -9 if exit_status is None else exit_status
     rec["wall_s"] = round(time.perf_counter() - t0, 1)
+    if profile_files is not None:  # the files in --out the profiled run wrote (None: it did not get that far)
+        rec["profile_file"], rec["profile_syncs_file"] = (f if (Path(args.out) / f).is_file() else None
+                                                         for f in profile_files)
     out = log_path.read_text(errors="replace")
     rec["_log"] = str(log_path)  # for benches built on this one; not written to the record
     kernels = {}
@@ -533,6 +659,7 @@ def run_nvl(args: argparse.Namespace, model_dir: Path, data: dict[str, Path], wo
     if sampler is not None and getattr(sampler, "peak_mib", None):
         rec["peak_gb_nvidia_smi"] = round(max(sampler.peak_mib) * 1.048576 / 1000, 1)
     rows = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()] if metrics.exists() else []
+    rec.update(memory_outside_allocator(rows, rec.get("peak_gb_nvidia_smi")))
     rows = [r for r in rows if "tokens_per_s" in r]
     if timed_out:
         rec["status"] = f"timeout: killed after {args.run_timeout} s ({len(rows)} iteration(s) logged)"
@@ -568,6 +695,26 @@ def run_nvl(args: argparse.Namespace, model_dir: Path, data: dict[str, Path], wo
         rec["tokens_per_row"] = round(toks / len(timed) / args.gbs)
     log(f"  -> {rec['tokens_per_s']:,.0f} tokens/s, MFU {rec['mfu']:.1%}, peak {rec['peak_gb']} GB")
     return rec
+
+
+def run_name(workload: str, method: str, seq: int | None, variant: dict[str, Any], suffix: str = "") -> str:
+    """The run's name in its file names (log, metrics, profile): workload, method, ``seq`` unless None (the first
+    length), each override's last key part and value, then ``suffix``; made safe by ``safe_name``."""
+    parts = [workload, method] + ([] if seq is None else [f"seq{seq}"])
+    parts += [f"{k.split('.')[-1]}={_override_value(v).strip('[]')}" for k, v in variant.items()]
+    return safe_name("-".join(parts) + suffix)
+
+
+def memory_outside_allocator(rows: list[dict[str, Any]], driver_peak_gb: float | None) -> dict[str, Any]:
+    """The driver's view beside the allocator's, from a run's metrics rows: ``reserved_gb``, the largest
+    ``mem_reserved_gb`` (torch.cuda.max_memory_reserved; None on CPU), and ``outside_allocator_gb``, the nvidia-smi
+    peak less it: the CUDA context, kernel modules, cuBLAS and NCCL memory the caching allocator does not count
+    (None without both)."""
+    reserved = [r["mem_reserved_gb"] for r in rows if r.get("mem_reserved_gb") is not None]
+    reserved_gb = round(max(reserved), 1) if reserved else None
+    outside = (round(driver_peak_gb - reserved_gb, 1) if reserved_gb is not None and driver_peak_gb is not None
+               else None)
+    return {"reserved_gb": reserved_gb, "outside_allocator_gb": outside}
 
 
 class _Null:
@@ -924,7 +1071,7 @@ def run_peer_try(args: argparse.Namespace, seq: int, mamba: str, mb: int, ckpt: 
     """One peer try in a fresh process (see the section's comment); a try that dies or hangs is a row too."""
     spec = {"size": args.size, "device": args.device, "seq": seq, "micro_batch_size": mb, "mamba": mamba,
             "gradient_checkpointing": ckpt, "warmup": args.warmup, "steps": args.peer_steps}
-    name = f"peer-seq{seq}-{mamba.replace(' ', '_')}-mb{mb}{'-ckpt' if ckpt else ''}"
+    name = safe_name(f"peer-seq{seq}-{mamba}-mb{mb}{'-ckpt' if ckpt else ''}")
     log_path = work / f"log-{name}.txt"
     from nvlcore.training.finetune import ALLOCATOR_DEFAULT
 
@@ -935,14 +1082,11 @@ def run_peer_try(args: argparse.Namespace, seq: int, mamba: str, mb: int, ckpt: 
     if args.device == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""
     log(f"peer: {name}")
+    used_at_start = start_gpu_run(args.device)
     t0 = time.perf_counter()
     with log_path.open("w") as log_file:
-        try:
-            proc = subprocess.run([sys.executable, __file__, "--peer-child", json.dumps(spec)], env=env,
-                                  stdout=log_file, stderr=subprocess.STDOUT, text=True, timeout=args.run_timeout)
-            returncode: int | None = proc.returncode
-        except subprocess.TimeoutExpired:
-            returncode = None
+        returncode = run_child([sys.executable, __file__, "--peer-child", json.dumps(spec)], env, log_file,
+                               args.run_timeout)
     out = log_path.read_text(errors="replace")
     results = [line[len(PEER_RESULT):] for line in out.splitlines() if line.startswith(PEER_RESULT)]
     if results:
@@ -954,6 +1098,7 @@ def run_peer_try(args: argparse.Namespace, seq: int, mamba: str, mb: int, ckpt: 
         rec["status"] = (f"timeout: killed after {args.run_timeout} s" if returncode is None else "oom" if oom
                          else f"error (exit {returncode}): {last}")
     rec["wall_s"] = round(time.perf_counter() - t0, 1)
+    rec["gpu_used_at_start_gb"] = used_at_start
     rec["allocator"] = env["PYTORCH_CUDA_ALLOC_CONF"]
     log(f"  -> {rec['status']}" + (f": {rec['tokens_per_s']:,.0f} tokens/s, peak {rec.get('peak_gb')} GB"
                                    if rec.get("tokens_per_s") else ""))
@@ -1174,7 +1319,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--tag", default="", help="suffix of the result file names")
     ap.add_argument("--profile", default="text", help="workloads whose run --profile-variant also writes a per-op "
                     "profile of its last step and the host synchronisations of the one before (profile_<run>.txt, "
-                    "profile_<run>_syncs.txt; both left out of the averages; CUDA only; '' = none)")
+                    "profile_<run>_syncs.txt in --out, <run> with '_' for any character but letters, digits, "
+                    "'.', '_', '-', named by the record's profile_file and profile_syncs_file; both left out of the "
+                    "averages; CUDA only; '' = none)")
     ap.add_argument("--profile-variant", type=int, default=0, help="which run of a profiled workload: 0 = its "
                     "first (the default run, or with --skip-default the first variant), 1 = the next...")
     return ap.parse_args(argv)
@@ -1330,7 +1477,7 @@ def main(argv: list[str] | None = None) -> int:
         pass
     meta = {"date": _dt.date.today().isoformat(), "machine": machine, "warmup": args.warmup}
     records: list[dict[str, Any]] = []
-    stem = "finetune_gpu" + (f"_{args.tag}" if args.tag else "")
+    stem = safe_name("finetune_gpu" + (f"_{args.tag}" if args.tag else ""))
 
     def flush() -> None:
         for r in records:  # every record has every key; a failed run has null figures

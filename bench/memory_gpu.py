@@ -15,9 +15,12 @@ metrics.jsonl:
   sampled ``peak_gb`` shows it). A run that needs more fails as an out-of-memory, as on the real card.
 
 ``peak_gb`` is the driver's view (nvidia-smi, sampled every second: the caching allocator's reservation plus
-the CUDA context), ``allocated_gb`` the trainer's ``mem_gb`` (``torch.cuda.max_memory_allocated``),
-``plan_gb`` the memory plan's estimate printed by the run before any weights load. A run that fails with an
-out-of-memory is an ``"status": "oom"`` row.
+the CUDA context), ``reserved_gb`` the trainer's ``mem_reserved_gb`` (``torch.cuda.max_memory_reserved``),
+``outside_allocator_gb`` the driver's peak less ``reserved_gb`` (CUDA context, kernel modules, cuBLAS and NCCL
+memory the caching allocator does not count), ``allocated_gb`` the trainer's ``mem_gb``
+(``torch.cuda.max_memory_allocated``), ``plan_gb`` the memory plan's estimate printed by the run before any
+weights load, ``gpu_used_at_start_gb`` what nvidia-smi showed when the run started (after waiting for idle
+GPUs: finetune_gpu.py's docstring). A run that fails with an out-of-memory is an ``"status": "oom"`` row.
 
 Usage (one H200 or H100; the 12b shape needs no weights on disk with --random-init)::
 
@@ -29,7 +32,8 @@ Usage (one H200 or H100; the 12b shape needs no weights on disk with --random-in
     python bench/memory_gpu.py --size tiny --device cpu --seq 256 --steps 2 --warmup 0 --rows cord_48
 
 Records: ``memory_gpu.json`` (a list of rows in finetune_gpu.json's format plus ``budget_gb``, ``emulated``,
-``target_gb``, ``device``, ``plan_gb``, ``baseline_tokens_per_s``) and ``memory_gpu.md``. ``nvl finetune`` runs
+``target_gb``, ``device``, ``plan_gb``, ``allocated_gb``, ``reserved_gb``, ``outside_allocator_gb``,
+``baseline_tokens_per_s``; a profiled row's ``profile_file``) and ``memory_gpu.md``. ``nvl finetune`` runs
 with PyTorch's expandable segments (``PYTORCH_CUDA_ALLOC_CONF``, nvl's default), as a user's run does.
 """
 
@@ -163,6 +167,8 @@ def run_row(args: argparse.Namespace, name: str, row: dict[str, Any], model_dir:
         r["row"] = name if kind == "row" else f"{name} (baseline)"
         r["allocated_gb"] = r.get("peak_gb")
         r["peak_gb"] = r.get("peak_gb_nvidia_smi", r.get("peak_gb"))
+        r["reserved_gb"] = r.get("reserved_gb")  # the allocator's reservation beside the driver's peak
+        r["outside_allocator_gb"] = r.get("outside_allocator_gb")
         log_path = Path(r.pop("_log", "") or "/nonexistent")
         r["plan_gb"] = parse_plan_gb(log_path.read_text()) if log_path.is_file() else None
         r["budget_gb"] = row["budget_gb"] if kind == "row" else None
@@ -177,14 +183,16 @@ def run_row(args: argparse.Namespace, name: str, row: dict[str, Any], model_dir:
 
 
 def markdown(records: list[dict[str, Any]]) -> str:
-    head = ("| row | method | workload | seq | GPUs | budget GB | emulated | peak GB | plan GB | tokens/s | "
-            "baseline tokens/s | ratio | status |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+    cols = ["row", "method", "workload", "seq", "GPUs", "budget GB", "emulated", "peak GB", "reserved GB", "plan GB",
+            "tokens/s", "baseline tokens/s", "ratio", "status"]
+    head = "| " + " | ".join(cols) + " |\n|" + "---|" * len(cols) + "\n"
     lines = []
     for r in records:
         tps, base = r.get("tokens_per_s"), r.get("baseline_tokens_per_s")
         ratio = f"{tps / base:.0%}" if tps and base else ""
         lines.append(f"| {r.get('row')} | {r['method']} | {r['workload']} | {r['seq']} | {r['gpus']} | "
-                     f"{r.get('budget_gb') or ''} | {r.get('emulated')} | {r.get('peak_gb')} | {r.get('plan_gb')} | "
+                     f"{r.get('budget_gb') or ''} | {r.get('emulated')} | {r.get('peak_gb')} | "
+                     f"{r.get('reserved_gb')} | {r.get('plan_gb')} | "
                      f"{tps or ''} | {base or ''} | {ratio} | {r['status']} |")
     return head + "\n".join(lines) + "\n"
 
@@ -203,8 +211,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tag", default="")
     ap.add_argument("--no-baseline", default="", help="rows (comma-separated) run without their baseline")
     ap.add_argument("--profile-rows", default="", help="rows (comma-separated) whose last iteration is profiled "
-                    "(torch.profiler's per-op table, profile_<run>.txt in --out); it and the one before it are "
-                    "left out of the averages, so give --steps >= --warmup + 3")
+                    "(torch.profiler's per-op table, profile_<run>.txt in --out: the row's profile_file); it and the "
+                    "one before it are left out of the averages, so give --steps >= --warmup + 3")
     ns, rest = ap.parse_known_args(argv)
     args = fg.parse_args(rest + ["--peer-seqs", "", "--profile", ""])
     args.seq_override = ns.seq_override
@@ -227,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     device, total_gb = device_info(args.device)
     records: list[dict[str, Any]] = []
     baselines: dict[str, dict[str, Any]] = {}
-    stem = "memory_gpu" + (f"_{ns.tag}" if ns.tag else "")
+    stem = fg.safe_name("memory_gpu" + (f"_{ns.tag}" if ns.tag else ""))
     for name in names:
         for r in run_row(args, name, ROWS[name], model_dir, data, work, total_gb, baselines):
             r.update(device=device, date=_dt.date.today().isoformat())
