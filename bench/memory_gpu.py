@@ -77,6 +77,10 @@ ROWS: dict[str, dict[str, Any]] = {
                           vision_adapters=True,
                           fit={"peft.base_dtype": "nf4", "model.recompute_granularity": "full",
                                "train.memory_plan": "auto"}),
+    # the NF4 base alone on a roomy cap (72 GB: nothing offloaded or recomputed), against the same baseline: what
+    # the 4-bit decode costs by itself, to tell it from what qlora_24's recomputation and host copies cost
+    "qlora_nf4_only": dict(workload="cord", method="qlora", seq=4096, budget_gb=80, target_gb=72, baseline={},
+                           vision_adapters=True, fit={"peft.base_dtype": "nf4"}),
     "qlora_text_24": dict(workload="text", method="qlora", seq=4096, budget_gb=24, target_gb=22, baseline={},
                           vision_adapters=True,
                           fit={"peft.base_dtype": "nf4", "train.memory_plan": "auto"}),
