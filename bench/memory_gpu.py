@@ -81,6 +81,12 @@ ROWS: dict[str, dict[str, Any]] = {
     # the 4-bit decode costs by itself, to tell it from what qlora_24's recomputation and host copies cost
     "qlora_nf4_only": dict(workload="cord", method="qlora", seq=4096, budget_gb=80, target_gb=72, baseline={},
                            vision_adapters=True, fit={"peft.base_dtype": "nf4"}),
+    # QLoRA as many 4-bit VLM recipes run it: adapters on the LM only, both towers frozen (and stored in NF4), beside
+    # the same freezing in bf16
+    "qlora_lm_24": dict(workload="cord", method="qlora", seq=4096, budget_gb=24, target_gb=22,
+                        baseline={"model.freeze_vision_model": "True", "model.freeze_vision_projection": "True"},
+                        fit={"model.freeze_vision_model": "True", "model.freeze_vision_projection": "True",
+                             "peft.base_dtype": "nf4", "train.memory_plan": "auto"}),
     "qlora_text_24": dict(workload="text", method="qlora", seq=4096, budget_gb=24, target_gb=22, baseline={},
                           vision_adapters=True,
                           fit={"peft.base_dtype": "nf4", "train.memory_plan": "auto"}),
