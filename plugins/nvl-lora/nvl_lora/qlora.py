@@ -197,12 +197,15 @@ def quantize_frozen_linears(model: nn.Module, *, compute_dtype: torch.dtype | No
     ``module_filter``: the model bridge's ``quantize_module_filter`` (a layer it leaves out keeps the compute
     dtype and is reported as kept).
     """
+    from nvlcore.progress import progress_iter
+
     to_nf4, _ = nf4_api()
     report = NF4Report()
-    for name, module in model.named_modules():
+    # a 12B base takes a while (each weight to the GPU, then quantized): a bar over the layers that may be quantized
+    layers = [(name, module) for name, module in model.named_modules()
+              if name and base_kind(module) is not None and f".{ADAPTER_ATTR}." not in f".{name}."]
+    for name, module in progress_iter(layers, "quantizing the frozen base to NF4", unit="weight"):
         kind = base_kind(module)
-        if not name or kind is None or f".{ADAPTER_ATTR}." in f".{name}.":
-            continue
         w = getattr(module, "weight", None)
         if not isinstance(w, torch.Tensor) or w.requires_grad or hasattr(w, "__tensor_flatten__") or w.dim() != 2:
             continue
