@@ -62,10 +62,16 @@ def init_parameters(model: torch.nn.Module, cfg: NemotronVLConfig, seed: int = 1
     """Fill every parameter of ``model`` (this rank's shards) in place, deterministically per name and rank.
 
     Replicated parameters (norms, ViT embeddings) get the same values on every rank; split ones get
-    independent draws per rank.
+    independent draws per rank. A parameter in host memory of a process that already uses a GPU (a model built
+    in host memory for a GPU run, ``model.use_cpu_initialization``) is drawn on that GPU, one parameter at a time,
+    and copied back: the CPU's generator takes minutes over a 12B model, and the values are then those a model
+    built on the GPU gets.
     """
+    gpu = (torch.device("cuda", torch.cuda.current_device())
+           if torch.cuda.is_available() and torch.cuda.is_initialized() else None)
     for name, p in model.named_parameters():
         rank = tp_rank if getattr(p, "tensor_model_parallel", False) else 0
-        gen = torch.Generator(device=p.device)
+        where = gpu if gpu is not None and p.device.type == "cpu" else p.device
+        gen = torch.Generator(device=where)
         gen.manual_seed(seed_for(seed, name, rank))
-        p.copy_(init_tensor(name, tuple(p.shape), cfg, gen, device=p.device))
+        p.copy_(init_tensor(name, tuple(p.shape), cfg, gen, device=where))
