@@ -202,10 +202,9 @@ def quantize_frozen_linears(model: nn.Module, *, compute_dtype: torch.dtype | No
     to_nf4, _ = nf4_api()
     report = NF4Report()
     # a 12B base takes a while (each weight to the GPU, then quantized): a bar over the layers that may be quantized
-    layers = [(name, module) for name, module in model.named_modules()
-              if name and base_kind(module) is not None and f".{ADAPTER_ATTR}." not in f".{name}."]
-    for name, module in progress_iter(layers, "quantizing the frozen base to NF4", unit="weight"):
-        kind = base_kind(module)
+    layers = [(name, module, kind) for name, module in model.named_modules()
+              if name and (kind := base_kind(module)) is not None and f".{ADAPTER_ATTR}." not in f".{name}."]
+    for name, module, kind in progress_iter(layers, "quantizing the frozen base to NF4", unit="weight"):
         w = getattr(module, "weight", None)
         if not isinstance(w, torch.Tensor) or w.requires_grad or hasattr(w, "__tensor_flatten__") or w.dim() != 2:
             continue
