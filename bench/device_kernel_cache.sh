@@ -18,8 +18,10 @@ case "$1" in
     fi
     mkdir -p "$TRITON_CACHE_DIR" "$TORCHINDUCTOR_CACHE_DIR" ;;
   save)
-    tar czf /tmp/kernel_cache.tgz -C "$KC" . 2>/dev/null
-    size=$(stat -c %s /tmp/kernel_cache.tgz 2>/dev/null || echo 0)
+    size=0
+    if [ -n "$(find "$KC" -type f 2>/dev/null | head -1)" ] && tar czf /tmp/kernel_cache.tgz -C "$KC" .; then
+      size=$(stat -c %s /tmp/kernel_cache.tgz)
+    fi
     if [ "$size" -gt 0 ] && [ "$size" -lt 16000000 ]; then
       cp /tmp/kernel_cache.tgz "$OUT/kernel_cache.tgz" && echo "kernel cache saved: $size bytes"
     else

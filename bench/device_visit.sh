@@ -3,21 +3,12 @@
 # Usage on the device machine, from the repo root, with .whl carried:
 #   bash bench/device_visit.sh PART MODE [ARGS]
 # MODE: "mem ROWS [memory_gpu.py args]", "ft [finetune_gpu.py args]" or "tests [pytest args]"; PART names the
-# output files. The wheels are installed once per machine; nvl itself at every call (the tree may have changed).
+# output files. bench/device_setup.sh installs the wheels once per machine and nvl at every call.
 set -o pipefail
 PART=$1; MODE=$2; shift 2
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
-if [ -d /tmp/site/torchao ]; then
-  rm -rf /tmp/nvl
-  PYTHONPATH=/tmp/site python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-compile \
-    --target /tmp/nvl . plugins/*/ || exit 1
-else
-  source bench/device_setup.sh || exit 1
-fi
-export PYTHONPATH=/tmp/nvl:/tmp/site PATH=/tmp/nvl/bin:$PATH
+source bench/device_setup.sh > /tmp/nvl-setup.txt 2>&1 || { cat /tmp/nvl-setup.txt; exit 1; }
+tee "$OUT/${PART}_gpu.txt" < /tmp/nvl-setup.txt
 source bench/device_kernel_cache.sh restore  # compiled and autotuned kernels of an earlier visit, if carried
-nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader | tee "$OUT/${PART}_gpu.txt"
-python3 -c "import torch; print('torch', torch.__version__)" | tee -a "$OUT/${PART}_gpu.txt"
 WORK=/tmp/nvl-visit  # one work dir per machine: the 12b-shape model directory and the data are written once
 case "$MODE" in
   tests)
@@ -34,6 +25,8 @@ case "$MODE" in
 esac
 # the runs' logs and metrics, and any profiles, in one file (at most 8 files come back, named in safe characters)
 PROFILES=$(cd "$OUT" && ls profile_* 2>/dev/null)
-tar czf "$OUT/${PART}_logs.tgz" -C "$WORK" $(cd "$WORK" 2>/dev/null && ls log-* metrics-* 2>/dev/null) \
-  ${PROFILES:+-C "$OUT" $PROFILES} && (cd "$OUT" && rm -f $PROFILES)
+LOGS=$(cd "$WORK" 2>/dev/null && ls log-* metrics-* 2>/dev/null)
+if [ -n "$LOGS$PROFILES" ]; then
+  tar czf "$OUT/${PART}_logs.tgz" ${LOGS:+-C "$WORK" $LOGS} ${PROFILES:+-C "$OUT" $PROFILES} && (cd "$OUT" && rm -f $PROFILES)
+fi
 source bench/device_kernel_cache.sh save

@@ -48,14 +48,20 @@ def rows_j() -> list[dict]:
     return out
 
 
-def main() -> None:
+def rows_before_j() -> tuple[list[dict], object]:
+    """Visits H and I's rows of the other recipes, then visit G's; and visit G's assemble module (its ``write``)."""
     i = _module("visit_i_2026-12-07")
     g = i._visit_g()
     older = g.rows()
     for r in older:
         r["visit"] = "G"
     hi = [r for r in i.rows_h_i() if r.get("method") != "qlora" and not str(r.get("row", "")).startswith("qlora")]
-    g.write(rows_j() + hi + older, "visit J (QLoRA), visits H and I (the other recipes), then G; 2026-12-07, "
+    return hi + older, g
+
+
+def main() -> None:
+    older, g = rows_before_j()
+    g.write(rows_j() + older, "visit J (QLoRA), visits H and I (the other recipes), then G; 2026-12-07, "
             "one H100 80 GB", __doc__)
 
 

@@ -67,15 +67,9 @@ def rows_k() -> list[dict]:
 
 def main() -> None:
     j = _module("visit_j_2026-12-07")
-    i = _module("visit_i_2026-12-07")
-    g = i._visit_g()
-    older = g.rows()
-    for r in older:
-        r["visit"] = "G"
-    hi = [r for r in i.rows_h_i() if r.get("method") != "qlora" and not str(r.get("row", "")).startswith("qlora")]
-    g.write(rows_k() + j.rows_j() + hi + older, "visit K (QLoRA, CORD at global batch 32), visit J (QLoRA), visits "
+    older, g = j.rows_before_j()
+    g.write(rows_k() + j.rows_j() + older, "visit K (QLoRA, CORD at global batch 32), visit J (QLoRA), visits "
             "H and I (the other recipes), then G; 2026-12-07, one H100 80 GB", __doc__)
-
 
 if __name__ == "__main__":
     main()
