@@ -214,6 +214,13 @@ def run_child(cmd: list[str], env: dict[str, str], log_file: Any, timeout: float
         proc.wait()
 
 
+def exit_on_sigterm() -> None:
+    """Turn SIGTERM (what ``timeout`` sends a bench that runs past its limit) into SystemExit, so that
+    ``run_child``'s ``finally`` kills the running child's process tree: by default Python dies at once and the
+    child keeps the GPU busy into the next call on the same machine."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+
+
 def _descendants(pid: int) -> list[int]:
     """Every live descendant of ``pid`` (from /proc; [] where there is none)."""
     children: dict[int, list[int]] = {}
@@ -1441,6 +1448,7 @@ def main(argv: list[str] | None = None) -> int:
         write_readme(ROOT / "README.md", ROOT / "bench" / "results" / "finetune_gpu.json")
         return 0
     args = parse_args(argv)
+    exit_on_sigterm()
     peer_plan(args)  # every peer key checked before anything runs
     if args.peer_only:
         args.workloads = ""

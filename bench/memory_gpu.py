@@ -224,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
                     "(torch.profiler's per-op table, profile_<run>.txt in --out: the row's profile_file); it and the "
                     "one before it are left out of the averages, so give --steps >= --warmup + 3")
     ns, rest = ap.parse_known_args(argv)
+    fg.exit_on_sigterm()
     args = fg.parse_args(rest + ["--peer-seqs", "", "--profile", ""])
     args.seq_override = ns.seq_override
     args.no_baseline = tuple(n for n in ns.no_baseline.split(",") if n)

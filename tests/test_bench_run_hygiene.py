@@ -166,6 +166,42 @@ def test_a_timed_out_run_is_killed_with_its_grandchildren(fg, tmp_path):
         os.kill(pid, 9)
 
 
+#: a bench stand-in: loads finetune_gpu.py, arms (or, with "plain", does not arm) exit_on_sigterm, then runs the
+#: _PARENT child under run_child with a long timeout
+_BENCH = ("import importlib.util, os, sys\n"
+          "spec = importlib.util.spec_from_file_location('fg_term', sys.argv[1])\n"
+          "fg = importlib.util.module_from_spec(spec); spec.loader.exec_module(fg)\n"
+          "if 'plain' not in sys.argv: fg.exit_on_sigterm()\n"
+          "with open(sys.argv[2], 'w') as f:\n"
+          "    fg.run_child([sys.executable, '-c', sys.argv[3]], dict(os.environ), f, timeout=60)\n")
+
+
+def _terminated_bench_leaves(tmp_path: Path, *extra: str) -> int:
+    """Start the bench stand-in, SIGTERM it (as ``timeout`` does) once its child's grandchild runs; the pid of
+    that grandchild."""
+    log = tmp_path / f"child{'-'.join(extra)}.txt"
+    bench = subprocess.Popen([sys.executable, "-c", _BENCH, str(BENCHES / "finetune_gpu.py"), str(log), _PARENT,
+                              *extra])
+    deadline = time.monotonic() + 30
+    while not (log.exists() and log.read_text().strip()):
+        assert time.monotonic() < deadline, "the bench stand-in never started its child"
+        time.sleep(0.05)
+    bench.terminate()
+    bench.wait(timeout=30)
+    return _grandchild(log)
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir() or not hasattr(os, "killpg"), reason="needs POSIX with /proc")
+def test_a_bench_stopped_by_timeout_kills_its_running_child(tmp_path):
+    assert _gone_within(_terminated_bench_leaves(tmp_path), 5)
+    # negative control: without the handler, SIGTERM ends the bench at once and its child's tree runs on
+    pid = _terminated_bench_leaves(tmp_path, "plain")
+    try:
+        assert not _gone_within(pid, 0.5)
+    finally:
+        os.kill(pid, 9)
+
+
 def test_memory_rows_carry_the_reservation_and_what_lies_outside_it(tmp_path, monkeypatch):
     mg = _load("memory_gpu_hygiene", "memory_gpu.py")
     made = []
