@@ -389,3 +389,32 @@ def test_the_compiled_nf4_decode_equals_torchaos_on_the_gpu() -> None:
     qlora.linear_nf4(x, w).float().square().sum().backward()
     qlora.nf4_api()[1](x2, w).float().square().sum().backward()
     assert torch.equal(x.grad, x2.grad)
+
+
+def _decode_args(w: object) -> tuple:
+    return (w.quantized_data, w.quantized_scalers, w.quantization_factor, w.scaler_mean, w.nf4,
+            w.scaler_block_size, w.block_size, torch.bfloat16)
+
+
+def test_the_compiled_nf4_decode_is_specialised_to_each_shape_past_torchs_recompile_limit() -> None:
+    """The GPU's compiled decode, built the same way on the CPU: more weight shapes than torch's default
+    recompile limit (8) each compile to a kernel with no runtime size argument (the divisions of every element's
+    index by the block sizes are by constants) and decode exactly as torchao does; the dynamic-size compile
+    (visit L's slow kernel) has them, as a negative control."""
+    from torch._inductor.utils import run_and_get_code
+
+    torch._dynamo.reset()
+    decode = qlora.compile_decode()
+    shapes = [(256 * (i + 1), 128) for i in range(9)] + [(384, 64)]  # the last: 128-block scaler groups
+    for rows, cols in shapes:
+        w = qlora.nf4_api()[0](torch.randn(rows, cols), qlora.NF4_BLOCK, qlora.scaler_block_for(rows * cols))
+        with torch._dynamo.config.patch(recompile_limit=qlora.DECODE_SHAPES):
+            out, code = run_and_get_code(decode, *_decode_args(w))
+        assert code, f"{rows}x{cols}: not compiled (Dynamo ran it eagerly)"
+        assert "ks0" not in "\n".join(code), f"{rows}x{cols}: the kernel takes runtime sizes"
+        assert torch.equal(out.view(w.shape), w.to(torch.bfloat16))
+    torch._dynamo.reset()
+    dynamic = torch.compile(qlora._decode_nf4, dynamic=True, fullgraph=True)
+    _, code = run_and_get_code(dynamic, *_decode_args(w))
+    assert "ks0" in "\n".join(code)
+    torch._dynamo.reset()
