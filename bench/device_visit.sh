@@ -12,8 +12,11 @@ source bench/device_kernel_cache.sh restore  # compiled and autotuned kernels of
 WORK=/tmp/nvl-visit  # one work dir per machine: the 12b-shape model directory and the data are written once
 case "$MODE" in
   tests)
-    timeout "${TEST_TIMEOUT:-300}" python3 -m pytest -q -p no:cacheprovider -rs "$@" 2>&1 | tail -120 > "$OUT/${PART}_tests.log"
-    tail -5 "$OUT/${PART}_tests.log" ;;
+    # SIGINT, not timeout's SIGTERM: pytest then stops as on Ctrl-C and still prints the failures so far (visit L's
+    # run, killed by SIGTERM, left only "FF"); --tb=short -rfEs keeps each failure's reason short and in the log
+    timeout -s INT -k 30 "${TEST_TIMEOUT:-300}" python3 -m pytest -q -p no:cacheprovider --tb=short -rfEs "$@" \
+      > "$OUT/${PART}_tests.log" 2>&1
+    tail -25 "$OUT/${PART}_tests.log" ;;
   mem)
     ROWS=$1; shift
     timeout "${BENCH_TIMEOUT:-560}" python3 bench/memory_gpu.py --rows "$ROWS" --work "$WORK" --out "$OUT" --tag "$PART" \
