@@ -104,7 +104,9 @@ def compile_decode() -> Callable[..., torch.Tensor]:
     """:func:`_decode_nf4` under ``torch.compile`` with static sizes: one kernel per weight shape whose index
     arithmetic divides by constants (with ``dynamic=True`` the block sizes became runtime int64 divisors of every
     element's index: see the module docstring). ``emulate_precision_casts`` rounds where eager rounds, so the
-    weight equals torchao's bit for bit."""
+    weight equals torchao's bit for bit. Raises the process's Dynamo recompile limit to at least
+    :data:`DECODE_SHAPES` (set once here, not patched around each of a step's thousands of calls)."""
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, DECODE_SHAPES)
     return torch.compile(_decode_nf4, dynamic=False, fullgraph=True, options={"emulate_precision_casts": True})
 
 
@@ -119,8 +121,7 @@ def dequantize_nf4(weight: Any, dtype: torch.dtype) -> torch.Tensor:
         if "cuda" not in _compiled:
             _compiled["cuda"] = compile_decode()
         try:
-            with torch._dynamo.config.patch(recompile_limit=DECODE_SHAPES):
-                return _compiled["cuda"](*args).view(weight.shape)
+            return _compiled["cuda"](*args).view(weight.shape)
         except Exception as exc:  # noqa: BLE001 - any compile failure: the eager decode is the same arithmetic
             _log.warning("peft.base_dtype=nf4: compiling the NF4 dequantisation failed (%s: %s); it runs eagerly",
                          type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")

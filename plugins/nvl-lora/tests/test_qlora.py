@@ -404,12 +404,13 @@ def test_the_compiled_nf4_decode_is_specialised_to_each_shape_past_torchs_recomp
     from torch._inductor.utils import run_and_get_code
 
     torch._dynamo.reset()
+    limit = torch._dynamo.config.recompile_limit
     decode = qlora.compile_decode()
+    assert torch._dynamo.config.recompile_limit == max(limit, qlora.DECODE_SHAPES)
     shapes = [(256 * (i + 1), 128) for i in range(9)] + [(384, 64)]  # the last: 128-block scaler groups
     for rows, cols in shapes:
         w = qlora.nf4_api()[0](torch.randn(rows, cols), qlora.NF4_BLOCK, qlora.scaler_block_for(rows * cols))
-        with torch._dynamo.config.patch(recompile_limit=qlora.DECODE_SHAPES):
-            out, code = run_and_get_code(decode, *_decode_args(w))
+        out, code = run_and_get_code(decode, *_decode_args(w))
         assert code, f"{rows}x{cols}: not compiled (Dynamo ran it eagerly)"
         assert "ks0" not in "\n".join(code), f"{rows}x{cols}: the kernel takes runtime sizes"
         assert torch.equal(out.view(w.shape), w.to(torch.bfloat16))
@@ -418,3 +419,4 @@ def test_the_compiled_nf4_decode_is_specialised_to_each_shape_past_torchs_recomp
     _, code = run_and_get_code(dynamic, *_decode_args(w))
     assert "ks0" in "\n".join(code)
     torch._dynamo.reset()
+    torch._dynamo.config.recompile_limit = limit
