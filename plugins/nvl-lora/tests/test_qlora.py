@@ -396,7 +396,7 @@ def _decode_args(w: object) -> tuple:
             w.scaler_block_size, w.block_size, torch.bfloat16)
 
 
-def test_the_compiled_nf4_decode_is_specialised_to_each_shape_past_torchs_recompile_limit() -> None:
+def test_the_compiled_nf4_decode_is_specialised_to_each_shape_past_torchs_recompile_limit(monkeypatch) -> None:
     """The GPU's compiled decode, built the same way on the CPU: more weight shapes than torch's default
     recompile limit (8) each compile to a kernel with no runtime size argument (the divisions of every element's
     index by the block sizes are by constants) and decode exactly as torchao does; the dynamic-size compile
@@ -405,6 +405,7 @@ def test_the_compiled_nf4_decode_is_specialised_to_each_shape_past_torchs_recomp
 
     torch._dynamo.reset()
     limit = torch._dynamo.config.recompile_limit
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", limit)  # restored after the test, pass or fail
     decode = qlora.compile_decode()
     assert torch._dynamo.config.recompile_limit == max(limit, qlora.DECODE_SHAPES)
     shapes = [(256 * (i + 1), 128) for i in range(9)] + [(384, 64)]  # the last: 128-block scaler groups
@@ -419,4 +420,3 @@ def test_the_compiled_nf4_decode_is_specialised_to_each_shape_past_torchs_recomp
     _, code = run_and_get_code(dynamic, *_decode_args(w))
     assert "ks0" in "\n".join(code)
     torch._dynamo.reset()
-    torch._dynamo.config.recompile_limit = limit

@@ -71,5 +71,6 @@ def main() -> None:
     g.write(rows_k() + j.rows_j() + older, "visit K (QLoRA, CORD at global batch 32), visit J (QLoRA), visits "
             "H and I (the other recipes), then G; 2026-12-07, one H100 80 GB", __doc__)
 
+
 if __name__ == "__main__":
     main()

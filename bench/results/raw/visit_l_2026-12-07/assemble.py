@@ -10,19 +10,12 @@ time; fixed after the visit, not yet re-measured).
 
 from __future__ import annotations
 
-import importlib.util
 import json
+import runpy
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 RAW = HERE.parent
-
-
-def _module(visit: str):
-    spec = importlib.util.spec_from_file_location(f"assemble_{visit}", RAW / visit / "assemble.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)  # type: ignore[union-attr]
-    return mod
 
 
 def rows_l() -> list[dict]:
@@ -48,10 +41,10 @@ def rows_l() -> list[dict]:
 
 
 def main() -> None:
-    k = _module("visit_k_2026-12-07")
-    j = k._module("visit_j_2026-12-07")
+    k = runpy.run_path(str(RAW / "visit_k_2026-12-07" / "assemble.py"))  # its loader finds visit J's
+    j = k["_module"]("visit_j_2026-12-07")
     older, g = j.rows_before_j()
-    g.write(rows_l() + k.rows_k() + j.rows_j() + older, "visit L (QLoRA, profiled), visit K (QLoRA, CORD at global "
+    g.write(rows_l() + k["rows_k"]() + j.rows_j() + older, "visit L (QLoRA, profiled), visit K (QLoRA, CORD at global "
             "batch 32), visit J (QLoRA), visits H and I (the other recipes), then G; 2026-12-07, one H100 80 GB",
             __doc__)
 
