@@ -396,7 +396,7 @@ def _decode_args(w: object) -> tuple:
             w.scaler_block_size, w.block_size, torch.bfloat16)
 
 
-def test_the_compiled_nf4_decode_is_specialised_to_each_shape_past_torchs_recompile_limit(monkeypatch) -> None:
+def test_the_compiled_nf4_decode_is_specialised_to_each_shape_past_torchs_recompile_limit() -> None:
     """The GPU's compiled decode, built the same way on the CPU: more weight shapes than torch's default
     recompile limit (8) each compile to a kernel with no runtime size argument (the divisions of every element's
     index by the block sizes are by constants) and decode exactly as torchao does; the dynamic-size compile
@@ -405,9 +405,24 @@ def test_the_compiled_nf4_decode_is_specialised_to_each_shape_past_torchs_recomp
 
     torch._dynamo.reset()
     limit = torch._dynamo.config.recompile_limit
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", limit)  # restored after the test, pass or fail
-    decode = qlora.compile_decode()
-    assert torch._dynamo.config.recompile_limit == max(limit, qlora.DECODE_SHAPES)
+    # Torch's own patch restores the limit, pass or fail. Not pytest's monkeypatch: the config module keeps its
+    # values outside __dict__, so monkeypatch's undo deletes the key and hides it from every later compile.
+    with torch._dynamo.config.patch(recompile_limit=limit):
+        decode = qlora.compile_decode()
+        assert torch._dynamo.config.recompile_limit == max(limit, qlora.DECODE_SHAPES)
+        _check_each_shape_compiles_to_constant_sizes(decode)
+    assert torch._dynamo.config.recompile_limit == limit
+    torch._dynamo.reset()
+    dynamic = torch.compile(qlora._decode_nf4, dynamic=True, fullgraph=True)
+    w = qlora.nf4_api()[0](torch.randn(512, 128), qlora.NF4_BLOCK, qlora.scaler_block_for(512 * 128))
+    _, code = run_and_get_code(dynamic, *_decode_args(w))
+    assert "ks0" in "\n".join(code)
+    torch._dynamo.reset()
+
+
+def _check_each_shape_compiles_to_constant_sizes(decode) -> None:
+    from torch._inductor.utils import run_and_get_code
+
     shapes = [(256 * (i + 1), 128) for i in range(9)] + [(384, 64)]  # the last: 128-block scaler groups
     for rows, cols in shapes:
         w = qlora.nf4_api()[0](torch.randn(rows, cols), qlora.NF4_BLOCK, qlora.scaler_block_for(rows * cols))
@@ -415,8 +430,3 @@ def test_the_compiled_nf4_decode_is_specialised_to_each_shape_past_torchs_recomp
         assert code, f"{rows}x{cols}: not compiled (Dynamo ran it eagerly)"
         assert "ks0" not in "\n".join(code), f"{rows}x{cols}: the kernel takes runtime sizes"
         assert torch.equal(out.view(w.shape), w.to(torch.bfloat16))
-    torch._dynamo.reset()
-    dynamic = torch.compile(qlora._decode_nf4, dynamic=True, fullgraph=True)
-    _, code = run_and_get_code(dynamic, *_decode_args(w))
-    assert "ks0" in "\n".join(code)
-    torch._dynamo.reset()
