@@ -449,14 +449,15 @@ def child_main(argv: list[str]) -> int:
         from nvlcore.training.finetune import ALLOCATOR_DEFAULT
 
         os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", ALLOCATOR_DEFAULT)  # nvl finetune's, before CUDA starts
-        # a smaller card emulated on this one (bench/memory_gpu.py): the process may use ``cap_gb`` as the driver
-        # counts it, so the caching allocator gets that less the CUDA context this process already holds
+        # a smaller card emulated on this one (bench/memory_gpu.py): the process may use ``cap_gb`` (the card) as
+        # the driver counts it, so the caching allocator gets that less the CUDA context this process already
+        # holds; nvl finetune lowers it further to its own train.memory_budget_gb
         import torch
 
         free, total = torch.cuda.mem_get_info()
         context = total - free - torch.cuda.memory_reserved()
         torch.cuda.set_per_process_memory_fraction((cap_gb * 1e9 - context) / total)
-        print(f"[bench] memory capped at {cap_gb:g} GB as the driver counts it: the allocator may hold "
+        print(f"[bench] a {cap_gb:g} GB card emulated: the allocator may hold at most "
               f"{(cap_gb * 1e9 - context) / 1e9:.2f} GB beside a {context / 1e9:.2f} GB CUDA context", flush=True)
     profile_at = int(os.environ.get("NVL_BENCH_PROFILE_ITER", "0"))
     if profile_at:

@@ -8,11 +8,13 @@ metrics.jsonl:
 
 * the **baseline**: unconstrained (the whole card, the row's ``baseline`` options: the best this workload runs
   at without the memory options), giving ``baseline_tokens_per_s``;
-* the **row**: the fitting options, capped at the issue's peak target for that card (``target_gb``, e.g. 44 GB
-  on a 48 GB card) when the device is larger (``emulated: true``): the child process measures the CUDA context it
-  holds and gives the caching allocator ``torch.cuda.set_per_process_memory_fraction`` of the rest, so a row
-  that runs used at most ``target_gb`` as the driver counts it (context growth after start-up aside: the
-  sampled ``peak_gb`` shows it). A run that needs more fails as an out-of-memory, as on the real card.
+* the **row**: the fitting options with ``train.memory_budget_gb`` = the target, which nvl holds its caching
+  allocator to (the target less the plan's 3.0 GB runtime allowance), on the card the row is for
+  (``budget_gb``, e.g. 48 GB) emulated when the device is larger (``emulated: true``): the child process
+  measures the CUDA context it holds and gives the caching allocator ``torch.cuda.set_per_process_memory_fraction``
+  of the rest of that card (nvl keeps the lower of the two caps). A run that needs more fails as an
+  out-of-memory, as on the real card. Until visit L the emulated card was the target itself and nvl set no cap
+  of its own: the allocator filled the cap and the driver's peak passed the target by what grew outside it.
 
 ``peak_gb`` is the driver's view (nvidia-smi, sampled every second: the caching allocator's reservation plus
 the CUDA context), ``reserved_gb`` the trainer's ``mem_reserved_gb`` (``torch.cuda.max_memory_reserved``),
@@ -164,8 +166,8 @@ def run_row(args: argparse.Namespace, name: str, row: dict[str, Any], model_dir:
     emulated = bool(total_gb and total_gb > row["budget_gb"])
     # the plan sizes the run for the target on that card (e.g. 72 GB on an 80 GB card: room to spare)
     fit_options = {**row["fit"], "train.memory_budget_gb": str(row.get("target_gb", row["budget_gb"]))}
-    if emulated:
-        os.environ["NVL_BENCH_MEMORY_CAP_GB"] = str(row.get("target_gb", row["budget_gb"]))
+    if emulated:  # the card; nvl itself holds the run to the target (train.memory_budget_gb) within it
+        os.environ["NVL_BENCH_MEMORY_CAP_GB"] = str(row["budget_gb"])
     try:
         rec = fg.run_nvl(args, model_dir, data, row["workload"], method, fit_options, work, seq,
                          extra_args=extra, name_suffix=f"-{name}", profile=name in args.profile_rows)
@@ -187,7 +189,7 @@ def run_row(args: argparse.Namespace, name: str, row: dict[str, Any], model_dir:
         r["baseline_tokens_per_s"] = base.get("tokens_per_s")
         r["baseline_peak_gb"] = base.get("peak_gb_nvidia_smi", base.get("peak_gb"))
         r["global_batch_size"] = args.gbs
-        r["cap_gb"] = row.get("target_gb", row["budget_gb"]) if kind == "row" and emulated else None
+        r["cap_gb"] = row["budget_gb"] if kind == "row" and emulated else None  # the emulated card
         out.append(r)
     return out
 

@@ -204,12 +204,13 @@ def test_a_bench_stopped_by_timeout_kills_its_running_child(tmp_path):
 
 def test_memory_rows_carry_the_reservation_and_what_lies_outside_it(tmp_path, monkeypatch):
     mg = _load("memory_gpu_hygiene", "memory_gpu.py")
-    made = []
+    made, caps = [], []
 
     def fake_run_nvl(args, model_dir, data, workload, method, variant, work, seq, extra_args=(), name_suffix="",
                      profile=False):
         capped = "NVL_BENCH_MEMORY_CAP_GB" in os.environ
         made.append(capped)
+        caps.append((os.environ.get("NVL_BENCH_MEMORY_CAP_GB"), variant.get("train.memory_budget_gb")))
         return {"system": "nvl", "workload": workload, "method": method, "seq": seq, "gpus": 1, "tp": 1,
                 "status": "ok", "tokens_per_s": 900.0 if capped else 1000.0, "peak_gb": 30.0,
                 "peak_gb_nvidia_smi": 40.0 if capped else 50.0, "reserved_gb": 37.5 if capped else 46.0,
@@ -220,6 +221,8 @@ def test_memory_rows_carry_the_reservation_and_what_lies_outside_it(tmp_path, mo
     args.seq_override, args.no_baseline, args.profile_rows, args.size, args.default_gbs = None, (), (), "tiny", 4
     base, row = mg.run_row(args, "cord_48", mg.ROWS["cord_48"], tmp_path, {}, tmp_path, 80.0, {})
     assert made == [False, True] and "NVL_BENCH_MEMORY_CAP_GB" not in os.environ
+    # the 48 GB card is emulated; nvl holds the run to the 44 GB target itself (train.memory_budget_gb)
+    assert caps == [(None, None), ("48", "44")] and row["cap_gb"] == 48
     assert (base["reserved_gb"], base["outside_allocator_gb"], base["peak_gb"]) == (46.0, 4.0, 50.0)
     assert (row["reserved_gb"], row["outside_allocator_gb"], row["peak_gb"], row["allocated_gb"]) == (
         37.5, 2.5, 40.0, 30.0)

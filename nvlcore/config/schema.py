@@ -115,7 +115,10 @@ class TrainConfig:
         "that cannot fit the card, auto = also pick micro-batch, recompute and offload settings that fit, off = none.",
     )
     memory_budget_gb: float | None = _f(
-        None, "GB per GPU the memory plan must fit (default: the card's free memory; on CPU, no check)."
+        None,
+        "GB per GPU the run may use: the memory plan fits it (or the card's free memory where smaller), and on a "
+        "GPU the caching allocator is capped at it less the plan's 3.0 GB runtime allowance (default: the card's "
+        "free memory, no cap; on CPU, no check).",
     )
 
 

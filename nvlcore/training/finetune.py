@@ -673,7 +673,7 @@ class FinetuneRecipe:
         offload -> starting weights -> ``model.freeze_*`` and PEFT -> the frozen base's storage."""
         from nvlcore.config import config_to_dict
         from nvlcore.training.fp8 import check_fp8_device, fp8_recipe
-        from nvlcore.training.memory import plan_run
+        from nvlcore.training.memory import hold_to_budget, plan_run
         from nvlcore.training.oom import install_phase_hooks, set_phase
 
         cfg, ctx = self.cfg, self.ctx
@@ -687,6 +687,7 @@ class FinetuneRecipe:
         plan = plan_run(cfg, bridge, ctx, self.say, manager=self.manager)  # may refuse, or (auto) change cfg
         if plan is not None and plan.chosen is not None:
             self.run_config = config_to_dict(cfg)  # checkpoints record the settings auto chose
+        hold_to_budget(cfg, ctx, self.say)  # before anything is allocated: the budget is a limit, not advice
         self.settings = loop_settings(cfg, dp_size=ctx.dp_size, device_type=ctx.device.type)
         if cfg.optimizer.main_grads_dtype == "torch.bfloat16" and self.settings.autocast_dtype is None:
             from nvlcore.config import ConfigError

@@ -430,21 +430,60 @@ def apply_option(cfg: Any, option: Option) -> None:
 
 
 def available_bytes(cfg: Any, ctx: Any) -> tuple[float | None, str]:
-    """Bytes the run may use on each rank and where the figure comes from: ``train.memory_budget_gb``,
-    else the smallest free memory over the ranks' GPUs (``torch.cuda.mem_get_info``), else None (CPU)."""
+    """Bytes the run may use on each rank and where the figure comes from: the smallest free memory over the
+    ranks' GPUs (``torch.cuda.mem_get_info``), or ``train.memory_budget_gb`` where that is smaller (on a CPU,
+    the budget alone), else None (a CPU without a budget)."""
     budget = cfg.train.memory_budget_gb
-    if budget is not None:
-        return float(budget) * GB, f"train.memory_budget_gb={budget:g}"
+    said = None if budget is None else (float(budget) * GB, f"train.memory_budget_gb={budget:g}")
     if ctx.device.type != "cuda":
-        return None, "no GPU (set train.memory_budget_gb to check against a card)"
+        return said or (None, "no GPU (set train.memory_budget_gb to check against a card)")
     import torch
 
-    free = torch.tensor([float(torch.cuda.mem_get_info(ctx.device)[0])], device=ctx.device)
+    free = float(torch.cuda.mem_get_info(ctx.device)[0])
     if ctx.world_size > 1:
         import torch.distributed as dist
 
-        dist.all_reduce(free, op=dist.ReduceOp.MIN)
-    return float(free.item()), f"free on {torch.cuda.get_device_name(ctx.device)}"
+        smallest = torch.tensor([free], device=ctx.device)
+        dist.all_reduce(smallest, op=dist.ReduceOp.MIN)
+        free = float(smallest.item())
+    card = free, f"free on {torch.cuda.get_device_name(ctx.device)}"
+    if said is None or said[0] <= card[0]:
+        return said or card
+    return card[0], f"{card[1]}, less than train.memory_budget_gb={budget:g}"
+
+
+def hold_to_budget(cfg: Any, ctx: Any, say: Callable[[str], None]) -> float | None:
+    """``train.memory_budget_gb`` on a GPU is a limit, not only the plan's target: the caching allocator may
+    reserve the budget less :data:`RUNTIME_OVERHEAD_BYTES` (what the driver counts beside it), so the card's
+    peak stays within the budget. Without the cap the allocator caches whatever the card has free, and a run
+    planned for 22 GB showed 22.8 GB on the driver (issue 22, visit L). A lower cap already set in the process
+    (``torch.cuda.set_per_process_memory_fraction``) is kept. Returns the bytes the allocator may reserve, or
+    None (no budget, or not a GPU). An allocation past the cap is an out-of-memory, reported as one."""
+    budget = cfg.train.memory_budget_gb
+    if budget is None or ctx.device.type != "cuda":
+        return None
+    import torch
+
+    from nvlcore.config import ConfigError
+
+    limit = float(budget) * GB - RUNTIME_OVERHEAD_BYTES
+    if limit <= 0:
+        raise ConfigError(f"train.memory_budget_gb={budget:g} leaves nothing for the run: the CUDA runtime "
+                          f"itself takes ~{_fmt(RUNTIME_OVERHEAD_BYTES)} of a card; give a larger budget",
+                          key="train.memory_budget_gb")
+    total = float(torch.cuda.get_device_properties(ctx.device).total_memory)
+    fraction = min(1.0, limit / total)
+    current = getattr(torch.cuda, "get_per_process_memory_fraction", None)  # torch >= 2.9
+    held = current(ctx.device) if current is not None else 1.0
+    if held < fraction:
+        say(f"nvl finetune: memory budget: the caching allocator keeps its lower cap of {_fmt(held * total)} "
+            f"(train.memory_budget_gb={budget:g})")
+        return held * total
+    torch.cuda.set_per_process_memory_fraction(fraction, ctx.device)
+    note = "" if float(budget) * GB <= total else f"; the card itself has only {_fmt(total)}"
+    say(f"nvl finetune: memory budget: the caching allocator may reserve {_fmt(fraction * total)} "
+        f"(train.memory_budget_gb={budget:g} less ~{_fmt(RUNTIME_OVERHEAD_BYTES)} for the CUDA runtime){note}")
+    return fraction * total
 
 
 def sample_workload(cfg: Any, bridge: ModelBridge, manager: Any, *, samples: int = 8) -> tuple[int, int] | None:
