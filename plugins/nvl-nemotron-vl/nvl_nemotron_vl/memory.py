@@ -12,8 +12,9 @@ frozen and stored in bf16). Per language-model token, TP-local widths divided by
 Per ViT token per layer (``prefix + patches`` tokens a tile): ``res*H + 2H + 6H/tp + 2H/tp`` (attention)
 and ``res*H + 2H + 4 ffn/tp`` (MLP), times :data:`VIT_CALIBRATION`. ``selective`` recomputation keeps only
 a Mamba mixer's input (``recompute_modules`` ``mamba``; with ``vision_tower`` the ViT layers count as
-under ``full``); ``full`` keeps every layer's input plus one layer's activations while it is
-recomputed. docs/memory.md compares the result with the peaks measured on GPUs.
+under ``full``); ``full`` keeps every layer's input, plus one layer's activations while it is
+recomputed, a transient of backward that never coexists with the loss chunk's logits (the plan counts the
+larger of the two). docs/memory.md compares the result with the peaks measured on GPUs.
 
 Under sequence parallelism (``model.sequence_parallel``) the LM's ``res*h + 2h`` per layer (the norm's
 input and its output, which the column-parallel linear keeps as a shard and gathers again in backward),
@@ -67,17 +68,30 @@ def lm_bytes_per_token(cfg: NemotronVLConfig, *, tp: int, res: int, recompute: s
         for k, b in zip(kinds, full, strict=True)]
     if offload_layers:  # the first layers' activations live on the host until their backward (whatever their kind)
         kept = [0.0] * min(offload_layers, len(kept)) + kept[offload_layers:]
-    transient = max(full) if recompute == "full" else 0.0  # the layer being recomputed
-    return sum(kept) + transient + res * h / sp + BF16 * h
+    return sum(kept) + res * h / sp + BF16 * h
+
+
+def lm_transient_per_token(cfg: NemotronVLConfig, *, tp: int, res: int, recompute: str | None,
+                           sequence_parallel: bool = False) -> float:
+    """Under ``full``: bytes per token of the one language-model layer being recomputed in backward."""
+    if recompute != "full":
+        return 0.0
+    return max(lm_layer_bytes(cfg, k, tp=tp, res=res, sequence_parallel=sequence_parallel)
+               for k in cfg.llm.layer_types)
+
+
+def _vit_layer_bytes(cfg: NemotronVLConfig, *, tp: int, res: int) -> float:
+    v = cfg.vision
+    H, ffn = v.hidden_size, v.intermediate_size
+    return (res * H + BF16 * H + BF16 * 4 * H / tp) + (res * H + BF16 * H + BF16 * 2 * ffn / tp)
 
 
 def vit_bytes_per_tile(cfg: NemotronVLConfig, *, tp: int, res: int, recompute: str | None) -> float:
     """Bytes one image tile keeps in the ViT and the projector."""
     v = cfg.vision
-    H, ffn, tokens = v.hidden_size, v.intermediate_size, v.num_prefix_tokens + cfg.grid**2
-    layer = (res * H + BF16 * H + BF16 * 4 * H / tp) + (res * H + BF16 * H + BF16 * 2 * ffn / tp)
-    per_layer = res * H if recompute == "full" else layer
-    vit = tokens * (v.num_layers * per_layer + (layer if recompute == "full" else 0.0)) * VIT_CALIBRATION
+    tokens = v.num_prefix_tokens + cfg.grid**2
+    per_layer = res * v.hidden_size if recompute == "full" else _vit_layer_bytes(cfg, tp=tp, res=res)
+    vit = tokens * v.num_layers * per_layer * VIT_CALIBRATION
     img = cfg.num_image_token
     projector = img * (4 * cfg.projector_input_size + BF16 * 2 * cfg.projector_hidden_size / tp)
     return vit + projector
@@ -94,19 +108,30 @@ def activation_bytes(cfg: NemotronVLConfig, *, tokens: int, tiles: int, recomput
     always keeps its activations, since the loss's gradient passes through it to whatever trains.
     """
     lm_res = 4 if trained.get("language_model") else BF16
+    vit_res = 4 if trained.get("vision_model") else BF16
     adapted = adapted or {}
     # adapters in a frozen tower need its activations too (their gradients pass through it)
-    vit_trains = any(trained.get(g) or adapted.get(g) for g in ("vision_model", "vision_projection"))
+    vit_trains = bool(tiles) and any(trained.get(g) or adapted.get(g) for g in ("vision_model", "vision_projection"))
+    vit_full = recompute == "full" or (recompute == "selective" and "vision_tower" in recompute_modules)
     out = {"language model": tokens * lm_bytes_per_token(cfg, tp=tp_size, res=lm_res, recompute=recompute,
                                                         offload_layers=offload_layers,
                                                         recompute_modules=recompute_modules,
                                                         sequence_parallel=sequence_parallel)}
-    # one loss chunk's logits while its backward runs: at the peak, when every kept activation is still alive
-    out["loss"] = min(tokens, LOSS_CHUNK_TOKENS) * cfg.llm.vocab_size / tp_size * LOSS_BYTES_PER_LOGIT
-    vit_full = recompute == "full" or (recompute == "selective" and "vision_tower" in recompute_modules)
+    # Backward's largest transient, beside everything still kept: one loss chunk's logits first, then the LM's
+    # layer being recomputed (full), then the ViT's (full, or selective with vision_tower). They come one after
+    # another and never coexist, so the plan counts the largest only (a layer, rarely: the chunk is ~1.6 GB).
+    transients = {
+        "loss": min(tokens, LOSS_CHUNK_TOKENS) * cfg.llm.vocab_size / tp_size * LOSS_BYTES_PER_LOGIT,
+        "recomputed layer": max(
+            tokens * lm_transient_per_token(cfg, tp=tp_size, res=lm_res, recompute=recompute,
+                                            sequence_parallel=sequence_parallel),
+            tiles * (cfg.vision.num_prefix_tokens + cfg.grid**2) * _vit_layer_bytes(cfg, tp=tp_size, res=vit_res)
+            * VIT_CALIBRATION if vit_trains and vit_full else 0.0),
+    }
+    largest = max(transients, key=lambda k: transients[k])
+    out[largest] = transients[largest]
     if tiles:
-        out["vision tower"] = tiles * vit_bytes_per_tile(cfg, tp=tp_size,
-                                                         res=4 if trained.get("vision_model") else BF16,
+        out["vision tower"] = tiles * vit_bytes_per_tile(cfg, tp=tp_size, res=vit_res,
                                                          recompute="full" if vit_full else recompute) \
             if vit_trains else 0.0
     return out
