@@ -525,6 +525,18 @@ class ModelBridge(abc.ABC):
 
 
 # ------------------------------------------------------------------------------------- helpers
+#: How many offloaded layers' forwards are running now (:mod:`nvlcore.training.offload` counts them).
+OFFLOADED_FORWARDS = [0]
+
+
+def saved_tensors_offloaded() -> bool:
+    """Whether the forward running now is a layer's whose saved tensors the core copies to host memory
+    (``model.cpu_offloading``). A model that frees a saved tensor's memory itself and refills it in backward
+    (output-discarding recomputation) skips that here: the copy may still be reading the tensor, and backward
+    gets the host copy back, not the refilled one."""
+    return OFFLOADED_FORWARDS[0] > 0
+
+
 def freeze_parameters(model: torch.nn.Module, groups: Mapping[str, str], flags: Mapping[str, bool], *,
                       other: bool = False, skip: Callable[[str], bool] | None = None) -> dict[str, bool]:
     """Set ``requires_grad=False`` on the parameters under each flagged group's prefix (and, with

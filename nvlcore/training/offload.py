@@ -20,6 +20,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from nvlcore.bridge import OFFLOADED_FORWARDS
+
 if TYPE_CHECKING:
     import torch
 
@@ -68,6 +70,7 @@ class ActivationOffloader:
             ctx = torch.autograd.graph.saved_tensors_hooks(lambda t: self._pack(index, t), self._unpack)
             ctx.__enter__()
             self._active.append(ctx)
+            OFFLOADED_FORWARDS[0] += 1  # nvlcore.bridge.saved_tensors_offloaded() says so to the model
         return hook
 
     def _exit(self, index: int) -> Any:
@@ -76,6 +79,7 @@ class ActivationOffloader:
         def hook(module: Any, args: Any, output: Any) -> None:
             if index < self.num_layers and self._active:
                 self._active.pop().__exit__(None, None, None)
+                OFFLOADED_FORWARDS[0] -= 1
             if index == 0 or not torch.is_grad_enabled():
                 return
             # the gradient of this layer's output arriving = its backward starting: fetch the layer before

@@ -12,9 +12,10 @@ frozen and stored in bf16). Per language-model token, TP-local widths divided by
 Per ViT token per layer (``prefix + patches`` tokens a tile): ``res*H + 2H + 6H/tp + 2H/tp`` (attention)
 and ``res*H + 2H + 4 ffn/tp`` (MLP), times :data:`VIT_CALIBRATION`. ``selective`` recomputation keeps only
 a Mamba mixer's input (``recompute_modules`` ``mamba``; with ``vision_tower`` the ViT layers count as
-under ``full``); ``full`` keeps every layer's input, plus one layer's activations while it is
-recomputed, a transient of backward that never coexists with the loss chunk's logits (the plan counts the
-larger of the two). docs/memory.md compares the result with the peaks measured on GPUs.
+under ``full``; with ``mlp_act`` an MLP layer keeps its fc1 output but not the squared ReLU's); ``full``
+keeps every layer's input, plus one layer's activations while it is recomputed, a transient of backward
+that never coexists with the loss chunk's logits (the plan counts the larger of the two). docs/memory.md
+compares the result with the peaks measured on GPUs.
 
 Under sequence parallelism (``model.sequence_parallel``) the LM's ``res*h + 2h`` per layer (the norm's
 input and its output, which the column-parallel linear keeps as a shard and gathers again in backward),
@@ -63,8 +64,10 @@ def lm_bytes_per_token(cfg: NemotronVLConfig, *, tp: int, res: int, recompute: s
     sp = tp if sequence_parallel else 1  # what lies between the TP regions is split over the ranks
     full = [lm_layer_bytes(cfg, k, tp=tp, res=res, sequence_parallel=sequence_parallel) for k in kinds]
     mamba = recompute == "selective" and "mamba" in recompute_modules
+    # mlp_act: the squared ReLU's output is freed until backward (linear_fc1's output stays, for its backward)
+    act = BF16 * cfg.llm.intermediate_size / tp if recompute == "selective" and "mlp_act" in recompute_modules else 0
     kept = [res * h / sp] * len(kinds) if recompute == "full" else [
-        (res * h + BF16 * h) / sp if (mamba and k == "mamba") else b
+        (res * h + BF16 * h) / sp if (mamba and k == "mamba") else b - (act if k == "mlp" else 0)
         for k, b in zip(kinds, full, strict=True)]
     if offload_layers:  # the first layers' activations live on the host until their backward (whatever their kind)
         kept = [0.0] * min(offload_layers, len(kept)) + kept[offload_layers:]

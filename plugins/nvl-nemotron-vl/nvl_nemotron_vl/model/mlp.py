@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -53,6 +54,43 @@ def squared_relu(x: torch.Tensor) -> torch.Tensor:
 ACTIVATIONS = {"relu2": squared_relu, "gelu": F.gelu}  # F.gelu defaults to the exact erf form
 
 
+def discard_until_backward(t: torch.Tensor, after: torch.Tensor, recompute: Callable[[], torch.Tensor]) -> bool:
+    """Free ``t``'s memory now and refill it with ``recompute()`` when ``after``'s gradient arrives, i.e.
+    before the backward of the op that made ``after`` from ``t`` reads what it saved of ``t`` (megatron-core's
+    output-discarding checkpointing). The refill writes the storage, not the tensor, so autograd's version
+    check still holds. Skipped (False) where it would be wrong or useless: no graph, a ``t`` that is not a
+    whole contiguous storage, a CUDA graph capture (no hooks run at replay), or an offloaded layer (the core
+    copies what is saved to the host and hands backward that copy: :func:`nvlcore.bridge.saved_tensors_offloaded`)."""
+    from nvlcore.bridge import saved_tensors_offloaded
+
+    if not (torch.is_grad_enabled() and after.requires_grad) or saved_tensors_offloaded():
+        return False
+    storage = t.untyped_storage()
+    nbytes = t.numel() * t.element_size()
+    if not t.is_contiguous() or t.storage_offset() != 0 or storage.nbytes() != nbytes:
+        return False
+    if t.is_cuda and torch.cuda.is_current_stream_capturing():
+        return False
+
+    # The hook lives as long as the graph node it sits on; once it has run it must hold neither the storage nor
+    # the recomputation's input, or each layer's refilled activation would outlive its backward.
+    held: list[Any] = [storage, recompute]
+
+    def refill(grad: torch.Tensor) -> torch.Tensor:
+        if held:
+            st, again = held
+            held.clear()
+            with torch.no_grad():
+                fresh = again()
+            st.resize_(nbytes)
+            st.copy_(fresh.untyped_storage())
+        return grad
+
+    after.register_hook(refill)
+    storage.resize_(0)
+    return True
+
+
 class MLP(nn.Module):
     def __init__(
         self, hidden_size: int, ffn_size: int, *, activation: str, bias: bool, norm: str, eps: float,
@@ -65,9 +103,16 @@ class MLP(nn.Module):
         self.linear_fc1 = normed_column_linear(hidden_size, ffn_size, bias=bias, norm=norm, eps=eps, tp=tp,
                                                dtype=dtype, device=device)
         self.linear_fc2 = row_linear(ffn_size, out_size or hidden_size, bias=bias, tp=tp, dtype=dtype, device=device)
+        #: ``model.recompute_modules`` ``mlp_act``: the activation's output (which ``linear_fc2``'s adapter saves) is
+        #: freed after the forward and recomputed from ``linear_fc1``'s output (which the activation's own backward
+        #: keeps anyway) when backward reaches this MLP: :func:`discard_until_backward`.
+        self.recompute_act = False
 
     def forward(self, hidden_states: torch.Tensor, *, sequence_parallel: bool = False) -> torch.Tensor:
         """``sequence_parallel``: ``hidden_states`` and the output are this rank's sequence shard."""
         y, _ = self.linear_fc1(hidden_states, sequence_parallel=sequence_parallel)
-        out, _ = self.linear_fc2(self.act(y), sequence_parallel=sequence_parallel)
+        a = self.act(y)
+        out, _ = self.linear_fc2(a, sequence_parallel=sequence_parallel)
+        if self.recompute_act:
+            discard_until_backward(a, out, lambda: self.act(y))
         return out

@@ -27,6 +27,7 @@ from torch import nn
 from ..config import NemotronVLConfig
 from .evs import evs_retention_mask
 from .lm import NemotronHLanguageModel
+from .mlp import MLP
 from .parallel import TPContext
 from .projector import VisionProjection, pixel_shuffle
 from .vit import RadioViT
@@ -106,16 +107,20 @@ class NemotronVLModel(nn.Module):
         activations replicated: they are a small share of a training step's activations."""
         self.language_model.decoder.set_sequence_parallel(enabled)
 
-    def set_recompute(self, mode: str, *, vision_layers: bool | None = None) -> None:
+    def set_recompute(self, mode: str, *, vision_layers: bool | None = None, mlp_act: bool = False) -> None:
         """Activation recomputation: ``"none"``; ``"ssm"`` (Mamba conv + scan + gated norm, whose fp32
         intermediates dominate activation memory); ``"layers"`` (every LM and ViT layer).
-        ``vision_layers``: recompute every ViT layer (default: under ``"layers"`` only)."""
+        ``vision_layers``: recompute every ViT layer (default: under ``"layers"`` only). ``mlp_act``: the LM's
+        MLP layers free their squared ReLU's output after the forward and recompute it in backward
+        (:func:`~.mlp.discard_until_backward`; not under ``"layers"``, which keeps only each layer's input)."""
         if mode not in ("none", "ssm", "layers"):
             raise ValueError(f"recompute must be 'none', 'ssm' or 'layers', got {mode!r}")
         self.recompute = mode
         for layer in self.language_model.decoder.layers:
             if hasattr(layer, "mixer"):
                 layer.mixer.recompute = mode == "ssm"
+            if isinstance(getattr(layer, "mlp", None), MLP):
+                layer.mlp.recompute_act = mlp_act and mode != "layers"
         self.language_model.decoder.recompute_layers = mode == "layers"
         self.vision_model.decoder.recompute_layers = mode == "layers" if vision_layers is None else vision_layers
 
