@@ -5,10 +5,11 @@ While the forward runs through one of the first N decoder layers (the bridge's `
 every tensor autograd saves for the backward (``torch.autograd.graph.saved_tensors_hooks``) is copied
 to pinned host memory on a side CUDA stream, and the GPU copy is released as soon as the forward has no
 other use for it. In the backward, when a layer's backward starts, the saved tensors of the layer
-before it are copied back on the side stream (a prefetch, overlapped with this layer's backward);
+before it are copied back on a second side stream (a prefetch, overlapped with this layer's backward);
 a tensor not yet prefetched is copied back when autograd asks for it. Events order each copy with
 the compute stream, and ``record_stream`` keeps the allocator from reusing a tensor's memory before
-its copy has read it.
+its copy has read it. The two directions have a stream each: PCIe copies both ways at once, and when the
+forward's copies to the host fall behind the compute, a copy back would otherwise queue behind all of them.
 
 Parameters and small tensors (under :data:`MIN_ELEMENTS` values) stay where they are: a parameter is
 already resident, and small copies cost more in launches than they save. On the CPU the "host copy"
@@ -48,7 +49,10 @@ class ActivationOffloader:
         import torch
 
         self.num_layers = num_layers
-        self.stream = torch.cuda.Stream() if torch.cuda.is_available() else None
+        cuda = torch.cuda.is_available()
+        #: the copies to the host (forward) and back (backward's prefetch), one stream each
+        self.stream = torch.cuda.Stream() if cuda else None
+        self.back_stream = torch.cuda.Stream() if cuda else None
         self.saved: dict[int, list[_Saved]] = {i: [] for i in range(num_layers)}
         self.offloaded_bytes = 0  # over the life of the offloader (tests and logs)
         self._active: list[Any] = []
@@ -114,15 +118,15 @@ class ActivationOffloader:
     def _prefetch(self, index: int) -> None:
         import torch
 
-        if self.stream is None:
+        if self.back_stream is None:
             return
-        with torch.cuda.stream(self.stream):
+        with torch.cuda.stream(self.back_stream):
             for s in self.saved.get(index, ()):
                 if s.back is None and s.event is not None:
-                    self.stream.wait_event(s.event)
+                    self.back_stream.wait_event(s.event)  # its copy to the host is done
                     s.back = s.host.to(s.device, non_blocking=True)
                     s.back_event = torch.cuda.Event()
-                    s.back_event.record(self.stream)
+                    s.back_event.record(self.back_stream)
         self.saved[index] = []  # autograd holds what it still needs
 
     def _unpack(self, packed: Any) -> torch.Tensor:
