@@ -377,7 +377,8 @@ class ModelBridge(abc.ABC):
         """
         return 6.0 * num_parameters * real_tokens(batch)
 
-    #: ``model.recompute_modules`` this bridge's selective recomputation knows: name -> what it recomputes
+    #: ``model.recompute_modules`` this bridge's selective recomputation knows: name -> what it recomputes,
+    #: cheapest in speed first (the memory plan's ``auto`` adds them to the default in this order)
     recompute_modules: ClassVar[Mapping[str, str]] = {}
     #: what ``selective`` recomputes when ``model.recompute_modules`` is null
     default_recompute_modules: ClassVar[tuple[str, ...]] = ()

@@ -295,16 +295,24 @@ def _offload_counts(bridge: Any) -> list[int]:
 
 
 def _selective_all(cfg: Any, inputs: PlanInputs, bridge: Any, offloads: list[Option]) -> list[Option]:
-    """Selective recomputation of every module the bridge can recompute (a tower's layers too), alone and
-    with activation offload of more and more layers, then with the optimizer state on the host as well:
-    cheaper in speed than full recomputation of the language model, which these come before."""
+    """Selective recomputation of more of the modules the bridge can recompute (``recompute_modules`` lists
+    them cheapest first): the default with each next one added, then every module with activation offload of
+    more and more layers, then with the optimizer state on the host as well: cheaper in speed than full
+    recomputation of the language model, which these come before."""
     every = tuple(bridge.recompute_modules) if bridge is not None else ()
     default = tuple(bridge.default_recompute_modules) if bridge is not None else ()
-    if inputs.recompute == "full" or not every or set(inputs.recompute_modules or default) >= set(every):
+    have = set(inputs.recompute_modules or default)
+    if inputs.recompute == "full" or not every or have >= set(every):
         return []
-    keys = ("model.recompute_granularity=selective", f"model.recompute_modules=[{','.join(every)}]")
-    base = {"recompute": "selective", "recompute_modules": every}
-    out = [Option(base, keys)]
+
+    def selective(modules: tuple[str, ...]) -> tuple[dict[str, Any], tuple[str, ...]]:
+        return ({"recompute": "selective", "recompute_modules": modules},
+                ("model.recompute_granularity=selective", f"model.recompute_modules=[{','.join(modules)}]"))
+
+    growing = [tuple(m for m in every if m in have or m in every[:i + 1]) for i in range(len(every))]
+    out = [Option(*selective(mods)) for i, mods in enumerate(growing)
+           if not set(mods) <= have and mods not in growing[:i]]
+    base, keys = selective(every)
     acts = [] if inputs.activation_offload_layers or not hasattr(cfg.model, "cpu_offloading") else [
         ({"activation_offload_layers": n}, ("model.cpu_offloading=true", f"model.cpu_offloading_num_layers={n}"))
         for n in _offload_counts(bridge)]

@@ -149,14 +149,15 @@ class NemotronVLBridge(ModelBridge):
         out_size, in_size = module.weight.shape  # type: ignore[union-attr]
         return small is None or not (in_size <= small[0] and out_size <= small[1])
 
+    #: cheapest first (the memory plan's auto adds them in this order)
     recompute_modules = {
         "mamba": "the Mamba mixers' conv, scan and gated norm (their fp32 intermediates dominate the LM's activations)",
-        "vision_tower": "every vision-tower layer (a trained tower keeps ~3 MB a tile per layer; recomputing it "
-                        "costs one more tower forward, a few percent of a step)",
         "mlp_act": "the language model's MLP activation (squared ReLU): its output, which linear_fc2's adapter keeps, "
                    "is freed after the forward and recomputed in backward from linear_fc1's output (megatron-core's "
                    "output-discarding recomputation, as its moe_act does for MoE experts; 40 KB a token per MLP "
                    "layer, ~30% of what selective recomputation of the Mamba mixers leaves, for an elementwise op)",
+        "vision_tower": "every vision-tower layer (a trained tower keeps ~3 MB a tile per layer; recomputing it "
+                        "costs one more tower forward, a few percent of a step)",
     }
     default_recompute_modules = ("mamba",)
 

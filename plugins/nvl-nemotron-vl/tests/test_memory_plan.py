@@ -442,7 +442,7 @@ def test_auto_recomputes_the_vision_tower_before_the_whole_language_model(bridge
                                      if o.changes.get("recompute_modules"))
     d = fit(bridge12b, cfg, inp, 72 * GB, mode="auto")
     assert d.chosen is not None and d.chosen.changes["recompute"] == "selective"
-    every = ["mamba", "vision_tower", "mlp_act"]
+    every = ["mamba", "mlp_act", "vision_tower"]
     assert list(d.chosen.changes["recompute_modules"]) == every
     assert d.estimate.card <= 72 * GB
     again = load_config([], ["dataset.packing=best_fit", *d.chosen.overrides])
@@ -496,3 +496,20 @@ def test_the_plan_counts_one_loss_chunk_of_logits(bridge12b):
     assert short == 1000 * vocab * nm.LOSS_BYTES_PER_LOGIT
     assert long == nm.LOSS_CHUNK_TOKENS * vocab * nm.LOSS_BYTES_PER_LOGIT  # one chunk, not 4096 tokens' logits
     assert "LOSS_CHUNK_TOKENS" in inspect.getsource(kernels.chunked_vocab_parallel_loss)
+
+
+def test_auto_adds_recompute_modules_cheapest_first(bridge12b):
+    """The video recipe on a 76 GB budget: the Mamba mixers alone leave ~78 GB, adding the MLP activation (an
+    elementwise recompute) fits, so auto stops there rather than also recomputing the vision tower (one more
+    tower forward) as it did when it added every module at once."""
+    from nvlcore.config import load_config
+
+    inp = PlanInputs(seq_length=8192, workload=(2854, 10), **LORA_LM)
+    cfg = load_config([], [])
+    lm_only = estimate(bridge12b, attrs.evolve(inp, recompute="selective", recompute_modules=("mamba",)))
+    assert lm_only.card > 76 * GB
+    d = fit(bridge12b, cfg, inp, 76 * GB, mode="auto")
+    assert d.chosen is not None and d.chosen.changes["recompute_modules"] == ("mamba", "mlp_act")
+    assert d.chosen.overrides == ("model.recompute_granularity=selective", "model.recompute_modules=[mamba,mlp_act]")
+    sets = [o.changes.get("recompute_modules") for o in memory.options_for(cfg, inp, bridge12b)]
+    assert sets.index(("mamba", "mlp_act")) < sets.index(("mamba", "mlp_act", "vision_tower"))
