@@ -66,8 +66,11 @@ def lm_bytes_per_token(cfg: NemotronVLConfig, *, tp: int, res: int, recompute: s
     mamba = recompute == "selective" and "mamba" in recompute_modules
     # mlp_act: the squared ReLU's output is freed until backward (linear_fc1's output stays, for its backward)
     act = BF16 * cfg.llm.intermediate_size / tp if recompute == "selective" and "mlp_act" in recompute_modules else 0
+    llm = cfg.llm
+    # the recomputed mixer's input, which the checkpoint keeps: in_proj's output z|x|B|C|dt (whole sequence)
+    zxbcdt = BF16 * (2 * llm.mamba_d_inner + 2 * llm.n_groups * llm.ssm_state_size + llm.mamba_num_heads) / tp
     kept = [res * h / sp] * len(kinds) if recompute == "full" else [
-        (res * h + BF16 * h) / sp if (mamba and k == "mamba") else b - (act if k == "mlp" else 0)
+        (res * h + BF16 * h) / sp + zxbcdt if (mamba and k == "mamba") else b - (act if k == "mlp" else 0)
         for k, b in zip(kinds, full, strict=True)]
     if offload_layers:  # the first layers' activations live on the host until their backward (whatever their kind)
         kept = [0.0] * min(offload_layers, len(kept)) + kept[offload_layers:]

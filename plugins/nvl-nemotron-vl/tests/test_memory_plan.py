@@ -124,7 +124,7 @@ class _Cfg:
 
 def test_check_refuses_in_one_line_naming_what_fits_and_auto_picks_it(bridge12b):
     cord = PlanInputs(global_batch_size=4, workload=(2521, 7), **LORA_LM)
-    budget = 72 * GB
+    budget = 75 * GB
     assert estimate(bridge12b, cord).card > budget
     with pytest.raises(MemoryPlanError) as err:
         fit(bridge12b, _Cfg, cord, budget, mode="check")
@@ -172,7 +172,9 @@ def test_activation_offload_saves_the_first_layers_not_the_largest(bridge12b, n)
 
     cfg = bridge12b.config
     kinds, h, res = cfg.llm.layer_types, cfg.llm.hidden_size, 2
-    per_layer = [res * h + 2 * h if k == "mamba" else lm_layer_bytes(cfg, k, tp=1, res=res) for k in kinds]
+    llm = cfg.llm
+    zxbcdt = 2 * (2 * llm.mamba_d_inner + 2 * llm.n_groups * llm.ssm_state_size + llm.mamba_num_heads)
+    per_layer = [res * h + 2 * h + zxbcdt if k == "mamba" else lm_layer_bytes(cfg, k, tp=1, res=res) for k in kinds]
     kept = lm_bytes_per_token(cfg, tp=1, res=res, recompute="selective")
     off = lm_bytes_per_token(cfg, tp=1, res=res, recompute="selective", offload_layers=n)
     assert kinds[0] == "mamba"
@@ -414,11 +416,12 @@ def test_plan_is_within_ten_percent_of_the_driver_peaks_of_visits_g_to_l(bridge1
 
 
 def test_the_runtime_allowance_is_what_the_small_rows_need(bridge12b, monkeypatch):
-    """Negative control: the allowance the plan had before visit K (1.5 GB) leaves the 22 GB QLoRA rows (visits K
-    and L) more than 10% under the driver."""
-    monkeypatch.setattr(memory, "RUNTIME_OVERHEAD_BYTES", int(1.5 * GB))
-    assert [label for label, _, _ in _off_the_driver(bridge12b, VISIT_H_TO_K_ROWS)] == ["qlora-auto22-k",
-                                                                                         "qlora-auto22-l"]
+    """Negative control: with no allowance for what lies outside the caching allocator the 22 GB QLoRA row of
+    visit L is more than 10% under the driver. (Before the selective plan counted the Mamba mixers' kept input,
+    the allowance of visits G to J, 1.5 GB, failed this too; the 3.0 GB rests on the driver's peak less the
+    allocator's reservation measured in visits G to K, 2.4 to 3.1 GB: docs/memory.md.)"""
+    monkeypatch.setattr(memory, "RUNTIME_OVERHEAD_BYTES", 0)
+    assert [label for label, _, _ in _off_the_driver(bridge12b, VISIT_H_TO_K_ROWS)] == ["qlora-auto22-l"]
 
 
 def test_adapters_in_a_frozen_tower_keep_its_activations(bridge12b):
@@ -499,7 +502,7 @@ def test_the_plan_counts_one_loss_chunk_of_logits(bridge12b):
 
 
 def test_auto_adds_recompute_modules_cheapest_first(bridge12b):
-    """The video recipe on a 76 GB budget: the Mamba mixers alone leave ~78 GB, adding the MLP activation (an
+    """The video recipe on an 80 GB budget: the Mamba mixers alone leave ~82 GB, adding the MLP activation (an
     elementwise recompute) fits, so auto stops there rather than also recomputing the vision tower (one more
     tower forward) as it did when it added every module at once."""
     from nvlcore.config import load_config
@@ -507,8 +510,8 @@ def test_auto_adds_recompute_modules_cheapest_first(bridge12b):
     inp = PlanInputs(seq_length=8192, workload=(2854, 10), **LORA_LM)
     cfg = load_config([], [])
     lm_only = estimate(bridge12b, attrs.evolve(inp, recompute="selective", recompute_modules=("mamba",)))
-    assert lm_only.card > 76 * GB
-    d = fit(bridge12b, cfg, inp, 76 * GB, mode="auto")
+    assert lm_only.card > 80 * GB
+    d = fit(bridge12b, cfg, inp, 80 * GB, mode="auto")
     assert d.chosen is not None and d.chosen.changes["recompute_modules"] == ("mamba", "mlp_act")
     assert d.chosen.overrides == ("model.recompute_granularity=selective", "model.recompute_modules=[mamba,mlp_act]")
     sets = [o.changes.get("recompute_modules") for o in memory.options_for(cfg, inp, bridge12b)]
