@@ -89,6 +89,38 @@ def test_a_corrupted_host_copy_changes_the_gradients() -> None:
     assert any(not torch.equal(g0[n], g1[n]) for n in g0)
 
 
+def test_the_model_is_told_while_an_offloaded_layer_runs_and_remove_undoes_a_raised_forward() -> None:
+    """``nvlcore.bridge.saved_tensors_offloaded()`` is true inside the offloaded layers' forwards only (a model's
+    output-discarding recomputation skips them); a forward that raised inside one leaves its saved-tensor hooks
+    entered, and ``remove`` leaves them, so nothing after it is packed to the host."""
+    import torch
+
+    from nvlcore.bridge import saved_tensors_offloaded
+    from nvlcore.training import offload as off
+
+    net = _model()
+    seen = []
+    for layer in net.layers:
+        layer.fc1.register_forward_pre_hook(lambda m, a: seen.append(saved_tensors_offloaded()))
+    handle = off.ActivationOffloader(list(net.layers), 2)
+    net(torch.randn(2, 3, 64))
+    assert seen == [True, True, False, False] and not saved_tensors_offloaded()
+
+    def boom(module, args):
+        raise RuntimeError("out of memory, say")
+
+    trap = net.layers[1].fc2.register_forward_pre_hook(boom)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        net(torch.randn(2, 3, 64))
+    assert saved_tensors_offloaded()
+    trap.remove()
+    handle.remove()
+    assert not saved_tensors_offloaded()
+    before = handle.offloaded_bytes
+    net(torch.randn(2, 3, 64, requires_grad=True)).sum().backward()
+    assert handle.offloaded_bytes == before
+
+
 def test_layer_count_outside_the_model_is_refused() -> None:
     from nvlcore.training.offload import offload_activations
 

@@ -146,10 +146,14 @@ class ActivationOffloader:
         return packed.host.to(packed.device, non_blocking=True)
 
     def remove(self) -> None:
-        """Remove the hooks (the model then trains as before)."""
+        """Remove the hooks (the model then trains as before). A forward that raised inside an offloaded layer
+        left its saved-tensor hooks entered: they are left here too."""
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        while self._active:
+            self._active.pop().__exit__(None, None, None)
+            OFFLOADED_FORWARDS[0] -= 1
 
 
 def offload_activations(layers: Sequence[torch.nn.Module], num_layers: int) -> ActivationOffloader:
