@@ -155,7 +155,7 @@ class NemotronVLBridge(ModelBridge):
         "mlp_act": "the language model's MLP activation (squared ReLU): its output, which linear_fc2's adapter keeps, "
                    "is freed after the forward and recomputed in backward from linear_fc1's output (megatron-core's "
                    "output-discarding recomputation, as its moe_act does for MoE experts; 40 KB a token per MLP "
-                   "layer, ~30% of what selective recomputation of the Mamba mixers leaves, for an elementwise op)",
+                   "layer, ~23% of what selective recomputation of the Mamba mixers leaves, for an elementwise op)",
         "vision_tower": "every vision-tower layer (a trained tower keeps ~3 MB a tile per layer; recomputing it "
                         "costs one more tower forward, a few percent of a step)",
     }

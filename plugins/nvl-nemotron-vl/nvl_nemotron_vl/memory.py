@@ -10,8 +10,9 @@ frozen and stored in bf16). Per language-model token, TP-local widths divided by
     attention  res*h + 2h + 2(q + 2 kv) d/tp + 2 q d/tp     (norm, QKV, core output; flash keeps no scores)
 
 Per ViT token per layer (``prefix + patches`` tokens a tile): ``res*H + 2H + 6H/tp + 2H/tp`` (attention)
-and ``res*H + 2H + 4 ffn/tp`` (MLP), times :data:`VIT_CALIBRATION`. ``selective`` recomputation keeps only
-a Mamba mixer's input (``recompute_modules`` ``mamba``; with ``vision_tower`` the ViT layers count as
+and ``res*H + 2H + 4 ffn/tp`` (MLP), times :data:`VIT_CALIBRATION`. ``selective`` recomputation keeps a Mamba
+layer's norm input and output and the recomputed mixer's input, in_proj's output ``2(2 d_in + 2 g N + heads)/tp``
+(``recompute_modules`` ``mamba``; with ``vision_tower`` the ViT layers count as
 under ``full``; with ``mlp_act`` an MLP layer keeps its fc1 output but not the squared ReLU's); ``full``
 keeps every layer's input, plus one layer's activations while it is recomputed, a transient of backward
 that never coexists with the loss chunk's logits (the plan counts the larger of the two). docs/memory.md
