@@ -43,12 +43,19 @@ def _run(model, batch) -> tuple[list[int], dict[str, torch.Tensor]]:
     return held, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def test_the_activation_is_freed_until_backward_and_gradients_are_bit_equal(bridge):
+def _reference_then_mlp_act(bridge):
+    """(model, batch, what the reference run kept, its gradients): run with the Mamba mixers recomputed, then
+    switched to recompute the MLP activation too."""
     model = bridge.build_model(dtype=torch.float32, kernels="reference")
     batch = _batch(bridge)
     bridge.set_recompute(model, "selective", ["mamba"])
     kept, ref = _run(model, batch)
     bridge.set_recompute(model, "selective", ["mamba", "mlp_act"])
+    return model, batch, kept, ref
+
+
+def test_the_activation_is_freed_until_backward_and_gradients_are_bit_equal(bridge):
+    model, batch, kept, ref = _reference_then_mlp_act(bridge)
     assert all(m.recompute_act for m in _mlps(model)) and len(_mlps(model)) >= 2
     freed, grads = _run(model, batch)
     assert all(b > 0 for b in kept) and freed == [0] * len(kept)
@@ -77,11 +84,7 @@ def test_a_wrong_refill_changes_the_gradients(bridge, monkeypatch):
 def test_offloaded_layers_and_full_recomputation_keep_the_activation(bridge):
     from nvlcore.training.offload import offload_activations
 
-    model = bridge.build_model(dtype=torch.float32, kernels="reference")
-    batch = _batch(bridge)
-    bridge.set_recompute(model, "selective", ["mamba"])
-    _, ref = _run(model, batch)
-    bridge.set_recompute(model, "selective", ["mamba", "mlp_act"])
+    model, batch, _, ref = _reference_then_mlp_act(bridge)
     layers = list(model.language_model.decoder.layers)
     n = max(i for i, layer in enumerate(layers) if hasattr(layer, "mlp"))  # every MLP layer but the last offloaded
     offloader = offload_activations(layers, n)
