@@ -98,3 +98,13 @@ def test_on_a_gpu_the_allocator_refuses_past_the_budget():
     finally:
         torch.cuda.set_per_process_memory_fraction(before, 0)
         torch.cuda.empty_cache()
+
+
+def test_an_out_of_memory_under_a_budget_says_the_budget_held_the_allocator():
+    from nvlcore.training.oom import budget_note, describe
+
+    note = budget_note(load_config([], ["train.memory_budget_gb=22"]))
+    assert note == "train.memory_budget_gb=22 held PyTorch's allocator to ~19.0 GB (raise it if the card has room)"
+    assert budget_note(load_config([], [])) == ""
+    line = describe(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB."), hint=note)
+    assert line.endswith(note) and "\n" not in line

@@ -276,7 +276,7 @@ def finetune_command(**params: Any) -> None:
         from nvlcore.checkpoint.shared import SharedDirectoryError
         from nvlcore.cli.errors import one_line
         from nvlcore.training.memory import MemoryPlanError
-        from nvlcore.training.oom import describe, fitting_options, is_out_of_memory
+        from nvlcore.training.oom import budget_note, describe, fitting_options, is_out_of_memory
 
         # the same line from every rank
         if isinstance(exc, (NoSpaceError, RunDirectoryLocked, SharedDirectoryError, MemoryPlanError)):
@@ -288,7 +288,8 @@ def finetune_command(**params: Any) -> None:
         if where and spans_nodes():
             where = f"node {node_rank()}, {where}"
         if is_out_of_memory(exc):  # also NCCL's "Failed to CUDA calloc": not a communication failure
-            hint = fitting_options(cfg, world_size=int(os.environ.get("WORLD_SIZE", "1")))
+            hint = "; ".join(h for h in (budget_note(cfg), fitting_options(
+                cfg, world_size=int(os.environ.get("WORLD_SIZE", "1")))) if h)
             raise click.ClickException(f"{where}{describe(exc, hint=hint)} (--debug shows the traceback)") from exc
         raise click.ClickException(f"{where}{one_line(exc)} (--debug shows the traceback)") from exc
 

@@ -71,6 +71,19 @@ def describe(exc: BaseException, *, hint: str = "") -> str:
             + (f"; {hint}" if hint else "; lower train.micro_batch_size or set model.recompute_granularity"))
 
 
+def budget_note(cfg: Any) -> str:
+    """With ``train.memory_budget_gb`` the out-of-memory may be the budget's, not the card's: say so, since the
+    caching allocator was capped at it (:func:`nvlcore.training.memory.hold_to_budget`). Empty without one."""
+    budget = cfg.train.memory_budget_gb
+    if budget is None:
+        return ""
+    from nvlcore.training.memory import GB, RUNTIME_OVERHEAD_BYTES
+
+    cap = budget - RUNTIME_OVERHEAD_BYTES / GB
+    return (f"train.memory_budget_gb={budget:g} held PyTorch's allocator to ~{cap:.1f} GB "
+            "(raise it if the card has room)")
+
+
 def fitting_options(cfg: Any, *, world_size: int = 1, limit: int = 3) -> str:
     """The memory plan's cheapest options that lower this config's estimate, as a hint for the report
     (resolves the bridge again; empty when the plan cannot be made)."""
