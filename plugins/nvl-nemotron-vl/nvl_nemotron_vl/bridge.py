@@ -152,10 +152,12 @@ class NemotronVLBridge(ModelBridge):
     #: cheapest first (the memory plan's auto adds them in this order)
     recompute_modules = {
         "mamba": "the Mamba mixers' conv, scan and gated norm (their fp32 intermediates dominate the LM's activations)",
-        "mlp_act": "the language model's MLP activation (squared ReLU): its output, which linear_fc2's adapter keeps, "
-                   "is freed after the forward and recomputed in backward from linear_fc1's output (megatron-core's "
-                   "output-discarding recomputation, as its moe_act does for MoE experts; 40 KB a token per MLP "
-                   "layer, ~23% of what selective recomputation of the Mamba mixers leaves, for an elementwise op)",
+        "mlp_act": "the MLP activation of both towers (the LM's squared ReLU, the ViT's GELU): its output, which "
+                   "linear_fc2 (its adapter, or its own trained weight) keeps, is freed after the forward and "
+                   "recomputed in backward from linear_fc1's output (megatron-core's output-discarding "
+                   "recomputation, as its moe_act does for MoE experts; 40 KB a token per LM MLP layer, ~23% of what "
+                   "selective recomputation of the Mamba mixers leaves, and ~22% of a trained vision tower's, for "
+                   "an elementwise op)",
         "vision_tower": "every vision-tower layer (a trained tower keeps ~3 MB a tile per layer; recomputing it "
                         "costs one more tower forward, a few percent of a step)",
     }

@@ -13,7 +13,7 @@ Per ViT token per layer (``prefix + patches`` tokens a tile): ``res*H + 2H + 6H/
 and ``res*H + 2H + 4 ffn/tp`` (MLP), times :data:`VIT_CALIBRATION`. ``selective`` recomputation keeps a Mamba
 layer's norm input and output and the recomputed mixer's input, in_proj's output ``2(2 d_in + 2 g N + heads)/tp``
 (``recompute_modules`` ``mamba``; with ``vision_tower`` the ViT layers count as
-under ``full``; with ``mlp_act`` an MLP layer keeps its fc1 output but not the squared ReLU's); ``full``
+under ``full``; with ``mlp_act`` an MLP layer of either tower keeps its fc1 output but not its activation's); ``full``
 keeps every layer's input, plus one layer's activations while it is recomputed, a transient of backward
 that never coexists with the loss chunk's logits (the plan counts the larger of the two). docs/memory.md
 compares the result with the peaks measured on GPUs.
@@ -93,11 +93,13 @@ def _vit_layer_bytes(cfg: NemotronVLConfig, *, tp: int, res: int) -> float:
     return (res * H + BF16 * H + BF16 * 4 * H / tp) + (res * H + BF16 * H + BF16 * 2 * ffn / tp)
 
 
-def vit_bytes_per_tile(cfg: NemotronVLConfig, *, tp: int, res: int, recompute: str | None) -> float:
-    """Bytes one image tile keeps in the ViT and the projector."""
+def vit_bytes_per_tile(cfg: NemotronVLConfig, *, tp: int, res: int, recompute: str | None,
+                       mlp_act: bool = False) -> float:
+    """Bytes one image tile keeps in the ViT and the projector (``mlp_act``: without the GELU's output)."""
     v = cfg.vision
     tokens = v.num_prefix_tokens + cfg.grid**2
-    per_layer = res * v.hidden_size if recompute == "full" else _vit_layer_bytes(cfg, tp=tp, res=res)
+    act = BF16 * v.intermediate_size / tp if mlp_act else 0.0
+    per_layer = res * v.hidden_size if recompute == "full" else _vit_layer_bytes(cfg, tp=tp, res=res) - act
     vit = tokens * v.num_layers * per_layer * VIT_CALIBRATION
     img = cfg.num_image_token
     projector = img * (4 * cfg.projector_input_size + BF16 * 2 * cfg.projector_hidden_size / tp)
@@ -138,9 +140,10 @@ def activation_bytes(cfg: NemotronVLConfig, *, tokens: int, tiles: int, recomput
     largest = max(transients, key=lambda k: transients[k])
     out[largest] = transients[largest]
     if tiles:
+        mlp_act = recompute == "selective" and "mlp_act" in recompute_modules and not vit_full
         out["vision tower"] = tiles * vit_bytes_per_tile(cfg, tp=tp_size, res=vit_res,
-                                                         recompute="full" if vit_full else recompute) \
-            if vit_trains else 0.0
+                                                         recompute="full" if vit_full else recompute,
+                                                         mlp_act=mlp_act) if vit_trains else 0.0
     return out
 
 

@@ -64,6 +64,41 @@ def test_the_activation_is_freed_until_backward_and_gradients_are_bit_equal(brid
         assert torch.equal(grads[n], ref[n]), n
 
 
+def test_the_vision_towers_gelu_output_is_freed_too_unless_its_layers_are_recomputed(bridge):
+    """A receipt-like sample with an image: the trained vision tower's MLPs free their GELU output as well, every
+    gradient bit-equal; with ``vision_tower`` recomputed (each ViT layer keeps only its input) they do not."""
+    from PIL import Image
+
+    proc = bridge.processor(seq_length=512)
+    talk = {"conversation": [
+        {"role": "user", "content": [{"type": "image", "image": Image.new("RGB", (64, 64), (200, 10, 10))},
+                                     {"type": "text", "text": "What colour?"}]},
+        {"role": "assistant", "content": "Red."}]}
+    batch = proc.collate([proc(talk)])
+    model = bridge.build_model(dtype=torch.float32, kernels="reference")
+    vit = [layer.mlp for layer in model.vision_model.decoder.layers]
+    inputs = []
+    for m in vit:
+        m.linear_fc2.register_forward_pre_hook(lambda mod, args: inputs.append(args[0]))
+
+    def run(modules):  # (bytes each ViT fc2 input holds when the forward ends, the gradients)
+        inputs.clear()
+        bridge.set_recompute(model, "selective", modules)
+        model.zero_grad(set_to_none=True)
+        loss = (model(**batch) * batch["loss_mask"]).sum()
+        held = [t.untyped_storage().nbytes() for t in inputs]
+        loss.backward()
+        return held, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    kept, ref = run(["mamba"])
+    freed, grads = run(["mamba", "mlp_act"])
+    assert len(kept) == len(vit) and all(b > 0 for b in kept) and freed == [0] * len(vit)
+    for n in ref:
+        assert torch.equal(grads[n], ref[n]), n
+    bridge.set_recompute(model, "selective", ["mamba", "mlp_act", "vision_tower"])
+    assert not any(m.recompute_act for m in vit) and all(m.recompute_act for m in _mlps(model))
+
+
 def test_a_wrong_refill_changes_the_gradients(bridge, monkeypatch):
     """Negative control: the refilled values are what backward reads (a refill 1% off moves the gradients of
     everything before the MLP)."""
@@ -101,7 +136,8 @@ def test_offloaded_layers_and_full_recomputation_keep_the_activation(bridge):
 
 def test_the_plan_counts_the_freed_activation(tmp_path):
     """At the 12b shape, selective recomputation with mlp_act keeps 40 KB a token less per MLP layer (the bf16
-    squared ReLU output of 20,480 values); full recomputation is unchanged."""
+    squared ReLU output of 20,480 values) and, in a trained vision tower not recomputed, 10 KB a ViT token per
+    layer (its GELU output); full recomputation, and a recomputed vision tower, are unchanged."""
     from nvl_nemotron_vl.bridge import NemotronVLBridge
     from nvl_nemotron_vl.config import NemotronVLConfig
     from nvl_nemotron_vl.toy import num_prefix_tokens, toy_config
@@ -121,6 +157,18 @@ def test_the_plan_counts_the_freed_activation(tmp_path):
     assert saved == pytest.approx(2535 * mlp_layers * 2 * cfg.llm.intermediate_size)
     assert 2.5 * GB < saved < 3.2 * GB
     assert lm("full", ("mamba", "mlp_act")) == lm("full", ("mamba",))
+
+    def vit(modules):  # 7 tiles, the tower trained fully (the LoRA recipe)
+        inp = PlanInputs(workload=(2535, 7), recompute="selective", recompute_modules=modules, peft=True,
+                         freeze_other=True, target_modules=("*language_model*.linear_fc2",),
+                         frozen_groups={"language_model": True, "vision_model": False, "vision_projection": False})
+        return estimate(big, inp).activations["vision tower"]
+
+    v = cfg.vision
+    tile_tokens = v.num_prefix_tokens + cfg.grid**2
+    assert vit(("mamba",)) - vit(("mamba", "mlp_act")) == pytest.approx(
+        7 * tile_tokens * v.num_layers * 2 * v.intermediate_size * 1.2)
+    assert vit(("mamba", "mlp_act", "vision_tower")) == vit(("mamba", "vision_tower"))
 
 
 def test_the_plans_selective_mamba_layer_is_what_autograd_keeps(bridge):

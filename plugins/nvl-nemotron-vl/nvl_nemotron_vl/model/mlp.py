@@ -75,13 +75,20 @@ def discard_until_backward(t: torch.Tensor, after: torch.Tensor, recompute: Call
     # The hook lives as long as the graph node it sits on; once it has run it must hold neither the storage nor
     # the recomputation's input, or each layer's refilled activation would outlive its backward.
     held: list[Any] = [storage, recompute]
+    # backward runs on autograd's own thread, where the forward's autocast is not in effect: recompute under it
+    kind = t.device.type
+    autocast = (torch.is_autocast_enabled(kind), torch.get_autocast_dtype(kind))
+    shape, dtype = t.shape, t.dtype
 
     def refill(grad: torch.Tensor) -> torch.Tensor:
         if held:
             st, again = held
             held.clear()
-            with torch.no_grad():
+            with torch.no_grad(), torch.autocast(kind, dtype=autocast[1], enabled=autocast[0]):
                 fresh = again()
+            if fresh.shape != shape or fresh.dtype != dtype or not fresh.is_contiguous():
+                raise RuntimeError(f"model.recompute_modules: a discarded activation came back as {fresh.dtype} "
+                                   f"{list(fresh.shape)}, not the forward's {dtype} {list(shape)}")
             st.resize_(nbytes)
             st.copy_(fresh.untyped_storage())
         return grad

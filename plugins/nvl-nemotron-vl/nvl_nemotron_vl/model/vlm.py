@@ -110,9 +110,10 @@ class NemotronVLModel(nn.Module):
     def set_recompute(self, mode: str, *, vision_layers: bool | None = None, mlp_act: bool = False) -> None:
         """Activation recomputation: ``"none"``; ``"ssm"`` (Mamba conv + scan + gated norm, whose fp32
         intermediates dominate activation memory); ``"layers"`` (every LM and ViT layer).
-        ``vision_layers``: recompute every ViT layer (default: under ``"layers"`` only). ``mlp_act``: the LM's
-        MLP layers free their squared ReLU's output after the forward and recompute it in backward
-        (:func:`~.mlp.discard_until_backward`; not under ``"layers"``, which keeps only each layer's input)."""
+        ``vision_layers``: recompute every ViT layer (default: under ``"layers"`` only). ``mlp_act``: the MLP
+        layers of both towers free their activation's output (the LM's squared ReLU, the ViT's GELU) after the
+        forward and recompute it in backward (:func:`~.mlp.discard_until_backward`), where their layers are not
+        recomputed whole (which keeps only each layer's input)."""
         if mode not in ("none", "ssm", "layers"):
             raise ValueError(f"recompute must be 'none', 'ssm' or 'layers', got {mode!r}")
         self.recompute = mode
@@ -122,7 +123,10 @@ class NemotronVLModel(nn.Module):
             if isinstance(getattr(layer, "mlp", None), MLP):
                 layer.mlp.recompute_act = mlp_act and mode != "layers"
         self.language_model.decoder.recompute_layers = mode == "layers"
-        self.vision_model.decoder.recompute_layers = mode == "layers" if vision_layers is None else vision_layers
+        vit_whole = mode == "layers" if vision_layers is None else vision_layers
+        self.vision_model.decoder.recompute_layers = vit_whole
+        for layer in self.vision_model.decoder.layers:
+            layer.mlp.recompute_act = mlp_act and not vit_whole
 
     def freeze(self, *, language_model: bool = False, vision_model: bool = False,
                vision_projection: bool = False) -> None:
