@@ -460,6 +460,12 @@ def available_bytes(cfg: Any, ctx: Any) -> tuple[float | None, str]:
     return card[0], f"{card[1]}, less than train.memory_budget_gb={budget:g}"
 
 
+def allocator_cap_bytes(budget_gb: float) -> float:
+    """What ``train.memory_budget_gb`` leaves PyTorch's caching allocator: the budget less
+    :data:`RUNTIME_OVERHEAD_BYTES`, which the driver counts beside it."""
+    return float(budget_gb) * GB - RUNTIME_OVERHEAD_BYTES
+
+
 def hold_to_budget(cfg: Any, ctx: Any, say: Callable[[str], None]) -> float | None:
     """``train.memory_budget_gb`` on a GPU is a limit, not only the plan's target: the caching allocator may
     reserve the budget less :data:`RUNTIME_OVERHEAD_BYTES` (what the driver counts beside it), so the card's
@@ -474,7 +480,7 @@ def hold_to_budget(cfg: Any, ctx: Any, say: Callable[[str], None]) -> float | No
 
     from nvlcore.config import ConfigError
 
-    limit = float(budget) * GB - RUNTIME_OVERHEAD_BYTES
+    limit = allocator_cap_bytes(budget)
     if limit <= 0:
         raise ConfigError(f"train.memory_budget_gb={budget:g} leaves nothing for the run: the CUDA runtime "
                           f"itself takes ~{_fmt(RUNTIME_OVERHEAD_BYTES)} of a card; give a larger budget",

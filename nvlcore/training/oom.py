@@ -77,10 +77,9 @@ def budget_note(cfg: Any) -> str:
     budget = cfg.train.memory_budget_gb
     if budget is None:
         return ""
-    from nvlcore.training.memory import GB, RUNTIME_OVERHEAD_BYTES
+    from nvlcore.training.memory import GB, allocator_cap_bytes
 
-    cap = budget - RUNTIME_OVERHEAD_BYTES / GB
-    return (f"train.memory_budget_gb={budget:g} held PyTorch's allocator to ~{cap:.1f} GB "
+    return (f"train.memory_budget_gb={budget:g} held PyTorch's allocator to ~{allocator_cap_bytes(budget) / GB:.1f} GB "
             "(raise it if the card has room)")
 
 

@@ -30,10 +30,12 @@ def _mlps(model) -> list:
     return [layer.mlp for layer in model.language_model.decoder.layers if hasattr(layer, "mlp")]
 
 
-def _run(model, batch) -> tuple[list[int], dict[str, torch.Tensor]]:
-    """(bytes each MLP's fc2 input still holds when the forward ends, every gradient after backward)."""
+def _run(model, batch, mlps=None) -> tuple[list[int], dict[str, torch.Tensor]]:
+    """(bytes each MLP's fc2 input still holds when the forward ends, every gradient after backward); ``mlps``:
+    the MLPs to watch (default the language model's)."""
     inputs = []
-    hooks = [m.linear_fc2.register_forward_pre_hook(lambda mod, args: inputs.append(args[0])) for m in _mlps(model)]
+    hooks = [m.linear_fc2.register_forward_pre_hook(lambda mod, args: inputs.append(args[0]))
+             for m in (_mlps(model) if mlps is None else mlps)]
     model.zero_grad(set_to_none=True)
     loss = (model(**batch) * batch["loss_mask"]).sum()
     held = [t.untyped_storage().nbytes() for t in inputs]
@@ -77,18 +79,10 @@ def test_the_vision_towers_gelu_output_is_freed_too_unless_its_layers_are_recomp
     batch = proc.collate([proc(talk)])
     model = bridge.build_model(dtype=torch.float32, kernels="reference")
     vit = [layer.mlp for layer in model.vision_model.decoder.layers]
-    inputs = []
-    for m in vit:
-        m.linear_fc2.register_forward_pre_hook(lambda mod, args: inputs.append(args[0]))
 
-    def run(modules):  # (bytes each ViT fc2 input holds when the forward ends, the gradients)
-        inputs.clear()
+    def run(modules):
         bridge.set_recompute(model, "selective", modules)
-        model.zero_grad(set_to_none=True)
-        loss = (model(**batch) * batch["loss_mask"]).sum()
-        held = [t.untyped_storage().nbytes() for t in inputs]
-        loss.backward()
-        return held, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return _run(model, batch, vit)
 
     kept, ref = run(["mamba"])
     freed, grads = run(["mamba", "mlp_act"])
