@@ -35,6 +35,7 @@ class _AllKeys:
 
     class optimizer:
         optimizer_cpu_offload = False
+        use_precision_aware_optimizer = False
 
     class model:
         cpu_offloading = False

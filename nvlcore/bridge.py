@@ -49,6 +49,34 @@ class BridgeError(ValueError):
     or key at fault and what to do."""
 
 
+def linear_kinds() -> tuple[type, ...]:
+    """The linear layer classes nvl knows: torch's and megatron-core's column/row-parallel ones."""
+    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+    from torch import nn
+
+    return nn.Linear, ColumnParallelLinear, RowParallelLinear
+
+
+def matmul_weight_names(model: torch.nn.Module, *, exclude: Iterable[str] = ()) -> set[str]:
+    """The trainable parameters that are a linear layer's ``weight`` (:func:`linear_kinds`), less ``exclude``:
+    each is read only by its layer's matmul, which bf16 autocast runs on a bf16 rounding of the weight, so
+    storing the weight as that rounding changes nothing (``optimizer.use_precision_aware_optimizer`` fully
+    offloaded). Embeddings, convolutions, position embeddings and the like are not: an fp32 one keeps the
+    activations after it in fp32."""
+    kinds, skip = linear_kinds(), set(exclude)
+    uses: dict[int, int] = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        uses[id(p)] = uses.get(id(p), 0) + 1
+    out = set()
+    for name, module in model.named_modules():
+        w = getattr(module, "weight", None) if isinstance(module, kinds) else None
+        full = f"{name}.weight" if name else "weight"
+        # a weight shared with another module (tied embeddings) is read outside this matmul too
+        if w is not None and w.requires_grad and uses.get(id(w)) == 1 and full not in skip:
+            out.add(full)
+    return out
+
+
 class ModelBridge(abc.ABC):
     """Connects one HF checkpoint family to nvl's training model.
 
@@ -454,6 +482,21 @@ class ModelBridge(abc.ABC):
             local = p.numel() * (built if split and built > 1 else 1)  # the full tensor's elements
             out[name] = (tuple(p.shape), local // tp_size if split else local)
         return out
+
+    def matmul_weights(self) -> frozenset[str]:
+        """The parameters that are a linear layer's weight and nothing else (:func:`matmul_weight_names` of the
+        model built on the meta device): what ``nvl finetune`` stores in bf16 on the GPU when the
+        precision-aware optimizer is fully offloaded (its fp32 master on the host), and what the memory plan
+        then counts at 2 bytes. A bridge whose model reads such a weight's dtype (to cast its activations)
+        leaves that weight out. Default: built as :meth:`parameter_shapes` builds it, once per bridge."""
+        known = self.__dict__.get("_matmul_weights")
+        if known is None:
+            import torch
+
+            with torch.device("meta"):
+                model = self.build_model(dtype=torch.float32, device="meta", init="none")
+            known = self.__dict__["_matmul_weights"] = frozenset(matmul_weight_names(model))
+        return known
 
     def workload_upper_bound(self, *, seq_length: int, micro_batch_size: int, packed: bool) -> tuple[int, int]:
         """The most ``(language-model tokens, image tiles)`` one micro-batch can hold, for a plan made before

@@ -1,7 +1,11 @@
-"""Full fine-tuning with bf16 weights and gradients on the device and fp32 masters on the host (issue 22,
-``optimizer.main_grads_dtype=torch.bfloat16`` with the precision-aware optimizer fully offloaded: megatron-core's
-HybridDeviceOptimizer layout): the host masters follow fp32 AdamW fed the same bf16 gradients exactly, the device
-holds their rounding, the master is checkpointed so a resume is exact, and every other combination is refused."""
+"""Full fine-tuning with bf16 weights on the device and fp32 masters on the host (issue 22, the precision-aware
+optimizer fully offloaded: megatron-core's HybridDeviceOptimizer layouts).
+
+With ``optimizer.main_grads_dtype=torch.bfloat16`` the gradients are bf16 too: the host masters follow fp32
+AdamW fed the same bf16 gradients exactly, the device holds their rounding, the master is checkpointed so a
+resume is exact. With fp32 main gradients (``MAIN32``: megatron-core's default) the linear layers' weights
+are bf16 and their gradients accumulate in fp32 on the device: a run equals the fp32-weight run with the
+optimizer offloaded, loss for loss and weight for weight. Every other combination is refused."""
 
 from __future__ import annotations
 
@@ -21,6 +25,10 @@ from run_tiny import DEFAULTS  # noqa: E402
 pytestmark = pytest.mark.usefixtures("one_thread")
 MODE = ["optimizer.use_precision_aware_optimizer=true", "optimizer.optimizer_cpu_offload=true",
         "optimizer.optimizer_offload_fraction=1.0", "optimizer.main_grads_dtype=torch.bfloat16"]
+#: fp32 main gradients: the precision-aware optimizer fully offloaded, nothing more
+MAIN32 = MODE[:3]
+#: the fp32-weight run it must equal: the optimizer offloaded without the precision-aware layout
+OFFLOAD32 = MODE[1:3]
 KW = {"lr": 1e-2, "betas": (0.9, 0.95), "eps": 1e-8}
 
 
@@ -79,6 +87,39 @@ def test_host_masters_follow_fp32_adamw_fed_the_bf16_grads(refresh: bool) -> Non
     assert opt.state[w]["main_param"] is master and opt.state[w]["exp_avg"].dtype == torch.float32
 
 
+@pytest.mark.parametrize("main_grads", [True, False])
+def test_fp32_main_grads_sum_the_micro_batches_bf16_gradients_in_fp32(main_grads: bool) -> None:
+    """Three micro-batches through a bf16 weight: its fp32 main gradient equals the gradient an fp32 weight
+    used under autocast accumulates (the cast's backward widens each bf16 gradient), ``.grad`` stays empty,
+    and the update equals fp32 AdamW's. Without main grads the sum is taken in bf16 (negative control)."""
+    import torch
+
+    from nvlcore.training.host_offload import HostOffloadAdamW
+    from nvlcore.training.optim import grad_of, materialize_grads, zero_grads
+
+    w0, _, g = _start()
+    xs = [torch.randn(8, 128, generator=g) for _ in range(3)]
+    w = torch.nn.Parameter(w0.clone())
+    opt = HostOffloadAdamW([{"params": [w], "weight_decay": 0.1}], offload_fraction=1.0, **KW)
+    opt.store_params_in(torch.bfloat16, main_grads=main_grads)
+    rw = torch.nn.Parameter(w0.clone())
+    ref = torch.optim.AdamW([{"params": [rw], "weight_decay": 0.1}], foreach=True, **KW)
+    for _ in range(2):
+        zero_grads([w])
+        rw.grad = None
+        for x in xs:
+            (x.to(torch.bfloat16) @ w.t()).float().square().sum().backward()
+            (x.to(torch.bfloat16) @ rw.to(torch.bfloat16).t()).float().square().sum().backward()
+        assert w.grad is None if main_grads else w.grad.dtype == torch.bfloat16
+        assert materialize_grads([w])[0] is grad_of(w)
+        assert torch.equal(grad_of(w), rw.grad) == main_grads
+        opt.step()
+        ref.step()
+    assert torch.equal(opt.host_of[w], rw.detach()) == main_grads
+    if main_grads:
+        assert torch.equal(w.detach(), rw.detach().to(torch.bfloat16)) and w.main_grad.dtype == torch.float32
+
+
 @pytest.mark.parametrize("keep_master", [True, False])
 def test_resume_from_a_state_dict_is_bit_exact(keep_master: bool) -> None:
     import torch
@@ -120,7 +161,10 @@ def test_resume_from_a_state_dict_is_bit_exact(keep_master: bool) -> None:
      "needs optimizer.optimizer_offload_fraction=1.0"),
     ([*MODE, "optimizer.exp_avg_dtype=torch.bfloat16"], "optimizer_cpu_offload=true works with"),
     ([*MODE, "mixed_precision=fp32"], "needs a bf16 mixed precision, not fp32"),
-    (MODE[:3], "optimizer_cpu_offload=true works with optimizer.optimizer=adam and fp32 moments"),
+    ([*MODE[:2], "optimizer.optimizer_offload_fraction=0.5"], "needs optimizer.optimizer_offload_fraction=1.0"),
+    ([*MODE[:3], "optimizer.exp_avg_dtype=torch.bfloat16"], "optimizer_cpu_offload=true works with"),
+    ([*MODE[:3], "mixed_precision=fp32"], "fp32 main gradients on the GPU, fp32 masters and Adam moments on the "
+                                          "host) needs a bf16 mixed precision, not fp32"),
 ])
 def test_other_combinations_are_refused_in_one_line(overrides: list[str], needle: str) -> None:
     from nvlcore.config import ConfigError, load_config
@@ -202,6 +246,39 @@ def test_full_finetune_with_bf16_params_resumes_exactly(hf, tmp_path, monkeypatc
     assert end_a.keys() == end_b.keys() and all(torch.equal(end_a[k], end_b[k]) for k in end_a)
 
 
+def test_fp32_main_grads_run_equals_the_fp32_weight_run_and_resumes_exactly(hf, tmp_path, monkeypatch) -> None:
+    """Global batch 4 over micro-batches of 1: the bf16 weights' gradients accumulate in fp32 on the device and
+    every loss, and every final weight's fp32 master, equals the fp32-weight run's with the optimizer offloaded.
+    The bf16-gradient layout (``MODE``) does not (negative control)."""
+    import torch
+
+    from nvlcore.checkpoint import open_checkpoint
+
+    runs = {k: tmp_path / k for k in ("fp32", "main32", "bf16", "resumed")}
+    lines: list[str] = []
+    _train(hf, monkeypatch, *OFFLOAD32, f"checkpoint.save={runs['fp32']}")
+    _train(hf, monkeypatch, *MAIN32, f"checkpoint.save={runs['main32']}", lines=lines)
+    _train(hf, monkeypatch, *MODE, f"checkpoint.save={runs['bf16']}")
+    assert any("linear layers' weights in bf16 on the device with fp32 main gradients" in x for x in lines), lines
+    ref, got = _losses(runs["fp32"]), _losses(runs["main32"])
+    assert sorted(got) == [1, 2, 3, 4] and got == ref, (ref, got)
+    assert _losses(runs["bf16"]) != ref
+    fp32_w = open_checkpoint(runs["fp32"] / "iter_0000004").load()
+    weights = open_checkpoint(runs["main32"] / "iter_0000004").load()
+    masters = open_checkpoint(runs["main32"] / "iter_0000004").load(state="optimizer")
+    low = {k for k, v in weights.items() if v.dtype == torch.bfloat16}
+    assert "language_model.linear_fc1.weight" in low and "language_model.embedding.weight" not in low
+    for k, v in weights.items():
+        master = next((m for n, m in masters.items() if n.endswith(".main_param") and k in n), None)
+        if k in low:
+            assert master is not None and torch.equal(master, fp32_w[k]) and torch.equal(v, master.to(v.dtype)), k
+        else:
+            assert torch.equal(v, fp32_w[k]), k
+    _train(hf, monkeypatch, *MAIN32, f"checkpoint.save={runs['resumed']}",
+           f"checkpoint.load={runs['main32'] / 'iter_0000002'}")
+    assert {i: ref[i] for i in (3, 4)} == _losses(runs["resumed"])
+
+
 def test_cpu_run_without_bf16_autocast_is_refused_in_one_line(hf, tmp_path) -> None:
     from nvlcore.config import ConfigError, load_config, resolve_config
     from nvlcore.training.finetune import run_finetune
@@ -212,6 +289,13 @@ def test_cpu_run_without_bf16_autocast_is_refused_in_one_line(hf, tmp_path) -> N
                            *MODE], plugins=manager)
     resolve_config(cfg)
     with pytest.raises(ConfigError, match="needs bf16 autocast"):
+        run_finetune(cfg, manager=manager, device_type="cpu", print_fn=lambda _: None)
+    cfg = load_config([], [*DEFAULTS, f"model.hf_model_path={hf}", f"checkpoint.pretrained_checkpoint={hf}",
+                           "train.train_iters=2", "scheduler.lr_warmup_iters=1", f"checkpoint.save={tmp_path / 'y'}",
+                           *MAIN32], plugins=manager)
+    resolve_config(cfg)
+    with pytest.raises(ConfigError, match="use_precision_aware_optimizer=true with the optimizer in host memory "
+                                          "stores weights in bf16, which needs bf16 autocast"):
         run_finetune(cfg, manager=manager, device_type="cpu", print_fn=lambda _: None)
 
 

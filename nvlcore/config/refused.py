@@ -287,17 +287,16 @@ def _check_precision_aware(cfg: NvlConfig) -> None:
             raise ConfigError("optimizer.optimizer_cpu_offload=true needs optimizer.optimizer_offload_fraction in (0, "
                               f"1] (the share of the state kept in host memory), not {o.optimizer_offload_fraction}",
                               key="optimizer.optimizer_offload_fraction")
-        lean_grads = o.main_grads_dtype == "torch.bfloat16"
         lean_moments = (o.exp_avg_dtype, o.exp_avg_sq_dtype) != ("torch.float32", "torch.float32")
-        if o.optimizer != "adam" or (o.use_precision_aware_optimizer is True and (lean_moments or not lean_grads)):
+        if o.optimizer != "adam" or lean_moments:
             raise ConfigError("optimizer.optimizer_cpu_offload=true works with optimizer.optimizer=adam and fp32 "
-                              "moments (optimizer.use_precision_aware_optimizer=false) in nvl; choose one of them",
-                              key="optimizer.optimizer_cpu_offload")
+                              "moments in nvl; choose one of them", key="optimizer.optimizer_cpu_offload")
     elif o.optimizer_offload_fraction not in (0.0, 0, MISSING_MARK):
         raise ConfigError(f"optimizer.optimizer_offload_fraction={o.optimizer_offload_fraction} has no effect without "
                           "optimizer.optimizer_cpu_offload=true; set it, or remove the fraction",
                           key="optimizer.optimizer_offload_fraction")
-    if o.main_grads_dtype == "torch.bfloat16":
+    if o.main_grads_dtype == "torch.bfloat16" or (o.use_precision_aware_optimizer is True
+                                                  and o.optimizer_cpu_offload is True):
         _check_bf16_params(cfg)
     if o.use_precision_aware_optimizer is True and o.optimizer != "adam":
         raise ConfigError("optimizer.use_precision_aware_optimizer=true needs optimizer.optimizer=adam (it stores "
@@ -305,26 +304,33 @@ def _check_precision_aware(cfg: NvlConfig) -> None:
 
 
 def _check_bf16_params(cfg: NvlConfig) -> None:
-    """``optimizer.main_grads_dtype=torch.bfloat16``: megatron-core's HybridDeviceOptimizer layout (bf16
-    parameters and gradients on the GPU, fp32 masters and Adam moments on the host), and only that."""
+    """megatron-core's HybridDeviceOptimizer layouts, and only those: the precision-aware optimizer fully in
+    host memory keeps bf16 weights on the GPU and their fp32 masters and Adam moments on the host, with fp32
+    main gradients on the GPU (``main_grads_dtype`` torch.float32, its default) or bf16 ones
+    (``optimizer.main_grads_dtype=torch.bfloat16``)."""
     from nvlcore.config.structure import ConfigError
 
     o = cfg.optimizer
+    if o.main_grads_dtype == "torch.bfloat16":
+        what, undo = ("optimizer.main_grads_dtype=torch.bfloat16 (bf16 parameters and gradients on the GPU, fp32 "
+                      "masters and Adam moments on the host)"), "remove main_grads_dtype"
+        key = "optimizer.main_grads_dtype"
+    else:
+        what = ("optimizer.use_precision_aware_optimizer=true with optimizer.optimizer_cpu_offload=true (bf16 "
+                "parameters and fp32 main gradients on the GPU, fp32 masters and Adam moments on the host)")
+        undo, key = "set optimizer.use_precision_aware_optimizer=false", "optimizer.use_precision_aware_optimizer"
     need = [("optimizer.use_precision_aware_optimizer", o.use_precision_aware_optimizer is True, "true"),
             ("optimizer.optimizer_cpu_offload", o.optimizer_cpu_offload is True, "true"),
             ("optimizer.optimizer_offload_fraction", o.optimizer_offload_fraction in (1.0, 1), "1.0"),
             ("optimizer.exp_avg_dtype", o.exp_avg_dtype == "torch.float32", "torch.float32"),
             ("optimizer.exp_avg_sq_dtype", o.exp_avg_sq_dtype == "torch.float32", "torch.float32")]
-    for key, ok, value in need:
+    for need_key, ok, value in need:
         if not ok:
-            raise ConfigError(f"optimizer.main_grads_dtype=torch.bfloat16 (bf16 parameters and gradients on the GPU, "
-                              f"fp32 masters and Adam moments on the host) needs {key}={value}; set it, or remove "
-                              "main_grads_dtype", key=key)
+            raise ConfigError(f"{what} needs {need_key}={value}; set it, or {undo}", key=need_key)
     precision = cfg.mixed_precision or ("bf16_mixed" if o.bf16 else "fp32")
     if not precision.startswith("bf16_"):  # bf16_mixed and the bf16 FP8 recipes compute in bf16
-        raise ConfigError(f"optimizer.main_grads_dtype=torch.bfloat16 needs a bf16 mixed precision, not {precision}; "
-                          "set mixed_precision=bf16_mixed, or remove main_grads_dtype",
-                          key="optimizer.main_grads_dtype")
+        raise ConfigError(f"{what} needs a bf16 mixed precision, not {precision}; set mixed_precision=bf16_mixed, or "
+                          f"{undo}", key=key)
 
 
 __all__ = ["REFUSED", "REFUSED_KEYS", "Refusal", "check_cuda_graph_settings", "check_refused", "config_value",

@@ -689,13 +689,15 @@ class FinetuneRecipe:
             self.run_config = config_to_dict(cfg)  # checkpoints record the settings auto chose
         hold_to_budget(cfg, ctx, self.say)  # before anything is allocated: the budget is a limit, not advice
         self.settings = loop_settings(cfg, dp_size=ctx.dp_size, device_type=ctx.device.type)
-        if cfg.optimizer.main_grads_dtype == "torch.bfloat16" and self.settings.autocast_dtype is None:
+        if bf16_device_params(cfg) and self.settings.autocast_dtype is None:
             from nvlcore.config import ConfigError
 
             # before anything is built: one line, no traceback
-            raise ConfigError("optimizer.main_grads_dtype=torch.bfloat16 stores weights in bf16, which needs bf16 "
-                              f"autocast: a GPU run with a bf16 mixed precision (this one runs on {ctx.device.type})",
-                              key="optimizer.main_grads_dtype")
+            lean = cfg.optimizer.main_grads_dtype == "torch.bfloat16"
+            key = "optimizer.main_grads_dtype" if lean else "optimizer.use_precision_aware_optimizer"
+            raise ConfigError(f"{key}={'torch.bfloat16' if lean else 'true'} with the optimizer in host memory "
+                              "stores weights in bf16, which needs bf16 autocast: a GPU run with a bf16 mixed "
+                              f"precision (this one runs on {ctx.device.type})", key=key)
         set_phase("model build and weight loading")
         self.model = model = self.build_model()
         install_phase_hooks(model, bridge.memory_phases())  # an out-of-memory report names the tower
@@ -844,10 +846,19 @@ class FinetuneRecipe:
             named, lr=o.lr, betas=(o.adam_beta1, o.adam_beta2), eps=o.adam_eps, weight_decay=o.weight_decay,
             device_type=ctx.device.type, optimizer=o.optimizer, sgd_momentum=o.sgd_momentum,
             distributed=cfg.ddp.use_distributed_optimizer, dp_group=ctx.dp_group, dp_size=ctx.dp_size,
-            **moment_dtypes(cfg),
+            **moment_dtypes(cfg), **self.bf16_params_kwargs(),
         )
         self.say(f"nvl finetune: optimizer: {describe_optimizer(self.optimizer, named, cfg, ctx)}")
         self.lr_schedule, self.wd_schedule = schedules_for(cfg)
+
+    def bf16_params_kwargs(self) -> dict[str, Any]:
+        """``optimizer.use_precision_aware_optimizer`` fully offloaded with fp32 main grads: the trainable
+        weights stored bf16 on the device (the bridge's :meth:`~nvlcore.bridge.ModelBridge.matmul_weights`; a
+        PEFT method's adapters stay fp32)."""
+        if not bf16_device_params(self.cfg) or self.cfg.optimizer.main_grads_dtype == "torch.bfloat16":
+            return {}
+        adapters = set(self.peft.adapter_parameters(self.model)) if self.peft is not None else set()
+        return {"bf16_params": self.bridge.matmul_weights() - adapters}
 
     def check_replicated(self) -> None:
         """The parameters Megatron replicates over tensor-parallel ranks hold the same values on each."""
@@ -1053,6 +1064,14 @@ def run_finetune(
                           device_type=device_type).run()
 
 
+def bf16_device_params(cfg: NvlConfig) -> bool:
+    """Whether the run keeps trainable weights in bf16 on the device, their fp32 masters in host memory:
+    the precision-aware optimizer fully offloaded (megatron-core's HybridDeviceOptimizer layouts), with fp32
+    main gradients or, under ``optimizer.main_grads_dtype=torch.bfloat16``, bf16 ones."""
+    o = cfg.optimizer
+    return o.main_grads_dtype == "torch.bfloat16" or bool(o.use_precision_aware_optimizer and o.optimizer_cpu_offload)
+
+
 def moment_dtypes(cfg: NvlConfig) -> dict[str, Any]:
     """Where and how Adam keeps its state: the moment dtypes under the precision-aware optimizer, the
     fraction of it in host memory under optimizer_cpu_offload (arguments of ``optim.build_optimizer``)."""
@@ -1062,7 +1081,7 @@ def moment_dtypes(cfg: NvlConfig) -> dict[str, Any]:
         out["offload_fraction"] = o.optimizer_offload_fraction
     if o.main_grads_dtype == "torch.bfloat16":  # config validation allows it only with fp32 moments
         out["main_grads_dtype"] = o.main_grads_dtype
-    elif o.use_precision_aware_optimizer:
+    elif o.use_precision_aware_optimizer and not o.optimizer_cpu_offload:
         out |= {"exp_avg_dtype": o.exp_avg_dtype, "exp_avg_sq_dtype": o.exp_avg_sq_dtype}
     return out
 
@@ -1080,6 +1099,10 @@ def describe_optimizer(opt: Any, named: Any, cfg: NvlConfig, ctx: ParallelContex
     if o.main_grads_dtype == "torch.bfloat16":
         kind += ("; parameters of >= 2 dims and their gradients in bf16 on the device, their fp32 masters in host "
                  "memory")
+    elif bf16_device_params(cfg):
+        n_low = sum(p.numel() for _, p in named if getattr(p, "main_grad", None) is not None)
+        kind += (f"; {n_low:,} values of linear layers' weights in bf16 on the device with fp32 main gradients, "
+                 "their fp32 masters in host memory")
     if dts and o.optimizer == "adam":
         kind += f" (moments stored as {dts['exp_avg_dtype']} / {dts['exp_avg_sq_dtype']})"
         per_param = sum({"torch.bfloat16": 2, "torch.uint8": 1}.get(d, 4) for d in dts.values())

@@ -108,13 +108,6 @@ class FP8Selection:
         return f"{len(self.chosen)} linear layer(s) in FP8" + (f", kept bf16: {kept}" if kept else "")
 
 
-def _linear_kinds() -> tuple[type, ...]:
-    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
-    from torch import nn
-
-    return nn.Linear, ColumnParallelLinear, RowParallelLinear
-
-
 def select_fp8_linears(model: nn.Module, recipe: FP8Recipe, *, module_filter: Callable[[str, nn.Module], bool],
                        decoder_layers: list[nn.Module], skip_parameters: Iterable[str] = ()) -> FP8Selection:
     """The linear layers of ``model`` that run FP8 under ``recipe`` (see the module docstring).
@@ -123,9 +116,10 @@ def select_fp8_linears(model: nn.Module, recipe: FP8Recipe, *, module_filter: Ca
     :param decoder_layers: the decoder layers in forward order (the first and last ones stay bf16).
     :param skip_parameters: parameter names that are a PEFT method's adapters (never FP8).
     """
+    from nvlcore.bridge import linear_kinds
     from nvlcore.training.optim import is_packed
 
-    kinds = _linear_kinds()
+    kinds = linear_kinds()
     n_start, n_end = recipe.bf16_layers_at_start, recipe.bf16_layers_at_end
     edge = list(decoder_layers[:n_start]) + (list(decoder_layers[-n_end:]) if n_end else [])
     in_edge = {id(m) for layer in edge for m in layer.modules()}

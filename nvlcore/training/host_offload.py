@@ -38,6 +38,13 @@ CPU rounds the master to bf16 into the same pinned buffer and the device paramet
 The master is part of the optimizer state (``state[p]["main_param"]``, for every host parameter in this
 mode), so a checkpoint restores it and a resume is exact.
 
+With ``main_grads=True`` (``optimizer.use_precision_aware_optimizer=true`` fully offloaded with fp32 main
+grads, megatron-core's default layout for that optimizer) such a parameter also gets an fp32 main gradient on
+the device (``param.main_grad``, megatron-core's name): a hook adds each bf16 gradient autograd accumulates into
+it and drops the bf16 one, so gradients are summed over micro-batches and reduced in fp32, as for an fp32
+parameter, and :func:`grad_of` is what the trainer, the clipping and this optimizer read. The main gradient
+crosses to a pinned fp32 buffer, whose first half then stages the master rounded to bf16 for the copy back.
+
 Host memory beyond the masters and moments: pinned gradient buffers of 4 bytes per offloaded fp32 value
 and 2 per bf16 one (each chunk's buffer is one pinned allocation), and one fp32 scratch of a chunk for the
 upcast gradients.
@@ -54,6 +61,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
+from nvlcore.training.optim import grad_of
 
 _HYPER = ("lr", "betas", "eps", "weight_decay")
 #: fp32 bytes of host parameters per chunk of the pipeline (megatron-core's HybridDeviceOptimizer steps one
@@ -72,8 +81,26 @@ class _Chunk:
     layout: tuple = ()  # the (dtype, numel) of each parameter the landing buffers were made for
 
 
+def _into_main_grad(param: torch.Tensor) -> None:
+    """Post-accumulate hook: the bf16 gradient autograd just accumulated goes into the fp32 main gradient."""
+    param.main_grad.add_(param.grad)
+    param.grad = None
+
+
 def _host_adamw(groups: list[dict], lr: float, fused: bool) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=lr, **({"fused": True} if fused else {"foreach": True}))
+
+
+def _grad_dtype(param: torch.Tensor) -> torch.dtype:
+    return torch.float32 if getattr(param, "main_grad", None) is not None else param.dtype
+
+
+def _stage(landing: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """Pinned room for a low-precision parameter's new value: its gradient's landing buffer, which the update
+    no longer needs (an fp32 main gradient's holds the bf16 value in its first half)."""
+    if landing.dtype == param.dtype:
+        return landing
+    return landing.view(-1).view(param.dtype)[:param.numel()].view(param.shape)
 
 
 class HostOffloadAdamW(torch.optim.Optimizer):
@@ -169,7 +196,7 @@ class HostOffloadAdamW(torch.optim.Optimizer):
         if not self._checked_masters:
             self._adopt_changed_device_values()
         # per chunk, the host parameters that have a gradient this step
-        moved_of = [[(p, h) for p, h in c.pairs if p.grad is not None] for c in self._chunks]
+        moved_of = [[(p, h) for p, h in c.pairs if grad_of(p) is not None] for c in self._chunks]
         if self._cuda:
             events = self._queue_device_to_host(moved_of)
         if self.device_opt is not None:
@@ -184,7 +211,7 @@ class HostOffloadAdamW(torch.optim.Optimizer):
                 for p, h in moved:
                     if p.dtype == torch.float32:  # an fp32 device parameter is its own master: take its value
                         h.copy_(p.detach())
-                    h.grad = p.grad.to("cpu", torch.float32)
+                    h.grad = grad_of(p).to("cpu", torch.float32)
             c.opt.step()
             for _, h in moved:
                 h.grad = None
@@ -213,7 +240,7 @@ class HostOffloadAdamW(torch.optim.Optimizer):
                 for p, h in moved:
                     if p.dtype == torch.float32:
                         h.copy_(p.detach(), non_blocking=True)  # h is pinned: an fp32 parameter's value
-                    c.landing[p].copy_(p.grad, non_blocking=True)
+                    c.landing[p].copy_(grad_of(p), non_blocking=True)
                 ev = torch.cuda.Event()
                 ev.record(self._d2h)
                 events.append(ev)
@@ -222,18 +249,19 @@ class HostOffloadAdamW(torch.optim.Optimizer):
     def _landing(self, c: _Chunk) -> None:
         """(Re)make a chunk's pinned buffers: one allocation per dtype, a view per parameter; a gradient that
         is not fp32 lands in its own dtype (bf16: half the bytes) and is upcast on the host."""
-        layout = tuple((p.dtype, p.numel()) for p, _ in c.pairs)
+        dtypes = {p: _grad_dtype(p) for p, _ in c.pairs}
+        layout = tuple((dtypes[p], p.numel()) for p, _ in c.pairs)
         if c.layout == layout:
             return
         c.landing, c.layout = {}, layout
-        for dtype in {p.dtype for p, _ in c.pairs}:
-            mine = [p for p, _ in c.pairs if p.dtype == dtype]
+        for dtype in set(dtypes.values()):
+            mine = [p for p, _ in c.pairs if dtypes[p] == dtype]
             flat = torch.empty(sum(p.numel() for p in mine), dtype=dtype, pin_memory=True)
             off = 0
             for p in mine:
                 c.landing[p] = flat[off:off + p.numel()].view(p.shape)
                 off += p.numel()
-        low = sum(p.numel() for p, _ in c.pairs if p.dtype != torch.float32)
+        low = sum(p.numel() for p, _ in c.pairs if dtypes[p] != torch.float32)
         if low > self._scratch.numel():
             self._scratch = torch.empty(low, dtype=torch.float32)
 
@@ -251,12 +279,13 @@ class HostOffloadAdamW(torch.optim.Optimizer):
         """Queue a chunk's new values to the device on the second side stream, from pinned memory: an fp32
         parameter from its master, a low-precision one from the master rounded on the host into its (pinned)
         gradient buffer, which the gradient no longer needs."""
+        staged = {p: _stage(c.landing[p], p) for p, _ in moved if p.dtype != torch.float32}
         for p, h in moved:
-            if p.dtype != torch.float32:
-                c.landing[p].copy_(h)  # round to nearest even, as a device-side cast would
+            if p in staged:
+                staged[p].copy_(h)  # round to nearest even, as a device-side cast would
         with torch.cuda.stream(self._h2d):
             for p, h in moved:
-                p.copy_(h if p.dtype == torch.float32 else c.landing[p], non_blocking=True)
+                p.copy_(staged.get(p, h), non_blocking=True)
             self._h2d_done = torch.cuda.Event()
             self._h2d_done.record(self._h2d)
 
@@ -266,9 +295,11 @@ class HostOffloadAdamW(torch.optim.Optimizer):
             self._h2d_done.synchronize()
 
     @torch.no_grad()
-    def store_params_in(self, dtype: torch.dtype, keep: Any = None) -> int:
+    def store_params_in(self, dtype: torch.dtype, keep: Any = None, *, main_grads: bool = False) -> int:
         """Store the host-updated parameters of >= 2 dims in ``dtype`` on the device from now on (their fp32
         masters stay on the host, authoritative and checkpointed); ``keep(param)`` true keeps one as it is.
+        ``main_grads``: each converted parameter accumulates its gradients in an fp32 ``main_grad`` on its
+        device (read through :func:`grad_of`) instead of in ``dtype``.
         Call it right after building the optimizer, while the device values still equal the masters.
         Returns the number of parameter values converted."""
         n = 0
@@ -276,6 +307,9 @@ class HostOffloadAdamW(torch.optim.Optimizer):
             if p.dim() < 2 or p.dtype == dtype or (keep is not None and keep(p)):
                 continue
             p.data = h.to(p.device, dtype)
+            if main_grads:
+                p.main_grad = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+                p.register_post_accumulate_grad_hook(_into_main_grad)
             n += p.numel()
         self.keeps_main_params = True
         self._checked_masters = False

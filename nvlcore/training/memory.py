@@ -5,8 +5,10 @@ What one rank holds (docs/memory.md gives the calibration against measured peaks
 
 * **weights**: frozen parameters in their storage dtype (the compute dtype under bf16, or NF4 with
   ``peft.base_dtype=nf4``), trainable ones as fp32 masters (``optimizer.main_params_dtype``);
-* **gradients**: fp32 per trainable parameter (Megatron's main grads); with ``optimizer.main_grads_dtype=
-  torch.bfloat16`` trainable weights and gradients are bf16 (2 + 2 bytes), their fp32 masters on the host;
+* **gradients**: fp32 per trainable parameter (Megatron's main grads); with the precision-aware optimizer
+  fully offloaded, the linear layers' trainable weights are bf16 on the device (2 bytes, no cast copy) with
+  fp32 main grads, their fp32 masters on the host; with ``optimizer.main_grads_dtype=torch.bfloat16`` every
+  trainable weight of >= 2 dims and its gradient are bf16 (2 + 2 bytes);
 * **optimizer state**: two Adam moments (``optimizer.exp_avg_dtype`` / ``exp_avg_sq_dtype``) or one SGD
   momentum per trainable parameter, sharded over data-parallel ranks with ``ddp.use_distributed_optimizer``,
   minus the fraction ``optimizer.optimizer_offload_fraction`` kept on the host;
@@ -89,10 +91,13 @@ class PlanInputs:
     exp_avg_bytes: float = 4.0
     exp_avg_sq_bytes: float = 4.0
     optimizer_offload_fraction: float = 0.0
-    #: 2.0 under ``optimizer.main_grads_dtype=torch.bfloat16``: trainable weights and their gradients in bf16 on
-    #: the device (fp32 masters on the host, no autocast cast copy); the 1-D trainable parameters that stay
-    #: fp32 are a negligible share and counted at 2 bytes too. Not one of ``auto``'s choices: it changes numerics
+    #: 2.0 under ``optimizer.main_grads_dtype=torch.bfloat16``: trainable weights of >= 2 dims and their
+    #: gradients in bf16 on the device (fp32 masters on the host, no autocast cast copy). Not one of ``auto``'s
+    #: choices: it changes numerics
     main_grads_bytes: float = 4.0
+    #: the precision-aware optimizer fully offloaded: trainable weights stored bf16 on the device, fp32 masters
+    #: on the host (with fp32 main grads, :meth:`ModelBridge.matmul_weights` only: the update is unchanged)
+    bf16_device_params: bool = False
     activation_offload_layers: int = 0
     #: ``model.recompute_modules`` under selective recomputation (None: the bridge's default)
     recompute_modules: tuple[str, ...] | None = None
@@ -142,6 +147,7 @@ class PlanInputs:
                                           "optimizer.exp_avg_sq_dtype"),
             optimizer_offload_fraction=float(getattr(o, "optimizer_offload_fraction", 1.0)) if offload else 0.0,
             main_grads_bytes=2.0 if getattr(o, "main_grads_dtype", None) == "torch.bfloat16" else 4.0,
+            bf16_device_params=getattr(o, "main_grads_dtype", None) == "torch.bfloat16" or (precise and offload),
             activation_offload_layers=int(getattr(m, "cpu_offloading_num_layers", 0) or 0)
             if getattr(m, "cpu_offloading", False) else 0,
             recompute_modules=tuple(m.recompute_modules) if getattr(m, "recompute_modules", None) else None,
@@ -215,7 +221,9 @@ def estimate(bridge: ModelBridge, inputs: PlanInputs) -> MemoryEstimate:
     """Per-rank bytes of the run ``inputs`` describes, from the bridge's parameter shapes and activation model."""
     shapes = bridge.parameter_shapes(inputs.tp)
     layouts = bridge.linear_layouts()
-    frozen_b = trainable_n = frozen_n = adapters = 0.0
+    frozen_b = trainable_n = frozen_n = adapters = low_n = 0.0
+    lean_grads = inputs.main_grads_bytes == 2.0  # every trainable tensor of >= 2 dims is bf16, gradient too
+    matmul = bridge.matmul_weights() if inputs.bf16_device_params and not lean_grads else frozenset()
     largest = largest_quantised = 0
     adapted: dict[str, bool] = {}
     compute_bytes = 2.0 if inputs.autocast else 4.0
@@ -232,10 +240,12 @@ def estimate(bridge: ModelBridge, inputs: PlanInputs) -> MemoryEstimate:
             largest_quantised = max(largest_quantised, numel if quantised else 0)
         else:
             trainable_n += numel
+            low_n += numel if (lean_grads and len(shape) >= 2) or name in matmul else 0
         if inputs.peft and is_linear and _adapter_target(module, inputs.target_modules):
             adapters += inputs.adapter_dim * (shape[0] + shape[1])
             adapted[group] = True
     trainable_n += adapters
+    low_n += adapters if lean_grads else 0  # the fp32-main-grads layout keeps a PEFT method's adapters fp32
     trained = {g: not inputs.frozen_groups.get(g, False) for g in bridge.freeze_groups}
     tokens, tiles = inputs.workload or bridge.workload_upper_bound(
         seq_length=inputs.seq_length, micro_batch_size=inputs.micro_batch_size, packed=inputs.packed)
@@ -248,17 +258,17 @@ def estimate(bridge: ModelBridge, inputs: PlanInputs) -> MemoryEstimate:
     moments = inputs.exp_avg_bytes + inputs.exp_avg_sq_bytes if inputs.optimizer == "adam" else 4.0
     shard = inputs.dp if inputs.distributed_optimizer else 1
     optimizer = trainable_n * moments / shard * (1.0 - inputs.optimizer_offload_fraction)
-    bf16_params = inputs.main_grads_bytes == 2.0  # the device keeps bf16 weights: no cast copy, no fp32 master
-    weight_bytes = 2.0 if bf16_params else inputs.main_params_bytes
-    casts = trainable_n * 2.0 if inputs.autocast and weight_bytes > 2 else 0.0
+    high_n = trainable_n - low_n  # the rest: fp32 masters on the device, each cast to bf16 once a forward
+    casts = high_n * 2.0 if inputs.autocast and inputs.main_params_bytes > 2 else 0.0
     if inputs.host_build:  # the GPU receives the stored model, one (bf16) weight in flight while quantized
         build = frozen_b + 4.0 * trainable_n + 4.0 * largest
     else:  # the model as built + two fp32 temporaries of the largest tensor while it is initialised/loaded
         per_frozen = compute_bytes if inputs.build_bytes_per_param is None else inputs.build_bytes_per_param
         build = per_frozen * frozen_n + 4.0 * trainable_n + 8.0 * largest
     return MemoryEstimate(
-        frozen_weights=frozen_b, trainable_weights=trainable_n * weight_bytes,
-        gradients=trainable_n * inputs.main_grads_bytes, optimizer=optimizer, cast_cache=casts, activations=dict(acts),
+        frozen_weights=frozen_b, trainable_weights=low_n * 2.0 + high_n * inputs.main_params_bytes,
+        gradients=low_n * inputs.main_grads_bytes + high_n * 4.0, optimizer=optimizer, cast_cache=casts,
+        activations=dict(acts),
         build=build, workload=(tokens, tiles), trainable_params=int(trainable_n), frozen_params=int(frozen_n),
         dequantized=DEQUANT_BYTES_PER_PARAM * largest_quantised,
     )
@@ -317,11 +327,28 @@ def _selective_all(cfg: Any, inputs: PlanInputs, bridge: Any, offloads: list[Opt
         ({"activation_offload_layers": n}, ("model.cpu_offloading=true", f"model.cpu_offloading_num_layers={n}"))
         for n in _offload_counts(bridge)]
     out += [Option({**base, **ch}, keys + k) for ch, k in acts]
-    opt = [o for o in offloads if set(o.changes) == {"optimizer_offload_fraction"}]
+    opt = [o for o in offloads if "activation_offload_layers" not in o.changes and "optimizer_offload_fraction"
+           in o.changes]
     for o in opt:
         out.append(Option({**base, **o.changes}, keys + o.overrides))
         out += [Option({**base, **ch, **o.changes}, keys + k + o.overrides) for ch, k in acts]
     return out
+
+
+def _optimizer_offload(cfg: Any, inputs: PlanInputs) -> Option | None:
+    """Adam's state in host memory (fp32 moments only). Under bf16 autocast with one data-parallel rank (or
+    no distributed optimizer) as megatron-core does it: the precision-aware optimizer, which also stores the
+    linear layers' weights as the bf16 they are computed in, their fp32 masters on the host (exact)."""
+    fp32_moments = (inputs.exp_avg_bytes, inputs.exp_avg_sq_bytes) == (4.0, 4.0)
+    if (not hasattr(cfg.optimizer, "optimizer_cpu_offload") or inputs.optimizer_offload_fraction
+            or inputs.optimizer != "adam" or not fp32_moments):
+        return None
+    keys = ("optimizer.optimizer_cpu_offload=true", "optimizer.optimizer_offload_fraction=1.0")
+    if (inputs.autocast and (inputs.dp == 1 or not inputs.distributed_optimizer)
+            and hasattr(cfg.optimizer, "use_precision_aware_optimizer")):
+        return Option({"optimizer_offload_fraction": 1.0, "bf16_device_params": True},
+                      ("optimizer.use_precision_aware_optimizer=true", *keys))
+    return Option({"optimizer_offload_fraction": 1.0}, keys)
 
 
 def options_for(cfg: Any, inputs: PlanInputs, bridge: Any = None) -> list[Option]:
@@ -354,9 +381,9 @@ def options_for(cfg: Any, inputs: PlanInputs, bridge: Any = None) -> list[Option
     # exact options first (offloading moves state, the numbers stay); a 4-bit base changes what the
     # adapters train against, so auto takes it only when nothing exact fits
     offloads = []
-    if hasattr(cfg.optimizer, "optimizer_cpu_offload") and not inputs.optimizer_offload_fraction:
-        offloads.append(Option({"optimizer_offload_fraction": 1.0},
-                               ("optimizer.optimizer_cpu_offload=true", "optimizer.optimizer_offload_fraction=1.0")))
+    opt = _optimizer_offload(cfg, inputs)
+    if opt is not None:
+        offloads.append(opt)
     if hasattr(cfg.model, "cpu_offloading") and not inputs.activation_offload_layers:
         n = 8
         offloads.append(Option({"activation_offload_layers": n},
@@ -430,6 +457,8 @@ def apply_option(cfg: Any, option: Option) -> None:
         else:  # the PEFT method's own field (a PEFT plugin's), read when the method is applied
             cfg.peft.options["base_dtype"] = "nf4"
     if ch.get("optimizer_offload_fraction"):
+        if ch.get("bf16_device_params"):
+            cfg.optimizer.use_precision_aware_optimizer = True
         cfg.optimizer.optimizer_cpu_offload = True
         cfg.optimizer.optimizer_offload_fraction = ch["optimizer_offload_fraction"]
     if ch.get("activation_offload_layers"):

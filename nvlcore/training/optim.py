@@ -22,7 +22,7 @@ ranks after the data-parallel reduction, so nothing is reduced over DP.
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -61,6 +61,7 @@ def build_optimizer(
     exp_avg_sq_dtype: str = "torch.float32",
     offload_fraction: float = 0.0,
     main_grads_dtype: str = "torch.float32",
+    bf16_params: Collection[str] | None = None,
 ) -> torch.optim.Optimizer:
     """AdamW (decoupled weight decay, as Megatron's ``adam``) or SGD with momentum (``sgd``, as
     Megatron's: ``torch.optim.SGD``, coupled weight decay) over two groups: decayed and not.
@@ -84,6 +85,12 @@ def build_optimizer(
     layout) then stores every trainable parameter of >= 2 dims in bf16 on the device, so its gradients are bf16
     too: the fp32 masters captured here and Adam's moments live only in host memory
     (:meth:`~nvlcore.training.host_offload.HostOffloadAdamW.store_params_in`); 1-D parameters stay fp32.
+
+    ``bf16_params`` (``optimizer.use_precision_aware_optimizer=true`` with the state fully offloaded and fp32
+    main grads, megatron-core's default layout for it): the named parameters (weights only ever used by a
+    matmul, which autocast would round to bf16 anyway) are stored in bf16 on the device with an fp32 main
+    gradient each, their fp32 masters and moments in host memory: 6 device bytes per such parameter instead of
+    10 (fp32 value, fp32 gradient, the forward's bf16 copy), and the same update.
     """
     import torch
 
@@ -136,9 +143,12 @@ def build_optimizer(
         kwargs["fused"] = True
     else:
         kwargs["foreach"] = True
-    if main_grads_dtype == "torch.bfloat16":
+    if main_grads_dtype == "torch.bfloat16" or bf16_params is not None:
         from nvlcore.config import ConfigError
 
+        if main_grads_dtype != "torch.bfloat16":
+            return _bf16_params_fp32_main_grads(cls(groups, **kwargs), named_params, bf16_params, offload_fraction,
+                                                distributed and dp_size > 1)
         if cls.__name__ != "HostOffloadAdamW" or offload_fraction != 1.0:
             raise ConfigError("optimizer.main_grads_dtype=torch.bfloat16 needs optimizer.optimizer=adam with "
                               "optimizer.optimizer_cpu_offload=true and optimizer_offload_fraction=1.0",
@@ -156,6 +166,27 @@ def build_optimizer(
 
         return ZeroRedundancyOptimizer(groups, optimizer_class=cls, process_group=dp_group, **kwargs)
     return cls(groups, **kwargs)
+
+
+def _bf16_params_fp32_main_grads(host: Any, named_params: Sequence[tuple[str, torch.nn.Parameter]],
+                                 names: Collection[str], offload_fraction: float, sharded: bool) -> Any:
+    """The precision-aware optimizer fully in host memory: ``names`` stored bf16 with fp32 main gradients."""
+    import torch
+
+    from nvlcore.config import ConfigError
+
+    if type(host).__name__ != "HostOffloadAdamW" or offload_fraction != 1.0:
+        raise ConfigError("optimizer.use_precision_aware_optimizer=true with optimizer.optimizer_cpu_offload=true "
+                          "needs optimizer.optimizer=adam, fp32 moments and optimizer_offload_fraction=1.0",
+                          key="optimizer.optimizer_offload_fraction")
+    if sharded:
+        raise ConfigError("optimizer.use_precision_aware_optimizer=true with optimizer.optimizer_cpu_offload=true "
+                          "keeps the whole optimizer state in host memory and is not implemented with the "
+                          "distributed optimizer over several data-parallel ranks; set "
+                          "ddp.use_distributed_optimizer=false", key="ddp.use_distributed_optimizer")
+    chosen = {id(p) for n, p in named_params if n in set(names)}
+    host.store_params_in(torch.bfloat16, keep=lambda p: id(p) not in chosen, main_grads=True)
+    return host
 
 
 def local_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
@@ -245,6 +276,27 @@ def set_hyperparameters(optimizer: torch.optim.Optimizer, *, lr: float, weight_d
         group["weight_decay"] = weight_decay * group.get("wd_mult", 1.0)
 
 
+def grad_of(param: torch.Tensor) -> torch.Tensor | None:
+    """The gradient an update reads: a parameter's fp32 main gradient where it has one (``param.main_grad``,
+    megatron-core's name: a bf16 parameter under the precision-aware optimizer fully offloaded,
+    :meth:`~nvlcore.training.host_offload.HostOffloadAdamW.store_params_in`), else ``param.grad``."""
+    main = getattr(param, "main_grad", None)
+    return main if main is not None else param.grad
+
+
+def zero_grads(params: Iterable[torch.nn.Parameter]) -> None:
+    """Forget the gradients: ``.grad`` to None, fp32 main gradients (kept allocated) to zero."""
+    import torch
+
+    mains = []
+    for p in params:
+        p.grad = None
+        if getattr(p, "main_grad", None) is not None:
+            mains.append(p.main_grad)
+    if mains:
+        torch._foreach_zero_(mains)
+
+
 def materialize_grads(params: Iterable[torch.nn.Parameter]) -> list[torch.Tensor]:
     """Give every trainable parameter a gradient (zeros where the forward did not use it).
 
@@ -256,9 +308,10 @@ def materialize_grads(params: Iterable[torch.nn.Parameter]) -> list[torch.Tensor
 
     grads = []
     for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p, memory_format=torch.preserve_format)
-        grads.append(p.grad)
+        g = grad_of(p)
+        if g is None:
+            g = p.grad = torch.zeros_like(p, memory_format=torch.preserve_format)
+        grads.append(g)
     return grads
 
 
@@ -318,10 +371,8 @@ def grad_norm_and_clip(
     import torch
     import torch.distributed as dist
 
-    counted = [
-        p.grad for _, p in named_params
-        if p.grad is not None and (getattr(p, "tensor_model_parallel", False) or tp_rank == 0)
-    ]
+    grads = [(p, grad_of(p)) for _, p in named_params]
+    counted = [g for p, g in grads if g is not None and (getattr(p, "tensor_model_parallel", False) or tp_rank == 0)]
     if counted:
         norms = torch._foreach_norm(counted, 2.0, dtype=torch.float32)  # bf16 gradients: the norm in fp32
         total_sq = torch.stack(list(norms)).pow(2).sum()
@@ -334,7 +385,7 @@ def grad_norm_and_clip(
     if max_norm > 0 and norm == norm and norm != float("inf"):
         coef = max_norm / (norm + 1e-6)
         if coef < 1.0:
-            all_grads = [p.grad for _, p in named_params if p.grad is not None]
+            all_grads = [g for _, g in grads if g is not None]
             torch._foreach_mul_(all_grads, coef)
     return norm
 

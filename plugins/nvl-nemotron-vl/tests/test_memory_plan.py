@@ -476,14 +476,54 @@ def test_recompute_modules_refusals_name_the_key(bridge12b, overrides, message):
     assert "model.recompute_modules" in str(err.value) and "\n" not in str(err.value)
 
 
+def _split(bridge, tp: int, names) -> tuple[int, int]:
+    """(values of the named parameters, values of the rest) on one of ``tp`` ranks."""
+    shapes = bridge.parameter_shapes(tp)
+    named = sum(n for k, (_, n) in shapes.items() if k in names)
+    return named, sum(n for _, n in shapes.values()) - named
+
+
 def test_bf16_params_with_host_masters_hold_four_bytes_a_trainable_parameter(bridge12b):
-    # optimizer.main_grads_dtype=torch.bfloat16: bf16 weight + bf16 grad, no fp32 master or autocast copy on the GPU
+    # optimizer.main_grads_dtype=torch.bfloat16: bf16 weight + bf16 grad, no fp32 master or autocast copy on the GPU;
+    # tensors of one dimension stay fp32 (4 + 4, and their autocast copy)
     full = PlanInputs(tp=2, workload=(4096, 0), optimizer_offload_fraction=1.0)
     plain, lean = estimate(bridge12b, full), estimate(bridge12b, attrs.evolve(full, main_grads_bytes=2.0))
     n = plain.trainable_params
+    matrices, vectors = _split(bridge12b, 2, {k for k, (s, _) in bridge12b.parameter_shapes(2).items() if len(s) >= 2})
+    assert matrices + vectors == n and vectors < n / 1000
     assert plain.trainable_weights + plain.gradients + plain.cast_cache == pytest.approx(10 * n)
-    assert lean.trainable_weights + lean.gradients + lean.cast_cache == pytest.approx(4 * n)
+    assert lean.trainable_weights + lean.gradients + lean.cast_cache == pytest.approx(4 * matrices + 10 * vectors)
     assert lean.optimizer == 0 and lean.activations == plain.activations
+
+
+def test_fp32_main_grads_layout_holds_six_bytes_a_linear_weight_and_auto_takes_it(bridge12b):
+    """The precision-aware optimizer fully offloaded (fp32 main grads): the linear layers' weights are bf16 with an
+    fp32 gradient (6 bytes, no autocast copy), everything else as before (10); ``auto``'s optimizer offload is
+    that layout under bf16 autocast on one data-parallel rank, and the plain one elsewhere."""
+    from nvlcore.config import load_config
+    from nvlcore.training.memory import options_for
+
+    full = PlanInputs(tp=2, workload=(4096, 0), optimizer_offload_fraction=1.0)
+    main32 = estimate(bridge12b, attrs.evolve(full, bf16_device_params=True))
+    linear, rest = _split(bridge12b, 2, bridge12b.matmul_weights())
+    assert linear + rest == main32.trainable_params and rest < linear / 10  # the embedding, the convs, ...
+    assert main32.trainable_weights + main32.gradients + main32.cast_cache == pytest.approx(6 * linear + 10 * rest)
+    assert PlanInputs.from_config(load_config([], ["optimizer.use_precision_aware_optimizer=true",
+                                                   "optimizer.optimizer_cpu_offload=true",
+                                                   "optimizer.optimizer_offload_fraction=1.0"])).bf16_device_params
+
+    cfg = load_config([], [])
+
+    def offloads(inputs):
+        return [o for o in options_for(cfg, inputs, bridge12b) if "optimizer_offload_fraction" in o.changes]
+
+    one_rank = offloads(PlanInputs(tp=2, dp=1, workload=(4096, 0)))
+    assert one_rank and all(o.changes.get("bf16_device_params") for o in one_rank)
+    assert all("optimizer.use_precision_aware_optimizer=true" in o.overrides for o in one_rank)
+    assert not any(o.changes.get("bf16_device_params") for o in offloads(PlanInputs(tp=1, dp=2, workload=(4096, 0))))
+    assert not any(o.changes.get("bf16_device_params")
+                   for o in offloads(PlanInputs(tp=2, dp=1, workload=(4096, 0), autocast=False)))
+    assert not offloads(PlanInputs(tp=2, dp=1, workload=(4096, 0), exp_avg_bytes=2.0))  # refused with lean moments
 
 
 def test_the_plan_counts_one_loss_chunk_of_logits(bridge12b):
