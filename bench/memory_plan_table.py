@@ -77,7 +77,9 @@ def main() -> None:
         for card in CARDS_GB:
             try:  # the card's free memory: ~98% of its size once the context is up
                 d = fit(b, _AllKeys, inp, card * GB * 0.98, mode="auto")
-                cells.append(f"~{d.estimate.card / GB:.0f}: " + (" ".join(d.chosen.overrides) if d.chosen else "as is"))
+                host = f" (host ~{d.estimate.host / GB:.0f})" if d.estimate.host >= GB else ""
+                cells.append(f"~{d.estimate.card / GB:.0f}{host}: "
+                             + (" ".join(d.chosen.overrides) if d.chosen else "as is"))
             except MemoryPlanError as exc:
                 closest = str(exc).split("fit: " if "Options that fit" in str(exc) else "is: ")[-1]
                 cells.append("no; " + closest.split(" (or train")[0].split("; train.memory_plan")[0])

@@ -1103,6 +1103,9 @@ def describe_optimizer(opt: Any, named: Any, cfg: NvlConfig, ctx: ParallelContex
         n_low = sum(p.numel() for _, p in named if getattr(p, "main_grad", None) is not None)
         kind += (f"; {n_low:,} values of linear layers' weights in bf16 on the device with fp32 main gradients, "
                  "their fp32 masters in host memory")
+    host = getattr(optim.local_optimizer(opt), "host_bytes", None)
+    if host is not None:
+        kind += f" ({host() / 1e9:.2f} GB of host memory on this rank)"
     if dts and o.optimizer == "adam":
         kind += f" (moments stored as {dts['exp_avg_dtype']} / {dts['exp_avg_sq_dtype']})"
         per_param = sum({"torch.bfloat16": 2, "torch.uint8": 1}.get(d, 4) for d in dts.values())

@@ -307,6 +307,8 @@ class HostOffloadAdamW(torch.optim.Optimizer):
             if p.dim() < 2 or p.dtype == dtype or (keep is not None and keep(p)):
                 continue
             p.data = h.to(p.device, dtype)
+            if h.is_pinned():  # only the pinned stage crosses to the device now: the master needs no pinning
+                h.data = torch.empty(h.shape, dtype=h.dtype).copy_(h)
             if main_grads:
                 p.main_grad = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
                 p.register_post_accumulate_grad_hook(_into_main_grad)
@@ -314,6 +316,29 @@ class HostOffloadAdamW(torch.optim.Optimizer):
         self.keeps_main_params = True
         self._checked_masters = False
         return n
+
+    def host_bytes(self) -> int:
+        """Host memory this optimizer holds (or, before its first step, will hold): masters, moments, and on a
+        GPU the chunks' pinned gradient buffers and the upcast scratch, each pinned allocation counted as
+        PyTorch's pinned allocator makes it (:func:`~nvlcore.training.memory.pinned_size`)."""
+        from nvlcore.training.memory import pinned_size
+
+        total = 0
+        for h in self.host_of.values():
+            total += pinned_size(h.nbytes) if h.is_pinned() else h.nbytes
+            st = self.host_opt.state.get(h, {})
+            total += sum(st[k].nbytes for k in ("exp_avg", "exp_avg_sq") if k in st) if st else 8 * h.numel()
+        if self._cuda:
+            low = 0
+            for c in self._chunks:
+                sizes: dict[torch.dtype, int] = {}
+                for p, _ in c.pairs:
+                    dt = _grad_dtype(p)
+                    sizes[dt] = sizes.get(dt, 0) + p.numel() * dt.itemsize
+                total += sum(pinned_size(n) for n in sizes.values())
+                low = max(low, sum(p.numel() for p, _ in c.pairs if _grad_dtype(p) != torch.float32))
+            total += 4 * low
+        return total
 
     def _adopt_changed_device_values(self) -> None:
         """A low-precision device parameter that no longer equals its rounded master was loaded after the

@@ -14,6 +14,9 @@ What one rank holds (docs/memory.md gives the calibration against measured peaks
   minus the fraction ``optimizer.optimizer_offload_fraction`` kept on the host;
 * **cast cache**: bf16 autocast keeps a bf16 copy of every fp32 trainable weight for the whole forward;
 * **activations**: what the bridge says one micro-batch keeps for backward (:meth:`ModelBridge.activation_bytes`);
+* **host memory** (per rank): the offloaded optimizer state (fp32 masters, pinned, and moments), its pinned
+  gradient buffers, the offloaded layers' activations (pinned), or the model built in host memory, whichever
+  is larger; pinned allocations counted as PyTorch's pinned-memory allocator makes them (a power of two);
 * **build**: the model as built, each parameter in its storage dtype (:mod:`nvlcore.training.storage`:
   frozen weights in the compute dtype, what trains in fp32; an NF4 base is built and loaded in host memory
   and quantized onto the GPU one weight at a time, ``model.use_cpu_initialization``),
@@ -26,7 +29,8 @@ context, cuBLAS/NCCL workspaces) and :data:`FRAGMENTATION` of the caching alloca
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Callable, Mapping
+import os
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -44,12 +48,57 @@ FRAGMENTATION = 0.05
 #: bytes per element of the dtype names the optimizer keys take (8-bit states carry a small scale on top)
 DTYPE_BYTES = {"fp32": 4.0, "float32": 4.0, "bf16": 2.0, "bfloat16": 2.0, "fp16": 2.0, "float16": 2.0,
                "fp8": 1.0, "uint8": 1.0, "int8": 1.0}
+#: offloaded activations in pinned host memory, per byte the GPU no longer holds: each saved tensor's host copy
+#: is a pinned allocation rounded up to a power of two, so up to twice its size (the plan counts that bound)
+PINNED_ACTIVATION_FACTOR = 2.0
 #: NF4 storage: 4 bits per weight plus a bf16 scale per block of 64 and its double quantisation
 NF4_BYTES_PER_PARAM = 0.5625
 #: bytes per parameter of one quantized weight while it is dequantized for a matmul: the bf16 weight the
 #: PEFT method's decode writes (compiled into one kernel on a GPU: no other temporary)
 DEQUANT_BYTES_PER_PARAM = 2.0
 MODES = ("off", "check", "auto")
+#: fp32 bytes of host-updated parameters per chunk of the offloaded optimizer's pipelined step
+#: (:class:`~nvlcore.training.host_offload.HostOffloadAdamW`)
+OFFLOAD_CHUNK_BYTES = 64 << 20
+
+
+def pinned_size(nbytes: float) -> int:
+    """What PyTorch's pinned host-memory allocator takes for ``nbytes``: the next power of two (its caching
+    allocator rounds every request up to one before it pins memory)."""
+    n = int(nbytes)
+    return 0 if n <= 0 else 1 << (n - 1).bit_length()
+
+
+def offload_host_bytes(params: Sequence[tuple[int, float, bool]], fraction: float, *, pinned: bool,
+                       chunk_bytes: int | None = OFFLOAD_CHUNK_BYTES) -> int:
+    """Host bytes of the optimizer state :class:`~nvlcore.training.host_offload.HostOffloadAdamW` keeps for
+    ``params`` (``(values, gradient bytes per value, stays fp32 on the device)`` in the optimizer's order) with
+    ``fraction`` of the values offloaded: each parameter's fp32 master (pinned on a GPU where the device keeps
+    an fp32 parameter, whose value crosses from and to it), two fp32 moments, and on a GPU one pinned gradient
+    buffer per chunk and gradient dtype plus an fp32 scratch for upcasting a chunk's bf16 gradients."""
+    total = sum(n for n, _, _ in params)
+    chosen: list[tuple[int, float, bool]] = []
+    taken = 0
+    for n, grad_bytes, fp32 in params:
+        if taken >= fraction * total:
+            break
+        chosen.append((n, grad_bytes, fp32))
+        taken += n
+    masters = sum(pinned_size(4 * n) if pinned and fp32 else 4 * n for n, _, fp32 in chosen)
+    chunks: list[list[tuple[int, float, bool]]] = []
+    size = 0
+    for item in chosen:
+        if not chunks or (chunk_bytes is not None and size >= chunk_bytes):
+            chunks.append([])
+            size = 0
+        chunks[-1].append(item)
+        size += 4 * item[0]
+    landing = scratch = 0
+    if pinned:  # a CPU run's host update reads the gradients where they are
+        for c in chunks:
+            landing += sum(pinned_size(sum(n * g for n, g, _ in c if g == gb)) for gb in {g for _, g, _ in c})
+            scratch = max(scratch, sum(n for n, g, _ in c if g != 4))
+    return int(masters + 8 * taken + landing + 4 * scratch)
 
 
 class MemoryPlanError(ValueError):
@@ -111,6 +160,8 @@ class PlanInputs:
     #: the model built and loaded in host memory, moved to the GPU once its frozen base is stored
     #: (``model.use_cpu_initialization``; by default when the base is quantized)
     host_build: bool = False
+    #: host buffers are pinned (a GPU run; PyTorch rounds each pinned allocation up to a power of two)
+    pinned_host: bool = True
 
     @classmethod
     def from_config(cls, cfg: Any, *, world_size: int = 1, **overrides: Any) -> PlanInputs:
@@ -175,6 +226,8 @@ class MemoryEstimate:
     frozen_params: int
     #: a quantized base's largest weight dequantized for its matmul, with the dequantization's temporaries
     dequantized: float = 0.0
+    #: host memory this rank needs (the module docstring's "host memory")
+    host: float = 0.0
 
     @property
     def step(self) -> float:
@@ -201,7 +254,8 @@ class MemoryEstimate:
                 + (f", a dequantized weight {_fmt(self.dequantized)}" if self.dequantized else "")
                 + f", activations [{acts}] for "
                 f"{tokens} tokens and {tiles} image tiles per micro-batch; build {_fmt(self.build)}; + "
-                f"{FRAGMENTATION:.0%} allocator and {_fmt(RUNTIME_OVERHEAD_BYTES)} runtime)")
+                f"{FRAGMENTATION:.0%} allocator and {_fmt(RUNTIME_OVERHEAD_BYTES)} runtime)"
+                + (f"; host memory ~{_fmt(self.host)} per rank" if self.host else ""))
 
 
 def _fmt(n: float) -> str:
@@ -222,6 +276,9 @@ def estimate(bridge: ModelBridge, inputs: PlanInputs) -> MemoryEstimate:
     shapes = bridge.parameter_shapes(inputs.tp)
     layouts = bridge.linear_layouts()
     frozen_b = trainable_n = frozen_n = adapters = low_n = 0.0
+    # (values, gradient bytes, stays fp32 on the device) in the optimizer's order: decayed first
+    decay: list[tuple[int, float, bool]] = []
+    plain: list[tuple[int, float, bool]] = []
     lean_grads = inputs.main_grads_bytes == 2.0  # every trainable tensor of >= 2 dims is bf16, gradient too
     matmul = bridge.matmul_weights() if inputs.bf16_device_params and not lean_grads else frozenset()
     largest = largest_quantised = 0
@@ -240,10 +297,16 @@ def estimate(bridge: ModelBridge, inputs: PlanInputs) -> MemoryEstimate:
             largest_quantised = max(largest_quantised, numel if quantised else 0)
         else:
             trainable_n += numel
-            low_n += numel if (lean_grads and len(shape) >= 2) or name in matmul else 0
+            low = (lean_grads and len(shape) >= 2) or name in matmul
+            low_n += numel if low else 0
+            grad_bytes = 2.0 if lean_grads and len(shape) >= 2 else 4.0
+            (plain if name.endswith(".bias") or len(shape) <= 1 else decay).append((numel, grad_bytes, not low))
         if inputs.peft and is_linear and _adapter_target(module, inputs.target_modules):
             adapters += inputs.adapter_dim * (shape[0] + shape[1])
             adapted[group] = True
+            grad_bytes = 2.0 if lean_grads else 4.0
+            decay += [(inputs.adapter_dim * shape[1], grad_bytes, not lean_grads),
+                      (shape[0] * inputs.adapter_dim, grad_bytes, not lean_grads)]
     trainable_n += adapters
     low_n += adapters if lean_grads else 0  # the fp32-main-grads layout keeps a PEFT method's adapters fp32
     trained = {g: not inputs.frozen_groups.get(g, False) for g in bridge.freeze_groups}
@@ -255,13 +318,22 @@ def estimate(bridge: ModelBridge, inputs: PlanInputs) -> MemoryEstimate:
     acts = bridge.activation_bytes(tokens=tokens, tiles=tiles, recompute=inputs.recompute, tp_size=inputs.tp,
                                    trained=trained, offload_layers=inputs.activation_offload_layers,
                                    adapted=adapted, **extra) or {}
+    host_acts = 0.0
+    if inputs.activation_offload_layers:  # what the offloaded layers keep, in pinned host memory instead
+        kept = bridge.activation_bytes(tokens=tokens, tiles=tiles, recompute=inputs.recompute, tp_size=inputs.tp,
+                                       trained=trained, offload_layers=0, adapted=adapted, **extra) or {}
+        host_acts = PINNED_ACTIVATION_FACTOR * max(0.0, sum(kept.values()) - sum(acts.values()))
     moments = inputs.exp_avg_bytes + inputs.exp_avg_sq_bytes if inputs.optimizer == "adam" else 4.0
     shard = inputs.dp if inputs.distributed_optimizer else 1
     optimizer = trainable_n * moments / shard * (1.0 - inputs.optimizer_offload_fraction)
     high_n = trainable_n - low_n  # the rest: fp32 masters on the device, each cast to bf16 once a forward
     casts = high_n * 2.0 if inputs.autocast and inputs.main_params_bytes > 2 else 0.0
+    host = offload_host_bytes(decay + plain, inputs.optimizer_offload_fraction,
+                              pinned=inputs.pinned_host) if inputs.optimizer_offload_fraction else 0
+    host += host_acts
     if inputs.host_build:  # the GPU receives the stored model, one (bf16) weight in flight while quantized
         build = frozen_b + 4.0 * trainable_n + 4.0 * largest
+        host = max(host, compute_bytes * frozen_n + 4.0 * trainable_n)  # the model as built in host memory
     else:  # the model as built + two fp32 temporaries of the largest tensor while it is initialised/loaded
         per_frozen = compute_bytes if inputs.build_bytes_per_param is None else inputs.build_bytes_per_param
         build = per_frozen * frozen_n + 4.0 * trainable_n + 8.0 * largest
@@ -270,7 +342,7 @@ def estimate(bridge: ModelBridge, inputs: PlanInputs) -> MemoryEstimate:
         gradients=low_n * inputs.main_grads_bytes + high_n * 4.0, optimizer=optimizer, cast_cache=casts,
         activations=dict(acts),
         build=build, workload=(tokens, tiles), trainable_params=int(trainable_n), frozen_params=int(frozen_n),
-        dequantized=DEQUANT_BYTES_PER_PARAM * largest_quantised,
+        dequantized=DEQUANT_BYTES_PER_PARAM * largest_quantised, host=float(host),
     )
 
 
@@ -411,35 +483,51 @@ class Decision:
     estimate: MemoryEstimate
     available: float | None
     chosen: Option | None = None
+    #: host memory this rank may use (None: not checked)
+    host_available: float | None = None
 
     @property
     def fits(self) -> bool:
-        return self.available is None or self.estimate.card <= self.available
+        return _fits(self.estimate, self.available, self.host_available)
+
+
+def _fits(e: MemoryEstimate, available: float | None, host_available: float | None) -> bool:
+    return ((available is None or e.card <= available)
+            and (host_available is None or e.host <= host_available))
 
 
 def fit(bridge: ModelBridge, cfg: Any, inputs: PlanInputs, available: float | None, *,
-        mode: str) -> Decision:
-    """The plan for ``inputs``; under ``auto`` the first option of :func:`options_for` that fits.
+        mode: str, host_available: float | None = None) -> Decision:
+    """The plan for ``inputs``; under ``auto`` the first option of :func:`options_for` that fits the card
+    (``available`` bytes) and the host memory (``host_available`` bytes per rank; None: not checked).
 
-    :raises MemoryPlanError: (``check``/``auto``) nothing fits ``available`` bytes; the one-line message
-        names the options that would (or the closest one).
+    :raises MemoryPlanError: (``check``/``auto``) nothing fits; the one-line message names the options that
+        would (or the closest one).
     """
     est = estimate(bridge, inputs)
-    if available is None or est.card <= available or mode == "off":
-        return Decision(est, available)
+    if _fits(est, available, host_available) or mode == "off":
+        return Decision(est, available, host_available=host_available)
     tried = [(o, estimate(bridge, attrs.evolve(inputs, **o.changes))) for o in options_for(cfg, inputs, bridge)]
     if mode == "auto":
         for o, e in tried:
-            if not o.more_gpus and e.card <= available:
-                return Decision(e, available, o)
-    fitting = [(o, e) for o, e in tried if e.card <= available][:3]
-    shown = fitting or sorted(tried, key=lambda t: t[1].card)[:1]
-    names = "; or ".join(f"{' '.join(o.overrides)} (~{_fmt(e.card)})" for o, e in shown)
+            if not o.more_gpus and _fits(e, available, host_available):
+                return Decision(e, available, o, host_available)
+    fitting = [(o, e) for o, e in tried if _fits(e, available, host_available)][:3]
+    shown = fitting or sorted(tried, key=lambda t: (t[1].card, t[1].host))[:1]
+    names = "; or ".join(f"{' '.join(o.overrides)} (~{_fmt(e.card)}{_host_note(e, host_available)})"
+                         for o, e in shown)
+    gpu_ok = available is None or est.card <= available
+    need = (f"~{_fmt(est.host)} of host memory per rank and {_fmt(host_available)} are available to each rank"
+            if gpu_ok else f"~{_fmt(est.card)} per GPU and {_fmt(available)} are available")
     raise MemoryPlanError(
-        f"memory plan: this run needs ~{_fmt(est.card)} per GPU and {_fmt(available)} are available: "
+        f"memory plan: this run needs {need}: "
         f"it cannot fit. {'Options that fit' if fitting else 'Nothing tried fits; the smallest is'}: {names}"
         f"{'' if mode == 'auto' else ' (or train.memory_plan=auto to pick)'}; train.memory_plan=off runs it anyway"
     )
+
+
+def _host_note(e: MemoryEstimate, host_available: float | None) -> str:
+    return f", host ~{_fmt(e.host)}" if host_available is not None and e.host else ""
 
 
 def apply_option(cfg: Any, option: Option) -> None:
@@ -487,6 +575,29 @@ def available_bytes(cfg: Any, ctx: Any) -> tuple[float | None, str]:
     if said is None or said[0] <= card[0]:
         return said or card
     return card[0], f"{card[1]}, less than train.memory_budget_gb={budget:g}"
+
+
+def host_available_bytes(ctx: Any) -> tuple[float | None, str]:
+    """Host memory each rank may use on a GPU run: the node's available memory (psutil) over the ranks that
+    share the node (``LOCAL_WORLD_SIZE``, as torchrun sets it), the smallest over all ranks so that every rank
+    decides alike; (None, why) on a CPU run or without psutil."""
+    if ctx.device.type != "cuda":
+        return None, "a CPU run"
+    try:
+        import psutil
+    except ImportError:
+        return None, "psutil is not installed"
+    local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    node = float(psutil.virtual_memory().available)
+    mine = node / local
+    if ctx.world_size > 1:
+        import torch
+        import torch.distributed as dist
+
+        smallest = torch.tensor([mine], device=ctx.device, dtype=torch.float64)
+        dist.all_reduce(smallest, op=dist.ReduceOp.MIN)
+        mine = float(smallest.item())
+    return mine, f"host memory: {_fmt(node)} available on this node, for {local} rank(s)"
 
 
 def allocator_cap_bytes(budget_gb: float) -> float:
@@ -580,10 +691,12 @@ def plan_run(cfg: Any, bridge: ModelBridge, ctx: Any, say: Callable[[str], None]
     if mode == "off":
         return None
     workload = sample_workload(cfg, bridge, manager) if manager is not None else None
-    inputs = PlanInputs.from_config(cfg, world_size=ctx.world_size, workload=workload)
+    inputs = PlanInputs.from_config(cfg, world_size=ctx.world_size, workload=workload,
+                                    pinned_host=ctx.device.type == "cuda")
     available, source = available_bytes(cfg, ctx)
+    host_available, host_source = host_available_bytes(ctx)
     try:
-        decision = fit(bridge, cfg, inputs, available, mode=mode)
+        decision = fit(bridge, cfg, inputs, available, mode=mode, host_available=host_available)
     except MemoryPlanError:
         raise
     except Exception as exc:  # a bridge that cannot describe its parameters without weights: no plan, say why
@@ -593,6 +706,7 @@ def plan_run(cfg: Any, bridge: ModelBridge, ctx: Any, say: Callable[[str], None]
         apply_option(cfg, decision.chosen)
         say(f"nvl finetune: memory plan (auto): chose {' '.join(decision.chosen.overrides)} to fit")
     room = "" if available is None else f"; {_fmt(available)} available ({source})"
+    room += "" if host_available is None else f"; {host_source}"
     basis = "workload from training samples" if workload else "workload: upper bound, full rows"
     say(f"nvl finetune: memory plan: {decision.estimate.describe()} ({basis}){room}")
     return decision

@@ -557,3 +557,37 @@ def test_auto_adds_recompute_modules_cheapest_first(bridge12b):
     assert d.chosen.overrides == ("model.recompute_granularity=selective", "model.recompute_modules=[mamba,mlp_act]")
     sets = [o.changes.get("recompute_modules") for o in memory.options_for(cfg, inp, bridge12b)]
     assert sets.index(("mamba", "mlp_act")) < sets.index(("mamba", "mlp_act", "vision_tower"))
+
+
+def test_auto_passes_over_what_the_host_cannot_hold_and_refuses_in_one_line(bridge12b) -> None:
+    """The plan counts host memory (tests/test_host_memory_plan.py checks it against the optimizer): full
+    fine-tuning at TP=2 with the optimizer on the host needs >100 GB of it per rank; ``auto`` takes that layout
+    only where the host holds it, and a run the host cannot hold is refused in one line naming host memory."""
+    from nvlcore.config import load_config
+    from nvlcore.training.memory import MemoryPlanError, fit
+
+    cfg = load_config([], [])
+    full = PlanInputs(tp=2, dp=1, global_batch_size=32, workload=(4096, 0))
+    roomy = fit(bridge12b, cfg, full, 76 * GB, mode="auto", host_available=400 * GB)
+    assert "optimizer.optimizer_cpu_offload=true" in roomy.chosen.overrides
+    assert 100 * GB < roomy.estimate.host < 140 * GB  # masters, moments, pinned gradient buffers of 6.6B values
+    assert "host memory ~" in roomy.estimate.describe()
+    with pytest.raises(MemoryPlanError) as err:
+        fit(bridge12b, cfg, full, 76 * GB, mode="auto", host_available=40 * GB)
+    assert "\n" not in str(err.value) and "host" in str(err.value)
+    # the GPU alone would fit: the refusal names the host memory it lacks
+    with pytest.raises(MemoryPlanError, match="of host memory per rank and 20.0 GB are available to each rank"):
+        fit(bridge12b, cfg, attrs.evolve(full, optimizer_offload_fraction=1.0, bf16_device_params=True,
+                                         recompute="selective", recompute_modules=("mamba", "mlp_act",
+                                                                                   "vision_tower")),
+            76 * GB, mode="check", host_available=20 * GB)
+
+
+def test_activation_offload_and_a_host_build_count_on_the_host(bridge12b) -> None:
+    lora = PlanInputs(workload=(4096, 0), peft=True, freeze_other=True, frozen_groups={"language_model": True},
+                      recompute="selective")
+    none, some = estimate(bridge12b, lora), estimate(bridge12b, attrs.evolve(lora, activation_offload_layers=16))
+    moved = sum(none.activations.values()) - sum(some.activations.values())
+    assert none.host == 0 and moved > 0 and some.host == pytest.approx(2 * moved)  # pinned: up to a power of two
+    built = estimate(bridge12b, attrs.evolve(lora, host_build=True))
+    assert built.host == pytest.approx(2 * built.frozen_params + 4 * built.trainable_params)
