@@ -109,11 +109,15 @@ class HostOffloadAdamW(torch.optim.Optimizer):
     ``chunk_bytes``: fp32 bytes of host parameters per pipeline chunk (``None``: one chunk).
     ``host_fused``: the host AdamW kernel, torch's fused CPU one (``True``) or ``foreach`` (``False``);
     ``None`` picks fused where the device parameters are on a GPU, foreach where they are on the CPU.
+    ``pin_masters``: the masters of GPU parameters are allocated in pinned memory (their values cross to and
+    from the GPU); ``False`` leaves that to :meth:`store_params_in`, which pins only those that stay fp32 (a
+    pinned allocation is rounded up to a power of two, and PyTorch keeps freed pinned memory cached).
     """
 
     def __init__(self, params: Any, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, *, offload_fraction: float = 1.0,
-                 chunk_bytes: int | None = DEFAULT_CHUNK_BYTES, host_fused: bool | None = None) -> None:
+                 chunk_bytes: int | None = DEFAULT_CHUNK_BYTES, host_fused: bool | None = None,
+                 pin_masters: bool = True) -> None:
         super().__init__(params, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay})
         if chunk_bytes is not None and chunk_bytes <= 0:
             raise ValueError(f"HostOffloadAdamW chunk_bytes={chunk_bytes}: give a positive size or None (one chunk)")
@@ -127,7 +131,7 @@ class HostOffloadAdamW(torch.optim.Optimizer):
         for p in ordered:
             if taken >= budget:
                 break
-            pin = p.device.type == "cuda"
+            pin = pin_masters and p.device.type == "cuda"
             self.host_of[p] = torch.empty(p.shape, dtype=torch.float32, pin_memory=pin).copy_(p.detach())
             taken += p.numel()
         self._cuda = any(p.device.type == "cuda" for p in self.host_of)
@@ -305,10 +309,11 @@ class HostOffloadAdamW(torch.optim.Optimizer):
         n = 0
         for p, h in self.host_of.items():
             if p.dim() < 2 or p.dtype == dtype or (keep is not None and keep(p)):
+                if p.device.type == "cuda" and p.dtype == torch.float32 and not h.is_pinned():
+                    h.data = torch.empty(h.shape, dtype=h.dtype, pin_memory=True).copy_(h)  # its value crosses
                 continue
+            # only the pinned gradient buffer, which stages the rounded master, crosses: the master is not pinned
             p.data = h.to(p.device, dtype)
-            if h.is_pinned():  # only the pinned stage crosses to the device now: the master needs no pinning
-                h.data = torch.empty(h.shape, dtype=h.dtype).copy_(h)
             if main_grads:
                 p.main_grad = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
                 p.register_post_accumulate_grad_hook(_into_main_grad)

@@ -128,7 +128,10 @@ def build_optimizer(
         from nvlcore.training.host_offload import HostOffloadAdamW
 
         cls = HostOffloadAdamW
-        kwargs = {"lr": lr, "betas": betas, "eps": eps, "offload_fraction": offload_fraction}
+        # the bf16 layouts pin only the masters of what stays fp32 on the device (store_params_in)
+        lean_params = main_grads_dtype == "torch.bfloat16" or bf16_params is not None
+        kwargs = {"lr": lr, "betas": betas, "eps": eps, "offload_fraction": offload_fraction,
+                  "pin_masters": not lean_params}
     elif optimizer == "adam":
         cls = torch.optim.AdamW
         kwargs = {"lr": lr, "betas": betas, "eps": eps}
