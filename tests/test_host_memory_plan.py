@@ -55,14 +55,15 @@ def test_the_plans_host_bytes_are_what_the_offloaded_optimizer_holds(tiny_bridge
 
 @pytest.mark.parametrize("bf16", [False, True])
 def test_the_plans_pinned_buffers_are_the_optimizers_chunks(bf16: bool) -> None:
-    """On a GPU each chunk gets one pinned gradient buffer per gradient dtype, rounded up to a power of two: the
-    plan's chunking of parameters of mixed sizes (small chunks, so there are several) gives the optimizer's.
-    The CPU stands in (its masters are not pinned, so the plan is told they are not either)."""
+    """On a GPU the gradients land in a ring of pinned buffers, one per gradient dtype and slot, each sized for
+    the largest chunk and rounded up to a power of two: the plan's chunking of parameters of mixed sizes (small
+    chunks, so there are several) gives the optimizer's. The CPU stands in (its masters are not pinned, so the
+    plan is told they are not either)."""
     import torch
 
     from nvlcore.training.host_offload import HostOffloadAdamW
 
-    sizes = [(300, 7), (5,), (40, 40), (3, 1000), (64,), (999, 3), (2, 2)]
+    sizes = [(300, 7), (5,), (40, 40), (3, 1000), (64,), (999, 3), (2, 2), (50, 100)]
     params = [torch.nn.Parameter(torch.randn(s)) for s in sizes]
     opt = HostOffloadAdamW([{"params": params}], offload_fraction=1.0, chunk_bytes=4096)
     if bf16:

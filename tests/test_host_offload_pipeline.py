@@ -194,3 +194,39 @@ def test_on_cuda_large_chunks_are_read_after_their_copy_back() -> None:
         seen = [p.detach() * 1 for p in ps]  # a kernel on the current stream, queued at once
         masters = [opt.host_of[p].clone() for p in ps]  # the host values are final when step() returns
         assert all(torch.equal(s.cpu(), m) for s, m in zip(seen, masters, strict=True))
+
+
+@pytest.mark.skipif("not __import__('torch').cuda.is_available()", reason="needs CUDA")
+@pytest.mark.parametrize("layout", ["fp32", "bf16_grads", "main_grads"])
+def test_on_cuda_the_ring_of_gradient_buffers_wraps_without_a_race(layout: str) -> None:
+    """Three times as many chunks as ring slots, each large enough that its copies outlast a kernel launch: a
+    slot refilled with the next chunk's gradients before the copy back of its last chunk had read the staged
+    value would corrupt that parameter. Every step, each host master equals fp32 AdamW fed the gradient the
+    device accumulated, and each device value its master (rounded to bf16 where the device stores bf16)."""
+    import torch
+
+    from nvlcore.training.host_offload import HostOffloadAdamW
+    from nvlcore.training.memory import LANDING_SLOTS
+    from nvlcore.training.optim import grad_of, zero_grads
+
+    g = torch.Generator().manual_seed(2)
+    ps = [torch.nn.Parameter(torch.randn(256, 4096 + 64 * i, generator=g).cuda()) for i in range(3 * LANDING_SLOTS)]
+    ref = [torch.nn.Parameter(p.detach().cpu().clone()) for p in ps]
+    opt = HostOffloadAdamW([{"params": ps}], offload_fraction=1.0, chunk_bytes=1, pin_masters=layout == "fp32", **KW)
+    if layout != "fp32":
+        opt.store_params_in(torch.bfloat16, main_grads=layout == "main_grads")
+    ref_opt = torch.optim.AdamW([{"params": ref}], fused=True, **KW)
+    assert len(opt._chunks) == 3 * LANDING_SLOTS
+    for _ in range(3):
+        zero_grads(ps)
+        for p in ps:
+            (p.float() * torch.randn(p.shape, generator=g).cuda()).sum().backward()
+        for p, r in zip(ps, ref, strict=True):
+            r.grad = grad_of(p).float().cpu()
+        opt.step()
+        ref_opt.step()
+        seen = [p.detach() * 1 for p in ps]  # queued at once on the current stream
+        for p, r, s in zip(ps, ref, seen, strict=True):
+            assert torch.equal(opt.host_of[p], r.detach())
+            assert torch.equal(s.cpu(), r.detach().to(p.dtype))
+    assert len(opt._slots) == LANDING_SLOTS

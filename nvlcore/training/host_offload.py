@@ -62,12 +62,13 @@ from typing import Any
 
 import torch
 
+from nvlcore.training.memory import LANDING_SLOTS, OFFLOAD_CHUNK_BYTES
 from nvlcore.training.optim import grad_of
 
 _HYPER = ("lr", "betas", "eps", "weight_decay")
 #: fp32 bytes of host parameters per chunk of the pipeline (megatron-core's HybridDeviceOptimizer steps one
 #: parameter at a time; chunks of tens of MB keep the per-call overhead small and the first/last copy short)
-DEFAULT_CHUNK_BYTES = 64 << 20
+DEFAULT_CHUNK_BYTES = OFFLOAD_CHUNK_BYTES
 
 
 @dataclass
@@ -76,9 +77,10 @@ class _Chunk:
 
     pairs: list[tuple[torch.Tensor, torch.Tensor]]  # (device parameter, host fp32 value)
     opt: torch.optim.Optimizer | None = None  # AdamW over these host values; its state is the host optimizer's
-    #: pinned landing buffers, set at the first step on a GPU: device parameter -> (fp32 grad | bf16 stage)
+    #: this step's landing views into its ring slot's pinned buffers: device parameter -> (fp32 grad | bf16 stage)
     landing: dict[torch.Tensor, torch.Tensor] = field(default_factory=dict)
-    layout: tuple = ()  # the (dtype, numel) of each parameter the landing buffers were made for
+    #: views made before, per ring slot (remade when the slots are)
+    views: dict[int, dict[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
 
 def _into_main_grad(param: torch.Tensor) -> None:
@@ -101,6 +103,29 @@ def _stage(landing: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     if landing.dtype == param.dtype:
         return landing
     return landing.view(-1).view(param.dtype)[:param.numel()].view(param.shape)
+
+
+def _slot_sizes(chunks: list[_Chunk]) -> dict[torch.dtype, int]:
+    """Values of each gradient dtype a ring slot must hold: the most any chunk has."""
+    sizes: dict[torch.dtype, int] = {}
+    for c in chunks:
+        mine: dict[torch.dtype, int] = {}
+        for p, _ in c.pairs:
+            dt = _grad_dtype(p)
+            mine[dt] = mine.get(dt, 0) + p.numel()
+        for dt, n in mine.items():
+            sizes[dt] = max(sizes.get(dt, 0), n)
+    return sizes
+
+
+def _views(c: _Chunk, slot: dict[torch.dtype, torch.Tensor]) -> dict[torch.Tensor, torch.Tensor]:
+    """A chunk's per-parameter views into a ring slot's buffers, one buffer per gradient dtype."""
+    views, offsets = {}, dict.fromkeys(slot, 0)
+    for p, _ in c.pairs:
+        dt = _grad_dtype(p)
+        views[p] = slot[dt][offsets[dt]:offsets[dt] + p.numel()].view(p.shape)
+        offsets[dt] += p.numel()
+    return views
 
 
 class HostOffloadAdamW(torch.optim.Optimizer):
@@ -163,6 +188,9 @@ class HostOffloadAdamW(torch.optim.Optimizer):
         self._d2h: Any = None  # side streams and the last host-to-device event, made at the first GPU step
         self._h2d: Any = None
         self._h2d_done: Any = None
+        #: the ring of pinned gradient buffers: per slot, dtype -> flat buffer sized for the largest chunk
+        self._slots: list[dict[torch.dtype, torch.Tensor]] = []
+        self._slot_sizes: dict[torch.dtype, int] = {}
         self._scratch = torch.empty(0)  # fp32 upcast of a chunk's bf16 gradients
 
     def _make_chunks(self, chunk_bytes: int | None, group_of: dict[torch.Tensor, int], lr: float) -> list[_Chunk]:
@@ -199,17 +227,17 @@ class HostOffloadAdamW(torch.optim.Optimizer):
             inner.update({k: self.param_groups[gi][k] for k in _HYPER})
         if not self._checked_masters:
             self._adopt_changed_device_values()
-        # per chunk, the host parameters that have a gradient this step
-        moved_of = [[(p, h) for p, h in c.pairs if grad_of(p) is not None] for c in self._chunks]
+        # the chunks whose host parameters have a gradient this step, with those parameters
+        work = [(c, moved) for c in self._chunks if (moved := [(p, h) for p, h in c.pairs if grad_of(p) is not None])]
+        events: list[Any] = []
         if self._cuda:
-            events = self._queue_device_to_host(moved_of)
+            self._begin_copies()
+            events += [self._queue_device_to_host(i, *work[i]) for i in range(min(LANDING_SLOTS, len(work)))]
         if self.device_opt is not None:
             self.device_opt.step()  # asynchronous on a GPU: overlaps the host update below
-        for k, (c, moved) in enumerate(zip(self._chunks, moved_of, strict=True)):
-            if not moved:
-                continue
+        for i, (c, moved) in enumerate(work):
             if self._cuda:
-                events[k].synchronize()  # this chunk's gradients (and values) have landed; later ones still move
+                events[i].synchronize()  # this chunk's gradients (and values) have landed; later ones still move
                 self._take_landed_grads(c, moved)
             else:
                 for p, h in moved:
@@ -221,6 +249,8 @@ class HostOffloadAdamW(torch.optim.Optimizer):
                 h.grad = None
             if self._cuda:
                 self._queue_host_to_device(c, moved)
+                if i + LANDING_SLOTS < len(work):  # its slot is free once the copy back just queued has read it
+                    events.append(self._queue_device_to_host(i + LANDING_SLOTS, *work[i + LANDING_SLOTS]))
             else:
                 for p, h in moved:
                     p.copy_(h)  # casts to a low-precision parameter's dtype (round to nearest even)
@@ -230,44 +260,45 @@ class HostOffloadAdamW(torch.optim.Optimizer):
         self._link_state()
         return loss
 
-    def _queue_device_to_host(self, moved_of: list[list[tuple[torch.Tensor, torch.Tensor]]]) -> list[Any]:
-        """Queue every chunk's gradient (and fp32 value) copies on the side stream; an event per chunk."""
+    def _begin_copies(self) -> None:
+        """At a GPU step's start: the side streams (made once) follow the current stream, and the ring's slots
+        fit the largest chunk."""
         if self._d2h is None:
             self._d2h, self._h2d = torch.cuda.Stream(), torch.cuda.Stream()
         current = torch.cuda.current_stream()
         self._d2h.wait_stream(current)  # the gradients are final on the current stream
         self._h2d.wait_stream(current)  # nothing queued before the step still reads the parameters
-        events = []
-        with torch.cuda.stream(self._d2h):
-            for c, moved in zip(self._chunks, moved_of, strict=True):
-                self._landing(c)
-                for p, h in moved:
-                    if p.dtype == torch.float32:
-                        h.copy_(p.detach(), non_blocking=True)  # h is pinned: an fp32 parameter's value
-                    c.landing[p].copy_(grad_of(p), non_blocking=True)
-                ev = torch.cuda.Event()
-                ev.record(self._d2h)
-                events.append(ev)
-        return events
+        sizes = _slot_sizes(self._chunks)
+        if sizes != self._slot_sizes:
+            slots = min(LANDING_SLOTS, len(self._chunks))
+            self._slots = [{dt: torch.empty(n, dtype=dt, pin_memory=True) for dt, n in sizes.items()}
+                           for _ in range(slots)]
+            self._slot_sizes = sizes
+            for c in self._chunks:
+                c.views = {}
+            most = max((sum(p.numel() for p, _ in c.pairs if _grad_dtype(p) != torch.float32) for c in self._chunks),
+                       default=0)
+            if most > self._scratch.numel():  # the host upcasts a chunk's bf16 gradients into it
+                self._scratch = torch.empty(most, dtype=torch.float32)
 
-    def _landing(self, c: _Chunk) -> None:
-        """(Re)make a chunk's pinned buffers: one allocation per dtype, a view per parameter; a gradient that
-        is not fp32 lands in its own dtype (bf16: half the bytes) and is upcast on the host."""
-        dtypes = {p: _grad_dtype(p) for p, _ in c.pairs}
-        layout = tuple((dtypes[p], p.numel()) for p, _ in c.pairs)
-        if c.layout == layout:
-            return
-        c.landing, c.layout = {}, layout
-        for dtype in set(dtypes.values()):
-            mine = [p for p, _ in c.pairs if dtypes[p] == dtype]
-            flat = torch.empty(sum(p.numel() for p in mine), dtype=dtype, pin_memory=True)
-            off = 0
-            for p in mine:
-                c.landing[p] = flat[off:off + p.numel()].view(p.shape)
-                off += p.numel()
-        low = sum(p.numel() for p, _ in c.pairs if dtypes[p] != torch.float32)
-        if low > self._scratch.numel():
-            self._scratch = torch.empty(low, dtype=torch.float32)
+    def _queue_device_to_host(self, i: int, c: _Chunk, moved: list[tuple[torch.Tensor, torch.Tensor]]) -> Any:
+        """Queue the ``i``-th moving chunk's gradient (and fp32 value) copies into ring slot ``i % LANDING_SLOTS``
+        on the side stream, after the copy back of the chunk that used the slot before; returns its event."""
+        slot = i % len(self._slots)
+        views = c.views.get(slot)
+        if views is None:
+            views = c.views[slot] = _views(c, self._slots[slot])
+        c.landing = views
+        with torch.cuda.stream(self._d2h):
+            if i >= len(self._slots):  # the slot's last user read it in its copy back (the latest H2D event)
+                self._d2h.wait_event(self._h2d_done)
+            for p, h in moved:
+                if p.dtype == torch.float32:
+                    h.copy_(p.detach(), non_blocking=True)  # h is pinned: an fp32 parameter's value
+                views[p].copy_(grad_of(p), non_blocking=True)
+            ev = torch.cuda.Event()
+            ev.record(self._d2h)
+        return ev
 
     def _take_landed_grads(self, c: _Chunk, moved: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         off = 0
@@ -334,15 +365,10 @@ class HostOffloadAdamW(torch.optim.Optimizer):
             st = self.host_opt.state.get(h, {})
             total += sum(st[k].nbytes for k in ("exp_avg", "exp_avg_sq") if k in st) if st else 8 * h.numel()
         if self._cuda:
-            low = 0
-            for c in self._chunks:
-                sizes: dict[torch.dtype, int] = {}
-                for p, _ in c.pairs:
-                    dt = _grad_dtype(p)
-                    sizes[dt] = sizes.get(dt, 0) + p.numel() * dt.itemsize
-                total += sum(pinned_size(n) for n in sizes.values())
-                low = max(low, sum(p.numel() for p, _ in c.pairs if _grad_dtype(p) != torch.float32))
-            total += 4 * low
+            slots = min(LANDING_SLOTS, len(self._chunks))
+            total += slots * sum(pinned_size(n * dt.itemsize) for dt, n in _slot_sizes(self._chunks).items())
+            total += 4 * max((sum(p.numel() for p, _ in c.pairs if _grad_dtype(p) != torch.float32)
+                              for c in self._chunks), default=0)
         return total
 
     def _adopt_changed_device_values(self) -> None:

@@ -60,6 +60,9 @@ MODES = ("off", "check", "auto")
 #: fp32 bytes of host-updated parameters per chunk of the offloaded optimizer's pipelined step
 #: (:class:`~nvlcore.training.host_offload.HostOffloadAdamW`)
 OFFLOAD_CHUNK_BYTES = 64 << 20
+#: chunks of that step whose pinned gradient buffers exist at once: a ring of this many slots, each sized for
+#: the largest chunk, which the copies to the host fill while the CPU updates the chunks before
+LANDING_SLOTS = 4
 
 
 def pinned_size(nbytes: float) -> int:
@@ -74,8 +77,9 @@ def offload_host_bytes(params: Sequence[tuple[int, float, bool]], fraction: floa
     """Host bytes of the optimizer state :class:`~nvlcore.training.host_offload.HostOffloadAdamW` keeps for
     ``params`` (``(values, gradient bytes per value, stays fp32 on the device)`` in the optimizer's order) with
     ``fraction`` of the values offloaded: each parameter's fp32 master (pinned on a GPU where the device keeps
-    an fp32 parameter, whose value crosses from and to it), two fp32 moments, and on a GPU one pinned gradient
-    buffer per chunk and gradient dtype plus an fp32 scratch for upcasting a chunk's bf16 gradients."""
+    an fp32 parameter, whose value crosses from and to it), two fp32 moments, and on a GPU the ring of
+    :data:`LANDING_SLOTS` pinned gradient buffers (per gradient dtype, each sized for the largest chunk) plus an
+    fp32 scratch for upcasting a chunk's bf16 gradients."""
     total = sum(n for n, _, _ in params)
     chosen: list[tuple[int, float, bool]] = []
     taken = 0
@@ -95,9 +99,12 @@ def offload_host_bytes(params: Sequence[tuple[int, float, bool]], fraction: floa
         size += 4 * item[0]
     landing = scratch = 0
     if pinned:  # a CPU run's host update reads the gradients where they are
+        slot: dict[float, float] = {}  # gradient bytes per value -> the most bytes one chunk has of them
         for c in chunks:
-            landing += sum(pinned_size(sum(n * g for n, g, _ in c if g == gb)) for gb in {g for _, g, _ in c})
+            for gb in {g for _, g, _ in c}:
+                slot[gb] = max(slot.get(gb, 0), sum(n * g for n, g, _ in c if g == gb))
             scratch = max(scratch, sum(n for n, g, _ in c if g != 4))
+        landing = min(LANDING_SLOTS, len(chunks)) * sum(pinned_size(b) for b in slot.values())
     return int(masters + 8 * taken + landing + 4 * scratch)
 
 
