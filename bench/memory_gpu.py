@@ -63,8 +63,15 @@ ROWS: dict[str, dict[str, Any]] = {
                     fit={"train.memory_plan": "auto"}),
     # the same fitted with full recomputation instead of activation offloading (auto prefers offloading)
     "cord_48_full": dict(workload="cord", method="lora", seq=4096, budget_gb=48, target_gb=44, baseline={}, gbs=32,
-                         fit={"model.recompute_granularity": "full", "optimizer.optimizer_cpu_offload": "true",
-                              "optimizer.optimizer_offload_fraction": "1.0", "train.memory_plan": "auto"}),
+                         fit={"model.recompute_granularity": "full", "optimizer.use_precision_aware_optimizer": "true",
+                              "optimizer.optimizer_cpu_offload": "true", "optimizer.optimizer_offload_fraction": "1.0",
+                              "train.memory_plan": "auto"}),
+    # the same with the optimizer offloaded as before 2026-12-08 (fp32 weights on the GPU; auto's offload is now the
+    # precision-aware one, bf16 linear weights with fp32 main grads): what the new layout buys, in the same run
+    "cord_48_fp32_offload": dict(workload="cord", method="lora", seq=4096, budget_gb=48, target_gb=44, baseline={},
+                                 gbs=32, fit={"optimizer.optimizer_cpu_offload": "true",
+                                              "optimizer.optimizer_offload_fraction": "1.0",
+                                              "train.memory_plan": "auto"}),
     # the same with the trained vision tower's weights and gradients bf16 on the GPU, fp32 masters on the host
     "cord_48_bf16": dict(workload="cord", method="lora", seq=4096, budget_gb=48, target_gb=44, baseline={}, gbs=32,
                          fit={"optimizer.use_precision_aware_optimizer": "true",

@@ -10,7 +10,10 @@ distributed optimizer (``ddp.use_distributed_optimizer``, data parallel > 1) the
 over the data-parallel ranks (``ZeroRedundancyOptimizer``): 8/DP bytes instead of 8. With
 ``optimizer.main_grads_dtype=torch.bfloat16`` (state fully in host memory) trainable parameters of >= 2 dims
 and their gradients are bf16 on the device and their fp32 masters live on the host (:mod:`~nvlcore.training.
-host_offload`): 4 device bytes per such parameter; the gradient norm is then computed in fp32.
+host_offload`): 4 device bytes per such parameter; the gradient norm is then computed in fp32. With the
+precision-aware optimizer fully offloaded and fp32 main grads (megatron-core's default layout for it) the linear
+layers' weights are bf16 on the device with an fp32 ``main_grad`` each (:func:`grad_of`), their masters on the
+host: 6 device bytes per such value, and the same update as fp32 weights under autocast.
 
 Gradient norm across ranks: a parameter that Megatron marks ``tensor_model_parallel`` is a distinct
 shard on each TP rank and counts on every rank; a replicated parameter (layer norms, biases of
