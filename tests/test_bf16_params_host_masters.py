@@ -277,6 +277,12 @@ def test_fp32_main_grads_run_equals_the_fp32_weight_run_and_resumes_exactly(hf, 
     _train(hf, monkeypatch, *MAIN32, f"checkpoint.save={runs['resumed']}",
            f"checkpoint.load={runs['main32'] / 'iter_0000002'}")
     assert {i: ref[i] for i in (3, 4)} == _losses(runs["resumed"])
+    # switching layouts on resume: the fp32 run's checkpoint has no masters, its fp32 weights are them (exact)
+    switched = tmp_path / "switched"
+    _train(hf, monkeypatch, *MAIN32, f"checkpoint.save={switched}", f"checkpoint.load={runs['fp32'] / 'iter_0000002'}")
+    assert {i: ref[i] for i in (3, 4)} == _losses(switched)
+    end = open_checkpoint(switched / "iter_0000004").load(state="optimizer")
+    assert all(torch.equal(v, fp32_w[k[: -len(".main_param")]]) for k, v in end.items() if k.endswith(".main_param"))
 
 
 def test_cpu_run_without_bf16_autocast_is_refused_in_one_line(hf, tmp_path) -> None:

@@ -326,13 +326,21 @@ def load_optimizer_state(
     have = set(ckpt.keys("optimizer"))
     template: dict[str, Any] = {}
     per_param: list[tuple[str, torch.nn.Parameter, dict[str, list[str]], dict[str, torch.Tensor]]] = []
+    # the masters a checkpoint without them (an fp32-weight run's) still has, as its saved weights
+    from_weights: list[tuple[str, torch.nn.Parameter, list[str], torch.Tensor]] = []
+    weights_template: dict[str, Any] = {}
     for name, p in named_params:
         if not names or not optim.owns_parameter(optimizer, p):
             continue
         # fp32 like the saved state, also for a bf16 parameter (its moments and master stay fp32); a checkpoint
-        # of an fp32 run has no masters: the bf16 run then takes them from the loaded weights
+        # of an fp32 run has no masters: its saved fp32 weight is the master (read below)
         bufs = {m: torch.zeros_like(p.data, dtype=torch.float32) for m in names
                 if m != _MAIN_PARAM or all(f"{k}.{m}" in have for k in entries(name, p.data, p))}
+        if _MAIN_PARAM in names and _MAIN_PARAM not in bufs:
+            master = torch.zeros_like(p.data, dtype=torch.float32)
+            ent = entries(name, master, p)
+            from_weights.append((name, p, list(ent), master))
+            weights_template.update(ent)
         # an 8-bit moment's block scales, where the checkpoint has them (an 8-bit run wrote it): exact resume
         bufs |= {f"{m}{_BLOCK_SCALE}": torch.zeros_like(p.data, dtype=torch.float32)
                  for m in optim.quantized_moments(optimizer, p)
@@ -353,6 +361,12 @@ def load_optimizer_state(
             "resume with a fresh optimizer"
         )
     loaded = ckpt.load(template, state="optimizer")
+    masters: dict[int, torch.Tensor] = {}
+    if from_weights:  # read as fp32: an fp32 run's weight is exactly the master it stepped
+        weights = ckpt.load(weights_template)
+        for name, p, keys_w, master in from_weights:
+            _assemble(bridge, name, {k: weights[k] for k in keys_w}, master, ctx)
+            masters[id(p)] = master
     # the optimizer holding this rank's state: the wrapped one of a sharded (ZeRO) optimizer, whose
     # param_groups list only the parameters this rank owns; load_state_dict places each value as the
     # optimizer kind wants it (a fused Adam's step on the GPU, say)
@@ -367,6 +381,8 @@ def load_optimizer_state(
             _assemble(bridge, name, {k[: -len(m) - 1]: loaded[k] for k in keys[m]}, buf, ctx)
         scales[p] = {m[: -len(_BLOCK_SCALE)]: b for m, b in bufs.items() if m.endswith(_BLOCK_SCALE)}
         moments = {m: b for m, b in bufs.items() if not m.endswith(_BLOCK_SCALE)}
+        if id(p) in masters:
+            moments[_MAIN_PARAM] = masters[id(p)]
         state[index[id(p)]] = ({"step": torch.tensor(float(adam_step), dtype=torch.float32)} if adam else {}) | moments
     sd["state"] = state
     target.load_state_dict(sd)
