@@ -94,8 +94,9 @@ def test_fp32_main_grads_sum_the_micro_batches_bf16_gradients_in_fp32(main_grads
     and the update equals fp32 AdamW's. Without main grads the sum is taken in bf16 (negative control)."""
     import torch
 
+    from nvlcore.training.grads import grad_of, zero_grads
     from nvlcore.training.host_offload import HostOffloadAdamW
-    from nvlcore.training.optim import grad_of, materialize_grads, zero_grads
+    from nvlcore.training.optim import materialize_grads
 
     w0, _, g = _start()
     xs = [torch.randn(8, 128, generator=g) for _ in range(3)]

@@ -15,7 +15,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent / "trainer_support"))
 
 import tiny_plugin  # noqa: E402
 
-from nvlcore.training.memory import PlanInputs, estimate, offload_host_bytes, pinned_size  # noqa: E402
+from nvlcore.training.host_memory import offload_host_bytes, pinned_size  # noqa: E402
+from nvlcore.training.memory import PlanInputs, estimate  # noqa: E402
 
 
 def test_pinned_size_is_the_next_power_of_two() -> None:

@@ -205,9 +205,9 @@ def test_on_cuda_the_ring_of_gradient_buffers_wraps_without_a_race(layout: str) 
     device accumulated, and each device value its master (rounded to bf16 where the device stores bf16)."""
     import torch
 
+    from nvlcore.training.grads import grad_of, zero_grads
+    from nvlcore.training.host_memory import LANDING_SLOTS
     from nvlcore.training.host_offload import HostOffloadAdamW
-    from nvlcore.training.memory import LANDING_SLOTS
-    from nvlcore.training.optim import grad_of, zero_grads
 
     g = torch.Generator().manual_seed(2)
     ps = [torch.nn.Parameter(torch.randn(256, 4096 + 64 * i, generator=g).cuda()) for i in range(3 * LANDING_SLOTS)]

@@ -62,8 +62,8 @@ from typing import Any
 
 import torch
 
-from nvlcore.training.memory import LANDING_SLOTS, OFFLOAD_CHUNK_BYTES
-from nvlcore.training.optim import grad_of
+from nvlcore.training.grads import grad_of
+from nvlcore.training.host_memory import LANDING_SLOTS, OFFLOAD_CHUNK_BYTES, pinned_size
 
 _HYPER = ("lr", "betas", "eps", "weight_decay")
 #: fp32 bytes of host parameters per chunk of the pipeline (megatron-core's HybridDeviceOptimizer steps one
@@ -357,8 +357,6 @@ class HostOffloadAdamW(torch.optim.Optimizer):
         """Host memory this optimizer holds (or, before its first step, will hold): masters, moments, and on a
         GPU the chunks' pinned gradient buffers and the upcast scratch, each pinned allocation counted as
         PyTorch's pinned allocator makes it (:func:`~nvlcore.training.memory.pinned_size`)."""
-        from nvlcore.training.memory import pinned_size
-
         total = 0
         for h in self.host_of.values():
             total += pinned_size(h.nbytes) if h.is_pinned() else h.nbytes

@@ -12,8 +12,9 @@ over the data-parallel ranks (``ZeroRedundancyOptimizer``): 8/DP bytes instead o
 and their gradients are bf16 on the device and their fp32 masters live on the host (:mod:`~nvlcore.training.
 host_offload`): 4 device bytes per such parameter; the gradient norm is then computed in fp32. With the
 precision-aware optimizer fully offloaded and fp32 main grads (megatron-core's default layout for it) the linear
-layers' weights are bf16 on the device with an fp32 ``main_grad`` each (:func:`grad_of`), their masters on the
-host: 6 device bytes per such value, and the same update as fp32 weights under autocast.
+layers' weights are bf16 on the device with an fp32 ``main_grad`` each (:func:`~nvlcore.training.grads.
+grad_of`), their masters on the host: 6 device bytes per such value, and the same update as fp32 weights under
+autocast.
 
 Gradient norm across ranks: a parameter that Megatron marks ``tensor_model_parallel`` is a distinct
 shard on each TP rank and counts on every rank; a replicated parameter (layer norms, biases of
@@ -29,6 +30,8 @@ from collections.abc import Callable, Collection, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import attrs
+
+from nvlcore.training.grads import grad_of
 
 if TYPE_CHECKING:
     import torch
@@ -150,23 +153,8 @@ def build_optimizer(
     else:
         kwargs["foreach"] = True
     if main_grads_dtype == "torch.bfloat16" or bf16_params is not None:
-        from nvlcore.config import ConfigError
-
-        if main_grads_dtype != "torch.bfloat16":
-            return _bf16_params_fp32_main_grads(cls(groups, **kwargs), named_params, bf16_params, offload_fraction,
-                                                distributed and dp_size > 1)
-        if cls.__name__ != "HostOffloadAdamW" or offload_fraction != 1.0:
-            raise ConfigError("optimizer.main_grads_dtype=torch.bfloat16 needs optimizer.optimizer=adam with "
-                              "optimizer.optimizer_cpu_offload=true and optimizer_offload_fraction=1.0",
-                              key="optimizer.main_grads_dtype")
-        if distributed and dp_size > 1:
-            raise ConfigError("optimizer.main_grads_dtype=torch.bfloat16 keeps the whole optimizer state in host "
-                              "memory and is not implemented with the distributed optimizer over "
-                              f"{dp_size} data-parallel ranks; set ddp.use_distributed_optimizer=false",
-                              key="ddp.use_distributed_optimizer")
-        host = cls(groups, **kwargs)
-        host.store_params_in(torch.bfloat16)  # after the fp32 masters were captured from the fp32 parameters
-        return host
+        return _bf16_layout(cls(groups, **kwargs), named_params, bf16_params, offload_fraction,
+                            distributed and dp_size > 1)
     if distributed and dp_size > 1:
         from torch.distributed.optim import ZeroRedundancyOptimizer
 
@@ -174,24 +162,29 @@ def build_optimizer(
     return cls(groups, **kwargs)
 
 
-def _bf16_params_fp32_main_grads(host: Any, named_params: Sequence[tuple[str, torch.nn.Parameter]],
-                                 names: Collection[str], offload_fraction: float, sharded: bool) -> Any:
-    """The precision-aware optimizer fully in host memory: ``names`` stored bf16 with fp32 main gradients."""
+def _bf16_layout(host: Any, named_params: Sequence[tuple[str, torch.nn.Parameter]], names: Collection[str] | None,
+                 offload_fraction: float, sharded: bool) -> Any:
+    """The precision-aware optimizer fully in host memory (``host`` captured the fp32 masters): with ``names``,
+    those parameters stored bf16 with fp32 main gradients; without (``optimizer.main_grads_dtype=
+    torch.bfloat16``), every parameter of >= 2 dims stored bf16 with bf16 gradients."""
     import torch
 
     from nvlcore.config import ConfigError
 
+    what = ("optimizer.main_grads_dtype=torch.bfloat16" if names is None else
+            "optimizer.use_precision_aware_optimizer=true with optimizer.optimizer_cpu_offload=true")
     if type(host).__name__ != "HostOffloadAdamW" or offload_fraction != 1.0:
-        raise ConfigError("optimizer.use_precision_aware_optimizer=true with optimizer.optimizer_cpu_offload=true "
-                          "needs optimizer.optimizer=adam, fp32 moments and optimizer_offload_fraction=1.0",
-                          key="optimizer.optimizer_offload_fraction")
+        raise ConfigError(f"{what} needs optimizer.optimizer=adam with fp32 moments, optimizer.optimizer_cpu_offload="
+                          "true and optimizer_offload_fraction=1.0", key="optimizer.optimizer_offload_fraction")
     if sharded:
-        raise ConfigError("optimizer.use_precision_aware_optimizer=true with optimizer.optimizer_cpu_offload=true "
-                          "keeps the whole optimizer state in host memory and is not implemented with the "
+        raise ConfigError(f"{what} keeps the whole optimizer state in host memory and is not implemented with the "
                           "distributed optimizer over several data-parallel ranks; set "
                           "ddp.use_distributed_optimizer=false", key="ddp.use_distributed_optimizer")
-    chosen = {id(p) for n, p in named_params if n in set(names)}
-    host.store_params_in(torch.bfloat16, keep=lambda p: id(p) not in chosen, main_grads=True)
+    if names is None:
+        host.store_params_in(torch.bfloat16)
+    else:
+        chosen = {id(p) for n, p in named_params if n in set(names)}
+        host.store_params_in(torch.bfloat16, keep=lambda p: id(p) not in chosen, main_grads=True)
     return host
 
 
@@ -280,27 +273,6 @@ def set_hyperparameters(optimizer: torch.optim.Optimizer, *, lr: float, weight_d
     for group in optimizer.param_groups:
         group["lr"] = lr
         group["weight_decay"] = weight_decay * group.get("wd_mult", 1.0)
-
-
-def grad_of(param: torch.Tensor) -> torch.Tensor | None:
-    """The gradient an update reads: a parameter's fp32 main gradient where it has one (``param.main_grad``,
-    megatron-core's name: a bf16 parameter under the precision-aware optimizer fully offloaded,
-    :meth:`~nvlcore.training.host_offload.HostOffloadAdamW.store_params_in`), else ``param.grad``."""
-    main = getattr(param, "main_grad", None)
-    return main if main is not None else param.grad
-
-
-def zero_grads(params: Iterable[torch.nn.Parameter]) -> None:
-    """Forget the gradients: ``.grad`` to None, fp32 main gradients (kept allocated) to zero."""
-    import torch
-
-    mains = []
-    for p in params:
-        p.grad = None
-        if getattr(p, "main_grad", None) is not None:
-            mains.append(p.main_grad)
-    if mains:
-        torch._foreach_zero_(mains)
 
 
 def materialize_grads(params: Iterable[torch.nn.Parameter]) -> list[torch.Tensor]:

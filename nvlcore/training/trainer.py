@@ -35,6 +35,7 @@ import attrs
 
 from nvlcore.bridge import real_tokens
 from nvlcore.training import optim
+from nvlcore.training.grads import zero_grads
 from nvlcore.training.oom import set_phase
 from nvlcore.training.schedules import LRSchedule, WeightDecaySchedule
 
@@ -280,7 +281,7 @@ class Trainer:
         ctx = self.ctx
         dev = ctx.device
         self.model.train()
-        optim.zero_grads(self.params)
+        zero_grads(self.params)
         if self.cuda_graphs is not None:
             self.cuda_graphs.before_step()
         loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
@@ -326,7 +327,7 @@ class Trainer:
         else:
             reason = ""
         if reason:
-            optim.zero_grads(self.params)
+            zero_grads(self.params)
             if self.settings.fail_on_nan_grad:
                 raise FloatingPointError(
                     f"iteration {self.state.iteration + 1}: {reason} (loss {g_loss}, gradient norm {norm}); "
@@ -337,7 +338,7 @@ class Trainer:
         optim.set_hyperparameters(self.optimizer, lr=lr, weight_decay=wd)
         set_phase("optimizer step")
         self.optimizer.step()
-        optim.zero_grads(self.params)
+        zero_grads(self.params)
         self.state.optimizer_steps += 1
         return StepResult(g_loss, g_sup, g_tok, g_flops, norm, lr, wd, False, "", g_samples)
 

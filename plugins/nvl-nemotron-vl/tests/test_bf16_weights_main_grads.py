@@ -35,7 +35,7 @@ def _batches(bridge) -> list[dict[str, torch.Tensor]]:
 def _accumulate(model, batches) -> dict[str, torch.Tensor]:
     """Every trainable parameter's gradient summed over ``batches`` under bf16 autocast (fp32 main grads where
     a parameter has one)."""
-    from nvlcore.training.optim import grad_of, zero_grads
+    from nvlcore.training.grads import grad_of, zero_grads
 
     params = dict(model.named_parameters())
     zero_grads(params.values())
