@@ -356,7 +356,7 @@ class HostOffloadAdamW(torch.optim.Optimizer):
     def host_bytes(self) -> int:
         """Host memory this optimizer holds (or, before its first step, will hold): masters, moments, and on a
         GPU the chunks' pinned gradient buffers and the upcast scratch, each pinned allocation counted as
-        PyTorch's pinned allocator makes it (:func:`~nvlcore.training.memory.pinned_size`)."""
+        PyTorch's pinned allocator makes it (:func:`~nvlcore.training.host_memory.pinned_size`)."""
         total = 0
         for h in self.host_of.values():
             total += pinned_size(h.nbytes) if h.is_pinned() else h.nbytes

@@ -59,6 +59,8 @@ NF4_BYTES_PER_PARAM = 0.5625
 #: PEFT method's decode writes (compiled into one kernel on a GPU: no other temporary)
 DEQUANT_BYTES_PER_PARAM = 2.0
 MODES = ("off", "check", "auto")
+
+
 class MemoryPlanError(ValueError):
     """A run that cannot fit the card; the message is one line naming the options that would make it fit."""
 
