@@ -12,12 +12,15 @@ updates.
 How a step overlaps on a GPU. The host parameters are cut into chunks of about ``chunk_bytes`` of fp32
 values (whole parameters, in order; a chunk may span parameter groups). The step
 
-1. queues every chunk's device-to-host copies (gradients, and fp32 values) on a side stream, into pinned
-   host buffers allocated once, and records a CUDA event after each chunk;
+1. queues the first :data:`~nvlcore.training.host_memory.LANDING_SLOTS` chunks' device-to-host copies
+   (gradients into a ring of pinned buffers allocated once, one slot per chunk in flight, each sized for the
+   largest chunk; fp32 values into their pinned masters) on a side stream, and records a CUDA event after each;
 2. launches the device AdamW on the current stream (it runs on the GPU while the host works);
-3. for each chunk in turn: waits for its event, updates it on the CPU, and queues its host-to-device
-   copies (``non_blocking`` from pinned memory) on a second side stream, so chunk k+1 arrives while the
-   CPU updates chunk k, and chunk k goes back while the CPU updates chunk k+1;
+3. for each chunk in turn: waits for its event, updates it on the CPU, queues its host-to-device copies
+   (``non_blocking`` from pinned memory) on a second side stream and records an event, then queues the
+   copies of the chunk ``LANDING_SLOTS`` later into the slot this one used, ordered after that event on the
+   GPU (the copy back reads a low-precision value staged in the slot), so later chunks arrive while the CPU
+   updates this one, and this one goes back while the CPU updates the next;
 4. makes the current stream wait for the last host-to-device copy (an event), so the next forward reads
    the new values without a host synchronisation.
 
@@ -45,9 +48,11 @@ it and drops the bf16 one, so gradients are summed over micro-batches and reduce
 parameter, and :func:`grad_of` is what the trainer, the clipping and this optimizer read. The main gradient
 crosses to a pinned fp32 buffer, whose first half then stages the master rounded to bf16 for the copy back.
 
-Host memory beyond the masters and moments: pinned gradient buffers of 4 bytes per offloaded fp32 value
-and 2 per bf16 one (each chunk's buffer is one pinned allocation), and one fp32 scratch of a chunk for the
-upcast gradients.
+Host memory beyond the masters and moments: the ring's pinned gradient buffers (per slot and gradient dtype,
+the largest chunk's values at 4 bytes for fp32 gradients and 2 for bf16 ones), and one fp32 scratch of a chunk
+for the upcast gradients (:meth:`HostOffloadAdamW.host_bytes`, the memory plan's
+:func:`~nvlcore.training.host_memory.offload_host_bytes`). The masters of bf16-stored parameters need no
+pinning (only their staged rounding crosses); with ``pin_masters=False`` they are not pinned.
 
 The wrapper is a ``torch.optim.Optimizer`` over the device parameters: its ``param_groups`` take the
 trainer's learning rate and weight decay, and ``state[param]`` is the very dictionary the inner
