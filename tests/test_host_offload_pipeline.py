@@ -212,10 +212,11 @@ def test_on_cuda_the_ring_of_gradient_buffers_wraps_without_a_race(layout: str) 
     g = torch.Generator().manual_seed(2)
     ps = [torch.nn.Parameter(torch.randn(256, 4096 + 64 * i, generator=g).cuda()) for i in range(3 * LANDING_SLOTS)]
     ref = [torch.nn.Parameter(p.detach().cpu().clone()) for p in ps]
-    opt = HostOffloadAdamW([{"params": ps}], offload_fraction=1.0, chunk_bytes=1, pin_masters=layout == "fp32", **KW)
+    opt = HostOffloadAdamW([{"params": ps, "weight_decay": 0.1}], offload_fraction=1.0, chunk_bytes=1,
+                           pin_masters=layout == "fp32", **KW)
     if layout != "fp32":
         opt.store_params_in(torch.bfloat16, main_grads=layout == "main_grads")
-    ref_opt = torch.optim.AdamW([{"params": ref}], fused=True, **KW)
+    ref_opt = torch.optim.AdamW([{"params": ref, "weight_decay": 0.1}], fused=True, **KW)
     assert len(opt._chunks) == 3 * LANDING_SLOTS
     for _ in range(3):
         zero_grads(ps)
