@@ -471,10 +471,7 @@ class ModelBridge(abc.ABC):
         """Parameter name -> ``(full shape, elements one of tp_size ranks holds)``, with no weights loaded
         (``nvl finetune``'s memory plan). Default: build the model on the meta device and count, dividing
         the parameters marked ``tensor_model_parallel`` by ``tp_size`` when the build was not already sharded."""
-        import torch
-
-        with torch.device("meta"):
-            model = self.build_model(dtype=torch.float32, device="meta", init="none")
+        model = self.meta_model()
         _, _, built = self.tensor_parallel_of(model)
         out: dict[str, tuple[tuple[int, ...], int]] = {}
         for name, p in model.named_parameters():
@@ -483,19 +480,27 @@ class ModelBridge(abc.ABC):
             out[name] = (tuple(p.shape), local // tp_size if split else local)
         return out
 
+    #: linear weights whose dtype the model reads to cast its activations: :meth:`matmul_weights` leaves them out
+    #: (stored in bf16 they would round what an fp32 master keeps in fp32)
+    dtype_setting_weights: ClassVar[tuple[str, ...]] = ()
+
+    def meta_model(self) -> torch.nn.Module:
+        """The model built on the meta device (every parameter's shape, no memory, no weights), which the memory
+        plan reads. Default: :meth:`build_model` on the meta device (over the run's process groups)."""
+        import torch
+
+        with torch.device("meta"):
+            return self.build_model(dtype=torch.float32, device="meta", init="none")
+
     def matmul_weights(self) -> frozenset[str]:
-        """The parameters that are a linear layer's weight and nothing else (:func:`matmul_weight_names` of the
-        model built on the meta device): what ``nvl finetune`` stores in bf16 on the GPU when the
-        precision-aware optimizer is fully offloaded (its fp32 master on the host), and what the memory plan
-        then counts at 2 bytes. A bridge whose model reads such a weight's dtype (to cast its activations)
-        leaves that weight out. Default: built as :meth:`parameter_shapes` builds it, once per bridge."""
+        """The parameters that are a linear layer's weight and nothing else (:func:`matmul_weight_names` of
+        :meth:`meta_model`, less :attr:`dtype_setting_weights`): what ``nvl finetune`` stores in bf16 on the GPU
+        when the precision-aware optimizer is fully offloaded (its fp32 master on the host), and what the memory
+        plan then counts at 2 bytes. Computed once per bridge."""
         known = self.__dict__.get("_matmul_weights")
         if known is None:
-            import torch
-
-            with torch.device("meta"):
-                model = self.build_model(dtype=torch.float32, device="meta", init="none")
-            known = self.__dict__["_matmul_weights"] = frozenset(matmul_weight_names(model))
+            names = matmul_weight_names(self.meta_model(), exclude=self.dtype_setting_weights)
+            known = self.__dict__["_matmul_weights"] = frozenset(names)
         return known
 
     def workload_upper_bound(self, *, seq_length: int, micro_batch_size: int, packed: bool) -> tuple[int, int]:

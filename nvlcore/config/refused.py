@@ -295,12 +295,20 @@ def _check_precision_aware(cfg: NvlConfig) -> None:
         raise ConfigError(f"optimizer.optimizer_offload_fraction={o.optimizer_offload_fraction} has no effect without "
                           "optimizer.optimizer_cpu_offload=true; set it, or remove the fraction",
                           key="optimizer.optimizer_offload_fraction")
-    if o.main_grads_dtype == "torch.bfloat16" or (o.use_precision_aware_optimizer is True
-                                                  and o.optimizer_cpu_offload is True):
+    if bf16_device_params(o):
         _check_bf16_params(cfg)
     if o.use_precision_aware_optimizer is True and o.optimizer != "adam":
         raise ConfigError("optimizer.use_precision_aware_optimizer=true needs optimizer.optimizer=adam (it stores "
                           f"Adam's moments), not {o.optimizer!r}", key="optimizer.use_precision_aware_optimizer")
+
+
+def bf16_device_params(optimizer: Any) -> bool:
+    """Whether the ``optimizer`` section keeps trainable weights in bf16 on the GPU, their fp32 masters in host
+    memory: the precision-aware optimizer fully offloaded (megatron-core's HybridDeviceOptimizer layouts), with
+    fp32 main gradients or, under ``optimizer.main_grads_dtype=torch.bfloat16``, bf16 ones."""
+    o = optimizer
+    return (getattr(o, "main_grads_dtype", None) == "torch.bfloat16"
+            or bool(getattr(o, "use_precision_aware_optimizer", False) and getattr(o, "optimizer_cpu_offload", False)))
 
 
 def _check_bf16_params(cfg: NvlConfig) -> None:
@@ -333,5 +341,5 @@ def _check_bf16_params(cfg: NvlConfig) -> None:
                           f"{undo}", key=key)
 
 
-__all__ = ["REFUSED", "REFUSED_KEYS", "Refusal", "check_cuda_graph_settings", "check_refused", "config_value",
-           "cuda_graph_scopes"]
+__all__ = ["REFUSED", "REFUSED_KEYS", "Refusal", "bf16_device_params", "check_cuda_graph_settings", "check_refused",
+           "config_value", "cuda_graph_scopes"]

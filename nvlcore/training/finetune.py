@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import attrs
 
 from nvlcore.bridge import resolve_bridge
+from nvlcore.config.refused import bf16_device_params
 from nvlcore.interrupt import EXIT_STOPPED_EARLY
 from nvlcore.training.schedules import schedules_for
 from nvlcore.training.trainer import LoopSettings, Trainer, TrainState
@@ -689,7 +690,7 @@ class FinetuneRecipe:
             self.run_config = config_to_dict(cfg)  # checkpoints record the settings auto chose
         hold_to_budget(cfg, ctx, self.say)  # before anything is allocated: the budget is a limit, not advice
         self.settings = loop_settings(cfg, dp_size=ctx.dp_size, device_type=ctx.device.type)
-        if bf16_device_params(cfg) and self.settings.autocast_dtype is None:
+        if bf16_device_params(cfg.optimizer) and self.settings.autocast_dtype is None:
             from nvlcore.config import ConfigError
 
             # before anything is built: one line, no traceback
@@ -855,7 +856,7 @@ class FinetuneRecipe:
         """``optimizer.use_precision_aware_optimizer`` fully offloaded with fp32 main grads: the trainable
         weights stored bf16 on the device (the bridge's :meth:`~nvlcore.bridge.ModelBridge.matmul_weights`; a
         PEFT method's adapters stay fp32)."""
-        if not bf16_device_params(self.cfg) or self.cfg.optimizer.main_grads_dtype == "torch.bfloat16":
+        if not bf16_device_params(self.cfg.optimizer) or self.cfg.optimizer.main_grads_dtype == "torch.bfloat16":
             return {}
         adapters = set(self.peft.adapter_parameters(self.model)) if self.peft is not None else set()
         return {"bf16_params": self.bridge.matmul_weights() - adapters}
@@ -1064,14 +1065,6 @@ def run_finetune(
                           device_type=device_type).run()
 
 
-def bf16_device_params(cfg: NvlConfig) -> bool:
-    """Whether the run keeps trainable weights in bf16 on the device, their fp32 masters in host memory:
-    the precision-aware optimizer fully offloaded (megatron-core's HybridDeviceOptimizer layouts), with fp32
-    main gradients or, under ``optimizer.main_grads_dtype=torch.bfloat16``, bf16 ones."""
-    o = cfg.optimizer
-    return o.main_grads_dtype == "torch.bfloat16" or bool(o.use_precision_aware_optimizer and o.optimizer_cpu_offload)
-
-
 def moment_dtypes(cfg: NvlConfig) -> dict[str, Any]:
     """Where and how Adam keeps its state: the moment dtypes under the precision-aware optimizer, the
     fraction of it in host memory under optimizer_cpu_offload (arguments of ``optim.build_optimizer``)."""
@@ -1099,7 +1092,7 @@ def describe_optimizer(opt: Any, named: Any, cfg: NvlConfig, ctx: ParallelContex
     if o.main_grads_dtype == "torch.bfloat16":
         kind += ("; parameters of >= 2 dims and their gradients in bf16 on the device, their fp32 masters in host "
                  "memory")
-    elif bf16_device_params(cfg):
+    elif bf16_device_params(cfg.optimizer):
         n_low = sum(p.numel() for _, p in named if getattr(p, "main_grad", None) is not None)
         kind += (f"; {n_low:,} values of linear layers' weights in bf16 on the device with fp32 main gradients, "
                  "their fp32 masters in host memory")

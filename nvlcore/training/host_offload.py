@@ -123,6 +123,11 @@ def _slot_sizes(chunks: list[_Chunk]) -> dict[torch.dtype, int]:
     return sizes
 
 
+def _scratch_values(chunks: list[_Chunk]) -> int:
+    """fp32 values the host needs to upcast one chunk's low-precision gradients: the most any chunk has."""
+    return max((sum(p.numel() for p, _ in c.pairs if _grad_dtype(p) != torch.float32) for c in chunks), default=0)
+
+
 def _views(c: _Chunk, slot: dict[torch.dtype, torch.Tensor]) -> dict[torch.Tensor, torch.Tensor]:
     """A chunk's per-parameter views into a ring slot's buffers, one buffer per gradient dtype."""
     views, offsets = {}, dict.fromkeys(slot, 0)
@@ -281,8 +286,7 @@ class HostOffloadAdamW(torch.optim.Optimizer):
             self._slot_sizes = sizes
             for c in self._chunks:
                 c.views = {}
-            most = max((sum(p.numel() for p, _ in c.pairs if _grad_dtype(p) != torch.float32) for c in self._chunks),
-                       default=0)
+            most = _scratch_values(self._chunks)
             if most > self._scratch.numel():  # the host upcasts a chunk's bf16 gradients into it
                 self._scratch = torch.empty(most, dtype=torch.float32)
 
@@ -370,8 +374,7 @@ class HostOffloadAdamW(torch.optim.Optimizer):
         if self._cuda:
             slots = min(LANDING_SLOTS, len(self._chunks))
             total += slots * sum(pinned_size(n * dt.itemsize) for dt, n in _slot_sizes(self._chunks).items())
-            total += 4 * max((sum(p.numel() for p, _ in c.pairs if _grad_dtype(p) != torch.float32)
-                              for c in self._chunks), default=0)
+            total += 4 * _scratch_values(self._chunks)
         return total
 
     def _adopt_changed_device_values(self) -> None:

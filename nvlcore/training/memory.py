@@ -126,6 +126,7 @@ class PlanInputs:
     @classmethod
     def from_config(cls, cfg: Any, *, world_size: int = 1, **overrides: Any) -> PlanInputs:
         """The plan's inputs from an :class:`~nvlcore.config.NvlConfig` on ``world_size`` ranks."""
+        from nvlcore.config.refused import bf16_device_params
         from nvlcore.training.fp8 import is_bf16_precision
 
         m, o, p = cfg.model, cfg.optimizer, cfg.peft
@@ -158,7 +159,7 @@ class PlanInputs:
                                           "optimizer.exp_avg_sq_dtype"),
             optimizer_offload_fraction=float(getattr(o, "optimizer_offload_fraction", 1.0)) if offload else 0.0,
             main_grads_bytes=2.0 if getattr(o, "main_grads_dtype", None) == "torch.bfloat16" else 4.0,
-            bf16_device_params=getattr(o, "main_grads_dtype", None) == "torch.bfloat16" or (precise and offload),
+            bf16_device_params=bf16_device_params(o),
             activation_offload_layers=int(getattr(m, "cpu_offloading_num_layers", 0) or 0)
             if getattr(m, "cpu_offloading", False) else 0,
             recompute_modules=tuple(m.recompute_modules) if getattr(m, "recompute_modules", None) else None,

@@ -327,7 +327,8 @@ class Trainer:
         else:
             reason = ""
         if reason:
-            zero_grads(self.params)
+            for p in self.params:  # fp32 main gradients are zeroed when the next step starts
+                p.grad = None
             if self.settings.fail_on_nan_grad:
                 raise FloatingPointError(
                     f"iteration {self.state.iteration + 1}: {reason} (loss {g_loss}, gradient norm {norm}); "
@@ -338,7 +339,8 @@ class Trainer:
         optim.set_hyperparameters(self.optimizer, lr=lr, weight_decay=wd)
         set_phase("optimizer step")
         self.optimizer.step()
-        zero_grads(self.params)
+        for p in self.params:  # free the gradients before the next forward; main gradients are zeroed at its start
+            p.grad = None
         self.state.optimizer_steps += 1
         return StepResult(g_loss, g_sup, g_tok, g_flops, norm, lr, wd, False, "", g_samples)
 

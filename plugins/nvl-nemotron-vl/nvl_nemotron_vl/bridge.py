@@ -217,29 +217,19 @@ class NemotronVLBridge(ModelBridge):
     def parameter_shapes(self, tp_size: int = 1) -> dict[str, tuple[tuple[int, ...], int]]:
         """Full shapes from the model built on the meta device over one rank (no process group needed);
         a rank holds ``1/tp_size`` of each parameter marked ``tensor_model_parallel``."""
-        from .toy import meta_model
-
         return {name: (tuple(p.shape), p.numel() // tp_size if getattr(p, "tensor_model_parallel", False)
-                       else p.numel()) for name, p in meta_model(self.config).named_parameters()}
+                       else p.numel()) for name, p in self.meta_model().named_parameters()}
 
-    #: linear weights whose dtype the model reads as its activations' dtype (the vision tower casts the pixels
-    #: to its patch embedder's, the projector the tower's features to its first linear's): stored in bf16 they
-    #: would round what an fp32 master keeps in fp32, so they keep their fp32 storage
-    DTYPE_SETTING_WEIGHTS: ClassVar[tuple[str, ...]] = ("vision_model.embedder.weight",
+    #: the vision tower casts the pixels to its patch embedder's dtype, the projector the tower's features to its
+    #: first linear's: those two linear weights stay out of :meth:`matmul_weights`
+    dtype_setting_weights: ClassVar[tuple[str, ...]] = ("vision_model.embedder.weight",
                                                           "vision_projection.encoder.linear_fc1.weight")
 
-    def matmul_weights(self) -> frozenset[str]:
-        """The linear layers' weights of the model built on the meta device over one rank, less
-        :attr:`DTYPE_SETTING_WEIGHTS`; once per bridge."""
-        known = self.__dict__.get("_matmul_weights")
-        if known is None:
-            from nvlcore.bridge import matmul_weight_names
+    def meta_model(self) -> torch.nn.Module:
+        """The model built on the meta device over one rank (no process group needed)."""
+        from .toy import meta_model
 
-            from .toy import meta_model
-
-            names = matmul_weight_names(meta_model(self.config), exclude=self.DTYPE_SETTING_WEIGHTS)
-            known = self.__dict__["_matmul_weights"] = frozenset(names)
-        return known
+        return meta_model(self.config)
 
     def workload_upper_bound(self, *, seq_length: int, micro_batch_size: int, packed: bool) -> tuple[int, int]:
         """Full rows; tiles: a whole image of 12 tiles + thumbnail per row, packed rows as many as fit."""

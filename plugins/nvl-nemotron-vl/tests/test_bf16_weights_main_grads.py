@@ -68,7 +68,7 @@ def test_bf16_linear_weights_with_fp32_main_grads_give_the_fp32_gradients(bridge
     assert "language_model.embedding.word_embeddings.weight" in matrices - linear  # not a matmul's weight
     assert any(n.startswith("vision_model.") for n in linear) and "language_model.output_layer.weight" in linear
     # the weights whose dtype the model reads for its activations are left out of what the generic rule finds
-    assert matmul_weight_names(model) - linear == set(bridge.DTYPE_SETTING_WEIGHTS)
+    assert matmul_weight_names(model) - linear == set(bridge.dtype_setting_weights)
     names = {"bridge": linear, "with_dtype_setting": matmul_weight_names(model), "every_matrix": matrices}[stored]
     assert _store_bf16(model, names) == sum(p.numel() for n, p in model.named_parameters() if n in names)
     got = _accumulate(model, batches)
